@@ -1,0 +1,122 @@
+//! `ambit agent`: wires the configuration source, the kernel side, enrolment, proxy and admin.
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use tokio::{signal::unix::SignalKind, sync::watch};
+use tracing::{error, info};
+
+use crate::{
+    admin::{self, AdminState},
+    config::{self, ConfigStatus},
+    inpod::{Enrolment, EnrolmentStatus},
+    proxy::ProxyContext,
+    redirect::{RedirectConfig, Redirector},
+    state::MeshState,
+};
+
+/// Flags of `ambit agent`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The node this agent serves: only workloads placed on it are enrolled.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// Standalone mode: the YAML mesh file to load and watch.
+    #[arg(long, env = "AMBIT_MESH_FILE")]
+    pub mesh_file: PathBuf,
+    /// cgroup v2 directory at which to attach the socket programs [default: the cgroup2 mount].
+    #[arg(long, env = "AMBIT_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+    /// bpffs directory where links and maps are pinned (they outlive the agent: fail closed).
+    #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
+    pub bpffs: PathBuf,
+    /// Socket mark of the agent's own sockets, exempting them from redirection. Also a routing
+    /// fwmark: choose one no policy rule uses.
+    #[arg(long, env = "AMBIT_MARK", default_value = "0x539", value_parser = parse_mark)]
+    pub mark: u32,
+    /// Admin endpoint (config dump); keep it on loopback.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Readiness endpoint (`GET /healthz/ready`).
+    #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("the mark must not be 0: unmarked sockets would be exempt".into()),
+        Ok(mark) => Ok(mark),
+        Err(err) => Err(format!("invalid mark {s:?}: {err}")),
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let cgroup = match args.cgroup.clone() {
+        Some(cgroup) => cgroup,
+        None => crate::redirect::cgroup2_mount()?,
+    };
+    let redirector = Arc::new(Redirector::load(RedirectConfig {
+        cgroup,
+        bpffs: args.bpffs.clone(),
+        mark: args.mark,
+    })?);
+
+    let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::empty()));
+    let (config_tx, mut config_rx) = watch::channel(ConfigStatus {
+        generation: 0,
+        last_error: None,
+        source: args.mesh_file.display().to_string(),
+    });
+    let mut source = tokio::spawn(config::watch_mesh_file(args.mesh_file.clone(), state_tx, config_tx));
+    // The first load must succeed: an agent must not start on a configuration it cannot read.
+    loop {
+        tokio::select! {
+            result = &mut source => {
+                return Err(match result {
+                    Ok(Ok(())) => anyhow::anyhow!("configuration source ended before loading"),
+                    Ok(Err(err)) => err,
+                    Err(err) => err.into(),
+                });
+            }
+            changed = config_rx.changed() => {
+                changed.context("configuration source ended")?;
+                if config_rx.borrow().generation > 0 {
+                    break;
+                }
+            }
+        }
+    }
+
+    let proxy = Arc::new(ProxyContext { redirector: redirector.clone(), state: state_rx.clone(), mark: args.mark });
+    let (enrolment_tx, enrolment_rx) = watch::channel(EnrolmentStatus::default());
+    let enrolment = Enrolment::new(args.node.clone(), redirector.clone(), proxy, enrolment_tx);
+    tokio::spawn(enrolment.run(state_rx));
+
+    let admin_state = Arc::new(AdminState {
+        node: args.node.clone(),
+        config: config_rx,
+        enrolment: enrolment_rx,
+        redirector: redirector.clone(),
+    });
+    let admin = tokio::spawn(admin::serve(args.admin_addr, admin_state.clone(), true));
+    let readiness = tokio::spawn(admin::serve(args.readiness_addr, admin_state, false));
+    info!(node = %args.node, "agent started");
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+        result = source => error!(?result, "configuration source ended"),
+        result = admin => anyhow::bail!("admin endpoint failed: {:?}", result),
+        result = readiness => anyhow::bail!("readiness endpoint failed: {:?}", result),
+    }
+    info!(
+        bpffs = %args.bpffs.display(),
+        "agent stopping; redirection stays pinned, so enrolled pods fail closed until an agent returns (`ambit uninstall` removes it)"
+    );
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! Ambit's node agent: socket-layer eBPF redirection into a node-level L4 proxy.
+//!
+//! Data flows one way: a configuration source ([`config`]) publishes a [`state::MeshState`];
+//! the enrolment reconciler ([`inpod`]) turns it into per-pod listeners and eBPF map entries
+//! ([`redirect`]); the [`proxy`] serves the connections the kernel steers to those listeners.
+pub mod admin;
+pub mod agent;
+pub mod config;
+pub mod inpod;
+pub mod netns;
+pub mod proxy;
+pub mod redirect;
+pub mod state;
+pub mod telemetry;

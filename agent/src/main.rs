@@ -1,0 +1,56 @@
+//! The `ambit` binary.
+use std::path::PathBuf;
+
+use ambit::{agent::AgentArgs, telemetry::LogFormat};
+use clap::{Parser, Subcommand};
+
+/// Ambit: a sidecarless service mesh. One agent per node steers enrolled pods' TCP, through
+/// socket-layer eBPF, into a node-level proxy.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info,ambit::proxy=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent: load and attach the eBPF programs, enrol this node's pods, proxy.
+    Agent(AgentArgs),
+    /// Remove everything an agent pinned (programs detach, maps are freed). Enrolled pods'
+    /// new connections then go direct, outside the mesh.
+    Uninstall {
+        /// The agent's bpffs directory.
+        #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
+        bpffs: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = ambit::telemetry::init_logging(cli.log_format, &cli.log_level) {
+        eprintln!("error: {err:#}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let result = match cli.command {
+        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ambit::agent::run(args))),
+        Command::Uninstall { bpffs } => ambit::redirect::uninstall(&bpffs),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! Loading, attaching and pinning the eBPF programs, and the maps the agent drives.
+//!
+//! Everything the kernel needs to keep steering traffic is pinned under the agent's bpffs
+//! directory, so redirection outlives the agent: after a crash, enrolled pods' connects still go
+//! to the (now closed) loopback listener and are refused, and inbound plaintext is dropped,
+//! instead of silently bypassing the mesh. The next agent re-uses the pinned maps and replaces
+//! the pinned links with its own. Only [`uninstall`] removes the pins.
+mod preflight;
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use ambit_common::{IpKey, OrigDst, TupleKey, maps, programs, stats};
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+};
+use ipnet::IpNet;
+use tracing::{debug, info, warn};
+
+pub use preflight::{cgroup2_mount, preflight};
+
+use crate::netns::Netns;
+use crate::state::RedirectSettings;
+
+/// The compiled eBPF object, built by build.rs from ebpf/programs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf"));
+
+/// Where and how the programs are attached.
+#[derive(Clone, Debug)]
+pub struct RedirectConfig {
+    /// cgroup v2 directory at which the socket programs attach (the node's pods live below it).
+    pub cgroup: PathBuf,
+    /// bpffs directory for pins.
+    pub bpffs: PathBuf,
+    /// Socket mark of the agent's own sockets, exempt from redirection.
+    pub mark: u32,
+}
+
+/// Link-based cgroup attachments always coexist with other programs (the kernel treats them as
+/// multi-attach) and refuse explicit flags, so the plain mode is the one that shares the cgroup
+/// with a CNI's own programs.
+const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// The loaded programs and the agent's handles on their maps.
+pub struct Redirector {
+    config: RedirectConfig,
+    ebpf: Mutex<Ebpf>,
+    enrolled: Mutex<HashMap<MapData, u64, u32>>,
+    orig_dst: HashMap<MapData, TupleKey, OrigDst>,
+    orig_dst_sock: HashMap<MapData, u64, OrigDst>,
+    listeners: Mutex<SockHash<MapData, IpKey>>,
+    excluded_ports: Mutex<HashMap<MapData, u16, u8>>,
+    excluded_nets: Mutex<LpmTrie<MapData, [u8; 16], u8>>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// Event counters kept by the eBPF programs, summed over CPUs since the programs were loaded.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedirectStats {
+    /// IPv4 connects rewritten to the agent.
+    pub redirected_v4: u64,
+    /// IPv6 connects rewritten to the agent.
+    pub redirected_v6: u64,
+    /// Connects left alone because of an exclusion.
+    pub excluded: u64,
+    /// Connects refused because a map was full.
+    pub map_full: u64,
+    /// Inbound connections steered to a pod's plaintext listener.
+    pub inbound_steered: u64,
+    /// Inbound connections dropped because the pod's listener was gone.
+    pub inbound_no_listener: u64,
+}
+
+fn map<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Pins `link` at `path`, replacing (and so detaching) whatever link was pinned there before.
+///
+/// The new link is attached before the old one goes, so there is no instant without it.
+fn pin_replacing(link: FdLink, path: &Path) -> anyhow::Result<()> {
+    // bpffs refuses names with dots (reserved), hence the suffix style.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push("_new");
+    let staging = PathBuf::from(staging);
+    let _ = fs::remove_file(&staging);
+    link.pin(&staging)
+        .with_context(|| format!("pinning link at {}", staging.display()))?;
+    fs::rename(&staging, path).with_context(|| format!("pinning link at {}", path.display()))?;
+    Ok(())
+}
+
+impl Redirector {
+    /// Loads the programs (re-using pinned maps from an earlier agent), attaches the socket
+    /// programs to the configured cgroup and pins their links.
+    pub fn load(config: RedirectConfig) -> anyhow::Result<Self> {
+        preflight(&config)?;
+        let maps_dir = config.bpffs.join("maps");
+        for dir in [&maps_dir, &config.bpffs.join("links"), &config.bpffs.join("pods")] {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .override_global("AGENT_MARK", &config.mark, true)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (maps pinned by an incompatible agent version can be removed with `ambit uninstall`)")?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_ebpf_logger(logger),
+            Err(err) => warn!(%err, "eBPF log forwarding unavailable"),
+        }
+
+        let cgroup = fs::File::open(&config.cgroup)
+            .with_context(|| format!("opening cgroup {}", config.cgroup.display()))?;
+        for name in programs::CGROUP {
+            let program = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?;
+            let link: FdLink = if name == programs::SOCK_OPS {
+                let program: &mut SockOps = program.try_into()?;
+                program
+                    .load()
+                    .with_context(|| format!("kernel refused program {name}"))?;
+                let id = program
+                    .attach(&cgroup, ATTACH_MODE)
+                    .with_context(|| format!("attaching {name} to {}", config.cgroup.display()))?;
+                program.take_link(id)?.try_into()?
+            } else {
+                let program: &mut CgroupSockAddr = program.try_into()?;
+                program
+                    .load()
+                    .with_context(|| format!("kernel refused program {name}"))?;
+                let id = program
+                    .attach(&cgroup, ATTACH_MODE)
+                    .with_context(|| format!("attaching {name} to {}", config.cgroup.display()))?;
+                program.take_link(id)?.try_into()?
+            };
+            pin_replacing(link, &config.bpffs.join("links").join(name))?;
+        }
+        let sk_lookup: &mut SkLookup = ebpf
+            .program_mut(programs::SK_LOOKUP)
+            .ok_or_else(|| anyhow!("eBPF object has no program {}", programs::SK_LOOKUP))?
+            .try_into()?;
+        sk_lookup
+            .load()
+            .with_context(|| format!("kernel refused program {}", programs::SK_LOOKUP))?;
+        info!(cgroup = %config.cgroup.display(), bpffs = %config.bpffs.display(), "eBPF programs attached");
+
+        Ok(Self {
+            enrolled: Mutex::new(map(&mut ebpf, maps::ENROLLED_NETNS)?),
+            orig_dst: map(&mut ebpf, maps::ORIG_DST_TUPLE)?,
+            orig_dst_sock: map(&mut ebpf, maps::ORIG_DST_SOCK)?,
+            listeners: Mutex::new(map(&mut ebpf, maps::POD_LISTENERS)?),
+            excluded_ports: Mutex::new(map(&mut ebpf, maps::EXCLUDED_PORTS)?),
+            excluded_nets: Mutex::new(map(&mut ebpf, maps::EXCLUDED_NETS)?),
+            stats: map(&mut ebpf, maps::STATS)?,
+            ebpf: Mutex::new(ebpf),
+            config,
+        })
+    }
+
+    /// The configuration this redirector was loaded with.
+    pub fn config(&self) -> &RedirectConfig {
+        &self.config
+    }
+
+    fn pod_pin(&self, netns_cookie: u64) -> PathBuf {
+        self.config.bpffs.join("pods").join(netns_cookie.to_string())
+    }
+
+    /// Steers inbound TCP of a pod's namespace to its listeners: links sk_lookup there.
+    pub fn attach_inbound(&self, netns: &Netns) -> anyhow::Result<()> {
+        let mut ebpf = self.ebpf.lock().unwrap();
+        let program: &mut SkLookup = ebpf
+            .program_mut(programs::SK_LOOKUP)
+            .expect("sk_lookup program loaded at start")
+            .try_into()?;
+        let id = program
+            .attach(netns.file())
+            .context("attaching sk_lookup to the pod's network namespace")?;
+        let link: FdLink = program.take_link(id)?.into();
+        pin_replacing(link, &self.pod_pin(netns.cookie()))
+    }
+
+    /// Stops steering a pod's inbound TCP: its sk_lookup link goes.
+    pub fn detach_inbound(&self, netns_cookie: u64) {
+        let pin = self.pod_pin(netns_cookie);
+        if let Err(err) = fs::remove_file(&pin)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(pin = %pin.display(), %err, "could not remove sk_lookup link");
+        }
+    }
+
+    /// Registers the listener that receives a pod IP's steered inbound connections.
+    pub fn set_listener(&self, ip: IpAddr, listener: &impl AsRawFd) -> anyhow::Result<()> {
+        self.listeners
+            .lock()
+            .unwrap()
+            .insert(ip_key(ip), listener.as_raw_fd(), 0)
+            .with_context(|| format!("registering the inbound listener of {ip}"))
+    }
+
+    /// Forgets a pod IP's listener (closing the listener removes it from the map as well).
+    pub fn clear_listener(&self, ip: IpAddr) {
+        let _ = self.listeners.lock().unwrap().remove(&ip_key(ip));
+    }
+
+    /// Redirects outbound TCP from this namespace from now on.
+    pub fn enroll(&self, netns_cookie: u64) -> anyhow::Result<()> {
+        self.enrolled
+            .lock()
+            .unwrap()
+            .insert(netns_cookie, 1, 0)
+            .context("adding the pod's namespace to ENROLLED_NETNS")
+    }
+
+    /// Stops redirecting outbound TCP from this namespace (open connections are unaffected).
+    pub fn unenroll(&self, netns_cookie: u64) {
+        let _ = self.enrolled.lock().unwrap().remove(&netns_cookie);
+    }
+
+    /// Namespaces currently enrolled in the kernel map (including ones an earlier agent left).
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        let enrolled = self.enrolled.lock().unwrap();
+        enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Namespaces with a pinned sk_lookup link (including ones an earlier agent left).
+    pub fn inbound_cookies(&self) -> Vec<u64> {
+        let Ok(dir) = fs::read_dir(self.config.bpffs.join("pods")) else {
+            return Vec::new();
+        };
+        dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// The original destination of a redirected connection, by the client socket's namespace
+    /// and local address (the peer address of the connection the agent accepted).
+    pub fn original_destination(
+        &self,
+        netns_cookie: u64,
+        client: std::net::SocketAddr,
+    ) -> Option<std::net::SocketAddr> {
+        let key = TupleKey {
+            netns_cookie,
+            ip: ip_key(client.ip()),
+            port: client.port(),
+            _pad: [0; 6],
+        };
+        let orig = self.orig_dst.get(&key, 0).ok()?;
+        Some(std::net::SocketAddr::new(from_ip_key(&orig.ip), orig.port))
+    }
+
+    /// Applies the configured exclusions (replacing the previous set).
+    pub fn set_exclusions(&self, settings: &RedirectSettings) -> anyhow::Result<()> {
+        let mut ports = self.excluded_ports.lock().unwrap();
+        let wanted: BTreeSet<u16> = settings.exclude_outbound_ports.iter().copied().collect();
+        let current: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
+        for port in current.iter().filter(|p| !wanted.contains(p)) {
+            let _ = ports.remove(port);
+        }
+        for port in &wanted {
+            ports
+                .insert(port, 1, 0)
+                .with_context(|| format!("excluding port {port}"))?;
+        }
+        let mut nets = self.excluded_nets.lock().unwrap();
+        let wanted: Vec<Key<[u8; 16]>> = settings.exclude_outbound_cidrs.iter().map(net_key).collect();
+        let current: Vec<Key<[u8; 16]>> = nets.keys().filter_map(Result::ok).collect();
+        for key in &current {
+            if !wanted.iter().any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data()) {
+                let _ = nets.remove(key);
+            }
+        }
+        for (key, net) in wanted.iter().zip(&settings.exclude_outbound_cidrs) {
+            nets.insert(key, 1, 0)
+                .with_context(|| format!("excluding network {net}"))?;
+        }
+        Ok(())
+    }
+
+    /// Entries in each pinned map, for the admin endpoint and metrics.
+    pub fn map_occupancy(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            (maps::ENROLLED_NETNS, self.enrolled.lock().unwrap().keys().count()),
+            (maps::ORIG_DST_SOCK, self.orig_dst_sock.keys().count()),
+            (maps::ORIG_DST_TUPLE, self.orig_dst.keys().count()),
+            (maps::POD_LISTENERS, self.listeners.lock().unwrap().keys().count()),
+            (maps::EXCLUDED_PORTS, self.excluded_ports.lock().unwrap().keys().count()),
+            (maps::EXCLUDED_NETS, self.excluded_nets.lock().unwrap().keys().count()),
+        ]
+    }
+
+    /// The eBPF programs' event counters.
+    pub fn stats(&self) -> RedirectStats {
+        let read = |index: u32| -> u64 {
+            self.stats
+                .get(&index, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        RedirectStats {
+            redirected_v4: read(stats::REDIRECTED4),
+            redirected_v6: read(stats::REDIRECTED6),
+            excluded: read(stats::EXCLUDED),
+            map_full: read(stats::MAP_FULL),
+            inbound_steered: read(stats::INBOUND_STEERED),
+            inbound_no_listener: read(stats::INBOUND_NO_LISTENER),
+        }
+    }
+}
+
+/// The map key of an address: IPv4 in its IPv4-mapped form.
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(v4) => IpKey::v4(v4.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpKey::v4(v4.octets()),
+            None => IpKey { addr: v6.octets() },
+        },
+    }
+}
+
+/// The address of a map key: IPv4-mapped keys become IPv4.
+pub fn from_ip_key(key: &IpKey) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(key.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn net_key(net: &IpNet) -> Key<[u8; 16]> {
+    match net {
+        IpNet::V4(v4) => Key::new(96 + u32::from(v4.prefix_len()), ip_key(IpAddr::V4(v4.network())).addr),
+        IpNet::V6(v6) => Key::new(u32::from(v6.prefix_len()), v6.network().octets()),
+    }
+}
+
+/// Forwards the programs' aya-log records into the agent's tracing output.
+fn spawn_ebpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    tokio::spawn(async move {
+        // SAFETY: the logger owns its ring buffer's fd, which stays open and unreplaced for as
+        // long as the AsyncFd (which owns the logger) lives.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match registered {
+            Ok(fd) => fd,
+            Err(err) => {
+                warn!(err = %err, "eBPF log forwarding unavailable");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// Removes everything an agent pinned under `bpffs`: links (so programs detach from the cgroup
+/// and from every pod namespace) and maps. Live connections already proxied are unaffected;
+/// new connections from formerly enrolled pods go direct, unmeshed.
+pub fn uninstall(bpffs: &Path) -> anyhow::Result<()> {
+    if !bpffs.exists() {
+        info!(bpffs = %bpffs.display(), "nothing to uninstall");
+        return Ok(());
+    }
+    for sub in ["links", "pods", "maps"] {
+        let dir = bpffs.join(sub);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            fs::remove_file(&path).with_context(|| format!("removing pin {}", path.display()))?;
+            debug!(pin = %path.display(), "unpinned");
+        }
+        fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    fs::remove_dir(bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
+    info!(bpffs = %bpffs.display(), "uninstalled: links detached, maps unpinned");
+    Ok(())
+}
