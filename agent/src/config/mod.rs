@@ -1,0 +1,22 @@
+//! Configuration sources: where the [`MeshState`](crate::state::MeshState) comes from.
+//!
+//! A source publishes each new state on a `tokio::sync::watch` channel and reports how it is
+//! doing on another ([`ConfigStatus`]). A source that receives a bad configuration keeps the last
+//! good state published and reports the error instead: the mesh never falls back to "nothing".
+pub mod file;
+
+use serde::Serialize;
+
+pub use self::file::{ConfigError, load_mesh_file, parse_mesh, watch_mesh_file};
+
+/// The health of a configuration source, for the admin endpoint and readiness.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigStatus {
+    /// How many states the source has published; 0 until the first one.
+    pub generation: u64,
+    /// Why the source's latest input was rejected, while the last good state stays in force.
+    pub last_error: Option<String>,
+    /// Which source this is, e.g. `file:/etc/ambit/mesh.yaml`.
+    pub source: String,
+}

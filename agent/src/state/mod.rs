@@ -1,0 +1,370 @@
+//! The mesh as the agent sees it: workloads, services and redirection settings.
+//!
+//! Every configuration source (the mesh file today, Kubernetes later) produces a [`MeshState`];
+//! everything downstream (enrolment, the proxy, the admin endpoint) reads only this model, so it
+//! knows nothing about where the configuration came from. A state is immutable once built and
+//! shared as `Arc<MeshState>`: a reload builds a new one and swaps it in, so a connection that
+//! resolved against the old state keeps the `Arc`s it got.
+mod netns;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use ipnet::IpNet;
+use serde::{Serialize, ser::SerializeStruct};
+
+pub use self::netns::NetnsRef;
+
+/// A pod (or any process group with its own network namespace) that can join the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Name, unique within the namespace.
+    pub name: String,
+    /// Namespace (tenancy scope; services select only workloads of their own namespace).
+    pub namespace: String,
+    /// The identity the workload runs as.
+    pub service_account: String,
+    /// The node whose agent serves this workload.
+    pub node: String,
+    /// The workload's addresses (IPv4 and/or IPv6).
+    pub ips: Vec<IpAddr>,
+    /// Labels, matched by service selectors.
+    pub labels: BTreeMap<String, String>,
+    /// Whether the agent redirects this workload's traffic; `false` leaves it untouched.
+    pub enrolled: bool,
+    /// Whether the workload receives service traffic.
+    pub ready: bool,
+    /// Where to find the workload's network namespace.
+    pub netns: NetnsRef,
+}
+
+impl Workload {
+    /// The workload's unique id, `namespace/name`.
+    pub fn uid(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// The port clients dial on a VIP.
+    pub port: u16,
+    /// The port the connection goes to on the chosen endpoint.
+    pub target_port: u16,
+}
+
+/// A set of workloads reachable through virtual IPs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// Name, unique within the namespace.
+    pub name: String,
+    /// Namespace; only workloads of this namespace can be endpoints.
+    pub namespace: String,
+    /// The virtual IPs clients dial.
+    pub vips: Vec<IpAddr>,
+    /// Labels an endpoint must all carry. An empty selector selects nothing (as in Kubernetes,
+    /// where a selector-less service's endpoints are managed by someone else).
+    pub selector: BTreeMap<String, String>,
+    /// The ports the service accepts.
+    pub ports: Vec<ServicePort>,
+}
+
+impl Service {
+    /// The service's unique id, `namespace/name`.
+    pub fn uid(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether `workload` is selected by this service (readiness aside).
+    pub fn selects(&self, workload: &Workload) -> bool {
+        !self.selector.is_empty()
+            && workload.namespace == self.namespace
+            && self
+                .selector
+                .iter()
+                .all(|(key, value)| workload.labels.get(key) == Some(value))
+    }
+
+    /// The service port clients dial as `port`.
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+/// Node-wide redirection settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedirectSettings {
+    /// Outbound TCP to these destination ports is never redirected.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound TCP to these networks is never redirected.
+    pub exclude_outbound_cidrs: Vec<IpNet>,
+}
+
+/// Where a connection to some destination should go, according to the mesh.
+#[derive(Debug, Clone)]
+pub enum Resolved {
+    /// To a mesh workload at `addr`; `service` is set when the destination was a service VIP.
+    Workload {
+        /// The workload that will receive the connection.
+        workload: Arc<Workload>,
+        /// The address to connect to (for a VIP: the endpoint's IP and the target port).
+        addr: SocketAddr,
+        /// The service whose VIP was dialled, if any.
+        service: Option<Arc<Service>>,
+    },
+    /// Not a mesh destination: connect to it as dialled.
+    Passthrough(SocketAddr),
+    /// A service VIP whose service has no ready endpoint.
+    NoEndpoints {
+        /// The service dialled.
+        service: Arc<Service>,
+    },
+    /// A service VIP dialled on a port the service does not expose.
+    UnknownServicePort {
+        /// The service dialled.
+        service: Arc<Service>,
+        /// The port dialled.
+        port: u16,
+    },
+}
+
+/// A service's ready endpoints, with the address to use for each destination family.
+#[derive(Debug, Default)]
+struct Endpoints {
+    /// For an IPv4 destination: endpoints with an IPv4 address, or all if none has one.
+    v4: Vec<(Arc<Workload>, IpAddr)>,
+    /// For an IPv6 destination: likewise.
+    v6: Vec<(Arc<Workload>, IpAddr)>,
+    /// Round-robin cursor. Shared by both families: only the spread matters.
+    next: AtomicUsize,
+}
+
+impl Endpoints {
+    fn new(ready: &[Arc<Workload>]) -> Self {
+        let for_family = |v4: bool| {
+            let preferred: Vec<_> = ready
+                .iter()
+                .filter_map(|w| {
+                    let ip = w.ips.iter().find(|ip| ip.is_ipv4() == v4)?;
+                    Some((Arc::clone(w), *ip))
+                })
+                .collect();
+            if !preferred.is_empty() {
+                return preferred;
+            }
+            // A single-stack service is still reachable through a VIP of the other family: the
+            // proxy opens a new connection, so the families need not match.
+            ready
+                .iter()
+                .filter_map(|w| Some((Arc::clone(w), *w.ips.first()?)))
+                .collect()
+        };
+        Self {
+            v4: for_family(true),
+            v6: for_family(false),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn pick(&self, dst: IpAddr) -> Option<&(Arc<Workload>, IpAddr)> {
+        let candidates = if dst.is_ipv4() { &self.v4 } else { &self.v6 };
+        if candidates.is_empty() {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(&candidates[n % candidates.len()])
+    }
+
+    fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        // Every ready endpoint with an address is in v4 or in v6 (or both); keep v4's order.
+        let extra = self
+            .v6
+            .iter()
+            .filter(|(w, _)| !self.v4.iter().any(|(v, _)| Arc::ptr_eq(v, w)));
+        self.v4.iter().chain(extra).map(|(w, _)| w)
+    }
+}
+
+/// One consistent snapshot of the mesh, indexed for the lookups the data path makes.
+///
+/// Built by a configuration source, which is responsible for validation; construction itself
+/// never fails, and where the input is inconsistent (an IP claimed twice) the first claimant wins.
+#[derive(Debug, Default)]
+pub struct MeshState {
+    redirect: RedirectSettings,
+    workloads: Vec<Arc<Workload>>,
+    services: Vec<Arc<Service>>,
+    workload_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Index into `services` / `endpoints`.
+    service_by_vip: HashMap<IpAddr, usize>,
+    /// Parallel to `services`.
+    endpoints: Vec<Endpoints>,
+}
+
+impl MeshState {
+    /// Builds a state and its indexes.
+    pub fn new(
+        redirect: RedirectSettings,
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+    ) -> Self {
+        let workloads: Vec<Arc<Workload>> = workloads.into_iter().map(Arc::new).collect();
+        let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+
+        let mut workload_by_ip = HashMap::new();
+        for workload in &workloads {
+            for ip in &workload.ips {
+                workload_by_ip
+                    .entry(*ip)
+                    .or_insert_with(|| Arc::clone(workload));
+            }
+        }
+
+        let mut service_by_vip = HashMap::new();
+        let mut endpoints = Vec::with_capacity(services.len());
+        for (index, service) in services.iter().enumerate() {
+            for vip in &service.vips {
+                service_by_vip.entry(*vip).or_insert(index);
+            }
+            let ready: Vec<Arc<Workload>> = workloads
+                .iter()
+                .filter(|w| w.ready && service.selects(w))
+                .cloned()
+                .collect();
+            endpoints.push(Endpoints::new(&ready));
+        }
+
+        Self {
+            redirect,
+            workloads,
+            services,
+            workload_by_ip,
+            service_by_vip,
+            endpoints,
+        }
+    }
+
+    /// A state with no workloads, no services and default settings.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// All workloads, in source order.
+    pub fn workloads(&self) -> &[Arc<Workload>] {
+        &self.workloads
+    }
+
+    /// All services, in source order.
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+
+    /// Node-wide redirection settings.
+    pub fn redirect(&self) -> &RedirectSettings {
+        &self.redirect
+    }
+
+    /// The workload that owns `ip`.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workload_by_ip.get(&ip)
+    }
+
+    /// The service that owns the virtual IP `vip`.
+    pub fn service_by_vip(&self, vip: IpAddr) -> Option<&Arc<Service>> {
+        self.service_by_vip.get(&vip).map(|&i| &self.services[i])
+    }
+
+    /// The workloads served by the agent of `node`.
+    pub fn workloads_on_node<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads.iter().filter(move |w| w.node == node)
+    }
+
+    /// The ready endpoints of `service` (which must be one of [`Self::services`], compared by
+    /// pointer); empty for a service of another state.
+    pub fn endpoints(&self, service: &Arc<Service>) -> Vec<Arc<Workload>> {
+        self.services
+            .iter()
+            .position(|s| Arc::ptr_eq(s, service))
+            .map(|i| self.endpoints[i].workloads().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Decides where a connection dialled to `dst` goes.
+    ///
+    /// A service VIP is load-balanced round robin over the service's ready endpoints; a workload
+    /// IP goes to that workload as dialled; anything else passes through.
+    pub fn resolve(&self, dst: SocketAddr) -> Resolved {
+        if let Some(&index) = self.service_by_vip.get(&dst.ip()) {
+            let service = &self.services[index];
+            let Some(port) = service.port(dst.port()) else {
+                return Resolved::UnknownServicePort {
+                    service: Arc::clone(service),
+                    port: dst.port(),
+                };
+            };
+            return match self.endpoints[index].pick(dst.ip()) {
+                Some((workload, ip)) => Resolved::Workload {
+                    workload: Arc::clone(workload),
+                    addr: SocketAddr::new(*ip, port.target_port),
+                    service: Some(Arc::clone(service)),
+                },
+                None => Resolved::NoEndpoints {
+                    service: Arc::clone(service),
+                },
+            };
+        }
+        match self.workload_by_ip.get(&dst.ip()) {
+            Some(workload) => Resolved::Workload {
+                workload: Arc::clone(workload),
+                addr: dst,
+                service: None,
+            },
+            None => Resolved::Passthrough(dst),
+        }
+    }
+}
+
+/// The admin endpoint's config dump: the sources' view plus the computed endpoints.
+impl Serialize for MeshState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct ServiceDump<'a> {
+            #[serde(flatten)]
+            service: &'a Service,
+            endpoints: Vec<String>,
+        }
+        let services: Vec<ServiceDump<'_>> = self
+            .services
+            .iter()
+            .zip(&self.endpoints)
+            .map(|(service, endpoints)| ServiceDump {
+                service,
+                endpoints: endpoints.workloads().map(|w| w.uid()).collect(),
+            })
+            .collect();
+        let mut s = serializer.serialize_struct("MeshState", 3)?;
+        s.serialize_field("redirect", &self.redirect)?;
+        // Through plain references: serde's `rc` feature (Serialize for Arc) is not enabled.
+        let workloads: Vec<&Workload> = self.workloads.iter().map(|w| &**w).collect();
+        s.serialize_field("workloads", &workloads)?;
+        s.serialize_field("services", &services)?;
+        s.end()
+    }
+}
+
+#[cfg(test)]
+mod tests;

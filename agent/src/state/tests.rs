@@ -1,0 +1,356 @@
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use super::*;
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn workload(namespace: &str, name: &str, ips: &[&str], l: &[(&str, &str)]) -> Workload {
+    Workload {
+        name: name.into(),
+        namespace: namespace.into(),
+        service_account: "default".into(),
+        node: "node-a".into(),
+        ips: ips.iter().map(|s| ip(s)).collect(),
+        labels: labels(l),
+        enrolled: true,
+        ready: true,
+        netns: NetnsRef::Path(PathBuf::from(format!("/run/netns/{name}"))),
+    }
+}
+
+fn service(namespace: &str, name: &str, vips: &[&str], selector: &[(&str, &str)]) -> Service {
+    Service {
+        name: name.into(),
+        namespace: namespace.into(),
+        vips: vips.iter().map(|s| ip(s)).collect(),
+        selector: labels(selector),
+        ports: vec![ServicePort {
+            port: 80,
+            target_port: 8080,
+        }],
+    }
+}
+
+fn shop() -> MeshState {
+    MeshState::new(
+        RedirectSettings::default(),
+        vec![
+            workload(
+                "shop",
+                "web-0",
+                &["10.10.0.2"],
+                &[("app", "web"), ("tier", "front")],
+            ),
+            workload("shop", "web-1", &["10.10.0.3"], &[("app", "web")]),
+            workload("shop", "api-0", &["10.10.0.4"], &[("app", "api")]),
+            // Same labels, other namespace: never an endpoint of shop's services.
+            workload("other", "web-0", &["10.20.0.2"], &[("app", "web")]),
+        ],
+        vec![
+            service("shop", "web", &["10.96.0.10"], &[("app", "web")]),
+            service(
+                "shop",
+                "front",
+                &["10.96.0.11"],
+                &[("app", "web"), ("tier", "front")],
+            ),
+        ],
+    )
+}
+
+/// Resolves `dst` `n` times and counts the chosen workloads by uid.
+fn spread(state: &MeshState, dst: &str, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        match state.resolve(addr(dst)) {
+            Resolved::Workload { workload, .. } => *counts.entry(workload.uid()).or_default() += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    counts
+}
+
+#[test]
+fn uid_is_namespace_slash_name() {
+    assert_eq!(workload("shop", "web-0", &[], &[]).uid(), "shop/web-0");
+}
+
+#[test]
+fn selector_needs_every_pair_and_the_same_namespace() {
+    let state = shop();
+    let endpoints = |vip: &str| -> Vec<String> {
+        let service = state.service_by_vip(ip(vip)).unwrap();
+        state.endpoints(service).iter().map(|w| w.uid()).collect()
+    };
+    assert_eq!(endpoints("10.96.0.10"), ["shop/web-0", "shop/web-1"]);
+    assert_eq!(endpoints("10.96.0.11"), ["shop/web-0"]);
+
+    let svc = service("shop", "all", &[], &[]);
+    assert!(
+        !svc.selects(&workload("shop", "x", &[], &[("a", "b")])),
+        "empty selector"
+    );
+}
+
+#[test]
+fn round_robin_spreads_evenly() {
+    let state = shop();
+    let counts = spread(&state, "10.96.0.10:80", 10);
+    assert_eq!(counts["shop/web-0"], 5);
+    assert_eq!(counts["shop/web-1"], 5);
+}
+
+#[test]
+fn vip_resolves_to_endpoint_ip_and_target_port() {
+    let state = shop();
+    match state.resolve(addr("10.96.0.11:80")) {
+        Resolved::Workload {
+            workload,
+            addr: a,
+            service,
+        } => {
+            assert_eq!(workload.uid(), "shop/web-0");
+            assert_eq!(a, addr("10.10.0.2:8080"));
+            assert_eq!(service.unwrap().uid(), "shop/front");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn not_ready_endpoints_are_skipped() {
+    let mut not_ready = workload("shop", "web-1", &["10.10.0.3"], &[("app", "web")]);
+    not_ready.ready = false;
+    let state = MeshState::new(
+        RedirectSettings::default(),
+        vec![
+            workload("shop", "web-0", &["10.10.0.2"], &[("app", "web")]),
+            not_ready,
+        ],
+        vec![service("shop", "web", &["10.96.0.10"], &[("app", "web")])],
+    );
+    assert_eq!(spread(&state, "10.96.0.10:80", 4)["shop/web-0"], 4);
+    // Still reachable directly by its IP: readiness only gates service traffic.
+    assert!(matches!(
+        state.resolve(addr("10.10.0.3:8080")),
+        Resolved::Workload { service: None, .. }
+    ));
+}
+
+#[test]
+fn no_endpoints() {
+    let state = MeshState::new(
+        RedirectSettings::default(),
+        vec![workload("shop", "api-0", &["10.10.0.4"], &[("app", "api")])],
+        vec![service("shop", "web", &["10.96.0.10"], &[("app", "web")])],
+    );
+    match state.resolve(addr("10.96.0.10:80")) {
+        Resolved::NoEndpoints { service } => assert_eq!(service.uid(), "shop/web"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_service_port() {
+    let state = shop();
+    match state.resolve(addr("10.96.0.10:8080")) {
+        Resolved::UnknownServicePort { service, port } => {
+            assert_eq!(service.uid(), "shop/web");
+            assert_eq!(port, 8080);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn workload_ip_resolves_as_dialled() {
+    let state = shop();
+    match state.resolve(addr("10.10.0.4:9000")) {
+        Resolved::Workload {
+            workload,
+            addr: a,
+            service,
+        } => {
+            assert_eq!(workload.uid(), "shop/api-0");
+            assert_eq!(a, addr("10.10.0.4:9000"));
+            assert!(service.is_none());
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_destination_passes_through() {
+    let state = shop();
+    assert!(matches!(
+        state.resolve(addr("192.0.2.1:443")),
+        Resolved::Passthrough(a) if a == addr("192.0.2.1:443")
+    ));
+    assert!(matches!(
+        MeshState::empty().resolve(addr("[2001:db8::1]:443")),
+        Resolved::Passthrough(_)
+    ));
+}
+
+#[test]
+fn ipv6_prefers_same_family_endpoint_address() {
+    let state = MeshState::new(
+        RedirectSettings::default(),
+        vec![
+            workload(
+                "shop",
+                "web-0",
+                &["10.10.0.2", "fd00::2"],
+                &[("app", "web")],
+            ),
+            workload(
+                "shop",
+                "web-1",
+                &["fd00::3", "10.10.0.3"],
+                &[("app", "web")],
+            ),
+        ],
+        vec![service(
+            "shop",
+            "web",
+            &["10.96.0.10", "fd00:96::10"],
+            &[("app", "web")],
+        )],
+    );
+    let mut seen = Vec::new();
+    for dst in [
+        "[fd00:96::10]:80",
+        "[fd00:96::10]:80",
+        "10.96.0.10:80",
+        "10.96.0.10:80",
+    ] {
+        let Resolved::Workload { addr: a, .. } = state.resolve(addr(dst)) else {
+            panic!("{dst} did not resolve to a workload");
+        };
+        assert_eq!(a.is_ipv6(), addr(dst).is_ipv6(), "{dst} -> {a}");
+        assert_eq!(a.port(), 8080);
+        seen.push(a);
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 4, "both endpoints in both families: {seen:?}");
+
+    assert_eq!(
+        state.workload_by_ip(ip("fd00::3")).map(|w| w.uid()),
+        Some("shop/web-1".into())
+    );
+    match state.resolve(addr("[fd00::2]:22")) {
+        Resolved::Workload { workload, .. } => assert_eq!(workload.uid(), "shop/web-0"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn single_stack_endpoints_serve_a_vip_of_the_other_family() {
+    let state = MeshState::new(
+        RedirectSettings::default(),
+        vec![workload("shop", "web-0", &["10.10.0.2"], &[("app", "web")])],
+        vec![service("shop", "web", &["fd00:96::10"], &[("app", "web")])],
+    );
+    assert!(matches!(
+        state.resolve(addr("[fd00:96::10]:80")),
+        Resolved::Workload { addr: a, .. } if a == addr("10.10.0.2:8080")
+    ));
+}
+
+#[test]
+fn indexes() {
+    let state = shop();
+    assert_eq!(state.workloads().len(), 4);
+    assert_eq!(state.services().len(), 2);
+    assert_eq!(
+        state.service_by_vip(ip("10.96.0.11")).map(|s| s.uid()),
+        Some("shop/front".into())
+    );
+    assert!(state.service_by_vip(ip("10.10.0.2")).is_none());
+    assert_eq!(
+        state.workload_by_ip(ip("10.20.0.2")).map(|w| w.uid()),
+        Some("other/web-0".into())
+    );
+    assert_eq!(state.workloads_on_node("node-a").count(), 4);
+    assert_eq!(state.workloads_on_node("node-b").count(), 0);
+    assert_eq!(state.redirect(), &RedirectSettings::default());
+}
+
+#[test]
+fn dump_lists_endpoints() {
+    let json = serde_json::to_value(shop()).unwrap();
+    assert_eq!(
+        json["services"][0]["endpoints"],
+        serde_json::json!(["shop/web-0", "shop/web-1"])
+    );
+    assert_eq!(json["services"][0]["ports"][0]["targetPort"], 8080);
+    assert_eq!(json["workloads"][0]["netns"]["path"], "/run/netns/web-0");
+}
+
+fn own_netns_inode() -> u64 {
+    std::fs::metadata("/proc/self/ns/net").unwrap().ino()
+}
+
+#[test]
+fn netns_by_path_and_pid() {
+    let by_path = NetnsRef::Path("/proc/self/ns/net".into()).open().unwrap();
+    assert_eq!(by_path.metadata().unwrap().ino(), own_netns_inode());
+    let by_pid = NetnsRef::Pid(std::process::id()).open().unwrap();
+    assert_eq!(by_pid.metadata().unwrap().ino(), own_netns_inode());
+
+    let err = NetnsRef::Path("/nonexistent/netns".into())
+        .open()
+        .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/netns"), "{err}");
+}
+
+#[test]
+fn netns_by_cgroup_skips_exited_processes_and_searches_children() {
+    let dir = tempfile::tempdir().unwrap();
+    // A pid above any pid_max: a process that has exited.
+    let gone = 4_194_305 + 1000;
+    std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+    let child = dir.path().join("container-a");
+    std::fs::create_dir(&child).unwrap();
+    std::fs::write(
+        child.join("cgroup.procs"),
+        format!("{gone}\n{}\n", std::process::id()),
+    )
+    .unwrap();
+    let file = NetnsRef::Cgroup(dir.path().into()).open().unwrap();
+    assert_eq!(file.metadata().unwrap().ino(), own_netns_inode());
+
+    std::fs::write(child.join("cgroup.procs"), format!("{gone}\n")).unwrap();
+    let err = NetnsRef::Cgroup(dir.path().into()).open().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("cgroup {} has no process", dir.path().display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn shared_state_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Arc<MeshState>>();
+}
