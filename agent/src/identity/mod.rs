@@ -1,0 +1,116 @@
+//! Workload identity: SPIFFE IDs and the certificates that prove them.
+//!
+//! The types here are shared by the CA ([`crate::ca`]), the certificate manager (which fetches
+//! and renews certificates for the identities of this node's pods) and the HBONE TLS
+//! configuration ([`crate::proxy::hbone`]).
+use std::{fmt, str::FromStr, time::SystemTime};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A SPIFFE ID of the Kubernetes form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId {
+    /// Trust domain, e.g. `cluster.local`.
+    pub trust_domain: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Kubernetes service account.
+    pub service_account: String,
+}
+
+/// Why a string is not a SPIFFE ID of the expected form.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid SPIFFE ID {input:?}: {reason}")]
+pub struct SpiffeIdError {
+    /// The rejected input.
+    pub input: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl SpiffeId {
+    /// The identity of a workload running as `service_account` in `namespace`.
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.to_string(),
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = SpiffeIdError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let err = |reason| SpiffeIdError { input: input.to_string(), reason };
+        let rest = input.strip_prefix("spiffe://").ok_or_else(|| err("does not start with spiffe://"))?;
+        let mut parts = rest.split('/');
+        let (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(err("path is not /ns/<namespace>/sa/<service-account>"));
+        };
+        if td.is_empty() || ns.is_empty() || sa.is_empty() {
+            return Err(err("empty trust domain, namespace or service account"));
+        }
+        Ok(Self::new(td, ns, sa))
+    }
+}
+
+/// A workload's certificate chain and private key, with the trust bundle to verify peers.
+#[derive(Debug)]
+pub struct WorkloadCertificate {
+    /// The identity the leaf certificate proves.
+    pub id: SpiffeId,
+    /// Leaf first, then intermediates (not the root).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key (ECDSA P-256, PKCS#8). Never logged.
+    pub key: PrivateKeyDer<'static>,
+    /// Trusted roots; several during a root rotation.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Start of the leaf's validity.
+    pub not_before: SystemTime,
+    /// End of the leaf's validity.
+    pub not_after: SystemTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_id_round_trips() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        assert_eq!(id, SpiffeId::new("cluster.local", "shop", "web"));
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+    }
+
+    #[test]
+    fn spiffe_id_rejects_other_shapes() {
+        for bad in [
+            "https://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local/ns/a",
+            "spiffe://cluster.local/ns/a/sa/b/extra",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://td/ns//sa/b",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad} accepted");
+        }
+    }
+}
