@@ -60,15 +60,24 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
-fn route(state: &AdminState, req: &Request<hyper::body::Incoming>, admin: bool) -> Response<Full<Bytes>> {
+fn route(
+    state: &AdminState,
+    req: &Request<hyper::body::Incoming>,
+    admin: bool,
+) -> Response<Full<Bytes>> {
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/healthz/ready") => match state.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         ("GET", "/config_dump") if admin => {
             let mut response = text(StatusCode::OK, format!("{:#}\n", state.config_dump()));
-            response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
             response
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -77,7 +86,9 @@ fn route(state: &AdminState, req: &Request<hyper::body::Incoming>, admin: bool) 
 
 /// Serves readiness only (`admin == false`) or the full admin API on `addr`.
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>, admin: bool) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -92,7 +103,9 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>, admin: bool) -> any
                 let response = route(&state, &req, admin);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

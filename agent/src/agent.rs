@@ -71,7 +71,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         last_error: None,
         source: args.mesh_file.display().to_string(),
     });
-    let mut source = tokio::spawn(config::watch_mesh_file(args.mesh_file.clone(), state_tx, config_tx));
+    let mut source = tokio::spawn(config::watch_mesh_file(
+        args.mesh_file.clone(),
+        state_tx,
+        config_tx,
+    ));
     // The first load must succeed: an agent must not start on a configuration it cannot read.
     loop {
         tokio::select! {
@@ -91,7 +95,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
 
-    let proxy = Arc::new(ProxyContext { redirector: redirector.clone(), state: state_rx.clone(), mark: args.mark });
+    let proxy = Arc::new(ProxyContext {
+        redirector: redirector.clone(),
+        state: state_rx.clone(),
+        mark: args.mark,
+    });
     let (enrolment_tx, enrolment_rx) = watch::channel(EnrolmentStatus::default());
     let enrolment = Enrolment::new(args.node.clone(), redirector.clone(), proxy, enrolment_tx);
     tokio::spawn(enrolment.run(state_rx));

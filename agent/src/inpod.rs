@@ -84,7 +84,13 @@ impl Enrolment {
         proxy: Arc<ProxyContext>,
         status: watch::Sender<EnrolmentStatus>,
     ) -> Self {
-        Self { node, redirector, proxy, pods: BTreeMap::new(), status }
+        Self {
+            node,
+            redirector,
+            proxy,
+            pods: BTreeMap::new(),
+            status,
+        }
     }
 
     /// Applies every new state; retries failed pods periodically. Runs until the state
@@ -123,7 +129,11 @@ impl Enrolment {
                 ips: pod.workload.ips.clone(),
             })
             .collect();
-        self.status.send_replace(EnrolmentStatus { reconciled: true, enrolled, failed });
+        self.status.send_replace(EnrolmentStatus {
+            reconciled: true,
+            enrolled,
+            failed,
+        });
     }
 
     /// Brings the node to `state`; returns the pods that could not be enrolled and why.
@@ -185,26 +195,54 @@ impl Enrolment {
         let netns = Arc::new(Netns::from_file(file).context("reading the namespace cookie")?);
         let has_v6 = workload.ips.iter().any(IpAddr::is_ipv6);
         let listeners = netns.run(|| open_listeners(has_v6))??;
-        let pod = Arc::new(PodContext { workload: workload.clone(), netns: netns.clone() });
+        let pod = Arc::new(PodContext {
+            workload: workload.clone(),
+            netns: netns.clone(),
+        });
 
         let mut accept_loops = Vec::new();
         for ip in &workload.ips {
-            let listener = if ip.is_ipv4() { &listeners.inbound4 } else { listeners.inbound6.as_ref().expect("opened for v6 pods") };
+            let listener = if ip.is_ipv4() {
+                &listeners.inbound4
+            } else {
+                listeners.inbound6.as_ref().expect("opened for v6 pods")
+            };
             self.redirector.set_listener(*ip, listener)?;
         }
         self.redirector.attach_inbound(&netns)?;
-        let to_tokio = |l: std::net::TcpListener| TcpListener::from_std(l).context("registering listener");
-        accept_loops.push(tokio::spawn(proxy::inbound::serve(to_tokio(listeners.inbound4)?, pod.clone(), self.proxy.clone())));
+        let to_tokio =
+            |l: std::net::TcpListener| TcpListener::from_std(l).context("registering listener");
+        accept_loops.push(tokio::spawn(proxy::inbound::serve(
+            to_tokio(listeners.inbound4)?,
+            pod.clone(),
+            self.proxy.clone(),
+        )));
         if let Some(l) = listeners.inbound6 {
-            accept_loops.push(tokio::spawn(proxy::inbound::serve(to_tokio(l)?, pod.clone(), self.proxy.clone())));
+            accept_loops.push(tokio::spawn(proxy::inbound::serve(
+                to_tokio(l)?,
+                pod.clone(),
+                self.proxy.clone(),
+            )));
         }
-        accept_loops.push(tokio::spawn(proxy::outbound::serve(to_tokio(listeners.outbound4)?, pod.clone(), self.proxy.clone())));
+        accept_loops.push(tokio::spawn(proxy::outbound::serve(
+            to_tokio(listeners.outbound4)?,
+            pod.clone(),
+            self.proxy.clone(),
+        )));
         if let Some(l) = listeners.outbound6 {
-            accept_loops.push(tokio::spawn(proxy::outbound::serve(to_tokio(l)?, pod.clone(), self.proxy.clone())));
+            accept_loops.push(tokio::spawn(proxy::outbound::serve(
+                to_tokio(l)?,
+                pod.clone(),
+                self.proxy.clone(),
+            )));
         }
         // Last: only now may the kernel send this pod's connects to the listeners above.
         self.redirector.enroll(netns.cookie())?;
-        Ok(EnrolledPod { workload, netns, accept_loops })
+        Ok(EnrolledPod {
+            workload,
+            netns,
+            accept_loops,
+        })
     }
 
     fn unenroll(&self, pod: &EnrolledPod) {

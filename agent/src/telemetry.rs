@@ -19,9 +19,16 @@ pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("invalid log filter {filter:?}: {err}"))?;
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init()?,
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init()?,
         LogFormat::Json => registry
-            .with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
             .try_init()?,
     }
     Ok(())

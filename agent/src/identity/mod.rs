@@ -53,8 +53,13 @@ impl FromStr for SpiffeId {
     type Err = SpiffeIdError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = |reason| SpiffeIdError { input: input.to_string(), reason };
-        let rest = input.strip_prefix("spiffe://").ok_or_else(|| err("does not start with spiffe://"))?;
+        let err = |reason| SpiffeIdError {
+            input: input.to_string(),
+            reason,
+        };
+        let rest = input
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| err("does not start with spiffe://"))?;
         let mut parts = rest.split('/');
         let (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
             parts.next(),

@@ -41,7 +41,8 @@ pub async fn connect_from(
 ) -> io::Result<TcpStream> {
     let socket = netns.run(|| -> io::Result<socket2::Socket> {
         let domain = socket2::Domain::for_address(dst);
-        let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        let socket =
+            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
         socket.set_mark(mark)?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;

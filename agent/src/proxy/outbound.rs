@@ -30,7 +30,10 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let started = Instant::now();
     let src_workload = pod.workload.uid();
-    let Some(dst) = ctx.redirector.original_destination(pod.netns.cookie(), peer) else {
+    let Some(dst) = ctx
+        .redirector
+        .original_destination(pod.netns.cookie(), peer)
+    else {
         // Not redirected by our programs (someone dialled 127.0.0.1:15001 directly), or the
         // client is already gone: there is nowhere legitimate to send it.
         warn!(pod = %src_workload, %peer, "no original destination recorded; closing");
@@ -53,7 +56,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     let dst_workload;
     let dst_service;
     let upstream = match state.resolve(dst) {
-        Resolved::Workload { workload, addr, service } => {
+        Resolved::Workload {
+            workload,
+            addr,
+            service,
+        } => {
             dst_workload = workload.uid();
             dst_service = service.map(|s| format!("{}/{}", s.namespace, s.name));
             log.dst_workload = Some(&dst_workload);
@@ -62,13 +69,19 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         }
         Resolved::Passthrough(addr) => addr,
         Resolved::NoEndpoints { service } => {
-            log.outcome = Err(format!("service {}/{} has no ready endpoints", service.namespace, service.name));
+            log.outcome = Err(format!(
+                "service {}/{} has no ready endpoints",
+                service.namespace, service.name
+            ));
             log.duration = started.elapsed();
             log.emit();
             return;
         }
         Resolved::UnknownServicePort { service, port } => {
-            log.outcome = Err(format!("service {}/{} has no port {port}", service.namespace, service.name));
+            log.outcome = Err(format!(
+                "service {}/{} has no port {port}",
+                service.namespace, service.name
+            ));
             log.duration = started.elapsed();
             log.emit();
             return;

@@ -112,7 +112,11 @@ impl Redirector {
     pub fn load(config: RedirectConfig) -> anyhow::Result<Self> {
         preflight(&config)?;
         let maps_dir = config.bpffs.join("maps");
-        for dir in [&maps_dir, &config.bpffs.join("links"), &config.bpffs.join("pods")] {
+        for dir in [
+            &maps_dir,
+            &config.bpffs.join("links"),
+            &config.bpffs.join("pods"),
+        ] {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let mut ebpf = EbpfLoader::new()
@@ -180,7 +184,10 @@ impl Redirector {
     }
 
     fn pod_pin(&self, netns_cookie: u64) -> PathBuf {
-        self.config.bpffs.join("pods").join(netns_cookie.to_string())
+        self.config
+            .bpffs
+            .join("pods")
+            .join(netns_cookie.to_string())
     }
 
     /// Steers inbound TCP of a pod's namespace to its listeners: links sk_lookup there.
@@ -281,10 +288,17 @@ impl Redirector {
                 .with_context(|| format!("excluding port {port}"))?;
         }
         let mut nets = self.excluded_nets.lock().unwrap();
-        let wanted: Vec<Key<[u8; 16]>> = settings.exclude_outbound_cidrs.iter().map(net_key).collect();
+        let wanted: Vec<Key<[u8; 16]>> = settings
+            .exclude_outbound_cidrs
+            .iter()
+            .map(net_key)
+            .collect();
         let current: Vec<Key<[u8; 16]>> = nets.keys().filter_map(Result::ok).collect();
         for key in &current {
-            if !wanted.iter().any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data()) {
+            if !wanted
+                .iter()
+                .any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data())
+            {
                 let _ = nets.remove(key);
             }
         }
@@ -298,12 +312,24 @@ impl Redirector {
     /// Entries in each pinned map, for the admin endpoint and metrics.
     pub fn map_occupancy(&self) -> Vec<(&'static str, usize)> {
         vec![
-            (maps::ENROLLED_NETNS, self.enrolled.lock().unwrap().keys().count()),
+            (
+                maps::ENROLLED_NETNS,
+                self.enrolled.lock().unwrap().keys().count(),
+            ),
             (maps::ORIG_DST_SOCK, self.orig_dst_sock.keys().count()),
             (maps::ORIG_DST_TUPLE, self.orig_dst.keys().count()),
-            (maps::POD_LISTENERS, self.listeners.lock().unwrap().keys().count()),
-            (maps::EXCLUDED_PORTS, self.excluded_ports.lock().unwrap().keys().count()),
-            (maps::EXCLUDED_NETS, self.excluded_nets.lock().unwrap().keys().count()),
+            (
+                maps::POD_LISTENERS,
+                self.listeners.lock().unwrap().keys().count(),
+            ),
+            (
+                maps::EXCLUDED_PORTS,
+                self.excluded_ports.lock().unwrap().keys().count(),
+            ),
+            (
+                maps::EXCLUDED_NETS,
+                self.excluded_nets.lock().unwrap().keys().count(),
+            ),
         ]
     }
 
@@ -348,7 +374,10 @@ pub fn from_ip_key(key: &IpKey) -> IpAddr {
 
 fn net_key(net: &IpNet) -> Key<[u8; 16]> {
     match net {
-        IpNet::V4(v4) => Key::new(96 + u32::from(v4.prefix_len()), ip_key(IpAddr::V4(v4.network())).addr),
+        IpNet::V4(v4) => Key::new(
+            96 + u32::from(v4.prefix_len()),
+            ip_key(IpAddr::V4(v4.network())).addr,
+        ),
         IpNet::V6(v6) => Key::new(u32::from(v6.prefix_len()), v6.network().octets()),
     }
 }

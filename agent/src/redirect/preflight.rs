@@ -37,7 +37,8 @@ pub fn cgroup2_mount() -> anyhow::Result<std::path::PathBuf> {
 }
 
 fn effective_caps() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let hex = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -63,14 +64,18 @@ pub fn preflight(config: &RedirectConfig) -> anyhow::Result<()> {
         );
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        bail!("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing); Ambit needs a kernel built with CONFIG_DEBUG_INFO_BTF=y");
+        bail!(
+            "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing); Ambit needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+        );
     }
     match statfs_type(&config.cgroup) {
         Ok(CGROUP2_SUPER_MAGIC) => {}
         Ok(_) => bail!(
             "--cgroup {} is not a cgroup v2 directory (cgroup v2 is mounted at {})",
             config.cgroup.display(),
-            cgroup2_mount().map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string())
+            cgroup2_mount()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|e| e.to_string())
         ),
         Err(err) => bail!("--cgroup {}: {err}", config.cgroup.display()),
     }

@@ -1,0 +1,73 @@
+//! `cargo xtask`: the developer and CI entry points of the Ambit workspace.
+//!
+//! - `setup`: make this machine able to build and test Ambit (idempotent: check, then act).
+//! - `build [--release]`: the toolchain part of setup, then the agent and test-bed binaries.
+//! - `test [-- <nextest args>]`: setup, fmt, clippy, build, then every test through nextest.
+//! - `demo`: setup, release build, then the cluster-in-a-box demo.
+
+mod cmd;
+mod setup;
+mod tasks;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Ambit's developer and CI tasks",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install and check everything needed to build, test and run Ambit here (idempotent).
+    Setup,
+    /// Build the agent and the test-bed binaries (runs the toolchain part of setup first).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run setup, fmt check, clippy, build, then every test with cargo-nextest.
+    Test {
+        /// Extra arguments for `cargo nextest run`, after `--` (e.g. a test filter).
+        #[arg(last = true)]
+        nextest_args: Vec<String>,
+    },
+    /// Run setup, a release build, then the cluster-in-a-box demo.
+    Demo,
+}
+
+/// The workspace root: xtask's parent directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cmd::put_cargo_bin_on_path();
+    let result = match cli.command {
+        Command::Setup => setup::ensure(setup::Scope::Full),
+        Command::Build { release } => tasks::build(release),
+        Command::Test { nextest_args } => tasks::test(&nextest_args),
+        Command::Demo => tasks::demo(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("\nxtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

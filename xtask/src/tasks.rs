@@ -1,0 +1,131 @@
+//! `build`, `test` and `demo`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd::{exec, run};
+use crate::setup::{self, Scope};
+use crate::workspace_root;
+
+/// The no_std eBPF crate: built only by aya-build for `bpfel-unknown-none`. It cannot be
+/// compiled for the host (no_std + panic_handler: "unwinding panics are not supported without
+/// std"), so host-target cargo runs exclude it and clippy checks it for the BPF target.
+const EBPF_PACKAGE: &str = "ambit-ebpf";
+
+/// Packages whose binaries the tests and the demo run.
+const BIN_PACKAGES: [&str; 4] = ["-p", "ambit", "-p", "ambit-tests"];
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root);
+    cmd
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+fn banner(step: usize, total: usize, title: &str) {
+    println!("\n==> [{step}/{total}] {title}");
+}
+
+pub fn build(release: bool) -> Result<()> {
+    setup::ensure(Scope::Toolchain)?;
+    let root = workspace_root();
+    let profile = if release { "release" } else { "debug" };
+    println!("==> build ({profile}): agent and test-bed binaries");
+    let mut cmd = cargo(&root);
+    cmd.arg("build").args(BIN_PACKAGES).arg("--bins");
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    println!(
+        "==> binaries in {}",
+        target_dir(&root).join(profile).display()
+    );
+    Ok(())
+}
+
+pub fn test(nextest_args: &[String]) -> Result<()> {
+    setup::ensure(Scope::Full)?;
+    let root = workspace_root();
+    let debug = target_dir(&root).join("debug");
+
+    let mut fmt = cargo(&root);
+    fmt.args(["fmt", "--all", "--", "--check"]);
+
+    let mut clippy = cargo(&root);
+    clippy
+        .args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            EBPF_PACKAGE,
+            "--all-targets",
+        ])
+        .args(["--", "-D", "warnings"]);
+
+    let mut clippy_ebpf = cargo(&root);
+    clippy_ebpf
+        .args(["+nightly", "clippy", "-p", EBPF_PACKAGE])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"]);
+
+    let mut build = cargo(&root);
+    build.arg("build").args(BIN_PACKAGES).arg("--bins");
+
+    let steps: [(&str, &mut Command); 4] = [
+        ("format check", &mut fmt),
+        ("clippy (host crates)", &mut clippy),
+        ("clippy (eBPF crate, bpfel-unknown-none)", &mut clippy_ebpf),
+        ("build binaries", &mut build),
+    ];
+    let total = steps.len() + 1;
+    for (i, (title, cmd)) in steps.into_iter().enumerate() {
+        banner(i + 1, total, title);
+        run(cmd).with_context(|| format!("step {}/{total} ({title}) failed", i + 1))?;
+    }
+
+    let mut nextest = cargo(&root);
+    nextest
+        .args(["nextest", "run", "--workspace", "--exclude", EBPF_PACKAGE])
+        .arg("--no-fail-fast")
+        .args(nextest_args)
+        .env("AMBIT_BIN", debug.join("ambit"))
+        .env("AMBIT_TESTPOD_BIN", debug.join("testpod"));
+    banner(total, total, "tests (cargo nextest)");
+    // From here on nextest owns the terminal: its summary is the last line, its status ours.
+    Err(exec(&mut nextest))
+}
+
+pub fn demo() -> Result<()> {
+    setup::ensure(Scope::Full)?;
+    let root = workspace_root();
+    let release = target_dir(&root).join("release");
+    println!("==> [1/2] release build");
+    run(cargo(&root)
+        .args(["build", "--release"])
+        .args(BIN_PACKAGES)
+        .arg("--bins"))
+    .context("release build failed")?;
+    let demo = release.join("demo");
+    if !demo.is_file() {
+        bail!(
+            "{} was not built: the `ambit-tests` package has no `demo` binary",
+            demo.display()
+        );
+    }
+    println!("\n==> [2/2] demo");
+    Err(exec(
+        Command::new(&demo)
+            .current_dir(&root)
+            .env("AMBIT_BIN", release.join("ambit"))
+            .env("AMBIT_TESTPOD_BIN", release.join("testpod")),
+    ))
+}
