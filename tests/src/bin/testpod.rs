@@ -1,0 +1,523 @@
+//! `testpod`: the client and server that test-bed pods run.
+//!
+//! Every output line on stdout is one JSON object.
+//!
+//! - `testpod serve --port P [--port P2 ...] [--bind ADDR] [--name NAME]`: TCP echo server.
+//!   Each accepted connection first gets `HELLO <name> <peer as accepted> <local>\n`, then every
+//!   byte is echoed until EOF, then the server shuts down its write side and closes. Prints
+//!   `{"event":"listening",...}` once all sockets listen, then `accepted`/`closed` events.
+//! - `testpod client --connect ADDR [--bytes N] [--count C] [--timeout-ms T]`: C connections,
+//!   each sending N deterministic pseudo-random bytes (seeded by the connection index) and
+//!   checking the echo; one JSON line per connection; exit 0 only if all are ok.
+//! - `testpod churn --connect ADDR --count C [--max-seconds S]`: C short sequential connections;
+//!   one summary line.
+//! - `testpod hold --connect ADDR`: one long-lived connection, echoing stdin lines through it.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use socket2::{Domain, Protocol, Socket, Type};
+
+#[derive(Parser)]
+#[command(name = "testpod", about = "Test bed client/server")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// TCP echo server with a greeting line.
+    Serve {
+        /// Port to listen on (repeatable).
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+        /// Listen only on this address (default: `0.0.0.0` and `[::]`).
+        #[arg(long)]
+        bind: Option<IpAddr>,
+        /// Name in the greeting (default: $POD_NAME).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Connect, send bytes, verify the echo.
+    Client {
+        /// Address to connect to, e.g. `10.10.1.2:8080` or `[fd00:10:1::2]:8080`.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Bytes to send per connection.
+        #[arg(long, default_value_t = 1024)]
+        bytes: u64,
+        /// Number of sequential connections.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Time limit per connection, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Many short sequential connections.
+    Churn {
+        /// Address to connect to.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Number of connections.
+        #[arg(long)]
+        count: u32,
+        /// Stop early after this many seconds.
+        #[arg(long)]
+        max_seconds: Option<u64>,
+        /// Time limit per connection, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Hold one connection open; echo stdin lines through it.
+    Hold {
+        /// Address to connect to.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Time limit for connecting and for each echo, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+}
+
+/// Prints one JSON line (ignoring a closed stdout).
+fn emit(v: Value) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ok = match cli.cmd {
+        Cmd::Serve { ports, bind, name } => serve(&ports, bind, name),
+        Cmd::Client {
+            connect,
+            bytes,
+            count,
+            timeout_ms,
+        } => client(connect, bytes, count, Duration::from_millis(timeout_ms)),
+        Cmd::Churn {
+            connect,
+            count,
+            max_seconds,
+            timeout_ms,
+        } => churn(
+            connect,
+            count,
+            max_seconds.map(Duration::from_secs),
+            Duration::from_millis(timeout_ms),
+        ),
+        Cmd::Hold {
+            connect,
+            timeout_ms,
+        } => hold(connect, Duration::from_millis(timeout_ms)),
+    };
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// serve
+
+fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(v6only)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+fn serve(ports: &[u16], bind: Option<IpAddr>, name: Option<String>) -> bool {
+    let name = name
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .unwrap_or_else(|| "unknown".into());
+    let mut listeners = Vec::new();
+    for &port in ports {
+        let addrs: Vec<(SocketAddr, bool)> = match bind {
+            Some(ip) => vec![(SocketAddr::new(ip, port), false)],
+            None => vec![
+                (
+                    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+                    false,
+                ),
+                (
+                    SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+                    true,
+                ),
+            ],
+        };
+        for (addr, v6only) in addrs {
+            match listen(addr, v6only) {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    emit(json!({"event": "error", "error": format!("listen {addr}: {e}")}));
+                    return false;
+                }
+            }
+        }
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    emit(json!({"event": "listening", "name": name, "addrs": addrs}));
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            let name = name.clone();
+            std::thread::spawn(move || accept_loop(l, name))
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    true
+}
+
+fn accept_loop(l: TcpListener, name: String) {
+    loop {
+        match l.accept() {
+            Ok((s, peer)) => {
+                let name = name.clone();
+                std::thread::spawn(move || handle_conn(s, peer, &name));
+            }
+            Err(e) => {
+                emit(json!({"event": "error", "error": format!("accept: {e}")}));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn handle_conn(mut s: TcpStream, peer: SocketAddr, name: &str) {
+    let local = s
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|e| format!("?({e})"));
+    emit(json!({"event": "accepted", "peer": peer.to_string(), "local": local}));
+    let r = (|| -> io::Result<u64> {
+        s.write_all(format!("HELLO {name} {peer} {local}\n").as_bytes())?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            s.write_all(&buf[..n])?;
+            total += n as u64;
+        }
+        s.shutdown(Shutdown::Write)?;
+        Ok(total)
+    })();
+    match r {
+        Ok(bytes) => emit(json!({"event": "closed", "peer": peer.to_string(), "bytes": bytes})),
+        Err(e) => emit(json!({
+            "event": "closed",
+            "peer": peer.to_string(),
+            "error": e.to_string(),
+        })),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// client
+
+/// Deterministic byte stream (xorshift64*), seeded by the connection index.
+struct Prng {
+    state: u64,
+    word: [u8; 8],
+    pos: usize,
+}
+
+impl Prng {
+    fn new(index: u32) -> Self {
+        Self {
+            state: (u64::from(index) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            word: [0; 8],
+            pos: 8,
+        }
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            if self.pos == 8 {
+                self.state ^= self.state >> 12;
+                self.state ^= self.state << 25;
+                self.state ^= self.state >> 27;
+                self.word = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+                self.pos = 0;
+            }
+            *b = self.word[self.pos];
+            self.pos += 1;
+        }
+    }
+}
+
+fn remaining(deadline: Instant) -> io::Result<Duration> {
+    let d = deadline.saturating_duration_since(Instant::now());
+    if d.is_zero() {
+        Err(io::Error::new(io::ErrorKind::TimedOut, "deadline exceeded"))
+    } else {
+        Ok(d)
+    }
+}
+
+/// Reads one `\n`-terminated line (without the newline) before `deadline`.
+fn read_line_until(r: &mut BufReader<TcpStream>, deadline: Instant) -> io::Result<String> {
+    r.get_ref().set_read_timeout(Some(remaining(deadline)?))?;
+    let mut line = String::new();
+    let n = r.read_line(&mut line)?;
+    if n == 0 || !line.ends_with('\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("connection closed before a full line (got {line:?})"),
+        ));
+    }
+    line.pop();
+    if line.ends_with('\r') {
+        line.pop();
+    }
+    Ok(line)
+}
+
+fn client(addr: SocketAddr, bytes: u64, count: u32, timeout: Duration) -> bool {
+    let mut all_ok = true;
+    for i in 0..count {
+        let v = client_conn(addr, i, bytes, timeout);
+        all_ok &= v["ok"] == true;
+        emit(v);
+    }
+    all_ok
+}
+
+fn client_conn(addr: SocketAddr, index: u32, bytes: u64, timeout: Duration) -> Value {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut out = json!({
+        "conn": index, "ok": false, "peer": null, "local": null, "greeting": null,
+        "sent": 0, "received": 0, "error": null,
+    });
+    let r = (|| -> Result<(), String> {
+        let s = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        out["peer"] = json!(s.peer_addr().map(|a| a.to_string()).ok());
+        out["local"] = json!(s.local_addr().map(|a| a.to_string()).ok());
+        let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+        let greeting =
+            read_line_until(&mut reader, deadline).map_err(|e| format!("read greeting: {e}"))?;
+        out["greeting"] = json!(greeting);
+        let mut w = s.try_clone().map_err(|e| e.to_string())?;
+        let writer = std::thread::spawn(move || -> Result<u64, String> {
+            let mut prng = Prng::new(index);
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut sent = 0u64;
+            let r = (|| -> io::Result<()> {
+                while sent < bytes {
+                    let n = (bytes - sent).min(buf.len() as u64) as usize;
+                    prng.fill(&mut buf[..n]);
+                    w.set_write_timeout(Some(remaining(deadline)?))?;
+                    w.write_all(&buf[..n])?;
+                    sent += n as u64;
+                }
+                Ok(())
+            })();
+            // Shut down even after an error so the peer sees EOF and the reader finishes.
+            let _ = w.shutdown(Shutdown::Write);
+            r.map(|()| sent)
+                .map_err(|e| format!("send after {sent} bytes: {e}"))
+        });
+        let mut prng = Prng::new(index);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut expect = vec![0u8; 64 * 1024];
+        let mut received = 0u64;
+        let mut mismatch: Option<u64> = None;
+        let read_result = (|| -> io::Result<()> {
+            loop {
+                reader
+                    .get_ref()
+                    .set_read_timeout(Some(remaining(deadline)?))?;
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                if mismatch.is_none() {
+                    prng.fill(&mut expect[..n]);
+                    if let Some(p) = (0..n).find(|&k| buf[k] != expect[k]) {
+                        mismatch = Some(received + p as u64);
+                    }
+                }
+                received += n as u64;
+            }
+        })();
+        out["received"] = json!(received);
+        let sent = writer
+            .join()
+            .map_err(|_| "writer thread panicked".to_string())?;
+        if let Ok(n) = &sent {
+            out["sent"] = json!(n);
+        }
+        let sent = sent?;
+        read_result.map_err(|e| format!("receive after {received} bytes: {e}"))?;
+        if let Some(p) = mismatch {
+            return Err(format!("echoed bytes differ from sent at offset {p}"));
+        }
+        if received != sent {
+            return Err(format!("sent {sent} bytes but received {received}"));
+        }
+        Ok(())
+    })();
+    match r {
+        Ok(()) => out["ok"] = json!(true),
+        Err(e) => out["error"] = json!(e),
+    }
+    out["elapsed_ms"] = json!(start.elapsed().as_millis() as u64);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// churn
+
+fn churn_one(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut s =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+    read_line_until(&mut reader, deadline).map_err(|e| format!("read greeting: {e}"))?;
+    s.set_write_timeout(Some(remaining(deadline).map_err(|e| e.to_string())?))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"x").map_err(|e| format!("send: {e}"))?;
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut rest = Vec::new();
+    reader
+        .get_ref()
+        .set_read_timeout(Some(remaining(deadline).map_err(|e| e.to_string())?))
+        .map_err(|e| e.to_string())?;
+    reader
+        .read_to_end(&mut rest)
+        .map_err(|e| format!("receive: {e}"))?;
+    if rest != b"x" {
+        return Err(format!(
+            "expected echo \"x\", got {:?}",
+            String::from_utf8_lossy(&rest)
+        ));
+    }
+    Ok(())
+}
+
+fn churn(addr: SocketAddr, count: u32, max: Option<Duration>, timeout: Duration) -> bool {
+    let start = Instant::now();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut first_error: Option<String> = None;
+    for _ in 0..count {
+        if max.is_some_and(|m| start.elapsed() >= m) {
+            break;
+        }
+        match churn_one(addr, timeout) {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    emit(json!({
+        "ok": ok,
+        "failed": failed,
+        "first_error": first_error,
+        "elapsed_ms": start.elapsed().as_millis() as u64,
+    }));
+    failed == 0
+}
+
+// ---------------------------------------------------------------------------------------------
+// hold
+
+fn hold(addr: SocketAddr, timeout: Duration) -> bool {
+    let s = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            emit(json!({"error": format!("connect {addr}: {e}")}));
+            return false;
+        }
+    };
+    let mut reader = match s.try_clone() {
+        Ok(c) => BufReader::new(c),
+        Err(e) => {
+            emit(json!({"error": e.to_string()}));
+            return false;
+        }
+    };
+    let greeting = match read_line_until(&mut reader, Instant::now() + timeout) {
+        Ok(g) => g,
+        Err(e) => {
+            emit(json!({"error": format!("read greeting: {e}")}));
+            return false;
+        }
+    };
+    emit(json!({
+        "event": "connected",
+        "greeting": greeting,
+        "peer": s.peer_addr().map(|a| a.to_string()).ok(),
+        "local": s.local_addr().map(|a| a.to_string()).ok(),
+    }));
+    let mut w = s;
+    let mut all_ok = true;
+    for line in io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let r = (|| -> io::Result<String> {
+            w.set_write_timeout(Some(timeout))?;
+            w.write_all(format!("{line}\n").as_bytes())?;
+            read_line_until(&mut reader, Instant::now() + timeout)
+        })();
+        match r {
+            Ok(echo) => emit(json!({"echo": echo})),
+            Err(e) => {
+                all_ok = false;
+                emit(json!({"error": e.to_string()}));
+            }
+        }
+    }
+    let _ = w.shutdown(Shutdown::Write);
+    emit(json!({"event": "closed"}));
+    all_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Prng;
+
+    #[test]
+    fn prng_is_chunking_independent() {
+        let mut a = Prng::new(3);
+        let mut whole = vec![0u8; 100];
+        a.fill(&mut whole);
+        let mut b = Prng::new(3);
+        let mut parts = vec![0u8; 100];
+        b.fill(&mut parts[..7]);
+        b.fill(&mut parts[7..50]);
+        b.fill(&mut parts[50..]);
+        assert_eq!(whole, parts);
+        let mut c = Prng::new(4);
+        let mut other = vec![0u8; 100];
+        c.fill(&mut other);
+        assert_ne!(whole, other);
+    }
+}
