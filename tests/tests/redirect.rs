@@ -1,0 +1,657 @@
+//! End-to-end tests of redirection: real agents, real eBPF, real namespaces and sockets.
+//!
+//! How a test tells whether a connection went through the agent: a redirected connect lands on
+//! the agent's loopback listener, so the client's own address (`getsockname`) is on loopback,
+//! while `getpeername` still shows the address it dialled; and a connection steered into the
+//! destination pod's agent reaches the application from the pod's own address. The agents'
+//! access logs confirm both hops.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump};
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(20);
+
+fn testpod() -> PathBuf {
+    ambit_tests::testpod_path!()
+}
+
+fn cluster(nodes: usize, pods_per_node: usize) -> Result<Cluster> {
+    Cluster::start(ClusterSpec {
+        nodes,
+        pods_per_node,
+    })
+}
+
+fn serve(pod: &Pod, ports: &[u16]) -> Result<PodProcess> {
+    let mut args = vec!["serve".to_string()];
+    for p in ports {
+        args.extend(["--port".to_string(), p.to_string()]);
+    }
+    let mut server = pod.spawn(testpod(), &args)?;
+    server
+        .read_json_until(T, |v| v["event"] == "listening")
+        .with_context(|| format!("server in {} did not start", pod.name()))?;
+    Ok(server)
+}
+
+/// One connection as `testpod client` reported it.
+struct Conn {
+    report: Value,
+}
+
+impl Conn {
+    fn ok(&self) -> bool {
+        self.report["ok"] == true
+    }
+    fn peer(&self) -> String {
+        self.report["peer"].as_str().unwrap_or_default().to_string()
+    }
+    fn local_ip(&self) -> Option<IpAddr> {
+        self.report["local"]
+            .as_str()?
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+    }
+    /// Went through the source pod's agent: the client socket is bound on loopback.
+    fn redirected(&self) -> bool {
+        self.local_ip().is_some_and(|ip| ip.is_loopback())
+    }
+    fn greeting_field(&self, i: usize) -> String {
+        let greeting = self.report["greeting"].as_str().unwrap_or_default();
+        greeting.split(' ').nth(i).unwrap_or_default().to_string()
+    }
+    /// The pod that answered.
+    fn served_by(&self) -> String {
+        self.greeting_field(1)
+    }
+    /// The client address as the application saw it.
+    fn seen_peer_ip(&self) -> Option<IpAddr> {
+        self.greeting_field(2)
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+    }
+}
+
+/// Runs `testpod client` in `from`; returns every connection's report (it does not require
+/// success: callers assert what they expect).
+fn client(from: &Pod, dst: SocketAddr, bytes: u64, count: u32) -> Result<Vec<Conn>> {
+    let mut c = from.spawn(
+        testpod(),
+        [
+            "client",
+            "--connect",
+            &dst.to_string(),
+            "--bytes",
+            &bytes.to_string(),
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            "5000",
+        ],
+    )?;
+    let (_, lines) = c.wait_json(Duration::from_secs(60))?;
+    Ok(lines.into_iter().map(|report| Conn { report }).collect())
+}
+
+/// Runs one client connection and insists it succeeded, byte-exact.
+fn connect_ok(cluster: &Cluster, from: &Pod, dst: SocketAddr, bytes: u64) -> Result<Conn> {
+    let mut conns = client(from, dst, bytes, 1)?;
+    ensure_or_dump!(
+        cluster,
+        conns.len() == 1 && conns[0].ok(),
+        "{} -> {dst}: connection failed: {:?}",
+        from.name(),
+        conns.first().map(|c| &c.report)
+    );
+    let conn = conns.remove(0);
+    ensure_or_dump!(
+        cluster,
+        conn.report["sent"] == bytes && conn.report["received"] == bytes,
+        "{} -> {dst}: bytes not echoed exactly: {}",
+        from.name(),
+        conn.report
+    );
+    Ok(conn)
+}
+
+/// The agent's access-log records.
+fn access_logs(node: &Node) -> Vec<Value> {
+    node.agent_log_json()
+        .into_iter()
+        .filter(|l| l["target"] == "access")
+        .collect()
+}
+
+fn access_log_count(node: &Node, direction: &str, dst: SocketAddr) -> usize {
+    access_logs(node)
+        .iter()
+        .filter(|l| l["direction"] == direction && l["dst"] == dst.to_string())
+        .count()
+}
+
+/// Access-log lines are written when a connection ends, a moment after the client saw it end.
+fn wait_access_log(
+    cluster: &Cluster,
+    node: &Node,
+    direction: &str,
+    dst: SocketAddr,
+    at_least: usize,
+) -> Result<()> {
+    let deadline = Instant::now() + T;
+    while access_log_count(node, direction, dst) < at_least {
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "agent {} logged {} {direction} connections to {dst}, expected {at_least}",
+            node.name(),
+            access_log_count(node, direction, dst)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn ebpf_stat(node: &Node, name: &str) -> Result<u64> {
+    node.config_dump()?["ebpfStats"][name]
+        .as_u64()
+        .with_context(|| format!("no ebpfStats.{name} in config_dump"))
+}
+
+fn map_entries(node: &Node, map: &str) -> Result<u64> {
+    node.config_dump()?["maps"][map]
+        .as_u64()
+        .with_context(|| format!("no maps.{map} in config_dump"))
+}
+
+#[test]
+fn pod_to_pod_same_node_and_across_nodes_goes_through_both_agents() -> Result<()> {
+    let cluster = cluster(2, 2)?;
+    cluster.start_agents()?;
+    let client_pod = cluster.pod(0, 0);
+    let same_node = cluster.pod(0, 1);
+    let other_node = cluster.pod(1, 0);
+    let _s1 = serve(same_node, &[8080])?;
+    let _s2 = serve(other_node, &[8080])?;
+
+    for (to, dst) in [
+        (same_node, same_node.addr4(8080)),
+        (other_node, other_node.addr4(8080)),
+        (other_node, other_node.addr6(8080)),
+    ] {
+        let conn = connect_ok(&cluster, client_pod, dst, 100_000)?;
+        ensure_or_dump!(
+            cluster,
+            conn.redirected(),
+            "{dst}: client socket not on loopback, so not redirected: {}",
+            conn.report
+        );
+        ensure_or_dump!(
+            cluster,
+            conn.peer() == dst.to_string(),
+            "getpeername shows {} instead of the dialled {dst}",
+            conn.peer()
+        );
+        ensure_or_dump!(
+            cluster,
+            conn.served_by() == to.name() && conn.seen_peer_ip() == Some(dst.ip()),
+            "{dst}: expected {} to be reached through its agent's inbound hop (from its own \
+             address), greeting was {}",
+            to.name(),
+            conn.report["greeting"]
+        );
+        let dst_node = cluster.node_of(to);
+        wait_access_log(&cluster, cluster.node(0), "outbound", dst, 1)?;
+        wait_access_log(&cluster, dst_node, "inbound", dst, 1)?;
+    }
+    let outbound = access_logs(cluster.node(0))
+        .into_iter()
+        .find(|l| l["direction"] == "outbound" && l["dst"] == same_node.addr4(8080).to_string())
+        .context("outbound access log")?;
+    ensure_or_dump!(
+        cluster,
+        outbound["src_workload"] == format!("default/{}", client_pod.name())
+            && outbound["dst_workload"] == format!("default/{}", same_node.name())
+            && outbound["bytes_sent"].as_u64() >= Some(100_000)
+            && outbound["bytes_received"].as_u64() >= Some(100_000)
+            && outbound["outcome"] == "ok",
+        "access log record lacks workloads, bytes or outcome: {outbound}"
+    );
+    ensure_or_dump!(
+        cluster,
+        ebpf_stat(cluster.node(0), "redirectedV4")? >= 2
+            && ebpf_stat(cluster.node(0), "redirectedV6")? >= 1,
+        "eBPF redirect counters did not count the connects"
+    );
+    Ok(())
+}
+
+#[test]
+fn unenrolled_pods_traffic_is_untouched() -> Result<()> {
+    let cluster = cluster(1, 3)?;
+    let plain_client = cluster.pod(0, 0);
+    let plain_server = cluster.pod(0, 1);
+    cluster.set_enrolled(plain_client, false);
+    cluster.set_enrolled(plain_server, false);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let _s = serve(plain_server, &[8080])?;
+    let dst = plain_server.addr4(8080);
+    let conn = connect_ok(&cluster, plain_client, dst, 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        !conn.redirected()
+            && conn.local_ip() == Some(plain_client.ip4().into())
+            && conn.seen_peer_ip() == Some(plain_client.ip4().into()),
+        "un-enrolled pods' connection was touched: {}",
+        conn.report
+    );
+    let node = cluster.node(0);
+    ensure_or_dump!(
+        cluster,
+        ebpf_stat(node, "redirectedV4")? == 0 && access_logs(node).is_empty(),
+        "the agent saw traffic of un-enrolled pods"
+    );
+    Ok(())
+}
+
+#[test]
+fn enrolling_and_unenrolling_a_running_pod_spares_open_connections() -> Result<()> {
+    let cluster = cluster(1, 2)?;
+    let client_pod = cluster.pod(0, 0);
+    let server_pod = cluster.pod(0, 1);
+    cluster.set_enrolled(client_pod, false);
+    cluster.set_enrolled(server_pod, false);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let node = cluster.node(0);
+    let _s = serve(server_pod, &[8080])?;
+    let dst = server_pod.addr4(8080);
+
+    let echo = |held: &mut PodProcess, what: &str| -> Result<()> {
+        held.write_line(what)?;
+        let reply = held.read_json(T)?;
+        ensure_or_dump!(
+            cluster,
+            reply["echo"] == what,
+            "held connection broke: sent {what:?}, got {reply}"
+        );
+        Ok(())
+    };
+    let hold = || -> Result<PodProcess> {
+        let mut held = client_pod.spawn(testpod(), ["hold", "--connect", &dst.to_string()])?;
+        let connected = held.read_json(T)?;
+        ensure_or_dump!(
+            cluster,
+            connected["event"] == "connected",
+            "hold failed: {connected}"
+        );
+        Ok(held)
+    };
+
+    let mut direct = hold()?;
+    echo(&mut direct, "before enrolment")?;
+    ensure_or_dump!(
+        cluster,
+        !connect_ok(&cluster, client_pod, dst, 1000)?.redirected(),
+        "redirected before enrolment"
+    );
+
+    let generation = node.config_generation()?;
+    cluster.set_enrolled(client_pod, true);
+    cluster.set_enrolled(server_pod, true);
+    cluster.write_mesh()?;
+    cluster.wait_config_generation(0, generation + 1, T)?;
+    wait_enrolled(&cluster, node, 2)?;
+    echo(&mut direct, "after enrolment")?;
+    let conn = connect_ok(&cluster, client_pod, dst, 1000)?;
+    ensure_or_dump!(
+        cluster,
+        conn.redirected(),
+        "the next connection after enrolment was not redirected: {}",
+        conn.report
+    );
+
+    let mut meshed = hold()?;
+    echo(&mut meshed, "meshed")?;
+    cluster.set_enrolled(client_pod, false);
+    cluster.set_enrolled(server_pod, false);
+    cluster.write_mesh()?;
+    cluster.wait_config_generation(0, generation + 2, T)?;
+    wait_enrolled(&cluster, node, 0)?;
+    echo(&mut meshed, "after un-enrolment")?;
+    echo(&mut direct, "still direct")?;
+    let conn = connect_ok(&cluster, client_pod, dst, 1000)?;
+    ensure_or_dump!(
+        cluster,
+        !conn.redirected() && conn.seen_peer_ip() == Some(client_pod.ip4().into()),
+        "the next connection after un-enrolment still went through the agent: {}",
+        conn.report
+    );
+    Ok(())
+}
+
+fn wait_enrolled(cluster: &Cluster, node: &Node, pods: usize) -> Result<()> {
+    let deadline = Instant::now() + T;
+    loop {
+        let dump = node.config_dump()?;
+        let enrolled = dump["enrolled"].as_array().map_or(0, Vec::len);
+        if enrolled == pods {
+            return Ok(());
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "{} pods enrolled on {}, expected {pods}",
+            enrolled,
+            node.name()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn service_vip_round_robins_over_endpoints_on_two_nodes() -> Result<()> {
+    let cluster = cluster(2, 2)?;
+    let web_a = cluster.pod(0, 1);
+    let web_b = cluster.pod(1, 1);
+    cluster.set_labels(web_a, &[("app", "web")]);
+    cluster.set_labels(web_b, &[("app", "web")]);
+    cluster.add_service(
+        "web",
+        "default",
+        &["10.96.0.10"],
+        &[("app", "web")],
+        &[(80, 8080)],
+    );
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let _a = serve(web_a, &[8080])?;
+    let _b = serve(web_b, &[8080])?;
+
+    let vip: SocketAddr = "10.96.0.10:80".parse()?;
+    let conns = client(cluster.pod(0, 0), vip, 1000, 10)?;
+    let mut served: BTreeMap<String, usize> = BTreeMap::new();
+    for conn in &conns {
+        ensure_or_dump!(
+            cluster,
+            conn.ok() && conn.peer() == vip.to_string(),
+            "connection to the VIP failed or getpeername did not show the VIP: {}",
+            conn.report
+        );
+        *served.entry(conn.served_by()).or_default() += 1;
+    }
+    let expected: BTreeMap<String, usize> =
+        [(web_a.name().to_string(), 5), (web_b.name().to_string(), 5)].into();
+    ensure_or_dump!(
+        cluster,
+        served == expected,
+        "10 connections to the VIP were served {served:?}, expected round robin {expected:?}"
+    );
+    let logged = access_logs(cluster.node(0))
+        .into_iter()
+        .filter(|l| l["dst"] == vip.to_string() && l["dst_service"] == "default/web")
+        .count();
+    ensure_or_dump!(
+        cluster,
+        logged == 10,
+        "{logged} outbound access-log lines name the service, expected 10"
+    );
+    Ok(())
+}
+
+#[test]
+fn large_transfers_are_byte_exact_both_ways() -> Result<()> {
+    let cluster = cluster(2, 1)?;
+    cluster.start_agents()?;
+    let server_pod = cluster.pod(1, 0);
+    let _s = serve(server_pod, &[8080])?;
+    // The echo server returns every byte, so each connection checks both directions.
+    for bytes in [1 << 20, 16 << 20] {
+        let conn = connect_ok(&cluster, cluster.pod(0, 0), server_pod.addr4(8080), bytes)?;
+        ensure_or_dump!(
+            cluster,
+            conn.redirected(),
+            "not redirected: {}",
+            conn.report
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn maps_return_to_their_starting_size_after_10000_connections() -> Result<()> {
+    let cluster = cluster(2, 1)?;
+    cluster.start_agents()?;
+    let server_pod = cluster.pod(1, 0);
+    let _s = serve(server_pod, &[8080])?;
+    let node = cluster.node(0);
+    let tracked = ["ORIG_DST_SOCK", "ORIG_DST_TUPLE"];
+    let baseline: Vec<u64> = tracked
+        .iter()
+        .map(|m| map_entries(node, m))
+        .collect::<Result<_>>()?;
+    let redirected_before = ebpf_stat(node, "redirectedV4")?;
+
+    let mut churn = cluster.pod(0, 0).spawn(
+        testpod(),
+        [
+            "churn",
+            "--connect",
+            &server_pod.addr4(8080).to_string(),
+            "--count",
+            "10000",
+            "--max-seconds",
+            "240",
+        ],
+    )?;
+    let (_, lines) = churn.wait_json(Duration::from_secs(260))?;
+    let summary = lines.last().cloned().unwrap_or_default();
+    ensure_or_dump!(
+        cluster,
+        summary["ok"] == 10_000 && summary["failed"] == 0,
+        "churn did not complete 10,000 connections: {summary}"
+    );
+    ensure_or_dump!(
+        cluster,
+        ebpf_stat(node, "redirectedV4")? - redirected_before == 10_000,
+        "expected 10,000 redirected connects"
+    );
+    let deadline = Instant::now() + T;
+    loop {
+        let now: Vec<u64> = tracked
+            .iter()
+            .map(|m| map_entries(node, m))
+            .collect::<Result<_>>()?;
+        if now == baseline {
+            return Ok(());
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "maps {tracked:?} hold {now:?} entries after the churn, started at {baseline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_stopped_agent_fails_closed_and_a_restarted_one_recovers() -> Result<()> {
+    let cluster = cluster(1, 3)?;
+    let outsider = cluster.pod(0, 2);
+    cluster.set_enrolled(outsider, false);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let node = cluster.node(0);
+    let client_pod = cluster.pod(0, 0);
+    let server_pod = cluster.pod(0, 1);
+    let mut server = serve(server_pod, &[8080])?;
+    let dst = server_pod.addr4(8080);
+    connect_ok(&cluster, client_pod, dst, 1000)?;
+    connect_ok(&cluster, outsider, dst, 1000)?;
+
+    node.stop_agent()?;
+    let outbound = client(client_pod, dst, 1000, 1)?;
+    ensure_or_dump!(
+        cluster,
+        outbound.len() == 1 && !outbound[0].ok() && outbound[0].greeting_field(1).is_empty(),
+        "with the agent stopped, an enrolled pod's connection must fail, got {:?}",
+        outbound.first().map(|c| &c.report)
+    );
+    let inbound = client(outsider, dst, 1000, 1)?;
+    ensure_or_dump!(
+        cluster,
+        inbound.len() == 1 && !inbound[0].ok() && inbound[0].greeting_field(1).is_empty(),
+        "with the agent stopped, plaintext into an enrolled pod must not reach it, got {:?}",
+        inbound.first().map(|c| &c.report)
+    );
+
+    node.start_agent()?;
+    node.wait_ready(T)?;
+    wait_enrolled(&cluster, node, 2)?;
+    let conn = connect_ok(&cluster, client_pod, dst, 1000)?;
+    ensure_or_dump!(cluster, conn.redirected(), "not redirected after restart");
+    connect_ok(&cluster, outsider, dst, 1000)?;
+    ensure_or_dump!(
+        cluster,
+        server.try_status()?.is_none(),
+        "the server process did not live through the agent's restart"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_bad_mesh_file_is_rejected_and_the_last_good_state_stays() -> Result<()> {
+    let cluster = cluster(1, 2)?;
+    cluster.start_agents()?;
+    let node = cluster.node(0);
+    let server_pod = cluster.pod(0, 1);
+    let _s = serve(server_pod, &[8080])?;
+    let dst = server_pod.addr4(8080);
+    let generation = node.config_generation()?;
+
+    let good = cluster.write_mesh()?;
+    let bad = good.replacen(&server_pod.ip4().to_string(), "10.10.0.300", 1);
+    assert_ne!(good, bad, "the mesh file should mention the server's IP");
+    cluster.write_raw_mesh(&bad)?;
+    let deadline = Instant::now() + T;
+    let error = loop {
+        let dump = node.config_dump()?;
+        if let Some(err) = dump["config"]["lastError"].as_str() {
+            break err.to_string();
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "the agent did not report the bad mesh file"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let path = cluster.mesh_path().display().to_string();
+    ensure_or_dump!(
+        cluster,
+        error.contains(&path) && error.contains("ips[0]") && error.contains("10.10.0.300"),
+        "the error must name the file, the field and the value: {error}"
+    );
+    ensure_or_dump!(
+        cluster,
+        node.config_generation()? == generation,
+        "a bad file must not produce a new generation"
+    );
+    ensure_or_dump!(
+        cluster,
+        node.agent_log().contains("10.10.0.300"),
+        "the agent's log does not report the bad file"
+    );
+    let conn = connect_ok(&cluster, cluster.pod(0, 0), dst, 1000)?;
+    ensure_or_dump!(
+        cluster,
+        conn.redirected(),
+        "the old state is no longer in force"
+    );
+
+    cluster.write_raw_mesh(&good)?;
+    let deadline = Instant::now() + T;
+    while !node.config_dump()?["config"]["lastError"].is_null() {
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "the error did not clear after the file was fixed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn excluded_ports_and_networks_are_not_redirected() -> Result<()> {
+    let cluster = cluster(2, 1)?;
+    cluster.start_agents()?;
+    let client_pod = cluster.pod(0, 0);
+    let server_pod = cluster.pod(1, 0);
+    let _s = serve(server_pod, &[8080, 9090])?;
+    ensure_or_dump!(
+        cluster,
+        connect_ok(&cluster, client_pod, server_pod.addr4(9090), 100)?.redirected(),
+        "port 9090 should be redirected before it is excluded"
+    );
+
+    let generation = cluster.node(0).config_generation()?;
+    cluster.set_redirect_exclusions(&[9090], &[&format!("{}/32", server_pod.ip6())]);
+    cluster.write_mesh()?;
+    cluster.wait_config_generation(0, generation + 1, T)?;
+    for (dst, redirected) in [
+        (server_pod.addr4(9090), false),
+        (server_pod.addr6(8080), false),
+        (server_pod.addr4(8080), true),
+    ] {
+        let conn = connect_ok(&cluster, client_pod, dst, 100)?;
+        ensure_or_dump!(
+            cluster,
+            conn.redirected() == redirected,
+            "{dst}: redirected = {}, expected {redirected}",
+            conn.redirected()
+        );
+    }
+    ensure_or_dump!(
+        cluster,
+        ebpf_stat(cluster.node(0), "excluded")? == 2,
+        "the eBPF exclusion counter should count the two excluded connects"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_agent_names_what_is_missing() -> Result<()> {
+    let bin = std::env::var_os("AMBIT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ambit"));
+    let out = std::process::Command::new(&bin)
+        .args([
+            "agent",
+            "--node",
+            "n0",
+            "--mesh-file",
+            "/nonexistent",
+            "--cgroup",
+            "/tmp",
+            "--bpffs",
+            "/tmp/ambit-not-bpffs",
+        ])
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        !out.status.success() && stderr.contains("--cgroup /tmp is not a cgroup v2 directory"),
+        "expected a clear cgroup v2 error, got {}: {stderr}",
+        out.status
+    );
+    Ok(())
+}
