@@ -259,6 +259,17 @@ fn unenrolled_pods_traffic_is_untouched() -> Result<()> {
         ebpf_stat(node, "redirectedV4")? == 0 && access_logs(node).is_empty(),
         "the agent saw traffic of un-enrolled pods"
     );
+
+    // An enrolled client's connection to an un-enrolled server goes through the client's agent,
+    // which connects from inside the client pod: the server still sees the client's address.
+    let meshed_client = cluster.pod(0, 2);
+    let conn = connect_ok(&cluster, meshed_client, dst, 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        conn.redirected() && conn.seen_peer_ip() == Some(meshed_client.ip4().into()),
+        "expected a redirected connection arriving from the client pod's own address: {}",
+        conn.report
+    );
     Ok(())
 }
 
