@@ -5,6 +5,7 @@
 //! ([`redirect`]); the [`proxy`] serves the connections the kernel steers to those listeners.
 pub mod admin;
 pub mod agent;
+pub mod ca;
 pub mod config;
 pub mod identity;
 pub mod inpod;

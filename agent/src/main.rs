@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the node agent: load and attach the eBPF programs, enrol this node's pods, proxy.
     Agent(AgentArgs),
+    /// Run the mesh's certificate authority: `init` a root, `serve` the signing API.
+    Ca(ambit::ca::CaArgs),
     /// Remove everything an agent pinned (programs detach, maps are freed). Enrolled pods'
     /// new connections then go direct, outside the mesh.
     Uninstall {
@@ -44,6 +46,11 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ambit::agent::run(args))),
+        Command::Ca(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ambit::ca::run(args))),
         Command::Uninstall { bpffs } => ambit::redirect::uninstall(&bpffs),
     };
     match result {

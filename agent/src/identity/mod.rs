@@ -3,9 +3,17 @@
 //! The types here are shared by the CA ([`crate::ca`]), the certificate manager (which fetches
 //! and renews certificates for the identities of this node's pods) and the HBONE TLS
 //! configuration ([`crate::proxy::hbone`]).
+pub mod client;
+pub mod manager;
+
 use std::{fmt, str::FromStr, time::SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub use self::{
+    client::{BearerToken, CaClient, CaClientConfig, CaError},
+    manager::{CertificateManager, ManagerConfig, ManagerStats, WaitError},
+};
 
 /// A SPIFFE ID of the Kubernetes form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,7 +87,8 @@ impl FromStr for SpiffeId {
 }
 
 /// A workload's certificate chain and private key, with the trust bundle to verify peers.
-#[derive(Debug)]
+///
+/// `Debug` prints everything but the key.
 pub struct WorkloadCertificate {
     /// The identity the leaf certificate proves.
     pub id: SpiffeId,
@@ -95,6 +104,22 @@ pub struct WorkloadCertificate {
     pub not_after: SystemTime,
 }
 
+impl fmt::Debug for WorkloadCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadCertificate")
+            .field("id", &self.id.to_string())
+            .field(
+                "chain",
+                &format_args!("{} certificate(s)", self.chain.len()),
+            )
+            .field("key", &format_args!("<redacted>"))
+            .field("roots", &format_args!("{} root(s)", self.roots.len()))
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +129,25 @@ mod tests {
         let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
         assert_eq!(id, SpiffeId::new("cluster.local", "shop", "web"));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+    }
+
+    #[test]
+    fn debug_never_prints_the_key() {
+        let secret = vec![0x42u8; 32];
+        let cert = WorkloadCertificate {
+            id: SpiffeId::new("td", "ns", "sa"),
+            chain: vec![CertificateDer::from(vec![1u8, 2, 3])],
+            key: PrivateKeyDer::Pkcs8(secret.clone().into()),
+            roots: Vec::new(),
+            not_before: SystemTime::UNIX_EPOCH,
+            not_after: SystemTime::UNIX_EPOCH,
+        };
+        let debug = format!("{cert:?}");
+        assert!(
+            debug.contains("<redacted>") && debug.contains("spiffe://td/ns/ns/sa/sa"),
+            "{debug}"
+        );
+        assert!(!debug.contains("66") && !debug.contains("0x42"), "{debug}");
     }
 
     #[test]

@@ -1,0 +1,273 @@
+//! The CA end to end: real TLS and gRPC over loopback.
+use std::{sync::Arc, time::Duration};
+
+use rcgen::{CertificateParams, KeyPair};
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, UnixTime},
+    server::WebPkiClientVerifier,
+};
+use tonic::{Code, Request};
+use x509_parser::{
+    extensions::GeneralName,
+    prelude::{FromDer as _, X509Certificate},
+};
+
+use super::{
+    proto::{self, IstioCertificateRequest},
+    testing::{TOKEN_A, TOKEN_B, TestCa, id},
+};
+use crate::identity::{CaClient, CaError, SpiffeId, WorkloadCertificate};
+
+fn refused(result: Result<impl std::fmt::Debug, CaError>) -> (Code, String) {
+    match result {
+        Err(CaError::Refused { code, message }) => (code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn csr(alg: &'static rcgen::SignatureAlgorithm) -> String {
+    let key = KeyPair::generate_for(alg).unwrap();
+    CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn signs_an_identity_placed_on_the_authenticated_node() {
+    let ca = TestCa::start().await;
+    let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
+    let web = id("shop", "web");
+    let cert = client.fetch(&web, Duration::from_secs(600)).await.unwrap();
+    assert_eq!(cert.id, web);
+    assert_eq!(
+        cert.chain.len(),
+        1,
+        "the root is not part of the presented chain"
+    );
+    assert_eq!(cert.roots.len(), 1);
+    let lifetime = cert.not_after.duration_since(cert.not_before).unwrap();
+    // 600 s asked, plus the minute of backdating.
+    assert!((658..=661).contains(&lifetime.as_secs()), "{lifetime:?}");
+
+    let (_, leaf) = X509Certificate::from_der(&cert.chain[0]).unwrap();
+    let sans = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .clone();
+    assert_eq!(
+        sans,
+        vec![GeneralName::URI("spiffe://cluster.local/ns/shop/sa/web")]
+    );
+
+    // node-b gets the identities of its own pods.
+    let client_b = CaClient::new(ca.client_config(TOKEN_B)).unwrap();
+    client_b
+        .fetch(&id("pay", "pay"), Duration::from_secs(60))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn refuses_a_wrong_or_missing_token() {
+    let ca = TestCa::start().await;
+    let client = CaClient::new(ca.client_config("not-a-token-of-any-node")).unwrap();
+    let (code, message) = refused(
+        client
+            .fetch(&id("shop", "web"), Duration::from_secs(60))
+            .await,
+    );
+    assert_eq!(code, Code::Unauthenticated);
+    assert!(message.contains("unknown bootstrap token"), "{message}");
+
+    // The same request without any credential.
+    let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
+    let request = Request::new(IstioCertificateRequest {
+        csr: csr(&rcgen::PKCS_ECDSA_P256_SHA256),
+        validity_duration: 60,
+        metadata: Some(proto::impersonation_metadata(
+            "spiffe://cluster.local/ns/shop/sa/web",
+        )),
+    });
+    let status = proto::create_certificate(client.channel_for_tests(), request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        status.message().contains("authorization: Bearer"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn refuses_identities_not_placed_on_the_node() {
+    let ca = TestCa::start().await;
+    let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
+    // pay/pay runs on node-b only.
+    let (code, message) = refused(
+        client
+            .fetch(&id("pay", "pay"), Duration::from_secs(60))
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied);
+    assert!(
+        message.contains("node node-a") && message.contains("spiffe://cluster.local/ns/pay/sa/pay"),
+        "{message}"
+    );
+    // Right namespace, wrong service account.
+    let (code, _) = refused(
+        client
+            .fetch(&id("shop", "pay"), Duration::from_secs(60))
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied);
+    // Another trust domain.
+    let foreign = SpiffeId::new("evil.org", "shop", "web");
+    let (code, message) = refused(client.fetch(&foreign, Duration::from_secs(60)).await);
+    assert_eq!(code, Code::PermissionDenied);
+    assert!(message.contains("trust domain cluster.local"), "{message}");
+}
+
+#[tokio::test]
+async fn refuses_a_csr_with_another_key_type() {
+    let ca = TestCa::start().await;
+    let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
+    for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+        let (code, message) = refused(
+            client
+                .create_certificate(&csr(alg), &id("shop", "web"), Duration::from_secs(60))
+                .await,
+        );
+        assert_eq!(code, Code::InvalidArgument);
+        assert!(message.contains("only ECDSA P-256"), "{message}");
+    }
+}
+
+#[tokio::test]
+async fn follows_the_mesh_file() {
+    let ca = TestCa::start().await;
+    let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
+    let pay = id("pay", "pay");
+    refused(client.fetch(&pay, Duration::from_secs(60)).await);
+
+    // pay-0 moves to node-a.
+    let moved = super::testing::MESH.replace("    node: node-b\n", "    node: node-a\n");
+    std::fs::write(ca.mesh_file(), moved).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match client.fetch(&pay, Duration::from_secs(60)).await {
+            Ok(_) => break,
+            Err(CaError::Refused {
+                code: Code::PermissionDenied,
+                ..
+            }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the CA did not pick up the mesh change: {e}"),
+        }
+    }
+}
+
+fn verifier(
+    roots: &[CertificateDer<'static>],
+) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
+    let mut store = RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).unwrap();
+    }
+    WebPkiClientVerifier::builder_with_provider(
+        Arc::new(store),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap()
+}
+
+fn verifies(
+    verifier: &Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    cert: &WorkloadCertificate,
+) -> bool {
+    verifier
+        .verify_client_cert(&cert.chain[0], &cert.chain[1..], UnixTime::now())
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_bundle_with_two_roots_verifies_leaves_of_both() {
+    let old = TestCa::start().await;
+    let new = TestCa::start_trusting(vec![old.roots_file()]).await;
+    // Mid-rotation every agent has the new bundle: it reaches either CA with it.
+    let bundle = new.roots_file();
+    let from_old = CaClient::new(old.client_config_with(TOKEN_A, bundle.clone()))
+        .unwrap()
+        .fetch(&id("shop", "web"), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let from_new = CaClient::new(new.client_config_with(TOKEN_A, bundle))
+        .unwrap()
+        .fetch(&id("shop", "db"), Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(from_new.roots.len(), 2);
+    let issuer = |cert: &WorkloadCertificate| {
+        let (_, leaf) = X509Certificate::from_der(&cert.chain[0]).unwrap();
+        leaf.issuer().as_raw().to_vec()
+    };
+    let (_, new_root) = X509Certificate::from_der(&from_new.roots[0]).unwrap();
+    assert_eq!(issuer(&from_new), new_root.subject().as_raw());
+    assert_ne!(
+        issuer(&from_old),
+        issuer(&from_new),
+        "each root has its own name"
+    );
+
+    let both = verifier(&from_new.roots);
+    assert!(verifies(&both, &from_old), "the old root's leaf");
+    assert!(verifies(&both, &from_new), "the new root's leaf");
+
+    // The control: a bundle with the old root alone rejects the new root's leaf.
+    let old_only = verifier(&crate::ca::root::read_certificates(&old.roots_file()).unwrap());
+    assert!(verifies(&old_only, &from_old));
+    assert!(!verifies(&old_only, &from_new));
+}
+
+#[tokio::test]
+async fn follows_the_tokens_file() {
+    let ca = TestCa::start().await;
+    let web = id("shop", "web");
+    let new_token = "a-fresh-token-for-node-a-42";
+    let tokens = ca.mesh_file().with_file_name("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        format!("nodes:\n  node-a: {new_token}\n  node-b: {TOKEN_B}\n"),
+    )
+    .unwrap();
+    let client = CaClient::new(ca.client_config(new_token)).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match client.fetch(&web, Duration::from_secs(60)).await {
+            Ok(_) => break,
+            Err(CaError::Refused {
+                code: Code::Unauthenticated,
+                ..
+            }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the CA did not pick up the new token: {e}"),
+        }
+    }
+    let old = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
+    let (code, _) = refused(old.fetch(&web, Duration::from_secs(60)).await);
+    assert_eq!(code, Code::Unauthenticated);
+
+    // A broken tokens file is ignored: the last good tokens stay in force.
+    std::fs::write(&tokens, "nodes: [").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    client.fetch(&web, Duration::from_secs(60)).await.unwrap();
+}

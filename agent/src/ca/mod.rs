@@ -1,0 +1,327 @@
+//! `ambit ca`: the mesh's certificate authority.
+//!
+//! It holds a root key and signs workload certificates (X.509, ECDSA P-256, one URI SAN: the
+//! workload's SPIFFE ID) for node agents, over the gRPC API of Istio's CA
+//! (`istio.v1.auth.IstioCertificateService/CreateCertificate`, see [`proto`]), so that either
+//! side can use the other's CA.
+//!
+//! - [`root`]: creating, importing and loading the root (`ambit ca init`), trust bundles.
+//! - [`sign`]: turning a CSR into a certificate chain for an identity.
+//! - [`server`]: the TLS gRPC service (`ambit ca serve`) and how it authenticates node agents in
+//!   standalone mode: a per-node bearer token, and the mesh file's placement of workloads.
+//!
+//! # Files of a CA directory
+//!
+//! | file | content |
+//! |---|---|
+//! | `root-key.pem` | the root's private key (PKCS#8 PEM), mode 0600 |
+//! | `root-cert.pem` | the root certificate, last in every chain the CA returns |
+//! | `roots.pem` | the trust bundle to hand to agents: a plain concatenation of PEM root certificates |
+//! | `ca.yaml` | `trustDomain: <domain>`: the only trust domain this CA signs for |
+//!
+//! # Rotating the root without downtime
+//!
+//! A trust bundle may hold several roots, and peers accept a leaf issued by any of them:
+//!
+//! 1. `ambit ca init --dir NEW --trust-domain TD --also-trust OLD/roots.pem` creates the new
+//!    root; `NEW/roots.pem` trusts both.
+//! 2. Give every agent `NEW/roots.pem` as its bundle. Agents re-read the bundle file at each
+//!    certificate fetch and each new connection to the CA, so certificates renewed from now on
+//!    trust both roots, and within one lifetime (24 h by default) all do.
+//! 3. Serve from `NEW` (`ambit ca serve --dir NEW`). Leaves of the old and the new root both
+//!    verify everywhere, so connections keep working while certificates roll over.
+//! 4. Once every certificate of the old root has expired, drop the old root from the bundle.
+#[cfg(test)]
+mod grpc_tests;
+pub mod proto;
+pub mod root;
+pub mod server;
+pub mod sign;
+#[cfg(test)]
+pub(crate) mod testing;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+
+pub use self::{
+    root::{InitOptions, RootCa, RootError},
+    server::{CaServer, ServeOptions},
+    sign::SignError,
+};
+
+/// The default and, unless `--max-ttl` says otherwise, the longest workload certificate lifetime.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The port Istio's CA listens on; ours by default too.
+pub const DEFAULT_CA_PORT: u16 = 15012;
+
+/// Flags of `ambit ca`.
+#[derive(Debug, clap::Args)]
+pub struct CaArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CaCommand,
+}
+
+/// The subcommands of `ambit ca`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CaCommand {
+    /// Create a root CA in a directory, or import a given root key and certificate.
+    Init(InitArgs),
+    /// Serve the signing API over TLS to the node agents.
+    Serve(ServeArgs),
+}
+
+/// Flags of `ambit ca init`.
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// The CA directory to create files in (created if missing; existing CA files are never
+    /// overwritten).
+    #[arg(long, env = "AMBIT_CA_DIR")]
+    pub dir: PathBuf,
+    /// The trust domain of the identities this CA signs.
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Import this root key (PKCS#8 PEM) instead of generating one; needs --root-cert.
+    #[arg(long, requires = "root_cert")]
+    pub root_key: Option<PathBuf>,
+    /// Import this root certificate (PEM) instead of generating one; needs --root-key.
+    #[arg(long, requires = "root_key")]
+    pub root_cert: Option<PathBuf>,
+    /// Lifetime of a generated root, e.g. `3650d`.
+    #[arg(long, default_value = "3650d", value_parser = parse_duration)]
+    pub root_ttl: Duration,
+    /// Also trust the roots of this PEM file (e.g. the previous CA's `roots.pem`) in the new
+    /// `roots.pem`, for a root rotation. May be repeated.
+    #[arg(long)]
+    pub also_trust: Vec<PathBuf>,
+}
+
+/// Flags of `ambit ca serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The CA directory written by `ambit ca init`.
+    #[arg(long, env = "AMBIT_CA_DIR")]
+    pub dir: PathBuf,
+    /// Address to serve the gRPC API on.
+    #[arg(long, env = "AMBIT_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// The mesh file (watched): a node may only get identities of workloads placed on it.
+    #[arg(long, env = "AMBIT_MESH_FILE")]
+    pub mesh_file: PathBuf,
+    /// YAML file of per-node bootstrap tokens, `nodes: {<node>: <token>}` (re-read on change).
+    #[arg(long, env = "AMBIT_CA_TOKENS")]
+    pub tokens: PathBuf,
+    /// Longest certificate lifetime granted, and the lifetime when a request names none.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+    /// DNS names and IP addresses of the CA's own TLS certificate: the names agents dial.
+    /// May be repeated [default: ambit-ca, localhost, 127.0.0.1 and the --listen address].
+    #[arg(long)]
+    pub server_name: Vec<String>,
+}
+
+/// Runs `ambit ca <command>`; `serve` returns on SIGTERM or SIGINT.
+pub async fn run(args: CaArgs) -> anyhow::Result<()> {
+    match args.command {
+        CaCommand::Init(args) => {
+            let options = InitOptions {
+                trust_domain: args.trust_domain,
+                existing: args.root_key.zip(args.root_cert),
+                root_ttl: args.root_ttl,
+                also_trust: args.also_trust,
+            };
+            let dir = args.dir;
+            let ca = tokio::task::spawn_blocking(move || {
+                root::init_with(&dir, &options).map(|ca| (ca, dir))
+            })
+            .await
+            .context("CA init task failed")?;
+            let (ca, dir) = ca?;
+            tracing::info!(
+                dir = %dir.display(),
+                trust_domain = ca.trust_domain(),
+                not_after = %humane_time(ca.not_after()),
+                "root CA ready"
+            );
+            Ok(())
+        }
+        CaCommand::Serve(args) => {
+            let mut server_names = args.server_name;
+            if server_names.is_empty() {
+                server_names = vec!["ambit-ca".into(), "localhost".into(), "127.0.0.1".into()];
+                if !args.listen.ip().is_unspecified() && !args.listen.ip().is_loopback() {
+                    server_names.push(args.listen.ip().to_string());
+                }
+            }
+            let options = ServeOptions {
+                dir: args.dir,
+                listen: args.listen,
+                mesh_file: args.mesh_file,
+                tokens_file: args.tokens,
+                max_ttl: args.max_ttl,
+                server_names,
+            };
+            let server = CaServer::start(options).await?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("cannot handle SIGTERM")?;
+            server
+                .run_until(async move {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                    tracing::info!("stopping the CA");
+                })
+                .await
+        }
+    }
+}
+
+/// Parses a duration such as `90s`, `15m`, `24h`, `7d` or `1h30m`.
+pub fn parse_duration(input: &str) -> Result<Duration, String> {
+    let err = |why: &str| {
+        format!("invalid duration {input:?}: {why} (write e.g. 90s, 15m, 24h, 7d, 1h30m)")
+    };
+    let mut total = Duration::ZERO;
+    let mut number = String::new();
+    let mut units = 0;
+    for c in input.trim().chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit: u64 = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(err("unknown unit")),
+        };
+        let n: u64 = number.parse().map_err(|_| err("a unit without a number"))?;
+        let secs = n.checked_mul(unit).ok_or_else(|| err("too long"))?;
+        total = total
+            .checked_add(Duration::from_secs(secs))
+            .ok_or_else(|| err("too long"))?;
+        number.clear();
+        units += 1;
+    }
+    if !number.is_empty() {
+        return Err(err("a number without a unit"));
+    }
+    if units == 0 || total.is_zero() {
+        return Err(err("must be positive"));
+    }
+    Ok(total)
+}
+
+/// `n` random bytes from the system's CSPRNG (through rustls' ring provider, which the crate
+/// already links: no extra dependency for serial numbers and jitter).
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .expect("the system random number generator failed");
+    bytes
+}
+
+/// A random certificate serial number: 16 bytes, positive (RFC 5280 allows up to 20 octets and
+/// asks for at least 64 random bits).
+pub(crate) fn random_serial() -> rcgen::SerialNumber {
+    let mut serial = random_bytes::<16>();
+    serial[0] &= 0x7f;
+    // A leading zero octet would be stripped by DER encoding; keep the length stable.
+    serial[0] |= 0x01;
+    rcgen::SerialNumber::from_slice(&serial)
+}
+
+/// An RFC 3339 rendering of `t`, for logs.
+pub(crate) fn humane_time(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        ca: CaArgs,
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "ca",
+            "serve",
+            "--dir",
+            "d",
+            "--mesh-file",
+            "m",
+            "--tokens",
+            "t",
+            "--max-ttl",
+            "1h",
+        ])
+        .unwrap();
+        let CaCommand::Serve(serve) = cli.ca.command else {
+            panic!("not serve")
+        };
+        assert_eq!(serve.max_ttl, Duration::from_secs(3600));
+        assert_eq!(serve.listen, "0.0.0.0:15012".parse().unwrap());
+        // Importing needs both files.
+        assert!(Cli::try_parse_from(["ca", "init", "--dir", "d", "--root-key", "k"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn init_command_creates_the_ca_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let cli = Cli::try_parse_from([
+            "ca",
+            "init",
+            "--dir",
+            ca_dir.to_str().unwrap(),
+            "--trust-domain",
+            "example.org",
+        ])
+        .unwrap();
+        run(cli.ca).await.unwrap();
+        let ca = RootCa::load(&ca_dir).unwrap();
+        assert_eq!(ca.trust_domain(), "example.org");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(
+            parse_duration("3650d"),
+            Ok(Duration::from_secs(3650 * 86400))
+        );
+        for bad in ["", "10", "h", "5x", "0s", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,700 @@
+//! `ambit ca serve`: the signing API over TLS, and who may get which certificate.
+//!
+//! Standalone mode authenticates a node agent by a per-node bootstrap token (gRPC metadata
+//! `authorization: Bearer <token>`, tokens in a YAML file `nodes: {<node>: <token>}`), and
+//! authorises a request for identity `spiffe://<td>/ns/<ns>/sa/<sa>` only if the mesh file
+//! places a workload of namespace `<ns>` running as `<sa>` on that node, and `<td>` is the CA's
+//! trust domain. So a compromised node can obtain the identities of its own pods, never those
+//! of pods elsewhere. Both files are re-read when they change; a bad new version is logged and
+//! the last good one stays in force.
+//!
+//! Refusals are gRPC errors (`Unauthenticated` for a missing or unknown token,
+//! `PermissionDenied` naming node and identity for a placement mismatch, `InvalidArgument` for
+//! a bad CSR or identity) and are logged; tokens and keys never are.
+use std::{
+    collections::BTreeMap,
+    fmt, io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use rustls::{
+    ServerConfig,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use serde::Deserialize;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tonic::{
+    Request, Response, Status,
+    codegen::tokio_stream::wrappers::ReceiverStream,
+    metadata::MetadataMap,
+    transport::server::{Connected, TcpConnectInfo},
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    RootCa,
+    proto::{
+        CertificateServer, CertificateService, IstioCertificateRequest, IstioCertificateResponse,
+        impersonated_identity,
+    },
+    sign::SignError,
+};
+use crate::{
+    config::{self, ConfigStatus},
+    identity::SpiffeId,
+    state::MeshState,
+};
+
+/// Lifetime of the CA's own TLS certificate; it is re-issued (in memory) at half-life.
+const SERVING_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the tokens file is checked for changes.
+const TOKENS_POLL: Duration = Duration::from_secs(2);
+/// Shortest accepted token: a bootstrap credential must not be guessable.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// What `ambit ca serve` serves.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The CA directory (see [`super::root`]).
+    pub dir: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The mesh file, for workload placement.
+    pub mesh_file: PathBuf,
+    /// The per-node tokens file.
+    pub tokens_file: PathBuf,
+    /// Longest leaf lifetime granted.
+    pub max_ttl: Duration,
+    /// Names (DNS or IP) of the CA's serving certificate.
+    pub server_names: Vec<String>,
+}
+
+/// Why a tokens file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum TokensError {
+    /// The file could not be read.
+    #[error("tokens file {}: cannot read: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        error: io::Error,
+    },
+    /// The file's content is not valid.
+    #[error("tokens file {}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never quoting a token).
+        reason: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    nodes: BTreeMap<String, String>,
+}
+
+/// The per-node bootstrap tokens: which node a bearer token authenticates.
+#[derive(Clone, Default)]
+pub struct NodeTokens {
+    nodes: Vec<(String, String)>,
+}
+
+impl fmt::Debug for NodeTokens {
+    // Node names only: tokens are secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeTokens")
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl NodeTokens {
+    /// Parses a tokens file's content (`nodes: {<node>: <token>}`); `path` names it in errors.
+    /// Tokens must be at least 16 characters and distinct.
+    pub fn parse(path: &Path, content: &str) -> Result<Self, TokensError> {
+        let invalid = |reason: String| TokensError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        // serde_yaml_ng's messages may quote the offending value: report only where it is.
+        let file: TokensFile = serde_yaml_ng::from_str(content).map_err(|e| {
+            let at = e
+                .location()
+                .map(|l| format!(" at line {}, column {}", l.line(), l.column()))
+                .unwrap_or_default();
+            invalid(format!("not of the form `nodes: {{<node>: <token>}}`{at}"))
+        })?;
+        let mut nodes: Vec<(String, String)> = Vec::with_capacity(file.nodes.len());
+        for (node, token) in file.nodes {
+            let token = token.trim().to_string();
+            if node.is_empty() {
+                return Err(invalid("a node name is empty".into()));
+            }
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(invalid(format!(
+                    "nodes.{node}: the token is shorter than {MIN_TOKEN_LEN} characters"
+                )));
+            }
+            if let Some((other, _)) = nodes.iter().find(|(_, t)| *t == token) {
+                return Err(invalid(format!("nodes {other} and {node} share a token")));
+            }
+            nodes.push((node, token));
+        }
+        Ok(Self { nodes })
+    }
+
+    /// Reads and parses the tokens file at `path`.
+    pub fn load(path: &Path) -> Result<Self, TokensError> {
+        let content = std::fs::read_to_string(path).map_err(|error| TokensError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::parse(path, &content)
+    }
+
+    /// The node `token` authenticates. Every token is compared in full, in constant time per
+    /// byte, so that timing does not reveal how much of a guess was right.
+    pub fn node_for(&self, token: &str) -> Option<&str> {
+        let mut found = None;
+        for (node, expected) in &self.nodes {
+            if constant_time_eq(expected.as_bytes(), token.as_bytes()) {
+                found = Some(node.as_str());
+            }
+        }
+        found
+    }
+
+    /// How many nodes have a token.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether no node has a token.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// The signing policy: authentication, placement, then the root's signature.
+struct Authority {
+    ca: Arc<RootCa>,
+    mesh: watch::Receiver<Arc<MeshState>>,
+    tokens: watch::Receiver<Arc<NodeTokens>>,
+}
+
+impl Authority {
+    fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        let value = metadata.get("authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "missing bootstrap credential: send metadata `authorization: Bearer <node token>`",
+            )
+        })?;
+        let value = value
+            .to_str()
+            .map_err(|_| Status::unauthenticated("the authorization metadata is not ASCII"))?;
+        let token = match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            _ => {
+                return Err(Status::unauthenticated(
+                    "the authorization metadata is not `Bearer <node token>`",
+                ));
+            }
+        };
+        let tokens = Arc::clone(&self.tokens.borrow());
+        tokens
+            .node_for(token)
+            .map(str::to_string)
+            .ok_or_else(|| Status::unauthenticated("unknown bootstrap token"))
+    }
+
+    fn authorize(&self, node: &str, identity: &SpiffeId) -> Result<(), Status> {
+        if identity.trust_domain != self.ca.trust_domain() {
+            return Err(Status::permission_denied(format!(
+                "node {node} may not get a certificate for {identity}: this CA signs only \
+                 trust domain {}",
+                self.ca.trust_domain()
+            )));
+        }
+        let mesh = Arc::clone(&self.mesh.borrow());
+        let placed = mesh.workloads_on_node(node).any(|w| {
+            w.namespace == identity.namespace && w.service_account == identity.service_account
+        });
+        if !placed {
+            return Err(Status::permission_denied(format!(
+                "node {node} may not get a certificate for {identity}: the mesh file places no \
+                 workload of namespace {} with service account {} on node {node}",
+                identity.namespace, identity.service_account
+            )));
+        }
+        Ok(())
+    }
+
+    fn handle(
+        &self,
+        request: Request<IstioCertificateRequest>,
+        node: &mut Option<String>,
+        identity: &mut Option<SpiffeId>,
+    ) -> Result<Vec<String>, Status> {
+        *node = Some(self.authenticate(request.metadata())?);
+        let node = node.as_deref().unwrap_or_default();
+        let request = request.into_inner();
+        let asked = impersonated_identity(&request).ok_or_else(|| {
+            Status::invalid_argument(
+                "missing metadata ImpersonatedIdentity: the SPIFFE ID to certify",
+            )
+        })?;
+        let id: SpiffeId = asked
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("ImpersonatedIdentity: {e}")))?;
+        *identity = Some(id.clone());
+        self.authorize(node, &id)?;
+        let ttl = Duration::from_secs(u64::try_from(request.validity_duration).unwrap_or(0));
+        self.ca.sign(&request.csr, &id, ttl).map_err(|e| match e {
+            SignError::MalformedCsr(_)
+            | SignError::BadCsrSignature
+            | SignError::UnsupportedKey(_) => Status::invalid_argument(e.to_string()),
+            SignError::ForeignTrustDomain { .. } => Status::permission_denied(e.to_string()),
+            SignError::RootExpired | SignError::Signing(_) => Status::internal(e.to_string()),
+        })
+    }
+}
+
+impl CertificateService for Authority {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let (mut node, mut identity) = (None, None);
+        let result = self.handle(request, &mut node, &mut identity);
+        let node = node.as_deref().unwrap_or("(unauthenticated)");
+        let identity = identity.map_or_else(|| "(none)".to_string(), |i| i.to_string());
+        match result {
+            Ok(chain) => {
+                info!(%peer, node, %identity, "certificate signed");
+                Ok(Response::new(IstioCertificateResponse {
+                    cert_chain: chain,
+                }))
+            }
+            Err(status) => {
+                warn!(%peer, node, %identity, code = ?status.code(), "certificate refused: {}", status.message());
+                Err(status)
+            }
+        }
+    }
+}
+
+/// The CA's TLS serving certificate, re-issued in memory at half-life, so that a CA running for
+/// months never serves an expired certificate.
+struct ServingCert {
+    ca: Arc<RootCa>,
+    names: Vec<String>,
+    provider: Arc<CryptoProvider>,
+    current: Mutex<(Arc<CertifiedKey>, SystemTime)>,
+}
+
+impl fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServingCert")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServingCert {
+    fn new(
+        ca: Arc<RootCa>,
+        names: Vec<String>,
+        provider: Arc<CryptoProvider>,
+    ) -> anyhow::Result<Self> {
+        let issued = Self::issue(&ca, &names, &provider)?;
+        Ok(Self {
+            ca,
+            names,
+            provider,
+            current: Mutex::new(issued),
+        })
+    }
+
+    /// A new certificate and the time to replace it.
+    fn issue(
+        ca: &RootCa,
+        names: &[String],
+        provider: &CryptoProvider,
+    ) -> anyhow::Result<(Arc<CertifiedKey>, SystemTime)> {
+        let (chain, key) = ca
+            .issue_server_certificate(names, SERVING_CERT_TTL)
+            .context("cannot issue the CA's serving certificate (check --server-name)")?;
+        let leaf = CertificateDer::from_pem_slice(chain[0].as_bytes())
+            .context("the serving certificate is not PEM")?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let certified = CertifiedKey::from_der(vec![leaf], key, provider)
+            .context("cannot load the serving key")?;
+        Ok((
+            Arc::new(certified),
+            SystemTime::now() + SERVING_CERT_TTL / 2,
+        ))
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if SystemTime::now() >= current.1 {
+            match Self::issue(&self.ca, &self.names, &self.provider) {
+                Ok(issued) => *current = issued,
+                // The old certificate is still valid for another half-life.
+                Err(e) => warn!("cannot renew the CA's serving certificate: {e:#}"),
+            }
+        }
+        Some(Arc::clone(&current.0))
+    }
+}
+
+/// An accepted TLS connection, with the addresses tonic hands to handlers.
+struct TlsConn {
+    stream: TlsStream<TcpStream>,
+    info: TcpConnectInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Aborts a background task when dropped, so that no watcher outlives the server.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A started CA: root loaded, files watched, socket bound; [`Self::run_until`] serves.
+pub struct CaServer {
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    authority: Arc<Authority>,
+    _watchers: Vec<AbortOnDrop>,
+}
+
+impl fmt::Debug for CaServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaServer")
+            .field("listen", &self.listener.local_addr().ok())
+            .field("ca", &self.authority.ca)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaServer {
+    /// Loads the CA of `options.dir`, the tokens and the mesh file (each must load: the CA does
+    /// not start on a configuration it cannot read), starts watching both files and binds the
+    /// listening socket.
+    pub async fn start(options: ServeOptions) -> anyhow::Result<Self> {
+        let dir = options.dir.clone();
+        let ca = tokio::task::spawn_blocking(move || RootCa::load(&dir))
+            .await
+            .context("CA load task failed")??
+            .with_max_ttl(options.max_ttl);
+        let ca = Arc::new(ca);
+
+        let tokens = NodeTokens::load(&options.tokens_file)?;
+        if tokens.is_empty() {
+            warn!(path = %options.tokens_file.display(), "the tokens file names no node: every request will be refused");
+        }
+        let (tokens_tx, tokens_rx) = watch::channel(Arc::new(tokens));
+        let tokens_task = tokio::spawn(watch_tokens(options.tokens_file.clone(), tokens_tx));
+
+        let (state_tx, mut state_rx) = watch::channel(Arc::new(MeshState::empty()));
+        let (status_tx, _) = watch::channel(ConfigStatus {
+            generation: 0,
+            last_error: None,
+            source: options.mesh_file.display().to_string(),
+        });
+        let mut source = tokio::spawn(config::watch_mesh_file(
+            options.mesh_file.clone(),
+            state_tx,
+            status_tx,
+        ));
+        tokio::select! {
+            result = &mut source => {
+                return Err(match result {
+                    Ok(Ok(())) => anyhow::anyhow!("the mesh file watcher ended before loading"),
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::Error::from(e).context("mesh file watcher failed"),
+                });
+            }
+            changed = state_rx.changed() => changed.context("mesh file watcher ended")?,
+        }
+        let mesh_task = tokio::spawn(async move {
+            match source.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("mesh file watcher stopped: {e:#}"),
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => warn!("mesh file watcher failed: {e}"),
+            }
+        });
+        // Dropping `mesh_task` must stop the watcher too: abort it through its own guard.
+        let mesh_task = AbortOnDrop(mesh_task);
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let resolver = ServingCert::new(
+            Arc::clone(&ca),
+            options.server_names.clone(),
+            Arc::clone(&provider),
+        )?;
+        let mut tls = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(resolver));
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+
+        let listener = TcpListener::bind(options.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", options.listen))?;
+        info!(
+            listen = %listener.local_addr()?,
+            trust_domain = ca.trust_domain(),
+            max_ttl = ?ca.max_ttl(),
+            server_names = ?options.server_names,
+            "CA serving"
+        );
+        Ok(Self {
+            listener,
+            tls: Arc::new(tls),
+            authority: Arc::new(Authority {
+                ca,
+                mesh: state_rx,
+                tokens: tokens_rx,
+            }),
+            _watchers: vec![AbortOnDrop(tokens_task), mesh_task],
+        })
+    }
+
+    /// The address the CA listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets calls in flight finish and
+    /// closes every connection.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let (conn_tx, conn_rx) = mpsc::channel::<Result<TlsConn, io::Error>>(16);
+        let accept = AbortOnDrop(tokio::spawn(accept_loop(
+            self.listener,
+            TlsAcceptor::from(self.tls),
+            conn_tx,
+        )));
+        let result = tonic::transport::Server::builder()
+            .serve_with_incoming_shutdown(
+                CertificateServer::new(self.authority),
+                ReceiverStream::new(conn_rx),
+                shutdown,
+            )
+            .await
+            .context("CA server failed");
+        drop(accept);
+        result
+    }
+}
+
+/// Accepts TCP connections and hands them over once their TLS handshake is done; each
+/// handshake runs in its own task so that a slow client delays nobody else.
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    conns: mpsc::Sender<Result<TlsConn, io::Error>>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = conns.closed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                warn!("CA accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let info = TcpConnectInfo {
+            local_addr: tcp.local_addr().ok(),
+            remote_addr: Some(peer),
+        };
+        let acceptor = acceptor.clone();
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let _ = conns.send(Ok(TlsConn { stream, info })).await;
+                }
+                Ok(Err(e)) => debug!(%peer, "CA TLS handshake failed: {e}"),
+                Err(_) => debug!(%peer, "CA TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Re-reads the tokens file when its content changes; a bad version is logged and ignored.
+async fn watch_tokens(path: PathBuf, tokens: watch::Sender<Arc<NodeTokens>>) {
+    let mut last = tokio::fs::read(&path).await.ok();
+    let mut poll = tokio::time::interval(TOKENS_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        poll.tick().await;
+        let content = match tokio::fs::read(&path).await {
+            Ok(content) => content,
+            Err(error) => {
+                if last.is_some() {
+                    warn!(
+                        "{}; keeping the last good tokens",
+                        TokensError::Read {
+                            path: path.clone(),
+                            error
+                        }
+                    );
+                    last = None;
+                }
+                continue;
+            }
+        };
+        if last.as_ref() == Some(&content) {
+            continue;
+        }
+        last = Some(content.clone());
+        match std::str::from_utf8(&content)
+            .map_err(|_| TokensError::Invalid {
+                path: path.clone(),
+                reason: "not UTF-8".into(),
+            })
+            .and_then(|text| NodeTokens::parse(&path, text))
+        {
+            Ok(new) => {
+                info!(path = %path.display(), nodes = new.len(), "tokens file reloaded");
+                tokens.send_replace(Arc::new(new));
+            }
+            Err(e) => warn!("{e}; keeping the last good tokens"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_and_authenticate_nodes() {
+        let path = Path::new("tokens.yaml");
+        let tokens = NodeTokens::parse(
+            path,
+            "nodes:\n  node-a: aaaaaaaaaaaaaaaaaaaa\n  node-b: bbbbbbbbbbbbbbbbbbbb\n",
+        )
+        .unwrap();
+        assert_eq!(tokens.node_for("aaaaaaaaaaaaaaaaaaaa"), Some("node-a"));
+        assert_eq!(tokens.node_for("bbbbbbbbbbbbbbbbbbbb"), Some("node-b"));
+        assert_eq!(tokens.node_for("aaaaaaaaaaaaaaaaaaab"), None);
+        assert_eq!(tokens.node_for(""), None);
+        assert!(!format!("{tokens:?}").contains("aaaa"));
+    }
+
+    #[test]
+    fn bad_tokens_files_are_refused_without_quoting_tokens() {
+        let path = Path::new("tokens.yaml");
+        for (content, expected) in [
+            ("nodes:\n  node-a: short\n", "shorter than"),
+            (
+                "nodes:\n  node-a: samesamesamesamesame\n  node-b: samesamesamesamesame\n",
+                "share a token",
+            ),
+            ("nodes: [secretsecretsecretsecret]\n", "not of the form"),
+            ("other: 1\n", "not of the form"),
+        ] {
+            let err = NodeTokens::parse(path, content).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+            assert!(!err.contains("secret") && !err.contains("same"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Turning a CSR into a workload certificate chain.
+//!
+//! The CSR only contributes its public key (and the proof, by its signature, that the caller
+//! holds the matching private key): subject, SANs, key usages and extensions it asks for are
+//! ignored. What the leaf certifies is decided by the CA alone: the identity it was asked for
+//! after authentication and authorisation.
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    PublicKeyData, SanType, SignatureAlgorithm,
+};
+use rustls::pki_types::{CertificateSigningRequestDer, pem::PemObject as _};
+use x509_parser::{
+    oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY},
+    prelude::{FromDer as _, X509CertificationRequest},
+};
+
+use super::root::{BACKDATE, RootCa};
+use crate::identity::SpiffeId;
+
+/// Why a CSR was not signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The CSR is not a PEM PKCS#10 request.
+    #[error("malformed CSR: {0}")]
+    MalformedCsr(String),
+    /// The CSR's signature does not verify with its own public key.
+    #[error("the CSR's signature does not verify")]
+    BadCsrSignature,
+    /// The CSR's key is not an ECDSA P-256 key.
+    #[error("unsupported CSR key: {0}; only ECDSA P-256 keys are accepted")]
+    UnsupportedKey(String),
+    /// The identity belongs to another trust domain.
+    #[error("identity {identity} is outside this CA's trust domain {trust_domain}")]
+    ForeignTrustDomain {
+        /// The identity asked for.
+        identity: SpiffeId,
+        /// The CA's trust domain.
+        trust_domain: String,
+    },
+    /// The root has expired (or expires within the backdating margin).
+    #[error("the root certificate has expired")]
+    RootExpired,
+    /// Building or signing the certificate failed.
+    #[error("cannot sign the certificate: {0}")]
+    Signing(#[from] rcgen::Error),
+}
+
+/// A P-256 public key taken from a CSR, in the form rcgen signs.
+struct CsrPublicKey(Vec<u8>);
+
+impl PublicKeyData for CsrPublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Parses and verifies a PEM CSR and returns its public key (an uncompressed P-256 point).
+fn csr_public_key(csr_pem: &str) -> Result<CsrPublicKey, SignError> {
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| SignError::MalformedCsr(format!("not a PEM certificate request: {e}")))?;
+    let (_, csr) = X509CertificationRequest::from_der(der.as_ref())
+        .map_err(|e| SignError::MalformedCsr(e.to_string()))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
+        return Err(SignError::UnsupportedKey(format!(
+            "key algorithm {}",
+            spki.algorithm.algorithm
+        )));
+    }
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    if curve.as_ref() != Some(&OID_EC_P256) {
+        let curve = curve.map_or_else(|| "unnamed".to_string(), |c| c.to_string());
+        return Err(SignError::UnsupportedKey(format!("elliptic curve {curve}")));
+    }
+    let point = spki.subject_public_key.data.as_ref();
+    if point.len() != 65 || point[0] != 0x04 {
+        return Err(SignError::UnsupportedKey(
+            "P-256 point not in uncompressed form".into(),
+        ));
+    }
+    // Only after the key type check: the verification would otherwise fail with a less clear
+    // message for keys it does not know.
+    csr.verify_signature()
+        .map_err(|_| SignError::BadCsrSignature)?;
+    Ok(CsrPublicKey(point.to_vec()))
+}
+
+impl RootCa {
+    /// Signs `csr_pem` as a leaf for `identity`, valid from one minute ago until `ttl` from now
+    /// (`ttl` capped by [`RootCa::max_ttl`], zero meaning the maximum, and never past the
+    /// root's own expiry). Returns the chain as PEM: the leaf first, the root last.
+    ///
+    /// The leaf has an empty subject, the identity as its only (critical) SAN, key usage
+    /// digitalSignature + keyEncipherment, extended key usage serverAuth + clientAuth, and
+    /// `CA:false`.
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Vec<String>, SignError> {
+        if identity.trust_domain != self.trust_domain() {
+            return Err(SignError::ForeignTrustDomain {
+                identity: identity.clone(),
+                trust_domain: self.trust_domain().to_string(),
+            });
+        }
+        let public_key = csr_public_key(csr_pem)?;
+        let now = SystemTime::now();
+        let ttl = if ttl.is_zero() {
+            self.max_ttl()
+        } else {
+            ttl.min(self.max_ttl())
+        };
+        let not_after = (now + ttl).min(self.not_after());
+        if not_after <= now {
+            return Err(SignError::RootExpired);
+        }
+
+        let mut params = CertificateParams::default();
+        // The identity lives in the SAN; as in Istio, the subject stays empty (which makes the
+        // SAN critical, as RFC 5280 requires).
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names =
+            vec![SanType::URI(identity.to_string().try_into().map_err(
+                |_| SignError::MalformedCsr(format!("identity {identity} is not ASCII")),
+            )?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.serial_number = Some(super::random_serial());
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = not_after.into();
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&public_key, self.issuer())?;
+        Ok(vec![leaf.pem(), self.certificate_pem().to_string()])
+    }
+
+    /// Issues the CA's own TLS serving certificate for `names` (DNS names or IP addresses),
+    /// valid for `ttl`, with a fresh in-memory key. Returns (chain PEM, key).
+    pub(super) fn issue_server_certificate(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(Vec<String>, KeyPair), SignError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Ambit CA");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(super::random_serial());
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ttl).min(self.not_after()).into();
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, self.issuer())?;
+        Ok((vec![cert.pem(), self.certificate_pem().to_string()], key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rustls::pki_types::CertificateDer;
+    use x509_parser::{
+        extensions::GeneralName,
+        prelude::{FromDer as _, X509Certificate},
+    };
+
+    use super::*;
+    use crate::ca::root;
+
+    fn csr_for(alg: &'static SignatureAlgorithm, sans: Vec<String>) -> String {
+        let key = KeyPair::generate_for(alg).unwrap();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "please make me admin");
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    fn new_ca(dir: &Path) -> RootCa {
+        root::init(dir, "cluster.local", None).unwrap()
+    }
+
+    #[test]
+    fn leaf_has_only_the_identity_san_and_the_requested_validity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca(dir.path());
+        let id = SpiffeId::new("cluster.local", "shop", "web");
+        // The CSR asks for other names, a subject and CA powers: all ignored.
+        let csr = csr_for(
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            vec!["evil.example".into(), "10.0.0.1".into()],
+        );
+        let before = SystemTime::now();
+        let chain = ca.sign(&csr, &id, Duration::from_secs(3600)).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1], ca.certificate_pem());
+
+        let leaf_der = der(&chain[0]);
+        let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        assert!(san.critical);
+        assert_eq!(
+            san.value.general_names,
+            vec![GeneralName::URI("spiffe://cluster.local/ns/shop/sa/web")]
+        );
+        assert_eq!(leaf.subject().iter().count(), 0);
+        assert!(!leaf.is_ca());
+        let ku = leaf.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && ku.key_encipherment() && !ku.key_cert_sign());
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth && !eku.any);
+
+        let not_before = leaf.validity().not_before.timestamp();
+        let not_after = leaf.validity().not_after.timestamp();
+        let start = before
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            (start - 62..=start - 58).contains(&not_before),
+            "backdated by a minute"
+        );
+        assert!(
+            (start + 3598..=start + 3602).contains(&not_after),
+            "valid for the ttl"
+        );
+
+        let (_, root) = X509Certificate::from_der(ca.certificate()).unwrap();
+        leaf.verify_signature(Some(root.public_key())).unwrap();
+    }
+
+    #[test]
+    fn ttl_is_capped_by_the_max_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca(dir.path()).with_max_ttl(Duration::from_secs(600));
+        let id = SpiffeId::new("cluster.local", "a", "b");
+        let csr = csr_for(&rcgen::PKCS_ECDSA_P256_SHA256, vec![]);
+        for asked in [Duration::from_secs(86400), Duration::ZERO] {
+            let chain = ca.sign(&csr, &id, asked).unwrap();
+            let leaf_der = der(&chain[0]);
+            let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            let left = leaf.validity().not_after.timestamp() - now;
+            assert!((595..=600).contains(&left), "{left}");
+        }
+    }
+
+    #[test]
+    fn non_p256_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca(dir.path());
+        let id = SpiffeId::new("cluster.local", "a", "b");
+        for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            let err = ca
+                .sign(&csr_for(alg, vec![]), &id, Duration::from_secs(60))
+                .unwrap_err();
+            assert!(matches!(err, SignError::UnsupportedKey(_)), "{err}");
+            assert!(err.to_string().contains("only ECDSA P-256"), "{err}");
+        }
+        let err = ca
+            .sign("not a csr", &id, Duration::from_secs(60))
+            .unwrap_err();
+        assert!(matches!(err, SignError::MalformedCsr(_)), "{err}");
+    }
+
+    #[test]
+    fn foreign_trust_domains_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca(dir.path());
+        let csr = csr_for(&rcgen::PKCS_ECDSA_P256_SHA256, vec![]);
+        let err = ca
+            .sign(
+                &csr,
+                &SpiffeId::new("other.org", "a", "b"),
+                Duration::from_secs(60),
+            )
+            .unwrap_err();
+        assert!(matches!(err, SignError::ForeignTrustDomain { .. }), "{err}");
+    }
+}
