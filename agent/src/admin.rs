@@ -1,15 +1,24 @@
-//! Readiness (`:15021/healthz/ready`) and the local admin endpoint (`127.0.0.1:15000`).
+//! Readiness (`:15021/healthz/ready`), the local admin endpoint (`127.0.0.1:15000`) and the
+//! Prometheus metrics endpoint (`:15020/metrics`).
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper::{
+    Method, Request, Response, StatusCode, Uri, body::Bytes, server::conn::http1,
+    service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::debug;
 
-use crate::{config::ConfigStatus, inpod::EnrolmentStatus, redirect::Redirector};
+use crate::{
+    config::ConfigStatus,
+    inpod::EnrolmentStatus,
+    redirect::Redirector,
+    telemetry::{LogControl, Metrics, metrics::CONTENT_TYPE},
+};
 
 /// What the endpoints report on.
 pub struct AdminState {
@@ -21,6 +30,8 @@ pub struct AdminState {
     pub enrolment: watch::Receiver<EnrolmentStatus>,
     /// The kernel side.
     pub redirector: Arc<Redirector>,
+    /// The log filter, for `/logging`; `None` when the process has no global subscriber.
+    pub logging: Option<LogControl>,
 }
 
 impl AdminState {
@@ -80,15 +91,128 @@ fn route(
                 .insert("content-type", "application/json".parse().unwrap());
             response
         }
+        (_, "/logging") if admin => logging(state.logging.as_ref(), req.method(), req.uri()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
+/// `GET /logging` shows the log filter in force; `POST /logging?level=<filter>` replaces it
+/// (tracing EnvFilter syntax, percent-encoded as a query value may need, e.g.
+/// `level=info,ambit::proxy=debug`); `POST /logging?reset` restores the start-up filter.
+/// The change lasts until the agent restarts.
+pub fn logging(control: Option<&LogControl>, method: &Method, uri: &Uri) -> Response<Full<Bytes>> {
+    let Some(control) = control else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "logging is not controllable in this process\n",
+        );
+    };
+    let changed = match *method {
+        Method::GET => return text(StatusCode::OK, format!("{}\n", control.current())),
+        Method::POST => {
+            let query = uri.query().unwrap_or("");
+            let mut params = query.split('&').filter(|p| !p.is_empty());
+            match params.find_map(|p| match p.split_once('=') {
+                Some(("level", value)) => Some(Some(value)),
+                None if p == "reset" => Some(None),
+                _ => None,
+            }) {
+                Some(Some(level)) => match percent_decode(level) {
+                    Some(level) => control.set(&level),
+                    None => Err(format!(
+                        "level {level:?} is not valid percent-encoded UTF-8"
+                    )),
+                },
+                Some(None) => control.reset(),
+                None => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "usage: POST /logging?level=<filter> or POST /logging?reset\n",
+                    );
+                }
+            }
+        }
+        _ => return text(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n"),
+    };
+    match changed {
+        Ok(now) => {
+            tracing::info!(filter = %now, "log filter changed through the admin endpoint");
+            text(StatusCode::OK, format!("{now}\n"))
+        }
+        Err(err) => text(StatusCode::BAD_REQUEST, format!("{err}\n")),
+    }
+}
+
+/// Decodes `%XX` escapes and `+` (a space, as forms send it); `None` for a malformed escape or
+/// bytes that are not UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The metrics endpoint: `GET /metrics` (and `/stats/prometheus`, the path Istio's scrape
+/// annotations use for ztunnel) in the Prometheus text format.
+fn metrics_route(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics" | "/stats/prometheus") => {
+            let mut response = text(StatusCode::OK, metrics.encode());
+            response
+                .headers_mut()
+                .insert("content-type", CONTENT_TYPE.parse().unwrap());
+            response
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Binds `addr`, naming it in the error.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
 /// Serves readiness only (`admin == false`) or the full admin API on `addr`.
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>, admin: bool) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let listener = bind(addr).await?;
+    serve_http(listener, move |req| route(&state, req, admin)).await
+}
+
+/// Serves `GET /metrics` on `addr`.
+pub async fn serve_metrics_on(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    serve_metrics(bind(addr).await?, metrics).await
+}
+
+/// Serves `GET /metrics` on an already bound listener.
+pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    serve_http(listener, move |req| metrics_route(&metrics, req)).await
+}
+
+/// Answers HTTP/1 requests on `listener` with `handler`, each connection in its own task.
+async fn serve_http<H>(listener: TcpListener, handler: H) -> anyhow::Result<()>
+where
+    H: Fn(&Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -97,15 +221,152 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>, admin: bool) -> any
                 continue;
             }
         };
-        let state = state.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let response = route(&state, &req, admin);
+                let response = handler(&req);
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tracing::Level;
+    use tracing_subscriber::prelude::*;
+
+    use super::*;
+    use crate::{
+        proxy::Transferred,
+        telemetry::{ConnectionLabels, Reporter, ResponseFlags, reloadable_filter},
+    };
+
+    async fn body(response: Response<Full<Bytes>>) -> (StatusCode, String) {
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn logging_shows_and_changes_the_filter() {
+        let (layer, control) = reloadable_filter("info").unwrap();
+        // A subscriber for this thread only: the global one belongs to the binary.
+        let _guard = tracing_subscriber::registry().with(layer).set_default();
+        let call =
+            |method: Method, uri: &str| logging(Some(&control), &method, &uri.parse().unwrap());
+
+        assert!(!tracing::enabled!(Level::DEBUG));
+        assert_eq!(
+            body(call(Method::GET, "/logging")).await,
+            (StatusCode::OK, "info\n".into())
+        );
+
+        let (status, now) = body(call(Method::POST, "/logging?level=debug")).await;
+        assert_eq!((status, now.as_str()), (StatusCode::OK, "debug\n"));
+        assert!(tracing::enabled!(Level::DEBUG));
+        assert!(!tracing::enabled!(Level::TRACE));
+
+        // Directives with a target, percent-encoded as a careful client sends them.
+        let (status, now) = body(call(
+            Method::POST,
+            "/logging?level=warn%2Cambit%3A%3Aproxy%3Dtrace",
+        ))
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            now.contains("ambit::proxy=trace") && now.contains("warn"),
+            "{now}"
+        );
+        assert!(!tracing::enabled!(Level::INFO));
+
+        // A bad filter changes nothing.
+        let (status, why) = body(call(Method::POST, "/logging?level=[bad")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{why}");
+        assert_eq!(control.current(), now.trim_end());
+
+        let (status, _) = body(call(Method::POST, "/logging")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+
+        let (status, now) = body(call(Method::POST, "/logging?reset")).await;
+        assert_eq!((status, now.as_str()), (StatusCode::OK, "info\n"));
+        assert!(tracing::enabled!(Level::INFO));
+        assert!(!tracing::enabled!(Level::DEBUG));
+
+        let (status, _) = body(logging(None, &Method::GET, &"/logging".parse().unwrap())).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            percent_decode("a%2Cb%3A%3Ac%3Dd").as_deref(),
+            Some("a,b::c=d")
+        );
+        assert_eq!(
+            percent_decode("info,x=debug").as_deref(),
+            Some("info,x=debug")
+        );
+        assert_eq!(percent_decode("%2"), None);
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%ff"), None);
+    }
+
+    /// One HTTP/1.1 request over a plain socket, as a scraper makes it: (status line, headers,
+    /// body).
+    async fn get(addr: SocketAddr, path: &str) -> (String, String, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let (status, headers) = head.split_once("\r\n").unwrap();
+        (
+            status.to_string(),
+            headers.to_ascii_lowercase(),
+            body.to_string(),
+        )
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_over_http() {
+        let metrics = Arc::new(Metrics::new());
+        let labels = ConnectionLabels::new(Reporter::Destination);
+        metrics.connection_opened(&labels).finish(
+            Transferred {
+                sent: 3,
+                received: 5,
+            },
+            ResponseFlags::None,
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_metrics(listener, metrics.clone()));
+
+        let (status, headers, body) = get(addr, "/metrics").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(
+            headers.contains("content-type: text/plain; version=0.0.4"),
+            "{headers}"
+        );
+        assert!(
+            body.contains("# TYPE istio_tcp_connections_opened_total counter\n"),
+            "{body}"
+        );
+        assert!(body.contains("reporter=\"destination\""), "{body}");
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with("istio_tcp_sent_bytes_total{") && l.ends_with(" 5")),
+            "{body}"
+        );
+        assert_eq!(get(addr, "/stats/prometheus").await.2, body);
+        assert_eq!(get(addr, "/other").await.0, "HTTP/1.1 404 Not Found");
+        server.abort();
     }
 }

@@ -12,6 +12,7 @@ use crate::{
     proxy::ProxyContext,
     redirect::{RedirectConfig, Redirector},
     state::MeshState,
+    telemetry::{self, Metrics},
 };
 
 /// Flags of `ambit agent`.
@@ -39,6 +40,9 @@ pub struct AgentArgs {
     /// Readiness endpoint (`GET /healthz/ready`).
     #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+    /// Prometheus metrics endpoint (`GET /metrics`), ztunnel's port.
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -64,6 +68,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         bpffs: args.bpffs.clone(),
         mark: args.mark,
     })?);
+    let metrics = Arc::new(Metrics::new());
+    metrics.observe_datapath(redirector.clone());
 
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::empty()));
     let (config_tx, mut config_rx) = watch::channel(ConfigStatus {
@@ -95,12 +101,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
 
+    metrics.observe_config(config_rx.clone());
+    tokio::spawn(metrics.clone().count_config_rejections(config_rx.clone()));
+
     let proxy = Arc::new(ProxyContext {
         redirector: redirector.clone(),
         state: state_rx.clone(),
         mark: args.mark,
+        metrics: metrics.clone(),
     });
     let (enrolment_tx, enrolment_rx) = watch::channel(EnrolmentStatus::default());
+    metrics.observe_enrolment(enrolment_rx.clone());
     let enrolment = Enrolment::new(args.node.clone(), redirector.clone(), proxy, enrolment_tx);
     tokio::spawn(enrolment.run(state_rx));
 
@@ -109,7 +120,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         config: config_rx,
         enrolment: enrolment_rx,
         redirector: redirector.clone(),
+        logging: telemetry::log_control(),
     });
+    let metrics_server = tokio::spawn(admin::serve_metrics_on(args.metrics_addr, metrics));
     let admin = tokio::spawn(admin::serve(args.admin_addr, admin_state.clone(), true));
     let readiness = tokio::spawn(admin::serve(args.readiness_addr, admin_state, false));
     info!(node = %args.node, "agent started");
@@ -121,6 +134,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         result = source => error!(?result, "configuration source ended"),
         result = admin => anyhow::bail!("admin endpoint failed: {:?}", result),
         result = readiness => anyhow::bail!("readiness endpoint failed: {:?}", result),
+        result = metrics_server => anyhow::bail!("metrics endpoint failed: {:?}", result),
     }
     info!(
         bpffs = %args.bpffs.display(),

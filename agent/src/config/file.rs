@@ -22,7 +22,17 @@ use tokio::{
 };
 
 use super::ConfigStatus;
-use crate::state::{MeshState, NetnsRef, RedirectSettings, Service, ServicePort, Workload};
+use crate::{
+    policy::PolicySet,
+    state::{MeshState, NetnsRef, RedirectSettings, Service, ServicePort, Workload},
+};
+
+mod policy;
+
+pub use self::policy::{
+    AuthorizationPolicyFile, ConditionFile, FromFile, OperationFile, PeerAuthenticationFile,
+    RuleFile, SelectorFile, SourceFile, ToFile,
+};
 
 /// The whole mesh file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -37,6 +47,15 @@ pub struct MeshFile {
     /// The services of the mesh.
     #[serde(default, deserialize_with = "null_as_default")]
     pub services: Vec<ServiceFile>,
+    /// The trust domain of the mesh's identities (default `cluster.local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+    /// Which workloads accept plaintext.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub peer_authentications: Vec<PeerAuthenticationFile>,
+    /// L4 authorization policies.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub authorization_policies: Vec<AuthorizationPolicyFile>,
 }
 
 /// The `redirect` section.
@@ -300,7 +319,14 @@ impl Validator<'_> {
         let mut owners: HashMap<IpAddr, Owner> = HashMap::new();
         let workloads = self.workloads(&file.workloads, &mut owners)?;
         let services = self.services(&file.services, &mut owners)?;
-        Ok(MeshState::new(redirect, workloads, services))
+        let trust_domain = self.trust_domain(file.trust_domain.as_deref())?;
+        let policies = PolicySet::new(
+            self.authorization_policies(&file.authorization_policies)?,
+            self.peer_authentications(&file.peer_authentications)?,
+        );
+        Ok(MeshState::new(redirect, workloads, services)
+            .with_trust_domain(trust_domain)
+            .with_policies(policies))
     }
 
     fn redirect(&self, redirect: &RedirectFile) -> Result<RedirectSettings, ConfigError> {

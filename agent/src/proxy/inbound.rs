@@ -5,8 +5,8 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-use super::{PodContext, ProxyContext, connect_from, relay};
-use crate::telemetry::{AccessLog, Direction};
+use super::{PodContext, ProxyContext, Transferred, connect_from, relay};
+use crate::telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags};
 
 /// Accepts steered connections of one pod until the task is aborted (un-enrolment).
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
@@ -27,7 +27,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     let started = Instant::now();
     let dst_workload = pod.workload.uid();
     let state = ctx.state.borrow().clone();
-    let src_workload = state.workload_by_ip(peer.ip()).map(|w| w.uid());
+    let src = state.workload_by_ip(peer.ip());
+    let src_workload = src.map(|w| w.uid());
     let dst = match client.local_addr() {
         Ok(addr) => addr,
         Err(err) => {
@@ -48,6 +49,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         duration: Default::default(),
         outcome: Ok(()),
     };
+    let conn = ctx
+        .metrics
+        .connection_opened(&ConnectionLabels::inbound_plaintext(
+            &state,
+            src.map(|w| &**w),
+            &pod.workload,
+            dst.port(),
+        ));
     // From the pod's own address to itself: the kernel routes it over loopback to the
     // application, and sk_lookup lets it through (local == remote) instead of steering it back.
     let bind = SocketAddr::new(dst.ip(), 0);
@@ -57,8 +66,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
             log.bytes_sent = moved.sent;
             log.bytes_received = moved.received;
             log.outcome = result.map_err(|err| format!("relay: {err}"));
+            conn.finish(moved, ResponseFlags::None);
         }
-        Err(err) => log.outcome = Err(format!("connect {dst}: {err}")),
+        Err(err) => {
+            log.outcome = Err(format!("connect {dst}: {err}"));
+            conn.finish(Transferred::default(), ResponseFlags::Connect);
+        }
     }
     log.duration = started.elapsed();
     log.emit();

@@ -21,6 +21,8 @@ pub struct ProxyContext {
     pub state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
     /// Mark for the agent's own sockets, exempting them from redirection.
     pub mark: u32,
+    /// Where connections are counted (opened, closed, bytes).
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// An enrolled pod as the proxy sees it: its workload and its network namespace.

@@ -4,10 +4,10 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-use super::{PodContext, ProxyContext, connect_from, relay};
+use super::{PodContext, ProxyContext, Transferred, connect_from, relay};
 use crate::{
     state::Resolved,
-    telemetry::{AccessLog, Direction},
+    telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags},
 };
 
 /// Accepts redirected connections of one pod until the task is aborted (un-enrolment).
@@ -55,7 +55,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     };
     let dst_workload;
     let dst_service;
-    let upstream = match state.resolve(dst) {
+    let resolved = state.resolve(dst);
+    let conn = ctx.metrics.connection_opened(&ConnectionLabels::outbound(
+        &state,
+        &pod.workload,
+        &resolved,
+    ));
+    let upstream = match resolved {
         Resolved::Workload {
             workload,
             addr,
@@ -73,6 +79,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
                 "service {}/{} has no ready endpoints",
                 service.namespace, service.name
             ));
+            conn.finish(Transferred::default(), ResponseFlags::Connect);
             log.duration = started.elapsed();
             log.emit();
             return;
@@ -82,6 +89,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
                 "service {}/{} has no port {port}",
                 service.namespace, service.name
             ));
+            conn.finish(Transferred::default(), ResponseFlags::Connect);
             log.duration = started.elapsed();
             log.emit();
             return;
@@ -94,8 +102,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
             log.bytes_sent = moved.sent;
             log.bytes_received = moved.received;
             log.outcome = result.map_err(|err| format!("relay: {err}"));
+            conn.finish(moved, ResponseFlags::None);
         }
-        Err(err) => log.outcome = Err(format!("connect {upstream}: {err}")),
+        Err(err) => {
+            log.outcome = Err(format!("connect {upstream}: {err}"));
+            conn.finish(Transferred::default(), ResponseFlags::Connect);
+        }
     }
     log.duration = started.elapsed();
     log.emit();

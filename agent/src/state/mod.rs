@@ -20,6 +20,7 @@ use ipnet::IpNet;
 use serde::{Serialize, ser::SerializeStruct};
 
 pub use self::netns::NetnsRef;
+use crate::policy::{AuthorizationPolicy, DEFAULT_TRUST_DOMAIN, PeerAuthMode, PolicySet};
 
 /// A pod (or any process group with its own network namespace) that can join the mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -200,9 +201,13 @@ impl Endpoints {
 ///
 /// Built by a configuration source, which is responsible for validation; construction itself
 /// never fails, and where the input is inconsistent (an IP claimed twice) the first claimant wins.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MeshState {
     redirect: RedirectSettings,
+    /// The trust domain of the mesh's SPIFFE identities.
+    trust_domain: String,
+    /// Peer authentication and authorization policies.
+    policies: PolicySet,
     workloads: Vec<Arc<Workload>>,
     services: Vec<Arc<Service>>,
     workload_by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -247,6 +252,8 @@ impl MeshState {
 
         Self {
             redirect,
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
+            policies: PolicySet::default(),
             workloads,
             services,
             workload_by_ip,
@@ -255,9 +262,37 @@ impl MeshState {
         }
     }
 
+    /// Sets the trust domain (default [`DEFAULT_TRUST_DOMAIN`]).
+    pub fn with_trust_domain(mut self, trust_domain: impl Into<String>) -> Self {
+        self.trust_domain = trust_domain.into();
+        self
+    }
+
+    /// Sets the security policies (default: none, so every workload is STRICT and allows any
+    /// authenticated source).
+    pub fn with_policies(mut self, policies: PolicySet) -> Self {
+        self.policies = policies;
+        self
+    }
+
     /// A state with no workloads, no services and default settings.
     pub fn empty() -> Self {
         Self::default()
+    }
+
+    /// The trust domain of the mesh's identities, e.g. `cluster.local`.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The peer authentication and authorization policies.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// Whether plaintext may reach `workload` (see [`PolicySet::peer_auth_mode`]).
+    pub fn peer_auth_mode(&self, workload: &Workload) -> PeerAuthMode {
+        self.policies.peer_auth_mode(workload)
     }
 
     /// All workloads, in source order.
@@ -338,6 +373,12 @@ impl MeshState {
     }
 }
 
+impl Default for MeshState {
+    fn default() -> Self {
+        Self::new(RedirectSettings::default(), Vec::new(), Vec::new())
+    }
+}
+
 /// The admin endpoint's config dump: the sources' view plus the computed endpoints.
 impl Serialize for MeshState {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -356,12 +397,21 @@ impl Serialize for MeshState {
                 endpoints: endpoints.workloads().map(|w| w.uid()).collect(),
             })
             .collect();
-        let mut s = serializer.serialize_struct("MeshState", 3)?;
+        let mut s = serializer.serialize_struct("MeshState", 6)?;
         s.serialize_field("redirect", &self.redirect)?;
+        s.serialize_field("trustDomain", &self.trust_domain)?;
         // Through plain references: serde's `rc` feature (Serialize for Arc) is not enabled.
         let workloads: Vec<&Workload> = self.workloads.iter().map(|w| &**w).collect();
         s.serialize_field("workloads", &workloads)?;
         s.serialize_field("services", &services)?;
+        s.serialize_field("peerAuthentications", self.policies.peer_authentications())?;
+        let authorizations: Vec<&AuthorizationPolicy> = self
+            .policies
+            .authorizations()
+            .iter()
+            .map(|p| &**p)
+            .collect();
+        s.serialize_field("authorizationPolicies", &authorizations)?;
         s.end()
     }
 }

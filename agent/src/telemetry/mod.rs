@@ -1,0 +1,204 @@
+//! Logging set-up (with a filter that can be changed at run time), the per-connection access
+//! log, and the Prometheus [`metrics`].
+pub mod metrics;
+
+use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::{EnvFilter, Registry, fmt, prelude::*, reload};
+
+pub use self::metrics::{
+    ConnectionLabels, ConnectionRecorder, DatapathStats, Metrics, Reporter, ResponseFlags,
+    SecurityPolicy,
+};
+
+/// Output format of log and access-log lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global tracing subscriber (and the `log` bridge used by aya-log).
+///
+/// The filter sits behind a reload layer so that the admin endpoint can change it at run time
+/// through [`log_control`]; this stays the only place a global subscriber is built.
+pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let (filter_layer, control) = reloadable_filter(filter)?;
+    let registry = tracing_subscriber::registry().with(filter_layer);
+    match format {
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init()?,
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()?,
+    }
+    // Only the global subscriber's filter also governs the `log` crate's records.
+    let _ = LOG_CONTROL.set(LogControl {
+        global: true,
+        ..control
+    });
+    Ok(())
+}
+
+/// The filter of the global subscriber, once [`init_logging`] has run.
+static LOG_CONTROL: OnceLock<LogControl> = OnceLock::new();
+
+/// The handle on the global subscriber's filter; `None` when [`init_logging`] was not called
+/// (library use, unit tests).
+pub fn log_control() -> Option<LogControl> {
+    LOG_CONTROL.get().cloned()
+}
+
+/// A log filter layer that can be replaced at run time, and its control.
+///
+/// [`init_logging`] uses it for the global subscriber; tests use it to build a local one.
+pub fn reloadable_filter(
+    filter: &str,
+) -> anyhow::Result<(reload::Layer<EnvFilter, Registry>, LogControl)> {
+    let parsed = parse_filter(filter).map_err(|err| anyhow::anyhow!(err))?;
+    let (layer, handle) = reload::Layer::new(parsed);
+    Ok((
+        layer,
+        LogControl {
+            handle,
+            initial: filter.to_string(),
+            global: false,
+        },
+    ))
+}
+
+fn parse_filter(filter: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(filter).map_err(|err| format!("invalid log filter {filter:?}: {err}"))
+}
+
+/// Reads and replaces a subscriber's log filter at run time (the admin endpoint's `/logging`).
+#[derive(Clone, Debug)]
+pub struct LogControl {
+    handle: reload::Handle<EnvFilter, Registry>,
+    /// The filter given at start-up, restored by [`LogControl::reset`].
+    initial: String,
+    /// Whether this is the global subscriber, whose level also caps the `log` crate.
+    global: bool,
+}
+
+impl LogControl {
+    /// The filter in force, in EnvFilter syntax.
+    pub fn current(&self) -> String {
+        self.handle
+            .with_current(|filter| filter.to_string())
+            .unwrap_or_else(|_| "unknown (subscriber gone)".into())
+    }
+
+    /// Replaces the filter with `filter` (EnvFilter syntax, e.g. `info,ambit::proxy=debug`) and
+    /// returns the filter now in force. An invalid filter changes nothing.
+    pub fn set(&self, filter: &str) -> Result<String, String> {
+        let parsed = parse_filter(filter)?;
+        self.handle
+            .reload(parsed)
+            .map_err(|err| format!("cannot change the log filter: {err}"))?;
+        if self.global {
+            // `log` records (aya-log) are cut by `log::max_level()` before they reach tracing;
+            // the bridge set it once at start-up, so it must follow the new filter.
+            log::set_max_level(as_log_level(LevelFilter::current()));
+        }
+        Ok(self.current())
+    }
+
+    /// Restores the filter given at start-up.
+    pub fn reset(&self) -> Result<String, String> {
+        self.set(&self.initial)
+    }
+}
+
+fn as_log_level(level: LevelFilter) -> log::LevelFilter {
+    match level.into_level() {
+        None => log::LevelFilter::Off,
+        Some(tracing::Level::ERROR) => log::LevelFilter::Error,
+        Some(tracing::Level::WARN) => log::LevelFilter::Warn,
+        Some(tracing::Level::INFO) => log::LevelFilter::Info,
+        Some(tracing::Level::DEBUG) => log::LevelFilter::Debug,
+        Some(tracing::Level::TRACE) => log::LevelFilter::Trace,
+    }
+}
+
+/// Which proxy path served a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Captured on the source pod's outbound listener.
+    Outbound,
+    /// Captured on the destination pod's inbound plaintext listener.
+    InboundPlaintext,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::InboundPlaintext => "inbound",
+        }
+    }
+}
+
+/// One access-log record, emitted when the connection ends.
+#[derive(Debug)]
+pub struct AccessLog<'a> {
+    /// Proxy path.
+    pub direction: Direction,
+    /// The client's address as the agent saw it.
+    pub src: SocketAddr,
+    /// The source workload (`namespace/name`), when known.
+    pub src_workload: Option<&'a str>,
+    /// The address the client dialled.
+    pub dst: SocketAddr,
+    /// The address the agent connected to (a service's chosen endpoint, or `dst`).
+    pub upstream: Option<SocketAddr>,
+    /// The destination workload, when known.
+    pub dst_workload: Option<&'a str>,
+    /// The destination service, when `dst` was a service VIP.
+    pub dst_service: Option<&'a str>,
+    /// Bytes from client to upstream.
+    pub bytes_sent: u64,
+    /// Bytes from upstream to client.
+    pub bytes_received: u64,
+    /// Connection lifetime.
+    pub duration: Duration,
+    /// `ok`, or what failed.
+    pub outcome: Result<(), String>,
+}
+
+impl AccessLog<'_> {
+    /// Emits the record on the `access` target.
+    pub fn emit(&self) {
+        let upstream = self.upstream.map(|u| u.to_string());
+        let (outcome, error) = match &self.outcome {
+            Ok(()) => ("ok", None),
+            Err(err) => ("error", Some(err.as_str())),
+        };
+        tracing::info!(
+            target: "access",
+            direction = self.direction.as_str(),
+            src = %self.src,
+            src_workload = self.src_workload,
+            dst = %self.dst,
+            upstream = upstream.as_deref(),
+            dst_workload = self.dst_workload,
+            dst_service = self.dst_service,
+            bytes_sent = self.bytes_sent,
+            bytes_received = self.bytes_received,
+            duration_ms = self.duration.as_millis() as u64,
+            outcome,
+            error,
+            "connection complete"
+        );
+    }
+}
