@@ -3,6 +3,7 @@
 //! Outbound and inbound paths share one shape: accept, work out where the connection was going,
 //! open an [`Upstream`] from inside the right pod's namespace, relay, log. The upstream is where
 //! HBONE will slot in: a plain TCP connection today, an HTTP/2 CONNECT stream over mTLS next.
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 

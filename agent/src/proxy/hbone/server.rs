@@ -1,0 +1,469 @@
+//! The server side of HBONE for one pod: mTLS on `<pod IP>:15008`, then one tunnel per CONNECT.
+//!
+//! For each CONNECT stream, in order:
+//! 1. the method must be CONNECT (else 405);
+//! 2. `:authority` must be an `ip:port` whose IP is one of the pod's (else 400; a waypoint
+//!    leaves this to its handler, see [`Destinations`]), on a port that is not one of the
+//!    proxy's own (else 503, as ztunnel answers such self-calls);
+//! 3. [`InboundHandler::authorize`] must allow it (else 401);
+//! 4. [`InboundHandler::connect`] must reach the application (else 503);
+//! 5. then 200, and bytes are relayed until both directions end.
+//!
+//! Every stream ends with one [`StreamReport`] to [`InboundHandler::report`], so the caller
+//! can log and count it; connections refused at TLS go to [`InboundHandler::connection_failed`].
+use std::{
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use super::{
+    HboneStream, Http2Config, MAX_HEADER_LIST_SIZE,
+    headers::{Baggage, ForwardedFor, TRACEPARENT, forwarded_for},
+    tls,
+};
+use crate::{
+    identity::SpiffeId,
+    proxy::{Transferred, relay},
+};
+
+/// One CONNECT request that passed the authority check, as the handler sees it.
+#[derive(Clone, Debug)]
+pub struct ConnectRequest {
+    /// The client's verified identity (from its certificate).
+    pub peer: SpiffeId,
+    /// The TCP peer of the HBONE connection: the source pod's address when the client dials
+    /// from the pod's namespace (Ambit) or spoofs it (ztunnel).
+    pub source: SocketAddr,
+    /// Where the tunnel leads (`:authority`): one of this pod's addresses and the
+    /// application's port.
+    pub destination: SocketAddr,
+    /// All request headers (`forwarded`, `baggage`, `traceparent`...).
+    pub headers: HeaderMap,
+}
+
+impl ConnectRequest {
+    /// The original client named by `forwarded: for=`, if the client sent one.
+    pub fn forwarded_for(&self) -> Option<ForwardedFor> {
+        forwarded_for(&self.headers)
+    }
+
+    /// The source workload's metadata from `baggage`.
+    pub fn baggage(&self) -> Baggage {
+        Baggage::from_headers(&self.headers)
+    }
+
+    /// The client's `traceparent`, if any.
+    pub fn traceparent(&self) -> Option<&HeaderValue> {
+        self.headers.get(TRACEPARENT)
+    }
+}
+
+/// An authorization refusal, with the reason to log.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Deny {
+    /// Why (e.g. the policy that denied).
+    pub reason: String,
+}
+
+impl Deny {
+    /// A refusal for `reason`.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// How one CONNECT stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Not a CONNECT (405).
+    #[error("method {0} is not CONNECT")]
+    MethodNotAllowed(Method),
+    /// `:authority` is not an `ip:port` (400).
+    #[error("authority {0:?} is not an ip:port")]
+    BadAuthority(String),
+    /// `:authority` names an address that is not this pod's (400).
+    #[error("{0} is not an address of this pod")]
+    NotThisPod(SocketAddr),
+    /// `:authority` names one of the proxy's own ports (503).
+    #[error("port {0} belongs to the proxy")]
+    ReservedPort(u16),
+    /// The authorization hook refused (401).
+    #[error("denied: {0}")]
+    Denied(Deny),
+    /// The application could not be reached (503).
+    #[error("connecting to the application failed: {0}")]
+    Upstream(io::Error),
+    /// The response could not be sent (the client went away).
+    #[error("sending the response failed: {0}")]
+    Respond(h2::Error),
+    /// The tunnel was established (200) and then failed while relaying.
+    #[error("relay failed: {0}")]
+    Relay(io::Error),
+}
+
+impl StreamError {
+    /// The status answered for this failure (200 for failures after the tunnel was up).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BadAuthority(_) | Self::NotThisPod(_) => StatusCode::BAD_REQUEST,
+            Self::Denied(_) => StatusCode::UNAUTHORIZED,
+            Self::ReservedPort(_) | Self::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Respond(_) | Self::Relay(_) => StatusCode::OK,
+        }
+    }
+}
+
+/// The end of one CONNECT stream.
+#[derive(Debug)]
+pub struct StreamReport {
+    /// The client's verified identity.
+    pub peer: SpiffeId,
+    /// The HBONE connection's TCP peer.
+    pub source: SocketAddr,
+    /// The tunnel's destination, when `:authority` was a valid address.
+    pub destination: Option<SocketAddr>,
+    /// The request headers.
+    pub headers: HeaderMap,
+    /// The status answered.
+    pub status: StatusCode,
+    /// How it ended.
+    pub result: Result<(), StreamError>,
+    /// Bytes relayed: `sent` from the tunnel to the application, `received` back.
+    pub transferred: Transferred,
+    /// From the request's arrival to the end of the relay.
+    pub duration: Duration,
+}
+
+/// The pod-specific decisions of an HBONE server.
+pub trait InboundHandler: Send + Sync + 'static {
+    /// The connection to the application.
+    type Upstream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+
+    /// The pod's current TLS configuration (see [`tls::server_config`]), asked for every
+    /// accepted connection so a renewed certificate takes effect at once. `None` (no
+    /// certificate yet) refuses the connection.
+    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>>;
+
+    /// Decides whether the tunnel may be opened.
+    fn authorize(&self, request: &ConnectRequest) -> impl Future<Output = Result<(), Deny>> + Send;
+
+    /// Connects to the application at `request.destination`.
+    fn connect(
+        &self,
+        request: &ConnectRequest,
+    ) -> impl Future<Output = io::Result<Self::Upstream>> + Send;
+
+    /// Called once for every CONNECT stream, when it ends.
+    fn report(&self, report: StreamReport) {
+        let _ = report;
+    }
+
+    /// Called for every connection that ended before or outside its streams: refused at
+    /// TLS, no certificate, or an HTTP/2 protocol failure.
+    fn connection_failed(&self, source: SocketAddr, error: &ConnectionError) {
+        let _ = (source, error);
+    }
+}
+
+/// Why an HBONE connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The handler has no certificate for the pod yet.
+    #[error("no certificate for this pod yet")]
+    NoCertificate,
+    /// The TLS handshake did not finish in time.
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    /// The TLS handshake failed: untrusted or foreign-trust-domain client (see
+    /// [`tls::identity_error`] and [`tls::handshake_error`]), or not TLS at all.
+    #[error("TLS handshake failed: {0}")]
+    Handshake(io::Error),
+    /// The client certificate has no SPIFFE ID (cannot happen with [`tls::server_config`]).
+    #[error("client certificate carries no SPIFFE ID")]
+    NoPeerIdentity,
+    /// HTTP/2 failed (bad preface, protocol error, connection lost).
+    #[error("HTTP/2: {0}")]
+    Http2(h2::Error),
+    /// The client stopped answering PINGs.
+    #[error("client unresponsive: {0}")]
+    Unresponsive(String),
+}
+
+/// Which `:authority` addresses the server itself accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destinations {
+    /// A workload's own server: only its addresses (else 400).
+    Pod(Vec<IpAddr>),
+    /// A waypoint's server: tunnels name the destination the client originally dialled
+    /// (usually a service VIP), which only the handler can judge in
+    /// [`InboundHandler::authorize`] and [`InboundHandler::connect`].
+    DecidedByHandler,
+}
+
+/// Settings of one HBONE server.
+#[derive(Clone, Debug)]
+pub struct InboundSettings {
+    /// The addresses a CONNECT may name.
+    pub destinations: Destinations,
+    /// Ports a CONNECT may not name: the proxy's own, which would loop back into it.
+    pub reserved_ports: Vec<u16>,
+    /// HTTP/2 settings.
+    pub http2: Http2Config,
+    /// Most tunnels one client connection may carry at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_concurrent_streams: u32,
+    /// Bound on the TLS handshake, so half-open clients cannot hold sockets forever.
+    pub handshake_timeout: Duration,
+}
+
+impl InboundSettings {
+    /// ztunnel's settings for a pod with addresses `pod_addrs`.
+    pub fn new(pod_addrs: Vec<IpAddr>) -> Self {
+        Self::with_destinations(Destinations::Pod(pod_addrs))
+    }
+
+    /// ztunnel's settings, accepting `destinations`.
+    pub fn with_destinations(destinations: Destinations) -> Self {
+        Self {
+            destinations,
+            reserved_ports: vec![15001, 15006, super::HBONE_PORT],
+            http2: Http2Config::default(),
+            // hyper's default, which ztunnel uses; above the clients' pool cap of 100.
+            max_concurrent_streams: 200,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// An HBONE server for one pod. Cheap to clone.
+pub struct HboneServer<H> {
+    inner: Arc<ServerInner<H>>,
+}
+
+struct ServerInner<H> {
+    handler: H,
+    settings: InboundSettings,
+}
+
+impl<H> Clone for HboneServer<H> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<H: InboundHandler> HboneServer<H> {
+    /// A server deciding with `handler`.
+    pub fn new(handler: H, settings: InboundSettings) -> Self {
+        Self {
+            inner: Arc::new(ServerInner { handler, settings }),
+        }
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.inner.handler
+    }
+
+    /// Accepts connections until the future is dropped (abort the task to stop listening).
+    /// Connections already accepted run in their own tasks and are not cut.
+    pub async fn serve(&self, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, source)) => {
+                    let server = self.clone();
+                    tokio::spawn(async move {
+                        let source = canonical(source);
+                        if let Err(err) = server.serve_connection(tcp, source).await {
+                            debug!(%source, %err, "HBONE connection failed");
+                            server.inner.handler.connection_failed(source, &err);
+                        }
+                    });
+                }
+                Err(err) => {
+                    // Out of descriptors or a connection aborted before accept: keep serving.
+                    warn!(%err, "HBONE accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Serves one accepted connection until the client closes it.
+    pub async fn serve_connection(
+        &self,
+        tcp: TcpStream,
+        source: SocketAddr,
+    ) -> Result<(), ConnectionError> {
+        let settings = &self.inner.settings;
+        let tls_config = self
+            .inner
+            .handler
+            .tls_config()
+            .ok_or(ConnectionError::NoCertificate)?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(
+            settings.handshake_timeout,
+            TlsAcceptor::from(tls_config).accept(tcp),
+        )
+        .await
+        .map_err(|_| ConnectionError::HandshakeTimeout)?
+        .map_err(ConnectionError::Handshake)?;
+        let peer = tls::peer_identity(tls.get_ref().1).ok_or(ConnectionError::NoPeerIdentity)?;
+        debug!(%source, %peer, "HBONE connection accepted");
+
+        let mut connection = h2::server::Builder::new()
+            .initial_window_size(settings.http2.stream_window)
+            .initial_connection_window_size(settings.http2.connection_window)
+            .max_frame_size(settings.http2.max_frame_size)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            // See client::handshake: flow control bounds buffering; the budget would kill
+            // every tunnel of the connection over one application's small writes.
+            .data_frame_budget(usize::MAX)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(ConnectionError::Http2)?;
+        let keepalive = settings.http2.keepalive(connection.ping_pong());
+        tokio::pin!(keepalive);
+        // Polling `accept` also drives the connection's I/O for the streams already open, so
+        // keep at it until the client is done.
+        loop {
+            let accepted = tokio::select! {
+                accepted = connection.accept() => accepted,
+                // Dropping the connection resets its tunnels, which are as dead as it is.
+                failure = &mut keepalive => return Err(ConnectionError::Unresponsive(failure)),
+            };
+            let Some(accepted) = accepted else {
+                return Ok(());
+            };
+            let (request, respond) = accepted.map_err(ConnectionError::Http2)?;
+            let server = self.clone();
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                let report = server.serve_stream(request, respond, peer, source).await;
+                server.inner.handler.report(report);
+            });
+        }
+    }
+
+    async fn serve_stream(
+        &self,
+        request: http::Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: SpiffeId,
+        source: SocketAddr,
+    ) -> StreamReport {
+        let started = Instant::now();
+        let (parts, body) = request.into_parts();
+        let mut report = StreamReport {
+            peer,
+            source,
+            destination: None,
+            headers: parts.headers,
+            status: StatusCode::OK,
+            result: Ok(()),
+            transferred: Transferred::default(),
+            duration: Duration::ZERO,
+        };
+        let outcome = self
+            .tunnel(&parts.method, &parts.uri, &mut report, body, &mut respond)
+            .await;
+        if let Err(err) = &outcome {
+            report.status = err.status();
+            if report.status != StatusCode::OK {
+                refuse(&mut respond, report.status);
+            }
+        }
+        report.result = outcome;
+        report.duration = started.elapsed();
+        report
+    }
+
+    /// Checks, authorizes, connects and relays one stream, filling in the report as it goes.
+    async fn tunnel(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        report: &mut StreamReport,
+        body: RecvStream,
+        respond: &mut SendResponse<Bytes>,
+    ) -> Result<(), StreamError> {
+        if method != Method::CONNECT {
+            return Err(StreamError::MethodNotAllowed(method.clone()));
+        }
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+        let destination = authority
+            .parse::<SocketAddr>()
+            .map(canonical)
+            .map_err(|_| StreamError::BadAuthority(authority.to_string()))?;
+        report.destination = Some(destination);
+        let settings = &self.inner.settings;
+        if let Destinations::Pod(addrs) = &settings.destinations
+            && !addrs.contains(&destination.ip())
+        {
+            return Err(StreamError::NotThisPod(destination));
+        }
+        if settings.reserved_ports.contains(&destination.port()) {
+            return Err(StreamError::ReservedPort(destination.port()));
+        }
+        let request = ConnectRequest {
+            peer: report.peer.clone(),
+            source: report.source,
+            destination,
+            // Moved out for the hooks and put back for the report, to avoid a copy.
+            headers: std::mem::take(&mut report.headers),
+        };
+        let handler = &self.inner.handler;
+        let checked = async {
+            handler
+                .authorize(&request)
+                .await
+                .map_err(StreamError::Denied)?;
+            handler
+                .connect(&request)
+                .await
+                .map_err(StreamError::Upstream)
+        }
+        .await;
+        report.headers = request.headers;
+        let upstream = checked?;
+
+        let send = respond
+            .send_response(Response::new(()), false)
+            .map_err(StreamError::Respond)?;
+        let (transferred, result) = relay(HboneStream::new(send, body, None), upstream).await;
+        report.transferred = transferred;
+        result.map_err(StreamError::Relay)
+    }
+}
+
+/// Answers a refused stream with `status` and ends it.
+fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    // The client may already have reset the stream; there is nobody left to tell.
+    let _ = respond.send_response(response, true);
+}
+
+/// IPv4-mapped IPv6 addresses as plain IPv4, so comparisons with pod addresses hold.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}

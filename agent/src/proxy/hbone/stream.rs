@@ -1,0 +1,168 @@
+//! One HBONE tunnel as a byte stream: an HTTP/2 stream's DATA frames, read and written through
+//! tokio's `AsyncRead`/`AsyncWrite`, so [`crate::proxy::relay`] can copy it like a socket.
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::pool::Slot;
+
+/// A tunnelled connection: the established CONNECT stream, on either side.
+///
+/// Reading yields the peer's DATA; end of stream (the peer's END_STREAM) reads as EOF.
+/// `shutdown` sends END_STREAM, which the peer sees as EOF while the other direction stays
+/// open: a TCP half-close passes through the tunnel. Dropping the stream before both
+/// directions ended resets it (RST_STREAM CANCEL), the tunnel's equivalent of a TCP reset.
+pub struct HboneStream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received but not yet read; `poll_read` may be handed a smaller buffer than a frame.
+    pending: Bytes,
+    write_closed: bool,
+    /// The pool's claim on a stream slot of the connection, released on drop.
+    _slot: Option<Slot>,
+}
+
+impl HboneStream {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, slot: Option<Slot>) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+            _slot: slot,
+        }
+    }
+
+    /// The HTTP/2 stream id, for logs.
+    pub fn stream_id(&self) -> u32 {
+        u32::from(self.send.stream_id())
+    }
+}
+
+impl std::fmt::Debug for HboneStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HboneStream")
+            .field("stream_id", &self.stream_id())
+            .field("write_closed", &self.write_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An h2 error as the I/O error a socket would have given.
+pub(crate) fn io_error(err: h2::Error) -> io::Error {
+    if err.is_io() {
+        return err
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    match err.reason() {
+        // The peer (or we) ended the stream abruptly: what a TCP RST is to a socket.
+        Some(_) if err.is_reset() => io::Error::new(io::ErrorKind::ConnectionReset, err),
+        // The whole connection went away (GOAWAY or protocol error).
+        Some(_) => io::Error::new(io::ErrorKind::ConnectionAborted, err),
+        None => io::Error::other(err),
+    }
+}
+
+impl AsyncRead for HboneStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.pending.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(data)) => {
+                    // Re-open the window as soon as the bytes are ours: at most one frame waits
+                    // here, and holding the window until it is read would halve throughput.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
+                }
+                // A reset with NO_ERROR is a peer saying "done, stop sending" after it ended its
+                // side (RFC 9113 §8.1): the data it sent is complete, so read it as EOF.
+                Some(Err(err)) if err.reason() == Some(Reason::NO_ERROR) => {
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
+            }
+        }
+        let n = buf.remaining().min(this.pending.len());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl HboneStream {
+    /// Why the peer stopped our sending, as an I/O error.
+    fn poll_send_closed(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        Poll::Ready(match ready!(self.send.poll_reset(cx)) {
+            Ok(reason) => io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("HBONE stream reset by peer: {reason}"),
+            ),
+            Err(err) => io_error(err),
+        })
+    }
+}
+
+impl AsyncWrite for HboneStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        loop {
+            // Ask for room for the whole buffer; h2 grants what flow control and its send
+            // buffer allow, and we send that much.
+            this.send.reserve_capacity(buf.len());
+            match ready!(this.send.poll_capacity(cx)) {
+                // Granted capacity can be taken back before we see it; ask again (this poll
+                // registers the waker).
+                Some(Ok(0)) => continue,
+                Some(Ok(granted)) => {
+                    let n = granted.min(buf.len());
+                    return Poll::Ready(
+                        this.send
+                            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                            .map(|()| n)
+                            .map_err(io_error),
+                    );
+                }
+                Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
+                // The stream can no longer send: reset by the peer, or the connection is gone.
+                None => return this.poll_send_closed(cx).map(Err),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection task writes frames out as soon as they are queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.write_closed {
+            this.write_closed = true;
+            // An empty DATA frame with END_STREAM: the peer reads EOF, our read side stays open.
+            this.send.send_data(Bytes::new(), true).map_err(io_error)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,701 @@
+//! End-to-end HBONE tests: real TLS and real HTTP/2 over 127.0.0.1.
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use http::{HeaderValue, StatusCode};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+
+use super::{
+    headers::{Baggage, ForwardedFor},
+    testing::TestCa,
+    tls::{self, PeerIdentityError},
+    *,
+};
+use crate::identity::{SpiffeId, WorkloadCertificate};
+
+const TD: &str = "cluster.local";
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const MIB: usize = 1024 * 1024;
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new(TD, "shop", sa)
+}
+
+/// Deterministic, position-dependent bytes so a reordering or a lost chunk shows.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+}
+
+/// What the server side refused a connection for.
+#[derive(Debug)]
+enum Failure {
+    Identity(PeerIdentityError),
+    Rustls(rustls::Error),
+    // Only read through `Debug`, in panic messages.
+    Other(#[allow(dead_code)] String),
+}
+
+struct Handler {
+    tls: Arc<rustls::ServerConfig>,
+    deny: bool,
+    /// Connections accepted (one `tls_config` call each).
+    accepted: Arc<AtomicUsize>,
+    requests: mpsc::UnboundedSender<ConnectRequest>,
+    reports: mpsc::UnboundedSender<StreamReport>,
+    failures: mpsc::UnboundedSender<Failure>,
+}
+
+impl InboundHandler for Handler {
+    type Upstream = TcpStream;
+
+    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        Some(self.tls.clone())
+    }
+
+    async fn authorize(&self, request: &ConnectRequest) -> Result<(), Deny> {
+        let _ = self.requests.send(request.clone());
+        if self.deny {
+            Err(Deny::new("test policy says no"))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn connect(&self, request: &ConnectRequest) -> io::Result<TcpStream> {
+        TcpStream::connect(request.destination).await
+    }
+
+    fn report(&self, report: StreamReport) {
+        let _ = self.reports.send(report);
+    }
+
+    fn connection_failed(&self, _source: SocketAddr, error: &ConnectionError) {
+        let failure = match error {
+            ConnectionError::Handshake(err) => {
+                match (tls::identity_error(err), tls::handshake_error(err)) {
+                    (Some(identity), _) => Failure::Identity(identity),
+                    (None, Some(rustls)) => Failure::Rustls(rustls.clone()),
+                    _ => Failure::Other(err.to_string()),
+                }
+            }
+            other => Failure::Other(other.to_string()),
+        };
+        let _ = self.failures.send(failure);
+    }
+}
+
+/// A pod's HBONE server on 127.0.0.1, with what it saw.
+struct Server {
+    addr: SocketAddr,
+    id: SpiffeId,
+    accepted: Arc<AtomicUsize>,
+    requests: mpsc::UnboundedReceiver<ConnectRequest>,
+    reports: mpsc::UnboundedReceiver<StreamReport>,
+    failures: mpsc::UnboundedReceiver<Failure>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start_server(cert: &WorkloadCertificate, deny: bool) -> Server {
+    start_server_with(cert, deny, InboundSettings::new(vec![LOCALHOST])).await
+}
+
+async fn start_server_with(
+    cert: &WorkloadCertificate,
+    deny: bool,
+    settings: InboundSettings,
+) -> Server {
+    let (requests_tx, requests) = mpsc::unbounded_channel();
+    let (reports_tx, reports) = mpsc::unbounded_channel();
+    let (failures_tx, failures) = mpsc::unbounded_channel();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let handler = Handler {
+        tls: tls::server_config(cert).unwrap(),
+        deny,
+        accepted: accepted.clone(),
+        requests: requests_tx,
+        reports: reports_tx,
+        failures: failures_tx,
+    };
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = HboneServer::new(handler, settings);
+    let task = tokio::spawn(async move { server.serve(listener).await });
+    Server {
+        addr,
+        id: cert.id.clone(),
+        accepted,
+        requests,
+        reports,
+        failures,
+        task,
+    }
+}
+
+/// The application: for each connection, reads to EOF, hands over what it read, then answers
+/// `reply` and closes. Replying only after EOF proves the client's half-close came through.
+async fn start_upstream(reply: Vec<u8>) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let (tx, reply) = (tx.clone(), reply.clone());
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                socket.read_to_end(&mut got).await.unwrap();
+                let _ = tx.send(got);
+                socket.write_all(&reply).await.unwrap();
+                socket.shutdown().await.unwrap();
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn test_pool(config: PoolConfig) -> Pool {
+    Pool::new(
+        |key: &PoolKey| {
+            let destination = key.destination();
+            async move { TcpStream::connect(destination).await }
+        },
+        config,
+    )
+}
+
+fn key_for(client: &WorkloadCertificate, server: &Server, allowed: Vec<SpiffeId>) -> PoolKey {
+    PoolKey::new(client.id.clone(), LOCALHOST, server.addr, allowed)
+}
+
+fn app_source() -> SocketAddr {
+    SocketAddr::new(LOCALHOST, 40_000)
+}
+
+/// Writes `payload` then half-closes, while reading the answer to EOF.
+async fn exchange(stream: HboneStream, payload: &[u8]) -> Vec<u8> {
+    let (mut read, mut write) = tokio::io::split(stream);
+    let writer = async {
+        write.write_all(payload).await.unwrap();
+        write.shutdown().await.unwrap();
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        read.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    tokio::join!(writer, reader).1
+}
+
+async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("timed out waiting for the server")
+        .expect("channel closed")
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test]
+async fn connect_round_trips_bytes_with_half_close() {
+    // Leaves from an intermediate: the chain, not just the leaf, has to travel and verify.
+    let ca = TestCa::new("root").intermediate("intermediate");
+    let server_cert = ca.issue(&id("server"));
+    let client_cert = ca.issue(&id("client"));
+    let mut server = start_server(&server_cert, false).await;
+    let reply = pattern(MIB, 0x5a);
+    let (upstream, mut upstream_got) = start_upstream(reply.clone()).await;
+
+    let pool = test_pool(PoolConfig::default());
+    let key = key_for(&client_cert, &server, vec![server.id.clone()]);
+    let mut request = TunnelRequest::new(app_source(), upstream);
+    request.baggage = Baggage {
+        namespace: Some("shop".into()),
+        workload_kind: Some("deployment".into()),
+        workload_name: Some("client".into()),
+        ..Default::default()
+    };
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    request.traceparent = Some(HeaderValue::from_static(traceparent));
+
+    let stream = pool.open(&key, &client_cert, &request).await.unwrap();
+    let payload = pattern(MIB, 0xa5);
+    let got = exchange(stream, &payload).await;
+    assert!(got == reply, "reply corrupted ({} bytes)", got.len());
+    assert!(
+        recv(&mut upstream_got).await == payload,
+        "request corrupted"
+    );
+
+    let seen = recv(&mut server.requests).await;
+    assert_eq!(seen.peer, client_cert.id);
+    assert_eq!(seen.source.ip(), LOCALHOST);
+    assert_eq!(seen.destination, upstream);
+    assert_eq!(
+        seen.forwarded_for(),
+        Some(ForwardedFor {
+            ip: LOCALHOST,
+            port: Some(40_000)
+        })
+    );
+    assert_eq!(seen.baggage(), request.baggage);
+    assert_eq!(seen.traceparent().unwrap(), traceparent);
+
+    let report = recv(&mut server.reports).await;
+    assert_eq!(report.status, StatusCode::OK);
+    assert!(report.result.is_ok(), "{:?}", report.result);
+    assert_eq!(report.transferred.sent, MIB as u64);
+    assert_eq!(report.transferred.received, MIB as u64);
+}
+
+#[tokio::test]
+async fn client_refuses_wrong_server_identity() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let server = start_server(&ca.issue(&id("impostor")), false).await;
+    let pool = test_pool(PoolConfig::default());
+    let key = key_for(&client_cert, &server, vec![id("server"), id("other")]);
+    let request = TunnelRequest::new(app_source(), SocketAddr::new(LOCALHOST, 8080));
+    let err = pool.open(&key, &client_cert, &request).await.unwrap_err();
+    let HboneError::Identity { source, .. } = err else {
+        panic!("expected an identity refusal, got {err:?}");
+    };
+    match *source {
+        PeerIdentityError::NotAllowed { presented, .. } => {
+            assert_eq!(presented, vec![id("impostor")]);
+        }
+        other => panic!("expected a disallowed identity, got {other:?}"),
+    }
+    assert_eq!(pool.connection_count(), 0);
+}
+
+/// Opens a tunnel the server must refuse at TLS, and returns why it did.
+async fn refused_client(client_cert: WorkloadCertificate, server_ca: &TestCa) -> Failure {
+    let mut server = start_server(&server_ca.issue(&id("server")), false).await;
+    let pool = test_pool(PoolConfig::default());
+    let key = key_for(&client_cert, &server, vec![server.id.clone()]);
+    let request = TunnelRequest::new(app_source(), SocketAddr::new(LOCALHOST, 8080));
+    // In TLS 1.3 the client finishes first, so it learns of the refusal at TLS or at HTTP/2.
+    let err = pool.open(&key, &client_cert, &request).await.unwrap_err();
+    assert!(err.status().is_none(), "refused after TLS: {err:?}");
+    assert!(
+        server.requests.try_recv().is_err(),
+        "a refused client reached authorization"
+    );
+    recv(&mut server.failures).await
+}
+
+#[tokio::test]
+async fn server_refuses_client_from_another_trust_domain() {
+    let ca = TestCa::new("root");
+    let foreign = SpiffeId::new("evil.example", "shop", "client");
+    match refused_client(ca.issue(&foreign), &ca).await {
+        Failure::Identity(PeerIdentityError::ForeignTrustDomain {
+            expected,
+            presented,
+        }) => {
+            assert_eq!(expected, TD);
+            assert_eq!(presented, foreign);
+        }
+        other => panic!("expected a trust-domain refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn server_refuses_client_from_unknown_root() {
+    let ca = TestCa::new("root");
+    let rogue = TestCa::new("rogue");
+    // Trusts the real root (so it accepts the server) but is signed by the rogue one.
+    let client_cert = rogue.issue_trusting(&id("client"), vec![ca.root()]);
+    match refused_client(client_cert, &ca).await {
+        Failure::Rustls(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        )) => {}
+        other => panic!("expected an unknown-issuer refusal, got {other:?}"),
+    }
+}
+
+/// Opens a tunnel to `target` against a server that denies or not, expecting a refusal.
+async fn refused_connect(target: SocketAddr, deny: bool) -> (HboneError, StreamReport) {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let mut server = start_server(&ca.issue(&id("server")), deny).await;
+    let pool = test_pool(PoolConfig::default());
+    let key = key_for(&client_cert, &server, vec![server.id.clone()]);
+    let request = TunnelRequest::new(app_source(), target);
+    let err = pool.open(&key, &client_cert, &request).await.unwrap_err();
+    let report = recv(&mut server.reports).await;
+    // A refusal leaves the connection pooled for the next tunnel.
+    assert_eq!(pool.connection_count(), 1);
+    (err, report)
+}
+
+#[tokio::test]
+async fn authority_not_naming_the_pod_is_400() {
+    let elsewhere = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 8080);
+    let (err, report) = refused_connect(elsewhere, false).await;
+    assert_eq!(err.status(), Some(StatusCode::BAD_REQUEST));
+    assert!(matches!(report.result, Err(StreamError::NotThisPod(addr)) if addr == elsewhere));
+}
+
+#[tokio::test]
+async fn a_waypoint_leaves_the_destination_to_its_handler() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
+    let mut server = start_server_with(&ca.issue(&id("waypoint")), true, settings).await;
+    let pool = test_pool(PoolConfig::default());
+    let key = key_for(&client_cert, &server, vec![server.id.clone()]);
+    // A service VIP, not an address of the waypoint.
+    let vip = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
+    let request = TunnelRequest::new(app_source(), vip);
+    let err = pool.open(&key, &client_cert, &request).await.unwrap_err();
+    // It got as far as authorization (which this handler denies), not a 400.
+    assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED));
+    assert_eq!(recv(&mut server.requests).await.destination, vip);
+}
+
+#[tokio::test]
+async fn proxy_port_in_authority_is_503() {
+    let (err, report) = refused_connect(SocketAddr::new(LOCALHOST, 15006), false).await;
+    assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    assert!(matches!(
+        report.result,
+        Err(StreamError::ReservedPort(15006))
+    ));
+}
+
+#[tokio::test]
+async fn denied_by_policy_is_401() {
+    let (upstream, mut upstream_got) = start_upstream(Vec::new()).await;
+    let (err, report) = refused_connect(upstream, true).await;
+    assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED));
+    assert!(matches!(report.result, Err(StreamError::Denied(_))));
+    assert!(
+        upstream_got.try_recv().is_err(),
+        "a denied tunnel reached the application"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_application_is_503() {
+    // A port that was just free: nothing listens there.
+    let closed = TcpListener::bind((LOCALHOST, 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (err, report) = refused_connect(closed, false).await;
+    assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    assert!(matches!(report.result, Err(StreamError::Upstream(_))));
+}
+
+#[tokio::test]
+async fn non_connect_method_is_405() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let mut server = start_server(&ca.issue(&id("server")), false).await;
+    let config = tls::client_config(&client_cert, std::slice::from_ref(&server.id)).unwrap();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let tls = client::connect_tls(tcp, config, server.addr).await.unwrap();
+    let (mut send, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("https://127.0.0.1:8080/")
+        .body(())
+        .unwrap();
+    let (response, _body) = send.send_request(request, true).unwrap();
+    assert_eq!(
+        response.await.unwrap().status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    let report = recv(&mut server.reports).await;
+    assert!(matches!(
+        report.result,
+        Err(StreamError::MethodNotAllowed(_))
+    ));
+}
+
+#[tokio::test]
+async fn pool_reuses_connections_up_to_the_stream_cap() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let server = start_server(&ca.issue(&id("server")), false).await;
+    let (upstream, _upstream_got) = start_upstream(b"pong".to_vec()).await;
+    let pool = test_pool(PoolConfig {
+        max_streams_per_connection: 2,
+        ..Default::default()
+    });
+    let key = key_for(&client_cert, &server, vec![server.id.clone()]);
+    let request = TunnelRequest::new(app_source(), upstream);
+
+    // Sequential tunnels share one connection.
+    for _ in 0..3 {
+        let stream = pool.open(&key, &client_cert, &request).await.unwrap();
+        assert_eq!(exchange(stream, b"ping").await, b"pong");
+    }
+    assert_eq!(pool.connection_count(), 1);
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+
+    // Three at once with a cap of two: a second connection.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(pool.open(&key, &client_cert, &request).await.unwrap());
+    }
+    assert_eq!(pool.connection_count(), 2);
+    assert_eq!(pool.stream_count(), 3);
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+    for stream in open {
+        assert_eq!(exchange(stream, b"ping").await, b"pong");
+    }
+    eventually("streams released", || pool.stream_count() == 0).await;
+
+    // The same destination under another set of acceptable identities gets its own connection.
+    let other_key = key_for(&client_cert, &server, vec![server.id.clone(), id("spare")]);
+    let stream = pool.open(&other_key, &client_cert, &request).await.unwrap();
+    assert_eq!(exchange(stream, b"ping").await, b"pong");
+    assert_eq!(pool.connection_count(), 3);
+}
+
+#[tokio::test]
+async fn idle_connections_expire() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let mut server = start_server(&ca.issue(&id("server")), false).await;
+    let (upstream, _upstream_got) = start_upstream(b"pong".to_vec()).await;
+    let pool = test_pool(PoolConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let key = key_for(&client_cert, &server, vec![server.id.clone()]);
+    let request = TunnelRequest::new(app_source(), upstream);
+
+    let stream = pool.open(&key, &client_cert, &request).await.unwrap();
+    assert_eq!(exchange(stream, b"ping").await, b"pong");
+    eventually("the idle connection closes", || {
+        pool.connection_count() == 0
+    })
+    .await;
+    // It closed cleanly (GOAWAY): the server saw no failure.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(server.failures.try_recv().is_err());
+
+    // The next tunnel dials afresh.
+    let stream = pool.open(&key, &client_cert, &request).await.unwrap();
+    assert_eq!(exchange(stream, b"ping").await, b"pong");
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_busy_connection_does_not_expire() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let server = start_server(&ca.issue(&id("server")), false).await;
+    let (upstream, _upstream_got) = start_upstream(b"pong".to_vec()).await;
+    let pool = test_pool(PoolConfig {
+        idle_timeout: Duration::from_millis(100),
+        ..Default::default()
+    });
+    let key = key_for(&client_cert, &server, vec![server.id.clone()]);
+    let request = TunnelRequest::new(app_source(), upstream);
+
+    let stream = pool.open(&key, &client_cert, &request).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pool.connection_count(), 1);
+    assert_eq!(exchange(stream, b"ping").await, b"pong");
+}
+
+#[tokio::test]
+async fn pool_rejects_a_certificate_for_another_source() {
+    let ca = TestCa::new("root");
+    let server = start_server(&ca.issue(&id("server")), false).await;
+    let pool = test_pool(PoolConfig::default());
+    let key = key_for(&ca.issue(&id("client")), &server, vec![server.id.clone()]);
+    let request = TunnelRequest::new(app_source(), SocketAddr::new(LOCALHOST, 8080));
+    let err = pool
+        .open(&key, &ca.issue(&id("someone")), &request)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HboneError::SourceMismatch { .. }), "{err:?}");
+}
+
+#[test]
+fn test_certificates_carry_their_identity() {
+    let ca = TestCa::new("root").intermediate("intermediate");
+    let cert = ca.issue(&id("web"));
+    assert_eq!(cert.chain.len(), 2);
+    assert_eq!(
+        tls::certificate_identity(&cert.chain[0]).unwrap(),
+        id("web")
+    );
+    assert_eq!(
+        tls::spiffe_ids(&cert.chain[1]).unwrap(),
+        Vec::<SpiffeId>::new()
+    );
+    assert!(cert.not_before < cert.not_after);
+}
+
+/// A TCP forwarder that can be frozen: it then stops moving bytes without closing anything,
+/// like a peer whose node went down.
+async fn start_freezable_proxy(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::AtomicBool;
+    async fn forward(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        frozen: Arc<AtomicBool>,
+    ) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let Ok(n) = from.read(&mut buf).await else {
+                return;
+            };
+            if frozen.load(Ordering::SeqCst) {
+                // Hold both sockets open and silent.
+                std::future::pending::<()>().await;
+            }
+            if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = listener.accept().await.unwrap();
+            let server = TcpStream::connect(to).await.unwrap();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(forward(client_read, server_write, flag.clone()));
+            tokio::spawn(forward(server_read, client_write, flag.clone()));
+        }
+    });
+    (addr, frozen)
+}
+
+#[tokio::test]
+async fn unresponsive_peer_is_dropped_from_the_pool() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let server = start_server(&ca.issue(&id("server")), false).await;
+    let (proxy, frozen) = start_freezable_proxy(server.addr).await;
+    let (upstream, _upstream_got) = start_upstream(b"pong".to_vec()).await;
+    let http2 = Http2Config {
+        keepalive_interval: Some(Duration::from_millis(100)),
+        keepalive_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let pool = test_pool(PoolConfig {
+        http2,
+        ..Default::default()
+    });
+    let key = PoolKey::new(
+        client_cert.id.clone(),
+        LOCALHOST,
+        proxy,
+        vec![server.id.clone()],
+    );
+    let request = TunnelRequest::new(app_source(), upstream);
+
+    let stream = pool.open(&key, &client_cert, &request).await.unwrap();
+    assert_eq!(exchange(stream, b"ping").await, b"pong");
+    // Answered PINGs keep it pooled past several intervals.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pool.connection_count(), 1);
+
+    frozen.store(true, Ordering::SeqCst);
+    eventually("the silent connection is dropped", || {
+        pool.connection_count() == 0
+    })
+    .await;
+}
+
+/// Reads to EOF, then writes it all back and half-closes.
+async fn echo(stream: HboneStream) {
+    let (mut read, mut write) = tokio::io::split(stream);
+    let mut buf = Vec::new();
+    read.read_to_end(&mut buf).await.unwrap();
+    write.write_all(&buf).await.unwrap();
+    write.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn goaway_moves_new_tunnels_without_cutting_live_ones() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let server_cert = ca.issue(&id("server"));
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&server_cert).unwrap());
+    // A bare server: echo tunnels, and a graceful GOAWAY right after each connection's first.
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let mut connection = h2::server::handshake(tls).await.unwrap();
+                let mut first = true;
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let send = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    tokio::spawn(echo(HboneStream::new(send, request.into_body(), None)));
+                    if std::mem::take(&mut first) {
+                        connection.graceful_shutdown();
+                    }
+                }
+            });
+        }
+    });
+
+    let pool = test_pool(PoolConfig::default());
+    let key = PoolKey::new(
+        client_cert.id.clone(),
+        LOCALHOST,
+        addr,
+        vec![server_cert.id.clone()],
+    );
+    let request = TunnelRequest::new(app_source(), SocketAddr::new(LOCALHOST, 8080));
+    let live = pool.open(&key, &client_cert, &request).await.unwrap();
+    // Let the GOAWAY arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = pool.open(&key, &client_cert, &request).await.unwrap();
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a tunnel went to a closing connection"
+    );
+    assert_eq!(exchange(next, b"second").await, b"second");
+    // The closing connection still carries the tunnel it had.
+    assert_eq!(exchange(live, b"first").await, b"first");
+}
