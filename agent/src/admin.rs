@@ -15,6 +15,7 @@ use tracing::debug;
 
 use crate::{
     config::ConfigStatus,
+    identity::CertificateManager,
     inpod::EnrolmentStatus,
     redirect::Redirector,
     telemetry::{LogControl, Metrics, metrics::CONTENT_TYPE},
@@ -32,6 +33,8 @@ pub struct AdminState {
     pub redirector: Arc<Redirector>,
     /// The log filter, for `/logging`; `None` when the process has no global subscriber.
     pub logging: Option<LogControl>,
+    /// The certificates held, for `/certs`; `None` without a CA.
+    pub certs: Option<Arc<CertificateManager>>,
 }
 
 impl AdminState {
@@ -61,7 +64,17 @@ impl AdminState {
             "enrolmentFailures": enrolment.failed,
             "maps": maps,
             "ebpfStats": self.redirector.stats(),
+            "certificates": self.certificates(),
         })
+    }
+
+    /// Each identity wanted on this node with its certificate's validity, serial and last
+    /// CA error (never key material).
+    fn certificates(&self) -> Vec<crate::identity::manager::CertificateStatus> {
+        self.certs
+            .as_ref()
+            .map(|certs| certs.certificates())
+            .unwrap_or_default()
     }
 }
 
@@ -84,8 +97,13 @@ fn route(
                 format!("not ready: {why}\n"),
             ),
         },
-        ("GET", "/config_dump") if admin => {
-            let mut response = text(StatusCode::OK, format!("{:#}\n", state.config_dump()));
+        ("GET", path @ ("/config_dump" | "/certs")) if admin => {
+            let body = if path == "/certs" {
+                json!({ "certificates": state.certificates() })
+            } else {
+                state.config_dump()
+            };
+            let mut response = text(StatusCode::OK, format!("{body:#}\n"));
             response
                 .headers_mut()
                 .insert("content-type", "application/json".parse().unwrap());

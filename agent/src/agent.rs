@@ -8,6 +8,10 @@ use tracing::{error, info};
 use crate::{
     admin::{self, AdminState},
     config::{self, ConfigStatus},
+    identity::{
+        BearerToken, CaClient, CaClientConfig, CertificateManager, ManagerConfig,
+        client::DEFAULT_CA_TIMEOUT,
+    },
     inpod::{Enrolment, EnrolmentStatus},
     proxy::ProxyContext,
     redirect::{RedirectConfig, Redirector},
@@ -43,6 +47,58 @@ pub struct AgentArgs {
     /// Prometheus metrics endpoint (`GET /metrics`), ztunnel's port.
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
+    /// The CA that signs this node's workload certificates, e.g. `https://ambit-ca:15012`.
+    /// Without a CA the agent holds no identity and refuses traffic between enrolled pods
+    /// (never sends it in the clear).
+    #[arg(long, env = "AMBIT_CA_ADDRESS", requires_all = ["ca_roots", "ca_token_file"])]
+    pub ca_address: Option<String>,
+    /// The trust bundle (PEM roots): verifies the CA and every peer's certificate. Re-read on
+    /// each fetch, so a second root can be added for a rotation without a restart.
+    #[arg(long, env = "AMBIT_CA_ROOTS")]
+    pub ca_roots: Option<PathBuf>,
+    /// File holding this node's bootstrap token for the CA.
+    #[arg(long, env = "AMBIT_CA_TOKEN_FILE")]
+    pub ca_token_file: Option<PathBuf>,
+    /// The name the CA's certificate must carry [default: the host of --ca-address].
+    #[arg(long, env = "AMBIT_CA_SERVER_NAME")]
+    pub ca_server_name: Option<String>,
+    /// Lifetime asked for workload certificates (renewed at half-life).
+    #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = crate::ca::parse_duration)]
+    pub cert_ttl: std::time::Duration,
+}
+
+/// The certificate manager, when a CA is configured.
+fn certificate_manager(args: &AgentArgs) -> anyhow::Result<Option<Arc<CertificateManager>>> {
+    let Some(address) = args.ca_address.clone() else {
+        tracing::warn!(
+            "no --ca-address: no workload identities, traffic between enrolled pods will be refused"
+        );
+        return Ok(None);
+    };
+    let roots_file = args
+        .ca_roots
+        .clone()
+        .context("--ca-roots is required with --ca-address")?;
+    let token_file = args
+        .ca_token_file
+        .as_deref()
+        .context("--ca-token-file is required with --ca-address")?;
+    let client = CaClient::new(CaClientConfig {
+        address,
+        server_name: args.ca_server_name.clone(),
+        roots_file,
+        token: BearerToken::from_file(token_file)
+            .with_context(|| format!("reading --ca-token-file {}", token_file.display()))?,
+        timeout: DEFAULT_CA_TIMEOUT,
+    })
+    .context("configuring the CA client")?;
+    Ok(Some(Arc::new(CertificateManager::new(
+        client,
+        ManagerConfig {
+            ttl: args.cert_ttl,
+            ..Default::default()
+        },
+    ))))
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -104,11 +160,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     metrics.observe_config(config_rx.clone());
     tokio::spawn(metrics.clone().count_config_rejections(config_rx.clone()));
 
+    let certs = certificate_manager(&args)?;
+    if let Some(certs) = &certs {
+        metrics.observe_certificates(certs.clone());
+    }
     let proxy = Arc::new(ProxyContext {
         redirector: redirector.clone(),
         state: state_rx.clone(),
         mark: args.mark,
         metrics: metrics.clone(),
+        certs: certs.clone(),
     });
     let (enrolment_tx, enrolment_rx) = watch::channel(EnrolmentStatus::default());
     metrics.observe_enrolment(enrolment_rx.clone());
@@ -121,6 +182,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         enrolment: enrolment_rx,
         redirector: redirector.clone(),
         logging: telemetry::log_control(),
+        certs,
     });
     let metrics_server = tokio::spawn(admin::serve_metrics_on(args.metrics_addr, metrics));
     let admin = tokio::spawn(admin::serve(args.admin_addr, admin_state.clone(), true));

@@ -13,13 +13,14 @@ use std::{
     time::Duration,
 };
 
-use ambit_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use anyhow::Context as _;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
+    identity::SpiffeId,
     netns::Netns,
     proxy::{self, PodContext, ProxyContext},
     redirect::Redirector,
@@ -55,6 +56,7 @@ pub struct EnrolmentStatus {
 
 struct EnrolledPod {
     workload: Arc<Workload>,
+    identity: SpiffeId,
     netns: Arc<Netns>,
     accept_loops: Vec<JoinHandle<()>>,
 }
@@ -146,8 +148,13 @@ impl Enrolment {
             .filter(|w| w.enrolled)
             .map(|w| (w.uid(), w.clone()))
             .collect();
+        // The node holds certificates for exactly the identities of its enrolled pods: fetched
+        // as soon as one appears, dropped with the last pod that runs as it.
+        if let Some(certs) = &self.proxy.certs {
+            certs.set_wanted(wanted.values().map(|w| state.identity_of(w)).collect());
+        }
 
-        // Pods that went, were un-enrolled, or changed address or namespace.
+        // Pods that went, were un-enrolled, or changed address, namespace or identity.
         let stale: Vec<String> = self
             .pods
             .iter()
@@ -156,6 +163,7 @@ impl Enrolment {
                 Some(w) => {
                     w.ips != pod.workload.ips
                         || w.netns != pod.workload.netns
+                        || state.identity_of(w) != pod.identity
                         || current_cookie(w) != Some(pod.netns.cookie())
                 }
             })
@@ -173,7 +181,8 @@ impl Enrolment {
             if self.pods.contains_key(&uid) {
                 continue;
             }
-            match self.enroll(workload) {
+            let identity = state.identity_of(&workload);
+            match self.enroll(workload, identity) {
                 Ok(pod) => {
                     info!(pod = %uid, netns_cookie = pod.netns.cookie(), "enrolled");
                     self.pods.insert(uid, pod);
@@ -187,20 +196,29 @@ impl Enrolment {
         failed
     }
 
-    fn enroll(&self, workload: Arc<Workload>) -> anyhow::Result<EnrolledPod> {
+    fn enroll(&self, workload: Arc<Workload>, identity: SpiffeId) -> anyhow::Result<EnrolledPod> {
         let file = workload
             .netns
             .open()
             .with_context(|| format!("opening the network namespace of {}", workload.uid()))?;
         let netns = Arc::new(Netns::from_file(file).context("reading the namespace cookie")?);
-        let has_v6 = workload.ips.iter().any(IpAddr::is_ipv6);
-        let listeners = netns.run(|| open_listeners(has_v6))??;
+        let listeners = netns.run(|| open_listeners(&workload.ips))??;
+        let mark = self.proxy.mark;
+        let dial_ns = netns.clone();
+        let pool = proxy::hbone::Pool::new(
+            move |key: &proxy::hbone::PoolKey| {
+                let (netns, dst) = (dial_ns.clone(), key.destination());
+                async move { proxy::connect_from(&netns, dst, None, mark).await }
+            },
+            proxy::hbone::PoolConfig::default(),
+        );
         let pod = Arc::new(PodContext {
             workload: workload.clone(),
+            identity,
             netns: netns.clone(),
+            pool,
         });
 
-        let mut accept_loops = Vec::new();
         for ip in &workload.ips {
             let listener = if ip.is_ipv4() {
                 &listeners.inbound4
@@ -212,34 +230,28 @@ impl Enrolment {
         self.redirector.attach_inbound(&netns)?;
         let to_tokio =
             |l: std::net::TcpListener| TcpListener::from_std(l).context("registering listener");
-        accept_loops.push(tokio::spawn(proxy::inbound::serve(
-            to_tokio(listeners.inbound4)?,
-            pod.clone(),
-            self.proxy.clone(),
-        )));
-        if let Some(l) = listeners.inbound6 {
-            accept_loops.push(tokio::spawn(proxy::inbound::serve(
-                to_tokio(l)?,
-                pod.clone(),
-                self.proxy.clone(),
-            )));
+        let mut accept_loops = Vec::new();
+        for l in std::iter::once(listeners.inbound4).chain(listeners.inbound6) {
+            let serve = proxy::inbound::serve(to_tokio(l)?, pod.clone(), self.proxy.clone());
+            accept_loops.push(tokio::spawn(serve));
         }
-        accept_loops.push(tokio::spawn(proxy::outbound::serve(
-            to_tokio(listeners.outbound4)?,
-            pod.clone(),
-            self.proxy.clone(),
-        )));
-        if let Some(l) = listeners.outbound6 {
-            accept_loops.push(tokio::spawn(proxy::outbound::serve(
-                to_tokio(l)?,
-                pod.clone(),
-                self.proxy.clone(),
-            )));
+        for l in std::iter::once(listeners.outbound4).chain(listeners.outbound6) {
+            let serve = proxy::outbound::serve(to_tokio(l)?, pod.clone(), self.proxy.clone());
+            accept_loops.push(tokio::spawn(serve));
+        }
+        let hbone = proxy::hbone::HboneServer::new(
+            proxy::inbound_hbone::PodInbound::new(pod.clone(), self.proxy.clone()),
+            proxy::hbone::InboundSettings::new(workload.ips.clone()),
+        );
+        for l in listeners.hbone {
+            let (hbone, listener) = (hbone.clone(), to_tokio(l)?);
+            accept_loops.push(tokio::spawn(async move { hbone.serve(listener).await }));
         }
         // Last: only now may the kernel send this pod's connects to the listeners above.
         self.redirector.enroll(netns.cookie())?;
         Ok(EnrolledPod {
             workload,
+            identity: pod.identity.clone(),
             netns,
             accept_loops,
         })
@@ -282,6 +294,8 @@ struct PodListeners {
     outbound6: Option<std::net::TcpListener>,
     inbound4: std::net::TcpListener,
     inbound6: Option<std::net::TcpListener>,
+    /// `<pod IP>:15008` for each of the pod's addresses.
+    hbone: Vec<std::net::TcpListener>,
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -301,7 +315,8 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// Opens a pod's listeners; must run inside the pod's namespace.
-fn open_listeners(has_v6: bool) -> anyhow::Result<PodListeners> {
+fn open_listeners(ips: &[IpAddr]) -> anyhow::Result<PodListeners> {
+    let has_v6 = ips.iter().any(IpAddr::is_ipv6);
     let outbound4 = SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT));
     let inbound4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT));
     let outbound6 = SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT));
@@ -317,5 +332,12 @@ fn open_listeners(has_v6: bool) -> anyhow::Result<PodListeners> {
         } else {
             None
         },
+        hbone: ips
+            .iter()
+            .map(|ip| {
+                let addr = SocketAddr::new(*ip, INBOUND_HBONE_PORT);
+                listen(addr).with_context(|| format!("listening on {addr}"))
+            })
+            .collect::<anyhow::Result<_>>()?,
     })
 }

@@ -111,6 +111,7 @@ pub struct Node {
     agent: Mutex<Option<AgentProc>>,
     agent_env: Mutex<BTreeMap<String, String>>,
     agent_args: Mutex<Vec<String>>,
+    ca_args: Mutex<Vec<String>>,
 }
 
 impl Node {
@@ -211,6 +212,7 @@ impl Node {
             "--log-format".into(),
             "json".into(),
         ];
+        v.extend(lock(&self.ca_args).iter().cloned());
         v.extend(lock(&self.agent_args).iter().cloned());
         v
     }
@@ -673,6 +675,20 @@ impl Pod {
     }
 }
 
+/// The trust domain of every bed (mesh file and CA).
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Where the bed's CA listens: an address of the fabric bridge, reachable from every node.
+pub const CA_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 99, 0, 254)), 15012);
+
+/// The bed's CA process and whether it was initialised.
+#[derive(Debug, Default)]
+struct CaState {
+    disabled: bool,
+    initialised: bool,
+    process: Option<AgentProc>,
+}
+
 /// A cluster in a box. See the crate docs for the topology. Dropping it tears everything down.
 #[derive(Debug)]
 pub struct Cluster {
@@ -688,6 +704,8 @@ pub struct Cluster {
     pods: Vec<Pod>,
     services: Mutex<Vec<mesh::Service>>,
     redirect: Mutex<mesh::Redirect>,
+    policies: Mutex<mesh::Policies>,
+    ca: Mutex<CaState>,
     mesh_write: Mutex<u64>,
     torn_down: AtomicBool,
 }
@@ -743,6 +761,7 @@ impl Cluster {
                     agent: Mutex::new(None),
                     agent_env: Mutex::new(BTreeMap::new()),
                     agent_args: Mutex::new(Vec::new()),
+                    ca_args: Mutex::new(Vec::new()),
                 }
             })
             .collect();
@@ -781,6 +800,8 @@ impl Cluster {
             pods,
             services: Mutex::new(Vec::new()),
             redirect: Mutex::new(mesh::Redirect::default()),
+            policies: Mutex::new(mesh::Policies::default()),
+            ca: Mutex::new(CaState::default()),
             mesh_write: Mutex::new(0),
             torn_down: AtomicBool::new(false),
         };
@@ -822,6 +843,7 @@ impl Cluster {
             "-n {fab} link add {br} type bridge mcast_snooping 0"
         ))?;
         util::ip(&format!("-n {fab} link set {br} up"))?;
+        util::ip(&format!("-n {fab} addr add {}/24 dev {br}", CA_ADDR.ip()))?;
         // nodes
         for n in &self.nodes {
             let (nns, nif) = (&n.netns_name, &n.fabric_if);
@@ -986,6 +1008,7 @@ impl Cluster {
 
     /// Starts every node's agent, then waits (up to 60 s each) until all are ready.
     pub fn start_agents(&self) -> Result<()> {
+        self.start_ca()?;
         for n in &self.nodes {
             n.start_agent()?;
         }
@@ -1064,11 +1087,146 @@ impl Cluster {
     /// The mesh the bed would write now: every pod as a workload, the services, the
     /// exclusions.
     pub fn mesh(&self) -> MeshFile {
+        let policies = lock(&self.policies).clone();
         MeshFile {
+            trust_domain: TRUST_DOMAIN.to_string(),
             redirect: lock(&self.redirect).clone(),
             workloads: self.pods.iter().map(Pod::workload).collect(),
             services: lock(&self.services).clone(),
+            peer_authentications: policies.peer_authentications,
+            authorization_policies: policies.authorization_policies,
         }
+    }
+
+    /// Replaces the policy sections (`peerAuthentications`, `authorizationPolicies`).
+    /// Publish with [`write_mesh`](Self::write_mesh).
+    pub fn set_policies(&self, policies: mesh::Policies) {
+        *lock(&self.policies) = policies;
+    }
+
+    /// The CA's directory (`ambit ca init` output: root key and certificate, trust bundle).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.run_dir.join("ca")
+    }
+
+    /// Agents of this bed run without a CA (for stand-in agent binaries that have none).
+    pub fn disable_ca(&self) {
+        lock(&self.ca).disabled = true;
+    }
+
+    /// Initialises the bed's CA once (root, per-node bootstrap tokens, the agents' CA flags)
+    /// and starts `ambit ca serve` in the fabric namespace on [`CA_ADDR`], unless it runs.
+    /// [`start_agents`](Self::start_agents) calls it.
+    pub fn start_ca(&self) -> Result<()> {
+        let mut ca = lock(&self.ca);
+        if ca.disabled {
+            return Ok(());
+        }
+        if let Some(p) = ca.process.as_mut()
+            && p.try_status().is_none()
+        {
+            return Ok(());
+        }
+        let dir = self.ca_dir();
+        let tokens = self.run_dir.join("ca-tokens.yaml");
+        if !ca.initialised {
+            let out = Command::new(&self.ambit)
+                .args(["ca", "init", "--dir"])
+                .arg(&dir)
+                .args(["--trust-domain", TRUST_DOMAIN])
+                .output()
+                .with_context(|| format!("run {} ca init", self.ambit.display()))?;
+            ensure!(
+                out.status.success(),
+                "ambit ca init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut yaml = String::from("nodes:\n");
+            for n in &self.nodes {
+                let mut secret = [0u8; 16];
+                std::io::Read::read_exact(&mut fs::File::open("/dev/urandom")?, &mut secret)?;
+                let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+                let token = format!("{}-{}-{secret}", self.id, n.name);
+                let token_file = self.run_dir.join(format!("ca-token-{}", n.name));
+                fs::write(&token_file, &token)?;
+                let _ = writeln!(yaml, "  {}: {token}", n.name);
+                *lock(&n.ca_args) = vec![
+                    "--ca-address".into(),
+                    format!("https://{CA_ADDR}"),
+                    "--ca-roots".into(),
+                    dir.join("roots.pem").display().to_string(),
+                    "--ca-token-file".into(),
+                    token_file.display().to_string(),
+                ];
+            }
+            fs::write(&tokens, yaml)?;
+            ca.initialised = true;
+        }
+        let cgroup = self.cgroup_root.join("ca");
+        fs::create_dir_all(&cgroup)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.run_dir.join("ca.log"))?;
+        let mut cmd = Command::new(&self.ambit);
+        cmd.args(["--log-format", "json", "ca", "serve", "--dir"])
+            .arg(&dir)
+            .args(["--listen", &CA_ADDR.to_string(), "--mesh-file"])
+            .arg(&self.mesh_path)
+            .arg("--tokens")
+            .arg(&tokens)
+            .args(["--server-name", &CA_ADDR.ip().to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        place_in(
+            &mut cmd,
+            &cgroup,
+            &PathBuf::from(format!("/run/netns/{}", self.fabric_netns)),
+        )?;
+        let child = cmd.spawn().context("spawn ambit ca serve")?;
+        let mut process = AgentProc {
+            child,
+            status: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let fabric = PathBuf::from(format!("/run/netns/{}", self.fabric_netns));
+        loop {
+            let up = Netns::enter_thread(&fabric, || {
+                std::net::TcpStream::connect_timeout(&CA_ADDR, Duration::from_millis(200)).is_ok()
+            })?;
+            if up {
+                break;
+            }
+            if let Some(status) = process.try_status() {
+                bail!("ambit ca serve exited ({status}): {}", self.ca_log_tail(20));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the CA did not listen on {CA_ADDR} within 30 s: {}",
+                self.ca_log_tail(20)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ca.process = Some(process);
+        Ok(())
+    }
+
+    /// Stops the CA (SIGTERM, then SIGKILL after 5 s); [`start_ca`](Self::start_ca) restarts it.
+    pub fn stop_ca(&self) {
+        if let Some(mut p) = lock(&self.ca).process.take() {
+            p.signal(libc::SIGTERM);
+            if p.wait_until(Instant::now() + Duration::from_secs(5))
+                .is_none()
+            {
+                p.kill();
+            }
+        }
+    }
+
+    /// The last `lines` lines of the CA's log.
+    pub fn ca_log_tail(&self, lines: usize) -> String {
+        util::tail_file(&self.run_dir.join("ca.log"), lines)
     }
 
     /// Path of the mesh file `<run dir>/mesh.yaml` (the agents' `--mesh-file`).
@@ -1115,6 +1273,9 @@ impl Cluster {
             self.id,
             self.run_dir.display()
         );
+        if !lock(&self.ca).disabled {
+            let _ = writeln!(s, "----- CA log tail:\n{}", self.ca_log_tail(20));
+        }
         for n in &self.nodes {
             let _ = writeln!(
                 s,
@@ -1134,6 +1295,21 @@ impl Cluster {
                 .map(|r| format!("HTTP {}: {}", r.status, r.body.trim()))
                 .unwrap_or_else(|e| format!("unreachable: {e:#}"));
             let _ = writeln!(s, "config_dump: {dump}");
+            // The pinned maps' contents, as the kernel holds them.
+            for map in ["ENROLLED_NETNS", "ORIG_DST_TUPLE", "POD_LISTENERS"] {
+                let pin = n.bpffs.join("maps").join(map);
+                let out = Command::new("bpftool")
+                    .args(["map", "dump", "pinned"])
+                    .arg(&pin)
+                    .output()
+                    .map(|o| {
+                        let text = String::from_utf8_lossy(&o.stdout);
+                        let lines: Vec<&str> = text.lines().take(30).collect();
+                        lines.join("\n")
+                    })
+                    .unwrap_or_else(|e| format!("bpftool: {e}"));
+                let _ = writeln!(s, "map {map}:\n{out}");
+            }
             for cmd in ["addr", "route", "-6 route"] {
                 let out = util::ip(&format!("-n {} {cmd}", n.netns_name))
                     .unwrap_or_else(|e| format!("{e:#}"));
@@ -1200,6 +1376,7 @@ impl Cluster {
                 a.kill();
             }
         }
+        self.stop_ca();
         let errors = testbed::destroy_bed(&self.id, Some(&self.ambit));
         for e in &errors {
             eprintln!("[testbed {}] teardown: {e}", self.id);

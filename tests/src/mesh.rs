@@ -11,12 +11,30 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshFile {
+    /// The mesh's trust domain.
+    pub trust_domain: String,
     /// Redirect exclusions.
     pub redirect: Redirect,
     /// Workloads (one per pod of the bed).
     pub workloads: Vec<Workload>,
     /// Services.
     pub services: Vec<Service>,
+    /// Peer authentication policies, as written in docs/configuration.md (kept as JSON values
+    /// so tests can write any shape, including invalid ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_authentications: Vec<serde_json::Value>,
+    /// Authorization policies, as written in docs/configuration.md.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<serde_json::Value>,
+}
+
+/// The policy sections of the mesh file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policies {
+    /// `peerAuthentications`.
+    pub peer_authentications: Vec<serde_json::Value>,
+    /// `authorizationPolicies`.
+    pub authorization_policies: Vec<serde_json::Value>,
 }
 
 /// `redirect:` — outbound TCP to these destination ports / networks is never redirected.
@@ -108,6 +126,7 @@ mod tests {
     #[test]
     fn yaml_uses_documented_keys() {
         let m = MeshFile {
+            trust_domain: "cluster.local".into(),
             redirect: Redirect {
                 exclude_outbound_ports: vec![22],
                 exclude_outbound_cidrs: vec!["192.0.2.0/24".into()],
@@ -136,6 +155,8 @@ mod tests {
                     target_port: 8080,
                 }],
             }],
+            peer_authentications: Vec::new(),
+            authorization_policies: Vec::new(),
         };
         let y = m.to_yaml().unwrap();
         for key in [

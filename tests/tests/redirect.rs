@@ -11,9 +11,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use ambit_tests::mesh::Policies;
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump};
 use anyhow::{Context, Result};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -26,6 +27,14 @@ fn cluster(nodes: usize, pods_per_node: usize) -> Result<Cluster> {
         nodes,
         pods_per_node,
     })
+}
+
+/// A mesh-wide PERMISSIVE peer authentication: enrolled pods accept plaintext too.
+fn permissive_mesh() -> Policies {
+    Policies {
+        peer_authentications: vec![json!({"name": "permissive", "mode": "PERMISSIVE"})],
+        ..Default::default()
+    }
 }
 
 fn serve(pod: &Pod, ports: &[u16]) -> Result<PodProcess> {
@@ -498,6 +507,8 @@ fn a_stopped_agent_fails_closed_and_a_restarted_one_recovers() -> Result<()> {
     let cluster = cluster(1, 3)?;
     let outsider = cluster.pod(0, 2);
     cluster.set_enrolled(outsider, false);
+    // Plaintext from the un-enrolled pod is only accepted under PERMISSIVE (default STRICT).
+    cluster.set_policies(permissive_mesh());
     cluster.write_mesh()?;
     cluster.start_agents()?;
     let node = cluster.node(0);
@@ -604,6 +615,9 @@ fn a_bad_mesh_file_is_rejected_and_the_last_good_state_stays() -> Result<()> {
 #[test]
 fn excluded_ports_and_networks_are_not_redirected() -> Result<()> {
     let cluster = cluster(2, 1)?;
+    // An excluded connection reaches the server's agent in plaintext: accept it.
+    cluster.set_policies(permissive_mesh());
+    cluster.write_mesh()?;
     cluster.start_agents()?;
     let client_pod = cluster.pod(0, 0);
     let server_pod = cluster.pod(1, 0);

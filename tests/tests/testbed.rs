@@ -370,6 +370,7 @@ fn agent_harness_against_a_stand_in_agent() -> Result<()> {
         pods_per_node: 1,
     })?;
     cluster.set_ambit_bin(env!("CARGO_BIN_EXE_fake-ambit"));
+    cluster.disable_ca();
     let id = cluster.id().to_string();
     cluster.pod(1, 0).set_enrolled(false);
     cluster.write_mesh()?;

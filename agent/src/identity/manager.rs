@@ -240,6 +240,14 @@ impl CertificateManager {
         }
     }
 
+    /// The end of validity of each certificate held (expired ones included, until dropped).
+    pub fn expiries(&self) -> Vec<(SpiffeId, SystemTime)> {
+        self.lock()
+            .iter()
+            .filter_map(|(id, entry)| Some((id.clone(), entry.cert.borrow().as_ref()?.not_after)))
+            .collect()
+    }
+
     /// Every wanted identity with its certificate's validity and serial, and its last error.
     pub fn certificates(&self) -> Vec<CertificateStatus> {
         self.lock()

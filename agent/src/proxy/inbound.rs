@@ -1,12 +1,19 @@
 //! The inbound plaintext path: connections from outside a pod that sk_lookup steered to its
 //! 15006 listener. The accepted socket's local address is the address the client dialled.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+//!
+//! Plaintext has no verified source. Under STRICT peer authentication (the default) it is
+//! refused outright; under PERMISSIVE it is authorized as an unauthenticated source (its
+//! address only) and forwarded.
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-use super::{PodContext, ProxyContext, Transferred, connect_from, relay};
-use crate::telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags};
+use super::{PodContext, ProxyContext, Transferred, authorize, connect_from, relay};
+use crate::{
+    policy::{ConnectionInfo, PeerAuthMode},
+    telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags},
+};
 
 /// Accepts steered connections of one pod until the task is aborted (un-enrolment).
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
@@ -24,39 +31,55 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    let started = Instant::now();
-    let dst_workload = pod.workload.uid();
-    let state = ctx.state.borrow().clone();
-    let src = state.workload_by_ip(peer.ip());
-    let src_workload = src.map(|w| w.uid());
     let dst = match client.local_addr() {
         Ok(addr) => addr,
         Err(err) => {
-            warn!(pod = %dst_workload, %peer, %err, "inbound connection without local address");
+            warn!(pod = %pod.workload.uid(), %peer, %err, "inbound connection without local address");
             return;
         }
     };
-    let mut log = AccessLog {
-        direction: Direction::InboundPlaintext,
-        src: peer,
-        src_workload: src_workload.as_deref(),
-        dst,
-        upstream: Some(dst),
-        dst_workload: Some(&dst_workload),
-        dst_service: None,
-        bytes_sent: 0,
-        bytes_received: 0,
-        duration: Default::default(),
-        outcome: Ok(()),
-    };
+    let state = ctx.state.borrow().clone();
+    // The current workload (labels may have changed since enrolment), for policy.
+    let workload = state
+        .workload_by_ip(dst.ip())
+        .cloned()
+        .unwrap_or_else(|| pod.workload.clone());
+    let src = state.workload_by_ip(peer.ip());
+    let mut log = AccessLog::new(Direction::InboundPlaintext, peer, dst);
+    log.src_workload = src.map(|w| w.uid());
+    log.dst_workload = Some(workload.uid());
+    log.upstream = Some(dst);
     let conn = ctx
         .metrics
         .connection_opened(&ConnectionLabels::inbound_plaintext(
             &state,
             src.map(|w| &**w),
-            &pod.workload,
+            &workload,
             dst.port(),
         ));
+    let decision = match state.peer_auth_mode(&workload) {
+        PeerAuthMode::Strict => {
+            ctx.metrics.connection_denied("plaintext_strict");
+            Err("STRICT peer authentication: plaintext refused".to_string())
+        }
+        PeerAuthMode::Permissive => authorize(
+            &ctx,
+            &state,
+            &ConnectionInfo {
+                src_ip: peer.ip(),
+                src_identity: None,
+                dst_workload: &workload,
+                dst_ip: dst.ip(),
+                dst_port: dst.port(),
+            },
+        ),
+    };
+    if let Err(why) = decision {
+        log.outcome = Err(why);
+        conn.finish(Transferred::default(), ResponseFlags::Deny);
+        log.emit();
+        return;
+    }
     // From the pod's own address to itself: the kernel routes it over loopback to the
     // application, and sk_lookup lets it through (local == remote) instead of steering it back.
     let bind = SocketAddr::new(dst.ip(), 0);
@@ -73,6 +96,5 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
             conn.finish(Transferred::default(), ResponseFlags::Connect);
         }
     }
-    log.duration = started.elapsed();
     log.emit();
 }

@@ -1,18 +1,30 @@
 //! The node proxy: per-pod listeners and the byte relay between client and upstream.
 //!
-//! Outbound and inbound paths share one shape: accept, work out where the connection was going,
-//! open an [`Upstream`] from inside the right pod's namespace, relay, log. The upstream is where
-//! HBONE will slot in: a plain TCP connection today, an HTTP/2 CONNECT stream over mTLS next.
+//! Every path has one shape: accept, work out where the connection was going and who is
+//! talking, decide (identity, authorization), open the upstream from inside the right pod's
+//! namespace, relay, log and count. Between two enrolled pods the upstream is an HBONE tunnel
+//! (HTTP/2 CONNECT over mutual TLS, [`hbone`]) to the destination pod's 15008; to anything
+//! outside the mesh it is a plain TCP connection.
 pub mod hbone;
 pub mod inbound;
+pub mod inbound_hbone;
 pub mod outbound;
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::{netns::Netns, redirect::Redirector, state::Workload};
+use crate::{
+    identity::{CertificateManager, SpiffeId},
+    netns::Netns,
+    redirect::Redirector,
+    state::Workload,
+};
 
 /// What every accept loop needs.
 pub struct ProxyContext {
@@ -24,14 +36,52 @@ pub struct ProxyContext {
     pub mark: u32,
     /// Where connections are counted (opened, closed, bytes).
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// The certificates of this node's pods; `None` without a CA, and then mesh traffic is
+    /// refused (there is no identity to present), never sent in the clear.
+    pub certs: Option<Arc<CertificateManager>>,
 }
 
-/// An enrolled pod as the proxy sees it: its workload and its network namespace.
+/// How long a connection waits for its pod's first certificate before it is refused.
+pub const CERTIFICATE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl ProxyContext {
+    /// The certificate of `id`, waiting briefly for a first fetch to finish.
+    pub async fn certificate(
+        &self,
+        id: &SpiffeId,
+    ) -> Result<Arc<crate::identity::WorkloadCertificate>, String> {
+        let certs = self
+            .certs
+            .as_ref()
+            .ok_or("no CA configured (--ca-address): the agent holds no identities")?;
+        certs
+            .wait_for(id, CERTIFICATE_WAIT)
+            .await
+            .map_err(|err| format!("no certificate for {id}: {err}"))
+    }
+}
+
+/// An enrolled pod as the proxy sees it.
 pub struct PodContext {
     /// The workload.
     pub workload: Arc<Workload>,
+    /// The identity it runs as.
+    pub identity: SpiffeId,
     /// Its network namespace.
     pub netns: Arc<Netns>,
+    /// Its HBONE connections to other pods, dialled from inside its namespace.
+    pub pool: hbone::Pool,
+}
+
+impl PodContext {
+    /// The pod's address of the same family as `peer` (the source of its tunnels).
+    pub fn address_for(&self, peer: IpAddr) -> Option<IpAddr> {
+        self.workload
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == peer.is_ipv4())
+    }
 }
 
 /// Opens a TCP connection to `dst` from inside `netns`, marked so the eBPF programs leave it
@@ -102,4 +152,35 @@ where
     )
     .map(|_| ());
     (moved, result)
+}
+
+/// Applies the authorization policies to a connection about to reach `info.dst_workload`:
+/// logs what dry-run policies would have done, counts a denial by reason, and returns the
+/// denial's description.
+pub fn authorize(
+    ctx: &ProxyContext,
+    state: &crate::state::MeshState,
+    info: &crate::policy::ConnectionInfo<'_>,
+) -> Result<(), String> {
+    let decision = state.policies().authorize(info);
+    if let Some(dry_run) = &decision.dry_run
+        && (!dry_run.matched.is_empty() || dry_run.allowed != decision.allowed)
+    {
+        let matched: Vec<String> = dry_run.matched.iter().map(|p| p.to_string()).collect();
+        tracing::info!(
+            target: "policy",
+            dst_workload = %info.dst_workload.uid(),
+            src = %info.src_ip,
+            src_principal = info.src_identity.map(|id| id.to_string()),
+            would_allow = dry_run.allowed,
+            reason = %dry_run.reason,
+            ?matched,
+            "dry-run policy"
+        );
+    }
+    if decision.allowed {
+        return Ok(());
+    }
+    ctx.metrics.connection_denied(decision.reason.label());
+    Err(decision.reason.to_string())
 }

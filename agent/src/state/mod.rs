@@ -285,6 +285,15 @@ impl MeshState {
         &self.trust_domain
     }
 
+    /// The SPIFFE identity a workload runs as in this mesh.
+    pub fn identity_of(&self, workload: &Workload) -> crate::identity::SpiffeId {
+        crate::identity::SpiffeId::new(
+            &self.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
+    }
+
     /// The peer authentication and authorization policies.
     pub fn policies(&self) -> &PolicySet {
         &self.policies

@@ -7,7 +7,6 @@
 //! scrape time by a collector, never polled, so a scrape always sees the current figures and an
 //! idle agent does no work for metrics.
 use std::{
-    collections::BTreeMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -24,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::{
     config::ConfigStatus,
-    identity::SpiffeId,
+    identity::{CertificateManager, SpiffeId},
     inpod::EnrolmentStatus,
     proxy::Transferred,
     redirect::{RedirectStats, Redirector},
@@ -527,6 +526,28 @@ struct Sources {
     datapath: Option<Arc<dyn DatapathStats>>,
     enrolment: Option<watch::Receiver<EnrolmentStatus>>,
     config: Option<watch::Receiver<ConfigStatus>>,
+    certificates: Option<Arc<dyn CertificateStats>>,
+}
+
+/// What the metrics read of the certificates held: implemented by the certificate manager.
+pub trait CertificateStats: Send + Sync {
+    /// Failed CA calls since start.
+    fn ca_errors_total(&self) -> u64;
+    /// Each held certificate's identity and end of validity.
+    fn expiries(&self) -> Vec<(String, SystemTime)>;
+}
+
+impl CertificateStats for CertificateManager {
+    fn ca_errors_total(&self) -> u64 {
+        self.stats().ca_errors_total
+    }
+
+    fn expiries(&self) -> Vec<(String, SystemTime)> {
+        CertificateManager::expiries(self)
+            .into_iter()
+            .map(|(id, not_after)| (id.to_string(), not_after))
+            .collect()
+    }
 }
 
 /// The `ambit_*` metrics whose values live elsewhere and are refreshed right before each scrape.
@@ -546,9 +567,8 @@ struct HealthCollector {
     /// `result="ok"` is derived from the generation at scrape time; `result="failed"` is counted
     /// as rejections happen ([`Metrics::config_reload_failed`]).
     config_reloads: IntCounterVec,
-    /// Each held certificate's end of validity, by identity.
-    certificates: Mutex<BTreeMap<String, SystemTime>>,
     certificate_expiry: GaugeVec,
+    ca_errors: IntCounter,
 }
 
 impl HealthCollector {
@@ -606,7 +626,6 @@ impl HealthCollector {
                 "Configurations accepted since the agent started (the one in force)",
             )?,
             config_reloads,
-            certificates: Mutex::new(BTreeMap::new()),
             certificate_expiry: GaugeVec::new(
                 Opts::new(
                     "ambit_certificate_expiry_seconds",
@@ -615,10 +634,15 @@ impl HealthCollector {
                 ),
                 &["identity"],
             )?,
+            ca_errors: IntCounter::new(
+                "ambit_ca_errors_total",
+                "Failed certificate requests to the CA (certificates held stay in use until \
+                 expiry)",
+            )?,
         })
     }
 
-    fn parts(&self) -> [&dyn Collector; 11] {
+    fn parts(&self) -> [&dyn Collector; 12] {
         [
             &self.enrolled_pods,
             &self.enrolment_failed_pods,
@@ -631,6 +655,7 @@ impl HealthCollector {
             &self.config_generation,
             &self.config_reloads,
             &self.certificate_expiry,
+            &self.ca_errors,
         ]
     }
 
@@ -674,17 +699,20 @@ impl HealthCollector {
                 generation.saturating_sub(1),
             );
         }
-        // Identities whose certificate was dropped are gone from the map: rebuild the series.
+        // Identities whose certificate was dropped are gone: rebuild the series.
         self.certificate_expiry.reset();
-        let now = SystemTime::now();
-        for (identity, not_after) in self.certificates.lock().unwrap().iter() {
-            let remaining = match not_after.duration_since(now) {
-                Ok(left) => left.as_secs_f64(),
-                Err(past) => -past.duration().as_secs_f64(),
-            };
-            self.certificate_expiry
-                .with_label_values(&[identity.as_str()])
-                .set(remaining.round());
+        if let Some(certs) = &sources.certificates {
+            set_counter(&self.ca_errors, certs.ca_errors_total());
+            let now = SystemTime::now();
+            for (identity, not_after) in certs.expiries() {
+                let remaining = match not_after.duration_since(now) {
+                    Ok(left) => left.as_secs_f64(),
+                    Err(past) => -past.duration().as_secs_f64(),
+                };
+                self.certificate_expiry
+                    .with_label_values(&[identity.as_str()])
+                    .set(remaining.round());
+            }
         }
     }
 }
@@ -720,7 +748,6 @@ pub struct Metrics {
     registry: Registry,
     tcp: TcpFamilies,
     denied: IntCounterVec,
-    ca_errors: IntCounter,
     health: Arc<HealthCollector>,
 }
 
@@ -772,18 +799,12 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(denied.clone()))?;
-        let ca_errors = IntCounter::new(
-            "ambit_ca_errors_total",
-            "Failed certificate requests to the CA (certificates held stay in use until expiry)",
-        )?;
-        registry.register(Box::new(ca_errors.clone()))?;
         let health = Arc::new(HealthCollector::new()?);
         registry.register(Box::new(SharedHealth(health.clone())))?;
         Ok(Self {
             registry,
             tcp,
             denied,
-            ca_errors,
             health,
         })
     }
@@ -811,26 +832,6 @@ impl Metrics {
         self.denied.with_label_values(&[reason]).inc();
     }
 
-    /// Records that the certificate held for `identity` (a SPIFFE ID) is valid until
-    /// `not_after`; replaces the previous one's.
-    pub fn set_certificate_expiry(&self, identity: &str, not_after: SystemTime) {
-        self.health
-            .certificates
-            .lock()
-            .unwrap()
-            .insert(identity.to_string(), not_after);
-    }
-
-    /// Forgets the certificate of `identity` (its last pod left the node).
-    pub fn remove_certificate(&self, identity: &str) {
-        self.health.certificates.lock().unwrap().remove(identity);
-    }
-
-    /// Counts a failed request to the CA.
-    pub fn ca_error(&self) {
-        self.ca_errors.inc();
-    }
-
     /// Counts a configuration rejected while the previous one stays in force.
     pub fn config_reload_failed(&self) {
         self.health
@@ -847,6 +848,11 @@ impl Metrics {
     /// Reads the enrolled and failed pod counts from `status` at each scrape.
     pub fn observe_enrolment(&self, status: watch::Receiver<EnrolmentStatus>) {
         self.health.sources.lock().unwrap().enrolment = Some(status);
+    }
+
+    /// Reads the certificates held (their expiry) and the CA error count at each scrape.
+    pub fn observe_certificates(&self, certs: Arc<dyn CertificateStats>) {
+        self.health.sources.lock().unwrap().certificates = Some(certs);
     }
 
     /// Reads the configuration generation from `status` at each scrape.
@@ -1211,6 +1217,23 @@ mod tests {
 
     struct FakeDatapath;
 
+    /// Certificates held, as the certificate manager would report them.
+    #[derive(Default)]
+    struct FakeCertificates {
+        ca_errors: u64,
+        held: Mutex<Vec<(String, SystemTime)>>,
+    }
+
+    impl CertificateStats for FakeCertificates {
+        fn ca_errors_total(&self) -> u64 {
+            self.ca_errors
+        }
+
+        fn expiries(&self) -> Vec<(String, SystemTime)> {
+            self.held.lock().unwrap().clone()
+        }
+    }
+
     impl DatapathStats for FakeDatapath {
         fn redirect_stats(&self) -> RedirectStats {
             RedirectStats {
@@ -1253,7 +1276,10 @@ mod tests {
         metrics.observe_config(config_rx);
         metrics.connection_denied("policy");
         metrics.connection_denied("policy");
-        metrics.ca_error();
+        metrics.observe_certificates(Arc::new(FakeCertificates {
+            ca_errors: 1,
+            ..Default::default()
+        }));
         metrics.config_reload_failed();
 
         // Changes after attaching show at the next scrape: nothing is polled.
@@ -1318,11 +1344,18 @@ mod tests {
     fn certificate_expiry_is_the_time_left_and_goes_with_the_certificate() {
         let metrics = Metrics::new();
         let id = "spiffe://cluster.local/ns/shop/sa/web";
-        metrics.set_certificate_expiry(id, SystemTime::now() + Duration::from_secs(3600));
-        metrics.set_certificate_expiry(
-            "spiffe://cluster.local/ns/shop/sa/old",
-            SystemTime::now() - Duration::from_secs(60),
-        );
+        let certs = Arc::new(FakeCertificates::default());
+        *certs.held.lock().unwrap() = vec![
+            (
+                id.to_string(),
+                SystemTime::now() + Duration::from_secs(3600),
+            ),
+            (
+                "spiffe://cluster.local/ns/shop/sa/old".to_string(),
+                SystemTime::now() - Duration::from_secs(60),
+            ),
+        ];
+        metrics.observe_certificates(certs.clone());
         let samples = parse(&metrics.encode());
         let left = value(
             &samples,
@@ -1339,7 +1372,7 @@ mod tests {
         .unwrap();
         assert!(expired <= -60.0, "{expired}");
 
-        metrics.remove_certificate(id);
+        certs.held.lock().unwrap().retain(|(held, _)| held != id);
         let samples = parse(&metrics.encode());
         assert_eq!(
             series(&samples, "ambit_certificate_expiry_seconds").len(),
@@ -1374,10 +1407,12 @@ mod tests {
                 ResponseFlags::None,
             );
         metrics.connection_denied("policy");
-        metrics.set_certificate_expiry(
-            "spiffe://cluster.local/ns/shop/sa/web",
+        let certs = FakeCertificates::default();
+        certs.held.lock().unwrap().push((
+            "spiffe://cluster.local/ns/shop/sa/web".to_string(),
             SystemTime::now() + Duration::from_secs(60),
-        );
+        ));
+        metrics.observe_certificates(Arc::new(certs));
         let text = metrics.encode();
 
         let child = std::process::Command::new("promtool")

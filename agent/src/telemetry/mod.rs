@@ -2,7 +2,7 @@
 //! log, and the Prometheus [`metrics`].
 pub mod metrics;
 
-use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+use std::{net::SocketAddr, sync::OnceLock};
 
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{EnvFilter, Registry, fmt, prelude::*, reload};
@@ -136,7 +136,9 @@ fn as_log_level(level: LevelFilter) -> log::LevelFilter {
 pub enum Direction {
     /// Captured on the source pod's outbound listener.
     Outbound,
-    /// Captured on the destination pod's inbound plaintext listener.
+    /// Arrived through an HBONE tunnel on the destination pod's 15008.
+    Inbound,
+    /// Captured on the destination pod's inbound plaintext listener (15006).
     InboundPlaintext,
 }
 
@@ -144,39 +146,66 @@ impl Direction {
     fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
-            Direction::InboundPlaintext => "inbound",
+            Direction::Inbound => "inbound",
+            Direction::InboundPlaintext => "inbound_plaintext",
         }
     }
 }
 
-/// One access-log record, emitted when the connection ends.
+/// One access-log record, filled in as the connection goes and emitted when it ends.
 #[derive(Debug)]
-pub struct AccessLog<'a> {
+pub struct AccessLog {
     /// Proxy path.
     pub direction: Direction,
     /// The client's address as the agent saw it.
     pub src: SocketAddr,
     /// The source workload (`namespace/name`), when known.
-    pub src_workload: Option<&'a str>,
+    pub src_workload: Option<String>,
+    /// The source's verified identity (HBONE inbound) or its own (outbound).
+    pub src_principal: Option<String>,
     /// The address the client dialled.
     pub dst: SocketAddr,
-    /// The address the agent connected to (a service's chosen endpoint, or `dst`).
+    /// The address the agent connected to (a service's chosen endpoint, a tunnel, or `dst`).
     pub upstream: Option<SocketAddr>,
     /// The destination workload, when known.
-    pub dst_workload: Option<&'a str>,
+    pub dst_workload: Option<String>,
     /// The destination service, when `dst` was a service VIP.
-    pub dst_service: Option<&'a str>,
+    pub dst_service: Option<String>,
+    /// The destination's identity, when the connection was mutual TLS.
+    pub dst_principal: Option<String>,
+    /// Whether the connection crossed the network in an HBONE mTLS tunnel.
+    pub mtls: bool,
     /// Bytes from client to upstream.
     pub bytes_sent: u64,
     /// Bytes from upstream to client.
     pub bytes_received: u64,
-    /// Connection lifetime.
-    pub duration: Duration,
-    /// `ok`, or what failed.
+    /// When the connection was accepted.
+    pub started: std::time::Instant,
+    /// `ok`, or what failed or refused it.
     pub outcome: Result<(), String>,
 }
 
-impl AccessLog<'_> {
+impl AccessLog {
+    /// A record for a connection accepted now.
+    pub fn new(direction: Direction, src: SocketAddr, dst: SocketAddr) -> Self {
+        Self {
+            direction,
+            src,
+            src_workload: None,
+            src_principal: None,
+            dst,
+            upstream: None,
+            dst_workload: None,
+            dst_service: None,
+            dst_principal: None,
+            mtls: false,
+            bytes_sent: 0,
+            bytes_received: 0,
+            started: std::time::Instant::now(),
+            outcome: Ok(()),
+        }
+    }
+
     /// Emits the record on the `access` target.
     pub fn emit(&self) {
         let upstream = self.upstream.map(|u| u.to_string());
@@ -188,14 +217,17 @@ impl AccessLog<'_> {
             target: "access",
             direction = self.direction.as_str(),
             src = %self.src,
-            src_workload = self.src_workload,
+            src_workload = self.src_workload.as_deref(),
+            src_principal = self.src_principal.as_deref(),
             dst = %self.dst,
             upstream = upstream.as_deref(),
-            dst_workload = self.dst_workload,
-            dst_service = self.dst_service,
+            dst_workload = self.dst_workload.as_deref(),
+            dst_service = self.dst_service.as_deref(),
+            dst_principal = self.dst_principal.as_deref(),
+            security = if self.mtls { "mtls" } else { "plaintext" },
             bytes_sent = self.bytes_sent,
             bytes_received = self.bytes_received,
-            duration_ms = self.duration.as_millis() as u64,
+            duration_ms = self.started.elapsed().as_millis() as u64,
             outcome,
             error,
             "connection complete"

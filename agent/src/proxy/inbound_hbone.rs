@@ -1,0 +1,164 @@
+//! The inbound HBONE path: tunnels arriving at `<pod IP>:15008` inside an enrolled pod.
+//!
+//! The HBONE server ([`super::hbone::HboneServer`]) terminates mutual TLS with the pod's own
+//! certificate and checks the CONNECT authority names this pod; this handler supplies the
+//! pod-specific parts: the certificate, authorization with the client's verified identity, the
+//! connection to the application, and the access log and metrics of every tunnel.
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use tokio::net::TcpStream;
+use tracing::info;
+
+use super::{
+    PodContext, ProxyContext, authorize, connect_from,
+    hbone::{
+        ConnectRequest, ConnectionError, Deny, InboundHandler, StreamReport, server::StreamError,
+        tls,
+    },
+};
+use crate::{
+    identity::WorkloadCertificate,
+    policy::ConnectionInfo,
+    telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags, SecurityPolicy},
+};
+
+/// One enrolled pod's HBONE handler.
+pub struct PodInbound {
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+    /// The server configuration built for the current certificate, rebuilt when it is renewed.
+    tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
+}
+
+impl PodInbound {
+    /// The handler of `pod`.
+    pub fn new(pod: Arc<PodContext>, ctx: Arc<ProxyContext>) -> Self {
+        Self {
+            pod,
+            ctx,
+            tls: Mutex::new(None),
+        }
+    }
+}
+
+impl InboundHandler for PodInbound {
+    type Upstream = TcpStream;
+
+    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let cert = self.ctx.certs.as_ref()?.get(&self.pod.identity)?;
+        let mut cached = self.tls.lock().unwrap();
+        if let Some((for_cert, config)) = cached.as_ref()
+            && Arc::ptr_eq(for_cert, &cert)
+        {
+            return Some(config.clone());
+        }
+        match tls::server_config(&cert) {
+            Ok(config) => {
+                *cached = Some((cert, config.clone()));
+                Some(config)
+            }
+            Err(err) => {
+                tracing::warn!(pod = %self.pod.workload.uid(), %err, "unusable certificate");
+                None
+            }
+        }
+    }
+
+    async fn authorize(&self, request: &ConnectRequest) -> Result<(), Deny> {
+        let state = self.ctx.state.borrow().clone();
+        let workload = state
+            .workload_by_ip(request.destination.ip())
+            .cloned()
+            .unwrap_or_else(|| self.pod.workload.clone());
+        authorize(
+            &self.ctx,
+            &state,
+            &ConnectionInfo {
+                src_ip: request.source.ip(),
+                src_identity: Some(&request.peer),
+                dst_workload: &workload,
+                dst_ip: request.destination.ip(),
+                dst_port: request.destination.port(),
+            },
+        )
+        .map_err(Deny::new)
+    }
+
+    async fn connect(&self, request: &ConnectRequest) -> io::Result<TcpStream> {
+        // From the pod's own address to itself, as on the plaintext path.
+        let bind = SocketAddr::new(request.destination.ip(), 0);
+        connect_from(
+            &self.pod.netns,
+            request.destination,
+            Some(bind),
+            self.ctx.mark,
+        )
+        .await
+    }
+
+    fn report(&self, report: StreamReport) {
+        let state = self.ctx.state.borrow().clone();
+        let src = state.workload_by_ip(report.source.ip());
+        let dst = report.destination.unwrap_or(report.source);
+        let mut log = AccessLog::new(Direction::Inbound, report.source, dst);
+        log.started = std::time::Instant::now() - report.duration;
+        log.mtls = true;
+        log.src_workload = src.map(|w| w.uid());
+        log.src_principal = Some(report.peer.to_string());
+        log.dst_workload = Some(self.pod.workload.uid());
+        log.dst_principal = Some(self.pod.identity.to_string());
+        log.upstream = report.destination;
+        log.bytes_sent = report.transferred.sent;
+        log.bytes_received = report.transferred.received;
+        let flags = match &report.result {
+            Ok(()) => ResponseFlags::None,
+            Err(StreamError::Denied(_)) => ResponseFlags::Deny,
+            Err(StreamError::Relay(_)) => ResponseFlags::None,
+            Err(_) => ResponseFlags::Connect,
+        };
+        log.outcome = match &report.result {
+            Ok(()) => Ok(()),
+            Err(err) => Err(format!("{} {err}", report.status.as_u16())),
+        };
+        let labels = ConnectionLabels::new(crate::telemetry::Reporter::Destination)
+            .with_source(src.map(|w| &**w))
+            .with_source_principal(Some(&report.peer))
+            .with_destination(Some(&self.pod.workload))
+            .with_destination_principal(Some(&self.pod.identity))
+            .with_security_policy(SecurityPolicy::MutualTls);
+        self.ctx
+            .metrics
+            .connection_opened(&labels)
+            .finish(report.transferred, flags);
+        log.emit();
+    }
+
+    fn connection_failed(&self, source: SocketAddr, error: &ConnectionError) {
+        let reason = match error {
+            ConnectionError::Handshake(err) if tls::identity_error(err).is_some() => {
+                "peer_identity"
+            }
+            ConnectionError::Handshake(_) | ConnectionError::NoPeerIdentity => "tls_handshake",
+            ConnectionError::NoCertificate => "no_certificate",
+            _ => {
+                info!(pod = %self.pod.workload.uid(), %source, %error, "HBONE connection ended");
+                return;
+            }
+        };
+        self.ctx.metrics.connection_denied(reason);
+        info!(
+            target: "access",
+            direction = "inbound",
+            src = %source,
+            dst_workload = %self.pod.workload.uid(),
+            security = "mtls",
+            outcome = "error",
+            error = %error,
+            "connection refused"
+        );
+    }
+}
