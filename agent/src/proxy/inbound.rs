@@ -10,6 +10,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 use super::{PodContext, ProxyContext, Transferred, authorize, connect_from, relay};
+use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+
+/// Ports of the agent's own listeners in every pod.
+const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
 use crate::{
     policy::{ConnectionInfo, PeerAuthMode},
     telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags},
@@ -58,6 +62,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
             dst.port(),
         ));
     let decision = match state.peer_auth_mode(&workload) {
+        // The proxy's own ports: forwarding there would land back on this listener, forever.
+        _ if PROXY_PORTS.contains(&dst.port()) => {
+            ctx.metrics.connection_denied("proxy_port");
+            Err(format!("port {} belongs to the proxy", dst.port()))
+        }
         PeerAuthMode::Strict => {
             ctx.metrics.connection_denied("plaintext_strict");
             Err("STRICT peer authentication: plaintext refused".to_string())

@@ -19,6 +19,8 @@ pub struct TestCa {
     /// leaf's chain carries after the leaf.
     intermediates: Vec<CertificateDer<'static>>,
     root: CertificateDer<'static>,
+    /// The CA certificate as PEM, when loaded from files rather than made here.
+    loaded_pem: Option<String>,
 }
 
 fn ca_params(name: &str) -> CertificateParams {
@@ -40,6 +42,11 @@ fn p256() -> KeyPair {
     KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("generating a P-256 key")
 }
 
+fn rustls_pki_root(cert_pem: &str) -> Option<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject as _;
+    CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()
+}
+
 fn system_time(at: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or_default())
 }
@@ -59,6 +66,30 @@ impl TestCa {
             key,
             intermediates: Vec::new(),
             root,
+            loaded_pem: None,
+        }
+    }
+
+    /// The CA of an existing root: its PEM key (PKCS#8) and certificate, e.g. the files of
+    /// `ambit ca init`, so a test can issue certificates the mesh trusts for any identity.
+    pub fn from_pem(key_pem: &str, cert_pem: &str) -> Result<Self, rcgen::Error> {
+        let key = KeyPair::from_pem(key_pem)?;
+        // Fails early on a certificate the issuer could not use.
+        Issuer::from_ca_cert_pem(cert_pem, &key)?;
+        let root = rustls_pki_root(cert_pem).ok_or(rcgen::Error::CouldNotParseCertificate)?;
+        Ok(Self {
+            params: CertificateParams::default(),
+            key,
+            intermediates: Vec::new(),
+            root,
+            loaded_pem: Some(cert_pem.to_string()),
+        })
+    }
+
+    fn issuer(&self) -> Issuer<'_, &KeyPair> {
+        match &self.loaded_pem {
+            Some(pem) => Issuer::from_ca_cert_pem(pem, &self.key).expect("checked when loaded"),
+            None => Issuer::from_params(&self.params, &self.key),
         }
     }
 
@@ -67,7 +98,7 @@ impl TestCa {
         let params = ca_params(name);
         let key = p256();
         let cert = params
-            .signed_by(&key, &Issuer::from_params(&self.params, &self.key))
+            .signed_by(&key, &self.issuer())
             .expect("signing a test intermediate")
             .der()
             .clone();
@@ -78,6 +109,7 @@ impl TestCa {
             key,
             intermediates,
             root: self.root.clone(),
+            loaded_pem: None,
         }
     }
 
@@ -114,7 +146,7 @@ impl TestCa {
         ];
         let key = p256();
         let leaf = params
-            .signed_by(&key, &Issuer::from_params(&self.params, &self.key))
+            .signed_by(&key, &self.issuer())
             .expect("signing a test leaf")
             .der()
             .clone();

@@ -1,0 +1,489 @@
+//! End-to-end tests of zero-trust L4: who may talk to an enrolled pod, over which transport.
+//!
+//! Clients are real processes in pods going through real agents; the identity tests also drive
+//! HBONE by hand (the agent's own client code, from inside a pod's namespace) to present
+//! certificates no honest agent would: another identity, another root, another trust domain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ambit::identity::{SpiffeId, WorkloadCertificate};
+use ambit::proxy::hbone::{
+    Http2Config, TunnelRequest,
+    client::{connect_tls, handshake},
+    testing::TestCa,
+    tls,
+};
+use ambit_tests::mesh::Policies;
+use ambit_tests::{Cluster, ClusterSpec, Netns, Node, Pod, PodProcess, ensure_or_dump};
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+
+const T: Duration = Duration::from_secs(20);
+
+fn testpod() -> PathBuf {
+    ambit_tests::testpod_path!()
+}
+
+fn serve(pod: &Pod, ports: &[u16]) -> Result<PodProcess> {
+    let mut args = vec!["serve".to_string()];
+    for p in ports {
+        args.extend(["--port".to_string(), p.to_string()]);
+    }
+    let mut server = pod.spawn(testpod(), &args)?;
+    server.read_json_until(T, |v| v["event"] == "listening")?;
+    Ok(server)
+}
+
+/// One `testpod client` connection: whether it reached the server and got its bytes back.
+fn reaches(from: &Pod, dst: SocketAddr) -> Result<bool> {
+    let mut c = from.spawn(
+        testpod(),
+        [
+            "client",
+            "--connect",
+            &dst.to_string(),
+            "--bytes",
+            "1000",
+            "--timeout-ms",
+            "3000",
+        ],
+    )?;
+    let (_, lines) = c.wait_json(Duration::from_secs(30))?;
+    Ok(lines.first().is_some_and(|l| l["ok"] == true))
+}
+
+fn expect(cluster: &Cluster, from: &Pod, dst: SocketAddr, allowed: bool, why: &str) -> Result<()> {
+    let reached = reaches(from, dst)?;
+    ensure_or_dump!(
+        cluster,
+        reached == allowed,
+        "{why}: {} -> {dst} {}",
+        from.name(),
+        if allowed {
+            "was refused but should be allowed"
+        } else {
+            "got through but should be refused"
+        }
+    );
+    Ok(())
+}
+
+/// Publishes `policies` and waits until every agent runs with them.
+fn apply(cluster: &Cluster, policies: Policies) -> Result<()> {
+    let generations: Vec<u64> = cluster
+        .nodes()
+        .iter()
+        .map(Node::config_generation)
+        .collect::<Result<_>>()?;
+    cluster.set_policies(policies);
+    cluster.write_mesh()?;
+    for (i, generation) in generations.into_iter().enumerate() {
+        cluster.wait_config_generation(i, generation + 1, T)?;
+    }
+    Ok(())
+}
+
+fn authz(policies: Vec<Value>) -> Policies {
+    Policies {
+        authorization_policies: policies,
+        ..Default::default()
+    }
+}
+
+fn denied_count(node: &Node, reason: &str) -> Result<f64> {
+    let metrics = node.http_get(15020, "/metrics", T)?.body;
+    Ok(metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("ambit_connections_denied_total")
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0))
+}
+
+#[test]
+fn strict_refuses_plaintext_on_every_port_and_permissive_accepts_it() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 3,
+    })?;
+    let outsider = cluster.pod(0, 0);
+    let server = cluster.pod(0, 1);
+    let meshed = cluster.pod(0, 2);
+    cluster.set_enrolled(outsider, false);
+    cluster.set_labels(server, &[("app", "server")]);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let _s = serve(server, &[8080, 9090])?;
+
+    for port in [8080, 9090, 15006, 15008, 15001] {
+        expect(
+            &cluster,
+            outsider,
+            server.addr4(port),
+            false,
+            "STRICT (the default) admits no plaintext",
+        )?;
+    }
+    expect(
+        &cluster,
+        outsider,
+        server.addr6(8080),
+        false,
+        "STRICT over IPv6",
+    )?;
+    ensure_or_dump!(
+        cluster,
+        denied_count(cluster.node(0), "plaintext_strict")? >= 3.0,
+        "plaintext refusals are not counted"
+    );
+    expect(
+        &cluster,
+        meshed,
+        server.addr4(8080),
+        true,
+        "an enrolled client reaches a STRICT pod through HBONE",
+    )?;
+
+    apply(
+        &cluster,
+        Policies {
+            peer_authentications: vec![json!({
+                "name": "server-permissive",
+                "namespace": "default",
+                "selector": {"matchLabels": {"app": "server"}},
+                "mode": "PERMISSIVE",
+            })],
+            ..Default::default()
+        },
+    )?;
+    expect(
+        &cluster,
+        outsider,
+        server.addr4(8080),
+        true,
+        "PERMISSIVE accepts plaintext",
+    )?;
+    expect(
+        &cluster,
+        outsider,
+        server.addr4(9090),
+        true,
+        "PERMISSIVE on every port",
+    )?;
+    // The proxy's own ports are never forwarded to, whatever the mode: that would loop.
+    expect(
+        &cluster,
+        outsider,
+        server.addr4(15006),
+        false,
+        "the plaintext port itself",
+    )?;
+    Ok(())
+}
+
+/// Drives one HBONE tunnel by hand from inside `from`'s namespace to `to`'s 15008, presenting
+/// `cert` and accepting only `server_id`; returns the application's greeting, or what failed.
+fn hbone_by_hand(
+    from: &Pod,
+    to: SocketAddr,
+    cert: &WorkloadCertificate,
+    server_id: &SpiffeId,
+) -> Result<std::result::Result<String, String>> {
+    let endpoint = SocketAddr::new(to.ip(), 15008);
+    let tcp = Netns::enter_thread(from.netns_path(), || {
+        std::net::TcpStream::connect_timeout(&endpoint, Duration::from_secs(5))
+    })??;
+    tcp.set_nonblocking(true)?;
+    let config = tls::client_config(cert, std::slice::from_ref(server_id))?;
+    let source = SocketAddr::new(from.ip4().into(), 40000);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(async move {
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
+            let tls = connect_tls(tcp, config, endpoint)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            let (client, connection) = handshake(tls, &Http2Config::default(), 10, endpoint)
+                .await
+                .map_err(|e| format!("HTTP/2: {e}"))?;
+            tokio::spawn(connection);
+            let mut stream = client
+                .connect(&TunnelRequest::new(source, to))
+                .await
+                .map_err(|e| format!("CONNECT: {e}"))?;
+            let mut greeting = Vec::new();
+            let mut byte = [0u8; 1];
+            while stream.read(&mut byte).await.map_err(|e| e.to_string())? == 1 {
+                if byte[0] == b'\n' {
+                    break;
+                }
+                greeting.push(byte[0]);
+            }
+            String::from_utf8(greeting).map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(result) => result,
+            Err(_) => Err("timed out".into()),
+        }
+    }))
+}
+
+#[test]
+fn forged_identities_and_foreign_trust_domains_are_refused() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 1,
+    })?;
+    let attacker_pod = cluster.pod(0, 0);
+    let server = cluster.pod(1, 0);
+    cluster.set_enrolled(attacker_pod, false);
+    cluster.set_labels(server, &[("app", "server")]);
+    cluster.set_policies(authz(vec![json!({
+        "name": "frontend-only",
+        "namespace": "default",
+        "selector": {"matchLabels": {"app": "server"}},
+        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/default/sa/frontend"]}}]}],
+    })]));
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let _s = serve(server, &[8080])?;
+    let app = server.addr4(8080);
+    let server_id = SpiffeId::new("cluster.local", "default", "default");
+
+    // The mesh's own root, as if its key leaked to the test: it can mint any identity.
+    let ca_dir = cluster.ca_dir();
+    let mesh_root = TestCa::from_pem(
+        &std::fs::read_to_string(ca_dir.join("root-key.pem"))?,
+        &std::fs::read_to_string(ca_dir.join("root-cert.pem"))?,
+    )
+    .context("loading the bed's CA root")?;
+    let frontend = SpiffeId::new("cluster.local", "default", "frontend");
+
+    // Control: the allowed identity under the mesh's root gets through, so the refusals below
+    // are the server's doing, not the hand-made client's.
+    let allowed = hbone_by_hand(attacker_pod, app, &mesh_root.issue(&frontend), &server_id)?;
+    ensure_or_dump!(
+        cluster,
+        allowed
+            .as_ref()
+            .is_ok_and(|g| g.starts_with(&format!("HELLO {}", server.name()))),
+        "a tunnel with the allowed identity failed: {allowed:?}"
+    );
+
+    let cases: Vec<(&str, WorkloadCertificate, SpiffeId)> = vec![
+        (
+            "an identity the policy does not allow",
+            mesh_root.issue(&SpiffeId::new("cluster.local", "default", "intruder")),
+            server_id.clone(),
+        ),
+        (
+            "a certificate from a root the mesh does not trust",
+            TestCa::new("evil").issue_trusting(&frontend, vec![mesh_root.root()]),
+            server_id.clone(),
+        ),
+        (
+            "a foreign trust domain, even under the mesh's root",
+            mesh_root.issue(&SpiffeId::new("evil.example", "default", "frontend")),
+            server_id.clone(),
+        ),
+        (
+            "a server that is not the identity the client expects",
+            mesh_root.issue(&frontend),
+            SpiffeId::new("cluster.local", "default", "payments"),
+        ),
+    ];
+    for (what, cert, expected_server) in cases {
+        let outcome = hbone_by_hand(attacker_pod, app, &cert, &expected_server)?;
+        ensure_or_dump!(
+            cluster,
+            outcome.is_err(),
+            "{what}: the tunnel reached the application ({outcome:?})"
+        );
+    }
+    let node = cluster.node(1);
+    ensure_or_dump!(
+        cluster,
+        denied_count(node, "no_allow_match")? >= 1.0
+            && denied_count(node, "peer_identity")? + denied_count(node, "tls_handshake")? >= 2.0,
+        "the server's agent did not count the refusals by reason"
+    );
+    Ok(())
+}
+
+#[test]
+fn allow_and_deny_policies_hold_for_principals_namespaces_ports_and_cidrs() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })?;
+    let frontend = cluster.pod(0, 0);
+    let other = cluster.pod(0, 1);
+    let server = cluster.pod(1, 0);
+    frontend.set_service_account("frontend");
+    other.set_namespace("other");
+    cluster.set_labels(server, &[("app", "server")]);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let _s = serve(server, &[8080, 9090])?;
+    let (p8080, p9090) = (server.addr4(8080), server.addr4(9090));
+    let on_server = |rule: Value, action: &str| {
+        json!({
+            "name": format!("server-{}", action.to_lowercase()),
+            "namespace": "default",
+            "selector": {"matchLabels": {"app": "server"}},
+            "action": action,
+            "rules": [rule],
+        })
+    };
+
+    // No policy: everyone in the mesh may connect.
+    expect(&cluster, frontend, p8080, true, "no policy")?;
+    expect(&cluster, other, p8080, true, "no policy")?;
+
+    apply(
+        &cluster,
+        authz(vec![on_server(
+            json!({"from": [{"source": {"principals": ["cluster.local/ns/default/sa/frontend"]}}]}),
+            "ALLOW",
+        )]),
+    )?;
+    expect(
+        &cluster,
+        frontend,
+        p8080,
+        true,
+        "ALLOW principals: the principal",
+    )?;
+    expect(
+        &cluster,
+        other,
+        p8080,
+        false,
+        "ALLOW principals: anyone else",
+    )?;
+
+    apply(
+        &cluster,
+        authz(vec![on_server(
+            json!({"from": [{"source": {"notNamespaces": ["default"]}}]}),
+            "ALLOW",
+        )]),
+    )?;
+    expect(
+        &cluster,
+        other,
+        p8080,
+        true,
+        "ALLOW notNamespaces: another namespace",
+    )?;
+    expect(
+        &cluster,
+        frontend,
+        p8080,
+        false,
+        "ALLOW notNamespaces: the excluded one",
+    )?;
+
+    apply(
+        &cluster,
+        authz(vec![on_server(
+            json!({"to": [{"operation": {"ports": ["9090"]}}]}),
+            "ALLOW",
+        )]),
+    )?;
+    expect(&cluster, frontend, p9090, true, "ALLOW ports: the port")?;
+    expect(
+        &cluster,
+        frontend,
+        p8080,
+        false,
+        "ALLOW ports: another port",
+    )?;
+
+    apply(
+        &cluster,
+        authz(vec![on_server(
+            json!({"from": [{"source": {"ipBlocks": [format!("{}/32", other.ip4())]}}]}),
+            "ALLOW",
+        )]),
+    )?;
+    expect(
+        &cluster,
+        other,
+        p8080,
+        true,
+        "ALLOW ipBlocks: inside the block",
+    )?;
+    expect(
+        &cluster,
+        frontend,
+        p8080,
+        false,
+        "ALLOW ipBlocks: outside the block",
+    )?;
+
+    // DENY beats ALLOW: an allow-everything policy and a deny of the frontend.
+    apply(
+        &cluster,
+        authz(vec![
+            on_server(json!({}), "ALLOW"),
+            on_server(
+                json!({"from": [{"source": {"namespaces": ["default"]}}],
+                       "to": [{"operation": {"notPorts": ["9090"]}}]}),
+                "DENY",
+            ),
+        ]),
+    )?;
+    expect(&cluster, frontend, p8080, false, "DENY beats ALLOW")?;
+    expect(
+        &cluster,
+        frontend,
+        p9090,
+        true,
+        "DENY notPorts: the excepted port",
+    )?;
+    expect(&cluster, other, p8080, true, "ALLOW where no DENY matches")?;
+
+    // Dry run: logged, never enforced.
+    let mut dry = on_server(
+        json!({"from": [{"source": {"principals": ["cluster.local/ns/default/sa/frontend"]}}]}),
+        "DENY",
+    );
+    dry["name"] = json!("server-dry-deny");
+    dry["dryRun"] = json!(true);
+    apply(&cluster, authz(vec![dry]))?;
+    expect(
+        &cluster,
+        frontend,
+        p8080,
+        true,
+        "a dry-run DENY is not enforced",
+    )?;
+    let deadline = Instant::now() + T;
+    loop {
+        let logged = cluster.node(1).agent_log_json().into_iter().any(|l| {
+            l["message"] == "dry-run policy"
+                && l["would_allow"] == false
+                && l["matched"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("server-dry-deny"))
+        });
+        if logged {
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "the dry-run DENY that matched was not logged"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
