@@ -24,10 +24,12 @@ struct Row {
     from: String,
     dialled: SocketAddr,
     what: &'static str,
+    /// Whether the mesh should let it through.
+    expected: bool,
     report: Value,
 }
 
-fn connect(from: &Pod, dialled: SocketAddr, what: &'static str) -> Result<Row> {
+fn connect(from: &Pod, dialled: SocketAddr, what: &'static str, expected: bool) -> Result<Row> {
     let mut client = from.spawn(
         testpod()?,
         [
@@ -45,6 +47,7 @@ fn connect(from: &Pod, dialled: SocketAddr, what: &'static str) -> Result<Row> {
         from: from.name().to_string(),
         dialled,
         what,
+        expected,
         report: lines.into_iter().next().unwrap_or_default(),
     })
 }
@@ -68,8 +71,21 @@ fn main() -> Result<()> {
     let legacy = cluster.pod(1, 0);
     let web_b = cluster.pod(1, 1);
     cluster.set_labels(web_a, &[("app", "web")]);
-    cluster.set_labels(web_b, &[("app", "web")]);
+    client.set_service_account("frontend");
+    web_a.set_service_account("web");
+    web_b.set_service_account("web");
     cluster.set_enrolled(legacy, false);
+    // web-b also accepts plaintext from outside the mesh; everything else is STRICT (default).
+    cluster.set_labels(web_b, &[("app", "web"), ("plaintext", "ok")]);
+    cluster.set_policies(ambit_tests::mesh::Policies {
+        peer_authentications: vec![serde_json::json!({
+            "name": "web-b-permissive",
+            "namespace": "default",
+            "selector": {"matchLabels": {"plaintext": "ok"}},
+            "mode": "PERMISSIVE",
+        })],
+        ..Default::default()
+    });
     cluster.add_service(
         "web",
         "default",
@@ -87,26 +103,34 @@ fn main() -> Result<()> {
         web_b.name(),
         legacy.name()
     );
-    println!("service default/web = 10.96.0.10:80 -> app=web:8080\n");
+    println!("service default/web = 10.96.0.10:80 -> app=web:8080");
+    println!(
+        "a CA issues SPIFFE certificates; pod-to-pod traffic rides HBONE mTLS tunnels; {} is STRICT \
+         (no plaintext), {} PERMISSIVE\n",
+        web_a.name(),
+        web_b.name()
+    );
     let _a = serve(web_a)?;
     let _b = serve(web_b)?;
 
     let vip: SocketAddr = "10.96.0.10:80".parse()?;
     let rows = vec![
-        connect(client, web_a.addr4(8080), "same node")?,
-        connect(client, web_b.addr4(8080), "across nodes")?,
-        connect(client, web_b.addr6(8080), "across nodes, IPv6")?,
-        connect(client, vip, "service VIP")?,
-        connect(client, vip, "service VIP")?,
+        connect(client, web_a.addr4(8080), "same node", true)?,
+        connect(client, web_b.addr4(8080), "across nodes", true)?,
+        connect(client, web_b.addr6(8080), "across nodes, IPv6", true)?,
+        connect(client, vip, "service VIP", true)?,
+        connect(client, vip, "service VIP", true)?,
         connect(
             legacy,
             web_a.addr4(8080),
-            "un-enrolled to enrolled, across nodes",
+            "plaintext to a STRICT pod",
+            false,
         )?,
         connect(
             legacy,
             web_b.addr4(8080),
-            "un-enrolled to enrolled, same node",
+            "plaintext to a PERMISSIVE pod",
+            true,
         )?,
     ];
     // Let the agents write their access-log lines (emitted when connections end).
@@ -143,10 +167,11 @@ fn main() -> Result<()> {
             if inbound_via_agent { "agent" } else { "direct" },
             r["sent"],
             r["received"],
-            if r["ok"] == true {
-                String::new()
-            } else {
-                format!("  FAILED: {}", r["error"])
+            match (r["ok"] == true, row.expected) {
+                (true, true) => String::new(),
+                (false, false) => "  refused, as it should be".to_string(),
+                (true, false) => "  UNEXPECTEDLY ALLOWED".to_string(),
+                (false, true) => format!("  FAILED: {}", r["error"]),
             },
         );
     }
@@ -155,15 +180,23 @@ fn main() -> Result<()> {
     for node in cluster.nodes() {
         for line in access_lines(node) {
             println!(
-                "  {} {:<8} {} -> {} via {} ({}B out, {}B back) {}",
+                "  {} {:<17} {:<9} {} -> {} via {} ({}B out, {}B back) {}{}",
                 node.name(),
                 line["direction"].as_str().unwrap_or_default(),
-                line["src_workload"].as_str().unwrap_or("?"),
+                line["security"].as_str().unwrap_or_default(),
+                line["src_principal"]
+                    .as_str()
+                    .or(line["src_workload"].as_str())
+                    .unwrap_or("?"),
                 line["dst"].as_str().unwrap_or_default(),
                 line["upstream"].as_str().unwrap_or("-"),
                 line["bytes_sent"],
                 line["bytes_received"],
                 line["outcome"].as_str().unwrap_or_default(),
+                line["error"]
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default(),
             );
         }
         let dump = node.config_dump()?;
@@ -176,10 +209,16 @@ fn main() -> Result<()> {
             dump["maps"]
         );
     }
-    let failed = rows.iter().filter(|r| r.report["ok"] != true).count();
+    let failed = rows
+        .iter()
+        .filter(|r| (r.report["ok"] == true) != r.expected)
+        .count();
     println!("\nTearing down run {} ...", cluster.id());
     drop(cluster);
-    anyhow::ensure!(failed == 0, "{failed} demo connections failed");
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} demo connections did not do what the mesh promises"
+    );
     println!("done.");
     Ok(())
 }
