@@ -6,9 +6,10 @@
 //!   Each accepted connection first gets `HELLO <name> <peer as accepted> <local>\n`, then every
 //!   byte is echoed until EOF, then the server shuts down its write side and closes. Prints
 //!   `{"event":"listening",...}` once all sockets listen, then `accepted`/`closed` events.
-//! - `testpod client --connect ADDR [--bytes N] [--count C] [--timeout-ms T]`: C connections,
-//!   each sending N deterministic pseudo-random bytes (seeded by the connection index) and
-//!   checking the echo; one JSON line per connection; exit 0 only if all are ok.
+//! - `testpod client --connect ADDR [--bytes N] [--count C] [--timeout-ms T] [--pattern S]`:
+//!   C connections, each sending N deterministic pseudo-random bytes (seeded by the connection
+//!   index; with `--pattern`, the string S repeated instead) and checking the echo; one JSON
+//!   line per connection; exit 0 only if all are ok.
 //! - `testpod churn --connect ADDR --count C [--max-seconds S]`: C short sequential connections;
 //!   one summary line.
 //! - `testpod hold --connect ADDR`: one long-lived connection, echoing stdin lines through it.
@@ -57,6 +58,10 @@ enum Cmd {
         /// Time limit per connection, in milliseconds.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Send this string repeated (a recognisable payload, e.g. to look for in a packet
+        /// capture) instead of pseudo-random bytes.
+        #[arg(long)]
+        pattern: Option<String>,
     },
     /// Many short sequential connections.
     Churn {
@@ -100,7 +105,14 @@ fn main() -> ExitCode {
             bytes,
             count,
             timeout_ms,
-        } => client(connect, bytes, count, Duration::from_millis(timeout_ms)),
+            pattern,
+        } => client(
+            connect,
+            bytes,
+            count,
+            Duration::from_millis(timeout_ms),
+            pattern.map(String::into_bytes),
+        ),
         Cmd::Churn {
             connect,
             count,
@@ -268,6 +280,36 @@ impl Prng {
     }
 }
 
+/// What a client connection sends: the pseudo-random stream, or a pattern repeated.
+enum Payload {
+    Prng(Prng),
+    Pattern { pattern: Vec<u8>, pos: usize },
+}
+
+impl Payload {
+    fn new(index: u32, pattern: Option<&[u8]>) -> Self {
+        match pattern {
+            Some(p) if !p.is_empty() => Self::Pattern {
+                pattern: p.to_vec(),
+                pos: 0,
+            },
+            _ => Self::Prng(Prng::new(index)),
+        }
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        match self {
+            Self::Prng(prng) => prng.fill(buf),
+            Self::Pattern { pattern, pos } => {
+                for b in buf {
+                    *b = pattern[*pos];
+                    *pos = (*pos + 1) % pattern.len();
+                }
+            }
+        }
+    }
+}
+
 fn remaining(deadline: Instant) -> io::Result<Duration> {
     let d = deadline.saturating_duration_since(Instant::now());
     if d.is_zero() {
@@ -295,17 +337,29 @@ fn read_line_until(r: &mut BufReader<TcpStream>, deadline: Instant) -> io::Resul
     Ok(line)
 }
 
-fn client(addr: SocketAddr, bytes: u64, count: u32, timeout: Duration) -> bool {
+fn client(
+    addr: SocketAddr,
+    bytes: u64,
+    count: u32,
+    timeout: Duration,
+    pattern: Option<Vec<u8>>,
+) -> bool {
     let mut all_ok = true;
     for i in 0..count {
-        let v = client_conn(addr, i, bytes, timeout);
+        let v = client_conn(addr, i, bytes, timeout, pattern.as_deref());
         all_ok &= v["ok"] == true;
         emit(v);
     }
     all_ok
 }
 
-fn client_conn(addr: SocketAddr, index: u32, bytes: u64, timeout: Duration) -> Value {
+fn client_conn(
+    addr: SocketAddr,
+    index: u32,
+    bytes: u64,
+    timeout: Duration,
+    pattern: Option<&[u8]>,
+) -> Value {
     let start = Instant::now();
     let deadline = start + timeout;
     let mut out = json!({
@@ -322,8 +376,8 @@ fn client_conn(addr: SocketAddr, index: u32, bytes: u64, timeout: Duration) -> V
             read_line_until(&mut reader, deadline).map_err(|e| format!("read greeting: {e}"))?;
         out["greeting"] = json!(greeting);
         let mut w = s.try_clone().map_err(|e| e.to_string())?;
+        let mut prng = Payload::new(index, pattern);
         let writer = std::thread::spawn(move || -> Result<u64, String> {
-            let mut prng = Prng::new(index);
             let mut buf = vec![0u8; 16 * 1024];
             let mut sent = 0u64;
             let r = (|| -> io::Result<()> {
@@ -341,7 +395,7 @@ fn client_conn(addr: SocketAddr, index: u32, bytes: u64, timeout: Duration) -> V
             r.map(|()| sent)
                 .map_err(|e| format!("send after {sent} bytes: {e}"))
         });
-        let mut prng = Prng::new(index);
+        let mut prng = Payload::new(index, pattern);
         let mut buf = vec![0u8; 64 * 1024];
         let mut expect = vec![0u8; 64 * 1024];
         let mut received = 0u64;
@@ -502,7 +556,7 @@ fn hold(addr: SocketAddr, timeout: Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::Prng;
+    use super::{Payload, Prng};
 
     #[test]
     fn prng_is_chunking_independent() {
@@ -519,5 +573,22 @@ mod tests {
         let mut other = vec![0u8; 100];
         c.fill(&mut other);
         assert_ne!(whole, other);
+    }
+
+    #[test]
+    fn pattern_payload_repeats_across_chunks() {
+        let mut p = Payload::new(0, Some(b"abc"));
+        let mut buf = vec![0u8; 4];
+        p.fill(&mut buf);
+        assert_eq!(buf, b"abca");
+        p.fill(&mut buf[..3]);
+        assert_eq!(&buf[..3], b"bca");
+        // Without a pattern, the pseudo-random stream.
+        let mut a = Payload::new(3, None);
+        let mut b = Prng::new(3);
+        let (mut x, mut y) = (vec![0u8; 32], vec![0u8; 32]);
+        a.fill(&mut x);
+        b.fill(&mut y);
+        assert_eq!(x, y);
     }
 }

@@ -1,0 +1,1486 @@
+//! End-to-end tests of workload identity on the wire: what a capture of the link between two
+//! nodes shows, what a real Prometheus server scrapes, and how certificates behave over time
+//! (renewal under traffic, the CA stopped, a root rotation).
+//!
+//! Real tools do the observing: `tcpdump` captures on a node's fabric interface, Debian's
+//! `prometheus` scrapes the agents, `openssl` reads the certificate a pod's HBONE listener
+//! presents and verifies it against one root or the other. Each runs inside the bed's network
+//! namespaces and cgroups, held by a guard that stops it by PID (the bed's teardown also kills
+//! whatever is left in its cgroups).
+//!
+//! HBONE connections are pooled per (source pod, destination pod): a stream of connections
+//! between two pods rides one TLS connection, whose handshake happened once. To make renewed
+//! and rotated certificates actually meet in handshakes, the "reconnecting" traffic below
+//! destroys the source pod's pooled HBONE socket (`ss -K`) between batches of connections, so
+//! each batch starts with a fresh TLS handshake using the certificates held at that moment.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ambit_tests::cluster::{CA_ADDR, TRUST_DOMAIN};
+use ambit_tests::process::place_in;
+use ambit_tests::util::{self, Netns};
+use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(20);
+
+/// Every bed pod runs as `default/default`.
+fn default_identity() -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/default")
+}
+
+fn testpod() -> PathBuf {
+    ambit_tests::testpod_path!()
+}
+
+fn cluster(nodes: usize, pods_per_node: usize) -> Result<Cluster> {
+    Cluster::start(ClusterSpec {
+        nodes,
+        pods_per_node,
+    })
+}
+
+fn serve(pod: &Pod, ports: &[u16]) -> Result<PodProcess> {
+    let mut args = vec!["serve".to_string()];
+    for p in ports {
+        args.extend(["--port".to_string(), p.to_string()]);
+    }
+    let mut server = pod.spawn(testpod(), &args)?;
+    server
+        .read_json_until(T, |v| v["event"] == "listening")
+        .with_context(|| format!("server in {} did not start", pod.name()))?;
+    Ok(server)
+}
+
+/// One connection as `testpod client` reported it.
+struct Conn {
+    report: Value,
+}
+
+impl Conn {
+    fn ok(&self) -> bool {
+        self.report["ok"] == true
+    }
+    /// Went through the source pod's agent: the client socket is bound on loopback.
+    fn redirected(&self) -> bool {
+        self.report["local"]
+            .as_str()
+            .and_then(|l| l.parse::<SocketAddr>().ok())
+            .is_some_and(|a| a.ip().is_loopback())
+    }
+}
+
+/// Runs `testpod client` in `from` with `extra` flags; returns every connection's report (it
+/// does not require success: callers assert what they expect).
+fn client_with(
+    from: &Pod,
+    dst: SocketAddr,
+    bytes: u64,
+    count: u32,
+    extra: &[&str],
+) -> Result<Vec<Conn>> {
+    let mut args = vec![
+        "client".to_string(),
+        "--connect".into(),
+        dst.to_string(),
+        "--bytes".into(),
+        bytes.to_string(),
+        "--count".into(),
+        count.to_string(),
+        "--timeout-ms".into(),
+        "5000".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut c = from.spawn(testpod(), &args)?;
+    let (_, lines) = c.wait_json(Duration::from_secs(60))?;
+    Ok(lines.into_iter().map(|report| Conn { report }).collect())
+}
+
+fn client(from: &Pod, dst: SocketAddr, bytes: u64, count: u32) -> Result<Vec<Conn>> {
+    client_with(from, dst, bytes, count, &[])
+}
+
+/// Runs `count` client connections and insists every one succeeded, byte-exact.
+fn connect_ok(
+    cluster: &Cluster,
+    from: &Pod,
+    dst: SocketAddr,
+    bytes: u64,
+    count: u32,
+    extra: &[&str],
+) -> Result<Vec<Conn>> {
+    let conns = client_with(from, dst, bytes, count, extra)?;
+    let bad: Vec<&Value> = conns
+        .iter()
+        .filter(|c| !c.ok() || c.report["sent"] != bytes || c.report["received"] != bytes)
+        .map(|c| &c.report)
+        .collect();
+    ensure_or_dump!(
+        cluster,
+        conns.len() == count as usize && bad.is_empty(),
+        "{} -> {dst}: {} of {count} connections reported, failed or not byte-exact: {bad:?}",
+        from.name(),
+        conns.len()
+    );
+    Ok(conns)
+}
+
+/// The agent's access-log records.
+fn access_logs(node: &Node) -> Vec<Value> {
+    node.agent_log_json()
+        .into_iter()
+        .filter(|l| l["target"] == "access")
+        .collect()
+}
+
+/// Waits for an access-log record of `direction` to `dst` (written when a connection ends).
+fn wait_access_log(
+    cluster: &Cluster,
+    node: &Node,
+    direction: &str,
+    dst: SocketAddr,
+) -> Result<Value> {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(l) = access_logs(node)
+            .into_iter()
+            .find(|l| l["direction"] == direction && l["dst"] == dst.to_string())
+        {
+            return Ok(l);
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "agent {} logged no {direction} connection to {dst}",
+            node.name()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes of real tools, placed in the bed and stopped by PID.
+
+/// A process this test started (tcpdump, prometheus, a CA), placed in a cgroup of the bed and
+/// a network namespace; stopped by PID, SIGKILLed on drop if still running.
+struct Tool {
+    name: String,
+    child: Child,
+    status: Option<ExitStatus>,
+    log: PathBuf,
+}
+
+impl Tool {
+    /// Spawns `cmd` in the bed cgroup `<bed>/<cgroup>` (created) and the network namespace
+    /// file `netns`. stderr (and stdout unless the caller set it) go to `log`.
+    fn spawn(
+        cluster: &Cluster,
+        name: &str,
+        cgroup: &str,
+        netns: &Path,
+        mut cmd: Command,
+        log: PathBuf,
+        stdout_set: bool,
+    ) -> Result<Tool> {
+        let cgroup = cluster.cgroup_root().join(cgroup);
+        fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
+        let file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        if !stdout_set {
+            cmd.stdout(file.try_clone()?);
+        }
+        cmd.stdin(Stdio::null()).stderr(file);
+        place_in(&mut cmd, &cgroup, netns)?;
+        let child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
+        Ok(Tool {
+            name: name.into(),
+            child,
+            status: None,
+            log,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        util::tail_file(&self.log, 20)
+    }
+
+    /// Sends `sig` by PID (only while the process is ours, i.e. not reaped), waits up to
+    /// `grace`, then SIGKILLs. Returns the exit status.
+    fn stop(&mut self, sig: libc::c_int, grace: Duration) -> Result<ExitStatus> {
+        if self.try_status().is_none() {
+            util::signal(self.pid() as i32, sig);
+        }
+        let deadline = Instant::now() + grace;
+        while self.try_status().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.try_status().is_none() {
+            eprintln!("[identity] {} ignored signal {sig}; killing", self.name);
+            util::signal(self.pid() as i32, libc::SIGKILL);
+            self.status = Some(self.child.wait()?);
+        }
+        self.status
+            .ok_or_else(|| anyhow!("{} has no exit status", self.name))
+    }
+}
+
+impl Drop for Tool {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            util::signal(self.pid() as i32, libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn fabric_netns(cluster: &Cluster) -> PathBuf {
+    Path::new(util::NETNS_DIR).join(cluster.fabric_netns())
+}
+
+/// Runs a command inside a network namespace (by name) with `ip netns exec`; its stdout.
+fn netns_run(netns_name: &str, args: &[&str]) -> Result<String> {
+    let mut all = vec!["netns", "exec", netns_name];
+    all.extend_from_slice(args);
+    util::run("ip", all)
+}
+
+// ---------------------------------------------------------------------------------------------
+// tcpdump
+
+/// A running `tcpdump -i <node's fabric interface> -w - -U`, its pcap output going to a file.
+struct Capture {
+    tool: Tool,
+    pcap: PathBuf,
+}
+
+fn start_capture(cluster: &Cluster, node: &Node, name: &str) -> Result<Capture> {
+    let pcap = cluster.run_dir().join(format!("{name}.pcap"));
+    let mut cmd = Command::new("tcpdump");
+    // -Z root: Debian's tcpdump otherwise drops to its own user; -w - keeps the file ours.
+    cmd.args([
+        "-i",
+        node.fabric_interface(),
+        "-n",
+        "-s",
+        "0",
+        "-U",
+        "--immediate-mode",
+        "-Z",
+        "root",
+        "-w",
+        "-",
+    ])
+    .stdout(File::create(&pcap)?);
+    let mut tool = Tool::spawn(
+        cluster,
+        &format!("tcpdump {name}"),
+        "capture",
+        node.netns_path(),
+        cmd,
+        cluster.run_dir().join(format!("{name}.tcpdump.log")),
+        true,
+    )?;
+    let deadline = Instant::now() + T;
+    while !tool.log_text().contains("listening on") {
+        if let Some(s) = tool.try_status() {
+            bail!("tcpdump exited ({s}): {}", tool.log_tail());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "tcpdump did not start listening within {T:?}: {}",
+            tool.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Capture { tool, pcap })
+}
+
+impl Capture {
+    /// Stops tcpdump with SIGINT (it flushes and exits) and returns the pcap's bytes.
+    fn finish(&mut self) -> Result<Vec<u8>> {
+        // Let the last packets (FINs, the last TLS records) pass the interface.
+        std::thread::sleep(Duration::from_millis(500));
+        self.tool.stop(libc::SIGINT, Duration::from_secs(5))?;
+        fs::read(&self.pcap).with_context(|| format!("read {}", self.pcap.display()))
+    }
+
+    /// The packets of the capture matching a pcap filter, one text line each
+    /// (`tcpdump -r FILE -nn FILTER`).
+    fn packets(&self, filter: &str) -> Result<Vec<String>> {
+        let mut args = vec![
+            "-r".to_string(),
+            self.pcap.display().to_string(),
+            "-nn".into(),
+        ];
+        args.extend(filter.split_whitespace().map(String::from));
+        Ok(util::run("tcpdump", &args)?
+            .lines()
+            .map(String::from)
+            .collect())
+    }
+}
+
+/// The TCP payload length tcpdump prints at the end of a line (`... length 1448`).
+fn payload_length(line: &str) -> u64 {
+    line.rsplit_once("length ")
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+// ---------------------------------------------------------------------------------------------
+// certificates in config_dump and metrics
+
+/// `config_dump.certificates` of a node: `[{id, notBefore, notAfter, serial, lastError}]`.
+fn certificates(node: &Node) -> Result<Vec<Value>> {
+    let dump = node.config_dump()?;
+    dump["certificates"].as_array().cloned().ok_or_else(|| {
+        anyhow!(
+            "config_dump of {} has no certificates array: {dump}",
+            node.name()
+        )
+    })
+}
+
+/// The serial of the certificate `node` holds for `id`, if any.
+fn serial_of(node: &Node, id: &str) -> Result<Option<String>> {
+    Ok(certificates(node)?
+        .iter()
+        .find(|c| c["id"] == id)
+        .and_then(|c| c["serial"].as_str().map(String::from)))
+}
+
+/// Waits until `node` holds a certificate for `id`; returns its serial.
+fn wait_certificate(cluster: &Cluster, node: &Node, id: &str) -> Result<String> {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(serial) = serial_of(node, id)? {
+            return Ok(serial);
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "{} holds no certificate for {id} after {T:?}",
+            node.name()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `node`'s certificate for `id` has a serial other than each of `not`; returns
+/// it.
+fn wait_new_serial(
+    cluster: &Cluster,
+    node: &Node,
+    id: &str,
+    not: &BTreeSet<String>,
+    timeout: Duration,
+) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(serial) = serial_of(node, id)?
+            && !not.contains(&serial)
+        {
+            return Ok(serial);
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "{}: no certificate for {id} other than {not:?} within {timeout:?}; now {:?}",
+            node.name(),
+            certificates(node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for `n` renewals of `id`'s certificate on each node, counted from now.
+fn wait_renewals(cluster: &Cluster, id: &str, n: usize, timeout: Duration) -> Result<()> {
+    for node in cluster.nodes() {
+        let mut seen: BTreeSet<String> = serial_of(node, id)?.into_iter().collect();
+        for _ in 0..n {
+            let s = wait_new_serial(cluster, node, id, &seen, timeout)?;
+            seen.insert(s);
+        }
+    }
+    Ok(())
+}
+
+/// The value of an unlabelled metric in the agent's `/metrics`.
+fn metric(node: &Node, name: &str) -> Result<f64> {
+    let r = node.http_get(15020, "/metrics", Duration::from_secs(5))?;
+    ensure!(
+        r.status == 200,
+        "GET /metrics on {}: HTTP {}",
+        node.name(),
+        r.status
+    );
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no {name} in the metrics of {}", node.name()))
+}
+
+/// Polls every node's certificates while traffic runs, recording each serial seen (in order)
+/// per node and identity.
+#[derive(Default)]
+struct SerialLog {
+    seen: Mutex<BTreeMap<(String, String), Vec<String>>>,
+}
+
+impl SerialLog {
+    fn poll(&self, cluster: &Cluster) {
+        for node in cluster.nodes() {
+            let Ok(certs) = certificates(node) else {
+                continue;
+            };
+            for c in certs {
+                let (Some(id), Some(serial)) = (c["id"].as_str(), c["serial"].as_str()) else {
+                    continue;
+                };
+                let mut seen = self.seen.lock().unwrap();
+                let list = seen
+                    .entry((node.name().to_string(), id.to_string()))
+                    .or_default();
+                if list.last().map(String::as_str) != Some(serial) {
+                    list.push(serial.to_string());
+                }
+            }
+        }
+    }
+
+    fn run_until(&self, cluster: &Cluster, stop: &AtomicBool) {
+        while !stop.load(Ordering::SeqCst) {
+            self.poll(cluster);
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        self.poll(cluster);
+    }
+
+    fn distinct(&self, node: &Node, id: &str) -> usize {
+        let seen = self.seen.lock().unwrap();
+        seen.get(&(node.name().to_string(), id.to_string()))
+            .map_or(0, |v| v.iter().collect::<BTreeSet<_>>().len())
+    }
+
+    fn snapshot(&self) -> BTreeMap<(String, String), Vec<String>> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// traffic that runs while certificates change
+
+/// What a traffic generator saw.
+#[derive(Debug, Default)]
+struct Traffic {
+    /// Connections that succeeded.
+    ok: u64,
+    /// Reports of connections that failed.
+    failures: Vec<Value>,
+    /// Local ports of the source pod's HBONE connections seen after each batch (a new port
+    /// is a new TLS connection, hence a new handshake).
+    hbone_ports: BTreeSet<u16>,
+    /// Batches run.
+    batches: u64,
+    /// Errors of the generator itself (spawning, `ss`).
+    errors: Vec<String>,
+}
+
+/// Short connections (`testpod churn`, one byte each) from `from` to `dst`, in slices of 2 s,
+/// until `stop`: continuous traffic over one pooled HBONE connection.
+fn churn_until(from: &Pod, dst: SocketAddr, stop: &AtomicBool) -> Traffic {
+    let mut t = Traffic::default();
+    while !stop.load(Ordering::SeqCst) {
+        let r = (|| -> Result<Value> {
+            let mut churn = from.spawn(
+                testpod(),
+                [
+                    "churn",
+                    "--connect",
+                    &dst.to_string(),
+                    "--count",
+                    "1000000",
+                    "--max-seconds",
+                    "2",
+                ],
+            )?;
+            let (_, lines) = churn.wait_json(Duration::from_secs(30))?;
+            lines
+                .last()
+                .cloned()
+                .ok_or_else(|| anyhow!("churn printed no summary"))
+        })();
+        t.batches += 1;
+        match r {
+            Ok(summary) => {
+                t.ok += summary["ok"].as_u64().unwrap_or(0);
+                if summary["failed"].as_u64() != Some(0) {
+                    t.failures.push(summary);
+                }
+            }
+            Err(e) => t.errors.push(format!("{e:#}")),
+        }
+    }
+    t
+}
+
+/// The local ports of `pod`'s established TCP connections to port 15008 (its outbound HBONE
+/// connections).
+fn hbone_client_ports(pod: &Pod) -> Result<Vec<u16>> {
+    let out = netns_run(
+        pod.netns_name(),
+        &["ss", "-Htn", "state", "established", "dport", "=", ":15008"],
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let local = l.split_whitespace().nth(2)?;
+            local.rsplit_once(':')?.1.parse().ok()
+        })
+        .collect())
+}
+
+/// Batches of 5 connections from `from` to `dst` until `stop`; after each batch the source
+/// pod's HBONE sockets are destroyed (`ss -K`), so that the next batch starts with a new TLS
+/// handshake presenting the certificates of that moment. `from` must have no other outbound
+/// mesh traffic meanwhile: its tunnels would be cut too.
+fn reconnecting_until(from: &Pod, dst: SocketAddr, stop: &AtomicBool) -> Traffic {
+    let mut t = Traffic::default();
+    while !stop.load(Ordering::SeqCst) {
+        t.batches += 1;
+        match client(from, dst, 2000, 5) {
+            Ok(conns) => {
+                for c in conns {
+                    if c.ok() && c.report["received"] == 2000 {
+                        t.ok += 1;
+                    } else {
+                        t.failures.push(c.report);
+                    }
+                }
+            }
+            Err(e) => t.errors.push(format!("client: {e:#}")),
+        }
+        match hbone_client_ports(from) {
+            Ok(ports) => t.hbone_ports.extend(ports),
+            Err(e) => t.errors.push(format!("ss: {e:#}")),
+        }
+        if let Err(e) = netns_run(
+            from.netns_name(),
+            &[
+                "ss",
+                "-K",
+                "-Htn",
+                "state",
+                "established",
+                "dport",
+                "=",
+                ":15008",
+            ],
+        ) {
+            t.errors.push(format!("ss -K: {e:#}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    t
+}
+
+/// Checks a generator's record: no failed connection, no generator error, at least
+/// `min_ok` connections.
+fn check_traffic(cluster: &Cluster, what: &str, t: &Traffic, min_ok: u64) -> Result<()> {
+    eprintln!(
+        "[identity] {what}: {} connections ok, {} failed, {} batches, {} HBONE connections seen",
+        t.ok,
+        t.failures.len(),
+        t.batches,
+        t.hbone_ports.len()
+    );
+    ensure_or_dump!(
+        cluster,
+        t.failures.is_empty() && t.errors.is_empty() && t.ok >= min_ok,
+        "{what}: {} connections ok (expected at least {min_ok}) over {} batches; failures: \
+         {:?}; generator errors: {:?}",
+        t.ok,
+        t.batches,
+        t.failures,
+        t.errors
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// openssl: the certificate a pod's HBONE listener presents
+
+/// Connects to `pod`'s HBONE port from its node with `openssl s_client` and returns the leaf
+/// certificate it presented (PEM, written to a file of the run dir). The handshake itself
+/// fails afterwards (no client certificate); the server's certificate came before that.
+fn presented_leaf(cluster: &Cluster, pod: &Pod, tag: &str) -> Result<PathBuf> {
+    let node = cluster.node_of(pod);
+    let out = Command::new("ip")
+        .args(["netns", "exec", node.netns_name(), "timeout", "10"])
+        .args(["openssl", "s_client", "-connect"])
+        .arg(pod.addr4(15008).to_string())
+        .args(["-alpn", "h2", "-showcerts"])
+        .stdin(Stdio::null())
+        .output()
+        .context("run openssl s_client")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let begin = "-----BEGIN CERTIFICATE-----";
+    let end = "-----END CERTIFICATE-----";
+    let pem = stdout
+        .find(begin)
+        .and_then(|b| stdout[b..].find(end).map(|e| &stdout[b..b + e + end.len()]))
+        .ok_or_else(|| {
+            anyhow!(
+                "openssl s_client to {} showed no certificate: {stdout}\n{}",
+                pod.addr4(15008),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let path = cluster
+        .run_dir()
+        .join(format!("leaf-{}-{tag}.pem", pod.name()));
+    fs::write(&path, format!("{pem}\n"))?;
+    Ok(path)
+}
+
+/// Whether `openssl verify` accepts `leaf` with `root` as the only trust anchor.
+fn verifies(root: &Path, leaf: &Path) -> Result<bool> {
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(root)
+        .arg(leaf)
+        .output()
+        .context("run openssl verify")?;
+    Ok(out.status.success())
+}
+
+/// The serial of a PEM certificate, lower-case hex without leading zeros.
+fn pem_serial(cert: &Path) -> Result<String> {
+    let out = util::run(
+        "openssl",
+        [
+            "x509".as_ref(),
+            "-noout".as_ref(),
+            "-serial".as_ref(),
+            "-in".as_ref(),
+            cert.as_os_str(),
+        ],
+    )?;
+    let hex = out
+        .trim()
+        .strip_prefix("serial=")
+        .ok_or_else(|| anyhow!("unexpected openssl x509 -serial output {out:?}"))?;
+    Ok(normalise_serial(hex))
+}
+
+fn normalise_serial(hex: &str) -> String {
+    let s = hex.replace(':', "").to_ascii_lowercase();
+    let s = s.trim_start_matches('0');
+    if s.is_empty() { "0".into() } else { s.into() }
+}
+
+/// The leaf `pod` presents now, checked to be the certificate its node reports in
+/// config_dump (retried if a renewal slips in between).
+fn current_leaf(cluster: &Cluster, pod: &Pod, tag: &str) -> Result<PathBuf> {
+    let node = cluster.node_of(pod);
+    let id = default_identity();
+    let mut last = String::new();
+    for attempt in 0..5 {
+        let before = serial_of(node, &id)?.map(|s| normalise_serial(&s));
+        let leaf = presented_leaf(cluster, pod, &format!("{tag}-{attempt}"))?;
+        let after = serial_of(node, &id)?.map(|s| normalise_serial(&s));
+        let presented = pem_serial(&leaf)?;
+        if before.as_deref() == Some(&presented) || after.as_deref() == Some(&presented) {
+            return Ok(leaf);
+        }
+        last = format!("presented {presented}, config_dump {before:?} then {after:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Err(anyhow!(
+        "{}'s HBONE listener presents a certificate its node does not report: {last}\n{}",
+        pod.name(),
+        cluster.diagnostics()
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus
+
+/// Percent-encodes a query parameter value.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A free TCP port on `ip` inside the network namespace `netns`.
+fn free_port(netns: &Path, ip: Ipv4Addr) -> Result<u16> {
+    Netns::enter_thread(netns, || -> Result<u16> {
+        let l = std::net::TcpListener::bind((ip, 0))?;
+        Ok(l.local_addr()?.port())
+    })?
+}
+
+/// A Prometheus server running in the fabric namespace.
+struct Prometheus {
+    tool: Tool,
+    addr: SocketAddr,
+    netns: PathBuf,
+}
+
+impl Prometheus {
+    fn start(cluster: &Cluster, targets: &[String]) -> Result<Prometheus> {
+        let netns = fabric_netns(cluster);
+        let ip = match CA_ADDR.ip() {
+            std::net::IpAddr::V4(ip) => ip,
+            std::net::IpAddr::V6(_) => bail!("the fabric address is expected to be IPv4"),
+        };
+        let addr = SocketAddr::from((ip, free_port(&netns, ip)?));
+        let dir = cluster.run_dir().join("prometheus");
+        fs::create_dir_all(dir.join("data"))?;
+        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: ambit\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        );
+        let config_path = dir.join("prometheus.yml");
+        fs::write(&config_path, config)?;
+        let mut cmd = Command::new("/usr/bin/prometheus");
+        cmd.arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=info");
+        let tool = Tool::spawn(
+            cluster,
+            "prometheus",
+            "prometheus",
+            &netns,
+            cmd,
+            dir.join("prometheus.log"),
+            false,
+        )?;
+        let mut prom = Prometheus { tool, addr, netns };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = prom.tool.try_status() {
+                bail!("prometheus exited ({s}): {}", prom.tool.log_tail());
+            }
+            let last = match prom.get("/-/ready") {
+                Ok(r) if r.status == 200 => break,
+                Ok(r) => format!("HTTP {}: {}", r.status, r.body.trim()),
+                Err(e) => format!("{e:#}"),
+            };
+            ensure!(
+                Instant::now() < deadline,
+                "prometheus not ready within 60 s (last: {last}): {}",
+                prom.tool.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(prom)
+    }
+
+    fn get(&self, path: &str) -> Result<ambit_tests::HttpResponse> {
+        let addr = self.addr;
+        Netns::enter_thread(&self.netns, || {
+            util::http_get(addr, path, Duration::from_secs(5))
+        })?
+    }
+
+    /// `GET /api/v1/query?query=<promql>`: the result vector as (labels, value) pairs.
+    fn query(&self, promql: &str) -> Result<Vec<(BTreeMap<String, String>, f64)>> {
+        let r = self.get(&format!("/api/v1/query?query={}", urlencode(promql)))?;
+        let v: Value = serde_json::from_str(&r.body)
+            .with_context(|| format!("query answer is not JSON (HTTP {}): {}", r.status, r.body))?;
+        ensure!(
+            r.status == 200 && v["status"] == "success",
+            "query {promql:?} failed: HTTP {}: {v}",
+            r.status
+        );
+        let result = v["data"]["result"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no data.result in {v}"))?;
+        result
+            .iter()
+            .map(|s| {
+                let labels: BTreeMap<String, String> = s["metric"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let value: f64 = s["value"][1]
+                    .as_str()
+                    .and_then(|x| x.parse().ok())
+                    .ok_or_else(|| anyhow!("bad sample {s}"))?;
+                Ok((labels, value))
+            })
+            .collect()
+    }
+}
+
+/// Query results keyed by the values of some labels (in order), for comparisons.
+type Series = BTreeMap<Vec<String>, f64>;
+
+/// A query result keyed by the values of `labels` (in that order), for comparisons.
+fn by_labels(result: &[(BTreeMap<String, String>, f64)], labels: &[&str]) -> Series {
+    result
+        .iter()
+        .map(|(m, v)| {
+            (
+                labels
+                    .iter()
+                    .map(|l| m.get(*l).cloned().unwrap_or_default())
+                    .collect(),
+                *v,
+            )
+        })
+        .collect()
+}
+
+fn expect(rows: &[(&[&str], f64)]) -> Series {
+    rows.iter()
+        .map(|(k, v)| (k.iter().map(|s| s.to_string()).collect(), *v))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// the tests
+
+#[test]
+fn pod_to_pod_traffic_crosses_the_wire_only_as_tls() -> Result<()> {
+    const MARKER: &str = "AMBIT-PLAINTEXT-MARKER-7f3a9c-";
+    const BYTES: u64 = 200_000;
+    let cluster = cluster(2, 2)?;
+    let (src, dst) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    let (plain_src, plain_dst) = (cluster.pod(0, 1), cluster.pod(1, 1));
+    cluster.set_enrolled(plain_src, false);
+    cluster.set_enrolled(plain_dst, false);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let _s1 = serve(dst, &[8080])?;
+    let _s2 = serve(plain_dst, &[8080])?;
+    let node0 = cluster.node(0);
+    let pattern = ["--pattern", MARKER];
+
+    // Between enrolled pods: HBONE.
+    let mut capture = start_capture(&cluster, node0, "meshed")?;
+    let conns = connect_ok(&cluster, src, dst.addr4(8080), BYTES, 1, &pattern)?;
+    let pcap = capture.finish()?;
+    ensure_or_dump!(
+        cluster,
+        conns[0].redirected(),
+        "the meshed connection was not redirected: {}",
+        conns[0].report
+    );
+    let hbone = capture.packets(&format!(
+        "tcp and dst host {} and dst port 15008",
+        dst.ip4()
+    ))?;
+    let hbone_bytes: u64 = hbone.iter().map(|l| payload_length(l)).sum();
+    let app = capture.packets("tcp port 8080")?;
+    ensure_or_dump!(
+        cluster,
+        !hbone.is_empty() && hbone_bytes >= BYTES,
+        "expected the {BYTES} bytes to cross {} as TCP to {}:15008; captured {} packets with \
+         {hbone_bytes} bytes of payload ({})",
+        node0.fabric_interface(),
+        dst.ip4(),
+        hbone.len(),
+        capture.pcap.display()
+    );
+    ensure_or_dump!(
+        cluster,
+        app.is_empty(),
+        "packets to or from the application port 8080 crossed the link: {:?}",
+        &app[..app.len().min(5)]
+    );
+    ensure_or_dump!(
+        cluster,
+        !contains(&pcap, MARKER.as_bytes()),
+        "the capture {} ({} bytes) holds the application's bytes in clear",
+        capture.pcap.display(),
+        pcap.len()
+    );
+    let spiffe = default_identity();
+    for (node, direction) in [(node0, "outbound"), (cluster.node(1), "inbound")] {
+        let line = wait_access_log(&cluster, node, direction, dst.addr4(8080))?;
+        ensure_or_dump!(
+            cluster,
+            line["security"] == "mtls"
+                && line["src_principal"] == spiffe.as_str()
+                && line["dst_principal"] == spiffe.as_str()
+                && line["bytes_sent"].as_u64() >= Some(BYTES),
+            "{} {direction} access log does not show an mTLS connection between the two \
+             identities: {line}",
+            node.name()
+        );
+    }
+
+    // Control: the same payload between two un-enrolled pods is visible on the same link, so
+    // the checks above can fail.
+    let mut capture = start_capture(&cluster, node0, "plain")?;
+    let conns = connect_ok(
+        &cluster,
+        plain_src,
+        plain_dst.addr4(8080),
+        BYTES,
+        1,
+        &pattern,
+    )?;
+    let pcap = capture.finish()?;
+    ensure_or_dump!(
+        cluster,
+        !conns[0].redirected(),
+        "the un-enrolled pods' connection was redirected: {}",
+        conns[0].report
+    );
+    let app = capture.packets(&format!(
+        "tcp and dst host {} and dst port 8080",
+        plain_dst.ip4()
+    ))?;
+    ensure_or_dump!(
+        cluster,
+        contains(&pcap, MARKER.as_bytes()) && !app.is_empty(),
+        "control: the plaintext connection's marker ({}) or its packets to port 8080 ({}) are \
+         missing from the capture {}: the capture does not see the link",
+        contains(&pcap, MARKER.as_bytes()),
+        app.len(),
+        capture.pcap.display()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_real_prometheus_scrapes_per_workload_counters() -> Result<()> {
+    let cluster = cluster(2, 2)?;
+    cluster.start_agents()?;
+    let (p00, p10, p11) = (cluster.pod(0, 0), cluster.pod(1, 0), cluster.pod(1, 1));
+    let _s1 = serve(p10, &[8080])?;
+    let _s2 = serve(p00, &[8080])?;
+    let targets: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| format!("{}:15020", n.fabric_ip()))
+        .collect();
+    let mut prom = Prometheus::start(&cluster, &targets)?;
+
+    // Both agents are scraped.
+    let deadline = Instant::now() + T;
+    loop {
+        let up = by_labels(&prom.query("up{job=\"ambit\"}")?, &["instance"]);
+        let expected: Series = targets.iter().map(|t| (vec![t.clone()], 1.0)).collect();
+        if up == expected {
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "prometheus does not scrape both agents: up = {up:?}; log: {}",
+            prom.tool.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    connect_ok(&cluster, p00, p10.addr4(8080), 1000, 3, &[])?;
+    connect_ok(&cluster, p11, p00.addr4(8080), 1000, 2, &[])?;
+    let spiffe = default_identity();
+    let pair_labels = [
+        "source_workload",
+        "destination_workload",
+        "connection_security_policy",
+    ];
+    let checks: Vec<(String, Vec<&str>, Series)> = vec![
+        (
+            "sum by (source_workload, destination_workload, connection_security_policy) \
+             (istio_tcp_connections_opened_total{reporter=\"destination\"})"
+                .into(),
+            pair_labels.to_vec(),
+            expect(&[
+                (&["p0-0", "p1-0", "mutual_tls"], 3.0),
+                (&["p1-1", "p0-0", "mutual_tls"], 2.0),
+            ]),
+        ),
+        (
+            "sum by (source_workload, destination_workload, connection_security_policy) \
+             (istio_tcp_connections_opened_total{reporter=\"source\"})"
+                .into(),
+            pair_labels.to_vec(),
+            expect(&[
+                (&["p0-0", "p1-0", "mutual_tls"], 3.0),
+                (&["p1-1", "p0-0", "mutual_tls"], 2.0),
+            ]),
+        ),
+        (
+            "sum by (source_workload, destination_workload, source_principal, \
+             destination_principal) (istio_tcp_connections_closed_total{reporter=\"destination\"})"
+                .into(),
+            vec![
+                "source_workload",
+                "destination_workload",
+                "source_principal",
+                "destination_principal",
+            ],
+            expect(&[
+                (&["p0-0", "p1-0", &spiffe, &spiffe], 3.0),
+                (&["p1-1", "p0-0", &spiffe, &spiffe], 2.0),
+            ]),
+        ),
+        (
+            "sum by (source_workload, destination_workload) \
+             (istio_tcp_received_bytes_total{reporter=\"destination\"})"
+                .into(),
+            vec!["source_workload", "destination_workload"],
+            expect(&[(&["p0-0", "p1-0"], 3000.0), (&["p1-1", "p0-0"], 2000.0)]),
+        ),
+    ];
+    // Counters reach Prometheus at its next scrapes (every second); the closed counter once
+    // the connections' ends are accounted.
+    let deadline = Instant::now() + T;
+    loop {
+        let mut wrong = Vec::new();
+        for (q, labels, want) in &checks {
+            let got = by_labels(&prom.query(q)?, labels);
+            if got != *want {
+                wrong.push(format!("{q}\n  got {got:?}\n  expected {want:?}"));
+            }
+        }
+        if wrong.is_empty() {
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "prometheus did not return the expected counters within {T:?}:\n{}",
+            wrong.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Two more scrapes: the counts stay exact (nothing counted twice or late).
+    std::thread::sleep(Duration::from_millis(2500));
+    for (q, labels, want) in &checks {
+        let got = by_labels(&prom.query(q)?, labels);
+        ensure_or_dump!(
+            cluster,
+            got == *want,
+            "{q}\n  got {got:?}\n  expected {want:?} (after two more scrapes)"
+        );
+    }
+    let status = prom.tool.stop(libc::SIGTERM, Duration::from_secs(10))?;
+    ensure!(
+        status.success(),
+        "prometheus did not exit cleanly ({status}): {}",
+        prom.tool.log_tail()
+    );
+    Ok(())
+}
+
+/// Starts the agents of every node with `--cert-ttl ttl`.
+fn start_agents_with_ttl(cluster: &Cluster, ttl: &str) -> Result<()> {
+    for n in cluster.nodes() {
+        n.set_agent_args(["--cert-ttl", ttl]);
+    }
+    cluster.start_agents()
+}
+
+#[test]
+fn certificates_renew_under_continuous_traffic_without_failures() -> Result<()> {
+    let cluster = cluster(2, 2)?;
+    start_agents_with_ttl(&cluster, "6s")?;
+    let id = default_identity();
+    let _s1 = serve(cluster.pod(1, 0), &[8080])?;
+    let _s2 = serve(cluster.pod(0, 1), &[8080])?;
+    let first: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| wait_certificate(&cluster, n, &id))
+        .collect::<Result<_>>()?;
+
+    let serials = SerialLog::default();
+    let stop = AtomicBool::new(false);
+    let (churn, batches) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| serials.run_until(&cluster, &stop));
+        let churn =
+            s.spawn(|| churn_until(cluster.pod(0, 0), cluster.pod(1, 0).addr4(8080), &stop));
+        let batches =
+            s.spawn(|| reconnecting_until(cluster.pod(1, 1), cluster.pod(0, 1).addr4(8080), &stop));
+        std::thread::sleep(Duration::from_secs(15));
+        stop.store(true, Ordering::SeqCst);
+        let _ = watcher.join();
+        (churn.join(), batches.join())
+    });
+    let churn = churn.map_err(|_| anyhow!("churn thread panicked"))?;
+    let batches = batches.map_err(|_| anyhow!("batch thread panicked"))?;
+    check_traffic(&cluster, "churn p0-0 -> p1-0", &churn, 100)?;
+    check_traffic(&cluster, "reconnecting batches p1-1 -> p0-1", &batches, 20)?;
+    ensure_or_dump!(
+        cluster,
+        batches.hbone_ports.len() >= 3,
+        "expected a fresh HBONE connection per batch, saw source ports {:?} over {} batches",
+        batches.hbone_ports,
+        batches.batches
+    );
+    for (node, first) in cluster.nodes().iter().zip(&first) {
+        let n = serials.distinct(node, &id);
+        ensure_or_dump!(
+            cluster,
+            n >= 3,
+            "{}: the certificate (first serial {first}) was renewed {} times in 15 s with a 6 s \
+             lifetime, expected at least 2: {:?}",
+            node.name(),
+            n.saturating_sub(1),
+            serials.snapshot()
+        );
+    }
+    // The renewals were successes, not retries.
+    for node in cluster.nodes() {
+        let errors = metric(node, "ambit_ca_errors_total")?;
+        ensure_or_dump!(
+            cluster,
+            errors == 0.0,
+            "{}: {errors} CA errors during renewals",
+            node.name()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn with_the_ca_stopped_existing_certificates_keep_working() -> Result<()> {
+    let cluster = cluster(2, 2)?;
+    // Renewal after ~10 s, expiry after 20 s: the CA is down when renewal comes due.
+    start_agents_with_ttl(&cluster, "20s")?;
+    let id = default_identity();
+    let _s = serve(cluster.pod(0, 1), &[8080])?;
+    let dst = cluster.pod(0, 1).addr4(8080);
+    let client_pod = cluster.pod(1, 1);
+    for n in cluster.nodes() {
+        wait_certificate(&cluster, n, &id)?;
+    }
+    connect_ok(&cluster, client_pod, dst, 1000, 1, &[])?;
+    let errors_before: Vec<f64> = cluster
+        .nodes()
+        .iter()
+        .map(|n| metric(n, "ambit_ca_errors_total"))
+        .collect::<Result<_>>()?;
+
+    cluster.stop_ca();
+    // The certificates held now are those that must carry the traffic while the CA is down.
+    let held: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| wait_certificate(&cluster, n, &id))
+        .collect::<Result<_>>()?;
+
+    // Renewal comes due and fails: reported in config_dump and counted.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    for (i, node) in cluster.nodes().iter().enumerate() {
+        loop {
+            let cert = certificates(node)?
+                .into_iter()
+                .find(|c| c["id"] == id.as_str())
+                .unwrap_or_default();
+            let errors = metric(node, "ambit_ca_errors_total")?;
+            if cert["lastError"].is_string() && errors > errors_before[i] {
+                break;
+            }
+            ensure_or_dump!(
+                cluster,
+                Instant::now() < deadline,
+                "{}: with the CA stopped, no failed renewal is reported (certificate {cert}, \
+                 ambit_ca_errors_total {errors})",
+                node.name()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    // The kept certificates carry traffic, in fresh handshakes, for the next 5 s.
+    let stop = AtomicBool::new(false);
+    let traffic = std::thread::scope(|s| {
+        let t = s.spawn(|| reconnecting_until(client_pod, dst, &stop));
+        std::thread::sleep(Duration::from_secs(5));
+        stop.store(true, Ordering::SeqCst);
+        t.join()
+    })
+    .map_err(|_| anyhow!("traffic thread panicked"))?;
+    check_traffic(&cluster, "with the CA stopped", &traffic, 10)?;
+    ensure_or_dump!(
+        cluster,
+        traffic.hbone_ports.len() >= 2,
+        "expected fresh HBONE connections while the CA was down, saw source ports {:?}",
+        traffic.hbone_ports
+    );
+    for (node, held) in cluster.nodes().iter().zip(&held) {
+        let now = serial_of(node, &id)?;
+        ensure_or_dump!(
+            cluster,
+            now.as_deref() == Some(held.as_str()),
+            "{}: the certificate held when the CA stopped ({held}) should still be in use, \
+             config_dump shows {now:?}",
+            node.name()
+        );
+    }
+
+    // The CA is back: new certificates arrive without help (after the current backoff).
+    cluster.start_ca()?;
+    for (node, held) in cluster.nodes().iter().zip(&held) {
+        wait_new_serial(
+            &cluster,
+            node,
+            &id,
+            &BTreeSet::from([held.clone()]),
+            Duration::from_secs(40),
+        )?;
+        let cert = certificates(node)?
+            .into_iter()
+            .find(|c| c["id"] == id.as_str())
+            .unwrap_or_default();
+        ensure_or_dump!(
+            cluster,
+            cert["lastError"].is_null(),
+            "{}: lastError not cleared by the successful renewal: {cert}",
+            node.name()
+        );
+    }
+    connect_ok(&cluster, client_pod, dst, 1000, 3, &[])?;
+    Ok(())
+}
+
+#[test]
+fn a_root_rotation_passes_without_failed_connections() -> Result<()> {
+    let cluster = cluster(2, 2)?;
+    start_agents_with_ttl(&cluster, "6s")?;
+    let id = default_identity();
+    let _s1 = serve(cluster.pod(1, 0), &[8080])?;
+    let _s2 = serve(cluster.pod(0, 1), &[8080])?;
+    let _s3 = serve(cluster.pod(1, 1), &[8080])?;
+    for n in cluster.nodes() {
+        wait_certificate(&cluster, n, &id)?;
+    }
+    let old_dir = cluster.ca_dir();
+    let new_dir = cluster.run_dir().join("ca-new");
+    let bundle = old_dir.join("roots.pem"); // what the agents' --ca-roots names
+    let old_root = old_dir.join("root-cert.pem");
+    let new_root = new_dir.join("root-cert.pem");
+    let probe_pods = [cluster.pod(0, 1), cluster.pod(1, 0)];
+
+    // Step 1: the new root; NEW/roots.pem trusts both. Before the rotation every leaf comes
+    // from the old root, which the new root alone does not accept: the openssl checks tell
+    // the two apart (and the same check after the rotation must come out the other way).
+    let init = Command::new(cluster.ambit_bin())
+        .args(["ca", "init", "--dir"])
+        .arg(&new_dir)
+        .args(["--trust-domain", TRUST_DOMAIN, "--also-trust"])
+        .arg(&bundle)
+        .output()
+        .context("run ambit ca init")?;
+    ensure!(
+        init.status.success(),
+        "ambit ca init (new root) failed: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    for pod in probe_pods {
+        let leaf = current_leaf(&cluster, pod, "before")?;
+        ensure_or_dump!(
+            cluster,
+            verifies(&old_root, &leaf)? && !verifies(&new_root, &leaf)?,
+            "before the rotation {}'s leaf should verify against the old root only",
+            pod.name()
+        );
+    }
+
+    let serials = SerialLog::default();
+    let stop = AtomicBool::new(false);
+    let mut new_ca: Option<Tool> = None;
+    let (phases, churn, batches_a, batches_b) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| serials.run_until(&cluster, &stop));
+        let churn =
+            s.spawn(|| churn_until(cluster.pod(0, 0), cluster.pod(1, 0).addr4(8080), &stop));
+        let batches_a =
+            s.spawn(|| reconnecting_until(cluster.pod(1, 1), cluster.pod(0, 1).addr4(8080), &stop));
+        let batches_b =
+            s.spawn(|| reconnecting_until(cluster.pod(0, 1), cluster.pod(1, 1).addr4(8080), &stop));
+        let phases = (|| -> Result<()> {
+            // Some traffic under the old root first.
+            std::thread::sleep(Duration::from_secs(2));
+
+            // Step 2: the agents' bundle trusts both roots (replaced atomically). Certificates
+            // fetched from now on carry it; wait for two renewals per node so that every
+            // certificate in use was fetched after the change.
+            let tmp = old_dir.join("roots.pem.rotating");
+            fs::copy(new_dir.join("roots.pem"), &tmp)?;
+            fs::rename(&tmp, &bundle)?;
+            let roots = fs::read_to_string(&bundle)?
+                .matches("BEGIN CERTIFICATE")
+                .count();
+            ensure!(
+                roots == 2,
+                "the rotation bundle holds {roots} roots, expected 2"
+            );
+            wait_renewals(&cluster, &id, 2, T)?;
+
+            // Step 3: serve from the new root, on the same address with the same tokens.
+            cluster.stop_ca();
+            new_ca = Some(start_ca_from(&cluster, &new_dir)?);
+            // Two renewals per node from the new CA.
+            wait_renewals(&cluster, &id, 2, Duration::from_secs(40))?;
+            for pod in probe_pods {
+                let leaf = current_leaf(&cluster, pod, "after")?;
+                ensure_or_dump!(
+                    cluster,
+                    verifies(&new_root, &leaf)? && !verifies(&old_root, &leaf)?,
+                    "after the rotation {}'s leaf should verify against the new root only",
+                    pod.name()
+                );
+            }
+
+            // Step 4: every certificate in use is the new root's: drop the old root.
+            let tmp = old_dir.join("roots.pem.rotating");
+            fs::copy(&new_root, &tmp)?;
+            fs::rename(&tmp, &bundle)?;
+            wait_renewals(&cluster, &id, 2, T)?;
+            // Traffic over fresh handshakes under the new root alone.
+            std::thread::sleep(Duration::from_secs(2));
+            Ok(())
+        })();
+        stop.store(true, Ordering::SeqCst);
+        let _ = watcher.join();
+        (phases, churn.join(), batches_a.join(), batches_b.join())
+    });
+    let mut new_ca = new_ca;
+    cluster.with_diagnostics(phases)?;
+    let churn = churn.map_err(|_| anyhow!("churn thread panicked"))?;
+    let batches_a = batches_a.map_err(|_| anyhow!("batch thread panicked"))?;
+    let batches_b = batches_b.map_err(|_| anyhow!("batch thread panicked"))?;
+    check_traffic(&cluster, "churn p0-0 -> p1-0", &churn, 100)?;
+    check_traffic(
+        &cluster,
+        "reconnecting batches p1-1 -> p0-1",
+        &batches_a,
+        20,
+    )?;
+    check_traffic(
+        &cluster,
+        "reconnecting batches p0-1 -> p1-1",
+        &batches_b,
+        20,
+    )?;
+    for b in [&batches_a, &batches_b] {
+        ensure_or_dump!(
+            cluster,
+            b.hbone_ports.len() >= 6,
+            "expected fresh HBONE connections throughout the rotation, saw source ports {:?} \
+             over {} batches",
+            b.hbone_ports,
+            b.batches
+        );
+    }
+    for node in cluster.nodes() {
+        ensure_or_dump!(
+            cluster,
+            serials.distinct(node, &id) >= 7,
+            "{}: expected at least 6 renewals during the rotation: {:?}",
+            node.name(),
+            serials.snapshot()
+        );
+    }
+    if let Some(ca) = new_ca.as_mut() {
+        ca.stop(libc::SIGTERM, Duration::from_secs(5))?;
+    }
+    Ok(())
+}
+
+/// Starts `ambit ca serve --dir <dir>` in the fabric namespace on the bed's CA address, with
+/// the bed's tokens and mesh file (the bed's own CA must be stopped); waits until it listens.
+fn start_ca_from(cluster: &Cluster, dir: &Path) -> Result<Tool> {
+    let tokens = cluster.run_dir().join("ca-tokens.yaml");
+    ensure!(
+        tokens.exists(),
+        "the bed's CA tokens file {} is missing",
+        tokens.display()
+    );
+    let netns = fabric_netns(cluster);
+    let deadline = Instant::now() + T;
+    loop {
+        let mut cmd = Command::new(cluster.ambit_bin());
+        cmd.args(["--log-format", "json", "ca", "serve", "--dir"])
+            .arg(dir)
+            .args(["--listen", &CA_ADDR.to_string(), "--mesh-file"])
+            .arg(cluster.mesh_path())
+            .arg("--tokens")
+            .arg(&tokens)
+            .args(["--server-name", &CA_ADDR.ip().to_string()]);
+        let mut ca = Tool::spawn(
+            cluster,
+            "ambit ca serve (new root)",
+            "ca-new",
+            &netns,
+            cmd,
+            cluster.run_dir().join("ca-new.log"),
+            false,
+        )?;
+        loop {
+            let up = Netns::enter_thread(&netns, || {
+                std::net::TcpStream::connect_timeout(&CA_ADDR, Duration::from_millis(200)).is_ok()
+            })?;
+            if up {
+                return Ok(ca);
+            }
+            if ca.try_status().is_some() {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the new CA did not listen on {CA_ADDR}: {}",
+                ca.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Exited (e.g. the address was not free yet): try again until the deadline.
+        ensure!(
+            Instant::now() < deadline,
+            "the new CA keeps exiting: {}",
+            ca.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
