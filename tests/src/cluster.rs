@@ -22,6 +22,8 @@ use crate::util::{self, HttpResponse, Netns};
 pub const ADMIN_PORT: u16 = 15000;
 /// Readiness port of the agent.
 pub const READINESS_PORT: u16 = 15021;
+/// The agent's Prometheus metrics port (`/metrics`).
+pub const METRICS_PORT: u16 = 15020;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -43,9 +43,10 @@ pub mod cluster;
 pub mod mesh;
 pub mod process;
 pub mod testbed;
+pub mod traffic;
 pub mod util;
 
-pub use cluster::{ADMIN_PORT, Cluster, ClusterSpec, Node, Pod, READINESS_PORT};
+pub use cluster::{ADMIN_PORT, Cluster, ClusterSpec, METRICS_PORT, Node, Pod, READINESS_PORT};
 pub use mesh::MeshFile;
 pub use process::PodProcess;
 pub use util::{HttpResponse, Netns};

@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 
 use ambit_tests::cluster::{CA_ADDR, TRUST_DOMAIN};
 use ambit_tests::process::place_in;
+use ambit_tests::traffic::{client, connect_ok_n, metric_value, serve, wait_access_log};
 use ambit_tests::util::{self, Netns};
-use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump};
+use ambit_tests::{Cluster, ClusterSpec, Node, Pod, ensure_or_dump};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
 
@@ -46,124 +47,6 @@ fn cluster(nodes: usize, pods_per_node: usize) -> Result<Cluster> {
         nodes,
         pods_per_node,
     })
-}
-
-fn serve(pod: &Pod, ports: &[u16]) -> Result<PodProcess> {
-    let mut args = vec!["serve".to_string()];
-    for p in ports {
-        args.extend(["--port".to_string(), p.to_string()]);
-    }
-    let mut server = pod.spawn(testpod(), &args)?;
-    server
-        .read_json_until(T, |v| v["event"] == "listening")
-        .with_context(|| format!("server in {} did not start", pod.name()))?;
-    Ok(server)
-}
-
-/// One connection as `testpod client` reported it.
-struct Conn {
-    report: Value,
-}
-
-impl Conn {
-    fn ok(&self) -> bool {
-        self.report["ok"] == true
-    }
-    /// Went through the source pod's agent: the client socket is bound on loopback.
-    fn redirected(&self) -> bool {
-        self.report["local"]
-            .as_str()
-            .and_then(|l| l.parse::<SocketAddr>().ok())
-            .is_some_and(|a| a.ip().is_loopback())
-    }
-}
-
-/// Runs `testpod client` in `from` with `extra` flags; returns every connection's report (it
-/// does not require success: callers assert what they expect).
-fn client_with(
-    from: &Pod,
-    dst: SocketAddr,
-    bytes: u64,
-    count: u32,
-    extra: &[&str],
-) -> Result<Vec<Conn>> {
-    let mut args = vec![
-        "client".to_string(),
-        "--connect".into(),
-        dst.to_string(),
-        "--bytes".into(),
-        bytes.to_string(),
-        "--count".into(),
-        count.to_string(),
-        "--timeout-ms".into(),
-        "5000".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut c = from.spawn(testpod(), &args)?;
-    let (_, lines) = c.wait_json(Duration::from_secs(60))?;
-    Ok(lines.into_iter().map(|report| Conn { report }).collect())
-}
-
-fn client(from: &Pod, dst: SocketAddr, bytes: u64, count: u32) -> Result<Vec<Conn>> {
-    client_with(from, dst, bytes, count, &[])
-}
-
-/// Runs `count` client connections and insists every one succeeded, byte-exact.
-fn connect_ok(
-    cluster: &Cluster,
-    from: &Pod,
-    dst: SocketAddr,
-    bytes: u64,
-    count: u32,
-    extra: &[&str],
-) -> Result<Vec<Conn>> {
-    let conns = client_with(from, dst, bytes, count, extra)?;
-    let bad: Vec<&Value> = conns
-        .iter()
-        .filter(|c| !c.ok() || c.report["sent"] != bytes || c.report["received"] != bytes)
-        .map(|c| &c.report)
-        .collect();
-    ensure_or_dump!(
-        cluster,
-        conns.len() == count as usize && bad.is_empty(),
-        "{} -> {dst}: {} of {count} connections reported, failed or not byte-exact: {bad:?}",
-        from.name(),
-        conns.len()
-    );
-    Ok(conns)
-}
-
-/// The agent's access-log records.
-fn access_logs(node: &Node) -> Vec<Value> {
-    node.agent_log_json()
-        .into_iter()
-        .filter(|l| l["target"] == "access")
-        .collect()
-}
-
-/// Waits for an access-log record of `direction` to `dst` (written when a connection ends).
-fn wait_access_log(
-    cluster: &Cluster,
-    node: &Node,
-    direction: &str,
-    dst: SocketAddr,
-) -> Result<Value> {
-    let deadline = Instant::now() + T;
-    loop {
-        if let Some(l) = access_logs(node)
-            .into_iter()
-            .find(|l| l["direction"] == direction && l["dst"] == dst.to_string())
-        {
-            return Ok(l);
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "agent {} logged no {direction} connection to {dst}",
-            node.name()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -429,21 +312,6 @@ fn wait_renewals(cluster: &Cluster, id: &str, n: usize, timeout: Duration) -> Re
         }
     }
     Ok(())
-}
-
-/// The value of an unlabelled metric in the agent's `/metrics`.
-fn metric(node: &Node, name: &str) -> Result<f64> {
-    let r = node.http_get(15020, "/metrics", Duration::from_secs(5))?;
-    ensure!(
-        r.status == 200,
-        "GET /metrics on {}: HTTP {}",
-        node.name(),
-        r.status
-    );
-    r.body
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .ok_or_else(|| anyhow!("no {name} in the metrics of {}", node.name()))
 }
 
 /// Polls every node's certificates while traffic runs, recording each serial seen (in order)
@@ -903,7 +771,7 @@ fn pod_to_pod_traffic_crosses_the_wire_only_as_tls() -> Result<()> {
 
     // Between enrolled pods: HBONE.
     let mut capture = start_capture(&cluster, node0, "meshed")?;
-    let conns = connect_ok(&cluster, src, dst.addr4(8080), BYTES, 1, &pattern)?;
+    let conns = connect_ok_n(&cluster, src, dst.addr4(8080), BYTES, 1, &pattern)?;
     let pcap = capture.finish()?;
     ensure_or_dump!(
         cluster,
@@ -942,7 +810,7 @@ fn pod_to_pod_traffic_crosses_the_wire_only_as_tls() -> Result<()> {
     );
     let spiffe = default_identity();
     for (node, direction) in [(node0, "outbound"), (cluster.node(1), "inbound")] {
-        let line = wait_access_log(&cluster, node, direction, dst.addr4(8080))?;
+        let line = wait_access_log(&cluster, node, direction, dst.addr4(8080), 1)?.remove(0);
         ensure_or_dump!(
             cluster,
             line["security"] == "mtls"
@@ -958,7 +826,7 @@ fn pod_to_pod_traffic_crosses_the_wire_only_as_tls() -> Result<()> {
     // Control: the same payload between two un-enrolled pods is visible on the same link, so
     // the checks above can fail.
     let mut capture = start_capture(&cluster, node0, "plain")?;
-    let conns = connect_ok(
+    let conns = connect_ok_n(
         &cluster,
         plain_src,
         plain_dst.addr4(8080),
@@ -1020,8 +888,8 @@ fn a_real_prometheus_scrapes_per_workload_counters() -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
 
-    connect_ok(&cluster, p00, p10.addr4(8080), 1000, 3, &[])?;
-    connect_ok(&cluster, p11, p00.addr4(8080), 1000, 2, &[])?;
+    connect_ok_n(&cluster, p00, p10.addr4(8080), 1000, 3, &[])?;
+    connect_ok_n(&cluster, p11, p00.addr4(8080), 1000, 2, &[])?;
     let spiffe = default_identity();
     let pair_labels = [
         "source_workload",
@@ -1172,7 +1040,7 @@ fn certificates_renew_under_continuous_traffic_without_failures() -> Result<()> 
     }
     // The renewals were successes, not retries.
     for node in cluster.nodes() {
-        let errors = metric(node, "ambit_ca_errors_total")?;
+        let errors = metric_value(node, "ambit_ca_errors_total")?;
         ensure_or_dump!(
             cluster,
             errors == 0.0,
@@ -1195,11 +1063,11 @@ fn with_the_ca_stopped_existing_certificates_keep_working() -> Result<()> {
     for n in cluster.nodes() {
         wait_certificate(&cluster, n, &id)?;
     }
-    connect_ok(&cluster, client_pod, dst, 1000, 1, &[])?;
+    connect_ok_n(&cluster, client_pod, dst, 1000, 1, &[])?;
     let errors_before: Vec<f64> = cluster
         .nodes()
         .iter()
-        .map(|n| metric(n, "ambit_ca_errors_total"))
+        .map(|n| metric_value(n, "ambit_ca_errors_total"))
         .collect::<Result<_>>()?;
 
     cluster.stop_ca();
@@ -1218,7 +1086,7 @@ fn with_the_ca_stopped_existing_certificates_keep_working() -> Result<()> {
                 .into_iter()
                 .find(|c| c["id"] == id.as_str())
                 .unwrap_or_default();
-            let errors = metric(node, "ambit_ca_errors_total")?;
+            let errors = metric_value(node, "ambit_ca_errors_total")?;
             if cert["lastError"].is_string() && errors > errors_before[i] {
                 break;
             }
@@ -1281,7 +1149,7 @@ fn with_the_ca_stopped_existing_certificates_keep_working() -> Result<()> {
             node.name()
         );
     }
-    connect_ok(&cluster, client_pod, dst, 1000, 3, &[])?;
+    connect_ok_n(&cluster, client_pod, dst, 1000, 3, &[])?;
     Ok(())
 }
 

@@ -16,7 +16,8 @@ use ambit::proxy::hbone::{
     tls,
 };
 use ambit_tests::mesh::Policies;
-use ambit_tests::{Cluster, ClusterSpec, Netns, Node, Pod, PodProcess, ensure_or_dump};
+use ambit_tests::traffic::{metric, serve};
+use ambit_tests::{Cluster, ClusterSpec, Netns, Node, Pod, ensure_or_dump};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
@@ -25,16 +26,6 @@ const T: Duration = Duration::from_secs(20);
 
 fn testpod() -> PathBuf {
     ambit_tests::testpod_path!()
-}
-
-fn serve(pod: &Pod, ports: &[u16]) -> Result<PodProcess> {
-    let mut args = vec!["serve".to_string()];
-    for p in ports {
-        args.extend(["--port".to_string(), p.to_string()]);
-    }
-    let mut server = pod.spawn(testpod(), &args)?;
-    server.read_json_until(T, |v| v["event"] == "listening")?;
-    Ok(server)
 }
 
 /// One `testpod client` connection: whether it reached the server and got its bytes back.
@@ -94,15 +85,8 @@ fn authz(policies: Vec<Value>) -> Policies {
 }
 
 fn denied_count(node: &Node, reason: &str) -> Result<f64> {
-    let metrics = node.http_get(15020, "/metrics", T)?.body;
-    Ok(metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("ambit_connections_denied_total")
-                && l.contains(&format!("reason=\"{reason}\""))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0))
+    let series = format!("ambit_connections_denied_total{{reason=\"{reason}\"}}");
+    Ok(metric(node, &series)?.unwrap_or(0.0))
 }
 
 #[test]

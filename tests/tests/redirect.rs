@@ -7,16 +7,17 @@
 //! access logs confirm both hops.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Policies;
-use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump};
+use ambit_tests::traffic::{TIMEOUT, access_logs, client, connect_ok, serve, wait_access_log};
+use ambit_tests::{Cluster, ClusterSpec, Node, PodProcess, ensure_or_dump};
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
+use serde_json::json;
 
-const T: Duration = Duration::from_secs(20);
+const T: Duration = TIMEOUT;
 
 fn testpod() -> PathBuf {
     ambit_tests::testpod_path!()
@@ -35,137 +36,6 @@ fn permissive_mesh() -> Policies {
         peer_authentications: vec![json!({"name": "permissive", "mode": "PERMISSIVE"})],
         ..Default::default()
     }
-}
-
-fn serve(pod: &Pod, ports: &[u16]) -> Result<PodProcess> {
-    let mut args = vec!["serve".to_string()];
-    for p in ports {
-        args.extend(["--port".to_string(), p.to_string()]);
-    }
-    let mut server = pod.spawn(testpod(), &args)?;
-    server
-        .read_json_until(T, |v| v["event"] == "listening")
-        .with_context(|| format!("server in {} did not start", pod.name()))?;
-    Ok(server)
-}
-
-/// One connection as `testpod client` reported it.
-struct Conn {
-    report: Value,
-}
-
-impl Conn {
-    fn ok(&self) -> bool {
-        self.report["ok"] == true
-    }
-    fn peer(&self) -> String {
-        self.report["peer"].as_str().unwrap_or_default().to_string()
-    }
-    fn local_ip(&self) -> Option<IpAddr> {
-        self.report["local"]
-            .as_str()?
-            .parse::<SocketAddr>()
-            .ok()
-            .map(|a| a.ip())
-    }
-    /// Went through the source pod's agent: the client socket is bound on loopback.
-    fn redirected(&self) -> bool {
-        self.local_ip().is_some_and(|ip| ip.is_loopback())
-    }
-    fn greeting_field(&self, i: usize) -> String {
-        let greeting = self.report["greeting"].as_str().unwrap_or_default();
-        greeting.split(' ').nth(i).unwrap_or_default().to_string()
-    }
-    /// The pod that answered.
-    fn served_by(&self) -> String {
-        self.greeting_field(1)
-    }
-    /// The client address as the application saw it.
-    fn seen_peer_ip(&self) -> Option<IpAddr> {
-        self.greeting_field(2)
-            .parse::<SocketAddr>()
-            .ok()
-            .map(|a| a.ip())
-    }
-}
-
-/// Runs `testpod client` in `from`; returns every connection's report (it does not require
-/// success: callers assert what they expect).
-fn client(from: &Pod, dst: SocketAddr, bytes: u64, count: u32) -> Result<Vec<Conn>> {
-    let mut c = from.spawn(
-        testpod(),
-        [
-            "client",
-            "--connect",
-            &dst.to_string(),
-            "--bytes",
-            &bytes.to_string(),
-            "--count",
-            &count.to_string(),
-            "--timeout-ms",
-            "5000",
-        ],
-    )?;
-    let (_, lines) = c.wait_json(Duration::from_secs(60))?;
-    Ok(lines.into_iter().map(|report| Conn { report }).collect())
-}
-
-/// Runs one client connection and insists it succeeded, byte-exact.
-fn connect_ok(cluster: &Cluster, from: &Pod, dst: SocketAddr, bytes: u64) -> Result<Conn> {
-    let mut conns = client(from, dst, bytes, 1)?;
-    ensure_or_dump!(
-        cluster,
-        conns.len() == 1 && conns[0].ok(),
-        "{} -> {dst}: connection failed: {:?}",
-        from.name(),
-        conns.first().map(|c| &c.report)
-    );
-    let conn = conns.remove(0);
-    ensure_or_dump!(
-        cluster,
-        conn.report["sent"] == bytes && conn.report["received"] == bytes,
-        "{} -> {dst}: bytes not echoed exactly: {}",
-        from.name(),
-        conn.report
-    );
-    Ok(conn)
-}
-
-/// The agent's access-log records.
-fn access_logs(node: &Node) -> Vec<Value> {
-    node.agent_log_json()
-        .into_iter()
-        .filter(|l| l["target"] == "access")
-        .collect()
-}
-
-fn access_log_count(node: &Node, direction: &str, dst: SocketAddr) -> usize {
-    access_logs(node)
-        .iter()
-        .filter(|l| l["direction"] == direction && l["dst"] == dst.to_string())
-        .count()
-}
-
-/// Access-log lines are written when a connection ends, a moment after the client saw it end.
-fn wait_access_log(
-    cluster: &Cluster,
-    node: &Node,
-    direction: &str,
-    dst: SocketAddr,
-    at_least: usize,
-) -> Result<()> {
-    let deadline = Instant::now() + T;
-    while access_log_count(node, direction, dst) < at_least {
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "agent {} logged {} {direction} connections to {dst}, expected {at_least}",
-            node.name(),
-            access_log_count(node, direction, dst)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
 }
 
 fn ebpf_stat(node: &Node, name: &str) -> Result<u64> {

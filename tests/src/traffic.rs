@@ -1,0 +1,212 @@
+//! Traffic helpers the end-to-end tests share: `testpod` servers and clients in pods, the
+//! clients' per-connection reports, the agents' access logs and metrics.
+//!
+//! How a test tells whether a connection went through the agent: a redirected connect lands on
+//! the agent's loopback listener, so the client's own address (`getsockname`) is on loopback,
+//! while `getpeername` still shows the address it dialled; and a connection delivered by the
+//! destination pod's agent reaches the application from the pod's own address.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use serde_json::Value;
+
+use crate::{Cluster, Node, Pod, PodProcess, ensure_or_dump, testpod_bin};
+
+/// How long a helper waits for a process or a log line.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Starts `testpod serve` in `pod` on `ports` and waits until it listens.
+pub fn serve(pod: &Pod, ports: &[u16]) -> Result<PodProcess> {
+    let mut args = vec!["serve".to_string()];
+    for p in ports {
+        args.extend(["--port".to_string(), p.to_string()]);
+    }
+    let mut server = pod.spawn(testpod_bin()?, &args)?;
+    server
+        .read_json_until(TIMEOUT, |v| v["event"] == "listening")
+        .with_context(|| format!("server in {} did not start", pod.name()))?;
+    Ok(server)
+}
+
+/// One connection as `testpod client` reported it.
+#[derive(Debug)]
+pub struct Conn {
+    /// The raw JSON report.
+    pub report: Value,
+}
+
+impl Conn {
+    /// Connected, greeted, and got every byte back.
+    pub fn ok(&self) -> bool {
+        self.report["ok"] == true
+    }
+
+    /// What `getpeername` returned.
+    pub fn peer(&self) -> String {
+        self.report["peer"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// The client socket's own address (`getsockname`).
+    pub fn local_ip(&self) -> Option<IpAddr> {
+        self.report["local"]
+            .as_str()?
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+    }
+
+    /// Went through the source pod's agent: the client socket is bound on loopback.
+    pub fn redirected(&self) -> bool {
+        self.local_ip().is_some_and(|ip| ip.is_loopback())
+    }
+
+    /// Field `i` of the server's greeting `HELLO <name> <peer seen> <local>`.
+    pub fn greeting_field(&self, i: usize) -> String {
+        let greeting = self.report["greeting"].as_str().unwrap_or_default();
+        greeting.split(' ').nth(i).unwrap_or_default().to_string()
+    }
+
+    /// The pod that answered.
+    pub fn served_by(&self) -> String {
+        self.greeting_field(1)
+    }
+
+    /// The client address as the application saw it.
+    pub fn seen_peer_ip(&self) -> Option<IpAddr> {
+        self.greeting_field(2)
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+    }
+}
+
+/// Runs `testpod client` in `from` with `extra` flags; returns every connection's report (it
+/// does not require success: callers assert what they expect).
+pub fn client_with(
+    from: &Pod,
+    dst: SocketAddr,
+    bytes: u64,
+    count: u32,
+    extra: &[&str],
+) -> Result<Vec<Conn>> {
+    let mut args = vec![
+        "client".to_string(),
+        "--connect".into(),
+        dst.to_string(),
+        "--bytes".into(),
+        bytes.to_string(),
+        "--count".into(),
+        count.to_string(),
+        "--timeout-ms".into(),
+        "5000".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut c = from.spawn(testpod_bin()?, &args)?;
+    let (_, lines) = c.wait_json(Duration::from_secs(60))?;
+    Ok(lines.into_iter().map(|report| Conn { report }).collect())
+}
+
+/// [`client_with`] without extra flags.
+pub fn client(from: &Pod, dst: SocketAddr, bytes: u64, count: u32) -> Result<Vec<Conn>> {
+    client_with(from, dst, bytes, count, &[])
+}
+
+/// Runs `count` client connections and insists every one succeeded, byte-exact.
+pub fn connect_ok_n(
+    cluster: &Cluster,
+    from: &Pod,
+    dst: SocketAddr,
+    bytes: u64,
+    count: u32,
+    extra: &[&str],
+) -> Result<Vec<Conn>> {
+    let conns = client_with(from, dst, bytes, count, extra)?;
+    let bad: Vec<&Value> = conns
+        .iter()
+        .filter(|c| !c.ok() || c.report["sent"] != bytes || c.report["received"] != bytes)
+        .map(|c| &c.report)
+        .collect();
+    ensure_or_dump!(
+        cluster,
+        conns.len() == count as usize && bad.is_empty(),
+        "{} -> {dst}: {} of {count} connections reported, failed or not byte-exact: {bad:?}",
+        from.name(),
+        conns.len()
+    );
+    Ok(conns)
+}
+
+/// One connection that must succeed, byte-exact.
+pub fn connect_ok(cluster: &Cluster, from: &Pod, dst: SocketAddr, bytes: u64) -> Result<Conn> {
+    let mut conns = connect_ok_n(cluster, from, dst, bytes, 1, &[])?;
+    Ok(conns.remove(0))
+}
+
+/// The agent's access-log records.
+pub fn access_logs(node: &Node) -> Vec<Value> {
+    node.agent_log_json()
+        .into_iter()
+        .filter(|l| l["target"] == "access")
+        .collect()
+}
+
+/// The access-log records of `direction` to `dst`.
+pub fn access_logs_to(node: &Node, direction: &str, dst: SocketAddr) -> Vec<Value> {
+    access_logs(node)
+        .into_iter()
+        .filter(|l| l["direction"] == direction && l["dst"] == dst.to_string())
+        .collect()
+}
+
+/// Waits until `node` logged at least `at_least` connections of `direction` to `dst` (lines are
+/// written when connections end, a moment after the client saw the end); returns them.
+pub fn wait_access_log(
+    cluster: &Cluster,
+    node: &Node,
+    direction: &str,
+    dst: SocketAddr,
+    at_least: usize,
+) -> Result<Vec<Value>> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let found = access_logs_to(node, direction, dst);
+        if found.len() >= at_least {
+            return Ok(found);
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "agent {} logged {} {direction} connections to {dst}, expected {at_least}",
+            node.name(),
+            found.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The value of one series of the agent's `/metrics`, named exactly as exposed (with its
+/// labels, e.g. `ambit_connections_denied_total{reason="plaintext_strict"}`); `None` when the
+/// series does not exist (yet).
+pub fn metric(node: &Node, series: &str) -> Result<Option<f64>> {
+    let r = node.http_get(crate::METRICS_PORT, "/metrics", Duration::from_secs(5))?;
+    ensure!(
+        r.status == 200,
+        "GET /metrics on {}: HTTP {}",
+        node.name(),
+        r.status
+    );
+    Ok(r.body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    }))
+}
+
+/// Like [`metric`], for a series that must exist.
+pub fn metric_value(node: &Node, series: &str) -> Result<f64> {
+    metric(node, series)?.ok_or_else(|| anyhow!("no {series} in the metrics of {}", node.name()))
+}
