@@ -20,8 +20,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",           // HTTP clients in the demo and tests
     "tcpdump",        // looking at the wire (plaintext vs. mTLS) in the demo
     "wrk",            // HTTP load for the benchmarks
-    "nghttp2-client", // h2 clients (nghttp, h2load)
-    "prometheus",     // scraping the agent's metrics endpoint
+    "nghttp2-client", // h2 clients (nghttp, h2load: HTTP load in `cargo xtask bench`)
+    "nginx-light",    // the HTTP server of `cargo xtask bench` (started by the bench, in a pod)
+    "iperf3",         // bulk throughput in `cargo xtask bench`
+    "prometheus",     // scraping the agent's metrics; promtool checks the dashboard's PromQL
+    "python3-venv",   // the venv of the deploy test's validators (target/tmp/deploy-tools)
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";
