@@ -4,6 +4,8 @@
 //! - `build [--release]`: the toolchain part of setup, then the agent and test-bed binaries.
 //! - `test [-- <nextest args>]`: setup, fmt, clippy, build, then every test through nextest.
 //! - `demo`: setup, release build, then the cluster-in-a-box demo.
+//! - `bench [-- <bench args>]`: setup, release build, then the benchmark on a cluster in a box;
+//!   writes docs/benchmarks.md.
 
 mod cmd;
 mod setup;
@@ -44,6 +46,14 @@ enum Command {
     },
     /// Run setup, a release build, then the cluster-in-a-box demo.
     Demo,
+    /// Run setup, a release build, then the benchmark (direct, passthrough and mesh paths, same
+    /// node and across nodes) on a cluster in a box; writes docs/benchmarks.md.
+    Bench {
+        /// Extra arguments for the bench binary, after `--` (e.g. `--rate-seconds 5`; see
+        /// `target/release/bench --help`).
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 /// The workspace root: xtask's parent directory.
@@ -62,6 +72,7 @@ fn main() -> ExitCode {
         Command::Build { release } => tasks::build(release),
         Command::Test { nextest_args } => tasks::test(&nextest_args),
         Command::Demo => tasks::demo(),
+        Command::Bench { bench_args } => tasks::bench(&bench_args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

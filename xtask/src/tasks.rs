@@ -1,4 +1,4 @@
-//! `build`, `test` and `demo`.
+//! `build`, `test`, `demo` and `bench`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -127,5 +127,35 @@ pub fn demo() -> Result<()> {
             .current_dir(&root)
             .env("AMBIT_BIN", release.join("ambit"))
             .env("AMBIT_TESTPOD_BIN", release.join("testpod")),
+    ))
+}
+
+pub fn bench(bench_args: &[String]) -> Result<()> {
+    setup::ensure(Scope::Full)?;
+    let root = workspace_root();
+    let release = target_dir(&root).join("release");
+    println!("==> [1/2] release build");
+    run(cargo(&root)
+        .args(["build", "--release"])
+        .args(BIN_PACKAGES)
+        .arg("--bins"))
+    .context("release build failed")?;
+    let bench = release.join("bench");
+    if !bench.is_file() {
+        bail!(
+            "{} was not built: the `ambit-tests` package has no `bench` binary",
+            bench.display()
+        );
+    }
+    println!("\n==> [2/2] benchmark (a few minutes; writes docs/benchmarks.md)");
+    Err(exec(
+        Command::new(&bench)
+            .current_dir(&root)
+            .env("AMBIT_BIN", release.join("ambit"))
+            .env("AMBIT_TESTPOD_BIN", release.join("testpod"))
+            .arg("--out")
+            .arg(root.join("docs/benchmarks.md"))
+            .args(["--command", "cargo xtask bench"])
+            .args(bench_args),
     ))
 }

@@ -1,0 +1,1575 @@
+//! `cargo xtask bench`: one cluster in a box, one run, every path measured side by side.
+//!
+//! Two nodes with two pods each. The client is `p0-0` (node n0); the servers are `p0-1` (same
+//! node) and `p1-0` (across nodes, through the fabric bridge). Each server pod runs nginx (small
+//! HTTP responses), an iperf3 server (bulk throughput) and `testpod serve` (connection churn).
+//! Three paths, chosen by toggling enrolment in the mesh file (the agents keep running):
+//!
+//! - **direct**: neither pod enrolled, no agent on the path;
+//! - **passthrough**: the client enrolled, the server not: the client's agent captures the
+//!   connection and connects to a destination outside the mesh in plaintext;
+//! - **mesh**: both enrolled: whatever the agents do between two enrolled pods (plaintext through
+//!   both agents today, HBONE mTLS once it lands; the access log tells which, and the report
+//!   says so).
+//!
+//! For each path, same node and across nodes: h2load at a fixed rate and at saturation (latency
+//! percentiles from h2load's per-request log), iperf3 with 1 and 8 streams, `testpod churn`
+//! (sequential short connections), and the agents' CPU time; at the end the agents' peak memory.
+//! Writes a Markdown report (default `docs/benchmarks.md`) and prints the same tables. Every load
+//! is bounded in count and time, stays inside the bed's namespaces, and nothing here asserts on
+//! performance: a failed tool run is reported as such, and makes the exit status non-zero.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ambit_tests::util::{self, Netns};
+use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess};
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Parser;
+use serde_json::Value;
+
+const HTTP_PORT: u16 = 8080;
+const IPERF_PORT: u16 = 5201;
+const ECHO_PORT: u16 = 9000;
+/// The body nginx returns (small on purpose: this measures per-request overhead).
+const BODY: &str = "ambit bench\n";
+/// Time limit for configuration changes and server start-up.
+const SETTLE: Duration = Duration::from_secs(20);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "Ambit benchmark on a cluster in a box (run by `cargo xtask bench`)"
+)]
+struct Args {
+    /// Where to write the Markdown report.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    out: PathBuf,
+    /// The command recorded in the report as the one that produced it.
+    #[arg(long, default_value = "cargo xtask bench")]
+    command: String,
+    /// HTTP clients of the fixed-rate runs.
+    #[arg(long, default_value_t = 4)]
+    rate_clients: u32,
+    /// Requests per second of each fixed-rate client.
+    #[arg(long, default_value_t = 250)]
+    rps: u32,
+    /// Length of each fixed-rate run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    rate_seconds: u32,
+    /// HTTP clients (connections) of the saturation runs.
+    #[arg(long, default_value_t = 16)]
+    saturation_clients: u32,
+    /// Length of each saturation run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    saturation_seconds: u32,
+    /// Length of each iperf3 run, in seconds.
+    #[arg(long, default_value_t = 5)]
+    bulk_seconds: u32,
+    /// Parallel streams of the multi-stream iperf3 run.
+    #[arg(long, default_value_t = 8)]
+    bulk_streams: u32,
+    /// Connections of each connection-setup run.
+    #[arg(long, default_value_t = 2000)]
+    churn_count: u32,
+    /// Time limit of each connection-setup run, in seconds.
+    #[arg(long, default_value_t = 20)]
+    churn_seconds: u32,
+    /// Seconds of no traffic over which the agents' idle CPU time is measured.
+    #[arg(long, default_value_t = 5)]
+    idle_seconds: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// paths and placements
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum MeshPath {
+    Direct,
+    Passthrough,
+    Mesh,
+}
+
+impl MeshPath {
+    const ALL: [MeshPath; 3] = [MeshPath::Direct, MeshPath::Passthrough, MeshPath::Mesh];
+
+    fn name(self) -> &'static str {
+        match self {
+            MeshPath::Direct => "direct",
+            MeshPath::Passthrough => "passthrough",
+            MeshPath::Mesh => "mesh",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Placement {
+    SameNode,
+    AcrossNodes,
+}
+
+impl Placement {
+    fn name(self) -> &'static str {
+        match self {
+            Placement::SameNode => "same node",
+            Placement::AcrossNodes => "across nodes",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// tools
+
+/// The absolute path of a tool: `$PATH`, then the sbin directories (nginx lives in /usr/sbin).
+fn tool(name: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow!("`{name}` not found; `cargo xtask setup` installs it"))
+}
+
+/// The tools, and a scratch directory for their files (removed on drop).
+struct Tools {
+    h2load: PathBuf,
+    nginx: PathBuf,
+    iperf3: PathBuf,
+    testpod: PathBuf,
+    /// nginx's config and files, h2load's request logs. Not the bed's run dir: the agents watch
+    /// the mesh file's directory and wake up on every event in it, which h2load's log writes
+    /// would turn into agent CPU time on every path.
+    scratch: PathBuf,
+}
+
+impl Drop for Tools {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.scratch);
+    }
+}
+
+impl Tools {
+    fn find() -> Result<Self> {
+        let scratch = std::env::temp_dir().join(format!("ambit-bench-{}", std::process::id()));
+        fs::create_dir_all(&scratch).with_context(|| format!("mkdir {}", scratch.display()))?;
+        Ok(Self {
+            h2load: tool("h2load")?,
+            nginx: tool("nginx")?,
+            iperf3: tool("iperf3")?,
+            testpod: ambit_tests::testpod_bin()?,
+            scratch,
+        })
+    }
+
+    /// One line per tool with its version, for the report.
+    fn versions(&self) -> Vec<String> {
+        let first_line = |program: &Path, arg: &str| {
+            Command::new(program)
+                .arg(arg)
+                .output()
+                .ok()
+                .map(|o| {
+                    // nginx prints its version on stderr.
+                    let text = if o.stdout.is_empty() {
+                        o.stderr
+                    } else {
+                        o.stdout
+                    };
+                    String::from_utf8_lossy(&text)
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string()
+                })
+                .unwrap_or_else(|| "unknown".into())
+        };
+        vec![
+            first_line(&self.h2load, "--version"),
+            first_line(&self.nginx, "-v"),
+            first_line(&self.iperf3, "--version"),
+        ]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// servers
+
+/// The server processes of one pod: nginx, iperf3 and the churn echo server.
+struct Servers {
+    nginx: PodProcess,
+    _iperf3: PodProcess,
+    _echo: PodProcess,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        // A fast shutdown by the master (our child) takes its worker with it; the PodProcess
+        // drop then reaps it (or kills it if it is still there).
+        let _ = self.nginx.signal(libc::SIGTERM);
+        let _ = self.nginx.wait_timeout(Duration::from_secs(5));
+    }
+}
+
+fn nginx_conf(dir: &Path, ip: IpAddr) -> String {
+    let d = dir.display();
+    format!(
+        "# Written by the Ambit benchmark (tests/src/bin/bench.rs).
+worker_processes 1;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen {ip}:{HTTP_PORT};
+        location / {{
+            default_type text/plain;
+            return 200 {BODY:?};
+        }}
+    }}
+}}
+"
+    )
+}
+
+fn start_servers(pod: &Pod, tools: &Tools) -> Result<Servers> {
+    let ip = IpAddr::V4(pod.ip4());
+    // nginx: config, pid file, logs and temp dirs in the scratch dir.
+    let dir = tools.scratch.join(format!("nginx-{}", pod.name()));
+    fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    let conf = dir.join("nginx.conf");
+    fs::write(&conf, nginx_conf(&dir, ip)).with_context(|| format!("write {}", conf.display()))?;
+    let prefix = format!("{}/", dir.display());
+    let error_log = dir.join("error.log");
+    let mut nginx = pod.spawn(
+        &tools.nginx,
+        [
+            "-p",
+            prefix.as_str(),
+            "-c",
+            &conf.display().to_string(),
+            "-e",
+            &error_log.display().to_string(),
+            "-g",
+            "daemon off;",
+        ],
+    )?;
+    let addr = SocketAddr::new(ip, HTTP_PORT);
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let probe = Netns::enter_thread(pod.netns_path(), || {
+            util::http_get(addr, "/", Duration::from_secs(1))
+        })?;
+        match probe {
+            Ok(r) if r.status == 200 && r.body == BODY => break,
+            Ok(r) => bail!(
+                "nginx in {} answered HTTP {}: {:?}",
+                pod.name(),
+                r.status,
+                r.body
+            ),
+            Err(e) => {
+                if nginx.try_status()?.is_some() || Instant::now() >= deadline {
+                    bail!(
+                        "nginx in {} not serving on {addr} ({}): {e:#}\nstderr: {}\nerror.log: {}",
+                        pod.name(),
+                        nginx.describe_status(),
+                        nginx.stderr(),
+                        util::tail_file(&error_log, 20)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let ip_s = ip.to_string();
+    let port_s = IPERF_PORT.to_string();
+    let mut iperf3 = pod.spawn(
+        &tools.iperf3,
+        [
+            "-s",
+            "-B",
+            ip_s.as_str(),
+            "-p",
+            port_s.as_str(),
+            "--forceflush",
+        ],
+    )?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = iperf3
+            .read_line(left)
+            .with_context(|| format!("iperf3 server in {}", pod.name()))?;
+        if line.contains("listening") {
+            break;
+        }
+    }
+    let echo_port = ECHO_PORT.to_string();
+    let mut echo = pod.spawn(
+        &tools.testpod,
+        [
+            "serve",
+            "--port",
+            echo_port.as_str(),
+            "--bind",
+            ip_s.as_str(),
+        ],
+    )?;
+    echo.read_json_until(SETTLE, |v| v["event"] == "listening")?;
+    Ok(Servers {
+        nginx,
+        _iperf3: iperf3,
+        _echo: echo,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// enrolment
+
+/// `namespace/name` of the enrolled pods in a node's config dump.
+fn enrolled_uids(node: &Node) -> Result<BTreeSet<String>> {
+    let dump = node.config_dump()?;
+    let list = dump["enrolled"].as_array().ok_or_else(|| {
+        anyhow!(
+            "config_dump of {} has no `enrolled` list: {dump}",
+            node.name()
+        )
+    })?;
+    Ok(list
+        .iter()
+        .filter_map(|e| e.as_str().or_else(|| e["uid"].as_str()))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Enrols exactly `enrolled` (every other pod un-enrolled) through the mesh file, and waits until
+/// both agents have loaded it and enrolled exactly those pods. The agents keep running.
+fn set_enrolment(cluster: &Cluster, enrolled: &[&Pod]) -> Result<()> {
+    for p in cluster.pods() {
+        p.set_enrolled(enrolled.iter().any(|e| e.name() == p.name()));
+    }
+    let text = cluster.mesh().to_yaml()?;
+    let current = fs::read_to_string(cluster.mesh_path()).unwrap_or_default();
+    if text != current {
+        let generations = cluster
+            .nodes()
+            .iter()
+            .map(Node::config_generation)
+            .collect::<Result<Vec<_>>>()?;
+        cluster.write_mesh()?;
+        for (node, g) in cluster.nodes().iter().zip(generations) {
+            node.wait_config_generation(g + 1, SETTLE)?;
+        }
+    }
+    for node in cluster.nodes() {
+        let want: BTreeSet<String> = cluster
+            .pods_on(node.index())
+            .iter()
+            .filter(|p| p.enrolled())
+            .map(|p| format!("{}/{}", p.namespace(), p.name()))
+            .collect();
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let have = enrolled_uids(node)?;
+            if have == want {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: enrolled {have:?}, expected {want:?}\n{}",
+                    node.name(),
+                    cluster.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// measurements
+
+/// A command line as run, for the report (program by name, not path).
+fn show(program: &str, args: &[String]) -> String {
+    std::iter::once(program.to_string())
+        .chain(args.iter().map(|a| {
+            if a.contains(' ') || a.contains(';') {
+                format!("'{a}'")
+            } else {
+                a.clone()
+            }
+        }))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Clone, Debug)]
+struct Http {
+    /// Achieved rate: successful requests per second of the run.
+    rate: f64,
+    succeeded: u64,
+    /// Requests that failed, errored or timed out.
+    failed: u64,
+    /// Latency percentiles in microseconds.
+    p50: f64,
+    p90: f64,
+    p99: f64,
+}
+
+/// A duration as h2load prints it (`10.00s`, `150.23ms`, `823us`), in seconds.
+fn h2load_duration(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (s, 1.0)
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * scale)
+}
+
+/// What h2load's text output says.
+struct H2loadSummary {
+    /// Length of the run, in seconds.
+    duration: f64,
+    /// Requests per second as h2load computes it.
+    rate: f64,
+    /// The counters of the `requests:` line (`total`, `succeeded`, `failed`, ...).
+    counters: Vec<(String, u64)>,
+}
+
+fn parse_h2load(text: &str) -> Result<H2loadSummary> {
+    let finished = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("finished in "))
+        .ok_or_else(|| anyhow!("no `finished in` line in h2load output:\n{text}"))?;
+    let mut parts = finished.split(',').map(str::trim);
+    let duration = parts
+        .next()
+        .and_then(h2load_duration)
+        .ok_or_else(|| anyhow!("bad `finished in` line: {finished:?}"))?;
+    let rate = parts
+        .find(|p| p.ends_with("req/s"))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .ok_or_else(|| anyhow!("no req/s in `finished in` line: {finished:?}"))?;
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("requests:"))
+        .ok_or_else(|| anyhow!("no `requests:` line in h2load output:\n{text}"))?;
+    let counters = requests
+        .split(',')
+        .filter_map(|c| {
+            let mut w = c.split_whitespace();
+            let n = w.next()?.parse::<u64>().ok()?;
+            Some((w.next()?.to_string(), n))
+        })
+        .collect();
+    Ok(H2loadSummary {
+        duration,
+        rate,
+        counters,
+    })
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1] as f64
+}
+
+/// Response times (µs) of the successful requests in h2load's `--log-file` (tab-separated:
+/// start time in µs since the epoch, status code or -1, µs until the end of the response).
+fn h2load_latencies(log: &Path) -> Result<Vec<u64>> {
+    let text = fs::read_to_string(log).with_context(|| format!("read {}", log.display()))?;
+    let mut v: Vec<u64> = text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let _start = f.next()?;
+            let status: i32 = f.next()?.trim().parse().ok()?;
+            let micros: u64 = f.next()?.trim().parse().ok()?;
+            (200..400).contains(&status).then_some(micros)
+        })
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+fn run_h2load(
+    client: &Pod,
+    tools: &Tools,
+    args: &[String],
+    log: &Path,
+    seconds: u32,
+) -> Result<Http> {
+    let mut p = client.spawn(&tools.h2load, args)?;
+    let (status, lines) = p.wait_output(Duration::from_secs(u64::from(seconds) + 30))?;
+    let text = lines.join("\n");
+    let H2loadSummary {
+        duration,
+        rate,
+        counters,
+    } = parse_h2load(&text).with_context(|| {
+        format!(
+            "{} ({status}); stderr: {}",
+            show("h2load", args),
+            p.stderr().trim()
+        )
+    })?;
+    let count = |k: &str| {
+        counters
+            .iter()
+            .find(|(name, _)| name == k)
+            .map_or(0, |(_, n)| *n)
+    };
+    let lat = h2load_latencies(log)?;
+    if lat.is_empty() {
+        bail!("h2load logged no successful request ({status}):\n{text}");
+    }
+    let succeeded = count("succeeded");
+    let rate = if rate > 0.0 || duration <= 0.0 {
+        rate
+    } else {
+        succeeded as f64 / duration
+    };
+    let _ = fs::remove_file(log);
+    Ok(Http {
+        rate,
+        succeeded,
+        failed: count("failed") + count("errored") + count("timeout"),
+        p50: percentile(&lat, 50.0),
+        p90: percentile(&lat, 90.0),
+        p99: percentile(&lat, 99.0),
+    })
+}
+
+/// iperf3's receiver-side throughput, in Gbit/s.
+fn run_iperf3(client: &Pod, tools: &Tools, args: &[String], seconds: u32) -> Result<f64> {
+    let mut p = client.spawn(&tools.iperf3, args)?;
+    let (status, lines) = p.wait_output(Duration::from_secs(u64::from(seconds) + 30))?;
+    let text = lines.join("\n");
+    let v: Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "iperf3 output is not JSON ({status}): {text}\nstderr: {}",
+            p.stderr()
+        )
+    })?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    let end = &v["end"];
+    end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .or_else(|| end["sum"]["bits_per_second"].as_f64())
+        .map(|b| b / 1e9)
+        .ok_or_else(|| anyhow!("no end.sum_received.bits_per_second in iperf3 output ({status})"))
+}
+
+#[derive(Clone, Debug)]
+struct Churn {
+    per_second: f64,
+    ok: u64,
+    failed: u64,
+}
+
+fn run_churn(client: &Pod, tools: &Tools, args: &[String], seconds: u32) -> Result<Churn> {
+    let mut p = client.spawn(&tools.testpod, args)?;
+    let (status, lines) = p.wait_json(Duration::from_secs(u64::from(seconds) + 20))?;
+    let r = lines
+        .last()
+        .ok_or_else(|| anyhow!("testpod churn printed nothing ({status})"))?;
+    let ok = r["ok"].as_u64().unwrap_or(0);
+    let failed = r["failed"].as_u64().unwrap_or(0);
+    let ms = r["elapsed_ms"].as_u64().unwrap_or(0);
+    if ok == 0 || ms == 0 {
+        bail!("testpod churn: no connection succeeded: {r}");
+    }
+    Ok(Churn {
+        per_second: ok as f64 * 1000.0 / ms as f64,
+        ok,
+        failed,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// agents: CPU, memory, access log
+
+/// utime + stime of a process, in seconds (all its threads).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2 (comm) is in parentheses and may contain spaces: split after it; the rest starts
+    // at field 3, so utime (14) and stime (15) are at 11 and 12.
+    let rest: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: plain libc call without side effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// CPU seconds of every node's agent (NaN for one that is not running).
+fn agents_cpu(cluster: &Cluster) -> Vec<f64> {
+    cluster
+        .nodes()
+        .iter()
+        .map(|n| n.agent_pid().and_then(cpu_seconds).unwrap_or(f64::NAN))
+        .collect()
+}
+
+/// `n0 0.12 s, n1 0.03 s`.
+fn per_agent(cpu: &[f64]) -> String {
+    cpu.iter()
+        .enumerate()
+        .map(|(i, c)| format!("n{i} {c:.2} s"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn delta(after: &[f64], before: &[f64]) -> Vec<f64> {
+    after.iter().zip(before).map(|(a, b)| a - b).collect()
+}
+
+/// A `/proc/<pid>/status` field in kB (e.g. `VmHWM`).
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn log_len(node: &Node) -> u64 {
+    fs::metadata(node.agent_log_path()).map_or(0, |m| m.len())
+}
+
+fn log_since(node: &Node, offset: u64) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = fs::File::open(node.agent_log_path())
+        && f.seek(SeekFrom::Start(offset)).is_ok()
+    {
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        s = String::from_utf8_lossy(&buf).into_owned();
+    }
+    s
+}
+
+/// What the agents' access logs say about the connections to one server during one scenario.
+#[derive(Clone, Debug, Default)]
+struct Access {
+    outbound: usize,
+    inbound: usize,
+    /// Some line says the connection was carried by HBONE / mutual TLS.
+    hbone: bool,
+}
+
+/// Whether an access-log line says HBONE or mutual TLS anywhere (e.g. `"security":"mTLS"`, a
+/// `connection_security_policy` of `mutual_tls`, an `hbone` direction or upstream port 15008).
+fn says_hbone(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.iter().any(|(k, v)| {
+            let key = k.to_ascii_lowercase();
+            let s = v.as_str().map(str::to_ascii_lowercase).unwrap_or_default();
+            (key.contains("security") || key.contains("tls") || key.contains("protocol"))
+                && (s.contains("mtls") || s.contains("mutual") || s.contains("hbone"))
+                || s == "hbone"
+                || s.starts_with("inbound_hbone")
+                || (key == "upstream" && s.ends_with(":15008"))
+                || (key.contains("hbone") && v.as_bool() == Some(true))
+                || (v.is_object() && says_hbone(v))
+        }),
+        _ => false,
+    }
+}
+
+fn access_summary(cluster: &Cluster, offsets: &[u64], server: IpAddr) -> Access {
+    let prefix = match server {
+        IpAddr::V4(ip) => format!("{ip}:"),
+        IpAddr::V6(ip) => format!("[{ip}]:"),
+    };
+    let mut a = Access::default();
+    for (node, &off) in cluster.nodes().iter().zip(offsets) {
+        for line in log_since(node, off).lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let fields = if v["fields"].is_object() {
+                &v["fields"]
+            } else {
+                &v
+            };
+            if v["target"] != "access" && fields["target"] != "access" {
+                continue;
+            }
+            let to_server = ["dst", "upstream", "destination"]
+                .iter()
+                .any(|k| fields[*k].as_str().is_some_and(|s| s.starts_with(&prefix)));
+            if !to_server {
+                continue;
+            }
+            if fields["direction"] == "outbound" {
+                a.outbound += 1;
+            } else {
+                a.inbound += 1;
+            }
+            a.hbone |= says_hbone(&v);
+        }
+    }
+    a
+}
+
+// ---------------------------------------------------------------------------------------------
+// one scenario
+
+struct Scenario {
+    path: MeshPath,
+    placement: Placement,
+    fixed: Result<Http, String>,
+    saturation: Result<Http, String>,
+    bulk1: Result<f64, String>,
+    bulk_n: Result<f64, String>,
+    churn: Result<Churn, String>,
+    /// Agent CPU seconds per node during the fixed-rate run, the saturation run, the scenario.
+    cpu_fixed: Vec<f64>,
+    cpu_saturation: Vec<f64>,
+    cpu_total: Vec<f64>,
+    access: Access,
+}
+
+impl Scenario {
+    /// What the agents did on this path, from the access log.
+    fn what(&self) -> &'static str {
+        match self.path {
+            MeshPath::Direct => "no agent",
+            MeshPath::Passthrough => "client's agent, plaintext to the destination",
+            MeshPath::Mesh if self.access.hbone => "HBONE mTLS between the agents",
+            MeshPath::Mesh => "plaintext (both agents)",
+        }
+    }
+
+    /// A warning when the access log does not show the path this scenario meant to take.
+    fn path_warning(&self) -> Option<String> {
+        let Access {
+            outbound, inbound, ..
+        } = self.access;
+        match self.path {
+            MeshPath::Direct if outbound + inbound > 0 => Some(format!(
+                "agents logged {} connections to the server on the direct path",
+                outbound + inbound
+            )),
+            MeshPath::Passthrough if outbound == 0 || inbound > 0 => Some(format!(
+                "expected outbound-only access-log lines, saw {outbound} outbound and {inbound} inbound"
+            )),
+            MeshPath::Mesh if outbound == 0 || inbound == 0 => Some(format!(
+                "expected outbound and inbound access-log lines, saw {outbound} outbound and {inbound} inbound"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The command lines of one scenario (the report shows them with `$SERVER`).
+struct Commands {
+    fixed: Vec<String>,
+    saturation: Vec<String>,
+    bulk1: Vec<String>,
+    bulk_n: Vec<String>,
+    churn: Vec<String>,
+}
+
+fn commands(args: &Args, server: &str, log_dir: &Path, tag: &str) -> Commands {
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let url = format!("http://{server}:{HTTP_PORT}/");
+    let log = |kind: &str| format!("--log-file={}/h2load-{tag}-{kind}.log", log_dir.display());
+    let iperf = |streams: u32| {
+        s(&[
+            "-c",
+            server,
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-t",
+            &args.bulk_seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+            "--connect-timeout",
+            "5000",
+        ])
+    };
+    Commands {
+        fixed: s(&[
+            "--h1",
+            "-t",
+            "1",
+            "-c",
+            &args.rate_clients.to_string(),
+            "--rps",
+            &args.rps.to_string(),
+            "-D",
+            &format!("{}s", args.rate_seconds),
+            "-N",
+            "5s",
+            &log("rate"),
+            &url,
+        ]),
+        saturation: s(&[
+            "--h1",
+            "-t",
+            "1",
+            "-c",
+            &args.saturation_clients.to_string(),
+            "-D",
+            &format!("{}s", args.saturation_seconds),
+            "-N",
+            "5s",
+            &log("saturation"),
+            &url,
+        ]),
+        bulk1: iperf(1),
+        bulk_n: iperf(args.bulk_streams),
+        churn: s(&[
+            "churn",
+            "--connect",
+            &format!("{server}:{ECHO_PORT}"),
+            "--count",
+            &args.churn_count.to_string(),
+            "--max-seconds",
+            &args.churn_seconds.to_string(),
+            "--timeout-ms",
+            "2000",
+        ]),
+    }
+}
+
+fn log_file_of(args: &[String]) -> PathBuf {
+    args.iter()
+        .find_map(|a| a.strip_prefix("--log-file="))
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+fn report<T>(what: &str, r: Result<T>, show: impl Fn(&T) -> String) -> Result<T, String> {
+    match r {
+        Ok(v) => {
+            println!("    {what}: {}", show(&v));
+            Ok(v)
+        }
+        Err(e) => {
+            let e = format!("{e:#}");
+            println!("    {what}: FAILED: {e}");
+            Err(e)
+        }
+    }
+}
+
+fn show_http(h: &Http) -> String {
+    format!(
+        "{:.0} req/s, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, {} failed",
+        h.rate,
+        h.p50 / 1000.0,
+        h.p90 / 1000.0,
+        h.p99 / 1000.0,
+        h.failed
+    )
+}
+
+fn run_scenario(
+    cluster: &Cluster,
+    args: &Args,
+    tools: &Tools,
+    path: MeshPath,
+    placement: Placement,
+    client: &Pod,
+    server: &Pod,
+) -> Scenario {
+    println!(
+        "==> {} / {} ({} -> {})",
+        placement.name(),
+        path.name(),
+        client.name(),
+        server.name()
+    );
+    let tag = format!("{}-{}", server.name(), path.name());
+    let ip = server.ip4().to_string();
+    let cmds = commands(args, &ip, &tools.scratch, &tag);
+    let offsets: Vec<u64> = cluster.nodes().iter().map(log_len).collect();
+    let start_cpu = agents_cpu(cluster);
+
+    let before = agents_cpu(cluster);
+    let fixed = report(
+        "fixed rate",
+        run_h2load(
+            client,
+            tools,
+            &cmds.fixed,
+            &log_file_of(&cmds.fixed),
+            args.rate_seconds,
+        ),
+        show_http,
+    );
+    let cpu_fixed = delta(&agents_cpu(cluster), &before);
+
+    let before = agents_cpu(cluster);
+    let saturation = report(
+        "saturation",
+        run_h2load(
+            client,
+            tools,
+            &cmds.saturation,
+            &log_file_of(&cmds.saturation),
+            args.saturation_seconds,
+        ),
+        show_http,
+    );
+    let cpu_saturation = delta(&agents_cpu(cluster), &before);
+
+    let gbps = |g: &f64| format!("{g:.2} Gbit/s");
+    let bulk1 = report(
+        "bulk, 1 stream",
+        run_iperf3(client, tools, &cmds.bulk1, args.bulk_seconds),
+        gbps,
+    );
+    let bulk_n = report(
+        &format!("bulk, {} streams", args.bulk_streams),
+        run_iperf3(client, tools, &cmds.bulk_n, args.bulk_seconds),
+        gbps,
+    );
+    let churn = report(
+        "connection setup",
+        run_churn(client, tools, &cmds.churn, args.churn_seconds),
+        |c| {
+            format!(
+                "{:.0} connections/s ({} ok, {} failed)",
+                c.per_second, c.ok, c.failed
+            )
+        },
+    );
+    // Access-log lines are written when connections end: give the last ones a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu_total = delta(&agents_cpu(cluster), &start_cpu);
+    let access = access_summary(cluster, &offsets, IpAddr::V4(server.ip4()));
+    let s = Scenario {
+        path,
+        placement,
+        fixed,
+        saturation,
+        bulk1,
+        bulk_n,
+        churn,
+        cpu_fixed,
+        cpu_saturation,
+        cpu_total,
+        access,
+    };
+    println!(
+        "    agents: {}; access log: {} outbound, {} inbound; agent CPU {}",
+        s.what(),
+        s.access.outbound,
+        s.access.inbound,
+        per_agent(&s.cpu_total)
+    );
+    if let Some(w) = s.path_warning() {
+        println!("    WARNING: {w}");
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// the report
+
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    memory: String,
+    kernel: String,
+    date: String,
+    revision: String,
+    tools: Vec<String>,
+    /// `/proc/loadavg`'s 1, 5 and 15 minute figures before the run.
+    load_before: String,
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn machine(tools: &Tools) -> Machine {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map_or("unknown".into(), |(_, m)| m.trim().to_string());
+    let memory = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kb: u64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some(format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let trim = |s: String| s.trim().to_string();
+    let revision = match util::run("git", ["rev-parse", "--short", "HEAD"]) {
+        Ok(rev) => {
+            let dirty = util::run("git", ["status", "--porcelain", "--untracked-files=no"])
+                .is_ok_and(|s| !s.trim().is_empty());
+            format!(
+                "{}{}",
+                rev.trim(),
+                if dirty {
+                    " with uncommitted changes"
+                } else {
+                    ""
+                }
+            )
+        }
+        Err(_) => "unknown".into(),
+    };
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+        memory,
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(trim)
+            .unwrap_or_else(|_| "unknown".into()),
+        date: util::run("date", ["-u", "+%Y-%m-%d %H:%M UTC"])
+            .map(trim)
+            .unwrap_or_else(|_| "unknown".into()),
+        revision,
+        tools: tools.versions(),
+        load_before: load_average(),
+    }
+}
+
+fn ratio(value: f64, base: Option<f64>) -> String {
+    match base {
+        Some(b) if b > 0.0 && b.is_finite() && value.is_finite() => {
+            format!(" ({:.2}x direct)", value / b)
+        }
+        _ => String::new(),
+    }
+}
+
+/// `value` formatted, plus its ratio to the direct path's value of the same placement (none on
+/// the direct row itself).
+fn cell(
+    s: &Scenario,
+    all: &[Scenario],
+    get: impl Fn(&Scenario) -> Option<f64>,
+    fmt: impl Fn(f64) -> String,
+) -> String {
+    let Some(v) = get(s) else {
+        return "failed".into();
+    };
+    if s.path == MeshPath::Direct {
+        return fmt(v);
+    }
+    let base = all
+        .iter()
+        .find(|d| d.path == MeshPath::Direct && d.placement == s.placement)
+        .and_then(&get);
+    format!("{}{}", fmt(v), ratio(v, base))
+}
+
+fn path_label(s: &Scenario) -> String {
+    match s.path {
+        MeshPath::Mesh => format!("mesh: {}", s.what()),
+        p => p.name().to_string(),
+    }
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut t = format!("| {} |\n", header.join(" | "));
+    let _ = writeln!(t, "|{}", header.iter().map(|_| "---|").collect::<String>());
+    for r in rows {
+        let _ = writeln!(t, "| {} |", r.join(" | "));
+    }
+    t
+}
+
+fn http_table(all: &[Scenario], get: fn(&Scenario) -> &Result<Http, String>) -> String {
+    let ms = |v: f64| format!("{:.3} ms", v / 1000.0);
+    let rows = all
+        .iter()
+        .map(|s| {
+            let h = |f: fn(&Http) -> f64| move |s: &Scenario| get(s).as_ref().ok().map(f);
+            vec![
+                s.placement.name().to_string(),
+                path_label(s),
+                cell(s, all, h(|h| h.rate), |v| format!("{v:.0} req/s")),
+                cell(s, all, h(|h| h.p50), ms),
+                cell(s, all, h(|h| h.p90), ms),
+                cell(s, all, h(|h| h.p99), ms),
+                get(s).as_ref().map_or("-".into(), |h| {
+                    format!("{} of {}", h.failed, h.failed + h.succeeded)
+                }),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "placement",
+            "path",
+            "achieved rate",
+            "p50",
+            "p90",
+            "p99",
+            "failed",
+        ],
+        rows,
+    )
+}
+
+struct Memory {
+    node: String,
+    hwm_kb: Option<u64>,
+    rss_kb: Option<u64>,
+}
+
+fn tables(
+    all: &[Scenario],
+    args: &Args,
+    idle: &[f64],
+    memory: &[Memory],
+    servers: &[(&str, String)],
+) -> String {
+    let mut md = String::new();
+    let server_list = servers
+        .iter()
+        .map(|(p, ip)| format!("`{ip}` {p}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cmd = |program: &str, args: &[String]| {
+        let line = show(program, args);
+        // The report shows placeholders for the per-run parts.
+        let mut line = line;
+        for (_, ip) in servers {
+            line = line.replace(ip.as_str(), "$SERVER");
+        }
+        if let Some(start) = line.find("--log-file=") {
+            let end = line[start..].find(' ').map_or(line.len(), |e| start + e);
+            line.replace_range(start..end, "--log-file=$LOG");
+        }
+        line
+    };
+    let sample = commands(args, &servers[0].1, Path::new("/"), "x");
+    let where_ = format!(
+        "run in the client pod's network namespace; `$SERVER` is the server pod ({server_list})"
+    );
+
+    let _ = writeln!(md, "### Small HTTP requests at a fixed rate\n");
+    md.push_str(&http_table(all, |s| &s.fixed));
+    let _ = writeln!(
+        md,
+        "\n{} clients x {} requests/s for {} s, one request at a time per connection \
+         (HTTP/1.1 keep-alive) against nginx; {where_}:\n\n```\n{}\n```\n",
+        args.rate_clients,
+        args.rps,
+        args.rate_seconds,
+        cmd("h2load", &sample.fixed)
+    );
+
+    let _ = writeln!(md, "### Small HTTP requests at saturation\n");
+    md.push_str(&http_table(all, |s| &s.saturation));
+    let _ = writeln!(
+        md,
+        "\n{} connections, each sending its next request as soon as the previous response \
+         arrived, for {} s; {where_}:\n\n```\n{}\n```\n",
+        args.saturation_clients,
+        args.saturation_seconds,
+        cmd("h2load", &sample.saturation)
+    );
+
+    let _ = writeln!(md, "### Bulk throughput\n");
+    let gbps = |v: f64| format!("{v:.2} Gbit/s");
+    let rows = all
+        .iter()
+        .map(|s| {
+            vec![
+                s.placement.name().to_string(),
+                path_label(s),
+                cell(s, all, |s| s.bulk1.as_ref().ok().copied(), gbps),
+                cell(s, all, |s| s.bulk_n.as_ref().ok().copied(), gbps),
+            ]
+        })
+        .collect();
+    md.push_str(&table(
+        &[
+            "placement",
+            "path",
+            "1 connection",
+            &format!("{} connections", args.bulk_streams),
+        ],
+        rows,
+    ));
+    let _ = writeln!(
+        md,
+        "\niperf3, receiver-side throughput over {} s; {where_}:\n\n```\n{}\n{}\n```\n",
+        args.bulk_seconds,
+        cmd("iperf3", &sample.bulk1),
+        cmd("iperf3", &sample.bulk_n)
+    );
+
+    let _ = writeln!(md, "### Connection setup rate\n");
+    let rows = all
+        .iter()
+        .map(|s| {
+            vec![
+                s.placement.name().to_string(),
+                path_label(s),
+                cell(
+                    s,
+                    all,
+                    |s| s.churn.as_ref().ok().map(|c| c.per_second),
+                    |v| format!("{v:.0} connections/s"),
+                ),
+                s.churn.as_ref().map_or("-".into(), |c| {
+                    format!("{} of {}", c.failed, c.ok + c.failed)
+                }),
+            ]
+        })
+        .collect();
+    md.push_str(&table(&["placement", "path", "rate", "failed"], rows));
+    let _ = writeln!(
+        md,
+        "\nSequential short connections: connect, read the server's greeting line, send one byte, \
+         half-close, read the echo to EOF (the test bed's `testpod`); at most {} connections or \
+         {} s; {where_}:\n\n```\n{}\n```\n",
+        args.churn_count,
+        args.churn_seconds,
+        cmd("testpod", &sample.churn)
+    );
+
+    let _ = writeln!(md, "### Agent CPU time\n");
+    let rows = all
+        .iter()
+        .map(|s| {
+            let per_k = s.saturation.as_ref().ok().and_then(|h| {
+                (h.succeeded > 0)
+                    .then(|| s.cpu_saturation.iter().sum::<f64>() * 1e6 / h.succeeded as f64)
+            });
+            vec![
+                s.placement.name().to_string(),
+                path_label(s),
+                format!("{:.2} s", s.cpu_fixed.iter().sum::<f64>()),
+                per_k.map_or("-".into(), |v| format!("{v:.0} µs")),
+                per_agent(&s.cpu_total),
+            ]
+        })
+        .collect();
+    md.push_str(&table(
+        &[
+            "placement",
+            "path",
+            "fixed-rate run (both agents)",
+            "saturation: per request (both agents)",
+            "whole scenario, per agent",
+        ],
+        rows,
+    ));
+    let _ = writeln!(
+        md,
+        "\nutime + stime of each agent process (all threads) from `/proc/<pid>/stat`, the \
+         difference across a run. The fixed-rate run does the same work on every path \
+         ({} requests), so its column compares directly; the saturation column divides by the \
+         requests served. The whole scenario includes the bulk and connection-setup runs, whose \
+         amount of work depends on the path's speed. On the direct path no agent is on the \
+         path: what it shows is background work. Idle, before any traffic, the agents used {} \
+         in {} s. One clock tick is 0.01 s.\n",
+        u64::from(args.rate_clients) * u64::from(args.rps) * u64::from(args.rate_seconds),
+        per_agent(idle),
+        args.idle_seconds
+    );
+
+    let _ = writeln!(md, "### Agent peak memory\n");
+    let kb = |v: Option<u64>| v.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+    let rows = memory
+        .iter()
+        .map(|m| vec![m.node.clone(), kb(m.hwm_kb), kb(m.rss_kb)])
+        .collect();
+    md.push_str(&table(
+        &[
+            "agent",
+            "peak resident (VmHWM)",
+            "resident at the end (VmRSS)",
+        ],
+        rows,
+    ));
+    let _ = writeln!(
+        md,
+        "\nFrom `/proc/<pid>/status` after the last scenario. VmHWM is the peak over the agent's \
+         whole life (all scenarios, every path), not per path.\n"
+    );
+
+    let _ = writeln!(md, "### What carried the traffic\n");
+    let rows = all
+        .iter()
+        .map(|s| {
+            vec![
+                s.placement.name().to_string(),
+                s.path.name().to_string(),
+                s.what().to_string(),
+                format!(
+                    "{} outbound, {} inbound",
+                    s.access.outbound, s.access.inbound
+                ),
+                s.path_warning().unwrap_or_else(|| "as expected".into()),
+            ]
+        })
+        .collect();
+    md.push_str(&table(
+        &[
+            "placement",
+            "path",
+            "agents",
+            "access-log lines for the server",
+            "check",
+        ],
+        rows,
+    ));
+    md.push('\n');
+    md
+}
+
+fn document(
+    args: &Args,
+    m: &Machine,
+    load_after: &str,
+    body: &str,
+    errors: &[String],
+    elapsed: Duration,
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# Benchmarks\n\n\
+         Generated by `{}` ([tests/src/bin/bench.rs](../tests/src/bin/bench.rs)); do not edit by \
+         hand, rerun the command. It needs root (it builds a cluster in a box) and took {} s.\n",
+        args.command,
+        elapsed.as_secs()
+    );
+    let _ = writeln!(md, "## Machine\n");
+    let _ = writeln!(md, "- CPUs: {} ({})", m.cpus, m.cpu_model);
+    let _ = writeln!(md, "- memory: {}", m.memory);
+    let _ = writeln!(md, "- kernel: {}", m.kernel);
+    let _ = writeln!(md, "- date: {}", m.date);
+    let _ = writeln!(md, "- Ambit: git {}, release build", m.revision);
+    let _ = writeln!(md, "- tools: {}", m.tools.join("; "));
+    let _ = writeln!(
+        md,
+        "- load average (1, 5, 15 min): {} before the run, {load_after} after the last scenario \
+         (other work on the machine competes with the benchmark)\n",
+        m.load_before
+    );
+    let _ = writeln!(
+        md,
+        "## How to read these figures\n\n\
+         These machines are small, shared and noisy: absolute figures move between runs by more \
+         than the differences being measured, and the load generators, servers and agents share \
+         the same {} CPUs. Only the ratios to the direct path *measured in the same run* mean \
+         anything (\"0.82x direct\": 82% of the direct path's figure; for latency, above 1x is \
+         slower), and even those deserve a second run before drawing conclusions. Nothing \
+         asserts on these numbers.\n\n\
+         One cluster in a box: two nodes (network namespaces joined by a bridge), two pods each. \
+         The client is pod `p0-0` on node n0; the server is pod `p0-1` (**same node**: through \
+         n0's namespace) or pod `p1-0` (**across nodes**: through both nodes and the fabric \
+         bridge). The agents start once; between paths the mesh file changes which pods are \
+         enrolled and the bench waits until both agents have applied it. Scenarios run in the \
+         order of the tables' rows, so each path runs within minutes of its direct baseline:\n\n\
+         - **direct**: neither pod enrolled: no mesh, no agent on the path;\n\
+         - **passthrough**: the client enrolled, the server not: the client's agent captures the \
+           connection (outbound listener) and connects, in plaintext, to a destination outside \
+           the mesh;\n\
+         - **mesh**: both enrolled: the path between two meshed pods, named by what the agents' \
+           access logs show they did (plaintext through the client's outbound and the server's \
+           inbound path, or HBONE mTLS).\n\n\
+         Each server pod runs nginx (`worker_processes 1`, `access_log off`, a {}-byte static \
+         body, listening on the pod IP:{HTTP_PORT}), an iperf3 server (port {IPERF_PORT}) and \
+         the test bed's echo server (port {ECHO_PORT}).\n",
+        m.cpus,
+        BODY.len()
+    );
+    let _ = writeln!(md, "## Results\n");
+    md.push_str(body);
+    if !errors.is_empty() {
+        let _ = writeln!(md, "## Failed measurements\n");
+        for e in errors {
+            let _ = writeln!(md, "- {}", e.replace('\n', " "));
+        }
+        md.push('\n');
+    }
+    md
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let started = Instant::now();
+    let tools = Tools::find()?;
+    let m = machine(&tools);
+    println!(
+        "Ambit benchmark: {} CPUs, kernel {}, {}",
+        m.cpus, m.kernel, m.date
+    );
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })
+    .context("building the cluster in a box (needs root, cgroup v2, bpffs)")?;
+    let client = cluster.pod(0, 0);
+    let same = cluster.pod(0, 1);
+    let across = cluster.pod(1, 0);
+    let placements = [
+        (Placement::SameNode, same),
+        (Placement::AcrossNodes, across),
+    ];
+
+    // Nothing enrolled to begin with; the agents start once and stay up.
+    for p in cluster.pods() {
+        p.set_enrolled(false);
+    }
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    println!(
+        "run {}: agents up (pids {:?}); servers in {} and {}",
+        cluster.id(),
+        cluster
+            .nodes()
+            .iter()
+            .map(Node::agent_pid)
+            .collect::<Vec<_>>(),
+        same.name(),
+        across.name()
+    );
+    let servers = [start_servers(same, &tools)?, start_servers(across, &tools)?];
+    // The agents' CPU time without any traffic: the baseline of the CPU table.
+    let before = agents_cpu(&cluster);
+    std::thread::sleep(Duration::from_secs(args.idle_seconds.into()));
+    let idle = delta(&agents_cpu(&cluster), &before);
+    println!(
+        "agents idle for {} s: {}",
+        args.idle_seconds,
+        per_agent(&idle)
+    );
+
+    // Placement by placement, so that each path runs close in time to the direct path it is
+    // compared with (the machine's background load drifts).
+    let mut all = Vec::new();
+    for (placement, server) in placements {
+        for path in MeshPath::ALL {
+            let enrolled: Vec<&Pod> = match path {
+                MeshPath::Direct => vec![],
+                MeshPath::Passthrough => vec![client],
+                MeshPath::Mesh => vec![client, server],
+            };
+            cluster.with_diagnostics(set_enrolment(&cluster, &enrolled))?;
+            all.push(run_scenario(
+                &cluster, &args, &tools, path, placement, client, server,
+            ));
+        }
+    }
+    let load_after = load_average();
+    let memory: Vec<Memory> = cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            let pid = n.agent_pid();
+            Memory {
+                node: format!("{} (pid {})", n.name(), pid.unwrap_or(0)),
+                hwm_kb: pid.and_then(|p| status_kb(p, "VmHWM")),
+                rss_kb: pid.and_then(|p| status_kb(p, "VmRSS")),
+            }
+        })
+        .collect();
+    let server_ips = [
+        ("same node", same.ip4().to_string()),
+        ("across nodes", across.ip4().to_string()),
+    ];
+    let body = tables(&all, &args, &idle, &memory, &server_ips);
+
+    let mut errors = Vec::new();
+    for s in &all {
+        let what = format!("{} / {}", s.placement.name(), s.path.name());
+        let mut add = |m: &str, r: Option<&String>| {
+            if let Some(e) = r {
+                errors.push(format!("{what}, {m}: {e}"));
+            }
+        };
+        add("fixed rate", s.fixed.as_ref().err());
+        add("saturation", s.saturation.as_ref().err());
+        add("bulk, 1 stream", s.bulk1.as_ref().err());
+        add("bulk, many streams", s.bulk_n.as_ref().err());
+        add("connection setup", s.churn.as_ref().err());
+        if let Some(w) = s.path_warning() {
+            errors.push(format!("{what}, path check: {w}"));
+        }
+    }
+    for n in cluster.nodes() {
+        if !n.agent_running() {
+            errors.push(format!(
+                "agent of {} is not running at the end: {:?}",
+                n.name(),
+                n.agent_exit_status()
+            ));
+        }
+    }
+
+    println!("\nTearing down run {} ...", cluster.id());
+    drop(servers);
+    drop(cluster);
+
+    let doc = document(&args, &m, &load_after, &body, &errors, started.elapsed());
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    }
+    fs::write(&args.out, &doc).with_context(|| format!("write {}", args.out.display()))?;
+    println!("\n{body}");
+    println!(
+        "Report written to {} ({} s).",
+        args.out.display(),
+        started.elapsed().as_secs()
+    );
+    if !errors.is_empty() {
+        bail!(
+            "{} measurement(s) failed or took an unexpected path:\n- {}",
+            errors.len(),
+            errors.join("\n- ")
+        );
+    }
+    Ok(())
+}
