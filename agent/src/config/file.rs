@@ -693,13 +693,27 @@ fn watch_directory(
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    let name = path.file_name().map(|n| n.to_os_string());
+    // Other files in the directory (logs, editors' swap files) are none of our business; the
+    // file itself, and a ConfigMap's `..data` swap behind it, are.
+    let concerns_us = move |event: &notify::Event| {
+        event.paths.is_empty()
+            || event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| {
+                    Some(n) == name.as_deref() || n.to_string_lossy().starts_with("..")
+                })
+            })
+    };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match &event {
             // Opens and read-only closes include our own reads: reacting to them would loop.
-            Ok(event) => !matches!(
-                event.kind,
-                EventKind::Access(access) if access != AccessKind::Close(AccessMode::Write)
-            ),
+            Ok(event) => {
+                concerns_us(event)
+                    && !matches!(
+                        event.kind,
+                        EventKind::Access(access) if access != AccessKind::Close(AccessMode::Write)
+                    )
+            }
             // Events may have been lost (queue overflow): look at the file.
             Err(_) => true,
         };
