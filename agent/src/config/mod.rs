@@ -4,6 +4,7 @@
 //! doing on another ([`ConfigStatus`]). A source that receives a bad configuration keeps the last
 //! good state published and reports the error instead: the mesh never falls back to "nothing".
 pub mod file;
+pub mod kube;
 
 use serde::Serialize;
 

@@ -65,8 +65,20 @@ fn open_cgroup(dir: &Path) -> io::Result<File> {
         Some(file) => Ok(file),
         None => Err(io::Error::new(
             io::ErrorKind::NotFound,
-            format!("cgroup {} has no process", dir.display()),
+            format!(
+                "cgroup {} has no process outside the agent's own network namespace",
+                dir.display()
+            ),
         )),
+    }
+}
+
+/// Whether `file` is the agent's own network namespace (same device and inode).
+fn is_own_netns(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (file.metadata(), fs::metadata("/proc/self/ns/net")) {
+        (Ok(theirs), Ok(ours)) => theirs.dev() == ours.dev() && theirs.ino() == ours.ino(),
+        _ => false,
     }
 }
 
@@ -75,6 +87,9 @@ fn first_netns_below(dir: &Path) -> io::Result<Option<File>> {
     let procs = fs::read_to_string(&procs_path).map_err(|e| with_path(e, &procs_path))?;
     for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
         match File::open(proc_netns(pid)) {
+            // A runtime's helper in the pod's cgroup (CRI-O's conmon) lives in the host's
+            // namespace: enrolling that would capture the node's own traffic.
+            Ok(file) if is_own_netns(&file) => continue,
             Ok(file) => return Ok(Some(file)),
             // The process exited since the cgroup was read: try the next one.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

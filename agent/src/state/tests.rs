@@ -325,28 +325,56 @@ fn netns_by_path_and_pid() {
 }
 
 #[test]
-fn netns_by_cgroup_skips_exited_processes_and_searches_children() {
+fn netns_by_cgroup_skips_exited_and_host_processes_and_searches_children() {
     let dir = tempfile::tempdir().unwrap();
     // A pid above any pid_max: a process that has exited.
     let gone = 4_194_305 + 1000;
     std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
-    let child = dir.path().join("container-a");
-    std::fs::create_dir(&child).unwrap();
+    // A runtime helper in the host's namespace (here: this test process) must not be taken
+    // for the pod.
+    let helper = dir.path().join("crio-conmon-a");
+    std::fs::create_dir(&helper).unwrap();
     std::fs::write(
-        child.join("cgroup.procs"),
-        format!("{gone}\n{}\n", std::process::id()),
+        helper.join("cgroup.procs"),
+        format!(
+            "{}
+",
+            std::process::id()
+        ),
     )
     .unwrap();
-    let file = NetnsRef::Cgroup(dir.path().into()).open().unwrap();
-    assert_eq!(file.metadata().unwrap().ino(), own_netns_inode());
-
-    std::fs::write(child.join("cgroup.procs"), format!("{gone}\n")).unwrap();
     let err = NetnsRef::Cgroup(dir.path().into()).open().unwrap_err();
     assert!(
         err.to_string()
             .contains(&format!("cgroup {} has no process", dir.path().display())),
         "{err}"
     );
+
+    // A process in a namespace of its own (needs privileges: skipped without them).
+    let Ok(mut pod) = std::process::Command::new("unshare")
+        .args(["--net", "sleep", "10"])
+        .spawn()
+    else {
+        return;
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let unshared = std::fs::read_link(format!("/proc/{}/ns/net", pod.id()));
+    if pod.try_wait().ok().flatten().is_some() || unshared.is_err() {
+        eprintln!("unshare --net unavailable here: skipping the positive case");
+        return;
+    }
+    let child = dir.path().join("crio-b");
+    std::fs::create_dir(&child).unwrap();
+    std::fs::write(
+        child.join("cgroup.procs"),
+        format!("{gone}\n{}\n", pod.id()),
+    )
+    .unwrap();
+    let file = NetnsRef::Cgroup(dir.path().into()).open();
+    let _ = pod.kill();
+    let _ = pod.wait();
+    let file = file.unwrap();
+    assert_ne!(file.metadata().unwrap().ino(), own_netns_inode());
 }
 
 #[test]

@@ -1,0 +1,690 @@
+//! Kubernetes objects to the mesh model: which pods are workloads, which are enrolled, what a
+//! service's VIPs and ports are.
+//!
+//! [`Converter::convert`] reads the reflector stores (of the [`objects`](super::objects) views)
+//! and builds the workloads and services. It is pure apart from the cgroup lookups of this
+//! node's pods.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use k8s_openapi::apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString};
+
+use super::{
+    cgroup::pod_cgroup_dir,
+    objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
+};
+use crate::state::{NetnsRef, Service, ServicePort, Workload};
+
+/// The label that enrols a namespace or a pod (`ambient`), or opts a pod out (`none`).
+pub const MODE_LABEL: &str = "ambit.dev/mode";
+/// [`MODE_LABEL`]'s value that enrols.
+pub const MODE_AMBIENT: &str = "ambient";
+/// [`MODE_LABEL`]'s value that opts a pod out even in an enrolled namespace.
+pub const MODE_NONE: &str = "none";
+/// The label by which an EndpointSlice names its service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The stores' contents, as the conversion reads them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterView<'a> {
+    /// Every pod of the cluster (other nodes' pods are endpoints of services).
+    pub pods: &'a [Arc<PodView>],
+    /// Every namespace (for the enrolment label).
+    pub namespaces: &'a [Arc<NamespaceView>],
+    /// Every service.
+    pub services: &'a [Arc<ServiceView>],
+    /// Every EndpointSlice (to resolve named target ports).
+    pub endpoint_slices: &'a [Arc<EndpointSliceView>],
+}
+
+/// The outcome of one conversion.
+#[derive(Debug, Default)]
+pub struct Converted {
+    /// The workloads, sorted by namespace and name.
+    pub workloads: Vec<Workload>,
+    /// The services, sorted by namespace and name.
+    pub services: Vec<Service>,
+    /// `namespace/name` of this node's enrolled pods whose cgroup was not found: their
+    /// `netns` is a guess, and the conversion is worth redoing shortly.
+    pub missing_cgroups: Vec<String>,
+}
+
+/// Converts the cluster's objects for the agent of one node; remembers where this node's pods'
+/// cgroups are between conversions.
+#[derive(Debug)]
+pub struct Converter {
+    node: String,
+    cgroup_root: PathBuf,
+    /// Pod UID to its cgroup directory, for this node's pods found so far.
+    cgroups: HashMap<String, PathBuf>,
+}
+
+impl Converter {
+    /// A converter for the agent of `node`, whose pods' cgroups are below `cgroup_root`.
+    pub fn new(node: impl Into<String>, cgroup_root: impl Into<PathBuf>) -> Self {
+        Self {
+            node: node.into(),
+            cgroup_root: cgroup_root.into(),
+            cgroups: HashMap::new(),
+        }
+    }
+
+    /// Builds the workloads and services of `view`.
+    ///
+    /// Rules (docs/configuration.md, "The Kubernetes source"): a pod is a workload when it is
+    /// Running and has an address; it is enrolled when it or its namespace carries
+    /// `ambit.dev/mode=ambient`, it does not carry `ambit.dev/mode=none`, and it is not on the
+    /// host network. A service is kept when it has a cluster IP; its TCP ports are kept, with a
+    /// named `targetPort` resolved through the service's EndpointSlices.
+    pub fn convert(&mut self, view: ClusterView<'_>) -> Converted {
+        let enrolled_namespaces: HashMap<&str, bool> = view
+            .namespaces
+            .iter()
+            .filter_map(|ns| {
+                Some((
+                    ns.metadata.name.as_deref()?,
+                    mode(&ns.metadata) == Some(MODE_AMBIENT),
+                ))
+            })
+            .collect();
+
+        let mut missing_cgroups = Vec::new();
+        let mut live_uids = Vec::new();
+        let mut workloads: Vec<Workload> = view
+            .pods
+            .iter()
+            .filter_map(|pod| {
+                let namespace = pod.metadata.namespace.as_deref()?;
+                let namespace_enrolled =
+                    enrolled_namespaces.get(namespace).copied().unwrap_or(false);
+                let mut workload = workload_from_pod(pod, namespace_enrolled)?;
+                if workload.node == self.node {
+                    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+                    match self.pod_cgroup(uid) {
+                        Some(dir) => {
+                            live_uids.push(uid.to_string());
+                            workload.netns = NetnsRef::Cgroup(dir);
+                        }
+                        None => {
+                            // Where a cgroupfs kubelet would have put a Guaranteed pod: the
+                            // enrolment error then names the pod, and a later conversion
+                            // replaces it once the cgroup appears.
+                            workload.netns = NetnsRef::Cgroup(
+                                self.cgroup_root.join(format!("kubepods/pod{uid}")),
+                            );
+                            if workload.enrolled {
+                                missing_cgroups.push(workload.uid());
+                            }
+                        }
+                    }
+                }
+                Some(workload)
+            })
+            .collect();
+        workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        // Forget pods that are gone, so the cache stays as large as the node's pod count.
+        if self.cgroups.len() > live_uids.len() {
+            let live: HashSet<&str> = live_uids.iter().map(String::as_str).collect();
+            self.cgroups.retain(|uid, _| live.contains(uid.as_str()));
+        }
+
+        let slices = SlicesByService::new(view.endpoint_slices);
+        let mut services: Vec<Service> = view
+            .services
+            .iter()
+            .filter_map(|service| service_from(service, &slices))
+            .collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+        Converted {
+            workloads,
+            services,
+            missing_cgroups,
+        }
+    }
+
+    fn pod_cgroup(&mut self, uid: &str) -> Option<PathBuf> {
+        if let Some(dir) = self.cgroups.get(uid) {
+            if dir.is_dir() {
+                return Some(dir.clone());
+            }
+            self.cgroups.remove(uid);
+        }
+        let dir = pod_cgroup_dir(&self.cgroup_root, uid)?;
+        self.cgroups.insert(uid.to_string(), dir.clone());
+        Some(dir)
+    }
+}
+
+fn mode(meta: &ObjectMeta) -> Option<&str> {
+    meta.labels.as_ref()?.get(MODE_LABEL).map(String::as_str)
+}
+
+/// The workload of `pod`, or `None` if the pod is not one (not Running, or no address).
+///
+/// `namespace_enrolled` says whether the pod's namespace carries the enrolment label. The
+/// workload's `netns` is left empty ([`NetnsRef::Path`] of an empty path): only the agent of the
+/// pod's node opens it, and [`Converter::convert`] fills it in for that node's pods.
+pub fn workload_from_pod(pod: &PodView, namespace_enrolled: bool) -> Option<Workload> {
+    let (meta, spec, status) = (&pod.metadata, &pod.spec, &pod.status);
+    if status.phase.as_deref() != Some("Running") {
+        return None;
+    }
+    let ips: Vec<IpAddr> = if status.pod_ips.is_empty() {
+        status.pod_ip.into_iter().collect()
+    } else {
+        status.pod_ips.clone()
+    };
+    if ips.is_empty() {
+        return None;
+    }
+    let enrolled = !spec.host_network
+        && match mode(meta) {
+            Some(MODE_NONE) => false,
+            Some(MODE_AMBIENT) => true,
+            _ => namespace_enrolled,
+        };
+    let service_account = [&spec.service_account_name, &spec.service_account]
+        .into_iter()
+        .flatten()
+        .find(|sa| !sa.is_empty())
+        .map_or_else(|| "default".to_string(), Clone::clone);
+    Some(Workload {
+        name: meta.name.clone()?,
+        namespace: meta.namespace.clone()?,
+        service_account,
+        node: spec.node_name.clone().unwrap_or_default(),
+        ips,
+        labels: meta.labels.clone().unwrap_or_default(),
+        enrolled,
+        ready: status.ready,
+        netns: NetnsRef::Path(PathBuf::new()),
+    })
+}
+
+/// The EndpointSlices in use, by (namespace, service name).
+pub struct SlicesByService<'a> {
+    by_service: HashMap<(&'a str, &'a str), Vec<&'a EndpointSliceView>>,
+}
+
+impl<'a> SlicesByService<'a> {
+    /// Indexes `slices` by the service they belong to; slices without endpoints are left out
+    /// (their port mapping is used by no endpoint).
+    pub fn new(slices: &'a [Arc<EndpointSliceView>]) -> Self {
+        let mut by_service: HashMap<(&str, &str), Vec<&EndpointSliceView>> = HashMap::new();
+        for slice in slices {
+            let in_use = slice.endpoint_count > 0;
+            let namespace = slice.metadata.namespace.as_deref();
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(SERVICE_NAME_LABEL));
+            if let (true, Some(namespace), Some(service)) = (in_use, namespace, service) {
+                by_service
+                    .entry((namespace, service))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        // Slice order decides ties below; make it independent of the store's order.
+        for slices in by_service.values_mut() {
+            slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        }
+        Self { by_service }
+    }
+
+    /// The endpoint port number of the service port named `port_name` ("" for an unnamed
+    /// port): the one most endpoints use, the lowest on a tie. EndpointSlices carry, per group
+    /// of endpoints, the number those endpoints resolved the named target port to; the mesh
+    /// model has one target port per service port, so endpoints that resolved it differently
+    /// (pods of two versions naming different ports alike) are reached on the majority's.
+    fn resolve(&self, namespace: &str, service: &str, port_name: &str) -> Option<u16> {
+        let mut votes: BTreeMap<u16, usize> = BTreeMap::new();
+        for slice in self.by_service.get(&(namespace, service))? {
+            for port in &slice.ports {
+                let tcp = port.protocol.as_deref().unwrap_or("TCP") == "TCP";
+                if tcp
+                    && port.name.as_deref().unwrap_or("") == port_name
+                    && let Some(number) = port
+                        .port
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|&p| p != 0)
+                {
+                    *votes.entry(number).or_default() += slice.endpoint_count;
+                }
+            }
+        }
+        let best = votes.values().copied().max()?;
+        votes
+            .into_iter()
+            .find(|&(_, n)| n == best)
+            .map(|(port, _)| port)
+    }
+}
+
+/// The mesh service of `service`, or `None` if it has no cluster IP (headless, ExternalName).
+///
+/// Only TCP ports are kept (the mesh carries TCP only). A numeric `targetPort` is used as is;
+/// a named one is resolved through `slices`, and a port whose name no in-use slice resolves yet
+/// is left out until one does: sending its traffic to a guessed port would be worse than
+/// refusing it.
+pub fn service_from(service: &ServiceView, slices: &SlicesByService<'_>) -> Option<Service> {
+    let meta = &service.metadata;
+    let spec = &service.spec;
+    let name = meta.name.as_deref()?;
+    let namespace = meta.namespace.as_deref()?;
+    let cluster_ips = if spec.cluster_ips.is_empty() {
+        spec.cluster_ip.as_slice()
+    } else {
+        spec.cluster_ips.as_slice()
+    };
+    // "None" (headless) does not parse, and neither does the empty ExternalName clusterIP.
+    let vips: Vec<IpAddr> = cluster_ips
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    if vips.is_empty() {
+        return None;
+    }
+    let mut ports: Vec<ServicePort> = Vec::new();
+    for port in &spec.ports {
+        if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+            continue;
+        }
+        let Some(number) = u16::try_from(port.port).ok().filter(|&p| p != 0) else {
+            continue;
+        };
+        let target_port = match &port.target_port {
+            None => Some(number),
+            Some(IntOrString::Int(target)) => u16::try_from(*target).ok().filter(|&p| p != 0),
+            Some(IntOrString::String(target)) => match target.parse::<u16>() {
+                // The API server accepts "8080" as a string too.
+                Ok(target) if target != 0 => Some(target),
+                _ => slices.resolve(namespace, name, port.name.as_deref().unwrap_or("")),
+            },
+        };
+        if let Some(target_port) = target_port
+            && !ports.iter().any(|p| p.port == number)
+        {
+            ports.push(ServicePort {
+                port: number,
+                target_port,
+            });
+        }
+    }
+    Some(Service {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        vips,
+        selector: spec.selector.clone().unwrap_or_default(),
+        ports,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::{
+        core::v1::{
+            Container, Namespace, Pod, PodCondition, PodIP, PodSpec, PodStatus,
+            Service as KubeService, ServicePort as KubeServicePort, ServiceSpec,
+        },
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    };
+    use serde::{Serialize, de::DeserializeOwned};
+
+    use super::*;
+
+    /// What a watcher would deliver for `object`: its JSON, parsed into a view.
+    fn view<V: DeserializeOwned>(object: &impl Serialize) -> V {
+        serde_json::from_value(serde_json::to_value(object).unwrap()).unwrap()
+    }
+
+    fn views<V: DeserializeOwned>(objects: &[impl Serialize]) -> Vec<Arc<V>> {
+        objects.iter().map(|o| Arc::new(view(o))).collect()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn pod(name: &str, node: &str, ip: &str) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                uid: Some(format!("uid-{name}")),
+                labels: labels(&[("app", "web")]),
+                annotations: labels(&[("big", "annotation")]),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node.into()),
+                service_account_name: Some("web".into()),
+                containers: vec![Container {
+                    name: "app".into(),
+                    image: Some("example/app:1".into()),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some(ip.into()),
+                pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+                conditions: Some(vec![
+                    PodCondition {
+                        type_: "PodScheduled".into(),
+                        status: "True".into(),
+                        ..PodCondition::default()
+                    },
+                    PodCondition {
+                        type_: "Ready".into(),
+                        status: "True".into(),
+                        message: Some("all good".into()),
+                        ..PodCondition::default()
+                    },
+                ]),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    fn namespace(name: &str, mode: Option<&str>) -> Namespace {
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: mode.and_then(|m| labels(&[(MODE_LABEL, m)])),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        }
+    }
+
+    fn service(ports: Vec<KubeServicePort>) -> KubeService {
+        KubeService {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("shop".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("10.96.0.10".into()),
+                cluster_ips: Some(vec!["10.96.0.10".into(), "fd00::10".into()]),
+                selector: labels(&[("app", "web")]),
+                ports: Some(ports),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn port(name: &str, port: i32, target: Option<IntOrString>) -> KubeServicePort {
+        KubeServicePort {
+            name: Some(name.into()),
+            port,
+            target_port: target,
+            protocol: Some("TCP".into()),
+            ..KubeServicePort::default()
+        }
+    }
+
+    fn slice(name: &str, ports: &[(&str, i32)], endpoints: usize) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                labels: labels(&[(SERVICE_NAME_LABEL, "web")]),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: Some(vec![
+                Endpoint {
+                    addresses: vec!["10.0.0.2".into()],
+                    ..Endpoint::default()
+                };
+                endpoints
+            ]),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(name, port)| EndpointPort {
+                        name: Some(name.to_string()),
+                        port: Some(*port),
+                        protocol: Some("TCP".into()),
+                        ..EndpointPort::default()
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn workload(pod: &Pod, namespace_enrolled: bool) -> Option<Workload> {
+        workload_from_pod(&view(pod), namespace_enrolled)
+    }
+
+    fn convert(pods: &[Pod], namespaces: &[Namespace]) -> Converted {
+        let (pods, namespaces) = (views(pods), views(namespaces));
+        Converter::new("node-a", "/nonexistent").convert(ClusterView {
+            pods: &pods,
+            namespaces: &namespaces,
+            ..ClusterView::default()
+        })
+    }
+
+    #[test]
+    fn pod_fields() {
+        let w = workload(&pod("web-0", "node-b", "10.0.0.2"), true).unwrap();
+        assert_eq!(w.name, "web-0");
+        assert_eq!(w.namespace, "shop");
+        assert_eq!(w.service_account, "web");
+        assert_eq!(w.node, "node-b");
+        assert_eq!(w.ips, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(w.labels, labels(&[("app", "web")]).unwrap());
+        assert!(w.enrolled && w.ready);
+    }
+
+    #[test]
+    fn enrolment_rules() {
+        let with_label = |mode: Option<&str>| {
+            let mut p = pod("p", "node-b", "10.0.0.2");
+            if let Some(mode) = mode {
+                p.metadata
+                    .labels
+                    .as_mut()
+                    .unwrap()
+                    .insert(MODE_LABEL.into(), mode.into());
+            }
+            p
+        };
+        let enrolled = |p: &Pod, ns: bool| workload(p, ns).unwrap().enrolled;
+        assert!(enrolled(&with_label(None), true));
+        assert!(!enrolled(&with_label(None), false));
+        assert!(enrolled(&with_label(Some(MODE_AMBIENT)), false));
+        assert!(!enrolled(&with_label(Some(MODE_NONE)), true));
+        let mut host = with_label(Some(MODE_AMBIENT));
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert!(
+            !enrolled(&host, true),
+            "host-network pods are never enrolled"
+        );
+    }
+
+    #[test]
+    fn skipped_pods_and_defaults() {
+        let mut pending = pod("p", "node-b", "10.0.0.2");
+        pending.status.as_mut().unwrap().phase = Some("Pending".into());
+        assert!(workload(&pending, true).is_none());
+        let mut no_ip = pod("p", "node-b", "10.0.0.2");
+        let status = no_ip.status.as_mut().unwrap();
+        status.pod_ips = None;
+        status.pod_ip = None;
+        assert!(workload(&no_ip, true).is_none());
+        let mut old_server = pod("p", "node-b", "10.0.0.2");
+        old_server.status.as_mut().unwrap().pod_ips = None;
+        assert_eq!(
+            workload(&old_server, true).unwrap().ips.len(),
+            1,
+            "podIP alone is enough"
+        );
+        let mut unready = pod("p", "node-b", "10.0.0.2");
+        unready.status.as_mut().unwrap().conditions = None;
+        assert!(!workload(&unready, true).unwrap().ready);
+        let mut no_sa = pod("p", "node-b", "10.0.0.2");
+        no_sa.spec.as_mut().unwrap().service_account_name = None;
+        assert_eq!(workload(&no_sa, true).unwrap().service_account, "default");
+        no_sa.spec.as_mut().unwrap().service_account = Some("legacy".into());
+        assert_eq!(workload(&no_sa, true).unwrap().service_account, "legacy");
+    }
+
+    #[test]
+    fn namespace_label_enrols() {
+        let pods = [
+            pod("a", "node-b", "10.0.0.2"),
+            pod("b", "node-b", "10.0.0.3"),
+        ];
+        let out = convert(&pods, &[namespace("shop", Some(MODE_AMBIENT))]);
+        assert!(out.workloads.iter().all(|w| w.enrolled));
+        let out = convert(&pods, &[namespace("shop", None)]);
+        assert!(out.workloads.iter().all(|w| !w.enrolled));
+        // A namespace not (yet) in the store enrols nothing.
+        let out = convert(&pods, &[]);
+        assert!(out.workloads.iter().all(|w| !w.enrolled));
+        assert_eq!(out.workloads.len(), 2);
+    }
+
+    #[test]
+    fn local_pods_get_their_cgroup() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("kubepods/besteffort/poduid-web-0");
+        std::fs::create_dir_all(&dir).unwrap();
+        let pods = views(&[
+            pod("web-0", "node-a", "10.0.0.2"),
+            pod("web-1", "node-a", "10.0.0.3"),
+            pod("web-2", "node-b", "10.0.0.4"),
+        ]);
+        let namespaces = views(&[namespace("shop", Some(MODE_AMBIENT))]);
+        let view = ClusterView {
+            pods: &pods,
+            namespaces: &namespaces,
+            ..ClusterView::default()
+        };
+        let mut converter = Converter::new("node-a", root.path());
+        let out = converter.convert(view);
+        assert_eq!(out.workloads[0].netns, NetnsRef::Cgroup(dir));
+        assert_eq!(
+            out.workloads[1].netns,
+            NetnsRef::Cgroup(root.path().join("kubepods/poduid-web-1"))
+        );
+        assert_eq!(out.workloads[2].netns, NetnsRef::Path(PathBuf::new()));
+        assert_eq!(out.missing_cgroups, vec!["shop/web-1".to_string()]);
+
+        // The cgroup appears: the next conversion finds it.
+        let dir1 = root
+            .path()
+            .join("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-poduid_web_1.slice");
+        std::fs::create_dir_all(&dir1).unwrap();
+        let out = converter.convert(view);
+        assert_eq!(out.workloads[1].netns, NetnsRef::Cgroup(dir1));
+        assert!(out.missing_cgroups.is_empty());
+    }
+
+    #[test]
+    fn service_fields() {
+        let svc = service(vec![
+            port("http", 80, Some(IntOrString::Int(8080))),
+            port("plain", 81, None),
+            port("str", 82, Some(IntOrString::String("9090".into()))),
+            KubeServicePort {
+                protocol: Some("UDP".into()),
+                ..port("dns", 53, None)
+            },
+        ]);
+        let out = service_from(&view(&svc), &SlicesByService::new(&[])).unwrap();
+        assert_eq!(out.name, "web");
+        assert_eq!(out.namespace, "shop");
+        assert_eq!(
+            out.vips,
+            vec![
+                "10.96.0.10".parse::<IpAddr>().unwrap(),
+                "fd00::10".parse().unwrap()
+            ]
+        );
+        assert_eq!(out.selector, labels(&[("app", "web")]).unwrap());
+        assert_eq!(
+            out.ports,
+            vec![
+                ServicePort {
+                    port: 80,
+                    target_port: 8080
+                },
+                ServicePort {
+                    port: 81,
+                    target_port: 81
+                },
+                ServicePort {
+                    port: 82,
+                    target_port: 9090
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn headless_and_external_services_are_skipped() {
+        let mut headless = service(vec![port("http", 80, None)]);
+        let spec = headless.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("None".into());
+        spec.cluster_ips = Some(vec!["None".into()]);
+        assert!(service_from(&view(&headless), &SlicesByService::new(&[])).is_none());
+        let mut external = service(vec![]);
+        let spec = external.spec.as_mut().unwrap();
+        spec.type_ = Some("ExternalName".into());
+        spec.external_name = Some("db.example.com".into());
+        spec.cluster_ip = None;
+        spec.cluster_ips = None;
+        assert!(service_from(&view(&external), &SlicesByService::new(&[])).is_none());
+    }
+
+    #[test]
+    fn named_target_port_from_slices() {
+        let svc: ServiceView = view(&service(vec![
+            port("http", 80, Some(IntOrString::String("web".into()))),
+            port("admin", 81, Some(IntOrString::String("admin".into()))),
+        ]));
+        // No slice yet: the named ports are left out rather than guessed.
+        let out = service_from(&svc, &SlicesByService::new(&[])).unwrap();
+        assert!(out.ports.is_empty());
+
+        let slices = views(&[
+            slice("web-a", &[("http", 8080), ("admin", 9000)], 2),
+            slice("web-b", &[("http", 8081)], 1),
+            slice("web-c", &[("http", 8081)], 2),
+            // An empty slice's mapping is used by nobody.
+            slice("web-d", &[("http", 7000), ("admin", 7001)], 0),
+        ]);
+        let out = service_from(&svc, &SlicesByService::new(&slices)).unwrap();
+        assert_eq!(
+            out.ports,
+            vec![
+                ServicePort {
+                    port: 80,
+                    target_port: 8081
+                },
+                ServicePort {
+                    port: 81,
+                    target_port: 9000
+                },
+            ]
+        );
+    }
+}

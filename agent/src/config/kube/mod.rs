@@ -1,0 +1,824 @@
+//! The Kubernetes configuration source: pods, namespaces, services and EndpointSlices, watched
+//! through the API server and turned into the [`MeshState`].
+//!
+//! One kube-runtime [`watcher()`] per resource type feeds a reflector store (a [`Writer`]) with
+//! the few fields the source reads ([`objects`]: memory in proportion to the mesh); every
+//! change marks the state dirty, and after a short quiet period (100 ms by default) the stores
+//! are converted ([`convert`]) and the new state is published on the same channels as the mesh
+//! file's ([`super::watch_mesh_file`]), with a [`ConfigStatus`] whose source is `kubernetes`.
+//!
+//! Failures never empty the mesh: no state is published until every store has completed its
+//! first list, a re-list (after `410 Gone`) replaces a store's content in one step once the list
+//! is complete, and while the API server is unreachable the last state stays in force and the
+//! status says since when. Watchers retry with exponential backoff and jitter.
+use std::{
+    future::Future,
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures::{StreamExt as _, stream::BoxStream};
+use kube::{
+    Api, Client,
+    runtime::{
+        reflector::{Store, store::Writer},
+        watcher::{self, watcher},
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::watch, time::Instant};
+
+use super::ConfigStatus;
+use crate::state::{MeshState, RedirectSettings};
+
+mod cgroup;
+pub mod convert;
+#[cfg(any(test, feature = "fake-apiserver"))]
+pub mod fake;
+pub mod objects;
+#[cfg(test)]
+mod tests;
+
+use self::objects::{EndpointSliceView, NamespaceView, PodView, ServiceView};
+pub use self::{
+    cgroup::pod_cgroup_dir,
+    convert::{ClusterView, Converted, Converter},
+};
+
+/// The `source` of this source's [`ConfigStatus`].
+pub const SOURCE_NAME: &str = "kubernetes";
+
+/// Runs the Kubernetes source for the agent of `node` with default settings; see
+/// [`KubeSource`]. `cgroup_root` is the cgroup v2 directory holding kubelet's `kubepods`
+/// hierarchy (normally the cgroup2 mount point), where this node's pods' network namespaces are
+/// found.
+///
+/// Never returns while anyone listens: it ends (with `Ok`) once every receiver of `state_tx`
+/// is dropped.
+pub async fn watch_kubernetes(
+    client: Client,
+    node: String,
+    cgroup_root: PathBuf,
+    state_tx: watch::Sender<Arc<MeshState>>,
+    status_tx: watch::Sender<ConfigStatus>,
+) -> anyhow::Result<()> {
+    KubeSource::new(client, node, cgroup_root)
+        .run(state_tx, status_tx)
+        .await
+}
+
+/// The resource types the source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WatchedKind {
+    /// `v1` Pods.
+    Pods,
+    /// `v1` Namespaces.
+    Namespaces,
+    /// `v1` Services.
+    Services,
+    /// `discovery.k8s.io/v1` EndpointSlices.
+    EndpointSlices,
+}
+
+impl WatchedKind {
+    /// Every kind, in the order used for indexing.
+    pub const ALL: [WatchedKind; 4] = [
+        WatchedKind::Pods,
+        WatchedKind::Namespaces,
+        WatchedKind::Services,
+        WatchedKind::EndpointSlices,
+    ];
+
+    /// The resource's plural name, as in the API's paths.
+    pub fn plural(self) -> &'static str {
+        match self {
+            WatchedKind::Pods => "pods",
+            WatchedKind::Namespaces => "namespaces",
+            WatchedKind::Services => "services",
+            WatchedKind::EndpointSlices => "endpointslices",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for WatchedKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.plural())
+    }
+}
+
+/// What a watcher error means for the source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WatchProblem {
+    /// The watch fell out of the API server's history (`410 Gone`): the watcher re-lists. Part
+    /// of normal operation, not reported as an error.
+    #[error("{kind}: resource version expired, re-listing")]
+    Resync {
+        /// The resource concerned.
+        kind: WatchedKind,
+    },
+    /// No answer from the API server (connection refused or cut, timeout, TLS failure).
+    #[error("{kind}: {message}")]
+    Unreachable {
+        /// The resource concerned.
+        kind: WatchedKind,
+        /// The transport error.
+        message: String,
+    },
+    /// The API server answered with an error (forbidden, bad request...) or something the
+    /// client could not decode.
+    #[error("{kind}: {message}")]
+    Rejected {
+        /// The resource concerned.
+        kind: WatchedKind,
+        /// The server's status, or the decoding error.
+        message: String,
+    },
+}
+
+impl WatchProblem {
+    /// Classifies an error of `kind`'s watcher.
+    pub fn classify(kind: WatchedKind, error: &watcher::Error) -> Self {
+        let client_error = match error {
+            watcher::Error::InitialListFailed(e)
+            | watcher::Error::WatchStartFailed(e)
+            | watcher::Error::WatchFailed(e) => e,
+            watcher::Error::WatchError(status) if status.code == 410 => {
+                return WatchProblem::Resync { kind };
+            }
+            watcher::Error::WatchError(status) => {
+                return WatchProblem::Rejected {
+                    kind,
+                    message: format!("watch error {}: {}", status.code, status.message),
+                };
+            }
+            watcher::Error::NoResourceVersion => {
+                return WatchProblem::Rejected {
+                    kind,
+                    message: error.to_string(),
+                };
+            }
+        };
+        match client_error {
+            kube::Error::Api(status) if status.code == 410 => WatchProblem::Resync { kind },
+            kube::Error::Api(status) => WatchProblem::Rejected {
+                kind,
+                message: format!("{} {}: {}", status.code, status.reason, status.message),
+            },
+            kube::Error::SerdeError(_)
+            | kube::Error::FromUtf8(_)
+            | kube::Error::LinesCodecMaxLineLengthExceeded => WatchProblem::Rejected {
+                kind,
+                message: client_error.to_string(),
+            },
+            // Transport: hyper, the tower stack (connect errors), reading the stream, auth
+            // refresh... all mean the server could not be talked to.
+            _ => WatchProblem::Unreachable {
+                kind,
+                message: error_chain(client_error),
+            },
+        }
+    }
+}
+
+/// `error` and its sources, `: `-separated (connect errors hide the useful part in a source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = e.source();
+    }
+    message
+}
+
+/// The Kubernetes configuration source, with its settings.
+///
+/// ```no_run
+/// # async fn doc(state_tx: tokio::sync::watch::Sender<std::sync::Arc<ambit::state::MeshState>>,
+/// #              status_tx: tokio::sync::watch::Sender<ambit::config::ConfigStatus>) -> anyhow::Result<()> {
+/// use ambit::config::kube::KubeSource;
+/// let client = kube::Client::try_default().await?;
+/// KubeSource::new(client, "node-a", "/sys/fs/cgroup").run(state_tx, status_tx).await
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct KubeSource {
+    client: Client,
+    node: String,
+    cgroup_root: PathBuf,
+    debounce: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    probe_interval: Duration,
+    cgroup_retry: Duration,
+    watch_timeout: Option<u32>,
+    trust_domain: Option<String>,
+    redirect: RedirectSettings,
+}
+
+impl std::fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("node", &self.node)
+            .field("cgroup_root", &self.cgroup_root)
+            .field("debounce", &self.debounce)
+            .field("backoff", &(self.backoff_min, self.backoff_max))
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeSource {
+    /// A source for the agent of `node`, talking to the API server through `client`; the
+    /// node's pods' cgroups are below `cgroup_root`.
+    pub fn new(client: Client, node: impl Into<String>, cgroup_root: impl Into<PathBuf>) -> Self {
+        Self {
+            client,
+            node: node.into(),
+            cgroup_root: cgroup_root.into(),
+            debounce: Duration::from_millis(100),
+            // client-go's reflector backoff: 800 ms doubling up to 30 s.
+            backoff_min: Duration::from_millis(800),
+            backoff_max: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(5),
+            cgroup_retry: Duration::from_secs(2),
+            watch_timeout: None,
+            trust_domain: None,
+            redirect: RedirectSettings::default(),
+        }
+    }
+
+    /// How long the stores must be quiet before a new state is built (default 100 ms; a burst
+    /// of changes is never delayed by more than five times this).
+    pub fn debounce(mut self, debounce: Duration) -> Self {
+        self.debounce = debounce;
+        self
+    }
+
+    /// The watchers' retry delays after an error: from `min`, doubling up to `max`, with
+    /// ±25 % jitter (default 800 ms to 30 s).
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff_min = min;
+        self.backoff_max = max.max(min);
+        self
+    }
+
+    /// While the API server is unreachable, how often `GET /version` checks whether it is back
+    /// (default 5 s). A watch that resumes without news is otherwise silent, and the status
+    /// would keep saying "unreachable".
+    pub fn probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = interval;
+        self
+    }
+
+    /// How soon the state is rebuilt when an enrolled pod of this node has no cgroup yet
+    /// (default 2 s).
+    pub fn cgroup_retry(mut self, retry: Duration) -> Self {
+        self.cgroup_retry = retry;
+        self
+    }
+
+    /// The server-side timeout of each watch request, in seconds (default: kube-runtime's,
+    /// 290 s); the watcher re-watches from where it was when it expires.
+    pub fn watch_timeout(mut self, seconds: u32) -> Self {
+        self.watch_timeout = Some(seconds);
+        self
+    }
+
+    /// The trust domain of the states built (default `cluster.local`).
+    pub fn trust_domain(mut self, trust_domain: impl Into<String>) -> Self {
+        self.trust_domain = Some(trust_domain.into());
+        self
+    }
+
+    /// The node-wide redirection settings of the states built (default: no exclusions).
+    pub fn redirect(mut self, redirect: RedirectSettings) -> Self {
+        self.redirect = redirect;
+        self
+    }
+
+    fn watcher_config(&self) -> watcher::Config {
+        let config = watcher::Config::default();
+        match self.watch_timeout {
+            Some(seconds) => config.timeout(seconds),
+            None => config,
+        }
+    }
+
+    fn reflector<K>(&self, kind: WatchedKind) -> (BoxStream<'static, Signal>, Store<K>)
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let writer = Writer::default();
+        let store = writer.as_reader();
+        let reflector = Reflector {
+            kind,
+            api: Api::all(self.client.clone()),
+            config: self.watcher_config(),
+            writer,
+            stream: futures::stream::empty().boxed(),
+            backoff: RetryBackoff::new(self.backoff_min, self.backoff_max),
+            delay: None,
+        };
+        (reflector.into_stream(), store)
+    }
+
+    /// Watches the cluster and publishes a state on `state_tx` on every relevant change, and
+    /// the source's health on `status_tx`, until every receiver of `state_tx` is dropped.
+    ///
+    /// The first state is published once all four resource types are listed; until then, and
+    /// whenever the API server cannot be reached, `status_tx` carries the reason in
+    /// `last_error` (the last state stays published).
+    pub async fn run(
+        self,
+        state_tx: watch::Sender<Arc<MeshState>>,
+        status_tx: watch::Sender<ConfigStatus>,
+    ) -> anyhow::Result<()> {
+        let (pods_stream, pods) = self.reflector(WatchedKind::Pods);
+        let (namespaces_stream, namespaces) = self.reflector(WatchedKind::Namespaces);
+        let (services_stream, services) = self.reflector(WatchedKind::Services);
+        let (slices_stream, endpoint_slices) = self.reflector(WatchedKind::EndpointSlices);
+        let mut signals = futures::stream::select_all([
+            pods_stream,
+            namespaces_stream,
+            services_stream,
+            slices_stream,
+        ]);
+        let stores = Stores {
+            pods,
+            namespaces,
+            services,
+            endpoint_slices,
+        };
+
+        let mut run = Run {
+            converter: Converter::new(self.node.clone(), self.cgroup_root.clone()),
+            source: self,
+            stores,
+            synced: [false; 4],
+            health: Health::default(),
+            generation: 0,
+            published: None,
+            dirty: None,
+            cgroup_retry_at: None,
+            probe: None,
+            next_probe: None,
+        };
+        run.publish_status(&status_tx);
+        tracing::info!(node = %run.source.node, "watching the Kubernetes API");
+
+        loop {
+            let rebuild_at = match (run.dirty.as_ref().map(Dirty::deadline), run.cgroup_retry_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            tokio::select! {
+                signal = signals.next() => match signal {
+                    Some(signal) => run.on_signal(signal),
+                    None => anyhow::bail!("the Kubernetes watchers ended"),
+                },
+                () = sleep_until(rebuild_at) => {
+                    run.dirty = None;
+                    run.cgroup_retry_at = None;
+                    run.rebuild(&state_tx);
+                }
+                () = sleep_until(run.next_probe), if run.probe.is_none() => {
+                    run.start_probe();
+                }
+                reachable = poll_probe(&mut run.probe) => {
+                    run.on_probe(reachable);
+                }
+                () = state_tx.closed() => return Ok(()),
+            }
+            run.publish_status(&status_tx);
+        }
+    }
+}
+
+/// Sleeps until `deadline`; forever if there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+type Probe = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// Completes with the running probe's outcome (and clears it); pending if none runs.
+async fn poll_probe(probe: &mut Option<Probe>) -> bool {
+    match probe {
+        Some(running) => {
+            let reachable = running.await;
+            *probe = None;
+            reachable
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The reflector stores, read when a state is built.
+struct Stores {
+    pods: Store<PodView>,
+    namespaces: Store<NamespaceView>,
+    services: Store<ServiceView>,
+    endpoint_slices: Store<EndpointSliceView>,
+}
+
+/// One watcher's report to the source's loop.
+struct Signal {
+    kind: WatchedKind,
+    what: SignalKind,
+}
+
+enum SignalKind {
+    /// A (re-)list started or delivered an object; the store changes only at its end.
+    Listing,
+    /// A list completed: the store now holds exactly the listed objects.
+    Synced,
+    /// An object was added, modified or deleted.
+    Changed,
+    /// The watcher failed; it retries after a backoff.
+    Failed(watcher::Error),
+}
+
+/// A watcher and the store it fills.
+///
+/// Written out instead of kube-runtime's `reflector()` + `StreamBackoff` for one case those do
+/// not handle: an API server that answers a watch from an expired resource version with HTTP
+/// 410 (rather than a 410 event in the stream) leaves the watcher retrying that version
+/// forever, so here the watcher is restarted, which re-lists.
+struct Reflector<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    kind: WatchedKind,
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    stream: BoxStream<'static, watcher::Result<watcher::Event<K>>>,
+    backoff: RetryBackoff,
+    /// Set after an error: wait this long before polling the watcher again.
+    delay: Option<Duration>,
+}
+
+impl<K> Reflector<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    fn into_stream(mut self) -> BoxStream<'static, Signal> {
+        self.restart();
+        futures::stream::unfold(self, |mut reflector| async move {
+            let signal = reflector.next().await;
+            Some((signal, reflector))
+        })
+        .boxed()
+    }
+
+    /// Starts over with a fresh watcher (list, then watch).
+    fn restart(&mut self) {
+        self.stream = watcher(self.api.clone(), self.config.clone()).boxed();
+    }
+
+    async fn next(&mut self) -> Signal {
+        if let Some(delay) = self.delay.take() {
+            tokio::time::sleep(delay).await;
+        }
+        let what = match self.stream.next().await {
+            Some(Ok(event)) => {
+                self.backoff.reset();
+                self.writer.apply_watcher_event(&event);
+                match event {
+                    watcher::Event::Init | watcher::Event::InitApply(_) => SignalKind::Listing,
+                    watcher::Event::InitDone => SignalKind::Synced,
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => SignalKind::Changed,
+                }
+            }
+            Some(Err(error)) => {
+                self.delay = Some(self.backoff.next_delay());
+                if matches!(
+                    &error,
+                    watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 410
+                ) {
+                    self.restart();
+                }
+                SignalKind::Failed(error)
+            }
+            // kube-runtime's watcher never ends; should it, starting over is the only way on.
+            None => {
+                self.delay = Some(self.backoff.next_delay());
+                self.restart();
+                SignalKind::Listing
+            }
+        };
+        Signal {
+            kind: self.kind,
+            what,
+        }
+    }
+}
+
+/// Exponential backoff with jitter, so that a fleet of agents does not retry in step.
+#[derive(Debug, Clone)]
+struct RetryBackoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+    /// xorshift state for the jitter: no need for a real random source here.
+    seed: u64,
+}
+
+impl RetryBackoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        let seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        Self {
+            min,
+            max,
+            current: min,
+            seed,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        // A factor in [0.75, 1.25).
+        let factor = 0.75 + (self.seed % 1000) as f64 / 2000.0;
+        let delay = self.current.mul_f64(factor);
+        self.current = (self.current * 2).min(self.max);
+        delay
+    }
+}
+
+/// What is wrong with the source right now.
+#[derive(Debug, Default)]
+struct Health {
+    /// Since when the API server has not answered, and the latest transport error.
+    unreachable: Option<(SystemTime, String)>,
+    /// Per kind: the latest error the server answered with, until that watcher makes progress.
+    rejected: [Option<String>; 4],
+}
+
+impl Health {
+    fn message(&self, generation: u64) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some((since, error)) = &self.unreachable {
+            let since = k8s_openapi::jiff::Timestamp::try_from(*since)
+                .map(|t| {
+                    t.round(k8s_openapi::jiff::Unit::Second)
+                        .unwrap_or(t)
+                        .to_string()
+                })
+                .unwrap_or_else(|_| format!("{since:?}"));
+            let serving = if generation == 0 {
+                "no state received yet".to_string()
+            } else {
+                format!("serving the last state (generation {generation})")
+            };
+            parts.push(format!(
+                "API server unreachable since {since} ({error}); {serving}"
+            ));
+        }
+        parts.extend(self.rejected.iter().flatten().cloned());
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
+/// A pending rebuild.
+struct Dirty {
+    first: Instant,
+    last: Instant,
+    debounce: Duration,
+}
+
+impl Dirty {
+    fn deadline(&self) -> Instant {
+        (self.last + self.debounce).min(self.first + self.debounce * 5)
+    }
+}
+
+/// The source's loop state.
+struct Run {
+    source: KubeSource,
+    converter: Converter,
+    stores: Stores,
+    /// Per kind: whether the first list completed.
+    synced: [bool; 4],
+    health: Health,
+    generation: u64,
+    published: Option<Arc<MeshState>>,
+    dirty: Option<Dirty>,
+    cgroup_retry_at: Option<Instant>,
+    probe: Option<Probe>,
+    next_probe: Option<Instant>,
+}
+
+impl Run {
+    fn on_signal(&mut self, signal: Signal) {
+        let Signal { kind, what } = signal;
+        let error = match what {
+            SignalKind::Failed(error) => error,
+            progress => {
+                // The server answered this watcher: whatever was wrong with it is over.
+                self.health.rejected[kind.index()] = None;
+                self.set_reachable(kind);
+                match progress {
+                    SignalKind::Synced => {
+                        if !self.synced[kind.index()] {
+                            tracing::debug!(%kind, "first list complete");
+                        }
+                        self.synced[kind.index()] = true;
+                        self.mark_dirty();
+                    }
+                    SignalKind::Changed => self.mark_dirty(),
+                    SignalKind::Listing | SignalKind::Failed(_) => {}
+                }
+                return;
+            }
+        };
+        match WatchProblem::classify(kind, &error) {
+            WatchProblem::Resync { .. } => {
+                tracing::debug!(%kind, "watch expired (410 Gone); re-listing");
+            }
+            WatchProblem::Unreachable { message, .. } => {
+                if self.health.unreachable.is_none() {
+                    tracing::warn!(%kind, error = %message, "API server unreachable; keeping the last state");
+                    self.next_probe = Some(Instant::now() + self.source.probe_interval);
+                }
+                let since = self
+                    .health
+                    .unreachable
+                    .as_ref()
+                    .map_or_else(SystemTime::now, |(since, _)| *since);
+                self.health.unreachable = Some((since, message));
+            }
+            problem @ WatchProblem::Rejected { .. } => {
+                let message = problem.to_string();
+                if self.health.rejected[kind.index()].as_ref() != Some(&message) {
+                    tracing::warn!(error = %message, "watch failed; retrying");
+                }
+                self.health.rejected[kind.index()] = Some(message);
+            }
+        }
+    }
+
+    fn set_reachable(&mut self, kind: impl std::fmt::Display) {
+        if let Some((since, _)) = self.health.unreachable.take() {
+            let down_for = since.elapsed().unwrap_or_default();
+            tracing::info!(via = %kind, ?down_for, "API server reachable again");
+        }
+        self.next_probe = None;
+        self.probe = None;
+    }
+
+    fn mark_dirty(&mut self) {
+        let now = Instant::now();
+        let debounce = self.source.debounce;
+        let dirty = self.dirty.get_or_insert(Dirty {
+            first: now,
+            last: now,
+            debounce,
+        });
+        dirty.last = now;
+    }
+
+    fn start_probe(&mut self) {
+        if self.health.unreachable.is_none() {
+            self.next_probe = None;
+            return;
+        }
+        let client = self.source.client.clone();
+        let timeout = self.source.probe_interval.max(Duration::from_secs(1));
+        self.probe = Some(Box::pin(async move {
+            matches!(
+                tokio::time::timeout(timeout, client.apiserver_version()).await,
+                Ok(Ok(_))
+            )
+        }));
+        self.next_probe = Some(Instant::now() + self.source.probe_interval);
+    }
+
+    fn on_probe(&mut self, reachable: bool) {
+        if reachable {
+            self.set_reachable("GET /version");
+        }
+    }
+
+    /// Converts the stores and publishes the result if it differs from the last state.
+    fn rebuild(&mut self, state_tx: &watch::Sender<Arc<MeshState>>) {
+        if let Some(kind) = WatchedKind::ALL.iter().find(|k| !self.synced[k.index()]) {
+            // A state built now would miss a whole resource type (every namespace, say, which
+            // would un-enrol every pod): wait for the first complete list of each.
+            tracing::debug!(waiting_for = %kind, "not all resources listed yet");
+            return;
+        }
+        let (pods, namespaces) = (self.stores.pods.state(), self.stores.namespaces.state());
+        let (services, endpoint_slices) = (
+            self.stores.services.state(),
+            self.stores.endpoint_slices.state(),
+        );
+        let converted = self.converter.convert(ClusterView {
+            pods: &pods,
+            namespaces: &namespaces,
+            services: &services,
+            endpoint_slices: &endpoint_slices,
+        });
+        drop((pods, namespaces, services, endpoint_slices));
+        if !converted.missing_cgroups.is_empty() {
+            tracing::debug!(pods = ?converted.missing_cgroups, "no cgroup found yet for these pods; will look again");
+            self.cgroup_retry_at = Some(Instant::now() + self.source.cgroup_retry);
+        }
+        if let Some(published) = &self.published
+            && same_mesh(published, &converted)
+        {
+            return;
+        }
+        let enrolled_here = converted
+            .workloads
+            .iter()
+            .filter(|w| w.enrolled && w.node == self.source.node)
+            .count();
+        let (workloads, services) = (converted.workloads.len(), converted.services.len());
+        let mut state = MeshState::new(
+            self.source.redirect.clone(),
+            converted.workloads,
+            converted.services,
+        );
+        if let Some(trust_domain) = &self.source.trust_domain {
+            state = state.with_trust_domain(trust_domain.clone());
+        }
+        let state = Arc::new(state);
+        self.generation += 1;
+        self.published = Some(state.clone());
+        state_tx.send_replace(state);
+        tracing::info!(
+            generation = self.generation,
+            workloads,
+            services,
+            enrolled_here,
+            "mesh state from Kubernetes published"
+        );
+    }
+
+    fn publish_status(&self, status_tx: &watch::Sender<ConfigStatus>) {
+        let status = ConfigStatus {
+            generation: self.generation,
+            last_error: self.health.message(self.generation),
+            source: SOURCE_NAME.to_string(),
+        };
+        status_tx.send_if_modified(|current| {
+            if *current == status {
+                return false;
+            }
+            *current = status;
+            true
+        });
+    }
+}
+
+/// Whether `converted` describes the same mesh as `state` (then nothing is published, so a pod
+/// status update that changes nothing the mesh uses costs no reconciliation).
+fn same_mesh(state: &MeshState, converted: &Converted) -> bool {
+    state.workloads().len() == converted.workloads.len()
+        && state.services().len() == converted.services.len()
+        && state
+            .workloads()
+            .iter()
+            .zip(&converted.workloads)
+            .all(|(a, b)| **a == *b)
+        && state
+            .services()
+            .iter()
+            .zip(&converted.services)
+            .all(|(a, b)| **a == *b)
+}

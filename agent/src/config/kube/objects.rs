@@ -1,0 +1,389 @@
+//! The parts of Kubernetes objects the source reads, deserialized straight from the API's JSON.
+//!
+//! The watchers and their stores hold these instead of k8s-openapi's full types: a `Pod` is
+//! 2.4 kB before any of its content (every optional field of a pod spec is inline), and its
+//! containers, volumes, annotations and managed fields would all be parsed and kept for
+//! nothing. Here every other field is skipped while parsing, so the stores cost memory in
+//! proportion to the mesh (docs/operations.md, "Footprint"), not to the size of pod specs.
+//!
+//! Each view is a kube resource of the same kind, group and version as the object it views,
+//! so kube's `Api` and kube-runtime's watcher and stores work with it unchanged.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::{
+    ClusterResourceScope, Metadata, NamespaceResourceScope, Resource,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use serde::{Deserialize, Deserializer, de::IgnoredAny};
+
+use super::convert::SERVICE_NAME_LABEL;
+
+/// Declares the view as the kube resource `$kind` of `$group`/`$version`.
+macro_rules! resource {
+    ($view:ident, $api_version:literal, $group:literal, $version:literal, $kind:literal, $plural:literal, $scope:ty) => {
+        impl Resource for $view {
+            const API_VERSION: &'static str = $api_version;
+            const GROUP: &'static str = $group;
+            const KIND: &'static str = $kind;
+            const VERSION: &'static str = $version;
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = $scope;
+        }
+
+        impl Metadata for $view {
+            type Ty = ObjectMeta;
+
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+/// A Pod: name, namespace, UID, labels; service account, node, host network; phase, addresses,
+/// readiness.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct PodView {
+    /// Name, namespace, UID, resource version and labels (nothing else is kept).
+    #[serde(default, deserialize_with = "slim_meta")]
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub spec: PodSpecView,
+    /// `status`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub status: PodStatusView,
+}
+resource!(
+    PodView,
+    "v1",
+    "",
+    "v1",
+    "Pod",
+    "pods",
+    NamespaceResourceScope
+);
+
+/// The fields of a pod's `spec` the source reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpecView {
+    /// `serviceAccountName`.
+    pub service_account_name: Option<String>,
+    /// `serviceAccount`, the deprecated alias older objects may carry alone.
+    pub service_account: Option<String>,
+    /// `nodeName`: where the pod is scheduled.
+    pub node_name: Option<String>,
+    /// `hostNetwork`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub host_network: bool,
+}
+
+/// The fields of a pod's `status` the source reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatusView {
+    /// `phase`: Pending, Running, Succeeded, Failed, Unknown.
+    pub phase: Option<String>,
+    /// `podIPs`, parsed (an unparsable entry is dropped).
+    #[serde(default, rename = "podIPs", deserialize_with = "pod_ips")]
+    pub pod_ips: Vec<IpAddr>,
+    /// `podIP`, for servers that do not send `podIPs`.
+    #[serde(default, rename = "podIP", deserialize_with = "optional_ip")]
+    pub pod_ip: Option<IpAddr>,
+    /// Whether the `Ready` condition is `True`.
+    #[serde(default, rename = "conditions", deserialize_with = "ready_condition")]
+    pub ready: bool,
+}
+
+/// A Namespace: its name and labels.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct NamespaceView {
+    /// Name, UID, resource version and labels.
+    #[serde(default, deserialize_with = "slim_meta")]
+    pub metadata: ObjectMeta,
+}
+resource!(
+    NamespaceView,
+    "v1",
+    "",
+    "v1",
+    "Namespace",
+    "namespaces",
+    ClusterResourceScope
+);
+
+/// A Service: name, namespace, labels, type, cluster IPs, selector, ports.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct ServiceView {
+    /// Name, namespace, UID, resource version and labels.
+    #[serde(default, deserialize_with = "slim_meta")]
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub spec: ServiceSpecView,
+}
+resource!(
+    ServiceView,
+    "v1",
+    "",
+    "v1",
+    "Service",
+    "services",
+    NamespaceResourceScope
+);
+
+/// The fields of a service's `spec` the source reads.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpecView {
+    /// `type`: ClusterIP, NodePort, LoadBalancer, ExternalName.
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    /// `clusterIP` (`None` for a headless service).
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    /// `clusterIPs`: one per IP family.
+    #[serde(default, rename = "clusterIPs", deserialize_with = "null_as_default")]
+    pub cluster_ips: Vec<String>,
+    /// `selector`.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `ports`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ports: Vec<ServicePortView>,
+}
+
+/// One of a service's `ports`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortView {
+    /// `name`; required when a service has several ports, and what EndpointSlices use.
+    pub name: Option<String>,
+    /// `port`, the port clients dial.
+    pub port: i32,
+    /// `protocol`: TCP (default), UDP, SCTP.
+    pub protocol: Option<String>,
+    /// `targetPort`: a number, or the name of a container port.
+    pub target_port: Option<IntOrString>,
+}
+
+/// An EndpointSlice: its namespace, its service, its ports and how many endpoints use them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSliceView {
+    /// Name, namespace, UID, resource version, and of the labels only
+    /// `kubernetes.io/service-name`.
+    #[serde(default, deserialize_with = "slice_meta")]
+    pub metadata: ObjectMeta,
+    /// `ports`: for each service port, the port number the slice's endpoints resolved it to.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ports: Vec<EndpointPortView>,
+    /// How many entries `endpoints` has (the entries themselves are not kept).
+    #[serde(default, rename = "endpoints", deserialize_with = "count")]
+    pub endpoint_count: usize,
+}
+resource!(
+    EndpointSliceView,
+    "discovery.k8s.io/v1",
+    "discovery.k8s.io",
+    "v1",
+    "EndpointSlice",
+    "endpointslices",
+    NamespaceResourceScope
+);
+
+/// One of an EndpointSlice's `ports`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPortView {
+    /// `name`: the service port's name (empty for a service's single unnamed port).
+    pub name: Option<String>,
+    /// `port`: the endpoints' port number.
+    pub port: Option<i32>,
+    /// `protocol`: TCP (default), UDP, SCTP.
+    pub protocol: Option<String>,
+}
+
+/// `null` means the default, as in the API's Go structs.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// The metadata fields kept: everything else (annotations, managed fields, owners...) is
+/// skipped while parsing.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlimMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+impl From<SlimMeta> for ObjectMeta {
+    fn from(slim: SlimMeta) -> Self {
+        ObjectMeta {
+            name: slim.name,
+            namespace: slim.namespace,
+            uid: slim.uid,
+            // The watcher resumes from the last object's version: it must be kept.
+            resource_version: slim.resource_version,
+            labels: slim.labels,
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+fn slim_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    Ok(Option::<SlimMeta>::deserialize(deserializer)?
+        .map(ObjectMeta::from)
+        .unwrap_or_default())
+}
+
+/// A slice's metadata: the EndpointSlice controller copies all of the service's labels onto
+/// every slice, and only the one naming the service is of use here.
+fn slice_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    let mut meta = slim_meta(deserializer)?;
+    meta.labels = meta.labels.and_then(|mut labels| {
+        let service = labels.remove(SERVICE_NAME_LABEL)?;
+        Some(BTreeMap::from([(SERVICE_NAME_LABEL.to_string(), service)]))
+    });
+    Ok(meta)
+}
+
+fn pod_ips<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpAddr>, D::Error> {
+    #[derive(Deserialize)]
+    struct PodIp {
+        ip: Option<String>,
+    }
+    let ips: Option<Vec<PodIp>> = Option::deserialize(deserializer)?;
+    Ok(ips
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|entry| entry.ip?.parse().ok())
+        .collect())
+}
+
+fn optional_ip<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<IpAddr>, D::Error> {
+    let ip: Option<String> = Option::deserialize(deserializer)?;
+    Ok(ip.and_then(|ip| ip.parse().ok()))
+}
+
+fn ready_condition<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    struct Condition {
+        #[serde(rename = "type")]
+        type_: String,
+        status: String,
+    }
+    let conditions: Option<Vec<Condition>> = Option::deserialize(deserializer)?;
+    Ok(conditions
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    // IgnoredAny is zero-sized: the Vec counts without allocating or keeping anything.
+    let items: Option<Vec<IgnoredAny>> = Option::deserialize(deserializer)?;
+    Ok(items.map_or(0, |items| items.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn pod_from_api_json() {
+        let pod: PodView = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "web-0", "namespace": "shop", "uid": "u-1", "resourceVersion": "42",
+                "labels": {"app": "web"},
+                "annotations": {"big": "x"},
+                "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web", "uid": "s"}],
+            },
+            "spec": {
+                "serviceAccountName": "web", "nodeName": "node-a",
+                "containers": [{"name": "app", "image": "example/app", "ports": [{"containerPort": 80}]}],
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.2",
+                "podIPs": [{"ip": "10.0.0.2"}, {"ip": "fd00::2"}, {"ip": "bogus"}],
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                ],
+                "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "x", "imageID": "y"}],
+            },
+        }))
+        .unwrap();
+        assert_eq!(pod.metadata.name.as_deref(), Some("web-0"));
+        assert_eq!(pod.metadata.resource_version.as_deref(), Some("42"));
+        assert!(pod.metadata.annotations.is_none() && pod.metadata.managed_fields.is_none());
+        assert!(pod.metadata.owner_references.is_none());
+        assert_eq!(pod.spec.node_name.as_deref(), Some("node-a"));
+        assert!(!pod.spec.host_network);
+        assert_eq!(
+            pod.status.pod_ips,
+            vec![
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "fd00::2".parse().unwrap()
+            ]
+        );
+        assert!(pod.status.ready);
+    }
+
+    #[test]
+    fn nulls_and_absences() {
+        let pod: PodView = serde_json::from_value(json!({
+            "metadata": {"name": "p", "labels": null},
+            "spec": {"hostNetwork": null},
+            "status": {"podIPs": null, "conditions": null},
+        }))
+        .unwrap();
+        assert_eq!(pod.status, PodStatusView::default());
+        let pod: PodView =
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": null})).unwrap();
+        assert_eq!(pod.spec, PodSpecView::default());
+    }
+
+    #[test]
+    fn slice_keeps_service_label_and_count() {
+        let slice: EndpointSliceView = serde_json::from_value(json!({
+            "metadata": {"name": "web-x", "namespace": "shop", "labels": {
+                "kubernetes.io/service-name": "web", "app": "web",
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            }},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.2"]}, {"addresses": ["10.0.0.3"]}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        }))
+        .unwrap();
+        assert_eq!(
+            slice.metadata.labels,
+            Some(BTreeMap::from([(
+                SERVICE_NAME_LABEL.to_string(),
+                "web".to_string()
+            )]))
+        );
+        assert_eq!(slice.endpoint_count, 2);
+        assert_eq!(slice.ports[0].port, Some(8080));
+        let empty: EndpointSliceView =
+            serde_json::from_value(json!({"metadata": {"name": "e"}, "endpoints": null})).unwrap();
+        assert_eq!(empty.endpoint_count, 0);
+    }
+}
