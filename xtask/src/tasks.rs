@@ -105,32 +105,30 @@ pub fn test(nextest_args: &[String]) -> Result<()> {
 }
 
 pub fn demo() -> Result<()> {
-    setup::ensure(Scope::Full)?;
-    let root = workspace_root();
-    let release = target_dir(&root).join("release");
-    println!("==> [1/2] release build");
-    run(cargo(&root)
-        .args(["build", "--release"])
-        .args(BIN_PACKAGES)
-        .arg("--bins"))
-    .context("release build failed")?;
-    let demo = release.join("demo");
-    if !demo.is_file() {
-        bail!(
-            "{} was not built: the `ambit-tests` package has no `demo` binary",
-            demo.display()
-        );
-    }
-    println!("\n==> [2/2] demo");
-    Err(exec(
-        Command::new(&demo)
-            .current_dir(&root)
-            .env("AMBIT_BIN", release.join("ambit"))
-            .env("AMBIT_TESTPOD_BIN", release.join("testpod")),
-    ))
+    run_release_binary("demo", "demo", |cmd| cmd)
 }
 
 pub fn bench(bench_args: &[String]) -> Result<()> {
+    let root = workspace_root();
+    run_release_binary(
+        "bench",
+        "benchmark (a few minutes; writes docs/benchmarks.md)",
+        |cmd| {
+            cmd.arg("--out")
+                .arg(root.join("docs/benchmarks.md"))
+                .args(["--command", "cargo xtask bench"])
+                .args(bench_args)
+        },
+    )
+}
+
+/// Setup, a release build of the binaries, then the test-bed program `name` with the release
+/// agent and testpod (its exit status becomes ours).
+fn run_release_binary(
+    name: &str,
+    what: &str,
+    configure: impl FnOnce(&mut Command) -> &mut Command,
+) -> Result<()> {
     setup::ensure(Scope::Full)?;
     let root = workspace_root();
     let release = target_dir(&root).join("release");
@@ -140,22 +138,17 @@ pub fn bench(bench_args: &[String]) -> Result<()> {
         .args(BIN_PACKAGES)
         .arg("--bins"))
     .context("release build failed")?;
-    let bench = release.join("bench");
-    if !bench.is_file() {
+    let program = release.join(name);
+    if !program.is_file() {
         bail!(
-            "{} was not built: the `ambit-tests` package has no `bench` binary",
-            bench.display()
+            "{} was not built: the `ambit-tests` package has no `{name}` binary",
+            program.display()
         );
     }
-    println!("\n==> [2/2] benchmark (a few minutes; writes docs/benchmarks.md)");
-    Err(exec(
-        Command::new(&bench)
-            .current_dir(&root)
-            .env("AMBIT_BIN", release.join("ambit"))
-            .env("AMBIT_TESTPOD_BIN", release.join("testpod"))
-            .arg("--out")
-            .arg(root.join("docs/benchmarks.md"))
-            .args(["--command", "cargo xtask bench"])
-            .args(bench_args),
-    ))
+    println!("\n==> [2/2] {what}");
+    let mut cmd = Command::new(&program);
+    cmd.current_dir(&root)
+        .env("AMBIT_BIN", release.join("ambit"))
+        .env("AMBIT_TESTPOD_BIN", release.join("testpod"));
+    Err(exec(configure(&mut cmd)))
 }
