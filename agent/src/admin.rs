@@ -38,13 +38,23 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// Ready once a configuration was loaded and applied to this node.
+    /// Ready once a configuration was loaded and applied to this node, and every enrolled pod's
+    /// identity holds a certificate (before that, tunnels to those pods would be refused).
     fn readiness(&self) -> Result<(), String> {
         if self.config.borrow().generation == 0 {
             return Err("no configuration loaded yet".into());
         }
         if !self.enrolment.borrow().reconciled {
             return Err("configuration not applied yet".into());
+        }
+        if let Some(certs) = &self.certs {
+            let stats = certs.stats();
+            if stats.pending > 0 {
+                return Err(format!(
+                    "{} of {} workload identities have no valid certificate yet",
+                    stats.pending, stats.wanted
+                ));
+            }
         }
         Ok(())
     }
