@@ -101,7 +101,17 @@ fn route(
 ) -> Response<Full<Bytes>> {
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/healthz/ready") => match state.readiness() {
-            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Ok(()) => match &state.config.borrow().unreachable_since {
+                // Still serving: taking the node's pods out of the mesh would be worse.
+                Some(since) => text(
+                    StatusCode::OK,
+                    format!(
+                        "ready (degraded: the Kubernetes API server has been unreachable since \
+                         {since}; serving the last state)\n"
+                    ),
+                ),
+                None => text(StatusCode::OK, "ready\n"),
+            },
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),

@@ -7,7 +7,7 @@ use tracing::{error, info};
 
 use crate::{
     admin::{self, AdminState},
-    config::{self, ConfigStatus},
+    config::{self, ConfigStatus, kube::KubeSource},
     identity::{
         BearerToken, CaClient, CaClientConfig, CertificateManager, ManagerConfig,
         client::DEFAULT_CA_TIMEOUT,
@@ -26,8 +26,23 @@ pub struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
     /// Standalone mode: the YAML mesh file to load and watch.
-    #[arg(long, env = "AMBIT_MESH_FILE")]
-    pub mesh_file: PathBuf,
+    #[arg(
+        long,
+        env = "AMBIT_MESH_FILE",
+        required_unless_present = "kube",
+        conflicts_with = "kube"
+    )]
+    pub mesh_file: Option<PathBuf>,
+    /// Kubernetes mode: watch pods, namespaces, services, EndpointSlices and Ambit's policies
+    /// through the API server (in-cluster credentials, or `--kubeconfig`).
+    #[arg(long, env = "AMBIT_KUBE")]
+    pub kube: bool,
+    /// Kubernetes mode: the kubeconfig file to use instead of the in-cluster ServiceAccount.
+    #[arg(long, requires = "kube")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the SPIFFE trust domain of the mesh (the mesh file names its own).
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = crate::policy::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     /// cgroup v2 directory at which to attach the socket programs [default: the cgroup2 mount].
     #[arg(long, env = "AMBIT_CGROUP")]
     pub cgroup: Option<PathBuf>,
@@ -101,6 +116,24 @@ fn certificate_manager(args: &AgentArgs) -> anyhow::Result<Option<Arc<Certificat
     ))))
 }
 
+/// A client for the API server: from `kubeconfig` if given, else in-cluster (the pod's
+/// ServiceAccount) or `$KUBECONFIG`/`~/.kube/config`, as kubectl would.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("using --kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes credentials: not in a pod and no kubeconfig (--kubeconfig)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
 fn parse_mark(s: &str) -> Result<u32, String> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -120,7 +153,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         None => crate::redirect::cgroup2_mount()?,
     };
     let redirector = Arc::new(Redirector::load(RedirectConfig {
-        cgroup,
+        cgroup: cgroup.clone(),
         bpffs: args.bpffs.clone(),
         mark: args.mark,
     })?);
@@ -128,17 +161,24 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     metrics.observe_datapath(redirector.clone());
 
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::empty()));
-    let (config_tx, mut config_rx) = watch::channel(ConfigStatus {
-        generation: 0,
-        last_error: None,
-        source: args.mesh_file.display().to_string(),
-    });
-    let mut source = tokio::spawn(config::watch_mesh_file(
-        args.mesh_file.clone(),
-        state_tx,
-        config_tx,
-    ));
+    let (config_tx, mut config_rx) = watch::channel(ConfigStatus::default());
+    let mut source = match &args.mesh_file {
+        Some(mesh_file) => tokio::spawn(config::watch_mesh_file(
+            mesh_file.clone(),
+            state_tx,
+            config_tx,
+        )),
+        None => {
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let kube = KubeSource::new(client, args.node.clone(), cgroup.clone())
+                .trust_domain(args.trust_domain.clone());
+            tokio::spawn(kube.run(state_tx, config_tx))
+        }
+    };
     // The first load must succeed: an agent must not start on a configuration it cannot read.
+    // From Kubernetes it may take a while (API server unreachable): readiness says why.
+    let waiting_since = std::time::Instant::now();
+    let mut last_reported = None;
     loop {
         tokio::select! {
             result = &mut source => {
@@ -150,8 +190,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
             changed = config_rx.changed() => {
                 changed.context("configuration source ended")?;
-                if config_rx.borrow().generation > 0 {
+                let status = config_rx.borrow();
+                if status.generation > 0 {
                     break;
+                }
+                if status.last_error != last_reported {
+                    if let Some(error) = &status.last_error {
+                        tracing::warn!(waited = ?waiting_since.elapsed(), %error, "no configuration yet");
+                    }
+                    last_reported = status.last_error.clone();
                 }
             }
         }

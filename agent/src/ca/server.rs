@@ -488,6 +488,7 @@ impl CaServer {
             generation: 0,
             last_error: None,
             source: options.mesh_file.display().to_string(),
+            unreachable_since: None,
         });
         let mut source = tokio::spawn(config::watch_mesh_file(
             options.mesh_file.clone(),

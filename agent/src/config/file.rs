@@ -679,6 +679,7 @@ fn first_load_failed(
         generation: 0,
         last_error: Some(e.to_string()),
         source: source.into(),
+        unreachable_since: None,
     });
     e.into()
 }
@@ -818,6 +819,7 @@ impl Reloader {
             generation: self.generation,
             last_error: self.last_error.clone(),
             source: self.source.clone(),
+            unreachable_since: None,
         });
     }
 }

@@ -20,4 +20,8 @@ pub struct ConfigStatus {
     pub last_error: Option<String>,
     /// Which source this is, e.g. `file:/etc/ambit/mesh.yaml`.
     pub source: String,
+    /// Since when (RFC 3339) the source cannot reach where its configuration comes from (the
+    /// Kubernetes API server); the last state stays in force meanwhile. Not a rejection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<String>,
 }

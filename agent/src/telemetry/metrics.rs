@@ -564,6 +564,8 @@ struct HealthCollector {
     inbound_no_listener: IntCounter,
     map_entries: IntGaugeVec,
     config_generation: IntGauge,
+    /// 0 while the configuration source cannot reach its origin (the API server).
+    config_source_up: IntGauge,
     /// `result="ok"` is derived from the generation at scrape time; `result="failed"` is counted
     /// as rejections happen ([`Metrics::config_reload_failed`]).
     config_reloads: IntCounterVec,
@@ -625,6 +627,11 @@ impl HealthCollector {
                 "ambit_config_generation",
                 "Configurations accepted since the agent started (the one in force)",
             )?,
+            config_source_up: IntGauge::new(
+                "ambit_config_source_up",
+                "1 while the configuration source reaches where its configuration comes from; 0 \
+                 while the Kubernetes API server is unreachable (the last state stays in force)",
+            )?,
             config_reloads,
             certificate_expiry: GaugeVec::new(
                 Opts::new(
@@ -642,7 +649,7 @@ impl HealthCollector {
         })
     }
 
-    fn parts(&self) -> [&dyn Collector; 12] {
+    fn parts(&self) -> [&dyn Collector; 13] {
         [
             &self.enrolled_pods,
             &self.enrolment_failed_pods,
@@ -653,6 +660,7 @@ impl HealthCollector {
             &self.inbound_no_listener,
             &self.map_entries,
             &self.config_generation,
+            &self.config_source_up,
             &self.config_reloads,
             &self.certificate_expiry,
             &self.ca_errors,
@@ -691,9 +699,13 @@ impl HealthCollector {
             self.enrolment_failed_pods.set(status.failed.len() as i64);
         }
         if let Some(config) = &sources.config {
-            let generation = config.borrow().generation;
+            let (generation, up) = {
+                let status = config.borrow();
+                (status.generation, status.unreachable_since.is_none())
+            };
             self.config_generation
                 .set(i64::try_from(generation).unwrap_or(i64::MAX));
+            self.config_source_up.set(i64::from(up));
             set_counter(
                 &self.config_reloads.with_label_values(&["ok"]),
                 generation.saturating_sub(1),
@@ -870,7 +882,9 @@ impl Metrics {
         // What is already there was not a reload.
         status.borrow_and_update();
         while status.changed().await.is_ok() {
-            if status.borrow_and_update().last_error.is_some() {
+            let status = status.borrow_and_update();
+            // An unreachable API server rejects nothing: it has its own gauge.
+            if status.last_error.is_some() && status.unreachable_since.is_none() {
                 self.config_reload_failed();
             }
         }
@@ -1457,22 +1471,34 @@ mod tests {
                 &[("result", "failed")],
             )
         };
+        metrics.observe_config(tx.subscribe());
+        let up =
+            |metrics: &Metrics| value(&parse(&metrics.encode()), "ambit_config_source_up", &[]);
+        assert_eq!(up(&metrics), Some(1.0));
         for status in [
-            (1, Some("bad field")),
-            (1, None),
-            (2, None),
-            (2, Some("unreadable")),
+            (1, Some("bad field"), None),
+            (1, None, None),
+            (2, None, None),
+            (2, Some("unreadable"), None),
+            // The API server going away is no rejection, but the gauge says so.
+            (
+                2,
+                Some("API server unreachable"),
+                Some("2026-12-04T12:00:00Z"),
+            ),
         ] {
             tx.send_replace(ConfigStatus {
                 generation: status.0,
                 last_error: status.1.map(String::from),
-                source: String::new(),
+                unreachable_since: status.2.map(String::from),
+                ..Default::default()
             });
             // Let the counting task see each publication before the next.
             for _ in 0..10 {
                 tokio::task::yield_now().await;
             }
         }
+        assert_eq!(up(&metrics), Some(0.0));
         drop(tx);
         task.await.unwrap();
         assert_eq!(failed(&metrics), Some(2.0));

@@ -593,13 +593,7 @@ impl Health {
     fn message(&self, generation: u64) -> Option<String> {
         let mut parts = Vec::new();
         if let Some((since, error)) = &self.unreachable {
-            let since = k8s_openapi::jiff::Timestamp::try_from(*since)
-                .map(|t| {
-                    t.round(k8s_openapi::jiff::Unit::Second)
-                        .unwrap_or(t)
-                        .to_string()
-                })
-                .unwrap_or_else(|_| format!("{since:?}"));
+            let since = rfc3339(*since);
             let serving = if generation == 0 {
                 "no state received yet".to_string()
             } else {
@@ -612,6 +606,17 @@ impl Health {
         parts.extend(self.rejected.iter().flatten().cloned());
         (!parts.is_empty()).then(|| parts.join("; "))
     }
+}
+
+/// `time` as RFC 3339, to the second.
+fn rfc3339(time: SystemTime) -> String {
+    k8s_openapi::jiff::Timestamp::try_from(time)
+        .map(|t| {
+            t.round(k8s_openapi::jiff::Unit::Second)
+                .unwrap_or(t)
+                .to_string()
+        })
+        .unwrap_or_else(|_| format!("{time:?}"))
 }
 
 /// A pending rebuild.
@@ -795,6 +800,11 @@ impl Run {
             generation: self.generation,
             last_error: self.health.message(self.generation),
             source: SOURCE_NAME.to_string(),
+            unreachable_since: self
+                .health
+                .unreachable
+                .as_ref()
+                .map(|(since, _)| rfc3339(*since)),
         };
         status_tx.send_if_modified(|current| {
             if *current == status {
