@@ -9,6 +9,8 @@
 //! - [`sign`]: turning a CSR into a certificate chain for an identity.
 //! - [`server`]: the TLS gRPC service (`ambit ca serve`) and how it authenticates node agents in
 //!   standalone mode: a per-node bearer token, and the mesh file's placement of workloads.
+//! - [`kube`]: Kubernetes mode (`ambit ca serve --kube`): agents' ServiceAccount tokens checked
+//!   by TokenReview, placement read from the cluster's pods.
 //!
 //! # Files of a CA directory
 //!
@@ -33,6 +35,9 @@
 //! 4. Once every certificate of the old root has expired, drop the old root from the bundle.
 #[cfg(test)]
 mod grpc_tests;
+pub mod kube;
+#[cfg(test)]
+mod kube_tests;
 pub mod proto;
 pub mod root;
 pub mod server;
@@ -49,8 +54,9 @@ use std::{
 use anyhow::Context as _;
 
 pub use self::{
+    kube::{KubeAuthError, KubeAuthOptions, ServiceAccountRef},
     root::{InitOptions, RootCa, RootError},
-    server::{CaServer, ServeOptions},
+    server::{AuthMode, CaServer, ServeOptions},
     sign::SignError,
 };
 
@@ -111,12 +117,47 @@ pub struct ServeArgs {
     /// Address to serve the gRPC API on.
     #[arg(long, env = "AMBIT_CA_LISTEN", default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
-    /// The mesh file (watched): a node may only get identities of workloads placed on it.
-    #[arg(long, env = "AMBIT_MESH_FILE")]
-    pub mesh_file: PathBuf,
-    /// YAML file of per-node bootstrap tokens, `nodes: {<node>: <token>}` (re-read on change).
-    #[arg(long, env = "AMBIT_CA_TOKENS")]
-    pub tokens: PathBuf,
+    /// Standalone mode: the mesh file (watched); a node may only get identities of workloads
+    /// placed on it.
+    #[arg(
+        long,
+        env = "AMBIT_MESH_FILE",
+        required_unless_present = "kube",
+        conflicts_with = "kube"
+    )]
+    pub mesh_file: Option<PathBuf>,
+    /// Standalone mode: YAML file of per-node bootstrap tokens, `nodes: {<node>: <token>}`
+    /// (re-read on change).
+    #[arg(
+        long,
+        env = "AMBIT_CA_TOKENS",
+        required_unless_present = "kube",
+        conflicts_with = "kube"
+    )]
+    pub tokens: Option<PathBuf>,
+    /// Kubernetes mode: agents authenticate with their projected ServiceAccount token (checked
+    /// by TokenReview) and get identities of the pods scheduled on their node (read from the
+    /// API server), instead of --tokens and --mesh-file.
+    #[arg(long, env = "AMBIT_CA_KUBE")]
+    pub kube: bool,
+    /// Kubernetes mode: the kubeconfig file to use instead of the in-cluster ServiceAccount
+    /// [default: in-cluster, else $KUBECONFIG or ~/.kube/config].
+    // Not `requires = "kube"`: a flag's default value (false) satisfies it. Standalone mode
+    // requires the two files this conflicts with.
+    #[arg(long, conflicts_with_all = ["mesh_file", "tokens"])]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the audience agents' tokens must be issued for (the DaemonSet's
+    /// projected token's `audience`).
+    #[arg(long, env = "AMBIT_CA_TOKEN_AUDIENCE", default_value = self::kube::DEFAULT_TOKEN_AUDIENCE)]
+    pub token_audience: String,
+    /// Kubernetes mode: the agents' ServiceAccount, `<namespace>/<name>`; tokens of any other
+    /// account are refused.
+    #[arg(
+        long,
+        env = "AMBIT_CA_AGENT_SERVICE_ACCOUNT",
+        default_value = self::kube::DEFAULT_AGENT_SERVICE_ACCOUNT
+    )]
+    pub agent_service_account: ServiceAccountRef,
     /// Longest certificate lifetime granted, and the lifetime when a request names none.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub max_ttl: Duration,
@@ -159,11 +200,26 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                     server_names.push(args.listen.ip().to_string());
                 }
             }
+            let auth = if args.kube {
+                let client = kube_client(args.kubeconfig.as_deref()).await?;
+                AuthMode::Kube(KubeAuthOptions {
+                    audience: args.token_audience,
+                    agent_service_account: args.agent_service_account,
+                    ..KubeAuthOptions::new(client)
+                })
+            } else {
+                // clap requires both without --kube.
+                AuthMode::Files {
+                    mesh_file: args
+                        .mesh_file
+                        .context("--mesh-file is required without --kube")?,
+                    tokens_file: args.tokens.context("--tokens is required without --kube")?,
+                }
+            };
             let options = ServeOptions {
                 dir: args.dir,
                 listen: args.listen,
-                mesh_file: args.mesh_file,
-                tokens_file: args.tokens,
+                auth,
                 max_ttl: args.max_ttl,
                 server_names,
             };
@@ -181,6 +237,24 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                 })
                 .await
         }
+    }
+}
+
+/// A client for the API server: from `kubeconfig` if given, else [`::kube::Client::try_default`]
+/// (in-cluster credentials, or `$KUBECONFIG` / `~/.kube/config`).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<::kube::Client> {
+    match kubeconfig {
+        Some(path) => {
+            let file = ::kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+            let config = ::kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("using --kubeconfig {}", path.display()))?;
+            ::kube::Client::try_from(config).context("building the Kubernetes client")
+        }
+        None => ::kube::Client::try_default()
+            .await
+            .context("no Kubernetes credentials: not in a pod and no kubeconfig (--kubeconfig)"),
     }
 }
 
@@ -289,8 +363,51 @@ mod tests {
         };
         assert_eq!(serve.max_ttl, Duration::from_secs(3600));
         assert_eq!(serve.listen, "0.0.0.0:15012".parse().unwrap());
+        assert!(!serve.kube);
         // Importing needs both files.
         assert!(Cli::try_parse_from(["ca", "init", "--dir", "d", "--root-key", "k"]).is_err());
+
+        // Kubernetes mode needs neither file, and takes neither.
+        let cli = Cli::try_parse_from(["ca", "serve", "--dir", "d", "--kube"]).unwrap();
+        let CaCommand::Serve(serve) = cli.ca.command else {
+            panic!("not serve")
+        };
+        assert!(serve.kube && serve.kubeconfig.is_none());
+        assert_eq!(serve.token_audience, "ambit-ca");
+        assert_eq!(
+            serve.agent_service_account.username(),
+            "system:serviceaccount:ambit-system:ambit-agent"
+        );
+        let cli = Cli::try_parse_from([
+            "ca",
+            "serve",
+            "--dir",
+            "d",
+            "--kube",
+            "--kubeconfig",
+            "k",
+            "--token-audience",
+            "mesh-ca",
+            "--agent-service-account",
+            "mesh/agent",
+        ])
+        .unwrap();
+        let CaCommand::Serve(serve) = cli.ca.command else {
+            panic!("not serve")
+        };
+        assert_eq!(serve.token_audience, "mesh-ca");
+        assert_eq!(serve.agent_service_account.to_string(), "mesh/agent");
+        for bad in [
+            &["--kube", "--tokens", "t"][..],
+            &["--kube", "--mesh-file", "m"],
+            // Standalone mode needs both files; --kubeconfig only makes sense with --kube.
+            &["--tokens", "t"],
+            &["--mesh-file", "m", "--tokens", "t", "--kubeconfig", "k"],
+            &["--kube", "--agent-service-account", "ambit-agent"],
+        ] {
+            let args = ["ca", "serve", "--dir", "d"].iter().chain(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[tokio::test]

@@ -8,9 +8,13 @@
 //! of pods elsewhere. Both files are re-read when they change; a bad new version is logged and
 //! the last good one stays in force.
 //!
+//! Kubernetes mode (`--kube`) replaces both files by the API server: ServiceAccount tokens
+//! reviewed with a `TokenReview`, and placement read from the pods (see [`super::kube`]).
+//!
 //! Refusals are gRPC errors (`Unauthenticated` for a missing or unknown token,
 //! `PermissionDenied` naming node and identity for a placement mismatch, `InvalidArgument` for
-//! a bad CSR or identity) and are logged; tokens and keys never are.
+//! a bad CSR or identity, `Unavailable` while Kubernetes mode cannot check yet) and are logged;
+//! tokens and keys never are.
 use std::{
     collections::BTreeMap,
     fmt, io,
@@ -48,6 +52,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     RootCa,
+    kube::{KubeAuthOptions, KubeAuthority},
     proto::{
         CertificateServer, CertificateService, IstioCertificateRequest, IstioCertificateResponse,
         impersonated_identity,
@@ -69,6 +74,20 @@ const TOKENS_POLL: Duration = Duration::from_secs(2);
 /// Shortest accepted token: a bootstrap credential must not be guessable.
 const MIN_TOKEN_LEN: usize = 16;
 
+/// How the CA authenticates agents and learns where workloads run.
+#[derive(Debug, Clone)]
+pub enum AuthMode {
+    /// Standalone: per-node bootstrap tokens, and the mesh file's placement.
+    Files {
+        /// The mesh file, for workload placement.
+        mesh_file: PathBuf,
+        /// The per-node tokens file.
+        tokens_file: PathBuf,
+    },
+    /// Kubernetes: ServiceAccount tokens reviewed by the API server, and the pods it lists.
+    Kube(KubeAuthOptions),
+}
+
 /// What `ambit ca serve` serves.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -76,10 +95,8 @@ pub struct ServeOptions {
     pub dir: PathBuf,
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// The mesh file, for workload placement.
-    pub mesh_file: PathBuf,
-    /// The per-node tokens file.
-    pub tokens_file: PathBuf,
+    /// Authentication and placement.
+    pub auth: AuthMode,
     /// Longest leaf lifetime granted.
     pub max_ttl: Duration,
     /// Names (DNS or IP) of the CA's serving certificate.
@@ -206,36 +223,62 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Who may get which certificate.
+enum Policy {
+    /// Standalone: the tokens file and the mesh file, as last loaded.
+    Files {
+        mesh: watch::Receiver<Arc<MeshState>>,
+        tokens: watch::Receiver<Arc<NodeTokens>>,
+    },
+    /// Kubernetes: TokenReview and the pod cache.
+    Kube(KubeAuthority),
+}
+
 /// The signing policy: authentication, placement, then the root's signature.
 struct Authority {
     ca: Arc<RootCa>,
-    mesh: watch::Receiver<Arc<MeshState>>,
-    tokens: watch::Receiver<Arc<NodeTokens>>,
+    policy: Policy,
+}
+
+/// The bearer token of `metadata`'s `authorization` entry; `what` names the token expected, for
+/// the refusal.
+fn bearer_token<'m>(metadata: &'m MetadataMap, what: &str) -> Result<&'m str, Status> {
+    let value = metadata.get("authorization").ok_or_else(|| {
+        Status::unauthenticated(format!(
+            "missing credential: send metadata `authorization: Bearer <{what}>`"
+        ))
+    })?;
+    let value = value
+        .to_str()
+        .map_err(|_| Status::unauthenticated("the authorization metadata is not ASCII"))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
+        _ => Err(Status::unauthenticated(format!(
+            "the authorization metadata is not `Bearer <{what}>`"
+        ))),
+    }
 }
 
 impl Authority {
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        let value = metadata.get("authorization").ok_or_else(|| {
-            Status::unauthenticated(
-                "missing bootstrap credential: send metadata `authorization: Bearer <node token>`",
-            )
-        })?;
-        let value = value
-            .to_str()
-            .map_err(|_| Status::unauthenticated("the authorization metadata is not ASCII"))?;
-        let token = match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            _ => {
-                return Err(Status::unauthenticated(
-                    "the authorization metadata is not `Bearer <node token>`",
-                ));
+    /// The caller's node.
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        match &self.policy {
+            Policy::Files { tokens, .. } => {
+                let token = bearer_token(metadata, "node token")?;
+                let tokens = Arc::clone(&tokens.borrow());
+                tokens
+                    .node_for(token)
+                    .map(str::to_string)
+                    .ok_or_else(|| Status::unauthenticated("unknown bootstrap token"))
             }
-        };
-        let tokens = Arc::clone(&self.tokens.borrow());
-        tokens
-            .node_for(token)
-            .map(str::to_string)
-            .ok_or_else(|| Status::unauthenticated("unknown bootstrap token"))
+            Policy::Kube(kube) => {
+                // Nothing can be checked before the pods are listed: say so before spending a
+                // TokenReview.
+                kube.ready()?;
+                let token = bearer_token(metadata, "projected ServiceAccount token")?;
+                Ok(kube.authenticate(token).await?)
+            }
+        }
     }
 
     fn authorize(&self, node: &str, identity: &SpiffeId) -> Result<(), Status> {
@@ -246,27 +289,34 @@ impl Authority {
                 self.ca.trust_domain()
             )));
         }
-        let mesh = Arc::clone(&self.mesh.borrow());
-        let placed = mesh.workloads_on_node(node).any(|w| {
-            w.namespace == identity.namespace && w.service_account == identity.service_account
-        });
-        if !placed {
-            return Err(Status::permission_denied(format!(
-                "node {node} may not get a certificate for {identity}: the mesh file places no \
-                 workload of namespace {} with service account {} on node {node}",
-                identity.namespace, identity.service_account
-            )));
+        match &self.policy {
+            Policy::Files { mesh, .. } => {
+                let mesh = Arc::clone(&mesh.borrow());
+                let placed = mesh.workloads_on_node(node).any(|w| {
+                    w.namespace == identity.namespace
+                        && w.service_account == identity.service_account
+                });
+                if !placed {
+                    return Err(Status::permission_denied(format!(
+                        "node {node} may not get a certificate for {identity}: the mesh file \
+                         places no workload of namespace {} with service account {} on node \
+                         {node}",
+                        identity.namespace, identity.service_account
+                    )));
+                }
+                Ok(())
+            }
+            Policy::Kube(kube) => Ok(kube.authorize(node, identity)?),
         }
-        Ok(())
     }
 
-    fn handle(
+    async fn handle(
         &self,
         request: Request<IstioCertificateRequest>,
         node: &mut Option<String>,
         identity: &mut Option<SpiffeId>,
     ) -> Result<Vec<String>, Status> {
-        *node = Some(self.authenticate(request.metadata())?);
+        *node = Some(self.authenticate(request.metadata()).await?);
         let node = node.as_deref().unwrap_or_default();
         let request = request.into_inner();
         let asked = impersonated_identity(&request).ok_or_else(|| {
@@ -299,7 +349,7 @@ impl CertificateService for Authority {
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let (mut node, mut identity) = (None, None);
-        let result = self.handle(request, &mut node, &mut identity);
+        let result = self.handle(request, &mut node, &mut identity).await;
         let node = node.as_deref().unwrap_or("(unauthenticated)");
         let identity = identity.map_or_else(|| "(none)".to_string(), |i| i.to_string());
         match result {
@@ -465,9 +515,10 @@ impl fmt::Debug for CaServer {
 }
 
 impl CaServer {
-    /// Loads the CA of `options.dir`, the tokens and the mesh file (each must load: the CA does
-    /// not start on a configuration it cannot read), starts watching both files and binds the
-    /// listening socket.
+    /// Loads the CA of `options.dir`; in standalone mode loads the tokens and the mesh file
+    /// (each must load: the CA does not start on a configuration it cannot read) and starts
+    /// watching both; in Kubernetes mode starts the pod watch (requests are answered
+    /// `UNAVAILABLE` until it has listed); binds the listening socket.
     pub async fn start(options: ServeOptions) -> anyhow::Result<Self> {
         let dir = options.dir.clone();
         let ca = tokio::task::spawn_blocking(move || RootCa::load(&dir))
@@ -476,45 +527,21 @@ impl CaServer {
             .with_max_ttl(options.max_ttl);
         let ca = Arc::new(ca);
 
-        let tokens = NodeTokens::load(&options.tokens_file)?;
-        if tokens.is_empty() {
-            warn!(path = %options.tokens_file.display(), "the tokens file names no node: every request will be refused");
-        }
-        let (tokens_tx, tokens_rx) = watch::channel(Arc::new(tokens));
-        let tokens_task = tokio::spawn(watch_tokens(options.tokens_file.clone(), tokens_tx));
-
-        let (state_tx, mut state_rx) = watch::channel(Arc::new(MeshState::empty()));
-        let (status_tx, _) = watch::channel(ConfigStatus {
-            generation: 0,
-            last_error: None,
-            source: options.mesh_file.display().to_string(),
-            unreachable_since: None,
-        });
-        let mut source = tokio::spawn(config::watch_mesh_file(
-            options.mesh_file.clone(),
-            state_tx,
-            status_tx,
-        ));
-        tokio::select! {
-            result = &mut source => {
-                return Err(match result {
-                    Ok(Ok(())) => anyhow::anyhow!("the mesh file watcher ended before loading"),
-                    Ok(Err(e)) => e,
-                    Err(e) => anyhow::Error::from(e).context("mesh file watcher failed"),
-                });
+        let (policy, watchers) = match &options.auth {
+            AuthMode::Files {
+                mesh_file,
+                tokens_file,
+            } => files_policy(mesh_file, tokens_file).await?,
+            AuthMode::Kube(kube) => {
+                let (authority, pods_task) = KubeAuthority::start(kube.clone());
+                info!(
+                    audience = %kube.audience,
+                    agent_service_account = %kube.agent_service_account,
+                    "authenticating agents by TokenReview; placement from the cluster's pods"
+                );
+                (Policy::Kube(authority), vec![AbortOnDrop(pods_task)])
             }
-            changed = state_rx.changed() => changed.context("mesh file watcher ended")?,
-        }
-        let mesh_task = tokio::spawn(async move {
-            match source.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!("mesh file watcher stopped: {e:#}"),
-                Err(e) if e.is_cancelled() => {}
-                Err(e) => warn!("mesh file watcher failed: {e}"),
-            }
-        });
-        // Dropping `mesh_task` must stop the watcher too: abort it through its own guard.
-        let mesh_task = AbortOnDrop(mesh_task);
+        };
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let resolver = ServingCert::new(
@@ -542,12 +569,8 @@ impl CaServer {
         Ok(Self {
             listener,
             tls: Arc::new(tls),
-            authority: Arc::new(Authority {
-                ca,
-                mesh: state_rx,
-                tokens: tokens_rx,
-            }),
-            _watchers: vec![AbortOnDrop(tokens_task), mesh_task],
+            authority: Arc::new(Authority { ca, policy }),
+            _watchers: watchers,
         })
     }
 
@@ -578,6 +601,62 @@ impl CaServer {
         drop(accept);
         result
     }
+}
+
+/// Standalone mode's policy: loads both files (each must load: the CA does not start on a
+/// configuration it cannot read) and starts watching them.
+async fn files_policy(
+    mesh_file: &Path,
+    tokens_file: &Path,
+) -> anyhow::Result<(Policy, Vec<AbortOnDrop>)> {
+    let tokens = NodeTokens::load(tokens_file)?;
+    if tokens.is_empty() {
+        warn!(path = %tokens_file.display(), "the tokens file names no node: every request will be refused");
+    }
+    let (tokens_tx, tokens_rx) = watch::channel(Arc::new(tokens));
+    let tokens_task = AbortOnDrop(tokio::spawn(watch_tokens(
+        tokens_file.to_path_buf(),
+        tokens_tx,
+    )));
+
+    let (state_tx, mut state_rx) = watch::channel(Arc::new(MeshState::empty()));
+    let (status_tx, _) = watch::channel(ConfigStatus {
+        generation: 0,
+        source: mesh_file.display().to_string(),
+        ..ConfigStatus::default()
+    });
+    let mut source = tokio::spawn(config::watch_mesh_file(
+        mesh_file.to_path_buf(),
+        state_tx,
+        status_tx,
+    ));
+    tokio::select! {
+        result = &mut source => {
+            return Err(match result {
+                Ok(Ok(())) => anyhow::anyhow!("the mesh file watcher ended before loading"),
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::Error::from(e).context("mesh file watcher failed"),
+            });
+        }
+        changed = state_rx.changed() => changed.context("mesh file watcher ended")?,
+    }
+    let mesh_task = tokio::spawn(async move {
+        match source.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("mesh file watcher stopped: {e:#}"),
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => warn!("mesh file watcher failed: {e}"),
+        }
+    });
+    // Dropping `mesh_task` must stop the watcher too: abort it through its own guard.
+    let mesh_task = AbortOnDrop(mesh_task);
+    Ok((
+        Policy::Files {
+            mesh: state_rx,
+            tokens: tokens_rx,
+        },
+        vec![tokens_task, mesh_task],
+    ))
 }
 
 /// Accepts TCP connections and hands them over once their TLS handshake is done; each

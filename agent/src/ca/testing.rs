@@ -8,7 +8,7 @@ use std::{
 
 use tokio::{sync::oneshot, task::JoinHandle};
 
-use super::{CaServer, ServeOptions, root};
+use super::{AuthMode, CaServer, KubeAuthOptions, ServeOptions, root};
 use crate::identity::{BearerToken, CaClientConfig, SpiffeId};
 
 /// node-a's token.
@@ -71,11 +71,30 @@ impl TestCa {
             format!("nodes:\n  node-a: {TOKEN_A}\n  node-b: {TOKEN_B}\n"),
         )
         .unwrap();
-        let options = ServeOptions {
-            dir: ca_dir,
-            listen: "127.0.0.1:0".parse().unwrap(),
+        let auth = AuthMode::Files {
             mesh_file: dir.path().join("mesh.yaml"),
             tokens_file: dir.path().join("tokens.yaml"),
+        };
+        Self::start_with(dir, auth).await
+    }
+
+    /// A CA in Kubernetes mode with a new root, authenticating and placing through `kube`.
+    pub(crate) async fn start_kube(kube: KubeAuthOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        root::init_with(
+            &dir.path().join("ca"),
+            &root::InitOptions::new(TRUST_DOMAIN),
+        )
+        .unwrap();
+        Self::start_with(dir, AuthMode::Kube(kube)).await
+    }
+
+    /// Serves the root in `dir/ca` with `auth`.
+    async fn start_with(dir: tempfile::TempDir, auth: AuthMode) -> Self {
+        let options = ServeOptions {
+            dir: dir.path().join("ca"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            auth,
             max_ttl: Duration::from_secs(3600),
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
         };
@@ -99,9 +118,12 @@ impl TestCa {
         self.options.dir.join(root::TRUST_BUNDLE_FILE)
     }
 
-    /// The mesh file the CA watches.
+    /// The mesh file the CA watches (standalone mode).
     pub(crate) fn mesh_file(&self) -> &Path {
-        &self.options.mesh_file
+        match &self.options.auth {
+            AuthMode::Files { mesh_file, .. } => mesh_file,
+            AuthMode::Kube(_) => panic!("a CA in Kubernetes mode has no mesh file"),
+        }
     }
 
     /// A client configuration for this CA with `token`, trusting `roots_file`.

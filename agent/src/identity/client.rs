@@ -1,5 +1,6 @@
 //! The node agent's client of the CA: gRPC `CreateCertificate` over TLS, authenticated by the
-//! node's bootstrap token.
+//! node's bootstrap token (standalone) or the agent's projected ServiceAccount token
+//! (Kubernetes), re-read from its file whenever it changes.
 //!
 //! The CA's certificate is verified against the trust bundle file (the one file that also
 //! holds the roots workloads trust), re-read at each new connection so that adding a root
@@ -10,7 +11,7 @@ use std::{
     future::Future,
     path::{Path, PathBuf},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::{Duration, SystemTime},
 };
@@ -48,31 +49,104 @@ pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to the CA (TCP and TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A bearer token: a secret that `Debug` does not print.
-#[derive(Clone, PartialEq, Eq)]
-pub struct BearerToken(String);
+/// The credential sent to the CA as `authorization: Bearer <token>`: a fixed string, or a file
+/// read again for every request. `Debug` never prints the token, and no error quotes it.
+///
+/// In Kubernetes the file is a projected ServiceAccount token, which kubelet replaces (by an
+/// atomic symlink swap) well before it expires, about every hour: an agent that read it once
+/// would be refused by the CA after that. Reading a file of a kilobyte costs nothing next to a
+/// call to the CA (a few per identity and day), and unlike checking its modification time it
+/// cannot miss a rewrite.
+#[derive(Clone)]
+pub struct BearerToken(TokenSource);
+
+#[derive(Clone)]
+enum TokenSource {
+    Fixed(Arc<str>),
+    File(Arc<TokenFile>),
+}
+
+/// A token file and the last good token read from it.
+struct TokenFile {
+    path: PathBuf,
+    last: Mutex<Arc<str>>,
+}
 
 impl BearerToken {
-    /// Wraps `token` (surrounding whitespace is dropped).
+    /// A fixed token (surrounding whitespace is dropped).
     pub fn new(token: &str) -> Self {
-        Self(token.trim().to_string())
+        Self(TokenSource::Fixed(Arc::from(token.trim())))
     }
 
-    /// Reads the token from `path` (the whole file, trimmed), e.g. a mounted Secret.
+    /// The token in the file at `path` (the whole file, trimmed), e.g. a projected
+    /// ServiceAccount token or a mounted Secret. Read now, so that a missing or unusable file
+    /// is reported at start, and again for every request.
     pub fn from_file(path: &Path) -> Result<Self, CaError> {
-        let token = std::fs::read_to_string(path).map_err(|e| {
-            CaError::Config(format!(
-                "cannot read the token file {}: {e}",
-                path.display()
-            ))
-        })?;
-        Ok(Self::new(&token))
+        let token = read_token_file(path)?;
+        Ok(Self(TokenSource::File(Arc::new(TokenFile {
+            path: path.to_path_buf(),
+            last: Mutex::new(token),
+        }))))
     }
+
+    /// The token to send now: for a file, its current content. A file that has become
+    /// unreadable or unusable leaves the last good token in use (the CA says if it has
+    /// expired), and is reported in the log.
+    pub fn current(&self) -> Arc<str> {
+        let file = match &self.0 {
+            TokenSource::Fixed(token) => return Arc::clone(token),
+            TokenSource::File(file) => file,
+        };
+        let mut last = file.last.lock().unwrap_or_else(|e| e.into_inner());
+        match read_token_file(&file.path) {
+            Ok(token) => {
+                if token != *last {
+                    tracing::info!(path = %file.path.display(), "the CA token file changed: sending the new token");
+                    *last = token;
+                }
+            }
+            Err(e) => tracing::warn!("{e}; sending the token read before"),
+        }
+        Arc::clone(&last)
+    }
+
+    /// The file the token is read from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.0 {
+            TokenSource::Fixed(_) => None,
+            TokenSource::File(file) => Some(&file.path),
+        }
+    }
+}
+
+/// Reads and checks a token file; errors name the file, never the content.
+fn read_token_file(path: &Path) -> Result<Arc<str>, CaError> {
+    let err = |why: String| CaError::Config(format!("token file {}: {why}", path.display()));
+    let token = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+    let token = token.trim();
+    check_token(token).map_err(err)?;
+    Ok(Arc::from(token))
+}
+
+/// Whether `token` can be sent as an HTTP/2 header value.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.is_empty() {
+        return Err("the token is empty".into());
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token is not printable ASCII without spaces".into());
+    }
+    Ok(())
 }
 
 impl fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("BearerToken(<redacted>)")
+        match &self.0 {
+            TokenSource::Fixed(_) => f.write_str("BearerToken(<redacted>)"),
+            TokenSource::File(file) => {
+                write!(f, "BearerToken(<redacted>, from {})", file.path.display())
+            }
+        }
     }
 }
 
@@ -86,7 +160,8 @@ pub struct CaClientConfig {
     /// The trust bundle (PEM roots, several during a rotation): verifies the CA, and is what
     /// workloads trust.
     pub roots_file: PathBuf,
-    /// This node's bootstrap token.
+    /// This node's credential: a bootstrap token (standalone) or its projected ServiceAccount
+    /// token (Kubernetes).
     pub token: BearerToken,
     /// Longest time one call may take.
     pub timeout: Duration,
@@ -141,7 +216,7 @@ impl From<tonic::Status> for CaError {
 #[derive(Clone)]
 pub struct CaClient {
     channel: Channel,
-    authorization: MetadataValue<Ascii>,
+    token: BearerToken,
     roots_file: PathBuf,
 }
 
@@ -179,14 +254,8 @@ impl CaClient {
         let name = config.server_name.clone().unwrap_or_else(|| host.clone());
         let server_name = ServerName::try_from(name.clone())
             .map_err(|_| CaError::Config(format!("invalid CA server name {name:?}")))?;
-        if config.token.0.is_empty() {
-            return Err(CaError::Config("the bootstrap token is empty".into()));
-        }
-        let mut authorization: MetadataValue<Ascii> = format!("Bearer {}", config.token.0)
-            .parse()
-            .map_err(|_| CaError::Config("the bootstrap token is not printable ASCII".into()))?;
-        // Keeps the token out of HPACK's dynamic table (and out of debug output).
-        authorization.set_sensitive(true);
+        // Checked now so that a bad token is reported at start, not at the first fetch.
+        authorization(&config.token.current())?;
 
         let endpoint = Endpoint::from(uri)
             .timeout(config.timeout)
@@ -200,7 +269,7 @@ impl CaClient {
         };
         Ok(Self {
             channel: endpoint.connect_with_connector_lazy(connector),
-            authorization,
+            token: config.token,
             roots_file: config.roots_file,
         })
     }
@@ -229,9 +298,10 @@ impl CaClient {
             validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
             metadata: Some(proto::impersonation_metadata(&identity.to_string())),
         });
+        let token = self.token.current();
         request
             .metadata_mut()
-            .insert("authorization", self.authorization.clone());
+            .insert("authorization", authorization(&token)?);
         let response = proto::create_certificate(self.channel.clone(), request).await?;
         Ok(response.into_inner().cert_chain)
     }
@@ -277,6 +347,17 @@ impl CaClient {
             not_after,
         })
     }
+}
+
+/// The `authorization` metadata for `token`.
+fn authorization(token: &str) -> Result<MetadataValue<Ascii>, CaError> {
+    check_token(token).map_err(|why| CaError::Config(format!("the CA token: {why}")))?;
+    let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| CaError::Config("the CA token is not printable ASCII".into()))?;
+    // Keeps the token out of HPACK's dynamic table (and out of debug output).
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Checks the leaf of `certs` and returns its validity.
@@ -404,5 +485,78 @@ impl Service<Uri> for TlsConnect {
                 .await?;
             Ok(TokioIo::new(stream))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_is_read_again_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "first-token-aaaa\n").unwrap();
+        let token = BearerToken::from_file(&file).unwrap();
+        assert_eq!(&*token.current(), "first-token-aaaa");
+
+        // Rewritten in place with a token of the same length, at once.
+        std::fs::write(&file, "other-token-bbbb").unwrap();
+        assert_eq!(&*token.current(), "other-token-bbbb");
+
+        // kubelet's atomic writer: `token` -> `..data/token`, `..data` -> a timestamped
+        // directory, swapped by renaming a new symlink over `..data`.
+        let mounted = dir.path().join("mount");
+        std::fs::create_dir_all(mounted.join("v1")).unwrap();
+        std::fs::write(mounted.join("v1/token"), "projected-v1").unwrap();
+        std::os::unix::fs::symlink("v1", mounted.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/token", mounted.join("token")).unwrap();
+        let projected = BearerToken::from_file(&mounted.join("token")).unwrap();
+        assert_eq!(&*projected.current(), "projected-v1");
+        std::fs::create_dir_all(mounted.join("v2")).unwrap();
+        std::fs::write(mounted.join("v2/token"), "projected-v2").unwrap();
+        std::os::unix::fs::symlink("v2", mounted.join("..data_tmp")).unwrap();
+        std::fs::rename(mounted.join("..data_tmp"), mounted.join("..data")).unwrap();
+        std::fs::remove_dir_all(mounted.join("v1")).unwrap();
+        assert_eq!(&*projected.current(), "projected-v2");
+
+        // Gone or broken for a moment: the last good token is still sent.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(&*token.current(), "other-token-bbbb");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(&*token.current(), "other-token-bbbb");
+        std::fs::write(&file, "third-token-cccc").unwrap();
+        assert_eq!(&*token.current(), "third-token-cccc");
+
+        // A fixed token stays what it is.
+        assert_eq!(&*BearerToken::new("  fixed \n").current(), "fixed");
+    }
+
+    #[test]
+    fn tokens_never_show_in_debug_output_or_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "secret-token-value").unwrap();
+        let token = BearerToken::from_file(&file).unwrap();
+        let debug = format!("{token:?} {:?}", BearerToken::new("secret-token-value"));
+        assert!(!debug.contains("secret"), "{debug}");
+        assert!(
+            debug.contains("<redacted>") && debug.contains("token"),
+            "{debug}"
+        );
+
+        for bad in ["secret with spaces", "secret\u{e9}t", ""] {
+            std::fs::write(&file, bad).unwrap();
+            let err = BearerToken::from_file(&file).unwrap_err().to_string();
+            assert!(err.contains(&file.display().to_string()), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+        let err = BearerToken::from_file(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing") && err.contains("cannot read"),
+            "{err}"
+        );
     }
 }

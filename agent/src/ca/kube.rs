@@ -1,0 +1,877 @@
+//! `ambit ca serve --kube`: who may get which certificate when the mesh runs on Kubernetes.
+//!
+//! **Authentication.** A node agent sends its projected ServiceAccount token (gRPC metadata
+//! `authorization: Bearer <token>`; the DaemonSet projects one with audience `ambit-ca`). The CA
+//! asks the API server about it with a `TokenReview` (`authentication.k8s.io/v1`) naming that
+//! audience, and accepts it only if the review says authenticated, the returned audiences
+//! include the CA's (an API server that ignores audiences returns none: refused), and the user is
+//! the agent's ServiceAccount (`system:serviceaccount:ambit-system:ambit-agent` by default).
+//!
+//! **The caller's node.** A projected token is bound to its pod. Since Kubernetes 1.30 the
+//! review's `user.extra` carries `authentication.kubernetes.io/node-name`, signed into the token
+//! by the API server: that is the node. Older servers give the bound pod
+//! (`authentication.kubernetes.io/pod-name` and `pod-uid`); the CA then looks the pod up in its
+//! pod cache and takes its `spec.nodeName`. A token bound to no pod is refused: it proves no
+//! node.
+//!
+//! **Placement.** `spiffe://<td>/ns/<ns>/sa/<sa>` is signed for node `N` only if the pod cache
+//! holds a pod of namespace `<ns>` running as `<sa>`, scheduled on `N` (`spec.nodeName`) and not
+//! terminated (phase neither `Succeeded` nor `Failed`). The cache is a kube-runtime watcher of
+//! every pod, keeping only the fields used here. Until its first list completes, every request is
+//! answered `UNAVAILABLE` (retryable), never `PERMISSION_DENIED`.
+//!
+//! Positive reviews are cached for a minute (by the SHA-256 of the token, never the token
+//! itself), so an agent's burst of requests costs one `TokenReview`. Tokens are never logged.
+use std::{
+    collections::HashMap,
+    fmt,
+    str::FromStr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt as _, stream::BoxStream};
+use k8s_openapi::{
+    NamespaceResourceScope, Resource,
+    api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client,
+    api::PostParams,
+    runtime::{
+        reflector::{Store, store::Writer},
+        watcher::{self, watcher},
+    },
+};
+use serde::{Deserialize, Deserializer};
+use tokio::sync::watch;
+use tonic::{Code, Status};
+use tracing::{info, warn};
+
+use crate::identity::SpiffeId;
+
+/// The audience agents' tokens must be issued for, unless `--token-audience` says otherwise.
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "ambit-ca";
+/// The agents' ServiceAccount, unless `--agent-service-account` says otherwise.
+pub const DEFAULT_AGENT_SERVICE_ACCOUNT: &str = "ambit-system/ambit-agent";
+/// How long a positive token review is trusted without asking again.
+pub const DEFAULT_REVIEW_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// The `user.extra` key naming the node of the pod a token is bound to (Kubernetes ≥ 1.30).
+pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+/// The `user.extra` key naming the pod a token is bound to.
+pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+/// The `user.extra` key holding the UID of the pod a token is bound to.
+pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+/// How long one TokenReview may take before the request is answered `UNAVAILABLE` (the agent's
+/// own deadline is 10 s).
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most reviews cached at once; beyond, expired ones are purged, then all if need be (a
+/// cluster has one agent per node, so this is never reached in normal operation).
+const REVIEW_CACHE_MAX: usize = 16_384;
+/// The pod watcher's retry delays after an error: client-go's reflector's, 800 ms doubling up
+/// to 30 s.
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(800);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A ServiceAccount, written `<namespace>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccountRef {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl ServiceAccountRef {
+    /// The user name its tokens authenticate as, `system:serviceaccount:<namespace>:<name>`.
+    pub fn username(&self) -> String {
+        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Display for ServiceAccountRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl FromStr for ServiceAccountRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((namespace, name))
+                if !namespace.is_empty()
+                    && !name.is_empty()
+                    && !name.contains('/')
+                    && !s.contains(':') =>
+            {
+                Ok(Self {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                })
+            }
+            _ => Err(format!(
+                "invalid service account {s:?}: write <namespace>/<name>, e.g. {DEFAULT_AGENT_SERVICE_ACCOUNT}"
+            )),
+        }
+    }
+}
+
+/// How `ambit ca serve --kube` authenticates agents.
+#[derive(Clone)]
+pub struct KubeAuthOptions {
+    /// The API server: TokenReviews and the pod watch.
+    pub client: Client,
+    /// The audience agents' tokens must carry.
+    pub audience: String,
+    /// The only ServiceAccount whose tokens are accepted.
+    pub agent_service_account: ServiceAccountRef,
+    /// How long a positive review is cached.
+    pub review_cache_ttl: Duration,
+}
+
+impl KubeAuthOptions {
+    /// Defaults: audience `ambit-ca`, agents running as `ambit-system/ambit-agent`, reviews
+    /// cached for 60 s.
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            audience: DEFAULT_TOKEN_AUDIENCE.into(),
+            agent_service_account: DEFAULT_AGENT_SERVICE_ACCOUNT
+                .parse()
+                .expect("the default service account parses"),
+            review_cache_ttl: DEFAULT_REVIEW_CACHE_TTL,
+        }
+    }
+}
+
+impl fmt::Debug for KubeAuthOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeAuthOptions")
+            .field("audience", &self.audience)
+            .field("agent_service_account", &self.agent_service_account)
+            .field("review_cache_ttl", &self.review_cache_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request was refused in Kubernetes mode. Each maps to one gRPC code ([`Self::code`]);
+/// the messages name the problem and never quote a token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KubeAuthError {
+    /// The pod cache has not completed its first list: nothing can be checked yet.
+    #[error(
+        "the CA has not yet listed the cluster's pods{}; retry shortly",
+        .0.as_deref().map(|e| format!(" (its last attempt failed: {e})")).unwrap_or_default()
+    )]
+    NotSynced(Option<String>),
+    /// The TokenReview could not be made (API server unreachable, slow, or refusing the CA).
+    #[error("cannot review the token with the API server: {0}")]
+    ReviewFailed(String),
+    /// The API server says the token is not valid (expired, revoked, bound pod deleted, or
+    /// issued for another audience).
+    #[error(
+        "the token was rejected by the API server's TokenReview for audience {audience}: {reason}"
+    )]
+    TokenRejected {
+        /// The audience asked for.
+        audience: String,
+        /// The API server's reason.
+        reason: String,
+    },
+    /// The review succeeded but not for the CA's audience.
+    #[error(
+        "the token is not valid for audience {expected} (the TokenReview returned audiences \
+         {returned:?}): agents must send a projected ServiceAccount token with audience {expected}"
+    )]
+    WrongAudience {
+        /// The CA's audience.
+        expected: String,
+        /// What the review returned.
+        returned: Vec<String>,
+    },
+    /// A valid token of someone other than the agents.
+    #[error(
+        "{user} is not the node agents' service account ({expected}): only agents get certificates"
+    )]
+    NotAgent {
+        /// Who the token authenticates.
+        user: String,
+        /// The agents' user name.
+        expected: String,
+    },
+    /// The agent's token says nothing of a pod or node.
+    #[error(
+        "the token of {user} is not bound to a pod, so it proves no node: use a projected \
+         ServiceAccount token (serviceAccountToken volume source)"
+    )]
+    NotBound {
+        /// Who the token authenticates.
+        user: String,
+    },
+    /// The token's pod is not (yet) in the pod cache: worth retrying.
+    #[error("the pod {pod} the token is bound to is not in the CA's pod cache yet; retry shortly")]
+    BoundPodUnknown {
+        /// `<namespace>/<name>`.
+        pod: String,
+    },
+    /// The token's pod is not on any node.
+    #[error("the pod {pod} the token is bound to is not scheduled on a node")]
+    BoundPodUnscheduled {
+        /// `<namespace>/<name>`.
+        pod: String,
+    },
+    /// Nothing on the caller's node runs as the identity asked for.
+    #[error(
+        "node {node} may not get a certificate for {identity}: no pod with service account \
+         {namespace}/{service_account} is scheduled on node {node}"
+    )]
+    NotPlaced {
+        /// The caller's node.
+        node: String,
+        /// The identity asked for.
+        identity: String,
+        /// Its namespace.
+        namespace: String,
+        /// Its service account.
+        service_account: String,
+    },
+}
+
+impl KubeAuthError {
+    /// The gRPC code this refusal is sent with: `UNAVAILABLE` when retrying may help,
+    /// `UNAUTHENTICATED` for a token the API server does not accept for the CA,
+    /// `PERMISSION_DENIED` for a valid token that may not have the identity.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::NotSynced(_) | Self::ReviewFailed(_) | Self::BoundPodUnknown { .. } => {
+                Code::Unavailable
+            }
+            Self::TokenRejected { .. } | Self::WrongAudience { .. } => Code::Unauthenticated,
+            Self::NotAgent { .. }
+            | Self::NotBound { .. }
+            | Self::BoundPodUnscheduled { .. }
+            | Self::NotPlaced { .. } => Code::PermissionDenied,
+        }
+    }
+}
+
+impl From<KubeAuthError> for Status {
+    fn from(e: KubeAuthError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+/// An agent as its token review describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Caller {
+    /// The node, when the API server said (Kubernetes ≥ 1.30).
+    node: Option<String>,
+    /// The bound pod's name and UID.
+    pod: Option<(String, String)>,
+}
+
+/// The pod fields the placement check reads; everything else is skipped while parsing, so
+/// the cache costs memory in proportion to the number of pods, not to their specs.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct PlacedPod {
+    /// Name, namespace, UID and resource version only.
+    #[serde(default, deserialize_with = "slim_meta")]
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub spec: PlacedPodSpec,
+    /// `status`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub status: PlacedPodStatus,
+}
+
+/// The fields of a pod's `spec` the CA reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacedPodSpec {
+    /// `serviceAccountName`.
+    pub service_account_name: Option<String>,
+    /// `serviceAccount`, the deprecated alias older objects may carry alone.
+    pub service_account: Option<String>,
+    /// `nodeName`.
+    pub node_name: Option<String>,
+}
+
+/// The field of a pod's `status` the CA reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct PlacedPodStatus {
+    /// `phase`.
+    pub phase: Option<String>,
+}
+
+impl Resource for PlacedPod {
+    const API_VERSION: &'static str = "v1";
+    const GROUP: &'static str = "";
+    const KIND: &'static str = "Pod";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "pods";
+    type Scope = NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for PlacedPod {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl PlacedPod {
+    /// The service account the pod runs as (`default` when the object names none, as the API
+    /// server's admission fills in).
+    pub fn service_account(&self) -> &str {
+        self.spec
+            .service_account_name
+            .as_deref()
+            .or(self.spec.service_account.as_deref())
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default")
+    }
+
+    /// The node the pod is scheduled on.
+    pub fn node(&self) -> Option<&str> {
+        self.spec.node_name.as_deref().filter(|n| !n.is_empty())
+    }
+
+    /// Whether the pod's containers have all ended for good.
+    pub fn terminated(&self) -> bool {
+        matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Keeps name, namespace, UID and resource version of `metadata`; labels, annotations and
+/// managed fields are skipped unparsed.
+fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Slim {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        resource_version: Option<String>,
+    }
+    Ok(Option::<Slim>::deserialize(d)?
+        .map(|s| ObjectMeta {
+            name: s.name,
+            namespace: s.namespace,
+            uid: s.uid,
+            resource_version: s.resource_version,
+            ..ObjectMeta::default()
+        })
+        .unwrap_or_default())
+}
+
+/// Where the pod cache is in its first list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PodSync {
+    /// Listing.
+    Starting,
+    /// The list failed with this error; retrying.
+    Failing(String),
+    /// Listed: the cache follows the cluster from now on (a later re-list keeps the old
+    /// content until it completes).
+    Synced,
+}
+
+/// The pod cache and whether it has completed its first list.
+#[derive(Clone)]
+struct PodCache {
+    store: Store<PlacedPod>,
+    synced: watch::Receiver<PodSync>,
+}
+
+/// Kubernetes-mode authentication and placement, shared by the CA's request handlers.
+pub(crate) struct KubeAuthority {
+    reviews: Api<TokenReview>,
+    audience: String,
+    agent: ServiceAccountRef,
+    agent_user: String,
+    cache_ttl: Duration,
+    cache: Mutex<HashMap<[u8; 32], (Caller, Instant)>>,
+    pods: PodCache,
+}
+
+impl fmt::Debug for KubeAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeAuthority")
+            .field("audience", &self.audience)
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeAuthority {
+    /// Starts the pod watch (in a task, returned: abort it to stop) and returns the authority,
+    /// which answers `UNAVAILABLE` until the first list is complete.
+    pub(crate) fn start(options: KubeAuthOptions) -> (Self, tokio::task::JoinHandle<()>) {
+        let writer = Writer::default();
+        let store = writer.as_reader();
+        let (synced_tx, synced) = watch::channel(PodSync::Starting);
+        let task = tokio::spawn(watch_pods(
+            Api::all(options.client.clone()),
+            writer,
+            synced_tx,
+        ));
+        let authority = Self {
+            reviews: Api::all(options.client),
+            agent_user: options.agent_service_account.username(),
+            audience: options.audience,
+            agent: options.agent_service_account,
+            cache_ttl: options.review_cache_ttl,
+            cache: Mutex::new(HashMap::new()),
+            pods: PodCache { store, synced },
+        };
+        (authority, task)
+    }
+
+    /// `Ok` once the pod cache has been listed.
+    pub(crate) fn ready(&self) -> Result<(), KubeAuthError> {
+        match &*self.pods.synced.borrow() {
+            PodSync::Synced => Ok(()),
+            PodSync::Starting => Err(KubeAuthError::NotSynced(None)),
+            PodSync::Failing(e) => Err(KubeAuthError::NotSynced(Some(e.clone()))),
+        }
+    }
+
+    /// The node of the agent holding `token`.
+    pub(crate) async fn authenticate(&self, token: &str) -> Result<String, KubeAuthError> {
+        let key = token_key(token);
+        let cached = {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .get(&key)
+                .filter(|(_, expires)| *expires > Instant::now())
+                .map(|(caller, _)| caller.clone())
+        };
+        let caller = match cached {
+            Some(caller) => caller,
+            None => {
+                let caller = self.review(token).await?;
+                let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                if cache.len() >= REVIEW_CACHE_MAX {
+                    let now = Instant::now();
+                    cache.retain(|_, (_, expires)| *expires > now);
+                    if cache.len() >= REVIEW_CACHE_MAX {
+                        cache.clear();
+                    }
+                }
+                cache.insert(key, (caller.clone(), Instant::now() + self.cache_ttl));
+                caller
+            }
+        };
+        self.node_of(&caller)
+    }
+
+    /// Asks the API server who `token` is; `Ok` only for an agent's token for our audience.
+    async fn review(&self, token: &str) -> Result<Caller, KubeAuthError> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                audiences: Some(vec![self.audience.clone()]),
+                token: token.to_string(),
+            },
+            ..TokenReview::default()
+        };
+        let answer = tokio::time::timeout(
+            REVIEW_TIMEOUT,
+            self.reviews.create(&PostParams::default(), &review),
+        )
+        .await
+        .map_err(|_| {
+            KubeAuthError::ReviewFailed(format!(
+                "the API server did not answer within {}s",
+                REVIEW_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| {
+            KubeAuthError::ReviewFailed(match &e {
+                kube::Error::Api(status) if status.code == 403 => format!(
+                    "the API server forbids the CA to create TokenReviews (check its RBAC: \
+                     create tokenreviews.authentication.k8s.io): {}",
+                    status.message
+                ),
+                kube::Error::Api(status) => {
+                    format!("{} {}: {}", status.code, status.reason, status.message)
+                }
+                _ => error_chain(&e),
+            })
+        })?;
+        self.judge(answer.status.unwrap_or_default())
+    }
+
+    /// Applies the CA's rules to a review's outcome.
+    fn judge(&self, status: TokenReviewStatus) -> Result<Caller, KubeAuthError> {
+        if status.authenticated != Some(true) {
+            return Err(KubeAuthError::TokenRejected {
+                audience: self.audience.clone(),
+                reason: status
+                    .error
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "not authenticated".into()),
+            });
+        }
+        // An API server unaware of audiences returns none: the token may be for anyone.
+        let returned = status.audiences.unwrap_or_default();
+        if !returned.contains(&self.audience) {
+            return Err(KubeAuthError::WrongAudience {
+                expected: self.audience.clone(),
+                returned,
+            });
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if username != self.agent_user {
+            return Err(KubeAuthError::NotAgent {
+                user: if username.is_empty() {
+                    "(no user name)".into()
+                } else {
+                    username
+                },
+                expected: self.agent_user.clone(),
+            });
+        }
+        let extra = user.extra.unwrap_or_default();
+        let first = |key: &str| {
+            extra
+                .get(key)
+                .and_then(|values| values.first())
+                .filter(|v| !v.is_empty())
+                .cloned()
+        };
+        let caller = Caller {
+            node: first(EXTRA_NODE_NAME),
+            pod: first(EXTRA_POD_NAME).zip(first(EXTRA_POD_UID)),
+        };
+        if caller.node.is_none() && caller.pod.is_none() {
+            return Err(KubeAuthError::NotBound { user: username });
+        }
+        Ok(caller)
+    }
+
+    /// The caller's node: the token's own claim, else its bound pod's `spec.nodeName`.
+    fn node_of(&self, caller: &Caller) -> Result<String, KubeAuthError> {
+        if let Some(node) = &caller.node {
+            return Ok(node.clone());
+        }
+        let (name, uid) = caller
+            .pod
+            .as_ref()
+            .expect("judge() accepts no caller without node or pod");
+        let namespace = &self.agent.namespace;
+        let pod = format!("{namespace}/{name}");
+        // Same name, another UID: the bound pod was replaced; its token would fail review
+        // soon, and meanwhile proves nothing about the new pod's node.
+        let found = self.pods.store.find(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && p.metadata.name.as_deref() == Some(name.as_str())
+                && p.metadata.uid.as_deref() == Some(uid.as_str())
+        });
+        let found = found.ok_or_else(|| KubeAuthError::BoundPodUnknown { pod: pod.clone() })?;
+        found
+            .node()
+            .map(str::to_string)
+            .ok_or(KubeAuthError::BoundPodUnscheduled { pod })
+    }
+
+    /// `Ok` if a live pod of `identity`'s namespace and service account is scheduled on `node`.
+    pub(crate) fn authorize(&self, node: &str, identity: &SpiffeId) -> Result<(), KubeAuthError> {
+        self.ready()?;
+        let placed = self.pods.store.find(|p| {
+            p.node() == Some(node)
+                && p.metadata.namespace.as_deref() == Some(identity.namespace.as_str())
+                && p.service_account() == identity.service_account
+                && !p.terminated()
+        });
+        match placed {
+            Some(_) => Ok(()),
+            None => Err(KubeAuthError::NotPlaced {
+                node: node.to_string(),
+                identity: identity.to_string(),
+                namespace: identity.namespace.clone(),
+                service_account: identity.service_account.clone(),
+            }),
+        }
+    }
+}
+
+/// The cache key of a token: its SHA-256 (through rustls' ring provider, already linked), so
+/// that the cache never holds a usable credential.
+fn token_key(token: &str) -> [u8; 32] {
+    let hash = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .expect("a TLS 1.3 suite")
+        .common
+        .hash_provider
+        .hash(token.as_bytes());
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&hash.as_ref()[..32]);
+    key
+}
+
+/// `error` and its sources, `: `-separated (connect errors hide the useful part in a source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = e.source();
+    }
+    message
+}
+
+/// Keeps `writer` in step with the cluster's pods, forever; reports the first completed list
+/// (and, before it, the last error) on `synced`.
+///
+/// The watcher is restarted (so it lists again) when a watch cannot resume because its
+/// resource version expired and the server said so with an HTTP 410 rather than a watch event:
+/// kube-runtime's watcher would retry that version forever.
+async fn watch_pods(
+    api: Api<PlacedPod>,
+    mut writer: Writer<PlacedPod>,
+    synced: watch::Sender<PodSync>,
+) {
+    let start = || -> BoxStream<'static, watcher::Result<watcher::Event<PlacedPod>>> {
+        watcher(api.clone(), watcher::Config::default()).boxed()
+    };
+    let mut stream = start();
+    let mut delay = WATCH_BACKOFF_MIN;
+    let mut failing = false;
+    loop {
+        match stream.next().await {
+            Some(Ok(event)) => {
+                delay = WATCH_BACKOFF_MIN;
+                writer.apply_watcher_event(&event);
+                if let watcher::Event::InitDone = event {
+                    if *synced.borrow() != PodSync::Synced {
+                        info!(pods = writer.as_reader().len(), "pod cache synced");
+                    } else if failing {
+                        info!("pod watch recovered");
+                    }
+                    failing = false;
+                    synced.send_replace(PodSync::Synced);
+                }
+            }
+            Some(Err(error)) => {
+                let message = match &error {
+                    watcher::Error::InitialListFailed(e)
+                    | watcher::Error::WatchStartFailed(e)
+                    | watcher::Error::WatchFailed(e) => error_chain(e),
+                    other => other.to_string(),
+                };
+                // Log a failing watch once per outage (each retry would repeat it).
+                if !failing {
+                    warn!("pod watch failed, retrying: {message}");
+                    failing = true;
+                }
+                synced.send_if_modified(|state| match state {
+                    PodSync::Synced => false,
+                    _ => {
+                        *state = PodSync::Failing(message.clone());
+                        true
+                    }
+                });
+                if matches!(&error, watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 410)
+                {
+                    stream = start();
+                }
+                tokio::time::sleep(jittered(delay)).await;
+                delay = (delay * 2).min(WATCH_BACKOFF_MAX);
+            }
+            None => stream = start(),
+        }
+    }
+}
+
+/// `delay` minus up to a quarter, so that replicas do not retry in step.
+fn jittered(delay: Duration) -> Duration {
+    let [r] = super::random_bytes::<1>();
+    delay - delay / 4 * u32::from(r) / 255
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::authentication::v1::UserInfo;
+
+    use super::*;
+
+    #[test]
+    fn service_accounts_parse() {
+        let sa: ServiceAccountRef = "ambit-system/ambit-agent".parse().unwrap();
+        assert_eq!(
+            sa.username(),
+            "system:serviceaccount:ambit-system:ambit-agent"
+        );
+        assert_eq!(sa.to_string(), "ambit-system/ambit-agent");
+        for bad in [
+            "ambit-agent",
+            "/x",
+            "x/",
+            "a/b/c",
+            "system:serviceaccount:a:b",
+        ] {
+            assert!(bad.parse::<ServiceAccountRef>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn pods_keep_only_what_placement_needs() {
+        let pod: PlacedPod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-0", "namespace": "shop", "uid": "u1",
+                         "resourceVersion": "7", "labels": {"app": "web"},
+                         "annotations": {"big": "x"}, "managedFields": [{}]},
+            "spec": {"serviceAccountName": "web", "nodeName": "node-a",
+                     "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1"}
+        }))
+        .unwrap();
+        assert_eq!(pod.service_account(), "web");
+        assert_eq!(pod.node(), Some("node-a"));
+        assert!(!pod.terminated());
+        assert_eq!(pod.metadata.uid.as_deref(), Some("u1"));
+        assert!(pod.metadata.labels.is_none() && pod.metadata.annotations.is_none());
+
+        let bare: PlacedPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"}, "spec": null, "status": {"phase": "Succeeded"}
+        }))
+        .unwrap();
+        assert_eq!(bare.service_account(), "default");
+        assert_eq!(bare.node(), None);
+        assert!(bare.terminated());
+    }
+
+    #[test]
+    fn token_keys_are_sha256() {
+        // SHA-256("abc"), FIPS 180-2 appendix B.1.
+        assert_eq!(
+            token_key("abc")[..4],
+            [0xba, 0x78, 0x16, 0xbf],
+            "not SHA-256"
+        );
+        assert_ne!(token_key("a"), token_key("b"));
+    }
+
+    fn authority() -> KubeAuthority {
+        // Never contacted: judge() and the error mapping only.
+        let client =
+            Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
+        let (authority, task) = KubeAuthority::start(KubeAuthOptions::new(client));
+        task.abort();
+        authority
+    }
+
+    fn status(
+        authenticated: bool,
+        audiences: &[&str],
+        user: &str,
+        extra: &[(&str, &str)],
+    ) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(authenticated),
+            audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
+            error: None,
+            user: Some(UserInfo {
+                username: Some(user.into()),
+                extra: Some(
+                    extra
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                        .collect::<BTreeMap<_, _>>(),
+                ),
+                ..UserInfo::default()
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn reviews_are_judged_by_audience_user_and_binding() {
+        let ca = authority();
+        let agent = "system:serviceaccount:ambit-system:ambit-agent";
+        let caller = ca
+            .judge(status(
+                true,
+                &["ambit-ca"],
+                agent,
+                &[(EXTRA_NODE_NAME, "n1")],
+            ))
+            .unwrap();
+        assert_eq!(caller.node.as_deref(), Some("n1"));
+        let caller = ca
+            .judge(status(
+                true,
+                &["ambit-ca"],
+                agent,
+                &[(EXTRA_POD_NAME, "agent-x"), (EXTRA_POD_UID, "u")],
+            ))
+            .unwrap();
+        assert_eq!(caller.pod, Some(("agent-x".into(), "u".into())));
+
+        let refusals = [
+            (status(false, &[], agent, &[]), Code::Unauthenticated),
+            // An audience-unaware API server: no audience returned.
+            (
+                status(true, &[], agent, &[(EXTRA_NODE_NAME, "n1")]),
+                Code::Unauthenticated,
+            ),
+            (
+                status(true, &["other"], agent, &[(EXTRA_NODE_NAME, "n1")]),
+                Code::Unauthenticated,
+            ),
+            (
+                status(
+                    true,
+                    &["ambit-ca"],
+                    "system:serviceaccount:shop:web",
+                    &[(EXTRA_NODE_NAME, "n1")],
+                ),
+                Code::PermissionDenied,
+            ),
+            // Bound to nothing (a legacy Secret token).
+            (
+                status(true, &["ambit-ca"], agent, &[]),
+                Code::PermissionDenied,
+            ),
+            // A pod name without its UID binds nothing.
+            (
+                status(true, &["ambit-ca"], agent, &[(EXTRA_POD_NAME, "agent-x")]),
+                Code::PermissionDenied,
+            ),
+        ];
+        for (status, code) in refusals {
+            let e = ca.judge(status.clone()).unwrap_err();
+            assert_eq!(e.code(), code, "{status:?}: {e}");
+        }
+        assert_eq!(
+            ca.ready().unwrap_err().code(),
+            Code::Unavailable,
+            "not synced"
+        );
+    }
+}
