@@ -114,6 +114,7 @@ pub struct Node {
     agent_env: Mutex<BTreeMap<String, String>>,
     agent_args: Mutex<Vec<String>>,
     ca_args: Mutex<Vec<String>>,
+    kubeconfig: Mutex<Option<PathBuf>>,
 }
 
 impl Node {
@@ -198,22 +199,43 @@ impl Node {
         *lock(&self.agent_args) = args.into_iter().map(Into::into).collect();
     }
 
+    /// From the next start on, the agent takes its configuration from the Kubernetes API
+    /// server of `kubeconfig` (`--kube --kubeconfig`) instead of the bed's mesh file; the
+    /// node's cgroup (`--cgroup`) is where it finds kubelet's pod cgroups.
+    pub fn use_kubernetes(&self, kubeconfig: impl Into<PathBuf>) {
+        *lock(&self.kubeconfig) = Some(kubeconfig.into());
+    }
+
     /// The full agent command line (program first) the next start would use.
     pub fn agent_command_line(&self) -> Vec<String> {
+        let source = match &*lock(&self.kubeconfig) {
+            Some(kubeconfig) => [
+                "--kube".to_string(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+            ]
+            .to_vec(),
+            None => [
+                "--mesh-file".to_string(),
+                self.mesh_path.display().to_string(),
+            ]
+            .to_vec(),
+        };
         let mut v = vec![
             self.ambit.display().to_string(),
             "agent".into(),
             "--node".into(),
             self.name.clone(),
-            "--mesh-file".into(),
-            self.mesh_path.display().to_string(),
+        ];
+        v.extend(source);
+        v.extend([
             "--cgroup".into(),
             self.cgroup.display().to_string(),
             "--bpffs".into(),
             self.bpffs.display().to_string(),
             "--log-format".into(),
             "json".into(),
-        ];
+        ]);
         v.extend(lock(&self.ca_args).iter().cloned());
         v.extend(lock(&self.agent_args).iter().cloned());
         v
@@ -467,6 +489,7 @@ pub struct Pod {
     netns_name: String,
     netns_path: PathBuf,
     node_if: String,
+    uid: String,
     cgroup: PathBuf,
     run_dir: PathBuf,
     meta: Mutex<PodMeta>,
@@ -543,7 +566,16 @@ impl Pod {
         &self.node_if
     }
 
-    /// The pod's cgroup `<cgroup2 mount>/ambit-<id>/n<i>/p<j>`.
+    /// The pod's UID, a UUID unique to the bed (`<id>-000<i>-4000-8000-0000000000<j>`, hex).
+    pub fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    /// The cgroup the pod's processes run in: its container's, below a pod cgroup named as
+    /// kubelet names it, so that the agent's Kubernetes discovery finds it from the UID. Nodes
+    /// with an even index use the systemd driver and containerd
+    /// (`n<i>/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice/cri-containerd-<ctr>.scope`),
+    /// odd ones the cgroupfs driver (`n<i>/kubepods/besteffort/pod<uid>/<ctr>`).
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
     }
@@ -677,6 +709,26 @@ impl Pod {
     }
 }
 
+/// The UID of pod `j` of node `i` in bed `id` (a 6-digit hex id): a well-formed UUID.
+fn pod_uid(id: &str, i: usize, j: usize) -> String {
+    format!("{id:0>8}-{i:04x}-4000-8000-{j:012x}")
+}
+
+/// The container cgroup of a pod with `uid` on node `i`, relative to the node's cgroup, as
+/// kubelet and the container runtime create it: the systemd driver with containerd on even
+/// nodes, the cgroupfs driver on odd ones (so both layouts are discovered for real).
+fn kubelet_container_cgroup(i: usize, uid: &str) -> PathBuf {
+    let container = format!("{:0>64}", uid.replace('-', ""));
+    if i % 2 == 0 {
+        let slice_uid = uid.replace('-', "_");
+        PathBuf::from(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{slice_uid}.slice/cri-containerd-{container}.scope"
+        ))
+    } else {
+        PathBuf::from(format!("kubepods/besteffort/pod{uid}/{container}"))
+    }
+}
+
 /// The trust domain of every bed (mesh file and CA).
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
@@ -764,6 +816,7 @@ impl Cluster {
                     agent_env: Mutex::new(BTreeMap::new()),
                     agent_args: Mutex::new(Vec::new()),
                     ca_args: Mutex::new(Vec::new()),
+                    kubeconfig: Mutex::new(None),
                 }
             })
             .collect();
@@ -777,7 +830,10 @@ impl Cluster {
                 netns_name: ns(&format!("n{i}p{j}")),
                 netns_path: Path::new(util::NETNS_DIR).join(ns(&format!("n{i}p{j}"))),
                 node_if: format!("a{id}n{i}p{j}"),
-                cgroup: cgroup_root.join(format!("n{i}/p{j}")),
+                uid: pod_uid(&id, i, j),
+                cgroup: cgroup_root
+                    .join(format!("n{i}"))
+                    .join(kubelet_container_cgroup(i, &pod_uid(&id, i, j))),
                 run_dir: run_dir.clone(),
                 meta: Mutex::new(PodMeta {
                     namespace: "default".into(),

@@ -1,0 +1,327 @@
+//! End-to-end: agents in Kubernetes mode (`ambit agent --kube`), fed by an API server instead of
+//! the mesh file.
+//!
+//! No real API server can run here, so the agents talk to the in-process fake one
+//! (`ambit::config::kube::fake`: list and watch, chunked events, bookmarks), listening on the
+//! fabric bridge of the test bed like a control plane node. Everything else is real: the agents
+//! find each pod's network namespace from its UID through the kubelet-style cgroups the bed
+//! creates (systemd driver on node 0, cgroupfs on node 1), load and attach their eBPF programs,
+//! and carry real connections, in HBONE tunnels once a namespace label enrols the pods.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ambit::config::kube::fake::FakeApiServer;
+use ambit_tests::traffic::{TIMEOUT, connect_ok, metric_value, serve, wait_access_log};
+use ambit_tests::{Cluster, ClusterSpec, Node, Pod, READINESS_PORT, ensure_or_dump};
+use anyhow::{Context, Result, anyhow};
+use k8s_openapi::api::core::v1::{
+    Namespace, Pod as KubePod, PodCondition, PodIP, PodSpec, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// The enrolment label, on namespaces and pods.
+const MODE: &str = "ambit.dev/mode";
+/// Where the fake API server listens: the fabric bridge address the bed's CA uses too.
+const API_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 99, 0, 254)), 6443);
+
+/// The fake API server, running on a runtime whose threads live in the bed's fabric namespace,
+/// so its sockets (listener, and the one re-bound after an outage) are there too.
+struct ApiServer {
+    runtime: tokio::runtime::Runtime,
+    server: FakeApiServer,
+    kubeconfig: PathBuf,
+}
+
+impl ApiServer {
+    fn start(cluster: &Cluster) -> Result<Self> {
+        let netns = PathBuf::from(format!("/run/netns/{}", cluster.fabric_netns()));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .on_thread_start(move || {
+                // A thread outside the fabric namespace would bind where 10.99.0.254 does not
+                // exist (the bind fails): loud, never traffic in the wrong place.
+                let ns = File::open(&netns).expect("open the fabric netns");
+                // SAFETY: plain syscall on an fd owned for the duration of the call.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            })
+            .build()?;
+        // Spawned, not block_on'd: block_on would run the bind on this (root namespace) thread.
+        let server = runtime
+            .block_on(runtime.spawn(FakeApiServer::start_on(API_ADDR)))?
+            .context("starting the fake API server on the fabric bridge")?;
+        let kubeconfig = cluster.run_dir().join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig())?;
+        Ok(Self {
+            runtime,
+            server,
+            kubeconfig,
+        })
+    }
+
+    fn come_up(&self) -> Result<()> {
+        let server = self.server.clone();
+        self.runtime
+            .block_on(self.runtime.spawn(async move { server.come_up().await }))?
+            .context("bringing the fake API server back")
+    }
+}
+
+fn namespace(name: &str, mode: Option<&str>) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: mode.map(|m| BTreeMap::from([(MODE.to_string(), m.to_string())])),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    }
+}
+
+/// The Pod object kubelet would report for the bed's `pod` (running, ready, both addresses).
+fn pod_object(pod: &Pod, labels: &[(&str, &str)]) -> KubePod {
+    KubePod {
+        metadata: ObjectMeta {
+            name: Some(pod.name().into()),
+            namespace: Some(pod.namespace()),
+            uid: Some(pod.uid().into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(pod.node_name().into()),
+            service_account_name: Some(pod.service_account()),
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(pod.ip4().to_string()),
+            pod_ips: Some(
+                pod.ips()
+                    .iter()
+                    .map(|ip| PodIP { ip: ip.to_string() })
+                    .collect(),
+            ),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..PodCondition::default()
+            }]),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+/// Waits until `node`'s agent has enrolled exactly `want` (`namespace/name`, sorted).
+fn wait_enrolled(cluster: &Cluster, node: &Node, want: &[&str], why: &str) -> Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let dump = node.config_dump()?;
+        let mut enrolled: Vec<String> = dump["enrolled"]
+            .as_array()
+            .ok_or_else(|| {
+                anyhow!(
+                    "config_dump of {} has no enrolled list: {dump}",
+                    node.name()
+                )
+            })?
+            .iter()
+            .filter_map(|pod| pod["uid"].as_str().map(String::from))
+            .collect();
+        enrolled.sort();
+        if enrolled == want {
+            return Ok(());
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "{why}: {} enrolled {enrolled:?}, expected {want:?}",
+            node.name()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `GET /healthz/ready` on `node`: status and body.
+fn readiness(node: &Node) -> Result<(u16, String)> {
+    let r = node.http_get(READINESS_PORT, "/healthz/ready", Duration::from_secs(5))?;
+    Ok((r.status, r.body))
+}
+
+/// Label enrolment end to end: a namespace label enrols its pods (their traffic goes into
+/// mutual-TLS tunnels), a pod label opts one out, removing the namespace label un-enrols them,
+/// all without restarting a pod; an API server outage leaves the last state serving and is
+/// reported, and a change made meanwhile is applied when it returns.
+#[test]
+fn namespace_label_enrols_pods_end_to_end() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 1,
+    })?;
+    let api = ApiServer::start(&cluster)?;
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    for pod in [client, server] {
+        pod.set_namespace("shop");
+    }
+    // The bed's CA checks placement against the bed's own record of the pods.
+    cluster.write_mesh()?;
+    api.server.apply(&namespace("shop", None));
+    api.server.apply(&pod_object(client, &[("app", "client")]));
+    api.server.apply(&pod_object(server, &[("app", "server")]));
+    for node in cluster.nodes() {
+        node.use_kubernetes(&api.kubeconfig);
+    }
+    // Every pod has a process from start to end, as kubelet's sandbox ("pause") container:
+    // the agent finds a pod's network namespace through the processes of its cgroup.
+    let _sandboxes = [client, server]
+        .into_iter()
+        .map(|pod| pod.spawn("sleep", ["3600"]))
+        .collect::<Result<Vec<_>>>()?;
+    cluster.start_agents()?;
+    let _srv = serve(server, &[8080])?;
+    let dst = server.addr4(8080);
+
+    eprintln!("[kubernetes] phase: not labelled");
+    // Not labelled: nothing enrolled, traffic untouched.
+    for node in cluster.nodes() {
+        wait_enrolled(&cluster, node, &[], "namespace not labelled")?;
+    }
+    let conn = connect_ok(&cluster, client, dst, 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        !conn.redirected(),
+        "a pod of an unlabelled namespace was redirected: {:?}",
+        conn.report
+    );
+
+    eprintln!("[kubernetes] phase: namespace labelled");
+    // Labelled: both pods enrolled, the connection goes through the agents in mutual TLS.
+    api.server.apply(&namespace("shop", Some("ambient")));
+    wait_enrolled(
+        &cluster,
+        cluster.node(0),
+        &["shop/p0-0"],
+        "namespace labelled",
+    )?;
+    wait_enrolled(
+        &cluster,
+        cluster.node(1),
+        &["shop/p1-0"],
+        "namespace labelled",
+    )?;
+    cluster.node(1).wait_ready(TIMEOUT)?;
+    let conn = connect_ok(&cluster, client, dst, 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        conn.redirected(),
+        "not redirected once enrolled: {:?}",
+        conn.report
+    );
+    let line = wait_access_log(&cluster, cluster.node(1), "inbound", dst, 1)?.remove(0);
+    ensure_or_dump!(
+        cluster,
+        line["security"] == "mtls"
+            && line["src_principal"] == "spiffe://cluster.local/ns/shop/sa/default",
+        "inbound connection not in mutual TLS from the client's identity: {line}"
+    );
+
+    eprintln!("[kubernetes] phase: pod opt-out");
+    // The server pod opts out by label: un-enrolled in place; the client still is, and
+    // reaches it directly.
+    api.server
+        .apply(&pod_object(server, &[("app", "server"), (MODE, "none")]));
+    wait_enrolled(&cluster, cluster.node(1), &[], "pod opted out")?;
+    wait_enrolled(&cluster, cluster.node(0), &["shop/p0-0"], "pod opted out")?;
+    let inbound_before = wait_access_log(&cluster, cluster.node(1), "inbound", dst, 1)?.len();
+    let conn = connect_ok(&cluster, client, dst, 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        conn.redirected() && conn.seen_peer_ip() == Some(IpAddr::V4(client.ip4())),
+        "an enrolled client should reach an opted-out pod in plaintext from its own address: {:?}",
+        conn.report
+    );
+    api.server.apply(&pod_object(server, &[("app", "server")]));
+    wait_enrolled(&cluster, cluster.node(1), &["shop/p1-0"], "opt-out removed")?;
+    cluster.node(1).wait_ready(TIMEOUT)?;
+
+    eprintln!("[kubernetes] phase: API server down");
+    // The API server goes away: the agents keep the last state, say so, and keep carrying
+    // traffic in tunnels.
+    api.server.go_down();
+    let node = cluster.node(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = readiness(node)?;
+        let up = metric_value(node, "ambit_config_source_up")?;
+        if status == 200 && body.contains("unreachable") && up == 0.0 {
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "API server down: readiness {status} {body:?}, ambit_config_source_up {up}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let conn = connect_ok(&cluster, client, dst, 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        conn.redirected(),
+        "the last state should keep serving while the API server is down: {:?}",
+        conn.report
+    );
+    let inbound = wait_access_log(
+        &cluster,
+        cluster.node(1),
+        "inbound",
+        dst,
+        inbound_before + 1,
+    )?;
+    ensure_or_dump!(
+        cluster,
+        inbound.last().is_some_and(|l| l["security"] == "mtls"),
+        "not tunnelled while the API server was down: {:?}",
+        inbound.last()
+    );
+
+    eprintln!("[kubernetes] phase: label removed while down; API server back");
+    // Meanwhile the label is removed; once the server is back, both pods leave the mesh.
+    api.server.apply(&namespace("shop", None));
+    api.come_up()?;
+    for node in cluster.nodes() {
+        wait_enrolled(
+            &cluster,
+            node,
+            &[],
+            "namespace label removed during the outage",
+        )?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric_value(node, "ambit_config_source_up")? != 1.0 {
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "ambit_config_source_up stayed 0 after the API server came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let conn = connect_ok(&cluster, client, dst, 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        !conn.redirected(),
+        "still redirected after un-enrolment: {:?}",
+        conn.report
+    );
+    Ok(())
+}
