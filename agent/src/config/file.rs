@@ -30,8 +30,9 @@ use crate::{
 mod policy;
 
 pub use self::policy::{
-    AuthorizationPolicyFile, ConditionFile, FromFile, OperationFile, PeerAuthenticationFile,
-    RuleFile, SelectorFile, SourceFile, ToFile,
+    AuthorizationPolicyFile, CONDITION_KEYS, ConditionFile, FromFile, OperationFile,
+    PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, ToFile,
+    authorization_policy, peer_auth_mode, workload_selector,
 };
 
 /// The whole mesh file.

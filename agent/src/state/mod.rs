@@ -197,6 +197,48 @@ impl Endpoints {
     }
 }
 
+/// The ready workloads by (namespace, label key, label value): a service's endpoints are among
+/// the workloads carrying any one pair of its selector, so matching a selector costs the size
+/// of its rarest pair's list instead of a scan of every workload. Used while building only.
+struct ReadyByLabel<'a> {
+    /// Indexes into the workloads, ascending (so candidates keep the workloads' order).
+    index: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+}
+
+impl<'a> ReadyByLabel<'a> {
+    fn new(workloads: &'a [Arc<Workload>]) -> Self {
+        let mut index: HashMap<_, Vec<usize>> = HashMap::new();
+        for (i, workload) in workloads.iter().enumerate() {
+            // Only ready workloads are ever endpoints.
+            if !workload.ready {
+                continue;
+            }
+            for (key, value) in &workload.labels {
+                index
+                    .entry((workload.namespace.as_str(), key.as_str(), value.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        Self { index }
+    }
+
+    /// The ready workloads that may match `service`'s selector (a superset of its endpoints,
+    /// still to be checked with [`Service::selects`]); none for an empty selector.
+    fn candidates(&self, service: &'a Service) -> &[usize] {
+        service
+            .selector
+            .iter()
+            .map(|(key, value)| {
+                self.index
+                    .get(&(service.namespace.as_str(), key.as_str(), value.as_str()))
+                    .map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|candidates| candidates.len())
+            .unwrap_or_default()
+    }
+}
+
 /// One consistent snapshot of the mesh, indexed for the lookups the data path makes.
 ///
 /// Built by a configuration source, which is responsible for validation; construction itself
@@ -236,15 +278,18 @@ impl MeshState {
             }
         }
 
+        let by_label = ReadyByLabel::new(&workloads);
         let mut service_by_vip = HashMap::new();
         let mut endpoints = Vec::with_capacity(services.len());
         for (index, service) in services.iter().enumerate() {
             for vip in &service.vips {
                 service_by_vip.entry(*vip).or_insert(index);
             }
-            let ready: Vec<Arc<Workload>> = workloads
+            let ready: Vec<Arc<Workload>> = by_label
+                .candidates(service)
                 .iter()
-                .filter(|w| w.ready && service.selects(w))
+                .map(|&i| &workloads[i])
+                .filter(|w| service.selects(w))
                 .cloned()
                 .collect();
             endpoints.push(Endpoints::new(&ready));

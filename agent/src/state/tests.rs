@@ -112,6 +112,81 @@ fn selector_needs_every_pair_and_the_same_namespace() {
 }
 
 #[test]
+fn endpoints_are_indexed_by_namespace_and_every_selector_pair() {
+    // Same labels in two namespaces, selectors of one and two pairs, a workload matching only
+    // the rarer pair, an unready one: each service gets exactly its own ready matches, in the
+    // workloads' order.
+    let mut unready = workload("b", "web-9", &["10.0.2.9"], &[("app", "web")]);
+    unready.ready = false;
+    let state = MeshState::new(
+        RedirectSettings::default(),
+        vec![
+            workload("b", "web-1", &["10.0.2.1"], &[("app", "web"), ("v", "1")]),
+            workload("a", "web-1", &["10.0.1.1"], &[("app", "web"), ("v", "1")]),
+            workload("a", "web-2", &["10.0.1.2"], &[("app", "web"), ("v", "2")]),
+            workload("a", "other", &["10.0.1.3"], &[("app", "other"), ("v", "1")]),
+            unready,
+            workload("b", "web-0", &["10.0.2.0"], &[("app", "web")]),
+        ],
+        vec![
+            service("a", "web", &["10.96.1.1"], &[("app", "web")]),
+            service("b", "web", &["10.96.2.1"], &[("app", "web")]),
+            service("a", "v1", &["10.96.1.2"], &[("app", "web"), ("v", "1")]),
+            service("b", "v1", &["10.96.2.2"], &[("v", "1"), ("app", "web")]),
+            service("c", "web", &["10.96.3.1"], &[("app", "web")]),
+            service("a", "none", &["10.96.1.3"], &[("app", "web"), ("v", "3")]),
+        ],
+    );
+    let endpoints = |vip: &str| -> Vec<String> {
+        let service = state.service_by_vip(ip(vip)).unwrap();
+        state.endpoints(service).iter().map(|w| w.uid()).collect()
+    };
+    assert_eq!(endpoints("10.96.1.1"), ["a/web-1", "a/web-2"]);
+    assert_eq!(endpoints("10.96.2.1"), ["b/web-1", "b/web-0"]);
+    assert_eq!(endpoints("10.96.1.2"), ["a/web-1"]);
+    assert_eq!(endpoints("10.96.2.2"), ["b/web-1"]);
+    assert!(endpoints("10.96.3.1").is_empty());
+    assert!(endpoints("10.96.1.3").is_empty());
+
+    // And the same as checking every selector against every workload, on a denser mesh.
+    let value = |i: usize, m: usize| (i % m).to_string();
+    let workloads: Vec<Workload> = (0..60)
+        .map(|i| {
+            let mut w = workload(
+                &format!("ns{}", i % 3),
+                &format!("w{i}"),
+                &[&format!("10.1.0.{i}")],
+                &[("a", &value(i, 2)), ("b", &value(i, 5))],
+            );
+            w.ready = i % 7 != 0;
+            w
+        })
+        .collect();
+    let services: Vec<Service> = (0..30)
+        .map(|i| {
+            let (a, b) = (value(i, 2), value(i, 5));
+            let selector: &[(&str, &str)] = match i % 3 {
+                0 => &[("a", &a)],
+                1 => &[("a", &a), ("b", &b)],
+                _ => &[("b", &b), ("missing", "x")],
+            };
+            service(&format!("ns{}", i % 4), &format!("s{i}"), &[], selector)
+        })
+        .collect();
+    let state = MeshState::new(RedirectSettings::default(), workloads, services);
+    for service in state.services() {
+        let expected: Vec<String> = state
+            .workloads()
+            .iter()
+            .filter(|w| w.ready && service.selects(w))
+            .map(|w| w.uid())
+            .collect();
+        let got: Vec<String> = state.endpoints(service).iter().map(|w| w.uid()).collect();
+        assert_eq!(got, expected, "{}", service.uid());
+    }
+}
+
+#[test]
 fn round_robin_spreads_evenly() {
     let state = shop();
     let counts = spread(&state, "10.96.0.10:80", 10);

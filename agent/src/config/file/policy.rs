@@ -158,8 +158,276 @@ pub struct ConditionFile {
 }
 
 /// The `when` keys Ambit evaluates: the L4 attributes ztunnel supports.
-const CONDITION_KEYS: &str =
-    "source.ip, source.principal, source.namespace, destination.ip, destination.port";
+pub const CONDITION_KEYS: [&str; 5] = [
+    "source.ip",
+    "source.principal",
+    "source.namespace",
+    "destination.ip",
+    "destination.port",
+];
+
+/// A policy that breaks one of the rules of `docs/configuration.md` (shared by every source:
+/// the mesh file reports it as [`ConfigError::Invalid`], Kubernetes as the resource's status).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct PolicyError {
+    /// The offending field, under the prefix the caller gave, e.g.
+    /// `spec.rules[0].from[1].source.ipBlocks[2]`.
+    pub field: String,
+    /// The rule broken.
+    pub reason: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+    PolicyError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Validates one authorization policy and builds it: its `selector`, `action` and `rules`,
+/// with field paths under `at` (`authorizationPolicies[3]`, `spec`). The policy's `name` and
+/// `namespace` are taken as they are: their rules depend on the source.
+pub fn authorization_policy(
+    at: &str,
+    entry: &AuthorizationPolicyFile,
+) -> Result<AuthorizationPolicy, PolicyError> {
+    let selector = workload_selector(at, entry.selector.as_ref())?;
+    let action = match entry.action.as_deref() {
+        None | Some("ALLOW") => Action::Allow,
+        Some("DENY") => Action::Deny,
+        Some(other @ ("AUDIT" | "CUSTOM")) => {
+            return Err(invalid(
+                format!("{at}.action"),
+                format!("{other} is not supported: expected ALLOW or DENY"),
+            ));
+        }
+        Some(other) => {
+            return Err(invalid(
+                format!("{at}.action"),
+                format!("unknown action {other:?}: expected ALLOW or DENY"),
+            ));
+        }
+    };
+    if action == Action::Deny && entry.rules.is_empty() {
+        return Err(invalid(
+            format!("{at}.rules"),
+            "a DENY policy without rules would never match; add an empty rule `{}` to deny \
+             every connection",
+        ));
+    }
+    let rules = entry
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(j, rule)| self::rule(&format!("{at}.rules[{j}]"), rule))
+        .collect::<Result<_, _>>()?;
+    Ok(AuthorizationPolicy {
+        name: entry.name.clone(),
+        scope: Scope::new(entry.namespace.clone(), selector),
+        action,
+        dry_run: entry.dry_run,
+        rules,
+    })
+}
+
+/// A peer authentication `mode` (`field` names it in errors): `STRICT`, `PERMISSIVE`, or
+/// `UNSET`/absent (`None`, inherit).
+pub fn peer_auth_mode(
+    field: &str,
+    mode: Option<&str>,
+) -> Result<Option<PeerAuthMode>, PolicyError> {
+    match mode {
+        None | Some("UNSET") => Ok(None),
+        Some("STRICT") => Ok(Some(PeerAuthMode::Strict)),
+        Some("PERMISSIVE") => Ok(Some(PeerAuthMode::Permissive)),
+        Some("DISABLE") => Err(invalid(
+            field,
+            "DISABLE is not supported: use PERMISSIVE to accept plaintext",
+        )),
+        Some(other) => Err(invalid(
+            field,
+            format!("unknown mode {other:?}: expected STRICT, PERMISSIVE or UNSET"),
+        )),
+    }
+}
+
+/// A policy's `selector` (at `{at}.selector`): `None` when absent, else its non-empty labels.
+pub fn workload_selector(
+    at: &str,
+    selector: Option<&SelectorFile>,
+) -> Result<Option<Labels>, PolicyError> {
+    let Some(selector) = selector else {
+        return Ok(None);
+    };
+    let field = format!("{at}.selector.matchLabels");
+    if selector.match_labels.is_empty() {
+        // Istio reads an empty selector as "the whole namespace"; being explicit costs
+        // nothing and rules out a half-written selector widening the policy.
+        return Err(invalid(
+            field,
+            "must not be empty (omit selector to select every workload of the namespace)",
+        ));
+    }
+    if selector.match_labels.keys().any(String::is_empty) {
+        return Err(invalid(field, "label keys must not be empty"));
+    }
+    Ok(Some(selector.match_labels.clone()))
+}
+
+fn rule(at: &str, rule: &RuleFile) -> Result<Rule, PolicyError> {
+    let from = match &rule.from {
+        None => Vec::new(),
+        Some(from) if from.is_empty() => {
+            return Err(invalid(
+                format!("{at}.from"),
+                "must not be empty (omit it to match any source)",
+            ));
+        }
+        Some(from) => from
+            .iter()
+            .enumerate()
+            .map(|(k, f)| source(&format!("{at}.from[{k}].source"), &f.source))
+            .collect::<Result<_, _>>()?,
+    };
+    let to = match &rule.to {
+        None => Vec::new(),
+        Some(to) if to.is_empty() => {
+            return Err(invalid(
+                format!("{at}.to"),
+                "must not be empty (omit it to match any port)",
+            ));
+        }
+        Some(to) => to
+            .iter()
+            .enumerate()
+            .map(|(k, t)| operation(&format!("{at}.to[{k}].operation"), &t.operation))
+            .collect::<Result<_, _>>()?,
+    };
+    let when = rule
+        .when
+        .iter()
+        .enumerate()
+        .map(|(k, c)| condition(&format!("{at}.when[{k}]"), c))
+        .collect::<Result<_, _>>()?;
+    Ok(Rule { from, to, when })
+}
+
+fn source(at: &str, source: &SourceFile) -> Result<Source, PolicyError> {
+    let identity = [
+        &source.principals,
+        &source.not_principals,
+        &source.namespaces,
+        &source.not_namespaces,
+    ];
+    let accounts = [&source.service_accounts, &source.not_service_accounts];
+    let ips = [&source.ip_blocks, &source.not_ip_blocks];
+    let set = |lists: &[&Vec<String>]| lists.iter().any(|l| !l.is_empty());
+    if !set(&identity) && !set(&accounts) && !set(&ips) {
+        return Err(invalid(at, "must set at least one field"));
+    }
+    if set(&identity) && set(&accounts) {
+        return Err(invalid(
+            at,
+            "serviceAccounts and notServiceAccounts cannot be combined with principals or \
+             namespaces",
+        ));
+    }
+    Ok(Source {
+        principals: matcher(
+            at,
+            ("principals", &source.principals),
+            ("notPrincipals", &source.not_principals),
+            principal,
+        )?,
+        namespaces: matcher(
+            at,
+            ("namespaces", &source.namespaces),
+            ("notNamespaces", &source.not_namespaces),
+            Pattern::parse,
+        )?,
+        service_accounts: matcher(
+            at,
+            ("serviceAccounts", &source.service_accounts),
+            ("notServiceAccounts", &source.not_service_accounts),
+            ServiceAccountRef::parse,
+        )?,
+        ip_blocks: matcher(
+            at,
+            ("ipBlocks", &source.ip_blocks),
+            ("notIpBlocks", &source.not_ip_blocks),
+            ip_block,
+        )?,
+    })
+}
+
+fn operation(at: &str, operation: &OperationFile) -> Result<Operation, PolicyError> {
+    if operation.ports.is_empty() && operation.not_ports.is_empty() {
+        return Err(invalid(at, "must set ports or notPorts"));
+    }
+    Ok(Operation {
+        ports: matcher(
+            at,
+            ("ports", &operation.ports),
+            ("notPorts", &operation.not_ports),
+            port,
+        )?,
+    })
+}
+
+fn condition(at: &str, condition: &ConditionFile) -> Result<Condition, PolicyError> {
+    if condition.values.is_empty() && condition.not_values.is_empty() {
+        return Err(invalid(
+            at,
+            "at least one of values or notValues must be set",
+        ));
+    }
+    let values: (&str, &[String]) = ("values", &condition.values);
+    let not_values: (&str, &[String]) = ("notValues", &condition.not_values);
+    Ok(match condition.key.as_str() {
+        "source.ip" => Condition::SourceIp(matcher(at, values, not_values, ip_block)?),
+        "source.principal" => {
+            Condition::SourcePrincipal(matcher(at, values, not_values, principal)?)
+        }
+        "source.namespace" => {
+            Condition::SourceNamespace(matcher(at, values, not_values, Pattern::parse)?)
+        }
+        "destination.ip" => Condition::DestinationIp(matcher(at, values, not_values, ip_block)?),
+        "destination.port" => Condition::DestinationPort(matcher(at, values, not_values, port)?),
+        other => {
+            return Err(invalid(
+                format!("{at}.key"),
+                format!(
+                    "unsupported key {other:?}: expected one of {} (Ambit enforces L4 \
+                     attributes only)",
+                    CONDITION_KEYS.join(", ")
+                ),
+            ));
+        }
+    })
+}
+
+/// Parses a positive and a negative list; errors name the entry, e.g. `...notPorts[1]`.
+fn matcher<T>(
+    at: &str,
+    (field, values): (&str, &[String]),
+    (not_field, not_values): (&str, &[String]),
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Match<T>, PolicyError> {
+    let list = |field: &str, texts: &[String]| {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                parse(text).map_err(|reason| invalid(format!("{at}.{field}[{i}]"), reason))
+            })
+            .collect::<Result<Vec<T>, _>>()
+    };
+    Ok(Match::new(
+        list(field, values)?,
+        list(not_field, not_values)?,
+    ))
+}
 
 impl Validator<'_> {
     /// `trustDomain`: a SPIFFE trust domain name.
@@ -181,6 +449,11 @@ impl Validator<'_> {
         Ok(td.to_string())
     }
 
+    /// A shared rule's error, as the mesh file reports it.
+    fn policy_error(&self, e: PolicyError) -> ConfigError {
+        self.invalid(e.field, e.reason)
+    }
+
     /// `peerAuthentications`.
     pub(super) fn peer_authentications(
         &self,
@@ -195,7 +468,8 @@ impl Validator<'_> {
             let at = format!("peerAuthentications[{i}]");
             let namespace = entry.namespace.as_deref();
             let uid = self.policy_name(&at, &entry.name, namespace, &mut names, i)?;
-            let selector = self.selector(&at, entry.selector.as_ref())?;
+            let selector = workload_selector(&at, entry.selector.as_ref())
+                .map_err(|e| self.policy_error(e))?;
             if selector.is_some() && namespace.is_none() {
                 return Err(self.invalid(
                     format!("{at}.selector"),
@@ -203,23 +477,8 @@ impl Validator<'_> {
                      whole mesh)",
                 ));
             }
-            let mode = match entry.mode.as_deref() {
-                None | Some("UNSET") => None,
-                Some("STRICT") => Some(PeerAuthMode::Strict),
-                Some("PERMISSIVE") => Some(PeerAuthMode::Permissive),
-                Some("DISABLE") => {
-                    return Err(self.invalid(
-                        format!("{at}.mode"),
-                        "DISABLE is not supported: use PERMISSIVE to accept plaintext",
-                    ));
-                }
-                Some(other) => {
-                    return Err(self.invalid(
-                        format!("{at}.mode"),
-                        format!("unknown mode {other:?}: expected STRICT, PERMISSIVE or UNSET"),
-                    ));
-                }
-            };
+            let mode = peer_auth_mode(&format!("{at}.mode"), entry.mode.as_deref())
+                .map_err(|e| self.policy_error(e))?;
             if selector.is_none() {
                 if let Some((first, first_uid)) = wide.get(&namespace) {
                     let level = match namespace {
@@ -252,43 +511,7 @@ impl Validator<'_> {
         for (i, entry) in entries.iter().enumerate() {
             let at = format!("authorizationPolicies[{i}]");
             self.policy_name(&at, &entry.name, entry.namespace.as_deref(), &mut names, i)?;
-            let selector = self.selector(&at, entry.selector.as_ref())?;
-            let action = match entry.action.as_deref() {
-                None | Some("ALLOW") => Action::Allow,
-                Some("DENY") => Action::Deny,
-                Some(other @ ("AUDIT" | "CUSTOM")) => {
-                    return Err(self.invalid(
-                        format!("{at}.action"),
-                        format!("{other} is not supported: expected ALLOW or DENY"),
-                    ));
-                }
-                Some(other) => {
-                    return Err(self.invalid(
-                        format!("{at}.action"),
-                        format!("unknown action {other:?}: expected ALLOW or DENY"),
-                    ));
-                }
-            };
-            if action == Action::Deny && entry.rules.is_empty() {
-                return Err(self.invalid(
-                    format!("{at}.rules"),
-                    "a DENY policy without rules would never match; add an empty rule `{}` to \
-                     deny every connection",
-                ));
-            }
-            let rules = entry
-                .rules
-                .iter()
-                .enumerate()
-                .map(|(j, rule)| self.rule(&format!("{at}.rules[{j}]"), rule))
-                .collect::<Result<_, _>>()?;
-            policies.push(AuthorizationPolicy {
-                name: entry.name.clone(),
-                scope: Scope::new(entry.namespace.clone(), selector),
-                action,
-                dry_run: entry.dry_run,
-                rules,
-            });
+            policies.push(authorization_policy(&at, entry).map_err(|e| self.policy_error(e))?);
         }
         Ok(policies)
     }
@@ -322,184 +545,6 @@ impl Validator<'_> {
             ));
         }
         Ok(uid)
-    }
-
-    fn selector(
-        &self,
-        at: &str,
-        selector: Option<&SelectorFile>,
-    ) -> Result<Option<Labels>, ConfigError> {
-        let Some(selector) = selector else {
-            return Ok(None);
-        };
-        let field = format!("{at}.selector.matchLabels");
-        if selector.match_labels.is_empty() {
-            // Istio reads an empty selector as "the whole namespace"; being explicit costs
-            // nothing and rules out a half-written selector widening the policy.
-            return Err(self.invalid(
-                field,
-                "must not be empty (omit selector to select every workload of the namespace)",
-            ));
-        }
-        if selector.match_labels.keys().any(String::is_empty) {
-            return Err(self.invalid(field, "label keys must not be empty"));
-        }
-        Ok(Some(selector.match_labels.clone()))
-    }
-
-    fn rule(&self, at: &str, rule: &RuleFile) -> Result<Rule, ConfigError> {
-        let from = match &rule.from {
-            None => Vec::new(),
-            Some(from) if from.is_empty() => {
-                return Err(self.invalid(
-                    format!("{at}.from"),
-                    "must not be empty (omit it to match any source)",
-                ));
-            }
-            Some(from) => from
-                .iter()
-                .enumerate()
-                .map(|(k, f)| self.source(&format!("{at}.from[{k}].source"), &f.source))
-                .collect::<Result<_, _>>()?,
-        };
-        let to = match &rule.to {
-            None => Vec::new(),
-            Some(to) if to.is_empty() => {
-                return Err(self.invalid(
-                    format!("{at}.to"),
-                    "must not be empty (omit it to match any port)",
-                ));
-            }
-            Some(to) => to
-                .iter()
-                .enumerate()
-                .map(|(k, t)| self.operation(&format!("{at}.to[{k}].operation"), &t.operation))
-                .collect::<Result<_, _>>()?,
-        };
-        let when = rule
-            .when
-            .iter()
-            .enumerate()
-            .map(|(k, c)| self.condition(&format!("{at}.when[{k}]"), c))
-            .collect::<Result<_, _>>()?;
-        Ok(Rule { from, to, when })
-    }
-
-    fn source(&self, at: &str, source: &SourceFile) -> Result<Source, ConfigError> {
-        let identity = [
-            &source.principals,
-            &source.not_principals,
-            &source.namespaces,
-            &source.not_namespaces,
-        ];
-        let accounts = [&source.service_accounts, &source.not_service_accounts];
-        let ips = [&source.ip_blocks, &source.not_ip_blocks];
-        let set = |lists: &[&Vec<String>]| lists.iter().any(|l| !l.is_empty());
-        if !set(&identity) && !set(&accounts) && !set(&ips) {
-            return Err(self.invalid(at, "must set at least one field"));
-        }
-        if set(&identity) && set(&accounts) {
-            return Err(self.invalid(
-                at,
-                "serviceAccounts and notServiceAccounts cannot be combined with principals or \
-                 namespaces",
-            ));
-        }
-        Ok(Source {
-            principals: self.matcher(
-                at,
-                ("principals", &source.principals),
-                ("notPrincipals", &source.not_principals),
-                principal,
-            )?,
-            namespaces: self.matcher(
-                at,
-                ("namespaces", &source.namespaces),
-                ("notNamespaces", &source.not_namespaces),
-                Pattern::parse,
-            )?,
-            service_accounts: self.matcher(
-                at,
-                ("serviceAccounts", &source.service_accounts),
-                ("notServiceAccounts", &source.not_service_accounts),
-                ServiceAccountRef::parse,
-            )?,
-            ip_blocks: self.matcher(
-                at,
-                ("ipBlocks", &source.ip_blocks),
-                ("notIpBlocks", &source.not_ip_blocks),
-                ip_block,
-            )?,
-        })
-    }
-
-    fn operation(&self, at: &str, operation: &OperationFile) -> Result<Operation, ConfigError> {
-        if operation.ports.is_empty() && operation.not_ports.is_empty() {
-            return Err(self.invalid(at, "must set ports or notPorts"));
-        }
-        Ok(Operation {
-            ports: self.matcher(
-                at,
-                ("ports", &operation.ports),
-                ("notPorts", &operation.not_ports),
-                port,
-            )?,
-        })
-    }
-
-    fn condition(&self, at: &str, condition: &ConditionFile) -> Result<Condition, ConfigError> {
-        if condition.values.is_empty() && condition.not_values.is_empty() {
-            return Err(self.invalid(at, "at least one of values or notValues must be set"));
-        }
-        let values: (&str, &[String]) = ("values", &condition.values);
-        let not_values: (&str, &[String]) = ("notValues", &condition.not_values);
-        Ok(match condition.key.as_str() {
-            "source.ip" => Condition::SourceIp(self.matcher(at, values, not_values, ip_block)?),
-            "source.principal" => {
-                Condition::SourcePrincipal(self.matcher(at, values, not_values, principal)?)
-            }
-            "source.namespace" => {
-                Condition::SourceNamespace(self.matcher(at, values, not_values, Pattern::parse)?)
-            }
-            "destination.ip" => {
-                Condition::DestinationIp(self.matcher(at, values, not_values, ip_block)?)
-            }
-            "destination.port" => {
-                Condition::DestinationPort(self.matcher(at, values, not_values, port)?)
-            }
-            other => {
-                return Err(self.invalid(
-                    format!("{at}.key"),
-                    format!(
-                        "unsupported key {other:?}: expected one of {CONDITION_KEYS} (Ambit \
-                         enforces L4 attributes only)"
-                    ),
-                ));
-            }
-        })
-    }
-
-    /// Parses a positive and a negative list; errors name the entry, e.g. `...notPorts[1]`.
-    fn matcher<T>(
-        &self,
-        at: &str,
-        (field, values): (&str, &[String]),
-        (not_field, not_values): (&str, &[String]),
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<Match<T>, ConfigError> {
-        let list = |field: &str, texts: &[String]| {
-            texts
-                .iter()
-                .enumerate()
-                .map(|(i, text)| {
-                    parse(text).map_err(|reason| self.invalid(format!("{at}.{field}[{i}]"), reason))
-                })
-                .collect::<Result<Vec<T>, _>>()
-        };
-        Ok(Match::new(
-            list(field, values)?,
-            list(not_field, not_values)?,
-        ))
     }
 }
 

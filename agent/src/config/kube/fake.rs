@@ -8,6 +8,9 @@
 //!   a chunked stream of newline-separated watch events (`ADDED`, `MODIFIED`, `DELETED`,
 //!   `BOOKMARK`, `ERROR`) replaying what happened after `N`, then following live changes;
 //! - `GET <collection>/<name>` and `GET /version`;
+//! - `POST <collection>`: creates an object (an Event, say);
+//! - `PATCH <collection>/<name>/status` with a JSON merge patch, for types registered with
+//!   [`FakeApiServer::register_with_status`]: only the `status` changes (a `MODIFIED` event);
 //! - equality-based `labelSelector`s and `fieldSelector`s;
 //! - `410 Gone` when `N` is older than the retained history: an `ERROR` event carrying a
 //!   `Status` with code 410 (what real API servers send), or an HTTP 410 answer
@@ -21,9 +24,14 @@
 //! [`FakeApiServer::come_up`].
 //!
 //! Available to this crate's tests, and to other crates with the `fake-apiserver` feature.
-//! Not implemented: writes through HTTP (objects change through the helpers), set-based
-//! selectors, streaming lists (`sendInitialEvents`), protobuf, authentication. Anything else
-//! can be answered by a [`Handler`].
+//! Like the API server, it sets `metadata.generation` (1 on creation, bumped when anything but
+//! the metadata and status changes) and `metadata.creationTimestamp`; objects created or
+//! patched over HTTP can be read with [`FakeApiServer::get`] and [`FakeApiServer::list`].
+//!
+//! Not implemented: other writes through HTTP (PUT, DELETE, patches of the main resource:
+//! objects change through the helpers), set-based selectors, streaming lists
+//! (`sendInitialEvents`), protobuf, authentication. Anything else can be answered by a
+//! [`Handler`].
 use std::{
     any::TypeId,
     collections::BTreeMap,
@@ -43,6 +51,7 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
+    events::v1::Event,
 };
 use kube::core::NamespaceResourceScope;
 use serde::{Serialize, de::DeserializeOwned};
@@ -81,6 +90,9 @@ struct TypeInfo {
     /// `/api/v1` or `/apis/<group>/<version>`.
     prefix: String,
     type_id: TypeId,
+    /// Whether `status` is a subresource: written only through `PATCH .../status`, kept
+    /// when the object is applied.
+    status_subresource: bool,
 }
 
 /// One change, as kept in the history and sent to watches.
@@ -193,8 +205,9 @@ impl std::fmt::Debug for FakeApiServer {
 const BROADCAST_CAPACITY: usize = 4096;
 
 impl FakeApiServer {
-    /// Starts a server on an ephemeral port of 127.0.0.1 serving Pods, Namespaces, Services
-    /// and EndpointSlices (more types with [`Self::register`]), with bookmarks every second.
+    /// Starts a server on an ephemeral port of 127.0.0.1 serving Pods, Namespaces, Services,
+    /// EndpointSlices and `events.k8s.io/v1` Events (more types with [`Self::register`]), with
+    /// bookmarks every second.
     pub async fn start() -> io::Result<Self> {
         Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
@@ -219,6 +232,7 @@ impl FakeApiServer {
         server.register::<Namespace>();
         server.register::<Service>();
         server.register::<EndpointSlice>();
+        server.register::<Event>();
         tokio::spawn(accept_loop(server.inner.clone(), listener));
         Ok(server)
     }
@@ -278,10 +292,26 @@ impl FakeApiServer {
                 format!("/apis/{group}/{version}")
             },
             type_id: TypeId::of::<K>(),
+            status_subresource: false,
         });
         state.objects.push(BTreeMap::new());
         state.lists.push(0);
         state.watches.push(0);
+    }
+
+    /// Like [`Self::register`], with `status` as a subresource (as custom resources declaring
+    /// `subresources: {status: {}}` have it): `PATCH .../status` is served, and
+    /// [`Self::apply`] keeps the stored status, as an update of the main resource does.
+    pub fn register_with_status<K>(&self)
+    where
+        K: kube::Resource<DynamicType = ()> + 'static,
+    {
+        self.register::<K>();
+        let mut state = self.inner.state();
+        let index = state
+            .type_index(TypeId::of::<K>())
+            .expect("registered above");
+        state.types[index].status_subresource = true;
     }
 
     /// Creates or replaces `object` (an `ADDED` or `MODIFIED` event); returns its new resource
@@ -292,50 +322,34 @@ impl FakeApiServer {
         K: kube::Resource<DynamicType = ()> + Serialize + 'static,
     {
         self.register::<K>();
-        let mut value = serde_json::to_value(object).expect("k8s objects serialize");
+        let value = serde_json::to_value(object).expect("k8s objects serialize");
         let mut state = self.inner.state();
         let index = state
             .type_index(TypeId::of::<K>())
             .expect("registered above");
-        let info = state.types[index].clone();
-        value["apiVersion"] = json!(info.api_version);
-        value["kind"] = json!(info.kind);
-        let name = value["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        assert!(!name.is_empty(), "fake API server: objects need a name");
-        let namespace = if info.namespaced {
-            let namespace = value["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("default")
-                .to_string();
-            value["metadata"]["namespace"] = json!(namespace);
-            namespace
-        } else {
-            String::new()
-        };
-        let key = (namespace, name);
-        let existing = state.objects[index].get(&key).cloned();
-        if value["metadata"]["uid"].as_str().is_none_or(str::is_empty) {
-            let uid = match existing
-                .as_ref()
-                .and_then(|e| e["metadata"]["uid"].as_str())
-            {
-                Some(uid) => uid.to_string(),
-                None => {
-                    state.next_uid += 1;
-                    format!("00000000-0000-4000-8000-{:012x}", state.next_uid)
-                }
-            };
-            value["metadata"]["uid"] = json!(uid);
+        let namespace = value["metadata"]["namespace"].as_str().map(str::to_string);
+        match store(&self.inner, &mut state, index, namespace, value, false) {
+            Ok((resource_version, _)) => resource_version,
+            Err((_, message)) => panic!("fake API server: {message}"),
         }
-        let event = if existing.is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
+    }
+
+    /// Every `K` stored now (the Events a component created, say), in namespace and name
+    /// order.
+    pub fn list<K>(&self) -> Vec<K>
+    where
+        K: kube::Resource<DynamicType = ()> + DeserializeOwned + 'static,
+    {
+        let state = self.inner.state();
+        let Some(index) = state.type_index(TypeId::of::<K>()) else {
+            return Vec::new();
         };
-        self.record(&mut state, index, key, event, value)
+        state.objects[index]
+            .values()
+            .map(|value| {
+                serde_json::from_value((**value).clone()).expect("stored objects deserialize")
+            })
+            .collect()
     }
 
     /// Reads `K` `namespace/name` (`namespace` is ignored for cluster-scoped types), lets `f`
@@ -381,38 +395,14 @@ impl FakeApiServer {
         };
         let key = (namespace.to_string(), name.to_string());
         let last = state.objects[index].get(&key)?.clone();
-        Some(self.record(&mut state, index, key, "DELETED", (*last).clone()))
-    }
-
-    /// Stores a change, appends it to the history and tells the watches, under the lock so
-    /// that every watch sees changes in resource-version order.
-    fn record(
-        &self,
-        state: &mut State,
-        index: usize,
-        key: (String, String),
-        event: &'static str,
-        mut value: Value,
-    ) -> u64 {
-        state.resource_version += 1;
-        let resource_version = state.resource_version;
-        value["metadata"]["resourceVersion"] = json!(resource_version.to_string());
-        let object = Arc::new(value);
-        if event == "DELETED" {
-            state.objects[index].remove(&key);
-        } else {
-            state.objects[index].insert(key, object.clone());
-        }
-        let change = Change {
-            type_index: index,
-            resource_version,
-            event,
-            object,
-        };
-        state.history.push(change.clone());
-        // No receiver (no watch open) is fine.
-        let _ = self.inner.changes.send(Broadcast::Change(change));
-        resource_version
+        Some(record(
+            &self.inner,
+            &mut state,
+            index,
+            key,
+            "DELETED",
+            (*last).clone(),
+        ))
     }
 
     /// The latest resource version.
@@ -521,6 +511,173 @@ impl FakeApiServer {
     }
 }
 
+/// Stores a change, appends it to the history and tells the watches, under the lock so that
+/// every watch sees changes in resource-version order.
+fn record(
+    inner: &Inner,
+    state: &mut State,
+    index: usize,
+    key: (String, String),
+    event: &'static str,
+    mut value: Value,
+) -> u64 {
+    state.resource_version += 1;
+    let resource_version = state.resource_version;
+    value["metadata"]["resourceVersion"] = json!(resource_version.to_string());
+    let object = Arc::new(value);
+    if event == "DELETED" {
+        state.objects[index].remove(&key);
+    } else {
+        state.objects[index].insert(key, object.clone());
+    }
+    let change = Change {
+        type_index: index,
+        resource_version,
+        event,
+        object,
+    };
+    state.history.push(change.clone());
+    // No receiver (no watch open) is fine.
+    let _ = inner.changes.send(Broadcast::Change(change));
+    resource_version
+}
+
+/// Why a write was refused: the HTTP status and the message.
+type WriteError = (u16, String);
+
+/// Stores `value` as an object of type `index` in `namespace` (for a namespaced type: the
+/// object's own, else `default`), doing what the API server does on a write: kind and version
+/// set, UID, generation and creation time filled in, status kept for a type whose status is a
+/// subresource. With `create`, an existing object is a conflict. Returns the new resource
+/// version and the stored object.
+fn store(
+    inner: &Inner,
+    state: &mut State,
+    index: usize,
+    namespace: Option<String>,
+    mut value: Value,
+    create: bool,
+) -> Result<(u64, Arc<Value>), WriteError> {
+    let info = state.types[index].clone();
+    if !value.is_object() || !value["metadata"].is_object() {
+        return Err((400, "objects need metadata".into()));
+    }
+    value["apiVersion"] = json!(info.api_version);
+    value["kind"] = json!(info.kind);
+    let name = value["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if name.is_empty() {
+        return Err((422, "objects need a name".into()));
+    }
+    let namespace = if info.namespaced {
+        let namespace = namespace.unwrap_or_else(|| "default".to_string());
+        value["metadata"]["namespace"] = json!(namespace);
+        namespace
+    } else {
+        String::new()
+    };
+    let key = (namespace, name);
+    let existing = state.objects[index].get(&key).cloned();
+    if create && existing.is_some() {
+        return Err((409, format!("{} \"{}\" already exists", info.plural, key.1)));
+    }
+    if value["metadata"]["uid"].as_str().is_none_or(str::is_empty) {
+        let uid = match existing
+            .as_ref()
+            .and_then(|e| e["metadata"]["uid"].as_str())
+        {
+            Some(uid) => uid.to_string(),
+            None => {
+                state.next_uid += 1;
+                format!("00000000-0000-4000-8000-{:012x}", state.next_uid)
+            }
+        };
+        value["metadata"]["uid"] = json!(uid);
+    }
+    if value["metadata"]["creationTimestamp"].is_null() {
+        value["metadata"]["creationTimestamp"] = match &existing {
+            Some(existing) => existing["metadata"]["creationTimestamp"].clone(),
+            None => json!(now_rfc3339()),
+        };
+    }
+    if info.status_subresource
+        && let Some(existing) = &existing
+    {
+        match existing.get("status") {
+            Some(status) => value["status"] = status.clone(),
+            None => {
+                if let Some(object) = value.as_object_mut() {
+                    object.remove("status");
+                }
+            }
+        }
+    }
+    // What the generation counts: changes to anything but the metadata and status.
+    let content = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(object) = v.as_object_mut() {
+            object.remove("metadata");
+            object.remove("status");
+        }
+        v
+    };
+    let generation = match &existing {
+        None => 1,
+        Some(existing) => {
+            let previous = existing["metadata"]["generation"].as_i64().unwrap_or(1);
+            if content(existing) == content(&value) {
+                previous
+            } else {
+                previous + 1
+            }
+        }
+    };
+    value["metadata"]["generation"] = json!(generation);
+    let event = if existing.is_some() {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    let resource_version = record(inner, state, index, key.clone(), event, value);
+    let stored = state.objects[index]
+        .get(&key)
+        .cloned()
+        .expect("just stored");
+    Ok((resource_version, stored))
+}
+
+/// Now, as the API server writes timestamps (RFC 3339, to the second).
+fn now_rfc3339() -> String {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    now.round(k8s_openapi::jiff::Unit::Second)
+        .unwrap_or(now)
+        .to_string()
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else
+/// replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let Value::Object(target) = target else {
+        unreachable!("made an object above");
+    };
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
 async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     let mut life = inner.life();
     loop {
@@ -590,6 +747,8 @@ struct Target {
     type_index: usize,
     namespace: Option<String>,
     name: Option<String>,
+    /// `status` in `<collection>/<name>/status`.
+    subresource: Option<String>,
 }
 
 fn parse_target(state: &State, path: &str) -> Option<Target> {
@@ -607,14 +766,18 @@ fn parse_target(state: &State, path: &str) -> Option<Target> {
                 type_index: index,
                 namespace,
                 name: None,
+                subresource: None,
             }),
-            [plural, name]
-                if *plural == info.plural && (namespace.is_some() || !info.namespaced) =>
+            [plural, name, subresource @ ..]
+                if *plural == info.plural
+                    && (namespace.is_some() || !info.namespaced)
+                    && subresource.len() <= 1 =>
             {
                 Some(Target {
                     type_index: index,
                     namespace,
                     name: Some(name.to_string()),
+                    subresource: subresource.first().map(|s| s.to_string()),
                 })
             }
             _ => None,
@@ -765,20 +928,33 @@ async fn route(inner: &Arc<Inner>, request: Request<hyper::body::Incoming>) -> R
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_string);
     let handler = inner.state().handler.clone();
-    if let Some(handler) = handler {
-        let body = match body.collect().await {
+    let body = if handler.is_some() || parts.method != Method::GET {
+        match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(_) => Bytes::new(),
-        };
-        if let Some((status, value)) = handler(&parts.method, &path, query.as_deref(), &body) {
-            return json_response(status, &value);
         }
+    } else {
+        Bytes::new()
+    };
+    if let Some(handler) = handler
+        && let Some((status, value)) = handler(&parts.method, &path, query.as_deref(), &body)
+    {
+        return json_response(status, &value);
+    }
+    if parts.method == Method::POST || parts.method == Method::PATCH {
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        return write(inner, &parts.method, &path, &content_type, &body);
     }
     if parts.method != Method::GET {
         return error_response(
             405,
             "MethodNotAllowed",
-            "the fake API server only serves GET",
+            "the fake API server serves GET, POST to a collection and PATCH of a status",
         );
     }
     if path == "/version" {
@@ -804,6 +980,13 @@ async fn route(inner: &Arc<Inner>, request: Request<hyper::body::Incoming>) -> R
         );
     };
     let info = state.types[target.type_index].clone();
+    if target.subresource.is_some() {
+        return error_response(
+            404,
+            "NotFound",
+            &format!("the server could not find the requested resource ({path})"),
+        );
+    }
     match (&target.name, query.watch) {
         (Some(name), _) => {
             let key = (target.namespace.clone().unwrap_or_default(), name.clone());
@@ -835,6 +1018,107 @@ async fn route(inner: &Arc<Inner>, request: Request<hyper::body::Incoming>) -> R
                 query,
             )
         }
+    }
+}
+
+/// `POST <collection>` (create) and `PATCH <collection>/<name>/status` (a merge patch of the
+/// status of a type registered with a status subresource).
+fn write(
+    inner: &Arc<Inner>,
+    method: &Method,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Response<Body> {
+    let mut state = inner.state();
+    let Some(target) = parse_target(&state, path) else {
+        return error_response(
+            404,
+            "NotFound",
+            &format!("the server could not find the requested resource ({path})"),
+        );
+    };
+    let info = state.types[target.type_index].clone();
+    let body: Value = match serde_json::from_slice(body) {
+        Ok(body) => body,
+        Err(e) => return error_response(400, "BadRequest", &format!("invalid JSON body: {e}")),
+    };
+    let refused = |(code, message): WriteError| {
+        let reason = match code {
+            409 => "AlreadyExists",
+            422 => "Invalid",
+            _ => "BadRequest",
+        };
+        error_response(code, reason, &message)
+    };
+    match (method, &target.name, target.subresource.as_deref()) {
+        (&Method::POST, None, None) => {
+            if info.namespaced && target.namespace.is_none() {
+                return error_response(
+                    405,
+                    "MethodNotAllowed",
+                    "create namespaced objects in their namespace's collection",
+                );
+            }
+            match store(
+                inner,
+                &mut state,
+                target.type_index,
+                target.namespace,
+                body,
+                true,
+            ) {
+                Ok((_, stored)) => json_response(201, &stored),
+                Err(e) => refused(e),
+            }
+        }
+        (&Method::PATCH, Some(name), Some("status")) if info.status_subresource => {
+            if !content_type.starts_with("application/merge-patch+json") {
+                return error_response(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!("the fake API server only takes merge patches, not {content_type:?}"),
+                );
+            }
+            let key = (target.namespace.clone().unwrap_or_default(), name.clone());
+            let Some(existing) = state.objects[target.type_index].get(&key).cloned() else {
+                return error_response(
+                    404,
+                    "NotFound",
+                    &format!("{} \"{}\" not found", info.plural, name),
+                );
+            };
+            // Through the status subresource, only the status changes.
+            let mut patched = (*existing).clone();
+            merge_patch(&mut patched, &body);
+            let mut updated = (*existing).clone();
+            match patched.get("status") {
+                Some(status) => updated["status"] = status.clone(),
+                None => {
+                    if let Some(object) = updated.as_object_mut() {
+                        object.remove("status");
+                    }
+                }
+            }
+            record(
+                inner,
+                &mut state,
+                target.type_index,
+                key.clone(),
+                "MODIFIED",
+                updated,
+            );
+            let stored = state.objects[target.type_index]
+                .get(&key)
+                .cloned()
+                .expect("just stored");
+            json_response(200, &stored)
+        }
+        _ => error_response(
+            405,
+            "MethodNotAllowed",
+            &format!("{method} {path} is not served by the fake API server"),
+        ),
     }
 }
 

@@ -1,5 +1,7 @@
-//! The Kubernetes configuration source: pods, namespaces, services and EndpointSlices, watched
-//! through the API server and turned into the [`MeshState`].
+//! The Kubernetes configuration source: pods, namespaces, services and EndpointSlices, and
+//! Ambit's policy resources (`security.ambit.dev/v1` AuthorizationPolicy and
+//! PeerAuthentication, [`policy`]), watched through the API server and turned into the
+//! [`MeshState`].
 //!
 //! One kube-runtime [`watcher()`] per resource type feeds a reflector store (a [`Writer`]) with
 //! the few fields the source reads ([`objects`]: memory in proportion to the mesh); every
@@ -11,7 +13,18 @@
 //! first list, a re-list (after `410 Gone`) replaces a store's content in one step once the list
 //! is complete, and while the API server is unreachable the last state stays in force and the
 //! status says since when. Watchers retry with exponential backoff and jitter.
+//!
+//! The policy resources are custom resources: on a cluster where their CRD is not installed
+//! (the list answers 404), that kind counts as listed and empty (no policy can exist), with a
+//! warning in the log, and its watcher keeps retrying, so policies are picked up once the CRD
+//! is installed. Any other error listing them (403: no RBAC for them) holds the first state
+//! back like any other kind: publishing a mesh without policies that do exist would open
+//! traffic they deny.
+//!
+//! The resources' status is written by [`run_policy_status`], run once per cluster (by
+//! `ambit ca`), not by every agent.
 use std::{
+    collections::HashMap,
     future::Future,
     path::PathBuf,
     pin::Pin,
@@ -31,20 +44,32 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::watch, time::Instant};
 
 use super::ConfigStatus;
-use crate::state::{MeshState, RedirectSettings};
+use crate::{
+    policy::PolicySet,
+    state::{MeshState, RedirectSettings},
+};
 
 mod cgroup;
 pub mod convert;
 #[cfg(any(test, feature = "fake-apiserver"))]
 pub mod fake;
 pub mod objects;
+pub mod policy;
+#[cfg(test)]
+mod policy_tests;
+mod status;
 #[cfg(test)]
 mod tests;
 
-use self::objects::{EndpointSliceView, NamespaceView, PodView, ServiceView};
 pub use self::{
     cgroup::pod_cgroup_dir,
     convert::{ClusterView, Converted, Converter},
+    policy::DEFAULT_ROOT_NAMESPACE,
+    status::{StatusWriter, run_policy_status},
+};
+use self::{
+    objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
+    policy::{AuthorizationPolicyResource, PeerAuthenticationResource},
 };
 
 /// The `source` of this source's [`ConfigStatus`].
@@ -80,15 +105,24 @@ pub enum WatchedKind {
     Services,
     /// `discovery.k8s.io/v1` EndpointSlices.
     EndpointSlices,
+    /// `security.ambit.dev/v1` AuthorizationPolicies (a custom resource).
+    AuthorizationPolicies,
+    /// `security.ambit.dev/v1` PeerAuthentications (a custom resource).
+    PeerAuthentications,
 }
+
+/// How many kinds the source watches.
+const KINDS: usize = WatchedKind::ALL.len();
 
 impl WatchedKind {
     /// Every kind, in the order used for indexing.
-    pub const ALL: [WatchedKind; 4] = [
+    pub const ALL: [WatchedKind; 6] = [
         WatchedKind::Pods,
         WatchedKind::Namespaces,
         WatchedKind::Services,
         WatchedKind::EndpointSlices,
+        WatchedKind::AuthorizationPolicies,
+        WatchedKind::PeerAuthentications,
     ];
 
     /// The resource's plural name, as in the API's paths.
@@ -98,7 +132,17 @@ impl WatchedKind {
             WatchedKind::Namespaces => "namespaces",
             WatchedKind::Services => "services",
             WatchedKind::EndpointSlices => "endpointslices",
+            WatchedKind::AuthorizationPolicies => "authorizationpolicies",
+            WatchedKind::PeerAuthentications => "peerauthentications",
         }
+    }
+
+    /// Whether the kind is one of Ambit's custom resources, whose CRD may not be installed.
+    pub fn is_custom(self) -> bool {
+        matches!(
+            self,
+            WatchedKind::AuthorizationPolicies | WatchedKind::PeerAuthentications
+        )
     }
 
     fn index(self) -> usize {
@@ -108,7 +152,11 @@ impl WatchedKind {
 
 impl std::fmt::Display for WatchedKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.plural())
+        f.write_str(self.plural())?;
+        if self.is_custom() {
+            write!(f, ".{}", policy::GROUP)?;
+        }
+        Ok(())
     }
 }
 
@@ -129,6 +177,12 @@ pub enum WatchProblem {
         kind: WatchedKind,
         /// The transport error.
         message: String,
+    },
+    /// A custom resource's type is not served (404 listing it): its CRD is not installed.
+    #[error("{kind}: not served by the API server (CRD not installed)")]
+    NotInstalled {
+        /// The resource concerned.
+        kind: WatchedKind,
     },
     /// The API server answered with an error (forbidden, bad request...) or something the
     /// client could not decode.
@@ -166,6 +220,9 @@ impl WatchProblem {
         };
         match client_error {
             kube::Error::Api(status) if status.code == 410 => WatchProblem::Resync { kind },
+            kube::Error::Api(status) if status.code == 404 && kind.is_custom() => {
+                WatchProblem::NotInstalled { kind }
+            }
             kube::Error::Api(status) => WatchProblem::Rejected {
                 kind,
                 message: format!("{} {}: {}", status.code, status.reason, status.message),
@@ -224,6 +281,7 @@ pub struct KubeSource {
     watch_timeout: Option<u32>,
     trust_domain: Option<String>,
     redirect: RedirectSettings,
+    root_namespace: String,
 }
 
 impl std::fmt::Debug for KubeSource {
@@ -233,6 +291,7 @@ impl std::fmt::Debug for KubeSource {
             .field("cgroup_root", &self.cgroup_root)
             .field("debounce", &self.debounce)
             .field("backoff", &(self.backoff_min, self.backoff_max))
+            .field("root_namespace", &self.root_namespace)
             .finish_non_exhaustive()
     }
 }
@@ -254,6 +313,7 @@ impl KubeSource {
             watch_timeout: None,
             trust_domain: None,
             redirect: RedirectSettings::default(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
         }
     }
 
@@ -306,6 +366,13 @@ impl KubeSource {
         self
     }
 
+    /// The root namespace, whose policies apply to the whole mesh (default `ambit-system`,
+    /// [`DEFAULT_ROOT_NAMESPACE`]: the namespace Ambit is installed in).
+    pub fn root_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.root_namespace = namespace.into();
+        self
+    }
+
     fn watcher_config(&self) -> watcher::Config {
         let config = watcher::Config::default();
         match self.watch_timeout {
@@ -341,9 +408,10 @@ impl KubeSource {
     /// Watches the cluster and publishes a state on `state_tx` on every relevant change, and
     /// the source's health on `status_tx`, until every receiver of `state_tx` is dropped.
     ///
-    /// The first state is published once all four resource types are listed; until then, and
-    /// whenever the API server cannot be reached, `status_tx` carries the reason in
-    /// `last_error` (the last state stays published).
+    /// The first state is published once every resource type is listed (a policy kind whose
+    /// CRD is not installed counts as listed and empty); until then, and whenever the API
+    /// server cannot be reached, `status_tx` carries the reason in `last_error` (the last state
+    /// stays published).
     pub async fn run(
         self,
         state_tx: watch::Sender<Arc<MeshState>>,
@@ -353,24 +421,33 @@ impl KubeSource {
         let (namespaces_stream, namespaces) = self.reflector(WatchedKind::Namespaces);
         let (services_stream, services) = self.reflector(WatchedKind::Services);
         let (slices_stream, endpoint_slices) = self.reflector(WatchedKind::EndpointSlices);
+        let (authorizations_stream, authorizations) =
+            self.reflector(WatchedKind::AuthorizationPolicies);
+        let (peers_stream, peer_authentications) = self.reflector(WatchedKind::PeerAuthentications);
         let mut signals = futures::stream::select_all([
             pods_stream,
             namespaces_stream,
             services_stream,
             slices_stream,
+            authorizations_stream,
+            peers_stream,
         ]);
         let stores = Stores {
             pods,
             namespaces,
             services,
             endpoint_slices,
+            authorizations,
+            peer_authentications,
         };
 
         let mut run = Run {
             converter: Converter::new(self.node.clone(), self.cgroup_root.clone()),
             source: self,
             stores,
-            synced: [false; 4],
+            synced: [false; KINDS],
+            not_installed: [false; KINDS],
+            reported_rejections: HashMap::new(),
             health: Health::default(),
             generation: 0,
             published: None,
@@ -438,6 +515,8 @@ struct Stores {
     namespaces: Store<NamespaceView>,
     services: Store<ServiceView>,
     endpoint_slices: Store<EndpointSliceView>,
+    authorizations: Store<AuthorizationPolicyResource>,
+    peer_authentications: Store<PeerAuthenticationResource>,
 }
 
 /// One watcher's report to the source's loop.
@@ -586,7 +665,7 @@ struct Health {
     /// Since when the API server has not answered, and the latest transport error.
     unreachable: Option<(SystemTime, String)>,
     /// Per kind: the latest error the server answered with, until that watcher makes progress.
-    rejected: [Option<String>; 4],
+    rejected: [Option<String>; KINDS],
 }
 
 impl Health {
@@ -638,7 +717,12 @@ struct Run {
     converter: Converter,
     stores: Stores,
     /// Per kind: whether the first list completed.
-    synced: [bool; 4],
+    synced: [bool; KINDS],
+    /// Per kind: the type is not served (a custom resource whose CRD is not installed): it
+    /// counts as listed and empty, whatever its store still holds.
+    not_installed: [bool; KINDS],
+    /// The rejected policies last logged, and why: each rejection is logged once.
+    reported_rejections: HashMap<String, String>,
     health: Health,
     generation: u64,
     published: Option<Arc<MeshState>>,
@@ -662,6 +746,10 @@ impl Run {
                         if !self.synced[kind.index()] {
                             tracing::debug!(%kind, "first list complete");
                         }
+                        if self.not_installed[kind.index()] {
+                            tracing::info!(%kind, "now served by the API server (CRD installed)");
+                            self.not_installed[kind.index()] = false;
+                        }
                         self.synced[kind.index()] = true;
                         self.mark_dirty();
                     }
@@ -674,6 +762,21 @@ impl Run {
         match WatchProblem::classify(kind, &error) {
             WatchProblem::Resync { .. } => {
                 tracing::debug!(%kind, "watch expired (410 Gone); re-listing");
+            }
+            WatchProblem::NotInstalled { .. } => {
+                // The server answered: this is no outage, and no rejection either.
+                self.health.rejected[kind.index()] = None;
+                self.set_reachable(kind);
+                if !self.not_installed[kind.index()] {
+                    tracing::warn!(
+                        %kind,
+                        "CRD not installed: no policies of this kind are enforced until it is \
+                         (install deploy/crds/); checking again with backoff"
+                    );
+                    self.not_installed[kind.index()] = true;
+                    self.synced[kind.index()] = true;
+                    self.mark_dirty();
+                }
             }
             WatchProblem::Unreachable { message, .. } => {
                 if self.health.unreachable.is_none() {
@@ -759,15 +862,21 @@ impl Run {
             endpoint_slices: &endpoint_slices,
         });
         drop((pods, namespaces, services, endpoint_slices));
+        let policies = self.convert_policies();
         if !converted.missing_cgroups.is_empty() {
             tracing::debug!(pods = ?converted.missing_cgroups, "no cgroup found yet for these pods; will look again");
             self.cgroup_retry_at = Some(Instant::now() + self.source.cgroup_retry);
         }
         if let Some(published) = &self.published
             && same_mesh(published, &converted)
+            && same_policies(published.policies(), &policies)
         {
             return;
         }
+        let (authorization_count, peer_count) = (
+            policies.authorizations().len(),
+            policies.peer_authentications().len(),
+        );
         let enrolled_here = converted
             .workloads
             .iter()
@@ -782,7 +891,7 @@ impl Run {
         if let Some(trust_domain) = &self.source.trust_domain {
             state = state.with_trust_domain(trust_domain.clone());
         }
-        let state = Arc::new(state);
+        let state = Arc::new(state.with_policies(policies));
         self.generation += 1;
         self.published = Some(state.clone());
         state_tx.send_replace(state);
@@ -791,8 +900,42 @@ impl Run {
             workloads,
             services,
             enrolled_here,
+            authorization_policies = authorization_count,
+            peer_authentications = peer_count,
             "mesh state from Kubernetes published"
         );
+    }
+
+    /// The policies of the stores (none of a kind whose CRD is not installed); logs each
+    /// rejected resource once.
+    fn convert_policies(&mut self) -> PolicySet {
+        let served = |kind: WatchedKind| !self.not_installed[kind.index()];
+        let authorizations = if served(WatchedKind::AuthorizationPolicies) {
+            self.stores.authorizations.state()
+        } else {
+            Vec::new()
+        };
+        let peers = if served(WatchedKind::PeerAuthentications) {
+            self.stores.peer_authentications.state()
+        } else {
+            Vec::new()
+        };
+        let converted =
+            policy::convert_policies(&authorizations, &peers, &self.source.root_namespace);
+        let mut reported = HashMap::with_capacity(converted.rejected.len());
+        for (resource, acceptance) in converted.rejected {
+            if self.reported_rejections.get(&resource) != Some(&acceptance.message) {
+                tracing::warn!(
+                    %resource,
+                    reason = %acceptance.verdict,
+                    message = %acceptance.message,
+                    "policy rejected; enforced in its fail-closed form (docs/crds.md)"
+                );
+            }
+            reported.insert(resource, acceptance.message);
+        }
+        self.reported_rejections = reported;
+        converted.set
     }
 
     fn publish_status(&self, status_tx: &watch::Sender<ConfigStatus>) {
@@ -814,6 +957,17 @@ impl Run {
             true
         });
     }
+}
+
+/// Whether two policy sets hold the same policies in the same order (a status written on a
+/// policy resource changes nothing the mesh uses).
+fn same_policies(a: &PolicySet, b: &PolicySet) -> bool {
+    a.authorizations().len() == b.authorizations().len()
+        && a.authorizations()
+            .iter()
+            .zip(b.authorizations())
+            .all(|(a, b)| **a == **b)
+        && a.peer_authentications() == b.peer_authentications()
 }
 
 /// Whether `converted` describes the same mesh as `state` (then nothing is published, so a pod

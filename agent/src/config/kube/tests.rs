@@ -17,17 +17,18 @@ use super::{
     KubeSource, SOURCE_NAME,
     convert::{MODE_AMBIENT, MODE_LABEL, MODE_NONE, SERVICE_NAME_LABEL},
     fake::{FakeApiServer, GoneStyle},
+    policy::{AuthorizationPolicyResource, PeerAuthenticationResource},
 };
 use crate::{
     config::ConfigStatus,
     state::{MeshState, NetnsRef, Workload},
 };
 
-const NODE: &str = "node-a";
+pub(super) const NODE: &str = "node-a";
 /// A failure guard, not a performance bound: every wait here normally ends in milliseconds.
-const WAIT: Duration = Duration::from_secs(20);
+pub(super) const WAIT: Duration = Duration::from_secs(20);
 
-fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+pub(super) fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
     Some(
         pairs
             .iter()
@@ -40,7 +41,7 @@ fn uid(name: &str) -> String {
     format!("uid-{name}")
 }
 
-fn pod(namespace: &str, name: &str, node: &str, ip: &str) -> Pod {
+pub(super) fn pod(namespace: &str, name: &str, node: &str, ip: &str) -> Pod {
     Pod {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -68,7 +69,7 @@ fn pod(namespace: &str, name: &str, node: &str, ip: &str) -> Pod {
     }
 }
 
-fn namespace(name: &str, mode: Option<&str>) -> Namespace {
+pub(super) fn namespace(name: &str, mode: Option<&str>) -> Namespace {
     Namespace {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -126,19 +127,22 @@ fn endpoint_slice(namespace: &str, service: &str, port: i32) -> EndpointSlice {
 }
 
 /// The source under test, its channels and the node's fake cgroup tree.
-struct Harness {
-    server: FakeApiServer,
-    state: watch::Receiver<Arc<MeshState>>,
-    status: watch::Receiver<ConfigStatus>,
+pub(super) struct Harness {
+    pub(super) server: FakeApiServer,
+    pub(super) state: watch::Receiver<Arc<MeshState>>,
+    pub(super) status: watch::Receiver<ConfigStatus>,
     task: JoinHandle<anyhow::Result<()>>,
     cgroups: tempfile::TempDir,
 }
 
 impl Harness {
     /// A server holding namespace `shop` (enrolled) with service `web`, and a source for
-    /// `node-a` with short delays.
-    async fn start() -> Self {
+    /// `node-a` with short delays. The policy CRDs are installed (with their status
+    /// subresource).
+    pub(super) async fn start() -> Self {
         let server = FakeApiServer::start().await.unwrap();
+        server.register_with_status::<AuthorizationPolicyResource>();
+        server.register_with_status::<PeerAuthenticationResource>();
         server.apply(&namespace("shop", Some(MODE_AMBIENT)));
         server.apply(&service(
             "shop",
@@ -149,13 +153,22 @@ impl Harness {
         Self::with_server(server).await
     }
 
-    async fn with_server(server: FakeApiServer) -> Self {
+    pub(super) async fn with_server(server: FakeApiServer) -> Self {
+        Self::with_source(server, |source| source).await
+    }
+
+    /// [`Self::with_server`], with `configure` applied to the source's settings.
+    pub(super) async fn with_source(
+        server: FakeApiServer,
+        configure: impl FnOnce(KubeSource) -> KubeSource,
+    ) -> Self {
         let cgroups = tempfile::tempdir().unwrap();
         let source = KubeSource::new(server.client(), NODE, cgroups.path())
             .debounce(Duration::from_millis(20))
             .backoff(Duration::from_millis(20), Duration::from_millis(200))
             .probe_interval(Duration::from_millis(100))
             .cgroup_retry(Duration::from_millis(100));
+        let source = configure(source);
         let (state_tx, state) = watch::channel(Arc::new(MeshState::empty()));
         let (status_tx, status) = watch::channel(ConfigStatus::default());
         let task = tokio::spawn(source.run(state_tx, status_tx));
@@ -178,7 +191,11 @@ impl Harness {
         dir
     }
 
-    async fn wait_state(&mut self, what: &str, f: impl Fn(&MeshState) -> bool) -> Arc<MeshState> {
+    pub(super) async fn wait_state(
+        &mut self,
+        what: &str,
+        f: impl Fn(&MeshState) -> bool,
+    ) -> Arc<MeshState> {
         let waited = tokio::time::timeout(WAIT, self.state.wait_for(|s| f(s)))
             .await
             .map(|state| state.unwrap().clone());
@@ -192,7 +209,11 @@ impl Harness {
         }
     }
 
-    async fn wait_status(&mut self, what: &str, f: impl Fn(&ConfigStatus) -> bool) -> ConfigStatus {
+    pub(super) async fn wait_status(
+        &mut self,
+        what: &str,
+        f: impl Fn(&ConfigStatus) -> bool,
+    ) -> ConfigStatus {
         let waited = tokio::time::timeout(WAIT, self.status.wait_for(|s| f(s)))
             .await
             .map(|status| status.unwrap().clone());

@@ -1,0 +1,382 @@
+//! The status of Ambit's policy resources: whether each is accepted as written
+//! (`docs/crds.md`, "Status").
+//!
+//! One writer per cluster (run by `ambit ca`, the central Deployment) watches both kinds,
+//! converts each resource exactly as the node agents do ([`super::policy`]) and, when the
+//! resource's `Accepted` condition is not what the conversion says, patches the `status`
+//! subresource. An Event (`events.k8s.io/v1`, regarding the policy, reason the condition's) is
+//! emitted when the condition itself changes, not when only `observedGeneration` catches up, so
+//! a resource edited without changing the verdict produces no Event, and a restarted writer
+//! produces none either.
+use std::{collections::HashMap, fmt::Debug, time::Duration};
+
+use futures::{StreamExt as _, stream::BoxStream};
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::{core::v1::ObjectReference, events::v1::Event},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::{Timestamp, Unit},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::{
+    WatchedKind,
+    policy::{
+        ACCEPTED_CONDITION, Acceptance, AuthorizationPolicyResource, PeerAuthenticationResource,
+        PolicyCondition, PolicyStatus, authorization_policy, peer_authentication,
+    },
+};
+
+/// The `reportingController` of the Events written.
+pub const REPORTING_CONTROLLER: &str = "ambit.dev/policy-status";
+
+/// The events.k8s.io/v1 limit on an Event's `note`.
+const NOTE_MAX: usize = 1024;
+
+/// Runs the status writer with default settings until it fails; see [`StatusWriter`].
+/// `root_namespace` is the namespace whose policies are mesh-wide (as given to the agents'
+/// [`super::KubeSource::root_namespace`]).
+pub async fn run_policy_status(client: Client, root_namespace: String) -> anyhow::Result<()> {
+    StatusWriter::new(client, root_namespace).run().await
+}
+
+/// Writes the `Accepted` condition of every AuthorizationPolicy and PeerAuthentication of the
+/// cluster, and an Event whenever it changes.
+#[derive(Clone)]
+pub struct StatusWriter {
+    client: Client,
+    root_namespace: String,
+    instance: String,
+    retry: Duration,
+}
+
+impl Debug for StatusWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusWriter")
+            .field("root_namespace", &self.root_namespace)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One of the two policy kinds, as the writer handles it.
+trait PolicyResource:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    const WATCHED: WatchedKind;
+
+    fn status(&self) -> Option<&PolicyStatus>;
+
+    fn acceptance(&self, root_namespace: &str) -> Acceptance;
+}
+
+impl PolicyResource for AuthorizationPolicyResource {
+    const WATCHED: WatchedKind = WatchedKind::AuthorizationPolicies;
+
+    fn status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
+    }
+
+    fn acceptance(&self, root_namespace: &str) -> Acceptance {
+        authorization_policy(self, root_namespace).acceptance
+    }
+}
+
+impl PolicyResource for PeerAuthenticationResource {
+    const WATCHED: WatchedKind = WatchedKind::PeerAuthentications;
+
+    fn status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
+    }
+
+    fn acceptance(&self, root_namespace: &str) -> Acceptance {
+        peer_authentication(self, root_namespace).acceptance
+    }
+}
+
+/// A resource seen by a watcher.
+#[derive(Debug, Clone)]
+enum Seen {
+    Authorization(AuthorizationPolicyResource),
+    Peer(PeerAuthenticationResource),
+}
+
+impl Seen {
+    fn key(&self) -> (WatchedKind, String, String) {
+        let (kind, meta) = match self {
+            Seen::Authorization(r) => (WatchedKind::AuthorizationPolicies, &r.metadata),
+            Seen::Peer(r) => (WatchedKind::PeerAuthentications, &r.metadata),
+        };
+        (
+            kind,
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+/// What one reconciliation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The status was already right.
+    UpToDate,
+    /// The status was patched (and an Event emitted if the condition changed).
+    Written,
+    /// The resource no longer exists.
+    Gone,
+}
+
+impl StatusWriter {
+    /// A writer talking to the API server through `client`; `root_namespace`'s policies are
+    /// mesh-wide.
+    pub fn new(client: Client, root_namespace: impl Into<String>) -> Self {
+        Self {
+            client,
+            root_namespace: root_namespace.into(),
+            // The pod's name (the hostname in Kubernetes) tells replicas apart in Events.
+            instance: std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "ambit-ca".to_string()),
+            retry: Duration::from_secs(5),
+        }
+    }
+
+    /// The `reportingInstance` of the Events written (default: `$HOSTNAME`, the pod name).
+    pub fn reporting_instance(mut self, instance: impl Into<String>) -> Self {
+        self.instance = instance.into();
+        self
+    }
+
+    /// How soon a status write that failed is tried again (default 5 s).
+    pub fn retry_interval(mut self, retry: Duration) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    fn watch<K: PolicyResource>(
+        &self,
+        wrap: fn(K) -> Seen,
+    ) -> BoxStream<'static, Result<Seen, (WatchedKind, watcher::Error)>> {
+        watcher(
+            Api::<K>::all(self.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .applied_objects()
+        .map(move |item| item.map(wrap).map_err(|e| (K::WATCHED, e)))
+        .boxed()
+    }
+
+    /// Watches both kinds and keeps their status current. Returns only if the watchers end
+    /// (they retry errors with backoff, so in practice never).
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut seen =
+            futures::stream::select(self.watch(Seen::Authorization), self.watch(Seen::Peer));
+        // Writes that failed, by resource, with the latest version seen: tried again on a timer
+        // (a watch does not deliver an unchanged object again).
+        let mut pending: HashMap<(WatchedKind, String, String), Seen> = HashMap::new();
+        let mut last_errors: HashMap<WatchedKind, String> = HashMap::new();
+        let mut retry = tokio::time::interval(self.retry);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!(root_namespace = %self.root_namespace, "writing the status of policy resources");
+        loop {
+            tokio::select! {
+                item = seen.next() => match item {
+                    Some(Ok(resource)) => {
+                        last_errors.remove(&resource.key().0);
+                        let key = resource.key();
+                        pending.remove(&key);
+                        if !self.reconcile_logged(&resource).await {
+                            pending.insert(key, resource);
+                        }
+                    }
+                    Some(Err((kind, error))) => {
+                        let message = super::WatchProblem::classify(kind, &error).to_string();
+                        if last_errors.get(&kind) != Some(&message) {
+                            tracing::warn!(error = %message, "policy status: watch failed; retrying");
+                            last_errors.insert(kind, message);
+                        }
+                    }
+                    None => anyhow::bail!("the policy watchers ended"),
+                },
+                _ = retry.tick(), if !pending.is_empty() => {
+                    let batch: Vec<_> = pending.drain().collect();
+                    for (key, resource) in batch {
+                        if !self.reconcile_logged(&resource).await {
+                            pending.insert(key, resource);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reconciles one resource; `false` if it should be tried again.
+    async fn reconcile_logged(&self, seen: &Seen) -> bool {
+        let result = match seen {
+            Seen::Authorization(resource) => self.reconcile(resource).await,
+            Seen::Peer(resource) => self.reconcile(resource).await,
+        };
+        match result {
+            Ok(outcome) => {
+                tracing::trace!(resource = ?seen.key(), ?outcome, "policy status reconciled");
+                true
+            }
+            Err(error) => {
+                let (kind, namespace, name) = seen.key();
+                tracing::warn!(%kind, %namespace, %name, %error, "cannot write the policy's status; will retry");
+                false
+            }
+        }
+    }
+
+    /// Brings `resource`'s `Accepted` condition in line with its conversion.
+    async fn reconcile<K: PolicyResource>(&self, resource: &K) -> Result<Outcome, kube::Error> {
+        let meta = resource.meta();
+        let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
+        else {
+            return Ok(Outcome::UpToDate);
+        };
+        let acceptance = resource.acceptance(&self.root_namespace);
+        let generation = meta.generation;
+        let status = resource.status().cloned().unwrap_or_default();
+        let current = status.accepted();
+        let wanted_status = if acceptance.accepted() {
+            "True"
+        } else {
+            "False"
+        };
+        let reason = acceptance.verdict.reason();
+        let condition_changed = current.is_none_or(|c| {
+            c.status != wanted_status || c.reason != reason || c.message != acceptance.message
+        });
+        if !condition_changed
+            && status.observed_generation == generation
+            && current.is_some_and(|c| c.observed_generation == generation)
+        {
+            return Ok(Outcome::UpToDate);
+        }
+        // metav1.Condition: the transition time moves only when the status does.
+        let last_transition_time = match current {
+            Some(c) if c.status == wanted_status && c.last_transition_time.is_some() => {
+                c.last_transition_time.clone()
+            }
+            _ => Some(now().to_string()),
+        };
+        let condition = PolicyCondition {
+            type_: ACCEPTED_CONDITION.to_string(),
+            status: wanted_status.to_string(),
+            reason: reason.to_string(),
+            message: acceptance.message.clone(),
+            observed_generation: generation,
+            last_transition_time,
+        };
+        // Other writers' conditions are kept; a merge patch replaces the whole list.
+        let mut conditions: Vec<PolicyCondition> = status
+            .conditions
+            .iter()
+            .filter(|c| c.type_ != ACCEPTED_CONDITION)
+            .cloned()
+            .collect();
+        conditions.push(condition);
+        let patch = json!({
+            "status": {
+                "observedGeneration": generation,
+                "conditions": conditions,
+            }
+        });
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Outcome::Gone),
+            Err(e) => return Err(e),
+        }
+        if condition_changed {
+            tracing::info!(
+                kind = K::kind(&()).as_ref(),
+                %namespace,
+                %name,
+                reason,
+                message = %acceptance.message,
+                "policy status changed"
+            );
+            self.emit_event(resource, &acceptance).await;
+        }
+        Ok(Outcome::Written)
+    }
+
+    /// Emits the Event of a condition change; a failure is logged, never retried (the status
+    /// carries the same information).
+    async fn emit_event<K: PolicyResource>(&self, resource: &K, acceptance: &Acceptance) {
+        let meta = resource.meta();
+        let namespace = resource.namespace().unwrap_or_default();
+        let now = Timestamp::now();
+        let mut note = acceptance.message.clone();
+        if note.len() > NOTE_MAX {
+            let mut end = NOTE_MAX - 3;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note.push_str("...");
+        }
+        let event = Event {
+            metadata: ObjectMeta {
+                // client-go's naming: unique without a round trip for generateName.
+                name: Some(format!("{}.{:x}", resource.name_any(), now.as_nanosecond())),
+                namespace: Some(namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            action: Some("Validate".to_string()),
+            reason: Some(acceptance.verdict.reason().to_string()),
+            note: Some(note),
+            type_: Some(
+                if acceptance.accepted() {
+                    "Normal"
+                } else {
+                    "Warning"
+                }
+                .to_string(),
+            ),
+            regarding: Some(ObjectReference {
+                api_version: Some(K::api_version(&()).into_owned()),
+                kind: Some(K::kind(&()).into_owned()),
+                name: meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                uid: meta.uid.clone(),
+                resource_version: meta.resource_version.clone(),
+                ..ObjectReference::default()
+            }),
+            reporting_controller: Some(REPORTING_CONTROLLER.to_string()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Event::default()
+        };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+        if let Err(error) = api.create(&PostParams::default(), &event).await {
+            tracing::warn!(%namespace, name = %resource.name_any(), %error, "cannot emit the policy's Event");
+        }
+    }
+}
+
+/// Now, to the second for status times (what the API server stores).
+fn now() -> Timestamp {
+    let now = Timestamp::now();
+    now.round(Unit::Second).unwrap_or(now)
+}
