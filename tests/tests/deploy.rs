@@ -43,10 +43,10 @@ const K8S_VERSIONS: [&str; 2] = ["1.30", "1.37"];
 const NS: &str = "ambit-system";
 
 /// Flags and environment the manifests use that the agent and the CA do not have yet: they are
-/// being added with the Kubernetes watchers and the CA's ServiceAccount authentication. Each is
-/// reported while missing; once it exists, the full parse below covers it.
+/// being added with the Kubernetes watchers. Each is reported while missing; once it exists, the
+/// full parse below covers it.
 const PENDING_AGENT: &[&str] = &["--kube", "AMBIT_TRUST_DOMAIN"];
-const PENDING_CA: &[&str] = &["--kube"];
+const PENDING_CA: &[&str] = &[];
 
 // ---------------------------------------------------------------------------------------------
 // Paths and tools
@@ -634,8 +634,8 @@ fn check_install(objs: &[Value], expect: &Expect) {
     assert_eq!(pod["hostPID"], true, "cgroup.procs PIDs must be the host's");
     assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
     assert!(pod["terminationGracePeriodSeconds"].as_u64().unwrap() > 0);
-    let sa = pod["serviceAccountName"].as_str().unwrap();
-    find(objs, "ServiceAccount", sa);
+    let agent_sa = pod["serviceAccountName"].as_str().unwrap();
+    find(objs, "ServiceAccount", agent_sa);
     let c = container(pod, "agent");
     assert_eq!(c["args"][0], "agent");
     let args: Vec<String> = strs(&c["args"])[1..].to_vec();
@@ -776,13 +776,10 @@ fn check_install(objs: &[Value], expect: &Expect) {
         .iter()
         .find(|s| s["serviceAccountToken"]["path"] == rel(&token, m))
         .expect("--ca-token-file is the projected ServiceAccount token");
-    assert_eq!(source["serviceAccountToken"]["audience"], "ambit-ca");
-    assert!(
-        source["serviceAccountToken"]["expirationSeconds"]
-            .as_u64()
-            .unwrap()
-            >= 600
-    );
+    let token_audience = source["serviceAccountToken"]["audience"].as_str().unwrap();
+    assert_eq!(token_audience, "ambit-ca");
+    // kubelet rotates the token at 80 % of its life; the agent re-reads the file each time.
+    assert_eq!(source["serviceAccountToken"]["expirationSeconds"], 3600);
 
     // Readiness and metrics on the agent's own ports.
     let port_of = |addr: String| addr.rsplit(':').next().unwrap().parse::<u64>().unwrap();
@@ -848,6 +845,26 @@ fn check_install(objs: &[Value], expect: &Expect) {
         .filter_map(|a| a.strip_prefix("--server-name=").map(String::from))
         .collect();
     let flags = ca.parse("ambit ca serve", &args, &env_of(c), PENDING_CA);
+    // Kubernetes mode, accepting exactly the agents' projected tokens.
+    assert!(
+        flags.contains_key("--kube"),
+        "the CA runs `ca serve --kube`"
+    );
+    assert!(
+        !flags.contains_key("--tokens") && !flags.contains_key("--mesh-file"),
+        "no files in Kubernetes mode"
+    );
+    let ca_flag = |f: &str| flags.get(f).cloned().unwrap_or_else(|| ca.default_of(f));
+    assert_eq!(
+        ca_flag("--token-audience"),
+        token_audience,
+        "the CA reviews tokens for the audience the agents' token is projected for"
+    );
+    assert_eq!(
+        ca_flag("--agent-service-account"),
+        format!("{ns}/{agent_sa}"),
+        "the CA accepts the agents' ServiceAccount"
+    );
     assert!(
         server_names.iter().any(|n| n == host),
         "the CA's certificate must name {host} (agents verify it): {server_names:?}"
@@ -987,11 +1004,12 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ("events.k8s.io", &["events"], &["create", "patch"]),
         ])
     );
+    // The CA reviews tokens and keeps a watch cache of pods; it never reads one by name.
     assert_eq!(
         rules("ambit-ca"),
         set(&[
             ("authentication.k8s.io", &["tokenreviews"], &["create"]),
-            ("", &["pods"], watch),
+            ("", &["pods"], &["list", "watch"]),
         ])
     );
     for name in ["ambit-agent", "ambit-ca"] {
