@@ -1525,6 +1525,111 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn create_patch_status_and_generation() {
+        use k8s_openapi::api::{core::v1::ObjectReference, events::v1::Event};
+        use kube::api::{Patch, PatchParams, PostParams};
+
+        let server = FakeApiServer::start().await.unwrap();
+        server.set_bookmark_interval(None);
+        // Namespaces stand in for a custom resource with a status subresource.
+        server.register_with_status::<Namespace>();
+        server.apply(&namespace("a", &[]));
+        let created: Namespace = server.get("", "a").unwrap();
+        assert_eq!(created.metadata.generation, Some(1));
+        assert!(created.metadata.creation_timestamp.is_some());
+
+        let api: Api<Namespace> = Api::all(server.client());
+        let from = server.resource_version().to_string();
+        let mut events = api
+            .watch(&WatchParams::default().timeout(30), &from)
+            .await
+            .unwrap()
+            .boxed();
+        let patch = json!({"status": {"phase": "Terminating"}, "spec": {"finalizers": ["x"]}});
+        let patched = api
+            .patch_status("a", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        let status = patched.status.unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Terminating"));
+        assert!(
+            patched.spec.is_none(),
+            "only the status changes through /status"
+        );
+        assert_eq!(patched.metadata.generation, Some(1));
+        match events.try_next().await.unwrap().unwrap() {
+            WatchEvent::Modified(ns) => assert_eq!(
+                ns.metadata.resource_version,
+                patched.metadata.resource_version
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Applying the object keeps the stored status; a spec change bumps the generation.
+        let mut changed = namespace("a", &[]);
+        changed.spec = Some(k8s_openapi::api::core::v1::NamespaceSpec {
+            finalizers: Some(vec!["kubernetes".into()]),
+        });
+        server.apply(&changed);
+        let stored: Namespace = server.get("", "a").unwrap();
+        assert_eq!(stored.metadata.generation, Some(2));
+        assert_eq!(stored.status.unwrap().phase.as_deref(), Some("Terminating"));
+        assert_eq!(
+            stored.metadata.creation_timestamp,
+            created.metadata.creation_timestamp
+        );
+        // Not a status type, or not there.
+        let pods: Api<Pod> = Api::namespaced(server.client(), "default");
+        let err = pods
+            .patch_status("p", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, kube::Error::Api(ref s) if s.code == 405),
+            "{err:?}"
+        );
+        let err = api
+            .patch_status("nope", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, kube::Error::Api(ref s) if s.code == 404),
+            "{err:?}"
+        );
+
+        // POST creates; a second time is a conflict.
+        let events_api: Api<Event> = Api::namespaced(server.client(), "shop");
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some("a.1".into()),
+                ..ObjectMeta::default()
+            },
+            reason: Some("Accepted".into()),
+            regarding: Some(ObjectReference {
+                name: Some("a".into()),
+                ..ObjectReference::default()
+            }),
+            ..Event::default()
+        };
+        let created = events_api
+            .create(&PostParams::default(), &event)
+            .await
+            .unwrap();
+        assert_eq!(created.metadata.namespace.as_deref(), Some("shop"));
+        assert!(created.metadata.uid.is_some());
+        let err = events_api
+            .create(&PostParams::default(), &event)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, kube::Error::Api(ref s) if s.code == 409),
+            "{err:?}"
+        );
+        let stored = server.list::<Event>();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].reason.as_deref(), Some("Accepted"));
+    }
+
+    #[tokio::test]
     async fn dropped_watch_and_downtime() {
         let server = FakeApiServer::start().await.unwrap();
         server.apply(&namespace("a", &[]));
