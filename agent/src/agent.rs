@@ -21,24 +21,22 @@ use crate::{
 
 /// Flags of `ambit agent`.
 #[derive(Clone, Debug, clap::Args)]
+// Exactly one configuration source.
+#[command(group(clap::ArgGroup::new("source").required(true).args(["mesh_file", "kube"])))]
 pub struct AgentArgs {
     /// The node this agent serves: only workloads placed on it are enrolled.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
     /// Standalone mode: the YAML mesh file to load and watch.
-    #[arg(
-        long,
-        env = "AMBIT_MESH_FILE",
-        required_unless_present = "kube",
-        conflicts_with = "kube"
-    )]
+    #[arg(long, env = "AMBIT_MESH_FILE")]
     pub mesh_file: Option<PathBuf>,
     /// Kubernetes mode: watch pods, namespaces, services, EndpointSlices and Ambit's policies
     /// through the API server (in-cluster credentials, or `--kubeconfig`).
     #[arg(long, env = "AMBIT_KUBE")]
     pub kube: bool,
     /// Kubernetes mode: the kubeconfig file to use instead of the in-cluster ServiceAccount.
-    #[arg(long, requires = "kube")]
+    // Not `requires = "kube"`: the flag's default (false) would satisfy it.
+    #[arg(long, conflicts_with = "mesh_file")]
     pub kubeconfig: Option<PathBuf>,
     /// Kubernetes mode: the SPIFFE trust domain of the mesh (the mesh file names its own).
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = crate::policy::DEFAULT_TRUST_DOMAIN)]

@@ -740,6 +740,8 @@ pub const CA_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 99,
 struct CaState {
     disabled: bool,
     initialised: bool,
+    /// Kubernetes mode: the kubeconfig `ambit ca serve --kube` uses.
+    kubeconfig: Option<PathBuf>,
     process: Option<AgentProc>,
 }
 
@@ -1172,14 +1174,73 @@ impl Cluster {
         lock(&self.ca).disabled = true;
     }
 
+    /// From its next start on, the CA runs in Kubernetes mode against the API server of
+    /// `kubeconfig` (`ambit ca serve --kube`): agents' tokens are checked by TokenReview and
+    /// placement against the API's pods instead of the tokens file and the mesh file. The
+    /// agents' token files ([`ca_token`](Self::ca_token)) are what that API server must accept.
+    pub fn use_kubernetes_ca(&self, kubeconfig: impl Into<PathBuf>) {
+        lock(&self.ca).kubeconfig = Some(kubeconfig.into());
+    }
+
+    /// The token node `node`'s agent presents to the CA (initialises the CA if needed).
+    pub fn ca_token(&self, node: &Node) -> Result<String> {
+        self.init_ca()?;
+        let file = self.run_dir.join(format!("ca-token-{}", node.name));
+        fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))
+    }
+
+    /// Initialises the bed's CA once: its root, the per-node bootstrap tokens (token files and
+    /// the tokens file), and the agents' CA flags.
+    fn init_ca(&self) -> Result<()> {
+        let mut ca = lock(&self.ca);
+        if ca.initialised {
+            return Ok(());
+        }
+        let dir = self.ca_dir();
+        let tokens = self.run_dir.join("ca-tokens.yaml");
+        let out = Command::new(&self.ambit)
+            .args(["ca", "init", "--dir"])
+            .arg(&dir)
+            .args(["--trust-domain", TRUST_DOMAIN])
+            .output()
+            .with_context(|| format!("run {} ca init", self.ambit.display()))?;
+        ensure!(
+            out.status.success(),
+            "ambit ca init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut yaml = String::from("nodes:\n");
+        for n in &self.nodes {
+            let mut secret = [0u8; 16];
+            std::io::Read::read_exact(&mut fs::File::open("/dev/urandom")?, &mut secret)?;
+            let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            let token = format!("{}-{}-{secret}", self.id, n.name);
+            let token_file = self.run_dir.join(format!("ca-token-{}", n.name));
+            fs::write(&token_file, &token)?;
+            let _ = writeln!(yaml, "  {}: {token}", n.name);
+            *lock(&n.ca_args) = vec![
+                "--ca-address".into(),
+                format!("https://{CA_ADDR}"),
+                "--ca-roots".into(),
+                dir.join("roots.pem").display().to_string(),
+                "--ca-token-file".into(),
+                token_file.display().to_string(),
+            ];
+        }
+        fs::write(&tokens, yaml)?;
+        ca.initialised = true;
+        Ok(())
+    }
+
     /// Initialises the bed's CA once (root, per-node bootstrap tokens, the agents' CA flags)
     /// and starts `ambit ca serve` in the fabric namespace on [`CA_ADDR`], unless it runs.
     /// [`start_agents`](Self::start_agents) calls it.
     pub fn start_ca(&self) -> Result<()> {
-        let mut ca = lock(&self.ca);
-        if ca.disabled {
+        if lock(&self.ca).disabled {
             return Ok(());
         }
+        self.init_ca()?;
+        let mut ca = lock(&self.ca);
         if let Some(p) = ca.process.as_mut()
             && p.try_status().is_none()
         {
@@ -1187,39 +1248,6 @@ impl Cluster {
         }
         let dir = self.ca_dir();
         let tokens = self.run_dir.join("ca-tokens.yaml");
-        if !ca.initialised {
-            let out = Command::new(&self.ambit)
-                .args(["ca", "init", "--dir"])
-                .arg(&dir)
-                .args(["--trust-domain", TRUST_DOMAIN])
-                .output()
-                .with_context(|| format!("run {} ca init", self.ambit.display()))?;
-            ensure!(
-                out.status.success(),
-                "ambit ca init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let mut yaml = String::from("nodes:\n");
-            for n in &self.nodes {
-                let mut secret = [0u8; 16];
-                std::io::Read::read_exact(&mut fs::File::open("/dev/urandom")?, &mut secret)?;
-                let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-                let token = format!("{}-{}-{secret}", self.id, n.name);
-                let token_file = self.run_dir.join(format!("ca-token-{}", n.name));
-                fs::write(&token_file, &token)?;
-                let _ = writeln!(yaml, "  {}: {token}", n.name);
-                *lock(&n.ca_args) = vec![
-                    "--ca-address".into(),
-                    format!("https://{CA_ADDR}"),
-                    "--ca-roots".into(),
-                    dir.join("roots.pem").display().to_string(),
-                    "--ca-token-file".into(),
-                    token_file.display().to_string(),
-                ];
-            }
-            fs::write(&tokens, yaml)?;
-            ca.initialised = true;
-        }
         let cgroup = self.cgroup_root.join("ca");
         fs::create_dir_all(&cgroup)?;
         let log = OpenOptions::new()
@@ -1229,11 +1257,16 @@ impl Cluster {
         let mut cmd = Command::new(&self.ambit);
         cmd.args(["--log-format", "json", "ca", "serve", "--dir"])
             .arg(&dir)
-            .args(["--listen", &CA_ADDR.to_string(), "--mesh-file"])
-            .arg(&self.mesh_path)
-            .arg("--tokens")
-            .arg(&tokens)
-            .args(["--server-name", &CA_ADDR.ip().to_string()])
+            .args(["--listen", &CA_ADDR.to_string()]);
+        match &ca.kubeconfig {
+            Some(kubeconfig) => cmd.arg("--kube").arg("--kubeconfig").arg(kubeconfig),
+            None => cmd
+                .arg("--mesh-file")
+                .arg(&self.mesh_path)
+                .arg("--tokens")
+                .arg(&tokens),
+        };
+        cmd.args(["--server-name", &CA_ADDR.ip().to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

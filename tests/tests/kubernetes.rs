@@ -6,13 +6,17 @@
 //! fabric bridge of the test bed like a control plane node. Everything else is real: the agents
 //! find each pod's network namespace from its UID through the kubelet-style cgroups the bed
 //! creates (systemd driver on node 0, cgroupfs on node 1), load and attach their eBPF programs,
-//! and carry real connections, in HBONE tunnels once a namespace label enrols the pods.
+//! and carry real connections, in HBONE tunnels once a namespace label enrols the pods. The
+//! bed's CA runs in Kubernetes mode against the same server: agents authenticate with their
+//! tokens (TokenReview) and get identities of the pods the API places on their node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit::config::kube::fake::FakeApiServer;
@@ -23,6 +27,7 @@ use k8s_openapi::api::core::v1::{
     Namespace, Pod as KubePod, PodCondition, PodIP, PodSpec, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::{Value, json};
 
 /// The enrolment label, on namespaces and pods.
 const MODE: &str = "ambit.dev/mode";
@@ -63,6 +68,55 @@ impl ApiServer {
             server,
             kubeconfig,
         })
+    }
+
+    /// Answers TokenReviews as the API server would for the agents' projected tokens: each
+    /// node's token is the `ambit-system/ambit-agent` ServiceAccount's, bound to a pod on that
+    /// node, for the audience `ambit-ca`. Returns the count of reviews answered.
+    fn review_agent_tokens(&self, cluster: &Cluster) -> Result<Arc<AtomicU64>> {
+        let tokens: HashMap<String, String> = cluster
+            .nodes()
+            .iter()
+            .map(|node| Ok((cluster.ca_token(node)?, node.name().to_string())))
+            .collect::<Result<_>>()?;
+        let count = Arc::new(AtomicU64::new(0));
+        let reviews = count.clone();
+        self.server.set_handler(Arc::new(move |method, path, _query, body| {
+            if method.as_str() != "POST" || path != "/apis/authentication.k8s.io/v1/tokenreviews" {
+                return None;
+            }
+            reviews.fetch_add(1, Ordering::SeqCst);
+            let review: Value = serde_json::from_slice(body).ok()?;
+            let audiences = &review["spec"]["audiences"];
+            let node = review["spec"]["token"]
+                .as_str()
+                .and_then(|token| tokens.get(token));
+            let status = match node {
+                Some(node) if *audiences == json!(["ambit-ca"]) => json!({
+                    "authenticated": true,
+                    "audiences": ["ambit-ca"],
+                    "user": {
+                        "username": "system:serviceaccount:ambit-system:ambit-agent",
+                        "groups": ["system:serviceaccounts", "system:serviceaccounts:ambit-system"],
+                        "extra": {
+                            "authentication.kubernetes.io/node-name": [node],
+                            "authentication.kubernetes.io/pod-name": [format!("ambit-agent-{node}")],
+                        },
+                    },
+                }),
+                _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+            Some((
+                201,
+                json!({
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenReview",
+                    "spec": review["spec"],
+                    "status": status,
+                }),
+            ))
+        }));
+        Ok(count)
     }
 
     fn come_up(&self) -> Result<()> {
@@ -170,12 +224,12 @@ fn namespace_label_enrols_pods_end_to_end() -> Result<()> {
         pods_per_node: 1,
     })?;
     let api = ApiServer::start(&cluster)?;
+    let reviews = api.review_agent_tokens(&cluster)?;
+    cluster.use_kubernetes_ca(&api.kubeconfig);
     let (client, server) = (cluster.pod(0, 0), cluster.pod(1, 0));
     for pod in [client, server] {
         pod.set_namespace("shop");
     }
-    // The bed's CA checks placement against the bed's own record of the pods.
-    cluster.write_mesh()?;
     api.server.apply(&namespace("shop", None));
     api.server.apply(&pod_object(client, &[("app", "client")]));
     api.server.apply(&pod_object(server, &[("app", "server")]));
@@ -322,6 +376,12 @@ fn namespace_label_enrols_pods_end_to_end() -> Result<()> {
         !conn.redirected(),
         "still redirected after un-enrolment: {:?}",
         conn.report
+    );
+    let reviewed = reviews.load(Ordering::SeqCst);
+    ensure_or_dump!(
+        cluster,
+        reviewed >= 2,
+        "the CA should have authenticated both agents by TokenReview; {reviewed} reviews"
     );
     Ok(())
 }
