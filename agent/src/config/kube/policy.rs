@@ -421,10 +421,14 @@ pub fn authorization_policy(
             let acceptance = Acceptance {
                 verdict: Verdict::Accepted,
                 message: format!(
-                    "{} policy with {} rule(s) enforced{}",
+                    "{} policy with {} rule(s) {}",
                     policy.action,
                     policy.rules.len(),
-                    if dry_run { " in dry-run" } else { "" }
+                    if dry_run {
+                        "evaluated in dry-run (logged, not enforced)"
+                    } else {
+                        "enforced"
+                    }
                 ),
             };
             return Converted { policy, acceptance };
