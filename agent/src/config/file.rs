@@ -24,7 +24,7 @@ use tokio::{
 use super::ConfigStatus;
 use crate::{
     policy::PolicySet,
-    state::{MeshState, NetnsRef, RedirectSettings, Service, ServicePort, Workload},
+    state::{MeshState, NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef, Workload},
 };
 
 mod policy;
@@ -130,6 +130,20 @@ pub struct ServiceFile {
     pub selector: BTreeMap<String, String>,
     /// The ports the service exposes.
     pub ports: Vec<PortFile>,
+    /// The waypoint its traffic goes through (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointFile>,
+}
+
+/// A service's `waypoint`: another service of the file, whose endpoints are waypoint pods.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointFile {
+    /// The waypoint service's name.
+    pub name: String,
+    /// The waypoint service's namespace (default: the service's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// One entry of a service's `ports`.
@@ -507,15 +521,57 @@ impl Validator<'_> {
                 ports.push(ServicePort { port, target_port });
             }
 
+            let waypoint = match &entry.waypoint {
+                Some(waypoint) => Some(self.waypoint(&at, entry, waypoint)?),
+                None => None,
+            };
             services.push(Service {
                 name: entry.name.clone(),
                 namespace: entry.namespace.clone(),
                 vips,
                 selector: entry.selector.clone(),
                 ports,
+                waypoint,
             });
         }
+        // Only now are all the services known: a waypoint may be listed after its users.
+        for (i, service) in services.iter().enumerate() {
+            if let Some(waypoint) = &service.waypoint
+                && !names.contains_key(&(waypoint.namespace.as_str(), waypoint.name.as_str()))
+            {
+                return Err(self.invalid(
+                    format!("services[{i}].waypoint"),
+                    format!("{waypoint} is not a service of this file"),
+                ));
+            }
+        }
         Ok(services)
+    }
+
+    fn waypoint(
+        &self,
+        at: &str,
+        entry: &ServiceFile,
+        waypoint: &WaypointFile,
+    ) -> Result<WaypointRef, ConfigError> {
+        self.non_empty(format!("{at}.waypoint.name"), &waypoint.name)?;
+        if let Some(namespace) = &waypoint.namespace {
+            self.non_empty(format!("{at}.waypoint.namespace"), namespace)?;
+        }
+        let waypoint = WaypointRef {
+            namespace: waypoint
+                .namespace
+                .clone()
+                .unwrap_or_else(|| entry.namespace.clone()),
+            name: waypoint.name.clone(),
+        };
+        if waypoint.namespace == entry.namespace && waypoint.name == entry.name {
+            return Err(self.invalid(
+                format!("{at}.waypoint"),
+                format!("{waypoint} is this service itself"),
+            ));
+        }
+        Ok(waypoint)
     }
 
     /// Records `owner` as the owner of `ip`, unless someone already is.
@@ -1180,6 +1236,63 @@ services:
                 "        targetPort: 8080\n      - port: 80",
             ),
             "services[0] (shop/web): ports[1].port 80 is already ports[0].port",
+        );
+    }
+
+    #[test]
+    fn service_waypoint() {
+        let wp = "  - name: wp\n    namespace: shop\n    vips: [\"10.96.0.20\"]\n    selector: {app: wp}\n    ports: [{port: 15008}]\n";
+        let with = |waypoint: &str| {
+            format!(
+                "{}{wp}",
+                edit(
+                    "    selector: {app: web}\n    ports:",
+                    &format!("    selector: {{app: web}}\n    waypoint: {waypoint}\n    ports:"),
+                )
+            )
+        };
+        let state = parse(&with("{name: wp}")).unwrap();
+        assert_eq!(
+            state.services()[0].waypoint,
+            Some(WaypointRef {
+                namespace: "shop".into(),
+                name: "wp".into()
+            })
+        );
+        assert_eq!(state.services()[1].waypoint, None);
+        let dump = serde_json::to_value(&state).unwrap();
+        assert_eq!(
+            dump["services"][0]["waypoint"],
+            serde_json::json!({"namespace": "shop", "name": "wp"})
+        );
+        assert!(dump["services"][1].get("waypoint").is_none());
+
+        assert_rejected(
+            &with("{name: wq}"),
+            "services[0].waypoint: shop/wq is not a service of this file",
+        );
+        assert_rejected(
+            &with("{name: wp, namespace: infra}"),
+            "services[0].waypoint: infra/wp is not a service of this file",
+        );
+        assert_rejected(
+            &with("{name: web}"),
+            "services[0].waypoint: shop/web is this service itself",
+        );
+        assert_rejected(
+            &with("{name: \"\"}"),
+            "services[0].waypoint.name: must not be empty",
+        );
+        assert_rejected(
+            &with("{name: wp, namespace: \"\"}"),
+            "services[0].waypoint.namespace: must not be empty",
+        );
+        let message = error(&with("{name: wp, port: 15008}"));
+        assert!(
+            message.starts_with(
+                "mesh file /tmp/m.yaml: services[0].waypoint.port: unknown field `port`"
+            ),
+            "{message}"
         );
     }
 

@@ -10,11 +10,7 @@ pub mod inbound;
 pub mod inbound_hbone;
 pub mod outbound;
 
-use std::{
-    io,
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -71,17 +67,6 @@ pub struct PodContext {
     pub netns: Arc<Netns>,
     /// Its HBONE connections to other pods, dialled from inside its namespace.
     pub pool: hbone::Pool,
-}
-
-impl PodContext {
-    /// The pod's address of the same family as `peer` (the source of its tunnels).
-    pub fn address_for(&self, peer: IpAddr) -> Option<IpAddr> {
-        self.workload
-            .ips
-            .iter()
-            .copied()
-            .find(|ip| ip.is_ipv4() == peer.is_ipv4())
-    }
 }
 
 /// Opens a TCP connection to `dst` from inside `netns`, marked so the eBPF programs leave it

@@ -2,21 +2,27 @@
 //!
 //! A destination in the mesh (an enrolled workload, directly or behind a service VIP) is reached
 //! through an HBONE tunnel to its pod's 15008, presenting the source pod's certificate and
-//! accepting only the destination's identity. Anything else is passed through as plain TCP, as
+//! accepting only the destination's identity. A service bound to a waypoint is reached through
+//! a tunnel to a waypoint pod's 15008 instead, carrying the address the client dialled, and is
+//! refused when no waypoint pod is ready. Anything else is passed through as plain TCP, as
 //! ambient does for destinations outside the mesh.
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 use super::{
     PodContext, ProxyContext, Transferred, connect_from,
-    hbone::{HBONE_PORT, HboneError, PoolKey, TunnelRequest, headers::Baggage},
+    hbone::{HBONE_PORT, HboneError, Pool, PoolKey, TunnelRequest, headers::Baggage},
     relay,
 };
 use crate::{
-    state::{Resolved, Workload},
-    telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags, SecurityPolicy},
+    identity::{SpiffeId, WorkloadCertificate},
+    state::{MeshState, Resolved, Workload},
+    telemetry::{AccessLog, ConnectionLabels, Direction, Metrics, ResponseFlags, SecurityPolicy},
 };
 
 /// Accepts redirected connections of one pod until the task is aborted (un-enrolment).
@@ -47,126 +53,230 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         return;
     };
     let state = ctx.state.borrow().clone();
-    let mut log = AccessLog::new(Direction::Outbound, peer, dst);
-    log.src_workload = Some(pod.workload.uid());
-    let resolved = state.resolve(dst);
-    let mut labels = ConnectionLabels::outbound(&state, &pod.workload, &resolved);
-    let (upstream, destination) = match resolved {
-        Resolved::Workload {
-            workload,
-            addr,
-            service,
-        } => {
-            log.dst_workload = Some(workload.uid());
-            log.dst_service = service.map(|s| format!("{}/{}", s.namespace, s.name));
-            (addr, workload.enrolled.then_some(workload))
-        }
-        Resolved::Passthrough(addr) => (addr, None),
-        Resolved::NoEndpoints { service } => {
-            let why = format!(
-                "service {}/{} has no ready endpoints",
-                service.namespace, service.name
-            );
-            return refuse(&ctx, &labels, log, why);
-        }
-        Resolved::UnknownServicePort { service, port } => {
-            let why = format!(
-                "service {}/{} has no port {port}",
-                service.namespace, service.name
-            );
-            return refuse(&ctx, &labels, log, why);
-        }
+    let outbound = Outbound {
+        state: &state,
+        metrics: &ctx.metrics,
+        workload: &pod.workload,
+        identity: &pod.identity,
+        pool: &pod.pool,
+        upstreams: Live {
+            ctx: &ctx,
+            pod: &pod,
+        },
     };
-    log.upstream = Some(upstream);
-    let Some(destination) = destination else {
-        // Outside the mesh: plain TCP from the pod's own namespace and address.
-        let conn = ctx.metrics.connection_opened(&labels);
-        match connect_from(&pod.netns, upstream, None, ctx.mark).await {
-            Ok(upstream) => {
-                let (moved, result) = relay(client, upstream).await;
+    outbound.forward(client, peer, dst).await;
+}
+
+/// How the outbound path reaches beyond the proxy: the source pod's certificate and plain TCP
+/// from its namespace. [`Live`] is the agent's; tests supply theirs, so the path runs without
+/// the kernel side or a CA.
+trait Upstreams {
+    /// The certificate of `id` (the source pod's identity), waiting briefly for a first fetch.
+    async fn certificate(&self, id: &SpiffeId) -> Result<Arc<WorkloadCertificate>, String>;
+    /// A plain TCP connection to `dst` from the source pod.
+    async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream>;
+}
+
+/// The running agent's [`Upstreams`].
+struct Live<'a> {
+    ctx: &'a ProxyContext,
+    pod: &'a PodContext,
+}
+
+impl Upstreams for Live<'_> {
+    async fn certificate(&self, id: &SpiffeId) -> Result<Arc<WorkloadCertificate>, String> {
+        self.ctx.certificate(id).await
+    }
+
+    async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
+        connect_from(&self.pod.netns, dst, None, self.ctx.mark).await
+    }
+}
+
+/// One redirected connection's surroundings: the state it resolves against, its source pod
+/// and the agent's services.
+struct Outbound<'a, U> {
+    state: &'a MeshState,
+    metrics: &'a Metrics,
+    /// The source pod.
+    workload: &'a Arc<Workload>,
+    /// The source pod's identity.
+    identity: &'a SpiffeId,
+    /// The source pod's HBONE connections.
+    pool: &'a Pool,
+    upstreams: U,
+}
+
+/// An HBONE tunnel to open: to `to`'s port 15008, carrying `authority`, for a server that must
+/// prove it runs as `workload`.
+struct Tunnel {
+    workload: Arc<Workload>,
+    to: IpAddr,
+    authority: SocketAddr,
+}
+
+impl<U: Upstreams> Outbound<'_, U> {
+    /// Sends the connection `client` (from `peer`, dialled to `dst`) where the mesh says, and
+    /// relays until it ends.
+    async fn forward(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let state = self.state;
+        let mut log = AccessLog::new(Direction::Outbound, peer, dst);
+        log.src_workload = Some(self.workload.uid());
+        let resolved = state.resolve(dst);
+        let mut labels = ConnectionLabels::outbound(state, self.workload, &resolved);
+        let (upstream, tunnel) = match resolved {
+            Resolved::Workload {
+                workload,
+                addr,
+                service,
+            } => {
+                log.dst_workload = Some(workload.uid());
+                log.dst_service = service.map(|s| s.uid());
+                let tunnel = workload.enrolled.then(|| Tunnel {
+                    to: addr.ip(),
+                    authority: addr,
+                    workload,
+                });
+                (addr, tunnel)
+            }
+            Resolved::Waypoint {
+                workload,
+                ip,
+                service,
+            } => {
+                // The waypoint applies the service's L7 policy and picks the endpoint: it is
+                // told the address the client dialled, not an endpoint.
+                log.dst_workload = Some(workload.uid());
+                log.dst_service = Some(service.uid());
+                let tunnel = Tunnel {
+                    to: ip,
+                    authority: dst,
+                    workload,
+                };
+                (SocketAddr::new(ip, HBONE_PORT), Some(tunnel))
+            }
+            Resolved::Passthrough(addr) => (addr, None),
+            Resolved::NoWaypoint {
+                service,
+                waypoint,
+                exists,
+            } => {
+                // Fail closed: the endpoints are right there, but reaching them directly would
+                // skip the policy the waypoint exists to apply.
+                self.metrics.connection_denied("no_waypoint");
+                let why = if exists {
+                    "has no ready endpoint"
+                } else {
+                    "does not exist"
+                };
+                let why = format!(
+                    "service {} must go through waypoint {waypoint}, which {why}",
+                    service.uid()
+                );
+                return self.refuse(&labels, log, why);
+            }
+            Resolved::NoEndpoints { service } => {
+                let why = format!("service {} has no ready endpoints", service.uid());
+                return self.refuse(&labels, log, why);
+            }
+            Resolved::UnknownServicePort { service, port } => {
+                let why = format!("service {} has no port {port}", service.uid());
+                return self.refuse(&labels, log, why);
+            }
+        };
+        log.upstream = Some(upstream);
+        let Some(tunnel) = tunnel else {
+            // Outside the mesh: plain TCP from the pod's own namespace and address.
+            let conn = self.metrics.connection_opened(&labels);
+            match self.upstreams.connect(upstream).await {
+                Ok(upstream) => {
+                    let (moved, result) = relay(client, upstream).await;
+                    finish(&mut log, moved, result);
+                    conn.finish(moved, ResponseFlags::None);
+                }
+                Err(err) => {
+                    log.outcome = Err(format!("connect {upstream}: {err}"));
+                    conn.finish(Transferred::default(), ResponseFlags::Connect);
+                }
+            }
+            log.emit();
+            return;
+        };
+
+        let dst_id = state.identity_of(&tunnel.workload);
+        log.mtls = true;
+        log.src_principal = Some(self.identity.to_string());
+        log.dst_principal = Some(dst_id.to_string());
+        labels = labels
+            .with_source_principal(Some(self.identity))
+            .with_destination_principal(Some(&dst_id))
+            .with_security_policy(SecurityPolicy::MutualTls);
+        let conn = self.metrics.connection_opened(&labels);
+        let Some(source_ip) = self.workload.address_like(tunnel.to) else {
+            log.outcome = Err(format!(
+                "{} has no address of {}'s family",
+                self.workload.uid(),
+                tunnel.to
+            ));
+            conn.finish(Transferred::default(), ResponseFlags::Connect);
+            log.emit();
+            return;
+        };
+        let certificate = match self.upstreams.certificate(self.identity).await {
+            Ok(cert) => cert,
+            Err(why) => {
+                log.outcome = Err(why);
+                conn.finish(Transferred::default(), ResponseFlags::Connect);
+                log.emit();
+                return;
+            }
+        };
+        let key = PoolKey::new(
+            self.identity.clone(),
+            source_ip,
+            SocketAddr::new(tunnel.to, HBONE_PORT),
+            vec![dst_id],
+        );
+        let mut request =
+            TunnelRequest::new(SocketAddr::new(source_ip, peer.port()), tunnel.authority);
+        request.baggage = baggage(self.workload);
+        request.service_host = log
+            .dst_service
+            .as_ref()
+            .and_then(|uid| uid.split_once('/'))
+            .map(|(ns, name)| format!("{name}.{ns}.svc.cluster.local"));
+        match self.pool.open(&key, &certificate, &request).await {
+            Ok(tunnel) => {
+                let (moved, result) = relay(client, tunnel).await;
                 finish(&mut log, moved, result);
                 conn.finish(moved, ResponseFlags::None);
             }
             Err(err) => {
-                log.outcome = Err(format!("connect {upstream}: {err}"));
-                conn.finish(Transferred::default(), ResponseFlags::Connect);
+                let flags = match err.status() {
+                    Some(status) if status == http::StatusCode::UNAUTHORIZED => ResponseFlags::Deny,
+                    _ => ResponseFlags::Connect,
+                };
+                log.outcome = Err(describe(&err));
+                conn.finish(Transferred::default(), flags);
             }
         }
         log.emit();
-        return;
-    };
-
-    let dst_id = state.identity_of(&destination);
-    log.mtls = true;
-    log.src_principal = Some(pod.identity.to_string());
-    log.dst_principal = Some(dst_id.to_string());
-    labels = labels
-        .with_source_principal(Some(&pod.identity))
-        .with_destination_principal(Some(&dst_id))
-        .with_security_policy(SecurityPolicy::MutualTls);
-    let conn = ctx.metrics.connection_opened(&labels);
-    let Some(source_ip) = pod.address_for(upstream.ip()) else {
-        log.outcome = Err(format!(
-            "{} has no address of {upstream}'s family",
-            pod.workload.uid()
-        ));
-        conn.finish(Transferred::default(), ResponseFlags::Connect);
-        log.emit();
-        return;
-    };
-    let certificate = match ctx.certificate(&pod.identity).await {
-        Ok(cert) => cert,
-        Err(why) => {
-            log.outcome = Err(why);
-            conn.finish(Transferred::default(), ResponseFlags::Connect);
-            log.emit();
-            return;
-        }
-    };
-    let key = PoolKey::new(
-        pod.identity.clone(),
-        source_ip,
-        SocketAddr::new(upstream.ip(), HBONE_PORT),
-        vec![dst_id],
-    );
-    let mut request = TunnelRequest::new(SocketAddr::new(source_ip, peer.port()), upstream);
-    request.baggage = baggage(&pod.workload);
-    request.service_host = log
-        .dst_service
-        .as_ref()
-        .and_then(|uid| uid.split_once('/'))
-        .map(|(ns, name)| format!("{name}.{ns}.svc.cluster.local"));
-    match pod.pool.open(&key, &certificate, &request).await {
-        Ok(tunnel) => {
-            let (moved, result) = relay(client, tunnel).await;
-            finish(&mut log, moved, result);
-            conn.finish(moved, ResponseFlags::None);
-        }
-        Err(err) => {
-            let flags = match err.status() {
-                Some(status) if status == http::StatusCode::UNAUTHORIZED => ResponseFlags::Deny,
-                _ => ResponseFlags::Connect,
-            };
-            log.outcome = Err(describe(&err));
-            conn.finish(Transferred::default(), flags);
-        }
     }
-    log.emit();
+
+    /// Closes a connection that has nowhere to go, counting and logging why.
+    fn refuse(&self, labels: &ConnectionLabels, mut log: AccessLog, why: String) {
+        self.metrics
+            .connection_opened(labels)
+            .finish(Transferred::default(), ResponseFlags::Connect);
+        log.outcome = Err(why);
+        log.emit();
+    }
 }
 
 fn finish(log: &mut AccessLog, moved: Transferred, result: std::io::Result<()>) {
     log.bytes_sent = moved.sent;
     log.bytes_received = moved.received;
     log.outcome = result.map_err(|err| format!("relay: {err}"));
-}
-
-/// Closes a connection that has nowhere to go, counting and logging why.
-fn refuse(ctx: &ProxyContext, labels: &ConnectionLabels, mut log: AccessLog, why: String) {
-    ctx.metrics
-        .connection_opened(labels)
-        .finish(Transferred::default(), ResponseFlags::Connect);
-    log.outcome = Err(why);
-    log.emit();
 }
 
 fn describe(err: &HboneError) -> String {
@@ -200,5 +310,245 @@ fn baggage(workload: &Workload) -> Baggage {
         .or_else(|| Some("latest".into())),
         region: None,
         zone: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, path::PathBuf, sync::Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::{
+        proxy::hbone::{
+            PoolConfig,
+            testing::TestCa,
+            tests::{TD, recv, start_upstream, start_waypoint},
+        },
+        state::{NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef},
+    };
+
+    const VIP: &str = "10.96.0.10:80";
+
+    fn workload(namespace: &str, name: &str, sa: &str, ip: &str, app: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: sa.into(),
+            node: "node-a".into(),
+            ips: vec![ip.parse().unwrap()],
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            enrolled: true,
+            ready: true,
+            netns: NetnsRef::Path(PathBuf::from("/nonexistent")),
+        }
+    }
+
+    fn service(namespace: &str, name: &str, vip: &str, app: &str) -> Service {
+        Service {
+            name: name.into(),
+            namespace: namespace.into(),
+            vips: vec![vip.parse().unwrap()],
+            selector: BTreeMap::from([("app".to_string(), app.to_string())]),
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+            }],
+            waypoint: None,
+        }
+    }
+
+    /// `shop/client` (at 127.0.0.1) and `shop/web` bound to the waypoint `infra/wp`, whose
+    /// one pod `wp-0` (10.30.0.1, service account `waypoint`) is ready if `waypoint_ready`;
+    /// without `waypoint_exists` the waypoint's service is not in the mesh at all.
+    fn mesh(waypoint_ready: bool, waypoint_exists: bool) -> MeshState {
+        let mut web = service("shop", "web", "10.96.0.10", "web");
+        web.waypoint = Some(WaypointRef {
+            namespace: "infra".into(),
+            name: "wp".into(),
+        });
+        let mut wp_pod = workload("infra", "wp-0", "waypoint", "10.30.0.1", "wp");
+        wp_pod.ready = waypoint_ready;
+        let mut services = vec![web];
+        if waypoint_exists {
+            services.push(service("infra", "wp", "10.96.9.9", "wp"));
+        }
+        MeshState::new(
+            RedirectSettings::default(),
+            vec![
+                workload("shop", "client", "client", "127.0.0.1", "client"),
+                // The service's own endpoint: ready, enrolled, and never to be reached directly.
+                workload("shop", "web-0", "web", "10.10.0.2", "web"),
+                wp_pod,
+            ],
+            services,
+        )
+        .with_trust_domain(TD)
+    }
+
+    /// The test's way out of the proxy: a fixed certificate, and plain TCP that only records.
+    struct TestUpstreams {
+        certificate: Arc<WorkloadCertificate>,
+        plain: Mutex<Vec<SocketAddr>>,
+    }
+
+    impl Upstreams for &TestUpstreams {
+        async fn certificate(&self, id: &SpiffeId) -> Result<Arc<WorkloadCertificate>, String> {
+            assert_eq!(id, &self.certificate.id);
+            Ok(self.certificate.clone())
+        }
+
+        async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
+            self.plain.lock().unwrap().push(dst);
+            Err(std::io::Error::other("no plain TCP in these tests"))
+        }
+    }
+
+    /// Runs one connection from `shop/client` to `dst` through the outbound path, with HBONE
+    /// connections to any `<ip>:15008` dialled to `hbone_server` instead (and recorded).
+    /// Returns what the client read back and the HBONE endpoints dialled.
+    async fn connect_through(
+        state: &MeshState,
+        metrics: &Metrics,
+        ca: &TestCa,
+        hbone_server: SocketAddr,
+        dst: SocketAddr,
+    ) -> (Vec<u8>, Vec<SocketAddr>, Vec<SocketAddr>) {
+        let dialled = Arc::new(Mutex::new(Vec::new()));
+        let record = dialled.clone();
+        let pool = Pool::new(
+            move |key: &PoolKey| {
+                record.lock().unwrap().push(key.destination());
+                TcpStream::connect(hbone_server)
+            },
+            PoolConfig::default(),
+        );
+        let client = state.workload_by_ip("127.0.0.1".parse().unwrap()).unwrap();
+        let identity = state.identity_of(client);
+        let upstreams = TestUpstreams {
+            certificate: Arc::new(ca.issue(&identity)),
+            plain: Mutex::default(),
+        };
+        let outbound = Outbound {
+            state,
+            metrics,
+            workload: client,
+            identity: &identity,
+            pool: &pool,
+            upstreams: &upstreams,
+        };
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        let application = async {
+            // A refused connection may be reset rather than closed: either way nothing comes.
+            let _ = app.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+            let _ = app.shutdown().await;
+            let mut got = Vec::new();
+            let _ = app.read_to_end(&mut got).await;
+            got
+        };
+        let (got, ()) = tokio::join!(application, outbound.forward(accepted, peer, dst));
+        let dialled = dialled.lock().unwrap().clone();
+        let plain = upstreams.plain.lock().unwrap().clone();
+        (got, dialled, plain)
+    }
+
+    fn no_waypoint_denials(metrics: &Metrics) -> f64 {
+        metrics
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "ambit_connections_denied_total")
+            .flat_map(|family| family.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "reason" && l.value() == "no_waypoint")
+            })
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_service_with_a_waypoint_is_tunnelled_to_the_waypoint() {
+        let ca = TestCa::new("root");
+        let (app, mut app_received) = start_upstream(b"HTTP/1.0 200 OK\r\n\r\n".to_vec()).await;
+        let waypoint_id = SpiffeId::new(TD, "infra", "waypoint");
+        let mut waypoint = start_waypoint(&ca.issue(&waypoint_id), app).await;
+        let (state, metrics) = (mesh(true, true), Metrics::new());
+
+        let (got, dialled, plain) =
+            connect_through(&state, &metrics, &ca, waypoint.addr, VIP.parse().unwrap()).await;
+
+        assert_eq!(got, b"HTTP/1.0 200 OK\r\n\r\n", "the answer came back");
+        assert_eq!(recv(&mut app_received).await, b"GET / HTTP/1.0\r\n\r\n");
+        // To the waypoint pod's HBONE port, never to the endpoint 10.10.0.2...
+        assert_eq!(dialled, ["10.30.0.1:15008".parse().unwrap()]);
+        assert!(plain.is_empty());
+        // ...telling it the address the client dialled, not an endpoint's.
+        let request = recv(&mut waypoint.requests).await;
+        assert_eq!(request.destination, VIP.parse().unwrap());
+        assert_eq!(
+            request.peer,
+            state.identity_of(&state.workloads()[0]),
+            "the waypoint saw the source pod's identity"
+        );
+        let forwarded = request.headers.get("forwarded").unwrap().to_str().unwrap();
+        assert!(
+            forwarded.ends_with(";host=web.shop.svc.cluster.local"),
+            "{forwarded}"
+        );
+        assert_eq!(no_waypoint_denials(&metrics), 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_waypoint_with_another_identity_is_refused() {
+        let ca = TestCa::new("root");
+        let (app, mut app_received) = start_upstream(b"hello".to_vec()).await;
+        // The endpoint's identity, not the waypoint's: the client must not accept it.
+        let impostor = SpiffeId::new(TD, "shop", "web");
+        let waypoint = start_waypoint(&ca.issue(&impostor), app).await;
+        let (state, metrics) = (mesh(true, true), Metrics::new());
+
+        let (got, dialled, _) =
+            connect_through(&state, &metrics, &ca, waypoint.addr, VIP.parse().unwrap()).await;
+
+        assert!(got.is_empty(), "{got:?}");
+        assert_eq!(dialled, ["10.30.0.1:15008".parse().unwrap()]);
+        assert!(
+            app_received.try_recv().is_err(),
+            "nothing reached the application"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_ready_or_no_waypoint_refuses_the_connection() {
+        let ca = TestCa::new("root");
+        let (app, mut app_received) = start_upstream(b"hello".to_vec()).await;
+        let waypoint_id = SpiffeId::new(TD, "infra", "waypoint");
+        let mut waypoint = start_waypoint(&ca.issue(&waypoint_id), app).await;
+        let metrics = Metrics::new();
+
+        for (n, state) in [mesh(false, true), mesh(true, false)].iter().enumerate() {
+            let (got, dialled, plain) =
+                connect_through(state, &metrics, &ca, waypoint.addr, VIP.parse().unwrap()).await;
+            assert!(got.is_empty(), "{got:?}");
+            assert!(
+                dialled.is_empty(),
+                "no tunnel, to the waypoint or around it"
+            );
+            assert!(plain.is_empty(), "no plain connection either");
+            assert_eq!(no_waypoint_denials(&metrics), (n + 1) as f64);
+        }
+        assert!(waypoint.requests.try_recv().is_err());
+        assert_eq!(
+            waypoint.accepted.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        assert!(app_received.try_recv().is_err());
     }
 }

@@ -9,6 +9,7 @@ mod netns;
 
 use std::{
     collections::{BTreeMap, HashMap},
+    fmt,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
@@ -51,6 +52,14 @@ impl Workload {
     pub fn uid(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The workload's address of the same family as `peer` (the source of its tunnels to it).
+    pub fn address_like(&self, peer: IpAddr) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == peer.is_ipv4())
+    }
 }
 
 /// One port of a service.
@@ -78,6 +87,34 @@ pub struct Service {
     pub selector: BTreeMap<String, String>,
     /// The ports the service accepts.
     pub ports: Vec<ServicePort>,
+    /// The waypoint its traffic must go through, if any: connections to a VIP are then
+    /// tunnelled to the waypoint, never to the endpoints directly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+}
+
+/// A waypoint, named by its service: the L7 proxy a service's traffic is sent through. Its
+/// ready endpoints are the waypoint's pods, which accept HBONE on their port 15008.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointRef {
+    /// The waypoint service's namespace.
+    pub namespace: String,
+    /// The waypoint service's name.
+    pub name: String,
+}
+
+impl WaypointRef {
+    /// The waypoint service's unique id, `namespace/name`.
+    pub fn uid(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Display for WaypointRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 impl Service {
@@ -126,6 +163,28 @@ pub enum Resolved {
     },
     /// Not a mesh destination: connect to it as dialled.
     Passthrough(SocketAddr),
+    /// A service VIP whose service has a waypoint: tunnel to the waypoint, which forwards to
+    /// the service itself (after its L7 policy).
+    Waypoint {
+        /// The waypoint pod chosen (round robin over the waypoint service's ready endpoints).
+        workload: Arc<Workload>,
+        /// The waypoint pod's address of the dialled VIP's family (or its only one); the tunnel
+        /// goes to its HBONE port.
+        ip: IpAddr,
+        /// The service whose VIP was dialled; the tunnel's authority is the address dialled.
+        service: Arc<Service>,
+    },
+    /// A service VIP whose service has a waypoint that does not exist or has no ready endpoint:
+    /// the connection must be refused, since going to the endpoints directly would skip the
+    /// waypoint's policy.
+    NoWaypoint {
+        /// The service dialled.
+        service: Arc<Service>,
+        /// Its waypoint.
+        waypoint: WaypointRef,
+        /// Whether the waypoint service exists (it then has no ready endpoint).
+        exists: bool,
+    },
     /// A service VIP whose service has no ready endpoint.
     NoEndpoints {
         /// The service dialled.
@@ -257,6 +316,9 @@ pub struct MeshState {
     service_by_vip: HashMap<IpAddr, usize>,
     /// Parallel to `services`.
     endpoints: Vec<Endpoints>,
+    /// Parallel to `services`: for a service with a waypoint, the waypoint service's index,
+    /// `None` inside when that service does not exist.
+    waypoints: Vec<Option<Option<usize>>>,
 }
 
 impl MeshState {
@@ -295,6 +357,23 @@ impl MeshState {
             endpoints.push(Endpoints::new(&ready));
         }
 
+        let by_name: HashMap<(&str, &str), usize> = services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ((s.namespace.as_str(), s.name.as_str()), i))
+            .collect();
+        let waypoints = services
+            .iter()
+            .map(|service| {
+                let waypoint = service.waypoint.as_ref()?;
+                Some(
+                    by_name
+                        .get(&(waypoint.namespace.as_str(), waypoint.name.as_str()))
+                        .copied(),
+                )
+            })
+            .collect();
+
         Self {
             redirect,
             trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
@@ -304,6 +383,7 @@ impl MeshState {
             workload_by_ip,
             service_by_vip,
             endpoints,
+            waypoints,
         }
     }
 
@@ -394,8 +474,9 @@ impl MeshState {
 
     /// Decides where a connection dialled to `dst` goes.
     ///
-    /// A service VIP is load-balanced round robin over the service's ready endpoints; a workload
-    /// IP goes to that workload as dialled; anything else passes through.
+    /// A service VIP is load-balanced round robin over the service's ready endpoints, or over
+    /// its waypoint's if it has one (whether or not the service has endpoints: the waypoint
+    /// decides); a workload IP goes to that workload as dialled; anything else passes through.
     pub fn resolve(&self, dst: SocketAddr) -> Resolved {
         if let Some(&index) = self.service_by_vip.get(&dst.ip()) {
             let service = &self.services[index];
@@ -405,6 +486,21 @@ impl MeshState {
                     port: dst.port(),
                 };
             };
+            if let (Some(waypoint), Some(found)) = (&service.waypoint, self.waypoints[index]) {
+                let picked = found.and_then(|w| self.endpoints[w].pick(dst.ip()));
+                return match picked {
+                    Some((workload, ip)) => Resolved::Waypoint {
+                        workload: Arc::clone(workload),
+                        ip: *ip,
+                        service: Arc::clone(service),
+                    },
+                    None => Resolved::NoWaypoint {
+                        service: Arc::clone(service),
+                        waypoint: waypoint.clone(),
+                        exists: found.is_some(),
+                    },
+                };
+            }
             return match self.endpoints[index].pick(dst.ip()) {
                 Some((workload, ip)) => Resolved::Workload {
                     workload: Arc::clone(workload),

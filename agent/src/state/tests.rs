@@ -47,6 +47,7 @@ fn service(namespace: &str, name: &str, vips: &[&str], selector: &[(&str, &str)]
             port: 80,
             target_port: 8080,
         }],
+        waypoint: None,
     }
 }
 
@@ -456,4 +457,119 @@ fn netns_by_cgroup_skips_exited_and_host_processes_and_searches_children() {
 fn shared_state_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Arc<MeshState>>();
+}
+
+/// `shop/web` bound to the waypoint `infra/wp` (whose pods are `wp_pods`), plus the waypoint's
+/// service and `web`'s own endpoint.
+fn with_waypoint(wp_pods: Vec<Workload>, waypoint_exists: bool) -> MeshState {
+    let mut web = service("shop", "web", &["10.96.0.10"], &[("app", "web")]);
+    web.waypoint = Some(WaypointRef {
+        namespace: "infra".into(),
+        name: "wp".into(),
+    });
+    let mut services = vec![web];
+    if waypoint_exists {
+        services.push(service("infra", "wp", &["10.96.9.9"], &[("gateway", "wp")]));
+    }
+    let mut workloads = vec![workload("shop", "web-0", &["10.10.0.2"], &[("app", "web")])];
+    workloads.extend(wp_pods);
+    MeshState::new(RedirectSettings::default(), workloads, services)
+}
+
+fn wp_pod(name: &str, ips: &[&str]) -> Workload {
+    let mut pod = workload("infra", name, ips, &[("gateway", "wp")]);
+    pod.service_account = "wp".into();
+    pod
+}
+
+#[test]
+fn a_service_with_a_waypoint_resolves_to_a_waypoint_pod() {
+    let state = with_waypoint(
+        vec![
+            wp_pod("wp-0", &["10.30.0.1", "fd00:30::1"]),
+            wp_pod("wp-1", &["10.30.0.2"]),
+        ],
+        true,
+    );
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        match state.resolve(addr("10.96.0.10:80")) {
+            Resolved::Waypoint {
+                workload,
+                ip,
+                service,
+            } => {
+                assert_eq!(service.uid(), "shop/web");
+                assert_eq!(workload.namespace, "infra");
+                assert_eq!(workload.address_like(ip), Some(ip));
+                seen.push(ip);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, [ip("10.30.0.1"), ip("10.30.0.2")], "round robin");
+    // An unknown port is refused before the waypoint is considered.
+    assert!(matches!(
+        state.resolve(addr("10.96.0.10:81")),
+        Resolved::UnknownServicePort { .. }
+    ));
+    // The endpoint itself stays reachable by its own address (only services are bound), and
+    // the waypoint's own VIP goes to its pods directly.
+    assert!(matches!(
+        state.resolve(addr("10.10.0.2:8080")),
+        Resolved::Workload { service: None, .. }
+    ));
+    assert!(matches!(
+        state.resolve(addr("10.96.9.9:80")),
+        Resolved::Workload { service: Some(s), .. } if s.uid() == "infra/wp"
+    ));
+    let dump = serde_json::to_value(&state).unwrap();
+    assert_eq!(
+        dump["services"][0]["waypoint"],
+        serde_json::json!({"namespace": "infra", "name": "wp"})
+    );
+    assert!(dump["services"][1].get("waypoint").is_none());
+}
+
+#[test]
+fn a_service_without_endpoints_still_goes_to_its_waypoint() {
+    let mut state = with_waypoint(vec![wp_pod("wp-0", &["10.30.0.1"])], true);
+    let mut web = (*state.services()[0]).clone();
+    web.selector = labels(&[("app", "nothing")]);
+    let wp = (*state.services()[1]).clone();
+    let workloads = state.workloads().iter().map(|w| (**w).clone()).collect();
+    state = MeshState::new(RedirectSettings::default(), workloads, vec![web, wp]);
+    assert!(matches!(
+        state.resolve(addr("10.96.0.10:80")),
+        Resolved::Waypoint { ip: i, .. } if i == ip("10.30.0.1")
+    ));
+}
+
+#[test]
+fn a_missing_or_unready_waypoint_fails_closed() {
+    // web-0 is a ready endpoint every time: the waypoint must not be bypassed to reach it.
+    let missing = with_waypoint(vec![wp_pod("wp-0", &["10.30.0.1"])], false);
+    match missing.resolve(addr("10.96.0.10:80")) {
+        Resolved::NoWaypoint {
+            service,
+            waypoint,
+            exists,
+        } => {
+            assert_eq!(service.uid(), "shop/web");
+            assert_eq!(waypoint.uid(), "infra/wp");
+            assert!(!exists);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut unready = wp_pod("wp-0", &["10.30.0.1"]);
+    unready.ready = false;
+    for pods in [vec![], vec![unready]] {
+        let state = with_waypoint(pods, true);
+        assert!(matches!(
+            state.resolve(addr("10.96.0.10:80")),
+            Resolved::NoWaypoint { exists: true, .. }
+        ));
+    }
 }

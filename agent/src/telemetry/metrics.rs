@@ -301,7 +301,17 @@ impl ConnectionLabels {
                 .with_destination(Some(workload))
                 .with_destination_principal(Some(&workload_identity(state, workload)))
                 .with_destination_service(service.as_deref()),
-            Resolved::NoEndpoints { service } | Resolved::UnknownServicePort { service, .. } => {
+            // As ztunnel: the waypoint is the destination workload, the service dialled the
+            // destination service.
+            Resolved::Waypoint {
+                workload, service, ..
+            } => labels
+                .with_destination(Some(workload))
+                .with_destination_principal(Some(&workload_identity(state, workload)))
+                .with_destination_service(Some(service)),
+            Resolved::NoEndpoints { service }
+            | Resolved::UnknownServicePort { service, .. }
+            | Resolved::NoWaypoint { service, .. } => {
                 labels.with_destination_service(Some(service))
             }
             Resolved::Passthrough(_) => labels,
@@ -972,6 +982,7 @@ mod tests {
                     port: 80,
                     target_port: 8080,
                 }],
+                waypoint: None,
             }],
         )
     }

@@ -17,7 +17,7 @@ use super::{
     cgroup::pod_cgroup_dir,
     objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
 };
-use crate::state::{NetnsRef, Service, ServicePort, Workload};
+use crate::state::{NetnsRef, Service, ServicePort, WaypointRef, Workload};
 
 /// The label that enrols a namespace or a pod (`ambient`), or opts a pod out (`none`).
 pub const MODE_LABEL: &str = "ambit.dev/mode";
@@ -27,6 +27,14 @@ pub const MODE_AMBIENT: &str = "ambient";
 pub const MODE_NONE: &str = "none";
 /// The label by which an EndpointSlice names its service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label that binds a service, or every service of a namespace, to a waypoint: its value
+/// names the waypoint's Service (Istio's `istio.io/use-waypoint`).
+pub const USE_WAYPOINT_LABEL: &str = "ambit.dev/use-waypoint";
+/// The label giving the namespace of the waypoint named by [`USE_WAYPOINT_LABEL`] on the same
+/// object (default: the service's own namespace).
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "ambit.dev/use-waypoint-namespace";
+/// [`USE_WAYPOINT_LABEL`]'s value that opts a service out of its namespace's waypoint.
+pub const WAYPOINT_NONE: &str = "none";
 
 /// The stores' contents, as the conversion reads them.
 #[derive(Debug, Clone, Copy, Default)]
@@ -132,11 +140,21 @@ impl Converter {
             self.cgroups.retain(|uid, _| live.contains(uid.as_str()));
         }
 
+        let namespaces: HashMap<&str, &ObjectMeta> = view
+            .namespaces
+            .iter()
+            .filter_map(|ns| Some((ns.metadata.name.as_deref()?, &ns.metadata)))
+            .collect();
         let slices = SlicesByService::new(view.endpoint_slices);
         let mut services: Vec<Service> = view
             .services
             .iter()
-            .filter_map(|service| service_from(service, &slices))
+            .filter_map(|service| {
+                let mut converted = service_from(service, &slices)?;
+                let namespace = namespaces.get(converted.namespace.as_str()).copied();
+                converted.waypoint = waypoint_for(&service.metadata, namespace);
+                Some(converted)
+            })
             .collect();
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
@@ -204,6 +222,38 @@ pub fn workload_from_pod(pod: &PodView, namespace_enrolled: bool) -> Option<Work
         ready: status.ready,
         netns: NetnsRef::Path(PathBuf::new()),
     })
+}
+
+/// The waypoint of the service with metadata `service`, whose namespace has metadata
+/// `namespace` (`None` if not known yet).
+///
+/// The service's [`USE_WAYPOINT_LABEL`] wins over its namespace's; [`WAYPOINT_NONE`] on the
+/// service opts it out. The waypoint's namespace is [`USE_WAYPOINT_NAMESPACE_LABEL`] of the
+/// object that named it, or the service's namespace. Any other value, even one naming no
+/// service, binds: traffic is then refused rather than sent around the waypoint. A waypoint's
+/// own service is never bound to itself (a namespace label reaches it too), so the waypoint's
+/// pods are reached directly.
+pub fn waypoint_for(service: &ObjectMeta, namespace: Option<&ObjectMeta>) -> Option<WaypointRef> {
+    let (name, own_namespace) = (service.name.as_deref()?, service.namespace.as_deref()?);
+    // `Some(None)`: the object opts out; `None`: it says nothing.
+    let named_by = |meta: &ObjectMeta| -> Option<Option<WaypointRef>> {
+        let labels = meta.labels.as_ref()?;
+        let waypoint = labels.get(USE_WAYPOINT_LABEL)?;
+        if waypoint == WAYPOINT_NONE {
+            return Some(None);
+        }
+        let waypoint_namespace = labels
+            .get(USE_WAYPOINT_NAMESPACE_LABEL)
+            .map_or(own_namespace, String::as_str);
+        Some(Some(WaypointRef {
+            namespace: waypoint_namespace.to_string(),
+            name: waypoint.clone(),
+        }))
+    };
+    let waypoint = named_by(service)
+        .or_else(|| namespace.and_then(named_by))
+        .flatten()?;
+    (waypoint.namespace != own_namespace || waypoint.name != name).then_some(waypoint)
 }
 
 /// The EndpointSlices in use, by (namespace, service name).
@@ -323,6 +373,8 @@ pub fn service_from(service: &ServiceView, slices: &SlicesByService<'_>) -> Opti
         vips,
         selector: spec.selector.clone().unwrap_or_default(),
         ports,
+        // Set by the conversion, which knows the namespace's labels.
+        waypoint: None,
     })
 }
 
@@ -686,5 +738,121 @@ mod tests {
                 },
             ]
         );
+    }
+
+    fn meta(namespace: Option<&str>, name: &str, pairs: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: namespace.map(Into::into),
+            labels: labels(pairs),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn waypoint(namespace: &str, name: &str) -> Option<WaypointRef> {
+        Some(WaypointRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+    }
+
+    #[test]
+    fn waypoint_binding_rules() {
+        let svc = |pairs: &[(&str, &str)]| meta(Some("shop"), "web", pairs);
+        let ns = |pairs: &[(&str, &str)]| meta(None, "shop", pairs);
+        let bound = ns(&[(USE_WAYPOINT_LABEL, "wp")]);
+
+        // On the namespace: every service of it, the waypoint in the same namespace.
+        assert_eq!(
+            waypoint_for(&svc(&[]), Some(&bound)),
+            waypoint("shop", "wp")
+        );
+        // Not bound anywhere, or the namespace not known yet.
+        assert_eq!(waypoint_for(&svc(&[]), Some(&ns(&[]))), None);
+        assert_eq!(waypoint_for(&svc(&[]), None), None);
+        // On the service, alone or winning over the namespace's.
+        let own = svc(&[(USE_WAYPOINT_LABEL, "own")]);
+        assert_eq!(waypoint_for(&own, None), waypoint("shop", "own"));
+        assert_eq!(waypoint_for(&own, Some(&bound)), waypoint("shop", "own"));
+        // `none` on the service opts out of the namespace's waypoint.
+        let opted_out = svc(&[(USE_WAYPOINT_LABEL, WAYPOINT_NONE)]);
+        assert_eq!(waypoint_for(&opted_out, Some(&bound)), None);
+        // The namespace label goes with the name label of the same object.
+        let elsewhere = svc(&[
+            (USE_WAYPOINT_LABEL, "shared"),
+            (USE_WAYPOINT_NAMESPACE_LABEL, "infra"),
+        ]);
+        assert_eq!(
+            waypoint_for(&elsewhere, Some(&bound)),
+            waypoint("infra", "shared")
+        );
+        let ns_elsewhere = ns(&[
+            (USE_WAYPOINT_LABEL, "shared"),
+            (USE_WAYPOINT_NAMESPACE_LABEL, "infra"),
+        ]);
+        assert_eq!(
+            waypoint_for(&svc(&[]), Some(&ns_elsewhere)),
+            waypoint("infra", "shared")
+        );
+        assert_eq!(
+            waypoint_for(&own, Some(&ns_elsewhere)),
+            waypoint("shop", "own")
+        );
+        let stray_namespace = svc(&[(USE_WAYPOINT_NAMESPACE_LABEL, "infra")]);
+        assert_eq!(
+            waypoint_for(&stray_namespace, Some(&bound)),
+            waypoint("shop", "wp")
+        );
+        // The waypoint's own service, reached by its namespace's label, is not bound to itself;
+        // a waypoint of the same name in another namespace is another service.
+        let wp = meta(Some("shop"), "wp", &[]);
+        assert_eq!(waypoint_for(&wp, Some(&bound)), None);
+        let other = meta(Some("other"), "wp", &[]);
+        assert_eq!(
+            waypoint_for(
+                &other,
+                Some(&ns(&[
+                    (USE_WAYPOINT_LABEL, "wp"),
+                    (USE_WAYPOINT_NAMESPACE_LABEL, "shop")
+                ]))
+            ),
+            waypoint("shop", "wp")
+        );
+    }
+
+    #[test]
+    fn conversion_binds_services_to_their_namespace_waypoint() {
+        let mut web = service(vec![port("http", 80, None)]);
+        let mut wp = service(vec![port("mesh", 15008, None)]);
+        wp.metadata.name = Some("wp".into());
+        wp.spec.as_mut().unwrap().cluster_ips = Some(vec!["10.96.0.20".into()]);
+        let mut api = service(vec![port("http", 80, None)]);
+        api.metadata.name = Some("api".into());
+        api.metadata.labels = labels(&[(USE_WAYPOINT_LABEL, WAYPOINT_NONE)]);
+        api.spec.as_mut().unwrap().cluster_ips = Some(vec!["10.96.0.30".into()]);
+        let mut shop = namespace("shop", Some(MODE_AMBIENT));
+        shop.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(USE_WAYPOINT_LABEL.into(), "wp".into());
+        web.metadata.labels = labels(&[("app", "web")]);
+        let (services, namespaces) = (views(&[web, wp, api]), views(&[shop]));
+        let out = Converter::new("node-a", "/nonexistent").convert(ClusterView {
+            services: &services,
+            namespaces: &namespaces,
+            ..ClusterView::default()
+        });
+        let by_name = |name: &str| {
+            out.services
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap()
+                .waypoint
+                .clone()
+        };
+        assert_eq!(by_name("web"), waypoint("shop", "wp"));
+        assert_eq!(by_name("wp"), None, "a waypoint does not use itself");
+        assert_eq!(by_name("api"), None, "opted out");
     }
 }

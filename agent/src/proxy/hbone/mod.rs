@@ -28,7 +28,7 @@ pub mod testing;
 pub mod tls;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use client::{HboneError, Http2Client, TunnelRequest};
 pub use pool::{Dialer, Pool, PoolConfig, PoolKey};

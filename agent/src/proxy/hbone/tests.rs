@@ -1,4 +1,5 @@
-//! End-to-end HBONE tests: real TLS and real HTTP/2 over 127.0.0.1.
+//! End-to-end HBONE tests: real TLS and real HTTP/2 over 127.0.0.1. The servers here also
+//! stand in for destination pods and waypoints in the proxy's own tests.
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -24,7 +25,7 @@ use super::{
 };
 use crate::identity::{SpiffeId, WorkloadCertificate};
 
-const TD: &str = "cluster.local";
+pub(crate) const TD: &str = "cluster.local";
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const MIB: usize = 1024 * 1024;
 
@@ -49,6 +50,8 @@ enum Failure {
 struct Handler {
     tls: Arc<rustls::ServerConfig>,
     deny: bool,
+    /// Where every tunnel goes (a waypoint stand-in); `None`: to the CONNECT's authority.
+    forward_to: Option<SocketAddr>,
     /// Connections accepted (one `tls_config` call each).
     accepted: Arc<AtomicUsize>,
     requests: mpsc::UnboundedSender<ConnectRequest>,
@@ -74,7 +77,7 @@ impl InboundHandler for Handler {
     }
 
     async fn connect(&self, request: &ConnectRequest) -> io::Result<TcpStream> {
-        TcpStream::connect(request.destination).await
+        TcpStream::connect(self.forward_to.unwrap_or(request.destination)).await
     }
 
     fn report(&self, report: StreamReport) {
@@ -97,11 +100,14 @@ impl InboundHandler for Handler {
 }
 
 /// A pod's HBONE server on 127.0.0.1, with what it saw.
-struct Server {
-    addr: SocketAddr,
+pub(crate) struct Server {
+    /// Where it listens.
+    pub(crate) addr: SocketAddr,
     id: SpiffeId,
-    accepted: Arc<AtomicUsize>,
-    requests: mpsc::UnboundedReceiver<ConnectRequest>,
+    /// Connections accepted.
+    pub(crate) accepted: Arc<AtomicUsize>,
+    /// The CONNECT requests received, as authorization saw them.
+    pub(crate) requests: mpsc::UnboundedReceiver<ConnectRequest>,
     reports: mpsc::UnboundedReceiver<StreamReport>,
     failures: mpsc::UnboundedReceiver<Failure>,
     task: tokio::task::JoinHandle<()>,
@@ -122,6 +128,21 @@ async fn start_server_with(
     deny: bool,
     settings: InboundSettings,
 ) -> Server {
+    start(cert, deny, settings, None).await
+}
+
+/// A waypoint's HBONE server: accepts any destination and sends every tunnel to `upstream`.
+pub(crate) async fn start_waypoint(cert: &WorkloadCertificate, upstream: SocketAddr) -> Server {
+    let settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
+    start(cert, false, settings, Some(upstream)).await
+}
+
+async fn start(
+    cert: &WorkloadCertificate,
+    deny: bool,
+    settings: InboundSettings,
+    forward_to: Option<SocketAddr>,
+) -> Server {
     let (requests_tx, requests) = mpsc::unbounded_channel();
     let (reports_tx, reports) = mpsc::unbounded_channel();
     let (failures_tx, failures) = mpsc::unbounded_channel();
@@ -129,6 +150,7 @@ async fn start_server_with(
     let handler = Handler {
         tls: tls::server_config(cert).unwrap(),
         deny,
+        forward_to,
         accepted: accepted.clone(),
         requests: requests_tx,
         reports: reports_tx,
@@ -151,7 +173,9 @@ async fn start_server_with(
 
 /// The application: for each connection, reads to EOF, hands over what it read, then answers
 /// `reply` and closes. Replying only after EOF proves the client's half-close came through.
-async fn start_upstream(reply: Vec<u8>) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
+pub(crate) async fn start_upstream(
+    reply: Vec<u8>,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
     let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -204,7 +228,8 @@ async fn exchange(stream: HboneStream, payload: &[u8]) -> Vec<u8> {
     tokio::join!(writer, reader).1
 }
 
-async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+/// The next item of `rx`, failing the test after 10 s.
+pub(crate) async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("timed out waiting for the server")
