@@ -38,6 +38,10 @@ pub struct AgentArgs {
     // Not `requires = "kube"`: the flag's default (false) would satisfy it.
     #[arg(long, conflicts_with = "mesh_file")]
     pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the namespace Ambit is installed in, whose policies apply mesh-wide
+    /// (Istio's root namespace).
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = config::kube::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
     /// Kubernetes mode: the SPIFFE trust domain of the mesh (the mesh file names its own).
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = crate::policy::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -114,24 +118,6 @@ fn certificate_manager(args: &AgentArgs) -> anyhow::Result<Option<Arc<Certificat
     ))))
 }
 
-/// A client for the API server: from `kubeconfig` if given, else in-cluster (the pod's
-/// ServiceAccount) or `$KUBECONFIG`/`~/.kube/config`, as kubectl would.
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .with_context(|| format!("using --kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no Kubernetes credentials: not in a pod and no kubeconfig (--kubeconfig)")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
-}
-
 fn parse_mark(s: &str) -> Result<u32, String> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -167,9 +153,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             config_tx,
         )),
         None => {
-            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let client = config::kube::client(args.kubeconfig.as_deref()).await?;
             let kube = KubeSource::new(client, args.node.clone(), cgroup.clone())
-                .trust_domain(args.trust_domain.clone());
+                .trust_domain(args.trust_domain.clone())
+                .root_namespace(args.root_namespace.clone());
             tokio::spawn(kube.run(state_tx, config_tx))
         }
     };

@@ -719,7 +719,7 @@ fn pod_uid(id: &str, i: usize, j: usize) -> String {
 /// nodes, the cgroupfs driver on odd ones (so both layouts are discovered for real).
 fn kubelet_container_cgroup(i: usize, uid: &str) -> PathBuf {
     let container = format!("{:0>64}", uid.replace('-', ""));
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let slice_uid = uid.replace('-', "_");
         PathBuf::from(format!(
             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{slice_uid}.slice/cri-containerd-{container}.scope"

@@ -20,12 +20,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit::config::kube::fake::FakeApiServer;
-use ambit_tests::traffic::{TIMEOUT, connect_ok, metric_value, serve, wait_access_log};
+use ambit::config::kube::policy::{AuthorizationPolicyResource, PeerAuthenticationResource};
+use ambit_tests::traffic::{
+    TIMEOUT, client_with, connect_ok, metric_value, serve, wait_access_log,
+};
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, READINESS_PORT, ensure_or_dump};
 use anyhow::{Context, Result, anyhow};
 use k8s_openapi::api::core::v1::{
     Namespace, Pod as KubePod, PodCondition, PodIP, PodSpec, PodStatus,
 };
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
@@ -383,5 +387,189 @@ fn namespace_label_enrols_pods_end_to_end() -> Result<()> {
         reviewed >= 2,
         "the CA should have authenticated both agents by TokenReview; {reviewed} reviews"
     );
+    Ok(())
+}
+
+/// An `AuthorizationPolicy` of `namespace` with `spec`.
+fn authorization_policy(namespace: &str, name: &str, spec: Value) -> AuthorizationPolicyResource {
+    AuthorizationPolicyResource {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..ObjectMeta::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// Whether one connection from `from` to `dst` gets through, byte-exact.
+fn reaches(from: &Pod, dst: SocketAddr) -> Result<bool> {
+    let conns = client_with(from, dst, 1000, 1, &[])?;
+    Ok(conns.first().is_some_and(|c| c.ok()))
+}
+
+/// Waits until connections from `from` to `dst` are `allowed` (policies take effect when the
+/// destination's agent has the new state: a moment after the API server has it).
+fn wait_reach(
+    cluster: &Cluster,
+    from: &Pod,
+    dst: SocketAddr,
+    allowed: bool,
+    why: &str,
+) -> Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if reaches(from, dst)? == allowed {
+            return Ok(());
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "{why}: {} -> {dst} {}",
+            from.name(),
+            if allowed {
+                "still refused"
+            } else {
+                "still allowed"
+            }
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The `Accepted` condition the CA's status writer put on a policy: (status, reason, message).
+fn wait_accepted(
+    cluster: &Cluster,
+    api: &ApiServer,
+    namespace: &str,
+    name: &str,
+    want_status: &str,
+) -> Result<(String, String, String)> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let policy = api
+            .server
+            .get::<AuthorizationPolicyResource>(namespace, name)
+            .ok_or_else(|| anyhow!("policy {namespace}/{name} is gone"))?;
+        let generation = policy.metadata.generation;
+        let condition = policy.status.as_ref().and_then(|s| s.accepted()).cloned();
+        if let Some(c) = &condition
+            && c.status == want_status
+            && c.observed_generation == generation
+        {
+            return Ok((c.status.clone(), c.reason.clone(), c.message.clone()));
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "{namespace}/{name}: Accepted condition {condition:?} (generation {generation:?}), \
+             expected status {want_status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Ambit's policy resources end to end: the agents enforce AuthorizationPolicies read from the
+/// API server, and the CA (as the cluster's status writer) reports on each: a policy with an
+/// L7 field is rejected with a condition and an Event naming the field, and being an ALLOW it
+/// fails closed until fixed.
+#[test]
+fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 1,
+    })?;
+    let api = ApiServer::start(&cluster)?;
+    api.review_agent_tokens(&cluster)?;
+    // Installed CRDs, with their status subresource as deploy/crds declares it.
+    api.server
+        .register_with_status::<AuthorizationPolicyResource>();
+    api.server
+        .register_with_status::<PeerAuthenticationResource>();
+    cluster.use_kubernetes_ca(&api.kubeconfig);
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    for pod in [client, server] {
+        pod.set_namespace("shop");
+    }
+    client.set_service_account("frontend");
+    server.set_service_account("backend");
+    api.server.apply(&namespace("shop", Some("ambient")));
+    api.server
+        .apply(&pod_object(client, &[("app", "frontend")]));
+    api.server.apply(&pod_object(server, &[("app", "backend")]));
+    for node in cluster.nodes() {
+        node.use_kubernetes(&api.kubeconfig);
+    }
+    let _sandboxes = [client, server]
+        .into_iter()
+        .map(|pod| pod.spawn("sleep", ["3600"]))
+        .collect::<Result<Vec<_>>>()?;
+    cluster.start_agents()?;
+    wait_enrolled(
+        &cluster,
+        cluster.node(1),
+        &["shop/p1-0"],
+        "namespace labelled",
+    )?;
+    let _srv = serve(server, &[8080])?;
+    let dst = server.addr4(8080);
+    wait_reach(&cluster, client, dst, true, "no policy yet")?;
+
+    eprintln!("[kubernetes] phase: default deny");
+    api.server
+        .apply(&authorization_policy("shop", "default-deny", json!({})));
+    wait_reach(&cluster, client, dst, false, "default-deny applied")?;
+    wait_accepted(&cluster, &api, "shop", "default-deny", "True")?;
+
+    eprintln!("[kubernetes] phase: allow frontend to backend");
+    let allow = |to: Value| {
+        authorization_policy(
+            "shop",
+            "backend-from-frontend",
+            json!({
+                "selector": {"matchLabels": {"app": "backend"}},
+                "action": "ALLOW",
+                "rules": [{
+                    "from": [{"source": {"principals": ["cluster.local/ns/shop/sa/frontend"]}}],
+                    "to": [{"operation": to}],
+                }],
+            }),
+        )
+    };
+    api.server.apply(&allow(json!({"ports": ["8080"]})));
+    wait_reach(&cluster, client, dst, true, "frontend allowed")?;
+    wait_accepted(&cluster, &api, "shop", "backend-from-frontend", "True")?;
+
+    eprintln!("[kubernetes] phase: L7 field rejected, fails closed");
+    api.server
+        .apply(&allow(json!({"ports": ["8080"], "methods": ["GET"]})));
+    wait_reach(&cluster, client, dst, false, "ALLOW with an L7 field")?;
+    let (_, reason, message) =
+        wait_accepted(&cluster, &api, "shop", "backend-from-frontend", "False")?;
+    ensure_or_dump!(
+        cluster,
+        reason == "UnsupportedField" && message.contains("spec.rules[0].to[0].operation.methods"),
+        "rejected policy's condition: reason {reason}, message {message:?}"
+    );
+    let events: Vec<Event> = api
+        .server
+        .list::<Event>()
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("backend-from-frontend")
+                && e.reason.as_deref() == Some("UnsupportedField")
+        })
+        .collect();
+    ensure_or_dump!(
+        cluster,
+        events.len() == 1,
+        "expected one UnsupportedField Event for the policy, got {events:?}"
+    );
+
+    eprintln!("[kubernetes] phase: fixed");
+    api.server.apply(&allow(json!({"ports": ["8080"]})));
+    wait_reach(&cluster, client, dst, true, "policy fixed")?;
+    wait_accepted(&cluster, &api, "shop", "backend-from-frontend", "True")?;
     Ok(())
 }

@@ -158,6 +158,10 @@ pub struct ServeArgs {
         default_value = self::kube::DEFAULT_AGENT_SERVICE_ACCOUNT
     )]
     pub agent_service_account: ServiceAccountRef,
+    /// Kubernetes mode: the namespace Ambit is installed in, whose policies apply mesh-wide;
+    /// the CA reports on the policies as the agents read them.
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = crate::config::kube::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
     /// Longest certificate lifetime granted, and the lifetime when a request names none.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub max_ttl: Duration,
@@ -201,7 +205,18 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                 }
             }
             let auth = if args.kube {
-                let client = kube_client(args.kubeconfig.as_deref()).await?;
+                let client = crate::config::kube::client(args.kubeconfig.as_deref()).await?;
+                // The CA is the cluster's one central component: it reports on Ambit's
+                // policies (every agent enforces them the same way on its own).
+                let status = crate::config::kube::run_policy_status(
+                    client.clone(),
+                    args.root_namespace.clone(),
+                );
+                tokio::spawn(async move {
+                    if let Err(error) = status.await {
+                        tracing::error!(error = %format!("{error:#}"), "policy status writer stopped");
+                    }
+                });
                 AuthMode::Kube(KubeAuthOptions {
                     audience: args.token_audience,
                     agent_service_account: args.agent_service_account,
@@ -237,24 +252,6 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                 })
                 .await
         }
-    }
-}
-
-/// A client for the API server: from `kubeconfig` if given, else [`::kube::Client::try_default`]
-/// (in-cluster credentials, or `$KUBECONFIG` / `~/.kube/config`).
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<::kube::Client> {
-    match kubeconfig {
-        Some(path) => {
-            let file = ::kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
-            let config = ::kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .with_context(|| format!("using --kubeconfig {}", path.display()))?;
-            ::kube::Client::try_from(config).context("building the Kubernetes client")
-        }
-        None => ::kube::Client::try_default()
-            .await
-            .context("no Kubernetes credentials: not in a pod and no kubeconfig (--kubeconfig)"),
     }
 }
 

@@ -94,6 +94,25 @@ pub async fn watch_kubernetes(
         .await
 }
 
+/// A client for the API server: from `kubeconfig` if given, else in-cluster credentials (the
+/// pod's ServiceAccount), else `$KUBECONFIG` or `~/.kube/config`, as kubectl finds them.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    use anyhow::Context as _;
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("using --kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes credentials: not in a pod and no kubeconfig (--kubeconfig)")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
 /// The resource types the source watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WatchedKind {
