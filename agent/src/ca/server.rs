@@ -230,8 +230,8 @@ enum Policy {
         mesh: watch::Receiver<Arc<MeshState>>,
         tokens: watch::Receiver<Arc<NodeTokens>>,
     },
-    /// Kubernetes: TokenReview and the pod cache.
-    Kube(KubeAuthority),
+    /// Kubernetes: TokenReview and the pod cache (boxed: far larger than the other variant).
+    Kube(Box<KubeAuthority>),
 }
 
 /// The signing policy: authentication, placement, then the root's signature.
@@ -539,7 +539,10 @@ impl CaServer {
                     agent_service_account = %kube.agent_service_account,
                     "authenticating agents by TokenReview; placement from the cluster's pods"
                 );
-                (Policy::Kube(authority), vec![AbortOnDrop(pods_task)])
+                (
+                    Policy::Kube(Box::new(authority)),
+                    vec![AbortOnDrop(pods_task)],
+                )
             }
         };
 
