@@ -45,7 +45,7 @@ const NS: &str = "ambit-system";
 /// Flags and environment the manifests use that the agent and the CA do not have yet: they are
 /// being added with the Kubernetes watchers. Each is reported while missing; once it exists, the
 /// full parse below covers it.
-const PENDING_AGENT: &[&str] = &["--kube", "AMBIT_TRUST_DOMAIN"];
+const PENDING_AGENT: &[&str] = &[];
 const PENDING_CA: &[&str] = &[];
 
 // ---------------------------------------------------------------------------------------------
@@ -647,6 +647,11 @@ fn check_install(objs: &[Value], expect: &Expect) {
             .cloned()
             .unwrap_or_else(|| panic!("the DaemonSet does not set {f}"))
     };
+    let agent_root_namespace = flag("--root-namespace");
+    assert_eq!(
+        agent_root_namespace, ns,
+        "policies in Ambit's own namespace are the mesh-wide ones"
+    );
 
     // NODE_NAME from the downward API, read as --node.
     assert_eq!(agent.by_env["NODE_NAME"].get_long(), Some("node"));
@@ -865,6 +870,11 @@ fn check_install(objs: &[Value], expect: &Expect) {
         format!("{ns}/{agent_sa}"),
         "the CA accepts the agents' ServiceAccount"
     );
+    assert_eq!(
+        ca_flag("--root-namespace"),
+        agent_root_namespace,
+        "the CA reports on policies as the agents read them"
+    );
     assert!(
         server_names.iter().any(|n| n == host),
         "the CA's certificate must name {host} (agents verify it): {server_names:?}"
@@ -986,6 +996,7 @@ fn check_rbac(objs: &[Value], ns: &str) {
         out
     };
     let watch: &[&str] = &["get", "list", "watch"];
+    // The agents only read.
     assert_eq!(
         rules("ambit-agent"),
         set(&[
@@ -996,20 +1007,26 @@ fn check_rbac(objs: &[Value], ns: &str) {
                 &["authorizationpolicies", "peerauthentications"],
                 watch
             ),
-            (
-                "security.ambit.dev",
-                &["authorizationpolicies/status", "peerauthentications/status"],
-                &["patch", "update"]
-            ),
-            ("events.k8s.io", &["events"], &["create", "patch"]),
         ])
     );
-    // The CA reviews tokens and keeps a watch cache of pods; it never reads one by name.
+    // The CA reviews tokens and keeps watch caches of pods and policies (it never reads one by
+    // name); it merge-patches the policies' status and creates Events (config::kube::status).
     assert_eq!(
         rules("ambit-ca"),
         set(&[
             ("authentication.k8s.io", &["tokenreviews"], &["create"]),
             ("", &["pods"], &["list", "watch"]),
+            (
+                "security.ambit.dev",
+                &["authorizationpolicies", "peerauthentications"],
+                &["list", "watch"]
+            ),
+            (
+                "security.ambit.dev",
+                &["authorizationpolicies/status", "peerauthentications/status"],
+                &["patch"]
+            ),
+            ("events.k8s.io", &["events"], &["create"]),
         ])
     );
     for name in ["ambit-agent", "ambit-ca"] {
