@@ -42,12 +42,6 @@ const K8S_VERSIONS: [&str; 2] = ["1.30", "1.37"];
 /// The namespace of the plain manifests.
 const NS: &str = "ambit-system";
 
-/// Flags and environment the manifests use that the agent and the CA do not have yet: they are
-/// being added with the Kubernetes watchers. Each is reported while missing; once it exists, the
-/// full parse below covers it.
-const PENDING_AGENT: &[&str] = &[];
-const PENDING_CA: &[&str] = &[];
-
 // ---------------------------------------------------------------------------------------------
 // Paths and tools
 
@@ -369,18 +363,15 @@ impl Flags {
     }
 
     /// Parses `args` plus `env` (as the container would pass them; env values turned into their
-    /// flags). Flags and variables in `pending` that the binary lacks are reported and left out,
-    /// and then required flags are not enforced (the parse still checks every value and the
-    /// flags' dependencies). `Ok(flag -> value)`.
+    /// flags) with the binary's own flag definitions: every flag and variable must exist, every
+    /// value parse, and required flags and conflicts hold. Returns flag -> value.
     fn parse(
         &self,
         what: &str,
         args: &[String],
         env: &BTreeMap<String, String>,
-        pending: &[&str],
     ) -> BTreeMap<String, String> {
         let mut argv = vec![what.to_string()];
-        let mut missing = Vec::new();
         let mut values = BTreeMap::new();
         for arg in args {
             let (flag, value) = match arg.split_once('=') {
@@ -388,14 +379,10 @@ impl Flags {
                 None => (arg.clone(), String::new()),
             };
             assert!(flag.starts_with("--"), "{what}: {arg:?} is not a --flag");
-            if !self.by_long.contains_key(&flag) {
-                assert!(
-                    pending.contains(&flag.as_str()),
-                    "{what}: {flag} is not a flag of the binary (nor one being added)"
-                );
-                missing.push(flag);
-                continue;
-            }
+            assert!(
+                self.by_long.contains_key(&flag),
+                "{what}: {flag} is not a flag of the binary"
+            );
             values.insert(flag, value);
             argv.push(arg.clone());
         }
@@ -409,26 +396,15 @@ impl Flags {
                     argv.push(format!("{long}={value}"));
                     values.insert(long, value.clone());
                 }
-                None => {
-                    assert!(
-                        pending.contains(&name.as_str()),
-                        "{what}: environment variable {name} is read by nothing (nor being added)"
-                    );
-                    missing.push(name.clone());
-                }
+                None => panic!("{what}: environment variable {name} is read by nothing"),
             }
         }
-        let cmd = if missing.is_empty() {
-            self.cmd.clone()
-        } else {
-            eprintln!(
-                "deploy: {what}: not yet in the binary (being added): {}; parsing the rest without \
-                 enforcing required flags",
-                missing.join(", ")
-            );
-            self.cmd.clone().mut_args(|a| a.required(false))
-        };
-        if let Err(err) = cmd.no_binary_name(false).try_get_matches_from(&argv) {
+        if let Err(err) = self
+            .cmd
+            .clone()
+            .no_binary_name(false)
+            .try_get_matches_from(&argv)
+        {
             panic!("{what}: the binary would refuse {argv:?}:\n{err}");
         }
         values
@@ -640,7 +616,7 @@ fn check_install(objs: &[Value], expect: &Expect) {
     assert_eq!(c["args"][0], "agent");
     let args: Vec<String> = strs(&c["args"])[1..].to_vec();
     let env = env_of(c);
-    let flags = agent.parse("ambit agent", &args, &env, PENDING_AGENT);
+    let flags = agent.parse("ambit agent", &args, &env);
     let flag = |f: &str| {
         flags
             .get(f)
@@ -849,7 +825,7 @@ fn check_install(objs: &[Value], expect: &Expect) {
         .iter()
         .filter_map(|a| a.strip_prefix("--server-name=").map(String::from))
         .collect();
-    let flags = ca.parse("ambit ca serve", &args, &env_of(c), PENDING_CA);
+    let flags = ca.parse("ambit ca serve", &args, &env_of(c));
     // Kubernetes mode, accepting exactly the agents' projected tokens.
     assert!(
         flags.contains_key("--kube"),
