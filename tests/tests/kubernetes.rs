@@ -24,7 +24,7 @@ use ambit::config::kube::policy::{AuthorizationPolicyResource, PeerAuthenticatio
 use ambit_tests::traffic::{
     TIMEOUT, client_with, connect_ok, metric_value, serve, wait_access_log,
 };
-use ambit_tests::{Cluster, ClusterSpec, Node, Pod, READINESS_PORT, ensure_or_dump};
+use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, READINESS_PORT, ensure_or_dump};
 use anyhow::{Context, Result, anyhow};
 use k8s_openapi::api::core::v1::{
     Namespace, Pod as KubePod, PodCondition, PodIP, PodSpec, PodStatus,
@@ -181,6 +181,30 @@ fn pod_object(pod: &Pod, labels: &[(&str, &str)]) -> KubePod {
     }
 }
 
+/// Publishes namespace `shop` (with the enrolment label `mode`) and `pods` in it, each with its
+/// labels, then starts every agent in Kubernetes mode. Each pod gets a process that lives as
+/// long as the returned handles, as kubelet's sandbox ("pause") container does: the agent finds
+/// a pod's network namespace through the processes of its cgroup.
+fn start_shop(
+    cluster: &Cluster,
+    api: &ApiServer,
+    mode: Option<&str>,
+    pods: &[(&Pod, &[(&str, &str)])],
+) -> Result<Vec<PodProcess>> {
+    api.server.apply(&namespace("shop", mode));
+    let mut sandboxes = Vec::new();
+    for (pod, labels) in pods {
+        pod.set_namespace("shop");
+        api.server.apply(&pod_object(pod, labels));
+        sandboxes.push(pod.spawn("sleep", ["3600"])?);
+    }
+    for node in cluster.nodes() {
+        node.use_kubernetes(&api.kubeconfig);
+    }
+    cluster.start_agents()?;
+    Ok(sandboxes)
+}
+
 /// Waits until `node`'s agent has enrolled exactly `want` (`namespace/name`, sorted).
 fn wait_enrolled(cluster: &Cluster, node: &Node, want: &[&str], why: &str) -> Result<()> {
     let deadline = Instant::now() + TIMEOUT;
@@ -231,22 +255,15 @@ fn namespace_label_enrols_pods_end_to_end() -> Result<()> {
     let reviews = api.review_agent_tokens(&cluster)?;
     cluster.use_kubernetes_ca(&api.kubeconfig);
     let (client, server) = (cluster.pod(0, 0), cluster.pod(1, 0));
-    for pod in [client, server] {
-        pod.set_namespace("shop");
-    }
-    api.server.apply(&namespace("shop", None));
-    api.server.apply(&pod_object(client, &[("app", "client")]));
-    api.server.apply(&pod_object(server, &[("app", "server")]));
-    for node in cluster.nodes() {
-        node.use_kubernetes(&api.kubeconfig);
-    }
-    // Every pod has a process from start to end, as kubelet's sandbox ("pause") container:
-    // the agent finds a pod's network namespace through the processes of its cgroup.
-    let _sandboxes = [client, server]
-        .into_iter()
-        .map(|pod| pod.spawn("sleep", ["3600"]))
-        .collect::<Result<Vec<_>>>()?;
-    cluster.start_agents()?;
+    let _sandboxes = start_shop(
+        &cluster,
+        &api,
+        None,
+        &[
+            (client, &[("app", "client")]),
+            (server, &[("app", "server")]),
+        ],
+    )?;
     let _srv = serve(server, &[8080])?;
     let dst = server.addr4(8080);
 
@@ -489,23 +506,17 @@ fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()>
         .register_with_status::<PeerAuthenticationResource>();
     cluster.use_kubernetes_ca(&api.kubeconfig);
     let (client, server) = (cluster.pod(0, 0), cluster.pod(1, 0));
-    for pod in [client, server] {
-        pod.set_namespace("shop");
-    }
     client.set_service_account("frontend");
     server.set_service_account("backend");
-    api.server.apply(&namespace("shop", Some("ambient")));
-    api.server
-        .apply(&pod_object(client, &[("app", "frontend")]));
-    api.server.apply(&pod_object(server, &[("app", "backend")]));
-    for node in cluster.nodes() {
-        node.use_kubernetes(&api.kubeconfig);
-    }
-    let _sandboxes = [client, server]
-        .into_iter()
-        .map(|pod| pod.spawn("sleep", ["3600"]))
-        .collect::<Result<Vec<_>>>()?;
-    cluster.start_agents()?;
+    let _sandboxes = start_shop(
+        &cluster,
+        &api,
+        Some("ambient"),
+        &[
+            (client, &[("app", "frontend")]),
+            (server, &[("app", "backend")]),
+        ],
+    )?;
     wait_enrolled(
         &cluster,
         cluster.node(1),

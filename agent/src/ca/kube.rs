@@ -49,7 +49,7 @@ use tokio::sync::watch;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
-use crate::identity::SpiffeId;
+use crate::{config::kube::error_chain, identity::SpiffeId};
 
 /// The audience agents' tokens must be issued for, unless `--token-audience` says otherwise.
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "ambit-ca";
@@ -627,21 +627,6 @@ fn token_key(token: &str) -> [u8; 32] {
     let mut key = [0u8; 32];
     key.copy_from_slice(&hash.as_ref()[..32]);
     key
-}
-
-/// `error` and its sources, `: `-separated (connect errors hide the useful part in a source).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = e.source();
-    }
-    message
 }
 
 /// Keeps `writer` in step with the cluster's pods, forever; reports the first completed list

@@ -263,7 +263,7 @@ impl WatchProblem {
 }
 
 /// `error` and its sources, `: `-separated (connect errors hide the useful part in a source).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
