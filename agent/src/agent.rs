@@ -161,9 +161,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     };
     // The first load must succeed: an agent must not start on a configuration it cannot read.
-    // From Kubernetes it may take a while (API server unreachable): readiness says why.
-    let waiting_since = std::time::Instant::now();
-    let mut last_reported = None;
+    // From Kubernetes it may take a while; the source logs why (API server unreachable...).
     loop {
         tokio::select! {
             result = &mut source => {
@@ -175,15 +173,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
             changed = config_rx.changed() => {
                 changed.context("configuration source ended")?;
-                let status = config_rx.borrow();
-                if status.generation > 0 {
+                if config_rx.borrow().generation > 0 {
                     break;
-                }
-                if status.last_error != last_reported {
-                    if let Some(error) = &status.last_error {
-                        tracing::warn!(waited = ?waiting_since.elapsed(), %error, "no configuration yet");
-                    }
-                    last_reported = status.last_error.clone();
                 }
             }
         }

@@ -566,7 +566,8 @@ impl Pod {
         &self.node_if
     }
 
-    /// The pod's UID, a UUID unique to the bed (`<id>-000<i>-4000-8000-0000000000<j>`, hex).
+    /// The pod's UID, a UUID unique to the bed (`00<id>-<i>-4000-8000-<j>`, `i` and `j` in
+    /// hex, zero-padded).
     pub fn uid(&self) -> &str {
         &self.uid
     }
@@ -824,7 +825,8 @@ impl Cluster {
             .collect();
         let pods = (0..spec.nodes)
             .flat_map(|i| (0..spec.pods_per_node).map(move |j| (i, j)))
-            .map(|(i, j)| Pod {
+            .map(|(i, j)| (i, j, pod_uid(&id, i, j)))
+            .map(|(i, j, uid)| Pod {
                 name: format!("p{i}-{j}"),
                 node: i,
                 index: j,
@@ -832,10 +834,10 @@ impl Cluster {
                 netns_name: ns(&format!("n{i}p{j}")),
                 netns_path: Path::new(util::NETNS_DIR).join(ns(&format!("n{i}p{j}"))),
                 node_if: format!("a{id}n{i}p{j}"),
-                uid: pod_uid(&id, i, j),
                 cgroup: cgroup_root
                     .join(format!("n{i}"))
-                    .join(kubelet_container_cgroup(i, &pod_uid(&id, i, j))),
+                    .join(kubelet_container_cgroup(i, &uid)),
+                uid,
                 run_dir: run_dir.clone(),
                 meta: Mutex::new(PodMeta {
                     namespace: "default".into(),
@@ -1435,6 +1437,32 @@ impl Cluster {
             Ok(())
         } else {
             Err(anyhow!("{msg}\n{}", self.diagnostics()))
+        }
+    }
+
+    /// Polls `probe` every 100 ms until it returns `Ok(Ok(value))`, for at most `timeout`.
+    /// `Ok(Err(seen))` means "not yet" and describes what was seen; on timeout the error says
+    /// `what`, the last thing seen and the [`diagnostics`](Self::diagnostics). An `Err` from
+    /// the probe ends the wait at once.
+    pub fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut probe: impl FnMut() -> Result<std::result::Result<T, String>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = match probe()? {
+                Ok(value) => return Ok(value),
+                Err(seen) => seen,
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{what}: not within {timeout:?}; last seen: {seen}\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

@@ -138,6 +138,25 @@ pub fn connect_ok_n(
     Ok(conns)
 }
 
+/// Whether one `testpod client` connection from `from` reaches the server at `dst` and gets
+/// its bytes back (3 s timeout).
+pub fn reaches(from: &Pod, dst: SocketAddr) -> Result<bool> {
+    let mut c = from.spawn(
+        testpod_bin()?,
+        [
+            "client",
+            "--connect",
+            &dst.to_string(),
+            "--bytes",
+            "1000",
+            "--timeout-ms",
+            "3000",
+        ],
+    )?;
+    let (_, lines) = c.wait_json(Duration::from_secs(30))?;
+    Ok(lines.first().is_some_and(|l| l["ok"] == true))
+}
+
 /// One connection that must succeed, byte-exact.
 pub fn connect_ok(cluster: &Cluster, from: &Pod, dst: SocketAddr, bytes: u64) -> Result<Conn> {
     let mut conns = connect_ok_n(cluster, from, dst, bytes, 1, &[])?;

@@ -17,13 +17,11 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambit::config::kube::fake::FakeApiServer;
 use ambit::config::kube::policy::{AuthorizationPolicyResource, PeerAuthenticationResource};
-use ambit_tests::traffic::{
-    TIMEOUT, client_with, connect_ok, metric_value, serve, wait_access_log,
-};
+use ambit_tests::traffic::{TIMEOUT, connect_ok, metric_value, reaches, serve, wait_access_log};
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, READINESS_PORT, ensure_or_dump};
 use anyhow::{Context, Result, anyhow};
 use k8s_openapi::api::core::v1::{
@@ -207,8 +205,8 @@ fn start_shop(
 
 /// Waits until `node`'s agent has enrolled exactly `want` (`namespace/name`, sorted).
 fn wait_enrolled(cluster: &Cluster, node: &Node, want: &[&str], why: &str) -> Result<()> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
+    let what = format!("{why}: {} should enroll exactly {want:?}", node.name());
+    cluster.wait_for(TIMEOUT, &what, || {
         let dump = node.config_dump()?;
         let mut enrolled: Vec<String> = dump["enrolled"]
             .as_array()
@@ -222,17 +220,12 @@ fn wait_enrolled(cluster: &Cluster, node: &Node, want: &[&str], why: &str) -> Re
             .filter_map(|pod| pod["uid"].as_str().map(String::from))
             .collect();
         enrolled.sort();
-        if enrolled == want {
-            return Ok(());
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "{why}: {} enrolled {enrolled:?}, expected {want:?}",
-            node.name()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        Ok(if enrolled == want {
+            Ok(())
+        } else {
+            Err(format!("enrolled {enrolled:?}"))
+        })
+    })
 }
 
 /// `GET /healthz/ready` on `node`: status and body.
@@ -335,20 +328,23 @@ fn namespace_label_enrols_pods_end_to_end() -> Result<()> {
     // traffic in tunnels.
     api.server.go_down();
     let node = cluster.node(0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = readiness(node)?;
-        let up = metric_value(node, "ambit_config_source_up")?;
-        if status == 200 && body.contains("unreachable") && up == 0.0 {
-            break;
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "API server down: readiness {status} {body:?}, ambit_config_source_up {up}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    cluster.wait_for(
+        Duration::from_secs(60),
+        "API server down: readiness should say so (still 200) and ambit_config_source_up be 0",
+        || {
+            let (status, body) = readiness(node)?;
+            let up = metric_value(node, "ambit_config_source_up")?;
+            Ok(
+                if status == 200 && body.contains("unreachable") && up == 0.0 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "readiness {status} {body:?}, ambit_config_source_up {up}"
+                    ))
+                },
+            )
+        },
+    )?;
     let conn = connect_ok(&cluster, client, dst, 10_000)?;
     ensure_or_dump!(
         cluster,
@@ -382,15 +378,18 @@ fn namespace_label_enrols_pods_end_to_end() -> Result<()> {
             "namespace label removed during the outage",
         )?;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while metric_value(node, "ambit_config_source_up")? != 1.0 {
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "ambit_config_source_up stayed 0 after the API server came back"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    cluster.wait_for(
+        Duration::from_secs(60),
+        "ambit_config_source_up should be 1 again once the API server is back",
+        || {
+            let up = metric_value(node, "ambit_config_source_up")?;
+            Ok(if up == 1.0 {
+                Ok(())
+            } else {
+                Err(format!("{up}"))
+            })
+        },
+    )?;
     let conn = connect_ok(&cluster, client, dst, 10_000)?;
     ensure_or_dump!(
         cluster,
@@ -420,12 +419,6 @@ fn authorization_policy(namespace: &str, name: &str, spec: Value) -> Authorizati
     }
 }
 
-/// Whether one connection from `from` to `dst` gets through, byte-exact.
-fn reaches(from: &Pod, dst: SocketAddr) -> Result<bool> {
-    let conns = client_with(from, dst, 1000, 1, &[])?;
-    Ok(conns.first().is_some_and(|c| c.ok()))
-}
-
 /// Waits until connections from `from` to `dst` are `allowed` (policies take effect when the
 /// destination's agent has the new state: a moment after the API server has it).
 fn wait_reach(
@@ -435,24 +428,18 @@ fn wait_reach(
     allowed: bool,
     why: &str,
 ) -> Result<()> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if reaches(from, dst)? == allowed {
-            return Ok(());
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "{why}: {} -> {dst} {}",
-            from.name(),
-            if allowed {
-                "still refused"
-            } else {
-                "still allowed"
-            }
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let want = if allowed { "allowed" } else { "refused" };
+    let what = format!("{why}: {} -> {dst} should be {want}", from.name());
+    cluster.wait_for(TIMEOUT, &what, || {
+        Ok(if reaches(from, dst)? == allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} connection",
+                if allowed { "refused" } else { "allowed" }
+            ))
+        })
+    })
 }
 
 /// The `Accepted` condition the CA's status writer put on a policy: (status, reason, message).
@@ -463,28 +450,21 @@ fn wait_accepted(
     name: &str,
     want_status: &str,
 ) -> Result<(String, String, String)> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
+    let what = format!("{namespace}/{name}: Accepted condition should be {want_status}");
+    cluster.wait_for(TIMEOUT, &what, || {
         let policy = api
             .server
             .get::<AuthorizationPolicyResource>(namespace, name)
             .ok_or_else(|| anyhow!("policy {namespace}/{name} is gone"))?;
         let generation = policy.metadata.generation;
         let condition = policy.status.as_ref().and_then(|s| s.accepted()).cloned();
-        if let Some(c) = &condition
-            && c.status == want_status
-            && c.observed_generation == generation
-        {
-            return Ok((c.status.clone(), c.reason.clone(), c.message.clone()));
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "{namespace}/{name}: Accepted condition {condition:?} (generation {generation:?}), \
-             expected status {want_status}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        Ok(match condition {
+            Some(c) if c.status == want_status && c.observed_generation == generation => {
+                Ok((c.status, c.reason, c.message))
+            }
+            other => Err(format!("{other:?} (generation {generation:?})")),
+        })
+    })
 }
 
 /// Ambit's policy resources end to end: the agents enforce AuthorizationPolicies read from the

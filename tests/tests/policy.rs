@@ -5,7 +5,6 @@
 //! certificates no honest agent would: another identity, another root, another trust domain.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ambit::identity::{SpiffeId, WorkloadCertificate};
@@ -16,35 +15,13 @@ use ambit::proxy::hbone::{
     tls,
 };
 use ambit_tests::mesh::Policies;
-use ambit_tests::traffic::{metric, serve};
+use ambit_tests::traffic::{metric, reaches, serve};
 use ambit_tests::{Cluster, ClusterSpec, Netns, Node, Pod, ensure_or_dump};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
 const T: Duration = Duration::from_secs(20);
-
-fn testpod() -> PathBuf {
-    ambit_tests::testpod_path!()
-}
-
-/// One `testpod client` connection: whether it reached the server and got its bytes back.
-fn reaches(from: &Pod, dst: SocketAddr) -> Result<bool> {
-    let mut c = from.spawn(
-        testpod(),
-        [
-            "client",
-            "--connect",
-            &dst.to_string(),
-            "--bytes",
-            "1000",
-            "--timeout-ms",
-            "3000",
-        ],
-    )?;
-    let (_, lines) = c.wait_json(Duration::from_secs(30))?;
-    Ok(lines.first().is_some_and(|l| l["ok"] == true))
-}
 
 fn expect(cluster: &Cluster, from: &Pod, dst: SocketAddr, allowed: bool, why: &str) -> Result<()> {
     let reached = reaches(from, dst)?;
