@@ -40,7 +40,7 @@ use kube::{
     Api, Client,
     api::PostParams,
     runtime::{
-        reflector::{Store, store::Writer},
+        reflector::{ObjectRef, Store, store::Writer},
         watcher::{self, watcher},
     },
 };
@@ -49,7 +49,10 @@ use tokio::sync::watch;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
-use crate::{config::kube::error_chain, identity::SpiffeId};
+use crate::{
+    config::kube::{error_chain, objects::pod_service_account},
+    identity::SpiffeId,
+};
 
 /// The audience agents' tokens must be issued for, unless `--token-audience` says otherwise.
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "ambit-ca";
@@ -334,12 +337,10 @@ impl PlacedPod {
     /// The service account the pod runs as (`default` when the object names none, as the API
     /// server's admission fills in).
     pub fn service_account(&self) -> &str {
-        self.spec
-            .service_account_name
-            .as_deref()
-            .or(self.spec.service_account.as_deref())
-            .filter(|s| !s.is_empty())
-            .unwrap_or("default")
+        pod_service_account(
+            self.spec.service_account_name.as_deref(),
+            self.spec.service_account.as_deref(),
+        )
     }
 
     /// The node the pod is scheduled on.
@@ -582,11 +583,11 @@ impl KubeAuthority {
         let pod = format!("{namespace}/{name}");
         // Same name, another UID: the bound pod was replaced; its token would fail review
         // soon, and meanwhile proves nothing about the new pod's node.
-        let found = self.pods.store.find(|p| {
-            p.metadata.namespace.as_deref() == Some(namespace.as_str())
-                && p.metadata.name.as_deref() == Some(name.as_str())
-                && p.metadata.uid.as_deref() == Some(uid.as_str())
-        });
+        let found = self
+            .pods
+            .store
+            .get(&ObjectRef::new(name).within(namespace))
+            .filter(|p| p.metadata.uid.as_deref() == Some(uid.as_str()));
         let found = found.ok_or_else(|| KubeAuthError::BoundPodUnknown { pod: pod.clone() })?;
         found
             .node()
@@ -595,8 +596,8 @@ impl KubeAuthority {
     }
 
     /// `Ok` if a live pod of `identity`'s namespace and service account is scheduled on `node`.
+    /// Callers have authenticated, which needs the pods listed ([`Self::ready`]).
     pub(crate) fn authorize(&self, node: &str, identity: &SpiffeId) -> Result<(), KubeAuthError> {
-        self.ready()?;
         let placed = self.pods.store.find(|p| {
             p.node() == Some(node)
                 && p.metadata.namespace.as_deref() == Some(identity.namespace.as_str())

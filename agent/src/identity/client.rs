@@ -109,14 +109,6 @@ impl BearerToken {
         }
         Arc::clone(&last)
     }
-
-    /// The file the token is read from, if any.
-    pub fn path(&self) -> Option<&Path> {
-        match &self.0 {
-            TokenSource::Fixed(_) => None,
-            TokenSource::File(file) => Some(&file.path),
-        }
-    }
 }
 
 /// Reads and checks a token file; errors name the file, never the content.

@@ -21,8 +21,11 @@ use super::{
 };
 use crate::{
     identity::{SpiffeId, WorkloadCertificate},
-    state::{MeshState, Resolved, Workload},
-    telemetry::{AccessLog, ConnectionLabels, Direction, Metrics, ResponseFlags, SecurityPolicy},
+    state::{MeshState, Resolved, Service, Workload},
+    telemetry::{
+        AccessLog, ConnectionLabels, Direction, Metrics, ResponseFlags, SecurityPolicy,
+        metrics::service_hostname,
+    },
 };
 
 /// Accepts redirected connections of one pod until the task is aborted (un-enrolment).
@@ -108,11 +111,12 @@ struct Outbound<'a, U> {
 }
 
 /// An HBONE tunnel to open: to `to`'s port 15008, carrying `authority`, for a server that must
-/// prove it runs as `workload`.
+/// prove it runs as `workload`; `service` is the service dialled, if any.
 struct Tunnel {
     workload: Arc<Workload>,
     to: IpAddr,
     authority: SocketAddr,
+    service: Option<Arc<Service>>,
 }
 
 impl<U: Upstreams> Outbound<'_, U> {
@@ -131,11 +135,12 @@ impl<U: Upstreams> Outbound<'_, U> {
                 service,
             } => {
                 log.dst_workload = Some(workload.uid());
-                log.dst_service = service.map(|s| s.uid());
+                log.dst_service = service.as_ref().map(|s| s.uid());
                 let tunnel = workload.enrolled.then(|| Tunnel {
                     to: addr.ip(),
                     authority: addr,
                     workload,
+                    service,
                 });
                 (addr, tunnel)
             }
@@ -152,6 +157,7 @@ impl<U: Upstreams> Outbound<'_, U> {
                     to: ip,
                     authority: dst,
                     workload,
+                    service: Some(service),
                 };
                 (SocketAddr::new(ip, HBONE_PORT), Some(tunnel))
             }
@@ -240,11 +246,7 @@ impl<U: Upstreams> Outbound<'_, U> {
         let mut request =
             TunnelRequest::new(SocketAddr::new(source_ip, peer.port()), tunnel.authority);
         request.baggage = baggage(self.workload);
-        request.service_host = log
-            .dst_service
-            .as_ref()
-            .and_then(|uid| uid.split_once('/'))
-            .map(|(ns, name)| format!("{name}.{ns}.svc.cluster.local"));
+        request.service_host = tunnel.service.as_deref().map(service_hostname);
         match self.pool.open(&key, &certificate, &request).await {
             Ok(tunnel) => {
                 let (moved, result) = relay(client, tunnel).await;

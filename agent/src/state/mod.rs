@@ -104,13 +104,6 @@ pub struct WaypointRef {
     pub name: String,
 }
 
-impl WaypointRef {
-    /// The waypoint service's unique id, `namespace/name`.
-    pub fn uid(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
-
 impl fmt::Display for WaypointRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
@@ -316,9 +309,9 @@ pub struct MeshState {
     service_by_vip: HashMap<IpAddr, usize>,
     /// Parallel to `services`.
     endpoints: Vec<Endpoints>,
-    /// Parallel to `services`: for a service with a waypoint, the waypoint service's index,
-    /// `None` inside when that service does not exist.
-    waypoints: Vec<Option<Option<usize>>>,
+    /// Parallel to `services`: for a service with a waypoint, the waypoint service's index
+    /// (`None` when that service does not exist, or the service has no waypoint).
+    waypoints: Vec<Option<usize>>,
 }
 
 impl MeshState {
@@ -366,11 +359,9 @@ impl MeshState {
             .iter()
             .map(|service| {
                 let waypoint = service.waypoint.as_ref()?;
-                Some(
-                    by_name
-                        .get(&(waypoint.namespace.as_str(), waypoint.name.as_str()))
-                        .copied(),
-                )
+                by_name
+                    .get(&(waypoint.namespace.as_str(), waypoint.name.as_str()))
+                    .copied()
             })
             .collect();
 
@@ -486,7 +477,10 @@ impl MeshState {
                     port: dst.port(),
                 };
             };
-            if let (Some(waypoint), Some(found)) = (&service.waypoint, self.waypoints[index]) {
+            // Whether the service has a waypoint is the service's own field: a waypoint that
+            // cannot be found must refuse, never fall through to the endpoints.
+            if let Some(waypoint) = &service.waypoint {
+                let found = self.waypoints[index];
                 let picked = found.and_then(|w| self.endpoints[w].pick(dst.ip()));
                 return match picked {
                     Some((workload, ip)) => Resolved::Waypoint {

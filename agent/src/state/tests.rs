@@ -558,7 +558,7 @@ fn a_missing_or_unready_waypoint_fails_closed() {
             exists,
         } => {
             assert_eq!(service.uid(), "shop/web");
-            assert_eq!(waypoint.uid(), "infra/wp");
+            assert_eq!(waypoint.to_string(), "infra/wp");
             assert!(!exists);
         }
         other => panic!("unexpected {other:?}"),

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::I
 
 use super::{
     cgroup::pod_cgroup_dir,
-    objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
+    objects::{EndpointSliceView, NamespaceView, PodView, ServiceView, pod_service_account},
 };
 use crate::state::{NetnsRef, Service, ServicePort, WaypointRef, Workload};
 
@@ -206,11 +206,11 @@ pub fn workload_from_pod(pod: &PodView, namespace_enrolled: bool) -> Option<Work
             Some(MODE_AMBIENT) => true,
             _ => namespace_enrolled,
         };
-    let service_account = [&spec.service_account_name, &spec.service_account]
-        .into_iter()
-        .flatten()
-        .find(|sa| !sa.is_empty())
-        .map_or_else(|| "default".to_string(), Clone::clone);
+    let service_account = pod_service_account(
+        spec.service_account_name.as_deref(),
+        spec.service_account.as_deref(),
+    )
+    .to_string();
     Some(Workload {
         name: meta.name.clone()?,
         namespace: meta.namespace.clone()?,

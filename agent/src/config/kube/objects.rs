@@ -68,6 +68,20 @@ resource!(
     NamespaceResourceScope
 );
 
+/// The service account a pod runs as: `serviceAccountName`, else the deprecated
+/// `serviceAccount` (the first that is not empty), else `default`, as admission fills it in.
+/// The agent's mesh and the CA's placement checks must agree on it.
+pub fn pod_service_account<'a>(
+    service_account_name: Option<&'a str>,
+    service_account: Option<&'a str>,
+) -> &'a str {
+    [service_account_name, service_account]
+        .into_iter()
+        .flatten()
+        .find(|sa| !sa.is_empty())
+        .unwrap_or("default")
+}
+
 /// The fields of a pod's `spec` the source reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
