@@ -30,7 +30,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt as _, stream::BoxStream};
 use k8s_openapi::{
     NamespaceResourceScope, Resource,
     api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus},
@@ -41,7 +40,7 @@ use kube::{
     api::PostParams,
     runtime::{
         reflector::{ObjectRef, Store, store::Writer},
-        watcher::{self, watcher},
+        watcher,
     },
 };
 use serde::{Deserialize, Deserializer};
@@ -50,7 +49,9 @@ use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::{
-    config::kube::{error_chain, objects::pod_service_account},
+    config::kube::{
+        BACKOFF_MAX, BACKOFF_MIN, ResilientWatch, error_chain, objects::pod_service_account,
+    },
     identity::SpiffeId,
 };
 
@@ -74,10 +75,6 @@ const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most reviews cached at once; beyond, expired ones are purged, then all if need be (a
 /// cluster has one agent per node, so this is never reached in normal operation).
 const REVIEW_CACHE_MAX: usize = 16_384;
-/// The pod watcher's retry delays after an error: client-go's reflector's, 800 ms doubling up
-/// to 30 s.
-const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(800);
-const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// A ServiceAccount, written `<namespace>/<name>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -641,16 +638,11 @@ async fn watch_pods(
     mut writer: Writer<PlacedPod>,
     synced: watch::Sender<PodSync>,
 ) {
-    let start = || -> BoxStream<'static, watcher::Result<watcher::Event<PlacedPod>>> {
-        watcher(api.clone(), watcher::Config::default()).boxed()
-    };
-    let mut stream = start();
-    let mut delay = WATCH_BACKOFF_MIN;
+    let mut watch = ResilientWatch::new(api, watcher::Config::default(), BACKOFF_MIN, BACKOFF_MAX);
     let mut failing = false;
     loop {
-        match stream.next().await {
-            Some(Ok(event)) => {
-                delay = WATCH_BACKOFF_MIN;
+        match watch.next().await {
+            Ok(event) => {
                 writer.apply_watcher_event(&event);
                 if let watcher::Event::InitDone = event {
                     if *synced.borrow() != PodSync::Synced {
@@ -662,7 +654,7 @@ async fn watch_pods(
                     synced.send_replace(PodSync::Synced);
                 }
             }
-            Some(Err(error)) => {
+            Err(error) => {
                 let message = match &error {
                     watcher::Error::InitialListFailed(e)
                     | watcher::Error::WatchStartFailed(e)
@@ -681,22 +673,9 @@ async fn watch_pods(
                         true
                     }
                 });
-                if matches!(&error, watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 410)
-                {
-                    stream = start();
-                }
-                tokio::time::sleep(jittered(delay)).await;
-                delay = (delay * 2).min(WATCH_BACKOFF_MAX);
             }
-            None => stream = start(),
         }
     }
-}
-
-/// `delay` minus up to a quarter, so that replicas do not retry in step.
-fn jittered(delay: Duration) -> Duration {
-    let [r] = super::random_bytes::<1>();
-    delay - delay / 4 * u32::from(r) / 255
 }
 
 #[cfg(test)]

@@ -75,25 +75,6 @@ use self::{
 /// The `source` of this source's [`ConfigStatus`].
 pub const SOURCE_NAME: &str = "kubernetes";
 
-/// Runs the Kubernetes source for the agent of `node` with default settings; see
-/// [`KubeSource`]. `cgroup_root` is the cgroup v2 directory holding kubelet's `kubepods`
-/// hierarchy (normally the cgroup2 mount point), where this node's pods' network namespaces are
-/// found.
-///
-/// Never returns while anyone listens: it ends (with `Ok`) once every receiver of `state_tx`
-/// is dropped.
-pub async fn watch_kubernetes(
-    client: Client,
-    node: String,
-    cgroup_root: PathBuf,
-    state_tx: watch::Sender<Arc<MeshState>>,
-    status_tx: watch::Sender<ConfigStatus>,
-) -> anyhow::Result<()> {
-    KubeSource::new(client, node, cgroup_root)
-        .run(state_tx, status_tx)
-        .await
-}
-
 /// A client for the API server: from `kubeconfig` if given, else in-cluster credentials (the
 /// pod's ServiceAccount), else `$KUBECONFIG` or `~/.kube/config`, as kubectl finds them.
 pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
@@ -324,9 +305,8 @@ impl KubeSource {
             node: node.into(),
             cgroup_root: cgroup_root.into(),
             debounce: Duration::from_millis(100),
-            // client-go's reflector backoff: 800 ms doubling up to 30 s.
-            backoff_min: Duration::from_millis(800),
-            backoff_max: Duration::from_secs(30),
+            backoff_min: BACKOFF_MIN,
+            backoff_max: BACKOFF_MAX,
             probe_interval: Duration::from_secs(5),
             cgroup_retry: Duration::from_secs(2),
             watch_timeout: None,
@@ -414,12 +394,13 @@ impl KubeSource {
         let store = writer.as_reader();
         let reflector = Reflector {
             kind,
-            api: Api::all(self.client.clone()),
-            config: self.watcher_config(),
             writer,
-            stream: futures::stream::empty().boxed(),
-            backoff: RetryBackoff::new(self.backoff_min, self.backoff_max),
-            delay: None,
+            watch: ResilientWatch::new(
+                Api::all(self.client.clone()),
+                self.watcher_config(),
+                self.backoff_min,
+                self.backoff_max,
+            ),
         };
         (reflector.into_stream(), store)
     }
@@ -555,24 +536,102 @@ enum SignalKind {
     Failed(watcher::Error),
 }
 
-/// A watcher and the store it fills.
+/// Watchers' first retry delay after an error: client-go's reflector backoff, 800 ms doubling
+/// up to [`BACKOFF_MAX`].
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(800);
+/// Watchers' longest retry delay.
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A kube-runtime [`watcher()`] that retries errors with [`RetryBackoff`] and never ends.
 ///
-/// Written out instead of kube-runtime's `reflector()` + `StreamBackoff` for one case those do
-/// not handle: an API server that answers a watch from an expired resource version with HTTP
-/// 410 (rather than a 410 event in the stream) leaves the watcher retrying that version
-/// forever, so here the watcher is restarted, which re-lists.
+/// Written out instead of kube-runtime's `StreamBackoff` for one case that does not handle: an
+/// API server that answers a watch from an expired resource version with HTTP 410 (rather than
+/// a 410 event in the stream) leaves the watcher retrying that version forever, so here the
+/// watcher is restarted, which re-lists. Every watch of the Kubernetes code goes through it.
+pub(crate) struct ResilientWatch<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    api: Api<K>,
+    config: watcher::Config,
+    stream: BoxStream<'static, watcher::Result<watcher::Event<K>>>,
+    backoff: RetryBackoff,
+    /// Set after an error: wait this long before polling the watcher again.
+    delay: Option<Duration>,
+}
+
+impl<K> ResilientWatch<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    /// Watches `api` with `config`, retrying after an error from `backoff_min`, doubling up to
+    /// `backoff_max`, with jitter.
+    pub(crate) fn new(
+        api: Api<K>,
+        config: watcher::Config,
+        backoff_min: Duration,
+        backoff_max: Duration,
+    ) -> Self {
+        let stream = watcher(api.clone(), config.clone()).boxed();
+        Self {
+            api,
+            config,
+            stream,
+            backoff: RetryBackoff::new(backoff_min, backoff_max),
+            delay: None,
+        }
+    }
+
+    /// Starts over with a fresh watcher (list, then watch).
+    fn restart(&mut self) {
+        self.stream = watcher(self.api.clone(), self.config.clone()).boxed();
+    }
+
+    /// The next event, or the error the watcher will retry after a backoff.
+    pub(crate) async fn next(&mut self) -> watcher::Result<watcher::Event<K>> {
+        loop {
+            if let Some(delay) = self.delay.take() {
+                tokio::time::sleep(delay).await;
+            }
+            match self.stream.next().await {
+                Some(Ok(event)) => {
+                    self.backoff.reset();
+                    return Ok(event);
+                }
+                Some(Err(error)) => {
+                    self.delay = Some(self.backoff.next_delay());
+                    if matches!(
+                        &error,
+                        watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 410
+                    ) {
+                        self.restart();
+                    }
+                    return Err(error);
+                }
+                // kube-runtime's watcher never ends; should it, starting over is the only way on.
+                None => {
+                    self.delay = Some(self.backoff.next_delay());
+                    self.restart();
+                }
+            }
+        }
+    }
+}
+
+/// A watcher and the store it fills.
 struct Reflector<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
     kind: WatchedKind,
-    api: Api<K>,
-    config: watcher::Config,
     writer: Writer<K>,
-    stream: BoxStream<'static, watcher::Result<watcher::Event<K>>>,
-    backoff: RetryBackoff,
-    /// Set after an error: wait this long before polling the watcher again.
-    delay: Option<Duration>,
+    watch: ResilientWatch<K>,
 }
 
 impl<K> Reflector<K>
@@ -585,8 +644,7 @@ where
         + Sync
         + 'static,
 {
-    fn into_stream(mut self) -> BoxStream<'static, Signal> {
-        self.restart();
+    fn into_stream(self) -> BoxStream<'static, Signal> {
         futures::stream::unfold(self, |mut reflector| async move {
             let signal = reflector.next().await;
             Some((signal, reflector))
@@ -594,18 +652,9 @@ where
         .boxed()
     }
 
-    /// Starts over with a fresh watcher (list, then watch).
-    fn restart(&mut self) {
-        self.stream = watcher(self.api.clone(), self.config.clone()).boxed();
-    }
-
     async fn next(&mut self) -> Signal {
-        if let Some(delay) = self.delay.take() {
-            tokio::time::sleep(delay).await;
-        }
-        let what = match self.stream.next().await {
-            Some(Ok(event)) => {
-                self.backoff.reset();
+        let what = match self.watch.next().await {
+            Ok(event) => {
                 self.writer.apply_watcher_event(&event);
                 match event {
                     watcher::Event::Init | watcher::Event::InitApply(_) => SignalKind::Listing,
@@ -613,22 +662,7 @@ where
                     watcher::Event::Apply(_) | watcher::Event::Delete(_) => SignalKind::Changed,
                 }
             }
-            Some(Err(error)) => {
-                self.delay = Some(self.backoff.next_delay());
-                if matches!(
-                    &error,
-                    watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 410
-                ) {
-                    self.restart();
-                }
-                SignalKind::Failed(error)
-            }
-            // kube-runtime's watcher never ends; should it, starting over is the only way on.
-            None => {
-                self.delay = Some(self.backoff.next_delay());
-                self.restart();
-                SignalKind::Listing
-            }
+            Err(error) => SignalKind::Failed(error),
         };
         Signal {
             kind: self.kind,

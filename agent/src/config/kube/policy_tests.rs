@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 use super::{
     StatusWriter,
-    fake::FakeApiServer,
+    fake::{FakeApiServer, GoneStyle},
     policy::{
         AuthorizationPolicyResource, DEFAULT_ROOT_NAMESPACE, PeerAuthenticationResource,
         PolicyCondition, Verdict, authorization_policy, convert_policies, peer_authentication,
@@ -649,6 +649,32 @@ async fn l7_policy_fails_closed_until_fixed() {
     wait_condition(&h.server, "backend", |c| c.observed_generation == Some(4)).await;
     settle().await;
     assert_eq!(events_about(&h.server, "backend").len(), 3);
+    writer.abort();
+}
+
+/// After an outage long enough for its resource version to expire, a server that answers the
+/// watch with HTTP 410 must not leave the writer retrying that version forever: it re-lists and
+/// reports on what changed meanwhile.
+#[tokio::test]
+async fn status_writer_relists_after_an_http_410() {
+    let server = FakeApiServer::start().await.unwrap();
+    server.register_with_status::<AuthorizationPolicyResource>();
+    server.register_with_status::<PeerAuthenticationResource>();
+    server.set_gone_style(GoneStyle::Http);
+    let writer = run_status_writer(&server);
+    server.apply(&authorization("shop", "backend", backend_spec()));
+    wait_condition(&server, "backend", |c| c.status == "True").await;
+
+    server.go_down();
+    server.apply(&authorization(
+        "shop",
+        "l7",
+        json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+    ));
+    server.expire_history();
+    server.come_up().await.unwrap();
+    let (_, condition) = wait_condition(&server, "l7", |c| c.status == "False").await;
+    assert_eq!(condition.reason, "UnsupportedField");
     writer.abort();
 }
 

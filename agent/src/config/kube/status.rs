@@ -20,13 +20,13 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt as _,
     api::{Patch, PatchParams, PostParams},
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::watcher,
 };
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::{
-    WatchedKind,
+    BACKOFF_MAX, BACKOFF_MIN, ResilientWatch, WatchedKind,
     policy::{
         ACCEPTED_CONDITION, Acceptance, AuthorizationPolicyResource, PeerAuthenticationResource,
         PolicyCondition, PolicyStatus, authorization_policy, peer_authentication,
@@ -170,13 +170,25 @@ impl StatusWriter {
         &self,
         wrap: fn(K) -> Seen,
     ) -> BoxStream<'static, Result<Seen, (WatchedKind, watcher::Error)>> {
-        watcher(
+        let watch = ResilientWatch::new(
             Api::<K>::all(self.client.clone()),
             watcher::Config::default(),
-        )
-        .default_backoff()
-        .applied_objects()
-        .map(move |item| item.map(wrap).map_err(|e| (K::WATCHED, e)))
+            BACKOFF_MIN,
+            BACKOFF_MAX,
+        );
+        futures::stream::unfold(watch, |mut watch| async move {
+            let item = watch.next().await;
+            Some((item, watch))
+        })
+        .filter_map(move |item| {
+            std::future::ready(match item {
+                Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
+                    Some(Ok(wrap(object)))
+                }
+                Ok(_) => None,
+                Err(error) => Some(Err((K::WATCHED, error))),
+            })
+        })
         .boxed()
     }
 
