@@ -1088,6 +1088,22 @@ fn write(
                     &format!("{} \"{}\" not found", info.plural, name),
                 );
             };
+            // A patch naming a resource version applies only to that version, as on a real
+            // server (optimistic concurrency).
+            let wanted = body["metadata"]["resourceVersion"].as_str();
+            if let Some(wanted) = wanted
+                && existing["metadata"]["resourceVersion"].as_str() != Some(wanted)
+            {
+                return error_response(
+                    409,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on {} \"{}\": the object has been \
+                         modified; please apply your changes to the latest version and try again",
+                        info.plural, name
+                    ),
+                );
+            }
             // Through the status subresource, only the status changes.
             let mut patched = (*existing).clone();
             merge_patch(&mut patched, &body);

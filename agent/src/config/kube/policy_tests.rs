@@ -678,6 +678,40 @@ async fn status_writer_relists_after_an_http_410() {
     writer.abort();
 }
 
+/// The CA runs two replicas, each with a writer: a change is still reported once.
+#[tokio::test]
+async fn two_writers_report_each_change_once() {
+    let server = FakeApiServer::start().await.unwrap();
+    server.register_with_status::<AuthorizationPolicyResource>();
+    server.register_with_status::<PeerAuthenticationResource>();
+    let writers = [run_status_writer(&server), run_status_writer(&server)];
+    server.apply(&authorization(
+        "shop",
+        "l7",
+        json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+    ));
+    wait_condition(&server, "l7", |c| c.status == "False").await;
+    server
+        .modify::<AuthorizationPolicyResource>("shop", "l7", |p| p.spec = backend_spec())
+        .unwrap();
+    wait_condition(&server, "l7", |c| c.status == "True").await;
+    settle().await;
+    let reasons: Vec<Option<String>> = events_about(&server, "l7")
+        .into_iter()
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            Some("UnsupportedField".to_string()),
+            Some("Accepted".to_string())
+        ]
+    );
+    for writer in writers {
+        writer.abort();
+    }
+}
+
 #[tokio::test]
 async fn status_writer_restarted_writes_nothing_new() {
     let server = FakeApiServer::start().await.unwrap();

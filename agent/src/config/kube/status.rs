@@ -304,7 +304,11 @@ impl StatusWriter {
             .cloned()
             .collect();
         conditions.push(condition);
+        // Written against the version judged (optimistic concurrency): when another writer (the
+        // other CA replica) got there first, the server answers 409 and this one stands down,
+        // so a change is reported by one Event, not one per replica.
         let patch = json!({
+            "metadata": {"resourceVersion": meta.resource_version},
             "status": {
                 "observedGeneration": generation,
                 "conditions": conditions,
@@ -317,6 +321,8 @@ impl StatusWriter {
         {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Outcome::Gone),
+            // A newer version exists; the watch delivers it, and it is judged then.
+            Err(kube::Error::Api(status)) if status.code == 409 => return Ok(Outcome::UpToDate),
             Err(e) => return Err(e),
         }
         if condition_changed {
