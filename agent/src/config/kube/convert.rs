@@ -89,15 +89,10 @@ impl Converter {
     /// host network. A service is kept when it has a cluster IP; its TCP ports are kept, with a
     /// named `targetPort` resolved through the service's EndpointSlices.
     pub fn convert(&mut self, view: ClusterView<'_>) -> Converted {
-        let enrolled_namespaces: HashMap<&str, bool> = view
+        let namespaces: HashMap<&str, &ObjectMeta> = view
             .namespaces
             .iter()
-            .filter_map(|ns| {
-                Some((
-                    ns.metadata.name.as_deref()?,
-                    mode(&ns.metadata) == Some(MODE_AMBIENT),
-                ))
-            })
+            .filter_map(|ns| Some((ns.metadata.name.as_deref()?, &ns.metadata)))
             .collect();
 
         let mut missing_cgroups = Vec::new();
@@ -107,8 +102,9 @@ impl Converter {
             .iter()
             .filter_map(|pod| {
                 let namespace = pod.metadata.namespace.as_deref()?;
-                let namespace_enrolled =
-                    enrolled_namespaces.get(namespace).copied().unwrap_or(false);
+                let namespace_enrolled = namespaces
+                    .get(namespace)
+                    .is_some_and(|meta| mode(meta) == Some(MODE_AMBIENT));
                 let mut workload = workload_from_pod(pod, namespace_enrolled)?;
                 if workload.node == self.node {
                     let uid = pod.metadata.uid.as_deref().unwrap_or_default();
@@ -140,11 +136,6 @@ impl Converter {
             self.cgroups.retain(|uid, _| live.contains(uid.as_str()));
         }
 
-        let namespaces: HashMap<&str, &ObjectMeta> = view
-            .namespaces
-            .iter()
-            .filter_map(|ns| Some((ns.metadata.name.as_deref()?, &ns.metadata)))
-            .collect();
         let slices = SlicesByService::new(view.endpoint_slices);
         let mut services: Vec<Service> = view
             .services
