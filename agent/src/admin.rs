@@ -72,7 +72,15 @@ impl AdminState {
             "config": *self.config.borrow(),
             "enrolled": enrolment.enrolled,
             "enrolmentFailures": enrolment.failed,
+            "closed": enrolment.closed,
             "maps": maps,
+            // Handshakes in flight per pod namespace cookie (each pod's share of ORIG_DST_TUPLE).
+            "pendingConnects": self
+                .redirector
+                .pending_connects()
+                .into_iter()
+                .map(|(cookie, n)| (cookie.to_string(), n.into()))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
             "ebpfStats": self.redirector.stats(),
             "certificates": self.certificates(),
         })

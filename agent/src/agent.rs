@@ -51,10 +51,6 @@ pub struct AgentArgs {
     /// bpffs directory where links and maps are pinned (they outlive the agent: fail closed).
     #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
     pub bpffs: PathBuf,
-    /// Socket mark of the agent's own sockets, exempting them from redirection. Also a routing
-    /// fwmark: choose one no policy rule uses.
-    #[arg(long, env = "AMBIT_MARK", default_value = "0x539", value_parser = parse_mark)]
-    pub mark: u32,
     /// Admin endpoint (config dump); keep it on loopback.
     #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
@@ -118,18 +114,6 @@ fn certificate_manager(args: &AgentArgs) -> anyhow::Result<Option<Arc<Certificat
     ))))
 }
 
-fn parse_mark(s: &str) -> Result<u32, String> {
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    match parsed {
-        Ok(0) => Err("the mark must not be 0: unmarked sockets would be exempt".into()),
-        Ok(mark) => Ok(mark),
-        Err(err) => Err(format!("invalid mark {s:?}: {err}")),
-    }
-}
-
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let cgroup = match args.cgroup.clone() {
@@ -139,8 +123,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let redirector = Arc::new(Redirector::load(RedirectConfig {
         cgroup: cgroup.clone(),
         bpffs: args.bpffs.clone(),
-        mark: args.mark,
     })?);
+    tokio::spawn(crate::redirect::keep_node_addresses(redirector.clone()));
     let metrics = Arc::new(Metrics::new());
     metrics.observe_datapath(redirector.clone());
 
@@ -190,7 +174,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let proxy = Arc::new(ProxyContext {
         redirector: redirector.clone(),
         state: state_rx.clone(),
-        mark: args.mark,
         metrics: metrics.clone(),
         certs: certs.clone(),
     });

@@ -2,10 +2,16 @@
 //!
 //! For each enrolled workload of this node the agent enters the pod's network namespace, opens
 //! its listeners there (127.0.0.1:15001 and [::1]:15001 outbound, 0.0.0.0:15006 and [::]:15006
-//! inbound), registers the inbound listeners for sk_lookup, links sk_lookup to the namespace and
-//! finally adds the namespace to the enrolment map, so redirection starts only once something
-//! listens. Un-enrolment goes in the opposite order. Connections already accepted live in their
-//! own tasks and are never cut by a reconcile.
+//! inbound plaintext, `<pod IP>:15008` HBONE), registers the inbound listeners for sk_lookup,
+//! links sk_lookup to the namespace and finally marks the namespace meshed in the enrolment map,
+//! so redirection starts only once something listens. Un-enrolment goes in the opposite order.
+//! Connections already accepted live in their own tasks and are never cut by a reconcile.
+//!
+//! A pod is meshed or closed, never open: when its namespace exists but its enrolment cannot
+//! complete (an application already holds a proxy port, a map refuses an entry), the pod is
+//! *closed*: sk_lookup is linked with no listener registered, so its inbound is dropped, and the
+//! enrolment map marks it closed, so its outbound connects are refused. The reason is logged,
+//! counted and shown in `config_dump`; enrolment is retried and a success opens the pod.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -17,7 +23,7 @@ use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use anyhow::Context as _;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     identity::SpiffeId,
@@ -52,6 +58,9 @@ pub struct EnrolmentStatus {
     pub enrolled: Vec<EnrolledPodInfo>,
     /// Pods that should be enrolled but are not, with the reason.
     pub failed: BTreeMap<String, String>,
+    /// Of those, the pods that are closed: their namespace exists, and its traffic is blocked
+    /// until enrolment succeeds.
+    pub closed: BTreeSet<String>,
 }
 
 struct EnrolledPod {
@@ -75,7 +84,24 @@ pub struct Enrolment {
     redirector: Arc<Redirector>,
     proxy: Arc<ProxyContext>,
     pods: BTreeMap<String, EnrolledPod>,
+    /// Pods closed because their enrolment failed, with their namespace cookie.
+    closed: BTreeMap<String, u64>,
     status: watch::Sender<EnrolmentStatus>,
+}
+
+/// Why a pod could not be enrolled.
+#[derive(Debug, thiserror::Error)]
+enum EnrolError {
+    /// Its network namespace cannot be opened (not there yet, or gone): there is nothing to
+    /// close, and nothing can reach or leave it unmeshed through us.
+    #[error("{0:#}")]
+    NoNamespace(anyhow::Error),
+    /// Its namespace exists but its listeners or map entries could not be set up.
+    #[error("{reason:#}")]
+    Incomplete {
+        netns: Arc<Netns>,
+        reason: anyhow::Error,
+    },
 }
 
 impl Enrolment {
@@ -91,6 +117,7 @@ impl Enrolment {
             redirector,
             proxy,
             pods: BTreeMap::new(),
+            closed: BTreeMap::new(),
             status,
         }
     }
@@ -135,6 +162,7 @@ impl Enrolment {
             reconciled: true,
             enrolled,
             failed,
+            closed: self.closed.keys().cloned().collect(),
         });
     }
 
@@ -171,9 +199,26 @@ impl Enrolment {
             .collect();
         for uid in stale {
             if let Some(pod) = self.pods.remove(&uid) {
-                self.unenroll(&pod);
+                self.unenroll(pod.netns.cookie(), &pod.workload.ips);
                 info!(pod = %uid, "un-enrolled");
             }
+        }
+        // Closed pods that are no longer wanted here are released (their namespace is likely
+        // gone; if not, the pod is no longer ours to close).
+        let released: Vec<(String, u64)> = self
+            .closed
+            .iter()
+            .filter(|(uid, cookie)| {
+                wanted
+                    .get(*uid)
+                    .is_none_or(|w| current_cookie(w) != Some(**cookie))
+            })
+            .map(|(uid, cookie)| (uid.clone(), *cookie))
+            .collect();
+        for (uid, cookie) in released {
+            self.closed.remove(&uid);
+            self.unenroll(cookie, &[]);
+            info!(pod = %uid, netns_cookie = cookie, "closed pod released");
         }
 
         let mut failed = BTreeMap::new();
@@ -184,31 +229,65 @@ impl Enrolment {
             let identity = state.identity_of(&workload);
             match self.enroll(workload, identity) {
                 Ok(pod) => {
+                    if self.closed.remove(&uid).is_some() {
+                        info!(pod = %uid, "closed pod opened: enrolment completed");
+                    }
                     info!(pod = %uid, netns_cookie = pod.netns.cookie(), "enrolled");
                     self.pods.insert(uid, pod);
                 }
-                Err(err) => {
+                Err(EnrolError::NoNamespace(err)) => {
                     warn!(pod = %uid, err = format!("{err:#}"), "enrolment failed; will retry");
                     failed.insert(uid, format!("{err:#}"));
+                }
+                Err(EnrolError::Incomplete { netns, reason }) => {
+                    let reason = format!("{reason:#}");
+                    match self.close(&netns) {
+                        Ok(()) => {
+                            if self.closed.insert(uid.clone(), netns.cookie()).is_none() {
+                                warn!(pod = %uid, netns_cookie = netns.cookie(), err = %reason, "enrolment failed: pod closed (inbound dropped, outbound refused) until it succeeds; will retry");
+                            }
+                        }
+                        Err(err) => {
+                            error!(pod = %uid, err = %reason, close_err = format!("{err:#}"), "enrolment failed and the pod could not be closed")
+                        }
+                    }
+                    failed.insert(uid, format!("closed: {reason}"));
                 }
             }
         }
         failed
     }
 
-    fn enroll(&self, workload: Arc<Workload>, identity: SpiffeId) -> anyhow::Result<EnrolledPod> {
-        let file = workload
+    fn enroll(
+        &self,
+        workload: Arc<Workload>,
+        identity: SpiffeId,
+    ) -> Result<EnrolledPod, EnrolError> {
+        let netns = workload
             .netns
             .open()
-            .with_context(|| format!("opening the network namespace of {}", workload.uid()))?;
-        let netns = Arc::new(Netns::from_file(file).context("reading the namespace cookie")?);
+            .with_context(|| format!("opening the network namespace of {}", workload.uid()))
+            .and_then(|file| Netns::from_file(file).context("reading the namespace cookie"))
+            .map_err(EnrolError::NoNamespace)?;
+        let netns = Arc::new(netns);
+        // Listeners opened before a failure close when dropped, which also takes them out of
+        // the sk_lookup maps.
+        self.set_up(workload, identity, netns.clone())
+            .map_err(|reason| EnrolError::Incomplete { netns, reason })
+    }
+
+    fn set_up(
+        &self,
+        workload: Arc<Workload>,
+        identity: SpiffeId,
+        netns: Arc<Netns>,
+    ) -> anyhow::Result<EnrolledPod> {
         let listeners = netns.run(|| open_listeners(&workload.ips))??;
-        let mark = self.proxy.mark;
         let dial_ns = netns.clone();
         let pool = proxy::hbone::Pool::new(
             move |key: &proxy::hbone::PoolKey| {
                 let (netns, dst) = (dial_ns.clone(), key.destination());
-                async move { proxy::connect_from(&netns, dst, None, mark).await }
+                async move { proxy::connect_from(&netns, dst, None).await }
             },
             proxy::hbone::PoolConfig::default(),
         );
@@ -219,13 +298,18 @@ impl Enrolment {
             pool,
         });
 
-        for ip in &workload.ips {
-            let listener = if ip.is_ipv4() {
+        for (ip, hbone) in workload.ips.iter().zip(&listeners.hbone) {
+            let plaintext = if ip.is_ipv4() {
                 &listeners.inbound4
             } else {
                 listeners.inbound6.as_ref().expect("opened for v6 pods")
             };
-            self.redirector.set_listener(*ip, listener)?;
+            if let Err(err) = self.redirector.set_listeners(*ip, plaintext, hbone) {
+                for ip in &workload.ips {
+                    self.redirector.clear_listeners(*ip);
+                }
+                return Err(err);
+            }
         }
         self.redirector.attach_inbound(&netns)?;
         let to_tokio =
@@ -247,28 +331,41 @@ impl Enrolment {
             let (hbone, listener) = (hbone.clone(), to_tokio(l)?);
             accept_loops.push(tokio::spawn(async move { hbone.serve(listener).await }));
         }
-        // Last: only now may the kernel send this pod's connects to the listeners above.
-        self.redirector.enroll(netns.cookie())?;
-        Ok(EnrolledPod {
+        let enrolled = EnrolledPod {
             workload,
             identity: pod.identity.clone(),
             netns,
             accept_loops,
-        })
+        };
+        // Last: only now may the kernel send this pod's connects to the listeners above.
+        self.redirector.enroll(enrolled.netns.cookie())?;
+        Ok(enrolled)
     }
 
-    fn unenroll(&self, pod: &EnrolledPod) {
-        self.redirector.unenroll(pod.netns.cookie());
-        self.redirector.detach_inbound(pod.netns.cookie());
-        for ip in &pod.workload.ips {
-            self.redirector.clear_listener(*ip);
+    /// Blocks a pod's traffic: sk_lookup linked with no listener drops its inbound, and the
+    /// closed mark refuses its outbound.
+    fn close(&self, netns: &Netns) -> anyhow::Result<()> {
+        self.redirector.close(netns.cookie())?;
+        self.redirector.attach_inbound(netns)
+    }
+
+    fn unenroll(&self, netns_cookie: u64, ips: &[IpAddr]) {
+        self.redirector.unenroll(netns_cookie);
+        self.redirector.detach_inbound(netns_cookie);
+        for ip in ips {
+            self.redirector.clear_listeners(*ip);
         }
         // Dropping the pod aborts its accept loops, closing the listeners.
     }
 
     /// Removes kernel state an earlier agent left for pods that are no longer enrolled here.
     fn sweep_stale(&self) {
-        let ours: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
+        let ours: BTreeSet<u64> = self
+            .pods
+            .values()
+            .map(|p| p.netns.cookie())
+            .chain(self.closed.values().copied())
+            .collect();
         for cookie in self.redirector.enrolled_cookies() {
             if !ours.contains(&cookie) {
                 info!(netns_cookie = cookie, "removing stale enrolment");

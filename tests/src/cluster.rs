@@ -7,7 +7,7 @@ use std::fs::{self, OpenOptions};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,9 @@ pub struct Node {
     fabric_if: String,
     cgroup: PathBuf,
     agent_cgroup: PathBuf,
+    host_cgroup: PathBuf,
+    run_dir: PathBuf,
+    seq: AtomicUsize,
     bpffs: PathBuf,
     log_path: PathBuf,
     mesh_path: PathBuf,
@@ -171,6 +174,35 @@ impl Node {
     /// The agent's cgroup `<...>/n<i>/agent`.
     pub fn agent_cgroup(&self) -> &Path {
         &self.agent_cgroup
+    }
+
+    /// Spawns `program args...` as a host process of the node, as kubelet runs: in the node's
+    /// network namespace, in the cgroup `<...>/n<i>/host` (no pod's). Same contract as
+    /// [`Pod::spawn`].
+    pub fn spawn<P, I, S>(&self, program: P, args: I) -> Result<PodProcess>
+    where
+        P: AsRef<OsStr>,
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let program = program.as_ref();
+        let base = Path::new(program)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "proc".into());
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let stderr_path = self
+            .run_dir
+            .join(format!("{}-host-{}-{}.stderr", self.name, base, n));
+        PodProcess::spawn(
+            format!("{}:{}#{}", self.name, base, n),
+            &self.host_cgroup,
+            &self.netns_path,
+            stderr_path,
+            program,
+            args,
+            &[],
+        )
     }
 
     /// The agent's pin directory `/sys/fs/bpf/ambit-<id>-n<i>` (the agent's `--bpffs`).
@@ -810,6 +842,9 @@ impl Cluster {
                     netns_path: Path::new(util::NETNS_DIR).join(ns(&format!("n{i}"))),
                     fabric_if: format!("a{id}n{i}"),
                     agent_cgroup: cgroup.join("agent"),
+                    host_cgroup: cgroup.join("host"),
+                    run_dir: run_dir.clone(),
+                    seq: AtomicUsize::new(0),
                     cgroup,
                     bpffs: Path::new(util::BPFFS).join(format!("ambit-{id}-n{i}")),
                     log_path: run_dir.join(format!("agent-n{i}.log")),
@@ -877,8 +912,10 @@ impl Cluster {
         fs::create_dir_all(&self.run_dir)?;
         // cgroups
         for n in &self.nodes {
-            fs::create_dir_all(&n.agent_cgroup)
-                .with_context(|| format!("mkdir {}", n.agent_cgroup.display()))?;
+            for cgroup in [&n.agent_cgroup, &n.host_cgroup] {
+                fs::create_dir_all(cgroup)
+                    .with_context(|| format!("mkdir {}", cgroup.display()))?;
+            }
         }
         for p in &self.pods {
             fs::create_dir_all(&p.cgroup)
@@ -1389,7 +1426,14 @@ impl Cluster {
                 .unwrap_or_else(|e| format!("unreachable: {e:#}"));
             let _ = writeln!(s, "config_dump: {dump}");
             // The pinned maps' contents, as the kernel holds them.
-            for map in ["ENROLLED_NETNS", "ORIG_DST_TUPLE", "POD_LISTENERS"] {
+            for map in [
+                "ENROLLED_NETNS",
+                "ORIG_DST_TUPLE",
+                "PENDING_CONNECTS",
+                "POD_LISTENERS",
+                "HBONE_LISTENERS",
+                "NODE_ADDRS",
+            ] {
                 let pin = n.bpffs.join("maps").join(map);
                 let out = Command::new("bpftool")
                     .args(["map", "dump", "pinned"])

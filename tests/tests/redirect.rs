@@ -323,7 +323,7 @@ fn maps_return_to_their_starting_size_after_10000_connections() -> Result<()> {
     let server_pod = cluster.pod(1, 0);
     let _s = serve(server_pod, &[8080])?;
     let node = cluster.node(0);
-    let tracked = ["ORIG_DST_SOCK", "ORIG_DST_TUPLE"];
+    let tracked = ["ORIG_DST_TUPLE"];
     let baseline: Vec<u64> = tracked
         .iter()
         .map(|m| map_entries(node, m))

@@ -92,7 +92,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     // From the pod's own address to itself: the kernel routes it over loopback to the
     // application, and sk_lookup lets it through (local == remote) instead of steering it back.
     let bind = SocketAddr::new(dst.ip(), 0);
-    match connect_from(&pod.netns, dst, Some(bind), ctx.mark).await {
+    match connect_from(&pod.netns, dst, Some(bind)).await {
         Ok(upstream) => {
             let (moved, result) = relay(client, upstream).await;
             log.bytes_sent = moved.sent;

@@ -91,13 +91,7 @@ impl InboundHandler for PodInbound {
     async fn connect(&self, request: &ConnectRequest) -> io::Result<TcpStream> {
         // From the pod's own address to itself, as on the plaintext path.
         let bind = SocketAddr::new(request.destination.ip(), 0);
-        connect_from(
-            &self.pod.netns,
-            request.destination,
-            Some(bind),
-            self.ctx.mark,
-        )
-        .await
+        connect_from(&self.pod.netns, request.destination, Some(bind)).await
     }
 
     fn report(&self, report: StreamReport) {

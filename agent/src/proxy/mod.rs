@@ -28,8 +28,6 @@ pub struct ProxyContext {
     pub redirector: Arc<Redirector>,
     /// The current mesh state.
     pub state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
-    /// Mark for the agent's own sockets, exempting them from redirection.
-    pub mark: u32,
     /// Where connections are counted (opened, closed, bytes).
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// The certificates of this node's pods; `None` without a CA, and then mesh traffic is
@@ -69,19 +67,17 @@ pub struct PodContext {
     pub pool: hbone::Pool,
 }
 
-/// Opens a TCP connection to `dst` from inside `netns`, marked so the eBPF programs leave it
-/// alone, optionally from a given local address.
+/// Opens a TCP connection to `dst` from inside `netns`, optionally from a given local address.
+/// The eBPF programs leave it alone because the agent's cgroup is exempt.
 pub async fn connect_from(
     netns: &Netns,
     dst: SocketAddr,
     bind: Option<SocketAddr>,
-    mark: u32,
 ) -> io::Result<TcpStream> {
     let socket = netns.run(|| -> io::Result<socket2::Socket> {
         let domain = socket2::Domain::for_address(dst);
         let socket =
             socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-        socket.set_mark(mark)?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         if let Some(bind) = bind {

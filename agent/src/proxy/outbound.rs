@@ -46,13 +46,11 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    let Some(dst) = ctx
-        .redirector
-        .original_destination(pod.netns.cookie(), peer)
-    else {
-        // Not redirected by our programs (someone dialled 127.0.0.1:15001 directly), or the
-        // client is already gone: there is nowhere legitimate to send it.
+    let Some(dst) = ctx.redirector.original_destination(&client) else {
+        // Not redirected by our programs (someone dialled 127.0.0.1:15001 directly), or the pod
+        // is over its share of handshakes in flight: there is nowhere legitimate to send it.
         warn!(pod = %pod.workload.uid(), %peer, "no original destination recorded; closing");
+        ctx.metrics.connection_denied("no_original_destination");
         return;
     };
     let state = ctx.state.borrow().clone();
@@ -92,7 +90,7 @@ impl Upstreams for Live<'_> {
     }
 
     async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
-        connect_from(&self.pod.netns, dst, None, self.ctx.mark).await
+        connect_from(&self.pod.netns, dst, None).await
     }
 }
 

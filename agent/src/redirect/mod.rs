@@ -5,6 +5,10 @@
 //! to the (now closed) loopback listener and are refused, and inbound plaintext is dropped,
 //! instead of silently bypassing the mesh. The next agent re-uses the pinned maps and replaces
 //! the pinned links with its own. Only [`uninstall`] removes the pins.
+//!
+//! The agent's own sockets are exempt from redirection by the agent's cgroup ([`own_cgroup`]),
+//! which a pod cannot join, rather than by a socket mark, which any process with CAP_NET_RAW
+//! can set.
 mod preflight;
 
 use std::{
@@ -16,11 +20,14 @@ use std::{
     sync::Mutex,
 };
 
-use ambit_common::{IpKey, OrigDst, TupleKey, maps, programs, stats};
+use ambit_common::{
+    IpKey, PendingConnect, SockState, TupleKey, limits, maps, pod_state, programs, sock_flags,
+    stats,
+};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, SkStorage, SockHash, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use ipnet::IpNet;
@@ -41,8 +48,6 @@ pub struct RedirectConfig {
     pub cgroup: PathBuf,
     /// bpffs directory for pins.
     pub bpffs: PathBuf,
-    /// Socket mark of the agent's own sockets, exempt from redirection.
-    pub mark: u32,
 }
 
 /// Link-based cgroup attachments always coexist with other programs (the kernel treats them as
@@ -55,9 +60,12 @@ pub struct Redirector {
     config: RedirectConfig,
     ebpf: Mutex<Ebpf>,
     enrolled: Mutex<HashMap<MapData, u64, u32>>,
-    orig_dst: HashMap<MapData, TupleKey, OrigDst>,
-    orig_dst_sock: HashMap<MapData, u64, OrigDst>,
+    sock_state: SkStorage<MapData, SockState>,
+    orig_dst: HashMap<MapData, TupleKey, PendingConnect>,
+    pending: Mutex<HashMap<MapData, u64, u64>>,
     listeners: Mutex<SockHash<MapData, IpKey>>,
+    hbone_listeners: Mutex<SockHash<MapData, IpKey>>,
+    node_addrs: Mutex<HashMap<MapData, IpKey, u8>>,
     excluded_ports: Mutex<HashMap<MapData, u16, u8>>,
     excluded_nets: Mutex<LpmTrie<MapData, [u8; 16], u8>>,
     stats: PerCpuArray<MapData, u64>,
@@ -73,12 +81,20 @@ pub struct RedirectStats {
     pub redirected_v6: u64,
     /// Connects left alone because of an exclusion.
     pub excluded: u64,
-    /// Connects refused because a map was full.
+    /// Connects refused or left without a destination because a map or a socket's storage
+    /// could not take an entry.
     pub map_full: u64,
-    /// Inbound connections steered to a pod's plaintext listener.
+    /// Inbound connections steered to a pod's listener.
     pub inbound_steered: u64,
-    /// Inbound connections dropped because the pod's listener was gone.
+    /// Inbound connections dropped because the pod's listener was gone (agent down, pod
+    /// closed).
     pub inbound_no_listener: u64,
+    /// Connects beyond a pod's share of handshakes in flight (closed by the agent).
+    pub pod_quota: u64,
+    /// Outbound connects refused because their pod is closed.
+    pub closed_refused: u64,
+    /// Inbound connections from the node's own addresses let through to the application.
+    pub inbound_from_node: u64,
 }
 
 fn map<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
@@ -119,15 +135,20 @@ impl Redirector {
         ] {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        let agent_cgroup = own_cgroup(&config.cgroup)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
-            .override_global("AGENT_MARK", &config.mark, true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps pinned by an incompatible agent version can be removed with `ambit uninstall`)")?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_ebpf_logger(logger),
             Err(err) => warn!(%err, "eBPF log forwarding unavailable"),
         }
+        // Before the programs are attached: the agent's own connects from inside pods'
+        // namespaces must never be redirected back to itself.
+        let mut exempt: HashMap<MapData, u64, u8> = map(&mut ebpf, maps::EXEMPT_CGROUPS)?;
+        exempt_cgroup(&mut exempt, agent_cgroup.id)?;
+        info!(cgroup = %agent_cgroup.path.display(), id = agent_cgroup.id, "the agent's cgroup is exempt from redirection");
 
         let cgroup = fs::File::open(&config.cgroup)
             .with_context(|| format!("opening cgroup {}", config.cgroup.display()))?;
@@ -167,9 +188,12 @@ impl Redirector {
 
         Ok(Self {
             enrolled: Mutex::new(map(&mut ebpf, maps::ENROLLED_NETNS)?),
+            sock_state: map(&mut ebpf, maps::SOCK_STATE)?,
             orig_dst: map(&mut ebpf, maps::ORIG_DST_TUPLE)?,
-            orig_dst_sock: map(&mut ebpf, maps::ORIG_DST_SOCK)?,
+            pending: Mutex::new(map(&mut ebpf, maps::PENDING_CONNECTS)?),
             listeners: Mutex::new(map(&mut ebpf, maps::POD_LISTENERS)?),
+            hbone_listeners: Mutex::new(map(&mut ebpf, maps::HBONE_LISTENERS)?),
+            node_addrs: Mutex::new(map(&mut ebpf, maps::NODE_ADDRS)?),
             excluded_ports: Mutex::new(map(&mut ebpf, maps::EXCLUDED_PORTS)?),
             excluded_nets: Mutex::new(map(&mut ebpf, maps::EXCLUDED_NETS)?),
             stats: map(&mut ebpf, maps::STATS)?,
@@ -214,32 +238,85 @@ impl Redirector {
         }
     }
 
-    /// Registers the listener that receives a pod IP's steered inbound connections.
-    pub fn set_listener(&self, ip: IpAddr, listener: &impl AsRawFd) -> anyhow::Result<()> {
+    /// Registers the listeners that receive a pod IP's steered inbound connections: the
+    /// plaintext one (every port but 15008) and the HBONE one (15008).
+    pub fn set_listeners(
+        &self,
+        ip: IpAddr,
+        plaintext: &impl AsRawFd,
+        hbone: &impl AsRawFd,
+    ) -> anyhow::Result<()> {
         self.listeners
             .lock()
             .unwrap()
-            .insert(ip_key(ip), listener.as_raw_fd(), 0)
-            .with_context(|| format!("registering the inbound listener of {ip}"))
+            .insert(ip_key(ip), plaintext.as_raw_fd(), 0)
+            .with_context(|| format!("registering the inbound plaintext listener of {ip}"))?;
+        self.hbone_listeners
+            .lock()
+            .unwrap()
+            .insert(ip_key(ip), hbone.as_raw_fd(), 0)
+            .with_context(|| format!("registering the inbound HBONE listener of {ip}"))
     }
 
-    /// Forgets a pod IP's listener (closing the listener removes it from the map as well).
-    pub fn clear_listener(&self, ip: IpAddr) {
+    /// Forgets a pod IP's listeners (closing a listener removes it from its map as well).
+    pub fn clear_listeners(&self, ip: IpAddr) {
         let _ = self.listeners.lock().unwrap().remove(&ip_key(ip));
+        let _ = self.hbone_listeners.lock().unwrap().remove(&ip_key(ip));
     }
 
     /// Redirects outbound TCP from this namespace from now on.
     pub fn enroll(&self, netns_cookie: u64) -> anyhow::Result<()> {
+        self.set_pod_state(netns_cookie, pod_state::MESHED)
+    }
+
+    /// Closes a pod that should be meshed but cannot be: its outbound connects (but to
+    /// loopback) are refused from now on, and its inbound, with no listener registered, is
+    /// dropped once sk_lookup is linked to its namespace.
+    pub fn close(&self, netns_cookie: u64) -> anyhow::Result<()> {
+        self.set_pod_state(netns_cookie, pod_state::CLOSED)
+    }
+
+    fn set_pod_state(&self, netns_cookie: u64, state: u32) -> anyhow::Result<()> {
         self.enrolled
             .lock()
             .unwrap()
-            .insert(netns_cookie, 1, 0)
+            .insert(netns_cookie, state, 0)
             .context("adding the pod's namespace to ENROLLED_NETNS")
     }
 
     /// Stops redirecting outbound TCP from this namespace (open connections are unaffected).
     pub fn unenroll(&self, netns_cookie: u64) {
         let _ = self.enrolled.lock().unwrap().remove(&netns_cookie);
+        let _ = self.pending.lock().unwrap().remove(&netns_cookie);
+    }
+
+    /// The namespaces of closed pods (enrolment failed), by cookie.
+    pub fn closed_cookies(&self) -> Vec<u64> {
+        let enrolled = self.enrolled.lock().unwrap();
+        enrolled
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, state)| *state == pod_state::CLOSED)
+            .map(|(cookie, _)| cookie)
+            .collect()
+    }
+
+    /// Replaces the set of node addresses whose connections reach pods directly (kubelet's
+    /// probes). At most [`limits::MAX_NODE_ADDRS`]; the rest are reported and left out.
+    pub fn set_node_addresses(&self, addresses: &BTreeSet<IpAddr>) {
+        let mut map = self.node_addrs.lock().unwrap();
+        let current: Vec<IpKey> = map.keys().filter_map(Result::ok).collect();
+        for key in current
+            .iter()
+            .filter(|k| !addresses.contains(&from_ip_key(k)))
+        {
+            let _ = map.remove(key);
+        }
+        for ip in addresses {
+            if let Err(err) = map.insert(ip_key(*ip), 1, 0) {
+                warn!(%ip, %err, max = limits::MAX_NODE_ADDRS, "node address not exempt: NODE_ADDRS is full");
+            }
+        }
     }
 
     /// Namespaces currently enrolled in the kernel map (including ones an earlier agent left).
@@ -257,21 +334,14 @@ impl Redirector {
             .collect()
     }
 
-    /// The original destination of a redirected connection, by the client socket's namespace
-    /// and local address (the peer address of the connection the agent accepted).
-    pub fn original_destination(
-        &self,
-        netns_cookie: u64,
-        client: std::net::SocketAddr,
-    ) -> Option<std::net::SocketAddr> {
-        let key = TupleKey {
-            netns_cookie,
-            ip: ip_key(client.ip()),
-            port: client.port(),
-            _pad: [0; 6],
-        };
-        let orig = self.orig_dst.get(&key, 0).ok()?;
-        Some(std::net::SocketAddr::new(from_ip_key(&orig.ip), orig.port))
+    /// The original destination of a redirected connection, from the storage of the socket
+    /// the agent accepted on a pod's outbound listener (sock_ops put it there when the
+    /// handshake completed). `None` if the client dialled the listener itself, or its pod was
+    /// over its share of handshakes in flight.
+    pub fn original_destination(&self, accepted: &impl AsRawFd) -> Option<std::net::SocketAddr> {
+        let state = self.sock_state.get(&accepted.as_raw_fd(), 0).ok()?;
+        (state.flags & sock_flags::ACCEPTED != 0)
+            .then(|| std::net::SocketAddr::new(from_ip_key(&state.orig.ip), state.orig.port))
     }
 
     /// Applies the configured exclusions (replacing the previous set).
@@ -309,18 +379,36 @@ impl Redirector {
         Ok(())
     }
 
-    /// Entries in each pinned map, for the admin endpoint and metrics.
+    /// Handshakes in flight per pod namespace (entries of `ORIG_DST_TUPLE` each holds).
+    pub fn pending_connects(&self) -> Vec<(u64, u64)> {
+        let pending = self.pending.lock().unwrap();
+        pending.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Entries in each pinned map that can be listed, for the admin endpoint and metrics
+    /// (`SOCK_STATE` lives in the sockets and cannot be).
     pub fn map_occupancy(&self) -> Vec<(&'static str, usize)> {
         vec![
             (
                 maps::ENROLLED_NETNS,
                 self.enrolled.lock().unwrap().keys().count(),
             ),
-            (maps::ORIG_DST_SOCK, self.orig_dst_sock.keys().count()),
             (maps::ORIG_DST_TUPLE, self.orig_dst.keys().count()),
+            (
+                maps::PENDING_CONNECTS,
+                self.pending.lock().unwrap().keys().count(),
+            ),
             (
                 maps::POD_LISTENERS,
                 self.listeners.lock().unwrap().keys().count(),
+            ),
+            (
+                maps::HBONE_LISTENERS,
+                self.hbone_listeners.lock().unwrap().keys().count(),
+            ),
+            (
+                maps::NODE_ADDRS,
+                self.node_addrs.lock().unwrap().keys().count(),
             ),
             (
                 maps::EXCLUDED_PORTS,
@@ -348,7 +436,144 @@ impl Redirector {
             map_full: read(stats::MAP_FULL),
             inbound_steered: read(stats::INBOUND_STEERED),
             inbound_no_listener: read(stats::INBOUND_NO_LISTENER),
+            pod_quota: read(stats::POD_QUOTA),
+            closed_refused: read(stats::CLOSED_REFUSED),
+            inbound_from_node: read(stats::INBOUND_FROM_NODE),
         }
+    }
+}
+
+/// A cgroup v2 directory and its id (what `bpf_get_current_cgroup_id` returns for its tasks).
+#[derive(Clone, Debug)]
+pub struct Cgroup {
+    /// The directory.
+    pub path: PathBuf,
+    /// Its id: the directory's inode number on cgroup2.
+    pub id: u64,
+}
+
+/// The cgroup this process runs in, found below `attach` (the cgroup the programs attach to,
+/// which must contain the agent: sock_ops must see the agent's accepted sockets).
+///
+/// `/proc/self/cgroup` names it relative to the agent's cgroup namespace, which in a
+/// container is not the host's; so the directory is confirmed by its `cgroup.procs` listing
+/// this process, and looked for in the tree below `attach` when the direct path does not.
+pub fn own_cgroup(attach: &Path) -> anyhow::Result<Cgroup> {
+    use std::os::unix::fs::MetadataExt as _;
+    let pid = std::process::id().to_string();
+    let lists_us = |dir: &Path| {
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .map(|procs| procs.lines().any(|line| line == pid))
+            .unwrap_or(false)
+    };
+    let direct = fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                l.strip_prefix("0::")
+                    .map(|p| p.trim_start_matches('/').to_owned())
+            })
+        })
+        .and_then(|relative| {
+            let mount = cgroup2_mount().ok()?;
+            let dir = mount.join(relative);
+            (dir.starts_with(attach) && lists_us(&dir)).then_some(dir)
+        });
+    let path = match direct {
+        Some(dir) => dir,
+        None => find_cgroup_listing(attach, &lists_us, 0)?.with_context(|| {
+            format!(
+                "the agent's own cgroup is not below --cgroup {} (no cgroup.procs there lists pid {pid}): the programs must see the agent's sockets; attach higher, or run the agent below it",
+                attach.display()
+            )
+        })?,
+    };
+    let id = fs::metadata(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .ino();
+    Ok(Cgroup { path, id })
+}
+
+fn find_cgroup_listing(
+    dir: &Path,
+    lists_us: &impl Fn(&Path) -> bool,
+    depth: usize,
+) -> anyhow::Result<Option<PathBuf>> {
+    if lists_us(dir) {
+        return Ok(Some(dir.to_path_buf()));
+    }
+    // kubelet's deepest layout is <root>/kubepods.slice/<qos>/<pod>/<container>.
+    if depth >= 8 {
+        return Ok(None);
+    }
+    let entries = fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir())
+            && let Some(found) = find_cgroup_listing(&entry.path(), lists_us, depth + 1)?
+        {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
+/// Adds `id` to the exempt cgroups. The set is small and only ever names agents of this node;
+/// ids of cgroups that are gone never come back (the kernel does not reuse them), so when it is
+/// full the stale ones are dropped, keeping this agent's.
+fn exempt_cgroup(exempt: &mut HashMap<MapData, u64, u8>, id: u64) -> anyhow::Result<()> {
+    if exempt.insert(id, 1, 0).is_ok() {
+        return Ok(());
+    }
+    let stale: Vec<u64> = exempt.keys().filter_map(Result::ok).collect();
+    for old in stale {
+        let _ = exempt.remove(&old);
+    }
+    exempt
+        .insert(id, 1, 0)
+        .context("adding the agent's cgroup to EXEMPT_CGROUPS")
+}
+
+/// The addresses of the network namespace this process runs in (the node's), but loopback.
+pub fn node_addresses() -> anyhow::Result<BTreeSet<IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing the node's addresses")?;
+    Ok(addrs
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
+                (Some(v4), _) => IpAddr::V4(v4.ip()),
+                (_, Some(v6)) => IpAddr::V6(v6.ip()),
+                _ => return None,
+            };
+            (!ip.is_loopback()).then_some(ip)
+        })
+        .collect())
+}
+
+/// How often the node's addresses are re-read (an address added to the node later, such as a
+/// new CNI gateway, reaches `NODE_ADDRS` within this).
+const NODE_ADDRESS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps `NODE_ADDRS` equal to the node's own addresses, so kubelet's probes reach the pods'
+/// applications directly. Runs until the task is dropped.
+pub async fn keep_node_addresses(redirector: std::sync::Arc<Redirector>) {
+    let mut known = BTreeSet::new();
+    loop {
+        match node_addresses() {
+            Ok(addresses) if addresses != known => {
+                info!(
+                    ?addresses,
+                    "node addresses: their connections reach pods directly"
+                );
+                redirector.set_node_addresses(&addresses);
+                known = addresses;
+            }
+            Ok(_) => {}
+            Err(err) => warn!(
+                err = format!("{err:#}"),
+                "could not list the node's addresses"
+            ),
+        }
+        tokio::time::sleep(NODE_ADDRESS_REFRESH).await;
     }
 }
 

@@ -567,11 +567,15 @@ struct HealthCollector {
     sources: Mutex<Sources>,
     enrolled_pods: IntGauge,
     enrolment_failed_pods: IntGauge,
+    closed_pods: IntGauge,
     redirected: IntCounterVec,
     excluded: IntCounter,
     map_full: IntCounter,
+    pod_quota: IntCounter,
+    closed_refused: IntCounter,
     inbound_steered: IntCounter,
     inbound_no_listener: IntCounter,
+    inbound_from_node: IntCounter,
     map_entries: IntGaugeVec,
     config_generation: IntGauge,
     /// 0 while the configuration source cannot reach its origin (the API server).
@@ -606,6 +610,11 @@ impl HealthCollector {
                 "ambit_enrolment_failed_pods",
                 "Pods that should be enrolled but are not (retried; see config_dump for why)",
             )?,
+            closed_pods: IntGauge::new(
+                "ambit_closed_pods",
+                "Pods whose enrolment failed with their namespace present: their inbound is \
+                 dropped and their outbound refused until it succeeds (see config_dump)",
+            )?,
             redirected: IntCounterVec::new(
                 Opts::new(
                     "ambit_redirected_connections_total",
@@ -619,15 +628,30 @@ impl HealthCollector {
             )?,
             map_full: IntCounter::new(
                 "ambit_redirect_map_full_total",
-                "Outbound connects refused because an original-destination map was full",
+                "Outbound connects refused or closed because an eBPF map or a socket's storage \
+                 could not take their original destination",
+            )?,
+            pod_quota: IntCounter::new(
+                "ambit_redirect_pod_quota_total",
+                "Outbound connects beyond their pod's share of handshakes in flight (closed)",
+            )?,
+            closed_refused: IntCounter::new(
+                "ambit_redirect_closed_refused_total",
+                "Outbound connects of closed pods refused by the eBPF programs",
             )?,
             inbound_steered: IntCounter::new(
                 "ambit_inbound_steered_total",
-                "Inbound connections steered to a pod's plaintext listener by sk_lookup",
+                "Inbound connections steered to a pod's listener by sk_lookup",
             )?,
             inbound_no_listener: IntCounter::new(
                 "ambit_inbound_no_listener_total",
-                "Inbound connections dropped because the pod's listener was gone",
+                "Inbound connections dropped because the pod's listener was gone (agent down, \
+                 pod closed)",
+            )?,
+            inbound_from_node: IntCounter::new(
+                "ambit_inbound_from_node_total",
+                "Inbound connections from the node's own addresses (kubelet's probes) let \
+                 through to the application",
             )?,
             map_entries: IntGaugeVec::new(
                 Opts::new("ambit_ebpf_map_entries", "Entries in each pinned eBPF map"),
@@ -659,15 +683,19 @@ impl HealthCollector {
         })
     }
 
-    fn parts(&self) -> [&dyn Collector; 13] {
+    fn parts(&self) -> [&dyn Collector; 17] {
         [
             &self.enrolled_pods,
             &self.enrolment_failed_pods,
+            &self.closed_pods,
             &self.redirected,
             &self.excluded,
             &self.map_full,
+            &self.pod_quota,
+            &self.closed_refused,
             &self.inbound_steered,
             &self.inbound_no_listener,
+            &self.inbound_from_node,
             &self.map_entries,
             &self.config_generation,
             &self.config_source_up,
@@ -695,8 +723,11 @@ impl HealthCollector {
             );
             set_counter(&self.excluded, stats.excluded);
             set_counter(&self.map_full, stats.map_full);
+            set_counter(&self.pod_quota, stats.pod_quota);
+            set_counter(&self.closed_refused, stats.closed_refused);
             set_counter(&self.inbound_steered, stats.inbound_steered);
             set_counter(&self.inbound_no_listener, stats.inbound_no_listener);
+            set_counter(&self.inbound_from_node, stats.inbound_from_node);
             for (map, entries) in datapath.map_occupancy() {
                 self.map_entries
                     .with_label_values(&[map])
@@ -707,6 +738,7 @@ impl HealthCollector {
             let status = enrolment.borrow();
             self.enrolled_pods.set(status.enrolled.len() as i64);
             self.enrolment_failed_pods.set(status.failed.len() as i64);
+            self.closed_pods.set(status.closed.len() as i64);
         }
         if let Some(config) = &sources.config {
             let (generation, up) = {
@@ -1268,11 +1300,14 @@ mod tests {
                 map_full: 0,
                 inbound_steered: 4,
                 inbound_no_listener: 3,
+                pod_quota: 6,
+                closed_refused: 8,
+                inbound_from_node: 9,
             }
         }
 
         fn map_occupancy(&self) -> Vec<(&'static str, usize)> {
-            vec![("ENROLLED_NETNS", 2), ("ORIG_DST_SOCK", 7)]
+            vec![("ENROLLED_NETNS", 2), ("ORIG_DST_TUPLE", 7)]
         }
     }
 
@@ -1315,13 +1350,21 @@ mod tests {
                 ips: vec![],
             });
             status.failed.insert("shop/web-1".into(), "no netns".into());
+            status
+                .failed
+                .insert("shop/web-2".into(), "closed: port taken".into());
+            status.closed.insert("shop/web-2".into());
         });
         config_tx.send_modify(|status| status.generation = 3);
 
         let samples = parse(&metrics.encode());
         let get = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
         assert_eq!(get("ambit_enrolled_pods", &[]), Some(1.0));
-        assert_eq!(get("ambit_enrolment_failed_pods", &[]), Some(1.0));
+        assert_eq!(get("ambit_enrolment_failed_pods", &[]), Some(2.0));
+        assert_eq!(get("ambit_closed_pods", &[]), Some(1.0));
+        assert_eq!(get("ambit_redirect_pod_quota_total", &[]), Some(6.0));
+        assert_eq!(get("ambit_redirect_closed_refused_total", &[]), Some(8.0));
+        assert_eq!(get("ambit_inbound_from_node_total", &[]), Some(9.0));
         assert_eq!(
             get("ambit_redirected_connections_total", &[("family", "ipv4")]),
             Some(5.0)
@@ -1335,7 +1378,7 @@ mod tests {
         assert_eq!(get("ambit_inbound_steered_total", &[]), Some(4.0));
         assert_eq!(get("ambit_inbound_no_listener_total", &[]), Some(3.0));
         assert_eq!(
-            get("ambit_ebpf_map_entries", &[("map", "ORIG_DST_SOCK")]),
+            get("ambit_ebpf_map_entries", &[("map", "ORIG_DST_TUPLE")]),
             Some(7.0)
         );
         assert_eq!(get("ambit_config_generation", &[]), Some(3.0));

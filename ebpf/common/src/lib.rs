@@ -2,7 +2,8 @@
 //!
 //! Everything here is `#[repr(C)]` with explicit padding: these values are map keys and values,
 //! so their byte layout is the contract between kernel and user space, and padding bytes must be
-//! zero for hash-map keys to match.
+//! zero for hash-map keys to match. Each type's size is asserted at compile time, so a change
+//! that would silently break that contract does not build.
 #![no_std]
 
 /// The agent's outbound capture port (ztunnel's): connects are rewritten to 127.0.0.1/::1 here.
@@ -12,28 +13,71 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// The agent's inbound HBONE (mTLS) port inside each enrolled pod.
 pub const INBOUND_HBONE_PORT: u16 = 15008;
 
+/// Map sizes. Only `ORIG_DST_TUPLE` grows with traffic, and only for connects whose handshake
+/// with the agent has not completed yet; [`PENDING_CONNECTS_PER_POD`] bounds what one pod can
+/// hold of it, so one pod cannot exhaust it for the others.
+pub mod limits {
+    /// Enrolled (or closed) pod network namespaces per node.
+    pub const MAX_PODS: u32 = 16_384;
+    /// Redirected connects between `TCP_CONNECT_CB` and the agent's side of the handshake.
+    pub const MAX_PENDING_CONNECTS: u32 = 262_144;
+    /// Of those, how many one pod may hold at once; beyond it, that pod's further connects
+    /// find no original destination and are closed by the agent (other pods are unaffected).
+    pub const PENDING_CONNECTS_PER_POD: u64 = 4_096;
+    /// Node addresses whose connections reach pods directly (kubelet's probes).
+    pub const MAX_NODE_ADDRS: u32 = 256;
+    /// cgroups whose sockets are exempt from redirection (the agents running on the node).
+    pub const MAX_EXEMPT_CGROUPS: u32 = 16;
+    /// Excluded destination ports and networks.
+    pub const MAX_EXCLUSIONS: u32 = 1_024;
+}
+
+/// Values of `ENROLLED_NETNS`: what the programs do with a pod namespace's traffic.
+pub mod pod_state {
+    /// Meshed: outbound TCP is redirected to the agent, inbound steered to its listeners.
+    pub const MESHED: u32 = 1;
+    /// Closed: the pod should be meshed but its enrolment could not complete. Outbound TCP to
+    /// anything but loopback is refused; inbound finds no listener and is dropped. Never open.
+    pub const CLOSED: u32 = 2;
+}
+
 /// Map names, as pinned under the agent's bpffs directory.
 pub mod maps {
-    /// Network namespaces (by cookie) whose outbound TCP is redirected.
+    /// Network namespaces (by cookie) of enrolled pods, with their [`crate::pod_state`].
     pub const ENROLLED_NETNS: &str = "ENROLLED_NETNS";
-    /// Original destination by socket cookie (read by the getpeername hooks).
-    pub const ORIG_DST_SOCK: &str = "ORIG_DST_SOCK";
-    /// Original destination by (netns cookie, local address, local port): read by the agent.
+    /// Per-socket storage ([`crate::SockState`]): the original destination of a redirected
+    /// client socket (read by the getpeername hooks), and of the agent's accepted socket (read
+    /// by the agent). Freed with the socket, so no failed connect leaves anything behind.
+    pub const SOCK_STATE: &str = "SOCK_STATE";
+    /// Original destination by (netns cookie, client address, client port), from the client's
+    /// `TCP_CONNECT_CB` until the agent's side of the handshake takes it into its socket.
     pub const ORIG_DST_TUPLE: &str = "ORIG_DST_TUPLE";
+    /// Entries each pod holds in `ORIG_DST_TUPLE`, by netns cookie.
+    pub const PENDING_CONNECTS: &str = "PENDING_CONNECTS";
     /// Inbound plaintext listener socket per pod IP (used by sk_lookup).
     pub const POD_LISTENERS: &str = "POD_LISTENERS";
+    /// Inbound HBONE listener socket per pod IP (used by sk_lookup).
+    pub const HBONE_LISTENERS: &str = "HBONE_LISTENERS";
+    /// The node's own addresses: connections from them reach pods directly (probes).
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// cgroup ids whose connects are never redirected: the agents'.
+    pub const EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
     /// Destination ports never redirected.
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
     /// Destination networks never redirected.
     pub const EXCLUDED_NETS: &str = "EXCLUDED_NETS";
     /// Per-CPU event counters (indexes in [`crate::stats`]).
     pub const STATS: &str = "STATS";
-    /// Every map the agent pins, for uninstall and occupancy reports.
-    pub const PINNED: [&str; 6] = [
+    /// Every map the agent pins, for uninstall.
+    pub const PINNED: [&str; 10] = [
         ENROLLED_NETNS,
-        ORIG_DST_SOCK,
+        SOCK_STATE,
         ORIG_DST_TUPLE,
+        PENDING_CONNECTS,
         POD_LISTENERS,
+        HBONE_LISTENERS,
+        NODE_ADDRS,
+        EXEMPT_CGROUPS,
         EXCLUDED_PORTS,
         EXCLUDED_NETS,
     ];
@@ -49,9 +93,9 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "ambit_getpeername4";
     /// cgroup/getpeername6: report the original IPv6 destination.
     pub const GETPEERNAME6: &str = "ambit_getpeername6";
-    /// sock_ops: re-key the original destination by the connection's address; clean up on close.
+    /// sock_ops: hand the original destination from the client's socket to the agent's.
     pub const SOCK_OPS: &str = "ambit_sock_ops";
-    /// sk_lookup: steer inbound TCP to the pod's plaintext listener.
+    /// sk_lookup: steer inbound TCP to the pod's listeners.
     pub const SK_LOOKUP: &str = "ambit_sk_lookup";
     /// The cgroup-attached programs, in attach order.
     pub const CGROUP: [&str; 5] = [SOCK_OPS, CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6];
@@ -65,14 +109,32 @@ pub mod stats {
     pub const REDIRECTED6: u32 = 1;
     /// Connects from enrolled namespaces left alone by an exclusion (port or network).
     pub const EXCLUDED: u32 = 2;
-    /// Failed map updates (the connection is refused instead of bypassing the mesh).
+    /// Failed map or socket-storage updates (the connection is refused or closed, never let
+    /// past the mesh).
     pub const MAP_FULL: u32 = 3;
-    /// Inbound connections steered to a pod's plaintext listener.
+    /// Inbound connections steered to a pod's listener.
     pub const INBOUND_STEERED: u32 = 4;
-    /// Inbound connections dropped because the enrolled pod had no listener (agent down).
+    /// Inbound connections dropped because the enrolled pod had no listener (agent down, pod
+    /// closed).
     pub const INBOUND_NO_LISTENER: u32 = 5;
+    /// Connects of a pod beyond its [`crate::limits::PENDING_CONNECTS_PER_POD`].
+    pub const POD_QUOTA: u32 = 6;
+    /// Outbound connects refused because the pod is closed.
+    pub const CLOSED_REFUSED: u32 = 7;
+    /// Inbound connections from the node's own addresses let through to the application.
+    pub const INBOUND_FROM_NODE: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 9;
+}
+
+/// Bits of [`SockState::flags`].
+pub mod sock_flags {
+    /// The socket was redirected: `orig` is where its application connected.
+    pub const REDIRECTED: u32 = 1;
+    /// The socket put an entry in `ORIG_DST_TUPLE` (and counted it against its pod).
+    pub const PENDING: u32 = 2;
+    /// The socket is the agent's side of a redirected connection: `orig` was handed over.
+    pub const ACCEPTED: u32 = 4;
 }
 
 /// An IP address as 16 bytes in network order; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`),
@@ -111,8 +173,8 @@ pub struct OrigDst {
     pub _pad: [u8; 6],
 }
 
-/// Key of `ORIG_DST_TUPLE`: the client socket's namespace and local address, which the agent
-/// sees as the peer of the connection it accepted on its outbound listener.
+/// Key of `ORIG_DST_TUPLE`: the client socket's namespace and local address, which the agent's
+/// side of the connection sees as its peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct TupleKey {
@@ -126,10 +188,49 @@ pub struct TupleKey {
     pub _pad: [u8; 6],
 }
 
+/// Value of `ORIG_DST_TUPLE`: the original destination and the socket that wrote it, so that
+/// a socket's close removes only its own entry, never that of a newer socket that reuses its
+/// address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PendingConnect {
+    /// Where the client connected.
+    pub orig: OrigDst,
+    /// Socket cookie of the client socket.
+    pub socket_cookie: u64,
+}
+
+/// Per-socket storage (`SOCK_STATE`), owned by the socket and freed with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockState {
+    /// The original destination.
+    pub orig: OrigDst,
+    /// [`sock_flags`].
+    pub flags: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+// The layout contract, checked where both sides are compiled.
+const _: () = {
+    assert!(core::mem::size_of::<IpKey>() == 16);
+    assert!(core::mem::size_of::<OrigDst>() == 24);
+    assert!(core::mem::size_of::<TupleKey>() == 32);
+    assert!(core::mem::size_of::<PendingConnect>() == 32);
+    assert!(core::mem::size_of::<SockState>() == 32);
+};
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for super::IpKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::TupleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PendingConnect {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockState {}
 }

@@ -2,27 +2,46 @@
 //!
 //! - `cgroup/connect4|6` rewrite TCP connects from sockets in enrolled network namespaces to the
 //!   agent's outbound listener on loopback in the same namespace, remembering the original
-//!   destination by socket cookie.
-//! - `sock_ops` re-keys that destination by the connection's own address when the SYN is about to
-//!   leave (so the agent can look it up from the peer address of the socket it accepts, without
-//!   racing), and removes both entries when the socket closes, so the maps track live sockets only.
+//!   destination in the socket's own storage (`SOCK_STATE`), which the kernel frees with the
+//!   socket: a connect that fails after the hook leaves nothing behind. Connects made by the
+//!   agents are recognised by their cgroup, which a pod cannot forge (a socket mark can be set by
+//!   any process with CAP_NET_RAW). Connects of a closed pod are refused.
+//! - `sock_ops` publishes the destination under the connection's own address when the SYN is
+//!   about to leave (`ORIG_DST_TUPLE`), and hands it into the agent's accepted socket's storage
+//!   when the agent's side of the handshake completes, removing the entry. The agent reads it
+//!   from its socket. So `ORIG_DST_TUPLE` holds only handshakes in flight, at most
+//!   `PENDING_CONNECTS_PER_POD` of them per pod, and a socket's close removes only its own entry.
 //! - `cgroup/getpeername4|6` make the application see the address it dialled.
 //! - `sk_lookup`, linked to each enrolled pod's network namespace, steers TCP arriving from outside
-//!   the pod to the agent's inbound listener in that namespace, and drops it when the listener is
-//!   gone (agent down): inbound fails closed.
+//!   the pod to the agent's listeners in that namespace (HBONE for 15008, the plaintext listener
+//!   for every other port, the proxy's own included), and drops it when there is no listener
+//!   (agent down, pod closed): inbound fails closed. Connections from the node's own addresses
+//!   (kubelet's probes) reach the application directly, as in Istio ambient.
 #![no_std]
 #![no_main]
+// The BPF target has no atomic read-modify-write in `core::sync::atomic` (no compare-and-swap),
+// but the instruction set has an atomic add whose result is unused: the intrinsic reaches it.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use ambit_common::{
-    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst, TupleKey, stats,
+    INBOUND_HBONE_PORT, IpKey, OUTBOUND_PORT, OrigDst, PendingConnect, SockState, TupleKey, limits,
+    pod_state, sock_flags, stats,
 };
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, sk_action,
+        BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE,
+        bpf_sock, sk_action,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        generated::bpf_sk_storage_get,
+    },
+    macros::{btf_map, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
@@ -37,22 +56,77 @@ const IPPROTO_TCP: u32 = 6;
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
-/// Socket mark of the agent's own sockets; set by the loader.
-#[unsafe(no_mangle)]
-static AGENT_MARK: u32 = 0x539;
+/// libbpf's `LIBBPF_PIN_BY_NAME`: pin the map under the loader's pin directory by its name.
+const PIN_BY_NAME: usize = 1;
+
+/// A pinned `BPF_MAP_TYPE_SK_STORAGE` map of `T`, declared the BTF way (socket storage has no
+/// legacy definition). The fields are placeholders the loader reads from BTF; never accessed.
+#[repr(C)]
+pub struct PinnedSkStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    pinning: *const [i32; PIN_BY_NAME],
+}
+
+// SAFETY: the fields are null placeholders patched by the loader and never dereferenced.
+unsafe impl<T> Sync for PinnedSkStorage<T> {}
+
+impl<T> PinnedSkStorage<T> {
+    const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    /// The storage of socket `sk`, created zeroed if `create` and absent.
+    ///
+    /// # Safety
+    /// `sk` must be a socket pointer the verifier accepts for this program type.
+    // The value belongs to the socket, not to the map handle borrowed here.
+    #[allow(clippy::mut_from_ref)]
+    #[inline(always)]
+    unsafe fn get(&self, sk: *mut bpf_sock, create: bool) -> Option<&mut T> {
+        let flags = if create {
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+        } else {
+            0
+        };
+        let map = core::ptr::from_ref(self).cast_mut().cast();
+        // SAFETY: per the contract above; a null initial value means zero-filled.
+        let value = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags) };
+        // SAFETY: a non-null result points at this socket's value of type T.
+        unsafe { value.cast::<T>().as_mut() }
+    }
+}
+
+#[btf_map]
+static SOCK_STATE: PinnedSkStorage<SockState> = PinnedSkStorage::new();
 
 #[map]
-static ENROLLED_NETNS: HashMap<u64, u32> = HashMap::pinned(16_384, 0);
+static ENROLLED_NETNS: HashMap<u64, u32> = HashMap::pinned(limits::MAX_PODS, 0);
 #[map]
-static ORIG_DST_SOCK: HashMap<u64, OrigDst> = HashMap::pinned(65_536, 0);
+static ORIG_DST_TUPLE: HashMap<TupleKey, PendingConnect> =
+    HashMap::pinned(limits::MAX_PENDING_CONNECTS, BPF_F_NO_PREALLOC);
 #[map]
-static ORIG_DST_TUPLE: HashMap<TupleKey, OrigDst> = HashMap::pinned(65_536, 0);
+static PENDING_CONNECTS: HashMap<u64, u64> = HashMap::pinned(limits::MAX_PODS, 0);
 #[map]
-static POD_LISTENERS: SockHash<IpKey> = SockHash::pinned(16_384, 0);
+static POD_LISTENERS: SockHash<IpKey> = SockHash::pinned(limits::MAX_PODS, 0);
 #[map]
-static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(1_024, 0);
+static HBONE_LISTENERS: SockHash<IpKey> = SockHash::pinned(limits::MAX_PODS, 0);
 #[map]
-static EXCLUDED_NETS: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1_024, 0);
+static NODE_ADDRS: HashMap<IpKey, u8> = HashMap::pinned(limits::MAX_NODE_ADDRS, 0);
+#[map]
+static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(limits::MAX_EXEMPT_CGROUPS, 0);
+#[map]
+static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(limits::MAX_EXCLUSIONS, 0);
+#[map]
+static EXCLUDED_NETS: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(limits::MAX_EXCLUSIONS, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 
@@ -62,12 +136,6 @@ fn count(index: u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *counter += 1 };
     }
-}
-
-#[inline(always)]
-fn agent_mark() -> u32 {
-    // SAFETY: read of a loader-initialised global; volatile so the compiler keeps the load.
-    unsafe { core::ptr::read_volatile(&AGENT_MARK) }
 }
 
 #[inline(always)]
@@ -113,48 +181,68 @@ fn is_excluded(ip: &IpKey, port: u16) -> bool {
     EXCLUDED_NETS.get(Key::new(128, ip.addr)).is_some()
 }
 
-/// The shared decision of connect4/connect6: `Some(dst)` when this connect must go to the agent.
+/// What connect4/connect6 do with a connect.
+enum Verdict {
+    /// Not ours: leave it alone.
+    Pass,
+    /// From a closed pod: refuse it.
+    Refuse,
+    /// Rewrite it to the agent.
+    Redirect,
+}
+
 #[inline(always)]
-fn should_redirect(ctx: &SockAddrContext, dst: IpKey, port: u16) -> bool {
-    // SAFETY: the verifier guarantees `sock_addr` and its `sk` are valid for this program type.
-    let (sock_type, protocol, mark) = unsafe {
+fn classify(ctx: &SockAddrContext, dst: &IpKey, port: u16) -> Verdict {
+    // SAFETY: the verifier guarantees `sock_addr` is valid for this program type.
+    let (sock_type, protocol) = unsafe {
         let sa = &*ctx.sock_addr;
-        (sa.type_, sa.protocol, (*sa.__bindgen_anon_1.sk).mark)
+        (sa.type_, sa.protocol)
     };
-    if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP || mark == agent_mark() {
-        return false;
-    }
-    if is_loopback(&dst) {
-        return false;
+    if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP || is_loopback(dst) {
+        return Verdict::Pass;
     }
     // SAFETY: valid context pointer for a helper allowed in this program type.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    if ENROLLED_NETNS.get_ptr(netns).is_none() {
-        return false;
+    // SAFETY: map value is plain data.
+    let Some(state) = (unsafe { ENROLLED_NETNS.get(netns) }) else {
+        return Verdict::Pass;
+    };
+    // The agent's own connects (made from inside pods' namespaces) are recognised by the
+    // calling task's cgroup: a pod cannot put its processes there.
+    // SAFETY: helper without arguments, allowed in this program type.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if EXEMPT_CGROUPS.get_ptr(cgroup).is_some() {
+        return Verdict::Pass;
     }
-    if is_excluded(&dst, port) {
+    if *state == pod_state::CLOSED {
+        count(stats::CLOSED_REFUSED);
+        return Verdict::Refuse;
+    }
+    if is_excluded(dst, port) {
         count(stats::EXCLUDED);
-        return false;
+        return Verdict::Pass;
     }
-    true
+    Verdict::Redirect
 }
 
-/// Records the original destination under the socket's cookie. On failure the connect is
-/// rejected: a full map must never turn into traffic that silently bypasses the mesh.
+/// Records the original destination in the socket's own storage. On failure the connect is
+/// refused: nothing may bypass the mesh.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, dst: IpKey, port: u16) -> bool {
-    // SAFETY: valid context pointer for a helper allowed in this program type.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let value = OrigDst {
+    // SAFETY: the verifier guarantees `sk` is a valid socket in this program type.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    // SAFETY: `sk` comes from the context, as the helper requires.
+    let Some(state) = (unsafe { SOCK_STATE.get(sk, true) }) else {
+        count(stats::MAP_FULL);
+        warn!(ctx, "ambit: no socket storage, refusing connect");
+        return false;
+    };
+    state.orig = OrigDst {
         ip: dst,
         port,
         _pad: [0; 6],
     };
-    if ORIG_DST_SOCK.insert(cookie, value, 0).is_err() {
-        count(stats::MAP_FULL);
-        warn!(ctx, "ambit: ORIG_DST_SOCK full, refusing connect");
-        return false;
-    }
+    state.flags = sock_flags::REDIRECTED;
     true
 }
 
@@ -164,8 +252,10 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let dst = IpKey::v4(sa.user_ip4.to_ne_bytes());
     let port = u16::from_be(sa.user_port as u16);
-    if !should_redirect(&ctx, dst, port) {
-        return ALLOW;
+    match classify(&ctx, &dst, port) {
+        Verdict::Pass => return ALLOW,
+        Verdict::Refuse => return REJECT,
+        Verdict::Redirect => {}
     }
     if !remember(&ctx, dst, port) {
         return REJECT;
@@ -182,8 +272,10 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let dst = ip_from_words(sa.user_ip6);
     let port = u16::from_be(sa.user_port as u16);
-    if !should_redirect(&ctx, dst, port) {
-        return ALLOW;
+    match classify(&ctx, &dst, port) {
+        Verdict::Pass => return ALLOW,
+        Verdict::Refuse => return REJECT,
+        Verdict::Redirect => {}
     }
     if !remember(&ctx, dst, port) {
         return REJECT;
@@ -204,12 +296,16 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
-    // SAFETY: valid context pointer for a helper allowed in this program type.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    // SAFETY: map value is plain data.
-    let Some(orig) = (unsafe { ORIG_DST_SOCK.get(cookie) }) else {
+    // SAFETY: the verifier guarantees `sk` is a valid socket in this program type.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    // SAFETY: `sk` comes from the context, as the helper requires.
+    let Some(state) = (unsafe { SOCK_STATE.get(sk, false) }) else {
         return ALLOW;
     };
+    if state.flags & sock_flags::REDIRECTED == 0 {
+        return ALLOW;
+    }
+    let orig = state.orig;
     // SAFETY: valid context for this program type.
     let sa = unsafe { &mut *ctx.sock_addr };
     if v6 {
@@ -232,37 +328,64 @@ pub fn ambit_getpeername6(ctx: SockAddrContext) -> i32 {
     restore_peer(&ctx, true)
 }
 
+/// The sock_ops context fields a callback needs, read up front.
+struct Ops {
+    local: IpKey,
+    remote: IpKey,
+    /// Host byte order.
+    local_port: u16,
+    /// Host byte order.
+    remote_port: u16,
+    sk: *mut bpf_sock,
+}
+
 #[inline(always)]
-fn local_tuple(ctx: &SockOpsContext) -> Option<TupleKey> {
+fn read_ops(ctx: &SockOpsContext) -> Option<Ops> {
     // Read every context field up front with volatile loads at fixed offsets: the verifier
     // rejects context loads through a pointer the compiler offset and carried across branches.
     // SAFETY: valid context for this program type.
-    let (family, ip4, ip6, port) = unsafe {
+    let (family, local4, remote4, local6, remote6, local_port, remote_port, sk) = unsafe {
         let ops = ctx.ops;
         (
             core::ptr::read_volatile(&(*ops).family),
             core::ptr::read_volatile(&(*ops).local_ip4),
+            core::ptr::read_volatile(&(*ops).remote_ip4),
             [
                 core::ptr::read_volatile(&(*ops).local_ip6[0]),
                 core::ptr::read_volatile(&(*ops).local_ip6[1]),
                 core::ptr::read_volatile(&(*ops).local_ip6[2]),
                 core::ptr::read_volatile(&(*ops).local_ip6[3]),
             ],
+            [
+                core::ptr::read_volatile(&(*ops).remote_ip6[0]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[1]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[2]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+            ],
             core::ptr::read_volatile(&(*ops).local_port),
+            core::ptr::read_volatile(&(*ops).remote_port),
+            core::ptr::read_volatile(&(*ops).__bindgen_anon_2.sk),
         )
     };
-    let ip = match family {
-        AF_INET => IpKey::v4(ip4.to_ne_bytes()),
-        AF_INET6 => ip_from_words(ip6),
+    let (local, remote) = match family {
+        AF_INET => (
+            IpKey::v4(local4.to_ne_bytes()),
+            IpKey::v4(remote4.to_ne_bytes()),
+        ),
+        AF_INET6 => (ip_from_words(local6), ip_from_words(remote6)),
         _ => return None,
     };
-    // SAFETY: valid context pointer for a helper allowed in this program type.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-    Some(TupleKey {
-        netns_cookie,
-        ip,
-        port: port as u16,
-        _pad: [0; 6],
+    if sk.is_null() {
+        return None;
+    }
+    Some(Ops {
+        local,
+        remote,
+        // sock_ops gives the local port in host order, the remote one in network order in the
+        // upper 16 bits on little-endian machines.
+        local_port: local_port as u16,
+        remote_port: u16::from_be((remote_port >> 16) as u16),
+        sk,
     })
 }
 
@@ -270,41 +393,173 @@ fn local_tuple(ctx: &SockOpsContext) -> Option<TupleKey> {
 pub fn ambit_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_accepted(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
     1
 }
 
+/// The pod's count of entries in `ORIG_DST_TUPLE`, created at zero on first use.
 #[inline(always)]
-fn on_connect(ctx: &SockOpsContext) {
-    // SAFETY: valid context pointer for a helper allowed in this program type.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: map value is plain data.
-    let Some(orig) = (unsafe { ORIG_DST_SOCK.get(cookie) }) else {
-        return;
-    };
-    let orig = *orig;
-    let Some(key) = local_tuple(ctx) else {
-        return;
-    };
-    // Ask for state callbacks first, so the close path cleans both maps whatever happens next.
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-    if ORIG_DST_TUPLE.insert(key, orig, 0).is_err() {
-        count(stats::MAP_FULL);
-        warn!(ctx, "ambit: ORIG_DST_TUPLE full");
+fn pending_counter(netns: u64) -> Option<*mut u64> {
+    if PENDING_CONNECTS.get_ptr(netns).is_none() {
+        // Racing creators: whichever insert wins, both then use the same slot.
+        let _ = PENDING_CONNECTS.insert(netns, 0, u64::from(BPF_NOEXIST));
+    }
+    PENDING_CONNECTS.get_ptr_mut(netns)
+}
+
+/// Adds `delta` (two's complement for a decrement) to a counter atomically.
+#[inline(always)]
+fn counter_add(counter: *mut u64, delta: u64) {
+    // SAFETY: `counter` is a live, 8-aligned map value of u64, only ever changed atomically;
+    // the result is unused, which the BPF atomic add instruction requires.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta);
     }
 }
 
 #[inline(always)]
-fn on_close(ctx: &SockOpsContext) {
-    // SAFETY: valid context pointer for a helper allowed in this program type.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    if ORIG_DST_SOCK.remove(cookie).is_err() {
+fn pending_done(netns: u64) {
+    if let Some(counter) = PENDING_CONNECTS.get_ptr_mut(netns) {
+        // Never below zero, even if the agent reset the counter meanwhile.
+        // SAFETY: a live map value, read once.
+        if unsafe { core::ptr::read_volatile(counter) } > 0 {
+            counter_add(counter, u64::MAX);
+        }
+    }
+}
+
+/// The client's SYN is about to leave: publish where it was going under its own address.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    let Some(ops) = read_ops(ctx) else {
+        return;
+    };
+    // SAFETY: `sk` comes from the context, as the helper requires.
+    let Some(state) = (unsafe { SOCK_STATE.get(ops.sk, false) }) else {
+        return;
+    };
+    if state.flags & sock_flags::REDIRECTED == 0 {
         return;
     }
-    if let Some(key) = local_tuple(ctx) {
-        let _ = ORIG_DST_TUPLE.remove(key);
+    // Ask for state callbacks first, so the close path runs whatever happens next.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // SAFETY: valid context pointer for a helper allowed in this program type.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    // SAFETY: as above.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let key = TupleKey {
+        netns_cookie,
+        ip: ops.local,
+        port: ops.local_port,
+        _pad: [0; 6],
+    };
+    let value = PendingConnect {
+        orig: state.orig,
+        socket_cookie,
+    };
+    // An entry left under the same address (a closing socket whose port this one reuses) is
+    // taken over, not counted twice.
+    if ORIG_DST_TUPLE
+        .insert(key, value, u64::from(BPF_EXIST))
+        .is_ok()
+    {
+        state.flags |= sock_flags::PENDING;
+        return;
+    }
+    let Some(counter) = pending_counter(netns_cookie) else {
+        count(stats::MAP_FULL);
+        return;
+    };
+    // SAFETY: a live map value, read once.
+    if unsafe { core::ptr::read_volatile(counter) } >= limits::PENDING_CONNECTS_PER_POD {
+        // This pod holds its share: its connection will find no destination and be closed by
+        // the agent. Other pods are unaffected.
+        count(stats::POD_QUOTA);
+        return;
+    }
+    if ORIG_DST_TUPLE
+        .insert(key, value, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        count(stats::MAP_FULL);
+        warn!(ctx, "ambit: ORIG_DST_TUPLE full");
+        return;
+    }
+    counter_add(counter, 1);
+    state.flags |= sock_flags::PENDING;
+}
+
+/// The agent's side of a redirected connection completed its handshake: move the original
+/// destination into the agent's socket, where the agent reads it, and free the entry.
+#[inline(always)]
+fn on_accepted(ctx: &SockOpsContext) {
+    let Some(ops) = read_ops(ctx) else {
+        return;
+    };
+    if ops.local_port != OUTBOUND_PORT || !is_loopback(&ops.local) {
+        return;
+    }
+    // SAFETY: valid context pointer for a helper allowed in this program type.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    let key = TupleKey {
+        netns_cookie,
+        ip: ops.remote,
+        port: ops.remote_port,
+        _pad: [0; 6],
+    };
+    // SAFETY: map value is plain data.
+    let Some(pending) = (unsafe { ORIG_DST_TUPLE.get(key) }) else {
+        return;
+    };
+    let orig = pending.orig;
+    // SAFETY: `sk` comes from the context, as the helper requires.
+    match unsafe { SOCK_STATE.get(ops.sk, true) } {
+        Some(state) => {
+            state.orig = orig;
+            state.flags = sock_flags::ACCEPTED;
+        }
+        None => count(stats::MAP_FULL),
+    }
+    // Whoever deletes the entry (this, or the client's close) releases the pod's count.
+    if ORIG_DST_TUPLE.remove(key).is_ok() {
+        pending_done(netns_cookie);
+    }
+}
+
+/// A socket closed: a client whose handshake never reached the agent removes its own entry.
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    let Some(ops) = read_ops(ctx) else {
+        return;
+    };
+    // SAFETY: `sk` comes from the context, as the helper requires.
+    let Some(state) = (unsafe { SOCK_STATE.get(ops.sk, false) }) else {
+        return;
+    };
+    if state.flags & sock_flags::PENDING == 0 {
+        return;
+    }
+    state.flags &= !sock_flags::PENDING;
+    // SAFETY: valid context pointer for a helper allowed in this program type.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    // SAFETY: as above.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let key = TupleKey {
+        netns_cookie,
+        ip: ops.local,
+        port: ops.local_port,
+        _pad: [0; 6],
+    };
+    // SAFETY: map value is plain data.
+    let Some(pending) = (unsafe { ORIG_DST_TUPLE.get(key) }) else {
+        return;
+    };
+    // Only our own entry: a newer socket may already use this address and port.
+    if pending.socket_cookie == socket_cookie && ORIG_DST_TUPLE.remove(key).is_ok() {
+        pending_done(netns_cookie);
     }
 }
 
@@ -316,9 +571,6 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     }
     let port = lookup.local_port as u16;
-    if port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT || port == INBOUND_HBONE_PORT {
-        return sk_action::SK_PASS;
-    }
     let (local, remote) = match lookup.family {
         AF_INET => (
             IpKey::v4(lookup.local_ip4.to_ne_bytes()),
@@ -330,19 +582,41 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
         ),
         _ => return sk_action::SK_PASS,
     };
-    // A pod talking to itself, and the agent's own hop from the listener to the application
+    // A pod talking to itself, and the agent's own hop from its listener to the application
     // (made from the pod's address to the pod's address), are not inbound traffic.
     if local == remote || is_loopback(&remote) || is_loopback(&local) {
         return sk_action::SK_PASS;
     }
-    match POD_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
+    // HBONE goes to the agent's HBONE listener and nowhere else: an application listening on
+    // 15008 itself is never reached from outside.
+    if port == INBOUND_HBONE_PORT {
+        return steer(&ctx, &HBONE_LISTENERS, local);
+    }
+    // The node's own addresses (kubelet's probes) reach the application directly, as in Istio
+    // ambient, except on the proxy's ports, which belong to the agent.
+    if port != OUTBOUND_PORT
+        && port != ambit_common::INBOUND_PLAINTEXT_PORT
+        && NODE_ADDRS.get_ptr(remote).is_some()
+    {
+        count(stats::INBOUND_FROM_NODE);
+        return sk_action::SK_PASS;
+    }
+    // Everything else, the proxy's own plaintext ports included, goes to the plaintext
+    // listener, which applies peer authentication and policy (and refuses the proxy's ports).
+    steer(&ctx, &POD_LISTENERS, local)
+}
+
+#[inline(always)]
+fn steer(ctx: &SkLookupContext, listeners: &SockHash<IpKey>, local: IpKey) -> u32 {
+    match listeners.redirect_sk_lookup(ctx, local, 0) {
         Ok(()) => {
             count(stats::INBOUND_STEERED);
             sk_action::SK_PASS
         }
         Err(_) => {
             // This program is linked only to enrolled pods' namespaces: no listener means the
-            // agent is gone, and the application must not be reached around it.
+            // agent is gone or the pod is closed, and the application must not be reached
+            // around it.
             count(stats::INBOUND_NO_LISTENER);
             sk_action::SK_DROP
         }

@@ -146,7 +146,7 @@ fn serve(mut s: TcpStream, state: &Mutex<State>, admin: bool) -> std::io::Result
             200,
             json!({
                 "config": {"generation": st.generation, "lastError": st.last_error},
-                "maps": {"ORIG_DST_SOCK": 0, "ORIG_DST_TUPLE": 0},
+                "maps": {"ORIG_DST_TUPLE": 0, "PENDING_CONNECTS": 0},
                 "enrolled": st.enrolled,
             })
             .to_string(),

@@ -10,9 +10,20 @@
 //!   C connections, each sending N deterministic pseudo-random bytes (seeded by the connection
 //!   index; with `--pattern`, the string S repeated instead) and checking the echo; one JSON
 //!   line per connection; exit 0 only if all are ok.
-//! - `testpod churn --connect ADDR --count C [--max-seconds S]`: C short sequential connections;
-//!   one summary line.
+//! - `testpod churn --connect ADDR --count C [--max-seconds S] [--greeting-only]`: C short
+//!   sequential connections; one summary line. With `--greeting-only` (for a server started
+//!   with `--greeting-only`) each connection only reads the greeting and the server's close.
+//! - `testpod serve ... --greeting-only`: each connection gets the greeting, then the server
+//!   closes first (so TIME_WAIT stays on the server) and reports nothing per connection.
 //! - `testpod hold --connect ADDR`: one long-lived connection, echoing stdin lines through it.
+//! - `testpod flood --kind K --connect ADDR --count C`: C connects that fail after the connect
+//!   hook ran (an attacker's attempt to leave state behind in the kernel); one summary line with
+//!   the errors seen. Kinds: `v6only-mapped` (an IPV6_V6ONLY socket dialling `::ffff:<v4>`),
+//!   `addr-in-use` (a source port whose 4-tuple is taken), `plain` (whatever ADDR gives, e.g.
+//!   an IPv6 address with IPv6 disabled in the pod).
+//! - `testpod pending --connect ADDR --count C --hold-seconds S`: C non-blocking connects at
+//!   once, held S seconds (handshakes that cannot complete stay in flight), then closed; one
+//!   summary line.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -43,6 +54,9 @@ enum Cmd {
         /// Name in the greeting (default: $POD_NAME).
         #[arg(long)]
         name: Option<String>,
+        /// Send the greeting and close, without echo or per-connection events.
+        #[arg(long)]
+        greeting_only: bool,
     },
     /// Connect, send bytes, verify the echo.
     Client {
@@ -62,6 +76,37 @@ enum Cmd {
         /// capture) instead of pseudo-random bytes.
         #[arg(long)]
         pattern: Option<String>,
+        /// Set this socket mark (`SO_MARK`) before connecting, as a process with
+        /// CAP_NET_RAW can.
+        #[arg(long, value_parser = parse_u32)]
+        mark: Option<u32>,
+    },
+    /// Connects that fail after the connect hook ran.
+    Flood {
+        /// How they fail.
+        #[arg(long, value_enum)]
+        kind: FloodKind,
+        /// Address to connect to.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Number of connects.
+        #[arg(long)]
+        count: u32,
+        /// Stop early after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        max_seconds: u64,
+    },
+    /// Many non-blocking connects at once, held open.
+    Pending {
+        /// Address to connect to.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Number of sockets.
+        #[arg(long)]
+        count: u32,
+        /// How long to hold them before closing.
+        #[arg(long)]
+        hold_seconds: u64,
     },
     /// Many short sequential connections.
     Churn {
@@ -77,6 +122,9 @@ enum Cmd {
         /// Time limit per connection, in milliseconds.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Only read the greeting and the server's close (see `serve --greeting-only`).
+        #[arg(long)]
+        greeting_only: bool,
     },
     /// Hold one connection open; echo stdin lines through it.
     Hold {
@@ -89,6 +137,25 @@ enum Cmd {
     },
 }
 
+/// How `testpod flood` makes its connects fail.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FloodKind {
+    /// An AF_INET6 socket with IPV6_V6ONLY dialling the IPv4-mapped form of an IPv4 ADDR.
+    V6onlyMapped,
+    /// A socket bound to the source port of a connection to ADDR that is still open.
+    AddrInUse,
+    /// A plain connect to ADDR (which must fail, e.g. IPv6 with IPv6 disabled).
+    Plain,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?}: {e}"))
+}
+
 /// Prints one JSON line (ignoring a closed stdout).
 fn emit(v: Value) {
     let mut out = io::stdout().lock();
@@ -99,30 +166,50 @@ fn emit(v: Value) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ok = match cli.cmd {
-        Cmd::Serve { ports, bind, name } => serve(&ports, bind, name),
+        Cmd::Serve {
+            ports,
+            bind,
+            name,
+            greeting_only,
+        } => serve(&ports, bind, name, greeting_only),
         Cmd::Client {
             connect,
             bytes,
             count,
             timeout_ms,
             pattern,
+            mark,
         } => client(
             connect,
             bytes,
             count,
             Duration::from_millis(timeout_ms),
             pattern.map(String::into_bytes),
+            mark,
         ),
+        Cmd::Flood {
+            kind,
+            connect,
+            count,
+            max_seconds,
+        } => flood(kind, connect, count, Duration::from_secs(max_seconds)),
+        Cmd::Pending {
+            connect,
+            count,
+            hold_seconds,
+        } => pending(connect, count, Duration::from_secs(hold_seconds)),
         Cmd::Churn {
             connect,
             count,
             max_seconds,
             timeout_ms,
+            greeting_only,
         } => churn(
             connect,
             count,
             max_seconds.map(Duration::from_secs),
             Duration::from_millis(timeout_ms),
+            greeting_only,
         ),
         Cmd::Hold {
             connect,
@@ -150,7 +237,7 @@ fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
     Ok(s.into())
 }
 
-fn serve(ports: &[u16], bind: Option<IpAddr>, name: Option<String>) -> bool {
+fn serve(ports: &[u16], bind: Option<IpAddr>, name: Option<String>, greeting_only: bool) -> bool {
     let name = name
         .or_else(|| std::env::var("POD_NAME").ok())
         .unwrap_or_else(|| "unknown".into());
@@ -189,7 +276,7 @@ fn serve(ports: &[u16], bind: Option<IpAddr>, name: Option<String>) -> bool {
         .into_iter()
         .map(|l| {
             let name = name.clone();
-            std::thread::spawn(move || accept_loop(l, name))
+            std::thread::spawn(move || accept_loop(l, name, greeting_only))
         })
         .collect();
     for h in handles {
@@ -198,9 +285,13 @@ fn serve(ports: &[u16], bind: Option<IpAddr>, name: Option<String>) -> bool {
     true
 }
 
-fn accept_loop(l: TcpListener, name: String) {
+fn accept_loop(l: TcpListener, name: String, greeting_only: bool) {
     loop {
         match l.accept() {
+            Ok((mut s, peer)) if greeting_only => {
+                let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let _ = s.write_all(format!("HELLO {name} {peer} {local}\n").as_bytes());
+            }
             Ok((s, peer)) => {
                 let name = name.clone();
                 std::thread::spawn(move || handle_conn(s, peer, &name));
@@ -343,10 +434,11 @@ fn client(
     count: u32,
     timeout: Duration,
     pattern: Option<Vec<u8>>,
+    mark: Option<u32>,
 ) -> bool {
     let mut all_ok = true;
     for i in 0..count {
-        let v = client_conn(addr, i, bytes, timeout, pattern.as_deref());
+        let v = client_conn(addr, i, bytes, timeout, pattern.as_deref(), mark);
         all_ok &= v["ok"] == true;
         emit(v);
     }
@@ -359,6 +451,7 @@ fn client_conn(
     bytes: u64,
     timeout: Duration,
     pattern: Option<&[u8]>,
+    mark: Option<u32>,
 ) -> Value {
     let start = Instant::now();
     let deadline = start + timeout;
@@ -367,8 +460,7 @@ fn client_conn(
         "sent": 0, "received": 0, "error": null,
     });
     let r = (|| -> Result<(), String> {
-        let s = TcpStream::connect_timeout(&addr, timeout)
-            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let s = connect_marked(addr, timeout, mark).map_err(|e| format!("connect {addr}: {e}"))?;
         out["peer"] = json!(s.peer_addr().map(|a| a.to_string()).ok());
         out["local"] = json!(s.local_addr().map(|a| a.to_string()).ok());
         let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
@@ -445,15 +537,151 @@ fn client_conn(
     out
 }
 
+/// A blocking connect with a timeout, the socket marked first if asked.
+fn connect_marked(addr: SocketAddr, timeout: Duration, mark: Option<u32>) -> io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect_timeout(&addr, timeout);
+    };
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_mark(mark)?;
+    s.connect_timeout(&addr.into(), timeout)?;
+    Ok(s.into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// flood and pending
+
+fn flood(kind: FloodKind, addr: SocketAddr, count: u32, max: Duration) -> bool {
+    let start = Instant::now();
+    // addr-in-use: one connection holds the 4-tuple that every later connect asks for again.
+    let holder = match kind {
+        FloodKind::AddrInUse => {
+            let r = (|| -> io::Result<Socket> {
+                let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_reuse_address(true)?;
+                s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+                Ok(s)
+            })();
+            match r {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    emit(json!({"error": format!("holding connection to {addr}: {e}")}));
+                    return false;
+                }
+            }
+        }
+        _ => None,
+    };
+    let held_port = holder
+        .as_ref()
+        .and_then(|s| s.local_addr().ok()?.as_socket())
+        .map(|a| a.port());
+    let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
+    let (mut attempted, mut connected) = (0u64, 0u64);
+    for _ in 0..count {
+        if start.elapsed() >= max {
+            break;
+        }
+        attempted += 1;
+        let r = (|| -> io::Result<()> {
+            match kind {
+                FloodKind::V6onlyMapped => {
+                    let IpAddr::V4(v4) = addr.ip() else {
+                        return Err(io::Error::other("v6only-mapped needs an IPv4 address"));
+                    };
+                    let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+                    s.set_only_v6(true)?;
+                    let mapped = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port());
+                    s.connect(&mapped.into())
+                }
+                FloodKind::AddrInUse => {
+                    let s =
+                        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                    s.set_reuse_address(true)?;
+                    let any: SocketAddr = if addr.is_ipv4() {
+                        (Ipv4Addr::UNSPECIFIED, held_port.unwrap_or(0)).into()
+                    } else {
+                        (Ipv6Addr::UNSPECIFIED, held_port.unwrap_or(0)).into()
+                    };
+                    s.bind(&any.into())?;
+                    s.connect(&addr.into())
+                }
+                FloodKind::Plain => {
+                    let s =
+                        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                    s.connect(&addr.into())
+                }
+            }
+        })();
+        match r {
+            Ok(()) => connected += 1,
+            Err(e) => {
+                let key = e
+                    .raw_os_error()
+                    .map(|n| format!("os error {n}"))
+                    .unwrap_or_else(|| e.to_string());
+                *errors.entry(key).or_default() += 1;
+            }
+        }
+    }
+    drop(holder);
+    emit(json!({
+        "attempted": attempted,
+        "connected": connected,
+        "errors": errors,
+        "elapsed_ms": start.elapsed().as_millis() as u64,
+    }));
+    connected == 0
+}
+
+fn pending(addr: SocketAddr, count: u32, hold: Duration) -> bool {
+    let mut sockets = Vec::new();
+    let mut open_errors: std::collections::BTreeMap<String, u64> = Default::default();
+    for _ in 0..count {
+        let r = (|| -> io::Result<Socket> {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_nonblocking(true)?;
+            match s.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(s)
+        })();
+        match r {
+            Ok(s) => sockets.push(s),
+            Err(e) => *open_errors.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    emit(json!({"event": "opened", "sockets": sockets.len(), "errors": open_errors}));
+    std::thread::sleep(hold);
+    // How far each got: connected (the handshake with the agent completed), or still pending.
+    let connected = sockets.iter().filter(|s| s.peer_addr().is_ok()).count();
+    drop(sockets);
+    emit(json!({"event": "closed", "connected": connected}));
+    true
+}
+
 // ---------------------------------------------------------------------------------------------
 // churn
 
-fn churn_one(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+fn churn_one(addr: SocketAddr, timeout: Duration, greeting_only: bool) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let mut s =
         TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
     let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
     read_line_until(&mut reader, deadline).map_err(|e| format!("read greeting: {e}"))?;
+    if greeting_only {
+        let mut rest = Vec::new();
+        reader
+            .read_to_end(&mut rest)
+            .map_err(|e| format!("receive the close: {e}"))?;
+        return if rest.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("unexpected bytes after the greeting: {rest:?}"))
+        };
+    }
     s.set_write_timeout(Some(remaining(deadline).map_err(|e| e.to_string())?))
         .map_err(|e| e.to_string())?;
     s.write_all(b"x").map_err(|e| format!("send: {e}"))?;
@@ -476,7 +704,13 @@ fn churn_one(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     Ok(())
 }
 
-fn churn(addr: SocketAddr, count: u32, max: Option<Duration>, timeout: Duration) -> bool {
+fn churn(
+    addr: SocketAddr,
+    count: u32,
+    max: Option<Duration>,
+    timeout: Duration,
+    greeting_only: bool,
+) -> bool {
     let start = Instant::now();
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut first_error: Option<String> = None;
@@ -484,7 +718,7 @@ fn churn(addr: SocketAddr, count: u32, max: Option<Duration>, timeout: Duration)
         if max.is_some_and(|m| start.elapsed() >= m) {
             break;
         }
-        match churn_one(addr, timeout) {
+        match churn_one(addr, timeout, greeting_only) {
             Ok(()) => ok += 1,
             Err(e) => {
                 failed += 1;
