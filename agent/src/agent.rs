@@ -51,6 +51,10 @@ pub struct AgentArgs {
     /// bpffs directory where links and maps are pinned (they outlive the agent: fail closed).
     #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
     pub bpffs: PathBuf,
+    /// The Unix socket the CNI plugin (`ambit-cni`) asks to enrol new pods on (root only). The
+    /// sandboxes it announced are kept beside it (`cni-sandboxes.json`), for the next agent.
+    #[arg(long, env = "AMBIT_CNI_SOCKET", default_value = ambit_cni::protocol::DEFAULT_SOCKET)]
+    pub cni_socket: PathBuf,
     /// Admin endpoint (config dump); keep it on loopback.
     #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
@@ -179,8 +183,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
     let (enrolment_tx, enrolment_rx) = watch::channel(EnrolmentStatus::default());
     metrics.observe_enrolment(enrolment_rx.clone());
-    let enrolment = Enrolment::new(args.node.clone(), redirector.clone(), proxy, enrolment_tx);
-    tokio::spawn(enrolment.run(state_rx));
+    let sandbox_file = args.cni_socket.with_file_name("cni-sandboxes.json");
+    let enrolment = Enrolment::new(args.node.clone(), redirector.clone(), proxy, enrolment_tx)
+        .with_sandbox_file(sandbox_file);
+    let (cni_tx, cni_rx) = tokio::sync::mpsc::channel(64);
+    let cni_server = tokio::spawn(crate::cni::serve(
+        args.cni_socket.clone(),
+        cni_tx,
+        state_rx.clone(),
+        crate::cni::CniMetrics::new(&metrics)?,
+    ));
+    tokio::spawn(enrolment.run(state_rx, cni_rx));
 
     let admin_state = Arc::new(AdminState {
         node: args.node.clone(),
@@ -203,6 +216,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         result = admin => anyhow::bail!("admin endpoint failed: {:?}", result),
         result = readiness => anyhow::bail!("readiness endpoint failed: {:?}", result),
         result = metrics_server => anyhow::bail!("metrics endpoint failed: {:?}", result),
+        result = cni_server => anyhow::bail!("CNI socket failed: {:?}", result),
     }
     info!(
         bpffs = %args.bpffs.display(),

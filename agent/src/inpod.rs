@@ -12,6 +12,13 @@
 //! *closed*: sk_lookup is linked with no listener registered, so its inbound is dropped, and the
 //! enrolment map marks it closed, so its outbound connects are refused. The reason is logged,
 //! counted and shown in `config_dump`; enrolment is retried and a success opens the pod.
+//!
+//! New pods are enrolled before any of their containers start: the CNI plugin (`ambit-cni`,
+//! through [`crate::cni`]) names each sandbox's namespace and addresses on ADD and waits for the
+//! answer. Those sandboxes are kept (and saved beside the socket, so a restarted agent still
+//! knows them) until DEL, and take precedence over what the configuration says of the pod's
+//! namespace and addresses. A pod the configuration knows but that has neither addresses nor a
+//! sandbox yet is simply not started: nothing of it runs.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -19,10 +26,15 @@ use std::{
     time::Duration,
 };
 
+use ambit_cni::protocol::{Outcome, Reply, Request, Sandbox};
 use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use anyhow::Context as _;
 use serde::Serialize;
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -30,11 +42,24 @@ use crate::{
     netns::Netns,
     proxy::{self, PodContext, ProxyContext},
     redirect::Redirector,
+    state::NetnsRef,
     state::{MeshState, Workload},
 };
 
 /// How often enrolment is retried for pods that could not be enrolled (namespace not there yet).
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// Sandboxes the CNI plugin may have announced at once (a node runs ~110 pods).
+const MAX_CNI_SANDBOXES: usize = 1024;
+
+/// A pod sandbox the CNI plugin announced: its namespace file and the addresses the runtime's
+/// network plugin gave it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CniSandbox {
+    container_id: String,
+    netns: std::path::PathBuf,
+    ips: Vec<IpAddr>,
+}
 
 /// What the admin endpoint shows of an enrolled pod.
 #[derive(Clone, Debug, Serialize)]
@@ -86,6 +111,10 @@ pub struct Enrolment {
     pods: BTreeMap<String, EnrolledPod>,
     /// Pods closed because their enrolment failed, with their namespace cookie.
     closed: BTreeMap<String, u64>,
+    /// Sandboxes announced by the CNI plugin, by pod (`namespace/name`).
+    sandboxes: BTreeMap<String, CniSandbox>,
+    /// Where `sandboxes` are saved, if anywhere.
+    sandbox_file: Option<std::path::PathBuf>,
     status: watch::Sender<EnrolmentStatus>,
 }
 
@@ -118,13 +147,50 @@ impl Enrolment {
             proxy,
             pods: BTreeMap::new(),
             closed: BTreeMap::new(),
+            sandboxes: BTreeMap::new(),
+            sandbox_file: None,
             status,
         }
     }
 
-    /// Applies every new state; retries failed pods periodically. Runs until the state
-    /// channel closes.
-    pub async fn run(mut self, mut state: watch::Receiver<Arc<MeshState>>) {
+    /// Keeps the CNI plugin's sandboxes in `file`, starting from what it holds (those of a
+    /// previous agent).
+    pub fn with_sandbox_file(mut self, file: std::path::PathBuf) -> Self {
+        match std::fs::read(&file) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(sandboxes) => self.sandboxes = sandboxes,
+                Err(err) => {
+                    warn!(file = %file.display(), %err, "ignoring unreadable CNI sandbox file")
+                }
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => warn!(file = %file.display(), %err, "cannot read the CNI sandbox file"),
+        }
+        self.sandbox_file = Some(file);
+        self
+    }
+
+    fn save_sandboxes(&self) {
+        let Some(file) = &self.sandbox_file else {
+            return;
+        };
+        let tmp = file.with_extension("tmp");
+        let written = serde_json::to_vec(&self.sandboxes)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, file));
+        if let Err(err) = written {
+            warn!(file = %file.display(), %err, "cannot save the CNI sandboxes");
+        }
+    }
+
+    /// Applies every new state and every CNI request; retries failed pods periodically. Runs
+    /// until the state channel closes.
+    pub async fn run(
+        mut self,
+        mut state: watch::Receiver<Arc<MeshState>>,
+        mut cni: mpsc::Receiver<crate::cni::CniCall>,
+    ) {
         let mut first = true;
         loop {
             let current = state.borrow_and_update().clone();
@@ -143,8 +209,114 @@ impl Enrolment {
             };
             tokio::select! {
                 changed = state.changed() => if changed.is_err() { return },
+                Some(call) = cni.recv() => {
+                    let reply = self.answer(call.request, &current);
+                    let _ = call.reply.send(reply);
+                }
                 () = retry => {}
             }
+        }
+    }
+
+    /// Acts on a CNI request and says what came of it.
+    fn answer(&mut self, request: Request, state: &MeshState) -> Reply {
+        let reply = |outcome, message: String| Reply { outcome, message };
+        let (sandbox, command) = match &request {
+            Request::Add(s) => (s, "ADD"),
+            Request::Del(s) => (s, "DEL"),
+            Request::Check(s) => (s, "CHECK"),
+        };
+        let uid = sandbox.pod();
+        if let Request::Del(_) = request {
+            // Only the sandbox DEL names: a new one of the same pod may already be there.
+            if self
+                .sandboxes
+                .get(&uid)
+                .is_some_and(|s| s.container_id == sandbox.container_id)
+            {
+                self.sandboxes.remove(&uid);
+                self.save_sandboxes();
+                let failed = self.reconcile(state);
+                self.publish(failed);
+            }
+            return reply(
+                Outcome::Ok,
+                format!("sandbox {} of {uid} forgotten", sandbox.container_id),
+            );
+        }
+        let Some(workload) = state.workloads_on_node(&self.node).find(|w| w.uid() == uid) else {
+            return reply(
+                Outcome::Retry,
+                format!(
+                    "{command}: pod {uid} is not known to the agent of {} (yet)",
+                    self.node
+                ),
+            );
+        };
+        if !workload.enrolled {
+            return reply(Outcome::NotMeshed, format!("pod {uid} is not enrolled"));
+        }
+        if let Request::Add(sandbox) = &request {
+            if let Err(why) = self.add_sandbox(&uid, sandbox) {
+                return reply(Outcome::Failed, why);
+            }
+            let failed = self.reconcile(state);
+            self.publish(failed);
+        }
+        let meshed = self.pods.get(&uid).is_some_and(|pod| {
+            self.sandboxes
+                .get(&uid)
+                .is_some_and(|s| s.container_id == sandbox.container_id)
+                && pod.workload.netns == NetnsRef::Path(sandbox.netns.clone().into())
+        });
+        if meshed {
+            return reply(Outcome::Ok, format!("pod {uid} is meshed"));
+        }
+        let why = self
+            .status
+            .borrow()
+            .failed
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| "its sandbox is not the one enrolled".into());
+        reply(Outcome::Failed, format!("pod {uid} is not meshed: {why}"))
+    }
+
+    fn add_sandbox(&mut self, uid: &str, sandbox: &Sandbox) -> Result<(), String> {
+        if sandbox.netns.is_empty() {
+            return Err("ADD without a network namespace (CNI_NETNS)".into());
+        }
+        if !self.sandboxes.contains_key(uid) && self.sandboxes.len() >= MAX_CNI_SANDBOXES {
+            return Err(format!(
+                "the agent already tracks {MAX_CNI_SANDBOXES} sandboxes on this node"
+            ));
+        }
+        self.sandboxes.insert(
+            uid.to_string(),
+            CniSandbox {
+                container_id: sandbox.container_id.clone(),
+                netns: sandbox.netns.clone().into(),
+                ips: sandbox.ips.clone(),
+            },
+        );
+        self.save_sandboxes();
+        Ok(())
+    }
+
+    /// The workload as enrolment sees it: with the namespace and addresses of the sandbox the
+    /// CNI plugin announced, if any; `None` if it has not started (no sandbox, no addresses).
+    fn effective(&self, workload: &Arc<Workload>) -> Option<Arc<Workload>> {
+        match self.sandboxes.get(&workload.uid()) {
+            Some(sandbox) => {
+                let mut effective = (**workload).clone();
+                effective.netns = NetnsRef::Path(sandbox.netns.clone());
+                if !sandbox.ips.is_empty() {
+                    effective.ips = sandbox.ips.clone();
+                }
+                Some(Arc::new(effective))
+            }
+            None if workload.ips.is_empty() || workload.netns == NetnsRef::Cni => None,
+            None => Some(workload.clone()),
         }
     }
 
@@ -171,16 +343,26 @@ impl Enrolment {
         if let Err(err) = self.redirector.set_exclusions(state.redirect()) {
             warn!(%err, "could not apply redirect exclusions");
         }
-        let wanted: BTreeMap<String, Arc<Workload>> = state
+        // Sandboxes whose namespace is gone without a DEL (a runtime that crashed) are dropped.
+        let before = self.sandboxes.len();
+        self.sandboxes.retain(|_, s| s.netns.exists());
+        if self.sandboxes.len() != before {
+            self.save_sandboxes();
+        }
+        let enrolled: Vec<&Arc<Workload>> = state
             .workloads_on_node(&self.node)
             .filter(|w| w.enrolled)
-            .map(|w| (w.uid(), w.clone()))
             .collect();
-        // The node holds certificates for exactly the identities of its enrolled pods: fetched
-        // as soon as one appears, dropped with the last pod that runs as it.
+        // The node holds certificates for exactly the identities of its enrolled pods, started
+        // or about to: fetched as soon as one appears, dropped with the last pod that runs as it.
         if let Some(certs) = &self.proxy.certs {
-            certs.set_wanted(wanted.values().map(|w| state.identity_of(w)).collect());
+            certs.set_wanted(enrolled.iter().map(|w| state.identity_of(w)).collect());
         }
+        let wanted: BTreeMap<String, Arc<Workload>> = enrolled
+            .into_iter()
+            .filter_map(|w| self.effective(w))
+            .map(|w| (w.uid(), w))
+            .collect();
 
         // Pods that went, were un-enrolled, or changed address, namespace or identity.
         let stale: Vec<String> = self

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod ca;
+pub mod cni;
 pub mod config;
 pub mod identity;
 pub mod inpod;

@@ -176,6 +176,13 @@ impl Node {
         &self.agent_cgroup
     }
 
+    /// The Unix socket the node's agent serves the CNI plugin on: `<run dir>/n<i>-cni/cni.sock`.
+    pub fn cni_socket(&self) -> PathBuf {
+        self.run_dir
+            .join(format!("{}-cni", self.name))
+            .join("cni.sock")
+    }
+
     /// Spawns `program args...` as a host process of the node, as kubelet runs: in the node's
     /// network namespace, in the cgroup `<...>/n<i>/host` (no pod's). Same contract as
     /// [`Pod::spawn`].
@@ -265,6 +272,8 @@ impl Node {
             self.cgroup.display().to_string(),
             "--bpffs".into(),
             self.bpffs.display().to_string(),
+            "--cni-socket".into(),
+            self.cni_socket().display().to_string(),
             "--log-format".into(),
             "json".into(),
         ]);
@@ -504,6 +513,12 @@ struct PodMeta {
     labels: BTreeMap<String, String>,
     enrolled: bool,
     ready: bool,
+    /// The mesh file leaves the namespace (and, until `cni_ips`, the addresses) to the CNI
+    /// plugin.
+    cni: bool,
+    /// The mesh file lists the addresses of a `cni` pod (as the API server does once kubelet
+    /// reports them).
+    cni_ips: bool,
 }
 
 /// One pod: a network namespace with `eth0` (veth to its node), a cgroup under its node, and
@@ -676,22 +691,52 @@ impl Pod {
         lock(&self.meta).ready = ready;
     }
 
+    /// Leaves the pod's namespace and addresses to the CNI plugin in the mesh file
+    /// (`netns: {cni: true}`, no `ips`), as for a pod whose sandbox is not created yet
+    /// (publish with [`Cluster::write_mesh`]).
+    pub fn set_cni_sandbox(&self, cni: bool) {
+        let mut meta = lock(&self.meta);
+        meta.cni = cni;
+        meta.cni_ips = false;
+    }
+
+    /// Lists a CNI pod's addresses in the mesh file, as the API server does once its sandbox
+    /// runs (publish with [`Cluster::write_mesh`]).
+    pub fn publish_addresses(&self) {
+        lock(&self.meta).cni_ips = true;
+    }
+
     /// The pod's workload entry as the mesh file will carry it.
     pub fn workload(&self) -> mesh::Workload {
         let m = lock(&self.meta).clone();
+        let ips: Vec<String> = self.ips().iter().map(|i| i.to_string()).collect();
+        let (ips, netns) = if m.cni {
+            (
+                if m.cni_ips { ips } else { Vec::new() },
+                mesh::NetnsRef {
+                    cni: true,
+                    ..Default::default()
+                },
+            )
+        } else {
+            (
+                ips,
+                mesh::NetnsRef {
+                    path: Some(self.netns_path.display().to_string()),
+                    ..Default::default()
+                },
+            )
+        };
         mesh::Workload {
             name: self.name.clone(),
             namespace: m.namespace,
             service_account: m.service_account,
             node: self.node_name.clone(),
-            ips: self.ips().iter().map(|i| i.to_string()).collect(),
+            ips,
             labels: m.labels,
             enrolled: m.enrolled,
             ready: m.ready,
-            netns: mesh::NetnsRef {
-                path: Some(self.netns_path.display().to_string()),
-                ..Default::default()
-            },
+            netns,
         }
     }
 
@@ -880,6 +925,8 @@ impl Cluster {
                     labels: BTreeMap::new(),
                     enrolled: true,
                     ready: true,
+                    cni: false,
+                    cni_ips: false,
                 }),
                 seq: AtomicU64::new(0),
             })

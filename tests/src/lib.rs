@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 pub mod cluster;
+pub mod cni;
 pub mod mesh;
 pub mod process;
 pub mod testbed;

@@ -84,6 +84,9 @@ pub struct NetnsRef {
     /// A cgroup directory whose `cgroup.procs` lists a process of the pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
+    /// Named by the CNI plugin when the pod's sandbox is created.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cni: bool,
 }
 
 /// One service.

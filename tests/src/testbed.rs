@@ -63,6 +63,14 @@ pub fn ambit_bin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ambit")
 }
 
+/// The `ambit-cni` plugin binary: `$AMBIT_CNI_BIN`, else beside the `ambit` binary.
+pub fn ambit_cni_bin() -> PathBuf {
+    match std::env::var_os("AMBIT_CNI_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => ambit_bin().with_file_name("ambit-cni"),
+    }
+}
+
 fn is_run_id(s: &str) -> bool {
     s.len() == 6
         && s.bytes()

@@ -564,3 +564,88 @@ fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()>
     wait_accepted(&cluster, &api, "shop", "backend-from-frontend", "True")?;
     Ok(())
 }
+
+/// The Pod object of `pod` while kubelet creates its sandbox: scheduled, Pending, no address.
+fn pending_pod_object(pod: &Pod, labels: &[(&str, &str)]) -> KubePod {
+    let mut object = pod_object(pod, labels);
+    object.status = Some(PodStatus {
+        phase: Some("Pending".into()),
+        ..PodStatus::default()
+    });
+    object
+}
+
+/// New pods in Kubernetes: the CNI plugin's ADD for a Pending pod of an enrolled namespace
+/// meshes its sandbox before it runs (its first connection already goes through the agents in
+/// mutual TLS); once kubelet reports it Running with its address, it stays enrolled as it was;
+/// the ADD of a pod of an unlabelled namespace succeeds and leaves it alone.
+#[test]
+fn cni_add_meshes_a_pending_pod_of_an_enrolled_namespace_before_it_runs() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })?;
+    let api = ApiServer::start(&cluster)?;
+    api.review_agent_tokens(&cluster)?;
+    cluster.use_kubernetes_ca(&api.kubeconfig);
+    let (new, plain, server) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(1, 0));
+    let _sandboxes = start_shop(
+        &cluster,
+        &api,
+        Some("ambient"),
+        &[(server, &[("app", "server")])],
+    )?;
+    let _srv = serve(server, &[8080])?;
+    new.set_namespace("shop");
+    api.server
+        .apply(&pending_pod_object(new, &[("app", "new")]));
+    plain.set_namespace("plain");
+    api.server.apply(&namespace("plain", None));
+    api.server.apply(&pending_pod_object(plain, &[]));
+    let node = cluster.node(0);
+
+    let add = ambit_tests::cni::Sandbox::of(new, "sandbox-new").call(node, "ADD")?;
+    ensure_or_dump!(cluster, add.success, "ADD of a pending pod failed: {add:?}");
+    wait_enrolled(&cluster, node, &["shop/p0-0"], "after ADD")?;
+    let conn = connect_ok(&cluster, new, server.addr4(8080), 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        conn.redirected(),
+        "the first connection of the new pod was not captured: {:?}",
+        conn.report
+    );
+    let line =
+        wait_access_log(&cluster, cluster.node(1), "inbound", server.addr4(8080), 1)?.remove(0);
+    ensure_or_dump!(
+        cluster,
+        line["security"] == "mtls"
+            && line["src_principal"] == "spiffe://cluster.local/ns/shop/sa/default",
+        "the new pod's first connection was not in mutual TLS with its identity: {line}"
+    );
+
+    let add = ambit_tests::cni::Sandbox::of(plain, "sandbox-plain").call(node, "ADD")?;
+    ensure_or_dump!(
+        cluster,
+        add.success,
+        "ADD of an unenrolled pod failed: {add:?}"
+    );
+
+    // kubelet reports the sandbox running: same namespace, same enrolment, nothing redone.
+    let _pause = new.spawn("sleep", ["3600"])?;
+    api.server.apply(&pod_object(new, &[("app", "new")]));
+    std::thread::sleep(Duration::from_secs(1));
+    wait_enrolled(&cluster, node, &["shop/p0-0"], "once Running")?;
+    let reenrolled = node
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains("un-enrolled") && l.contains("shop/p0-0"))
+        .count();
+    ensure_or_dump!(
+        cluster,
+        reenrolled == 0,
+        "the pod was re-enrolled when it started running"
+    );
+    let conn = connect_ok(&cluster, new, server.addr4(8080), 10_000)?;
+    ensure_or_dump!(cluster, conn.redirected(), "not captured once Running");
+    Ok(())
+}

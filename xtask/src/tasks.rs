@@ -15,7 +15,7 @@ use crate::workspace_root;
 const EBPF_PACKAGE: &str = "ambit-ebpf";
 
 /// Packages whose binaries the tests and the demo run.
-const BIN_PACKAGES: [&str; 4] = ["-p", "ambit", "-p", "ambit-tests"];
+const BIN_PACKAGES: [&str; 6] = ["-p", "ambit", "-p", "ambit-cni", "-p", "ambit-tests"];
 
 fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new("cargo");
@@ -98,6 +98,7 @@ pub fn test(nextest_args: &[String]) -> Result<()> {
         .arg("--no-fail-fast")
         .args(nextest_args)
         .env("AMBIT_BIN", debug.join("ambit"))
+        .env("AMBIT_CNI_BIN", debug.join("ambit-cni"))
         .env("AMBIT_TESTPOD_BIN", debug.join("testpod"));
     banner(total, total, "tests (cargo nextest)");
     // From here on nextest owns the terminal: its summary is the last line, its status ours.
@@ -149,6 +150,7 @@ fn run_release_binary(
     let mut cmd = Command::new(&program);
     cmd.current_dir(&root)
         .env("AMBIT_BIN", release.join("ambit"))
+        .env("AMBIT_CNI_BIN", release.join("ambit-cni"))
         .env("AMBIT_TESTPOD_BIN", release.join("testpod"));
     Err(exec(configure(&mut cmd)))
 }

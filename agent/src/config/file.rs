@@ -86,6 +86,9 @@ pub struct WorkloadFile {
     /// The node whose agent serves the workload.
     pub node: String,
     /// The workload's addresses, as strings (parsed by validation, which names the bad one).
+    /// May be empty only when the CNI plugin names the namespace (`netns: {cni: true}`): the
+    /// addresses are then the ones the runtime's network plugin gave the sandbox.
+    #[serde(default)]
     pub ips: Vec<String>,
     /// Labels matched by service selectors.
     #[serde(default, deserialize_with = "null_as_default")]
@@ -113,6 +116,10 @@ pub struct NetnsFile {
     /// A cgroup v2 directory of the workload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// `true`: the pod's sandbox namespace, named by the CNI plugin when the runtime creates
+    /// it (the workload is enrolled before its first process runs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cni: bool,
 }
 
 /// One entry of `services`.
@@ -422,6 +429,13 @@ impl Validator<'_> {
             }
 
             let netns = self.netns(&format!("{at}.netns"), &entry.netns)?;
+            if ips.is_empty() && netns != NetnsRef::Cni {
+                return Err(self.invalid(
+                    format!("{at}.ips"),
+                    "empty: only a workload whose namespace the CNI plugin names \
+                     (netns: {cni: true}) may leave its addresses to the runtime",
+                ));
+            }
             workloads.push(Workload {
                 name: entry.name.clone(),
                 namespace: entry.namespace.clone(),
@@ -442,6 +456,7 @@ impl Validator<'_> {
             ("path", netns.path.is_some()),
             ("pid", netns.pid.is_some()),
             ("cgroup", netns.cgroup.is_some()),
+            ("cni", netns.cni),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
@@ -454,7 +469,7 @@ impl Validator<'_> {
             };
             return Err(self.invalid(
                 at,
-                format!("exactly one of path, pid, cgroup must be set, found {found}"),
+                format!("exactly one of path, pid, cgroup, cni must be set, found {found}"),
             ));
         }
         let absolute = |field: &str, path: &PathBuf| {
@@ -472,7 +487,7 @@ impl Validator<'_> {
             (_, Some(0), _) => Err(self.invalid(format!("{at}.pid"), "0 is not a process id")),
             (_, Some(pid), _) => Ok(NetnsRef::Pid(pid)),
             (_, _, Some(cgroup)) => Ok(NetnsRef::Cgroup(absolute("cgroup", cgroup)?)),
-            (None, None, None) => unreachable!("exactly one is set"),
+            (None, None, None) => Ok(NetnsRef::Cni),
         }
     }
 
@@ -1181,12 +1196,21 @@ services:
         );
         assert_rejected(
             &edit("{pid: 4242}", "{}"),
-            "workloads[1].netns: exactly one of path, pid, cgroup must be set, found none",
+            "workloads[1].netns: exactly one of path, pid, cgroup, cni must be set, found none",
         );
         assert_rejected(
             &edit("{pid: 4242}", "{pid: 4242, cgroup: /sys/fs/cgroup/x}"),
-            "workloads[1].netns: exactly one of path, pid, cgroup must be set, found pid and cgroup",
+            "workloads[1].netns: exactly one of path, pid, cgroup, cni must be set, found pid and cgroup",
         );
+        // Addresses may be left to the CNI plugin only with the namespace.
+        assert_rejected(
+            &edit("[\"10.10.0.3\"]", "[]"),
+            "workloads[1].ips: empty: only a workload whose namespace the CNI plugin names (netns: {cni: true}) may leave its addresses to the runtime",
+        );
+        let cni = parse(&edit("[\"10.10.0.3\"]\n", "[]\n").replace("{pid: 4242}", "{cni: true}"))
+            .unwrap();
+        assert_eq!(cni.workloads()[1].netns, NetnsRef::Cni);
+        assert!(cni.workloads()[1].ips.is_empty());
         assert_rejected(
             &edit("{pid: 4242}", "{pid: 0}"),
             "workloads[1].netns.pid: 0 is not a process id",

@@ -18,6 +18,9 @@ pub enum NetnsRef {
     Pid(u32),
     /// A cgroup v2 directory whose processes live in the namespace.
     Cgroup(PathBuf),
+    /// The pod's sandbox namespace, made by the container runtime and named to the agent by
+    /// the CNI plugin (`ambit-cni`) when it is created, before any container starts.
+    Cni,
 }
 
 impl NetnsRef {
@@ -27,6 +30,11 @@ impl NetnsRef {
             Self::Path(path) => open_named(path),
             Self::Pid(pid) => open_named(&proc_netns(*pid)),
             Self::Cgroup(dir) => open_cgroup(dir),
+            Self::Cni => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the namespace is named by the CNI plugin when the pod's sandbox is created, \
+                 and none was",
+            )),
         }
     }
 }
@@ -37,6 +45,7 @@ impl std::fmt::Display for NetnsRef {
             Self::Path(path) => write!(f, "path {}", path.display()),
             Self::Pid(pid) => write!(f, "pid {pid}"),
             Self::Cgroup(dir) => write!(f, "cgroup {}", dir.display()),
+            Self::Cni => write!(f, "cni"),
         }
     }
 }

@@ -880,6 +880,11 @@ impl Metrics {
         }
     }
 
+    /// Adds a subsystem's own metrics to what `/metrics` serves.
+    pub fn register(&self, collector: Box<dyn Collector>) -> prometheus::Result<()> {
+        self.registry.register(collector)
+    }
+
     /// Counts a connection refused by the agent. `reason` should come from a small fixed set
     /// (e.g. `policy`, `plaintext_strict`): each value is a series of its own.
     pub fn connection_denied(&self, reason: &str) {

@@ -105,7 +105,12 @@ impl Converter {
                 let namespace_enrolled = namespaces
                     .get(namespace)
                     .is_some_and(|meta| mode(meta) == Some(MODE_AMBIENT));
-                let mut workload = workload_from_pod(pod, namespace_enrolled)?;
+                let Some(mut workload) = workload_from_pod(pod, namespace_enrolled) else {
+                    // A pod of this node whose sandbox is being made: known without addresses,
+                    // so the CNI plugin's request for it can be answered before it runs.
+                    return starting_workload_from_pod(pod, namespace_enrolled)
+                        .filter(|w| w.node == self.node);
+                };
                 if workload.node == self.node {
                     let uid = pod.metadata.uid.as_deref().unwrap_or_default();
                     match self.pod_cgroup(uid) {
@@ -179,7 +184,7 @@ fn mode(meta: &ObjectMeta) -> Option<&str> {
 /// workload's `netns` is left empty ([`NetnsRef::Path`] of an empty path): only the agent of the
 /// pod's node opens it, and [`Converter::convert`] fills it in for that node's pods.
 pub fn workload_from_pod(pod: &PodView, namespace_enrolled: bool) -> Option<Workload> {
-    let (meta, spec, status) = (&pod.metadata, &pod.spec, &pod.status);
+    let status = &pod.status;
     if status.phase.as_deref() != Some("Running") {
         return None;
     }
@@ -191,6 +196,26 @@ pub fn workload_from_pod(pod: &PodView, namespace_enrolled: bool) -> Option<Work
     if ips.is_empty() {
         return None;
     }
+    pod_workload(pod, namespace_enrolled, ips, NetnsRef::Path(PathBuf::new()))
+}
+
+/// The workload of a pod whose sandbox is being created (phase Pending, scheduled): no
+/// addresses yet, its namespace to be named by the CNI plugin.
+pub fn starting_workload_from_pod(pod: &PodView, namespace_enrolled: bool) -> Option<Workload> {
+    let status = &pod.status;
+    if !matches!(status.phase.as_deref(), None | Some("Pending")) || pod.spec.node_name.is_none() {
+        return None;
+    }
+    pod_workload(pod, namespace_enrolled, Vec::new(), NetnsRef::Cni)
+}
+
+fn pod_workload(
+    pod: &PodView,
+    namespace_enrolled: bool,
+    ips: Vec<IpAddr>,
+    netns: NetnsRef,
+) -> Option<Workload> {
+    let (meta, spec, status) = (&pod.metadata, &pod.spec, &pod.status);
     let enrolled = !spec.host_network
         && match mode(meta) {
             Some(MODE_NONE) => false,
@@ -207,11 +232,11 @@ pub fn workload_from_pod(pod: &PodView, namespace_enrolled: bool) -> Option<Work
         namespace: meta.namespace.clone()?,
         service_account,
         node: spec.node_name.clone().unwrap_or_default(),
-        ips,
         labels: meta.labels.clone().unwrap_or_default(),
         enrolled,
-        ready: status.ready,
-        netns: NetnsRef::Path(PathBuf::new()),
+        ready: status.ready && !ips.is_empty(),
+        ips,
+        netns,
     })
 }
 

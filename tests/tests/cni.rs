@@ -1,0 +1,236 @@
+//! End-to-end tests of the CNI plugin: `ambit-cni` called exactly as a container runtime calls
+//! it, against real agents, for pods whose sandbox the plugin announces before their first
+//! process runs.
+
+use std::time::Duration;
+
+use ambit_tests::cni::Sandbox;
+use ambit_tests::mesh::Policies;
+use ambit_tests::traffic::{TIMEOUT, connect_ok, reaches, serve};
+use ambit_tests::{Cluster, ClusterSpec, Node, Pod, ensure_or_dump};
+use anyhow::Result;
+use serde_json::{Value, json};
+
+const T: Duration = TIMEOUT;
+/// CNI error codes: try again later (the specification's), not meshed (the plugin's).
+const TRY_AGAIN_LATER: u64 = 11;
+const NOT_MESHED: u64 = 100;
+
+fn strict_mesh() -> Policies {
+    Policies {
+        peer_authentications: vec![json!({"name": "strict", "mode": "STRICT"})],
+        ..Default::default()
+    }
+}
+
+/// `namespace/name` of a pod.
+fn uid(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace(), pod.name())
+}
+
+fn enrolled(node: &Node, pod: &Pod) -> Result<bool> {
+    let dump = node.config_dump()?;
+    Ok(dump["enrolled"]
+        .as_array()
+        .is_some_and(|pods| pods.iter().any(|p| p["uid"] == uid(pod))))
+}
+
+/// A bed whose pod (0,0) is left to the CNI plugin, a meshed server on the other node and an
+/// unmeshed outsider, everything STRICT.
+fn bed() -> Result<Cluster> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })?;
+    cluster.set_policies(strict_mesh());
+    cluster.pod(0, 0).set_cni_sandbox(true);
+    cluster.set_enrolled(cluster.pod(1, 1), false);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    Ok(cluster)
+}
+
+#[test]
+fn add_meshes_the_sandbox_before_its_first_process_and_del_forgets_it() -> Result<()> {
+    let cluster = bed()?;
+    let (pod, server, outsider) = (cluster.pod(0, 0), cluster.pod(1, 0), cluster.pod(1, 1));
+    let node = cluster.node(0);
+    let _s = serve(server, &[8080])?;
+    ensure_or_dump!(
+        cluster,
+        !enrolled(node, pod)?,
+        "a pod without a sandbox is enrolled"
+    );
+
+    let sandbox = Sandbox::of(pod, "sandbox-1");
+    let add = sandbox.call(node, "ADD")?;
+    ensure_or_dump!(
+        cluster,
+        add.success
+            && add.stdout["cniVersion"] == "1.0.0"
+            && add.stdout["ips"] == sandbox.config(node)["prevResult"]["ips"],
+        "ADD did not pass the previous result on: {add:?}"
+    );
+    // The pod's very first process is already captured and meshed.
+    let conn = connect_ok(&cluster, pod, server.addr4(8080), 1000)?;
+    ensure_or_dump!(
+        cluster,
+        conn.redirected() && conn.served_by() == server.name(),
+        "the first connection after ADD was not meshed: {}",
+        conn.report
+    );
+    let check = sandbox.call(node, "CHECK")?;
+    ensure_or_dump!(
+        cluster,
+        check.success && check.stdout == Value::Null,
+        "CHECK failed: {check:?}"
+    );
+    // Its inbound is the mesh's too once its addresses are known (kubelet reports them, the
+    // API server publishes them): STRICT refuses plaintext, HBONE gets through.
+    let generation = cluster.node(1).config_generation()?;
+    pod.publish_addresses();
+    cluster.write_mesh()?;
+    cluster.node(1).wait_config_generation(generation + 1, T)?;
+    let _app = serve(pod, &[8080])?;
+    ensure_or_dump!(
+        cluster,
+        !reaches(outsider, pod.addr4(8080))?,
+        "plaintext reached the STRICT pod"
+    );
+    connect_ok(&cluster, server, pod.addr4(8080), 1000)?;
+
+    // A restarted agent still knows the sandbox.
+    node.stop_agent()?;
+    node.start_agent()?;
+    node.wait_ready(T)?;
+    ensure_or_dump!(
+        cluster,
+        enrolled(node, pod)?,
+        "the restarted agent lost the sandbox"
+    );
+    let conn = connect_ok(&cluster, pod, server.addr4(8080), 1000)?;
+    ensure_or_dump!(cluster, conn.redirected(), "not captured after the restart");
+
+    let del = sandbox.call(node, "DEL")?;
+    ensure_or_dump!(
+        cluster,
+        del.success && del.stdout == Value::Null,
+        "DEL failed: {del:?}"
+    );
+    ensure_or_dump!(
+        cluster,
+        !enrolled(node, pod)?,
+        "the pod is still enrolled after DEL"
+    );
+    Ok(())
+}
+
+#[test]
+fn without_its_agent_a_node_starts_no_sandbox_and_deletes_every_one() -> Result<()> {
+    let cluster = bed()?;
+    let (pod, server) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    let node = cluster.node(0);
+    let _s = serve(server, &[8080])?;
+    node.stop_agent()?;
+
+    let sandbox = Sandbox::of(pod, "sandbox-2");
+    let add = sandbox.call(node, "ADD")?;
+    ensure_or_dump!(
+        cluster,
+        add.error_code() == Some(TRY_AGAIN_LATER)
+            && add.stdout["cniVersion"] == "1.0.0"
+            && add.stdout["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains("not reachable")),
+        "ADD without the agent did not fail with the specification's error object: {add:?}"
+    );
+    let del = sandbox.call(node, "DEL")?;
+    ensure_or_dump!(
+        cluster,
+        del.success,
+        "DEL without the agent failed: {del:?}"
+    );
+
+    // Restarting: the runtime's retry succeeds once the agent is back.
+    node.start_agent()?;
+    node.wait_ready(T)?;
+    let add = sandbox.call(node, "ADD")?;
+    ensure_or_dump!(
+        cluster,
+        add.success,
+        "ADD after the restart failed: {add:?}"
+    );
+    let conn = connect_ok(&cluster, pod, server.addr4(8080), 1000)?;
+    ensure_or_dump!(cluster, conn.redirected(), "not captured: {}", conn.report);
+    Ok(())
+}
+
+#[test]
+fn a_pod_the_agent_does_not_know_yet_is_waited_for() -> Result<()> {
+    let cluster = bed()?;
+    let (pod, server) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    let node = cluster.node(0);
+    let _s = serve(server, &[8080])?;
+    // The runtime creates the sandbox of a pod in namespace `late` before the agent hears of
+    // it (as a watch can trail the kubelet); the mesh file names it a moment later.
+    pod.set_namespace("late");
+    let add = std::thread::scope(|scope| -> Result<_> {
+        let sandbox = Sandbox::of(pod, "sandbox-3");
+        let add = scope.spawn(move || sandbox.call(node, "ADD"));
+        std::thread::sleep(Duration::from_secs(2));
+        cluster.write_mesh()?;
+        add.join().expect("ADD thread")
+    })?;
+    ensure_or_dump!(
+        cluster,
+        add.success,
+        "ADD of a pod announced late failed: {add:?}"
+    );
+    ensure_or_dump!(cluster, enrolled(node, pod)?, "{} not enrolled", uid(pod));
+    Ok(())
+}
+
+#[test]
+fn a_sandbox_whose_first_process_holds_a_proxy_port_is_closed_not_open() -> Result<()> {
+    let cluster = bed()?;
+    let (pod, server, outsider) = (cluster.pod(0, 0), cluster.pod(1, 0), cluster.pod(1, 1));
+    let node = cluster.node(0);
+    let _s = serve(server, &[8080])?;
+    let _app = serve(pod, &[8080])?;
+    let _squatter = serve(pod, &[15006])?;
+
+    let add = Sandbox::of(pod, "sandbox-4").call(node, "ADD")?;
+    ensure_or_dump!(
+        cluster,
+        add.error_code() == Some(NOT_MESHED)
+            && add.stdout["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains(&uid(pod)))
+            && add.stdout["details"]
+                .as_str()
+                .is_some_and(|d| d.contains("15006")),
+        "ADD of a pod whose port 15006 is taken did not fail naming the pod and the port: {add:?}"
+    );
+    let dump = node.config_dump()?;
+    ensure_or_dump!(
+        cluster,
+        dump["closed"]
+            .as_array()
+            .is_some_and(|c| c.contains(&json!(uid(pod)))),
+        "the pod is not closed: {}",
+        dump["closed"]
+    );
+    for (from, dst) in [
+        (outsider, pod.addr4(8080)),
+        (server, pod.addr4(8080)),
+        (pod, server.addr4(8080)),
+    ] {
+        ensure_or_dump!(
+            cluster,
+            !reaches(from, dst)?,
+            "{} reached {dst} although the pod is closed",
+            from.name()
+        );
+    }
+    Ok(())
+}
