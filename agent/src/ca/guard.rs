@@ -46,8 +46,8 @@ pub const DEFAULT_PEER_PERIOD: Duration = Duration::from_secs(3);
 pub const DEFAULT_PEERS: usize = 4096;
 /// Token reviews all clients together may cause at once ...
 pub const DEFAULT_OVERALL_BURST: u32 = 200;
-/// ... and then one per this period (50 a second): a whole cluster's agents starting at once
-/// are served within seconds, while a flood from many addresses cannot go past it.
+/// ... and then one per this period (50 a second): a thousand agents starting at once are all
+/// reviewed within 20 s, while a flood from many addresses cannot go past it.
 pub const DEFAULT_OVERALL_PERIOD: Duration = Duration::from_millis(20);
 /// A client address's refusals are logged at warning level at most once per this interval.
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
