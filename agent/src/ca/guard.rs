@@ -190,6 +190,11 @@ impl ReviewLimiter {
             .map_err(|not_until| Throttled::Overall(not_until.wait_time_from(clock.now())))
     }
 
+    /// The budget of each client address.
+    pub(crate) fn per_peer(&self) -> Quota {
+        self.per_peer
+    }
+
     /// How many client addresses are tracked.
     #[cfg(test)]
     pub(crate) fn peers(&self) -> usize {

@@ -455,8 +455,6 @@ pub(crate) struct KubeAuthority {
     /// Refused reviews (the API server's verdicts only), by token hash.
     refused: ExpiringCache<[u8; 32], KubeAuthError>,
     limiter: ReviewLimiter,
-    /// What a client's address was told when rate-limited.
-    peer_quota: (u32, Duration),
     pods: PodCache,
 }
 
@@ -495,10 +493,6 @@ impl KubeAuthority {
                 options.limits.refused_ttl,
             ),
             limiter: ReviewLimiter::new(&options.limits),
-            peer_quota: (
-                options.limits.per_peer.burst_size().get(),
-                options.limits.per_peer.replenish_interval(),
-            ),
             pods: PodCache { store, synced },
         };
         (authority, task)
@@ -532,8 +526,8 @@ impl KubeAuthority {
                     .map_err(|throttled| match throttled {
                         Throttled::Peer(retry_after) => KubeAuthError::PeerRateLimited {
                             peer,
-                            burst: self.peer_quota.0,
-                            period: self.peer_quota.1,
+                            burst: self.limiter.per_peer().burst_size().get(),
+                            period: self.limiter.per_peer().replenish_interval(),
                             retry_after,
                         },
                         Throttled::Overall(retry_after) => KubeAuthError::RateLimited(retry_after),
