@@ -15,7 +15,7 @@ use x509_parser::{
 
 use super::{
     proto::{self, IstioCertificateRequest},
-    testing::{TOKEN_A, TOKEN_B, TestCa, id},
+    testing::{TOKEN_A, TOKEN_B, TestCa, create_certificate, csr_with, id, leaf_sans, uri},
 };
 use crate::identity::{CaClient, CaError, SpiffeId, WorkloadCertificate};
 
@@ -132,6 +132,145 @@ async fn refuses_identities_not_placed_on_the_node() {
     let (code, message) = refused(client.fetch(&foreign, Duration::from_secs(60)).await);
     assert_eq!(code, Code::PermissionDenied);
     assert!(message.contains("trust domain cluster.local"), "{message}");
+}
+
+#[tokio::test]
+async fn without_metadata_signs_the_csrs_spiffe_san_placed_on_the_node() {
+    let ca = TestCa::start().await;
+    let a = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    // As Istio's sidecars and ztunnel in dedicated mode ask: no ImpersonatedIdentity.
+    let chain = create_certificate(&a, TOKEN_A, csr_with(vec![uri(web)]), None)
+        .await
+        .expect("node-a runs shop/web");
+    assert_eq!(leaf_sans(&chain), [web]);
+    assert_eq!(chain.len(), 2, "leaf and root");
+
+    // pay/pay runs on node-b only: the same placement rule as with the metadata.
+    let pay = "spiffe://cluster.local/ns/pay/sa/pay";
+    let status = create_certificate(&a, TOKEN_A, csr_with(vec![uri(pay)]), None)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("node node-a may not get a certificate for")
+            && status.message().contains(pay),
+        "{}",
+        status.message()
+    );
+    let b = CaClient::new(ca.client_config(TOKEN_B)).unwrap();
+    let chain = create_certificate(&b, TOKEN_B, csr_with(vec![uri(pay)]), None)
+        .await
+        .expect("node-b runs pay/pay");
+    assert_eq!(leaf_sans(&chain), [pay]);
+}
+
+#[tokio::test]
+async fn refuses_csr_names_that_do_not_say_one_identity() {
+    let ca = TestCa::start().await;
+    let a = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let db = "spiffe://cluster.local/ns/shop/sa/db";
+    let call = |csr: String, impersonated: Option<&'static str>| {
+        let a = a.clone();
+        async move {
+            create_certificate(&a, TOKEN_A, csr, impersonated)
+                .await
+                .unwrap_err()
+        }
+    };
+    let expect = |status: tonic::Status, code: Code, parts: &[&str]| {
+        assert_eq!(status.code(), code, "{status:?}");
+        for part in parts {
+            assert!(
+                status.message().contains(part),
+                "{part:?} not in {}",
+                status.message()
+            );
+        }
+    };
+
+    // Without metadata: no name, several names, a name that is no SPIFFE URI.
+    expect(
+        call(csr_with(vec![]), None).await,
+        Code::InvalidArgument,
+        &["no metadata ImpersonatedIdentity and the CSR has no subject alternative name"],
+    );
+    // Both identities run on node-a: refused all the same, one certificate is one identity.
+    expect(
+        call(csr_with(vec![uri(web), uri(db)]), None).await,
+        Code::InvalidArgument,
+        &[
+            "the CSR has 2 subject alternative names",
+            &format!("URI:{web}, URI:{db}"),
+            "exactly one",
+        ],
+    );
+    expect(
+        call(
+            csr_with(vec![rcgen::SanType::DnsName(
+                "web.shop.svc".try_into().unwrap(),
+            )]),
+            None,
+        )
+        .await,
+        Code::InvalidArgument,
+        &["web.shop.svc", "is not a SPIFFE URI"],
+    );
+    expect(
+        call(csr_with(vec![uri("https://web.shop.example/x")]), None).await,
+        Code::InvalidArgument,
+        &["https://web.shop.example/x", "not a SPIFFE ID"],
+    );
+    expect(
+        call(csr_with(vec![uri("spiffe://cluster.local/web")]), None).await,
+        Code::InvalidArgument,
+        &[
+            "spiffe://cluster.local/web",
+            "/ns/<namespace>/sa/<service-account>",
+        ],
+    );
+    let foreign = "spiffe://evil.org/ns/shop/sa/web";
+    expect(
+        call(csr_with(vec![uri(foreign)]), None).await,
+        Code::PermissionDenied,
+        &[foreign, "this CA signs only trust domain cluster.local"],
+    );
+
+    // With metadata, the CSR's names must agree with it (both identities run on node-a).
+    expect(
+        call(csr_with(vec![uri(db)]), Some(web)).await,
+        Code::InvalidArgument,
+        &[&format!(
+            "the CSR asks for URI:{db} but metadata ImpersonatedIdentity is {web}"
+        )],
+    );
+    expect(
+        call(
+            csr_with(vec![
+                uri(web),
+                rcgen::SanType::DnsName("web".try_into().unwrap()),
+            ]),
+            Some(web),
+        )
+        .await,
+        Code::InvalidArgument,
+        &["DNSName(web)", "exactly that identity"],
+    );
+    // A long name is cut in the message.
+    let long = format!("spiffe://cluster.local/ns/shop/sa/{}", "x".repeat(5000));
+    let status = call(csr_with(vec![uri(&long)]), Some(web)).await;
+    assert!(status.message().len() < 1000, "{}", status.message().len());
+
+    // Metadata and a CSR naming the same identity, or none: signed.
+    for csr in [csr_with(vec![uri(web)]), csr_with(vec![])] {
+        let chain = create_certificate(&a, TOKEN_A, csr, Some(web))
+            .await
+            .unwrap();
+        assert_eq!(leaf_sans(&chain), [web]);
+    }
 }
 
 #[tokio::test]

@@ -20,15 +20,15 @@
 //! every pod, keeping only the fields used here. Until its first list completes, every request is
 //! answered `UNAVAILABLE` (retryable), never `PERMISSION_DENIED`.
 //!
-//! Positive reviews are cached for a minute (by the SHA-256 of the token, never the token
-//! itself), so an agent's burst of requests costs one `TokenReview`. Tokens are never logged.
-use std::{
-    collections::HashMap,
-    fmt,
-    str::FromStr,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+//! **What reviews cost.** Reviews are cached by the SHA-256 of the token, never the token itself:
+//! an accepted one for a minute, so an agent's burst of requests costs one `TokenReview`; a
+//! refused one for 10 s, so a client repeating a bad token costs one `TokenReview` per 10 s
+//! and is answered the same refusal meanwhile. A review the cache cannot answer is made only
+//! within the rate limits of the client's address and of all clients together; past them the
+//! request is refused (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`) without calling the API server.
+//! Every cache and table is an LRU of fixed capacity (see [`super::guard`]). Tokens are never
+//! logged.
+use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 use k8s_openapi::{
     NamespaceResourceScope, Resource,
@@ -48,6 +48,7 @@ use tokio::sync::watch;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
+use super::guard::{ExpiringCache, ReviewLimiter, ReviewLimits, Throttled};
 use crate::{
     config::kube::{
         BACKOFF_MAX, BACKOFF_MIN, ResilientWatch, error_chain, objects::pod_service_account,
@@ -72,9 +73,6 @@ pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 /// How long one TokenReview may take before the request is answered `UNAVAILABLE` (the agent's
 /// own deadline is 10 s).
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most reviews cached at once; beyond, expired ones are purged, then all if need be (a
-/// cluster has one agent per node, so this is never reached in normal operation).
-const REVIEW_CACHE_MAX: usize = 16_384;
 
 /// A ServiceAccount, written `<namespace>/<name>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,11 +130,13 @@ pub struct KubeAuthOptions {
     pub agent_service_account: ServiceAccountRef,
     /// How long a positive review is cached.
     pub review_cache_ttl: Duration,
+    /// Negative cache, capacities and rate limits of token reviews.
+    pub limits: ReviewLimits,
 }
 
 impl KubeAuthOptions {
-    /// Defaults: audience `ambit-ca`, agents running as `ambit-system/ambit-agent`, reviews
-    /// cached for 60 s.
+    /// Defaults: audience `ambit-ca`, agents running as `ambit-system/ambit-agent`, accepted
+    /// reviews cached for 60 s, and the limits of [`ReviewLimits::default`].
     pub fn new(client: Client) -> Self {
         Self {
             client,
@@ -145,6 +145,7 @@ impl KubeAuthOptions {
                 .parse()
                 .expect("the default service account parses"),
             review_cache_ttl: DEFAULT_REVIEW_CACHE_TTL,
+            limits: ReviewLimits::default(),
         }
     }
 }
@@ -155,6 +156,7 @@ impl fmt::Debug for KubeAuthOptions {
             .field("audience", &self.audience)
             .field("agent_service_account", &self.agent_service_account)
             .field("review_cache_ttl", &self.review_cache_ttl)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -183,6 +185,28 @@ pub enum KubeAuthError {
         /// The API server's reason.
         reason: String,
     },
+    /// This client address has caused too many token reviews: refused without one.
+    #[error(
+        "too many token reviews for client {peer}: a client address may cause {burst} at once, \
+         then one every {period:?}; retry in {}s",
+        secs_up(*.retry_after)
+    )]
+    PeerRateLimited {
+        /// The client's address.
+        peer: IpAddr,
+        /// The burst allowed.
+        burst: u32,
+        /// The period of one more review.
+        period: Duration,
+        /// When the next review may be made for it.
+        retry_after: Duration,
+    },
+    /// All clients together have caused as many token reviews as the CA makes.
+    #[error(
+        "the CA is at its limit of token reviews for all clients together; retry in {}s",
+        secs_up(*.0)
+    )]
+    RateLimited(Duration),
     /// The review succeeded but not for the CA's audience.
     #[error(
         "the token is not valid for audience {expected} (the TokenReview returned audiences \
@@ -244,13 +268,16 @@ pub enum KubeAuthError {
 
 impl KubeAuthError {
     /// The gRPC code this refusal is sent with: `UNAVAILABLE` when retrying may help,
-    /// `UNAUTHENTICATED` for a token the API server does not accept for the CA,
-    /// `PERMISSION_DENIED` for a valid token that may not have the identity.
+    /// `RESOURCE_EXHAUSTED` for a client address past its rate limit, `UNAUTHENTICATED` for a
+    /// token the API server does not accept for the CA, `PERMISSION_DENIED` for a valid token
+    /// that may not have the identity.
     pub fn code(&self) -> Code {
         match self {
-            Self::NotSynced(_) | Self::ReviewFailed(_) | Self::BoundPodUnknown { .. } => {
-                Code::Unavailable
-            }
+            Self::NotSynced(_)
+            | Self::ReviewFailed(_)
+            | Self::BoundPodUnknown { .. }
+            | Self::RateLimited(_) => Code::Unavailable,
+            Self::PeerRateLimited { .. } => Code::ResourceExhausted,
             Self::TokenRejected { .. } | Self::WrongAudience { .. } => Code::Unauthenticated,
             Self::NotAgent { .. }
             | Self::NotBound { .. }
@@ -258,6 +285,23 @@ impl KubeAuthError {
             | Self::NotPlaced { .. } => Code::PermissionDenied,
         }
     }
+
+    /// Whether this is the API server's lasting verdict on the token itself (asking again soon
+    /// would get the same answer): such refusals are cached.
+    fn is_verdict(&self) -> bool {
+        matches!(
+            self,
+            Self::TokenRejected { .. }
+                | Self::WrongAudience { .. }
+                | Self::NotAgent { .. }
+                | Self::NotBound { .. }
+        )
+    }
+}
+
+/// Whole seconds, rounded up, at least one: what a client is told to wait.
+fn secs_up(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 impl From<KubeAuthError> for Status {
@@ -406,8 +450,11 @@ pub(crate) struct KubeAuthority {
     audience: String,
     agent: ServiceAccountRef,
     agent_user: String,
-    cache_ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], (Caller, Instant)>>,
+    /// Accepted reviews, by token hash.
+    accepted: ExpiringCache<[u8; 32], Caller>,
+    /// Refused reviews (the API server's verdicts only), by token hash.
+    refused: ExpiringCache<[u8; 32], KubeAuthError>,
+    limiter: ReviewLimiter,
     pods: PodCache,
 }
 
@@ -437,8 +484,15 @@ impl KubeAuthority {
             agent_user: options.agent_service_account.username(),
             audience: options.audience,
             agent: options.agent_service_account,
-            cache_ttl: options.review_cache_ttl,
-            cache: Mutex::new(HashMap::new()),
+            accepted: ExpiringCache::new(
+                options.limits.accepted_capacity,
+                options.review_cache_ttl,
+            ),
+            refused: ExpiringCache::new(
+                options.limits.refused_capacity,
+                options.limits.refused_ttl,
+            ),
+            limiter: ReviewLimiter::new(&options.limits),
             pods: PodCache { store, synced },
         };
         (authority, task)
@@ -453,30 +507,43 @@ impl KubeAuthority {
         }
     }
 
-    /// The node of the agent holding `token`.
-    pub(crate) async fn authenticate(&self, token: &str) -> Result<String, KubeAuthError> {
+    /// The node of the agent holding `token`, sent from `peer` (whose budget of reviews a cache
+    /// miss spends).
+    pub(crate) async fn authenticate(
+        &self,
+        token: &str,
+        peer: IpAddr,
+    ) -> Result<String, KubeAuthError> {
         let key = token_key(token);
-        let cached = {
-            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache
-                .get(&key)
-                .filter(|(_, expires)| *expires > Instant::now())
-                .map(|(caller, _)| caller.clone())
-        };
-        let caller = match cached {
+        let caller = match self.accepted.get(&key) {
             Some(caller) => caller,
             None => {
-                let caller = self.review(token).await?;
-                let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                if cache.len() >= REVIEW_CACHE_MAX {
-                    let now = Instant::now();
-                    cache.retain(|_, (_, expires)| *expires > now);
-                    if cache.len() >= REVIEW_CACHE_MAX {
-                        cache.clear();
+                if let Some(refusal) = self.refused.get(&key) {
+                    return Err(refusal);
+                }
+                self.limiter
+                    .check(peer)
+                    .map_err(|throttled| match throttled {
+                        Throttled::Peer(retry_after) => KubeAuthError::PeerRateLimited {
+                            peer,
+                            burst: self.limiter.per_peer().burst_size().get(),
+                            period: self.limiter.per_peer().replenish_interval(),
+                            retry_after,
+                        },
+                        Throttled::Overall(retry_after) => KubeAuthError::RateLimited(retry_after),
+                    })?;
+                match self.review(token).await {
+                    Ok(caller) => {
+                        self.accepted.insert(key, caller.clone());
+                        caller
+                    }
+                    Err(refusal) => {
+                        if refusal.is_verdict() {
+                            self.refused.insert(key, refusal.clone());
+                        }
+                        return Err(refusal);
                     }
                 }
-                cache.insert(key, (caller.clone(), Instant::now() + self.cache_ttl));
-                caller
             }
         };
         self.node_of(&caller)

@@ -17,8 +17,9 @@ use tonic::Code;
 
 use super::{
     KubeAuthOptions,
+    guard::quota,
     kube::{EXTRA_NODE_NAME, EXTRA_POD_NAME, EXTRA_POD_UID},
-    testing::{TestCa, id},
+    testing::{TestCa, create_certificate, csr_with, id, leaf_sans, uri},
 };
 use crate::{
     config::kube::fake::FakeApiServer,
@@ -512,8 +513,17 @@ async fn finds_the_node_through_the_bound_pod_on_older_clusters() {
     );
 }
 
+fn reviews(cluster: &Cluster) -> usize {
+    cluster.reviews.load(Ordering::SeqCst)
+}
+
+/// A client of `ca` with `token` whose connections come from `source` (on loopback).
+fn client_from(ca: &TestCa, token: &str, source: &str) -> CaClient {
+    CaClient::bound_to(ca.client_config(token), source.parse().unwrap())
+}
+
 #[tokio::test]
-async fn reviews_are_cached_briefly_and_only_when_positive() {
+async fn accepted_reviews_are_cached_briefly() {
     let cluster = Arc::new(Cluster::default());
     let (api, ca) = start_with(&cluster, |mut o| {
         o.review_cache_ttl = Duration::from_secs(2);
@@ -525,23 +535,11 @@ async fn reviews_are_cached_briefly_and_only_when_positive() {
     let a = client(&ca, &token);
     let web = id("shop", "web");
     fetch_until(&a, &web, is_unavailable).await.unwrap();
-    let reviews = cluster.reviews.load(Ordering::SeqCst);
-    assert_eq!(reviews, 1);
+    assert_eq!(reviews(&cluster), 1);
     for _ in 0..3 {
         a.fetch(&web, Duration::from_secs(60)).await.unwrap();
     }
-    assert_eq!(
-        cluster.reviews.load(Ordering::SeqCst),
-        1,
-        "served from the cache"
-    );
-
-    // Refusals are not cached: each one is asked again.
-    let nobody = client(&ca, "not-a-token-the-cluster-issued");
-    for _ in 0..2 {
-        refused(nobody.fetch(&web, Duration::from_secs(60)).await);
-    }
-    assert_eq!(cluster.reviews.load(Ordering::SeqCst), 3);
+    assert_eq!(reviews(&cluster), 1, "served from the cache");
 
     // Revoked (its pod deleted, say): accepted until the cached review expires, then refused.
     cluster.revoke(&token);
@@ -549,6 +547,266 @@ async fn reviews_are_cached_briefly_and_only_when_positive() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (code, _) = refused(a.fetch(&web, Duration::from_secs(60)).await);
     assert_eq!(code, Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_bad_token_costs_one_review_within_the_cache_lifetime() {
+    let cluster = Arc::new(Cluster::default());
+    let (api, ca) = start_with(&cluster, |mut o| {
+        // Longer than the test: every repeat below is within the lifetime.
+        o.limits.refused_ttl = Duration::from_secs(3600);
+        o
+    })
+    .await;
+    apply_workloads(&api);
+    let agent = client(
+        &ca,
+        &cluster.agent_token("token-of-agent-on-node-a", "node-a"),
+    );
+    let web = id("shop", "web");
+    fetch_until(&agent, &web, is_unavailable).await.unwrap();
+    assert_eq!(reviews(&cluster), 1);
+
+    // A token the API server does not know, sent again and again (over new connections too):
+    // one review, and every answer is the API server's verdict.
+    for _ in 0..10 {
+        let (code, message) = refused(
+            client(&ca, "not-a-token-the-cluster-issued")
+                .fetch(&web, Duration::from_secs(60))
+                .await,
+        );
+        assert_eq!(code, Code::Unauthenticated, "{message}");
+        assert!(
+            message.contains("rejected by the API server's TokenReview")
+                && message.contains("invalid bearer token"),
+            "{message}"
+        );
+    }
+    assert_eq!(reviews(&cluster), 2);
+
+    // A valid token of someone else than the agents: the verdict is kept too.
+    let workload = cluster.issue(
+        "token-of-the-web-workload",
+        "system:serviceaccount:shop:web",
+        &["ambit-ca"],
+        vec![(EXTRA_NODE_NAME, "node-a".into())],
+    );
+    for _ in 0..5 {
+        let (code, message) = refused(
+            client(&ca, &workload)
+                .fetch(&web, Duration::from_secs(60))
+                .await,
+        );
+        assert_eq!(code, Code::PermissionDenied, "{message}");
+        assert!(
+            message.contains("not the node agents' service account"),
+            "{message}"
+        );
+    }
+    assert_eq!(reviews(&cluster), 3);
+
+    // A review the API server could not make is no verdict: not cached.
+    cluster.forbid_reviews.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        let (code, _) = refused(
+            client(&ca, "another-unknown-token")
+                .fetch(&web, Duration::from_secs(60))
+                .await,
+        );
+        assert_eq!(code, Code::Unavailable);
+    }
+    assert_eq!(reviews(&cluster), 5);
+    cluster.forbid_reviews.store(false, Ordering::SeqCst);
+
+    // The agent is served from its own cached review meanwhile.
+    agent.fetch(&web, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(reviews(&cluster), 5);
+}
+
+#[tokio::test]
+async fn a_refused_review_is_asked_again_once_expired() {
+    let cluster = Arc::new(Cluster::default());
+    let (api, ca) = start_with(&cluster, |mut o| {
+        o.limits.refused_ttl = Duration::from_secs(1);
+        o
+    })
+    .await;
+    apply_workloads(&api);
+    let token = "a-token-the-api-server-learns-of-later";
+    let a = client(&ca, token);
+    let web = id("shop", "web");
+    let (code, _) = fetch_until(&a, &web, is_unavailable)
+        .await
+        .expect_err("an unknown token");
+    assert_eq!(code, Code::Unauthenticated);
+    let before = reviews(&cluster);
+
+    // The API server now accepts it; the CA keeps its verdict for the refused TTL ...
+    cluster.agent_token(token, "node-a");
+    let (code, _) = refused(a.fetch(&web, Duration::from_secs(60)).await);
+    assert_eq!(code, Code::Unauthenticated);
+    assert_eq!(reviews(&cluster), before, "answered from the cache");
+    // ... and asks again after it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    a.fetch(&web, Duration::from_secs(60))
+        .await
+        .expect("reviewed again, and accepted");
+    assert_eq!(reviews(&cluster), before + 1);
+}
+
+#[tokio::test]
+async fn the_cache_of_refused_reviews_is_bounded() {
+    let cluster = Arc::new(Cluster::default());
+    let (api, ca) = start_with(&cluster, |mut o| {
+        o.limits.refused_ttl = Duration::from_secs(3600);
+        o.limits.refused_capacity = 2.try_into().unwrap();
+        o
+    })
+    .await;
+    apply_workloads(&api);
+    let agent = client(
+        &ca,
+        &cluster.agent_token("token-of-agent-on-node-a", "node-a"),
+    );
+    let web = id("shop", "web");
+    fetch_until(&agent, &web, is_unavailable).await.unwrap();
+    let start = reviews(&cluster);
+    let bad = |n: u32| {
+        let c = client(&ca, &format!("garbage-token-number-{n}"));
+        let web = web.clone();
+        async move {
+            let (code, _) = refused(c.fetch(&web, Duration::from_secs(60)).await);
+            assert_eq!(code, Code::Unauthenticated);
+        }
+    };
+    for n in 1..=3 {
+        bad(n).await;
+    }
+    assert_eq!(reviews(&cluster), start + 3);
+    // The cache holds two: the last one is there, the first one is gone.
+    bad(3).await;
+    assert_eq!(reviews(&cluster), start + 3, "token 3 is cached");
+    bad(1).await;
+    assert_eq!(reviews(&cluster), start + 4, "token 1 was evicted");
+    bad(3).await;
+    assert_eq!(reviews(&cluster), start + 4, "token 3 is still cached");
+}
+
+#[tokio::test]
+async fn a_flood_from_one_address_is_rate_limited_while_others_are_served() {
+    let cluster = Arc::new(Cluster::default());
+    let (api, ca) = start_with(&cluster, |mut o| {
+        // Three reviews per address, and no refill within the test.
+        o.limits.per_peer = quota(3, Duration::from_secs(3600));
+        o
+    })
+    .await;
+    apply_workloads(&api);
+    let web = id("shop", "web");
+    let good = cluster.agent_token("token-of-agent-on-node-a", "node-a");
+    let agent = client_from(&ca, &good, "127.0.0.1");
+    fetch_until(&agent, &web, is_unavailable).await.unwrap();
+    assert_eq!(reviews(&cluster), 1, "127.0.0.1 has spent one review");
+
+    // 127.0.0.2 floods with a fresh garbage token each time (which no cache can answer).
+    let csr = || csr_with(vec![uri(&web.to_string())]);
+    let mut limited = 0;
+    for n in 0..20 {
+        let token = format!("garbage-token-of-the-flood-{n}");
+        let flooder = client_from(&ca, &token, "127.0.0.2");
+        let status = create_certificate(&flooder, &token, csr(), None)
+            .await
+            .unwrap_err();
+        if n < 3 {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        } else {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert!(
+                status
+                    .message()
+                    .contains("too many token reviews for client 127.0.0.2")
+                    && status.message().contains("retry in"),
+                "{}",
+                status.message()
+            );
+            limited += 1;
+        }
+    }
+    assert_eq!(limited, 17);
+    assert_eq!(
+        reviews(&cluster),
+        4,
+        "the limited requests cost the API server nothing"
+    );
+    // A token already judged is still answered from the cache, limit or not.
+    let token = "garbage-token-of-the-flood-0";
+    let status = create_certificate(&client_from(&ca, token, "127.0.0.2"), token, csr(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    // Another address is served: the agent of node-b with a token never reviewed before ...
+    let b = cluster.agent_token("token-of-agent-on-node-b", "node-b");
+    let pay = "spiffe://cluster.local/ns/pay/sa/pay";
+    let chain = create_certificate(
+        &client_from(&ca, &b, "127.0.0.1"),
+        &b,
+        csr_with(vec![uri(pay)]),
+        None,
+    )
+    .await
+    .expect("another address has its own budget");
+    assert_eq!(leaf_sans(&chain), [pay]);
+    assert_eq!(reviews(&cluster), 5);
+    // ... and node-a's agent from its cached review, while the flooding address cannot get a
+    // review even for a good token.
+    agent.fetch(&web, Duration::from_secs(60)).await.unwrap();
+    let other = cluster.agent_token("another-token-of-an-agent-on-node-a", "node-a");
+    let status = create_certificate(&client_from(&ca, &other, "127.0.0.2"), &other, csr(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reviews(&cluster), 5);
+}
+
+#[tokio::test]
+async fn without_metadata_signs_the_csrs_san_for_pods_on_the_callers_node() {
+    let cluster = Arc::new(Cluster::default());
+    let (api, ca) = start(&cluster).await;
+    apply_workloads(&api);
+    let token = cluster.agent_token("token-of-agent-on-node-a", "node-a");
+    let a = client(&ca, &token);
+    fetch_until(&a, &id("shop", "web"), is_unavailable)
+        .await
+        .unwrap();
+
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let chain = create_certificate(&a, &token, csr_with(vec![uri(web)]), None)
+        .await
+        .expect("node-a runs shop/web");
+    assert_eq!(leaf_sans(&chain), [web]);
+
+    let pay = "spiffe://cluster.local/ns/pay/sa/pay";
+    let status = create_certificate(&a, &token, csr_with(vec![uri(pay)]), None)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("no pod with service account pay/pay is scheduled on node node-a"),
+        "{}",
+        status.message()
+    );
+    let status = create_certificate(&a, &token, csr_with(vec![]), None)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("no subject alternative name"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test]

@@ -11,6 +11,9 @@
 //!   standalone mode: a per-node bearer token, and the mesh file's placement of workloads.
 //! - [`kube`]: Kubernetes mode (`ambit ca serve --kube`): agents' ServiceAccount tokens checked
 //!   by TokenReview, placement read from the cluster's pods.
+//! - [`guard`]: the bounds on what one client may cost the CA: caches of token reviews
+//!   (accepted and refused), rate limits on TokenReviews per client address and overall, and
+//!   refusal log lines limited per client address.
 //!
 //! # Files of a CA directory
 //!
@@ -35,6 +38,7 @@
 //! 4. Once every certificate of the old root has expired, drop the old root from the bundle.
 #[cfg(test)]
 mod grpc_tests;
+pub mod guard;
 pub mod kube;
 #[cfg(test)]
 mod kube_tests;
@@ -54,6 +58,7 @@ use std::{
 use anyhow::Context as _;
 
 pub use self::{
+    guard::ReviewLimits,
     kube::{KubeAuthError, KubeAuthOptions, ServiceAccountRef},
     root::{InitOptions, RootCa, RootError},
     server::{AuthMode, CaServer, ServeOptions},
@@ -217,11 +222,11 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                         tracing::error!(error = %format!("{error:#}"), "policy status writer stopped");
                     }
                 });
-                AuthMode::Kube(KubeAuthOptions {
+                AuthMode::Kube(Box::new(KubeAuthOptions {
                     audience: args.token_audience,
                     agent_service_account: args.agent_service_account,
                     ..KubeAuthOptions::new(client)
-                })
+                }))
             } else {
                 // clap requires both without --kube.
                 AuthMode::Files {

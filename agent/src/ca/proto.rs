@@ -62,18 +62,33 @@ pub fn impersonation_metadata(identity: &str) -> Struct {
     }
 }
 
-/// The identity named by the request's `ImpersonatedIdentity` metadata, when it is a string.
-pub fn impersonated_identity(request: &IstioCertificateRequest) -> Option<&str> {
-    match request
+/// The identity named by the request's `ImpersonatedIdentity` metadata: `None` when the field
+/// is absent or the empty string (Istio's CA reads it so too: no impersonation), an error
+/// naming the value's kind when it is not a string.
+pub fn impersonated_identity(request: &IstioCertificateRequest) -> Result<Option<&str>, String> {
+    let Some(value) = request
         .metadata
-        .as_ref()?
-        .fields
-        .get(IMPERSONATED_IDENTITY)?
-        .kind
-        .as_ref()?
-    {
-        Kind::StringValue(identity) => Some(identity),
-        _ => None,
+        .as_ref()
+        .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
+    else {
+        return Ok(None);
+    };
+    match &value.kind {
+        Some(Kind::StringValue(identity)) if identity.is_empty() => Ok(None),
+        Some(Kind::StringValue(identity)) => Ok(Some(identity)),
+        None | Some(Kind::NullValue(_)) => Ok(None),
+        Some(other) => {
+            let kind = match other {
+                Kind::NumberValue(_) => "a number",
+                Kind::BoolValue(_) => "a boolean",
+                Kind::StructValue(_) => "a struct",
+                Kind::ListValue(_) => "a list",
+                Kind::StringValue(_) | Kind::NullValue(_) => unreachable!("matched above"),
+            };
+            Err(format!(
+                "metadata {IMPERSONATED_IDENTITY} is {kind}, not a string (the SPIFFE ID to certify)"
+            ))
+        }
     }
 }
 
@@ -204,7 +219,7 @@ mod tests {
         let decoded = IstioCertificateRequest::decode(bytes.as_slice()).unwrap();
         assert_eq!(
             impersonated_identity(&decoded),
-            Some("spiffe://td/ns/a/sa/b")
+            Ok(Some("spiffe://td/ns/a/sa/b"))
         );
 
         let response = IstioCertificateResponse {
@@ -214,22 +229,34 @@ mod tests {
     }
 
     #[test]
-    fn impersonated_identity_must_be_a_string() {
-        let mut metadata = Struct::default();
-        metadata.fields.insert(
-            IMPERSONATED_IDENTITY.into(),
-            Value {
-                kind: Some(Kind::NumberValue(1.0)),
-            },
-        );
-        let request = IstioCertificateRequest {
-            metadata: Some(metadata),
+    fn impersonated_identity_must_be_a_string_if_present() {
+        let request = |kind: Kind| IstioCertificateRequest {
+            metadata: Some(Struct {
+                fields: [(
+                    IMPERSONATED_IDENTITY.to_string(),
+                    Value { kind: Some(kind) },
+                )]
+                .into(),
+            }),
             ..Default::default()
         };
-        assert_eq!(impersonated_identity(&request), None);
+        let err = impersonated_identity(&request(Kind::NumberValue(1.0))).unwrap_err();
+        assert!(
+            err.contains("ImpersonatedIdentity is a number, not a string"),
+            "{err}"
+        );
+        // Absent, empty or null: no impersonation, as Istio's CA reads it.
         assert_eq!(
             impersonated_identity(&IstioCertificateRequest::default()),
-            None
+            Ok(None)
+        );
+        assert_eq!(
+            impersonated_identity(&request(Kind::StringValue(String::new()))),
+            Ok(None)
+        );
+        assert_eq!(
+            impersonated_identity(&request(Kind::NullValue(0))),
+            Ok(None)
         );
     }
 }

@@ -11,14 +11,26 @@
 //! Kubernetes mode (`--kube`) replaces both files by the API server: ServiceAccount tokens
 //! reviewed with a `TokenReview`, and placement read from the pods (see [`super::kube`]).
 //!
+//! **The identity asked for.** Ambient agents (ztunnel, Ambit's) name it in the request's
+//! `ImpersonatedIdentity` metadata; the CSR may then ask for no subject alternative name or for
+//! exactly that identity, and a CSR asking for anything else is refused (Istio's CA ignores the
+//! CSR's names; refusing a disagreement reports a confused client rather than hiding it).
+//! Istio's sidecars and ztunnel in dedicated mode send no metadata: the identity is then the
+//! CSR's subject alternative name, which must be exactly one SPIFFE URI. Either way it is
+//! authorised the same way, by placement on the caller's node. (Istio's CA signs, without
+//! metadata, the caller's own identity from its credential; Ambit's callers authenticate as
+//! nodes, so the CSR says which of the node's identities is meant.)
+//!
 //! Refusals are gRPC errors (`Unauthenticated` for a missing or unknown token,
 //! `PermissionDenied` naming node and identity for a placement mismatch, `InvalidArgument` for
-//! a bad CSR or identity, `Unavailable` while Kubernetes mode cannot check yet) and are logged;
-//! tokens and keys never are.
+//! a bad CSR or identity, `Unavailable` while Kubernetes mode cannot check yet,
+//! `ResourceExhausted` for a client past its rate of token reviews) and are logged, at warning
+//! level once per client address and minute with a count of those not logged since (see
+//! [`super::guard`]); tokens and keys never are.
 use std::{
     collections::BTreeMap,
     fmt, io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, Mutex},
@@ -52,16 +64,17 @@ use tracing::{debug, info, warn};
 
 use super::{
     RootCa,
+    guard::{RefusalLog, peer_key},
     kube::{KubeAuthOptions, KubeAuthority},
     proto::{
-        CertificateServer, CertificateService, IstioCertificateRequest, IstioCertificateResponse,
-        impersonated_identity,
+        CertificateServer, CertificateService, IMPERSONATED_IDENTITY, IstioCertificateRequest,
+        IstioCertificateResponse, impersonated_identity,
     },
-    sign::SignError,
+    sign::{Csr, RequestedName, SignError, cut, shown},
 };
 use crate::{
     config::{self, ConfigStatus},
-    identity::SpiffeId,
+    identity::{SpiffeId, SpiffeIdError},
     state::MeshState,
 };
 
@@ -71,6 +84,8 @@ const SERVING_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the tokens file is checked for changes.
 const TOKENS_POLL: Duration = Duration::from_secs(2);
+/// Longest refusal message logged, in characters.
+const LOGGED_MESSAGE_MAX: usize = 1000;
 /// Shortest accepted token: a bootstrap credential must not be guessable.
 const MIN_TOKEN_LEN: usize = 16;
 
@@ -84,8 +99,9 @@ pub enum AuthMode {
         /// The per-node tokens file.
         tokens_file: PathBuf,
     },
-    /// Kubernetes: ServiceAccount tokens reviewed by the API server, and the pods it lists.
-    Kube(KubeAuthOptions),
+    /// Kubernetes: ServiceAccount tokens reviewed by the API server, and the pods it lists
+    /// (boxed: far larger than the other variant).
+    Kube(Box<KubeAuthOptions>),
 }
 
 /// What `ambit ca serve` serves.
@@ -238,6 +254,7 @@ enum Policy {
 struct Authority {
     ca: Arc<RootCa>,
     policy: Policy,
+    refusals: RefusalLog,
 }
 
 /// The bearer token of `metadata`'s `authorization` entry; `what` names the token expected, for
@@ -260,8 +277,8 @@ fn bearer_token<'m>(metadata: &'m MetadataMap, what: &str) -> Result<&'m str, St
 }
 
 impl Authority {
-    /// The caller's node.
-    async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+    /// The node of the caller at `peer`.
+    async fn authenticate(&self, metadata: &MetadataMap, peer: IpAddr) -> Result<String, Status> {
         match &self.policy {
             Policy::Files { tokens, .. } => {
                 let token = bearer_token(metadata, "node token")?;
@@ -276,7 +293,7 @@ impl Authority {
                 // TokenReview.
                 kube.ready()?;
                 let token = bearer_token(metadata, "projected ServiceAccount token")?;
-                Ok(kube.authenticate(token).await?)
+                Ok(kube.authenticate(token, peer).await?)
             }
         }
     }
@@ -313,30 +330,90 @@ impl Authority {
     async fn handle(
         &self,
         request: Request<IstioCertificateRequest>,
+        peer: IpAddr,
         node: &mut Option<String>,
         identity: &mut Option<SpiffeId>,
     ) -> Result<Vec<String>, Status> {
-        *node = Some(self.authenticate(request.metadata()).await?);
+        *node = Some(self.authenticate(request.metadata(), peer).await?);
         let node = node.as_deref().unwrap_or_default();
         let request = request.into_inner();
-        let asked = impersonated_identity(&request).ok_or_else(|| {
-            Status::invalid_argument(
-                "missing metadata ImpersonatedIdentity: the SPIFFE ID to certify",
-            )
-        })?;
-        let id: SpiffeId = asked
-            .parse()
-            .map_err(|e| Status::invalid_argument(format!("ImpersonatedIdentity: {e}")))?;
+        let csr = Csr::parse(&request.csr).map_err(sign_status)?;
+        let id = identity_asked(&request, &csr)?;
         *identity = Some(id.clone());
         self.authorize(node, &id)?;
         let ttl = Duration::from_secs(u64::try_from(request.validity_duration).unwrap_or(0));
-        self.ca.sign(&request.csr, &id, ttl).map_err(|e| match e {
-            SignError::MalformedCsr(_)
-            | SignError::BadCsrSignature
-            | SignError::UnsupportedKey(_) => Status::invalid_argument(e.to_string()),
-            SignError::ForeignTrustDomain { .. } => Status::permission_denied(e.to_string()),
-            SignError::RootExpired | SignError::Signing(_) => Status::internal(e.to_string()),
-        })
+        self.ca.sign_csr(&csr, &id, ttl).map_err(sign_status)
+    }
+}
+
+/// The gRPC status of a signing error.
+fn sign_status(e: SignError) -> Status {
+    match e {
+        SignError::MalformedCsr(_) | SignError::BadCsrSignature | SignError::UnsupportedKey(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        SignError::ForeignTrustDomain { .. } => Status::permission_denied(e.to_string()),
+        SignError::RootExpired | SignError::Signing(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// The identity a request asks for: its `ImpersonatedIdentity` metadata, with which the CSR's
+/// subject alternative names, if any, must agree; without it, the CSR's one SPIFFE URI.
+fn identity_asked(request: &IstioCertificateRequest, csr: &Csr) -> Result<SpiffeId, Status> {
+    let names = csr.names();
+    let listed = || {
+        names
+            .iter()
+            .take(4)
+            .map(ToString::to_string)
+            .chain((names.len() > 4).then(|| format!("and {} more", names.len() - 4)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(asked) = impersonated_identity(request).map_err(Status::invalid_argument)? {
+        let id: SpiffeId = asked.parse().map_err(|e: SpiffeIdError| {
+            Status::invalid_argument(format!(
+                "metadata {IMPERSONATED_IDENTITY} {} is not a SPIFFE ID of a workload: {}",
+                shown(asked),
+                e.reason
+            ))
+        })?;
+        let agrees = match names {
+            [] => true,
+            [RequestedName::Uri(uri)] => uri.parse::<SpiffeId>().is_ok_and(|san| san == id),
+            _ => false,
+        };
+        if !agrees {
+            return Err(Status::invalid_argument(format!(
+                "the CSR asks for {} but metadata {IMPERSONATED_IDENTITY} is {id}: the CSR may \
+                 name no subject alternative name or exactly that identity",
+                listed()
+            )));
+        }
+        return Ok(id);
+    }
+    match names {
+        [] => Err(Status::invalid_argument(format!(
+            "no metadata {IMPERSONATED_IDENTITY} and the CSR has no subject alternative name: \
+             send the SPIFFE ID to certify in either"
+        ))),
+        [name @ RequestedName::Uri(uri)] => uri.parse().map_err(|e: SpiffeIdError| {
+            Status::invalid_argument(format!(
+                "no metadata {IMPERSONATED_IDENTITY}, and the CSR's subject alternative name \
+                 {name} is not a SPIFFE ID of a workload: {}",
+                e.reason
+            ))
+        }),
+        [other] => Err(Status::invalid_argument(format!(
+            "no metadata {IMPERSONATED_IDENTITY}, and the CSR's subject alternative name {other} \
+             is not a SPIFFE URI"
+        ))),
+        _ => Err(Status::invalid_argument(format!(
+            "no metadata {IMPERSONATED_IDENTITY}, and the CSR has {} subject alternative names \
+             ({}): without the metadata it must have exactly one, the SPIFFE ID to certify",
+            names.len(),
+            listed()
+        ))),
     }
 }
 
@@ -345,13 +422,17 @@ impl CertificateService for Authority {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let remote = request.remote_addr();
+        let peer = remote.map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let peer_ip = peer_key(remote.map(|a| a.ip()));
         let (mut node, mut identity) = (None, None);
-        let result = self.handle(request, &mut node, &mut identity).await;
+        let result = self
+            .handle(request, peer_ip, &mut node, &mut identity)
+            .await;
         let node = node.as_deref().unwrap_or("(unauthenticated)");
-        let identity = identity.map_or_else(|| "(none)".to_string(), |i| i.to_string());
+        // Both may hold a client's text: cut, so that no request makes a line of megabytes.
+        let identity =
+            identity.map_or_else(|| "(none)".to_string(), |i| shown(&i.to_string()).into());
         match result {
             Ok(chain) => {
                 info!(%peer, node, %identity, "certificate signed");
@@ -360,7 +441,19 @@ impl CertificateService for Authority {
                 }))
             }
             Err(status) => {
-                warn!(%peer, node, %identity, code = ?status.code(), "certificate refused: {}", status.message());
+                // A hostile client must not flood the log: one line per address and interval,
+                // counting the refusals not logged since its previous one.
+                let message = cut(status.message(), LOGGED_MESSAGE_MAX);
+                match self.refusals.admit(peer_ip) {
+                    Some(suppressed) => warn!(
+                        %peer, node, %identity, code = ?status.code(), suppressed,
+                        "certificate refused: {message}"
+                    ),
+                    None => debug!(
+                        %peer, node, %identity, code = ?status.code(),
+                        "certificate refused: {message}"
+                    ),
+                }
                 Err(status)
             }
         }
@@ -533,7 +626,7 @@ impl CaServer {
                 tokens_file,
             } => files_policy(mesh_file, tokens_file).await?,
             AuthMode::Kube(kube) => {
-                let (authority, pods_task) = KubeAuthority::start(kube.clone());
+                let (authority, pods_task) = KubeAuthority::start((**kube).clone());
                 info!(
                     audience = %kube.audience,
                     agent_service_account = %kube.agent_service_account,
@@ -572,7 +665,11 @@ impl CaServer {
         Ok(Self {
             listener,
             tls: Arc::new(tls),
-            authority: Arc::new(Authority { ca, policy }),
+            authority: Arc::new(Authority {
+                ca,
+                policy,
+                refusals: RefusalLog::default(),
+            }),
             _watchers: watchers,
         })
     }

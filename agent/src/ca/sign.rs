@@ -1,10 +1,14 @@
 //! Turning a CSR into a workload certificate chain.
 //!
-//! The CSR only contributes its public key (and the proof, by its signature, that the caller
-//! holds the matching private key): subject, SANs, key usages and extensions it asks for are
-//! ignored. What the leaf certifies is decided by the CA alone: the identity it was asked for
-//! after authentication and authorisation.
-use std::time::{Duration, SystemTime};
+//! The CSR contributes its public key (and the proof, by its signature, that the caller holds
+//! the matching private key), and the subject alternative names it asks for, which the server
+//! reads to learn (or check) the identity asked for. Subject, key usages and other extensions
+//! are ignored. What the leaf certifies is decided by the CA alone: the identity it was asked
+//! for, after authentication and authorisation, as its only SAN.
+use std::{
+    fmt,
+    time::{Duration, SystemTime},
+};
 
 use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
@@ -12,6 +16,7 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateSigningRequestDer, pem::PemObject as _};
 use x509_parser::{
+    extensions::{GeneralName, ParsedExtension},
     oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY},
     prelude::{FromDer as _, X509CertificationRequest},
 };
@@ -60,12 +65,93 @@ impl PublicKeyData for CsrPublicKey {
     }
 }
 
-/// Parses and verifies a PEM CSR and returns its public key (an uncompressed P-256 point).
-fn csr_public_key(csr_pem: &str) -> Result<CsrPublicKey, SignError> {
-    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
-        .map_err(|e| SignError::MalformedCsr(format!("not a PEM certificate request: {e}")))?;
-    let (_, csr) = X509CertificationRequest::from_der(der.as_ref())
-        .map_err(|e| SignError::MalformedCsr(e.to_string()))?;
+/// Longest rendering of a requested name in messages: a CSR is the client's to fill.
+const NAME_SHOWN_MAX: usize = 200;
+
+/// A subject alternative name a CSR asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestedName {
+    /// A URI (a SPIFFE ID, for a workload).
+    Uri(String),
+    /// Any other kind (DNS name, IP address, e-mail...), as x509-parser renders it.
+    Other(String),
+}
+
+impl fmt::Display for RequestedName {
+    /// `URI:<uri>` or e.g. `DNSName(<name>)`, cut to 200 characters.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Uri(uri) => write!(f, "URI:{}", shown(uri)),
+            Self::Other(other) => write!(f, "{}", shown(other)),
+        }
+    }
+}
+
+/// `text` as quoted in messages and logs: cut to 200 characters (a client's text may be
+/// megabytes long).
+pub(crate) fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    cut(text, NAME_SHOWN_MAX)
+}
+
+/// `text` cut to `max` characters, marked by `...` when cut.
+pub(crate) fn cut(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}...", &text[..cut]).into(),
+        None => text.into(),
+    }
+}
+
+/// A parsed, verified CSR: its public key and the names it asks for.
+pub struct Csr {
+    key: CsrPublicKey,
+    names: Vec<RequestedName>,
+}
+
+impl fmt::Debug for Csr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Csr")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Csr {
+    /// Parses a PEM PKCS#10 request and verifies its signature. Only ECDSA P-256 keys are
+    /// accepted.
+    pub fn parse(csr_pem: &str) -> Result<Self, SignError> {
+        let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+            .map_err(|e| SignError::MalformedCsr(format!("not a PEM certificate request: {e}")))?;
+        let (_, csr) = X509CertificationRequest::from_der(der.as_ref())
+            .map_err(|e| SignError::MalformedCsr(e.to_string()))?;
+        let key = csr_public_key(&csr)?;
+        let mut names = Vec::new();
+        for extension in csr.requested_extensions().into_iter().flatten() {
+            match extension {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    names.extend(san.general_names.iter().map(|name| match name {
+                        GeneralName::URI(uri) => RequestedName::Uri(uri.to_string()),
+                        other => RequestedName::Other(other.to_string()),
+                    }));
+                }
+                ParsedExtension::ParseError { error } => {
+                    return Err(SignError::MalformedCsr(format!(
+                        "an extension it requests cannot be parsed: {error}"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(Self { key, names })
+    }
+
+    /// The subject alternative names the CSR asks for, in its order.
+    pub fn names(&self) -> &[RequestedName] {
+        &self.names
+    }
+}
+
+/// Checks a parsed CSR's key and signature and returns the key (an uncompressed P-256 point).
+fn csr_public_key(csr: &X509CertificationRequest<'_>) -> Result<CsrPublicKey, SignError> {
     let spki = &csr.certification_request_info.subject_pki;
     if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
         return Err(SignError::UnsupportedKey(format!(
@@ -109,13 +195,23 @@ impl RootCa {
         identity: &SpiffeId,
         ttl: Duration,
     ) -> Result<Vec<String>, SignError> {
+        self.sign_csr(&Csr::parse(csr_pem)?, identity, ttl)
+    }
+
+    /// [`Self::sign`] for a CSR already parsed.
+    pub fn sign_csr(
+        &self,
+        csr: &Csr,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Vec<String>, SignError> {
         if identity.trust_domain != self.trust_domain() {
             return Err(SignError::ForeignTrustDomain {
                 identity: identity.clone(),
                 trust_domain: self.trust_domain().to_string(),
             });
         }
-        let public_key = csr_public_key(csr_pem)?;
+        let public_key = &csr.key;
         let now = SystemTime::now();
         let ttl = if ttl.is_zero() {
             self.max_ttl()
@@ -148,7 +244,7 @@ impl RootCa {
         params.not_before = (now - BACKDATE).into();
         params.not_after = not_after.into();
         params.use_authority_key_identifier_extension = true;
-        let leaf = params.signed_by(&public_key, self.issuer())?;
+        let leaf = params.signed_by(public_key, self.issuer())?;
         Ok(vec![leaf.pem(), self.certificate_pem().to_string()])
     }
 
@@ -293,6 +389,36 @@ mod tests {
             .sign("not a csr", &id, Duration::from_secs(60))
             .unwrap_err();
         assert!(matches!(err, SignError::MalformedCsr(_)), "{err}");
+    }
+
+    #[test]
+    fn a_csr_tells_the_names_it_asks_for() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![
+            SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap()),
+            SanType::DnsName("b.a.svc".try_into().unwrap()),
+            SanType::IpAddress("10.0.0.1".parse().unwrap()),
+        ];
+        let csr = Csr::parse(&params.serialize_request(&key).unwrap().pem().unwrap()).unwrap();
+        let shown: Vec<String> = csr.names().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "URI:spiffe://cluster.local/ns/a/sa/b",
+                "DNSName(b.a.svc)",
+                "IPAddress(0a:00:00:01)"
+            ]
+        );
+        assert_eq!(
+            csr.names()[0],
+            RequestedName::Uri("spiffe://cluster.local/ns/a/sa/b".into())
+        );
+        let none = Csr::parse(&csr_for(&rcgen::PKCS_ECDSA_P256_SHA256, vec![])).unwrap();
+        assert!(none.names().is_empty());
+        // A name longer than any message should quote is cut.
+        let long = RequestedName::Uri("x".repeat(1000));
+        assert_eq!(long.to_string().len(), "URI:".len() + 200 + "...".len());
     }
 
     #[test]

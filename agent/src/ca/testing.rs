@@ -6,10 +6,21 @@ use std::{
     time::Duration,
 };
 
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Request, Status};
+use x509_parser::{
+    extensions::GeneralName,
+    prelude::{FromDer as _, X509Certificate},
+};
 
-use super::{AuthMode, CaServer, KubeAuthOptions, ServeOptions, root};
-use crate::identity::{BearerToken, CaClientConfig, SpiffeId};
+use super::{
+    AuthMode, CaServer, KubeAuthOptions, ServeOptions,
+    proto::{self, IstioCertificateRequest},
+    root,
+};
+use crate::identity::{BearerToken, CaClient, CaClientConfig, SpiffeId};
 
 /// node-a's token.
 pub(crate) const TOKEN_A: &str = "token-of-node-a-0123456789";
@@ -44,6 +55,60 @@ workloads:
 /// `spiffe://cluster.local/ns/<ns>/sa/<sa>`.
 pub(crate) fn id(ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new(TRUST_DOMAIN, ns, sa)
+}
+
+/// A PEM CSR of a new P-256 key asking for `sans` (URIs as `SanType::URI`).
+pub(crate) fn csr_with(sans: Vec<SanType>) -> String {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = sans;
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+/// A URI SAN.
+pub(crate) fn uri(uri: &str) -> SanType {
+    SanType::URI(uri.try_into().unwrap())
+}
+
+/// Sends `CreateCertificate` for `csr` with `token` over `client`'s connection, the
+/// `ImpersonatedIdentity` metadata set to `impersonated` or, when `None`, absent (as Istio's
+/// sidecars and ztunnel in dedicated mode send it): the raw gRPC answer.
+pub(crate) async fn create_certificate(
+    client: &CaClient,
+    token: &str,
+    csr: String,
+    impersonated: Option<&str>,
+) -> Result<Vec<String>, Status> {
+    let mut request = Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 600,
+        metadata: impersonated.map(proto::impersonation_metadata),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    proto::create_certificate(client.channel_for_tests(), request)
+        .await
+        .map(|response| response.into_inner().cert_chain)
+}
+
+/// The subject alternative names of the leaf (first) of a PEM chain, URIs as themselves.
+pub(crate) fn leaf_sans(chain: &[String]) -> Vec<String> {
+    let der = CertificateDer::from_pem_slice(chain[0].as_bytes()).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+    leaf.subject_alternative_name()
+        .unwrap()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .map(|name| match name {
+                    GeneralName::URI(uri) => uri.to_string(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A running (or stopped) test CA.
@@ -86,7 +151,7 @@ impl TestCa {
             &root::InitOptions::new(TRUST_DOMAIN),
         )
         .unwrap();
-        Self::start_with(dir, AuthMode::Kube(kube)).await
+        Self::start_with(dir, AuthMode::Kube(Box::new(kube))).await
     }
 
     /// Serves the root in `dir/ca` with `auth`.

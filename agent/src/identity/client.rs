@@ -223,6 +223,20 @@ impl fmt::Debug for CaClient {
 impl CaClient {
     /// A client for `config`. Connects lazily: the CA need not be up yet.
     pub fn new(config: CaClientConfig) -> Result<Self, CaError> {
+        Self::with_source(config, None)
+    }
+
+    /// A client whose connections come from the local address `source` (tests: the CA tells
+    /// clients apart by address).
+    #[cfg(test)]
+    pub(crate) fn bound_to(config: CaClientConfig, source: std::net::IpAddr) -> Self {
+        Self::with_source(config, Some(source)).expect("a valid client configuration")
+    }
+
+    fn with_source(
+        config: CaClientConfig,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Self, CaError> {
         let address = config.address.trim();
         let authority = address
             .strip_prefix("https://")
@@ -258,6 +272,7 @@ impl CaClient {
             port,
             server_name,
             roots_file: config.roots_file.clone(),
+            source,
         };
         Ok(Self {
             channel: endpoint.connect_with_connector_lazy(connector),
@@ -442,6 +457,8 @@ struct TlsConnect {
     port: u16,
     server_name: ServerName<'static>,
     roots_file: PathBuf,
+    /// The local address to connect from [default: the kernel's choice].
+    source: Option<std::net::IpAddr>,
 }
 
 impl Service<Uri> for TlsConnect {
@@ -470,7 +487,24 @@ impl Service<Uri> for TlsConnect {
                 .with_root_certificates(store)
                 .with_no_client_auth();
             tls.alpn_protocols = vec![b"h2".to_vec()];
-            let tcp = TcpStream::connect((this.host.as_str(), this.port)).await?;
+            let tcp = match this.source {
+                None => TcpStream::connect((this.host.as_str(), this.port)).await?,
+                Some(source) => {
+                    let target = tokio::net::lookup_host((this.host.as_str(), this.port))
+                        .await?
+                        .find(|a| a.is_ipv4() == source.is_ipv4())
+                        .ok_or_else(|| {
+                            format!("{} has no address of {source}'s family", this.host)
+                        })?;
+                    let socket = if source.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    socket.bind((source, 0).into())?;
+                    socket.connect(target).await?
+                }
+            };
             tcp.set_nodelay(true)?;
             let stream = TlsConnector::from(Arc::new(tls))
                 .connect(this.server_name.clone(), tcp)
