@@ -25,6 +25,11 @@ enum Command {
     Agent(AgentArgs),
     /// Run the mesh's certificate authority: `init` a root, `serve` the signing API.
     Ca(ambit::ca::CaArgs),
+    /// Install or remove the CNI plugin `ambit-cni` on this node.
+    Cni {
+        #[command(subcommand)]
+        command: CniCommand,
+    },
     /// Remove everything an agent pinned (programs detach, maps are freed). Enrolled pods'
     /// new connections then go direct, outside the mesh.
     Uninstall {
@@ -32,6 +37,15 @@ enum Command {
         #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
         bpffs: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CniCommand {
+    /// Copy the plugin into the CNI bin directory and chain it after the node's network plugin
+    /// (with `--watch`, keep it chained until SIGTERM).
+    Install(ambit::cni::install::InstallArgs),
+    /// Take the plugin out of every network configuration and remove its binary.
+    Uninstall(ambit::cni::install::UninstallArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +65,16 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ambit::ca::run(args))),
+        Command::Cni {
+            command: CniCommand::Install(args),
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ambit::cni::install::install(args))),
+        Command::Cni {
+            command: CniCommand::Uninstall(args),
+        } => ambit::cni::install::uninstall(&args),
         Command::Uninstall { bpffs } => ambit::redirect::uninstall(&bpffs),
     };
     match result {

@@ -837,6 +837,8 @@ pub struct Cluster {
     nodes: Vec<Node>,
     pods: Vec<Pod>,
     services: Mutex<Vec<mesh::Service>>,
+    /// Workloads of the mesh file that are not bed pods (containers a test runs otherwise).
+    extra_workloads: Mutex<Vec<mesh::Workload>>,
     redirect: Mutex<mesh::Redirect>,
     policies: Mutex<mesh::Policies>,
     ca: Mutex<CaState>,
@@ -943,6 +945,7 @@ impl Cluster {
             nodes,
             pods,
             services: Mutex::new(Vec::new()),
+            extra_workloads: Mutex::new(Vec::new()),
             redirect: Mutex::new(mesh::Redirect::default()),
             policies: Mutex::new(mesh::Policies::default()),
             ca: Mutex::new(CaState::default()),
@@ -1237,11 +1240,22 @@ impl Cluster {
         MeshFile {
             trust_domain: TRUST_DOMAIN.to_string(),
             redirect: lock(&self.redirect).clone(),
-            workloads: self.pods.iter().map(Pod::workload).collect(),
+            workloads: self
+                .pods
+                .iter()
+                .map(Pod::workload)
+                .chain(lock(&self.extra_workloads).iter().cloned())
+                .collect(),
             services: lock(&self.services).clone(),
             peer_authentications: policies.peer_authentications,
             authorization_policies: policies.authorization_policies,
         }
+    }
+
+    /// Adds a workload that is no bed pod to the mesh file (publish with
+    /// [`write_mesh`](Self::write_mesh)).
+    pub fn add_workload(&self, workload: mesh::Workload) {
+        lock(&self.extra_workloads).push(workload);
     }
 
     /// Replaces the policy sections (`peerAuthentications`, `authorizationPolicies`).

@@ -152,6 +152,8 @@ pub struct BedResources {
     pub netns: Vec<String>,
     /// Its cgroup subtree, if present.
     pub cgroup: Option<PathBuf>,
+    /// Its subtrees in cgroup v1 hierarchies (made by a container runtime it ran).
+    pub v1_cgroups: Vec<PathBuf>,
     /// Its bpffs directories.
     pub bpffs: Vec<PathBuf>,
     /// Its owner file, if present.
@@ -163,6 +165,7 @@ impl BedResources {
     pub fn is_empty(&self) -> bool {
         self.netns.is_empty()
             && self.cgroup.is_none()
+            && self.v1_cgroups.is_empty()
             && self.bpffs.is_empty()
             && self.owner_file.is_none()
     }
@@ -188,6 +191,11 @@ pub fn bed_resources(id: &str) -> Result<BedResources> {
     Ok(BedResources {
         netns: entries_with_prefix(Path::new(util::NETNS_DIR), &netns_prefix(id)),
         cgroup: cg.exists().then_some(cg),
+        v1_cgroups: util::cgroup_v1_mounts()
+            .into_iter()
+            .map(|m| m.join(cgroup_name(id)))
+            .filter(|d| d.exists())
+            .collect(),
         bpffs: entries_with_prefix(Path::new(util::BPFFS), &bpffs_prefix(id))
             .into_iter()
             .map(|n| Path::new(util::BPFFS).join(n))
@@ -315,10 +323,10 @@ pub fn destroy_bed(id: &str, ambit: Option<&Path>) -> Vec<String> {
             errors.push(format!("{e:#}"));
         }
     }
-    if let Some(cg) = &res.cgroup
-        && let Err(e) = util::cgroup_remove_tree(cg)
-    {
-        errors.push(format!("{e:#}"));
+    for cg in res.cgroup.iter().chain(&res.v1_cgroups) {
+        if let Err(e) = util::cgroup_remove_tree(cg) {
+            errors.push(format!("{e:#}"));
+        }
     }
     if let Err(e) = fs::remove_file(owner_file(id))
         && e.kind() != std::io::ErrorKind::NotFound

@@ -112,6 +112,20 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no cgroup2 mount in /proc/mounts"))
 }
 
+/// The cgroup v1 hierarchies' mount points (a hybrid layout has them beside the v2 one). A
+/// container runtime on such a host makes a container's cgroups in each of them too.
+pub fn cgroup_v1_mounts() -> Vec<PathBuf> {
+    fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, mnt, ty) = (f.next()?, f.next()?, f.next()?);
+            (ty == "cgroup").then(|| PathBuf::from(mnt))
+        })
+        .collect()
+}
+
 /// The bpffs mount used for pins.
 pub const BPFFS: &str = "/sys/fs/bpf";
 

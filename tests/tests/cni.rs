@@ -2,13 +2,14 @@
 //! it, against real agents, for pods whose sandbox the plugin announces before their first
 //! process runs.
 
+use std::path::Path;
 use std::time::Duration;
 
 use ambit_tests::cni::Sandbox;
-use ambit_tests::mesh::Policies;
-use ambit_tests::traffic::{TIMEOUT, connect_ok, reaches, serve};
-use ambit_tests::{Cluster, ClusterSpec, Node, Pod, ensure_or_dump};
-use anyhow::Result;
+use ambit_tests::mesh::{self, Policies};
+use ambit_tests::traffic::{TIMEOUT, connect_ok, metric_value, reaches, serve, wait_access_log};
+use ambit_tests::{Cluster, ClusterSpec, Node, Pod, ensure_or_dump, util};
+use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
 const T: Duration = TIMEOUT;
@@ -232,5 +233,203 @@ fn a_sandbox_whose_first_process_holds_a_proxy_port_is_closed_not_open() -> Resu
             from.name()
         );
     }
+    Ok(())
+}
+
+/// A minimal root filesystem for a container: the testpod binary and the shared libraries it
+/// loads, at the paths `ldd` names.
+fn testpod_rootfs(dir: &Path) -> Result<()> {
+    let testpod = ambit_tests::testpod_path!();
+    std::fs::create_dir_all(dir.join("bin"))?;
+    std::fs::copy(&testpod, dir.join("bin/testpod"))?;
+    let ldd = util::run("ldd", [testpod.display().to_string()])?;
+    for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        let to = dir.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().context("library directory")?)?;
+        std::fs::copy(lib, &to).with_context(|| format!("copying {lib}"))?;
+    }
+    Ok(())
+}
+
+/// A real container runtime: Debian's podman, with its CNI network backend, runs a container
+/// on the node through a network configuration whose `bridge` plugin is followed by
+/// `ambit-cni`, chained there by the real installer (`ambit cni install`). The runtime calls
+/// the plugin before the container's process starts, so that process's very first connection
+/// is already captured and carried in mutual TLS. Everything podman makes (bridge, veth,
+/// addresses) lives in the bed's node namespace; its state in the bed's run directory.
+#[test]
+fn podman_runs_a_container_whose_very_first_connection_is_meshed() -> Result<()> {
+    ensure!(
+        Path::new("/usr/bin/podman").exists()
+            && Path::new("/usr/lib/cni/bridge").exists()
+            && Path::new("/usr/sbin/runc").exists(),
+        "podman, containernetworking-plugins and runc are needed (`cargo xtask setup`)"
+    );
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 1,
+    })?;
+    cluster.set_policies(strict_mesh());
+    let name = format!("ctr-{}", cluster.id());
+    cluster.add_workload(mesh::Workload {
+        name: name.clone(),
+        namespace: "default".into(),
+        service_account: "default".into(),
+        node: "n0".into(),
+        ips: Vec::new(),
+        labels: Default::default(),
+        enrolled: true,
+        ready: true,
+        netns: mesh::NetnsRef {
+            cni: true,
+            ..Default::default()
+        },
+    });
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let (node, server) = (cluster.node(0), cluster.pod(0, 0));
+    let _s = serve(server, &[8080])?;
+
+    let dir = cluster.run_dir().join("podman");
+    let (conf_dir, bin_dir, rootfs) = (dir.join("net.d"), dir.join("bin"), dir.join("rootfs"));
+    std::fs::create_dir_all(&conf_dir)?;
+    testpod_rootfs(&rootfs)?;
+    let network = format!("ambit-{}", cluster.id());
+    std::fs::write(
+        conf_dir.join("10-bed.conflist"),
+        serde_json::to_vec_pretty(&json!({
+            "cniVersion": "1.0.0",
+            "name": network,
+            "plugins": [{
+                "type": "bridge",
+                "bridge": format!("ab{}pm", cluster.id()),
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": "10.77.0.0/24"}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": dir.join("ipam"),
+                },
+            }],
+        }))?,
+    )?;
+    let ambit = cluster.ambit_bin().display().to_string();
+    util::run(
+        &ambit,
+        [
+            "cni",
+            "install",
+            "--bin-dir",
+            &bin_dir.display().to_string(),
+            "--conf-dir",
+            &conf_dir.display().to_string(),
+            "--plugin",
+            &ambit_tests::testbed::ambit_cni_bin().display().to_string(),
+            "--agent-socket",
+            &node.cni_socket().display().to_string(),
+        ],
+    )?;
+    let chained: Value = serde_json::from_slice(&std::fs::read(conf_dir.join("10-bed.conflist"))?)?;
+    ensure_or_dump!(
+        cluster,
+        chained["plugins"][1]["type"] == "ambit-cni",
+        "the installer did not chain ambit-cni after bridge: {chained}"
+    );
+    std::fs::write(
+        dir.join("containers.conf"),
+        format!(
+            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"/usr/lib/cni\", \"{}\"]\nnetwork_config_dir = \"{}\"\n[engine]\ntmp_dir = \"{}\"\n",
+            bin_dir.display(),
+            conf_dir.display(),
+            dir.join("tmp").display()
+        ),
+    )?;
+    // The container's cgroups go below the node's, where the programs are attached.
+    let cgroup_parent = Path::new("/").join(
+        node.cgroup()
+            .strip_prefix(util::cgroup2_mount()?)?
+            .join("podman"),
+    );
+    let dst = server.addr4(8080).to_string();
+    let mut podman = std::process::Command::new("nsenter");
+    podman
+        .env("CONTAINERS_CONF", dir.join("containers.conf"))
+        .arg(format!("--net={}", node.netns_path().display()))
+        .args(["podman", "--root"])
+        .arg(dir.join("storage"))
+        .arg("--runroot")
+        .arg(dir.join("run"))
+        .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
+        .args(["run", "--rm", "--runtime", "runc", "--network", &network])
+        .args(["--name", &name])
+        .arg(format!("--cgroup-parent={}", cgroup_parent.display()))
+        .args([
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=4096:4096",
+        ])
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args([
+            "/bin/testpod",
+            "client",
+            "--connect",
+            &dst,
+            "--bytes",
+            "1000",
+        ]);
+    let out = ambit_tests::testbed::output_with_timeout(&mut podman, Duration::from_secs(180))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
+    ensure_or_dump!(
+        cluster,
+        out.status.success()
+            && report["ok"] == true
+            && report["local"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("127.")),
+        "the container's first connection was not captured: status {}, stdout {stdout}, stderr {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = wait_access_log(&cluster, node, "outbound", server.addr4(8080), 1)?.remove(0);
+    ensure_or_dump!(
+        cluster,
+        line["src_workload"] == format!("default/{name}") && line["security"] == "mtls",
+        "the container's connection was not meshed with its identity: {line}"
+    );
+    for outcome in ["ADD", "DEL"] {
+        let series = format!("ambit_cni_requests_total{{command=\"{outcome}\",outcome=\"ok\"}}");
+        ensure_or_dump!(
+            cluster,
+            metric_value(node, &series)? >= 1.0,
+            "podman's {outcome} was not answered ok ({series})"
+        );
+    }
+
+    util::run(
+        &ambit,
+        [
+            "cni",
+            "uninstall",
+            "--bin-dir",
+            &bin_dir.display().to_string(),
+            "--conf-dir",
+            &conf_dir.display().to_string(),
+        ],
+    )?;
+    let unchained: Value =
+        serde_json::from_slice(&std::fs::read(conf_dir.join("10-bed.conflist"))?)?;
+    ensure_or_dump!(
+        cluster,
+        unchained["plugins"].as_array().map(Vec::len) == Some(1)
+            && !bin_dir.join("ambit-cni").exists(),
+        "uninstall left ambit-cni behind: {unchained}"
+    );
     Ok(())
 }

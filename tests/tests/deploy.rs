@@ -417,6 +417,28 @@ fn agent_flags() -> Flags {
     )))
 }
 
+fn cni_install_flags() -> Flags {
+    Flags::new(ambit::cni::install::InstallArgs::augment_args(
+        clap::Command::new("install"),
+    ))
+}
+
+fn cni_uninstall_flags() -> Flags {
+    Flags::new(ambit::cni::install::UninstallArgs::augment_args(
+        clap::Command::new("uninstall"),
+    ))
+}
+
+/// The host directory `path` (inside `container`) is on: the volume's hostPath joined with the
+/// rest of `path`.
+fn host_path_of(pod: &Value, container: &Value, path: &str) -> PathBuf {
+    let (m, v) = mount_of(pod, container, path);
+    let host = v["hostPath"]["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{path} is not on a hostPath volume"));
+    Path::new(host).join(rel(path, m))
+}
+
 fn ca_serve_flags() -> Flags {
     Flags::new(ambit::ca::ServeArgs::augment_args(clap::Command::new(
         "serve",
@@ -910,14 +932,61 @@ fn check_install(objs: &[Value], expect: &Expect) {
         );
     }
 
-    // --- uninstall: same pins, never beside a running agent ---
+    // --- the CNI plugin: installed where the runtime looks, pointed at the agent's socket ---
+    let agent_pod = &ds["spec"]["template"]["spec"];
+    let installer = container(agent_pod, "install-cni");
+    let install_args = strs(&installer["args"]);
+    assert_eq!(install_args[..2], ["cni", "install"]);
+    let install =
+        cni_install_flags().parse("ambit cni install", &install_args[2..], &env_of(installer));
+    assert!(
+        install.contains_key("--watch"),
+        "install-cni keeps the plugin chained"
+    );
+    let cni_bin = host_path_of(agent_pod, installer, &install["--bin-dir"]);
+    let cni_conf = host_path_of(agent_pod, installer, &install["--conf-dir"]);
+    let socket = host_path_of(
+        agent_pod,
+        container(agent_pod, "agent"),
+        &flag("--cni-socket"),
+    );
+    assert_eq!(
+        Path::new(&install["--agent-socket"]),
+        socket,
+        "the plugin (on the host) must find the agent's socket where the agent listens"
+    );
+    let excluded = &install["--exclude-namespaces"];
+    assert!(
+        excluded.split(',').any(|n| n == ns) && excluded.split(',').any(|n| n == "kube-system"),
+        "Ambit's own namespace ({ns}) and kube-system must never wait for the agent: {excluded}"
+    );
+    assert_ne!(installer["securityContext"]["privileged"], true);
+    assert_eq!(
+        strs(&installer["securityContext"]["capabilities"]["drop"]),
+        ["ALL"]
+    );
+
+    // --- uninstall: the plugin first, then the same pins, never beside a running agent ---
     if let Some(un) = objs
         .iter()
         .find(|o| o["kind"] == "DaemonSet" && o["metadata"]["name"] == "ambit-uninstall")
     {
         let pod = &un["spec"]["template"]["spec"];
         check_pod_api_rules("uninstall", pod);
-        let init = &pod["initContainers"][0];
+        let uninstall_cni = &pod["initContainers"][0];
+        let args = strs(&uninstall_cni["args"]);
+        assert_eq!(args[..2], ["cni", "uninstall"]);
+        let un_cni =
+            cni_uninstall_flags().parse("ambit cni uninstall", &args[2..], &BTreeMap::new());
+        assert_eq!(
+            host_path_of(pod, uninstall_cni, &un_cni["--bin-dir"]),
+            cni_bin
+        );
+        assert_eq!(
+            host_path_of(pod, uninstall_cni, &un_cni["--conf-dir"]),
+            cni_conf
+        );
+        let init = &pod["initContainers"][1];
         assert_eq!(
             strs(&init["args"]),
             ["uninstall".to_string(), format!("--bpffs={bpffs}")]

@@ -25,6 +25,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",         // bulk throughput in `cargo xtask bench`
     "prometheus",     // scraping the agent's metrics; promtool checks the dashboard's PromQL
     "python3-venv",   // the venv of the deploy test's validators (target/tmp/deploy-tools)
+    "podman",         // a real container runtime calling the CNI plugin (tests/tests/cni.rs)
+    "containernetworking-plugins", // bridge, host-local: the network plugins ambit-cni follows
+    "runc",           // podman's runtime here (crun refuses the hybrid cgroup layout)
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

@@ -3,6 +3,12 @@
 {{- default .Release.Namespace .Values.namespace -}}
 {{- end }}
 
+{{/* Namespaces whose pods never wait for the agent on their sandbox: the configured ones and
+Ambit's own (its CA must start while agents are down). */}}
+{{- define "ambit.cniExcludedNamespaces" -}}
+{{- append .Values.cni.excludeNamespaces (include "ambit.namespace" .) | uniq | join "," -}}
+{{- end }}
+
 {{/* Ambit's image. */}}
 {{- define "ambit.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}

@@ -9,7 +9,9 @@
 //! a moment) is asked about again at each new state, until a deadline.
 //!
 //! The socket is bounded like every shared resource: one request per connection, a size limit,
-//! a read timeout, and a limit on requests in progress.
+//! a read timeout, and a limit on requests in progress. [`install`] puts the plugin on a node.
+
+pub mod install;
 
 use std::{
     os::unix::fs::PermissionsExt as _,
