@@ -1212,6 +1212,32 @@ impl Cluster {
         s.len() != before
     }
 
+    /// Gives `pod` the extra IPv4 address `ip`, on its `eth0` and routed to it by its node:
+    /// an address no mesh object names, standing for something outside the mesh that answers
+    /// (a service VIP the cluster itself would route, an endpoint outside the mesh). `ip` must
+    /// be a free address of the pod's node's subnet `10.10.<i>.0/24`, which the other nodes
+    /// route to that node, so it stays one of the bed's own addresses. Removed with the bed.
+    pub fn add_pod_address(&self, pod: &Pod, ip: Ipv4Addr) -> Result<()> {
+        let node = &self.nodes[pod.node];
+        let [a, b, c, d] = ip.octets();
+        ensure!(
+            [a, b, c] == [10, 10, node.index as u8] && d > 1 && d < 255,
+            "{ip} is not a host address of node {}'s pod subnet 10.10.{}.0/24",
+            node.name,
+            node.index
+        );
+        ensure!(
+            self.pods.iter().all(|p| p.ip4() != ip),
+            "{ip} is already a pod's address"
+        );
+        util::ip(&format!("-n {} addr add {ip}/32 dev eth0", pod.netns_name))?;
+        util::ip(&format!(
+            "-n {} route add {ip}/32 dev {}",
+            node.netns_name, pod.node_if
+        ))?;
+        Ok(())
+    }
+
     /// Sets the redirect exclusions (`excludeOutboundPorts`, `excludeOutboundCidrs`).
     /// Publish with [`write_mesh`](Self::write_mesh).
     pub fn set_redirect_exclusions(&self, ports: &[u16], cidrs: &[&str]) {

@@ -21,14 +21,19 @@ use std::time::Duration;
 
 use ambit::config::kube::fake::FakeApiServer;
 use ambit::config::kube::policy::{AuthorizationPolicyResource, PeerAuthenticationResource};
-use ambit_tests::traffic::{TIMEOUT, connect_ok, metric_value, reaches, serve, wait_access_log};
+use ambit_tests::traffic::{
+    TIMEOUT, access_logs_to, connect_ok, metric_value, reaches, serve, wait_access_log,
+};
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, READINESS_PORT, ensure_or_dump};
 use anyhow::{Context, Result, anyhow};
 use k8s_openapi::api::core::v1::{
-    Namespace, Pod as KubePod, PodCondition, PodIP, PodSpec, PodStatus,
+    Namespace, Pod as KubePod, PodCondition, PodIP, PodSpec, PodStatus, Service as KubeService,
+    ServicePort, ServiceSpec,
 };
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 
 /// The enrolment label, on namespaces and pods.
@@ -189,10 +194,30 @@ fn start_shop(
     mode: Option<&str>,
     pods: &[(&Pod, &[(&str, &str)])],
 ) -> Result<Vec<PodProcess>> {
-    api.server.apply(&namespace("shop", mode));
+    let pods: Vec<_> = pods
+        .iter()
+        .map(|&(pod, labels)| (pod, "shop", labels))
+        .collect();
+    start_namespaces(cluster, api, &[("shop", mode)], &pods)
+}
+
+/// A pod of the bed, the namespace it is published in, and its labels.
+type PodIn<'a> = (&'a Pod, &'a str, &'a [(&'a str, &'a str)]);
+
+/// [`start_shop`] for several namespaces, each with its enrolment label, and pods in any of
+/// them.
+fn start_namespaces(
+    cluster: &Cluster,
+    api: &ApiServer,
+    namespaces: &[(&str, Option<&str>)],
+    pods: &[PodIn<'_>],
+) -> Result<Vec<PodProcess>> {
+    for (name, mode) in namespaces {
+        api.server.apply(&namespace(name, *mode));
+    }
     let mut sandboxes = Vec::new();
-    for (pod, labels) in pods {
-        pod.set_namespace("shop");
+    for (pod, namespace, labels) in pods {
+        pod.set_namespace(namespace);
         api.server.apply(&pod_object(pod, labels));
         sandboxes.push(pod.spawn("sleep", ["3600"])?);
     }
@@ -562,6 +587,193 @@ fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()>
     api.server.apply(&allow(json!({"ports": ["8080"]})));
     wait_reach(&cluster, client, dst, true, "policy fixed")?;
     wait_accepted(&cluster, &api, "shop", "backend-from-frontend", "True")?;
+    Ok(())
+}
+
+/// A `PeerAuthentication` of `namespace` with `spec`.
+fn peer_authentication(namespace: &str, name: &str, spec: Value) -> PeerAuthenticationResource {
+    PeerAuthenticationResource {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..ObjectMeta::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// A Service of `shop` without selector: `vip`, port `http` 80 to 8080.
+fn selectorless_service(name: &str, vip: Ipv4Addr) -> KubeService {
+    KubeService {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("shop".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(vip.to_string()),
+            cluster_ips: Some(vec![vip.to_string()]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::Int(8080)),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// A hand-made EndpointSlice of the `shop` Service `service`: `address`, port `http` 8080.
+fn hand_made_slice(service: &str, address: Ipv4Addr) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-manual")),
+            namespace: Some("shop".into()),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/service-name".to_string(),
+                service.to_string(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Some(vec![Endpoint {
+            addresses: vec![address.to_string()],
+            ..Endpoint::default()
+        }]),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..EndpointPort::default()
+        }]),
+    }
+}
+
+/// The defaults users rely on, through the API server: without any PeerAuthentication enrolled
+/// pods accept plaintext from a pod outside the mesh (PERMISSIVE, Istio's default) and a
+/// mesh-wide STRICT in the root namespace refuses it; a Service without selector reaches the
+/// pod its hand-made EndpointSlice names (in HBONE: it gets through STRICT), and one without
+/// any endpoint goes to the address dialled, here an address a pod outside the mesh answers on.
+#[test]
+fn permissive_by_default_and_services_without_selector() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })?;
+    let api = ApiServer::start(&cluster)?;
+    api.review_agent_tokens(&cluster)?;
+    api.server
+        .register_with_status::<AuthorizationPolicyResource>();
+    api.server
+        .register_with_status::<PeerAuthenticationResource>();
+    cluster.use_kubernetes_ca(&api.kubeconfig);
+    let (client, outsider) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let (server, external) = (cluster.pod(1, 0), cluster.pod(1, 1));
+    // What the cluster would route the VIP of a service Ambit knows no endpoint of to.
+    let unknown_vip = Ipv4Addr::new(10, 10, 1, 200);
+    cluster.add_pod_address(external, unknown_vip)?;
+    let _sandboxes = start_namespaces(
+        &cluster,
+        &api,
+        &[("shop", Some("ambient")), ("outside", None)],
+        &[
+            (client, "shop", &[("app", "client")]),
+            (server, "shop", &[("app", "server")]),
+            (outsider, "outside", &[("app", "outsider")]),
+            (external, "outside", &[("app", "external")]),
+        ],
+    )?;
+    wait_enrolled(&cluster, cluster.node(0), &["shop/p0-0"], "shop enrolled")?;
+    wait_enrolled(&cluster, cluster.node(1), &["shop/p1-0"], "shop enrolled")?;
+    cluster.node(1).wait_ready(TIMEOUT)?;
+    let _srv = serve(server, &[8080])?;
+    let _ext = serve(external, &[8080])?;
+    let dst = server.addr4(8080);
+
+    eprintln!("[kubernetes] phase: no PeerAuthentication");
+    wait_reach(&cluster, client, dst, true, "meshed client")?;
+    let conn = connect_ok(&cluster, outsider, dst, 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        !conn.redirected() && conn.served_by() == server.name(),
+        "plaintext from outside the mesh should reach an enrolled pod by default: {:?}",
+        conn.report
+    );
+    let line = wait_access_log(&cluster, cluster.node(1), "inbound_plaintext", dst, 1)?.remove(0);
+    ensure_or_dump!(
+        cluster,
+        line["security"] == "plaintext" && line["outcome"] == "ok",
+        "the server's agent should have let the plaintext connection through: {line}"
+    );
+
+    eprintln!("[kubernetes] phase: mesh-wide STRICT");
+    api.server.apply(&peer_authentication(
+        "ambit-system",
+        "default",
+        json!({"mtls": {"mode": "STRICT"}}),
+    ));
+    wait_reach(&cluster, outsider, dst, false, "mesh-wide STRICT")?;
+    wait_reach(&cluster, client, dst, true, "mutual TLS under STRICT")?;
+
+    eprintln!("[kubernetes] phase: a Service without selector, a hand-made EndpointSlice");
+    let db_vip = Ipv4Addr::new(10, 96, 0, 50);
+    let db = SocketAddr::new(db_vip.into(), 80);
+    api.server.apply(&selectorless_service("db", db_vip));
+    api.server.apply(&hand_made_slice("db", server.ip4()));
+    wait_reach(&cluster, client, db, true, "the slice's endpoint")?;
+    let logged = access_logs_to(cluster.node(0), "outbound", db).len();
+    let conn = connect_ok(&cluster, client, db, 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        conn.redirected() && conn.served_by() == server.name(),
+        "the VIP should reach the pod the slice names: {:?}",
+        conn.report
+    );
+    let line = wait_access_log(&cluster, cluster.node(0), "outbound", db, logged + 1)?
+        .pop()
+        .unwrap_or_default();
+    ensure_or_dump!(
+        cluster,
+        line["security"] == "mtls"
+            && line["dst_service"] == "shop/db"
+            && line["upstream"] == dst.to_string(),
+        "the slice's endpoint is an enrolled pod: expected mutual TLS to {dst}: {line}"
+    );
+
+    eprintln!("[kubernetes] phase: a Service without selector or endpoints");
+    let legacy = SocketAddr::new(unknown_vip.into(), 8080);
+    let mut service = selectorless_service("legacy", unknown_vip);
+    service.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 8080;
+    // The client's agent must know the service first: before, the VIP is an unknown address
+    // and passes through whatever the code under test does (the access log says which).
+    let generation = cluster.node(0).config_generation()?;
+    api.server.apply(&service);
+    cluster
+        .node(0)
+        .wait_config_generation(generation + 1, TIMEOUT)?;
+    let conn = connect_ok(&cluster, client, legacy, 10_000)?;
+    ensure_or_dump!(
+        cluster,
+        conn.redirected()
+            && conn.served_by() == external.name()
+            && conn.seen_peer_ip() == Some(IpAddr::V4(client.ip4())),
+        "with no endpoint known, the VIP should be dialled from the client pod: {:?}",
+        conn.report
+    );
+    let line = wait_access_log(&cluster, cluster.node(0), "outbound", legacy, 1)?
+        .pop()
+        .unwrap_or_default();
+    ensure_or_dump!(
+        cluster,
+        line["security"] == "plaintext"
+            && line["dst_service"] == "shop/legacy"
+            && line["upstream"] == legacy.to_string(),
+        "expected a plain connection to the address dialled: {line}"
+    );
     Ok(())
 }
 

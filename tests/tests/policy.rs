@@ -61,6 +61,16 @@ fn authz(policies: Vec<Value>) -> Policies {
     }
 }
 
+/// The mesh-wide STRICT peer authentication (PERMISSIVE is the default), plus `more`.
+fn strict_mesh(more: Vec<Value>) -> Policies {
+    let mut peer_authentications = vec![json!({"name": "default", "mode": "STRICT"})];
+    peer_authentications.extend(more);
+    Policies {
+        peer_authentications,
+        ..Default::default()
+    }
+}
+
 fn denied_count(node: &Node, reason: &str) -> Result<f64> {
     let series = format!("ambit_connections_denied_total{{reason=\"{reason}\"}}");
     Ok(metric(node, &series)?.unwrap_or(0.0))
@@ -77,6 +87,7 @@ fn strict_refuses_plaintext_on_every_port_and_permissive_accepts_it() -> Result<
     let meshed = cluster.pod(0, 2);
     cluster.set_enrolled(outsider, false);
     cluster.set_labels(server, &[("app", "server")]);
+    cluster.set_policies(strict_mesh(Vec::new()));
     cluster.write_mesh()?;
     cluster.start_agents()?;
     let _s = serve(server, &[8080, 9090])?;
@@ -87,7 +98,7 @@ fn strict_refuses_plaintext_on_every_port_and_permissive_accepts_it() -> Result<
             outsider,
             server.addr4(port),
             false,
-            "STRICT (the default) admits no plaintext",
+            "a mesh-wide STRICT admits no plaintext",
         )?;
     }
     expect(
@@ -112,15 +123,12 @@ fn strict_refuses_plaintext_on_every_port_and_permissive_accepts_it() -> Result<
 
     apply(
         &cluster,
-        Policies {
-            peer_authentications: vec![json!({
-                "name": "server-permissive",
-                "namespace": "default",
-                "selector": {"matchLabels": {"app": "server"}},
-                "mode": "PERMISSIVE",
-            })],
-            ..Default::default()
-        },
+        strict_mesh(vec![json!({
+            "name": "server-permissive",
+            "namespace": "default",
+            "selector": {"matchLabels": {"app": "server"}},
+            "mode": "PERMISSIVE",
+        })]),
     )?;
     expect(
         &cluster,

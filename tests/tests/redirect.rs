@@ -30,7 +30,8 @@ fn cluster(nodes: usize, pods_per_node: usize) -> Result<Cluster> {
     })
 }
 
-/// A mesh-wide PERMISSIVE peer authentication: enrolled pods accept plaintext too.
+/// A mesh-wide PERMISSIVE peer authentication: enrolled pods accept plaintext too. It is the
+/// default without any policy; tests that need plaintext accepted say so anyway.
 fn permissive_mesh() -> Policies {
     Policies {
         peer_authentications: vec![json!({"name": "permissive", "mode": "PERMISSIVE"})],
@@ -377,7 +378,7 @@ fn a_stopped_agent_fails_closed_and_a_restarted_one_recovers() -> Result<()> {
     let cluster = cluster(1, 3)?;
     let outsider = cluster.pod(0, 2);
     cluster.set_enrolled(outsider, false);
-    // Plaintext from the un-enrolled pod is only accepted under PERMISSIVE (default STRICT).
+    // Plaintext from the un-enrolled pod is only accepted under PERMISSIVE (the default).
     cluster.set_policies(permissive_mesh());
     cluster.write_mesh()?;
     cluster.start_agents()?;

@@ -24,7 +24,10 @@ use tokio::{
 use super::ConfigStatus;
 use crate::{
     policy::PolicySet,
-    state::{MeshState, NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef, Workload},
+    state::{
+        EndpointAddress, MeshState, NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef,
+        Workload,
+    },
 };
 
 mod policy;
@@ -135,6 +138,10 @@ pub struct ServiceFile {
     /// Labels an endpoint must all carry.
     #[serde(default, deserialize_with = "null_as_default")]
     pub selector: BTreeMap<String, String>,
+    /// For a service without selector: its endpoints' addresses, as strings (a workload's
+    /// address, or one outside the mesh).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub endpoints: Vec<String>,
     /// The ports the service exposes.
     pub ports: Vec<PortFile>,
     /// The waypoint its traffic goes through (optional).
@@ -536,6 +543,7 @@ impl Validator<'_> {
                 ports.push(ServicePort { port, target_port });
             }
 
+            let endpoint_addresses = self.endpoint_addresses(&at, entry)?;
             let waypoint = match &entry.waypoint {
                 Some(waypoint) => Some(self.waypoint(&at, entry, waypoint)?),
                 None => None,
@@ -545,9 +553,26 @@ impl Validator<'_> {
                 namespace: entry.namespace.clone(),
                 vips,
                 selector: entry.selector.clone(),
+                endpoint_addresses,
                 ports,
                 waypoint,
             });
+        }
+        // Only now are all the VIPs known: an endpoint is a workload's address or one outside
+        // the mesh, never a service's VIP.
+        for (i, service) in services.iter().enumerate() {
+            for (k, endpoint) in service.endpoint_addresses.iter().enumerate() {
+                if let Some(Owner::Service { uid, .. }) = owners.get(&endpoint.ip) {
+                    return Err(self.invalid(
+                        format!("services[{i}].endpoints[{k}]"),
+                        format!(
+                            "{} is service {uid}'s VIP (an endpoint is a workload's address or \
+                             one outside the mesh)",
+                            endpoint.ip
+                        ),
+                    ));
+                }
+            }
         }
         // Only now are all the services known: a waypoint may be listed after its users.
         for (i, service) in services.iter().enumerate() {
@@ -561,6 +586,37 @@ impl Validator<'_> {
             }
         }
         Ok(services)
+    }
+
+    /// A service's `endpoints`: addresses, for a service without selector only.
+    fn endpoint_addresses(
+        &self,
+        at: &str,
+        entry: &ServiceFile,
+    ) -> Result<Vec<EndpointAddress>, ConfigError> {
+        if !entry.selector.is_empty() && !entry.endpoints.is_empty() {
+            return Err(self.invalid(
+                format!("{at}.endpoints"),
+                "a service with a selector gets its endpoints from it: set selector or \
+                 endpoints, not both",
+            ));
+        }
+        let mut endpoints: Vec<EndpointAddress> = Vec::with_capacity(entry.endpoints.len());
+        for (k, text) in entry.endpoints.iter().enumerate() {
+            let field = format!("{at}.endpoints[{k}]");
+            let ip = self.ip(field.clone(), text)?;
+            if let Some(why) = EndpointAddress::unusable(ip) {
+                return Err(self.invalid(field, format!("{ip} {why}")));
+            }
+            if let Some(first) = endpoints.iter().position(|e| e.ip == ip) {
+                return Err(self.invalid(field, format!("{ip} is already endpoints[{first}]")));
+            }
+            endpoints.push(EndpointAddress {
+                ip,
+                ports: BTreeMap::new(),
+            });
+        }
+        Ok(endpoints)
     }
 
     fn waypoint(
@@ -982,9 +1038,13 @@ services:
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/mesh.yaml");
         let state = load_mesh_file(&path).unwrap();
         assert_eq!(state.workloads().len(), 3);
-        assert_eq!(state.services().len(), 1);
+        assert_eq!(state.services().len(), 2);
         let web = &state.services()[0];
         assert_eq!(state.endpoints(web).len(), 2);
+        assert!(matches!(
+            state.resolve("10.96.0.30:5432".parse().unwrap()),
+            Resolved::OutsideMesh { addr, .. } if addr == "192.0.2.20:5432".parse().unwrap()
+        ));
         assert_eq!(
             web.ports,
             [
@@ -1260,6 +1320,101 @@ services:
                 "        targetPort: 8080\n      - port: 80",
             ),
             "services[0] (shop/web): ports[1].port 80 is already ports[0].port",
+        );
+    }
+
+    #[test]
+    fn service_endpoints() {
+        // A service without selector lists its endpoints: a workload's address (reached as
+        // that workload) and one outside the mesh; without any, the address dialled.
+        let listed = "  - name: db\n    namespace: shop\n    vips: [\"10.96.0.30\"]\n    \
+                      endpoints: [\"10.10.0.3\", \"192.0.2.7\"]\n    ports: [{port: 5432, \
+                      targetPort: 15432}]\n";
+        let state = parse(&format!("{GOOD}{listed}")).unwrap();
+        let db = &state.services()[1];
+        assert_eq!(
+            db.endpoint_addresses
+                .iter()
+                .map(|e| e.ip.to_string())
+                .collect::<Vec<_>>(),
+            ["10.10.0.3", "192.0.2.7"]
+        );
+        let dst: SocketAddr = "10.96.0.30:5432".parse().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            match state.resolve(dst) {
+                Resolved::Workload { workload, addr, .. } => {
+                    assert_eq!(workload.uid(), "shop/web-1");
+                    seen.push(addr.to_string());
+                }
+                Resolved::OutsideMesh { addr, service } => {
+                    assert_eq!(service.uid(), "shop/db");
+                    seen.push(addr.to_string());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, ["10.10.0.3:15432", "192.0.2.7:15432"]);
+        let dump = serde_json::to_value(&state).unwrap();
+        assert_eq!(
+            dump["services"][1]["endpoints"],
+            serde_json::json!(["shop/web-1", "192.0.2.7"])
+        );
+        let none = parse(&format!(
+            "{GOOD}{}",
+            listed.replace("[\"10.10.0.3\", \"192.0.2.7\"]", "[]")
+        ))
+        .unwrap();
+        assert!(matches!(
+            none.resolve(dst),
+            Resolved::OutsideMesh { addr, .. } if addr == dst
+        ));
+
+        let with = |endpoints: &str| {
+            format!(
+                "{GOOD}{}",
+                listed.replace("[\"10.10.0.3\", \"192.0.2.7\"]", endpoints)
+            )
+        };
+        assert_rejected(
+            &edit(
+                "    selector: {app: web}\n",
+                "    selector: {app: web}\n    endpoints: [\"10.10.0.9\"]\n",
+            ),
+            "services[0].endpoints: a service with a selector gets its endpoints from it: set \
+             selector or endpoints, not both",
+        );
+        assert_rejected(
+            &with("[\"10.10.0.3\", \"ten\"]"),
+            "services[1].endpoints[1]: invalid IP address \"ten\"",
+        );
+        assert_rejected(
+            &with("[\"10.10.0.3\", \"10.10.0.3\"]"),
+            "services[1].endpoints[1]: 10.10.0.3 is already endpoints[0]",
+        );
+        assert_rejected(
+            &with("[\"127.0.0.1\"]"),
+            "services[1].endpoints[0]: 127.0.0.1 is a loopback address",
+        );
+        assert_rejected(
+            &with("[\"::\"]"),
+            "services[1].endpoints[0]: :: is the unspecified address",
+        );
+        assert_rejected(
+            &with("[\"169.254.169.254\"]"),
+            "services[1].endpoints[0]: 169.254.169.254 is a link-local address",
+        );
+        assert_rejected(
+            &with("[\"10.96.0.10\"]"),
+            "services[1].endpoints[0]: 10.96.0.10 is service shop/web's VIP (an endpoint is a \
+             workload's address or one outside the mesh)",
+        );
+        // Port overrides are the Kubernetes source's (EndpointSlices): the file has none.
+        let message = error(&with("[{ip: \"10.10.0.3\"}]"));
+        assert!(
+            message.starts_with("mesh file /tmp/m.yaml: services[1].endpoints[0]: "),
+            "{message}"
         );
     }
 

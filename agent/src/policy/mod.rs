@@ -357,13 +357,17 @@ impl fmt::Display for AuthorizationPolicy {
 }
 
 /// Whether plaintext may reach a workload.
+///
+/// The default (no policy, or only `UNSET` ones) is PERMISSIVE, as Istio's: enrolling a
+/// namespace must not break the clients it has outside the mesh (ingress controllers,
+/// Prometheus scraping the applications). STRICT is one mesh-wide policy away.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PeerAuthMode {
     /// Only mutually authenticated (HBONE) connections; inbound plaintext is refused.
-    #[default]
     Strict,
     /// Plaintext is accepted too, and authorized as an unauthenticated source.
+    #[default]
     Permissive,
 }
 
@@ -572,8 +576,8 @@ impl PolicySet {
     }
 
     /// The peer authentication mode of `workload`: the first policy selecting it by labels, else
-    /// its namespace's policy, else the mesh-wide one, else STRICT. A policy whose mode is unset
-    /// defers to the next level.
+    /// its namespace's policy, else the mesh-wide one, else PERMISSIVE (Istio's default). A
+    /// policy whose mode is unset defers to the next level.
     pub fn peer_auth_mode(&self, workload: &Workload) -> PeerAuthMode {
         let level = |wanted: fn(&Scope) -> bool| {
             self.peer_authentications

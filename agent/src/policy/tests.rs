@@ -738,7 +738,12 @@ fn peer_auth_precedence() {
         [&web, &db, &ops].map(|w| set.peer_auth_mode(w))
     };
 
-    assert_eq!(modes(vec![]), [Strict, Strict, Strict]);
+    // No policy: PERMISSIVE, Istio's default; one mesh-wide policy makes everything STRICT.
+    assert_eq!(modes(vec![]), [Permissive, Permissive, Permissive]);
+    assert_eq!(
+        modes(vec![peer(Scope::Mesh, "mesh", Some(Strict))]),
+        [Strict, Strict, Strict]
+    );
     assert_eq!(
         modes(vec![peer(Scope::Mesh, "mesh", Some(Permissive))]),
         [Permissive, Permissive, Permissive]
@@ -760,17 +765,30 @@ fn peer_auth_precedence() {
         ]),
         [Strict, Strict, Permissive]
     );
-    // UNSET inherits from the next wider level.
+    // UNSET inherits from the next wider level: workload from namespace, namespace from mesh,
+    // and an UNSET mesh-wide policy leaves the default.
     assert_eq!(
         modes(vec![
             peer(web_selector(), "web", None),
             peer(in_shop(), "shop", Some(Permissive)),
+            peer(Scope::Mesh, "mesh", Some(Strict)),
         ]),
         [Permissive, Permissive, Strict]
     );
     assert_eq!(
-        modes(vec![peer(in_shop(), "shop", None)]),
+        modes(vec![
+            peer(web_selector(), "web", None),
+            peer(in_shop(), "shop", None),
+            peer(Scope::Mesh, "mesh", Some(Strict)),
+        ]),
         [Strict, Strict, Strict]
+    );
+    assert_eq!(
+        modes(vec![
+            peer(in_shop(), "shop", None),
+            peer(Scope::Mesh, "mesh", None)
+        ]),
+        [Permissive, Permissive, Permissive]
     );
     // Two workload policies selecting the same workload: the first wins.
     let web_version = Scope::new(

@@ -1,9 +1,9 @@
 //! The inbound plaintext path: connections from outside a pod that sk_lookup steered to its
 //! 15006 listener. The accepted socket's local address is the address the client dialled.
 //!
-//! Plaintext has no verified source. Under STRICT peer authentication (the default) it is
-//! refused outright; under PERMISSIVE it is authorized as an unauthenticated source (its
-//! address only) and forwarded.
+//! Plaintext has no verified source. Under STRICT peer authentication it is refused outright;
+//! under PERMISSIVE (the default) it is authorized as an unauthenticated source (its address
+//! only) and forwarded.
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};

@@ -5,7 +5,8 @@
 //! accepting only the destination's identity. A service bound to a waypoint is reached through
 //! a tunnel to a waypoint pod's 15008 instead, carrying the address the client dialled, and is
 //! refused when no waypoint pod is ready. Anything else is passed through as plain TCP, as
-//! ambient does for destinations outside the mesh.
+//! ambient does for destinations outside the mesh: unknown addresses, and the endpoints of a
+//! service without selector that are no mesh workload's (or the VIP itself when it has none).
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -160,6 +161,10 @@ impl<U: Upstreams> Outbound<'_, U> {
                 (SocketAddr::new(ip, HBONE_PORT), Some(tunnel))
             }
             Resolved::Passthrough(addr) => (addr, None),
+            Resolved::OutsideMesh { addr, service } => {
+                log.dst_service = Some(service.uid());
+                (addr, None)
+            }
             Resolved::NoWaypoint {
                 service,
                 waypoint,
@@ -326,7 +331,7 @@ mod tests {
             testing::TestCa,
             tests::{TD, recv, start_upstream, start_waypoint},
         },
-        state::{NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef},
+        state::{EndpointAddress, NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef},
     };
 
     const VIP: &str = "10.96.0.10:80";
@@ -351,12 +356,41 @@ mod tests {
             namespace: namespace.into(),
             vips: vec![vip.parse().unwrap()],
             selector: BTreeMap::from([("app".to_string(), app.to_string())]),
+            endpoint_addresses: Vec::new(),
             ports: vec![ServicePort {
                 port: 80,
                 target_port: 8080,
             }],
             waypoint: None,
         }
+    }
+
+    /// `shop/client` (at 127.0.0.1), the enrolled `shop/web-0` (10.10.0.2), and `shop/db`
+    /// (VIP 10.96.0.10), a service without selector listing `endpoints`, bound to the missing
+    /// waypoint `infra/wp` if `waypoint`.
+    fn listing(endpoints: &[&str], waypoint: bool) -> MeshState {
+        let mut db = service("shop", "db", "10.96.0.10", "db");
+        db.selector.clear();
+        db.endpoint_addresses = endpoints
+            .iter()
+            .map(|ip| EndpointAddress {
+                ip: ip.parse().unwrap(),
+                ports: BTreeMap::new(),
+            })
+            .collect();
+        db.waypoint = waypoint.then(|| WaypointRef {
+            namespace: "infra".into(),
+            name: "wp".into(),
+        });
+        MeshState::new(
+            RedirectSettings::default(),
+            vec![
+                workload("shop", "client", "client", "127.0.0.1", "client"),
+                workload("shop", "web-0", "web", "10.10.0.2", "web"),
+            ],
+            vec![db],
+        )
+        .with_trust_domain(TD)
     }
 
     /// `shop/client` (at 127.0.0.1) and `shop/web` bound to the waypoint `infra/wp`, whose
@@ -550,5 +584,47 @@ mod tests {
             0
         );
         assert!(app_received.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_service_without_selector_reaches_its_listed_endpoints() {
+        let ca = TestCa::new("root");
+        let (app, mut app_received) = start_upstream(b"hi".to_vec()).await;
+        let mut web = start_waypoint(&ca.issue(&SpiffeId::new(TD, "shop", "web")), app).await;
+        let (state, metrics) = (listing(&["10.10.0.2", "192.0.2.7"], false), Metrics::new());
+        let vip = VIP.parse().unwrap();
+
+        // Round robin: first the enrolled workload's address, in HBONE with its identity...
+        let (got, dialled, plain) = connect_through(&state, &metrics, &ca, web.addr, vip).await;
+        assert_eq!(got, b"hi");
+        assert_eq!(dialled, ["10.10.0.2:15008".parse().unwrap()]);
+        assert!(plain.is_empty());
+        assert_eq!(
+            recv(&mut web.requests).await.destination,
+            "10.10.0.2:8080".parse().unwrap()
+        );
+        assert_eq!(recv(&mut app_received).await, b"GET / HTTP/1.0\r\n\r\n");
+        // ...then the address outside the mesh, in plain TCP at the target port.
+        let (_, dialled, plain) = connect_through(&state, &metrics, &ca, web.addr, vip).await;
+        assert!(dialled.is_empty());
+        assert_eq!(plain, ["192.0.2.7:8080".parse().unwrap()]);
+    }
+
+    #[tokio::test]
+    async fn a_service_without_selector_or_endpoints_passes_through_unless_bound() {
+        let ca = TestCa::new("root");
+        let metrics = Metrics::new();
+        let vip: SocketAddr = VIP.parse().unwrap();
+        let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // No endpoint known: to the address dialled, as for any destination outside the mesh.
+        let (_, dialled, plain) =
+            connect_through(&listing(&[], false), &metrics, &ca, unused, vip).await;
+        assert!(dialled.is_empty());
+        assert_eq!(plain, [vip]);
+        // Bound to a waypoint that is missing: refused, never passed through around it.
+        let (got, dialled, plain) =
+            connect_through(&listing(&[], true), &metrics, &ca, unused, vip).await;
+        assert!(got.is_empty() && dialled.is_empty() && plain.is_empty());
+        assert_eq!(no_waypoint_denials(&metrics), 1.0);
     }
 }

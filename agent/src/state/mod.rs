@@ -72,25 +72,70 @@ pub struct ServicePort {
     pub target_port: u16,
 }
 
-/// A set of workloads reachable through virtual IPs.
+/// A set of endpoints reachable through virtual IPs: the workloads its selector picks, or for a
+/// service without selector the addresses it lists.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Service {
     /// Name, unique within the namespace.
     pub name: String,
-    /// Namespace; only workloads of this namespace can be endpoints.
+    /// Namespace; only workloads of this namespace are selected.
     pub namespace: String,
     /// The virtual IPs clients dial.
     pub vips: Vec<IpAddr>,
-    /// Labels an endpoint must all carry. An empty selector selects nothing (as in Kubernetes,
-    /// where a selector-less service's endpoints are managed by someone else).
+    /// Labels an endpoint must all carry. An empty selector selects nothing: the service's
+    /// endpoints are then [`Self::endpoint_addresses`] (as in Kubernetes, where a selector-less
+    /// service's endpoints are managed by someone else).
     pub selector: BTreeMap<String, String>,
+    /// For a service without selector: its ready endpoints, by address (Kubernetes: from its
+    /// EndpointSlices). Ignored when the selector is set.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_addresses: Vec<EndpointAddress>,
     /// The ports the service accepts.
     pub ports: Vec<ServicePort>,
     /// The waypoint its traffic must go through, if any: connections to a VIP are then
     /// tunnelled to the waypoint, never to the endpoints directly.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<WaypointRef>,
+}
+
+/// An endpoint a service without selector names by address: a mesh workload's address (the
+/// connection then goes to that workload, through HBONE when it is enrolled) or an address
+/// outside the mesh (plain TCP, as any destination outside the mesh).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointAddress {
+    /// The endpoint's address.
+    pub ip: IpAddr,
+    /// Service port to the port on this endpoint, for the ports where it is not the service
+    /// port's `target_port` (Kubernetes: the EndpointSlice's port of the same name).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u16, u16>,
+}
+
+impl EndpointAddress {
+    /// Why `ip` cannot be an endpoint address, if it cannot: an address that means "this
+    /// host" or no host at all would send the connection back into the source pod (loopback),
+    /// nowhere (unspecified), or to many (multicast). Link-local addresses are refused too, as
+    /// Kubernetes refuses them for endpoints: they do not name one host in the cluster.
+    pub fn unusable(ip: IpAddr) -> Option<&'static str> {
+        let ip = ip.to_canonical();
+        let link_local = match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        if ip.is_loopback() {
+            Some("is a loopback address")
+        } else if ip.is_unspecified() {
+            Some("is the unspecified address")
+        } else if ip.is_multicast() {
+            Some("is a multicast address")
+        } else if link_local {
+            Some("is a link-local address")
+        } else {
+            None
+        }
+    }
 }
 
 /// A waypoint, named by its service: the L7 proxy a service's traffic is sent through. Its
@@ -130,6 +175,13 @@ impl Service {
     pub fn port(&self, port: u16) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.port == port)
     }
+
+    /// Whether the service's endpoints are managed by someone else (it has no selector): they
+    /// are then the addresses it lists, and when it lists none a connection goes to the address
+    /// dialled.
+    pub fn lists_endpoints(&self) -> bool {
+        self.selector.is_empty()
+    }
 }
 
 /// Node-wide redirection settings.
@@ -156,6 +208,15 @@ pub enum Resolved {
     },
     /// Not a mesh destination: connect to it as dialled.
     Passthrough(SocketAddr),
+    /// A service VIP whose connection goes outside the mesh, in plain TCP: to an endpoint
+    /// address of no mesh workload, or, for a service without selector that has no ready
+    /// endpoint, to the address dialled (the cluster's own service routing may know more).
+    OutsideMesh {
+        /// Where to connect: the endpoint's address and port, or the address dialled.
+        addr: SocketAddr,
+        /// The service whose VIP was dialled.
+        service: Arc<Service>,
+    },
     /// A service VIP whose service has a waypoint: tunnel to the waypoint, which forwards to
     /// the service itself (after its L7 policy).
     Waypoint {
@@ -178,7 +239,7 @@ pub enum Resolved {
         /// Whether the waypoint service exists (it then has no ready endpoint).
         exists: bool,
     },
-    /// A service VIP whose service has no ready endpoint.
+    /// A service VIP whose service selects no ready workload.
     NoEndpoints {
         /// The service dialled.
         service: Arc<Service>,
@@ -192,25 +253,105 @@ pub enum Resolved {
     },
 }
 
+/// One place a service's connections can go: a workload, or an address outside the mesh.
+#[derive(Debug, Clone)]
+struct Target {
+    /// The mesh workload at `ip`; `None` for an address outside the mesh.
+    workload: Option<Arc<Workload>>,
+    /// The address to connect to.
+    ip: IpAddr,
+    /// Which endpoint this is (an endpoint with addresses of both families is a target in
+    /// each family's list); for a listed one, its index in [`Service::endpoint_addresses`].
+    endpoint: u32,
+    /// Whether the endpoint is listed by address (it may have ports of its own).
+    listed: bool,
+}
+
+impl Target {
+    /// The port to connect to on this target for the service port `port`.
+    fn port(&self, service: &Service, port: &ServicePort) -> u16 {
+        let listed = self
+            .listed
+            .then(|| &service.endpoint_addresses[self.endpoint as usize]);
+        listed
+            .and_then(|endpoint| endpoint.ports.get(&port.port))
+            .copied()
+            .unwrap_or(port.target_port)
+    }
+
+    /// How the config dump names it: the workload's uid, or the address.
+    fn name(&self) -> String {
+        match &self.workload {
+            Some(workload) => workload.uid(),
+            None => self.ip.to_string(),
+        }
+    }
+}
+
+/// A candidate endpoint before the per-family lists are built: its workload, its addresses.
+struct Candidate {
+    workload: Option<Arc<Workload>>,
+    ips: Vec<IpAddr>,
+}
+
 /// A service's ready endpoints, with the address to use for each destination family.
 #[derive(Debug, Default)]
 struct Endpoints {
     /// For an IPv4 destination: endpoints with an IPv4 address, or all if none has one.
-    v4: Vec<(Arc<Workload>, IpAddr)>,
+    v4: Vec<Target>,
     /// For an IPv6 destination: likewise.
-    v6: Vec<(Arc<Workload>, IpAddr)>,
+    v6: Vec<Target>,
     /// Round-robin cursor. Shared by both families: only the spread matters.
     next: AtomicUsize,
 }
 
 impl Endpoints {
-    fn new(ready: &[Arc<Workload>]) -> Self {
-        let for_family = |v4: bool| {
-            let preferred: Vec<_> = ready
+    /// The endpoints of the ready workloads `ready` (a service with a selector).
+    fn selected(ready: &[Arc<Workload>]) -> Self {
+        Self::new(
+            ready
                 .iter()
-                .filter_map(|w| {
-                    let ip = w.ips.iter().find(|ip| ip.is_ipv4() == v4)?;
-                    Some((Arc::clone(w), *ip))
+                .map(|w| Candidate {
+                    workload: Some(Arc::clone(w)),
+                    ips: w.ips.clone(),
+                })
+                .collect(),
+            false,
+        )
+    }
+
+    /// The endpoints `service` lists by address, each the workload owning it if any.
+    fn listed(service: &Service, workload_by_ip: &HashMap<IpAddr, Arc<Workload>>) -> Self {
+        Self::new(
+            service
+                .endpoint_addresses
+                .iter()
+                .map(|endpoint| Candidate {
+                    workload: workload_by_ip.get(&endpoint.ip).cloned(),
+                    ips: vec![endpoint.ip],
+                })
+                .collect(),
+            true,
+        )
+    }
+
+    /// The endpoints of `candidates`; `listed`: they are a service's
+    /// [`Service::endpoint_addresses`], in order (one address each).
+    fn new(candidates: Vec<Candidate>, listed: bool) -> Self {
+        let target = |endpoint: usize, ip: IpAddr| Target {
+            workload: candidates[endpoint].workload.clone(),
+            ip,
+            // Memory would run out long before one service had u32::MAX endpoints.
+            endpoint: endpoint as u32,
+            listed,
+        };
+        let for_family = |v4: bool| {
+            let preferred: Vec<Target> = candidates
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let ip = c.ips.iter().find(|ip| ip.is_ipv4() == v4)?;
+                    Some(target(i, *ip))
                 })
                 .collect();
             if !preferred.is_empty() {
@@ -218,9 +359,8 @@ impl Endpoints {
             }
             // A single-stack service is still reachable through a VIP of the other family: the
             // proxy opens a new connection, so the families need not match.
-            ready
-                .iter()
-                .filter_map(|w| Some((Arc::clone(w), *w.ips.first()?)))
+            (0..candidates.len())
+                .filter_map(|i| Some(target(i, *candidates[i].ips.first()?)))
                 .collect()
         };
         Self {
@@ -230,22 +370,31 @@ impl Endpoints {
         }
     }
 
-    fn pick(&self, dst: IpAddr) -> Option<&(Arc<Workload>, IpAddr)> {
+    /// The next target for a destination of `dst`'s family (round robin) that `usable`
+    /// accepts.
+    fn pick(&self, dst: IpAddr, usable: impl Fn(&Target) -> bool) -> Option<&Target> {
         let candidates = if dst.is_ipv4() { &self.v4 } else { &self.v6 };
         if candidates.is_empty() {
             return None;
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(&candidates[n % candidates.len()])
+        (0..candidates.len())
+            .map(|k| &candidates[(n + k) % candidates.len()])
+            .find(|target| usable(target))
     }
 
-    fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
-        // Every ready endpoint with an address is in v4 or in v6 (or both); keep v4's order.
+    /// Every endpoint once, in the sources' order.
+    fn targets(&self) -> impl Iterator<Item = &Target> {
+        // Every endpoint with an address is in v4 or in v6 (or both); keep v4's order.
         let extra = self
             .v6
             .iter()
-            .filter(|(w, _)| !self.v4.iter().any(|(v, _)| Arc::ptr_eq(v, w)));
-        self.v4.iter().chain(extra).map(|(w, _)| w)
+            .filter(|t| !self.v4.iter().any(|v| v.endpoint == t.endpoint));
+        self.v4.iter().chain(extra)
+    }
+
+    fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.targets().filter_map(|t| t.workload.as_ref())
     }
 }
 
@@ -340,6 +489,10 @@ impl MeshState {
             for vip in &service.vips {
                 service_by_vip.entry(*vip).or_insert(index);
             }
+            if service.lists_endpoints() {
+                endpoints.push(Endpoints::listed(service, &workload_by_ip));
+                continue;
+            }
             let ready: Vec<Arc<Workload>> = by_label
                 .candidates(service)
                 .iter()
@@ -347,7 +500,7 @@ impl MeshState {
                 .filter(|w| service.selects(w))
                 .cloned()
                 .collect();
-            endpoints.push(Endpoints::new(&ready));
+            endpoints.push(Endpoints::selected(&ready));
         }
 
         let by_name: HashMap<(&str, &str), usize> = services
@@ -384,8 +537,8 @@ impl MeshState {
         self
     }
 
-    /// Sets the security policies (default: none, so every workload is STRICT and allows any
-    /// authenticated source).
+    /// Sets the security policies (default: none, so every workload is PERMISSIVE, as in Istio,
+    /// and allows any source).
     pub fn with_policies(mut self, policies: PolicySet) -> Self {
         self.policies = policies;
         self
@@ -453,8 +606,8 @@ impl MeshState {
         self.workloads.iter().filter(move |w| w.node == node)
     }
 
-    /// The ready endpoints of `service` (which must be one of [`Self::services`], compared by
-    /// pointer); empty for a service of another state.
+    /// The ready endpoints of `service` that are mesh workloads (`service` must be one of
+    /// [`Self::services`], compared by pointer); empty for a service of another state.
     pub fn endpoints(&self, service: &Arc<Service>) -> Vec<Arc<Workload>> {
         self.services
             .iter()
@@ -468,6 +621,8 @@ impl MeshState {
     /// A service VIP is load-balanced round robin over the service's ready endpoints, or over
     /// its waypoint's if it has one (whether or not the service has endpoints: the waypoint
     /// decides); a workload IP goes to that workload as dialled; anything else passes through.
+    /// A service without selector whose listed endpoints are all outside the mesh, or which
+    /// lists none, is reached outside the mesh: at the endpoint, or at the address dialled.
     pub fn resolve(&self, dst: SocketAddr) -> Resolved {
         if let Some(&index) = self.service_by_vip.get(&dst.ip()) {
             let service = &self.services[index];
@@ -481,11 +636,17 @@ impl MeshState {
             // cannot be found must refuse, never fall through to the endpoints.
             if let Some(waypoint) = &service.waypoint {
                 let found = self.waypoints[index];
-                let picked = found.and_then(|w| self.endpoints[w].pick(dst.ip()));
+                // A waypoint is a mesh workload (the tunnel checks its identity): an address
+                // outside the mesh listed by a waypoint service is never one.
+                let picked = found.and_then(|w| {
+                    self.endpoints[w]
+                        .pick(dst.ip(), |t| t.workload.is_some())
+                        .and_then(|t| Some((t.workload.as_ref()?, t.ip)))
+                });
                 return match picked {
                     Some((workload, ip)) => Resolved::Waypoint {
                         workload: Arc::clone(workload),
-                        ip: *ip,
+                        ip,
                         service: Arc::clone(service),
                     },
                     None => Resolved::NoWaypoint {
@@ -495,11 +656,26 @@ impl MeshState {
                     },
                 };
             }
-            return match self.endpoints[index].pick(dst.ip()) {
-                Some((workload, ip)) => Resolved::Workload {
-                    workload: Arc::clone(workload),
-                    addr: SocketAddr::new(*ip, port.target_port),
-                    service: Some(Arc::clone(service)),
+            return match self.endpoints[index].pick(dst.ip(), |_| true) {
+                Some(target) => {
+                    let addr = SocketAddr::new(target.ip, target.port(service, port));
+                    match &target.workload {
+                        Some(workload) => Resolved::Workload {
+                            workload: Arc::clone(workload),
+                            addr,
+                            service: Some(Arc::clone(service)),
+                        },
+                        None => Resolved::OutsideMesh {
+                            addr,
+                            service: Arc::clone(service),
+                        },
+                    }
+                }
+                // Someone else manages this service's endpoints and Ambit knows none: the
+                // address dialled, as ztunnel does for a destination it does not know.
+                None if service.lists_endpoints() => Resolved::OutsideMesh {
+                    addr: dst,
+                    service: Arc::clone(service),
                 },
                 None => Resolved::NoEndpoints {
                     service: Arc::clone(service),
@@ -538,7 +714,7 @@ impl Serialize for MeshState {
             .zip(&self.endpoints)
             .map(|(service, endpoints)| ServiceDump {
                 service,
-                endpoints: endpoints.workloads().map(|w| w.uid()).collect(),
+                endpoints: endpoints.targets().map(Target::name).collect(),
             })
             .collect();
         let mut s = serializer.serialize_struct("MeshState", 6)?;

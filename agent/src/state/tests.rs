@@ -43,6 +43,7 @@ fn service(namespace: &str, name: &str, vips: &[&str], selector: &[(&str, &str)]
         namespace: namespace.into(),
         vips: vips.iter().map(|s| ip(s)).collect(),
         selector: labels(selector),
+        endpoint_addresses: Vec::new(),
         ports: vec![ServicePort {
             port: 80,
             target_port: 8080,
@@ -571,5 +572,191 @@ fn a_missing_or_unready_waypoint_fails_closed() {
             state.resolve(addr("10.96.0.10:80")),
             Resolved::NoWaypoint { exists: true, .. }
         ));
+    }
+}
+
+/// `shop/db`, a service without selector (VIPs 10.96.0.30 and fd00:96::30) listing
+/// `endpoints` as `(address, port overrides)`.
+fn listing(endpoints: &[(&str, &[(u16, u16)])]) -> Service {
+    let mut db = service("shop", "db", &["10.96.0.30", "fd00:96::30"], &[]);
+    db.endpoint_addresses = endpoints
+        .iter()
+        .map(|(address, ports)| EndpointAddress {
+            ip: ip(address),
+            ports: ports.iter().copied().collect(),
+        })
+        .collect();
+    db
+}
+
+#[test]
+fn a_service_without_selector_reaches_its_listed_endpoints() {
+    // A listed address is the workload owning it, whatever its namespace or readiness (the
+    // list is the readiness), or an address outside the mesh.
+    let mut other = workload("ops", "api-0", &["10.20.0.5"], &[]);
+    other.ready = false;
+    let state = MeshState::new(
+        RedirectSettings::default(),
+        vec![
+            workload("shop", "web-0", &["10.10.0.2"], &[("app", "web")]),
+            other,
+        ],
+        vec![listing(&[
+            ("10.10.0.2", &[]),
+            ("192.0.2.7", &[(80, 9443)]),
+            ("10.20.0.5", &[]),
+            ("fd00::7", &[]),
+        ])],
+    );
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        match state.resolve(addr("10.96.0.30:80")) {
+            Resolved::Workload {
+                workload,
+                addr: a,
+                service,
+            } => {
+                assert_eq!(service.unwrap().uid(), "shop/db");
+                seen.push(format!("{} {a}", workload.uid()));
+            }
+            Resolved::OutsideMesh { addr: a, service } => {
+                assert_eq!(service.uid(), "shop/db");
+                seen.push(format!("outside {a}"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    // The IPv4 VIP goes to the IPv4 endpoints, each on its own port for 80 if it has one.
+    assert_eq!(
+        seen,
+        [
+            "ops/api-0 10.20.0.5:8080",
+            "outside 192.0.2.7:9443",
+            "shop/web-0 10.10.0.2:8080"
+        ]
+    );
+    assert!(matches!(
+        state.resolve(addr("[fd00:96::30]:80")),
+        Resolved::OutsideMesh { addr: a, .. } if a == addr("[fd00::7]:8080")
+    ));
+    assert!(matches!(
+        state.resolve(addr("10.96.0.30:81")),
+        Resolved::UnknownServicePort { .. }
+    ));
+    let service = state.service_by_vip(ip("10.96.0.30")).unwrap();
+    let workloads: Vec<String> = state.endpoints(service).iter().map(|w| w.uid()).collect();
+    assert_eq!(workloads, ["shop/web-0", "ops/api-0"]);
+    let dump = serde_json::to_value(&state).unwrap();
+    assert_eq!(
+        dump["services"][0]["endpoints"],
+        serde_json::json!(["shop/web-0", "192.0.2.7", "ops/api-0", "fd00::7"])
+    );
+    assert_eq!(
+        dump["services"][0]["endpointAddresses"][1],
+        serde_json::json!({"ip": "192.0.2.7", "ports": {"80": 9443}})
+    );
+}
+
+#[test]
+fn a_service_without_selector_or_endpoints_goes_to_the_address_dialled() {
+    let state = MeshState::new(
+        RedirectSettings::default(),
+        vec![workload("shop", "web-0", &["10.10.0.2"], &[("app", "web")])],
+        vec![
+            listing(&[]),
+            // A selector matching nothing is not the same: refused, as ztunnel refuses a
+            // service it knows without a healthy endpoint.
+            service("shop", "web", &["10.96.0.10"], &[("app", "none")]),
+        ],
+    );
+    for dst in ["10.96.0.30:80", "[fd00:96::30]:80"] {
+        match state.resolve(addr(dst)) {
+            Resolved::OutsideMesh { addr: a, service } => {
+                assert_eq!(a, addr(dst));
+                assert_eq!(service.uid(), "shop/db");
+            }
+            other => panic!("{dst}: unexpected {other:?}"),
+        }
+    }
+    assert!(matches!(
+        state.resolve(addr("10.96.0.10:80")),
+        Resolved::NoEndpoints { .. }
+    ));
+    // An unknown port is still refused: the service is known.
+    assert!(matches!(
+        state.resolve(addr("10.96.0.30:81")),
+        Resolved::UnknownServicePort { .. }
+    ));
+}
+
+#[test]
+fn a_service_without_selector_never_skips_its_waypoint() {
+    let mut db = listing(&[("192.0.2.7", &[])]);
+    db.waypoint = Some(WaypointRef {
+        namespace: "infra".into(),
+        name: "wp".into(),
+    });
+    let mut empty = db.clone();
+    empty.endpoint_addresses.clear();
+    // Bound and the waypoint has a ready pod: the waypoint, listed endpoints or not.
+    for svc in [db.clone(), empty.clone()] {
+        let state = MeshState::new(
+            RedirectSettings::default(),
+            vec![wp_pod("wp-0", &["10.30.0.1"])],
+            vec![
+                svc,
+                service("infra", "wp", &["10.96.9.9"], &[("gateway", "wp")]),
+            ],
+        );
+        assert!(matches!(
+            state.resolve(addr("10.96.0.30:80")),
+            Resolved::Waypoint { ip: i, .. } if i == ip("10.30.0.1")
+        ));
+    }
+    // Bound to a missing waypoint, or to one whose service lists only addresses outside the
+    // mesh (no pod to tunnel to): refused, never passed through.
+    let outside_waypoint = {
+        let mut wp = listing(&[("192.0.2.9", &[])]);
+        wp.namespace = "infra".into();
+        wp.name = "wp".into();
+        wp.vips = vec![ip("10.96.9.9")];
+        wp
+    };
+    for (svc, waypoint) in [
+        (empty.clone(), None),
+        (db.clone(), None),
+        (empty, Some(outside_waypoint.clone())),
+        (db, Some(outside_waypoint)),
+    ] {
+        let exists = waypoint.is_some();
+        let mut services = vec![svc];
+        services.extend(waypoint);
+        let state = MeshState::new(RedirectSettings::default(), vec![], services);
+        match state.resolve(addr("10.96.0.30:80")) {
+            Resolved::NoWaypoint { exists: e, .. } => assert_eq!(e, exists),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn unusable_endpoint_addresses() {
+    for (address, why) in [
+        ("127.0.0.1", Some("is a loopback address")),
+        ("::1", Some("is a loopback address")),
+        ("::ffff:127.0.0.1", Some("is a loopback address")),
+        ("0.0.0.0", Some("is the unspecified address")),
+        ("::", Some("is the unspecified address")),
+        ("224.0.0.1", Some("is a multicast address")),
+        ("ff02::1", Some("is a multicast address")),
+        ("169.254.169.254", Some("is a link-local address")),
+        ("fe80::1", Some("is a link-local address")),
+        ("10.0.0.1", None),
+        ("192.0.2.7", None),
+        ("fd00::7", None),
+    ] {
+        assert_eq!(EndpointAddress::unusable(ip(address)), why, "{address}");
     }
 }

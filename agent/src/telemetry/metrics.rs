@@ -311,7 +311,8 @@ impl ConnectionLabels {
                 .with_destination_service(Some(service)),
             Resolved::NoEndpoints { service }
             | Resolved::UnknownServicePort { service, .. }
-            | Resolved::NoWaypoint { service, .. } => {
+            | Resolved::NoWaypoint { service, .. }
+            | Resolved::OutsideMesh { service, .. } => {
                 labels.with_destination_service(Some(service))
             }
             Resolved::Passthrough(_) => labels,
@@ -1015,6 +1016,7 @@ mod tests {
                 namespace: "shop".into(),
                 vips: vec!["10.96.0.10".parse().unwrap()],
                 selector: [("app".to_string(), "web".to_string())].into(),
+                endpoint_addresses: Vec::new(),
                 ports: vec![ServicePort {
                     port: 80,
                     target_port: 8080,

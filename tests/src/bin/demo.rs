@@ -75,17 +75,7 @@ fn main() -> Result<()> {
     web_a.set_service_account("web");
     web_b.set_service_account("web");
     cluster.set_enrolled(legacy, false);
-    // web-b also accepts plaintext from outside the mesh; everything else is STRICT (default).
     cluster.set_labels(web_b, &[("app", "web"), ("plaintext", "ok")]);
-    cluster.set_policies(ambit_tests::mesh::Policies {
-        peer_authentications: vec![serde_json::json!({
-            "name": "web-b-permissive",
-            "namespace": "default",
-            "selector": {"matchLabels": {"plaintext": "ok"}},
-            "mode": "PERMISSIVE",
-        })],
-        ..Default::default()
-    });
     cluster.add_service(
         "web",
         "default",
@@ -105,16 +95,14 @@ fn main() -> Result<()> {
     );
     println!("service default/web = 10.96.0.10:80 -> app=web:8080");
     println!(
-        "a CA issues SPIFFE certificates; pod-to-pod traffic rides HBONE mTLS tunnels; {} is STRICT \
-         (no plaintext), {} PERMISSIVE\n",
-        web_a.name(),
-        web_b.name()
+        "a CA issues SPIFFE certificates; pod-to-pod traffic rides HBONE mTLS tunnels; without a \
+         PeerAuthentication enrolled pods also accept plaintext (PERMISSIVE, Istio's default)\n"
     );
     let _a = serve(web_a)?;
     let _b = serve(web_b)?;
 
     let vip: SocketAddr = "10.96.0.10:80".parse()?;
-    let rows = vec![
+    let mut rows = vec![
         connect(client, web_a.addr4(8080), "same node", true)?,
         connect(client, web_b.addr4(8080), "across nodes", true)?,
         connect(client, web_b.addr6(8080), "across nodes, IPv6", true)?,
@@ -123,16 +111,50 @@ fn main() -> Result<()> {
         connect(
             legacy,
             web_a.addr4(8080),
-            "plaintext to a STRICT pod",
-            false,
-        )?,
-        connect(
-            legacy,
-            web_b.addr4(8080),
-            "plaintext to a PERMISSIVE pod",
+            "plaintext, no PeerAuthentication",
             true,
         )?,
     ];
+
+    // The STRICT step: one mesh-wide policy, and web-b kept PERMISSIVE by a selector policy.
+    println!(
+        "then applying peerAuthentications: mesh-wide STRICT, PERMISSIVE for {} (label \
+         plaintext=ok); the last two connections below run under them\n",
+        web_b.name()
+    );
+    let generations: Vec<u64> = cluster
+        .nodes()
+        .iter()
+        .map(Node::config_generation)
+        .collect::<Result<_>>()?;
+    cluster.set_policies(ambit_tests::mesh::Policies {
+        peer_authentications: vec![
+            serde_json::json!({"name": "default", "mode": "STRICT"}),
+            serde_json::json!({
+                "name": "web-b-permissive",
+                "namespace": "default",
+                "selector": {"matchLabels": {"plaintext": "ok"}},
+                "mode": "PERMISSIVE",
+            }),
+        ],
+        ..Default::default()
+    });
+    cluster.write_mesh()?;
+    for (i, generation) in generations.into_iter().enumerate() {
+        cluster.wait_config_generation(i, generation + 1, T)?;
+    }
+    rows.push(connect(
+        legacy,
+        web_a.addr4(8080),
+        "plaintext to a STRICT pod",
+        false,
+    )?);
+    rows.push(connect(
+        legacy,
+        web_b.addr4(8080),
+        "plaintext to a PERMISSIVE pod",
+        true,
+    )?);
     // Let the agents write their access-log lines (emitted when connections end).
     std::thread::sleep(Duration::from_millis(500));
 

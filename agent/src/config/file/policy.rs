@@ -649,8 +649,18 @@ workloads:
         let state = parse("").unwrap();
         assert_eq!(state.trust_domain(), "cluster.local");
         assert!(state.policies().authorizations().is_empty());
+        // No peer authentication: PERMISSIVE, as in Istio.
         for w in state.workloads() {
-            assert_eq!(state.peer_auth_mode(w), PeerAuthMode::Strict);
+            assert_eq!(state.peer_auth_mode(w), PeerAuthMode::Permissive);
+        }
+        // STRICT is one mesh-wide policy away; an UNSET namespace policy inherits it.
+        let strict = parse(
+            "peerAuthentications:\n  - name: default\n    mode: STRICT\n  - name: shop\n    \
+             namespace: shop\n    mode: UNSET\n",
+        )
+        .unwrap();
+        for w in strict.workloads() {
+            assert_eq!(strict.peer_auth_mode(w), PeerAuthMode::Strict);
         }
         let nulls = parse("peerAuthentications:\nauthorizationPolicies:\n").unwrap();
         assert!(nulls.policies().peer_authentications().is_empty());

@@ -1,5 +1,5 @@
 //! Kubernetes objects to the mesh model: which pods are workloads, which are enrolled, what a
-//! service's VIPs and ports are.
+//! service's VIPs, ports and (for a service without selector) endpoints are.
 //!
 //! [`Converter::convert`] reads the reflector stores (of the [`objects`](super::objects) views)
 //! and builds the workloads and services. It is pure apart from the cgroup lookups of this
@@ -17,7 +17,7 @@ use super::{
     cgroup::pod_cgroup_dir,
     objects::{EndpointSliceView, NamespaceView, PodView, ServiceView, pod_service_account},
 };
-use crate::state::{NetnsRef, Service, ServicePort, WaypointRef, Workload};
+use crate::state::{EndpointAddress, NetnsRef, Service, ServicePort, WaypointRef, Workload};
 
 /// The label that enrols a namespace or a pod (`ambient`), or opts a pod out (`none`).
 pub const MODE_LABEL: &str = "ambit.dev/mode";
@@ -45,7 +45,8 @@ pub struct ClusterView<'a> {
     pub namespaces: &'a [Arc<NamespaceView>],
     /// Every service.
     pub services: &'a [Arc<ServiceView>],
-    /// Every EndpointSlice (to resolve named target ports).
+    /// Every EndpointSlice (to resolve named target ports, and the endpoints of services
+    /// without selector).
     pub endpoint_slices: &'a [Arc<EndpointSliceView>],
 }
 
@@ -87,7 +88,8 @@ impl Converter {
     /// Running and has an address; it is enrolled when it or its namespace carries
     /// `ambit.dev/mode=ambient`, it does not carry `ambit.dev/mode=none`, and it is not on the
     /// host network. A service is kept when it has a cluster IP; its TCP ports are kept, with a
-    /// named `targetPort` resolved through the service's EndpointSlices.
+    /// named `targetPort` resolved through the service's EndpointSlices; a service without
+    /// selector lists its slices' ready endpoints.
     pub fn convert(&mut self, view: ClusterView<'_>) -> Converted {
         let namespaces: HashMap<&str, &ObjectMeta> = view
             .namespaces
@@ -283,7 +285,7 @@ impl<'a> SlicesByService<'a> {
     pub fn new(slices: &'a [Arc<EndpointSliceView>]) -> Self {
         let mut by_service: HashMap<(&str, &str), Vec<&EndpointSliceView>> = HashMap::new();
         for slice in slices {
-            let in_use = slice.endpoint_count > 0;
+            let in_use = !slice.endpoints.is_empty();
             let namespace = slice.metadata.namespace.as_deref();
             let service = slice
                 .metadata
@@ -321,7 +323,7 @@ impl<'a> SlicesByService<'a> {
                         .and_then(|p| u16::try_from(p).ok())
                         .filter(|&p| p != 0)
                 {
-                    *votes.entry(number).or_default() += slice.endpoint_count;
+                    *votes.entry(number).or_default() += slice.endpoints.len();
                 }
             }
         }
@@ -331,6 +333,53 @@ impl<'a> SlicesByService<'a> {
             .find(|&(_, n)| n == best)
             .map(|(port, _)| port)
     }
+
+    /// The ready endpoints of the service `namespace/service`, whose TCP ports are `ports`
+    /// (`(name, port)`, the name "" for an unnamed port), by address: each slice's ready
+    /// endpoints in slice-name order, an address listed twice once (the first), with the port
+    /// numbers their slice gives the service's ports by name. Addresses that cannot be an
+    /// endpoint ([`EndpointAddress::unusable`]) are left out, as Kubernetes' own validation
+    /// refuses them.
+    fn endpoint_addresses(
+        &self,
+        namespace: &str,
+        service: &str,
+        ports: &[(&str, u16)],
+    ) -> Vec<EndpointAddress> {
+        let Some(slices) = self.by_service.get(&(namespace, service)) else {
+            return Vec::new();
+        };
+        let mut seen = HashSet::new();
+        let mut endpoints = Vec::new();
+        for slice in slices {
+            let slice_ports: BTreeMap<u16, u16> = slice
+                .ports
+                .iter()
+                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                .filter_map(|p| {
+                    let name = p.name.as_deref().unwrap_or("");
+                    let number = p
+                        .port
+                        .and_then(|n| u16::try_from(n).ok())
+                        .filter(|&n| n != 0)?;
+                    let (_, service_port) = ports.iter().find(|(n, _)| *n == name)?;
+                    Some((*service_port, number))
+                })
+                .collect();
+            for endpoint in &slice.endpoints {
+                let Some(ip) = endpoint.address.filter(|_| endpoint.ready) else {
+                    continue;
+                };
+                if EndpointAddress::unusable(ip).is_none() && seen.insert(ip) {
+                    endpoints.push(EndpointAddress {
+                        ip,
+                        ports: slice_ports.clone(),
+                    });
+                }
+            }
+        }
+        endpoints
+    }
 }
 
 /// The mesh service of `service`, or `None` if it has no cluster IP (headless, ExternalName).
@@ -338,7 +387,8 @@ impl<'a> SlicesByService<'a> {
 /// Only TCP ports are kept (the mesh carries TCP only). A numeric `targetPort` is used as is;
 /// a named one is resolved through `slices`, and a port whose name no in-use slice resolves yet
 /// is left out until one does: sending its traffic to a guessed port would be worse than
-/// refusing it.
+/// refusing it. A service without selector gets its endpoints from `slices` (ready ones, by
+/// address, with the slice's port for each service port of the same name).
 pub fn service_from(service: &ServiceView, slices: &SlicesByService<'_>) -> Option<Service> {
     let meta = &service.metadata;
     let spec = &service.spec;
@@ -358,6 +408,8 @@ pub fn service_from(service: &ServiceView, slices: &SlicesByService<'_>) -> Opti
         return None;
     }
     let mut ports: Vec<ServicePort> = Vec::new();
+    // (name, port) of the TCP ports kept, to match a selector-less service's slices by name.
+    let mut names: Vec<(&str, u16)> = Vec::new();
     for port in &spec.ports {
         if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
             continue;
@@ -381,13 +433,23 @@ pub fn service_from(service: &ServiceView, slices: &SlicesByService<'_>) -> Opti
                 port: number,
                 target_port,
             });
+            names.push((port.name.as_deref().unwrap_or(""), number));
         }
     }
+    let selector = spec.selector.clone().unwrap_or_default();
+    // Without a selector, the endpoints are whatever the service's EndpointSlices list (the
+    // `kubernetes` service, hand-made slices): no pod is selected by labels.
+    let endpoint_addresses = if selector.is_empty() {
+        slices.endpoint_addresses(namespace, name, &names)
+    } else {
+        Vec::new()
+    };
     Some(Service {
         name: name.to_string(),
         namespace: namespace.to_string(),
         vips,
-        selector: spec.selector.clone().unwrap_or_default(),
+        selector,
+        endpoint_addresses,
         ports,
         // Set by the conversion, which knows the namespace's labels.
         waypoint: None,
@@ -401,7 +463,7 @@ mod tests {
             Container, Namespace, Pod, PodCondition, PodIP, PodSpec, PodStatus,
             Service as KubeService, ServicePort as KubeServicePort, ServiceSpec,
         },
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     };
     use serde::{Serialize, de::DeserializeOwned};
 
@@ -507,6 +569,15 @@ mod tests {
     }
 
     fn slice(name: &str, ports: &[(&str, i32)], endpoints: usize) -> EndpointSlice {
+        slice_of(name, ports, &vec![("10.0.0.2", None); endpoints])
+    }
+
+    /// A slice of `web` whose endpoints are `(address, ready condition)`.
+    fn slice_of(
+        name: &str,
+        ports: &[(&str, i32)],
+        endpoints: &[(&str, Option<bool>)],
+    ) -> EndpointSlice {
         EndpointSlice {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -515,13 +586,19 @@ mod tests {
                 ..ObjectMeta::default()
             },
             address_type: "IPv4".into(),
-            endpoints: Some(vec![
-                Endpoint {
-                    addresses: vec!["10.0.0.2".into()],
-                    ..Endpoint::default()
-                };
+            endpoints: Some(
                 endpoints
-            ]),
+                    .iter()
+                    .map(|(address, ready)| Endpoint {
+                        addresses: vec![address.to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: *ready,
+                            ..EndpointConditions::default()
+                        }),
+                        ..Endpoint::default()
+                    })
+                    .collect(),
+            ),
             ports: Some(
                 ports
                     .iter()
@@ -754,6 +831,61 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_service_without_selector_lists_its_slices_endpoints() {
+        let mut svc = service(vec![
+            port("https", 443, Some(IntOrString::Int(6443))),
+            port("metrics", 9100, None),
+        ]);
+        svc.spec.as_mut().unwrap().selector = None;
+        let svc: ServiceView = view(&svc);
+        // No slice: no endpoint (a connection then goes to the address dialled).
+        let out = service_from(&svc, &SlicesByService::new(&[])).unwrap();
+        assert!(out.selector.is_empty() && out.endpoint_addresses.is_empty());
+
+        let slices = views(&[
+            // Sorted by name: b's endpoints come after a's whatever the store's order.
+            slice_of(
+                "web-b",
+                &[("https", 7443), ("metrics", 9100), ("other", 1)],
+                &[("192.0.2.10", None), ("10.0.0.3", Some(true))],
+            ),
+            slice_of(
+                "web-a",
+                &[("https", 6443)],
+                &[
+                    ("192.0.2.10", Some(true)),
+                    ("192.0.2.11", Some(false)),
+                    ("127.0.0.1", None),
+                    ("169.254.0.1", None),
+                    ("db.example.com", None),
+                ],
+            ),
+        ]);
+        let out = service_from(&svc, &SlicesByService::new(&slices)).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            out.endpoint_addresses,
+            [
+                // The first slice's port for https; its slice has none for metrics.
+                EndpointAddress {
+                    ip: ip("192.0.2.10"),
+                    ports: BTreeMap::from([(443, 6443)]),
+                },
+                EndpointAddress {
+                    ip: ip("10.0.0.3"),
+                    ports: BTreeMap::from([(443, 7443), (9100, 9100)]),
+                },
+            ]
+        );
+
+        // With a selector, the slices mirror the selected pods: the labels decide.
+        let mut selected: ServiceView = svc.clone();
+        selected.spec.selector = labels(&[("app", "web")]);
+        let out = service_from(&selected, &SlicesByService::new(&slices)).unwrap();
+        assert!(out.endpoint_addresses.is_empty());
     }
 
     fn meta(namespace: Option<&str>, name: &str, pairs: &[(&str, &str)]) -> ObjectMeta {

@@ -14,7 +14,7 @@ use k8s_openapi::{
     ClusterResourceScope, Metadata, NamespaceResourceScope, Resource,
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
-use serde::{Deserialize, Deserializer, de::IgnoredAny};
+use serde::{Deserialize, Deserializer};
 
 use super::convert::SERVICE_NAME_LABEL;
 
@@ -185,7 +185,7 @@ pub struct ServicePortView {
     pub target_port: Option<IntOrString>,
 }
 
-/// An EndpointSlice: its namespace, its service, its ports and how many endpoints use them.
+/// An EndpointSlice: its namespace, its service, its ports and its endpoints' addresses.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointSliceView {
@@ -196,9 +196,10 @@ pub struct EndpointSliceView {
     /// `ports`: for each service port, the port number the slice's endpoints resolved it to.
     #[serde(default, deserialize_with = "null_as_default")]
     pub ports: Vec<EndpointPortView>,
-    /// How many entries `endpoints` has (the entries themselves are not kept).
-    #[serde(default, rename = "endpoints", deserialize_with = "count")]
-    pub endpoint_count: usize,
+    /// `endpoints`: each one's address and readiness only (a service without selector is
+    /// reached through them; a selector's endpoints are its pods, found by their labels).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub endpoints: Vec<SliceEndpointView>,
 }
 resource!(
     EndpointSliceView,
@@ -209,6 +210,38 @@ resource!(
     "endpointslices",
     NamespaceResourceScope
 );
+
+/// One of an EndpointSlice's `endpoints`: its first address (the one Kubernetes' proxies use)
+/// and whether it is ready.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SliceEndpointView {
+    /// `addresses[0]`, parsed; `None` when absent or not an IP address (an FQDN slice's).
+    pub address: Option<IpAddr>,
+    /// `conditions.ready`, where absent (`null`) means ready, as the API says.
+    pub ready: bool,
+}
+
+impl<'de> Deserialize<'de> for SliceEndpointView {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Endpoint {
+            #[serde(default, deserialize_with = "null_as_default")]
+            addresses: Vec<String>,
+            #[serde(default)]
+            conditions: Option<Conditions>,
+        }
+        #[derive(Deserialize)]
+        struct Conditions {
+            #[serde(default)]
+            ready: Option<bool>,
+        }
+        let endpoint = Endpoint::deserialize(deserializer)?;
+        Ok(Self {
+            address: endpoint.addresses.first().and_then(|a| a.parse().ok()),
+            ready: endpoint.conditions.and_then(|c| c.ready).unwrap_or(true),
+        })
+    }
+}
 
 /// One of an EndpointSlice's `ports`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -306,12 +339,6 @@ fn ready_condition<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D
         .any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
-    // IgnoredAny is zero-sized: the Vec counts without allocating or keeping anything.
-    let items: Option<Vec<IgnoredAny>> = Option::deserialize(deserializer)?;
-    Ok(items.map_or(0, |items| items.len()))
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -376,14 +403,19 @@ mod tests {
     }
 
     #[test]
-    fn slice_keeps_service_label_and_count() {
+    fn slice_keeps_service_label_and_endpoints() {
         let slice: EndpointSliceView = serde_json::from_value(json!({
             "metadata": {"name": "web-x", "namespace": "shop", "labels": {
                 "kubernetes.io/service-name": "web", "app": "web",
                 "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
             }},
             "addressType": "IPv4",
-            "endpoints": [{"addresses": ["10.0.0.2"]}, {"addresses": ["10.0.0.3"]}],
+            "endpoints": [
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": null, "serving": true},
+                 "targetRef": {"kind": "Pod", "name": "web-0"}, "nodeName": "node-a"},
+                {"addresses": ["10.0.0.3", "10.0.0.4"], "conditions": {"ready": false}},
+                {"addresses": ["db.example.com"]},
+            ],
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         }))
         .unwrap();
@@ -394,10 +426,26 @@ mod tests {
                 "web".to_string()
             )]))
         );
-        assert_eq!(slice.endpoint_count, 2);
+        assert_eq!(
+            slice.endpoints,
+            [
+                SliceEndpointView {
+                    address: Some("10.0.0.2".parse().unwrap()),
+                    ready: true
+                },
+                SliceEndpointView {
+                    address: Some("10.0.0.3".parse().unwrap()),
+                    ready: false
+                },
+                SliceEndpointView {
+                    address: None,
+                    ready: true
+                },
+            ]
+        );
         assert_eq!(slice.ports[0].port, Some(8080));
         let empty: EndpointSliceView =
             serde_json::from_value(json!({"metadata": {"name": "e"}, "endpoints": null})).unwrap();
-        assert_eq!(empty.endpoint_count, 0);
+        assert!(empty.endpoints.is_empty());
     }
 }

@@ -805,12 +805,17 @@ async fn configured_root_namespace() {
     server.register_with_status::<PeerAuthenticationResource>();
     server.apply(&namespace("shop", Some(super::convert::MODE_AMBIENT)));
     server.apply(&pod("shop", "web-0", "node-b", "10.0.0.2"));
+    // PERMISSIVE is the default: only a mesh-wide STRICT shows the root namespace at work.
     server.apply(&peer(
         "mesh-root",
         "default",
+        json!({"mtls": {"mode": "STRICT"}}),
+    ));
+    server.apply(&peer(
+        ROOT,
+        "default",
         json!({"mtls": {"mode": "PERMISSIVE"}}),
     ));
-    server.apply(&peer(ROOT, "default", json!({"mtls": {"mode": "STRICT"}})));
     let mut h = Harness::with_source(server, |s| s.root_namespace("mesh-root")).await;
     let state = h
         .wait_state("the pod and both policies", |s| {
@@ -818,7 +823,7 @@ async fn configured_root_namespace() {
         })
         .await;
     let web = state.workloads()[0].clone();
-    assert_eq!(state.peer_auth_mode(&web), PeerAuthMode::Permissive);
+    assert_eq!(state.peer_auth_mode(&web), PeerAuthMode::Strict);
     let scopes: Vec<&Scope> = state
         .policies()
         .peer_authentications()
@@ -827,6 +832,61 @@ async fn configured_root_namespace() {
         .collect();
     assert!(scopes.contains(&&Scope::Mesh));
     assert!(scopes.contains(&&Scope::Namespace(ROOT.into())));
+}
+
+/// Istio's defaults and inheritance through the API: no PeerAuthentication is PERMISSIVE; one
+/// in the root namespace makes the mesh STRICT; a namespace's UNSET inherits it, its own mode
+/// overrides it.
+#[tokio::test]
+async fn permissive_by_default_and_strict_one_root_policy_away() {
+    let mut h = Harness::start().await;
+    h.server.apply(&pod("shop", "web-0", "node-b", "10.0.0.2"));
+    let mode = |s: &MeshState| s.workloads().first().map(|w| s.peer_auth_mode(w));
+    let with = |count: usize, want: PeerAuthMode| {
+        move |s: &MeshState| {
+            s.policies().peer_authentications().len() == count && mode(s) == Some(want)
+        }
+    };
+    h.wait_state(
+        "PERMISSIVE without any policy",
+        with(0, PeerAuthMode::Permissive),
+    )
+    .await;
+    h.server
+        .apply(&peer(ROOT, "default", json!({"mtls": {"mode": "STRICT"}})));
+    h.wait_state(
+        "STRICT from the root namespace",
+        with(1, PeerAuthMode::Strict),
+    )
+    .await;
+    h.server
+        .apply(&peer("shop", "default", json!({"mtls": {"mode": "UNSET"}})));
+    h.wait_state(
+        "UNSET inherits the mesh's STRICT",
+        with(2, PeerAuthMode::Strict),
+    )
+    .await;
+    h.server
+        .modify::<PeerAuthenticationResource>("shop", "default", |p| {
+            p.spec = json!({"mtls": {"mode": "PERMISSIVE"}});
+        })
+        .unwrap();
+    h.wait_state(
+        "the namespace's own mode wins",
+        with(2, PeerAuthMode::Permissive),
+    )
+    .await;
+    h.server
+        .modify::<PeerAuthenticationResource>("shop", "default", |p| {
+            p.spec = json!({});
+        })
+        .unwrap();
+    h.wait_state("no mode is UNSET", with(2, PeerAuthMode::Strict))
+        .await;
+    h.server
+        .delete::<PeerAuthenticationResource>(ROOT, "default");
+    h.wait_state("PERMISSIVE again", with(1, PeerAuthMode::Permissive))
+        .await;
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use k8s_openapi::{
             Namespace, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service as KubeService,
             ServicePort, ServiceSpec,
         },
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     config::ConfigStatus,
-    state::{MeshState, NetnsRef, Workload},
+    state::{MeshState, NetnsRef, Resolved, Workload},
 };
 
 pub(super) const NODE: &str = "node-a";
@@ -649,6 +649,103 @@ async fn named_target_port_follows_endpoint_slices() {
         .unwrap();
     h.wait_state("api resolved to 9090", has_api_port(Some(9090)))
         .await;
+}
+
+/// The `kubernetes` Service of `default` as the API server keeps it: no selector, its one
+/// port `https` 443 to 6443, its endpoints in a slice the API server writes itself.
+fn kubernetes_service() -> KubeService {
+    let mut svc = service("default", "kubernetes", "10.96.0.1", IntOrString::Int(6443));
+    let spec = svc.spec.as_mut().unwrap();
+    spec.selector = None;
+    spec.ports.as_mut().unwrap()[0].name = Some("https".into());
+    spec.ports.as_mut().unwrap()[0].port = 443;
+    svc
+}
+
+/// The `kubernetes` slice, listing `addresses` (ready unless said otherwise).
+fn kubernetes_slice(addresses: &[(&str, Option<bool>)]) -> EndpointSlice {
+    let mut slice = endpoint_slice("default", "kubernetes", 6443);
+    slice.metadata.name = Some("kubernetes".into());
+    slice.ports.as_mut().unwrap()[0].name = Some("https".into());
+    slice.endpoints = Some(
+        addresses
+            .iter()
+            .map(|(address, ready)| Endpoint {
+                addresses: vec![address.to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: *ready,
+                    ..EndpointConditions::default()
+                }),
+                ..Endpoint::default()
+            })
+            .collect(),
+    );
+    slice
+}
+
+/// Where the source's state sends a connection to `dst`, in words.
+fn destination(state: &MeshState, dst: &str) -> String {
+    match state.resolve(dst.parse().unwrap()) {
+        Resolved::Workload { workload, addr, .. } => format!("{} {addr}", workload.uid()),
+        Resolved::OutsideMesh { addr, .. } => format!("outside {addr}"),
+        other => format!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_service_without_selector_follows_its_endpoint_slices() {
+    let mut h = Harness::start().await;
+    h.server.apply(&pod("shop", "web-0", "node-b", "10.0.0.2"));
+    h.server.apply(&kubernetes_service());
+    let vip = "10.96.0.1:443";
+    // No slice yet: nothing is known, the VIP itself is dialled (the cluster's own service
+    // routing may know better), never refused.
+    let state = h
+        .wait_state("the kubernetes service and the pod", |s| {
+            s.services().len() == 2 && s.workloads().len() == 1
+        })
+        .await;
+    assert_eq!(destination(&state, vip), format!("outside {vip}"));
+
+    // The API server's own address (no pod's) and, for the test, a pod's.
+    h.server.apply(&kubernetes_slice(&[
+        ("192.0.2.10", None),
+        ("10.0.0.2", Some(true)),
+    ]));
+    let state = h
+        .wait_state("the slice's endpoints", |s| {
+            s.service_by_vip("10.96.0.1".parse().unwrap())
+                .is_some_and(|svc| svc.endpoint_addresses.len() == 2)
+        })
+        .await;
+    let mut seen: Vec<String> = (0..4).map(|_| destination(&state, vip)).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        ["outside 192.0.2.10:6443", "shop/web-0 10.0.0.2:6443"]
+    );
+
+    // The slice says one is not ready any more; then the slice goes.
+    h.server.apply(&kubernetes_slice(&[
+        ("192.0.2.10", Some(false)),
+        ("10.0.0.2", Some(true)),
+    ]));
+    let state = h
+        .wait_state("one endpoint left", |s| {
+            s.service_by_vip("10.96.0.1".parse().unwrap())
+                .is_some_and(|svc| svc.endpoint_addresses.len() == 1)
+        })
+        .await;
+    assert_eq!(destination(&state, vip), "shop/web-0 10.0.0.2:6443");
+    h.server.delete::<EndpointSlice>("default", "kubernetes");
+    let state = h
+        .wait_state("no endpoint left", |s| {
+            s.service_by_vip("10.96.0.1".parse().unwrap())
+                .is_some_and(|svc| svc.endpoint_addresses.is_empty())
+        })
+        .await;
+    assert_eq!(destination(&state, vip), format!("outside {vip}"));
 }
 
 #[tokio::test]
