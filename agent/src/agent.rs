@@ -118,6 +118,46 @@ fn certificate_manager(args: &AgentArgs) -> anyhow::Result<Option<Arc<Certificat
     ))))
 }
 
+/// Writes a Warning Event regarding each pod this agent closes (its enrolment failed with its
+/// namespace present), once per closing: kubectl describe shows why the pod has no traffic.
+async fn report_closed_pods(
+    client: kube::Client,
+    node: String,
+    mut status: watch::Receiver<EnrolmentStatus>,
+) {
+    use crate::config::kube::events::{self, EventReport};
+    let mut reported = std::collections::BTreeSet::new();
+    loop {
+        let (closed, failed) = {
+            let status = status.borrow_and_update();
+            (status.closed.clone(), status.failed.clone())
+        };
+        for uid in closed.difference(&reported) {
+            let Some((namespace, name)) = uid.split_once('/') else {
+                continue;
+            };
+            let why = failed.get(uid).cloned().unwrap_or_default();
+            let report = EventReport {
+                regarding: events::regarding_pod(namespace, name),
+                action: "Enrol",
+                reason: "MeshEnrolmentFailed",
+                note: format!(
+                    "ambit agent on {node}: the pod is closed (inbound dropped, outbound refused) \
+                     until its enrolment succeeds: {why}"
+                ),
+                warning: true,
+                controller: "ambit.dev/agent",
+                instance: &node,
+            };
+            events::emit(&client, report).await;
+        }
+        reported = closed;
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let cgroup = match args.cgroup.clone() {
@@ -134,6 +174,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::empty()));
     let (config_tx, mut config_rx) = watch::channel(ConfigStatus::default());
+    // Kubernetes mode: the client also writes the Events about pods this agent had to close.
+    let mut kube_client = None;
     let mut source = match &args.mesh_file {
         Some(mesh_file) => tokio::spawn(config::watch_mesh_file(
             mesh_file.clone(),
@@ -142,6 +184,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         )),
         None => {
             let client = config::kube::client(args.kubeconfig.as_deref()).await?;
+            kube_client = Some(client.clone());
             let kube = KubeSource::new(client, args.node.clone(), cgroup.clone())
                 .trust_domain(args.trust_domain.clone())
                 .root_namespace(args.root_namespace.clone());
@@ -183,6 +226,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
     let (enrolment_tx, enrolment_rx) = watch::channel(EnrolmentStatus::default());
     metrics.observe_enrolment(enrolment_rx.clone());
+    if let Some(client) = kube_client {
+        tokio::spawn(report_closed_pods(
+            client,
+            args.node.clone(),
+            enrolment_rx.clone(),
+        ));
+    }
     let sandbox_file = args.cni_socket.with_file_name("cni-sandboxes.json");
     let enrolment = Enrolment::new(args.node.clone(), redirector.clone(), proxy, enrolment_tx)
         .with_sandbox_file(sandbox_file);

@@ -1041,7 +1041,7 @@ fn check_rbac(objs: &[Value], ns: &str) {
         out
     };
     let watch: &[&str] = &["get", "list", "watch"];
-    // The agents only read.
+    // The agents read, and write only Events about pods they had to close.
     assert_eq!(
         rules("ambit-agent"),
         set(&[
@@ -1052,6 +1052,7 @@ fn check_rbac(objs: &[Value], ns: &str) {
                 &["authorizationpolicies", "peerauthentications"],
                 watch
             ),
+            ("events.k8s.io", &["events"], &["create"]),
         ])
     );
     // The CA reviews tokens and keeps watch caches of pods and policies (it never reads one by

@@ -861,3 +861,57 @@ fn cni_add_meshes_a_pending_pod_of_an_enrolled_namespace_before_it_runs() -> Res
     ensure_or_dump!(cluster, conn.redirected(), "not captured once Running");
     Ok(())
 }
+
+/// A pod that cannot be meshed in Kubernetes: its sandbox holds a port of the proxy, so the
+/// agent closes it, the CNI ADD fails naming why, and the agent writes a Warning Event
+/// regarding the pod (what `kubectl describe pod` shows).
+#[test]
+fn a_pod_that_cannot_be_meshed_is_closed_with_an_event() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 1,
+    })?;
+    let api = ApiServer::start(&cluster)?;
+    api.review_agent_tokens(&cluster)?;
+    cluster.use_kubernetes_ca(&api.kubeconfig);
+    let blocked = cluster.pod(0, 0);
+    let _sandboxes = start_shop(&cluster, &api, Some("ambient"), &[])?;
+    blocked.set_namespace("shop");
+    api.server
+        .apply(&pending_pod_object(blocked, &[("app", "blocked")]));
+    let _squatter = serve(blocked, &[15006])?;
+
+    let add =
+        ambit_tests::cni::Sandbox::of(blocked, "sandbox-blocked").call(cluster.node(0), "ADD")?;
+    ensure_or_dump!(
+        cluster,
+        add.error_code() == Some(100),
+        "ADD of a pod whose 15006 is taken did not fail: {add:?}"
+    );
+    cluster.wait_for(
+        TIMEOUT,
+        "the agent's Event regarding the closed pod",
+        || {
+            let events: Vec<Event> = api
+                .server
+                .list::<Event>()
+                .into_iter()
+                .filter(|e| {
+                    e.reason.as_deref() == Some("MeshEnrolmentFailed")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(blocked.name())
+                })
+                .collect();
+            Ok(match events.as_slice() {
+                [event]
+                    if event.type_.as_deref() == Some("Warning")
+                        && event.note.as_deref().is_some_and(|n| n.contains("15006")) =>
+                {
+                    Ok(())
+                }
+                _ => Err(format!("events: {events:?}")),
+            })
+        },
+    )?;
+    Ok(())
+}

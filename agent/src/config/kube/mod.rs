@@ -51,6 +51,7 @@ use crate::{
 
 mod cgroup;
 pub mod convert;
+pub mod events;
 #[cfg(any(test, feature = "fake-apiserver"))]
 pub mod fake;
 pub mod objects;

@@ -13,13 +13,12 @@ use std::{collections::HashMap, fmt::Debug, time::Duration};
 use futures::{StreamExt as _, stream::BoxStream};
 use k8s_openapi::{
     NamespaceResourceScope,
-    api::{core::v1::ObjectReference, events::v1::Event},
-    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    api::core::v1::ObjectReference,
     jiff::{Timestamp, Unit},
 };
 use kube::{
-    Api, Client, Resource, ResourceExt as _,
-    api::{Patch, PatchParams, PostParams},
+    Api, Client, Resource,
+    api::{Patch, PatchParams},
     runtime::watcher,
 };
 use serde::de::DeserializeOwned;
@@ -27,6 +26,7 @@ use serde_json::json;
 
 use super::{
     BACKOFF_MAX, BACKOFF_MIN, ResilientWatch, WatchedKind,
+    events::{self, EventReport},
     policy::{
         ACCEPTED_CONDITION, Acceptance, AuthorizationPolicyResource, PeerAuthenticationResource,
         PolicyCondition, PolicyStatus, authorization_policy, peer_authentication,
@@ -35,9 +35,6 @@ use super::{
 
 /// The `reportingController` of the Events written.
 pub const REPORTING_CONTROLLER: &str = "ambit.dev/policy-status";
-
-/// The events.k8s.io/v1 limit on an Event's `note`.
-const NOTE_MAX: usize = 1024;
 
 /// Runs the status writer with default settings until it fails; see [`StatusWriter`].
 /// `root_namespace` is the namespace whose policies are mesh-wide (as given to the agents'
@@ -343,53 +340,25 @@ impl StatusWriter {
     /// carries the same information).
     async fn emit_event<K: PolicyResource>(&self, resource: &K, acceptance: &Acceptance) {
         let meta = resource.meta();
-        let namespace = resource.namespace().unwrap_or_default();
-        let now = Timestamp::now();
-        let mut note = acceptance.message.clone();
-        if note.len() > NOTE_MAX {
-            let mut end = NOTE_MAX - 3;
-            while !note.is_char_boundary(end) {
-                end -= 1;
-            }
-            note.truncate(end);
-            note.push_str("...");
-        }
-        let event = Event {
-            metadata: ObjectMeta {
-                // client-go's naming: unique without a round trip for generateName.
-                name: Some(format!("{}.{:x}", resource.name_any(), now.as_nanosecond())),
-                namespace: Some(namespace.clone()),
-                ..ObjectMeta::default()
-            },
-            event_time: Some(MicroTime(now)),
-            action: Some("Validate".to_string()),
-            reason: Some(acceptance.verdict.reason().to_string()),
-            note: Some(note),
-            type_: Some(
-                if acceptance.accepted() {
-                    "Normal"
-                } else {
-                    "Warning"
-                }
-                .to_string(),
-            ),
-            regarding: Some(ObjectReference {
-                api_version: Some(K::api_version(&()).into_owned()),
-                kind: Some(K::kind(&()).into_owned()),
-                name: meta.name.clone(),
-                namespace: meta.namespace.clone(),
-                uid: meta.uid.clone(),
-                resource_version: meta.resource_version.clone(),
-                ..ObjectReference::default()
-            }),
-            reporting_controller: Some(REPORTING_CONTROLLER.to_string()),
-            reporting_instance: Some(self.instance.clone()),
-            ..Event::default()
+        let regarding = ObjectReference {
+            api_version: Some(K::api_version(&()).into_owned()),
+            kind: Some(K::kind(&()).into_owned()),
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            ..ObjectReference::default()
         };
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
-        if let Err(error) = api.create(&PostParams::default(), &event).await {
-            tracing::warn!(%namespace, name = %resource.name_any(), %error, "cannot emit the policy's Event");
-        }
+        let report = EventReport {
+            regarding,
+            action: "Validate",
+            reason: acceptance.verdict.reason(),
+            note: acceptance.message.clone(),
+            warning: !acceptance.accepted(),
+            controller: REPORTING_CONTROLLER,
+            instance: &self.instance,
+        };
+        events::emit(&self.client, report).await;
     }
 }
 
