@@ -210,7 +210,10 @@ impl Enrolment {
             tokio::select! {
                 changed = state.changed() => if changed.is_err() { return },
                 Some(call) = cni.recv() => {
-                    let reply = self.answer(call.request, &current);
+                    // The newest state, not the one this turn started with: the CNI server asks
+                    // again as soon as a state arrives, maybe before this loop has seen it.
+                    let latest = state.borrow().clone();
+                    let reply = self.answer(call.request, &latest);
                     let _ = call.reply.send(reply);
                 }
                 () = retry => {}
