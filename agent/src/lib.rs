@@ -9,6 +9,7 @@ pub mod ca;
 pub mod config;
 pub mod identity;
 pub mod inpod;
+pub mod limits;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

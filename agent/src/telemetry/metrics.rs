@@ -25,6 +25,7 @@ use crate::{
     config::ConfigStatus,
     identity::{CertificateManager, SpiffeId},
     inpod::EnrolmentStatus,
+    limits::Limits,
     proxy::Transferred,
     redirect::{RedirectStats, Redirector},
     state::{MeshState, Resolved, Service, Workload},
@@ -537,6 +538,7 @@ struct Sources {
     enrolment: Option<watch::Receiver<EnrolmentStatus>>,
     config: Option<watch::Receiver<ConfigStatus>>,
     certificates: Option<Arc<dyn CertificateStats>>,
+    limits: Option<Arc<Limits>>,
 }
 
 /// What the metrics read of the certificates held: implemented by the certificate manager.
@@ -581,6 +583,137 @@ struct HealthCollector {
     config_reloads: IntCounterVec,
     certificate_expiry: GaugeVec,
     ca_errors: IntCounter,
+    limits: LimitMetrics,
+}
+
+/// The connection limits and what they refused ([`crate::limits`]), and the process's
+/// descriptors under the names Prometheus' process collector gives them.
+struct LimitMetrics {
+    open_fds: IntGauge,
+    max_fds: IntGauge,
+    limit: IntGaugeVec,
+    in_use: IntGaugeVec,
+    over_limit: IntCounterVec,
+    timed_out: IntCounterVec,
+    accept_errors: IntCounterVec,
+}
+
+impl LimitMetrics {
+    fn new() -> prometheus::Result<Self> {
+        Ok(Self {
+            open_fds: IntGauge::new("process_open_fds", "Number of open file descriptors")?,
+            max_fds: IntGauge::new(
+                "process_max_fds",
+                "Maximum number of open file descriptors (the soft RLIMIT_NOFILE)",
+            )?,
+            limit: IntGaugeVec::new(
+                Opts::new(
+                    "ambit_connection_limit",
+                    "The agent's connection limits: proxied connections in all (total) and per \
+                     source address (per_source), HBONE handshakes in progress in all and per \
+                     source",
+                ),
+                &["limit"],
+            )?,
+            in_use: IntGaugeVec::new(
+                Opts::new(
+                    "ambit_connection_slots_in_use",
+                    "Slots held now: proxied connections and HBONE tunnels (connections), HBONE \
+                     connections in their handshake (handshakes)",
+                ),
+                &["slots"],
+            )?,
+            over_limit: IntCounterVec::new(
+                Opts::new(
+                    "ambit_connections_over_limit_total",
+                    "Connections (and HBONE tunnels) refused because a limit was reached, by \
+                     path and limit",
+                ),
+                &["path", "limit"],
+            )?,
+            timed_out: IntCounterVec::new(
+                Opts::new(
+                    "ambit_connections_timed_out_total",
+                    "Connections closed because a phase took too long (TLS handshake, HTTP/2 \
+                     preface, HTTP request, connection age), by path and phase",
+                ),
+                &["path", "phase"],
+            )?,
+            accept_errors: IntCounterVec::new(
+                Opts::new(
+                    "ambit_accept_errors_total",
+                    "Failed accepts (out of descriptors and the like: the listener backs off), \
+                     by path",
+                ),
+                &["path"],
+            )?,
+        })
+    }
+
+    fn parts(&self) -> [&dyn Collector; 7] {
+        [
+            &self.open_fds,
+            &self.max_fds,
+            &self.limit,
+            &self.in_use,
+            &self.over_limit,
+            &self.timed_out,
+            &self.accept_errors,
+        ]
+    }
+
+    fn refresh(&self, limits: Option<&Limits>) {
+        fn set_counter(counter: &IntCounter, value: u64) {
+            counter.reset();
+            counter.inc_by(value);
+        }
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        if let Ok(open) = crate::limits::open_descriptors() {
+            self.open_fds.set(i64::try_from(open).unwrap_or(i64::MAX));
+        }
+        if let Ok(limit) = crate::limits::nofile_limit() {
+            self.max_fds
+                .set(i64::try_from(limit.soft).unwrap_or(i64::MAX));
+        }
+        let Some(limits) = limits else {
+            return;
+        };
+        let settings = limits.settings();
+        for (name, value) in [
+            ("total", settings.max_connections),
+            ("per_source", settings.max_connections_per_source),
+            ("handshakes", settings.max_handshakes),
+            ("handshakes_per_source", settings.max_handshakes_per_source),
+        ] {
+            self.limit.with_label_values(&[name]).set(gauge(value));
+        }
+        let snapshot = limits.snapshot();
+        self.in_use
+            .with_label_values(&["connections"])
+            .set(gauge(snapshot.connections));
+        self.in_use
+            .with_label_values(&["handshakes"])
+            .set(gauge(snapshot.handshakes));
+        for (path, limit, n) in snapshot.over_limit {
+            set_counter(
+                &self
+                    .over_limit
+                    .with_label_values(&[path.as_str(), limit.as_str()]),
+                n,
+            );
+        }
+        for (path, phase, n) in snapshot.timed_out {
+            set_counter(
+                &self
+                    .timed_out
+                    .with_label_values(&[path.as_str(), phase.as_str()]),
+                n,
+            );
+        }
+        for (path, n) in snapshot.accept_errors {
+            set_counter(&self.accept_errors.with_label_values(&[path.as_str()]), n);
+        }
+    }
 }
 
 impl HealthCollector {
@@ -656,11 +789,12 @@ impl HealthCollector {
                 "Failed certificate requests to the CA (certificates held stay in use until \
                  expiry)",
             )?,
+            limits: LimitMetrics::new()?,
         })
     }
 
-    fn parts(&self) -> [&dyn Collector; 13] {
-        [
+    fn parts(&self) -> Vec<&dyn Collector> {
+        let mut parts: Vec<&dyn Collector> = vec![
             &self.enrolled_pods,
             &self.enrolment_failed_pods,
             &self.redirected,
@@ -674,7 +808,9 @@ impl HealthCollector {
             &self.config_reloads,
             &self.certificate_expiry,
             &self.ca_errors,
-        ]
+        ];
+        parts.extend(self.limits.parts());
+        parts
     }
 
     /// Copies the current figures of every attached source into the metrics.
@@ -723,6 +859,7 @@ impl HealthCollector {
         }
         // Identities whose certificate was dropped are gone: rebuild the series.
         self.certificate_expiry.reset();
+        self.limits.refresh(sources.limits.as_deref());
         if let Some(certs) = &sources.certificates {
             set_counter(&self.ca_errors, certs.ca_errors_total());
             let now = SystemTime::now();
@@ -875,6 +1012,11 @@ impl Metrics {
     /// Reads the certificates held (their expiry) and the CA error count at each scrape.
     pub fn observe_certificates(&self, certs: Arc<dyn CertificateStats>) {
         self.health.sources.lock().unwrap().certificates = Some(certs);
+    }
+
+    /// Reads the connection limits and their counters at each scrape.
+    pub fn observe_limits(&self, limits: Arc<Limits>) {
+        self.health.sources.lock().unwrap().limits = Some(limits);
     }
 
     /// Reads the configuration generation from `status` at each scrape.
