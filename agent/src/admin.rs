@@ -244,11 +244,24 @@ fn metrics_route(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Res
     }
 }
 
+/// The accept queue of each endpoint. The usual default (128, the standard library's and
+/// tokio's) overflows under a flood faster than the loop can reset what is over the limits, and
+/// then the kernel drops connections from everyone, kubelet's probes included.
+const LISTEN_BACKLOG: u32 = 1024;
+
 /// Binds `addr`, naming it in the error.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().with_context(|| format!("binding {addr}"))
 }
 
 /// Serves readiness only (`admin == false`) or the full admin API on `addr`.
