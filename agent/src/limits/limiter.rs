@@ -89,13 +89,9 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         })
     }
 
-    /// The cap on the whole.
-    pub fn total(&self) -> usize {
-        self.shared.total
-    }
-
     /// The cap per key.
-    pub fn per_key(&self) -> usize {
+    #[cfg(test)]
+    fn per_key(&self) -> usize {
         self.shared.per_key
     }
 
@@ -105,12 +101,14 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
     }
 
     /// Slots `key` holds.
-    pub fn held_by(&self, key: &K) -> usize {
+    #[cfg(test)]
+    fn held_by(&self, key: &K) -> usize {
         self.shared.lock().by_key.get(key).copied().unwrap_or(0)
     }
 
     /// How many keys hold a slot.
-    pub fn keys(&self) -> usize {
+    #[cfg(test)]
+    fn keys(&self) -> usize {
         self.shared.lock().by_key.len()
     }
 }
@@ -119,13 +117,6 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
 pub struct Permit<K: Hash + Eq> {
     shared: Arc<Shared<K>>,
     key: K,
-}
-
-impl<K: Hash + Eq> Permit<K> {
-    /// The key the slot is held for.
-    pub fn key(&self) -> &K {
-        &self.key
-    }
 }
 
 impl<K: Hash + Eq> std::fmt::Debug for Permit<K> {

@@ -1580,6 +1580,14 @@ mod tests {
             SystemTime::now() + Duration::from_secs(60),
         ));
         metrics.observe_certificates(Arc::new(certs));
+        let limits = Arc::new(crate::limits::Limits::new(
+            crate::limits::LimitSettings::for_descriptors(1024),
+        ));
+        limits.timed_out(
+            crate::limits::Path::Hbone,
+            crate::limits::Phase::TlsHandshake,
+        );
+        metrics.observe_limits(limits);
         let text = metrics.encode();
 
         let child = std::process::Command::new("promtool")
@@ -1604,6 +1612,70 @@ mod tests {
             "promtool: {}{}\n{text}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    #[test]
+    fn limits_and_descriptors_are_read_at_scrape_time() {
+        use crate::limits::{LimitSettings, Limits, Path, Phase};
+        let metrics = Metrics::new();
+        let mut settings = LimitSettings::for_descriptors(20_000);
+        settings.max_connections_per_source = 1;
+        let limits = Arc::new(Limits::new(settings));
+        metrics.observe_limits(limits.clone());
+        let ip = "10.0.0.1".parse().unwrap();
+        let held = limits.admit(Path::Inbound, ip).unwrap();
+        assert!(limits.admit(Path::Inbound, ip).is_none());
+        assert!(limits.admit(Path::HboneTunnel, ip).is_none());
+        limits.timed_out(Path::Readiness, Phase::HttpRequest);
+        let samples = parse(&metrics.encode());
+        let get = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
+        assert_eq!(
+            get("ambit_connection_limit", &[("limit", "total")]),
+            Some(8_750.0)
+        );
+        assert_eq!(
+            get("ambit_connection_limit", &[("limit", "per_source")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            get("ambit_connection_slots_in_use", &[("slots", "connections")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            get(
+                "ambit_connections_over_limit_total",
+                &[("path", "inbound"), ("limit", "per_source")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            get(
+                "ambit_connections_over_limit_total",
+                &[("path", "hbone_tunnel"), ("limit", "per_source")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            get(
+                "ambit_connections_timed_out_total",
+                &[("path", "readiness"), ("phase", "http_request")]
+            ),
+            Some(1.0)
+        );
+        // The process's own descriptors, as Prometheus' process collector names them.
+        let open = get("process_open_fds", &[]).unwrap();
+        let max = get("process_max_fds", &[]).unwrap();
+        assert!(open >= 3.0 && max >= open, "{open} of {max}");
+        drop(held);
+        let samples = parse(&metrics.encode());
+        assert_eq!(
+            value(
+                &samples,
+                "ambit_connection_slots_in_use",
+                &[("slots", "connections")]
+            ),
+            Some(0.0)
         );
     }
 

@@ -203,9 +203,6 @@ pub enum ConnectionError {
     /// The client did not send its HTTP/2 preface in time after the TLS handshake.
     #[error("HTTP/2 preface timed out")]
     PrefaceTimeout,
-    /// The source holds its share of the agent's connections or handshakes already.
-    #[error("over the connection limit")]
-    OverLimit,
     /// The TLS handshake failed: untrusted or foreign-trust-domain client (see
     /// [`tls::identity_error`] and [`tls::handshake_error`]), or not TLS at all.
     #[error("TLS handshake failed: {0}")]
@@ -324,20 +321,7 @@ impl<H: InboundHandler> HboneServer<H> {
             .await
     }
 
-    /// Serves one accepted connection until the client closes it (if its source may open one).
-    pub async fn serve_connection(&self, tcp: TcpStream, source: SocketAddr) {
-        let source = canonical(source);
-        match self.inner.limits.admit_hbone(source.ip()) {
-            Some(admitted) => self.serve_admitted(tcp, source, admitted).await,
-            None => {
-                reset(tcp);
-                self.inner
-                    .handler
-                    .connection_failed(source, &ConnectionError::OverLimit);
-            }
-        }
-    }
-
+    /// Serves one admitted connection until the client closes it.
     async fn serve_admitted(
         &self,
         tcp: TcpStream,
