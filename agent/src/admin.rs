@@ -1,6 +1,13 @@
 //! Readiness (`:15021/healthz/ready`), the local admin endpoint (`127.0.0.1:15000`) and the
 //! Prometheus metrics endpoint (`:15020/metrics`).
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+//!
+//! Readiness and metrics listen on the node's addresses, where every pod can reach them, so each
+//! endpoint serves a bounded number of connections (per source address too, see
+//! [`crate::limits`]) and none for long: a request's headers must arrive within 2 s of the
+//! connection or of the previous response, as in ztunnel (kubelet and Prometheus send theirs at
+//! once), and a connection ends after a minute whatever it does, so a client that stops reading
+//! a response cannot hold it either.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use http_body_util::Full;
@@ -8,7 +15,7 @@ use hyper::{
     Method, Request, Response, StatusCode, Uri, body::Bytes, server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::debug;
@@ -17,6 +24,7 @@ use crate::{
     config::ConfigStatus,
     identity::CertificateManager,
     inpod::EnrolmentStatus,
+    limits::{Limits, Path, Phase, refuse},
     redirect::Redirector,
     telemetry::{LogControl, Metrics, metrics::CONTENT_TYPE},
 };
@@ -35,6 +43,8 @@ pub struct AdminState {
     pub logging: Option<LogControl>,
     /// The certificates held, for `/certs`; `None` without a CA.
     pub certs: Option<Arc<CertificateManager>>,
+    /// The connection limits: what the endpoints admit through, and what `config_dump` shows.
+    pub limits: Arc<Limits>,
 }
 
 impl AdminState {
@@ -83,6 +93,18 @@ impl AdminState {
                 .collect::<serde_json::Map<String, serde_json::Value>>(),
             "ebpfStats": self.redirector.stats(),
             "certificates": self.certificates(),
+            "limits": self.limits(),
+        })
+    }
+
+    /// The limits in force and what holds them now.
+    fn limits(&self) -> serde_json::Value {
+        let held = self.limits.snapshot();
+        json!({
+            "settings": self.limits.settings(),
+            "connections": held.connections,
+            "handshakes": held.handshakes,
+            "openDescriptors": crate::limits::open_descriptors().ok(),
         })
     }
 
@@ -230,58 +252,109 @@ fn metrics_route(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Res
     }
 }
 
+/// The accept queue of each endpoint. The usual default (128, the standard library's and
+/// tokio's) overflows under a flood faster than the loop can reset what is over the limits, and
+/// then the kernel drops connections from everyone, kubelet's probes included.
+const LISTEN_BACKLOG: u32 = 1024;
+
 /// Binds `addr`, naming it in the error.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().with_context(|| format!("binding {addr}"))
 }
 
 /// Serves readiness only (`admin == false`) or the full admin API on `addr`.
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>, admin: bool) -> anyhow::Result<()> {
     let listener = bind(addr).await?;
-    serve_http(listener, move |req| route(&state, req, admin)).await
+    let path = if admin { Path::Admin } else { Path::Readiness };
+    let limits = state.limits.clone();
+    serve_http(listener, path, limits, move |req| route(&state, req, admin)).await
 }
 
 /// Serves `GET /metrics` on `addr`.
-pub async fn serve_metrics_on(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    serve_metrics(bind(addr).await?, metrics).await
+pub async fn serve_metrics_on(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
+) -> anyhow::Result<()> {
+    serve_metrics(bind(addr).await?, metrics, limits).await
 }
 
 /// Serves `GET /metrics` on an already bound listener.
-pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    serve_http(listener, move |req| metrics_route(&metrics, req)).await
+pub async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
+) -> anyhow::Result<()> {
+    serve_http(listener, Path::Metrics, limits, move |req| {
+        metrics_route(&metrics, req)
+    })
+    .await
 }
 
-/// Answers HTTP/1 requests on `listener` with `handler`, each connection in its own task.
-async fn serve_http<H>(listener: TcpListener, handler: H) -> anyhow::Result<()>
+/// How long a request's headers may take to arrive, from the connection's start or the end of
+/// the previous response (hyper times both with this one setting): ztunnel's value.
+const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest any connection is served.
+const HTTP_MAX_AGE: Duration = Duration::from_secs(60);
+/// The buffer a request's head must fit in: hyper's smallest, ztunnel's value.
+const HTTP_MAX_BUF: usize = 8 * 1024;
+
+/// Answers HTTP/1 requests on `listener` with `handler`, each connection in its own task,
+/// within the endpoint's limits.
+async fn serve_http<H>(
+    listener: TcpListener,
+    path: Path,
+    limits: Arc<Limits>,
+    handler: H,
+) -> anyhow::Result<()>
 where
     H: Fn(&Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(err) => {
-                debug!(%err, "admin accept failed");
-                continue;
-            }
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let response = handler(&req);
-                async move { Ok::<_, Infallible>(response) }
+    let limiter = limits.http_limiter();
+    limits
+        .accept_loop(&listener, path, |stream, peer| {
+            let Some(permit) = limits.admit_to(&limiter, path, peer.ip().to_canonical()) else {
+                return refuse(stream);
+            };
+            let (handler, limits) = (handler.clone(), limits.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let response = handler(&req);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HTTP_REQUEST_TIMEOUT)
+                    .max_buf_size(HTTP_MAX_BUF)
+                    .serve_connection(TokioIo::new(stream), service);
+                match tokio::time::timeout(HTTP_MAX_AGE, connection).await {
+                    Err(_) => limits.timed_out(path, Phase::MaxAge),
+                    Ok(Err(err)) if err.is_timeout() => limits.timed_out(path, Phase::HttpRequest),
+                    Ok(Err(err)) => debug!(%peer, %err, "HTTP connection failed"),
+                    Ok(Ok(())) => {}
+                }
+                drop(permit);
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+        })
+        .await;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{net::IpAddr, time::Instant};
+
     use http_body_util::BodyExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tracing::Level;
@@ -289,6 +362,7 @@ mod tests {
 
     use super::*;
     use crate::{
+        limits::{Limit, LimitSettings},
         proxy::Transferred,
         telemetry::{ConnectionLabels, Reporter, ResponseFlags, reloadable_filter},
     };
@@ -366,7 +440,14 @@ mod tests {
     /// One HTTP/1.1 request over a plain socket, as a scraper makes it: (status line, headers,
     /// body).
     async fn get(addr: SocketAddr, path: &str) -> (String, String, String) {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        get_from("127.0.0.1".parse().unwrap(), addr, path).await
+    }
+
+    /// [`get`] from another local address (any of 127/8).
+    async fn get_from(source: IpAddr, addr: SocketAddr, path: &str) -> (String, String, String) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut response = String::new();
@@ -393,7 +474,8 @@ mod tests {
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve_metrics(listener, metrics.clone()));
+        let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(1 << 20)));
+        let server = tokio::spawn(serve_metrics(listener, metrics.clone(), limits));
 
         let (status, headers, body) = get(addr, "/metrics").await;
         assert_eq!(status, "HTTP/1.1 200 OK");
@@ -413,6 +495,67 @@ mod tests {
         );
         assert_eq!(get(addr, "/stats/prometheus").await.2, body);
         assert_eq!(get(addr, "/other").await.0, "HTTP/1.1 404 Not Found");
+        server.abort();
+    }
+
+    /// Reads until the server closes the connection; what it sent, or a panic after 10 s.
+    async fn until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .expect("the server never closed the connection");
+            match read {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_idle_and_excess_connections_are_closed_and_others_served() {
+        let metrics = Arc::new(Metrics::new());
+        let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(1 << 20)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_metrics(listener, metrics, limits.clone()));
+        let share = limits.settings().http_max_connections_per_source;
+
+        // One source's share of silent connections, in the order the server accepts them...
+        let started = Instant::now();
+        let mut silent = Vec::new();
+        for _ in 0..share {
+            silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // ...then one more from it, refused, while another source is served.
+        let mut excess = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(until_closed(&mut excess).await.is_empty());
+        let (status, _, _) = get_from("127.0.0.2".parse().unwrap(), addr, "/metrics").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        // The silent ones are closed by the request timeout, not before.
+        for stream in &mut silent {
+            assert!(until_closed(stream).await.is_empty());
+        }
+        assert!(started.elapsed() >= HTTP_REQUEST_TIMEOUT);
+
+        // A keep-alive client is answered, then closed once idle.
+        let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+        kept.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = String::from_utf8(until_closed(&mut kept).await).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+
+        let snapshot = limits.snapshot();
+        assert_eq!(
+            snapshot.over_limit,
+            vec![(Path::Metrics, Limit::PerSource, 1)]
+        );
+        assert_eq!(
+            snapshot.timed_out,
+            vec![(Path::Metrics, Phase::HttpRequest, share as u64 + 1)]
+        );
         server.abort();
     }
 }

@@ -13,6 +13,7 @@ use crate::{
         client::DEFAULT_CA_TIMEOUT,
     },
     inpod::{Enrolment, EnrolmentStatus},
+    limits::{self, LimitSettings, Limits},
     proxy::ProxyContext,
     redirect::{RedirectConfig, Redirector},
     state::MeshState,
@@ -82,6 +83,39 @@ pub struct AgentArgs {
     /// Lifetime asked for workload certificates (renewed at half-life).
     #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = crate::ca::parse_duration)]
     pub cert_ttl: std::time::Duration,
+    /// Most proxied connections the agent holds at once, all pods together [default: what the
+    /// descriptor limit allows: (RLIMIT_NOFILE - reserve) / 2].
+    #[arg(long, env = "AMBIT_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most proxied connections one source address may hold at once: a pod's outbound ones, or
+    /// a peer's inbound connections and tunnels [default: a quarter of --max-connections].
+    #[arg(long, env = "AMBIT_MAX_CONNECTIONS_PER_SOURCE")]
+    pub max_connections_per_source: Option<usize>,
+}
+
+/// Raises the descriptor limit and derives the connection limits from it and the flags.
+fn connection_limits(args: &AgentArgs) -> anyhow::Result<Arc<Limits>> {
+    let nofile = limits::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    let settings = LimitSettings::for_descriptors(nofile.soft)
+        .with_flags(args.max_connections, args.max_connections_per_source)?;
+    info!(
+        descriptors = nofile.soft,
+        descriptors_at_start = nofile.before,
+        max_connections = settings.max_connections,
+        max_connections_per_source = settings.max_connections_per_source,
+        "connection limits"
+    );
+    // Below containerd's default: fine for a test bed, tight for a busy node.
+    if nofile.soft < 65_536 {
+        tracing::warn!(
+            descriptors = nofile.soft,
+            "RLIMIT_NOFILE (hard limit {}) allows only {} proxied connections; raise it for a busy \
+             node (LimitNOFILE, the container runtime's ulimits)",
+            nofile.hard,
+            settings.max_connections
+        );
+    }
+    Ok(Arc::new(Limits::new(settings)))
 }
 
 /// The certificate manager, when a CA is configured.
@@ -160,6 +194,7 @@ async fn report_closed_pods(
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let limits = connection_limits(&args)?;
     let cgroup = match args.cgroup.clone() {
         Some(cgroup) => cgroup,
         None => crate::redirect::cgroup2_mount()?,
@@ -171,6 +206,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::redirect::keep_node_addresses(redirector.clone()));
     let metrics = Arc::new(Metrics::new());
     metrics.observe_datapath(redirector.clone());
+    metrics.observe_limits(limits.clone());
 
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::empty()));
     let (config_tx, mut config_rx) = watch::channel(ConfigStatus::default());
@@ -223,6 +259,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         state: state_rx.clone(),
         metrics: metrics.clone(),
         certs: certs.clone(),
+        limits: limits.clone(),
     });
     let (enrolment_tx, enrolment_rx) = watch::channel(EnrolmentStatus::default());
     metrics.observe_enrolment(enrolment_rx.clone());
@@ -252,8 +289,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         redirector: redirector.clone(),
         logging: telemetry::log_control(),
         certs,
+        limits: limits.clone(),
     });
-    let metrics_server = tokio::spawn(admin::serve_metrics_on(args.metrics_addr, metrics));
+    let metrics_server = tokio::spawn(admin::serve_metrics_on(args.metrics_addr, metrics, limits));
     let admin = tokio::spawn(admin::serve(args.admin_addr, admin_state.clone(), true));
     let readiness = tokio::spawn(admin::serve(args.readiness_addr, admin_state, false));
     info!(node = %args.node, "agent started");

@@ -511,6 +511,7 @@ impl Enrolment {
         let hbone = proxy::hbone::HboneServer::new(
             proxy::inbound_hbone::PodInbound::new(pod.clone(), self.proxy.clone()),
             proxy::hbone::InboundSettings::new(workload.ips.clone()),
+            self.proxy.limits.clone(),
         );
         for l in listeners.hbone {
             let (hbone, listener) = (hbone.clone(), to_tokio(l)?);

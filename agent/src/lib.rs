@@ -10,6 +10,7 @@ pub mod cni;
 pub mod config;
 pub mod identity;
 pub mod inpod;
+pub mod limits;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

@@ -1810,8 +1810,13 @@ fn exported_labels() -> BTreeSet<String> {
     let start = src.find("TCP_LABEL_NAMES").expect("TCP_LABEL_NAMES");
     let block = &src[start..start + src[start..].find("];").unwrap()];
     out.extend(block.split('"').skip(1).step_by(2).map(String::from));
+    // Every name of each `&["a", "b"]` list (label sets, and label values, which do no harm).
     for part in src.split("&[\"").skip(1) {
-        out.insert(part.split('"').next().unwrap().to_string());
+        let list = &part[..part.find(']').unwrap_or(part.len())];
+        out.extend(
+            std::iter::once(list.split('"').next().unwrap().to_string())
+                .chain(list.split('"').skip(2).step_by(2).map(String::from)),
+        );
     }
     out
 }

@@ -766,35 +766,31 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     conns: mpsc::Sender<Result<TlsConn, io::Error>>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = conns.closed() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: back off rather than spin.
-                warn!("CA accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let info = TcpConnectInfo {
-            local_addr: tcp.local_addr().ok(),
-            remote_addr: Some(peer),
-        };
-        let acceptor = acceptor.clone();
-        let conns = conns.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let _ = conns.send(Ok(TlsConn { stream, info })).await;
+    let accepting = crate::limits::accept_loop(
+        &listener,
+        "CA",
+        |_| {},
+        |tcp, peer| {
+            let info = TcpConnectInfo {
+                local_addr: tcp.local_addr().ok(),
+                remote_addr: Some(peer),
+            };
+            let acceptor = acceptor.clone();
+            let conns = conns.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = conns.send(Ok(TlsConn { stream, info })).await;
+                    }
+                    Ok(Err(e)) => debug!(%peer, "CA TLS handshake failed: {e}"),
+                    Err(_) => debug!(%peer, "CA TLS handshake timed out"),
                 }
-                Ok(Err(e)) => debug!(%peer, "CA TLS handshake failed: {e}"),
-                Err(_) => debug!(%peer, "CA TLS handshake timed out"),
-            }
-        });
+            });
+        },
+    );
+    tokio::select! {
+        _ = conns.closed() => {}
+        _ = accepting => {}
     }
 }
 

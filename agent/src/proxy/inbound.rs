@@ -15,23 +15,27 @@ use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 /// Ports of the agent's own listeners in every pod.
 const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
 use crate::{
+    limits::{Path, refuse},
     policy::{ConnectionInfo, PeerAuthMode},
     telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags},
 };
 
-/// Accepts steered connections of one pod until the task is aborted (un-enrolment).
+/// Accepts steered connections of one pod until the task is aborted (un-enrolment). Each
+/// holds a slot of the agent's connection budget under its source address while it lives.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                tokio::spawn(handle(client, peer, pod.clone(), ctx.clone()));
-            }
-            Err(err) => {
-                warn!(pod = %pod.workload.uid(), %err, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let limits = &ctx.limits;
+    limits
+        .accept_loop(&listener, Path::Inbound, |client, peer| {
+            let Some(permit) = limits.admit(Path::Inbound, peer.ip().to_canonical()) else {
+                return refuse(client);
+            };
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            tokio::spawn(async move {
+                handle(client, peer, pod, ctx).await;
+                drop(permit);
+            });
+        })
+        .await
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {

@@ -33,6 +33,8 @@ pub struct ProxyContext {
     /// The certificates of this node's pods; `None` without a CA, and then mesh traffic is
     /// refused (there is no identity to present), never sent in the clear.
     pub certs: Option<Arc<CertificateManager>>,
+    /// The connection budget every accept loop admits through.
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 /// How long a connection waits for its pod's first certificate before it is refused.

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     identity::{SpiffeId, WorkloadCertificate},
+    limits::{Path, refuse},
     state::{MeshState, Resolved, Service, Workload},
     telemetry::{
         AccessLog, ConnectionLabels, Direction, Metrics, ResponseFlags, SecurityPolicy,
@@ -30,20 +31,23 @@ use crate::{
 };
 
 /// Accepts redirected connections of one pod until the task is aborted (un-enrolment).
-/// Connections already accepted run in their own tasks and outlive the listener.
+/// Connections already accepted run in their own tasks and outlive the listener. Each holds a
+/// slot of the agent's connection budget under the pod's address (the source of them all).
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                tokio::spawn(handle(client, peer, pod.clone(), ctx.clone()));
-            }
-            Err(err) => {
-                // Typically EMFILE: back off instead of spinning, keep serving.
-                warn!(pod = %pod.workload.uid(), %err, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let limits = &ctx.limits;
+    let source = pod.workload.ips.first().copied();
+    limits
+        .accept_loop(&listener, Path::Outbound, |client, peer| {
+            let Some(permit) = limits.admit(Path::Outbound, source.unwrap_or(peer.ip())) else {
+                return refuse(client);
+            };
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            tokio::spawn(async move {
+                handle(client, peer, pod, ctx).await;
+                drop(permit);
+            });
+        })
+        .await
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {

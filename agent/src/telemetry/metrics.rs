@@ -25,6 +25,7 @@ use crate::{
     config::ConfigStatus,
     identity::{CertificateManager, SpiffeId},
     inpod::EnrolmentStatus,
+    limits::Limits,
     proxy::Transferred,
     redirect::{RedirectStats, Redirector},
     state::{MeshState, Resolved, Service, Workload},
@@ -538,6 +539,7 @@ struct Sources {
     enrolment: Option<watch::Receiver<EnrolmentStatus>>,
     config: Option<watch::Receiver<ConfigStatus>>,
     certificates: Option<Arc<dyn CertificateStats>>,
+    limits: Option<Arc<Limits>>,
 }
 
 /// What the metrics read of the certificates held: implemented by the certificate manager.
@@ -586,6 +588,137 @@ struct HealthCollector {
     config_reloads: IntCounterVec,
     certificate_expiry: GaugeVec,
     ca_errors: IntCounter,
+    limits: LimitMetrics,
+}
+
+/// The connection limits and what they refused ([`crate::limits`]), and the process's
+/// descriptors under the names Prometheus' process collector gives them.
+struct LimitMetrics {
+    open_fds: IntGauge,
+    max_fds: IntGauge,
+    limit: IntGaugeVec,
+    in_use: IntGaugeVec,
+    over_limit: IntCounterVec,
+    timed_out: IntCounterVec,
+    accept_errors: IntCounterVec,
+}
+
+impl LimitMetrics {
+    fn new() -> prometheus::Result<Self> {
+        Ok(Self {
+            open_fds: IntGauge::new("process_open_fds", "Number of open file descriptors")?,
+            max_fds: IntGauge::new(
+                "process_max_fds",
+                "Maximum number of open file descriptors (the soft RLIMIT_NOFILE)",
+            )?,
+            limit: IntGaugeVec::new(
+                Opts::new(
+                    "ambit_connection_limit",
+                    "The agent's connection limits: proxied connections in all (total) and per \
+                     source address (per_source), HBONE handshakes in progress in all and per \
+                     source",
+                ),
+                &["limit"],
+            )?,
+            in_use: IntGaugeVec::new(
+                Opts::new(
+                    "ambit_connection_slots_in_use",
+                    "Slots held now: proxied connections and HBONE tunnels (connections), HBONE \
+                     connections in their handshake (handshakes)",
+                ),
+                &["slots"],
+            )?,
+            over_limit: IntCounterVec::new(
+                Opts::new(
+                    "ambit_connections_over_limit_total",
+                    "Connections (and HBONE tunnels) refused because a limit was reached, by \
+                     path and limit",
+                ),
+                &["path", "limit"],
+            )?,
+            timed_out: IntCounterVec::new(
+                Opts::new(
+                    "ambit_connections_timed_out_total",
+                    "Connections closed because a phase took too long (TLS handshake, HTTP/2 \
+                     preface, HTTP request, connection age), by path and phase",
+                ),
+                &["path", "phase"],
+            )?,
+            accept_errors: IntCounterVec::new(
+                Opts::new(
+                    "ambit_accept_errors_total",
+                    "Failed accepts (out of descriptors and the like: the listener backs off), \
+                     by path",
+                ),
+                &["path"],
+            )?,
+        })
+    }
+
+    fn parts(&self) -> [&dyn Collector; 7] {
+        [
+            &self.open_fds,
+            &self.max_fds,
+            &self.limit,
+            &self.in_use,
+            &self.over_limit,
+            &self.timed_out,
+            &self.accept_errors,
+        ]
+    }
+
+    fn refresh(&self, limits: Option<&Limits>) {
+        fn set_counter(counter: &IntCounter, value: u64) {
+            counter.reset();
+            counter.inc_by(value);
+        }
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        if let Ok(open) = crate::limits::open_descriptors() {
+            self.open_fds.set(i64::try_from(open).unwrap_or(i64::MAX));
+        }
+        if let Ok(limit) = crate::limits::nofile_limit() {
+            self.max_fds
+                .set(i64::try_from(limit.soft).unwrap_or(i64::MAX));
+        }
+        let Some(limits) = limits else {
+            return;
+        };
+        let settings = limits.settings();
+        for (name, value) in [
+            ("total", settings.max_connections),
+            ("per_source", settings.max_connections_per_source),
+            ("handshakes", settings.max_handshakes),
+            ("handshakes_per_source", settings.max_handshakes_per_source),
+        ] {
+            self.limit.with_label_values(&[name]).set(gauge(value));
+        }
+        let snapshot = limits.snapshot();
+        self.in_use
+            .with_label_values(&["connections"])
+            .set(gauge(snapshot.connections));
+        self.in_use
+            .with_label_values(&["handshakes"])
+            .set(gauge(snapshot.handshakes));
+        for (path, limit, n) in snapshot.over_limit {
+            set_counter(
+                &self
+                    .over_limit
+                    .with_label_values(&[path.as_str(), limit.as_str()]),
+                n,
+            );
+        }
+        for (path, phase, n) in snapshot.timed_out {
+            set_counter(
+                &self
+                    .timed_out
+                    .with_label_values(&[path.as_str(), phase.as_str()]),
+                n,
+            );
+        }
+        for (path, n) in snapshot.accept_errors {
+            set_counter(&self.accept_errors.with_label_values(&[path.as_str()]), n);
+        }
+    }
 }
 
 impl HealthCollector {
@@ -681,11 +814,12 @@ impl HealthCollector {
                 "Failed certificate requests to the CA (certificates held stay in use until \
                  expiry)",
             )?,
+            limits: LimitMetrics::new()?,
         })
     }
 
-    fn parts(&self) -> [&dyn Collector; 17] {
-        [
+    fn parts(&self) -> Vec<&dyn Collector> {
+        let mut parts: Vec<&dyn Collector> = vec![
             &self.enrolled_pods,
             &self.enrolment_failed_pods,
             &self.closed_pods,
@@ -703,7 +837,9 @@ impl HealthCollector {
             &self.config_reloads,
             &self.certificate_expiry,
             &self.ca_errors,
-        ]
+        ];
+        parts.extend(self.limits.parts());
+        parts
     }
 
     /// Copies the current figures of every attached source into the metrics.
@@ -756,6 +892,7 @@ impl HealthCollector {
         }
         // Identities whose certificate was dropped are gone: rebuild the series.
         self.certificate_expiry.reset();
+        self.limits.refresh(sources.limits.as_deref());
         if let Some(certs) = &sources.certificates {
             set_counter(&self.ca_errors, certs.ca_errors_total());
             let now = SystemTime::now();
@@ -913,6 +1050,11 @@ impl Metrics {
     /// Reads the certificates held (their expiry) and the CA error count at each scrape.
     pub fn observe_certificates(&self, certs: Arc<dyn CertificateStats>) {
         self.health.sources.lock().unwrap().certificates = Some(certs);
+    }
+
+    /// Reads the connection limits and their counters at each scrape.
+    pub fn observe_limits(&self, limits: Arc<Limits>) {
+        self.health.sources.lock().unwrap().limits = Some(limits);
     }
 
     /// Reads the configuration generation from `status` at each scrape.
@@ -1488,6 +1630,14 @@ mod tests {
             SystemTime::now() + Duration::from_secs(60),
         ));
         metrics.observe_certificates(Arc::new(certs));
+        let limits = Arc::new(crate::limits::Limits::new(
+            crate::limits::LimitSettings::for_descriptors(1024),
+        ));
+        limits.timed_out(
+            crate::limits::Path::Hbone,
+            crate::limits::Phase::TlsHandshake,
+        );
+        metrics.observe_limits(limits);
         let text = metrics.encode();
 
         let child = std::process::Command::new("promtool")
@@ -1512,6 +1662,70 @@ mod tests {
             "promtool: {}{}\n{text}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    #[test]
+    fn limits_and_descriptors_are_read_at_scrape_time() {
+        use crate::limits::{LimitSettings, Limits, Path, Phase};
+        let metrics = Metrics::new();
+        let mut settings = LimitSettings::for_descriptors(20_000);
+        settings.max_connections_per_source = 1;
+        let limits = Arc::new(Limits::new(settings));
+        metrics.observe_limits(limits.clone());
+        let ip = "10.0.0.1".parse().unwrap();
+        let held = limits.admit(Path::Inbound, ip).unwrap();
+        assert!(limits.admit(Path::Inbound, ip).is_none());
+        assert!(limits.admit(Path::HboneTunnel, ip).is_none());
+        limits.timed_out(Path::Readiness, Phase::HttpRequest);
+        let samples = parse(&metrics.encode());
+        let get = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
+        assert_eq!(
+            get("ambit_connection_limit", &[("limit", "total")]),
+            Some(8_750.0)
+        );
+        assert_eq!(
+            get("ambit_connection_limit", &[("limit", "per_source")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            get("ambit_connection_slots_in_use", &[("slots", "connections")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            get(
+                "ambit_connections_over_limit_total",
+                &[("path", "inbound"), ("limit", "per_source")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            get(
+                "ambit_connections_over_limit_total",
+                &[("path", "hbone_tunnel"), ("limit", "per_source")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            get(
+                "ambit_connections_timed_out_total",
+                &[("path", "readiness"), ("phase", "http_request")]
+            ),
+            Some(1.0)
+        );
+        // The process's own descriptors, as Prometheus' process collector names them.
+        let open = get("process_open_fds", &[]).unwrap();
+        let max = get("process_max_fds", &[]).unwrap();
+        assert!(open >= 3.0 && max >= open, "{open} of {max}");
+        drop(held);
+        let samples = parse(&metrics.encode());
+        assert_eq!(
+            value(
+                &samples,
+                "ambit_connection_slots_in_use",
+                &[("slots", "connections")]
+            ),
+            Some(0.0)
         );
     }
 

@@ -24,6 +24,13 @@
 //! - `testpod pending --connect ADDR --count C --hold-seconds S`: C non-blocking connects at
 //!   once, held S seconds (handshakes that cannot complete stay in flight), then closed; one
 //!   summary line.
+//! - `testpod idle --connect ADDR --count N [--max-seconds S] [--outstanding W]`: opens N
+//!   connections (128 connects in flight, at most W connecting or open at a time) and sends
+//!   nothing on them, watching them until the peer has closed every one (or S seconds passed
+//!   after the last connect). Prints `{"event":"opened",...}` once all connects are done, progress
+//!   every second while some are open, and `{"event":"done","opened":..,"failed":..,
+//!   "closed_eof":..,"closed_reset":..,"still_open":..,"closed_after_s":{"<s>":n,..}}`: how many
+//!   the peer closed with a FIN or a reset, and how many seconds after their connect.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -126,6 +133,27 @@ enum Cmd {
         #[arg(long)]
         greeting_only: bool,
     },
+    /// Open many connections, send nothing, report when the peer closes them.
+    Idle {
+        /// Address to connect to.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Number of connections.
+        #[arg(long)]
+        count: u32,
+        /// Give up watching after this many seconds (the rest are reported still open).
+        #[arg(long, default_value_t = 120)]
+        max_seconds: u64,
+        /// Time limit per connect, in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// At most this many connections connecting or open (not yet closed by the peer) at
+        /// once: a new one starts when the peer has closed an earlier one. Keep it under the
+        /// peer's listen backlog, or the kernel drops what overflows its accept queue and the
+        /// client never learns (its side stays "established").
+        #[arg(long, default_value_t = 256)]
+        outstanding: usize,
+    },
     /// Hold one connection open; echo stdin lines through it.
     Hold {
         /// Address to connect to.
@@ -215,6 +243,19 @@ fn main() -> ExitCode {
             connect,
             timeout_ms,
         } => hold(connect, Duration::from_millis(timeout_ms)),
+        Cmd::Idle {
+            connect,
+            count,
+            max_seconds,
+            timeout_ms,
+            outstanding,
+        } => idle(
+            connect,
+            count,
+            Duration::from_secs(max_seconds),
+            Duration::from_millis(timeout_ms),
+            outstanding,
+        ),
     };
     if ok {
         ExitCode::SUCCESS
@@ -786,6 +827,188 @@ fn hold(addr: SocketAddr, timeout: Duration) -> bool {
     let _ = w.shutdown(Shutdown::Write);
     emit(json!({"event": "closed"}));
     all_ok
+}
+
+// ---------------------------------------------------------------------------------------------
+// idle
+
+/// How the peer ended an idle connection, if it did: reads what is pending without blocking.
+enum PeerEnd {
+    Open,
+    Eof,
+    Reset,
+}
+
+fn peer_end(s: &mut TcpStream) -> PeerEnd {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return PeerEnd::Eof,
+            // The peer spoke (nothing here expects it to): keep watching.
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return PeerEnd::Open,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return PeerEnd::Reset,
+        }
+    }
+}
+
+/// Connects in flight at once: enough to keep the peer's accept queue busy, under the usual
+/// listen backlog so a burst does not overflow it by itself.
+const IDLE_WINDOW: usize = 128;
+
+/// What an idle client knows so far.
+#[derive(Default)]
+struct IdleCounts {
+    opened: u64,
+    failed: u64,
+    first_error: Option<String>,
+    eof: u64,
+    reset: u64,
+    /// Closed by the peer, by whole seconds after their connect completed.
+    after_s: std::collections::BTreeMap<u64, u64>,
+}
+
+impl IdleCounts {
+    fn fail(&mut self, error: String) {
+        self.failed += 1;
+        self.first_error.get_or_insert(error);
+    }
+
+    fn closed(&mut self, end: PeerEnd, since: Instant) {
+        match end {
+            PeerEnd::Open => return,
+            PeerEnd::Eof => self.eof += 1,
+            PeerEnd::Reset => self.reset += 1,
+        }
+        *self.after_s.entry(since.elapsed().as_secs()).or_default() += 1;
+    }
+}
+
+fn idle(
+    addr: SocketAddr,
+    count: u32,
+    max: Duration,
+    timeout: Duration,
+    outstanding: usize,
+) -> bool {
+    let start = Instant::now();
+    let mut c = IdleCounts::default();
+    // Connects in progress (since when), and connections established (since when).
+    let mut pending: Vec<(Socket, Instant)> = Vec::new();
+    let mut open: Vec<(TcpStream, Instant)> = Vec::with_capacity(count as usize);
+    let mut started = 0u32;
+    let mut watch_until: Option<Instant> = None;
+    let mut last_progress = Instant::now();
+    loop {
+        while pending.len() < IDLE_WINDOW
+            && pending.len() + open.len() < outstanding
+            && started < count
+        {
+            started += 1;
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+                .and_then(|s| s.set_nonblocking(true).map(|()| s));
+            let socket = match socket {
+                Ok(s) => s,
+                Err(e) => {
+                    c.fail(format!("socket: {e}"));
+                    continue;
+                }
+            };
+            match socket.connect(&addr.into()) {
+                Ok(()) => {
+                    c.opened += 1;
+                    open.push((socket.into(), Instant::now()));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                    pending.push((socket, Instant::now()));
+                }
+                Err(e) => c.fail(format!("connect {addr}: {e}")),
+            }
+        }
+        if started == count && pending.is_empty() && watch_until.is_none() {
+            emit(json!({
+                "event": "opened", "opened": c.opened, "failed": c.failed,
+                "first_error": c.first_error, "elapsed_ms": start.elapsed().as_millis() as u64,
+            }));
+            watch_until = Some(Instant::now() + max);
+        }
+        if watch_until.is_some_and(|until| open.is_empty() || Instant::now() >= until) {
+            break;
+        }
+        let pollfd = |fd, events| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        let mut fds: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|(s, _)| pollfd(std::os::fd::AsRawFd::as_raw_fd(s), libc::POLLOUT))
+            .chain(open.iter().map(|(s, _)| {
+                pollfd(
+                    std::os::fd::AsRawFd::as_raw_fd(s),
+                    libc::POLLIN | libc::POLLRDHUP,
+                )
+            }))
+            .collect();
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the call's duration.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        let (pending_fds, open_fds) = fds.split_at(pending.len());
+        // Established connections first, from the end, so `swap_remove` keeps the indices
+        // still to visit valid.
+        for i in (0..open.len()).rev() {
+            if open_fds[i].revents != 0 {
+                let end = peer_end(&mut open[i].0);
+                if !matches!(end, PeerEnd::Open) {
+                    let (_, since) = open.swap_remove(i);
+                    c.closed(end, since);
+                }
+            }
+        }
+        for i in (0..pending.len()).rev() {
+            let done = pending_fds[i].revents != 0;
+            if !done && pending[i].1.elapsed() < timeout {
+                continue;
+            }
+            let (socket, since) = pending.swap_remove(i);
+            if !done {
+                c.fail(format!("connect {addr}: timed out"));
+                continue;
+            }
+            match socket.take_error() {
+                Ok(None) => {
+                    c.opened += 1;
+                    open.push((socket.into(), Instant::now()));
+                }
+                // Established, then reset before we looked (a reset answering the SYN would
+                // be "refused"): opened, and closed by the peer at once.
+                Ok(Some(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    c.opened += 1;
+                    c.closed(PeerEnd::Reset, since);
+                }
+                Ok(Some(e)) | Err(e) => c.fail(format!("connect {addr}: {e}")),
+            }
+        }
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            emit(json!({
+                "event": "progress", "connecting": pending.len(), "open": open.len(),
+                "closed_eof": c.eof, "closed_reset": c.reset,
+                "elapsed_ms": start.elapsed().as_millis() as u64,
+            }));
+        }
+    }
+    let after: serde_json::Map<String, Value> = c
+        .after_s
+        .iter()
+        .map(|(s, n)| (s.to_string(), json!(n)))
+        .collect();
+    emit(json!({
+        "event": "done", "opened": c.opened, "failed": c.failed, "first_error": c.first_error,
+        "closed_eof": c.eof, "closed_reset": c.reset, "still_open": open.len(),
+        "closed_after_s": after, "elapsed_ms": start.elapsed().as_millis() as u64,
+    }));
+    true
 }
 
 #[cfg(test)]

@@ -11,6 +11,14 @@
 //!
 //! Every stream ends with one [`StreamReport`] to [`InboundHandler::report`], so the caller
 //! can log and count it; connections refused at TLS go to [`InboundHandler::connection_failed`].
+//!
+//! What a client can hold is bounded ([`crate::limits`]): each connection holds a slot of the
+//! agent's connection budget under its source address, and a handshake slot until its TLS
+//! handshake ([`InboundSettings::handshake_timeout`]) and HTTP/2 preface
+//! ([`InboundSettings::preface_timeout`]) are done; a connection over a limit is reset as soon
+//! as it is accepted. Each tunnel holds a slot too, so no source opens more tunnels than its
+//! share whatever its number of connections; a tunnel over it is answered 503 and not reported
+//! (it is counted in `ambit_connections_over_limit_total`, so a flood adds no log lines).
 use std::{
     future::Future,
     io,
@@ -27,7 +35,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     HboneStream, Http2Config, MAX_HEADER_LIST_SIZE,
@@ -36,6 +44,7 @@ use super::{
 };
 use crate::{
     identity::SpiffeId,
+    limits::{ConnectionPermit, Limits, Path, Phase, refuse as reset},
     proxy::{Transferred, relay},
 };
 
@@ -191,6 +200,9 @@ pub enum ConnectionError {
     /// The TLS handshake did not finish in time.
     #[error("TLS handshake timed out")]
     HandshakeTimeout,
+    /// The client did not send its HTTP/2 preface in time after the TLS handshake.
+    #[error("HTTP/2 preface timed out")]
+    PrefaceTimeout,
     /// The TLS handshake failed: untrusted or foreign-trust-domain client (see
     /// [`tls::identity_error`] and [`tls::handshake_error`]), or not TLS at all.
     #[error("TLS handshake failed: {0}")]
@@ -228,8 +240,10 @@ pub struct InboundSettings {
     pub http2: Http2Config,
     /// Most tunnels one client connection may carry at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub max_concurrent_streams: u32,
-    /// Bound on the TLS handshake, so half-open clients cannot hold sockets forever.
+    /// Bound on the TLS handshake, from accept, so idle or slow clients cannot hold sockets.
     pub handshake_timeout: Duration,
+    /// Bound on the client's HTTP/2 preface, once TLS is up.
+    pub preface_timeout: Duration,
 }
 
 impl InboundSettings {
@@ -246,7 +260,10 @@ impl InboundSettings {
             http2: Http2Config::default(),
             // hyper's default, which ztunnel uses; above the clients' pool cap of 100.
             max_concurrent_streams: 200,
+            // The usual TLS server default (tls-listener's, Go's net/http's): ample for a
+            // handshake across a cluster, short for an idle socket.
             handshake_timeout: Duration::from_secs(10),
+            preface_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -259,6 +276,7 @@ pub struct HboneServer<H> {
 struct ServerInner<H> {
     handler: H,
     settings: InboundSettings,
+    limits: Arc<Limits>,
 }
 
 impl<H> Clone for HboneServer<H> {
@@ -270,10 +288,15 @@ impl<H> Clone for HboneServer<H> {
 }
 
 impl<H: InboundHandler> HboneServer<H> {
-    /// A server deciding with `handler`.
-    pub fn new(handler: H, settings: InboundSettings) -> Self {
+    /// A server deciding with `handler`, its connections and tunnels admitted through `limits`
+    /// (shared by every listener of the agent).
+    pub fn new(handler: H, settings: InboundSettings, limits: Arc<Limits>) -> Self {
         Self {
-            inner: Arc::new(ServerInner { handler, settings }),
+            inner: Arc::new(ServerInner {
+                handler,
+                settings,
+                limits,
+            }),
         }
     }
 
@@ -285,34 +308,42 @@ impl<H: InboundHandler> HboneServer<H> {
     /// Accepts connections until the future is dropped (abort the task to stop listening).
     /// Connections already accepted run in their own tasks and are not cut.
     pub async fn serve(&self, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((tcp, source)) => {
-                    let server = self.clone();
-                    tokio::spawn(async move {
-                        let source = canonical(source);
-                        if let Err(err) = server.serve_connection(tcp, source).await {
-                            debug!(%source, %err, "HBONE connection failed");
-                            server.inner.handler.connection_failed(source, &err);
-                        }
-                    });
-                }
-                Err(err) => {
-                    // Out of descriptors or a connection aborted before accept: keep serving.
-                    warn!(%err, "HBONE accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        let limits = &self.inner.limits;
+        limits
+            .accept_loop(&listener, Path::Hbone, |tcp, source| {
+                let source = canonical(source);
+                let Some(admitted) = limits.admit_hbone(source.ip()) else {
+                    return reset(tcp);
+                };
+                let server = self.clone();
+                tokio::spawn(async move { server.serve_admitted(tcp, source, admitted).await });
+            })
+            .await
     }
 
-    /// Serves one accepted connection until the client closes it.
-    pub async fn serve_connection(
+    /// Serves one admitted connection until the client closes it.
+    async fn serve_admitted(
         &self,
         tcp: TcpStream,
         source: SocketAddr,
+        (slot, handshake): (ConnectionPermit, ConnectionPermit),
+    ) {
+        if let Err(err) = self.connection(tcp, source, handshake).await {
+            debug!(%source, %err, "HBONE connection failed");
+            self.inner.handler.connection_failed(source, &err);
+        }
+        drop(slot);
+    }
+
+    /// Handshakes (holding `handshake` until done), then serves the connection's tunnels.
+    async fn connection(
+        &self,
+        tcp: TcpStream,
+        source: SocketAddr,
+        handshake: ConnectionPermit,
     ) -> Result<(), ConnectionError> {
         let settings = &self.inner.settings;
+        let limits = &self.inner.limits;
         let tls_config = self
             .inner
             .handler
@@ -324,12 +355,15 @@ impl<H: InboundHandler> HboneServer<H> {
             TlsAcceptor::from(tls_config).accept(tcp),
         )
         .await
-        .map_err(|_| ConnectionError::HandshakeTimeout)?
+        .map_err(|_| {
+            limits.timed_out(Path::Hbone, Phase::TlsHandshake);
+            ConnectionError::HandshakeTimeout
+        })?
         .map_err(ConnectionError::Handshake)?;
         let peer = tls::peer_identity(tls.get_ref().1).ok_or(ConnectionError::NoPeerIdentity)?;
         debug!(%source, %peer, "HBONE connection accepted");
 
-        let mut connection = h2::server::Builder::new()
+        let handshaking = h2::server::Builder::new()
             .initial_window_size(settings.http2.stream_window)
             .initial_connection_window_size(settings.http2.connection_window)
             .max_frame_size(settings.http2.max_frame_size)
@@ -338,9 +372,15 @@ impl<H: InboundHandler> HboneServer<H> {
             // See client::handshake: flow control bounds buffering; the budget would kill
             // every tunnel of the connection over one application's small writes.
             .data_frame_budget(usize::MAX)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(tls);
+        let mut connection = tokio::time::timeout(settings.preface_timeout, handshaking)
             .await
+            .map_err(|_| {
+                limits.timed_out(Path::Hbone, Phase::Http2Preface);
+                ConnectionError::PrefaceTimeout
+            })?
             .map_err(ConnectionError::Http2)?;
+        drop(handshake);
         let keepalive = settings.http2.keepalive(connection.ping_pong());
         tokio::pin!(keepalive);
         // Polling `accept` also drives the connection's I/O for the streams already open, so
@@ -354,12 +394,17 @@ impl<H: InboundHandler> HboneServer<H> {
             let Some(accepted) = accepted else {
                 return Ok(());
             };
-            let (request, respond) = accepted.map_err(ConnectionError::Http2)?;
+            let (request, mut respond) = accepted.map_err(ConnectionError::Http2)?;
+            let Some(slot) = limits.admit(Path::HboneTunnel, source.ip()) else {
+                refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                continue;
+            };
             let server = self.clone();
             let peer = peer.clone();
             tokio::spawn(async move {
                 let report = server.serve_stream(request, respond, peer, source).await;
                 server.inner.handler.report(report);
+                drop(slot);
             });
         }
     }

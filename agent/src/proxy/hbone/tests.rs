@@ -12,8 +12,8 @@ use std::{
 
 use http::{HeaderValue, StatusCode};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::mpsc,
 };
 
@@ -23,7 +23,10 @@ use super::{
     tls::{self, PeerIdentityError},
     *,
 };
-use crate::identity::{SpiffeId, WorkloadCertificate};
+use crate::{
+    identity::{SpiffeId, WorkloadCertificate},
+    limits::{Limit, LimitSettings, Limits, Path, Phase},
+};
 
 pub(crate) const TD: &str = "cluster.local";
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -43,8 +46,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 enum Failure {
     Identity(PeerIdentityError),
     Rustls(rustls::Error),
-    // Only read through `Debug`, in panic messages.
-    Other(#[allow(dead_code)] String),
+    Other(String),
 }
 
 struct Handler {
@@ -137,11 +139,26 @@ pub(crate) async fn start_waypoint(cert: &WorkloadCertificate, upstream: SocketA
     start(cert, false, settings, Some(upstream)).await
 }
 
+/// Limits no test here comes near, as on a node with containerd's descriptor limit.
+fn generous_limits() -> Arc<Limits> {
+    Arc::new(Limits::new(LimitSettings::for_descriptors(1 << 20)))
+}
+
 async fn start(
     cert: &WorkloadCertificate,
     deny: bool,
     settings: InboundSettings,
     forward_to: Option<SocketAddr>,
+) -> Server {
+    start_limited(cert, deny, settings, forward_to, generous_limits()).await
+}
+
+async fn start_limited(
+    cert: &WorkloadCertificate,
+    deny: bool,
+    settings: InboundSettings,
+    forward_to: Option<SocketAddr>,
+    limits: Arc<Limits>,
 ) -> Server {
     let (requests_tx, requests) = mpsc::unbounded_channel();
     let (reports_tx, reports) = mpsc::unbounded_channel();
@@ -158,7 +175,7 @@ async fn start(
     };
     let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = HboneServer::new(handler, settings);
+    let server = HboneServer::new(handler, settings, limits);
     let task = tokio::spawn(async move { server.serve(listener).await });
     Server {
         addr,
@@ -723,4 +740,170 @@ async fn goaway_moves_new_tunnels_without_cutting_live_ones() {
     assert_eq!(exchange(next, b"second").await, b"second");
     // The closing connection still carries the tunnel it had.
     assert_eq!(exchange(live, b"first").await, b"first");
+}
+
+/// Waits until the server closes `conn` (end of stream or a reset), skipping what it sends
+/// first (TLS records, its HTTP/2 SETTINGS); fails the test after 10 s.
+async fn closed_by_server(conn: &mut (impl AsyncRead + Unpin)) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("the server never closed the connection");
+        if matches!(read, Ok(0) | Err(_)) {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn silent_clients_are_cut_at_the_handshake_and_preface_timeouts() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let limits = generous_limits();
+    let mut settings = InboundSettings::new(vec![LOCALHOST]);
+    settings.handshake_timeout = Duration::from_millis(300);
+    settings.preface_timeout = Duration::from_millis(300);
+    let server_cert = ca.issue(&id("server"));
+    let mut server = start_limited(&server_cert, false, settings, None, limits.clone()).await;
+
+    // Connected, and not a byte since.
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    closed_by_server(&mut idle).await;
+    let failure = recv(&mut server.failures).await;
+    assert!(
+        matches!(&failure, Failure::Other(e) if e == "TLS handshake timed out"),
+        "{failure:?}"
+    );
+
+    // Through TLS with a good certificate, then silent: no HTTP/2 preface.
+    let config = tls::client_config(&client_cert, std::slice::from_ref(&server.id)).unwrap();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut tls = client::connect_tls(tcp, config, server.addr).await.unwrap();
+    closed_by_server(&mut tls).await;
+    let failure = recv(&mut server.failures).await;
+    assert!(
+        matches!(&failure, Failure::Other(e) if e == "HTTP/2 preface timed out"),
+        "{failure:?}"
+    );
+
+    eventually("the connections' slots are given back", || {
+        let held = limits.snapshot();
+        held.connections == 0 && held.handshakes == 0
+    })
+    .await;
+    assert_eq!(
+        limits.snapshot().timed_out,
+        vec![
+            (Path::Hbone, Phase::TlsHandshake, 1),
+            (Path::Hbone, Phase::Http2Preface, 1)
+        ]
+    );
+}
+
+/// A pool whose connections come from `source` (any 127/8 address is this host's).
+fn pool_from(source: IpAddr) -> Pool {
+    Pool::new(
+        move |key: &PoolKey| {
+            let destination = key.destination();
+            async move {
+                let socket = TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(source, 0))?;
+                socket.connect(destination).await
+            }
+        },
+        PoolConfig::default(),
+    )
+}
+
+#[tokio::test]
+async fn a_source_past_its_share_of_handshakes_is_reset_and_others_are_served() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let mut limit = LimitSettings::for_descriptors(1 << 20);
+    limit.max_handshakes_per_source = 2;
+    let limits = Arc::new(Limits::new(limit));
+    let mut settings = InboundSettings::new(vec![LOCALHOST]);
+    // Longer than `closed_by_server` waits: only the limit can close the third connection.
+    settings.handshake_timeout = Duration::from_secs(60);
+    let server_cert = ca.issue(&id("server"));
+    let server = start_limited(&server_cert, false, settings, None, limits.clone()).await;
+
+    // Two silent connections from 127.0.0.1 hold its share of handshakes...
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    eventually("both connections in their handshake", || {
+        limits.snapshot().handshakes == 2
+    })
+    .await;
+    // ...so a third is reset as soon as it is accepted,
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    closed_by_server(&mut third).await;
+    // while a client at another address gets its tunnel.
+    let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let (upstream, _got) = start_upstream(b"hello".to_vec()).await;
+    let pool = pool_from(other);
+    let key = PoolKey::new(
+        client_cert.id.clone(),
+        other,
+        server.addr,
+        vec![server.id.clone()],
+    );
+    let request = TunnelRequest::new(app_source(), upstream);
+    let stream = pool.open(&key, &client_cert, &request).await.unwrap();
+    assert_eq!(exchange(stream, b"x").await, b"hello");
+    assert_eq!(
+        limits.snapshot().over_limit,
+        vec![(Path::Hbone, Limit::HandshakesPerSource, 1)]
+    );
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        3,
+        "the refused one was served"
+    );
+    drop(held);
+}
+
+#[tokio::test]
+async fn tunnels_past_the_source_share_are_refused_with_503() {
+    let ca = TestCa::new("root");
+    let client_cert = ca.issue(&id("client"));
+    let mut limit = LimitSettings::for_descriptors(1 << 20);
+    // The connection and one tunnel.
+    limit.max_connections_per_source = 2;
+    let limits = Arc::new(Limits::new(limit));
+    let settings = InboundSettings::new(vec![LOCALHOST]);
+    let server_cert = ca.issue(&id("server"));
+    let server = start_limited(&server_cert, false, settings, None, limits.clone()).await;
+    let (upstream, _got) = start_upstream(b"hello".to_vec()).await;
+    let pool = test_pool(PoolConfig::default());
+    let key = key_for(&client_cert, &server, vec![server.id.clone()]);
+    let request = TunnelRequest::new(app_source(), upstream);
+
+    let first = pool.open(&key, &client_cert, &request).await.unwrap();
+    let err = pool.open(&key, &client_cert, &request).await.unwrap_err();
+    assert_eq!(
+        err.status(),
+        Some(StatusCode::SERVICE_UNAVAILABLE),
+        "{err:?}"
+    );
+    // The tunnel already open is not disturbed, and its end frees the slot.
+    assert_eq!(exchange(first, b"x").await, b"hello");
+    eventually("the first tunnel's slot is given back", || {
+        limits.snapshot().connections == 1
+    })
+    .await;
+    let again = pool.open(&key, &client_cert, &request).await.unwrap();
+    assert_eq!(exchange(again, b"y").await, b"hello");
+    assert_eq!(
+        limits.snapshot().over_limit,
+        vec![(Path::HboneTunnel, Limit::PerSource, 1)]
+    );
+    assert_eq!(
+        pool.connection_count(),
+        1,
+        "a refused tunnel keeps its connection"
+    );
 }

@@ -1,0 +1,236 @@
+//! The one accept loop of every listener (the pods' 15001, 15006 and 15008, the agent's 15000,
+//! 15020 and 15021, the CA's 15012).
+//!
+//! `accept(2)` fails for two kinds of reasons. Some belong to the connection being accepted (it
+//! was reset or aborted while it waited): the next one is fine, so the loop goes on at once.
+//! The others belong to the process or the system: out of descriptors (EMFILE, ENFILE), of
+//! buffers or memory (ENOBUFS, ENOMEM). Then the pending connection stays in the backlog and the
+//! listener stays readable, so retrying at once spins a core at 100% doing nothing else, just
+//! when the agent is short of something. The loop backs off instead: 5 ms, doubling to 1 s,
+//! back to 5 ms after the next success. Errors are logged at most every 10 s, with how many
+//! there were since.
+use std::{io, net::SocketAddr, time::Duration};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::Throttle;
+
+/// The first and the longest pause after a failed accept.
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How often a listener logs that accepting fails.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Exponential backoff between failed accepts.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { next: BACKOFF_MIN }
+    }
+
+    /// The pause after one more failure.
+    fn failed(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        pause
+    }
+
+    fn succeeded(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+/// Whether an accept error belongs to the connection being accepted rather than to the process:
+/// the errors accept(2) passes on from a connection that failed while it waited in the backlog.
+fn is_connection_error(err: &io::Error) -> bool {
+    if matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    ) {
+        return true;
+    }
+    matches!(
+        err.raw_os_error(),
+        Some(
+            libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+                | libc::ENETDOWN
+                | libc::EPERM
+                | libc::ETIMEDOUT
+        )
+    )
+}
+
+/// Accepts connections on `listener` until the future is dropped, handing each to `on_accept`
+/// (which should spawn whatever serves it, or drop the stream to refuse it). `on_error` sees
+/// every failed accept (to count it); `what` names the listener in the log.
+pub async fn accept_loop(
+    listener: &TcpListener,
+    what: &str,
+    mut on_error: impl FnMut(&io::Error),
+    mut on_accept: impl FnMut(TcpStream, SocketAddr),
+) {
+    let mut backoff = Backoff::new();
+    let mut throttle = Throttle::new(LOG_EVERY);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff.succeeded();
+                on_accept(stream, peer);
+            }
+            Err(err) if is_connection_error(&err) => {
+                on_error(&err);
+                debug!(listener = what, %err, "a connection failed before it was accepted");
+            }
+            Err(err) => {
+                on_error(&err);
+                let pause = backoff.failed();
+                if let Some(suppressed) = throttle.tick() {
+                    warn!(
+                        listener = what,
+                        %err,
+                        failures_since_last_warning = suppressed,
+                        pause_ms = pause.as_millis() as u64,
+                        "accept failed; backing off"
+                    );
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+    use std::time::Instant;
+
+    use super::*;
+    use crate::limits::nofile::open_descriptors;
+
+    #[test]
+    fn backoff_doubles_to_a_ceiling_and_resets() {
+        let mut backoff = Backoff::new();
+        let pauses: Vec<_> = (0..10).map(|_| backoff.failed()).collect();
+        assert_eq!(pauses[0], BACKOFF_MIN);
+        assert_eq!(pauses[1], BACKOFF_MIN * 2);
+        assert_eq!(*pauses.last().unwrap(), BACKOFF_MAX);
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
+        backoff.succeeded();
+        assert_eq!(backoff.failed(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn process_errors_back_off_connection_errors_do_not() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(!is_connection_error(&io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [
+            libc::ECONNABORTED,
+            libc::EPROTO,
+            libc::ENETUNREACH,
+            libc::EINTR,
+        ] {
+            assert!(is_connection_error(&io::Error::from_raw_os_error(errno)));
+        }
+    }
+
+    fn set_soft_nofile(soft: u64) {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscalls on structs we own.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            limit.rlim_cur = soft;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+
+    /// Out of descriptors for real (the soft limit lowered to what is open, then the rest
+    /// filled): the loop retries a handful of times a second instead of spinning, and serves
+    /// the waiting connections once descriptors are free again. nextest runs each test in a
+    /// process of its own, so the lowered limit touches nothing else.
+    #[tokio::test]
+    async fn out_of_descriptors_backs_off_and_recovers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Connected by the kernel, waiting in the backlog.
+        let clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let original = crate::limits::nofile::nofile_limit().unwrap().soft;
+        set_soft_nofile(open_descriptors().unwrap() + 16);
+        let mut fillers = Vec::new();
+        let exhausted = loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(file) => fillers.push(file),
+                Err(err) => break err,
+            }
+        };
+        assert_eq!(exhausted.raw_os_error(), Some(libc::EMFILE), "{exhausted}");
+
+        let errors = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (e, a) = (errors.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            accept_loop(
+                &listener,
+                "test",
+                |_| {
+                    e.fetch_add(1, Ordering::Relaxed);
+                },
+                |stream, _| {
+                    a.fetch_add(1, Ordering::Relaxed);
+                    drop(stream);
+                },
+            )
+            .await
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while errors.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "accept never failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let start = errors.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let in_a_second = errors.load(Ordering::Relaxed) - start;
+        // 5 + 10 + 20 + ... ms: at most 8 retries fit in a second (a spinning loop makes
+        // hundreds of thousands); a busy machine only makes it fewer.
+        assert!(
+            in_a_second <= 8,
+            "{in_a_second} failed accepts in one second"
+        );
+        assert_eq!(accepted.load(Ordering::Relaxed), 0);
+
+        drop(fillers);
+        while accepted.load(Ordering::Relaxed) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "waiting connections not served after descriptors came back"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+        set_soft_nofile(original);
+        drop(clients);
+    }
+}
