@@ -13,7 +13,10 @@ use crate::{
         client::DEFAULT_CA_TIMEOUT,
     },
     inpod::{Enrolment, EnrolmentStatus},
-    proxy::ProxyContext,
+    proxy::{
+        ProxyContext,
+        admission::{self, OpenConnections},
+    },
     redirect::{RedirectConfig, Redirector},
     state::MeshState,
     telemetry::{self, Metrics},
@@ -180,7 +183,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         state: state_rx.clone(),
         metrics: metrics.clone(),
         certs: certs.clone(),
+        connections: Arc::new(OpenConnections::new()),
     });
+    // Every new state, from either source, is applied to the inbound connections already open.
+    tokio::spawn(admission::reevaluate_on_change(
+        proxy.connections.clone(),
+        state_rx.clone(),
+    ));
     let (enrolment_tx, enrolment_rx) = watch::channel(EnrolmentStatus::default());
     metrics.observe_enrolment(enrolment_rx.clone());
     let sandbox_file = args.cni_socket.with_file_name("cni-sandboxes.json");

@@ -23,7 +23,10 @@ use super::{
     tls::{self, PeerIdentityError},
     *,
 };
-use crate::identity::{SpiffeId, WorkloadCertificate};
+use crate::{
+    identity::{SpiffeId, WorkloadCertificate},
+    proxy::admission::Admission,
+};
 
 pub(crate) const TD: &str = "cluster.local";
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -67,12 +70,12 @@ impl InboundHandler for Handler {
         Some(self.tls.clone())
     }
 
-    async fn authorize(&self, request: &ConnectRequest) -> Result<(), Deny> {
+    async fn authorize(&self, request: &ConnectRequest) -> Result<Admission, Deny> {
         let _ = self.requests.send(request.clone());
         if self.deny {
             Err(Deny::new("test policy says no"))
         } else {
-            Ok(())
+            Ok(Admission::unconditional())
         }
     }
 
