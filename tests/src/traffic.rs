@@ -82,15 +82,15 @@ impl Conn {
     }
 }
 
-/// Runs `testpod client` in `from` with `extra` flags; returns every connection's report (it
-/// does not require success: callers assert what they expect).
-pub fn client_with(
+/// Starts `testpod client` in `from` with `extra` flags (a later `--timeout-ms` overrides the
+/// 5 s default), without waiting: its stdout has one report per connection.
+pub fn spawn_client(
     from: &Pod,
     dst: SocketAddr,
     bytes: u64,
     count: u32,
     extra: &[&str],
-) -> Result<Vec<Conn>> {
+) -> Result<PodProcess> {
     let mut args = vec![
         "client".to_string(),
         "--connect".into(),
@@ -103,7 +103,19 @@ pub fn client_with(
         "5000".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut c = from.spawn(testpod_bin()?, &args)?;
+    from.spawn(testpod_bin()?, &args)
+}
+
+/// Runs `testpod client` in `from` with `extra` flags; returns every connection's report (it
+/// does not require success: callers assert what they expect).
+pub fn client_with(
+    from: &Pod,
+    dst: SocketAddr,
+    bytes: u64,
+    count: u32,
+    extra: &[&str],
+) -> Result<Vec<Conn>> {
+    let mut c = spawn_client(from, dst, bytes, count, extra)?;
     let (_, lines) = c.wait_json(Duration::from_secs(60))?;
     Ok(lines.into_iter().map(|report| Conn { report }).collect())
 }
