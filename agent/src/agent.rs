@@ -14,7 +14,10 @@ use crate::{
     },
     inpod::{Enrolment, EnrolmentStatus},
     limits::{self, LimitSettings, Limits},
-    proxy::ProxyContext,
+    proxy::{
+        ProxyContext,
+        admission::{self, OpenConnections},
+    },
     redirect::{RedirectConfig, Redirector},
     state::MeshState,
     telemetry::{self, Metrics},
@@ -260,7 +263,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         certs: certs.clone(),
         limits: limits.clone(),
+        connections: Arc::new(OpenConnections::new()),
     });
+    // Every new state, from either source, is applied to the inbound connections already open.
+    tokio::spawn(admission::reevaluate_on_change(
+        proxy.connections.clone(),
+        state_rx.clone(),
+    ));
     let (enrolment_tx, enrolment_rx) = watch::channel(EnrolmentStatus::default());
     metrics.observe_enrolment(enrolment_rx.clone());
     if let Some(client) = kube_client {

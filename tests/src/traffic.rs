@@ -82,15 +82,15 @@ impl Conn {
     }
 }
 
-/// Runs `testpod client` in `from` with `extra` flags; returns every connection's report (it
-/// does not require success: callers assert what they expect).
-pub fn client_with(
+/// Starts `testpod client` in `from` with `extra` flags (a later `--timeout-ms` overrides the
+/// 5 s default), without waiting: its stdout has one report per connection.
+pub fn spawn_client(
     from: &Pod,
     dst: SocketAddr,
     bytes: u64,
     count: u32,
     extra: &[&str],
-) -> Result<Vec<Conn>> {
+) -> Result<PodProcess> {
     let mut args = vec![
         "client".to_string(),
         "--connect".into(),
@@ -103,9 +103,66 @@ pub fn client_with(
         "5000".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut c = from.spawn(testpod_bin()?, &args)?;
+    from.spawn(testpod_bin()?, &args)
+}
+
+/// Runs `testpod client` in `from` with `extra` flags; returns every connection's report (it
+/// does not require success: callers assert what they expect).
+pub fn client_with(
+    from: &Pod,
+    dst: SocketAddr,
+    bytes: u64,
+    count: u32,
+    extra: &[&str],
+) -> Result<Vec<Conn>> {
+    let mut c = spawn_client(from, dst, bytes, count, extra)?;
     let (_, lines) = c.wait_json(Duration::from_secs(60))?;
     Ok(lines.into_iter().map(|report| Conn { report }).collect())
+}
+
+/// Bytes of a [`long_transfer`].
+pub const LONG_TRANSFER_BYTES: u64 = 24 << 20;
+/// Pace of a [`long_transfer`], bytes per second: about 12 s whatever the machine's speed.
+pub const LONG_TRANSFER_RATE: u64 = 2 << 20;
+/// How soon after a configuration change a connection it no longer allows must be cut. The
+/// agent takes milliseconds; the bound is generous for a loaded machine, and only proves that
+/// the change cut the connection (a [`long_transfer`] would have run for seconds more).
+pub const CUT_WITHIN: Duration = Duration::from_secs(5);
+
+/// Starts one paced `testpod client` connection from `from` to `dst` that lasts about 12 s, so
+/// that a change applied while it runs lands mid-transfer; its report comes when it ends.
+pub fn long_transfer(from: &Pod, dst: SocketAddr) -> Result<PodProcess> {
+    let rate = LONG_TRANSFER_RATE.to_string();
+    spawn_client(
+        from,
+        dst,
+        LONG_TRANSFER_BYTES,
+        1,
+        &["--rate", &rate, "--timeout-ms", "120000"],
+    )
+}
+
+/// Checks that the [`long_transfer`] whose `report` came `after` a configuration change was cut
+/// by it: established (greeted, bytes echoed), then ended short, within [`CUT_WITHIN`].
+pub fn ensure_cut(cluster: &Cluster, report: &Value, after: Duration) -> Result<()> {
+    let received = report["received"].as_u64().unwrap_or(0);
+    ensure_or_dump!(
+        cluster,
+        report["greeting"].is_string() && received > 0,
+        "the transfer was not established before the change (refused, not cut): {report}"
+    );
+    ensure_or_dump!(
+        cluster,
+        report["ok"] == false && received < LONG_TRANSFER_BYTES,
+        "the connection the change no longer allows ran on: {report}"
+    );
+    eprintln!("connection cut {after:?} after the change");
+    ensure_or_dump!(
+        cluster,
+        after < CUT_WITHIN,
+        "the connection ended {after:?} after the change (bound {CUT_WITHIN:?}): not cut by it"
+    );
+    Ok(())
 }
 
 /// [`client_with`] without extra flags.

@@ -17,12 +17,13 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambit::config::kube::fake::FakeApiServer;
 use ambit::config::kube::policy::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use ambit_tests::traffic::{
-    TIMEOUT, access_logs_to, connect_ok, metric_value, reaches, serve, wait_access_log,
+    TIMEOUT, access_logs_to, connect_ok, ensure_cut, long_transfer, metric_value, reaches, serve,
+    wait_access_log,
 };
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, READINESS_PORT, ensure_or_dump};
 use anyhow::{Context, Result, anyhow};
@@ -331,10 +332,15 @@ fn namespace_label_enrols_pods_end_to_end() -> Result<()> {
 
     eprintln!("[kubernetes] phase: pod opt-out");
     // The server pod opts out by label: un-enrolled in place; the client still is, and
-    // reaches it directly.
+    // reaches it directly once its own agent has heard (its enrolled list does not change, so
+    // wait for the client's agent to take the new state).
+    let client_generation = cluster.node(0).config_generation()?;
     api.server
         .apply(&pod_object(server, &[("app", "server"), (MODE, "none")]));
     wait_enrolled(&cluster, cluster.node(1), &[], "pod opted out")?;
+    cluster
+        .node(0)
+        .wait_config_generation(client_generation + 1, TIMEOUT)?;
     wait_enrolled(&cluster, cluster.node(0), &["shop/p0-0"], "pod opted out")?;
     let inbound_before = wait_access_log(&cluster, cluster.node(1), "inbound", dst, 1)?.len();
     let conn = connect_ok(&cluster, client, dst, 10_000)?;
@@ -532,9 +538,16 @@ fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()>
     let dst = server.addr4(8080);
     wait_reach(&cluster, client, dst, true, "no policy yet")?;
 
-    eprintln!("[kubernetes] phase: default deny");
+    eprintln!("[kubernetes] phase: default deny, which also cuts an open transfer");
+    // Its own server, so its first `accepted` is the transfer's: relaying when the deny lands.
+    let mut transfer_server = serve(server, &[9090])?;
+    let mut transfer = long_transfer(client, server.addr4(9090))?;
+    transfer_server.read_json_until(TIMEOUT, |v| v["event"] == "accepted")?;
+    let applied = Instant::now();
     api.server
         .apply(&authorization_policy("shop", "default-deny", json!({})));
+    let report = transfer.read_json(Duration::from_secs(60))?;
+    ensure_cut(&cluster, &report, applied.elapsed())?;
     wait_reach(&cluster, client, dst, false, "default-deny applied")?;
     wait_accepted(&cluster, &api, "shop", "default-deny", "True")?;
 

@@ -8,8 +8,9 @@
 //!
 //! The proxy asks two questions of the current [`PolicySet`], on every new inbound connection:
 //! [`PolicySet::peer_auth_mode`] (may plaintext reach this workload at all?) and
-//! [`PolicySet::authorize`] (may this source open this connection?). Live connections are not
-//! re-evaluated when the policies change.
+//! [`PolicySet::authorize`] (may this source open this connection?); and it asks them again of
+//! every open inbound connection whenever the mesh state changes, closing those now denied
+//! (`crate::proxy::admission`).
 use std::{collections::BTreeMap, collections::HashMap, fmt, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;

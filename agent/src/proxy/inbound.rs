@@ -3,20 +3,24 @@
 //!
 //! Plaintext has no verified source. Under STRICT peer authentication it is refused outright;
 //! under PERMISSIVE (the default) it is authorized as an unauthenticated source (its address
-//! only) and forwarded.
+//! only) and forwarded, and closed if a later change (the pod becoming STRICT, a new policy) no
+//! longer allows it ([`super::admission`]).
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-use super::{PodContext, ProxyContext, Transferred, authorize, connect_from, relay};
+use super::{
+    PodContext, ProxyContext, Relayed, Transferred,
+    admission::{self, Inbound},
+    connect_from, relay_until,
+};
 use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 /// Ports of the agent's own listeners in every pod.
 const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
 use crate::{
     limits::{Path, refuse},
-    policy::{ConnectionInfo, PeerAuthMode},
     telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags},
 };
 
@@ -46,6 +50,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
             return;
         }
     };
+    let inbound = Arc::new(Inbound::plaintext(peer.ip(), dst, pod.workload.clone()));
+    // Registered before the state is read: see `admission`.
+    let mut admission = ctx.connections.register(inbound.clone());
     let state = ctx.state.borrow().clone();
     // The current workload (labels may have changed since enrolment), for policy.
     let workload = state
@@ -65,27 +72,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
             &workload,
             dst.port(),
         ));
-    let decision = match state.peer_auth_mode(&workload) {
-        // The proxy's own ports: forwarding there would land back on this listener, forever.
-        _ if PROXY_PORTS.contains(&dst.port()) => {
-            ctx.metrics.connection_denied("proxy_port");
-            Err(format!("port {} belongs to the proxy", dst.port()))
-        }
-        PeerAuthMode::Strict => {
-            ctx.metrics.connection_denied("plaintext_strict");
-            Err("STRICT peer authentication: plaintext refused".to_string())
-        }
-        PeerAuthMode::Permissive => authorize(
-            &ctx,
-            &state,
-            &ConnectionInfo {
-                src_ip: peer.ip(),
-                src_identity: None,
-                dst_workload: &workload,
-                dst_ip: dst.ip(),
-                dst_port: dst.port(),
-            },
-        ),
+    // The proxy's own ports: forwarding there would land back on this listener, forever.
+    let decision = if PROXY_PORTS.contains(&dst.port()) {
+        ctx.metrics.connection_denied("proxy_port");
+        Err(format!("port {} belongs to the proxy", dst.port()))
+    } else {
+        // Peer authentication (STRICT refuses plaintext), then authorization.
+        admission::check(&ctx, &state, &inbound, &workload).map_err(|refusal| refusal.message)
     };
     if let Err(why) = decision {
         log.outcome = Err(why);
@@ -98,10 +91,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     let bind = SocketAddr::new(dst.ip(), 0);
     match connect_from(&pod.netns, dst, Some(bind)).await {
         Ok(upstream) => {
-            let (moved, result) = relay(client, upstream).await;
+            let (moved, ended) = relay_until(client, upstream, admission.revoked()).await;
             log.bytes_sent = moved.sent;
             log.bytes_received = moved.received;
-            log.outcome = result.map_err(|err| format!("relay: {err}"));
+            log.outcome = match ended {
+                Relayed::Finished(result) => result.map_err(|err| format!("relay: {err}")),
+                Relayed::Stopped(refusal) => {
+                    ctx.metrics.connection_closed_by_policy(refusal.reason);
+                    Err(format!("closed after a policy change: {refusal}"))
+                }
+            };
+            // `-` even when closed by a change, as ztunnel reports it (see inbound_hbone).
             conn.finish(moved, ResponseFlags::None);
         }
         Err(err) => {

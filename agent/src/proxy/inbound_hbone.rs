@@ -2,8 +2,9 @@
 //!
 //! The HBONE server ([`super::hbone::HboneServer`]) terminates mutual TLS with the pod's own
 //! certificate and checks the CONNECT authority names this pod; this handler supplies the
-//! pod-specific parts: the certificate, authorization with the client's verified identity, the
-//! connection to the application, and the access log and metrics of every tunnel.
+//! pod-specific parts: the certificate, authorization with the client's verified identity (its
+//! [`Admission`] keeps the tunnel registered for re-evaluation while it is open), the connection
+//! to the application, and the access log and metrics of every tunnel.
 use std::{
     io,
     net::SocketAddr,
@@ -14,7 +15,9 @@ use tokio::net::TcpStream;
 use tracing::info;
 
 use super::{
-    PodContext, ProxyContext, authorize, connect_from,
+    PodContext, ProxyContext,
+    admission::{self, Admission, Inbound},
+    connect_from,
     hbone::{
         ConnectRequest, ConnectionError, Deny, InboundHandler, StreamReport, server::StreamError,
         tls,
@@ -22,7 +25,6 @@ use super::{
 };
 use crate::{
     identity::WorkloadCertificate,
-    policy::ConnectionInfo,
     telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags, SecurityPolicy},
 };
 
@@ -68,24 +70,23 @@ impl InboundHandler for PodInbound {
         }
     }
 
-    async fn authorize(&self, request: &ConnectRequest) -> Result<(), Deny> {
+    async fn authorize(&self, request: &ConnectRequest) -> Result<Admission, Deny> {
+        let inbound = Arc::new(Inbound::hbone(
+            request.source.ip(),
+            request.peer.clone(),
+            request.destination,
+            self.pod.workload.clone(),
+        ));
+        // Registered before the state is read: see `admission`.
+        let admission = self.ctx.connections.register(inbound.clone());
         let state = self.ctx.state.borrow().clone();
         let workload = state
             .workload_by_ip(request.destination.ip())
             .cloned()
             .unwrap_or_else(|| self.pod.workload.clone());
-        authorize(
-            &self.ctx,
-            &state,
-            &ConnectionInfo {
-                src_ip: request.source.ip(),
-                src_identity: Some(&request.peer),
-                dst_workload: &workload,
-                dst_ip: request.destination.ip(),
-                dst_port: request.destination.port(),
-            },
-        )
-        .map_err(Deny::new)
+        admission::check(&self.ctx, &state, &inbound, &workload)
+            .map_err(|refusal| Deny::new(refusal.message))?;
+        Ok(admission)
     }
 
     async fn connect(&self, request: &ConnectRequest) -> io::Result<TcpStream> {
@@ -111,6 +112,12 @@ impl InboundHandler for PodInbound {
         let flags = match &report.result {
             Ok(()) => ResponseFlags::None,
             Err(StreamError::Denied(_)) => ResponseFlags::Deny,
+            // Admitted, then closed by a change: `-` as ztunnel reports it (DENY is for
+            // tunnels refused at open); the closed-by-policy counter says why.
+            Err(StreamError::Revoked(refusal)) => {
+                self.ctx.metrics.connection_closed_by_policy(refusal.reason);
+                ResponseFlags::None
+            }
             Err(StreamError::Relay(_)) => ResponseFlags::None,
             Err(_) => ResponseFlags::Connect,
         };

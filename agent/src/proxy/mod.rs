@@ -2,9 +2,12 @@
 //!
 //! Every path has one shape: accept, work out where the connection was going and who is
 //! talking, decide (identity, authorization), open the upstream from inside the right pod's
-//! namespace, relay, log and count. Between two enrolled pods the upstream is an HBONE tunnel
+//! namespace, relay, log and count. Inbound connections stay registered while they relay and
+//! are decided again on every state change; those no longer allowed are closed ([`admission`]).
+//! Between two enrolled pods the upstream is an HBONE tunnel
 //! (HTTP/2 CONNECT over mutual TLS, [`hbone`]) to the destination pod's 15008; to anything
 //! outside the mesh it is a plain TCP connection.
+pub mod admission;
 pub mod hbone;
 pub mod inbound;
 pub mod inbound_hbone;
@@ -35,6 +38,9 @@ pub struct ProxyContext {
     pub certs: Option<Arc<CertificateManager>>,
     /// The connection budget every accept loop admits through.
     pub limits: Arc<crate::limits::Limits>,
+    /// The inbound connections open, re-evaluated on every state change
+    /// ([`admission::reevaluate_on_change`]).
+    pub connections: Arc<admission::OpenConnections>,
 }
 
 /// How long a connection waits for its pod's first certificate before it is refused.
@@ -126,44 +132,56 @@ where
     C: AsyncRead + AsyncWrite,
     U: AsyncRead + AsyncWrite,
 {
+    let (moved, ended) = relay_until(
+        client,
+        upstream,
+        std::future::pending::<std::convert::Infallible>(),
+    )
+    .await;
+    match ended {
+        Relayed::Finished(result) => (moved, result),
+        Relayed::Stopped(never) => match never {},
+    }
+}
+
+/// How [`relay_until`] ended.
+#[derive(Debug)]
+pub enum Relayed<S> {
+    /// Both directions ended (or one failed), as in [`relay`].
+    Finished(io::Result<()>),
+    /// `stop` resolved first: both sides were dropped mid-relay (a TCP client sees its
+    /// connection closed, an HBONE peer its stream reset).
+    Stopped(S),
+}
+
+/// [`relay`], cut short when `stop` resolves (an open connection whose authorization was
+/// revoked). The counts say how far each direction got either way.
+pub async fn relay_until<C, U, S>(
+    client: C,
+    upstream: U,
+    stop: impl Future<Output = S>,
+) -> (Transferred, Relayed<S>)
+where
+    C: AsyncRead + AsyncWrite,
+    U: AsyncRead + AsyncWrite,
+{
     let (client_read, client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
     let mut moved = Transferred::default();
-    let result = tokio::try_join!(
-        copy_one_way(client_read, upstream_write, &mut moved.sent),
-        copy_one_way(upstream_read, client_write, &mut moved.received),
-    )
-    .map(|_| ());
-    (moved, result)
-}
-
-/// Applies the authorization policies to a connection about to reach `info.dst_workload`:
-/// logs what dry-run policies would have done, counts a denial by reason, and returns the
-/// denial's description.
-pub fn authorize(
-    ctx: &ProxyContext,
-    state: &crate::state::MeshState,
-    info: &crate::policy::ConnectionInfo<'_>,
-) -> Result<(), String> {
-    let decision = state.policies().authorize(info);
-    if let Some(dry_run) = &decision.dry_run
-        && (!dry_run.matched.is_empty() || dry_run.allowed != decision.allowed)
-    {
-        let matched: Vec<String> = dry_run.matched.iter().map(|p| p.to_string()).collect();
-        tracing::info!(
-            target: "policy",
-            dst_workload = %info.dst_workload.uid(),
-            src = %info.src_ip,
-            src_principal = info.src_identity.map(|id| id.to_string()),
-            would_allow = dry_run.allowed,
-            reason = %dry_run.reason,
-            ?matched,
-            "dry-run policy"
-        );
-    }
-    if decision.allowed {
-        return Ok(());
-    }
-    ctx.metrics.connection_denied(decision.reason.label());
-    Err(decision.reason.to_string())
+    let ended = {
+        let copy = async {
+            tokio::try_join!(
+                copy_one_way(client_read, upstream_write, &mut moved.sent),
+                copy_one_way(upstream_read, client_write, &mut moved.received),
+            )
+            .map(|_| ())
+        };
+        // Both futures are dropped at the end of this block, with the halves they own: the
+        // sockets close and `moved` is free to read.
+        tokio::select! {
+            result = copy => Relayed::Finished(result),
+            stopped = stop => Relayed::Stopped(stopped),
+        }
+    };
+    (moved, ended)
 }

@@ -940,6 +940,7 @@ pub struct Metrics {
     registry: Registry,
     tcp: TcpFamilies,
     denied: IntCounterVec,
+    closed_by_policy: IntCounterVec,
     health: Arc<HealthCollector>,
 }
 
@@ -991,12 +992,22 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(denied.clone()))?;
+        let closed_by_policy = IntCounterVec::new(
+            Opts::new(
+                "ambit_connections_closed_by_policy_total",
+                "Open inbound connections the agent closed because a change of policies, peer \
+                 authentication or workloads no longer allows them, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(closed_by_policy.clone()))?;
         let health = Arc::new(HealthCollector::new()?);
         registry.register(Box::new(SharedHealth(health.clone())))?;
         Ok(Self {
             registry,
             tcp,
             denied,
+            closed_by_policy,
             health,
         })
     }
@@ -1027,6 +1038,13 @@ impl Metrics {
     /// (e.g. `policy`, `plaintext_strict`): each value is a series of its own.
     pub fn connection_denied(&self, reason: &str) {
         self.denied.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts an open connection closed because a configuration change no longer allows it
+    /// (it was counted opened, and its close is counted in `istio_tcp_connections_closed_total`
+    /// as any other). `reason` is one of the labels of [`Self::connection_denied`].
+    pub fn connection_closed_by_policy(&self, reason: &str) {
+        self.closed_by_policy.with_label_values(&[reason]).inc();
     }
 
     /// Counts a configuration rejected while the previous one stays in force.
@@ -1485,6 +1503,7 @@ mod tests {
         metrics.observe_config(config_rx);
         metrics.connection_denied("policy");
         metrics.connection_denied("policy");
+        metrics.connection_closed_by_policy("deny_policy");
         metrics.observe_certificates(Arc::new(FakeCertificates {
             ca_errors: 1,
             ..Default::default()
@@ -1542,6 +1561,13 @@ mod tests {
         assert_eq!(
             get("ambit_connections_denied_total", &[("reason", "policy")]),
             Some(2.0)
+        );
+        assert_eq!(
+            get(
+                "ambit_connections_closed_by_policy_total",
+                &[("reason", "deny_policy")]
+            ),
+            Some(1.0)
         );
         assert_eq!(get("ambit_ca_errors_total", &[]), Some(1.0));
 

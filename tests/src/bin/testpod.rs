@@ -6,10 +6,11 @@
 //!   Each accepted connection first gets `HELLO <name> <peer as accepted> <local>\n`, then every
 //!   byte is echoed until EOF, then the server shuts down its write side and closes. Prints
 //!   `{"event":"listening",...}` once all sockets listen, then `accepted`/`closed` events.
-//! - `testpod client --connect ADDR [--bytes N] [--count C] [--timeout-ms T] [--pattern S]`:
-//!   C connections, each sending N deterministic pseudo-random bytes (seeded by the connection
-//!   index; with `--pattern`, the string S repeated instead) and checking the echo; one JSON
-//!   line per connection; exit 0 only if all are ok.
+//! - `testpod client --connect ADDR [--bytes N] [--count C] [--timeout-ms T] [--pattern S]
+//!   [--rate R]`: C connections, each sending N deterministic pseudo-random bytes (seeded by the
+//!   connection index; with `--pattern`, the string S repeated instead; with `--rate`, at most R
+//!   bytes per second, so a transfer lasts as long as a test needs) and checking the echo; one
+//!   JSON line per connection; exit 0 only if all are ok.
 //! - `testpod churn --connect ADDR --count C [--max-seconds S] [--greeting-only]`: C short
 //!   sequential connections; one summary line. With `--greeting-only` (for a server started
 //!   with `--greeting-only`) each connection only reads the greeting and the server's close.
@@ -65,7 +66,8 @@ enum Cmd {
         #[arg(long)]
         greeting_only: bool,
     },
-    /// Connect, send bytes, verify the echo.
+    /// Connect, send bytes, verify the echo. A flag given twice takes its last value.
+    #[command(args_override_self = true)]
     Client {
         /// Address to connect to, e.g. `10.10.1.2:8080` or `[fd00:10:1::2]:8080`.
         #[arg(long)]
@@ -87,6 +89,10 @@ enum Cmd {
         /// CAP_NET_RAW can.
         #[arg(long, value_parser = parse_u32)]
         mark: Option<u32>,
+        /// Send at most this many bytes per second (a long transfer whatever the machine's
+        /// speed).
+        #[arg(long)]
+        rate: Option<u64>,
     },
     /// Connects that fail after the connect hook ran.
     Flood {
@@ -207,6 +213,7 @@ fn main() -> ExitCode {
             timeout_ms,
             pattern,
             mark,
+            rate,
         } => client(
             connect,
             bytes,
@@ -214,6 +221,7 @@ fn main() -> ExitCode {
             Duration::from_millis(timeout_ms),
             pattern.map(String::into_bytes),
             mark,
+            rate,
         ),
         Cmd::Flood {
             kind,
@@ -476,10 +484,11 @@ fn client(
     timeout: Duration,
     pattern: Option<Vec<u8>>,
     mark: Option<u32>,
+    rate: Option<u64>,
 ) -> bool {
     let mut all_ok = true;
     for i in 0..count {
-        let v = client_conn(addr, i, bytes, timeout, pattern.as_deref(), mark);
+        let v = client_conn(addr, i, bytes, timeout, pattern.as_deref(), mark, rate);
         all_ok &= v["ok"] == true;
         emit(v);
     }
@@ -493,6 +502,7 @@ fn client_conn(
     timeout: Duration,
     pattern: Option<&[u8]>,
     mark: Option<u32>,
+    rate: Option<u64>,
 ) -> Value {
     let start = Instant::now();
     let deadline = start + timeout;
@@ -513,6 +523,7 @@ fn client_conn(
         let writer = std::thread::spawn(move || -> Result<u64, String> {
             let mut buf = vec![0u8; 16 * 1024];
             let mut sent = 0u64;
+            let paced_from = Instant::now();
             let r = (|| -> io::Result<()> {
                 while sent < bytes {
                     let n = (bytes - sent).min(buf.len() as u64) as usize;
@@ -520,6 +531,10 @@ fn client_conn(
                     w.set_write_timeout(Some(remaining(deadline)?))?;
                     w.write_all(&buf[..n])?;
                     sent += n as u64;
+                    if let Some(rate) = rate.filter(|&r| r > 0) {
+                        let due = paced_from + Duration::from_secs_f64(sent as f64 / rate as f64);
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    }
                 }
                 Ok(())
             })();

@@ -7,7 +7,9 @@
 //!    proxy's own (else 503, as ztunnel answers such self-calls);
 //! 3. [`InboundHandler::authorize`] must allow it (else 401);
 //! 4. [`InboundHandler::connect`] must reach the application (else 503);
-//! 5. then 200, and bytes are relayed until both directions end.
+//! 5. then 200, and bytes are relayed until both directions end, or until the [`Admission`]
+//!    `authorize` gave is revoked (a policy change no longer allows the tunnel): the stream is
+//!    then reset and the connection to the application closed.
 //!
 //! Every stream ends with one [`StreamReport`] to [`InboundHandler::report`], so the caller
 //! can log and count it; connections refused at TLS go to [`InboundHandler::connection_failed`].
@@ -45,7 +47,11 @@ use super::{
 use crate::{
     identity::SpiffeId,
     limits::{ConnectionPermit, Limits, Path, Phase, refuse as reset},
-    proxy::{Transferred, relay},
+    proxy::{
+        Relayed, Transferred,
+        admission::{Admission, Refusal},
+        relay_until,
+    },
 };
 
 /// One CONNECT request that passed the authority check, as the handler sees it.
@@ -124,6 +130,9 @@ pub enum StreamError {
     /// The tunnel was established (200) and then failed while relaying.
     #[error("relay failed: {0}")]
     Relay(io::Error),
+    /// The tunnel was established (200) and then closed because a change no longer allows it.
+    #[error("closed after a policy change: {0}")]
+    Revoked(Refusal),
 }
 
 impl StreamError {
@@ -134,7 +143,7 @@ impl StreamError {
             Self::BadAuthority(_) | Self::NotThisPod(_) => StatusCode::BAD_REQUEST,
             Self::Denied(_) => StatusCode::UNAUTHORIZED,
             Self::ReservedPort(_) | Self::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Respond(_) | Self::Relay(_) => StatusCode::OK,
+            Self::Respond(_) | Self::Relay(_) | Self::Revoked(_) => StatusCode::OK,
         }
     }
 }
@@ -170,8 +179,12 @@ pub trait InboundHandler: Send + Sync + 'static {
     /// certificate yet) refuses the connection.
     fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>>;
 
-    /// Decides whether the tunnel may be opened.
-    fn authorize(&self, request: &ConnectRequest) -> impl Future<Output = Result<(), Deny>> + Send;
+    /// Decides whether the tunnel may be opened. The [`Admission`] is held until the tunnel
+    /// ends; when it is revoked, the tunnel is closed ([`Admission::unconditional`]: never).
+    fn authorize(
+        &self,
+        request: &ConnectRequest,
+    ) -> impl Future<Output = Result<Admission, Deny>> + Send;
 
     /// Connects to the application at `request.destination`.
     fn connect(
@@ -478,25 +491,30 @@ impl<H: InboundHandler> HboneServer<H> {
         };
         let handler = &self.inner.handler;
         let checked = async {
-            handler
+            let admission = handler
                 .authorize(&request)
                 .await
                 .map_err(StreamError::Denied)?;
-            handler
+            let upstream = handler
                 .connect(&request)
                 .await
-                .map_err(StreamError::Upstream)
+                .map_err(StreamError::Upstream)?;
+            Ok((admission, upstream))
         }
         .await;
         report.headers = request.headers;
-        let upstream = checked?;
+        let (mut admission, upstream) = checked?;
 
         let send = respond
             .send_response(Response::new(()), false)
             .map_err(StreamError::Respond)?;
-        let (transferred, result) = relay(HboneStream::new(send, body, None), upstream).await;
+        let tunnel = HboneStream::new(send, body, None);
+        let (transferred, ended) = relay_until(tunnel, upstream, admission.revoked()).await;
         report.transferred = transferred;
-        result.map_err(StreamError::Relay)
+        match ended {
+            Relayed::Finished(result) => result.map_err(StreamError::Relay),
+            Relayed::Stopped(refusal) => Err(StreamError::Revoked(refusal)),
+        }
     }
 }
 

@@ -26,6 +26,7 @@ use super::{
 use crate::{
     identity::{SpiffeId, WorkloadCertificate},
     limits::{Limit, LimitSettings, Limits, Path, Phase},
+    proxy::admission::Admission,
 };
 
 pub(crate) const TD: &str = "cluster.local";
@@ -69,12 +70,12 @@ impl InboundHandler for Handler {
         Some(self.tls.clone())
     }
 
-    async fn authorize(&self, request: &ConnectRequest) -> Result<(), Deny> {
+    async fn authorize(&self, request: &ConnectRequest) -> Result<Admission, Deny> {
         let _ = self.requests.send(request.clone());
         if self.deny {
             Err(Deny::new("test policy says no"))
         } else {
-            Ok(())
+            Ok(Admission::unconditional())
         }
     }
 
