@@ -364,7 +364,11 @@ mod tests {
     use crate::{
         limits::{Limit, LimitSettings},
         proxy::Transferred,
-        telemetry::{ConnectionLabels, Reporter, ResponseFlags, reloadable_filter},
+        proxy::metrics::{ConnectionLabels, ProxyMetrics},
+        telemetry::{
+            istio::{Reporter, ResponseFlags},
+            reloadable_filter,
+        },
     };
 
     async fn body(response: Response<Full<Bytes>>) -> (StatusCode, String) {
@@ -464,8 +468,9 @@ mod tests {
     #[tokio::test]
     async fn metrics_are_served_over_http() {
         let metrics = Arc::new(Metrics::new());
+        let proxy = ProxyMetrics::new(&metrics).unwrap();
         let labels = ConnectionLabels::new(Reporter::Destination);
-        metrics.connection_opened(&labels).finish(
+        proxy.connection_opened(&labels).finish(
             Transferred {
                 sent: 3,
                 received: 5,

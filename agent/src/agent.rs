@@ -22,6 +22,11 @@ use crate::{
     state::MeshState,
     telemetry::{self, Metrics},
 };
+use crate::{
+    config::metrics::ConfigMetrics, identity::metrics::CertificateMetrics,
+    inpod::metrics::EnrolmentMetrics, limits::metrics::LimitMetrics, proxy::metrics::ProxyMetrics,
+    redirect::metrics::RedirectMetrics,
+};
 
 /// Flags of `ambit agent`.
 #[derive(Clone, Debug, clap::Args)]
@@ -207,9 +212,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         bpffs: args.bpffs.clone(),
     })?);
     tokio::spawn(crate::redirect::keep_node_addresses(redirector.clone()));
+    // Each subsystem's metrics, in one registry.
     let metrics = Arc::new(Metrics::new());
-    metrics.observe_datapath(redirector.clone());
-    metrics.observe_limits(limits.clone());
+    metrics.register_at_scrape(Arc::new(RedirectMetrics::new(Some(redirector.clone()))?))?;
+    metrics.register_at_scrape(Arc::new(LimitMetrics::new(Some(limits.clone()))?))?;
+    let proxy_metrics = Arc::new(ProxyMetrics::new(&metrics)?);
 
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::empty()));
     let (config_tx, mut config_rx) = watch::channel(ConfigStatus::default());
@@ -250,17 +257,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
 
-    metrics.observe_config(config_rx.clone());
-    tokio::spawn(metrics.clone().count_config_rejections(config_rx.clone()));
+    let config_metrics = Arc::new(ConfigMetrics::new(config_rx.clone())?);
+    metrics.register_at_scrape(config_metrics.clone())?;
+    tokio::spawn(config_metrics.count_rejections());
 
     let certs = certificate_manager(&args)?;
-    if let Some(certs) = &certs {
-        metrics.observe_certificates(certs.clone());
-    }
+    metrics.register_at_scrape(Arc::new(CertificateMetrics::new(certs.clone())?))?;
     let proxy = Arc::new(ProxyContext {
         redirector: redirector.clone(),
         state: state_rx.clone(),
-        metrics: metrics.clone(),
+        metrics: proxy_metrics,
         certs: certs.clone(),
         limits: limits.clone(),
         connections: Arc::new(OpenConnections::new()),
@@ -271,7 +277,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         state_rx.clone(),
     ));
     let (enrolment_tx, enrolment_rx) = watch::channel(EnrolmentStatus::default());
-    metrics.observe_enrolment(enrolment_rx.clone());
+    metrics.register_at_scrape(Arc::new(EnrolmentMetrics::new(enrolment_rx.clone())?))?;
     if let Some(client) = kube_client {
         tokio::spawn(report_closed_pods(
             client,
@@ -320,4 +326,69 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "agent stopping; redirection stays pinned, so enrolled pods fail closed until an agent returns (`ambit uninstall` removes it)"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::{
+        limits::{LimitSettings, Path, Phase},
+        proxy::{
+            Transferred,
+            metrics::{ConnectionLabels, ProxyMetrics},
+        },
+        redirect::RedirectStats,
+        telemetry::{
+            istio::{Reporter, ResponseFlags},
+            metrics::exposition::promtool_check,
+        },
+    };
+
+    /// Every metric the agent serves, each subsystem's registered in one registry as `run` does
+    /// and populated, passes Prometheus' own parser and linter (names, help, types, no
+    /// duplicate family between subsystems).
+    #[test]
+    fn every_metric_of_the_agent_passes_promtool() {
+        let metrics = Metrics::new();
+        let datapath = Arc::new(RedirectMetrics::new(None).unwrap());
+        datapath.record(RedirectStats::default(), &[("ORIG_DST_TUPLE", 1)]);
+        metrics.register_at_scrape(datapath).unwrap();
+        let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(1024)));
+        limits.timed_out(Path::Hbone, Phase::TlsHandshake);
+        metrics
+            .register_at_scrape(Arc::new(LimitMetrics::new(Some(limits)).unwrap()))
+            .unwrap();
+        let (_config, config_rx) = watch::channel(ConfigStatus::default());
+        metrics
+            .register_at_scrape(Arc::new(ConfigMetrics::new(config_rx).unwrap()))
+            .unwrap();
+        let certs = Arc::new(CertificateMetrics::new(None).unwrap());
+        certs.record(
+            0,
+            &[(
+                "spiffe://cluster.local/ns/shop/sa/web".to_string(),
+                SystemTime::now() + Duration::from_secs(60),
+            )],
+        );
+        metrics.register_at_scrape(certs).unwrap();
+        let (_enrolment, enrolment_rx) = watch::channel(EnrolmentStatus::default());
+        metrics
+            .register_at_scrape(Arc::new(EnrolmentMetrics::new(enrolment_rx).unwrap()))
+            .unwrap();
+        crate::cni::CniMetrics::new(&metrics).unwrap();
+        let proxy = ProxyMetrics::new(&metrics).unwrap();
+        proxy
+            .connection_opened(&ConnectionLabels::new(Reporter::Source))
+            .finish(
+                Transferred {
+                    sent: 1,
+                    received: 2,
+                },
+                ResponseFlags::None,
+            );
+        proxy.connection_denied("policy");
+        promtool_check(&metrics.encode());
+    }
 }

@@ -1788,9 +1788,26 @@ fn chart_refuses_bad_values() {
 // ---------------------------------------------------------------------------------------------
 // Tests: the dashboard
 
-/// Metric names the agent exports (string literals of agent/src/telemetry/metrics.rs).
+/// The sources of the agent's metrics: every subsystem's `metrics.rs`.
+fn metrics_sources() -> String {
+    fn walk(dir: &Path, out: &mut String) {
+        for entry in fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.file_name().is_some_and(|n| n == "metrics.rs") {
+                out.push_str(&fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let mut out = String::new();
+    walk(&ws().join("agent/src"), &mut out);
+    out
+}
+
+/// Metric names the agent exports (string literals of the subsystems' `metrics.rs`).
 fn exported_metrics() -> BTreeSet<String> {
-    let src = fs::read_to_string(ws().join("agent/src/telemetry/metrics.rs")).unwrap();
+    let src = metrics_sources();
     src.split('"')
         .skip(1)
         .step_by(2)
@@ -1803,9 +1820,9 @@ fn exported_metrics() -> BTreeSet<String> {
 }
 
 /// Label names the agent's metrics carry: the `istio_tcp_*` label list and every `&["..."]`
-/// label set of metrics.rs.
+/// label set of the `metrics.rs` files.
 fn exported_labels() -> BTreeSet<String> {
-    let src = fs::read_to_string(ws().join("agent/src/telemetry/metrics.rs")).unwrap();
+    let src = metrics_sources();
     let mut out = BTreeSet::new();
     let start = src.find("TCP_LABEL_NAMES").expect("TCP_LABEL_NAMES");
     let block = &src[start..start + src[start..].find("];").unwrap()];

@@ -12,6 +12,9 @@
 //! a read timeout, and a limit on requests in progress. [`install`] puts the plugin on a node.
 
 pub mod install;
+pub mod metrics;
+
+pub use metrics::CniMetrics;
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -22,7 +25,6 @@ use std::{
 
 use ambit_cni::protocol::{self, Outcome, Reply, Request};
 use anyhow::Context as _;
-use prometheus::{IntCounterVec, Opts};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -46,43 +48,6 @@ pub struct CniCall {
     pub request: Request,
     /// Where the reconciler answers.
     pub reply: oneshot::Sender<Reply>,
-}
-
-/// The server's counters (`ambit_cni_requests_total`).
-#[derive(Clone)]
-pub struct CniMetrics {
-    requests: IntCounterVec,
-}
-
-impl CniMetrics {
-    /// The counters, registered with `metrics`.
-    pub fn new(metrics: &crate::telemetry::Metrics) -> anyhow::Result<Self> {
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "ambit_cni_requests_total",
-                "Requests of the CNI plugin (ambit-cni) by command and outcome: ok, notMeshed, \
-                 failed (the sandbox is refused), retry (the pod was not known in time)",
-            ),
-            &["command", "outcome"],
-        )?;
-        metrics.register(Box::new(requests.clone()))?;
-        Ok(Self { requests })
-    }
-
-    fn count(&self, request: &Request, outcome: Outcome) {
-        let command = match request {
-            Request::Add(_) => "ADD",
-            Request::Del(_) => "DEL",
-            Request::Check(_) => "CHECK",
-        };
-        let outcome = match outcome {
-            Outcome::Ok => "ok",
-            Outcome::NotMeshed => "notMeshed",
-            Outcome::Failed => "failed",
-            Outcome::Retry => "retry",
-        };
-        self.requests.with_label_values(&[command, outcome]).inc();
-    }
 }
 
 /// Listens on `socket` (replacing a stale one; root only) until the task is dropped.

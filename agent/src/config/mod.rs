@@ -5,6 +5,7 @@
 //! good state published and reports the error instead: the mesh never falls back to "nothing".
 pub mod file;
 pub mod kube;
+pub mod metrics;
 
 use serde::Serialize;
 

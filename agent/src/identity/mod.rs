@@ -5,6 +5,7 @@
 //! configuration ([`crate::proxy::hbone`]).
 pub mod client;
 pub mod manager;
+pub mod metrics;
 
 use std::{fmt, str::FromStr, time::SystemTime};
 

@@ -26,6 +26,7 @@
 //! The defaults and the metrics are in docs/operations.md ("Limits").
 mod accept;
 mod limiter;
+pub mod metrics;
 mod nofile;
 
 use std::{

@@ -21,7 +21,8 @@ use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
 use crate::{
     limits::{Path, refuse},
-    telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags},
+    proxy::metrics::ConnectionLabels,
+    telemetry::{AccessLog, Direction, istio::ResponseFlags},
 };
 
 /// Accepts steered connections of one pod until the task is aborted (un-enrolment). Each

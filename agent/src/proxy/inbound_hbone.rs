@@ -25,7 +25,11 @@ use super::{
 };
 use crate::{
     identity::WorkloadCertificate,
-    telemetry::{AccessLog, ConnectionLabels, Direction, ResponseFlags, SecurityPolicy},
+    proxy::metrics::ConnectionLabels,
+    telemetry::{
+        AccessLog, Direction,
+        istio::{ResponseFlags, SecurityPolicy},
+    },
 };
 
 /// One enrolled pod's HBONE handler.
@@ -125,7 +129,7 @@ impl InboundHandler for PodInbound {
             Ok(()) => Ok(()),
             Err(err) => Err(format!("{} {err}", report.status.as_u16())),
         };
-        let labels = ConnectionLabels::new(crate::telemetry::Reporter::Destination)
+        let labels = ConnectionLabels::new(crate::telemetry::istio::Reporter::Destination)
             .with_source(src.map(|w| &**w))
             .with_source_principal(Some(&report.peer))
             .with_destination(Some(&self.pod.workload))

@@ -11,6 +11,7 @@ pub mod admission;
 pub mod hbone;
 pub mod inbound;
 pub mod inbound_hbone;
+pub mod metrics;
 pub mod outbound;
 
 use std::{io, net::SocketAddr, sync::Arc};
@@ -32,7 +33,7 @@ pub struct ProxyContext {
     /// The current mesh state.
     pub state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
     /// Where connections are counted (opened, closed, bytes).
-    pub metrics: Arc<crate::telemetry::Metrics>,
+    pub metrics: Arc<metrics::ProxyMetrics>,
     /// The certificates of this node's pods; `None` without a CA, and then mesh traffic is
     /// refused (there is no identity to present), never sent in the clear.
     pub certs: Option<Arc<CertificateManager>>,

@@ -23,10 +23,11 @@ use super::{
 use crate::{
     identity::{SpiffeId, WorkloadCertificate},
     limits::{Path, refuse},
+    proxy::metrics::{ConnectionLabels, ProxyMetrics},
     state::{MeshState, Resolved, Service, Workload},
     telemetry::{
-        AccessLog, ConnectionLabels, Direction, Metrics, ResponseFlags, SecurityPolicy,
-        metrics::service_hostname,
+        AccessLog, Direction,
+        istio::{ResponseFlags, SecurityPolicy, WorkloadLabels, service_hostname},
     },
 };
 
@@ -103,7 +104,7 @@ impl Upstreams for Live<'_> {
 /// and the agent's services.
 struct Outbound<'a, U> {
     state: &'a MeshState,
-    metrics: &'a Metrics,
+    metrics: &'a ProxyMetrics,
     /// The source pod.
     workload: &'a Arc<Workload>,
     /// The source pod's identity.
@@ -297,26 +298,17 @@ fn describe(err: &HboneError) -> String {
     }
 }
 
-/// The source workload's metadata as ztunnel sends it in `baggage`.
+/// The source workload's metadata as ztunnel sends it in `baggage`: the same canonical service
+/// and revision as its metrics labels.
 fn baggage(workload: &Workload) -> Baggage {
-    let label = |keys: &[&str]| keys.iter().find_map(|k| workload.labels.get(*k).cloned());
+    let labels = WorkloadLabels::of(workload);
     Baggage {
-        cluster: Some("Kubernetes".into()),
-        namespace: Some(workload.namespace.clone()),
+        cluster: Some(crate::telemetry::istio::CLUSTER_ID.into()),
+        namespace: Some(labels.namespace),
         workload_kind: Some("pod".into()),
-        workload_name: Some(workload.name.clone()),
-        service_name: label(&[
-            "service.istio.io/canonical-name",
-            "app.kubernetes.io/name",
-            "app",
-        ])
-        .or_else(|| Some(workload.name.clone())),
-        service_version: label(&[
-            "service.istio.io/canonical-revision",
-            "app.kubernetes.io/version",
-            "version",
-        ])
-        .or_else(|| Some("latest".into())),
+        workload_name: Some(labels.name),
+        service_name: Some(labels.canonical_service),
+        service_version: Some(labels.canonical_revision),
         region: None,
         zone: None,
     }
@@ -336,6 +328,7 @@ mod tests {
             tests::{TD, recv, start_upstream, start_waypoint},
         },
         state::{EndpointAddress, NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef},
+        telemetry::Metrics,
     };
 
     const VIP: &str = "10.96.0.10:80";
@@ -448,7 +441,7 @@ mod tests {
     /// Returns what the client read back and the HBONE endpoints dialled.
     async fn connect_through(
         state: &MeshState,
-        metrics: &Metrics,
+        metrics: &TestMetrics,
         ca: &TestCa,
         hbone_server: SocketAddr,
         dst: SocketAddr,
@@ -470,7 +463,7 @@ mod tests {
         };
         let outbound = Outbound {
             state,
-            metrics,
+            metrics: &metrics.proxy,
             workload: client,
             identity: &identity,
             pool: &pool,
@@ -496,8 +489,23 @@ mod tests {
         (got, dialled, plain)
     }
 
-    fn no_waypoint_denials(metrics: &Metrics) -> f64 {
+    /// The proxy's metrics in a registry of their own.
+    struct TestMetrics {
+        registry: Metrics,
+        proxy: ProxyMetrics,
+    }
+
+    impl TestMetrics {
+        fn new() -> Self {
+            let registry = Metrics::new();
+            let proxy = ProxyMetrics::new(&registry).unwrap();
+            Self { registry, proxy }
+        }
+    }
+
+    fn no_waypoint_denials(metrics: &TestMetrics) -> f64 {
         metrics
+            .registry
             .gather()
             .iter()
             .filter(|family| family.name() == "ambit_connections_denied_total")
@@ -517,7 +525,7 @@ mod tests {
         let (app, mut app_received) = start_upstream(b"HTTP/1.0 200 OK\r\n\r\n".to_vec()).await;
         let waypoint_id = SpiffeId::new(TD, "infra", "waypoint");
         let mut waypoint = start_waypoint(&ca.issue(&waypoint_id), app).await;
-        let (state, metrics) = (mesh(true, true), Metrics::new());
+        let (state, metrics) = (mesh(true, true), TestMetrics::new());
 
         let (got, dialled, plain) =
             connect_through(&state, &metrics, &ca, waypoint.addr, VIP.parse().unwrap()).await;
@@ -550,7 +558,7 @@ mod tests {
         // The endpoint's identity, not the waypoint's: the client must not accept it.
         let impostor = SpiffeId::new(TD, "shop", "web");
         let waypoint = start_waypoint(&ca.issue(&impostor), app).await;
-        let (state, metrics) = (mesh(true, true), Metrics::new());
+        let (state, metrics) = (mesh(true, true), TestMetrics::new());
 
         let (got, dialled, _) =
             connect_through(&state, &metrics, &ca, waypoint.addr, VIP.parse().unwrap()).await;
@@ -569,7 +577,7 @@ mod tests {
         let (app, mut app_received) = start_upstream(b"hello".to_vec()).await;
         let waypoint_id = SpiffeId::new(TD, "infra", "waypoint");
         let mut waypoint = start_waypoint(&ca.issue(&waypoint_id), app).await;
-        let metrics = Metrics::new();
+        let metrics = TestMetrics::new();
 
         for (n, state) in [mesh(false, true), mesh(true, false)].iter().enumerate() {
             let (got, dialled, plain) =
@@ -595,7 +603,10 @@ mod tests {
         let ca = TestCa::new("root");
         let (app, mut app_received) = start_upstream(b"hi".to_vec()).await;
         let mut web = start_waypoint(&ca.issue(&SpiffeId::new(TD, "shop", "web")), app).await;
-        let (state, metrics) = (listing(&["10.10.0.2", "192.0.2.7"], false), Metrics::new());
+        let (state, metrics) = (
+            listing(&["10.10.0.2", "192.0.2.7"], false),
+            TestMetrics::new(),
+        );
         let vip = VIP.parse().unwrap();
 
         // Round robin: first the enrolled workload's address, in HBONE with its identity...
@@ -617,7 +628,7 @@ mod tests {
     #[tokio::test]
     async fn a_service_without_selector_or_endpoints_passes_through_unless_bound() {
         let ca = TestCa::new("root");
-        let metrics = Metrics::new();
+        let metrics = TestMetrics::new();
         let vip: SocketAddr = VIP.parse().unwrap();
         let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
         // No endpoint known: to the address dialled, as for any destination outside the mesh.

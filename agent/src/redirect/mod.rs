@@ -9,6 +9,7 @@
 //! The agent's own sockets are exempt from redirection by the agent's cgroup ([`own_cgroup`]),
 //! which a pod cannot join, rather than by a socket mark, which any process with CAP_NET_RAW
 //! can set.
+pub mod metrics;
 mod preflight;
 
 use std::{

@@ -1,5 +1,7 @@
 //! Logging set-up (with a filter that can be changed at run time), the per-connection access
-//! log, and the Prometheus [`metrics`].
+//! log, the Prometheus [`metrics`] plumbing and [`istio`]'s standard labels. Plumbing only: each
+//! subsystem owns its metrics.
+pub mod istio;
 pub mod metrics;
 
 use std::{net::SocketAddr, sync::OnceLock};
@@ -7,10 +9,7 @@ use std::{net::SocketAddr, sync::OnceLock};
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{EnvFilter, Registry, fmt, prelude::*, reload};
 
-pub use self::metrics::{
-    ConnectionLabels, ConnectionRecorder, DatapathStats, Metrics, Reporter, ResponseFlags,
-    SecurityPolicy,
-};
+pub use self::metrics::Metrics;
 
 /// Output format of log and access-log lines.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

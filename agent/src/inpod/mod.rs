@@ -19,6 +19,8 @@
 //! knows them) until DEL, and take precedence over what the configuration says of the pod's
 //! namespace and addresses. A pod the configuration knows but that has neither addresses nor a
 //! sandbox yet is simply not started: nothing of it runs.
+pub mod metrics;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},

@@ -1,0 +1,184 @@
+//! The datapath's metrics: the eBPF programs' event counters and the pinned maps' occupancy,
+//! read from the kernel at each scrape.
+use std::sync::Arc;
+
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, core::Collector};
+
+use super::{RedirectStats, Redirector};
+use crate::telemetry::metrics::{ScrapeTime, gauge_value, set_counter};
+
+/// The datapath's metrics.
+pub struct RedirectMetrics {
+    /// Where the figures come from (`None` in tests: loading eBPF needs privileges).
+    redirector: Option<Arc<Redirector>>,
+    redirected: IntCounterVec,
+    excluded: IntCounter,
+    map_full: IntCounter,
+    pod_quota: IntCounter,
+    closed_refused: IntCounter,
+    inbound_steered: IntCounter,
+    inbound_no_listener: IntCounter,
+    inbound_from_node: IntCounter,
+    map_entries: IntGaugeVec,
+}
+
+impl RedirectMetrics {
+    /// The metrics of `redirector`'s programs and maps.
+    pub fn new(redirector: Option<Arc<Redirector>>) -> prometheus::Result<Self> {
+        Ok(Self {
+            redirector,
+            redirected: IntCounterVec::new(
+                Opts::new(
+                    "ambit_redirected_connections_total",
+                    "Outbound connects rewritten to the agent by the eBPF programs, by family",
+                ),
+                &["family"],
+            )?,
+            excluded: IntCounter::new(
+                "ambit_redirect_excluded_total",
+                "Outbound connects of enrolled pods left alone by a port or network exclusion",
+            )?,
+            map_full: IntCounter::new(
+                "ambit_redirect_map_full_total",
+                "Outbound connects refused or closed because an eBPF map or a socket's storage \
+                 could not take their original destination",
+            )?,
+            pod_quota: IntCounter::new(
+                "ambit_redirect_pod_quota_total",
+                "Outbound connects beyond their pod's share of handshakes in flight (closed)",
+            )?,
+            closed_refused: IntCounter::new(
+                "ambit_redirect_closed_refused_total",
+                "Outbound connects of closed pods refused by the eBPF programs",
+            )?,
+            inbound_steered: IntCounter::new(
+                "ambit_inbound_steered_total",
+                "Inbound connections steered to a pod's listener by sk_lookup",
+            )?,
+            inbound_no_listener: IntCounter::new(
+                "ambit_inbound_no_listener_total",
+                "Inbound connections dropped because the pod's listener was gone (agent down, \
+                 pod closed)",
+            )?,
+            inbound_from_node: IntCounter::new(
+                "ambit_inbound_from_node_total",
+                "Inbound connections from the node's own addresses (kubelet's probes) let \
+                 through to the application",
+            )?,
+            map_entries: IntGaugeVec::new(
+                Opts::new("ambit_ebpf_map_entries", "Entries in each pinned eBPF map"),
+                &["map"],
+            )?,
+        })
+    }
+
+    /// Copies the programs' counters and the maps' occupancy in.
+    pub fn record(&self, stats: RedirectStats, occupancy: &[(&str, usize)]) {
+        set_counter(
+            &self.redirected.with_label_values(&["ipv4"]),
+            stats.redirected_v4,
+        );
+        set_counter(
+            &self.redirected.with_label_values(&["ipv6"]),
+            stats.redirected_v6,
+        );
+        set_counter(&self.excluded, stats.excluded);
+        set_counter(&self.map_full, stats.map_full);
+        set_counter(&self.pod_quota, stats.pod_quota);
+        set_counter(&self.closed_refused, stats.closed_refused);
+        set_counter(&self.inbound_steered, stats.inbound_steered);
+        set_counter(&self.inbound_no_listener, stats.inbound_no_listener);
+        set_counter(&self.inbound_from_node, stats.inbound_from_node);
+        for (map, entries) in occupancy {
+            self.map_entries
+                .with_label_values(&[map])
+                .set(gauge_value(*entries));
+        }
+    }
+}
+
+impl ScrapeTime for RedirectMetrics {
+    fn parts(&self) -> Vec<&dyn Collector> {
+        vec![
+            &self.redirected,
+            &self.excluded,
+            &self.map_full,
+            &self.pod_quota,
+            &self.closed_refused,
+            &self.inbound_steered,
+            &self.inbound_no_listener,
+            &self.inbound_from_node,
+            &self.map_entries,
+        ]
+    }
+
+    fn refresh(&self) {
+        if let Some(redirector) = &self.redirector {
+            self.record(redirector.stats(), &redirector.map_occupancy());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::metrics::{
+        Metrics,
+        exposition::{parse, value},
+    };
+
+    #[test]
+    fn counters_and_occupancy_are_what_the_kernel_says_at_each_scrape() {
+        let metrics = Metrics::new();
+        let datapath = Arc::new(RedirectMetrics::new(None).unwrap());
+        metrics.register_at_scrape(datapath.clone()).unwrap();
+        let stats = RedirectStats {
+            redirected_v4: 5,
+            redirected_v6: 2,
+            excluded: 1,
+            map_full: 0,
+            inbound_steered: 4,
+            inbound_no_listener: 3,
+            pod_quota: 6,
+            closed_refused: 8,
+            inbound_from_node: 9,
+        };
+        datapath.record(stats, &[("ENROLLED_NETNS", 2), ("ORIG_DST_TUPLE", 7)]);
+        let samples = parse(&metrics.encode());
+        let get = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
+        for (name, want) in [
+            ("ambit_redirect_pod_quota_total", 6.0),
+            ("ambit_redirect_closed_refused_total", 8.0),
+            ("ambit_inbound_from_node_total", 9.0),
+            ("ambit_redirect_excluded_total", 1.0),
+            ("ambit_redirect_map_full_total", 0.0),
+            ("ambit_inbound_steered_total", 4.0),
+            ("ambit_inbound_no_listener_total", 3.0),
+        ] {
+            assert_eq!(get(name, &[]), Some(want), "{name}");
+        }
+        assert_eq!(
+            get("ambit_redirected_connections_total", &[("family", "ipv4")]),
+            Some(5.0)
+        );
+        assert_eq!(
+            get("ambit_redirected_connections_total", &[("family", "ipv6")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            get("ambit_ebpf_map_entries", &[("map", "ORIG_DST_TUPLE")]),
+            Some(7.0)
+        );
+        // Totals kept by the kernel are copied, not added up, scrape after scrape.
+        datapath.record(stats, &[]);
+        let again = parse(&metrics.encode());
+        assert_eq!(
+            value(
+                &again,
+                "ambit_redirected_connections_total",
+                &[("family", "ipv4")]
+            ),
+            Some(5.0)
+        );
+    }
+}
