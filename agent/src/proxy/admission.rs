@@ -42,7 +42,6 @@ use std::{
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info};
 
-use super::ProxyContext;
 use crate::{
     identity::SpiffeId,
     policy::{ConnectionInfo, Decision, PeerAuthMode},
@@ -140,14 +139,9 @@ pub fn decide(state: &MeshState, conn: &Inbound, workload: &Workload) -> Verdict
     }
 }
 
-/// The accept paths' decision: [`decide`], logging what dry-run policies would have done and
-/// counting a refusal in `ambit_connections_denied_total` by reason.
-pub fn check(
-    ctx: &ProxyContext,
-    state: &MeshState,
-    conn: &Inbound,
-    workload: &Workload,
-) -> Result<(), Refusal> {
+/// The accept paths' decision: [`decide`], logging what dry-run policies would have done. The
+/// path's exit counts a refusal ([`super::record`], or the HBONE handler).
+pub fn check(state: &MeshState, conn: &Inbound, workload: &Workload) -> Result<(), Refusal> {
     let verdict = decide(state, conn, workload);
     if let Some(decision) = &verdict.policy
         && let Some(dry_run) = &decision.dry_run
@@ -164,9 +158,6 @@ pub fn check(
             ?matched,
             "dry-run policy"
         );
-    }
-    if let Err(refusal) = &verdict.allowed {
-        ctx.metrics.connection_denied(refusal.reason);
     }
     verdict.allowed
 }

@@ -10,20 +10,23 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
+use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+
 use super::{
     PodContext, ProxyContext, Relayed, Transferred,
     admission::{self, Inbound},
-    connect_from, relay_until,
+    connect_from,
+    error::ProxyError,
+    record, relay_until,
 };
-use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-
-/// Ports of the agent's own listeners in every pod.
-const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
 use crate::{
     limits::{Path, refuse},
     proxy::metrics::ConnectionLabels,
-    telemetry::{AccessLog, Direction, istio::ResponseFlags},
+    telemetry::{AccessLog, Direction},
 };
+
+/// Ports of the agent's own listeners in every pod.
+const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
 
 /// Accepts steered connections of one pod until the task is aborted (un-enrolment). Each
 /// holds a slot of the agent's connection budget under its source address while it lives.
@@ -73,42 +76,44 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
             &workload,
             dst.port(),
         ));
-    // The proxy's own ports: forwarding there would land back on this listener, forever.
-    let decision = if PROXY_PORTS.contains(&dst.port()) {
-        ctx.metrics.connection_denied("proxy_port");
-        Err(format!("port {} belongs to the proxy", dst.port()))
+    let (moved, result) = if PROXY_PORTS.contains(&dst.port()) {
+        // The proxy's own ports: forwarding there would land back on this listener, forever.
+        (
+            Transferred::default(),
+            Err(ProxyError::ProxyPort(dst.port())),
+        )
     } else {
         // Peer authentication (STRICT refuses plaintext), then authorization.
-        admission::check(&ctx, &state, &inbound, &workload).map_err(|refusal| refusal.message)
+        match admission::check(&state, &inbound, &workload) {
+            Err(refusal) => (Transferred::default(), Err(ProxyError::Refused(refusal))),
+            Ok(()) => forward(client, dst, &pod, admission.revoked()).await,
+        }
     };
-    if let Err(why) = decision {
-        log.outcome = Err(why);
-        conn.finish(Transferred::default(), ResponseFlags::Deny);
-        log.emit();
-        return;
-    }
+    record(&ctx.metrics, conn, log, moved, result);
+}
+
+/// Connects to the application and relays until the connection ends or a change closes it.
+async fn forward(
+    client: TcpStream,
+    dst: SocketAddr,
+    pod: &PodContext,
+    revoked: impl std::future::Future<Output = admission::Refusal>,
+) -> (Transferred, Result<(), ProxyError>) {
     // From the pod's own address to itself: the kernel routes it over loopback to the
     // application, and sk_lookup lets it through (local == remote) instead of steering it back.
     let bind = SocketAddr::new(dst.ip(), 0);
     match connect_from(&pod.netns, dst, Some(bind)).await {
         Ok(upstream) => {
-            let (moved, ended) = relay_until(client, upstream, admission.revoked()).await;
-            log.bytes_sent = moved.sent;
-            log.bytes_received = moved.received;
-            log.outcome = match ended {
-                Relayed::Finished(result) => result.map_err(|err| format!("relay: {err}")),
-                Relayed::Stopped(refusal) => {
-                    ctx.metrics.connection_closed_by_policy(refusal.reason);
-                    Err(format!("closed after a policy change: {refusal}"))
-                }
+            let (moved, ended) = relay_until(client, upstream, revoked).await;
+            let result = match ended {
+                Relayed::Finished(result) => result.map_err(ProxyError::Relay),
+                Relayed::Stopped(refusal) => Err(ProxyError::ClosedByPolicy(refusal)),
             };
-            // `-` even when closed by a change, as ztunnel reports it (see inbound_hbone).
-            conn.finish(moved, ResponseFlags::None);
+            (moved, result)
         }
-        Err(err) => {
-            log.outcome = Err(format!("connect {dst}: {err}"));
-            conn.finish(Transferred::default(), ResponseFlags::Connect);
-        }
+        Err(source) => (
+            Transferred::default(),
+            Err(ProxyError::Connect { addr: dst, source }),
+        ),
     }
-    log.emit();
 }

@@ -88,8 +88,11 @@ impl InboundHandler for PodInbound {
             .workload_by_ip(request.destination.ip())
             .cloned()
             .unwrap_or_else(|| self.pod.workload.clone());
-        admission::check(&self.ctx, &state, &inbound, &workload)
-            .map_err(|refusal| Deny::new(refusal.message))?;
+        admission::check(&state, &inbound, &workload).map_err(|refusal| {
+            // The tunnel is answered 401 by the HBONE server; its refusal is counted here.
+            self.ctx.metrics.connection_denied(refusal.reason);
+            Deny::new(refusal.message)
+        })?;
         Ok(admission)
     }
 

@@ -8,6 +8,7 @@
 //! (HTTP/2 CONNECT over mutual TLS, [`hbone`]) to the destination pod's 15008; to anything
 //! outside the mesh it is a plain TCP connection.
 pub mod admission;
+pub mod error;
 pub mod hbone;
 pub mod inbound;
 pub mod inbound_hbone;
@@ -96,6 +97,34 @@ pub async fn connect_from(
     })??;
     let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     socket.connect(dst).await
+}
+
+/// Ends a connection in one place, however it went: its closed series with the response flags
+/// of the error if any, the agent's refusal counters, and its access-log line.
+pub fn record(
+    metrics: &metrics::ProxyMetrics,
+    conn: metrics::ConnectionRecorder,
+    mut log: crate::telemetry::AccessLog,
+    moved: Transferred,
+    result: Result<(), error::ProxyError>,
+) {
+    if let Err(err) = &result {
+        if let Some(reason) = err.denial_reason() {
+            metrics.connection_denied(reason);
+        }
+        if let Some(reason) = err.closed_by_policy_reason() {
+            metrics.connection_closed_by_policy(reason);
+        }
+    }
+    let flags = result.as_ref().err().map_or(
+        crate::telemetry::istio::ResponseFlags::None,
+        error::ProxyError::response_flags,
+    );
+    conn.finish(moved, flags);
+    log.bytes_sent = moved.sent;
+    log.bytes_received = moved.received;
+    log.outcome = result.map_err(|err| err.to_string());
+    log.emit();
 }
 
 /// Bytes moved by [`relay`], each way.

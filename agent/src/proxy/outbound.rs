@@ -17,17 +17,18 @@ use tracing::warn;
 
 use super::{
     PodContext, ProxyContext, Transferred, connect_from,
-    hbone::{HBONE_PORT, HboneError, Pool, PoolKey, TunnelRequest, headers::Baggage},
-    relay,
+    error::ProxyError,
+    hbone::{HBONE_PORT, Pool, PoolKey, TunnelRequest, headers::Baggage},
+    record, relay,
 };
 use crate::{
     identity::{SpiffeId, WorkloadCertificate},
     limits::{Path, refuse},
     proxy::metrics::{ConnectionLabels, ProxyMetrics},
-    state::{MeshState, Resolved, Service, Workload},
+    state::{MeshState, Resolved, Workload},
     telemetry::{
         AccessLog, Direction,
-        istio::{ResponseFlags, SecurityPolicy, WorkloadLabels, service_hostname},
+        istio::{SecurityPolicy, WorkloadLabels, service_hostname},
     },
 };
 
@@ -55,8 +56,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     let Some(dst) = ctx.redirector.original_destination(&client) else {
         // Not redirected by our programs (someone dialled 127.0.0.1:15001 directly), or the pod
         // is over its share of handshakes in flight: there is nowhere legitimate to send it.
-        warn!(pod = %pod.workload.uid(), %peer, "no original destination recorded; closing");
-        ctx.metrics.connection_denied("no_original_destination");
+        let err = ProxyError::NoOriginalDestination;
+        warn!(pod = %pod.workload.uid(), %peer, %err, "closing");
+        ctx.metrics
+            .connection_denied(err.denial_reason().unwrap_or_default());
         return;
     };
     let state = ctx.state.borrow().clone();
@@ -114,188 +117,214 @@ struct Outbound<'a, U> {
     upstreams: U,
 }
 
-/// An HBONE tunnel to open: to `to`'s port 15008, carrying `authority`, for a server that must
-/// prove it runs as `workload`; `service` is the service dialled, if any.
-struct Tunnel {
-    workload: Arc<Workload>,
-    to: IpAddr,
-    authority: SocketAddr,
-    service: Option<Arc<Service>>,
+/// Where an outbound connection goes.
+#[derive(Debug, PartialEq)]
+enum Route {
+    /// Plain TCP from the source pod to a destination outside the mesh.
+    Plain(SocketAddr),
+    /// An HBONE tunnel from `source_ip` to `to`:15008, carrying `authority`, to a server that
+    /// must prove it runs as `identity`.
+    Tunnel {
+        to: IpAddr,
+        source_ip: IpAddr,
+        authority: SocketAddr,
+        identity: SpiffeId,
+        /// The hostname of the service dialled, for the `Forwarded` header.
+        service_host: Option<String>,
+    },
+}
+
+/// An outbound connection as the state decides it, before any I/O: where it goes (or why it
+/// goes nowhere), how its metrics are labelled and what its access log names.
+#[derive(Debug)]
+struct Request {
+    route: Result<Route, ProxyError>,
+    labels: ConnectionLabels,
+    /// What the access log names as upstream: the workload's address (tunnelled or not), or
+    /// the waypoint's HBONE port.
+    upstream: Option<SocketAddr>,
+    dst_workload: Option<String>,
+    dst_service: Option<String>,
+}
+
+/// Decides where a connection from `source` (running as `source_id`) to `dst` goes, from
+/// `state` alone (ztunnel's `build_request`): a mesh workload (directly or behind a service VIP)
+/// through an HBONE tunnel to its pod, a service bound to a waypoint through a tunnel to a
+/// waypoint pod carrying the address dialled, anything else in plain TCP; or why nowhere.
+fn build_request(
+    state: &MeshState,
+    source: &Workload,
+    source_id: &SpiffeId,
+    dst: SocketAddr,
+) -> Request {
+    let resolved = state.resolve(dst);
+    let labels = ConnectionLabels::outbound(state, source, &resolved);
+    let mut request = Request {
+        route: Err(ProxyError::NoOriginalDestination),
+        labels,
+        upstream: None,
+        dst_workload: None,
+        dst_service: None,
+    };
+    // The tunnel's target: a workload (and its identity), the address it is reached at, the
+    // authority to carry, the service dialled.
+    let (target, to, authority, service) = match resolved {
+        Resolved::Workload {
+            workload,
+            addr,
+            service,
+        } => {
+            request.dst_workload = Some(workload.uid());
+            request.dst_service = service.as_ref().map(|s| s.uid());
+            request.upstream = Some(addr);
+            if !workload.enrolled {
+                request.route = Ok(Route::Plain(addr));
+                return request;
+            }
+            (workload, addr.ip(), addr, service)
+        }
+        // The waypoint applies the service's L7 policy and picks the endpoint: it is told the
+        // address the client dialled, not an endpoint.
+        Resolved::Waypoint {
+            workload,
+            ip,
+            service,
+        } => {
+            request.dst_workload = Some(workload.uid());
+            request.dst_service = Some(service.uid());
+            request.upstream = Some(SocketAddr::new(ip, HBONE_PORT));
+            (workload, ip, dst, Some(service))
+        }
+        Resolved::Passthrough(addr) => {
+            request.upstream = Some(addr);
+            request.route = Ok(Route::Plain(addr));
+            return request;
+        }
+        Resolved::OutsideMesh { addr, service } => {
+            request.dst_service = Some(service.uid());
+            request.upstream = Some(addr);
+            request.route = Ok(Route::Plain(addr));
+            return request;
+        }
+        Resolved::NoWaypoint {
+            service,
+            waypoint,
+            exists,
+        } => {
+            request.route = Err(ProxyError::NoWaypoint {
+                service: service.uid(),
+                waypoint,
+                exists,
+            });
+            return request;
+        }
+        Resolved::NoEndpoints { service } => {
+            request.route = Err(ProxyError::NoEndpoints(service.uid()));
+            return request;
+        }
+        Resolved::UnknownServicePort { service, port } => {
+            request.route = Err(ProxyError::UnknownServicePort {
+                service: service.uid(),
+                port,
+            });
+            return request;
+        }
+    };
+    let identity = state.identity_of(&target);
+    request.labels = request
+        .labels
+        .with_source_principal(Some(source_id))
+        .with_destination_principal(Some(&identity))
+        .with_security_policy(SecurityPolicy::MutualTls);
+    request.route = match source.address_like(to) {
+        Some(source_ip) => Ok(Route::Tunnel {
+            to,
+            source_ip,
+            authority,
+            identity,
+            service_host: service.as_deref().map(service_hostname),
+        }),
+        None => Err(ProxyError::NoSourceAddress {
+            workload: source.uid(),
+            peer: to,
+        }),
+    };
+    request
 }
 
 impl<U: Upstreams> Outbound<'_, U> {
-    /// Sends the connection `client` (from `peer`, dialled to `dst`) where the mesh says, and
-    /// relays until it ends.
+    /// Sends the connection `client` (from `peer`, dialled to `dst`) where the mesh says,
+    /// relays until it ends, and records how it went (the one place that does).
     async fn forward(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-        let state = self.state;
+        let request = build_request(self.state, self.workload, self.identity, dst);
+        let conn = self.metrics.connection_opened(&request.labels);
         let mut log = AccessLog::new(Direction::Outbound, peer, dst);
         log.src_workload = Some(self.workload.uid());
-        let resolved = state.resolve(dst);
-        let mut labels = ConnectionLabels::outbound(state, self.workload, &resolved);
-        let (upstream, tunnel) = match resolved {
-            Resolved::Workload {
-                workload,
-                addr,
-                service,
-            } => {
-                log.dst_workload = Some(workload.uid());
-                log.dst_service = service.as_ref().map(|s| s.uid());
-                let tunnel = workload.enrolled.then(|| Tunnel {
-                    to: addr.ip(),
-                    authority: addr,
-                    workload,
-                    service,
-                });
-                (addr, tunnel)
+        log.dst_workload = request.dst_workload;
+        log.dst_service = request.dst_service;
+        let (moved, result) = match request.route {
+            Ok(route) => {
+                log.upstream = request.upstream;
+                if let Route::Tunnel { identity, .. } = &route {
+                    log.mtls = true;
+                    log.src_principal = Some(self.identity.to_string());
+                    log.dst_principal = Some(identity.to_string());
+                }
+                self.send(client, peer, route).await
             }
-            Resolved::Waypoint {
-                workload,
-                ip,
-                service,
-            } => {
-                // The waypoint applies the service's L7 policy and picks the endpoint: it is
-                // told the address the client dialled, not an endpoint.
-                log.dst_workload = Some(workload.uid());
-                log.dst_service = Some(service.uid());
-                let tunnel = Tunnel {
-                    to: ip,
-                    authority: dst,
-                    workload,
-                    service: Some(service),
-                };
-                (SocketAddr::new(ip, HBONE_PORT), Some(tunnel))
-            }
-            Resolved::Passthrough(addr) => (addr, None),
-            Resolved::OutsideMesh { addr, service } => {
-                log.dst_service = Some(service.uid());
-                (addr, None)
-            }
-            Resolved::NoWaypoint {
-                service,
-                waypoint,
-                exists,
-            } => {
-                // Fail closed: the endpoints are right there, but reaching them directly would
-                // skip the policy the waypoint exists to apply.
-                self.metrics.connection_denied("no_waypoint");
-                let why = if exists {
-                    "has no ready endpoint"
-                } else {
-                    "does not exist"
-                };
-                let why = format!(
-                    "service {} must go through waypoint {waypoint}, which {why}",
-                    service.uid()
-                );
-                return self.refuse(&labels, log, why);
-            }
-            Resolved::NoEndpoints { service } => {
-                let why = format!("service {} has no ready endpoints", service.uid());
-                return self.refuse(&labels, log, why);
-            }
-            Resolved::UnknownServicePort { service, port } => {
-                let why = format!("service {} has no port {port}", service.uid());
-                return self.refuse(&labels, log, why);
-            }
+            Err(err) => (Transferred::default(), Err(err)),
         };
-        log.upstream = Some(upstream);
-        let Some(tunnel) = tunnel else {
+        record(self.metrics, conn, log, moved, result);
+    }
+
+    /// The I/O: connects (or tunnels) as `route` says and relays.
+    async fn send(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        route: Route,
+    ) -> (Transferred, Result<(), ProxyError>) {
+        let failed = |err| (Transferred::default(), Err(err));
+        match route {
             // Outside the mesh: plain TCP from the pod's own namespace and address.
-            let conn = self.metrics.connection_opened(&labels);
-            match self.upstreams.connect(upstream).await {
-                Ok(upstream) => {
-                    let (moved, result) = relay(client, upstream).await;
-                    finish(&mut log, moved, result);
-                    conn.finish(moved, ResponseFlags::None);
-                }
-                Err(err) => {
-                    log.outcome = Err(format!("connect {upstream}: {err}"));
-                    conn.finish(Transferred::default(), ResponseFlags::Connect);
-                }
-            }
-            log.emit();
-            return;
-        };
-
-        let dst_id = state.identity_of(&tunnel.workload);
-        log.mtls = true;
-        log.src_principal = Some(self.identity.to_string());
-        log.dst_principal = Some(dst_id.to_string());
-        labels = labels
-            .with_source_principal(Some(self.identity))
-            .with_destination_principal(Some(&dst_id))
-            .with_security_policy(SecurityPolicy::MutualTls);
-        let conn = self.metrics.connection_opened(&labels);
-        let Some(source_ip) = self.workload.address_like(tunnel.to) else {
-            log.outcome = Err(format!(
-                "{} has no address of {}'s family",
-                self.workload.uid(),
-                tunnel.to
-            ));
-            conn.finish(Transferred::default(), ResponseFlags::Connect);
-            log.emit();
-            return;
-        };
-        let certificate = match self.upstreams.certificate(self.identity).await {
-            Ok(cert) => cert,
-            Err(why) => {
-                log.outcome = Err(why);
-                conn.finish(Transferred::default(), ResponseFlags::Connect);
-                log.emit();
-                return;
-            }
-        };
-        let key = PoolKey::new(
-            self.identity.clone(),
-            source_ip,
-            SocketAddr::new(tunnel.to, HBONE_PORT),
-            vec![dst_id],
-        );
-        let mut request =
-            TunnelRequest::new(SocketAddr::new(source_ip, peer.port()), tunnel.authority);
-        request.baggage = baggage(self.workload);
-        request.service_host = tunnel.service.as_deref().map(service_hostname);
-        match self.pool.open(&key, &certificate, &request).await {
-            Ok(tunnel) => {
-                let (moved, result) = relay(client, tunnel).await;
-                finish(&mut log, moved, result);
-                conn.finish(moved, ResponseFlags::None);
-            }
-            Err(err) => {
-                let flags = match err.status() {
-                    Some(status) if status == http::StatusCode::UNAUTHORIZED => ResponseFlags::Deny,
-                    _ => ResponseFlags::Connect,
+            Route::Plain(addr) => match self.upstreams.connect(addr).await {
+                Ok(upstream) => relayed(relay(client, upstream).await),
+                Err(source) => failed(ProxyError::Connect { addr, source }),
+            },
+            Route::Tunnel {
+                to,
+                source_ip,
+                authority,
+                identity,
+                service_host,
+            } => {
+                let certificate = match self.upstreams.certificate(self.identity).await {
+                    Ok(cert) => cert,
+                    Err(why) => return failed(ProxyError::NoCertificate(why)),
                 };
-                log.outcome = Err(describe(&err));
-                conn.finish(Transferred::default(), flags);
+                let key = PoolKey::new(
+                    self.identity.clone(),
+                    source_ip,
+                    SocketAddr::new(to, HBONE_PORT),
+                    vec![identity],
+                );
+                let mut request =
+                    TunnelRequest::new(SocketAddr::new(source_ip, peer.port()), authority);
+                request.baggage = baggage(self.workload);
+                request.service_host = service_host;
+                match self.pool.open(&key, &certificate, &request).await {
+                    Ok(tunnel) => relayed(relay(client, tunnel).await),
+                    Err(err) => failed(ProxyError::hbone(err)),
+                }
             }
         }
-        log.emit();
-    }
-
-    /// Closes a connection that has nowhere to go, counting and logging why.
-    fn refuse(&self, labels: &ConnectionLabels, mut log: AccessLog, why: String) {
-        self.metrics
-            .connection_opened(labels)
-            .finish(Transferred::default(), ResponseFlags::Connect);
-        log.outcome = Err(why);
-        log.emit();
     }
 }
 
-fn finish(log: &mut AccessLog, moved: Transferred, result: std::io::Result<()>) {
-    log.bytes_sent = moved.sent;
-    log.bytes_received = moved.received;
-    log.outcome = result.map_err(|err| format!("relay: {err}"));
-}
-
-fn describe(err: &HboneError) -> String {
-    match err.status() {
-        Some(status) if status == http::StatusCode::UNAUTHORIZED => {
-            format!("denied by the destination's authorization policy ({err})")
-        }
-        _ => format!("HBONE: {err}"),
-    }
+fn relayed(
+    (moved, result): (Transferred, std::io::Result<()>),
+) -> (Transferred, Result<(), ProxyError>) {
+    (moved, result.map_err(ProxyError::Relay))
 }
 
 /// The source workload's metadata as ztunnel sends it in `baggage`: the same canonical service
@@ -328,7 +357,7 @@ mod tests {
             tests::{TD, recv, start_upstream, start_waypoint},
         },
         state::{EndpointAddress, NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef},
-        telemetry::Metrics,
+        telemetry::{Metrics, istio::ResponseFlags},
     };
 
     const VIP: &str = "10.96.0.10:80";
@@ -416,6 +445,103 @@ mod tests {
             services,
         )
         .with_trust_domain(TD)
+    }
+
+    /// `build_request` on `state`, from `shop/client`.
+    fn route_of(state: &MeshState, dst: &str) -> Request {
+        let client = state.workload_by_ip("127.0.0.1".parse().unwrap()).unwrap();
+        build_request(
+            state,
+            client,
+            &state.identity_of(client),
+            dst.parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn build_request_tunnels_to_mesh_workloads_and_waypoints_with_their_identity() {
+        let state = mesh(true, true);
+        let web_id = SpiffeId::new(TD, "shop", "web");
+        // A workload dialled directly: a tunnel to its pod, carrying the address dialled.
+        let direct = route_of(&state, "10.10.0.2:8080");
+        assert_eq!(
+            direct.route.unwrap(),
+            Route::Tunnel {
+                to: "10.10.0.2".parse().unwrap(),
+                source_ip: "127.0.0.1".parse().unwrap(),
+                authority: "10.10.0.2:8080".parse().unwrap(),
+                identity: web_id.clone(),
+                service_host: None,
+            }
+        );
+        assert_eq!(
+            direct.labels.connection_security_policy,
+            SecurityPolicy::MutualTls
+        );
+        assert_eq!(direct.labels.destination_principal, web_id.to_string());
+        assert_eq!(direct.dst_workload.as_deref(), Some("shop/web-0"));
+        // A VIP bound to a waypoint: a tunnel to the waypoint's pod with the VIP as authority,
+        // accepting only the waypoint's identity; never the endpoint.
+        let via_waypoint = route_of(&state, VIP);
+        assert_eq!(
+            via_waypoint.route.unwrap(),
+            Route::Tunnel {
+                to: "10.30.0.1".parse().unwrap(),
+                source_ip: "127.0.0.1".parse().unwrap(),
+                authority: VIP.parse().unwrap(),
+                identity: SpiffeId::new(TD, "infra", "waypoint"),
+                service_host: Some("web.shop.svc.cluster.local".into()),
+            }
+        );
+        assert_eq!(via_waypoint.dst_service.as_deref(), Some("shop/web"));
+        assert_eq!(via_waypoint.dst_workload.as_deref(), Some("infra/wp-0"));
+    }
+
+    #[test]
+    fn build_request_sends_the_rest_in_plain_tcp_or_says_why_not() {
+        let state = mesh(true, true);
+        // Outside the mesh: passed through as dialled, unlabelled, not mutual TLS.
+        let outside = route_of(&state, "192.0.2.7:443");
+        assert_eq!(
+            outside.route.unwrap(),
+            Route::Plain("192.0.2.7:443".parse().unwrap())
+        );
+        assert_eq!(
+            outside.labels.connection_security_policy,
+            SecurityPolicy::Unknown
+        );
+        // A mesh workload the client has no address of the family of, to tunnel from.
+        let v6_only = MeshState::new(
+            RedirectSettings::default(),
+            vec![
+                workload("shop", "client", "client", "127.0.0.1", "client"),
+                workload("shop", "v6-0", "v6", "fd00::9", "v6"),
+            ],
+            vec![],
+        )
+        .with_trust_domain(TD);
+        let err = route_of(&v6_only, "[fd00::9]:8080").route.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "shop/client has no address of fd00::9's family"
+        );
+        // A waypoint that is missing or not ready: refused, counted as no_waypoint.
+        for state in [mesh(false, true), mesh(true, false)] {
+            let err = route_of(&state, VIP).route.unwrap_err();
+            assert!(matches!(err, ProxyError::NoWaypoint { .. }), "{err}");
+            assert_eq!(err.denial_reason(), Some("no_waypoint"));
+            assert_eq!(err.response_flags(), ResponseFlags::Connect);
+        }
+        // A port the service does not have.
+        let err = route_of(&state, "10.96.0.10:81").route.unwrap_err();
+        assert_eq!(err.to_string(), "service shop/web has no port 81");
+        // A selector-less service: its listed endpoint outside the mesh, in plain TCP.
+        let listed = route_of(&listing(&["192.0.2.7"], false), "10.96.0.10:80");
+        assert_eq!(
+            listed.route.unwrap(),
+            Route::Plain("192.0.2.7:8080".parse().unwrap())
+        );
+        assert_eq!(listed.dst_service.as_deref(), Some("shop/db"));
     }
 
     /// The test's way out of the proxy: a fixed certificate, and plain TCP that only records.
