@@ -3,6 +3,8 @@
 //! Data flows one way: a configuration source ([`config`]) publishes a [`state::MeshState`];
 //! the enrolment reconciler ([`inpod`]) turns it into per-pod listeners and eBPF map entries
 //! ([`redirect`]); the [`proxy`] serves the connections the kernel steers to those listeners.
+//!
+//! [`serdes`] holds small helpers every layer uses; it depends on nothing else of the crate.
 pub mod admin;
 pub mod agent;
 pub mod ca;
@@ -15,5 +17,6 @@ pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;
+pub mod serdes;
 pub mod state;
 pub mod telemetry;
