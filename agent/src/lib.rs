@@ -4,9 +4,11 @@
 //! the enrolment reconciler ([`inpod`]) turns it into per-pod listeners and eBPF map entries
 //! ([`redirect`]); the [`proxy`] serves the connections the kernel steers to those listeners.
 //!
-//! [`serdes`] holds small helpers every layer uses; it depends on nothing else of the crate.
+//! [`backoff`], [`serdes`] and [`timefmt`] are small helpers every layer uses; they depend on
+//! nothing else of the crate.
 pub mod admin;
 pub mod agent;
+pub mod backoff;
 pub mod ca;
 pub mod cni;
 pub mod config;
@@ -20,3 +22,4 @@ pub mod redirect;
 pub mod serdes;
 pub mod state;
 pub mod telemetry;
+pub mod timefmt;

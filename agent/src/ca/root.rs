@@ -411,7 +411,10 @@ fn generate_root(trust_domain: &str, ttl: Duration) -> Result<(String, String), 
         .collect();
     params.distinguished_name.push(
         DnType::CommonName,
-        format!("Ambit root CA {} {tag}", &super::humane_time(now)[..10]),
+        format!(
+            "Ambit root CA {} {tag}",
+            &crate::timefmt::rfc3339(now)[..10]
+        ),
     );
     params.subject_alt_names = vec![SanType::URI(
         format!("spiffe://{trust_domain}")
