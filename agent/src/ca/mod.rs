@@ -2,7 +2,8 @@
 //!
 //! It holds a root key and signs workload certificates (X.509, ECDSA P-256, one URI SAN: the
 //! workload's SPIFFE ID) for node agents, over the gRPC API of Istio's CA
-//! (`istio.v1.auth.IstioCertificateService/CreateCertificate`, see [`proto`]), so that either
+//! (`istio.v1.auth.IstioCertificateService/CreateCertificate`, see
+//! [`crate::identity::ca_api`]), so that either
 //! side can use the other's CA.
 //!
 //! - [`root`]: creating, importing and loading the root (`ambit ca init`), trust bundles.
@@ -42,7 +43,6 @@ pub mod guard;
 pub mod kube;
 #[cfg(test)]
 mod kube_tests;
-pub mod proto;
 pub mod root;
 pub mod server;
 pub mod sign;
@@ -65,9 +65,6 @@ pub use self::{
 
 /// The default and, unless `--max-ttl` says otherwise, the longest workload certificate lifetime.
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
-
-/// The port Istio's CA listens on; ours by default too.
-pub const DEFAULT_CA_PORT: u16 = 15012;
 
 /// Flags of `ambit ca`.
 #[derive(Debug, clap::Args)]
