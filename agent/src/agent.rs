@@ -89,7 +89,7 @@ pub struct AgentArgs {
     #[arg(long, env = "AMBIT_CA_SERVER_NAME")]
     pub ca_server_name: Option<String>,
     /// Lifetime asked for workload certificates (renewed at half-life).
-    #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = crate::ca::parse_duration)]
+    #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = crate::timefmt::parse_duration)]
     pub cert_ttl: std::time::Duration,
     /// Most proxied connections the agent holds at once, all pods together [default: what the
     /// descriptor limit allows: (RLIMIT_NOFILE - reserve) / 2].

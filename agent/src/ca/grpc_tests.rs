@@ -13,11 +13,12 @@ use x509_parser::{
     prelude::{FromDer as _, X509Certificate},
 };
 
-use super::{
-    proto::{self, IstioCertificateRequest},
-    testing::{TOKEN_A, TOKEN_B, TestCa, create_certificate, csr_with, id, leaf_sans, uri},
+use super::testing::{TOKEN_A, TOKEN_B, TestCa, create_certificate, csr_with, id, leaf_sans, uri};
+use crate::identity::{
+    CaClient, CaError, SpiffeId, WorkloadCertificate,
+    ca_api::{self, IstioCertificateRequest, IstioCertificateServiceClient},
+    pem::read_certificates,
 };
-use crate::identity::{CaClient, CaError, SpiffeId, WorkloadCertificate};
 
 fn refused(result: Result<impl std::fmt::Debug, CaError>) -> (Code, String) {
     match result {
@@ -90,11 +91,12 @@ async fn refuses_a_wrong_or_missing_token() {
     let request = Request::new(IstioCertificateRequest {
         csr: csr(&rcgen::PKCS_ECDSA_P256_SHA256),
         validity_duration: 60,
-        metadata: Some(proto::impersonation_metadata(
+        metadata: Some(ca_api::impersonation_metadata(
             "spiffe://cluster.local/ns/shop/sa/web",
         )),
     });
-    let status = proto::create_certificate(client.channel_for_tests(), request)
+    let status = IstioCertificateServiceClient::new(client.channel_for_tests())
+        .create_certificate(request)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -371,7 +373,7 @@ async fn a_bundle_with_two_roots_verifies_leaves_of_both() {
     assert!(verifies(&both, &from_new), "the new root's leaf");
 
     // The control: a bundle with the old root alone rejects the new root's leaf.
-    let old_only = verifier(&crate::ca::root::read_certificates(&old.roots_file()).unwrap());
+    let old_only = verifier(&read_certificates(&old.roots_file()).unwrap());
     assert!(verifies(&old_only, &from_old));
     assert!(!verifies(&old_only, &from_new));
 }

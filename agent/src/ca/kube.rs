@@ -54,6 +54,7 @@ use crate::{
         BACKOFF_MAX, BACKOFF_MIN, ResilientWatch, error_chain, objects::pod_service_account,
     },
     identity::SpiffeId,
+    serdes::null_as_default,
 };
 
 /// The audience agents' tokens must be issued for, unless `--token-audience` says otherwise.
@@ -393,14 +394,6 @@ impl PlacedPod {
     pub fn terminated(&self) -> bool {
         matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"))
     }
-}
-
-fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Default + Deserialize<'de>,
-{
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Keeps name, namespace, UID and resource version of `metadata`; labels, annotations and

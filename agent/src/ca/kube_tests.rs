@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     config::kube::fake::FakeApiServer,
-    identity::{BearerToken, CaClient, CaClientConfig, CaError, SpiffeId},
+    identity::{BearerToken, CaClient, CaClientConfig, CaError, SpiffeId, ca_api},
 };
 
 const AGENT_USER: &str = "system:serviceaccount:ambit-system:ambit-agent";
@@ -370,12 +370,13 @@ async fn refuses_other_callers_with_a_clear_status() {
     assert!(message.contains("not bound to a pod"), "{message}");
 
     // No token at all.
-    let request = tonic::Request::new(super::proto::IstioCertificateRequest {
+    let request = tonic::Request::new(ca_api::IstioCertificateRequest {
         csr: String::new(),
         validity_duration: 60,
-        metadata: Some(super::proto::impersonation_metadata(&web.to_string())),
+        metadata: Some(ca_api::impersonation_metadata(&web.to_string())),
     });
-    let status = super::proto::create_certificate(agent.channel_for_tests(), request)
+    let status = ca_api::IstioCertificateServiceClient::new(agent.channel_for_tests())
+        .create_certificate(request)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);

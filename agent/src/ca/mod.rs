@@ -2,7 +2,8 @@
 //!
 //! It holds a root key and signs workload certificates (X.509, ECDSA P-256, one URI SAN: the
 //! workload's SPIFFE ID) for node agents, over the gRPC API of Istio's CA
-//! (`istio.v1.auth.IstioCertificateService/CreateCertificate`, see [`proto`]), so that either
+//! (`istio.v1.auth.IstioCertificateService/CreateCertificate`, see
+//! [`crate::identity::ca_api`]), so that either
 //! side can use the other's CA.
 //!
 //! - [`root`]: creating, importing and loading the root (`ambit ca init`), trust bundles.
@@ -42,20 +43,17 @@ pub mod guard;
 pub mod kube;
 #[cfg(test)]
 mod kube_tests;
-pub mod proto;
 pub mod root;
 pub mod server;
 pub mod sign;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    time::{Duration, SystemTime},
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
+
+use crate::timefmt::{self, parse_duration};
 
 pub use self::{
     guard::ReviewLimits,
@@ -67,9 +65,6 @@ pub use self::{
 
 /// The default and, unless `--max-ttl` says otherwise, the longest workload certificate lifetime.
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
-
-/// The port Istio's CA listens on; ours by default too.
-pub const DEFAULT_CA_PORT: u16 = 15012;
 
 /// Flags of `ambit ca`.
 #[derive(Debug, clap::Args)]
@@ -196,7 +191,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
             tracing::info!(
                 dir = %dir.display(),
                 trust_domain = ca.trust_domain(),
-                not_after = %humane_time(ca.not_after()),
+                not_after = %timefmt::rfc3339(ca.not_after()),
                 "root CA ready"
             );
             Ok(())
@@ -260,45 +255,8 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Parses a duration such as `90s`, `15m`, `24h`, `7d` or `1h30m`.
-pub fn parse_duration(input: &str) -> Result<Duration, String> {
-    let err = |why: &str| {
-        format!("invalid duration {input:?}: {why} (write e.g. 90s, 15m, 24h, 7d, 1h30m)")
-    };
-    let mut total = Duration::ZERO;
-    let mut number = String::new();
-    let mut units = 0;
-    for c in input.trim().chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit: u64 = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
-            _ => return Err(err("unknown unit")),
-        };
-        let n: u64 = number.parse().map_err(|_| err("a unit without a number"))?;
-        let secs = n.checked_mul(unit).ok_or_else(|| err("too long"))?;
-        total = total
-            .checked_add(Duration::from_secs(secs))
-            .ok_or_else(|| err("too long"))?;
-        number.clear();
-        units += 1;
-    }
-    if !number.is_empty() {
-        return Err(err("a number without a unit"));
-    }
-    if units == 0 || total.is_zero() {
-        return Err(err("must be positive"));
-    }
-    Ok(total)
-}
-
 /// `n` random bytes from the system's CSPRNG (through rustls' ring provider, which the crate
-/// already links: no extra dependency for serial numbers and jitter).
+/// already links: no extra dependency for serial numbers).
 pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     rustls::crypto::ring::default_provider()
@@ -316,20 +274,6 @@ pub(crate) fn random_serial() -> rcgen::SerialNumber {
     // A leading zero octet would be stripped by DER encoding; keep the length stable.
     serial[0] |= 0x01;
     rcgen::SerialNumber::from_slice(&serial)
-}
-
-/// An RFC 3339 rendering of `t`, for logs.
-pub(crate) fn humane_time(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
 }
 
 #[cfg(test)]
@@ -428,19 +372,5 @@ mod tests {
         run(cli.ca).await.unwrap();
         let ca = RootCa::load(&ca_dir).unwrap();
         assert_eq!(ca.trust_domain(), "example.org");
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(
-            parse_duration("3650d"),
-            Ok(Duration::from_secs(3650 * 86400))
-        );
-        for bad in ["", "10", "h", "5x", "0s", "1.5h"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
-        }
     }
 }

@@ -4,17 +4,21 @@ use std::{
     io::{self, Write as _},
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use super::DEFAULT_MAX_TTL;
+use crate::{
+    identity::pem::{self, PemFileError, certificates_pem, read_certificates},
+    timefmt,
+};
 
 /// The root's private key (PKCS#8 PEM), written with mode 0600.
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
@@ -61,6 +65,15 @@ pub enum RootError {
     /// Key generation or certificate signing failed.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+}
+
+impl From<PemFileError> for RootError {
+    fn from(e: PemFileError) -> Self {
+        match e {
+            PemFileError::Io { path, error } => Self::Io { path, error },
+            PemFileError::Invalid { path, reason } => Self::Invalid { path, reason },
+        }
+    }
 }
 
 /// The content of `ca.yaml`.
@@ -185,7 +198,7 @@ pub fn init_with(dir: &Path, options: &InitOptions) -> Result<RootCa, RootError>
     let contents = [
         (key_pem.as_str(), 0o600),
         (ca.cert_pem.as_str(), 0o644),
-        (&encode_bundle(&bundle), 0o644),
+        (&certificates_pem(&bundle), 0o644),
         (config.as_str(), 0o644),
     ];
     for (i, (content, mode)) in contents.iter().enumerate() {
@@ -214,50 +227,13 @@ pub fn add_trusted_roots(bundle: &Path, extra: &Path) -> Result<usize, RootError
     if added > 0 {
         let tmp = bundle.with_extension("pem.tmp");
         let _ = fs::remove_file(&tmp);
-        write_new(&tmp, &encode_bundle(&certs), 0o644)?;
+        write_new(&tmp, &certificates_pem(&certs), 0o644)?;
         fs::rename(&tmp, bundle).map_err(|error| RootError::Io {
             path: bundle.to_path_buf(),
             error,
         })?;
     }
     Ok(added)
-}
-
-/// Reads every certificate of a PEM file (a trust bundle or a chain); an empty file is an error.
-pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, RootError> {
-    let content = fs::read(path).map_err(|error| RootError::Io {
-        path: path.to_path_buf(),
-        error,
-    })?;
-    let certs = CertificateDer::pem_slice_iter(&content)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| RootError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!("not a PEM certificate file: {e}"),
-        })?;
-    if certs.is_empty() {
-        return Err(RootError::Invalid {
-            path: path.to_path_buf(),
-            reason: "holds no PEM certificate".into(),
-        });
-    }
-    Ok(certs)
-}
-
-/// PEM-encodes one certificate.
-pub fn certificate_pem(cert: &CertificateDer<'_>) -> String {
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    let b64 = base64(cert.as_ref());
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
-fn encode_bundle(certs: &[CertificateDer<'_>]) -> String {
-    certs.iter().map(certificate_pem).collect()
 }
 
 impl RootCa {
@@ -314,7 +290,7 @@ impl RootCa {
                 ),
             )
         })?;
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        let cert_der = pem::parse_certificate(cert_pem.as_bytes())
             .map_err(|e| invalid(cert_path, format!("not a PEM certificate: {e}")))?;
         let (_, cert) = X509Certificate::from_der(&cert_der)
             .map_err(|e| invalid(cert_path, format!("not an X.509 certificate: {e}")))?;
@@ -338,14 +314,14 @@ impl RootCa {
                 format!("does not match the private key of {}", key_path.display()),
             ));
         }
-        let not_after = asn1_to_system_time(cert.validity().not_after.timestamp());
+        let not_after = SystemTime::from(cert.validity().not_after.to_datetime());
         if not_after <= SystemTime::now() {
             return Err(invalid(
                 cert_path,
                 "the root certificate has expired".into(),
             ));
         }
-        let cert_pem = certificate_pem(&cert_der);
+        let cert_pem = pem::certificate_pem(&cert_der);
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .map_err(|e| invalid(cert_path, format!("cannot sign with this certificate: {e}")))?;
         Ok(Self {
@@ -411,7 +387,7 @@ fn generate_root(trust_domain: &str, ttl: Duration) -> Result<(String, String), 
         .collect();
     params.distinguished_name.push(
         DnType::CommonName,
-        format!("Ambit root CA {} {tag}", &super::humane_time(now)[..10]),
+        format!("Ambit root CA {} {tag}", &timefmt::rfc3339(now)[..10]),
     );
     params.subject_alt_names = vec![SanType::URI(
         format!("spiffe://{trust_domain}")
@@ -467,55 +443,9 @@ fn write_new(path: &Path, content: &str, mode: u32) -> Result<(), RootError> {
     file.sync_all().map_err(io_err)
 }
 
-/// Seconds since the epoch (possibly negative) as a `SystemTime`.
-pub(crate) fn asn1_to_system_time(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
-}
-
-/// Standard base64 with padding (for PEM), to avoid a dependency for one encoder.
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, expected) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(input.as_bytes()), expected);
-        }
-    }
 
     #[test]
     fn init_writes_a_0600_key_and_a_loadable_root() {

@@ -42,7 +42,7 @@ use anyhow::Context as _;
 use rustls::{
     ServerConfig,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _},
+    pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
@@ -66,15 +66,18 @@ use super::{
     RootCa,
     guard::{RefusalLog, peer_key},
     kube::{KubeAuthOptions, KubeAuthority},
-    proto::{
-        CertificateServer, CertificateService, IMPERSONATED_IDENTITY, IstioCertificateRequest,
-        IstioCertificateResponse, impersonated_identity,
-    },
     sign::{Csr, RequestedName, SignError, cut, shown},
 };
 use crate::{
     config::{self, ConfigStatus},
-    identity::{SpiffeId, SpiffeIdError},
+    identity::{
+        SpiffeId, SpiffeIdError,
+        ca_api::{
+            IMPERSONATED_IDENTITY, IstioCertificateRequest, IstioCertificateResponse,
+            IstioCertificateService, IstioCertificateServiceServer, impersonated_identity,
+        },
+        pem,
+    },
     state::MeshState,
 };
 
@@ -417,7 +420,8 @@ fn identity_asked(request: &IstioCertificateRequest, csr: &Csr) -> Result<Spiffe
     }
 }
 
-impl CertificateService for Authority {
+#[tonic::async_trait]
+impl IstioCertificateService for Authority {
     async fn create_certificate(
         &self,
         request: Request<IstioCertificateRequest>,
@@ -501,7 +505,7 @@ impl ServingCert {
         let (chain, key) = ca
             .issue_server_certificate(names, SERVING_CERT_TTL)
             .context("cannot issue the CA's serving certificate (check --server-name)")?;
-        let leaf = CertificateDer::from_pem_slice(chain[0].as_bytes())
+        let leaf = pem::parse_certificate(chain[0].as_bytes())
             .context("the serving certificate is not PEM")?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let certified = CertifiedKey::from_der(vec![leaf], key, provider)
@@ -692,7 +696,7 @@ impl CaServer {
         )));
         let result = tonic::transport::Server::builder()
             .serve_with_incoming_shutdown(
-                CertificateServer::new(self.authority),
+                IstioCertificateServiceServer::from_arc(self.authority),
                 ReceiverStream::new(conn_rx),
                 shutdown,
             )

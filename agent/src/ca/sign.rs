@@ -14,7 +14,6 @@ use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
     PublicKeyData, SanType, SignatureAlgorithm,
 };
-use rustls::pki_types::{CertificateSigningRequestDer, pem::PemObject as _};
 use x509_parser::{
     extensions::{GeneralName, ParsedExtension},
     oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY},
@@ -22,7 +21,7 @@ use x509_parser::{
 };
 
 use super::root::{BACKDATE, RootCa};
-use crate::identity::SpiffeId;
+use crate::identity::{SpiffeId, pem};
 
 /// Why a CSR was not signed.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +118,7 @@ impl Csr {
     /// Parses a PEM PKCS#10 request and verifies its signature. Only ECDSA P-256 keys are
     /// accepted.
     pub fn parse(csr_pem: &str) -> Result<Self, SignError> {
-        let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        let der = pem::parse_certificate_request(csr_pem.as_bytes())
             .map_err(|e| SignError::MalformedCsr(format!("not a PEM certificate request: {e}")))?;
         let (_, csr) = X509CertificationRequest::from_der(der.as_ref())
             .map_err(|e| SignError::MalformedCsr(e.to_string()))?;
@@ -297,8 +296,8 @@ mod tests {
         params.serialize_request(&key).unwrap().pem().unwrap()
     }
 
-    fn der(pem: &str) -> CertificateDer<'static> {
-        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    fn der(text: &str) -> CertificateDer<'static> {
+        pem::parse_certificate(text.as_bytes()).unwrap()
     }
 
     fn new_ca(dir: &Path) -> RootCa {

@@ -7,7 +7,6 @@ use std::{
 };
 
 use rcgen::{CertificateParams, KeyPair, SanType};
-use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Request, Status};
 use x509_parser::{
@@ -15,12 +14,12 @@ use x509_parser::{
     prelude::{FromDer as _, X509Certificate},
 };
 
-use super::{
-    AuthMode, CaServer, KubeAuthOptions, ServeOptions,
-    proto::{self, IstioCertificateRequest},
-    root,
+use super::{AuthMode, CaServer, KubeAuthOptions, ServeOptions, root};
+use crate::identity::{
+    BearerToken, CaClient, CaClientConfig, SpiffeId,
+    ca_api::{self, IstioCertificateRequest, IstioCertificateServiceClient},
+    pem,
 };
-use crate::identity::{BearerToken, CaClient, CaClientConfig, SpiffeId};
 
 /// node-a's token.
 pub(crate) const TOKEN_A: &str = "token-of-node-a-0123456789";
@@ -82,19 +81,20 @@ pub(crate) async fn create_certificate(
     let mut request = Request::new(IstioCertificateRequest {
         csr,
         validity_duration: 600,
-        metadata: impersonated.map(proto::impersonation_metadata),
+        metadata: impersonated.map(ca_api::impersonation_metadata),
     });
     request
         .metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    proto::create_certificate(client.channel_for_tests(), request)
+    IstioCertificateServiceClient::new(client.channel_for_tests())
+        .create_certificate(request)
         .await
         .map(|response| response.into_inner().cert_chain)
 }
 
 /// The subject alternative names of the leaf (first) of a PEM chain, URIs as themselves.
 pub(crate) fn leaf_sans(chain: &[String]) -> Vec<String> {
-    let der = CertificateDer::from_pem_slice(chain[0].as_bytes()).unwrap();
+    let der = pem::parse_certificate(chain[0].as_bytes()).unwrap();
     let (_, leaf) = X509Certificate::from_der(&der).unwrap();
     leaf.subject_alternative_name()
         .unwrap()

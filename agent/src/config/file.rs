@@ -15,7 +15,7 @@ use notify::{
     EventKind, RecursiveMode, Watcher as _,
     event::{AccessKind, AccessMode},
 };
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{mpsc, watch},
     time::{Instant, MissedTickBehavior},
@@ -24,6 +24,7 @@ use tokio::{
 use super::ConfigStatus;
 use crate::{
     policy::PolicySet,
+    serdes::null_as_default,
     state::{
         EndpointAddress, MeshState, NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef,
         Workload,
@@ -177,15 +178,6 @@ fn default_service_account() -> String {
 
 fn yes() -> bool {
     true
-}
-
-/// Lets a key with no value (`workloads:` whose entries are all commented out) mean "empty".
-fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// Why a mesh file was rejected. Every message starts with `mesh file <path>: `.

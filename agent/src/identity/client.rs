@@ -20,9 +20,7 @@ use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::{
     ClientConfig, RootCertStore,
-    pki_types::{
-        CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, pem::PemObject as _,
-    },
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
@@ -37,11 +35,10 @@ use x509_parser::{
     prelude::{FromDer as _, X509Certificate},
 };
 
-use super::{SpiffeId, WorkloadCertificate};
-use crate::ca::{
-    DEFAULT_CA_PORT,
-    proto::{self, IstioCertificateRequest},
-    root::{RootError, asn1_to_system_time, read_certificates},
+use super::{
+    SpiffeId, WorkloadCertificate,
+    ca_api::{self, DEFAULT_CA_PORT, IstioCertificateRequest, IstioCertificateServiceClient},
+    pem::{self, PemFileError, read_certificates},
 };
 
 /// How long one call to the CA may take, connection included, unless configured otherwise.
@@ -167,7 +164,7 @@ pub enum CaError {
     Config(String),
     /// The trust bundle could not be read.
     #[error("trust bundle: {0}")]
-    TrustBundle(#[from] RootError),
+    TrustBundle(#[from] PemFileError),
     /// The CA could not be reached, or did not answer in time: worth retrying.
     #[error("CA unreachable: {0}")]
     Unavailable(String),
@@ -303,13 +300,15 @@ impl CaClient {
         let mut request = Request::new(IstioCertificateRequest {
             csr: csr_pem.to_string(),
             validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-            metadata: Some(proto::impersonation_metadata(&identity.to_string())),
+            metadata: Some(ca_api::impersonation_metadata(&identity.to_string())),
         });
         let token = self.token.current();
         request
             .metadata_mut()
             .insert("authorization", authorization(&token)?);
-        let response = proto::create_certificate(self.channel.clone(), request).await?;
+        let response = IstioCertificateServiceClient::new(self.channel.clone())
+            .create_certificate(request)
+            .await?;
         Ok(response.into_inner().cert_chain)
     }
 
@@ -332,8 +331,8 @@ impl CaClient {
         let roots = read_certificates(&self.roots_file)?;
         let certs = pems
             .iter()
-            .map(|pem| {
-                CertificateDer::from_pem_slice(pem.as_bytes())
+            .map(|text| {
+                pem::parse_certificate(text.as_bytes())
                     .map_err(|e| CaError::InvalidResponse(format!("not a PEM certificate: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -401,8 +400,8 @@ fn check_leaf(
     if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(invalid("the leaf does not certify the key we sent".into()));
     }
-    let not_before = asn1_to_system_time(leaf.validity().not_before.timestamp());
-    let not_after = asn1_to_system_time(leaf.validity().not_after.timestamp());
+    let not_before = SystemTime::from(leaf.validity().not_before.to_datetime());
+    let not_after = SystemTime::from(leaf.validity().not_after.to_datetime());
     let now = SystemTime::now();
     if not_after <= now || not_before > now + Duration::from_secs(300) {
         return Err(invalid("the leaf is not currently valid".into()));

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use super::{SpiffeId, WorkloadCertificate, client::CaClient};
-use crate::ca::humane_time;
+use crate::{backoff::Backoff, timefmt::rfc3339};
 
 /// Default lifetime asked for workload certificates.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -256,8 +256,8 @@ impl CertificateManager {
                 let cert = entry.cert.borrow().clone();
                 CertificateStatus {
                     id: id.to_string(),
-                    not_before: cert.as_ref().map(|c| humane_time(c.not_before)),
-                    not_after: cert.as_ref().map(|c| humane_time(c.not_after)),
+                    not_before: cert.as_ref().map(|c| rfc3339(c.not_before)),
+                    not_after: cert.as_ref().map(|c| rfc3339(c.not_after)),
                     serial: cert.as_deref().and_then(serial_hex),
                     last_error: entry
                         .last_error
@@ -280,30 +280,11 @@ pub fn serial_hex(cert: &WorkloadCertificate) -> Option<String> {
     Some(leaf.raw_serial_as_string().replace(':', ""))
 }
 
-/// Exponential backoff with jitter: the n-th delay is drawn uniformly from [d/2, d] where
-/// d = min(initial × 2ⁿ, max), so that agents that lost the CA together do not retry together,
-/// and no delay exceeds `max`.
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let base = self
-            .initial
-            .saturating_mul(1u32 << self.failures.min(20))
-            .min(self.max);
-        self.failures = self.failures.saturating_add(1);
-        let fraction =
-            f64::from(u32::from_le_bytes(crate::ca::random_bytes::<4>())) / f64::from(u32::MAX);
-        base / 2 + base.mul_f64(fraction / 2.0)
-    }
-
-    fn reset(&mut self) {
-        self.failures = 0;
-    }
+/// The retry delays after failed CA calls: from `initial_backoff`, doubling up to
+/// `max_backoff`, each drawn uniformly from [d/2, d] so that agents that lost the CA together
+/// do not retry together, and none exceeds the cap.
+fn retry_backoff(config: &ManagerConfig) -> Backoff {
+    Backoff::new(config.initial_backoff, config.max_backoff).with_jitter(0.5..=1.0)
 }
 
 /// Keeps `id`'s certificate fresh until aborted.
@@ -313,11 +294,7 @@ async fn keep_fresh(
     cert_tx: watch::Sender<Option<Arc<WorkloadCertificate>>>,
     last_error: Arc<Mutex<Option<String>>>,
 ) {
-    let mut backoff = Backoff {
-        initial: shared.config.initial_backoff,
-        max: shared.config.max_backoff,
-        failures: 0,
-    };
+    let mut backoff = retry_backoff(&shared.config);
     loop {
         match shared.client.fetch(&id, shared.config.ttl).await {
             Ok(cert) => {
@@ -332,7 +309,7 @@ async fn keep_fresh(
                 info!(
                     identity = %id,
                     serial = serial_hex(&cert).unwrap_or_default(),
-                    not_after = %humane_time(cert.not_after),
+                    not_after = %rfc3339(cert.not_after),
                     renew_in = ?renew_in,
                     "workload certificate received"
                 );
@@ -353,12 +330,12 @@ async fn keep_fresh(
                     }
                     None => None,
                 };
-                let delay = backoff.next();
+                let delay = backoff.next_delay();
                 match holding {
                     Some(not_after) => warn!(
                         identity = %id,
                         retry_in = ?delay,
-                        keeping_until = %humane_time(not_after),
+                        keeping_until = %rfc3339(not_after),
                         "cannot renew the workload certificate, keeping the current one: {e}"
                     ),
                     None => warn!(
@@ -529,17 +506,13 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap_with_jitter() {
-        let mut backoff = Backoff {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(30),
-            failures: 0,
-        };
-        let delays: Vec<Duration> = (0..12).map(|_| backoff.next()).collect();
+        let mut backoff = retry_backoff(&ManagerConfig::default());
+        let delays: Vec<Duration> = (0..12).map(|_| backoff.next_delay()).collect();
         for (n, delay) in delays.iter().enumerate() {
             let base = Duration::from_millis(500 * (1 << n)).min(Duration::from_secs(30));
             assert!(*delay >= base / 2 && *delay <= base, "{n}: {delay:?}");
         }
         backoff.reset();
-        assert!(backoff.next() <= Duration::from_millis(500));
+        assert!(backoff.next_delay() <= Duration::from_millis(500));
     }
 }

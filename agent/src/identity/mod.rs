@@ -3,9 +3,18 @@
 //! The types here are shared by the CA ([`crate::ca`]), the certificate manager (which fetches
 //! and renews certificates for the identities of this node's pods) and the HBONE TLS
 //! configuration ([`crate::proxy::hbone`]).
+//!
+//! - [`ca_api`]: the gRPC API of Istio's CA, which the CA serves and the client calls.
+//! - [`pem`]: certificates to and from PEM, for the CA and the client alike.
+//! - [`client`]: the node agent's client of the CA.
+//! - [`manager`]: the certificates of this node's identities, fetched and renewed.
+//!
+//! The CA depends on this module, never the reverse.
+pub mod ca_api;
 pub mod client;
 pub mod manager;
 pub mod metrics;
+pub mod pem;
 
 use std::{fmt, str::FromStr, time::SystemTime};
 

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::Throttle;
+use crate::backoff::Backoff;
 
 /// The first and the longest pause after a failed accept.
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -22,29 +23,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// How often a listener logs that accepting fails.
 const LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// Exponential backoff between failed accepts.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self { next: BACKOFF_MIN }
-    }
-
-    /// The pause after one more failure.
-    fn failed(&mut self) -> Duration {
-        let pause = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        pause
-    }
-
-    fn succeeded(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-}
 
 /// Whether an accept error belongs to the connection being accepted rather than to the process:
 /// the errors accept(2) passes on from a connection that failed while it waited in the backlog.
@@ -84,12 +62,12 @@ pub async fn accept_loop(
     mut on_error: impl FnMut(&io::Error),
     mut on_accept: impl FnMut(TcpStream, SocketAddr),
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut throttle = Throttle::new(LOG_EVERY);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                backoff.succeeded();
+                backoff.reset();
                 on_accept(stream, peer);
             }
             Err(err) if is_connection_error(&err) => {
@@ -98,7 +76,7 @@ pub async fn accept_loop(
             }
             Err(err) => {
                 on_error(&err);
-                let pause = backoff.failed();
+                let pause = backoff.next_delay();
                 if let Some(suppressed) = throttle.tick() {
                     warn!(
                         listener = what,
@@ -127,14 +105,14 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_a_ceiling_and_resets() {
-        let mut backoff = Backoff::new();
-        let pauses: Vec<_> = (0..10).map(|_| backoff.failed()).collect();
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        let pauses: Vec<_> = (0..10).map(|_| backoff.next_delay()).collect();
         assert_eq!(pauses[0], BACKOFF_MIN);
         assert_eq!(pauses[1], BACKOFF_MIN * 2);
         assert_eq!(*pauses.last().unwrap(), BACKOFF_MAX);
         assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
-        backoff.succeeded();
-        assert_eq!(backoff.failed(), BACKOFF_MIN);
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), BACKOFF_MIN);
     }
 
     #[test]

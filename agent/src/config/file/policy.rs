@@ -13,10 +13,13 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, Validator, null_as_default};
-use crate::policy::{
-    Action, AuthorizationPolicy, Condition, DEFAULT_TRUST_DOMAIN, Labels, Match, Operation,
-    Pattern, PeerAuthMode, PeerAuthentication, Rule, Scope, ServiceAccountRef, Source,
+use super::{ConfigError, Validator};
+use crate::{
+    policy::{
+        Action, AuthorizationPolicy, Condition, DEFAULT_TRUST_DOMAIN, Labels, Match, Operation,
+        Pattern, PeerAuthMode, PeerAuthentication, Rule, Scope, ServiceAccountRef, Source,
+    },
+    serdes::null_as_default,
 };
 
 /// A workload selector, as in Kubernetes.

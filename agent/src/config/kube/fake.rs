@@ -599,7 +599,7 @@ fn store(
     if value["metadata"]["creationTimestamp"].is_null() {
         value["metadata"]["creationTimestamp"] = match &existing {
             Some(existing) => existing["metadata"]["creationTimestamp"].clone(),
-            None => json!(now_rfc3339()),
+            None => json!(crate::timefmt::now_rfc3339()),
         };
     }
     if info.status_subresource
@@ -646,14 +646,6 @@ fn store(
         .cloned()
         .expect("just stored");
     Ok((resource_version, stored))
-}
-
-/// Now, as the API server writes timestamps (RFC 3339, to the second).
-fn now_rfc3339() -> String {
-    let now = k8s_openapi::jiff::Timestamp::now();
-    now.round(k8s_openapi::jiff::Unit::Second)
-        .unwrap_or(now)
-        .to_string()
 }
 
 /// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else

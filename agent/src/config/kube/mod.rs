@@ -45,8 +45,10 @@ use tokio::{sync::watch, time::Instant};
 
 use super::ConfigStatus;
 use crate::{
+    backoff::Backoff,
     policy::PolicySet,
     state::{MeshState, RedirectSettings},
+    timefmt::rfc3339,
 };
 
 mod cgroup;
@@ -543,7 +545,7 @@ pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(800);
 /// Watchers' longest retry delay.
 pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// A kube-runtime [`watcher()`] that retries errors with [`RetryBackoff`] and never ends.
+/// A kube-runtime [`watcher()`] that retries errors with [`watch_backoff`] and never ends.
 ///
 /// Written out instead of kube-runtime's `StreamBackoff` for one case that does not handle: an
 /// API server that answers a watch from an expired resource version with HTTP 410 (rather than
@@ -556,7 +558,7 @@ where
     api: Api<K>,
     config: watcher::Config,
     stream: BoxStream<'static, watcher::Result<watcher::Event<K>>>,
-    backoff: RetryBackoff,
+    backoff: Backoff,
     /// Set after an error: wait this long before polling the watcher again.
     delay: Option<Duration>,
 }
@@ -584,7 +586,7 @@ where
             api,
             config,
             stream,
-            backoff: RetryBackoff::new(backoff_min, backoff_max),
+            backoff: watch_backoff(backoff_min, backoff_max),
             delay: None,
         }
     }
@@ -672,45 +674,10 @@ where
     }
 }
 
-/// Exponential backoff with jitter, so that a fleet of agents does not retry in step.
-#[derive(Debug, Clone)]
-struct RetryBackoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-    /// xorshift state for the jitter: no need for a real random source here.
-    seed: u64,
-}
-
-impl RetryBackoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        let seed = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-            | 1;
-        Self {
-            min,
-            max,
-            current: min,
-            seed,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.current = self.min;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        // A factor in [0.75, 1.25).
-        let factor = 0.75 + (self.seed % 1000) as f64 / 2000.0;
-        let delay = self.current.mul_f64(factor);
-        self.current = (self.current * 2).min(self.max);
-        delay
-    }
+/// Watchers' retry delays: from `min`, doubling up to `max`, each scaled by a factor drawn
+/// from [0.75, 1.25] so that a fleet of agents does not retry in step.
+fn watch_backoff(min: Duration, max: Duration) -> Backoff {
+    Backoff::new(min, max).with_jitter(0.75..=1.25)
 }
 
 /// What is wrong with the source right now.
@@ -739,17 +706,6 @@ impl Health {
         parts.extend(self.rejected.iter().flatten().cloned());
         (!parts.is_empty()).then(|| parts.join("; "))
     }
-}
-
-/// `time` as RFC 3339, to the second.
-fn rfc3339(time: SystemTime) -> String {
-    k8s_openapi::jiff::Timestamp::try_from(time)
-        .map(|t| {
-            t.round(k8s_openapi::jiff::Unit::Second)
-                .unwrap_or(t)
-                .to_string()
-        })
-        .unwrap_or_else(|_| format!("{time:?}"))
 }
 
 /// A pending rebuild.

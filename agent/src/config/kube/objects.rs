@@ -17,6 +17,7 @@ use k8s_openapi::{
 use serde::{Deserialize, Deserializer};
 
 use super::convert::SERVICE_NAME_LABEL;
+use crate::serdes::null_as_default;
 
 /// Declares the view as the kube resource `$kind` of `$group`/`$version`.
 macro_rules! resource {
@@ -253,15 +254,6 @@ pub struct EndpointPortView {
     pub port: Option<i32>,
     /// `protocol`: TCP (default), UDP, SCTP.
     pub protocol: Option<String>,
-}
-
-/// `null` means the default, as in the API's Go structs.
-fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// The metadata fields kept: everything else (annotations, managed fields, owners...) is

@@ -27,6 +27,7 @@ use crate::{
     policy::{
         Action, AuthorizationPolicy, PeerAuthMode, PeerAuthentication, PolicySet, Rule, Scope,
     },
+    serdes::null_as_default,
 };
 
 /// The API group of Ambit's policy resources.
@@ -723,15 +724,6 @@ pub fn convert_policies(
         set: PolicySet::new(authorizations, first),
         rejected,
     }
-}
-
-/// `null` means the default, as in the API's Go structs.
-fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// The metadata fields kept: managed fields, other annotations, labels and owners are skipped

@@ -11,11 +11,7 @@
 use std::{collections::HashMap, fmt::Debug, time::Duration};
 
 use futures::{StreamExt as _, stream::BoxStream};
-use k8s_openapi::{
-    NamespaceResourceScope,
-    api::core::v1::ObjectReference,
-    jiff::{Timestamp, Unit},
-};
+use k8s_openapi::{NamespaceResourceScope, api::core::v1::ObjectReference};
 use kube::{
     Api, Client, Resource,
     api::{Patch, PatchParams},
@@ -32,6 +28,7 @@ use super::{
         PolicyCondition, PolicyStatus, authorization_policy, peer_authentication,
     },
 };
+use crate::timefmt;
 
 /// The `reportingController` of the Events written.
 pub const REPORTING_CONTROLLER: &str = "ambit.dev/policy-status";
@@ -283,7 +280,7 @@ impl StatusWriter {
             Some(c) if c.status == wanted_status && c.last_transition_time.is_some() => {
                 c.last_transition_time.clone()
             }
-            _ => Some(now().to_string()),
+            _ => Some(timefmt::now_rfc3339()),
         };
         let condition = PolicyCondition {
             type_: ACCEPTED_CONDITION.to_string(),
@@ -360,10 +357,4 @@ impl StatusWriter {
         };
         events::emit(&self.client, report).await;
     }
-}
-
-/// Now, to the second for status times (what the API server stores).
-fn now() -> Timestamp {
-    let now = Timestamp::now();
-    now.round(Unit::Second).unwrap_or(now)
 }

@@ -43,8 +43,7 @@ fn p256() -> KeyPair {
 }
 
 fn rustls_pki_root(cert_pem: &str) -> Option<CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject as _;
-    CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()
+    crate::identity::pem::parse_certificate(cert_pem.as_bytes()).ok()
 }
 
 fn system_time(at: i64) -> SystemTime {
