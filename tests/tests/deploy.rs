@@ -6,7 +6,9 @@
 //!   errors), for the oldest and newest Kubernetes the chart supports; the PodMonitor against
 //!   the prometheus-operator models; custom resources against our CRDs' own schemas.
 //! - The CRDs are checked to be structural (the API server's rules) and to have Istio's
-//!   security.istio.io/v1 fields.
+//!   security.istio.io/v1 fields; the committed YAML (deploy/crds and the chart's copy) must be
+//!   what the Rust types generate (`cargo xtask crds`), and the typed specs must keep every
+//!   field of every example.
 //! - What the agent DaemonSet mounts is checked against what the agent reads: its arguments and
 //!   environment are parsed by the agent's own flag definitions (`ambit::agent::AgentArgs`), and
 //!   each path flag must land on the right volume (cgroup2, bpffs, the trust bundle, the
@@ -28,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use ambit::config::kube::crd;
 use clap::Args as _;
 use serde::Deserialize as _;
 use serde_json::{Value, json};
@@ -1408,6 +1411,135 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
     );
 }
 
+/// Where two texts first differ: `line N: committed "..." generated "..."`.
+fn first_difference(committed: &str, generated: &str) -> String {
+    let mut committed_lines = committed.lines();
+    let mut generated_lines = generated.lines();
+    for n in 1.. {
+        match (committed_lines.next(), generated_lines.next()) {
+            (None, None) => break,
+            (a, b) if a == b => {}
+            (a, b) => {
+                return format!(
+                    "line {n}: committed {:?}, generated {:?}",
+                    a.unwrap_or("<end of file>"),
+                    b.unwrap_or("<end of file>")
+                );
+            }
+        }
+    }
+    "the line endings".to_string()
+}
+
+/// The committed CRD YAML, in deploy/crds and in the chart, is exactly what the Rust types
+/// generate, and no other YAML file is there.
+#[test]
+fn crd_files_are_generated_from_the_types() {
+    let generated = crd::files();
+    assert!(generated.len() >= 2, "{} CRDs generated", generated.len());
+    let mut problems = Vec::new();
+    for dir in crd::OUTPUT_DIRS {
+        let dir = ws().join(dir);
+        for file in &generated {
+            let path = dir.join(&file.name);
+            match fs::read_to_string(&path) {
+                Ok(text) if text == file.text => {}
+                Ok(text) => problems.push(format!(
+                    "{}: not what the Rust types generate ({})",
+                    path.display(),
+                    first_difference(&text, &file.text)
+                )),
+                Err(e) => problems.push(format!("{}: {e}", path.display())),
+            }
+        }
+        for path in yaml_files(&dir, false) {
+            if !generated
+                .iter()
+                .any(|f| path.file_name() == Some(f.name.as_ref()))
+            {
+                problems.push(format!("{}: no Rust type generates it", path.display()));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nRegenerate the CRDs with `{}` (from the types in ambit::config::kube::crd).",
+        problems.join("\n"),
+        crd::GENERATE_COMMAND
+    );
+}
+
+/// The typed specs the schemas come from keep every field of every example (docs/crds.md,
+/// deploy/examples, the Istio-shaped objects with L7 and waypoint fields): read into the type
+/// and written back, each `spec` is unchanged. A field the schema admits but the type lacks
+/// (or spells differently) would be lost.
+#[test]
+fn typed_specs_keep_every_field_of_the_examples() {
+    fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(what: &str, spec: &Value) {
+        let typed: T = serde_json::from_value(spec.clone())
+            .unwrap_or_else(|e| panic!("{what}: the typed spec does not read it: {e}\n{spec}"));
+        assert_eq!(&serde_json::to_value(typed).unwrap(), spec, "{what}");
+    }
+    let dir = scratch("typed");
+    let files = [
+        doc_examples(&dir),
+        deploy().join("examples/policies.yaml"),
+        write_scratch(&dir, "istio-shaped.yaml", ISTIO_SHAPED),
+    ];
+    let mut kinds = BTreeSet::new();
+    for obj in load_all(&files) {
+        let what = key(&obj);
+        let spec = &obj["spec"];
+        match obj["kind"].as_str().unwrap() {
+            "AuthorizationPolicy" => {
+                round_trip::<crd::security::AuthorizationPolicySpec>(&what, spec)
+            }
+            "PeerAuthentication" => {
+                round_trip::<crd::security::PeerAuthenticationSpec>(&what, spec)
+            }
+            other => panic!("{what}: unexpected kind {other}"),
+        }
+        kinds.insert(obj["kind"].as_str().unwrap().to_string());
+    }
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+}
+
+/// Istio-shaped objects, L7 and waypoint fields included: the API must accept them (Ambit then
+/// rejects those fields with a status condition instead of the fields being pruned away).
+const ISTIO_SHAPED: &str = r#"
+apiVersion: security.ambit.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/shop/sa/*"]
+            requestPrincipals: ["issuer/subject"]
+            remoteIpBlocks: ["203.0.113.0/24"]
+      to:
+        - operation: {ports: ["80", "65535"], methods: [GET], paths: ["/api/*"], hosts: [web.shop]}
+      when:
+        - {key: "request.headers[x-user]", values: [alice]}
+        - {key: destination.port, notValues: ["9090"]}
+---
+apiVersion: security.ambit.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  rules: [{}]
+---
+apiVersion: security.ambit.dev/v1
+kind: PeerAuthentication
+metadata: {name: ports, namespace: shop}
+spec:
+  mtls: {mode: PERMISSIVE}
+  portLevelMtls: {"8080": {mode: STRICT}}
+"#;
+
 /// The YAML blocks of docs/crds.md that are custom resources.
 fn doc_examples(dir: &Path) -> PathBuf {
     let text = fs::read_to_string(ws().join("docs/crds.md")).unwrap();
@@ -1442,45 +1574,7 @@ fn crd_examples_and_istio_policies_fit_the_schemas() {
     let dir = scratch("crs");
     let docs = doc_examples(&dir);
     let examples = deploy().join("examples/policies.yaml");
-    // Istio-shaped objects, L7 fields included: the API must accept them (Ambit then rejects
-    // the L7 ones with a status condition instead of the fields being pruned away).
-    let accepted = write_scratch(
-        &dir,
-        "accepted.yaml",
-        r#"
-apiVersion: security.ambit.dev/v1
-kind: AuthorizationPolicy
-metadata: {name: l7, namespace: shop}
-spec:
-  selector: {matchLabels: {app: web}}
-  action: ALLOW
-  rules:
-    - from:
-        - source:
-            principals: ["cluster.local/ns/shop/sa/*"]
-            requestPrincipals: ["issuer/subject"]
-            remoteIpBlocks: ["203.0.113.0/24"]
-      to:
-        - operation: {ports: ["80", "65535"], methods: [GET], paths: ["/api/*"], hosts: [web.shop]}
-      when:
-        - {key: "request.headers[x-user]", values: [alice]}
-        - {key: destination.port, notValues: ["9090"]}
----
-apiVersion: security.ambit.dev/v1
-kind: AuthorizationPolicy
-metadata: {name: waypoint, namespace: shop}
-spec:
-  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
-  rules: [{}]
----
-apiVersion: security.ambit.dev/v1
-kind: PeerAuthentication
-metadata: {name: ports, namespace: shop}
-spec:
-  mtls: {mode: PERMISSIVE}
-  portLevelMtls: {"8080": {mode: STRICT}}
-"#,
-    );
+    let accepted = write_scratch(&dir, "accepted.yaml", ISTIO_SHAPED);
     let out = validate(&[docs.clone(), examples.clone(), accepted]);
     eprintln!("{out}");
 
@@ -1578,9 +1672,10 @@ fn chart_copies_are_in_sync() {
         assert_eq!(
             fs::read_to_string(&crd).unwrap(),
             fs::read_to_string(&copy).unwrap_or_default(),
-            "copy {} to {}",
+            "{} and {} differ: run `{}`",
             crd.display(),
-            copy.display()
+            copy.display(),
+            crd::GENERATE_COMMAND
         );
     }
     assert_eq!(

@@ -6,6 +6,7 @@
 //! - `demo`: setup, release build, then the cluster-in-a-box demo.
 //! - `bench [-- <bench args>]`: setup, release build, then the benchmark on a cluster in a box;
 //!   writes docs/benchmarks.md.
+//! - `crds`: writes the CRD YAML (deploy/crds and the Helm chart's crds/) from the Rust types.
 
 mod cmd;
 mod setup;
@@ -54,6 +55,9 @@ enum Command {
         #[arg(last = true)]
         bench_args: Vec<String>,
     },
+    /// Write the CRD YAML of deploy/crds and the Helm chart's crds/ from the Rust types
+    /// (ambit::config::kube::crd); the deploy test fails until the committed files match.
+    Crds,
 }
 
 /// The workspace root: xtask's parent directory.
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         Command::Test { nextest_args } => tasks::test(&nextest_args),
         Command::Demo => tasks::demo(),
         Command::Bench { bench_args } => tasks::bench(&bench_args),
+        Command::Crds => tasks::crds(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,4 @@
-//! `build`, `test`, `demo` and `bench`.
+//! `build`, `test`, `demo`, `bench` and `crds`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -121,6 +121,18 @@ pub fn bench(bench_args: &[String]) -> Result<()> {
                 .args(bench_args)
         },
     )
+}
+
+/// The CRD YAML, generated from the Rust types by the agent crate's `crds` example (xtask
+/// cannot link the agent: building it needs the eBPF toolchain that `setup` installs).
+pub fn crds() -> Result<()> {
+    setup::ensure(Scope::Toolchain)?;
+    let root = workspace_root();
+    println!("==> CRDs from the Rust types (ambit::config::kube::crd)");
+    run(cargo(&root)
+        .args(["run", "--quiet", "-p", "ambit", "--example", "crds", "--"])
+        .arg(&root))
+    .context("generating the CRDs failed")
 }
 
 /// Setup, a release build of the binaries, then the test-bed program `name` with the release

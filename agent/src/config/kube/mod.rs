@@ -1,7 +1,7 @@
 //! The Kubernetes configuration source: pods, namespaces, services and EndpointSlices, and
 //! Ambit's policy resources (`security.ambit.dev/v1` AuthorizationPolicy and
-//! PeerAuthentication, [`policy`]), watched through the API server and turned into the
-//! [`MeshState`].
+//! PeerAuthentication, [`policy`]; their CRDs are generated from the types of [`crd`]), watched
+//! through the API server and turned into the [`MeshState`].
 //!
 //! One kube-runtime [`watcher()`] per resource type feeds a reflector store (a [`Writer`]) with
 //! the few fields the source reads ([`objects`]: memory in proportion to the mesh); every
@@ -53,6 +53,7 @@ use crate::{
 
 mod cgroup;
 pub mod convert;
+pub mod crd;
 pub mod events;
 #[cfg(any(test, feature = "fake-apiserver"))]
 pub mod fake;

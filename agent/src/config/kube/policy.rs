@@ -16,6 +16,7 @@ use k8s_openapi::{
     Metadata, NamespaceResourceScope, Resource,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
@@ -107,15 +108,22 @@ policy_resource!(
     "peerauthentications"
 );
 
-/// A policy resource's `status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// Written by Ambit: whether the policy is accepted as written.
+// (A policy resource's `status`. The doc comments of this type and of `PolicyCondition` are
+// the CRDs' schema descriptions, `super::crd`.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
-    /// The `metadata.generation` the status was written for.
+    /// The metadata.generation the status was written for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
-    /// The conditions; Ambit writes [`ACCEPTED_CONDITION`].
+    /// The conditions: Ambit writes `Accepted`.
     #[serde(default, deserialize_with = "null_as_default")]
+    #[schemars(
+        length(max = 8),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"])
+    )]
     pub conditions: Vec<PolicyCondition>,
 }
 
@@ -128,30 +136,45 @@ impl PolicyStatus {
     }
 }
 
-/// One status condition, in the shape of `metav1.Condition` (read leniently: a condition
-/// someone else wrote badly must not make the whole resource unreadable).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// A condition in the shape of metav1.Condition.
+// Read leniently (every field has a default): a condition someone else wrote badly must not
+// make the whole resource unreadable. The schema is `metav1.Condition`'s, which requires what
+// is read leniently here (schemars leaves a `#[serde(default)]` field optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["type", "status", "lastTransitionTime", "reason", "message"]))]
 pub struct PolicyCondition {
-    /// The condition's type, e.g. `Accepted`.
+    /// `Accepted`: whether the node agents enforce the policy as written.
     #[serde(rename = "type", default)]
+    #[schemars(length(max = 316), regex(pattern = CONDITION_TYPE_PATTERN))]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
     #[serde(default)]
+    #[schemars(extend("enum" = ["True", "False", "Unknown"]))]
     pub status: String,
-    /// Why, in CamelCase: `Accepted`, `UnsupportedField`, `Invalid`.
+    /// `Accepted`, `UnsupportedField` or `Invalid`.
     #[serde(default)]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = CONDITION_REASON_PATTERN))]
     pub reason: String,
-    /// Why, for humans.
+    /// For a rejection: the field path and why, e.g. `spec.rules[0].to[0].operation.methods:
+    /// L7 field not enforced at L4`.
     #[serde(default)]
+    #[schemars(length(max = 32768))]
     pub message: String,
-    /// The `metadata.generation` the condition was set for.
+    /// The metadata.generation the condition was set for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
     /// When `status` last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub last_transition_time: Option<String>,
 }
+
+/// metav1.Condition's `type`: a qualified name.
+const CONDITION_TYPE_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$";
+/// metav1.Condition's `reason`: CamelCase.
+const CONDITION_REASON_PATTERN: &str = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$";
 
 /// Whether Ambit enforces a resource as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
