@@ -16,7 +16,19 @@ use std::{collections::BTreeMap, collections::HashMap, fmt, net::IpAddr, sync::A
 use ipnet::IpNet;
 use serde::{Serialize, Serializer};
 
-use crate::{identity::SpiffeId, state::Workload};
+use crate::identity::SpiffeId;
+
+/// What a policy selects a workload by: its namespace and labels. The policy engine knows
+/// nothing else of workloads, so it depends on no state model (the state holds policies, and
+/// both proxies and every configuration source use the engine); `state::Workload` gives its
+/// [`Target`].
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The workload's namespace.
+    pub namespace: &'a str,
+    /// Its labels.
+    pub labels: &'a std::collections::BTreeMap<String, String>,
+}
 
 #[cfg(test)]
 mod tests;
@@ -67,7 +79,7 @@ impl Scope {
     }
 
     /// Whether the scope covers `workload`.
-    pub fn selects(&self, workload: &Workload) -> bool {
+    pub fn selects(&self, workload: Target<'_>) -> bool {
         let in_namespace = |ns: &str| ns == workload.namespace;
         match self {
             Scope::Mesh => true,
@@ -402,7 +414,7 @@ pub struct ConnectionInfo<'a> {
     pub src_identity: Option<&'a SpiffeId>,
     /// The workload receiving the connection (as in the current state: its labels decide which
     /// workload-scoped policies apply).
-    pub dst_workload: &'a Workload,
+    pub dst_workload: Target<'a>,
     /// The workload address the client dialled.
     pub dst_ip: IpAddr,
     /// The port the client dialled.
@@ -531,11 +543,11 @@ impl PolicySet {
     /// The authorization policies (enforced and dry-run) whose scope covers `workload`.
     pub fn selecting<'a>(
         &'a self,
-        workload: &'a Workload,
+        workload: Target<'a>,
     ) -> impl Iterator<Item = &'a Arc<AuthorizationPolicy>> + 'a {
         let local = self
             .by_namespace
-            .get(&workload.namespace)
+            .get(workload.namespace)
             .map(Vec::as_slice)
             .unwrap_or_default();
         self.mesh_wide
@@ -579,7 +591,7 @@ impl PolicySet {
     /// The peer authentication mode of `workload`: the first policy selecting it by labels, else
     /// its namespace's policy, else the mesh-wide one, else PERMISSIVE (Istio's default). A
     /// policy whose mode is unset defers to the next level.
-    pub fn peer_auth_mode(&self, workload: &Workload) -> PeerAuthMode {
+    pub fn peer_auth_mode(&self, workload: Target<'_>) -> PeerAuthMode {
         let level = |wanted: fn(&Scope) -> bool| {
             self.peer_authentications
                 .iter()

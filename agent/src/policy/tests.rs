@@ -1,7 +1,4 @@
-use std::path::PathBuf;
-
 use super::*;
-use crate::state::NetnsRef;
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
@@ -10,17 +7,27 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-fn workload(namespace: &str, name: &str, l: &[(&str, &str)]) -> Workload {
+/// What a policy sees of a workload: its namespace and labels (the state model's workloads
+/// lend the same through `Workload::policy_target`).
+#[derive(Clone)]
+struct Workload {
+    namespace: String,
+    labels: Labels,
+}
+
+impl Workload {
+    fn policy_target(&self) -> Target<'_> {
+        Target {
+            namespace: &self.namespace,
+            labels: &self.labels,
+        }
+    }
+}
+
+fn workload(namespace: &str, _name: &str, l: &[(&str, &str)]) -> Workload {
     Workload {
-        name: name.into(),
         namespace: namespace.into(),
-        service_account: "default".into(),
-        node: "node-a".into(),
-        ips: vec!["10.10.0.2".parse().unwrap()],
         labels: labels(l),
-        enrolled: true,
-        ready: true,
-        netns: NetnsRef::Path(PathBuf::from(format!("/run/netns/{name}"))),
     }
 }
 
@@ -101,7 +108,7 @@ impl Conn {
         ConnectionInfo {
             src_ip: self.src_ip,
             src_identity: self.id.as_ref(),
-            dst_workload: &self.dst,
+            dst_workload: self.dst.policy_target(),
             dst_ip: self.dst_ip,
             dst_port: self.dst_port,
         }
@@ -735,7 +742,7 @@ fn peer_auth_precedence() {
     let web_selector = || Scope::new(Some("shop".into()), Some(labels(&[("app", "web")])));
     let modes = |policies: Vec<PeerAuthentication>| {
         let set = PolicySet::new(Vec::new(), policies);
-        [&web, &db, &ops].map(|w| set.peer_auth_mode(w))
+        [&web, &db, &ops].map(|w| set.peer_auth_mode(w.policy_target()))
     };
 
     // No policy: PERMISSIVE, Istio's default; one mesh-wide policy makes everything STRICT.
@@ -804,7 +811,7 @@ fn peer_auth_precedence() {
             peer(web_version, "web-v1", Some(Strict)),
         ],
     );
-    assert_eq!(set.peer_auth_mode(&web_v1), Permissive);
+    assert_eq!(set.peer_auth_mode(web_v1.policy_target()), Permissive);
 }
 
 #[test]

@@ -121,7 +121,7 @@ pub fn decide(state: &MeshState, conn: &Inbound, workload: &Workload) -> Verdict
     let decision = state.policies().authorize(&ConnectionInfo {
         src_ip: conn.src_ip,
         src_identity: conn.src_identity.as_ref(),
-        dst_workload: workload,
+        dst_workload: workload.policy_target(),
         dst_ip: conn.dst.ip(),
         dst_port: conn.dst.port(),
     });

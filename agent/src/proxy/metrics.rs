@@ -13,10 +13,7 @@ use crate::{
     identity::SpiffeId,
     state::{MeshState, Resolved, Service, Workload},
     telemetry::{
-        istio::{
-            CLUSTER_ID, Reporter, ResponseFlags, SecurityPolicy, UNKNOWN, WorkloadLabels,
-            guess_inbound_service, service_hostname,
-        },
+        istio::{CLUSTER_ID, Reporter, ResponseFlags, SecurityPolicy, UNKNOWN},
         metrics::Metrics,
     },
 };
@@ -169,7 +166,7 @@ impl ConnectionLabels {
         destination: &Workload,
         port: u16,
     ) -> Self {
-        let service = guess_inbound_service(state, destination, port);
+        let service = state.guess_inbound_service(destination, port);
         Self::new(Reporter::Destination)
             .with_source(source)
             .with_destination(Some(destination))
@@ -183,13 +180,12 @@ impl ConnectionLabels {
         let Some(workload) = workload else {
             return self;
         };
-        let w = WorkloadLabels::of(workload);
-        self.source_workload = w.name;
-        self.source_workload_namespace = w.namespace;
-        self.source_app = w.canonical_service.clone();
-        self.source_canonical_service = w.canonical_service;
-        self.source_version = w.canonical_revision.clone();
-        self.source_canonical_revision = w.canonical_revision;
+        self.source_workload = workload.name.clone();
+        self.source_workload_namespace = workload.namespace.clone();
+        self.source_app = workload.canonical_service().to_string();
+        self.source_canonical_service = workload.canonical_service().to_string();
+        self.source_version = workload.canonical_revision().to_string();
+        self.source_canonical_revision = workload.canonical_revision().to_string();
         self.source_cluster = CLUSTER_ID.to_string();
         self
     }
@@ -208,13 +204,12 @@ impl ConnectionLabels {
         let Some(workload) = workload else {
             return self;
         };
-        let w = WorkloadLabels::of(workload);
-        self.destination_workload = w.name;
-        self.destination_workload_namespace = w.namespace;
-        self.destination_app = w.canonical_service.clone();
-        self.destination_canonical_service = w.canonical_service;
-        self.destination_version = w.canonical_revision.clone();
-        self.destination_canonical_revision = w.canonical_revision;
+        self.destination_workload = workload.name.clone();
+        self.destination_workload_namespace = workload.namespace.clone();
+        self.destination_app = workload.canonical_service().to_string();
+        self.destination_canonical_service = workload.canonical_service().to_string();
+        self.destination_version = workload.canonical_revision().to_string();
+        self.destination_canonical_revision = workload.canonical_revision().to_string();
         self.destination_cluster = CLUSTER_ID.to_string();
         self
     }
@@ -232,7 +227,7 @@ impl ConnectionLabels {
         let Some(service) = service else {
             return self;
         };
-        self.destination_service = service_hostname(service);
+        self.destination_service = service.hostname();
         self.destination_service_namespace = service.namespace.clone();
         self.destination_service_name = service.name.clone();
         self

@@ -25,11 +25,8 @@ use crate::{
     identity::{SpiffeId, WorkloadCertificate},
     limits::{Path, refuse},
     proxy::metrics::{ConnectionLabels, ProxyMetrics},
-    state::{MeshState, Resolved, Workload},
-    telemetry::{
-        AccessLog, Direction,
-        istio::{SecurityPolicy, WorkloadLabels, service_hostname},
-    },
+    state::{MeshState, Resolved, Service, Workload},
+    telemetry::{AccessLog, Direction, istio::SecurityPolicy},
 };
 
 /// Accepts redirected connections of one pod until the task is aborted (un-enrolment).
@@ -242,7 +239,7 @@ fn build_request(
             source_ip,
             authority,
             identity,
-            service_host: service.as_deref().map(service_hostname),
+            service_host: service.as_deref().map(Service::hostname),
         }),
         None => Err(ProxyError::NoSourceAddress {
             workload: source.uid(),
@@ -330,14 +327,13 @@ fn relayed(
 /// The source workload's metadata as ztunnel sends it in `baggage`: the same canonical service
 /// and revision as its metrics labels.
 fn baggage(workload: &Workload) -> Baggage {
-    let labels = WorkloadLabels::of(workload);
     Baggage {
         cluster: Some(crate::telemetry::istio::CLUSTER_ID.into()),
-        namespace: Some(labels.namespace),
+        namespace: Some(workload.namespace.clone()),
         workload_kind: Some("pod".into()),
-        workload_name: Some(labels.name),
-        service_name: Some(labels.canonical_service),
-        service_version: Some(labels.canonical_revision),
+        workload_name: Some(workload.name.clone()),
+        service_name: Some(workload.canonical_service().into()),
+        service_version: Some(workload.canonical_revision().into()),
         region: None,
         zone: None,
     }
@@ -356,7 +352,7 @@ mod tests {
             testing::TestCa,
             tests::{TD, recv, start_upstream, start_waypoint},
         },
-        state::{EndpointAddress, NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef},
+        state::{EndpointAddress, NetnsRef, RedirectSettings, ServicePort, WaypointRef},
         telemetry::{Metrics, istio::ResponseFlags},
     };
 

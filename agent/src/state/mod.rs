@@ -23,6 +23,27 @@ use serde::{Serialize, ser::SerializeStruct};
 pub use self::netns::NetnsRef;
 use crate::policy::{AuthorizationPolicy, DEFAULT_TRUST_DOMAIN, PeerAuthMode, PolicySet};
 
+/// The DNS domain of service hostnames (`<name>.<namespace>.svc.<domain>`): Kubernetes' default.
+/// Istio's `destination_service` metric label is the service's hostname.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// The canonical revision of a workload without a revision label, as in Istio.
+const DEFAULT_REVISION: &str = "latest";
+
+/// Labels naming a workload's canonical service, most specific first (Istio's order).
+const CANONICAL_NAME_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-name",
+    "app.kubernetes.io/name",
+    "app",
+];
+
+/// Labels naming a workload's canonical revision, most specific first (Istio's order).
+const CANONICAL_REVISION_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+];
+
 /// A pod (or any process group with its own network namespace) that can join the mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -48,6 +69,34 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// What policies select the workload by (its namespace and labels).
+    pub fn policy_target(&self) -> crate::policy::Target<'_> {
+        crate::policy::Target {
+            namespace: &self.namespace,
+            labels: &self.labels,
+        }
+    }
+
+    /// The first non-empty value of `keys`, most specific first.
+    fn first_label(&self, keys: &[&str]) -> Option<&str> {
+        keys.iter()
+            .find_map(|key| self.labels.get(*key).filter(|v| !v.is_empty()))
+            .map(String::as_str)
+    }
+
+    /// Istio's canonical service: the canonical-name labels, else the workload's name. Metrics
+    /// and the `baggage` the node proxy sends name the workload by it.
+    pub fn canonical_service(&self) -> &str {
+        self.first_label(&CANONICAL_NAME_LABELS)
+            .unwrap_or(&self.name)
+    }
+
+    /// Istio's canonical revision: the canonical-revision labels, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        self.first_label(&CANONICAL_REVISION_LABELS)
+            .unwrap_or(DEFAULT_REVISION)
+    }
+
     /// The workload's unique id, `namespace/name`.
     pub fn uid(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -159,6 +208,12 @@ impl Service {
     /// The service's unique id, `namespace/name`.
     pub fn uid(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The service's hostname, `<name>.<namespace>.svc.cluster.local` (the value of Istio's
+    /// `destination_service` label).
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace)
     }
 
     /// Whether `workload` is selected by this service (readiness aside).
@@ -570,7 +625,7 @@ impl MeshState {
 
     /// Whether plaintext may reach `workload` (see [`PolicySet::peer_auth_mode`]).
     pub fn peer_auth_mode(&self, workload: &Workload) -> PeerAuthMode {
-        self.policies.peer_auth_mode(workload)
+        self.policies.peer_auth_mode(workload.policy_target())
     }
 
     /// All workloads, in source order.
@@ -581,6 +636,15 @@ impl MeshState {
     /// All services, in source order.
     pub fn services(&self) -> &[Arc<Service>] {
         &self.services
+    }
+
+    /// The service an inbound connection to `workload` on `port` most likely came through: the
+    /// first service selecting the workload with a target port equal to `port` (ztunnel's best
+    /// guess; the VIP the client dialled is not known on the destination side).
+    pub fn guess_inbound_service(&self, workload: &Workload, port: u16) -> Option<&Arc<Service>> {
+        self.services.iter().find(|service| {
+            service.selects(workload) && service.ports.iter().any(|p| p.target_port == port)
+        })
     }
 
     /// Node-wide redirection settings.

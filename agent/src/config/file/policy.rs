@@ -640,7 +640,7 @@ workloads:
         let conn = ConnectionInfo {
             src_ip: "10.20.0.5".parse().unwrap(),
             src_identity: id.as_ref(),
-            dst_workload: workload,
+            dst_workload: workload.policy_target(),
             dst_ip: dst.ip(),
             dst_port: dst.port(),
         };
@@ -819,7 +819,7 @@ authorizationPolicies:
             state.policies().authorize(&ConnectionInfo {
                 src_ip: "10.20.0.5".parse().unwrap(),
                 src_identity: None,
-                dst_workload: w,
+                dst_workload: w.policy_target(),
                 dst_ip: "10.10.0.3".parse().unwrap(),
                 dst_port: 5432,
             })

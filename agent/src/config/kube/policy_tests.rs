@@ -72,7 +72,7 @@ fn allows(policies: &PolicySet, src: Option<(&str, &str)>, dst: &Workload, port:
         .authorize(&crate::policy::ConnectionInfo {
             src_ip: "10.9.0.1".parse().unwrap(),
             src_identity: id.as_ref(),
-            dst_workload: dst,
+            dst_workload: dst.policy_target(),
             dst_ip: dst.ips[0],
             dst_port: port,
         })
@@ -370,7 +370,10 @@ fn peer_authentications() {
     );
     newer.metadata.creation_timestamp = Some(Time("2026-01-02T00:00:00Z".parse().unwrap()));
     let converted = convert_policies(&[], &[Arc::new(older.clone()), Arc::new(newer)], ROOT);
-    assert_eq!(converted.set.peer_auth_mode(&web), PeerAuthMode::Strict);
+    assert_eq!(
+        converted.set.peer_auth_mode(web.policy_target()),
+        PeerAuthMode::Strict
+    );
     assert_eq!(converted.rejected.len(), 1);
     assert_eq!(
         converted.rejected[0].0,
@@ -380,7 +383,10 @@ fn peer_authentications() {
     let mut newest = peer("shop", "0-strict", json!({"mtls": {"mode": "STRICT"}}));
     newest.metadata.creation_timestamp = Some(Time("2026-01-03T00:00:00Z".parse().unwrap()));
     let converted = convert_policies(&[], &[Arc::new(newest), Arc::new(older)], ROOT);
-    assert_eq!(converted.set.peer_auth_mode(&web), PeerAuthMode::Permissive);
+    assert_eq!(
+        converted.set.peer_auth_mode(web.policy_target()),
+        PeerAuthMode::Permissive
+    );
 }
 
 #[test]
