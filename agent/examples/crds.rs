@@ -1,10 +1,10 @@
-//! Writes Ambit's CRD YAML from the Rust types (`ambit::config::kube::crd`) into
+//! Writes Ambit's CRD YAML from the Rust types (`ambit::discovery::kube::crd`) into
 //! `deploy/crds/` and `deploy/helm/ambit/crds/`. Run through `cargo xtask crds`.
 //!
 //! Usage: `crds [WORKSPACE_ROOT]` (default: the parent of the agent crate).
 use std::path::{Path, PathBuf};
 
-use ambit::config::kube::crd;
+use ambit::discovery::kube::crd;
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {

@@ -21,9 +21,9 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::debug;
 
 use crate::{
-    config::ConfigStatus,
+    discovery::ConfigStatus,
+    enrolment::EnrolmentStatus,
     identity::CertificateManager,
-    inpod::EnrolmentStatus,
     limits::{Limits, Path, Phase, refuse},
     redirect::Redirector,
     telemetry::{LogControl, Metrics, metrics::CONTENT_TYPE},
@@ -363,8 +363,8 @@ mod tests {
     use super::*;
     use crate::{
         limits::{Limit, LimitSettings},
-        proxy::Transferred,
         proxy::metrics::{ConnectionLabels, ProxyMetrics},
+        relay::Transferred,
         telemetry::{
             istio::{Reporter, ResponseFlags},
             reloadable_filter,

@@ -1,24 +1,30 @@
-//! Ambit's node agent: socket-layer eBPF redirection into a node-level L4 proxy.
+//! Ambit: the node agent (`ambit agent`), the CA (`ambit ca`) and the parts both proxies share.
 //!
-//! Data flows one way: a configuration source ([`config`]) publishes a [`state::MeshState`];
-//! the enrolment reconciler ([`inpod`]) turns it into per-pod listeners and eBPF map entries
-//! ([`redirect`]); the [`proxy`] serves the connections the kernel steers to those listeners.
+//! Data flows one way: a mesh source ([`discovery`]) publishes a [`state::MeshState`]; the
+//! enrolment reconciler ([`enrolment`]) turns it into per-pod listeners and eBPF map entries
+//! ([`redirect`]); the node [`proxy`] serves the connections the kernel steers to those
+//! listeners, carrying mesh traffic in [`hbone`] tunnels.
 //!
-//! [`backoff`], [`serdes`] and [`timefmt`] are small helpers every layer uses; they depend on
-//! nothing else of the crate.
+//! Modules sit in layers and use only the layers below their own (docs/architecture.md draws
+//! them; `tests/layering.rs` enforces them). At the bottom, [`backoff`], [`serdes`],
+//! [`timefmt`], [`telemetry`], [`netns`] and [`relay`] depend on nothing else of the crate; the
+//! shared parts ([`identity`], [`limits`], [`policy`], [`state`], [`hbone`]) depend on nothing
+//! of the node agent's.
 pub mod admin;
-pub mod agent;
+pub mod app;
 pub mod backoff;
 pub mod ca;
 pub mod cni;
-pub mod config;
+pub mod discovery;
+pub mod enrolment;
+pub mod hbone;
 pub mod identity;
-pub mod inpod;
 pub mod limits;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;
+pub mod relay;
 pub mod serdes;
 pub mod state;
 pub mod telemetry;

@@ -1,7 +1,7 @@
 //! The `ambit` binary.
 use std::path::PathBuf;
 
-use ambit::{agent::AgentArgs, telemetry::LogFormat};
+use ambit::{app::AgentArgs, telemetry::LogFormat};
 use clap::{Parser, Subcommand};
 
 /// Ambit: a sidecarless service mesh. One agent per node steers enrolled pods' TCP, through
@@ -59,7 +59,7 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(ambit::agent::run(args))),
+            .and_then(|rt| rt.block_on(ambit::app::run(args))),
         Command::Ca(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -16,9 +16,10 @@ use std::{
 };
 
 use ambit::{
-    config::kube::{
+    discovery::kube::{
         ClusterView, Converter,
-        convert::{MODE_AMBIENT, MODE_LABEL, SERVICE_NAME_LABEL},
+        convert::{MODE_AMBIENT, MODE_LABEL},
+        objects::SERVICE_NAME_LABEL,
         objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
     },
     state::{MeshState, RedirectSettings},

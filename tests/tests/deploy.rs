@@ -10,7 +10,7 @@
 //!   what the Rust types generate (`cargo xtask crds`), and the typed specs must keep every
 //!   field of every example.
 //! - What the agent DaemonSet mounts is checked against what the agent reads: its arguments and
-//!   environment are parsed by the agent's own flag definitions (`ambit::agent::AgentArgs`), and
+//!   environment are parsed by the agent's own flag definitions (`ambit::app::AgentArgs`), and
 //!   each path flag must land on the right volume (cgroup2, bpffs, the trust bundle, the
 //!   projected token); the CA Deployment likewise against `ambit ca serve`.
 //! - The chart rendered with its defaults is the plain manifests, object for object.
@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use ambit::config::kube::crd;
+use ambit::discovery::kube::crd;
 use clap::Args as _;
 use serde::Deserialize as _;
 use serde_json::{Value, json};
@@ -415,7 +415,7 @@ impl Flags {
 }
 
 fn agent_flags() -> Flags {
-    Flags::new(ambit::agent::AgentArgs::augment_args(clap::Command::new(
+    Flags::new(ambit::app::AgentArgs::augment_args(clap::Command::new(
         "agent",
     )))
 }
@@ -1059,7 +1059,7 @@ fn check_rbac(objs: &[Value], ns: &str) {
         ])
     );
     // The CA reviews tokens and keeps watch caches of pods and policies (it never reads one by
-    // name); it merge-patches the policies' status and creates Events (config::kube::status).
+    // name); it merge-patches the policies' status and creates Events (discovery::kube::status).
     assert_eq!(
         rules("ambit-ca"),
         set(&[
@@ -1463,7 +1463,7 @@ fn crd_files_are_generated_from_the_types() {
     }
     assert!(
         problems.is_empty(),
-        "{}\nRegenerate the CRDs with `{}` (from the types in ambit::config::kube::crd).",
+        "{}\nRegenerate the CRDs with `{}` (from the types in ambit::discovery::kube::crd).",
         problems.join("\n"),
         crd::GENERATE_COMMAND
     );

@@ -7,13 +7,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ambit::identity::{SpiffeId, WorkloadCertificate};
-use ambit::proxy::hbone::{
+use ambit::hbone::{
     Http2Config, TunnelRequest,
     client::{connect_tls, handshake},
     testing::TestCa,
     tls,
 };
+use ambit::identity::{SpiffeId, WorkloadCertificate};
 use ambit_tests::mesh::Policies;
 use ambit_tests::traffic::{
     LONG_TRANSFER_BYTES, ensure_cut, long_transfer, metric, reaches, serve, wait_access_log,

@@ -56,7 +56,7 @@ enum Command {
         bench_args: Vec<String>,
     },
     /// Write the CRD YAML of deploy/crds and the Helm chart's crds/ from the Rust types
-    /// (ambit::config::kube::crd); the deploy test fails until the committed files match.
+    /// (ambit::discovery::kube::crd); the deploy test fails until the committed files match.
     Crds,
 }
 

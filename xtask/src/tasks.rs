@@ -128,7 +128,7 @@ pub fn bench(bench_args: &[String]) -> Result<()> {
 pub fn crds() -> Result<()> {
     setup::ensure(Scope::Toolchain)?;
     let root = workspace_root();
-    println!("==> CRDs from the Rust types (ambit::config::kube::crd)");
+    println!("==> CRDs from the Rust types (ambit::discovery::kube::crd)");
     run(cargo(&root)
         .args(["run", "--quiet", "-p", "ambit", "--example", "crds", "--"])
         .arg(&root))

@@ -50,7 +50,7 @@ use tracing::{info, warn};
 
 use super::guard::{ExpiringCache, ReviewLimiter, ReviewLimits, Throttled};
 use crate::{
-    config::kube::{
+    discovery::kube::{
         BACKOFF_MAX, BACKOFF_MIN, ResilientWatch, error_chain, objects::pod_service_account,
     },
     identity::SpiffeId,

@@ -22,7 +22,7 @@ use super::{
     testing::{TestCa, create_certificate, csr_with, id, leaf_sans, uri},
 };
 use crate::{
-    config::kube::fake::FakeApiServer,
+    discovery::kube::fake::FakeApiServer,
     identity::{BearerToken, CaClient, CaClientConfig, CaError, SpiffeId, ca_api},
 };
 

@@ -160,7 +160,7 @@ pub struct ServeArgs {
     pub agent_service_account: ServiceAccountRef,
     /// Kubernetes mode: the namespace Ambit is installed in, whose policies apply mesh-wide;
     /// the CA reports on the policies as the agents read them.
-    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = crate::config::kube::DEFAULT_ROOT_NAMESPACE)]
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = crate::discovery::kube::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
     /// Longest certificate lifetime granted, and the lifetime when a request names none.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
@@ -205,10 +205,10 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                 }
             }
             let auth = if args.kube {
-                let client = crate::config::kube::client(args.kubeconfig.as_deref()).await?;
+                let client = crate::discovery::kube::client(args.kubeconfig.as_deref()).await?;
                 // The CA is the cluster's one central component: it reports on Ambit's
                 // policies (every agent enforces them the same way on its own).
-                let status = crate::config::kube::run_policy_status(
+                let status = crate::discovery::kube::run_policy_status(
                     client.clone(),
                     args.root_namespace.clone(),
                 );

@@ -69,7 +69,7 @@ use super::{
     sign::{Csr, RequestedName, SignError, cut, shown},
 };
 use crate::{
-    config::{self, ConfigStatus},
+    discovery::{self, ConfigStatus},
     identity::{
         SpiffeId, SpiffeIdError,
         ca_api::{
@@ -729,7 +729,7 @@ async fn files_policy(
         source: mesh_file.display().to_string(),
         ..ConfigStatus::default()
     });
-    let mut source = tokio::spawn(config::watch_mesh_file(
+    let mut source = tokio::spawn(discovery::watch_mesh_file(
         mesh_file.to_path_buf(),
         state_tx,
         status_tx,

@@ -2,7 +2,7 @@
 //!
 //! The types here are shared by the CA ([`crate::ca`]), the certificate manager (which fetches
 //! and renews certificates for the identities of this node's pods) and the HBONE TLS
-//! configuration ([`crate::proxy::hbone`]).
+//! configuration ([`crate::hbone`]).
 //!
 //! - [`ca_api`]: the gRPC API of Istio's CA, which the CA serves and the client calls.
 //! - [`pem`]: certificates to and from PEM, for the CA and the client alike.

@@ -30,8 +30,11 @@ pub struct Target<'a> {
     pub labels: &'a std::collections::BTreeMap<String, String>,
 }
 
+mod revocable;
 #[cfg(test)]
 mod tests;
+
+pub use self::revocable::{Admission, Refusal};
 
 /// The trust domain of a mesh that does not name one (Istio's and Kubernetes' default).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";

@@ -44,7 +44,7 @@ use tracing::{debug, info};
 
 use crate::{
     identity::SpiffeId,
-    policy::{ConnectionInfo, Decision, PeerAuthMode},
+    policy::{Admission, ConnectionInfo, Decision, PeerAuthMode, Refusal},
     state::{MeshState, Workload},
 };
 
@@ -82,17 +82,6 @@ impl Inbound {
             pod,
         }
     }
-}
-
-/// Why a connection may not be, or no longer stay, open.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct Refusal {
-    /// A short fixed label, the `reason` of the metrics: `plaintext_strict`, or one of
-    /// [`crate::policy::Reason::label`].
-    pub reason: &'static str,
-    /// What to log: the policy or the mode that decided.
-    pub message: String,
 }
 
 /// The outcome of [`decide`].
@@ -246,13 +235,13 @@ impl OpenConnections {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (close, revoked) = oneshot::channel();
         lock(self.shard(id)).insert(id, Entry { conn, close });
-        Admission {
-            tracked: Some(Tracked {
+        Admission::revocable(
+            revoked,
+            Registered {
                 registry: self.clone(),
                 id,
-                revoked: Some(revoked),
-            }),
-        }
+            },
+        )
     }
 
     fn remove(&self, id: u64) {
@@ -398,54 +387,16 @@ pub async fn reevaluate_on_change(
     }
 }
 
-/// An admitted connection's place in the registry, held by its task for as long as it is open.
-/// Dropping it removes the entry.
+/// A connection's entry in the registry, removed when its [`Admission`] is dropped.
 #[derive(Debug)]
-pub struct Admission {
-    tracked: Option<Tracked>,
-}
-
-#[derive(Debug)]
-struct Tracked {
+struct Registered {
     registry: Arc<OpenConnections>,
     id: u64,
-    /// Taken once it has delivered (or can no longer deliver) a revocation.
-    revoked: Option<oneshot::Receiver<Refusal>>,
 }
 
-impl Drop for Tracked {
+impl Drop for Registered {
     fn drop(&mut self) {
         self.registry.remove(self.id);
-    }
-}
-
-impl Admission {
-    /// An admission nothing revokes, for handlers that track no connections.
-    pub fn unconditional() -> Self {
-        Self { tracked: None }
-    }
-
-    /// Resolves, with why, when a change no longer allows the connection; never for an
-    /// unconditional admission, nor once the registry is gone.
-    pub async fn revoked(&mut self) -> Refusal {
-        if let Some(tracked) = &mut self.tracked
-            && let Some(receiver) = &mut tracked.revoked
-        {
-            let outcome = receiver.await;
-            tracked.revoked = None;
-            if let Ok(refusal) = outcome {
-                return refusal;
-            }
-        }
-        std::future::pending().await
-    }
-
-    /// The revocation, if one has arrived (and was not taken by [`Self::revoked`]).
-    pub fn try_revoked(&mut self) -> Option<Refusal> {
-        let tracked = self.tracked.as_mut()?;
-        let refusal = tracked.revoked.as_mut()?.try_recv().ok()?;
-        tracked.revoked = None;
-        Some(refusal)
     }
 }
 

@@ -4,8 +4,9 @@
 //! `ambit_connections_denied_total`), whatever went wrong.
 use std::net::{IpAddr, SocketAddr};
 
-use super::{admission::Refusal, hbone::HboneError};
-use crate::{state::WaypointRef, telemetry::istio::ResponseFlags};
+use crate::{
+    hbone::HboneError, policy::Refusal, state::WaypointRef, telemetry::istio::ResponseFlags,
+};
 
 /// Why a connection failed or was refused.
 #[derive(Debug, thiserror::Error)]

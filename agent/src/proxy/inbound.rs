@@ -13,15 +13,17 @@ use tracing::warn;
 use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use super::{
-    PodContext, ProxyContext, Relayed, Transferred,
+    PodContext, ProxyContext,
     admission::{self, Inbound},
     connect_from,
     error::ProxyError,
-    record, relay_until,
+    record,
 };
 use crate::{
     limits::{Path, refuse},
+    policy::Refusal,
     proxy::metrics::ConnectionLabels,
+    relay::{Relayed, Transferred, relay_until},
     telemetry::{AccessLog, Direction},
 };
 
@@ -97,7 +99,7 @@ async fn forward(
     client: TcpStream,
     dst: SocketAddr,
     pod: &PodContext,
-    revoked: impl std::future::Future<Output = admission::Refusal>,
+    revoked: impl std::future::Future<Output = Refusal>,
 ) -> (Transferred, Result<(), ProxyError>) {
     // From the pod's own address to itself: the kernel routes it over loopback to the
     // application, and sk_lookup lets it through (local == remote) instead of steering it back.

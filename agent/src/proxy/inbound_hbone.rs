@@ -1,6 +1,6 @@
 //! The inbound HBONE path: tunnels arriving at `<pod IP>:15008` inside an enrolled pod.
 //!
-//! The HBONE server ([`super::hbone::HboneServer`]) terminates mutual TLS with the pod's own
+//! The HBONE server ([`crate::hbone::HboneServer`]) terminates mutual TLS with the pod's own
 //! certificate and checks the CONNECT authority names this pod; this handler supplies the
 //! pod-specific parts: the certificate, authorization with the client's verified identity (its
 //! [`Admission`] keeps the tunnel registered for re-evaluation while it is open), the connection
@@ -16,15 +16,16 @@ use tracing::info;
 
 use super::{
     PodContext, ProxyContext,
-    admission::{self, Admission, Inbound},
+    admission::{self, Inbound},
     connect_from,
+};
+use crate::{
     hbone::{
         ConnectRequest, ConnectionError, Deny, InboundHandler, StreamReport, server::StreamError,
         tls,
     },
-};
-use crate::{
     identity::WorkloadCertificate,
+    policy::Admission,
     proxy::metrics::ConnectionLabels,
     telemetry::{
         AccessLog, Direction,

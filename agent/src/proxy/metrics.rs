@@ -441,7 +441,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        state::{NetnsRef, RedirectSettings, ServicePort},
+        netns::NetnsRef,
+        state::{RedirectSettings, ServicePort},
         telemetry::metrics::exposition::{Samples, parse, series, value},
     };
 

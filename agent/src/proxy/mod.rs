@@ -1,15 +1,15 @@
-//! The node proxy: per-pod listeners and the byte relay between client and upstream.
+//! The node proxy: per-pod listeners and what they do with each connection (the byte relay
+//! itself is [`crate::relay`], shared with the waypoint).
 //!
 //! Every path has one shape: accept, work out where the connection was going and who is
 //! talking, decide (identity, authorization), open the upstream from inside the right pod's
 //! namespace, relay, log and count. Inbound connections stay registered while they relay and
 //! are decided again on every state change; those no longer allowed are closed ([`admission`]).
 //! Between two enrolled pods the upstream is an HBONE tunnel
-//! (HTTP/2 CONNECT over mutual TLS, [`hbone`]) to the destination pod's 15008; to anything
+//! (HTTP/2 CONNECT over mutual TLS, [`crate::hbone`]) to the destination pod's 15008; to anything
 //! outside the mesh it is a plain TCP connection.
 pub mod admission;
 pub mod error;
-pub mod hbone;
 pub mod inbound;
 pub mod inbound_hbone;
 pub mod metrics;
@@ -17,13 +17,13 @@ pub mod outbound;
 
 use std::{io, net::SocketAddr, sync::Arc};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::{
     identity::{CertificateManager, SpiffeId},
     netns::Netns,
     redirect::Redirector,
+    relay::Transferred,
     state::Workload,
 };
 
@@ -74,7 +74,7 @@ pub struct PodContext {
     /// Its network namespace.
     pub netns: Arc<Netns>,
     /// Its HBONE connections to other pods, dialled from inside its namespace.
-    pub pool: hbone::Pool,
+    pub pool: crate::hbone::Pool,
 }
 
 /// Opens a TCP connection to `dst` from inside `netns`, optionally from a given local address.
@@ -125,93 +125,4 @@ pub fn record(
     log.bytes_received = moved.received;
     log.outcome = result.map_err(|err| err.to_string());
     log.emit();
-}
-
-/// Bytes moved by [`relay`], each way.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Transferred {
-    /// Client to upstream.
-    pub sent: u64,
-    /// Upstream to client.
-    pub received: u64,
-}
-
-async fn copy_one_way<R, W>(mut from: R, mut to: W, moved: &mut u64) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            // Half-close: pass the end of this direction on, keep the other one open.
-            to.shutdown().await?;
-            return Ok(());
-        }
-        to.write_all(&buf[..n]).await?;
-        *moved += n as u64;
-    }
-}
-
-/// Copies bytes both ways until both directions have ended, passing half-closes through.
-/// An error in either direction ends both (the other side would otherwise hang), and the
-/// counts then say how far each direction got.
-pub async fn relay<C, U>(client: C, upstream: U) -> (Transferred, io::Result<()>)
-where
-    C: AsyncRead + AsyncWrite,
-    U: AsyncRead + AsyncWrite,
-{
-    let (moved, ended) = relay_until(
-        client,
-        upstream,
-        std::future::pending::<std::convert::Infallible>(),
-    )
-    .await;
-    match ended {
-        Relayed::Finished(result) => (moved, result),
-        Relayed::Stopped(never) => match never {},
-    }
-}
-
-/// How [`relay_until`] ended.
-#[derive(Debug)]
-pub enum Relayed<S> {
-    /// Both directions ended (or one failed), as in [`relay`].
-    Finished(io::Result<()>),
-    /// `stop` resolved first: both sides were dropped mid-relay (a TCP client sees its
-    /// connection closed, an HBONE peer its stream reset).
-    Stopped(S),
-}
-
-/// [`relay`], cut short when `stop` resolves (an open connection whose authorization was
-/// revoked). The counts say how far each direction got either way.
-pub async fn relay_until<C, U, S>(
-    client: C,
-    upstream: U,
-    stop: impl Future<Output = S>,
-) -> (Transferred, Relayed<S>)
-where
-    C: AsyncRead + AsyncWrite,
-    U: AsyncRead + AsyncWrite,
-{
-    let (client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, upstream_write) = tokio::io::split(upstream);
-    let mut moved = Transferred::default();
-    let ended = {
-        let copy = async {
-            tokio::try_join!(
-                copy_one_way(client_read, upstream_write, &mut moved.sent),
-                copy_one_way(upstream_read, client_write, &mut moved.received),
-            )
-            .map(|_| ())
-        };
-        // Both futures are dropped at the end of this block, with the halves they own: the
-        // sockets close and `moved` is free to read.
-        tokio::select! {
-            result = copy => Relayed::Finished(result),
-            stopped = stop => Relayed::Stopped(stopped),
-        }
-    };
-    (moved, ended)
 }

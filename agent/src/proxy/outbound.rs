@@ -15,16 +15,13 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-use super::{
-    PodContext, ProxyContext, Transferred, connect_from,
-    error::ProxyError,
-    hbone::{HBONE_PORT, Pool, PoolKey, TunnelRequest, headers::Baggage},
-    record, relay,
-};
+use super::{PodContext, ProxyContext, connect_from, error::ProxyError, record};
 use crate::{
+    hbone::{HBONE_PORT, Pool, PoolKey, TunnelRequest, headers::Baggage},
     identity::{SpiffeId, WorkloadCertificate},
     limits::{Path, refuse},
     proxy::metrics::{ConnectionLabels, ProxyMetrics},
+    relay::{Transferred, relay},
     state::{MeshState, Resolved, Service, Workload},
     telemetry::{AccessLog, Direction, istio::SecurityPolicy},
 };
@@ -347,12 +344,13 @@ mod tests {
 
     use super::*;
     use crate::{
-        proxy::hbone::{
+        hbone::{
             PoolConfig,
             testing::TestCa,
             tests::{TD, recv, start_upstream, start_waypoint},
         },
-        state::{EndpointAddress, NetnsRef, RedirectSettings, ServicePort, WaypointRef},
+        netns::NetnsRef,
+        state::{EndpointAddress, RedirectSettings, ServicePort, WaypointRef},
         telemetry::{Metrics, istio::ResponseFlags},
     };
 

@@ -5,7 +5,6 @@
 //! knows nothing about where the configuration came from. A state is immutable once built and
 //! shared as `Arc<MeshState>`: a reload builds a new one and swaps it in, so a connection that
 //! resolved against the old state keeps the `Arc`s it got.
-mod netns;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -20,7 +19,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Serialize, ser::SerializeStruct};
 
-pub use self::netns::NetnsRef;
+use crate::netns::NetnsRef;
 use crate::policy::{AuthorizationPolicy, DEFAULT_TRUST_DOMAIN, PeerAuthMode, PolicySet};
 
 /// The DNS domain of service hostnames (`<name>.<namespace>.svc.<domain>`): Kubernetes' default.

@@ -1,7 +1,7 @@
 //! The metrics plumbing: one registry, the text exposition, and scrape-time collection.
 //!
-//! Each subsystem owns its metrics (`proxy::metrics`, `redirect::metrics`, `inpod::metrics`,
-//! `config::metrics`, `identity::metrics`, `limits::metrics`, `cni`): it defines them, registers
+//! Each subsystem owns its metrics (`proxy::metrics`, `redirect::metrics`, `enrolment::metrics`,
+//! `discovery::metrics`, `identity::metrics`, `limits::metrics`, `cni`): it defines them, registers
 //! them here and records into them, and this module knows none of them. Values another part
 //! already keeps (eBPF counters, a status channel, a limiter's counts) are copied in by a
 //! [`ScrapeTime`] collector right before each scrape, never polled, so a scrape always sees the

@@ -4,12 +4,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 use crate::{
+    netns::NetnsRef,
     policy::{
         Action, AuthorizationPolicy, Match, Pattern, PeerAuthentication, PolicySet, Rule, Scope,
         Source,
     },
-    proxy::{Relayed, relay_until},
-    state::{NetnsRef, RedirectSettings},
+    relay::{Relayed, relay_until},
+    state::RedirectSettings,
 };
 
 const SERVER_IP: &str = "10.10.1.2";

@@ -14,17 +14,18 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard, Weak},
-    time::{Duration, Instant},
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
 };
 
 use bytes::Bytes;
-use tokio::{net::TcpStream, sync::Notify};
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
     HboneStream, Http2Config,
     client::{self, HboneError, Http2Client, TunnelRequest},
+    slot::{ConnShared, Slot, lock},
     tls,
 };
 use crate::identity::{SpiffeId, WorkloadCertificate};
@@ -156,120 +157,6 @@ struct Entry {
 struct PooledConn {
     client: Http2Client,
     shared: Arc<ConnShared>,
-}
-
-/// Stream accounting of one connection, shared with its driver task and its streams.
-struct ConnShared {
-    state: Mutex<ConnState>,
-    /// Signalled when the last stream ends, so the driver starts the idle clock.
-    idle: Notify,
-    max_streams: usize,
-}
-
-struct ConnState {
-    active: usize,
-    /// No stream will be added: idle-expired, or the connection ended.
-    closed: bool,
-    idle_since: Option<Instant>,
-}
-
-/// A claim on one stream of a pooled connection; released when the tunnel is dropped.
-pub(crate) struct Slot {
-    shared: Arc<ConnShared>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data under these locks stays consistent across a panic (plain counters and lists).
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl ConnShared {
-    /// A new connection with its first stream already claimed, so it cannot expire before the
-    /// tunnel that caused it is opened.
-    fn new(max_streams: usize) -> (Arc<Self>, Slot) {
-        let shared = Arc::new(Self {
-            state: Mutex::new(ConnState {
-                active: 1,
-                closed: false,
-                idle_since: None,
-            }),
-            idle: Notify::new(),
-            max_streams,
-        });
-        let slot = Slot {
-            shared: shared.clone(),
-        };
-        (shared, slot)
-    }
-
-    fn try_claim(self: &Arc<Self>) -> Option<Slot> {
-        let mut state = lock(&self.state);
-        if state.closed || state.active >= self.max_streams {
-            return None;
-        }
-        state.active += 1;
-        state.idle_since = None;
-        Some(Slot {
-            shared: self.clone(),
-        })
-    }
-
-    fn close(&self) {
-        lock(&self.state).closed = true;
-    }
-
-    fn is_closed(&self) -> bool {
-        lock(&self.state).closed
-    }
-
-    fn active(&self) -> usize {
-        lock(&self.state).active
-    }
-
-    /// Completes once the connection has carried no stream for `timeout`, marking it closed
-    /// in the same step so no stream can be claimed on it afterwards.
-    async fn idle_expired(&self, timeout: Duration) {
-        loop {
-            let (closed, deadline) = {
-                let state = lock(&self.state);
-                (state.closed, state.idle_since.map(|since| since + timeout))
-            };
-            if closed {
-                // Closed for another reason (GOAWAY seen by `Entry::claim`): the tunnels still
-                // on it finish, and then the connection ends by itself.
-                return std::future::pending().await;
-            }
-            match deadline {
-                None => self.idle.notified().await,
-                Some(deadline) => {
-                    tokio::time::sleep_until(deadline.into()).await;
-                    let mut state = lock(&self.state);
-                    let expired = state.active == 0
-                        && state
-                            .idle_since
-                            .is_some_and(|since| since.elapsed() >= timeout);
-                    if expired {
-                        state.closed = true;
-                        return;
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut state = lock(&self.shared.state);
-        state.active -= 1;
-        if state.active == 0 {
-            state.idle_since = Some(Instant::now());
-            // `notify_one` keeps a permit if the driver is not waiting yet.
-            self.shared.idle.notify_one();
-        }
-    }
 }
 
 impl Entry {

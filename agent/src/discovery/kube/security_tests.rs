@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use super::{
     StatusWriter,
     fake::{FakeApiServer, GoneStyle},
-    policy::{
+    security::{
         AuthorizationPolicyResource, DEFAULT_ROOT_NAMESPACE, PeerAuthenticationResource,
         PolicyCondition, Verdict, authorization_policy, convert_policies, peer_authentication,
     },
@@ -60,7 +60,7 @@ fn workload(namespace: &str, name: &str, app: &str) -> Workload {
         labels: labels(&[("app", app)]).unwrap(),
         enrolled: true,
         ready: true,
-        netns: crate::state::NetnsRef::Path(Default::default()),
+        netns: crate::netns::NetnsRef::Path(Default::default()),
     }
 }
 

@@ -2,7 +2,7 @@
 //! `PeerAuthentication`, field for field, as typed Rust.
 //!
 //! These types are the source of the CRDs' schemas (`cargo xtask crds`; [`super`]). The node
-//! agents do not parse policies with them: [`crate::config::kube::policy`] keeps a resource's
+//! agents do not parse policies with them: [`crate::discovery::kube::security`] keeps a resource's
 //! `spec` as JSON, so that a field Ambit rejects is seen and reported, never dropped while
 //! parsing.
 //!
@@ -22,7 +22,7 @@ use schemars::{JsonSchema, Schema, json_schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::kube::policy::PolicyStatus;
+use crate::discovery::kube::security::PolicyStatus;
 
 /// One `*` allowed: `*`, `prefix*`, `*suffix` or an exact value.
 const STAR_PATTERN: &str = r"^(\*|\*[^*]+|[^*]+\*|[^*]+)$";

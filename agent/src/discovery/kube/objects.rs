@@ -16,8 +16,10 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Deserializer};
 
-use super::convert::SERVICE_NAME_LABEL;
 use crate::serdes::null_as_default;
+
+/// The label by which an EndpointSlice names its service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Declares the view as the kube resource `$kind` of `$group`/`$version`.
 macro_rules! resource {

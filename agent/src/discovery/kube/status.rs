@@ -2,7 +2,7 @@
 //! (`docs/crds.md`, "Status").
 //!
 //! One writer per cluster (run by `ambit ca`, the central Deployment) watches both kinds,
-//! converts each resource exactly as the node agents do ([`super::policy`]) and, when the
+//! converts each resource exactly as the node agents do ([`super::security`]) and, when the
 //! resource's `Accepted` condition is not what the conversion says, patches the `status`
 //! subresource. An Event (`events.k8s.io/v1`, regarding the policy, reason the condition's) is
 //! emitted when the condition itself changes, not when only `observedGeneration` catches up, so
@@ -23,7 +23,7 @@ use serde_json::json;
 use super::{
     BACKOFF_MAX, BACKOFF_MIN, ResilientWatch, WatchedKind,
     events::{self, EventReport},
-    policy::{
+    security::{
         ACCEPTED_CONDITION, Acceptance, AuthorizationPolicyResource, PeerAuthenticationResource,
         PolicyCondition, PolicyStatus, authorization_policy, peer_authentication,
     },

@@ -753,7 +753,7 @@ authorizationPolicies:
     #[test]
     fn example_file_policies() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/mesh.yaml");
-        let state = crate::config::file::load_mesh_file(&path).unwrap();
+        let state = crate::discovery::file::load_mesh_file(&path).unwrap();
         assert_eq!(state.trust_domain(), "cluster.local");
         let mode = |name: &str| {
             let w = state.workloads().iter().find(|w| w.name == name).unwrap();

@@ -14,7 +14,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use super::{
     HboneStream, Http2Config, MAX_HEADER_LIST_SIZE,
     headers::{BAGGAGE, Baggage, TRACEPARENT, forwarded},
-    pool::Slot,
+    slot::Slot,
     tls::{self, PeerIdentityError, TlsConfigError},
 };
 use crate::identity::SpiffeId;

@@ -23,17 +23,17 @@ use tokio::{
 
 use super::ConfigStatus;
 use crate::{
+    netns::NetnsRef,
     policy::PolicySet,
     serdes::null_as_default,
     state::{
-        EndpointAddress, MeshState, NetnsRef, RedirectSettings, Service, ServicePort, WaypointRef,
-        Workload,
+        EndpointAddress, MeshState, RedirectSettings, Service, ServicePort, WaypointRef, Workload,
     },
 };
 
-mod policy;
+mod security;
 
-pub use self::policy::{
+pub use self::security::{
     AuthorizationPolicyFile, CONDITION_KEYS, ConditionFile, FromFile, OperationFile,
     PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, ToFile,
     authorization_policy, peer_auth_mode, workload_selector,

@@ -26,7 +26,7 @@ use super::{
 use crate::{
     identity::{SpiffeId, WorkloadCertificate},
     limits::{Limit, LimitSettings, Limits, Path, Phase},
-    proxy::admission::Admission,
+    policy::Admission,
 };
 
 pub(crate) const TD: &str = "cluster.local";

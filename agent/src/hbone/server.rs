@@ -47,11 +47,8 @@ use super::{
 use crate::{
     identity::SpiffeId,
     limits::{ConnectionPermit, Limits, Path, Phase, refuse as reset},
-    proxy::{
-        Relayed, Transferred,
-        admission::{Admission, Refusal},
-        relay_until,
-    },
+    policy::{Admission, Refusal},
+    relay::{Relayed, Transferred, relay_until},
 };
 
 /// One CONNECT request that passed the authority check, as the handler sees it.

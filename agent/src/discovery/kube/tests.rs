@@ -15,13 +15,15 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
     KubeSource, SOURCE_NAME,
-    convert::{MODE_AMBIENT, MODE_LABEL, MODE_NONE, SERVICE_NAME_LABEL},
+    convert::{MODE_AMBIENT, MODE_LABEL, MODE_NONE},
     fake::{FakeApiServer, GoneStyle},
-    policy::{AuthorizationPolicyResource, PeerAuthenticationResource},
+    objects::SERVICE_NAME_LABEL,
+    security::{AuthorizationPolicyResource, PeerAuthenticationResource},
 };
 use crate::{
-    config::ConfigStatus,
-    state::{MeshState, NetnsRef, Resolved, Workload},
+    discovery::ConfigStatus,
+    netns::NetnsRef,
+    state::{MeshState, Resolved, Workload},
 };
 
 pub(super) const NODE: &str = "node-a";

@@ -2,7 +2,7 @@
 //! `PeerAuthentication`, `deploy/crds/`) and their conversion to the [`crate::policy`] model.
 //!
 //! The rules are those of `docs/crds.md`. A resource's `spec` is Istio's, and is checked by the
-//! same validation as the mesh file's policies ([`crate::config::file::authorization_policy`]):
+//! same validation as the mesh file's policies ([`crate::discovery::file::authorization_policy`]):
 //! only the Kubernetes-specific parts live here (the root namespace, the L7 fields the schema
 //! accepts and Ambit rejects, what a rejected resource still enforces).
 //!
@@ -21,7 +21,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::{
-    config::file::{
+    discovery::file::{
         AuthorizationPolicyFile, CONDITION_KEYS, PolicyError, RuleFile, SelectorFile,
         authorization_policy as validate_authorization_policy, peer_auth_mode, workload_selector,
     },

@@ -60,7 +60,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        inpod::EnrolledPodInfo,
+        enrolment::EnrolledPodInfo,
         telemetry::metrics::{
             Metrics,
             exposition::{parse, value},

@@ -10,7 +10,7 @@
 //! where the systemd driver writes the UID with `_` in place of `-` (a `-` in a slice name means
 //! nesting). The containers live one level below: `cri-containerd-<id>.scope` (containerd) or
 //! `crio-<id>.scope` (CRI-O) under the systemd driver, `<id>` or `crio-<id>` under cgroupfs.
-//! [`NetnsRef::open`](crate::state::NetnsRef::open) descends into them to find a process, so the
+//! [`NetnsRef::open`](crate::netns::NetnsRef::open) descends into them to find a process, so the
 //! pod-level directory is what the agent records: it lives as long as the pod, while container
 //! scopes come and go with restarts.
 //!

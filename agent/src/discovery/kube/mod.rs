@@ -58,9 +58,9 @@ pub mod events;
 #[cfg(any(test, feature = "fake-apiserver"))]
 pub mod fake;
 pub mod objects;
-pub mod policy;
+pub mod security;
 #[cfg(test)]
-mod policy_tests;
+mod security_tests;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -68,12 +68,12 @@ mod tests;
 pub use self::{
     cgroup::pod_cgroup_dir,
     convert::{ClusterView, Converted, Converter},
-    policy::DEFAULT_ROOT_NAMESPACE,
+    security::DEFAULT_ROOT_NAMESPACE,
     status::{StatusWriter, run_policy_status},
 };
 use self::{
     objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
-    policy::{AuthorizationPolicyResource, PeerAuthenticationResource},
+    security::{AuthorizationPolicyResource, PeerAuthenticationResource},
 };
 
 /// The `source` of this source's [`ConfigStatus`].
@@ -158,7 +158,7 @@ impl std::fmt::Display for WatchedKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.plural())?;
         if self.is_custom() {
-            write!(f, ".{}", policy::GROUP)?;
+            write!(f, ".{}", security::GROUP)?;
         }
         Ok(())
     }
@@ -266,8 +266,8 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
 ///
 /// ```no_run
 /// # async fn doc(state_tx: tokio::sync::watch::Sender<std::sync::Arc<ambit::state::MeshState>>,
-/// #              status_tx: tokio::sync::watch::Sender<ambit::config::ConfigStatus>) -> anyhow::Result<()> {
-/// use ambit::config::kube::KubeSource;
+/// #              status_tx: tokio::sync::watch::Sender<ambit::discovery::ConfigStatus>) -> anyhow::Result<()> {
+/// use ambit::discovery::kube::KubeSource;
 /// let client = kube::Client::try_default().await?;
 /// KubeSource::new(client, "node-a", "/sys/fs/cgroup").run(state_tx, status_tx).await
 /// # }
@@ -932,7 +932,7 @@ impl Run {
             Vec::new()
         };
         let converted =
-            policy::convert_policies(&authorizations, &peers, &self.source.root_namespace);
+            security::convert_policies(&authorizations, &peers, &self.source.root_namespace);
         let mut reported = HashMap::with_capacity(converted.rejected.len());
         for (resource, acceptance) in converted.rejected {
             if self.reported_rejections.get(&resource) != Some(&acceptance.message) {

@@ -42,9 +42,9 @@ use tracing::{error, info, warn};
 use crate::{
     identity::SpiffeId,
     netns::Netns,
+    netns::NetnsRef,
     proxy::{self, PodContext, ProxyContext},
     redirect::Redirector,
-    state::NetnsRef,
     state::{MeshState, Workload},
 };
 
@@ -471,12 +471,12 @@ impl Enrolment {
     ) -> anyhow::Result<EnrolledPod> {
         let listeners = netns.run(|| open_listeners(&workload.ips))??;
         let dial_ns = netns.clone();
-        let pool = proxy::hbone::Pool::new(
-            move |key: &proxy::hbone::PoolKey| {
+        let pool = crate::hbone::Pool::new(
+            move |key: &crate::hbone::PoolKey| {
                 let (netns, dst) = (dial_ns.clone(), key.destination());
                 async move { proxy::connect_from(&netns, dst, None).await }
             },
-            proxy::hbone::PoolConfig::default(),
+            crate::hbone::PoolConfig::default(),
         );
         let pod = Arc::new(PodContext {
             workload: workload.clone(),
@@ -510,9 +510,9 @@ impl Enrolment {
             let serve = proxy::outbound::serve(to_tokio(l)?, pod.clone(), self.proxy.clone());
             accept_loops.push(tokio::spawn(serve));
         }
-        let hbone = proxy::hbone::HboneServer::new(
+        let hbone = crate::hbone::HboneServer::new(
             proxy::inbound_hbone::PodInbound::new(pod.clone(), self.proxy.clone()),
-            proxy::hbone::InboundSettings::new(workload.ips.clone()),
+            crate::hbone::InboundSettings::new(workload.ips.clone()),
             self.proxy.limits.clone(),
         );
         for l in listeners.hbone {

@@ -10,7 +10,7 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::pool::Slot;
+use super::slot::Slot;
 
 /// A tunnelled connection: the established CONNECT stream, on either side.
 ///

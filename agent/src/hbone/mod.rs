@@ -23,6 +23,7 @@ pub mod client;
 pub mod headers;
 pub mod pool;
 pub mod server;
+mod slot;
 mod stream;
 pub mod testing;
 pub mod tls;

@@ -15,9 +15,15 @@ use k8s_openapi::apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::I
 
 use super::{
     cgroup::pod_cgroup_dir,
-    objects::{EndpointSliceView, NamespaceView, PodView, ServiceView, pod_service_account},
+    objects::{
+        EndpointSliceView, NamespaceView, PodView, SERVICE_NAME_LABEL, ServiceView,
+        pod_service_account,
+    },
 };
-use crate::state::{EndpointAddress, NetnsRef, Service, ServicePort, WaypointRef, Workload};
+use crate::{
+    netns::NetnsRef,
+    state::{EndpointAddress, Service, ServicePort, WaypointRef, Workload},
+};
 
 /// The label that enrols a namespace or a pod (`ambient`), or opts a pod out (`none`).
 pub const MODE_LABEL: &str = "ambit.dev/mode";
@@ -25,8 +31,6 @@ pub const MODE_LABEL: &str = "ambit.dev/mode";
 pub const MODE_AMBIENT: &str = "ambient";
 /// [`MODE_LABEL`]'s value that opts a pod out even in an enrolled namespace.
 pub const MODE_NONE: &str = "none";
-/// The label by which an EndpointSlice names its service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The label that binds a service, or every service of a namespace, to a waypoint: its value
 /// names the waypoint's Service (Istio's `istio.io/use-waypoint`).
 pub const USE_WAYPOINT_LABEL: &str = "ambit.dev/use-waypoint";

@@ -7,12 +7,12 @@ use tracing::{error, info};
 
 use crate::{
     admin::{self, AdminState},
-    config::{self, ConfigStatus, kube::KubeSource},
+    discovery::{self, ConfigStatus, kube::KubeSource},
+    enrolment::{Enrolment, EnrolmentStatus},
     identity::{
         BearerToken, CaClient, CaClientConfig, CertificateManager, ManagerConfig,
         client::DEFAULT_CA_TIMEOUT,
     },
-    inpod::{Enrolment, EnrolmentStatus},
     limits::{self, LimitSettings, Limits},
     proxy::{
         ProxyContext,
@@ -23,9 +23,9 @@ use crate::{
     telemetry::{self, Metrics},
 };
 use crate::{
-    config::metrics::ConfigMetrics, identity::metrics::CertificateMetrics,
-    inpod::metrics::EnrolmentMetrics, limits::metrics::LimitMetrics, proxy::metrics::ProxyMetrics,
-    redirect::metrics::RedirectMetrics,
+    discovery::metrics::ConfigMetrics, enrolment::metrics::EnrolmentMetrics,
+    identity::metrics::CertificateMetrics, limits::metrics::LimitMetrics,
+    proxy::metrics::ProxyMetrics, redirect::metrics::RedirectMetrics,
 };
 
 /// Flags of `ambit agent`.
@@ -49,7 +49,7 @@ pub struct AgentArgs {
     pub kubeconfig: Option<PathBuf>,
     /// Kubernetes mode: the namespace Ambit is installed in, whose policies apply mesh-wide
     /// (Istio's root namespace).
-    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = config::kube::DEFAULT_ROOT_NAMESPACE)]
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = discovery::kube::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
     /// Kubernetes mode: the SPIFFE trust domain of the mesh (the mesh file names its own).
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = crate::policy::DEFAULT_TRUST_DOMAIN)]
@@ -167,7 +167,7 @@ async fn report_closed_pods(
     node: String,
     mut status: watch::Receiver<EnrolmentStatus>,
 ) {
-    use crate::config::kube::events::{self, EventReport};
+    use crate::discovery::kube::events::{self, EventReport};
     let mut reported = std::collections::BTreeSet::new();
     loop {
         let (closed, failed) = {
@@ -223,13 +223,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Kubernetes mode: the client also writes the Events about pods this agent had to close.
     let mut kube_client = None;
     let mut source = match &args.mesh_file {
-        Some(mesh_file) => tokio::spawn(config::watch_mesh_file(
+        Some(mesh_file) => tokio::spawn(discovery::watch_mesh_file(
             mesh_file.clone(),
             state_tx,
             config_tx,
         )),
         None => {
-            let client = config::kube::client(args.kubeconfig.as_deref()).await?;
+            let client = discovery::kube::client(args.kubeconfig.as_deref()).await?;
             kube_client = Some(client.clone());
             let kube = KubeSource::new(client, args.node.clone(), cgroup.clone())
                 .trust_domain(args.trust_domain.clone())
@@ -335,11 +335,9 @@ mod tests {
     use super::*;
     use crate::{
         limits::{LimitSettings, Path, Phase},
-        proxy::{
-            Transferred,
-            metrics::{ConnectionLabels, ProxyMetrics},
-        },
+        proxy::metrics::{ConnectionLabels, ProxyMetrics},
         redirect::RedirectStats,
+        relay::Transferred,
         telemetry::{
             istio::{Reporter, ResponseFlags},
             metrics::exposition::promtool_check,

@@ -1,8 +1,13 @@
-//! Network namespaces: entering a pod's namespace to create sockets there.
+//! Network namespaces: finding a pod's namespace ([`NetnsRef`], what the state model holds) and
+//! entering it to create sockets there.
 //!
 //! Sockets belong to the namespace they were created in, whichever thread later uses them. So
 //! the agent switches the *current thread* into a pod's namespace only for the few system calls
 //! that create a socket, and switches straight back; tokio then drives the socket from any thread.
+mod reference;
+
+pub use self::reference::NetnsRef;
+
 use std::{
     fs::File,
     io,
