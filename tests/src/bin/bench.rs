@@ -1209,8 +1209,8 @@ fn run_soak(
                 std::thread::sleep(settle);
                 samples.push(MemSample {
                     phase: format!(
-                        "{what}: {} s after a churn of {} short connections",
-                        args.soak_settle_seconds, c.ok
+                        "{what}: {} s after a churn of short connections",
+                        args.soak_settle_seconds
                     ),
                     rss_kb: agents_rss(cluster),
                 });
