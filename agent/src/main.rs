@@ -4,6 +4,14 @@ use std::path::PathBuf;
 use ambit::{app::AgentArgs, telemetry::LogFormat};
 use clap::{Parser, Subcommand};
 
+/// jemalloc, not the system's malloc: after a burst of connections, glibc keeps the freed
+/// memory in its per-thread arenas and the agent's resident memory never comes back down;
+/// jemalloc's background thread returns freed pages to the kernel within seconds (its dirty
+/// page decay, 10 s). Measured in docs/benchmarks.md ("Agent memory after a burst").
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Ambit: a sidecarless service mesh. One agent per node steers enrolled pods' TCP, through
 /// socket-layer eBPF, into a node-level proxy.
 #[derive(Parser, Debug)]

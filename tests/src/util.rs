@@ -250,6 +250,19 @@ pub fn process_alive(pid: i32, start_time: Option<u64>) -> bool {
     }
 }
 
+/// A `/proc/<pid>/status` field given in kB (e.g. `VmRSS`, `VmHWM`), or None if the process
+/// or the field does not exist.
+pub fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Sends `sig` to `pid` (errors ignored).
 pub fn signal(pid: i32, sig: libc::c_int) {
     // SAFETY: plain syscall.

@@ -115,9 +115,21 @@ pub fn bench(bench_args: &[String]) -> Result<()> {
         "bench",
         "benchmark (a few minutes; writes docs/benchmarks.md)",
         |cmd| {
+            // The report names the command that produced it, extra arguments included.
+            let mut command = String::from("cargo xtask bench");
+            if !bench_args.is_empty() {
+                command.push_str(" --");
+                for a in bench_args {
+                    if a.contains([' ', '(', ')', ';', '\'']) {
+                        command.push_str(&format!(" '{a}'"));
+                    } else {
+                        command.push_str(&format!(" {a}"));
+                    }
+                }
+            }
             cmd.arg("--out")
                 .arg(root.join("docs/benchmarks.md"))
-                .args(["--command", "cargo xtask bench"])
+                .args(["--command", &command])
                 .args(bench_args)
         },
     )

@@ -15,6 +15,13 @@
 //! For each path, same node and across nodes: h2load at a fixed rate and at saturation (latency
 //! percentiles from h2load's per-request log), iperf3 with 1 and 8 streams, `testpod churn`
 //! (sequential short connections), and the agents' CPU time; at the end the agents' peak memory.
+//!
+//! Then the memory soak, on freshly restarted agents with the client and both servers enrolled:
+//! the agents' resident memory at rest, with 2,000 connections held open (`testpod burst`, same
+//! node and across nodes), some seconds after they closed, and after a churn of short
+//! connections: does what a burst costs come back? `--soak-only` runs just that;
+//! `--soak-compare LABEL=PATH` runs it again with another agent binary, side by side.
+//!
 //! Writes a Markdown report (default `docs/benchmarks.md`) and prints the same tables. Every load
 //! is bounded in count and time, stays inside the bed's namespaces, and nothing here asserts on
 //! performance: a failed tool run is reported as such, and makes the exit status non-zero.
@@ -84,6 +91,32 @@ struct Args {
     /// Seconds of no traffic over which the agents' idle CPU time is measured.
     #[arg(long, default_value_t = 5)]
     idle_seconds: u32,
+    /// Run only the memory soak (no throughput scenarios); the report then has only its section.
+    #[arg(long)]
+    soak_only: bool,
+    /// Connections the soak holds open at once, per placement.
+    #[arg(long, default_value_t = 2000)]
+    soak_connections: u32,
+    /// Bytes each held connection exchanges with the echo server before it is held.
+    #[arg(long, default_value_t = 16 * 1024)]
+    soak_bytes: u64,
+    /// Seconds the soak holds its connections.
+    #[arg(long, default_value_t = 30)]
+    soak_hold_seconds: u32,
+    /// Seconds the soak waits after the connections closed (and after the churn) before it
+    /// reads the agents' memory.
+    #[arg(long, default_value_t = 10)]
+    soak_settle_seconds: u32,
+    /// Short connections of the churn after each burst.
+    #[arg(long, default_value_t = 20_000)]
+    soak_churn: u32,
+    /// Time limit of each churn, in seconds.
+    #[arg(long, default_value_t = 60)]
+    soak_churn_seconds: u32,
+    /// Also soak another `ambit` binary, `LABEL=PATH` (e.g. a build of the previous revision),
+    /// shown beside this build's figures.
+    #[arg(long, value_name = "LABEL=PATH")]
+    soak_compare: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -595,6 +628,7 @@ struct Churn {
     per_second: f64,
     ok: u64,
     failed: u64,
+    first_error: Option<String>,
 }
 
 fn run_churn(client: &Pod, tools: &Tools, args: &[String], seconds: u32) -> Result<Churn> {
@@ -613,6 +647,7 @@ fn run_churn(client: &Pod, tools: &Tools, args: &[String], seconds: u32) -> Resu
         per_second: ok as f64 * 1000.0 / ms as f64,
         ok,
         failed,
+        first_error: r["first_error"].as_str().map(str::to_string),
     })
 }
 
@@ -651,18 +686,6 @@ fn per_agent(cpu: &[f64]) -> String {
 
 fn delta(after: &[f64], before: &[f64]) -> Vec<f64> {
     after.iter().zip(before).map(|(a, b)| a - b).collect()
-}
-
-/// A `/proc/<pid>/status` field in kB (e.g. `VmHWM`).
-fn status_kb(pid: u32, key: &str) -> Option<u64> {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn log_len(node: &Node) -> u64 {
@@ -999,6 +1022,317 @@ fn run_scenario(
         println!("    WARNING: {w}");
     }
     s
+}
+
+// ---------------------------------------------------------------------------------------------
+// soak: does the agents' memory come back after a burst?
+
+/// The agents' resident memory at one moment of the soak.
+#[derive(Clone, Debug)]
+struct MemSample {
+    phase: String,
+    /// VmRSS of each node's agent, in kB.
+    rss_kb: Vec<Option<u64>>,
+}
+
+/// One soak run with one agent binary.
+struct Soak {
+    /// What ran: "this build" or the comparison's label.
+    label: String,
+    samples: Vec<MemSample>,
+    /// VmHWM of each agent at the end (the agents start fresh for the soak).
+    hwm_kb: Vec<Option<u64>>,
+    /// The access log showed HBONE between the agents.
+    hbone: bool,
+    errors: Vec<String>,
+}
+
+fn agents_rss(cluster: &Cluster) -> Vec<Option<u64>> {
+    cluster
+        .nodes()
+        .iter()
+        .map(|n| n.agent_pid().and_then(|p| util::proc_status_kb(p, "VmRSS")))
+        .collect()
+}
+
+fn show_kb(v: Option<u64>) -> String {
+    v.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+/// The soak's command lines (the report shows them with `$SERVER`).
+fn soak_commands(args: &Args, server: &str) -> (Vec<String>, Vec<String>) {
+    let target = format!("{server}:{ECHO_PORT}");
+    let burst = [
+        "burst",
+        "--connect",
+        &target,
+        "--count",
+        &args.soak_connections.to_string(),
+        "--bytes",
+        &args.soak_bytes.to_string(),
+        "--hold-seconds",
+        // An upper bound: the bench closes them through stdin after its own hold.
+        &(args.soak_hold_seconds + 120).to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let churn = [
+        "churn",
+        "--connect",
+        &target,
+        "--count",
+        &args.soak_churn.to_string(),
+        "--max-seconds",
+        &args.soak_churn_seconds.to_string(),
+        "--timeout-ms",
+        "2000",
+    ]
+    .map(String::from)
+    .to_vec();
+    (burst, churn)
+}
+
+/// Holds `soak_connections` connections from `client` to `server`'s echo server for
+/// `soak_hold_seconds`, then closes them; returns an error description if any failed.
+fn soak_burst(
+    cluster: &Cluster,
+    args: &Args,
+    tools: &Tools,
+    client: &Pod,
+    burst: &[String],
+    samples: &mut Vec<MemSample>,
+    what: &str,
+) -> Result<()> {
+    let mut p = client.spawn(&tools.testpod, burst)?;
+    // Opening is sequential: allow 50 ms per connection on a loaded machine, plus a margin.
+    let open_limit = Duration::from_millis(50 * u64::from(args.soak_connections) + 60_000);
+    let opened = p
+        .read_json_until(open_limit, |v| v["event"] == "opened")
+        .with_context(|| format!("testpod burst ({}); stderr: {}", what, p.stderr()))?;
+    println!(
+        "    {what}: {} open ({} failed) in {} ms",
+        opened["open"], opened["failed"], opened["elapsed_ms"]
+    );
+    std::thread::sleep(Duration::from_secs(args.soak_hold_seconds.into()));
+    samples.push(MemSample {
+        phase: format!(
+            "{what}: {} connections held for {} s",
+            opened["open"], args.soak_hold_seconds
+        ),
+        rss_kb: agents_rss(cluster),
+    });
+    p.write_line("close")?;
+    let close_limit = Duration::from_millis(50 * u64::from(args.soak_connections) + 60_000);
+    let closed = p.read_json_until(close_limit, |v| v["event"] == "closed")?;
+    let _ = p.wait_timeout(Duration::from_secs(10));
+    if opened["failed"] != 0 || closed["clean"] != args.soak_connections {
+        bail!(
+            "testpod burst: {} of {} failed to open, {} closed cleanly; first error: {}",
+            opened["failed"],
+            args.soak_connections,
+            closed["clean"],
+            closed["first_error"]
+        );
+    }
+    Ok(())
+}
+
+/// Restarts both agents (with `ambit`), enrols the client and both servers, and measures the
+/// agents' resident memory at rest, with a burst of held connections, after they closed and
+/// after a churn of short connections, same node and across nodes.
+fn run_soak(
+    cluster: &mut Cluster,
+    args: &Args,
+    tools: &Tools,
+    label: &str,
+    ambit: &Path,
+) -> Result<Soak> {
+    println!("==> memory soak: {label} ({})", ambit.display());
+    cluster.stop_agents()?;
+    cluster.set_ambit_bin(ambit);
+    let cluster = &*cluster;
+    for n in cluster.nodes() {
+        n.start_agent()?;
+    }
+    for n in cluster.nodes() {
+        n.wait_ready(Duration::from_secs(60))?;
+    }
+    let (client, same, across) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(1, 0));
+    set_enrolment(cluster, &[client, same, across])?;
+    let offsets: Vec<u64> = cluster.nodes().iter().map(log_len).collect();
+    let settle = Duration::from_secs(args.soak_settle_seconds.into());
+    let mut errors = Vec::new();
+    // Warm-up: the first tunnels, certificates and pooled connections exist before the
+    // baseline is read, as they would on any node that has served traffic.
+    for server in [same, across] {
+        let (_, churn) = soak_commands(args, &server.ip4().to_string());
+        let mut warm = churn.clone();
+        warm[4] = "100".into();
+        if let Err(e) = run_churn(client, tools, &warm, args.soak_churn_seconds) {
+            errors.push(format!("{label}, warm-up to {}: {e:#}", server.name()));
+        }
+    }
+    std::thread::sleep(settle);
+    let mut samples = vec![MemSample {
+        phase: "at rest, after a warm-up of 100 connections per server".into(),
+        rss_kb: agents_rss(cluster),
+    }];
+    for (placement, server) in [
+        (Placement::SameNode, same),
+        (Placement::AcrossNodes, across),
+    ] {
+        let what = placement.name();
+        let (burst, churn) = soak_commands(args, &server.ip4().to_string());
+        if let Err(e) = soak_burst(cluster, args, tools, client, &burst, &mut samples, what) {
+            println!("    {what}: burst FAILED: {e:#}");
+            errors.push(format!("{label}, {what} burst: {e:#}"));
+        }
+        std::thread::sleep(settle);
+        samples.push(MemSample {
+            phase: format!("{what}: {} s after they closed", args.soak_settle_seconds),
+            rss_kb: agents_rss(cluster),
+        });
+        match run_churn(client, tools, &churn, args.soak_churn_seconds) {
+            Ok(c) => {
+                println!(
+                    "    {what}: churn {} ok, {} failed, {:.0}/s",
+                    c.ok, c.failed, c.per_second
+                );
+                if c.failed > 0 {
+                    errors.push(format!(
+                        "{label}, {what} churn: {} of {} failed, the first with: {}",
+                        c.failed,
+                        c.ok + c.failed,
+                        c.first_error.as_deref().unwrap_or("?")
+                    ));
+                }
+                std::thread::sleep(settle);
+                samples.push(MemSample {
+                    phase: format!(
+                        "{what}: {} s after a churn of short connections",
+                        args.soak_settle_seconds
+                    ),
+                    rss_kb: agents_rss(cluster),
+                });
+            }
+            Err(e) => errors.push(format!("{label}, {what} churn: {e:#}")),
+        }
+    }
+    for sample in &samples {
+        println!(
+            "    {}: {}",
+            sample.phase,
+            sample
+                .rss_kb
+                .iter()
+                .enumerate()
+                .map(|(i, k)| format!("n{i} {}", show_kb(*k)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let hbone = [same, across].iter().all(|server| {
+        let a = access_summary(cluster, &offsets, IpAddr::V4(server.ip4()));
+        a.hbone && a.outbound > 0 && a.inbound > 0
+    });
+    if !hbone {
+        errors.push(format!(
+            "{label}: the access log does not show HBONE between the agents for both servers"
+        ));
+    }
+    for n in cluster.nodes() {
+        if !n.agent_running() {
+            errors.push(format!(
+                "{label}: agent of {} is not running at the end of the soak: {:?}",
+                n.name(),
+                n.agent_exit_status()
+            ));
+        }
+    }
+    Ok(Soak {
+        label: label.into(),
+        samples,
+        hwm_kb: cluster
+            .nodes()
+            .iter()
+            .map(|n| n.agent_pid().and_then(|p| util::proc_status_kb(p, "VmHWM")))
+            .collect(),
+        hbone,
+        errors,
+    })
+}
+
+/// The soak's section of the report.
+fn soak_section(args: &Args, soaks: &[Soak], servers: &[(&str, String)]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "### Agent memory after a burst\n");
+    let mut header = vec!["moment".to_string()];
+    for s in soaks {
+        for i in 0..s.hwm_kb.len() {
+            header.push(format!("n{i} agent, {}", s.label));
+        }
+    }
+    let phases = soaks.first().map_or(0, |s| s.samples.len());
+    let mut rows: Vec<Vec<String>> = (0..phases)
+        .map(|i| {
+            let mut row = vec![soaks[0].samples[i].phase.clone()];
+            for s in soaks {
+                let sample = s.samples.get(i);
+                for n in 0..s.hwm_kb.len() {
+                    row.push(show_kb(sample.and_then(|x| x.rss_kb[n])));
+                }
+            }
+            row
+        })
+        .collect();
+    let mut peak = vec!["peak over the soak (VmHWM)".to_string()];
+    for s in soaks {
+        peak.extend(s.hwm_kb.iter().map(|k| show_kb(*k)));
+    }
+    rows.push(peak);
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    md.push_str(&table(&header, rows));
+    let (burst, churn) = soak_commands(args, "$SERVER");
+    let server_list = servers
+        .iter()
+        .map(|(p, ip)| format!("`{ip}` {p}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(
+        md,
+        "\nResident memory (VmRSS from `/proc/<pid>/status`) of each node's agent, restarted \
+         fresh for the soak, with the client and both servers enrolled ({}). n0's agent carries \
+         the client's outbound side of every connection and, same node, the server's inbound \
+         side too; n1's agent carries the inbound side across nodes. In order: a warm-up, then \
+         per placement {} connections opened one after another, each exchanging {} bytes with \
+         the echo server, all held {} s and closed; {} s later the reading again; then up to \
+         {} sequential short connections (at most {} s), and {} s later the last reading. Run \
+         in the client pod's network namespace; `$SERVER` is the server pod ({server_list}):\n\n\
+         ```\ntestpod {}\ntestpod {}\n```\n",
+        if soaks.iter().all(|s| s.hbone) {
+            "HBONE mTLS between the agents, as the access log shows"
+        } else {
+            "the access log did NOT show HBONE for every server: see the failed measurements"
+        },
+        args.soak_connections,
+        args.soak_bytes,
+        args.soak_hold_seconds,
+        args.soak_settle_seconds,
+        args.soak_churn,
+        args.soak_churn_seconds,
+        args.soak_settle_seconds,
+        show("", &burst).trim(),
+        show("", &churn).trim(),
+    );
+    if let Some(spec) = &args.soak_compare {
+        let _ = writeln!(
+            md,
+            "The comparison columns ran the same soak on the same bed with another agent binary \
+             (`--soak-compare {spec}`).\n"
+        );
+    }
+    md
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1446,18 +1780,24 @@ fn main() -> Result<()> {
         "Ambit benchmark: {} CPUs, kernel {}, {}",
         m.cpus, m.kernel, m.date
     );
-    let cluster = Cluster::start(ClusterSpec {
+    // Checked before the bed is built: a typo should not cost a whole run.
+    let compare = match &args.soak_compare {
+        None => None,
+        Some(spec) => {
+            let (label, path) = spec.split_once('=').ok_or_else(|| {
+                anyhow!("--soak-compare {spec:?}: expected LABEL=PATH (an ambit binary)")
+            })?;
+            let path = fs::canonicalize(path)
+                .with_context(|| format!("--soak-compare {spec:?}: no such file {path:?}"))?;
+            Some((label.to_string(), path))
+        }
+    };
+    let mut cluster = Cluster::start(ClusterSpec {
         nodes: 2,
         pods_per_node: 2,
     })
     .context("building the cluster in a box (needs root, cgroup v2, bpffs)")?;
-    let client = cluster.pod(0, 0);
-    let same = cluster.pod(0, 1);
-    let across = cluster.pod(1, 0);
-    let placements = [
-        (Placement::SameNode, same),
-        (Placement::AcrossNodes, across),
-    ];
+    let this_build = cluster.ambit_bin().to_path_buf();
 
     // Nothing enrolled to begin with; the agents start once and stay up.
     for p in cluster.pods() {
@@ -1465,6 +1805,7 @@ fn main() -> Result<()> {
     }
     cluster.write_mesh()?;
     cluster.start_agents()?;
+    let (same, across) = (cluster.pod(0, 1), cluster.pod(1, 0));
     println!(
         "run {}: agents up (pids {:?}); servers in {} and {}",
         cluster.id(),
@@ -1477,68 +1818,35 @@ fn main() -> Result<()> {
         across.name()
     );
     let servers = [start_servers(same, &tools)?, start_servers(across, &tools)?];
-    // The agents' CPU time without any traffic: the baseline of the CPU table.
-    let before = agents_cpu(&cluster);
-    std::thread::sleep(Duration::from_secs(args.idle_seconds.into()));
-    let idle = delta(&agents_cpu(&cluster), &before);
-    println!(
-        "agents idle for {} s: {}",
-        args.idle_seconds,
-        per_agent(&idle)
-    );
-
-    // Placement by placement, so that each path runs close in time to the direct path it is
-    // compared with (the machine's background load drifts).
-    let mut all = Vec::new();
-    for (placement, server) in placements {
-        for path in MeshPath::ALL {
-            let enrolled: Vec<&Pod> = match path {
-                MeshPath::Direct => vec![],
-                MeshPath::Passthrough => vec![client],
-                MeshPath::Mesh => vec![client, server],
-            };
-            cluster.with_diagnostics(set_enrolment(&cluster, &enrolled))?;
-            all.push(run_scenario(
-                &cluster, &args, &tools, path, placement, client, server,
-            ));
-        }
-    }
-    let load_after = load_average();
-    let memory: Vec<Memory> = cluster
-        .nodes()
-        .iter()
-        .map(|n| {
-            let pid = n.agent_pid();
-            Memory {
-                node: format!("{} (pid {})", n.name(), pid.unwrap_or(0)),
-                hwm_kb: pid.and_then(|p| status_kb(p, "VmHWM")),
-                rss_kb: pid.and_then(|p| status_kb(p, "VmRSS")),
-            }
-        })
-        .collect();
     let server_ips = [
         ("same node", same.ip4().to_string()),
         ("across nodes", across.ip4().to_string()),
     ];
-    let body = tables(&all, &args, &idle, &memory, &server_ips);
-
+    let mut body = String::new();
     let mut errors = Vec::new();
-    for s in &all {
-        let what = format!("{} / {}", s.placement.name(), s.path.name());
-        let mut add = |m: &str, r: Option<&String>| {
-            if let Some(e) = r {
-                errors.push(format!("{what}, {m}: {e}"));
-            }
-        };
-        add("fixed rate", s.fixed.as_ref().err());
-        add("saturation", s.saturation.as_ref().err());
-        add("bulk, 1 stream", s.bulk1.as_ref().err());
-        add("bulk, many streams", s.bulk_n.as_ref().err());
-        add("connection setup", s.churn.as_ref().err());
-        if let Some(w) = s.path_warning() {
-            errors.push(format!("{what}, path check: {w}"));
-        }
+    if !args.soak_only {
+        let (b, e) = throughput(&cluster, &args, &tools, &server_ips)?;
+        body.push_str(&b);
+        errors.extend(e);
     }
+    let load_after = load_average();
+
+    let mut soaks = vec![run_soak(
+        &mut cluster,
+        &args,
+        &tools,
+        "this build",
+        &this_build,
+    )?];
+    if let Some((label, path)) = &compare {
+        soaks.push(run_soak(&mut cluster, &args, &tools, label, path)?);
+    }
+    cluster.set_ambit_bin(&this_build);
+    for s in &soaks {
+        errors.extend(s.errors.iter().cloned());
+    }
+    body.push_str(&soak_section(&args, &soaks, &server_ips));
+
     for n in cluster.nodes() {
         if !n.agent_running() {
             errors.push(format!(
@@ -1572,4 +1880,76 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The throughput scenarios, path by path, and their tables; the failed measurements.
+fn throughput(
+    cluster: &Cluster,
+    args: &Args,
+    tools: &Tools,
+    server_ips: &[(&str, String)],
+) -> Result<(String, Vec<String>)> {
+    let client = cluster.pod(0, 0);
+    let placements = [
+        (Placement::SameNode, cluster.pod(0, 1)),
+        (Placement::AcrossNodes, cluster.pod(1, 0)),
+    ];
+    // The agents' CPU time without any traffic: the baseline of the CPU table.
+    let before = agents_cpu(cluster);
+    std::thread::sleep(Duration::from_secs(args.idle_seconds.into()));
+    let idle = delta(&agents_cpu(cluster), &before);
+    println!(
+        "agents idle for {} s: {}",
+        args.idle_seconds,
+        per_agent(&idle)
+    );
+
+    // Placement by placement, so that each path runs close in time to the direct path it is
+    // compared with (the machine's background load drifts).
+    let mut all = Vec::new();
+    for (placement, server) in placements {
+        for path in MeshPath::ALL {
+            let enrolled: Vec<&Pod> = match path {
+                MeshPath::Direct => vec![],
+                MeshPath::Passthrough => vec![client],
+                MeshPath::Mesh => vec![client, server],
+            };
+            cluster.with_diagnostics(set_enrolment(cluster, &enrolled))?;
+            all.push(run_scenario(
+                cluster, args, tools, path, placement, client, server,
+            ));
+        }
+    }
+    let memory: Vec<Memory> = cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            let pid = n.agent_pid();
+            Memory {
+                node: format!("{} (pid {})", n.name(), pid.unwrap_or(0)),
+                hwm_kb: pid.and_then(|p| util::proc_status_kb(p, "VmHWM")),
+                rss_kb: pid.and_then(|p| util::proc_status_kb(p, "VmRSS")),
+            }
+        })
+        .collect();
+    let body = tables(&all, args, &idle, &memory, server_ips);
+
+    let mut errors = Vec::new();
+    for s in &all {
+        let what = format!("{} / {}", s.placement.name(), s.path.name());
+        let mut add = |m: &str, r: Option<&String>| {
+            if let Some(e) = r {
+                errors.push(format!("{what}, {m}: {e}"));
+            }
+        };
+        add("fixed rate", s.fixed.as_ref().err());
+        add("saturation", s.saturation.as_ref().err());
+        add("bulk, 1 stream", s.bulk1.as_ref().err());
+        add("bulk, many streams", s.bulk_n.as_ref().err());
+        add("connection setup", s.churn.as_ref().err());
+        if let Some(w) = s.path_warning() {
+            errors.push(format!("{what}, path check: {w}"));
+        }
+    }
+    Ok((body, errors))
 }

@@ -32,6 +32,10 @@
 //!   every second while some are open, and `{"event":"done","opened":..,"failed":..,
 //!   "closed_eof":..,"closed_reset":..,"still_open":..,"closed_after_s":{"<s>":n,..}}`: how many
 //!   the peer closed with a FIN or a reset, and how many seconds after their connect.
+//! - `testpod burst --connect ADDR --count C [--bytes N] [--hold-seconds S]`: C connections
+//!   opened one after another and kept open, each exchanging N bytes with the echo server first;
+//!   prints `{"event":"opened",...}` once all are open, holds them until a line (or EOF) on stdin
+//!   or S seconds, then half-closes each and reads it to the end; one `closed` summary line.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -160,6 +164,24 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         outstanding: usize,
     },
+    /// Many connections open at once, each used once, held, then closed.
+    Burst {
+        /// Address to connect to (an echo server).
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Number of connections.
+        #[arg(long)]
+        count: u32,
+        /// Bytes each connection sends (and reads back) before it is held.
+        #[arg(long, default_value_t = 1024)]
+        bytes: u64,
+        /// Longest hold: they close earlier on a line or EOF on stdin.
+        #[arg(long)]
+        hold_seconds: u64,
+        /// Time limit per connection for opening and for closing, in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
     /// Hold one connection open; echo stdin lines through it.
     Hold {
         /// Address to connect to.
@@ -246,6 +268,19 @@ fn main() -> ExitCode {
             max_seconds.map(Duration::from_secs),
             Duration::from_millis(timeout_ms),
             greeting_only,
+        ),
+        Cmd::Burst {
+            connect,
+            count,
+            bytes,
+            hold_seconds,
+            timeout_ms,
+        } => burst(
+            connect,
+            count,
+            bytes,
+            Duration::from_secs(hold_seconds),
+            Duration::from_millis(timeout_ms),
         ),
         Cmd::Hold {
             connect,
@@ -789,6 +824,111 @@ fn churn(
         "elapsed_ms": start.elapsed().as_millis() as u64,
     }));
     failed == 0
+}
+
+// ---------------------------------------------------------------------------------------------
+// burst
+
+/// Opens one burst connection: reads the greeting, then sends `bytes` in chunks small enough
+/// for the echo never to block on a full socket buffer, checking each chunk's echo.
+fn burst_open(
+    addr: SocketAddr,
+    index: u32,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + timeout;
+    let s =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+    read_line_until(&mut reader, deadline).map_err(|e| format!("read greeting: {e}"))?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let (mut out, mut expect) = (Payload::new(index, None), Payload::new(index, None));
+    let (mut chunk, mut want, mut got) = (vec![0u8; 8192], vec![0u8; 8192], vec![0u8; 8192]);
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(chunk.len() as u64) as usize;
+        out.fill(&mut chunk[..n]);
+        expect.fill(&mut want[..n]);
+        let r = (|| -> io::Result<()> {
+            w.set_write_timeout(Some(remaining(deadline)?))?;
+            w.write_all(&chunk[..n])?;
+            reader
+                .get_ref()
+                .set_read_timeout(Some(remaining(deadline)?))?;
+            reader.read_exact(&mut got[..n])
+        })();
+        r.map_err(|e| format!("echo after {sent} bytes: {e}"))?;
+        if got[..n] != want[..n] {
+            return Err(format!("echoed bytes differ from sent after {sent} bytes"));
+        }
+        sent += n as u64;
+    }
+    Ok(s)
+}
+
+/// Half-closes a held burst connection and reads it to the end: the echo server's close.
+fn burst_close(mut s: TcpStream, timeout: Duration) -> Result<(), String> {
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .map_err(|e| format!("receive the close: {e}"))?;
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} unexpected bytes before the close", rest.len()))
+    }
+}
+
+fn burst(addr: SocketAddr, count: u32, bytes: u64, hold: Duration, timeout: Duration) -> bool {
+    let start = Instant::now();
+    let mut first_error: Option<String> = None;
+    let mut open = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        match burst_open(addr, i, bytes, timeout) {
+            Ok(s) => open.push(s),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let failed = u64::from(count) - open.len() as u64;
+    emit(json!({
+        "event": "opened",
+        "open": open.len(),
+        "failed": failed,
+        "first_error": first_error,
+        "elapsed_ms": start.elapsed().as_millis() as u64,
+    }));
+    // Held until told (a line or EOF on stdin) or until the hold ends, whichever comes first.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = io::stdin().lock().read_line(&mut String::new());
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(hold);
+    let held_ms = start.elapsed().as_millis() as u64;
+    let (mut clean, mut close_error) = (0u64, None);
+    for s in open {
+        match burst_close(s, timeout) {
+            Ok(()) => clean += 1,
+            Err(e) => {
+                close_error.get_or_insert(e);
+            }
+        }
+    }
+    emit(json!({
+        "event": "closed",
+        "clean": clean,
+        "failed": failed,
+        "first_error": first_error.or(close_error),
+        "held_ms": held_ms,
+        "elapsed_ms": start.elapsed().as_millis() as u64,
+    }));
+    failed == 0 && clean == u64::from(count)
 }
 
 // ---------------------------------------------------------------------------------------------
