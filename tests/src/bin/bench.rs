@@ -94,6 +94,9 @@ struct Args {
     /// Run only the memory soak (no throughput scenarios); the report then has only its section.
     #[arg(long)]
     soak_only: bool,
+    /// Skip the memory soak (throughput scenarios only), e.g. to compare two builds quickly.
+    #[arg(long, conflicts_with_all = ["soak_only", "soak_compare"])]
+    no_soak: bool,
     /// Connections the soak holds open at once, per placement.
     #[arg(long, default_value_t = 2000)]
     soak_connections: u32,
@@ -1837,21 +1840,23 @@ fn main() -> Result<()> {
     }
     let load_after = load_average();
 
-    let mut soaks = vec![run_soak(
-        &mut cluster,
-        &args,
-        &tools,
-        "this build",
-        &this_build,
-    )?];
-    if let Some((label, path)) = &compare {
-        soaks.push(run_soak(&mut cluster, &args, &tools, label, path)?);
+    if !args.no_soak {
+        let mut soaks = vec![run_soak(
+            &mut cluster,
+            &args,
+            &tools,
+            "this build",
+            &this_build,
+        )?];
+        if let Some((label, path)) = &compare {
+            soaks.push(run_soak(&mut cluster, &args, &tools, label, path)?);
+        }
+        cluster.set_ambit_bin(&this_build);
+        for s in &soaks {
+            errors.extend(s.errors.iter().cloned());
+        }
+        body.push_str(&soak_section(&args, &soaks, &server_ips));
     }
-    cluster.set_ambit_bin(&this_build);
-    for s in &soaks {
-        errors.extend(s.errors.iter().cloned());
-    }
-    body.push_str(&soak_section(&args, &soaks, &server_ips));
 
     for n in cluster.nodes() {
         if !n.agent_running() {
