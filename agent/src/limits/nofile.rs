@@ -4,7 +4,7 @@
 //! higher hard limit (containerd: 1048576). Every proxied connection holds two descriptors, so
 //! the agent raises its soft limit to the hard one at start, as Envoy's and ztunnel's
 //! deployments do; raising the hard limit needs CAP_SYS_RESOURCE, which the agent does not ask
-//! for, so what the hard limit allows is what the agent budgets with (see [`super::Budget`]).
+//! for, so what the hard limit allows is what the agent budgets with (see [`super::LimitSettings::for_descriptors`]).
 use std::io;
 
 /// The descriptor limit before and after [`raise_nofile_limit`].

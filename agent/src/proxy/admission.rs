@@ -19,7 +19,7 @@
 //!   Kubernetes), [`reevaluate_on_change`] decides every registered connection again with
 //!   [`decide`], the function the accept paths use, against the destination workload as it is
 //!   now (its current labels), and signals those now denied. Their task stops relaying (see
-//!   [`super::relay_until`]), which closes both sides, logs the access record with why and
+//!   [`crate::relay::relay_until`]), which closes both sides, logs the access record with why and
 //!   counts it in `ambit_connections_closed_by_policy_total`.
 //! - Dry-run policies never take part in a decision, so they never cut anything. A connection
 //!   whose destination pod is no longer an enrolled workload (un-enrolled, or gone from the
