@@ -27,8 +27,8 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use ambit_common::{
-    INBOUND_HBONE_PORT, IpKey, OUTBOUND_PORT, OrigDst, PendingConnect, SockState, TupleKey, limits,
-    pod_state, sock_flags, stats,
+    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst, PendingConnect,
+    SockState, TupleKey, limits, pod_state, sock_flags, stats,
 };
 use aya_ebpf::{
     bindings::{
@@ -595,7 +595,7 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
     // The node's own addresses (kubelet's probes) reach the application directly, as in Istio
     // ambient, except on the proxy's ports, which belong to the agent.
     if port != OUTBOUND_PORT
-        && port != ambit_common::INBOUND_PLAINTEXT_PORT
+        && port != INBOUND_PLAINTEXT_PORT
         && NODE_ADDRS.get_ptr(remote).is_some()
     {
         count(stats::INBOUND_FROM_NODE);
