@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::cmd::{exec, run};
+use crate::cmd::{command, exec, run};
 use crate::setup::{self, Scope};
 use crate::workspace_root;
 
@@ -18,7 +18,7 @@ const EBPF_PACKAGE: &str = "ambit-ebpf";
 const BIN_PACKAGES: [&str; 6] = ["-p", "ambit", "-p", "ambit-cni", "-p", "ambit-tests"];
 
 fn cargo(root: &Path) -> Command {
-    let mut cmd = Command::new("cargo");
+    let mut cmd = command("cargo");
     cmd.current_dir(root);
     cmd
 }
@@ -171,7 +171,7 @@ fn run_release_binary(
         );
     }
     println!("\n==> [2/2] {what}");
-    let mut cmd = Command::new(&program);
+    let mut cmd = command(&program);
     cmd.current_dir(&root)
         .env("AMBIT_BIN", release.join("ambit"))
         .env("AMBIT_CNI_BIN", release.join("ambit-cni"))

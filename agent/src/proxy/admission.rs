@@ -265,7 +265,7 @@ impl OpenConnections {
     pub fn reevaluate(&self, state: &MeshState) -> Reevaluation {
         let mut uids = UidIndex::default();
         let mut done = Reevaluation::default();
-        for shard in self.shards.iter() {
+        for shard in &self.shards {
             done += reevaluate_shard(shard, state, &mut uids);
         }
         done
@@ -362,7 +362,7 @@ pub async fn reevaluate_on_change(
         let started = Instant::now();
         let mut uids = UidIndex::default();
         let mut done = Reevaluation::default();
-        for shard in connections.shards.iter() {
+        for shard in &connections.shards {
             done += reevaluate_shard(shard, &state, &mut uids);
             // Let accepts and relays in between: a pass over many connections takes a while.
             tokio::task::yield_now().await;

@@ -96,7 +96,7 @@ async fn forward(
     client: TcpStream,
     dst: SocketAddr,
     pod: &PodContext,
-    revoked: impl std::future::Future<Output = Refusal>,
+    revoked: impl Future<Output = Refusal>,
 ) -> (Transferred, Result<(), ProxyError>) {
     // From the pod's own address to itself: the kernel routes it over loopback to the
     // application, and sk_lookup lets it through (local == remote) instead of steering it back.

@@ -251,7 +251,9 @@ const _: () = {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain-old-data with explicit padding; every bit pattern is valid.
+    // SAFETY: `#[repr(C)]`, made only of integers and byte arrays, with every padding byte an
+    // explicit field (the layout assertions above check it): no byte is uninitialised and every
+    // bit pattern is a valid value, as aya's byte copies to and from the maps require.
     unsafe impl aya::Pod for super::IpKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
