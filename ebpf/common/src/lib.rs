@@ -17,8 +17,8 @@ pub const INBOUND_HBONE_PORT: u16 = 15008;
 pub const POD_PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
 
 /// Map sizes. Only `ORIG_DST_TUPLE` grows with traffic, and only for connects whose handshake
-/// with the agent has not completed yet; [`PENDING_CONNECTS_PER_POD`] bounds what one pod can
-/// hold of it, so one pod cannot exhaust it for the others.
+/// with the agent has not completed yet; [`limits::PENDING_CONNECTS_PER_POD`] bounds what one
+/// pod can hold of it, so one pod cannot exhaust it for the others.
 pub mod limits {
     /// Enrolled (or closed) pod network namespaces per node.
     pub const MAX_PODS: u32 = 16_384;
