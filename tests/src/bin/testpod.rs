@@ -1105,9 +1105,8 @@ fn idle(
                 .collect();
             // Errors (EINTR) only mean nothing is ready this round.
             let _ = poll(&mut fds, PollTimeout::from(100u16));
-            fds.iter()
-                .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
-                .collect()
+            // `None`: the kernel set a flag nix has no name for (POLLRDHUP), an event too.
+            fds.iter().map(|fd| fd.any().unwrap_or(true)).collect()
         };
         let (pending_ready, open_ready) = ready.split_at(pending.len());
         // Established connections first, from the end, so `swap_remove` keeps the indices
