@@ -1,3 +1,5 @@
+//! Build script of the eBPF crate: fails early, naming the fix, when bpf-linker is missing.
+
 use std::process::ExitCode;
 
 /// Rebuild when bpf-linker changes: it is part of the toolchain that produces the object.

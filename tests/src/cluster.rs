@@ -852,11 +852,7 @@ impl Cluster {
     /// enrolled). Does not start agents (see [`start_agents`](Self::start_agents)). On error
     /// everything created so far is removed.
     pub fn start(spec: ClusterSpec) -> Result<Cluster> {
-        ensure!(
-            // SAFETY: plain syscall.
-            unsafe { libc::geteuid() } == 0,
-            "the test bed needs root"
-        );
+        ensure!(nix::unistd::geteuid().is_root(), "the test bed needs root");
         ensure!(
             (1..=99).contains(&spec.nodes) && spec.pods_per_node <= 99,
             "unsupported cluster shape {spec:?}"

@@ -37,8 +37,6 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
-
 pub mod cluster;
 pub mod cni;
 pub mod mesh;

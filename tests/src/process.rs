@@ -8,7 +8,6 @@
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -27,17 +26,15 @@ pub fn place_in(cmd: &mut Command, cgroup: &Path, netns: &Path) -> Result<()> {
         .open(cgroup.join("cgroup.procs"))
         .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?;
     let ns = File::open(netns).with_context(|| format!("open netns {}", netns.display()))?;
-    // SAFETY: the hook only makes async-signal-safe system calls (write, setns) on fds that
-    // the closure keeps open; both fds are close-on-exec, so the program never sees them.
+    // SAFETY: between fork and exec the hook only makes two system calls (write, setns),
+    // both async-signal-safe, through nix's thin wrappers, which neither allocate nor lock; the
+    // closure owns both fds, which are close-on-exec, so the program never sees them.
     unsafe {
         cmd.pre_exec(move || {
-            let rc = libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1);
-            if rc != 1 {
-                return Err(std::io::Error::last_os_error());
+            if nix::unistd::write(&procs, b"0")? != 1 {
+                return Err(std::io::Error::other("short write to cgroup.procs"));
             }
-            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
             Ok(())
         });
     }

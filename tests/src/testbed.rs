@@ -11,10 +11,10 @@
 //! [`sweep_stale`] removes beds whose owner is dead (or whose owner file is missing), so a
 //! SIGKILLed run is cleaned by the next one while concurrent live runs are left alone.
 
+use nix::fcntl::{Flock, FlockArg};
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -338,7 +338,7 @@ pub fn destroy_bed(id: &str, ambit: Option<&Path>) -> Vec<String> {
 
 /// Holds an exclusive `flock` on the sweep lock file while alive, serializing sweeps across
 /// processes.
-struct SweepLock(#[allow(dead_code)] fs::File);
+struct SweepLock(#[allow(dead_code)] Flock<fs::File>);
 
 impl SweepLock {
     fn acquire() -> Result<Self> {
@@ -348,11 +348,10 @@ impl SweepLock {
             .truncate(false)
             .write(true)
             .open(Path::new(OWNER_DIR).join(".sweep.lock"))?;
-        // SAFETY: plain syscall on an fd we own; released when the file closes.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("flock sweep lock");
-        }
-        Ok(Self(f))
+        let lock = Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| errno)
+            .context("flock sweep lock")?;
+        Ok(Self(lock))
     }
 }
 

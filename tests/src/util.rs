@@ -1,11 +1,13 @@
 //! Small helpers the test bed is built from: entering a network namespace on a thread, running
 //! commands, a minimal HTTP/1.1 GET client, cgroup v2 helpers and process liveness checks.
 
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -34,11 +36,7 @@ impl Netns {
             let handle = std::thread::Builder::new()
                 .name("netns".into())
                 .spawn_scoped(s, move || -> Result<T> {
-                    // SAFETY: plain syscall on an fd we own for the duration of the call.
-                    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                    if rc != 0 {
-                        return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
-                    }
+                    setns(&ns, CloneFlags::CLONE_NEWNET).context("setns(CLONE_NEWNET)")?;
                     drop(ns);
                     Ok(f())
                 })
@@ -161,8 +159,7 @@ pub fn cgroup_kill_all(cgroup: &Path, timeout: Duration) -> Result<()> {
     if fs::write(cgroup.join("cgroup.kill"), "1").is_err() {
         for dir in walk_dirs_bottom_up(cgroup) {
             for pid in cgroup_procs(&dir) {
-                // SAFETY: plain syscall; the PID is listed in our own cgroup.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
     }
@@ -265,8 +262,9 @@ pub fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
 
 /// Sends `sig` to `pid` (errors ignored).
 pub fn signal(pid: i32, sig: libc::c_int) {
-    // SAFETY: plain syscall.
-    unsafe { libc::kill(pid, sig) };
+    if let Ok(sig) = Signal::try_from(sig) {
+        let _ = kill(Pid::from_raw(pid), sig);
+    }
 }
 
 /// `len` random bytes from /dev/urandom.

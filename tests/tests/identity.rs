@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use ambit_common::INBOUND_HBONE_PORT as HBONE_PORT;
 use ambit_tests::cluster::{CA_ADDR, TRUST_DOMAIN};
 use ambit_tests::process::place_in;
 use ambit_tests::traffic::{client, connect_ok_n, metric_value, serve, wait_access_log};
@@ -423,7 +424,15 @@ fn churn_until(from: &Pod, dst: SocketAddr, stop: &AtomicBool) -> Traffic {
 fn hbone_client_ports(pod: &Pod) -> Result<Vec<u16>> {
     let out = netns_run(
         pod.netns_name(),
-        &["ss", "-Htn", "state", "established", "dport", "=", ":15008"],
+        &[
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{HBONE_PORT}"),
+        ],
     )?;
     Ok(out
         .lines()
@@ -468,7 +477,7 @@ fn reconnecting_until(from: &Pod, dst: SocketAddr, stop: &AtomicBool) -> Traffic
                 "established",
                 "dport",
                 "=",
-                ":15008",
+                &format!(":{HBONE_PORT}"),
             ],
         ) {
             t.errors.push(format!("ss -K: {e:#}"));
@@ -512,7 +521,7 @@ fn presented_leaf(cluster: &Cluster, pod: &Pod, tag: &str) -> Result<PathBuf> {
     let out = Command::new("ip")
         .args(["netns", "exec", node.netns_name(), "timeout", "10"])
         .args(["openssl", "s_client", "-connect"])
-        .arg(pod.addr4(15008).to_string())
+        .arg(pod.addr4(HBONE_PORT).to_string())
         .args(["-alpn", "h2", "-showcerts"])
         .stdin(Stdio::null())
         .output()
@@ -526,7 +535,7 @@ fn presented_leaf(cluster: &Cluster, pod: &Pod, tag: &str) -> Result<PathBuf> {
         .ok_or_else(|| {
             anyhow!(
                 "openssl s_client to {} showed no certificate: {stdout}\n{}",
-                pod.addr4(15008),
+                pod.addr4(HBONE_PORT),
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
@@ -780,7 +789,7 @@ fn pod_to_pod_traffic_crosses_the_wire_only_as_tls() -> Result<()> {
         conns[0].report
     );
     let hbone = capture.packets(&format!(
-        "tcp and dst host {} and dst port 15008",
+        "tcp and dst host {} and dst port {HBONE_PORT}",
         dst.ip4()
     ))?;
     let hbone_bytes: u64 = hbone.iter().map(|l| payload_length(l)).sum();

@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,9 +59,7 @@ impl ApiServer {
                 // A thread outside the fabric namespace would bind where 10.99.0.254 does not
                 // exist (the bind fails): loud, never traffic in the wrong place.
                 let ns = File::open(&netns).expect("open the fabric netns");
-                // SAFETY: plain syscall on an fd owned for the duration of the call.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             })
             .build()?;
         // Spawned, not block_on'd: block_on would run the bind on this (root namespace) thread.

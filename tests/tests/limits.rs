@@ -41,8 +41,11 @@ fn cpu_time(pid: u32) -> Result<Duration> {
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    // SAFETY: plain syscall.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+        .max(1) as u64;
     // utime and stime are the 14th and 15th fields, the 12th and 13th after the name.
     Ok(Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz))
 }

@@ -1,10 +1,11 @@
 //! Running child processes with readable logging and errors.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::LazyLock;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -16,25 +17,38 @@ pub fn cargo_bin_dir() -> Option<PathBuf> {
     Some(home.join("bin"))
 }
 
-/// Makes sure every child process finds the tools `cargo install` puts in `~/.cargo/bin`.
-pub fn put_cargo_bin_on_path() {
-    let Some(bin) = cargo_bin_dir() else {
-        return;
-    };
+/// This process's PATH with `~/.cargo/bin` in front, when it is not on it already.
+static PATH_WITH_CARGO_BIN: LazyLock<Option<OsString>> = LazyLock::new(|| {
+    let bin = cargo_bin_dir()?;
     let current = std::env::var_os("PATH").unwrap_or_default();
     if std::env::split_paths(&current).any(|p| p == bin) {
-        return;
+        return None;
     }
     let joined = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&current)))
         .expect("PATH entries never contain ':' here");
-    // SAFETY: called at the start of main, before any other thread exists.
-    unsafe { std::env::set_var("PATH", joined) };
+    Some(joined)
+});
+
+/// A command for `program` that finds, and whose children find, the tools `cargo install`
+/// puts in `~/.cargo/bin` (std looks a program up in the PATH given to the child, if any).
+/// Every child process of xtask is made here, so that the process's own environment is never
+/// changed (`std::env::set_var` is unsafe once threads may exist).
+pub fn command(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    if let Some(path) = &*PATH_WITH_CARGO_BIN {
+        cmd.env("PATH", path);
+    }
+    cmd
 }
 
-/// A command line as a user would type it, for logs and error messages.
+/// A command line as a user would type it, for logs and error messages (without the PATH
+/// [`command`] sets, the same for every command).
 pub fn display(cmd: &Command) -> String {
     let mut parts = Vec::new();
     for (key, value) in cmd.get_envs() {
+        if key == "PATH" && value == PATH_WITH_CARGO_BIN.as_deref() {
+            continue;
+        }
         if let Some(value) = value {
             parts.push(format!(
                 "{}={}",
@@ -81,7 +95,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Runs a command quietly and returns its stdout when it exits 0, `None` when it cannot be
 /// started or fails. For probes ("is X installed?").
 pub fn probe<S: AsRef<OsStr>>(program: S, args: &[&str]) -> Option<String> {
-    let output = Command::new(program)
+    let output = command(program)
         .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::null())

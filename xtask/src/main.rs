@@ -70,7 +70,6 @@ pub fn workspace_root() -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cmd::put_cargo_bin_on_path();
     let result = match cli.command {
         Command::Setup => setup::ensure(setup::Scope::Full),
         Command::Build { release } => tasks::build(release),

@@ -4,11 +4,10 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::cmd::{self, capture, probe, run};
+use crate::cmd::{self, capture, command, probe, run};
 
 /// The bpf-linker release that builds against the nightly's LLVM (see docs of the toolchain).
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -89,7 +88,7 @@ struct Nightly {
 
 fn nightly_toolchain() -> Result<Nightly> {
     const WHAT: &str = "nightly toolchain";
-    let list = capture(Command::new("rustup").args(["toolchain", "list"])).context(
+    let list = capture(command("rustup").args(["toolchain", "list"])).context(
         "rustup is needed to manage the stable and nightly toolchains; install it from https://rustup.rs",
     )?;
     // `+nightly` means `nightly-<host>`; dated nightlies (`nightly-2026-...`) do not count.
@@ -110,14 +109,14 @@ fn nightly_toolchain() -> Result<Nightly> {
              bpf-linker is built against) and do not run `rustup update nightly`"
         );
     }
-    let vv = capture(Command::new("rustc").args(["+nightly", "-vV"]))
+    let vv = capture(command("rustc").args(["+nightly", "-vV"]))
         .with_context(|| format!("{WHAT}: installed but `rustc +nightly -vV` does not run"))?;
     let release = field(&vv, "release").unwrap_or("?").to_string();
     let llvm = field(&vv, "LLVM version").with_context(|| {
         format!("{WHAT}: `rustc +nightly -vV` reports no `LLVM version:` line:\n{vv}")
     })?;
     let llvm_major = llvm.split('.').next().unwrap_or(llvm).to_string();
-    let sysroot = capture(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+    let sysroot = capture(command("rustc").args(["+nightly", "--print", "sysroot"]))
         .with_context(|| format!("{WHAT}: `rustc +nightly --print sysroot` failed"))?;
     ok(WHAT, format!("rustc {release}, LLVM {llvm}"));
     Ok(Nightly {
@@ -134,7 +133,7 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 }
 
 fn installed_components(toolchain: Option<&str>) -> Result<Vec<String>> {
-    let mut cmd = Command::new("rustup");
+    let mut cmd = command("rustup");
     cmd.args(["component", "list", "--installed"]);
     if let Some(toolchain) = toolchain {
         cmd.args(["--toolchain", toolchain]);
@@ -153,7 +152,7 @@ fn nightly_rust_src() -> Result<()> {
         return Ok(());
     }
     act(WHAT, "missing (needed for -Z build-std=core), adding it");
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    run(command("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
         .with_context(|| {
             format!(
                 "{WHAT}: could not add the component; check access to static.rust-lang.org, \
@@ -179,10 +178,7 @@ fn stable_components() -> Result<()> {
         return Ok(());
     }
     act(WHAT, format!("missing {}, adding", missing.join(", ")));
-    run(Command::new("rustup")
-        .args(["component", "add"])
-        .args(&missing))
-    .with_context(|| {
+    run(command("rustup").args(["component", "add"]).args(&missing)).with_context(|| {
         format!(
             "{WHAT}: could not add {}; check access to static.rust-lang.org, then retry \
              `rustup component add {}`",
@@ -194,9 +190,8 @@ fn stable_components() -> Result<()> {
 
 /// `Ok(version line)` when a working bpf-linker of the wanted version is on PATH, else why not.
 fn bpf_linker_status() -> std::result::Result<String, String> {
-    let output = match Command::new("bpf-linker").arg("--version").output() {
-        Ok(output) => output,
-        Err(_) => return Err("not on PATH".into()),
+    let Ok(output) = command("bpf-linker").arg("--version").output() else {
+        return Err("not on PATH".into());
     };
     let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
     if !output.status.success() {
@@ -235,7 +230,7 @@ fn bpf_linker(nightly: &Nightly) -> Result<()> {
         ),
     );
     let lib = lib_dir.display();
-    run(Command::new("cargo")
+    run(command("cargo")
         .args(["+nightly", "install", "bpf-linker"])
         .args(["--version", BPF_LINKER_VERSION, "--locked", "--force"])
         .arg("--no-default-features")
@@ -298,7 +293,7 @@ fn cargo_nextest() -> Result<()> {
         return Ok(());
     }
     act(WHAT, "not on PATH, installing it");
-    run(Command::new("cargo").args(["install", "cargo-nextest", "--locked"])).with_context(|| {
+    run(command("cargo").args(["install", "cargo-nextest", "--locked"])).with_context(|| {
         format!(
             "{WHAT}: `cargo install cargo-nextest --locked` failed; it needs crates.io access. \
              If the newest release needs a newer Rust, pick an older one with `--version`"
@@ -341,7 +336,7 @@ fn debian_packages() -> Result<()> {
     act(WHAT, format!("missing {}, installing", missing.join(" ")));
     let _no_services = NoServiceStarts::install()?;
     let apt = |args: &[&str]| {
-        let mut cmd = Command::new("apt-get");
+        let mut cmd = command("apt-get");
         cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
         cmd
     };
@@ -433,7 +428,7 @@ fn bpffs() -> Result<()> {
         );
     }
     act(WHAT, format!("not mounted at {BPFFS}, mounting"));
-    run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])).with_context(|| {
+    run(command("mount").args(["-t", "bpf", "bpf", BPFFS])).with_context(|| {
         format!(
             "{WHAT}: `{fix}` failed; the kernel needs CONFIG_BPF_SYSCALL and {BPFFS} must exist"
         )

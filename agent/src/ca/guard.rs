@@ -4,16 +4,16 @@
 //! Kubernetes mode each unknown token costs a `TokenReview` at the API server, which every
 //! controller of the cluster shares; every refusal costs a log line. So:
 //!
-//! - [`ExpiringCache`]: token reviews are remembered for a while, accepted ones (a minute) and
+//! - `ExpiringCache`: token reviews are remembered for a while, accepted ones (a minute) and
 //!   refused ones (10 s by default), keyed by the SHA-256 of the token (never the token), each
 //!   cache an LRU of fixed capacity: a client sending endless fresh garbage only evicts other
 //!   garbage, since the two caches are separate.
-//! - [`ReviewLimiter`]: the reviews a client address may cause (GCRA, by `governor`: a burst,
+//! - `ReviewLimiter`: the reviews a client address may cause (GCRA, by `governor`: a burst,
 //!   then one per period), and those of all clients together, so that a client with many
 //!   addresses cannot flood the API server either. The per-address state lives in an LRU of
 //!   fixed capacity; an evicted address starts again with a full burst, which the overall limit
 //!   bounds. Cache hits never count.
-//! - [`RefusalLog`]: a refusal is logged at warning level once per client address and interval,
+//! - `RefusalLog`: a refusal is logged at warning level once per client address and interval,
 //!   the line counting the refusals of that address not logged since its previous one; the
 //!   others go to debug level.
 //!

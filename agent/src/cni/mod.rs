@@ -28,17 +28,18 @@ use anyhow::Context as _;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{Semaphore, mpsc, oneshot, watch},
+    sync::{mpsc, oneshot, watch},
 };
 use tracing::{info, warn};
 
+use crate::limits::{Gated, accept_loop};
 use crate::state::MeshState;
 
 /// How long a request may take to arrive once connected.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an ADD waits for a pod the agent does not know yet (below the plugin's own 30 s).
 const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(20);
-/// Requests in progress at once; more wait for a place.
+/// Requests in progress at once; more wait in the socket's backlog for a place.
 const MAX_IN_PROGRESS: usize = 32;
 
 /// A request for the enrolment reconciler, with where to send its reply.
@@ -57,27 +58,24 @@ pub async fn serve(
     state: watch::Receiver<Arc<MeshState>>,
     metrics: CniMetrics,
 ) -> anyhow::Result<()> {
-    let listener = bind(&socket)?;
+    let listener = Gated::new(bind(&socket)?, MAX_IN_PROGRESS);
     info!(socket = %socket.display(), "CNI plugin socket listening");
-    let permits = Arc::new(Semaphore::new(MAX_IN_PROGRESS));
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                warn!(%err, "CNI socket accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let permit = permits.clone().acquire_owned().await?;
-        let (calls, state, metrics) = (calls.clone(), state.clone(), metrics.clone());
-        tokio::spawn(async move {
-            if let Err(err) = handle(stream, calls, state, &metrics).await {
-                warn!(err = format!("{err:#}"), "CNI request failed");
-            }
-            drop(permit);
-        });
-    }
+    accept_loop(
+        &listener,
+        "CNI",
+        |_| {},
+        |(stream, permit), _| {
+            let (calls, state, metrics) = (calls.clone(), state.clone(), metrics.clone());
+            tokio::spawn(async move {
+                if let Err(err) = handle(stream, calls, state, &metrics).await {
+                    warn!(err = format!("{err:#}"), "CNI request failed");
+                }
+                drop(permit);
+            });
+        },
+    )
+    .await;
+    Ok(())
 }
 
 fn bind(socket: &Path) -> anyhow::Result<UnixListener> {

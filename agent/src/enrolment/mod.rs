@@ -1,10 +1,10 @@
 //! Enrolment: turns the mesh state into per-pod listeners and eBPF map entries on this node.
 //!
 //! For each enrolled workload of this node the agent enters the pod's network namespace, opens
-//! its listeners there (127.0.0.1:15001 and [::1]:15001 outbound, 0.0.0.0:15006 and [::]:15006
-//! inbound plaintext, `<pod IP>:15008` HBONE), registers the inbound listeners for sk_lookup,
-//! links sk_lookup to the namespace and finally marks the namespace meshed in the enrolment map,
-//! so redirection starts only once something listens. Un-enrolment goes in the opposite order.
+//! its listeners there (`127.0.0.1:15001` and `[::1]:15001` outbound, `0.0.0.0:15006` and
+//! `[::]:15006` inbound plaintext, `<pod IP>:15008` HBONE), registers the inbound listeners for
+//! sk_lookup, links sk_lookup to the namespace and finally marks the namespace meshed in the
+//! enrolment map, so redirection starts only once something listens. Un-enrolment goes in the opposite order.
 //! Connections already accepted live in their own tasks and are never cut by a reconcile.
 //!
 //! A pod is meshed or closed, never open: when its namespace exists but its enrolment cannot

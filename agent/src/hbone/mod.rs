@@ -39,8 +39,8 @@ pub use server::{
 };
 pub use stream::HboneStream;
 
-/// The port every mesh workload accepts HBONE on (ztunnel's).
-pub const HBONE_PORT: u16 = 15008;
+/// The port every mesh workload accepts HBONE on (ztunnel's); the eBPF programs steer it too.
+pub const HBONE_PORT: u16 = ambit_common::INBOUND_HBONE_PORT;
 
 /// HTTP/2 flow-control and framing settings, the same on both ends.
 ///

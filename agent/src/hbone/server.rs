@@ -266,7 +266,7 @@ impl InboundSettings {
     pub fn with_destinations(destinations: Destinations) -> Self {
         Self {
             destinations,
-            reserved_ports: vec![15001, 15006, super::HBONE_PORT],
+            reserved_ports: ambit_common::POD_PROXY_PORTS.to_vec(),
             http2: Http2Config::default(),
             // hyper's default, which ztunnel uses; above the clients' pool cap of 100.
             max_concurrent_streams: 200,

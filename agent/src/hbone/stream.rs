@@ -1,5 +1,5 @@
 //! One HBONE tunnel as a byte stream: an HTTP/2 stream's DATA frames, read and written through
-//! tokio's `AsyncRead`/`AsyncWrite`, so [`crate::proxy::relay`] can copy it like a socket.
+//! tokio's `AsyncRead`/`AsyncWrite`, so [`crate::relay`] can copy it like a socket.
 use std::{
     io,
     pin::Pin,

@@ -10,7 +10,7 @@ use prost_types::{Struct, Value, value::Kind};
 
 /// The code generated from `agent/proto/ca.proto`. Its doc comments are Istio's .proto
 /// comments, written for protoc rather than rustdoc.
-#[allow(missing_docs, clippy::doc_lazy_continuation)]
+#[allow(missing_docs, unused_qualifications, clippy::doc_lazy_continuation)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/istio.v1.auth.rs"));
 }

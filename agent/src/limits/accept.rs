@@ -1,5 +1,5 @@
 //! The one accept loop of every listener (the pods' 15001, 15006 and 15008, the agent's 15000,
-//! 15020 and 15021, the CA's 15012).
+//! 15020 and 15021, the CA's 15012, the CNI plugin's Unix socket), generic over [`Listener`].
 //!
 //! `accept(2)` fails for two kinds of reasons. Some belong to the connection being accepted (it
 //! was reset or aborted while it waited): the next one is fine, so the loop goes on at once.
@@ -9,9 +9,16 @@
 //! when the agent is short of something. The loop backs off instead: 5 ms, doubling to 1 s,
 //! back to 5 ms after the next success. Errors are logged at most every 10 s, with how many
 //! there were since.
-use std::{io, net::SocketAddr, time::Duration};
+//!
+//! A listener whose connections each hold something scarce until they are served can be
+//! [`Gated`]: it accepts only while a place is free, so the others wait in the kernel's backlog
+//! instead of holding a descriptor and a task each.
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream, UnixListener, UnixStream, unix},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tracing::{debug, warn};
 
 use super::Throttle;
@@ -53,14 +60,77 @@ fn is_connection_error(err: &io::Error) -> bool {
     )
 }
 
+/// A listening socket [`accept_loop`] drives: TCP or Unix, or one of those [`Gated`].
+pub trait Listener {
+    /// An accepted connection.
+    type Stream;
+    /// The peer's address.
+    type Addr;
+    /// Waits for the next connection.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Addr)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    type Addr = SocketAddr;
+
+    fn accept(&self) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send {
+        TcpListener::accept(self)
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    type Addr = unix::SocketAddr;
+
+    fn accept(&self) -> impl Future<Output = io::Result<(UnixStream, unix::SocketAddr)>> + Send {
+        UnixListener::accept(self)
+    }
+}
+
+/// A listener that accepts only while fewer than its number of places are taken: each accepted
+/// connection comes with the permit of its place, which frees it when dropped. Further
+/// connections wait in the backlog until a place is free.
+pub struct Gated<L> {
+    listener: L,
+    places: Arc<Semaphore>,
+}
+
+impl<L> Gated<L> {
+    /// `listener`, accepting while fewer than `places` connections hold their permit.
+    pub fn new(listener: L, places: usize) -> Self {
+        Self {
+            listener,
+            places: Arc::new(Semaphore::new(places)),
+        }
+    }
+}
+
+impl<L: Listener + Sync> Listener for Gated<L> {
+    type Stream = (L::Stream, OwnedSemaphorePermit);
+    type Addr = L::Addr;
+
+    async fn accept(&self) -> io::Result<(Self::Stream, L::Addr)> {
+        // The semaphore is never closed, so this only waits.
+        let permit = self
+            .places
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
+        let (stream, peer) = self.listener.accept().await?;
+        Ok(((stream, permit), peer))
+    }
+}
+
 /// Accepts connections on `listener` until the future is dropped, handing each to `on_accept`
 /// (which should spawn whatever serves it, or drop the stream to refuse it). `on_error` sees
 /// every failed accept (to count it); `what` names the listener in the log.
-pub async fn accept_loop(
-    listener: &TcpListener,
+pub async fn accept_loop<L: Listener>(
+    listener: &L,
     what: &str,
     mut on_error: impl FnMut(&io::Error),
-    mut on_accept: impl FnMut(TcpStream, SocketAddr),
+    mut on_accept: impl FnMut(L::Stream, L::Addr),
 ) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut throttle = Throttle::new(LOG_EVERY);
@@ -130,17 +200,39 @@ mod tests {
         }
     }
 
-    fn set_soft_nofile(soft: u64) {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: plain syscalls on structs we own.
-        unsafe {
-            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-            limit.rlim_cur = soft;
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    /// A gated Unix listener accepts no more than its places: the next connection stays in
+    /// the backlog until a permit is dropped, and is then accepted.
+    #[tokio::test]
+    async fn gated_listener_accepts_only_while_a_place_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gated.sock");
+        let gated = Gated::new(UnixListener::bind(&path).unwrap(), 1);
+        let _first = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let _second = std::os::unix::net::UnixStream::connect(&path).unwrap();
+
+        let ((_stream, permit), _) = gated.accept().await.unwrap();
+        {
+            // Both are connected; the second waits for the place, not for the kernel.
+            let next = gated.accept();
+            tokio::pin!(next);
+            tokio::select! {
+                biased;
+                _ = &mut next => panic!("accepted beyond the gate's one place"),
+                _ = std::future::ready(()) => {}
+            }
         }
+        drop(permit);
+        let accepted = tokio::time::timeout(Duration::from_secs(30), gated.accept()).await;
+        assert!(
+            matches!(accepted, Ok(Ok(_))),
+            "not accepted once the place was free"
+        );
+    }
+
+    fn set_soft_nofile(soft: u64) {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
     }
 
     /// Out of descriptors for real (the soft limit lowered to what is open, then the rest

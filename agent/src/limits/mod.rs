@@ -42,7 +42,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-pub use accept::accept_loop;
+pub use accept::{Gated, Listener, accept_loop};
 pub use limiter::{Exceeded, Limiter, Permit};
 pub use nofile::{NofileLimit, nofile_limit, open_descriptors, raise_nofile_limit};
 

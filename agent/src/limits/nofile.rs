@@ -4,8 +4,10 @@
 //! higher hard limit (containerd: 1048576). Every proxied connection holds two descriptors, so
 //! the agent raises its soft limit to the hard one at start, as Envoy's and ztunnel's
 //! deployments do; raising the hard limit needs CAP_SYS_RESOURCE, which the agent does not ask
-//! for, so what the hard limit allows is what the agent budgets with (see [`super::Budget`]).
+//! for, so what the hard limit allows is what the agent budgets with (see [`super::LimitSettings::for_descriptors`]).
 use std::io;
+
+use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
 
 /// The descriptor limit before and after [`raise_nofile_limit`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,56 +20,37 @@ pub struct NofileLimit {
     pub hard: u64,
 }
 
-fn get() -> io::Result<libc::rlimit> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(limit)
+/// The soft and hard limits.
+fn get() -> io::Result<(u64, u64)> {
+    Ok(getrlimit(Resource::RLIMIT_NOFILE)?)
 }
 
 /// The limit in force.
 pub fn nofile_limit() -> io::Result<NofileLimit> {
-    let limit = get()?;
+    let (soft, hard) = get()?;
     Ok(NofileLimit {
-        before: limit.rlim_cur,
-        soft: limit.rlim_cur,
-        hard: limit.rlim_max,
+        before: soft,
+        soft,
+        hard,
     })
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit. An unlimited hard limit (RLIM_INFINITY)
 /// cannot be a soft descriptor limit: the kernel's own ceiling (`fs.nr_open`) is used then.
 pub fn raise_nofile_limit() -> io::Result<NofileLimit> {
-    let limit = get()?;
-    let before = limit.rlim_cur;
-    let mut target = limit.rlim_max;
-    if target == libc::RLIM_INFINITY {
+    let (before, hard) = get()?;
+    let mut target = hard;
+    if target == RLIM_INFINITY {
         target = std::fs::read_to_string("/proc/sys/fs/nr_open")
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(1 << 20);
     }
     if target > before {
-        let raised = libc::rlimit {
-            rlim_cur: target,
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: setrlimit reads the struct we own.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
     }
-    let now = get()?;
-    Ok(NofileLimit {
-        before,
-        soft: now.rlim_cur,
-        hard: now.rlim_max,
-    })
+    let (soft, hard) = get()?;
+    Ok(NofileLimit { before, soft, hard })
 }
 
 /// Descriptors the process holds now (the entries of `/proc/self/fd`, less the one reading it).
@@ -84,7 +67,7 @@ mod tests {
     fn raising_reaches_the_hard_limit_and_counting_sees_new_descriptors() {
         let limit = raise_nofile_limit().unwrap();
         assert!(limit.soft >= limit.before);
-        if limit.hard != libc::RLIM_INFINITY {
+        if limit.hard != RLIM_INFINITY {
             assert_eq!(limit.soft, limit.hard);
         }
         assert_eq!(nofile_limit().unwrap().soft, limit.soft);

@@ -81,16 +81,19 @@ impl Netns {
 
 /// The cookie of the network namespace a socket lives in.
 pub fn socket_netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    // Neither std, nix nor rustix wraps SO_NETNS_COOKIE: this is the one raw getsockopt.
     let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, and an out-buffer of the advertised length.
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes through the pointer, and `cookie` is a live
+    // local of exactly that size; `len` is a live local too. A closed or foreign descriptor
+    // only makes the call fail (EBADF, ENOTSOCK), which is returned.
     let rc = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
             SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &raw mut len,
         )
     };
     if rc != 0 {

@@ -27,7 +27,7 @@ pub struct Target<'a> {
     /// The workload's namespace.
     pub namespace: &'a str,
     /// Its labels.
-    pub labels: &'a std::collections::BTreeMap<String, String>,
+    pub labels: &'a BTreeMap<String, String>,
 }
 
 mod revocable;

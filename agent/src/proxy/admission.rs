@@ -19,7 +19,7 @@
 //!   Kubernetes), [`reevaluate_on_change`] decides every registered connection again with
 //!   [`decide`], the function the accept paths use, against the destination workload as it is
 //!   now (its current labels), and signals those now denied. Their task stops relaying (see
-//!   [`super::relay_until`]), which closes both sides, logs the access record with why and
+//!   [`crate::relay::relay_until`]), which closes both sides, logs the access record with why and
 //!   counts it in `ambit_connections_closed_by_policy_total`.
 //! - Dry-run policies never take part in a decision, so they never cut anything. A connection
 //!   whose destination pod is no longer an enrolled workload (un-enrolled, or gone from the
@@ -265,7 +265,7 @@ impl OpenConnections {
     pub fn reevaluate(&self, state: &MeshState) -> Reevaluation {
         let mut uids = UidIndex::default();
         let mut done = Reevaluation::default();
-        for shard in self.shards.iter() {
+        for shard in &self.shards {
             done += reevaluate_shard(shard, state, &mut uids);
         }
         done
@@ -362,7 +362,7 @@ pub async fn reevaluate_on_change(
         let started = Instant::now();
         let mut uids = UidIndex::default();
         let mut done = Reevaluation::default();
-        for shard in connections.shards.iter() {
+        for shard in &connections.shards {
             done += reevaluate_shard(shard, &state, &mut uids);
             // Let accepts and relays in between: a pass over many connections takes a while.
             tokio::task::yield_now().await;

@@ -10,7 +10,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use ambit_common::POD_PROXY_PORTS;
 
 use super::{
     PodContext, ProxyContext,
@@ -26,9 +26,6 @@ use crate::{
     relay::{Relayed, Transferred, relay_until},
     telemetry::{AccessLog, Direction},
 };
-
-/// Ports of the agent's own listeners in every pod.
-const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
 
 /// Accepts steered connections of one pod until the task is aborted (un-enrolment). Each
 /// holds a slot of the agent's connection budget under its source address while it lives.
@@ -78,7 +75,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
             &workload,
             dst.port(),
         ));
-    let (moved, result) = if PROXY_PORTS.contains(&dst.port()) {
+    let (moved, result) = if POD_PROXY_PORTS.contains(&dst.port()) {
         // The proxy's own ports: forwarding there would land back on this listener, forever.
         (
             Transferred::default(),
@@ -99,7 +96,7 @@ async fn forward(
     client: TcpStream,
     dst: SocketAddr,
     pod: &PodContext,
-    revoked: impl std::future::Future<Output = Refusal>,
+    revoked: impl Future<Output = Refusal>,
 ) -> (Transferred, Result<(), ProxyError>) {
     // From the pod's own address to itself: the kernel routes it over loopback to the
     // application, and sk_lookup lets it through (local == remote) instead of steering it back.

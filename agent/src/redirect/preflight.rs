@@ -1,5 +1,5 @@
 //! Checks that name what is missing before any program is loaded.
-use std::{ffi::CString, os::unix::ffi::OsStrExt, path::Path};
+use std::path::Path;
 
 use anyhow::{Context as _, bail};
 
@@ -14,13 +14,8 @@ const REQUIRED_CAPS: [(u32, &str); 2] = [(12, "CAP_NET_ADMIN"), (21, "CAP_SYS_AD
 const CAP_BPF: u32 = 39;
 
 fn statfs_type(path: &Path) -> std::io::Result<i64> {
-    let c_path = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: zeroed statfs is a valid out-buffer; the path is NUL-terminated.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(buf.f_type as i64)
+    let stat = nix::sys::statfs::statfs(path)?;
+    Ok(stat.filesystem_type().0 as i64)
 }
 
 /// The mount point of the cgroup v2 hierarchy, from /proc/mounts.

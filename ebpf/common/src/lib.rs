@@ -12,10 +12,13 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// The agent's inbound HBONE (mTLS) port inside each enrolled pod.
 pub const INBOUND_HBONE_PORT: u16 = 15008;
+/// The agent's listeners in every enrolled pod: a connection to one of these ports is never
+/// an application's, so the proxy refuses to forward to them (no loops through the agent).
+pub const POD_PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
 
 /// Map sizes. Only `ORIG_DST_TUPLE` grows with traffic, and only for connects whose handshake
-/// with the agent has not completed yet; [`PENDING_CONNECTS_PER_POD`] bounds what one pod can
-/// hold of it, so one pod cannot exhaust it for the others.
+/// with the agent has not completed yet; [`limits::PENDING_CONNECTS_PER_POD`] bounds what one
+/// pod can hold of it, so one pod cannot exhaust it for the others.
 pub mod limits {
     /// Enrolled (or closed) pod network namespaces per node.
     pub const MAX_PODS: u32 = 16_384;
@@ -212,18 +215,45 @@ pub struct SockState {
     pub _pad: u32,
 }
 
-// The layout contract, checked where both sides are compiled.
+// The layout contract, checked where both sides are compiled: sizes, alignments, and the
+// offset of every field, so that no implicit padding (whose bytes are not guaranteed zero, and
+// would make equal hash-map keys differ) can appear.
 const _: () = {
-    assert!(core::mem::size_of::<IpKey>() == 16);
-    assert!(core::mem::size_of::<OrigDst>() == 24);
-    assert!(core::mem::size_of::<TupleKey>() == 32);
-    assert!(core::mem::size_of::<PendingConnect>() == 32);
-    assert!(core::mem::size_of::<SockState>() == 32);
+    use core::mem::{align_of, offset_of, size_of};
+
+    assert!(size_of::<IpKey>() == 16);
+    assert!(align_of::<IpKey>() == 1);
+
+    assert!(size_of::<OrigDst>() == 24);
+    assert!(align_of::<OrigDst>() == 2);
+    assert!(offset_of!(OrigDst, ip) == 0);
+    assert!(offset_of!(OrigDst, port) == 16);
+    assert!(offset_of!(OrigDst, _pad) == 18);
+
+    assert!(size_of::<TupleKey>() == 32);
+    assert!(align_of::<TupleKey>() == 8);
+    assert!(offset_of!(TupleKey, netns_cookie) == 0);
+    assert!(offset_of!(TupleKey, ip) == 8);
+    assert!(offset_of!(TupleKey, port) == 24);
+    assert!(offset_of!(TupleKey, _pad) == 26);
+
+    assert!(size_of::<PendingConnect>() == 32);
+    assert!(align_of::<PendingConnect>() == 8);
+    assert!(offset_of!(PendingConnect, orig) == 0);
+    assert!(offset_of!(PendingConnect, socket_cookie) == 24);
+
+    assert!(size_of::<SockState>() == 32);
+    assert!(align_of::<SockState>() == 4);
+    assert!(offset_of!(SockState, orig) == 0);
+    assert!(offset_of!(SockState, flags) == 24);
+    assert!(offset_of!(SockState, _pad) == 28);
 };
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain-old-data with explicit padding; every bit pattern is valid.
+    // SAFETY: `#[repr(C)]`, made only of integers and byte arrays, with every padding byte an
+    // explicit field (the layout assertions above check it): no byte is uninitialised and every
+    // bit pattern is a valid value, as aya's byte copies to and from the maps require.
     unsafe impl aya::Pod for super::IpKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}

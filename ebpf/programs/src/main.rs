@@ -23,12 +23,15 @@
 // but the instruction set has an atomic add whose result is unused: the intrinsic reaches it.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
+// The program entry points that aya's attribute macros generate around each documented
+// function carry no docs of their own (a binary: nothing here is a public API).
+#![allow(missing_docs)]
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use ambit_common::{
-    INBOUND_HBONE_PORT, IpKey, OUTBOUND_PORT, OrigDst, PendingConnect, SockState, TupleKey, limits,
-    pod_state, sock_flags, stats,
+    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst, PendingConnect,
+    SockState, TupleKey, limits, pod_state, sock_flags, stats,
 };
 use aya_ebpf::{
     bindings::{
@@ -203,7 +206,9 @@ fn classify(ctx: &SockAddrContext, dst: &IpKey, port: u16) -> Verdict {
     }
     // SAFETY: valid context pointer for a helper allowed in this program type.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    // SAFETY: map value is plain data.
+    // SAFETY: a hash-map element stays allocated until this program returns (the kernel frees
+    // elements after an RCU grace period), and the value is plain data, valid in any bit
+    // pattern, read at once; a concurrent update or delete shows the old or the new value.
     let Some(state) = (unsafe { ENROLLED_NETNS.get(netns) }) else {
         return Verdict::Pass;
     };
@@ -246,9 +251,11 @@ fn remember(ctx: &SockAddrContext, dst: IpKey, port: u16) -> bool {
     true
 }
 
+/// cgroup/connect4: rewrites an enrolled pod's IPv4 TCP connects to the agent's outbound port.
 #[cgroup_sock_addr(connect4)]
 pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: valid context for this program type.
+    // SAFETY: the kernel hands this program its own `bpf_sock_addr`, valid and not aliased
+    // for the program's run; the verifier checks each field access against the program type.
     let sa = unsafe { &mut *ctx.sock_addr };
     let dst = IpKey::v4(sa.user_ip4.to_ne_bytes());
     let port = u16::from_be(sa.user_port as u16);
@@ -266,9 +273,11 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// cgroup/connect6: rewrites an enrolled pod's IPv6 TCP connects to the agent's outbound port.
 #[cgroup_sock_addr(connect6)]
 pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: valid context for this program type.
+    // SAFETY: the kernel hands this program its own `bpf_sock_addr`, valid and not aliased
+    // for the program's run; the verifier checks each field access against the program type.
     let sa = unsafe { &mut *ctx.sock_addr };
     let dst = ip_from_words(sa.user_ip6);
     let port = u16::from_be(sa.user_port as u16);
@@ -306,7 +315,8 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     }
     let orig = state.orig;
-    // SAFETY: valid context for this program type.
+    // SAFETY: the kernel hands this program its own `bpf_sock_addr`, valid and not aliased
+    // for the program's run; the verifier checks each field access against the program type.
     let sa = unsafe { &mut *ctx.sock_addr };
     if v6 {
         sa.user_ip6 = words_from_ip(&orig.ip);
@@ -318,11 +328,13 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
     ALLOW
 }
 
+/// cgroup/getpeername4: reports a redirected socket's original IPv4 destination as its peer.
 #[cgroup_sock_addr(getpeername4)]
 pub fn ambit_getpeername4(ctx: SockAddrContext) -> i32 {
     restore_peer(&ctx, false)
 }
 
+/// cgroup/getpeername6: reports a redirected socket's original IPv6 destination as its peer.
 #[cgroup_sock_addr(getpeername6)]
 pub fn ambit_getpeername6(ctx: SockAddrContext) -> i32 {
     restore_peer(&ctx, true)
@@ -343,28 +355,29 @@ struct Ops {
 fn read_ops(ctx: &SockOpsContext) -> Option<Ops> {
     // Read every context field up front with volatile loads at fixed offsets: the verifier
     // rejects context loads through a pointer the compiler offset and carried across branches.
-    // SAFETY: valid context for this program type.
+    // SAFETY: the kernel hands this program a valid `bpf_sock_ops` for its run; the reads
+    // are at the fixed field offsets the verifier allows for sock_ops.
     let (family, local4, remote4, local6, remote6, local_port, remote_port, sk) = unsafe {
         let ops = ctx.ops;
         (
-            core::ptr::read_volatile(&(*ops).family),
-            core::ptr::read_volatile(&(*ops).local_ip4),
-            core::ptr::read_volatile(&(*ops).remote_ip4),
+            core::ptr::read_volatile(&raw const (*ops).family),
+            core::ptr::read_volatile(&raw const (*ops).local_ip4),
+            core::ptr::read_volatile(&raw const (*ops).remote_ip4),
             [
-                core::ptr::read_volatile(&(*ops).local_ip6[0]),
-                core::ptr::read_volatile(&(*ops).local_ip6[1]),
-                core::ptr::read_volatile(&(*ops).local_ip6[2]),
-                core::ptr::read_volatile(&(*ops).local_ip6[3]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
             ],
             [
-                core::ptr::read_volatile(&(*ops).remote_ip6[0]),
-                core::ptr::read_volatile(&(*ops).remote_ip6[1]),
-                core::ptr::read_volatile(&(*ops).remote_ip6[2]),
-                core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[3]),
             ],
-            core::ptr::read_volatile(&(*ops).local_port),
-            core::ptr::read_volatile(&(*ops).remote_port),
-            core::ptr::read_volatile(&(*ops).__bindgen_anon_2.sk),
+            core::ptr::read_volatile(&raw const (*ops).local_port),
+            core::ptr::read_volatile(&raw const (*ops).remote_port),
+            core::ptr::read_volatile(&raw const (*ops).__bindgen_anon_2.sk),
         )
     };
     let (local, remote) = match family {
@@ -389,6 +402,7 @@ fn read_ops(ctx: &SockOpsContext) -> Option<Ops> {
     })
 }
 
+/// sock_ops: hands the original destination from the client's socket to the agent's.
 #[sock_ops]
 pub fn ambit_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
@@ -510,7 +524,9 @@ fn on_accepted(ctx: &SockOpsContext) {
         port: ops.remote_port,
         _pad: [0; 6],
     };
-    // SAFETY: map value is plain data.
+    // SAFETY: a hash-map element stays allocated until this program returns (the kernel frees
+    // elements after an RCU grace period), and the value is plain data, valid in any bit
+    // pattern, read at once; a concurrent update or delete shows the old or the new value.
     let Some(pending) = (unsafe { ORIG_DST_TUPLE.get(key) }) else {
         return;
     };
@@ -553,7 +569,9 @@ fn on_close(ctx: &SockOpsContext) {
         port: ops.local_port,
         _pad: [0; 6],
     };
-    // SAFETY: map value is plain data.
+    // SAFETY: a hash-map element stays allocated until this program returns (the kernel frees
+    // elements after an RCU grace period), and the value is plain data, valid in any bit
+    // pattern, read at once; a concurrent update or delete shows the old or the new value.
     let Some(pending) = (unsafe { ORIG_DST_TUPLE.get(key) }) else {
         return;
     };
@@ -563,9 +581,10 @@ fn on_close(ctx: &SockOpsContext) {
     }
 }
 
+/// sk_lookup: steers inbound TCP to an enrolled pod's listeners.
 #[sk_lookup]
 pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
-    // SAFETY: valid context for this program type.
+    // SAFETY: the kernel hands this program a valid `bpf_sk_lookup` for its run, read only.
     let lookup = unsafe { &*ctx.lookup };
     if lookup.protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
@@ -595,7 +614,7 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
     // The node's own addresses (kubelet's probes) reach the application directly, as in Istio
     // ambient, except on the proxy's ports, which belong to the agent.
     if port != OUTBOUND_PORT
-        && port != ambit_common::INBOUND_PLAINTEXT_PORT
+        && port != INBOUND_PLAINTEXT_PORT
         && NODE_ADDRS.get_ptr(remote).is_some()
     {
         count(stats::INBOUND_FROM_NODE);

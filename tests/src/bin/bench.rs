@@ -664,9 +664,12 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     // at field 3, so utime (14) and stime (15) are at 11 and 12.
     let rest: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
     let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: plain libc call without side effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&hz| hz > 0)
+        .unwrap_or(100);
+    Some(ticks as f64 / hz as f64)
 }
 
 /// CPU seconds of every node's agent (NaN for one that is not running).

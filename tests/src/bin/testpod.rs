@@ -43,6 +43,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde_json::{Value, json};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -1091,28 +1092,27 @@ fn idle(
         if watch_until.is_some_and(|until| open.is_empty() || Instant::now() >= until) {
             break;
         }
-        let pollfd = |fd, events| libc::pollfd {
-            fd,
-            events,
-            revents: 0,
+        let ready: Vec<bool> = {
+            use std::os::fd::AsFd as _;
+            let mut fds: Vec<PollFd> = pending
+                .iter()
+                .map(|(s, _)| PollFd::new(s.as_fd(), PollFlags::POLLOUT))
+                .chain(open.iter().map(|(s, _)| {
+                    // nix has no name for POLLRDHUP (the peer shut down its side).
+                    let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+                    PollFd::new(s.as_fd(), PollFlags::POLLIN | rdhup)
+                }))
+                .collect();
+            // Errors (EINTR) only mean nothing is ready this round.
+            let _ = poll(&mut fds, PollTimeout::from(100u16));
+            // `None`: the kernel set a flag nix has no name for (POLLRDHUP), an event too.
+            fds.iter().map(|fd| fd.any().unwrap_or(true)).collect()
         };
-        let mut fds: Vec<libc::pollfd> = pending
-            .iter()
-            .map(|(s, _)| pollfd(std::os::fd::AsRawFd::as_raw_fd(s), libc::POLLOUT))
-            .chain(open.iter().map(|(s, _)| {
-                pollfd(
-                    std::os::fd::AsRawFd::as_raw_fd(s),
-                    libc::POLLIN | libc::POLLRDHUP,
-                )
-            }))
-            .collect();
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the call's duration.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        let (pending_fds, open_fds) = fds.split_at(pending.len());
+        let (pending_ready, open_ready) = ready.split_at(pending.len());
         // Established connections first, from the end, so `swap_remove` keeps the indices
         // still to visit valid.
         for i in (0..open.len()).rev() {
-            if open_fds[i].revents != 0 {
+            if open_ready[i] {
                 let end = peer_end(&mut open[i].0);
                 if !matches!(end, PeerEnd::Open) {
                     let (_, since) = open.swap_remove(i);
@@ -1121,7 +1121,7 @@ fn idle(
             }
         }
         for i in (0..pending.len()).rev() {
-            let done = pending_fds[i].revents != 0;
+            let done = pending_ready[i];
             if !done && pending[i].1.elapsed() < timeout {
                 continue;
             }

@@ -1,6 +1,6 @@
 //! The Kubernetes configuration source: pods, namespaces, services and EndpointSlices, and
 //! Ambit's policy resources (`security.ambit.dev/v1` AuthorizationPolicy and
-//! PeerAuthentication, [`policy`]; their CRDs are generated from the types of [`crd`]), watched
+//! PeerAuthentication, [`security`]; their CRDs are generated from the types of [`crd`]), watched
 //! through the API server and turned into the [`MeshState`].
 //!
 //! One kube-runtime [`watcher()`] per resource type feeds a reflector store (a [`Writer`]) with
