@@ -64,20 +64,7 @@ pub struct Waypoint {
 impl Waypoint {
     /// Whether `service` is bound to a waypoint service that selects this waypoint's workload.
     fn serves(&self, state: &MeshState, service: &Service) -> bool {
-        let Some(waypoint) = &service.waypoint else {
-            return false;
-        };
-        let Some(me) = state
-            .workloads()
-            .iter()
-            .find(|w| w.namespace == self.workload.0 && w.name == self.workload.1)
-        else {
-            return false;
-        };
-        state
-            .services()
-            .iter()
-            .any(|s| s.namespace == waypoint.namespace && s.name == waypoint.name && s.selects(me))
+        serves(state, service, &self.workload.0, &self.workload.1)
     }
 
     /// The waypoint's own address of `ip`'s family.
@@ -88,6 +75,25 @@ impl Waypoint {
             .find(|w| w.namespace == self.workload.0 && w.name == self.workload.1)?
             .address_like(like)
     }
+}
+
+/// Whether `service` is bound to a waypoint service (`service.waypoint`) that selects the
+/// workload `namespace/name`: the only services whose VIPs that waypoint accepts tunnels to.
+fn serves(state: &MeshState, service: &Service, namespace: &str, name: &str) -> bool {
+    let Some(waypoint) = &service.waypoint else {
+        return false;
+    };
+    let Some(me) = state
+        .workloads()
+        .iter()
+        .find(|w| w.namespace == namespace && w.name == name)
+    else {
+        return false;
+    };
+    state
+        .services()
+        .iter()
+        .any(|s| s.namespace == waypoint.namespace && s.name == waypoint.name && s.selects(me))
 }
 
 /// The HBONE handler of the waypoint.
@@ -503,6 +509,39 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        discovery::parse_mesh,
+        state::{MeshState, Service},
+    };
+
+    fn service<'s>(state: &'s MeshState, name: &str) -> &'s Service {
+        state.services().iter().find(|s| s.name == name).unwrap()
+    }
+
+    /// A waypoint accepts tunnels only to services bound to a waypoint service that selects
+    /// its own workload: not to unbound services, nor to services bound to another waypoint.
+    #[test]
+    fn a_waypoint_serves_only_the_services_bound_to_it() {
+        let mesh = r#"
+workloads:
+- {name: wp-a, namespace: shop, node: n0, ips: [10.10.0.2], labels: {app: wp-a}, enrolled: false, netns: {pid: 1}}
+- {name: wp-b, namespace: shop, node: n0, ips: [10.10.0.3], labels: {app: wp-b}, enrolled: false, netns: {pid: 1}}
+- {name: web-0, namespace: shop, node: n0, ips: [10.10.0.4], labels: {app: web}, netns: {pid: 1}}
+services:
+- {name: wp-a, namespace: shop, vips: [10.96.0.1], selector: {app: wp-a}, ports: [{port: 15008}]}
+- {name: wp-b, namespace: shop, vips: [10.96.0.2], selector: {app: wp-b}, ports: [{port: 15008}]}
+- {name: web, namespace: shop, vips: [10.96.0.10], selector: {app: web}, ports: [{port: 80}], waypoint: {name: wp-a}}
+- {name: db, namespace: shop, vips: [10.96.0.11], selector: {app: web}, ports: [{port: 5432}], waypoint: {name: wp-b}}
+- {name: open, namespace: shop, vips: [10.96.0.12], selector: {app: web}, ports: [{port: 80}]}
+"#;
+        let state = parse_mesh(std::path::Path::new("mesh.yaml"), mesh.as_bytes()).unwrap();
+        assert!(serves(&state, service(&state, "web"), "shop", "wp-a"));
+        assert!(!serves(&state, service(&state, "db"), "shop", "wp-a"));
+        assert!(serves(&state, service(&state, "db"), "shop", "wp-b"));
+        assert!(!serves(&state, service(&state, "open"), "shop", "wp-a"));
+        // A workload of that name in another namespace is not this waypoint.
+        assert!(!serves(&state, service(&state, "web"), "other", "wp-a"));
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed_and_te_trailers_kept() {
