@@ -29,3 +29,4 @@ pub mod serdes;
 pub mod state;
 pub mod telemetry;
 pub mod timefmt;
+pub mod waypoint;

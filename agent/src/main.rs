@@ -33,6 +33,8 @@ enum Command {
     Agent(AgentArgs),
     /// Run the mesh's certificate authority: `init` a root, `serve` the signing API.
     Ca(ambit::ca::CaArgs),
+    /// Run a waypoint: the L7 proxy (HTTP routing) of the services bound to it.
+    Waypoint(ambit::waypoint::WaypointArgs),
     /// Install or remove the CNI plugin `ambit-cni` on this node.
     Cni {
         #[command(subcommand)]
@@ -73,6 +75,11 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ambit::ca::run(args))),
+        Command::Waypoint(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ambit::waypoint::run(args))),
         Command::Cni {
             command: CniCommand::Install(args),
         } => tokio::runtime::Builder::new_current_thread()

@@ -34,6 +34,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("the CA service and the proxy", &["ca", "proxy"]),
     ("enrolment: per-pod listeners and maps", &["enrolment"]),
     ("admin endpoints", &["admin"]),
+    ("the waypoint: the L7 proxy", &["waypoint"]),
     ("the binary's wiring", &["app"]),
 ];
 

@@ -245,6 +245,13 @@ impl Node {
         *lock(&self.kubeconfig) = Some(kubeconfig.into());
     }
 
+    /// The CA flags (`--ca-address`, `--ca-roots`, `--ca-token-file`) of this node's agent, for
+    /// another process of the node that gets certificates the same way (a waypoint); empty
+    /// until the CA is initialised ([`Cluster::start_ca`]).
+    pub fn ca_flags(&self) -> Vec<String> {
+        lock(&self.ca_args).clone()
+    }
+
     /// The full agent command line (program first) the next start would use.
     pub fn agent_command_line(&self) -> Vec<String> {
         let source = match &*lock(&self.kubeconfig) {
@@ -841,6 +848,7 @@ pub struct Cluster {
     extra_workloads: Mutex<Vec<mesh::Workload>>,
     redirect: Mutex<mesh::Redirect>,
     policies: Mutex<mesh::Policies>,
+    routing: Mutex<mesh::Routing>,
     ca: Mutex<CaState>,
     mesh_write: Mutex<u64>,
     torn_down: AtomicBool,
@@ -944,6 +952,7 @@ impl Cluster {
             extra_workloads: Mutex::new(Vec::new()),
             redirect: Mutex::new(mesh::Redirect::default()),
             policies: Mutex::new(mesh::Policies::default()),
+            routing: Mutex::new(mesh::Routing::default()),
             ca: Mutex::new(CaState::default()),
             mesh_write: Mutex::new(0),
             torn_down: AtomicBool::new(false),
@@ -1193,6 +1202,7 @@ impl Cluster {
                 .iter()
                 .map(|&(port, target_port)| mesh::ServicePort { port, target_port })
                 .collect(),
+            waypoint: None,
         };
         let mut s = lock(&self.services);
         s.retain(|x| !(x.name == name && x.namespace == namespace));
@@ -1259,6 +1269,7 @@ impl Cluster {
     /// exclusions.
     pub fn mesh(&self) -> MeshFile {
         let policies = lock(&self.policies).clone();
+        let routing = lock(&self.routing).clone();
         MeshFile {
             trust_domain: TRUST_DOMAIN.to_string(),
             redirect: lock(&self.redirect).clone(),
@@ -1271,7 +1282,33 @@ impl Cluster {
             services: lock(&self.services).clone(),
             peer_authentications: policies.peer_authentications,
             authorization_policies: policies.authorization_policies,
+            virtual_services: routing.virtual_services,
+            destination_rules: routing.destination_rules,
         }
+    }
+
+    /// Binds the service `name` of `namespace` to the waypoint service `waypoint` (same
+    /// namespace); returns whether the service exists. Publish with
+    /// [`write_mesh`](Self::write_mesh).
+    pub fn set_service_waypoint(&self, name: &str, namespace: &str, waypoint: &str) -> bool {
+        let mut services = lock(&self.services);
+        let Some(service) = services
+            .iter_mut()
+            .find(|s| s.name == name && s.namespace == namespace)
+        else {
+            return false;
+        };
+        service.waypoint = Some(mesh::WaypointRef {
+            name: waypoint.into(),
+            namespace: namespace.into(),
+        });
+        true
+    }
+
+    /// Replaces the routing sections (`virtualServices`, `destinationRules`). Publish with
+    /// [`write_mesh`](Self::write_mesh).
+    pub fn set_routing(&self, routing: mesh::Routing) {
+        *lock(&self.routing) = routing;
     }
 
     /// Adds a workload that is no bed pod to the mesh file (publish with

@@ -26,6 +26,21 @@ pub struct MeshFile {
     /// Authorization policies, as written in docs/configuration.md.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<serde_json::Value>,
+    /// Istio-shaped VirtualServices (`networking.ambit.dev/v1` objects), as JSON values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtual_services: Vec<serde_json::Value>,
+    /// Istio-shaped DestinationRules, as JSON values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_rules: Vec<serde_json::Value>,
+}
+
+/// The routing sections of the mesh file (docs/waypoint.md).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Routing {
+    /// `virtualServices`.
+    pub virtual_services: Vec<serde_json::Value>,
+    /// `destinationRules`.
+    pub destination_rules: Vec<serde_json::Value>,
 }
 
 /// The policy sections of the mesh file.
@@ -103,6 +118,19 @@ pub struct Service {
     pub selector: BTreeMap<String, String>,
     /// Ports.
     pub ports: Vec<ServicePort>,
+    /// The waypoint (a service of the file) its traffic goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+}
+
+/// A service's `waypoint`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointRef {
+    /// The waypoint service's name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
 }
 
 /// A service port.
@@ -157,9 +185,12 @@ mod tests {
                     port: 80,
                     target_port: 8080,
                 }],
+                waypoint: None,
             }],
             peer_authentications: Vec::new(),
             authorization_policies: Vec::new(),
+            virtual_services: Vec::new(),
+            destination_rules: Vec::new(),
         };
         let y = m.to_yaml().unwrap();
         for key in [

@@ -31,8 +31,14 @@ use crate::{
     },
 };
 
+mod routing;
 mod security;
 
+pub use self::routing::{
+    DestinationFile, DestinationRuleFile, DestinationRuleSpecFile, HttpMatchRequestFile,
+    HttpRouteDestinationFile, HttpRouteFile, ObjectMetaFile, PortSelectorFile, ROUTING_API_VERSION,
+    StringMatchFile, SubsetFile, VirtualServiceFile, VirtualServiceSpecFile,
+};
 pub use self::security::{
     AuthorizationPolicyFile, CONDITION_KEYS, ConditionFile, FromFile, OperationFile,
     PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, ToFile,
@@ -61,6 +67,12 @@ pub struct MeshFile {
     /// L4 authorization policies.
     #[serde(default, deserialize_with = "null_as_default")]
     pub authorization_policies: Vec<AuthorizationPolicyFile>,
+    /// HTTP routing for waypoints: Istio VirtualServices in `networking.ambit.dev/v1`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub virtual_services: Vec<VirtualServiceFile>,
+    /// Subsets for waypoints' routes: Istio DestinationRules in `networking.ambit.dev/v1`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub destination_rules: Vec<DestinationRuleFile>,
 }
 
 /// The `redirect` section.
@@ -345,9 +357,11 @@ impl Validator<'_> {
             self.authorization_policies(&file.authorization_policies)?,
             self.peer_authentications(&file.peer_authentications)?,
         );
+        let routes = self.routes(&file.virtual_services, &file.destination_rules, &services)?;
         Ok(MeshState::new(redirect, workloads, services)
             .with_trust_domain(trust_domain)
-            .with_policies(policies))
+            .with_policies(policies)
+            .with_routes(routes))
     }
 
     fn redirect(&self, redirect: &RedirectFile) -> Result<RedirectSettings, ConfigError> {

@@ -20,6 +20,9 @@ use ipnet::IpNet;
 use serde::{Serialize, ser::SerializeStruct};
 
 use crate::netns::NetnsRef;
+
+pub mod routes;
+pub use self::routes::RouteTable;
 use crate::policy::{AuthorizationPolicy, DEFAULT_TRUST_DOMAIN, PeerAuthMode, PolicySet};
 
 /// The DNS domain of service hostnames (`<name>.<namespace>.svc.<domain>`): Kubernetes' default.
@@ -515,6 +518,8 @@ pub struct MeshState {
     /// Parallel to `services`: for a service with a waypoint, the waypoint service's index
     /// (`None` when that service does not exist, or the service has no waypoint).
     waypoints: Vec<Option<usize>>,
+    /// The HTTP routes waypoints apply ([`routes`]).
+    routes: Arc<RouteTable>,
 }
 
 impl MeshState {
@@ -582,7 +587,20 @@ impl MeshState {
             service_by_vip,
             endpoints,
             waypoints,
+            routes: Arc::default(),
         }
+    }
+
+    /// Sets the HTTP routes (default: none; a waypoint then sends each request to the
+    /// service dialled).
+    pub fn with_routes(mut self, routes: RouteTable) -> Self {
+        self.routes = Arc::new(routes);
+        self
+    }
+
+    /// The HTTP routes waypoints apply.
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
     }
 
     /// Sets the trust domain (default [`DEFAULT_TRUST_DOMAIN`]).
@@ -780,7 +798,7 @@ impl Serialize for MeshState {
                 endpoints: endpoints.targets().map(Target::name).collect(),
             })
             .collect();
-        let mut s = serializer.serialize_struct("MeshState", 6)?;
+        let mut s = serializer.serialize_struct("MeshState", 7)?;
         s.serialize_field("redirect", &self.redirect)?;
         s.serialize_field("trustDomain", &self.trust_domain)?;
         // Through plain references: serde's `rc` feature (Serialize for Arc) is not enabled.
@@ -795,6 +813,7 @@ impl Serialize for MeshState {
             .map(|p| &**p)
             .collect();
         s.serialize_field("authorizationPolicies", &authorizations)?;
+        s.serialize_field("routes", &*self.routes)?;
         s.end()
     }
 }

@@ -18,6 +18,8 @@ pub enum Reporter {
     Source,
     /// The destination pod's agent (the inbound paths).
     Destination,
+    /// A waypoint, for the requests it proxies.
+    Waypoint,
 }
 
 impl Reporter {
@@ -26,6 +28,7 @@ impl Reporter {
         match self {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
+            Reporter::Waypoint => "waypoint",
         }
     }
 }

@@ -32,6 +32,10 @@
 //!   every second while some are open, and `{"event":"done","opened":..,"failed":..,
 //!   "closed_eof":..,"closed_reset":..,"still_open":..,"closed_after_s":{"<s>":n,..}}`: how many
 //!   the peer closed with a FIN or a reset, and how many seconds after their connect.
+//! - `testpod http --port P [--name NAME]`: an HTTP server (HTTP/1.1, and HTTP/2 with prior
+//!   knowledge, on one port) answering every request 200 with `<name> <version seen>\n` and the
+//!   header `x-served-by: <name>`, so a client tells which endpoint answered and in which HTTP
+//!   version the request reached it. Prints `{"event":"listening",...}` once it listens.
 //! - `testpod burst --connect ADDR --count C [--bytes N] [--hold-seconds S]`: C connections
 //!   opened one after another and kept open, each exchanging N bytes with the echo server first;
 //!   prints `{"event":"opened",...}` once all are open, holds them until a line (or EOF) on stdin
@@ -192,6 +196,16 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// HTTP server (HTTP/1.1 and HTTP/2 with prior knowledge on one port) that says who
+    /// answered: every request gets 200 and the body `<name> <HTTP version seen>\n`.
+    Http {
+        /// Port to listen on (all addresses).
+        #[arg(long)]
+        port: u16,
+        /// Name in the body and in `x-served-by` (default: $POD_NAME).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 /// How `testpod flood` makes its connects fail.
@@ -287,6 +301,11 @@ fn main() -> ExitCode {
             connect,
             timeout_ms,
         } => hold(connect, Duration::from_millis(timeout_ms)),
+        Cmd::Http { port, name } => http::serve(
+            port,
+            name.or_else(|| std::env::var("POD_NAME").ok())
+                .unwrap_or_else(|| "unknown".into()),
+        ),
         Cmd::Idle {
             connect,
             count,
@@ -1202,5 +1221,58 @@ mod tests {
         a.fill(&mut x);
         b.fill(&mut y);
         assert_eq!(x, y);
+    }
+}
+
+/// `testpod http`: hyper's auto server (the same builder the waypoint uses for its clients).
+mod http {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::{Request, Response, body::Incoming};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use serde_json::json;
+
+    pub fn serve(port: u16, name: String) -> bool {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                super::emit(json!({"event": "error", "error": e.to_string()}));
+                return false;
+            }
+        };
+        runtime.block_on(async move {
+            let listener = match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    super::emit(json!({"event": "error", "error": e.to_string()}));
+                    return false;
+                }
+            };
+            super::emit(json!({"event": "listening", "port": port, "name": name}));
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let body = format!("{name} {:?}\n", req.version());
+                        let response = Response::builder()
+                            .header("x-served-by", name.as_str())
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("static response");
+                        async move { Ok::<_, Infallible>(response) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        })
     }
 }

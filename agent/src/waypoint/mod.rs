@@ -1,0 +1,201 @@
+//! `ambit waypoint`: the L7 proxy of the services bound to it (docs/waypoint.md).
+//!
+//! A waypoint is a mesh workload with its own identity (certificate from Ambit's CA, like any
+//! workload's) that accepts HBONE on 15008 from node agents (or ztunnels: same wire), with
+//! `:authority` = the service VIP and port the client dialled. Inside each tunnel it serves
+//! HTTP/1.1 or HTTP/2, routes each request with the mesh's routes ([`route`]), and sends it over
+//! HBONE to the chosen endpoint pod's 15008 with its own identity, where the endpoint's agent
+//! authorizes the waypoint like any client. Built from the shared parts: [`crate::hbone`]
+//! (server, pool), [`crate::identity`] (CA client, certificate manager), [`crate::limits`],
+//! [`crate::telemetry`], and [`crate::discovery`] for the mesh file (hot reload, last good state
+//! kept); nothing of the node agent's datapath.
+//!
+//! The waypoint's own pod is not enrolled (`enrolled: false`), as Istio's waypoints are not
+//! captured: its tunnels to endpoints must leave as they are, not be steered into the node
+//! proxy again.
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{net::TcpStream, signal::unix::SignalKind, sync::watch};
+use tracing::{error, info};
+
+use crate::{
+    discovery::{self, ConfigStatus, metrics::ConfigMetrics},
+    hbone::{Destinations, HboneServer, InboundSettings, Pool, PoolConfig, PoolKey},
+    identity::{
+        BearerToken, CaClient, CaClientConfig, CertificateManager, ManagerConfig,
+        client::DEFAULT_CA_TIMEOUT, metrics::CertificateMetrics,
+    },
+    limits::{self, LimitSettings, Limits},
+    state::MeshState,
+    telemetry::Metrics,
+};
+
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+
+use self::{
+    metrics::WaypointMetrics,
+    proxy::{Waypoint, WaypointInbound},
+    route::RoundRobin,
+};
+
+/// Ports a tunnel may not name: the proxies' own.
+const RESERVED_PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
+
+/// How long the waypoint waits for its first certificate before giving up.
+const FIRST_CERTIFICATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Flags of `ambit waypoint`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WaypointArgs {
+    /// The mesh file (standalone mode): services, their waypoint binding and the routes. Watched
+    /// and hot-reloaded; a bad version is rejected and the last good one stays in force.
+    #[arg(long, env = "AMBIT_MESH_FILE")]
+    pub mesh_file: PathBuf,
+    /// This waypoint's workload name in the mesh file (its identity is that workload's).
+    #[arg(long, env = "POD_NAME")]
+    pub name: String,
+    /// This waypoint's workload namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Where to accept HBONE.
+    #[arg(long, env = "AMBIT_HBONE_ADDR", default_value = "0.0.0.0:15008")]
+    pub hbone_addr: SocketAddr,
+    /// Prometheus metrics endpoint (`GET /metrics`).
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// The CA that signs the waypoint's certificate, e.g. `https://ambit-ca:15012`.
+    #[arg(long, env = "AMBIT_CA_ADDRESS")]
+    pub ca_address: String,
+    /// The trust bundle (PEM roots): verifies the CA and every peer.
+    #[arg(long, env = "AMBIT_CA_ROOTS")]
+    pub ca_roots: PathBuf,
+    /// File holding the bootstrap token of the waypoint's node for the CA (standalone mode).
+    #[arg(long, env = "AMBIT_CA_TOKEN_FILE")]
+    pub ca_token_file: PathBuf,
+    /// The name the CA's certificate must carry [default: the host of --ca-address].
+    #[arg(long, env = "AMBIT_CA_SERVER_NAME")]
+    pub ca_server_name: Option<String>,
+    /// Lifetime asked for the certificate (renewed at half-life).
+    #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = crate::timefmt::parse_duration)]
+    pub cert_ttl: Duration,
+}
+
+/// Runs the waypoint until SIGTERM or SIGINT.
+pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
+    let nofile = limits::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(nofile.soft)));
+    let metrics = Arc::new(Metrics::new());
+
+    let (state_tx, mut state_rx) = watch::channel(Arc::new(MeshState::empty()));
+    let (config_tx, mut config_rx) = watch::channel(ConfigStatus::default());
+    let mut source = tokio::spawn(discovery::watch_mesh_file(
+        args.mesh_file.clone(),
+        state_tx,
+        config_tx,
+    ));
+    // The first load must succeed, as the agent's.
+    loop {
+        tokio::select! {
+            result = &mut source => {
+                return Err(match result {
+                    Ok(Ok(())) => anyhow::anyhow!("configuration source ended before loading"),
+                    Ok(Err(err)) => err,
+                    Err(err) => err.into(),
+                });
+            }
+            changed = config_rx.changed() => {
+                changed.context("configuration source ended")?;
+                if config_rx.borrow().generation > 0 {
+                    break;
+                }
+            }
+        }
+    }
+    let config_metrics = Arc::new(ConfigMetrics::new(config_rx.clone())?);
+    metrics.register_at_scrape(config_metrics.clone())?;
+    tokio::spawn(config_metrics.count_rejections());
+
+    let identity = {
+        let state = state_rx.borrow_and_update();
+        let me = state
+            .workloads()
+            .iter()
+            .find(|w| w.namespace == args.namespace && w.name == args.name)
+            .with_context(|| {
+                format!(
+                    "the mesh file {} has no workload {}/{} (the waypoint's own)",
+                    args.mesh_file.display(),
+                    args.namespace,
+                    args.name
+                )
+            })?;
+        if me.enrolled {
+            tracing::warn!(
+                workload = %me.uid(),
+                "the waypoint's workload is enrolled: its node agent would capture its tunnels \
+                 to endpoints; set enrolled: false"
+            );
+        }
+        state.identity_of(me)
+    };
+
+    let client = CaClient::new(CaClientConfig {
+        address: args.ca_address.clone(),
+        server_name: args.ca_server_name.clone(),
+        roots_file: args.ca_roots.clone(),
+        token: BearerToken::from_file(&args.ca_token_file)
+            .with_context(|| format!("reading --ca-token-file {}", args.ca_token_file.display()))?,
+        timeout: DEFAULT_CA_TIMEOUT,
+    })
+    .context("configuring the CA client")?;
+    let certs = Arc::new(CertificateManager::new(
+        client,
+        ManagerConfig {
+            ttl: args.cert_ttl,
+            ..Default::default()
+        },
+    ));
+    certs.set_wanted(BTreeSet::from([identity.clone()]));
+    metrics.register_at_scrape(Arc::new(CertificateMetrics::new(Some(certs.clone()))?))?;
+    certs
+        .wait_for(&identity, FIRST_CERTIFICATE_TIMEOUT)
+        .await
+        .with_context(|| format!("getting the waypoint's certificate ({identity})"))?;
+
+    // The waypoint's pod is not enrolled: its sockets leave as they are, from its own address.
+    let dialer = |key: &PoolKey| TcpStream::connect(key.destination());
+    let waypoint = Arc::new(Waypoint {
+        state: state_rx.clone(),
+        certs: certs.clone(),
+        identity: identity.clone(),
+        workload: (args.namespace.clone(), args.name.clone()),
+        pool: Pool::new(dialer, PoolConfig::default()),
+        metrics: Arc::new(WaypointMetrics::new(&metrics)?),
+        balancer: RoundRobin::default(),
+    });
+    let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
+    settings.reserved_ports = RESERVED_PORTS.to_vec();
+    let server = HboneServer::new(WaypointInbound::new(waypoint), settings, limits.clone());
+    let listener = crate::admin::bind(args.hbone_addr).await?;
+    let hbone = tokio::spawn(async move { server.serve(listener).await });
+    let metrics_server = tokio::spawn(crate::admin::serve_metrics_on(
+        args.metrics_addr,
+        metrics,
+        limits,
+    ));
+    info!(%identity, hbone = %args.hbone_addr, metrics = %args.metrics_addr, "waypoint started");
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+        result = source => error!(?result, "configuration source ended"),
+        result = hbone => anyhow::bail!("HBONE listener failed: {:?}", result),
+        result = metrics_server => anyhow::bail!("metrics endpoint failed: {:?}", result),
+    }
+    info!("waypoint stopping");
+    Ok(())
+}

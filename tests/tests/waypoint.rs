@@ -1,0 +1,520 @@
+//! End-to-end tests of the waypoint (`ambit waypoint`): a real waypoint process in its own pod,
+//! real agents and CA, real HBONE on both sides, a real HTTP client (curl) and real HTTP
+//! servers that say which version answered.
+//!
+//! Topology (two nodes, so the waypoint's tunnels to the servers cross the fabric):
+//!
+//! ```text
+//! n0: client p0-0 (enrolled) ──agent n0──HBONE──► waypoint p0-1 (not enrolled, `ambit waypoint`)
+//!                                                   │ HBONE, the waypoint's identity
+//! n1: reviews v1 p1-0, reviews v2 p1-1 (enrolled) ◄─┘ agent n1 authorizes the waypoint
+//! ```
+//!
+//! The waypoint pod is not enrolled, as Istio's waypoints are not captured: its own
+//! connections to the endpoints' 15008 must leave as they are.
+
+use std::time::{Duration, Instant};
+
+use ambit_tests::mesh::Routing;
+use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump, util};
+use anyhow::{Result, bail, ensure};
+use serde_json::{Value, json};
+
+/// The VIP of the routed service `reviews` (port 9080 to the servers' 8080).
+const REVIEWS_VIP: &str = "10.96.0.30";
+/// The VIP of the waypoint's own service.
+const WAYPOINT_VIP: &str = "10.96.0.31";
+const T: Duration = Duration::from_secs(30);
+/// Requests of the weighted split, and its bound: v2's count among N requests at 10% is
+/// binomial with mean 200 and sigma sqrt(2000 * 0.1 * 0.9) = 13.4; 5 sigma is 67, so a correct
+/// split falls outside [133, 267] about once in 1.7 million runs, and a split that ignored the
+/// weights (50%: ~1,000) or the subsets (all v1: 0) is far outside.
+const SPLIT_REQUESTS: usize = 2000;
+const SPLIT_V2_LOW: usize = 133;
+const SPLIT_V2_HIGH: usize = 267;
+
+/// The seed's canary VirtualService with only `apiVersion` changed (plus the namespace the
+/// bed's pods live in), and `extra` merged into its first route.
+fn canary(extra: Value) -> Value {
+    let mut jason_route = json!({
+        "match": [{"headers": {"end-user": {"exact": "jason"}}}],
+        "route": [{"destination": {"host": "reviews", "subset": "v2"}}]
+    });
+    if let (Some(route), Some(extra)) = (jason_route.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            route.insert(k.clone(), v.clone());
+        }
+    }
+    json!({
+        "apiVersion": "networking.ambit.dev/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "reviews-canary"},
+        "spec": {
+            "hosts": ["reviews"],
+            "http": [
+                jason_route,
+                {"route": [
+                    {"destination": {"host": "reviews", "subset": "v1"}, "weight": 90},
+                    {"destination": {"host": "reviews", "subset": "v2"}, "weight": 10}
+                ]}
+            ]
+        }
+    })
+}
+
+fn subsets() -> Value {
+    json!({
+        "apiVersion": "networking.ambit.dev/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "reviews"},
+        "spec": {
+            "host": "reviews",
+            "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}},
+                {"name": "v2", "labels": {"version": "v2"}}
+            ]
+        }
+    })
+}
+
+/// The answers of one curl run: per request its body (`<server> <version seen>`) and status.
+#[derive(Debug, Default)]
+struct Answers {
+    bodies: Vec<String>,
+    codes: Vec<String>,
+}
+
+impl Answers {
+    fn count(&self, body: &str) -> usize {
+        self.bodies.iter().filter(|b| *b == body).count()
+    }
+}
+
+/// Runs curl in `from` for `count` HTTP/1.1 requests to the reviews VIP over one keep-alive
+/// connection (URL globbing reuses it), each bounded to 10 s and the whole run to 3 minutes.
+/// (Not for HTTP/2: Debian's curl 7.88 fails every transfer after the first on a reused
+/// prior-knowledge connection, with or without a proxy in the path; [`nghttp`] does HTTP/2.)
+fn curl(from: &Pod, count: usize, headers: &[&str]) -> Result<Answers> {
+    let url = format!("http://{REVIEWS_VIP}:9080/reviews/[1-{count}]");
+    let mut args: Vec<String> = vec![
+        "-sS".into(),
+        "--max-time".into(),
+        "10".into(),
+        "-w".into(),
+        "\ncode=%{http_code}\n".into(),
+        "--http1.1".into(),
+    ];
+    for h in headers {
+        args.extend(["-H".to_string(), h.to_string()]);
+    }
+    args.push(url);
+    let mut process = from.spawn("curl", &args)?;
+    let (status, lines) = process.wait_output(Duration::from_secs(180))?;
+    let mut answers = Answers::default();
+    for line in lines.into_iter().filter(|l| !l.is_empty()) {
+        if let Some(code) = line.strip_prefix("code=") {
+            answers.codes.push(code.to_string());
+        } else {
+            answers.bodies.push(line);
+        }
+    }
+    if !status.success() || answers.codes.len() != count {
+        bail!(
+            "curl {status}: {} answers of {count}; stderr: {}",
+            answers.codes.len(),
+            process.stderr()
+        );
+    }
+    Ok(answers)
+}
+
+/// Runs nghttp in `from`: `count` HTTP/2 requests (prior knowledge, as a gRPC client speaks)
+/// to the reviews VIP, multiplexed on one connection, bounded to 10 s of inactivity and 2
+/// minutes in all; returns the bodies.
+fn nghttp(from: &Pod, count: usize, headers: &[&str]) -> Result<Vec<String>> {
+    let mut args: Vec<String> = vec!["-t".into(), "10".into()];
+    for h in headers {
+        args.extend(["-H".to_string(), h.to_string()]);
+    }
+    args.extend((1..=count).map(|i| format!("http://{REVIEWS_VIP}:9080/reviews/h2/{i}")));
+    let mut process = from.spawn("nghttp", &args)?;
+    let (status, lines) = process.wait_output(Duration::from_secs(120))?;
+    if !status.success() {
+        bail!("nghttp {status}; stderr: {}", process.stderr());
+    }
+    Ok(lines.into_iter().filter(|l| !l.is_empty()).collect())
+}
+
+/// Runs h2load in `from`: `count` HTTP/2 requests on one connection, 10 streams at a time;
+/// returns its summary lines.
+fn h2load(from: &Pod, count: usize) -> Result<Vec<String>> {
+    let n = count.to_string();
+    let url = format!("http://{REVIEWS_VIP}:9080/reviews/load");
+    let mut process = from.spawn(
+        "h2load",
+        [
+            "-n",
+            n.as_str(),
+            "-c",
+            "1",
+            "-m",
+            "10",
+            "-T",
+            "10",
+            url.as_str(),
+        ],
+    )?;
+    let (status, lines) = process.wait_output(Duration::from_secs(120))?;
+    if !status.success() {
+        bail!("h2load {status}: {lines:?}; stderr: {}", process.stderr());
+    }
+    Ok(lines)
+}
+
+/// The waypoint's `/metrics`, fetched from its node's namespace.
+fn waypoint_metrics(node: &Node, waypoint: &Pod) -> Result<String> {
+    let r = node.http_get_addr(waypoint.addr4(15020), "/metrics", Duration::from_secs(5))?;
+    ensure!(r.status == 200, "waypoint /metrics: HTTP {}", r.status);
+    Ok(r.body)
+}
+
+/// The sum of `istio_requests_total` series carrying every one of `labels`.
+fn requests_total(metrics: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Starts `ambit waypoint` in `pod` and waits until it serves its metrics (it has its
+/// certificate and listens on 15008 by then).
+fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
+    let node = cluster.node_of(pod);
+    let mut args = vec![
+        "waypoint".to_string(),
+        "--mesh-file".into(),
+        cluster.mesh_path().display().to_string(),
+        "--name".into(),
+        pod.name().to_string(),
+        "--namespace".into(),
+        pod.namespace(),
+        "--log-format".into(),
+        "json".into(),
+    ];
+    args.extend(node.ca_flags());
+    let mut process = pod.spawn(cluster.ambit_bin(), &args)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = process.try_status()? {
+            bail!("ambit waypoint exited: {status}; log: {}", process.stderr());
+        }
+        if waypoint_metrics(node, pod).is_ok() {
+            return Ok(process);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "ambit waypoint not serving after 60 s; log: {}",
+                process.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until every agent reports a rejected mesh file (its `lastError` set) and returns the
+/// first agent's error.
+fn wait_rejected(cluster: &Cluster) -> Result<String> {
+    let deadline = Instant::now() + T;
+    loop {
+        let errors: Vec<Option<String>> = cluster
+            .nodes()
+            .iter()
+            .map(|n| {
+                n.config_dump()
+                    .ok()
+                    .and_then(|d| d["config"]["lastError"].as_str().map(str::to_string))
+            })
+            .collect();
+        if errors.iter().all(Option::is_some) {
+            return Ok(errors[0].clone().unwrap_or_default());
+        }
+        if Instant::now() > deadline {
+            bail!("the agents did not reject the mesh file: {errors:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })?;
+    let (client, waypoint, v1, v2) = (
+        cluster.pod(0, 0),
+        cluster.pod(0, 1),
+        cluster.pod(1, 0),
+        cluster.pod(1, 1),
+    );
+    let namespace = client.namespace();
+    cluster.set_labels(client, &[("app", "client")]);
+    cluster.set_labels(waypoint, &[("app", "waypoint")]);
+    waypoint.set_service_account("waypoint");
+    // Not captured, as Istio's waypoints: its tunnels to the endpoints leave as they are.
+    cluster.set_enrolled(waypoint, false);
+    cluster.set_labels(v1, &[("app", "reviews"), ("version", "v1")]);
+    cluster.set_labels(v2, &[("app", "reviews"), ("version", "v2")]);
+    v1.set_service_account("reviews-v1");
+    v2.set_service_account("reviews-v2");
+    cluster.add_service(
+        "reviews",
+        &namespace,
+        &[REVIEWS_VIP],
+        &[("app", "reviews")],
+        &[(9080, 8080)],
+    );
+    cluster.add_service(
+        "waypoint",
+        &namespace,
+        &[WAYPOINT_VIP],
+        &[("app", "waypoint")],
+        &[(15008, 15008)],
+    );
+    ensure_or_dump!(
+        cluster,
+        cluster.set_service_waypoint("reviews", &namespace, "waypoint"),
+        "no service reviews"
+    );
+    cluster.set_routing(Routing {
+        virtual_services: vec![canary(json!({}))],
+        destination_rules: vec![subsets()],
+    });
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    // The CA listens on the fabric; give it the way back to node 0's pods (where the waypoint
+    // runs), as a cluster routes pods to its CA's Service. Removed with the fabric namespace.
+    util::ip(&format!(
+        "-n {} route add 10.10.0.0/24 via {}",
+        cluster.fabric_netns(),
+        cluster.node(0).fabric_ip()
+    ))?;
+
+    let testpod = ambit_tests::testpod_path!();
+    let mut servers = Vec::new();
+    for (pod, name) in [(v1, "v1"), (v2, "v2")] {
+        let mut server = pod.spawn(&testpod, ["http", "--port", "8080", "--name", name])?;
+        let listening = server.read_json(T)?;
+        ensure_or_dump!(
+            cluster,
+            listening["event"] == "listening",
+            "{name}: {listening}"
+        );
+        servers.push(server);
+    }
+    let _waypoint_process = cluster.with_diagnostics(start_waypoint(&cluster, waypoint))?;
+
+    // 1. `end-user: jason` always reaches v2, over HTTP/1.1 keep-alive.
+    let jason = cluster.with_diagnostics(curl(client, 200, &["end-user: jason"]))?;
+    ensure_or_dump!(
+        cluster,
+        jason.count("v2 HTTP/1.1") == 200 && jason.codes.iter().all(|c| c == "200"),
+        "end-user: jason must always reach v2: {:?} {:?}",
+        jason.bodies.iter().take(5).collect::<Vec<_>>(),
+        jason.codes.iter().take(5).collect::<Vec<_>>()
+    );
+
+    // 2. Without it, 90/10 between v1 and v2 over 2,000 requests, within 5 sigma.
+    let split = cluster.with_diagnostics(curl(client, SPLIT_REQUESTS, &[]))?;
+    let (to_v1, to_v2) = (split.count("v1 HTTP/1.1"), split.count("v2 HTTP/1.1"));
+    eprintln!("split over {SPLIT_REQUESTS} requests: v1 {to_v1}, v2 {to_v2}");
+    ensure_or_dump!(
+        cluster,
+        to_v1 + to_v2 == SPLIT_REQUESTS && split.codes.iter().all(|c| c == "200"),
+        "every request must be answered by v1 or v2: v1 {to_v1}, v2 {to_v2}, codes {:?}",
+        split
+            .codes
+            .iter()
+            .filter(|c| *c != "200")
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    ensure_or_dump!(
+        cluster,
+        (SPLIT_V2_LOW..=SPLIT_V2_HIGH).contains(&to_v2),
+        "v2 got {to_v2} of {SPLIT_REQUESTS}, outside the 5-sigma bound \
+         [{SPLIT_V2_LOW}, {SPLIT_V2_HIGH}] of a 10% share"
+    );
+
+    // 3. HTTP/2 with prior knowledge, multiplexed: routed the same, and it reaches the server
+    // as HTTP/2.
+    let h2 = cluster.with_diagnostics(nghttp(client, 100, &["end-user: jason"]))?;
+    ensure_or_dump!(
+        cluster,
+        h2.len() == 100 && h2.iter().all(|b| b == "v2 HTTP/2.0"),
+        "HTTP/2 with end-user: jason must reach v2 as HTTP/2: {} answers, {:?}",
+        h2.len(),
+        h2.iter()
+            .filter(|b| *b != "v2 HTTP/2.0")
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+
+    // 4. The waypoint counts every request, reporter waypoint, by destination, with the
+    // client's verified identity: exactly what the clients saw.
+    let node0 = cluster.node(0);
+    let metrics = waypoint_metrics(node0, waypoint)?;
+    let client_principal = format!(
+        "spiffe://cluster.local/ns/{namespace}/sa/{}",
+        client.service_account()
+    );
+    let to_destination = |metrics: &str, workload: &str, version: &str| {
+        requests_total(
+            metrics,
+            &[
+                ("reporter", "waypoint"),
+                ("response_code", "200"),
+                ("response_flags", "-"),
+                ("destination_workload", workload),
+                ("destination_version", version),
+                ("destination_service", "reviews.default.svc.cluster.local"),
+                ("source_workload", client.name()),
+                ("source_principal", &client_principal),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        ) as usize
+    };
+    let (counted_v1, counted_v2) = (
+        to_destination(&metrics, v1.name(), "v1"),
+        to_destination(&metrics, v2.name(), "v2"),
+    );
+    ensure_or_dump!(
+        cluster,
+        counted_v1 == to_v1 && counted_v2 == 200 + to_v2 + 100,
+        "istio_requests_total: v1 {counted_v1}, v2 {counted_v2}; the clients saw v1 {to_v1}, \
+         v2 {}:\n{}",
+        200 + to_v2 + 100,
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // h2load: 200 requests, 10 streams at a time on one connection, all answered 2xx, and
+    // split between v1 and v2 (counted by the waypoint).
+    let load = cluster.with_diagnostics(h2load(client, 200))?;
+    ensure_or_dump!(
+        cluster,
+        load.iter()
+            .any(|l| l.contains("200 succeeded, 0 failed, 0 errored"))
+            && load.iter().any(|l| l.starts_with("status codes: 200 2xx")),
+        "h2load: {load:?}"
+    );
+    let metrics = waypoint_metrics(node0, waypoint)?;
+    let (load_v1, load_v2) = (
+        to_destination(&metrics, v1.name(), "v1") - counted_v1,
+        to_destination(&metrics, v2.name(), "v2") - counted_v2,
+    );
+    eprintln!("h2load split: v1 {load_v1}, v2 {load_v2}");
+    ensure_or_dump!(
+        cluster,
+        load_v1 + load_v2 == 200 && load_v1 > load_v2,
+        "h2load's 200 requests: v1 {load_v1}, v2 {load_v2} counted"
+    );
+
+    // 5. A VirtualService with a field Ambit does not implement is rejected, naming it; the
+    // routes in force stay (this one would have sent jason to v1).
+    let mut bad = canary(json!({"retries": {"attempts": 3}}));
+    bad["spec"]["http"][0]["route"][0]["destination"]["subset"] = json!("v1");
+    cluster.set_routing(Routing {
+        virtual_services: vec![bad],
+        destination_rules: vec![subsets()],
+    });
+    cluster.write_mesh()?;
+    let error = wait_rejected(&cluster)?;
+    ensure_or_dump!(
+        cluster,
+        error.contains("virtualServices[0].spec.http[0]") && error.contains("retries"),
+        "the rejection must name the field: {error}"
+    );
+    let deadline = Instant::now() + T;
+    loop {
+        let rejected = waypoint_metrics(node0, waypoint)?
+            .lines()
+            .any(|l| l == "ambit_config_reloads_total{result=\"failed\"} 1");
+        if rejected {
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "the waypoint did not count the rejected mesh file"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let still = cluster.with_diagnostics(curl(client, 50, &["end-user: jason"]))?;
+    ensure_or_dump!(
+        cluster,
+        still.count("v2 HTTP/1.1") == 50,
+        "after a rejected update, jason must still reach v2: {:?}",
+        still.bodies.iter().take(5).collect::<Vec<_>>()
+    );
+
+    // 6. A good update takes effect without a restart: blue-green cutover to v1 (100/0).
+    let mut cutover = canary(json!({}));
+    cutover["spec"]["http"][1]["route"][0]["weight"] = json!(100);
+    cutover["spec"]["http"][1]["route"][1]["weight"] = json!(0);
+    cluster.set_routing(Routing {
+        virtual_services: vec![cutover],
+        destination_rules: vec![subsets()],
+    });
+    cluster.write_mesh()?;
+    let deadline = Instant::now() + T;
+    loop {
+        let accepted = waypoint_metrics(node0, waypoint)?
+            .lines()
+            .any(|l| l == "ambit_config_reloads_total{result=\"ok\"} 1");
+        if accepted {
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "the waypoint did not load the good update"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = cluster.with_diagnostics(curl(client, 100, &[]))?;
+    ensure_or_dump!(
+        cluster,
+        after.count("v1 HTTP/1.1") == 100,
+        "after the cutover every request must reach v1: {:?}",
+        after
+            .bodies
+            .iter()
+            .filter(|b| !b.starts_with("v1"))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+
+    // The servers saw the waypoint, not the client: the destination agent authorized the
+    // waypoint's identity (its access log names it as the tunnel's principal).
+    let waypoint_principal = format!("spiffe://cluster.local/ns/{namespace}/sa/waypoint");
+    let inbound = ambit_tests::traffic::access_logs(cluster.node(1));
+    ensure_or_dump!(
+        cluster,
+        inbound
+            .iter()
+            .any(|l| l["src_principal"] == waypoint_principal.as_str()),
+        "node 1's agent logged no tunnel from the waypoint's identity"
+    );
+    drop(servers);
+    Ok(())
+}
