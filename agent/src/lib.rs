@@ -28,4 +28,6 @@ pub mod relay;
 pub mod serdes;
 pub mod state;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod timefmt;
