@@ -10,6 +10,10 @@
 //! [`timefmt`], [`telemetry`], [`netns`] and [`relay`] depend on nothing else of the crate; the
 //! shared parts ([`identity`], [`limits`], [`policy`], [`state`], [`hbone`]) depend on nothing
 //! of the node agent's.
+//!
+//! Test support (test CAs, the fake Kubernetes API server, HBONE test servers) is the module
+//! `testing`, compiled only for tests: this crate's (`cfg(test)`) and other crates' through the
+//! `testing` feature, which only dev-dependencies enable (docs/testing.md).
 pub mod admin;
 pub mod app;
 pub mod backoff;
@@ -28,5 +32,7 @@ pub mod relay;
 pub mod serdes;
 pub mod state;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod timefmt;
 pub mod waypoint;

@@ -5,6 +5,9 @@
 //! every source file, collects the `crate::<module>` paths its non-test code names, and fails if
 //! a module names one of its own layer or a layer above. Test code (`#[cfg(test)]` modules and
 //! the files they declare) may reach anywhere: a test of the identity client may start a CA.
+//! So may test support: the `testing` module, declared `#[cfg(any(test, feature = "testing"))]`
+//! (its files, and every file below it), which sits above every layer; no production code may
+//! name it.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -63,29 +66,52 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Files declared by `#[cfg(test)] mod name;`: test code, exempt.
-fn test_only_files(files: &[PathBuf]) -> BTreeSet<PathBuf> {
-    let mut out = BTreeSet::new();
-    for file in files {
-        let text = fs::read_to_string(file).unwrap();
-        let lines: Vec<&str> = text.lines().map(str::trim).collect();
-        for pair in lines.windows(2) {
-            let gated = pair[0] == "#[cfg(test)]";
-            let declared = ["mod ", "pub mod ", "pub(crate) mod ", "pub(super) mod "]
+/// The gates that make code test code: compiled for unit tests, or for other crates' tests
+/// through the `testing` feature, never for the release binary.
+const TEST_GATES: &[&str] = &["#[cfg(test)]", "#[cfg(any(test, feature = \"testing\"))]"];
+
+/// The test support module: above every layer, used by no production code.
+const TEST_SUPPORT: &str = "testing";
+
+/// The modules a file's text declares behind a test gate (`#[cfg(test)] mod name;`).
+fn gated_modules(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    lines
+        .windows(2)
+        .filter(|pair| TEST_GATES.contains(&pair[0]))
+        .filter_map(|pair| {
+            ["mod ", "pub mod ", "pub(crate) mod ", "pub(super) mod "]
                 .iter()
                 .find_map(|prefix| pair[1].strip_prefix(prefix))
-                .and_then(|rest| rest.strip_suffix(';'));
-            if let (true, Some(name)) = (gated, declared) {
+                .and_then(|rest| rest.strip_suffix(';'))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// Test code, exempt: the files of modules declared behind a test gate, and every file below
+/// such a module's directory (the files it declares in turn).
+struct TestOnly(BTreeSet<PathBuf>);
+
+impl TestOnly {
+    fn of(files: &[PathBuf]) -> Self {
+        let mut out = BTreeSet::new();
+        for file in files {
+            for name in gated_modules(&fs::read_to_string(file).unwrap()) {
                 let dir = match file.file_stem().unwrap().to_str().unwrap() {
                     "mod" | "lib" => file.parent().unwrap().to_path_buf(),
                     stem => file.parent().unwrap().join(stem),
                 };
                 out.insert(dir.join(format!("{name}.rs")));
-                out.insert(dir.join(name).join("mod.rs"));
+                out.insert(dir.join(name));
             }
         }
+        Self(out)
     }
-    out
+
+    fn contains(&self, file: &Path) -> bool {
+        file.ancestors().any(|path| self.0.contains(path))
+    }
 }
 
 /// The source without comments and without inline `#[cfg(test)]` modules.
@@ -94,7 +120,7 @@ fn production_code(text: &str) -> String {
     let mut lines = text.lines().peekable();
     while let Some(line) = lines.next() {
         let trimmed = line.trim();
-        if trimmed == "#[cfg(test)]"
+        if TEST_GATES.contains(&trimmed)
             && lines.peek().is_some_and(|next| {
                 let next = next.trim_start();
                 (next.starts_with("mod ") || next.starts_with("pub(crate) mod "))
@@ -179,7 +205,12 @@ fn modules_depend_only_on_layers_below_their_own() {
     let mut files = Vec::new();
     rust_files(&src, &mut files);
     files.sort();
-    let exempt = test_only_files(&files);
+    let exempt = TestOnly::of(&files);
+    assert!(
+        exempt.contains(&src.join(TEST_SUPPORT).join("mod.rs")),
+        "the test support module `{TEST_SUPPORT}` must be declared behind {:?} in lib.rs",
+        TEST_GATES[1]
+    );
 
     let mut edges: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
     let mut unplaced = BTreeSet::new();
@@ -187,11 +218,11 @@ fn modules_depend_only_on_layers_below_their_own() {
         let Some(module) = top_module(&src, file) else {
             continue;
         };
-        if layer_of(&module).is_none() {
-            unplaced.insert(module.clone());
-        }
         if exempt.contains(file) {
             continue;
+        }
+        if layer_of(&module).is_none() {
+            unplaced.insert(module.clone());
         }
         let code = production_code(&fs::read_to_string(file).unwrap());
         for used in named_modules(&code) {
@@ -224,6 +255,10 @@ fn modules_depend_only_on_layers_below_their_own() {
         let own = layer_of(module).unwrap();
         for (used, files) in uses {
             match layer_of(used) {
+                _ if used == TEST_SUPPORT => violations.push(format!(
+                    "{module} uses the test support module `{TEST_SUPPORT}` in {files:?}: it is \
+                     compiled only for tests, production code must not name it"
+                )),
                 Some(layer) if layer < own => {}
                 Some(layer) => violations.push(format!(
                     "{module} (layer {own}, {}) uses {used} (layer {layer}, {}) in {files:?}",
@@ -273,12 +308,12 @@ fn sibling_files_do_not_use_each_other_in_a_circle() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
-    let exempt = test_only_files(&files);
+    let exempt = TestOnly::of(&files);
     let modules: BTreeSet<Vec<String>> = files.iter().map(|f| module_path(&src, f)).collect();
 
     // parent module -> (child -> siblings it uses)
     let mut graphs: BTreeMap<Vec<String>, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
-    for file in files.iter().filter(|f| !exempt.contains(*f)) {
+    for file in files.iter().filter(|f| !exempt.contains(f)) {
         let path = module_path(&src, file);
         let Some((me, parent)) = path.split_last() else {
             continue;
@@ -361,4 +396,19 @@ fn the_parser_sees_grouped_and_plain_paths_and_skips_tests() {
     );
     let names: Vec<String> = named_modules(&code).into_iter().collect();
     assert_eq!(names, ["a", "b", "d", "e"]);
+
+    // Both gates make test code; another cfg does not.
+    let lib = "pub mod app;\n#[cfg(test)]\nmod unit;\n#[cfg(any(test, feature = \"testing\"))]\n\
+               pub mod testing;\n#[cfg(feature = \"jemalloc\")]\nmod alloc;\n";
+    assert_eq!(gated_modules(lib), ["unit", "testing"]);
+    let code = production_code(
+        "#[cfg(any(test, feature = \"testing\"))]\nmod helpers {\n    use crate::hidden;\n}\n\
+         fn f() { crate::testing::ca::TestCa::new(\"x\"); }\n",
+    );
+    let names: Vec<String> = named_modules(&code).into_iter().collect();
+    assert_eq!(
+        names,
+        [TEST_SUPPORT],
+        "a production use of test support must be seen"
+    );
 }

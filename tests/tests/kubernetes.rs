@@ -2,7 +2,7 @@
 //! the mesh file.
 //!
 //! No real API server can run here, so the agents talk to the in-process fake one
-//! (`ambit::discovery::kube::fake`: list and watch, chunked events, bookmarks), listening on the
+//! (`ambit::testing::fake_apiserver`: list and watch, chunked events, bookmarks), listening on the
 //! fabric bridge of the test bed like a control plane node. Everything else is real: the agents
 //! find each pod's network namespace from its UID through the kubelet-style cgroups the bed
 //! creates (systemd driver on node 0, cgroupfs on node 1), load and attach their eBPF programs,
@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ambit::discovery::kube::fake::FakeApiServer;
 use ambit::discovery::kube::security::{AuthorizationPolicyResource, PeerAuthenticationResource};
+use ambit::testing::fake_apiserver::FakeApiServer;
 use ambit_tests::traffic::{
     TIMEOUT, access_logs_to, connect_ok, ensure_cut, long_transfer, metric_value, reaches, serve,
     wait_access_log,

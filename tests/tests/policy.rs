@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use ambit::hbone::{
     Http2Config, TunnelRequest,
     client::{connect_tls, handshake},
-    testing::TestCa,
     tls,
 };
 use ambit::identity::{SpiffeId, WorkloadCertificate};
+use ambit::testing::ca::TestCa;
 use ambit_tests::mesh::Policies;
 use ambit_tests::traffic::{
     LONG_TRANSFER_BYTES, ensure_cut, long_transfer, metric, reaches, serve, wait_access_log,

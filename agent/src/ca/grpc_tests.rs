@@ -13,11 +13,15 @@ use x509_parser::{
     prelude::{FromDer as _, X509Certificate},
 };
 
-use super::testing::{TOKEN_A, TOKEN_B, TestCa, create_certificate, csr_with, id, leaf_sans, uri};
-use crate::identity::{
-    CaClient, CaError, SpiffeId, WorkloadCertificate,
-    ca_api::{self, IstioCertificateRequest, IstioCertificateServiceClient},
-    pem::read_certificates,
+use crate::{
+    identity::{
+        CaClient, CaError, SpiffeId, WorkloadCertificate,
+        ca_api::{self, IstioCertificateRequest, IstioCertificateServiceClient},
+        pem::read_certificates,
+    },
+    testing::ca::{
+        TOKEN_A, TOKEN_B, TestCaServer, create_certificate, csr_with, id, leaf_sans, uri,
+    },
 };
 
 fn refused(result: Result<impl std::fmt::Debug, CaError>) -> (Code, String) {
@@ -36,9 +40,42 @@ fn csr(alg: &'static rcgen::SignatureAlgorithm) -> String {
         .unwrap()
 }
 
+/// The test CA (`crate::testing::ca::TestCa`) issues through the CA's own leaf recipe: a test
+/// leaf differs from one the CA service signs only in its key, serial and lifetime.
+#[tokio::test]
+async fn test_leaves_are_shaped_like_the_cas_own() {
+    let ca = TestCaServer::start().await;
+    let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
+    let web = id("shop", "web");
+    let served = client.fetch(&web, Duration::from_secs(600)).await.unwrap();
+    let issued = ca.ca().issue(&web);
+
+    /// Issuer, subject and every extension but the key's own identifier, as text.
+    fn shape(der: &CertificateDer<'_>) -> Vec<String> {
+        let (_, leaf) = X509Certificate::from_der(der).unwrap();
+        let mut shape = vec![
+            format!("issuer {}", leaf.issuer()),
+            format!("subject {}", leaf.subject()),
+        ];
+        for ext in leaf.extensions() {
+            if ext.oid != x509_parser::oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER {
+                shape.push(format!(
+                    "{} critical={} {:?}",
+                    ext.oid,
+                    ext.critical,
+                    ext.parsed_extension()
+                ));
+            }
+        }
+        shape
+    }
+    assert_eq!(shape(&issued.chain[0]), shape(&served.chain[0]));
+    assert_eq!(issued.roots, served.roots, "one root, in memory and served");
+}
+
 #[tokio::test]
 async fn signs_an_identity_placed_on_the_authenticated_node() {
-    let ca = TestCa::start().await;
+    let ca = TestCaServer::start().await;
     let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
     let web = id("shop", "web");
     let cert = client.fetch(&web, Duration::from_secs(600)).await.unwrap();
@@ -76,7 +113,7 @@ async fn signs_an_identity_placed_on_the_authenticated_node() {
 
 #[tokio::test]
 async fn refuses_a_wrong_or_missing_token() {
-    let ca = TestCa::start().await;
+    let ca = TestCaServer::start().await;
     let client = CaClient::new(ca.client_config("not-a-token-of-any-node")).unwrap();
     let (code, message) = refused(
         client
@@ -109,7 +146,7 @@ async fn refuses_a_wrong_or_missing_token() {
 
 #[tokio::test]
 async fn refuses_identities_not_placed_on_the_node() {
-    let ca = TestCa::start().await;
+    let ca = TestCaServer::start().await;
     let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
     // pay/pay runs on node-b only.
     let (code, message) = refused(
@@ -138,7 +175,7 @@ async fn refuses_identities_not_placed_on_the_node() {
 
 #[tokio::test]
 async fn without_metadata_signs_the_csrs_spiffe_san_placed_on_the_node() {
-    let ca = TestCa::start().await;
+    let ca = TestCaServer::start().await;
     let a = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
     let web = "spiffe://cluster.local/ns/shop/sa/web";
     // As Istio's sidecars and ztunnel in dedicated mode ask: no ImpersonatedIdentity.
@@ -171,7 +208,7 @@ async fn without_metadata_signs_the_csrs_spiffe_san_placed_on_the_node() {
 
 #[tokio::test]
 async fn refuses_csr_names_that_do_not_say_one_identity() {
-    let ca = TestCa::start().await;
+    let ca = TestCaServer::start().await;
     let a = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
     let web = "spiffe://cluster.local/ns/shop/sa/web";
     let db = "spiffe://cluster.local/ns/shop/sa/db";
@@ -277,7 +314,7 @@ async fn refuses_csr_names_that_do_not_say_one_identity() {
 
 #[tokio::test]
 async fn refuses_a_csr_with_another_key_type() {
-    let ca = TestCa::start().await;
+    let ca = TestCaServer::start().await;
     let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
     for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
         let (code, message) = refused(
@@ -292,13 +329,13 @@ async fn refuses_a_csr_with_another_key_type() {
 
 #[tokio::test]
 async fn follows_the_mesh_file() {
-    let ca = TestCa::start().await;
+    let ca = TestCaServer::start().await;
     let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
     let pay = id("pay", "pay");
     refused(client.fetch(&pay, Duration::from_secs(60)).await);
 
     // pay-0 moves to node-a.
-    let moved = super::testing::MESH.replace("    node: node-b\n", "    node: node-a\n");
+    let moved = crate::testing::ca::MESH.replace("    node: node-b\n", "    node: node-a\n");
     std::fs::write(ca.mesh_file(), moved).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
@@ -341,8 +378,8 @@ fn verifies(
 
 #[tokio::test]
 async fn a_bundle_with_two_roots_verifies_leaves_of_both() {
-    let old = TestCa::start().await;
-    let new = TestCa::start_trusting(vec![old.roots_file()]).await;
+    let old = TestCaServer::start().await;
+    let new = TestCaServer::start_trusting(vec![old.roots_file()]).await;
     // Mid-rotation every agent has the new bundle: it reaches either CA with it.
     let bundle = new.roots_file();
     let from_old = CaClient::new(old.client_config_with(TOKEN_A, bundle.clone()))
@@ -380,7 +417,7 @@ async fn a_bundle_with_two_roots_verifies_leaves_of_both() {
 
 #[tokio::test]
 async fn follows_the_tokens_file() {
-    let ca = TestCa::start().await;
+    let ca = TestCaServer::start().await;
     let web = id("shop", "web");
     let new_token = "a-fresh-token-for-node-a-42";
     let tokens = ca.mesh_file().with_file_name("tokens.yaml");

@@ -19,11 +19,13 @@ use super::{
     KubeAuthOptions,
     guard::quota,
     kube::{EXTRA_NODE_NAME, EXTRA_POD_NAME, EXTRA_POD_UID},
-    testing::{TestCa, create_certificate, csr_with, id, leaf_sans, uri},
 };
 use crate::{
-    discovery::kube::fake::FakeApiServer,
     identity::{BearerToken, CaClient, CaClientConfig, CaError, SpiffeId, ca_api},
+    testing::{
+        ca::{TestCaServer, create_certificate, csr_with, id, leaf_sans, uri},
+        fake_apiserver::FakeApiServer,
+    },
 };
 
 const AGENT_USER: &str = "system:serviceaccount:ambit-system:ambit-agent";
@@ -157,14 +159,14 @@ impl Cluster {
 }
 
 /// A fake API server answering TokenReviews from `cluster`, and a CA in Kubernetes mode on it.
-async fn start(cluster: &Arc<Cluster>) -> (FakeApiServer, TestCa) {
+async fn start(cluster: &Arc<Cluster>) -> (FakeApiServer, TestCaServer) {
     start_with(cluster, |options| options).await
 }
 
 async fn start_with(
     cluster: &Arc<Cluster>,
     configure: impl FnOnce(KubeAuthOptions) -> KubeAuthOptions,
-) -> (FakeApiServer, TestCa) {
+) -> (FakeApiServer, TestCaServer) {
     let api = FakeApiServer::start().await.unwrap();
     let handler_cluster = Arc::clone(cluster);
     api.set_handler(Arc::new(move |method, path, _query, body| {
@@ -184,7 +186,7 @@ async fn start_with(
         }
         None
     }));
-    let ca = TestCa::start_kube(configure(KubeAuthOptions::new(api.client()))).await;
+    let ca = TestCaServer::start_kube(configure(KubeAuthOptions::new(api.client()))).await;
     (api, ca)
 }
 
@@ -198,7 +200,7 @@ fn pod(namespace: &str, name: &str, sa: &str, node: &str, phase: &str) -> Pod {
     .unwrap()
 }
 
-fn client(ca: &TestCa, token: &str) -> CaClient {
+fn client(ca: &TestCaServer, token: &str) -> CaClient {
     CaClient::new(ca.client_config(token)).unwrap()
 }
 
@@ -519,7 +521,7 @@ fn reviews(cluster: &Cluster) -> usize {
 }
 
 /// A client of `ca` with `token` whose connections come from `source` (on loopback).
-fn client_from(ca: &TestCa, token: &str, source: &str) -> CaClient {
+fn client_from(ca: &TestCaServer, token: &str, source: &str) -> CaClient {
     CaClient::bound_to(ca.client_config(token), source.parse().unwrap())
 }
 

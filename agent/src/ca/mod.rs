@@ -46,8 +46,6 @@ mod kube_tests;
 pub mod root;
 pub mod server;
 pub mod sign;
-#[cfg(test)]
-pub(crate) mod testing;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

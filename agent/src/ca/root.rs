@@ -371,7 +371,12 @@ impl RootCa {
     }
 }
 
-fn generate_root(trust_domain: &str, ttl: Duration) -> Result<(String, String), RootError> {
+/// A new self-signed root for `trust_domain`, valid for `ttl`: (key PEM, certificate PEM). The
+/// shape is [`init_with`]'s; test CAs (`crate::testing::ca`) make their roots here too.
+pub(crate) fn generate_root(
+    trust_domain: &str,
+    ttl: Duration,
+) -> Result<(String, String), RootError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let now = SystemTime::now();
     let mut params = CertificateParams::default();

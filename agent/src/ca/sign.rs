@@ -11,8 +11,8 @@ use std::{
 };
 
 use rcgen::{
-    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    PublicKeyData, SanType, SignatureAlgorithm,
+    Certificate, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SignatureAlgorithm, SigningKey,
 };
 use x509_parser::{
     extensions::{GeneralName, ParsedExtension},
@@ -180,14 +180,49 @@ fn csr_public_key(csr: &X509CertificationRequest<'_>) -> Result<CsrPublicKey, Si
     Ok(CsrPublicKey(point.to_vec()))
 }
 
+/// The one recipe of a workload certificate: `public_key` certified as `identity` by `issuer`,
+/// valid from [`BACKDATE`] ago until `not_after`.
+///
+/// The leaf has an empty subject, the identity as its only (critical) SAN, key usage
+/// digitalSignature + keyEncipherment, extended key usage serverAuth + clientAuth, `CA:false`,
+/// a random serial and the issuer's key identifier. Policy (trust domain, lifetime caps) is the
+/// caller's: [`RootCa::sign_csr`] applies it; test CAs (`crate::testing::ca`) call this directly
+/// so their leaves are the mesh's, byte for byte in shape.
+pub fn workload_leaf(
+    public_key: &impl PublicKeyData,
+    identity: &SpiffeId,
+    not_after: SystemTime,
+    issuer: &Issuer<'_, impl SigningKey>,
+) -> Result<Certificate, SignError> {
+    let mut params = CertificateParams::default();
+    // The identity lives in the SAN; as in Istio, the subject stays empty (which makes the
+    // SAN critical, as RFC 5280 requires).
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names =
+        vec![SanType::URI(identity.to_string().try_into().map_err(
+            |_| SignError::MalformedCsr(format!("identity {identity} is not ASCII")),
+        )?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.serial_number = Some(super::random_serial());
+    params.not_before = (SystemTime::now() - BACKDATE).into();
+    params.not_after = not_after.into();
+    params.use_authority_key_identifier_extension = true;
+    Ok(params.signed_by(public_key, issuer)?)
+}
+
 impl RootCa {
     /// Signs `csr_pem` as a leaf for `identity`, valid from one minute ago until `ttl` from now
     /// (`ttl` capped by [`RootCa::max_ttl`], zero meaning the maximum, and never past the
-    /// root's own expiry). Returns the chain as PEM: the leaf first, the root last.
-    ///
-    /// The leaf has an empty subject, the identity as its only (critical) SAN, key usage
-    /// digitalSignature + keyEncipherment, extended key usage serverAuth + clientAuth, and
-    /// `CA:false`.
+    /// root's own expiry). Returns the chain as PEM: the leaf first, the root last. The leaf is
+    /// [`workload_leaf`]'s.
     pub fn sign(
         &self,
         csr_pem: &str,
@@ -222,28 +257,7 @@ impl RootCa {
             return Err(SignError::RootExpired);
         }
 
-        let mut params = CertificateParams::default();
-        // The identity lives in the SAN; as in Istio, the subject stays empty (which makes the
-        // SAN critical, as RFC 5280 requires).
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names =
-            vec![SanType::URI(identity.to_string().try_into().map_err(
-                |_| SignError::MalformedCsr(format!("identity {identity} is not ASCII")),
-            )?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.serial_number = Some(super::random_serial());
-        params.not_before = (now - BACKDATE).into();
-        params.not_after = not_after.into();
-        params.use_authority_key_identifier_extension = true;
-        let leaf = params.signed_by(public_key, self.issuer())?;
+        let leaf = workload_leaf(public_key, identity, not_after, self.issuer())?;
         Ok(vec![leaf.pem(), self.certificate_pem().to_string()])
     }
 

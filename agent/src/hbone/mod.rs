@@ -14,7 +14,6 @@
 //! - [`client`] is the single-connection layer under the pool (also usable on its own, e.g. for
 //!   a tunnel inside a tunnel).
 //! - [`headers`] builds and parses the request headers (`baggage`, `forwarded`, `traceparent`).
-//! - [`testing`] issues throwaway certificates for tests.
 //!
 //! [`WorkloadCertificate`]: crate::identity::WorkloadCertificate
 use std::time::Duration;
@@ -25,7 +24,6 @@ pub mod pool;
 pub mod server;
 mod slot;
 mod stream;
-pub mod testing;
 pub mod tls;
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
-//! End-to-end HBONE tests: real TLS and real HTTP/2 over 127.0.0.1. The servers here also
-//! stand in for destination pods and waypoints in the proxy's own tests.
+//! End-to-end HBONE tests: real TLS and real HTTP/2 over 127.0.0.1, against the servers of
+//! `crate::testing::hbone`.
 use std::{
-    io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc,
@@ -14,23 +13,25 @@ use http::{HeaderValue, StatusCode};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::mpsc,
 };
 
 use super::{
     headers::{Baggage, ForwardedFor},
-    testing::TestCa,
     tls::{self, PeerIdentityError},
     *,
 };
 use crate::{
     identity::{SpiffeId, WorkloadCertificate},
     limits::{Limit, LimitSettings, Limits, Path, Phase},
-    policy::Admission,
+    testing::{
+        ca::TestCa,
+        hbone::{
+            Failure, LOCALHOST, Server, TD, generous_limits, recv, start_limited, start_server,
+            start_server_with, start_upstream,
+        },
+    },
 };
 
-pub(crate) const TD: &str = "cluster.local";
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const MIB: usize = 1024 * 1024;
 
 fn id(sa: &str) -> SpiffeId {
@@ -40,177 +41,6 @@ fn id(sa: &str) -> SpiffeId {
 /// Deterministic, position-dependent bytes so a reordering or a lost chunk shows.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
-}
-
-/// What the server side refused a connection for.
-#[derive(Debug)]
-enum Failure {
-    Identity(PeerIdentityError),
-    Rustls(rustls::Error),
-    Other(String),
-}
-
-struct Handler {
-    tls: Arc<rustls::ServerConfig>,
-    deny: bool,
-    /// Where every tunnel goes (a waypoint stand-in); `None`: to the CONNECT's authority.
-    forward_to: Option<SocketAddr>,
-    /// Connections accepted (one `tls_config` call each).
-    accepted: Arc<AtomicUsize>,
-    requests: mpsc::UnboundedSender<ConnectRequest>,
-    reports: mpsc::UnboundedSender<StreamReport>,
-    failures: mpsc::UnboundedSender<Failure>,
-}
-
-impl InboundHandler for Handler {
-    type Upstream = TcpStream;
-
-    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
-        self.accepted.fetch_add(1, Ordering::SeqCst);
-        Some(self.tls.clone())
-    }
-
-    async fn authorize(&self, request: &ConnectRequest) -> Result<Admission, Deny> {
-        let _ = self.requests.send(request.clone());
-        if self.deny {
-            Err(Deny::new("test policy says no"))
-        } else {
-            Ok(Admission::unconditional())
-        }
-    }
-
-    async fn connect(&self, request: &ConnectRequest) -> io::Result<TcpStream> {
-        TcpStream::connect(self.forward_to.unwrap_or(request.destination)).await
-    }
-
-    fn report(&self, report: StreamReport) {
-        let _ = self.reports.send(report);
-    }
-
-    fn connection_failed(&self, _source: SocketAddr, error: &ConnectionError) {
-        let failure = match error {
-            ConnectionError::Handshake(err) => {
-                match (tls::identity_error(err), tls::handshake_error(err)) {
-                    (Some(identity), _) => Failure::Identity(identity),
-                    (None, Some(rustls)) => Failure::Rustls(rustls.clone()),
-                    _ => Failure::Other(err.to_string()),
-                }
-            }
-            other => Failure::Other(other.to_string()),
-        };
-        let _ = self.failures.send(failure);
-    }
-}
-
-/// A pod's HBONE server on 127.0.0.1, with what it saw.
-pub(crate) struct Server {
-    /// Where it listens.
-    pub(crate) addr: SocketAddr,
-    id: SpiffeId,
-    /// Connections accepted.
-    pub(crate) accepted: Arc<AtomicUsize>,
-    /// The CONNECT requests received, as authorization saw them.
-    pub(crate) requests: mpsc::UnboundedReceiver<ConnectRequest>,
-    reports: mpsc::UnboundedReceiver<StreamReport>,
-    failures: mpsc::UnboundedReceiver<Failure>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn start_server(cert: &WorkloadCertificate, deny: bool) -> Server {
-    start_server_with(cert, deny, InboundSettings::new(vec![LOCALHOST])).await
-}
-
-async fn start_server_with(
-    cert: &WorkloadCertificate,
-    deny: bool,
-    settings: InboundSettings,
-) -> Server {
-    start(cert, deny, settings, None).await
-}
-
-/// A waypoint's HBONE server: accepts any destination and sends every tunnel to `upstream`.
-pub(crate) async fn start_waypoint(cert: &WorkloadCertificate, upstream: SocketAddr) -> Server {
-    let settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
-    start(cert, false, settings, Some(upstream)).await
-}
-
-/// Limits no test here comes near, as on a node with containerd's descriptor limit.
-fn generous_limits() -> Arc<Limits> {
-    Arc::new(Limits::new(LimitSettings::for_descriptors(1 << 20)))
-}
-
-async fn start(
-    cert: &WorkloadCertificate,
-    deny: bool,
-    settings: InboundSettings,
-    forward_to: Option<SocketAddr>,
-) -> Server {
-    start_limited(cert, deny, settings, forward_to, generous_limits()).await
-}
-
-async fn start_limited(
-    cert: &WorkloadCertificate,
-    deny: bool,
-    settings: InboundSettings,
-    forward_to: Option<SocketAddr>,
-    limits: Arc<Limits>,
-) -> Server {
-    let (requests_tx, requests) = mpsc::unbounded_channel();
-    let (reports_tx, reports) = mpsc::unbounded_channel();
-    let (failures_tx, failures) = mpsc::unbounded_channel();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let handler = Handler {
-        tls: tls::server_config(cert).unwrap(),
-        deny,
-        forward_to,
-        accepted: accepted.clone(),
-        requests: requests_tx,
-        reports: reports_tx,
-        failures: failures_tx,
-    };
-    let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = HboneServer::new(handler, settings, limits);
-    let task = tokio::spawn(async move { server.serve(listener).await });
-    Server {
-        addr,
-        id: cert.id.clone(),
-        accepted,
-        requests,
-        reports,
-        failures,
-        task,
-    }
-}
-
-/// The application: for each connection, reads to EOF, hands over what it read, then answers
-/// `reply` and closes. Replying only after EOF proves the client's half-close came through.
-pub(crate) async fn start_upstream(
-    reply: Vec<u8>,
-) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
-    let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let (tx, reply) = (tx.clone(), reply.clone());
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                socket.read_to_end(&mut got).await.unwrap();
-                let _ = tx.send(got);
-                socket.write_all(&reply).await.unwrap();
-                socket.shutdown().await.unwrap();
-            });
-        }
-    });
-    (addr, rx)
 }
 
 fn test_pool(config: PoolConfig) -> Pool {
@@ -244,14 +74,6 @@ async fn exchange(stream: HboneStream, payload: &[u8]) -> Vec<u8> {
         got
     };
     tokio::join!(writer, reader).1
-}
-
-/// The next item of `rx`, failing the test after 10 s.
-pub(crate) async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("timed out waiting for the server")
-        .expect("channel closed")
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {

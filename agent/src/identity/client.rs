@@ -278,8 +278,8 @@ impl CaClient {
         })
     }
 
-    /// The underlying channel, to send requests the client would not (tests).
-    #[cfg(test)]
+    /// The underlying channel, to send requests the client would not (`crate::testing`).
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn channel_for_tests(&self) -> Channel {
         self.channel.clone()
     }

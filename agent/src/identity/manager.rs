@@ -354,11 +354,11 @@ async fn keep_fresh(
 mod tests {
     use super::*;
     use crate::{
-        ca::testing::{TOKEN_A, TestCa, id},
         identity::CaClient,
+        testing::ca::{TOKEN_A, TestCaServer, id},
     };
 
-    fn manager(ca: &TestCa, ttl: Duration) -> CertificateManager {
+    fn manager(ca: &TestCaServer, ttl: Duration) -> CertificateManager {
         let config = ManagerConfig {
             ttl,
             initial_backoff: Duration::from_millis(200),
@@ -385,7 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn fetches_wanted_identities_and_drops_unwanted_ones() {
-        let ca = TestCa::start().await;
+        let ca = TestCaServer::start().await;
         let manager = manager(&ca, Duration::from_secs(600));
         let (web, db, pay) = (id("shop", "web"), id("shop", "db"), id("pay", "pay"));
         manager.set_wanted([web.clone(), db.clone()].into());
@@ -442,7 +442,7 @@ mod tests {
 
     #[tokio::test]
     async fn renews_at_half_life_before_expiry() {
-        let ca = TestCa::start().await;
+        let ca = TestCaServer::start().await;
         let manager = manager(&ca, Duration::from_secs(4));
         let web = id("shop", "web");
         manager.set_wanted([web.clone()].into());
@@ -472,7 +472,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_the_certificate_while_the_ca_is_down() {
-        let mut ca = TestCa::start().await;
+        let mut ca = TestCaServer::start().await;
         let manager = manager(&ca, Duration::from_secs(6));
         let web = id("shop", "web");
         manager.set_wanted([web.clone()].into());

@@ -344,14 +344,14 @@ mod tests {
 
     use super::*;
     use crate::{
-        hbone::{
-            PoolConfig,
-            testing::TestCa,
-            tests::{TD, recv, start_upstream, start_waypoint},
-        },
+        hbone::PoolConfig,
         netns::NetnsRef,
         state::{EndpointAddress, RedirectSettings, ServicePort, WaypointRef},
         telemetry::{Metrics, istio::ResponseFlags},
+        testing::{
+            ca::TestCa,
+            hbone::{TD, recv, start_upstream, start_waypoint},
+        },
     };
 
     const VIP: &str = "10.96.0.10:80";

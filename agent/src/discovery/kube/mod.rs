@@ -55,8 +55,6 @@ mod cgroup;
 pub mod convert;
 pub mod crd;
 pub mod events;
-#[cfg(any(test, feature = "fake-apiserver"))]
-pub mod fake;
 pub mod objects;
 pub mod security;
 #[cfg(test)]

@@ -11,7 +11,6 @@ use tokio::task::JoinHandle;
 
 use super::{
     StatusWriter,
-    fake::{FakeApiServer, GoneStyle},
     security::{
         AuthorizationPolicyResource, DEFAULT_ROOT_NAMESPACE, PeerAuthenticationResource,
         PolicyCondition, Verdict, authorization_policy, convert_policies, peer_authentication,
@@ -22,6 +21,7 @@ use crate::{
     identity::SpiffeId,
     policy::{Action, PeerAuthMode, PolicySet, Scope},
     state::{MeshState, Workload},
+    testing::fake_apiserver::{FakeApiServer, GoneStyle},
 };
 
 const ROOT: &str = DEFAULT_ROOT_NAMESPACE;

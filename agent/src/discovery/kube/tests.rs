@@ -16,7 +16,6 @@ use tokio::{sync::watch, task::JoinHandle};
 use super::{
     KubeSource, SOURCE_NAME,
     convert::{MODE_AMBIENT, MODE_LABEL, MODE_NONE},
-    fake::{FakeApiServer, GoneStyle},
     objects::SERVICE_NAME_LABEL,
     security::{AuthorizationPolicyResource, PeerAuthenticationResource},
 };
@@ -24,6 +23,7 @@ use crate::{
     discovery::ConfigStatus,
     netns::NetnsRef,
     state::{MeshState, Resolved, Workload},
+    testing::fake_apiserver::{FakeApiServer, GoneStyle},
 };
 
 pub(super) const NODE: &str = "node-a";

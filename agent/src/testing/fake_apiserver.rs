@@ -23,7 +23,7 @@
 //! [`FakeApiServer::drop_watches`], [`FakeApiServer::bookmark`], [`FakeApiServer::go_down`] /
 //! [`FakeApiServer::come_up`].
 //!
-//! Available to this crate's tests, and to other crates with the `fake-apiserver` feature.
+//! Available to this crate's tests, and to other crates' tests with the `testing` feature.
 //! Like the API server, it sets `metadata.generation` (1 on creation, bumped when anything but
 //! the metadata and status changes) and `metadata.creationTimestamp`; objects created or
 //! patched over HTTP can be read with [`FakeApiServer::get`] and [`FakeApiServer::list`].
