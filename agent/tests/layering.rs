@@ -47,7 +47,7 @@ fn layer_of(module: &str) -> Option<usize> {
         .position(|(_, modules)| modules.contains(&module))
 }
 
-/// The top-level module a file belongs to (`src/proxy/hbone/client.rs` -> `proxy`).
+/// The top-level module a file belongs to (`src/hbone/client.rs` -> `hbone`).
 fn top_module(src: &Path, file: &Path) -> Option<String> {
     let relative = file.strip_prefix(src).ok()?;
     let first = relative.components().next()?.as_os_str().to_str()?;
@@ -286,7 +286,7 @@ fn modules_depend_only_on_layers_below_their_own() {
     }
 }
 
-/// A file's module path below `src` (`proxy/hbone/pool.rs` -> `["proxy", "hbone", "pool"]`).
+/// A file's module path below `src` (`hbone/pool.rs` -> `["hbone", "pool"]`).
 fn module_path(src: &Path, file: &Path) -> Vec<String> {
     let mut path: Vec<String> = file
         .strip_prefix(src)
