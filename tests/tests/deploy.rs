@@ -1920,7 +1920,9 @@ fn exported_metrics() -> BTreeSet<String> {
 fn exported_labels() -> BTreeSet<String> {
     let src = metrics_sources();
     let mut out = BTreeSet::new();
-    let start = src.find("TCP_LABEL_NAMES").expect("TCP_LABEL_NAMES");
+    let start = src
+        .find("const TCP_LABEL_NAMES")
+        .expect("const TCP_LABEL_NAMES");
     let block = &src[start..start + src[start..].find("];").unwrap()];
     out.extend(block.split('"').skip(1).step_by(2).map(String::from));
     // Every name of each `&["a", "b"]` list (label sets, and label values, which do no harm).

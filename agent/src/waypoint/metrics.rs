@@ -7,9 +7,10 @@ use prometheus::{IntCounterVec, Opts};
 
 use crate::{
     identity::SpiffeId,
+    proxy::metrics::ConnectionLabels,
     state::{Service, Workload},
     telemetry::{
-        istio::{CLUSTER_ID, Reporter, SecurityPolicy, UNKNOWN},
+        istio::{Reporter, SecurityPolicy, UNKNOWN},
         metrics::Metrics,
     },
 };
@@ -69,83 +70,88 @@ impl RequestFlags {
     }
 }
 
-/// The labels of one request.
+/// The labels of one request. Who talked to whom, through which service, and how securely are
+/// the labels a connection has: they are filled by the node proxy's [`ConnectionLabels`], so a
+/// workload is named the same way in `istio_requests_total` and in `istio_tcp_*`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestLabels {
-    values: [String; 25],
+    peers: ConnectionLabels,
+    protocol: &'static str,
+    response_code: u16,
+    flags: RequestFlags,
 }
 
 impl RequestLabels {
     /// Everything unknown but the reporter (`waypoint`) and mutual TLS, which every request
     /// reaching a waypoint is.
     pub fn new() -> Self {
-        let mut values: [String; 25] = std::array::from_fn(|_| UNKNOWN.to_string());
-        values[0] = Reporter::Waypoint.as_str().to_string();
-        values[21] = "0".to_string();
-        values[23] = RequestFlags::None.as_str().to_string();
-        values[24] = SecurityPolicy::MutualTls.as_str().to_string();
-        values[20] = "http".to_string();
-        Self { values }
+        Self {
+            peers: ConnectionLabels::new(Reporter::Waypoint)
+                .with_security_policy(SecurityPolicy::MutualTls),
+            protocol: "http",
+            response_code: 0,
+            flags: RequestFlags::None,
+        }
     }
 
     /// The source: its workload (when its address names one that runs as `principal`) and its
     /// verified identity.
     pub fn with_source(mut self, workload: Option<&Workload>, principal: &SpiffeId) -> Self {
-        if let Some(workload) = workload {
-            self.values[1] = workload.name.clone();
-            self.values[2] = workload.canonical_service().to_string();
-            self.values[3] = workload.canonical_revision().to_string();
-            self.values[4] = workload.namespace.clone();
-            self.values[6] = workload.canonical_service().to_string();
-            self.values[7] = workload.canonical_revision().to_string();
-            self.values[8] = CLUSTER_ID.to_string();
-        }
-        self.values[5] = principal.to_string();
+        self.peers = self
+            .peers
+            .with_source(workload)
+            .with_source_principal(Some(principal));
         self
     }
 
     /// The service the request was routed to.
     pub fn with_destination_service(mut self, service: &Service) -> Self {
-        self.values[9] = service.hostname();
-        self.values[10] = service.namespace.clone();
-        self.values[11] = service.name.clone();
+        self.peers = self.peers.with_destination_service(Some(service));
         self
     }
 
     /// The endpoint chosen and its identity.
     pub fn with_destination(mut self, workload: &Workload, principal: &SpiffeId) -> Self {
-        self.values[12] = workload.name.clone();
-        self.values[13] = workload.canonical_service().to_string();
-        self.values[14] = workload.canonical_revision().to_string();
-        self.values[15] = workload.namespace.clone();
-        self.values[16] = principal.to_string();
-        self.values[17] = workload.canonical_service().to_string();
-        self.values[18] = workload.canonical_revision().to_string();
-        self.values[19] = CLUSTER_ID.to_string();
+        self.peers = self
+            .peers
+            .with_destination(Some(workload))
+            .with_destination_principal(Some(principal));
         self
     }
 
     /// `grpc` or `http`.
     pub fn with_protocol(mut self, grpc: bool) -> Self {
-        self.values[20] = if grpc { "grpc" } else { "http" }.to_string();
+        self.protocol = if grpc { "grpc" } else { "http" };
         self
     }
 
     /// The status answered and why.
     pub fn with_response(mut self, code: u16, flags: RequestFlags) -> Self {
-        self.values[21] = code.to_string();
-        self.values[23] = flags.as_str().to_string();
+        self.response_code = code;
+        self.flags = flags;
         self
     }
 
     /// The value of the label `name`, for logs and tests.
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub fn get(&self, name: &str) -> Option<String> {
         let i = REQUEST_LABEL_NAMES.iter().position(|n| *n == name)?;
-        Some(&self.values[i])
+        let code = self.response_code.to_string();
+        Some(self.values(&code)[i].to_string())
     }
 
-    fn values(&self) -> [&str; 25] {
-        std::array::from_fn(|i| self.values[i].as_str())
+    /// The label values, in the order of [`REQUEST_LABEL_NAMES`]: the connection's peers
+    /// (the first 20 of [`crate::proxy::metrics::TCP_LABEL_NAMES`]), then the request's own.
+    fn values<'a>(&'a self, response_code: &'a str) -> [&'a str; 25] {
+        let peers = self.peers.values();
+        std::array::from_fn(|i| match i {
+            0..20 => peers[i],
+            20 => self.protocol,
+            21 => response_code,
+            // Not read from gRPC trailers yet.
+            22 => UNKNOWN,
+            23 => self.flags.as_str(),
+            _ => self.peers.connection_security_policy.as_str(),
+        })
     }
 }
 
@@ -176,7 +182,8 @@ impl WaypointMetrics {
 
     /// Counts one request.
     pub fn request(&self, labels: &RequestLabels) {
-        self.requests.with_label_values(&labels.values()).inc();
+        let code = labels.response_code.to_string();
+        self.requests.with_label_values(&labels.values(&code)).inc();
     }
 }
 
