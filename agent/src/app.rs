@@ -237,25 +237,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             tokio::spawn(kube.run(state_tx, config_tx))
         }
     };
-    // The first load must succeed: an agent must not start on a configuration it cannot read.
-    // From Kubernetes it may take a while; the source logs why (API server unreachable...).
-    loop {
-        tokio::select! {
-            result = &mut source => {
-                return Err(match result {
-                    Ok(Ok(())) => anyhow::anyhow!("configuration source ended before loading"),
-                    Ok(Err(err)) => err,
-                    Err(err) => err.into(),
-                });
-            }
-            changed = config_rx.changed() => {
-                changed.context("configuration source ended")?;
-                if config_rx.borrow().generation > 0 {
-                    break;
-                }
-            }
-        }
-    }
+    discovery::first_load(&mut source, &mut config_rx).await?;
 
     let config_metrics = Arc::new(ConfigMetrics::new(config_rx.clone())?);
     metrics.register_at_scrape(config_metrics.clone())?;

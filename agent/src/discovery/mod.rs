@@ -7,9 +7,38 @@ pub mod file;
 pub mod kube;
 pub mod metrics;
 
+use anyhow::Context as _;
 use serde::Serialize;
+use tokio::{sync::watch, task::JoinHandle};
 
 pub use self::file::{ConfigError, load_mesh_file, parse_mesh, watch_mesh_file};
+
+/// Waits until the source running as `source` has published its first state (a status with a
+/// generation). A process must not start on a configuration it cannot read: if the source ends
+/// first, its error is returned. From Kubernetes this may take a while; the source logs why
+/// (API server unreachable...).
+pub async fn first_load(
+    source: &mut JoinHandle<anyhow::Result<()>>,
+    status: &mut watch::Receiver<ConfigStatus>,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            result = &mut *source => {
+                return Err(match result {
+                    Ok(Ok(())) => anyhow::anyhow!("configuration source ended before loading"),
+                    Ok(Err(err)) => err,
+                    Err(err) => err.into(),
+                });
+            }
+            changed = status.changed() => {
+                changed.context("configuration source ended")?;
+                if status.borrow().generation > 0 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
 
 /// The health of a configuration source, for the admin endpoint and readiness.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -96,24 +96,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         state_tx,
         config_tx,
     ));
-    // The first load must succeed, as the agent's.
-    loop {
-        tokio::select! {
-            result = &mut source => {
-                return Err(match result {
-                    Ok(Ok(())) => anyhow::anyhow!("configuration source ended before loading"),
-                    Ok(Err(err)) => err,
-                    Err(err) => err.into(),
-                });
-            }
-            changed = config_rx.changed() => {
-                changed.context("configuration source ended")?;
-                if config_rx.borrow().generation > 0 {
-                    break;
-                }
-            }
-        }
-    }
+    discovery::first_load(&mut source, &mut config_rx).await?;
     let config_metrics = Arc::new(ConfigMetrics::new(config_rx.clone())?);
     metrics.register_at_scrape(config_metrics.clone())?;
     tokio::spawn(config_metrics.count_rejections());
