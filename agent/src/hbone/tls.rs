@@ -217,6 +217,31 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// The server config of the certificate a listener presents, built once per certificate: a
+/// handshake reuses it until the certificate manager hands out a renewed one.
+#[derive(Default)]
+pub struct ServerConfigCache {
+    cached: std::sync::Mutex<Option<(Arc<WorkloadCertificate>, Arc<ServerConfig>)>>,
+}
+
+impl ServerConfigCache {
+    /// The config for `cert`: the cached one if it was built for this very certificate.
+    pub fn get(&self, cert: Arc<WorkloadCertificate>) -> Result<Arc<ServerConfig>, TlsConfigError> {
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((for_cert, config)) = cached.as_ref()
+            && Arc::ptr_eq(for_cert, &cert)
+        {
+            return Ok(config.clone());
+        }
+        let config = server_config(&cert)?;
+        *cached = Some((cert, config.clone()));
+        Ok(config)
+    }
+}
+
 /// The server configuration for a pod's HBONE listener: presents `pod`'s certificate and
 /// accepts clients of `pod`'s trust domain whose chain leads to its trust bundle.
 pub fn server_config(pod: &WorkloadCertificate) -> Result<Arc<ServerConfig>, TlsConfigError> {

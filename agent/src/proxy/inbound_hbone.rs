@@ -5,11 +5,7 @@
 //! pod-specific parts: the certificate, authorization with the client's verified identity (its
 //! [`Admission`] keeps the tunnel registered for re-evaluation while it is open), the connection
 //! to the application, and the access log and metrics of every tunnel.
-use std::{
-    io,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 use tracing::info;
@@ -24,7 +20,6 @@ use crate::{
         ConnectRequest, ConnectionError, Deny, InboundHandler, StreamReport, server::StreamError,
         tls,
     },
-    identity::WorkloadCertificate,
     policy::Admission,
     proxy::metrics::ConnectionLabels,
     telemetry::{
@@ -38,7 +33,7 @@ pub struct PodInbound {
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
     /// The server configuration built for the current certificate, rebuilt when it is renewed.
-    tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
+    tls: tls::ServerConfigCache,
 }
 
 impl PodInbound {
@@ -47,7 +42,7 @@ impl PodInbound {
         Self {
             pod,
             ctx,
-            tls: Mutex::new(None),
+            tls: tls::ServerConfigCache::default(),
         }
     }
 }
@@ -57,22 +52,12 @@ impl InboundHandler for PodInbound {
 
     fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         let cert = self.ctx.certs.as_ref()?.get(&self.pod.identity)?;
-        let mut cached = self.tls.lock().unwrap();
-        if let Some((for_cert, config)) = cached.as_ref()
-            && Arc::ptr_eq(for_cert, &cert)
-        {
-            return Some(config.clone());
-        }
-        match tls::server_config(&cert) {
-            Ok(config) => {
-                *cached = Some((cert, config.clone()));
-                Some(config)
-            }
-            Err(err) => {
-                tracing::warn!(pod = %self.pod.workload.uid(), %err, "unusable certificate");
-                None
-            }
-        }
+        self.tls
+            .get(cert)
+            .inspect_err(
+                |err| tracing::warn!(pod = %self.pod.workload.uid(), %err, "unusable certificate"),
+            )
+            .ok()
     }
 
     async fn authorize(&self, request: &ConnectRequest) -> Result<Admission, Deny> {

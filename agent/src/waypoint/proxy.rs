@@ -11,7 +11,7 @@ use std::{
     convert::Infallible,
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Instant,
 };
 
@@ -32,7 +32,7 @@ use crate::{
         ConnectRequest, ConnectionError, Deny, HBONE_PORT, InboundHandler, Pool, PoolKey,
         StreamReport, TunnelRequest, tls,
     },
-    identity::{CertificateManager, SpiffeId, WorkloadCertificate},
+    identity::{CertificateManager, SpiffeId},
     policy::Admission,
     state::{MeshState, Service},
 };
@@ -99,7 +99,7 @@ fn serves(state: &MeshState, service: &Service, namespace: &str, name: &str) -> 
 /// The HBONE handler of the waypoint.
 pub struct WaypointInbound {
     waypoint: Arc<Waypoint>,
-    tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
+    tls: tls::ServerConfigCache,
 }
 
 impl WaypointInbound {
@@ -107,7 +107,7 @@ impl WaypointInbound {
     pub fn new(waypoint: Arc<Waypoint>) -> Self {
         Self {
             waypoint,
-            tls: Mutex::new(None),
+            tls: tls::ServerConfigCache::default(),
         }
     }
 }
@@ -117,22 +117,10 @@ impl InboundHandler for WaypointInbound {
 
     fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         let cert = self.waypoint.certs.get(&self.waypoint.identity)?;
-        let mut cached = self.tls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((for_cert, config)) = cached.as_ref()
-            && Arc::ptr_eq(for_cert, &cert)
-        {
-            return Some(config.clone());
-        }
-        match tls::server_config(&cert) {
-            Ok(config) => {
-                *cached = Some((cert, config.clone()));
-                Some(config)
-            }
-            Err(err) => {
-                warn!(%err, "unusable waypoint certificate");
-                None
-            }
-        }
+        self.tls
+            .get(cert)
+            .inspect_err(|err| warn!(%err, "unusable waypoint certificate"))
+            .ok()
     }
 
     async fn authorize(&self, request: &ConnectRequest) -> Result<Admission, Deny> {
