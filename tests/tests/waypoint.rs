@@ -16,8 +16,9 @@
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Routing;
-use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump, util};
-use anyhow::{Result, bail, ensure};
+use ambit_tests::waypoint::{self, Answers, metrics as waypoint_metrics, start_waypoint};
+use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 /// The VIP of the routed service `reviews` (port 9080 to the servers' 8080).
@@ -33,99 +34,31 @@ const SPLIT_REQUESTS: usize = 2000;
 const SPLIT_V2_LOW: usize = 133;
 const SPLIT_V2_HIGH: usize = 267;
 
-/// The seed's canary VirtualService with only `apiVersion` changed (plus the namespace the
-/// bed's pods live in), and `extra` merged into its first route.
+/// The seed's canary VirtualService ([`waypoint::seed_canary`]) with `extra` merged into its
+/// first route.
 fn canary(extra: Value) -> Value {
-    let mut jason_route = json!({
-        "match": [{"headers": {"end-user": {"exact": "jason"}}}],
-        "route": [{"destination": {"host": "reviews", "subset": "v2"}}]
-    });
-    if let (Some(route), Some(extra)) = (jason_route.as_object_mut(), extra.as_object()) {
+    let mut vs = waypoint::seed_canary();
+    if let (Some(route), Some(extra)) = (vs["spec"]["http"][0].as_object_mut(), extra.as_object()) {
         for (k, v) in extra {
             route.insert(k.clone(), v.clone());
         }
     }
-    json!({
-        "apiVersion": "networking.ambit.dev/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": "reviews-canary"},
-        "spec": {
-            "hosts": ["reviews"],
-            "http": [
-                jason_route,
-                {"route": [
-                    {"destination": {"host": "reviews", "subset": "v1"}, "weight": 90},
-                    {"destination": {"host": "reviews", "subset": "v2"}, "weight": 10}
-                ]}
-            ]
-        }
-    })
+    vs
 }
 
 fn subsets() -> Value {
-    json!({
-        "apiVersion": "networking.ambit.dev/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": "reviews"},
-        "spec": {
-            "host": "reviews",
-            "subsets": [
-                {"name": "v1", "labels": {"version": "v1"}},
-                {"name": "v2", "labels": {"version": "v2"}}
-            ]
-        }
-    })
+    waypoint::seed_subsets()
 }
 
-/// The answers of one curl run: per request its body (`<server> <version seen>`) and status.
-#[derive(Debug, Default)]
-struct Answers {
-    bodies: Vec<String>,
-    codes: Vec<String>,
-}
-
-impl Answers {
-    fn count(&self, body: &str) -> usize {
-        self.bodies.iter().filter(|b| *b == body).count()
-    }
-}
-
-/// Runs curl in `from` for `count` HTTP/1.1 requests to the reviews VIP over one keep-alive
-/// connection (URL globbing reuses it), each bounded to 10 s and the whole run to 3 minutes.
-/// (Not for HTTP/2: Debian's curl 7.88 fails every transfer after the first on a reused
-/// prior-knowledge connection, with or without a proxy in the path; [`nghttp`] does HTTP/2.)
+/// curl's HTTP/1.1 keep-alive run of `count` requests to the reviews VIP.
 fn curl(from: &Pod, count: usize, headers: &[&str]) -> Result<Answers> {
-    let url = format!("http://{REVIEWS_VIP}:9080/reviews/[1-{count}]");
-    let mut args: Vec<String> = vec![
-        "-sS".into(),
-        "--max-time".into(),
-        "10".into(),
-        "-w".into(),
-        "\ncode=%{http_code}\n".into(),
-        "--http1.1".into(),
-    ];
-    for h in headers {
-        args.extend(["-H".to_string(), h.to_string()]);
-    }
-    args.push(url);
-    let mut process = from.spawn("curl", &args)?;
-    let (status, lines) = process.wait_output(Duration::from_secs(180))?;
-    let mut answers = Answers::default();
-    for line in lines.into_iter().filter(|l| !l.is_empty()) {
-        if let Some(code) = line.strip_prefix("code=") {
-            answers.codes.push(code.to_string());
-        } else {
-            answers.bodies.push(line);
-        }
-    }
-    if !status.success() || answers.codes.len() != count {
-        bail!(
-            "curl {status}: {} answers of {count}; stderr: {}",
-            answers.codes.len(),
-            process.stderr()
-        );
-    }
-    Ok(answers)
+    waypoint::curl(
+        from,
+        &format!("{REVIEWS_VIP}:9080"),
+        "/reviews",
+        count,
+        headers,
+    )
 }
 
 /// Runs nghttp in `from`: `count` HTTP/2 requests (prior knowledge, as a gRPC client speaks)
@@ -171,60 +104,9 @@ fn h2load(from: &Pod, count: usize) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-/// The waypoint's `/metrics`, fetched from its node's namespace.
-fn waypoint_metrics(node: &Node, waypoint: &Pod) -> Result<String> {
-    let r = node.http_get_addr(waypoint.addr4(15020), "/metrics", Duration::from_secs(5))?;
-    ensure!(r.status == 200, "waypoint /metrics: HTTP {}", r.status);
-    Ok(r.body)
-}
-
 /// The sum of `istio_requests_total` series carrying every one of `labels`.
 fn requests_total(metrics: &str, labels: &[(&str, &str)]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("istio_requests_total{"))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
-/// Starts `ambit waypoint` in `pod` and waits until it serves its metrics (it has its
-/// certificate and listens on 15008 by then).
-fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
-    let node = cluster.node_of(pod);
-    let mut args = vec![
-        "waypoint".to_string(),
-        "--mesh-file".into(),
-        cluster.mesh_path().display().to_string(),
-        "--name".into(),
-        pod.name().to_string(),
-        "--namespace".into(),
-        pod.namespace(),
-        "--log-format".into(),
-        "json".into(),
-    ];
-    args.extend(node.ca_flags());
-    let mut process = pod.spawn(cluster.ambit_bin(), &args)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = process.try_status()? {
-            bail!("ambit waypoint exited: {status}; log: {}", process.stderr());
-        }
-        if waypoint_metrics(node, pod).is_ok() {
-            return Ok(process);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "ambit waypoint not serving after 60 s; log: {}",
-                process.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    waypoint::sum_series(metrics, "istio_requests_total", labels)
 }
 
 /// Waits until every agent reports a rejected mesh file (its `lastError` set) and returns the
@@ -298,13 +180,7 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     });
     cluster.write_mesh()?;
     cluster.start_agents()?;
-    // The CA listens on the fabric; give it the way back to node 0's pods (where the waypoint
-    // runs), as a cluster routes pods to its CA's Service. Removed with the fabric namespace.
-    util::ip(&format!(
-        "-n {} route add 10.10.0.0/24 via {}",
-        cluster.fabric_netns(),
-        cluster.node(0).fabric_ip()
-    ))?;
+    waypoint::route_ca_to_pods_of(&cluster, cluster.node(0))?;
 
     let testpod = ambit_tests::testpod_path!();
     let mut servers = Vec::new();
