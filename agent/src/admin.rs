@@ -26,6 +26,7 @@ use crate::{
     identity::CertificateManager,
     limits::{Limits, Path, Phase, refuse},
     redirect::Redirector,
+    state::MeshState,
     telemetry::{LogControl, Metrics, metrics::CONTENT_TYPE},
 };
 
@@ -33,6 +34,8 @@ use crate::{
 pub struct AdminState {
     /// The node name.
     pub node: String,
+    /// The mesh as this agent holds it: workloads, services, policies, routes.
+    pub state: watch::Receiver<Arc<MeshState>>,
     /// Configuration source status.
     pub config: watch::Receiver<ConfigStatus>,
     /// Enrolment status.
@@ -77,7 +80,7 @@ impl AdminState {
             .into_iter()
             .map(|(name, n)| (name.to_string(), n.into()))
             .collect();
-        json!({
+        let mut dump = json!({
             "node": self.node,
             "config": *self.config.borrow(),
             "enrolled": enrolment.enrolled,
@@ -94,7 +97,14 @@ impl AdminState {
             "ebpfStats": self.redirector.stats(),
             "certificates": self.certificates(),
             "limits": self.limits(),
-        })
+        });
+        // The mesh beside the node's own state: `workloads`, `services` (with their endpoints
+        // and waypoints), `peerAuthentications`, `authorizationPolicies`, `routes`, ...
+        let mesh = serde_json::to_value(&**self.state.borrow());
+        if let (Some(dump), Ok(serde_json::Value::Object(mesh))) = (dump.as_object_mut(), mesh) {
+            dump.extend(mesh);
+        }
+        dump
     }
 
     /// The limits in force and what holds them now.

@@ -277,10 +277,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         state_rx.clone(),
         crate::cni::CniMetrics::new(&metrics)?,
     ));
-    tokio::spawn(enrolment.run(state_rx, cni_rx));
+    tokio::spawn(enrolment.run(state_rx.clone(), cni_rx));
 
     let admin_state = Arc::new(AdminState {
         node: args.node.clone(),
+        state: state_rx,
         config: config_rx,
         enrolment: enrolment_rx,
         redirector: redirector.clone(),

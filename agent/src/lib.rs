@@ -18,6 +18,7 @@ pub mod admin;
 pub mod app;
 pub mod backoff;
 pub mod ca;
+pub mod cli;
 pub mod cni;
 pub mod discovery;
 pub mod enrolment;

@@ -40,6 +40,9 @@ enum Command {
         #[command(subcommand)]
         command: CniCommand,
     },
+    /// Show what an agent holds (workloads, services, policies, certificates), from its admin
+    /// endpoint, as `istioctl ztunnel-config` does.
+    Config(ambit::cli::config::ConfigArgs),
     /// Remove everything an agent pinned (programs detach, maps are freed). Enrolled pods'
     /// new connections then go direct, outside the mesh.
     Uninstall {
@@ -90,6 +93,11 @@ fn main() -> std::process::ExitCode {
         Command::Cni {
             command: CniCommand::Uninstall(args),
         } => ambit::cni::install::uninstall(&args),
+        Command::Config(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ambit::cli::config::run(args))),
         Command::Uninstall { bpffs } => ambit::redirect::uninstall(&bpffs),
     };
     match result {

@@ -38,7 +38,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("enrolment: per-pod listeners and maps", &["enrolment"]),
     ("admin endpoints", &["admin"]),
     ("the waypoint: the L7 proxy", &["waypoint"]),
-    ("the binary's wiring", &["app"]),
+    (
+        "the binary's wiring and the operators' commands",
+        &["app", "cli"],
+    ),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -783,17 +783,34 @@ impl Default for MeshState {
 /// The admin endpoint's config dump: the sources' view plus the computed endpoints.
 impl Serialize for MeshState {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The shape is documented (docs/operations.md, "config_dump") and read by `ambit
+        // config`: fields are only ever added.
         #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
         struct ServiceDump<'a> {
+            uid: String,
+            hostname: String,
             #[serde(flatten)]
             service: &'a Service,
             endpoints: Vec<String>,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct WorkloadDump<'a> {
+            uid: String,
+            identity: String,
+            canonical_service: &'a str,
+            canonical_revision: &'a str,
+            #[serde(flatten)]
+            workload: &'a Workload,
         }
         let services: Vec<ServiceDump<'_>> = self
             .services
             .iter()
             .zip(&self.endpoints)
             .map(|(service, endpoints)| ServiceDump {
+                uid: service.uid(),
+                hostname: service.hostname(),
                 service,
                 endpoints: endpoints.targets().map(Target::name).collect(),
             })
@@ -802,7 +819,17 @@ impl Serialize for MeshState {
         s.serialize_field("redirect", &self.redirect)?;
         s.serialize_field("trustDomain", &self.trust_domain)?;
         // Through plain references: serde's `rc` feature (Serialize for Arc) is not enabled.
-        let workloads: Vec<&Workload> = self.workloads.iter().map(|w| &**w).collect();
+        let workloads: Vec<WorkloadDump<'_>> = self
+            .workloads
+            .iter()
+            .map(|w| WorkloadDump {
+                uid: w.uid(),
+                identity: self.identity_of(w).to_string(),
+                canonical_service: w.canonical_service(),
+                canonical_revision: w.canonical_revision(),
+                workload: w,
+            })
+            .collect();
         s.serialize_field("workloads", &workloads)?;
         s.serialize_field("services", &services)?;
         s.serialize_field("peerAuthentications", self.policies.peer_authentications())?;

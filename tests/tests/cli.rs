@@ -1,0 +1,127 @@
+//! End-to-end tests of the operators' commands (`ambit config`) against a running agent: they
+//! run on the node, as a person would, and read the agent's admin endpoint.
+
+use std::time::Duration;
+
+use ambit_tests::mesh::Policies;
+use ambit_tests::{ADMIN_PORT, Cluster, ClusterSpec, Node, ensure_or_dump};
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Runs `ambit config <args>` on `node` against its agent; its stdout.
+fn ambit_config(cluster: &Cluster, node: &Node, args: &[&str]) -> Result<String> {
+    let admin = format!("127.0.0.1:{ADMIN_PORT}");
+    let mut all = vec!["config", "--admin", admin.as_str()];
+    all.extend(args);
+    let mut process = node.spawn(cluster.ambit_bin(), &all)?;
+    let (status, lines) = process.wait_output(T)?;
+    if !status.success() {
+        bail!(
+            "ambit {} {status}; stderr: {}",
+            all.join(" "),
+            process.stderr()
+        );
+    }
+    Ok(lines.join("\n"))
+}
+
+#[test]
+fn ambit_config_shows_what_the_agent_holds() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 2,
+    })?;
+    let (client, web) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let namespace = web.namespace();
+    cluster.set_labels(web, &[("app", "web")]);
+    web.set_service_account("web");
+    cluster.add_service(
+        "web",
+        &namespace,
+        &["10.96.0.10"],
+        &[("app", "web")],
+        &[(80, 8080)],
+    );
+    cluster.set_policies(Policies {
+        peer_authentications: vec![json!({"name": "default", "mode": "STRICT"})],
+        authorization_policies: vec![json!({
+            "name": "web-from-client",
+            "namespace": namespace,
+            "selector": {"matchLabels": {"app": "web"}},
+            "action": "ALLOW",
+            "rules": [{"from": [{"source": {"principals": [
+                format!("cluster.local/ns/{namespace}/sa/{}", client.service_account())
+            ]}}]}],
+        })],
+    });
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let node = cluster.node(0);
+
+    let workloads = cluster.with_diagnostics(ambit_config(&cluster, node, &["workloads"]))?;
+    let web_row = workloads.lines().find(|l| l.contains(web.name()));
+    ensure_or_dump!(
+        cluster,
+        workloads.starts_with("NAMESPACE")
+            && web_row.is_some_and(|row| row.contains(&web.ip4().to_string())
+                && row.contains(&format!("spiffe://cluster.local/ns/{namespace}/sa/web"))
+                && row.contains("yes")),
+        "the workloads table must list {} with its address and identity:\n{workloads}",
+        web.name()
+    );
+
+    let services = ambit_config(&cluster, node, &["services"])?;
+    let row = services.lines().find(|l| l.contains("10.96.0.10"));
+    let endpoint = format!("{namespace}/{}", web.name());
+    ensure_or_dump!(
+        cluster,
+        row.is_some_and(|row| row.contains("80->8080") && row.contains(&endpoint)),
+        "the services table must show web's port and its endpoint {endpoint}:\n{services}"
+    );
+
+    let policies = ambit_config(&cluster, node, &["policies", "-o", "json"])?;
+    let policies: Value = serde_json::from_str(&policies)?;
+    ensure_or_dump!(
+        cluster,
+        policies["peerAuthentications"][0]["name"] == "default"
+            && policies["authorizationPolicies"][0]["name"] == "web-from-client",
+        "policies as JSON: {policies:#}"
+    );
+    let table = ambit_config(&cluster, node, &["policies", "-n", &namespace])?;
+    ensure_or_dump!(
+        cluster,
+        table.contains("web-from-client")
+            && table.contains(&format!("{namespace}: app=web"))
+            && !table.contains("STRICT"),
+        "a namespace filter keeps the namespace's policies only (the mesh-wide one has none):\n\
+         {table}"
+    );
+
+    // Each enrolled pod's identity holds a certificate once the agent is ready.
+    let certificates = ambit_config(&cluster, node, &["certificates", "-o", "yaml"])?;
+    let certificates: Vec<Value> = serde_yaml_ng::from_str(&certificates)?;
+    let web_id = format!("spiffe://cluster.local/ns/{namespace}/sa/web");
+    ensure_or_dump!(
+        cluster,
+        certificates
+            .iter()
+            .any(|c| c["id"] == web_id.as_str() && c["notAfter"].is_string()),
+        "certificates: {certificates:?}"
+    );
+
+    // A wrong address is an error that says what was tried, not an empty table.
+    let mut wrong = node.spawn(
+        cluster.ambit_bin(),
+        ["config", "workloads", "--admin", "127.0.0.1:1"],
+    )?;
+    let (status, _) = wrong.wait_output(T)?;
+    let stderr = wrong.stderr();
+    ensure_or_dump!(
+        cluster,
+        !status.success() && stderr.contains("127.0.0.1:1"),
+        "ambit config against nothing must fail naming the address: {status}, {stderr}"
+    );
+    Ok(())
+}
