@@ -43,6 +43,9 @@ enum Command {
     /// Show what an agent holds (workloads, services, policies, certificates), from its admin
     /// endpoint, as `istioctl ztunnel-config` does.
     Config(ambit::cli::config::ConfigArgs),
+    /// Per workload, what an agent carried over an interval (connections, bytes, mTLS share),
+    /// from its metrics endpoint, as `linkerd viz stat` shows.
+    Stat(ambit::cli::stat::StatArgs),
     /// Remove everything an agent pinned (programs detach, maps are freed). Enrolled pods'
     /// new connections then go direct, outside the mesh.
     Uninstall {
@@ -98,6 +101,11 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ambit::cli::config::run(args))),
+        Command::Stat(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ambit::cli::stat::run(args))),
         Command::Uninstall { bpffs } => ambit::redirect::uninstall(&bpffs),
     };
     match result {

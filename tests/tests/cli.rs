@@ -1,10 +1,11 @@
-//! End-to-end tests of the operators' commands (`ambit config`) against a running agent: they
+//! End-to-end tests of the operators' commands (`ambit config`, `ambit stat`) against a running agent: they
 //! run on the node, as a person would, and read the agent's admin endpoint.
 
 use std::time::Duration;
 
 use ambit_tests::mesh::Policies;
-use ambit_tests::{ADMIN_PORT, Cluster, ClusterSpec, Node, ensure_or_dump};
+use ambit_tests::traffic::reaches;
+use ambit_tests::{ADMIN_PORT, Cluster, ClusterSpec, METRICS_PORT, Node, ensure_or_dump};
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
@@ -28,7 +29,7 @@ fn ambit_config(cluster: &Cluster, node: &Node, args: &[&str]) -> Result<String>
 }
 
 #[test]
-fn ambit_config_shows_what_the_agent_holds() -> Result<()> {
+fn ambit_config_and_stat_show_what_the_agent_holds_and_carried() -> Result<()> {
     let cluster = Cluster::start(ClusterSpec {
         nodes: 1,
         pods_per_node: 2,
@@ -109,6 +110,59 @@ fn ambit_config_shows_what_the_agent_holds() -> Result<()> {
             .iter()
             .any(|c| c["id"] == web_id.as_str() && c["notAfter"].is_string()),
         "certificates: {certificates:?}"
+    );
+
+    // `ambit stat`: connections made during its interval show as rates, in mutual TLS.
+    let server = web.spawn(ambit_tests::testpod_path!(), ["serve", "--port", "8080"])?;
+    let mut server = server;
+    server.read_json_until(T, |v| v["event"] == "listening")?;
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    let mut stat = node.spawn(
+        cluster.ambit_bin(),
+        [
+            "stat",
+            "--metrics",
+            metrics.as_str(),
+            "--interval",
+            "4s",
+            "-o",
+            "json",
+        ],
+    )?;
+    // The first scrape happens at once; the connections fall inside the interval.
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..5 {
+        ensure_or_dump!(
+            cluster,
+            reaches(client, web.addr4(8080))?,
+            "{} must reach {}",
+            client.name(),
+            web.name()
+        );
+    }
+    let (status, lines) = stat.wait_output(T)?;
+    ensure_or_dump!(
+        cluster,
+        status.success(),
+        "ambit stat {status}: {}",
+        stat.stderr()
+    );
+    let stats: Vec<Value> = serde_json::from_str(&lines.join("\n"))?;
+    let row = |workload: &str| {
+        stats
+            .iter()
+            .find(|s| s["namespace"] == namespace.as_str() && s["workload"] == workload)
+    };
+    ensure_or_dump!(
+        cluster,
+        row(web.name()).is_some_and(|w| w["inboundConnectionsPerSecond"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0)
+            && w["inboundMtlsShare"] == 1.0)
+            && row(client.name()).is_some_and(|c| c["outboundConnectionsPerSecond"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0)),
+        "ambit stat must show the connections made during its interval, all in mTLS: {stats:#?}"
     );
 
     // A wrong address is an error that says what was tried, not an empty table.

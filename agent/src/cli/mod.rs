@@ -2,8 +2,10 @@
 //! the running components expose (the agents' admin endpoint) and print it for a terminal or a
 //! script. They hold no state and change nothing.
 //!
-//! `ambit config` is `istioctl ztunnel-config`: what one agent holds.
+//! `ambit config` is `istioctl ztunnel-config`: what one agent holds; `ambit stat` is `linkerd
+//! viz stat` for what it carried.
 
 pub mod config;
 mod fetch;
+pub mod stat;
 mod table;
