@@ -46,6 +46,9 @@ enum Command {
     /// Per workload, what an agent carried over an interval (connections, bytes, mTLS share),
     /// from its metrics endpoint, as `linkerd viz stat` shows.
     Stat(ambit::cli::stat::StatArgs),
+    /// Check this node before installing (`--pre`) or its running agent after, one line per
+    /// requirement with the fix, as `linkerd check` does.
+    Check(ambit::cli::check::CheckArgs),
     /// Remove everything an agent pinned (programs detach, maps are freed). Enrolled pods'
     /// new connections then go direct, outside the mesh.
     Uninstall {
@@ -106,6 +109,11 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ambit::cli::stat::run(args))),
+        Command::Check(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ambit::cli::check::run(args))),
         Command::Uninstall { bpffs } => ambit::redirect::uninstall(&bpffs),
     };
     match result {

@@ -1,11 +1,13 @@
-//! End-to-end tests of the operators' commands (`ambit config`, `ambit stat`) against a running agent: they
+//! End-to-end tests of the operators' commands (`ambit config`, `ambit stat`, `ambit check`) against a running agent: they
 //! run on the node, as a person would, and read the agent's admin endpoint.
 
 use std::time::Duration;
 
 use ambit_tests::mesh::Policies;
 use ambit_tests::traffic::reaches;
-use ambit_tests::{ADMIN_PORT, Cluster, ClusterSpec, METRICS_PORT, Node, ensure_or_dump};
+use ambit_tests::{
+    ADMIN_PORT, Cluster, ClusterSpec, METRICS_PORT, Node, READINESS_PORT, ensure_or_dump,
+};
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
@@ -29,7 +31,7 @@ fn ambit_config(cluster: &Cluster, node: &Node, args: &[&str]) -> Result<String>
 }
 
 #[test]
-fn ambit_config_and_stat_show_what_the_agent_holds_and_carried() -> Result<()> {
+fn operator_commands_show_what_the_agent_holds_carried_and_needs() -> Result<()> {
     let cluster = Cluster::start(ClusterSpec {
         nodes: 1,
         pods_per_node: 2,
@@ -163,6 +165,71 @@ fn ambit_config_and_stat_show_what_the_agent_holds_and_carried() -> Result<()> {
                 .as_f64()
                 .is_some_and(|r| r > 0.0)),
         "ambit stat must show the connections made during its interval, all in mTLS: {stats:#?}"
+    );
+
+    // `ambit check` on the node: the agent is ready, its configuration and certificates fine.
+    let readiness = format!("127.0.0.1:{READINESS_PORT}");
+    let mut check = node.spawn(
+        cluster.ambit_bin(),
+        [
+            "check",
+            "--admin",
+            &format!("127.0.0.1:{ADMIN_PORT}"),
+            "--readiness",
+            &readiness,
+        ],
+    )?;
+    let (status, lines) = check.wait_output(T)?;
+    ensure_or_dump!(
+        cluster,
+        status.success()
+            && ["agent ready", "configuration", "enrolment", "certificates"]
+                .iter()
+                .all(|c| lines
+                    .iter()
+                    .any(|l| l.starts_with(&format!("[ok]   {c}: ")))),
+        "ambit check on a healthy node: {status}\n{}\n{}",
+        lines.join("\n"),
+        check.stderr()
+    );
+    // `ambit check --pre`: this node can run an agent, and a wrong cgroup fails, naming it.
+    let cgroup = node.cgroup().display().to_string();
+    let bpffs = node.bpffs().display().to_string();
+    let mut pre = node.spawn(
+        cluster.ambit_bin(),
+        ["check", "--pre", "--cgroup", &cgroup, "--bpffs", &bpffs],
+    )?;
+    let (status, lines) = pre.wait_output(T)?;
+    ensure_or_dump!(
+        cluster,
+        status.success()
+            && [
+                "capabilities",
+                "kernel version",
+                "kernel BTF",
+                "cgroup v2",
+                "bpf filesystem"
+            ]
+            .iter()
+            .all(|c| lines
+                .iter()
+                .any(|l| l.starts_with(&format!("[ok]   {c}: ")))),
+        "ambit check --pre on the bed's node: {status}\n{}",
+        lines.join("\n")
+    );
+    let mut wrong_cgroup = node.spawn(
+        cluster.ambit_bin(),
+        ["check", "--pre", "--cgroup", "/tmp", "--bpffs", &bpffs],
+    )?;
+    let (status, lines) = wrong_cgroup.wait_output(T)?;
+    ensure_or_dump!(
+        cluster,
+        !status.success()
+            && lines
+                .iter()
+                .any(|l| l.starts_with("[FAIL] cgroup v2: --cgroup /tmp is not a cgroup v2")),
+        "ambit check --pre with a wrong cgroup must fail naming it: {status}\n{}",
+        lines.join("\n")
     );
 
     // A wrong address is an error that says what was tried, not an empty table.

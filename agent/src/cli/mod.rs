@@ -3,8 +3,9 @@
 //! script. They hold no state and change nothing.
 //!
 //! `ambit config` is `istioctl ztunnel-config`: what one agent holds; `ambit stat` is `linkerd
-//! viz stat` for what it carried.
+//! viz stat` for what it carried; `ambit check` is `linkerd check` for a node and its agent.
 
+pub mod check;
 pub mod config;
 mod fetch;
 pub mod stat;

@@ -34,7 +34,7 @@ use aya::{
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
-pub use preflight::{cgroup2_mount, preflight};
+pub use preflight::{Finding, MIN_KERNEL, Status, cgroup2_mount, node_findings, preflight};
 
 use crate::netns::Netns;
 use crate::state::RedirectSettings;

@@ -41,51 +41,222 @@ fn effective_caps() -> anyhow::Result<u64> {
     Ok(u64::from_str_radix(hex.trim(), 16)?)
 }
 
-/// Fails with a message naming the first missing requirement: privileges, BTF, cgroup v2, bpffs.
-pub fn preflight(config: &RedirectConfig) -> anyhow::Result<()> {
-    let caps = effective_caps()?;
-    let mut missing: Vec<&str> = REQUIRED_CAPS
-        .iter()
-        .filter(|(bit, _)| caps & (1 << bit) == 0)
-        .map(|(_, name)| *name)
-        .collect();
-    if caps & (1 << CAP_BPF) == 0 && caps & (1 << 21) == 0 {
-        missing.push("CAP_BPF");
+/// The oldest kernel Ambit's programs load on: `sk_lookup` and `cgroup/sock_release` (5.9) and
+/// BTF-typed socket storage; 5.10 is the first long-term release with all of them.
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
+
+/// How one requirement stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Met.
+    Ok,
+    /// Met in a way that may bite later, or not checkable here.
+    Warn,
+    /// Not met: the agent will not start.
+    Fail,
+}
+
+/// One requirement of the node, checked: what, how it stands, and what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Finding {
+    /// The requirement, e.g. `kernel BTF`.
+    pub check: &'static str,
+    /// How it stands.
+    pub status: Status,
+    /// What was found.
+    pub detail: String,
+    /// What to do, when not ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn ok(check: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            check,
+            status: Status::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
     }
-    if !missing.is_empty() {
-        bail!(
-            "insufficient privileges: ambit agent needs {} (run as root or grant the capabilities)",
-            missing.join(", ")
-        );
+
+    fn fail(check: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            check,
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
     }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        bail!(
-            "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing); Ambit needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
-        );
+
+    fn warn(check: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            check,
+            status: Status::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
     }
-    match statfs_type(&config.cgroup) {
-        Ok(CGROUP2_SUPER_MAGIC) => {}
-        Ok(_) => bail!(
-            "--cgroup {} is not a cgroup v2 directory (cgroup v2 is mounted at {})",
-            config.cgroup.display(),
-            cgroup2_mount()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|e| e.to_string())
+}
+
+/// `major.minor` of a kernel release string such as `6.1.0-18-amd64`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Every requirement of the node the agent runs on, in the order they matter: privileges, the
+/// kernel, BTF, cgroup v2 at `config.cgroup`, a bpf filesystem under `config.bpffs`.
+pub fn node_findings(config: &RedirectConfig) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    findings.push(match effective_caps() {
+        Err(err) => Finding::fail(
+            "capabilities",
+            format!("{err:#}"),
+            "run where /proc/self/status is readable",
         ),
-        Err(err) => bail!("--cgroup {}: {err}", config.cgroup.display()),
-    }
+        Ok(caps) => {
+            let mut missing: Vec<&str> = REQUIRED_CAPS
+                .iter()
+                .filter(|(bit, _)| caps & (1 << bit) == 0)
+                .map(|(_, name)| *name)
+                .collect();
+            if caps & (1 << CAP_BPF) == 0 && caps & (1 << 21) == 0 {
+                missing.push("CAP_BPF");
+            }
+            if missing.is_empty() {
+                Finding::ok(
+                    "capabilities",
+                    "CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_BPF held",
+                )
+            } else {
+                Finding::fail(
+                    "capabilities",
+                    format!(
+                        "insufficient privileges: ambit agent needs {} (run as root or grant \
+                         the capabilities)",
+                        missing.join(", ")
+                    ),
+                    "run as root, or grant BPF, NET_ADMIN, SYS_ADMIN (and SYS_PTRACE for pods \
+                     of other users) as the DaemonSet does",
+                )
+            }
+        }
+    });
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    findings.push(match kernel_version(&release) {
+        Some(version) if version >= MIN_KERNEL => {
+            Finding::ok("kernel version", format!("Linux {release}"))
+        }
+        Some(_) => Finding::fail(
+            "kernel version",
+            format!(
+                "Linux {release} is older than {}.{}",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ),
+            format!(
+                "run nodes on Linux {}.{} or later",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ),
+        ),
+        None => Finding::warn(
+            "kernel version",
+            format!("cannot read the kernel release ({release:?})"),
+            format!(
+                "make sure the kernel is {}.{} or later",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ),
+        ),
+    });
+    findings.push(if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Finding::ok("kernel BTF", "/sys/kernel/btf/vmlinux present")
+    } else {
+        Finding::fail(
+            "kernel BTF",
+            "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing); Ambit needs a kernel \
+             built with CONFIG_DEBUG_INFO_BTF=y",
+            "use a distribution kernel with CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, RHEL, \
+             Bottlerocket and COS kernels have it)",
+        )
+    });
+    let mounted = || {
+        cgroup2_mount()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| e.to_string())
+    };
+    findings.push(match statfs_type(&config.cgroup) {
+        Ok(CGROUP2_SUPER_MAGIC) => Finding::ok(
+            "cgroup v2",
+            format!("{} is a cgroup v2 directory", config.cgroup.display()),
+        ),
+        Ok(_) => Finding::fail(
+            "cgroup v2",
+            format!(
+                "--cgroup {} is not a cgroup v2 directory (cgroup v2 is mounted at {})",
+                config.cgroup.display(),
+                mounted()
+            ),
+            "point --cgroup (the chart's cgroup hostPath) at the cgroup2 mount, e.g. \
+             /sys/fs/cgroup/unified on a hybrid host",
+        ),
+        Err(err) => Finding::fail(
+            "cgroup v2",
+            format!("--cgroup {}: {err}", config.cgroup.display()),
+            format!("point --cgroup at the cgroup2 mount ({})", mounted()),
+        ),
+    });
     let bpffs_parent = config
         .bpffs
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
-    match statfs_type(bpffs_parent) {
-        Ok(BPF_FS_MAGIC) => {}
-        Ok(_) => bail!(
-            "--bpffs {} is not on a bpf filesystem; mount one first: mount -t bpf bpf /sys/fs/bpf",
-            config.bpffs.display()
+    findings.push(match statfs_type(bpffs_parent) {
+        Ok(BPF_FS_MAGIC) => Finding::ok(
+            "bpf filesystem",
+            format!("{} is on a bpf filesystem", config.bpffs.display()),
         ),
-        Err(err) => bail!("--bpffs {}: {err}", config.bpffs.display()),
+        Ok(_) => Finding::fail(
+            "bpf filesystem",
+            format!(
+                "--bpffs {} is not on a bpf filesystem; mount one first: mount -t bpf bpf \
+                 /sys/fs/bpf",
+                config.bpffs.display()
+            ),
+            "mount -t bpf bpf /sys/fs/bpf (the chart's mountBpffs does it)",
+        ),
+        Err(err) => Finding::fail(
+            "bpf filesystem",
+            format!("--bpffs {}: {err}", config.bpffs.display()),
+            "mount -t bpf bpf /sys/fs/bpf",
+        ),
+    });
+    findings
+}
+
+/// Fails with a message naming the first missing requirement: privileges, kernel, BTF, cgroup
+/// v2, bpffs.
+pub fn preflight(config: &RedirectConfig) -> anyhow::Result<()> {
+    match node_findings(config)
+        .into_iter()
+        .find(|f| f.status == Status::Fail)
+    {
+        Some(failed) => bail!("{}", failed.detail),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases_parse_to_major_and_minor() {
+        assert_eq!(kernel_version("6.1.0-18-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("5.10.209"), Some((5, 10)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.4.0-150-generic").unwrap() < MIN_KERNEL);
+    }
 }
