@@ -50,15 +50,28 @@ impl PodInbound {
 
 impl PodInbound {
     /// The metric labels of a tunnel from `source` (the HBONE peer address) proven to be
-    /// `peer`, as the state says now.
-    fn labels(&self, source: SocketAddr, peer: &SpiffeId) -> ConnectionLabels {
+    /// `peer`, to `destination` (when the request named a valid one), as the state says now.
+    /// The destination service is guessed from the port as on the plaintext path (ztunnel's
+    /// guess when the client does not name the service).
+    fn labels(
+        &self,
+        source: SocketAddr,
+        peer: &SpiffeId,
+        destination: Option<SocketAddr>,
+    ) -> ConnectionLabels {
         let state = self.ctx.state.borrow().clone();
         let src = state.workload_by_ip(source.ip());
+        // The current workload (labels may have changed since enrolment), as for policy.
+        let workload = destination
+            .and_then(|dst| state.workload_by_ip(dst.ip()))
+            .unwrap_or(&self.pod.workload);
+        let service = destination.and_then(|dst| state.guess_inbound_service(workload, dst.port()));
         ConnectionLabels::new(crate::telemetry::istio::Reporter::Destination)
             .with_source(src.map(|w| &**w))
             .with_source_principal(Some(peer))
-            .with_destination(Some(&self.pod.workload))
+            .with_destination(Some(workload))
             .with_destination_principal(Some(&self.pod.identity))
+            .with_destination_service(service.map(|s| &**s))
             .with_security_policy(SecurityPolicy::MutualTls)
     }
 }
@@ -107,7 +120,7 @@ impl InboundHandler for PodInbound {
     }
 
     fn opened(&self, request: &ConnectRequest) -> Option<ConnectionRecorder> {
-        let labels = self.labels(request.source, &request.peer);
+        let labels = self.labels(request.source, &request.peer, Some(request.destination));
         Some(self.ctx.metrics.connection_opened(&labels))
     }
 
@@ -143,9 +156,11 @@ impl InboundHandler for PodInbound {
         };
         // A tunnel refused before it reached the application is opened and closed here.
         let conn = report.meter.unwrap_or_else(|| {
-            self.ctx
-                .metrics
-                .connection_opened(&self.labels(report.source, &report.peer))
+            self.ctx.metrics.connection_opened(&self.labels(
+                report.source,
+                &report.peer,
+                report.destination,
+            ))
         });
         conn.finish(report.transferred, flags);
         log.emit();
