@@ -46,9 +46,7 @@ impl PodInbound {
             tls: tls::ServerConfigCache::default(),
         }
     }
-}
 
-impl PodInbound {
     /// The metric labels of a tunnel from `source` (the HBONE peer address) proven to be
     /// `peer`, to `destination` (when the request named a valid one), as the state says now.
     /// The destination service is guessed from the port as on the plaintext path (ztunnel's
