@@ -41,6 +41,7 @@ pub mod cluster;
 pub mod cni;
 pub mod mesh;
 pub mod process;
+pub mod prometheus;
 pub mod testbed;
 pub mod traffic;
 pub mod util;

@@ -25,14 +25,14 @@ use ambit_tests::traffic::{
     wait_access_log,
 };
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, READINESS_PORT, ensure_or_dump};
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, ensure};
 use k8s_openapi::api::core::v1::{
     Namespace, Pod as KubePod, PodCondition, PodIP, PodSpec, PodStatus, Service as KubeService,
     ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 
@@ -210,13 +210,29 @@ fn start_namespaces(
     namespaces: &[(&str, Option<&str>)],
     pods: &[PodIn<'_>],
 ) -> Result<Vec<PodProcess>> {
+    let objects: Vec<(&Pod, KubePod)> = pods
+        .iter()
+        .map(|&(pod, namespace, labels)| {
+            pod.set_namespace(namespace);
+            (pod, pod_object(pod, labels))
+        })
+        .collect();
+    start_objects(cluster, api, namespaces, &objects)
+}
+
+/// [`start_namespaces`] with each pod's object as given (its namespace must be the bed pod's).
+fn start_objects(
+    cluster: &Cluster,
+    api: &ApiServer,
+    namespaces: &[(&str, Option<&str>)],
+    pods: &[(&Pod, KubePod)],
+) -> Result<Vec<PodProcess>> {
     for (name, mode) in namespaces {
         api.server.apply(&namespace(name, *mode));
     }
     let mut sandboxes = Vec::new();
-    for (pod, namespace, labels) in pods {
-        pod.set_namespace(namespace);
-        api.server.apply(&pod_object(pod, labels));
+    for (pod, object) in pods {
+        api.server.apply(object);
         sandboxes.push(pod.spawn("sleep", ["3600"])?);
     }
     for node in cluster.nodes() {
@@ -923,5 +939,308 @@ fn a_pod_that_cannot_be_meshed_is_closed_with_an_event() -> Result<()> {
             })
         },
     )?;
+    Ok(())
+}
+
+/// The object of the bed's `pod` published as `name`, a pod `controller` (kind, name) created
+/// (`generateName` set, the owner reference marked `controller`), as the API server shows a
+/// Deployment's or StatefulSet's pods.
+fn controlled_pod_object(
+    pod: &Pod,
+    name: &str,
+    generate_name: &str,
+    controller: (&str, &str),
+    labels: &[(&str, &str)],
+) -> KubePod {
+    let mut object = pod_object(pod, labels);
+    object.metadata.name = Some(name.into());
+    object.metadata.generate_name = Some(generate_name.into());
+    object.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: controller.0.into(),
+        name: controller.1.into(),
+        uid: format!("{}-uid", controller.1),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }]);
+    object
+}
+
+/// The labels Kiali's graph groups TCP traffic by (kiali/kiali
+/// `graph/telemetry/istio/istio.go`, "TCP Byte traffic").
+const KIALI_TCP_GROUP_BY: &str = "app,source_cluster,source_workload_namespace,source_workload,\
+     source_canonical_service,source_canonical_revision,destination_cluster,\
+     destination_service_namespace,destination_service,destination_service_name,\
+     destination_workload_namespace,destination_workload,destination_canonical_service,\
+     destination_canonical_revision,response_flags";
+
+/// The query Kiali's graph issues for the TCP edges of `namespace` from `metric`: incoming as
+/// the destinations report them (`reporter="destination"`), or outgoing as the sources do,
+/// over its default 60 s window, rounded as Kiali rounds every graph query.
+fn kiali_tcp_query(metric: &str, incoming: bool, namespace: &str) -> String {
+    let selector = if incoming {
+        format!("reporter=\"destination\",destination_workload_namespace=\"{namespace}\"")
+    } else {
+        format!("reporter=\"source\",source_workload_namespace=\"{namespace}\"")
+    };
+    format!("round(sum(rate({metric}{{{selector}}} [60s])) by ({KIALI_TCP_GROUP_BY}) > 0,0.001)")
+}
+
+/// Kiali's TCP graph from a real Prometheus scraping the agents: two pods of one Deployment
+/// talking to two pods of one StatefulSet are one edge, `client` → `db`, named after the
+/// controllers (from the pods' owner references, as istiod names them for ztunnel), and the
+/// edge carries the bytes of connections that are still open.
+#[test]
+fn kiali_draws_one_tcp_edge_per_controller_pair_with_open_connections() -> Result<()> {
+    use ambit_tests::prometheus::{Prometheus, by_labels};
+
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })?;
+    let api = ApiServer::start(&cluster)?;
+    api.review_agent_tokens(&cluster)?;
+    cluster.use_kubernetes_ca(&api.kubeconfig);
+    let (client_a, db_0) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let (client_b, db_1) = (cluster.pod(1, 0), cluster.pod(1, 1));
+    // A Deployment `client` (ReplicaSet client-7c9d8f6b5) and a StatefulSet `db`.
+    let client_labels: &[(&str, &str)] =
+        &[("app", "shop-client"), ("pod-template-hash", "7c9d8f6b5")];
+    let db_labels: &[(&str, &str)] = &[("app", "db"), ("version", "v3")];
+    let deployment = ("ReplicaSet", "client-7c9d8f6b5");
+    let stateful_set = ("StatefulSet", "db");
+    for pod in [client_a, client_b, db_0, db_1] {
+        pod.set_namespace("shop");
+    }
+    let objects = [
+        (
+            client_a,
+            controlled_pod_object(
+                client_a,
+                "client-7c9d8f6b5-x2x4q",
+                "client-7c9d8f6b5-",
+                deployment,
+                client_labels,
+            ),
+        ),
+        (
+            client_b,
+            controlled_pod_object(
+                client_b,
+                "client-7c9d8f6b5-9kz7m",
+                "client-7c9d8f6b5-",
+                deployment,
+                client_labels,
+            ),
+        ),
+        (
+            db_0,
+            controlled_pod_object(db_0, "db-0", "db-", stateful_set, db_labels),
+        ),
+        (
+            db_1,
+            controlled_pod_object(db_1, "db-1", "db-", stateful_set, db_labels),
+        ),
+    ];
+    let vip = Ipv4Addr::new(10, 96, 0, 50);
+    let mut db = selectorless_service("db", vip);
+    if let Some(spec) = db.spec.as_mut() {
+        spec.selector = Some(BTreeMap::from([("app".to_string(), "db".to_string())]));
+    }
+    api.server.apply(&db);
+    let _sandboxes = start_objects(&cluster, &api, &[("shop", Some("ambient"))], &objects)?;
+    wait_enrolled(
+        &cluster,
+        cluster.node(0),
+        &["shop/client-7c9d8f6b5-x2x4q", "shop/db-0"],
+        "shop enrolled",
+    )?;
+    wait_enrolled(
+        &cluster,
+        cluster.node(1),
+        &["shop/client-7c9d8f6b5-9kz7m", "shop/db-1"],
+        "shop enrolled",
+    )?;
+    for node in cluster.nodes() {
+        node.wait_ready(TIMEOUT)?;
+    }
+    let _servers = [serve(db_0, &[8080])?, serve(db_1, &[8080])?];
+
+    let targets: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| format!("{}:15020", n.fabric_ip()))
+        .collect();
+    let mut prom = Prometheus::start(&cluster, &targets)?;
+    let wait_query = |what: &str, check: &dyn Fn() -> Result<std::result::Result<(), String>>| {
+        cluster.wait_for(Duration::from_secs(60), what, check)
+    };
+    wait_query("prometheus scrapes both agents", &|| {
+        let up = by_labels(&prom.query("up{job=\"ambit\"}")?, &["instance"]);
+        let all_up = targets
+            .iter()
+            .all(|t| up.get(&vec![t.clone()]) == Some(&1.0));
+        Ok(if all_up {
+            Ok(())
+        } else {
+            Err(format!("up = {up:?}"))
+        })
+    })?;
+
+    // One held connection from each client pod to the service; each carries a first line
+    // now and a second one later, and stays open throughout.
+    let service = SocketAddr::from((vip, 80));
+    let mut held = Vec::new();
+    let mut greetings = 0u64;
+    for client in [client_a, client_b] {
+        let mut hold = client.spawn(
+            ambit_tests::testpod_bin()?,
+            ["hold", "--connect", &service.to_string()],
+        )?;
+        let connected = hold.read_json(TIMEOUT)?;
+        let greeting = connected["greeting"]
+            .as_str()
+            .ok_or_else(|| anyhow!("{} did not connect: {connected}", client.name()))?;
+        greetings += greeting.len() as u64 + 1;
+        held.push(hold);
+    }
+    let echo = |held: &mut Vec<PodProcess>, line: &str| -> Result<u64> {
+        for hold in held.iter_mut() {
+            hold.write_line(line)?;
+            let answer = hold.read_json(TIMEOUT)?;
+            ensure_or_dump!(
+                cluster,
+                answer["echo"] == line,
+                "no echo through the held connection: {answer}"
+            );
+        }
+        Ok(held.len() as u64 * (line.len() as u64 + 1))
+    };
+    let first = echo(&mut held, &"a".repeat(1000))?;
+
+    // The raw counters, summed over Kiali's labels: one row per controller pair and reporter.
+    let pair = [
+        "reporter",
+        "source_workload",
+        "source_workload_namespace",
+        "source_canonical_service",
+        "destination_workload",
+        "destination_workload_namespace",
+        "destination_canonical_service",
+        "destination_canonical_revision",
+        "destination_service",
+        "destination_service_name",
+    ];
+    let sum_by = format!("sum by ({}) ", pair.join(","));
+    let (prom_ref, sum_by, pair) = (&prom, &sum_by, &pair);
+    let expect_bytes = move |request: u64, response: u64| {
+        move || -> Result<std::result::Result<(), String>> {
+            let mut wrong = Vec::new();
+            for (metric, want) in [
+                ("istio_tcp_received_bytes_total", request),
+                ("istio_tcp_sent_bytes_total", response),
+            ] {
+                let got = by_labels(&prom_ref.query(&format!("{sum_by}({metric})"))?, pair);
+                let expected: BTreeMap<Vec<String>, f64> = ["source", "destination"]
+                    .iter()
+                    .map(|reporter| {
+                        let row = [
+                            reporter,
+                            "client",
+                            "shop",
+                            "shop-client",
+                            "db",
+                            "shop",
+                            "db",
+                            "v3",
+                            "db.shop.svc.cluster.local",
+                            "db",
+                        ];
+                        (row.iter().map(|s| s.to_string()).collect(), want as f64)
+                    })
+                    .collect();
+                if got != expected {
+                    wrong.push(format!("{metric}: got {got:?}, expected {expected:?}"));
+                }
+            }
+            Ok(if wrong.is_empty() {
+                Ok(())
+            } else {
+                Err(wrong.join("; "))
+            })
+        }
+    };
+    // Both connections are open: their bytes are in Prometheus all the same, one row per
+    // reporter for the two pods of each side.
+    wait_query(
+        "the open connections' first bytes scraped",
+        &expect_bytes(first, greetings + first),
+    )?;
+
+    // More bytes on the same open connections: Kiali's rates see them.
+    let second = echo(&mut held, &"b".repeat(3000))?;
+    wait_query(
+        "the open connections' second bytes scraped",
+        &expect_bytes(first + second, greetings + first + second),
+    )?;
+    for hold in &mut held {
+        ensure_or_dump!(
+            cluster,
+            hold.try_status()?.is_none(),
+            "a held connection ended early: {}",
+            hold.stderr()
+        );
+    }
+    let closed = prom.query("istio_tcp_connections_closed_total")?;
+    ensure_or_dump!(
+        cluster,
+        closed.is_empty(),
+        "connections reported closed while they are open: {closed:?}"
+    );
+    for metric in [
+        "istio_tcp_sent_bytes_total",
+        "istio_tcp_received_bytes_total",
+    ] {
+        for incoming in [true, false] {
+            let query = kiali_tcp_query(metric, incoming, "shop");
+            let edges = prom.query(&query)?;
+            let expected = BTreeMap::from([
+                ("source_cluster", "Kubernetes"),
+                ("source_workload_namespace", "shop"),
+                ("source_workload", "client"),
+                ("source_canonical_service", "shop-client"),
+                ("source_canonical_revision", "latest"),
+                ("destination_cluster", "Kubernetes"),
+                ("destination_service_namespace", "shop"),
+                ("destination_service", "db.shop.svc.cluster.local"),
+                ("destination_service_name", "db"),
+                ("destination_workload_namespace", "shop"),
+                ("destination_workload", "db"),
+                ("destination_canonical_service", "db"),
+                ("destination_canonical_revision", "v3"),
+                ("response_flags", "-"),
+            ]);
+            let expected: BTreeMap<String, String> = expected
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            ensure_or_dump!(
+                cluster,
+                edges.len() == 1 && edges[0].0 == expected && edges[0].1 > 0.0,
+                "Kiali's query\n  {query}\nshould draw one edge client -> db with traffic, \
+                 got {edges:?}"
+            );
+        }
+    }
+
+    for hold in &mut held {
+        hold.close_stdin();
+    }
+    let status = prom.tool.stop(libc::SIGTERM, Duration::from_secs(10))?;
+    ensure!(
+        status.success(),
+        "prometheus did not exit cleanly ({status}): {}",
+        prom.tool.log_tail()
+    );
     Ok(())
 }

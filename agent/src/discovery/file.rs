@@ -94,6 +94,11 @@ pub struct RedirectFile {
 pub struct WorkloadFile {
     /// Name, unique within the namespace.
     pub name: String,
+    /// The workload this pod is one instance of (its Deployment, StatefulSet...), the
+    /// `source_workload` / `destination_workload` of metrics; default: `name`. In Kubernetes
+    /// mode it is derived from the pod's controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_name: Option<String>,
     /// Namespace.
     pub namespace: String,
     /// Service account (default `default`).
@@ -423,6 +428,9 @@ impl Validator<'_> {
             let at = format!("workloads[{i}]");
             self.non_empty(format!("{at}.name"), &entry.name)?;
             self.non_empty(format!("{at}.namespace"), &entry.namespace)?;
+            if let Some(workload_name) = &entry.workload_name {
+                self.non_empty(format!("{at}.workloadName"), workload_name)?;
+            }
             let uid = format!("{}/{}", entry.namespace, entry.name);
             let entry_at = format!("{at} ({uid})");
             if let Some(first) = names.insert((&entry.namespace, &entry.name), i) {
@@ -451,6 +459,7 @@ impl Validator<'_> {
             }
             workloads.push(Workload {
                 name: entry.name.clone(),
+                controller: entry.workload_name.clone(),
                 namespace: entry.namespace.clone(),
                 service_account: entry.service_account.clone(),
                 node: entry.node.clone(),
@@ -1112,6 +1121,38 @@ services:
         .unwrap();
         assert!(!flags.workloads()[1].enrolled);
         assert!(!flags.workloads()[1].ready);
+    }
+
+    #[test]
+    fn workload_name_names_the_controller_and_defaults_to_the_name() {
+        let state = parse(&edit(
+            "  - name: web-0\n",
+            "  - name: web-0\n    workloadName: web\n",
+        ))
+        .unwrap();
+        let [web0, web1] = state.workloads() else {
+            panic!("two workloads expected");
+        };
+        assert_eq!(web0.controller.as_deref(), Some("web"));
+        assert_eq!(web0.workload_name(), "web");
+        // Unstated: the workload is its own (the pod's name), as a pod without owner.
+        assert_eq!(web1.controller, None);
+        assert_eq!(web1.workload_name(), "web-1");
+        // Istio's override label wins over either.
+        let state = parse(&edit(
+            "    labels: {app: web}\n    netns: {pid: 4242}",
+            "    labels: {app: web, service.istio.io/workload-name: legacy}\n    netns: {pid: 4242}",
+        ))
+        .unwrap();
+        assert_eq!(state.workloads()[1].workload_name(), "legacy");
+
+        assert_rejected(
+            &edit(
+                "  - name: web-0\n",
+                "  - name: web-0\n    workloadName: \"\"\n",
+            ),
+            "workloads[0].workloadName: must not be empty",
+        );
     }
 
     #[test]

@@ -48,7 +48,7 @@ use crate::{
     identity::SpiffeId,
     limits::{ConnectionPermit, Limits, Path, Phase, refuse as reset},
     policy::{Admission, Refusal},
-    relay::{Relayed, Transferred, relay_until},
+    relay::{Meter, Relayed, Transferred, relay_until},
 };
 
 /// One CONNECT request that passed the authority check, as the handler sees it.
@@ -145,9 +145,9 @@ impl StreamError {
     }
 }
 
-/// The end of one CONNECT stream.
+/// The end of one CONNECT stream; `M` is the handler's [`InboundHandler::Meter`].
 #[derive(Debug)]
-pub struct StreamReport {
+pub struct StreamReport<M = ()> {
     /// The client's verified identity.
     pub peer: SpiffeId,
     /// The HBONE connection's TCP peer.
@@ -162,6 +162,9 @@ pub struct StreamReport {
     pub result: Result<(), StreamError>,
     /// Bytes relayed: `sent` from the tunnel to the application, `received` back.
     pub transferred: Transferred,
+    /// What [`InboundHandler::opened`] gave for the stream (which has counted `transferred`
+    /// as it flowed); `None` for a stream that never reached the application.
+    pub meter: Option<M>,
     /// From the request's arrival to the end of the relay.
     pub duration: Duration,
 }
@@ -170,6 +173,9 @@ pub struct StreamReport {
 pub trait InboundHandler: Send + Sync + 'static {
     /// The connection to the application.
     type Upstream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+
+    /// What counts a tunnel's bytes while they flow (`()`: nothing, the report's totals only).
+    type Meter: Meter + Send + 'static;
 
     /// The pod's current TLS configuration (see [`tls::server_config`]), asked for every
     /// accepted connection so a renewed certificate takes effect at once. `None` (no
@@ -189,8 +195,15 @@ pub trait InboundHandler: Send + Sync + 'static {
         request: &ConnectRequest,
     ) -> impl Future<Output = io::Result<Self::Upstream>> + Send;
 
+    /// Called once the application is reached, before relaying: the stream's meter, told of
+    /// every chunk the relay moves and handed back in the report.
+    fn opened(&self, request: &ConnectRequest) -> Option<Self::Meter> {
+        let _ = request;
+        None
+    }
+
     /// Called once for every CONNECT stream, when it ends.
-    fn report(&self, report: StreamReport) {
+    fn report(&self, report: StreamReport<Self::Meter>) {
         let _ = report;
     }
 
@@ -425,7 +438,7 @@ impl<H: InboundHandler> HboneServer<H> {
         mut respond: SendResponse<Bytes>,
         peer: SpiffeId,
         source: SocketAddr,
-    ) -> StreamReport {
+    ) -> StreamReport<H::Meter> {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
         let mut report = StreamReport {
@@ -436,6 +449,7 @@ impl<H: InboundHandler> HboneServer<H> {
             status: StatusCode::OK,
             result: Ok(()),
             transferred: Transferred::default(),
+            meter: None,
             duration: Duration::ZERO,
         };
         let outcome = self
@@ -457,7 +471,7 @@ impl<H: InboundHandler> HboneServer<H> {
         &self,
         method: &Method,
         uri: &http::Uri,
-        report: &mut StreamReport,
+        report: &mut StreamReport<H::Meter>,
         body: RecvStream,
         respond: &mut SendResponse<Bytes>,
     ) -> Result<(), StreamError> {
@@ -496,17 +510,19 @@ impl<H: InboundHandler> HboneServer<H> {
                 .connect(&request)
                 .await
                 .map_err(StreamError::Upstream)?;
-            Ok((admission, upstream))
+            Ok((admission, upstream, handler.opened(&request)))
         }
         .await;
         report.headers = request.headers;
-        let (mut admission, upstream) = checked?;
+        let (mut admission, upstream, meter) = checked?;
+        report.meter = meter;
+        let meter = &report.meter;
 
         let send = respond
             .send_response(Response::new(()), false)
             .map_err(StreamError::Respond)?;
         let tunnel = HboneStream::new(send, body, None);
-        let (transferred, ended) = relay_until(tunnel, upstream, admission.revoked()).await;
+        let (transferred, ended) = relay_until(tunnel, upstream, meter, admission.revoked()).await;
         report.transferred = transferred;
         match ended {
             Relayed::Finished(result) => result.map_err(StreamError::Relay),

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     limits::{Path, refuse},
     policy::Refusal,
-    proxy::metrics::ConnectionLabels,
+    proxy::metrics::{ConnectionLabels, ConnectionRecorder},
     relay::{Relayed, Transferred, relay_until},
     telemetry::{AccessLog, Direction},
 };
@@ -85,17 +85,19 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         // Peer authentication (STRICT refuses plaintext), then authorization.
         match admission::check(&state, &inbound, &workload) {
             Err(refusal) => (Transferred::default(), Err(ProxyError::Refused(refusal))),
-            Ok(()) => forward(client, dst, &pod, admission.revoked()).await,
+            Ok(()) => forward(client, dst, &pod, &conn, admission.revoked()).await,
         }
     };
     record(&ctx.metrics, conn, log, moved, result);
 }
 
-/// Connects to the application and relays until the connection ends or a change closes it.
+/// Connects to the application and relays until the connection ends or a change closes it,
+/// counting bytes into `conn` as they flow.
 async fn forward(
     client: TcpStream,
     dst: SocketAddr,
     pod: &PodContext,
+    conn: &ConnectionRecorder,
     revoked: impl Future<Output = Refusal>,
 ) -> (Transferred, Result<(), ProxyError>) {
     // From the pod's own address to itself: the kernel routes it over loopback to the
@@ -103,7 +105,7 @@ async fn forward(
     let bind = SocketAddr::new(dst.ip(), 0);
     match connect_from(&pod.netns, dst, Some(bind)).await {
         Ok(upstream) => {
-            let (moved, ended) = relay_until(client, upstream, revoked).await;
+            let (moved, ended) = relay_until(client, upstream, conn, revoked).await;
             let result = match ended {
                 Relayed::Finished(result) => result.map_err(ProxyError::Relay),
                 Relayed::Stopped(refusal) => Err(ProxyError::ClosedByPolicy(refusal)),

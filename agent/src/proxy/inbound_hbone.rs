@@ -20,8 +20,9 @@ use crate::{
         ConnectRequest, ConnectionError, Deny, InboundHandler, StreamReport, server::StreamError,
         tls,
     },
+    identity::SpiffeId,
     policy::Admission,
-    proxy::metrics::ConnectionLabels,
+    proxy::metrics::{ConnectionLabels, ConnectionRecorder},
     telemetry::{
         AccessLog, Direction,
         istio::{ResponseFlags, SecurityPolicy},
@@ -45,10 +46,38 @@ impl PodInbound {
             tls: tls::ServerConfigCache::default(),
         }
     }
+
+    /// The metric labels of a tunnel from `source` (the HBONE peer address) proven to be
+    /// `peer`, to `destination` (when the request named a valid one), as the state says now.
+    /// The destination service is guessed from the port as on the plaintext path (ztunnel's
+    /// guess when the client does not name the service).
+    fn labels(
+        &self,
+        source: SocketAddr,
+        peer: &SpiffeId,
+        destination: Option<SocketAddr>,
+    ) -> ConnectionLabels {
+        let state = self.ctx.state.borrow().clone();
+        let src = state.workload_by_ip(source.ip());
+        // The current workload (labels may have changed since enrolment), as for policy.
+        let workload = destination
+            .and_then(|dst| state.workload_by_ip(dst.ip()))
+            .unwrap_or(&self.pod.workload);
+        let service = destination.and_then(|dst| state.guess_inbound_service(workload, dst.port()));
+        ConnectionLabels::new(crate::telemetry::istio::Reporter::Destination)
+            .with_source(src.map(|w| &**w))
+            .with_source_principal(Some(peer))
+            .with_destination(Some(workload))
+            .with_destination_principal(Some(&self.pod.identity))
+            .with_destination_service(service.map(|s| &**s))
+            .with_security_policy(SecurityPolicy::MutualTls)
+    }
 }
 
 impl InboundHandler for PodInbound {
     type Upstream = TcpStream;
+    /// Opened when the application is reached, bytes counted as they flow.
+    type Meter = ConnectionRecorder;
 
     fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         let cert = self.ctx.certs.as_ref()?.get(&self.pod.identity)?;
@@ -88,7 +117,12 @@ impl InboundHandler for PodInbound {
         connect_from(&self.pod.netns, request.destination, Some(bind)).await
     }
 
-    fn report(&self, report: StreamReport) {
+    fn opened(&self, request: &ConnectRequest) -> Option<ConnectionRecorder> {
+        let labels = self.labels(request.source, &request.peer, Some(request.destination));
+        Some(self.ctx.metrics.connection_opened(&labels))
+    }
+
+    fn report(&self, report: StreamReport<ConnectionRecorder>) {
         let state = self.ctx.state.borrow().clone();
         let src = state.workload_by_ip(report.source.ip());
         let dst = report.destination.unwrap_or(report.source);
@@ -118,16 +152,15 @@ impl InboundHandler for PodInbound {
             Ok(()) => Ok(()),
             Err(err) => Err(format!("{} {err}", report.status.as_u16())),
         };
-        let labels = ConnectionLabels::new(crate::telemetry::istio::Reporter::Destination)
-            .with_source(src.map(|w| &**w))
-            .with_source_principal(Some(&report.peer))
-            .with_destination(Some(&self.pod.workload))
-            .with_destination_principal(Some(&self.pod.identity))
-            .with_security_policy(SecurityPolicy::MutualTls);
-        self.ctx
-            .metrics
-            .connection_opened(&labels)
-            .finish(report.transferred, flags);
+        // A tunnel refused before it reached the application is opened and closed here.
+        let conn = report.meter.unwrap_or_else(|| {
+            self.ctx.metrics.connection_opened(&self.labels(
+                report.source,
+                &report.peer,
+                report.destination,
+            ))
+        });
+        conn.finish(report.transferred, flags);
         log.emit();
     }
 

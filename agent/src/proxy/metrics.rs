@@ -52,7 +52,8 @@ pub const TCP_LABEL_NAMES: [&str; 23] = [
 pub struct ConnectionLabels {
     /// Which side reports.
     pub reporter: Reporter,
-    /// The source workload's name.
+    /// The source's workload name: its controller's (Deployment, StatefulSet...), else the
+    /// pod's ([`Workload::workload_name`]), as ztunnel labels it.
     pub source_workload: String,
     /// The source's canonical service (from its labels, else its name).
     pub source_canonical_service: String,
@@ -74,7 +75,7 @@ pub struct ConnectionLabels {
     pub destination_service_namespace: String,
     /// The destination service's name.
     pub destination_service_name: String,
-    /// The destination workload's name.
+    /// The destination's workload name, as [`Self::source_workload`].
     pub destination_workload: String,
     /// The destination's canonical service.
     pub destination_canonical_service: String,
@@ -180,7 +181,7 @@ impl ConnectionLabels {
         let Some(workload) = workload else {
             return self;
         };
-        self.source_workload = workload.name.clone();
+        self.source_workload = workload.workload_name().to_string();
         self.source_workload_namespace = workload.namespace.clone();
         self.source_app = workload.canonical_service().to_string();
         self.source_canonical_service = workload.canonical_service().to_string();
@@ -204,7 +205,7 @@ impl ConnectionLabels {
         let Some(workload) = workload else {
             return self;
         };
-        self.destination_workload = workload.name.clone();
+        self.destination_workload = workload.workload_name().to_string();
         self.destination_workload_namespace = workload.namespace.clone();
         self.destination_app = workload.canonical_service().to_string();
         self.destination_canonical_service = workload.canonical_service().to_string();
@@ -342,6 +343,19 @@ impl ConnectionRecorder {
     }
 }
 
+/// The relay counts a connection's bytes into its series as they flow, so a long connection
+/// shows in `rate()` while it is open: two relaxed atomic adds per chunk (the connection's own
+/// tally and the series', whose child was fetched once at open).
+impl crate::relay::Meter for ConnectionRecorder {
+    fn sent(&self, n: u64) {
+        self.add_sent(n);
+    }
+
+    fn received(&self, n: u64) {
+        self.add_received(n);
+    }
+}
+
 impl Drop for ConnectionRecorder {
     fn drop(&mut self) {
         self.record_closed();
@@ -449,6 +463,7 @@ mod tests {
     fn workload(namespace: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> Workload {
         Workload {
             name: name.into(),
+            controller: None,
             namespace: namespace.into(),
             service_account: format!("{name}-sa"),
             node: "node-a".into(),
@@ -463,18 +478,22 @@ mod tests {
         }
     }
 
-    /// `client` (plain `app` label) calls service `shop/web` (VIP 10.96.0.10:80 → 8080), whose
-    /// endpoint `web-0` carries Istio's own canonical labels.
+    /// `client` (a pod of the Deployment `client`, plain `app` label) calls service `shop/web`
+    /// (VIP 10.96.0.10:80 → 8080), whose endpoint `web-0` carries Istio's own canonical labels.
     fn mesh() -> MeshState {
         MeshState::new(
             RedirectSettings::default(),
             vec![
-                workload(
-                    "default",
-                    "client-7d9f",
-                    "10.0.0.1",
-                    &[("app", "client"), ("version", "v2")],
-                ),
+                Workload {
+                    // One pod of the Deployment `client`.
+                    controller: Some("client".into()),
+                    ..workload(
+                        "default",
+                        "client-7d9f-x2x4q",
+                        "10.0.0.1",
+                        &[("app", "client"), ("version", "v2")],
+                    )
+                },
                 workload(
                     "shop",
                     "web-0",
@@ -514,7 +533,8 @@ mod tests {
         let labels = ConnectionLabels::outbound(&state, source, &resolved);
 
         assert_eq!(labels.reporter, Reporter::Source);
-        assert_eq!(labels.source_workload, "client-7d9f");
+        // The controller's name, not the pod's.
+        assert_eq!(labels.source_workload, "client");
         assert_eq!(labels.source_workload_namespace, "default");
         // `app` and `version` are the fallbacks after Istio's own labels.
         assert_eq!(labels.source_canonical_service, "client");
@@ -555,7 +575,7 @@ mod tests {
 
         let passthrough = state.resolve(addr("192.0.2.9:443"));
         let labels = ConnectionLabels::outbound(&state, source, &passthrough);
-        assert_eq!(labels.source_workload, "client-7d9f");
+        assert_eq!(labels.source_workload, "client");
         for value in &labels.values()[9..20] {
             assert_eq!(*value, UNKNOWN);
         }

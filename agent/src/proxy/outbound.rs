@@ -20,7 +20,7 @@ use crate::{
     hbone::{HBONE_PORT, Pool, PoolKey, TunnelRequest, headers::Baggage},
     identity::{SpiffeId, WorkloadCertificate},
     limits::{Path, refuse},
-    proxy::metrics::{ConnectionLabels, ProxyMetrics},
+    proxy::metrics::{ConnectionLabels, ConnectionRecorder, ProxyMetrics},
     relay::{Transferred, relay},
     state::{MeshState, Resolved, Service, Workload},
     telemetry::{AccessLog, Direction, istio::SecurityPolicy},
@@ -264,25 +264,27 @@ impl<U: Upstreams> Outbound<'_, U> {
                     log.src_principal = Some(self.identity.to_string());
                     log.dst_principal = Some(identity.to_string());
                 }
-                self.send(client, peer, route).await
+                self.send(client, peer, route, &conn).await
             }
             Err(err) => (Transferred::default(), Err(err)),
         };
         record(self.metrics, conn, log, moved, result);
     }
 
-    /// The I/O: connects (or tunnels) as `route` says and relays.
+    /// The I/O: connects (or tunnels) as `route` says and relays, counting bytes into `conn`
+    /// as they flow.
     async fn send(
         &self,
         client: TcpStream,
         peer: SocketAddr,
         route: Route,
+        conn: &ConnectionRecorder,
     ) -> (Transferred, Result<(), ProxyError>) {
         let failed = |err| (Transferred::default(), Err(err));
         match route {
             // Outside the mesh: plain TCP from the pod's own namespace and address.
             Route::Plain(addr) => match self.upstreams.connect(addr).await {
-                Ok(upstream) => relayed(relay(client, upstream).await),
+                Ok(upstream) => relayed(relay(client, upstream, conn).await),
                 Err(source) => failed(ProxyError::Connect { addr, source }),
             },
             Route::Tunnel {
@@ -307,7 +309,7 @@ impl<U: Upstreams> Outbound<'_, U> {
                 request.baggage = baggage(self.workload);
                 request.service_host = service_host;
                 match self.pool.open(&key, &certificate, &request).await {
-                    Ok(tunnel) => relayed(relay(client, tunnel).await),
+                    Ok(tunnel) => relayed(relay(client, tunnel, conn).await),
                     Err(err) => failed(ProxyError::hbone(err)),
                 }
             }
@@ -328,7 +330,7 @@ fn baggage(workload: &Workload) -> Baggage {
         cluster: Some(crate::telemetry::istio::CLUSTER_ID.into()),
         namespace: Some(workload.namespace.clone()),
         workload_kind: Some("pod".into()),
-        workload_name: Some(workload.name.clone()),
+        workload_name: Some(workload.workload_name().into()),
         service_name: Some(workload.canonical_service().into()),
         service_version: Some(workload.canonical_revision().into()),
         region: None,
@@ -359,6 +361,7 @@ mod tests {
     fn workload(namespace: &str, name: &str, sa: &str, ip: &str, app: &str) -> Workload {
         Workload {
             name: name.into(),
+            controller: None,
             namespace: namespace.into(),
             service_account: sa.into(),
             node: "node-a".into(),

@@ -39,6 +39,9 @@ const CANONICAL_NAME_LABELS: [&str; 3] = [
     "app",
 ];
 
+/// Istio's label that overrides the workload name derived from a pod's controller.
+pub const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
+
 /// Labels naming a workload's canonical revision, most specific first (Istio's order).
 const CANONICAL_REVISION_LABELS: [&str; 3] = [
     "service.istio.io/canonical-revision",
@@ -50,8 +53,13 @@ const CANONICAL_REVISION_LABELS: [&str; 3] = [
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
-    /// Name, unique within the namespace.
+    /// Name, unique within the namespace (a pod's own name).
     pub name: String,
+    /// The name of the controller that runs the pod (its Deployment, StatefulSet, DaemonSet,
+    /// Job, CronJob...), as Istio derives it; `None` for a pod of its own. What metrics and
+    /// `baggage` name the workload by: see [`Workload::workload_name`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
     /// Namespace (tenancy scope; services select only workloads of their own namespace).
     pub namespace: String,
     /// The identity the workload runs as.
@@ -86,11 +94,21 @@ impl Workload {
             .map(String::as_str)
     }
 
-    /// Istio's canonical service: the canonical-name labels, else the workload's name. Metrics
-    /// and the `baggage` the node proxy sends name the workload by it.
+    /// Istio's workload name, the `source_workload` / `destination_workload` of metrics: the
+    /// [`WORKLOAD_NAME_LABEL`] label if set, else the controller's name, else the pod's own
+    /// name. All pods of one Deployment share it, so dashboards draw them as one workload.
+    pub fn workload_name(&self) -> &str {
+        self.first_label(&[WORKLOAD_NAME_LABEL])
+            .or(self.controller.as_deref())
+            .unwrap_or(&self.name)
+    }
+
+    /// Istio's canonical service: the canonical-name labels, else the workload name
+    /// ([`Self::workload_name`]). Metrics and the `baggage` the node proxy sends name the
+    /// workload by it.
     pub fn canonical_service(&self) -> &str {
         self.first_label(&CANONICAL_NAME_LABELS)
-            .unwrap_or(&self.name)
+            .unwrap_or_else(|| self.workload_name())
     }
 
     /// Istio's canonical revision: the canonical-revision labels, else `latest`.

@@ -26,6 +26,7 @@ fn addr(s: &str) -> SocketAddr {
 fn workload(namespace: &str, name: &str, ips: &[&str], l: &[(&str, &str)]) -> Workload {
     Workload {
         name: name.into(),
+        controller: None,
         namespace: namespace.into(),
         service_account: "default".into(),
         node: "node-a".into(),
@@ -759,4 +760,37 @@ fn unusable_endpoint_addresses() {
     ] {
         assert_eq!(EndpointAddress::unusable(ip(address)), why, "{address}");
     }
+}
+
+#[test]
+fn workload_name_is_the_controller_and_canonical_service_falls_back_to_it() {
+    let pod = workload("shop", "reviews-v1-5d9f-x2x4q", &["10.0.0.9"], &[]);
+    // A pod of its own: its name, for both.
+    assert_eq!(pod.workload_name(), "reviews-v1-5d9f-x2x4q");
+    assert_eq!(pod.canonical_service(), "reviews-v1-5d9f-x2x4q");
+    // A Deployment's pod: the Deployment, for both (Istio's canonical service falls back to
+    // the workload name, not the pod's).
+    let deployed = Workload {
+        controller: Some("reviews-v1".into()),
+        ..pod.clone()
+    };
+    assert_eq!(deployed.workload_name(), "reviews-v1");
+    assert_eq!(deployed.canonical_service(), "reviews-v1");
+    assert_eq!(deployed.canonical_revision(), "latest");
+    // Istio's override label, then the canonical labels.
+    let overridden = Workload {
+        labels: labels(&[
+            ("service.istio.io/workload-name", "reviews"),
+            ("app", "bookinfo-reviews"),
+        ]),
+        ..deployed.clone()
+    };
+    assert_eq!(overridden.workload_name(), "reviews");
+    assert_eq!(overridden.canonical_service(), "bookinfo-reviews");
+    // An empty override is no override.
+    let empty = Workload {
+        labels: labels(&[("service.istio.io/workload-name", "")]),
+        ..deployed
+    };
+    assert_eq!(empty.workload_name(), "reviews-v1");
 }

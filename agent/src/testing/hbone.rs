@@ -59,6 +59,7 @@ struct Handler {
 
 impl InboundHandler for Handler {
     type Upstream = TcpStream;
+    type Meter = ();
 
     fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         self.accepted.fetch_add(1, Ordering::SeqCst);

@@ -195,6 +195,7 @@ mod tests {
     fn workload(name: &str, version: &str) -> Workload {
         Workload {
             name: name.into(),
+            controller: None,
             namespace: "shop".into(),
             service_account: name.into(),
             node: "n0".into(),

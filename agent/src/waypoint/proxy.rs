@@ -114,6 +114,8 @@ impl WaypointInbound {
 
 impl InboundHandler for WaypointInbound {
     type Upstream = DuplexStream;
+    /// The report's totals suffice.
+    type Meter = ();
 
     fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         let cert = self.waypoint.certs.get(&self.waypoint.identity)?;

@@ -382,6 +382,7 @@ mod tests {
     fn endpoint(name: &str, version: &str) -> Arc<Workload> {
         Arc::new(Workload {
             name: name.into(),
+            controller: None,
             namespace: "shop".into(),
             service_account: "reviews".into(),
             node: "n0".into(),

@@ -235,6 +235,7 @@ fn pod_workload(
     .to_string();
     Some(Workload {
         name: meta.name.clone()?,
+        controller: super::owner::controller_name(meta),
         namespace: meta.namespace.clone()?,
         service_account,
         node: spec.node_name.clone().unwrap_or_default(),

@@ -56,6 +56,7 @@ pub mod convert;
 pub mod crd;
 pub mod events;
 pub mod objects;
+pub mod owner;
 pub mod security;
 #[cfg(test)]
 mod security_tests;

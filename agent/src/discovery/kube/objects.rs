@@ -12,7 +12,10 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
     ClusterResourceScope, Metadata, NamespaceResourceScope, Resource,
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::{ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
 };
 use serde::{Deserialize, Deserializer};
 
@@ -47,12 +50,13 @@ macro_rules! resource {
     };
 }
 
-/// A Pod: name, namespace, UID, labels; service account, node, host network; phase, addresses,
-/// readiness.
+/// A Pod: name, namespace, UID, labels, `generateName` and controller; service account, node,
+/// host network; phase, addresses, readiness.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct PodView {
-    /// Name, namespace, UID, resource version and labels (nothing else is kept).
-    #[serde(default, deserialize_with = "slim_meta")]
+    /// Name, namespace, UID, resource version, labels, `generateName` and the controller's owner
+    /// reference, its kind and name only (nothing else is kept; see [`super::owner`]).
+    #[serde(default, deserialize_with = "pod_meta")]
     pub metadata: ObjectMeta,
     /// `spec`.
     #[serde(default, deserialize_with = "null_as_default")]
@@ -284,6 +288,61 @@ impl From<SlimMeta> for ObjectMeta {
     }
 }
 
+/// A pod's metadata: [`SlimMeta`]'s fields, plus what names its workload ([`super::owner`]):
+/// `generateName` and, of its owner references, the controller's kind and name.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlimPodMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    generate_name: Option<String>,
+    #[serde(default, deserialize_with = "controller_reference")]
+    owner_references: Option<OwnerReference>,
+}
+
+/// The owner reference with `controller: true`, kind and name only.
+fn controller_reference<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<OwnerReference>, D::Error> {
+    #[derive(Deserialize)]
+    struct Owner {
+        kind: String,
+        name: String,
+        controller: Option<bool>,
+    }
+    let owners: Option<Vec<Owner>> = Option::deserialize(deserializer)?;
+    Ok(owners
+        .unwrap_or_default()
+        .into_iter()
+        .find(|owner| owner.controller == Some(true))
+        .map(|owner| OwnerReference {
+            kind: owner.kind,
+            name: owner.name,
+            controller: Some(true),
+            ..OwnerReference::default()
+        }))
+}
+
+fn pod_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    let Some(slim) = Option::<SlimPodMeta>::deserialize(deserializer)? else {
+        return Ok(ObjectMeta::default());
+    };
+    Ok(ObjectMeta {
+        generate_name: slim.generate_name,
+        owner_references: slim.owner_references.map(|owner| vec![owner]),
+        ..ObjectMeta::from(SlimMeta {
+            name: slim.name,
+            namespace: slim.namespace,
+            uid: slim.uid,
+            resource_version: slim.resource_version,
+            labels: slim.labels,
+        })
+    })
+}
+
 fn slim_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     Ok(Option::<SlimMeta>::deserialize(deserializer)?
         .map(ObjectMeta::from)
@@ -346,10 +405,15 @@ mod tests {
             "kind": "Pod",
             "metadata": {
                 "name": "web-0", "namespace": "shop", "uid": "u-1", "resourceVersion": "42",
+                "generateName": "web-",
                 "labels": {"app": "web"},
                 "annotations": {"big": "x"},
                 "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}],
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web", "uid": "s"}],
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "other", "uid": "c"},
+                    {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web", "uid": "s",
+                     "controller": true, "blockOwnerDeletion": true},
+                ],
             },
             "spec": {
                 "serviceAccountName": "web", "nodeName": "node-a",
@@ -369,7 +433,20 @@ mod tests {
         assert_eq!(pod.metadata.name.as_deref(), Some("web-0"));
         assert_eq!(pod.metadata.resource_version.as_deref(), Some("42"));
         assert!(pod.metadata.annotations.is_none() && pod.metadata.managed_fields.is_none());
-        assert!(pod.metadata.owner_references.is_none());
+        // Of the owners, only the controller's kind and name are kept: what names the workload.
+        let owners = pod.metadata.owner_references.as_deref().unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].name.as_str()),
+            ("StatefulSet", "web")
+        );
+        assert_eq!(owners[0].controller, Some(true));
+        assert!(owners[0].uid.is_empty() && owners[0].api_version.is_empty());
+        assert_eq!(pod.metadata.generate_name.as_deref(), Some("web-"));
+        assert_eq!(
+            super::super::owner::controller_name(&pod.metadata).as_deref(),
+            Some("web")
+        );
         assert_eq!(pod.spec.node_name.as_deref(), Some("node-a"));
         assert!(!pod.spec.host_network);
         assert_eq!(

@@ -53,6 +53,7 @@ fn peer(namespace: &str, name: &str, spec: Value) -> PeerAuthenticationResource 
 fn workload(namespace: &str, name: &str, app: &str) -> Workload {
     Workload {
         name: name.into(),
+        controller: None,
         namespace: namespace.into(),
         service_account: "web".into(),
         node: "node-b".into(),

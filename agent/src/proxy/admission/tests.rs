@@ -18,6 +18,7 @@ const SERVER_IP: &str = "10.10.1.2";
 fn workload(name: &str, ip: &str, labels: &[(&str, &str)], enrolled: bool) -> Workload {
     Workload {
         name: name.into(),
+        controller: None,
         namespace: "default".into(),
         service_account: name.into(),
         node: "n1".into(),
@@ -363,7 +364,8 @@ async fn a_revocation_stops_the_relay_and_closes_both_sides() {
     let (upstream_side, mut app) = tokio::io::duplex(64 * 1024);
     let mut admission = registry.register(hbone_from("frontend", &pod));
     let relay = tokio::spawn(async move {
-        let (moved, ended) = relay_until(client_side, upstream_side, admission.revoked()).await;
+        let (moved, ended) =
+            relay_until(client_side, upstream_side, &(), admission.revoked()).await;
         (moved, ended)
     });
     // Bytes flow while allowed.
