@@ -817,6 +817,7 @@ impl Serialize for MeshState {
         struct WorkloadDump<'a> {
             uid: String,
             identity: String,
+            workload_name: &'a str,
             canonical_service: &'a str,
             canonical_revision: &'a str,
             #[serde(flatten)]
@@ -843,6 +844,7 @@ impl Serialize for MeshState {
             .map(|w| WorkloadDump {
                 uid: w.uid(),
                 identity: self.identity_of(w).to_string(),
+                workload_name: w.workload_name(),
                 canonical_service: w.canonical_service(),
                 canonical_revision: w.canonical_revision(),
                 workload: w,
