@@ -14,7 +14,9 @@ use http::HeaderMap;
 
 use crate::state::{
     Service, WaypointRef, Workload,
-    routes::{HttpMatch, HttpRoute, RouteDestination, ServiceRoutes, Subset},
+    routes::{
+        HeaderMatch, HttpMatch, HttpRoute, RouteDestination, ServiceRoutes, StringMatch, Subset,
+    },
 };
 
 /// What the routes look at in a request.
@@ -24,6 +26,22 @@ pub struct RequestView<'a> {
     pub path: &'a str,
     /// The request headers.
     pub headers: &'a HeaderMap,
+    /// The method.
+    pub method: &'a http::Method,
+    /// The query string (after `?`), if any.
+    pub query: Option<&'a str>,
+}
+
+impl<'a> RequestView<'a> {
+    /// The view of `request`.
+    pub fn of<B>(request: &'a http::Request<B>) -> Self {
+        Self {
+            path: request.uri().path(),
+            headers: request.headers(),
+            method: request.method(),
+            query: request.uri().query(),
+        }
+    }
 }
 
 /// Where a request goes.
@@ -31,8 +49,10 @@ pub struct RequestView<'a> {
 pub struct Decision<'a> {
     /// The route taken (`None`: the service has no routes, the request goes to it as dialled).
     pub route: Option<&'a HttpRoute>,
-    /// The destination picked.
-    pub destination: Cow<'a, RouteDestination>,
+    /// The match entry of the route that held (`None`: the route has no `match`).
+    pub matched: Option<&'a HttpMatch>,
+    /// The destination picked; `None`: the route answers itself (redirect, direct response).
+    pub destination: Option<Cow<'a, RouteDestination>>,
 }
 
 /// Decides the destination of `request` to `service`, whose routes are `routes` (`None`: no
@@ -47,7 +67,8 @@ pub fn decide<'a>(
     let Some(routes) = routes else {
         return Some(Decision {
             route: None,
-            destination: Cow::Owned(RouteDestination {
+            matched: None,
+            destination: Some(Cow::Owned(RouteDestination {
                 service: WaypointRef {
                     namespace: service.namespace.clone(),
                     name: service.name.clone(),
@@ -55,35 +76,90 @@ pub fn decide<'a>(
                 port: None,
                 subset: None,
                 weight: 100,
-            }),
+                headers: Default::default(),
+            })),
         });
     };
-    let route = routes.http.iter().find(|route| {
-        route.matches.is_empty() || route.matches.iter().any(|m| matches(m, request))
+    let (route, matched) = routes.http.iter().find_map(|route| {
+        if route.matches.is_empty() {
+            return Some((route, None));
+        }
+        let held = route.matches.iter().find(|m| matches(m, request))?;
+        Some((route, Some(held)))
     })?;
+    if route.filters.redirect.is_some() || route.filters.direct_response.is_some() {
+        return Some(Decision {
+            route: Some(route),
+            matched,
+            destination: None,
+        });
+    }
     Some(Decision {
         route: Some(route),
-        destination: Cow::Borrowed(weighted(&route.destinations, pick)?),
+        matched,
+        destination: Some(Cow::Borrowed(weighted(&route.destinations, pick)?)),
     })
 }
 
 /// Whether every condition of `m` holds.
 fn matches(m: &HttpMatch, request: RequestView<'_>) -> bool {
     if let Some(uri) = &m.uri
-        && !uri.matches(request.path)
+        && !uri_matches(uri, request.path, m.ignore_uri_case)
     {
         return false;
     }
-    m.headers.iter().all(|header| {
-        let Some(value) = request.headers.get(header.name.as_str()) else {
-            return false;
-        };
-        match (&header.value, value.to_str()) {
-            (None, _) => true,
-            (Some(expected), Ok(value)) => expected.matches(value),
-            // A value that is not visible ASCII matches nothing but presence.
-            (Some(_), Err(_)) => false,
-        }
+    if let Some(method) = &m.method
+        && !method.matches(request.method.as_str())
+    {
+        return false;
+    }
+    m.headers
+        .iter()
+        .all(|header| header_holds(header, request.headers))
+        && !m
+            .without_headers
+            .iter()
+            .any(|header| header_holds(header, request.headers))
+        && m.query_params
+            .iter()
+            .all(|q| match (query_param(request.query, &q.name), &q.value) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(value), Some(expected)) => expected.matches(value),
+            })
+}
+
+/// Whether the condition on one header holds.
+fn header_holds(header: &HeaderMatch, headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header.name.as_str()) else {
+        return false;
+    };
+    match (&header.value, value.to_str()) {
+        (None, _) => true,
+        (Some(expected), Ok(value)) => expected.matches(value),
+        // A value that is not visible ASCII matches nothing but presence.
+        (Some(_), Err(_)) => false,
+    }
+}
+
+/// Whether the path matches `uri`, ignoring ASCII case for `exact` and `prefix` if asked
+/// (Istio's `ignoreUriCase`, which does not apply to `regex`).
+fn uri_matches(uri: &StringMatch, path: &str, ignore_case: bool) -> bool {
+    match uri {
+        StringMatch::Exact(exact) if ignore_case => path.eq_ignore_ascii_case(exact),
+        StringMatch::Prefix(prefix) if ignore_case => path
+            .as_bytes()
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes())),
+        _ => uri.matches(path),
+    }
+}
+
+/// The raw value of the first parameter `name` of `query` (`a=1&b`: `b` is present and empty).
+pub fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(value)
     })
 }
 
@@ -162,7 +238,9 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
-    use crate::state::routes::{FullRegex, HeaderMatch, StringMatch};
+    use crate::state::routes::FullRegex;
+
+    static GET: http::Method = http::Method::GET;
 
     fn service() -> Service {
         Service {
@@ -186,8 +264,10 @@ mod tests {
             subset: Some(Subset {
                 name: subset.into(),
                 labels: [("version".to_string(), subset.to_string())].into(),
+                load_balancer: None,
             }),
             weight,
+            headers: Default::default(),
         }
     }
 
@@ -204,20 +284,23 @@ mod tests {
                             name: "end-user".into(),
                             value: Some(StringMatch::Exact("jason".into())),
                         }],
+                        ..HttpMatch::default()
                     }],
                     destinations: vec![to("v2", 100)],
+                    filters: Default::default(),
                 },
                 HttpRoute {
                     name: None,
                     matches: vec![],
                     destinations: vec![to("v1", 90), to("v2", 10)],
+                    filters: Default::default(),
                 },
             ],
         }
     }
 
     fn subset_of(decision: Option<Decision<'_>>) -> Option<String> {
-        decision.map(|d| d.destination.subset.as_ref().unwrap().name.clone())
+        decision.map(|d| d.destination.unwrap().subset.as_ref().unwrap().name.clone())
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
@@ -240,6 +323,8 @@ mod tests {
             let request = RequestView {
                 path: "/",
                 headers: &jason,
+                method: &GET,
+                query: None,
             };
             let got = decide(Some(&routes), &service(), request, |_| pick);
             assert_eq!(subset_of(got).as_deref(), Some("v2"));
@@ -250,6 +335,8 @@ mod tests {
             let request = RequestView {
                 path: "/",
                 headers: &h,
+                method: &GET,
+                query: None,
             };
             assert_eq!(
                 subset_of(decide(Some(&routes), &service(), request, |_| 0)).as_deref(),
@@ -266,6 +353,8 @@ mod tests {
         let request = RequestView {
             path: "/",
             headers: &none,
+            method: &GET,
+            query: None,
         };
         let mut v2 = 0;
         for pick in 0..100 {
@@ -285,6 +374,7 @@ mod tests {
                 name: None,
                 matches: vec![],
                 destinations: vec![to("v1", 100), to("v2", 0)],
+                filters: Default::default(),
             }],
         };
         for pick in 0..100 {
@@ -302,8 +392,10 @@ mod tests {
                 matches: vec![HttpMatch {
                     uri: Some(uri),
                     headers: vec![],
+                    ..HttpMatch::default()
                 }],
                 destinations: vec![to("v2", 1)],
+                filters: Default::default(),
             }],
         };
         let none = HeaderMap::new();
@@ -311,6 +403,8 @@ mod tests {
             let request = RequestView {
                 path,
                 headers: &none,
+                method: &GET,
+                query: None,
             };
             decide(Some(routes), &service(), request, |_| 0).is_some()
         };
@@ -339,14 +433,18 @@ mod tests {
                         name: "x-canary".into(),
                         value,
                     }],
+                    ..HttpMatch::default()
                 }],
                 destinations: vec![to("v2", 1)],
+                filters: Default::default(),
             }],
         };
         let hits = |routes: &ServiceRoutes, h: &HeaderMap| {
             let request = RequestView {
                 path: "/",
                 headers: h,
+                method: &GET,
+                query: None,
             };
             decide(Some(routes), &service(), request, |_| 0).is_some()
         };
@@ -367,11 +465,13 @@ mod tests {
         let request = RequestView {
             path: "/",
             headers: &none,
+            method: &GET,
+            query: None,
         };
         let got = decide(None, &service(), request, |_| 0).unwrap();
         assert_eq!(got.route, None);
-        assert_eq!(got.destination.service.name, "reviews");
-        assert_eq!(got.destination.subset, None);
+        assert_eq!(got.destination.as_ref().unwrap().service.name, "reviews");
+        assert_eq!(got.destination.as_ref().unwrap().subset, None);
         let only_jason = ServiceRoutes {
             source: "x".into(),
             http: vec![canary().http[0].clone()],
