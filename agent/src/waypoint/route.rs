@@ -238,7 +238,7 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
-    use crate::state::routes::FullRegex;
+    use crate::state::routes::{FullRegex, QueryMatch};
 
     static GET: http::Method = http::Method::GET;
 
@@ -519,5 +519,224 @@ mod tests {
         let v2_endpoints = subset_endpoints(all, v2.subset.as_ref());
         assert_eq!(rr.pick(&v2, &v2_endpoints).unwrap().name, "v2-a");
         assert!(rr.pick(&v2, &[]).is_none());
+    }
+
+    /// A route of one match entry to v2, and whether a request takes it.
+    fn one_match(m: HttpMatch) -> ServiceRoutes {
+        ServiceRoutes {
+            source: "x".into(),
+            http: vec![HttpRoute {
+                name: None,
+                matches: vec![m],
+                destinations: vec![to("v2", 1)],
+                filters: Default::default(),
+            }],
+        }
+    }
+
+    fn takes(
+        routes: &ServiceRoutes,
+        method: &http::Method,
+        path: &str,
+        query: Option<&str>,
+        h: &HeaderMap,
+    ) -> bool {
+        let request = RequestView {
+            path,
+            headers: h,
+            method,
+            query,
+        };
+        decide(Some(routes), &service(), request, |_| 0).is_some()
+    }
+
+    #[test]
+    fn method_query_absence_and_case_insensitive_uri() {
+        let none = HeaderMap::new();
+        let post = one_match(HttpMatch {
+            method: Some(StringMatch::Exact("POST".into())),
+            ..HttpMatch::default()
+        });
+        assert!(takes(&post, &http::Method::POST, "/", None, &none));
+        assert!(!takes(&post, &GET, "/", None, &none));
+        let write = one_match(HttpMatch {
+            method: Some(StringMatch::Regex(FullRegex::new("PUT|PATCH").unwrap())),
+            ..HttpMatch::default()
+        });
+        assert!(takes(&write, &http::Method::PATCH, "/", None, &none));
+        assert!(!takes(&write, &http::Method::POST, "/", None, &none));
+
+        let query = one_match(HttpMatch {
+            query_params: vec![
+                QueryMatch {
+                    name: "canary".into(),
+                    value: Some(StringMatch::Exact("yes".into())),
+                },
+                QueryMatch {
+                    name: "id".into(),
+                    value: Some(StringMatch::Regex(FullRegex::new("[0-9]+").unwrap())),
+                },
+                QueryMatch {
+                    name: "debug".into(),
+                    value: None,
+                },
+            ],
+            ..HttpMatch::default()
+        });
+        assert!(takes(
+            &query,
+            &GET,
+            "/",
+            Some("id=42&canary=yes&debug"),
+            &none
+        ));
+        assert!(!takes(
+            &query,
+            &GET,
+            "/",
+            Some("id=42&canary=no&debug"),
+            &none
+        ));
+        assert!(!takes(
+            &query,
+            &GET,
+            "/",
+            Some("id=4x&canary=yes&debug"),
+            &none
+        ));
+        assert!(!takes(&query, &GET, "/", Some("id=42&canary=yes"), &none));
+        assert!(!takes(&query, &GET, "/", None, &none));
+        // The first value counts; names are exact.
+        assert!(!takes(
+            &query,
+            &GET,
+            "/",
+            Some("canary=no&canary=yes&id=1&debug"),
+            &none
+        ));
+        assert!(!takes(
+            &query,
+            &GET,
+            "/",
+            Some("Canary=yes&id=1&debug"),
+            &none
+        ));
+
+        let absent = one_match(HttpMatch {
+            without_headers: vec![
+                HeaderMatch {
+                    name: "x-opt-out".into(),
+                    value: None,
+                },
+                HeaderMatch {
+                    name: "end-user".into(),
+                    value: Some(StringMatch::Prefix("bot-".into())),
+                },
+            ],
+            ..HttpMatch::default()
+        });
+        assert!(takes(&absent, &GET, "/", None, &none));
+        assert!(takes(
+            &absent,
+            &GET,
+            "/",
+            None,
+            &headers(&[("end-user", "jason")])
+        ));
+        assert!(!takes(
+            &absent,
+            &GET,
+            "/",
+            None,
+            &headers(&[("x-opt-out", "")])
+        ));
+        assert!(!takes(
+            &absent,
+            &GET,
+            "/",
+            None,
+            &headers(&[("end-user", "bot-7")])
+        ));
+
+        let mut case = HttpMatch {
+            uri: Some(StringMatch::Prefix("/Api".into())),
+            ignore_uri_case: true,
+            ..HttpMatch::default()
+        };
+        let insensitive = one_match(case.clone());
+        assert!(takes(&insensitive, &GET, "/aPI/x", None, &none));
+        assert!(!takes(&insensitive, &GET, "/ap", None, &none));
+        case.ignore_uri_case = false;
+        assert!(!takes(&one_match(case), &GET, "/aPI/x", None, &none));
+        let exact = one_match(HttpMatch {
+            uri: Some(StringMatch::Exact("/Login".into())),
+            ignore_uri_case: true,
+            ..HttpMatch::default()
+        });
+        assert!(takes(&exact, &GET, "/LOGIN", None, &none));
+        // Not for regex, as Istio's.
+        let regex = one_match(HttpMatch {
+            uri: Some(StringMatch::Regex(FullRegex::new("/login").unwrap())),
+            ignore_uri_case: true,
+            ..HttpMatch::default()
+        });
+        assert!(!takes(&regex, &GET, "/LOGIN", None, &none));
+    }
+
+    #[test]
+    fn grpc_methods_are_path_matches() {
+        let none = HeaderMap::new();
+        let post = http::Method::POST;
+        let both = one_match(HttpMatch::grpc(Some("shop.Reviews"), Some("Get")).unwrap());
+        assert!(takes(&both, &post, "/shop.Reviews/Get", None, &none));
+        assert!(!takes(&both, &post, "/shop.Reviews/List", None, &none));
+        let service = one_match(HttpMatch::grpc(Some("shop.Reviews"), None).unwrap());
+        assert!(takes(&service, &post, "/shop.Reviews/List", None, &none));
+        assert!(!takes(&service, &post, "/shop.ReviewsX/List", None, &none));
+        let method = one_match(HttpMatch::grpc(None, Some("Get")).unwrap());
+        assert!(takes(&method, &post, "/any.Service/Get", None, &none));
+        assert!(!takes(&method, &post, "/any.Service/GetAll", None, &none));
+        assert!(!takes(&method, &post, "/a/b/Get", None, &none));
+        assert_eq!(HttpMatch::grpc(None, None).unwrap(), HttpMatch::default());
+    }
+
+    #[test]
+    fn a_redirect_or_direct_response_route_has_no_destination_and_tells_its_match() {
+        use crate::state::routes::{DirectResponse, RouteFilters};
+        let none = HeaderMap::new();
+        let entry = HttpMatch {
+            uri: Some(StringMatch::Prefix("/old".into())),
+            ..HttpMatch::default()
+        };
+        let routes = ServiceRoutes {
+            source: "x".into(),
+            http: vec![HttpRoute {
+                name: None,
+                matches: vec![
+                    HttpMatch {
+                        uri: Some(StringMatch::Exact("/never".into())),
+                        ..HttpMatch::default()
+                    },
+                    entry.clone(),
+                ],
+                destinations: vec![],
+                filters: RouteFilters {
+                    direct_response: Some(DirectResponse {
+                        status: 410,
+                        body: None,
+                    }),
+                    ..RouteFilters::default()
+                },
+            }],
+        };
+        let request = RequestView {
+            path: "/old/x",
+            headers: &none,
+            method: &GET,
+            query: None,
+        };
+        let got = decide(Some(&routes), &service(), request, |_| 0).unwrap();
+        assert_eq!(got.destination, None);
+        assert_eq!(got.matched, Some(&entry));
     }
 }

@@ -1353,4 +1353,264 @@ destinationRules:
             "{err}"
         );
     }
+
+    /// Every field of this slice, as Istio writes it.
+    const FULL_VS: &str = r#"
+virtualServices:
+- apiVersion: networking.ambit.dev/v1
+  kind: VirtualService
+  metadata: {name: reviews}
+  spec:
+    hosts: [reviews]
+    http:
+    - name: writes
+      match:
+      - method: {regex: "PUT|POST"}
+        queryParams: {canary: {exact: "yes"}, debug: {}}
+        withoutHeaders: {x-opt-out: {}}
+        uri: {prefix: /API}
+        ignoreUriCase: true
+      rewrite: {uri: /v2, authority: reviews.internal}
+      headers:
+        request: {set: {X-Route: writes}, add: {x-added: "1"}, remove: [x-secret]}
+        response: {set: {x-resp: "yes"}}
+      route:
+      - destination: {host: reviews, subset: v2}
+        headers: {request: {set: {x-dest: v2}}}
+    - name: moved
+      match: [{uri: {prefix: /old}}]
+      redirect: {uri: /new, authority: shop.example, port: 8443, scheme: https, redirectCode: 308}
+    - name: gone
+      match: [{uri: {exact: /gone}}]
+      directResponse: {status: 410, body: {string: gone}}
+    - route:
+      - destination: {host: reviews, subset: v1}
+"#;
+
+    const LB_DR: &str = r#"
+destinationRules:
+- apiVersion: networking.ambit.dev/v1
+  kind: DestinationRule
+  metadata: {name: reviews}
+  spec:
+    host: reviews
+    trafficPolicy:
+      loadBalancer: {simple: LEAST_REQUEST}
+    subsets:
+    - name: v1
+      labels: {version: v1}
+    - name: v2
+      labels: {version: v2}
+      trafficPolicy:
+        loadBalancer:
+          consistentHash:
+            httpCookie: {name: session, path: /, ttl: 1h}
+            maglev: {tableSize: 1031}
+"#;
+
+    #[test]
+    fn matches_filters_and_load_balancers_parse_with_istio_names() {
+        use crate::state::routes::{
+            ConsistentHash, DirectResponse, HashKey, LoadBalancer, Redirect, Rewrite,
+        };
+        let state = parse(&format!("{FULL_VS}{LB_DR}")).unwrap();
+        let table = state.routes();
+        let routes = table.for_service("default/reviews").unwrap();
+        let writes = &routes.http[0];
+        let m = &writes.matches[0];
+        assert!(matches!(&m.method, Some(StringMatch::Regex(r)) if r.as_str() == "PUT|POST"));
+        assert_eq!(m.query_params.len(), 2);
+        assert_eq!(m.query_params[0].name, "canary");
+        assert_eq!(m.query_params[1].value, None);
+        assert_eq!(m.without_headers[0].name, "x-opt-out");
+        assert!(m.ignore_uri_case);
+        assert_eq!(
+            writes.filters.rewrite,
+            Some(Rewrite {
+                uri: Some("/v2".into()),
+                authority: Some("reviews.internal".into())
+            })
+        );
+        // Header names are lower-cased.
+        assert_eq!(
+            writes.filters.headers.request.set,
+            [("x-route".to_string(), "writes".to_string())]
+        );
+        assert_eq!(writes.filters.headers.request.remove, ["x-secret"]);
+        assert_eq!(
+            writes.destinations[0].headers.request.set,
+            [("x-dest".to_string(), "v2".to_string())]
+        );
+        let moved = &routes.http[1];
+        assert!(moved.destinations.is_empty());
+        assert_eq!(
+            moved.filters.redirect,
+            Some(Redirect {
+                uri: Some("/new".into()),
+                authority: Some("shop.example".into()),
+                port: Some(8443),
+                scheme: Some("https".into()),
+                code: 308
+            })
+        );
+        assert_eq!(
+            routes.http[2].filters.direct_response,
+            Some(DirectResponse {
+                status: 410,
+                body: Some("gone".into())
+            })
+        );
+        // The redirect code defaults to 301.
+        let default_code = FULL_VS.replace(", redirectCode: 308", "");
+        let state = parse(&format!("{default_code}{LB_DR}")).unwrap();
+        let code = state.routes().for_service("default/reviews").unwrap().http[1]
+            .filters
+            .redirect
+            .as_ref()
+            .unwrap()
+            .code;
+        assert_eq!(code, 301);
+
+        // The service's policy, and the subset's overriding it.
+        let v1 = &routes.http[3].destinations[0];
+        assert_eq!(table.load_balancer(v1), &LoadBalancer::LeastRequest);
+        assert_eq!(
+            table.load_balancer(&writes.destinations[0]),
+            &LoadBalancer::ConsistentHash(ConsistentHash {
+                key: HashKey::Cookie {
+                    name: "session".into(),
+                    path: Some("/".into()),
+                    ttl_seconds: Some(3600)
+                },
+                table_size: 1031
+            })
+        );
+    }
+
+    #[test]
+    fn bad_matches_filters_and_policies_name_their_field() {
+        let vs_cases = [
+            (
+                "canary: {exact: \"yes\"}",
+                "canary: {prefix: \"y\"}",
+                "spec.http[0].match[0].queryParams.canary.prefix",
+            ),
+            (
+                "redirectCode: 308",
+                "redirectCode: 300",
+                "spec.http[1].redirect.redirectCode",
+            ),
+            (
+                "scheme: https",
+                "scheme: ftp",
+                "spec.http[1].redirect.scheme",
+            ),
+            ("uri: /new", "uri: new", "spec.http[1].redirect.uri"),
+            (
+                "status: 410",
+                "status: 99",
+                "spec.http[2].directResponse.status",
+            ),
+            (
+                "X-Route: writes",
+                "host: writes",
+                "spec.http[0].headers.request.set.host",
+            ),
+            (
+                "x-added: \"1\"",
+                "x-added: \"%REQ(x)%\"",
+                "spec.http[0].headers.request.add.x-added",
+            ),
+            (
+                "remove: [x-secret]",
+                "remove: [\"bad name\"]",
+                "spec.http[0].headers.request.remove[0]",
+            ),
+            (
+                "method: {regex: \"PUT|POST\"}",
+                "method: {}",
+                "spec.http[0].match[0].method",
+            ),
+            (
+                "withoutHeaders: {x-opt-out: {}}",
+                "withoutHeaders: {X-Opt: {}}",
+                "spec.http[0].match[0].withoutHeaders.X-Opt",
+            ),
+            // A redirect that also routes.
+            (
+                "redirectCode: 308}",
+                "redirectCode: 308}\n      route: [{destination: {host: reviews}}]",
+                "spec.http[1].route",
+            ),
+            // A field of Istio's not implemented.
+            (
+                "scheme: https",
+                "derivePort: FROM_REQUEST_PORT",
+                "spec.http[1].redirect",
+            ),
+            (
+                "authority: reviews.internal",
+                "authority: \"bad host\"",
+                "spec.http[0].rewrite.authority",
+            ),
+        ];
+        for (from, to, field) in vs_cases {
+            assert!(FULL_VS.contains(from), "{from}");
+            let err = parse(&format!("{}{LB_DR}", FULL_VS.replace(from, to))).unwrap_err();
+            assert!(
+                err.contains(&format!("virtualServices[0].{field}")),
+                "{field}: {err}"
+            );
+        }
+        let dr_cases = [
+            (
+                "simple: LEAST_REQUEST",
+                "simple: PASSTHROUGH",
+                "spec.trafficPolicy.loadBalancer.simple",
+            ),
+            (
+                "simple: LEAST_REQUEST",
+                "simple: FASTEST",
+                "spec.trafficPolicy.loadBalancer.simple",
+            ),
+            (
+                "{simple: LEAST_REQUEST}",
+                "{simple: RANDOM, consistentHash: {useSourceIp: true}}",
+                "spec.trafficPolicy.loadBalancer",
+            ),
+            (
+                "tableSize: 1031",
+                "tableSize: 1024",
+                "spec.subsets[1].trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+            ),
+            (
+                "maglev: {tableSize: 1031}",
+                "ringHash: {minimumRingSize: 1024}",
+                "spec.subsets[1].trafficPolicy.loadBalancer.consistentHash.ringHash",
+            ),
+            (
+                "ttl: 1h",
+                "ttl: soon",
+                "spec.subsets[1].trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",
+            ),
+            (
+                "httpCookie: {name: session, path: /, ttl: 1h}",
+                "httpHeaderName: x-user\n            useSourceIp: true",
+                "spec.subsets[1].trafficPolicy.loadBalancer.consistentHash",
+            ),
+            (
+                "loadBalancer: {simple: LEAST_REQUEST}",
+                "outlierDetection: {consecutive5xxErrors: 1}",
+                "spec.trafficPolicy",
+            ),
+        ];
+        for (from, to, field) in dr_cases {
+            assert!(LB_DR.contains(from), "{from}");
+            let err = parse(&format!("{FULL_VS}{}", LB_DR.replace(from, to))).unwrap_err();
+            assert!(
+                err.contains(&format!("destinationRules[0].{field}")),
+                "{field}: {err}"
+            );
+        }
+    }
 }
