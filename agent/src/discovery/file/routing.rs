@@ -746,10 +746,12 @@ impl Validator<'_> {
     }
 }
 
-/// Headers a route may not touch: `host` (that is `rewrite.authority`) and the hop-by-hop ones,
-/// which describe one connection and are the proxy's.
-const RESERVED_HEADERS: [&str; 7] = [
+/// Headers a route may not touch: `host` (that is `rewrite.authority`), `content-length` (the
+/// message's framing is the proxy's to write) and the hop-by-hop ones, which describe one
+/// connection.
+const RESERVED_HEADERS: [&str; 8] = [
     "host",
+    "content-length",
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -960,8 +962,8 @@ impl Validator<'_> {
                 return Err(self.invalid(
                     field,
                     format!(
-                        "{name:?} cannot be changed by a route (host is rewrite.authority; the \
-                         others are hop-by-hop)"
+                        "{name:?} cannot be changed by a route (host is rewrite.authority; \
+                         content-length is the message's framing; the others are hop-by-hop)"
                     ),
                 ));
             }
