@@ -1,5 +1,5 @@
 //! What a route does to a request and its response besides choosing where it goes: header
-//! operations, URL rewrite, redirect (the route's [`RouteFilters`]), without I/O.
+//! operations, URL rewrite, redirect (the route's [`RouteFilters`](crate::state::routes::RouteFilters)), without I/O.
 //!
 //! Semantics are Istio's (so Envoy's): header operations remove, then set, then add; a
 //! destination's operations are applied before its route's, so the route's `set` wins (Envoy's

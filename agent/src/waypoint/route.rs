@@ -1,6 +1,9 @@
-//! The routing decision, without I/O: which destination a request goes to (the first route one
-//! of whose matches holds, then a weighted pick among its destinations) and which endpoint of
-//! that destination's subset serves it (round robin).
+//! The routing decision, without I/O: which route takes a request (the first one of whose
+//! matches holds: path, method, headers present or absent, query parameters) and which
+//! destination it goes to (a weighted pick among the route's destinations; none when the route
+//! answers itself with a redirect or a direct response), and the endpoints of a destination's
+//! subset. Which of those endpoints serves it is [`super::balance`]'s; what the route does to
+//! the request and response, [`super::filters`]'.
 //!
 //! Everything here reads the state's route model ([`crate::state::routes`]) and the request's
 //! head; the caller supplies the random number, so tests decide it.
