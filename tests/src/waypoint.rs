@@ -1,19 +1,72 @@
-//! Running `ambit waypoint` on the test bed, and reading what it and an HTTP client saw: used by
-//! the waypoint end-to-end tests, the demo and the benchmark alike.
+//! The waypoint's test bed: a routed service `reviews` bound to a waypoint pod running `ambit
+//! waypoint`, and helpers to start it, read its metrics and send it HTTP (the end-to-end tests
+//! `tests/tests/waypoint*.rs` share them).
 //!
-//! A waypoint is a process in a pod of the bed that is **not** enrolled (as Istio's waypoints are
-//! not captured: its own tunnels to the endpoints' 15008 must leave as they are), whose workload
-//! the mesh file names and whose service other services point at with `waypoint:`.
-
+//! Layout (two nodes, so the waypoint's tunnels to the servers cross the fabric): node 0 holds
+//! the client `p0-0` (enrolled) and the waypoint `p0-1` (not enrolled, as Istio's waypoints are
+//! not captured: its own tunnels to the endpoints' 15008 must leave as they are); node 1 holds
+//! the servers, endpoints of `reviews`.
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use serde_json::{Value, json};
 
-use crate::{Cluster, Node, Pod, PodProcess, util};
+use crate::{Cluster, Node, Pod, PodProcess, mesh::Routing, util};
 
-/// How long `ambit waypoint` may take to get its certificate and listen.
-const START: Duration = Duration::from_secs(60);
+/// The VIP of the routed service `reviews` (port 9080 to the servers' 8080).
+pub const REVIEWS_VIP: &str = "10.96.0.30";
+/// The VIP of the waypoint's own service.
+pub const WAYPOINT_VIP: &str = "10.96.0.31";
+
+/// An endpoint of `reviews`: its pod, labels beyond `app: reviews`, and service account.
+pub type Endpoint<'a> = (&'a Pod, &'a [(&'a str, &'a str)], &'a str);
+
+/// Gives the bed its roles and starts the agents: `client` (label `app: client`), `waypoint`
+/// (not enrolled, service account `waypoint`, service `waypoint`), each of `servers` an
+/// endpoint of `reviews` with its labels (beyond `app: reviews`) and service account, `reviews`
+/// bound to the waypoint, and `routing`.
+pub fn prepare(
+    cluster: &Cluster,
+    client: &Pod,
+    waypoint: &Pod,
+    servers: &[Endpoint<'_>],
+    routing: Routing,
+) -> Result<()> {
+    let namespace = client.namespace();
+    cluster.set_labels(client, &[("app", "client")]);
+    cluster.set_labels(waypoint, &[("app", "waypoint")]);
+    waypoint.set_service_account("waypoint");
+    cluster.set_enrolled(waypoint, false);
+    for (pod, labels, account) in servers {
+        let mut all = vec![("app", "reviews")];
+        all.extend_from_slice(labels);
+        cluster.set_labels(pod, &all);
+        pod.set_service_account(account);
+    }
+    cluster.add_service(
+        "reviews",
+        &namespace,
+        &[REVIEWS_VIP],
+        &[("app", "reviews")],
+        &[(9080, 8080)],
+    );
+    cluster.add_service(
+        "waypoint",
+        &namespace,
+        &[WAYPOINT_VIP],
+        &[("app", "waypoint")],
+        &[(15008, 15008)],
+    );
+    ensure!(
+        cluster.set_service_waypoint("reviews", &namespace, "waypoint"),
+        "no service reviews"
+    );
+    cluster.set_routing(routing);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    route_ca_to_pods_of(cluster, cluster.node(0))?;
+    Ok(())
+}
 
 /// The seed's canary VirtualService for the service `reviews`, with only `apiVersion` changed
 /// (and no namespace: the bed's pods live in `default`): `end-user: jason` to subset v2, everyone
@@ -68,9 +121,19 @@ pub fn route_ca_to_pods_of(cluster: &Cluster, node: &Node) -> Result<()> {
     .map(drop)
 }
 
-/// Starts `ambit waypoint` in `pod` (its workload in the mesh file, its node's CA flags) and
-/// waits until it serves its metrics: it holds its certificate and listens on 15008 by then.
-/// The CA must be able to reach the pod ([`route_ca_to_pods_of`]).
+/// Starts `testpod http` on 8080 in `pod`, answering as `name`, with `extra` flags, and waits
+/// until it listens.
+pub fn start_server(pod: &Pod, name: &str, extra: &[&str]) -> Result<PodProcess> {
+    let mut args = vec!["http", "--port", "8080", "--name", name];
+    args.extend_from_slice(extra);
+    let mut server = pod.spawn(crate::testpod_bin()?, &args)?;
+    let listening = server.read_json(Duration::from_secs(30))?;
+    ensure!(listening["event"] == "listening", "{name}: {listening}");
+    Ok(server)
+}
+
+/// Starts `ambit waypoint` in `pod` and waits until it serves its metrics (it has its
+/// certificate and listens on 15008 by then).
 pub fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
     let node = cluster.node_of(pod);
     let mut args = vec![
@@ -86,18 +149,17 @@ pub fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
     ];
     args.extend(node.ca_flags());
     let mut process = pod.spawn(cluster.ambit_bin(), &args)?;
-    let deadline = Instant::now() + START;
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = process.try_status()? {
             bail!("ambit waypoint exited: {status}; log: {}", process.stderr());
         }
-        if metrics(node, pod).is_ok() {
+        if waypoint_metrics(node, pod).is_ok() {
             return Ok(process);
         }
         if Instant::now() > deadline {
             bail!(
-                "ambit waypoint not serving after {} s; log: {}",
-                START.as_secs(),
+                "ambit waypoint not serving after 60 s; log: {}",
                 process.stderr()
             );
         }
@@ -105,11 +167,16 @@ pub fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
     }
 }
 
-/// The waypoint's `/metrics` (port 15020), fetched from its node's namespace.
-pub fn metrics(node: &Node, waypoint: &Pod) -> Result<String> {
+/// The waypoint's `/metrics`, fetched from its node's namespace.
+pub fn waypoint_metrics(node: &Node, waypoint: &Pod) -> Result<String> {
     let r = node.http_get_addr(waypoint.addr4(15020), "/metrics", Duration::from_secs(5))?;
     ensure!(r.status == 200, "waypoint /metrics: HTTP {}", r.status);
     Ok(r.body)
+}
+
+/// The sum of `istio_requests_total` series carrying every one of `labels`.
+pub fn requests_total(metrics: &str, labels: &[(&str, &str)]) -> f64 {
+    sum_series(metrics, "istio_requests_total", labels)
 }
 
 /// The sum of the `name` series (e.g. `istio_requests_total`) carrying every one of `labels`.
@@ -125,6 +192,104 @@ pub fn sum_series(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
+}
+
+/// Waits until every agent reports a rejected mesh file (its `lastError` set) and returns the
+/// first agent's error.
+pub fn wait_rejected(cluster: &Cluster) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let errors: Vec<Option<String>> = cluster
+            .nodes()
+            .iter()
+            .map(|n| {
+                n.config_dump()
+                    .ok()
+                    .and_then(|d| d["config"]["lastError"].as_str().map(str::to_string))
+            })
+            .collect();
+        if errors.iter().all(Option::is_some) {
+            return Ok(errors[0].clone().unwrap_or_default());
+        }
+        if Instant::now() > deadline {
+            bail!("the agents did not reject the mesh file: {errors:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until the waypoint counts `count` reloads with `result` (`ok` or `failed`).
+pub fn wait_reloads(node: &Node, waypoint: &Pod, result: &str, count: u64) -> Result<()> {
+    let want = format!("ambit_config_reloads_total{{result=\"{result}\"}} {count}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if waypoint_metrics(node, waypoint)?.lines().any(|l| l == want) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the waypoint did not count {want} in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One HTTP/1.1 exchange seen by curl: the status, the response headers (names lower case)
+/// and the body.
+#[derive(Debug, Default, Clone)]
+pub struct Exchange {
+    /// The status code.
+    pub status: u16,
+    /// The response headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+impl Exchange {
+    /// The first value of the response header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Runs curl in `from` once: `curl -sS -i --http1.1 <args> http://<REVIEWS_VIP>:9080<path>`,
+/// bounded to 10 s, without following redirects.
+pub fn curl_once(from: &Pod, path: &str, args: &[&str]) -> Result<Exchange> {
+    let url = format!("http://{REVIEWS_VIP}:9080{path}");
+    let mut all = vec!["-sS", "-i", "--http1.1", "--max-time", "10"];
+    all.extend_from_slice(args);
+    all.push(&url);
+    let mut process = from.spawn("curl", &all)?;
+    let (status, lines) = process.wait_output(Duration::from_secs(30))?;
+    if !status.success() {
+        bail!("curl {all:?}: {status}; stderr: {}", process.stderr());
+    }
+    let mut exchange = Exchange::default();
+    let mut lines = lines
+        .into_iter()
+        .map(|l| l.trim_end_matches('\r').to_string());
+    let status_line = lines.next().unwrap_or_default();
+    exchange.status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("curl: no status line in {status_line:?}"))?;
+    for line in lines.by_ref() {
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            exchange
+                .headers
+                .push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+    }
+    exchange.body = lines.collect::<Vec<_>>().join("\n");
+    Ok(exchange)
 }
 
 /// The answers of one curl run: per request its body and status.

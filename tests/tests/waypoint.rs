@@ -16,15 +16,14 @@
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Routing;
-use ambit_tests::waypoint::{self, Answers, metrics as waypoint_metrics, start_waypoint};
+use ambit_tests::waypoint::{
+    self, Answers, REVIEWS_VIP, WAYPOINT_VIP, requests_total, start_waypoint, wait_rejected,
+    waypoint_metrics,
+};
 use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump};
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
-/// The VIP of the routed service `reviews` (port 9080 to the servers' 8080).
-const REVIEWS_VIP: &str = "10.96.0.30";
-/// The VIP of the waypoint's own service.
-const WAYPOINT_VIP: &str = "10.96.0.31";
 const T: Duration = Duration::from_secs(30);
 /// Requests of the weighted split, and its bound: v2's count among N requests at 10% is
 /// binomial with mean 200 and sigma sqrt(2000 * 0.1 * 0.9) = 13.4; 5 sigma is 67, so a correct
@@ -102,35 +101,6 @@ fn h2load(from: &Pod, count: usize) -> Result<Vec<String>> {
         bail!("h2load {status}: {lines:?}; stderr: {}", process.stderr());
     }
     Ok(lines)
-}
-
-/// The sum of `istio_requests_total` series carrying every one of `labels`.
-fn requests_total(metrics: &str, labels: &[(&str, &str)]) -> f64 {
-    waypoint::sum_series(metrics, "istio_requests_total", labels)
-}
-
-/// Waits until every agent reports a rejected mesh file (its `lastError` set) and returns the
-/// first agent's error.
-fn wait_rejected(cluster: &Cluster) -> Result<String> {
-    let deadline = Instant::now() + T;
-    loop {
-        let errors: Vec<Option<String>> = cluster
-            .nodes()
-            .iter()
-            .map(|n| {
-                n.config_dump()
-                    .ok()
-                    .and_then(|d| d["config"]["lastError"].as_str().map(str::to_string))
-            })
-            .collect();
-        if errors.iter().all(Option::is_some) {
-            return Ok(errors[0].clone().unwrap_or_default());
-        }
-        if Instant::now() > deadline {
-            bail!("the agents did not reject the mesh file: {errors:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

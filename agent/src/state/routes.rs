@@ -17,12 +17,27 @@ use super::WaypointRef;
 pub struct RouteTable {
     /// Service uid to its routes, first match wins.
     pub by_service: BTreeMap<String, ServiceRoutes>,
+    /// Service uid to the load balancer of its endpoints (a DestinationRule's
+    /// `trafficPolicy.loadBalancer`); absent: round robin.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub load_balancers: BTreeMap<String, LoadBalancer>,
 }
 
 impl RouteTable {
     /// The routes of the service `namespace/name`, if a route resource names it.
     pub fn for_service(&self, uid: &str) -> Option<&ServiceRoutes> {
         self.by_service.get(uid)
+    }
+
+    /// How `destination` spreads its requests over its endpoints: its subset's policy, else its
+    /// service's, else round robin (Istio's: a subset's `trafficPolicy` overrides the host's).
+    pub fn load_balancer<'s>(&'s self, destination: &'s RouteDestination) -> &'s LoadBalancer {
+        destination
+            .subset
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .or_else(|| self.load_balancers.get(&format!("{}", destination.service)))
+            .unwrap_or(&LoadBalancer::RoundRobin)
     }
 }
 
@@ -45,8 +60,12 @@ pub struct HttpRoute {
     pub name: Option<String>,
     /// Any one must hold; empty: every request matches.
     pub matches: Vec<HttpMatch>,
-    /// Weighted destinations (at least one, weights not all zero).
+    /// Weighted destinations (weights not all zero); empty only when `filters` answers the
+    /// request itself (a redirect or a direct response).
     pub destinations: Vec<RouteDestination>,
+    /// What the route does to requests and responses besides choosing where they go.
+    #[serde(skip_serializing_if = "RouteFilters::is_empty")]
+    pub filters: RouteFilters,
 }
 
 /// Conditions on a request, all of which must hold.
@@ -58,6 +77,19 @@ pub struct HttpMatch {
     pub uri: Option<StringMatch>,
     /// On request headers, by lower-case name.
     pub headers: Vec<HeaderMatch>,
+    /// On the method (Istio matches it as a string).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<StringMatch>,
+    /// On query parameters (the raw values, not percent-decoded, as Envoy's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<QueryMatch>,
+    /// Headers whose condition must NOT hold (Istio's `withoutHeaders`; a presence condition:
+    /// the header must be absent).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub without_headers: Vec<HeaderMatch>,
+    /// `uri`'s `exact` and `prefix` ignore ASCII case (not `regex`, as Istio's).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_uri_case: bool,
 }
 
 /// A condition on one request header.
@@ -155,6 +187,9 @@ pub struct RouteDestination {
     pub subset: Option<Subset>,
     /// Relative share of the route's requests (0: none).
     pub weight: u32,
+    /// Header operations for requests sent to this destination (applied before the route's).
+    #[serde(skip_serializing_if = "HeaderRules::is_empty")]
+    pub headers: HeaderRules,
 }
 
 /// A named subset of a service's endpoints (Istio's DestinationRule subset).
@@ -165,4 +200,207 @@ pub struct Subset {
     pub name: String,
     /// Labels an endpoint must all carry, beyond the service's selector.
     pub labels: BTreeMap<String, String>,
+    /// Its own load balancer (the subset's `trafficPolicy`), overriding the service's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matches beyond path and headers: query parameters, gRPC.
+
+/// A condition on one query parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryMatch {
+    /// The parameter's name, as written in the query string.
+    pub name: String,
+    /// What its (first) value must be (`None`: present, any value).
+    pub value: Option<StringMatch>,
+}
+
+impl HttpMatch {
+    /// The match of a gRPC method (Gateway API `GRPCRoute`'s `method: {service, method}`): gRPC
+    /// requests are `POST /<package.Service>/<Method>`, so it is a path match. Both given: that
+    /// method; only the service: its methods; only the method: that method of any service;
+    /// neither: any request.
+    pub fn grpc(service: Option<&str>, method: Option<&str>) -> Result<HttpMatch, regex::Error> {
+        let uri = match (service, method) {
+            (Some(service), Some(method)) => {
+                Some(StringMatch::Exact(format!("/{service}/{method}")))
+            }
+            (Some(service), None) => Some(StringMatch::Prefix(format!("/{service}/"))),
+            (None, Some(method)) => Some(StringMatch::Regex(FullRegex::new(&format!(
+                "/[^/]+/{}",
+                regex::escape(method)
+            ))?)),
+            (None, None) => None,
+        };
+        Ok(HttpMatch {
+            uri,
+            ..HttpMatch::default()
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Filters: header operations, rewrite, redirect, direct response.
+
+/// What a route does besides choosing a destination (Istio's `headers`, `rewrite`, `redirect`,
+/// `directResponse`). At most one of `redirect` and `direct_response`, and then no
+/// destinations and no `rewrite`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteFilters {
+    /// Header operations (after the destination's).
+    #[serde(skip_serializing_if = "HeaderRules::is_empty")]
+    pub headers: HeaderRules,
+    /// Rewrites of the request sent on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    /// Answer with a redirect instead of forwarding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    /// Answer with a fixed response instead of forwarding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<DirectResponse>,
+}
+
+impl RouteFilters {
+    /// Whether it does nothing.
+    pub fn is_empty(&self) -> bool {
+        self == &RouteFilters::default()
+    }
+}
+
+/// Header operations on requests and on responses (Istio's `Headers`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderRules {
+    /// On the request sent on.
+    pub request: HeaderOps,
+    /// On the response sent back.
+    pub response: HeaderOps,
+}
+
+impl HeaderRules {
+    /// Whether it does nothing.
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.response.is_empty()
+    }
+}
+
+/// Istio's `HeaderOperations`, applied in Envoy's order: `remove`, then `set`, then `add`.
+/// Names are lower case and valid, values valid header values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderOps {
+    /// Replace (or create) the header with this value.
+    pub set: Vec<(String, String)>,
+    /// Append this value (a further field line of the header).
+    pub add: Vec<(String, String)>,
+    /// Remove every value of these headers.
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    /// Whether it does nothing.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Istio's `HTTPRewrite`: what the request sent on says instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rewrite {
+    /// Replaces the path part the `uri` match took: a `prefix` match's prefix (the rest of the
+    /// path kept), the whole path for `exact` and `regex`, and the leading `/` when the match
+    /// entry has no `uri` (as Istio, whose catch-all is prefix `/`). The query string is kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Replaces the `host`/`:authority`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+/// Istio's `HTTPRedirect`: a redirect answered by the waypoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redirect {
+    /// The new path (with its own query string if it has one, else the request's is kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// The new authority (host, and port if it has one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// The new port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The new scheme (`http` or `https`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// The status: 301 (Istio's default), 302, 303, 307 or 308.
+    pub code: u16,
+}
+
+/// Istio's `HTTPDirectResponse`: a fixed answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectResponse {
+    /// The status code.
+    pub status: u16,
+    /// The body, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load balancing (a DestinationRule's `trafficPolicy.loadBalancer`).
+
+/// How a destination's requests are spread over its endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancer {
+    /// In turn (Istio's default).
+    #[default]
+    RoundRobin,
+    /// The one with fewer requests in flight of two picked at random ("power of two choices").
+    LeastRequest,
+    /// At random.
+    Random,
+    /// By a hash of something in the request, on a Maglev table: a key stays on one endpoint,
+    /// and a change of endpoints moves about the changed share of keys.
+    ConsistentHash(ConsistentHash),
+}
+
+/// A consistent-hash balancer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHash {
+    /// What is hashed.
+    pub key: HashKey,
+    /// The Maglev table's size, a prime (Envoy's default 65537).
+    pub table_size: u32,
+}
+
+/// What a consistent hash is computed from. A request without it is balanced at random (as
+/// Envoy's, when a hash policy yields no hash), except a cookie with a `ttl`, which is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HashKey {
+    /// A request header (lower-case name).
+    Header(String),
+    /// A cookie; with a `ttl`, the waypoint creates it when absent (`Set-Cookie`).
+    Cookie {
+        /// Its name.
+        name: String,
+        /// The `Path` of a created cookie.
+        path: Option<String>,
+        /// The `Max-Age` of a created cookie, in seconds; `None`: never created.
+        ttl_seconds: Option<u64>,
+    },
+    /// The client's address.
+    SourceIp,
+    /// A query parameter.
+    QueryParameter(String),
 }

@@ -31,14 +31,16 @@ use crate::{
     telemetry::Metrics,
 };
 
+pub mod balance;
+pub mod filters;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
 
 use self::{
+    balance::Balancer,
     metrics::WaypointMetrics,
     proxy::{Waypoint, WaypointInbound},
-    route::RoundRobin,
 };
 
 /// Ports a tunnel may not name: the proxies' own.
@@ -157,7 +159,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         workload: (args.namespace.clone(), args.name.clone()),
         pool: Pool::new(dialer, PoolConfig::default()),
         metrics: Arc::new(WaypointMetrics::new(&metrics)?),
-        balancer: RoundRobin::default(),
+        balancer: Balancer::default(),
     });
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
     settings.reserved_ports = RESERVED_PORTS.to_vec();

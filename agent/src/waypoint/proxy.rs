@@ -24,8 +24,10 @@ use tokio::{io::DuplexStream, sync::watch};
 use tracing::{debug, info, warn};
 
 use super::{
+    balance::{Balancer, HashInput, Tracked},
+    filters,
     metrics::{RequestFlags, RequestLabels, WaypointMetrics},
-    route::{self, RequestView, RoundRobin},
+    route::{self, RequestView},
 };
 use crate::{
     hbone::{
@@ -34,7 +36,10 @@ use crate::{
     },
     identity::{CertificateManager, SpiffeId},
     policy::Admission,
-    state::{MeshState, Service},
+    state::{
+        MeshState, Service,
+        routes::{DirectResponse, Redirect, RouteFilters},
+    },
 };
 
 /// The body of every response the waypoint sends.
@@ -58,7 +63,7 @@ pub struct Waypoint {
     /// Request metrics.
     pub metrics: Arc<WaypointMetrics>,
     /// Endpoint choice.
-    pub balancer: RoundRobin,
+    pub balancer: Balancer,
 }
 
 impl Waypoint {
@@ -236,7 +241,7 @@ impl Downstream {
             Ok(response) => {
                 let code = response.status().as_u16();
                 outcome.labels = outcome.labels.with_response(code, RequestFlags::None);
-                response.map(BodyExt::boxed)
+                response
             }
             Err((status, flags, error)) => {
                 outcome.labels = outcome.labels.with_response(status.as_u16(), flags);
@@ -276,7 +281,7 @@ impl Downstream {
         state: &MeshState,
         request: Request<Incoming>,
         outcome: &mut Outcome,
-    ) -> Result<Response<Incoming>, (StatusCode, RequestFlags, String)> {
+    ) -> Result<Response<Body>, (StatusCode, RequestFlags, String)> {
         let dialled = self.destination;
         let no_route = |why: String| (StatusCode::NOT_FOUND, RequestFlags::NoRoute, why);
         let unhealthy = |why: String| {
@@ -297,17 +302,25 @@ impl Downstream {
             .service_by_vip(dialled.ip())
             .ok_or_else(|| no_route(format!("{dialled} is no longer a service VIP")))?;
         let routes = state.routes().for_service(&service.uid());
-        let view = RequestView {
-            path: request.uri().path(),
-            headers: request.headers(),
-        };
-        let decision = route::decide(routes, service, view, |n| fastrand::u32(0..n))
-            .ok_or_else(|| no_route(format!("no route of {} matches", service.uid())))?;
+        let decision = route::decide(routes, service, RequestView::of(&request), |n| {
+            fastrand::u32(0..n)
+        })
+        .ok_or_else(|| no_route(format!("no route of {} matches", service.uid())))?;
         outcome.route = routes.map(|r| match decision.route.and_then(|r| r.name.as_deref()) {
             Some(name) => format!("{} {name}", r.source),
             None => r.source.clone(),
         });
-        let destination = decision.destination;
+        let no_filters = RouteFilters::default();
+        let route_filters = decision.route.map_or(&no_filters, |r| &r.filters);
+        if let Some(redirect) = &route_filters.redirect {
+            return Ok(self.redirect(redirect, route_filters, &request));
+        }
+        if let Some(direct) = &route_filters.direct_response {
+            return Ok(direct_response(direct, route_filters));
+        }
+        let destination = decision
+            .destination
+            .ok_or_else(|| no_route(format!("no destination in the route of {}", service.uid())))?;
         let target_service = state
             .services()
             .iter()
@@ -329,10 +342,20 @@ impl Downstream {
             .target_port;
         let endpoints =
             route::subset_endpoints(state.endpoints(target_service), destination.subset.as_ref());
-        let endpoint = self
+        let hash_input = HashInput {
+            headers: request.headers(),
+            query: request.uri().query(),
+            source: self.source.ip(),
+        };
+        let pick = self
             .waypoint
             .balancer
-            .pick(&destination, &endpoints)
+            .pick(
+                state.routes().load_balancer(&destination),
+                &destination,
+                &endpoints,
+                hash_input,
+            )
             .ok_or_else(|| {
                 unhealthy(format!(
                     "no ready endpoint of {}{}",
@@ -344,6 +367,7 @@ impl Downstream {
                         .unwrap_or_default()
                 ))
             })?;
+        let (endpoint, in_flight, set_cookie) = (pick.endpoint, pick.in_flight, pick.set_cookie);
         let ip = endpoint
             .address_like(dialled.ip())
             .or_else(|| endpoint.ips.first().copied())
@@ -377,10 +401,88 @@ impl Downstream {
             .open(&key, &cert, &tunnel)
             .await
             .map_err(|e| failed(format!("tunnel to {target}: {e}")))?;
-        send(TokioIo::new(stream), upstream_request(request, dialled))
+        let mut request = request;
+        filters::apply_header_ops(&destination.headers.request, request.headers_mut());
+        filters::apply_header_ops(&route_filters.headers.request, request.headers_mut());
+        if let Some(rewrite) = &route_filters.rewrite {
+            filters::apply_rewrite(rewrite, decision.matched, &mut request);
+        }
+        let mut response = send(TokioIo::new(stream), upstream_request(request, dialled))
             .await
-            .map_err(|e| failed(format!("HTTP to {target}: {e}")))
+            .map_err(|e| failed(format!("HTTP to {target}: {e}")))?;
+        filters::apply_header_ops(&destination.headers.response, response.headers_mut());
+        filters::apply_header_ops(&route_filters.headers.response, response.headers_mut());
+        if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+        Ok(response.map(|body| Tracked::new(body, in_flight).boxed()))
     }
+
+    /// The redirect a route answers with, its response header operations applied.
+    fn redirect(
+        &self,
+        redirect: &Redirect,
+        route_filters: &RouteFilters,
+        request: &Request<Incoming>,
+    ) -> Response<Body> {
+        let authority = request_authority(request).unwrap_or_else(|| self.destination.to_string());
+        let location = filters::redirect_location(
+            redirect,
+            request.uri().scheme_str().unwrap_or("http"),
+            &authority,
+            request.uri().path(),
+            request.uri().query(),
+        );
+        let mut response = Response::new(empty_body());
+        *response.status_mut() =
+            StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+        if let Ok(location) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        filters::apply_header_ops(&route_filters.headers.response, response.headers_mut());
+        response
+    }
+}
+
+/// The fixed answer of a route, its response header operations applied.
+fn direct_response(direct: &DirectResponse, route_filters: &RouteFilters) -> Response<Body> {
+    let body = direct.body.clone().unwrap_or_default();
+    let has_body = !body.is_empty();
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = StatusCode::from_u16(direct.status).unwrap_or(StatusCode::OK);
+    if has_body {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    filters::apply_header_ops(&route_filters.headers.response, response.headers_mut());
+    response
+}
+
+/// An empty response body.
+fn empty_body() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// The authority a request names: its URI's (HTTP/2, absolute form), else its `host`.
+fn request_authority<B>(request: &Request<B>) -> Option<String> {
+    request
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
 }
 
 /// Sends `request` over `io` in the request's own HTTP version.
@@ -406,18 +508,7 @@ where
 /// version wants (origin-form with `host` for HTTP/1, absolute for HTTP/2).
 fn upstream_request(mut request: Request<Incoming>, dialled: SocketAddr) -> Request<Incoming> {
     strip_hop_by_hop(request.headers_mut());
-    let authority = request
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| dialled.to_string());
+    let authority = request_authority(&request).unwrap_or_else(|| dialled.to_string());
     let path = request
         .uri()
         .path_and_query()

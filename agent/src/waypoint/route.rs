@@ -1,6 +1,9 @@
-//! The routing decision, without I/O: which destination a request goes to (the first route one
-//! of whose matches holds, then a weighted pick among its destinations) and which endpoint of
-//! that destination's subset serves it (round robin).
+//! The routing decision, without I/O: which route takes a request (the first one of whose
+//! matches holds: path, method, headers present or absent, query parameters) and which
+//! destination it goes to (a weighted pick among the route's destinations; none when the route
+//! answers itself with a redirect or a direct response), and the endpoints of a destination's
+//! subset. Which of those endpoints serves it is [`super::balance`]'s; what the route does to
+//! the request and response, [`super::filters`]'.
 //!
 //! Everything here reads the state's route model ([`crate::state::routes`]) and the request's
 //! head; the caller supplies the random number, so tests decide it.
@@ -14,7 +17,9 @@ use http::HeaderMap;
 
 use crate::state::{
     Service, WaypointRef, Workload,
-    routes::{HttpMatch, HttpRoute, RouteDestination, ServiceRoutes, Subset},
+    routes::{
+        HeaderMatch, HttpMatch, HttpRoute, RouteDestination, ServiceRoutes, StringMatch, Subset,
+    },
 };
 
 /// What the routes look at in a request.
@@ -24,6 +29,22 @@ pub struct RequestView<'a> {
     pub path: &'a str,
     /// The request headers.
     pub headers: &'a HeaderMap,
+    /// The method.
+    pub method: &'a http::Method,
+    /// The query string (after `?`), if any.
+    pub query: Option<&'a str>,
+}
+
+impl<'a> RequestView<'a> {
+    /// The view of `request`.
+    pub fn of<B>(request: &'a http::Request<B>) -> Self {
+        Self {
+            path: request.uri().path(),
+            headers: request.headers(),
+            method: request.method(),
+            query: request.uri().query(),
+        }
+    }
 }
 
 /// Where a request goes.
@@ -31,8 +52,10 @@ pub struct RequestView<'a> {
 pub struct Decision<'a> {
     /// The route taken (`None`: the service has no routes, the request goes to it as dialled).
     pub route: Option<&'a HttpRoute>,
-    /// The destination picked.
-    pub destination: Cow<'a, RouteDestination>,
+    /// The match entry of the route that held (`None`: the route has no `match`).
+    pub matched: Option<&'a HttpMatch>,
+    /// The destination picked; `None`: the route answers itself (redirect, direct response).
+    pub destination: Option<Cow<'a, RouteDestination>>,
 }
 
 /// Decides the destination of `request` to `service`, whose routes are `routes` (`None`: no
@@ -47,7 +70,8 @@ pub fn decide<'a>(
     let Some(routes) = routes else {
         return Some(Decision {
             route: None,
-            destination: Cow::Owned(RouteDestination {
+            matched: None,
+            destination: Some(Cow::Owned(RouteDestination {
                 service: WaypointRef {
                     namespace: service.namespace.clone(),
                     name: service.name.clone(),
@@ -55,35 +79,90 @@ pub fn decide<'a>(
                 port: None,
                 subset: None,
                 weight: 100,
-            }),
+                headers: Default::default(),
+            })),
         });
     };
-    let route = routes.http.iter().find(|route| {
-        route.matches.is_empty() || route.matches.iter().any(|m| matches(m, request))
+    let (route, matched) = routes.http.iter().find_map(|route| {
+        if route.matches.is_empty() {
+            return Some((route, None));
+        }
+        let held = route.matches.iter().find(|m| matches(m, request))?;
+        Some((route, Some(held)))
     })?;
+    if route.filters.redirect.is_some() || route.filters.direct_response.is_some() {
+        return Some(Decision {
+            route: Some(route),
+            matched,
+            destination: None,
+        });
+    }
     Some(Decision {
         route: Some(route),
-        destination: Cow::Borrowed(weighted(&route.destinations, pick)?),
+        matched,
+        destination: Some(Cow::Borrowed(weighted(&route.destinations, pick)?)),
     })
 }
 
 /// Whether every condition of `m` holds.
 fn matches(m: &HttpMatch, request: RequestView<'_>) -> bool {
     if let Some(uri) = &m.uri
-        && !uri.matches(request.path)
+        && !uri_matches(uri, request.path, m.ignore_uri_case)
     {
         return false;
     }
-    m.headers.iter().all(|header| {
-        let Some(value) = request.headers.get(header.name.as_str()) else {
-            return false;
-        };
-        match (&header.value, value.to_str()) {
-            (None, _) => true,
-            (Some(expected), Ok(value)) => expected.matches(value),
-            // A value that is not visible ASCII matches nothing but presence.
-            (Some(_), Err(_)) => false,
-        }
+    if let Some(method) = &m.method
+        && !method.matches(request.method.as_str())
+    {
+        return false;
+    }
+    m.headers
+        .iter()
+        .all(|header| header_holds(header, request.headers))
+        && !m
+            .without_headers
+            .iter()
+            .any(|header| header_holds(header, request.headers))
+        && m.query_params
+            .iter()
+            .all(|q| match (query_param(request.query, &q.name), &q.value) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(value), Some(expected)) => expected.matches(value),
+            })
+}
+
+/// Whether the condition on one header holds.
+fn header_holds(header: &HeaderMatch, headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header.name.as_str()) else {
+        return false;
+    };
+    match (&header.value, value.to_str()) {
+        (None, _) => true,
+        (Some(expected), Ok(value)) => expected.matches(value),
+        // A value that is not visible ASCII matches nothing but presence.
+        (Some(_), Err(_)) => false,
+    }
+}
+
+/// Whether the path matches `uri`, ignoring ASCII case for `exact` and `prefix` if asked
+/// (Istio's `ignoreUriCase`, which does not apply to `regex`).
+fn uri_matches(uri: &StringMatch, path: &str, ignore_case: bool) -> bool {
+    match uri {
+        StringMatch::Exact(exact) if ignore_case => path.eq_ignore_ascii_case(exact),
+        StringMatch::Prefix(prefix) if ignore_case => path
+            .as_bytes()
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes())),
+        _ => uri.matches(path),
+    }
+}
+
+/// The raw value of the first parameter `name` of `query` (`a=1&b`: `b` is present and empty).
+pub fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(value)
     })
 }
 
@@ -162,7 +241,9 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
-    use crate::state::routes::{FullRegex, HeaderMatch, StringMatch};
+    use crate::state::routes::{FullRegex, QueryMatch};
+
+    static GET: http::Method = http::Method::GET;
 
     fn service() -> Service {
         Service {
@@ -186,8 +267,10 @@ mod tests {
             subset: Some(Subset {
                 name: subset.into(),
                 labels: [("version".to_string(), subset.to_string())].into(),
+                load_balancer: None,
             }),
             weight,
+            headers: Default::default(),
         }
     }
 
@@ -204,20 +287,23 @@ mod tests {
                             name: "end-user".into(),
                             value: Some(StringMatch::Exact("jason".into())),
                         }],
+                        ..HttpMatch::default()
                     }],
                     destinations: vec![to("v2", 100)],
+                    filters: Default::default(),
                 },
                 HttpRoute {
                     name: None,
                     matches: vec![],
                     destinations: vec![to("v1", 90), to("v2", 10)],
+                    filters: Default::default(),
                 },
             ],
         }
     }
 
     fn subset_of(decision: Option<Decision<'_>>) -> Option<String> {
-        decision.map(|d| d.destination.subset.as_ref().unwrap().name.clone())
+        decision.map(|d| d.destination.unwrap().subset.as_ref().unwrap().name.clone())
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
@@ -240,6 +326,8 @@ mod tests {
             let request = RequestView {
                 path: "/",
                 headers: &jason,
+                method: &GET,
+                query: None,
             };
             let got = decide(Some(&routes), &service(), request, |_| pick);
             assert_eq!(subset_of(got).as_deref(), Some("v2"));
@@ -250,6 +338,8 @@ mod tests {
             let request = RequestView {
                 path: "/",
                 headers: &h,
+                method: &GET,
+                query: None,
             };
             assert_eq!(
                 subset_of(decide(Some(&routes), &service(), request, |_| 0)).as_deref(),
@@ -266,6 +356,8 @@ mod tests {
         let request = RequestView {
             path: "/",
             headers: &none,
+            method: &GET,
+            query: None,
         };
         let mut v2 = 0;
         for pick in 0..100 {
@@ -285,6 +377,7 @@ mod tests {
                 name: None,
                 matches: vec![],
                 destinations: vec![to("v1", 100), to("v2", 0)],
+                filters: Default::default(),
             }],
         };
         for pick in 0..100 {
@@ -302,8 +395,10 @@ mod tests {
                 matches: vec![HttpMatch {
                     uri: Some(uri),
                     headers: vec![],
+                    ..HttpMatch::default()
                 }],
                 destinations: vec![to("v2", 1)],
+                filters: Default::default(),
             }],
         };
         let none = HeaderMap::new();
@@ -311,6 +406,8 @@ mod tests {
             let request = RequestView {
                 path,
                 headers: &none,
+                method: &GET,
+                query: None,
             };
             decide(Some(routes), &service(), request, |_| 0).is_some()
         };
@@ -339,14 +436,18 @@ mod tests {
                         name: "x-canary".into(),
                         value,
                     }],
+                    ..HttpMatch::default()
                 }],
                 destinations: vec![to("v2", 1)],
+                filters: Default::default(),
             }],
         };
         let hits = |routes: &ServiceRoutes, h: &HeaderMap| {
             let request = RequestView {
                 path: "/",
                 headers: h,
+                method: &GET,
+                query: None,
             };
             decide(Some(routes), &service(), request, |_| 0).is_some()
         };
@@ -367,11 +468,13 @@ mod tests {
         let request = RequestView {
             path: "/",
             headers: &none,
+            method: &GET,
+            query: None,
         };
         let got = decide(None, &service(), request, |_| 0).unwrap();
         assert_eq!(got.route, None);
-        assert_eq!(got.destination.service.name, "reviews");
-        assert_eq!(got.destination.subset, None);
+        assert_eq!(got.destination.as_ref().unwrap().service.name, "reviews");
+        assert_eq!(got.destination.as_ref().unwrap().subset, None);
         let only_jason = ServiceRoutes {
             source: "x".into(),
             http: vec![canary().http[0].clone()],
@@ -420,5 +523,224 @@ mod tests {
         let v2_endpoints = subset_endpoints(all, v2.subset.as_ref());
         assert_eq!(rr.pick(&v2, &v2_endpoints).unwrap().name, "v2-a");
         assert!(rr.pick(&v2, &[]).is_none());
+    }
+
+    /// A route of one match entry to v2, and whether a request takes it.
+    fn one_match(m: HttpMatch) -> ServiceRoutes {
+        ServiceRoutes {
+            source: "x".into(),
+            http: vec![HttpRoute {
+                name: None,
+                matches: vec![m],
+                destinations: vec![to("v2", 1)],
+                filters: Default::default(),
+            }],
+        }
+    }
+
+    fn takes(
+        routes: &ServiceRoutes,
+        method: &http::Method,
+        path: &str,
+        query: Option<&str>,
+        h: &HeaderMap,
+    ) -> bool {
+        let request = RequestView {
+            path,
+            headers: h,
+            method,
+            query,
+        };
+        decide(Some(routes), &service(), request, |_| 0).is_some()
+    }
+
+    #[test]
+    fn method_query_absence_and_case_insensitive_uri() {
+        let none = HeaderMap::new();
+        let post = one_match(HttpMatch {
+            method: Some(StringMatch::Exact("POST".into())),
+            ..HttpMatch::default()
+        });
+        assert!(takes(&post, &http::Method::POST, "/", None, &none));
+        assert!(!takes(&post, &GET, "/", None, &none));
+        let write = one_match(HttpMatch {
+            method: Some(StringMatch::Regex(FullRegex::new("PUT|PATCH").unwrap())),
+            ..HttpMatch::default()
+        });
+        assert!(takes(&write, &http::Method::PATCH, "/", None, &none));
+        assert!(!takes(&write, &http::Method::POST, "/", None, &none));
+
+        let query = one_match(HttpMatch {
+            query_params: vec![
+                QueryMatch {
+                    name: "canary".into(),
+                    value: Some(StringMatch::Exact("yes".into())),
+                },
+                QueryMatch {
+                    name: "id".into(),
+                    value: Some(StringMatch::Regex(FullRegex::new("[0-9]+").unwrap())),
+                },
+                QueryMatch {
+                    name: "debug".into(),
+                    value: None,
+                },
+            ],
+            ..HttpMatch::default()
+        });
+        assert!(takes(
+            &query,
+            &GET,
+            "/",
+            Some("id=42&canary=yes&debug"),
+            &none
+        ));
+        assert!(!takes(
+            &query,
+            &GET,
+            "/",
+            Some("id=42&canary=no&debug"),
+            &none
+        ));
+        assert!(!takes(
+            &query,
+            &GET,
+            "/",
+            Some("id=4x&canary=yes&debug"),
+            &none
+        ));
+        assert!(!takes(&query, &GET, "/", Some("id=42&canary=yes"), &none));
+        assert!(!takes(&query, &GET, "/", None, &none));
+        // The first value counts; names are exact.
+        assert!(!takes(
+            &query,
+            &GET,
+            "/",
+            Some("canary=no&canary=yes&id=1&debug"),
+            &none
+        ));
+        assert!(!takes(
+            &query,
+            &GET,
+            "/",
+            Some("Canary=yes&id=1&debug"),
+            &none
+        ));
+
+        let absent = one_match(HttpMatch {
+            without_headers: vec![
+                HeaderMatch {
+                    name: "x-opt-out".into(),
+                    value: None,
+                },
+                HeaderMatch {
+                    name: "end-user".into(),
+                    value: Some(StringMatch::Prefix("bot-".into())),
+                },
+            ],
+            ..HttpMatch::default()
+        });
+        assert!(takes(&absent, &GET, "/", None, &none));
+        assert!(takes(
+            &absent,
+            &GET,
+            "/",
+            None,
+            &headers(&[("end-user", "jason")])
+        ));
+        assert!(!takes(
+            &absent,
+            &GET,
+            "/",
+            None,
+            &headers(&[("x-opt-out", "")])
+        ));
+        assert!(!takes(
+            &absent,
+            &GET,
+            "/",
+            None,
+            &headers(&[("end-user", "bot-7")])
+        ));
+
+        let mut case = HttpMatch {
+            uri: Some(StringMatch::Prefix("/Api".into())),
+            ignore_uri_case: true,
+            ..HttpMatch::default()
+        };
+        let insensitive = one_match(case.clone());
+        assert!(takes(&insensitive, &GET, "/aPI/x", None, &none));
+        assert!(!takes(&insensitive, &GET, "/ap", None, &none));
+        case.ignore_uri_case = false;
+        assert!(!takes(&one_match(case), &GET, "/aPI/x", None, &none));
+        let exact = one_match(HttpMatch {
+            uri: Some(StringMatch::Exact("/Login".into())),
+            ignore_uri_case: true,
+            ..HttpMatch::default()
+        });
+        assert!(takes(&exact, &GET, "/LOGIN", None, &none));
+        // Not for regex, as Istio's.
+        let regex = one_match(HttpMatch {
+            uri: Some(StringMatch::Regex(FullRegex::new("/login").unwrap())),
+            ignore_uri_case: true,
+            ..HttpMatch::default()
+        });
+        assert!(!takes(&regex, &GET, "/LOGIN", None, &none));
+    }
+
+    #[test]
+    fn grpc_methods_are_path_matches() {
+        let none = HeaderMap::new();
+        let post = http::Method::POST;
+        let both = one_match(HttpMatch::grpc(Some("shop.Reviews"), Some("Get")).unwrap());
+        assert!(takes(&both, &post, "/shop.Reviews/Get", None, &none));
+        assert!(!takes(&both, &post, "/shop.Reviews/List", None, &none));
+        let service = one_match(HttpMatch::grpc(Some("shop.Reviews"), None).unwrap());
+        assert!(takes(&service, &post, "/shop.Reviews/List", None, &none));
+        assert!(!takes(&service, &post, "/shop.ReviewsX/List", None, &none));
+        let method = one_match(HttpMatch::grpc(None, Some("Get")).unwrap());
+        assert!(takes(&method, &post, "/any.Service/Get", None, &none));
+        assert!(!takes(&method, &post, "/any.Service/GetAll", None, &none));
+        assert!(!takes(&method, &post, "/a/b/Get", None, &none));
+        assert_eq!(HttpMatch::grpc(None, None).unwrap(), HttpMatch::default());
+    }
+
+    #[test]
+    fn a_redirect_or_direct_response_route_has_no_destination_and_tells_its_match() {
+        use crate::state::routes::{DirectResponse, RouteFilters};
+        let none = HeaderMap::new();
+        let entry = HttpMatch {
+            uri: Some(StringMatch::Prefix("/old".into())),
+            ..HttpMatch::default()
+        };
+        let routes = ServiceRoutes {
+            source: "x".into(),
+            http: vec![HttpRoute {
+                name: None,
+                matches: vec![
+                    HttpMatch {
+                        uri: Some(StringMatch::Exact("/never".into())),
+                        ..HttpMatch::default()
+                    },
+                    entry.clone(),
+                ],
+                destinations: vec![],
+                filters: RouteFilters {
+                    direct_response: Some(DirectResponse {
+                        status: 410,
+                        body: None,
+                    }),
+                    ..RouteFilters::default()
+                },
+            }],
+        };
+        let request = RequestView {
+            path: "/old/x",
+            headers: &none,
+            method: &GET,
+            query: None,
+        };
+        let got = decide(Some(&routes), &service(), request, |_| 0).unwrap();
+        assert_eq!(got.destination, None);
+        assert_eq!(got.matched, Some(&entry));
     }
 }

@@ -343,7 +343,7 @@ impl L7 {
         );
         line("with end-user: jason", &jason);
         line("without (90/10)", &others);
-        let metrics = waypoint::metrics(cluster.node(0), waypoint)?;
+        let metrics = waypoint::waypoint_metrics(cluster.node(0), waypoint)?;
         println!("  the waypoint's istio_requests_total (reporter waypoint), by destination:");
         for (pod, version) in [(v1, "v1"), (v2, "v2")] {
             let n = waypoint::sum_series(

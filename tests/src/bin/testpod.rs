@@ -35,7 +35,10 @@
 //! - `testpod http --port P [--name NAME]`: an HTTP server (HTTP/1.1, and HTTP/2 with prior
 //!   knowledge, on one port) answering every request 200 with `<name> <version seen>\n` and the
 //!   header `x-served-by: <name>`, so a client tells which endpoint answered and in which HTTP
-//!   version the request reached it. Prints `{"event":"listening",...}` once it listens.
+//!   version the request reached it. Prints `{"event":"listening",...}` once it listens. With
+//!   `--delay-ms D`, each answer waits D ms first (a slow endpoint); with `--log-requests`, each
+//!   request is printed as `{"event":"request","method":..,"path":..,"headers":{..}}` (path
+//!   with its query; each header's values joined by `, `), so a test sees what reached it.
 //! - `testpod burst --connect ADDR --count C [--bytes N] [--hold-seconds S]`: C connections
 //!   opened one after another and kept open, each exchanging N bytes with the echo server first;
 //!   prints `{"event":"opened",...}` once all are open, holds them until a line (or EOF) on stdin
@@ -205,6 +208,12 @@ enum Cmd {
         /// Name in the body and in `x-served-by` (default: $POD_NAME).
         #[arg(long)]
         name: Option<String>,
+        /// Wait this long before each answer.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Print each request (method, path, headers) as a JSON line.
+        #[arg(long)]
+        log_requests: bool,
     },
 }
 
@@ -301,10 +310,17 @@ fn main() -> ExitCode {
             connect,
             timeout_ms,
         } => hold(connect, Duration::from_millis(timeout_ms)),
-        Cmd::Http { port, name } => http::serve(
+        Cmd::Http {
+            port,
+            name,
+            delay_ms,
+            log_requests,
+        } => http::serve(
             port,
             name.or_else(|| std::env::var("POD_NAME").ok())
                 .unwrap_or_else(|| "unknown".into()),
+            Duration::from_millis(delay_ms),
+            log_requests,
         ),
         Cmd::Idle {
             connect,
@@ -1234,7 +1250,7 @@ mod http {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use serde_json::json;
 
-    pub fn serve(port: u16, name: String) -> bool {
+    pub fn serve(port: u16, name: String, delay: super::Duration, log_requests: bool) -> bool {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1261,12 +1277,36 @@ mod http {
                 let name = name.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        if log_requests {
+                            let mut headers = serde_json::Map::new();
+                            for name in req.headers().keys() {
+                                let values: Vec<&str> = req
+                                    .headers()
+                                    .get_all(name)
+                                    .iter()
+                                    .map(|v| v.to_str().unwrap_or("<binary>"))
+                                    .collect();
+                                headers.insert(name.to_string(), json!(values.join(", ")));
+                            }
+                            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                            super::emit(json!({
+                                "event": "request",
+                                "method": req.method().as_str(),
+                                "path": path,
+                                "headers": headers,
+                            }));
+                        }
                         let body = format!("{name} {:?}\n", req.version());
                         let response = Response::builder()
                             .header("x-served-by", name.as_str())
                             .body(Full::new(Bytes::from(body)))
                             .expect("static response");
-                        async move { Ok::<_, Infallible>(response) }
+                        async move {
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)

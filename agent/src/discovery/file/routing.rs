@@ -3,7 +3,7 @@
 //! Each entry is a whole Istio object (`apiVersion`, `kind`, `metadata`, `spec`) in Ambit's API
 //! group `networking.ambit.dev/v1`, field for field Istio's `networking.istio.io/v1`, so that
 //! Istio YAML ports by changing only `apiVersion`. Only the fields the waypoint implements are
-//! accepted: any other (`retries`, `fault`, `trafficPolicy`...) is rejected with its path, never
+//! accepted: any other (`retries`, `fault`, `connectionPool`...) is rejected with its path, never
 //! ignored, since a route silently missing its timeout or its fault would be a different route.
 //! The result is the state's route model ([`crate::state::routes`]).
 use std::collections::{BTreeMap, HashMap};
@@ -16,8 +16,9 @@ use crate::{
     state::{
         Service, WaypointRef,
         routes::{
-            FullRegex, HeaderMatch, HttpMatch, HttpRoute, RouteDestination, RouteTable,
-            ServiceRoutes, StringMatch, Subset,
+            ConsistentHash, DirectResponse, FullRegex, HashKey, HeaderMatch, HeaderOps,
+            HeaderRules, HttpMatch, HttpRoute, LoadBalancer, QueryMatch, Redirect, Rewrite,
+            RouteDestination, RouteFilters, RouteTable, ServiceRoutes, StringMatch, Subset,
         },
     },
 };
@@ -86,6 +87,18 @@ pub struct HttpRouteFile {
     /// Weighted destinations.
     #[serde(default, deserialize_with = "null_as_default")]
     pub route: Vec<HttpRouteDestinationFile>,
+    /// Header operations on requests and responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<HeadersFile>,
+    /// Rewrite of the request sent on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<HttpRewriteFile>,
+    /// Answer with a redirect (no `route`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<HttpRedirectFile>,
+    /// Answer with a fixed response (no `route`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<HttpDirectResponseFile>,
 }
 
 /// One entry of `match`: Istio's `HTTPMatchRequest`.
@@ -101,6 +114,18 @@ pub struct HttpMatchRequestFile {
     /// On headers, by lower-case name; an empty match (`{}`) requires presence only.
     #[serde(default, deserialize_with = "null_as_default")]
     pub headers: BTreeMap<String, StringMatchFile>,
+    /// On the method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<StringMatchFile>,
+    /// On query parameters (`exact` or `regex`; `{}`: present).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub query_params: BTreeMap<String, StringMatchFile>,
+    /// Header conditions that must not hold (`{}`: the header must be absent).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub without_headers: BTreeMap<String, StringMatchFile>,
+    /// `uri`'s `exact` and `prefix` ignore case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_uri_case: Option<bool>,
 }
 
 /// Istio's `StringMatch`: exactly one field.
@@ -127,6 +152,9 @@ pub struct HttpRouteDestinationFile {
     /// Relative share (absent: 0, or all of it when it is the route's only destination).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<i64>,
+    /// Header operations for requests sent to this destination and their responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<HeadersFile>,
 }
 
 /// Istio's `Destination`.
@@ -174,6 +202,9 @@ pub struct DestinationRuleSpecFile {
     /// Named subsets of its endpoints.
     #[serde(default, deserialize_with = "null_as_default")]
     pub subsets: Vec<SubsetFile>,
+    /// The service's traffic policy (its subsets' override it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicyFile>,
 }
 
 /// Istio's `Subset`.
@@ -185,6 +216,160 @@ pub struct SubsetFile {
     /// Labels an endpoint must carry.
     #[serde(default, deserialize_with = "null_as_default")]
     pub labels: BTreeMap<String, String>,
+    /// The subset's traffic policy, overriding the rule's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicyFile>,
+}
+
+/// Istio's `Headers`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeadersFile {
+    /// On the request sent on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<HeaderOperationsFile>,
+    /// On the response sent back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<HeaderOperationsFile>,
+}
+
+/// Istio's `HeaderOperations`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderOperationsFile {
+    /// Overwrite these headers.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub set: BTreeMap<String, String>,
+    /// Append these values.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub add: BTreeMap<String, String>,
+    /// Remove these headers.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub remove: Vec<String>,
+}
+
+/// Istio's `HTTPRewrite`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRewriteFile {
+    /// Replaces the matched part of the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Replaces the authority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+/// Istio's `HTTPRedirect`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRedirectFile {
+    /// The new path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// The new authority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// The new port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    /// The new scheme.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// The status (default 301).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_code: Option<i64>,
+}
+
+/// Istio's `HTTPDirectResponse`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpDirectResponseFile {
+    /// The status code.
+    pub status: i64,
+    /// The body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<HttpBodyFile>,
+}
+
+/// Istio's `HTTPBody` (`string` only; `bytes` is not supported).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpBodyFile {
+    /// The body as text.
+    pub string: String,
+}
+
+/// Istio's `TrafficPolicy` (`loadBalancer` only).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicyFile {
+    /// How requests are spread over endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSettingsFile>,
+}
+
+/// Istio's `LoadBalancerSettings`: `simple` or `consistentHash`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerSettingsFile {
+    /// `ROUND_ROBIN`, `LEAST_REQUEST`, `RANDOM` (`LEAST_CONN`: `LEAST_REQUEST`, as Istio's;
+    /// `UNSPECIFIED`: the default, round robin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simple: Option<String>,
+    /// Consistent hashing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHashFile>,
+}
+
+/// Istio's `ConsistentHashLB`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHashFile {
+    /// Hash this request header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_header_name: Option<String>,
+    /// Hash this cookie (created when absent if it has a `ttl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_cookie: Option<HttpCookieFile>,
+    /// Hash the client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_source_ip: Option<bool>,
+    /// Hash this query parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_query_parameter_name: Option<String>,
+    /// The Maglev table (Ambit's consistent hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maglev: Option<MagLevFile>,
+    /// Ring hash: not implemented (refused with a message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_hash: Option<serde_yaml_ng::Value>,
+    /// The ring hash's size: not implemented (refused with a message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_ring_size: Option<serde_yaml_ng::Value>,
+}
+
+/// Istio's `HTTPCookie`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpCookieFile {
+    /// The cookie's name.
+    pub name: String,
+    /// The path of a created cookie.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The lifetime of a created cookie (absent: never created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// Istio's `MagLev`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MagLevFile {
+    /// The table's size, a prime (default 65537).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_size: Option<i64>,
 }
 
 /// The DNS suffix of services (`<name>.<namespace>.svc.cluster.local`).
@@ -205,6 +390,7 @@ impl Validator<'_> {
         // Subsets by service uid, then by name.
         let mut subsets: HashMap<String, BTreeMap<String, Subset>> = HashMap::new();
         let mut rule_of: HashMap<String, usize> = HashMap::new();
+        let mut load_balancers = BTreeMap::new();
         for (i, rule) in destination_rules.iter().enumerate() {
             let at = format!("destinationRules[{i}]");
             self.header(&at, &rule.api_version, &rule.kind, "DestinationRule")?;
@@ -238,6 +424,10 @@ impl Validator<'_> {
                 let entry = Subset {
                     name: subset.name.clone(),
                     labels: subset.labels.clone(),
+                    load_balancer: self.traffic_policy(
+                        &format!("{field}.trafficPolicy"),
+                        &subset.traffic_policy,
+                    )?,
                 };
                 if named.insert(subset.name.clone(), entry).is_some() {
                     return Err(self.invalid(
@@ -246,10 +436,20 @@ impl Validator<'_> {
                     ));
                 }
             }
+            let policy = self.traffic_policy(
+                &format!("{at}.spec.trafficPolicy"),
+                &rule.spec.traffic_policy,
+            )?;
+            if let Some(policy) = policy {
+                load_balancers.insert(uid.clone(), policy);
+            }
             subsets.insert(uid, named);
         }
 
-        let mut table = RouteTable::default();
+        let mut table = RouteTable {
+            load_balancers,
+            ..RouteTable::default()
+        };
         let mut vs_of: HashMap<String, usize> = HashMap::new();
         for (i, vs) in virtual_services.iter().enumerate() {
             let at = format!("virtualServices[{i}]");
@@ -380,30 +580,72 @@ impl Validator<'_> {
                 ),
                 None => None,
             };
-            let mut headers = Vec::with_capacity(entry.headers.len());
-            for (name, value) in &entry.headers {
-                let header_field = format!("{field}.headers.{name}");
-                if name.is_empty()
-                    || name.chars().any(|c| c.is_ascii_uppercase())
-                    || http::HeaderName::from_bytes(name.as_bytes()).is_err()
-                {
+            let headers = self.header_matches(&format!("{field}.headers"), &entry.headers)?;
+            let without_headers =
+                self.header_matches(&format!("{field}.withoutHeaders"), &entry.without_headers)?;
+            let method = match &entry.method {
+                Some(method) => Some(
+                    self.string_match(&format!("{field}.method"), method)?
+                        .ok_or_else(|| {
+                            self.invalid(
+                                format!("{field}.method"),
+                                "one of exact, prefix, regex must be set",
+                            )
+                        })?,
+                ),
+                None => None,
+            };
+            let mut query_params = Vec::with_capacity(entry.query_params.len());
+            for (name, value) in &entry.query_params {
+                let param_field = format!("{field}.queryParams.{name}");
+                if name.is_empty() {
+                    return Err(self.invalid(param_field, "a query parameter needs a name"));
+                }
+                if value.prefix.is_some() {
                     return Err(self.invalid(
-                        header_field,
-                        format!("{name:?} is not a lower-case HTTP header name"),
+                        format!("{param_field}.prefix"),
+                        "query parameters match by exact or regex only (as Istio's)",
                     ));
                 }
-                headers.push(HeaderMatch {
+                query_params.push(QueryMatch {
                     name: name.clone(),
-                    value: self.string_match(&header_field, value)?,
+                    value: self.string_match(&param_field, value)?,
                 });
             }
-            matches.push(HttpMatch { uri, headers });
+            matches.push(HttpMatch {
+                uri,
+                headers,
+                method,
+                query_params,
+                without_headers,
+                ignore_uri_case: entry.ignore_uri_case.unwrap_or(false),
+            });
+        }
+        let filters = self.route_filters(at, route)?;
+        if filters.redirect.is_some() || filters.direct_response.is_some() {
+            let which = if filters.redirect.is_some() {
+                "redirect"
+            } else {
+                "directResponse"
+            };
+            if !route.route.is_empty() {
+                return Err(self.invalid(
+                    format!("{at}.route"),
+                    format!("a route with {which} answers itself: it cannot also have a route"),
+                ));
+            }
+            return Ok(HttpRoute {
+                name: route.name.clone(),
+                matches,
+                destinations: vec![],
+                filters,
+            });
         }
         if route.route.is_empty() {
             return Err(self.invalid(
                 format!("{at}.route"),
-                "must name at least one destination (redirects and direct responses are not \
-                 supported yet)",
+                "must name at least one destination (or the route must have a redirect or a \
+                 directResponse)",
             ));
         }
         let only = route.route.len() == 1;
@@ -464,6 +706,7 @@ impl Validator<'_> {
                 port,
                 subset,
                 weight,
+                headers: self.header_rules(&format!("{field}.headers"), &entry.headers)?,
             });
         }
         if destinations.iter().all(|d| d.weight == 0) {
@@ -476,6 +719,7 @@ impl Validator<'_> {
             name: route.name.clone(),
             matches,
             destinations,
+            filters,
         })
     }
 
@@ -500,6 +744,383 @@ impl Validator<'_> {
             _ => Err(self.invalid(field, "set only one of exact, prefix, regex")),
         }
     }
+}
+
+/// Headers a route may not touch: `host` (that is `rewrite.authority`), `content-length` (the
+/// message's framing is the proxy's to write) and the hop-by-hop ones, which describe one
+/// connection.
+const RESERVED_HEADERS: [&str; 8] = [
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+/// The redirect codes Istio accepts.
+const REDIRECT_CODES: [u16; 5] = [301, 302, 303, 307, 308];
+
+/// The Maglev table's default size (Envoy's) and largest (Envoy's bound).
+const MAGLEV_DEFAULT_SIZE: u32 = 65537;
+const MAGLEV_MAX_SIZE: u32 = 5_000_011;
+
+// Matches beyond path and headers, filters and load balancing.
+impl Validator<'_> {
+    /// Header conditions (`headers`, `withoutHeaders`), by lower-case name.
+    fn header_matches(
+        &self,
+        at: &str,
+        entries: &BTreeMap<String, StringMatchFile>,
+    ) -> Result<Vec<HeaderMatch>, ConfigError> {
+        let mut headers = Vec::with_capacity(entries.len());
+        for (name, value) in entries {
+            let header_field = format!("{at}.{name}");
+            if name.is_empty()
+                || name.chars().any(|c| c.is_ascii_uppercase())
+                || http::HeaderName::from_bytes(name.as_bytes()).is_err()
+            {
+                return Err(self.invalid(
+                    header_field,
+                    format!("{name:?} is not a lower-case HTTP header name"),
+                ));
+            }
+            headers.push(HeaderMatch {
+                name: name.clone(),
+                value: self.string_match(&header_field, value)?,
+            });
+        }
+        Ok(headers)
+    }
+
+    /// A route's `headers`, `rewrite`, `redirect` and `directResponse`.
+    fn route_filters(&self, at: &str, route: &HttpRouteFile) -> Result<RouteFilters, ConfigError> {
+        let headers = self.header_rules(&format!("{at}.headers"), &route.headers)?;
+        let rewrite = match &route.rewrite {
+            Some(rewrite) => {
+                let field = format!("{at}.rewrite");
+                if rewrite.uri.is_none() && rewrite.authority.is_none() {
+                    return Err(self.invalid(field, "set uri or authority"));
+                }
+                if let Some(uri) = &rewrite.uri
+                    && format!("/{uri}")
+                        .parse::<http::uri::PathAndQuery>()
+                        .is_err()
+                {
+                    return Err(
+                        self.invalid(format!("{field}.uri"), format!("{uri:?} is not a path"))
+                    );
+                }
+                if let Some(authority) = &rewrite.authority {
+                    self.authority(&format!("{field}.authority"), authority)?;
+                }
+                Some(Rewrite {
+                    uri: rewrite.uri.clone(),
+                    authority: rewrite.authority.clone(),
+                })
+            }
+            None => None,
+        };
+        let redirect = match &route.redirect {
+            Some(redirect) => {
+                let field = format!("{at}.redirect");
+                if let Some(uri) = &redirect.uri
+                    && (!uri.starts_with('/') || uri.parse::<http::uri::PathAndQuery>().is_err())
+                {
+                    return Err(self.invalid(
+                        format!("{field}.uri"),
+                        format!("{uri:?} is not a path starting with /"),
+                    ));
+                }
+                if let Some(authority) = &redirect.authority {
+                    self.authority(&format!("{field}.authority"), authority)?;
+                }
+                let port = match redirect.port {
+                    Some(port) => Some(self.port(format!("{field}.port"), port)?),
+                    None => None,
+                };
+                if let Some(scheme) = &redirect.scheme
+                    && scheme != "http"
+                    && scheme != "https"
+                {
+                    return Err(self.invalid(
+                        format!("{field}.scheme"),
+                        format!("{scheme:?} is not http or https"),
+                    ));
+                }
+                let code = redirect.redirect_code.unwrap_or(301);
+                let code = u16::try_from(code)
+                    .ok()
+                    .filter(|c| REDIRECT_CODES.contains(c))
+                    .ok_or_else(|| {
+                        self.invalid(
+                            format!("{field}.redirectCode"),
+                            format!("{code} is not one of 301, 302, 303, 307, 308"),
+                        )
+                    })?;
+                if route.rewrite.is_some() {
+                    return Err(self.invalid(
+                        format!("{at}.rewrite"),
+                        "a route with a redirect sends nothing on: it cannot rewrite",
+                    ));
+                }
+                Some(Redirect {
+                    uri: redirect.uri.clone(),
+                    authority: redirect.authority.clone(),
+                    port,
+                    scheme: redirect.scheme.clone(),
+                    code,
+                })
+            }
+            None => None,
+        };
+        let direct_response = match &route.direct_response {
+            Some(direct) => {
+                let field = format!("{at}.directResponse");
+                if redirect.is_some() {
+                    return Err(self.invalid(
+                        field,
+                        "a route cannot have both redirect and directResponse",
+                    ));
+                }
+                if rewrite.is_some() {
+                    return Err(self.invalid(
+                        format!("{at}.rewrite"),
+                        "a route with a directResponse sends nothing on: it cannot rewrite",
+                    ));
+                }
+                let status = u16::try_from(direct.status)
+                    .ok()
+                    .filter(|s| (200..=599).contains(s))
+                    .ok_or_else(|| {
+                        self.invalid(
+                            format!("{field}.status"),
+                            format!("{} is not an HTTP status from 200 to 599", direct.status),
+                        )
+                    })?;
+                Some(DirectResponse {
+                    status,
+                    body: direct.body.as_ref().map(|b| b.string.clone()),
+                })
+            }
+            None => None,
+        };
+        Ok(RouteFilters {
+            headers,
+            rewrite,
+            redirect,
+            direct_response,
+        })
+    }
+
+    /// An authority (`host` or `host:port`).
+    fn authority(&self, field: &str, authority: &str) -> Result<(), ConfigError> {
+        match authority.parse::<http::uri::Authority>() {
+            Ok(parsed)
+                if !authority.is_empty() && !authority.contains('@') && parsed.host() != "" =>
+            {
+                Ok(())
+            }
+            _ => Err(self.invalid(field, format!("{authority:?} is not a host or host:port"))),
+        }
+    }
+
+    /// Istio's `Headers`.
+    fn header_rules(
+        &self,
+        at: &str,
+        headers: &Option<HeadersFile>,
+    ) -> Result<HeaderRules, ConfigError> {
+        let Some(headers) = headers else {
+            return Ok(HeaderRules::default());
+        };
+        Ok(HeaderRules {
+            request: self.header_ops(&format!("{at}.request"), &headers.request)?,
+            response: self.header_ops(&format!("{at}.response"), &headers.response)?,
+        })
+    }
+
+    /// Istio's `HeaderOperations`: names lower-cased, values literal.
+    fn header_ops(
+        &self,
+        at: &str,
+        ops: &Option<HeaderOperationsFile>,
+    ) -> Result<HeaderOps, ConfigError> {
+        let Some(ops) = ops else {
+            return Ok(HeaderOps::default());
+        };
+        let name = |field: String, name: &str| -> Result<String, ConfigError> {
+            let parsed = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                self.invalid(
+                    field.clone(),
+                    format!("{name:?} is not an HTTP header name"),
+                )
+            })?;
+            if RESERVED_HEADERS.contains(&parsed.as_str()) {
+                return Err(self.invalid(
+                    field,
+                    format!(
+                        "{name:?} cannot be changed by a route (host is rewrite.authority; \
+                         content-length is the message's framing; the others are hop-by-hop)"
+                    ),
+                ));
+            }
+            Ok(parsed.as_str().to_string())
+        };
+        let pairs = |kind: &str, entries: &BTreeMap<String, String>| {
+            let mut out = Vec::with_capacity(entries.len());
+            for (key, value) in entries {
+                let field = format!("{at}.{kind}.{key}");
+                let key = name(field.clone(), key)?;
+                if http::HeaderValue::from_str(value).is_err() {
+                    return Err(
+                        self.invalid(field, format!("{value:?} is not a valid header value"))
+                    );
+                }
+                if value.contains('%') {
+                    return Err(self.invalid(
+                        field,
+                        format!(
+                            "{value:?}: Envoy's %VARIABLE% substitutions are not supported (values \
+                             are literal)"
+                        ),
+                    ));
+                }
+                out.push((key, value.clone()));
+            }
+            Ok(out)
+        };
+        let mut remove = Vec::with_capacity(ops.remove.len());
+        for (i, header) in ops.remove.iter().enumerate() {
+            remove.push(name(format!("{at}.remove[{i}]"), header)?);
+        }
+        Ok(HeaderOps {
+            set: pairs("set", &ops.set)?,
+            add: pairs("add", &ops.add)?,
+            remove,
+        })
+    }
+
+    /// A `trafficPolicy`'s load balancer (`None`: not set).
+    fn traffic_policy(
+        &self,
+        at: &str,
+        policy: &Option<TrafficPolicyFile>,
+    ) -> Result<Option<LoadBalancer>, ConfigError> {
+        let Some(settings) = policy.as_ref().and_then(|p| p.load_balancer.as_ref()) else {
+            return Ok(None);
+        };
+        let at = format!("{at}.loadBalancer");
+        match (&settings.simple, &settings.consistent_hash) {
+            (Some(_), Some(_)) => Err(self.invalid(at, "set only one of simple, consistentHash")),
+            (None, None) => Err(self.invalid(at, "set one of simple, consistentHash")),
+            (Some(simple), None) => match simple.as_str() {
+                "UNSPECIFIED" | "ROUND_ROBIN" => Ok(Some(LoadBalancer::RoundRobin)),
+                "LEAST_REQUEST" | "LEAST_CONN" => Ok(Some(LoadBalancer::LeastRequest)),
+                "RANDOM" => Ok(Some(LoadBalancer::Random)),
+                "PASSTHROUGH" => Err(self.invalid(
+                    format!("{at}.simple"),
+                    "PASSTHROUGH is not supported: a waypoint always picks an endpoint",
+                )),
+                other => Err(self.invalid(
+                    format!("{at}.simple"),
+                    format!("{other:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM"),
+                )),
+            },
+            (None, Some(hash)) => {
+                let at = format!("{at}.consistentHash");
+                if hash.ring_hash.is_some() || hash.minimum_ring_size.is_some() {
+                    let which = if hash.ring_hash.is_some() {
+                        "ringHash"
+                    } else {
+                        "minimumRingSize"
+                    };
+                    return Err(self.invalid(
+                        format!("{at}.{which}"),
+                        "ring hash is not implemented: Ambit's consistent hash is Maglev (set \
+                         maglev, or nothing)",
+                    ));
+                }
+                let mut keys = Vec::new();
+                if let Some(name) = &hash.http_header_name {
+                    let parsed = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                        self.invalid(
+                            format!("{at}.httpHeaderName"),
+                            format!("{name:?} is not an HTTP header name"),
+                        )
+                    })?;
+                    keys.push(HashKey::Header(parsed.as_str().to_string()));
+                }
+                if let Some(cookie) = &hash.http_cookie {
+                    let field = format!("{at}.httpCookie");
+                    self.non_empty(format!("{field}.name"), &cookie.name)?;
+                    let ttl_seconds = match &cookie.ttl {
+                        Some(ttl) => {
+                            let parsed = humantime::parse_duration(ttl.trim()).map_err(|e| {
+                                self.invalid(
+                                    format!("{field}.ttl"),
+                                    format!("{ttl:?} is not a duration ({e}; e.g. 3600s, 1h)"),
+                                )
+                            })?;
+                            if parsed.subsec_nanos() != 0 {
+                                return Err(self.invalid(
+                                    format!("{field}.ttl"),
+                                    format!("{ttl:?}: a cookie's Max-Age is whole seconds"),
+                                ));
+                            }
+                            Some(parsed.as_secs())
+                        }
+                        None => None,
+                    };
+                    keys.push(HashKey::Cookie {
+                        name: cookie.name.clone(),
+                        path: cookie.path.clone(),
+                        ttl_seconds,
+                    });
+                }
+                if hash.use_source_ip == Some(true) {
+                    keys.push(HashKey::SourceIp);
+                }
+                if let Some(name) = &hash.http_query_parameter_name {
+                    self.non_empty(format!("{at}.httpQueryParameterName"), name)?;
+                    keys.push(HashKey::QueryParameter(name.clone()));
+                }
+                if keys.len() != 1 {
+                    return Err(self.invalid(
+                        at,
+                        "set exactly one of httpHeaderName, httpCookie, useSourceIp: true, \
+                         httpQueryParameterName",
+                    ));
+                }
+                let table_size = match hash.maglev.as_ref().and_then(|m| m.table_size) {
+                    None => MAGLEV_DEFAULT_SIZE,
+                    Some(size) => u32::try_from(size)
+                        .ok()
+                        .filter(|&s| (2..=MAGLEV_MAX_SIZE).contains(&s) && is_prime(s))
+                        .ok_or_else(|| {
+                            self.invalid(
+                                format!("{at}.maglev.tableSize"),
+                                format!("{size} is not a prime up to {MAGLEV_MAX_SIZE}"),
+                            )
+                        })?,
+                };
+                Ok(Some(LoadBalancer::ConsistentHash(ConsistentHash {
+                    key: keys.remove(0),
+                    table_size,
+                })))
+            }
+        }
+    }
+}
+
+/// Whether `n` is prime (trial division: table sizes are at most a few million).
+fn is_prime(n: u32) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d: &u32| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 #[cfg(test)]
@@ -592,7 +1213,8 @@ destinationRules:
             routes.http[1].destinations[1].subset,
             Some(Subset {
                 name: "v2".into(),
-                labels: [("version".to_string(), "v2".to_string())].into()
+                labels: [("version".to_string(), "v2".to_string())].into(),
+                load_balancer: None,
             })
         );
 
@@ -622,12 +1244,12 @@ destinationRules:
         );
         let policy = DR.replace(
             "    host: reviews\n",
-            "    host: reviews\n    trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}\n",
+            "    host: reviews\n    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}\n",
         );
         let err = parse(&format!("{SEED_VS}{policy}")).unwrap_err();
         assert!(
-            err.contains("destinationRules[0].spec")
-                && err.contains("unknown field `trafficPolicy`"),
+            err.contains("destinationRules[0].spec.trafficPolicy")
+                && err.contains("unknown field `connectionPool`"),
             "{err}"
         );
     }
@@ -732,5 +1354,265 @@ destinationRules:
             err.contains("virtualServices[1].spec.hosts[0]") && err.contains("virtualServices[0]"),
             "{err}"
         );
+    }
+
+    /// Every field of this slice, as Istio writes it.
+    const FULL_VS: &str = r#"
+virtualServices:
+- apiVersion: networking.ambit.dev/v1
+  kind: VirtualService
+  metadata: {name: reviews}
+  spec:
+    hosts: [reviews]
+    http:
+    - name: writes
+      match:
+      - method: {regex: "PUT|POST"}
+        queryParams: {canary: {exact: "yes"}, debug: {}}
+        withoutHeaders: {x-opt-out: {}}
+        uri: {prefix: /API}
+        ignoreUriCase: true
+      rewrite: {uri: /v2, authority: reviews.internal}
+      headers:
+        request: {set: {X-Route: writes}, add: {x-added: "1"}, remove: [x-secret]}
+        response: {set: {x-resp: "yes"}}
+      route:
+      - destination: {host: reviews, subset: v2}
+        headers: {request: {set: {x-dest: v2}}}
+    - name: moved
+      match: [{uri: {prefix: /old}}]
+      redirect: {uri: /new, authority: shop.example, port: 8443, scheme: https, redirectCode: 308}
+    - name: gone
+      match: [{uri: {exact: /gone}}]
+      directResponse: {status: 410, body: {string: gone}}
+    - route:
+      - destination: {host: reviews, subset: v1}
+"#;
+
+    const LB_DR: &str = r#"
+destinationRules:
+- apiVersion: networking.ambit.dev/v1
+  kind: DestinationRule
+  metadata: {name: reviews}
+  spec:
+    host: reviews
+    trafficPolicy:
+      loadBalancer: {simple: LEAST_REQUEST}
+    subsets:
+    - name: v1
+      labels: {version: v1}
+    - name: v2
+      labels: {version: v2}
+      trafficPolicy:
+        loadBalancer:
+          consistentHash:
+            httpCookie: {name: session, path: /, ttl: 1h}
+            maglev: {tableSize: 1031}
+"#;
+
+    #[test]
+    fn matches_filters_and_load_balancers_parse_with_istio_names() {
+        use crate::state::routes::{
+            ConsistentHash, DirectResponse, HashKey, LoadBalancer, Redirect, Rewrite,
+        };
+        let state = parse(&format!("{FULL_VS}{LB_DR}")).unwrap();
+        let table = state.routes();
+        let routes = table.for_service("default/reviews").unwrap();
+        let writes = &routes.http[0];
+        let m = &writes.matches[0];
+        assert!(matches!(&m.method, Some(StringMatch::Regex(r)) if r.as_str() == "PUT|POST"));
+        assert_eq!(m.query_params.len(), 2);
+        assert_eq!(m.query_params[0].name, "canary");
+        assert_eq!(m.query_params[1].value, None);
+        assert_eq!(m.without_headers[0].name, "x-opt-out");
+        assert!(m.ignore_uri_case);
+        assert_eq!(
+            writes.filters.rewrite,
+            Some(Rewrite {
+                uri: Some("/v2".into()),
+                authority: Some("reviews.internal".into())
+            })
+        );
+        // Header names are lower-cased.
+        assert_eq!(
+            writes.filters.headers.request.set,
+            [("x-route".to_string(), "writes".to_string())]
+        );
+        assert_eq!(writes.filters.headers.request.remove, ["x-secret"]);
+        assert_eq!(
+            writes.destinations[0].headers.request.set,
+            [("x-dest".to_string(), "v2".to_string())]
+        );
+        let moved = &routes.http[1];
+        assert!(moved.destinations.is_empty());
+        assert_eq!(
+            moved.filters.redirect,
+            Some(Redirect {
+                uri: Some("/new".into()),
+                authority: Some("shop.example".into()),
+                port: Some(8443),
+                scheme: Some("https".into()),
+                code: 308
+            })
+        );
+        assert_eq!(
+            routes.http[2].filters.direct_response,
+            Some(DirectResponse {
+                status: 410,
+                body: Some("gone".into())
+            })
+        );
+        // The redirect code defaults to 301.
+        let default_code = FULL_VS.replace(", redirectCode: 308", "");
+        let state = parse(&format!("{default_code}{LB_DR}")).unwrap();
+        let code = state.routes().for_service("default/reviews").unwrap().http[1]
+            .filters
+            .redirect
+            .as_ref()
+            .unwrap()
+            .code;
+        assert_eq!(code, 301);
+
+        // The service's policy, and the subset's overriding it.
+        let v1 = &routes.http[3].destinations[0];
+        assert_eq!(table.load_balancer(v1), &LoadBalancer::LeastRequest);
+        assert_eq!(
+            table.load_balancer(&writes.destinations[0]),
+            &LoadBalancer::ConsistentHash(ConsistentHash {
+                key: HashKey::Cookie {
+                    name: "session".into(),
+                    path: Some("/".into()),
+                    ttl_seconds: Some(3600)
+                },
+                table_size: 1031
+            })
+        );
+    }
+
+    #[test]
+    fn bad_matches_filters_and_policies_name_their_field() {
+        let vs_cases = [
+            (
+                "canary: {exact: \"yes\"}",
+                "canary: {prefix: \"y\"}",
+                "spec.http[0].match[0].queryParams.canary.prefix",
+            ),
+            (
+                "redirectCode: 308",
+                "redirectCode: 300",
+                "spec.http[1].redirect.redirectCode",
+            ),
+            (
+                "scheme: https",
+                "scheme: ftp",
+                "spec.http[1].redirect.scheme",
+            ),
+            ("uri: /new", "uri: new", "spec.http[1].redirect.uri"),
+            (
+                "status: 410",
+                "status: 99",
+                "spec.http[2].directResponse.status",
+            ),
+            (
+                "X-Route: writes",
+                "host: writes",
+                "spec.http[0].headers.request.set.host",
+            ),
+            (
+                "x-added: \"1\"",
+                "x-added: \"%REQ(x)%\"",
+                "spec.http[0].headers.request.add.x-added",
+            ),
+            (
+                "remove: [x-secret]",
+                "remove: [\"bad name\"]",
+                "spec.http[0].headers.request.remove[0]",
+            ),
+            (
+                "method: {regex: \"PUT|POST\"}",
+                "method: {}",
+                "spec.http[0].match[0].method",
+            ),
+            (
+                "withoutHeaders: {x-opt-out: {}}",
+                "withoutHeaders: {X-Opt: {}}",
+                "spec.http[0].match[0].withoutHeaders.X-Opt",
+            ),
+            // A redirect that also routes.
+            (
+                "redirectCode: 308}",
+                "redirectCode: 308}\n      route: [{destination: {host: reviews}}]",
+                "spec.http[1].route",
+            ),
+            // A field of Istio's not implemented.
+            (
+                "scheme: https",
+                "derivePort: FROM_REQUEST_PORT",
+                "spec.http[1].redirect",
+            ),
+            (
+                "authority: reviews.internal",
+                "authority: \"bad host\"",
+                "spec.http[0].rewrite.authority",
+            ),
+        ];
+        for (from, to, field) in vs_cases {
+            assert!(FULL_VS.contains(from), "{from}");
+            let err = parse(&format!("{}{LB_DR}", FULL_VS.replace(from, to))).unwrap_err();
+            assert!(
+                err.contains(&format!("virtualServices[0].{field}")),
+                "{field}: {err}"
+            );
+        }
+        let dr_cases = [
+            (
+                "simple: LEAST_REQUEST",
+                "simple: PASSTHROUGH",
+                "spec.trafficPolicy.loadBalancer.simple",
+            ),
+            (
+                "simple: LEAST_REQUEST",
+                "simple: FASTEST",
+                "spec.trafficPolicy.loadBalancer.simple",
+            ),
+            (
+                "{simple: LEAST_REQUEST}",
+                "{simple: RANDOM, consistentHash: {useSourceIp: true}}",
+                "spec.trafficPolicy.loadBalancer",
+            ),
+            (
+                "tableSize: 1031",
+                "tableSize: 1024",
+                "spec.subsets[1].trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+            ),
+            (
+                "maglev: {tableSize: 1031}",
+                "ringHash: {minimumRingSize: 1024}",
+                "spec.subsets[1].trafficPolicy.loadBalancer.consistentHash.ringHash",
+            ),
+            (
+                "ttl: 1h",
+                "ttl: soon",
+                "spec.subsets[1].trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",
+            ),
+            (
+                "httpCookie: {name: session, path: /, ttl: 1h}",
+                "httpHeaderName: x-user\n            useSourceIp: true",
+                "spec.subsets[1].trafficPolicy.loadBalancer.consistentHash",
+            ),
+            (
+                "loadBalancer: {simple: LEAST_REQUEST}",
+                "outlierDetection: {consecutive5xxErrors: 1}",
+                "spec.trafficPolicy",
+            ),
+        ];
+        for (from, to, field) in dr_cases {
+            assert!(LB_DR.contains(from), "{from}");
+            let err = parse(&format!("{FULL_VS}{}", LB_DR.replace(from, to))).unwrap_err();
+            assert!(
+                err.contains(&format!("destinationRules[0].{field}")),
+                "{field}: {err}"
+            );
+        }
     }
 }

@@ -248,7 +248,7 @@ pub(crate) fn section(
         cluster.with_diagnostics(ambit_tests::waypoint::start_waypoint(cluster, waypoint_pod))?;
     let pid = waypoint.pid();
     let counted = || -> f64 {
-        ambit_tests::waypoint::metrics(cluster.node(1), waypoint_pod)
+        ambit_tests::waypoint::waypoint_metrics(cluster.node(1), waypoint_pod)
             .map(|m| ambit_tests::waypoint::sum_series(&m, "istio_requests_total", &[]))
             .unwrap_or(f64::NAN)
     };
