@@ -16,8 +16,9 @@
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Routing;
-use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump, util};
-use anyhow::{Result, bail, ensure};
+use ambit_tests::waypoint::{requests_total, start_waypoint, waypoint_metrics};
+use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump, util};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 /// The VIP of the routed service `reviews` (port 9080 to the servers' 8080).
@@ -169,62 +170,6 @@ fn h2load(from: &Pod, count: usize) -> Result<Vec<String>> {
         bail!("h2load {status}: {lines:?}; stderr: {}", process.stderr());
     }
     Ok(lines)
-}
-
-/// The waypoint's `/metrics`, fetched from its node's namespace.
-fn waypoint_metrics(node: &Node, waypoint: &Pod) -> Result<String> {
-    let r = node.http_get_addr(waypoint.addr4(15020), "/metrics", Duration::from_secs(5))?;
-    ensure!(r.status == 200, "waypoint /metrics: HTTP {}", r.status);
-    Ok(r.body)
-}
-
-/// The sum of `istio_requests_total` series carrying every one of `labels`.
-fn requests_total(metrics: &str, labels: &[(&str, &str)]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("istio_requests_total{"))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
-/// Starts `ambit waypoint` in `pod` and waits until it serves its metrics (it has its
-/// certificate and listens on 15008 by then).
-fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
-    let node = cluster.node_of(pod);
-    let mut args = vec![
-        "waypoint".to_string(),
-        "--mesh-file".into(),
-        cluster.mesh_path().display().to_string(),
-        "--name".into(),
-        pod.name().to_string(),
-        "--namespace".into(),
-        pod.namespace(),
-        "--log-format".into(),
-        "json".into(),
-    ];
-    args.extend(node.ca_flags());
-    let mut process = pod.spawn(cluster.ambit_bin(), &args)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = process.try_status()? {
-            bail!("ambit waypoint exited: {status}; log: {}", process.stderr());
-        }
-        if waypoint_metrics(node, pod).is_ok() {
-            return Ok(process);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "ambit waypoint not serving after 60 s; log: {}",
-                process.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Waits until every agent reports a rejected mesh file (its `lastError` set) and returns the
