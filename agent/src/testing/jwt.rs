@@ -44,7 +44,7 @@ impl TestIssuer {
             rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("generating an Ed25519 key");
         let jwk = json!({
             "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid,
-            "x": b64(&key.public_key_raw()),
+            "x": b64(key.public_key_raw()),
         });
         Self {
             issuer: issuer.into(),
