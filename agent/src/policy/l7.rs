@@ -8,7 +8,7 @@
 //! same way: the node agents evaluate [`super::AuthorizationPolicy`] (and refuse L7 fields,
 //! failing closed), the waypoint evaluates the [`WaypointPolicy`]s of this module. The L4
 //! attributes of a request (peer principal, namespace, source address, destination port) are
-//! matched by the node agents' own code ([`ConnView`]), so `principals` means the same thing in
+//! matched by the node agents' own code (`ConnView`), so `principals` means the same thing in
 //! both places; at the waypoint the peer is the client's identity (its node agent presents the
 //! source pod's certificate), the destination the service VIP and port it dialled.
 //!
