@@ -37,8 +37,7 @@ mod security;
 
 pub use self::l7::{
     ClaimToHeaderFile, JwtHeaderFile, JwtRuleFile, L7_CONDITION_KEYS, MAX_JWKS_BYTES,
-    RequestAuthenticationFile, TargetRefFile, parse_jwks, request_authentication, target_refs,
-    waypoint_policy,
+    RequestAuthenticationFile, parse_jwks, request_authentication, target_refs, waypoint_policy,
 };
 pub use self::routing::{
     DestinationFile, DestinationRuleFile, DestinationRuleSpecFile, HttpMatchRequestFile,
@@ -47,7 +46,7 @@ pub use self::routing::{
 };
 pub use self::security::{
     AuthorizationPolicyFile, CONDITION_KEYS, ConditionFile, FromFile, OperationFile,
-    PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, ToFile,
+    PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, TargetRefFile, ToFile,
     authorization_policy, peer_auth_mode, workload_selector,
 };
 

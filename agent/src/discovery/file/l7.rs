@@ -3,7 +3,7 @@
 //! [`crate::policy::l7`].
 //!
 //! A policy without `targetRefs` is the node agents' and keeps refusing L7 fields
-//! ([`l7_field_in_use`]); one with `targetRefs` is the waypoints' and never reaches the node
+//! ([`super::security::l7_field_in_use`]); one with `targetRefs` is the waypoints' and never reaches the node
 //! agents (Istio ambient's split: `selector` policies at ztunnel, `targetRefs` at the waypoint).
 use std::{collections::HashMap, sync::Arc};
 
@@ -15,12 +15,13 @@ use super::{
     ConfigError, Validator,
     security::{
         AuthorizationPolicyFile, ConditionFile, OperationFile, PolicyError, RuleFile, SelectorFile,
-        SourceFile, condition, invalid, ip_block, matcher, operation, source,
+        SourceFile, TargetRefFile, authorization_policy, condition, invalid, ip_block, matcher,
+        operation, source, targets_waypoint,
     },
 };
 use crate::{
     policy::{
-        Action, Match, Pattern,
+        Action, AuthorizationPolicy, Match, Pattern,
         l7::{
             JwksSource, JwtRule, L7Condition, L7Operation, L7Rule, L7Source, RequestAuthentication,
             TargetRef, WaypointPolicy,
@@ -28,22 +29,6 @@ use crate::{
     },
     serdes::null_as_default,
 };
-
-/// Istio's `targetRef`/`targetRefs` entry.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TargetRefFile {
-    /// `""` (or absent) for a Service, `gateway.networking.k8s.io` for a Gateway.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    /// `Service` or `Gateway`.
-    pub kind: String,
-    /// The service's or the waypoint's name.
-    pub name: String,
-    /// Must be the policy's own namespace when set (as in Istio).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-}
 
 /// One entry of `requestAuthentications`: Istio's `RequestAuthentication` spec plus its
 /// `name` and `namespace`.
@@ -121,47 +106,6 @@ pub struct ClaimToHeaderFile {
     pub header: String,
     /// The claim (a top-level claim name).
     pub claim: String,
-}
-
-/// The first L7 field in use in a policy the node agents would enforce, as a field path; the
-/// node agents refuse it (fail closed).
-pub fn l7_field_in_use(at: &str, entry: &AuthorizationPolicyFile) -> Option<String> {
-    for (i, rule) in entry.rules.iter().enumerate() {
-        for (j, from) in rule.from.iter().flatten().enumerate() {
-            let s = &from.source;
-            for (field, list) in [
-                ("requestPrincipals", &s.request_principals),
-                ("notRequestPrincipals", &s.not_request_principals),
-                ("remoteIpBlocks", &s.remote_ip_blocks),
-                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
-            ] {
-                if !list.is_empty() {
-                    return Some(format!("{at}.rules[{i}].from[{j}].source.{field}"));
-                }
-            }
-        }
-        for (j, to) in rule.to.iter().flatten().enumerate() {
-            let o = &to.operation;
-            for (field, list) in [
-                ("hosts", &o.hosts),
-                ("notHosts", &o.not_hosts),
-                ("methods", &o.methods),
-                ("notMethods", &o.not_methods),
-                ("paths", &o.paths),
-                ("notPaths", &o.not_paths),
-            ] {
-                if !list.is_empty() {
-                    return Some(format!("{at}.rules[{i}].to[{j}].operation.{field}"));
-                }
-            }
-        }
-    }
-    None
-}
-
-/// Whether an entry is attached to a waypoint.
-pub fn targets_waypoint(entry: &AuthorizationPolicyFile) -> bool {
-    entry.target_ref.is_some() || entry.target_refs.is_some()
 }
 
 /// `targetRef` / `targetRefs` (at `{at}`), in `namespace`.
@@ -687,6 +631,26 @@ fn jwt_rule(at: &str, r: &JwtRuleFile) -> Result<JwtRule, PolicyError> {
 }
 
 impl Validator<'_> {
+    /// `authorizationPolicies`: the node agents' (no `targetRefs`) and the waypoints'.
+    pub(super) fn authorization_policies(
+        &self,
+        entries: &[AuthorizationPolicyFile],
+    ) -> Result<(Vec<AuthorizationPolicy>, Vec<WaypointPolicy>), ConfigError> {
+        let mut names = HashMap::new();
+        let mut policies = Vec::with_capacity(entries.len());
+        let mut waypoint = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let at = format!("authorizationPolicies[{i}]");
+            self.policy_name(&at, &entry.name, entry.namespace.as_deref(), &mut names, i)?;
+            if targets_waypoint(entry) {
+                waypoint.push(waypoint_policy(&at, entry).map_err(|e| self.policy_error(e))?);
+            } else {
+                policies.push(authorization_policy(&at, entry).map_err(|e| self.policy_error(e))?);
+            }
+        }
+        Ok((policies, waypoint))
+    }
+
     /// `requestAuthentications`.
     pub(super) fn request_authentications(
         &self,

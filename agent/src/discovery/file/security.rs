@@ -13,12 +13,11 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, Validator, l7::TargetRefFile};
+use super::{ConfigError, Validator};
 use crate::{
     policy::{
         Action, AuthorizationPolicy, Condition, DEFAULT_TRUST_DOMAIN, Labels, Match, Operation,
         Pattern, PeerAuthMode, PeerAuthentication, Rule, Scope, ServiceAccountRef, Source,
-        l7::WaypointPolicy,
     },
     serdes::null_as_default,
 };
@@ -206,6 +205,63 @@ pub const CONDITION_KEYS: [&str; 5] = [
     "destination.port",
 ];
 
+/// Istio's `targetRef`/`targetRefs` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetRefFile {
+    /// `""` (or absent) for a Service, `gateway.networking.k8s.io` for a Gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// `Service` or `Gateway`.
+    pub kind: String,
+    /// The service's or the waypoint's name.
+    pub name: String,
+    /// Must be the policy's own namespace when set (as in Istio).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// The first L7 field in use in a policy the node agents would enforce, as a field path; the
+/// node agents refuse it (fail closed).
+pub fn l7_field_in_use(at: &str, entry: &AuthorizationPolicyFile) -> Option<String> {
+    for (i, rule) in entry.rules.iter().enumerate() {
+        for (j, from) in rule.from.iter().flatten().enumerate() {
+            let s = &from.source;
+            for (field, list) in [
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+            ] {
+                if !list.is_empty() {
+                    return Some(format!("{at}.rules[{i}].from[{j}].source.{field}"));
+                }
+            }
+        }
+        for (j, to) in rule.to.iter().flatten().enumerate() {
+            let o = &to.operation;
+            for (field, list) in [
+                ("hosts", &o.hosts),
+                ("notHosts", &o.not_hosts),
+                ("methods", &o.methods),
+                ("notMethods", &o.not_methods),
+                ("paths", &o.paths),
+                ("notPaths", &o.not_paths),
+            ] {
+                if !list.is_empty() {
+                    return Some(format!("{at}.rules[{i}].to[{j}].operation.{field}"));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Whether an entry is attached to a waypoint.
+pub fn targets_waypoint(entry: &AuthorizationPolicyFile) -> bool {
+    entry.target_ref.is_some() || entry.target_refs.is_some()
+}
+
 /// A policy that breaks one of the rules of `docs/configuration.md` (shared by every source:
 /// the mesh file reports it as [`ConfigError::Invalid`], Kubernetes as the resource's status).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -232,7 +288,7 @@ pub fn authorization_policy(
     at: &str,
     entry: &AuthorizationPolicyFile,
 ) -> Result<AuthorizationPolicy, PolicyError> {
-    if let Some(field) = super::l7::l7_field_in_use(at, entry) {
+    if let Some(field) = l7_field_in_use(at, entry) {
         return Err(invalid(
             field,
             "L7 field, enforced only by a waypoint: attach the policy to one with targetRefs \
@@ -498,7 +554,7 @@ impl Validator<'_> {
     }
 
     /// A shared rule's error, as the mesh file reports it.
-    fn policy_error(&self, e: PolicyError) -> ConfigError {
+    pub(super) fn policy_error(&self, e: PolicyError) -> ConfigError {
         self.invalid(e.field, e.reason)
     }
 
@@ -549,31 +605,9 @@ impl Validator<'_> {
         Ok(policies)
     }
 
-    /// `authorizationPolicies`: the node agents' (no `targetRefs`) and the waypoints'.
-    pub(super) fn authorization_policies(
-        &self,
-        entries: &[AuthorizationPolicyFile],
-    ) -> Result<(Vec<AuthorizationPolicy>, Vec<WaypointPolicy>), ConfigError> {
-        let mut names = HashMap::new();
-        let mut policies = Vec::with_capacity(entries.len());
-        let mut waypoint = Vec::new();
-        for (i, entry) in entries.iter().enumerate() {
-            let at = format!("authorizationPolicies[{i}]");
-            self.policy_name(&at, &entry.name, entry.namespace.as_deref(), &mut names, i)?;
-            if super::l7::targets_waypoint(entry) {
-                waypoint.push(
-                    super::l7::waypoint_policy(&at, entry).map_err(|e| self.policy_error(e))?,
-                );
-            } else {
-                policies.push(authorization_policy(&at, entry).map_err(|e| self.policy_error(e))?);
-            }
-        }
-        Ok((policies, waypoint))
-    }
-
     /// Checks a policy's `name` and `namespace` and that the pair is unique; returns the
     /// policy's display name.
-    fn policy_name<'f>(
+    pub(super) fn policy_name<'f>(
         &self,
         at: &str,
         name: &'f str,
