@@ -1282,6 +1282,7 @@ impl Cluster {
             services: lock(&self.services).clone(),
             peer_authentications: policies.peer_authentications,
             authorization_policies: policies.authorization_policies,
+            request_authentications: policies.request_authentications,
             virtual_services: routing.virtual_services,
             destination_rules: routing.destination_rules,
         }
@@ -1317,7 +1318,8 @@ impl Cluster {
         lock(&self.extra_workloads).push(workload);
     }
 
-    /// Replaces the policy sections (`peerAuthentications`, `authorizationPolicies`).
+    /// Replaces the policy sections (`peerAuthentications`, `authorizationPolicies`,
+    /// `requestAuthentications`).
     /// Publish with [`write_mesh`](Self::write_mesh).
     pub fn set_policies(&self, policies: mesh::Policies) {
         *lock(&self.policies) = policies;

@@ -26,6 +26,9 @@ pub struct MeshFile {
     /// Authorization policies, as written in docs/configuration.md.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<serde_json::Value>,
+    /// JWT authentication at waypoints, as written in docs/l7-policy.md.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_authentications: Vec<serde_json::Value>,
     /// Istio-shaped VirtualServices (`networking.ambit.dev/v1` objects), as JSON values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub virtual_services: Vec<serde_json::Value>,
@@ -50,6 +53,8 @@ pub struct Policies {
     pub peer_authentications: Vec<serde_json::Value>,
     /// `authorizationPolicies`.
     pub authorization_policies: Vec<serde_json::Value>,
+    /// `requestAuthentications`.
+    pub request_authentications: Vec<serde_json::Value>,
 }
 
 /// `redirect:` — outbound TCP to these destination ports / networks is never redirected.
@@ -189,6 +194,7 @@ mod tests {
             }],
             peer_authentications: Vec::new(),
             authorization_policies: Vec::new(),
+            request_authentications: Vec::new(),
             virtual_services: Vec::new(),
             destination_rules: Vec::new(),
         };

@@ -58,6 +58,7 @@ fn operator_commands_show_what_the_agent_holds_carried_and_needs() -> Result<()>
                 format!("cluster.local/ns/{namespace}/sa/{}", client.service_account())
             ]}}]}],
         })],
+        ..Default::default()
     });
     cluster.write_mesh()?;
     cluster.start_agents()?;

@@ -24,16 +24,21 @@ use tokio::{
 use super::ConfigStatus;
 use crate::{
     netns::NetnsRef,
-    policy::PolicySet,
+    policy::{PolicySet, l7::WaypointPolicies},
     serdes::null_as_default,
     state::{
         EndpointAddress, MeshState, RedirectSettings, Service, ServicePort, WaypointRef, Workload,
     },
 };
 
+mod l7;
 mod routing;
 mod security;
 
+pub use self::l7::{
+    ClaimToHeaderFile, JwtHeaderFile, JwtRuleFile, L7_CONDITION_KEYS, MAX_JWKS_BYTES,
+    RequestAuthenticationFile, parse_jwks, request_authentication, target_refs, waypoint_policy,
+};
 pub use self::routing::{
     DestinationFile, DestinationRuleFile, DestinationRuleSpecFile, HttpMatchRequestFile,
     HttpRouteDestinationFile, HttpRouteFile, ObjectMetaFile, PortSelectorFile, ROUTING_API_VERSION,
@@ -41,7 +46,7 @@ pub use self::routing::{
 };
 pub use self::security::{
     AuthorizationPolicyFile, CONDITION_KEYS, ConditionFile, FromFile, OperationFile,
-    PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, ToFile,
+    PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, TargetRefFile, ToFile,
     authorization_policy, peer_auth_mode, workload_selector,
 };
 
@@ -64,9 +69,13 @@ pub struct MeshFile {
     /// Which workloads accept plaintext.
     #[serde(default, deserialize_with = "null_as_default")]
     pub peer_authentications: Vec<PeerAuthenticationFile>,
-    /// L4 authorization policies.
+    /// Authorization policies: L4 for the node agents, or attached to waypoints
+    /// (`targetRefs`) with L7 fields.
     #[serde(default, deserialize_with = "null_as_default")]
     pub authorization_policies: Vec<AuthorizationPolicyFile>,
+    /// JWT authentication at waypoints (Istio's RequestAuthentication).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub request_authentications: Vec<RequestAuthenticationFile>,
     /// HTTP routing for waypoints: Istio VirtualServices in `networking.ambit.dev/v1`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub virtual_services: Vec<VirtualServiceFile>,
@@ -358,10 +367,16 @@ impl Validator<'_> {
         let workloads = self.workloads(&file.workloads, &mut owners)?;
         let services = self.services(&file.services, &mut owners)?;
         let trust_domain = self.trust_domain(file.trust_domain.as_deref())?;
+        let (authorizations, waypoint) =
+            self.authorization_policies(&file.authorization_policies)?;
         let policies = PolicySet::new(
-            self.authorization_policies(&file.authorization_policies)?,
+            authorizations,
             self.peer_authentications(&file.peer_authentications)?,
-        );
+        )
+        .with_waypoint_policies(WaypointPolicies::new(
+            waypoint,
+            self.request_authentications(&file.request_authentications)?,
+        ));
         let routes = self.routes(&file.virtual_services, &file.destination_rules, &services)?;
         Ok(MeshState::new(redirect, workloads, services)
             .with_trust_domain(trust_domain)

@@ -30,6 +30,7 @@ pub struct Target<'a> {
     pub labels: &'a BTreeMap<String, String>,
 }
 
+pub mod l7;
 mod revocable;
 #[cfg(test)]
 mod tests;
@@ -249,7 +250,7 @@ impl<T> Match<T> {
     }
 
     /// Evaluates the lists with `hit`, which says whether one entry matches the connection.
-    fn matches(&self, hit: impl Fn(&T) -> bool) -> bool {
+    pub fn matches(&self, hit: impl Fn(&T) -> bool) -> bool {
         (self.values.is_empty() || self.values.iter().any(&hit))
             && !self.not_values.iter().any(&hit)
     }
@@ -502,6 +503,8 @@ pub struct PolicySet {
     mesh_wide: Vec<usize>,
     /// Indexes into `authorizations` of each namespace's policies.
     by_namespace: HashMap<String, Vec<usize>>,
+    /// The policies attached to waypoints (`targetRefs`): never the node agents'.
+    waypoint: l7::WaypointPolicies,
 }
 
 impl PolicySet {
@@ -530,7 +533,19 @@ impl PolicySet {
             peer_authentications,
             mesh_wide,
             by_namespace,
+            waypoint: l7::WaypointPolicies::default(),
         }
+    }
+
+    /// Adds the policies attached to waypoints.
+    pub fn with_waypoint_policies(mut self, waypoint: l7::WaypointPolicies) -> Self {
+        self.waypoint = waypoint;
+        self
+    }
+
+    /// The policies attached to waypoints (authorization with L7 fields, JWT).
+    pub fn waypoint(&self) -> &l7::WaypointPolicies {
+        &self.waypoint
     }
 
     /// All authorization policies, in source order.
@@ -629,27 +644,41 @@ fn decide(policies: &[&Arc<AuthorizationPolicy>], conn: &ConnView<'_>) -> (bool,
 
 /// A connection prepared for matching: the principal string built once, addresses in their
 /// canonical form (a dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`, which an IPv4
-/// CIDR would not contain).
-struct ConnView<'a> {
-    conn: &'a ConnectionInfo<'a>,
+/// CIDR would not contain). The waypoint's L7 evaluation ([`l7`]) matches the L4 attributes of a
+/// request's connection with it too, so that they mean the same thing in both places.
+pub(crate) struct ConnView<'a> {
+    src_identity: Option<&'a SpiffeId>,
     /// `<trust domain>/ns/<namespace>/sa/<account>`, Istio's principal form.
     principal: Option<String>,
     src_ip: IpAddr,
     dst_ip: IpAddr,
+    dst_port: u16,
 }
 
 impl<'a> ConnView<'a> {
     fn new(conn: &'a ConnectionInfo<'a>) -> Self {
+        Self::of(conn.src_ip, conn.src_identity, conn.dst_ip, conn.dst_port)
+    }
+
+    /// The view of a connection from `src_ip` (authenticated as `src_identity`, if at all) to
+    /// `dst_ip:dst_port`.
+    pub(crate) fn of(
+        src_ip: IpAddr,
+        src_identity: Option<&'a SpiffeId>,
+        dst_ip: IpAddr,
+        dst_port: u16,
+    ) -> Self {
         Self {
-            conn,
-            principal: conn.src_identity.map(|id| {
+            src_identity,
+            principal: src_identity.map(|id| {
                 format!(
                     "{}/ns/{}/sa/{}",
                     id.trust_domain, id.namespace, id.service_account
                 )
             }),
-            src_ip: conn.src_ip.to_canonical(),
-            dst_ip: conn.dst_ip.to_canonical(),
+            src_ip: src_ip.to_canonical(),
+            dst_ip: dst_ip.to_canonical(),
+            dst_port,
         }
     }
 
@@ -659,12 +688,12 @@ impl<'a> ConnView<'a> {
             && rule.when.iter().all(|c| self.matches_condition(c))
     }
 
-    fn matches_source(&self, source: &Source) -> bool {
+    pub(crate) fn matches_source(&self, source: &Source) -> bool {
         self.principal_in(&source.principals)
             && self.namespace_in(&source.namespaces)
             && source
                 .service_accounts
-                .matches(|account| self.conn.src_identity.is_some_and(|id| account.matches(id)))
+                .matches(|account| self.src_identity.is_some_and(|id| account.matches(id)))
             && source.ip_blocks.matches(|net| net.contains(&self.src_ip))
     }
 
@@ -672,7 +701,7 @@ impl<'a> ConnView<'a> {
         self.port_in(&operation.ports)
     }
 
-    fn matches_condition(&self, condition: &Condition) -> bool {
+    pub(crate) fn matches_condition(&self, condition: &Condition) -> bool {
         match condition {
             Condition::SourceIp(m) => m.matches(|net| net.contains(&self.src_ip)),
             Condition::SourcePrincipal(m) => self.principal_in(m),
@@ -683,21 +712,17 @@ impl<'a> ConnView<'a> {
     }
 
     /// A plaintext source has no principal: it matches no pattern, not even `*`.
-    fn principal_in(&self, m: &Match<Pattern>) -> bool {
+    pub(crate) fn principal_in(&self, m: &Match<Pattern>) -> bool {
         m.matches(|p| self.principal.as_deref().is_some_and(|id| p.matches(id)))
     }
 
     /// The namespace comes from the peer's identity, never from its address: a plaintext source
     /// has none.
-    fn namespace_in(&self, m: &Match<Pattern>) -> bool {
-        m.matches(|p| {
-            self.conn
-                .src_identity
-                .is_some_and(|id| p.matches(&id.namespace))
-        })
+    pub(crate) fn namespace_in(&self, m: &Match<Pattern>) -> bool {
+        m.matches(|p| self.src_identity.is_some_and(|id| p.matches(&id.namespace)))
     }
 
-    fn port_in(&self, m: &Match<u16>) -> bool {
-        m.matches(|&port| port == self.conn.dst_port)
+    pub(crate) fn port_in(&self, m: &Match<u16>) -> bool {
+        m.matches(|&port| port == self.dst_port)
     }
 }

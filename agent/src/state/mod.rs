@@ -834,7 +834,7 @@ impl Serialize for MeshState {
                 endpoints: endpoints.targets().map(Target::name).collect(),
             })
             .collect();
-        let mut s = serializer.serialize_struct("MeshState", 7)?;
+        let mut s = serializer.serialize_struct("MeshState", 9)?;
         s.serialize_field("redirect", &self.redirect)?;
         s.serialize_field("trustDomain", &self.trust_domain)?;
         // Through plain references: serde's `rc` feature (Serialize for Arc) is not enabled.
@@ -860,6 +860,13 @@ impl Serialize for MeshState {
             .map(|p| &**p)
             .collect();
         s.serialize_field("authorizationPolicies", &authorizations)?;
+        let waypoint = self.policies.waypoint();
+        let l7: Vec<&crate::policy::l7::WaypointPolicy> =
+            waypoint.authorizations().iter().map(|p| &**p).collect();
+        s.serialize_field("waypointAuthorizationPolicies", &l7)?;
+        let jwt: Vec<&crate::policy::l7::RequestAuthentication> =
+            waypoint.authentications().iter().map(|p| &**p).collect();
+        s.serialize_field("requestAuthentications", &jwt)?;
         s.serialize_field("routes", &*self.routes)?;
         s.end()
     }

@@ -31,8 +31,10 @@ use crate::{
     telemetry::Metrics,
 };
 
+pub mod authz;
 pub mod balance;
 pub mod filters;
+pub mod jwt;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
@@ -160,7 +162,9 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         pool: Pool::new(dialer, PoolConfig::default()),
         metrics: Arc::new(WaypointMetrics::new(&metrics)?),
         balancer: Balancer::default(),
+        authz: authz::Authz::default(),
     });
+    tokio::spawn(waypoint.authz.jwks.clone().refresh(state_rx.clone()));
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
     settings.reserved_ports = RESERVED_PORTS.to_vec();
     let server = HboneServer::new(WaypointInbound::new(waypoint), settings, limits.clone());

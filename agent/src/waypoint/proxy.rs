@@ -64,6 +64,8 @@ pub struct Waypoint {
     pub metrics: Arc<WaypointMetrics>,
     /// Endpoint choice.
     pub balancer: Balancer,
+    /// JWT keys and what authorization keeps between requests.
+    pub authz: super::authz::Authz,
 }
 
 impl Waypoint {
@@ -283,6 +285,12 @@ impl Downstream {
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, (StatusCode, RequestFlags, String)> {
         let dialled = self.destination;
+        let peer = super::authz::Peer {
+            identity: &self.peer,
+            source: self.source,
+            dialled,
+        };
+        let request = super::authz::authorize(&self.waypoint.authz, state, &peer, request)?;
         let no_route = |why: String| (StatusCode::NOT_FOUND, RequestFlags::NoRoute, why);
         let unhealthy = |why: String| {
             (
@@ -573,7 +581,11 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         RequestFlags::NoRoute => "no route matched\n",
         RequestFlags::NoHealthyUpstream => "no healthy upstream\n",
         RequestFlags::UpstreamFailure => "upstream connect error\n",
-        RequestFlags::None => "",
+        RequestFlags::None => match status {
+            StatusCode::FORBIDDEN => super::authz::RBAC_DENIED_BODY,
+            StatusCode::UNAUTHORIZED => super::authz::JWT_DENIED_BODY,
+            _ => "",
+        },
     };
     let mut response = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
@@ -584,6 +596,12 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+    }
     response
 }
 

@@ -60,6 +60,12 @@ pub struct AuthorizationPolicyFile {
     /// Narrows it to the workloads carrying these labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<SelectorFile>,
+    /// Attaches it to a waypoint (Istio's `targetRef`): enforced there, with L7 fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<TargetRefFile>,
+    /// Attaches it to waypoints (Istio's `targetRefs`): enforced there, with L7 fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_refs: Option<Vec<TargetRefFile>>,
     /// `ALLOW` (default) or `DENY`, checked by validation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
@@ -123,6 +129,18 @@ pub struct SourceFile {
     /// Negative form of `ipBlocks`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub not_ip_blocks: Vec<String>,
+    /// L7 (waypoint policies only): the JWT's `<iss>/<sub>`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub request_principals: Vec<String>,
+    /// Negative form of `requestPrincipals`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub not_request_principals: Vec<String>,
+    /// L7 (waypoint policies only): the client address.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub remote_ip_blocks: Vec<String>,
+    /// Negative form of `remoteIpBlocks`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub not_remote_ip_blocks: Vec<String>,
 }
 
 /// One entry of a rule's `to`.
@@ -143,6 +161,24 @@ pub struct OperationFile {
     /// Negative form of `ports`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub not_ports: Vec<String>,
+    /// L7 (waypoint policies only): `:authority`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub hosts: Vec<String>,
+    /// Negative form of `hosts`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub not_hosts: Vec<String>,
+    /// L7 (waypoint policies only): HTTP methods.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub methods: Vec<String>,
+    /// Negative form of `methods`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub not_methods: Vec<String>,
+    /// L7 (waypoint policies only): paths.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub paths: Vec<String>,
+    /// Negative form of `paths`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub not_paths: Vec<String>,
 }
 
 /// One entry of a rule's `when`.
@@ -169,6 +205,63 @@ pub const CONDITION_KEYS: [&str; 5] = [
     "destination.port",
 ];
 
+/// Istio's `targetRef`/`targetRefs` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetRefFile {
+    /// `""` (or absent) for a Service, `gateway.networking.k8s.io` for a Gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// `Service` or `Gateway`.
+    pub kind: String,
+    /// The service's or the waypoint's name.
+    pub name: String,
+    /// Must be the policy's own namespace when set (as in Istio).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// The first L7 field in use in a policy the node agents would enforce, as a field path; the
+/// node agents refuse it (fail closed).
+pub fn l7_field_in_use(at: &str, entry: &AuthorizationPolicyFile) -> Option<String> {
+    for (i, rule) in entry.rules.iter().enumerate() {
+        for (j, from) in rule.from.iter().flatten().enumerate() {
+            let s = &from.source;
+            for (field, list) in [
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+            ] {
+                if !list.is_empty() {
+                    return Some(format!("{at}.rules[{i}].from[{j}].source.{field}"));
+                }
+            }
+        }
+        for (j, to) in rule.to.iter().flatten().enumerate() {
+            let o = &to.operation;
+            for (field, list) in [
+                ("hosts", &o.hosts),
+                ("notHosts", &o.not_hosts),
+                ("methods", &o.methods),
+                ("notMethods", &o.not_methods),
+                ("paths", &o.paths),
+                ("notPaths", &o.not_paths),
+            ] {
+                if !list.is_empty() {
+                    return Some(format!("{at}.rules[{i}].to[{j}].operation.{field}"));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Whether an entry is attached to a waypoint.
+pub fn targets_waypoint(entry: &AuthorizationPolicyFile) -> bool {
+    entry.target_ref.is_some() || entry.target_refs.is_some()
+}
+
 /// A policy that breaks one of the rules of `docs/configuration.md` (shared by every source:
 /// the mesh file reports it as [`ConfigError::Invalid`], Kubernetes as the resource's status).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -181,7 +274,7 @@ pub struct PolicyError {
     pub reason: String,
 }
 
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+pub(super) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
     PolicyError {
         field: field.into(),
         reason: reason.into(),
@@ -195,6 +288,13 @@ pub fn authorization_policy(
     at: &str,
     entry: &AuthorizationPolicyFile,
 ) -> Result<AuthorizationPolicy, PolicyError> {
+    if let Some(field) = l7_field_in_use(at, entry) {
+        return Err(invalid(
+            field,
+            "L7 field, enforced only by a waypoint: attach the policy to one with targetRefs \
+             (docs/l7-policy.md); the node agents enforce L4 attributes only",
+        ));
+    }
     let selector = workload_selector(at, entry.selector.as_ref())?;
     let action = match entry.action.as_deref() {
         None | Some("ALLOW") => Action::Allow,
@@ -316,7 +416,7 @@ fn rule(at: &str, rule: &RuleFile) -> Result<Rule, PolicyError> {
     Ok(Rule { from, to, when })
 }
 
-fn source(at: &str, source: &SourceFile) -> Result<Source, PolicyError> {
+pub(super) fn source(at: &str, source: &SourceFile) -> Result<Source, PolicyError> {
     let identity = [
         &source.principals,
         &source.not_principals,
@@ -364,7 +464,7 @@ fn source(at: &str, source: &SourceFile) -> Result<Source, PolicyError> {
     })
 }
 
-fn operation(at: &str, operation: &OperationFile) -> Result<Operation, PolicyError> {
+pub(super) fn operation(at: &str, operation: &OperationFile) -> Result<Operation, PolicyError> {
     if operation.ports.is_empty() && operation.not_ports.is_empty() {
         return Err(invalid(at, "must set ports or notPorts"));
     }
@@ -378,7 +478,7 @@ fn operation(at: &str, operation: &OperationFile) -> Result<Operation, PolicyErr
     })
 }
 
-fn condition(at: &str, condition: &ConditionFile) -> Result<Condition, PolicyError> {
+pub(super) fn condition(at: &str, condition: &ConditionFile) -> Result<Condition, PolicyError> {
     if condition.values.is_empty() && condition.not_values.is_empty() {
         return Err(invalid(
             at,
@@ -401,8 +501,9 @@ fn condition(at: &str, condition: &ConditionFile) -> Result<Condition, PolicyErr
             return Err(invalid(
                 format!("{at}.key"),
                 format!(
-                    "unsupported key {other:?}: expected one of {} (Ambit enforces L4 \
-                     attributes only)",
+                    "unsupported key {other:?}: expected one of {} (the node agents enforce \
+                     L4 attributes only; attach the policy to a waypoint with targetRefs for \
+                     L7 keys)",
                     CONDITION_KEYS.join(", ")
                 ),
             ));
@@ -411,7 +512,7 @@ fn condition(at: &str, condition: &ConditionFile) -> Result<Condition, PolicyErr
 }
 
 /// Parses a positive and a negative list; errors name the entry, e.g. `...notPorts[1]`.
-fn matcher<T>(
+pub(super) fn matcher<T>(
     at: &str,
     (field, values): (&str, &[String]),
     (not_field, not_values): (&str, &[String]),
@@ -453,7 +554,7 @@ impl Validator<'_> {
     }
 
     /// A shared rule's error, as the mesh file reports it.
-    fn policy_error(&self, e: PolicyError) -> ConfigError {
+    pub(super) fn policy_error(&self, e: PolicyError) -> ConfigError {
         self.invalid(e.field, e.reason)
     }
 
@@ -504,24 +605,9 @@ impl Validator<'_> {
         Ok(policies)
     }
 
-    /// `authorizationPolicies`.
-    pub(super) fn authorization_policies(
-        &self,
-        entries: &[AuthorizationPolicyFile],
-    ) -> Result<Vec<AuthorizationPolicy>, ConfigError> {
-        let mut names = HashMap::new();
-        let mut policies = Vec::with_capacity(entries.len());
-        for (i, entry) in entries.iter().enumerate() {
-            let at = format!("authorizationPolicies[{i}]");
-            self.policy_name(&at, &entry.name, entry.namespace.as_deref(), &mut names, i)?;
-            policies.push(authorization_policy(&at, entry).map_err(|e| self.policy_error(e))?);
-        }
-        Ok(policies)
-    }
-
     /// Checks a policy's `name` and `namespace` and that the pair is unique; returns the
     /// policy's display name.
-    fn policy_name<'f>(
+    pub(super) fn policy_name<'f>(
         &self,
         at: &str,
         name: &'f str,
@@ -552,7 +638,7 @@ impl Validator<'_> {
 }
 
 /// A principal pattern; the `spiffe://` form is a common porting slip that would never match.
-fn principal(text: &str) -> Result<Pattern, String> {
+pub(super) fn principal(text: &str) -> Result<Pattern, String> {
     if text.starts_with("spiffe://") {
         return Err(format!(
             "{text:?}: write principals without spiffe://, as <trust domain>/ns/<namespace>/sa/<account>"
@@ -562,7 +648,7 @@ fn principal(text: &str) -> Result<Pattern, String> {
 }
 
 /// An address (a one-address network) or a CIDR; host bits are cleared.
-fn ip_block(text: &str) -> Result<IpNet, String> {
+pub(super) fn ip_block(text: &str) -> Result<IpNet, String> {
     if let Ok(ip) = text.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
     }
@@ -571,7 +657,7 @@ fn ip_block(text: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("invalid IP address or CIDR {text:?}"))
 }
 
-fn port(text: &str) -> Result<u16, String> {
+pub(super) fn port(text: &str) -> Result<u16, String> {
     match text.parse::<u16>() {
         Ok(port) if port != 0 => Ok(port),
         _ => Err(format!("{text:?} is not a port in 1..=65535")),
@@ -989,13 +1075,16 @@ authorizationPolicies:
             json["rules"][0]["from"][0]["ipBlocks"]["values"],
             serde_json::json!(["10.20.0.0/16", "fd00::1/128"])
         );
-        // HTTP attributes are not L4: rejected, never silently ignored.
+        // HTTP attributes are not L4: without targetRefs, rejected, never silently ignored.
         let message = parse(&one_policy(
             "    rules:\n      - to:\n          - operation: {methods: [GET]}\n",
         ))
         .unwrap_err();
         assert!(
-            message.contains("rules[0].to[0].operation.methods: unknown field `methods`"),
+            message.contains(
+                "rules[0].to[0].operation.methods: L7 field, enforced only by a waypoint: \
+                 attach the policy to one with targetRefs"
+            ),
             "{message}"
         );
     }
@@ -1030,7 +1119,8 @@ authorizationPolicies:
             &format!(
                 "{at}.when[0].key: unsupported key \"request.headers[x]\": expected one of \
                  source.ip, source.principal, source.namespace, destination.ip, \
-                 destination.port (Ambit enforces L4 attributes only)"
+                 destination.port (the node agents enforce L4 attributes only; attach the \
+                 policy to a waypoint with targetRefs for L7 keys)"
             ),
         );
         assert_rejected(

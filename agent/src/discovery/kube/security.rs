@@ -408,6 +408,8 @@ fn validated_authorization(
         name: name.to_string(),
         namespace,
         selector: parsed.selector,
+        target_ref: None,
+        target_refs: None,
         action: parsed.action,
         dry_run,
         rules: parsed.rules.unwrap_or_default(),

@@ -1,0 +1,434 @@
+//! JWT authentication at the waypoint (Istio's `RequestAuthentication`), and the JWKS fetched
+//! from `jwksUri`s.
+//!
+//! Envoy's semantics, as Istio configures it: a request without a token passes (an
+//! AuthorizationPolicy requiring `requestPrincipals` is what makes a token mandatory); a token
+//! that is present and fails validation (unknown issuer, bad signature, expired, not yet valid,
+//! wrong audience, keys unavailable) answers 401. Expiry and not-before allow 60 s of clock
+//! skew, as Envoy. Only asymmetric algorithms are accepted (RS*, PS*, ES256/384, EdDSA): a
+//! JWKS is public, so an HMAC key in it would let anyone sign.
+//!
+//! Keys of a `jwksUri` are fetched by the waypoint itself over HTTP(S) (hyper; rustls with the
+//! system's roots for https), bounded in size ([`MAX_JWKS_BYTES`]) and time
+//! ([`FETCH_TIMEOUT`]), refreshed every [`REFRESH`], retried every [`RETRY`] while failing; a
+//! failed refresh keeps the last good keys. Until a URI's first fetch succeeds, tokens of its
+//! issuer fail (401): never accepted unchecked.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Uri, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::{DecodingKey, Validation, jwk::JwkSet};
+use serde_json::Value;
+use tokio::{net::TcpStream, sync::watch};
+use tracing::{info, warn};
+
+use crate::{
+    discovery::file::{MAX_JWKS_BYTES, parse_jwks},
+    policy::l7::{JwksSource, JwtRule, RequestAuth},
+    state::MeshState,
+};
+
+/// Clock skew allowed on `exp` and `nbf` (Envoy's default).
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// How long one JWKS fetch may take, connection included.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often keys are fetched again after a success (Envoy's remote JWKS cache duration).
+pub const REFRESH: Duration = Duration::from_secs(300);
+/// How soon a failed fetch is retried.
+pub const RETRY: Duration = Duration::from_secs(5);
+
+/// Why a present token was refused (the 401's reason, Envoy's wording).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    /// Not three base64url parts, or unreadable JSON.
+    #[error("Jwt is not in the form of Header.Payload.Signature: {0}")]
+    Malformed(String),
+    /// No rule of the policies in force names the token's issuer.
+    #[error("Jwt issuer is not configured: {0:?}")]
+    UnknownIssuer(String),
+    /// The issuer's `jwksUri` has not been fetched successfully yet.
+    #[error("Jwks remote fetch is failed: {0}")]
+    NoKeys(String),
+    /// A symmetric or unknown algorithm.
+    #[error("Jwt algorithm is not supported: {0}")]
+    Algorithm(String),
+    /// No key verifies the signature.
+    #[error("Jwt verification fails")]
+    Signature,
+    /// `exp` passed.
+    #[error("Jwt is expired")]
+    Expired,
+    /// `nbf` not reached.
+    #[error("Jwt not yet valid")]
+    NotYetValid,
+    /// `aud` names none of the rule's audiences.
+    #[error("Audiences in Jwt are not allowed")]
+    Audience,
+}
+
+/// The keys fetched from `jwksUri`s, shared by every request.
+#[derive(Default)]
+pub struct Jwks {
+    fetched: Mutex<HashMap<String, Fetched>>,
+    tls: OnceLock<Arc<rustls::ClientConfig>>,
+}
+
+struct Fetched {
+    keys: Option<Arc<JwkSet>>,
+    /// When to fetch again.
+    due: Instant,
+}
+
+impl Jwks {
+    /// The last good keys of `uri`.
+    pub fn keys(&self, uri: &str) -> Option<Arc<JwkSet>> {
+        self.fetched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uri)
+            .and_then(|f| f.keys.clone())
+    }
+
+    /// Keeps the keys of every `jwksUri` of the state fresh, until the state's sender is gone.
+    pub async fn refresh(self: Arc<Self>, mut state: watch::Receiver<Arc<MeshState>>) {
+        loop {
+            let uris = uris_of(&state.borrow_and_update());
+            let now = Instant::now();
+            let due: Vec<String> = {
+                let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+                // Forget the URIs no policy names any more: the cache is bounded by the state.
+                fetched.retain(|uri, _| uris.contains(uri));
+                uris.iter()
+                    .filter(|uri| fetched.get(*uri).is_none_or(|f| f.due <= now))
+                    .cloned()
+                    .collect()
+            };
+            for uri in due {
+                let result = self.fetch(&uri).await;
+                let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+                let entry = fetched.entry(uri.clone()).or_insert(Fetched {
+                    keys: None,
+                    due: Instant::now(),
+                });
+                match result {
+                    Ok(keys) => {
+                        info!(jwks_uri = %uri, keys = keys.keys.len(), "JWKS fetched");
+                        entry.keys = Some(Arc::new(keys));
+                        entry.due = Instant::now() + REFRESH;
+                    }
+                    Err(err) => {
+                        warn!(
+                            jwks_uri = %uri,
+                            error = format!("{err:#}"),
+                            kept_last_good = entry.keys.is_some(),
+                            "JWKS fetch failed"
+                        );
+                        entry.due = Instant::now() + RETRY;
+                    }
+                }
+            }
+            let next = {
+                let fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+                fetched.values().map(|f| f.due).min()
+            };
+            let sleep = next
+                .map(|due| due.saturating_duration_since(Instant::now()))
+                .unwrap_or(REFRESH);
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    async fn fetch(&self, uri: &str) -> anyhow::Result<JwkSet> {
+        tokio::time::timeout(FETCH_TIMEOUT, self.fetch_unbounded(uri))
+            .await
+            .with_context(|| format!("no answer within {FETCH_TIMEOUT:?}"))?
+    }
+
+    async fn fetch_unbounded(&self, uri: &str) -> anyhow::Result<JwkSet> {
+        let parsed: Uri = uri.parse()?;
+        let host = parsed.host().context("no host")?.to_string();
+        let https = parsed.scheme_str() == Some("https");
+        let port = parsed.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let bare_host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let tcp = TcpStream::connect((bare_host.as_str(), port))
+            .await
+            .with_context(|| format!("connecting to {host}:{port}"))?;
+        let path = parsed
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let authority = parsed.authority().context("no authority")?.to_string();
+        let request = Request::get(path)
+            .header(header::HOST, authority)
+            .header(header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())?;
+        let body = if https {
+            let name = rustls::pki_types::ServerName::try_from(bare_host.clone())
+                .with_context(|| format!("{bare_host:?} is not a TLS server name"))?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls_config()?)
+                .connect(name, tcp)
+                .await
+                .context("TLS handshake")?;
+            get(TokioIo::new(tls), request).await?
+        } else {
+            get(TokioIo::new(tcp), request).await?
+        };
+        parse_jwks(&body).map_err(anyhow::Error::msg)
+    }
+
+    /// rustls with the system's roots, built on the first https fetch.
+    fn tls_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        if let Some(config) = self.tls.get() {
+            return Ok(config.clone());
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        if roots.is_empty() {
+            bail!("no system root certificates to verify an https jwksUri");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(self.tls.get_or_init(|| Arc::new(config)).clone())
+    }
+}
+
+/// One HTTP/1.1 GET over `io`; the body of a 200, at most [`MAX_JWKS_BYTES`].
+async fn get<IO>(io: IO, request: Request<Empty<Bytes>>) -> anyhow::Result<Bytes>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    if response.status() != http::StatusCode::OK {
+        bail!("HTTP {}", response.status());
+    }
+    let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the body (at most {MAX_JWKS_BYTES} bytes): {e}"))?;
+    Ok(body.to_bytes())
+}
+
+/// The `jwksUri`s of the state's policies.
+fn uris_of(state: &MeshState) -> Vec<String> {
+    let mut uris: Vec<String> = state
+        .policies()
+        .waypoint()
+        .authentications()
+        .iter()
+        .flat_map(|ra| &ra.jwt_rules)
+        .filter_map(|rule| match &rule.keys {
+            JwksSource::Uri(uri) => Some(uri.clone()),
+            JwksSource::Inline(_) => None,
+        })
+        .collect();
+    uris.sort();
+    uris.dedup();
+    uris
+}
+
+/// Where a token was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Location {
+    Header(String),
+    Param(String),
+}
+
+/// Validates the token of `request` against `rules` (the RequestAuthentications in force
+/// where it is): `Ok(None)` without a token, the request's identity with a valid one, the
+/// reason with an invalid one. A valid token is removed unless its rule forwards it, and the
+/// rule's output headers are set; the output headers of every rule are first removed from the
+/// request, so that a client cannot send its own.
+pub fn authenticate<B>(
+    rules: &[&JwtRule],
+    jwks: &Jwks,
+    request: &mut Request<B>,
+) -> Result<Option<RequestAuth>, JwtError> {
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    for rule in rules {
+        let outputs = rule
+            .output_payload_to_header
+            .iter()
+            .chain(rule.output_claim_to_headers.iter().map(|(h, _)| h));
+        for name in outputs {
+            request.headers_mut().remove(name.as_str());
+        }
+    }
+    let Some((location, token)) = find_token(rules, request) else {
+        return Ok(None);
+    };
+    let mut parts = token.split('.');
+    let (Some(_), Some(payload), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed("not three parts".into()));
+    };
+    let header =
+        jsonwebtoken::decode_header(&token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    let unverified: Value = {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .map_err(|e| JwtError::Malformed(format!("payload: {e}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| JwtError::Malformed(format!("payload: {e}")))?
+    };
+    let issuer = unverified
+        .get("iss")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let rule = rules
+        .iter()
+        .find(|r| r.issuer == issuer && locations(r).contains(&location))
+        .ok_or_else(|| JwtError::UnknownIssuer(issuer.to_string()))?;
+    use jsonwebtoken::Algorithm::*;
+    if !matches!(
+        header.alg,
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 | ES256 | ES384 | EdDSA
+    ) {
+        return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
+    }
+    let keys = match &rule.keys {
+        JwksSource::Inline(keys) => keys.clone(),
+        JwksSource::Uri(uri) => jwks
+            .keys(uri)
+            .ok_or_else(|| JwtError::NoKeys(uri.clone()))?,
+    };
+    let mut validation = Validation::new(header.alg);
+    validation.leeway = CLOCK_SKEW.as_secs();
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.required_spec_claims.clear();
+    validation.set_issuer(&[&rule.issuer]);
+    if rule.audiences.is_empty() {
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(&rule.audiences);
+    }
+    let candidates = keys
+        .keys
+        .iter()
+        .filter(|k| header.kid.is_none() || k.common.key_id == header.kid);
+    let mut verified = None;
+    for key in candidates {
+        let Ok(decoding) = DecodingKey::from_jwk(key) else {
+            continue;
+        };
+        use jsonwebtoken::errors::ErrorKind;
+        match jsonwebtoken::decode::<Value>(&token, &decoding, &validation) {
+            Ok(data) => {
+                verified = Some(data.claims);
+                break;
+            }
+            Err(e) => match e.kind() {
+                ErrorKind::ExpiredSignature => return Err(JwtError::Expired),
+                ErrorKind::ImmatureSignature => return Err(JwtError::NotYetValid),
+                ErrorKind::InvalidAudience => return Err(JwtError::Audience),
+                ErrorKind::InvalidIssuer => {
+                    return Err(JwtError::UnknownIssuer(issuer.to_string()));
+                }
+                // A key of another type or algorithm, or not the signer: try the next one.
+                _ => continue,
+            },
+        }
+    }
+    let claims = verified.ok_or(JwtError::Signature)?;
+    if !rule.forward_original_token {
+        match &location {
+            Location::Header(name) => {
+                request.headers_mut().remove(name.as_str());
+            }
+            Location::Param(_) => {}
+        }
+    }
+    if let Some(name) = &rule.output_payload_to_header
+        && let Ok(value) = HeaderValue::from_str(payload)
+        && let Ok(name) = http::HeaderName::from_bytes(name.as_bytes())
+    {
+        request.headers_mut().insert(name, value);
+    }
+    for (name, claim) in &rule.output_claim_to_headers {
+        let text = match claims.get(claim) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Bool(b)) => b.to_string(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => continue,
+        };
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&text),
+        ) {
+            request.headers_mut().insert(name, value);
+        }
+    }
+    Ok(Some(RequestAuth::from_claims(claims)))
+}
+
+fn locations(rule: &JwtRule) -> Vec<Location> {
+    rule.from_headers
+        .iter()
+        .map(|(name, _)| Location::Header(name.clone()))
+        .chain(rule.from_params.iter().cloned().map(Location::Param))
+        .collect()
+}
+
+/// The first token found at one of the rules' locations: headers (value minus the prefix),
+/// then query parameters.
+fn find_token<B>(rules: &[&JwtRule], request: &Request<B>) -> Option<(Location, String)> {
+    for rule in rules {
+        for (name, prefix) in &rule.from_headers {
+            if let Some(value) = request.headers().get(name.as_str())
+                && let Ok(value) = value.to_str()
+            {
+                let token = if prefix.is_empty() {
+                    Some(value)
+                } else if value.len() >= prefix.len()
+                    && value[..prefix.len()].eq_ignore_ascii_case(prefix)
+                {
+                    Some(&value[prefix.len()..])
+                } else {
+                    None
+                };
+                if let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) {
+                    return Some((Location::Header(name.clone()), token.to_string()));
+                }
+            }
+        }
+    }
+    let query = request.uri().query()?;
+    for rule in rules {
+        for param in &rule.from_params {
+            let found = query
+                .split('&')
+                .filter_map(|pair| pair.split_once('='))
+                .find(|(key, value)| key == param && !value.is_empty());
+            if let Some((_, value)) = found {
+                return Some((Location::Param(param.clone()), value.to_string()));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;
