@@ -11,6 +11,9 @@
 //! - `POST <collection>`: creates an object (an Event, say);
 //! - `PATCH <collection>/<name>/status` with a JSON merge patch, for types registered with
 //!   [`FakeApiServer::register_with_status`]: only the `status` changes (a `MODIFIED` event);
+//! - `PATCH <collection>/<name>` as a server-side apply (`application/apply-patch+yaml`, JSON
+//!   body) by a single field manager: the applied object replaces the stored one's content
+//!   (created if absent), as it does when one manager owns every field;
 //! - equality-based `labelSelector`s and `fieldSelector`s;
 //! - `410 Gone` when `N` is older than the retained history: an `ERROR` event carrying a
 //!   `Status` with code 410 (what real API servers send), or an HTTP 410 answer
@@ -28,8 +31,8 @@
 //! the metadata and status changes) and `metadata.creationTimestamp`; objects created or
 //! patched over HTTP can be read with [`FakeApiServer::get`] and [`FakeApiServer::list`].
 //!
-//! Not implemented: other writes through HTTP (PUT, DELETE, patches of the main resource:
-//! objects change through the helpers), set-based selectors, streaming lists
+//! Not implemented: other writes through HTTP (PUT, DELETE, merge patches of the main
+//! resource: objects change through the helpers; field ownership of server-side apply), set-based selectors, streaming lists
 //! (`sendInitialEvents`), protobuf, authentication. Anything else can be answered by a
 //! [`Handler`].
 use std::{
@@ -1013,8 +1016,9 @@ async fn route(inner: &Arc<Inner>, request: Request<hyper::body::Incoming>) -> R
     }
 }
 
-/// `POST <collection>` (create) and `PATCH <collection>/<name>/status` (a merge patch of the
-/// status of a type registered with a status subresource).
+/// `POST <collection>` (create), `PATCH <collection>/<name>` (server-side apply) and
+/// `PATCH <collection>/<name>/status` (a merge patch of the status of a type registered with a
+/// status subresource).
 fn write(
     inner: &Arc<Inner>,
     method: &Method,
@@ -1121,6 +1125,46 @@ fn write(
                 .cloned()
                 .expect("just stored");
             json_response(200, &stored)
+        }
+        (&Method::PATCH, Some(name), None) => {
+            // Server-side apply by one field manager: the applied object is the whole of what
+            // the manager wants, so it replaces the object's content (metadata the server
+            // sets, and the status of a type with a status subresource, are kept by `store`).
+            if !content_type.starts_with("application/apply-patch") {
+                return error_response(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!(
+                        "the fake API server only takes server-side apply on objects, not \
+                         {content_type:?}"
+                    ),
+                );
+            }
+            if body["metadata"]["name"].as_str() != Some(name.as_str()) {
+                return error_response(
+                    400,
+                    "BadRequest",
+                    "the applied object's name must be the one in the path",
+                );
+            }
+            if info.namespaced && target.namespace.is_none() {
+                return error_response(
+                    405,
+                    "MethodNotAllowed",
+                    "apply namespaced objects in their namespace's collection",
+                );
+            }
+            match store(
+                inner,
+                &mut state,
+                target.type_index,
+                target.namespace,
+                body,
+                false,
+            ) {
+                Ok((_, stored)) => json_response(200, &stored),
+                Err(e) => refused(e),
+            }
         }
         _ => error_response(
             405,
