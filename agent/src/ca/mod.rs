@@ -228,17 +228,18 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                 let roots = args.dir.join(root::TRUST_BUNDLE_FILE);
                 let roots_pem = std::fs::read_to_string(&roots)
                     .with_context(|| format!("reading {}", roots.display()))?;
-                let waypoints = crate::waypoint::controller::WaypointController::new(
-                    client.clone(),
-                    crate::waypoint::controller::WaypointSettings {
-                        image: args.waypoint_image.clone(),
-                        ca_address: args.waypoint_ca_address.clone().unwrap_or_else(|| {
-                            format!("https://ambit-ca.{}.svc:15012", args.root_namespace)
-                        }),
-                        roots_pem,
-                        root_namespace: args.root_namespace.clone(),
-                    },
-                );
+                let waypoints =
+                    crate::discovery::kube::waypoint_controller::WaypointController::new(
+                        client.clone(),
+                        crate::discovery::kube::waypoint_controller::WaypointSettings {
+                            image: args.waypoint_image.clone(),
+                            ca_address: args.waypoint_ca_address.clone().unwrap_or_else(|| {
+                                format!("https://ambit-ca.{}.svc:15012", args.root_namespace)
+                            }),
+                            roots_pem,
+                            root_namespace: args.root_namespace.clone(),
+                        },
+                    );
                 tokio::spawn(async move {
                     if let Err(error) = waypoints.run().await {
                         tracing::error!(error = %format!("{error:#}"), "waypoint controller stopped");

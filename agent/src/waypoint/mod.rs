@@ -31,7 +31,6 @@ use crate::{
     telemetry::Metrics,
 };
 
-pub mod controller;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
@@ -84,7 +83,10 @@ pub enum WaypointSubcommand {
 pub async fn command(command: WaypointCommand) -> anyhow::Result<()> {
     match (command.command, command.run) {
         (Some(WaypointSubcommand::Generate { namespace, name }), _) => {
-            print!("{}", controller::generate(&namespace, &name));
+            print!(
+                "{}",
+                discovery::kube::waypoint_controller::generate(&namespace, &name)
+            );
             Ok(())
         }
         (None, Some(args)) => run(args).await,

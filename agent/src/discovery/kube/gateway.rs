@@ -59,7 +59,7 @@ macro_rules! gateway_resource {
 
 gateway_resource!(
     /// A `Gateway`: for Ambit, a waypoint when its class is
-    /// [`crate::waypoint::controller::WAYPOINT_CLASS`].
+    /// [`super::waypoint_controller::WAYPOINT_CLASS`].
     GatewayResource,
     GatewaySpec,
     GatewayStatus,

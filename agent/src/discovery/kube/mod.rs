@@ -65,6 +65,7 @@ mod security_tests;
 mod status;
 #[cfg(test)]
 mod tests;
+pub mod waypoint_controller;
 
 pub use self::{
     cgroup::pod_cgroup_dir,

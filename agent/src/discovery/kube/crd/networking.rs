@@ -132,6 +132,11 @@ pub struct HttpRoute {
     /// The share of requests mirrored to `mirror`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_percentage: Option<Percent>,
+    /// The share of requests mirrored, in whole percent (deprecated by Istio for
+    /// `mirrorPercentage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub mirror_percent: Option<i64>,
     /// CORS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors_policy: Option<CorsPolicy>,
@@ -381,6 +386,9 @@ pub struct FaultDelay {
     /// The share of requests delayed, in whole percent (deprecated by Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<i64>,
+    /// An exponential delay (not implemented by Istio either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exponential_delay: Option<String>,
 }
 
 /// Istio's HTTPFaultInjection.Abort.
@@ -393,6 +401,9 @@ pub struct FaultAbort {
     /// The gRPC status answered (e.g. `UNAVAILABLE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc_status: Option<String>,
+    /// The HTTP/2 error answered (not implemented by Istio either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_error: Option<String>,
     /// The share of requests aborted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentage: Option<Percent>,
@@ -423,6 +434,9 @@ pub struct Percent {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CorsPolicy {
+    /// Allowed origins, exactly (deprecated by Istio for `allowOrigins`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_origin: Option<Vec<String>>,
     /// Allowed origins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_origins: Option<Vec<StringMatch>>,
@@ -592,9 +606,29 @@ pub struct LoadBalancerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "unsupported_object")]
     pub locality_lb_setting: Option<Value>,
-    /// Slow start of new endpoints, e.g. `60s`.
+    /// Slow start of new endpoints, e.g. `60s` (deprecated by Istio for `warmup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_duration_secs: Option<String>,
+    /// Slow start of new endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<Warmup>,
+}
+
+/// Istio's WarmupConfiguration.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Warmup {
+    /// How long a new endpoint warms up, e.g. `60s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    /// The share of its traffic a new endpoint starts with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub minimum_percent: Option<f64>,
+    /// How fast the share grows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub aggression: Option<f64>,
 }
 
 /// Istio's ConsistentHashLB.

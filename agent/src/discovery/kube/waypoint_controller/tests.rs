@@ -5,6 +5,7 @@ use clap::Parser as _;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Service, ServiceAccount},
+    rbac::v1::ClusterRoleBinding,
 };
 use serde_json::{Value, json};
 
@@ -37,6 +38,7 @@ fn start(server: &FakeApiServer) -> tokio::task::JoinHandle<anyhow::Result<()>> 
     server.register::<Deployment>();
     server.register::<ServiceAccount>();
     server.register::<ConfigMap>();
+    server.register::<ClusterRoleBinding>();
     let controller = WaypointController::new(server.client(), settings())
         .retry_interval(Duration::from_millis(50));
     tokio::spawn(controller.run())
@@ -333,6 +335,35 @@ async fn a_waypoint_gateway_becomes_owned_objects_with_status() {
         condition(s, "Programmed")["observedGeneration"] == json!(2)
     })
     .await;
+
+    // Its ServiceAccount may read what the Kubernetes source reads (a cluster-wide binding,
+    // which the controller deletes with the Gateway).
+    let binding = server
+        .get::<ClusterRoleBinding>("", "ambit-waypoint:shop:waypoint")
+        .expect("a ClusterRoleBinding");
+    assert_eq!(binding.role_ref.name, "ambit-waypoint");
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (
+            subject.kind.as_str(),
+            subject.name.as_str(),
+            subject.namespace.as_deref()
+        ),
+        ("ServiceAccount", "waypoint", Some("shop"))
+    );
+    server
+        .delete::<GatewayResource>("shop", "waypoint")
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        while server
+            .get::<ClusterRoleBinding>("", "ambit-waypoint:shop:waypoint")
+            .is_some()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the binding is deleted with the Gateway");
     assert!(!controller.is_finished());
 }
 
@@ -368,4 +399,25 @@ async fn a_gateway_a_waypoint_cannot_serve_is_rejected_and_not_deployed() {
     })
     .await;
     assert!(server.get::<Deployment>("shop", "waypoint").is_some());
+}
+
+#[test]
+fn the_shipped_gateway_class_is_the_controllers() {
+    let plain: Value = serde_yaml_ng::from_str(include_str!(
+        "../../../../../deploy/gateway/gatewayclass.yaml"
+    ))
+    .unwrap();
+    assert_eq!(plain["kind"], "GatewayClass");
+    assert_eq!(plain["apiVersion"], GATEWAY_API_VERSION);
+    assert_eq!(plain["metadata"]["name"], WAYPOINT_CLASS);
+    assert_eq!(plain["spec"]["controllerName"], CONTROLLER_NAME);
+    let chart = include_str!("../../../../../deploy/helm/ambit/templates/gatewayclass.yaml");
+    assert!(
+        chart.contains(&format!("  name: {WAYPOINT_CLASS}\n")),
+        "{chart}"
+    );
+    assert!(
+        chart.contains(&format!("  controllerName: {CONTROLLER_NAME}\n")),
+        "{chart}"
+    );
 }

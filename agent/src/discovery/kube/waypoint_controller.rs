@@ -28,6 +28,7 @@ use k8s_openapi::{
             ServiceAccountTokenProjection, ServicePort, ServiceSpec, TCPSocketAction, Volume,
             VolumeMount, VolumeProjection,
         },
+        rbac::v1::{ClusterRoleBinding, RoleRef, Subject},
     },
     apimachinery::pkg::{
         apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
@@ -42,14 +43,12 @@ use kube::{
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::{
-    discovery::kube::{
-        BACKOFF_MAX, BACKOFF_MIN, ResilientWatch,
-        convert::{MODE_LABEL, MODE_NONE},
-        gateway::{GATEWAY_API_VERSION, GatewayResource},
-    },
-    timefmt,
+use super::{
+    BACKOFF_MAX, BACKOFF_MIN, ResilientWatch,
+    convert::{MODE_LABEL, MODE_NONE},
+    gateway::{GATEWAY_API_VERSION, GatewayResource},
 };
+use crate::timefmt;
 
 /// The GatewayClass whose Gateways are Ambit waypoints (the chart ships it).
 pub const WAYPOINT_CLASS: &str = "ambit-waypoint";
@@ -63,8 +62,14 @@ pub const HBONE_PORT: u16 = 15008;
 pub const HBONE_PROTOCOL: &str = "HBONE";
 /// Gateway API's label naming the Gateway of the objects it deploys.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The label giving the Gateway's namespace on the cluster-scoped objects (the binding).
+pub const GATEWAY_NAMESPACE_LABEL: &str = "ambit.dev/gateway-namespace";
 /// The audience of the waypoint's token for the CA (the agents' too).
 pub const CA_TOKEN_AUDIENCE: &str = "ambit-ca";
+
+/// The ClusterRole (shipped by the chart) granting a waypoint's ServiceAccount the reads of
+/// the Kubernetes source (pods, services, routes...): the node agents' reads.
+pub const WAYPOINT_CLUSTER_ROLE: &str = "ambit-waypoint";
 
 /// Where the waypoint's pod finds its files.
 const ROOTS_DIR: &str = "/var/run/ambit/ca";
@@ -189,6 +194,14 @@ pub struct WaypointObjects {
     pub deployment: Deployment,
     /// Port 15008 of the waypoint's pods, named as the Gateway.
     pub service: Service,
+    /// Binds [`WAYPOINT_CLUSTER_ROLE`] to the ServiceAccount. Cluster-scoped, so it cannot be
+    /// owned by the Gateway: the controller deletes it when the Gateway goes.
+    pub binding: ClusterRoleBinding,
+}
+
+/// The name of the ClusterRoleBinding of waypoint `namespace/name`.
+pub fn binding_name(namespace: &str, name: &str) -> String {
+    format!("ambit-waypoint:{namespace}:{name}")
 }
 
 impl WaypointSettings {
@@ -342,7 +355,27 @@ impl WaypointSettings {
             ]),
             ..PodSpec::default()
         };
+        let mut binding_labels = labels.clone();
+        binding_labels.insert(GATEWAY_NAMESPACE_LABEL.into(), namespace.clone());
         WaypointObjects {
+            binding: ClusterRoleBinding {
+                metadata: ObjectMeta {
+                    name: Some(binding_name(&namespace, &name)),
+                    labels: Some(binding_labels),
+                    ..ObjectMeta::default()
+                },
+                role_ref: RoleRef {
+                    api_group: Some("rbac.authorization.k8s.io".into()),
+                    kind: "ClusterRole".into(),
+                    name: WAYPOINT_CLUSTER_ROLE.into(),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "ServiceAccount".into(),
+                    name: name.clone(),
+                    namespace: Some(namespace.clone()),
+                    ..Subject::default()
+                }]),
+            },
             service_account: ServiceAccount {
                 metadata: object_meta(name.clone()),
                 automount_service_account_token: Some(false),
@@ -461,12 +494,16 @@ impl WaypointController {
                         }
                     }
                     Ok(watcher::Event::Delete(gateway)) => {
-                        // Its objects go with it (owner references).
+                        // Its namespaced objects go with it (owner references); the binding is
+                        // cluster-scoped.
                         pending.remove(&key(&gateway));
+                        if gateway.spec.gateway_class_name == WAYPOINT_CLASS {
+                            self.unbind(&gateway).await;
+                        }
                     }
                     Ok(_) => {}
                     Err(error) => {
-                        let message = crate::discovery::kube::error_chain(&error);
+                        let message = super::error_chain(&error);
                         if last_error.as_ref() != Some(&message) {
                             tracing::warn!(error = %message, "waypoint controller: watch failed; retrying");
                             last_error = Some(message);
@@ -485,6 +522,23 @@ impl WaypointController {
         }
     }
 
+    /// Deletes the ClusterRoleBinding of a deleted waypoint (best effort: a binding left behind
+    /// names a ServiceAccount that no longer exists).
+    async fn unbind(&self, gateway: &GatewayResource) {
+        let (namespace, name) = key(gateway);
+        let api: Api<ClusterRoleBinding> = Api::all(self.client.clone());
+        match api
+            .delete(&binding_name(&namespace, &name), &Default::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => {
+                tracing::warn!(%namespace, %name, %error, "cannot delete the waypoint's ClusterRoleBinding")
+            }
+        }
+    }
+
     /// Reconciles one Gateway; `false` if it should be tried again.
     async fn reconcile_logged(&self, gateway: &GatewayResource) -> bool {
         match self.reconcile(gateway).await {
@@ -494,7 +548,7 @@ impl WaypointController {
             }
             Err(error) => {
                 let (namespace, name) = key(gateway);
-                tracing::warn!(%namespace, %name, error = %crate::discovery::kube::error_chain(&error), "cannot reconcile the waypoint Gateway; will retry");
+                tracing::warn!(%namespace, %name, error = %super::error_chain(&error), "cannot reconcile the waypoint Gateway; will retry");
                 false
             }
         }
@@ -533,6 +587,11 @@ impl WaypointController {
         apply(client, namespace, &objects.roots, &params).await?;
         apply(client, namespace, &objects.deployment, &params).await?;
         apply(client, namespace, &objects.service, &params).await?;
+        let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+        let binding_name = objects.binding.metadata.name.clone().unwrap_or_default();
+        bindings
+            .patch(&binding_name, &params, &Patch::Apply(&objects.binding))
+            .await?;
         let name = meta.name.as_deref().unwrap_or_default();
         let address = format!("{name}.{namespace}.svc.cluster.local");
         self.write_status(
