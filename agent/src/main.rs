@@ -34,7 +34,7 @@ enum Command {
     /// Run the mesh's certificate authority: `init` a root, `serve` the signing API.
     Ca(ambit::ca::CaArgs),
     /// Run a waypoint: the L7 proxy (HTTP routing) of the services bound to it.
-    Waypoint(ambit::waypoint::WaypointArgs),
+    Waypoint(ambit::waypoint::WaypointCommand),
     /// Install or remove the CNI plugin `ambit-cni` on this node.
     Cni {
         #[command(subcommand)]
@@ -88,7 +88,7 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(ambit::waypoint::run(args))),
+            .and_then(|rt| rt.block_on(ambit::waypoint::command(args))),
         Command::Cni {
             command: CniCommand::Install(args),
         } => tokio::runtime::Builder::new_current_thread()

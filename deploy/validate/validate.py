@@ -11,8 +11,9 @@ far as schemas go. Run by tests/tests/deploy.rs with the venv of requirements.tx
         fields being errors as with `kubectl apply` (server-side strict field validation);
       - anything else: an error (nothing passes unvalidated).
   validate.py istio-compat --crd FILE... [--as-istio FILE]...
-      Compares the CRDs' spec fields with Istio's security.istio.io/v1 models, and validates the
-      custom resources of the --as-istio files as Istio objects (apiVersion changed).
+      Compares the CRDs' spec fields with Istio's security.istio.io/v1 and networking.istio.io/v1
+      models, and validates the custom resources of the --as-istio files as Istio objects
+      (apiVersion changed).
 Prints one line per document ('ok ...' or 'ERROR ...'); exits 1 when anything failed.
 """
 import argparse
@@ -270,12 +271,34 @@ ONLY_OURS = {
     # Istio added these after 1.24 (the newest models installable here); Ambit enforces them.
     "AuthorizationPolicy": {"rules.from.source.serviceAccounts", "rules.from.source.notServiceAccounts"},
     "PeerAuthentication": set(),
+    # Istio added these after 1.24: Ambit's schema keeps them so they are rejected by name.
+    "VirtualService": {"http.retries.backoff", "http.retries.retryIgnorePreviousHosts"},
+    "DestinationRule": set(),
 }
 ONLY_ISTIO = {
     # Only for action CUSTOM, which our schema refuses (enum).
     "AuthorizationPolicy": {"provider"},
     "PeerAuthentication": set(),
+    # The parts a waypoint has no use for are objects whose content the schema leaves
+    # undescribed (discovery/kube/crd/networking.rs): their fields are refused under strict
+    # validation or pruned to an empty object, which Ambit rejects by name. A trailing `.*`
+    # covers a whole subtree.
+    # `mirror_percent` is the models' alias of `mirrorPercent` (its protobuf name).
+    "VirtualService": {"tls.*", "tcp.*", "http.mirror_percent"},
+    "DestinationRule": {
+        "trafficPolicy.connectionPool.*", "trafficPolicy.outlierDetection.*", "trafficPolicy.tls.*",
+        "trafficPolicy.portLevelSettings.*", "trafficPolicy.tunnel.*", "trafficPolicy.proxyProtocol.*",
+        "trafficPolicy.loadBalancer.localityLbSetting.*",
+        "subsets.trafficPolicy.connectionPool.*", "subsets.trafficPolicy.outlierDetection.*",
+        "subsets.trafficPolicy.tls.*", "subsets.trafficPolicy.portLevelSettings.*",
+        "subsets.trafficPolicy.tunnel.*", "subsets.trafficPolicy.proxyProtocol.*",
+        "subsets.trafficPolicy.loadBalancer.localityLbSetting.*",
+    },
 }
+
+
+def deliberate(path, allowed):
+    return path in allowed or any(a.endswith(".*") and path.startswith(a[:-1]) for a in allowed)
 
 
 def diff_trees(ours, theirs, path, only_ours, only_theirs):
@@ -292,7 +315,10 @@ def diff_trees(ours, theirs, path, only_ours, only_theirs):
 
 
 def istio_model(kind, part=None):
-    from cloudcoil.models.istio.security import v1
+    if kind in ("VirtualService", "DestinationRule"):
+        from cloudcoil.models.istio.networking import v1
+    else:
+        from cloudcoil.models.istio.security import v1
 
     cls = getattr(v1, kind)
     if part == "spec":
@@ -307,9 +333,10 @@ def cmd_istio_compat(args):
             schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
             only_ours, only_istio = [], []
             diff_trees(schema_tree(schema), model_tree(istio_model(kind, "spec")), "", only_ours, only_istio)
-            where = "%s %s vs security.istio.io/v1 %s" % (path, kind, kind)
-            bad_ours = sorted(set(only_ours) - ONLY_OURS[kind])
-            bad_istio = sorted(set(only_istio) - ONLY_ISTIO[kind])
+            group = crd["spec"]["group"].replace("ambit.dev", "istio.io")
+            where = "%s %s vs %s/v1 %s" % (path, kind, group, kind)
+            bad_ours = sorted(p for p in set(only_ours) if not deliberate(p, ONLY_OURS[kind]))
+            bad_istio = sorted(p for p in set(only_istio) if not deliberate(p, ONLY_ISTIO[kind]))
             if bad_ours:
                 report(False, where, "fields Istio does not have: " + ", ".join(bad_ours))
             if bad_istio:
@@ -320,15 +347,17 @@ def cmd_istio_compat(args):
                 if extra:
                     report(False, where, "%s: values Istio does not know: %s" % (p, sorted(extra)))
             if not bad_ours and not bad_istio:
+                differences = sorted(set(only_ours) | set(only_istio))
                 report(True, where, "same fields%s" % (
-                    " (deliberate differences: %s)" % ", ".join(sorted((ONLY_OURS[kind] & set(only_ours)) | (ONLY_ISTIO[kind] & set(only_istio))))
-                    if (ONLY_OURS[kind] & set(only_ours)) or (ONLY_ISTIO[kind] & set(only_istio)) else ""))
+                    " (deliberate differences: %s)" % ", ".join(differences) if differences else ""))
     for path in args.as_istio:
         for doc in load(path):
-            if not str(doc.get("apiVersion", "")).startswith("security.ambit.dev/"):
+            api_version = str(doc.get("apiVersion", ""))
+            if not api_version.startswith(("security.ambit.dev/", "networking.ambit.dev/")):
                 continue
-            istio = dict(doc, apiVersion="security.istio.io/v1")
-            where = "%s %s as security.istio.io/v1" % (path, name_of(doc))
+            istio_version = api_version.split("/")[0].replace("ambit.dev", "istio.io") + "/v1"
+            istio = dict(doc, apiVersion=istio_version)
+            where = "%s %s as %s" % (path, name_of(doc), istio_version)
             if check_model(istio_model(doc["kind"]), istio, where):
                 report(True, where, "valid Istio object")
 

@@ -1056,7 +1056,30 @@ fn check_rbac(objs: &[Value], ns: &str) {
                 &["authorizationpolicies", "peerauthentications"],
                 watch
             ),
+            (
+                "networking.ambit.dev",
+                &["virtualservices", "destinationrules"],
+                watch
+            ),
             ("events.k8s.io", &["events"], &["create"]),
+        ])
+    );
+    // A waypoint reads what the agents read, and writes nothing.
+    assert_eq!(
+        rules("ambit-waypoint"),
+        set(&[
+            ("", &["pods", "namespaces", "services"], watch),
+            ("discovery.k8s.io", &["endpointslices"], watch),
+            (
+                "security.ambit.dev",
+                &["authorizationpolicies", "peerauthentications"],
+                watch
+            ),
+            (
+                "networking.ambit.dev",
+                &["virtualservices", "destinationrules"],
+                watch
+            ),
         ])
     );
     // The CA reviews tokens and keeps watch caches of pods and policies (it never reads one by
@@ -1076,9 +1099,54 @@ fn check_rbac(objs: &[Value], ns: &str) {
                 &["authorizationpolicies/status", "peerauthentications/status"],
                 &["patch"]
             ),
+            // Routing resources' status, judged against the services.
+            (
+                "networking.ambit.dev",
+                &["virtualservices", "destinationrules"],
+                &["list", "watch"]
+            ),
+            (
+                "networking.ambit.dev",
+                &["virtualservices/status", "destinationrules/status"],
+                &["patch"]
+            ),
+            ("", &["services"], &["list", "watch"]),
             ("events.k8s.io", &["events"], &["create"]),
+            // The waypoint controller (waypoint::controller): applies, never reads or deletes
+            // what it deploys but the binding of a deleted Gateway.
+            (
+                "gateway.networking.k8s.io",
+                &["gateways"],
+                &["list", "watch"]
+            ),
+            (
+                "gateway.networking.k8s.io",
+                &["gateways/status"],
+                &["patch"]
+            ),
+            (
+                "",
+                &["serviceaccounts", "configmaps", "services"],
+                &["create", "patch"]
+            ),
+            ("apps", &["deployments"], &["create", "patch"]),
+            (
+                "rbac.authorization.k8s.io",
+                &["clusterrolebindings"],
+                &["create", "patch", "delete"]
+            ),
+            ("rbac.authorization.k8s.io", &["clusterroles"], &["bind"]),
         ])
     );
+    // `bind` only on the waypoints' role.
+    let bind = find(objs, "ClusterRole", "ambit-ca")["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| strs(&r["verbs"]) == ["bind"])
+        .unwrap()
+        .clone();
+    assert_eq!(bind["resourceNames"], json!(["ambit-waypoint"]));
     for name in ["ambit-agent", "ambit-ca"] {
         let b = find(objs, "ClusterRoleBinding", name);
         assert_eq!(b["roleRef"]["kind"], "ClusterRole");
@@ -1298,14 +1366,15 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
         for crd in parse_docs(&fs::read_to_string(&file).unwrap()) {
             let spec = &crd["spec"];
             let kind = spec["names"]["kind"].as_str().unwrap().to_string();
-            assert_eq!(spec["group"], "security.ambit.dev");
+            let group = match kind.as_str() {
+                "VirtualService" | "DestinationRule" => "networking.ambit.dev",
+                _ => "security.ambit.dev",
+            };
+            assert_eq!(spec["group"], group);
             assert_eq!(spec["scope"], "Namespaced");
             assert_eq!(
                 crd["metadata"]["name"],
-                format!(
-                    "{}.security.ambit.dev",
-                    spec["names"]["plural"].as_str().unwrap()
-                )
+                format!("{}.{group}", spec["names"]["plural"].as_str().unwrap())
             );
             let versions = spec["versions"].as_array().unwrap();
             assert_eq!(versions.len(), 1);
@@ -1344,9 +1413,11 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
                 ".status.conditions[].message",
                 ".status.conditions[].lastTransitionTime",
                 ".status.conditions[].observedGeneration",
-                ".spec.selector.matchLabels",
             ] {
                 has(p);
+            }
+            if group == "security.ambit.dev" {
+                has(".spec.selector.matchLabels");
             }
             match kind.as_str() {
                 "AuthorizationPolicy" => {
@@ -1398,6 +1469,51 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
                         json!(["UNSET", "STRICT", "PERMISSIVE"])
                     );
                 }
+                // Istio's networking.istio.io/v1 fields, the ones the waypoint does not implement
+                // yet included: rejected with a condition, never pruned.
+                "VirtualService" => {
+                    let r = ".spec.http[].";
+                    for f in [
+                        "name",
+                        "match[].uri.prefix",
+                        "match[].headers[*].regex",
+                        "match[].method.exact",
+                        "match[].queryParams[*].exact",
+                        "match[].withoutHeaders[*].exact",
+                        "route[].destination.host",
+                        "route[].destination.subset",
+                        "route[].destination.port.number",
+                        "route[].weight",
+                        "route[].headers.request.set",
+                        "redirect.uri",
+                        "rewrite.uri",
+                        "timeout",
+                        "retries.attempts",
+                        "retries.retryOn",
+                        "fault.abort.httpStatus",
+                        "fault.delay.fixedDelay",
+                        "mirror.host",
+                        "mirrorPercentage.value",
+                        "corsPolicy.allowOrigins[].exact",
+                        "headers.response.remove",
+                    ] {
+                        has(&format!("{r}{f}"));
+                    }
+                    has(".spec.hosts");
+                    has(".spec.tcp[]");
+                }
+                "DestinationRule" => {
+                    for f in [
+                        ".spec.host",
+                        ".spec.subsets[].name",
+                        ".spec.subsets[].labels",
+                        ".spec.subsets[].trafficPolicy.loadBalancer.simple",
+                        ".spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
+                        ".spec.trafficPolicy.connectionPool",
+                    ] {
+                        has(f);
+                    }
+                }
                 other => panic!("unexpected CRD {other}"),
             }
             kinds.insert(kind);
@@ -1407,7 +1523,9 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
         kinds,
         BTreeSet::from([
             "AuthorizationPolicy".to_string(),
-            "PeerAuthentication".to_string()
+            "PeerAuthentication".to_string(),
+            "VirtualService".to_string(),
+            "DestinationRule".to_string(),
         ])
     );
 }

@@ -160,6 +160,14 @@ pub struct ServeArgs {
     /// the CA reports on the policies as the agents read them.
     #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = crate::discovery::kube::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
+    /// Kubernetes mode: the image of the waypoints' pods (the one holding `ambit`), which the
+    /// waypoint controller deploys for each Gateway of class `ambit-waypoint`.
+    #[arg(long, env = "AMBIT_WAYPOINT_IMAGE", default_value = "ambit:latest")]
+    pub waypoint_image: String,
+    /// Kubernetes mode: the address waypoints dial for their certificate [default:
+    /// `https://ambit-ca.<root namespace>.svc:15012`].
+    #[arg(long, env = "AMBIT_WAYPOINT_CA_ADDRESS")]
+    pub waypoint_ca_address: Option<String>,
     /// Longest certificate lifetime granted, and the lifetime when a request names none.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub max_ttl: Duration,
@@ -213,6 +221,28 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     if let Err(error) = status.await {
                         tracing::error!(error = %format!("{error:#}"), "policy status writer stopped");
+                    }
+                });
+                // And it deploys the waypoints (Gateways of class ambit-waypoint), with its
+                // trust bundle.
+                let roots = args.dir.join(root::TRUST_BUNDLE_FILE);
+                let roots_pem = std::fs::read_to_string(&roots)
+                    .with_context(|| format!("reading {}", roots.display()))?;
+                let waypoints =
+                    crate::discovery::kube::waypoint_controller::WaypointController::new(
+                        client.clone(),
+                        crate::discovery::kube::waypoint_controller::WaypointSettings {
+                            image: args.waypoint_image.clone(),
+                            ca_address: args.waypoint_ca_address.clone().unwrap_or_else(|| {
+                                format!("https://ambit-ca.{}.svc:15012", args.root_namespace)
+                            }),
+                            roots_pem,
+                            root_namespace: args.root_namespace.clone(),
+                        },
+                    );
+                tokio::spawn(async move {
+                    if let Err(error) = waypoints.run().await {
+                        tracing::error!(error = %format!("{error:#}"), "waypoint controller stopped");
                     }
                 });
                 AuthMode::Kube(Box::new(KubeAuthOptions {

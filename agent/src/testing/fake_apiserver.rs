@@ -11,6 +11,10 @@
 //! - `POST <collection>`: creates an object (an Event, say);
 //! - `PATCH <collection>/<name>/status` with a JSON merge patch, for types registered with
 //!   [`FakeApiServer::register_with_status`]: only the `status` changes (a `MODIFIED` event);
+//! - `DELETE <collection>/<name>` (at once: no finalizers, no garbage collection of dependents);
+//! - `PATCH <collection>/<name>` as a server-side apply (`application/apply-patch+yaml`, JSON
+//!   body) by a single field manager: the applied object replaces the stored one's content
+//!   (created if absent), as it does when one manager owns every field;
 //! - equality-based `labelSelector`s and `fieldSelector`s;
 //! - `410 Gone` when `N` is older than the retained history: an `ERROR` event carrying a
 //!   `Status` with code 410 (what real API servers send), or an HTTP 410 answer
@@ -28,8 +32,8 @@
 //! the metadata and status changes) and `metadata.creationTimestamp`; objects created or
 //! patched over HTTP can be read with [`FakeApiServer::get`] and [`FakeApiServer::list`].
 //!
-//! Not implemented: other writes through HTTP (PUT, DELETE, patches of the main resource:
-//! objects change through the helpers), set-based selectors, streaming lists
+//! Not implemented: other writes through HTTP (PUT, merge patches of the main
+//! resource: objects change through the helpers; field ownership of server-side apply), set-based selectors, streaming lists
 //! (`sendInitialEvents`), protobuf, authentication. Anything else can be answered by a
 //! [`Handler`].
 use std::{
@@ -933,7 +937,10 @@ async fn route(inner: &Arc<Inner>, request: Request<hyper::body::Incoming>) -> R
     {
         return json_response(status, &value);
     }
-    if parts.method == Method::POST || parts.method == Method::PATCH {
+    if parts.method == Method::POST
+        || parts.method == Method::PATCH
+        || parts.method == Method::DELETE
+    {
         let content_type = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -946,7 +953,7 @@ async fn route(inner: &Arc<Inner>, request: Request<hyper::body::Incoming>) -> R
         return error_response(
             405,
             "MethodNotAllowed",
-            "the fake API server serves GET, POST to a collection and PATCH of a status",
+            "the fake API server serves GET, POST to a collection, PATCH and DELETE",
         );
     }
     if path == "/version" {
@@ -1013,8 +1020,9 @@ async fn route(inner: &Arc<Inner>, request: Request<hyper::body::Incoming>) -> R
     }
 }
 
-/// `POST <collection>` (create) and `PATCH <collection>/<name>/status` (a merge patch of the
-/// status of a type registered with a status subresource).
+/// `POST <collection>` (create), `PATCH <collection>/<name>` (server-side apply) and
+/// `PATCH <collection>/<name>/status` (a merge patch of the status of a type registered with a
+/// status subresource).
 fn write(
     inner: &Arc<Inner>,
     method: &Method,
@@ -1031,6 +1039,8 @@ fn write(
         );
     };
     let info = state.types[target.type_index].clone();
+    // A DELETE may come without body (its options are not read).
+    let body = if body.is_empty() { &b"{}"[..] } else { body };
     let body: Value = match serde_json::from_slice(body) {
         Ok(body) => body,
         Err(e) => return error_response(400, "BadRequest", &format!("invalid JSON body: {e}")),
@@ -1121,6 +1131,65 @@ fn write(
                 .cloned()
                 .expect("just stored");
             json_response(200, &stored)
+        }
+        (&Method::DELETE, Some(name), None) => {
+            let key = (target.namespace.clone().unwrap_or_default(), name.clone());
+            let Some(existing) = state.objects[target.type_index].get(&key).cloned() else {
+                return error_response(
+                    404,
+                    "NotFound",
+                    &format!("{} \"{}\" not found", info.plural, name),
+                );
+            };
+            record(
+                inner,
+                &mut state,
+                target.type_index,
+                key,
+                "DELETED",
+                (*existing).clone(),
+            );
+            json_response(200, &existing)
+        }
+        (&Method::PATCH, Some(name), None) => {
+            // Server-side apply by one field manager: the applied object is the whole of what
+            // the manager wants, so it replaces the object's content (metadata the server
+            // sets, and the status of a type with a status subresource, are kept by `store`).
+            if !content_type.starts_with("application/apply-patch") {
+                return error_response(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!(
+                        "the fake API server only takes server-side apply on objects, not \
+                         {content_type:?}"
+                    ),
+                );
+            }
+            if body["metadata"]["name"].as_str() != Some(name.as_str()) {
+                return error_response(
+                    400,
+                    "BadRequest",
+                    "the applied object's name must be the one in the path",
+                );
+            }
+            if info.namespaced && target.namespace.is_none() {
+                return error_response(
+                    405,
+                    "MethodNotAllowed",
+                    "apply namespaced objects in their namespace's collection",
+                );
+            }
+            match store(
+                inner,
+                &mut state,
+                target.type_index,
+                target.namespace,
+                body,
+                false,
+            ) {
+                Ok((_, stored)) => json_response(200, &stored),
+                Err(e) => refused(e),
+            }
         }
         _ => error_response(
             405,

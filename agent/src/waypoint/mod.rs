@@ -48,16 +48,80 @@ use self::{
 /// Ports a tunnel may not name: the proxies' own.
 const RESERVED_PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
 
+/// The node the waypoint's Kubernetes source serves: none (no node is called this, so no pod is
+/// taken for one of its own to enrol).
+const NO_NODE: &str = "(waypoint: no node)";
+
 /// How long the waypoint waits for its first certificate before giving up.
 const FIRST_CERTIFICATE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `ambit waypoint`: run one, or a subcommand.
+#[derive(Clone, Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct WaypointCommand {
+    /// `generate`; without one, the waypoint runs.
+    #[command(subcommand)]
+    pub command: Option<WaypointSubcommand>,
+    /// How the waypoint runs.
+    #[command(flatten)]
+    pub run: Option<WaypointArgs>,
+}
+
+/// Subcommands of `ambit waypoint`.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum WaypointSubcommand {
+    /// Print the Gateway API `Gateway` (class `ambit-waypoint`) that deploys a waypoint in
+    /// Kubernetes, for `kubectl apply -f -` (as `istioctl waypoint generate`).
+    Generate {
+        /// The waypoint's namespace.
+        #[arg(long, short = 'n')]
+        namespace: String,
+        /// The waypoint's name: its Gateway, Deployment, Service and ServiceAccount (bind
+        /// services with `ambit.dev/use-waypoint: <name>`).
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+    },
+}
+
+/// Runs `ambit waypoint [generate]`.
+pub async fn command(command: WaypointCommand) -> anyhow::Result<()> {
+    match (command.command, command.run) {
+        (Some(WaypointSubcommand::Generate { namespace, name }), _) => {
+            print!(
+                "{}",
+                discovery::kube::waypoint_controller::generate(&namespace, &name)
+            );
+            Ok(())
+        }
+        (None, Some(args)) => run(args).await,
+        (None, None) => anyhow::bail!("ambit waypoint: --mesh-file or --kube is required"),
+    }
+}
+
 /// Flags of `ambit waypoint`.
 #[derive(Clone, Debug, clap::Args)]
+// Exactly one configuration source.
+#[command(group(clap::ArgGroup::new("source").required(true).args(["mesh_file", "kube"])))]
 pub struct WaypointArgs {
-    /// The mesh file (standalone mode): services, their waypoint binding and the routes. Watched
+    /// Standalone mode: the mesh file (services, their waypoint binding and the routes). Watched
     /// and hot-reloaded; a bad version is rejected and the last good one stays in force.
     #[arg(long, env = "AMBIT_MESH_FILE")]
-    pub mesh_file: PathBuf,
+    pub mesh_file: Option<PathBuf>,
+    /// Kubernetes mode: pods, services and the routes (VirtualService, DestinationRule,
+    /// HTTPRoute, GRPCRoute) from the API server (in-cluster credentials, or `--kubeconfig`),
+    /// as the node agents read them. The waypoint's pod is deployed by the waypoint controller
+    /// from a Gateway of class `ambit-waypoint`.
+    #[arg(long, env = "AMBIT_KUBE")]
+    pub kube: bool,
+    /// Kubernetes mode: the kubeconfig file to use instead of the in-cluster ServiceAccount.
+    #[arg(long, conflicts_with = "mesh_file")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the namespace whose policies apply mesh-wide (as the agents').
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = discovery::kube::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+    /// Kubernetes mode: the SPIFFE trust domain of the mesh (the mesh file names its own).
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = crate::policy::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     /// This waypoint's workload name in the mesh file (its identity is that workload's).
     #[arg(long, env = "POD_NAME")]
     pub name: String,
@@ -76,7 +140,8 @@ pub struct WaypointArgs {
     /// The trust bundle (PEM roots): verifies the CA and every peer.
     #[arg(long, env = "AMBIT_CA_ROOTS")]
     pub ca_roots: PathBuf,
-    /// File holding the bootstrap token of the waypoint's node for the CA (standalone mode).
+    /// File holding the waypoint's credential for the CA: standalone, the bootstrap token of
+    /// its node; in Kubernetes, its projected ServiceAccount token (audience `ambit-ca`).
     #[arg(long, env = "AMBIT_CA_TOKEN_FILE")]
     pub ca_token_file: PathBuf,
     /// The name the CA's certificate must carry [default: the host of --ca-address].
@@ -95,11 +160,25 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
 
     let (state_tx, mut state_rx) = watch::channel(Arc::new(MeshState::empty()));
     let (config_tx, mut config_rx) = watch::channel(ConfigStatus::default());
-    let mut source = tokio::spawn(discovery::watch_mesh_file(
-        args.mesh_file.clone(),
-        state_tx,
-        config_tx,
-    ));
+    let mut source = match &args.mesh_file {
+        Some(mesh_file) => tokio::spawn(discovery::watch_mesh_file(
+            mesh_file.clone(),
+            state_tx,
+            config_tx,
+        )),
+        None => {
+            let client = discovery::kube::client(args.kubeconfig.as_deref()).await?;
+            // No node of its own to enrol: it reads the mesh as an agent of no node does.
+            let kube = discovery::kube::KubeSource::new(client, NO_NODE, "/nonexistent")
+                .trust_domain(args.trust_domain.clone())
+                .root_namespace(args.root_namespace.clone());
+            tokio::spawn(kube.run(state_tx, config_tx))
+        }
+    };
+    let config_name = match &args.mesh_file {
+        Some(mesh_file) => format!("the mesh file {}", mesh_file.display()),
+        None => "the Kubernetes API".to_string(),
+    };
     discovery::first_load(&mut source, &mut config_rx).await?;
     let config_metrics = Arc::new(ConfigMetrics::new(config_rx.clone())?);
     metrics.register_at_scrape(config_metrics.clone())?;
@@ -113,10 +192,8 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
             .find(|w| w.namespace == args.namespace && w.name == args.name)
             .with_context(|| {
                 format!(
-                    "the mesh file {} has no workload {}/{} (the waypoint's own)",
-                    args.mesh_file.display(),
-                    args.namespace,
-                    args.name
+                    "{config_name} has no workload {}/{} (the waypoint's own)",
+                    args.namespace, args.name
                 )
             })?;
         if me.enrolled {

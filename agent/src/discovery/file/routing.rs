@@ -375,6 +375,48 @@ pub struct MagLevFile {
 /// The DNS suffix of services (`<name>.<namespace>.svc.cluster.local`).
 const SERVICE_SUFFIX: &str = ".svc.cluster.local";
 
+/// The services routes may name, by (`namespace`, `name`).
+pub(crate) type KnownServices<'s> = HashMap<(&'s str, &'s str), &'s Service>;
+
+/// The subsets of each service (by uid), then by name.
+pub(crate) type SubsetsByService = HashMap<String, BTreeMap<String, Subset>>;
+
+/// The services of `services`, as routes look them up.
+pub(crate) fn known_services(services: &[Service]) -> KnownServices<'_> {
+    services
+        .iter()
+        .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+        .collect()
+}
+
+/// Checks one DestinationRule (its fields named after `at`, e.g. `destinationRules[0]`):
+/// the uid of its service, its subsets by name and its load balancer (`trafficPolicy`). Shared by the mesh file and Kubernetes
+/// (`discovery::kube::routes`), whose errors are `ConfigError::Invalid` with the field.
+pub(crate) fn destination_rule(
+    path: &std::path::Path,
+    at: &str,
+    rule: &DestinationRuleFile,
+    known: &KnownServices<'_>,
+) -> Result<CheckedRule, ConfigError> {
+    Validator::new(path).destination_rule(at, rule, known)
+}
+
+/// A DestinationRule checked: its service's uid, subsets by name, the rule's load balancer.
+pub(crate) type CheckedRule = (String, BTreeMap<String, Subset>, Option<LoadBalancer>);
+
+/// Checks one VirtualService (its fields named after `at`) against the services and subsets:
+/// the routes of each of its hosts, by service uid, in the order of `spec.hosts`. Shared like
+/// [`destination_rule`].
+pub(crate) fn virtual_service(
+    path: &std::path::Path,
+    at: &str,
+    vs: &VirtualServiceFile,
+    known: &KnownServices<'_>,
+    subsets: &SubsetsByService,
+) -> Result<Vec<(String, ServiceRoutes)>, ConfigError> {
+    Validator::new(path).virtual_service(at, vs, known, subsets)
+}
+
 impl Validator<'_> {
     /// Checks the routing sections against the services and builds the route table.
     pub(super) fn routes(
@@ -383,25 +425,13 @@ impl Validator<'_> {
         destination_rules: &[DestinationRuleFile],
         services: &[Service],
     ) -> Result<RouteTable, ConfigError> {
-        let known: HashMap<(&str, &str), &Service> = services
-            .iter()
-            .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
-            .collect();
-        // Subsets by service uid, then by name.
-        let mut subsets: HashMap<String, BTreeMap<String, Subset>> = HashMap::new();
+        let known = known_services(services);
+        let mut subsets: SubsetsByService = HashMap::new();
         let mut rule_of: HashMap<String, usize> = HashMap::new();
         let mut load_balancers = BTreeMap::new();
         for (i, rule) in destination_rules.iter().enumerate() {
             let at = format!("destinationRules[{i}]");
-            self.header(&at, &rule.api_version, &rule.kind, "DestinationRule")?;
-            let namespace = self.meta(&at, &rule.metadata)?;
-            let service = self.host(
-                &format!("{at}.spec.host"),
-                &rule.spec.host,
-                namespace,
-                &known,
-            )?;
-            let uid = service.uid();
+            let (uid, named, load_balancer) = self.destination_rule(&at, rule, &known)?;
             if let Some(first) = rule_of.insert(uid.clone(), i) {
                 return Err(self.invalid(
                     format!("{at}.spec.host"),
@@ -410,37 +440,7 @@ impl Validator<'_> {
                     ),
                 ));
             }
-            let mut named = BTreeMap::new();
-            for (k, subset) in rule.spec.subsets.iter().enumerate() {
-                let field = format!("{at}.spec.subsets[{k}]");
-                self.non_empty(format!("{field}.name"), &subset.name)?;
-                if subset.labels.is_empty() {
-                    return Err(self.invalid(
-                        format!("{field}.labels"),
-                        "must name at least one label (a subset without labels is the whole \
-                         service)",
-                    ));
-                }
-                let entry = Subset {
-                    name: subset.name.clone(),
-                    labels: subset.labels.clone(),
-                    load_balancer: self.traffic_policy(
-                        &format!("{field}.trafficPolicy"),
-                        &subset.traffic_policy,
-                    )?,
-                };
-                if named.insert(subset.name.clone(), entry).is_some() {
-                    return Err(self.invalid(
-                        format!("{field}.name"),
-                        format!("subset {:?} is defined twice", subset.name),
-                    ));
-                }
-            }
-            let policy = self.traffic_policy(
-                &format!("{at}.spec.trafficPolicy"),
-                &rule.spec.traffic_policy,
-            )?;
-            if let Some(policy) = policy {
+            if let Some(policy) = load_balancer {
                 load_balancers.insert(uid.clone(), policy);
             }
             subsets.insert(uid, named);
@@ -453,43 +453,108 @@ impl Validator<'_> {
         let mut vs_of: HashMap<String, usize> = HashMap::new();
         for (i, vs) in virtual_services.iter().enumerate() {
             let at = format!("virtualServices[{i}]");
-            self.header(&at, &vs.api_version, &vs.kind, "VirtualService")?;
-            let namespace = self.meta(&at, &vs.metadata)?;
-            if vs.spec.hosts.is_empty() {
-                return Err(self.invalid(format!("{at}.spec.hosts"), "must not be empty"));
-            }
-            if vs.spec.http.is_empty() {
-                return Err(self.invalid(format!("{at}.spec.http"), "must not be empty"));
-            }
-            let mut http = Vec::with_capacity(vs.spec.http.len());
-            for (r, route) in vs.spec.http.iter().enumerate() {
-                let field = format!("{at}.spec.http[{r}]");
-                http.push(self.http_route(&field, route, namespace, &known, &subsets)?);
-            }
-            let source = format!("VirtualService {namespace}/{}", vs.metadata.name);
-            for (h, host) in vs.spec.hosts.iter().enumerate() {
-                let field = format!("{at}.spec.hosts[{h}]");
-                let service = self.host(&field, host, namespace, &known)?;
-                let uid = service.uid();
+            let routes = self.virtual_service(&at, vs, &known, &subsets)?;
+            for (h, (uid, routes)) in routes.into_iter().enumerate() {
                 if let Some(first) = vs_of.insert(uid.clone(), i) {
                     return Err(self.invalid(
-                        field,
+                        format!("{at}.spec.hosts[{h}]"),
                         format!(
                             "service {uid} is already routed by virtualServices[{first}] (Ambit \
                              does not merge VirtualServices of one host)"
                         ),
                     ));
                 }
-                table.by_service.insert(
-                    uid,
-                    ServiceRoutes {
-                        source: source.clone(),
-                        http: http.clone(),
-                    },
-                );
+                table.by_service.insert(uid, routes);
             }
         }
         Ok(table)
+    }
+
+    fn destination_rule(
+        &self,
+        at: &str,
+        rule: &DestinationRuleFile,
+        known: &KnownServices<'_>,
+    ) -> Result<CheckedRule, ConfigError> {
+        self.header(at, &rule.api_version, &rule.kind, "DestinationRule")?;
+        let namespace = self.meta(at, &rule.metadata)?;
+        let service = self.host(
+            &format!("{at}.spec.host"),
+            &rule.spec.host,
+            namespace,
+            known,
+        )?;
+        let mut named = BTreeMap::new();
+        for (k, subset) in rule.spec.subsets.iter().enumerate() {
+            let field = format!("{at}.spec.subsets[{k}]");
+            self.non_empty(format!("{field}.name"), &subset.name)?;
+            if subset.labels.is_empty() {
+                return Err(self.invalid(
+                    format!("{field}.labels"),
+                    "must name at least one label (a subset without labels is the whole \
+                     service)",
+                ));
+            }
+            let entry = Subset {
+                name: subset.name.clone(),
+                labels: subset.labels.clone(),
+                load_balancer: self.traffic_policy(
+                    &format!("{field}.trafficPolicy"),
+                    &subset.traffic_policy,
+                )?,
+            };
+            if named.insert(subset.name.clone(), entry).is_some() {
+                return Err(self.invalid(
+                    format!("{field}.name"),
+                    format!("subset {:?} is defined twice", subset.name),
+                ));
+            }
+        }
+        let load_balancer = self.traffic_policy(
+            &format!("{at}.spec.trafficPolicy"),
+            &rule.spec.traffic_policy,
+        )?;
+        Ok((service.uid(), named, load_balancer))
+    }
+
+    fn virtual_service(
+        &self,
+        at: &str,
+        vs: &VirtualServiceFile,
+        known: &KnownServices<'_>,
+        subsets: &SubsetsByService,
+    ) -> Result<Vec<(String, ServiceRoutes)>, ConfigError> {
+        self.header(at, &vs.api_version, &vs.kind, "VirtualService")?;
+        let namespace = self.meta(at, &vs.metadata)?;
+        if vs.spec.hosts.is_empty() {
+            return Err(self.invalid(format!("{at}.spec.hosts"), "must not be empty"));
+        }
+        if vs.spec.http.is_empty() {
+            return Err(self.invalid(format!("{at}.spec.http"), "must not be empty"));
+        }
+        let mut http = Vec::with_capacity(vs.spec.http.len());
+        for (r, route) in vs.spec.http.iter().enumerate() {
+            let field = format!("{at}.spec.http[{r}]");
+            http.push(self.http_route(&field, route, namespace, known, subsets)?);
+        }
+        let source = format!("VirtualService {namespace}/{}", vs.metadata.name);
+        let mut out: Vec<(String, ServiceRoutes)> = Vec::with_capacity(vs.spec.hosts.len());
+        for (h, host) in vs.spec.hosts.iter().enumerate() {
+            let field = format!("{at}.spec.hosts[{h}]");
+            let service = self.host(&field, host, namespace, known)?;
+            let uid = service.uid();
+            if out.iter().any(|(seen, _)| *seen == uid) {
+                return Err(self.invalid(field, format!("service {uid} is named twice")));
+            }
+            out.push((
+                uid,
+                ServiceRoutes {
+                    source: source.clone(),
+                    http: http.clone(),
+                },
+            ));
+        }
+        Ok(out)
     }
 
     /// Checks `apiVersion` and `kind`.
@@ -537,7 +602,7 @@ impl Validator<'_> {
         field: &str,
         host: &str,
         namespace: &str,
-        known: &HashMap<(&str, &str), &'s Service>,
+        known: &KnownServices<'s>,
     ) -> Result<&'s Service, ConfigError> {
         let name = host.strip_suffix(SERVICE_SUFFIX).unwrap_or(host);
         let (name, ns) = match name.split_once('.') {
@@ -562,8 +627,8 @@ impl Validator<'_> {
         at: &str,
         route: &HttpRouteFile,
         namespace: &str,
-        known: &HashMap<(&str, &str), &Service>,
-        subsets: &HashMap<String, BTreeMap<String, Subset>>,
+        known: &KnownServices<'_>,
+        subsets: &SubsetsByService,
     ) -> Result<HttpRoute, ConfigError> {
         let mut matches = Vec::with_capacity(route.matches.len());
         for (m, entry) in route.matches.iter().enumerate() {

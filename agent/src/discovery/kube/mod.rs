@@ -47,7 +47,7 @@ use super::ConfigStatus;
 use crate::{
     backoff::Backoff,
     policy::PolicySet,
-    state::{MeshState, RedirectSettings},
+    state::{MeshState, RedirectSettings, routes::RouteTable},
     timefmt::rfc3339,
 };
 
@@ -55,14 +55,18 @@ mod cgroup;
 pub mod convert;
 pub mod crd;
 pub mod events;
+pub mod gateway;
 pub mod objects;
 pub mod owner;
+mod route_status;
+pub mod routes;
 pub mod security;
 #[cfg(test)]
 mod security_tests;
 mod status;
 #[cfg(test)]
 mod tests;
+pub mod waypoint_controller;
 
 pub use self::{
     cgroup::pod_cgroup_dir,
@@ -72,6 +76,7 @@ pub use self::{
 };
 use self::{
     objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
+    routes::{DestinationRuleResource, VirtualServiceResource},
     security::{AuthorizationPolicyResource, PeerAuthenticationResource},
 };
 
@@ -112,6 +117,10 @@ pub enum WatchedKind {
     AuthorizationPolicies,
     /// `security.ambit.dev/v1` PeerAuthentications (a custom resource).
     PeerAuthentications,
+    /// `networking.ambit.dev/v1` VirtualServices (a custom resource).
+    VirtualServices,
+    /// `networking.ambit.dev/v1` DestinationRules (a custom resource).
+    DestinationRules,
 }
 
 /// How many kinds the source watches.
@@ -119,13 +128,15 @@ const KINDS: usize = WatchedKind::ALL.len();
 
 impl WatchedKind {
     /// Every kind, in the order used for indexing.
-    pub const ALL: [WatchedKind; 6] = [
+    pub const ALL: [WatchedKind; 8] = [
         WatchedKind::Pods,
         WatchedKind::Namespaces,
         WatchedKind::Services,
         WatchedKind::EndpointSlices,
         WatchedKind::AuthorizationPolicies,
         WatchedKind::PeerAuthentications,
+        WatchedKind::VirtualServices,
+        WatchedKind::DestinationRules,
     ];
 
     /// The resource's plural name, as in the API's paths.
@@ -137,15 +148,27 @@ impl WatchedKind {
             WatchedKind::EndpointSlices => "endpointslices",
             WatchedKind::AuthorizationPolicies => "authorizationpolicies",
             WatchedKind::PeerAuthentications => "peerauthentications",
+            WatchedKind::VirtualServices => "virtualservices",
+            WatchedKind::DestinationRules => "destinationrules",
         }
     }
 
     /// Whether the kind is one of Ambit's custom resources, whose CRD may not be installed.
     pub fn is_custom(self) -> bool {
-        matches!(
-            self,
-            WatchedKind::AuthorizationPolicies | WatchedKind::PeerAuthentications
-        )
+        self.group().is_some()
+    }
+
+    /// The API group of one of Ambit's custom resources.
+    pub fn group(self) -> Option<&'static str> {
+        match self {
+            WatchedKind::AuthorizationPolicies | WatchedKind::PeerAuthentications => {
+                Some(security::GROUP)
+            }
+            WatchedKind::VirtualServices | WatchedKind::DestinationRules => {
+                Some(routes::NETWORKING_GROUP)
+            }
+            _ => None,
+        }
     }
 
     fn index(self) -> usize {
@@ -156,8 +179,8 @@ impl WatchedKind {
 impl std::fmt::Display for WatchedKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.plural())?;
-        if self.is_custom() {
-            write!(f, ".{}", security::GROUP)?;
+        if let Some(group) = self.group() {
+            write!(f, ".{group}")?;
         }
         Ok(())
     }
@@ -427,6 +450,10 @@ impl KubeSource {
         let (authorizations_stream, authorizations) =
             self.reflector(WatchedKind::AuthorizationPolicies);
         let (peers_stream, peer_authentications) = self.reflector(WatchedKind::PeerAuthentications);
+        let (virtual_services_stream, virtual_services) =
+            self.reflector(WatchedKind::VirtualServices);
+        let (destination_rules_stream, destination_rules) =
+            self.reflector(WatchedKind::DestinationRules);
         let mut signals = futures::stream::select_all([
             pods_stream,
             namespaces_stream,
@@ -434,6 +461,8 @@ impl KubeSource {
             slices_stream,
             authorizations_stream,
             peers_stream,
+            virtual_services_stream,
+            destination_rules_stream,
         ]);
         let stores = Stores {
             pods,
@@ -442,6 +471,8 @@ impl KubeSource {
             endpoint_slices,
             authorizations,
             peer_authentications,
+            virtual_services,
+            destination_rules,
         };
 
         let mut run = Run {
@@ -451,6 +482,8 @@ impl KubeSource {
             synced: [false; KINDS],
             not_installed: [false; KINDS],
             reported_rejections: HashMap::new(),
+            reported_route_rejections: HashMap::new(),
+            routes_in_force: HashMap::new(),
             health: Health::default(),
             generation: 0,
             published: None,
@@ -520,6 +553,8 @@ struct Stores {
     endpoint_slices: Store<EndpointSliceView>,
     authorizations: Store<AuthorizationPolicyResource>,
     peer_authentications: Store<PeerAuthenticationResource>,
+    virtual_services: Store<VirtualServiceResource>,
+    destination_rules: Store<DestinationRuleResource>,
 }
 
 /// One watcher's report to the source's loop.
@@ -529,7 +564,9 @@ struct Signal {
 }
 
 enum SignalKind {
-    /// A (re-)list started or delivered an object; the store changes only at its end.
+    /// A (re-)list is about to start (nothing heard from the server yet).
+    Starting,
+    /// A (re-)list delivered an object; the store changes only at its end.
     Listing,
     /// A list completed: the store now holds exactly the listed objects.
     Synced,
@@ -660,7 +697,11 @@ where
             Ok(event) => {
                 self.writer.apply_watcher_event(&event);
                 match event {
-                    watcher::Event::Init | watcher::Event::InitApply(_) => SignalKind::Listing,
+                    // A (re-)list starting is no answer from the server: the watcher announces
+                    // it before its request (a kind whose CRD is not installed does so at
+                    // every retry, also while the server is down).
+                    watcher::Event::Init => SignalKind::Starting,
+                    watcher::Event::InitApply(_) => SignalKind::Listing,
                     watcher::Event::InitDone => SignalKind::Synced,
                     watcher::Event::Apply(_) | watcher::Event::Delete(_) => SignalKind::Changed,
                 }
@@ -733,6 +774,11 @@ struct Run {
     not_installed: [bool; KINDS],
     /// The rejected policies last logged, and why: each rejection is logged once.
     reported_rejections: HashMap<String, String>,
+    /// Likewise for the routing resources.
+    reported_route_rejections: HashMap<routes::RouteKey, String>,
+    /// The spec in force of each routing resource: a rejected one keeps its last accepted
+    /// version.
+    routes_in_force: HashMap<routes::RouteKey, serde_json::Value>,
     health: Health,
     generation: u64,
     published: Option<Arc<MeshState>>,
@@ -746,6 +792,7 @@ impl Run {
     fn on_signal(&mut self, signal: Signal) {
         let Signal { kind, what } = signal;
         let error = match what {
+            SignalKind::Starting => return,
             SignalKind::Failed(error) => error,
             progress => {
                 // The server answered this watcher: whatever was wrong with it is over.
@@ -764,7 +811,7 @@ impl Run {
                         self.mark_dirty();
                     }
                     SignalKind::Changed => self.mark_dirty(),
-                    SignalKind::Listing | SignalKind::Failed(_) => {}
+                    SignalKind::Starting | SignalKind::Listing | SignalKind::Failed(_) => {}
                 }
                 return;
             }
@@ -873,6 +920,7 @@ impl Run {
         });
         drop((pods, namespaces, services, endpoint_slices));
         let policies = self.convert_policies();
+        let routes = self.convert_routes(&converted.services);
         if !converted.missing_cgroups.is_empty() {
             tracing::debug!(pods = ?converted.missing_cgroups, "no cgroup found yet for these pods; will look again");
             self.cgroup_retry_at = Some(Instant::now() + self.source.cgroup_retry);
@@ -880,6 +928,7 @@ impl Run {
         if let Some(published) = &self.published
             && same_mesh(published, &converted)
             && same_policies(published.policies(), &policies)
+            && *published.routes() == routes
         {
             return;
         }
@@ -901,7 +950,8 @@ impl Run {
         if let Some(trust_domain) = &self.source.trust_domain {
             state = state.with_trust_domain(trust_domain.clone());
         }
-        let state = Arc::new(state.with_policies(policies));
+        let route_count = routes.by_service.len();
+        let state = Arc::new(state.with_policies(policies).with_routes(routes));
         self.generation += 1;
         self.published = Some(state.clone());
         state_tx.send_replace(state);
@@ -912,6 +962,7 @@ impl Run {
             enrolled_here,
             authorization_policies = authorization_count,
             peer_authentications = peer_count,
+            routed_services = route_count,
             "mesh state from Kubernetes published"
         );
     }
@@ -946,6 +997,47 @@ impl Run {
         }
         self.reported_rejections = reported;
         converted.set
+    }
+
+    /// The route table of the stores (none of a kind whose CRD is not installed); a rejected
+    /// resource keeps its last accepted version, and is logged once.
+    fn convert_routes(&mut self, services: &[crate::state::Service]) -> RouteTable {
+        let served = |kind: WatchedKind| !self.not_installed[kind.index()];
+        let virtual_services = if served(WatchedKind::VirtualServices) {
+            self.stores.virtual_services.state()
+        } else {
+            Vec::new()
+        };
+        let destination_rules = if served(WatchedKind::DestinationRules) {
+            self.stores.destination_rules.state()
+        } else {
+            Vec::new()
+        };
+        let converted = routes::convert_routes(
+            &virtual_services,
+            &destination_rules,
+            services,
+            &self.routes_in_force,
+        );
+        let mut reported = HashMap::new();
+        for (key, acceptance) in &converted.verdicts {
+            if acceptance.accepted() {
+                continue;
+            }
+            if self.reported_route_rejections.get(key) != Some(&acceptance.message) {
+                tracing::warn!(
+                    resource = %key,
+                    reason = %acceptance.verdict,
+                    message = %acceptance.message,
+                    last_accepted_in_force = converted.in_force.contains_key(key),
+                    "routing resource rejected; its last accepted version, if any, stays in force"
+                );
+            }
+            reported.insert(key.clone(), acceptance.message.clone());
+        }
+        self.reported_route_rejections = reported;
+        self.routes_in_force = converted.in_force;
+        converted.table
     }
 
     fn publish_status(&self, status_tx: &watch::Sender<ConfigStatus>) {

@@ -378,7 +378,7 @@ struct MtlsSpec {
 }
 
 /// Parses `spec` into `T`, an error naming the field.
-fn parse_spec<T: serde::de::DeserializeOwned>(spec: &Value) -> Result<T, PolicyError> {
+pub(super) fn parse_spec<T: serde::de::DeserializeOwned>(spec: &Value) -> Result<T, PolicyError> {
     let spec = if spec.is_null() {
         &Value::Object(Default::default())
     } else {
@@ -686,7 +686,7 @@ pub fn peer_authentication(
 }
 
 /// The order Istio resolves conflicts in: oldest first, then by namespace and name.
-fn creation_order(meta: &ObjectMeta) -> (Option<&Time>, Option<&str>, Option<&str>) {
+pub(super) fn creation_order(meta: &ObjectMeta) -> (Option<&Time>, Option<&str>, Option<&str>) {
     (
         meta.creation_timestamp.as_ref(),
         meta.namespace.as_deref(),
@@ -765,7 +765,9 @@ struct PolicyMeta {
     annotations: Option<BTreeMap<String, String>>,
 }
 
-fn policy_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+pub(super) fn policy_meta<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<ObjectMeta, D::Error> {
     let Some(meta) = Option::<PolicyMeta>::deserialize(deserializer)? else {
         return Ok(ObjectMeta::default());
     };

@@ -37,17 +37,22 @@ pub const REPORTING_CONTROLLER: &str = "ambit.dev/policy-status";
 /// `root_namespace` is the namespace whose policies are mesh-wide (as given to the agents'
 /// [`super::KubeSource::root_namespace`]).
 pub async fn run_policy_status(client: Client, root_namespace: String) -> anyhow::Result<()> {
-    StatusWriter::new(client, root_namespace).run().await
+    let writer = StatusWriter::new(client, root_namespace);
+    tokio::try_join!(
+        writer.clone().run(),
+        super::route_status::RouteStatusWriter::new(writer).run()
+    )?;
+    Ok(())
 }
 
 /// Writes the `Accepted` condition of every AuthorizationPolicy and PeerAuthentication of the
 /// cluster, and an Event whenever it changes.
 #[derive(Clone)]
 pub struct StatusWriter {
-    client: Client,
+    pub(super) client: Client,
     root_namespace: String,
     instance: String,
-    retry: Duration,
+    pub(super) retry: Duration,
 }
 
 impl Debug for StatusWriter {
@@ -59,8 +64,8 @@ impl Debug for StatusWriter {
     }
 }
 
-/// One of the two policy kinds, as the writer handles it.
-trait PolicyResource:
+/// A resource whose `Accepted` condition the writer maintains (a policy or a routing resource).
+pub(super) trait StatusResource:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
     + Clone
     + DeserializeOwned
@@ -69,19 +74,34 @@ trait PolicyResource:
     + Sync
     + 'static
 {
-    const WATCHED: WatchedKind;
-
     fn status(&self) -> Option<&PolicyStatus>;
+}
+
+/// One of the two policy kinds, as the writer handles it: judged on its own.
+trait PolicyResource: StatusResource {
+    const WATCHED: WatchedKind;
 
     fn acceptance(&self, root_namespace: &str) -> Acceptance;
 }
 
+macro_rules! status_resource {
+    ($($type:ty),*) => {$(
+        impl StatusResource for $type {
+            fn status(&self) -> Option<&PolicyStatus> {
+                self.status.as_ref()
+            }
+        }
+    )*};
+}
+status_resource!(
+    AuthorizationPolicyResource,
+    PeerAuthenticationResource,
+    super::routes::VirtualServiceResource,
+    super::routes::DestinationRuleResource
+);
+
 impl PolicyResource for AuthorizationPolicyResource {
     const WATCHED: WatchedKind = WatchedKind::AuthorizationPolicies;
-
-    fn status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
 
     fn acceptance(&self, root_namespace: &str) -> Acceptance {
         authorization_policy(self, root_namespace).acceptance
@@ -90,10 +110,6 @@ impl PolicyResource for AuthorizationPolicyResource {
 
 impl PolicyResource for PeerAuthenticationResource {
     const WATCHED: WatchedKind = WatchedKind::PeerAuthentications;
-
-    fn status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
 
     fn acceptance(&self, root_namespace: &str) -> Acceptance {
         peer_authentication(self, root_namespace).acceptance
@@ -123,7 +139,7 @@ impl Seen {
 
 /// What one reconciliation did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(super) enum Outcome {
     /// The status was already right.
     UpToDate,
     /// The status was patched (and an Event emitted if the condition changed).
@@ -251,12 +267,21 @@ impl StatusWriter {
 
     /// Brings `resource`'s `Accepted` condition in line with its conversion.
     async fn reconcile<K: PolicyResource>(&self, resource: &K) -> Result<Outcome, kube::Error> {
+        let acceptance = resource.acceptance(&self.root_namespace);
+        self.write_acceptance(resource, &acceptance).await
+    }
+
+    /// Brings `resource`'s `Accepted` condition in line with `acceptance`.
+    pub(super) async fn write_acceptance<K: StatusResource>(
+        &self,
+        resource: &K,
+        acceptance: &Acceptance,
+    ) -> Result<Outcome, kube::Error> {
         let meta = resource.meta();
         let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
         else {
             return Ok(Outcome::UpToDate);
         };
-        let acceptance = resource.acceptance(&self.root_namespace);
         let generation = meta.generation;
         let status = resource.status().cloned().unwrap_or_default();
         let current = status.accepted();
@@ -328,14 +353,14 @@ impl StatusWriter {
                 message = %acceptance.message,
                 "policy status changed"
             );
-            self.emit_event(resource, &acceptance).await;
+            self.emit_event(resource, acceptance).await;
         }
         Ok(Outcome::Written)
     }
 
     /// Emits the Event of a condition change; a failure is logged, never retried (the status
     /// carries the same information).
-    async fn emit_event<K: PolicyResource>(&self, resource: &K, acceptance: &Acceptance) {
+    async fn emit_event<K: StatusResource>(&self, resource: &K, acceptance: &Acceptance) {
         let meta = resource.meta();
         let regarding = ObjectReference {
             api_version: Some(K::api_version(&()).into_owned()),

@@ -139,12 +139,14 @@ pub(super) struct Harness {
 
 impl Harness {
     /// A server holding namespace `shop` (enrolled) with service `web`, and a source for
-    /// `node-a` with short delays. The policy CRDs are installed (with their status
+    /// `node-a` with short delays. The policy and routing CRDs are installed (with their status
     /// subresource).
     pub(super) async fn start() -> Self {
         let server = FakeApiServer::start().await.unwrap();
         server.register_with_status::<AuthorizationPolicyResource>();
         server.register_with_status::<PeerAuthenticationResource>();
+        server.register_with_status::<super::routes::VirtualServiceResource>();
+        server.register_with_status::<super::routes::DestinationRuleResource>();
         server.apply(&namespace("shop", Some(MODE_AMBIENT)));
         server.apply(&service(
             "shop",

@@ -6,6 +6,7 @@
 //! schema comes from its fields and doc comments) plus one line in [`definitions`]. Every
 //! definition then goes through `conventions`, the same for every Ambit CRD, and is
 //! rendered as YAML with its keys sorted, so the output only changes when a type does.
+pub mod networking;
 pub mod security;
 
 use std::{
@@ -49,6 +50,8 @@ pub fn definitions() -> Vec<Definition> {
     vec![
         Definition::of::<security::AuthorizationPolicy>(),
         Definition::of::<security::PeerAuthentication>(),
+        Definition::of::<networking::VirtualService>(),
+        Definition::of::<networking::DestinationRule>(),
     ]
 }
 

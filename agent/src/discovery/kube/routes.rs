@@ -1,0 +1,336 @@
+//! Ambit's routing resources in Kubernetes (`networking.ambit.dev/v1` `VirtualService` and
+//! `DestinationRule`, `deploy/crds/`) and their conversion to the state's route model
+//! ([`crate::state::routes`]).
+//!
+//! A resource's `spec` is Istio's, checked by the very conversion of the mesh file's
+//! `virtualServices` and `destinationRules` ([`crate::discovery::file::virtual_service`]): the
+//! same fields are supported, the same rules hold, the errors name the same fields (under
+//! `spec.`). Only the Kubernetes-specific parts live here: each resource is judged on its own,
+//! conflicts between resources are settled Istio's way (the oldest wins), and a rejected
+//! resource keeps its last accepted version in force, as a rejected mesh file does.
+//!
+//! "Last accepted" is per process: the node agents and waypoints remember the last version of
+//! each resource they accepted; one that starts while a resource is rejected has none, and
+//! routes that service as if the resource did not exist (to the service itself). The status
+//! (`Accepted` condition) is written by the cluster's status writer, which judges exactly as
+//! the sources do.
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    path::Path,
+    sync::Arc,
+};
+
+use k8s_openapi::{
+    Metadata, NamespaceResourceScope, Resource, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::security::{Acceptance, PolicyStatus, Verdict, creation_order, parse_spec, policy_meta};
+use crate::{
+    discovery::file::{
+        ConfigError, DestinationRuleFile, DestinationRuleSpecFile, ObjectMetaFile, PolicyError,
+        ROUTING_API_VERSION, SubsetsByService, VirtualServiceFile, VirtualServiceSpecFile,
+        destination_rule, known_services, virtual_service,
+    },
+    state::{Service, routes::RouteTable},
+};
+
+/// The API group of Ambit's routing resources.
+pub const NETWORKING_GROUP: &str = "networking.ambit.dev";
+
+macro_rules! route_resource {
+    ($(#[$doc:meta])* $type:ident, $kind:literal, $plural:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+        pub struct $type {
+            /// Name, namespace, UID, resource version, generation and creation time (nothing
+            /// else is kept).
+            #[serde(default, deserialize_with = "policy_meta")]
+            pub metadata: ObjectMeta,
+            /// Istio's spec, as JSON (so that a field Ambit rejects is seen, not dropped while
+            /// parsing).
+            #[serde(default)]
+            pub spec: Value,
+            /// What Ambit reported about it.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub status: Option<PolicyStatus>,
+        }
+
+        impl Resource for $type {
+            const API_VERSION: &'static str = ROUTING_API_VERSION;
+            const GROUP: &'static str = NETWORKING_GROUP;
+            const KIND: &'static str = $kind;
+            const VERSION: &'static str = "v1";
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = NamespaceResourceScope;
+        }
+
+        impl Metadata for $type {
+            type Ty = ObjectMeta;
+
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+route_resource!(
+    /// A `virtualservices.networking.ambit.dev/v1` resource.
+    VirtualServiceResource,
+    "VirtualService",
+    "virtualservices"
+);
+route_resource!(
+    /// A `destinationrules.networking.ambit.dev/v1` resource.
+    DestinationRuleResource,
+    "DestinationRule",
+    "destinationrules"
+);
+
+/// The kinds of routing resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKind {
+    /// `networking.ambit.dev/v1` VirtualService.
+    VirtualService,
+    /// `networking.ambit.dev/v1` DestinationRule.
+    DestinationRule,
+}
+
+impl fmt::Display for RouteKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RouteKind::VirtualService => "VirtualService",
+            RouteKind::DestinationRule => "DestinationRule",
+        })
+    }
+}
+
+/// A routing resource: its kind, namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteKey {
+    /// Its kind.
+    pub kind: RouteKind,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl RouteKey {
+    pub(super) fn of(kind: RouteKind, meta: &ObjectMeta) -> Self {
+        Self {
+            kind,
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// The routes of the cluster, and the verdict on each resource.
+#[derive(Debug, Default)]
+pub struct ConvertedRoutes {
+    /// The route table of the state.
+    pub table: RouteTable,
+    /// Every resource's verdict.
+    pub verdicts: HashMap<RouteKey, Acceptance>,
+    /// The spec of each resource in force: the current one if accepted, else its last accepted
+    /// one (to be given back as `last_good` next time).
+    pub in_force: HashMap<RouteKey, Value>,
+}
+
+/// A conversion error as a field of the resource: the shared conversion names fields after an
+/// empty prefix (`.spec.http[0]...`).
+fn field_error(error: ConfigError) -> PolicyError {
+    match error {
+        ConfigError::Invalid { field, reason, .. } => PolicyError {
+            field: field.trim_start_matches('.').to_string(),
+            reason,
+        },
+        other => PolicyError {
+            field: "spec".into(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// `UnsupportedField` for a field the schema has and Ambit does not implement (the parse
+/// reports it as unknown), `Invalid` for anything else.
+fn verdict_of(error: &PolicyError) -> Verdict {
+    if error.reason.starts_with("unknown field") {
+        Verdict::UnsupportedField
+    } else {
+        Verdict::Invalid
+    }
+}
+
+fn meta_file(meta: &ObjectMeta) -> ObjectMetaFile {
+    ObjectMetaFile {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone(),
+        ..ObjectMetaFile::default()
+    }
+}
+
+fn destination_rule_file(
+    meta: &ObjectMeta,
+    spec: &Value,
+) -> Result<DestinationRuleFile, PolicyError> {
+    Ok(DestinationRuleFile {
+        api_version: ROUTING_API_VERSION.into(),
+        kind: "DestinationRule".into(),
+        metadata: meta_file(meta),
+        spec: parse_spec::<DestinationRuleSpecFile>(spec)?,
+    })
+}
+
+fn virtual_service_file(
+    meta: &ObjectMeta,
+    spec: &Value,
+) -> Result<VirtualServiceFile, PolicyError> {
+    Ok(VirtualServiceFile {
+        api_version: ROUTING_API_VERSION.into(),
+        kind: "VirtualService".into(),
+        metadata: meta_file(meta),
+        spec: parse_spec::<VirtualServiceSpecFile>(spec)?,
+    })
+}
+
+/// Converts every routing resource against `services`; `last_good` holds the specs in force
+/// after the previous conversion ([`ConvertedRoutes::in_force`]), used for the resources now
+/// rejected.
+///
+/// DestinationRules first (a VirtualService's subsets are theirs), each kind oldest first
+/// (`creationTimestamp`, then namespace and name): one DestinationRule and one VirtualService
+/// per service, the older one winning, as Istio resolves conflicts.
+pub fn convert_routes(
+    virtual_services: &[Arc<VirtualServiceResource>],
+    destination_rules: &[Arc<DestinationRuleResource>],
+    services: &[Service],
+    last_good: &HashMap<RouteKey, Value>,
+) -> ConvertedRoutes {
+    let known = known_services(services);
+    let path = Path::new("");
+    let mut out = ConvertedRoutes::default();
+
+    let mut rules: Vec<&DestinationRuleResource> = destination_rules.iter().map(|r| &**r).collect();
+    rules.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
+    let mut subsets: SubsetsByService = HashMap::new();
+    let mut rule_of: HashMap<String, RouteKey> = HashMap::new();
+    for rule in rules {
+        let key = RouteKey::of(RouteKind::DestinationRule, &rule.metadata);
+        let convert = |spec: &Value| {
+            let file = destination_rule_file(&rule.metadata, spec)?;
+            let (uid, named, load_balancer) =
+                destination_rule(path, "", &file, &known).map_err(field_error)?;
+            if let Some(first) = rule_of.get(&uid) {
+                return Err(PolicyError {
+                    field: "spec.host".into(),
+                    reason: format!(
+                        "service {uid} already has {first} (one DestinationRule per host: the \
+                         oldest wins)"
+                    ),
+                });
+            }
+            Ok((uid, named, load_balancer))
+        };
+        let (verdict, in_force) = judge(&key, &rule.spec, last_good, convert, |(uid, named, _)| {
+            format!("{} subset(s) of service {uid}", named.len())
+        });
+        out.verdicts.insert(key.clone(), verdict);
+        if let Some((spec, (uid, named, load_balancer))) = in_force {
+            rule_of.insert(uid.clone(), key.clone());
+            if let Some(policy) = load_balancer {
+                out.table.load_balancers.insert(uid.clone(), policy);
+            }
+            subsets.insert(uid, named);
+            out.in_force.insert(key, spec);
+        }
+    }
+
+    let mut routes: Vec<&VirtualServiceResource> = virtual_services.iter().map(|r| &**r).collect();
+    routes.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
+    let mut routed_by: HashMap<String, RouteKey> = HashMap::new();
+    for vs in routes {
+        let key = RouteKey::of(RouteKind::VirtualService, &vs.metadata);
+        let convert = |spec: &Value| {
+            let file = virtual_service_file(&vs.metadata, spec)?;
+            let routes = virtual_service(path, "", &file, &known, &subsets).map_err(field_error)?;
+            for (h, (uid, _)) in routes.iter().enumerate() {
+                if let Some(first) = routed_by.get(uid) {
+                    return Err(PolicyError {
+                        field: format!("spec.hosts[{h}]"),
+                        reason: format!(
+                            "service {uid} is already routed by {first} (Ambit does not merge \
+                             VirtualServices of one host: the oldest wins)"
+                        ),
+                    });
+                }
+            }
+            Ok(routes)
+        };
+        let (verdict, in_force) = judge(&key, &vs.spec, last_good, convert, |routes| {
+            let hosts: HashSet<&str> = routes.iter().map(|(uid, _)| uid.as_str()).collect();
+            let count = routes.first().map_or(0, |(_, r)| r.http.len());
+            format!("{count} HTTP route(s) for {} service(s)", hosts.len())
+        });
+        out.verdicts.insert(key.clone(), verdict);
+        if let Some((spec, routes)) = in_force {
+            for (uid, service_routes) in routes {
+                routed_by.insert(uid.clone(), key.clone());
+                out.table.by_service.insert(uid, service_routes);
+            }
+            out.in_force.insert(key, spec);
+        }
+    }
+    out
+}
+
+/// The verdict on a resource's current `spec`, and what is in force: the current spec if it
+/// converts, else the last good one if that still converts, else nothing.
+fn judge<T>(
+    key: &RouteKey,
+    spec: &Value,
+    last_good: &HashMap<RouteKey, Value>,
+    convert: impl Fn(&Value) -> Result<T, PolicyError>,
+    describe: impl Fn(&T) -> String,
+) -> (Acceptance, Option<(Value, T)>) {
+    match convert(spec) {
+        Ok(converted) => (
+            Acceptance {
+                verdict: Verdict::Accepted,
+                message: describe(&converted),
+            },
+            Some((spec.clone(), converted)),
+        ),
+        Err(error) => {
+            // The same verdict whoever judges (the status writer has no last good version).
+            let previous = last_good
+                .get(key)
+                .filter(|previous| *previous != spec)
+                .and_then(|previous| Some((previous.clone(), convert(previous).ok()?)));
+            (
+                Acceptance {
+                    verdict: verdict_of(&error),
+                    message: error.to_string(),
+                },
+                previous,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
