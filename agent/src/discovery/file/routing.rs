@@ -498,10 +498,8 @@ impl Validator<'_> {
             let entry = Subset {
                 name: subset.name.clone(),
                 labels: subset.labels.clone(),
-                load_balancer: self.traffic_policy(
-                    &format!("{field}.trafficPolicy"),
-                    &subset.traffic_policy,
-                )?,
+                load_balancer: self
+                    .traffic_policy(&format!("{field}.trafficPolicy"), &subset.traffic_policy)?,
             };
             if named.insert(subset.name.clone(), entry).is_some() {
                 return Err(self.invalid(
