@@ -164,8 +164,8 @@ pub struct ServeArgs {
     /// waypoint controller deploys for each Gateway of class `ambit-waypoint`.
     #[arg(long, env = "AMBIT_WAYPOINT_IMAGE", default_value = "ambit:latest")]
     pub waypoint_image: String,
-    /// Kubernetes mode: the address waypoints dial for their certificate [default:
-    /// `https://ambit-ca.<root namespace>.svc:15012`].
+    /// Kubernetes mode: the address waypoints dial for their certificate (default:
+    /// `https://ambit-ca.<root namespace>.svc:15012`).
     #[arg(long, env = "AMBIT_WAYPOINT_CA_ADDRESS")]
     pub waypoint_ca_address: Option<String>,
     /// Longest certificate lifetime granted, and the lifetime when a request names none.

@@ -3,7 +3,7 @@
 //! ([`crate::state::routes`]).
 //!
 //! A resource's `spec` is Istio's, checked by the very conversion of the mesh file's
-//! `virtualServices` and `destinationRules` ([`crate::discovery::file::virtual_service`]): the
+//! `virtualServices` and `destinationRules` (`discovery::file::virtual_service`): the
 //! same fields are supported, the same rules hold, the errors name the same fields (under
 //! `spec.`). Only the Kubernetes-specific parts live here: each resource is judged on its own,
 //! conflicts between resources are settled Istio's way (the oldest wins), and a rejected
