@@ -126,10 +126,7 @@ pub fn node_findings(config: &RedirectConfig) -> Vec<Finding> {
                 missing.push("CAP_BPF");
             }
             if missing.is_empty() {
-                Finding::ok(
-                    "capabilities",
-                    "CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_BPF held",
-                )
+                Finding::ok("capabilities", "held: NET_ADMIN, SYS_ADMIN and BPF")
             } else {
                 Finding::fail(
                     "capabilities",

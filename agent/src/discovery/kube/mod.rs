@@ -72,7 +72,7 @@ pub use self::{
     cgroup::pod_cgroup_dir,
     convert::{ClusterView, Converted, Converter},
     security::DEFAULT_ROOT_NAMESPACE,
-    status::{StatusWriter, run_policy_status},
+    status::StatusWriter,
 };
 use self::{
     objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
@@ -1087,4 +1087,17 @@ fn same_mesh(state: &MeshState, converted: &Converted) -> bool {
             .iter()
             .zip(&converted.services)
             .all(|(a, b)| **a == *b)
+}
+
+/// Runs the status writers (policies, and routing resources) with default settings until one
+/// fails; see [`StatusWriter`]. Here, not in `status.rs`: the route status writer builds on it.
+/// `root_namespace` is the namespace whose policies are mesh-wide (as given to the agents'
+/// [`KubeSource::root_namespace`]).
+pub async fn run_policy_status(client: Client, root_namespace: String) -> anyhow::Result<()> {
+    let writer = StatusWriter::new(client, root_namespace);
+    tokio::try_join!(
+        writer.clone().run(),
+        route_status::RouteStatusWriter::new(writer).run()
+    )?;
+    Ok(())
 }

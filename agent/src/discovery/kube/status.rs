@@ -33,18 +33,6 @@ use crate::timefmt;
 /// The `reportingController` of the Events written.
 pub const REPORTING_CONTROLLER: &str = "ambit.dev/policy-status";
 
-/// Runs the status writer with default settings until it fails; see [`StatusWriter`].
-/// `root_namespace` is the namespace whose policies are mesh-wide (as given to the agents'
-/// [`super::KubeSource::root_namespace`]).
-pub async fn run_policy_status(client: Client, root_namespace: String) -> anyhow::Result<()> {
-    let writer = StatusWriter::new(client, root_namespace);
-    tokio::try_join!(
-        writer.clone().run(),
-        super::route_status::RouteStatusWriter::new(writer).run()
-    )?;
-    Ok(())
-}
-
 /// Writes the `Accepted` condition of every AuthorizationPolicy and PeerAuthentication of the
 /// cluster, and an Event whenever it changes.
 #[derive(Clone)]
