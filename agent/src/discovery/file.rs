@@ -31,9 +31,14 @@ use crate::{
     },
 };
 
+mod resilience;
 mod routing;
 mod security;
 
+pub use self::resilience::{
+    FaultAbortFile, FaultDelayFile, GrpcStatusFile, HttpFaultInjectionFile, HttpMirrorPolicyFile,
+    HttpRetryFile, PercentFile,
+};
 pub use self::routing::{
     DestinationFile, DestinationRuleFile, DestinationRuleSpecFile, HttpMatchRequestFile,
     HttpRouteDestinationFile, HttpRouteFile, ObjectMetaFile, PortSelectorFile, ROUTING_API_VERSION,

@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use serde::Serialize;
 
-use super::WaypointRef;
+use super::{WaypointRef, resilience::RouteResilience};
 
 /// The routes of every service that has some, by service (`namespace/name`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -47,6 +47,10 @@ pub struct HttpRoute {
     pub matches: Vec<HttpMatch>,
     /// Weighted destinations (at least one, weights not all zero).
     pub destinations: Vec<RouteDestination>,
+
+    // Resilience (timeouts, retries, mirrors, faults): [`super::resilience`].
+    /// Timeouts, retries, mirrors and faults.
+    pub resilience: RouteResilience,
 }
 
 /// Conditions on a request, all of which must hold.
