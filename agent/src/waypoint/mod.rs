@@ -31,13 +31,18 @@ use crate::{
     telemetry::Metrics,
 };
 
+pub mod fault;
 pub mod metrics;
+pub mod mirror;
 pub mod proxy;
+pub mod resilience;
+pub mod retry;
 pub mod route;
 
 use self::{
     metrics::WaypointMetrics,
     proxy::{Waypoint, WaypointInbound},
+    resilience::Resilience,
     route::RoundRobin,
 };
 
@@ -158,6 +163,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         pool: Pool::new(dialer, PoolConfig::default()),
         metrics: Arc::new(WaypointMetrics::new(&metrics)?),
         balancer: RoundRobin::default(),
+        resilience: Arc::new(Resilience::new(&metrics)?),
     });
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
     settings.reserved_ports = RESERVED_PORTS.to_vec();

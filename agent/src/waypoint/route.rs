@@ -206,11 +206,13 @@ mod tests {
                         }],
                     }],
                     destinations: vec![to("v2", 100)],
+                    resilience: Default::default(),
                 },
                 HttpRoute {
                     name: None,
                     matches: vec![],
                     destinations: vec![to("v1", 90), to("v2", 10)],
+                    resilience: Default::default(),
                 },
             ],
         }
@@ -285,6 +287,7 @@ mod tests {
                 name: None,
                 matches: vec![],
                 destinations: vec![to("v1", 100), to("v2", 0)],
+                resilience: Default::default(),
             }],
         };
         for pick in 0..100 {
@@ -304,6 +307,7 @@ mod tests {
                     headers: vec![],
                 }],
                 destinations: vec![to("v2", 1)],
+                resilience: Default::default(),
             }],
         };
         let none = HeaderMap::new();
@@ -341,6 +345,7 @@ mod tests {
                     }],
                 }],
                 destinations: vec![to("v2", 1)],
+                resilience: Default::default(),
             }],
         };
         let hits = |routes: &ServiceRoutes, h: &HeaderMap| {
