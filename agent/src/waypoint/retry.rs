@@ -419,13 +419,14 @@ impl Body for AttemptBody {
         let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         if self.next == 0 && !shared.overflowed {
             // Nothing yielded yet: the client's hint, plus what earlier attempts read.
-            let mut hint = shared.incoming.size_hint();
             let kept = shared.kept_bytes as u64;
             if shared.done {
                 return SizeHint::with_exact(kept);
             }
-            hint.set_lower(hint.lower() + kept);
-            if let Some(upper) = hint.upper() {
+            let client = shared.incoming.size_hint();
+            let mut hint = SizeHint::new();
+            hint.set_lower(client.lower() + kept);
+            if let Some(upper) = client.upper() {
                 hint.set_upper(upper + kept);
             }
             return hint;
