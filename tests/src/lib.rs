@@ -44,6 +44,7 @@ pub mod process;
 pub mod testbed;
 pub mod traffic;
 pub mod util;
+pub mod waypoint;
 
 pub use cluster::{ADMIN_PORT, Cluster, ClusterSpec, METRICS_PORT, Node, Pod, READINESS_PORT};
 pub use mesh::MeshFile;

@@ -16,14 +16,16 @@
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Routing;
-use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump, util};
-use anyhow::{Result, bail, ensure};
+use ambit_tests::waypoint::{
+    Answers, metric_sum, prepare_waypoint, route_ca_to_pods_of, start_http_server, start_waypoint,
+    waypoint_metrics,
+};
+use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 /// The VIP of the routed service `reviews` (port 9080 to the servers' 8080).
 const REVIEWS_VIP: &str = "10.96.0.30";
-/// The VIP of the waypoint's own service.
-const WAYPOINT_VIP: &str = "10.96.0.31";
 const T: Duration = Duration::from_secs(30);
 /// Requests of the weighted split, and its bound: v2's count among N requests at 10% is
 /// binomial with mean 200 and sigma sqrt(2000 * 0.1 * 0.9) = 13.4; 5 sigma is 67, so a correct
@@ -77,55 +79,15 @@ fn subsets() -> Value {
     })
 }
 
-/// The answers of one curl run: per request its body (`<server> <version seen>`) and status.
-#[derive(Debug, Default)]
-struct Answers {
-    bodies: Vec<String>,
-    codes: Vec<String>,
-}
-
-impl Answers {
-    fn count(&self, body: &str) -> usize {
-        self.bodies.iter().filter(|b| *b == body).count()
-    }
-}
-
-/// Runs curl in `from` for `count` HTTP/1.1 requests to the reviews VIP over one keep-alive
-/// connection (URL globbing reuses it), each bounded to 10 s and the whole run to 3 minutes.
-/// (Not for HTTP/2: Debian's curl 7.88 fails every transfer after the first on a reused
-/// prior-knowledge connection, with or without a proxy in the path; [`nghttp`] does HTTP/2.)
+/// Runs curl in `from` for `count` HTTP/1.1 requests to the reviews VIP on one keep-alive
+/// connection ([`ambit_tests::waypoint::curl`]).
 fn curl(from: &Pod, count: usize, headers: &[&str]) -> Result<Answers> {
-    let url = format!("http://{REVIEWS_VIP}:9080/reviews/[1-{count}]");
-    let mut args: Vec<String> = vec![
-        "-sS".into(),
-        "--max-time".into(),
-        "10".into(),
-        "-w".into(),
-        "\ncode=%{http_code}\n".into(),
-        "--http1.1".into(),
-    ];
-    for h in headers {
-        args.extend(["-H".to_string(), h.to_string()]);
-    }
-    args.push(url);
-    let mut process = from.spawn("curl", &args)?;
-    let (status, lines) = process.wait_output(Duration::from_secs(180))?;
-    let mut answers = Answers::default();
-    for line in lines.into_iter().filter(|l| !l.is_empty()) {
-        if let Some(code) = line.strip_prefix("code=") {
-            answers.codes.push(code.to_string());
-        } else {
-            answers.bodies.push(line);
-        }
-    }
-    if !status.success() || answers.codes.len() != count {
-        bail!(
-            "curl {status}: {} answers of {count}; stderr: {}",
-            answers.codes.len(),
-            process.stderr()
-        );
-    }
-    Ok(answers)
+    ambit_tests::waypoint::curl(
+        from,
+        &format!("http://{REVIEWS_VIP}:9080/reviews"),
+        count,
+        headers,
+    )
 }
 
 /// Runs nghttp in `from`: `count` HTTP/2 requests (prior knowledge, as a gRPC client speaks)
@@ -171,62 +133,6 @@ fn h2load(from: &Pod, count: usize) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-/// The waypoint's `/metrics`, fetched from its node's namespace.
-fn waypoint_metrics(node: &Node, waypoint: &Pod) -> Result<String> {
-    let r = node.http_get_addr(waypoint.addr4(15020), "/metrics", Duration::from_secs(5))?;
-    ensure!(r.status == 200, "waypoint /metrics: HTTP {}", r.status);
-    Ok(r.body)
-}
-
-/// The sum of `istio_requests_total` series carrying every one of `labels`.
-fn requests_total(metrics: &str, labels: &[(&str, &str)]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("istio_requests_total{"))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
-/// Starts `ambit waypoint` in `pod` and waits until it serves its metrics (it has its
-/// certificate and listens on 15008 by then).
-fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
-    let node = cluster.node_of(pod);
-    let mut args = vec![
-        "waypoint".to_string(),
-        "--mesh-file".into(),
-        cluster.mesh_path().display().to_string(),
-        "--name".into(),
-        pod.name().to_string(),
-        "--namespace".into(),
-        pod.namespace(),
-        "--log-format".into(),
-        "json".into(),
-    ];
-    args.extend(node.ca_flags());
-    let mut process = pod.spawn(cluster.ambit_bin(), &args)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = process.try_status()? {
-            bail!("ambit waypoint exited: {status}; log: {}", process.stderr());
-        }
-        if waypoint_metrics(node, pod).is_ok() {
-            return Ok(process);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "ambit waypoint not serving after 60 s; log: {}",
-                process.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Waits until every agent reports a rejected mesh file (its `lastError` set) and returns the
 /// first agent's error.
 fn wait_rejected(cluster: &Cluster) -> Result<String> {
@@ -265,10 +171,8 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     );
     let namespace = client.namespace();
     cluster.set_labels(client, &[("app", "client")]);
-    cluster.set_labels(waypoint, &[("app", "waypoint")]);
-    waypoint.set_service_account("waypoint");
     // Not captured, as Istio's waypoints: its tunnels to the endpoints leave as they are.
-    cluster.set_enrolled(waypoint, false);
+    prepare_waypoint(&cluster, waypoint);
     cluster.set_labels(v1, &[("app", "reviews"), ("version", "v1")]);
     cluster.set_labels(v2, &[("app", "reviews"), ("version", "v2")]);
     v1.set_service_account("reviews-v1");
@@ -279,13 +183,6 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
         &[REVIEWS_VIP],
         &[("app", "reviews")],
         &[(9080, 8080)],
-    );
-    cluster.add_service(
-        "waypoint",
-        &namespace,
-        &[WAYPOINT_VIP],
-        &[("app", "waypoint")],
-        &[(15008, 15008)],
     );
     ensure_or_dump!(
         cluster,
@@ -298,25 +195,12 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     });
     cluster.write_mesh()?;
     cluster.start_agents()?;
-    // The CA listens on the fabric; give it the way back to node 0's pods (where the waypoint
-    // runs), as a cluster routes pods to its CA's Service. Removed with the fabric namespace.
-    util::ip(&format!(
-        "-n {} route add 10.10.0.0/24 via {}",
-        cluster.fabric_netns(),
-        cluster.node(0).fabric_ip()
-    ))?;
+    // The CA listens on the fabric; give it the way back to node 0's pods (the waypoint's).
+    route_ca_to_pods_of(&cluster, 0)?;
 
-    let testpod = ambit_tests::testpod_path!();
     let mut servers = Vec::new();
     for (pod, name) in [(v1, "v1"), (v2, "v2")] {
-        let mut server = pod.spawn(&testpod, ["http", "--port", "8080", "--name", name])?;
-        let listening = server.read_json(T)?;
-        ensure_or_dump!(
-            cluster,
-            listening["event"] == "listening",
-            "{name}: {listening}"
-        );
-        servers.push(server);
+        servers.push(start_http_server(&cluster, pod, name, &[])?);
     }
     let _waypoint_process = cluster.with_diagnostics(start_waypoint(&cluster, waypoint))?;
 
@@ -375,8 +259,9 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
         client.service_account()
     );
     let to_destination = |metrics: &str, workload: &str, version: &str| {
-        requests_total(
+        metric_sum(
             metrics,
+            "istio_requests_total",
             &[
                 ("reporter", "waypoint"),
                 ("response_code", "200"),
@@ -431,7 +316,7 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
 
     // 5. A VirtualService with a field Ambit does not implement is rejected, naming it; the
     // routes in force stay (this one would have sent jason to v1).
-    let mut bad = canary(json!({"retries": {"attempts": 3}}));
+    let mut bad = canary(json!({"corsPolicy": {"allowOrigins": [{"exact": "x"}]}}));
     bad["spec"]["http"][0]["route"][0]["destination"]["subset"] = json!("v1");
     cluster.set_routing(Routing {
         virtual_services: vec![bad],
@@ -441,7 +326,7 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     let error = wait_rejected(&cluster)?;
     ensure_or_dump!(
         cluster,
-        error.contains("virtualServices[0].spec.http[0]") && error.contains("retries"),
+        error.contains("virtualServices[0].spec.http[0]") && error.contains("corsPolicy"),
         "the rejection must name the field: {error}"
     );
     let deadline = Instant::now() + T;
