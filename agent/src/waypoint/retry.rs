@@ -28,6 +28,9 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+/// The error of a client body, whatever its type.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 use prometheus::{IntCounterVec, Opts};
 
 use crate::{
@@ -256,13 +259,12 @@ impl RetryMetrics {
 /// frames the previous tries already read (kept while they total at most [`REPLAY_LIMIT`]
 /// bytes), then reads on from the client. Only the latest attempt reads: an older one (a try
 /// abandoned while its connection still polls its body) gets an error.
-#[derive(Clone)]
-pub struct ReplayBody {
-    shared: Arc<Mutex<Shared>>,
+pub struct ReplayBody<B = Incoming> {
+    shared: Arc<Mutex<Shared<B>>>,
 }
 
-struct Shared {
-    incoming: Incoming,
+struct Shared<B> {
+    incoming: B,
     /// Frames read so far, while they fit the limit.
     kept: Vec<Frame<Bytes>>,
     kept_bytes: usize,
@@ -276,9 +278,13 @@ struct Shared {
     attempts: u64,
 }
 
-impl ReplayBody {
+impl<B> ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     /// Wraps the client's body.
-    pub fn new(incoming: Incoming) -> Self {
+    pub fn new(incoming: B) -> Self {
         let done = incoming.is_end_stream();
         Self {
             shared: Arc::new(Mutex::new(Shared {
@@ -293,7 +299,7 @@ impl ReplayBody {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared<B>> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -303,7 +309,7 @@ impl ReplayBody {
     }
 
     /// The body of a new attempt (the previous ones' stop reading).
-    pub fn attempt(&self) -> AttemptBody {
+    pub fn attempt(&self) -> AttemptBody<B> {
         let mut shared = self.lock();
         shared.attempts += 1;
         shared.current = shared.attempts;
@@ -331,8 +337,8 @@ impl ReplayBody {
 }
 
 /// One attempt's view of a [`ReplayBody`].
-pub struct AttemptBody {
-    shared: Arc<Mutex<Shared>>,
+pub struct AttemptBody<B = Incoming> {
+    shared: Arc<Mutex<Shared<B>>>,
     id: u64,
     /// The next kept frame to yield.
     next: usize,
@@ -343,7 +349,7 @@ pub struct AttemptBody {
 pub enum ReplayError {
     /// The client's body failed.
     #[error("request body: {0}")]
-    Client(#[from] hyper::Error),
+    Client(BoxError),
     /// A newer attempt took over the body.
     #[error("request body taken over by a newer attempt")]
     Superseded,
@@ -359,7 +365,11 @@ fn copy(frame: &Frame<Bytes>) -> Frame<Bytes> {
     }
 }
 
-impl Body for AttemptBody {
+impl<B> Body for AttemptBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = ReplayError;
 
@@ -390,7 +400,7 @@ impl Body for AttemptBody {
                 shared.done = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(ReplayError::Client(err.into())))),
             Poll::Ready(Some(Ok(frame))) => {
                 let size = frame.data_ref().map_or(0, Bytes::len);
                 if !shared.overflowed {
@@ -567,6 +577,127 @@ mod tests {
         // A finished retry gives its place back.
         drop(extra);
         assert!(requests[0].retry().is_some());
+    }
+
+    type Chunks = http_body_util::StreamBody<
+        futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>>,
+    >;
+
+    /// A client body whose exact size is known, as a content-length gives it (hyper's
+    /// `Incoming` is one).
+    struct Sized {
+        chunks: Chunks,
+        remaining: u64,
+    }
+
+    impl Body for Sized {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            let polled = Pin::new(&mut self.chunks).poll_frame(cx);
+            if let Poll::Ready(Some(Ok(frame))) = &polled {
+                let len = frame.data_ref().map_or(0, Bytes::len) as u64;
+                self.remaining -= len;
+            }
+            polled
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.remaining)
+        }
+    }
+
+    /// A client body of `chunks` data frames.
+    fn client(chunks: &[&'static [u8]]) -> ReplayBody<Sized> {
+        let frames: Vec<_> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        let size: usize = chunks.iter().map(|c| c.len()).sum();
+        ReplayBody::new(Sized {
+            chunks: http_body_util::StreamBody::new(futures::stream::iter(frames)),
+            remaining: size as u64,
+        })
+    }
+
+    async fn read<B>(body: AttemptBody<B>, frames: usize) -> Result<Vec<u8>, ReplayError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt as _;
+        let mut body = body;
+        let mut out = Vec::new();
+        for _ in 0..frames {
+            match body.frame().await {
+                Some(frame) => out.extend_from_slice(frame?.data_ref().unwrap()),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_kept_body_is_replayed_whole_by_each_attempt() {
+        let replay = client(&[b"hello ", b"world"]);
+        let first = replay.attempt();
+        assert_eq!(first.size_hint().exact(), Some(11));
+        // The first try reads only what a content-length asks for, not the end of stream.
+        assert_eq!(read(first, 2).await.unwrap(), b"hello world");
+        assert!(replay.replayable());
+        // The retry gets the kept frames, then the client's end (its hint is coherent: the
+        // client's remaining 0 plus the 11 kept bytes).
+        let second = replay.attempt();
+        assert_eq!(second.size_hint().lower(), 11);
+        assert_eq!(read(second, 10).await.unwrap(), b"hello world");
+        assert_eq!(replay.complete().unwrap().len(), 2);
+        let third = replay.attempt();
+        assert_eq!(third.size_hint().exact(), Some(11));
+        assert!(!third.is_end_stream());
+        assert_eq!(read(third, 10).await.unwrap(), b"hello world");
+    }
+
+    #[tokio::test]
+    async fn a_retry_started_mid_body_replays_the_start_and_reads_on() {
+        let replay = client(&[b"ab", b"cd", b"ef"]);
+        let first = replay.attempt();
+        assert_eq!(read(first, 1).await.unwrap(), b"ab");
+        assert!(replay.complete().is_none(), "not read to its end yet");
+        let second = replay.attempt();
+        assert_eq!(read(second, 10).await.unwrap(), b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn an_older_attempt_stops_reading_when_a_newer_one_starts() {
+        let replay = client(&[b"ab", b"cd"]);
+        let mut first = replay.attempt();
+        let _second = replay.attempt();
+        use http_body_util::BodyExt as _;
+        assert!(matches!(
+            first.frame().await,
+            Some(Err(ReplayError::Superseded))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_streams_once_and_is_not_replayable() {
+        static BIG: [u8; REPLAY_LIMIT] = [7; REPLAY_LIMIT];
+        let replay = client(&[b"x", &BIG, b"tail"]);
+        let first = replay.attempt();
+        let got = read(first, 10).await.unwrap();
+        assert_eq!(
+            got.len(),
+            1 + REPLAY_LIMIT + 4,
+            "the first try gets all of it"
+        );
+        assert!(!replay.replayable());
+        assert!(replay.complete().is_none());
+        let second = replay.attempt();
+        assert!(matches!(read(second, 1).await, Err(ReplayError::Lost)));
     }
 
     #[test]
