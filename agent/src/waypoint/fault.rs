@@ -2,13 +2,12 @@
 //! requests (`delay`, flag `DI`) and answer a share itself with an HTTP or gRPC error (`abort`,
 //! flag `FI`). The delay comes first, then the abort, as in Envoy; each share is drawn on its
 //! own, per request. Aborted requests never reach an upstream.
-use std::{convert::Infallible, time::Duration};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 
-use super::proxy::Body;
 use crate::state::resilience::{AbortError, Fault, happens};
 
 /// What the fault injection decided for one request.
@@ -39,12 +38,8 @@ pub fn decide(fault: &Fault, mut draw: impl FnMut() -> u32) -> Injected {
 
 /// The answer to an aborted request: Envoy's, a short text body with the status, or for a
 /// gRPC status a trailers-only gRPC answer (HTTP 200 with `grpc-status`).
-pub fn abort_reply(error: AbortError) -> Response<Body> {
-    let full = |text: &'static str| {
-        Full::new(Bytes::from_static(text.as_bytes()))
-            .map_err(|never: Infallible| match never {})
-            .boxed()
-    };
+pub fn abort_reply(error: AbortError) -> Response<Full<Bytes>> {
+    let full = |text: &'static str| Full::new(Bytes::from_static(text.as_bytes()));
     match error {
         AbortError::HttpStatus(code) => {
             let mut response = Response::new(full("fault filter abort"));

@@ -341,7 +341,8 @@ impl Downstream {
                 }
                 Some(error @ AbortError::GrpcStatus(_)) => {
                     outcome.flags = RequestFlags::FaultInjected;
-                    return Ok(fault::abort_reply(error));
+                    return Ok(fault::abort_reply(error)
+                        .map(|body| body.map_err(|never: Infallible| match never {}).boxed()));
                 }
                 None => {}
             }

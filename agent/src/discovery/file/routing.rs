@@ -3,8 +3,9 @@
 //! Each entry is a whole Istio object (`apiVersion`, `kind`, `metadata`, `spec`) in Ambit's API
 //! group `networking.ambit.dev/v1`, field for field Istio's `networking.istio.io/v1`, so that
 //! Istio YAML ports by changing only `apiVersion`. Only the fields the waypoint implements are
-//! accepted: any other (`retries`, `fault`, `trafficPolicy`...) is rejected with its path, never
-//! ignored, since a route silently missing its timeout or its fault would be a different route.
+//! accepted (the resilience fields `timeout`, `retries`, `mirror`, `fault`... are read by
+//! [`super::resilience`]): any other (`corsPolicy`, `trafficPolicy`...) is rejected with its
+//! path, never ignored, since a route silently missing a field would be a different route.
 //! The result is the state's route model ([`crate::state::routes`]).
 use std::collections::{BTreeMap, HashMap};
 
