@@ -34,9 +34,7 @@ pub fn prepare(
 ) -> Result<()> {
     let namespace = client.namespace();
     cluster.set_labels(client, &[("app", "client")]);
-    cluster.set_labels(waypoint, &[("app", "waypoint")]);
-    waypoint.set_service_account("waypoint");
-    cluster.set_enrolled(waypoint, false);
+    prepare_waypoint(cluster, waypoint);
     for (pod, labels, account) in servers {
         let mut all = vec![("app", "reviews")];
         all.extend_from_slice(labels);
@@ -50,13 +48,6 @@ pub fn prepare(
         &[("app", "reviews")],
         &[(9080, 8080)],
     );
-    cluster.add_service(
-        "waypoint",
-        &namespace,
-        &[WAYPOINT_VIP],
-        &[("app", "waypoint")],
-        &[(15008, 15008)],
-    );
     ensure!(
         cluster.set_service_waypoint("reviews", &namespace, "waypoint"),
         "no service reviews"
@@ -66,6 +57,22 @@ pub fn prepare(
     cluster.start_agents()?;
     route_ca_to_pods_of(cluster, cluster.node(0))?;
     Ok(())
+}
+
+/// Makes `pod` the waypoint: label `app: waypoint`, service account `waypoint`, not enrolled,
+/// and the service `waypoint` (port 15008, VIP [`WAYPOINT_VIP`]) that selects it, in the pod's
+/// namespace.
+pub fn prepare_waypoint(cluster: &Cluster, pod: &Pod) {
+    cluster.set_labels(pod, &[("app", "waypoint")]);
+    pod.set_service_account("waypoint");
+    cluster.set_enrolled(pod, false);
+    cluster.add_service(
+        "waypoint",
+        &pod.namespace(),
+        &[WAYPOINT_VIP],
+        &[("app", "waypoint")],
+        &[(15008, 15008)],
+    );
 }
 
 /// The seed's canary VirtualService for the service `reviews`, with only `apiVersion` changed
@@ -306,6 +313,11 @@ impl Answers {
     pub fn count(&self, body: &str) -> usize {
         self.bodies.iter().filter(|b| *b == body).count()
     }
+
+    /// How many answers had status `code`.
+    pub fn count_code(&self, code: &str) -> usize {
+        self.codes.iter().filter(|c| *c == code).count()
+    }
 }
 
 /// Runs curl in `from` for `count` HTTP/1.1 requests to `http://<authority><path>/[1-count]` over
@@ -319,6 +331,21 @@ pub fn curl(
     count: usize,
     headers: &[&str],
 ) -> Result<Answers> {
+    let args: Vec<String> = headers
+        .iter()
+        .flat_map(|h| ["-H".to_string(), h.to_string()])
+        .collect();
+    curl_args(from, authority, path, count, &args)
+}
+
+/// [`curl`] with more curl arguments (headers as `-H`, a body as `--data-binary`...).
+pub fn curl_args(
+    from: &Pod,
+    authority: &str,
+    path: &str,
+    count: usize,
+    extra: &[String],
+) -> Result<Answers> {
     let url = format!("http://{authority}{path}/[1-{count}]");
     let mut args: Vec<String> = vec![
         "-sS".into(),
@@ -328,9 +355,7 @@ pub fn curl(
         "\ncode=%{http_code}\n".into(),
         "--http1.1".into(),
     ];
-    for h in headers {
-        args.extend(["-H".to_string(), h.to_string()]);
-    }
+    args.extend_from_slice(extra);
     args.push(url);
     let mut process = from.spawn("curl", &args)?;
     let (status, lines) = process.wait_output(Duration::from_secs(180))?;

@@ -56,6 +56,18 @@ pub enum RequestFlags {
     NoHealthyUpstream,
     /// The upstream could not be reached or failed before answering (`UF`, answered 503).
     UpstreamFailure,
+
+    // Resilience (waypoint::retry, waypoint::fault).
+    /// The route's or a try's timeout expired (`UT`, answered 504).
+    UpstreamRequestTimeout,
+    /// Aborted by the route's fault injection (`FI`).
+    FaultInjected,
+    /// Delayed by the route's fault injection (`DI`).
+    DelayInjected,
+    /// Answered with a retriable response after the last retry allowed (`URX`).
+    RetryLimitExceeded,
+    /// A retry was refused by the retry budget (`UO`).
+    UpstreamOverflow,
 }
 
 impl RequestFlags {
@@ -66,6 +78,11 @@ impl RequestFlags {
             RequestFlags::NoRoute => "NR",
             RequestFlags::NoHealthyUpstream => "UH",
             RequestFlags::UpstreamFailure => "UF",
+            RequestFlags::UpstreamRequestTimeout => "UT",
+            RequestFlags::FaultInjected => "FI",
+            RequestFlags::DelayInjected => "DI",
+            RequestFlags::RetryLimitExceeded => "URX",
+            RequestFlags::UpstreamOverflow => "UO",
         }
     }
 }

@@ -33,16 +33,21 @@ use crate::{
 
 pub mod authz;
 pub mod balance;
+pub mod fault;
 pub mod filters;
 pub mod jwt;
 pub mod metrics;
+pub mod mirror;
 pub mod proxy;
+pub mod resilience;
+pub mod retry;
 pub mod route;
 
 use self::{
     balance::Balancer,
     metrics::WaypointMetrics,
     proxy::{Waypoint, WaypointInbound},
+    resilience::Resilience,
 };
 
 /// Ports a tunnel may not name: the proxies' own.
@@ -240,6 +245,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         metrics: Arc::new(WaypointMetrics::new(&metrics)?),
         balancer: Balancer::default(),
         authz: authz::Authz::default(),
+        resilience: Arc::new(Resilience::new(&metrics)?),
     });
     tokio::spawn(waypoint.authz.jwks.clone().refresh(state_rx.clone()));
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);

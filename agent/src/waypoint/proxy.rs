@@ -12,21 +12,24 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{io::DuplexStream, sync::watch};
 use tracing::{debug, info, warn};
 
 use super::{
-    balance::{Balancer, HashInput, Tracked},
-    filters,
+    balance::{HashInput, InFlight, Tracked},
+    fault, filters,
     metrics::{RequestFlags, RequestLabels, WaypointMetrics},
+    mirror::{MIRROR_TIMEOUT, MirrorResult, shadow_host},
+    resilience::Resilience,
+    retry::{self, Failure, ReplayBody},
     route::{self, RequestView},
 };
 use crate::{
@@ -37,8 +40,9 @@ use crate::{
     identity::{CertificateManager, SpiffeId},
     policy::Admission,
     state::{
-        MeshState, Service,
-        routes::{DirectResponse, Redirect, RouteFilters},
+        MeshState, Service, Workload,
+        resilience::{AbortError, Mirror, RouteResilience, happens},
+        routes::{DirectResponse, Redirect, RouteDestination, RouteFilters},
     },
 };
 
@@ -63,9 +67,13 @@ pub struct Waypoint {
     /// Request metrics.
     pub metrics: Arc<WaypointMetrics>,
     /// Endpoint choice.
-    pub balancer: Balancer,
+    pub balancer: super::balance::Balancer,
     /// JWT keys and what authorization keeps between requests.
     pub authz: super::authz::Authz,
+
+    // Resilience: retry budgets, mirrors in flight, their metrics.
+    /// Shared by the retries and mirrors of every request.
+    pub resilience: Arc<Resilience>,
 }
 
 impl Waypoint {
@@ -214,7 +222,16 @@ struct Outcome {
     route: Option<String>,
     upstream: Option<SocketAddr>,
     error: Option<String>,
+
+    // Resilience.
+    /// The flag of an answered request (`DI`, `FI`, `URX`, `UO`; `-` without one).
+    flags: RequestFlags,
+    /// Tries made upstream (the first and the retries).
+    attempts: u32,
 }
+
+/// An answer the waypoint makes itself: its status, flag, and why (for the log).
+type LocalReply = (StatusCode, RequestFlags, String);
 
 impl Downstream {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
@@ -238,11 +255,13 @@ impl Downstream {
             route: None,
             upstream: None,
             error: None,
+            flags: RequestFlags::None,
+            attempts: 0,
         };
         let response = match self.forward(&state, request, &mut outcome).await {
             Ok(response) => {
                 let code = response.status().as_u16();
-                outcome.labels = outcome.labels.with_response(code, RequestFlags::None);
+                outcome.labels = outcome.labels.with_response(code, outcome.flags);
                 response
             }
             Err((status, flags, error)) => {
@@ -270,6 +289,7 @@ impl Downstream {
             upstream = outcome.upstream.map(|u| u.to_string()),
             response_code = response.status().as_u16(),
             response_flags = label("response_flags"),
+            attempts = outcome.attempts,
             duration_ms = started.elapsed().as_millis() as u64,
             error = outcome.error.as_deref(),
             "request"
@@ -283,29 +303,15 @@ impl Downstream {
         state: &MeshState,
         request: Request<Incoming>,
         outcome: &mut Outcome,
-    ) -> Result<Response<Body>, (StatusCode, RequestFlags, String)> {
+    ) -> Result<Response<Body>, LocalReply> {
         let dialled = self.destination;
         let peer = super::authz::Peer {
             identity: &self.peer,
             source: self.source,
             dialled,
         };
-        let request = super::authz::authorize(&self.waypoint.authz, state, &peer, request)?;
+        let mut request = super::authz::authorize(&self.waypoint.authz, state, &peer, request)?;
         let no_route = |why: String| (StatusCode::NOT_FOUND, RequestFlags::NoRoute, why);
-        let unhealthy = |why: String| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                RequestFlags::NoHealthyUpstream,
-                why,
-            )
-        };
-        let failed = |why: String| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                RequestFlags::UpstreamFailure,
-                why,
-            )
-        };
         let service = state
             .service_by_vip(dialled.ip())
             .ok_or_else(|| no_route(format!("{dialled} is no longer a service VIP")))?;
@@ -318,6 +324,11 @@ impl Downstream {
             Some(name) => format!("{} {name}", r.source),
             None => r.source.clone(),
         });
+        // Without a route, Istio's defaults (its default retry policy, no timeout).
+        let default_resilience = RouteResilience::default();
+        let resilience = decision
+            .route
+            .map_or(&default_resilience, |r| &r.resilience);
         let no_filters = RouteFilters::default();
         let route_filters = decision.route.map_or(&no_filters, |r| &r.filters);
         if let Some(redirect) = &route_filters.redirect {
@@ -329,101 +340,75 @@ impl Downstream {
         let destination = decision
             .destination
             .ok_or_else(|| no_route(format!("no destination in the route of {}", service.uid())))?;
-        let target_service = state
-            .services()
-            .iter()
-            .find(|s| {
-                s.namespace == destination.service.namespace && s.name == destination.service.name
-            })
-            .ok_or_else(|| unhealthy(format!("service {} is gone", destination.service)))?;
+        let (target_service, target_port) = target_of(state, &destination, dialled.port())?;
         outcome.labels =
             std::mem::take(&mut outcome.labels).with_destination_service(target_service);
-        let port = destination.port.unwrap_or(dialled.port());
-        let target_port = target_service
-            .port(port)
-            .ok_or_else(|| {
-                unhealthy(format!(
-                    "service {} has no port {port}",
-                    target_service.uid()
-                ))
-            })?
-            .target_port;
-        let endpoints =
-            route::subset_endpoints(state.endpoints(target_service), destination.subset.as_ref());
-        let hash_input = HashInput {
-            headers: request.headers(),
-            query: request.uri().query(),
-            source: self.source.ip(),
-        };
-        let pick = self
-            .waypoint
-            .balancer
-            .pick(
-                state.routes().load_balancer(&destination),
-                &destination,
-                &endpoints,
-                hash_input,
-            )
-            .ok_or_else(|| {
-                unhealthy(format!(
-                    "no ready endpoint of {}{}",
-                    target_service.uid(),
-                    destination
-                        .subset
-                        .as_ref()
-                        .map(|s| format!(" subset {}", s.name))
-                        .unwrap_or_default()
-                ))
-            })?;
-        let (endpoint, in_flight, set_cookie) = (pick.endpoint, pick.in_flight, pick.set_cookie);
-        let ip = endpoint
-            .address_like(dialled.ip())
-            .or_else(|| endpoint.ips.first().copied())
-            .ok_or_else(|| unhealthy(format!("endpoint {} has no address", endpoint.uid())))?;
-        let endpoint_id = state.identity_of(endpoint);
-        outcome.labels =
-            std::mem::take(&mut outcome.labels).with_destination(endpoint, &endpoint_id);
-        let target = SocketAddr::new(ip, target_port);
-        outcome.upstream = Some(target);
 
-        let cert = self
-            .waypoint
-            .certs
-            .get(&self.waypoint.identity)
-            .ok_or_else(|| failed("the waypoint has no certificate".to_string()))?;
-        let own_ip = self
-            .waypoint
-            .own_ip(state, ip)
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let key = PoolKey::new(
-            self.waypoint.identity.clone(),
-            own_ip,
-            SocketAddr::new(ip, HBONE_PORT),
-            vec![endpoint_id],
-        );
-        let mut tunnel = TunnelRequest::new(self.source, target);
-        tunnel.service_host = Some(target_service.hostname());
-        let stream = self
-            .waypoint
-            .pool
-            .open(&key, &cert, &tunnel)
-            .await
-            .map_err(|e| failed(format!("tunnel to {target}: {e}")))?;
-        let mut request = request;
+        if let Some(fault) = &resilience.fault {
+            let injected = fault::decide(fault, || fastrand::u32(0..1_000_000));
+            if let Some(delay) = injected.delay {
+                tokio::time::sleep(delay).await;
+                outcome.flags = RequestFlags::DelayInjected;
+            }
+            match injected.abort {
+                Some(AbortError::HttpStatus(code)) => {
+                    return Err((
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                        RequestFlags::FaultInjected,
+                        "aborted by the route's fault injection".to_string(),
+                    ));
+                }
+                Some(error @ AbortError::GrpcStatus(_)) => {
+                    outcome.flags = RequestFlags::FaultInjected;
+                    return Ok(fault::abort_reply(error)
+                        .map(|body| body.map_err(|never: Infallible| match never {}).boxed()));
+                }
+                None => {}
+            }
+        }
+
+        // What the route does to the request applies to every try and every mirror.
         filters::apply_header_ops(&destination.headers.request, request.headers_mut());
         filters::apply_header_ops(&route_filters.headers.request, request.headers_mut());
         if let Some(rewrite) = &route_filters.rewrite {
             filters::apply_rewrite(rewrite, decision.matched, &mut request);
         }
-        let mut response = send(TokioIo::new(stream), upstream_request(request, dialled))
-            .await
-            .map_err(|e| failed(format!("HTTP to {target}: {e}")))?;
+        let (parts, body) = request.into_parts();
+        let head = Head {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        };
+        let body = ReplayBody::new(body);
+        let mirrors: Vec<&Mirror> = resilience
+            .mirrors
+            .iter()
+            .filter(|m| happens(m.per_million, fastrand::u32(0..1_000_000)))
+            .collect();
+        let result = self
+            .tries(
+                state,
+                &head,
+                &body,
+                resilience,
+                &destination,
+                target_service,
+                target_port,
+                outcome,
+            )
+            .await;
+        // Fire and forget, once the primary has its answer (or failed).
+        for mirror in mirrors {
+            self.mirror(state, &head, &body, mirror, resilience.timeout);
+        }
+        let (mut response, set_cookie) = result?;
         filters::apply_header_ops(&destination.headers.response, response.headers_mut());
         filters::apply_header_ops(&route_filters.headers.response, response.headers_mut());
         if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
-        Ok(response.map(|body| Tracked::new(body, in_flight).boxed()))
+        Ok(response)
     }
 
     /// The redirect a route answers with, its response header operations applied.
@@ -450,6 +435,395 @@ impl Downstream {
         filters::apply_header_ops(&route_filters.headers.response, response.headers_mut());
         response
     }
+
+    /// Sends the request to an endpoint of `destination`, and again to another while it fails
+    /// in a way the route's retry policy retries, within the route's timeout and the retry
+    /// budget.
+    #[allow(clippy::too_many_arguments)]
+    async fn tries(
+        &self,
+        state: &MeshState,
+        head: &Head,
+        body: &ReplayBody,
+        resilience: &RouteResilience,
+        destination: &RouteDestination,
+        target_service: &Arc<Service>,
+        target_port: u16,
+        outcome: &mut Outcome,
+    ) -> Result<(Response<Body>, Option<String>), LocalReply> {
+        let policy = &resilience.retries;
+        let resilient = &self.waypoint.resilience;
+        let active = resilient.budget.request(&target_service.uid());
+        let hostname = target_service.hostname();
+        let deadline = resilience.timeout.map(|t| tokio::time::Instant::now() + t);
+        let timed_out = || {
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                RequestFlags::UpstreamRequestTimeout,
+                format!(
+                    "the route's timeout ({:?}) expired",
+                    resilience.timeout.unwrap_or_default()
+                ),
+            )
+        };
+        let mut backoff = retry::backoff(policy);
+        let mut tried: Vec<String> = Vec::new();
+        let mut retries = 0u32;
+        let mut _retry_in_flight = None;
+        loop {
+            outcome.attempts = retries + 1;
+            let endpoints = route::subset_endpoints(
+                state.endpoints(target_service),
+                destination.subset.as_ref(),
+            );
+            let hash_input = HashInput {
+                headers: &head.headers,
+                query: head.uri.query(),
+                source: self.source.ip(),
+            };
+            let (endpoint, in_flight, set_cookie) = self
+                .pick(
+                    state,
+                    destination,
+                    &endpoints,
+                    hash_input,
+                    policy.ignore_previous_hosts,
+                    &tried,
+                )
+                .ok_or_else(|| {
+                    unhealthy(format!(
+                        "no ready endpoint of {}{}",
+                        target_service.uid(),
+                        destination
+                            .subset
+                            .as_ref()
+                            .map(|s| format!(" subset {}", s.name))
+                            .unwrap_or_default()
+                    ))
+                })?;
+            let upstream = self.upstream(state, &endpoint, target_service, target_port)?;
+            outcome.labels = std::mem::take(&mut outcome.labels)
+                .with_destination(&endpoint, &upstream.endpoint_id);
+            outcome.upstream = Some(upstream.target);
+
+            let mut request = head.request(body.attempt());
+            request
+                .headers_mut()
+                .insert("x-envoy-attempt-count", HeaderValue::from(outcome.attempts));
+            let request = upstream_request(request, self.destination);
+            let now = tokio::time::Instant::now();
+            let budget = match (policy.per_try_timeout, deadline) {
+                (Some(per_try), Some(deadline)) => Some((now + per_try).min(deadline)),
+                (Some(per_try), None) => Some(now + per_try),
+                (None, deadline) => deadline,
+            };
+            let exchange = exchange(&self.waypoint, &upstream, request);
+            let result = match budget {
+                Some(until) => tokio::time::timeout_at(until, exchange)
+                    .await
+                    .unwrap_or(Err(Failure::PerTryTimeout)),
+                None => exchange.await,
+            };
+            let last: Result<Response<Incoming>, Failure>;
+            let reason = match result {
+                Ok(response) => {
+                    match retry::response_reason(policy, response.status(), response.headers()) {
+                        None => {
+                            let response =
+                                response.map(|body| Tracked::new(body, in_flight).boxed());
+                            return Ok((response, set_cookie));
+                        }
+                        Some(reason) => {
+                            last = Ok(response);
+                            reason
+                        }
+                    }
+                }
+                Err(Failure::PerTryTimeout)
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) =>
+                {
+                    return Err(timed_out());
+                }
+                Err(failure) => match failure.retry_reason(policy) {
+                    None => return Err(failure_reply(failure, &upstream.target)),
+                    Some(reason) => {
+                        last = Err(failure);
+                        reason
+                    }
+                },
+            };
+            let give_up = |last: Result<Response<Incoming>, Failure>,
+                           flags: RequestFlags,
+                           outcome: &mut Outcome| {
+                match last {
+                    Ok(response) => {
+                        outcome.flags = flags;
+                        Ok((response.map(BodyExt::boxed), None))
+                    }
+                    Err(failure) => Err(failure_reply(failure, &upstream.target)),
+                }
+            };
+            if retries >= policy.attempts {
+                return give_up(last, RequestFlags::RetryLimitExceeded, outcome);
+            }
+            if !body.replayable() {
+                return give_up(last, RequestFlags::None, outcome);
+            }
+            let Some(permit) = active.retry() else {
+                resilient.retries.overflowed(&hostname);
+                return give_up(last, RequestFlags::UpstreamOverflow, outcome);
+            };
+            drop(last);
+            resilient.retries.retried(&hostname, reason);
+            debug!(upstream = %upstream.target, reason, retry = retries + 1, "retrying");
+            let wake = tokio::time::Instant::now() + backoff.next_delay();
+            if let Some(deadline) = deadline
+                && wake >= deadline
+            {
+                tokio::time::sleep_until(deadline).await;
+                return Err(timed_out());
+            }
+            tokio::time::sleep_until(wake).await;
+            _retry_in_flight = Some(permit);
+            retries += 1;
+            tried.push(endpoint.uid());
+        }
+    }
+
+    /// The next endpoint of `endpoints` for `destination` by its load balancer, counted in
+    /// flight, and the cookie the response must set; with `avoid_tried`, one not tried yet when
+    /// there is one (Envoy's `previous_hosts` predicate, 5 picks at most).
+    fn pick(
+        &self,
+        state: &MeshState,
+        destination: &RouteDestination,
+        endpoints: &[Arc<Workload>],
+        hash_input: HashInput<'_>,
+        avoid_tried: bool,
+        tried: &[String],
+    ) -> Option<(Arc<Workload>, InFlight, Option<String>)> {
+        let policy = state.routes().load_balancer(destination);
+        let mut chosen = None;
+        for _ in 0..5 {
+            let pick = self
+                .waypoint
+                .balancer
+                .pick(policy, destination, endpoints, hash_input)?;
+            let fresh = !avoid_tried || !tried.contains(&pick.endpoint.uid());
+            chosen = Some((pick.endpoint.clone(), pick.in_flight, pick.set_cookie));
+            if fresh {
+                break;
+            }
+        }
+        chosen
+    }
+
+    /// Where a request to `endpoint` goes: its address, the pool key and the tunnel.
+    fn upstream(
+        &self,
+        state: &MeshState,
+        endpoint: &Workload,
+        target_service: &Service,
+        target_port: u16,
+    ) -> Result<Upstream, LocalReply> {
+        let dialled = self.destination;
+        let ip = endpoint
+            .address_like(dialled.ip())
+            .or_else(|| endpoint.ips.first().copied())
+            .ok_or_else(|| unhealthy(format!("endpoint {} has no address", endpoint.uid())))?;
+        let endpoint_id = state.identity_of(endpoint);
+        let target = SocketAddr::new(ip, target_port);
+        let own_ip = self
+            .waypoint
+            .own_ip(state, ip)
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let key = PoolKey::new(
+            self.waypoint.identity.clone(),
+            own_ip,
+            SocketAddr::new(ip, HBONE_PORT),
+            vec![endpoint_id.clone()],
+        );
+        let mut tunnel = TunnelRequest::new(self.source, target);
+        tunnel.service_host = Some(target_service.hostname());
+        Ok(Upstream {
+            target,
+            endpoint_id,
+            key,
+            tunnel,
+        })
+    }
+
+    /// Sends a copy of the request to `mirror`, fire and forget ([`super::mirror`]).
+    fn mirror(
+        &self,
+        state: &MeshState,
+        head: &Head,
+        body: &ReplayBody,
+        mirror: &Mirror,
+        timeout: Option<Duration>,
+    ) {
+        let mirrors = &self.waypoint.resilience.mirrors;
+        let destination = &mirror.destination;
+        let Ok((service, target_port)) = target_of(state, destination, self.destination.port())
+        else {
+            mirrors.count(&destination.service.to_string(), MirrorResult::Failed);
+            return;
+        };
+        let hostname = service.hostname();
+        let Some(frames) = body.complete() else {
+            mirrors.count(&hostname, MirrorResult::DroppedBody);
+            return;
+        };
+        let Some(permit) = mirrors.try_start(&hostname) else {
+            mirrors.count(&hostname, MirrorResult::DroppedOverflow);
+            return;
+        };
+        let endpoints =
+            route::subset_endpoints(state.endpoints(service), destination.subset.as_ref());
+        let hash_input = HashInput {
+            headers: &head.headers,
+            query: head.uri.query(),
+            source: self.source.ip(),
+        };
+        let picked = self.pick(state, destination, &endpoints, hash_input, false, &[]);
+        let upstream = picked.as_ref().ok_or(()).and_then(|(endpoint, _, _)| {
+            self.upstream(state, endpoint, service, target_port)
+                .map_err(|_| ())
+        });
+        let (Ok(upstream), Some((_, in_flight, _))) = (upstream, picked) else {
+            mirrors.count(&hostname, MirrorResult::Failed);
+            return;
+        };
+        let body = StreamBody::new(futures::stream::iter(
+            frames.into_iter().map(Ok::<Frame<Bytes>, Infallible>),
+        ));
+        let mut request = upstream_request(head.request(body), self.destination);
+        shadow(&mut request);
+        let waypoint = self.waypoint.clone();
+        tokio::spawn(async move {
+            let sent = tokio::time::timeout(timeout.unwrap_or(MIRROR_TIMEOUT), async {
+                let response = exchange(&waypoint, &upstream, request).await?;
+                let mut body = response.into_body();
+                // Read the answer to its end (so the stream closes cleanly) and drop it.
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+                Ok::<_, Failure>(())
+            })
+            .await;
+            let result = match sent {
+                Ok(Ok(())) => MirrorResult::Answered,
+                _ => MirrorResult::Failed,
+            };
+            waypoint.resilience.mirrors.count(&hostname, result);
+            drop((permit, in_flight));
+        });
+    }
+}
+
+/// A request's head, kept to send it more than once (retries, mirrors).
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    /// The request with this head and `body`.
+    fn request<B>(&self, body: B) -> Request<B> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// Where one try goes.
+struct Upstream {
+    /// The endpoint's address and the service's target port.
+    target: SocketAddr,
+    /// The endpoint's identity.
+    endpoint_id: SpiffeId,
+    key: PoolKey,
+    tunnel: TunnelRequest,
+}
+
+/// The service a destination names and the target port of the port it is sent to (the
+/// destination's, else the one dialled).
+fn target_of<'s>(
+    state: &'s MeshState,
+    destination: &RouteDestination,
+    dialled_port: u16,
+) -> Result<(&'s Arc<Service>, u16), LocalReply> {
+    let service = state
+        .services()
+        .iter()
+        .find(|s| {
+            s.namespace == destination.service.namespace && s.name == destination.service.name
+        })
+        .ok_or_else(|| unhealthy(format!("service {} is gone", destination.service)))?;
+    let port = destination.port.unwrap_or(dialled_port);
+    let target_port = service
+        .port(port)
+        .ok_or_else(|| unhealthy(format!("service {} has no port {port}", service.uid())))?
+        .target_port;
+    Ok((service, target_port))
+}
+
+fn unhealthy(why: String) -> LocalReply {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        RequestFlags::NoHealthyUpstream,
+        why,
+    )
+}
+
+/// The answer to a try that got no response.
+fn failure_reply(failure: Failure, target: &SocketAddr) -> LocalReply {
+    match failure {
+        Failure::PerTryTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            RequestFlags::UpstreamRequestTimeout,
+            format!("per-try timeout waiting for {target}"),
+        ),
+        Failure::Connect(why) | Failure::RefusedStream(why) | Failure::Reset(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            RequestFlags::UpstreamFailure,
+            format!("{target}: {why}"),
+        ),
+        Failure::Response(status, _) => (
+            status,
+            RequestFlags::UpstreamFailure,
+            format!("{target} answered {status}"),
+        ),
+    }
+}
+
+/// Opens a tunnel to `upstream` and sends `request` in it.
+async fn exchange<B>(
+    waypoint: &Waypoint,
+    upstream: &Upstream,
+    request: Request<B>,
+) -> Result<Response<Incoming>, Failure>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let cert = waypoint
+        .certs
+        .get(&waypoint.identity)
+        .ok_or_else(|| Failure::Connect("the waypoint has no certificate".to_string()))?;
+    let stream = waypoint
+        .pool
+        .open(&upstream.key, &cert, &upstream.tunnel)
+        .await
+        .map_err(|e| Failure::Connect(format!("tunnel: {e}")))?;
+    send(TokioIo::new(stream), request).await
 }
 
 /// The fixed answer of a route, its response header operations applied.
@@ -493,20 +867,56 @@ fn request_authority<B>(request: &Request<B>) -> Option<String> {
         })
 }
 
-/// Sends `request` over `io` in the request's own HTTP version.
-async fn send<IO>(io: IO, request: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error>
+/// Sets a mirrored request's host to its `-shadow` form (`host` for HTTP/1, the URI's
+/// authority for HTTP/2).
+fn shadow<B>(request: &mut Request<B>) {
+    if let Some(authority) = request.uri().authority().map(|a| a.to_string()) {
+        let mut parts = request.uri().clone().into_parts();
+        if let Ok(shadowed) = shadow_host(&authority).parse() {
+            parts.authority = Some(shadowed);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(shadow_host);
+    if let Some(host) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        request.headers_mut().insert(header::HOST, host);
+    }
+}
+
+/// Sends `request` over `io` in the request's own HTTP version: a failed handshake is a
+/// connect failure, a failed request a reset (or a refused stream).
+async fn send<IO, B>(io: IO, request: Request<B>) -> Result<Response<Incoming>, Failure>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let handshake = |e: hyper::Error| Failure::Connect(format!("HTTP handshake: {e}"));
     let mut response = if request.version() == Version::HTTP_2 {
         let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(handshake)?;
         tokio::spawn(connection);
-        sender.send_request(request).await?
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| Failure::from_send(&e))?
     } else {
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(handshake)?;
         tokio::spawn(connection);
-        sender.send_request(request).await?
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| Failure::from_send(&e))?
     };
     strip_hop_by_hop(response.headers_mut());
     Ok(response)
@@ -514,7 +924,7 @@ where
 
 /// The request as sent upstream: hop-by-hop headers removed, the target in the form its
 /// version wants (origin-form with `host` for HTTP/1, absolute for HTTP/2).
-fn upstream_request(mut request: Request<Incoming>, dialled: SocketAddr) -> Request<Incoming> {
+fn upstream_request<B>(mut request: Request<B>, dialled: SocketAddr) -> Request<B> {
     strip_hop_by_hop(request.headers_mut());
     let authority = request_authority(&request).unwrap_or_else(|| dialled.to_string());
     let path = request
@@ -581,11 +991,16 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         RequestFlags::NoRoute => "no route matched\n",
         RequestFlags::NoHealthyUpstream => "no healthy upstream\n",
         RequestFlags::UpstreamFailure => "upstream connect error\n",
+        RequestFlags::UpstreamRequestTimeout => "upstream request timeout\n",
+        RequestFlags::FaultInjected => "fault filter abort\n",
         RequestFlags::None => match status {
             StatusCode::FORBIDDEN => super::authz::RBAC_DENIED_BODY,
             StatusCode::UNAUTHORIZED => super::authz::JWT_DENIED_BODY,
             _ => "",
         },
+        RequestFlags::DelayInjected
+        | RequestFlags::RetryLimitExceeded
+        | RequestFlags::UpstreamOverflow => "",
     };
     let mut response = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
