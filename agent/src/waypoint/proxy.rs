@@ -331,6 +331,12 @@ impl Downstream {
             .map_or(&default_resilience, |r| &r.resilience);
         let no_filters = RouteFilters::default();
         let route_filters = decision.route.map_or(&no_filters, |r| &r.filters);
+        let answered_by_route =
+            route_filters.redirect.is_some() || route_filters.direct_response.is_some();
+        if answered_by_route && let Some(reply) = self.inject_fault(resilience, outcome).await? {
+            // Envoy's fault filter runs before the router: a route that answers itself too.
+            return Ok(reply);
+        }
         if let Some(redirect) = &route_filters.redirect {
             return Ok(self.redirect(redirect, route_filters, &request));
         }
@@ -343,28 +349,8 @@ impl Downstream {
         let (target_service, target_port) = target_of(state, &destination, dialled.port())?;
         outcome.labels =
             std::mem::take(&mut outcome.labels).with_destination_service(target_service);
-
-        if let Some(fault) = &resilience.fault {
-            let injected = fault::decide(fault, || fastrand::u32(0..1_000_000));
-            if let Some(delay) = injected.delay {
-                tokio::time::sleep(delay).await;
-                outcome.flags = RequestFlags::DelayInjected;
-            }
-            match injected.abort {
-                Some(AbortError::HttpStatus(code)) => {
-                    return Err((
-                        StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                        RequestFlags::FaultInjected,
-                        "aborted by the route's fault injection".to_string(),
-                    ));
-                }
-                Some(error @ AbortError::GrpcStatus(_)) => {
-                    outcome.flags = RequestFlags::FaultInjected;
-                    return Ok(fault::abort_reply(error)
-                        .map(|body| body.map_err(|never: Infallible| match never {}).boxed()));
-                }
-                None => {}
-            }
+        if let Some(reply) = self.inject_fault(resilience, outcome).await? {
+            return Ok(reply);
         }
 
         // What the route does to the request applies to every try and every mirror.
@@ -409,6 +395,37 @@ impl Downstream {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
         Ok(response)
+    }
+
+    /// The route's fault, drawn for this request: after a delay (flag `DI`), `Some` answer
+    /// when it aborts with a gRPC status, `Err` when it aborts with an HTTP status (`FI`).
+    async fn inject_fault(
+        &self,
+        resilience: &RouteResilience,
+        outcome: &mut Outcome,
+    ) -> Result<Option<Response<Body>>, LocalReply> {
+        let Some(fault) = &resilience.fault else {
+            return Ok(None);
+        };
+        let injected = fault::decide(fault, || fastrand::u32(0..1_000_000));
+        if let Some(delay) = injected.delay {
+            tokio::time::sleep(delay).await;
+            outcome.flags = RequestFlags::DelayInjected;
+        }
+        match injected.abort {
+            Some(AbortError::HttpStatus(code)) => Err((
+                StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                RequestFlags::FaultInjected,
+                "aborted by the route's fault injection".to_string(),
+            )),
+            Some(error @ AbortError::GrpcStatus(_)) => {
+                outcome.flags = RequestFlags::FaultInjected;
+                Ok(Some(fault::abort_reply(error).map(|body| {
+                    body.map_err(|never: Infallible| match never {}).boxed()
+                })))
+            }
+            None => Ok(None),
+        }
     }
 
     /// The redirect a route answers with, its response header operations applied.
