@@ -7,31 +7,37 @@
 //! limits and reports are used unchanged. Each request is routed ([`super::route`]) and sent
 //! over a new CONNECT stream (on a pooled HBONE connection, [`Pool`]) to the chosen endpoint's
 //! 15008, presenting the waypoint's own certificate, in the HTTP version it arrived in.
+//!
+//! Before HTTP is served, the first bytes of the tunnel are sniffed ([`super::sniff`]): what is
+//! not HTTP is forwarded as opaque TCP ([`super::tcp`]). WebSocket upgrades pass
+//! ([`super::upgrade`]); each request is measured and recorded when its response stream ends
+//! ([`super::observe`]).
 use std::{
     convert::Infallible,
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Instant,
+    sync::{Arc, atomic::AtomicU64},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{io::DuplexStream, sync::watch};
 use tracing::{debug, info, warn};
 
 use super::{
     metrics::{RequestFlags, RequestLabels, WaypointMetrics},
+    observe::{self, CountedBody, ObservedBody, RequestRecord},
     route::{self, RequestView, RoundRobin},
+    sniff::{self, Protocol, Rewind},
+    tcp,
+    upgrade::{self, Upgrade},
 };
 use crate::{
-    hbone::{
-        ConnectRequest, ConnectionError, Deny, HBONE_PORT, InboundHandler, Pool, PoolKey,
-        StreamReport, TunnelRequest, tls,
-    },
+    hbone::{ConnectRequest, ConnectionError, Deny, InboundHandler, Pool, StreamReport, tls},
     identity::{CertificateManager, SpiffeId},
     policy::Admission,
     state::{MeshState, Service},
@@ -59,6 +65,11 @@ pub struct Waypoint {
     pub metrics: Arc<WaypointMetrics>,
     /// Endpoint choice.
     pub balancer: RoundRobin,
+    /// How long a tunnel's first bytes are waited for before it is taken for opaque TCP.
+    pub protocol_detection_timeout: Duration,
+    /// How long an HTTP/1.1 client may take to send a request's headers (idle keep-alive
+    /// included) before its connection is closed.
+    pub header_read_timeout: Duration,
 }
 
 impl Waypoint {
@@ -68,7 +79,7 @@ impl Waypoint {
     }
 
     /// The waypoint's own address of `ip`'s family.
-    fn own_ip(&self, state: &MeshState, like: IpAddr) -> Option<IpAddr> {
+    pub(super) fn own_ip(&self, state: &MeshState, like: IpAddr) -> Option<IpAddr> {
         state
             .workloads()
             .iter()
@@ -156,12 +167,29 @@ impl InboundHandler for WaypointInbound {
             destination: request.destination,
         });
         tokio::spawn(async move {
+            let mut ours = ours;
+            let timeout = downstream.waypoint.protocol_detection_timeout;
+            let (protocol, prefix) = match sniff::sniff(&mut ours, timeout).await {
+                Ok(sniffed) => sniffed,
+                Err(err) => return debug!(%err, "tunnel failed before its protocol was known"),
+            };
+            let io = Rewind::new(prefix, ours);
+            if protocol == Protocol::Opaque {
+                let d = &downstream;
+                return tcp::forward(&d.waypoint, d.source, &d.peer, d.destination, io).await;
+            }
+            let header_read_timeout = downstream.waypoint.header_read_timeout;
             let service = hyper::service::service_fn(move |req| {
                 let downstream = downstream.clone();
                 async move { Ok::<_, Infallible>(downstream.handle(req).await) }
             });
-            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(ours), service)
+            let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            server
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let served = server
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .await;
             if let Err(err) = served {
                 debug!(%err, "HTTP connection in a tunnel ended with an error");
@@ -199,7 +227,7 @@ struct Downstream {
     destination: SocketAddr,
 }
 
-/// How one request ended, for the access log and the metric.
+/// How one request was routed and answered, for the access log and the metric.
 struct Outcome {
     labels: RequestLabels,
     route: Option<String>,
@@ -218,6 +246,8 @@ impl Downstream {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let request = request.map(|body| CountedBody::new(body, request_bytes.clone()).boxed());
         let state = self.waypoint.state.borrow().clone();
         let source_workload = state
             .workload_by_ip(self.source.ip())
@@ -242,37 +272,31 @@ impl Downstream {
                 local_reply(status, flags)
             }
         };
-        self.waypoint.metrics.request(&outcome.labels);
-        let label = |name| outcome.labels.get(name).unwrap_or_default();
-        info!(
-            target: "access",
-            reporter = "waypoint",
-            src = %self.source,
-            src_workload = source_workload.map(|w| w.uid()),
-            src_principal = %self.peer,
-            dst = %self.destination,
-            method = %method,
-            path = %path,
-            protocol = ?version,
-            route = outcome.route.as_deref(),
-            dst_service = label("destination_service"),
-            dst_workload = label("destination_workload"),
-            dst_principal = label("destination_principal"),
-            upstream = outcome.upstream.map(|u| u.to_string()),
-            response_code = response.status().as_u16(),
-            response_flags = label("response_flags"),
-            duration_ms = started.elapsed().as_millis() as u64,
-            error = outcome.error.as_deref(),
-            "request"
-        );
-        response
+        let record = RequestRecord {
+            metrics: self.waypoint.metrics.clone(),
+            labels: outcome.labels,
+            started,
+            request_bytes,
+            source: self.source,
+            source_workload: source_workload.map(|w| w.uid()),
+            source_principal: self.peer.clone(),
+            destination: self.destination,
+            method,
+            path,
+            version,
+            route: outcome.route,
+            upstream: outcome.upstream,
+            error: outcome.error,
+        };
+        let grpc_status = observe::grpc_status(response.headers());
+        response.map(|body| ObservedBody::new(body, grpc_status, record).boxed())
     }
 
     /// Routes and sends `request`; on failure, the status to answer, why, and what to log.
     async fn forward(
         &self,
         state: &MeshState,
-        request: Request<Incoming>,
+        mut request: Request<Body>,
         outcome: &mut Outcome,
     ) -> Result<Response<Incoming>, (StatusCode, RequestFlags, String)> {
         let dialled = self.destination;
@@ -352,37 +376,35 @@ impl Downstream {
         let target = SocketAddr::new(ip, target_port);
         outcome.upstream = Some(target);
 
-        let cert = self
-            .waypoint
-            .certs
-            .get(&self.waypoint.identity)
-            .ok_or_else(|| failed("the waypoint has no certificate".to_string()))?;
-        let own_ip = self
-            .waypoint
-            .own_ip(state, ip)
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let key = PoolKey::new(
-            self.waypoint.identity.clone(),
-            own_ip,
-            SocketAddr::new(ip, HBONE_PORT),
-            vec![endpoint_id],
-        );
-        let mut tunnel = TunnelRequest::new(self.source, target);
-        tunnel.service_host = Some(target_service.hostname());
         let stream = self
             .waypoint
-            .pool
-            .open(&key, &cert, &tunnel)
+            .tunnel_to(
+                state,
+                endpoint,
+                target,
+                self.source,
+                target_service.hostname(),
+            )
             .await
-            .map_err(|e| failed(format!("tunnel to {target}: {e}")))?;
-        send(TokioIo::new(stream), upstream_request(request, dialled))
-            .await
-            .map_err(|e| failed(format!("HTTP to {target}: {e}")))
+            .map_err(failed)?;
+        let upgrade = Upgrade::take(&mut request);
+        send(
+            TokioIo::new(stream),
+            upstream_request(request, dialled),
+            upgrade,
+        )
+        .await
+        .map_err(|e| failed(format!("HTTP to {target}: {e}")))
     }
 }
 
-/// Sends `request` over `io` in the request's own HTTP version.
-async fn send<IO>(io: IO, request: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error>
+/// Sends `request` over `io` in the request's own HTTP version; with `upgrade`, as an
+/// upgrade request whose 101 answer splices the two connections.
+async fn send<IO>(
+    io: IO,
+    mut request: Request<Body>,
+    upgrade: Option<Upgrade>,
+) -> Result<Response<Incoming>, hyper::Error>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
 {
@@ -392,17 +414,24 @@ where
         tokio::spawn(connection);
         sender.send_request(request).await?
     } else {
+        if let Some(upgrade) = &upgrade {
+            upgrade.restore(request.headers_mut());
+        }
         let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(connection);
+        tokio::spawn(connection.with_upgrades());
         sender.send_request(request).await?
     };
+    let switched = upgrade.and_then(|upgrade| upgrade.on_response(&mut response));
     strip_hop_by_hop(response.headers_mut());
+    if let Some(protocol) = switched {
+        upgrade::set_headers(response.headers_mut(), protocol);
+    }
     Ok(response)
 }
 
 /// The request as sent upstream: hop-by-hop headers removed, the target in the form its
 /// version wants (origin-form with `host` for HTTP/1, absolute for HTTP/2).
-fn upstream_request(mut request: Request<Incoming>, dialled: SocketAddr) -> Request<Incoming> {
+fn upstream_request(mut request: Request<Body>, dialled: SocketAddr) -> Request<Body> {
     strip_hop_by_hop(request.headers_mut());
     let authority = request
         .uri()
@@ -480,7 +509,7 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         RequestFlags::NoRoute => "no route matched\n",
         RequestFlags::NoHealthyUpstream => "no healthy upstream\n",
         RequestFlags::UpstreamFailure => "upstream connect error\n",
-        RequestFlags::None => "",
+        RequestFlags::None | RequestFlags::UpstreamReset | RequestFlags::DownstreamDisconnect => "",
     };
     let mut response = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
