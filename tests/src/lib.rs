@@ -41,9 +41,12 @@ pub mod cluster;
 pub mod cni;
 pub mod mesh;
 pub mod process;
+pub mod prometheus;
 pub mod testbed;
+pub mod tool;
 pub mod traffic;
 pub mod util;
+pub mod waypoint;
 
 pub use cluster::{ADMIN_PORT, Cluster, ClusterSpec, METRICS_PORT, Node, Pod, READINESS_PORT};
 pub use mesh::MeshFile;

@@ -16,16 +16,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit_common::INBOUND_HBONE_PORT as HBONE_PORT;
 use ambit_tests::cluster::{CA_ADDR, TRUST_DOMAIN};
-use ambit_tests::process::place_in;
+use ambit_tests::prometheus::{Prometheus, Series, by_labels, expect};
+use ambit_tests::tool::Tool;
 use ambit_tests::traffic::{client, connect_ok_n, metric_value, serve, wait_access_log};
 use ambit_tests::util::{self, Netns};
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, ensure_or_dump};
@@ -51,93 +52,7 @@ fn cluster(nodes: usize, pods_per_node: usize) -> Result<Cluster> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes of real tools, placed in the bed and stopped by PID.
-
-/// A process this test started (tcpdump, prometheus, a CA), placed in a cgroup of the bed and
-/// a network namespace; stopped by PID, SIGKILLed on drop if still running.
-struct Tool {
-    name: String,
-    child: Child,
-    status: Option<ExitStatus>,
-    log: PathBuf,
-}
-
-impl Tool {
-    /// Spawns `cmd` in the bed cgroup `<bed>/<cgroup>` (created) and the network namespace
-    /// file `netns`. stderr (and stdout unless the caller set it) go to `log`.
-    fn spawn(
-        cluster: &Cluster,
-        name: &str,
-        cgroup: &str,
-        netns: &Path,
-        mut cmd: Command,
-        log: PathBuf,
-        stdout_set: bool,
-    ) -> Result<Tool> {
-        let cgroup = cluster.cgroup_root().join(cgroup);
-        fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
-        let file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        if !stdout_set {
-            cmd.stdout(file.try_clone()?);
-        }
-        cmd.stdin(Stdio::null()).stderr(file);
-        place_in(&mut cmd, &cgroup, netns)?;
-        let child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
-        Ok(Tool {
-            name: name.into(),
-            child,
-            status: None,
-            log,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn try_status(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().ok().flatten();
-        }
-        self.status
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        util::tail_file(&self.log, 20)
-    }
-
-    /// Sends `sig` by PID (only while the process is ours, i.e. not reaped), waits up to
-    /// `grace`, then SIGKILLs. Returns the exit status.
-    fn stop(&mut self, sig: libc::c_int, grace: Duration) -> Result<ExitStatus> {
-        if self.try_status().is_none() {
-            util::signal(self.pid() as i32, sig);
-        }
-        let deadline = Instant::now() + grace;
-        while self.try_status().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if self.try_status().is_none() {
-            eprintln!("[identity] {} ignored signal {sig}; killing", self.name);
-            util::signal(self.pid() as i32, libc::SIGKILL);
-            self.status = Some(self.child.wait()?);
-        }
-        self.status
-            .ok_or_else(|| anyhow!("{} has no exit status", self.name))
-    }
-}
-
-impl Drop for Tool {
-    fn drop(&mut self) {
-        if self.try_status().is_none() {
-            util::signal(self.pid() as i32, libc::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
+// Processes of real tools, placed in the bed and stopped by PID ([`Tool`]).
 
 fn fabric_netns(cluster: &Cluster) -> PathBuf {
     Path::new(util::NETNS_DIR).join(cluster.fabric_netns())
@@ -605,158 +520,6 @@ fn current_leaf(cluster: &Cluster, pod: &Pod, tag: &str) -> Result<PathBuf> {
         pod.name(),
         cluster.diagnostics()
     ))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Prometheus
-
-/// Percent-encodes a query parameter value.
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A free TCP port on `ip` inside the network namespace `netns`.
-fn free_port(netns: &Path, ip: Ipv4Addr) -> Result<u16> {
-    Netns::enter_thread(netns, || -> Result<u16> {
-        let l = std::net::TcpListener::bind((ip, 0))?;
-        Ok(l.local_addr()?.port())
-    })?
-}
-
-/// A Prometheus server running in the fabric namespace.
-struct Prometheus {
-    tool: Tool,
-    addr: SocketAddr,
-    netns: PathBuf,
-}
-
-impl Prometheus {
-    fn start(cluster: &Cluster, targets: &[String]) -> Result<Prometheus> {
-        let netns = fabric_netns(cluster);
-        let ip = match CA_ADDR.ip() {
-            std::net::IpAddr::V4(ip) => ip,
-            std::net::IpAddr::V6(_) => bail!("the fabric address is expected to be IPv4"),
-        };
-        let addr = SocketAddr::from((ip, free_port(&netns, ip)?));
-        let dir = cluster.run_dir().join("prometheus");
-        fs::create_dir_all(dir.join("data"))?;
-        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: ambit\n    static_configs:\n      - targets: [{}]\n",
-            targets.join(", ")
-        );
-        let config_path = dir.join("prometheus.yml");
-        fs::write(&config_path, config)?;
-        let mut cmd = Command::new("/usr/bin/prometheus");
-        cmd.arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=info");
-        let tool = Tool::spawn(
-            cluster,
-            "prometheus",
-            "prometheus",
-            &netns,
-            cmd,
-            dir.join("prometheus.log"),
-            false,
-        )?;
-        let mut prom = Prometheus { tool, addr, netns };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(s) = prom.tool.try_status() {
-                bail!("prometheus exited ({s}): {}", prom.tool.log_tail());
-            }
-            let last = match prom.get("/-/ready") {
-                Ok(r) if r.status == 200 => break,
-                Ok(r) => format!("HTTP {}: {}", r.status, r.body.trim()),
-                Err(e) => format!("{e:#}"),
-            };
-            ensure!(
-                Instant::now() < deadline,
-                "prometheus not ready within 60 s (last: {last}): {}",
-                prom.tool.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(prom)
-    }
-
-    fn get(&self, path: &str) -> Result<ambit_tests::HttpResponse> {
-        let addr = self.addr;
-        Netns::enter_thread(&self.netns, || {
-            util::http_get(addr, path, Duration::from_secs(5))
-        })?
-    }
-
-    /// `GET /api/v1/query?query=<promql>`: the result vector as (labels, value) pairs.
-    fn query(&self, promql: &str) -> Result<Vec<(BTreeMap<String, String>, f64)>> {
-        let r = self.get(&format!("/api/v1/query?query={}", urlencode(promql)))?;
-        let v: Value = serde_json::from_str(&r.body)
-            .with_context(|| format!("query answer is not JSON (HTTP {}): {}", r.status, r.body))?;
-        ensure!(
-            r.status == 200 && v["status"] == "success",
-            "query {promql:?} failed: HTTP {}: {v}",
-            r.status
-        );
-        let result = v["data"]["result"]
-            .as_array()
-            .ok_or_else(|| anyhow!("no data.result in {v}"))?;
-        result
-            .iter()
-            .map(|s| {
-                let labels: BTreeMap<String, String> = s["metric"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let value: f64 = s["value"][1]
-                    .as_str()
-                    .and_then(|x| x.parse().ok())
-                    .ok_or_else(|| anyhow!("bad sample {s}"))?;
-                Ok((labels, value))
-            })
-            .collect()
-    }
-}
-
-/// Query results keyed by the values of some labels (in order), for comparisons.
-type Series = BTreeMap<Vec<String>, f64>;
-
-/// A query result keyed by the values of `labels` (in that order), for comparisons.
-fn by_labels(result: &[(BTreeMap<String, String>, f64)], labels: &[&str]) -> Series {
-    result
-        .iter()
-        .map(|(m, v)| {
-            (
-                labels
-                    .iter()
-                    .map(|l| m.get(*l).cloned().unwrap_or_default())
-                    .collect(),
-                *v,
-            )
-        })
-        .collect()
-}
-
-fn expect(rows: &[(&[&str], f64)]) -> Series {
-    rows.iter()
-        .map(|(k, v)| (k.iter().map(|s| s.to_string()).collect(), *v))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

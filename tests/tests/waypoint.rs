@@ -16,8 +16,11 @@
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Routing;
-use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump, util};
-use anyhow::{Result, bail, ensure};
+use ambit_tests::waypoint::{
+    h2load, make_waypoint, route_fabric_to_pods, start_waypoint, waypoint_metrics,
+};
+use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 /// The VIP of the routed service `reviews` (port 9080 to the servers' 8080).
@@ -145,39 +148,6 @@ fn nghttp(from: &Pod, count: usize, headers: &[&str]) -> Result<Vec<String>> {
     Ok(lines.into_iter().filter(|l| !l.is_empty()).collect())
 }
 
-/// Runs h2load in `from`: `count` HTTP/2 requests on one connection, 10 streams at a time;
-/// returns its summary lines.
-fn h2load(from: &Pod, count: usize) -> Result<Vec<String>> {
-    let n = count.to_string();
-    let url = format!("http://{REVIEWS_VIP}:9080/reviews/load");
-    let mut process = from.spawn(
-        "h2load",
-        [
-            "-n",
-            n.as_str(),
-            "-c",
-            "1",
-            "-m",
-            "10",
-            "-T",
-            "10",
-            url.as_str(),
-        ],
-    )?;
-    let (status, lines) = process.wait_output(Duration::from_secs(120))?;
-    if !status.success() {
-        bail!("h2load {status}: {lines:?}; stderr: {}", process.stderr());
-    }
-    Ok(lines)
-}
-
-/// The waypoint's `/metrics`, fetched from its node's namespace.
-fn waypoint_metrics(node: &Node, waypoint: &Pod) -> Result<String> {
-    let r = node.http_get_addr(waypoint.addr4(15020), "/metrics", Duration::from_secs(5))?;
-    ensure!(r.status == 200, "waypoint /metrics: HTTP {}", r.status);
-    Ok(r.body)
-}
-
 /// The sum of `istio_requests_total` series carrying every one of `labels`.
 fn requests_total(metrics: &str, labels: &[(&str, &str)]) -> f64 {
     metrics
@@ -190,41 +160,6 @@ fn requests_total(metrics: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
-}
-
-/// Starts `ambit waypoint` in `pod` and waits until it serves its metrics (it has its
-/// certificate and listens on 15008 by then).
-fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
-    let node = cluster.node_of(pod);
-    let mut args = vec![
-        "waypoint".to_string(),
-        "--mesh-file".into(),
-        cluster.mesh_path().display().to_string(),
-        "--name".into(),
-        pod.name().to_string(),
-        "--namespace".into(),
-        pod.namespace(),
-        "--log-format".into(),
-        "json".into(),
-    ];
-    args.extend(node.ca_flags());
-    let mut process = pod.spawn(cluster.ambit_bin(), &args)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = process.try_status()? {
-            bail!("ambit waypoint exited: {status}; log: {}", process.stderr());
-        }
-        if waypoint_metrics(node, pod).is_ok() {
-            return Ok(process);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "ambit waypoint not serving after 60 s; log: {}",
-                process.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Waits until every agent reports a rejected mesh file (its `lastError` set) and returns the
@@ -265,10 +200,7 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     );
     let namespace = client.namespace();
     cluster.set_labels(client, &[("app", "client")]);
-    cluster.set_labels(waypoint, &[("app", "waypoint")]);
-    waypoint.set_service_account("waypoint");
-    // Not captured, as Istio's waypoints: its tunnels to the endpoints leave as they are.
-    cluster.set_enrolled(waypoint, false);
+    make_waypoint(&cluster, waypoint, WAYPOINT_VIP);
     cluster.set_labels(v1, &[("app", "reviews"), ("version", "v1")]);
     cluster.set_labels(v2, &[("app", "reviews"), ("version", "v2")]);
     v1.set_service_account("reviews-v1");
@@ -279,13 +211,6 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
         &[REVIEWS_VIP],
         &[("app", "reviews")],
         &[(9080, 8080)],
-    );
-    cluster.add_service(
-        "waypoint",
-        &namespace,
-        &[WAYPOINT_VIP],
-        &[("app", "waypoint")],
-        &[(15008, 15008)],
     );
     ensure_or_dump!(
         cluster,
@@ -298,13 +223,8 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     });
     cluster.write_mesh()?;
     cluster.start_agents()?;
-    // The CA listens on the fabric; give it the way back to node 0's pods (where the waypoint
-    // runs), as a cluster routes pods to its CA's Service. Removed with the fabric namespace.
-    util::ip(&format!(
-        "-n {} route add 10.10.0.0/24 via {}",
-        cluster.fabric_netns(),
-        cluster.node(0).fabric_ip()
-    ))?;
+    // The CA listens on the fabric; give it the way back to node 0's pods (the waypoint's).
+    route_fabric_to_pods(&cluster, 0)?;
 
     let testpod = ambit_tests::testpod_path!();
     let mut servers = Vec::new();
@@ -318,7 +238,7 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
         );
         servers.push(server);
     }
-    let _waypoint_process = cluster.with_diagnostics(start_waypoint(&cluster, waypoint))?;
+    let _waypoint_process = cluster.with_diagnostics(start_waypoint(&cluster, waypoint, &[]))?;
 
     // 1. `end-user: jason` always reaches v2, over HTTP/1.1 keep-alive.
     let jason = cluster.with_diagnostics(curl(client, 200, &["end-user: jason"]))?;
@@ -409,7 +329,8 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
 
     // h2load: 200 requests, 10 streams at a time on one connection, all answered 2xx, and
     // split between v1 and v2 (counted by the waypoint).
-    let load = cluster.with_diagnostics(h2load(client, 200))?;
+    let url = format!("http://{REVIEWS_VIP}:9080/reviews/load");
+    let load = cluster.with_diagnostics(h2load(client, &url, 200, &[]))?;
     ensure_or_dump!(
         cluster,
         load.iter()
