@@ -417,12 +417,21 @@ fn websocket_tcp_and_a_silent_client_through_the_waypoint() -> Result<()> {
     let upgraded = metric_sum(
         &metrics,
         "istio_requests_total",
-        &[("response_code", "101"), ("destination_version", "v1")],
+        &[
+            ("response_code", "101"),
+            ("response_flags", "-"),
+            ("destination_version", "v1"),
+        ],
     );
     ensure_or_dump!(
         cluster,
         upgraded == 1.0,
-        "the upgrade must be counted once, 101 from v1: {upgraded}"
+        "the upgrade must be counted once, 101 from v1 without flags: {upgraded}\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     // Opaque TCP, server first: the echo server greets before the client sends, so the
