@@ -37,10 +37,13 @@ use super::{
     upgrade::{self, Upgrade},
 };
 use crate::{
-    hbone::{ConnectRequest, ConnectionError, Deny, InboundHandler, Pool, StreamReport, tls},
+    hbone::{
+        ConnectRequest, ConnectionError, Deny, HBONE_PORT, HboneStream, InboundHandler, Pool,
+        PoolKey, StreamReport, TunnelRequest, tls,
+    },
     identity::{CertificateManager, SpiffeId},
     policy::Admission,
-    state::{MeshState, Service},
+    state::{MeshState, Service, Workload},
 };
 
 /// The body of every response the waypoint sends.
@@ -79,12 +82,45 @@ impl Waypoint {
     }
 
     /// The waypoint's own address of `ip`'s family.
-    pub(super) fn own_ip(&self, state: &MeshState, like: IpAddr) -> Option<IpAddr> {
+    fn own_ip(&self, state: &MeshState, like: IpAddr) -> Option<IpAddr> {
         state
             .workloads()
             .iter()
             .find(|w| w.namespace == self.workload.0 && w.name == self.workload.1)?
             .address_like(like)
+    }
+
+    /// Opens a CONNECT stream to `target` (an address and port of `endpoint`) on the pooled
+    /// HBONE connection to the endpoint's 15008, presenting the waypoint's certificate and
+    /// expecting the endpoint's identity. `source` is the client's address (`forwarded`),
+    /// `service_host` the service's hostname.
+    async fn tunnel_to(
+        &self,
+        state: &MeshState,
+        endpoint: &Workload,
+        target: SocketAddr,
+        source: SocketAddr,
+        service_host: String,
+    ) -> Result<HboneStream, String> {
+        let cert = self
+            .certs
+            .get(&self.identity)
+            .ok_or_else(|| "the waypoint has no certificate".to_string())?;
+        let own_ip = self
+            .own_ip(state, target.ip())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let key = PoolKey::new(
+            self.identity.clone(),
+            own_ip,
+            SocketAddr::new(target.ip(), HBONE_PORT),
+            vec![state.identity_of(endpoint)],
+        );
+        let mut tunnel = TunnelRequest::new(source, target);
+        tunnel.service_host = Some(service_host);
+        self.pool
+            .open(&key, &cert, &tunnel)
+            .await
+            .map_err(|e| format!("tunnel to {target}: {e}"))
     }
 }
 
@@ -175,8 +211,21 @@ impl InboundHandler for WaypointInbound {
             };
             let io = Rewind::new(prefix, ours);
             if protocol == Protocol::Opaque {
-                let d = &downstream;
-                return tcp::forward(&d.waypoint, d.source, &d.peer, d.destination, io).await;
+                let (d, waypoint) = (&downstream, &downstream.waypoint);
+                let state = waypoint.state.borrow().clone();
+                let conn = tcp::Opaque {
+                    source: d.source,
+                    peer: &d.peer,
+                    dialled: d.destination,
+                };
+                let tunnel_state = state.clone();
+                let open = move |endpoint: Arc<Workload>, target, host| async move {
+                    let state = &tunnel_state;
+                    waypoint
+                        .tunnel_to(state, &endpoint, target, d.source, host)
+                        .await
+                };
+                return tcp::forward(conn, &state, &waypoint.balancer, io, open).await;
             }
             let header_read_timeout = downstream.waypoint.header_read_timeout;
             let service = hyper::service::service_fn(move |req| {

@@ -4,71 +4,49 @@
 //! endpoint's 15008 with the waypoint's identity, its bytes copied both ways unchanged. No
 //! route applies (routes are HTTP's); the endpoint's agent authorizes the waypoint as it does
 //! for HTTP. One access-log line per connection when it ends.
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Instant,
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
-use super::proxy::Waypoint;
+use super::route::RoundRobin;
 use crate::{
-    hbone::{HBONE_PORT, HboneStream, PoolKey, TunnelRequest},
+    hbone::HboneStream,
     identity::SpiffeId,
     relay::relay,
     state::{MeshState, WaypointRef, Workload, routes::RouteDestination},
 };
 
-impl Waypoint {
-    /// Opens a CONNECT stream to `target` (an address and port of `endpoint`) on the pooled
-    /// HBONE connection to the endpoint's 15008, presenting the waypoint's certificate and
-    /// expecting the endpoint's identity. `source` is the client's address (`forwarded`),
-    /// `service_host` the service's hostname.
-    pub(super) async fn tunnel_to(
-        &self,
-        state: &MeshState,
-        endpoint: &Workload,
-        target: SocketAddr,
-        source: SocketAddr,
-        service_host: String,
-    ) -> Result<HboneStream, String> {
-        let cert = self
-            .certs
-            .get(&self.identity)
-            .ok_or_else(|| "the waypoint has no certificate".to_string())?;
-        let own_ip = self
-            .own_ip(state, target.ip())
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let key = PoolKey::new(
-            self.identity.clone(),
-            own_ip,
-            SocketAddr::new(target.ip(), HBONE_PORT),
-            vec![state.identity_of(endpoint)],
-        );
-        let mut tunnel = TunnelRequest::new(source, target);
-        tunnel.service_host = Some(service_host);
-        self.pool
-            .open(&key, &cert, &tunnel)
-            .await
-            .map_err(|e| format!("tunnel to {target}: {e}"))
-    }
+/// Where an opaque connection came from and went to.
+pub(super) struct Opaque<'a> {
+    /// The client's address.
+    pub source: SocketAddr,
+    /// The client's verified identity.
+    pub peer: &'a SpiffeId,
+    /// The VIP and port dialled.
+    pub dialled: SocketAddr,
 }
 
-/// Forwards the opaque connection `io`, dialled to the VIP and port `dialled` by `source`
-/// (verified as `peer`), to an endpoint of that service, until both directions end.
-pub(super) async fn forward<S>(
-    waypoint: &Arc<Waypoint>,
-    source: SocketAddr,
-    peer: &SpiffeId,
-    dialled: SocketAddr,
+/// Forwards the opaque connection `io` to an endpoint of the service dialled, picked by
+/// `balancer` in `state`, through the tunnel `open(endpoint, target, service hostname)`
+/// returns, until both directions end.
+pub(super) async fn forward<S, F, T>(
+    conn: Opaque<'_>,
+    state: &MeshState,
+    balancer: &RoundRobin,
     io: S,
+    open: F,
 ) where
     S: AsyncRead + AsyncWrite,
+    F: FnOnce(Arc<Workload>, SocketAddr, String) -> T,
+    T: Future<Output = Result<HboneStream, String>>,
 {
+    let Opaque {
+        source,
+        peer,
+        dialled,
+    } = conn;
     let started = Instant::now();
-    let state = waypoint.state.borrow().clone();
     let mut upstream = None;
     let mut endpoint_name = None;
     let result: Result<(u64, u64), String> = async {
@@ -89,8 +67,7 @@ pub(super) async fn forward<S>(
             weight: 100,
         };
         let endpoints = state.endpoints(service);
-        let endpoint = waypoint
-            .balancer
+        let endpoint = balancer
             .pick(&destination, &endpoints)
             .ok_or_else(|| format!("no ready endpoint of {}", service.uid()))?;
         let ip = endpoint
@@ -100,9 +77,7 @@ pub(super) async fn forward<S>(
         let target = SocketAddr::new(ip, target_port);
         upstream = Some(target);
         endpoint_name = Some(endpoint.uid());
-        let stream = waypoint
-            .tunnel_to(&state, endpoint, target, source, service.hostname())
-            .await?;
+        let stream = open(endpoint.clone(), target, service.hostname()).await?;
         let (moved, ended) = relay(io, stream).await;
         ended.map_err(|e| format!("relay: {e}"))?;
         Ok((moved.sent, moved.received))
