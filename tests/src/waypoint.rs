@@ -115,9 +115,10 @@ pub fn seed_subsets() -> Value {
     })
 }
 
-/// Gives the CA (it listens on the fabric) the way back to the pods of `node`, as a cluster
-/// routes pods to its CA's Service: a waypoint is a pod that asks the CA for its own
-/// certificate. The route goes with the fabric namespace.
+/// Gives the fabric (where the CA and a test's Prometheus listen) the way back to the pods of
+/// `node`, as a cluster routes pods to its CA's Service: a waypoint is a pod that asks the CA
+/// for its own certificate, and a Prometheus scrapes it. The route goes with the fabric
+/// namespace.
 pub fn route_ca_to_pods_of(cluster: &Cluster, node: &Node) -> Result<()> {
     util::ip(&format!(
         "-n {} route replace 10.10.{}.0/24 via {}",
@@ -142,6 +143,11 @@ pub fn start_server(pod: &Pod, name: &str, extra: &[&str]) -> Result<PodProcess>
 /// Starts `ambit waypoint` in `pod` and waits until it serves its metrics (it has its
 /// certificate and listens on 15008 by then).
 pub fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
+    start_waypoint_with(cluster, pod, &[])
+}
+
+/// [`start_waypoint`] with `extra` flags.
+pub fn start_waypoint_with(cluster: &Cluster, pod: &Pod, extra: &[&str]) -> Result<PodProcess> {
     let node = cluster.node_of(pod);
     let mut args = vec![
         "waypoint".to_string(),
@@ -155,6 +161,7 @@ pub fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
         "json".into(),
     ];
     args.extend(node.ca_flags());
+    args.extend(extra.iter().map(|a| a.to_string()));
     let mut process = pod.spawn(cluster.ambit_bin(), &args)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -375,4 +382,24 @@ pub fn curl_args(
         );
     }
     Ok(answers)
+}
+
+/// Runs h2load in `from`: `count` HTTP/2 requests (prior knowledge) to `url` with `headers`
+/// on one connection, 10 streams at a time, each bounded to 10 s and the run to 2 minutes;
+/// returns its summary lines.
+pub fn h2load(from: &Pod, url: &str, count: usize, headers: &[&str]) -> Result<Vec<String>> {
+    let mut args: Vec<String> = ["-n", &count.to_string(), "-c", "1", "-m", "10", "-T", "10"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    for h in headers {
+        args.extend(["-H".to_string(), h.to_string()]);
+    }
+    args.push(url.to_string());
+    let mut process = from.spawn("h2load", &args)?;
+    let (status, lines) = process.wait_output(Duration::from_secs(120))?;
+    if !status.success() {
+        bail!("h2load {status}: {lines:?}; stderr: {}", process.stderr());
+    }
+    Ok(lines)
 }

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Routing;
 use ambit_tests::waypoint::{
-    self, Answers, REVIEWS_VIP, requests_total, start_waypoint, wait_rejected, waypoint_metrics,
+    self, Answers, REVIEWS_VIP, h2load, requests_total, start_waypoint, wait_rejected,
+    waypoint_metrics,
 };
 use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump};
 use anyhow::{Result, bail};
@@ -74,32 +75,6 @@ fn nghttp(from: &Pod, count: usize, headers: &[&str]) -> Result<Vec<String>> {
         bail!("nghttp {status}; stderr: {}", process.stderr());
     }
     Ok(lines.into_iter().filter(|l| !l.is_empty()).collect())
-}
-
-/// Runs h2load in `from`: `count` HTTP/2 requests on one connection, 10 streams at a time;
-/// returns its summary lines.
-fn h2load(from: &Pod, count: usize) -> Result<Vec<String>> {
-    let n = count.to_string();
-    let url = format!("http://{REVIEWS_VIP}:9080/reviews/load");
-    let mut process = from.spawn(
-        "h2load",
-        [
-            "-n",
-            n.as_str(),
-            "-c",
-            "1",
-            "-m",
-            "10",
-            "-T",
-            "10",
-            url.as_str(),
-        ],
-    )?;
-    let (status, lines) = process.wait_output(Duration::from_secs(120))?;
-    if !status.success() {
-        bail!("h2load {status}: {lines:?}; stderr: {}", process.stderr());
-    }
-    Ok(lines)
 }
 
 #[test]
@@ -237,7 +212,12 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
 
     // h2load: 200 requests, 10 streams at a time on one connection, all answered 2xx, and
     // split between v1 and v2 (counted by the waypoint).
-    let load = cluster.with_diagnostics(h2load(client, 200))?;
+    let load = cluster.with_diagnostics(h2load(
+        client,
+        &format!("http://{REVIEWS_VIP}:9080/reviews/load"),
+        200,
+        &[],
+    ))?;
     ensure_or_dump!(
         cluster,
         load.iter()

@@ -311,7 +311,12 @@ fn waypoint_retries_times_out_mirrors_and_injects_faults() -> Result<()> {
         cluster,
         urx == 10.0 && plain_503 == 15.0 && five_xx == 10.0,
         "503 URX {urx} (want 10), 503 without flag {plain_503} (want 15: the default route's \
-         10 and the 5 large POSTs), 5xx retries {five_xx} (want 10)"
+         10 and the 5 large POSTs), 5xx retries {five_xx} (want 10); the 503 series:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{") && l.contains("\"503\""))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     // 4. Timeouts answer 504 UT: each try of a request stalled 2 s is cut at its 300 ms

@@ -7,11 +7,16 @@
 //! limits and reports are used unchanged. Each request is routed ([`super::route`]) and sent
 //! over a new CONNECT stream (on a pooled HBONE connection, [`Pool`]) to the chosen endpoint's
 //! 15008, presenting the waypoint's own certificate, in the HTTP version it arrived in.
+//!
+//! Before HTTP is served, the first bytes of the tunnel are sniffed ([`super::sniff`]): what is
+//! not HTTP is authorized and forwarded as opaque TCP ([`super::tcp`]). WebSocket upgrades pass
+//! ([`super::upgrade`]); each request is measured and recorded when its response stream ends
+//! ([`super::observe`]).
 use std::{
     convert::Infallible,
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -19,7 +24,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{io::DuplexStream, sync::watch};
 use tracing::{debug, info, warn};
 
@@ -28,14 +33,18 @@ use super::{
     fault, filters,
     metrics::{RequestFlags, RequestLabels, WaypointMetrics},
     mirror::{MIRROR_TIMEOUT, MirrorResult, shadow_host},
+    observe::{self, CountedBody, ObservedBody, RequestRecord},
     resilience::Resilience,
     retry::{self, Failure, ReplayBody},
     route::{self, RequestView},
+    sniff::{self, Protocol, Rewind},
+    tcp,
+    upgrade::{self, Upgrade},
 };
 use crate::{
     hbone::{
-        ConnectRequest, ConnectionError, Deny, HBONE_PORT, InboundHandler, Pool, PoolKey,
-        StreamReport, TunnelRequest, tls,
+        ConnectRequest, ConnectionError, Deny, HBONE_PORT, HboneStream, InboundHandler, Pool,
+        PoolKey, StreamReport, TunnelRequest, tls,
     },
     identity::{CertificateManager, SpiffeId},
     policy::Admission,
@@ -74,6 +83,13 @@ pub struct Waypoint {
     // Resilience: retry budgets, mirrors in flight, their metrics.
     /// Shared by the retries and mirrors of every request.
     pub resilience: Arc<Resilience>,
+
+    // Protocols (waypoint::sniff, waypoint::tcp).
+    /// How long a tunnel's first bytes are waited for before it is taken for opaque TCP.
+    pub protocol_detection_timeout: Duration,
+    /// How long an HTTP/1.1 client may take to send a request's headers (idle keep-alive
+    /// included) before its connection is closed.
+    pub header_read_timeout: Duration,
 }
 
 impl Waypoint {
@@ -89,6 +105,49 @@ impl Waypoint {
             .iter()
             .find(|w| w.namespace == self.workload.0 && w.name == self.workload.1)?
             .address_like(like)
+    }
+
+    /// Where a tunnel to `target` (an address and port of `endpoint`) goes: the pooled HBONE
+    /// connection to the endpoint's 15008, expecting the endpoint's identity, for the client
+    /// `source` (`forwarded`) and the service `service_host`.
+    fn upstream(
+        &self,
+        state: &MeshState,
+        endpoint: &Workload,
+        target: SocketAddr,
+        source: SocketAddr,
+        service_host: String,
+    ) -> Upstream {
+        let endpoint_id = state.identity_of(endpoint);
+        let own_ip = self
+            .own_ip(state, target.ip())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let key = PoolKey::new(
+            self.identity.clone(),
+            own_ip,
+            SocketAddr::new(target.ip(), HBONE_PORT),
+            vec![endpoint_id.clone()],
+        );
+        let mut tunnel = TunnelRequest::new(source, target);
+        tunnel.service_host = Some(service_host);
+        Upstream {
+            target,
+            endpoint_id,
+            key,
+            tunnel,
+        }
+    }
+
+    /// Opens a CONNECT stream to `upstream`, presenting the waypoint's certificate.
+    async fn open(&self, upstream: &Upstream) -> Result<HboneStream, String> {
+        let cert = self
+            .certs
+            .get(&self.identity)
+            .ok_or_else(|| "the waypoint has no certificate".to_string())?;
+        self.pool
+            .open(&upstream.key, &cert, &upstream.tunnel)
+            .await
+            .map_err(|e| format!("tunnel to {}: {e}", upstream.target))
     }
 }
 
@@ -173,12 +232,41 @@ impl InboundHandler for WaypointInbound {
             destination: request.destination,
         });
         tokio::spawn(async move {
+            let mut ours = ours;
+            let timeout = downstream.waypoint.protocol_detection_timeout;
+            let (protocol, prefix) = match sniff::sniff(&mut ours, timeout).await {
+                Ok(sniffed) => sniffed,
+                Err(err) => return debug!(%err, "tunnel failed before its protocol was known"),
+            };
+            let io = Rewind::new(prefix, ours);
+            if protocol == Protocol::Opaque {
+                let (d, waypoint) = (&downstream, &downstream.waypoint);
+                let state = waypoint.state.borrow().clone();
+                let conn = tcp::Opaque {
+                    source: d.source,
+                    peer: &d.peer,
+                    dialled: d.destination,
+                };
+                let tunnel_state = state.clone();
+                let open = move |endpoint: Arc<Workload>, target, host| async move {
+                    let upstream =
+                        waypoint.upstream(&tunnel_state, &endpoint, target, d.source, host);
+                    waypoint.open(&upstream).await
+                };
+                return tcp::forward(conn, &state, &waypoint.balancer, io, open).await;
+            }
+            let header_read_timeout = downstream.waypoint.header_read_timeout;
             let service = hyper::service::service_fn(move |req| {
                 let downstream = downstream.clone();
                 async move { Ok::<_, Infallible>(downstream.handle(req).await) }
             });
-            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(ours), service)
+            let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            server
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let served = server
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .await;
             if let Err(err) = served {
                 debug!(%err, "HTTP connection in a tunnel ended with an error");
@@ -216,7 +304,7 @@ struct Downstream {
     destination: SocketAddr,
 }
 
-/// How one request ended, for the access log and the metric.
+/// How one request was routed and answered, for the access log and the metric.
 struct Outcome {
     labels: RequestLabels,
     route: Option<String>,
@@ -248,6 +336,8 @@ impl Downstream {
         let source_workload = state
             .workload_by_ip(self.source.ip())
             .filter(|w| state.identity_of(w) == self.peer);
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let request = request.map(|body| CountedBody::new(body, request_bytes.clone()).boxed());
         let mut outcome = Outcome {
             labels: RequestLabels::new()
                 .with_source(source_workload.map(|w| &**w), &self.peer)
@@ -270,38 +360,32 @@ impl Downstream {
                 local_reply(status, flags)
             }
         };
-        self.waypoint.metrics.request(&outcome.labels);
-        let label = |name| outcome.labels.get(name).unwrap_or_default();
-        info!(
-            target: "access",
-            reporter = "waypoint",
-            src = %self.source,
-            src_workload = source_workload.map(|w| w.uid()),
-            src_principal = %self.peer,
-            dst = %self.destination,
-            method = %method,
-            path = %path,
-            protocol = ?version,
-            route = outcome.route.as_deref(),
-            dst_service = label("destination_service"),
-            dst_workload = label("destination_workload"),
-            dst_principal = label("destination_principal"),
-            upstream = outcome.upstream.map(|u| u.to_string()),
-            response_code = response.status().as_u16(),
-            response_flags = label("response_flags"),
-            attempts = outcome.attempts,
-            duration_ms = started.elapsed().as_millis() as u64,
-            error = outcome.error.as_deref(),
-            "request"
-        );
-        response
+        let record = RequestRecord {
+            metrics: self.waypoint.metrics.clone(),
+            labels: outcome.labels,
+            started,
+            request_bytes,
+            source: self.source,
+            source_workload: source_workload.map(|w| w.uid()),
+            source_principal: self.peer.clone(),
+            destination: self.destination,
+            method,
+            path,
+            version,
+            route: outcome.route,
+            upstream: outcome.upstream,
+            attempts: outcome.attempts,
+            error: outcome.error,
+        };
+        let grpc_status = observe::grpc_status(response.headers());
+        response.map(|body| ObservedBody::new(body, grpc_status, record).boxed())
     }
 
     /// Routes and sends `request`; on failure, the status to answer, why, and what to log.
     async fn forward(
         &self,
         state: &MeshState,
-        request: Request<Incoming>,
+        request: Request<Body>,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, LocalReply> {
         let dialled = self.destination;
@@ -359,6 +443,9 @@ impl Downstream {
         if let Some(rewrite) = &route_filters.rewrite {
             filters::apply_rewrite(rewrite, decision.matched, &mut request);
         }
+        // A WebSocket upgrade is taken before its hop-by-hop headers go; it is tried once and
+        // not mirrored (its connection cannot be replayed).
+        let mut upgrade = Upgrade::take(&mut request);
         let (parts, body) = request.into_parts();
         let head = Head {
             method: parts.method,
@@ -370,13 +457,14 @@ impl Downstream {
         let mirrors: Vec<&Mirror> = resilience
             .mirrors
             .iter()
-            .filter(|m| happens(m.per_million, fastrand::u32(0..1_000_000)))
+            .filter(|m| upgrade.is_none() && happens(m.per_million, fastrand::u32(0..1_000_000)))
             .collect();
         let result = self
             .tries(
                 state,
                 &head,
                 &body,
+                &mut upgrade,
                 resilience,
                 &destination,
                 target_service,
@@ -433,7 +521,7 @@ impl Downstream {
         &self,
         redirect: &Redirect,
         route_filters: &RouteFilters,
-        request: &Request<Incoming>,
+        request: &Request<Body>,
     ) -> Response<Body> {
         let authority = request_authority(request).unwrap_or_else(|| self.destination.to_string());
         let location = filters::redirect_location(
@@ -461,7 +549,8 @@ impl Downstream {
         &self,
         state: &MeshState,
         head: &Head,
-        body: &ReplayBody,
+        body: &ReplayBody<Body>,
+        upgrade: &mut Option<Upgrade>,
         resilience: &RouteResilience,
         destination: &RouteDestination,
         target_service: &Arc<Service>,
@@ -534,7 +623,10 @@ impl Downstream {
                 (Some(per_try), None) => Some(now + per_try),
                 (None, deadline) => deadline,
             };
-            let exchange = exchange(&self.waypoint, &upstream, request);
+            // An upgrade's connection cannot be replayed; a body can until it outgrows the kept
+            // copy, which is known only once it has streamed (checked after the try).
+            let upgraded = upgrade.is_some();
+            let exchange = exchange(&self.waypoint, &upstream, request, upgrade.take());
             let result = match budget {
                 Some(until) => tokio::time::timeout_at(until, exchange)
                     .await
@@ -583,7 +675,7 @@ impl Downstream {
             if retries >= policy.attempts {
                 return give_up(last, RequestFlags::RetryLimitExceeded, outcome);
             }
-            if !body.replayable() {
+            if upgraded || !body.replayable() {
                 return give_up(last, RequestFlags::None, outcome);
             }
             let Some(permit) = active.retry() else {
@@ -635,7 +727,8 @@ impl Downstream {
         chosen
     }
 
-    /// Where a request to `endpoint` goes: its address, the pool key and the tunnel.
+    /// Where a request to `endpoint` goes: its address (of the family dialled), the pool key
+    /// and the tunnel.
     fn upstream(
         &self,
         state: &MeshState,
@@ -643,31 +736,17 @@ impl Downstream {
         target_service: &Service,
         target_port: u16,
     ) -> Result<Upstream, LocalReply> {
-        let dialled = self.destination;
         let ip = endpoint
-            .address_like(dialled.ip())
+            .address_like(self.destination.ip())
             .or_else(|| endpoint.ips.first().copied())
             .ok_or_else(|| unhealthy(format!("endpoint {} has no address", endpoint.uid())))?;
-        let endpoint_id = state.identity_of(endpoint);
-        let target = SocketAddr::new(ip, target_port);
-        let own_ip = self
-            .waypoint
-            .own_ip(state, ip)
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let key = PoolKey::new(
-            self.waypoint.identity.clone(),
-            own_ip,
-            SocketAddr::new(ip, HBONE_PORT),
-            vec![endpoint_id.clone()],
-        );
-        let mut tunnel = TunnelRequest::new(self.source, target);
-        tunnel.service_host = Some(target_service.hostname());
-        Ok(Upstream {
-            target,
-            endpoint_id,
-            key,
-            tunnel,
-        })
+        Ok(self.waypoint.upstream(
+            state,
+            endpoint,
+            SocketAddr::new(ip, target_port),
+            self.source,
+            target_service.hostname(),
+        ))
     }
 
     /// Sends a copy of the request to `mirror`, fire and forget ([`super::mirror`]).
@@ -675,7 +754,7 @@ impl Downstream {
         &self,
         state: &MeshState,
         head: &Head,
-        body: &ReplayBody,
+        body: &ReplayBody<Body>,
         mirror: &Mirror,
         timeout: Option<Duration>,
     ) {
@@ -719,7 +798,7 @@ impl Downstream {
         let waypoint = self.waypoint.clone();
         tokio::spawn(async move {
             let sent = tokio::time::timeout(timeout.unwrap_or(MIRROR_TIMEOUT), async {
-                let response = exchange(&waypoint, &upstream, request).await?;
+                let response = exchange(&waypoint, &upstream, request, None).await?;
                 let mut body = response.into_body();
                 // Read the answer to its end (so the stream closes cleanly) and drop it.
                 while let Some(frame) = body.frame().await {
@@ -821,26 +900,19 @@ fn failure_reply(failure: Failure, target: &SocketAddr) -> LocalReply {
     }
 }
 
-/// Opens a tunnel to `upstream` and sends `request` in it.
+/// Opens a tunnel to `upstream` and sends `request` in it (with `upgrade`, as an upgrade).
 async fn exchange<B>(
     waypoint: &Waypoint,
     upstream: &Upstream,
     request: Request<B>,
+    upgrade: Option<Upgrade>,
 ) -> Result<Response<Incoming>, Failure>
 where
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let cert = waypoint
-        .certs
-        .get(&waypoint.identity)
-        .ok_or_else(|| Failure::Connect("the waypoint has no certificate".to_string()))?;
-    let stream = waypoint
-        .pool
-        .open(&upstream.key, &cert, &upstream.tunnel)
-        .await
-        .map_err(|e| Failure::Connect(format!("tunnel: {e}")))?;
-    send(TokioIo::new(stream), request).await
+    let stream = waypoint.open(upstream).await.map_err(Failure::Connect)?;
+    send(TokioIo::new(stream), request, upgrade).await
 }
 
 /// The fixed answer of a route, its response header operations applied.
@@ -907,8 +979,13 @@ fn shadow<B>(request: &mut Request<B>) {
 }
 
 /// Sends `request` over `io` in the request's own HTTP version: a failed handshake is a
-/// connect failure, a failed request a reset (or a refused stream).
-async fn send<IO, B>(io: IO, request: Request<B>) -> Result<Response<Incoming>, Failure>
+/// connect failure, a failed request a reset (or a refused stream). With `upgrade`, as an
+/// upgrade request whose 101 answer splices the two connections.
+async fn send<IO, B>(
+    io: IO,
+    mut request: Request<B>,
+    upgrade: Option<Upgrade>,
+) -> Result<Response<Incoming>, Failure>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
@@ -929,13 +1006,20 @@ where
         let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(handshake)?;
-        tokio::spawn(connection);
+        if let Some(upgrade) = &upgrade {
+            upgrade.restore(request.headers_mut());
+        }
+        tokio::spawn(connection.with_upgrades());
         sender
             .send_request(request)
             .await
             .map_err(|e| Failure::from_send(&e))?
     };
+    let switched = upgrade.and_then(|upgrade| upgrade.on_response(&mut response));
     strip_hop_by_hop(response.headers_mut());
+    if let Some(protocol) = switched {
+        upgrade::set_headers(response.headers_mut(), protocol);
+    }
     Ok(response)
 }
 
@@ -1017,7 +1101,9 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         },
         RequestFlags::DelayInjected
         | RequestFlags::RetryLimitExceeded
-        | RequestFlags::UpstreamOverflow => "",
+        | RequestFlags::UpstreamOverflow
+        | RequestFlags::UpstreamReset
+        | RequestFlags::DownstreamDisconnect => "",
     };
     let mut response = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))

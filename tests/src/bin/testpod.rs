@@ -48,6 +48,13 @@
 //!   opened one after another and kept open, each exchanging N bytes with the echo server first;
 //!   prints `{"event":"opened",...}` once all are open, holds them until a line (or EOF) on stdin
 //!   or S seconds, then half-closes each and reads it to the end; one `closed` summary line.
+//! - `testpod grpc-serve --port P [--name NAME]`: a gRPC server (tonic) of
+//!   tests/proto/greeter.proto: unary `Say` and server-streaming `Count`, with statuses in
+//!   headers (`fail`: NOT_FOUND) and in trailers after replies (`abort`: ABORTED).
+//! - `testpod grpc-call --addr http://H:P [--calls N] [--stream M] [--text T]`: N unary calls
+//!   and one stream of M replies on one channel; one line per call with its status code.
+//! - `testpod ws-serve --port P [--name NAME]` and `testpod ws-echo --url ws://H:P/ [--messages
+//!   N]`: a WebSocket echo server answering `<name>: <message>`, and a client checking N echoes.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -58,6 +65,12 @@ use clap::{Parser, Subcommand};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde_json::{Value, json};
 use socket2::{Domain, Protocol, Socket, Type};
+
+// In a directory of their own: a file directly in src/bin/ would be taken for a binary.
+#[path = "testpod/grpc.rs"]
+mod grpc;
+#[path = "testpod/ws.rs"]
+mod ws;
 
 #[derive(Parser)]
 #[command(name = "testpod", about = "Test bed client/server")]
@@ -217,6 +230,48 @@ enum Cmd {
         #[command(flatten)]
         behaviour: http::Behaviour,
     },
+    /// gRPC server of tests/proto/greeter.proto.
+    GrpcServe {
+        /// Port to listen on (all IPv4 addresses).
+        #[arg(long)]
+        port: u16,
+        /// Name in the replies (default: $POD_NAME).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// gRPC client: unary calls, then one server stream, on one channel.
+    GrpcCall {
+        /// The server, `http://host:port`.
+        #[arg(long)]
+        addr: String,
+        /// Unary `Say` calls.
+        #[arg(long, default_value_t = 1)]
+        calls: u32,
+        /// Replies of one `Count` stream (0: no stream).
+        #[arg(long, default_value_t = 0)]
+        stream: u32,
+        /// The text sent (`fail`, `abort`: the server answers an error status).
+        #[arg(long, default_value = "hello")]
+        text: String,
+    },
+    /// WebSocket echo server.
+    WsServe {
+        /// Port to listen on (all IPv4 addresses).
+        #[arg(long)]
+        port: u16,
+        /// Name in the replies (default: $POD_NAME).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// WebSocket client checking echoes.
+    WsEcho {
+        /// The server, `ws://host:port/path`.
+        #[arg(long)]
+        url: String,
+        /// Messages sent, one at a time.
+        #[arg(long, default_value_t = 10)]
+        messages: u32,
+    },
 }
 
 /// How `testpod flood` makes its connects fail.
@@ -322,6 +377,23 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|| "unknown".into()),
             behaviour,
         ),
+        Cmd::GrpcServe { port, name } => grpc::serve(
+            port,
+            name.or_else(|| std::env::var("POD_NAME").ok())
+                .unwrap_or_else(|| "unknown".into()),
+        ),
+        Cmd::GrpcCall {
+            addr,
+            calls,
+            stream,
+            text,
+        } => grpc::call(addr, calls, stream, text),
+        Cmd::WsServe { port, name } => ws::serve(
+            port,
+            name.or_else(|| std::env::var("POD_NAME").ok())
+                .unwrap_or_else(|| "unknown".into()),
+        ),
+        Cmd::WsEcho { url, messages } => ws::echo(url, messages),
         Cmd::Idle {
             connect,
             count,
