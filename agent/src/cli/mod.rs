@@ -7,6 +7,6 @@
 
 pub mod check;
 pub mod config;
-mod fetch;
+pub(crate) mod fetch;
 pub mod stat;
 mod table;

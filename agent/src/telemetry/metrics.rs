@@ -130,7 +130,10 @@ pub mod exposition {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').unwrap();
                 assert!(valid_name(name), "bad name in {line:?}");
-                assert!(["counter", "gauge"].contains(&kind), "{line:?}");
+                assert!(
+                    ["counter", "gauge", "histogram"].contains(&kind),
+                    "{line:?}"
+                );
                 assert!(
                     typed.insert(name.to_string()),
                     "family typed twice: {line:?}"
@@ -159,7 +162,13 @@ pub mod exposition {
                     (name, labels)
                 }
             };
-            assert!(typed.contains(name), "sample before its # TYPE: {line:?}");
+            // A histogram's samples are its name with `_bucket`, `_sum` and `_count`.
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|suffix| name.strip_suffix(suffix))
+                .find(|base| typed.contains(*base))
+                .unwrap_or(name);
+            assert!(typed.contains(family), "sample before its # TYPE: {line:?}");
             samples.insert((name.to_string(), labels), value);
         }
         samples
