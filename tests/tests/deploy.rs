@@ -892,7 +892,42 @@ fn check_install(objs: &[Value], expect: &Expect) {
         svc_port["targetPort"] == cport["name"] || svc_port["targetPort"] == listen,
         "the Service targets the CA's port"
     );
-    assert_eq!(c["readinessProbe"]["tcpSocket"]["port"], listen);
+    // Ready only once it can sign: GET /ready on its monitoring port, which also serves the
+    // metrics Prometheus finds by annotation (and the PodMonitor by port name).
+    let monitoring = port_of(ca_flag("--monitoring-addr"));
+    let mport = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["containerPort"] == monitoring)
+        .expect("the CA declares its monitoring port");
+    let probe = &c["readinessProbe"]["httpGet"];
+    assert_eq!(probe["path"], "/ready");
+    assert!(
+        probe["port"] == mport["name"] || probe["port"] == monitoring,
+        "the readiness probe asks the monitoring port: {probe}"
+    );
+    let annotations = &dep["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], monitoring.to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    if let Some(pm) = objs
+        .iter()
+        .find(|o| o["kind"] == "PodMonitor" && o["metadata"]["name"] == "ambit-ca")
+    {
+        assert!(labels_match(
+            &pm["spec"]["selector"]["matchLabels"],
+            pod_labels
+        ));
+        assert_eq!(strs(&pm["spec"]["namespaceSelector"]["matchNames"]), [ns]);
+        assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], mport["name"]);
+    }
+    // It signs the trust domain the agents ask for (and checks its files against it).
+    assert_eq!(
+        ca_flag("--trust-domain"),
+        env["AMBIT_TRUST_DOMAIN"],
+        "the CA's --trust-domain is the agents' AMBIT_TRUST_DOMAIN"
+    );
     let dir = &flags["--dir"];
     let (m, v) = mount_of(pod, c, dir);
     assert_eq!(&m["mountPath"], dir, "--dir is the Secret's mount");
@@ -924,7 +959,10 @@ fn check_install(objs: &[Value], expect: &Expect) {
     let mp = &msvc["spec"]["ports"][0];
     assert_eq!(mp["port"], metrics);
     assert_eq!(mp["targetPort"], metrics_port["name"]);
-    if let Some(pm) = objs.iter().find(|o| o["kind"] == "PodMonitor") {
+    if let Some(pm) = objs
+        .iter()
+        .find(|o| o["kind"] == "PodMonitor" && o["metadata"]["name"] == "ambit-agent")
+    {
         assert!(labels_match(
             &pm["spec"]["selector"]["matchLabels"],
             agent_labels
@@ -2019,10 +2057,12 @@ fn metrics_sources() -> String {
     out
 }
 
-/// Metric names the agent exports (string literals of the subsystems' `metrics.rs`).
+/// Metric names the agent exports (string literals of the subsystems' `metrics.rs`; a
+/// histogram's `_bucket`, `_sum` and `_count` series, which tests name, are its own name's).
 fn exported_metrics() -> BTreeSet<String> {
     let src = metrics_sources();
-    src.split('"')
+    let names: BTreeSet<String> = src
+        .split('"')
         .skip(1)
         .step_by(2)
         .filter(|s| {
@@ -2030,6 +2070,15 @@ fn exported_metrics() -> BTreeSet<String> {
                 && s.chars().all(|c| c.is_ascii_lowercase() || c == '_')
         })
         .map(String::from)
+        .collect();
+    names
+        .iter()
+        .filter(|name| {
+            !["_bucket", "_sum", "_count"]
+                .iter()
+                .any(|suffix| name.strip_suffix(suffix).is_some_and(|b| names.contains(b)))
+        })
+        .cloned()
         .collect()
 }
 
@@ -2119,6 +2168,20 @@ fn dashboard_uses_the_agents_metrics() {
         for t in panel["targets"].as_array().into_iter().flatten() {
             let expr = t["expr"].as_str().unwrap();
             let (m, l) = promql_names(expr);
+            // A histogram's series are its name with `_bucket`, `_sum` or `_count`.
+            let m: BTreeSet<String> = m
+                .into_iter()
+                .map(|name| {
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|suffix| {
+                            name.strip_suffix(suffix)
+                                .filter(|base| exported.contains(*base))
+                                .map(String::from)
+                        })
+                        .unwrap_or(name)
+                })
+                .collect();
             assert!(!m.is_empty(), "{expr}: no metric");
             for name in &m {
                 assert!(
@@ -2132,8 +2195,9 @@ fn dashboard_uses_the_agents_metrics() {
             }
             for label in &l {
                 assert!(
-                    labels.contains(label) || label == "node",
-                    "{expr}: label {label} is not on the agent's metrics (nor the PodMonitor's node)"
+                    labels.contains(label) || label == "node" || label == "le",
+                    "{expr}: label {label} is not on the agent's metrics (nor the PodMonitor's \
+                     node, nor a histogram's le)"
                 );
             }
             used.extend(m);
