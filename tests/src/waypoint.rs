@@ -163,13 +163,21 @@ pub fn start_waypoint_with(cluster: &Cluster, pod: &Pod, extra: &[&str]) -> Resu
     args.extend(node.ca_flags());
     args.extend(extra.iter().map(|a| a.to_string()));
     let mut process = pod.spawn(cluster.ambit_bin(), &args)?;
+    wait_serving(cluster, pod, &mut process)?;
+    Ok(process)
+}
+
+/// Waits until the waypoint `process` running in `pod` serves its metrics (it has its
+/// certificate and listens on 15008 by then), at most 60 s.
+pub fn wait_serving(cluster: &Cluster, pod: &Pod, process: &mut PodProcess) -> Result<()> {
+    let node = cluster.node_of(pod);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = process.try_status()? {
             bail!("ambit waypoint exited: {status}; log: {}", process.stderr());
         }
         if waypoint_metrics(node, pod).is_ok() {
-            return Ok(process);
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
