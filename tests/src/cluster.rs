@@ -615,6 +615,22 @@ impl Pod {
         &self.netns_path
     }
 
+    /// How many sk_lookup programs are attached to the pod's namespace now, as the kernel lists
+    /// its links (`bpftool link show`).
+    pub fn sk_lookup_links(&self) -> Result<usize> {
+        use std::os::unix::fs::MetadataExt as _;
+        let ino = fs::metadata(&self.netns_path)
+            .with_context(|| format!("stat {}", self.netns_path.display()))?
+            .ino();
+        let out = util::run("bpftool", ["-j", "link", "show"])?;
+        let links: Vec<serde_json::Value> =
+            serde_json::from_str(&out).with_context(|| format!("bpftool link show: {out}"))?;
+        Ok(links
+            .iter()
+            .filter(|l| l["attach_type"] == "sk_lookup" && l["netns_ino"] == ino)
+            .count())
+    }
+
     /// Name of the node-side end of the pod's veth, in the node namespace (`a<id>n<i>p<j>`).
     pub fn node_interface(&self) -> &str {
         &self.node_if
