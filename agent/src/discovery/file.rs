@@ -41,6 +41,7 @@ pub use self::gateway_routes::{
     CheckedGatewayRoute, GATEWAY_API_VERSION, GatewayKind, GatewayProblem, GatewayReason,
     GatewayRouteFile, ParentOutcome,
 };
+pub(crate) use self::gateway_routes::{gateway_route, merge as merge_gateway_routes};
 pub use self::l7::{
     ClaimToHeaderFile, JwtHeaderFile, JwtRuleFile, L7_CONDITION_KEYS, MAX_JWKS_BYTES,
     RequestAuthenticationFile, parse_jwks, request_authentication, target_refs, waypoint_policy,

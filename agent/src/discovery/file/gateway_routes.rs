@@ -285,10 +285,23 @@ fn from_config(error: ConfigError) -> GatewayProblem {
     }
 }
 
+/// Converts one Gateway API route on its own (for Kubernetes: `discovery::kube::gateway_routes`),
+/// its fields named after `at` (empty: `.spec...`).
+pub(crate) fn gateway_route(
+    at: &str,
+    kind: GatewayKind,
+    namespace: &str,
+    name: &str,
+    spec: &Value,
+    known: &KnownServices<'_>,
+) -> Result<CheckedGatewayRoute, GatewayProblem> {
+    Validator::new(std::path::Path::new("")).gateway_route(at, kind, namespace, name, spec, known)
+}
+
 impl Validator<'_> {
     /// Converts a Gateway API route of `kind` named `namespace/name`, its fields named after
     /// `at` (e.g. `httpRoutes[0]`).
-    pub(crate) fn gateway_route(
+    fn gateway_route(
         &self,
         at: &str,
         kind: GatewayKind,

@@ -532,3 +532,90 @@ virtualServices:
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_bad_http_route_edit_keeps_the_last_good_routes_and_a_good_one_reloads() {
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+
+    use crate::discovery::{ConfigStatus, watch_mesh_file};
+
+    // Generous: file events arrive within a second; a loaded machine is slower.
+    const WAIT: Duration = Duration::from_secs(20);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, format!("{MESH}{SEED}")).unwrap();
+    let (state_tx, state) = watch::channel(Arc::new(MeshState::empty()));
+    let (status_tx, mut status) = watch::channel(ConfigStatus::default());
+    let task = tokio::spawn(watch_mesh_file(path.clone(), state_tx, status_tx));
+    let mut wait = async |what: &str, f: &dyn Fn(&ConfigStatus) -> bool| {
+        tokio::time::timeout(WAIT, status.wait_for(|s| f(s)))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap()
+            .clone()
+    };
+    wait("the first load", &|s| s.generation == 1).await;
+    let first = state.borrow().clone();
+    assert_eq!(
+        first
+            .routes()
+            .for_service("shop/reviews")
+            .unwrap()
+            .http
+            .len(),
+        2
+    );
+
+    // An experimental field: refused by name, the routes in force unchanged.
+    std::fs::write(
+        &path,
+        format!(
+            "{MESH}{}",
+            SEED.replace(
+                "    - backendRefs:\n",
+                "    - sessionPersistence: {sessionName: s}\n      backendRefs:\n"
+            )
+        ),
+    )
+    .unwrap();
+    let rejected = wait("the error", &|s| s.last_error.is_some()).await;
+    assert!(
+        rejected
+            .last_error
+            .unwrap()
+            .contains("httpRoutes[0].spec.rules[1].sessionPersistence: not supported"),
+    );
+    assert!(
+        Arc::ptr_eq(&state.borrow(), &first),
+        "a bad file must not be published"
+    );
+
+    // A good edit: the new weights are in force.
+    std::fs::write(
+        &path,
+        format!(
+            "{MESH}{}",
+            SEED.replace("weight: 90", "weight: 50")
+                .replace("weight: 10", "weight: 50")
+        ),
+    )
+    .unwrap();
+    wait("generation 2", &|s| {
+        s.generation == 2 && s.last_error.is_none()
+    })
+    .await;
+    let weights: Vec<u32> = state
+        .borrow()
+        .routes()
+        .for_service("shop/reviews")
+        .unwrap()
+        .http[1]
+        .destinations
+        .iter()
+        .map(|d| d.weight)
+        .collect();
+    assert_eq!(weights, [50, 50]);
+    task.abort();
+}
