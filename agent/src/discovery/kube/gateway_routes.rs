@@ -158,7 +158,8 @@ fn verdicts(route: &CheckedGatewayRoute) -> Vec<ParentVerdict> {
             status: false,
             reason: first.reason.as_str(),
             message: format!(
-                "{} (the rules naming them answer 500)",
+                "{} (a rule with a backend that does not resolve answers 500; a mirror that does \
+                 not resolve is not sent)",
                 route
                     .unresolved
                     .iter()
