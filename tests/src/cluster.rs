@@ -865,6 +865,7 @@ pub struct Cluster {
     redirect: Mutex<mesh::Redirect>,
     policies: Mutex<mesh::Policies>,
     routing: Mutex<mesh::Routing>,
+    gateway_routes: Mutex<mesh::GatewayRoutes>,
     ca: Mutex<CaState>,
     mesh_write: Mutex<u64>,
     torn_down: AtomicBool,
@@ -969,6 +970,7 @@ impl Cluster {
             redirect: Mutex::new(mesh::Redirect::default()),
             policies: Mutex::new(mesh::Policies::default()),
             routing: Mutex::new(mesh::Routing::default()),
+            gateway_routes: Mutex::new(mesh::GatewayRoutes::default()),
             ca: Mutex::new(CaState::default()),
             mesh_write: Mutex::new(0),
             torn_down: AtomicBool::new(false),
@@ -1286,6 +1288,7 @@ impl Cluster {
     pub fn mesh(&self) -> MeshFile {
         let policies = lock(&self.policies).clone();
         let routing = lock(&self.routing).clone();
+        let gateway_routes = lock(&self.gateway_routes).clone();
         MeshFile {
             trust_domain: TRUST_DOMAIN.to_string(),
             redirect: lock(&self.redirect).clone(),
@@ -1301,6 +1304,8 @@ impl Cluster {
             request_authentications: policies.request_authentications,
             virtual_services: routing.virtual_services,
             destination_rules: routing.destination_rules,
+            http_routes: gateway_routes.http_routes,
+            grpc_routes: gateway_routes.grpc_routes,
         }
     }
 
@@ -1326,6 +1331,12 @@ impl Cluster {
     /// [`write_mesh`](Self::write_mesh).
     pub fn set_routing(&self, routing: mesh::Routing) {
         *lock(&self.routing) = routing;
+    }
+
+    /// Replaces the Gateway API routing sections (`httpRoutes`, `grpcRoutes`). Publish with
+    /// [`write_mesh`](Self::write_mesh).
+    pub fn set_gateway_routes(&self, routes: mesh::GatewayRoutes) {
+        *lock(&self.gateway_routes) = routes;
     }
 
     /// Adds a workload that is no bed pod to the mesh file (publish with

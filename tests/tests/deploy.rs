@@ -1151,6 +1151,11 @@ fn check_rbac(objs: &[Value], ns: &str) {
                 &["virtualservices", "destinationrules"],
                 watch
             ),
+            (
+                "gateway.networking.k8s.io",
+                &["httproutes", "grpcroutes"],
+                watch
+            ),
             ("events.k8s.io", &["events"], &["create"]),
         ])
     );
@@ -1168,6 +1173,11 @@ fn check_rbac(objs: &[Value], ns: &str) {
             (
                 "networking.ambit.dev",
                 &["virtualservices", "destinationrules"],
+                watch
+            ),
+            (
+                "gateway.networking.k8s.io",
+                &["httproutes", "grpcroutes"],
                 watch
             ),
         ])
@@ -1198,6 +1208,17 @@ fn check_rbac(objs: &[Value], ns: &str) {
             (
                 "networking.ambit.dev",
                 &["virtualservices/status", "destinationrules/status"],
+                &["patch"]
+            ),
+            // Gateway API routes of Services (GAMMA): status.parents[] entries.
+            (
+                "gateway.networking.k8s.io",
+                &["httproutes", "grpcroutes"],
+                &["list", "watch"]
+            ),
+            (
+                "gateway.networking.k8s.io",
+                &["httproutes/status", "grpcroutes/status"],
                 &["patch"]
             ),
             ("", &["services"], &["list", "watch"]),

@@ -38,7 +38,7 @@
 use std::{fmt, net::IpAddr, str::FromStr, sync::Arc, time::Duration};
 
 use k8s_openapi::{
-    NamespaceResourceScope, Resource,
+    NamespaceResourceScope,
     api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -432,26 +432,15 @@ pub struct PlacedPodStatus {
     pub phase: Option<String>,
 }
 
-impl Resource for PlacedPod {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "Pod";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "pods";
-    type Scope = NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for PlacedPod {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::discovery::kube::kube_resource!(
+    PlacedPod,
+    "v1",
+    "",
+    "v1",
+    "Pod",
+    "pods",
+    NamespaceResourceScope
+);
 
 impl PlacedPod {
     /// The service account the pod runs as (`default` when the object names none, as the API

@@ -94,6 +94,10 @@ pub struct HttpMatch {
     /// `uri`'s `exact` and `prefix` ignore ASCII case (not `regex`, as Istio's).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub ignore_uri_case: bool,
+    /// The service port the client dialled must be this one (a Gateway API route whose
+    /// `parentRef` names a port); `None`: any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// A condition on one request header.
@@ -116,6 +120,9 @@ pub enum StringMatch {
     Prefix(String),
     /// The whole string matches the RE2-style expression.
     Regex(FullRegex),
+    /// Gateway API's `PathPrefix`: the path's leading `/`-separated elements are the prefix's
+    /// (`/foo` matches `/foo` and `/foo/bar`, not `/foobar`; a trailing `/` is ignored).
+    PathPrefix(String),
 }
 
 impl StringMatch {
@@ -125,6 +132,11 @@ impl StringMatch {
             StringMatch::Exact(exact) => value == exact,
             StringMatch::Prefix(prefix) => value.starts_with(prefix.as_str()),
             StringMatch::Regex(regex) => regex.is_match(value),
+            StringMatch::PathPrefix(prefix) => {
+                let prefix = prefix.trim_end_matches('/');
+                value.starts_with(prefix)
+                    && (value.len() == prefix.len() || value.as_bytes()[prefix.len()] == b'/')
+            }
         }
     }
 }
@@ -325,6 +337,10 @@ pub struct Rewrite {
     /// Replaces the `host`/`:authority`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authority: Option<String>,
+    /// `uri` replaces the whole path, whatever the match took (Gateway API's
+    /// `ReplaceFullPath`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub full_path: bool,
 }
 
 /// Istio's `HTTPRedirect`: a redirect answered by the waypoint.

@@ -400,9 +400,12 @@ impl Downstream {
             .service_by_vip(dialled.ip())
             .ok_or_else(|| no_route(format!("{dialled} is no longer a service VIP")))?;
         let routes = state.routes().for_service(&service.uid());
-        let decision = route::decide(routes, service, RequestView::of(&request), |n| {
-            fastrand::u32(0..n)
-        })
+        let decision = route::decide(
+            routes,
+            service,
+            RequestView::of(&request).at_port(dialled.port()),
+            |n| fastrand::u32(0..n),
+        )
         .ok_or_else(|| no_route(format!("no route of {} matches", service.uid())))?;
         outcome.route = routes.map(|r| match decision.route.and_then(|r| r.name.as_deref()) {
             Some(name) => format!("{} {name}", r.source),

@@ -33,6 +33,8 @@ pub struct RequestView<'a> {
     pub method: &'a http::Method,
     /// The query string (after `?`), if any.
     pub query: Option<&'a str>,
+    /// The service port the client dialled, if known.
+    pub port: Option<u16>,
 }
 
 impl<'a> RequestView<'a> {
@@ -43,6 +45,15 @@ impl<'a> RequestView<'a> {
             headers: request.headers(),
             method: request.method(),
             query: request.uri().query(),
+            port: None,
+        }
+    }
+
+    /// The same view, the client having dialled the service's `port`.
+    pub fn at_port(self, port: u16) -> Self {
+        Self {
+            port: Some(port),
+            ..self
         }
     }
 }
@@ -106,6 +117,11 @@ pub fn decide<'a>(
 
 /// Whether every condition of `m` holds.
 fn matches(m: &HttpMatch, request: RequestView<'_>) -> bool {
+    if let Some(port) = m.port
+        && request.port != Some(port)
+    {
+        return false;
+    }
     if let Some(uri) = &m.uri
         && !uri_matches(uri, request.path, m.ignore_uri_case)
     {
@@ -330,6 +346,7 @@ mod tests {
                 headers: &jason,
                 method: &GET,
                 query: None,
+                port: None,
             };
             let got = decide(Some(&routes), &service(), request, |_| pick);
             assert_eq!(subset_of(got).as_deref(), Some("v2"));
@@ -342,6 +359,7 @@ mod tests {
                 headers: &h,
                 method: &GET,
                 query: None,
+                port: None,
             };
             assert_eq!(
                 subset_of(decide(Some(&routes), &service(), request, |_| 0)).as_deref(),
@@ -360,6 +378,7 @@ mod tests {
             headers: &none,
             method: &GET,
             query: None,
+            port: None,
         };
         let mut v2 = 0;
         for pick in 0..100 {
@@ -412,6 +431,7 @@ mod tests {
                 headers: &none,
                 method: &GET,
                 query: None,
+                port: None,
             };
             decide(Some(routes), &service(), request, |_| 0).is_some()
         };
@@ -453,6 +473,7 @@ mod tests {
                 headers: h,
                 method: &GET,
                 query: None,
+                port: None,
             };
             decide(Some(routes), &service(), request, |_| 0).is_some()
         };
@@ -475,6 +496,7 @@ mod tests {
             headers: &none,
             method: &GET,
             query: None,
+            port: None,
         };
         let got = decide(None, &service(), request, |_| 0).unwrap();
         assert_eq!(got.route, None);
@@ -556,8 +578,31 @@ mod tests {
             headers: h,
             method,
             query,
+            port: None,
         };
         decide(Some(routes), &service(), request, |_| 0).is_some()
+    }
+
+    #[test]
+    fn a_match_with_a_port_holds_only_for_that_service_port() {
+        let none = HeaderMap::new();
+        let routes = one_match(HttpMatch {
+            port: Some(9080),
+            ..HttpMatch::default()
+        });
+        let at = |port: Option<u16>| {
+            let request = RequestView {
+                path: "/",
+                headers: &none,
+                method: &GET,
+                query: None,
+                port,
+            };
+            decide(Some(&routes), &service(), request, |_| 0).is_some()
+        };
+        assert!(at(Some(9080)));
+        assert!(!at(Some(9090)));
+        assert!(!at(None));
     }
 
     #[test]
@@ -745,6 +790,7 @@ mod tests {
             headers: &none,
             method: &GET,
             query: None,
+            port: None,
         };
         let got = decide(Some(&routes), &service(), request, |_| 0).unwrap();
         assert_eq!(got.destination, None);

@@ -610,7 +610,11 @@ impl Validator<'_> {
     }
 
     /// The object's namespace, after checking its metadata.
-    fn meta<'m>(&self, at: &str, meta: &'m ObjectMetaFile) -> Result<&'m str, ConfigError> {
+    pub(super) fn meta<'m>(
+        &self,
+        at: &str,
+        meta: &'m ObjectMetaFile,
+    ) -> Result<&'m str, ConfigError> {
         self.non_empty(format!("{at}.metadata.name"), &meta.name)?;
         match meta.namespace.as_deref() {
             Some(namespace) => {
@@ -710,6 +714,7 @@ impl Validator<'_> {
                 query_params,
                 without_headers,
                 ignore_uri_case: entry.ignore_uri_case.unwrap_or(false),
+                port: None,
             });
         }
         let filters = self.route_filters(at, route)?;
@@ -947,6 +952,7 @@ impl Validator<'_> {
                 Some(Rewrite {
                     uri: rewrite.uri.clone(),
                     authority: rewrite.authority.clone(),
+                    full_path: false,
                 })
             }
             None => None,
@@ -1044,7 +1050,7 @@ impl Validator<'_> {
     }
 
     /// An authority (`host` or `host:port`).
-    fn authority(&self, field: &str, authority: &str) -> Result<(), ConfigError> {
+    pub(super) fn authority(&self, field: &str, authority: &str) -> Result<(), ConfigError> {
         match authority.parse::<http::uri::Authority>() {
             Ok(parsed)
                 if !authority.is_empty() && !authority.contains('@') && parsed.host() != "" =>
@@ -1071,7 +1077,7 @@ impl Validator<'_> {
     }
 
     /// Istio's `HeaderOperations`: names lower-cased, values literal.
-    fn header_ops(
+    pub(super) fn header_ops(
         &self,
         at: &str,
         ops: &Option<HeaderOperationsFile>,
@@ -1558,7 +1564,8 @@ destinationRules:
             writes.filters.rewrite,
             Some(Rewrite {
                 uri: Some("/v2".into()),
-                authority: Some("reviews.internal".into())
+                authority: Some("reviews.internal".into()),
+                full_path: false,
             })
         );
         // Header names are lower-cased.

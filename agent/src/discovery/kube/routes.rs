@@ -21,9 +21,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{
-    Metadata, NamespaceResourceScope, Resource, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -58,26 +56,15 @@ macro_rules! route_resource {
             pub status: Option<PolicyStatus>,
         }
 
-        impl Resource for $type {
-            const API_VERSION: &'static str = ROUTING_API_VERSION;
-            const GROUP: &'static str = NETWORKING_GROUP;
-            const KIND: &'static str = $kind;
-            const VERSION: &'static str = "v1";
-            const URL_PATH_SEGMENT: &'static str = $plural;
-            type Scope = NamespaceResourceScope;
-        }
-
-        impl Metadata for $type {
-            type Ty = ObjectMeta;
-
-            fn metadata(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
+        super::kube_resource!(
+            $type,
+            ROUTING_API_VERSION,
+            NETWORKING_GROUP,
+            "v1",
+            $kind,
+            $plural,
+            NamespaceResourceScope
+        );
     };
 }
 
@@ -101,6 +88,10 @@ pub enum RouteKind {
     VirtualService,
     /// `networking.ambit.dev/v1` DestinationRule.
     DestinationRule,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute.
+    HttpRoute,
+    /// `gateway.networking.k8s.io/v1` GRPCRoute.
+    GrpcRoute,
 }
 
 impl fmt::Display for RouteKind {
@@ -108,6 +99,8 @@ impl fmt::Display for RouteKind {
         f.write_str(match self {
             RouteKind::VirtualService => "VirtualService",
             RouteKind::DestinationRule => "DestinationRule",
+            RouteKind::HttpRoute => "HTTPRoute",
+            RouteKind::GrpcRoute => "GRPCRoute",
         })
     }
 }
