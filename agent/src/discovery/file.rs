@@ -35,6 +35,7 @@ mod l7;
 mod resilience;
 mod routing;
 mod security;
+mod traffic_policy;
 
 pub use self::l7::{
     ClaimToHeaderFile, JwtHeaderFile, JwtRuleFile, L7_CONDITION_KEYS, MAX_JWKS_BYTES,
@@ -56,6 +57,9 @@ pub use self::security::{
     AuthorizationPolicyFile, CONDITION_KEYS, ConditionFile, FromFile, OperationFile,
     PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, TargetRefFile, ToFile,
     authorization_policy, peer_auth_mode, workload_selector,
+};
+pub use self::traffic_policy::{
+    ConnectionPoolFile, HttpSettingsFile, OutlierDetectionFile, TcpSettingsFile,
 };
 
 /// The whole mesh file.
