@@ -159,14 +159,12 @@ struct ConnState {
     idle_since: Mutex<Instant>,
     /// Taken out of the pool: no new request.
     closing: AtomicBool,
-    /// `maxRequestsPerConnection` when it was opened (0: unlimited).
-    max_requests: u32,
     /// The cluster it counts in.
     cluster: Arc<Cluster>,
 }
 
 impl ConnState {
-    fn new(id: u64, max_requests: u32, cluster: Arc<Cluster>) -> Self {
+    fn new(id: u64, cluster: Arc<Cluster>) -> Self {
         Self {
             cluster,
             id,
@@ -174,18 +172,14 @@ impl ConnState {
             in_use: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             closing: AtomicBool::new(false),
-            max_requests,
         }
     }
 
-    /// Whether it has carried all the requests it may.
-    fn exhausted(&self) -> bool {
-        self.max_requests != 0 && self.requests.load(Ordering::Relaxed) >= self.max_requests
-    }
-
-    /// Whether a new request may use it.
-    fn usable(&self) -> bool {
-        !self.closing.load(Ordering::Relaxed) && !self.exhausted()
+    /// Whether a new request may use it, under `maxRequestsPerConnection` `max` (0: no
+    /// limit; the cluster's limit now, which a configuration change may have lowered).
+    fn usable(&self, max: u32) -> bool {
+        let exhausted = max != 0 && self.requests.load(Ordering::Relaxed) >= max;
+        !self.closing.load(Ordering::Relaxed) && !exhausted
     }
 
     fn start(&self) {
@@ -222,7 +216,9 @@ struct Lease {
     /// Held in a mutex only so that the response body is `Sync`.
     sender: Mutex<Option<Sender>>,
     /// The response was read to its end: an HTTP/1.1 connection may be reused.
-    completed: bool,
+    completed: AtomicBool,
+    /// The cluster's `maxRequestsPerConnection`.
+    max_per_connection: u32,
     _request: RequestSlot,
 }
 
@@ -235,7 +231,10 @@ impl Drop for Lease {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         match sender {
-            Some(Sender::Http1(sender)) if self.completed && self.conn.usable() => {
+            Some(Sender::Http1(sender))
+                if self.completed.load(Ordering::Relaxed)
+                    && self.conn.usable(self.max_per_connection) =>
+            {
                 let (inner, key, conn) = (self.inner.clone(), self.key.clone(), self.conn.clone());
                 if sender.is_ready() {
                     inner.give_back(key, sender, conn);
@@ -253,7 +252,7 @@ impl Drop for Lease {
             // dropping its sender closes it.
             Some(Sender::Http1(_)) | None => {}
             Some(Sender::Http2(_)) => {
-                if in_use == 0 && !self.conn.usable() {
+                if in_use == 0 && !self.conn.usable(self.max_per_connection) {
                     self.inner.forget(&self.key, self.conn.id);
                 }
                 self.conn.cluster.freed.notify_waiters();
@@ -324,11 +323,8 @@ impl Body for PooledBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => {
-                if let Some(mut lease) = self.lease.take() {
-                    lease.completed = true;
-                }
-            }
+            Poll::Ready(None) => self.complete(),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.complete(),
             Poll::Ready(Some(Err(_))) => self.lease = None,
             _ => {}
         }
@@ -336,11 +332,25 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        let end = self.body.is_end_stream();
+        // A reader that knows the length may stop here without polling for the end.
+        if end && let Some(lease) = &self.lease {
+            lease.completed.store(true, Ordering::Relaxed);
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl PooledBody {
+    /// The response was read to its end: the connection goes back to the pool.
+    fn complete(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.completed.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -462,7 +472,7 @@ impl HttpPool {
             tokio::pin!(freed);
             // Registered before looking, so that a connection freed meanwhile wakes us.
             freed.as_mut().enable();
-            if let Some(taken) = inner.take(&target.key) {
+            if let Some(taken) = inner.take(&target.key, limits.max_requests_per_connection) {
                 break taken;
             }
             let connecting_h2 = target.key.http2 && inner.h2_connecting(&target.key);
@@ -489,7 +499,8 @@ impl HttpPool {
             key: target.key.clone(),
             conn,
             sender: Mutex::new(None),
-            completed: false,
+            completed: AtomicBool::new(false),
+            max_per_connection: limits.max_requests_per_connection,
             _request: request_slot,
         };
         let sent = match sender {
@@ -551,17 +562,20 @@ impl Inner {
     }
 
     /// A free connection of `key`, counted as started.
-    fn take(&self, key: &ConnKey) -> Option<(Sender, Arc<ConnState>)> {
+    fn take(&self, key: &ConnKey, max_per_connection: u32) -> Option<(Sender, Arc<ConnState>)> {
         let mut hosts = self.hosts();
         let host = hosts.get_mut(key)?;
         if key.http2 {
             host.multiplexed.retain(|(s, _)| !s.is_closed());
-            let (sender, conn) = host.multiplexed.iter().find(|(_, c)| c.usable())?;
+            let (sender, conn) = host
+                .multiplexed
+                .iter()
+                .find(|(_, c)| c.usable(max_per_connection))?;
             conn.start();
             return Some((Sender::Http2(sender.clone()), conn.clone()));
         }
         while let Some((sender, conn)) = host.idle.pop() {
-            if sender.is_ready() && conn.usable() {
+            if sender.is_ready() && conn.usable(max_per_connection) {
                 conn.start();
                 return Some((Sender::Http1(sender), conn));
             }
@@ -700,11 +714,7 @@ impl Inner {
             }
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(ConnState::new(
-            id,
-            limits.max_requests_per_connection,
-            cluster.clone(),
-        ));
+        let conn = Arc::new(ConnState::new(id, cluster.clone()));
         conn.start();
         if let Sender::Http2(sender) = &sender {
             self.hosts()

@@ -1208,6 +1208,10 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         RequestFlags::UpstreamFailure => "upstream connect error\n",
         RequestFlags::UpstreamRequestTimeout => "upstream request timeout\n",
         RequestFlags::FaultInjected => "fault filter abort\n",
+        // Envoy's words for a circuit breaker's overflow.
+        RequestFlags::UpstreamOverflow => {
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow\n"
+        }
         RequestFlags::None => match status {
             StatusCode::FORBIDDEN => super::authz::RBAC_DENIED_BODY,
             StatusCode::UNAUTHORIZED => super::authz::JWT_DENIED_BODY,
@@ -1215,7 +1219,6 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         },
         RequestFlags::DelayInjected
         | RequestFlags::RetryLimitExceeded
-        | RequestFlags::UpstreamOverflow
         | RequestFlags::UpstreamReset
         | RequestFlags::DownstreamDisconnect => "",
     };
