@@ -669,9 +669,8 @@ impl Inner {
     {
         let key = &target.key;
         let limits = target.limits;
-        if key.http2 {
-            self.hosts().entry(key.clone()).or_default().connecting += 1;
-        }
+        // Counted until this returns or is cancelled (the request's timeout).
+        let connecting = key.http2.then(|| Connecting::new(self, key, cluster));
         let connected = tokio::time::timeout(limits.connect_timeout, async {
             let stream = open.await.map_err(Failure::Connect)?;
             let handshake = |e: hyper::Error| Failure::Connect(format!("HTTP handshake: {e}"));
@@ -698,17 +697,10 @@ impl Inner {
                 limits.connect_timeout, key.target
             )))
         });
-        if key.http2 {
-            let mut hosts = self.hosts();
-            if let Some(host) = hosts.get_mut(key) {
-                host.connecting -= 1;
-            }
-        }
         let (sender, connection) = match connected {
             Ok(connected) => connected,
             Err(failure) => {
-                drop(slot);
-                self.forget(key, u64::MAX);
+                drop((slot, connecting));
                 cluster.freed.notify_waiters();
                 return Err(failure);
             }
@@ -722,8 +714,9 @@ impl Inner {
                 .or_default()
                 .multiplexed
                 .push((sender.clone(), conn.clone()));
-            cluster.freed.notify_waiters();
         }
+        // Requests waiting for it now find it.
+        drop(connecting);
         tokio::spawn(self.clone().run(
             key.clone(),
             conn.clone(),
@@ -774,6 +767,39 @@ impl Inner {
             Ok(None) => {}
             Err(err) => debug!(target = %key.target, %err, "upstream connection failed"),
         }
+    }
+}
+
+/// An HTTP/2 connection being opened for a key: requests of that key wait for it rather than
+/// open more. Dropped (done or cancelled), the waiters look again.
+struct Connecting<'a> {
+    inner: &'a Inner,
+    key: &'a ConnKey,
+    cluster: &'a Cluster,
+}
+
+impl<'a> Connecting<'a> {
+    fn new(inner: &'a Inner, key: &'a ConnKey, cluster: &'a Cluster) -> Self {
+        inner.hosts().entry(key.clone()).or_default().connecting += 1;
+        Self {
+            inner,
+            key,
+            cluster,
+        }
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        let mut hosts = self.inner.hosts();
+        if let Some(host) = hosts.get_mut(self.key) {
+            host.connecting -= 1;
+            if host.idle.is_empty() && host.multiplexed.is_empty() && host.connecting == 0 {
+                hosts.remove(self.key);
+            }
+        }
+        drop(hosts);
+        self.cluster.freed.notify_waiters();
     }
 }
 
