@@ -216,6 +216,37 @@ pub fn sum_series(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Waits (30 s at most) until `node`'s agent has admitted a tunnel from `principal` over mTLS,
+/// as its `istio_tcp_connections_opened_total{reporter="destination"}` counts it when the
+/// tunnel opens. (Its access-log line is written only when the tunnel ends, and the waypoint
+/// keeps its tunnels pooled.)
+pub fn wait_tunnel_from(node: &Node, principal: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = node
+            .http_get(crate::METRICS_PORT, "/metrics", Duration::from_secs(5))?
+            .body;
+        let opened = sum_series(
+            &metrics,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", principal),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        );
+        if opened >= 1.0 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{}'s agent counted no tunnel from {principal} in 30 s",
+            node.name()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits until every agent reports a rejected mesh file (its `lastError` set) and returns the
 /// first agent's error.
 pub fn wait_rejected(cluster: &Cluster) -> Result<String> {

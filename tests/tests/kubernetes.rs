@@ -1556,14 +1556,11 @@ fn a_waypoint_deployed_from_a_gateway_gets_its_certificate_and_serves() -> Resul
         through >= 1.0,
         "the waypoint counted no request from the client: {metrics}"
     );
-    let line =
-        wait_access_log(&cluster, cluster.node(1), "inbound", server.addr4(8080), 1)?.remove(0);
-    ensure_or_dump!(
-        cluster,
-        line["security"] == "mtls"
-            && line["src_principal"] == "spiffe://cluster.local/ns/shop/sa/waypoint",
-        "the endpoint's agent should see the waypoint's identity: {line}"
-    );
+    // The endpoint's agent admitted a tunnel from the waypoint's identity, over mTLS.
+    ambit_tests::waypoint::wait_tunnel_from(
+        cluster.node(1),
+        "spiffe://cluster.local/ns/shop/sa/waypoint",
+    )?;
 
     eprintln!("[kubernetes] phase: another account's token asks for the waypoint's identity");
     let roots = cluster

@@ -313,16 +313,12 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     );
 
     // The servers saw the waypoint, not the client: the destination agent authorized the
-    // waypoint's identity (its access log names it as the tunnel's principal).
+    // waypoint's identity (its metrics count the tunnel by its principal).
     let waypoint_principal = format!("spiffe://cluster.local/ns/{namespace}/sa/waypoint");
-    let inbound = ambit_tests::traffic::access_logs(cluster.node(1));
-    ensure_or_dump!(
-        cluster,
-        inbound
-            .iter()
-            .any(|l| l["src_principal"] == waypoint_principal.as_str()),
-        "node 1's agent logged no tunnel from the waypoint's identity"
-    );
+    cluster.with_diagnostics(waypoint::wait_tunnel_from(
+        cluster.node(1),
+        &waypoint_principal,
+    ))?;
     drop(servers);
     Ok(())
 }

@@ -36,6 +36,7 @@ mod l7;
 mod resilience;
 mod routing;
 mod security;
+mod traffic_policy;
 
 pub use self::gateway_routes::{
     CheckedGatewayRoute, GATEWAY_API_VERSION, GatewayKind, GatewayProblem, GatewayReason,
@@ -62,6 +63,9 @@ pub use self::security::{
     AuthorizationPolicyFile, CONDITION_KEYS, ConditionFile, FromFile, OperationFile,
     PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, TargetRefFile, ToFile,
     authorization_policy, peer_auth_mode, workload_selector,
+};
+pub use self::traffic_policy::{
+    ConnectionPoolFile, HttpSettingsFile, OutlierDetectionFile, TcpSettingsFile,
 };
 
 /// The whole mesh file.

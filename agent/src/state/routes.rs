@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use serde::Serialize;
 
-use super::{WaypointRef, resilience::RouteResilience};
+use super::{WaypointRef, resilience::RouteResilience, upstream::UpstreamPolicy};
 
 /// The routes of every service that has some, by service (`namespace/name`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -21,6 +21,10 @@ pub struct RouteTable {
     /// `trafficPolicy.loadBalancer`); absent: round robin.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub load_balancers: BTreeMap<String, LoadBalancer>,
+    /// Service uid to the connection pool and outlier detection of its endpoints (a
+    /// DestinationRule's `trafficPolicy`); absent: Istio's defaults, no outlier detection.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstream: BTreeMap<String, UpstreamPolicy>,
 }
 
 impl RouteTable {
@@ -38,6 +42,29 @@ impl RouteTable {
             .and_then(|s| s.load_balancer.as_ref())
             .or_else(|| self.load_balancers.get(&format!("{}", destination.service)))
             .unwrap_or(&LoadBalancer::RoundRobin)
+    }
+
+    /// The connection pool and outlier detection of `destination`: its subset's, field by
+    /// field over its service's (Istio's merge of a subset's `trafficPolicy`).
+    pub fn upstream_policy(&self, destination: &RouteDestination) -> UpstreamPolicy {
+        let service = self
+            .upstream
+            .get(&format!("{}", destination.service))
+            .cloned()
+            .unwrap_or_default();
+        match &destination.subset {
+            Some(subset) => subset.upstream.over(&service),
+            None => service,
+        }
+    }
+}
+
+/// The name of the cluster (Envoy's word) `destination` is sent to: its service, or one subset
+/// of it. Connection limits and outlier detection are kept per cluster, as Envoy's.
+pub fn cluster_name(destination: &RouteDestination) -> String {
+    match &destination.subset {
+        Some(subset) => format!("{}|{}", destination.service, subset.name),
+        None => destination.service.to_string(),
     }
 }
 
@@ -219,6 +246,9 @@ pub struct Subset {
     /// Its own load balancer (the subset's `trafficPolicy`), overriding the service's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
+    /// Its own connection pool and outlier detection, overriding the service's.
+    #[serde(skip_serializing_if = "UpstreamPolicy::is_empty")]
+    pub upstream: UpstreamPolicy,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ pub mod jwt;
 pub mod metrics;
 pub mod mirror;
 pub mod observe;
+pub mod outlier;
+pub mod pool;
 pub mod proxy;
 pub mod resilience;
 pub mod retry;
@@ -254,6 +256,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         identity: identity.clone(),
         workload: (args.namespace.clone(), args.name.clone()),
         pool: Pool::new(dialer, PoolConfig::default()),
+        connections: pool::HttpPool::new(&metrics)?,
         metrics: Arc::new(WaypointMetrics::new(&metrics)?),
         balancer: Balancer::default(),
         authz: authz::Authz::default(),

@@ -34,6 +34,8 @@ use super::{
     metrics::{RequestFlags, RequestLabels, WaypointMetrics},
     mirror::{MIRROR_TIMEOUT, MirrorResult, shadow_host},
     observe::{self, CountedBody, ObservedBody, RequestRecord},
+    outlier::TryResult,
+    pool::{ClusterId, ConnKey, HttpPool, Target, UpstreamBody},
     resilience::Resilience,
     retry::{self, Failure, ReplayBody},
     route::{self, RequestView},
@@ -51,7 +53,8 @@ use crate::{
     state::{
         MeshState, Service, Workload,
         resilience::{AbortError, Mirror, RouteResilience, happens},
-        routes::{DirectResponse, Redirect, RouteDestination, RouteFilters},
+        routes::{DirectResponse, Redirect, RouteDestination, RouteFilters, cluster_name},
+        upstream::ConnectionPool,
     },
 };
 
@@ -73,6 +76,8 @@ pub struct Waypoint {
     pub workload: (String, String),
     /// Tunnels to endpoints.
     pub pool: Pool,
+    /// HTTP connections to endpoints, in those tunnels ([`super::pool`]).
+    pub connections: HttpPool,
     /// Request metrics.
     pub metrics: Arc<WaypointMetrics>,
     /// Endpoint choice.
@@ -135,6 +140,12 @@ impl Waypoint {
             endpoint_id,
             key,
             tunnel,
+            cluster: ClusterId {
+                name: String::new(),
+                service: String::new(),
+                subset: String::new(),
+            },
+            limits: ConnectionPool::default(),
         }
     }
 
@@ -253,7 +264,15 @@ impl InboundHandler for WaypointInbound {
                         waypoint.upstream(&tunnel_state, &endpoint, target, d.source, host);
                     waypoint.open(&upstream).await
                 };
-                return tcp::forward(conn, &state, &waypoint.balancer, io, open).await;
+                return tcp::forward(
+                    conn,
+                    &state,
+                    &waypoint.balancer,
+                    &waypoint.resilience.outliers,
+                    io,
+                    open,
+                )
+                .await;
             }
             let header_read_timeout = downstream.waypoint.header_read_timeout;
             let service = hyper::service::service_fn(move |req| {
@@ -579,12 +598,22 @@ impl Downstream {
         let mut tried: Vec<String> = Vec::new();
         let mut retries = 0u32;
         let mut _retry_in_flight = None;
+        let cluster = cluster_of(destination, target_service);
+        let outlier = state
+            .routes()
+            .upstream_policy(destination)
+            .outlier_detection;
         loop {
             outcome.attempts = retries + 1;
             let endpoints = route::subset_endpoints(
                 state.endpoints(target_service),
                 destination.subset.as_ref(),
             );
+            let total = endpoints.len();
+            let endpoints = match &outlier {
+                Some(policy) => resilient.outliers.healthy(&cluster, policy, &endpoints),
+                None => endpoints,
+            };
             let hash_input = HashInput {
                 headers: &head.headers,
                 query: head.uri.query(),
@@ -610,7 +639,8 @@ impl Downstream {
                             .unwrap_or_default()
                     ))
                 })?;
-            let upstream = self.upstream(state, &endpoint, target_service, target_port)?;
+            let upstream =
+                self.upstream(state, &endpoint, destination, target_service, target_port)?;
             outcome.labels = std::mem::take(&mut outcome.labels)
                 .with_destination(&endpoint, &upstream.endpoint_id);
             outcome.upstream = Some(upstream.target);
@@ -636,7 +666,19 @@ impl Downstream {
                     .unwrap_or(Err(Failure::PerTryTimeout)),
                 None => exchange.await,
             };
-            let last: Result<Response<Incoming>, Failure>;
+            if let Some(policy) = &outlier {
+                let counted = match &result {
+                    Ok(response) => Some(TryResult::of_status(response.status().as_u16())),
+                    Err(Failure::Overflow(_)) => None,
+                    Err(_) => Some(TryResult::Error { gateway: true }),
+                };
+                if let Some(counted) = counted {
+                    resilient
+                        .outliers
+                        .record(&cluster, policy, &endpoint.uid(), total, counted);
+                }
+            }
+            let last: Result<Response<Body>, Failure>;
             let reason = match result {
                 Ok(response) => {
                     match retry::response_reason(policy, response.status(), response.headers()) {
@@ -664,13 +706,13 @@ impl Downstream {
                     }
                 },
             };
-            let give_up = |last: Result<Response<Incoming>, Failure>,
+            let give_up = |last: Result<Response<Body>, Failure>,
                            flags: RequestFlags,
                            outcome: &mut Outcome| {
                 match last {
                     Ok(response) => {
                         outcome.flags = flags;
-                        Ok((response.map(BodyExt::boxed), None))
+                        Ok((response, None))
                     }
                     Err(failure) => Err(failure_reply(failure, &upstream.target)),
                 }
@@ -681,7 +723,7 @@ impl Downstream {
             if upgraded || !body.replayable() {
                 return give_up(last, RequestFlags::None, outcome);
             }
-            let Some(permit) = active.retry() else {
+            let Some(permit) = active.retry(upstream.limits.max_retries) else {
                 resilient.retries.overflowed(&hostname);
                 return give_up(last, RequestFlags::UpstreamOverflow, outcome);
             };
@@ -732,10 +774,14 @@ impl Downstream {
 
     /// Where a request to `endpoint` goes: its address (of the family dialled), the pool key
     /// and the tunnel.
+    ///
+    /// The tunnel is pooled (it carries the requests of many clients): its `forwarded: for=`
+    /// names the waypoint.
     fn upstream(
         &self,
         state: &MeshState,
         endpoint: &Workload,
+        destination: &RouteDestination,
         target_service: &Service,
         target_port: u16,
     ) -> Result<Upstream, LocalReply> {
@@ -743,13 +789,24 @@ impl Downstream {
             .address_like(self.destination.ip())
             .or_else(|| endpoint.ips.first().copied())
             .ok_or_else(|| unhealthy(format!("endpoint {} has no address", endpoint.uid())))?;
-        Ok(self.waypoint.upstream(
+        let own = self
+            .waypoint
+            .own_ip(state, ip)
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let mut upstream = self.waypoint.upstream(
             state,
             endpoint,
             SocketAddr::new(ip, target_port),
-            self.source,
+            SocketAddr::new(own, 0),
             target_service.hostname(),
-        ))
+        );
+        upstream.cluster = cluster_of(destination, target_service);
+        upstream.limits = state
+            .routes()
+            .upstream_policy(destination)
+            .connection_pool
+            .unwrap_or_default();
+        Ok(upstream)
     }
 
     /// Sends a copy of the request to `mirror`, fire and forget ([`super::mirror`]).
@@ -777,8 +834,20 @@ impl Downstream {
             mirrors.count(&hostname, MirrorResult::DroppedOverflow);
             return;
         };
-        let endpoints =
+        let mut endpoints =
             route::subset_endpoints(state.endpoints(service), destination.subset.as_ref());
+        if let Some(policy) = state
+            .routes()
+            .upstream_policy(destination)
+            .outlier_detection
+        {
+            let cluster = cluster_of(destination, service);
+            endpoints = self
+                .waypoint
+                .resilience
+                .outliers
+                .healthy(&cluster, &policy, &endpoints);
+        }
         let hash_input = HashInput {
             headers: &head.headers,
             query: head.uri.query(),
@@ -786,7 +855,7 @@ impl Downstream {
         };
         let picked = self.pick(state, destination, &endpoints, hash_input, false, &[]);
         let upstream = picked.as_ref().ok_or(()).and_then(|(endpoint, _, _)| {
-            self.upstream(state, endpoint, service, target_port)
+            self.upstream(state, endpoint, destination, service, target_port)
                 .map_err(|_| ())
         });
         let (Ok(upstream), Some((_, in_flight, _))) = (upstream, picked) else {
@@ -850,6 +919,23 @@ struct Upstream {
     endpoint_id: SpiffeId,
     key: PoolKey,
     tunnel: TunnelRequest,
+    /// The cluster (service or subset) whose connection limits apply.
+    cluster: ClusterId,
+    /// Its `connectionPool`.
+    limits: ConnectionPool,
+}
+
+/// The cluster (service or subset) of `destination`, whose limits and outlier detection apply.
+fn cluster_of(destination: &RouteDestination, service: &Service) -> ClusterId {
+    ClusterId {
+        name: cluster_name(destination),
+        service: service.hostname(),
+        subset: destination
+            .subset
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+    }
 }
 
 /// The service a destination names and the target port of the port it is sent to (the
@@ -900,22 +986,50 @@ fn failure_reply(failure: Failure, target: &SocketAddr) -> LocalReply {
             RequestFlags::UpstreamFailure,
             format!("{target} answered {status}"),
         ),
+        Failure::Overflow(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            RequestFlags::UpstreamOverflow,
+            why,
+        ),
     }
 }
 
-/// Opens a tunnel to `upstream` and sends `request` in it (with `upgrade`, as an upgrade).
+/// Sends `request` to `upstream` on a pooled connection ([`super::pool`]); with `upgrade`, as
+/// an upgrade in a tunnel of its own (an upgraded connection is never reused).
 async fn exchange<B>(
     waypoint: &Waypoint,
     upstream: &Upstream,
     request: Request<B>,
     upgrade: Option<Upgrade>,
-) -> Result<Response<Incoming>, Failure>
+) -> Result<Response<Body>, Failure>
 where
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = waypoint.open(upstream).await.map_err(Failure::Connect)?;
-    send(TokioIo::new(stream), request, upgrade).await
+    if upgrade.is_some() {
+        let stream = waypoint.open(upstream).await.map_err(Failure::Connect)?;
+        let response = send(TokioIo::new(stream), request, upgrade).await?;
+        return Ok(response.map(BodyExt::boxed));
+    }
+    let key = ConnKey {
+        cluster: upstream.cluster.name.clone(),
+        hbone: upstream.key.clone(),
+        target: upstream.target,
+        service_host: upstream.tunnel.service_host.clone().unwrap_or_default(),
+        http2: request.version() == Version::HTTP_2,
+    };
+    let target = Target {
+        key,
+        cluster: &upstream.cluster,
+        limits: &upstream.limits,
+    };
+    let request: Request<UpstreamBody> = request.map(|b| b.map_err(Into::into).boxed_unsync());
+    let mut response = waypoint
+        .connections
+        .send(target, waypoint.open(upstream), request)
+        .await?;
+    strip_hop_by_hop(response.headers_mut());
+    Ok(response.map(BodyExt::boxed))
 }
 
 /// The fixed answer of a route, its response header operations applied.
@@ -1097,6 +1211,10 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         RequestFlags::UpstreamFailure => "upstream connect error\n",
         RequestFlags::UpstreamRequestTimeout => "upstream request timeout\n",
         RequestFlags::FaultInjected => "fault filter abort\n",
+        // Envoy's words for a circuit breaker's overflow.
+        RequestFlags::UpstreamOverflow => {
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow\n"
+        }
         RequestFlags::None => match status {
             StatusCode::FORBIDDEN => super::authz::RBAC_DENIED_BODY,
             StatusCode::UNAUTHORIZED => super::authz::JWT_DENIED_BODY,
@@ -1104,7 +1222,6 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         },
         RequestFlags::DelayInjected
         | RequestFlags::RetryLimitExceeded
-        | RequestFlags::UpstreamOverflow
         | RequestFlags::UpstreamReset
         | RequestFlags::DownstreamDisconnect => "",
     };

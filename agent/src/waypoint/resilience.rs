@@ -1,8 +1,9 @@
 //! What the waypoint's resilience features share across requests: the retry budgets, the
-//! bound on mirrored copies in flight, and their metrics ([`super::retry`],
+//! bound on mirrored copies in flight, outlier detection, and their metrics ([`super::retry`],
 //! [`super::mirror`]; faults need no shared state).
 use super::{
     mirror::Mirrors,
+    outlier::Outliers,
     retry::{RetryBudget, RetryMetrics},
 };
 use crate::telemetry::metrics::Metrics;
@@ -15,6 +16,8 @@ pub struct Resilience {
     pub retries: RetryMetrics,
     /// Mirrored copies in flight and their counters.
     pub mirrors: Mirrors,
+    /// Outlier detection of every cluster.
+    pub outliers: Outliers,
 }
 
 impl Resilience {
@@ -24,6 +27,7 @@ impl Resilience {
             budget: RetryBudget::default(),
             retries: RetryMetrics::new(metrics)?,
             mirrors: Mirrors::new(metrics)?,
+            outliers: Outliers::new(metrics)?,
         })
     }
 }

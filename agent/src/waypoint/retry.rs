@@ -61,6 +61,9 @@ pub enum Failure {
     PerTryTimeout,
     /// An answer (its status and headers).
     Response(StatusCode, HeaderMap),
+    /// Not sent: a connection pool limit of the cluster was reached (never retried, as
+    /// Envoy's overflow).
+    Overflow(String),
 }
 
 impl Failure {
@@ -82,6 +85,7 @@ impl Failure {
                 .or_else(no_answer),
             Failure::Reset(_) | Failure::PerTryTimeout => no_answer(),
             Failure::Response(status, headers) => response_reason(policy, *status, headers),
+            Failure::Overflow(_) => None,
         }
     }
 
@@ -181,10 +185,13 @@ pub struct ActiveRequest {
 }
 
 impl ActiveRequest {
-    /// Takes a retry from the budget, held until the guard is dropped; `None`: over budget.
-    pub fn retry(&self) -> Option<RetryInFlight> {
+    /// Takes a retry from the budget, held until the guard is dropped; `None`: over budget, or
+    /// `max_retries` (the DestinationRule's `connectionPool.http.maxRetries`) in flight.
+    pub fn retry(&self, max_retries: u32) -> Option<RetryInFlight> {
         let active = self.counters.active.load(Ordering::Relaxed);
-        let allowed = (active * BUDGET_PERCENT / 100).max(BUDGET_MIN_CONCURRENCY);
+        let allowed = (active * BUDGET_PERCENT / 100)
+            .max(BUDGET_MIN_CONCURRENCY)
+            .min(usize::try_from(max_retries).unwrap_or(usize::MAX));
         self.counters
             .retries
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -564,19 +571,22 @@ mod tests {
     fn the_budget_allows_three_retries_or_a_fifth_of_active_requests() {
         let budget = RetryBudget::default();
         let requests: Vec<ActiveRequest> = (0..5).map(|_| budget.request("shop/a")).collect();
-        let held: Vec<RetryInFlight> = (0..3).map_while(|_| requests[0].retry()).collect();
+        let held: Vec<RetryInFlight> = (0..3).map_while(|_| requests[0].retry(u32::MAX)).collect();
         assert_eq!(held.len(), 3);
-        assert!(requests[1].retry().is_none(), "a 4th retry with 5 requests");
+        assert!(
+            requests[1].retry(u32::MAX).is_none(),
+            "a 4th retry with 5 requests"
+        );
         // Another service has its own budget.
         let other = budget.request("shop/b");
-        assert!(other.retry().is_some());
+        assert!(other.retry(u32::MAX).is_some());
         // 50 active requests allow 10 retries.
         let more: Vec<ActiveRequest> = (0..45).map(|_| budget.request("shop/a")).collect();
-        let extra: Vec<RetryInFlight> = (0..20).map_while(|_| more[0].retry()).collect();
+        let extra: Vec<RetryInFlight> = (0..20).map_while(|_| more[0].retry(u32::MAX)).collect();
         assert_eq!(held.len() + extra.len(), 10);
         // A finished retry gives its place back.
         drop(extra);
-        assert!(requests[0].retry().is_some());
+        assert!(requests[0].retry(u32::MAX).is_some());
     }
 
     type Chunks = http_body_util::StreamBody<

@@ -284,6 +284,7 @@ mod tests {
                 name: subset.into(),
                 labels: [("version".to_string(), subset.to_string())].into(),
                 load_balancer: None,
+                upstream: Default::default(),
             }),
             weight,
             headers: Default::default(),

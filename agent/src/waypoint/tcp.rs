@@ -16,12 +16,17 @@ use tracing::info;
 use super::{
     authz::{self, Peer},
     balance::{Balancer, HashInput},
+    outlier::Outliers,
+    pool::ClusterId,
 };
 use crate::{
     hbone::HboneStream,
     identity::SpiffeId,
     relay::relay,
-    state::{MeshState, WaypointRef, Workload, routes::RouteDestination},
+    state::{
+        MeshState, WaypointRef, Workload,
+        routes::{RouteDestination, cluster_name},
+    },
 };
 
 /// Where an opaque connection came from and went to.
@@ -41,6 +46,7 @@ pub(super) async fn forward<S, F, T>(
     conn: Opaque<'_>,
     state: &MeshState,
     balancer: &Balancer,
+    outliers: &Outliers,
     io: S,
     open: F,
 ) where
@@ -80,7 +86,21 @@ pub(super) async fn forward<S, F, T>(
             weight: 100,
             headers: Default::default(),
         };
-        let endpoints = state.endpoints(service);
+        let mut endpoints = state.endpoints(service);
+        // Ejected endpoints are skipped here too (TCP results are not counted: Envoy counts
+        // connect failures only with split local-origin errors, which Istio leaves off).
+        if let Some(policy) = state
+            .routes()
+            .upstream_policy(&destination)
+            .outlier_detection
+        {
+            let cluster = ClusterId {
+                name: cluster_name(&destination),
+                service: service.hostname(),
+                subset: String::new(),
+            };
+            endpoints = outliers.healthy(&cluster, &policy, &endpoints);
+        }
         let no_headers = HeaderMap::new();
         let hash_input = HashInput {
             headers: &no_headers,

@@ -43,7 +43,10 @@
 //!   each request is printed as `{"event":"request","method":..,"path":..,"host":..,
 //!   "attempt":..,"headers":{..}}` (path with its query; `attempt`: its
 //!   `x-envoy-attempt-count`; each header's values joined by `, `), so a test sees what reached
-//!   it; with `--hang`, it accepts and reads requests and never answers (a black hole).
+//!   it, with the server's connection number (`connection`, from 1) and the requests in flight
+//!   (`in_flight`, this one included; `max_in_flight` since it started); with `--hang`, it
+//!   accepts and reads requests and never answers (a black hole); with `--fail-status S`, it
+//!   answers every request S (a broken endpoint).
 //! - `testpod burst --connect ADDR --count C [--bytes N] [--hold-seconds S]`: C connections
 //!   opened one after another and kept open, each exchanging N bytes with the echo server first;
 //!   prints `{"event":"opened",...}` once all are open, holds them until a line (or EOF) on stdin
@@ -1317,7 +1320,10 @@ mod http {
     use std::{
         collections::HashMap,
         convert::Infallible,
-        sync::{Arc, Mutex},
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicU64, Ordering},
+        },
         time::Duration,
     };
 
@@ -1339,6 +1345,25 @@ mod http {
         /// Never answer (a black hole that accepts).
         #[arg(long)]
         hang: bool,
+        /// Answer every request with this status (a broken endpoint); 0: no.
+        #[arg(long, default_value_t = 0)]
+        fail_status: u16,
+    }
+
+    /// Requests in flight now and at most, for connection pool tests.
+    #[derive(Default)]
+    struct Concurrency {
+        now: AtomicU64,
+        max: AtomicU64,
+    }
+
+    /// Decrements the requests in flight when the answer is made.
+    struct InFlight(Arc<Concurrency>);
+
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            self.0.now.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Requests seen per path, for `x-fail-first` (cleared when it grows past 100,000 paths).
@@ -1357,7 +1382,12 @@ mod http {
         name: String,
         behaviour: Behaviour,
         seen: Seen,
+        conn: (u64, Arc<Concurrency>),
     ) -> Response<Full<Bytes>> {
+        let (connection, concurrency) = conn;
+        let in_flight = concurrency.now.fetch_add(1, Ordering::SeqCst) + 1;
+        concurrency.max.fetch_max(in_flight, Ordering::SeqCst);
+        let _in_flight = InFlight(concurrency.clone());
         let path = req.uri().path().to_string();
         let version = req.version();
         if behaviour.log_requests {
@@ -1389,6 +1419,9 @@ mod http {
                 "host": host,
                 "attempt": attempt,
                 "headers": headers,
+                "connection": connection,
+                "in_flight": in_flight,
+                "max_in_flight": concurrency.max.load(Ordering::SeqCst),
             }));
         }
         if behaviour.hang {
@@ -1420,7 +1453,13 @@ mod http {
             usize::MAX => " body=error".to_string(),
             n => format!(" body={n}"),
         };
-        let (status, body) = if failing {
+        let (status, body) = if behaviour.fail_status != 0 {
+            (
+                StatusCode::from_u16(behaviour.fail_status)
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                format!("{name} broken\n"),
+            )
+        } else if failing {
             (StatusCode::SERVICE_UNAVAILABLE, format!("{name} failing\n"))
         } else {
             (StatusCode::OK, format!("{name} {version:?}{seen_body}\n"))
@@ -1453,15 +1492,21 @@ mod http {
             };
             super::emit(json!({"event": "listening", "port": port, "name": name}));
             let seen = Seen::default();
+            let concurrency = Arc::new(Concurrency::default());
+            let mut connections = 0u64;
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                connections += 1;
+                let connection = connections;
                 let name = name.clone();
                 let seen = seen.clone();
+                let concurrency = concurrency.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let response = answer(req, name.clone(), behaviour, seen.clone());
+                        let conn = (connection, concurrency.clone());
+                        let response = answer(req, name.clone(), behaviour, seen.clone(), conn);
                         async move { Ok::<_, Infallible>(response.await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

@@ -4,7 +4,7 @@
 //! group `networking.ambit.dev/v1`, field for field Istio's `networking.istio.io/v1`, so that
 //! Istio YAML ports by changing only `apiVersion`. Only the fields the waypoint implements are
 //! accepted (the resilience fields `timeout`, `retries`, `mirror`, `fault`... are read by
-//! [`super::resilience`]): any other (`corsPolicy`, `connectionPool`...) is rejected with its
+//! [`super::resilience`]): any other (`corsPolicy`, `tls`...) is rejected with its
 //! path, never ignored, since a route silently missing a field would be a different route.
 //! The result is the state's route model ([`crate::state::routes`]).
 use std::collections::{BTreeMap, HashMap};
@@ -24,6 +24,7 @@ use crate::{
             HeaderRules, HttpMatch, HttpRoute, LoadBalancer, QueryMatch, Redirect, Rewrite,
             RouteDestination, RouteFilters, RouteTable, ServiceRoutes, StringMatch, Subset,
         },
+        upstream::UpstreamPolicy,
     },
 };
 
@@ -328,13 +329,19 @@ pub struct HttpBodyFile {
     pub string: String,
 }
 
-/// Istio's `TrafficPolicy` (`loadBalancer` only).
+/// Istio's `TrafficPolicy` (`loadBalancer`, `connectionPool`, `outlierDetection`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicyFile {
     /// How requests are spread over endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSettingsFile>,
+    /// Connection and request limits ([`super::traffic_policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<super::ConnectionPoolFile>,
+    /// Ejection of failing endpoints ([`super::traffic_policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<super::OutlierDetectionFile>,
 }
 
 /// Istio's `LoadBalancerSettings`: `simple` or `consistentHash`.
@@ -429,8 +436,13 @@ pub(crate) fn destination_rule(
     Validator::new(path).destination_rule(at, rule, known)
 }
 
-/// A DestinationRule checked: its service's uid, subsets by name, the rule's load balancer.
-pub(crate) type CheckedRule = (String, BTreeMap<String, Subset>, Option<LoadBalancer>);
+/// A DestinationRule checked: its service's uid, subsets by name, the rule's load balancer
+/// and upstream policy (connection pool, outlier detection).
+pub(crate) type CheckedRule = (
+    String,
+    BTreeMap<String, Subset>,
+    (Option<LoadBalancer>, UpstreamPolicy),
+);
 
 /// Checks one VirtualService (its fields named after `at`) against the services and subsets:
 /// the routes of each of its hosts, by service uid, in the order of `spec.hosts`. Shared like
@@ -457,9 +469,11 @@ impl Validator<'_> {
         let mut subsets: SubsetsByService = HashMap::new();
         let mut rule_of: HashMap<String, usize> = HashMap::new();
         let mut load_balancers = BTreeMap::new();
+        let mut upstream_policies = BTreeMap::new();
         for (i, rule) in destination_rules.iter().enumerate() {
             let at = format!("destinationRules[{i}]");
-            let (uid, named, load_balancer) = self.destination_rule(&at, rule, &known)?;
+            let (uid, named, (load_balancer, upstream)) =
+                self.destination_rule(&at, rule, &known)?;
             if let Some(first) = rule_of.insert(uid.clone(), i) {
                 return Err(self.invalid(
                     format!("{at}.spec.host"),
@@ -471,11 +485,15 @@ impl Validator<'_> {
             if let Some(policy) = load_balancer {
                 load_balancers.insert(uid.clone(), policy);
             }
+            if !upstream.is_empty() {
+                upstream_policies.insert(uid.clone(), upstream);
+            }
             subsets.insert(uid, named);
         }
 
         let mut table = RouteTable {
             load_balancers,
+            upstream: upstream_policies,
             ..RouteTable::default()
         };
         let mut vs_of: HashMap<String, usize> = HashMap::new();
@@ -523,11 +541,12 @@ impl Validator<'_> {
                      service)",
                 ));
             }
+            let policy_at = format!("{field}.trafficPolicy");
             let entry = Subset {
                 name: subset.name.clone(),
                 labels: subset.labels.clone(),
-                load_balancer: self
-                    .traffic_policy(&format!("{field}.trafficPolicy"), &subset.traffic_policy)?,
+                load_balancer: self.traffic_policy(&policy_at, &subset.traffic_policy)?,
+                upstream: self.upstream_of(&policy_at, &subset.traffic_policy)?,
             };
             if named.insert(subset.name.clone(), entry).is_some() {
                 return Err(self.invalid(
@@ -536,11 +555,10 @@ impl Validator<'_> {
                 ));
             }
         }
-        let load_balancer = self.traffic_policy(
-            &format!("{at}.spec.trafficPolicy"),
-            &rule.spec.traffic_policy,
-        )?;
-        Ok((service.uid(), named, load_balancer))
+        let policy_at = format!("{at}.spec.trafficPolicy");
+        let load_balancer = self.traffic_policy(&policy_at, &rule.spec.traffic_policy)?;
+        let upstream = self.upstream_of(&policy_at, &rule.spec.traffic_policy)?;
+        Ok((service.uid(), named, (load_balancer, upstream)))
     }
 
     fn virtual_service(
@@ -1137,6 +1155,20 @@ impl Validator<'_> {
         })
     }
 
+    /// A `trafficPolicy`'s connection pool and outlier detection (empty: not set).
+    fn upstream_of(
+        &self,
+        at: &str,
+        policy: &Option<TrafficPolicyFile>,
+    ) -> Result<UpstreamPolicy, ConfigError> {
+        match policy {
+            Some(p) => {
+                self.upstream_policy(at, p.connection_pool.as_ref(), p.outlier_detection.as_ref())
+            }
+            None => Ok(UpstreamPolicy::default()),
+        }
+    }
+
     /// A `trafficPolicy`'s load balancer (`None`: not set).
     fn traffic_policy(
         &self,
@@ -1349,6 +1381,7 @@ destinationRules:
                 name: "v2".into(),
                 labels: [("version".to_string(), "v2".to_string())].into(),
                 load_balancer: None,
+                upstream: Default::default(),
             })
         );
 
@@ -1378,12 +1411,12 @@ destinationRules:
         );
         let policy = DR.replace(
             "    host: reviews\n",
-            "    host: reviews\n    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}\n",
+            "    host: reviews\n    trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n",
         );
         let err = parse(&format!("{SEED_VS}{policy}")).unwrap_err();
         assert!(
             err.contains("destinationRules[0].spec.trafficPolicy")
-                && err.contains("unknown field `connectionPool`"),
+                && err.contains("unknown field `tls`"),
             "{err}"
         );
     }
@@ -1737,7 +1770,7 @@ destinationRules:
             ),
             (
                 "loadBalancer: {simple: LEAST_REQUEST}",
-                "outlierDetection: {consecutive5xxErrors: 1}",
+                "portLevelSettings: [{port: {number: 80}}]",
                 "spec.trafficPolicy",
             ),
         ];

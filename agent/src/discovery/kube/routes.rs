@@ -226,7 +226,7 @@ pub fn convert_routes(
         let key = RouteKey::of(RouteKind::DestinationRule, &rule.metadata);
         let convert = |spec: &Value| {
             let file = destination_rule_file(&rule.metadata, spec)?;
-            let (uid, named, load_balancer) =
+            let (uid, named, policies) =
                 destination_rule(path, "", &file, &known).map_err(field_error)?;
             if let Some(first) = rule_of.get(&uid) {
                 return Err(PolicyError {
@@ -237,16 +237,19 @@ pub fn convert_routes(
                     ),
                 });
             }
-            Ok((uid, named, load_balancer))
+            Ok((uid, named, policies))
         };
         let (verdict, in_force) = judge(&key, &rule.spec, last_good, convert, |(uid, named, _)| {
             format!("{} subset(s) of service {uid}", named.len())
         });
         out.verdicts.insert(key.clone(), verdict);
-        if let Some((spec, (uid, named, load_balancer))) = in_force {
+        if let Some((spec, (uid, named, (load_balancer, upstream)))) = in_force {
             rule_of.insert(uid.clone(), key.clone());
             if let Some(policy) = load_balancer {
                 out.table.load_balancers.insert(uid.clone(), policy);
+            }
+            if !upstream.is_empty() {
+                out.table.upstream.insert(uid.clone(), upstream);
             }
             subsets.insert(uid, named);
             out.in_force.insert(key, spec);

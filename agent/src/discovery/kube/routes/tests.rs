@@ -183,6 +183,76 @@ fn rejections_name_the_field_and_keep_the_last_accepted_version() {
     }
 }
 
+/// The seed's circuit breaker (only `apiVersion` changed, the spec as the API server keeps
+/// it) converts as from the mesh file; a bad value and an unimplemented field are rejected
+/// by name, keeping the last accepted version.
+#[test]
+fn the_seed_circuit_breaker_converts_and_bad_pool_fields_are_rejected_by_name() {
+    let breaker = json!({
+        "host": "reviews",
+        "trafficPolicy": {
+            "connectionPool": {
+                "tcp": {"maxConnections": 100},
+                "http": {"http1MaxPendingRequests": 10, "maxRequestsPerConnection": 2}
+            },
+            "outlierDetection": {
+                "consecutiveErrors": 5,
+                "interval": "30s",
+                "baseEjectionTime": "30s",
+                "maxEjectionPercent": 50
+            }
+        }
+    });
+    let good = convert_routes(
+        &[],
+        &[dr("reviews-circuit-breaker", 0, breaker.clone())],
+        &reviews(),
+        &HashMap::new(),
+    );
+    assert!(good.verdicts[&key(RouteKind::DestinationRule, "reviews-circuit-breaker")].accepted());
+    let policy = &good.table.upstream["shop/reviews"];
+    let pool = policy.connection_pool.as_ref().unwrap();
+    assert_eq!(
+        (
+            pool.max_connections,
+            pool.max_pending_requests,
+            pool.max_requests_per_connection
+        ),
+        (100, 10, 2)
+    );
+    let outlier = policy.outlier_detection.as_ref().unwrap();
+    assert_eq!(
+        (outlier.consecutive_5xx, outlier.consecutive_gateway_errors),
+        (0, 5)
+    );
+
+    let mut negative = breaker.clone();
+    negative["trafficPolicy"]["connectionPool"]["http"]["http1MaxPendingRequests"] = json!(-1);
+    let mut keepalive = breaker.clone();
+    keepalive["trafficPolicy"]["connectionPool"]["tcp"]["tcpKeepalive"] = json!({"time": "1s"});
+    let cases = [
+        (
+            negative,
+            Verdict::Invalid,
+            "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests: must be >= 0",
+        ),
+        (
+            keepalive,
+            Verdict::UnsupportedField,
+            "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive: unknown field `tcpKeepalive`",
+        ),
+    ];
+    for (spec, verdict, message) in cases {
+        let rules = [dr("reviews-circuit-breaker", 0, spec)];
+        let kept = convert_routes(&[], &rules, &reviews(), &good.in_force);
+        let acceptance =
+            &kept.verdicts[&key(RouteKind::DestinationRule, "reviews-circuit-breaker")];
+        assert_eq!(acceptance.verdict, verdict, "{acceptance:?}");
+        assert!(acceptance.message.starts_with(message), "{acceptance:?}");
+        assert_eq!(kept.table, good.table);
+    }
+}
+
 #[test]
 fn the_oldest_resource_of_a_host_wins() {
     let converted = convert_routes(
