@@ -99,6 +99,15 @@ pub struct AgentArgs {
     /// a peer's inbound connections and tunnels [default: a quarter of --max-connections].
     #[arg(long, env = "AMBIT_MAX_CONNECTIONS_PER_SOURCE")]
     pub max_connections_per_source: Option<usize>,
+    /// Carry connections between two pods of this node without HBONE: authorized as the
+    /// inbound path would, then spliced in the kernel (`false`: HBONE, as across nodes).
+    #[arg(
+        long,
+        env = "AMBIT_SAME_NODE_FAST_PATH",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub same_node_fast_path: bool,
 }
 
 /// Raises the descriptor limit and derives the connection limits from it and the flags.
@@ -252,6 +261,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         certs: certs.clone(),
         limits: limits.clone(),
         connections: Arc::new(OpenConnections::new()),
+        local_pods: Arc::default(),
+        fast_path: args.same_node_fast_path,
     });
     // Every new state, from either source, is applied to the inbound connections already open.
     tokio::spawn(admission::reevaluate_on_change(
@@ -334,7 +345,7 @@ mod tests {
     fn every_metric_of_the_agent_passes_promtool() {
         let metrics = Metrics::new();
         let datapath = Arc::new(RedirectMetrics::new(None).unwrap());
-        datapath.record(RedirectStats::default(), &[("ORIG_DST_TUPLE", 1)]);
+        datapath.record(RedirectStats::default(), &[("ORIG_DST_TUPLE", 1)], 0);
         metrics.register_at_scrape(datapath).unwrap();
         let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(1024)));
         limits.timed_out(Path::Hbone, Phase::TlsHandshake);

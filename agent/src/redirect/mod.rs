@@ -11,6 +11,7 @@
 //! can set.
 pub mod metrics;
 mod preflight;
+pub mod splice;
 
 use std::{
     collections::BTreeSet,
@@ -70,6 +71,7 @@ pub struct Redirector {
     excluded_ports: Mutex<HashMap<MapData, u16, u8>>,
     excluded_nets: Mutex<LpmTrie<MapData, [u8; 16], u8>>,
     stats: PerCpuArray<MapData, u64>,
+    splicer: std::sync::Arc<splice::Splicer>,
 }
 
 /// Event counters kept by the eBPF programs, summed over CPUs since the programs were loaded.
@@ -96,8 +98,15 @@ pub struct RedirectStats {
     pub closed_refused: u64,
     /// Inbound connections from the node's own addresses let through to the application.
     pub inbound_from_node: u64,
+    /// Bytes the kernel forwarded between the sockets of spliced same-node connections.
+    pub spliced_bytes: u64,
+    /// Chunks of spliced connections dropped because the peer socket was gone.
+    pub splice_no_target: u64,
+    /// Chunks that reached a spliced socket without a pair (passed to the agent).
+    pub splice_unpaired: u64,
 }
 
+/// Takes the map `name` out of the loaded object, as the map type it must be.
 fn map<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -185,6 +194,7 @@ impl Redirector {
         sk_lookup
             .load()
             .with_context(|| format!("kernel refused program {}", programs::SK_LOOKUP))?;
+        let splicer = std::sync::Arc::new(splice::Splicer::load(&mut ebpf)?);
         info!(cgroup = %config.cgroup.display(), bpffs = %config.bpffs.display(), "eBPF programs attached");
 
         Ok(Self {
@@ -198,6 +208,7 @@ impl Redirector {
             excluded_ports: Mutex::new(map(&mut ebpf, maps::EXCLUDED_PORTS)?),
             excluded_nets: Mutex::new(map(&mut ebpf, maps::EXCLUDED_NETS)?),
             stats: map(&mut ebpf, maps::STATS)?,
+            splicer,
             ebpf: Mutex::new(ebpf),
             config,
         })
@@ -206,6 +217,11 @@ impl Redirector {
     /// The configuration this redirector was loaded with.
     pub fn config(&self) -> &RedirectConfig {
         &self.config
+    }
+
+    /// The same-node splice.
+    pub fn splicer(&self) -> &std::sync::Arc<splice::Splicer> {
+        &self.splicer
     }
 
     fn pod_pin(&self, netns_cookie: u64) -> PathBuf {
@@ -440,6 +456,9 @@ impl Redirector {
             pod_quota: read(stats::POD_QUOTA),
             closed_refused: read(stats::CLOSED_REFUSED),
             inbound_from_node: read(stats::INBOUND_FROM_NODE),
+            spliced_bytes: read(stats::SPLICED_BYTES),
+            splice_no_target: read(stats::SPLICE_NO_TARGET),
+            splice_unpaired: read(stats::SPLICE_UNPAIRED),
         }
     }
 }
