@@ -108,6 +108,21 @@ pub struct AgentArgs {
         action = clap::ArgAction::Set
     )]
     pub same_node_fast_path: bool,
+    /// Most same-node connections spliced in the kernel at once; one source pod may hold a
+    /// quarter of them, and the rest of its connections are relayed by the agent (0: relay
+    /// every one).
+    #[arg(long, env = "AMBIT_MAX_SPLICED_CONNECTIONS", default_value_t = ambit_common::limits::MAX_SPLICED as usize, value_parser = max_spliced)]
+    pub max_spliced_connections: usize,
+}
+
+/// `--max-spliced-connections`: no more than the kernel maps hold.
+fn max_spliced(value: &str) -> Result<usize, String> {
+    let max = ambit_common::limits::MAX_SPLICED as usize;
+    match value.parse::<usize>() {
+        Ok(n) if n <= max => Ok(n),
+        Ok(n) => Err(format!("{n} is more than the splice maps hold ({max})")),
+        Err(err) => Err(format!("{value:?}: {err}")),
+    }
 }
 
 /// Raises the descriptor limit and derives the connection limits from it and the flags.
@@ -219,6 +234,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let redirector = Arc::new(Redirector::load(RedirectConfig {
         cgroup: cgroup.clone(),
         bpffs: args.bpffs.clone(),
+        max_spliced: args.max_spliced_connections,
     })?);
     tokio::spawn(crate::redirect::keep_node_addresses(redirector.clone()));
     // Each subsystem's metrics, in one registry.
@@ -381,6 +397,46 @@ mod tests {
                 ResponseFlags::None,
             );
         proxy.connection_denied("policy");
+        proxy.fast_path("splice");
+        proxy.splice_declined("pod_share");
         promtool_check(&metrics.encode());
+    }
+
+    /// The splice bound is one the kernel maps can honour; a larger one is refused with the
+    /// flag, the value and the bound named.
+    #[test]
+    fn the_splice_bound_cannot_exceed_the_maps() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let parse = |max: &str| {
+            <Cli as clap::Parser>::try_parse_from([
+                "ambit",
+                "--node",
+                "n0",
+                "--mesh-file",
+                "mesh.yaml",
+                "--max-spliced-connections",
+                max,
+            ])
+        };
+        let bound = ambit_common::limits::MAX_SPLICED;
+        assert_eq!(
+            parse(&bound.to_string())
+                .unwrap()
+                .agent
+                .max_spliced_connections,
+            bound as usize
+        );
+        assert_eq!(parse("0").unwrap().agent.max_spliced_connections, 0);
+        let err = parse(&(bound + 1).to_string()).err().unwrap().to_string();
+        assert!(
+            err.contains("--max-spliced-connections")
+                && err.contains(&(bound + 1).to_string())
+                && err.contains(&format!("({bound})")),
+            "{err}"
+        );
     }
 }

@@ -77,6 +77,7 @@ fn pre_install(args: &CheckArgs) -> Vec<Finding> {
     let mut findings = node_findings(&RedirectConfig {
         cgroup,
         bpffs: args.bpffs.clone(),
+        max_spliced: ambit_common::limits::MAX_SPLICED as usize,
     });
     findings.push(cni_configuration(&args.cni_conf_dir));
     findings

@@ -42,7 +42,7 @@ use super::{
 use crate::{
     policy::Refusal,
     proxy::metrics::ConnectionRecorder,
-    redirect::splice::SpliceFailed,
+    redirect::splice::{SpliceFailed, Spliced},
     relay::{Meter, Relayed, Transferred, relay_until},
     telemetry::{AccessLog, Direction},
 };
@@ -75,6 +75,16 @@ impl Meter for BothSides<'_> {
         self.0.add_received(n);
         self.1.add_received(n);
     }
+}
+
+/// How the fast path carries a connection's bytes.
+enum Carried {
+    /// In the kernel.
+    Spliced(Spliced),
+    /// By the agent (the splice was declined): the client's and the upstream socket.
+    Relayed(TcpStream, TcpStream),
+    /// Nowhere: the splice broke the connection while it was being made.
+    Broken(std::io::Error),
 }
 
 /// Carries `client` from `source` to `dest`, both enrolled on this node, as said above.
@@ -160,18 +170,13 @@ pub async fn forward(
                     )
                 }
                 Ok(upstream) => {
-                    let sides = BothSides(hop.conn, &in_conn);
-                    let revoked = admission.revoked();
                     let pod = source.workload.ips.first().copied();
-                    let (moved, ended, carried) = match ctx.redirector.splicer().splice(
+                    let carried = match ctx.redirector.splicer().splice(
                         pod.unwrap_or(hop.source_ip),
                         client,
                         upstream,
                     ) {
-                        Ok(spliced) => {
-                            let (moved, ended) = spliced.relay_until(&sides, revoked).await;
-                            (moved, ended, "splice")
-                        }
+                        Ok(spliced) => Carried::Spliced(spliced),
                         Err(SpliceFailed::Declined(declined)) => {
                             debug!(
                                 reason = declined.reason,
@@ -179,20 +184,28 @@ pub async fn forward(
                                 "same-node connection relayed by the agent, not spliced"
                             );
                             ctx.metrics.splice_declined(declined.reason);
-                            let (moved, ended) =
-                                relay_until(declined.client, declined.upstream, &sides, revoked)
-                                    .await;
-                            (moved, ended, "relay")
+                            Carried::Relayed(declined.client, declined.upstream)
                         }
-                        Err(SpliceFailed::Broken(err)) => (
-                            Transferred::default(),
-                            Relayed::Finished(Err(err)),
-                            "splice",
-                        ),
+                        Err(SpliceFailed::Broken(err)) => Carried::Broken(err),
                     };
-                    ctx.metrics.fast_path(carried);
-                    hop.log.fast_path = Some(carried);
-                    in_log.fast_path = Some(carried);
+                    let how = match carried {
+                        Carried::Relayed(..) => "relay",
+                        Carried::Spliced(_) | Carried::Broken(_) => "splice",
+                    };
+                    ctx.metrics.fast_path(how);
+                    hop.log.fast_path = Some(how);
+                    in_log.fast_path = Some(how);
+                    let sides = BothSides(hop.conn, &in_conn);
+                    let revoked = admission.revoked();
+                    let (moved, ended) = match carried {
+                        Carried::Spliced(spliced) => spliced.relay_until(&sides, revoked).await,
+                        Carried::Relayed(client, upstream) => {
+                            relay_until(client, upstream, &sides, revoked).await
+                        }
+                        Carried::Broken(err) => {
+                            (Transferred::default(), Relayed::Finished(Err(err)))
+                        }
+                    };
                     let (inbound_result, outbound_result) = match ended {
                         Relayed::Finished(Ok(())) => (Ok(()), Ok(())),
                         Relayed::Finished(Err(err)) => {

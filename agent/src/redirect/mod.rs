@@ -50,6 +50,9 @@ pub struct RedirectConfig {
     pub cgroup: PathBuf,
     /// bpffs directory for pins.
     pub bpffs: PathBuf,
+    /// Same-node connections spliced in the kernel at once, at most
+    /// [`limits::MAX_SPLICED`]; a source pod may hold a quarter of them.
+    pub max_spliced: usize,
 }
 
 /// Link-based cgroup attachments always coexist with other programs (the kernel treats them as
@@ -194,7 +197,7 @@ impl Redirector {
         sk_lookup
             .load()
             .with_context(|| format!("kernel refused program {}", programs::SK_LOOKUP))?;
-        let splicer = std::sync::Arc::new(splice::Splicer::load(&mut ebpf)?);
+        let splicer = std::sync::Arc::new(splice::Splicer::load(&mut ebpf, config.max_spliced)?);
         info!(cgroup = %config.cgroup.display(), bpffs = %config.bpffs.display(), "eBPF programs attached");
 
         Ok(Self {

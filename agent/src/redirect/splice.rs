@@ -44,9 +44,9 @@
 //! agent, and the pods' connects meet the pinned redirection as before (refused until an agent
 //! returns).
 //!
-//! Bounds: [`limits::MAX_SPLICED`] connections at once, of which one source pod holds at most
-//! [`limits::SPLICED_PER_POD`] (slots handed out by a [`Limiter`] before anything enters a
-//! map, so the maps are never full). A connection that gets no slot, or whose sockets the
+//! Bounds: at most [`limits::MAX_SPLICED`] connections at once (`--max-spliced-connections`),
+//! of which one source pod holds at most a quarter (slots handed out by a [`Limiter`] before
+//! anything enters a map, so the maps are never full). A connection that gets no slot, or whose sockets the
 //! kernel will not take (one already half-closed), is handed back to be relayed in user space:
 //! never refused.
 use std::{
@@ -133,7 +133,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Splicer {
     /// Takes the splice maps of the loaded object, loads the verdict program and attaches it to
     /// `SPLICE_SOCKS`, and starts the watcher of spliced sockets' ends (needs a tokio runtime).
-    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+    /// At most `max` connections are spliced at once (no more than the maps hold), a quarter of
+    /// them for one source pod.
+    pub fn load(ebpf: &mut Ebpf, max: usize) -> anyhow::Result<Self> {
+        let max = max.min(limits::MAX_SPLICED as usize);
         let socks: SockHash<MapData, u64> = super::map(ebpf, maps::SPLICE_SOCKS)?;
         let targets = super::map(ebpf, maps::SPLICE_TARGETS)?;
         let peers = super::map(ebpf, maps::SPLICE_PEERS)?;
@@ -152,10 +155,7 @@ impl Splicer {
             socks: Mutex::new(socks),
             targets: Mutex::new(targets),
             peers: Mutex::new(peers),
-            slots: Limiter::new(
-                limits::MAX_SPLICED as usize,
-                limits::SPLICED_PER_POD as usize,
-            ),
+            slots: Limiter::new(max, (max / 4).max(1)),
             hangups,
         })
     }
@@ -194,13 +194,14 @@ impl Splicer {
         };
         // The kernel takes only established sockets into a sockmap; one whose peer already
         // half-closed is relayed in user space (its FIN is in the queue, the rest is short).
-        let probe = |socket: &TcpStream| -> io::Result<Option<(u64, u64)>> {
+        let probe = |socket: &TcpStream| -> io::Result<Option<(u64, u64, u64)>> {
             let info = tcp_info(socket)?;
             if info.tcpi_state != TCP_ESTABLISHED {
                 return Ok(None);
             }
             let cookie = socket2::SockRef::from(socket).cookie()?;
-            Ok(Some((cookie, info.tcpi_bytes_acked + queued(socket)?)))
+            let written = info.tcpi_bytes_acked + queued(socket)?;
+            Ok(Some((cookie, written, info.tcpi_bytes_received)))
         };
         let (c, u) = match (probe(&client), probe(&upstream)) {
             (Ok(Some(c)), Ok(Some(u))) => (c, u),
@@ -250,6 +251,13 @@ impl Splicer {
             legs,
             _slot: slot,
         };
+        debug!(
+            client = client_cookie,
+            upstream = upstream_cookie,
+            client_bytes_waiting = c.2,
+            upstream_bytes_waiting = u.2,
+            "spliced"
+        );
         // Bytes that arrived before the verdict took over are pushed through it now.
         for leg in &spliced.legs {
             match leg.nudge() {

@@ -35,11 +35,9 @@ pub mod limits {
     pub const MAX_EXCLUSIONS: u32 = 1_024;
     /// Same-node connections spliced in the kernel at once (each is two sockets, one entry of
     /// each in `SPLICE_SOCKS`, `SPLICE_TARGETS` and `SPLICE_PEERS`). The agent hands out these
-    /// slots, at most [`SPLICED_PER_POD`] to one source pod; a connection that finds none is
-    /// relayed in user space instead, never refused.
+    /// slots, a quarter at most to one source pod; a connection that finds none is relayed in
+    /// user space instead, never refused.
     pub const MAX_SPLICED: u32 = 16_384;
-    /// Of those, how many one source pod may hold at once.
-    pub const SPLICED_PER_POD: u32 = MAX_SPLICED / 4;
 }
 
 /// Values of `ENROLLED_NETNS`: what the programs do with a pod namespace's traffic.

@@ -10,7 +10,9 @@
 //!   [--rate R]`: C connections, each sending N deterministic pseudo-random bytes (seeded by the
 //!   connection index; with `--pattern`, the string S repeated instead; with `--rate`, at most R
 //!   bytes per second, so a transfer lasts as long as a test needs) and checking the echo; one
-//!   JSON line per connection; exit 0 only if all are ok.
+//!   JSON line per connection; exit 0 only if all are ok. With `--send-first` each connection
+//!   starts sending as soon as it is connected, before the server's greeting arrives (a client
+//!   that talks first, as HTTP clients do).
 //! - `testpod churn --connect ADDR --count C [--max-seconds S] [--greeting-only]`: C short
 //!   sequential connections; one summary line. With `--greeting-only` (for a server started
 //!   with `--greeting-only`) each connection only reads the greeting and the server's close.
@@ -105,6 +107,9 @@ enum Cmd {
         /// speed).
         #[arg(long)]
         rate: Option<u64>,
+        /// Start sending as soon as connected, without waiting for the greeting.
+        #[arg(long)]
+        send_first: bool,
     },
     /// Connects that fail after the connect hook ran.
     Flood {
@@ -260,14 +265,18 @@ fn main() -> ExitCode {
             pattern,
             mark,
             rate,
+            send_first,
         } => client(
             connect,
-            bytes,
             count,
-            Duration::from_millis(timeout_ms),
-            pattern.map(String::into_bytes),
-            mark,
-            rate,
+            &Sending {
+                bytes,
+                timeout: Duration::from_millis(timeout_ms),
+                pattern: pattern.map(String::into_bytes),
+                mark,
+                rate,
+                first: send_first,
+            },
         ),
         Cmd::Flood {
             kind,
@@ -548,33 +557,37 @@ fn read_line_until(r: &mut BufReader<TcpStream>, deadline: Instant) -> io::Resul
     Ok(line)
 }
 
-fn client(
-    addr: SocketAddr,
+/// What each `testpod client` connection sends, and how.
+struct Sending {
     bytes: u64,
-    count: u32,
     timeout: Duration,
     pattern: Option<Vec<u8>>,
     mark: Option<u32>,
     rate: Option<u64>,
-) -> bool {
+    /// Before the greeting arrives.
+    first: bool,
+}
+
+fn client(addr: SocketAddr, count: u32, sending: &Sending) -> bool {
     let mut all_ok = true;
     for i in 0..count {
-        let v = client_conn(addr, i, bytes, timeout, pattern.as_deref(), mark, rate);
+        let v = client_conn(addr, i, sending);
         all_ok &= v["ok"] == true;
         emit(v);
     }
     all_ok
 }
 
-fn client_conn(
-    addr: SocketAddr,
-    index: u32,
-    bytes: u64,
-    timeout: Duration,
-    pattern: Option<&[u8]>,
-    mark: Option<u32>,
-    rate: Option<u64>,
-) -> Value {
+fn client_conn(addr: SocketAddr, index: u32, sending: &Sending) -> Value {
+    let Sending {
+        bytes,
+        timeout,
+        ref pattern,
+        mark,
+        rate,
+        first,
+    } = *sending;
+    let pattern = pattern.as_deref();
     let start = Instant::now();
     let deadline = start + timeout;
     let mut out = json!({
@@ -586,12 +599,15 @@ fn client_conn(
         out["peer"] = json!(s.peer_addr().map(|a| a.to_string()).ok());
         out["local"] = json!(s.local_addr().map(|a| a.to_string()).ok());
         let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
-        let greeting =
-            read_line_until(&mut reader, deadline).map_err(|e| format!("read greeting: {e}"))?;
-        out["greeting"] = json!(greeting);
         let mut w = s.try_clone().map_err(|e| e.to_string())?;
         let mut prng = Payload::new(index, pattern);
+        // The writer starts at once with `--send-first`, else once the greeting is in.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
         let writer = std::thread::spawn(move || -> Result<u64, String> {
+            if !first && wait.recv().is_err() {
+                // Never told to start: the greeting did not come.
+                return Ok(0);
+            }
             let mut buf = vec![0u8; 16 * 1024];
             let mut sent = 0u64;
             let paced_from = Instant::now();
@@ -614,6 +630,10 @@ fn client_conn(
             r.map(|()| sent)
                 .map_err(|e| format!("send after {sent} bytes: {e}"))
         });
+        let greeting =
+            read_line_until(&mut reader, deadline).map_err(|e| format!("read greeting: {e}"))?;
+        out["greeting"] = json!(greeting);
+        let _ = go.send(());
         let mut prng = Payload::new(index, pattern);
         let mut buf = vec![0u8; 64 * 1024];
         let mut expect = vec![0u8; 64 * 1024];
