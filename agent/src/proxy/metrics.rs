@@ -426,7 +426,7 @@ impl ProxyMetrics {
             splice_declined: family(
                 "ambit_splice_declined_total",
                 "Same-node connections relayed by the agent instead of spliced in the kernel, \
-                 by reason (pod_share, full, not_established, kernel)",
+                 by reason (pod_share, full, off, not_established, kernel)",
                 &["reason"],
             )?,
         })

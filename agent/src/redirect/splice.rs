@@ -96,7 +96,7 @@ const DRAIN_STALL: Duration = Duration::from_secs(10);
 /// were.
 #[derive(Debug)]
 pub struct Declined {
-    /// The metric label: `pod_share`, `full`, `not_established` or `kernel`.
+    /// The metric label: `pod_share`, `full`, `off`, `not_established` or `kernel`.
     pub reason: &'static str,
     /// What happened, for the log.
     pub detail: String,
@@ -123,6 +123,8 @@ pub struct Splicer {
     targets: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, SplicePeer>>,
     slots: Limiter<IpAddr>,
+    /// `--max-spliced-connections`: 0 splices nothing.
+    max: usize,
     hangups: Arc<Hangups>,
 }
 
@@ -156,6 +158,7 @@ impl Splicer {
             targets: Mutex::new(targets),
             peers: Mutex::new(peers),
             slots: Limiter::new(max, (max / 4).max(1)),
+            max,
             hangups,
         })
     }
@@ -184,6 +187,10 @@ impl Splicer {
         };
         let slot = match self.slots.try_acquire(source) {
             Ok(slot) => slot,
+            Err(_) if self.max == 0 => {
+                let why = "--max-spliced-connections is 0".to_string();
+                return decline("off", why, client, upstream);
+            }
             Err(exceeded) => {
                 let reason = match exceeded {
                     Exceeded::PerKey(_) => "pod_share",
