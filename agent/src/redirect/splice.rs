@@ -86,8 +86,13 @@ use crate::{
 
 /// How often a spliced connection's counts are read into its meter.
 const METER_INTERVAL: Duration = Duration::from_secs(1);
-/// How often a half-closed direction checks that its peer took every forwarded byte.
+/// How often a half-closed direction checks that its peer took every forwarded byte, once
+/// [`DRAIN_YIELDS`] quicker checks did not find it so.
 const DRAIN_POLL: Duration = Duration::from_millis(1);
+/// Checks made right away, yielding to the runtime in between, before the direction waits
+/// [`DRAIN_POLL`] between checks: the kernel's worker usually sends the last forwarded bytes
+/// within microseconds, and a timer would add a millisecond to every connection's close.
+const DRAIN_YIELDS: u32 = 16;
 /// How long forwarded bytes may stay neither sent nor queued on the peer socket before the
 /// connection is given up (the kernel dropped them: the peer socket was closing).
 const DRAIN_STALL: Duration = Duration::from_secs(10);
@@ -226,12 +231,12 @@ impl Splicer {
         };
         let (client_cookie, upstream_cookie) = (c.0, u.0);
         if let Err(err) = self.pair(client_cookie, &client, upstream_cookie, &upstream) {
-            self.unpair(client_cookie, upstream_cookie);
+            self.unpair_all(client_cookie, upstream_cookie);
             return decline("kernel", format!("{err:#}"), client, upstream);
         }
         // From here the client's bytes are forwarded: there is no going back.
         if let Err(err) = lock(&self.socks).insert(client_cookie, client.as_raw_fd(), 0) {
-            self.unpair(client_cookie, upstream_cookie);
+            self.unpair_all(client_cookie, upstream_cookie);
             return decline("kernel", err.to_string(), client, upstream);
         }
         if let Err(err) = lock(&self.socks).insert(upstream_cookie, upstream.as_raw_fd(), 0) {
@@ -307,13 +312,24 @@ impl Splicer {
         Ok(())
     }
 
-    /// Forgets a pair: its counts and map entries (a socket leaves the sockhashes by itself
-    /// when it closes).
+    /// Forgets a pair whose sockets are about to close: the verdict stops seeing their bytes,
+    /// then their counts go (a closing socket leaves the sockhashes by itself; taking it out of
+    /// `SPLICE_SOCKS` first means no chunk finds it without a peer meanwhile).
     fn unpair(&self, client_cookie: u64, upstream_cookie: u64) {
         for cookie in [client_cookie, upstream_cookie] {
             let _ = lock(&self.socks).remove(&cookie);
-            let _ = lock(&self.targets).remove(&cookie);
+        }
+        for cookie in [client_cookie, upstream_cookie] {
             let _ = lock(&self.peers).remove(&cookie);
+        }
+    }
+
+    /// Forgets a pair that is not spliced after all (its sockets go back to the caller): out of
+    /// every map, so they are plain sockets again.
+    fn unpair_all(&self, client_cookie: u64, upstream_cookie: u64) {
+        self.unpair(client_cookie, upstream_cookie);
+        for cookie in [client_cookie, upstream_cookie] {
+            let _ = lock(&self.targets).remove(&cookie);
         }
     }
 
@@ -441,6 +457,7 @@ impl Spliced {
         tokio::pin!(stop);
         let mut told = Transferred::default();
         let mut flows = [Flow::Open; 2];
+        let mut checks = 0u32;
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + METER_INTERVAL, METER_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -449,11 +466,15 @@ impl Spliced {
                 break Relayed::Finished(Ok(()));
             }
             let draining = flows.iter().any(|f| matches!(f, Flow::Draining { .. }));
+            if !draining {
+                checks = 0;
+            }
+            let quick = checks < DRAIN_YIELDS;
             let poll = async {
-                if draining {
-                    tokio::time::sleep(DRAIN_POLL).await
-                } else {
-                    std::future::pending().await
+                match (draining, quick) {
+                    (false, _) => std::future::pending().await,
+                    (true, true) => tokio::task::yield_now().await,
+                    (true, false) => tokio::time::sleep(DRAIN_POLL).await,
                 }
             };
             let step = tokio::select! {
@@ -461,7 +482,10 @@ impl Spliced {
                 stopped = &mut stop => break Relayed::Stopped(stopped),
                 () = self.legs[0].events.notify.notified() => self.on_event(0, &mut flows),
                 () = self.legs[1].events.notify.notified() => self.on_event(1, &mut flows),
-                () = poll => self.drain(&mut flows),
+                () = poll => {
+                    checks += 1;
+                    self.drain(&mut flows)
+                }
                 _ = ticker.tick() => {
                     self.tell(meter, &mut told);
                     Ok(())
