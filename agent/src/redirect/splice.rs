@@ -212,8 +212,13 @@ impl Splicer {
                 return Ok(None);
             }
             let cookie = socket2::SockRef::from(socket).cookie()?;
-            let written = info.tcpi_bytes_acked + queued(socket)?;
-            Ok(Some((cookie, written, info.tcpi_bytes_received)))
+            // Nothing was ever written to it (the agent does not write, and an established
+            // socket's SYN is acknowledged): its send queue is empty.
+            Ok(Some((
+                cookie,
+                info.tcpi_bytes_acked,
+                info.tcpi_bytes_received,
+            )))
         };
         let (c, u) = match (probe(&client), probe(&upstream)) {
             (Ok(Some(c)), Ok(Some(u))) => (c, u),
@@ -396,7 +401,7 @@ impl Leg {
 
 impl Drop for Leg {
     fn drop(&mut self) {
-        self.hangups.unwatch(&self.socket, self.cookie);
+        self.hangups.unwatch(self.cookie);
     }
 }
 
@@ -473,7 +478,11 @@ impl Spliced {
             let poll = async {
                 match (draining, quick) {
                     (false, _) => std::future::pending().await,
-                    (true, true) => tokio::task::yield_now().await,
+                    (true, true) => {
+                        // The worker that sends the last bytes is likely queued on this CPU.
+                        std::thread::yield_now();
+                        tokio::task::yield_now().await
+                    }
                     (true, false) => tokio::time::sleep(DRAIN_POLL).await,
                 }
             };
@@ -706,8 +715,9 @@ impl Hangups {
         Ok(events)
     }
 
-    fn unwatch(&self, socket: &impl AsFd, token: u64) {
-        let _ = self.epoll.get_ref().0.delete(socket);
+    /// Forgets a socket about to close (closing it takes it out of the epoll instance: the
+    /// agent holds its only descriptor).
+    fn unwatch(&self, token: u64) {
         lock(&self.legs).remove(&token);
     }
 
