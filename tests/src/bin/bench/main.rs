@@ -10,6 +10,8 @@
 //!   connection and connects to a destination outside the mesh in plaintext;
 //! - **mesh, fast path off** (same node only): both enrolled, the client's agent restarted with
 //!   `--same-node-fast-path=false`: HBONE through one agent, the path the fast path replaces;
+//! - **mesh, splice off** (same node only): the client's agent restarted with
+//!   `--max-spliced-connections 0`: the fast path with its bytes relayed by the agent;
 //! - **mesh**: both enrolled: whatever the agents do between two enrolled pods (the same-node
 //!   fast path, HBONE mTLS across nodes; the access log tells which, and the report says so).
 //!
@@ -145,15 +147,43 @@ enum MeshPath {
     /// Both enrolled, the client's agent running with `--same-node-fast-path=false`: the HBONE
     /// path the fast path replaces (same node only; across nodes it is `Mesh`).
     MeshFastPathOff,
+    /// Both enrolled, the client's agent running with `--max-spliced-connections 0`: the fast
+    /// path relayed by the agent instead of spliced (same node only).
+    MeshSpliceOff,
 }
 
 impl MeshPath {
-    const ALL: [MeshPath; 4] = [
+    const ALL: [MeshPath; 5] = [
         MeshPath::Direct,
         MeshPath::Passthrough,
         MeshPath::MeshFastPathOff,
+        MeshPath::MeshSpliceOff,
         MeshPath::Mesh,
     ];
+
+    /// Paths that run only between pods of one node, on a client's agent restarted for them.
+    fn same_node_only(self) -> bool {
+        matches!(self, MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff)
+    }
+
+    /// The client's agent's environment for this path (every variable the paths set, so a
+    /// restart returns to the defaults).
+    fn agent_env(self) -> [(&'static str, &'static str); 2] {
+        let fast_path = if self == MeshPath::MeshFastPathOff {
+            "false"
+        } else {
+            "true"
+        };
+        let spliced = if self == MeshPath::MeshSpliceOff {
+            "0"
+        } else {
+            "16384"
+        };
+        [
+            ("AMBIT_SAME_NODE_FAST_PATH", fast_path),
+            ("AMBIT_MAX_SPLICED_CONNECTIONS", spliced),
+        ]
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -161,6 +191,7 @@ impl MeshPath {
             MeshPath::Passthrough => "passthrough",
             MeshPath::Mesh => "mesh",
             MeshPath::MeshFastPathOff => "mesh, fast path off",
+            MeshPath::MeshSpliceOff => "mesh, splice off",
         }
     }
 }
@@ -423,36 +454,31 @@ fn enrolled_uids(node: &Node) -> Result<BTreeSet<String>> {
         .collect())
 }
 
-/// Enrols exactly `enrolled` (every other pod un-enrolled) through the mesh file, and waits until
-/// both agents have loaded it and enrolled exactly those pods. The agents keep running.
-/// Restarts node `i`'s agent with the same-node fast path on or off, keeping the peak memory
-/// of the agent it stops in `earlier_hwm`. Enrolment is waited for by the next
-/// [`set_enrolment`].
-fn set_fast_path(
+/// Restarts node `i`'s agent with the environment `path` needs, keeping the peak memory of the
+/// agent it stops in `earlier_hwm`. Enrolment is waited for by the next [`set_enrolment`].
+fn restart_agent(
     cluster: &Cluster,
     i: usize,
-    on: bool,
+    path: MeshPath,
     earlier_hwm: &mut [Option<u64>],
 ) -> Result<()> {
     let node = cluster.node(i);
     if let Some(pid) = node.agent_pid() {
         earlier_hwm[i] = earlier_hwm[i].max(util::proc_status_kb(pid, "VmHWM"));
     }
-    println!(
-        "restarting {}'s agent with the same-node fast path {}",
-        node.name(),
-        if on { "on" } else { "off" }
-    );
-    node.set_agent_env(
-        "AMBIT_SAME_NODE_FAST_PATH",
-        if on { "true" } else { "false" },
-    );
+    let env = path.agent_env();
+    println!("restarting {}'s agent with {env:?}", node.name());
+    for (key, value) in env {
+        node.set_agent_env(key, value);
+    }
     node.stop_agent()?;
     node.start_agent()?;
     node.wait_ready(SETTLE)?;
     Ok(())
 }
 
+/// Enrols exactly `enrolled` (every other pod un-enrolled) through the mesh file, and waits until
+/// both agents have loaded it and enrolled exactly those pods. The agents keep running.
 fn set_enrolment(cluster: &Cluster, enrolled: &[&Pod]) -> Result<()> {
     for p in cluster.pods() {
         p.set_enrolled(enrolled.iter().any(|e| e.name() == p.name()));
@@ -876,7 +902,9 @@ impl Scenario {
         match self.path {
             MeshPath::Direct => "no agent",
             MeshPath::Passthrough => "client's agent, plaintext to the destination",
-            MeshPath::Mesh | MeshPath::MeshFastPathOff => self.access.carried(),
+            MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff => {
+                self.access.carried()
+            }
         }
     }
 
@@ -893,7 +921,9 @@ impl Scenario {
             MeshPath::Passthrough if outbound == 0 || inbound > 0 => Some(format!(
                 "expected outbound-only access-log lines, saw {outbound} outbound and {inbound} inbound"
             )),
-            MeshPath::Mesh | MeshPath::MeshFastPathOff if outbound == 0 || inbound == 0 => {
+            MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff
+                if outbound == 0 || inbound == 0 =>
+            {
                 Some(format!(
                     "expected outbound and inbound access-log lines, saw {outbound} outbound and {inbound} inbound"
                 ))
@@ -1546,7 +1576,9 @@ fn cell(
 
 fn path_label(s: &Scenario) -> String {
     match s.path {
-        MeshPath::Mesh | MeshPath::MeshFastPathOff => format!("{}: {}", s.path.name(), s.what()),
+        MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff => {
+            format!("{}: {}", s.path.name(), s.what())
+        }
         p => p.name().to_string(),
     }
 }
@@ -1857,6 +1889,9 @@ fn document(
            restarted with `--same-node-fast-path=false`, so the two pods talk HBONE through it \
            as across nodes (the path the fast path replaces); it is restarted with the fast \
            path on afterwards;\n\
+         - **mesh, splice off** (same node only): both enrolled, the client's agent restarted \
+           with `--max-spliced-connections 0`: the fast path's authorization and reports, the \
+           bytes relayed by the agent (no TLS) instead of spliced in the kernel;\n\
          - **mesh**: both enrolled: the path between two meshed pods, named by what the agents' \
            access logs show they did (the same-node fast path, spliced in the kernel or relayed \
            by the agent; HBONE mTLS across nodes).\n\n\
@@ -2039,23 +2074,26 @@ fn throughput(
     let mut earlier_hwm: Vec<Option<u64>> = vec![None; cluster.nodes().len()];
     for (placement, server) in placements {
         for path in MeshPath::ALL {
-            if path == MeshPath::MeshFastPathOff && placement != Placement::SameNode {
+            if path.same_node_only() && placement != Placement::SameNode {
                 continue;
             }
             let enrolled: Vec<&Pod> = match path {
                 MeshPath::Direct => vec![],
                 MeshPath::Passthrough => vec![client],
-                MeshPath::Mesh | MeshPath::MeshFastPathOff => vec![client, server],
+                MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff => {
+                    vec![client, server]
+                }
             };
-            if path == MeshPath::MeshFastPathOff {
-                cluster.with_diagnostics(set_fast_path(cluster, 0, false, &mut earlier_hwm))?;
+            if path.same_node_only() {
+                cluster.with_diagnostics(restart_agent(cluster, 0, path, &mut earlier_hwm))?;
             }
             cluster.with_diagnostics(set_enrolment(cluster, &enrolled))?;
             all.push(run_scenario(
                 cluster, args, tools, path, placement, client, server,
             ));
-            if path == MeshPath::MeshFastPathOff {
-                cluster.with_diagnostics(set_fast_path(cluster, 0, true, &mut earlier_hwm))?;
+            if path.same_node_only() {
+                let back = MeshPath::Mesh;
+                cluster.with_diagnostics(restart_agent(cluster, 0, back, &mut earlier_hwm))?;
             }
         }
     }
