@@ -1121,3 +1121,105 @@ fn start_ca_from(cluster: &Cluster, dir: &Path) -> Result<Tool> {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The PEM certificates `pod`'s HBONE listener presents (`openssl s_client -showcerts`), in
+/// order, each as its base64 body (no framing, no line breaks) for comparison.
+fn presented_chain(cluster: &Cluster, pod: &Pod) -> Result<Vec<String>> {
+    let node = cluster.node_of(pod);
+    let out = Command::new("ip")
+        .args(["netns", "exec", node.netns_name(), "timeout", "10"])
+        .args(["openssl", "s_client", "-connect"])
+        .arg(pod.addr4(HBONE_PORT).to_string())
+        .args(["-alpn", "h2", "-showcerts"])
+        .stdin(Stdio::null())
+        .output()
+        .context("run openssl s_client")?;
+    Ok(pem_bodies(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The base64 bodies of the PEM certificates of `text`, in order.
+fn pem_bodies(text: &str) -> Vec<String> {
+    let begin = "-----BEGIN CERTIFICATE-----";
+    let end = "-----END CERTIFICATE-----";
+    text.split(begin)
+        .skip(1)
+        .filter_map(|part| part.split(end).next())
+        .map(|body| body.split_whitespace().collect())
+        .collect()
+}
+
+/// Istio's plug-in certificates on the test bed: the CA's directory holds `cacerts`' four files
+/// (an intermediate under an organisation's root) and the agents trust that root alone. Pods
+/// talk in mutual TLS with certificates of the intermediate: a pod's HBONE listener presents
+/// its leaf and the intermediate, which `openssl verify` accepts with the organisation's root
+/// as the only anchor (and not without the intermediate).
+#[test]
+fn an_intermediate_under_the_organisations_root_signs_the_mesh() -> Result<()> {
+    use ambit::testing::ca::PluginCerts;
+
+    let cluster = cluster(2, 1)?;
+    // The bed's CA directory, with Istio's plug-in files in place of its own root; the
+    // agents' bundle (--ca-roots, roots.pem) is the organisation's root.
+    cluster.ca_token(cluster.node(0))?;
+    let certs = PluginCerts::new("Example Org");
+    let dir = cluster.ca_dir();
+    certs.write(&dir);
+    fs::write(dir.join("roots.pem"), &certs.root_cert_pem)?;
+    cluster.start_agents()?;
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    let _server = serve(server, &[8080])?;
+    let id = default_identity();
+    for node in cluster.nodes() {
+        wait_certificate(&cluster, node, &id)?;
+    }
+    let dst = server.addr4(8080);
+    connect_ok_n(&cluster, client, dst, 10_000, 3, &[])?;
+    let line = wait_access_log(&cluster, cluster.node(1), "inbound", dst, 1)?.remove(0);
+    ensure_or_dump!(
+        cluster,
+        line["security"] == "mtls" && line["src_principal"] == id.as_str(),
+        "not in mutual TLS from the client's identity: {line}"
+    );
+
+    let chain = presented_chain(&cluster, server)?;
+    let intermediate = pem_bodies(&certs.ca_cert_pem);
+    ensure_or_dump!(
+        cluster,
+        chain.len() == 2 && chain[1] == intermediate[0],
+        "the HBONE listener should present its leaf and the intermediate, got {} certificate(s)",
+        chain.len()
+    );
+    let pem = |body: &str| {
+        let lines: Vec<String> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        )
+    };
+    let leaf = cluster.run_dir().join("plugin-leaf.pem");
+    fs::write(&leaf, pem(&chain[0]))?;
+    let root = cluster.run_dir().join("plugin-root.pem");
+    fs::write(&root, &certs.root_cert_pem)?;
+    let untrusted = cluster.run_dir().join("plugin-intermediate.pem");
+    fs::write(&untrusted, &certs.ca_cert_pem)?;
+    let with_intermediate = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&root)
+        .arg("-untrusted")
+        .arg(&untrusted)
+        .arg(&leaf)
+        .output()
+        .context("run openssl verify")?;
+    ensure_or_dump!(
+        cluster,
+        with_intermediate.status.success() && !verifies(&root, &leaf)?,
+        "the leaf should verify to the organisation's root through the intermediate only: {}",
+        String::from_utf8_lossy(&with_intermediate.stderr)
+    );
+    Ok(())
+}

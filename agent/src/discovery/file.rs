@@ -32,12 +32,17 @@ use crate::{
 };
 
 mod l7;
+mod resilience;
 mod routing;
 mod security;
 
 pub use self::l7::{
     ClaimToHeaderFile, JwtHeaderFile, JwtRuleFile, L7_CONDITION_KEYS, MAX_JWKS_BYTES,
     RequestAuthenticationFile, parse_jwks, request_authentication, target_refs, waypoint_policy,
+};
+pub use self::resilience::{
+    FaultAbortFile, FaultDelayFile, GrpcStatusFile, HttpFaultInjectionFile, HttpMirrorPolicyFile,
+    HttpRetryFile, PercentFile,
 };
 pub use self::routing::{
     DestinationFile, DestinationRuleFile, DestinationRuleSpecFile, HttpMatchRequestFile,

@@ -21,6 +21,7 @@ use serde::{Serialize, ser::SerializeStruct};
 
 use crate::netns::NetnsRef;
 
+pub mod resilience;
 pub mod routes;
 pub use self::routes::RouteTable;
 use crate::policy::{AuthorizationPolicy, DEFAULT_TRUST_DOMAIN, PeerAuthMode, PolicySet};

@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use serde::Serialize;
 
-use super::WaypointRef;
+use super::{WaypointRef, resilience::RouteResilience};
 
 /// The routes of every service that has some, by service (`namespace/name`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -66,6 +66,10 @@ pub struct HttpRoute {
     /// What the route does to requests and responses besides choosing where they go.
     #[serde(skip_serializing_if = "RouteFilters::is_empty")]
     pub filters: RouteFilters,
+
+    // Resilience (timeouts, retries, mirrors, faults): [`super::resilience`].
+    /// Timeouts, retries, mirrors and faults.
+    pub resilience: RouteResilience,
 }
 
 /// Conditions on a request, all of which must hold.

@@ -291,12 +291,14 @@ mod tests {
                     }],
                     destinations: vec![to("v2", 100)],
                     filters: Default::default(),
+                    resilience: Default::default(),
                 },
                 HttpRoute {
                     name: None,
                     matches: vec![],
                     destinations: vec![to("v1", 90), to("v2", 10)],
                     filters: Default::default(),
+                    resilience: Default::default(),
                 },
             ],
         }
@@ -378,6 +380,7 @@ mod tests {
                 matches: vec![],
                 destinations: vec![to("v1", 100), to("v2", 0)],
                 filters: Default::default(),
+                resilience: Default::default(),
             }],
         };
         for pick in 0..100 {
@@ -399,6 +402,7 @@ mod tests {
                 }],
                 destinations: vec![to("v2", 1)],
                 filters: Default::default(),
+                resilience: Default::default(),
             }],
         };
         let none = HeaderMap::new();
@@ -440,6 +444,7 @@ mod tests {
                 }],
                 destinations: vec![to("v2", 1)],
                 filters: Default::default(),
+                resilience: Default::default(),
             }],
         };
         let hits = |routes: &ServiceRoutes, h: &HeaderMap| {
@@ -534,6 +539,7 @@ mod tests {
                 matches: vec![m],
                 destinations: vec![to("v2", 1)],
                 filters: Default::default(),
+                resilience: Default::default(),
             }],
         }
     }
@@ -731,6 +737,7 @@ mod tests {
                     }),
                     ..RouteFilters::default()
                 },
+                resilience: Default::default(),
             }],
         };
         let request = RequestView {

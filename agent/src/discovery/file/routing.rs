@@ -3,14 +3,18 @@
 //! Each entry is a whole Istio object (`apiVersion`, `kind`, `metadata`, `spec`) in Ambit's API
 //! group `networking.ambit.dev/v1`, field for field Istio's `networking.istio.io/v1`, so that
 //! Istio YAML ports by changing only `apiVersion`. Only the fields the waypoint implements are
-//! accepted: any other (`retries`, `fault`, `connectionPool`...) is rejected with its path, never
-//! ignored, since a route silently missing its timeout or its fault would be a different route.
+//! accepted (the resilience fields `timeout`, `retries`, `mirror`, `fault`... are read by
+//! [`super::resilience`]): any other (`corsPolicy`, `connectionPool`...) is rejected with its
+//! path, never ignored, since a route silently missing a field would be a different route.
 //! The result is the state's route model ([`crate::state::routes`]).
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, Validator};
+use super::{
+    ConfigError, HttpFaultInjectionFile, HttpMirrorPolicyFile, HttpRetryFile, PercentFile,
+    Validator, resilience::ResilienceFields,
+};
 use crate::{
     serdes::null_as_default,
     state::{
@@ -99,6 +103,30 @@ pub struct HttpRouteFile {
     /// Answer with a fixed response (no `route`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_response: Option<HttpDirectResponseFile>,
+
+    // Resilience (timeouts, retries, mirrors, faults): `super::resilience`.
+    /// The whole request's timeout, e.g. `10s` (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Retries (absent: Istio's default policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<HttpRetryFile>,
+    /// One destination copies of the requests go to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<DestinationFile>,
+    /// Share of the requests `mirror` gets (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_percentage: Option<PercentFile>,
+    /// Several mirrors, each with its percentage.
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub mirrors: Vec<HttpMirrorPolicyFile>,
+    /// Faults injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<HttpFaultInjectionFile>,
 }
 
 /// One entry of `match`: Istio's `HTTPMatchRequest`.
@@ -685,6 +713,20 @@ impl Validator<'_> {
             });
         }
         let filters = self.route_filters(at, route)?;
+        let resilience = self.resilience(
+            at,
+            ResilienceFields {
+                timeout: route.timeout.as_deref(),
+                retries: route.retries.as_ref(),
+                mirror: route.mirror.as_ref(),
+                mirror_percentage: route.mirror_percentage.as_ref(),
+                mirrors: &route.mirrors,
+                fault: route.fault.as_ref(),
+            },
+            namespace,
+            known,
+            subsets,
+        )?;
         if filters.redirect.is_some() || filters.direct_response.is_some() {
             let which = if filters.redirect.is_some() {
                 "redirect"
@@ -702,6 +744,7 @@ impl Validator<'_> {
                 matches,
                 destinations: vec![],
                 filters,
+                resilience,
             });
         }
         if route.route.is_empty() {
@@ -715,45 +758,13 @@ impl Validator<'_> {
         let mut destinations = Vec::with_capacity(route.route.len());
         for (d, entry) in route.route.iter().enumerate() {
             let field = format!("{at}.route[{d}]");
-            let service = self.host(
-                &format!("{field}.destination.host"),
-                &entry.destination.host,
+            let destination = self.destination(
+                &format!("{field}.destination"),
+                &entry.destination,
                 namespace,
                 known,
+                subsets,
             )?;
-            let port = match &entry.destination.port {
-                Some(port) => {
-                    let number =
-                        self.port(format!("{field}.destination.port.number"), port.number)?;
-                    if service.port(number).is_none() {
-                        return Err(self.invalid(
-                            format!("{field}.destination.port.number"),
-                            format!("service {} has no port {number}", service.uid()),
-                        ));
-                    }
-                    Some(number)
-                }
-                None => None,
-            };
-            let subset = match &entry.destination.subset {
-                Some(name) => Some(
-                    subsets
-                        .get(&service.uid())
-                        .and_then(|named| named.get(name))
-                        .cloned()
-                        .ok_or_else(|| {
-                            self.invalid(
-                                format!("{field}.destination.subset"),
-                                format!(
-                                    "subset {name:?} is not defined by a DestinationRule of \
-                                     service {}",
-                                    service.uid()
-                                ),
-                            )
-                        })?,
-                ),
-                None => None,
-            };
             let weight = match entry.weight {
                 None if only => 100,
                 None => 0,
@@ -762,14 +773,9 @@ impl Validator<'_> {
                 })?,
             };
             destinations.push(RouteDestination {
-                service: WaypointRef {
-                    namespace: service.namespace.clone(),
-                    name: service.name.clone(),
-                },
-                port,
-                subset,
                 weight,
                 headers: self.header_rules(&format!("{field}.headers"), &entry.headers)?,
+                ..destination
             });
         }
         if destinations.iter().all(|d| d.weight == 0) {
@@ -783,6 +789,65 @@ impl Validator<'_> {
             matches,
             destinations,
             filters,
+            resilience,
+        })
+    }
+
+    /// Resolves a `Destination` at `field` (its host, port and subset); its weight is 0.
+    pub(super) fn destination(
+        &self,
+        field: &str,
+        destination: &DestinationFile,
+        namespace: &str,
+        known: &HashMap<(&str, &str), &Service>,
+        subsets: &HashMap<String, BTreeMap<String, Subset>>,
+    ) -> Result<RouteDestination, ConfigError> {
+        let service = self.host(
+            &format!("{field}.host"),
+            &destination.host,
+            namespace,
+            known,
+        )?;
+        let port = match &destination.port {
+            Some(port) => {
+                let number = self.port(format!("{field}.port.number"), port.number)?;
+                if service.port(number).is_none() {
+                    return Err(self.invalid(
+                        format!("{field}.port.number"),
+                        format!("service {} has no port {number}", service.uid()),
+                    ));
+                }
+                Some(number)
+            }
+            None => None,
+        };
+        let subset = match &destination.subset {
+            Some(name) => Some(
+                subsets
+                    .get(&service.uid())
+                    .and_then(|named| named.get(name))
+                    .cloned()
+                    .ok_or_else(|| {
+                        self.invalid(
+                            format!("{field}.subset"),
+                            format!(
+                                "subset {name:?} is not defined by a DestinationRule of service {}",
+                                service.uid()
+                            ),
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(RouteDestination {
+            service: WaypointRef {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+            },
+            port,
+            subset,
+            weight: 0,
+            headers: Default::default(),
         })
     }
 
@@ -1296,13 +1361,13 @@ destinationRules:
     fn unsupported_fields_are_rejected_by_path_never_ignored() {
         let retries = SEED_VS.replace(
             "    - route:\n",
-            "    - retries: {attempts: 3}\n      route:\n",
+            "    - corsPolicy: {allowOrigins: [{exact: x}]}\n      route:\n",
         );
         let err = parse(&format!("{retries}{DR}")).unwrap_err();
         assert!(
             err.contains("mesh file /etc/mesh.yaml")
                 && err.contains("virtualServices[0].spec.http[1]")
-                && err.contains("unknown field `retries`"),
+                && err.contains("unknown field `corsPolicy`"),
             "{err}"
         );
         let policy = DR.replace(

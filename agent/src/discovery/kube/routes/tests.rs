@@ -134,17 +134,17 @@ fn the_seed_canary_converts_as_from_the_mesh_file() {
 
 #[test]
 fn rejections_name_the_field_and_keep_the_last_accepted_version() {
-    let mut retries = seed_vs();
-    retries["http"][1]["retries"] = json!({"attempts": 3});
+    let mut cors = seed_vs();
+    cors["http"][1]["corsPolicy"] = json!({"allowOrigins": [{"exact": "x"}]});
     let mut bad_subset = seed_vs();
     bad_subset["http"][1]["route"][0]["destination"]["subset"] = json!("v3");
     let mut bad_regex = seed_vs();
     bad_regex["http"][0]["match"][0]["headers"]["end-user"] = json!({"regex": "("});
     let cases = [
         (
-            retries,
+            cors,
             Verdict::UnsupportedField,
-            "spec.http[1].retries: unknown field `retries`",
+            "spec.http[1].corsPolicy: unknown field `corsPolicy`",
         ),
         (
             bad_subset,
@@ -329,7 +329,7 @@ async fn a_virtual_service_from_the_api_takes_effect_and_a_rejected_edit_keeps_i
     // it, and the routes in force stay the previous version's.
     let before = state.routes().clone();
     server.modify::<VirtualServiceResource>("shop", "canary", |vs| {
-        vs.spec["http"][1]["retries"] = json!({"attempts": 3});
+        vs.spec["http"][1]["corsPolicy"] = json!({"allowOrigins": [{"exact": "x"}]});
         vs.spec["http"][1]["route"][0]["weight"] = json!(50);
         vs.spec["http"][1]["route"][1]["weight"] = json!(50);
     });
@@ -338,7 +338,7 @@ async fn a_virtual_service_from_the_api_takes_effect_and_a_rejected_edit_keeps_i
     assert!(
         rejected
             .message
-            .starts_with("spec.http[1].retries: unknown field `retries`"),
+            .starts_with("spec.http[1].corsPolicy: unknown field `corsPolicy`"),
         "{rejected:?}"
     );
     assert_eq!(rejected.observed_generation, Some(2));
@@ -349,7 +349,7 @@ async fn a_virtual_service_from_the_api_takes_effect_and_a_rejected_edit_keeps_i
         vs.spec["http"][1]
             .as_object_mut()
             .unwrap()
-            .remove("retries");
+            .remove("corsPolicy");
     });
     let state = harness
         .wait_state("the 50/50 split", |s| {
