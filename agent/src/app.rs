@@ -100,7 +100,9 @@ pub struct AgentArgs {
     #[arg(long, env = "AMBIT_MAX_CONNECTIONS_PER_SOURCE")]
     pub max_connections_per_source: Option<usize>,
     /// Carry connections between two pods of this node without HBONE: authorized as the
-    /// inbound path would, then spliced in the kernel (`false`: HBONE, as across nodes).
+    /// inbound path would, then spliced in the kernel (`false`: HBONE, as across nodes, and the
+    /// splice program is not loaded). Off by itself, with a warning, when the kernel cannot
+    /// splice (the agent's start-up self-test).
     #[arg(
         long,
         env = "AMBIT_SAME_NODE_FAST_PATH",
@@ -235,6 +237,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         cgroup: cgroup.clone(),
         bpffs: args.bpffs.clone(),
         max_spliced: args.max_spliced_connections,
+        fast_path: args.same_node_fast_path,
     })?);
     tokio::spawn(crate::redirect::keep_node_addresses(redirector.clone()));
     // Each subsystem's metrics, in one registry.
@@ -278,7 +281,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         limits: limits.clone(),
         connections: Arc::new(OpenConnections::new()),
         local_pods: Arc::default(),
-        fast_path: args.same_node_fast_path,
+        // A kernel that cannot splice leaves same-node connections to HBONE.
+        fast_path: args.same_node_fast_path
+            && !matches!(
+                redirector.splice_state(),
+                crate::redirect::SpliceState::Unavailable(_)
+            ),
     });
     // Every new state, from either source, is applied to the inbound connections already open.
     tokio::spawn(admission::reevaluate_on_change(
@@ -306,6 +314,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     ));
     tokio::spawn(enrolment.run(state_rx.clone(), cni_rx));
 
+    let liveness = Arc::new(admin::Liveness::default());
+    tokio::spawn(admin::heartbeat(liveness.clone(), redirector.clone()));
     let admin_state = Arc::new(AdminState {
         node: args.node.clone(),
         state: state_rx,
@@ -315,6 +325,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         logging: telemetry::log_control(),
         certs,
         limits: limits.clone(),
+        liveness,
     });
     let metrics_server = tokio::spawn(admin::serve_metrics_on(args.metrics_addr, metrics, limits));
     let admin = tokio::spawn(admin::serve(args.admin_addr, admin_state.clone(), true));
@@ -361,7 +372,11 @@ mod tests {
     fn every_metric_of_the_agent_passes_promtool() {
         let metrics = Metrics::new();
         let datapath = Arc::new(RedirectMetrics::new(None).unwrap());
-        datapath.record(RedirectStats::default(), &[("ORIG_DST_TUPLE", 1)], 0);
+        datapath.record(
+            RedirectStats::default(),
+            &[("ORIG_DST_TUPLE", 1)],
+            Default::default(),
+        );
         metrics.register_at_scrape(datapath).unwrap();
         let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(1024)));
         limits.timed_out(Path::Hbone, Phase::TlsHandshake);

@@ -420,7 +420,8 @@ impl ProxyMetrics {
             fast_path: family(
                 "ambit_fast_path_connections_total",
                 "Connections between two pods of this node carried by the same-node fast path \
-                 instead of HBONE, by how: spliced in the kernel, or relayed by the agent",
+                 instead of HBONE, by how: spliced in the kernel, relayed by the agent, or \
+                 broken (reset while the splice was being made)",
                 &["carried"],
             )?,
             splice_declined: family(

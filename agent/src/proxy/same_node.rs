@@ -19,9 +19,13 @@
 //!   `connection_security_policy="mutual_tls"` (both identities are proven, by the agent that
 //!   holds them) and the access log's `fast_path` saying how the bytes went.
 //! - The bytes are spliced in the kernel ([`crate::redirect::splice`]) and counted there, read
-//!   into both sides' meters every second. When the splice is not possible (the node's splice
-//!   slots, or the source pod's share of them, are taken; a socket already half-closed) the
-//!   agent relays them itself ([`crate::relay`]), still without TLS: never refused.
+//!   into both sides' meters every second (so `istio_tcp_*` lag the bytes by up to a second
+//!   while a connection is open; its last figures are exact when it ends). When the splice is
+//!   not possible (the node's splice slots, or the source pod's share of them, are taken; a
+//!   socket already half-closed; `--max-spliced-connections 0`) the agent relays them itself
+//!   ([`crate::relay`]), still without TLS: never refused. A connection the splice broke
+//!   while it was being made (or whose admission was revoked meanwhile) is reset and counted
+//!   `broken`, not `splice`.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -85,6 +89,19 @@ enum Carried {
     Relayed(TcpStream, TcpStream),
     /// Nowhere: the splice broke the connection while it was being made.
     Broken(std::io::Error),
+    /// Nowhere: the admission was revoked while the splice was being made.
+    Revoked(Refusal),
+}
+
+impl Carried {
+    /// The access log's `fast_path` and the metric's `carried`.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Spliced(_) => "splice",
+            Self::Relayed(..) => "relay",
+            Self::Broken(_) | Self::Revoked(_) => "broken",
+        }
+    }
 }
 
 /// Carries `client` from `source` to `dest`, both enrolled on this node, as said above.
@@ -171,27 +188,35 @@ pub async fn forward(
                 }
                 Ok(upstream) => {
                     let pod = source.workload.ips.first().copied();
-                    let carried = match ctx.redirector.splicer().splice(
-                        pod.unwrap_or(hop.source_ip),
-                        client,
-                        upstream,
-                    ) {
-                        Ok(spliced) => Carried::Spliced(spliced),
-                        Err(SpliceFailed::Declined(declined)) => {
-                            debug!(
-                                reason = declined.reason,
-                                detail = %declined.detail,
-                                "same-node connection relayed by the agent, not spliced"
-                            );
-                            ctx.metrics.splice_declined(declined.reason);
-                            Carried::Relayed(declined.client, declined.upstream)
+                    let carried = match ctx.redirector.splicer() {
+                        // Asked right before the first byte flows and again after the queued
+                        // ones went through: a deny that landed meanwhile cuts it.
+                        Some(splicer) => match splicer.splice(
+                            pod.unwrap_or(hop.source_ip),
+                            client,
+                            upstream,
+                            || admission.try_revoked(),
+                        ) {
+                            Ok(spliced) => Carried::Spliced(spliced),
+                            Err(SpliceFailed::Declined(declined)) => {
+                                debug!(
+                                    reason = declined.reason,
+                                    detail = %declined.detail,
+                                    "same-node connection relayed by the agent, not spliced"
+                                );
+                                ctx.metrics.splice_declined(declined.reason);
+                                Carried::Relayed(declined.client, declined.upstream)
+                            }
+                            Err(SpliceFailed::Broken(err)) => Carried::Broken(err),
+                            Err(SpliceFailed::Revoked(refusal)) => Carried::Revoked(refusal),
+                        },
+                        // `--max-spliced-connections 0`: the fast path without the splice.
+                        None => {
+                            ctx.metrics.splice_declined("off");
+                            Carried::Relayed(client, upstream)
                         }
-                        Err(SpliceFailed::Broken(err)) => Carried::Broken(err),
                     };
-                    let how = match carried {
-                        Carried::Relayed(..) => "relay",
-                        Carried::Spliced(_) | Carried::Broken(_) => "splice",
-                    };
+                    let how = carried.label();
                     ctx.metrics.fast_path(how);
                     hop.log.fast_path = Some(how);
                     in_log.fast_path = Some(how);
@@ -204,6 +229,9 @@ pub async fn forward(
                         }
                         Carried::Broken(err) => {
                             (Transferred::default(), Relayed::Finished(Err(err)))
+                        }
+                        Carried::Revoked(refusal) => {
+                            (Transferred::default(), Relayed::Stopped(refusal))
                         }
                     };
                     let (inbound_result, outbound_result) = match ended {

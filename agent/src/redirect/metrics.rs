@@ -23,7 +23,23 @@ pub struct RedirectMetrics {
     splice_no_target: IntCounter,
     splice_unpaired: IntCounter,
     spliced: IntGauge,
+    splice_enabled: IntGauge,
+    splice_draining: IntGauge,
+    splice_drain_checks: IntCounter,
     map_entries: IntGaugeVec,
+}
+
+/// The splice's figures at a scrape.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpliceFigures {
+    /// The splice is loaded and passed its self-test.
+    pub enabled: bool,
+    /// Connections spliced now.
+    pub spliced: usize,
+    /// Spliced connections waiting for a peer to take a half-closed direction's bytes.
+    pub draining: usize,
+    /// Checks of such directions so far.
+    pub drain_checks: u64,
 }
 
 impl RedirectMetrics {
@@ -88,6 +104,20 @@ impl RedirectMetrics {
                 "ambit_spliced_connections",
                 "Same-node connections spliced in the kernel now",
             )?,
+            splice_enabled: IntGauge::new(
+                "ambit_splice_enabled",
+                "1 when the same-node splice is loaded and passed its self-test; 0 when it is \
+                 not wanted or the kernel cannot run it (then same-node connections take HBONE)",
+            )?,
+            splice_draining: IntGauge::new(
+                "ambit_splice_draining_connections",
+                "Spliced connections with a half-closed direction whose peer has not taken \
+                 every forwarded byte yet",
+            )?,
+            splice_drain_checks: IntCounter::new(
+                "ambit_splice_drain_checks_total",
+                "Checks of half-closed spliced directions (backed off from 1 ms to 1 s each)",
+            )?,
             map_entries: IntGaugeVec::new(
                 Opts::new("ambit_ebpf_map_entries", "Entries in each pinned eBPF map"),
                 &["map"],
@@ -96,7 +126,7 @@ impl RedirectMetrics {
     }
 
     /// Copies the programs' counters, the maps' occupancy and the spliced connections in.
-    pub fn record(&self, stats: RedirectStats, occupancy: &[(&str, usize)], spliced: usize) {
+    pub fn record(&self, stats: RedirectStats, occupancy: &[(&str, usize)], splice: SpliceFigures) {
         set_counter(
             &self.redirected.with_label_values(&["ipv4"]),
             stats.redirected_v4,
@@ -115,7 +145,10 @@ impl RedirectMetrics {
         set_counter(&self.spliced_bytes, stats.spliced_bytes);
         set_counter(&self.splice_no_target, stats.splice_no_target);
         set_counter(&self.splice_unpaired, stats.splice_unpaired);
-        self.spliced.set(gauge_value(spliced));
+        self.spliced.set(gauge_value(splice.spliced));
+        self.splice_enabled.set(i64::from(splice.enabled));
+        self.splice_draining.set(gauge_value(splice.draining));
+        set_counter(&self.splice_drain_checks, splice.drain_checks);
         for (map, entries) in occupancy {
             self.map_entries
                 .with_label_values(&[map])
@@ -139,17 +172,25 @@ impl ScrapeTime for RedirectMetrics {
             &self.splice_no_target,
             &self.splice_unpaired,
             &self.spliced,
+            &self.splice_enabled,
+            &self.splice_draining,
+            &self.splice_drain_checks,
             &self.map_entries,
         ]
     }
 
     fn refresh(&self) {
         if let Some(redirector) = &self.redirector {
-            self.record(
-                redirector.stats(),
-                &redirector.map_occupancy(),
-                redirector.splicer().spliced(),
-            );
+            let splice = redirector
+                .splicer()
+                .map(|splicer| SpliceFigures {
+                    enabled: true,
+                    spliced: splicer.spliced(),
+                    draining: splicer.stats().draining(),
+                    drain_checks: splicer.stats().drain_checks(),
+                })
+                .unwrap_or_default();
+            self.record(redirector.stats(), &redirector.map_occupancy(), splice);
         }
     }
 }
@@ -181,7 +222,17 @@ mod tests {
             splice_no_target: 10,
             splice_unpaired: 11,
         };
-        datapath.record(stats, &[("ENROLLED_NETNS", 2), ("ORIG_DST_TUPLE", 7)], 12);
+        let splice = SpliceFigures {
+            enabled: true,
+            spliced: 12,
+            draining: 3,
+            drain_checks: 40,
+        };
+        datapath.record(
+            stats,
+            &[("ENROLLED_NETNS", 2), ("ORIG_DST_TUPLE", 7)],
+            splice,
+        );
         let samples = parse(&metrics.encode());
         let get = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
         for (name, want) in [
@@ -196,6 +247,9 @@ mod tests {
             ("ambit_splice_no_target_total", 10.0),
             ("ambit_splice_unpaired_total", 11.0),
             ("ambit_spliced_connections", 12.0),
+            ("ambit_splice_enabled", 1.0),
+            ("ambit_splice_draining_connections", 3.0),
+            ("ambit_splice_drain_checks_total", 40.0),
         ] {
             assert_eq!(get(name, &[]), Some(want), "{name}");
         }
@@ -212,7 +266,7 @@ mod tests {
             Some(7.0)
         );
         // Totals kept by the kernel are copied, not added up, scrape after scrape.
-        datapath.record(stats, &[], 12);
+        datapath.record(stats, &[], splice);
         let again = parse(&metrics.encode());
         assert_eq!(
             value(

@@ -42,22 +42,35 @@
 //! the kernel closes its descriptors, which takes the sockets out of the maps and ends both TCP
 //! connections; the maps go with the process. Nothing of a splice can carry bytes without the
 //! agent, and the pods' connects meet the pinned redirection as before (refused until an agent
-//! returns).
+//! returns). The watcher of the spliced sockets' ends is the only way the agent learns that a
+//! spliced connection ended: if it ever stops, the process aborts (every spliced socket closes)
+//! rather than leave connections it can no longer cut.
+//!
+//! Only when it works: the agent loads the program only when the fast path is on, and splices
+//! only after [`Splicer::self_test`] passed on a loopback pair of its own (bytes written before
+//! the splice arrive at the peer, none reach user space). A kernel that refuses the program or
+//! fails the test leaves the fast path off (HBONE, as across nodes), with a warning and
+//! `ambit_splice_enabled` 0.
 //!
 //! Bounds: at most [`limits::MAX_SPLICED`] connections at once (`--max-spliced-connections`),
 //! of which one source pod holds at most a quarter (slots handed out by a [`Limiter`] before
-//! anything enters a map, so the maps are never full). A connection that gets no slot, or whose sockets the
-//! kernel will not take (one already half-closed), is handed back to be relayed in user space:
-//! never refused.
+//! anything enters a map, so the maps are never full). A connection that gets no slot, or
+//! whose sockets the kernel will not take (one already half-closed), is handed back to be
+//! relayed in user space: never refused. A half-closed direction whose peer does not take its
+//! bytes (an application that never reads) is checked with a backoff (from
+//! [`DRAIN_POLL_MIN`] doubling to [`DRAIN_POLL_MAX`], back to the start when it makes
+//! progress), and one source pod has at most [`DRAIN_QUICK_PER_POD`] such connections checked
+//! quickly: its others are checked every [`DRAIN_POLL_MAX`] from the start. So a pod holding
+//! thousands of stalled connections costs the agent about one check per connection per second.
 use std::{
     collections::HashMap as StdHashMap,
-    io,
+    io::{self, Read as _, Write as _},
     mem::MaybeUninit,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd, AsRawFd},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -77,7 +90,7 @@ use nix::{
     },
 };
 use tokio::{io::unix::AsyncFd, net::TcpStream, sync::Notify};
-use tracing::{debug, warn};
+use tracing::{debug, error};
 
 use crate::{
     limits::{Exceeded, Limiter, Permit},
@@ -86,13 +99,22 @@ use crate::{
 
 /// How often a spliced connection's counts are read into its meter.
 const METER_INTERVAL: Duration = Duration::from_secs(1);
-/// How often a half-closed direction checks that its peer took every forwarded byte, once
-/// [`DRAIN_YIELDS`] quicker checks did not find it so.
-const DRAIN_POLL: Duration = Duration::from_millis(1);
+/// The first wait of a half-closed direction between checks that its peer took every
+/// forwarded byte, once [`DRAIN_YIELDS`] quicker checks did not find it so; each wait doubles
+/// up to [`DRAIN_POLL_MAX`], and the next one is this again once the peer took some bytes.
+pub const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
+/// The longest wait between two checks of a half-closed direction (and the only one of a pod's
+/// connections beyond its [`DRAIN_QUICK_PER_POD`]).
+pub const DRAIN_POLL_MAX: Duration = Duration::from_secs(1);
 /// Checks made right away, yielding to the runtime in between, before the direction waits
-/// [`DRAIN_POLL`] between checks: the kernel's worker usually sends the last forwarded bytes
-/// within microseconds, and a timer would add a millisecond to every connection's close.
-const DRAIN_YIELDS: u32 = 16;
+/// [`DRAIN_POLL_MIN`]: the kernel's worker usually sends the last forwarded bytes within
+/// microseconds, and a timer would add a millisecond to every connection's close.
+pub const DRAIN_YIELDS: u32 = 16;
+/// Half-closed connections of one source pod checked quickly (yields, then the backoff from
+/// [`DRAIN_POLL_MIN`]); the pod's others wait [`DRAIN_POLL_MAX`] between checks.
+pub const DRAIN_QUICK_PER_POD: usize = 64;
+/// Half-closed connections of the whole node checked quickly.
+const DRAIN_QUICK_TOTAL: usize = 1024;
 /// How long forwarded bytes may stay neither sent nor queued on the peer socket before the
 /// connection is given up (the kernel dropped them: the peer socket was closing).
 const DRAIN_STALL: Duration = Duration::from_secs(10);
@@ -113,12 +135,40 @@ pub struct Declined {
 
 /// Why [`Splicer::splice`] did not splice.
 #[derive(Debug)]
-pub enum SpliceFailed {
+pub enum SpliceFailed<S> {
     /// Nothing was spliced: relay the sockets in user space.
     Declined(Declined),
     /// The splice was half made when the kernel refused the rest (a socket closed at that
-    /// instant): the connection cannot continue and is closed.
+    /// instant): the connection cannot continue and is closed (reset).
     Broken(io::Error),
+    /// The connection's admission was revoked while it was being spliced: closed (reset).
+    Revoked(S),
+}
+
+/// What the splice's user space did, for metrics.
+#[derive(Debug, Default)]
+pub struct SpliceStats {
+    /// Checks of half-closed directions (whether the peer took every forwarded byte) and
+    /// retries of half-closes the kernel had not completed.
+    drain_checks: AtomicU64,
+    /// Spliced connections with a half-closed direction waiting for its peer.
+    draining: AtomicUsize,
+}
+
+impl SpliceStats {
+    /// Checks of half-closed directions so far.
+    pub fn drain_checks(&self) -> u64 {
+        self.drain_checks.load(Ordering::Relaxed)
+    }
+
+    /// Connections waiting for a peer to take a half-closed direction's bytes now.
+    pub fn draining(&self) -> usize {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    fn checked(&self) {
+        self.drain_checks.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The kernel side of the same-node fast path: the splice maps and program, the slots, and the
@@ -128,9 +178,12 @@ pub struct Splicer {
     targets: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, SplicePeer>>,
     slots: Limiter<IpAddr>,
+    /// Half-closed connections checked quickly, per source pod.
+    quick_drains: Limiter<IpAddr>,
     /// `--max-spliced-connections`: 0 splices nothing.
     max: usize,
     hangups: Arc<Hangups>,
+    stats: Arc<SpliceStats>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,14 +210,17 @@ impl Splicer {
         verdict
             .attach(socks.fd())
             .with_context(|| format!("attaching {} to its map", programs::SPLICE_VERDICT))?;
+        let stats = Arc::new(SpliceStats::default());
         let hangups = Hangups::start().context("creating the splice's epoll instance")?;
         Ok(Self {
             socks: Mutex::new(socks),
             targets: Mutex::new(targets),
             peers: Mutex::new(peers),
             slots: Limiter::new(max, (max / 4).max(1)),
+            quick_drains: Limiter::new(DRAIN_QUICK_TOTAL, DRAIN_QUICK_PER_POD),
             max,
             hangups,
+            stats,
         })
     }
 
@@ -173,15 +229,116 @@ impl Splicer {
         self.slots.in_use()
     }
 
+    /// What the splice's user space did.
+    pub fn stats(&self) -> &SpliceStats {
+        &self.stats
+    }
+
+    /// Takes and releases every lock the splice uses: a liveness check that blocks if one is
+    /// held for good.
+    pub fn touch(&self) {
+        drop(lock(&self.socks));
+        drop(lock(&self.targets));
+        drop(lock(&self.peers));
+        drop(lock(&self.hangups.legs));
+    }
+
+    /// Checks that this kernel splices as [`Self::splice`] needs, on a loopback pair in the
+    /// agent's own namespace: bytes written before the splice reach the peer once it is made
+    /// (the kernel runs the verdict over a socket's queued bytes when it is nudged), bytes
+    /// written after it flow both ways, and none reach the agent's user space. Blocks for at
+    /// most a few seconds.
+    pub fn self_test(self: &Arc<Self>) -> anyhow::Result<()> {
+        const WAIT: Duration = Duration::from_secs(5);
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .context("binding a loopback listener")?;
+        let addr = listener.local_addr()?;
+        // The pod's client and the agent's socket accepted from it; the agent's upstream
+        // socket and the application's accepted one.
+        let mut client = std::net::TcpStream::connect(addr).context("connecting on loopback")?;
+        let (client_leg, _) = listener.accept()?;
+        let upstream = std::net::TcpStream::connect(addr).context("connecting on loopback")?;
+        let (mut app, _) = listener.accept()?;
+        for socket in [&client, &app] {
+            socket.set_read_timeout(Some(WAIT))?;
+        }
+        let before = b"written before the splice";
+        client.write_all(before)?;
+        // Queued in the agent's socket before the splice takes it.
+        let mut queued = [nix::poll::PollFd::new(
+            client_leg.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let waited = nix::poll::poll(&mut queued, nix::poll::PollTimeout::from(5000u16))?;
+        anyhow::ensure!(waited == 1, "loopback bytes did not arrive within {WAIT:?}");
+        for socket in [&client_leg, &upstream] {
+            socket.set_nonblocking(true)?;
+        }
+        let spliced = self
+            .splice(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                TcpStream::from_std(client_leg)?,
+                TcpStream::from_std(upstream)?,
+                || None::<std::convert::Infallible>,
+            )
+            .map_err(|failed| match failed {
+                SpliceFailed::Declined(declined) => {
+                    anyhow!("the splice was declined: {}", declined.detail)
+                }
+                SpliceFailed::Broken(err) => anyhow!("the splice broke: {err}"),
+                SpliceFailed::Revoked(never) => match never {},
+            })?;
+        let mut got = vec![0u8; before.len()];
+        app.read_exact(&mut got).with_context(|| {
+            format!(
+                "bytes written before the splice did not reach the peer within {WAIT:?} (the \
+                 kernel does not run the verdict over queued bytes: Linux 6.4 or later is \
+                 needed)"
+            )
+        })?;
+        anyhow::ensure!(
+            got == before,
+            "bytes written before the splice arrived altered"
+        );
+        client.write_all(b"after")?;
+        let mut got = [0u8; 5];
+        app.read_exact(&mut got)
+            .context("bytes written after the splice did not reach the peer")?;
+        app.write_all(b"back")?;
+        let mut back = [0u8; 4];
+        client
+            .read_exact(&mut back)
+            .context("bytes written back did not reach the client")?;
+        anyhow::ensure!(
+            &got == b"after" && &back == b"back",
+            "spliced bytes arrived altered"
+        );
+        for leg in &spliced.legs {
+            if !matches!(leg.nudge(), Nudge::Open) {
+                anyhow::bail!("bytes of the spliced pair reached the agent's user space");
+            }
+        }
+        let moved = spliced.moved();
+        anyhow::ensure!(
+            moved.sent == (before.len() + 5) as u64 && moved.received == 4,
+            "the verdict counted {moved:?}, expected {} bytes one way and 4 back",
+            before.len() + 5
+        );
+        Ok(())
+    }
+
     /// Splices `client` (accepted from a pod of `source`) and `upstream` (opened to the
     /// destination pod's application): from now on the kernel forwards their bytes. Neither
-    /// may have been read from. Hands them back untouched when it cannot.
-    pub fn splice(
+    /// may have been read from. Hands them back untouched when it cannot. `revoked` is asked
+    /// right before the first byte can flow and again once the bytes queued before have been
+    /// pushed through: a revocation then closes both sockets with a reset.
+    pub fn splice<S>(
         self: &Arc<Self>,
         source: IpAddr,
         client: TcpStream,
         upstream: TcpStream,
-    ) -> Result<Spliced, SpliceFailed> {
+        mut revoked: impl FnMut() -> Option<S>,
+    ) -> Result<Spliced, SpliceFailed<S>> {
         let decline = |reason, detail: String, client, upstream| {
             Err(SpliceFailed::Declined(Declined {
                 reason,
@@ -239,6 +396,13 @@ impl Splicer {
             self.unpair_all(client_cookie, upstream_cookie);
             return decline("kernel", format!("{err:#}"), client, upstream);
         }
+        // A decision taken back while the upstream connection was made: no byte flows.
+        if let Some(stopped) = revoked() {
+            self.unpair_all(client_cookie, upstream_cookie);
+            reset(&client);
+            reset(&upstream);
+            return Err(SpliceFailed::Revoked(stopped));
+        }
         // From here the client's bytes are forwarded: there is no going back.
         if let Err(err) = lock(&self.socks).insert(client_cookie, client.as_raw_fd(), 0) {
             self.unpair_all(client_cookie, upstream_cookie);
@@ -246,6 +410,8 @@ impl Splicer {
         }
         if let Err(err) = lock(&self.socks).insert(upstream_cookie, upstream.as_raw_fd(), 0) {
             self.unpair(client_cookie, upstream_cookie);
+            reset(&client);
+            reset(&upstream);
             return Err(SpliceFailed::Broken(io::Error::other(format!(
                 "splicing the upstream socket: {err}"
             ))));
@@ -266,6 +432,7 @@ impl Splicer {
         let spliced = Spliced {
             splicer: self.clone(),
             legs,
+            source,
             _slot: slot,
         };
         debug!(
@@ -277,15 +444,19 @@ impl Splicer {
         );
         // Bytes that arrived before the verdict took over are pushed through it now.
         for leg in &spliced.legs {
-            match leg.nudge() {
-                Nudge::Open | Nudge::Ended => {}
+            let broken = match leg.nudge() {
+                Nudge::Open | Nudge::Ended => continue,
                 Nudge::Unexpected => {
-                    return Err(SpliceFailed::Broken(io::Error::other(
-                        "bytes of a spliced connection reached the agent",
-                    )));
+                    io::Error::other("bytes of a spliced connection reached the agent")
                 }
-                Nudge::Failed(err) => return Err(SpliceFailed::Broken(err)),
-            }
+                Nudge::Failed(err) => err,
+            };
+            spliced.reset();
+            return Err(SpliceFailed::Broken(broken));
+        }
+        if let Some(stopped) = revoked() {
+            spliced.reset();
+            return Err(SpliceFailed::Revoked(stopped));
         }
         Ok(spliced)
     }
@@ -303,8 +474,13 @@ impl Splicer {
             (client_cookie, upstream_cookie),
             (upstream_cookie, client_cookie),
         ] {
+            let entry = SplicePeer {
+                cookie,
+                peer,
+                bytes: 0,
+            };
             peers
-                .insert(cookie, SplicePeer { peer, bytes: 0 }, 0)
+                .insert(cookie, entry, 0)
                 .with_context(|| format!("adding socket {cookie} to {}", maps::SPLICE_PEERS))?;
         }
         drop(peers);
@@ -344,6 +520,12 @@ impl Splicer {
             .get(&cookie, 0)
             .map_or(0, |pair| pair.bytes)
     }
+}
+
+/// Makes closing `socket` send a reset instead of a FIN (`SO_LINGER` on, zero): a connection
+/// cut by policy or by an error must not look complete to an application reading to its end.
+fn reset(socket: &impl AsFd) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 
 /// One of a spliced connection's two sockets.
@@ -438,10 +620,79 @@ pub struct Spliced {
     splicer: Arc<Splicer>,
     /// The client's socket, then the upstream one.
     legs: [Leg; 2],
+    /// The source pod, whose share of quick drains a half-closed direction takes.
+    source: IpAddr,
     _slot: Permit<IpAddr>,
 }
 
+/// How often a spliced connection with a half-closed direction checks its peer (see the
+/// module's bounds). Counted in [`SpliceStats::draining`] while it lives.
+struct DrainPace {
+    stats: Arc<SpliceStats>,
+    /// Quick checks left, each after a yield.
+    quick: u32,
+    /// The wait after the quick checks, doubled at each check.
+    delay: Duration,
+    /// When the next check is due: `None` right after a yield. A deadline, not a wait
+    /// restarted by every other event of the connection (the meter's ticks).
+    due: Option<tokio::time::Instant>,
+    /// The source pod's share of quick drains, when it had one left.
+    fast: Option<Permit<IpAddr>>,
+}
+
+impl DrainPace {
+    fn start(splicer: &Splicer, source: IpAddr) -> Self {
+        splicer.stats.draining.fetch_add(1, Ordering::Relaxed);
+        let fast = splicer.quick_drains.try_acquire(source).ok();
+        let (quick, delay) = if fast.is_some() {
+            (DRAIN_YIELDS, DRAIN_POLL_MIN)
+        } else {
+            (0, DRAIN_POLL_MAX)
+        };
+        let mut pace = Self {
+            stats: splicer.stats.clone(),
+            quick,
+            delay,
+            due: None,
+            fast,
+        };
+        pace.schedule();
+        pace
+    }
+
+    /// Sets when the next check is due, after one was made (or at the start).
+    fn schedule(&mut self) {
+        if self.quick > 0 {
+            self.quick -= 1;
+            self.due = None;
+            return;
+        }
+        self.due = Some(tokio::time::Instant::now() + self.delay);
+        self.delay = (self.delay * 2).min(DRAIN_POLL_MAX);
+    }
+
+    /// The peer took bytes: check again soon.
+    fn progressed(&mut self) {
+        if self.fast.is_some() {
+            self.delay = DRAIN_POLL_MIN;
+        }
+    }
+}
+
+impl Drop for DrainPace {
+    fn drop(&mut self) {
+        self.stats.draining.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Spliced {
+    /// Closes both sockets with a reset when dropped (a cut, not an end).
+    fn reset(&self) {
+        for leg in &self.legs {
+            reset(&leg.socket);
+        }
+    }
+
     /// Bytes forwarded so far: client to upstream, and back.
     pub fn moved(&self) -> Transferred {
         Transferred {
@@ -462,7 +713,7 @@ impl Spliced {
         tokio::pin!(stop);
         let mut told = Transferred::default();
         let mut flows = [Flow::Open; 2];
-        let mut checks = 0u32;
+        let mut pace: Option<DrainPace> = None;
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + METER_INTERVAL, METER_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -472,18 +723,20 @@ impl Spliced {
             }
             let draining = flows.iter().any(|f| matches!(f, Flow::Draining { .. }));
             if !draining {
-                checks = 0;
+                pace = None;
+            } else if pace.is_none() {
+                pace = Some(DrainPace::start(&self.splicer, self.source));
             }
-            let quick = checks < DRAIN_YIELDS;
+            let due = pace.as_ref().map(|pace| pace.due);
             let poll = async {
-                match (draining, quick) {
-                    (false, _) => std::future::pending().await,
-                    (true, true) => {
+                match due {
+                    None => std::future::pending().await,
+                    Some(None) => {
                         // The worker that sends the last bytes is likely queued on this CPU.
                         std::thread::yield_now();
                         tokio::task::yield_now().await
                     }
-                    (true, false) => tokio::time::sleep(DRAIN_POLL).await,
+                    Some(Some(at)) => tokio::time::sleep_until(at).await,
                 }
             };
             let step = tokio::select! {
@@ -492,8 +745,14 @@ impl Spliced {
                 () = self.legs[0].events.notify.notified() => self.on_event(0, &mut flows),
                 () = self.legs[1].events.notify.notified() => self.on_event(1, &mut flows),
                 () = poll => {
-                    checks += 1;
-                    self.drain(&mut flows)
+                    self.drain(&mut flows).map(|progressed| {
+                        if let Some(pace) = &mut pace {
+                            if progressed {
+                                pace.progressed();
+                            }
+                            pace.schedule();
+                        }
+                    })
                 }
                 _ = ticker.tick() => {
                     self.tell(meter, &mut told);
@@ -504,6 +763,10 @@ impl Spliced {
                 break Relayed::Finished(Err(err));
             }
         };
+        if !matches!(ended, Relayed::Finished(Ok(()))) {
+            // Cut by policy or by an error: the applications see a reset, not an end.
+            self.reset();
+        }
         self.tell(meter, &mut told);
         (self.moved(), ended)
     }
@@ -542,10 +805,11 @@ impl Spliced {
                         progress: Instant::now(),
                     };
                     leg.events.take();
-                    return self.drain(flows);
+                    leg.events.retries.store(0, Ordering::Relaxed);
+                    return self.drain(flows).map(drop);
                 }
                 // Not through yet (the kernel was short of memory): try again shortly.
-                Nudge::Open => leg.events.raise_later(events),
+                Nudge::Open => leg.events.raise_later(events, &self.splicer.stats),
                 Nudge::Unexpected => {
                     return Err(io::Error::other(
                         "bytes of a spliced connection reached the agent",
@@ -558,7 +822,9 @@ impl Spliced {
     }
 
     /// Passes each half-close on once the peer socket took every byte forwarded before it.
-    fn drain(&self, flows: &mut [Flow; 2]) -> io::Result<()> {
+    /// Whether a peer took bytes since the last check.
+    fn drain(&self, flows: &mut [Flow; 2]) -> io::Result<bool> {
+        let mut progressed = false;
         for (flow, to) in flows.iter_mut().zip(self.legs.iter().rev()) {
             let Flow::Draining {
                 forwarded,
@@ -568,16 +834,19 @@ impl Spliced {
             else {
                 continue;
             };
+            self.splicer.stats.checked();
             let (taken, queued) = to.written()?;
             if taken >= forwarded {
                 to.socket.shutdown(std::net::Shutdown::Write)?;
                 *flow = Flow::Done;
+                progressed = true;
             } else if taken > before {
                 *flow = Flow::Draining {
                     forwarded,
                     taken,
                     progress: Instant::now(),
                 };
+                progressed = true;
             } else if queued == 0 && progress.elapsed() > DRAIN_STALL {
                 // Nothing waits on the peer's window, yet the bytes did not arrive: the kernel
                 // dropped them.
@@ -586,7 +855,7 @@ impl Spliced {
                 )));
             }
         }
-        Ok(())
+        Ok(progressed)
     }
 }
 
@@ -645,6 +914,9 @@ fn queued(socket: &impl AsRawFd) -> io::Result<u64> {
 struct LegEvents {
     events: AtomicU32,
     notify: Notify,
+    /// Half-closes retried since the last completed one: the next retry waits
+    /// [`DRAIN_POLL_MIN`] doubled this many times, at most [`DRAIN_POLL_MAX`].
+    retries: AtomicU32,
 }
 
 impl LegEvents {
@@ -653,11 +925,15 @@ impl LegEvents {
         self.notify.notify_one();
     }
 
-    /// Raises `events` again in a moment (a half-close the kernel could not complete yet).
-    fn raise_later(self: &Arc<Self>, events: EpollFlags) {
+    /// Raises `events` again in a moment (a half-close the kernel could not complete yet),
+    /// later at each retry.
+    fn raise_later(self: &Arc<Self>, events: EpollFlags, stats: &SpliceStats) {
+        stats.checked();
+        let retries = self.retries.fetch_add(1, Ordering::Relaxed).min(10);
+        let wait = (DRAIN_POLL_MIN * 2u32.pow(retries)).min(DRAIN_POLL_MAX);
         let this = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(DRAIN_POLL).await;
+            tokio::time::sleep(wait).await;
             this.raise(events);
         });
     }
@@ -684,6 +960,9 @@ impl AsRawFd for EpollFd {
 }
 
 impl Hangups {
+    /// Starts the watcher. It never ends while the agent runs: if it does (its epoll failed, a
+    /// bug panicked it), no spliced connection would see its end or could be cut, so the
+    /// process aborts and the kernel closes every spliced socket (fail closed).
     fn start() -> io::Result<Arc<Self>> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         // SAFETY: `EpollFd` owns the epoll descriptor, which stays open and unreplaced for as
@@ -695,7 +974,23 @@ impl Hangups {
             epoll,
             legs: Mutex::default(),
         });
-        tokio::spawn(hangups.clone().run());
+        let watcher = tokio::spawn(hangups.clone().run());
+        tokio::spawn(async move {
+            let ended = watcher.await;
+            if ended
+                .as_ref()
+                .is_err_and(tokio::task::JoinError::is_cancelled)
+            {
+                // The runtime is shutting down: so is the agent.
+                return;
+            }
+            error!(
+                ?ended,
+                "the splice's watcher of spliced sockets ended: aborting, so that the kernel \
+                 closes every spliced connection"
+            );
+            std::process::abort();
+        });
         Ok(hangups)
     }
 
@@ -727,7 +1022,7 @@ impl Hangups {
             let mut ready = match self.epoll.readable().await {
                 Ok(ready) => ready,
                 Err(err) => {
-                    warn!(%err, "the splice's epoll failed: spliced connections see no ends");
+                    error!(%err, "the splice's epoll failed: spliced connections see no ends");
                     return;
                 }
             };
@@ -740,7 +1035,7 @@ impl Hangups {
             let n = match waited {
                 Ok(Ok(n)) => n,
                 Ok(Err(err)) => {
-                    warn!(%err, "the splice's epoll failed: spliced connections see no ends");
+                    error!(%err, "the splice's epoll failed: spliced connections see no ends");
                     return;
                 }
                 Err(_would_block) => continue,

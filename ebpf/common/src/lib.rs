@@ -151,7 +151,8 @@ pub mod stats {
     /// the agent is closing that connection).
     pub const SPLICE_NO_TARGET: u32 = 10;
     /// Chunks that reached a socket of `SPLICE_SOCKS` without a peer in `SPLICE_PEERS` (passed
-    /// to the agent, which closes such a connection).
+    /// to the agent, which closes such a connection), or whose entry was recycled for another
+    /// socket while the verdict read it (dropped).
     pub const SPLICE_UNPAIRED: u32 = 11;
     /// Number of counters.
     pub const COUNT: u32 = 12;
@@ -231,9 +232,16 @@ pub struct PendingConnect {
 }
 
 /// Value of `SPLICE_PEERS`: where a spliced socket's bytes go, and how many went.
+///
+/// `cookie` repeats the entry's own key: the kernel may hand a deleted entry's memory to a new
+/// one while a verdict still holds a pointer to it, and the verdict drops a chunk whose entry
+/// no longer names its socket (socket cookies are never reused, so a recycled entry always
+/// names another one).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SplicePeer {
+    /// Socket cookie of the socket this entry belongs to (its key in `SPLICE_PEERS`).
+    pub cookie: u64,
     /// Socket cookie of the peer socket (its key in `SPLICE_TARGETS`).
     pub peer: u64,
     /// Bytes forwarded to the peer so far, added atomically by the verdict program.
@@ -279,10 +287,11 @@ const _: () = {
     assert!(offset_of!(PendingConnect, orig) == 0);
     assert!(offset_of!(PendingConnect, socket_cookie) == 24);
 
-    assert!(size_of::<SplicePeer>() == 16);
+    assert!(size_of::<SplicePeer>() == 24);
     assert!(align_of::<SplicePeer>() == 8);
-    assert!(offset_of!(SplicePeer, peer) == 0);
-    assert!(offset_of!(SplicePeer, bytes) == 8);
+    assert!(offset_of!(SplicePeer, cookie) == 0);
+    assert!(offset_of!(SplicePeer, peer) == 8);
+    assert!(offset_of!(SplicePeer, bytes) == 16);
 
     assert!(size_of::<SockState>() == 32);
     assert!(align_of::<SockState>() == 4);

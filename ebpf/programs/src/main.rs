@@ -142,9 +142,13 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 static SPLICE_SOCKS: SockHash<u64> = SockHash::with_max_entries(2 * limits::MAX_SPLICED, 0);
 #[map]
 static SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(2 * limits::MAX_SPLICED, 0);
+// Not preallocated: a preallocated hash map hands a deleted entry to the next insert at once,
+// while a verdict on another CPU may still read it; without preallocation the memory is
+// reused only once readers are done (an RCU grace period) or, with the kernel's BPF memory
+// allocator, for an entry of the same map, which the verdict tells by its own cookie.
 #[map]
 static SPLICE_PEERS: HashMap<u64, SplicePeer> =
-    HashMap::with_max_entries(2 * limits::MAX_SPLICED, 0);
+    HashMap::with_max_entries(2 * limits::MAX_SPLICED, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -669,6 +673,11 @@ fn steer(ctx: &SkLookupContext, listeners: &SockHash<IpKey>, local: IpKey) -> u3
 /// closes such a connection. A socket without an entry in `SPLICE_PEERS` never happens while
 /// the agent runs; its bytes are passed to the socket's own queue (the agent closes it). A FIN
 /// is not forwarded: the agent shuts the peer down once it has sent every byte before it.
+///
+/// The entry may be deleted (its connection closing) while this runs, and its memory given to
+/// another socket's entry: the entry names its own socket, checked before and after the peer
+/// is read, and a chunk whose entry names another socket is dropped, never sent to that
+/// socket's peer.
 #[stream_verdict]
 pub fn ambit_splice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context's skb is valid for the program's run; the helper is allowed here.
@@ -683,8 +692,20 @@ pub fn ambit_splice_verdict(ctx: SkBuffContext) -> u32 {
         // the agent passes the half-close on itself, after the bytes before it.
         return sk_action::SK_DROP;
     }
-    // SAFETY: a live map value (freed only after an RCU grace period), plain data.
-    let mut peer = unsafe { core::ptr::read_volatile(&raw const (*pair).peer) };
+    // SAFETY: map memory stays valid while this program runs (RCU read side); its contents
+    // may change under us if the entry is recycled, which the cookie checks catch.
+    let (owner, mut peer, still) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*pair).cookie),
+            core::ptr::read_volatile(&raw const (*pair).peer),
+            core::ptr::read_volatile(&raw const (*pair).cookie),
+        )
+    };
+    if owner != cookie || still != cookie {
+        // The entry was deleted and reused for another socket: this connection is closing.
+        count(stats::SPLICE_UNPAIRED);
+        return sk_action::SK_DROP;
+    }
     let verdict = SPLICE_TARGETS.redirect_skb(&ctx, &mut peer, 0);
     if verdict == i64::from(sk_action::SK_PASS) {
         // SAFETY: as above; the count is only ever changed atomically.
