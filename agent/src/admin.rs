@@ -357,6 +357,20 @@ mod tests {
         (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 
+    /// Liveness follows the heartbeat: alive while it beats, not once its last beat is older
+    /// than the limit (a stuck runtime or lock).
+    #[test]
+    fn liveness_fails_once_the_heartbeat_is_stale() {
+        let stale = Liveness {
+            started: Instant::now() - LIVENESS_STALE - Duration::from_secs(5),
+            last: AtomicU64::new(0),
+        };
+        let why = stale.check().unwrap_err();
+        assert!(why.contains("has not beaten for"), "{why}");
+        stale.beat();
+        assert_eq!(stale.check(), Ok(()));
+    }
+
     #[tokio::test]
     async fn logging_shows_and_changes_the_filter() {
         let (layer, control) = reloadable_filter("info").unwrap();

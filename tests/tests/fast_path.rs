@@ -34,6 +34,25 @@ fn spliced_bytes(node: &Node) -> Result<f64> {
     Ok(metric(node, "ambit_spliced_bytes_total")?.unwrap_or(0.0))
 }
 
+/// Programs of type `sk_skb` (the splice's verdict) the agent of `node` holds loaded, from its
+/// descriptors' fdinfo (`prog_type` 14 is `BPF_PROG_TYPE_SK_SKB`).
+fn sk_skb_programs(node: &Node) -> Result<usize> {
+    let pid = node
+        .agent_pid()
+        .ok_or_else(|| anyhow::anyhow!("{}: no agent running", node.name()))?;
+    let mut n = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(entry?.path()).unwrap_or_default();
+        if info.lines().any(|l| {
+            l.strip_prefix("prog_type:")
+                .is_some_and(|t| t.trim() == "14")
+        }) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Connections the fast path carried on `node`, by how (`splice` or `relay`).
 fn fast_path(node: &Node, carried: &str) -> Result<f64> {
     let series = format!("ambit_fast_path_connections_total{{carried=\"{carried}\"}}");
@@ -73,6 +92,27 @@ fn same_node_connections_are_spliced_byte_exact_and_counted_while_they_flow() ->
     let node = cluster.node(0);
     let mut app = serve(server, &[8080])?;
     let _remote_app = serve(remote, &[8080])?;
+    // The agent's runtime beats (the liveness probe a hung agent fails).
+    let live = node.http_get(ambit_tests::READINESS_PORT, "/healthz/live", TIMEOUT)?;
+    ensure_or_dump!(
+        cluster,
+        live.status == 200,
+        "/healthz/live: {} {}",
+        live.status,
+        live.body
+    );
+    // The splice is loaded and passed its start-up self-test.
+    let (enabled, programs) = (
+        metric_value(node, "ambit_splice_enabled")?,
+        sk_skb_programs(node)?,
+    );
+    ensure_or_dump!(
+        cluster,
+        enabled == 1.0 && node.config_dump()?["splice"]["state"] == "ready" && programs > 0,
+        "the splice should be loaded and enabled: ambit_splice_enabled {enabled}, {programs} \
+         sk_skb programs, {}",
+        node.config_dump()?["splice"]
+    );
 
     // 64 MiB each way over IPv4 and IPv6; the client checks every byte echoed back.
     for dst in [server.addr4(8080), server.addr6(8080)] {
@@ -501,5 +541,143 @@ fn a_pod_over_its_splice_share_is_relayed_and_the_others_still_spliced() -> Resu
         metric_value(node, "ambit_spliced_connections")? == 0.0,
         "splice slots were not given back"
     );
+    Ok(())
+}
+
+#[test]
+fn with_the_fast_path_off_no_splice_is_loaded_and_same_node_traffic_takes_hbone() -> Result<()> {
+    let cluster = cluster(1, 2)?;
+    let node = cluster.node(0);
+    node.set_agent_args(["--same-node-fast-path", "false"]);
+    cluster.start_agents()?;
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let _app = serve(server, &[8080])?;
+    ensure_or_dump!(
+        cluster,
+        sk_skb_programs(node)? == 0
+            && metric_value(node, "ambit_splice_enabled")? == 0.0
+            && node.config_dump()?["splice"]["state"] == "off",
+        "with --same-node-fast-path false the splice program must not be loaded: {}",
+        node.config_dump()?["splice"]
+    );
+    let dst = server.addr4(8080);
+    connect_ok(&cluster, client, dst, 1 << 20)?;
+    let outbound = wait_access_log(&cluster, node, "outbound", dst, 1)?.remove(0);
+    let inbound = wait_access_log(&cluster, node, "inbound", dst, 1)?.remove(0);
+    ensure_or_dump!(
+        cluster,
+        outbound["fast_path"].is_null()
+            && inbound["fast_path"].is_null()
+            && outbound["security"] == "mtls"
+            && fast_path(node, "splice")? == 0.0
+            && fast_path(node, "relay")? == 0.0,
+        "same-node traffic must take HBONE with the fast path off: {outbound} {inbound}"
+    );
+    Ok(())
+}
+
+/// Connections one pod stalls in the test below: each holds a half-closed direction whose
+/// reader never reads.
+const STALLED: u32 = 300;
+
+#[test]
+fn a_pod_stalling_half_closed_connections_is_checked_with_backoff_and_others_still_flow()
+-> Result<()> {
+    let cluster = cluster(1, 3)?;
+    cluster.start_agents()?;
+    let node = cluster.node(0);
+    let (hog, client, server) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(0, 2));
+    let _app = serve(server, &[8080])?;
+    let testpod = ambit_tests::testpod_path!();
+
+    // The hostile pod: connections to itself (spliced: its own address is an enrolled pod of
+    // this node), each filled until nothing moves and half-closed; its listener never reads.
+    let own = hog.addr4(9000).to_string();
+    let count = STALLED.to_string();
+    let mut stall = hog.spawn(
+        &testpod,
+        [
+            "stall",
+            "--addr",
+            own.as_str(),
+            "--count",
+            count.as_str(),
+            "--bytes",
+            "1048576",
+            "--small-buffers",
+            "65536",
+            "--hold-seconds",
+            "300",
+        ],
+    )?;
+    let stalled = stall.read_json_until(Duration::from_secs(120), |v| v["event"] == "stalled")?;
+    ensure_or_dump!(
+        cluster,
+        stalled["open"] == STALLED && stalled["failed"] == 0,
+        "the hostile pod's connections did not all open: {stalled}"
+    );
+    // Every one of them waits, in the agent, for a peer that never takes its bytes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let draining = metric_value(node, "ambit_splice_draining_connections")?;
+        if draining >= f64::from(STALLED) {
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "only {draining} of {STALLED} stalled connections are draining ({} spliced)",
+            metric_value(node, "ambit_spliced_connections")?
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Over a window, each stalled connection is checked about once a second: at most one
+    // check per elapsed second (the longest wait), plus its remaining backoff steps (1 ms
+    // doubling to 1 s: 11 waits) and a first check, whatever the machine's load (a busier
+    // machine only checks less). Polling every millisecond would make it ~1000 a second.
+    let before = metric_value(node, "ambit_splice_drain_checks_total")?;
+    let window = Instant::now();
+    // Meanwhile another pod's connections flow, byte-exact, through the splice.
+    let splices = fast_path(node, "splice")?;
+    for _ in 0..3 {
+        connect_ok(&cluster, client, server.addr4(8080), 4 << 20)?;
+    }
+    ensure_or_dump!(
+        cluster,
+        fast_path(node, "splice")? >= splices + 3.0,
+        "another pod's connections were not spliced while one pod stalled its own"
+    );
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(window.elapsed()));
+    let checks = metric_value(node, "ambit_splice_drain_checks_total")? - before;
+    let seconds = window.elapsed().as_secs_f64().ceil();
+    let bound = f64::from(STALLED) * (seconds + 12.0);
+    eprintln!("{checks} drain checks in {seconds} s for {STALLED} stalled connections");
+    ensure_or_dump!(
+        cluster,
+        checks <= bound,
+        "{checks} drain checks in {seconds} s for {STALLED} stalled connections (at most \
+         {bound} with the backoff)"
+    );
+
+    // Closing the hostile pod's sockets ends every one of them in the agent.
+    stall.write_line("done")?;
+    stall.read_json_until(Duration::from_secs(60), |v| v["event"] == "closed")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (draining, spliced) = (
+            metric_value(node, "ambit_splice_draining_connections")?,
+            metric_value(node, "ambit_spliced_connections")?,
+        );
+        if draining == 0.0 && spliced == 0.0 {
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "{draining} draining and {spliced} spliced connections left after the pod closed them"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     Ok(())
 }
