@@ -369,12 +369,22 @@ fn a_spliced_connection_ends_with_its_agent_and_nothing_bypasses_the_mesh() -> R
 
     let mut victim = long_transfer(client, dst)?;
     accepted(&mut app, 1)?;
+    // Spliced, and flowing both ways (counted every second): the client sends only once the
+    // server's greeting reached it, which the kernel forwards from a worker after the splice,
+    // so "spliced" alone does not mean "greeted".
+    let labels = [
+        ("reporter", "destination"),
+        ("destination_workload", server.name()),
+    ];
     let deadline = Instant::now() + TIMEOUT;
-    while metric_value(node, "ambit_spliced_connections")? < 1.0 {
+    while metric_value(node, "ambit_spliced_connections")? < 1.0
+        || metric_sum(node, "istio_tcp_received_bytes_total", &labels)? == 0.0
+        || metric_sum(node, "istio_tcp_sent_bytes_total", &labels)? == 0.0
+    {
         ensure_or_dump!(
             cluster,
             Instant::now() < deadline,
-            "the transfer was not spliced"
+            "the transfer was not spliced and flowing"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
