@@ -78,6 +78,8 @@ pub enum RequestFlags {
     UpstreamReset,
     /// The client went away before the response ended (`DC`).
     DownstreamDisconnect,
+    /// Refused by a local rate limit (`RL`, answered 429; `waypoint::ratelimit`).
+    RateLimited,
 }
 
 impl RequestFlags {
@@ -95,6 +97,7 @@ impl RequestFlags {
             RequestFlags::UpstreamOverflow => "UO",
             RequestFlags::UpstreamReset => "UR",
             RequestFlags::DownstreamDisconnect => "DC",
+            RequestFlags::RateLimited => "RL",
         }
     }
 }

@@ -42,6 +42,7 @@ pub mod observe;
 pub mod outlier;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
 pub mod resilience;
 pub mod retry;
 pub mod route;
@@ -261,6 +262,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         balancer: Balancer::default(),
         authz: authz::Authz::default(),
         resilience: Arc::new(Resilience::new(&metrics)?),
+        rate_limits: ratelimit::RateLimits::default(),
         protocol_detection_timeout: args.protocol_detection_timeout,
         header_read_timeout: args.header_read_timeout,
     });

@@ -88,6 +88,8 @@ pub struct Waypoint {
     // Resilience: retry budgets, mirrors in flight, their metrics.
     /// Shared by the retries and mirrors of every request.
     pub resilience: Arc<Resilience>,
+    /// Local rate limits' buckets ([`super::ratelimit`]).
+    pub rate_limits: super::ratelimit::RateLimits,
 
     // Protocols (waypoint::sniff, waypoint::tcp).
     /// How long a tunnel's first bytes are waited for before it is taken for opaque TCP.
@@ -335,6 +337,8 @@ struct Outcome {
     flags: RequestFlags,
     /// Tries made upstream (the first and the retries).
     attempts: u32,
+    /// The `x-ratelimit-*` headers of the rate limit that applied ([`super::ratelimit`]).
+    rate_limit: Option<super::ratelimit::XRateLimit>,
 }
 
 /// An answer the waypoint makes itself: its status, flag, and why (for the log).
@@ -366,8 +370,9 @@ impl Downstream {
             error: None,
             flags: RequestFlags::None,
             attempts: 0,
+            rate_limit: None,
         };
-        let response = match self.forward(&state, request, &mut outcome).await {
+        let mut response = match self.forward(&state, request, &mut outcome).await {
             Ok(response) => {
                 let code = response.status().as_u16();
                 outcome.labels = outcome.labels.with_response(code, outcome.flags);
@@ -379,6 +384,9 @@ impl Downstream {
                 local_reply(status, flags)
             }
         };
+        if let Some(rate_limit) = outcome.rate_limit {
+            rate_limit.apply(response.headers_mut());
+        }
         let record = RequestRecord {
             metrics: self.waypoint.metrics.clone(),
             labels: outcome.labels,
@@ -430,6 +438,10 @@ impl Downstream {
             Some(name) => format!("{} {name}", r.source),
             None => r.source.clone(),
         });
+        let route_name = decision.route.and_then(|r| r.name.as_deref());
+        if let Some(limited) = self.rate_limit(state, service, route_name, outcome) {
+            return Ok(limited);
+        }
         // Without a route, Istio's defaults (its default retry policy, no timeout).
         let default_resilience = RouteResilience::default();
         let resilience = decision
@@ -505,6 +517,45 @@ impl Downstream {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
         Ok(response)
+    }
+
+    /// The rate limit of the request's service or route ([`super::ratelimit`]): `Some` 429
+    /// answer when it refuses the request (flag `RL`); the headers are kept for the response.
+    fn rate_limit(
+        &self,
+        state: &MeshState,
+        service: &Service,
+        route: Option<&str>,
+        outcome: &mut Outcome,
+    ) -> Option<Response<Body>> {
+        use super::ratelimit::{Verdict, limited_reply};
+        let verdict = self.waypoint.rate_limits.check(
+            state.routes(),
+            &service.uid(),
+            route,
+            &self.peer.to_string(),
+        )?;
+        let headers = verdict.headers();
+        outcome.rate_limit = Some(headers);
+        let Verdict::Limited {
+            per_identity,
+            source,
+            ..
+        } = verdict
+        else {
+            return None;
+        };
+        outcome.flags = RequestFlags::RateLimited;
+        let bucket = if per_identity {
+            "the client's"
+        } else {
+            "the shared"
+        };
+        outcome.error = Some(format!("rate limited by {bucket} bucket of {source}"));
+        Some(
+            limited_reply(headers)
+                .map(|body| body.map_err(|never: Infallible| match never {}).boxed()),
+        )
     }
 
     /// The route's fault, drawn for this request: after a delay (flag `DI`), `Some` answer
@@ -1224,6 +1275,7 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         | RequestFlags::RetryLimitExceeded
         | RequestFlags::UpstreamReset
         | RequestFlags::DownstreamDisconnect => "",
+        RequestFlags::RateLimited => super::ratelimit::RATE_LIMITED_BODY,
     };
     let mut response = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
