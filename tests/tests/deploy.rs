@@ -1148,7 +1148,7 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ),
             (
                 "networking.ambit.dev",
-                &["virtualservices", "destinationrules"],
+                &["virtualservices", "destinationrules", "ratelimitpolicies"],
                 watch
             ),
             (
@@ -1172,7 +1172,7 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ),
             (
                 "networking.ambit.dev",
-                &["virtualservices", "destinationrules"],
+                &["virtualservices", "destinationrules", "ratelimitpolicies"],
                 watch
             ),
             (
@@ -1202,12 +1202,16 @@ fn check_rbac(objs: &[Value], ns: &str) {
             // Routing resources' status, judged against the services.
             (
                 "networking.ambit.dev",
-                &["virtualservices", "destinationrules"],
+                &["virtualservices", "destinationrules", "ratelimitpolicies"],
                 &["list", "watch"]
             ),
             (
                 "networking.ambit.dev",
-                &["virtualservices/status", "destinationrules/status"],
+                &[
+                    "virtualservices/status",
+                    "destinationrules/status",
+                    "ratelimitpolicies/status"
+                ],
                 &["patch"]
             ),
             // Gateway API routes of Services (GAMMA): status.parents[] entries.
