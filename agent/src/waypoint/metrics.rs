@@ -80,6 +80,9 @@ pub enum RequestFlags {
     DownstreamDisconnect,
     /// Refused by a local rate limit (`RL`, answered 429; `waypoint::ratelimit`).
     RateLimited,
+    /// Nothing moved for the stream idle timeout before the answer (`SI`, answered 408;
+    /// `waypoint::idle`).
+    StreamIdleTimeout,
 }
 
 impl RequestFlags {
@@ -98,6 +101,7 @@ impl RequestFlags {
             RequestFlags::UpstreamReset => "UR",
             RequestFlags::DownstreamDisconnect => "DC",
             RequestFlags::RateLimited => "RL",
+            RequestFlags::StreamIdleTimeout => "SI",
         }
     }
 }

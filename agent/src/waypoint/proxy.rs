@@ -58,8 +58,9 @@ use crate::{
     },
 };
 
-/// The body of every response the waypoint sends.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// The body of every response the waypoint sends (its error: a client's or an endpoint's
+/// body error, or the stream idle timeout, [`super::idle`]).
+pub type Body = BoxBody<Bytes, super::idle::BodyError>;
 
 /// Bytes buffered in each direction between a tunnel and its HTTP server.
 const PIPE_BUFFER: usize = 64 * 1024;
@@ -97,6 +98,8 @@ pub struct Waypoint {
     /// How long an HTTP/1.1 client may take to send a request's headers (idle keep-alive
     /// included) before its connection is closed.
     pub header_read_timeout: Duration,
+    /// How long a pooled request's stream may see no byte either way ([`super::idle`]).
+    pub stream_idle_timeout: Duration,
 }
 
 impl Waypoint {
@@ -360,7 +363,11 @@ impl Downstream {
             .workload_by_ip(self.source.ip())
             .filter(|w| state.identity_of(w) == self.peer);
         let request_bytes = Arc::new(AtomicU64::new(0));
-        let request = request.map(|body| CountedBody::new(body, request_bytes.clone()).boxed());
+        let request = request.map(|body| {
+            CountedBody::new(body, request_bytes.clone())
+                .map_err(super::idle::BodyError::new)
+                .boxed()
+        });
         let mut outcome = Outcome {
             labels: RequestLabels::new()
                 .with_source(source_workload.map(|w| &**w), &self.peer)
@@ -718,10 +725,14 @@ impl Downstream {
                 None => exchange.await,
             };
             if let Some(policy) = &outlier {
+                // A failure the client caused is not the endpoint's (review M2).
+                let client = super::outlier::Downstream {
+                    request_complete: body.client_done(),
+                    request_failed: body.client_failed(),
+                };
                 let counted = match &result {
                     Ok(response) => Some(TryResult::of_status(response.status().as_u16())),
-                    Err(Failure::Overflow(_)) => None,
-                    Err(_) => Some(TryResult::Error { gateway: true }),
+                    Err(failure) => super::outlier::failure_result(failure, client),
                 };
                 if let Some(counted) = counted {
                     resilient
@@ -1042,6 +1053,12 @@ fn failure_reply(failure: Failure, target: &SocketAddr) -> LocalReply {
             RequestFlags::UpstreamOverflow,
             why,
         ),
+        // Envoy's answer to its stream idle timeout.
+        Failure::StreamIdleTimeout => (
+            StatusCode::REQUEST_TIMEOUT,
+            RequestFlags::StreamIdleTimeout,
+            format!("stream idle timeout: nothing moved to or from {target}"),
+        ),
     }
 }
 
@@ -1060,7 +1077,7 @@ where
     if upgrade.is_some() {
         let stream = waypoint.open(upstream).await.map_err(Failure::Connect)?;
         let response = send(TokioIo::new(stream), request, upgrade).await?;
-        return Ok(response.map(BodyExt::boxed));
+        return Ok(response.map(|body| body.map_err(super::idle::BodyError::new).boxed()));
     }
     let key = ConnKey {
         cluster: upstream.cluster.name.clone(),
@@ -1073,6 +1090,7 @@ where
         key,
         cluster: &upstream.cluster,
         limits: &upstream.limits,
+        stream_idle_timeout: waypoint.stream_idle_timeout,
     };
     let request: Request<UpstreamBody> = request.map(|b| b.map_err(Into::into).boxed_unsync());
     let mut response = waypoint
@@ -1276,6 +1294,7 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         | RequestFlags::UpstreamReset
         | RequestFlags::DownstreamDisconnect => "",
         RequestFlags::RateLimited => super::ratelimit::RATE_LIMITED_BODY,
+        RequestFlags::StreamIdleTimeout => "stream timeout\n",
     };
     let mut response = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
