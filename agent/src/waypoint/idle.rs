@@ -284,6 +284,9 @@ impl<B> ResponseBody<B> {
 
 impl<B> Drop for ResponseBody<B> {
     fn drop(&mut self) {
+        // The upstream side goes now, not when the watchdog ends.
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(inner);
         self.idle.set_done(&self.idle.response_done);
     }
 }
@@ -445,6 +448,21 @@ mod tests {
             .expect("the watchdog ends with the stream")
             .unwrap();
         assert!(!idle.expired());
+    }
+
+    /// A client that drops its response gives the upstream side back at once, even while its
+    /// upload is still open.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_response_lets_go_of_the_upstream_at_once() {
+        let idle = StreamIdle::new(Duration::from_secs(10));
+        let (_req_tx, req) = channel_body();
+        let _request = RequestBody::new(req, idle.clone());
+        let (resp_tx, inner) = channel_body();
+        let (response, slot) = ResponseBody::new(inner, idle.clone());
+        let _dog = tokio::spawn(watchdog(idle.clone(), slot.clone()));
+        drop(response);
+        assert!(slot.lock().unwrap().is_none());
+        assert!(resp_tx.is_closed());
     }
 
     /// Waiting for the response headers counts as idle too.
