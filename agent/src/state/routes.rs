@@ -10,10 +10,8 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use serde::Serialize;
 
-use super::{
-    WaypointRef, ratelimit::ServiceRateLimits, resilience::RouteResilience,
-    upstream::UpstreamPolicy,
-};
+use super::ratelimit::ServiceRateLimits;
+use super::{WaypointRef, resilience::RouteResilience, upstream::UpstreamPolicy};
 
 /// The routes of every service that has some, by service (`namespace/name`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
