@@ -866,6 +866,7 @@ pub struct Cluster {
     policies: Mutex<mesh::Policies>,
     routing: Mutex<mesh::Routing>,
     gateway_routes: Mutex<mesh::GatewayRoutes>,
+    rate_limit_policies: Mutex<Vec<serde_json::Value>>,
     ca: Mutex<CaState>,
     mesh_write: Mutex<u64>,
     torn_down: AtomicBool,
@@ -971,6 +972,7 @@ impl Cluster {
             policies: Mutex::new(mesh::Policies::default()),
             routing: Mutex::new(mesh::Routing::default()),
             gateway_routes: Mutex::new(mesh::GatewayRoutes::default()),
+            rate_limit_policies: Mutex::new(Vec::new()),
             ca: Mutex::new(CaState::default()),
             mesh_write: Mutex::new(0),
             torn_down: AtomicBool::new(false),
@@ -1306,6 +1308,7 @@ impl Cluster {
             destination_rules: routing.destination_rules,
             http_routes: gateway_routes.http_routes,
             grpc_routes: gateway_routes.grpc_routes,
+            rate_limit_policies: lock(&self.rate_limit_policies).clone(),
         }
     }
 
@@ -1337,6 +1340,11 @@ impl Cluster {
     /// [`write_mesh`](Self::write_mesh).
     pub fn set_gateway_routes(&self, routes: mesh::GatewayRoutes) {
         *lock(&self.gateway_routes) = routes;
+    }
+
+    /// Replaces the `rateLimitPolicies` section. Publish with [`write_mesh`](Self::write_mesh).
+    pub fn set_rate_limit_policies(&self, policies: Vec<serde_json::Value>) {
+        *lock(&self.rate_limit_policies) = policies;
     }
 
     /// Adds a workload that is no bed pod to the mesh file (publish with

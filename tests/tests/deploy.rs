@@ -1148,7 +1148,7 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ),
             (
                 "networking.ambit.dev",
-                &["virtualservices", "destinationrules"],
+                &["virtualservices", "destinationrules", "ratelimitpolicies"],
                 watch
             ),
             (
@@ -1172,7 +1172,7 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ),
             (
                 "networking.ambit.dev",
-                &["virtualservices", "destinationrules"],
+                &["virtualservices", "destinationrules", "ratelimitpolicies"],
                 watch
             ),
             (
@@ -1202,12 +1202,16 @@ fn check_rbac(objs: &[Value], ns: &str) {
             // Routing resources' status, judged against the services.
             (
                 "networking.ambit.dev",
-                &["virtualservices", "destinationrules"],
+                &["virtualservices", "destinationrules", "ratelimitpolicies"],
                 &["list", "watch"]
             ),
             (
                 "networking.ambit.dev",
-                &["virtualservices/status", "destinationrules/status"],
+                &[
+                    "virtualservices/status",
+                    "destinationrules/status",
+                    "ratelimitpolicies/status"
+                ],
                 &["patch"]
             ),
             // Gateway API routes of Services (GAMMA): status.parents[] entries.
@@ -1478,7 +1482,7 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
             let spec = &crd["spec"];
             let kind = spec["names"]["kind"].as_str().unwrap().to_string();
             let group = match kind.as_str() {
-                "VirtualService" | "DestinationRule" => "networking.ambit.dev",
+                "VirtualService" | "DestinationRule" | "RateLimitPolicy" => "networking.ambit.dev",
                 _ => "security.ambit.dev",
             };
             assert_eq!(spec["group"], group);
@@ -1625,6 +1629,20 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
                         has(f);
                     }
                 }
+                // Ambit's own: Envoy's token buckets, Istio's targetRefs.
+                "RateLimitPolicy" => {
+                    for f in [
+                        ".spec.targetRefs[].kind",
+                        ".spec.targetRefs[].name",
+                        ".spec.targetRefs[].sectionName",
+                        ".spec.tokenBucket.maxTokens",
+                        ".spec.tokenBucket.tokensPerFill",
+                        ".spec.tokenBucket.fillInterval",
+                        ".spec.perIdentity.maxTokens",
+                    ] {
+                        has(f);
+                    }
+                }
                 other => panic!("unexpected CRD {other}"),
             }
             kinds.insert(kind);
@@ -1637,6 +1655,7 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
             "PeerAuthentication".to_string(),
             "VirtualService".to_string(),
             "DestinationRule".to_string(),
+            "RateLimitPolicy".to_string(),
         ])
     );
 }

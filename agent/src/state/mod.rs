@@ -21,6 +21,7 @@ use serde::{Serialize, ser::SerializeStruct};
 
 use crate::netns::NetnsRef;
 
+pub mod ratelimit;
 pub mod resilience;
 pub mod routes;
 pub mod upstream;

@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use serde::Serialize;
 
+use super::ratelimit::ServiceRateLimits;
 use super::{WaypointRef, resilience::RouteResilience, upstream::UpstreamPolicy};
 
 /// The routes of every service that has some, by service (`namespace/name`).
@@ -25,6 +26,10 @@ pub struct RouteTable {
     /// DestinationRule's `trafficPolicy`); absent: Istio's defaults, no outlier detection.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub upstream: BTreeMap<String, UpstreamPolicy>,
+    /// Service uid to its local rate limits (`RateLimitPolicy`, [`super::ratelimit`]); absent:
+    /// none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rate_limits: BTreeMap<String, ServiceRateLimits>,
 }
 
 impl RouteTable {

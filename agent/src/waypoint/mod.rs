@@ -35,6 +35,7 @@ pub mod authz;
 pub mod balance;
 pub mod fault;
 pub mod filters;
+pub mod idle;
 pub mod jwt;
 pub mod metrics;
 pub mod mirror;
@@ -42,6 +43,7 @@ pub mod observe;
 pub mod outlier;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
 pub mod resilience;
 pub mod retry;
 pub mod route;
@@ -169,6 +171,11 @@ pub struct WaypointArgs {
     /// included, before its connection is closed.
     #[arg(long, env = "AMBIT_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = crate::timefmt::parse_duration)]
     pub header_read_timeout: Duration,
+    /// How long a request's stream to an endpoint may see no byte in either direction (the
+    /// upload, the wait for the answer, the download) before it is ended and its pooled
+    /// connection freed: Envoy's `stream_idle_timeout`.
+    #[arg(long, env = "AMBIT_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = crate::timefmt::parse_duration)]
+    pub stream_idle_timeout: Duration,
 }
 
 /// Runs the waypoint until SIGTERM or SIGINT.
@@ -261,8 +268,10 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         balancer: Balancer::default(),
         authz: authz::Authz::default(),
         resilience: Arc::new(Resilience::new(&metrics)?),
+        rate_limits: ratelimit::RateLimits::default(),
         protocol_detection_timeout: args.protocol_detection_timeout,
         header_read_timeout: args.header_read_timeout,
+        stream_idle_timeout: args.stream_idle_timeout,
     });
     tokio::spawn(waypoint.authz.jwks.clone().refresh(state_rx.clone()));
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);

@@ -37,7 +37,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, combinators::UnsyncBoxBody};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::{http1, http2},
@@ -51,7 +51,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::retry::Failure;
+use super::{idle, retry::Failure};
 use crate::{
     hbone::{HboneStream, PoolKey},
     state::upstream::ConnectionPool,
@@ -415,6 +415,8 @@ pub struct Target<'a> {
     pub cluster: &'a ClusterId,
     /// The cluster's limits.
     pub limits: &'a ConnectionPool,
+    /// How long the request's stream may see no byte in either direction ([`super::idle`]).
+    pub stream_idle_timeout: Duration,
 }
 
 impl HttpPool {
@@ -443,13 +445,14 @@ impl HttpPool {
 
     /// Sends `request` on a pooled connection of `target`, opening one with `open` (a new
     /// tunnel) when none is free and the limits allow. A limit reached answers
-    /// [`Failure::Overflow`] at once.
+    /// [`Failure::Overflow`] at once. Once sent, the request's stream is bounded by the stream
+    /// idle timeout ([`super::idle`]).
     pub async fn send<F>(
         &self,
         target: Target<'_>,
         open: F,
         request: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, Failure>
+    ) -> Result<Response<idle::ResponseBody<PooledBody>>, Failure>
     where
         F: Future<Output = Result<HboneStream, String>>,
     {
@@ -494,6 +497,9 @@ impl HttpPool {
             freed.await;
         };
         drop(pending);
+        let stream = idle::StreamIdle::new(target.stream_idle_timeout);
+        let request =
+            request.map(|body| idle::RequestBody::new(body, stream.clone()).boxed_unsync());
         let lease = Lease {
             inner: inner.clone(),
             key: target.key.clone(),
@@ -503,24 +509,35 @@ impl HttpPool {
             max_per_connection: limits.max_requests_per_connection,
             _request: request_slot,
         };
-        let sent = match sender {
+        let response = match sender {
             Sender::Http1(mut sender) => {
                 let response = sender.send_request(request);
                 *lease.sender.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(Sender::Http1(sender));
-                response.await
+                futures::future::Either::Left(response)
             }
             Sender::Http2(mut sender) => {
                 let response = sender.send_request(request);
                 *lease.sender.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(Sender::Http2(sender));
-                response.await
+                futures::future::Either::Right(response)
             }
         };
+        // The wait for the response headers (the upload included) is bounded by the stream
+        // idle timeout too; the lease, dropped, closes an HTTP/1.1 connection.
+        let sent = tokio::select! {
+            sent = response => sent,
+            () = stream.idle() => return Err(Failure::StreamIdleTimeout),
+        };
         let response = sent.map_err(|e| Failure::from_send(&e))?;
-        Ok(response.map(|body| PooledBody {
-            body,
-            lease: Some(lease),
+        Ok(response.map(|body| {
+            let pooled = PooledBody {
+                body,
+                lease: Some(lease),
+            };
+            let (body, slot) = idle::ResponseBody::new(pooled, stream.clone());
+            tokio::spawn(idle::watchdog(stream, slot));
+            body
         }))
     }
 }

@@ -58,8 +58,9 @@ use crate::{
     },
 };
 
-/// The body of every response the waypoint sends.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// The body of every response the waypoint sends (its error: a client's or an endpoint's
+/// body error, or the stream idle timeout, [`super::idle`]).
+pub type Body = BoxBody<Bytes, super::idle::BodyError>;
 
 /// Bytes buffered in each direction between a tunnel and its HTTP server.
 const PIPE_BUFFER: usize = 64 * 1024;
@@ -88,6 +89,8 @@ pub struct Waypoint {
     // Resilience: retry budgets, mirrors in flight, their metrics.
     /// Shared by the retries and mirrors of every request.
     pub resilience: Arc<Resilience>,
+    /// Local rate limits' buckets ([`super::ratelimit`]).
+    pub rate_limits: super::ratelimit::RateLimits,
 
     // Protocols (waypoint::sniff, waypoint::tcp).
     /// How long a tunnel's first bytes are waited for before it is taken for opaque TCP.
@@ -95,6 +98,8 @@ pub struct Waypoint {
     /// How long an HTTP/1.1 client may take to send a request's headers (idle keep-alive
     /// included) before its connection is closed.
     pub header_read_timeout: Duration,
+    /// How long a pooled request's stream may see no byte either way ([`super::idle`]).
+    pub stream_idle_timeout: Duration,
 }
 
 impl Waypoint {
@@ -335,6 +340,8 @@ struct Outcome {
     flags: RequestFlags,
     /// Tries made upstream (the first and the retries).
     attempts: u32,
+    /// The `x-ratelimit-*` headers of the rate limit that applied ([`super::ratelimit`]).
+    rate_limit: Option<super::ratelimit::XRateLimit>,
 }
 
 /// An answer the waypoint makes itself: its status, flag, and why (for the log).
@@ -356,7 +363,11 @@ impl Downstream {
             .workload_by_ip(self.source.ip())
             .filter(|w| state.identity_of(w) == self.peer);
         let request_bytes = Arc::new(AtomicU64::new(0));
-        let request = request.map(|body| CountedBody::new(body, request_bytes.clone()).boxed());
+        let request = request.map(|body| {
+            CountedBody::new(body, request_bytes.clone())
+                .map_err(super::idle::BodyError::new)
+                .boxed()
+        });
         let mut outcome = Outcome {
             labels: RequestLabels::new()
                 .with_source(source_workload.map(|w| &**w), &self.peer)
@@ -366,8 +377,9 @@ impl Downstream {
             error: None,
             flags: RequestFlags::None,
             attempts: 0,
+            rate_limit: None,
         };
-        let response = match self.forward(&state, request, &mut outcome).await {
+        let mut response = match self.forward(&state, request, &mut outcome).await {
             Ok(response) => {
                 let code = response.status().as_u16();
                 outcome.labels = outcome.labels.with_response(code, outcome.flags);
@@ -379,6 +391,9 @@ impl Downstream {
                 local_reply(status, flags)
             }
         };
+        if let Some(rate_limit) = outcome.rate_limit {
+            rate_limit.apply(response.headers_mut());
+        }
         let record = RequestRecord {
             metrics: self.waypoint.metrics.clone(),
             labels: outcome.labels,
@@ -430,6 +445,10 @@ impl Downstream {
             Some(name) => format!("{} {name}", r.source),
             None => r.source.clone(),
         });
+        let route_name = decision.route.and_then(|r| r.name.as_deref());
+        if let Some(limited) = self.rate_limit(state, service, route_name, outcome) {
+            return Ok(limited);
+        }
         // Without a route, Istio's defaults (its default retry policy, no timeout).
         let default_resilience = RouteResilience::default();
         let resilience = decision
@@ -505,6 +524,45 @@ impl Downstream {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
         Ok(response)
+    }
+
+    /// The rate limit of the request's service or route ([`super::ratelimit`]): `Some` 429
+    /// answer when it refuses the request (flag `RL`); the headers are kept for the response.
+    fn rate_limit(
+        &self,
+        state: &MeshState,
+        service: &Service,
+        route: Option<&str>,
+        outcome: &mut Outcome,
+    ) -> Option<Response<Body>> {
+        use super::ratelimit::{Verdict, limited_reply};
+        let verdict = self.waypoint.rate_limits.check(
+            state.routes(),
+            &service.uid(),
+            route,
+            &self.peer.to_string(),
+        )?;
+        let headers = verdict.headers();
+        outcome.rate_limit = Some(headers);
+        let Verdict::Limited {
+            per_identity,
+            source,
+            ..
+        } = verdict
+        else {
+            return None;
+        };
+        outcome.flags = RequestFlags::RateLimited;
+        let bucket = if per_identity {
+            "the client's"
+        } else {
+            "the shared"
+        };
+        outcome.error = Some(format!("rate limited by {bucket} bucket of {source}"));
+        Some(
+            limited_reply(headers)
+                .map(|body| body.map_err(|never: Infallible| match never {}).boxed()),
+        )
     }
 
     /// The route's fault, drawn for this request: after a delay (flag `DI`), `Some` answer
@@ -667,10 +725,14 @@ impl Downstream {
                 None => exchange.await,
             };
             if let Some(policy) = &outlier {
+                // A failure the client caused is not the endpoint's (review M2).
+                let client = super::outlier::Downstream {
+                    request_complete: body.client_done(),
+                    request_failed: body.client_failed(),
+                };
                 let counted = match &result {
                     Ok(response) => Some(TryResult::of_status(response.status().as_u16())),
-                    Err(Failure::Overflow(_)) => None,
-                    Err(_) => Some(TryResult::Error { gateway: true }),
+                    Err(failure) => super::outlier::failure_result(failure, client),
                 };
                 if let Some(counted) = counted {
                     resilient
@@ -991,6 +1053,12 @@ fn failure_reply(failure: Failure, target: &SocketAddr) -> LocalReply {
             RequestFlags::UpstreamOverflow,
             why,
         ),
+        // Envoy's answer to its stream idle timeout.
+        Failure::StreamIdleTimeout => (
+            StatusCode::REQUEST_TIMEOUT,
+            RequestFlags::StreamIdleTimeout,
+            format!("stream idle timeout: nothing moved to or from {target}"),
+        ),
     }
 }
 
@@ -1009,7 +1077,7 @@ where
     if upgrade.is_some() {
         let stream = waypoint.open(upstream).await.map_err(Failure::Connect)?;
         let response = send(TokioIo::new(stream), request, upgrade).await?;
-        return Ok(response.map(BodyExt::boxed));
+        return Ok(response.map(|body| body.map_err(super::idle::BodyError::new).boxed()));
     }
     let key = ConnKey {
         cluster: upstream.cluster.name.clone(),
@@ -1022,6 +1090,7 @@ where
         key,
         cluster: &upstream.cluster,
         limits: &upstream.limits,
+        stream_idle_timeout: waypoint.stream_idle_timeout,
     };
     let request: Request<UpstreamBody> = request.map(|b| b.map_err(Into::into).boxed_unsync());
     let mut response = waypoint
@@ -1224,6 +1293,8 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         | RequestFlags::RetryLimitExceeded
         | RequestFlags::UpstreamReset
         | RequestFlags::DownstreamDisconnect => "",
+        RequestFlags::RateLimited => super::ratelimit::RATE_LIMITED_BODY,
+        RequestFlags::StreamIdleTimeout => "stream timeout\n",
     };
     let mut response = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))

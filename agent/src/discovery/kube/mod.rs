@@ -90,6 +90,7 @@ pub mod gateway;
 pub mod gateway_routes;
 pub mod objects;
 pub mod owner;
+pub mod ratelimit;
 mod route_status;
 pub mod routes;
 pub mod security;
@@ -109,6 +110,7 @@ pub use self::{
 use self::{
     gateway_routes::{GrpcRouteResource, HttpRouteResource},
     objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
+    ratelimit::RateLimitPolicyResource,
     routes::{DestinationRuleResource, VirtualServiceResource},
     security::{AuthorizationPolicyResource, PeerAuthenticationResource},
 };
@@ -158,6 +160,8 @@ pub enum WatchedKind {
     HttpRoutes,
     /// `gateway.networking.k8s.io/v1` GRPCRoutes (the Gateway API's CRDs).
     GrpcRoutes,
+    /// `networking.ambit.dev/v1` RateLimitPolicies (a custom resource).
+    RateLimitPolicies,
 }
 
 /// How many kinds the source watches.
@@ -165,7 +169,7 @@ const KINDS: usize = WatchedKind::ALL.len();
 
 impl WatchedKind {
     /// Every kind, in the order used for indexing.
-    pub const ALL: [WatchedKind; 10] = [
+    pub const ALL: [WatchedKind; 11] = [
         WatchedKind::Pods,
         WatchedKind::Namespaces,
         WatchedKind::Services,
@@ -176,6 +180,7 @@ impl WatchedKind {
         WatchedKind::DestinationRules,
         WatchedKind::HttpRoutes,
         WatchedKind::GrpcRoutes,
+        WatchedKind::RateLimitPolicies,
     ];
 
     /// The resource's plural name, as in the API's paths.
@@ -191,6 +196,7 @@ impl WatchedKind {
             WatchedKind::DestinationRules => "destinationrules",
             WatchedKind::HttpRoutes => "httproutes",
             WatchedKind::GrpcRoutes => "grpcroutes",
+            WatchedKind::RateLimitPolicies => "ratelimitpolicies",
         }
     }
 
@@ -205,9 +211,9 @@ impl WatchedKind {
             WatchedKind::AuthorizationPolicies | WatchedKind::PeerAuthentications => {
                 Some(security::GROUP)
             }
-            WatchedKind::VirtualServices | WatchedKind::DestinationRules => {
-                Some(routes::NETWORKING_GROUP)
-            }
+            WatchedKind::VirtualServices
+            | WatchedKind::DestinationRules
+            | WatchedKind::RateLimitPolicies => Some(routes::NETWORKING_GROUP),
             WatchedKind::HttpRoutes | WatchedKind::GrpcRoutes => Some(gateway::GATEWAY_GROUP),
             _ => None,
         }
@@ -498,6 +504,8 @@ impl KubeSource {
             self.reflector(WatchedKind::DestinationRules);
         let (http_routes_stream, http_routes) = self.reflector(WatchedKind::HttpRoutes);
         let (grpc_routes_stream, grpc_routes) = self.reflector(WatchedKind::GrpcRoutes);
+        let (rate_limits_stream, rate_limit_policies) =
+            self.reflector(WatchedKind::RateLimitPolicies);
         let mut signals = futures::stream::select_all([
             pods_stream,
             namespaces_stream,
@@ -509,6 +517,7 @@ impl KubeSource {
             destination_rules_stream,
             http_routes_stream,
             grpc_routes_stream,
+            rate_limits_stream,
         ]);
         let stores = Stores {
             pods,
@@ -521,6 +530,7 @@ impl KubeSource {
             destination_rules,
             http_routes,
             grpc_routes,
+            rate_limit_policies,
         };
 
         let mut run = Run {
@@ -605,6 +615,7 @@ struct Stores {
     destination_rules: Store<DestinationRuleResource>,
     http_routes: Store<HttpRouteResource>,
     grpc_routes: Store<GrpcRouteResource>,
+    rate_limit_policies: Store<RateLimitPolicyResource>,
 }
 
 /// One watcher's report to the source's loop.
@@ -1128,8 +1139,31 @@ impl Run {
             }
             reported.insert(key.clone(), acceptance.message.clone());
         }
+        let rate_limit_policies = if served(WatchedKind::RateLimitPolicies) {
+            self.stores.rate_limit_policies.state()
+        } else {
+            Vec::new()
+        };
+        let rate_limits =
+            ratelimit::convert_rate_limits(&rate_limit_policies, services, &self.routes_in_force);
+        for (key, acceptance) in &rate_limits.verdicts {
+            if acceptance.accepted() {
+                continue;
+            }
+            if self.reported_route_rejections.get(key) != Some(&acceptance.message) {
+                tracing::warn!(
+                    resource = %key,
+                    reason = %acceptance.verdict,
+                    message = %acceptance.message,
+                    last_accepted_in_force = rate_limits.in_force.contains_key(key),
+                    "RateLimitPolicy rejected; its last accepted version, if any, stays in force"
+                );
+            }
+            reported.insert(key.clone(), acceptance.message.clone());
+        }
         self.reported_route_rejections = reported;
         let mut table = converted.table;
+        table.rate_limits = rate_limits.table;
         for (uid, routes) in gateway.by_service {
             if let Some(virtual_service) = table.by_service.get(&uid) {
                 tracing::debug!(
@@ -1143,6 +1177,7 @@ impl Run {
         }
         self.routes_in_force = converted.in_force;
         self.routes_in_force.extend(gateway.in_force);
+        self.routes_in_force.extend(rate_limits.in_force);
         table
     }
 

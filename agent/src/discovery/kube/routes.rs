@@ -92,6 +92,8 @@ pub enum RouteKind {
     HttpRoute,
     /// `gateway.networking.k8s.io/v1` GRPCRoute.
     GrpcRoute,
+    /// `networking.ambit.dev/v1` RateLimitPolicy (`super::ratelimit`).
+    RateLimitPolicy,
 }
 
 impl fmt::Display for RouteKind {
@@ -101,6 +103,7 @@ impl fmt::Display for RouteKind {
             RouteKind::DestinationRule => "DestinationRule",
             RouteKind::HttpRoute => "HTTPRoute",
             RouteKind::GrpcRoute => "GRPCRoute",
+            RouteKind::RateLimitPolicy => "RateLimitPolicy",
         })
     }
 }
@@ -146,7 +149,7 @@ pub struct ConvertedRoutes {
 
 /// A conversion error as a field of the resource: the shared conversion names fields after an
 /// empty prefix (`.spec.http[0]...`).
-fn field_error(error: ConfigError) -> PolicyError {
+pub(super) fn field_error(error: ConfigError) -> PolicyError {
     match error {
         ConfigError::Invalid { field, reason, .. } => PolicyError {
             field: field.trim_start_matches('.').to_string(),
@@ -169,7 +172,7 @@ fn verdict_of(error: &PolicyError) -> Verdict {
     }
 }
 
-fn meta_file(meta: &ObjectMeta) -> ObjectMetaFile {
+pub(super) fn meta_file(meta: &ObjectMeta) -> ObjectMetaFile {
     ObjectMetaFile {
         name: meta.name.clone().unwrap_or_default(),
         namespace: meta.namespace.clone(),
@@ -296,7 +299,7 @@ pub fn convert_routes(
 
 /// The verdict on a resource's current `spec`, and what is in force: the current spec if it
 /// converts, else the last good one if that still converts, else nothing.
-fn judge<T>(
+pub(super) fn judge<T>(
     key: &RouteKey,
     spec: &Value,
     last_good: &HashMap<RouteKey, Value>,

@@ -85,7 +85,8 @@ status_resource!(
     AuthorizationPolicyResource,
     PeerAuthenticationResource,
     super::routes::VirtualServiceResource,
-    super::routes::DestinationRuleResource
+    super::routes::DestinationRuleResource,
+    super::ratelimit::RateLimitPolicyResource
 );
 
 impl PolicyResource for AuthorizationPolicyResource {

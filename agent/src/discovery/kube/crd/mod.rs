@@ -54,6 +54,7 @@ pub fn definitions() -> Vec<Definition> {
         Definition::of::<security::PeerAuthentication>(),
         Definition::of::<networking::VirtualService>(),
         Definition::of::<networking::DestinationRule>(),
+        Definition::of::<networking::RateLimitPolicy>(),
     ]
 }
 
