@@ -47,6 +47,7 @@ pub mod retry;
 pub mod route;
 pub mod sniff;
 pub mod tcp;
+pub mod trace;
 pub mod upgrade;
 
 use self::{
@@ -169,6 +170,9 @@ pub struct WaypointArgs {
     /// included, before its connection is closed.
     #[arg(long, env = "AMBIT_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = crate::timefmt::parse_duration)]
     pub header_read_timeout: Duration,
+    /// Tracing (waypoint::trace, docs/tracing.md).
+    #[command(flatten)]
+    pub tracing: trace::TracingArgs,
 }
 
 /// Runs the waypoint until SIGTERM or SIGINT.
@@ -203,7 +207,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     metrics.register_at_scrape(config_metrics.clone())?;
     tokio::spawn(config_metrics.count_rejections());
 
-    let identity = {
+    let (identity, me) = {
         let state = state_rx.borrow_and_update();
         let me = state
             .workloads()
@@ -222,7 +226,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
                  to endpoints; set enrolled: false"
             );
         }
-        state.identity_of(me)
+        (state.identity_of(me), me.clone())
     };
 
     let client = CaClient::new(CaClientConfig {
@@ -248,6 +252,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("getting the waypoint's certificate ({identity})"))?;
 
+    let tracing = trace::Tracing::start(&args.tracing, &me, &metrics)?;
     // The waypoint's pod is not enrolled: its sockets leave as they are, from its own address.
     let dialer = |key: &PoolKey| TcpStream::connect(key.destination());
     let waypoint = Arc::new(Waypoint {
@@ -263,8 +268,10 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         resilience: Arc::new(Resilience::new(&metrics)?),
         protocol_detection_timeout: args.protocol_detection_timeout,
         header_read_timeout: args.header_read_timeout,
+        tracing,
     });
     tokio::spawn(waypoint.authz.jwks.clone().refresh(state_rx.clone()));
+    let stopping = waypoint.clone();
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
     settings.reserved_ports = RESERVED_PORTS.to_vec();
     let server = HboneServer::new(WaypointInbound::new(waypoint), settings, limits.clone());
@@ -286,5 +293,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         result = metrics_server => anyhow::bail!("metrics endpoint failed: {:?}", result),
     }
     info!("waypoint stopping");
+    // The spans still queued leave (bounded by trace::SHUTDOWN_TIMEOUT).
+    tokio::task::spawn_blocking(move || stopping.tracing.shutdown()).await?;
     Ok(())
 }
