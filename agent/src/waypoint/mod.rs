@@ -170,9 +170,14 @@ pub struct WaypointArgs {
     /// included, before its connection is closed.
     #[arg(long, env = "AMBIT_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = crate::timefmt::parse_duration)]
     pub header_read_timeout: Duration,
-    /// Tracing (waypoint::trace, docs/tracing.md).
-    #[command(flatten)]
-    pub tracing: trace::TracingArgs,
+    /// The OTLP/gRPC collector spans are exported to, e.g. `http://otel-collector:4317`
+    /// (docs/tracing.md). Without it tracing is off (trace headers still pass unchanged).
+    #[arg(long, env = "AMBIT_TRACING_OTLP_ENDPOINT", value_parser = trace::parse_endpoint)]
+    pub tracing_otlp_endpoint: Option<http::Uri>,
+    /// Percentage of new traces sampled, 0 to 100 (Istio's `sampling`); a request whose trace
+    /// context carries a sampling decision keeps it.
+    #[arg(long, env = "AMBIT_TRACING_SAMPLING", default_value = "1", value_parser = trace::parse_percentage)]
+    pub tracing_sampling: f64,
 }
 
 /// Runs the waypoint until SIGTERM or SIGINT.
@@ -252,7 +257,12 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("getting the waypoint's certificate ({identity})"))?;
 
-    let tracing = trace::Tracing::start(&args.tracing, &me, &metrics)?;
+    let tracing = trace::Tracing::start(
+        args.tracing_otlp_endpoint.as_ref(),
+        args.tracing_sampling,
+        &me,
+        &metrics,
+    )?;
     // The waypoint's pod is not enrolled: its sockets leave as they are, from its own address.
     let dialer = |key: &PoolKey| TcpStream::connect(key.destination());
     let waypoint = Arc::new(Waypoint {

@@ -95,21 +95,8 @@ const PROPAGATION_HEADERS: [&str; 8] = [
     "x-b3-flags",
 ];
 
-/// Tracing flags of `ambit waypoint`.
-#[derive(Clone, Debug, clap::Args)]
-pub struct TracingArgs {
-    /// The OTLP/gRPC collector spans are exported to, e.g. `http://otel-collector:4317`.
-    /// Without it tracing is off (trace headers still pass through unchanged).
-    #[arg(long, env = "AMBIT_TRACING_OTLP_ENDPOINT", value_parser = parse_endpoint)]
-    pub tracing_otlp_endpoint: Option<http::Uri>,
-    /// Percentage of new traces sampled (0 to 100; Istio's `sampling`, default 1). A request
-    /// whose trace context carries a sampling decision keeps it.
-    #[arg(long, env = "AMBIT_TRACING_SAMPLING", default_value = "1", value_parser = parse_percentage)]
-    pub tracing_sampling: f64,
-}
-
 /// `--tracing-otlp-endpoint`: an `http://host:port` URL (no TLS: see docs/tracing.md).
-fn parse_endpoint(value: &str) -> Result<http::Uri, String> {
+pub fn parse_endpoint(value: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = value
         .parse()
         .map_err(|e| format!("{value:?} is not a URL: {e}"))?;
@@ -132,7 +119,7 @@ fn parse_endpoint(value: &str) -> Result<http::Uri, String> {
 }
 
 /// `--tracing-sampling`: a percentage, 0 to 100.
-fn parse_percentage(value: &str) -> Result<f64, String> {
+pub fn parse_percentage(value: &str) -> Result<f64, String> {
     let percent: f64 = value
         .trim()
         .parse()
@@ -166,11 +153,17 @@ impl Tracing {
         Self::default()
     }
 
-    /// The tracer `args` ask for, for the waypoint workload `me`, its counters registered in
+    /// The tracer exporting to `endpoint` (`--tracing-otlp-endpoint`) and sampling `percent`%
+    /// of new traces (`--tracing-sampling`), for the waypoint workload `me`, its counters registered in
     /// `metrics`; off without an endpoint. Must run inside the Tokio runtime (the exporter's
     /// channel is spawned on it).
-    pub fn start(args: &TracingArgs, me: &Workload, metrics: &Metrics) -> anyhow::Result<Self> {
-        let Some(endpoint) = &args.tracing_otlp_endpoint else {
+    pub fn start(
+        endpoint: Option<&http::Uri>,
+        percent: f64,
+        me: &Workload,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Self> {
+        let Some(endpoint) = endpoint else {
             return Ok(Self::off());
         };
         let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -179,7 +172,7 @@ impl Tracing {
             .with_timeout(EXPORT_TIMEOUT)
             .build()
             .with_context(|| format!("--tracing-otlp-endpoint {endpoint}"))?;
-        Self::with_exporter(exporter, args.tracing_sampling, me, metrics)
+        Self::with_exporter(exporter, percent, me, metrics)
     }
 
     /// The tracer exporting with `exporter`, sampling `percent`% of new traces.
