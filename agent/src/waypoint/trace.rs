@@ -29,7 +29,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -197,6 +197,7 @@ impl Tracing {
             inner: exporter,
             queued: queued.clone(),
             counters: counters.clone(),
+            failing: AtomicBool::new(false),
         })
         .with_batch_config(
             BatchConfigBuilder::default()
@@ -597,11 +598,14 @@ impl ClientSpan {
 }
 
 /// The exporter, counting what it sends and releasing the queue's places as batches leave.
+/// The first failure after a success is logged as a warning, the next ones at debug level (the
+/// counter has them all): a collector that is down does not flood the log.
 #[derive(Debug)]
 struct CountedExporter<E> {
     inner: E,
     queued: Arc<AtomicUsize>,
     counters: IntCounterVec,
+    failing: AtomicBool,
 }
 
 impl<E: SpanExporter> SpanExporter for CountedExporter<E> {
@@ -611,8 +615,12 @@ impl<E: SpanExporter> SpanExporter for CountedExporter<E> {
         let result = self.inner.export(batch).await;
         let outcome = if result.is_ok() { "exported" } else { "failed" };
         self.counters.with_label_values(&[outcome]).inc_by(count);
-        if let Err(err) = &result {
-            tracing::debug!(%err, spans = count, "tracing: export failed");
+        match &result {
+            Ok(()) => self.failing.store(false, Ordering::Relaxed),
+            Err(err) if !self.failing.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(%err, spans = count, "tracing: spans not exported to the collector");
+            }
+            Err(err) => tracing::debug!(%err, spans = count, "tracing: export failed"),
         }
         result
     }
@@ -1252,6 +1260,7 @@ services:
             inner: Collector::default(),
             queued,
             counters,
+            failing: AtomicBool::new(false),
         };
         futures::executor::block_on(exporter.export(vec![one.clone(); 100])).unwrap();
         for _ in 0..101 {
@@ -1259,6 +1268,49 @@ services:
         }
         assert_eq!(processor.inner.0.lock().unwrap().len(), MAX_QUEUE + 100);
         assert_eq!(dropped(&registry), Some(11.0));
+    }
+
+    /// A batch the collector refuses is counted `failed`, one it takes `exported`; either way
+    /// its places in the queue are freed.
+    #[test]
+    fn exports_are_counted_by_result() {
+        #[derive(Debug)]
+        struct Refuse;
+        impl SpanExporter for Refuse {
+            async fn export(&self, _: Vec<SpanData>) -> OTelSdkResult {
+                Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+                    "collector unreachable".into(),
+                ))
+            }
+        }
+        let registry = Metrics::new();
+        let counters =
+            IntCounterVec::new(Opts::new("ambit_tracing_spans_total", "spans"), &["result"])
+                .unwrap();
+        registry.register(Box::new(counters.clone())).unwrap();
+        let queued = Arc::new(AtomicUsize::new(7));
+        let provider = SdkTracerProvider::builder().build();
+        let span = provider.tracer("test").start("one");
+        let one = span.exported_data().unwrap();
+        let refusing = CountedExporter {
+            inner: Refuse,
+            queued: queued.clone(),
+            counters: counters.clone(),
+            failing: AtomicBool::new(false),
+        };
+        assert!(futures::executor::block_on(refusing.export(vec![one.clone(); 3])).is_err());
+        assert!(refusing.failing.load(Ordering::Relaxed));
+        let taking = CountedExporter {
+            inner: Collector::default(),
+            queued: queued.clone(),
+            counters,
+            failing: AtomicBool::new(false),
+        };
+        futures::executor::block_on(taking.export(vec![one; 4])).unwrap();
+        assert_eq!(queued.load(Ordering::Relaxed), 0);
+        let samples = parse(&registry.encode());
+        let count = |result| value(&samples, "ambit_tracing_spans_total", &[("result", result)]);
+        assert_eq!((count("failed"), count("exported")), (Some(3.0), Some(4.0)));
     }
 
     #[test]
