@@ -18,7 +18,7 @@
 //!   headers rewritten the same way. Mirrored copies name the server span.
 //! - **Export** goes through the SDK's batch processor (its own thread; the tonic exporter's
 //!   channel lives on the runtime it was built on) behind a bound of [`MAX_QUEUE`] spans waiting:
-//!   past it, spans are dropped and counted (`ambit_tracing_spans_total{result="dropped"}`),
+//!   past it, spans are dropped and counted (`ambit_waypoint_tracing_spans_total{result="dropped"}`),
 //!   never queued without bound, so a slow or absent collector costs memory only up to it. A
 //!   client may force sampling with its own `traceparent`, as with Envoy: the bound is what
 //!   holds then.
@@ -184,7 +184,7 @@ impl Tracing {
     ) -> anyhow::Result<Self> {
         let counters = IntCounterVec::new(
             Opts::new(
-                "ambit_tracing_spans_total",
+                "ambit_waypoint_tracing_spans_total",
                 "Spans of sampled requests, by what became of them: exported, failed (the \
                  collector refused them or could not be reached) or dropped (the export queue \
                  was full).",
@@ -1036,7 +1036,7 @@ services:
         assert_eq!(
             value(
                 &samples,
-                "ambit_tracing_spans_total",
+                "ambit_waypoint_tracing_spans_total",
                 &[("result", "exported")]
             ),
             Some(2.0)
@@ -1228,9 +1228,11 @@ services:
             }
         }
         let registry = Metrics::new();
-        let counters =
-            IntCounterVec::new(Opts::new("ambit_tracing_spans_total", "spans"), &["result"])
-                .unwrap();
+        let counters = IntCounterVec::new(
+            Opts::new("ambit_waypoint_tracing_spans_total", "spans"),
+            &["result"],
+        )
+        .unwrap();
         registry.register(Box::new(counters.clone())).unwrap();
         let queued = Arc::new(AtomicUsize::new(0));
         let processor = BoundedProcessor {
@@ -1250,7 +1252,7 @@ services:
         let dropped = |registry: &Metrics| {
             value(
                 &parse(&registry.encode()),
-                "ambit_tracing_spans_total",
+                "ambit_waypoint_tracing_spans_total",
                 &[("result", "dropped")],
             )
         };
@@ -1284,9 +1286,11 @@ services:
             }
         }
         let registry = Metrics::new();
-        let counters =
-            IntCounterVec::new(Opts::new("ambit_tracing_spans_total", "spans"), &["result"])
-                .unwrap();
+        let counters = IntCounterVec::new(
+            Opts::new("ambit_waypoint_tracing_spans_total", "spans"),
+            &["result"],
+        )
+        .unwrap();
         registry.register(Box::new(counters.clone())).unwrap();
         let queued = Arc::new(AtomicUsize::new(7));
         let provider = SdkTracerProvider::builder().build();
@@ -1309,7 +1313,13 @@ services:
         futures::executor::block_on(taking.export(vec![one; 4])).unwrap();
         assert_eq!(queued.load(Ordering::Relaxed), 0);
         let samples = parse(&registry.encode());
-        let count = |result| value(&samples, "ambit_tracing_spans_total", &[("result", result)]);
+        let count = |result| {
+            value(
+                &samples,
+                "ambit_waypoint_tracing_spans_total",
+                &[("result", result)],
+            )
+        };
         assert_eq!((count("failed"), count("exported")), (Some(3.0), Some(4.0)));
     }
 
