@@ -6,8 +6,8 @@
 //!
 //! - **Context in.** W3C `traceparent`/`tracestate` first (the OpenTelemetry SDK's propagator);
 //!   else B3, the single `b3` header or the `x-b3-*` ones (Envoy's Zipkin tracer, Istio's
-//!   long-time default, speaks B3): [`b3`], a few lines, as the only Rust B3 propagator is the
-//!   deprecated Zipkin exporter's.
+//!   long-time default, speaks B3): the `b3` submodule, a few lines, as the only Rust B3
+//!   propagator is the deprecated Zipkin exporter's.
 //! - **Sampling**, Istio's: a request whose context carries a sampling decision keeps it (a
 //!   sampled parent is traced whatever the percentage, an unsampled one is not); otherwise
 //!   `--tracing-sampling` percent of traces (Istio's default 1%), by trace id, so every span of a
