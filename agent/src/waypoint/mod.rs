@@ -49,6 +49,7 @@ pub mod retry;
 pub mod route;
 pub mod sniff;
 pub mod tcp;
+pub mod trace;
 pub mod upgrade;
 
 use self::{
@@ -176,6 +177,14 @@ pub struct WaypointArgs {
     /// connection freed: Envoy's `stream_idle_timeout`.
     #[arg(long, env = "AMBIT_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = crate::timefmt::parse_duration)]
     pub stream_idle_timeout: Duration,
+    /// The OTLP/gRPC collector spans are exported to, e.g. `http://otel-collector:4317`
+    /// (docs/tracing.md). Without it tracing is off (trace headers still pass unchanged).
+    #[arg(long, env = "AMBIT_TRACING_OTLP_ENDPOINT", value_parser = trace::parse_endpoint)]
+    pub tracing_otlp_endpoint: Option<http::Uri>,
+    /// Percentage of new traces sampled, 0 to 100 (Istio's `sampling`); a request whose trace
+    /// context carries a sampling decision keeps it.
+    #[arg(long, env = "AMBIT_TRACING_SAMPLING", default_value = "1", value_parser = trace::parse_percentage)]
+    pub tracing_sampling: f64,
 }
 
 /// Runs the waypoint until SIGTERM or SIGINT.
@@ -210,7 +219,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     metrics.register_at_scrape(config_metrics.clone())?;
     tokio::spawn(config_metrics.count_rejections());
 
-    let identity = {
+    let (identity, me) = {
         let state = state_rx.borrow_and_update();
         let me = state
             .workloads()
@@ -229,7 +238,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
                  to endpoints; set enrolled: false"
             );
         }
-        state.identity_of(me)
+        (state.identity_of(me), me.clone())
     };
 
     let client = CaClient::new(CaClientConfig {
@@ -255,6 +264,12 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("getting the waypoint's certificate ({identity})"))?;
 
+    let tracing = trace::Tracing::start(
+        args.tracing_otlp_endpoint.as_ref(),
+        args.tracing_sampling,
+        &me,
+        &metrics,
+    )?;
     // The waypoint's pod is not enrolled: its sockets leave as they are, from its own address.
     let dialer = |key: &PoolKey| TcpStream::connect(key.destination());
     let waypoint = Arc::new(Waypoint {
@@ -272,8 +287,10 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         protocol_detection_timeout: args.protocol_detection_timeout,
         header_read_timeout: args.header_read_timeout,
         stream_idle_timeout: args.stream_idle_timeout,
+        tracing,
     });
     tokio::spawn(waypoint.authz.jwks.clone().refresh(state_rx.clone()));
+    let stopping = waypoint.clone();
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
     settings.reserved_ports = RESERVED_PORTS.to_vec();
     let server = HboneServer::new(WaypointInbound::new(waypoint), settings, limits.clone());
@@ -295,5 +312,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         result = metrics_server => anyhow::bail!("metrics endpoint failed: {:?}", result),
     }
     info!("waypoint stopping");
+    // The spans still queued leave (bounded by trace::SHUTDOWN_TIMEOUT).
+    tokio::task::spawn_blocking(move || stopping.tracing.shutdown()).await?;
     Ok(())
 }

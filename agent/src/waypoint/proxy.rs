@@ -100,6 +100,9 @@ pub struct Waypoint {
     pub header_read_timeout: Duration,
     /// How long a pooled request's stream may see no byte either way ([`super::idle`]).
     pub stream_idle_timeout: Duration,
+
+    /// Spans of requests and tries, when tracing is on ([`super::trace`]).
+    pub tracing: super::trace::Tracing,
 }
 
 impl Waypoint {
@@ -342,6 +345,8 @@ struct Outcome {
     attempts: u32,
     /// The `x-ratelimit-*` headers of the rate limit that applied ([`super::ratelimit`]).
     rate_limit: Option<super::ratelimit::XRateLimit>,
+    /// The request's span, when tracing is on: the parent of each try's.
+    span: Option<super::trace::ServerSpan>,
 }
 
 /// An answer the waypoint makes itself: its status, flag, and why (for the log).
@@ -378,6 +383,13 @@ impl Downstream {
             flags: RequestFlags::None,
             attempts: 0,
             rate_limit: None,
+            span: self.waypoint.tracing.server_span(
+                &state,
+                &request,
+                self.source,
+                &self.peer,
+                self.destination,
+            ),
         };
         let mut response = match self.forward(&state, request, &mut outcome).await {
             Ok(response) => {
@@ -410,6 +422,7 @@ impl Downstream {
             upstream: outcome.upstream,
             attempts: outcome.attempts,
             error: outcome.error,
+            span: outcome.span,
         };
         let grpc_status = observe::grpc_status(response.headers());
         response.map(|body| ObservedBody::new(body, grpc_status, record).boxed())
@@ -487,7 +500,11 @@ impl Downstream {
         // A WebSocket upgrade is taken before its hop-by-hop headers go; it is tried once and
         // not mirrored (its connection cannot be replayed).
         let mut upgrade = Upgrade::take(&mut request);
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        if let Some(span) = &outcome.span {
+            // What is not a try (a mirror) names the request's span.
+            span.inject(&mut parts.headers);
+        }
         let head = Head {
             method: parts.method,
             uri: parts.uri,
@@ -707,6 +724,17 @@ impl Downstream {
             request
                 .headers_mut()
                 .insert("x-envoy-attempt-count", HeaderValue::from(outcome.attempts));
+            let client_span = outcome.span.as_mut().map(|span| {
+                let upstream = super::trace::Upstream {
+                    address: upstream.target,
+                    principal: &upstream.endpoint_id,
+                    hostname: &hostname,
+                    port: destination.port.unwrap_or(self.destination.port()),
+                    subset: destination.subset.as_ref().map_or("", |s| s.name.as_str()),
+                    version: request.version(),
+                };
+                span.client_span(upstream, outcome.attempts, request.headers_mut())
+            });
             let request = upstream_request(request, self.destination);
             let now = tokio::time::Instant::now();
             let budget = match (policy.per_try_timeout, deadline) {
@@ -724,6 +752,9 @@ impl Downstream {
                     .unwrap_or(Err(Failure::PerTryTimeout)),
                 None => exchange.await,
             };
+            if let Some(span) = client_span {
+                span.finish(&result);
+            }
             if let Some(policy) = &outlier {
                 // A failure the client caused is not the endpoint's (review M2).
                 let client = super::outlier::Downstream {
