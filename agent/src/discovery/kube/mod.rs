@@ -82,6 +82,43 @@ macro_rules! kube_resource {
 }
 pub(crate) use kube_resource;
 
+/// Declares `$type`, a namespaced `v1` resource of `$group` kept as the source reads it: its
+/// metadata slimmed by [`security::policy_meta`], its `spec` as JSON (so that a field Ambit
+/// refuses is seen and named, not dropped while parsing) and its `status` as `$status`. The one
+/// way Ambit declares the Istio-shaped and Gateway API resources it judges and reports on.
+macro_rules! spec_resource {
+    ($(#[$doc:meta])* $type:ident, status: $status:ty, $api_version:expr, $group:expr, $kind:literal, $plural:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+        pub struct $type {
+            /// Name, namespace, UID, resource version, generation, creation time and the
+            /// dry-run annotation (nothing else is kept).
+            #[serde(
+                default,
+                deserialize_with = "crate::discovery::kube::security::policy_meta"
+            )]
+            pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            /// The spec, as JSON.
+            #[serde(default)]
+            pub spec: serde_json::Value,
+            /// What Ambit (and, for the Gateway API, other controllers) reported about it.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub status: Option<$status>,
+        }
+
+        $crate::discovery::kube::kube_resource!(
+            $type,
+            $api_version,
+            $group,
+            "v1",
+            $kind,
+            $plural,
+            k8s_openapi::NamespaceResourceScope
+        );
+    };
+}
+pub(crate) use spec_resource;
+
 mod cgroup;
 pub mod convert;
 pub mod crd;

@@ -12,10 +12,7 @@
 //! policy denies at least what it names); a rejected PeerAuthentication is STRICT.
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use k8s_openapi::{
-    NamespaceResourceScope,
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
@@ -41,55 +38,24 @@ pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 /// The status condition Ambit writes on its policy resources.
 pub const ACCEPTED_CONDITION: &str = "Accepted";
 
-/// An `authorizationpolicies.security.ambit.dev/v1` resource, as the source keeps it: its
-/// metadata (slimmed), its `spec` untouched (so that fields Ambit rejects are seen, not
-/// dropped while parsing) and its `status`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-pub struct AuthorizationPolicyResource {
-    /// Name, namespace, UID, resource version, generation, creation time and the dry-run
-    /// annotation (nothing else is kept).
-    #[serde(default, deserialize_with = "policy_meta")]
-    pub metadata: ObjectMeta,
-    /// Istio's AuthorizationPolicy spec, as JSON.
-    #[serde(default)]
-    pub spec: Value,
-    /// What Ambit reported about it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<PolicyStatus>,
-}
-
-/// A `peerauthentications.security.ambit.dev/v1` resource; see
-/// [`AuthorizationPolicyResource`].
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-pub struct PeerAuthenticationResource {
-    /// Name, namespace, UID, resource version, generation and creation time.
-    #[serde(default, deserialize_with = "policy_meta")]
-    pub metadata: ObjectMeta,
-    /// Istio's PeerAuthentication spec, as JSON.
-    #[serde(default)]
-    pub spec: Value,
-    /// What Ambit reported about it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<PolicyStatus>,
-}
-
-super::kube_resource!(
+super::spec_resource!(
+    /// An `authorizationpolicies.security.ambit.dev/v1` resource: Istio's AuthorizationPolicy
+    /// spec.
     AuthorizationPolicyResource,
+    status: PolicyStatus,
     "security.ambit.dev/v1",
     GROUP,
-    "v1",
     "AuthorizationPolicy",
-    "authorizationpolicies",
-    NamespaceResourceScope
+    "authorizationpolicies"
 );
-super::kube_resource!(
+super::spec_resource!(
+    /// A `peerauthentications.security.ambit.dev/v1` resource: Istio's PeerAuthentication spec.
     PeerAuthenticationResource,
+    status: PolicyStatus,
     "security.ambit.dev/v1",
     GROUP,
-    "v1",
     "PeerAuthentication",
-    "peerauthentications",
-    NamespaceResourceScope
+    "peerauthentications"
 );
 
 /// Written by Ambit: whether the policy is accepted as written.
