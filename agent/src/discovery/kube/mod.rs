@@ -147,7 +147,9 @@ use self::{
     gateway_routes::{GrpcRouteResource, HttpRouteResource},
     objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
     routes::{DestinationRuleResource, VirtualServiceResource},
-    security::{AuthorizationPolicyResource, PeerAuthenticationResource},
+    security::{
+        AuthorizationPolicyResource, PeerAuthenticationResource, RequestAuthenticationResource,
+    },
 };
 
 /// The `source` of this source's [`ConfigStatus`].
@@ -187,6 +189,8 @@ pub enum WatchedKind {
     AuthorizationPolicies,
     /// `security.ambit.dev/v1` PeerAuthentications (a custom resource).
     PeerAuthentications,
+    /// `security.ambit.dev/v1` RequestAuthentications (a custom resource; for waypoints).
+    RequestAuthentications,
     /// `networking.ambit.dev/v1` VirtualServices (a custom resource).
     VirtualServices,
     /// `networking.ambit.dev/v1` DestinationRules (a custom resource).
@@ -202,13 +206,14 @@ const KINDS: usize = WatchedKind::ALL.len();
 
 impl WatchedKind {
     /// Every kind, in the order used for indexing.
-    pub const ALL: [WatchedKind; 10] = [
+    pub const ALL: [WatchedKind; 11] = [
         WatchedKind::Pods,
         WatchedKind::Namespaces,
         WatchedKind::Services,
         WatchedKind::EndpointSlices,
         WatchedKind::AuthorizationPolicies,
         WatchedKind::PeerAuthentications,
+        WatchedKind::RequestAuthentications,
         WatchedKind::VirtualServices,
         WatchedKind::DestinationRules,
         WatchedKind::HttpRoutes,
@@ -224,6 +229,7 @@ impl WatchedKind {
             WatchedKind::EndpointSlices => "endpointslices",
             WatchedKind::AuthorizationPolicies => "authorizationpolicies",
             WatchedKind::PeerAuthentications => "peerauthentications",
+            WatchedKind::RequestAuthentications => "requestauthentications",
             WatchedKind::VirtualServices => "virtualservices",
             WatchedKind::DestinationRules => "destinationrules",
             WatchedKind::HttpRoutes => "httproutes",
@@ -239,9 +245,9 @@ impl WatchedKind {
     /// The API group of one of Ambit's custom resources.
     pub fn group(self) -> Option<&'static str> {
         match self {
-            WatchedKind::AuthorizationPolicies | WatchedKind::PeerAuthentications => {
-                Some(security::GROUP)
-            }
+            WatchedKind::AuthorizationPolicies
+            | WatchedKind::PeerAuthentications
+            | WatchedKind::RequestAuthentications => Some(security::GROUP),
             WatchedKind::VirtualServices | WatchedKind::DestinationRules => {
                 Some(routes::NETWORKING_GROUP)
             }
@@ -529,6 +535,8 @@ impl KubeSource {
         let (authorizations_stream, authorizations) =
             self.reflector(WatchedKind::AuthorizationPolicies);
         let (peers_stream, peer_authentications) = self.reflector(WatchedKind::PeerAuthentications);
+        let (authentications_stream, request_authentications) =
+            self.reflector(WatchedKind::RequestAuthentications);
         let (virtual_services_stream, virtual_services) =
             self.reflector(WatchedKind::VirtualServices);
         let (destination_rules_stream, destination_rules) =
@@ -542,6 +550,7 @@ impl KubeSource {
             slices_stream,
             authorizations_stream,
             peers_stream,
+            authentications_stream,
             virtual_services_stream,
             destination_rules_stream,
             http_routes_stream,
@@ -554,6 +563,7 @@ impl KubeSource {
             endpoint_slices,
             authorizations,
             peer_authentications,
+            request_authentications,
             virtual_services,
             destination_rules,
             http_routes,
@@ -638,6 +648,7 @@ struct Stores {
     endpoint_slices: Store<EndpointSliceView>,
     authorizations: Store<AuthorizationPolicyResource>,
     peer_authentications: Store<PeerAuthenticationResource>,
+    request_authentications: Store<RequestAuthenticationResource>,
     virtual_services: Store<VirtualServiceResource>,
     destination_rules: Store<DestinationRuleResource>,
     http_routes: Store<HttpRouteResource>,
@@ -1068,8 +1079,17 @@ impl Run {
         } else {
             Vec::new()
         };
-        let converted =
-            security::convert_policies(&authorizations, &peers, &self.source.root_namespace);
+        let authentications = if served(WatchedKind::RequestAuthentications) {
+            self.stores.request_authentications.state()
+        } else {
+            Vec::new()
+        };
+        let converted = security::convert_policies(
+            &authorizations,
+            &peers,
+            &authentications,
+            &self.source.root_namespace,
+        );
         let mut reported = HashMap::with_capacity(converted.rejected.len());
         for (resource, acceptance) in converted.rejected {
             if self.reported_rejections.get(&resource) != Some(&acceptance.message) {
@@ -1213,6 +1233,7 @@ fn same_policies(a: &PolicySet, b: &PolicySet) -> bool {
             .zip(b.authorizations())
             .all(|(a, b)| **a == **b)
         && a.peer_authentications() == b.peer_authentications()
+        && a.waypoint() == b.waypoint()
 }
 
 /// Whether `converted` describes the same mesh as `state` (then nothing is published, so a pod
