@@ -271,6 +271,7 @@ ONLY_OURS = {
     # Istio added these after 1.24 (the newest models installable here); Ambit enforces them.
     "AuthorizationPolicy": {"rules.from.source.serviceAccounts", "rules.from.source.notServiceAccounts"},
     "PeerAuthentication": set(),
+    "RequestAuthentication": set(),
     # Istio added these after 1.24: Ambit's schema keeps them so they are rejected by name.
     "VirtualService": {"http.retries.backoff", "http.retries.retryIgnorePreviousHosts"},
     "DestinationRule": set(),
@@ -279,6 +280,9 @@ ONLY_ISTIO = {
     # Only for action CUSTOM, which our schema refuses (enum).
     "AuthorizationPolicy": {"provider"},
     "PeerAuthentication": set(),
+    # `jwks_uri` is the models' alias of `jwksUri` (its protobuf name); pruned, the rule then
+    # lacks `jwksUri` and is rejected naming it.
+    "RequestAuthentication": {"jwtRules.jwks_uri"},
     # The parts a waypoint has no use for are objects whose content the schema leaves
     # undescribed (discovery/kube/crd/networking.rs): their fields are refused under strict
     # validation or pruned to an empty object, which Ambit rejects by name. A trailing `.*`

@@ -1143,7 +1143,11 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ("discovery.k8s.io", &["endpointslices"], watch),
             (
                 "security.ambit.dev",
-                &["authorizationpolicies", "peerauthentications"],
+                &[
+                    "authorizationpolicies",
+                    "peerauthentications",
+                    "requestauthentications"
+                ],
                 watch
             ),
             (
@@ -1167,7 +1171,11 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ("discovery.k8s.io", &["endpointslices"], watch),
             (
                 "security.ambit.dev",
-                &["authorizationpolicies", "peerauthentications"],
+                &[
+                    "authorizationpolicies",
+                    "peerauthentications",
+                    "requestauthentications"
+                ],
                 watch
             ),
             (
@@ -1191,12 +1199,20 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ("", &["pods"], &["list", "watch"]),
             (
                 "security.ambit.dev",
-                &["authorizationpolicies", "peerauthentications"],
+                &[
+                    "authorizationpolicies",
+                    "peerauthentications",
+                    "requestauthentications"
+                ],
                 &["list", "watch"]
             ),
             (
                 "security.ambit.dev",
-                &["authorizationpolicies/status", "peerauthentications/status"],
+                &[
+                    "authorizationpolicies/status",
+                    "peerauthentications/status",
+                    "requestauthentications/status"
+                ],
                 &["patch"]
             ),
             // Routing resources' status, judged against the services.
@@ -1584,6 +1600,28 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
                         json!(["UNSET", "STRICT", "PERMISSIVE"])
                     );
                 }
+                // Every JWT rule field of Istio's, the unsupported ones included: rejected
+                // with a condition naming them, never pruned.
+                "RequestAuthentication" => {
+                    has(".spec.targetRefs[].name");
+                    for f in [
+                        "issuer",
+                        "audiences[]",
+                        "jwksUri",
+                        "jwks",
+                        "fromHeaders[].name",
+                        "fromHeaders[].prefix",
+                        "fromParams[]",
+                        "fromCookies[]",
+                        "outputPayloadToHeader",
+                        "outputClaimToHeaders[].header",
+                        "outputClaimToHeaders[].claim",
+                        "forwardOriginalToken",
+                        "timeout",
+                    ] {
+                        has(&format!(".spec.jwtRules[].{f}"));
+                    }
+                }
                 // Istio's networking.istio.io/v1 fields, the ones the waypoint does not implement
                 // yet included: rejected with a condition, never pruned.
                 "VirtualService" => {
@@ -1653,6 +1691,7 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
         BTreeSet::from([
             "AuthorizationPolicy".to_string(),
             "PeerAuthentication".to_string(),
+            "RequestAuthentication".to_string(),
             "VirtualService".to_string(),
             "DestinationRule".to_string(),
             "RateLimitPolicy".to_string(),

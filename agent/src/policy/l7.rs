@@ -388,7 +388,7 @@ impl fmt::Display for RequestAuthentication {
 }
 
 /// The waypoints' policies of a mesh.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct WaypointPolicies {
     authorizations: Vec<Arc<WaypointPolicy>>,
     authentications: Vec<Arc<RequestAuthentication>>,

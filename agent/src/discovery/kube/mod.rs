@@ -82,6 +82,43 @@ macro_rules! kube_resource {
 }
 pub(crate) use kube_resource;
 
+/// Declares `$type`, a namespaced `v1` resource of `$group` kept as the source reads it: its
+/// metadata slimmed by [`security::policy_meta`], its `spec` as JSON (so that a field Ambit
+/// refuses is seen and named, not dropped while parsing) and its `status` as `$status`. The one
+/// way Ambit declares the Istio-shaped and Gateway API resources it judges and reports on.
+macro_rules! spec_resource {
+    ($(#[$doc:meta])* $type:ident, status: $status:ty, $api_version:expr, $group:expr, $kind:literal, $plural:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+        pub struct $type {
+            /// Name, namespace, UID, resource version, generation, creation time and the
+            /// dry-run annotation (nothing else is kept).
+            #[serde(
+                default,
+                deserialize_with = "crate::discovery::kube::security::policy_meta"
+            )]
+            pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            /// The spec, as JSON.
+            #[serde(default)]
+            pub spec: serde_json::Value,
+            /// What Ambit (and, for the Gateway API, other controllers) reported about it.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub status: Option<$status>,
+        }
+
+        $crate::discovery::kube::kube_resource!(
+            $type,
+            $api_version,
+            $group,
+            "v1",
+            $kind,
+            $plural,
+            k8s_openapi::NamespaceResourceScope
+        );
+    };
+}
+pub(crate) use spec_resource;
+
 mod cgroup;
 pub mod convert;
 pub mod crd;
@@ -112,7 +149,9 @@ use self::{
     objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
     ratelimit::RateLimitPolicyResource,
     routes::{DestinationRuleResource, VirtualServiceResource},
-    security::{AuthorizationPolicyResource, PeerAuthenticationResource},
+    security::{
+        AuthorizationPolicyResource, PeerAuthenticationResource, RequestAuthenticationResource,
+    },
 };
 
 /// The `source` of this source's [`ConfigStatus`].
@@ -152,6 +191,8 @@ pub enum WatchedKind {
     AuthorizationPolicies,
     /// `security.ambit.dev/v1` PeerAuthentications (a custom resource).
     PeerAuthentications,
+    /// `security.ambit.dev/v1` RequestAuthentications (a custom resource; for waypoints).
+    RequestAuthentications,
     /// `networking.ambit.dev/v1` VirtualServices (a custom resource).
     VirtualServices,
     /// `networking.ambit.dev/v1` DestinationRules (a custom resource).
@@ -169,13 +210,14 @@ const KINDS: usize = WatchedKind::ALL.len();
 
 impl WatchedKind {
     /// Every kind, in the order used for indexing.
-    pub const ALL: [WatchedKind; 11] = [
+    pub const ALL: [WatchedKind; 12] = [
         WatchedKind::Pods,
         WatchedKind::Namespaces,
         WatchedKind::Services,
         WatchedKind::EndpointSlices,
         WatchedKind::AuthorizationPolicies,
         WatchedKind::PeerAuthentications,
+        WatchedKind::RequestAuthentications,
         WatchedKind::VirtualServices,
         WatchedKind::DestinationRules,
         WatchedKind::HttpRoutes,
@@ -192,6 +234,7 @@ impl WatchedKind {
             WatchedKind::EndpointSlices => "endpointslices",
             WatchedKind::AuthorizationPolicies => "authorizationpolicies",
             WatchedKind::PeerAuthentications => "peerauthentications",
+            WatchedKind::RequestAuthentications => "requestauthentications",
             WatchedKind::VirtualServices => "virtualservices",
             WatchedKind::DestinationRules => "destinationrules",
             WatchedKind::HttpRoutes => "httproutes",
@@ -208,9 +251,9 @@ impl WatchedKind {
     /// The API group of one of Ambit's custom resources.
     pub fn group(self) -> Option<&'static str> {
         match self {
-            WatchedKind::AuthorizationPolicies | WatchedKind::PeerAuthentications => {
-                Some(security::GROUP)
-            }
+            WatchedKind::AuthorizationPolicies
+            | WatchedKind::PeerAuthentications
+            | WatchedKind::RequestAuthentications => Some(security::GROUP),
             WatchedKind::VirtualServices
             | WatchedKind::DestinationRules
             | WatchedKind::RateLimitPolicies => Some(routes::NETWORKING_GROUP),
@@ -498,6 +541,8 @@ impl KubeSource {
         let (authorizations_stream, authorizations) =
             self.reflector(WatchedKind::AuthorizationPolicies);
         let (peers_stream, peer_authentications) = self.reflector(WatchedKind::PeerAuthentications);
+        let (authentications_stream, request_authentications) =
+            self.reflector(WatchedKind::RequestAuthentications);
         let (virtual_services_stream, virtual_services) =
             self.reflector(WatchedKind::VirtualServices);
         let (destination_rules_stream, destination_rules) =
@@ -513,6 +558,7 @@ impl KubeSource {
             slices_stream,
             authorizations_stream,
             peers_stream,
+            authentications_stream,
             virtual_services_stream,
             destination_rules_stream,
             http_routes_stream,
@@ -526,6 +572,7 @@ impl KubeSource {
             endpoint_slices,
             authorizations,
             peer_authentications,
+            request_authentications,
             virtual_services,
             destination_rules,
             http_routes,
@@ -611,6 +658,7 @@ struct Stores {
     endpoint_slices: Store<EndpointSliceView>,
     authorizations: Store<AuthorizationPolicyResource>,
     peer_authentications: Store<PeerAuthenticationResource>,
+    request_authentications: Store<RequestAuthenticationResource>,
     virtual_services: Store<VirtualServiceResource>,
     destination_rules: Store<DestinationRuleResource>,
     http_routes: Store<HttpRouteResource>,
@@ -1042,8 +1090,17 @@ impl Run {
         } else {
             Vec::new()
         };
-        let converted =
-            security::convert_policies(&authorizations, &peers, &self.source.root_namespace);
+        let authentications = if served(WatchedKind::RequestAuthentications) {
+            self.stores.request_authentications.state()
+        } else {
+            Vec::new()
+        };
+        let converted = security::convert_policies(
+            &authorizations,
+            &peers,
+            &authentications,
+            &self.source.root_namespace,
+        );
         let mut reported = HashMap::with_capacity(converted.rejected.len());
         for (resource, acceptance) in converted.rejected {
             if self.reported_rejections.get(&resource) != Some(&acceptance.message) {
@@ -1211,6 +1268,7 @@ fn same_policies(a: &PolicySet, b: &PolicySet) -> bool {
             .zip(b.authorizations())
             .all(|(a, b)| **a == **b)
         && a.peer_authentications() == b.peer_authentications()
+        && a.waypoint() == b.waypoint()
 }
 
 /// Whether `converted` describes the same mesh as `state` (then nothing is published, so a pod

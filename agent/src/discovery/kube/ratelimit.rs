@@ -14,13 +14,11 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
     routes::{NETWORKING_GROUP, RouteKey, RouteKind, field_error, judge, meta_file},
-    security::{Acceptance, PolicyStatus, creation_order, parse_spec, policy_meta},
+    security::{Acceptance, PolicyStatus, creation_order, parse_spec},
 };
 use crate::{
     discovery::file::{
@@ -30,29 +28,14 @@ use crate::{
     state::{Service, ratelimit::ServiceRateLimits},
 };
 
-/// A `ratelimitpolicies.networking.ambit.dev/v1` resource.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-pub struct RateLimitPolicyResource {
-    /// Name, namespace, UID, resource version, generation and creation time (nothing else is
-    /// kept).
-    #[serde(default, deserialize_with = "policy_meta")]
-    pub metadata: ObjectMeta,
-    /// The spec, as JSON (so that a field Ambit rejects is seen, not dropped while parsing).
-    #[serde(default)]
-    pub spec: Value,
-    /// What Ambit reported about it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<PolicyStatus>,
-}
-
-super::kube_resource!(
+super::spec_resource!(
+    /// A `ratelimitpolicies.networking.ambit.dev/v1` resource.
     RateLimitPolicyResource,
+    status: PolicyStatus,
     ROUTING_API_VERSION,
     NETWORKING_GROUP,
-    "v1",
     "RateLimitPolicy",
-    "ratelimitpolicies",
-    NamespaceResourceScope
+    "ratelimitpolicies"
 );
 
 /// The rate limits of the cluster, and the verdict on each resource.
@@ -123,6 +106,8 @@ pub fn convert_rate_limits(
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use super::*;
     use crate::discovery::kube::security::Verdict;

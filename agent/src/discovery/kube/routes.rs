@@ -21,11 +21,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-use serde::{Deserialize, Serialize};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
-use super::security::{Acceptance, PolicyStatus, Verdict, creation_order, parse_spec, policy_meta};
+use super::security::{Acceptance, PolicyStatus, Verdict, creation_order, parse_spec};
 use crate::{
     discovery::file::{
         ConfigError, DestinationRuleFile, DestinationRuleSpecFile, ObjectMetaFile, PolicyError,
@@ -38,45 +37,21 @@ use crate::{
 /// The API group of Ambit's routing resources.
 pub const NETWORKING_GROUP: &str = "networking.ambit.dev";
 
-macro_rules! route_resource {
-    ($(#[$doc:meta])* $type:ident, $kind:literal, $plural:literal) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-        pub struct $type {
-            /// Name, namespace, UID, resource version, generation and creation time (nothing
-            /// else is kept).
-            #[serde(default, deserialize_with = "policy_meta")]
-            pub metadata: ObjectMeta,
-            /// Istio's spec, as JSON (so that a field Ambit rejects is seen, not dropped while
-            /// parsing).
-            #[serde(default)]
-            pub spec: Value,
-            /// What Ambit reported about it.
-            #[serde(default, skip_serializing_if = "Option::is_none")]
-            pub status: Option<PolicyStatus>,
-        }
-
-        super::kube_resource!(
-            $type,
-            ROUTING_API_VERSION,
-            NETWORKING_GROUP,
-            "v1",
-            $kind,
-            $plural,
-            NamespaceResourceScope
-        );
-    };
-}
-
-route_resource!(
-    /// A `virtualservices.networking.ambit.dev/v1` resource.
+super::spec_resource!(
+    /// A `virtualservices.networking.ambit.dev/v1` resource: Istio's VirtualService spec.
     VirtualServiceResource,
+    status: PolicyStatus,
+    ROUTING_API_VERSION,
+    NETWORKING_GROUP,
     "VirtualService",
     "virtualservices"
 );
-route_resource!(
-    /// A `destinationrules.networking.ambit.dev/v1` resource.
+super::spec_resource!(
+    /// A `destinationrules.networking.ambit.dev/v1` resource: Istio's DestinationRule spec.
     DestinationRuleResource,
+    status: PolicyStatus,
+    ROUTING_API_VERSION,
+    NETWORKING_GROUP,
     "DestinationRule",
     "destinationrules"
 );

@@ -13,15 +13,22 @@ use super::{
     StatusWriter,
     security::{
         AuthorizationPolicyResource, DEFAULT_ROOT_NAMESPACE, PeerAuthenticationResource,
-        PolicyCondition, Verdict, authorization_policy, convert_policies, peer_authentication,
+        PolicyCondition, RequestAuthenticationResource, Verdict, authorization_policy,
+        convert_policies, peer_authentication,
     },
     tests::{Harness, WAIT, labels, namespace, pod},
 };
 use crate::{
     identity::SpiffeId,
-    policy::{Action, PeerAuthMode, PolicySet, Scope},
+    policy::{
+        Action, PeerAuthMode, PolicySet, Scope,
+        l7::{L7Rule, TargetRef},
+    },
     state::{MeshState, Workload},
-    testing::fake_apiserver::{FakeApiServer, GoneStyle},
+    testing::{
+        fake_apiserver::{FakeApiServer, GoneStyle},
+        jwt::TestIssuer,
+    },
 };
 
 const ROOT: &str = DEFAULT_ROOT_NAMESPACE;
@@ -36,6 +43,18 @@ fn meta(namespace: &str, name: &str) -> ObjectMeta {
 
 fn authorization(namespace: &str, name: &str, spec: Value) -> AuthorizationPolicyResource {
     AuthorizationPolicyResource {
+        metadata: meta(namespace, name),
+        spec,
+        status: None,
+    }
+}
+
+fn request_authentication_resource(
+    namespace: &str,
+    name: &str,
+    spec: Value,
+) -> RequestAuthenticationResource {
+    RequestAuthenticationResource {
         metadata: meta(namespace, name),
         spec,
         status: None,
@@ -82,7 +101,7 @@ fn allows(policies: &PolicySet, src: Option<(&str, &str)>, dst: &Workload, port:
 
 /// The policy set of one AuthorizationPolicy resource.
 fn set_of(resource: AuthorizationPolicyResource) -> PolicySet {
-    convert_policies(&[Arc::new(resource)], &[], ROOT).set
+    convert_policies(&[Arc::new(resource)], &[], &[], ROOT).set
 }
 
 /// `backend` (app=web) of shop accepts only shop/frontend on 8080.
@@ -156,25 +175,121 @@ fn l7_allow_policy_fails_closed_naming_the_fields() {
     spec["rules"][0]["to"][0]["operation"]["methods"] = json!([]);
     let converted = authorization_policy(&authorization("shop", "backend", spec), ROOT);
     assert_eq!(converted.acceptance.verdict, Verdict::Accepted);
+}
 
-    // A waypoint binding: the namespace (no selector here) fails closed.
-    let converted = authorization_policy(
-        &authorization(
-            "shop",
-            "via-waypoint",
-            json!({"targetRefs": [{"kind": "Gateway", "name": "waypoint"}], "rules": [{}]}),
-        ),
+/// A policy bound with `targetRefs` is the waypoints' (Istio ambient's split): validated with
+/// its L7 fields, never enforced by the node agents; rejected, it fails closed at its targets.
+#[test]
+fn policies_bound_to_waypoints_go_to_the_waypoints_with_their_l7_fields() {
+    let seed = json!({
+        "targetRefs": [{"kind": "Service", "group": "", "name": "backend"}],
+        "action": "ALLOW",
+        "rules": [{
+            "from": [{"source": {"principals": ["cluster.local/ns/shop/sa/frontend"]}}],
+            "to": [{"operation": {"methods": ["GET", "POST"]}}],
+        }],
+    });
+    let both_bindings = json!({
+        "selector": {"matchLabels": {"app": "web"}},
+        "targetRefs": [{"kind": "Service", "name": "backend"}],
+        "rules": [{}],
+    });
+    let bad_deny = json!({
+        "targetRef": {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"},
+        "action": "DENY",
+        "rules": [{"to": [{"operation": {"methods": ["GET"], "bogus": 1}}]}],
+    });
+    let converted = convert_policies(
+        &[
+            Arc::new(authorization("shop", "seed", seed)),
+            Arc::new(authorization("shop", "both", both_bindings)),
+            Arc::new(authorization("shop", "bad-deny", bad_deny)),
+        ],
+        &[],
+        &[],
         ROOT,
     );
-    assert_eq!(converted.acceptance.verdict, Verdict::UnsupportedField);
     assert!(
-        converted
-            .acceptance
-            .message
-            .starts_with("spec.targetRefs: ")
+        converted.set.authorizations().is_empty(),
+        "node agents got one"
     );
-    assert_eq!(converted.policy.scope, Scope::Namespace("shop".into()));
-    assert!(converted.policy.rules.is_empty());
+    let waypoint = converted.set.waypoint().authorizations();
+    assert_eq!(waypoint.len(), 3);
+    let by_name = |name: &str| waypoint.iter().find(|p| p.name == name).unwrap();
+    let seed = by_name("seed");
+    assert_eq!(
+        seed.targets,
+        vec![TargetRef::Service {
+            namespace: "shop".into(),
+            name: "backend".into()
+        }]
+    );
+    assert_eq!((seed.action, seed.rules.len()), (Action::Allow, 1));
+    let rejected: Vec<(&str, &str)> = converted
+        .rejected
+        .iter()
+        .map(|(uid, a)| (uid.as_str(), a.message.as_str()))
+        .collect();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    let message = |uid: &str| rejected.iter().find(|(u, _)| *u == uid).map(|(_, m)| *m);
+    assert!(
+        message("AuthorizationPolicy shop/both").is_some_and(|m| m.starts_with("spec.selector: ")),
+        "{rejected:?}"
+    );
+    assert!(
+        message("AuthorizationPolicy shop/bad-deny").is_some_and(|m| m.contains("bogus")),
+        "{rejected:?}"
+    );
+    // Fail closed at the targets: the ALLOW allows nothing, the DENY denies everything.
+    let both = by_name("both");
+    assert_eq!((both.action, both.rules.len()), (Action::Allow, 0));
+    assert_eq!(both.targets.len(), 1);
+    let deny = by_name("bad-deny");
+    assert_eq!(
+        (deny.action, deny.rules.clone()),
+        (Action::Deny, vec![L7Rule::default()])
+    );
+    assert_eq!(
+        deny.targets,
+        vec![TargetRef::Waypoint {
+            namespace: "shop".into(),
+            name: "waypoint".into()
+        }]
+    );
+}
+
+/// RequestAuthentications convert as the mesh file's do; a rejected one names its field and
+/// is not enforced.
+#[test]
+fn request_authentications_convert_and_a_rejected_one_names_its_field() {
+    let issuer = TestIssuer::es256("https://issuer.example", "k1");
+    let jwks = TestIssuer::jwks(&[&issuer]);
+    let good = request_authentication_resource(
+        "shop",
+        "jwt",
+        json!({
+            "targetRefs": [{"kind": "Service", "name": "backend"}],
+            "jwtRules": [{"issuer": issuer.issuer, "jwks": jwks}],
+        }),
+    );
+    let bad = request_authentication_resource(
+        "shop",
+        "bad",
+        json!({"targetRefs": [{"kind": "Service", "name": "backend"}], "jwtRules": [{"issuer": ""}]}),
+    );
+    let converted = convert_policies(&[], &[], &[Arc::new(good), Arc::new(bad)], ROOT);
+    let authentications = converted.set.waypoint().authentications();
+    assert_eq!(authentications.len(), 1);
+    assert_eq!(authentications[0].name, "jwt");
+    assert_eq!(converted.rejected.len(), 1);
+    let (uid, acceptance) = &converted.rejected[0];
+    assert_eq!(uid, "RequestAuthentication shop/bad");
+    assert_eq!(acceptance.verdict, Verdict::Invalid);
+    assert!(
+        acceptance.message.starts_with("spec.jwtRules[0].issuer: "),
+        "{}",
+        acceptance.message
+    );
 }
 
 #[test]
@@ -370,7 +485,7 @@ fn peer_authentications() {
         json!({"portLevelMtls": {"80": {"mode": "PERMISSIVE"}}}),
     );
     newer.metadata.creation_timestamp = Some(Time("2026-01-02T00:00:00Z".parse().unwrap()));
-    let converted = convert_policies(&[], &[Arc::new(older.clone()), Arc::new(newer)], ROOT);
+    let converted = convert_policies(&[], &[Arc::new(older.clone()), Arc::new(newer)], &[], ROOT);
     assert_eq!(
         converted.set.peer_auth_mode(web.policy_target()),
         PeerAuthMode::Strict
@@ -383,7 +498,7 @@ fn peer_authentications() {
     // Between accepted ones, the oldest wins (Istio's rule).
     let mut newest = peer("shop", "0-strict", json!({"mtls": {"mode": "STRICT"}}));
     newest.metadata.creation_timestamp = Some(Time("2026-01-03T00:00:00Z".parse().unwrap()));
-    let converted = convert_policies(&[], &[Arc::new(newest), Arc::new(older)], ROOT);
+    let converted = convert_policies(&[], &[Arc::new(newest), Arc::new(older)], &[], ROOT);
     assert_eq!(
         converted.set.peer_auth_mode(web.policy_target()),
         PeerAuthMode::Permissive
@@ -403,6 +518,7 @@ fn policies_are_ordered_oldest_first() {
             at("b", "2026-01-01T00:00:00Z"),
             at("a", "2026-01-02T00:00:00Z"),
         ],
+        &[],
         &[],
         ROOT,
     );
@@ -725,7 +841,7 @@ async fn status_writer_restarted_writes_nothing_new() {
     server.register_with_status::<AuthorizationPolicyResource>();
     server.register_with_status::<PeerAuthenticationResource>();
     let mut spec = backend_spec();
-    spec["targetRef"] = json!({"kind": "Gateway", "name": "waypoint"});
+    spec["rules"][0]["to"][0]["operation"]["methods"] = json!(["GET"]);
     server.apply(&authorization("shop", "backend", spec));
     server.apply(&peer(
         "shop",
