@@ -1919,6 +1919,121 @@ fn chart_copies_are_in_sync() {
     );
 }
 
+/// Every image a pod spec names in `objs`, and every `--waypoint-image=` argument, with where.
+fn images_named(objs: &[Value]) -> Vec<(String, String)> {
+    fn walk(node: &Value, at: &str, out: &mut Vec<(String, String)>) {
+        match node {
+            Value::Object(map) => {
+                for field in ["containers", "initContainers"] {
+                    for c in map
+                        .get(field)
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let name = c["name"].as_str().unwrap_or("?");
+                        out.push((
+                            format!("{at} {field}[{name}].image"),
+                            c["image"].as_str().unwrap_or("(none)").to_string(),
+                        ));
+                        for arg in strs(&c["args"]).iter().chain(&strs(&c["command"])) {
+                            if let Some(image) = arg.strip_prefix("--waypoint-image=") {
+                                out.push((format!("{at} {name}: {arg}"), image.to_string()));
+                            }
+                        }
+                    }
+                }
+                for value in map.values() {
+                    walk(value, at, out);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, at, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for obj in objs {
+        walk(obj, &key(obj), &mut out);
+    }
+    out
+}
+
+/// One image, named in one place: `cargo xtask image` tags what it builds with
+/// deploy/image.env's repository and the workspace version (`ambit --version`), and the chart
+/// (values.yaml's image.repository, Chart.yaml's appVersion as the default tag), every plain
+/// manifest (uninstall included) and the Dockerfile's version label must name the same image.
+#[test]
+fn manifests_chart_and_xtask_name_one_image() {
+    let env = fs::read_to_string(deploy().join("image.env")).unwrap();
+    let repository = env
+        .lines()
+        .find_map(|l| l.strip_prefix("AMBIT_IMAGE_REPOSITORY="))
+        .expect("deploy/image.env has an AMBIT_IMAGE_REPOSITORY= line");
+    let version = env!("CARGO_PKG_VERSION");
+    let image = format!("{repository}:{version}");
+
+    let values = &parse_docs(&fs::read_to_string(chart().join("values.yaml")).unwrap())[0];
+    assert_eq!(
+        values["image"]["repository"], repository,
+        "the chart's image.repository is deploy/image.env's AMBIT_IMAGE_REPOSITORY"
+    );
+    assert_eq!(
+        values["image"]["tag"], "",
+        "the chart's image.tag defaults to its appVersion"
+    );
+    let meta = &parse_docs(&fs::read_to_string(chart().join("Chart.yaml")).unwrap())[0];
+    assert_eq!(
+        meta["appVersion"], version,
+        "Chart.yaml's appVersion is the workspace version (the image's tag)"
+    );
+
+    let named = images_named(&load_all(&manifest_files()));
+    assert!(
+        named.len() >= 8,
+        "the manifests' containers were not found: {named:?}"
+    );
+    let wrong: Vec<String> = named
+        .iter()
+        .filter(|(_, i)| *i != image)
+        .map(|(at, i)| format!("{at} = {i}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "deploy/manifests must name {image} (deploy/image.env and the workspace version):\n{}",
+        wrong.join("\n")
+    );
+
+    let dockerfile = fs::read_to_string(ws().join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.trim() == format!("ARG VERSION={version}")),
+        "the Dockerfile's `ARG VERSION=` is the workspace version {version}"
+    );
+}
+
+/// The check above fails on a manifest naming another image or tag.
+#[test]
+fn a_manifest_naming_another_image_is_found() {
+    let text = fs::read_to_string(deploy().join("manifests/40-agent.yaml")).unwrap();
+    let env = fs::read_to_string(deploy().join("image.env")).unwrap();
+    let repository = env
+        .lines()
+        .find_map(|l| l.strip_prefix("AMBIT_IMAGE_REPOSITORY="))
+        .unwrap();
+    let image = format!("{repository}:{}", env!("CARGO_PKG_VERSION"));
+    let stale = text.replacen(&image, &format!("{repository}:0.0.1"), 1);
+    assert_ne!(stale, text, "40-agent.yaml names {image}");
+    let named = images_named(&parse_docs(&stale));
+    let wrong: Vec<&(String, String)> = named.iter().filter(|(_, i)| *i != image).collect();
+    assert_eq!(
+        wrong.len(),
+        1,
+        "exactly the edited container is found: {named:?}"
+    );
+    assert!(wrong[0].0.contains("DaemonSet") && wrong[0].1.ends_with(":0.0.1"));
+}
+
 #[test]
 fn chart_lints_and_renders_the_manifests() {
     let chart = chart();
