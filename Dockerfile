@@ -13,9 +13,10 @@
 #       podman build -t registry.example.com/ambit/ambit:0.1.0 .
 #   ROOTFS=prebuilt (what `cargo xtask image` does; the only way on machines without a
 #     registry, where no base image can be pulled): the host compiled the binaries with its
-#     pinned toolchains and assembled the root filesystem in target/image/context/rootfs; the
-#     build context is target/image/context and no base image is needed.
-#       podman build --build-arg ROOTFS=prebuilt -f Dockerfile target/image/context
+#     pinned toolchains and assembled the root filesystem in <context>/rootfs; no base image
+#     is needed.
+#       cargo xtask image --rootfs-only <context>/rootfs
+#       podman build --build-arg ROOTFS=prebuilt -f Dockerfile <context>
 #
 # The build stage is skipped unless ROOTFS=source (podman/buildah and BuildKit build only the
 # stages the final one needs).

@@ -744,8 +744,13 @@ fn check_install(objs: &[Value], expect: &Expect) {
             .expect("the init container mounts the bpffs volume");
         assert_eq!(m["mountPropagation"], "Bidirectional");
         assert_eq!(m["mountPath"], "/sys/fs/bpf");
-        let script = strs(&init["command"]).join(" ");
-        assert!(script.contains("mount -t bpf bpf /sys/fs/bpf"), "{script}");
+        // The image has no shell: the entrypoint `ambit` mounts it.
+        assert!(init["command"].is_null(), "the entrypoint is `ambit`");
+        assert_eq!(
+            strs(&init["args"]),
+            ["mount-bpffs", "--path=/sys/fs/bpf"],
+            "the init container mounts the bpffs where the volume is"
+        );
     }
 
     // BTF, which preflight checks.
@@ -1919,9 +1924,9 @@ fn chart_copies_are_in_sync() {
     );
 }
 
-/// Every image a pod spec names in `objs`, and every `--waypoint-image=` argument, with where.
-fn images_named(objs: &[Value]) -> Vec<(String, String)> {
-    fn walk(node: &Value, at: &str, out: &mut Vec<(String, String)>) {
+/// Every container and init container of `objs`, with where it is.
+fn containers_of(objs: &[Value]) -> Vec<(String, Value)> {
+    fn walk(node: &Value, at: &str, out: &mut Vec<(String, Value)>) {
         match node {
             Value::Object(map) => {
                 for field in ["containers", "initContainers"] {
@@ -1932,15 +1937,7 @@ fn images_named(objs: &[Value]) -> Vec<(String, String)> {
                         .flatten()
                     {
                         let name = c["name"].as_str().unwrap_or("?");
-                        out.push((
-                            format!("{at} {field}[{name}].image"),
-                            c["image"].as_str().unwrap_or("(none)").to_string(),
-                        ));
-                        for arg in strs(&c["args"]).iter().chain(&strs(&c["command"])) {
-                            if let Some(image) = arg.strip_prefix("--waypoint-image=") {
-                                out.push((format!("{at} {name}: {arg}"), image.to_string()));
-                            }
-                        }
+                        out.push((format!("{at} {field}[{name}]"), c.clone()));
                     }
                 }
                 for value in map.values() {
@@ -1954,6 +1951,22 @@ fn images_named(objs: &[Value]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for obj in objs {
         walk(obj, &key(obj), &mut out);
+    }
+    out
+}
+
+/// Every image the containers of `objs` run, and every `--waypoint-image=` argument, with
+/// where.
+fn images_named(objs: &[Value]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (at, c) in containers_of(objs) {
+        let image = c["image"].as_str().unwrap_or("(none)").to_string();
+        out.push((format!("{at}.image"), image));
+        for arg in strs(&c["args"]) {
+            if let Some(image) = arg.strip_prefix("--waypoint-image=") {
+                out.push((format!("{at}: {arg}"), image.to_string()));
+            }
+        }
     }
     out
 }
@@ -2001,6 +2014,18 @@ fn manifests_chart_and_xtask_name_one_image() {
         wrong.is_empty(),
         "deploy/manifests must name {image} (deploy/image.env and the workspace version):\n{}",
         wrong.join("\n")
+    );
+
+    // The image holds `ambit` and `ambit-cni` only: every container runs its entrypoint.
+    let commands: Vec<String> = containers_of(&load_all(&manifest_files()))
+        .into_iter()
+        .filter(|(_, c)| !c["command"].is_null())
+        .map(|(at, c)| format!("{at}: {}", c["command"]))
+        .collect();
+    assert!(
+        commands.is_empty(),
+        "the image has no shell or other programs: containers pass `args` to `ambit`:\n{}",
+        commands.join("\n")
     );
 
     let dockerfile = fs::read_to_string(ws().join("Dockerfile")).unwrap();

@@ -262,3 +262,128 @@ fn the_image_archive_loads_and_runs_ambit_and_its_preflight() -> Result<()> {
     }
     Ok(())
 }
+
+/// Unmounts a test's mount point when it ends (lazily, so a busy one still goes).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        while nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The mounts at `path`, from /proc/self/mountinfo.
+fn mounts_at(path: &Path) -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(4) == path.to_str())
+        .count()
+}
+
+/// The image has no shell, so what the manifests' containers did with one is done by `ambit`:
+/// the agent's init container mounts a bpffs only where none is (`ambit mount-bpffs`), and the
+/// uninstall DaemonSet's container says the node is done and waits to be stopped (`ambit
+/// uninstall done`).
+#[test]
+fn mount_bpffs_and_uninstall_done_stand_in_for_the_shell() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let ambit = ambit_bin();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "image-bpffs-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+            % 1_000_000
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let _unmount = Unmount(dir.clone());
+    let fs_type =
+        |p: &Path| -> Result<i64> { Ok(nix::sys::statfs::statfs(p)?.filesystem_type().0 as i64) };
+    ensure!(
+        fs_type(&dir)? != BPF_FS_MAGIC,
+        "{} is on a bpffs already",
+        dir.display()
+    );
+
+    let mount = |what: &str| -> Result<String> {
+        let out = output_with_timeout(
+            Command::new(&ambit)
+                .arg("mount-bpffs")
+                .arg("--path")
+                .arg(&dir),
+            Duration::from_secs(60),
+        )?;
+        ensure!(
+            out.status.success(),
+            "{what} `ambit mount-bpffs --path {}` ({}): {}{}",
+            dir.display(),
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        Ok(text(&out.stdout))
+    };
+    let first = mount("the first")?;
+    ensure!(
+        fs_type(&dir)? == BPF_FS_MAGIC && mounts_at(&dir) == 1 && first.contains("mounted a bpf"),
+        "after `ambit mount-bpffs` {} is not one bpffs mount: {first}",
+        dir.display()
+    );
+    let second = mount("the second")?;
+    ensure!(
+        mounts_at(&dir) == 1 && second.contains("mounted already"),
+        "a second `ambit mount-bpffs` mounted again ({} mounts): {second}",
+        mounts_at(&dir)
+    );
+    let missing = dir.join("missing");
+    let out = output_with_timeout(
+        Command::new(&ambit)
+            .arg("mount-bpffs")
+            .arg("--path")
+            .arg(&missing),
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        !out.status.success() && text(&out.stderr).contains(&missing.display().to_string()),
+        "`ambit mount-bpffs` on a missing directory must fail naming it ({}): {}",
+        out.status,
+        text(&out.stderr)
+    );
+
+    // `ambit uninstall done`: says so, keeps running, and exits cleanly on SIGTERM.
+    let mut done = Command::new(&ambit)
+        .args(["uninstall", "done"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let pid = done.id() as i32;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(done.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    let running = done.try_wait()?.is_none();
+    ambit_tests::util::signal(pid, libc::SIGTERM);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(done.wait());
+    });
+    let status = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(status) => status?,
+        Err(_) => {
+            ambit_tests::util::signal(pid, libc::SIGKILL);
+            let _ = waiter.join();
+            bail!("`ambit uninstall done` did not stop on SIGTERM");
+        }
+    };
+    let _ = waiter.join();
+    ensure!(
+        line.trim() == "ambit: uninstalled on this node" && running && status.success(),
+        "`ambit uninstall done`: printed {line:?}, running after it: {running}, exit {status}"
+    );
+    Ok(())
+}

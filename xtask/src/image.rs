@@ -11,8 +11,8 @@
 //! compiled:
 //! - `prebuilt` (what this command does, and the only way on machines without a registry, such
 //!   as the project's test machines): the binaries are compiled on the host with its pinned
-//!   toolchains (or taken from `--binaries`), the root filesystem is assembled here, and the
-//!   Dockerfile's `prebuilt` stage copies it in.
+//!   toolchains (or taken from `--binaries`), the root filesystem is assembled here in the
+//!   build context (`rootfs/`), and the Dockerfile's `prebuilt` stage copies it in.
 //! - `source` (the Dockerfile's default, for CI with a registry): the Dockerfile's builder stage
 //!   (a Rust image with the same toolchains) runs `cargo xtask image --rootfs-only /rootfs`,
 //!   the same code, and the final stage copies that.
@@ -21,9 +21,9 @@
 //! version: the chart's values and appVersion and every manifest name the same image, which the
 //! deploy test checks (tests/tests/deploy.rs).
 //!
-//! podman keeps its storage (vfs: no overlay or fuse needed), state and temporary files in a
-//! directory of this run under target/image, removed at the end: the machine's own container
-//! storage and configuration are not touched.
+//! The build context and podman's storage (vfs: no overlay or fuse needed), state and
+//! temporary files are in a directory of this run under target/image, removed at the end: the
+//! machine's own container storage and configuration are not touched.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -107,8 +107,8 @@ pub fn image(opts: Options) -> Result<()> {
     };
 
     let work = target.join("image");
-    let context = work.join("context");
-    remove_dir(&context)?;
+    let state = Scratch::new(&work)?;
+    let context = state.dir.join("context");
     rootfs(&bins, &context.join("rootfs"))?;
 
     let out = match opts.out {
@@ -118,7 +118,6 @@ pub fn image(opts: Options) -> Result<()> {
     if let Some(dir) = out.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let state = Storage::new(&work)?;
     println!("==> podman build (the Dockerfile's `prebuilt` stage)");
     run(state
         .podman()
@@ -318,15 +317,16 @@ fn remove_dir(dir: &Path) -> Result<()> {
     }
 }
 
-/// podman's storage (vfs), state and temporary files for one run, in a directory of their own
-/// removed on drop: nothing of the machine's container configuration is read or changed.
-struct Storage {
+/// One run's directory, removed on drop: the build context, and podman's storage (vfs), state
+/// and temporary files, so that nothing of the machine's container configuration is read or
+/// changed and runs at the same time do not meet.
+struct Scratch {
     dir: PathBuf,
 }
 
-impl Storage {
+impl Scratch {
     fn new(work: &Path) -> Result<Self> {
-        let dir = work.join(format!("podman-{}", std::process::id()));
+        let dir = work.join(format!("run-{}", std::process::id()));
         remove_dir(&dir)?;
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Self { dir })
@@ -346,7 +346,7 @@ impl Storage {
     }
 }
 
-impl Drop for Storage {
+impl Drop for Scratch {
     fn drop(&mut self) {
         if let Err(err) = remove_dir(&self.dir) {
             eprintln!("xtask: warning: {err:#}");

@@ -250,6 +250,38 @@ pub fn node_findings(config: &RedirectConfig) -> Vec<Finding> {
     findings
 }
 
+/// Mounts a bpf filesystem at `path` unless one is mounted there already: `ambit mount-bpffs`,
+/// the agent DaemonSet's init container on hosts that have none (systemd hosts do). It is a
+/// subcommand because the image has no shell and no `mount`.
+pub fn mount_bpffs(path: &Path) -> anyhow::Result<()> {
+    match statfs_type(path) {
+        Ok(BPF_FS_MAGIC) => {
+            println!("{}: a bpf filesystem is mounted already", path.display());
+            return Ok(());
+        }
+        Ok(_) => {}
+        Err(err) => bail!(
+            "{}: {err} (it must be an existing directory)",
+            path.display()
+        ),
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| {
+        format!(
+            "mounting a bpf filesystem at {} (needs CAP_SYS_ADMIN; privileged in a pod)",
+            path.display()
+        )
+    })?;
+    println!("{}: mounted a bpf filesystem", path.display());
+    Ok(())
+}
+
 /// Fails with a message naming the first missing requirement: privileges, kernel, BTF, cgroup
 /// v2, bpffs.
 pub fn preflight(config: &RedirectConfig) -> anyhow::Result<()> {
