@@ -194,6 +194,20 @@ async fn not_done(client: &Client, namespace: &str, daemonset: &DaemonSet) -> St
     }
 }
 
+/// Runs `ambit uninstall done`: prints that this node is uninstalled, then waits for SIGTERM
+/// or SIGINT.
+pub async fn done() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    println!("ambit: uninstalled on this node");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -331,18 +345,4 @@ mod tests {
             "{err}"
         );
     }
-}
-
-/// Runs `ambit uninstall done`: prints that this node is uninstalled, then waits for SIGTERM
-/// or SIGINT.
-pub async fn done() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    println!("ambit: uninstalled on this node");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }

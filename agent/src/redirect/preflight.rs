@@ -196,10 +196,10 @@ pub fn node_findings(config: &RedirectConfig) -> Vec<Finding> {
              Bottlerocket and COS kernels have it)",
         )
     });
-    let mounted = || {
-        cgroup2_mount()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|e| e.to_string())
+    // Where cgroup v2 is, or why there is none ("no cgroup v2 hierarchy is mounted ...").
+    let mounted = || match cgroup2_mount() {
+        Ok(p) => format!("cgroup v2 is mounted at {}", p.display()),
+        Err(e) => e.to_string(),
     };
     findings.push(match statfs_type(&config.cgroup) {
         Ok(CGROUP2_SUPER_MAGIC) => Finding::ok(
@@ -209,7 +209,7 @@ pub fn node_findings(config: &RedirectConfig) -> Vec<Finding> {
         Ok(_) => Finding::fail(
             "cgroup v2",
             format!(
-                "--cgroup {} is not a cgroup v2 directory (cgroup v2 is mounted at {})",
+                "--cgroup {} is not a cgroup v2 directory ({})",
                 config.cgroup.display(),
                 mounted()
             ),
