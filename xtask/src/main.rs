@@ -62,7 +62,7 @@ enum Command {
     /// (ambit::discovery::kube::crd); the deploy test fails until the committed files match.
     Crds,
     /// Build Ambit's container image (`ambit` and `ambit-cni`, Dockerfile) with podman and
-    /// write it as an OCI archive [default: target/image/ambit-<version>.oci.tar]; its name is
+    /// write it as an OCI archive (by default `target/image/ambit-<version>.oci.tar`); its name is
     /// deploy/image.env's, its tag the workspace version.
     Image {
         /// Take `ambit` and `ambit-cni` from this directory (e.g. target/debug) instead of
