@@ -1977,13 +1977,11 @@ fn images_named(objs: &[Value]) -> Vec<(String, String)> {
 /// manifest (uninstall included) and the Dockerfile's version label must name the same image.
 #[test]
 fn manifests_chart_and_xtask_name_one_image() {
-    let env = fs::read_to_string(deploy().join("image.env")).unwrap();
-    let repository = env
-        .lines()
-        .find_map(|l| l.strip_prefix("AMBIT_IMAGE_REPOSITORY="))
-        .expect("deploy/image.env has an AMBIT_IMAGE_REPOSITORY= line");
+    let image = ambit_tests::testbed::image_reference().unwrap();
     let version = env!("CARGO_PKG_VERSION");
-    let image = format!("{repository}:{version}");
+    let repository = image
+        .strip_suffix(&format!(":{version}"))
+        .expect("tagged with the version");
 
     let values = &parse_docs(&fs::read_to_string(chart().join("values.yaml")).unwrap())[0];
     assert_eq!(
@@ -2041,12 +2039,8 @@ fn manifests_chart_and_xtask_name_one_image() {
 #[test]
 fn a_manifest_naming_another_image_is_found() {
     let text = fs::read_to_string(deploy().join("manifests/40-agent.yaml")).unwrap();
-    let env = fs::read_to_string(deploy().join("image.env")).unwrap();
-    let repository = env
-        .lines()
-        .find_map(|l| l.strip_prefix("AMBIT_IMAGE_REPOSITORY="))
-        .unwrap();
-    let image = format!("{repository}:{}", env!("CARGO_PKG_VERSION"));
+    let image = ambit_tests::testbed::image_reference().unwrap();
+    let (repository, _) = image.rsplit_once(':').unwrap();
     let stale = text.replacen(&image, &format!("{repository}:0.0.1"), 1);
     assert_ne!(stale, text, "40-agent.yaml names {image}");
     let named = images_named(&parse_docs(&stale));

@@ -11,20 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use ambit_tests::testbed::{ambit_bin, ambit_cni_bin, output_with_timeout};
+use ambit_tests::testbed::{ambit_bin, ambit_cni_bin, image_reference, output_with_timeout};
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
-
-/// The image's name: deploy/image.env's repository and the workspace version (the deploy test
-/// checks that the chart and manifests name the same).
-fn reference() -> Result<String> {
-    let env = std::fs::read_to_string(workspace().join("deploy/image.env"))?;
-    let repository = env
-        .lines()
-        .find_map(|l| l.strip_prefix("AMBIT_IMAGE_REPOSITORY="))
-        .context("deploy/image.env names no AMBIT_IMAGE_REPOSITORY")?;
-    Ok(format!("{repository}:{}", env!("CARGO_PKG_VERSION")))
-}
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -113,7 +102,7 @@ fn the_image_archive_loads_and_runs_ambit_and_its_preflight() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let _scratch = Scratch(dir.clone());
     let archive = dir.join("ambit.oci.tar");
-    let image = reference()?;
+    let image = image_reference()?;
 
     // `cargo xtask image`, as a user runs it (xtask is built already by `cargo xtask test`).
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

@@ -33,6 +33,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::cmd::{capture, command, probe, run};
 use crate::setup::{self, Scope};
+use crate::tasks::target_dir;
 use crate::workspace_root;
 
 /// The image's tag: the workspace version (xtask shares it), which `ambit --version` prints.
@@ -160,13 +161,6 @@ pub fn image(opts: Options) -> Result<()> {
 
 fn mb(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / 1e6)
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => root.join(dir),
-        None => root.join("target"),
-    }
 }
 
 /// The two binaries of the image.
