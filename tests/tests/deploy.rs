@@ -744,8 +744,13 @@ fn check_install(objs: &[Value], expect: &Expect) {
             .expect("the init container mounts the bpffs volume");
         assert_eq!(m["mountPropagation"], "Bidirectional");
         assert_eq!(m["mountPath"], "/sys/fs/bpf");
-        let script = strs(&init["command"]).join(" ");
-        assert!(script.contains("mount -t bpf bpf /sys/fs/bpf"), "{script}");
+        // The image has no shell: the entrypoint `ambit` mounts it.
+        assert!(init["command"].is_null(), "the entrypoint is `ambit`");
+        assert_eq!(
+            strs(&init["args"]),
+            ["mount-bpffs", "--path=/sys/fs/bpf"],
+            "the init container mounts the bpffs where the volume is"
+        );
     }
 
     // BTF, which preflight checks.
@@ -1975,6 +1980,135 @@ fn chart_copies_are_in_sync() {
         fs::read_to_string(chart().join("files/ambit.json")).unwrap(),
         "copy deploy/dashboards/ambit.json to deploy/helm/ambit/files/"
     );
+}
+
+/// Every container and init container of `objs`, with where it is.
+fn containers_of(objs: &[Value]) -> Vec<(String, Value)> {
+    fn walk(node: &Value, at: &str, out: &mut Vec<(String, Value)>) {
+        match node {
+            Value::Object(map) => {
+                for field in ["containers", "initContainers"] {
+                    for c in map
+                        .get(field)
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let name = c["name"].as_str().unwrap_or("?");
+                        out.push((format!("{at} {field}[{name}]"), c.clone()));
+                    }
+                }
+                for value in map.values() {
+                    walk(value, at, out);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, at, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for obj in objs {
+        walk(obj, &key(obj), &mut out);
+    }
+    out
+}
+
+/// Every image the containers of `objs` run, and every `--waypoint-image=` argument, with
+/// where.
+fn images_named(objs: &[Value]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (at, c) in containers_of(objs) {
+        let image = c["image"].as_str().unwrap_or("(none)").to_string();
+        out.push((format!("{at}.image"), image));
+        for arg in strs(&c["args"]) {
+            if let Some(image) = arg.strip_prefix("--waypoint-image=") {
+                out.push((format!("{at}: {arg}"), image.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// One image, named in one place: `cargo xtask image` tags what it builds with
+/// deploy/image.env's repository and the workspace version (`ambit --version`), and the chart
+/// (values.yaml's image.repository, Chart.yaml's appVersion as the default tag), every plain
+/// manifest (uninstall included) and the Dockerfile's version label must name the same image.
+#[test]
+fn manifests_chart_and_xtask_name_one_image() {
+    let image = ambit_tests::testbed::image_reference().unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    let repository = image
+        .strip_suffix(&format!(":{version}"))
+        .expect("tagged with the version");
+
+    let values = &parse_docs(&fs::read_to_string(chart().join("values.yaml")).unwrap())[0];
+    assert_eq!(
+        values["image"]["repository"], repository,
+        "the chart's image.repository is deploy/image.env's AMBIT_IMAGE_REPOSITORY"
+    );
+    assert_eq!(
+        values["image"]["tag"], "",
+        "the chart's image.tag defaults to its appVersion"
+    );
+    let meta = &parse_docs(&fs::read_to_string(chart().join("Chart.yaml")).unwrap())[0];
+    assert_eq!(
+        meta["appVersion"], version,
+        "Chart.yaml's appVersion is the workspace version (the image's tag)"
+    );
+
+    let named = images_named(&load_all(&manifest_files()));
+    assert!(
+        named.len() >= 8,
+        "the manifests' containers were not found: {named:?}"
+    );
+    let wrong: Vec<String> = named
+        .iter()
+        .filter(|(_, i)| *i != image)
+        .map(|(at, i)| format!("{at} = {i}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "deploy/manifests must name {image} (deploy/image.env and the workspace version):\n{}",
+        wrong.join("\n")
+    );
+
+    // The image holds `ambit` and `ambit-cni` only: every container runs its entrypoint.
+    let commands: Vec<String> = containers_of(&load_all(&manifest_files()))
+        .into_iter()
+        .filter(|(_, c)| !c["command"].is_null())
+        .map(|(at, c)| format!("{at}: {}", c["command"]))
+        .collect();
+    assert!(
+        commands.is_empty(),
+        "the image has no shell or other programs: containers pass `args` to `ambit`:\n{}",
+        commands.join("\n")
+    );
+
+    let dockerfile = fs::read_to_string(ws().join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.trim() == format!("ARG VERSION={version}")),
+        "the Dockerfile's `ARG VERSION=` is the workspace version {version}"
+    );
+}
+
+/// The check above fails on a manifest naming another image or tag.
+#[test]
+fn a_manifest_naming_another_image_is_found() {
+    let text = fs::read_to_string(deploy().join("manifests/40-agent.yaml")).unwrap();
+    let image = ambit_tests::testbed::image_reference().unwrap();
+    let (repository, _) = image.rsplit_once(':').unwrap();
+    let stale = text.replacen(&image, &format!("{repository}:0.0.1"), 1);
+    assert_ne!(stale, text, "40-agent.yaml names {image}");
+    let named = images_named(&parse_docs(&stale));
+    let wrong: Vec<&(String, String)> = named.iter().filter(|(_, i)| *i != image).collect();
+    assert_eq!(
+        wrong.len(),
+        1,
+        "exactly the edited container is found: {named:?}"
+    );
+    assert!(wrong[0].0.contains("DaemonSet") && wrong[0].1.ends_with(":0.0.1"));
 }
 
 #[test]

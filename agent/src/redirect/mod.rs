@@ -36,7 +36,9 @@ use aya::{
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
-pub use preflight::{Finding, MIN_KERNEL, Status, cgroup2_mount, node_findings, preflight};
+pub use preflight::{
+    Finding, MIN_KERNEL, Status, cgroup2_mount, mount_bpffs, node_findings, preflight,
+};
 
 use crate::netns::Netns;
 use crate::state::RedirectSettings;
