@@ -28,7 +28,22 @@ struct Scratch(PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // conmon's cleanup of a `run --rm` container may still write into the storage after
+        // podman returned: remove what is left of the containers first (podman waits for them),
+        // then the directory, again while something writes into it (bounded).
+        let _ = podman(&self.0)
+            .args(["rm", "--all", "--force"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        for _ in 0..40 {
+            let _ = std::fs::remove_dir_all(&self.0);
+            if !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        eprintln!("could not remove {}", self.0.display());
     }
 }
 
