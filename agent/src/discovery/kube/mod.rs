@@ -1181,21 +1181,13 @@ impl Run {
             }
             reported.insert(key.clone(), message.clone());
         }
-        for (key, acceptance) in &converted.verdicts {
-            if acceptance.accepted() {
-                continue;
-            }
-            if self.reported_route_rejections.get(key) != Some(&acceptance.message) {
-                tracing::warn!(
-                    resource = %key,
-                    reason = %acceptance.verdict,
-                    message = %acceptance.message,
-                    last_accepted_in_force = converted.in_force.contains_key(key),
-                    "routing resource rejected; its last accepted version, if any, stays in force"
-                );
-            }
-            reported.insert(key.clone(), acceptance.message.clone());
-        }
+        report_rejections(
+            &self.reported_route_rejections,
+            &mut reported,
+            "routing resource",
+            &converted.verdicts,
+            &converted.in_force,
+        );
         let rate_limit_policies = if served(WatchedKind::RateLimitPolicies) {
             self.stores.rate_limit_policies.state()
         } else {
@@ -1203,21 +1195,13 @@ impl Run {
         };
         let rate_limits =
             ratelimit::convert_rate_limits(&rate_limit_policies, services, &self.routes_in_force);
-        for (key, acceptance) in &rate_limits.verdicts {
-            if acceptance.accepted() {
-                continue;
-            }
-            if self.reported_route_rejections.get(key) != Some(&acceptance.message) {
-                tracing::warn!(
-                    resource = %key,
-                    reason = %acceptance.verdict,
-                    message = %acceptance.message,
-                    last_accepted_in_force = rate_limits.in_force.contains_key(key),
-                    "RateLimitPolicy rejected; its last accepted version, if any, stays in force"
-                );
-            }
-            reported.insert(key.clone(), acceptance.message.clone());
-        }
+        report_rejections(
+            &self.reported_route_rejections,
+            &mut reported,
+            "RateLimitPolicy",
+            &rate_limits.verdicts,
+            &rate_limits.in_force,
+        );
         self.reported_route_rejections = reported;
         let mut table = converted.table;
         table.rate_limits = rate_limits.table;
@@ -1256,6 +1240,32 @@ impl Run {
             *current = status;
             true
         });
+    }
+}
+
+/// Logs each rejected resource of `verdicts` (a `what`: routing resource, RateLimitPolicy) unless
+/// it was already reported with the same message (`previous`), and records it in `reported`.
+fn report_rejections(
+    previous: &HashMap<routes::RouteKey, String>,
+    reported: &mut HashMap<routes::RouteKey, String>,
+    what: &str,
+    verdicts: &HashMap<routes::RouteKey, security::Acceptance>,
+    in_force: &HashMap<routes::RouteKey, serde_json::Value>,
+) {
+    for (key, acceptance) in verdicts {
+        if acceptance.accepted() {
+            continue;
+        }
+        if previous.get(key) != Some(&acceptance.message) {
+            tracing::warn!(
+                resource = %key,
+                reason = %acceptance.verdict,
+                message = %acceptance.message,
+                last_accepted_in_force = in_force.contains_key(key),
+                "{what} rejected; its last accepted version, if any, stays in force"
+            );
+        }
+        reported.insert(key.clone(), acceptance.message.clone());
     }
 }
 
