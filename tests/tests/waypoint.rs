@@ -90,32 +90,21 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
         cluster.pod(1, 1),
     );
     let namespace = client.namespace();
-    cluster.set_labels(client, &[("app", "client")]);
-    // Not captured, as Istio's waypoints: its tunnels to the endpoints leave as they are.
-    waypoint::prepare_waypoint(&cluster, waypoint);
-    cluster.set_labels(v1, &[("app", "reviews"), ("version", "v1")]);
-    cluster.set_labels(v2, &[("app", "reviews"), ("version", "v2")]);
-    v1.set_service_account("reviews-v1");
-    v2.set_service_account("reviews-v2");
-    cluster.add_service(
-        "reviews",
-        &namespace,
-        &[REVIEWS_VIP],
-        &[("app", "reviews")],
-        &[(9080, 8080)],
-    );
-    ensure_or_dump!(
-        cluster,
-        cluster.set_service_waypoint("reviews", &namespace, "waypoint"),
-        "no service reviews"
-    );
-    cluster.set_routing(Routing {
-        virtual_services: vec![canary(json!({}))],
-        destination_rules: vec![subsets()],
-    });
-    cluster.write_mesh()?;
-    cluster.start_agents()?;
-    waypoint::route_ca_to_pods_of(&cluster, cluster.node(0))?;
+    // The waypoint is not captured, as Istio's waypoints: its tunnels to the endpoints leave as
+    // they are.
+    waypoint::prepare(
+        &cluster,
+        client,
+        waypoint,
+        &[
+            (v1, &[("version", "v1")], "reviews-v1"),
+            (v2, &[("version", "v2")], "reviews-v2"),
+        ],
+        Routing {
+            virtual_services: vec![canary(json!({}))],
+            destination_rules: vec![subsets()],
+        },
+    )?;
 
     let mut servers = Vec::new();
     for (pod, name) in [(v1, "v1"), (v2, "v2")] {

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Routing;
 use ambit_tests::waypoint::{
-    Exchange, REVIEWS_VIP, curl, curl_once, prepare_waypoint, requests_total, route_ca_to_pods_of,
-    start_server, start_waypoint, start_waypoint_with, sum_series, wait_reloads, waypoint_metrics,
+    Endpoint, Exchange, REVIEWS_VIP, curl, curl_once, prepare, requests_total, start_server,
+    start_waypoint, start_waypoint_with, sum_series, wait_reloads, waypoint_metrics,
 };
 use ambit_tests::{Cluster, ClusterSpec, PodProcess, ensure_or_dump};
 use anyhow::Result;
@@ -58,34 +58,19 @@ fn bed(reviews: usize, rule: Value) -> Result<Cluster> {
         nodes: 2,
         pods_per_node: reviews.max(2),
     })?;
-    let (client, waypoint) = (cluster.pod(0, 0), cluster.pod(0, 1));
-    let namespace = client.namespace();
-    cluster.set_labels(client, &[("app", "client")]);
-    prepare_waypoint(&cluster, waypoint);
-    for i in 0..reviews {
-        let pod = cluster.pod(1, i);
-        cluster.set_labels(pod, &[("app", "reviews")]);
-        pod.set_service_account("reviews");
-    }
-    cluster.add_service(
-        "reviews",
-        &namespace,
-        &[REVIEWS_VIP],
-        &[("app", "reviews")],
-        &[(9080, 8080)],
-    );
-    ensure_or_dump!(
-        cluster,
-        cluster.set_service_waypoint("reviews", &namespace, "waypoint"),
-        "no service reviews"
-    );
-    cluster.set_routing(Routing {
-        virtual_services: vec![],
-        destination_rules: vec![rule],
-    });
-    cluster.write_mesh()?;
-    cluster.start_agents()?;
-    route_ca_to_pods_of(&cluster, cluster.node(0))?;
+    let servers: Vec<Endpoint<'_>> = (0..reviews)
+        .map(|i| (cluster.pod(1, i), &[][..], "reviews"))
+        .collect();
+    prepare(
+        &cluster,
+        cluster.pod(0, 0),
+        cluster.pod(0, 1),
+        &servers,
+        Routing {
+            virtual_services: vec![],
+            destination_rules: vec![rule],
+        },
+    )?;
     Ok(cluster)
 }
 
