@@ -22,7 +22,6 @@ use serde::{Serialize, ser::SerializeStruct};
 use crate::netns::NetnsRef;
 
 pub mod ratelimit;
-pub mod resilience;
 pub mod routes;
 pub mod upstream;
 pub use self::routes::RouteTable;

@@ -10,8 +10,11 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use serde::Serialize;
 
+use self::resilience::RouteResilience;
 use super::ratelimit::ServiceRateLimits;
-use super::{WaypointRef, resilience::RouteResilience, upstream::UpstreamPolicy};
+use super::{WaypointRef, upstream::UpstreamPolicy};
+
+pub mod resilience;
 
 /// The routes of every service that has some, by service (`namespace/name`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -52,7 +52,7 @@ use crate::{
     policy::Admission,
     state::{
         MeshState, Service, Workload,
-        resilience::{AbortError, Mirror, RouteResilience, happens},
+        routes::resilience::{AbortError, Mirror, RouteResilience, happens},
         routes::{DirectResponse, Redirect, RouteDestination, RouteFilters, cluster_name},
         upstream::ConnectionPool,
     },

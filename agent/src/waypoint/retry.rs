@@ -35,7 +35,7 @@ use prometheus::{IntCounterVec, Opts};
 
 use crate::{
     backoff::Backoff,
-    state::resilience::{RetryOn, RetryPolicy},
+    state::routes::resilience::{RetryOn, RetryPolicy},
     telemetry::metrics::Metrics,
 };
 
