@@ -35,6 +35,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
+    sync::watch,
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
@@ -241,6 +242,22 @@ pub enum ConnectionError {
     Unresponsive(String),
 }
 
+/// One connection in [`ServerInner::live`], counted down however it ends (a panic included).
+struct LiveConnection<'a>(&'a watch::Sender<usize>);
+
+impl<'a> LiveConnection<'a> {
+    fn count(live: &'a watch::Sender<usize>) -> Self {
+        live.send_modify(|n| *n += 1);
+        Self(live)
+    }
+}
+
+impl Drop for LiveConnection<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 /// Which `:authority` addresses the server itself accepts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Destinations {
@@ -300,6 +317,10 @@ struct ServerInner<H> {
     handler: H,
     settings: InboundSettings,
     limits: Arc<Limits>,
+    /// Set once the server drains: every connection, live or new, is sent a GOAWAY.
+    draining: watch::Sender<bool>,
+    /// Connections accepted and not yet ended.
+    live: watch::Sender<usize>,
 }
 
 impl<H> Clone for HboneServer<H> {
@@ -319,6 +340,8 @@ impl<H: InboundHandler> HboneServer<H> {
                 handler,
                 settings,
                 limits,
+                draining: watch::Sender::new(false),
+                live: watch::Sender::new(0),
             }),
         }
     }
@@ -326,6 +349,26 @@ impl<H: InboundHandler> HboneServer<H> {
     /// The handler.
     pub fn handler(&self) -> &H {
         &self.inner.handler
+    }
+
+    /// Starts draining: every connection, those open and those accepted from now on, is sent
+    /// a graceful GOAWAY (RFC 9113 §6.8), so clients open their next tunnels elsewhere while
+    /// the tunnels they have run to their end. The listener keeps accepting: a client that has
+    /// not yet learnt that this server is going away is served, not refused.
+    pub fn drain(&self) {
+        self.inner.draining.send_replace(true);
+    }
+
+    /// Waits until no connection is left (all closed by their clients, or ended with their
+    /// last tunnel after [`Self::drain`]).
+    pub async fn connections_closed(&self) {
+        let mut live = self.inner.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+
+    /// Connections accepted and not yet ended.
+    pub fn live_connections(&self) -> usize {
+        *self.inner.live.borrow()
     }
 
     /// Accepts connections until the future is dropped (abort the task to stop listening).
@@ -351,6 +394,7 @@ impl<H: InboundHandler> HboneServer<H> {
         source: SocketAddr,
         (slot, handshake): (ConnectionPermit, ConnectionPermit),
     ) {
+        let _live = LiveConnection::count(&self.inner.live);
         if let Err(err) = self.connection(tcp, source, handshake).await {
             debug!(%source, %err, "HBONE connection failed");
             self.inner.handler.connection_failed(source, &err);
@@ -406,13 +450,21 @@ impl<H: InboundHandler> HboneServer<H> {
         drop(handshake);
         let keepalive = settings.http2.keepalive(connection.ping_pong());
         tokio::pin!(keepalive);
+        let mut draining = self.inner.draining.subscribe();
+        let mut goaway_sent = false;
         // Polling `accept` also drives the connection's I/O for the streams already open, so
-        // keep at it until the client is done.
+        // keep at it until the client is done (after a GOAWAY: until its last tunnel ends).
         loop {
             let accepted = tokio::select! {
                 accepted = connection.accept() => accepted,
                 // Dropping the connection resets its tunnels, which are as dead as it is.
                 failure = &mut keepalive => return Err(ConnectionError::Unresponsive(failure)),
+                true = async { draining.wait_for(|d| *d).await.is_ok() }, if !goaway_sent => {
+                    debug!(%source, "draining: GOAWAY sent");
+                    connection.graceful_shutdown();
+                    goaway_sent = true;
+                    continue;
+                }
             };
             let Some(accepted) = accepted else {
                 return Ok(());

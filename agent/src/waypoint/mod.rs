@@ -17,7 +17,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time
 
 use anyhow::Context as _;
 use tokio::{net::TcpStream, signal::unix::SignalKind, sync::watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     discovery::{self, ConfigStatus, metrics::ConfigMetrics},
@@ -177,6 +177,11 @@ pub struct WaypointArgs {
     /// connection freed: Envoy's `stream_idle_timeout`.
     #[arg(long, env = "AMBIT_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = crate::timefmt::parse_duration)]
     pub stream_idle_timeout: Duration,
+    /// After SIGTERM, how long requests and tunnels in flight may take to finish before the
+    /// waypoint exits and cuts what is left (docs/waypoint.md#draining). Keep it below the
+    /// pod's `terminationGracePeriodSeconds` (30 s by default, in the generated Deployment too).
+    #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "25s", value_parser = crate::timefmt::parse_duration)]
+    pub drain_timeout: Duration,
     /// The OTLP/gRPC collector spans are exported to, e.g. `http://otel-collector:4317`
     /// (docs/tracing.md). Without it tracing is off (trace headers still pass unchanged).
     #[arg(long, env = "AMBIT_TRACING_OTLP_ENDPOINT", value_parser = trace::parse_endpoint)]
@@ -187,7 +192,33 @@ pub struct WaypointArgs {
     pub tracing_sampling: f64,
 }
 
-/// Runs the waypoint until SIGTERM or SIGINT.
+/// Drains on `signal`: the HTTP connections in tunnels finish their requests and close, the
+/// HBONE connections are sent a GOAWAY, and new tunnels are still served (a node agent that has
+/// not yet seen this replica go sends them here), until no connection is left or `timeout`.
+async fn drain<H: crate::hbone::InboundHandler>(
+    server: &HboneServer<H>,
+    draining: &watch::Sender<bool>,
+    signal: &str,
+    timeout: Duration,
+) {
+    info!(
+        signal,
+        ?timeout,
+        connections = server.live_connections(),
+        "draining: requests in flight finish, clients are moved to other replicas"
+    );
+    draining.send_replace(true);
+    server.drain();
+    match tokio::time::timeout(timeout, server.connections_closed()).await {
+        Ok(()) => info!("drained: no connection left"),
+        Err(_) => warn!(
+            connections = server.live_connections(),
+            "drain timeout: cutting the connections left"
+        ),
+    }
+}
+
+/// Runs the waypoint until SIGTERM or SIGINT, then drains.
 pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     let nofile = limits::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(nofile.soft)));
@@ -288,6 +319,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         header_read_timeout: args.header_read_timeout,
         stream_idle_timeout: args.stream_idle_timeout,
         tracing,
+        draining: watch::Sender::new(false),
     });
     tokio::spawn(waypoint.authz.jwks.clone().refresh(state_rx.clone()));
     let stopping = waypoint.clone();
@@ -295,7 +327,8 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     settings.reserved_ports = RESERVED_PORTS.to_vec();
     let server = HboneServer::new(WaypointInbound::new(waypoint), settings, limits.clone());
     let listener = crate::admin::bind(args.hbone_addr).await?;
-    let hbone = tokio::spawn(async move { server.serve(listener).await });
+    let serving = server.clone();
+    let hbone = tokio::spawn(async move { serving.serve(listener).await });
     let metrics_server = tokio::spawn(crate::admin::serve_metrics_on(
         args.metrics_addr,
         metrics,
@@ -304,12 +337,18 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     info!(%identity, hbone = %args.hbone_addr, metrics = %args.metrics_addr, "waypoint started");
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
-        result = source => error!(?result, "configuration source ended"),
+    let signalled = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        result = source => {
+            error!(?result, "configuration source ended");
+            ""
+        }
         result = hbone => anyhow::bail!("HBONE listener failed: {:?}", result),
         result = metrics_server => anyhow::bail!("metrics endpoint failed: {:?}", result),
+    };
+    if !signalled.is_empty() {
+        drain(&server, &stopping.draining, signalled, args.drain_timeout).await;
     }
     info!("waypoint stopping");
     // The spans still queued leave (bounded by trace::SHUTDOWN_TIMEOUT).

@@ -103,6 +103,11 @@ pub struct Waypoint {
 
     /// Spans of requests and tries, when tracing is on ([`super::trace`]).
     pub tracing: super::trace::Tracing,
+
+    /// Set when the waypoint drains (SIGTERM): each HTTP connection in a tunnel finishes the
+    /// request it is serving and closes (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY), so its
+    /// client's next request opens a new tunnel, which its node agent sends to another replica.
+    pub draining: watch::Sender<bool>,
 }
 
 impl Waypoint {
@@ -257,6 +262,7 @@ impl InboundHandler for WaypointInbound {
                 Ok(sniffed) => sniffed,
                 Err(err) => return debug!(%err, "tunnel failed before its protocol was known"),
             };
+            let http2 = sniff::is_http2(&prefix);
             let io = Rewind::new(prefix, ours);
             if protocol == Protocol::Opaque {
                 let (d, waypoint) = (&downstream, &downstream.waypoint);
@@ -283,6 +289,12 @@ impl InboundHandler for WaypointInbound {
                 .await;
             }
             let header_read_timeout = downstream.waypoint.header_read_timeout;
+            let mut draining = downstream.waypoint.draining.subscribe();
+            // One that starts while draining is served (its client has not yet seen this
+            // replica go). HTTP/2 gets its GOAWAY at once: the requests the client sent
+            // with its preface are still served. HTTP/1.1 is answered with `Connection:
+            // close` (`handle`): a shutdown now would close it before its first request.
+            let started_draining = *draining.borrow_and_update() && !http2;
             let service = hyper::service::service_fn(move |req| {
                 let downstream = downstream.clone();
                 async move { Ok::<_, Infallible>(downstream.handle(req).await) }
@@ -292,9 +304,17 @@ impl InboundHandler for WaypointInbound {
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
-            let served = server
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
-                .await;
+            let served = server.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(served);
+            let served = tokio::select! {
+                served = served.as_mut() => served,
+                true = async { draining.wait_for(|d| *d).await.is_ok() }, if !started_draining => {
+                    // An upgraded connection (WebSocket) is bytes by now: it runs until its
+                    // end or the drain's deadline.
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
             if let Err(err) = served {
                 debug!(%err, "HTTP connection in a tunnel ended with an error");
             }
@@ -405,6 +425,16 @@ impl Downstream {
         };
         if let Some(rate_limit) = outcome.rate_limit {
             rate_limit.apply(response.headers_mut());
+        }
+        // Draining: an HTTP/1.1 client opens its next request's connection elsewhere (Envoy's
+        // drain does the same). An upgrade's 101 keeps its connection.
+        if version == Version::HTTP_11
+            && *self.waypoint.draining.borrow()
+            && response.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         let record = RequestRecord {
             metrics: self.waypoint.metrics.clone(),

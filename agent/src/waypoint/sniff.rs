@@ -73,6 +73,12 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
     None
 }
 
+/// Whether an HTTP `prefix` is the start of the HTTP/2 connection preface (`PRI *
+/// HTTP/2.0`): no HTTP/1.x method is `PRI` (RFC 9113 §3.4 chose it so).
+pub fn is_http2(prefix: &[u8]) -> bool {
+    prefix.starts_with(b"PRI ")
+}
+
 /// RFC 9110 §5.6.2 `tchar`: the characters of a method.
 fn is_tchar(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
@@ -178,6 +184,7 @@ mod tests {
             b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n",
         ] {
             assert_eq!(classify(http), Some(Protocol::Http), "{http:?}");
+            assert_eq!(is_http2(http), http.starts_with(b"PRI *"), "{http:?}");
         }
         for opaque in [
             &b"\x16\x03\x01\x02\x00\x01"[..],    // TLS ClientHello
