@@ -6,7 +6,8 @@
 //! long as it likes by never reading the response or by trickling nothing of its upload, and
 //! with `maxConnections` every other client of the cluster is answered 503 `UO`. So each pooled
 //! request gets a [`StreamIdle`]: every frame of the request body (client to endpoint) and of the
-//! response body (endpoint to client) counts as activity, and once nothing moved in either
+//! response body (endpoint to client) that carries bytes or trailers counts as activity (empty
+//! DATA frames do not), and once nothing moved in either
 //! direction for the timeout:
 //!
 //! - before the response headers, the try fails with [`super::retry::Failure::StreamIdleTimeout`]
@@ -35,6 +36,12 @@ use tokio::{sync::Notify, time::Instant};
 
 /// Envoy's default `stream_idle_timeout`.
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Whether `frame` is activity: bytes or trailers. Empty DATA frames are not, or a peer could
+/// hold its stream (and its pooled connection) forever by sending nothing in them.
+fn moves(frame: &Frame<Bytes>) -> bool {
+    frame.data_ref().is_none_or(|data| !data.is_empty())
+}
 
 /// The error of either body, whatever its type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -235,8 +242,10 @@ where
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(Some(Ok(_))) => {
-                self.idle.touch();
+            Poll::Ready(Some(Ok(frame))) => {
+                if moves(frame) {
+                    self.idle.touch();
+                }
                 if self.inner.is_end_stream() {
                     self.idle.set_done(&self.idle.request_done);
                 }
@@ -316,8 +325,10 @@ where
         };
         let polled = Pin::new(&mut *inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(Some(Ok(_))) => {
-                this.idle.touch();
+            Poll::Ready(Some(Ok(frame))) => {
+                if moves(frame) {
+                    this.idle.touch();
+                }
                 if inner.is_end_stream() {
                     this.idle.set_done(&this.idle.response_done);
                 }
@@ -421,6 +432,15 @@ mod tests {
             assert!(response.frame().await.unwrap().is_ok());
         }
         assert!(!idle.expired(), "36 s of traffic, never 10 s without");
+        // Empty frames are no activity: a peer sending only them cannot hold the stream.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            // Once idle, the watchdog has dropped the upstream side (and with it the channel).
+            if resp_tx.send(data("")).await.is_err() || response.frame().await.unwrap().is_err() {
+                break;
+            }
+        }
+        assert!(idle.expired(), "12 s of empty frames are 12 s idle");
         // The upload stalls (the client sends nothing more): the waiting read fails.
         let err = request.frame().await.unwrap().unwrap_err();
         assert!(err.is::<IdleTimeout>(), "{err}");
