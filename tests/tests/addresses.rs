@@ -10,7 +10,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use ambit_tests::traffic::{Conn, access_logs, connect_ok, reaches, serve, wait_access_log};
+use ambit_tests::traffic::{
+    Conn, TIMEOUT, access_logs, connect_ok, reaches, serve, wait_access_log,
+};
 use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump, util};
 use anyhow::Result;
 
@@ -217,6 +219,40 @@ fn the_pod_routing_for_the_inbound_hop_touches_only_marked_packets() -> Result<(
         !access_logs(cluster.node(0)).is_empty(),
         "the pod's connections did not go through its agent"
     );
+
+    // The application's accepted socket took the mark of the agent's SYN (over loopback), so
+    // its answers take table 100.
+    let mut held = client.spawn(
+        ambit_tests::testpod_path!(),
+        ["hold", "--connect", &server.addr4(8080).to_string()],
+    )?;
+    let connected = held.read_json(TIMEOUT)?;
+    ensure_or_dump!(
+        cluster,
+        connected["event"] == "connected",
+        "hold failed: {connected}"
+    );
+    let sockets = util::ip(&format!("netns exec {ns} ss -tenH state established"))?;
+    let app_side: Vec<&str> = sockets
+        .lines()
+        .filter(|l| {
+            l.split_whitespace().nth(2) == Some(&*server.addr4(8080).to_string())
+                && l.contains(&client.ip4().to_string())
+        })
+        .collect();
+    // Two sockets at the server's address hold a connection from the client: the agent's
+    // (steered by sk_lookup, unmarked) and the application's (from the agent's hop, marked).
+    let marked = app_side
+        .iter()
+        .filter(|l| l.contains("fwmark:0x539"))
+        .count();
+    ensure_or_dump!(
+        cluster,
+        app_side.len() == 2 && marked == 1,
+        "expected the agent's and the application's socket of the held connection, only the \
+         application's with fwmark 0x539: {sockets}"
+    );
+    drop(held);
 
     // The routing is what carries the hop: without the sysctl the application's socket does
     // not take the mark of the agent's SYN, its SYN-ACK leaves for the client's address
