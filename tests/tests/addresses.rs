@@ -40,24 +40,17 @@ fn local_port(conn: &Conn) -> Option<u16> {
         .map(|a| a.port())
 }
 
-#[test]
-fn meshed_clients_and_servers_see_each_others_pod_addresses_same_node_and_across_nodes()
--> Result<()> {
-    let cluster = cluster(2, 2)?;
-    cluster.start_agents()?;
-    let client = cluster.pod(0, 0);
-    let same_node = cluster.pod(0, 1);
-    let other_node = cluster.pod(1, 0);
-    let _s1 = serve(same_node, &[8080])?;
-    let _s2 = serve(other_node, &[8080])?;
-
-    for (server, dst, carried) in [
-        (same_node, same_node.addr4(8080), Some("splice")),
-        (same_node, same_node.addr6(8080), Some("splice")),
-        (other_node, other_node.addr4(8080), None),
-        (other_node, other_node.addr6(8080), None),
-    ] {
-        let conn = connect_ok(&cluster, client, dst, 10_000)?;
+/// Connects from the meshed `client` to each `(server, dst, carried)` and checks what both ends
+/// see: the client its pod's address (with the port the agent accepted it from) and the address
+/// it dialled, the server the client pod's address. `carried` is the fast path's `splice` or
+/// `relay` when the same-node fast path should have carried it.
+fn both_ends_see_pod_addresses(
+    cluster: &Cluster,
+    client: &Pod,
+    cases: &[(&Pod, SocketAddr, Option<&str>)],
+) -> Result<()> {
+    for &(server, dst, carried) in cases {
+        let conn = connect_ok(cluster, client, dst, 10_000)?;
         let client_ip = address_for(client, dst);
         ensure_or_dump!(
             cluster,
@@ -84,21 +77,59 @@ fn meshed_clients_and_servers_see_each_others_pod_addresses_same_node_and_across
             conn.greeting_field(2)
         );
         // The port is the socket's real one: the agent accepted the connection from it.
-        let outbound = wait_access_log(&cluster, cluster.node(0), "outbound", dst, 1)?;
+        let node = cluster.node(client.node());
+        let outbound = wait_access_log(cluster, node, "outbound", dst, 1)?;
         let from = SocketAddr::new(client_ip, local_port(&conn).unwrap_or(0));
         ensure_or_dump!(
             cluster,
-            outbound
-                .iter()
-                .any(|l| l["src"] == from.to_string()
-                    && carried.is_none_or(|how| l["fast_path"] == how)),
-            "{dst}: no outbound access-log line from {from}{}: {outbound:?}",
-            carried
-                .map(|how| format!(" carried by {how}"))
-                .unwrap_or_default()
+            outbound.iter().any(|l| l["src"] == from.to_string()
+                && carried.map_or(l["fast_path"].is_null(), |how| l["fast_path"] == how)),
+            "{dst}: no outbound access-log line from {from} carried by {}: {outbound:?}",
+            carried.unwrap_or("HBONE")
         );
     }
     Ok(())
+}
+
+#[test]
+fn meshed_clients_and_servers_see_each_others_pod_addresses_same_node_and_across_nodes()
+-> Result<()> {
+    let cluster = cluster(2, 2)?;
+    cluster.start_agents()?;
+    let client = cluster.pod(0, 0);
+    let same_node = cluster.pod(0, 1);
+    let other_node = cluster.pod(1, 0);
+    let _s1 = serve(same_node, &[8080])?;
+    let _s2 = serve(other_node, &[8080])?;
+    both_ends_see_pod_addresses(
+        &cluster,
+        client,
+        &[
+            (same_node, same_node.addr4(8080), Some("splice")),
+            (same_node, same_node.addr6(8080), Some("splice")),
+            (other_node, other_node.addr4(8080), None),
+            (other_node, other_node.addr6(8080), None),
+        ],
+    )
+}
+
+#[test]
+fn with_the_fast_path_off_same_node_hbone_keeps_the_addresses_too() -> Result<()> {
+    let cluster = cluster(1, 2)?;
+    cluster
+        .node(0)
+        .set_agent_args(["--same-node-fast-path", "false"]);
+    cluster.start_agents()?;
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let _s = serve(server, &[8080])?;
+    both_ends_see_pod_addresses(
+        &cluster,
+        client,
+        &[
+            (server, server.addr4(8080), None),
+            (server, server.addr6(8080), None),
+        ],
+    )
 }
 
 #[test]
