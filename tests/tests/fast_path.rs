@@ -6,7 +6,7 @@
 //! every byte it forwards (`ambit_spliced_bytes_total`): bytes relayed by the agent's user
 //! space never pass through it. The clients check every byte echoed back against what they sent.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Policies;
@@ -119,14 +119,19 @@ fn same_node_connections_are_spliced_byte_exact_and_counted_while_they_flow() ->
         let kernel_before = spliced_bytes(node)?;
         let conn =
             connect_ok_n(&cluster, client, dst, LARGE, 1, &["--timeout-ms", "120000"])?.remove(0);
+        let client_ip = match dst {
+            SocketAddr::V4(_) => IpAddr::V4(client.ip4()),
+            SocketAddr::V6(_) => IpAddr::V6(client.ip6()),
+        };
         ensure_or_dump!(
             cluster,
             conn.redirected()
                 && conn.peer() == dst.to_string()
                 && conn.served_by() == server.name()
-                && conn.seen_peer_ip() == Some(dst.ip()),
-            "{dst}: expected a redirected connection reaching {} from its own address (as the \
-             inbound path connects): {}",
+                && conn.local_ip() == Some(client_ip)
+                && conn.seen_peer_ip() == Some(client_ip),
+            "{dst}: expected a redirected connection reaching {} from the client's address \
+             {client_ip}, as without the mesh: {}",
             server.name(),
             conn.report
         );

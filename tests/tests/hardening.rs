@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Policies;
-use ambit_tests::traffic::{TIMEOUT, client, connect_ok, metric_value, reaches, serve};
+use ambit_tests::traffic::{TIMEOUT, client, connect_ok, metric_value, reaches, redirected, serve};
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump, util};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
@@ -98,7 +98,7 @@ fn expect_clients_ok(cluster: &Cluster, mut clients: PodProcess, what: &str) -> 
     let (_, lines) = clients.wait_json(Duration::from_secs(120))?;
     let bad: Vec<&Value> = lines
         .iter()
-        .filter(|l| l["ok"] != true || !l["local"].as_str().unwrap_or("").starts_with("127."))
+        .filter(|l| l["ok"] != true || !redirected(l))
         .collect();
     ensure_or_dump!(
         cluster,
@@ -345,7 +345,7 @@ fn a_process_that_forges_the_old_agent_mark_is_still_captured() -> Result<()> {
         )?;
         ensure_or_dump!(
             cluster,
-            report["ok"] == true && report["local"].as_str().unwrap_or("").starts_with("127."),
+            report["ok"] == true && redirected(&report),
             "a socket marked {mark} was not captured by the agent: {report}"
         );
     }
@@ -584,7 +584,10 @@ fn the_nodes_own_addresses_reach_pods_directly_like_kubelet_probes() -> Result<(
             .and_then(|p| p.parse().ok());
         ensure_or_dump!(
             cluster,
-            report["ok"] == true && seen_peer.is_some_and(|p| p.ip() != dst.ip()),
+            report["ok"] == true
+                && seen_peer.is_some_and(
+                    |p| Some(p.to_string()) == report["local"].as_str().map(String::from)
+                ),
             "a probe from the node to {dst} did not reach the application directly: {report}"
         );
     }

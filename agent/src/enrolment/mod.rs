@@ -472,6 +472,10 @@ impl Enrolment {
         netns: Arc<Netns>,
     ) -> anyhow::Result<EnrolledPod> {
         let listeners = netns.run(|| open_listeners(&workload.ips))??;
+        // Before anything can reach the application through the agent: its answers to the
+        // agent's transparent hop must come back over loopback.
+        crate::netns::routing::install(&netns, &workload.ips)
+            .context("installing the pod's policy routing for the inbound hop")?;
         let dial_ns = netns.clone();
         let pool = crate::hbone::Pool::new(
             move |key: &crate::hbone::PoolKey| {
@@ -529,7 +533,8 @@ impl Enrolment {
             _local: self.proxy.local_pods.register(&pod),
         };
         // Last: only now may the kernel send this pod's connects to the listeners above.
-        self.redirector.enroll(enrolled.netns.cookie())?;
+        self.redirector
+            .enroll(enrolled.netns.cookie(), &enrolled.workload.ips)?;
         Ok(enrolled)
     }
 

@@ -12,7 +12,9 @@
 //!   bytes per second, so a transfer lasts as long as a test needs) and checking the echo; one
 //!   JSON line per connection; exit 0 only if all are ok. With `--send-first` each connection
 //!   starts sending as soon as it is connected, before the server's greeting arrives (a client
-//!   that talks first, as HTTP clients do).
+//!   that talks first, as HTTP clients do). Each line has the socket's `peer` (`getpeername`),
+//!   `local` (`getsockname`) and `kernel_peer` (the remote address in the kernel's socket
+//!   table, which no hook rewrites: `127.0.0.1:15001` for a connection redirected to the agent).
 //! - `testpod churn --connect ADDR --count C [--max-seconds S] [--greeting-only]`: C short
 //!   sequential connections; one summary line. With `--greeting-only` (for a server started
 //!   with `--greeting-only`) each connection only reads the greeting and the server's close.
@@ -712,6 +714,7 @@ fn client_conn(addr: SocketAddr, index: u32, sending: &Sending) -> Value {
         let s = connect_marked(addr, timeout, mark).map_err(|e| format!("connect {addr}: {e}"))?;
         out["peer"] = json!(s.peer_addr().map(|a| a.to_string()).ok());
         out["local"] = json!(s.local_addr().map(|a| a.to_string()).ok());
+        out["kernel_peer"] = json!(kernel_peer(&s).map(|a| a.to_string()));
         let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
         let mut w = s.try_clone().map_err(|e| e.to_string())?;
         let mut prng = Payload::new(index, pattern);
@@ -799,6 +802,43 @@ fn client_conn(addr: SocketAddr, index: u32, sending: &Sending) -> Value {
 }
 
 /// A blocking connect with a timeout, the socket marked first if asked.
+/// The remote address of `s` as the kernel's socket table (`/proc/self/net/tcp{,6}`) lists
+/// it, found by the socket's inode: where the connection really goes, whatever a
+/// `getpeername` hook makes the application see (for a redirected socket, the agent's
+/// `127.0.0.1:15001`).
+fn kernel_peer(s: &TcpStream) -> Option<SocketAddr> {
+    use std::os::{fd::AsFd, unix::fs::MetadataExt};
+    let inode = std::fs::File::from(s.as_fd().try_clone_to_owned().ok()?)
+        .metadata()
+        .ok()?
+        .ino()
+        .to_string();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let text = std::fs::read_to_string(table).ok()?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(9) != Some(&inode.as_str()) {
+                continue;
+            }
+            let (addr, port) = fields.get(2)?.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            // Each 32-bit word is printed in host byte order.
+            let words: Vec<u32> = (0..addr.len() / 8)
+                .map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).map(u32::from_be))
+                .collect::<Result<_, _>>()
+                .ok()?;
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+            let ip = match bytes.len() {
+                4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+                16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+                _ => return None,
+            };
+            return Some(SocketAddr::new(ip, port));
+        }
+    }
+    None
+}
+
 fn connect_marked(addr: SocketAddr, timeout: Duration, mark: Option<u32>) -> io::Result<TcpStream> {
     let Some(mark) = mark else {
         return TcpStream::connect_timeout(&addr, timeout);
@@ -833,10 +873,11 @@ fn flood(kind: FloodKind, addr: SocketAddr, count: u32, max: Duration) -> bool {
         }
         _ => None,
     };
-    let held_port = holder
+    // The held connection's own address: binding it again (SO_REUSEADDR) and dialling the
+    // same destination takes its 4-tuple.
+    let held = holder
         .as_ref()
-        .and_then(|s| s.local_addr().ok()?.as_socket())
-        .map(|a| a.port());
+        .and_then(|s| s.local_addr().ok()?.as_socket());
     let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
     let (mut attempted, mut connected) = (0u64, 0u64);
     for _ in 0..count {
@@ -860,11 +901,11 @@ fn flood(kind: FloodKind, addr: SocketAddr, count: u32, max: Duration) -> bool {
                         Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
                     s.set_reuse_address(true)?;
                     let any: SocketAddr = if addr.is_ipv4() {
-                        (Ipv4Addr::UNSPECIFIED, held_port.unwrap_or(0)).into()
+                        (Ipv4Addr::UNSPECIFIED, 0).into()
                     } else {
-                        (Ipv6Addr::UNSPECIFIED, held_port.unwrap_or(0)).into()
+                        (Ipv6Addr::UNSPECIFIED, 0).into()
                     };
-                    s.bind(&any.into())?;
+                    s.bind(&held.unwrap_or(any).into())?;
                     s.connect(&addr.into())
                 }
                 FloodKind::Plain => {
