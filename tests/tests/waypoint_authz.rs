@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use ambit::testing::jwt::TestIssuer;
+use ambit_test_jwt::TestIssuer;
 use ambit_tests::mesh::Policies;
 use ambit_tests::waypoint::{requests_total, start_waypoint, wait_reloads, waypoint_metrics};
 use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump, util};

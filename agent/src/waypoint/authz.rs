@@ -187,8 +187,8 @@ mod tests {
     /// one takes opaque TCP too.
     #[test]
     fn services_with_per_request_policies_refuse_opaque_tcp() {
-        let issuer = crate::testing::jwt::TestIssuer::es256("https://idp.example", "k1");
-        let jwks = crate::testing::jwt::TestIssuer::jwks(&[&issuer]);
+        let issuer = ambit_test_jwt::TestIssuer::es256("https://idp.example", "k1");
+        let jwks = ambit_test_jwt::TestIssuer::jwks(&[&issuer]);
         let mesh = format!(
             r#"
 workloads:

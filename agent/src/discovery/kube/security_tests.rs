@@ -25,11 +25,9 @@ use crate::{
         l7::{L7Rule, TargetRef},
     },
     state::{MeshState, Workload},
-    testing::{
-        fake_apiserver::{FakeApiServer, GoneStyle},
-        jwt::TestIssuer,
-    },
+    testing::fake_apiserver::{FakeApiServer, GoneStyle},
 };
+use ambit_test_jwt::TestIssuer;
 
 const ROOT: &str = DEFAULT_ROOT_NAMESPACE;
 

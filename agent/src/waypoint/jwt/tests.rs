@@ -5,7 +5,7 @@ use hyper::service::service_fn;
 use serde_json::json;
 
 use super::*;
-use crate::testing::jwt::TestIssuer;
+use ambit_test_jwt::TestIssuer;
 
 const ISS: &str = "https://idp.example";
 
