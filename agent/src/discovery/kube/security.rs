@@ -10,13 +10,18 @@
 //! workloads it selects; a rejected DENY policy is enforced with every rejected part counted as
 //! matching (a rejected source field, operation field or condition constrains nothing, so the
 //! policy denies at least what it names); a rejected PeerAuthentication is STRICT.
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    sync::Arc,
+};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
+use super::routes::{RouteKey, RouteKind, judge};
 use crate::{
     discovery::file::{
         AuthorizationPolicyFile, CONDITION_KEYS, JwtRuleFile, PolicyError,
@@ -210,8 +215,12 @@ pub struct Converted<P> {
 pub struct ConvertedPolicies {
     /// The policy set of the state.
     pub set: PolicySet,
-    /// `kind namespace/name` and the verdict of each rejected resource.
-    pub rejected: Vec<(String, Acceptance)>,
+    /// Each rejected resource and its verdict.
+    pub rejected: Vec<(RouteKey, Acceptance)>,
+    /// The spec in force of each waypoint AuthorizationPolicy and RequestAuthentication: the
+    /// current one if accepted, else its last accepted one when that is what is enforced (to be
+    /// given back as `last_good` next time).
+    pub in_force: HashMap<RouteKey, Value>,
 }
 
 /// The L7 fields of an authorization policy's `from[].source`.
@@ -693,35 +702,42 @@ fn lenient_targets(spec: &Value, namespace: &str) -> Vec<TargetRef> {
         .collect()
 }
 
-/// Converts an AuthorizationPolicy bound to waypoints ([`targets_waypoint`]), validated as the
-/// mesh file's are ([`waypoint_policy`]). Rejected, it fails closed at every target that can
-/// be read: an ALLOW (or an unknown action) allows nothing there, a DENY denies everything
-/// there. With no readable target it binds to nothing, and the status says so.
-pub fn waypoint_authorization_policy(
+/// Validates an AuthorizationPolicy bound to waypoints: `spec` is its current spec, or its last
+/// accepted one.
+fn waypoint_policy_of(
     resource: &AuthorizationPolicyResource,
-) -> Converted<WaypointPolicy> {
+    spec: &Value,
+) -> Result<WaypointPolicy, PolicyError> {
     let meta = &resource.metadata;
-    let name = meta.name.clone().unwrap_or_default();
-    let namespace = meta.namespace.clone().unwrap_or_default();
     let dry_run = meta
         .annotations
         .as_ref()
         .and_then(|a| a.get(DRY_RUN_ANNOTATION))
         .is_some_and(|v| v == "true");
-    let validated = parse_spec::<WaypointAuthorizationSpec>(&resource.spec).and_then(|spec| {
-        let entry = AuthorizationPolicyFile {
-            name: name.clone(),
-            namespace: Some(namespace.clone()),
-            selector: spec.selector,
-            target_ref: spec.target_ref,
-            target_refs: spec.target_refs,
-            action: spec.action,
-            dry_run,
-            rules: spec.rules.unwrap_or_default(),
-        };
-        waypoint_policy("spec", &entry)
-    });
-    match validated {
+    let spec = parse_spec::<WaypointAuthorizationSpec>(spec)?;
+    let entry = AuthorizationPolicyFile {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: Some(meta.namespace.clone().unwrap_or_default()),
+        selector: spec.selector,
+        target_ref: spec.target_ref,
+        target_refs: spec.target_refs,
+        action: spec.action,
+        dry_run,
+        rules: spec.rules.unwrap_or_default(),
+    };
+    waypoint_policy("spec", &entry)
+}
+
+/// Converts an AuthorizationPolicy bound to waypoints ([`targets_waypoint`]), validated as the
+/// mesh file's are ([`waypoint_policy`]). Rejected, it fails closed at every target that can
+/// be read: an ALLOW (or an unknown action) allows nothing there, a DENY denies everything
+/// there. With no readable target it binds to every waypoint-bound service of its namespace
+/// ([`TargetRef::Namespace`]), and the status says so; [`convert_policies`] puts its last
+/// accepted version in force instead when there is one.
+pub fn waypoint_authorization_policy(
+    resource: &AuthorizationPolicyResource,
+) -> Converted<WaypointPolicy> {
+    match waypoint_policy_of(resource, &resource.spec) {
         Ok(policy) => Converted {
             acceptance: Acceptance {
                 verdict: Verdict::Accepted,
@@ -729,7 +745,7 @@ pub fn waypoint_authorization_policy(
                     "{} policy with {} rule(s) {} by the waypoints of {}",
                     policy.action,
                     policy.rules.len(),
-                    if dry_run {
+                    if policy.dry_run {
                         "evaluated in dry-run (logged, not enforced)"
                     } else {
                         "enforced"
@@ -745,13 +761,32 @@ pub fn waypoint_authorization_policy(
             policy,
         },
         Err(e) => {
+            let meta = &resource.metadata;
+            let namespace = meta.namespace.clone().unwrap_or_default();
             let deny = resource.spec.get("action").and_then(Value::as_str) == Some("DENY");
+            let mut acceptance = Acceptance::rejected(Verdict::Invalid, &[e]);
+            let mut targets = lenient_targets(&resource.spec, &namespace);
+            if targets.is_empty() {
+                acceptance.message.push_str(&format!(
+                    "; no target can be read: its last accepted version stays in force, or \
+                     without one it {} every request to the waypoint-bound services of \
+                     namespace {namespace}",
+                    if deny { "denies" } else { "allows no" }
+                ));
+                targets = vec![TargetRef::Namespace {
+                    namespace: namespace.clone(),
+                }];
+            }
             let policy = WaypointPolicy {
-                name,
-                targets: lenient_targets(&resource.spec, &namespace),
+                name: meta.name.clone().unwrap_or_default(),
+                targets,
                 namespace,
                 action: if deny { Action::Deny } else { Action::Allow },
-                dry_run,
+                dry_run: meta
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+                    .is_some_and(|v| v == "true"),
                 // DENY with a rule that matches everything; ALLOW with none: nothing allowed.
                 rules: if deny {
                     vec![L7Rule::default()]
@@ -759,10 +794,7 @@ pub fn waypoint_authorization_policy(
                     Vec::new()
                 },
             };
-            Converted {
-                policy,
-                acceptance: Acceptance::rejected(Verdict::Invalid, &[e]),
-            }
+            Converted { policy, acceptance }
         }
     }
 }
@@ -778,38 +810,51 @@ struct RequestAuthenticationSpec {
     jwt_rules: Vec<JwtRuleFile>,
 }
 
-/// Converts a RequestAuthentication (validated as the mesh file's are). A rejected one is not
-/// enforced: tokens its rules would have checked give no request principal, so a policy that
-/// requires one denies (fail closed); the status says why.
+/// Validates a RequestAuthentication: `spec` is its current spec, or its last accepted one.
+fn request_authentication_of(
+    resource: &RequestAuthenticationResource,
+    spec: &Value,
+) -> Result<RequestAuthentication, PolicyError> {
+    let meta = &resource.metadata;
+    let spec = parse_spec::<RequestAuthenticationSpec>(spec)?;
+    let entry = RequestAuthenticationFile {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone(),
+        selector: spec.selector,
+        target_ref: spec.target_ref,
+        target_refs: spec.target_refs,
+        jwt_rules: spec.jwt_rules,
+    };
+    validate_request_authentication("spec", &entry)
+}
+
+/// The `Accepted` message of a RequestAuthentication in force.
+fn describe_authentication(authentication: &RequestAuthentication) -> String {
+    format!(
+        "{} JWT rule(s) enforced by the waypoints of {}",
+        authentication.jwt_rules.len(),
+        authentication
+            .targets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Converts a RequestAuthentication (validated as the mesh file's are). A rejected one is
+/// `None` here; [`convert_policies`] keeps its last accepted version in force (the status says
+/// it was rejected, and why), so that its targets keep their JWT validation and claim-header
+/// stripping. Without one, nothing is enforced for it: tokens its rules would have checked give
+/// no request principal, so a policy that requires one denies (fail closed).
 pub fn request_authentication(
     resource: &RequestAuthenticationResource,
 ) -> Converted<Option<RequestAuthentication>> {
-    let meta = &resource.metadata;
-    let validated = parse_spec::<RequestAuthenticationSpec>(&resource.spec).and_then(|spec| {
-        let entry = RequestAuthenticationFile {
-            name: meta.name.clone().unwrap_or_default(),
-            namespace: meta.namespace.clone(),
-            selector: spec.selector,
-            target_ref: spec.target_ref,
-            target_refs: spec.target_refs,
-            jwt_rules: spec.jwt_rules,
-        };
-        validate_request_authentication("spec", &entry)
-    });
-    match validated {
+    match request_authentication_of(resource, &resource.spec) {
         Ok(authentication) => Converted {
             acceptance: Acceptance {
                 verdict: Verdict::Accepted,
-                message: format!(
-                    "{} JWT rule(s) enforced by the waypoints of {}",
-                    authentication.jwt_rules.len(),
-                    authentication
-                        .targets
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                message: describe_authentication(&authentication),
             },
             policy: Some(authentication),
         },
@@ -834,6 +879,11 @@ pub fn authorization_acceptance(
 
 /// Converts every policy resource; see [`authorization_policy`],
 /// [`waypoint_authorization_policy`], [`peer_authentication`] and [`request_authentication`].
+/// `last_good` holds the specs in force after the previous conversion
+/// ([`ConvertedPolicies::in_force`]), used for the resources now rejected (the routing
+/// resources' rule, [`super::routes::judge`]): a rejected RequestAuthentication keeps its last
+/// accepted version, and so does a rejected waypoint AuthorizationPolicy whose targets cannot be
+/// read (one whose targets can be read fails closed there instead).
 ///
 /// Policies are ordered oldest first (by `creationTimestamp`), except that rejected
 /// PeerAuthentications come before accepted ones, so that at their level (selector,
@@ -843,23 +893,38 @@ pub fn convert_policies(
     peer_authentications: &[Arc<PeerAuthenticationResource>],
     request_authentications: &[Arc<RequestAuthenticationResource>],
     root_namespace: &str,
+    last_good: &HashMap<RouteKey, Value>,
 ) -> ConvertedPolicies {
-    let uid = |kind: &str, meta: &ObjectMeta| {
-        format!(
-            "{kind} {}/{}",
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default()
-        )
-    };
     let mut rejected = Vec::new();
+    let mut in_force = HashMap::new();
     let mut authorizations: Vec<&AuthorizationPolicyResource> =
         authorizations.iter().map(|r| &**r).collect();
     authorizations.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
     let (mut node, mut waypoint) = (Vec::new(), Vec::new());
     for resource in authorizations {
+        let key = RouteKey::of(RouteKind::AuthorizationPolicy, &resource.metadata);
         let acceptance = if targets_waypoint(&resource.spec) {
             let converted = waypoint_authorization_policy(resource);
-            waypoint.push(converted.policy);
+            let unbound = matches!(
+                converted.policy.targets.as_slice(),
+                [TargetRef::Namespace { .. }]
+            );
+            let (_, previous) = judge(
+                &key,
+                &resource.spec,
+                last_good,
+                |spec| waypoint_policy_of(resource, spec),
+                |_| String::new(),
+            );
+            match previous {
+                // Accepted: the current spec. Rejected with no readable target: the last
+                // accepted one, if any.
+                Some((spec, policy)) if converted.acceptance.accepted() || unbound => {
+                    in_force.insert(key.clone(), spec);
+                    waypoint.push(policy);
+                }
+                _ => waypoint.push(converted.policy),
+            }
             converted.acceptance
         } else {
             let converted = authorization_policy(resource, root_namespace);
@@ -867,7 +932,7 @@ pub fn convert_policies(
             converted.acceptance
         };
         if !acceptance.accepted() {
-            rejected.push((uid("AuthorizationPolicy", &resource.metadata), acceptance));
+            rejected.push((key, acceptance));
         }
     }
     let mut authentications: Vec<&RequestAuthenticationResource> =
@@ -876,14 +941,21 @@ pub fn convert_policies(
     let authentications = authentications
         .into_iter()
         .filter_map(|resource| {
-            let converted = request_authentication(resource);
-            if !converted.acceptance.accepted() {
-                rejected.push((
-                    uid("RequestAuthentication", &resource.metadata),
-                    converted.acceptance,
-                ));
+            let key = RouteKey::of(RouteKind::RequestAuthentication, &resource.metadata);
+            let (acceptance, previous) = judge(
+                &key,
+                &resource.spec,
+                last_good,
+                |spec| request_authentication_of(resource, spec),
+                describe_authentication,
+            );
+            if !acceptance.accepted() {
+                // The status writer's verdict (Invalid), whatever `judge` calls it.
+                rejected.push((key.clone(), request_authentication(resource).acceptance));
             }
-            converted.policy
+            let (spec, authentication) = previous?;
+            in_force.insert(key, spec);
+            Some(authentication)
         })
         .collect();
     let mut peers: Vec<&PeerAuthenticationResource> =
@@ -896,7 +968,7 @@ pub fn convert_policies(
             then.push(converted.policy);
         } else {
             rejected.push((
-                uid("PeerAuthentication", &resource.metadata),
+                RouteKey::of(RouteKind::PeerAuthentication, &resource.metadata),
                 converted.acceptance,
             ));
             first.push(converted.policy);
@@ -907,6 +979,7 @@ pub fn convert_policies(
         set: PolicySet::new(node, first)
             .with_waypoint_policies(WaypointPolicies::new(waypoint, authentications)),
         rejected,
+        in_force,
     }
 }
 
