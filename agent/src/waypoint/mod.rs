@@ -289,7 +289,13 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         stream_idle_timeout: args.stream_idle_timeout,
         tracing,
     });
-    tokio::spawn(waypoint.authz.jwks.clone().refresh(state_rx.clone()));
+    tokio::spawn(
+        waypoint
+            .authz
+            .jwks
+            .clone()
+            .refresh(state_rx.clone(), waypoint.workload.clone()),
+    );
     let stopping = waypoint.clone();
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
     settings.reserved_ports = RESERVED_PORTS.to_vec();

@@ -172,7 +172,7 @@ impl Waypoint {
 
 /// Whether `service` is bound to a waypoint service (`service.waypoint`) that selects the
 /// workload `namespace/name`: the only services whose VIPs that waypoint accepts tunnels to.
-fn serves(state: &MeshState, service: &Service, namespace: &str, name: &str) -> bool {
+pub(super) fn serves(state: &MeshState, service: &Service, namespace: &str, name: &str) -> bool {
     let Some(waypoint) = &service.waypoint else {
         return false;
     };
