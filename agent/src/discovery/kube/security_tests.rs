@@ -344,7 +344,7 @@ fn a_rejected_request_authentication_keeps_its_last_accepted_version() {
             json!({"targetRefs": [{"kind": "Service", "name": "backend"}], "jwtRules": [bad_rule]}),
         );
         let bad = Arc::new(bad);
-        let kept = convert_policies(&[], &[], &[bad.clone()], ROOT, &first.in_force);
+        let kept = convert_policies(&[], &[], std::slice::from_ref(&bad), ROOT, &first.in_force);
         let rules = kept.set.waypoint().jwt_rules(&backend);
         assert_eq!(rules.len(), 1, "{what}: the last good version stays");
         assert_eq!(rules[0].output_claim_to_headers.len(), 1, "{what}");
@@ -403,7 +403,7 @@ fn a_rejected_waypoint_policy_without_readable_targets_fails_closed() {
             json!({"targetRefs": targets, "action": action, "rules": [{}]}),
         ));
         // Its last accepted version stays in force.
-        let kept = convert_policies(&[bad.clone()], &[], &[], ROOT, &first.in_force);
+        let kept = convert_policies(std::slice::from_ref(&bad), &[], &[], ROOT, &first.in_force);
         let policies = kept.set.waypoint().authorizations();
         assert_eq!(policies.len(), 1);
         assert_eq!(*policies[0], *first.set.waypoint().authorizations()[0]);

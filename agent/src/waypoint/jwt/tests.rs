@@ -315,7 +315,7 @@ requestAuthentications:
         uris_of(&state, "shop", "wp-a"),
         [slow_uri.clone(), good_uri.clone()]
     );
-    assert_eq!(uris_of(&state, "shop", "wp-b"), [other_uri.clone()]);
+    assert_eq!(uris_of(&state, "shop", "wp-b"), [other_uri]);
     assert!(uris_of(&state, "other", "wp-a").is_empty());
 
     let good_rule = rule(JwksSource::Uri(good_uri.clone()));
