@@ -559,8 +559,15 @@ impl Downstream {
             route,
             &self.peer.to_string(),
         )?;
-        let headers = verdict.headers();
-        outcome.rate_limit = Some(headers);
+        // The headers only where the policy turns them on (Envoy's default is off).
+        let shown = state
+            .routes()
+            .rate_limits
+            .get(&service.uid())
+            .and_then(|limits| limits.for_route(route))
+            .is_some_and(|(limit, _)| limit.x_ratelimit_headers);
+        let headers = shown.then(|| verdict.headers());
+        outcome.rate_limit = headers;
         let Verdict::Limited {
             per_identity,
             source,
