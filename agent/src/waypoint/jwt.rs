@@ -15,9 +15,9 @@
 //! issuer fail (401): never accepted unchecked.
 //!
 //! The URIs are tenants' input, fetched from inside the mesh, so: a waypoint fetches only the
-//! URIs of the policies of the services bound to it ([`uris_of`]); at most [`MAX_IN_FLIGHT`]
-//! fetches run at once, so one tenant's slow URI holds one slot for [`FETCH_TIMEOUT`] at most
-//! and never queues the others behind it; and the addresses a name resolves to are checked
+//! URIs of the policies of the services bound to it ([`super::jwks_uris_of`]); at most
+//! [`MAX_IN_FLIGHT`] fetches run at once, so one tenant's slow URI holds one slot for
+//! [`FETCH_TIMEOUT`] at most and never queues the others behind it; and the addresses a name resolves to are checked
 //! before they are dialled ([`refused_jwks_address`]: link-local, cloud metadata), against
 //! server-side request forgery.
 use std::{
@@ -37,7 +37,6 @@ use serde_json::Value;
 use tokio::{net::TcpStream, sync::watch, task::JoinSet};
 use tracing::{info, warn};
 
-use super::{authz::attachment, proxy::serves};
 use crate::{
     discovery::file::{MAX_JWKS_BYTES, parse_jwks, refused_jwks_address},
     policy::l7::{JwksSource, JwtRule, RequestAuth},
@@ -108,9 +107,9 @@ impl Jwks {
             .and_then(|f| f.keys.clone())
     }
 
-    /// Keeps the keys of the `jwksUri`s that apply at this waypoint fresh ([`uris_of`]: those
-    /// of the RequestAuthentications of the services bound to the waypoint `workload`), until
-    /// the state's sender is gone.
+    /// Keeps the keys of the `jwksUri`s that apply at this waypoint fresh (`uris` of the state:
+    /// [`super::jwks_uris_of`], those of the RequestAuthentications of the services bound to
+    /// it), until the state's sender is gone.
     ///
     /// Fetches run concurrently, at most [`MAX_IN_FLIGHT`] at a time, each bounded by
     /// [`FETCH_TIMEOUT`]: one slow URI holds one slot for at most that long and delays no
@@ -119,12 +118,12 @@ impl Jwks {
     pub async fn refresh(
         self: Arc<Self>,
         mut state: watch::Receiver<Arc<MeshState>>,
-        workload: (String, String),
+        uris: impl Fn(&MeshState) -> Vec<String>,
     ) {
         let mut in_flight: JoinSet<(String, anyhow::Result<JwkSet>)> = JoinSet::new();
         let mut fetching: HashSet<String> = HashSet::new();
         loop {
-            let uris = uris_of(&state.borrow_and_update(), &workload.0, &workload.1);
+            let uris = uris(&state.borrow_and_update());
             let now = Instant::now();
             let next = {
                 let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
@@ -308,35 +307,6 @@ async fn connect(host: &str, port: u16) -> anyhow::Result<TcpStream> {
         }
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("{host} resolves to no address")))
-}
-
-/// The `jwksUri`s that apply at the waypoint `namespace/name`: those of the
-/// RequestAuthentications attached to the services bound to it (`proxy::serves`), where its
-/// tokens are checked. Another waypoint's policies cost this one no fetch.
-pub(super) fn uris_of(state: &MeshState, namespace: &str, name: &str) -> Vec<String> {
-    let policies = state.policies().waypoint();
-    if policies.authentications().is_empty() {
-        return Vec::new();
-    }
-    let mut uris: Vec<String> = state
-        .services()
-        .iter()
-        .flat_map(|service| {
-            let rules = policies.jwt_rules(&attachment(service));
-            // The (cheap) policy match first: the binding check scans the workloads.
-            if !rules.is_empty() && !serves(state, service, namespace, name) {
-                return Vec::new();
-            }
-            rules
-        })
-        .filter_map(|rule| match &rule.keys {
-            JwksSource::Uri(uri) => Some(uri.clone()),
-            JwksSource::Inline(_) => None,
-        })
-        .collect();
-    uris.sort();
-    uris.dedup();
-    uris
 }
 
 /// Where a token was found.

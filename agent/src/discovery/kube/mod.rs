@@ -127,6 +127,7 @@ pub mod gateway;
 pub mod gateway_routes;
 pub mod objects;
 pub mod owner;
+pub mod policies;
 pub mod ratelimit;
 mod route_status;
 pub mod routes;
@@ -885,7 +886,7 @@ struct Run {
     /// The rejected policies last logged, and why: each rejection is logged once.
     reported_rejections: HashMap<routes::RouteKey, String>,
     /// The spec in force of each waypoint policy: a rejected one may keep its last accepted
-    /// version (`security::convert_policies`).
+    /// version (`policies::convert_policies`).
     policies_in_force: HashMap<routes::RouteKey, serde_json::Value>,
     /// Likewise for the routing resources.
     reported_route_rejections: HashMap<routes::RouteKey, String>,
@@ -1099,7 +1100,7 @@ impl Run {
         } else {
             Vec::new()
         };
-        let converted = security::convert_policies(
+        let converted = policies::convert_policies(
             &authorizations,
             &peers,
             &authentications,

@@ -10,18 +10,13 @@
 //! workloads it selects; a rejected DENY policy is enforced with every rejected part counted as
 //! matching (a rejected source field, operation field or condition constrains nothing, so the
 //! policy denies at least what it names); a rejected PeerAuthentication is STRICT.
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, fmt};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use super::routes::{RouteKey, RouteKind, judge};
 use crate::{
     discovery::file::{
         AuthorizationPolicyFile, CONDITION_KEYS, JwtRuleFile, PolicyError,
@@ -31,8 +26,8 @@ use crate::{
         workload_selector,
     },
     policy::{
-        Action, AuthorizationPolicy, PeerAuthMode, PeerAuthentication, PolicySet, Rule, Scope,
-        l7::{L7Rule, RequestAuthentication, TargetRef, WaypointPolicies, WaypointPolicy},
+        Action, AuthorizationPolicy, PeerAuthMode, PeerAuthentication, Rule, Scope,
+        l7::{L7Rule, RequestAuthentication, TargetRef, WaypointPolicy},
     },
     serdes::null_as_default,
 };
@@ -208,19 +203,6 @@ pub struct Converted<P> {
     pub policy: P,
     /// Accepted, or why not.
     pub acceptance: Acceptance,
-}
-
-/// The policies of the cluster, as the node agents and the waypoints enforce them.
-#[derive(Debug, Default)]
-pub struct ConvertedPolicies {
-    /// The policy set of the state.
-    pub set: PolicySet,
-    /// Each rejected resource and its verdict.
-    pub rejected: Vec<(RouteKey, Acceptance)>,
-    /// The spec in force of each waypoint AuthorizationPolicy and RequestAuthentication: the
-    /// current one if accepted, else its last accepted one when that is what is enforced (to be
-    /// given back as `last_good` next time).
-    pub in_force: HashMap<RouteKey, Value>,
 }
 
 /// The L7 fields of an authorization policy's `from[].source`.
@@ -704,7 +686,7 @@ fn lenient_targets(spec: &Value, namespace: &str) -> Vec<TargetRef> {
 
 /// Validates an AuthorizationPolicy bound to waypoints: `spec` is its current spec, or its last
 /// accepted one.
-fn waypoint_policy_of(
+pub(super) fn waypoint_policy_of(
     resource: &AuthorizationPolicyResource,
     spec: &Value,
 ) -> Result<WaypointPolicy, PolicyError> {
@@ -732,8 +714,8 @@ fn waypoint_policy_of(
 /// mesh file's are ([`waypoint_policy`]). Rejected, it fails closed at every target that can
 /// be read: an ALLOW (or an unknown action) allows nothing there, a DENY denies everything
 /// there. With no readable target it binds to every waypoint-bound service of its namespace
-/// ([`TargetRef::Namespace`]), and the status says so; [`convert_policies`] puts its last
-/// accepted version in force instead when there is one.
+/// ([`TargetRef::Namespace`]), and the status says so; `super::policies::convert_policies`
+/// puts its last accepted version in force instead when there is one.
 pub fn waypoint_authorization_policy(
     resource: &AuthorizationPolicyResource,
 ) -> Converted<WaypointPolicy> {
@@ -811,7 +793,7 @@ struct RequestAuthenticationSpec {
 }
 
 /// Validates a RequestAuthentication: `spec` is its current spec, or its last accepted one.
-fn request_authentication_of(
+pub(super) fn request_authentication_of(
     resource: &RequestAuthenticationResource,
     spec: &Value,
 ) -> Result<RequestAuthentication, PolicyError> {
@@ -829,7 +811,7 @@ fn request_authentication_of(
 }
 
 /// The `Accepted` message of a RequestAuthentication in force.
-fn describe_authentication(authentication: &RequestAuthentication) -> String {
+pub(super) fn describe_authentication(authentication: &RequestAuthentication) -> String {
     format!(
         "{} JWT rule(s) enforced by the waypoints of {}",
         authentication.jwt_rules.len(),
@@ -843,9 +825,9 @@ fn describe_authentication(authentication: &RequestAuthentication) -> String {
 }
 
 /// Converts a RequestAuthentication (validated as the mesh file's are). A rejected one is
-/// `None` here; [`convert_policies`] keeps its last accepted version in force (the status says
-/// it was rejected, and why), so that its targets keep their JWT validation and claim-header
-/// stripping. Without one, nothing is enforced for it: tokens its rules would have checked give
+/// `None` here; `super::policies::convert_policies` keeps its last accepted version in force
+/// (the status says it was rejected, and why), so that its targets keep their JWT validation
+/// and claim-header stripping. Without one, nothing is enforced for it: tokens its rules would have checked give
 /// no request principal, so a policy that requires one denies (fail closed).
 pub fn request_authentication(
     resource: &RequestAuthenticationResource,
@@ -874,112 +856,6 @@ pub fn authorization_acceptance(
         waypoint_authorization_policy(resource).acceptance
     } else {
         authorization_policy(resource, root_namespace).acceptance
-    }
-}
-
-/// Converts every policy resource; see [`authorization_policy`],
-/// [`waypoint_authorization_policy`], [`peer_authentication`] and [`request_authentication`].
-/// `last_good` holds the specs in force after the previous conversion
-/// ([`ConvertedPolicies::in_force`]), used for the resources now rejected (the routing
-/// resources' rule, [`super::routes::judge`]): a rejected RequestAuthentication keeps its last
-/// accepted version, and so does a rejected waypoint AuthorizationPolicy whose targets cannot be
-/// read (one whose targets can be read fails closed there instead).
-///
-/// Policies are ordered oldest first (by `creationTimestamp`), except that rejected
-/// PeerAuthentications come before accepted ones, so that at their level (selector,
-/// namespace, mesh) a rejected one's STRICT wins over an accepted one's mode.
-pub fn convert_policies(
-    authorizations: &[Arc<AuthorizationPolicyResource>],
-    peer_authentications: &[Arc<PeerAuthenticationResource>],
-    request_authentications: &[Arc<RequestAuthenticationResource>],
-    root_namespace: &str,
-    last_good: &HashMap<RouteKey, Value>,
-) -> ConvertedPolicies {
-    let mut rejected = Vec::new();
-    let mut in_force = HashMap::new();
-    let mut authorizations: Vec<&AuthorizationPolicyResource> =
-        authorizations.iter().map(|r| &**r).collect();
-    authorizations.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
-    let (mut node, mut waypoint) = (Vec::new(), Vec::new());
-    for resource in authorizations {
-        let key = RouteKey::of(RouteKind::AuthorizationPolicy, &resource.metadata);
-        let acceptance = if targets_waypoint(&resource.spec) {
-            let converted = waypoint_authorization_policy(resource);
-            let unbound = matches!(
-                converted.policy.targets.as_slice(),
-                [TargetRef::Namespace { .. }]
-            );
-            let (_, previous) = judge(
-                &key,
-                &resource.spec,
-                last_good,
-                |spec| waypoint_policy_of(resource, spec),
-                |_| String::new(),
-            );
-            match previous {
-                // Accepted: the current spec. Rejected with no readable target: the last
-                // accepted one, if any.
-                Some((spec, policy)) if converted.acceptance.accepted() || unbound => {
-                    in_force.insert(key.clone(), spec);
-                    waypoint.push(policy);
-                }
-                _ => waypoint.push(converted.policy),
-            }
-            converted.acceptance
-        } else {
-            let converted = authorization_policy(resource, root_namespace);
-            node.push(converted.policy);
-            converted.acceptance
-        };
-        if !acceptance.accepted() {
-            rejected.push((key, acceptance));
-        }
-    }
-    let mut authentications: Vec<&RequestAuthenticationResource> =
-        request_authentications.iter().map(|r| &**r).collect();
-    authentications.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
-    let authentications = authentications
-        .into_iter()
-        .filter_map(|resource| {
-            let key = RouteKey::of(RouteKind::RequestAuthentication, &resource.metadata);
-            let (acceptance, previous) = judge(
-                &key,
-                &resource.spec,
-                last_good,
-                |spec| request_authentication_of(resource, spec),
-                describe_authentication,
-            );
-            if !acceptance.accepted() {
-                // The status writer's verdict (Invalid), whatever `judge` calls it.
-                rejected.push((key.clone(), request_authentication(resource).acceptance));
-            }
-            let (spec, authentication) = previous?;
-            in_force.insert(key, spec);
-            Some(authentication)
-        })
-        .collect();
-    let mut peers: Vec<&PeerAuthenticationResource> =
-        peer_authentications.iter().map(|r| &**r).collect();
-    peers.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
-    let (mut first, mut then) = (Vec::new(), Vec::new());
-    for resource in peers {
-        let converted = peer_authentication(resource, root_namespace);
-        if converted.acceptance.accepted() {
-            then.push(converted.policy);
-        } else {
-            rejected.push((
-                RouteKey::of(RouteKind::PeerAuthentication, &resource.metadata),
-                converted.acceptance,
-            ));
-            first.push(converted.policy);
-        }
-    }
-    first.extend(then);
-    ConvertedPolicies {
-        set: PolicySet::new(node, first)
-            .with_waypoint_policies(WaypointPolicies::new(waypoint, authentications)),
-        rejected,
-        in_force,
     }
 }
 

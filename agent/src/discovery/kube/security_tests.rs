@@ -15,10 +15,11 @@ use tokio::task::JoinHandle;
 
 use super::{
     StatusWriter,
+    policies::convert_policies,
     security::{
         AuthorizationPolicyResource, DEFAULT_ROOT_NAMESPACE, PeerAuthenticationResource,
         PolicyCondition, RequestAuthenticationResource, Verdict, authorization_policy,
-        convert_policies, peer_authentication,
+        peer_authentication,
     },
     tests::{Harness, WAIT, labels, namespace, pod},
 };

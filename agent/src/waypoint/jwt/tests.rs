@@ -312,11 +312,14 @@ requestAuthentications:
     let state =
         crate::discovery::parse_mesh(std::path::Path::new("mesh.yaml"), mesh.as_bytes()).unwrap();
     assert_eq!(
-        uris_of(&state, "shop", "wp-a"),
+        crate::waypoint::jwks_uris_of(&state, "shop", "wp-a"),
         [slow_uri.clone(), good_uri.clone()]
     );
-    assert_eq!(uris_of(&state, "shop", "wp-b"), [other_uri]);
-    assert!(uris_of(&state, "other", "wp-a").is_empty());
+    assert_eq!(
+        crate::waypoint::jwks_uris_of(&state, "shop", "wp-b"),
+        [other_uri]
+    );
+    assert!(crate::waypoint::jwks_uris_of(&state, "other", "wp-a").is_empty());
 
     let good_rule = rule(JwksSource::Uri(good_uri.clone()));
     let jwks = Arc::new(Jwks::default());
@@ -328,10 +331,9 @@ requestAuthentications:
         Err(JwtError::NoKeys(good_uri.clone()))
     );
     let (_tx, rx) = watch::channel(Arc::new(state));
-    let task = tokio::spawn(
-        jwks.clone()
-            .refresh(rx, ("shop".to_string(), "wp-a".to_string())),
-    );
+    let task = tokio::spawn(jwks.clone().refresh(rx, |state: &MeshState| {
+        crate::waypoint::jwks_uris_of(state, "shop", "wp-a")
+    }));
     let deadline = Instant::now() + Duration::from_secs(60);
     while jwks.keys(&good_uri).is_none() {
         assert!(Instant::now() < deadline, "{good_uri} was never fetched");
