@@ -385,6 +385,58 @@ fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Res
         "after a rejected update the last good policies must hold: intruder {still_denied:?}, \
          /secure without a token {still_secure:?}, frontend {still_open:?}"
     );
+    // 4. A bad RequestAuthentication (a symmetric key in its JWKS) is rejected naming the field,
+    // and the last good one stays in force: tokens are still checked (a forged one 401), not
+    // ignored.
+    let mut bad_authentication = request_authentication(&namespace, &jwks_uri);
+    bad_authentication["jwtRules"] = json!([{
+        "issuer": ISSUER,
+        "jwks": r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#
+    }]);
+    cluster.set_policies(Policies {
+        authorization_policies: vec![
+            allow_nothing(&namespace),
+            seed_policy(&namespace),
+            secure_policy(&namespace),
+        ],
+        request_authentications: vec![
+            bad_authentication,
+            other_tenant(&namespace, &other_jwks_uri),
+        ],
+        ..Default::default()
+    });
+    cluster.write_mesh()?;
+    wait_reloads(node0, waypoint, "failed", 2)?;
+    let deadline = Instant::now() + T;
+    loop {
+        let dump = node0.config_dump()?;
+        let error = dump["config"]["lastError"].as_str().unwrap_or_default();
+        if error.contains("requestAuthentications[0].jwtRules[0].jwks") {
+            ensure_or_dump!(
+                cluster,
+                error.contains("symmetric (oct) keys are not accepted"),
+                "the rejection must say why: {error}"
+            );
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "the agent did not report the rejected RequestAuthentication: {error}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let forged_now =
+        cluster.with_diagnostics(request(frontend, "GET", "/secure/report", &bearer(&forged)))?;
+    let admin_now =
+        cluster.with_diagnostics(request(frontend, "GET", "/secure/report", &bearer(&admin)))?;
+    ensure_or_dump!(
+        cluster,
+        forged_now.0 == 401 && admin_now.0 == 200,
+        "after a rejected RequestAuthentication the last good one must hold: forged token \
+         {forged_now:?}, valid token {admin_now:?}"
+    );
+
     // The waypoint fetched its own service's keys, never the other tenant's (the JWKS server
     // logs every request it gets).
     let served = jwks_server.stderr();
