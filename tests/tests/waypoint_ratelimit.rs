@@ -62,7 +62,10 @@ fn waypoint_rate_limits_per_identity_and_per_route_with_429_rl() -> Result<()> {
         policy(
             "reviews-per-client",
             json!({"kind": "Service", "group": "", "name": "reviews"}),
-            json!({"perIdentity": bucket(PER_IDENTITY)}),
+            json!({
+                "perIdentity": bucket(PER_IDENTITY),
+                "enableXRatelimitHeaders": "DRAFT_VERSION_03"
+            }),
         ),
         policy(
             "reviews-shared-route",
@@ -154,9 +157,21 @@ fn waypoint_rate_limits_per_identity_and_per_route_with_429_rl() -> Result<()> {
         a_shared.codes,
         b_shared.codes
     );
+    // The route's policy does not turn the x-ratelimit headers on (Envoy's default): a shared
+    // bucket's level is not shown to its callers.
+    let hidden = cluster.with_diagnostics(curl_once(client_a, "/shared/hidden", &[]))?;
+    ensure_or_dump!(
+        cluster,
+        hidden.status == 429
+            && hidden.body.trim() == "local_rate_limited"
+            && hidden.header("x-ratelimit-remaining").is_none()
+            && hidden.header("x-ratelimit-limit").is_none()
+            && hidden.header("x-ratelimit-reset").is_none(),
+        "without enableXRatelimitHeaders, no x-ratelimit header: {hidden:?}"
+    );
 
     // 4. Every refusal is counted with Envoy's flag RL.
-    let limited = (BURST - PER_IDENTITY) + 1 + (BURST - PER_IDENTITY + 1) + (5 - (SHARED - 3));
+    let limited = (BURST - PER_IDENTITY) + 1 + (BURST - PER_IDENTITY + 1) + (5 - (SHARED - 3)) + 1;
     let metrics = waypoint_metrics(cluster.node(0), waypoint)?;
     let counted = requests_total(
         &metrics,

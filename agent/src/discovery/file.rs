@@ -46,7 +46,8 @@ pub use self::gateway_routes::{
 pub(crate) use self::gateway_routes::{gateway_route, merge as merge_gateway_routes};
 pub use self::l7::{
     ClaimToHeaderFile, JwtHeaderFile, JwtRuleFile, L7_CONDITION_KEYS, MAX_JWKS_BYTES,
-    RequestAuthenticationFile, parse_jwks, request_authentication, target_refs, waypoint_policy,
+    RequestAuthenticationFile, parse_jwks, refused_jwks_address, request_authentication,
+    target_refs, waypoint_policy,
 };
 pub use self::rate_limit::{
     RateLimitPolicyFile, RateLimitPolicySpecFile, RateLimitTargetRefFile, TokenBucketFile,

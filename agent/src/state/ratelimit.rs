@@ -48,6 +48,11 @@ pub struct RateLimit {
     /// One bucket per client identity (SPIFFE id of the HBONE peer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_identity: Option<TokenBucket>,
+    /// Whether responses carry the deciding bucket's `x-ratelimit-*` headers (Envoy's
+    /// `enable_x_ratelimit_headers: DRAFT_VERSION_03`; off by default, as Envoy's: the level of a
+    /// shared bucket is then no caller's to read).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub x_ratelimit_headers: bool,
 }
 
 /// The rate limits of one service: the service-wide one and the per-route ones.
@@ -87,6 +92,7 @@ mod tests {
         RateLimit {
             source: source.into(),
             token_bucket: None,
+            x_ratelimit_headers: false,
             per_identity: Some(TokenBucket {
                 max_tokens: 10,
                 tokens_per_fill: 5,

@@ -168,7 +168,7 @@ pub fn http_only(state: &MeshState, service: &Service) -> Option<String> {
 }
 
 /// Where a request or connection to `service` is: the service and the waypoint it is bound to.
-fn attachment(service: &Service) -> Attachment<'_> {
+pub(super) fn attachment(service: &Service) -> Attachment<'_> {
     Attachment {
         service: (&service.namespace, &service.name),
         waypoint: service

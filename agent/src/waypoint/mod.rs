@@ -27,6 +27,7 @@ use crate::{
         client::DEFAULT_CA_TIMEOUT, metrics::CertificateMetrics,
     },
     limits::{self, LimitSettings, Limits},
+    policy::l7::JwksSource,
     state::MeshState,
     telemetry::Metrics,
 };
@@ -321,7 +322,16 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         tracing,
         draining: watch::Sender::new(false),
     });
-    tokio::spawn(waypoint.authz.jwks.clone().refresh(state_rx.clone()));
+    let workload = waypoint.workload.clone();
+    tokio::spawn(
+        waypoint
+            .authz
+            .jwks
+            .clone()
+            .refresh(state_rx.clone(), move |state: &MeshState| {
+                jwks_uris_of(state, &workload.0, &workload.1)
+            }),
+    );
     let stopping = waypoint.clone();
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
     settings.reserved_ports = RESERVED_PORTS.to_vec();
@@ -354,4 +364,34 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     // The spans still queued leave (bounded by trace::SHUTDOWN_TIMEOUT).
     tokio::task::spawn_blocking(move || stopping.tracing.shutdown()).await?;
     Ok(())
+}
+
+/// The `jwksUri`s that apply at the waypoint `namespace/name`: those of the
+/// RequestAuthentications attached to the services bound to it (`proxy::serves`), where its
+/// tokens are checked ([`jwt::Jwks::refresh`]). Another waypoint's policies cost this one no
+/// fetch.
+pub(crate) fn jwks_uris_of(state: &MeshState, namespace: &str, name: &str) -> Vec<String> {
+    let policies = state.policies().waypoint();
+    if policies.authentications().is_empty() {
+        return Vec::new();
+    }
+    let mut uris: Vec<String> = state
+        .services()
+        .iter()
+        .flat_map(|service| {
+            let rules = policies.jwt_rules(&authz::attachment(service));
+            // The (cheap) policy match first: the binding check scans the workloads.
+            if !rules.is_empty() && !proxy::serves(state, service, namespace, name) {
+                return Vec::new();
+            }
+            rules
+        })
+        .filter_map(|rule| match &rule.keys {
+            JwksSource::Uri(uri) => Some(uri.clone()),
+            JwksSource::Inline(_) => None,
+        })
+        .collect();
+    uris.sort();
+    uris.dedup();
+    uris
 }

@@ -177,7 +177,7 @@ impl Waypoint {
 
 /// Whether `service` is bound to a waypoint service (`service.waypoint`) that selects the
 /// workload `namespace/name`: the only services whose VIPs that waypoint accepts tunnels to.
-fn serves(state: &MeshState, service: &Service, namespace: &str, name: &str) -> bool {
+pub(super) fn serves(state: &MeshState, service: &Service, namespace: &str, name: &str) -> bool {
     let Some(waypoint) = &service.waypoint else {
         return false;
     };
@@ -589,8 +589,15 @@ impl Downstream {
             route,
             &self.peer.to_string(),
         )?;
-        let headers = verdict.headers();
-        outcome.rate_limit = Some(headers);
+        // The headers only where the policy turns them on (Envoy's default is off).
+        let shown = state
+            .routes()
+            .rate_limits
+            .get(&service.uid())
+            .and_then(|limits| limits.for_route(route))
+            .is_some_and(|(limit, _)| limit.x_ratelimit_headers);
+        let headers = shown.then(|| verdict.headers());
+        outcome.rate_limit = headers;
         let Verdict::Limited {
             per_identity,
             source,

@@ -16,9 +16,11 @@
 //! - Buckets live across configuration changes as long as the target's limits stay the same;
 //!   changed limits start fresh buckets, removed ones are dropped.
 //!
-//! A refused request is answered 429 `local_rate_limited` with response flag `RL`; every
-//! request a policy applies to carries Envoy's `x-ratelimit-limit`, `x-ratelimit-remaining` and
-//! `x-ratelimit-reset` (its `DRAFT_VERSION_03` headers) of the bucket that decided.
+//! A refused request is answered 429 `local_rate_limited` with response flag `RL`. With
+//! `enableXRatelimitHeaders: DRAFT_VERSION_03` (off by default, as Envoy's
+//! `enable_x_ratelimit_headers`), every request the policy applies to carries Envoy's
+//! `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset` of the bucket that
+//! decided; off, none: a shared bucket's level would tell every caller how much the others send.
 use std::{
     collections::HashMap,
     hash::Hash,
@@ -336,14 +338,17 @@ impl<C: Clock + Clone> RateLimits<C> {
     }
 }
 
-/// The answer to a refused request: 429 `local_rate_limited` (Envoy's), with the headers.
-pub fn limited_reply(headers: XRateLimit) -> Response<Full<Bytes>> {
+/// The answer to a refused request: 429 `local_rate_limited` (Envoy's), with the headers if the
+/// policy shows them.
+pub fn limited_reply(headers: Option<XRateLimit>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(RATE_LIMITED_BODY.as_bytes())));
     *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    headers.apply(response.headers_mut());
+    if let Some(headers) = headers {
+        headers.apply(response.headers_mut());
+    }
     response
 }
 
@@ -382,6 +387,7 @@ mod tests {
             source: "RateLimitPolicy shop/limit".into(),
             token_bucket,
             per_identity,
+            x_ratelimit_headers: true,
         }
     }
 
@@ -583,11 +589,17 @@ mod tests {
 
     #[test]
     fn the_reply_is_envoys() {
-        let response = limited_reply(XRateLimit {
+        assert!(
+            limited_reply(None)
+                .headers()
+                .keys()
+                .all(|k| !k.as_str().starts_with("x-ratelimit"))
+        );
+        let response = limited_reply(Some(XRateLimit {
             limit: 10,
             remaining: 0,
             reset: 3,
-        });
+        }));
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         let h = response.headers();
         assert_eq!(h["x-ratelimit-limit"], "10");

@@ -26,10 +26,11 @@
 //!   Propagation headers pass through the waypoint as any other header.
 use std::{
     borrow::Cow,
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
@@ -44,7 +45,7 @@ use opentelemetry::{
         Tracer as _, TracerProvider as _,
     },
 };
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderInjector;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::{
     Resource,
@@ -72,6 +73,16 @@ mod b3;
 /// Spans finished and not yet handed to the exporter, at most; more are dropped and counted.
 /// (The OpenTelemetry SDK's default queue size.)
 pub const MAX_QUEUE: usize = 2048;
+/// The fewest places in the export queue a caller may hold, however many callers have spans
+/// waiting (see [`Queue`]).
+const MIN_CALLER_SHARE: usize = 8;
+/// The span attribute naming the caller a span was made for: its verified SPIFFE identity
+/// (Istio's `source.principal`), on server and client spans alike; what [`Queue`] shares by.
+const CALLER_ATTRIBUTE: &str = "source.principal";
+/// The largest `tracestate` passed on, in characters, and its most list-members (W3C's
+/// bounds: a larger one is dropped whole rather than cut).
+const MAX_TRACESTATE_CHARS: usize = 512;
+const MAX_TRACESTATE_MEMBERS: usize = 32;
 /// Spans per OTLP export request, at most (the SDK's default).
 const MAX_BATCH: usize = 512;
 /// How long finished spans wait for a batch to fill before they are sent anyway.
@@ -194,10 +205,20 @@ impl Tracing {
             &["result"],
         )?;
         metrics.register(Box::new(counters.clone()))?;
-        let queued = Arc::new(AtomicUsize::new(0));
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "ambit_waypoint_tracing_spans_dropped_total",
+                "Sampled spans dropped before export, by reason: queue_full (2048 already \
+                 waiting) or caller_budget (their caller already held its fair share of the \
+                 queue).",
+            ),
+            &["reason"],
+        )?;
+        metrics.register(Box::new(dropped.clone()))?;
+        let queue = Arc::new(Queue::new(dropped));
         let batch = BatchSpanProcessor::builder(CountedExporter {
             inner: exporter,
-            queued: queued.clone(),
+            queue: queue.clone(),
             counters: counters.clone(),
             failing: AtomicBool::new(false),
         })
@@ -217,7 +238,7 @@ impl Tracing {
         let provider = SdkTracerProvider::builder()
             .with_span_processor(BoundedProcessor {
                 inner: batch,
-                queued,
+                queue,
                 counters,
             })
             .with_sampler(sampler)
@@ -289,7 +310,9 @@ impl Tracing {
             .map(|a| a.to_string())
             .or_else(|| header(header::HOST))
             .unwrap_or_else(|| dialled.to_string());
-        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        // The path only: a query string often carries secrets (tokens in `access_token=`,
+        // signatures) and does not go to the collector.
+        let path = request.uri().path();
         let mut attributes = vec![
             KeyValue::new("component", "proxy"),
             KeyValue::new("node_id", inner.node_id.clone()),
@@ -301,7 +324,7 @@ impl Tracing {
             KeyValue::new("http.protocol", format!("{:?}", request.version())),
             KeyValue::new("peer.address", source.ip().to_string()),
             KeyValue::new("downstream_cluster", "-"),
-            KeyValue::new("source.principal", peer.to_string()),
+            KeyValue::new(CALLER_ATTRIBUTE, peer.to_string()),
             KeyValue::new("istio.canonical_service", inner.canonical_service.clone()),
             KeyValue::new("istio.canonical_revision", inner.canonical_revision.clone()),
             KeyValue::new("istio.namespace", inner.namespace.clone()),
@@ -325,13 +348,14 @@ impl Tracing {
             cx: Context::new().with_span(span),
             b3,
             upstream: None,
+            caller: peer.to_string(),
         })
     }
 }
 
 /// The parent context `headers` carry (W3C first, then B3), and the B3 form they came in.
 fn extract(headers: &HeaderMap) -> (Context, Option<b3::Form>) {
-    let w3c = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let w3c = TraceContextPropagator::new().extract(&BoundedTraceState(headers));
     let incoming = b3::extract(headers);
     let form = incoming.as_ref().map(|b3| b3.form);
     if w3c.span().span_context().is_valid() {
@@ -353,6 +377,30 @@ fn extract(headers: &HeaderMap) -> (Context, Option<b3::Form>) {
         None => Context::new(),
     };
     (cx.with_value(decision), form)
+}
+
+/// The request's headers as the W3C propagator reads them, with a `tracestate` beyond W3C's
+/// bounds ([`MAX_TRACESTATE_CHARS`], [`MAX_TRACESTATE_MEMBERS`]) dropped whole: the SDK keeps
+/// the first 32 members of any size, and a caller's oversized state would ride on every span
+/// and every try.
+struct BoundedTraceState<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for BoundedTraceState<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        let value = self.0.get(key)?.to_str().ok()?;
+        if key.eq_ignore_ascii_case("tracestate") {
+            let members = value.split(',').filter(|m| !m.trim().is_empty()).count();
+            let repeated = self.0.get_all("tracestate").iter().count() > 1;
+            if value.len() > MAX_TRACESTATE_CHARS || members > MAX_TRACESTATE_MEMBERS || repeated {
+                return None;
+            }
+        }
+        Some(value)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
 }
 
 /// The sampling decision a B3 context carried (`None`: B3's "deferred", the decision is ours),
@@ -429,6 +477,13 @@ fn inject(
         headers.remove(name);
     }
     TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+    // The SDK writes an empty `tracestate` when there is none: nothing to pass on.
+    if headers
+        .get("tracestate")
+        .is_some_and(|v| v.as_bytes().is_empty())
+    {
+        headers.remove("tracestate");
+    }
     if let Some(form) = b3 {
         b3::inject(cx.span().span_context(), parent, form, headers);
     }
@@ -449,6 +504,8 @@ pub struct ServerSpan {
     /// The B3 form the request came with, to rewrite its B3 headers the same way.
     b3: Option<b3::Form>,
     upstream: Option<UpstreamTags>,
+    /// The caller's verified identity, on the client spans too ([`Queue`] shares by it).
+    caller: String,
 }
 
 impl ServerSpan {
@@ -482,6 +539,7 @@ impl ServerSpan {
             KeyValue::new("peer.address", upstream.address.ip().to_string()),
             KeyValue::new("destination.principal", upstream.principal.to_string()),
             KeyValue::new("http.protocol", format!("{:?}", upstream.version)),
+            KeyValue::new(CALLER_ATTRIBUTE, self.caller.clone()),
         ];
         if attempt > 1 {
             attributes.push(KeyValue::new("retry.count", i64::from(attempt - 1)));
@@ -608,7 +666,7 @@ impl ClientSpan {
 #[derive(Debug)]
 struct CountedExporter<E> {
     inner: E,
-    queued: Arc<AtomicUsize>,
+    queue: Arc<Queue>,
     counters: IntCounterVec,
     failing: AtomicBool,
 }
@@ -616,7 +674,7 @@ struct CountedExporter<E> {
 impl<E: SpanExporter> SpanExporter for CountedExporter<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let count = batch.len() as u64;
-        self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        self.queue.release(&batch);
         let result = self.inner.export(batch).await;
         let outcome = if result.is_ok() { "exported" } else { "failed" };
         self.counters.with_label_values(&[outcome]).inc_by(count);
@@ -643,13 +701,107 @@ impl<E: SpanExporter> SpanExporter for CountedExporter<E> {
     }
 }
 
-/// The batch processor behind a bound of [`MAX_QUEUE`] finished spans not yet exported: past
-/// it a span is dropped and counted (the SDK's processor drops too, but only logs the count at
-/// shutdown). Its own queue is as large, so it never drops itself.
+/// The places of the export queue ([`MAX_QUEUE`] spans finished and not yet exported), shared
+/// among the callers the spans were made for ([`CALLER_ATTRIBUTE`]).
+///
+/// A caller may force sampling (a sampled `traceparent` or B3 context is honoured, as Envoy
+/// does), so one caller could otherwise fill the queue and starve everyone else's spans. A
+/// caller holds at most `MAX_QUEUE / (n + 1)` places, `n` the number of callers with spans
+/// waiting, itself included (never fewer than [`MIN_CALLER_SHARE`]): however many callers
+/// flood, a share is always left for one that has none waiting. Drops are counted by reason.
+#[derive(Debug)]
+struct Queue {
+    places: std::sync::Mutex<Places>,
+    dropped: IntCounterVec,
+}
+
+#[derive(Debug, Default)]
+struct Places {
+    total: usize,
+    /// Callers with spans waiting (none at zero: bounded by [`MAX_QUEUE`] entries).
+    by_caller: HashMap<String, usize>,
+}
+
+/// Why a span was dropped before export (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DropReason {
+    QueueFull,
+    CallerBudget,
+}
+
+impl DropReason {
+    fn label(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::CallerBudget => "caller_budget",
+        }
+    }
+}
+
+/// The caller a span was made for (empty if it names none).
+fn caller_of(span: &SpanData) -> &str {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == CALLER_ATTRIBUTE)
+        .and_then(|kv| match &kv.value {
+            opentelemetry::Value::String(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+impl Queue {
+    fn new(dropped: IntCounterVec) -> Self {
+        Self {
+            places: std::sync::Mutex::new(Places::default()),
+            dropped,
+        }
+    }
+
+    fn places(&self) -> std::sync::MutexGuard<'_, Places> {
+        self.places.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a place for a span of `caller`, or says why there is none.
+    fn admit(&self, caller: &str) -> Result<(), DropReason> {
+        let mut places = self.places();
+        if places.total >= MAX_QUEUE {
+            return Err(DropReason::QueueFull);
+        }
+        let held = places.by_caller.get(caller).copied().unwrap_or(0);
+        let callers = places.by_caller.len() + usize::from(held == 0);
+        let share = (MAX_QUEUE / (callers + 1)).max(MIN_CALLER_SHARE);
+        if held >= share {
+            return Err(DropReason::CallerBudget);
+        }
+        places.total += 1;
+        *places.by_caller.entry(caller.to_string()).or_default() += 1;
+        Ok(())
+    }
+
+    /// Frees the places of `spans`, handed to the exporter.
+    fn release(&self, spans: &[SpanData]) {
+        let mut places = self.places();
+        for span in spans {
+            let caller = caller_of(span);
+            places.total = places.total.saturating_sub(1);
+            if let Some(held) = places.by_caller.get_mut(caller) {
+                *held -= 1;
+                if *held == 0 {
+                    places.by_caller.remove(caller);
+                }
+            }
+        }
+    }
+}
+
+/// The batch processor behind the bounds of [`Queue`]: past them a span is dropped and counted
+/// (the SDK's processor drops too, but only logs the count at shutdown). Its own queue is
+/// [`MAX_QUEUE`] too, so it never drops itself.
 #[derive(Debug)]
 struct BoundedProcessor<P> {
     inner: P,
-    queued: Arc<AtomicUsize>,
+    queue: Arc<Queue>,
     counters: IntCounterVec,
 }
 
@@ -659,16 +811,15 @@ impl<P: SpanProcessor> SpanProcessor for BoundedProcessor<P> {
     }
 
     fn on_end(&self, span: SpanData) {
-        let admitted = self
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_QUEUE).then_some(n + 1)
-            })
-            .is_ok();
-        if admitted {
-            self.inner.on_end(span);
-        } else {
-            self.counters.with_label_values(&["dropped"]).inc();
+        match self.queue.admit(caller_of(&span)) {
+            Ok(()) => self.inner.on_end(span),
+            Err(reason) => {
+                self.counters.with_label_values(&["dropped"]).inc();
+                self.queue
+                    .dropped
+                    .with_label_values(&[reason.label()])
+                    .inc();
+            }
         }
     }
 
@@ -747,7 +898,7 @@ services:
         /// request headers are returned, answered 200; then every span exported.
         fn request(&self, headers: &[(&str, &str)]) -> HeaderMap {
             let mut request = Request::builder()
-                .uri("/reviews/1")
+                .uri("/reviews/1?access_token=secret")
                 .header("host", "reviews:9080")
                 .header("user-agent", "curl/8");
             for (name, value) in headers {
@@ -906,6 +1057,15 @@ services:
             );
         }
         assert_eq!(attribute(client, "retry.count"), None);
+        // The query string (here a token) never reaches the collector.
+        for span in &spans {
+            assert!(
+                span.attributes
+                    .iter()
+                    .all(|kv| !kv.value.to_string().contains("secret")),
+                "{span:#?}"
+            );
+        }
         let samples = parse(&bed.metrics.encode());
         assert_eq!(
             value(
@@ -915,6 +1075,40 @@ services:
             ),
             Some(2.0)
         );
+    }
+
+    /// A `tracestate` beyond W3C's bounds (512 characters, 32 members) is dropped whole, not
+    /// passed on (nor cut); one within them is passed on as it came.
+    #[test]
+    fn an_oversized_tracestate_is_dropped() {
+        let bed = Bed::new(0.0);
+        let tp = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+        let members = |n: usize| {
+            (0..n)
+                .map(|i| format!("k{i}=v"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let long = format!("vendor={}", "x".repeat(MAX_TRACESTATE_CHARS));
+        for (what, state) in [("33 members", members(33)), ("over 512 characters", long)] {
+            let sent = bed.request(&[("traceparent", &tp), ("tracestate", &state)]);
+            assert_eq!(sent.get("tracestate"), None, "{what}");
+            assert_eq!(
+                traceparent(&sent).0,
+                CLIENT_TRACE,
+                "{what}: the trace goes on"
+            );
+            let spans = bed.exported();
+            assert!(
+                spans
+                    .iter()
+                    .all(|s| s.span_context.trace_state().header().is_empty()),
+                "{what}"
+            );
+        }
+        let sent = bed.request(&[("traceparent", &tp), ("tracestate", &members(32))]);
+        assert_eq!(sent["tracestate"], members(32).as_str());
+        bed.exported();
     }
 
     /// An unsampled W3C parent is not traced even at 100%, and a request without a context is
@@ -1034,68 +1228,185 @@ services:
         assert!(bed.exported().is_empty());
     }
 
-    /// Past [`MAX_QUEUE`] spans waiting for the exporter, spans are dropped and counted; a batch
-    /// handed to the exporter frees its places.
-    #[test]
-    fn the_export_queue_is_bounded_and_drops_are_counted() {
-        /// A processor that keeps what it is given.
-        #[derive(Debug, Default)]
-        struct Keep(Mutex<Vec<SpanData>>);
-        impl SpanProcessor for Keep {
-            fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &Context) {}
-            fn on_end(&self, span: SpanData) {
-                self.0.lock().unwrap().push(span);
-            }
-            fn force_flush(&self) -> OTelSdkResult {
-                Ok(())
-            }
-            fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
-                Ok(())
+    /// A processor that keeps what it is given.
+    #[derive(Debug, Default)]
+    struct Keep(Mutex<Vec<SpanData>>);
+    impl SpanProcessor for Keep {
+        fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &Context) {}
+        fn on_end(&self, span: SpanData) {
+            self.0.lock().unwrap().push(span);
+        }
+        fn force_flush(&self) -> OTelSdkResult {
+            Ok(())
+        }
+        fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+            Ok(())
+        }
+    }
+
+    /// The counters of the export path, registered in a registry of their own.
+    struct Counted {
+        registry: Metrics,
+        counters: IntCounterVec,
+        queue: Arc<Queue>,
+    }
+
+    impl Counted {
+        fn new() -> Self {
+            let registry = Metrics::new();
+            let counters = IntCounterVec::new(
+                Opts::new("ambit_waypoint_tracing_spans_total", "spans"),
+                &["result"],
+            )
+            .unwrap();
+            registry.register(Box::new(counters.clone())).unwrap();
+            let dropped = IntCounterVec::new(
+                Opts::new("ambit_waypoint_tracing_spans_dropped_total", "drops"),
+                &["reason"],
+            )
+            .unwrap();
+            registry.register(Box::new(dropped.clone())).unwrap();
+            Self {
+                registry,
+                counters,
+                queue: Arc::new(Queue::new(dropped)),
             }
         }
-        let registry = Metrics::new();
-        let counters = IntCounterVec::new(
-            Opts::new("ambit_waypoint_tracing_spans_total", "spans"),
-            &["result"],
-        )
-        .unwrap();
-        registry.register(Box::new(counters.clone())).unwrap();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let processor = BoundedProcessor {
-            inner: Keep::default(),
-            queued: queued.clone(),
-            counters: counters.clone(),
-        };
+
+        fn processor(&self) -> BoundedProcessor<Keep> {
+            BoundedProcessor {
+                inner: Keep::default(),
+                queue: self.queue.clone(),
+                counters: self.counters.clone(),
+            }
+        }
+
+        fn exporter<E>(&self, inner: E) -> CountedExporter<E> {
+            CountedExporter {
+                inner,
+                queue: self.queue.clone(),
+                counters: self.counters.clone(),
+                failing: AtomicBool::new(false),
+            }
+        }
+
+        fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+            value(&parse(&self.registry.encode()), name, labels)
+        }
+
+        fn dropped(&self, reason: &str) -> Option<f64> {
+            self.value(
+                "ambit_waypoint_tracing_spans_dropped_total",
+                &[("reason", reason)],
+            )
+        }
+    }
+
+    /// A finished span made for `caller`.
+    fn span_of(caller: &str) -> SpanData {
         let provider = SdkTracerProvider::builder().build();
         let tracer = provider.tracer("test");
-        let span = tracer.start("one");
-        let data = |span: &opentelemetry_sdk::trace::Span| span.exported_data().unwrap();
-        let one = data(&span);
-        for _ in 0..MAX_QUEUE + 10 {
-            processor.on_end(one.clone());
+        let span = tracer
+            .span_builder("one")
+            .with_attributes(vec![KeyValue::new(CALLER_ATTRIBUTE, caller.to_string())])
+            .start(&tracer);
+        span.exported_data().unwrap()
+    }
+
+    /// Past [`MAX_QUEUE`] spans waiting for the exporter, spans are dropped and counted
+    /// (`queue_full`); a batch handed to the exporter frees its places.
+    #[test]
+    fn the_export_queue_is_bounded_and_drops_are_counted() {
+        let counted = Counted::new();
+        let processor = counted.processor();
+        // Many callers, each within its share: the queue's bound is what holds.
+        let callers: Vec<String> = (0..MAX_QUEUE / MIN_CALLER_SHARE + 8)
+            .map(|i| format!("spiffe://cluster.local/ns/shop/sa/c{i}"))
+            .collect();
+        let spans: Vec<SpanData> = callers.iter().map(|c| span_of(c)).collect();
+        let mut offered = 0;
+        'fill: for _ in 0..MIN_CALLER_SHARE {
+            for span in &spans {
+                processor.on_end(span.clone());
+                offered += 1;
+                if offered == MAX_QUEUE + 10 {
+                    break 'fill;
+                }
+            }
         }
         assert_eq!(processor.inner.0.lock().unwrap().len(), MAX_QUEUE);
-        let dropped = |registry: &Metrics| {
-            value(
-                &parse(&registry.encode()),
+        assert_eq!(counted.dropped("queue_full"), Some(10.0));
+        assert_eq!(
+            counted.value(
                 "ambit_waypoint_tracing_spans_total",
-                &[("result", "dropped")],
-            )
-        };
-        assert_eq!(dropped(&registry), Some(10.0));
+                &[("result", "dropped")]
+            ),
+            Some(10.0)
+        );
         // A batch of 100 leaves: 100 more fit.
-        let exporter = CountedExporter {
-            inner: Collector::default(),
-            queued,
-            counters,
-            failing: AtomicBool::new(false),
-        };
-        futures::executor::block_on(exporter.export(vec![one.clone(); 100])).unwrap();
-        for _ in 0..101 {
-            processor.on_end(one.clone());
+        let batch: Vec<SpanData> = processor.inner.0.lock().unwrap()[..100].to_vec();
+        futures::executor::block_on(counted.exporter(Collector::default()).export(batch.clone()))
+            .unwrap();
+        assert_eq!(counted.queue.places().total, MAX_QUEUE - 100);
+        for span in batch {
+            processor.on_end(span);
         }
+        processor.on_end(spans[0].clone());
         assert_eq!(processor.inner.0.lock().unwrap().len(), MAX_QUEUE + 100);
-        assert_eq!(dropped(&registry), Some(11.0));
+        assert_eq!(counted.dropped("queue_full"), Some(11.0));
+    }
+
+    /// One caller forcing sampling cannot fill the queue: it holds at most its share, the
+    /// drops are counted `caller_budget`, and another caller's spans still get in; as the
+    /// flooder's spans leave, it gets places again.
+    #[test]
+    fn one_caller_cannot_take_the_whole_export_queue() {
+        let counted = Counted::new();
+        let processor = counted.processor();
+        let flooder = span_of("spiffe://cluster.local/ns/sandbox/sa/flood");
+        for _ in 0..MAX_QUEUE {
+            processor.on_end(flooder.clone());
+        }
+        let held = processor.inner.0.lock().unwrap().len();
+        assert_eq!(held, MAX_QUEUE / 2, "alone, a caller holds half the queue");
+        assert_eq!(
+            counted.dropped("caller_budget"),
+            Some((MAX_QUEUE - held) as f64)
+        );
+        // Another caller still gets in, up to its own share.
+        let other = span_of("spiffe://cluster.local/ns/shop/sa/client");
+        for _ in 0..MAX_QUEUE {
+            processor.on_end(other.clone());
+        }
+        let kept = processor.inner.0.lock().unwrap();
+        let of = |caller: &str| kept.iter().filter(|s| caller_of(s) == caller).count();
+        assert_eq!(
+            of("spiffe://cluster.local/ns/shop/sa/client"),
+            MAX_QUEUE / 3
+        );
+        assert_eq!(
+            of("spiffe://cluster.local/ns/sandbox/sa/flood"),
+            MAX_QUEUE / 2
+        );
+        drop(kept);
+        assert_eq!(counted.dropped("queue_full"), None);
+        // A third caller still has room: two floods leave it a share.
+        let third = span_of("spiffe://cluster.local/ns/shop/sa/third");
+        processor.on_end(third.clone());
+        assert_eq!(
+            processor.inner.0.lock().unwrap().len(),
+            MAX_QUEUE / 2 + MAX_QUEUE / 3 + 1
+        );
+        // The flooder's spans leave: it may queue again.
+        let before = counted.dropped("caller_budget");
+        futures::executor::block_on(
+            counted
+                .exporter(Collector::default())
+                .export(vec![flooder.clone(); MAX_QUEUE / 2]),
+        )
+        .unwrap();
+        processor.on_end(flooder);
+        assert_eq!(counted.dropped("caller_budget"), before);
     }
 
     /// A batch the collector refuses is counted `failed`, one it takes `exported`; either way
@@ -1111,41 +1422,22 @@ services:
                 ))
             }
         }
-        let registry = Metrics::new();
-        let counters = IntCounterVec::new(
-            Opts::new("ambit_waypoint_tracing_spans_total", "spans"),
-            &["result"],
-        )
-        .unwrap();
-        registry.register(Box::new(counters.clone())).unwrap();
-        let queued = Arc::new(AtomicUsize::new(7));
-        let provider = SdkTracerProvider::builder().build();
-        let span = provider.tracer("test").start("one");
-        let one = span.exported_data().unwrap();
-        let refusing = CountedExporter {
-            inner: Refuse,
-            queued: queued.clone(),
-            counters: counters.clone(),
-            failing: AtomicBool::new(false),
-        };
+        let counted = Counted::new();
+        let processor = counted.processor();
+        let one = span_of("spiffe://cluster.local/ns/shop/sa/client");
+        for _ in 0..7 {
+            processor.on_end(one.clone());
+        }
+        let refusing = counted.exporter(Refuse);
         assert!(futures::executor::block_on(refusing.export(vec![one.clone(); 3])).is_err());
         assert!(refusing.failing.load(Ordering::Relaxed));
-        let taking = CountedExporter {
-            inner: Collector::default(),
-            queued: queued.clone(),
-            counters,
-            failing: AtomicBool::new(false),
-        };
+        let taking = counted.exporter(Collector::default());
         futures::executor::block_on(taking.export(vec![one; 4])).unwrap();
-        assert_eq!(queued.load(Ordering::Relaxed), 0);
-        let samples = parse(&registry.encode());
-        let count = |result| {
-            value(
-                &samples,
-                "ambit_waypoint_tracing_spans_total",
-                &[("result", result)],
-            )
-        };
+        let places = counted.queue.places();
+        assert_eq!((places.total, places.by_caller.len()), (0, 0));
+        drop(places);
+        let count =
+            |result| counted.value("ambit_waypoint_tracing_spans_total", &[("result", result)]);
         assert_eq!((count("failed"), count("exported")), (Some(3.0), Some(4.0)));
     }
 

@@ -53,6 +53,10 @@ pub struct RateLimitPolicySpecFile {
     /// One bucket per client identity (the SPIFFE identity the waypoint verified).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_identity: Option<TokenBucketFile>,
+    /// Envoy's `enable_x_ratelimit_headers`: `OFF` (the default, as Envoy's) or
+    /// `DRAFT_VERSION_03` (the `x-ratelimit-*` headers on every response the policy applies to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_x_ratelimit_headers: Option<String>,
 }
 
 /// A `targetRefs` entry: Istio's `PolicyTargetReference`, plus `sectionName` naming a route.
@@ -175,6 +179,16 @@ impl Validator<'_> {
             source: format!("RateLimitPolicy {namespace}/{}", policy.metadata.name),
             token_bucket: bucket("tokenBucket", &spec.token_bucket)?,
             per_identity: bucket("perIdentity", &spec.per_identity)?,
+            x_ratelimit_headers: match spec.enable_x_ratelimit_headers.as_deref() {
+                None | Some("OFF") => false,
+                Some("DRAFT_VERSION_03") => true,
+                Some(other) => {
+                    return Err(self.invalid(
+                        format!("{at}.spec.enableXRatelimitHeaders"),
+                        format!("{other:?}: expected OFF or DRAFT_VERSION_03"),
+                    ));
+                }
+            },
         };
         if limit.token_bucket.is_none() && limit.per_identity.is_none() {
             return Err(self.invalid(
@@ -313,6 +327,22 @@ rateLimitPolicies:
         let limits = &state.routes().rate_limits;
         let web = limits["shop/web"].service.as_ref().unwrap();
         assert_eq!(web.source, "RateLimitPolicy shop/limit");
+        // No x-ratelimit-* headers unless asked for (Envoy's default).
+        assert!(!web.x_ratelimit_headers);
+        for (value, shown) in [("OFF", false), ("DRAFT_VERSION_03", true)] {
+            let state = mesh(&GOOD.replace(
+                "    perIdentity: {maxTokens: 5, fillInterval: 500ms}\n",
+                &format!(
+                    "    perIdentity: {{maxTokens: 5, fillInterval: 500ms}}\n    enableXRatelimitHeaders: {value}\n"
+                ),
+            ))
+            .unwrap();
+            let web = state.routes().rate_limits["shop/web"]
+                .service
+                .clone()
+                .unwrap();
+            assert_eq!(web.x_ratelimit_headers, shown, "{value}");
+        }
         assert_eq!(
             web.token_bucket,
             Some(TokenBucket {
@@ -413,6 +443,11 @@ rateLimitPolicies:
                 "rateLimitPolicies[0].spec.targetRefs: must name at least one Service",
             ),
             ("perIdentity:", "perPod:", "unknown field `perPod`"),
+            (
+                "    perIdentity: {maxTokens: 5, fillInterval: 500ms}\n",
+                "    perIdentity: {maxTokens: 5, fillInterval: 500ms}\n    enableXRatelimitHeaders: DRAFT_VERSION_02\n",
+                "rateLimitPolicies[0].spec.enableXRatelimitHeaders: \"DRAFT_VERSION_02\": expected OFF or DRAFT_VERSION_03",
+            ),
         ];
         for (from, to, expected) in cases {
             assert!(GOOD.contains(from), "{from}");

@@ -127,6 +127,7 @@ pub mod gateway;
 pub mod gateway_routes;
 pub mod objects;
 pub mod owner;
+pub mod policies;
 pub mod ratelimit;
 mod route_status;
 pub mod routes;
@@ -587,6 +588,7 @@ impl KubeSource {
             synced: [false; KINDS],
             not_installed: [false; KINDS],
             reported_rejections: HashMap::new(),
+            policies_in_force: HashMap::new(),
             reported_route_rejections: HashMap::new(),
             routes_in_force: HashMap::new(),
             health: Health::default(),
@@ -882,7 +884,10 @@ struct Run {
     /// counts as listed and empty, whatever its store still holds.
     not_installed: [bool; KINDS],
     /// The rejected policies last logged, and why: each rejection is logged once.
-    reported_rejections: HashMap<String, String>,
+    reported_rejections: HashMap<routes::RouteKey, String>,
+    /// The spec in force of each waypoint policy: a rejected one may keep its last accepted
+    /// version (`policies::convert_policies`).
+    policies_in_force: HashMap<routes::RouteKey, serde_json::Value>,
     /// Likewise for the routing resources.
     reported_route_rejections: HashMap<routes::RouteKey, String>,
     /// The spec in force of each routing resource: a rejected one keeps its last accepted
@@ -1095,24 +1100,26 @@ impl Run {
         } else {
             Vec::new()
         };
-        let converted = security::convert_policies(
+        let converted = policies::convert_policies(
             &authorizations,
             &peers,
             &authentications,
             &self.source.root_namespace,
+            &self.policies_in_force,
         );
         let mut reported = HashMap::with_capacity(converted.rejected.len());
-        for (resource, acceptance) in converted.rejected {
-            if self.reported_rejections.get(&resource) != Some(&acceptance.message) {
-                tracing::warn!(
-                    %resource,
-                    reason = %acceptance.verdict,
-                    message = %acceptance.message,
-                    "policy rejected; enforced in its fail-closed form (docs/crds.md)"
-                );
-            }
-            reported.insert(resource, acceptance.message);
-        }
+        report_rejections(
+            &self.reported_rejections,
+            &mut reported,
+            "policy",
+            "its fail-closed form (docs/crds.md)",
+            converted
+                .rejected
+                .iter()
+                .map(|(key, acceptance)| (key, acceptance)),
+            &converted.in_force,
+        );
+        self.policies_in_force = converted.in_force;
         self.reported_rejections = reported;
         converted.set
     }
@@ -1185,6 +1192,7 @@ impl Run {
             &self.reported_route_rejections,
             &mut reported,
             "routing resource",
+            "nothing",
             &converted.verdicts,
             &converted.in_force,
         );
@@ -1199,6 +1207,7 @@ impl Run {
             &self.reported_route_rejections,
             &mut reported,
             "RateLimitPolicy",
+            "nothing",
             &rate_limits.verdicts,
             &rate_limits.in_force,
         );
@@ -1243,13 +1252,16 @@ impl Run {
     }
 }
 
-/// Logs each rejected resource of `verdicts` (a `what`: routing resource, RateLimitPolicy) unless
-/// it was already reported with the same message (`previous`), and records it in `reported`.
-fn report_rejections(
+/// Logs each rejected resource of `verdicts` (a `what`: routing resource, RateLimitPolicy,
+/// policy) unless it was already reported with the same message (`previous`), and records it in
+/// `reported`; what is in force for it is its last accepted version if `in_force` has it, else
+/// `otherwise`.
+fn report_rejections<'a>(
     previous: &HashMap<routes::RouteKey, String>,
     reported: &mut HashMap<routes::RouteKey, String>,
     what: &str,
-    verdicts: &HashMap<routes::RouteKey, security::Acceptance>,
+    otherwise: &str,
+    verdicts: impl IntoIterator<Item = (&'a routes::RouteKey, &'a security::Acceptance)>,
     in_force: &HashMap<routes::RouteKey, serde_json::Value>,
 ) {
     for (key, acceptance) in verdicts {
@@ -1257,12 +1269,14 @@ fn report_rejections(
             continue;
         }
         if previous.get(key) != Some(&acceptance.message) {
+            let last_accepted_in_force = in_force.contains_key(key);
             tracing::warn!(
                 resource = %key,
                 reason = %acceptance.verdict,
                 message = %acceptance.message,
-                last_accepted_in_force = in_force.contains_key(key),
-                "{what} rejected; its last accepted version, if any, stays in force"
+                last_accepted_in_force,
+                "{what} rejected; in force: {}",
+                if last_accepted_in_force { "its last accepted version" } else { otherwise }
             );
         }
         reported.insert(key.clone(), acceptance.message.clone());

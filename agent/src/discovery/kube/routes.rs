@@ -56,7 +56,8 @@ super::spec_resource!(
     "destinationrules"
 );
 
-/// The kinds of routing resources.
+/// The kinds of resources whose last accepted version is kept: the routing resources, and the
+/// policy resources (`super::security`, which reuses this key and [`judge`]'s rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RouteKind {
     /// `networking.ambit.dev/v1` VirtualService.
@@ -69,6 +70,12 @@ pub enum RouteKind {
     GrpcRoute,
     /// `networking.ambit.dev/v1` RateLimitPolicy (`super::ratelimit`).
     RateLimitPolicy,
+    /// `security.ambit.dev/v1` AuthorizationPolicy (`super::security`).
+    AuthorizationPolicy,
+    /// `security.ambit.dev/v1` PeerAuthentication (`super::security`).
+    PeerAuthentication,
+    /// `security.ambit.dev/v1` RequestAuthentication (`super::security`).
+    RequestAuthentication,
 }
 
 impl fmt::Display for RouteKind {
@@ -79,11 +86,14 @@ impl fmt::Display for RouteKind {
             RouteKind::HttpRoute => "HTTPRoute",
             RouteKind::GrpcRoute => "GRPCRoute",
             RouteKind::RateLimitPolicy => "RateLimitPolicy",
+            RouteKind::AuthorizationPolicy => "AuthorizationPolicy",
+            RouteKind::PeerAuthentication => "PeerAuthentication",
+            RouteKind::RequestAuthentication => "RequestAuthentication",
         })
     }
 }
 
-/// A routing resource: its kind, namespace and name.
+/// A routing (or policy) resource: its kind, namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RouteKey {
     /// Its kind.

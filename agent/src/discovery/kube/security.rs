@@ -10,7 +10,7 @@
 //! workloads it selects; a rejected DENY policy is enforced with every rejected part counted as
 //! matching (a rejected source field, operation field or condition constrains nothing, so the
 //! policy denies at least what it names); a rejected PeerAuthentication is STRICT.
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{collections::BTreeMap, fmt};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use schemars::JsonSchema;
@@ -26,8 +26,8 @@ use crate::{
         workload_selector,
     },
     policy::{
-        Action, AuthorizationPolicy, PeerAuthMode, PeerAuthentication, PolicySet, Rule, Scope,
-        l7::{L7Rule, RequestAuthentication, TargetRef, WaypointPolicies, WaypointPolicy},
+        Action, AuthorizationPolicy, PeerAuthMode, PeerAuthentication, Rule, Scope,
+        l7::{L7Rule, RequestAuthentication, TargetRef, WaypointPolicy},
     },
     serdes::null_as_default,
 };
@@ -203,15 +203,6 @@ pub struct Converted<P> {
     pub policy: P,
     /// Accepted, or why not.
     pub acceptance: Acceptance,
-}
-
-/// The policies of the cluster, as the node agents and the waypoints enforce them.
-#[derive(Debug, Default)]
-pub struct ConvertedPolicies {
-    /// The policy set of the state.
-    pub set: PolicySet,
-    /// `kind namespace/name` and the verdict of each rejected resource.
-    pub rejected: Vec<(String, Acceptance)>,
 }
 
 /// The L7 fields of an authorization policy's `from[].source`.
@@ -693,35 +684,42 @@ fn lenient_targets(spec: &Value, namespace: &str) -> Vec<TargetRef> {
         .collect()
 }
 
-/// Converts an AuthorizationPolicy bound to waypoints ([`targets_waypoint`]), validated as the
-/// mesh file's are ([`waypoint_policy`]). Rejected, it fails closed at every target that can
-/// be read: an ALLOW (or an unknown action) allows nothing there, a DENY denies everything
-/// there. With no readable target it binds to nothing, and the status says so.
-pub fn waypoint_authorization_policy(
+/// Validates an AuthorizationPolicy bound to waypoints: `spec` is its current spec, or its last
+/// accepted one.
+pub(super) fn waypoint_policy_of(
     resource: &AuthorizationPolicyResource,
-) -> Converted<WaypointPolicy> {
+    spec: &Value,
+) -> Result<WaypointPolicy, PolicyError> {
     let meta = &resource.metadata;
-    let name = meta.name.clone().unwrap_or_default();
-    let namespace = meta.namespace.clone().unwrap_or_default();
     let dry_run = meta
         .annotations
         .as_ref()
         .and_then(|a| a.get(DRY_RUN_ANNOTATION))
         .is_some_and(|v| v == "true");
-    let validated = parse_spec::<WaypointAuthorizationSpec>(&resource.spec).and_then(|spec| {
-        let entry = AuthorizationPolicyFile {
-            name: name.clone(),
-            namespace: Some(namespace.clone()),
-            selector: spec.selector,
-            target_ref: spec.target_ref,
-            target_refs: spec.target_refs,
-            action: spec.action,
-            dry_run,
-            rules: spec.rules.unwrap_or_default(),
-        };
-        waypoint_policy("spec", &entry)
-    });
-    match validated {
+    let spec = parse_spec::<WaypointAuthorizationSpec>(spec)?;
+    let entry = AuthorizationPolicyFile {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: Some(meta.namespace.clone().unwrap_or_default()),
+        selector: spec.selector,
+        target_ref: spec.target_ref,
+        target_refs: spec.target_refs,
+        action: spec.action,
+        dry_run,
+        rules: spec.rules.unwrap_or_default(),
+    };
+    waypoint_policy("spec", &entry)
+}
+
+/// Converts an AuthorizationPolicy bound to waypoints ([`targets_waypoint`]), validated as the
+/// mesh file's are ([`waypoint_policy`]). Rejected, it fails closed at every target that can
+/// be read: an ALLOW (or an unknown action) allows nothing there, a DENY denies everything
+/// there. With no readable target it binds to every waypoint-bound service of its namespace
+/// ([`TargetRef::Namespace`]), and the status says so; `super::policies::convert_policies`
+/// puts its last accepted version in force instead when there is one.
+pub fn waypoint_authorization_policy(
+    resource: &AuthorizationPolicyResource,
+) -> Converted<WaypointPolicy> {
+    match waypoint_policy_of(resource, &resource.spec) {
         Ok(policy) => Converted {
             acceptance: Acceptance {
                 verdict: Verdict::Accepted,
@@ -729,7 +727,7 @@ pub fn waypoint_authorization_policy(
                     "{} policy with {} rule(s) {} by the waypoints of {}",
                     policy.action,
                     policy.rules.len(),
-                    if dry_run {
+                    if policy.dry_run {
                         "evaluated in dry-run (logged, not enforced)"
                     } else {
                         "enforced"
@@ -745,13 +743,32 @@ pub fn waypoint_authorization_policy(
             policy,
         },
         Err(e) => {
+            let meta = &resource.metadata;
+            let namespace = meta.namespace.clone().unwrap_or_default();
             let deny = resource.spec.get("action").and_then(Value::as_str) == Some("DENY");
+            let mut acceptance = Acceptance::rejected(Verdict::Invalid, &[e]);
+            let mut targets = lenient_targets(&resource.spec, &namespace);
+            if targets.is_empty() {
+                acceptance.message.push_str(&format!(
+                    "; no target can be read: its last accepted version stays in force, or \
+                     without one it {} every request to the waypoint-bound services of \
+                     namespace {namespace}",
+                    if deny { "denies" } else { "allows no" }
+                ));
+                targets = vec![TargetRef::Namespace {
+                    namespace: namespace.clone(),
+                }];
+            }
             let policy = WaypointPolicy {
-                name,
-                targets: lenient_targets(&resource.spec, &namespace),
+                name: meta.name.clone().unwrap_or_default(),
+                targets,
                 namespace,
                 action: if deny { Action::Deny } else { Action::Allow },
-                dry_run,
+                dry_run: meta
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+                    .is_some_and(|v| v == "true"),
                 // DENY with a rule that matches everything; ALLOW with none: nothing allowed.
                 rules: if deny {
                     vec![L7Rule::default()]
@@ -759,10 +776,7 @@ pub fn waypoint_authorization_policy(
                     Vec::new()
                 },
             };
-            Converted {
-                policy,
-                acceptance: Acceptance::rejected(Verdict::Invalid, &[e]),
-            }
+            Converted { policy, acceptance }
         }
     }
 }
@@ -778,38 +792,51 @@ struct RequestAuthenticationSpec {
     jwt_rules: Vec<JwtRuleFile>,
 }
 
-/// Converts a RequestAuthentication (validated as the mesh file's are). A rejected one is not
-/// enforced: tokens its rules would have checked give no request principal, so a policy that
-/// requires one denies (fail closed); the status says why.
+/// Validates a RequestAuthentication: `spec` is its current spec, or its last accepted one.
+pub(super) fn request_authentication_of(
+    resource: &RequestAuthenticationResource,
+    spec: &Value,
+) -> Result<RequestAuthentication, PolicyError> {
+    let meta = &resource.metadata;
+    let spec = parse_spec::<RequestAuthenticationSpec>(spec)?;
+    let entry = RequestAuthenticationFile {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone(),
+        selector: spec.selector,
+        target_ref: spec.target_ref,
+        target_refs: spec.target_refs,
+        jwt_rules: spec.jwt_rules,
+    };
+    validate_request_authentication("spec", &entry)
+}
+
+/// The `Accepted` message of a RequestAuthentication in force.
+pub(super) fn describe_authentication(authentication: &RequestAuthentication) -> String {
+    format!(
+        "{} JWT rule(s) enforced by the waypoints of {}",
+        authentication.jwt_rules.len(),
+        authentication
+            .targets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Converts a RequestAuthentication (validated as the mesh file's are). A rejected one is
+/// `None` here; `super::policies::convert_policies` keeps its last accepted version in force
+/// (the status says it was rejected, and why), so that its targets keep their JWT validation
+/// and claim-header stripping. Without one, nothing is enforced for it: tokens its rules would have checked give
+/// no request principal, so a policy that requires one denies (fail closed).
 pub fn request_authentication(
     resource: &RequestAuthenticationResource,
 ) -> Converted<Option<RequestAuthentication>> {
-    let meta = &resource.metadata;
-    let validated = parse_spec::<RequestAuthenticationSpec>(&resource.spec).and_then(|spec| {
-        let entry = RequestAuthenticationFile {
-            name: meta.name.clone().unwrap_or_default(),
-            namespace: meta.namespace.clone(),
-            selector: spec.selector,
-            target_ref: spec.target_ref,
-            target_refs: spec.target_refs,
-            jwt_rules: spec.jwt_rules,
-        };
-        validate_request_authentication("spec", &entry)
-    });
-    match validated {
+    match request_authentication_of(resource, &resource.spec) {
         Ok(authentication) => Converted {
             acceptance: Acceptance {
                 verdict: Verdict::Accepted,
-                message: format!(
-                    "{} JWT rule(s) enforced by the waypoints of {}",
-                    authentication.jwt_rules.len(),
-                    authentication
-                        .targets
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                message: describe_authentication(&authentication),
             },
             policy: Some(authentication),
         },
@@ -829,84 +856,6 @@ pub fn authorization_acceptance(
         waypoint_authorization_policy(resource).acceptance
     } else {
         authorization_policy(resource, root_namespace).acceptance
-    }
-}
-
-/// Converts every policy resource; see [`authorization_policy`],
-/// [`waypoint_authorization_policy`], [`peer_authentication`] and [`request_authentication`].
-///
-/// Policies are ordered oldest first (by `creationTimestamp`), except that rejected
-/// PeerAuthentications come before accepted ones, so that at their level (selector,
-/// namespace, mesh) a rejected one's STRICT wins over an accepted one's mode.
-pub fn convert_policies(
-    authorizations: &[Arc<AuthorizationPolicyResource>],
-    peer_authentications: &[Arc<PeerAuthenticationResource>],
-    request_authentications: &[Arc<RequestAuthenticationResource>],
-    root_namespace: &str,
-) -> ConvertedPolicies {
-    let uid = |kind: &str, meta: &ObjectMeta| {
-        format!(
-            "{kind} {}/{}",
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default()
-        )
-    };
-    let mut rejected = Vec::new();
-    let mut authorizations: Vec<&AuthorizationPolicyResource> =
-        authorizations.iter().map(|r| &**r).collect();
-    authorizations.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
-    let (mut node, mut waypoint) = (Vec::new(), Vec::new());
-    for resource in authorizations {
-        let acceptance = if targets_waypoint(&resource.spec) {
-            let converted = waypoint_authorization_policy(resource);
-            waypoint.push(converted.policy);
-            converted.acceptance
-        } else {
-            let converted = authorization_policy(resource, root_namespace);
-            node.push(converted.policy);
-            converted.acceptance
-        };
-        if !acceptance.accepted() {
-            rejected.push((uid("AuthorizationPolicy", &resource.metadata), acceptance));
-        }
-    }
-    let mut authentications: Vec<&RequestAuthenticationResource> =
-        request_authentications.iter().map(|r| &**r).collect();
-    authentications.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
-    let authentications = authentications
-        .into_iter()
-        .filter_map(|resource| {
-            let converted = request_authentication(resource);
-            if !converted.acceptance.accepted() {
-                rejected.push((
-                    uid("RequestAuthentication", &resource.metadata),
-                    converted.acceptance,
-                ));
-            }
-            converted.policy
-        })
-        .collect();
-    let mut peers: Vec<&PeerAuthenticationResource> =
-        peer_authentications.iter().map(|r| &**r).collect();
-    peers.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
-    let (mut first, mut then) = (Vec::new(), Vec::new());
-    for resource in peers {
-        let converted = peer_authentication(resource, root_namespace);
-        if converted.acceptance.accepted() {
-            then.push(converted.policy);
-        } else {
-            rejected.push((
-                uid("PeerAuthentication", &resource.metadata),
-                converted.acceptance,
-            ));
-            first.push(converted.policy);
-        }
-    }
-    first.extend(then);
-    ConvertedPolicies {
-        set: PolicySet::new(node, first)
-            .with_waypoint_policies(WaypointPolicies::new(waypoint, authentications)),
-        rejected,
     }
 }
 

@@ -56,7 +56,9 @@ pub fn extract(headers: &HeaderMap) -> Option<Incoming> {
 }
 
 fn single_header(value: &str) -> Option<Incoming> {
-    let parts: Vec<&str> = value.split('-').collect();
+    // At most four fields; a fifth (the rest of the value) makes it invalid. `splitn` keeps the
+    // work and the allocation bounded whatever the caller sends.
+    let parts: Vec<&str> = value.splitn(5, '-').collect();
     let decision = |s: &str| match s {
         "1" | "d" => Some(Some(true)),
         "0" => Some(Some(false)),
@@ -154,6 +156,13 @@ mod tests {
         .unwrap();
         assert_eq!(parsed.sampled, Some(true));
         assert_eq!(parsed.form, Form::Single);
+        // All four fields.
+        let full = extract(&headers(&[(
+            "b3",
+            &format!("{CLIENT_TRACE}-{CLIENT_SPAN}-0-{CLIENT_SPAN}"),
+        )]))
+        .unwrap();
+        assert_eq!((full.sampled, full.ids.is_some()), (Some(false), true));
         assert_eq!(
             extract(&headers(&[("b3", "1")])),
             Some(Incoming {
@@ -169,6 +178,15 @@ mod tests {
             "4bf92f3577b34da6-00f067aa0ba902b7-2",
             "00000000000000000000000000000000-00f067aa0ba902b7",
             "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1-zz",
+            // Empty fields, a trailing dash, a fifth field, many dashes, no value.
+            "",
+            "-",
+            "4bf92f3577b34da6a3ce929d0e0e4736--1",
+            "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-",
+            "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1-",
+            "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1-00f067aa0ba902b7-",
+            "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1-00f067aa0ba902b7-x",
+            "-".repeat(10_000).as_str(),
         ] {
             assert_eq!(extract(&headers(&[("b3", bad)])), None, "{bad}");
         }

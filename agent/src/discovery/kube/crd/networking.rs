@@ -864,6 +864,15 @@ pub struct RateLimitPolicySpec {
     /// One bucket per client identity (the SPIFFE identity the waypoint verified).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_identity: Option<TokenBucket>,
+    /// Envoy's enable_x_ratelimit_headers: OFF (the default, as Envoy's) or DRAFT_VERSION_03,
+    /// the x-ratelimit-limit/-remaining/-reset headers of the deciding bucket on every response
+    /// the policy applies to (they reveal a shared bucket's level to every caller). Absent is
+    /// OFF; quote "OFF" in YAML.
+    // A string with a pattern, not an enum: in the CRD's YAML as kubectl reads it (YAML 1.1),
+    // an unquoted OFF in an enum would be a boolean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^(OFF|DRAFT_VERSION_03)$"))]
+    pub enable_x_ratelimit_headers: Option<String>,
 }
 
 /// A target of a RateLimitPolicy (Istio's PolicyTargetReference, with a sectionName).
