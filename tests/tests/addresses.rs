@@ -305,3 +305,64 @@ fn the_pod_routing_for_the_inbound_hop_touches_only_marked_packets() -> Result<(
     );
     Ok(())
 }
+
+/// A process in a pod with CAP_NET_RAW (a container's default) can set the hop's mark and
+/// `IP_TRANSPARENT`: it must still not pose as another client toward its own agent. Its
+/// forged connection to its own address (redirected to the agent's outbound listener) never
+/// completes, as the agent's listeners answer by the main table, and the agent logs nothing
+/// from the forged address. (Without the listeners' own mark, it completed.)
+#[test]
+fn a_pod_cannot_pose_as_another_client_toward_its_agent() -> Result<()> {
+    let cluster = cluster(1, 2)?;
+    let (pod, victim) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    cluster.set_enrolled(victim, false);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let _s = serve(pod, &[8080])?;
+    let mark = format!("{:#x}", 0x539);
+    for (dst, forged) in [
+        (pod.addr4(8080), IpAddr::V4(victim.ip4())),
+        (pod.addr6(8080), IpAddr::V6(victim.ip6())),
+    ] {
+        let mut forger = pod.spawn(
+            ambit_tests::testpod_path!(),
+            [
+                "client",
+                "--connect",
+                &dst.to_string(),
+                "--mark",
+                &mark,
+                "--transparent-from",
+                &forged.to_string(),
+                "--timeout-ms",
+                "3000",
+            ],
+        )?;
+        let (_, lines) = forger.wait_json(TIMEOUT)?;
+        let report = lines.first().cloned().unwrap_or_default();
+        ensure_or_dump!(
+            cluster,
+            report["ok"] == false && report["greeting"].is_null(),
+            "{dst}: a connection posing as {forged} was accepted: {report}; stderr: {}",
+            forger.stderr()
+        );
+        let forged_lines: Vec<_> = access_logs(cluster.node(0))
+            .into_iter()
+            .filter(|l| {
+                l["src"]
+                    .as_str()
+                    .and_then(|s| s.parse::<SocketAddr>().ok())
+                    .is_some_and(|s| s.ip() == forged)
+            })
+            .collect();
+        ensure_or_dump!(
+            cluster,
+            forged_lines.is_empty(),
+            "the agent took {forged} for a client: {forged_lines:?}"
+        );
+    }
+    // The same pod's honest connection to itself still goes through.
+    let conn = connect_ok(&cluster, pod, pod.addr4(8080), 1000)?;
+    ensure_or_dump!(cluster, conn.report["ok"] == true, "{}", conn.report);
+    Ok(())
+}

@@ -602,6 +602,8 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     }
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    // Its accepted connections answer by the main table, never as the agent's hops do.
+    socket.set_mark(crate::netns::routing::LISTENER_MARK)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())

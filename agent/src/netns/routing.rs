@@ -10,8 +10,10 @@
 //! and one rule per family sends marked packets to a table whose only route delivers
 //! everything locally ([`TABLE`]: `local default dev lo`). ztunnel does the same in pod mode
 //! with iptables' connmark; Ambit needs no iptables. Nothing else in the pod changes: no other
-//! socket carries the mark (setting it takes CAP_NET_ADMIN, and then it only affects the pod's
-//! own traffic), and packets from outside arrive unmarked (a mark does not cross namespaces).
+//! agent socket carries the mark (a pod process with CAP_NET_RAW can set it, which affects only
+//! the pod's own traffic, and the agent's listeners carry [`LISTENER_MARK`] so that it cannot
+//! pose as another client toward them), and packets from outside arrive unmarked (a mark does
+//! not cross namespaces).
 //!
 //! Installed by enrolment before the pod's listeners are registered; a failure closes the pod
 //! as any other enrolment failure does. Un-enrolment leaves it: the pod's open connections
@@ -37,6 +39,14 @@ use super::Netns;
 /// The mark of the agent's sockets to applications, and so of the connections they accept
 /// (ztunnel's in-pod mark, 1337).
 pub const MARK: u32 = 0x539;
+/// The mark of the agent's listeners in pods, and so of the connections they accept: any
+/// mark but [`MARK`] and 0. With `tcp_fwmark_accept` set, a listener without a mark of its own
+/// would give an accepted connection the SYN's mark, and a pod process able to set [`MARK`]
+/// and `IP_TRANSPARENT` (CAP_NET_RAW is enough) could then pose as any client toward the
+/// agent: its forged SYN's answer would be routed back to it by table [`TABLE`]. Marked so, the
+/// answer leaves by the pod's interface for the forged address and the handshake never
+/// completes.
+pub const LISTENER_MARK: u32 = 0x53a;
 /// The in-pod routing table of marked packets (ztunnel's in-pod table).
 pub const TABLE: u32 = 100;
 /// The rule's priority: before the main table's (32766), as ztunnel's.

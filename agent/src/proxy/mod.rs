@@ -248,8 +248,20 @@ pub async fn connect_to_application(
         .agent_hop(dst, from)
         .map_err(|err| io::Error::other(format!("{err:#}")))?;
     let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    socket.connect(dst).await
+    // Bounded, so that an application that never accepts cannot hold hops (and their
+    // AGENT_HOPS entries) through the kernel's SYN retries.
+    tokio::time::timeout(HOP_CONNECT_TIMEOUT, socket.connect(dst))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the application at {dst} did not accept within {HOP_CONNECT_TIMEOUT:?}"),
+            )
+        })?
 }
+
+/// How long the hop to an application may take to connect (ztunnel's connect timeout).
+pub const HOP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Ends a connection in one place, however it went: its closed series with the response flags
 /// of the error if any, the agent's refusal counters, and its access-log line.

@@ -134,6 +134,10 @@ enum Cmd {
         /// CAP_NET_RAW can.
         #[arg(long, value_parser = parse_u32)]
         mark: Option<u32>,
+        /// Bind to this address with `IP_TRANSPARENT` before connecting, posing as a client
+        /// it is not, as a process with CAP_NET_RAW can.
+        #[arg(long)]
+        transparent_from: Option<IpAddr>,
         /// Send at most this many bytes per second (a long transfer whatever the machine's
         /// speed).
         #[arg(long)]
@@ -352,6 +356,7 @@ fn main() -> ExitCode {
             timeout_ms,
             pattern,
             mark,
+            transparent_from,
             rate,
             send_first,
         } => client(
@@ -362,6 +367,7 @@ fn main() -> ExitCode {
                 timeout: Duration::from_millis(timeout_ms),
                 pattern: pattern.map(String::into_bytes),
                 mark,
+                transparent_from,
                 rate,
                 first: send_first,
             },
@@ -679,6 +685,7 @@ struct Sending {
     timeout: Duration,
     pattern: Option<Vec<u8>>,
     mark: Option<u32>,
+    transparent_from: Option<IpAddr>,
     rate: Option<u64>,
     /// Before the greeting arrives.
     first: bool,
@@ -700,6 +707,7 @@ fn client_conn(addr: SocketAddr, index: u32, sending: &Sending) -> Value {
         timeout,
         ref pattern,
         mark,
+        transparent_from,
         rate,
         first,
     } = *sending;
@@ -711,7 +719,8 @@ fn client_conn(addr: SocketAddr, index: u32, sending: &Sending) -> Value {
         "sent": 0, "received": 0, "error": null,
     });
     let r = (|| -> Result<(), String> {
-        let s = connect_marked(addr, timeout, mark).map_err(|e| format!("connect {addr}: {e}"))?;
+        let s = connect_marked(addr, timeout, mark, transparent_from)
+            .map_err(|e| format!("connect {addr}: {e}"))?;
         out["peer"] = json!(s.peer_addr().map(|a| a.to_string()).ok());
         out["local"] = json!(s.local_addr().map(|a| a.to_string()).ok());
         out["kernel_peer"] = json!(kernel_peer(&s).map(|a| a.to_string()));
@@ -801,7 +810,6 @@ fn client_conn(addr: SocketAddr, index: u32, sending: &Sending) -> Value {
     out
 }
 
-/// A blocking connect with a timeout, the socket marked first if asked.
 /// The remote address of `s` as the kernel's socket table (`/proc/self/net/tcp{,6}`) lists
 /// it, found by the socket's inode: where the connection really goes, whatever a
 /// `getpeername` hook makes the application see (for a redirected socket, the agent's
@@ -839,12 +847,29 @@ fn kernel_peer(s: &TcpStream) -> Option<SocketAddr> {
     None
 }
 
-fn connect_marked(addr: SocketAddr, timeout: Duration, mark: Option<u32>) -> io::Result<TcpStream> {
-    let Some(mark) = mark else {
+/// A blocking connect with a timeout, the socket marked and bound transparently to
+/// `transparent_from` first if asked.
+fn connect_marked(
+    addr: SocketAddr,
+    timeout: Duration,
+    mark: Option<u32>,
+    transparent_from: Option<IpAddr>,
+) -> io::Result<TcpStream> {
+    if mark.is_none() && transparent_from.is_none() {
         return TcpStream::connect_timeout(&addr, timeout);
-    };
+    }
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_mark(mark)?;
+    if let Some(mark) = mark {
+        s.set_mark(mark)?;
+    }
+    if let Some(from) = transparent_from {
+        if addr.is_ipv4() {
+            s.set_ip_transparent_v4(true)?;
+        } else {
+            s.set_ip_transparent_v6(true)?;
+        }
+        s.bind(&SocketAddr::new(from, 0).into())?;
+    }
     s.connect_timeout(&addr.into(), timeout)?;
     Ok(s.into())
 }
