@@ -69,9 +69,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// it to the endpoint) would with a real bound.
 const MAX_STREAMS_PER_CONNECTION: usize = 100;
 
-/// The receive window of each upstream HTTP/2 stream (hyper's default): the most of one
-/// response buffered while its client does not read it.
-const UPSTREAM_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// The receive window of each upstream HTTP/2 stream: the most of one response buffered while
+/// its client does not read it. 256 KiB, not hyper's 2 MiB: every request in flight may hold
+/// it, so it is what a waypoint's memory grows by per unread response (until the stream idle
+/// timeout), and it still carries over 1 GB/s per stream at a cluster's round trip.
+const UPSTREAM_STREAM_WINDOW: u32 = 256 * 1024;
 
 /// The receive window of an upstream HTTP/2 connection: room for every stream's full window, so
 /// clients that stop reading their responses hold only their own streams' windows and never
