@@ -267,6 +267,10 @@ pub struct InboundSettings {
     pub handshake_timeout: Duration,
     /// Bound on the client's HTTP/2 preface, once TLS is up.
     pub preface_timeout: Duration,
+    /// Once this turns true, every connection sends GOAWAY: its client opens new tunnels on
+    /// a new connection (to whichever listener serves then), while those open run to their end.
+    /// The agent retiring for a successor sets it ([`crate::handover`]).
+    pub drain: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl InboundSettings {
@@ -287,7 +291,16 @@ impl InboundSettings {
             // handshake across a cluster, short for an idle socket.
             handshake_timeout: Duration::from_secs(10),
             preface_timeout: Duration::from_secs(10),
+            drain: None,
         }
+    }
+}
+
+/// Resolves once `drain` turns true (`true`), or its sender is gone (`false`); never without one.
+async fn until_draining(drain: &mut Option<tokio::sync::watch::Receiver<bool>>) -> bool {
+    match drain {
+        Some(drain) => drain.wait_for(|d| *d).await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -406,6 +419,7 @@ impl<H: InboundHandler> HboneServer<H> {
         drop(handshake);
         let keepalive = settings.http2.keepalive(connection.ping_pong());
         tokio::pin!(keepalive);
+        let mut drain = settings.drain.clone();
         // Polling `accept` also drives the connection's I/O for the streams already open, so
         // keep at it until the client is done.
         loop {
@@ -413,6 +427,14 @@ impl<H: InboundHandler> HboneServer<H> {
                 accepted = connection.accept() => accepted,
                 // Dropping the connection resets its tunnels, which are as dead as it is.
                 failure = &mut keepalive => return Err(ConnectionError::Unresponsive(failure)),
+                draining = until_draining(&mut drain) => {
+                    if draining {
+                        debug!(%source, "HBONE connection: GOAWAY, the agent is retiring");
+                        connection.graceful_shutdown();
+                    }
+                    drain = None;
+                    continue;
+                }
             };
             let Some(accepted) = accepted else {
                 return Ok(());
