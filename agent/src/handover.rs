@@ -31,6 +31,7 @@
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -43,7 +44,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{enrolment::Control, limits::Limits};
+use crate::{
+    enrolment::Control,
+    limits::{Gated, Limits, accept_loop},
+};
 
 /// The handover socket's file name, in the CNI socket's directory.
 pub const SOCKET_NAME: &str = "agent-handover.sock";
@@ -166,38 +170,44 @@ fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves successors on `socket` (taking the path over from a predecessor's), one at a time,
-/// until one takes over.
+/// Serves successors on `socket` (taking the path over from a predecessor's), one at a time
+/// (the others wait in the socket's backlog), until one takes over.
 pub async fn serve(
     socket: PathBuf,
     control: mpsc::Sender<Control>,
     role: watch::Sender<Role>,
 ) -> anyhow::Result<()> {
-    let listener = bind(&socket)?;
+    let listener = Gated::new(bind(&socket)?, 1);
     info!(socket = %socket.display(), "handover socket listening");
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                warn!(%err, "handover socket: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        match hand_over(BufReader::new(stream), &control, &role).await {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(err) => warn!(err = format!("{err:#}"), "handover failed"),
-        }
+    let mut retired = role.subscribe();
+    let role = Arc::new(role);
+    let accepting = accept_loop(
+        &listener,
+        "handover",
+        |_| {},
+        |(stream, permit), _| {
+            let (control, role) = (control.clone(), role.clone());
+            tokio::spawn(async move {
+                if let Err(err) = hand_over(BufReader::new(stream), &control, &role).await {
+                    warn!(err = format!("{err:#}"), "handover failed");
+                }
+                drop(permit);
+            });
+        },
+    );
+    tokio::select! {
+        () = accepting => {}
+        _ = retired.wait_for(|r| *r == Role::Retired) => {}
     }
+    Ok(())
 }
 
-/// One successor's handover; true once it took over.
+/// One successor's handover.
 async fn hand_over(
     mut stream: BufReader<UnixStream>,
     control: &mpsc::Sender<Control>,
     role: &watch::Sender<Role>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<()> {
     let hello = read_line(&mut stream, REPLY_TIMEOUT).await?;
     if hello != "hello" {
         bail!("a successor sent {hello:?} (expected \"hello\")");
@@ -225,7 +235,7 @@ async fn hand_over(
             role.send_replace(Role::Retired);
             // The successor may already be gone; it took over all the same.
             let _ = send(&mut stream, "retired").await;
-            Ok(true)
+            Ok(())
         }
         other => {
             let _ = control.send(Control::Resume).await;
