@@ -36,6 +36,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("the CA service and the proxy", &["ca", "proxy"]),
     ("enrolment: per-pod listeners and maps", &["enrolment"]),
+    (
+        "replacing an agent: the handover between two",
+        &["handover"],
+    ),
     ("admin endpoints", &["admin"]),
     ("the waypoint: the L7 proxy", &["waypoint"]),
     (

@@ -114,6 +114,8 @@ pub struct Node {
     mesh_path: PathBuf,
     ambit: PathBuf,
     agent: Mutex<Option<AgentProc>>,
+    /// The agent a [successor](Node::start_successor_agent) replaces, until it is stopped.
+    predecessor: Mutex<Option<AgentProc>>,
     agent_env: Mutex<BTreeMap<String, String>>,
     agent_args: Mutex<Vec<String>>,
     ca_args: Mutex<Vec<String>>,
@@ -303,6 +305,57 @@ impl Node {
                 a.child.id()
             );
         }
+        *slot = Some(self.spawn_agent()?);
+        Ok(())
+    }
+
+    /// Starts a second agent beside the running one, as a DaemonSet rolling with a surge does:
+    /// same command line, cgroup, pins and sockets. The running one becomes the predecessor
+    /// ([`stop_predecessor`](Self::stop_predecessor)); the new one is the node's agent from
+    /// now on (its log goes to the same file). Does not wait for readiness.
+    pub fn start_successor_agent(&self) -> Result<()> {
+        let mut predecessor = lock(&self.predecessor);
+        if let Some(p) = predecessor.as_mut()
+            && p.try_status().is_none()
+        {
+            bail!(
+                "the predecessor agent of {} still runs (pid {})",
+                self.name,
+                p.child.id()
+            );
+        }
+        let mut slot = lock(&self.agent);
+        let running = slot.as_mut().is_some_and(|a| a.try_status().is_none());
+        ensure!(running, "no agent of {} runs to be replaced", self.name);
+        let successor = self.spawn_agent()?;
+        *predecessor = slot.replace(successor);
+        Ok(())
+    }
+
+    /// PID of the predecessor agent while it runs.
+    pub fn predecessor_pid(&self) -> Option<u32> {
+        let mut slot = lock(&self.predecessor);
+        let a = slot.as_mut()?;
+        a.try_status().is_none().then(|| a.child.id())
+    }
+
+    /// Stops the predecessor as the DaemonSet does once its successor is ready: SIGTERM, then
+    /// waits up to `timeout` for it to exit (SIGKILL after). Returns its exit status, and
+    /// whether it exited by itself within `timeout`.
+    pub fn stop_predecessor(&self, timeout: Duration) -> Result<(ExitStatus, bool)> {
+        let mut slot = lock(&self.predecessor);
+        let a = slot
+            .as_mut()
+            .with_context(|| format!("no predecessor agent on {}", self.name))?;
+        a.signal(libc::SIGTERM);
+        if let Some(s) = a.wait_until(Instant::now() + timeout) {
+            return Ok((s, true));
+        }
+        let s = a.kill().context("reaping the predecessor agent")?;
+        Ok((s, false))
+    }
+
+    fn spawn_agent(&self) -> Result<AgentProc> {
         ensure!(
             self.ambit.exists(),
             "ambit binary {} not found (build it or set AMBIT_BIN)",
@@ -328,11 +381,10 @@ impl Node {
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn agent of {}", self.name))?;
-        *slot = Some(AgentProc {
+        Ok(AgentProc {
             child,
             status: None,
-        });
-        Ok(())
+        })
     }
 
     /// Stops the agent: SIGTERM, wait up to 5 s, then SIGKILL; reaps it. Returns its exit
@@ -920,6 +972,7 @@ impl Cluster {
                     mesh_path: mesh_path.clone(),
                     ambit: ambit.clone(),
                     agent: Mutex::new(None),
+                    predecessor: Mutex::new(None),
                     agent_env: Mutex::new(BTreeMap::new()),
                     agent_args: Mutex::new(Vec::new()),
                     ca_args: Mutex::new(Vec::new()),
@@ -1685,7 +1738,8 @@ impl Cluster {
         let mut agents: Vec<AgentProc> = self
             .nodes
             .iter()
-            .filter_map(|n| lock(&n.agent).take())
+            .flat_map(|n| [lock(&n.agent).take(), lock(&n.predecessor).take()])
+            .flatten()
             .collect();
         for a in &mut agents {
             a.signal(libc::SIGTERM);

@@ -804,15 +804,32 @@ fn check_install(objs: &[Value], expect: &Expect) {
     let probe = &c["readinessProbe"]["httpGet"];
     assert_eq!(probe["path"], "/healthz/ready");
     assert_eq!(probe["port"], readiness);
-    let ports = c["ports"].as_array().unwrap();
-    let metrics_port = ports
-        .iter()
-        .find(|p| p["containerPort"] == metrics)
-        .expect("the metrics port is declared");
-    assert!(ports.iter().any(|p| p["containerPort"] == readiness));
+    // With hostNetwork a declared port becomes a hostPort, and the scheduler would refuse the
+    // surge pod of a rolling update beside the old agent holding it.
     assert!(
-        ports.iter().all(|p| p["name"].is_string()),
-        "ports are named"
+        c["ports"].is_null(),
+        "the agent declares no port (they would be hostPorts): {}",
+        c["ports"]
+    );
+    // An upgrade starts the new agent beside the old one, which drains: within the pod's
+    // grace period, with a margin to exit.
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        rolling["maxSurge"], 1,
+        "the agents roll with a surge: {rolling}"
+    );
+    let drain = flags
+        .get("--termination-grace-period")
+        .cloned()
+        .unwrap_or_else(|| agent.default_of("--termination-grace-period"));
+    let drain: u64 = drain
+        .strip_suffix('s')
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("--termination-grace-period {drain:?} in seconds"));
+    assert!(
+        pod["terminationGracePeriodSeconds"].as_u64().unwrap() > drain,
+        "terminationGracePeriodSeconds must exceed the agent's --termination-grace-period ({drain}s)"
     );
     for part in ["requests", "limits"] {
         for r in ["cpu", "memory"] {
@@ -967,7 +984,7 @@ fn check_install(objs: &[Value], expect: &Expect) {
     assert!(labels_match(&msvc["spec"]["selector"], agent_labels));
     let mp = &msvc["spec"]["ports"][0];
     assert_eq!(mp["port"], metrics);
-    assert_eq!(mp["targetPort"], metrics_port["name"]);
+    assert_eq!(mp["targetPort"], metrics);
     if let Some(pm) = objs
         .iter()
         .find(|o| o["kind"] == "PodMonitor" && o["metadata"]["name"] == "ambit-agent")
@@ -977,10 +994,15 @@ fn check_install(objs: &[Value], expect: &Expect) {
             agent_labels
         ));
         assert_eq!(strs(&pm["spec"]["namespaceSelector"]["matchNames"]), [ns]);
-        assert_eq!(
-            pm["spec"]["podMetricsEndpoints"][0]["port"],
-            metrics_port["name"]
-        );
+        // No declared port to name: the agent container only, at the metrics port.
+        let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+        let relabel = endpoint["relabelings"].as_array().unwrap();
+        assert!(relabel.iter().any(|r| r["action"] == "keep"
+            && r["sourceLabels"][0] == "__meta_kubernetes_pod_container_name"
+            && r["regex"] == "agent"));
+        assert!(relabel.iter().any(|r| r["targetLabel"] == "__address__"
+            && r["sourceLabels"][0] == "__meta_kubernetes_pod_ip"
+            && r["replacement"] == format!("$1:{metrics}")));
     }
 
     // --- the CNI plugin: installed where the runtime looks, pointed at the agent's socket ---

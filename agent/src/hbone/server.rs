@@ -284,6 +284,10 @@ pub struct InboundSettings {
     pub handshake_timeout: Duration,
     /// Bound on the client's HTTP/2 preface, once TLS is up.
     pub preface_timeout: Duration,
+    /// Once this turns true, every connection sends GOAWAY: its client opens new tunnels on
+    /// a new connection (to whichever listener serves then), while those open run to their end.
+    /// The agent retiring for a successor sets it ([`crate::handover`]).
+    pub drain: Option<watch::Receiver<bool>>,
 }
 
 impl InboundSettings {
@@ -304,7 +308,16 @@ impl InboundSettings {
             // handshake across a cluster, short for an idle socket.
             handshake_timeout: Duration::from_secs(10),
             preface_timeout: Duration::from_secs(10),
+            drain: None,
         }
+    }
+}
+
+/// Resolves once `drain` turns true (`true`), or its sender is gone (`false`); never without one.
+async fn until_draining(drain: &mut Option<watch::Receiver<bool>>) -> bool {
+    match drain {
+        Some(drain) => drain.wait_for(|d| *d).await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -317,8 +330,6 @@ struct ServerInner<H> {
     handler: H,
     settings: InboundSettings,
     limits: Arc<Limits>,
-    /// Set once the server drains: every connection, live or new, is sent a GOAWAY.
-    draining: watch::Sender<bool>,
     /// Connections accepted and not yet ended.
     live: watch::Sender<usize>,
 }
@@ -340,7 +351,6 @@ impl<H: InboundHandler> HboneServer<H> {
                 handler,
                 settings,
                 limits,
-                draining: watch::Sender::new(false),
                 live: watch::Sender::new(0),
             }),
         }
@@ -351,16 +361,8 @@ impl<H: InboundHandler> HboneServer<H> {
         &self.inner.handler
     }
 
-    /// Starts draining: every connection, those open and those accepted from now on, is sent
-    /// a graceful GOAWAY (RFC 9113 §6.8), so clients open their next tunnels elsewhere while
-    /// the tunnels they have run to their end. The listener keeps accepting: a client that has
-    /// not yet learnt that this server is going away is served, not refused.
-    pub fn drain(&self) {
-        self.inner.draining.send_replace(true);
-    }
-
     /// Waits until no connection is left (all closed by their clients, or ended with their
-    /// last tunnel after [`Self::drain`]).
+    /// last tunnel once [`InboundSettings::drain`] turned true).
     pub async fn connections_closed(&self) {
         let mut live = self.inner.live.subscribe();
         let _ = live.wait_for(|n| *n == 0).await;
@@ -450,8 +452,7 @@ impl<H: InboundHandler> HboneServer<H> {
         drop(handshake);
         let keepalive = settings.http2.keepalive(connection.ping_pong());
         tokio::pin!(keepalive);
-        let mut draining = self.inner.draining.subscribe();
-        let mut goaway_sent = false;
+        let mut drain = settings.drain.clone();
         // Polling `accept` also drives the connection's I/O for the streams already open, so
         // keep at it until the client is done (after a GOAWAY: until its last tunnel ends).
         loop {
@@ -459,10 +460,12 @@ impl<H: InboundHandler> HboneServer<H> {
                 accepted = connection.accept() => accepted,
                 // Dropping the connection resets its tunnels, which are as dead as it is.
                 failure = &mut keepalive => return Err(ConnectionError::Unresponsive(failure)),
-                true = async { draining.wait_for(|d| *d).await.is_ok() }, if !goaway_sent => {
-                    debug!(%source, "draining: GOAWAY sent");
-                    connection.graceful_shutdown();
-                    goaway_sent = true;
+                draining = until_draining(&mut drain) => {
+                    if draining {
+                        debug!(%source, "HBONE connection: GOAWAY, the agent is retiring");
+                        connection.graceful_shutdown();
+                    }
+                    drain = None;
                     continue;
                 }
             };

@@ -193,8 +193,9 @@ pub struct WaypointArgs {
     pub tracing_sampling: f64,
 }
 
-/// Drains on `signal`: the HTTP connections in tunnels finish their requests and close, the
-/// HBONE connections are sent a GOAWAY, and new tunnels are still served (a node agent that has
+/// Drains on `signal` (through `draining`, which the server's [`InboundSettings::drain`] and
+/// the HTTP connections in tunnels watch): the HTTP connections finish their requests and
+/// close, the HBONE connections are sent a GOAWAY, and new tunnels are still served (a node agent that has
 /// not yet seen this replica go sends them here), until no connection is left or `timeout`.
 async fn drain<H: crate::hbone::InboundHandler>(
     server: &HboneServer<H>,
@@ -209,7 +210,6 @@ async fn drain<H: crate::hbone::InboundHandler>(
         "draining: requests in flight finish, clients are moved to other replicas"
     );
     draining.send_replace(true);
-    server.drain();
     match tokio::time::timeout(timeout, server.connections_closed()).await {
         Ok(()) => info!("drained: no connection left"),
         Err(_) => warn!(
@@ -335,6 +335,8 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     let stopping = waypoint.clone();
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
     settings.reserved_ports = RESERVED_PORTS.to_vec();
+    // One signal drains both layers: the HBONE connections (GOAWAY) and the HTTP in tunnels.
+    settings.drain = Some(waypoint.draining.subscribe());
     let server = HboneServer::new(WaypointInbound::new(waypoint), settings, limits.clone());
     let listener = crate::admin::bind(args.hbone_addr).await?;
     let serving = server.clone();

@@ -42,10 +42,10 @@ use ambit_common::{
 };
 use aya_ebpf::{
     bindings::{
-        BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE,
-        bpf_sock, sk_action,
+        BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_LOOKUP_F_NO_REUSEPORT,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, sk_action,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
@@ -773,7 +773,10 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
 
 #[inline(always)]
 fn steer(ctx: &SkLookupContext, listeners: &SockHash<IpKey>, local: IpKey) -> u32 {
-    match listeners.redirect_sk_lookup(ctx, local, 0) {
+    // The very socket registered, never another of its SO_REUSEPORT group: the agent's
+    // listeners share the port with a successor's (crate handover), and a root process in the
+    // pod could join that group with its own listener and take the steered traffic.
+    match listeners.redirect_sk_lookup(ctx, local, u64::from(BPF_SK_LOOKUP_F_NO_REUSEPORT)) {
         Ok(()) => {
             count(stats::INBOUND_STEERED);
             sk_action::SK_PASS
