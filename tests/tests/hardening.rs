@@ -423,6 +423,47 @@ fn an_application_on_a_proxy_port_is_never_reached_from_outside() -> Result<()> 
     );
     drop(squatters);
 
+    // A root application can join the agent's SO_REUSEPORT groups (an upgrade's successor
+    // joins them so): inbound still reaches only the socket the agent registered.
+    let mut joiners = vec![target.spawn(testpod(), ["serve", "--port", "15006", "--reuse-port"])?];
+    for ip in target.ips() {
+        joiners.push(target.spawn(
+            testpod(),
+            [
+                "serve",
+                "--port",
+                "15008",
+                "--bind",
+                &ip.to_string(),
+                "--reuse-port",
+            ],
+        )?);
+    }
+    for joiner in &mut joiners {
+        let first = joiner.read_json(T)?;
+        ensure_or_dump!(
+            cluster,
+            first["event"] == "listening",
+            "a root application could not join the agent's listener group: {first}"
+        );
+    }
+    for ip in target.ips() {
+        for port in [8080, 15006, 15008] {
+            let dst = SocketAddr::new(ip, port);
+            ensure_or_dump!(
+                cluster,
+                !reaches(outsider, dst)?,
+                "plaintext from an unmeshed pod reached {dst} past the agent's listener group"
+            );
+        }
+    }
+    ensure_or_dump!(
+        cluster,
+        !joiners.iter_mut().any(accepted_any),
+        "an application in the agent's listener group took a connection steered to the agent"
+    );
+    drop(joiners);
+
     // With the agent down, the application can take every proxy port; with no agent listener
     // behind them, connections from outside are dropped.
     node.stop_agent()?;

@@ -64,6 +64,9 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 const WARM_UP_LIMIT: Duration = Duration::from_secs(60);
 /// Sandboxes the CNI plugin may have announced at once (a node runs ~110 pods).
 const MAX_CNI_SANDBOXES: usize = 1024;
+/// How long a retired agent keeps its listeners open after its successor registered its own:
+/// long enough for handshakes already steered to them to complete and be accepted.
+const RETIRE_GRACE: Duration = Duration::from_secs(2);
 
 /// A pod sandbox the CNI plugin announced: its namespace file and the addresses the runtime's
 /// network plugin gave it.
@@ -358,14 +361,21 @@ impl Enrolment {
         }
     }
 
-    /// Closes this agent's listeners in every pod and forgets the pods, leaving every map
+    /// Closes this agent's listeners in every pod (after [`RETIRE_GRACE`]) and forgets the pods,
+    /// leaving every map
     /// entry, pin and enrolment mark to the successor that now owns them.
     fn retire(&mut self) {
         let pods = std::mem::take(&mut self.pods);
         let count = pods.len();
         // Dropping a pod aborts its accept loops, which closes its listeners; the kernel takes a
         // closed socket out of the sk_lookup maps only where it is still the one registered.
-        drop(pods);
+        // Not at once: sk_lookup hands a SYN to the very socket registered, so handshakes
+        // steered here just before the successor registered its own complete on these
+        // listeners, and are accepted and served, for RETIRE_GRACE.
+        tokio::spawn(async move {
+            tokio::time::sleep(RETIRE_GRACE).await;
+            drop(pods);
+        });
         self.closed.clear();
         // Peers' pooled HBONE connections to this agent carry their new tunnels elsewhere.
         self.draining.send_replace(true);

@@ -542,6 +542,10 @@ impl Redirector {
                 maps::POD_ADDRS,
                 self.pod_addrs.lock().unwrap().keys().count(),
             ),
+            (
+                maps::AGENT_HOPS,
+                self.agent_hops.lock().unwrap().keys().count(),
+            ),
         ]
     }
 

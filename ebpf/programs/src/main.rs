@@ -151,10 +151,11 @@ static SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(2 * limits::MA
 // while a verdict on another CPU may still read it; without preallocation the memory is
 // reused only once readers are done (an RCU grace period) or, with the kernel's BPF memory
 // allocator, for an entry of the same map, which the verdict tells by its own cookie.
-// Not pinned: the running agent's own connects in flight, each for microseconds.
+// Pinned: during an upgrade the retiring agent still makes hops for the connections it
+// serves while its successor's sk_lookup program is already linked, which must see them. An
+// entry lives while its connect is in flight (at most the agent's hop timeout).
 #[map]
-static AGENT_HOPS: HashMap<HopKey, u8> =
-    HashMap::with_max_entries(limits::MAX_AGENT_HOPS, BPF_F_NO_PREALLOC);
+static AGENT_HOPS: HashMap<HopKey, u8> = HashMap::pinned(limits::MAX_AGENT_HOPS, BPF_F_NO_PREALLOC);
 #[map]
 static SPLICE_PEERS: HashMap<u64, SplicePeer> =
     HashMap::with_max_entries(2 * limits::MAX_SPLICED, BPF_F_NO_PREALLOC);

@@ -110,6 +110,10 @@ enum Cmd {
         /// Send the greeting and close, without echo or per-connection events.
         #[arg(long)]
         greeting_only: bool,
+        /// Set SO_REUSEPORT, joining the listener group of a socket of the same user on the
+        /// same address (as a root application could try with the agent's).
+        #[arg(long)]
+        reuse_port: bool,
     },
     /// Connect, send bytes, verify the echo. A flag given twice takes its last value.
     #[command(args_override_self = true)]
@@ -348,7 +352,8 @@ fn main() -> ExitCode {
             bind,
             name,
             greeting_only,
-        } => serve(&ports, bind, name, greeting_only),
+            reuse_port,
+        } => serve(&ports, bind, name, greeting_only, reuse_port),
         Cmd::Client {
             connect,
             bytes,
@@ -477,9 +482,12 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------------------------
 // serve
 
-fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
+fn listen(addr: SocketAddr, v6only: bool, reuse_port: bool) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         s.set_only_v6(v6only)?;
     }
@@ -488,7 +496,13 @@ fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
     Ok(s.into())
 }
 
-fn serve(ports: &[u16], bind: Option<IpAddr>, name: Option<String>, greeting_only: bool) -> bool {
+fn serve(
+    ports: &[u16],
+    bind: Option<IpAddr>,
+    name: Option<String>,
+    greeting_only: bool,
+    reuse_port: bool,
+) -> bool {
     let name = name
         .or_else(|| std::env::var("POD_NAME").ok())
         .unwrap_or_else(|| "unknown".into());
@@ -508,7 +522,7 @@ fn serve(ports: &[u16], bind: Option<IpAddr>, name: Option<String>, greeting_onl
             ],
         };
         for (addr, v6only) in addrs {
-            match listen(addr, v6only) {
+            match listen(addr, v6only, reuse_port) {
                 Ok(l) => listeners.push(l),
                 Err(e) => {
                     emit(json!({"event": "error", "error": format!("listen {addr}: {e}")}));
