@@ -213,7 +213,7 @@ impl Enrolment {
     /// This agent replaces one that still serves the node ([`crate::handover`]): its
     /// listeners take a share of the pods' new connections as soon as they are open (they join
     /// the predecessor's SO_REUSEPORT groups), so they open only once this agent holds the
-    /// certificates to serve them, or after [`WARM_UP_LIMIT`].
+    /// certificates to serve them, or after `WARM_UP_LIMIT`.
     pub fn after_predecessor(mut self) -> Self {
         self.warm_up = true;
         self

@@ -15,7 +15,7 @@
 //! issuer fail (401): never accepted unchecked.
 //!
 //! The URIs are tenants' input, fetched from inside the mesh, so: a waypoint fetches only the
-//! URIs of the policies of the services bound to it ([`super::jwks_uris_of`]); at most
+//! URIs of the policies of the services bound to it (`super::jwks_uris_of`); at most
 //! [`MAX_IN_FLIGHT`] fetches run at once, so one tenant's slow URI holds one slot for
 //! [`FETCH_TIMEOUT`] at most and never queues the others behind it; and the addresses a name resolves to are checked
 //! before they are dialled ([`refused_jwks_address`]: link-local, cloud metadata), against
@@ -108,7 +108,7 @@ impl Jwks {
     }
 
     /// Keeps the keys of the `jwksUri`s that apply at this waypoint fresh (`uris` of the state:
-    /// [`super::jwks_uris_of`], those of the RequestAuthentications of the services bound to
+    /// `super::jwks_uris_of`, those of the RequestAuthentications of the services bound to
     /// it), until the state's sender is gone.
     ///
     /// Fetches run concurrently, at most [`MAX_IN_FLIGHT`] at a time, each bounded by

@@ -1,7 +1,7 @@
 //! All the policy resources of the cluster converted at once, into the policy set of the state:
 //! each resource by [`super::security`]'s rules, oldest first, with the last accepted version of
 //! a rejected one kept where that is what stays in force (the routing resources' rule,
-//! [`super::routes::judge`]).
+//! `super::routes::judge`).
 use std::{collections::HashMap, sync::Arc};
 
 use serde_json::Value;
@@ -38,7 +38,7 @@ pub struct ConvertedPolicies {
 /// [`waypoint_authorization_policy`], [`peer_authentication`] and [`request_authentication`].
 /// `last_good` holds the specs in force after the previous conversion
 /// ([`ConvertedPolicies::in_force`]), used for the resources now rejected (the routing
-/// resources' rule, [`super::routes::judge`]): a rejected RequestAuthentication keeps its last
+/// resources' rule, `super::routes::judge`): a rejected RequestAuthentication keeps its last
 /// accepted version, and so does a rejected waypoint AuthorizationPolicy whose targets cannot be
 /// read (one whose targets can be read fails closed there instead).
 ///

@@ -57,7 +57,7 @@ super::spec_resource!(
 );
 
 /// The kinds of resources whose last accepted version is kept: the routing resources, and the
-/// policy resources (`super::security`, which reuses this key and [`judge`]'s rule).
+/// policy resources (`super::security`, which reuses this key and `judge`'s rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RouteKind {
     /// `networking.ambit.dev/v1` VirtualService.
