@@ -29,7 +29,6 @@
 //! once, and one that crashes leaves the pins as they are: enrolled pods fail closed until an
 //! agent returns ([`crate::redirect`]).
 use std::{
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -39,12 +38,13 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
+    net::UnixStream,
     sync::{mpsc, oneshot, watch},
 };
 use tracing::{info, warn};
 
 use crate::{
+    cni::bind_private,
     enrolment::Control,
     limits::{Gated, Limits, accept_loop},
 };
@@ -156,20 +156,6 @@ impl Predecessor {
     }
 }
 
-fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
-    match std::fs::remove_file(socket) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            return Err(err).with_context(|| format!("removing the old {}", socket.display()));
-        }
-        _ => {}
-    }
-    let listener = UnixListener::bind(socket)
-        .with_context(|| format!("listening on the handover socket {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} private to root", socket.display()))?;
-    Ok(listener)
-}
-
 /// Serves successors on `socket` (taking the path over from a predecessor's), one at a time
 /// (the others wait in the socket's backlog), until one takes over.
 pub async fn serve(
@@ -177,7 +163,7 @@ pub async fn serve(
     control: mpsc::Sender<Control>,
     role: watch::Sender<Role>,
 ) -> anyhow::Result<()> {
-    let listener = Gated::new(bind(&socket)?, 1);
+    let listener = Gated::new(bind_private(&socket, "the handover socket")?, 1);
     info!(socket = %socket.display(), "handover socket listening");
     let mut retired = role.subscribe();
     let role = Arc::new(role);
