@@ -523,6 +523,30 @@ impl Node {
             .ok_or_else(|| anyhow!("config_dump has no config.generation: {d}"))
     }
 
+    /// Polls the config dump until the agent reports exactly `pods` pods enrolled.
+    pub fn wait_enrolled(&self, pods: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.config_dump() {
+                Ok(d) => match d["enrolled"].as_array() {
+                    Some(list) if list.len() == pods => return Ok(()),
+                    Some(list) => format!("{} enrolled: {list:?}", list.len()),
+                    None => format!("config_dump has no `enrolled` list: {d}"),
+                },
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: {pods} pod(s) not enrolled within {timeout:?} (last: {last}); log \
+                     tail:\n{}",
+                    self.name,
+                    self.agent_log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Polls the config dump until `config.generation >= generation`; returns the generation.
     pub fn wait_config_generation(&self, generation: u64, timeout: Duration) -> Result<u64> {
         let deadline = Instant::now() + timeout;

@@ -413,7 +413,7 @@ fn a_spliced_connection_ends_with_its_agent_and_nothing_bypasses_the_mesh() -> R
 
     node.start_agent()?;
     node.wait_ready(TIMEOUT)?;
-    wait_enrolled(&cluster, node, 2)?;
+    cluster.with_diagnostics(node.wait_enrolled(2, TIMEOUT))?;
     let before = access_logs(node).len();
     connect_ok(&cluster, client, dst, 1 << 20)?;
     let deadline = Instant::now() + TIMEOUT;
@@ -433,23 +433,6 @@ fn a_spliced_connection_ends_with_its_agent_and_nothing_bypasses_the_mesh() -> R
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
-}
-
-fn wait_enrolled(cluster: &Cluster, node: &Node, pods: usize) -> Result<()> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let dump = node.config_dump()?;
-        if dump["enrolled"].as_array().map_or(0, Vec::len) == pods {
-            return Ok(());
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "{} did not enrol its {pods} pods",
-            node.name()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The outbound access-log lines from `pod` on `node`, by how the fast path carried them.

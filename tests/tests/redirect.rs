@@ -208,7 +208,7 @@ fn enrolling_and_unenrolling_a_running_pod_spares_open_connections() -> Result<(
     cluster.set_enrolled(server_pod, true);
     cluster.write_mesh()?;
     cluster.wait_config_generation(0, generation + 1, T)?;
-    wait_enrolled(&cluster, node, 2)?;
+    cluster.with_diagnostics(node.wait_enrolled(2, T))?;
     echo(&mut direct, "after enrolment")?;
     let conn = connect_ok(&cluster, client_pod, dst, 1000)?;
     ensure_or_dump!(
@@ -224,7 +224,7 @@ fn enrolling_and_unenrolling_a_running_pod_spares_open_connections() -> Result<(
     cluster.set_enrolled(server_pod, false);
     cluster.write_mesh()?;
     cluster.wait_config_generation(0, generation + 2, T)?;
-    wait_enrolled(&cluster, node, 0)?;
+    cluster.with_diagnostics(node.wait_enrolled(0, T))?;
     // Un-enrolment detaches inbound steering before the agent reports it (a link released
     // lazily with its pin refused the next connections for as long as the kernel took).
     for pod in [client_pod, server_pod] {
@@ -246,25 +246,6 @@ fn enrolling_and_unenrolling_a_running_pod_spares_open_connections() -> Result<(
         conn.report
     );
     Ok(())
-}
-
-fn wait_enrolled(cluster: &Cluster, node: &Node, pods: usize) -> Result<()> {
-    let deadline = Instant::now() + T;
-    loop {
-        let dump = node.config_dump()?;
-        let enrolled = dump["enrolled"].as_array().map_or(0, Vec::len);
-        if enrolled == pods {
-            return Ok(());
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "{} pods enrolled on {}, expected {pods}",
-            enrolled,
-            node.name()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -427,7 +408,7 @@ fn a_stopped_agent_fails_closed_and_a_restarted_one_recovers() -> Result<()> {
 
     node.start_agent()?;
     node.wait_ready(T)?;
-    wait_enrolled(&cluster, node, 2)?;
+    cluster.with_diagnostics(node.wait_enrolled(2, T))?;
     let conn = connect_ok(&cluster, client_pod, dst, 1000)?;
     ensure_or_dump!(cluster, conn.redirected(), "not redirected after restart");
     connect_ok(&cluster, outsider, dst, 1000)?;

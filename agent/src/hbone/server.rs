@@ -179,9 +179,11 @@ pub trait InboundHandler: Send + Sync + 'static {
     type Meter: Meter + Send + 'static;
 
     /// The pod's current TLS configuration (see [`tls::server_config`]), asked for every
-    /// accepted connection so a renewed certificate takes effect at once. `None` (no
-    /// certificate yet) refuses the connection.
-    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>>;
+    /// accepted connection so a renewed certificate takes effect at once. A pod enrolled a
+    /// moment ago may still be waiting for its first certificate: the handler waits for it
+    /// (bounded), so the first clients are served rather than reset. `None` (no certificate in
+    /// time) refuses the connection.
+    fn tls_config(&self) -> impl Future<Output = Option<Arc<rustls::ServerConfig>>> + Send;
 
     /// Decides whether the tunnel may be opened. The [`Admission`] is held until the tunnel
     /// ends; when it is revoked, the tunnel is closed ([`Admission::unconditional`]: never).
@@ -417,6 +419,7 @@ impl<H: InboundHandler> HboneServer<H> {
             .inner
             .handler
             .tls_config()
+            .await
             .ok_or(ConnectionError::NoCertificate)?;
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(

@@ -98,8 +98,10 @@ impl InboundHandler for PodInbound {
     /// Opened when the application is reached, bytes counted as they flow.
     type Meter = ConnectionRecorder;
 
-    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
-        let cert = self.ctx.certs.as_ref()?.get(&self.pod.identity)?;
+    /// Waits up to [`super::CERTIFICATE_WAIT`] for the pod's first certificate: a client may
+    /// reach a pod the moment it is enrolled, before the CA has answered.
+    async fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let cert = self.ctx.certificate(&self.pod.identity).await.ok()?;
         self.tls
             .get(cert)
             .inspect_err(

@@ -215,7 +215,8 @@ impl InboundHandler for WaypointInbound {
     /// The report's totals suffice.
     type Meter = ();
 
-    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+    /// The waypoint waits for its first certificate before it listens: no wait here.
+    async fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         let cert = self.waypoint.certs.get(&self.waypoint.identity)?;
         self.tls
             .get(cert)
