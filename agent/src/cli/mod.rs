@@ -8,8 +8,9 @@
 //! that did it.
 
 pub mod check;
+pub mod cluster;
 pub mod config;
-pub(crate) mod fetch;
+pub mod fetch;
 pub mod stat;
 mod table;
 pub mod uninstall;
