@@ -11,6 +11,8 @@
 pub mod check;
 pub mod cluster;
 pub mod cluster_check;
+#[cfg(test)]
+pub(crate) mod cluster_tests;
 pub mod config;
 pub mod fetch;
 pub mod stat;
