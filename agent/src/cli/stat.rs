@@ -275,6 +275,23 @@ fn render(stats: &[WorkloadStat]) -> String {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn stat_node_scrapes_that_nodes_agent_through_the_port_forward() {
+        let (_server, kubeconfig) = crate::cli::cluster_tests::cluster().await;
+        let args = crate::cli::cluster_tests::kube_args(&kubeconfig);
+        let endpoint = cluster::agent_endpoint(&args, Some("node-b"), cluster::METRICS_PORT)
+            .await
+            .unwrap();
+        assert_eq!(
+            endpoint.to_string(),
+            "pod ambit-system/ambit-agent-node-b port 15020"
+        );
+        let scraped = scrape(&endpoint).await.unwrap();
+        let web = &scraped.0[&("shop".to_string(), "web".to_string())];
+        assert_eq!(web.inbound_opened, 3.0);
+        assert_eq!(web.inbound_mtls, 3.0);
+    }
+
     fn totals(text: &str) -> Totals {
         let scrape =
             prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();

@@ -67,6 +67,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 mod portforward;
 
+pub use portforward::Dial;
+
 use tokio::{
     net::TcpListener,
     sync::{broadcast, watch},
@@ -266,10 +268,19 @@ impl FakeApiServer {
     /// would connect to the pod's port): an agent's admin endpoint, say. The pod must exist
     /// when the port-forward is asked for.
     pub fn forward_port(&self, namespace: &str, pod: &str, port: u16, to: SocketAddr) {
-        self.inner
-            .state()
-            .port_forwards
-            .insert((namespace.to_string(), pod.to_string(), port), to);
+        self.inner.state().port_forwards.insert(
+            (namespace.to_string(), pod.to_string(), port),
+            portforward::Forward::Addr(to),
+        );
+    }
+
+    /// Like [`Self::forward_port`], the connection opened by `dial` (in the network namespace
+    /// of a test bed's node, say, where the agent's admin endpoint is on loopback).
+    pub fn forward_port_with(&self, namespace: &str, pod: &str, port: u16, dial: Dial) {
+        self.inner.state().port_forwards.insert(
+            (namespace.to_string(), pod.to_string(), port),
+            portforward::Forward::Dial(dial),
+        );
     }
 
     /// A kube client for this server.

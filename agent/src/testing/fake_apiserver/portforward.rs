@@ -14,7 +14,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
-use futures::{SinkExt as _, StreamExt as _};
+use futures::{SinkExt as _, StreamExt as _, future::BoxFuture};
 use http::{Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -32,8 +32,20 @@ use super::{Body, Inner, error_response, full, percent_decode};
 /// The subprotocol answered.
 const PROTOCOL: &str = "v4.channel.k8s.io";
 
-/// Where each port of each pod is forwarded: `(namespace, pod, port)` to an address.
-pub(super) type Forwards = BTreeMap<(String, String, u16), SocketAddr>;
+/// Opens the connection to a pod's port (in another network namespace, say).
+pub type Dial = Arc<dyn Fn() -> BoxFuture<'static, std::io::Result<TcpStream>> + Send + Sync>;
+
+/// Where a pod's port is forwarded.
+#[derive(Clone)]
+pub(super) enum Forward {
+    /// A connection to this address.
+    Addr(SocketAddr),
+    /// What this opens.
+    Dial(Dial),
+}
+
+/// Where each port of each pod is forwarded, by `(namespace, pod, port)`.
+pub(super) type Forwards = BTreeMap<(String, String, u16), Forward>;
 
 /// Whether `path` is a pod's port-forward: its namespace and name.
 pub(super) fn target(path: &str) -> Option<(String, String)> {
@@ -97,7 +109,7 @@ pub(super) fn serve(
             &format!("a WebSocket upgrade offering {PROTOCOL} is needed"),
         );
     }
-    let targets: Vec<Option<SocketAddr>> = {
+    let targets: Vec<Option<Forward>> = {
         let state = inner.state();
         ports
             .iter()
@@ -105,7 +117,7 @@ pub(super) fn serve(
                 state
                     .port_forwards
                     .get(&(namespace.clone(), pod.clone(), *port))
-                    .copied()
+                    .cloned()
             })
             .collect()
     };
@@ -165,7 +177,7 @@ async fn forward<S>(
     namespace: &str,
     pod: &str,
     ports: &[u16],
-    targets: &[Option<SocketAddr>],
+    targets: &[Option<Forward>],
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -185,7 +197,8 @@ async fn forward<S>(
             }
         }
         let connected = match target {
-            Some(addr) => TcpStream::connect(addr).await.map_err(|e| e.to_string()),
+            Some(Forward::Addr(addr)) => TcpStream::connect(addr).await.map_err(|e| e.to_string()),
+            Some(Forward::Dial(dial)) => dial().await.map_err(|e| e.to_string()),
             None => Err("connection refused (no address set for the port)".to_string()),
         };
         match connected {
