@@ -2863,7 +2863,7 @@ fn the_cli_finds_what_the_manifests_install() {
         !args.iter().any(|a| a.starts_with("--admin-addr")),
         "{args:?}"
     );
-    assert!(env_of(agent_container).get("AMBIT_ADMIN_ADDR").is_none());
+    assert!(!env_of(agent_container).contains_key("AMBIT_ADMIN_ADDR"));
     let command = ambit::app::AgentArgs::augment_args(clap::Command::new("agent"));
     let admin = command
         .get_arguments()

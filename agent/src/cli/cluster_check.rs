@@ -644,11 +644,7 @@ fn policies_of(
             check,
             Status::Fail,
             format!("not accepted: {}{pending_note}", rejected.join("; ")),
-            Some(
-                "fix the field the message names (docs/crds.md, \"Status\"); until then the \
-                 policy is enforced as docs/crds.md says for rejected policies"
-                    .into(),
-            ),
+            Some("fix the field the message names (docs/crds.md, \"Status\")".into()),
         )
     }
 }
