@@ -778,3 +778,76 @@ async fn rbac(client: &Client, namespace: &str) -> Finding {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn cert(id: &str, not_after: Option<&str>, error: Option<&str>) -> Value {
+        json!({"id": id, "notAfter": not_after, "lastError": error})
+    }
+
+    #[test]
+    fn certificates_fail_when_missing_or_expired_and_warn_when_renewal_fails() {
+        let now: jiff::Timestamp = "2026-12-07T00:00:00Z".parse().unwrap();
+        let dumps =
+            |certs: Vec<Value>| vec![("node-a".to_string(), json!({"certificates": certs}))];
+        let ok = certificates_of(
+            &dumps(vec![
+                cert("spiffe://td/ns/a/sa/x", Some("2026-12-08T00:00:00Z"), None),
+                cert("spiffe://td/ns/a/sa/y", Some("2026-12-07T12:00:00Z"), None),
+            ]),
+            &[],
+            now,
+        );
+        assert_eq!(ok.status, Status::Ok);
+        assert_eq!(
+            ok.detail,
+            "2 valid on 1 nodes, the first expires 2026-12-07T12:00:00Z (spiffe://td/ns/a/sa/y \
+             on node-a; renewed at half-life)"
+        );
+        let expired = certificates_of(
+            &dumps(vec![
+                cert(
+                    "spiffe://td/ns/a/sa/x",
+                    Some("2026-12-06T23:59:59Z"),
+                    Some("CA down"),
+                ),
+                cert("spiffe://td/ns/a/sa/y", None, Some("CA down")),
+            ]),
+            &[],
+            now,
+        );
+        assert_eq!(expired.status, Status::Fail);
+        assert_eq!(
+            expired.detail,
+            "no certificate yet for spiffe://td/ns/a/sa/y on node-a; expired: \
+             spiffe://td/ns/a/sa/x on node-a"
+        );
+        let failing = certificates_of(
+            &dumps(vec![cert(
+                "spiffe://td/ns/a/sa/x",
+                Some("2026-12-08T00:00:00Z"),
+                Some("CA down"),
+            )]),
+            &[],
+            now,
+        );
+        assert_eq!(failing.status, Status::Warn);
+        assert!(
+            failing
+                .detail
+                .ends_with("renewal failing: spiffe://td/ns/a/sa/x on node-a: CA down")
+        );
+    }
+
+    #[test]
+    fn the_kubernetes_version_is_checked_against_the_supported_range() {
+        assert_eq!(version_of("1", "29", "v1.29.4").status, Status::Fail);
+        assert_eq!(version_of("1", "30+", "v1.30.1-eks").status, Status::Ok);
+        assert_eq!(version_of("1", "38", "v1.38.0").status, Status::Warn);
+        assert_eq!(version_of("", "", "weird").status, Status::Warn);
+    }
+}
