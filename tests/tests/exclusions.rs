@@ -69,7 +69,7 @@ fn expect(cluster: &Cluster, from: &Pod, dst: SocketAddr, meshed: bool) -> Resul
     let direct = conn.kernel_peer() == Some(dst);
     ensure_or_dump!(
         cluster,
-        conn.redirected() == meshed && direct == !meshed,
+        conn.redirected() == meshed && direct != meshed,
         "{} -> {dst}: redirected = {}, kernel peer {:?}; expected {}: {}",
         from.name(),
         conn.redirected(),
