@@ -997,6 +997,7 @@ fn the_seed_istio_examples_work_after_changing_only_api_version() -> Result<()> 
     let metrics = waypoint_metrics(cluster.node(0), waypoint)?;
     let opened_during = opened(&metrics) - opened_before;
     let requests = (100 + SEED_SPLIT_REQUESTS) as f64;
+    eprintln!("{requests} requests opened {opened_during} upstream connections");
     ensure_or_dump!(
         cluster,
         opened_during >= requests / 2.0,
