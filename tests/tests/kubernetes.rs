@@ -692,32 +692,6 @@ fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()>
     Ok(())
 }
 
-/// The seed document's Istio examples (`tests/fixtures/istio-seed-examples.yaml`, copied
-/// verbatim), each with only its `apiVersion` changed from Istio's group to Ambit's
-/// (`networking.istio.io/v1beta1` -> `networking.ambit.dev/v1`, `security.istio.io/v1beta1` ->
-/// `security.ambit.dev/v1`), by name.
-fn seed_examples() -> Result<HashMap<String, Value>> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/istio-seed-examples.yaml");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-    let mut objects = HashMap::new();
-    for document in serde_yaml_ng::Deserializer::from_str(&text) {
-        let mut object: Value = serde::Deserialize::deserialize(document)
-            .with_context(|| format!("{}", path.display()))?;
-        let istio = object["apiVersion"].as_str().unwrap_or_default();
-        let (group, version) = istio
-            .split_once('/')
-            .with_context(|| format!("apiVersion {istio:?}"))?;
-        let group = group
-            .strip_suffix(".istio.io")
-            .with_context(|| format!("not an Istio apiVersion: {istio:?}"))?;
-        ensure!(version == "v1beta1", "{istio:?}: the seed's are v1beta1");
-        object["apiVersion"] = format!("{group}.ambit.dev/v1").into();
-        let name = object["metadata"]["name"].as_str().unwrap_or_default();
-        objects.insert(name.to_string(), object);
-    }
-    Ok(objects)
-}
-
 /// The seed's object `name` as Ambit's typed resource `K`, which must be the object's
 /// `apiVersion` and `kind`.
 fn seed_object<K>(objects: &HashMap<String, Value>, name: &str) -> Result<K>
@@ -803,7 +777,7 @@ fn the_seed_istio_examples_work_after_changing_only_api_version() -> Result<()> 
     };
     const BACKEND_VIP: &str = "10.96.0.32";
 
-    let seed = seed_examples()?;
+    let seed = wp::seed_examples()?;
     let cluster = Cluster::start(ClusterSpec {
         nodes: 2,
         pods_per_node: 3,
