@@ -812,7 +812,8 @@ fn the_seed_istio_examples_work_after_changing_only_api_version() -> Result<()> 
         (15008, 15008),
         None,
     ));
-    let mut sandboxes = start_namespaces(
+    // Each pod's sandbox, the waypoint's too (its pod runs the waypoint below).
+    let _sandboxes = start_namespaces(
         &cluster,
         &api,
         &[("default", Some("ambient"))],
@@ -859,7 +860,6 @@ fn the_seed_istio_examples_work_after_changing_only_api_version() -> Result<()> 
         args.extend([flag, value]);
     }
     let mut process = waypoint.spawn(cluster.ambit_bin(), &args)?;
-    sandboxes.push(waypoint.spawn("sleep", ["3600"])?);
     cluster.with_diagnostics(wait_serving(&cluster, waypoint, &mut process))?;
     for node in cluster.nodes() {
         node.wait_ready(TIMEOUT)?;
