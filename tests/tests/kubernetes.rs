@@ -759,7 +759,7 @@ const SEED_SPLIT_V2: std::ops::RangeInclusive<usize> = 6..=75;
 ///
 /// - The canary, through a waypoint run with `--kube`: the VirtualService names subsets v1 and
 ///   v2 that the seed's DestinationRule does not define, so it is rejected naming the field
-///   (Istio would accept it and answer 503 `NR`); once the DestinationRule gets the two
+///   (Istio would accept it and answer 503 at run time); once the DestinationRule gets the two
 ///   subsets (the one edit made to the seed), `end-user: jason` always reaches v2, everyone
 ///   else splits 90/10, and the rule's `maxRequestsPerConnection: 2` shows in the upstream
 ///   connections the waypoint opens.
