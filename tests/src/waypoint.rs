@@ -6,6 +6,7 @@
 //! the client `p0-0` (enrolled) and the waypoint `p0-1` (not enrolled, as Istio's waypoints are
 //! not captured: its own tunnels to the endpoints' 15008 must leave as they are); node 1 holds
 //! the servers, endpoints of `reviews`.
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
@@ -92,28 +93,37 @@ pub fn access_log(process: &PodProcess) -> Vec<Value> {
         .collect()
 }
 
-/// The seed's canary VirtualService for the service `reviews`, with only `apiVersion` changed
-/// (and no namespace: the bed's pods live in `default`): `end-user: jason` to subset v2, everyone
-/// else 90/10 between v1 and v2.
+/// The Istio examples of the document Ambit was created from, verbatim (Istio apiVersions
+/// included): what users bring.
+pub const SEED_EXAMPLES: &str = include_str!("../fixtures/istio-seed-examples.yaml");
+
+/// [`SEED_EXAMPLES`] by name, each with only its `apiVersion` changed from Istio's group to
+/// Ambit's (`networking.istio.io/v1beta1` -> `networking.ambit.dev/v1`,
+/// `security.istio.io/v1beta1` -> `security.ambit.dev/v1`).
+pub fn seed_examples() -> Result<HashMap<String, Value>> {
+    let mut objects = HashMap::new();
+    for document in serde_yaml_ng::Deserializer::from_str(SEED_EXAMPLES) {
+        let mut object: Value = serde::Deserialize::deserialize(document)?;
+        let istio = object["apiVersion"].as_str().unwrap_or_default();
+        let (group, version) = istio
+            .split_once('/')
+            .ok_or_else(|| anyhow::anyhow!("apiVersion {istio:?}"))?;
+        let group = group
+            .strip_suffix(".istio.io")
+            .ok_or_else(|| anyhow::anyhow!("not an Istio apiVersion: {istio:?}"))?;
+        ensure!(version == "v1beta1", "{istio:?}: the seed's are v1beta1");
+        object["apiVersion"] = format!("{group}.ambit.dev/v1").into();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        objects.insert(name.to_string(), object);
+    }
+    Ok(objects)
+}
+
+/// The seed's canary VirtualService for the service `reviews` ([`seed_examples`]: only
+/// `apiVersion` changed, and no namespace: the bed's pods live in `default`): `end-user: jason`
+/// to subset v2, everyone else 90/10 between v1 and v2.
 pub fn seed_canary() -> Value {
-    json!({
-        "apiVersion": "networking.ambit.dev/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": "reviews-canary"},
-        "spec": {
-            "hosts": ["reviews"],
-            "http": [
-                {
-                    "match": [{"headers": {"end-user": {"exact": "jason"}}}],
-                    "route": [{"destination": {"host": "reviews", "subset": "v2"}}]
-                },
-                {"route": [
-                    {"destination": {"host": "reviews", "subset": "v1"}, "weight": 90},
-                    {"destination": {"host": "reviews", "subset": "v2"}, "weight": 10}
-                ]}
-            ]
-        }
-    })
+    seed_examples().expect("the seed's examples parse")["reviews-canary"].clone()
 }
 
 /// The seed's DestinationRule for `reviews`: subsets v1 and v2 by the `version` label.

@@ -1890,8 +1890,32 @@ fn crd_examples_and_istio_policies_fit_the_schemas() {
     let docs = doc_examples(&dir);
     let examples = deploy().join("examples/policies.yaml");
     let accepted = write_scratch(&dir, "accepted.yaml", ISTIO_SHAPED);
-    let out = validate(&[docs.clone(), examples.clone(), accepted]);
+    // The seed document's Istio examples, only their apiVersion changed, in `default` (where
+    // `kubectl apply` puts those without a namespace).
+    let seed: Vec<String> = ambit_tests::waypoint::seed_examples()
+        .unwrap()
+        .into_values()
+        .map(|mut o| {
+            if o["metadata"]["namespace"].is_null() {
+                o["metadata"]["namespace"] = json!("default");
+            }
+            serde_yaml_ng::to_string(&o).unwrap()
+        })
+        .collect();
+    let seed = write_scratch(&dir, "seed.yaml", &seed.join("---\n"));
+    let out = validate(&[docs.clone(), examples.clone(), accepted, seed]);
     eprintln!("{out}");
+    assert!(
+        [
+            "reviews-canary",
+            "reviews-circuit-breaker",
+            "deny-all",
+            "allow-frontend-to-backend"
+        ]
+        .iter()
+        .all(|name| out.contains(name)),
+        "the seed's objects were not all validated:\n{out}"
+    );
 
     // What the API refuses outright.
     let ap = |spec: &str| {

@@ -18,7 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ambit::discovery::kube::security::{AuthorizationPolicyResource, PeerAuthenticationResource};
+use ambit::discovery::kube::routes::{DestinationRuleResource, VirtualServiceResource};
+use ambit::discovery::kube::security::{
+    AuthorizationPolicyResource, PeerAuthenticationResource, PolicyStatus,
+};
 use ambit::identity::{BearerToken, CaClient, CaClientConfig, CaError, SpiffeId};
 use ambit::testing::fake_apiserver::FakeApiServer;
 use ambit_tests::traffic::{
@@ -526,14 +529,55 @@ fn wait_accepted(
     name: &str,
     want_status: &str,
 ) -> Result<(String, String, String)> {
-    let what = format!("{namespace}/{name}: Accepted condition should be {want_status}");
+    wait_accepted_of::<AuthorizationPolicyResource>(cluster, api, namespace, name, want_status)
+}
+
+/// Ambit's resources that carry the `Accepted` condition (the policies and the routing
+/// resources share `PolicyStatus`).
+trait WithAccepted:
+    k8s_openapi::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+    + k8s_openapi::Metadata<Ty = ObjectMeta>
+    + serde::de::DeserializeOwned
+    + 'static
+{
+    fn status(&self) -> Option<&PolicyStatus>;
+}
+
+macro_rules! with_accepted {
+    ($($type:ty),*) => {$(
+        impl WithAccepted for $type {
+            fn status(&self) -> Option<&PolicyStatus> {
+                self.status.as_ref()
+            }
+        }
+    )*};
+}
+with_accepted!(
+    AuthorizationPolicyResource,
+    VirtualServiceResource,
+    DestinationRuleResource
+);
+
+/// [`wait_accepted`] for any resource `K` with the `Accepted` condition.
+fn wait_accepted_of<K>(
+    cluster: &Cluster,
+    api: &ApiServer,
+    namespace: &str,
+    name: &str,
+    want_status: &str,
+) -> Result<(String, String, String)>
+where
+    K: WithAccepted,
+{
+    let kind = K::KIND;
+    let what = format!("{kind} {namespace}/{name}: Accepted condition should be {want_status}");
     cluster.wait_for(TIMEOUT, &what, || {
         let policy = api
             .server
-            .get::<AuthorizationPolicyResource>(namespace, name)
-            .ok_or_else(|| anyhow!("policy {namespace}/{name} is gone"))?;
-        let generation = policy.metadata.generation;
-        let condition = policy.status.as_ref().and_then(|s| s.accepted()).cloned();
+            .get::<K>(namespace, name)
+            .ok_or_else(|| anyhow!("{kind} {namespace}/{name} is gone"))?;
+        let generation = k8s_openapi::Metadata::metadata(&policy).generation;
+        let condition = policy.status().and_then(|s| s.accepted()).cloned();
         Ok(match condition {
             Some(c) if c.status == want_status && c.observed_generation == generation => {
                 Ok((c.status, c.reason, c.message))
@@ -645,6 +689,443 @@ fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()>
     api.server.apply(&allow(json!({"ports": ["8080"]})));
     wait_reach(&cluster, client, dst, true, "policy fixed")?;
     wait_accepted(&cluster, &api, "shop", "backend-from-frontend", "True")?;
+    Ok(())
+}
+
+/// The seed's object `name` as Ambit's typed resource `K`, which must be the object's
+/// `apiVersion` and `kind`.
+fn seed_object<K>(objects: &HashMap<String, Value>, name: &str) -> Result<K>
+where
+    K: k8s_openapi::Resource + serde::de::DeserializeOwned,
+{
+    let object = objects
+        .get(name)
+        .with_context(|| format!("no {name} in the seed"))?;
+    ensure!(
+        object["apiVersion"] == K::API_VERSION && object["kind"] == K::KIND,
+        "{name} is {} {}, not {} {}",
+        object["apiVersion"],
+        object["kind"],
+        K::API_VERSION,
+        K::KIND
+    );
+    serde_json::from_value(object.clone()).with_context(|| format!("{name} as {}", K::KIND))
+}
+
+/// A Service of `default` selecting `app`, port `http` `port` to `target`, bound to the
+/// waypoint `waypoint` if given.
+fn default_service(
+    name: &str,
+    vip: &str,
+    app: &str,
+    (port, target): (i32, i32),
+    waypoint: Option<&str>,
+) -> KubeService {
+    KubeService {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            labels: waypoint
+                .map(|w| BTreeMap::from([("ambit.dev/use-waypoint".to_string(), w.to_string())])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(vip.into()),
+            cluster_ips: Some(vec![vip.into()]),
+            selector: Some(BTreeMap::from([("app".to_string(), app.to_string())])),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port,
+                target_port: Some(IntOrString::Int(target)),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The seed's split: 300 requests without `end-user: jason`, 10% to v2. Binomial(300, 0.1):
+/// mean 30, sd 5.2; v2 gets 5 or fewer with probability 7.3e-9 and 76 or more with 2.4e-14, so
+/// [6, 75] (2% to 25%) never flakes; a split ignoring the weights (50%) lands in it with
+/// probability 7e-19, and one ignoring the subsets (round robin) as well, all-v1 never.
+const SEED_SPLIT_REQUESTS: usize = 300;
+const SEED_SPLIT_V2: std::ops::RangeInclusive<usize> = 6..=75;
+
+/// The promise of the project: the seed document's Istio examples (canary VirtualService,
+/// circuit-breaking DestinationRule, the zero-trust AuthorizationPolicies), applied to the API
+/// server with only their `apiVersion` changed, do in Kubernetes mode what Istio ambient does.
+///
+/// - The canary, through a waypoint run with `--kube`: the VirtualService names subsets v1 and
+///   v2 that the seed's DestinationRule does not define, so it is rejected naming the field
+///   (Istio would accept it and answer 503 at run time); once the DestinationRule gets the two
+///   subsets (the one edit made to the seed), `end-user: jason` always reaches v2, everyone
+///   else splits 90/10, and the rule's `maxRequestsPerConnection: 2` shows in the upstream
+///   connections the waypoint opens.
+/// - `deny-all` denies every workload of `default`; `allow-frontend-to-backend` is a selector
+///   policy, the node agents', with an L7 field (`methods`): rejected naming it and enforced
+///   fail-closed (frontend denied too), as in Istio ambient's ztunnel. Ported as
+///   docs/l7-policy.md says (selector replaced by `targetRefs` to the Service, and the
+///   waypoint's identity allowed at L4 past `deny-all`), the waypoint lets frontend GET and
+///   POST, and denies its DELETE and another ServiceAccount's GET with 403.
+#[test]
+fn the_seed_istio_examples_work_after_changing_only_api_version() -> Result<()> {
+    use ambit_tests::waypoint::{
+        self as wp, REVIEWS_VIP, WAYPOINT_VIP, route_ca_to_pods_of, start_server, sum_series,
+        wait_serving, waypoint_metrics,
+    };
+    const BACKEND_VIP: &str = "10.96.0.32";
+
+    let seed = wp::seed_examples()?;
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 3,
+    })?;
+    let (frontend, waypoint, other) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(0, 2));
+    let (v1, v2, backend) = (cluster.pod(1, 0), cluster.pod(1, 1), cluster.pod(1, 2));
+    frontend.set_service_account("frontend");
+    waypoint.set_service_account("waypoint");
+    other.set_service_account("reviewer");
+    backend.set_service_account("backend");
+    let api = ApiServer::start(&cluster)?;
+    let waypoint_token = format!("{}-projected-token-of-default-waypoint", cluster.id());
+    api.review_tokens(&cluster, &[(waypoint_token.as_str(), waypoint)])?;
+    api.server
+        .register_with_status::<AuthorizationPolicyResource>();
+    api.server
+        .register_with_status::<PeerAuthenticationResource>();
+    api.server.register_with_status::<VirtualServiceResource>();
+    api.server.register_with_status::<DestinationRuleResource>();
+    cluster.use_kubernetes_ca(&api.kubeconfig);
+    api.server.apply(&default_service(
+        "reviews",
+        REVIEWS_VIP,
+        "reviews",
+        (9080, 8080),
+        Some("waypoint"),
+    ));
+    api.server.apply(&default_service(
+        "waypoint",
+        WAYPOINT_VIP,
+        "waypoint",
+        (15008, 15008),
+        None,
+    ));
+    // Each pod's sandbox, the waypoint's too (its pod runs the waypoint below).
+    let _sandboxes = start_namespaces(
+        &cluster,
+        &api,
+        &[("default", Some("ambient"))],
+        &[
+            (frontend, "default", &[("app", "frontend")]),
+            (waypoint, "default", &[("app", "waypoint"), (MODE, "none")]),
+            (other, "default", &[("app", "reviewer")]),
+            (v1, "default", &[("app", "reviews"), ("version", "v1")]),
+            (v2, "default", &[("app", "reviews"), ("version", "v2")]),
+            (backend, "default", &[("app", "backend")]),
+        ],
+    )?;
+    let _v1 = start_server(v1, "v1", &[])?;
+    let _v2 = start_server(v2, "v2", &[])?;
+
+    // The waypoint, as its Deployment runs it (kubernetes::run_deployment): `--kube`, its
+    // projected token for the CA.
+    route_ca_to_pods_of(&cluster, cluster.node(0))?;
+    let token_file = cluster.run_dir().join("waypoint-token");
+    std::fs::write(&token_file, &waypoint_token)?;
+    let mut args: Vec<String> = [
+        "waypoint",
+        "--kube",
+        "--kubeconfig",
+        &api.kubeconfig.display().to_string(),
+        "--name",
+        waypoint.name(),
+        "--namespace",
+        "default",
+        "--log-format",
+        "json",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let mut ca_flags = cluster.node(0).ca_flags().into_iter();
+    while let Some(flag) = ca_flags.next() {
+        let value = ca_flags.next().context("a CA flag without value")?;
+        let value = if flag == "--ca-token-file" {
+            token_file.display().to_string()
+        } else {
+            value
+        };
+        args.extend([flag, value]);
+    }
+    let mut process = waypoint.spawn(cluster.ambit_bin(), &args)?;
+    cluster.with_diagnostics(wait_serving(&cluster, waypoint, &mut process))?;
+    for node in cluster.nodes() {
+        node.wait_ready(TIMEOUT)?;
+    }
+
+    eprintln!("[kubernetes] phase: the seed's canary and circuit breaker, as they are");
+    let breaker: DestinationRuleResource = seed_object(&seed, "reviews-circuit-breaker")?;
+    let canary: VirtualServiceResource = seed_object(&seed, "reviews-canary")?;
+    api.server.apply(&breaker);
+    api.server.apply(&canary);
+    wait_accepted_of::<DestinationRuleResource>(
+        &cluster,
+        &api,
+        "default",
+        "reviews-circuit-breaker",
+        "True",
+    )?;
+    let (_, reason, message) = wait_accepted_of::<VirtualServiceResource>(
+        &cluster,
+        &api,
+        "default",
+        "reviews-canary",
+        "False",
+    )?;
+    ensure_or_dump!(
+        cluster,
+        reason == "Invalid"
+            && message.contains("spec.http[0].route[0].destination.subset")
+            && message
+                .contains("\"v2\" is not defined by a DestinationRule of service default/reviews"),
+        "the canary without subsets: reason {reason}, message {message:?}"
+    );
+
+    eprintln!("[kubernetes] phase: the DestinationRule gets subsets v1 and v2");
+    // The one edit to the seed: the subsets its VirtualService names, by the `version` label,
+    // in the seed's DestinationRule (Ambit takes one DestinationRule per host, as Istio merges
+    // two only in limited cases).
+    api.server
+        .modify::<DestinationRuleResource>("default", "reviews-circuit-breaker", |rule| {
+            rule.spec["subsets"] = json!([
+                {"name": "v1", "labels": {"version": "v1"}},
+                {"name": "v2", "labels": {"version": "v2"}},
+            ]);
+        });
+    let (_, _, message) = wait_accepted_of::<DestinationRuleResource>(
+        &cluster,
+        &api,
+        "default",
+        "reviews-circuit-breaker",
+        "True",
+    )?;
+    ensure_or_dump!(
+        cluster,
+        message.contains("2 subset(s) of service default/reviews"),
+        "the DestinationRule's acceptance: {message:?}"
+    );
+    wait_accepted_of::<VirtualServiceResource>(
+        &cluster,
+        &api,
+        "default",
+        "reviews-canary",
+        "True",
+    )?;
+    let reviews = format!("{REVIEWS_VIP}:9080");
+    let jason_to_v2 = |count: usize| -> Result<std::result::Result<(), String>> {
+        let answers = wp::curl(frontend, &reviews, "/reviews", count, &["end-user: jason"])?;
+        Ok(if answers.count("v2 HTTP/1.1") == count {
+            Ok(())
+        } else {
+            Err(format!("{:?}", answers.bodies))
+        })
+    };
+    // The waypoint has the route once 20 requests in a row reach v2 (by chance: 1 in 10^6).
+    cluster.wait_for(TIMEOUT, "the waypoint routes jason to v2", || {
+        jason_to_v2(20)
+    })?;
+    let opened = |m: &str| sum_series(m, "ambit_waypoint_upstream_connections_total", &[]);
+    let opened_before = opened(&waypoint_metrics(cluster.node(0), waypoint)?);
+    cluster
+        .with_diagnostics(jason_to_v2(100))?
+        .map_err(|bodies| anyhow!("end-user: jason must always reach v2: {bodies}"))?;
+    let split = cluster.with_diagnostics(wp::curl(
+        frontend,
+        &reviews,
+        "/reviews",
+        SEED_SPLIT_REQUESTS,
+        &[],
+    ))?;
+    let (to_v1, to_v2) = (split.count("v1 HTTP/1.1"), split.count("v2 HTTP/1.1"));
+    eprintln!("seed split over {SEED_SPLIT_REQUESTS} requests: v1 {to_v1}, v2 {to_v2}");
+    ensure_or_dump!(
+        cluster,
+        to_v1 + to_v2 == SEED_SPLIT_REQUESTS && split.count_code("200") == SEED_SPLIT_REQUESTS,
+        "every request must be answered 200 by v1 or v2: v1 {to_v1}, v2 {to_v2}, codes {:?}",
+        split
+            .codes
+            .iter()
+            .filter(|c| *c != "200")
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    ensure_or_dump!(
+        cluster,
+        SEED_SPLIT_V2.contains(&to_v2),
+        "v2 got {to_v2} of {SEED_SPLIT_REQUESTS}, outside {SEED_SPLIT_V2:?} for a 10% share"
+    );
+    // maxRequestsPerConnection: 2: each upstream connection carried at most two of the 400
+    // requests (without it, the pool reuses a handful of connections for all of them).
+    let metrics = waypoint_metrics(cluster.node(0), waypoint)?;
+    let opened_during = opened(&metrics) - opened_before;
+    let requests = (100 + SEED_SPLIT_REQUESTS) as f64;
+    eprintln!("{requests} requests opened {opened_during} upstream connections");
+    ensure_or_dump!(
+        cluster,
+        opened_during >= requests / 2.0,
+        "{requests} requests opened {opened_during} upstream connections: \
+         maxRequestsPerConnection 2 not applied\n{metrics}"
+    );
+
+    eprintln!("[kubernetes] phase: the seed's AuthorizationPolicies, as they are");
+    let _tcp_backend = serve(backend, &[9090])?;
+    let _tcp_v1 = serve(v1, &[9090])?;
+    let (to_backend, to_v1) = (backend.addr4(9090), v1.addr4(9090));
+    wait_reach(&cluster, frontend, to_backend, true, "no policy yet")?;
+    wait_reach(&cluster, other, to_v1, true, "no policy yet")?;
+    let deny_all: AuthorizationPolicyResource = seed_object(&seed, "deny-all")?;
+    let allow: AuthorizationPolicyResource = seed_object(&seed, "allow-frontend-to-backend")?;
+    api.server.apply(&deny_all);
+    api.server.apply(&allow);
+    wait_accepted(&cluster, &api, "default", "deny-all", "True")?;
+    let (_, reason, message) = wait_accepted(
+        &cluster,
+        &api,
+        "default",
+        "allow-frontend-to-backend",
+        "False",
+    )?;
+    ensure_or_dump!(
+        cluster,
+        reason == "UnsupportedField" && message.contains("spec.rules[0].to[0].operation.methods"),
+        "the selector policy with methods: reason {reason}, message {message:?}"
+    );
+    // deny-all: nothing reaches a workload of `default`; the rejected ALLOW fails closed, so
+    // not even frontend reaches backend.
+    wait_reach(&cluster, other, to_v1, false, "deny-all")?;
+    wait_reach(
+        &cluster,
+        frontend,
+        to_backend,
+        false,
+        "methods at L4 fail closed",
+    )?;
+    ensure_or_dump!(
+        cluster,
+        !reaches(other, to_backend)?,
+        "another account reached backend under deny-all"
+    );
+
+    eprintln!("[kubernetes] phase: allow-frontend-to-backend at the waypoint (docs/l7-policy.md)");
+    api.server.apply(&default_service(
+        "backend",
+        BACKEND_VIP,
+        "backend",
+        (80, 8080),
+        Some("waypoint"),
+    ));
+    let _http_backend = start_server(backend, "backend", &[])?;
+    let mut at_waypoint = allow.clone();
+    let spec = at_waypoint
+        .spec
+        .as_object_mut()
+        .context("the seed's spec is an object")?;
+    spec.remove("selector");
+    spec.insert(
+        "targetRefs".into(),
+        json!([{"kind": "Service", "group": "", "name": "backend"}]),
+    );
+    api.server.apply(&at_waypoint);
+    // The endpoints see the waypoint's identity: allowed at L4 past deny-all, as Istio's
+    // ambient documentation says.
+    api.server.apply(&authorization_policy(
+        "default",
+        "allow-waypoint-to-backend",
+        json!({
+            "selector": {"matchLabels": {"app": "backend"}},
+            "action": "ALLOW",
+            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/default/sa/waypoint"]}}]}],
+        }),
+    ));
+    wait_accepted(
+        &cluster,
+        &api,
+        "default",
+        "allow-frontend-to-backend",
+        "True",
+    )?;
+    wait_accepted(
+        &cluster,
+        &api,
+        "default",
+        "allow-waypoint-to-backend",
+        "True",
+    )?;
+    let backend_addr = format!("{BACKEND_VIP}:80");
+    let ask = |from: &Pod, method: &str| -> Result<wp::Answers> {
+        wp::curl_args(
+            from,
+            &backend_addr,
+            "/seed",
+            1,
+            &["-X".to_string(), method.to_string()],
+        )
+    };
+    cluster.wait_for(
+        TIMEOUT,
+        "frontend's GET to backend through the waypoint",
+        || {
+            // Until the agents and the waypoint have the new Service, the tunnel may be reset.
+            Ok(match ask(frontend, "GET") {
+                Ok(answers) if answers.count_code("200") == 1 => Ok(()),
+                Ok(answers) => Err(format!("{:?} {:?}", answers.codes, answers.bodies)),
+                Err(e) => Err(format!("{e:#}")),
+            })
+        },
+    )?;
+    for (from, method, want) in [
+        (frontend, "GET", "200"),
+        (frontend, "POST", "200"),
+        (frontend, "DELETE", "403"),
+        (other, "GET", "403"),
+    ] {
+        let answers = cluster.with_diagnostics(ask(from, method))?;
+        let body_ok = if want == "200" {
+            answers.count("backend HTTP/1.1") == 1
+        } else {
+            answers.count("RBAC: access denied") == 1
+        };
+        ensure_or_dump!(
+            cluster,
+            answers.count_code(want) == 1 && body_ok,
+            "{} ({}) {method} backend: want {want}, got {:?} {:?}",
+            from.name(),
+            from.service_account(),
+            answers.codes,
+            answers.bodies
+        );
+    }
+    // Counted as Istio's waypoint counts them, by the source's identity.
+    let metrics = waypoint_metrics(cluster.node(0), waypoint)?;
+    for account in ["frontend", "reviewer"] {
+        let principal = format!("spiffe://cluster.local/ns/default/sa/{account}");
+        let denied = wp::requests_total(
+            &metrics,
+            &[
+                ("reporter", "waypoint"),
+                ("response_code", "403"),
+                ("source_principal", &principal),
+            ],
+        );
+        ensure_or_dump!(
+            cluster,
+            denied == 1.0,
+            "istio_requests_total counts {denied} denied requests of {account}, not 1:\n{metrics}"
+        );
+    }
+    drop(process);
     Ok(())
 }
 
