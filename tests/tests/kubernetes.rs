@@ -759,10 +759,11 @@ const SEED_SPLIT_V2: std::ops::RangeInclusive<usize> = 6..=75;
 ///
 /// - The canary, through a waypoint run with `--kube`: the VirtualService names subsets v1 and
 ///   v2 that the seed's DestinationRule does not define, so it is rejected naming the field
-///   (Istio would accept it and answer 503 at run time); once the DestinationRule gets the two
-///   subsets (the one edit made to the seed), `end-user: jason` always reaches v2, everyone
-///   else splits 90/10, and the rule's `maxRequestsPerConnection: 2` shows in the upstream
-///   connections the waypoint opens.
+///   (Istio would accept it and answer 503 at run time); once a second DestinationRule defines
+///   the two subsets (merged with the seed's, as Istio merges the rules of one host; the seed
+///   itself is unchanged), `end-user: jason` always reaches v2, everyone else splits 90/10,
+///   and the seed rule's `maxRequestsPerConnection: 2` shows in the upstream connections the
+///   waypoint opens.
 /// - `deny-all` denies every workload of `default`; `allow-frontend-to-backend` is a selector
 ///   policy, the node agents', with an L7 field (`methods`): rejected naming it and enforced
 ///   fail-closed (frontend denied too), as in Istio ambient's ztunnel. Ported as
@@ -893,28 +894,36 @@ fn the_seed_istio_examples_work_after_changing_only_api_version() -> Result<()> 
         "the canary without subsets: reason {reason}, message {message:?}"
     );
 
-    eprintln!("[kubernetes] phase: the DestinationRule gets subsets v1 and v2");
-    // The one edit to the seed: the subsets its VirtualService names, by the `version` label,
-    // in the seed's DestinationRule (Ambit takes one DestinationRule per host, as Istio merges
-    // two only in limited cases).
-    api.server
-        .modify::<DestinationRuleResource>("default", "reviews-circuit-breaker", |rule| {
-            rule.spec["subsets"] = json!([
+    eprintln!("[kubernetes] phase: a second DestinationRule defines subsets v1 and v2");
+    // Nothing in the seed changes: the subsets its VirtualService names come from a rule of
+    // their own, as Istio users often keep them, merged with the circuit breaker's as Istio
+    // merges the rules of one host (its traffic policy stays, the subsets are added).
+    let subsets: DestinationRuleResource = serde_json::from_value(json!({
+        "apiVersion": "networking.ambit.dev/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "reviews-versions", "namespace": "default"},
+        "spec": {
+            "host": "reviews",
+            "subsets": [
                 {"name": "v1", "labels": {"version": "v1"}},
                 {"name": "v2", "labels": {"version": "v2"}},
-            ]);
-        });
+            ],
+        },
+    }))?;
+    api.server.apply(&subsets);
     let (_, _, message) = wait_accepted_of::<DestinationRuleResource>(
         &cluster,
         &api,
         "default",
-        "reviews-circuit-breaker",
+        "reviews-versions",
         "True",
     )?;
     ensure_or_dump!(
         cluster,
-        message.contains("2 subset(s) of service default/reviews"),
-        "the DestinationRule's acceptance: {message:?}"
+        message.contains("2 subset(s) of service default/reviews")
+            && message
+                .contains("merged with the older DestinationRule default/reviews-circuit-breaker"),
+        "the subsets' DestinationRule's acceptance: {message:?}"
     );
     wait_accepted_of::<VirtualServiceResource>(
         &cluster,

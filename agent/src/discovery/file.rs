@@ -63,9 +63,7 @@ pub use self::routing::{
     HttpRouteDestinationFile, HttpRouteFile, ObjectMetaFile, PortSelectorFile, ROUTING_API_VERSION,
     StringMatchFile, SubsetFile, VirtualServiceFile, VirtualServiceSpecFile,
 };
-pub(crate) use self::routing::{
-    SubsetsByService, destination_rule, known_services, virtual_service,
-};
+pub(crate) use self::routing::{MergedRules, destination_rule, known_services, virtual_service};
 pub use self::security::{
     AuthorizationPolicyFile, CONDITION_KEYS, ConditionFile, FromFile, OperationFile,
     PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, TargetRefFile, ToFile,

@@ -7,7 +7,7 @@
 //! [`super::resilience`]): any other (`corsPolicy`, `tls`...) is rejected with its
 //! path, never ignored, since a route silently missing a field would be a different route.
 //! The result is the state's route model ([`crate::state::routes`]).
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -444,6 +444,52 @@ pub(crate) type CheckedRule = (
     (Option<LoadBalancer>, UpstreamPolicy),
 );
 
+/// The DestinationRules of every host, merged as Istio merges the rules of one host (pilot's
+/// `mergeDestinationRule`), oldest first: the first rule's subsets and top-level traffic policy
+/// stay; a later rule adds the subsets whose names are new, and its top-level traffic policy
+/// applies only when no earlier rule of the host had one. So a circuit breaker in one rule and
+/// the subsets in another both apply, as in Istio.
+#[derive(Debug, Default)]
+pub(crate) struct MergedRules {
+    /// Subsets by service uid.
+    pub subsets: SubsetsByService,
+    /// Load balancer by service uid.
+    pub load_balancers: BTreeMap<String, LoadBalancer>,
+    /// Connection pool and outlier detection by service uid.
+    pub upstream: BTreeMap<String, UpstreamPolicy>,
+    /// Hosts whose top-level traffic policy an earlier rule set.
+    with_policy: HashSet<String>,
+}
+
+impl MergedRules {
+    /// Adds one checked rule (see the type's doc); returns the names of its subsets that an
+    /// earlier rule of the host already defined, which are ignored.
+    pub fn add(&mut self, (uid, named, (load_balancer, upstream)): CheckedRule) -> Vec<String> {
+        let has_policy = load_balancer.is_some() || !upstream.is_empty();
+        if has_policy && self.with_policy.insert(uid.clone()) {
+            if let Some(policy) = load_balancer {
+                self.load_balancers.insert(uid.clone(), policy);
+            }
+            if !upstream.is_empty() {
+                self.upstream.insert(uid.clone(), upstream);
+            }
+        }
+        let subsets = self.subsets.entry(uid).or_default();
+        let mut duplicates = Vec::new();
+        for (name, subset) in named {
+            match subsets.entry(name) {
+                std::collections::btree_map::Entry::Occupied(taken) => {
+                    duplicates.push(taken.key().clone())
+                }
+                std::collections::btree_map::Entry::Vacant(free) => {
+                    free.insert(subset);
+                }
+            }
+        }
+        duplicates
+    }
+}
+
 /// Checks one VirtualService (its fields named after `at`) against the services and subsets:
 /// the routes of each of its hosts, by service uid, in the order of `spec.hosts`. Shared like
 /// [`destination_rule`].
@@ -466,30 +512,26 @@ impl Validator<'_> {
         services: &[Service],
     ) -> Result<RouteTable, ConfigError> {
         let known = known_services(services);
-        let mut subsets: SubsetsByService = HashMap::new();
-        let mut rule_of: HashMap<String, usize> = HashMap::new();
-        let mut load_balancers = BTreeMap::new();
-        let mut upstream_policies = BTreeMap::new();
+        let mut rules = MergedRules::default();
         for (i, rule) in destination_rules.iter().enumerate() {
             let at = format!("destinationRules[{i}]");
-            let (uid, named, (load_balancer, upstream)) =
-                self.destination_rule(&at, rule, &known)?;
-            if let Some(first) = rule_of.insert(uid.clone(), i) {
-                return Err(self.invalid(
-                    format!("{at}.spec.host"),
-                    format!(
-                        "service {uid} already has destinationRules[{first}] (one rule per host)"
-                    ),
-                ));
+            let checked = self.destination_rule(&at, rule, &known)?;
+            let uid = checked.0.clone();
+            for name in rules.add(checked) {
+                tracing::warn!(
+                    service = %uid,
+                    subset = %name,
+                    rule = %at,
+                    "subset already defined by an earlier DestinationRule of the host: ignored"
+                );
             }
-            if let Some(policy) = load_balancer {
-                load_balancers.insert(uid.clone(), policy);
-            }
-            if !upstream.is_empty() {
-                upstream_policies.insert(uid.clone(), upstream);
-            }
-            subsets.insert(uid, named);
         }
+        let MergedRules {
+            subsets,
+            load_balancers,
+            upstream: upstream_policies,
+            ..
+        } = rules;
 
         let mut table = RouteTable {
             load_balancers,
@@ -1378,6 +1420,38 @@ destinationRules:
     fn parse(extra: &str) -> Result<crate::state::MeshState, String> {
         let text = format!("{MESH}{extra}");
         parse_mesh(Path::new("/etc/mesh.yaml"), text.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    /// The seed's circuit breaker unchanged and the subsets in a rule of their own: merged as
+    /// Istio merges the rules of one host (the first policy stays, subsets are added).
+    #[test]
+    fn destination_rules_of_one_host_merge() {
+        let breaker = r#"
+- apiVersion: networking.ambit.dev/v1
+  kind: DestinationRule
+  metadata: {name: reviews-circuit-breaker}
+  spec:
+    host: reviews
+    trafficPolicy:
+      connectionPool:
+        http: {maxRequestsPerConnection: 2}
+"#;
+        let text = format!("{SEED_VS}{DR}{breaker}");
+        let state = parse(&text).unwrap();
+        let routes = state.routes();
+        assert!(routes.for_service("default/reviews").is_some());
+        let upstream = routes
+            .upstream
+            .get("default/reviews")
+            .expect("merged policy");
+        assert_eq!(
+            upstream
+                .connection_pool
+                .as_ref()
+                .map(|p| p.max_requests_per_connection),
+            Some(2),
+            "{upstream:?}"
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! `virtualServices` and `destinationRules` (`discovery::file::virtual_service`): the
 //! same fields are supported, the same rules hold, the errors name the same fields (under
 //! `spec.`). Only the Kubernetes-specific parts live here: each resource is judged on its own,
-//! conflicts between resources are settled Istio's way (the oldest wins), and a rejected
+//! conflicts between resources are settled Istio's way (the DestinationRules of one host merged,
+//! the oldest VirtualService winning), and a rejected
 //! resource keeps its last accepted version in force, as a rejected mesh file does.
 //!
 //! "Last accepted" is per process: the node agents and waypoints remember the last version of
@@ -27,8 +28,8 @@ use serde_json::Value;
 use super::security::{Acceptance, PolicyStatus, Verdict, creation_order, parse_spec};
 use crate::{
     discovery::file::{
-        ConfigError, DestinationRuleFile, DestinationRuleSpecFile, ObjectMetaFile, PolicyError,
-        ROUTING_API_VERSION, SubsetsByService, VirtualServiceFile, VirtualServiceSpecFile,
+        ConfigError, DestinationRuleFile, DestinationRuleSpecFile, MergedRules, ObjectMetaFile,
+        PolicyError, ROUTING_API_VERSION, VirtualServiceFile, VirtualServiceSpecFile,
         destination_rule, known_services, virtual_service,
     },
     state::{Service, routes::RouteTable},
@@ -194,8 +195,9 @@ fn virtual_service_file(
 /// rejected.
 ///
 /// DestinationRules first (a VirtualService's subsets are theirs), each kind oldest first
-/// (`creationTimestamp`, then namespace and name): one DestinationRule and one VirtualService
-/// per service, the older one winning, as Istio resolves conflicts.
+/// (`creationTimestamp`, then namespace and name), as Istio orders them: the DestinationRules
+/// of one host are merged as Istio merges them ([`MergedRules`]); one VirtualService per
+/// service, the older one winning (Istio merges VirtualServices only at gateways).
 pub fn convert_routes(
     virtual_services: &[Arc<VirtualServiceResource>],
     destination_rules: &[Arc<DestinationRuleResource>],
@@ -208,41 +210,49 @@ pub fn convert_routes(
 
     let mut rules: Vec<&DestinationRuleResource> = destination_rules.iter().map(|r| &**r).collect();
     rules.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
-    let mut subsets: SubsetsByService = HashMap::new();
-    let mut rule_of: HashMap<String, RouteKey> = HashMap::new();
+    let mut merged = MergedRules::default();
+    let mut rules_of: HashMap<String, Vec<RouteKey>> = HashMap::new();
     for rule in rules {
         let key = RouteKey::of(RouteKind::DestinationRule, &rule.metadata);
         let convert = |spec: &Value| {
             let file = destination_rule_file(&rule.metadata, spec)?;
-            let (uid, named, policies) =
-                destination_rule(path, "", &file, &known).map_err(field_error)?;
-            if let Some(first) = rule_of.get(&uid) {
-                return Err(PolicyError {
-                    field: "spec.host".into(),
-                    reason: format!(
-                        "service {uid} already has {first} (one DestinationRule per host: the \
-                         oldest wins)"
-                    ),
-                });
-            }
-            Ok((uid, named, policies))
+            destination_rule(path, "", &file, &known).map_err(field_error)
         };
-        let (verdict, in_force) = judge(&key, &rule.spec, last_good, convert, |(uid, named, _)| {
-            format!("{} subset(s) of service {uid}", named.len())
-        });
-        out.verdicts.insert(key.clone(), verdict);
-        if let Some((spec, (uid, named, (load_balancer, upstream)))) = in_force {
-            rule_of.insert(uid.clone(), key.clone());
-            if let Some(policy) = load_balancer {
-                out.table.load_balancers.insert(uid.clone(), policy);
+        let (mut verdict, in_force) =
+            judge(&key, &rule.spec, last_good, convert, |(uid, named, _)| {
+                format!("{} subset(s) of service {uid}", named.len())
+            });
+        if let Some((spec, checked)) = in_force {
+            let uid = checked.0.clone();
+            let earlier = rules_of.entry(uid).or_default();
+            let duplicates = merged.add(checked);
+            let accepted = verdict.verdict == Verdict::Accepted;
+            if accepted && !earlier.is_empty() {
+                let names: Vec<String> = earlier.iter().map(ToString::to_string).collect();
+                verdict.message.push_str(&format!(
+                    "; merged with the older {} as Istio merges the rules of one host",
+                    names.join(", ")
+                ));
             }
-            if !upstream.is_empty() {
-                out.table.upstream.insert(uid.clone(), upstream);
+            if accepted && !duplicates.is_empty() {
+                verdict.message.push_str(&format!(
+                    "; subset(s) {} already defined by an older rule: ignored",
+                    duplicates.join(", ")
+                ));
             }
-            subsets.insert(uid, named);
-            out.in_force.insert(key, spec);
+            earlier.push(key.clone());
+            out.in_force.insert(key.clone(), spec);
         }
+        out.verdicts.insert(key, verdict);
     }
+    let MergedRules {
+        subsets,
+        load_balancers,
+        upstream,
+        ..
+    } = merged;
+    out.table.load_balancers = load_balancers;
+    out.table.upstream = upstream;
 
     let mut routes: Vec<&VirtualServiceResource> = virtual_services.iter().map(|r| &**r).collect();
     routes.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));

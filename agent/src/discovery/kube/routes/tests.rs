@@ -254,7 +254,7 @@ fn the_seed_circuit_breaker_converts_and_bad_pool_fields_are_rejected_by_name() 
 }
 
 #[test]
-fn the_oldest_resource_of_a_host_wins() {
+fn the_oldest_virtual_service_of_a_host_wins_and_destination_rules_merge() {
     let converted = convert_routes(
         &[vs("newer", 5, seed_vs()), vs("older", 1, seed_vs())],
         &[dr("second", 5, seed_dr()), dr("first", 1, seed_dr())],
@@ -273,11 +273,16 @@ fn the_oldest_resource_of_a_host_wins() {
         ),
         "{newer:?}"
     );
+    // DestinationRules are merged instead, as Istio merges the rules of one host.
     let second = &converted.verdicts[&key(RouteKind::DestinationRule, "second")];
+    assert_eq!(second.verdict, Verdict::Accepted, "{second:?}");
     assert!(
         second
             .message
-            .starts_with("spec.host: service shop/reviews already has DestinationRule shop/first"),
+            .contains("merged with the older DestinationRule shop/first")
+            && second
+                .message
+                .contains("subset(s) v1, v2 already defined by an older rule: ignored"),
         "{second:?}"
     );
     // A host that is not a service.
@@ -440,4 +445,77 @@ async fn a_virtual_service_from_the_api_takes_effect_and_a_rejected_edit_keeps_i
         .await;
     assert!(!status.is_finished());
     status.abort();
+}
+
+/// Istio's merge of the DestinationRules of one host (pilot's `mergeDestinationRule`): the
+/// oldest rule's top-level traffic policy stays, a newer one's applies only where no older had
+/// one, and subsets are added by name (an older definition wins). The seed's circuit breaker
+/// and a rule of subsets thus both apply.
+#[test]
+fn destination_rules_of_one_host_merge_as_in_istio() {
+    let breaker = json!({
+        "host": "reviews",
+        "trafficPolicy": {
+            "loadBalancer": {"simple": "LEAST_REQUEST"},
+            "connectionPool": {"http": {"maxRequestsPerConnection": 2}},
+        },
+    });
+    let versions = json!({
+        "host": "reviews",
+        "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}},
+        "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {"name": "v2", "labels": {"version": "v2"}},
+        ],
+    });
+    let more = json!({
+        "host": "reviews",
+        "subsets": [
+            {"name": "v2", "labels": {"version": "two"}},
+            {"name": "v3", "labels": {"version": "v3"}},
+        ],
+    });
+    let converted = convert_routes(
+        &[vs("canary", 9, seed_vs())],
+        &[
+            dr("more", 3, more),
+            dr("versions", 2, versions),
+            dr("breaker", 1, breaker.clone()),
+        ],
+        &reviews(),
+        &HashMap::new(),
+    );
+    for name in ["breaker", "versions", "more"] {
+        let verdict = &converted.verdicts[&key(RouteKind::DestinationRule, name)];
+        assert_eq!(verdict.verdict, Verdict::Accepted, "{name}: {verdict:?}");
+    }
+    // The breaker's policy (the oldest with one), not the newer rule's load balancer.
+    let (_, _, (load_balancer, upstream)) = destination_rule(
+        Path::new(""),
+        "",
+        &destination_rule_file(&meta("breaker", 1), &breaker).unwrap(),
+        &known_services(&reviews()),
+    )
+    .unwrap();
+    assert_eq!(
+        converted.table.load_balancers.get("shop/reviews"),
+        load_balancer.as_ref()
+    );
+    assert_eq!(
+        converted.table.upstream.get("shop/reviews"),
+        Some(&upstream)
+    );
+    // Subsets v1 and v2 from `versions`, v3 added by `more`, whose v2 is ignored: the canary
+    // that names v1 and v2 is accepted.
+    let canary = &converted.verdicts[&key(RouteKind::VirtualService, "canary")];
+    assert_eq!(canary.verdict, Verdict::Accepted, "{canary:?}");
+    let more = &converted.verdicts[&key(RouteKind::DestinationRule, "more")];
+    assert!(
+        more.message.contains(
+            "merged with the older DestinationRule shop/breaker, DestinationRule shop/versions"
+        ) && more
+            .message
+            .contains("subset(s) v2 already defined by an older rule: ignored"),
+        "{more:?}"
+    );
 }
