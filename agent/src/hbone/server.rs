@@ -32,10 +32,7 @@ use std::{
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
@@ -48,7 +45,7 @@ use crate::{
     identity::SpiffeId,
     limits::{ConnectionPermit, Limits, Path, Phase, refuse as reset},
     policy::{Admission, Refusal},
-    relay::{Meter, Relayed, Transferred, relay_until},
+    relay::{Meter, Relayable, Relayed, Transferred, relay_until},
 };
 
 /// One CONNECT request that passed the authority check, as the handler sees it.
@@ -172,7 +169,7 @@ pub struct StreamReport<M = ()> {
 /// The pod-specific decisions of an HBONE server.
 pub trait InboundHandler: Send + Sync + 'static {
     /// The connection to the application.
-    type Upstream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    type Upstream: Relayable + Send + 'static;
 
     /// What counts a tunnel's bytes while they flow (`()`: nothing, the report's totals only).
     type Meter: Meter + Send + 'static;
