@@ -277,7 +277,8 @@ impl Pool {
             .map_err(|source| HboneError::Connect { peer, source })?;
         // Small writes (handshakes, headers, interactive traffic) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
-        let tls = client::connect_tls(tcp, tls_config, peer).await?;
+        let mut tls = client::connect_tls(super::transport(tcp), tls_config, peer).await?;
+        super::size_tls_buffers(tls.get_mut().1);
         let max_streams = config.max_streams_per_connection.max(1);
         let (client, connection) = client::handshake(tls, &config.http2, max_streams, peer).await?;
         let (shared, slot) = ConnShared::new(max_streams);

@@ -372,7 +372,7 @@ impl<H: InboundHandler> HboneServer<H> {
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(
             settings.handshake_timeout,
-            TlsAcceptor::from(tls_config).accept(tcp),
+            TlsAcceptor::from(tls_config).accept(super::transport(tcp)),
         )
         .await
         .map_err(|_| {
@@ -380,6 +380,8 @@ impl<H: InboundHandler> HboneServer<H> {
             ConnectionError::HandshakeTimeout
         })?
         .map_err(ConnectionError::Handshake)?;
+        let mut tls = tls;
+        super::size_tls_buffers(tls.get_mut().1);
         let peer = tls::peer_identity(tls.get_ref().1).ok_or(ConnectionError::NoPeerIdentity)?;
         debug!(%source, %peer, "HBONE connection accepted");
 
