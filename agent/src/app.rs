@@ -99,6 +99,15 @@ pub struct AgentArgs {
     /// a peer's inbound connections and tunnels [default: a quarter of --max-connections].
     #[arg(long, env = "AMBIT_MAX_CONNECTIONS_PER_SOURCE")]
     pub max_connections_per_source: Option<usize>,
+    /// Most tunnels one pooled HBONE connection carries at once; more open another connection
+    /// to the same peer (ztunnel's `POOL_MAX_STREAMS_PER_CONNECTION`).
+    #[arg(
+        long,
+        env = "AMBIT_HBONE_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = crate::hbone::PoolConfig::default().max_streams_per_connection,
+        value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..), usize::from),
+    )]
+    pub hbone_max_streams_per_connection: usize,
 }
 
 /// Raises the descriptor limit and derives the connection limits from it and the flags.
@@ -252,6 +261,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         certs: certs.clone(),
         limits: limits.clone(),
         connections: Arc::new(OpenConnections::new()),
+        pool: crate::hbone::PoolConfig {
+            max_streams_per_connection: args.hbone_max_streams_per_connection,
+            ..Default::default()
+        },
     });
     // Every new state, from either source, is applied to the inbound connections already open.
     tokio::spawn(admission::reevaluate_on_change(

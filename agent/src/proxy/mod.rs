@@ -43,6 +43,8 @@ pub struct ProxyContext {
     /// The inbound connections open, re-evaluated on every state change
     /// ([`admission::reevaluate_on_change`]).
     pub connections: Arc<admission::OpenConnections>,
+    /// The settings of every pod's HBONE connection pool.
+    pub pool: crate::hbone::PoolConfig,
 }
 
 /// How long a connection waits for its pod's first certificate before it is refused.
