@@ -1,7 +1,10 @@
 //! The `ambit` binary.
 use std::path::PathBuf;
 
-use ambit::{app::AgentArgs, telemetry::LogFormat};
+use ambit::{
+    app::AgentArgs,
+    telemetry::{LogFormat, LogSettings, Sampling},
+};
 use clap::{Parser, Subcommand};
 
 /// jemalloc, not the system's malloc: after a burst of connections, glibc keeps the freed
@@ -23,6 +26,10 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info,ambit::proxy=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
     log_level: String,
+    /// The share of successful connections that get an access-log line, as a fraction (`0.01`)
+    /// or a percentage (`1%`); failed and refused connections are always logged.
+    #[arg(long, env = "AMBIT_ACCESS_LOG_SAMPLING", default_value = "1", value_parser = Sampling::parse, global = true)]
+    access_log_sampling: Sampling,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,7 +76,12 @@ enum CniCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(err) = ambit::telemetry::init_logging(cli.log_format, &cli.log_level) {
+    let logging = LogSettings {
+        format: cli.log_format,
+        filter: cli.log_level.clone(),
+        access_log_sampling: cli.access_log_sampling,
+    };
+    if let Err(err) = ambit::telemetry::init_logging(&logging) {
         eprintln!("error: {err:#}");
         return std::process::ExitCode::FAILURE;
     }

@@ -352,15 +352,24 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
 
     // The servers saw the waypoint, not the client: the destination agent authorized the
     // waypoint's identity (its access log names it as the tunnel's principal).
+    // Lines are written as tunnels end, a moment after the client saw its answer: wait.
     let waypoint_principal = format!("spiffe://cluster.local/ns/{namespace}/sa/waypoint");
-    let inbound = ambit_tests::traffic::access_logs(cluster.node(1));
-    ensure_or_dump!(
-        cluster,
-        inbound
+    let deadline = Instant::now() + ambit_tests::traffic::TIMEOUT;
+    loop {
+        let inbound = ambit_tests::traffic::access_logs(cluster.node(1));
+        if inbound
             .iter()
-            .any(|l| l["src_principal"] == waypoint_principal.as_str()),
-        "node 1's agent logged no tunnel from the waypoint's identity"
-    );
+            .any(|l| l["src_principal"] == waypoint_principal.as_str())
+        {
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "node 1's agent logged no tunnel from the waypoint's identity"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(servers);
     Ok(())
 }
