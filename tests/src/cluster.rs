@@ -24,6 +24,8 @@ pub const ADMIN_PORT: u16 = 15000;
 pub const READINESS_PORT: u16 = 15021;
 /// The agent's Prometheus metrics port (`/metrics`).
 pub const METRICS_PORT: u16 = 15020;
+/// The HBONE port every meshed pod accepts tunnels on (its agent's listener in the pod).
+pub const HBONE_PORT: u16 = 15008;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -47,7 +47,9 @@ pub mod traffic;
 pub mod util;
 pub mod waypoint;
 
-pub use cluster::{ADMIN_PORT, Cluster, ClusterSpec, METRICS_PORT, Node, Pod, READINESS_PORT};
+pub use cluster::{
+    ADMIN_PORT, Cluster, ClusterSpec, HBONE_PORT, METRICS_PORT, Node, Pod, READINESS_PORT,
+};
 pub use mesh::MeshFile;
 pub use process::PodProcess;
 pub use util::{HttpResponse, Netns};

@@ -282,6 +282,53 @@ pub fn metric(node: &Node, series: &str) -> Result<Option<f64>> {
     }))
 }
 
+/// The sum of every series of the agent's family `name` whose labels include all of `labels`
+/// (0 when there is none yet).
+pub fn metric_sum(node: &Node, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    let r = node.http_get(crate::METRICS_PORT, "/metrics", Duration::from_secs(5))?;
+    ensure!(
+        r.status == 200,
+        "GET /metrics on {}: HTTP {}",
+        node.name(),
+        r.status
+    );
+    let prefix = format!("{name}{{");
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    Ok(r.body
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && wanted.iter().all(|w| l.contains(w.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// The local ports of `pod`'s established TCP connections to port 15008: its outbound HBONE
+/// connections (the agent dials them from inside the pod's namespace).
+pub fn hbone_client_ports(pod: &Pod) -> Result<Vec<u16>> {
+    let dport = format!(":{}", crate::HBONE_PORT);
+    let out = crate::util::run(
+        "ip",
+        [
+            "netns",
+            "exec",
+            pod.netns_name(),
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            "dport",
+            "=",
+            dport.as_str(),
+        ],
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let local = l.split_whitespace().nth(2)?;
+            local.rsplit_once(':')?.1.parse().ok()
+        })
+        .collect())
+}
+
 /// Like [`metric`], for a series that must exist.
 pub fn metric_value(node: &Node, series: &str) -> Result<f64> {
     metric(node, series)?.ok_or_else(|| anyhow!("no {series} in the metrics of {}", node.name()))
