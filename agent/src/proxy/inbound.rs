@@ -46,6 +46,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    super::no_delay(&client);
     let dst = match client.local_addr() {
         Ok(addr) => addr,
         Err(err) => {

@@ -79,6 +79,21 @@ pub struct PodContext {
     pub pool: crate::hbone::Pool,
 }
 
+/// Turns Nagle's algorithm off on an accepted pod connection, as on every socket the agent
+/// opens ([`connect_from`]) and as ztunnel does.
+///
+/// The relay writes what it has as soon as it has it, often as several writes in a row (a
+/// tunnel's DATA frames, each a write; a read buffer that starts at 1 KiB). With Nagle on, the
+/// second write waits for the ACK of the first, and a client waiting for the rest of its
+/// answer delays that ACK (up to 40 ms on Linux): every exchange of a request and an answer
+/// stalled for 40 ms, so a burst of 2,000 connections each echoing 16 KiB took over 3 minutes
+/// instead of half a minute.
+pub(crate) fn no_delay(socket: &TcpStream) {
+    if let Err(err) = socket.set_nodelay(true) {
+        tracing::debug!(%err, "TCP_NODELAY not set on an accepted connection");
+    }
+}
+
 /// Opens a TCP connection to `dst` from inside `netns`, optionally from a given local address.
 /// The eBPF programs leave it alone because the agent's cgroup is exempt.
 pub async fn connect_from(

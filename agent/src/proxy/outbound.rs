@@ -47,6 +47,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    super::no_delay(&client);
     let Some(dst) = ctx.redirector.original_destination(&client) else {
         // Not redirected by our programs (someone dialled 127.0.0.1:15001 directly), or the pod
         // is over its share of handshakes in flight: there is nowhere legitimate to send it.
