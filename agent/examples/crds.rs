@@ -1,5 +1,5 @@
 //! Writes Ambit's CRD YAML from the Rust types (`ambit::discovery::kube::crd`) into
-//! `deploy/crds/` and `deploy/helm/ambit/crds/`. Run through `cargo xtask crds`.
+//! `deploy/crds/` and `deploy/helm/ambit/files/crds/`. Run through `cargo xtask crds`.
 //!
 //! Usage: `crds [WORKSPACE_ROOT]` (default: the parent of the agent crate).
 use std::path::{Path, PathBuf};

@@ -57,12 +57,24 @@ enum Command {
     /// requirement with the fix, as `linkerd check` does.
     Check(ambit::cli::check::CheckArgs),
     /// Remove everything an agent pinned (programs detach, maps are freed). Enrolled pods'
-    /// new connections then go direct, outside the mesh.
+    /// new connections then go direct, outside the mesh. `ambit uninstall cluster` finishes an
+    /// uninstall in Kubernetes.
+    #[command(args_conflicts_with_subcommands = true)]
     Uninstall {
+        /// `cluster`; without one, this node's pins are removed.
+        #[command(subcommand)]
+        command: Option<UninstallCommand>,
         /// The agent's bpffs directory.
         #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
         bpffs: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum UninstallCommand {
+    /// Wait until the uninstall DaemonSet has removed Ambit from every node, then delete it
+    /// (the chart's post-delete hook Job runs this).
+    Cluster(ambit::cli::uninstall::ClusterUninstallArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,7 +138,18 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ambit::cli::check::run(args))),
-        Command::Uninstall { bpffs } => ambit::redirect::uninstall(&bpffs),
+        Command::Uninstall {
+            command: Some(UninstallCommand::Cluster(args)),
+            ..
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ambit::cli::uninstall::run(args))),
+        Command::Uninstall {
+            command: None,
+            bpffs,
+        } => ambit::redirect::uninstall(&bpffs),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -617,6 +617,22 @@ impl Pod {
         &self.netns_path
     }
 
+    /// How many sk_lookup programs are attached to the pod's namespace now, as the kernel lists
+    /// its links (`bpftool link show`).
+    pub fn sk_lookup_links(&self) -> Result<usize> {
+        use std::os::unix::fs::MetadataExt as _;
+        let ino = fs::metadata(&self.netns_path)
+            .with_context(|| format!("stat {}", self.netns_path.display()))?
+            .ino();
+        let out = util::run("bpftool", ["-j", "link", "show"])?;
+        let links: Vec<serde_json::Value> =
+            serde_json::from_str(&out).with_context(|| format!("bpftool link show: {out}"))?;
+        Ok(links
+            .iter()
+            .filter(|l| l["attach_type"] == "sk_lookup" && l["netns_ino"] == ino)
+            .count())
+    }
+
     /// Name of the node-side end of the pod's veth, in the node namespace (`a<id>n<i>p<j>`).
     pub fn node_interface(&self) -> &str {
         &self.node_if
@@ -851,6 +867,7 @@ pub struct Cluster {
     redirect: Mutex<mesh::Redirect>,
     policies: Mutex<mesh::Policies>,
     routing: Mutex<mesh::Routing>,
+    gateway_routes: Mutex<mesh::GatewayRoutes>,
     ca: Mutex<CaState>,
     mesh_write: Mutex<u64>,
     torn_down: AtomicBool,
@@ -957,6 +974,7 @@ impl Cluster {
             redirect: Mutex::new(mesh::Redirect::default()),
             policies: Mutex::new(mesh::Policies::default()),
             routing: Mutex::new(mesh::Routing::default()),
+            gateway_routes: Mutex::new(mesh::GatewayRoutes::default()),
             ca: Mutex::new(CaState::default()),
             mesh_write: Mutex::new(0),
             torn_down: AtomicBool::new(false),
@@ -1277,6 +1295,7 @@ impl Cluster {
     pub fn mesh(&self) -> MeshFile {
         let policies = lock(&self.policies).clone();
         let routing = lock(&self.routing).clone();
+        let gateway_routes = lock(&self.gateway_routes).clone();
         MeshFile {
             trust_domain: TRUST_DOMAIN.to_string(),
             redirect: lock(&self.redirect).clone(),
@@ -1292,6 +1311,8 @@ impl Cluster {
             request_authentications: policies.request_authentications,
             virtual_services: routing.virtual_services,
             destination_rules: routing.destination_rules,
+            http_routes: gateway_routes.http_routes,
+            grpc_routes: gateway_routes.grpc_routes,
         }
     }
 
@@ -1317,6 +1338,12 @@ impl Cluster {
     /// [`write_mesh`](Self::write_mesh).
     pub fn set_routing(&self, routing: mesh::Routing) {
         *lock(&self.routing) = routing;
+    }
+
+    /// Replaces the Gateway API routing sections (`httpRoutes`, `grpcRoutes`). Publish with
+    /// [`write_mesh`](Self::write_mesh).
+    pub fn set_gateway_routes(&self, routes: mesh::GatewayRoutes) {
+        *lock(&self.gateway_routes) = routes;
     }
 
     /// Adds a workload that is no bed pod to the mesh file (publish with

@@ -35,6 +35,12 @@ pub struct MeshFile {
     /// Istio-shaped DestinationRules, as JSON values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destination_rules: Vec<serde_json::Value>,
+    /// Gateway API HTTPRoutes whose parents are Services, as JSON values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_routes: Vec<serde_json::Value>,
+    /// Gateway API GRPCRoutes whose parents are Services, as JSON values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc_routes: Vec<serde_json::Value>,
 }
 
 /// The routing sections of the mesh file (docs/waypoint.md).
@@ -44,6 +50,15 @@ pub struct Routing {
     pub virtual_services: Vec<serde_json::Value>,
     /// `destinationRules`.
     pub destination_rules: Vec<serde_json::Value>,
+}
+
+/// The Gateway API routing sections of the mesh file (docs/waypoint.md).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GatewayRoutes {
+    /// `httpRoutes`.
+    pub http_routes: Vec<serde_json::Value>,
+    /// `grpcRoutes`.
+    pub grpc_routes: Vec<serde_json::Value>,
 }
 
 /// The policy sections of the mesh file.
@@ -197,6 +212,8 @@ mod tests {
             request_authentications: Vec::new(),
             virtual_services: Vec::new(),
             destination_rules: Vec::new(),
+            http_routes: Vec::new(),
+            grpc_routes: Vec::new(),
         };
         let y = m.to_yaml().unwrap();
         for key in [

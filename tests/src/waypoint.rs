@@ -34,9 +34,7 @@ pub fn prepare(
 ) -> Result<()> {
     let namespace = client.namespace();
     cluster.set_labels(client, &[("app", "client")]);
-    cluster.set_labels(waypoint, &[("app", "waypoint")]);
-    waypoint.set_service_account("waypoint");
-    cluster.set_enrolled(waypoint, false);
+    prepare_waypoint(cluster, waypoint);
     for (pod, labels, account) in servers {
         let mut all = vec![("app", "reviews")];
         all.extend_from_slice(labels);
@@ -50,13 +48,6 @@ pub fn prepare(
         &[("app", "reviews")],
         &[(9080, 8080)],
     );
-    cluster.add_service(
-        "waypoint",
-        &namespace,
-        &[WAYPOINT_VIP],
-        &[("app", "waypoint")],
-        &[(15008, 15008)],
-    );
     ensure!(
         cluster.set_service_waypoint("reviews", &namespace, "waypoint"),
         "no service reviews"
@@ -66,6 +57,22 @@ pub fn prepare(
     cluster.start_agents()?;
     route_ca_to_pods_of(cluster, cluster.node(0))?;
     Ok(())
+}
+
+/// Makes `pod` the waypoint: label `app: waypoint`, service account `waypoint`, not enrolled,
+/// and the service `waypoint` (port 15008, VIP [`WAYPOINT_VIP`]) that selects it, in the pod's
+/// namespace.
+pub fn prepare_waypoint(cluster: &Cluster, pod: &Pod) {
+    cluster.set_labels(pod, &[("app", "waypoint")]);
+    pod.set_service_account("waypoint");
+    cluster.set_enrolled(pod, false);
+    cluster.add_service(
+        "waypoint",
+        &pod.namespace(),
+        &[WAYPOINT_VIP],
+        &[("app", "waypoint")],
+        &[(15008, 15008)],
+    );
 }
 
 /// The seed's canary VirtualService for the service `reviews`, with only `apiVersion` changed
@@ -108,9 +115,10 @@ pub fn seed_subsets() -> Value {
     })
 }
 
-/// Gives the CA (it listens on the fabric) the way back to the pods of `node`, as a cluster
-/// routes pods to its CA's Service: a waypoint is a pod that asks the CA for its own
-/// certificate. The route goes with the fabric namespace.
+/// Gives the fabric (where the CA and a test's Prometheus listen) the way back to the pods of
+/// `node`, as a cluster routes pods to its CA's Service: a waypoint is a pod that asks the CA
+/// for its own certificate, and a Prometheus scrapes it. The route goes with the fabric
+/// namespace.
 pub fn route_ca_to_pods_of(cluster: &Cluster, node: &Node) -> Result<()> {
     util::ip(&format!(
         "-n {} route replace 10.10.{}.0/24 via {}",
@@ -135,6 +143,11 @@ pub fn start_server(pod: &Pod, name: &str, extra: &[&str]) -> Result<PodProcess>
 /// Starts `ambit waypoint` in `pod` and waits until it serves its metrics (it has its
 /// certificate and listens on 15008 by then).
 pub fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
+    start_waypoint_with(cluster, pod, &[])
+}
+
+/// [`start_waypoint`] with `extra` flags.
+pub fn start_waypoint_with(cluster: &Cluster, pod: &Pod, extra: &[&str]) -> Result<PodProcess> {
     let node = cluster.node_of(pod);
     let mut args = vec![
         "waypoint".to_string(),
@@ -148,14 +161,23 @@ pub fn start_waypoint(cluster: &Cluster, pod: &Pod) -> Result<PodProcess> {
         "json".into(),
     ];
     args.extend(node.ca_flags());
+    args.extend(extra.iter().map(|a| a.to_string()));
     let mut process = pod.spawn(cluster.ambit_bin(), &args)?;
+    wait_serving(cluster, pod, &mut process)?;
+    Ok(process)
+}
+
+/// Waits until the waypoint `process` running in `pod` serves its metrics (it has its
+/// certificate and listens on 15008 by then), at most 60 s.
+pub fn wait_serving(cluster: &Cluster, pod: &Pod, process: &mut PodProcess) -> Result<()> {
+    let node = cluster.node_of(pod);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = process.try_status()? {
             bail!("ambit waypoint exited: {status}; log: {}", process.stderr());
         }
         if waypoint_metrics(node, pod).is_ok() {
-            return Ok(process);
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
@@ -192,6 +214,37 @@ pub fn sum_series(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
+}
+
+/// Waits (30 s at most) until `node`'s agent has admitted a tunnel from `principal` over mTLS,
+/// as its `istio_tcp_connections_opened_total{reporter="destination"}` counts it when the
+/// tunnel opens. (Its access-log line is written only when the tunnel ends, and the waypoint
+/// keeps its tunnels pooled.)
+pub fn wait_tunnel_from(node: &Node, principal: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = node
+            .http_get(crate::METRICS_PORT, "/metrics", Duration::from_secs(5))?
+            .body;
+        let opened = sum_series(
+            &metrics,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", principal),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        );
+        if opened >= 1.0 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{}'s agent counted no tunnel from {principal} in 30 s",
+            node.name()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Waits until every agent reports a rejected mesh file (its `lastError` set) and returns the
@@ -306,6 +359,11 @@ impl Answers {
     pub fn count(&self, body: &str) -> usize {
         self.bodies.iter().filter(|b| *b == body).count()
     }
+
+    /// How many answers had status `code`.
+    pub fn count_code(&self, code: &str) -> usize {
+        self.codes.iter().filter(|c| *c == code).count()
+    }
 }
 
 /// Runs curl in `from` for `count` HTTP/1.1 requests to `http://<authority><path>/[1-count]` over
@@ -319,6 +377,21 @@ pub fn curl(
     count: usize,
     headers: &[&str],
 ) -> Result<Answers> {
+    let args: Vec<String> = headers
+        .iter()
+        .flat_map(|h| ["-H".to_string(), h.to_string()])
+        .collect();
+    curl_args(from, authority, path, count, &args)
+}
+
+/// [`curl`] with more curl arguments (headers as `-H`, a body as `--data-binary`...).
+pub fn curl_args(
+    from: &Pod,
+    authority: &str,
+    path: &str,
+    count: usize,
+    extra: &[String],
+) -> Result<Answers> {
     let url = format!("http://{authority}{path}/[1-{count}]");
     let mut args: Vec<String> = vec![
         "-sS".into(),
@@ -328,9 +401,7 @@ pub fn curl(
         "\ncode=%{http_code}\n".into(),
         "--http1.1".into(),
     ];
-    for h in headers {
-        args.extend(["-H".to_string(), h.to_string()]);
-    }
+    args.extend_from_slice(extra);
     args.push(url);
     let mut process = from.spawn("curl", &args)?;
     let (status, lines) = process.wait_output(Duration::from_secs(180))?;
@@ -350,4 +421,24 @@ pub fn curl(
         );
     }
     Ok(answers)
+}
+
+/// Runs h2load in `from`: `count` HTTP/2 requests (prior knowledge) to `url` with `headers`
+/// on one connection, 10 streams at a time, each bounded to 10 s and the run to 2 minutes;
+/// returns its summary lines.
+pub fn h2load(from: &Pod, url: &str, count: usize, headers: &[&str]) -> Result<Vec<String>> {
+    let mut args: Vec<String> = ["-n", &count.to_string(), "-c", "1", "-m", "10", "-T", "10"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    for h in headers {
+        args.extend(["-H".to_string(), h.to_string()]);
+    }
+    args.push(url.to_string());
+    let mut process = from.spawn("h2load", &args)?;
+    let (status, lines) = process.wait_output(Duration::from_secs(120))?;
+    if !status.success() {
+        bail!("h2load {status}: {lines:?}; stderr: {}", process.stderr());
+    }
+    Ok(lines)
 }

@@ -257,11 +257,16 @@ fn validate(files: &[PathBuf]) -> String {
 }
 
 fn validate_result(files: &[PathBuf]) -> (bool, String) {
+    validate_with_crds(&yaml_files(&deploy().join("crds"), false), files)
+}
+
+/// [`validate_result`] with the custom resources judged by the CRDs of `crds` (files).
+fn validate_with_crds(crds: &[PathBuf], files: &[PathBuf]) -> (bool, String) {
     let tools = tools();
     let mut cmd = Command::new(&tools.python);
     cmd.arg(deploy().join("validate/validate.py"))
         .arg("objects");
-    for crd in yaml_files(&deploy().join("crds"), false) {
+    for crd in crds {
         cmd.arg("--crd").arg(crd);
     }
     for v in K8S_VERSIONS {
@@ -294,7 +299,6 @@ fn render(namespace: &str, values: &Value) -> String {
         chart.to_str().unwrap(),
         "--namespace",
         namespace,
-        "--include-crds",
         "--values",
         values_file.to_str().unwrap(),
     ]);
@@ -892,7 +896,42 @@ fn check_install(objs: &[Value], expect: &Expect) {
         svc_port["targetPort"] == cport["name"] || svc_port["targetPort"] == listen,
         "the Service targets the CA's port"
     );
-    assert_eq!(c["readinessProbe"]["tcpSocket"]["port"], listen);
+    // Ready only once it can sign: GET /ready on its monitoring port, which also serves the
+    // metrics Prometheus finds by annotation (and the PodMonitor by port name).
+    let monitoring = port_of(ca_flag("--monitoring-addr"));
+    let mport = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["containerPort"] == monitoring)
+        .expect("the CA declares its monitoring port");
+    let probe = &c["readinessProbe"]["httpGet"];
+    assert_eq!(probe["path"], "/ready");
+    assert!(
+        probe["port"] == mport["name"] || probe["port"] == monitoring,
+        "the readiness probe asks the monitoring port: {probe}"
+    );
+    let annotations = &dep["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], monitoring.to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    if let Some(pm) = objs
+        .iter()
+        .find(|o| o["kind"] == "PodMonitor" && o["metadata"]["name"] == "ambit-ca")
+    {
+        assert!(labels_match(
+            &pm["spec"]["selector"]["matchLabels"],
+            pod_labels
+        ));
+        assert_eq!(strs(&pm["spec"]["namespaceSelector"]["matchNames"]), [ns]);
+        assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], mport["name"]);
+    }
+    // It signs the trust domain the agents ask for (and checks its files against it).
+    assert_eq!(
+        ca_flag("--trust-domain"),
+        env["AMBIT_TRUST_DOMAIN"],
+        "the CA's --trust-domain is the agents' AMBIT_TRUST_DOMAIN"
+    );
     let dir = &flags["--dir"];
     let (m, v) = mount_of(pod, c, dir);
     assert_eq!(&m["mountPath"], dir, "--dir is the Secret's mount");
@@ -924,7 +963,10 @@ fn check_install(objs: &[Value], expect: &Expect) {
     let mp = &msvc["spec"]["ports"][0];
     assert_eq!(mp["port"], metrics);
     assert_eq!(mp["targetPort"], metrics_port["name"]);
-    if let Some(pm) = objs.iter().find(|o| o["kind"] == "PodMonitor") {
+    if let Some(pm) = objs
+        .iter()
+        .find(|o| o["kind"] == "PodMonitor" && o["metadata"]["name"] == "ambit-agent")
+    {
         assert!(labels_match(
             &pm["spec"]["selector"]["matchLabels"],
             agent_labels
@@ -1008,6 +1050,54 @@ fn check_install(objs: &[Value], expect: &Expect) {
             pod["tolerations"],
             ds["spec"]["template"]["spec"]["tolerations"]
         );
+
+        // The Job that waits for it on every node, then deletes it: its flags are `ambit
+        // uninstall cluster`'s, it names this DaemonSet in Ambit's namespace, and its own pods
+        // are not the DaemonSet's.
+        let job = find(objs, "Job", "ambit-uninstall");
+        let job_pod = &job["spec"]["template"]["spec"];
+        check_pod_api_rules("uninstall job", job_pod);
+        assert_eq!(job_pod["restartPolicy"], "Never");
+        let finish = container(job_pod, "finish");
+        let args = strs(&finish["args"]);
+        assert_eq!(args[..2], ["uninstall", "cluster"]);
+        let cluster_flags = Flags::new(ambit::cli::uninstall::ClusterUninstallArgs::augment_args(
+            clap::Command::new("cluster"),
+        ));
+        let env = env_of(finish);
+        assert_eq!(env["POD_NAMESPACE"], "<metadata.namespace>");
+        let parsed = cluster_flags.parse("ambit uninstall cluster", &args[2..], &env);
+        assert_eq!(
+            parsed["--daemonset"],
+            un["metadata"]["name"].as_str().unwrap()
+        );
+        assert!(!labels_match(
+            &un["spec"]["selector"]["matchLabels"],
+            &job["spec"]["template"]["metadata"]["labels"]
+        ));
+        assert_eq!(finish["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(
+            strs(&finish["securityContext"]["capabilities"]["drop"]),
+            ["ALL"]
+        );
+        // Its ServiceAccount may read and delete that DaemonSet and list pods, nothing else.
+        let account = job_pod["serviceAccountName"].as_str().unwrap();
+        find(objs, "ServiceAccount", account);
+        let binding = find(objs, "RoleBinding", "ambit-uninstall");
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": account, "namespace": ns}])
+        );
+        assert_eq!(binding["roleRef"]["kind"], "Role");
+        let role = find(objs, "Role", binding["roleRef"]["name"].as_str().unwrap());
+        assert_eq!(
+            role["rules"],
+            json!([
+                {"apiGroups": ["apps"], "resources": ["daemonsets"],
+                 "resourceNames": [un["metadata"]["name"]], "verbs": ["get", "delete"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+            ])
+        );
     }
 
     check_rbac(objs, ns);
@@ -1061,6 +1151,11 @@ fn check_rbac(objs: &[Value], ns: &str) {
                 &["virtualservices", "destinationrules"],
                 watch
             ),
+            (
+                "gateway.networking.k8s.io",
+                &["httproutes", "grpcroutes"],
+                watch
+            ),
             ("events.k8s.io", &["events"], &["create"]),
         ])
     );
@@ -1078,6 +1173,11 @@ fn check_rbac(objs: &[Value], ns: &str) {
             (
                 "networking.ambit.dev",
                 &["virtualservices", "destinationrules"],
+                watch
+            ),
+            (
+                "gateway.networking.k8s.io",
+                &["httproutes", "grpcroutes"],
                 watch
             ),
         ])
@@ -1108,6 +1208,17 @@ fn check_rbac(objs: &[Value], ns: &str) {
             (
                 "networking.ambit.dev",
                 &["virtualservices/status", "destinationrules/status"],
+                &["patch"]
+            ),
+            // Gateway API routes of Services (GAMMA): status.parents[] entries.
+            (
+                "gateway.networking.k8s.io",
+                &["httproutes", "grpcroutes"],
+                &["list", "watch"]
+            ),
+            (
+                "gateway.networking.k8s.io",
+                &["httproutes/status", "grpcroutes/status"],
                 &["patch"]
             ),
             ("", &["services"], &["list", "watch"]),
@@ -1157,12 +1268,12 @@ fn check_rbac(objs: &[Value], ns: &str) {
         );
         find(objs, "ServiceAccount", name);
     }
-    assert!(
-        !objs
-            .iter()
-            .any(|o| o["kind"] == "Role" || o["kind"] == "RoleBinding"),
-        "no namespaced roles are needed"
-    );
+    // The one namespaced role: the uninstall Job's (checked with it in check_install).
+    for o in objs {
+        if o["kind"] == "Role" || o["kind"] == "RoleBinding" {
+            assert_eq!(o["metadata"]["name"], "ambit-uninstall", "{}", key(o));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1787,7 +1898,7 @@ fn by_key(objs: Vec<Value>) -> BTreeMap<String, Value> {
 #[test]
 fn chart_copies_are_in_sync() {
     for crd in crd_files() {
-        let copy = chart().join("crds").join(crd.file_name().unwrap());
+        let copy = chart().join("files/crds").join(crd.file_name().unwrap());
         assert_eq!(
             fs::read_to_string(&crd).unwrap(),
             fs::read_to_string(&copy).unwrap_or_default(),
@@ -1798,7 +1909,7 @@ fn chart_copies_are_in_sync() {
         );
     }
     assert_eq!(
-        yaml_files(&chart().join("crds"), false).len(),
+        yaml_files(&chart().join("files/crds"), false).len(),
         crd_files().len()
     );
     assert_eq!(
@@ -1861,6 +1972,262 @@ fn chart_lints_and_renders_the_manifests() {
     assert_eq!(got, want);
     let file = write_scratch(&dir, "dashboard.yaml", &rendered);
     validate(&[file]);
+}
+
+/// `helm uninstall` in one step: the uninstall objects are post-delete hooks, run in order (the
+/// RBAC, then the DaemonSet, then the Job that waits for it on every node and deletes it), and
+/// Helm deletes the Job and the RBAC once the Job succeeded but never the DaemonSet itself (the
+/// Job does, when every node is done; a failed Job leaves it). The namespace the hooks run in
+/// is kept. The CRDs are templates, so `helm uninstall` deletes them, unless `crds.keep`.
+#[test]
+fn chart_uninstalls_in_one_step() {
+    let rendered = render(NS, &json!({"createNamespace": true}));
+    let objs = parse_docs(&rendered);
+    let hooks: Vec<&Value> = objs
+        .iter()
+        .filter(|o| !o["metadata"]["annotations"]["helm.sh/hook"].is_null())
+        .collect();
+    let mut named: Vec<(String, i64, Vec<String>)> = hooks
+        .iter()
+        .map(|o| {
+            let a = &o["metadata"]["annotations"];
+            assert_eq!(a["helm.sh/hook"], "post-delete", "{}", key(o));
+            let weight: i64 = a["helm.sh/hook-weight"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: no hook weight", key(o)))
+                .parse()
+                .unwrap();
+            let policies = a["helm.sh/hook-delete-policy"]
+                .as_str()
+                .unwrap_or_default()
+                .split(',')
+                .map(String::from)
+                .collect();
+            (
+                format!(
+                    "{}/{}",
+                    o["kind"].as_str().unwrap(),
+                    o["metadata"]["name"].as_str().unwrap()
+                ),
+                weight,
+                policies,
+            )
+        })
+        .collect();
+    named.sort_by_key(|(name, weight, _)| (*weight, name.clone()));
+    let order: Vec<&str> = named.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(
+        order,
+        [
+            "Role/ambit-uninstall",
+            "RoleBinding/ambit-uninstall",
+            "ServiceAccount/ambit-uninstall",
+            "DaemonSet/ambit-uninstall",
+            "Job/ambit-uninstall",
+        ],
+        "the RBAC first, then the DaemonSet, then the Job that waits for it"
+    );
+    assert!(named[2].1 < named[3].1 && named[3].1 < named[4].1);
+    for (name, _, policies) in &named {
+        assert!(
+            policies.contains(&"before-hook-creation".to_string()),
+            "{name}: a re-run replaces it"
+        );
+        let removed_by_helm = policies.contains(&"hook-succeeded".to_string());
+        assert_eq!(
+            removed_by_helm,
+            !name.starts_with("DaemonSet/"),
+            "{name}: Helm removes everything but the DaemonSet once the Job succeeded"
+        );
+    }
+    assert_eq!(
+        find(&objs, "Namespace", NS)["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep",
+        "the hooks run in the namespace after the release is deleted"
+    );
+    let crds: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .collect();
+    assert_eq!(crds.len(), crd_files().len(), "the CRDs are templates");
+    assert!(
+        crds.iter()
+            .all(|c| c["metadata"]["annotations"]["helm.sh/resource-policy"].is_null()),
+        "helm uninstall deletes the CRDs by default"
+    );
+
+    let kept = parse_docs(&render(NS, &json!({"crds": {"keep": true}})));
+    let kept: Vec<&Value> = kept
+        .iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .collect();
+    assert_eq!(kept.len(), crd_files().len());
+    for crd in kept {
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"],
+            "keep",
+            "{}",
+            key(crd)
+        );
+    }
+    let none = parse_docs(&render(NS, &json!({"crds": {"enabled": false}})));
+    assert!(!none.iter().any(|o| o["kind"] == "CustomResourceDefinition"));
+}
+
+/// Copies the directory `from` into `to`, recursively.
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The upgrade path of the CRDs: chart N (as committed) to N+1, a copy with the next version
+/// whose VirtualService CRD has one more field, as a type change and `cargo xtask crds` would
+/// make it. Both render and validate; N+1 passes `helm lint`; the CRDs are among the rendered
+/// templates (what `helm upgrade` applies: Helm never upgrades a chart's `crds/` directory), and
+/// N+1's carries the field with a structural schema; a VirtualService using the field is
+/// refused by N's CRD and accepted by N+1's, and the objects N accepted (the seed's
+/// VirtualService and DestinationRule, the policies) N+1 accepts too.
+#[test]
+fn chart_upgrade_brings_a_new_crd_field() {
+    let dir = scratch("chart-upgrade");
+    let next = dir.join("ambit");
+    copy_dir(&chart(), &next);
+    let chart_yaml = next.join("Chart.yaml");
+    let text = fs::read_to_string(&chart_yaml).unwrap();
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("version: "))
+        .expect("Chart.yaml has a version")
+        .trim()
+        .to_string();
+    let mut parts: Vec<u64> = version.split('.').map(|p| p.parse().unwrap()).collect();
+    parts[1] += 1;
+    parts[2] = 0;
+    let bumped = format!("{}.{}.{}", parts[0], parts[1], parts[2]);
+    fs::write(
+        &chart_yaml,
+        text.replace(
+            &format!("version: {version}"),
+            &format!("version: {bumped}"),
+        ),
+    )
+    .unwrap();
+    let vs_file = next.join("files/crds/networking.ambit.dev_virtualservices.yaml");
+    let mut vs = parse_docs(&fs::read_to_string(&vs_file).unwrap()).remove(0);
+    let spec_props = &mut vs["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"];
+    assert!(spec_props.is_object());
+    assert!(spec_props["upgradeProbe"].is_null());
+    spec_props["upgradeProbe"] = json!({
+        "type": "string",
+        "description": "A field chart N does not know (the upgrade test's)."
+    });
+    fs::write(&vs_file, serde_yaml_ng::to_string(&vs).unwrap()).unwrap();
+
+    let (ok, out) = helm(&["lint", "--strict", next.to_str().unwrap()]);
+    assert!(ok, "helm lint --strict of N+1:\n{out}");
+    let render_at = |chart: &Path, upgrade: bool| {
+        let mut args = vec![
+            "template",
+            "ambit",
+            chart.to_str().unwrap(),
+            "--namespace",
+            NS,
+        ];
+        if upgrade {
+            args.push("--is-upgrade");
+        }
+        let (ok, out) = helm(&args);
+        assert!(ok, "helm template {chart:?}:\n{out}");
+        out
+    };
+    let old = render_at(&chart(), false);
+    let new = render_at(&next, true);
+    assert!(new.contains(&format!("helm.sh/chart: ambit-{bumped}")));
+    let old_file = write_scratch(&dir, "n.yaml", &old);
+    let new_file = write_scratch(&dir, "n+1.yaml", &new);
+    validate(&[old_file, new_file]);
+
+    // The CRDs of each rendering, as the API server would get them.
+    let crds_of = |text: &str, name: &str| -> Vec<PathBuf> {
+        parse_docs(text)
+            .into_iter()
+            .filter(|o| o["kind"] == "CustomResourceDefinition")
+            .map(|crd| {
+                let file = format!("{name}-{}.yaml", crd["metadata"]["name"].as_str().unwrap());
+                write_scratch(&dir, &file, &serde_yaml_ng::to_string(&crd).unwrap())
+            })
+            .collect()
+    };
+    let old_crds = crds_of(&old, "n");
+    let new_crds = crds_of(&new, "n+1");
+    assert_eq!(
+        old_crds.len(),
+        crd_files().len(),
+        "chart N renders its CRDs"
+    );
+    assert_eq!(
+        new_crds.len(),
+        crd_files().len(),
+        "chart N+1 renders its CRDs"
+    );
+    let upgraded = parse_docs(&new)
+        .into_iter()
+        .find(|o| {
+            o["kind"] == "CustomResourceDefinition"
+                && o["metadata"]["name"] == "virtualservices.networking.ambit.dev"
+        })
+        .unwrap();
+    let schema = &upgraded["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    check_structural("VirtualService (N+1)", schema, true);
+    assert_eq!(
+        schema["properties"]["spec"]["properties"]["upgradeProbe"]["type"],
+        "string"
+    );
+
+    let using = write_scratch(
+        &dir,
+        "uses-the-new-field.yaml",
+        "apiVersion: networking.ambit.dev/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\nspec:\n  hosts: [reviews]\n  upgradeProbe: set\n",
+    );
+    let (ok, out) = validate_with_crds(&old_crds, std::slice::from_ref(&using));
+    assert!(
+        !ok && out.contains("upgradeProbe"),
+        "N's CRD accepted a field it does not know:\n{out}"
+    );
+    let (ok, out) = validate_with_crds(&new_crds, std::slice::from_ref(&using));
+    assert!(ok, "N+1's CRD refused its new field:\n{out}");
+    let before = write_scratch(
+        &dir,
+        "objects-of-n.yaml",
+        &[
+            ambit_tests::waypoint::seed_canary(),
+            ambit_tests::waypoint::seed_subsets(),
+        ]
+        .iter()
+        .map(|o| {
+            let mut o = o.clone();
+            o["metadata"]["namespace"] = json!("shop");
+            format!("---\n{}", serde_yaml_ng::to_string(&o).unwrap())
+        })
+        .collect::<String>(),
+    );
+    let examples = deploy().join("examples/policies.yaml");
+    for crds in [&old_crds, &new_crds] {
+        let (ok, out) = validate_with_crds(crds, &[before.clone(), examples.clone()]);
+        assert!(
+            ok && out.contains("0 error(s)"),
+            "an object of N is refused:\n{out}"
+        );
+    }
 }
 
 #[test]
@@ -1980,6 +2347,11 @@ fn chart_values_are_applied() {
             .iter()
             .any(|o| o["metadata"]["name"] == "ambit-uninstall")
     );
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["kind"] == "Job" || o["kind"] == "Role")
+    );
 }
 
 #[test]
@@ -2019,10 +2391,12 @@ fn metrics_sources() -> String {
     out
 }
 
-/// Metric names the agent exports (string literals of the subsystems' `metrics.rs`).
+/// Metric names the agent exports (string literals of the subsystems' `metrics.rs`; a
+/// histogram's `_bucket`, `_sum` and `_count` series, which tests name, are its own name's).
 fn exported_metrics() -> BTreeSet<String> {
     let src = metrics_sources();
-    src.split('"')
+    let names: BTreeSet<String> = src
+        .split('"')
         .skip(1)
         .step_by(2)
         .filter(|s| {
@@ -2030,6 +2404,15 @@ fn exported_metrics() -> BTreeSet<String> {
                 && s.chars().all(|c| c.is_ascii_lowercase() || c == '_')
         })
         .map(String::from)
+        .collect();
+    names
+        .iter()
+        .filter(|name| {
+            !["_bucket", "_sum", "_count"]
+                .iter()
+                .any(|suffix| name.strip_suffix(suffix).is_some_and(|b| names.contains(b)))
+        })
+        .cloned()
         .collect()
 }
 
@@ -2119,6 +2502,20 @@ fn dashboard_uses_the_agents_metrics() {
         for t in panel["targets"].as_array().into_iter().flatten() {
             let expr = t["expr"].as_str().unwrap();
             let (m, l) = promql_names(expr);
+            // A histogram's series are its name with `_bucket`, `_sum` or `_count`.
+            let m: BTreeSet<String> = m
+                .into_iter()
+                .map(|name| {
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|suffix| {
+                            name.strip_suffix(suffix)
+                                .filter(|base| exported.contains(*base))
+                                .map(String::from)
+                        })
+                        .unwrap_or(name)
+                })
+                .collect();
             assert!(!m.is_empty(), "{expr}: no metric");
             for name in &m {
                 assert!(
@@ -2132,8 +2529,9 @@ fn dashboard_uses_the_agents_metrics() {
             }
             for label in &l {
                 assert!(
-                    labels.contains(label) || label == "node",
-                    "{expr}: label {label} is not on the agent's metrics (nor the PodMonitor's node)"
+                    labels.contains(label) || label == "node" || label == "le",
+                    "{expr}: label {label} is not on the agent's metrics (nor the PodMonitor's \
+                     node, nor a histogram's le)"
                 );
             }
             used.extend(m);

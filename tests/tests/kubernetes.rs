@@ -19,19 +19,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit::discovery::kube::security::{AuthorizationPolicyResource, PeerAuthenticationResource};
+use ambit::identity::{BearerToken, CaClient, CaClientConfig, CaError, SpiffeId};
 use ambit::testing::fake_apiserver::FakeApiServer;
 use ambit_tests::traffic::{
     TIMEOUT, access_logs_to, connect_ok, ensure_cut, long_transfer, metric_value, reaches, serve,
     wait_access_log,
 };
-use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, READINESS_PORT, ensure_or_dump};
-use anyhow::{Context, Result, anyhow, ensure};
+use ambit_tests::{
+    Cluster, ClusterSpec, Netns, Node, Pod, PodProcess, READINESS_PORT, ensure_or_dump,
+};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    Namespace, Pod as KubePod, PodCondition, PodIP, PodSpec, PodStatus, Service as KubeService,
-    ServicePort, ServiceSpec,
+    ConfigMap, Namespace, Pod as KubePod, PodCondition, PodIP, PodSpec, PodStatus,
+    Service as KubeService, ServiceAccount, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
@@ -79,48 +84,75 @@ impl ApiServer {
     /// node's token is the `ambit-system/ambit-agent` ServiceAccount's, bound to a pod on that
     /// node, for the audience `ambit-ca`. Returns the count of reviews answered.
     fn review_agent_tokens(&self, cluster: &Cluster) -> Result<Arc<AtomicU64>> {
-        let tokens: HashMap<String, String> = cluster
-            .nodes()
-            .iter()
-            .map(|node| Ok((cluster.ca_token(node)?, node.name().to_string())))
-            .collect::<Result<_>>()?;
-        let count = Arc::new(AtomicU64::new(0));
-        let reviews = count.clone();
-        self.server.set_handler(Arc::new(move |method, path, _query, body| {
-            if method.as_str() != "POST" || path != "/apis/authentication.k8s.io/v1/tokenreviews" {
-                return None;
-            }
-            reviews.fetch_add(1, Ordering::SeqCst);
-            let review: Value = serde_json::from_slice(body).ok()?;
-            let audiences = &review["spec"]["audiences"];
-            let node = review["spec"]["token"]
-                .as_str()
-                .and_then(|token| tokens.get(token));
-            let status = match node {
-                Some(node) if *audiences == json!(["ambit-ca"]) => json!({
-                    "authenticated": true,
-                    "audiences": ["ambit-ca"],
-                    "user": {
-                        "username": "system:serviceaccount:ambit-system:ambit-agent",
-                        "groups": ["system:serviceaccounts", "system:serviceaccounts:ambit-system"],
-                        "extra": {
-                            "authentication.kubernetes.io/node-name": [node],
-                            "authentication.kubernetes.io/pod-name": [format!("ambit-agent-{node}")],
-                        },
+        self.review_tokens(cluster, &[])
+    }
+
+    /// [`Self::review_agent_tokens`], and the projected tokens of bed pods (`(token, pod)`):
+    /// each the token of the pod's ServiceAccount in its namespace, bound to the pod (name and
+    /// UID) on its node, for the audience `ambit-ca`.
+    fn review_tokens(&self, cluster: &Cluster, pods: &[(&str, &Pod)]) -> Result<Arc<AtomicU64>> {
+        let mut users: HashMap<String, Value> = HashMap::new();
+        for node in cluster.nodes() {
+            users.insert(
+                cluster.ca_token(node)?,
+                json!({
+                    "username": "system:serviceaccount:ambit-system:ambit-agent",
+                    "groups": ["system:serviceaccounts", "system:serviceaccounts:ambit-system"],
+                    "extra": {
+                        "authentication.kubernetes.io/node-name": [node.name()],
+                        "authentication.kubernetes.io/pod-name": [format!("ambit-agent-{}", node.name())],
                     },
                 }),
-                _ => json!({"authenticated": false, "error": "invalid bearer token"}),
-            };
-            Some((
-                201,
+            );
+        }
+        for (token, pod) in pods {
+            let namespace = pod.namespace();
+            users.insert(
+                token.to_string(),
                 json!({
-                    "apiVersion": "authentication.k8s.io/v1",
-                    "kind": "TokenReview",
-                    "spec": review["spec"],
-                    "status": status,
+                    "username": format!("system:serviceaccount:{namespace}:{}", pod.service_account()),
+                    "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{namespace}")],
+                    "extra": {
+                        "authentication.kubernetes.io/node-name": [pod.node_name()],
+                        "authentication.kubernetes.io/pod-name": [pod.name()],
+                        "authentication.kubernetes.io/pod-uid": [pod.uid()],
+                    },
                 }),
-            ))
-        }));
+            );
+        }
+        let count = Arc::new(AtomicU64::new(0));
+        let reviews = count.clone();
+        self.server
+            .set_handler(Arc::new(move |method, path, _query, body| {
+                if method.as_str() != "POST"
+                    || path != "/apis/authentication.k8s.io/v1/tokenreviews"
+                {
+                    return None;
+                }
+                reviews.fetch_add(1, Ordering::SeqCst);
+                let review: Value = serde_json::from_slice(body).ok()?;
+                let audiences = &review["spec"]["audiences"];
+                let user = review["spec"]["token"]
+                    .as_str()
+                    .and_then(|token| users.get(token));
+                let status = match user {
+                    Some(user) if *audiences == json!(["ambit-ca"]) => json!({
+                        "authenticated": true,
+                        "audiences": ["ambit-ca"],
+                        "user": user,
+                    }),
+                    _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+                };
+                Some((
+                    201,
+                    json!({
+                        "apiVersion": "authentication.k8s.io/v1",
+                        "kind": "TokenReview",
+                        "spec": review["spec"],
+                        "status": status,
+                    }),
+                ))
+            }));
         Ok(count)
     }
 
@@ -1242,5 +1274,353 @@ fn kiali_draws_one_tcp_edge_per_controller_pair_with_open_connections() -> Resul
         "prometheus did not exit cleanly ({status}): {}",
         prom.tool.log_tail()
     );
+    Ok(())
+}
+
+/// What kubelet would run for `deployment`'s pod template, as the bed's `pod`: the pod object
+/// (the template's labels and service account, scheduled on the pod's node) published, the
+/// files the container mounts written where it can read them (each ConfigMap's keys; the
+/// projected token, `token`), its arguments pointed at them, its `fieldRef` environment
+/// resolved, and `ambit` started in the pod. The CA's Service name resolves to the bed's CA,
+/// and the API server is the fake one's kubeconfig (in-cluster credentials cannot be given to
+/// a process here).
+fn run_deployment(
+    cluster: &Cluster,
+    api: &ApiServer,
+    deployment: &Deployment,
+    pod: &Pod,
+    token: &str,
+) -> Result<(KubePod, PodProcess)> {
+    let template = &deployment.spec.template;
+    let spec = template.spec.as_ref().context("no pod spec")?;
+    let labels: Vec<(String, String)> = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let labels: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    ensure!(
+        spec.service_account_name.as_deref() == Some(pod.service_account().as_str()),
+        "the pod template runs as {:?}, not {}",
+        spec.service_account_name,
+        pod.service_account()
+    );
+    let object = pod_object(pod, &labels);
+    api.server.apply(&object);
+
+    let container = &spec.containers[0];
+    let files = cluster.run_dir().join(format!("{}-mounts", pod.name()));
+    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    for mount in container.volume_mounts.iter().flatten() {
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .with_context(|| format!("no volume {}", mount.name))?;
+        let dir = files.join(&mount.name);
+        std::fs::create_dir_all(&dir)?;
+        if let Some(config_map) = &volume.config_map {
+            let object: ConfigMap = api
+                .server
+                .get(&pod.namespace(), &config_map.name)
+                .with_context(|| format!("no ConfigMap {}", config_map.name))?;
+            for (key, value) in object.data.unwrap_or_default() {
+                std::fs::write(dir.join(key), value)?;
+            }
+        } else if let Some(projected) = &volume.projected {
+            for source in projected.sources.iter().flatten() {
+                let projection = source
+                    .service_account_token
+                    .as_ref()
+                    .context("only ServiceAccount tokens are projected here")?;
+                ensure!(
+                    projection.audience.as_deref() == Some("ambit-ca"),
+                    "a token projected for {:?}",
+                    projection.audience
+                );
+                std::fs::write(dir.join(&projection.path), token)?;
+            }
+        } else {
+            bail!(
+                "volume {} is neither a ConfigMap nor a projection",
+                volume.name
+            );
+        }
+        mounts.push((mount.mount_path.clone(), dir));
+    }
+    let ca_service = format!("https://ambit-ca.{}.svc:15012", "ambit-system");
+    let mut args: Vec<String> = Vec::new();
+    for arg in container.args.iter().flatten() {
+        let mut arg = arg.replace(
+            &ca_service,
+            &format!("https://{}", ambit_tests::cluster::CA_ADDR),
+        );
+        for (path, dir) in &mounts {
+            if let Some((flag, value)) = arg.split_once('=')
+                && let Some(rest) = value.strip_prefix(path.as_str())
+            {
+                arg = format!("{flag}={}{rest}", dir.display());
+            }
+        }
+        args.push(arg);
+    }
+    args.extend([
+        "--kubeconfig".to_string(),
+        api.kubeconfig.display().to_string(),
+        "--log-format".into(),
+        "json".into(),
+    ]);
+    let mut env: Vec<(String, String)> = Vec::new();
+    for var in container.env.iter().flatten() {
+        let path = var
+            .value_from
+            .as_ref()
+            .and_then(|from| from.field_ref.as_ref())
+            .map(|field| field.field_path.as_str());
+        let value = match path {
+            Some("metadata.name") => pod.name().to_string(),
+            Some("metadata.namespace") => pod.namespace(),
+            Some("spec.nodeName") => pod.node_name().to_string(),
+            other => bail!("{}: cannot resolve {other:?}", var.name),
+        };
+        env.push((var.name.clone(), value));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let process = pod.spawn_with_env(cluster.ambit_bin(), &args, &env)?;
+    Ok((object, process))
+}
+
+/// A waypoint in Kubernetes end to end: `ambit waypoint generate`'s Gateway becomes, through the
+/// CA's waypoint controller, a Deployment whose pod (run as kubelet would) gets its own
+/// certificate from the CA with its projected ServiceAccount token, becomes ready, and carries
+/// the bound service's requests from an enrolled client to the endpoint on another node, where
+/// the endpoint's agent sees the waypoint's identity. Another ServiceAccount's token cannot get
+/// the waypoint's identity, and the CA counts both answers on its metrics.
+#[test]
+fn a_waypoint_deployed_from_a_gateway_gets_its_certificate_and_serves() -> Result<()> {
+    use ambit::discovery::kube::gateway::GatewayResource;
+    use ambit_tests::waypoint::{
+        REVIEWS_VIP, curl_once, requests_total, route_ca_to_pods_of, start_server, wait_serving,
+        waypoint_metrics,
+    };
+
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })?;
+    let (client, waypoint, server) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(1, 0));
+    for pod in [client, waypoint, server] {
+        pod.set_namespace("shop");
+    }
+    // The Gateway `waypoint` gets the ServiceAccount `waypoint` (checked below).
+    waypoint.set_service_account("waypoint");
+    let api = ApiServer::start(&cluster)?;
+    let waypoint_token = format!("{}-projected-token-of-shop-waypoint", cluster.id());
+    let client_token = format!("{}-projected-token-of-shop-default", cluster.id());
+    api.review_tokens(
+        &cluster,
+        &[
+            (waypoint_token.as_str(), waypoint),
+            (client_token.as_str(), client),
+        ],
+    )?;
+    // What the CA's waypoint controller reads and writes.
+    api.server.register_with_status::<GatewayResource>();
+    api.server.register::<Deployment>();
+    api.server.register::<ServiceAccount>();
+    api.server.register::<ConfigMap>();
+    api.server.register::<ClusterRoleBinding>();
+    cluster.use_kubernetes_ca(&api.kubeconfig);
+
+    // `reviews` (9080 -> 8080 of app=reviews) bound to the waypoint.
+    let vip: Ipv4Addr = REVIEWS_VIP.parse()?;
+    let mut reviews = selectorless_service("reviews", vip);
+    reviews.metadata.labels = Some(BTreeMap::from([(
+        "ambit.dev/use-waypoint".to_string(),
+        "waypoint".to_string(),
+    )]));
+    if let Some(spec) = reviews.spec.as_mut() {
+        spec.selector = Some(BTreeMap::from([("app".to_string(), "reviews".to_string())]));
+        spec.ports.as_mut().unwrap()[0].port = 9080;
+    }
+    api.server.apply(&reviews);
+    let mut sandboxes = start_namespaces(
+        &cluster,
+        &api,
+        &[("shop", Some("ambient"))],
+        &[
+            (client, "shop", &[("app", "client")]),
+            (server, "shop", &[("app", "reviews")]),
+        ],
+    )?;
+    let _server = start_server(server, "reviews-v1", &[])?;
+
+    eprintln!("[kubernetes] phase: Gateway applied");
+    let generated = std::process::Command::new(cluster.ambit_bin())
+        .args(["waypoint", "generate", "--namespace", "shop"])
+        .output()?;
+    ensure!(generated.status.success(), "ambit waypoint generate failed");
+    let gateway: GatewayResource = serde_yaml_ng::from_slice(&generated.stdout)?;
+    api.server.apply(&gateway);
+    cluster.wait_for(
+        Duration::from_secs(60),
+        "the waypoint controller programs the Gateway",
+        || {
+            let gateway: Option<GatewayResource> = api.server.get("shop", "waypoint");
+            let status = serde_json::to_value(gateway.map(|g| g.status))?;
+            let programmed = status["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Programmed" && c["status"] == "True");
+            Ok(if programmed {
+                Ok(())
+            } else {
+                Err(format!("status {status}"))
+            })
+        },
+    )?;
+    let deployment: Deployment = api
+        .server
+        .get("shop", "waypoint")
+        .context("no Deployment shop/waypoint")?;
+    let probe = deployment.spec.template.spec.as_ref().unwrap().containers[0]
+        .readiness_probe
+        .clone()
+        .context("the waypoint has no readiness probe")?;
+    ensure!(
+        probe.tcp_socket.map(|t| t.port) == Some(IntOrString::Int(15008)),
+        "the waypoint is ready once it listens on 15008"
+    );
+
+    eprintln!("[kubernetes] phase: the Deployment's pod runs");
+    route_ca_to_pods_of(&cluster, cluster.node(0))?;
+    let (_, mut process) = run_deployment(&cluster, &api, &deployment, waypoint, &waypoint_token)?;
+    sandboxes.push(waypoint.spawn("sleep", ["3600"])?);
+    // It serves only once the CA signed its certificate (within its 60 s).
+    wait_serving(&cluster, waypoint, &mut process)?;
+    let started = process.stderr();
+    ensure_or_dump!(
+        cluster,
+        started.contains("waypoint started")
+            && started.contains("spiffe://cluster.local/ns/shop/sa/waypoint"),
+        "the waypoint did not start as its own identity: {started}"
+    );
+    // Its pod listens where the readiness probe looks.
+    let hbone = waypoint.addr4(15008);
+    ensure_or_dump!(
+        cluster,
+        Netns::enter_thread(cluster.node(0).netns_path(), || {
+            std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(5)).is_ok()
+        })?,
+        "the readiness probe (TCP {hbone}) would fail"
+    );
+
+    eprintln!("[kubernetes] phase: requests through the waypoint");
+    for node in cluster.nodes() {
+        node.wait_ready(TIMEOUT)?;
+    }
+    let answer = cluster.wait_for(TIMEOUT, "a request through the waypoint", || {
+        Ok(match curl_once(client, "/hello", &[]) {
+            Ok(exchange) if exchange.status == 200 => Ok(exchange),
+            Ok(exchange) => Err(format!("HTTP {}: {}", exchange.status, exchange.body)),
+            Err(e) => Err(format!("{e:#}")),
+        })
+    })?;
+    ensure_or_dump!(
+        cluster,
+        answer.body.contains("reviews-v1"),
+        "not the endpoint's answer: {answer:?}"
+    );
+    let metrics = waypoint_metrics(cluster.node(0), waypoint)?;
+    let through = requests_total(
+        &metrics,
+        &[
+            ("reporter", "waypoint"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/default",
+            ),
+            ("destination_service_name", "reviews"),
+            ("response_code", "200"),
+        ],
+    );
+    ensure_or_dump!(
+        cluster,
+        through >= 1.0,
+        "the waypoint counted no request from the client: {metrics}"
+    );
+    // The endpoint's agent admitted a tunnel from the waypoint's identity, over mTLS.
+    ambit_tests::waypoint::wait_tunnel_from(
+        cluster.node(1),
+        "spiffe://cluster.local/ns/shop/sa/waypoint",
+    )?;
+
+    eprintln!("[kubernetes] phase: another account's token asks for the waypoint's identity");
+    let roots = cluster
+        .run_dir()
+        .join(format!("{}-mounts/ca-roots/roots.pem", waypoint.name()));
+    let config = CaClientConfig {
+        address: format!("https://{}", ambit_tests::cluster::CA_ADDR),
+        server_name: None,
+        roots_file: roots,
+        token: BearerToken::new(&client_token),
+        timeout: Duration::from_secs(10),
+    };
+    let asked = SpiffeId::new("cluster.local", "shop", "waypoint");
+    let refused = api.runtime.block_on(api.runtime.spawn(async move {
+        let client = CaClient::new(config)?;
+        anyhow::Ok(client.fetch(&asked, Duration::from_secs(600)).await)
+    }))??;
+    match refused {
+        Err(CaError::Refused { code, message }) => ensure_or_dump!(
+            cluster,
+            format!("{code:?}") == "PermissionDenied"
+                && message.contains(
+                    "the token of system:serviceaccount:shop:default proves only the identity \
+                     spiffe://cluster.local/ns/shop/sa/default"
+                ),
+            "refused, but not as expected: {code:?} {message}"
+        ),
+        other => bail!("the client's token got the waypoint's identity: {other:?}"),
+    }
+
+    // The CA says what it did, and that it can sign, on its monitoring port.
+    let ca_http = SocketAddr::new(ambit_tests::cluster::CA_ADDR.ip(), 15014);
+    let ready = cluster
+        .node(0)
+        .http_get_addr(ca_http, "/ready", Duration::from_secs(5))?;
+    ensure_or_dump!(
+        cluster,
+        ready.status == 200 && ready.body == "ready\n",
+        "CA /ready: {} {}",
+        ready.status,
+        ready.body
+    );
+    let ca_metrics = cluster
+        .node(0)
+        .http_get_addr(ca_http, "/metrics", Duration::from_secs(5))?
+        .body;
+    let sample = |series: &str| {
+        ca_metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    ensure_or_dump!(
+        cluster,
+        sample("ambit_ca_certificates_signed_total{caller=\"workload\"}") >= 1.0
+            && sample("ambit_ca_certificates_signed_total{caller=\"node\"}") >= 2.0
+            && sample("ambit_ca_certificates_refused_total{reason=\"not_own_identity\"}") == 1.0
+            && sample("ambit_ca_token_review_duration_seconds_count{outcome=\"accepted\"}") >= 3.0,
+        "the CA's metrics do not show the waypoint's certificate, the agents', and the refusal:\n{ca_metrics}"
+    );
+    drop(process);
     Ok(())
 }

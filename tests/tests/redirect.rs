@@ -217,6 +217,17 @@ fn enrolling_and_unenrolling_a_running_pod_spares_open_connections() -> Result<(
     cluster.write_mesh()?;
     cluster.wait_config_generation(0, generation + 2, T)?;
     wait_enrolled(&cluster, node, 0)?;
+    // Un-enrolment detaches inbound steering before the agent reports it (a link released
+    // lazily with its pin refused the next connections for as long as the kernel took).
+    for pod in [client_pod, server_pod] {
+        let links = pod.sk_lookup_links()?;
+        ensure_or_dump!(
+            cluster,
+            links == 0,
+            "{links} sk_lookup link(s) still attached to {} after un-enrolment",
+            pod.netns_name()
+        );
+    }
     echo(&mut meshed, "after un-enrolment")?;
     echo(&mut direct, "still direct")?;
     let conn = connect_ok(&cluster, client_pod, dst, 1000)?;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Routing;
 use ambit_tests::waypoint::{
-    self, Answers, REVIEWS_VIP, WAYPOINT_VIP, requests_total, start_waypoint, wait_rejected,
+    self, Answers, REVIEWS_VIP, h2load, requests_total, start_waypoint, wait_rejected,
     waypoint_metrics,
 };
 use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump};
@@ -77,32 +77,6 @@ fn nghttp(from: &Pod, count: usize, headers: &[&str]) -> Result<Vec<String>> {
     Ok(lines.into_iter().filter(|l| !l.is_empty()).collect())
 }
 
-/// Runs h2load in `from`: `count` HTTP/2 requests on one connection, 10 streams at a time;
-/// returns its summary lines.
-fn h2load(from: &Pod, count: usize) -> Result<Vec<String>> {
-    let n = count.to_string();
-    let url = format!("http://{REVIEWS_VIP}:9080/reviews/load");
-    let mut process = from.spawn(
-        "h2load",
-        [
-            "-n",
-            n.as_str(),
-            "-c",
-            "1",
-            "-m",
-            "10",
-            "-T",
-            "10",
-            url.as_str(),
-        ],
-    )?;
-    let (status, lines) = process.wait_output(Duration::from_secs(120))?;
-    if !status.success() {
-        bail!("h2load {status}: {lines:?}; stderr: {}", process.stderr());
-    }
-    Ok(lines)
-}
-
 #[test]
 fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -> Result<()> {
     let cluster = Cluster::start(ClusterSpec {
@@ -117,10 +91,8 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     );
     let namespace = client.namespace();
     cluster.set_labels(client, &[("app", "client")]);
-    cluster.set_labels(waypoint, &[("app", "waypoint")]);
-    waypoint.set_service_account("waypoint");
     // Not captured, as Istio's waypoints: its tunnels to the endpoints leave as they are.
-    cluster.set_enrolled(waypoint, false);
+    waypoint::prepare_waypoint(&cluster, waypoint);
     cluster.set_labels(v1, &[("app", "reviews"), ("version", "v1")]);
     cluster.set_labels(v2, &[("app", "reviews"), ("version", "v2")]);
     v1.set_service_account("reviews-v1");
@@ -131,13 +103,6 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
         &[REVIEWS_VIP],
         &[("app", "reviews")],
         &[(9080, 8080)],
-    );
-    cluster.add_service(
-        "waypoint",
-        &namespace,
-        &[WAYPOINT_VIP],
-        &[("app", "waypoint")],
-        &[(15008, 15008)],
     );
     ensure_or_dump!(
         cluster,
@@ -152,17 +117,9 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     cluster.start_agents()?;
     waypoint::route_ca_to_pods_of(&cluster, cluster.node(0))?;
 
-    let testpod = ambit_tests::testpod_path!();
     let mut servers = Vec::new();
     for (pod, name) in [(v1, "v1"), (v2, "v2")] {
-        let mut server = pod.spawn(&testpod, ["http", "--port", "8080", "--name", name])?;
-        let listening = server.read_json(T)?;
-        ensure_or_dump!(
-            cluster,
-            listening["event"] == "listening",
-            "{name}: {listening}"
-        );
-        servers.push(server);
+        servers.push(waypoint::start_server(pod, name, &[])?);
     }
     let _waypoint_process = cluster.with_diagnostics(start_waypoint(&cluster, waypoint))?;
 
@@ -255,7 +212,12 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
 
     // h2load: 200 requests, 10 streams at a time on one connection, all answered 2xx, and
     // split between v1 and v2 (counted by the waypoint).
-    let load = cluster.with_diagnostics(h2load(client, 200))?;
+    let load = cluster.with_diagnostics(h2load(
+        client,
+        &format!("http://{REVIEWS_VIP}:9080/reviews/load"),
+        200,
+        &[],
+    ))?;
     ensure_or_dump!(
         cluster,
         load.iter()
@@ -277,7 +239,7 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
 
     // 5. A VirtualService with a field Ambit does not implement is rejected, naming it; the
     // routes in force stay (this one would have sent jason to v1).
-    let mut bad = canary(json!({"retries": {"attempts": 3}}));
+    let mut bad = canary(json!({"corsPolicy": {"allowOrigins": [{"exact": "x"}]}}));
     bad["spec"]["http"][0]["route"][0]["destination"]["subset"] = json!("v1");
     cluster.set_routing(Routing {
         virtual_services: vec![bad],
@@ -287,7 +249,7 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     let error = wait_rejected(&cluster)?;
     ensure_or_dump!(
         cluster,
-        error.contains("virtualServices[0].spec.http[0]") && error.contains("retries"),
+        error.contains("virtualServices[0].spec.http[0]") && error.contains("corsPolicy"),
         "the rejection must name the field: {error}"
     );
     let deadline = Instant::now() + T;
@@ -351,25 +313,12 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
     );
 
     // The servers saw the waypoint, not the client: the destination agent authorized the
-    // waypoint's identity (its access log names it as the tunnel's principal).
-    // Lines are written as tunnels end, a moment after the client saw its answer: wait.
+    // waypoint's identity (its metrics count the tunnel by its principal).
     let waypoint_principal = format!("spiffe://cluster.local/ns/{namespace}/sa/waypoint");
-    let deadline = Instant::now() + ambit_tests::traffic::TIMEOUT;
-    loop {
-        let inbound = ambit_tests::traffic::access_logs(cluster.node(1));
-        if inbound
-            .iter()
-            .any(|l| l["src_principal"] == waypoint_principal.as_str())
-        {
-            break;
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "node 1's agent logged no tunnel from the waypoint's identity"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cluster.with_diagnostics(waypoint::wait_tunnel_from(
+        cluster.node(1),
+        &waypoint_principal,
+    ))?;
     drop(servers);
     Ok(())
 }

@@ -105,8 +105,8 @@ fn waypoint_matches_method_query_and_absence_and_applies_headers_redirect_and_re
     let plain = get("/x", &[])?;
     ensure_or_dump!(
         cluster,
-        post.body == "v2 HTTP/1.1" && plain.body == "v1 HTTP/1.1",
-        "POST must reach v2 and GET v1: {post:?} {plain:?}"
+        post.body == "v2 HTTP/1.1 body=4" && plain.body == "v1 HTTP/1.1",
+        "POST (and its 4-byte body) must reach v2 and GET v1: {post:?} {plain:?}"
     );
 
     // Query parameter, unless the header withoutHeaders names is present.

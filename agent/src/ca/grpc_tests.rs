@@ -20,7 +20,8 @@ use crate::{
         pem::read_certificates,
     },
     testing::ca::{
-        TOKEN_A, TOKEN_B, TestCaServer, create_certificate, csr_with, id, leaf_sans, uri,
+        PluginCerts, TOKEN_A, TOKEN_B, TestCaServer, create_certificate, csr_with, id, leaf_sans,
+        uri,
     },
 };
 
@@ -448,4 +449,74 @@ async fn follows_the_tokens_file() {
     std::fs::write(&tokens, "nodes: [").unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     client.fetch(&web, Duration::from_secs(60)).await.unwrap();
+}
+
+/// With Istio's plug-in certificates the CA signs from an intermediate under the
+/// organisation's root: every chain it returns (and its own TLS chain) verifies to
+/// `root-cert.pem` alone, through the intermediate, as peers verify them (webpki); a bundle
+/// without that root verifies none. The readiness probe answers once it can sign, and the
+/// chain's end is exported.
+#[tokio::test]
+async fn plugin_intermediate_chains_verify_to_the_organisations_root() {
+    let certs = PluginCerts::new("example.org");
+    let ca = TestCaServer::start_plugin(&certs).await;
+    // The client connects over TLS trusting only the organisation's root: the CA's serving
+    // chain goes through the intermediate too.
+    let client = CaClient::new(ca.client_config(TOKEN_A)).unwrap();
+    let web = id("shop", "web");
+    let cert = client.fetch(&web, Duration::from_secs(600)).await.unwrap();
+    let org_root = read_certificates(&ca.roots_file()).unwrap();
+    assert_eq!(org_root.len(), 1);
+    assert_eq!(cert.roots, org_root);
+    // Presented in handshakes: the leaf and the intermediate (peers hold the root).
+    assert_eq!(cert.chain.len(), 2);
+    let intermediate =
+        crate::identity::pem::parse_certificate(certs.ca_cert_pem.as_bytes()).unwrap();
+    assert_eq!(cert.chain[1], intermediate);
+    let (_, leaf) = X509Certificate::from_der(&cert.chain[0]).unwrap();
+    let (_, issuer) = X509Certificate::from_der(&intermediate).unwrap();
+    assert_eq!(leaf.issuer(), issuer.subject());
+    assert!(
+        verifies(&verifier(&org_root), &cert),
+        "webpki: leaf -> intermediate -> root"
+    );
+    let other = PluginCerts::new("elsewhere.org");
+    let other_root =
+        vec![crate::identity::pem::parse_certificate(other.root_cert_pem.as_bytes()).unwrap()];
+    assert!(!verifies(&verifier(&other_root), &cert));
+    // Without the intermediate, the leaf does not reach the root.
+    assert!(
+        verifier(&org_root)
+            .verify_client_cert(&cert.chain[0], &[], UnixTime::now())
+            .is_err()
+    );
+
+    // The raw answer ends with the root, as Istio's CA sends it.
+    let chain = create_certificate(&client, TOKEN_A, csr_with(vec![]), Some(&web.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(chain.len(), 3);
+    assert_eq!(chain[1], certs.ca_cert_pem);
+    assert_eq!(chain[2], certs.root_cert_pem);
+
+    let monitoring = ca.monitoring.unwrap();
+    let ready = crate::cli::fetch::get(monitoring, "/ready").await.unwrap();
+    assert_eq!(&ready[..], b"ready\n");
+    let metrics = crate::cli::fetch::get(monitoring, "/metrics")
+        .await
+        .unwrap();
+    let samples = crate::telemetry::metrics::exposition::parse(&String::from_utf8_lossy(&metrics));
+    let value = |name| crate::telemetry::metrics::exposition::value(&samples, name, &[]).unwrap();
+    let chain_end = value("ambit_ca_chain_expiry_timestamp_seconds");
+    let root_end = value("ambit_ca_root_expiry_timestamp_seconds");
+    assert_eq!(chain_end, issuer.validity().not_after.timestamp() as f64);
+    assert!(chain_end < root_end, "the intermediate ends first");
+    assert_eq!(
+        crate::telemetry::metrics::exposition::value(
+            &samples,
+            "ambit_ca_certificates_signed_total",
+            &[("caller", "node")]
+        ),
+        Some(2.0)
+    );
 }

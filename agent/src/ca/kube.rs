@@ -1,24 +1,31 @@
 //! `ambit ca serve --kube`: who may get which certificate when the mesh runs on Kubernetes.
 //!
-//! **Authentication.** A node agent sends its projected ServiceAccount token (gRPC metadata
-//! `authorization: Bearer <token>`; the DaemonSet projects one with audience `ambit-ca`). The CA
-//! asks the API server about it with a `TokenReview` (`authentication.k8s.io/v1`) naming that
-//! audience, and accepts it only if the review says authenticated, the returned audiences
-//! include the CA's (an API server that ignores audiences returns none: refused), and the user is
-//! the agent's ServiceAccount (`system:serviceaccount:ambit-system:ambit-agent` by default).
+//! **Authentication.** A caller sends a projected ServiceAccount token (gRPC metadata
+//! `authorization: Bearer <token>`; the agents' DaemonSet and the waypoints' Deployments project
+//! one with audience `ambit-ca`). The CA asks the API server about it with a `TokenReview`
+//! (`authentication.k8s.io/v1`) naming that audience, and accepts it only if the review says
+//! authenticated, the returned audiences include the CA's (an API server that ignores audiences
+//! returns none: refused), the user is a ServiceAccount (`system:serviceaccount:<ns>:<name>`),
+//! and the token is bound to a pod (`user.extra` names it): a token bound to nothing (a legacy
+//! Secret token) proves no pod and is refused. What the token proves then depends on whose it is:
 //!
-//! **The caller's node.** A projected token is bound to its pod. Since Kubernetes 1.30 the
-//! review's `user.extra` carries `authentication.kubernetes.io/node-name`, signed into the token
-//! by the API server: that is the node. Older servers give the bound pod
-//! (`authentication.kubernetes.io/pod-name` and `pod-uid`); the CA then looks the pod up in its
-//! pod cache and takes its `spec.nodeName`. A token bound to no pod is refused: it proves no
-//! node.
+//! - **A node agent's** (the agents' ServiceAccount, `ambit-system/ambit-agent` by default)
+//!   proves a node: since Kubernetes 1.30 the review's `user.extra` carries
+//!   `authentication.kubernetes.io/node-name`, signed into the token by the API server; older
+//!   servers give only the bound pod (`authentication.kubernetes.io/pod-name` and `pod-uid`), and
+//!   the CA takes that pod's `spec.nodeName` from its pod cache. The agent may get the identity of
+//!   any pod **placed** on that node: `spiffe://<td>/ns/<ns>/sa/<sa>` only if the pod cache holds
+//!   a pod of namespace `<ns>` running as `<sa>`, scheduled on the node (`spec.nodeName`) and not
+//!   terminated (phase neither `Succeeded` nor `Failed`).
+//! - **Any other ServiceAccount's** (a waypoint's, deployed by the waypoint controller, or any
+//!   workload that asks for its own certificate, as Istio's CA allows every pod) proves only its
+//!   own identity, `spiffe://<td>/ns/<its namespace>/sa/<its name>`, and only while the pod the
+//!   token is bound to (name and UID) is in the pod cache, runs as that account and has not
+//!   terminated. It never gets any other identity, whatever node it runs on.
 //!
-//! **Placement.** `spiffe://<td>/ns/<ns>/sa/<sa>` is signed for node `N` only if the pod cache
-//! holds a pod of namespace `<ns>` running as `<sa>`, scheduled on `N` (`spec.nodeName`) and not
-//! terminated (phase neither `Succeeded` nor `Failed`). The cache is a kube-runtime watcher of
-//! every pod, keeping only the fields used here. Until its first list completes, every request is
-//! answered `UNAVAILABLE` (retryable), never `PERMISSION_DENIED`.
+//! The cache is a kube-runtime watcher of every pod, keeping only the fields used here. Until its
+//! first list completes, every request is answered `UNAVAILABLE` (retryable), never
+//! `PERMISSION_DENIED`.
 //!
 //! **What reviews cost.** Reviews are cached by the SHA-256 of the token, never the token itself:
 //! an accepted one for a minute, so an agent's burst of requests costs one `TokenReview`; a
@@ -28,10 +35,10 @@
 //! request is refused (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`) without calling the API server.
 //! Every cache and table is an LRU of fixed capacity (see [`super::guard`]). Tokens are never
 //! logged.
-use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
+use std::{fmt, net::IpAddr, str::FromStr, sync::Arc, time::Duration};
 
 use k8s_openapi::{
-    NamespaceResourceScope, Resource,
+    NamespaceResourceScope,
     api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -48,7 +55,11 @@ use tokio::sync::watch;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
-use super::guard::{ExpiringCache, ReviewLimiter, ReviewLimits, Throttled};
+use super::{
+    Principal,
+    guard::{ExpiringCache, ReviewLimiter, ReviewLimits, Throttled},
+    metrics::{CaMetrics, ReviewOutcome},
+};
 use crate::{
     discovery::kube::{
         BACKOFF_MAX, BACKOFF_MIN, ResilientWatch, error_chain, objects::pod_service_account,
@@ -84,10 +95,23 @@ pub struct ServiceAccountRef {
     pub name: String,
 }
 
+/// The prefix of a ServiceAccount's user name.
+const SERVICE_ACCOUNT_USER: &str = "system:serviceaccount:";
+
 impl ServiceAccountRef {
     /// The user name its tokens authenticate as, `system:serviceaccount:<namespace>:<name>`.
     pub fn username(&self) -> String {
-        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+        format!("{SERVICE_ACCOUNT_USER}{}:{}", self.namespace, self.name)
+    }
+
+    /// The ServiceAccount a user name (`system:serviceaccount:<namespace>:<name>`) is, if it is
+    /// one.
+    pub fn from_username(user: &str) -> Option<Self> {
+        let (namespace, name) = user.strip_prefix(SERVICE_ACCOUNT_USER)?.split_once(':')?;
+        (!namespace.is_empty() && !name.is_empty() && !name.contains(':')).then(|| Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        })
     }
 }
 
@@ -120,14 +144,15 @@ impl FromStr for ServiceAccountRef {
     }
 }
 
-/// How `ambit ca serve --kube` authenticates agents.
+/// How `ambit ca serve --kube` authenticates its callers.
 #[derive(Clone)]
 pub struct KubeAuthOptions {
     /// The API server: TokenReviews and the pod watch.
     pub client: Client,
-    /// The audience agents' tokens must carry.
+    /// The audience callers' tokens must carry.
     pub audience: String,
-    /// The only ServiceAccount whose tokens are accepted.
+    /// The node agents' ServiceAccount: its tokens prove a node (any other ServiceAccount's
+    /// prove only its own identity).
     pub agent_service_account: ServiceAccountRef,
     /// How long a positive review is cached.
     pub review_cache_ttl: Duration,
@@ -219,24 +244,46 @@ pub enum KubeAuthError {
         /// What the review returned.
         returned: Vec<String>,
     },
-    /// A valid token of someone other than the agents.
+    /// A valid token of a user that is no ServiceAccount (a person, a node's kubelet).
     #[error(
-        "{user} is not the node agents' service account ({expected}): only agents get certificates"
+        "{user} is not a ServiceAccount: only ServiceAccount tokens get certificates (the node \
+         agents' for their node's pods, a workload's for its own identity)"
     )]
-    NotAgent {
+    NotServiceAccount {
         /// Who the token authenticates.
         user: String,
-        /// The agents' user name.
-        expected: String,
     },
-    /// The agent's token says nothing of a pod or node.
+    /// The token says nothing of a pod or node.
     #[error(
-        "the token of {user} is not bound to a pod, so it proves no node: use a projected \
-         ServiceAccount token (serviceAccountToken volume source)"
+        "the token of {user} is not bound to a pod, so it proves neither a node nor a running \
+         workload: use a projected ServiceAccount token (serviceAccountToken volume source)"
     )]
     NotBound {
         /// Who the token authenticates.
         user: String,
+    },
+    /// A workload's token asked for an identity other than its own.
+    #[error(
+        "the token of {user} proves only the identity {own}; it may not get a certificate for \
+         {identity}"
+    )]
+    NotOwnIdentity {
+        /// Who the token authenticates.
+        user: String,
+        /// The identity asked for.
+        identity: String,
+        /// The identity the token proves.
+        own: String,
+    },
+    /// A workload's token whose pod no longer runs as its account.
+    #[error("the pod {pod} the token of {user} is bound to {why}")]
+    BoundPodMismatch {
+        /// Who the token authenticates.
+        user: String,
+        /// `<namespace>/<name>`.
+        pod: String,
+        /// What is wrong with it ("has terminated", "runs as ...").
+        why: String,
     },
     /// The token's pod is not (yet) in the pod cache: worth retrying.
     #[error("the pod {pod} the token is bound to is not in the CA's pod cache yet; retry shortly")]
@@ -280,10 +327,31 @@ impl KubeAuthError {
             | Self::RateLimited(_) => Code::Unavailable,
             Self::PeerRateLimited { .. } => Code::ResourceExhausted,
             Self::TokenRejected { .. } | Self::WrongAudience { .. } => Code::Unauthenticated,
-            Self::NotAgent { .. }
+            Self::NotServiceAccount { .. }
             | Self::NotBound { .. }
+            | Self::NotOwnIdentity { .. }
+            | Self::BoundPodMismatch { .. }
             | Self::BoundPodUnscheduled { .. }
             | Self::NotPlaced { .. } => Code::PermissionDenied,
+        }
+    }
+
+    /// The metric label of this refusal (`ambit_ca_certificates_refused_total{reason}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotSynced(_) => "not_synced",
+            Self::ReviewFailed(_) => "review_failed",
+            Self::TokenRejected { .. } => "token_rejected",
+            Self::PeerRateLimited { .. } => "peer_rate_limited",
+            Self::RateLimited(_) => "rate_limited",
+            Self::WrongAudience { .. } => "wrong_audience",
+            Self::NotServiceAccount { .. } => "not_service_account",
+            Self::NotBound { .. } => "not_bound",
+            Self::NotOwnIdentity { .. } => "not_own_identity",
+            Self::BoundPodMismatch { .. } => "bound_pod_mismatch",
+            Self::BoundPodUnknown { .. } => "bound_pod_unknown",
+            Self::BoundPodUnscheduled { .. } => "bound_pod_unscheduled",
+            Self::NotPlaced { .. } => "not_placed",
         }
     }
 
@@ -294,7 +362,7 @@ impl KubeAuthError {
             self,
             Self::TokenRejected { .. }
                 | Self::WrongAudience { .. }
-                | Self::NotAgent { .. }
+                | Self::NotServiceAccount { .. }
                 | Self::NotBound { .. }
         )
     }
@@ -311,13 +379,23 @@ impl From<KubeAuthError> for Status {
     }
 }
 
-/// An agent as its token review describes it.
+/// A caller as its token review describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Caller {
-    /// The node, when the API server said (Kubernetes ≥ 1.30).
-    node: Option<String>,
-    /// The bound pod's name and UID.
-    pod: Option<(String, String)>,
+enum Caller {
+    /// A node agent.
+    Agent {
+        /// The node, when the API server said (Kubernetes ≥ 1.30).
+        node: Option<String>,
+        /// The bound pod's name and UID.
+        pod: Option<(String, String)>,
+    },
+    /// Another ServiceAccount: its own identity only, while its pod runs.
+    Workload {
+        /// The account.
+        account: ServiceAccountRef,
+        /// The bound pod's name and UID (in the account's namespace).
+        pod: (String, String),
+    },
 }
 
 /// The pod fields the placement check reads; everything else is skipped while parsing, so
@@ -354,26 +432,15 @@ pub struct PlacedPodStatus {
     pub phase: Option<String>,
 }
 
-impl Resource for PlacedPod {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "Pod";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "pods";
-    type Scope = NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for PlacedPod {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::discovery::kube::kube_resource!(
+    PlacedPod,
+    "v1",
+    "",
+    "v1",
+    "Pod",
+    "pods",
+    NamespaceResourceScope
+);
 
 impl PlacedPod {
     /// The service account the pod runs as (`default` when the object names none, as the API
@@ -442,13 +509,13 @@ pub(crate) struct KubeAuthority {
     reviews: Api<TokenReview>,
     audience: String,
     agent: ServiceAccountRef,
-    agent_user: String,
     /// Accepted reviews, by token hash.
     accepted: ExpiringCache<[u8; 32], Caller>,
     /// Refused reviews (the API server's verdicts only), by token hash.
     refused: ExpiringCache<[u8; 32], KubeAuthError>,
     limiter: ReviewLimiter,
     pods: PodCache,
+    metrics: Arc<CaMetrics>,
 }
 
 impl fmt::Debug for KubeAuthority {
@@ -463,7 +530,10 @@ impl fmt::Debug for KubeAuthority {
 impl KubeAuthority {
     /// Starts the pod watch (in a task, returned: abort it to stop) and returns the authority,
     /// which answers `UNAVAILABLE` until the first list is complete.
-    pub(crate) fn start(options: KubeAuthOptions) -> (Self, tokio::task::JoinHandle<()>) {
+    pub(crate) fn start(
+        options: KubeAuthOptions,
+        metrics: Arc<CaMetrics>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let writer = Writer::default();
         let store = writer.as_reader();
         let (synced_tx, synced) = watch::channel(PodSync::Starting);
@@ -474,7 +544,6 @@ impl KubeAuthority {
         ));
         let authority = Self {
             reviews: Api::all(options.client),
-            agent_user: options.agent_service_account.username(),
             audience: options.audience,
             agent: options.agent_service_account,
             accepted: ExpiringCache::new(
@@ -487,6 +556,7 @@ impl KubeAuthority {
             ),
             limiter: ReviewLimiter::new(&options.limits),
             pods: PodCache { store, synced },
+            metrics,
         };
         (authority, task)
     }
@@ -500,13 +570,13 @@ impl KubeAuthority {
         }
     }
 
-    /// The node of the agent holding `token`, sent from `peer` (whose budget of reviews a cache
-    /// miss spends).
+    /// Who holds `token`, sent from `peer` (whose budget of reviews a cache miss spends): a
+    /// node agent on its node, or a workload as its own account.
     pub(crate) async fn authenticate(
         &self,
         token: &str,
         peer: IpAddr,
-    ) -> Result<String, KubeAuthError> {
+    ) -> Result<Principal, KubeAuthError> {
         let key = token_key(token);
         let caller = match self.accepted.get(&key) {
             Some(caller) => caller,
@@ -539,10 +609,17 @@ impl KubeAuthority {
                 }
             }
         };
-        self.node_of(&caller)
+        match caller {
+            Caller::Agent { node, pod } => self.node_of(node, pod).map(Principal::Node),
+            Caller::Workload {
+                account,
+                pod: (name, uid),
+            } => Ok(Principal::Workload { account, name, uid }),
+        }
     }
 
-    /// Asks the API server who `token` is; `Ok` only for an agent's token for our audience.
+    /// Asks the API server who `token` is; `Ok` only for a ServiceAccount's token for our
+    /// audience, bound to a pod (or, for an agent, to a node).
     async fn review(&self, token: &str) -> Result<Caller, KubeAuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -551,31 +628,42 @@ impl KubeAuthority {
             },
             ..TokenReview::default()
         };
+        let started = std::time::Instant::now();
         let answer = tokio::time::timeout(
             REVIEW_TIMEOUT,
             self.reviews.create(&PostParams::default(), &review),
         )
-        .await
-        .map_err(|_| {
-            KubeAuthError::ReviewFailed(format!(
-                "the API server did not answer within {}s",
-                REVIEW_TIMEOUT.as_secs()
-            ))
-        })?
-        .map_err(|e| {
-            KubeAuthError::ReviewFailed(match &e {
-                kube::Error::Api(status) if status.code == 403 => format!(
-                    "the API server forbids the CA to create TokenReviews (check its RBAC: \
-                     create tokenreviews.authentication.k8s.io): {}",
-                    status.message
-                ),
-                kube::Error::Api(status) => {
-                    format!("{} {}: {}", status.code, status.reason, status.message)
-                }
-                _ => error_chain(&e),
+        .await;
+        let answer = answer
+            .map_err(|_| {
+                KubeAuthError::ReviewFailed(format!(
+                    "the API server did not answer within {}s",
+                    REVIEW_TIMEOUT.as_secs()
+                ))
             })
-        })?;
-        self.judge(answer.status.unwrap_or_default())
+            .and_then(|answer| {
+                answer.map_err(|e| {
+                    KubeAuthError::ReviewFailed(match &e {
+                        kube::Error::Api(status) if status.code == 403 => format!(
+                            "the API server forbids the CA to create TokenReviews (check its \
+                             RBAC: create tokenreviews.authentication.k8s.io): {}",
+                            status.message
+                        ),
+                        kube::Error::Api(status) => {
+                            format!("{} {}: {}", status.code, status.reason, status.message)
+                        }
+                        _ => error_chain(&e),
+                    })
+                })
+            });
+        let judged = answer.and_then(|answer| self.judge(answer.status.unwrap_or_default()));
+        let outcome = match &judged {
+            Ok(_) => ReviewOutcome::Accepted,
+            Err(KubeAuthError::ReviewFailed(_)) => ReviewOutcome::Failed,
+            Err(_) => ReviewOutcome::Refused,
+        };
+        self.metrics.token_review(outcome, started.elapsed());
+        judged
     }
 
     /// Applies the CA's rules to a review's outcome.
@@ -599,16 +687,15 @@ impl KubeAuthority {
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
-        if username != self.agent_user {
-            return Err(KubeAuthError::NotAgent {
+        let Some(account) = ServiceAccountRef::from_username(&username) else {
+            return Err(KubeAuthError::NotServiceAccount {
                 user: if username.is_empty() {
                     "(no user name)".into()
                 } else {
                     username
                 },
-                expected: self.agent_user.clone(),
             });
-        }
+        };
         let extra = user.extra.unwrap_or_default();
         let first = |key: &str| {
             extra
@@ -617,34 +704,36 @@ impl KubeAuthority {
                 .filter(|v| !v.is_empty())
                 .cloned()
         };
-        let caller = Caller {
-            node: first(EXTRA_NODE_NAME),
-            pod: first(EXTRA_POD_NAME).zip(first(EXTRA_POD_UID)),
-        };
-        if caller.node.is_none() && caller.pod.is_none() {
-            return Err(KubeAuthError::NotBound { user: username });
+        let pod = first(EXTRA_POD_NAME).zip(first(EXTRA_POD_UID));
+        if account == self.agent {
+            let node = first(EXTRA_NODE_NAME);
+            if node.is_none() && pod.is_none() {
+                return Err(KubeAuthError::NotBound { user: username });
+            }
+            return Ok(Caller::Agent { node, pod });
         }
-        Ok(caller)
+        // A workload proves its identity only through the pod it runs in.
+        match pod {
+            Some(pod) => Ok(Caller::Workload { account, pod }),
+            None => Err(KubeAuthError::NotBound { user: username }),
+        }
     }
 
-    /// The caller's node: the token's own claim, else its bound pod's `spec.nodeName`.
-    fn node_of(&self, caller: &Caller) -> Result<String, KubeAuthError> {
-        if let Some(node) = &caller.node {
-            return Ok(node.clone());
+    /// An agent's node: the token's own claim, else its bound pod's `spec.nodeName`.
+    fn node_of(
+        &self,
+        node: Option<String>,
+        pod: Option<(String, String)>,
+    ) -> Result<String, KubeAuthError> {
+        if let Some(node) = node {
+            return Ok(node);
         }
-        let (name, uid) = caller
-            .pod
-            .as_ref()
-            .expect("judge() accepts no caller without node or pod");
+        let (name, uid) = pod.expect("judge() accepts no agent without node or pod");
         let namespace = &self.agent.namespace;
         let pod = format!("{namespace}/{name}");
         // Same name, another UID: the bound pod was replaced; its token would fail review
         // soon, and meanwhile proves nothing about the new pod's node.
-        let found = self
-            .pods
-            .store
-            .get(&ObjectRef::new(name).within(namespace))
-            .filter(|p| p.metadata.uid.as_deref() == Some(uid.as_str()));
+        let found = self.bound_pod(namespace, &name, &uid);
         let found = found.ok_or_else(|| KubeAuthError::BoundPodUnknown { pod: pod.clone() })?;
         found
             .node()
@@ -652,9 +741,66 @@ impl KubeAuthority {
             .ok_or(KubeAuthError::BoundPodUnscheduled { pod })
     }
 
+    /// The cached pod `namespace/name`, if it still has `uid`.
+    fn bound_pod(&self, namespace: &str, name: &str, uid: &str) -> Option<Arc<PlacedPod>> {
+        self.pods
+            .store
+            .get(&ObjectRef::new(name).within(namespace))
+            .filter(|p| p.metadata.uid.as_deref() == Some(uid))
+    }
+
+    /// `Ok` if `principal` may get `identity`: a node, if a live pod of `identity`'s namespace
+    /// and service account is scheduled on it; a workload, if `identity` is its own and the pod
+    /// its token is bound to still runs as it. Callers have authenticated, which needs the pods
+    /// listed ([`Self::ready`]).
+    pub(crate) fn authorize(
+        &self,
+        principal: &Principal,
+        identity: &SpiffeId,
+    ) -> Result<(), KubeAuthError> {
+        match principal {
+            Principal::Node(node) => self.authorize_node(node, identity),
+            Principal::Workload { account, name, uid } => {
+                let user = account.username();
+                if identity.namespace != account.namespace
+                    || identity.service_account != account.name
+                {
+                    return Err(KubeAuthError::NotOwnIdentity {
+                        user,
+                        identity: identity.to_string(),
+                        own: SpiffeId::new(
+                            &identity.trust_domain,
+                            &account.namespace,
+                            &account.name,
+                        )
+                        .to_string(),
+                    });
+                }
+                let pod = format!("{}/{name}", account.namespace);
+                let found = self
+                    .bound_pod(&account.namespace, name, uid)
+                    .ok_or_else(|| KubeAuthError::BoundPodUnknown { pod: pod.clone() })?;
+                let why = if found.terminated() {
+                    Some("has terminated".to_string())
+                } else if found.service_account() != account.name {
+                    Some(format!(
+                        "runs as service account {}, not {}",
+                        found.service_account(),
+                        account.name
+                    ))
+                } else {
+                    None
+                };
+                match why {
+                    Some(why) => Err(KubeAuthError::BoundPodMismatch { user, pod, why }),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
     /// `Ok` if a live pod of `identity`'s namespace and service account is scheduled on `node`.
-    /// Callers have authenticated, which needs the pods listed ([`Self::ready`]).
-    pub(crate) fn authorize(&self, node: &str, identity: &SpiffeId) -> Result<(), KubeAuthError> {
+    fn authorize_node(&self, node: &str, identity: &SpiffeId) -> Result<(), KubeAuthError> {
         let placed = self.pods.store.find(|p| {
             p.node() == Some(node)
                 && p.metadata.namespace.as_deref() == Some(identity.namespace.as_str())
@@ -763,6 +909,19 @@ mod tests {
         ] {
             assert!(bad.parse::<ServiceAccountRef>().is_err(), "{bad} accepted");
         }
+        assert_eq!(
+            ServiceAccountRef::from_username("system:serviceaccount:shop:waypoint"),
+            Some("shop/waypoint".parse().unwrap())
+        );
+        for not_one in [
+            "system:serviceaccount:shop",
+            "system:serviceaccount::x",
+            "system:serviceaccount:a:b:c",
+            "system:node:n1",
+            "admin",
+        ] {
+            assert_eq!(ServiceAccountRef::from_username(not_one), None, "{not_one}");
+        }
     }
 
     #[test]
@@ -807,7 +966,9 @@ mod tests {
         // Never contacted: judge() and the error mapping only.
         let client =
             Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
-        let (authority, task) = KubeAuthority::start(KubeAuthOptions::new(client));
+        let metrics = CaMetrics::new(&crate::telemetry::Metrics::new()).unwrap();
+        let (authority, task) =
+            KubeAuthority::start(KubeAuthOptions::new(client), Arc::new(metrics));
         task.abort();
         authority
     }
@@ -847,7 +1008,13 @@ mod tests {
                 &[(EXTRA_NODE_NAME, "n1")],
             ))
             .unwrap();
-        assert_eq!(caller.node.as_deref(), Some("n1"));
+        assert_eq!(
+            caller,
+            Caller::Agent {
+                node: Some("n1".into()),
+                pod: None
+            }
+        );
         let caller = ca
             .judge(status(
                 true,
@@ -856,7 +1023,33 @@ mod tests {
                 &[(EXTRA_POD_NAME, "agent-x"), (EXTRA_POD_UID, "u")],
             ))
             .unwrap();
-        assert_eq!(caller.pod, Some(("agent-x".into(), "u".into())));
+        assert_eq!(
+            caller,
+            Caller::Agent {
+                node: None,
+                pod: Some(("agent-x".into(), "u".into()))
+            }
+        );
+        // Another account's token bound to its pod: a workload, whatever node it names.
+        let caller = ca
+            .judge(status(
+                true,
+                &["ambit-ca"],
+                "system:serviceaccount:shop:waypoint",
+                &[
+                    (EXTRA_POD_NAME, "waypoint-0"),
+                    (EXTRA_POD_UID, "u0"),
+                    (EXTRA_NODE_NAME, "n1"),
+                ],
+            ))
+            .unwrap();
+        assert_eq!(
+            caller,
+            Caller::Workload {
+                account: "shop/waypoint".parse().unwrap(),
+                pod: ("waypoint-0".into(), "u0".into())
+            }
+        );
 
         let refusals = [
             (status(false, &[], agent, &[]), Code::Unauthenticated),
@@ -874,6 +1067,20 @@ mod tests {
                     true,
                     &["ambit-ca"],
                     "system:serviceaccount:shop:web",
+                    &[(EXTRA_NODE_NAME, "n1")],
+                ),
+                Code::PermissionDenied,
+            ),
+            // Not a ServiceAccount: a person, a node's kubelet.
+            (
+                status(true, &["ambit-ca"], "kubernetes-admin", &[]),
+                Code::PermissionDenied,
+            ),
+            (
+                status(
+                    true,
+                    &["ambit-ca"],
+                    "system:node:n1",
                     &[(EXTRA_NODE_NAME, "n1")],
                 ),
                 Code::PermissionDenied,

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     identity::{BearerToken, CaClient, CaClientConfig, CaError, SpiffeId, ca_api},
+    telemetry::metrics::exposition::{Samples, parse, value},
     testing::{
         ca::{TestCaServer, create_certificate, csr_with, id, leaf_sans, uri},
         fake_apiserver::FakeApiServer,
@@ -309,7 +310,8 @@ async fn refuses_other_callers_with_a_clear_status() {
     );
     fetch_until(&agent, &web, is_unavailable).await.unwrap();
 
-    // A workload's own token, valid for the CA's audience and bound to a pod on node-a.
+    // A workload's own token, valid for the CA's audience and bound to a pod on node-a: its
+    // own identity only, never another of its node's.
     let token = cluster.issue(
         "token-of-the-web-workload",
         "system:serviceaccount:shop:web",
@@ -322,12 +324,30 @@ async fn refuses_other_callers_with_a_clear_status() {
     );
     let (code, message) = refused(
         client(&ca, &token)
+            .fetch(&id("shop", "db"), Duration::from_secs(60))
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{message}");
+    assert!(
+        message.contains("the token of system:serviceaccount:shop:web proves only the identity"),
+        "{message}"
+    );
+
+    // A token of a user that is no ServiceAccount (a person's, for the CA's audience).
+    let token = cluster.issue(
+        "token-of-a-person",
+        "jane@example.org",
+        &["ambit-ca"],
+        vec![(EXTRA_NODE_NAME, "node-a".into())],
+    );
+    let (code, message) = refused(
+        client(&ca, &token)
             .fetch(&web, Duration::from_secs(60))
             .await,
     );
     assert_eq!(code, Code::PermissionDenied, "{message}");
     assert!(
-        message.contains("system:serviceaccount:shop:web is not the node agents' service account"),
+        message.contains("jane@example.org is not a ServiceAccount"),
         "{message}"
     );
 
@@ -456,11 +476,229 @@ async fn unavailable_until_the_pods_are_listed() {
         0,
         "no TokenReview is spent before the cache can decide"
     );
+    // Its readiness probe says so: a Service sends no caller to it yet.
+    let not_ready = ready(&ca)
+        .await
+        .expect_err("ready before the pods are listed");
+    assert!(
+        not_ready.contains("HTTP 503") && not_ready.contains("not yet listed the cluster's pods"),
+        "{not_ready}"
+    );
 
     cluster.fail_pod_lists.store(false, Ordering::SeqCst);
     fetch_until(&a, &web, is_unavailable)
         .await
         .expect("signed once the pods are listed");
+    assert_eq!(ready(&ca).await.unwrap(), "ready\n");
+}
+
+/// `GET /ready` on the CA's monitoring port: the body of a 200, else the error (with the
+/// status and body).
+async fn ready(ca: &TestCaServer) -> Result<String, String> {
+    let addr = ca
+        .monitoring
+        .expect("the test CA serves its monitoring port");
+    crate::cli::fetch::get(addr, "/ready")
+        .await
+        .map(|body| String::from_utf8_lossy(&body).into_owned())
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// The CA's metrics, parsed.
+async fn ca_metrics(ca: &TestCaServer) -> Samples {
+    let addr = ca
+        .monitoring
+        .expect("the test CA serves its monitoring port");
+    let body = crate::cli::fetch::get(addr, "/metrics").await.unwrap();
+    parse(&String::from_utf8_lossy(&body))
+}
+
+/// The waypoint of namespace shop: its pod on node-a, running as shop/waypoint, and its
+/// projected token (bound to the pod, node-a in the claims, as Kubernetes ≥ 1.30 issues them).
+fn waypoint_token(cluster: &Cluster, api: &FakeApiServer, token: &str) -> String {
+    api.apply(&pod("shop", "waypoint-0", "waypoint", "node-a", "Running"));
+    cluster.issue(
+        token,
+        "system:serviceaccount:shop:waypoint",
+        &["ambit-ca"],
+        vec![
+            (EXTRA_POD_NAME, "waypoint-0".into()),
+            (EXTRA_POD_UID, "uid-waypoint-0".into()),
+            (EXTRA_NODE_NAME, "node-a".into()),
+        ],
+    )
+}
+
+/// A workload's own token (a waypoint deployed by the waypoint controller) gets its own
+/// identity and nothing else: not another account's of its namespace, not a neighbour's on
+/// its node; and another account's token never gets the waypoint's. Every answer is counted.
+#[tokio::test]
+async fn a_workload_token_gets_its_own_identity_and_no_other() {
+    let cluster = Arc::new(Cluster::default());
+    let (api, ca) = start(&cluster).await;
+    apply_workloads(&api);
+    let token = waypoint_token(&cluster, &api, "token-of-the-shop-waypoint");
+    let waypoint = client(&ca, &token);
+    let own = id("shop", "waypoint");
+    fetch_until(&waypoint, &own, is_unavailable)
+        .await
+        .expect("the waypoint's own identity");
+    // Without metadata, its CSR's SAN: the same rule.
+    let chain = create_certificate(
+        &waypoint,
+        &token,
+        csr_with(vec![uri("spiffe://cluster.local/ns/shop/sa/waypoint")]),
+        None,
+    )
+    .await
+    .expect("its own identity, named by the CSR");
+    assert_eq!(
+        leaf_sans(&chain),
+        ["spiffe://cluster.local/ns/shop/sa/waypoint"]
+    );
+
+    // shop/web runs on the waypoint's node, in its namespace: still not the waypoint's.
+    for other in [
+        id("shop", "web"),
+        id("pay", "pay"),
+        id("ambit-system", "ambit-agent"),
+    ] {
+        let (code, message) = refused(waypoint.fetch(&other, Duration::from_secs(60)).await);
+        assert_eq!(code, Code::PermissionDenied, "{other}: {message}");
+        assert!(
+            message.contains(
+                "the token of system:serviceaccount:shop:waypoint proves only the identity \
+                 spiffe://cluster.local/ns/shop/sa/waypoint"
+            ) && message.contains(&other.to_string()),
+            "{message}"
+        );
+    }
+    let status = create_certificate(
+        &waypoint,
+        &token,
+        csr_with(vec![uri("spiffe://cluster.local/ns/shop/sa/web")]),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    // shop/web's own token, bound to its pod on the same node: not the waypoint's identity.
+    let web_token = cluster.issue(
+        "token-of-the-web-workload",
+        "system:serviceaccount:shop:web",
+        &["ambit-ca"],
+        vec![
+            (EXTRA_POD_NAME, "web-0".into()),
+            (EXTRA_POD_UID, "uid-web-0".into()),
+            (EXTRA_NODE_NAME, "node-a".into()),
+        ],
+    );
+    let web = client(&ca, &web_token);
+    let (code, message) = refused(web.fetch(&own, Duration::from_secs(60)).await);
+    assert_eq!(code, Code::PermissionDenied, "{message}");
+    assert!(message.contains("proves only the identity spiffe://cluster.local/ns/shop/sa/web"));
+    web.fetch(&id("shop", "web"), Duration::from_secs(60))
+        .await
+        .expect("a workload's own identity, as Istio's CA signs it");
+    // A token of the waypoint's account bound to no pod (a legacy Secret token) proves nothing.
+    let unbound = cluster.issue(
+        "legacy-secret-token-of-the-waypoint",
+        "system:serviceaccount:shop:waypoint",
+        &["ambit-ca"],
+        Vec::new(),
+    );
+    let (code, message) = refused(
+        client(&ca, &unbound)
+            .fetch(&own, Duration::from_secs(60))
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{message}");
+    assert!(message.contains("not bound to a pod"), "{message}");
+
+    let samples = ca_metrics(&ca).await;
+    let count = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels).unwrap_or(-1.0);
+    assert_eq!(
+        count(
+            "ambit_ca_certificates_signed_total",
+            &[("caller", "workload")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        count(
+            "ambit_ca_certificates_refused_total",
+            &[("reason", "not_own_identity")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        count(
+            "ambit_ca_certificates_refused_total",
+            &[("reason", "not_bound")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        count(
+            "ambit_ca_token_review_duration_seconds_count",
+            &[("outcome", "accepted")]
+        ),
+        2.0,
+        "the waypoint's and web's tokens, each reviewed once"
+    );
+    assert_eq!(
+        count(
+            "ambit_ca_token_review_duration_seconds_count",
+            &[("outcome", "refused")]
+        ),
+        1.0
+    );
+}
+
+/// A workload's token proves its identity only while the pod it is bound to runs as it: a
+/// finished pod, or one replaced by another of the same name, gets nothing.
+#[tokio::test]
+async fn a_workload_token_is_good_only_while_its_pod_runs() {
+    let cluster = Arc::new(Cluster::default());
+    let (api, ca) = start(&cluster).await;
+    apply_workloads(&api);
+    let token = waypoint_token(&cluster, &api, "token-of-the-shop-waypoint");
+    let waypoint = client(&ca, &token);
+    let own = id("shop", "waypoint");
+    fetch_until(&waypoint, &own, is_unavailable).await.unwrap();
+
+    api.apply(&pod(
+        "shop",
+        "waypoint-0",
+        "waypoint",
+        "node-a",
+        "Succeeded",
+    ));
+    let (code, message) = fetch_until(&waypoint, &own, |o| o.is_ok())
+        .await
+        .expect_err("a finished pod's token keeps its identity");
+    assert_eq!(code, Code::PermissionDenied, "{message}");
+    assert!(
+        message.contains("the pod shop/waypoint-0 the token of system:serviceaccount:shop:waypoint is bound to has terminated"),
+        "{message}"
+    );
+
+    // Deleted, and a new pod of the same name: the old token's UID is not the new pod's.
+    api.delete::<Pod>("shop", "waypoint-0");
+    let mut replacement = pod("shop", "waypoint-0", "waypoint", "node-a", "Running");
+    replacement.metadata.uid = Some("uid-of-the-next-waypoint-0".into());
+    api.apply(&replacement);
+    let (code, message) = fetch_until(&waypoint, &own, |o| {
+        matches!(o, Err((Code::PermissionDenied, _)))
+    })
+    .await
+    .expect_err("a replaced pod's token keeps its identity");
+    assert_eq!(code, Code::Unavailable, "{message}");
+    assert!(
+        message.contains("shop/waypoint-0") && message.contains("not in the CA's pod cache"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -587,7 +825,8 @@ async fn a_bad_token_costs_one_review_within_the_cache_lifetime() {
     }
     assert_eq!(reviews(&cluster), 2);
 
-    // A valid token of someone else than the agents: the verdict is kept too.
+    // A valid token that proves no pod (a workload's, bound to a node only): the verdict is
+    // kept too.
     let workload = cluster.issue(
         "token-of-the-web-workload",
         "system:serviceaccount:shop:web",
@@ -601,10 +840,7 @@ async fn a_bad_token_costs_one_review_within_the_cache_lifetime() {
                 .await,
         );
         assert_eq!(code, Code::PermissionDenied, "{message}");
-        assert!(
-            message.contains("not the node agents' service account"),
-            "{message}"
-        );
+        assert!(message.contains("not bound to a pod"), "{message}");
     }
     assert_eq!(reviews(&cluster), 3);
 

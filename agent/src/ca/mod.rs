@@ -6,17 +6,23 @@
 //! [`crate::identity::ca_api`]), so that either
 //! side can use the other's CA.
 //!
-//! - [`root`]: creating, importing and loading the root (`ambit ca init`), trust bundles.
+//! - [`root`]: creating, importing and loading the root (`ambit ca init`), or an intermediate
+//!   under an organisation's root (Istio's plug-in `cacerts`); trust bundles.
 //! - [`sign`]: turning a CSR into a certificate chain for an identity.
 //! - [`server`]: the TLS gRPC service (`ambit ca serve`) and how it authenticates node agents in
 //!   standalone mode: a per-node bearer token, and the mesh file's placement of workloads.
-//! - [`kube`]: Kubernetes mode (`ambit ca serve --kube`): agents' ServiceAccount tokens checked
-//!   by TokenReview, placement read from the cluster's pods.
+//! - [`kube`]: Kubernetes mode (`ambit ca serve --kube`): ServiceAccount tokens checked by
+//!   TokenReview (agents' for their node's pods, placement read from the cluster's pods; any
+//!   other account's for its own identity, as a waypoint asks).
+//! - [`metrics`]: certificates signed and refused, TokenReview latency, the chain's expiry,
+//!   served with the readiness probe on the monitoring port (`--monitoring-addr`, 15014).
 //! - [`guard`]: the bounds on what one client may cost the CA: caches of token reviews
 //!   (accepted and refused), rate limits on TokenReviews per client address and overall, and
 //!   refusal log lines limited per client address.
 //!
 //! # Files of a CA directory
+//!
+//! `ambit ca init` writes:
 //!
 //! | file | content |
 //! |---|---|
@@ -24,6 +30,10 @@
 //! | `root-cert.pem` | the root certificate, last in every chain the CA returns |
 //! | `roots.pem` | the trust bundle to hand to agents: a plain concatenation of PEM root certificates |
 //! | `ca.yaml` | `trustDomain: <domain>`: the only trust domain this CA signs for |
+//!
+//! Or the directory holds Istio's plug-in certificates (the `cacerts` Secret): `ca-cert.pem`,
+//! `ca-key.pem`, `cert-chain.pem`, `root-cert.pem` (see [`root`]), the trust domain then being
+//! `--trust-domain`'s.
 //!
 //! # Rotating the root without downtime
 //!
@@ -43,6 +53,7 @@ pub mod guard;
 pub mod kube;
 #[cfg(test)]
 mod kube_tests;
+pub mod metrics;
 pub mod root;
 pub mod server;
 pub mod sign;
@@ -61,6 +72,38 @@ pub use self::{
     sign::SignError,
 };
 
+/// Who a request authenticated as: what its credential proves, and so which identities it may
+/// get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A node (an agent's credential): identities of the pods placed on it.
+    Node(String),
+    /// A workload's own ServiceAccount token (Kubernetes mode): its own identity, while the pod
+    /// the token is bound to runs as it.
+    Workload {
+        /// The ServiceAccount.
+        account: ServiceAccountRef,
+        /// The bound pod's name (in the account's namespace).
+        name: String,
+        /// The bound pod's UID.
+        uid: String,
+    },
+}
+
+impl std::fmt::Display for Principal {
+    /// `node N` or `pod NS/NAME (service account NS/SA)`, as logs and messages name the caller.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Node(node) => write!(f, "node {node}"),
+            Self::Workload { account, name, .. } => write!(
+                f,
+                "pod {}/{name} (service account {account})",
+                account.namespace
+            ),
+        }
+    }
+}
+
 /// The default and, unless `--max-ttl` says otherwise, the longest workload certificate lifetime.
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -78,7 +121,7 @@ pub enum CaCommand {
     /// Create a root CA in a directory, or import a given root key and certificate.
     Init(InitArgs),
     /// Serve the signing API over TLS to the node agents.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 /// Flags of `ambit ca init`.
@@ -148,8 +191,8 @@ pub struct ServeArgs {
     /// projected token's `audience`).
     #[arg(long, env = "AMBIT_CA_TOKEN_AUDIENCE", default_value = self::kube::DEFAULT_TOKEN_AUDIENCE)]
     pub token_audience: String,
-    /// Kubernetes mode: the agents' ServiceAccount, `<namespace>/<name>`; tokens of any other
-    /// account are refused.
+    /// Kubernetes mode: the agents' ServiceAccount, `<namespace>/<name>`: its tokens get the
+    /// identities of their node's pods; any other account's token only its own identity.
     #[arg(
         long,
         env = "AMBIT_CA_AGENT_SERVICE_ACCOUNT",
@@ -171,6 +214,19 @@ pub struct ServeArgs {
     /// Longest certificate lifetime granted, and the lifetime when a request names none.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub max_ttl: Duration,
+    /// The trust domain signed for. A directory of Istio's plug-in certificates names none: this
+    /// flag does [default there: cluster.local]; with `ambit ca init`'s files it must be the
+    /// one of their `ca.yaml`.
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Where to serve `GET /ready` (200 once a request could be signed: kubelet's readiness
+    /// probe) and `GET /metrics` (Prometheus), in plain HTTP: istiod's monitoring port.
+    #[arg(
+        long,
+        env = "AMBIT_CA_MONITORING_ADDR",
+        default_value = "0.0.0.0:15014"
+    )]
+    pub monitoring_addr: SocketAddr,
     /// DNS names and IP addresses of the CA's own TLS certificate: the names agents dial.
     /// May be repeated [default: ambit-ca, localhost, 127.0.0.1 and the --listen address].
     #[arg(long)]
@@ -210,8 +266,36 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                     server_names.push(args.listen.ip().to_string());
                 }
             }
-            let auth = if args.kube {
-                let client = crate::discovery::kube::client(args.kubeconfig.as_deref()).await?;
+            let client = if args.kube {
+                Some(crate::discovery::kube::client(args.kubeconfig.as_deref()).await?)
+            } else {
+                None
+            };
+            let auth = match &client {
+                Some(client) => AuthMode::Kube(Box::new(KubeAuthOptions {
+                    audience: args.token_audience,
+                    agent_service_account: args.agent_service_account,
+                    ..KubeAuthOptions::new(client.clone())
+                })),
+                // clap requires both without --kube.
+                None => AuthMode::Files {
+                    mesh_file: args
+                        .mesh_file
+                        .context("--mesh-file is required without --kube")?,
+                    tokens_file: args.tokens.context("--tokens is required without --kube")?,
+                },
+            };
+            let options = ServeOptions {
+                dir: args.dir,
+                listen: args.listen,
+                auth,
+                max_ttl: args.max_ttl,
+                server_names,
+                trust_domain: args.trust_domain,
+                monitoring: Some(args.monitoring_addr),
+            };
+            let server = CaServer::start(options).await?;
+            if let Some(client) = client {
                 // The CA is the cluster's one central component: it reports on Ambit's
                 // policies (every agent enforces them the same way on its own).
                 let status = crate::discovery::kube::run_policy_status(
@@ -225,18 +309,15 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                 });
                 // And it deploys the waypoints (Gateways of class ambit-waypoint), with its
                 // trust bundle.
-                let roots = args.dir.join(root::TRUST_BUNDLE_FILE);
-                let roots_pem = std::fs::read_to_string(&roots)
-                    .with_context(|| format!("reading {}", roots.display()))?;
                 let waypoints =
                     crate::discovery::kube::waypoint_controller::WaypointController::new(
-                        client.clone(),
+                        client,
                         crate::discovery::kube::waypoint_controller::WaypointSettings {
                             image: args.waypoint_image.clone(),
                             ca_address: args.waypoint_ca_address.clone().unwrap_or_else(|| {
                                 format!("https://ambit-ca.{}.svc:15012", args.root_namespace)
                             }),
-                            roots_pem,
+                            roots_pem: server.trust_bundle_pem().to_string(),
                             root_namespace: args.root_namespace.clone(),
                         },
                     );
@@ -245,28 +326,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
                         tracing::error!(error = %format!("{error:#}"), "waypoint controller stopped");
                     }
                 });
-                AuthMode::Kube(Box::new(KubeAuthOptions {
-                    audience: args.token_audience,
-                    agent_service_account: args.agent_service_account,
-                    ..KubeAuthOptions::new(client)
-                }))
-            } else {
-                // clap requires both without --kube.
-                AuthMode::Files {
-                    mesh_file: args
-                        .mesh_file
-                        .context("--mesh-file is required without --kube")?,
-                    tokens_file: args.tokens.context("--tokens is required without --kube")?,
-                }
-            };
-            let options = ServeOptions {
-                dir: args.dir,
-                listen: args.listen,
-                auth,
-                max_ttl: args.max_ttl,
-                server_names,
-            };
-            let server = CaServer::start(options).await?;
+            }
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("cannot handle SIGTERM")?;

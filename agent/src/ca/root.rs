@@ -1,4 +1,20 @@
-//! The root of trust: creating or importing it (`ambit ca init`), loading it, trust bundles.
+//! The root of trust: creating or importing it (`ambit ca init`), loading it (or an
+//! intermediate under an organisation's root, as Istio's plug-in `cacerts`), trust bundles.
+//!
+//! A CA directory holds one of two layouts:
+//!
+//! - **`ambit ca init`'s**: `root-key.pem`, `root-cert.pem` (a self-signed root, which signs
+//!   the workloads' certificates itself), `roots.pem` (the trust bundle) and `ca.yaml` (the
+//!   trust domain).
+//! - **Istio's plug-in certificates** (the `cacerts` Secret istiod reads): `ca-cert.pem` and
+//!   `ca-key.pem` (an intermediate CA and its key: they sign), `cert-chain.pem` (`ca-cert.pem`
+//!   followed by any intermediates above it, up to the root; sent after every leaf) and
+//!   `root-cert.pem` (the organisation's root or roots: the trust bundle). The trust domain is
+//!   the `--trust-domain` flag's. Everything is checked before the CA serves: the key matches
+//!   `ca-cert.pem`, which is a CA allowed to sign certificates, each certificate of the chain is
+//!   issued by the next, the chain ends in a root of `root-cert.pem`, and none is expired or
+//!   not yet valid; an error names the file and the problem. Leaves never outlive any
+//!   certificate of the chain.
 use std::{
     fs::{self, OpenOptions},
     io::{self, Write as _},
@@ -28,6 +44,15 @@ pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 pub const TRUST_BUNDLE_FILE: &str = "roots.pem";
 /// The CA's settings (`trustDomain`).
 pub const CA_CONFIG_FILE: &str = "ca.yaml";
+/// Istio's plug-in layout: the signing (intermediate) CA's certificate.
+pub const PLUGIN_CERT_FILE: &str = "ca-cert.pem";
+/// Istio's plug-in layout: the signing CA's private key (PKCS#8 PEM).
+pub const PLUGIN_KEY_FILE: &str = "ca-key.pem";
+/// Istio's plug-in layout: `ca-cert.pem` and the intermediates above it, up to the root.
+pub const PLUGIN_CHAIN_FILE: &str = "cert-chain.pem";
+/// Istio's plug-in layout: the root certificate(s), the trust bundle (the same name as
+/// [`ROOT_CERT_FILE`], with the same meaning).
+pub const PLUGIN_ROOT_FILE: &str = ROOT_CERT_FILE;
 /// Default lifetime of a generated root: ten years.
 pub const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(3650 * 24 * 3600);
 /// How far back certificates' `notBefore` is set, so that peers whose clocks lag a little
@@ -62,6 +87,19 @@ pub enum RootError {
     /// The trust domain is not a valid one.
     #[error("invalid trust domain {0:?}: use lowercase letters, digits, '.', '-' and '_'")]
     TrustDomain(String),
+    /// The trust domain asked for is not the one the CA directory was made for.
+    #[error(
+        "{}: the CA was made for trust domain {found:?}, but --trust-domain is {asked:?}",
+        path.display()
+    )]
+    TrustDomainMismatch {
+        /// `ca.yaml`.
+        path: PathBuf,
+        /// What it says.
+        found: String,
+        /// What the flag says.
+        asked: String,
+    },
     /// Key generation or certificate signing failed.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -108,13 +146,22 @@ impl InitOptions {
     }
 }
 
-/// A loaded root CA: the signing key, its certificate, and the policy it signs under.
+/// A loaded CA: the signing key, its certificate (a root, or an intermediate under one), the
+/// chain up to the root, and the policy it signs under.
 pub struct RootCa {
     trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
     cert_der: CertificateDer<'static>,
     cert_pem: String,
+    /// What follows a leaf in every chain returned: the signing certificate's chain up to and
+    /// including the root (a self-signed root: itself alone).
+    chain_pem: Vec<String>,
+    /// The trust bundle agents are given (`roots.pem`, or the plug-in `root-cert.pem`).
+    trust_bundle_pem: String,
+    /// The first end of validity in the chain: no leaf is signed past it.
     not_after: SystemTime,
+    /// The end of the root's validity.
+    root_not_after: SystemTime,
     max_ttl: Duration,
 }
 
@@ -178,6 +225,7 @@ pub fn init_with(dir: &Path, options: &InitOptions) -> Result<RootCa, RootError>
         &cert_source,
         &options.trust_domain,
     )?;
+    let mut ca = ca;
     let mut bundle = vec![ca.cert_der.clone()];
     for extra in &options.also_trust {
         for cert in read_certificates(extra)? {
@@ -186,6 +234,7 @@ pub fn init_with(dir: &Path, options: &InitOptions) -> Result<RootCa, RootError>
             }
         }
     }
+    ca.trust_bundle_pem = certificates_pem(&bundle);
     let config = serde_yaml_ng::to_string(&CaConfig {
         trust_domain: options.trust_domain.clone(),
     })
@@ -237,6 +286,28 @@ pub fn add_trusted_roots(bundle: &Path, extra: &Path) -> Result<usize, RootError
 }
 
 impl RootCa {
+    /// Loads the CA of `dir`, whichever its layout (see the module's doc): Istio's plug-in
+    /// certificates when `ca-cert.pem` is there (signing for `trust_domain`, by default
+    /// `cluster.local` as Istio's), else `ambit ca init`'s files (whose `ca.yaml` must name
+    /// `trust_domain` if one is given).
+    pub fn load_dir(dir: &Path, trust_domain: Option<&str>) -> Result<Self, RootError> {
+        if dir.join(PLUGIN_CERT_FILE).symlink_metadata().is_ok() {
+            let trust_domain = trust_domain.unwrap_or(crate::policy::DEFAULT_TRUST_DOMAIN);
+            return Self::load_plugin(dir, trust_domain);
+        }
+        let ca = Self::load(dir)?;
+        if let Some(asked) = trust_domain
+            && asked != ca.trust_domain
+        {
+            return Err(RootError::TrustDomainMismatch {
+                path: dir.join(CA_CONFIG_FILE),
+                found: ca.trust_domain,
+                asked: asked.to_string(),
+            });
+        }
+        Ok(ca)
+    }
+
     /// Loads the CA of `dir` (written by [`init`]). Signs leaves of at most
     /// [`DEFAULT_MAX_TTL`] until [`Self::with_max_ttl`] says otherwise.
     pub fn load(dir: &Path) -> Result<Self, RootError> {
@@ -250,26 +321,157 @@ impl RootCa {
             })?;
         check_trust_domain(&config.trust_domain)?;
         let key_path = dir.join(ROOT_KEY_FILE);
-        if let Ok(meta) = fs::metadata(&key_path)
-            && meta.permissions().mode() & 0o077 != 0
-        {
-            tracing::warn!(
-                path = %key_path.display(),
-                mode = format!("{:o}", meta.permissions().mode() & 0o777),
-                "the root key is readable by group or others; it should be 0600"
-            );
-        }
+        warn_if_readable(&key_path);
         let cert_path = dir.join(ROOT_CERT_FILE);
-        Self::from_pem(
+        let mut ca = Self::from_pem(
             &read_string(&key_path)?,
             &key_path,
             &read_string(&cert_path)?,
             &cert_path,
             &config.trust_domain,
-        )
+        )?;
+        ca.trust_bundle_pem = certificates_pem(&read_certificates(&dir.join(TRUST_BUNDLE_FILE))?);
+        Ok(ca)
     }
 
-    /// Builds a CA from PEM texts; the paths only name the sources in errors.
+    /// Loads Istio's plug-in certificates from `dir` (see the module's doc), signing for
+    /// `trust_domain`.
+    pub fn load_plugin(dir: &Path, trust_domain: &str) -> Result<Self, RootError> {
+        check_trust_domain(trust_domain)?;
+        let invalid = |file: &str, reason: String| RootError::Invalid {
+            path: dir.join(file),
+            reason,
+        };
+        let key_path = dir.join(PLUGIN_KEY_FILE);
+        warn_if_readable(&key_path);
+        let cert_path = dir.join(PLUGIN_CERT_FILE);
+        let key = parse_key(&read_string(&key_path)?, &key_path)?;
+        let cert_der = pem::parse_certificate(read_string(&cert_path)?.as_bytes())
+            .map_err(|e| invalid(PLUGIN_CERT_FILE, format!("not a PEM certificate: {e}")))?;
+        let chain = read_certificates(&dir.join(PLUGIN_CHAIN_FILE))?;
+        let roots = read_certificates(&dir.join(PLUGIN_ROOT_FILE))?;
+
+        let parse = |file: &str, der| parse_cert(der, &dir.join(file));
+        let signing = parse(PLUGIN_CERT_FILE, &cert_der)?;
+        check_signing_cert(&signing, &key, &cert_path, &key_path)?;
+        check_validity(&signing, &cert_path)?;
+        let roots_parsed = roots
+            .iter()
+            .map(|r| parse(PLUGIN_ROOT_FILE, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        for root in &roots_parsed {
+            if !root.is_ca() {
+                return Err(invalid(
+                    PLUGIN_ROOT_FILE,
+                    format!("{} is not a CA certificate", subject(root)),
+                ));
+            }
+        }
+
+        if chain[0] != cert_der {
+            return Err(invalid(
+                PLUGIN_CHAIN_FILE,
+                format!(
+                    "its first certificate ({}) is not the one of {PLUGIN_CERT_FILE} ({}): \
+                     {PLUGIN_CHAIN_FILE} is {PLUGIN_CERT_FILE} followed by the intermediates \
+                     above it, up to the root",
+                    subject(&parse(PLUGIN_CHAIN_FILE, &chain[0])?),
+                    subject(&signing)
+                ),
+            ));
+        }
+        let parsed = chain
+            .iter()
+            .map(|c| parse(PLUGIN_CHAIN_FILE, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let chain_path = dir.join(PLUGIN_CHAIN_FILE);
+        for (i, cert) in parsed.iter().enumerate() {
+            check_validity(cert, &chain_path)?;
+            if !cert.is_ca() {
+                return Err(invalid(
+                    PLUGIN_CHAIN_FILE,
+                    format!(
+                        "certificate {} ({}) is not a CA certificate",
+                        i + 1,
+                        subject(cert)
+                    ),
+                ));
+            }
+            if let Some(parent) = parsed.get(i + 1)
+                && !issued_by(cert, parent)
+            {
+                return Err(invalid(
+                    PLUGIN_CHAIN_FILE,
+                    format!(
+                        "certificate {} ({}) is not issued by certificate {} ({}): list the \
+                         chain from {PLUGIN_CERT_FILE} up to the root",
+                        i + 1,
+                        subject(cert),
+                        i + 2,
+                        subject(parent)
+                    ),
+                ));
+            }
+        }
+        // The chain ends in a root of the bundle: that root itself, or one that issued its
+        // last certificate (then appended, so that every chain ends with its root).
+        let last = parsed
+            .last()
+            .expect("read_certificates returns one at least");
+        let mut chain_ders = chain.clone();
+        let root_index = match roots.iter().position(|r| *r == chain[chain.len() - 1]) {
+            Some(i) => i,
+            None => {
+                let i = roots_parsed
+                    .iter()
+                    .position(|root| issued_by(last, root))
+                    .ok_or_else(|| {
+                        invalid(
+                            PLUGIN_CHAIN_FILE,
+                            format!(
+                                "does not lead to a root of {PLUGIN_ROOT_FILE}: its last \
+                                 certificate ({}) is issued by {}, which {PLUGIN_ROOT_FILE} does \
+                                 not hold (or whose signature does not verify)",
+                                subject(last),
+                                last.issuer()
+                            ),
+                        )
+                    })?;
+                chain_ders.push(roots[i].clone());
+                i
+            }
+        };
+        let root = &roots_parsed[root_index];
+        check_validity(root, &dir.join(PLUGIN_ROOT_FILE))?;
+        let not_after = parsed
+            .iter()
+            .chain(std::iter::once(root))
+            .map(|c| SystemTime::from(c.validity().not_after.to_datetime()))
+            .min()
+            .expect("at least one certificate");
+        let root_not_after = SystemTime::from(root.validity().not_after.to_datetime());
+
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| {
+            invalid(
+                PLUGIN_CERT_FILE,
+                format!("cannot sign with this certificate: {e}"),
+            )
+        })?;
+        Ok(Self {
+            trust_domain: trust_domain.to_string(),
+            issuer,
+            cert_pem: pem::certificate_pem(&cert_der),
+            chain_pem: chain_ders.iter().map(pem::certificate_pem).collect(),
+            cert_der,
+            trust_bundle_pem: certificates_pem(&roots),
+            not_after,
+            root_not_after,
+            max_ttl: DEFAULT_MAX_TTL,
+        })
+    }
+
+    /// Builds a CA from a self-signed root's PEM texts; the paths only name the sources in
+    /// errors. Its trust bundle is the root alone.
     fn from_pem(
         key_pem: &str,
         key_path: &Path,
@@ -281,39 +483,12 @@ impl RootCa {
             path: path.to_path_buf(),
             reason,
         };
-        let key = KeyPair::from_pem(key_pem).map_err(|e| {
-            invalid(
-                key_path,
-                format!(
-                    "not a usable private key ({e}); a PKCS#8 PEM key (\"BEGIN PRIVATE KEY\") is \
-                     needed: convert with `openssl pkcs8 -topk8 -nocrypt`"
-                ),
-            )
-        })?;
+        let key = parse_key(key_pem, key_path)?;
         let cert_der = pem::parse_certificate(cert_pem.as_bytes())
             .map_err(|e| invalid(cert_path, format!("not a PEM certificate: {e}")))?;
         let (_, cert) = X509Certificate::from_der(&cert_der)
             .map_err(|e| invalid(cert_path, format!("not an X.509 certificate: {e}")))?;
-        match cert.basic_constraints() {
-            Ok(Some(bc)) if bc.value.ca => {}
-            _ => {
-                return Err(invalid(
-                    cert_path,
-                    "not a CA certificate (basicConstraints CA:true)".into(),
-                ));
-            }
-        }
-        if let Ok(Some(ku)) = cert.key_usage()
-            && !ku.value.key_cert_sign()
-        {
-            return Err(invalid(cert_path, "key usage lacks keyCertSign".into()));
-        }
-        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(invalid(
-                cert_path,
-                format!("does not match the private key of {}", key_path.display()),
-            ));
-        }
+        check_signing_cert(&cert, &key, cert_path, key_path)?;
         let not_after = SystemTime::from(cert.validity().not_after.to_datetime());
         if not_after <= SystemTime::now() {
             return Err(invalid(
@@ -328,8 +503,11 @@ impl RootCa {
             trust_domain: trust_domain.to_string(),
             issuer,
             cert_der,
+            chain_pem: vec![cert_pem.clone()],
+            trust_bundle_pem: cert_pem.clone(),
             cert_pem,
             not_after,
+            root_not_after: not_after,
             max_ttl: DEFAULT_MAX_TTL,
         })
     }
@@ -351,23 +529,155 @@ impl RootCa {
         &self.trust_domain
     }
 
-    /// The root certificate (DER).
+    /// The signing certificate (DER): the root, or the plug-in intermediate.
     pub fn certificate(&self) -> &CertificateDer<'static> {
         &self.cert_der
     }
 
-    /// The root certificate (PEM), last in every chain.
+    /// The signing certificate (PEM).
     pub fn certificate_pem(&self) -> &str {
         &self.cert_pem
     }
 
-    /// End of the root's validity; no leaf outlives it.
+    /// What follows a leaf in every chain the CA returns (PEM): the signing certificate's
+    /// chain, the root last.
+    pub fn chain_pem(&self) -> &[String] {
+        &self.chain_pem
+    }
+
+    /// The trust bundle (PEM) agents and waypoints verify peers with.
+    pub fn trust_bundle_pem(&self) -> &str {
+        &self.trust_bundle_pem
+    }
+
+    /// The first end of validity in the signing chain; no leaf outlives it.
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }
 
+    /// The end of the root's validity.
+    pub fn root_not_after(&self) -> SystemTime {
+        self.root_not_after
+    }
+
     pub(super) fn issuer(&self) -> &Issuer<'static, KeyPair> {
         &self.issuer
+    }
+}
+
+/// Warns when a key file is readable by group or others.
+fn warn_if_readable(key_path: &Path) {
+    if let Ok(meta) = fs::metadata(key_path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            path = %key_path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the CA's key is readable by group or others; it should be 0600 (or 0440 with the \
+             group of the CA alone)"
+        );
+    }
+}
+
+/// A signing key from its PEM text (never quoted in errors); `path` names the file.
+fn parse_key(key_pem: &str, path: &Path) -> Result<KeyPair, RootError> {
+    KeyPair::from_pem(key_pem).map_err(|e| RootError::Invalid {
+        path: path.to_path_buf(),
+        reason: format!(
+            "not a usable private key ({e}); a PKCS#8 PEM key (\"BEGIN PRIVATE KEY\") is \
+             needed: convert with `openssl pkcs8 -topk8 -nocrypt`"
+        ),
+    })
+}
+
+/// Checks that `cert` may sign certificates and is `key`'s.
+fn check_signing_cert(
+    cert: &X509Certificate<'_>,
+    key: &KeyPair,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), RootError> {
+    let invalid = |reason: String| RootError::Invalid {
+        path: cert_path.to_path_buf(),
+        reason,
+    };
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        _ => {
+            return Err(invalid(format!(
+                "{} is not a CA certificate (basicConstraints CA:true), so it may not sign \
+                 workload certificates",
+                subject(cert)
+            )));
+        }
+    }
+    if let Ok(Some(ku)) = cert.key_usage()
+        && !ku.value.key_cert_sign()
+    {
+        return Err(invalid(format!(
+            "{}: key usage lacks keyCertSign",
+            subject(cert)
+        )));
+    }
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(invalid(format!(
+            "does not match the private key of {} (the key certifies another public key)",
+            key_path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that `cert` (of the file `path`) is valid now.
+fn check_validity(cert: &X509Certificate<'_>, path: &Path) -> Result<(), RootError> {
+    let now = SystemTime::now();
+    let not_after = SystemTime::from(cert.validity().not_after.to_datetime());
+    let not_before = SystemTime::from(cert.validity().not_before.to_datetime());
+    let problem = if not_after <= now {
+        Some(format!("expired at {}", timefmt::rfc3339(not_after)))
+    } else if not_before > now {
+        Some(format!(
+            "is not valid before {}",
+            timefmt::rfc3339(not_before)
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(RootError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("the certificate {} {problem}", subject(cert)),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Parses the certificate `der` of the file `path`.
+fn parse_cert<'a>(
+    der: &'a CertificateDer<'static>,
+    path: &Path,
+) -> Result<X509Certificate<'a>, RootError> {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c)
+        .map_err(|e| RootError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("not an X.509 certificate: {e}"),
+        })
+}
+
+/// Whether `parent` issued `child`: names chain, and the signature verifies.
+fn issued_by(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> bool {
+    child.issuer().as_raw() == parent.subject().as_raw()
+        && child.verify_signature(Some(parent.public_key())).is_ok()
+}
+
+/// A certificate's subject as messages quote it.
+fn subject(cert: &X509Certificate<'_>) -> String {
+    let name = cert.subject().to_string();
+    if name.is_empty() {
+        "(empty subject)".into()
+    } else {
+        format!("\"{name}\"")
     }
 }
 
@@ -541,5 +851,165 @@ mod tests {
         assert_eq!(add_trusted_roots(&old_bundle, &new_cert).unwrap(), 1);
         assert_eq!(add_trusted_roots(&old_bundle, &new_cert).unwrap(), 0);
         assert_eq!(read_certificates(&old_bundle).unwrap().len(), 2);
+    }
+
+    /// Istio's `cacerts`: an intermediate under an organisation's root signs, its chain follows
+    /// every leaf (root last), the trust bundle is root-cert.pem, and nothing is expired.
+    #[test]
+    fn plugin_certificates_load_as_an_intermediate_under_the_root() {
+        use crate::testing::ca::PluginCerts;
+        let dir = tempfile::tempdir().unwrap();
+        let certs = PluginCerts::new("example.org");
+        certs.write(dir.path());
+        let ca = RootCa::load_dir(dir.path(), Some("example.org")).unwrap();
+        assert_eq!(ca.trust_domain(), "example.org");
+        assert_eq!(ca.certificate_pem(), certs.ca_cert_pem);
+        assert_eq!(
+            ca.chain_pem(),
+            [certs.ca_cert_pem.clone(), certs.root_cert_pem.clone()]
+        );
+        assert_eq!(ca.trust_bundle_pem(), certs.root_cert_pem);
+        // The intermediate ends first (a year), the root later (ten).
+        assert!(ca.not_after() < ca.root_not_after());
+        // Istio's default trust domain when none is given.
+        let ca = RootCa::load_dir(dir.path(), None).unwrap();
+        assert_eq!(ca.trust_domain(), "cluster.local");
+
+        // A cert-chain.pem without the root: the root of root-cert.pem that issued it is added.
+        fs::write(dir.path().join(PLUGIN_CHAIN_FILE), &certs.ca_cert_pem).unwrap();
+        let ca = RootCa::load_dir(dir.path(), None).unwrap();
+        assert_eq!(
+            ca.chain_pem(),
+            [certs.ca_cert_pem.clone(), certs.root_cert_pem.clone()]
+        );
+    }
+
+    /// Bad plug-in certificates are refused with the file and the problem named, and no key
+    /// text in the message.
+    #[test]
+    fn bad_plugin_certificates_are_refused_naming_the_file() {
+        use crate::testing::ca::PluginCerts;
+        let certs = PluginCerts::new("example.org");
+        let other = PluginCerts::new("elsewhere.org");
+        let (_, leaf) = certs.intermediate(|p| p.is_ca = IsCa::ExplicitNoCa);
+        let (expired_key, expired) = certs.intermediate(|p| {
+            let now = SystemTime::now();
+            p.not_before = (now - Duration::from_secs(7200)).into();
+            p.not_after = (now - Duration::from_secs(3600)).into();
+        });
+        let (future_key, future) = certs.intermediate(|p| {
+            p.not_before = (SystemTime::now() + Duration::from_secs(86400)).into();
+        });
+        let chain = |cert: &str| format!("{cert}{}", certs.root_cert_pem);
+        type Change = Vec<(&'static str, String)>;
+        let cases: Vec<(&str, Change, &str, &str)> = vec![
+            (
+                "a key that is not the certificate's",
+                vec![(PLUGIN_KEY_FILE, other.ca_key_pem.clone())],
+                PLUGIN_CERT_FILE,
+                "does not match the private key of",
+            ),
+            (
+                "a key that is no key",
+                vec![(
+                    PLUGIN_KEY_FILE,
+                    "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----\n".into(),
+                )],
+                PLUGIN_KEY_FILE,
+                "not a usable private key",
+            ),
+            (
+                "a ca-cert.pem that is not a CA",
+                vec![
+                    (PLUGIN_CERT_FILE, leaf.clone()),
+                    (PLUGIN_CHAIN_FILE, chain(&leaf)),
+                ],
+                PLUGIN_CERT_FILE,
+                "is not a CA certificate",
+            ),
+            (
+                "an expired intermediate",
+                vec![
+                    (PLUGIN_CERT_FILE, expired.clone()),
+                    (PLUGIN_KEY_FILE, expired_key),
+                    (PLUGIN_CHAIN_FILE, chain(&expired)),
+                ],
+                PLUGIN_CERT_FILE,
+                "expired at",
+            ),
+            (
+                "an intermediate not valid yet",
+                vec![
+                    (PLUGIN_CERT_FILE, future.clone()),
+                    (PLUGIN_KEY_FILE, future_key),
+                    (PLUGIN_CHAIN_FILE, chain(&future)),
+                ],
+                PLUGIN_CERT_FILE,
+                "is not valid before",
+            ),
+            (
+                "a chain that does not start with ca-cert.pem",
+                vec![(PLUGIN_CHAIN_FILE, certs.root_cert_pem.clone())],
+                PLUGIN_CHAIN_FILE,
+                "is not the one of ca-cert.pem",
+            ),
+            (
+                "a chain to another organisation's root",
+                vec![
+                    (PLUGIN_ROOT_FILE, other.root_cert_pem.clone()),
+                    (PLUGIN_CHAIN_FILE, certs.ca_cert_pem.clone()),
+                ],
+                PLUGIN_CHAIN_FILE,
+                "does not lead to a root of root-cert.pem",
+            ),
+            (
+                "a chain whose links do not sign each other",
+                vec![(
+                    PLUGIN_CHAIN_FILE,
+                    chain(&certs.ca_cert_pem).replace(&certs.root_cert_pem, &other.root_cert_pem),
+                )],
+                PLUGIN_CHAIN_FILE,
+                "is not issued by certificate 2",
+            ),
+            (
+                "no root-cert.pem content",
+                vec![(PLUGIN_ROOT_FILE, "nothing here\n".into())],
+                PLUGIN_ROOT_FILE,
+                "holds no PEM certificate",
+            ),
+        ];
+        for (what, changes, file, needle) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            certs.write(dir.path());
+            for (name, text) in &changes {
+                fs::write(dir.path().join(name), text).unwrap();
+            }
+            let err = match RootCa::load_dir(dir.path(), None) {
+                Ok(_) => panic!("{what}: accepted"),
+                Err(e) => e.to_string(),
+            };
+            let path = dir.path().join(file).display().to_string();
+            assert!(
+                err.starts_with(&format!("{path}: ")) && err.contains(needle),
+                "{what}: {err}"
+            );
+            // No PEM text quoted (a key's base64, like a certificate's, starts with MII).
+            assert!(!err.contains("MII"), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_trust_domain_flag_must_match_the_ca_it_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), "example.org", None).unwrap();
+        assert!(RootCa::load_dir(dir.path(), Some("example.org")).is_ok());
+        let err = RootCa::load_dir(dir.path(), Some("cluster.local"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("ca.yaml: the CA was made for trust domain \"example.org\", but --trust-domain is \"cluster.local\""),
+            "{err}"
+        );
     }
 }

@@ -33,7 +33,10 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, SystemTime},
 };
@@ -63,9 +66,10 @@ use tonic::{
 use tracing::{debug, info, warn};
 
 use super::{
-    RootCa,
+    Principal, RootCa,
     guard::{RefusalLog, peer_key},
-    kube::{KubeAuthOptions, KubeAuthority},
+    kube::{KubeAuthError, KubeAuthOptions, KubeAuthority},
+    metrics::{CaMetrics, CallerKind},
     sign::{Csr, RequestedName, SignError, cut, shown},
 };
 use crate::{
@@ -78,7 +82,9 @@ use crate::{
         },
         pem,
     },
+    limits::{LimitSettings, Limits, Path as LimitPath, http},
     state::MeshState,
+    telemetry::Metrics,
 };
 
 /// Lifetime of the CA's own TLS certificate; it is re-issued (in memory) at half-life.
@@ -120,6 +126,11 @@ pub struct ServeOptions {
     pub max_ttl: Duration,
     /// Names (DNS or IP) of the CA's serving certificate.
     pub server_names: Vec<String>,
+    /// The trust domain to sign for: required by a directory of Istio's plug-in files (which
+    /// say none), and checked against `ca.yaml` in one of `ambit ca init`'s.
+    pub trust_domain: Option<String>,
+    /// Where to serve `GET /ready` and `GET /metrics` (plain HTTP); `None`: not served.
+    pub monitoring: Option<SocketAddr>,
 }
 
 /// Why a tokens file was rejected.
@@ -258,38 +269,110 @@ struct Authority {
     ca: Arc<RootCa>,
     policy: Policy,
     refusals: RefusalLog,
+    metrics: Arc<CaMetrics>,
+    /// Whether the gRPC service is accepting (from `run_until`'s start to its shutdown).
+    serving: AtomicBool,
+}
+
+/// A refused request: the status sent back, and the reason counted
+/// (`ambit_ca_certificates_refused_total{reason}`, one of
+/// [`super::metrics::REFUSAL_REASONS`]).
+struct Refusal {
+    status: Status,
+    reason: &'static str,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, status: Status) -> Self {
+        Self { status, reason }
+    }
+
+    /// A request whose credential is missing or unknown.
+    fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new("unauthenticated", Status::unauthenticated(message))
+    }
+
+    /// A request that is malformed (CSR, identity).
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new("invalid_request", Status::invalid_argument(message))
+    }
+}
+
+impl From<KubeAuthError> for Refusal {
+    fn from(e: KubeAuthError) -> Self {
+        Self::new(e.reason(), e.into())
+    }
+}
+
+impl From<SignError> for Refusal {
+    fn from(e: SignError) -> Self {
+        match e {
+            SignError::MalformedCsr(_)
+            | SignError::BadCsrSignature
+            | SignError::UnsupportedKey(_) => Self::invalid(e.to_string()),
+            SignError::ForeignTrustDomain { .. } => Self::new(
+                "foreign_trust_domain",
+                Status::permission_denied(e.to_string()),
+            ),
+            SignError::RootExpired | SignError::Signing(_) => {
+                Self::new("signing_failed", Status::internal(e.to_string()))
+            }
+        }
+    }
 }
 
 /// The bearer token of `metadata`'s `authorization` entry; `what` names the token expected, for
 /// the refusal.
-fn bearer_token<'m>(metadata: &'m MetadataMap, what: &str) -> Result<&'m str, Status> {
+fn bearer_token<'m>(metadata: &'m MetadataMap, what: &str) -> Result<&'m str, Refusal> {
     let value = metadata.get("authorization").ok_or_else(|| {
-        Status::unauthenticated(format!(
+        Refusal::unauthenticated(format!(
             "missing credential: send metadata `authorization: Bearer <{what}>`"
         ))
     })?;
     let value = value
         .to_str()
-        .map_err(|_| Status::unauthenticated("the authorization metadata is not ASCII"))?;
+        .map_err(|_| Refusal::unauthenticated("the authorization metadata is not ASCII"))?;
     match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
-        _ => Err(Status::unauthenticated(format!(
+        _ => Err(Refusal::unauthenticated(format!(
             "the authorization metadata is not `Bearer <{what}>`"
         ))),
     }
 }
 
 impl Authority {
-    /// The node of the caller at `peer`.
-    async fn authenticate(&self, metadata: &MetadataMap, peer: IpAddr) -> Result<String, Status> {
+    /// `Ok` when a request made now could be signed: the service accepts, the signing chain is
+    /// valid, and (Kubernetes mode) the pods are listed; else what is missing. `GET /ready`.
+    fn readiness(&self) -> Result<(), String> {
+        if !self.serving.load(Ordering::SeqCst) {
+            return Err("the signing service is not accepting connections".into());
+        }
+        if self.ca.not_after() <= SystemTime::now() {
+            return Err(format!(
+                "the signing chain expired at {}",
+                crate::timefmt::rfc3339(self.ca.not_after())
+            ));
+        }
+        if let Policy::Kube(kube) = &self.policy {
+            kube.ready().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Who the caller at `peer` is.
+    async fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        peer: IpAddr,
+    ) -> Result<Principal, Refusal> {
         match &self.policy {
             Policy::Files { tokens, .. } => {
                 let token = bearer_token(metadata, "node token")?;
                 let tokens = Arc::clone(&tokens.borrow());
                 tokens
                     .node_for(token)
-                    .map(str::to_string)
-                    .ok_or_else(|| Status::unauthenticated("unknown bootstrap token"))
+                    .map(|node| Principal::Node(node.to_string()))
+                    .ok_or_else(|| Refusal::unauthenticated("unknown bootstrap token"))
             }
             Policy::Kube(kube) => {
                 // Nothing can be checked before the pods are listed: say so before spending a
@@ -301,32 +384,41 @@ impl Authority {
         }
     }
 
-    fn authorize(&self, node: &str, identity: &SpiffeId) -> Result<(), Status> {
+    fn authorize(&self, principal: &Principal, identity: &SpiffeId) -> Result<(), Refusal> {
         if identity.trust_domain != self.ca.trust_domain() {
-            return Err(Status::permission_denied(format!(
-                "node {node} may not get a certificate for {identity}: this CA signs only \
-                 trust domain {}",
-                self.ca.trust_domain()
-            )));
+            return Err(Refusal::new(
+                "foreign_trust_domain",
+                Status::permission_denied(format!(
+                    "{principal} may not get a certificate for {identity}: this CA signs only \
+                     trust domain {}",
+                    self.ca.trust_domain()
+                )),
+            ));
         }
         match &self.policy {
             Policy::Files { mesh, .. } => {
+                let Principal::Node(node) = principal else {
+                    unreachable!("standalone mode authenticates nodes only")
+                };
                 let mesh = Arc::clone(&mesh.borrow());
                 let placed = mesh.workloads_on_node(node).any(|w| {
                     w.namespace == identity.namespace
                         && w.service_account == identity.service_account
                 });
                 if !placed {
-                    return Err(Status::permission_denied(format!(
-                        "node {node} may not get a certificate for {identity}: the mesh file \
-                         places no workload of namespace {} with service account {} on node \
-                         {node}",
-                        identity.namespace, identity.service_account
-                    )));
+                    return Err(Refusal::new(
+                        "not_placed",
+                        Status::permission_denied(format!(
+                            "node {node} may not get a certificate for {identity}: the mesh \
+                             file places no workload of namespace {} with service account {} on \
+                             node {node}",
+                            identity.namespace, identity.service_account
+                        )),
+                    ));
                 }
                 Ok(())
             }
-            Policy::Kube(kube) => Ok(kube.authorize(node, identity)?),
+            Policy::Kube(kube) => Ok(kube.authorize(principal, identity)?),
         }
     }
 
@@ -334,29 +426,19 @@ impl Authority {
         &self,
         request: Request<IstioCertificateRequest>,
         peer: IpAddr,
-        node: &mut Option<String>,
+        principal: &mut Option<Principal>,
         identity: &mut Option<SpiffeId>,
-    ) -> Result<Vec<String>, Status> {
-        *node = Some(self.authenticate(request.metadata(), peer).await?);
-        let node = node.as_deref().unwrap_or_default();
+    ) -> Result<Vec<String>, Refusal> {
+        let caller = self.authenticate(request.metadata(), peer).await?;
+        let caller = principal.insert(caller);
         let request = request.into_inner();
-        let csr = Csr::parse(&request.csr).map_err(sign_status)?;
-        let id = identity_asked(&request, &csr)?;
+        let csr = Csr::parse(&request.csr)?;
+        let id = identity_asked(&request, &csr)
+            .map_err(|status| Refusal::new("invalid_request", status))?;
         *identity = Some(id.clone());
-        self.authorize(node, &id)?;
+        self.authorize(caller, &id)?;
         let ttl = Duration::from_secs(u64::try_from(request.validity_duration).unwrap_or(0));
-        self.ca.sign_csr(&csr, &id, ttl).map_err(sign_status)
-    }
-}
-
-/// The gRPC status of a signing error.
-fn sign_status(e: SignError) -> Status {
-    match e {
-        SignError::MalformedCsr(_) | SignError::BadCsrSignature | SignError::UnsupportedKey(_) => {
-            Status::invalid_argument(e.to_string())
-        }
-        SignError::ForeignTrustDomain { .. } => Status::permission_denied(e.to_string()),
-        SignError::RootExpired | SignError::Signing(_) => Status::internal(e.to_string()),
+        Ok(self.ca.sign_csr(&csr, &id, ttl)?)
     }
 }
 
@@ -429,32 +511,39 @@ impl IstioCertificateService for Authority {
         let remote = request.remote_addr();
         let peer = remote.map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let peer_ip = peer_key(remote.map(|a| a.ip()));
-        let (mut node, mut identity) = (None, None);
+        let (mut principal, mut identity) = (None, None);
         let result = self
-            .handle(request, peer_ip, &mut node, &mut identity)
+            .handle(request, peer_ip, &mut principal, &mut identity)
             .await;
-        let node = node.as_deref().unwrap_or("(unauthenticated)");
+        let caller = principal
+            .as_ref()
+            .map_or_else(|| "(unauthenticated)".to_string(), ToString::to_string);
         // Both may hold a client's text: cut, so that no request makes a line of megabytes.
         let identity =
             identity.map_or_else(|| "(none)".to_string(), |i| shown(&i.to_string()).into());
         match result {
             Ok(chain) => {
-                info!(%peer, node, %identity, "certificate signed");
+                self.metrics.signed(match principal {
+                    Some(Principal::Workload { .. }) => CallerKind::Workload,
+                    _ => CallerKind::Node,
+                });
+                info!(%peer, %caller, %identity, "certificate signed");
                 Ok(Response::new(IstioCertificateResponse {
                     cert_chain: chain,
                 }))
             }
-            Err(status) => {
+            Err(Refusal { status, reason }) => {
+                self.metrics.refused(reason);
                 // A hostile client must not flood the log: one line per address and interval,
                 // counting the refusals not logged since its previous one.
                 let message = cut(status.message(), LOGGED_MESSAGE_MAX);
                 match self.refusals.admit(peer_ip) {
                     Some(suppressed) => warn!(
-                        %peer, node, %identity, code = ?status.code(), suppressed,
+                        %peer, %caller, %identity, code = ?status.code(), reason, suppressed,
                         "certificate refused: {message}"
                     ),
                     None => debug!(
-                        %peer, node, %identity, code = ?status.code(),
+                        %peer, %caller, %identity, code = ?status.code(), reason,
                         "certificate refused: {message}"
                     ),
                 }
@@ -505,10 +594,15 @@ impl ServingCert {
         let (chain, key) = ca
             .issue_server_certificate(names, SERVING_CERT_TTL)
             .context("cannot issue the CA's serving certificate (check --server-name)")?;
-        let leaf = pem::parse_certificate(chain[0].as_bytes())
+        // The leaf and any intermediates (a plug-in CA's): clients hold the root.
+        let presented = chain
+            .iter()
+            .take(chain.len().saturating_sub(1).max(1))
+            .map(|text| pem::parse_certificate(text.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
             .context("the serving certificate is not PEM")?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let certified = CertifiedKey::from_der(vec![leaf], key, provider)
+        let certified = CertifiedKey::from_der(presented, key, provider)
             .context("cannot load the serving key")?;
         Ok((
             Arc::new(certified),
@@ -599,6 +693,9 @@ pub struct CaServer {
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     authority: Arc<Authority>,
+    /// The monitoring endpoint's listener (`--monitoring-addr`), if any.
+    monitoring: Option<TcpListener>,
+    registry: Arc<Metrics>,
     _watchers: Vec<AbortOnDrop>,
 }
 
@@ -618,11 +715,16 @@ impl CaServer {
     /// `UNAVAILABLE` until it has listed); binds the listening socket.
     pub async fn start(options: ServeOptions) -> anyhow::Result<Self> {
         let dir = options.dir.clone();
-        let ca = tokio::task::spawn_blocking(move || RootCa::load(&dir))
-            .await
-            .context("CA load task failed")??
-            .with_max_ttl(options.max_ttl);
+        let trust_domain = options.trust_domain.clone();
+        let ca =
+            tokio::task::spawn_blocking(move || RootCa::load_dir(&dir, trust_domain.as_deref()))
+                .await
+                .context("CA load task failed")??
+                .with_max_ttl(options.max_ttl);
         let ca = Arc::new(ca);
+        let registry = Arc::new(Metrics::new());
+        let metrics = Arc::new(CaMetrics::new(&registry).context("registering the CA's metrics")?);
+        metrics.set_expiries(ca.not_after(), ca.root_not_after());
 
         let (policy, watchers) = match &options.auth {
             AuthMode::Files {
@@ -630,11 +732,13 @@ impl CaServer {
                 tokens_file,
             } => files_policy(mesh_file, tokens_file).await?,
             AuthMode::Kube(kube) => {
-                let (authority, pods_task) = KubeAuthority::start((**kube).clone());
+                let (authority, pods_task) =
+                    KubeAuthority::start((**kube).clone(), Arc::clone(&metrics));
                 info!(
                     audience = %kube.audience,
                     agent_service_account = %kube.agent_service_account,
-                    "authenticating agents by TokenReview; placement from the cluster's pods"
+                    "authenticating callers by TokenReview: agents for their node's pods, other \
+                     service accounts for their own identity"
                 );
                 (
                     Policy::Kube(Box::new(authority)),
@@ -659,10 +763,20 @@ impl CaServer {
         let listener = TcpListener::bind(options.listen)
             .await
             .with_context(|| format!("cannot listen on {}", options.listen))?;
+        let monitoring = match options.monitoring {
+            Some(addr) => Some(
+                http::bind(addr)
+                    .await
+                    .context("the monitoring endpoint (--monitoring-addr)")?,
+            ),
+            None => None,
+        };
         info!(
             listen = %listener.local_addr()?,
+            monitoring = ?monitoring.as_ref().and_then(|l| l.local_addr().ok()),
             trust_domain = ca.trust_domain(),
             max_ttl = ?ca.max_ttl(),
+            signs_until = %crate::timefmt::rfc3339(ca.not_after()),
             server_names = ?options.server_names,
             "CA serving"
         );
@@ -673,9 +787,23 @@ impl CaServer {
                 ca,
                 policy,
                 refusals: RefusalLog::default(),
+                metrics,
+                serving: AtomicBool::new(false),
             }),
+            monitoring,
+            registry,
             _watchers: watchers,
         })
+    }
+
+    /// The trust bundle (PEM) of the CA: what agents and waypoints must trust.
+    pub fn trust_bundle_pem(&self) -> &str {
+        self.authority.ca.trust_bundle_pem()
+    }
+
+    /// The monitoring endpoint's address, if it serves one (useful with port 0).
+    pub fn monitoring_addr(&self) -> Option<SocketAddr> {
+        self.monitoring.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The address the CA listens on (useful with port 0).
@@ -688,7 +816,29 @@ impl CaServer {
     /// Serves until `shutdown` completes, then stops accepting, lets calls in flight finish and
     /// closes every connection.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let monitoring = self.monitoring.map(|listener| {
+            let (authority, registry) = (Arc::clone(&self.authority), self.registry);
+            // Its own small budget: kubelet's probes and Prometheus, nothing else.
+            let descriptors = crate::limits::nofile_limit().map_or(1024, |n| n.soft);
+            let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(descriptors)));
+            AbortOnDrop(tokio::spawn(async move {
+                let served = http::serve(listener, LimitPath::Metrics, limits, move |req| {
+                    monitoring_route(&authority, &registry, req)
+                })
+                .await;
+                if let Err(e) = served {
+                    warn!("the monitoring endpoint stopped: {e:#}");
+                }
+            }))
+        });
         let (conn_tx, conn_rx) = mpsc::channel::<Result<TlsConn, io::Error>>(16);
+        let authority = Arc::clone(&self.authority);
+        let shutdown = async move {
+            shutdown.await;
+            // Out of the Service's endpoints at once: no new caller should pick this replica.
+            authority.serving.store(false, Ordering::SeqCst);
+        };
+        self.authority.serving.store(true, Ordering::SeqCst);
         let accept = AbortOnDrop(tokio::spawn(accept_loop(
             self.listener,
             TlsAcceptor::from(self.tls),
@@ -703,8 +853,29 @@ impl CaServer {
             .await
             .context("CA server failed");
         drop(accept);
+        drop(monitoring);
         result
     }
+}
+
+/// The monitoring endpoint: `GET /ready` (200 `ready` once a request made now could be signed,
+/// else 503 and why: kubelet's readiness probe) and `GET /metrics`.
+fn monitoring_route(
+    authority: &Authority,
+    registry: &Metrics,
+    req: &hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    if req.method() == hyper::Method::GET && req.uri().path() == "/ready" {
+        return match authority.readiness() {
+            Ok(()) => http::text(hyper::StatusCode::OK, "ready\n"),
+            Err(why) => http::text(
+                hyper::StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        };
+    }
+    http::metrics_route(registry, req)
+        .unwrap_or_else(|| http::text(hyper::StatusCode::NOT_FOUND, "not found\n"))
 }
 
 /// Standalone mode's policy: loads both files (each must load: the CA does not start on a

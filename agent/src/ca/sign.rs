@@ -221,8 +221,9 @@ pub fn workload_leaf(
 impl RootCa {
     /// Signs `csr_pem` as a leaf for `identity`, valid from one minute ago until `ttl` from now
     /// (`ttl` capped by [`RootCa::max_ttl`], zero meaning the maximum, and never past the
-    /// root's own expiry). Returns the chain as PEM: the leaf first, the root last. The leaf is
-    /// [`workload_leaf`]'s.
+    /// signing chain's own expiry). Returns the chain as PEM: the leaf first, then the signing
+    /// certificate's chain (for a plug-in intermediate: the intermediate, any above it), the
+    /// root last. The leaf is [`workload_leaf`]'s.
     pub fn sign(
         &self,
         csr_pem: &str,
@@ -258,7 +259,9 @@ impl RootCa {
         }
 
         let leaf = workload_leaf(public_key, identity, not_after, self.issuer())?;
-        Ok(vec![leaf.pem(), self.certificate_pem().to_string()])
+        Ok(std::iter::once(leaf.pem())
+            .chain(self.chain_pem().iter().cloned())
+            .collect())
     }
 
     /// Issues the CA's own TLS serving certificate for `names` (DNS names or IP addresses),
@@ -283,7 +286,10 @@ impl RootCa {
         params.not_after = (now + ttl).min(self.not_after()).into();
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, self.issuer())?;
-        Ok((vec![cert.pem(), self.certificate_pem().to_string()], key))
+        let chain = std::iter::once(cert.pem())
+            .chain(self.chain_pem().iter().cloned())
+            .collect();
+        Ok((chain, key))
     }
 }
 

@@ -31,13 +31,25 @@ use crate::{
     },
 };
 
+mod gateway_routes;
 mod l7;
+mod resilience;
 mod routing;
 mod security;
+mod traffic_policy;
 
+pub use self::gateway_routes::{
+    CheckedGatewayRoute, GATEWAY_API_VERSION, GatewayKind, GatewayProblem, GatewayReason,
+    GatewayRouteFile, ParentOutcome,
+};
+pub(crate) use self::gateway_routes::{gateway_route, merge as merge_gateway_routes};
 pub use self::l7::{
     ClaimToHeaderFile, JwtHeaderFile, JwtRuleFile, L7_CONDITION_KEYS, MAX_JWKS_BYTES,
     RequestAuthenticationFile, parse_jwks, request_authentication, target_refs, waypoint_policy,
+};
+pub use self::resilience::{
+    FaultAbortFile, FaultDelayFile, GrpcStatusFile, HttpFaultInjectionFile, HttpMirrorPolicyFile,
+    HttpRetryFile, PercentFile,
 };
 pub use self::routing::{
     DestinationFile, DestinationRuleFile, DestinationRuleSpecFile, HttpMatchRequestFile,
@@ -51,6 +63,9 @@ pub use self::security::{
     AuthorizationPolicyFile, CONDITION_KEYS, ConditionFile, FromFile, OperationFile,
     PeerAuthenticationFile, PolicyError, RuleFile, SelectorFile, SourceFile, TargetRefFile, ToFile,
     authorization_policy, peer_auth_mode, workload_selector,
+};
+pub use self::traffic_policy::{
+    ConnectionPoolFile, HttpSettingsFile, OutlierDetectionFile, TcpSettingsFile,
 };
 
 /// The whole mesh file.
@@ -85,6 +100,12 @@ pub struct MeshFile {
     /// Subsets for waypoints' routes: Istio DestinationRules in `networking.ambit.dev/v1`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub destination_rules: Vec<DestinationRuleFile>,
+    /// HTTP routing for waypoints: Gateway API HTTPRoutes whose parents are Services (GAMMA).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub http_routes: Vec<GatewayRouteFile>,
+    /// gRPC routing for waypoints: Gateway API GRPCRoutes whose parents are Services (GAMMA).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub grpc_routes: Vec<GatewayRouteFile>,
 }
 
 /// The `redirect` section.
@@ -380,7 +401,24 @@ impl Validator<'_> {
             waypoint,
             self.request_authentications(&file.request_authentications)?,
         ));
-        let routes = self.routes(&file.virtual_services, &file.destination_rules, &services)?;
+        let mut routes = self.routes(&file.virtual_services, &file.destination_rules, &services)?;
+        let gateway = self.gateway_routes(
+            &file.http_routes,
+            &file.grpc_routes,
+            &known_services(&services),
+        )?;
+        for (uid, service_routes) in gateway {
+            if let Some(virtual_service) = routes.by_service.get(&uid) {
+                return Err(self.invalid(
+                    "httpRoutes",
+                    format!(
+                        "service {uid} is routed by {} and by {}: route a service with                          Gateway API routes or a VirtualService, not both",
+                        service_routes.source, virtual_service.source
+                    ),
+                ));
+            }
+            routes.by_service.insert(uid, service_routes);
+        }
         Ok(MeshState::new(redirect, workloads, services)
             .with_trust_domain(trust_domain)
             .with_policies(policies)

@@ -25,6 +25,7 @@
 //!
 //! The defaults and the metrics are in docs/operations.md ("Limits").
 mod accept;
+pub mod http;
 mod limiter;
 pub mod metrics;
 mod nofile;

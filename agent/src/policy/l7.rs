@@ -187,7 +187,10 @@ impl WaypointPolicy {
     }
 
     fn matches(&self, request: &View<'_>) -> bool {
-        self.rules.iter().any(|rule| request.matches_rule(rule))
+        let deny = self.action == Action::Deny;
+        self.rules
+            .iter()
+            .any(|rule| request.matches_rule(rule, deny))
     }
 }
 
@@ -426,16 +429,44 @@ impl WaypointPolicies {
     /// denies; otherwise, when no ALLOW policy applies the request is allowed, and when some
     /// do, one of them must match. Dry-run policies only report.
     pub fn authorize(&self, at: &Attachment<'_>, request: &RequestInfo<'_>) -> L7Decision {
-        let view = View::new(request);
+        self.decide_at(at, &View::new(request, false))
+    }
+
+    /// Decides whether an opaque TCP connection (not HTTP: only its L4 side is known) may
+    /// pass at `at`, with Istio's semantics for TCP traffic: an HTTP-only field keeps an ALLOW
+    /// rule from matching and is ignored in a DENY rule.
+    pub fn authorize_opaque(
+        &self,
+        at: &Attachment<'_>,
+        src_ip: IpAddr,
+        src_identity: &SpiffeId,
+        dst: std::net::SocketAddr,
+    ) -> L7Decision {
+        let headers = HeaderMap::new();
+        let connection = RequestInfo {
+            src_ip,
+            src_identity: Some(src_identity),
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+            method: "",
+            path: "",
+            host: "",
+            headers: &headers,
+            auth: None,
+        };
+        self.decide_at(at, &View::new(&connection, true))
+    }
+
+    fn decide_at(&self, at: &Attachment<'_>, view: &View<'_>) -> L7Decision {
         let (enforced, dry_run): (Vec<_>, Vec<_>) = self
             .authorizations
             .iter()
             .filter(|p| p.applies(at))
             .partition(|p| !p.dry_run);
-        let (allowed, reason) = decide(&enforced, &view);
+        let (allowed, reason) = decide(&enforced, view);
         let dry_run = (!dry_run.is_empty()).then(|| {
             let all: Vec<_> = enforced.iter().chain(&dry_run).copied().collect();
-            decide(&all, &view)
+            decide(&all, view)
         });
         L7Decision {
             allowed,
@@ -468,10 +499,12 @@ struct View<'a> {
     conn: ConnView<'a>,
     request: &'a RequestInfo<'a>,
     host: String,
+    /// Opaque TCP: the HTTP-only fields cannot be evaluated ([`View::http_only`]).
+    opaque: bool,
 }
 
 impl<'a> View<'a> {
-    fn new(request: &'a RequestInfo<'a>) -> Self {
+    fn new(request: &'a RequestInfo<'a>, opaque: bool) -> Self {
         Self {
             conn: ConnView::of(
                 request.src_ip,
@@ -481,37 +514,64 @@ impl<'a> View<'a> {
             ),
             request,
             host: request.host.to_ascii_lowercase(),
+            opaque,
         }
     }
 
-    fn matches_rule(&self, rule: &L7Rule) -> bool {
-        (rule.from.is_empty() || rule.from.iter().any(|s| self.matches_source(s)))
-            && (rule.to.is_empty() || rule.to.iter().any(|o| self.matches_operation(o)))
-            && rule.when.iter().all(|c| self.matches_condition(c))
+    /// Whether `rule` matches; `deny`: the rule is a DENY policy's.
+    fn matches_rule(&self, rule: &L7Rule, deny: bool) -> bool {
+        (rule.from.is_empty() || rule.from.iter().any(|s| self.matches_source(s, deny)))
+            && (rule.to.is_empty() || rule.to.iter().any(|o| self.matches_operation(o, deny)))
+            && rule.when.iter().all(|c| self.matches_condition(c, deny))
     }
 
-    fn matches_source(&self, source: &L7Source) -> bool {
+    /// An HTTP-only constraint (`constrained`: the field is set), `holds` on a request. On
+    /// opaque TCP it cannot be evaluated, so, as Istio does for TCP traffic, it does not hold
+    /// in an ALLOW rule (the rule never matches) and is ignored in a DENY rule (the rule
+    /// denies on its other fields): a client cannot dodge a DENY by not speaking HTTP.
+    fn http_only(&self, constrained: bool, deny: bool, holds: impl FnOnce() -> bool) -> bool {
+        match (constrained, self.opaque) {
+            (false, _) => true,
+            (true, true) => deny,
+            (true, false) => holds(),
+        }
+    }
+
+    fn matches_source(&self, source: &L7Source, deny: bool) -> bool {
+        let principals = &source.request_principals;
         self.conn.matches_source(&source.peer)
-            && self.request_principal_in(&source.request_principals)
+            && self.http_only(!principals.is_empty(), deny, || {
+                self.request_principal_in(principals)
+            })
             && source
                 .remote_ip_blocks
                 .matches(|net| net.contains(&self.conn.src_ip))
     }
 
-    fn matches_operation(&self, operation: &L7Operation) -> bool {
-        operation.hosts.matches(|p| p.matches(&self.host))
-            && operation
-                .methods
-                .matches(|p| p.matches(self.request.method))
-            && operation.paths.matches(|p| p.matches(self.request.path))
-            && self.conn.port_in(&operation.ports)
+    fn matches_operation(&self, operation: &L7Operation, deny: bool) -> bool {
+        let (hosts, methods, paths) = (&operation.hosts, &operation.methods, &operation.paths);
+        self.http_only(!hosts.is_empty(), deny, || {
+            hosts.matches(|p| p.matches(&self.host))
+        }) && self.http_only(!methods.is_empty(), deny, || {
+            methods.matches(|p| p.matches(self.request.method))
+        }) && self.http_only(!paths.is_empty(), deny, || {
+            paths.matches(|p| p.matches(self.request.path))
+        }) && self.conn.port_in(&operation.ports)
     }
 
-    fn matches_condition(&self, condition: &L7Condition) -> bool {
-        let auth = self.request.auth;
+    fn matches_condition(&self, condition: &L7Condition, deny: bool) -> bool {
         match condition {
             L7Condition::Connection(c) => self.conn.matches_condition(c),
             L7Condition::RemoteIp(m) => m.matches(|net| net.contains(&self.conn.src_ip)),
+            http => self.http_only(true, deny, || self.matches_request_condition(http)),
+        }
+    }
+
+    /// A `request.*` condition (HTTP-only).
+    fn matches_request_condition(&self, condition: &L7Condition) -> bool {
+        let auth = self.request.auth;
+        match condition {
+            L7Condition::Connection(_) | L7Condition::RemoteIp(_) => false,
             L7Condition::RequestHeader { name, values } => {
                 let joined = self
                     .request

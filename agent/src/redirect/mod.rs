@@ -9,6 +9,7 @@
 //! The agent's own sockets are exempt from redirection by the agent's cgroup ([`own_cgroup`]),
 //! which a pod cannot join, rather than by a socket mark, which any process with CAP_NET_RAW
 //! can set.
+mod link;
 pub mod metrics;
 mod preflight;
 
@@ -229,13 +230,12 @@ impl Redirector {
         pin_replacing(link, &self.pod_pin(netns.cookie()))
     }
 
-    /// Stops steering a pod's inbound TCP: its sk_lookup link goes.
+    /// Stops steering a pod's inbound TCP: its sk_lookup link is detached before this returns,
+    /// so the next connection to the pod reaches the pod's own listeners.
     pub fn detach_inbound(&self, netns_cookie: u64) {
         let pin = self.pod_pin(netns_cookie);
-        if let Err(err) = fs::remove_file(&pin)
-            && err.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(pin = %pin.display(), %err, "could not remove sk_lookup link");
+        if let Err(err) = link::detach_and_unpin(&pin) {
+            warn!(pin = %pin.display(), %err, "could not detach sk_lookup link");
         }
     }
 
@@ -648,7 +648,12 @@ pub fn uninstall(bpffs: &Path) -> anyhow::Result<()> {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            fs::remove_file(&path).with_context(|| format!("removing pin {}", path.display()))?;
+            if sub == "maps" {
+                fs::remove_file(&path)
+            } else {
+                link::detach_and_unpin(&path)
+            }
+            .with_context(|| format!("removing pin {}", path.display()))?;
             debug!(pin = %path.display(), "unpinned");
         }
         fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;

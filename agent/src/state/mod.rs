@@ -21,7 +21,9 @@ use serde::{Serialize, ser::SerializeStruct};
 
 use crate::netns::NetnsRef;
 
+pub mod resilience;
 pub mod routes;
+pub mod upstream;
 pub use self::routes::RouteTable;
 use crate::policy::{AuthorizationPolicy, DEFAULT_TRUST_DOMAIN, PeerAuthMode, PolicySet};
 

@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use serde::Serialize;
 
-use super::WaypointRef;
+use super::{WaypointRef, resilience::RouteResilience, upstream::UpstreamPolicy};
 
 /// The routes of every service that has some, by service (`namespace/name`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -21,6 +21,10 @@ pub struct RouteTable {
     /// `trafficPolicy.loadBalancer`); absent: round robin.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub load_balancers: BTreeMap<String, LoadBalancer>,
+    /// Service uid to the connection pool and outlier detection of its endpoints (a
+    /// DestinationRule's `trafficPolicy`); absent: Istio's defaults, no outlier detection.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstream: BTreeMap<String, UpstreamPolicy>,
 }
 
 impl RouteTable {
@@ -38,6 +42,29 @@ impl RouteTable {
             .and_then(|s| s.load_balancer.as_ref())
             .or_else(|| self.load_balancers.get(&format!("{}", destination.service)))
             .unwrap_or(&LoadBalancer::RoundRobin)
+    }
+
+    /// The connection pool and outlier detection of `destination`: its subset's, field by
+    /// field over its service's (Istio's merge of a subset's `trafficPolicy`).
+    pub fn upstream_policy(&self, destination: &RouteDestination) -> UpstreamPolicy {
+        let service = self
+            .upstream
+            .get(&format!("{}", destination.service))
+            .cloned()
+            .unwrap_or_default();
+        match &destination.subset {
+            Some(subset) => subset.upstream.over(&service),
+            None => service,
+        }
+    }
+}
+
+/// The name of the cluster (Envoy's word) `destination` is sent to: its service, or one subset
+/// of it. Connection limits and outlier detection are kept per cluster, as Envoy's.
+pub fn cluster_name(destination: &RouteDestination) -> String {
+    match &destination.subset {
+        Some(subset) => format!("{}|{}", destination.service, subset.name),
+        None => destination.service.to_string(),
     }
 }
 
@@ -66,6 +93,10 @@ pub struct HttpRoute {
     /// What the route does to requests and responses besides choosing where they go.
     #[serde(skip_serializing_if = "RouteFilters::is_empty")]
     pub filters: RouteFilters,
+
+    // Resilience (timeouts, retries, mirrors, faults): [`super::resilience`].
+    /// Timeouts, retries, mirrors and faults.
+    pub resilience: RouteResilience,
 }
 
 /// Conditions on a request, all of which must hold.
@@ -90,6 +121,10 @@ pub struct HttpMatch {
     /// `uri`'s `exact` and `prefix` ignore ASCII case (not `regex`, as Istio's).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub ignore_uri_case: bool,
+    /// The service port the client dialled must be this one (a Gateway API route whose
+    /// `parentRef` names a port); `None`: any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// A condition on one request header.
@@ -112,6 +147,9 @@ pub enum StringMatch {
     Prefix(String),
     /// The whole string matches the RE2-style expression.
     Regex(FullRegex),
+    /// Gateway API's `PathPrefix`: the path's leading `/`-separated elements are the prefix's
+    /// (`/foo` matches `/foo` and `/foo/bar`, not `/foobar`; a trailing `/` is ignored).
+    PathPrefix(String),
 }
 
 impl StringMatch {
@@ -121,6 +159,11 @@ impl StringMatch {
             StringMatch::Exact(exact) => value == exact,
             StringMatch::Prefix(prefix) => value.starts_with(prefix.as_str()),
             StringMatch::Regex(regex) => regex.is_match(value),
+            StringMatch::PathPrefix(prefix) => {
+                let prefix = prefix.trim_end_matches('/');
+                value.starts_with(prefix)
+                    && (value.len() == prefix.len() || value.as_bytes()[prefix.len()] == b'/')
+            }
         }
     }
 }
@@ -203,6 +246,9 @@ pub struct Subset {
     /// Its own load balancer (the subset's `trafficPolicy`), overriding the service's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
+    /// Its own connection pool and outlier detection, overriding the service's.
+    #[serde(skip_serializing_if = "UpstreamPolicy::is_empty")]
+    pub upstream: UpstreamPolicy,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -321,6 +367,10 @@ pub struct Rewrite {
     /// Replaces the `host`/`:authority`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authority: Option<String>,
+    /// `uri` replaces the whole path, whatever the match took (Gateway API's
+    /// `ReplaceFullPath`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub full_path: bool,
 }
 
 /// Istio's `HTTPRedirect`: a redirect answered by the waypoint.

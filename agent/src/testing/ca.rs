@@ -154,6 +154,79 @@ impl TestCa {
     }
 }
 
+/// Istio's plug-in certificates (the `cacerts` Secret): an organisation's root and an
+/// intermediate CA under it, as the PEM texts a CA directory holds (see `ca::root`).
+pub struct PluginCerts {
+    /// The organisation's root key (kept by the organisation, not given to the CA).
+    pub root_key_pem: String,
+    /// The organisation's root: `root-cert.pem`.
+    pub root_cert_pem: String,
+    /// The intermediate's key: `ca-key.pem`.
+    pub ca_key_pem: String,
+    /// The intermediate: `ca-cert.pem`.
+    pub ca_cert_pem: String,
+}
+
+impl PluginCerts {
+    /// A new root named `org` and an intermediate CA under it, valid for a year.
+    pub fn new(org: &str) -> Self {
+        let (root_key_pem, root_cert_pem) =
+            root::generate_root(org, DEFAULT_ROOT_TTL).expect("generating a test root");
+        let mut certs = Self {
+            root_key_pem,
+            root_cert_pem,
+            ca_key_pem: String::new(),
+            ca_cert_pem: String::new(),
+        };
+        (certs.ca_key_pem, certs.ca_cert_pem) = certs.intermediate(|_| {});
+        certs
+    }
+
+    /// Another certificate signed by the root, shaped as an intermediate CA and then changed by
+    /// `configure` (to make it a leaf, expired...): (key PEM, certificate PEM).
+    pub fn intermediate(&self, configure: impl FnOnce(&mut CertificateParams)) -> (String, String) {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Example Org");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Example Org mesh intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = SystemTime::now();
+        params.not_before = (now - Duration::from_secs(60)).into();
+        params.not_after = (now + Duration::from_secs(365 * 24 * 3600)).into();
+        configure(&mut params);
+        let key = p256();
+        let root_key = KeyPair::from_pem(&self.root_key_pem).expect("the root key");
+        let issuer = Issuer::from_ca_cert_pem(&self.root_cert_pem, &root_key).expect("the root");
+        let cert = params
+            .signed_by(&key, &issuer)
+            .expect("signing a test intermediate");
+        (key.serialize_pem(), cert.pem())
+    }
+
+    /// Writes the four files of Istio's `cacerts` into `dir` (created): `ca-cert.pem`,
+    /// `ca-key.pem`, `cert-chain.pem` (the intermediate, then the root) and `root-cert.pem`.
+    pub fn write(&self, dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        let write = |file: &str, text: &str| std::fs::write(dir.join(file), text).unwrap();
+        write(root::PLUGIN_CERT_FILE, &self.ca_cert_pem);
+        write(root::PLUGIN_KEY_FILE, &self.ca_key_pem);
+        write(
+            root::PLUGIN_CHAIN_FILE,
+            &format!("{}{}", self.ca_cert_pem, self.root_cert_pem),
+        );
+        write(root::PLUGIN_ROOT_FILE, &self.root_cert_pem);
+    }
+}
+
 fn p256() -> KeyPair {
     KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("generating a P-256 key")
 }
@@ -256,6 +329,8 @@ pub struct TestCaServer {
     _dir: tempfile::TempDir,
     /// Where it listens (kept across restarts).
     pub addr: SocketAddr,
+    /// Where it serves `/ready` and `/metrics` (a new port at each start).
+    pub monitoring: Option<SocketAddr>,
     options: ServeOptions,
     running: Option<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -293,22 +368,50 @@ impl TestCaServer {
         Self::start_with(dir, AuthMode::Kube(Box::new(kube))).await
     }
 
+    /// A CA in standalone mode (the usual mesh file and tokens) signing with Istio's plug-in
+    /// certificates `certs`: an intermediate under an organisation's root.
+    pub async fn start_plugin(certs: &PluginCerts) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        certs.write(&dir.path().join("ca"));
+        std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
+        std::fs::write(
+            dir.path().join("tokens.yaml"),
+            format!("nodes:\n  node-a: {TOKEN_A}\n  node-b: {TOKEN_B}\n"),
+        )
+        .unwrap();
+        let auth = AuthMode::Files {
+            mesh_file: dir.path().join("mesh.yaml"),
+            tokens_file: dir.path().join("tokens.yaml"),
+        };
+        let ca = TestCa::from_pem(&certs.ca_key_pem, &certs.ca_cert_pem)
+            .expect("the plug-in intermediate");
+        Self::serve(dir, auth, ca).await
+    }
+
     /// Serves the root in `dir/ca` with `auth`.
     async fn start_with(dir: tempfile::TempDir, auth: AuthMode) -> Self {
+        let read = |file| std::fs::read_to_string(dir.path().join("ca").join(file)).unwrap();
+        let root = TestCa::from_pem(&read(root::ROOT_KEY_FILE), &read(root::ROOT_CERT_FILE))
+            .expect("the root `ambit ca init` wrote");
+        Self::serve(dir, auth, root).await
+    }
+
+    /// Serves the CA directory `dir/ca` with `auth`; `ca` is its signer, in memory.
+    async fn serve(dir: tempfile::TempDir, auth: AuthMode, ca: TestCa) -> Self {
         let options = ServeOptions {
             dir: dir.path().join("ca"),
             listen: "127.0.0.1:0".parse().unwrap(),
             auth,
             max_ttl: Duration::from_secs(3600),
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            trust_domain: None,
+            monitoring: Some("127.0.0.1:0".parse().unwrap()),
         };
-        let read = |file| std::fs::read_to_string(options.dir.join(file)).unwrap();
-        let root = TestCa::from_pem(&read(root::ROOT_KEY_FILE), &read(root::ROOT_CERT_FILE))
-            .expect("the root `ambit ca init` wrote");
         let mut ca = Self {
-            ca: root,
+            ca,
             _dir: dir,
             addr: options.listen,
+            monitoring: None,
             options,
             running: None,
         };
@@ -326,9 +429,14 @@ impl TestCaServer {
         &self.ca
     }
 
-    /// The CA's trust bundle.
+    /// The CA's trust bundle (`roots.pem`, or the plug-in `root-cert.pem`).
     pub fn roots_file(&self) -> PathBuf {
-        self.options.dir.join(root::TRUST_BUNDLE_FILE)
+        let bundle = self.options.dir.join(root::TRUST_BUNDLE_FILE);
+        if bundle.exists() {
+            bundle
+        } else {
+            self.options.dir.join(root::PLUGIN_ROOT_FILE)
+        }
     }
 
     /// The mesh file the CA watches (standalone mode).
@@ -382,6 +490,7 @@ impl TestCaServer {
             }
         };
         self.addr = server.local_addr();
+        self.monitoring = server.monitoring_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run_until(async move {
             let _ = stopped.await;

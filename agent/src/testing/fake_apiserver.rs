@@ -15,6 +15,8 @@
 //! - `PATCH <collection>/<name>` as a server-side apply (`application/apply-patch+yaml`, JSON
 //!   body) by a single field manager: the applied object replaces the stored one's content
 //!   (created if absent), as it does when one manager owns every field;
+//! - a Service written over HTTP without a cluster IP gets one (and keeps it), as the API
+//!   server's allocator gives it;
 //! - equality-based `labelSelector`s and `fieldSelector`s;
 //! - `410 Gone` when `N` is older than the retained history: an `ERROR` event carrying a
 //!   `Status` with code 410 (what real API servers send), or an HTTP 410 answer
@@ -129,6 +131,8 @@ struct State {
     gone_style: GoneStyle,
     bookmark_interval: Option<Duration>,
     next_uid: u64,
+    /// Cluster IPs given to Services written over HTTP without one.
+    next_cluster_ip: u16,
     /// Parallel to `types`: lists and watches served.
     lists: Vec<u64>,
     watches: Vec<u64>,
@@ -652,6 +656,48 @@ fn store(
     Ok((resource_version, stored))
 }
 
+/// A Service written over HTTP without a cluster IP gets one, as the API server's allocator
+/// gives it (from 10.96.200.0 up; tests choose theirs below): the one it already has, else a
+/// new one. Headless (`None`) and `ExternalName` Services get none.
+fn allocate_cluster_ip(
+    state: &mut State,
+    index: usize,
+    namespace: Option<&str>,
+    value: &mut Value,
+) {
+    if state.types[index].type_id != TypeId::of::<Service>() {
+        return;
+    }
+    let spec = &value["spec"];
+    if spec["type"] == "ExternalName" || spec["clusterIP"].as_str().is_some_and(|ip| !ip.is_empty())
+    {
+        return;
+    }
+    let key = (
+        namespace.unwrap_or("default").to_string(),
+        value["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    );
+    let ip = match state.objects[index]
+        .get(&key)
+        .and_then(|existing| existing["spec"]["clusterIP"].as_str().map(str::to_string))
+    {
+        Some(ip) => ip,
+        None => {
+            let n = state.next_cluster_ip;
+            state.next_cluster_ip += 1;
+            format!("10.96.{}.{}", 200 + n / 256, n % 256)
+        }
+    };
+    if !value["spec"].is_object() {
+        value["spec"] = json!({});
+    }
+    value["spec"]["clusterIP"] = json!(ip);
+    value["spec"]["clusterIPs"] = json!([ip]);
+}
+
 /// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else
 /// replaces.
 fn merge_patch(target: &mut Value, patch: &Value) {
@@ -1062,6 +1108,13 @@ fn write(
                     "create namespaced objects in their namespace's collection",
                 );
             }
+            let mut body = body;
+            allocate_cluster_ip(
+                &mut state,
+                target.type_index,
+                target.namespace.as_deref(),
+                &mut body,
+            );
             match store(
                 inner,
                 &mut state,
@@ -1179,6 +1232,13 @@ fn write(
                     "apply namespaced objects in their namespace's collection",
                 );
             }
+            let mut body = body;
+            allocate_cluster_ip(
+                &mut state,
+                target.type_index,
+                target.namespace.as_deref(),
+                &mut body,
+            );
             match store(
                 inner,
                 &mut state,

@@ -16,7 +16,7 @@ use super::{jwt::Jwks, metrics::RequestFlags};
 use crate::{
     identity::SpiffeId,
     policy::l7::{Attachment, RequestInfo},
-    state::MeshState,
+    state::{MeshState, Service},
 };
 
 /// The body of a 403 from authorization (Envoy's).
@@ -53,13 +53,7 @@ pub fn authorize<B>(
         // Routing answers this one (no route): nothing here to attach policies to.
         return Ok(request);
     };
-    let at = Attachment {
-        service: (&service.namespace, &service.name),
-        waypoint: service
-            .waypoint
-            .as_ref()
-            .map(|w| (w.namespace.as_str(), w.name.as_str())),
-    };
+    let at = attachment(service);
     let policies = state.policies().waypoint();
     let rules = policies.jwt_rules(&at);
     let auth = super::jwt::authenticate(&rules, &authz.jwks, &mut request).map_err(|e| {
@@ -112,5 +106,54 @@ pub fn authorize<B>(
             RequestFlags::None,
             format!("{}: {}", decision.reason.details(), decision.reason),
         ))
+    }
+}
+
+/// Authorizes an opaque TCP connection (not HTTP) by the same policies, with Istio's TCP
+/// semantics ([`crate::policy::l7::WaypointPolicies::authorize_opaque`]); on refusal, the
+/// reason to log. A connection to an address that is no longer a service VIP passes here
+/// (forwarding then fails: nothing to attach policies to).
+pub fn authorize_opaque(state: &MeshState, peer: &Peer<'_>) -> Result<(), String> {
+    let Some(service) = state.service_by_vip(peer.dialled.ip()) else {
+        return Ok(());
+    };
+    let at = attachment(service);
+    let decision = state.policies().waypoint().authorize_opaque(
+        &at,
+        peer.source.ip(),
+        peer.identity,
+        peer.dialled,
+    );
+    if let Some((would_allow, reason)) = &decision.dry_run {
+        info!(
+            target: "access",
+            reporter = "waypoint",
+            src_principal = %peer.identity,
+            dst = %peer.dialled,
+            protocol = "tcp",
+            dry_run_allowed = would_allow,
+            dry_run_reason = %reason,
+            "dry-run authorization policy"
+        );
+    }
+    if decision.allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            decision.reason.details(),
+            decision.reason
+        ))
+    }
+}
+
+/// Where a request or connection to `service` is: the service and the waypoint it is bound to.
+fn attachment(service: &Service) -> Attachment<'_> {
+    Attachment {
+        service: (&service.namespace, &service.name),
+        waypoint: service
+            .waypoint
+            .as_ref()
+            .map(|w| (w.namespace.as_str(), w.name.as_str())),
     }
 }

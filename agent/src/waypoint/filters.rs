@@ -50,6 +50,12 @@ pub fn rewritten_path(
         Some(StringMatch::Prefix(prefix)) => {
             format!("{uri}{}", path.get(prefix.len()..).unwrap_or(""))
         }
+        // Gateway API's `ReplacePrefixMatch`: element-wise, so `/foo` replaced by `/` turns
+        // `/foo/bar` into `/bar`, not `//bar`.
+        Some(StringMatch::PathPrefix(prefix)) => {
+            let rest = path.get(prefix.trim_end_matches('/').len()..).unwrap_or("");
+            format!("{}{rest}", uri.trim_end_matches('/'))
+        }
         Some(StringMatch::Exact(_) | StringMatch::Regex(_)) => uri.to_string(),
         None => format!("{uri}{}", path.strip_prefix('/').unwrap_or(path)),
     };
@@ -69,7 +75,14 @@ pub fn rewritten_path(
 pub fn apply_rewrite<B>(rewrite: &Rewrite, matched: Option<&HttpMatch>, request: &mut Request<B>) {
     let mut parts = request.uri().clone().into_parts();
     if let Some(uri) = &rewrite.uri {
-        let path = rewritten_path(uri, matched, request.uri().path(), request.uri().query());
+        let path = if rewrite.full_path {
+            match request.uri().query() {
+                Some(query) => format!("{uri}?{query}"),
+                None => uri.clone(),
+            }
+        } else {
+            rewritten_path(uri, matched, request.uri().path(), request.uri().query())
+        };
         if let Ok(path) = path.parse::<PathAndQuery>() {
             parts.path_and_query = Some(path);
         }
@@ -206,10 +219,53 @@ mod tests {
     }
 
     #[test]
+    fn gateway_api_path_prefixes_match_and_rewrite_element_wise() {
+        let prefix = StringMatch::PathPrefix("/foo".into());
+        for (path, expected) in [
+            ("/foo", true),
+            ("/foo/", true),
+            ("/foo/bar", true),
+            ("/foobar", false),
+            ("/fo", false),
+        ] {
+            assert_eq!(prefix.matches(path), expected, "{path}");
+        }
+        // A trailing slash is ignored; `/` matches every path.
+        assert!(StringMatch::PathPrefix("/foo/".into()).matches("/foo"));
+        assert!(StringMatch::PathPrefix("/".into()).matches("/anything"));
+
+        // ReplacePrefixMatch, with the Gateway API's examples.
+        let matched = with_uri(prefix);
+        let rewrite = |to: &str, path: &str| rewritten_path(to, Some(&matched), path, None);
+        assert_eq!(rewrite("/xyz", "/foo/bar"), "/xyz/bar");
+        assert_eq!(rewrite("/xyz/", "/foo/bar"), "/xyz/bar");
+        assert_eq!(rewrite("/", "/foo/bar"), "/bar");
+        assert_eq!(rewrite("/", "/foo"), "/");
+        assert_eq!(rewrite("/xyz", "/foo"), "/xyz");
+        assert_eq!(rewrite("/xyz", "/foo/"), "/xyz/");
+        let root = with_uri(StringMatch::PathPrefix("/".into()));
+        assert_eq!(
+            rewritten_path("/v2", Some(&root), "/a/b", Some("q=1")),
+            "/v2/a/b?q=1"
+        );
+
+        // ReplaceFullPath replaces the whole path, whatever the match, and keeps the query.
+        let full = Rewrite {
+            uri: Some("/other".into()),
+            authority: None,
+            full_path: true,
+        };
+        let mut request = Request::get("/foo/bar?x=1").body(()).unwrap();
+        apply_rewrite(&full, Some(&matched), &mut request);
+        assert_eq!(request.uri(), "/other?x=1");
+    }
+
+    #[test]
     fn rewrite_sets_the_path_and_the_authority_of_either_form() {
         let rewrite = Rewrite {
             uri: Some("/new".into()),
             authority: Some("reviews.example".into()),
+            full_path: false,
         };
         let prefix = with_uri(StringMatch::Prefix("/old".into()));
         // HTTP/1: origin form and a host header.

@@ -1,16 +1,22 @@
-//! The waypoint's metrics: Istio's `istio_requests_total`, reporter `waypoint`, with Istio's
-//! standard labels so that dashboards and Kiali's graph read it unchanged.
+//! The waypoint's metrics: Istio's HTTP metrics, reporter `waypoint`, with Istio's standard
+//! labels so that dashboards and Kiali's graph read them unchanged: `istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes` and `istio_response_bytes`.
 //!
-//! One series per (source, destination, service, protocol, response code, flags); the request
-//! path, method and port are not labels (they would multiply series by whatever clients send).
-use prometheus::{IntCounterVec, Opts};
+//! One series per (source, destination, service, protocol, response code, gRPC status, flags);
+//! the request path, method and port are not labels (they would multiply series by whatever
+//! clients send). All four are recorded once per request, when its response stream ends (as
+//! Envoy's stats filter does): a gRPC status sent in the trailers is known only then, and a long
+//! stream is counted when it is done.
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
 use crate::{
     identity::SpiffeId,
     proxy::metrics::ConnectionLabels,
     state::{Service, Workload},
     telemetry::{
-        istio::{Reporter, SecurityPolicy, UNKNOWN},
+        istio::{Reporter, SecurityPolicy},
         metrics::Metrics,
     },
 };
@@ -56,6 +62,22 @@ pub enum RequestFlags {
     NoHealthyUpstream,
     /// The upstream could not be reached or failed before answering (`UF`, answered 503).
     UpstreamFailure,
+
+    // Resilience (waypoint::retry, waypoint::fault).
+    /// The route's or a try's timeout expired (`UT`, answered 504).
+    UpstreamRequestTimeout,
+    /// Aborted by the route's fault injection (`FI`).
+    FaultInjected,
+    /// Delayed by the route's fault injection (`DI`).
+    DelayInjected,
+    /// Answered with a retriable response after the last retry allowed (`URX`).
+    RetryLimitExceeded,
+    /// A retry was refused by the retry budget (`UO`).
+    UpstreamOverflow,
+    /// The upstream's response stream failed after its headers were sent (`UR`).
+    UpstreamReset,
+    /// The client went away before the response ended (`DC`).
+    DownstreamDisconnect,
 }
 
 impl RequestFlags {
@@ -66,6 +88,13 @@ impl RequestFlags {
             RequestFlags::NoRoute => "NR",
             RequestFlags::NoHealthyUpstream => "UH",
             RequestFlags::UpstreamFailure => "UF",
+            RequestFlags::UpstreamRequestTimeout => "UT",
+            RequestFlags::FaultInjected => "FI",
+            RequestFlags::DelayInjected => "DI",
+            RequestFlags::RetryLimitExceeded => "URX",
+            RequestFlags::UpstreamOverflow => "UO",
+            RequestFlags::UpstreamReset => "UR",
+            RequestFlags::DownstreamDisconnect => "DC",
         }
     }
 }
@@ -78,6 +107,7 @@ pub struct RequestLabels {
     peers: ConnectionLabels,
     protocol: &'static str,
     response_code: u16,
+    grpc_status: Option<u32>,
     flags: RequestFlags,
 }
 
@@ -90,6 +120,7 @@ impl RequestLabels {
                 .with_security_policy(SecurityPolicy::MutualTls),
             protocol: "http",
             response_code: 0,
+            grpc_status: None,
             flags: RequestFlags::None,
         }
     }
@@ -132,23 +163,57 @@ impl RequestLabels {
         self
     }
 
+    /// The gRPC status the response ended with (`grpc-status`, from its trailers or, for a
+    /// trailers-only response, its headers).
+    pub fn with_grpc_status(mut self, status: Option<u32>) -> Self {
+        self.grpc_status = status;
+        self
+    }
+
+    /// Why the request ended as it did, when that is learnt after its response headers.
+    pub fn with_flags(mut self, flags: RequestFlags) -> Self {
+        self.flags = flags;
+        self
+    }
+
+    /// Whether the request is gRPC.
+    pub fn is_grpc(&self) -> bool {
+        self.protocol == "grpc"
+    }
+
     /// The value of the label `name`, for logs and tests.
     pub fn get(&self, name: &str) -> Option<String> {
         let i = REQUEST_LABEL_NAMES.iter().position(|n| *n == name)?;
-        let code = self.response_code.to_string();
-        Some(self.values(&code)[i].to_string())
+        let (code, grpc) = self.owned_values();
+        Some(self.values(&code, &grpc)[i].to_string())
+    }
+
+    /// The values that are numbers, as text: the response code and the gRPC status.
+    fn owned_values(&self) -> (String, String) {
+        (self.response_code.to_string(), self.grpc_status_value())
+    }
+
+    /// `grpc_response_status`, as Istio's stats filter sets it: empty for a request that is
+    /// not gRPC; for a gRPC request, the `grpc-status` the response ended with, or when it
+    /// sent none, the status its HTTP status maps to ([`grpc_status_of_http`]).
+    fn grpc_status_value(&self) -> String {
+        if !self.is_grpc() {
+            return String::new();
+        }
+        self.grpc_status
+            .unwrap_or_else(|| grpc_status_of_http(self.response_code))
+            .to_string()
     }
 
     /// The label values, in the order of [`REQUEST_LABEL_NAMES`]: the connection's peers
     /// (the first 20 of [`crate::proxy::metrics::TCP_LABEL_NAMES`]), then the request's own.
-    fn values<'a>(&'a self, response_code: &'a str) -> [&'a str; 25] {
+    fn values<'a>(&'a self, response_code: &'a str, grpc_status: &'a str) -> [&'a str; 25] {
         let peers = self.peers.values();
         std::array::from_fn(|i| match i {
             0..20 => peers[i],
             20 => self.protocol,
             21 => response_code,
-            // Not read from gRPC trailers yet.
-            22 => UNKNOWN,
+            22 => grpc_status,
             23 => self.flags.as_str(),
             _ => self.peers.connection_security_policy.as_str(),
         })
@@ -161,9 +226,44 @@ impl Default for RequestLabels {
     }
 }
 
+/// The gRPC status of a response that carries no `grpc-status`, from its HTTP status (Envoy's
+/// `httpToGrpcStatus`, after gRPC's "HTTP to gRPC status code mapping"): a 200 without a
+/// status is UNKNOWN too.
+pub fn grpc_status_of_http(code: u16) -> u32 {
+    match code {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    }
+}
+
+/// The bounds of the three histograms: Envoy's default buckets, which Istio keeps for its
+/// duration (milliseconds) and size (bytes) histograms alike.
+pub const ISTIO_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// What was measured of one request, besides its labels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestMeasures {
+    /// From the request's arrival to the end of its response stream.
+    pub duration: Duration,
+    /// Request body bytes read from the client.
+    pub request_bytes: u64,
+    /// Response body bytes sent to the client.
+    pub response_bytes: u64,
+}
+
 /// The waypoint's metric families.
 pub struct WaypointMetrics {
     requests: IntCounterVec,
+    duration: HistogramVec,
+    request_bytes: HistogramVec,
+    response_bytes: HistogramVec,
 }
 
 impl WaypointMetrics {
@@ -172,25 +272,55 @@ impl WaypointMetrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "istio_requests_total",
-                "Requests handled, counted when the response headers are sent",
+                "Requests handled, counted when their response stream ends",
             ),
             &REQUEST_LABEL_NAMES,
         )?;
+        let histogram = |name: &str, help: &str| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(ISTIO_BUCKETS.to_vec()),
+                &REQUEST_LABEL_NAMES,
+            )
+        };
+        let duration = histogram(
+            "istio_request_duration_milliseconds",
+            "From a request's arrival to the end of its response stream, in milliseconds",
+        )?;
+        let request_bytes = histogram("istio_request_bytes", "Request body sizes, in bytes")?;
+        let response_bytes = histogram("istio_response_bytes", "Response body sizes, in bytes")?;
         metrics.register(Box::new(requests.clone()))?;
-        Ok(Self { requests })
+        metrics.register(Box::new(duration.clone()))?;
+        metrics.register(Box::new(request_bytes.clone()))?;
+        metrics.register(Box::new(response_bytes.clone()))?;
+        Ok(Self {
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+        })
     }
 
-    /// Counts one request.
-    pub fn request(&self, labels: &RequestLabels) {
-        let code = labels.response_code.to_string();
-        self.requests.with_label_values(&labels.values(&code)).inc();
+    /// Records one request whose response stream ended.
+    pub fn request(&self, labels: &RequestLabels, measures: &RequestMeasures) {
+        let (code, grpc) = labels.owned_values();
+        let values = labels.values(&code, &grpc);
+        self.requests.with_label_values(&values).inc();
+        self.duration
+            .with_label_values(&values)
+            .observe(measures.duration.as_secs_f64() * 1000.0);
+        self.request_bytes
+            .with_label_values(&values)
+            .observe(measures.request_bytes as f64);
+        self.response_bytes
+            .with_label_values(&values)
+            .observe(measures.response_bytes as f64);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::metrics::exposition::{parse, promtool_check, series};
+    use crate::telemetry::metrics::exposition::{parse, promtool_check_allowing, series};
 
     fn workload(name: &str, version: &str) -> Workload {
         Workload {
@@ -231,10 +361,23 @@ mod tests {
             .with_destination_service(&service)
             .with_destination(&workload("reviews-v2", "v2"), &server)
             .with_response(200, RequestFlags::None);
-        waypoint.request(&labels);
-        waypoint.request(&labels);
+        let measures = RequestMeasures {
+            duration: Duration::from_millis(7),
+            request_bytes: 300,
+            response_bytes: 120,
+        };
+        waypoint.request(&labels, &measures);
+        waypoint.request(&labels, &measures);
+        let grpc = labels.clone().with_protocol(true).with_grpc_status(Some(5));
+        waypoint.request(&grpc, &measures);
         let text = metrics.encode();
-        promtool_check(&text);
+        // Istio's name, which Kiali and Istio's dashboards read, is in milliseconds.
+        promtool_check_allowing(
+            &text,
+            &[
+                "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"",
+            ],
+        );
         let samples = parse(&text);
         let expected = [
             ("reporter", "waypoint"),
@@ -257,8 +400,60 @@ mod tests {
             ("connection_security_policy", "mutual_tls"),
         ];
         let all = series(&samples, "istio_requests_total");
-        assert_eq!(all.len(), 1, "{text}");
-        let (labels, count) = all[0];
+        assert_eq!(all.len(), 2, "{text}");
+        let (labels, count) = all
+            .iter()
+            .copied()
+            .find(|(l, _)| l.get("request_protocol").map(String::as_str) == Some("http"))
+            .unwrap();
+        // Not gRPC: the label is empty, as Envoy's stats filter leaves it.
+        assert_eq!(
+            labels.get("grpc_response_status").map(String::as_str),
+            Some("")
+        );
+        let (grpc_labels, _) = all
+            .iter()
+            .copied()
+            .find(|(l, _)| l.get("request_protocol").map(String::as_str) == Some("grpc"))
+            .unwrap();
+        assert_eq!(
+            grpc_labels.get("grpc_response_status").map(String::as_str),
+            Some("5"),
+            "{text}"
+        );
+        // The histograms have the counter's labels, Istio's buckets, and what was measured:
+        // 7 ms falls in (5, 10], 120 bytes in (100, 250], 300 in (250, 500].
+        for (family, le_below, le_at) in [
+            ("istio_request_duration_milliseconds", "5", "10"),
+            ("istio_response_bytes", "100", "250"),
+            ("istio_request_bytes", "250", "500"),
+        ] {
+            let buckets = series(&samples, &format!("{family}_bucket"));
+            let bucket = |le: &str| {
+                buckets
+                    .iter()
+                    .filter(|(l, _)| {
+                        l.get("le").map(String::as_str) == Some(le)
+                            && l.get("request_protocol").map(String::as_str) == Some("http")
+                    })
+                    .map(|(_, v)| *v)
+                    .sum::<f64>()
+            };
+            assert_eq!(bucket(le_at), 2.0, "{family} le={le_at}: {text}");
+            assert_eq!(bucket(le_below), 0.0, "{family} le={le_below}: {text}");
+            assert_eq!(
+                buckets.len(),
+                2 * (ISTIO_BUCKETS.len() + 1),
+                "{family}: {text}"
+            );
+            let count = series(&samples, &format!("{family}_count"));
+            assert_eq!(count.len(), 2, "{family}: {text}");
+            assert_eq!(
+                count[0].0.len(),
+                REQUEST_LABEL_NAMES.len(),
+                "{family}: {text}"
+            );
+        }
         assert_eq!(labels.len(), REQUEST_LABEL_NAMES.len(), "{text}");
         for (name, value) in expected {
             assert_eq!(

@@ -33,16 +33,27 @@ use crate::{
 
 pub mod authz;
 pub mod balance;
+pub mod fault;
 pub mod filters;
 pub mod jwt;
 pub mod metrics;
+pub mod mirror;
+pub mod observe;
+pub mod outlier;
+pub mod pool;
 pub mod proxy;
+pub mod resilience;
+pub mod retry;
 pub mod route;
+pub mod sniff;
+pub mod tcp;
+pub mod upgrade;
 
 use self::{
     balance::Balancer,
     metrics::WaypointMetrics,
     proxy::{Waypoint, WaypointInbound},
+    resilience::Resilience,
 };
 
 /// Ports a tunnel may not name: the proxies' own.
@@ -150,6 +161,14 @@ pub struct WaypointArgs {
     /// Lifetime asked for the certificate (renewed at half-life).
     #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = crate::timefmt::parse_duration)]
     pub cert_ttl: Duration,
+    /// How long a tunnel's first bytes are waited for to tell HTTP from other protocols; a
+    /// tunnel silent that long (a server-first protocol) is forwarded as opaque TCP.
+    #[arg(long, env = "AMBIT_PROTOCOL_DETECTION_TIMEOUT", default_value = "5s", value_parser = crate::timefmt::parse_duration)]
+    pub protocol_detection_timeout: Duration,
+    /// How long an HTTP/1.1 client may take to send a request's headers, idle keep-alive time
+    /// included, before its connection is closed.
+    #[arg(long, env = "AMBIT_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = crate::timefmt::parse_duration)]
+    pub header_read_timeout: Duration,
 }
 
 /// Runs the waypoint until SIGTERM or SIGINT.
@@ -237,9 +256,13 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         identity: identity.clone(),
         workload: (args.namespace.clone(), args.name.clone()),
         pool: Pool::new(dialer, PoolConfig::default()),
+        connections: pool::HttpPool::new(&metrics)?,
         metrics: Arc::new(WaypointMetrics::new(&metrics)?),
         balancer: Balancer::default(),
         authz: authz::Authz::default(),
+        resilience: Arc::new(Resilience::new(&metrics)?),
+        protocol_detection_timeout: args.protocol_detection_timeout,
+        header_read_timeout: args.header_read_timeout,
     });
     tokio::spawn(waypoint.authz.jwks.clone().refresh(state_rx.clone()));
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);

@@ -7,38 +7,54 @@
 //! limits and reports are used unchanged. Each request is routed ([`super::route`]) and sent
 //! over a new CONNECT stream (on a pooled HBONE connection, [`Pool`]) to the chosen endpoint's
 //! 15008, presenting the waypoint's own certificate, in the HTTP version it arrived in.
+//!
+//! Before HTTP is served, the first bytes of the tunnel are sniffed ([`super::sniff`]): what is
+//! not HTTP is authorized and forwarded as opaque TCP ([`super::tcp`]). WebSocket upgrades pass
+//! ([`super::upgrade`]); each request is measured and recorded when its response stream ends
+//! ([`super::observe`]).
 use std::{
     convert::Infallible,
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Instant,
+    sync::{Arc, atomic::AtomicU64},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{io::DuplexStream, sync::watch};
 use tracing::{debug, info, warn};
 
 use super::{
-    balance::{Balancer, HashInput, Tracked},
-    filters,
+    balance::{HashInput, InFlight, Tracked},
+    fault, filters,
     metrics::{RequestFlags, RequestLabels, WaypointMetrics},
+    mirror::{MIRROR_TIMEOUT, MirrorResult, shadow_host},
+    observe::{self, CountedBody, ObservedBody, RequestRecord},
+    outlier::TryResult,
+    pool::{ClusterId, ConnKey, HttpPool, Target, UpstreamBody},
+    resilience::Resilience,
+    retry::{self, Failure, ReplayBody},
     route::{self, RequestView},
+    sniff::{self, Protocol, Rewind},
+    tcp,
+    upgrade::{self, Upgrade},
 };
 use crate::{
     hbone::{
-        ConnectRequest, ConnectionError, Deny, HBONE_PORT, InboundHandler, Pool, PoolKey,
-        StreamReport, TunnelRequest, tls,
+        ConnectRequest, ConnectionError, Deny, HBONE_PORT, HboneStream, InboundHandler, Pool,
+        PoolKey, StreamReport, TunnelRequest, tls,
     },
     identity::{CertificateManager, SpiffeId},
     policy::Admission,
     state::{
-        MeshState, Service,
-        routes::{DirectResponse, Redirect, RouteFilters},
+        MeshState, Service, Workload,
+        resilience::{AbortError, Mirror, RouteResilience, happens},
+        routes::{DirectResponse, Redirect, RouteDestination, RouteFilters, cluster_name},
+        upstream::ConnectionPool,
     },
 };
 
@@ -60,12 +76,25 @@ pub struct Waypoint {
     pub workload: (String, String),
     /// Tunnels to endpoints.
     pub pool: Pool,
+    /// HTTP connections to endpoints, in those tunnels ([`super::pool`]).
+    pub connections: HttpPool,
     /// Request metrics.
     pub metrics: Arc<WaypointMetrics>,
     /// Endpoint choice.
-    pub balancer: Balancer,
+    pub balancer: super::balance::Balancer,
     /// JWT keys and what authorization keeps between requests.
     pub authz: super::authz::Authz,
+
+    // Resilience: retry budgets, mirrors in flight, their metrics.
+    /// Shared by the retries and mirrors of every request.
+    pub resilience: Arc<Resilience>,
+
+    // Protocols (waypoint::sniff, waypoint::tcp).
+    /// How long a tunnel's first bytes are waited for before it is taken for opaque TCP.
+    pub protocol_detection_timeout: Duration,
+    /// How long an HTTP/1.1 client may take to send a request's headers (idle keep-alive
+    /// included) before its connection is closed.
+    pub header_read_timeout: Duration,
 }
 
 impl Waypoint {
@@ -81,6 +110,55 @@ impl Waypoint {
             .iter()
             .find(|w| w.namespace == self.workload.0 && w.name == self.workload.1)?
             .address_like(like)
+    }
+
+    /// Where a tunnel to `target` (an address and port of `endpoint`) goes: the pooled HBONE
+    /// connection to the endpoint's 15008, expecting the endpoint's identity, for the client
+    /// `source` (`forwarded`) and the service `service_host`.
+    fn upstream(
+        &self,
+        state: &MeshState,
+        endpoint: &Workload,
+        target: SocketAddr,
+        source: SocketAddr,
+        service_host: String,
+    ) -> Upstream {
+        let endpoint_id = state.identity_of(endpoint);
+        let own_ip = self
+            .own_ip(state, target.ip())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let key = PoolKey::new(
+            self.identity.clone(),
+            own_ip,
+            SocketAddr::new(target.ip(), HBONE_PORT),
+            vec![endpoint_id.clone()],
+        );
+        let mut tunnel = TunnelRequest::new(source, target);
+        tunnel.service_host = Some(service_host);
+        Upstream {
+            target,
+            endpoint_id,
+            key,
+            tunnel,
+            cluster: ClusterId {
+                name: String::new(),
+                service: String::new(),
+                subset: String::new(),
+            },
+            limits: ConnectionPool::default(),
+        }
+    }
+
+    /// Opens a CONNECT stream to `upstream`, presenting the waypoint's certificate.
+    async fn open(&self, upstream: &Upstream) -> Result<HboneStream, String> {
+        let cert = self
+            .certs
+            .get(&self.identity)
+            .ok_or_else(|| "the waypoint has no certificate".to_string())?;
+        self.pool
+            .open(&upstream.key, &cert, &upstream.tunnel)
+            .await
+            .map_err(|e| format!("tunnel to {}: {e}", upstream.target))
     }
 }
 
@@ -165,12 +243,49 @@ impl InboundHandler for WaypointInbound {
             destination: request.destination,
         });
         tokio::spawn(async move {
+            let mut ours = ours;
+            let timeout = downstream.waypoint.protocol_detection_timeout;
+            let (protocol, prefix) = match sniff::sniff(&mut ours, timeout).await {
+                Ok(sniffed) => sniffed,
+                Err(err) => return debug!(%err, "tunnel failed before its protocol was known"),
+            };
+            let io = Rewind::new(prefix, ours);
+            if protocol == Protocol::Opaque {
+                let (d, waypoint) = (&downstream, &downstream.waypoint);
+                let state = waypoint.state.borrow().clone();
+                let conn = tcp::Opaque {
+                    source: d.source,
+                    peer: &d.peer,
+                    dialled: d.destination,
+                };
+                let tunnel_state = state.clone();
+                let open = move |endpoint: Arc<Workload>, target, host| async move {
+                    let upstream =
+                        waypoint.upstream(&tunnel_state, &endpoint, target, d.source, host);
+                    waypoint.open(&upstream).await
+                };
+                return tcp::forward(
+                    conn,
+                    &state,
+                    &waypoint.balancer,
+                    &waypoint.resilience.outliers,
+                    io,
+                    open,
+                )
+                .await;
+            }
+            let header_read_timeout = downstream.waypoint.header_read_timeout;
             let service = hyper::service::service_fn(move |req| {
                 let downstream = downstream.clone();
                 async move { Ok::<_, Infallible>(downstream.handle(req).await) }
             });
-            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(ours), service)
+            let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            server
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let served = server
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .await;
             if let Err(err) = served {
                 debug!(%err, "HTTP connection in a tunnel ended with an error");
@@ -208,13 +323,22 @@ struct Downstream {
     destination: SocketAddr,
 }
 
-/// How one request ended, for the access log and the metric.
+/// How one request was routed and answered, for the access log and the metric.
 struct Outcome {
     labels: RequestLabels,
     route: Option<String>,
     upstream: Option<SocketAddr>,
     error: Option<String>,
+
+    // Resilience.
+    /// The flag of an answered request (`DI`, `FI`, `URX`, `UO`; `-` without one).
+    flags: RequestFlags,
+    /// Tries made upstream (the first and the retries).
+    attempts: u32,
 }
+
+/// An answer the waypoint makes itself: its status, flag, and why (for the log).
+type LocalReply = (StatusCode, RequestFlags, String);
 
 impl Downstream {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
@@ -231,6 +355,8 @@ impl Downstream {
         let source_workload = state
             .workload_by_ip(self.source.ip())
             .filter(|w| state.identity_of(w) == self.peer);
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let request = request.map(|body| CountedBody::new(body, request_bytes.clone()).boxed());
         let mut outcome = Outcome {
             labels: RequestLabels::new()
                 .with_source(source_workload.map(|w| &**w), &self.peer)
@@ -238,11 +364,13 @@ impl Downstream {
             route: None,
             upstream: None,
             error: None,
+            flags: RequestFlags::None,
+            attempts: 0,
         };
         let response = match self.forward(&state, request, &mut outcome).await {
             Ok(response) => {
                 let code = response.status().as_u16();
-                outcome.labels = outcome.labels.with_response(code, RequestFlags::None);
+                outcome.labels = outcome.labels.with_response(code, outcome.flags);
                 response
             }
             Err((status, flags, error)) => {
@@ -251,75 +379,70 @@ impl Downstream {
                 local_reply(status, flags)
             }
         };
-        self.waypoint.metrics.request(&outcome.labels);
-        let label = |name| outcome.labels.get(name).unwrap_or_default();
-        info!(
-            target: "access",
-            reporter = "waypoint",
-            src = %self.source,
-            src_workload = source_workload.map(|w| w.uid()),
-            src_principal = %self.peer,
-            dst = %self.destination,
-            method = %method,
-            path = %path,
-            protocol = ?version,
-            route = outcome.route.as_deref(),
-            dst_service = label("destination_service"),
-            dst_workload = label("destination_workload"),
-            dst_principal = label("destination_principal"),
-            upstream = outcome.upstream.map(|u| u.to_string()),
-            response_code = response.status().as_u16(),
-            response_flags = label("response_flags"),
-            duration_ms = started.elapsed().as_millis() as u64,
-            error = outcome.error.as_deref(),
-            "request"
-        );
-        response
+        let record = RequestRecord {
+            metrics: self.waypoint.metrics.clone(),
+            labels: outcome.labels,
+            started,
+            request_bytes,
+            source: self.source,
+            source_workload: source_workload.map(|w| w.uid()),
+            source_principal: self.peer.clone(),
+            destination: self.destination,
+            method,
+            path,
+            version,
+            route: outcome.route,
+            upstream: outcome.upstream,
+            attempts: outcome.attempts,
+            error: outcome.error,
+        };
+        let grpc_status = observe::grpc_status(response.headers());
+        response.map(|body| ObservedBody::new(body, grpc_status, record).boxed())
     }
 
     /// Routes and sends `request`; on failure, the status to answer, why, and what to log.
     async fn forward(
         &self,
         state: &MeshState,
-        request: Request<Incoming>,
+        request: Request<Body>,
         outcome: &mut Outcome,
-    ) -> Result<Response<Body>, (StatusCode, RequestFlags, String)> {
+    ) -> Result<Response<Body>, LocalReply> {
         let dialled = self.destination;
         let peer = super::authz::Peer {
             identity: &self.peer,
             source: self.source,
             dialled,
         };
-        let request = super::authz::authorize(&self.waypoint.authz, state, &peer, request)?;
+        let mut request = super::authz::authorize(&self.waypoint.authz, state, &peer, request)?;
         let no_route = |why: String| (StatusCode::NOT_FOUND, RequestFlags::NoRoute, why);
-        let unhealthy = |why: String| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                RequestFlags::NoHealthyUpstream,
-                why,
-            )
-        };
-        let failed = |why: String| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                RequestFlags::UpstreamFailure,
-                why,
-            )
-        };
         let service = state
             .service_by_vip(dialled.ip())
             .ok_or_else(|| no_route(format!("{dialled} is no longer a service VIP")))?;
         let routes = state.routes().for_service(&service.uid());
-        let decision = route::decide(routes, service, RequestView::of(&request), |n| {
-            fastrand::u32(0..n)
-        })
+        let decision = route::decide(
+            routes,
+            service,
+            RequestView::of(&request).at_port(dialled.port()),
+            |n| fastrand::u32(0..n),
+        )
         .ok_or_else(|| no_route(format!("no route of {} matches", service.uid())))?;
         outcome.route = routes.map(|r| match decision.route.and_then(|r| r.name.as_deref()) {
             Some(name) => format!("{} {name}", r.source),
             None => r.source.clone(),
         });
+        // Without a route, Istio's defaults (its default retry policy, no timeout).
+        let default_resilience = RouteResilience::default();
+        let resilience = decision
+            .route
+            .map_or(&default_resilience, |r| &r.resilience);
         let no_filters = RouteFilters::default();
         let route_filters = decision.route.map_or(&no_filters, |r| &r.filters);
+        let answered_by_route =
+            route_filters.redirect.is_some() || route_filters.direct_response.is_some();
+        if answered_by_route && let Some(reply) = self.inject_fault(resilience, outcome).await? {
+            // Envoy's fault filter runs before the router: a route that answers itself too.
+            return Ok(reply);
+        }
         if let Some(redirect) = &route_filters.redirect {
             return Ok(self.redirect(redirect, route_filters, &request));
         }
@@ -329,101 +452,90 @@ impl Downstream {
         let destination = decision
             .destination
             .ok_or_else(|| no_route(format!("no destination in the route of {}", service.uid())))?;
-        let target_service = state
-            .services()
-            .iter()
-            .find(|s| {
-                s.namespace == destination.service.namespace && s.name == destination.service.name
-            })
-            .ok_or_else(|| unhealthy(format!("service {} is gone", destination.service)))?;
+        let (target_service, target_port) = target_of(state, &destination, dialled.port())?;
         outcome.labels =
             std::mem::take(&mut outcome.labels).with_destination_service(target_service);
-        let port = destination.port.unwrap_or(dialled.port());
-        let target_port = target_service
-            .port(port)
-            .ok_or_else(|| {
-                unhealthy(format!(
-                    "service {} has no port {port}",
-                    target_service.uid()
-                ))
-            })?
-            .target_port;
-        let endpoints =
-            route::subset_endpoints(state.endpoints(target_service), destination.subset.as_ref());
-        let hash_input = HashInput {
-            headers: request.headers(),
-            query: request.uri().query(),
-            source: self.source.ip(),
-        };
-        let pick = self
-            .waypoint
-            .balancer
-            .pick(
-                state.routes().load_balancer(&destination),
-                &destination,
-                &endpoints,
-                hash_input,
-            )
-            .ok_or_else(|| {
-                unhealthy(format!(
-                    "no ready endpoint of {}{}",
-                    target_service.uid(),
-                    destination
-                        .subset
-                        .as_ref()
-                        .map(|s| format!(" subset {}", s.name))
-                        .unwrap_or_default()
-                ))
-            })?;
-        let (endpoint, in_flight, set_cookie) = (pick.endpoint, pick.in_flight, pick.set_cookie);
-        let ip = endpoint
-            .address_like(dialled.ip())
-            .or_else(|| endpoint.ips.first().copied())
-            .ok_or_else(|| unhealthy(format!("endpoint {} has no address", endpoint.uid())))?;
-        let endpoint_id = state.identity_of(endpoint);
-        outcome.labels =
-            std::mem::take(&mut outcome.labels).with_destination(endpoint, &endpoint_id);
-        let target = SocketAddr::new(ip, target_port);
-        outcome.upstream = Some(target);
+        if let Some(reply) = self.inject_fault(resilience, outcome).await? {
+            return Ok(reply);
+        }
 
-        let cert = self
-            .waypoint
-            .certs
-            .get(&self.waypoint.identity)
-            .ok_or_else(|| failed("the waypoint has no certificate".to_string()))?;
-        let own_ip = self
-            .waypoint
-            .own_ip(state, ip)
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let key = PoolKey::new(
-            self.waypoint.identity.clone(),
-            own_ip,
-            SocketAddr::new(ip, HBONE_PORT),
-            vec![endpoint_id],
-        );
-        let mut tunnel = TunnelRequest::new(self.source, target);
-        tunnel.service_host = Some(target_service.hostname());
-        let stream = self
-            .waypoint
-            .pool
-            .open(&key, &cert, &tunnel)
-            .await
-            .map_err(|e| failed(format!("tunnel to {target}: {e}")))?;
-        let mut request = request;
+        // What the route does to the request applies to every try and every mirror.
         filters::apply_header_ops(&destination.headers.request, request.headers_mut());
         filters::apply_header_ops(&route_filters.headers.request, request.headers_mut());
         if let Some(rewrite) = &route_filters.rewrite {
             filters::apply_rewrite(rewrite, decision.matched, &mut request);
         }
-        let mut response = send(TokioIo::new(stream), upstream_request(request, dialled))
-            .await
-            .map_err(|e| failed(format!("HTTP to {target}: {e}")))?;
+        // A WebSocket upgrade is taken before its hop-by-hop headers go; it is tried once and
+        // not mirrored (its connection cannot be replayed).
+        let mut upgrade = Upgrade::take(&mut request);
+        let (parts, body) = request.into_parts();
+        let head = Head {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        };
+        let body = ReplayBody::new(body);
+        let mirrors: Vec<&Mirror> = resilience
+            .mirrors
+            .iter()
+            .filter(|m| upgrade.is_none() && happens(m.per_million, fastrand::u32(0..1_000_000)))
+            .collect();
+        let result = self
+            .tries(
+                state,
+                &head,
+                &body,
+                &mut upgrade,
+                resilience,
+                &destination,
+                target_service,
+                target_port,
+                outcome,
+            )
+            .await;
+        // Fire and forget, once the primary has its answer (or failed).
+        for mirror in mirrors {
+            self.mirror(state, &head, &body, mirror, resilience.timeout);
+        }
+        let (mut response, set_cookie) = result?;
         filters::apply_header_ops(&destination.headers.response, response.headers_mut());
         filters::apply_header_ops(&route_filters.headers.response, response.headers_mut());
         if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
-        Ok(response.map(|body| Tracked::new(body, in_flight).boxed()))
+        Ok(response)
+    }
+
+    /// The route's fault, drawn for this request: after a delay (flag `DI`), `Some` answer
+    /// when it aborts with a gRPC status, `Err` when it aborts with an HTTP status (`FI`).
+    async fn inject_fault(
+        &self,
+        resilience: &RouteResilience,
+        outcome: &mut Outcome,
+    ) -> Result<Option<Response<Body>>, LocalReply> {
+        let Some(fault) = &resilience.fault else {
+            return Ok(None);
+        };
+        let injected = fault::decide(fault, || fastrand::u32(0..1_000_000));
+        if let Some(delay) = injected.delay {
+            tokio::time::sleep(delay).await;
+            outcome.flags = RequestFlags::DelayInjected;
+        }
+        match injected.abort {
+            Some(AbortError::HttpStatus(code)) => Err((
+                StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                RequestFlags::FaultInjected,
+                "aborted by the route's fault injection".to_string(),
+            )),
+            Some(error @ AbortError::GrpcStatus(_)) => {
+                outcome.flags = RequestFlags::FaultInjected;
+                Ok(Some(fault::abort_reply(error).map(|body| {
+                    body.map_err(|never: Infallible| match never {}).boxed()
+                })))
+            }
+            None => Ok(None),
+        }
     }
 
     /// The redirect a route answers with, its response header operations applied.
@@ -431,7 +543,7 @@ impl Downstream {
         &self,
         redirect: &Redirect,
         route_filters: &RouteFilters,
-        request: &Request<Incoming>,
+        request: &Request<Body>,
     ) -> Response<Body> {
         let authority = request_authority(request).unwrap_or_else(|| self.destination.to_string());
         let location = filters::redirect_location(
@@ -450,6 +562,474 @@ impl Downstream {
         filters::apply_header_ops(&route_filters.headers.response, response.headers_mut());
         response
     }
+
+    /// Sends the request to an endpoint of `destination`, and again to another while it fails
+    /// in a way the route's retry policy retries, within the route's timeout and the retry
+    /// budget.
+    #[allow(clippy::too_many_arguments)]
+    async fn tries(
+        &self,
+        state: &MeshState,
+        head: &Head,
+        body: &ReplayBody<Body>,
+        upgrade: &mut Option<Upgrade>,
+        resilience: &RouteResilience,
+        destination: &RouteDestination,
+        target_service: &Arc<Service>,
+        target_port: u16,
+        outcome: &mut Outcome,
+    ) -> Result<(Response<Body>, Option<String>), LocalReply> {
+        let policy = &resilience.retries;
+        let resilient = &self.waypoint.resilience;
+        let active = resilient.budget.request(&target_service.uid());
+        let hostname = target_service.hostname();
+        let deadline = resilience.timeout.map(|t| tokio::time::Instant::now() + t);
+        let timed_out = || {
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                RequestFlags::UpstreamRequestTimeout,
+                format!(
+                    "the route's timeout ({:?}) expired",
+                    resilience.timeout.unwrap_or_default()
+                ),
+            )
+        };
+        let mut backoff = retry::backoff(policy);
+        let mut tried: Vec<String> = Vec::new();
+        let mut retries = 0u32;
+        let mut _retry_in_flight = None;
+        let cluster = cluster_of(destination, target_service);
+        let outlier = state
+            .routes()
+            .upstream_policy(destination)
+            .outlier_detection;
+        loop {
+            outcome.attempts = retries + 1;
+            let endpoints = route::subset_endpoints(
+                state.endpoints(target_service),
+                destination.subset.as_ref(),
+            );
+            let total = endpoints.len();
+            let endpoints = match &outlier {
+                Some(policy) => resilient.outliers.healthy(&cluster, policy, &endpoints),
+                None => endpoints,
+            };
+            let hash_input = HashInput {
+                headers: &head.headers,
+                query: head.uri.query(),
+                source: self.source.ip(),
+            };
+            let (endpoint, in_flight, set_cookie) = self
+                .pick(
+                    state,
+                    destination,
+                    &endpoints,
+                    hash_input,
+                    policy.ignore_previous_hosts,
+                    &tried,
+                )
+                .ok_or_else(|| {
+                    unhealthy(format!(
+                        "no ready endpoint of {}{}",
+                        target_service.uid(),
+                        destination
+                            .subset
+                            .as_ref()
+                            .map(|s| format!(" subset {}", s.name))
+                            .unwrap_or_default()
+                    ))
+                })?;
+            let upstream =
+                self.upstream(state, &endpoint, destination, target_service, target_port)?;
+            outcome.labels = std::mem::take(&mut outcome.labels)
+                .with_destination(&endpoint, &upstream.endpoint_id);
+            outcome.upstream = Some(upstream.target);
+
+            let mut request = head.request(body.attempt());
+            request
+                .headers_mut()
+                .insert("x-envoy-attempt-count", HeaderValue::from(outcome.attempts));
+            let request = upstream_request(request, self.destination);
+            let now = tokio::time::Instant::now();
+            let budget = match (policy.per_try_timeout, deadline) {
+                (Some(per_try), Some(deadline)) => Some((now + per_try).min(deadline)),
+                (Some(per_try), None) => Some(now + per_try),
+                (None, deadline) => deadline,
+            };
+            // An upgrade's connection cannot be replayed; a body can until it outgrows the kept
+            // copy, which is known only once it has streamed (checked after the try).
+            let upgraded = upgrade.is_some();
+            let exchange = exchange(&self.waypoint, &upstream, request, upgrade.take());
+            let result = match budget {
+                Some(until) => tokio::time::timeout_at(until, exchange)
+                    .await
+                    .unwrap_or(Err(Failure::PerTryTimeout)),
+                None => exchange.await,
+            };
+            if let Some(policy) = &outlier {
+                let counted = match &result {
+                    Ok(response) => Some(TryResult::of_status(response.status().as_u16())),
+                    Err(Failure::Overflow(_)) => None,
+                    Err(_) => Some(TryResult::Error { gateway: true }),
+                };
+                if let Some(counted) = counted {
+                    resilient
+                        .outliers
+                        .record(&cluster, policy, &endpoint.uid(), total, counted);
+                }
+            }
+            let last: Result<Response<Body>, Failure>;
+            let reason = match result {
+                Ok(response) => {
+                    match retry::response_reason(policy, response.status(), response.headers()) {
+                        None => {
+                            let response =
+                                response.map(|body| Tracked::new(body, in_flight).boxed());
+                            return Ok((response, set_cookie));
+                        }
+                        Some(reason) => {
+                            last = Ok(response);
+                            reason
+                        }
+                    }
+                }
+                Err(Failure::PerTryTimeout)
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) =>
+                {
+                    return Err(timed_out());
+                }
+                Err(failure) => match failure.retry_reason(policy) {
+                    None => return Err(failure_reply(failure, &upstream.target)),
+                    Some(reason) => {
+                        last = Err(failure);
+                        reason
+                    }
+                },
+            };
+            let give_up = |last: Result<Response<Body>, Failure>,
+                           flags: RequestFlags,
+                           outcome: &mut Outcome| {
+                match last {
+                    Ok(response) => {
+                        outcome.flags = flags;
+                        Ok((response, None))
+                    }
+                    Err(failure) => Err(failure_reply(failure, &upstream.target)),
+                }
+            };
+            if retries >= policy.attempts {
+                return give_up(last, RequestFlags::RetryLimitExceeded, outcome);
+            }
+            if upgraded || !body.replayable() {
+                return give_up(last, RequestFlags::None, outcome);
+            }
+            let Some(permit) = active.retry(upstream.limits.max_retries) else {
+                resilient.retries.overflowed(&hostname);
+                return give_up(last, RequestFlags::UpstreamOverflow, outcome);
+            };
+            drop(last);
+            resilient.retries.retried(&hostname, reason);
+            debug!(upstream = %upstream.target, reason, retry = retries + 1, "retrying");
+            let wake = tokio::time::Instant::now() + backoff.next_delay();
+            if let Some(deadline) = deadline
+                && wake >= deadline
+            {
+                tokio::time::sleep_until(deadline).await;
+                return Err(timed_out());
+            }
+            tokio::time::sleep_until(wake).await;
+            _retry_in_flight = Some(permit);
+            retries += 1;
+            tried.push(endpoint.uid());
+        }
+    }
+
+    /// The next endpoint of `endpoints` for `destination` by its load balancer, counted in
+    /// flight, and the cookie the response must set; with `avoid_tried`, one not tried yet when
+    /// there is one (Envoy's `previous_hosts` predicate, 5 picks at most).
+    fn pick(
+        &self,
+        state: &MeshState,
+        destination: &RouteDestination,
+        endpoints: &[Arc<Workload>],
+        hash_input: HashInput<'_>,
+        avoid_tried: bool,
+        tried: &[String],
+    ) -> Option<(Arc<Workload>, InFlight, Option<String>)> {
+        let policy = state.routes().load_balancer(destination);
+        let mut chosen = None;
+        for _ in 0..5 {
+            let pick = self
+                .waypoint
+                .balancer
+                .pick(policy, destination, endpoints, hash_input)?;
+            let fresh = !avoid_tried || !tried.contains(&pick.endpoint.uid());
+            chosen = Some((pick.endpoint.clone(), pick.in_flight, pick.set_cookie));
+            if fresh {
+                break;
+            }
+        }
+        chosen
+    }
+
+    /// Where a request to `endpoint` goes: its address (of the family dialled), the pool key
+    /// and the tunnel.
+    ///
+    /// The tunnel is pooled (it carries the requests of many clients): its `forwarded: for=`
+    /// names the waypoint.
+    fn upstream(
+        &self,
+        state: &MeshState,
+        endpoint: &Workload,
+        destination: &RouteDestination,
+        target_service: &Service,
+        target_port: u16,
+    ) -> Result<Upstream, LocalReply> {
+        let ip = endpoint
+            .address_like(self.destination.ip())
+            .or_else(|| endpoint.ips.first().copied())
+            .ok_or_else(|| unhealthy(format!("endpoint {} has no address", endpoint.uid())))?;
+        let own = self
+            .waypoint
+            .own_ip(state, ip)
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let mut upstream = self.waypoint.upstream(
+            state,
+            endpoint,
+            SocketAddr::new(ip, target_port),
+            SocketAddr::new(own, 0),
+            target_service.hostname(),
+        );
+        upstream.cluster = cluster_of(destination, target_service);
+        upstream.limits = state
+            .routes()
+            .upstream_policy(destination)
+            .connection_pool
+            .unwrap_or_default();
+        Ok(upstream)
+    }
+
+    /// Sends a copy of the request to `mirror`, fire and forget ([`super::mirror`]).
+    fn mirror(
+        &self,
+        state: &MeshState,
+        head: &Head,
+        body: &ReplayBody<Body>,
+        mirror: &Mirror,
+        timeout: Option<Duration>,
+    ) {
+        let mirrors = &self.waypoint.resilience.mirrors;
+        let destination = &mirror.destination;
+        let Ok((service, target_port)) = target_of(state, destination, self.destination.port())
+        else {
+            mirrors.count(&destination.service.to_string(), MirrorResult::Failed);
+            return;
+        };
+        let hostname = service.hostname();
+        let Some(frames) = body.complete() else {
+            mirrors.count(&hostname, MirrorResult::DroppedBody);
+            return;
+        };
+        let Some(permit) = mirrors.try_start(&hostname) else {
+            mirrors.count(&hostname, MirrorResult::DroppedOverflow);
+            return;
+        };
+        let mut endpoints =
+            route::subset_endpoints(state.endpoints(service), destination.subset.as_ref());
+        if let Some(policy) = state
+            .routes()
+            .upstream_policy(destination)
+            .outlier_detection
+        {
+            let cluster = cluster_of(destination, service);
+            endpoints = self
+                .waypoint
+                .resilience
+                .outliers
+                .healthy(&cluster, &policy, &endpoints);
+        }
+        let hash_input = HashInput {
+            headers: &head.headers,
+            query: head.uri.query(),
+            source: self.source.ip(),
+        };
+        let picked = self.pick(state, destination, &endpoints, hash_input, false, &[]);
+        let upstream = picked.as_ref().ok_or(()).and_then(|(endpoint, _, _)| {
+            self.upstream(state, endpoint, destination, service, target_port)
+                .map_err(|_| ())
+        });
+        let (Ok(upstream), Some((_, in_flight, _))) = (upstream, picked) else {
+            mirrors.count(&hostname, MirrorResult::Failed);
+            return;
+        };
+        let body = StreamBody::new(futures::stream::iter(
+            frames.into_iter().map(Ok::<Frame<Bytes>, Infallible>),
+        ));
+        let mut request = upstream_request(head.request(body), self.destination);
+        shadow(&mut request);
+        let waypoint = self.waypoint.clone();
+        tokio::spawn(async move {
+            let sent = tokio::time::timeout(timeout.unwrap_or(MIRROR_TIMEOUT), async {
+                let response = exchange(&waypoint, &upstream, request, None).await?;
+                let mut body = response.into_body();
+                // Read the answer to its end (so the stream closes cleanly) and drop it.
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+                Ok::<_, Failure>(())
+            })
+            .await;
+            let result = match sent {
+                Ok(Ok(())) => MirrorResult::Answered,
+                _ => MirrorResult::Failed,
+            };
+            waypoint.resilience.mirrors.count(&hostname, result);
+            drop((permit, in_flight));
+        });
+    }
+}
+
+/// A request's head, kept to send it more than once (retries, mirrors).
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    /// The request with this head and `body`.
+    fn request<B>(&self, body: B) -> Request<B> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// Where one try goes.
+struct Upstream {
+    /// The endpoint's address and the service's target port.
+    target: SocketAddr,
+    /// The endpoint's identity.
+    endpoint_id: SpiffeId,
+    key: PoolKey,
+    tunnel: TunnelRequest,
+    /// The cluster (service or subset) whose connection limits apply.
+    cluster: ClusterId,
+    /// Its `connectionPool`.
+    limits: ConnectionPool,
+}
+
+/// The cluster (service or subset) of `destination`, whose limits and outlier detection apply.
+fn cluster_of(destination: &RouteDestination, service: &Service) -> ClusterId {
+    ClusterId {
+        name: cluster_name(destination),
+        service: service.hostname(),
+        subset: destination
+            .subset
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// The service a destination names and the target port of the port it is sent to (the
+/// destination's, else the one dialled).
+fn target_of<'s>(
+    state: &'s MeshState,
+    destination: &RouteDestination,
+    dialled_port: u16,
+) -> Result<(&'s Arc<Service>, u16), LocalReply> {
+    let service = state
+        .services()
+        .iter()
+        .find(|s| {
+            s.namespace == destination.service.namespace && s.name == destination.service.name
+        })
+        .ok_or_else(|| unhealthy(format!("service {} is gone", destination.service)))?;
+    let port = destination.port.unwrap_or(dialled_port);
+    let target_port = service
+        .port(port)
+        .ok_or_else(|| unhealthy(format!("service {} has no port {port}", service.uid())))?
+        .target_port;
+    Ok((service, target_port))
+}
+
+fn unhealthy(why: String) -> LocalReply {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        RequestFlags::NoHealthyUpstream,
+        why,
+    )
+}
+
+/// The answer to a try that got no response.
+fn failure_reply(failure: Failure, target: &SocketAddr) -> LocalReply {
+    match failure {
+        Failure::PerTryTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            RequestFlags::UpstreamRequestTimeout,
+            format!("per-try timeout waiting for {target}"),
+        ),
+        Failure::Connect(why) | Failure::RefusedStream(why) | Failure::Reset(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            RequestFlags::UpstreamFailure,
+            format!("{target}: {why}"),
+        ),
+        Failure::Response(status, _) => (
+            status,
+            RequestFlags::UpstreamFailure,
+            format!("{target} answered {status}"),
+        ),
+        Failure::Overflow(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            RequestFlags::UpstreamOverflow,
+            why,
+        ),
+    }
+}
+
+/// Sends `request` to `upstream` on a pooled connection ([`super::pool`]); with `upgrade`, as
+/// an upgrade in a tunnel of its own (an upgraded connection is never reused).
+async fn exchange<B>(
+    waypoint: &Waypoint,
+    upstream: &Upstream,
+    request: Request<B>,
+    upgrade: Option<Upgrade>,
+) -> Result<Response<Body>, Failure>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if upgrade.is_some() {
+        let stream = waypoint.open(upstream).await.map_err(Failure::Connect)?;
+        let response = send(TokioIo::new(stream), request, upgrade).await?;
+        return Ok(response.map(BodyExt::boxed));
+    }
+    let key = ConnKey {
+        cluster: upstream.cluster.name.clone(),
+        hbone: upstream.key.clone(),
+        target: upstream.target,
+        service_host: upstream.tunnel.service_host.clone().unwrap_or_default(),
+        http2: request.version() == Version::HTTP_2,
+    };
+    let target = Target {
+        key,
+        cluster: &upstream.cluster,
+        limits: &upstream.limits,
+    };
+    let request: Request<UpstreamBody> = request.map(|b| b.map_err(Into::into).boxed_unsync());
+    let mut response = waypoint
+        .connections
+        .send(target, waypoint.open(upstream), request)
+        .await?;
+    strip_hop_by_hop(response.headers_mut());
+    Ok(response.map(BodyExt::boxed))
 }
 
 /// The fixed answer of a route, its response header operations applied.
@@ -493,28 +1073,76 @@ fn request_authority<B>(request: &Request<B>) -> Option<String> {
         })
 }
 
-/// Sends `request` over `io` in the request's own HTTP version.
-async fn send<IO>(io: IO, request: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error>
+/// Sets a mirrored request's host to its `-shadow` form (`host` for HTTP/1, the URI's
+/// authority for HTTP/2).
+fn shadow<B>(request: &mut Request<B>) {
+    if let Some(authority) = request.uri().authority().map(|a| a.to_string()) {
+        let mut parts = request.uri().clone().into_parts();
+        if let Ok(shadowed) = shadow_host(&authority).parse() {
+            parts.authority = Some(shadowed);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(shadow_host);
+    if let Some(host) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        request.headers_mut().insert(header::HOST, host);
+    }
+}
+
+/// Sends `request` over `io` in the request's own HTTP version: a failed handshake is a
+/// connect failure, a failed request a reset (or a refused stream). With `upgrade`, as an
+/// upgrade request whose 101 answer splices the two connections.
+async fn send<IO, B>(
+    io: IO,
+    mut request: Request<B>,
+    upgrade: Option<Upgrade>,
+) -> Result<Response<Incoming>, Failure>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let handshake = |e: hyper::Error| Failure::Connect(format!("HTTP handshake: {e}"));
     let mut response = if request.version() == Version::HTTP_2 {
         let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(handshake)?;
         tokio::spawn(connection);
-        sender.send_request(request).await?
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| Failure::from_send(&e))?
     } else {
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(connection);
-        sender.send_request(request).await?
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(handshake)?;
+        if let Some(upgrade) = &upgrade {
+            upgrade.restore(request.headers_mut());
+        }
+        tokio::spawn(connection.with_upgrades());
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| Failure::from_send(&e))?
     };
+    let switched = upgrade.and_then(|upgrade| upgrade.on_response(&mut response));
     strip_hop_by_hop(response.headers_mut());
+    if let Some(protocol) = switched {
+        upgrade::set_headers(response.headers_mut(), protocol);
+    }
     Ok(response)
 }
 
 /// The request as sent upstream: hop-by-hop headers removed, the target in the form its
 /// version wants (origin-form with `host` for HTTP/1, absolute for HTTP/2).
-fn upstream_request(mut request: Request<Incoming>, dialled: SocketAddr) -> Request<Incoming> {
+fn upstream_request<B>(mut request: Request<B>, dialled: SocketAddr) -> Request<B> {
     strip_hop_by_hop(request.headers_mut());
     let authority = request_authority(&request).unwrap_or_else(|| dialled.to_string());
     let path = request
@@ -581,11 +1209,21 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         RequestFlags::NoRoute => "no route matched\n",
         RequestFlags::NoHealthyUpstream => "no healthy upstream\n",
         RequestFlags::UpstreamFailure => "upstream connect error\n",
+        RequestFlags::UpstreamRequestTimeout => "upstream request timeout\n",
+        RequestFlags::FaultInjected => "fault filter abort\n",
+        // Envoy's words for a circuit breaker's overflow.
+        RequestFlags::UpstreamOverflow => {
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow\n"
+        }
         RequestFlags::None => match status {
             StatusCode::FORBIDDEN => super::authz::RBAC_DENIED_BODY,
             StatusCode::UNAUTHORIZED => super::authz::JWT_DENIED_BODY,
             _ => "",
         },
+        RequestFlags::DelayInjected
+        | RequestFlags::RetryLimitExceeded
+        | RequestFlags::UpstreamReset
+        | RequestFlags::DownstreamDisconnect => "",
     };
     let mut response = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))

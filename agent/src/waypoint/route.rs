@@ -33,6 +33,8 @@ pub struct RequestView<'a> {
     pub method: &'a http::Method,
     /// The query string (after `?`), if any.
     pub query: Option<&'a str>,
+    /// The service port the client dialled, if known.
+    pub port: Option<u16>,
 }
 
 impl<'a> RequestView<'a> {
@@ -43,6 +45,15 @@ impl<'a> RequestView<'a> {
             headers: request.headers(),
             method: request.method(),
             query: request.uri().query(),
+            port: None,
+        }
+    }
+
+    /// The same view, the client having dialled the service's `port`.
+    pub fn at_port(self, port: u16) -> Self {
+        Self {
+            port: Some(port),
+            ..self
         }
     }
 }
@@ -106,6 +117,11 @@ pub fn decide<'a>(
 
 /// Whether every condition of `m` holds.
 fn matches(m: &HttpMatch, request: RequestView<'_>) -> bool {
+    if let Some(port) = m.port
+        && request.port != Some(port)
+    {
+        return false;
+    }
     if let Some(uri) = &m.uri
         && !uri_matches(uri, request.path, m.ignore_uri_case)
     {
@@ -268,6 +284,7 @@ mod tests {
                 name: subset.into(),
                 labels: [("version".to_string(), subset.to_string())].into(),
                 load_balancer: None,
+                upstream: Default::default(),
             }),
             weight,
             headers: Default::default(),
@@ -291,12 +308,14 @@ mod tests {
                     }],
                     destinations: vec![to("v2", 100)],
                     filters: Default::default(),
+                    resilience: Default::default(),
                 },
                 HttpRoute {
                     name: None,
                     matches: vec![],
                     destinations: vec![to("v1", 90), to("v2", 10)],
                     filters: Default::default(),
+                    resilience: Default::default(),
                 },
             ],
         }
@@ -328,6 +347,7 @@ mod tests {
                 headers: &jason,
                 method: &GET,
                 query: None,
+                port: None,
             };
             let got = decide(Some(&routes), &service(), request, |_| pick);
             assert_eq!(subset_of(got).as_deref(), Some("v2"));
@@ -340,6 +360,7 @@ mod tests {
                 headers: &h,
                 method: &GET,
                 query: None,
+                port: None,
             };
             assert_eq!(
                 subset_of(decide(Some(&routes), &service(), request, |_| 0)).as_deref(),
@@ -358,6 +379,7 @@ mod tests {
             headers: &none,
             method: &GET,
             query: None,
+            port: None,
         };
         let mut v2 = 0;
         for pick in 0..100 {
@@ -378,6 +400,7 @@ mod tests {
                 matches: vec![],
                 destinations: vec![to("v1", 100), to("v2", 0)],
                 filters: Default::default(),
+                resilience: Default::default(),
             }],
         };
         for pick in 0..100 {
@@ -399,6 +422,7 @@ mod tests {
                 }],
                 destinations: vec![to("v2", 1)],
                 filters: Default::default(),
+                resilience: Default::default(),
             }],
         };
         let none = HeaderMap::new();
@@ -408,6 +432,7 @@ mod tests {
                 headers: &none,
                 method: &GET,
                 query: None,
+                port: None,
             };
             decide(Some(routes), &service(), request, |_| 0).is_some()
         };
@@ -440,6 +465,7 @@ mod tests {
                 }],
                 destinations: vec![to("v2", 1)],
                 filters: Default::default(),
+                resilience: Default::default(),
             }],
         };
         let hits = |routes: &ServiceRoutes, h: &HeaderMap| {
@@ -448,6 +474,7 @@ mod tests {
                 headers: h,
                 method: &GET,
                 query: None,
+                port: None,
             };
             decide(Some(routes), &service(), request, |_| 0).is_some()
         };
@@ -470,6 +497,7 @@ mod tests {
             headers: &none,
             method: &GET,
             query: None,
+            port: None,
         };
         let got = decide(None, &service(), request, |_| 0).unwrap();
         assert_eq!(got.route, None);
@@ -534,6 +562,7 @@ mod tests {
                 matches: vec![m],
                 destinations: vec![to("v2", 1)],
                 filters: Default::default(),
+                resilience: Default::default(),
             }],
         }
     }
@@ -550,8 +579,31 @@ mod tests {
             headers: h,
             method,
             query,
+            port: None,
         };
         decide(Some(routes), &service(), request, |_| 0).is_some()
+    }
+
+    #[test]
+    fn a_match_with_a_port_holds_only_for_that_service_port() {
+        let none = HeaderMap::new();
+        let routes = one_match(HttpMatch {
+            port: Some(9080),
+            ..HttpMatch::default()
+        });
+        let at = |port: Option<u16>| {
+            let request = RequestView {
+                path: "/",
+                headers: &none,
+                method: &GET,
+                query: None,
+                port,
+            };
+            decide(Some(&routes), &service(), request, |_| 0).is_some()
+        };
+        assert!(at(Some(9080)));
+        assert!(!at(Some(9090)));
+        assert!(!at(None));
     }
 
     #[test]
@@ -731,6 +783,7 @@ mod tests {
                     }),
                     ..RouteFilters::default()
                 },
+                resilience: Default::default(),
             }],
         };
         let request = RequestView {
@@ -738,6 +791,7 @@ mod tests {
             headers: &none,
             method: &GET,
             query: None,
+            port: None,
         };
         let got = decide(Some(&routes), &service(), request, |_| 0).unwrap();
         assert_eq!(got.destination, None);

@@ -35,14 +35,29 @@
 //! - `testpod http --port P [--name NAME]`: an HTTP server (HTTP/1.1, and HTTP/2 with prior
 //!   knowledge, on one port) answering every request 200 with `<name> <version seen>\n` and the
 //!   header `x-served-by: <name>`, so a client tells which endpoint answered and in which HTTP
-//!   version the request reached it. Prints `{"event":"listening",...}` once it listens. With
-//!   `--delay-ms D`, each answer waits D ms first (a slow endpoint); with `--log-requests`, each
-//!   request is printed as `{"event":"request","method":..,"path":..,"headers":{..}}` (path
-//!   with its query; each header's values joined by `, `), so a test sees what reached it.
+//!   version the request reached it. Prints `{"event":"listening",...}` once it listens.
+//!   A request with a body (read up to 1 MiB) gets ` body=<bytes>` added to the line.
+//!   With `--delay-ms D`, each answer waits D ms first (a slow endpoint). For resilience tests,
+//!   per request: `x-fail-first: N` answers 503 to the first N requests of each path (then
+//!   200), `x-delay-ms: N` waits N ms (at most 60 s) before answering. With `--log-requests`,
+//!   each request is printed as `{"event":"request","method":..,"path":..,"host":..,
+//!   "attempt":..,"headers":{..}}` (path with its query; `attempt`: its
+//!   `x-envoy-attempt-count`; each header's values joined by `, `), so a test sees what reached
+//!   it, with the server's connection number (`connection`, from 1) and the requests in flight
+//!   (`in_flight`, this one included; `max_in_flight` since it started); with `--hang`, it
+//!   accepts and reads requests and never answers (a black hole); with `--fail-status S`, it
+//!   answers every request S (a broken endpoint).
 //! - `testpod burst --connect ADDR --count C [--bytes N] [--hold-seconds S]`: C connections
 //!   opened one after another and kept open, each exchanging N bytes with the echo server first;
 //!   prints `{"event":"opened",...}` once all are open, holds them until a line (or EOF) on stdin
 //!   or S seconds, then half-closes each and reads it to the end; one `closed` summary line.
+//! - `testpod grpc-serve --port P [--name NAME]`: a gRPC server (tonic) of
+//!   tests/proto/greeter.proto: unary `Say` and server-streaming `Count`, with statuses in
+//!   headers (`fail`: NOT_FOUND) and in trailers after replies (`abort`: ABORTED).
+//! - `testpod grpc-call --addr http://H:P [--calls N] [--stream M] [--text T]`: N unary calls
+//!   and one stream of M replies on one channel; one line per call with its status code.
+//! - `testpod ws-serve --port P [--name NAME]` and `testpod ws-echo --url ws://H:P/ [--messages
+//!   N]`: a WebSocket echo server answering `<name>: <message>`, and a client checking N echoes.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -53,6 +68,12 @@ use clap::{Parser, Subcommand};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde_json::{Value, json};
 use socket2::{Domain, Protocol, Socket, Type};
+
+// In a directory of their own: a file directly in src/bin/ would be taken for a binary.
+#[path = "testpod/grpc.rs"]
+mod grpc;
+#[path = "testpod/ws.rs"]
+mod ws;
 
 #[derive(Parser)]
 #[command(name = "testpod", about = "Test bed client/server")]
@@ -208,12 +229,51 @@ enum Cmd {
         /// Name in the body and in `x-served-by` (default: $POD_NAME).
         #[arg(long)]
         name: Option<String>,
-        /// Wait this long before each answer.
-        #[arg(long, default_value_t = 0)]
-        delay_ms: u64,
-        /// Print each request (method, path, headers) as a JSON line.
+        /// Resilience test behaviour.
+        #[command(flatten)]
+        behaviour: http::Behaviour,
+    },
+    /// gRPC server of tests/proto/greeter.proto.
+    GrpcServe {
+        /// Port to listen on (all IPv4 addresses).
         #[arg(long)]
-        log_requests: bool,
+        port: u16,
+        /// Name in the replies (default: $POD_NAME).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// gRPC client: unary calls, then one server stream, on one channel.
+    GrpcCall {
+        /// The server, `http://host:port`.
+        #[arg(long)]
+        addr: String,
+        /// Unary `Say` calls.
+        #[arg(long, default_value_t = 1)]
+        calls: u32,
+        /// Replies of one `Count` stream (0: no stream).
+        #[arg(long, default_value_t = 0)]
+        stream: u32,
+        /// The text sent (`fail`, `abort`: the server answers an error status).
+        #[arg(long, default_value = "hello")]
+        text: String,
+    },
+    /// WebSocket echo server.
+    WsServe {
+        /// Port to listen on (all IPv4 addresses).
+        #[arg(long)]
+        port: u16,
+        /// Name in the replies (default: $POD_NAME).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// WebSocket client checking echoes.
+    WsEcho {
+        /// The server, `ws://host:port/path`.
+        #[arg(long)]
+        url: String,
+        /// Messages sent, one at a time.
+        #[arg(long, default_value_t = 10)]
+        messages: u32,
     },
 }
 
@@ -313,15 +373,30 @@ fn main() -> ExitCode {
         Cmd::Http {
             port,
             name,
-            delay_ms,
-            log_requests,
+            behaviour,
         } => http::serve(
             port,
             name.or_else(|| std::env::var("POD_NAME").ok())
                 .unwrap_or_else(|| "unknown".into()),
-            Duration::from_millis(delay_ms),
-            log_requests,
+            behaviour,
         ),
+        Cmd::GrpcServe { port, name } => grpc::serve(
+            port,
+            name.or_else(|| std::env::var("POD_NAME").ok())
+                .unwrap_or_else(|| "unknown".into()),
+        ),
+        Cmd::GrpcCall {
+            addr,
+            calls,
+            stream,
+            text,
+        } => grpc::call(addr, calls, stream, text),
+        Cmd::WsServe { port, name } => ws::serve(
+            port,
+            name.or_else(|| std::env::var("POD_NAME").ok())
+                .unwrap_or_else(|| "unknown".into()),
+        ),
+        Cmd::WsEcho { url, messages } => ws::echo(url, messages),
         Cmd::Idle {
             connect,
             count,
@@ -1242,15 +1317,161 @@ mod tests {
 
 /// `testpod http`: hyper's auto server (the same builder the waypoint uses for its clients).
 mod http {
-    use std::convert::Infallible;
+    use std::{
+        collections::HashMap,
+        convert::Infallible,
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicU64, Ordering},
+        },
+        time::Duration,
+    };
 
     use bytes::Bytes;
     use http_body_util::Full;
-    use hyper::{Request, Response, body::Incoming};
+    use hyper::{Request, Response, StatusCode, body::Incoming};
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use serde_json::json;
 
-    pub fn serve(port: u16, name: String, delay: super::Duration, log_requests: bool) -> bool {
+    /// How the server misbehaves, for resilience tests.
+    #[derive(Clone, Copy, Debug, Default, clap::Args)]
+    pub struct Behaviour {
+        /// Wait this long (ms) before each answer.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Print each request (method, path, host, attempt, headers) as a JSON line.
+        #[arg(long)]
+        log_requests: bool,
+        /// Never answer (a black hole that accepts).
+        #[arg(long)]
+        hang: bool,
+        /// Answer every request with this status (a broken endpoint); 0: no.
+        #[arg(long, default_value_t = 0)]
+        fail_status: u16,
+    }
+
+    /// Requests in flight now and at most, for connection pool tests.
+    #[derive(Default)]
+    struct Concurrency {
+        now: AtomicU64,
+        max: AtomicU64,
+    }
+
+    /// Decrements the requests in flight when the answer is made.
+    struct InFlight(Arc<Concurrency>);
+
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            self.0.now.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Requests seen per path, for `x-fail-first` (cleared when it grows past 100,000 paths).
+    type Seen = Arc<Mutex<HashMap<String, u64>>>;
+
+    fn header_number(req: &Request<Incoming>, name: &str) -> u64 {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    async fn answer(
+        req: Request<Incoming>,
+        name: String,
+        behaviour: Behaviour,
+        seen: Seen,
+        conn: (u64, Arc<Concurrency>),
+    ) -> Response<Full<Bytes>> {
+        let (connection, concurrency) = conn;
+        let in_flight = concurrency.now.fetch_add(1, Ordering::SeqCst) + 1;
+        concurrency.max.fetch_max(in_flight, Ordering::SeqCst);
+        let _in_flight = InFlight(concurrency.clone());
+        let path = req.uri().path().to_string();
+        let version = req.version();
+        if behaviour.log_requests {
+            let host = req
+                .headers()
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .or_else(|| req.uri().authority().map(|a| a.to_string()));
+            let attempt = req
+                .headers()
+                .get("x-envoy-attempt-count")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let mut headers = serde_json::Map::new();
+            for name in req.headers().keys() {
+                let values: Vec<&str> = req
+                    .headers()
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("<binary>"))
+                    .collect();
+                headers.insert(name.to_string(), json!(values.join(", ")));
+            }
+            super::emit(json!({
+                "event": "request",
+                "method": req.method().as_str(),
+                "path": req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                "host": host,
+                "attempt": attempt,
+                "headers": headers,
+                "connection": connection,
+                "in_flight": in_flight,
+                "max_in_flight": concurrency.max.load(Ordering::SeqCst),
+            }));
+        }
+        if behaviour.hang {
+            std::future::pending::<()>().await;
+        }
+        let delay = header_number(&req, "x-delay-ms")
+            .min(60_000)
+            .max(behaviour.delay_ms);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let fail_first = header_number(&req, "x-fail-first");
+        let body = http_body_util::Limited::new(req.into_body(), 1 << 20);
+        let received = match http_body_util::BodyExt::collect(body).await {
+            Ok(body) => body.to_bytes().len(),
+            Err(_) => usize::MAX,
+        };
+        let failing = fail_first > 0 && {
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.len() > 100_000 {
+                seen.clear();
+            }
+            let count = seen.entry(path).or_default();
+            *count += 1;
+            *count <= fail_first
+        };
+        let seen_body = match received {
+            0 => String::new(),
+            usize::MAX => " body=error".to_string(),
+            n => format!(" body={n}"),
+        };
+        let (status, body) = if behaviour.fail_status != 0 {
+            (
+                StatusCode::from_u16(behaviour.fail_status)
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                format!("{name} broken\n"),
+            )
+        } else if failing {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{name} failing\n"))
+        } else {
+            (StatusCode::OK, format!("{name} {version:?}{seen_body}\n"))
+        };
+        Response::builder()
+            .status(status)
+            .header("x-served-by", name.as_str())
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response")
+    }
+
+    pub fn serve(port: u16, name: String, behaviour: Behaviour) -> bool {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1270,43 +1491,23 @@ mod http {
                 }
             };
             super::emit(json!({"event": "listening", "port": port, "name": name}));
+            let seen = Seen::default();
+            let concurrency = Arc::new(Concurrency::default());
+            let mut connections = 0u64;
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                connections += 1;
+                let connection = connections;
                 let name = name.clone();
+                let seen = seen.clone();
+                let concurrency = concurrency.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        if log_requests {
-                            let mut headers = serde_json::Map::new();
-                            for name in req.headers().keys() {
-                                let values: Vec<&str> = req
-                                    .headers()
-                                    .get_all(name)
-                                    .iter()
-                                    .map(|v| v.to_str().unwrap_or("<binary>"))
-                                    .collect();
-                                headers.insert(name.to_string(), json!(values.join(", ")));
-                            }
-                            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                            super::emit(json!({
-                                "event": "request",
-                                "method": req.method().as_str(),
-                                "path": path,
-                                "headers": headers,
-                            }));
-                        }
-                        let body = format!("{name} {:?}\n", req.version());
-                        let response = Response::builder()
-                            .header("x-served-by", name.as_str())
-                            .body(Full::new(Bytes::from(body)))
-                            .expect("static response");
-                        async move {
-                            if !delay.is_zero() {
-                                tokio::time::sleep(delay).await;
-                            }
-                            Ok::<_, Infallible>(response)
-                        }
+                        let conn = (connection, concurrency.clone());
+                        let response = answer(req, name.clone(), behaviour, seen.clone(), conn);
+                        async move { Ok::<_, Infallible>(response.await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)

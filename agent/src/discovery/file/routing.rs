@@ -3,14 +3,18 @@
 //! Each entry is a whole Istio object (`apiVersion`, `kind`, `metadata`, `spec`) in Ambit's API
 //! group `networking.ambit.dev/v1`, field for field Istio's `networking.istio.io/v1`, so that
 //! Istio YAML ports by changing only `apiVersion`. Only the fields the waypoint implements are
-//! accepted: any other (`retries`, `fault`, `connectionPool`...) is rejected with its path, never
-//! ignored, since a route silently missing its timeout or its fault would be a different route.
+//! accepted (the resilience fields `timeout`, `retries`, `mirror`, `fault`... are read by
+//! [`super::resilience`]): any other (`corsPolicy`, `tls`...) is rejected with its
+//! path, never ignored, since a route silently missing a field would be a different route.
 //! The result is the state's route model ([`crate::state::routes`]).
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, Validator};
+use super::{
+    ConfigError, HttpFaultInjectionFile, HttpMirrorPolicyFile, HttpRetryFile, PercentFile,
+    Validator, resilience::ResilienceFields,
+};
 use crate::{
     serdes::null_as_default,
     state::{
@@ -20,6 +24,7 @@ use crate::{
             HeaderRules, HttpMatch, HttpRoute, LoadBalancer, QueryMatch, Redirect, Rewrite,
             RouteDestination, RouteFilters, RouteTable, ServiceRoutes, StringMatch, Subset,
         },
+        upstream::UpstreamPolicy,
     },
 };
 
@@ -99,6 +104,30 @@ pub struct HttpRouteFile {
     /// Answer with a fixed response (no `route`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_response: Option<HttpDirectResponseFile>,
+
+    // Resilience (timeouts, retries, mirrors, faults): `super::resilience`.
+    /// The whole request's timeout, e.g. `10s` (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Retries (absent: Istio's default policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<HttpRetryFile>,
+    /// One destination copies of the requests go to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<DestinationFile>,
+    /// Share of the requests `mirror` gets (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_percentage: Option<PercentFile>,
+    /// Several mirrors, each with its percentage.
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub mirrors: Vec<HttpMirrorPolicyFile>,
+    /// Faults injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<HttpFaultInjectionFile>,
 }
 
 /// One entry of `match`: Istio's `HTTPMatchRequest`.
@@ -300,13 +329,19 @@ pub struct HttpBodyFile {
     pub string: String,
 }
 
-/// Istio's `TrafficPolicy` (`loadBalancer` only).
+/// Istio's `TrafficPolicy` (`loadBalancer`, `connectionPool`, `outlierDetection`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicyFile {
     /// How requests are spread over endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSettingsFile>,
+    /// Connection and request limits ([`super::traffic_policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<super::ConnectionPoolFile>,
+    /// Ejection of failing endpoints ([`super::traffic_policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<super::OutlierDetectionFile>,
 }
 
 /// Istio's `LoadBalancerSettings`: `simple` or `consistentHash`.
@@ -401,8 +436,13 @@ pub(crate) fn destination_rule(
     Validator::new(path).destination_rule(at, rule, known)
 }
 
-/// A DestinationRule checked: its service's uid, subsets by name, the rule's load balancer.
-pub(crate) type CheckedRule = (String, BTreeMap<String, Subset>, Option<LoadBalancer>);
+/// A DestinationRule checked: its service's uid, subsets by name, the rule's load balancer
+/// and upstream policy (connection pool, outlier detection).
+pub(crate) type CheckedRule = (
+    String,
+    BTreeMap<String, Subset>,
+    (Option<LoadBalancer>, UpstreamPolicy),
+);
 
 /// Checks one VirtualService (its fields named after `at`) against the services and subsets:
 /// the routes of each of its hosts, by service uid, in the order of `spec.hosts`. Shared like
@@ -429,9 +469,11 @@ impl Validator<'_> {
         let mut subsets: SubsetsByService = HashMap::new();
         let mut rule_of: HashMap<String, usize> = HashMap::new();
         let mut load_balancers = BTreeMap::new();
+        let mut upstream_policies = BTreeMap::new();
         for (i, rule) in destination_rules.iter().enumerate() {
             let at = format!("destinationRules[{i}]");
-            let (uid, named, load_balancer) = self.destination_rule(&at, rule, &known)?;
+            let (uid, named, (load_balancer, upstream)) =
+                self.destination_rule(&at, rule, &known)?;
             if let Some(first) = rule_of.insert(uid.clone(), i) {
                 return Err(self.invalid(
                     format!("{at}.spec.host"),
@@ -443,11 +485,15 @@ impl Validator<'_> {
             if let Some(policy) = load_balancer {
                 load_balancers.insert(uid.clone(), policy);
             }
+            if !upstream.is_empty() {
+                upstream_policies.insert(uid.clone(), upstream);
+            }
             subsets.insert(uid, named);
         }
 
         let mut table = RouteTable {
             load_balancers,
+            upstream: upstream_policies,
             ..RouteTable::default()
         };
         let mut vs_of: HashMap<String, usize> = HashMap::new();
@@ -495,11 +541,12 @@ impl Validator<'_> {
                      service)",
                 ));
             }
+            let policy_at = format!("{field}.trafficPolicy");
             let entry = Subset {
                 name: subset.name.clone(),
                 labels: subset.labels.clone(),
-                load_balancer: self
-                    .traffic_policy(&format!("{field}.trafficPolicy"), &subset.traffic_policy)?,
+                load_balancer: self.traffic_policy(&policy_at, &subset.traffic_policy)?,
+                upstream: self.upstream_of(&policy_at, &subset.traffic_policy)?,
             };
             if named.insert(subset.name.clone(), entry).is_some() {
                 return Err(self.invalid(
@@ -508,11 +555,10 @@ impl Validator<'_> {
                 ));
             }
         }
-        let load_balancer = self.traffic_policy(
-            &format!("{at}.spec.trafficPolicy"),
-            &rule.spec.traffic_policy,
-        )?;
-        Ok((service.uid(), named, load_balancer))
+        let policy_at = format!("{at}.spec.trafficPolicy");
+        let load_balancer = self.traffic_policy(&policy_at, &rule.spec.traffic_policy)?;
+        let upstream = self.upstream_of(&policy_at, &rule.spec.traffic_policy)?;
+        Ok((service.uid(), named, (load_balancer, upstream)))
     }
 
     fn virtual_service(
@@ -582,7 +628,11 @@ impl Validator<'_> {
     }
 
     /// The object's namespace, after checking its metadata.
-    fn meta<'m>(&self, at: &str, meta: &'m ObjectMetaFile) -> Result<&'m str, ConfigError> {
+    pub(super) fn meta<'m>(
+        &self,
+        at: &str,
+        meta: &'m ObjectMetaFile,
+    ) -> Result<&'m str, ConfigError> {
         self.non_empty(format!("{at}.metadata.name"), &meta.name)?;
         match meta.namespace.as_deref() {
             Some(namespace) => {
@@ -682,9 +732,24 @@ impl Validator<'_> {
                 query_params,
                 without_headers,
                 ignore_uri_case: entry.ignore_uri_case.unwrap_or(false),
+                port: None,
             });
         }
         let filters = self.route_filters(at, route)?;
+        let resilience = self.resilience(
+            at,
+            ResilienceFields {
+                timeout: route.timeout.as_deref(),
+                retries: route.retries.as_ref(),
+                mirror: route.mirror.as_ref(),
+                mirror_percentage: route.mirror_percentage.as_ref(),
+                mirrors: &route.mirrors,
+                fault: route.fault.as_ref(),
+            },
+            namespace,
+            known,
+            subsets,
+        )?;
         if filters.redirect.is_some() || filters.direct_response.is_some() {
             let which = if filters.redirect.is_some() {
                 "redirect"
@@ -702,6 +767,7 @@ impl Validator<'_> {
                 matches,
                 destinations: vec![],
                 filters,
+                resilience,
             });
         }
         if route.route.is_empty() {
@@ -715,45 +781,13 @@ impl Validator<'_> {
         let mut destinations = Vec::with_capacity(route.route.len());
         for (d, entry) in route.route.iter().enumerate() {
             let field = format!("{at}.route[{d}]");
-            let service = self.host(
-                &format!("{field}.destination.host"),
-                &entry.destination.host,
+            let destination = self.destination(
+                &format!("{field}.destination"),
+                &entry.destination,
                 namespace,
                 known,
+                subsets,
             )?;
-            let port = match &entry.destination.port {
-                Some(port) => {
-                    let number =
-                        self.port(format!("{field}.destination.port.number"), port.number)?;
-                    if service.port(number).is_none() {
-                        return Err(self.invalid(
-                            format!("{field}.destination.port.number"),
-                            format!("service {} has no port {number}", service.uid()),
-                        ));
-                    }
-                    Some(number)
-                }
-                None => None,
-            };
-            let subset = match &entry.destination.subset {
-                Some(name) => Some(
-                    subsets
-                        .get(&service.uid())
-                        .and_then(|named| named.get(name))
-                        .cloned()
-                        .ok_or_else(|| {
-                            self.invalid(
-                                format!("{field}.destination.subset"),
-                                format!(
-                                    "subset {name:?} is not defined by a DestinationRule of \
-                                     service {}",
-                                    service.uid()
-                                ),
-                            )
-                        })?,
-                ),
-                None => None,
-            };
             let weight = match entry.weight {
                 None if only => 100,
                 None => 0,
@@ -762,14 +796,9 @@ impl Validator<'_> {
                 })?,
             };
             destinations.push(RouteDestination {
-                service: WaypointRef {
-                    namespace: service.namespace.clone(),
-                    name: service.name.clone(),
-                },
-                port,
-                subset,
                 weight,
                 headers: self.header_rules(&format!("{field}.headers"), &entry.headers)?,
+                ..destination
             });
         }
         if destinations.iter().all(|d| d.weight == 0) {
@@ -783,6 +812,65 @@ impl Validator<'_> {
             matches,
             destinations,
             filters,
+            resilience,
+        })
+    }
+
+    /// Resolves a `Destination` at `field` (its host, port and subset); its weight is 0.
+    pub(super) fn destination(
+        &self,
+        field: &str,
+        destination: &DestinationFile,
+        namespace: &str,
+        known: &HashMap<(&str, &str), &Service>,
+        subsets: &HashMap<String, BTreeMap<String, Subset>>,
+    ) -> Result<RouteDestination, ConfigError> {
+        let service = self.host(
+            &format!("{field}.host"),
+            &destination.host,
+            namespace,
+            known,
+        )?;
+        let port = match &destination.port {
+            Some(port) => {
+                let number = self.port(format!("{field}.port.number"), port.number)?;
+                if service.port(number).is_none() {
+                    return Err(self.invalid(
+                        format!("{field}.port.number"),
+                        format!("service {} has no port {number}", service.uid()),
+                    ));
+                }
+                Some(number)
+            }
+            None => None,
+        };
+        let subset = match &destination.subset {
+            Some(name) => Some(
+                subsets
+                    .get(&service.uid())
+                    .and_then(|named| named.get(name))
+                    .cloned()
+                    .ok_or_else(|| {
+                        self.invalid(
+                            format!("{field}.subset"),
+                            format!(
+                                "subset {name:?} is not defined by a DestinationRule of service {}",
+                                service.uid()
+                            ),
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(RouteDestination {
+            service: WaypointRef {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+            },
+            port,
+            subset,
+            weight: 0,
+            headers: Default::default(),
         })
     }
 
@@ -882,6 +970,7 @@ impl Validator<'_> {
                 Some(Rewrite {
                     uri: rewrite.uri.clone(),
                     authority: rewrite.authority.clone(),
+                    full_path: false,
                 })
             }
             None => None,
@@ -979,7 +1068,7 @@ impl Validator<'_> {
     }
 
     /// An authority (`host` or `host:port`).
-    fn authority(&self, field: &str, authority: &str) -> Result<(), ConfigError> {
+    pub(super) fn authority(&self, field: &str, authority: &str) -> Result<(), ConfigError> {
         match authority.parse::<http::uri::Authority>() {
             Ok(parsed)
                 if !authority.is_empty() && !authority.contains('@') && parsed.host() != "" =>
@@ -1006,7 +1095,7 @@ impl Validator<'_> {
     }
 
     /// Istio's `HeaderOperations`: names lower-cased, values literal.
-    fn header_ops(
+    pub(super) fn header_ops(
         &self,
         at: &str,
         ops: &Option<HeaderOperationsFile>,
@@ -1064,6 +1153,20 @@ impl Validator<'_> {
             add: pairs("add", &ops.add)?,
             remove,
         })
+    }
+
+    /// A `trafficPolicy`'s connection pool and outlier detection (empty: not set).
+    fn upstream_of(
+        &self,
+        at: &str,
+        policy: &Option<TrafficPolicyFile>,
+    ) -> Result<UpstreamPolicy, ConfigError> {
+        match policy {
+            Some(p) => {
+                self.upstream_policy(at, p.connection_pool.as_ref(), p.outlier_detection.as_ref())
+            }
+            None => Ok(UpstreamPolicy::default()),
+        }
     }
 
     /// A `trafficPolicy`'s load balancer (`None`: not set).
@@ -1278,6 +1381,7 @@ destinationRules:
                 name: "v2".into(),
                 labels: [("version".to_string(), "v2".to_string())].into(),
                 load_balancer: None,
+                upstream: Default::default(),
             })
         );
 
@@ -1296,23 +1400,23 @@ destinationRules:
     fn unsupported_fields_are_rejected_by_path_never_ignored() {
         let retries = SEED_VS.replace(
             "    - route:\n",
-            "    - retries: {attempts: 3}\n      route:\n",
+            "    - corsPolicy: {allowOrigins: [{exact: x}]}\n      route:\n",
         );
         let err = parse(&format!("{retries}{DR}")).unwrap_err();
         assert!(
             err.contains("mesh file /etc/mesh.yaml")
                 && err.contains("virtualServices[0].spec.http[1]")
-                && err.contains("unknown field `retries`"),
+                && err.contains("unknown field `corsPolicy`"),
             "{err}"
         );
         let policy = DR.replace(
             "    host: reviews\n",
-            "    host: reviews\n    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}\n",
+            "    host: reviews\n    trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n",
         );
         let err = parse(&format!("{SEED_VS}{policy}")).unwrap_err();
         assert!(
             err.contains("destinationRules[0].spec.trafficPolicy")
-                && err.contains("unknown field `connectionPool`"),
+                && err.contains("unknown field `tls`"),
             "{err}"
         );
     }
@@ -1493,7 +1597,8 @@ destinationRules:
             writes.filters.rewrite,
             Some(Rewrite {
                 uri: Some("/v2".into()),
-                authority: Some("reviews.internal".into())
+                authority: Some("reviews.internal".into()),
+                full_path: false,
             })
         );
         // Header names are lower-cased.
@@ -1665,7 +1770,7 @@ destinationRules:
             ),
             (
                 "loadBalancer: {simple: LEAST_REQUEST}",
-                "outlierDetection: {consecutive5xxErrors: 1}",
+                "portLevelSettings: [{port: {number: 80}}]",
                 "spec.trafficPolicy",
             ),
         ];

@@ -7,9 +7,7 @@
 //! resource types here wrap its spec and status structs with k8s-openapi 0.29's metadata and
 //! implement the traits kube 5 needs. When `gateway-api` moves to kube 5, these wrappers become
 //! its types.
-use k8s_openapi::{
-    Metadata, NamespaceResourceScope, Resource, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde::{Deserialize, Serialize};
 
 pub use gateway_api::{gateways::GatewaySpec, gateways::GatewayStatus};
@@ -34,26 +32,15 @@ macro_rules! gateway_resource {
             pub status: Option<$status>,
         }
 
-        impl Resource for $type {
-            const API_VERSION: &'static str = GATEWAY_API_VERSION;
-            const GROUP: &'static str = GATEWAY_GROUP;
-            const KIND: &'static str = $kind;
-            const VERSION: &'static str = "v1";
-            const URL_PATH_SEGMENT: &'static str = $plural;
-            type Scope = NamespaceResourceScope;
-        }
-
-        impl Metadata for $type {
-            type Ty = ObjectMeta;
-
-            fn metadata(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
+        super::kube_resource!(
+            $type,
+            GATEWAY_API_VERSION,
+            GATEWAY_GROUP,
+            "v1",
+            $kind,
+            $plural,
+            NamespaceResourceScope
+        );
     };
 }
 

@@ -51,11 +51,43 @@ use crate::{
     timefmt::rfc3339,
 };
 
+/// Declares `$type`, a struct with a `metadata: ObjectMeta` field, as the kube resource `$kind`
+/// (`$plural`) of `$group`/`$version` (`$api_version` is `group/version`, or `version` for the
+/// core group): the traits kube's `Api`, watchers and stores need. The one way Ambit declares
+/// the resource types it reads with types of its own (slim views, specs kept as JSON, the
+/// Gateway API's structs wrapped for kube 5).
+macro_rules! kube_resource {
+    ($type:ty, $api_version:expr, $group:expr, $version:literal, $kind:literal, $plural:literal, $scope:ty) => {
+        impl k8s_openapi::Resource for $type {
+            const API_VERSION: &'static str = $api_version;
+            const GROUP: &'static str = $group;
+            const KIND: &'static str = $kind;
+            const VERSION: &'static str = $version;
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = $scope;
+        }
+
+        impl k8s_openapi::Metadata for $type {
+            type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+            fn metadata(&self) -> &Self::Ty {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut Self::Ty {
+                &mut self.metadata
+            }
+        }
+    };
+}
+pub(crate) use kube_resource;
+
 mod cgroup;
 pub mod convert;
 pub mod crd;
 pub mod events;
 pub mod gateway;
+pub mod gateway_routes;
 pub mod objects;
 pub mod owner;
 mod route_status;
@@ -75,6 +107,7 @@ pub use self::{
     status::StatusWriter,
 };
 use self::{
+    gateway_routes::{GrpcRouteResource, HttpRouteResource},
     objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
     routes::{DestinationRuleResource, VirtualServiceResource},
     security::{AuthorizationPolicyResource, PeerAuthenticationResource},
@@ -121,6 +154,10 @@ pub enum WatchedKind {
     VirtualServices,
     /// `networking.ambit.dev/v1` DestinationRules (a custom resource).
     DestinationRules,
+    /// `gateway.networking.k8s.io/v1` HTTPRoutes (the Gateway API's CRDs).
+    HttpRoutes,
+    /// `gateway.networking.k8s.io/v1` GRPCRoutes (the Gateway API's CRDs).
+    GrpcRoutes,
 }
 
 /// How many kinds the source watches.
@@ -128,7 +165,7 @@ const KINDS: usize = WatchedKind::ALL.len();
 
 impl WatchedKind {
     /// Every kind, in the order used for indexing.
-    pub const ALL: [WatchedKind; 8] = [
+    pub const ALL: [WatchedKind; 10] = [
         WatchedKind::Pods,
         WatchedKind::Namespaces,
         WatchedKind::Services,
@@ -137,6 +174,8 @@ impl WatchedKind {
         WatchedKind::PeerAuthentications,
         WatchedKind::VirtualServices,
         WatchedKind::DestinationRules,
+        WatchedKind::HttpRoutes,
+        WatchedKind::GrpcRoutes,
     ];
 
     /// The resource's plural name, as in the API's paths.
@@ -150,6 +189,8 @@ impl WatchedKind {
             WatchedKind::PeerAuthentications => "peerauthentications",
             WatchedKind::VirtualServices => "virtualservices",
             WatchedKind::DestinationRules => "destinationrules",
+            WatchedKind::HttpRoutes => "httproutes",
+            WatchedKind::GrpcRoutes => "grpcroutes",
         }
     }
 
@@ -167,6 +208,7 @@ impl WatchedKind {
             WatchedKind::VirtualServices | WatchedKind::DestinationRules => {
                 Some(routes::NETWORKING_GROUP)
             }
+            WatchedKind::HttpRoutes | WatchedKind::GrpcRoutes => Some(gateway::GATEWAY_GROUP),
             _ => None,
         }
     }
@@ -454,6 +496,8 @@ impl KubeSource {
             self.reflector(WatchedKind::VirtualServices);
         let (destination_rules_stream, destination_rules) =
             self.reflector(WatchedKind::DestinationRules);
+        let (http_routes_stream, http_routes) = self.reflector(WatchedKind::HttpRoutes);
+        let (grpc_routes_stream, grpc_routes) = self.reflector(WatchedKind::GrpcRoutes);
         let mut signals = futures::stream::select_all([
             pods_stream,
             namespaces_stream,
@@ -463,6 +507,8 @@ impl KubeSource {
             peers_stream,
             virtual_services_stream,
             destination_rules_stream,
+            http_routes_stream,
+            grpc_routes_stream,
         ]);
         let stores = Stores {
             pods,
@@ -473,6 +519,8 @@ impl KubeSource {
             peer_authentications,
             virtual_services,
             destination_rules,
+            http_routes,
+            grpc_routes,
         };
 
         let mut run = Run {
@@ -555,6 +603,8 @@ struct Stores {
     peer_authentications: Store<PeerAuthenticationResource>,
     virtual_services: Store<VirtualServiceResource>,
     destination_rules: Store<DestinationRuleResource>,
+    http_routes: Store<HttpRouteResource>,
+    grpc_routes: Store<GrpcRouteResource>,
 }
 
 /// One watcher's report to the source's loop.
@@ -1019,7 +1069,50 @@ impl Run {
             services,
             &self.routes_in_force,
         );
+        let (http_routes, grpc_routes) = (
+            if served(WatchedKind::HttpRoutes) {
+                self.stores.http_routes.state()
+            } else {
+                Vec::new()
+            },
+            if served(WatchedKind::GrpcRoutes) {
+                self.stores.grpc_routes.state()
+            } else {
+                Vec::new()
+            },
+        );
+        let gateway = gateway_routes::convert_gateway_routes(
+            &http_routes,
+            &grpc_routes,
+            services,
+            &self.routes_in_force,
+        );
         let mut reported = HashMap::new();
+        for (key, verdicts) in &gateway.verdicts {
+            let Some(rejected) = verdicts
+                .iter()
+                .find(|v| !v.accepted.status || !v.resolved_refs.status)
+            else {
+                continue;
+            };
+            let message = if rejected.accepted.status {
+                &rejected.resolved_refs.message
+            } else {
+                &rejected.accepted.message
+            };
+            if self.reported_route_rejections.get(key) != Some(message) {
+                tracing::warn!(
+                    resource = %key,
+                    accepted = rejected.accepted.status,
+                    reason = if rejected.accepted.status { rejected.resolved_refs.reason } else { rejected.accepted.reason },
+                    %message,
+                    last_accepted_in_force = gateway.in_force.contains_key(key),
+                    "Gateway API route not taken as written; its last accepted version, if any, \
+                     stays in force"
+                );
+            }
+            reported.insert(key.clone(), message.clone());
+        }
         for (key, acceptance) in &converted.verdicts {
             if acceptance.accepted() {
                 continue;
@@ -1036,8 +1129,21 @@ impl Run {
             reported.insert(key.clone(), acceptance.message.clone());
         }
         self.reported_route_rejections = reported;
+        let mut table = converted.table;
+        for (uid, routes) in gateway.by_service {
+            if let Some(virtual_service) = table.by_service.get(&uid) {
+                tracing::debug!(
+                    service = %uid,
+                    gateway_api = %routes.source,
+                    ignored = %virtual_service.source,
+                    "a service routed by both front ends takes its Gateway API routes"
+                );
+            }
+            table.by_service.insert(uid, routes);
+        }
         self.routes_in_force = converted.in_force;
-        converted.table
+        self.routes_in_force.extend(gateway.in_force);
+        table
     }
 
     fn publish_status(&self, status_tx: &watch::Sender<ConfigStatus>) {

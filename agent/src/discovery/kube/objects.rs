@@ -11,7 +11,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
-    ClusterResourceScope, Metadata, NamespaceResourceScope, Resource,
+    ClusterResourceScope, NamespaceResourceScope,
     apimachinery::pkg::{
         apis::meta::v1::{ObjectMeta, OwnerReference},
         util::intstr::IntOrString,
@@ -23,32 +23,6 @@ use crate::serdes::null_as_default;
 
 /// The label by which an EndpointSlice names its service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// Declares the view as the kube resource `$kind` of `$group`/`$version`.
-macro_rules! resource {
-    ($view:ident, $api_version:literal, $group:literal, $version:literal, $kind:literal, $plural:literal, $scope:ty) => {
-        impl Resource for $view {
-            const API_VERSION: &'static str = $api_version;
-            const GROUP: &'static str = $group;
-            const KIND: &'static str = $kind;
-            const VERSION: &'static str = $version;
-            const URL_PATH_SEGMENT: &'static str = $plural;
-            type Scope = $scope;
-        }
-
-        impl Metadata for $view {
-            type Ty = ObjectMeta;
-
-            fn metadata(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
-    };
-}
 
 /// A Pod: name, namespace, UID, labels, `generateName` and controller; service account, node,
 /// host network; phase, addresses, readiness.
@@ -65,7 +39,7 @@ pub struct PodView {
     #[serde(default, deserialize_with = "null_as_default")]
     pub status: PodStatusView,
 }
-resource!(
+kube_resource!(
     PodView,
     "v1",
     "",
@@ -128,7 +102,7 @@ pub struct NamespaceView {
     #[serde(default, deserialize_with = "slim_meta")]
     pub metadata: ObjectMeta,
 }
-resource!(
+kube_resource!(
     NamespaceView,
     "v1",
     "",
@@ -148,7 +122,7 @@ pub struct ServiceView {
     #[serde(default, deserialize_with = "null_as_default")]
     pub spec: ServiceSpecView,
 }
-resource!(
+kube_resource!(
     ServiceView,
     "v1",
     "",
@@ -208,7 +182,7 @@ pub struct EndpointSliceView {
     #[serde(default, deserialize_with = "null_as_default")]
     pub endpoints: Vec<SliceEndpointView>,
 }
-resource!(
+kube_resource!(
     EndpointSliceView,
     "discovery.k8s.io/v1",
     "discovery.k8s.io",

@@ -7,25 +7,36 @@
 //! three are listed, converts them all exactly as the sources do ([`routes::convert_routes`])
 //! after every change (debounced), and writes each resource's `Accepted` condition with the
 //! policy status writer's code ([`StatusWriter`]: same condition, same Events).
-use std::{collections::HashMap, sync::Arc, time::Duration};
+//!
+//! Gateway API routes with a Service parent (`gateway_routes`) are judged in the same pass and
+//! get the Gateway API's status: one `status.parents[]` entry per Service parent under Ambit's
+//! `controllerName` ([`CONTROLLER_NAME`]), with `Accepted` and `ResolvedRefs`; the entries of
+//! other controllers (a gateway's, for the same route's Gateway parents) are kept.
+use std::{collections::HashMap, fmt::Debug, sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
+use k8s_openapi::NamespaceResourceScope;
 use kube::{
-    Api,
+    Api, Resource,
+    api::{Patch, PatchParams},
     runtime::{
         reflector::{Store, store::Writer},
         watcher,
     },
 };
 use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::{
     BACKOFF_MAX, BACKOFF_MIN, ClusterView, Converter, ResilientWatch, StatusWriter, WatchProblem,
     WatchedKind,
+    gateway_routes::{self, GrpcRouteResource, HttpRouteResource, ParentVerdict, RouteCondition},
     objects::ServiceView,
     routes::{self, DestinationRuleResource, RouteKey, RouteKind, VirtualServiceResource},
+    waypoint_controller::CONTROLLER_NAME,
 };
+use crate::timefmt;
 
 /// How long the caches must be quiet before the resources are judged again.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -52,13 +63,7 @@ fn watch_into<K>(
     kind: WatchedKind,
 ) -> (futures::stream::BoxStream<'static, Heard>, Store<K>)
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let writer: Writer<K> = Writer::default();
     let store = writer.as_reader();
@@ -102,9 +107,23 @@ impl RouteStatusWriter {
             Api::<DestinationRuleResource>::all(client.clone()),
             WatchedKind::DestinationRules,
         );
+        let (http_stream, http_routes) = watch_into(
+            Api::<HttpRouteResource>::all(client.clone()),
+            WatchedKind::HttpRoutes,
+        );
+        let (grpc_stream, grpc_routes) = watch_into(
+            Api::<GrpcRouteResource>::all(client.clone()),
+            WatchedKind::GrpcRoutes,
+        );
         let (services_stream, services) =
             watch_into(Api::<ServiceView>::all(client), WatchedKind::Services);
-        let mut heard = futures::stream::select_all([vs_stream, dr_stream, services_stream]);
+        let mut heard = futures::stream::select_all([
+            vs_stream,
+            dr_stream,
+            http_stream,
+            grpc_stream,
+            services_stream,
+        ]);
         let mut synced: HashMap<WatchedKind, bool> = HashMap::new();
         let mut last_errors: HashMap<WatchedKind, String> = HashMap::new();
         let mut dirty_at: Option<Instant> = None;
@@ -143,6 +162,8 @@ impl RouteStatusWriter {
                     let all_synced = [
                         WatchedKind::VirtualServices,
                         WatchedKind::DestinationRules,
+                        WatchedKind::HttpRoutes,
+                        WatchedKind::GrpcRoutes,
                         WatchedKind::Services,
                     ]
                     .iter()
@@ -151,7 +172,12 @@ impl RouteStatusWriter {
                     retry_at = None;
                     if all_synced {
                         let failed = self
-                            .pass(&mut converter, &virtual_services, &destination_rules, &services)
+                            .pass(
+                                &mut converter,
+                                (&virtual_services, &destination_rules),
+                                (&http_routes, &grpc_routes),
+                                &services,
+                            )
                             .await;
                         if failed {
                             retry_at = Some(Instant::now() + self.writer.retry);
@@ -167,8 +193,11 @@ impl RouteStatusWriter {
     async fn pass(
         &self,
         converter: &mut Converter,
-        virtual_services: &Store<VirtualServiceResource>,
-        destination_rules: &Store<DestinationRuleResource>,
+        (virtual_services, destination_rules): (
+            &Store<VirtualServiceResource>,
+            &Store<DestinationRuleResource>,
+        ),
+        (http_routes, grpc_routes): (&Store<HttpRouteResource>, &Store<GrpcRouteResource>),
         services: &Store<ServiceView>,
     ) -> bool {
         let service_views = services.state();
@@ -193,7 +222,135 @@ impl RouteStatusWriter {
                 failed |= !self.write(&**resource, &acceptance).await;
             }
         }
+        let (http, grpc) = (http_routes.state(), grpc_routes.state());
+        let gateway =
+            gateway_routes::convert_gateway_routes(&http, &grpc, &model.services, &HashMap::new());
+        let parents = |kind, meta| gateway.verdicts.get(&RouteKey::of(kind, meta));
+        for resource in &http {
+            if let Some(verdicts) = parents(RouteKind::HttpRoute, &resource.metadata) {
+                failed |= !self
+                    .write_parents(&**resource, resource.status.as_ref(), verdicts)
+                    .await;
+            }
+        }
+        for resource in &grpc {
+            if let Some(verdicts) = parents(RouteKind::GrpcRoute, &resource.metadata) {
+                failed |= !self
+                    .write_parents(&**resource, resource.status.as_ref(), verdicts)
+                    .await;
+            }
+        }
         failed
+    }
+
+    /// Brings Ambit's `status.parents[]` entries of a Gateway API route in line with
+    /// `verdicts`; `false` if the write failed.
+    async fn write_parents<K>(
+        &self,
+        resource: &K,
+        status: Option<&Value>,
+        verdicts: &[ParentVerdict],
+    ) -> bool
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + Debug,
+    {
+        let meta = resource.meta();
+        let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
+        else {
+            return true;
+        };
+        let current: Vec<Value> = status
+            .and_then(|s| s["parents"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        let ours: Vec<&Value> = current
+            .iter()
+            .filter(|p| p["controllerName"] == CONTROLLER_NAME)
+            .collect();
+        let wanted: Vec<Value> = verdicts
+            .iter()
+            .map(|verdict| {
+                let previous = ours.iter().find(|p| p["parentRef"] == verdict.parent_ref);
+                let condition = |type_: &str, c: &RouteCondition| {
+                    let status = if c.status { "True" } else { "False" };
+                    // metav1.Condition: the transition time moves only when the status does.
+                    let last_transition_time = previous
+                        .and_then(|p| p["conditions"].as_array())
+                        .and_then(|cs| {
+                            cs.iter()
+                                .find(|x| x["type"] == type_ && x["status"] == status)
+                        })
+                        .and_then(|x| x["lastTransitionTime"].as_str())
+                        .map_or_else(timefmt::now_rfc3339, str::to_string);
+                    json!({
+                        "type": type_,
+                        "status": status,
+                        "reason": c.reason,
+                        "message": c.message,
+                        "observedGeneration": meta.generation,
+                        "lastTransitionTime": last_transition_time,
+                    })
+                };
+                json!({
+                    "parentRef": verdict.parent_ref,
+                    "controllerName": CONTROLLER_NAME,
+                    "conditions": [
+                        condition("Accepted", &verdict.accepted),
+                        condition("ResolvedRefs", &verdict.resolved_refs),
+                    ],
+                })
+            })
+            .collect();
+        if ours.len() == wanted.len() && ours.iter().zip(&wanted).all(|(a, b)| *a == b) {
+            return true;
+        }
+        // Other controllers' entries are kept; a merge patch replaces the whole list.
+        let mut parents: Vec<Value> = current
+            .iter()
+            .filter(|p| p["controllerName"] != CONTROLLER_NAME)
+            .cloned()
+            .collect();
+        parents.extend(wanted);
+        // Against the version judged: a newer one is judged when the watch delivers it.
+        let patch = json!({
+            "metadata": {"resourceVersion": meta.resource_version},
+            "status": {"parents": parents},
+        });
+        let api: Api<K> = Api::namespaced(self.writer.client.clone(), namespace);
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                for verdict in verdicts {
+                    tracing::info!(
+                        kind = K::kind(&()).as_ref(),
+                        %namespace,
+                        %name,
+                        parent = %verdict.parent_ref,
+                        accepted = verdict.accepted.reason,
+                        resolved_refs = verdict.resolved_refs.reason,
+                        message = %verdict.accepted.message,
+                        "Gateway API route status written"
+                    );
+                }
+                true
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => true,
+            Err(error) => {
+                tracing::warn!(
+                    kind = K::kind(&()).as_ref(),
+                    %namespace,
+                    %name,
+                    %error,
+                    "cannot write the route's status; will retry"
+                );
+                false
+            }
+        }
     }
 
     async fn write<K: super::status::StatusResource>(

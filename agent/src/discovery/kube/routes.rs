@@ -21,9 +21,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{
-    Metadata, NamespaceResourceScope, Resource, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -58,26 +56,15 @@ macro_rules! route_resource {
             pub status: Option<PolicyStatus>,
         }
 
-        impl Resource for $type {
-            const API_VERSION: &'static str = ROUTING_API_VERSION;
-            const GROUP: &'static str = NETWORKING_GROUP;
-            const KIND: &'static str = $kind;
-            const VERSION: &'static str = "v1";
-            const URL_PATH_SEGMENT: &'static str = $plural;
-            type Scope = NamespaceResourceScope;
-        }
-
-        impl Metadata for $type {
-            type Ty = ObjectMeta;
-
-            fn metadata(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
+        super::kube_resource!(
+            $type,
+            ROUTING_API_VERSION,
+            NETWORKING_GROUP,
+            "v1",
+            $kind,
+            $plural,
+            NamespaceResourceScope
+        );
     };
 }
 
@@ -101,6 +88,10 @@ pub enum RouteKind {
     VirtualService,
     /// `networking.ambit.dev/v1` DestinationRule.
     DestinationRule,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute.
+    HttpRoute,
+    /// `gateway.networking.k8s.io/v1` GRPCRoute.
+    GrpcRoute,
 }
 
 impl fmt::Display for RouteKind {
@@ -108,6 +99,8 @@ impl fmt::Display for RouteKind {
         f.write_str(match self {
             RouteKind::VirtualService => "VirtualService",
             RouteKind::DestinationRule => "DestinationRule",
+            RouteKind::HttpRoute => "HTTPRoute",
+            RouteKind::GrpcRoute => "GRPCRoute",
         })
     }
 }
@@ -233,7 +226,7 @@ pub fn convert_routes(
         let key = RouteKey::of(RouteKind::DestinationRule, &rule.metadata);
         let convert = |spec: &Value| {
             let file = destination_rule_file(&rule.metadata, spec)?;
-            let (uid, named, load_balancer) =
+            let (uid, named, policies) =
                 destination_rule(path, "", &file, &known).map_err(field_error)?;
             if let Some(first) = rule_of.get(&uid) {
                 return Err(PolicyError {
@@ -244,16 +237,19 @@ pub fn convert_routes(
                     ),
                 });
             }
-            Ok((uid, named, load_balancer))
+            Ok((uid, named, policies))
         };
         let (verdict, in_force) = judge(&key, &rule.spec, last_good, convert, |(uid, named, _)| {
             format!("{} subset(s) of service {uid}", named.len())
         });
         out.verdicts.insert(key.clone(), verdict);
-        if let Some((spec, (uid, named, load_balancer))) = in_force {
+        if let Some((spec, (uid, named, (load_balancer, upstream)))) = in_force {
             rule_of.insert(uid.clone(), key.clone());
             if let Some(policy) = load_balancer {
                 out.table.load_balancers.insert(uid.clone(), policy);
+            }
+            if !upstream.is_empty() {
+                out.table.upstream.insert(uid.clone(), upstream);
             }
             subsets.insert(uid, named);
             out.in_force.insert(key, spec);

@@ -13,7 +13,7 @@
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use k8s_openapi::{
-    Metadata, NamespaceResourceScope, Resource,
+    NamespaceResourceScope,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use schemars::JsonSchema;
@@ -73,39 +73,23 @@ pub struct PeerAuthenticationResource {
     pub status: Option<PolicyStatus>,
 }
 
-macro_rules! policy_resource {
-    ($type:ident, $kind:literal, $plural:literal) => {
-        impl Resource for $type {
-            const API_VERSION: &'static str = "security.ambit.dev/v1";
-            const GROUP: &'static str = GROUP;
-            const KIND: &'static str = $kind;
-            const VERSION: &'static str = "v1";
-            const URL_PATH_SEGMENT: &'static str = $plural;
-            type Scope = NamespaceResourceScope;
-        }
-
-        impl Metadata for $type {
-            type Ty = ObjectMeta;
-
-            fn metadata(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
-    };
-}
-policy_resource!(
+super::kube_resource!(
     AuthorizationPolicyResource,
+    "security.ambit.dev/v1",
+    GROUP,
+    "v1",
     "AuthorizationPolicy",
-    "authorizationpolicies"
+    "authorizationpolicies",
+    NamespaceResourceScope
 );
-policy_resource!(
+super::kube_resource!(
     PeerAuthenticationResource,
+    "security.ambit.dev/v1",
+    GROUP,
+    "v1",
     "PeerAuthentication",
-    "peerauthentications"
+    "peerauthentications",
+    NamespaceResourceScope
 );
 
 /// Written by Ambit: whether the policy is accepted as written.

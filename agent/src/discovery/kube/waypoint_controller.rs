@@ -314,8 +314,9 @@ impl WaypointSettings {
         };
         let pod = PodSpec {
             service_account_name: Some(name.clone()),
-            // Only the projected token below, for the CA.
-            automount_service_account_token: Some(false),
+            // `ambit waypoint --kube` reads the API in-cluster with its ServiceAccount's token
+            // (the ClusterRole ambit-waypoint's reads); the CA gets the projected token below.
+            automount_service_account_token: Some(true),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(65532),

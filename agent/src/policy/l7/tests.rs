@@ -305,3 +305,61 @@ fn dry_run_reports_and_never_enforces() {
         Some((false, L7Reason::DeniedBy(_)))
     ));
 }
+
+/// Opaque TCP at the waypoint, with Istio's semantics for TCP traffic: an ALLOW rule with an
+/// HTTP-only field never matches it, a DENY rule ignores its HTTP-only fields (and so denies
+/// on the rest), and L4-only rules judge it as a request.
+#[test]
+fn opaque_tcp_fails_allow_rules_with_http_fields_and_meets_deny_rules_without_them() {
+    let opaque = |set: &WaypointPolicies, sa: &str| {
+        let id = SpiffeId::new("cluster.local", "default", sa);
+        let dst = "10.96.0.30:9080".parse().unwrap();
+        set.authorize_opaque(&AT, "10.10.0.2".parse().unwrap(), &id, dst)
+    };
+    // The seed allows GET and POST from frontend: a connection that is not HTTP has no
+    // method, so not even frontend's passes.
+    let seed_only = WaypointPolicies::new(vec![seed()], vec![]);
+    assert!(!opaque(&seed_only, "frontend").allowed);
+    // An ALLOW on the principal alone lets frontend's TCP through, and no one else's.
+    let mut l4_allow = seed();
+    l4_allow.rules[0].to.clear();
+    let set = WaypointPolicies::new(vec![l4_allow.clone()], vec![]);
+    assert!(opaque(&set, "frontend").allowed);
+    assert!(!opaque(&set, "other").allowed);
+    // A DENY of `DELETE /admin/*` from other: its HTTP fields are ignored for TCP, so other's
+    // connections are denied (a client cannot dodge it by not speaking HTTP) and frontend's
+    // still pass; over HTTP the same DENY hits only what it names.
+    let deny = policy(
+        "deny-admin-delete",
+        Action::Deny,
+        vec![L7Rule {
+            from: vec![L7Source {
+                peer: Source {
+                    principals: m(pats(&["cluster.local/ns/default/sa/other"]), vec![]),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            to: vec![L7Operation {
+                methods: m(pats(&["DELETE"]), vec![]),
+                paths: m(pats(&["/admin/*"]), vec![]),
+                ..Default::default()
+            }],
+            when: vec![L7Condition::RequestHeader {
+                name: "x-admin".into(),
+                values: m(pats(&["*"]), vec![]),
+            }],
+        }],
+    );
+    let mut open_allow = l4_allow;
+    open_allow.rules[0].from.clear();
+    let set = WaypointPolicies::new(vec![open_allow, deny], vec![]);
+    let decision = opaque(&set, "other");
+    assert!(!decision.allowed);
+    assert_eq!(
+        decision.reason.details(),
+        "rbac_access_denied_matched_policy[default.deny-admin-delete]"
+    );
+    assert!(opaque(&set, "frontend").allowed);
+    assert!(allowed(&set, &req("other", "GET", "/admin/x")));
+}

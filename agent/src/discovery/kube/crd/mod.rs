@@ -1,6 +1,7 @@
 //! Ambit's CustomResourceDefinitions, generated from Rust types: one source for the YAML in
-//! `deploy/crds/` and in the Helm chart's `crds/` (`cargo xtask crds` writes both; the deploy
-//! test fails when the committed files differ from what the types generate).
+//! `deploy/crds/` and in the Helm chart's `files/crds/`, which its `templates/crds.yaml` renders
+//! (`cargo xtask crds` writes both; the deploy test fails when the committed files differ from
+//! what the types generate).
 //!
 //! A CRD is a type deriving [`kube::CustomResource`] and [`schemars::JsonSchema`] (the
 //! schema comes from its fields and doc comments) plus one line in [`definitions`]. Every
@@ -23,8 +24,9 @@ use serde_json::{Value, json};
 pub const GENERATE_COMMAND: &str = "cargo xtask crds";
 
 /// The directories (relative to the workspace root) that hold the CRD files, and nothing
-/// else: the plain manifests' and the Helm chart's.
-pub const OUTPUT_DIRS: [&str; 2] = ["deploy/crds", "deploy/helm/ambit/crds"];
+/// else: the plain manifests' and the Helm chart's (templates, not Helm's `crds/`, so that
+/// `helm upgrade` upgrades them).
+pub const OUTPUT_DIRS: [&str; 2] = ["deploy/crds", "deploy/helm/ambit/files/crds"];
 
 /// A CRD and the Rust type it is generated from.
 pub struct Definition {

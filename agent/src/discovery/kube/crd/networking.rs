@@ -9,10 +9,10 @@
 //!
 //! Every field of Istio's HTTP routing is in the schema, so that the API server keeps it for the
 //! conversion to reject rather than pruning it. The parts of Istio's API a waypoint has no use
-//! for at all (`tls` and `tcp` routes, a DestinationRule's connection pool, outlier detection,
-//! TLS settings and per-port settings) are objects whose content the schema does not describe:
-//! the API server refuses their fields under strict validation (kubectl's default), or prunes
-//! them and keeps the empty object, which the conversion rejects by name. When the waypoint
+//! for at all (`tls` and `tcp` routes, a DestinationRule's TLS settings and per-port settings)
+//! are objects whose content the schema does not describe: the API server refuses their fields
+//! under strict validation (kubectl's default), or prunes them and keeps the empty object,
+//! which the conversion rejects by name. When the waypoint
 //! implements a field, its conversion accepts it (`discovery::file::routing`): the schema here
 //! already has it.
 //!
@@ -566,14 +566,12 @@ pub struct TrafficPolicy {
     /// How endpoints are picked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSettings>,
-    #[doc = concat!("Connection pool limits. ", not_for_waypoints!())]
+    /// Connection and request limits to the endpoints (circuit breaking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "unsupported_object")]
-    pub connection_pool: Option<Value>,
-    #[doc = concat!("Outlier detection. ", not_for_waypoints!())]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Ejection of endpoints that fail in a row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "unsupported_object")]
-    pub outlier_detection: Option<Value>,
+    pub outlier_detection: Option<OutlierDetection>,
     #[doc = concat!("TLS to the endpoints (the mesh's is HBONE). ", not_for_waypoints!())]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "unsupported_object")]
@@ -590,6 +588,122 @@ pub struct TrafficPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "unsupported_object")]
     pub proxy_protocol: Option<Value>,
+}
+
+/// Istio's ConnectionPoolSettings.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPoolSettings {
+    /// Settings common to TCP and HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpSettings>,
+    /// HTTP settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSettings>,
+}
+
+/// Istio's ConnectionPoolSettings.TCPSettings.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpSettings {
+    /// Connections open at once to the endpoints of the service (or subset); 0 or absent:
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_connections: Option<i64>,
+    /// Timeout to open a connection, e.g. `10s` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    #[doc = concat!("TCP keepalive. ", not_for_waypoints!())]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "unsupported_object")]
+    pub tcp_keepalive: Option<Value>,
+    #[doc = concat!("Maximum connection duration. ", not_for_waypoints!())]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration: Option<String>,
+    #[doc = concat!("TCP idle timeout. ", not_for_waypoints!())]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+}
+
+/// Istio's ConnectionPoolSettings.HTTPSettings.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSettings {
+    /// Requests waiting for a connection at once; more are answered 503 (flag UO). 0 or
+    /// absent: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub http1_max_pending_requests: Option<i64>,
+    /// Requests in flight at once to the endpoints; more are answered 503 (flag UO). 0 or
+    /// absent: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub http2_max_requests: Option<i64>,
+    /// Requests one connection carries before it is closed; 0 or absent: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_requests_per_connection: Option<i64>,
+    /// Retries in flight at once to the endpoints; 0 or absent: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_retries: Option<i64>,
+    /// A connection unused that long is closed, e.g. `1h` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[doc = concat!("HTTP/2 upgrade policy. ", not_for_waypoints!())]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_upgrade_policy: Option<String>,
+    #[doc = concat!("Use the client's protocol. ", not_for_waypoints!())]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_client_protocol: Option<bool>,
+    #[doc = concat!("HTTP/2 concurrent streams per connection. ", not_for_waypoints!())]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<i64>,
+}
+
+/// Istio's OutlierDetection.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// 5xx answers (or failures without an answer) in a row that eject an endpoint; default 5,
+    /// 0: off.
+    #[serde(
+        default,
+        rename = "consecutive5xxErrors",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 0))]
+    pub consecutive_5xx_errors: Option<i64>,
+    /// 502, 503, 504 answers (or failures without an answer) in a row that eject an endpoint;
+    /// default off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub consecutive_gateway_errors: Option<i64>,
+    /// Deprecated by Istio: as Istio, gateway errors in a row (and 5xx detection off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub consecutive_errors: Option<i64>,
+    /// How often ejections are reconsidered, e.g. `10s` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// An ejection lasts this times the number of ejections, e.g. `30s` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    /// The share of endpoints ejected at once, at most (default 10; one always can be).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_ejection_percent: Option<i64>,
+    /// Below this share of endpoints not ejected, ejections are ignored (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub min_health_percent: Option<i64>,
+    #[doc = concat!("Split local-origin errors. ", not_for_waypoints!())]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_external_local_origin_errors: Option<bool>,
+    #[doc = concat!("Local-origin failures in a row. ", not_for_waypoints!())]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_local_origin_failures: Option<i64>,
 }
 
 /// Istio's LoadBalancerSettings.

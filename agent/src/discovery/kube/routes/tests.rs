@@ -134,17 +134,17 @@ fn the_seed_canary_converts_as_from_the_mesh_file() {
 
 #[test]
 fn rejections_name_the_field_and_keep_the_last_accepted_version() {
-    let mut retries = seed_vs();
-    retries["http"][1]["retries"] = json!({"attempts": 3});
+    let mut cors = seed_vs();
+    cors["http"][1]["corsPolicy"] = json!({"allowOrigins": [{"exact": "x"}]});
     let mut bad_subset = seed_vs();
     bad_subset["http"][1]["route"][0]["destination"]["subset"] = json!("v3");
     let mut bad_regex = seed_vs();
     bad_regex["http"][0]["match"][0]["headers"]["end-user"] = json!({"regex": "("});
     let cases = [
         (
-            retries,
+            cors,
             Verdict::UnsupportedField,
-            "spec.http[1].retries: unknown field `retries`",
+            "spec.http[1].corsPolicy: unknown field `corsPolicy`",
         ),
         (
             bad_subset,
@@ -180,6 +180,76 @@ fn rejections_name_the_field_and_keep_the_last_accepted_version() {
         );
         assert_eq!(kept.table, good.table);
         assert_eq!(kept.in_force, good.in_force);
+    }
+}
+
+/// The seed's circuit breaker (only `apiVersion` changed, the spec as the API server keeps
+/// it) converts as from the mesh file; a bad value and an unimplemented field are rejected
+/// by name, keeping the last accepted version.
+#[test]
+fn the_seed_circuit_breaker_converts_and_bad_pool_fields_are_rejected_by_name() {
+    let breaker = json!({
+        "host": "reviews",
+        "trafficPolicy": {
+            "connectionPool": {
+                "tcp": {"maxConnections": 100},
+                "http": {"http1MaxPendingRequests": 10, "maxRequestsPerConnection": 2}
+            },
+            "outlierDetection": {
+                "consecutiveErrors": 5,
+                "interval": "30s",
+                "baseEjectionTime": "30s",
+                "maxEjectionPercent": 50
+            }
+        }
+    });
+    let good = convert_routes(
+        &[],
+        &[dr("reviews-circuit-breaker", 0, breaker.clone())],
+        &reviews(),
+        &HashMap::new(),
+    );
+    assert!(good.verdicts[&key(RouteKind::DestinationRule, "reviews-circuit-breaker")].accepted());
+    let policy = &good.table.upstream["shop/reviews"];
+    let pool = policy.connection_pool.as_ref().unwrap();
+    assert_eq!(
+        (
+            pool.max_connections,
+            pool.max_pending_requests,
+            pool.max_requests_per_connection
+        ),
+        (100, 10, 2)
+    );
+    let outlier = policy.outlier_detection.as_ref().unwrap();
+    assert_eq!(
+        (outlier.consecutive_5xx, outlier.consecutive_gateway_errors),
+        (0, 5)
+    );
+
+    let mut negative = breaker.clone();
+    negative["trafficPolicy"]["connectionPool"]["http"]["http1MaxPendingRequests"] = json!(-1);
+    let mut keepalive = breaker.clone();
+    keepalive["trafficPolicy"]["connectionPool"]["tcp"]["tcpKeepalive"] = json!({"time": "1s"});
+    let cases = [
+        (
+            negative,
+            Verdict::Invalid,
+            "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests: must be >= 0",
+        ),
+        (
+            keepalive,
+            Verdict::UnsupportedField,
+            "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive: unknown field `tcpKeepalive`",
+        ),
+    ];
+    for (spec, verdict, message) in cases {
+        let rules = [dr("reviews-circuit-breaker", 0, spec)];
+        let kept = convert_routes(&[], &rules, &reviews(), &good.in_force);
+        let acceptance =
+            &kept.verdicts[&key(RouteKind::DestinationRule, "reviews-circuit-breaker")];
+        assert_eq!(acceptance.verdict, verdict, "{acceptance:?}");
+        assert!(acceptance.message.starts_with(message), "{acceptance:?}");
+        assert_eq!(kept.table, good.table);
     }
 }
 
@@ -329,7 +399,7 @@ async fn a_virtual_service_from_the_api_takes_effect_and_a_rejected_edit_keeps_i
     // it, and the routes in force stay the previous version's.
     let before = state.routes().clone();
     server.modify::<VirtualServiceResource>("shop", "canary", |vs| {
-        vs.spec["http"][1]["retries"] = json!({"attempts": 3});
+        vs.spec["http"][1]["corsPolicy"] = json!({"allowOrigins": [{"exact": "x"}]});
         vs.spec["http"][1]["route"][0]["weight"] = json!(50);
         vs.spec["http"][1]["route"][1]["weight"] = json!(50);
     });
@@ -338,7 +408,7 @@ async fn a_virtual_service_from_the_api_takes_effect_and_a_rejected_edit_keeps_i
     assert!(
         rejected
             .message
-            .starts_with("spec.http[1].retries: unknown field `retries`"),
+            .starts_with("spec.http[1].corsPolicy: unknown field `corsPolicy`"),
         "{rejected:?}"
     );
     assert_eq!(rejected.observed_generation, Some(2));
@@ -349,7 +419,7 @@ async fn a_virtual_service_from_the_api_takes_effect_and_a_rejected_edit_keeps_i
         vs.spec["http"][1]
             .as_object_mut()
             .unwrap()
-            .remove("retries");
+            .remove("corsPolicy");
     });
     let state = harness
         .wait_state("the 50/50 split", |s| {

@@ -210,6 +210,9 @@ fn the_deployment_runs_a_waypoint_the_flags_parse_and_services_can_bind_to() {
         Some("none")
     );
     assert_eq!(pod.service_account_name.as_deref(), Some("waypoint"));
+    // `--kube` reads the API in-cluster: the pod needs its account's API token mounted (the
+    // ServiceAccount itself mounts none by default; the pod's setting wins).
+    assert_eq!(pod.automount_service_account_token, Some(true));
     // The Service selects the pods, on 15008, under the Gateway's name: what a service's
     // `ambit.dev/use-waypoint: waypoint` label names.
     let service = objects.service.spec.as_ref().unwrap();
