@@ -1,10 +1,23 @@
-//! Readiness (`:15021/healthz/ready`), the local admin endpoint (`127.0.0.1:15000`) and the
-//! Prometheus metrics endpoint (`:15020/metrics`).
+//! Readiness (`:15021/healthz/ready`) and liveness (`:15021/healthz/live`), the local admin
+//! endpoint (`127.0.0.1:15000`) and the Prometheus metrics endpoint (`:15020/metrics`).
+//!
+//! Liveness is a heartbeat: a task of the agent's runtime that takes the splice's locks and
+//! beats every [`HEARTBEAT`]; the endpoint fails once the last beat is older than
+//! [`LIVENESS_STALE`]. A hung agent (a stuck runtime, a lock held for good) then gets
+//! restarted by its DaemonSet, which also ends the connections it spliced in the kernel: those
+//! carry bytes with no user space in the way, and only a live agent can cut them.
 //!
 //! Readiness and metrics listen on the node's addresses, where every pod can reach them: they
 //! are served by [`crate::limits::http`], within its bounds (connections per source, header
 //! and connection timeouts).
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, Uri, body::Bytes};
@@ -43,6 +56,68 @@ pub struct AdminState {
     pub certs: Option<Arc<CertificateManager>>,
     /// The connection limits: what the endpoints admit through, and what `config_dump` shows.
     pub limits: Arc<Limits>,
+    /// The runtime's heartbeat, for `/healthz/live`.
+    pub liveness: Arc<Liveness>,
+}
+
+/// How often the heartbeat beats.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How old the last beat may be before `/healthz/live` fails.
+pub const LIVENESS_STALE: Duration = Duration::from_secs(10);
+
+/// The agent's heartbeat: when [`heartbeat`] last beat.
+#[derive(Debug)]
+pub struct Liveness {
+    started: Instant,
+    /// Milliseconds from `started` to the last beat.
+    last: AtomicU64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Liveness {
+    fn beat(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// How long ago the last beat was.
+    fn age(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let age = self.age();
+        if age > LIVENESS_STALE {
+            return Err(format!(
+                "the agent's runtime has not beaten for {}s (more than {}s)",
+                age.as_secs(),
+                LIVENESS_STALE.as_secs()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Beats every [`HEARTBEAT`] after taking the splice's locks (a lock held for good stops it).
+/// Runs until the task is dropped.
+pub async fn heartbeat(liveness: Arc<Liveness>, redirector: Arc<Redirector>) {
+    let mut ticks = tokio::time::interval(HEARTBEAT);
+    loop {
+        ticks.tick().await;
+        if let Some(splicer) = redirector.splicer() {
+            splicer.touch();
+        }
+        liveness.beat();
+    }
 }
 
 impl AdminState {
@@ -92,6 +167,7 @@ impl AdminState {
             "ebpfStats": self.redirector.stats(),
             "certificates": self.certificates(),
             "limits": self.limits(),
+            "splice": self.splice(),
         });
         // The mesh beside the node's own state: `workloads`, `services` (with their endpoints
         // and waypoints), `peerAuthentications`, `authorizationPolicies`, `routes`, ...
@@ -100,6 +176,21 @@ impl AdminState {
             dump.extend(mesh);
         }
         dump
+    }
+
+    /// The same-node splice: `ready` (with what it holds), `off` (not wanted) or `unavailable`
+    /// (with the kernel's or the self-test's error; the fast path is then off).
+    fn splice(&self) -> serde_json::Value {
+        use crate::redirect::SpliceState;
+        match self.redirector.splice_state() {
+            SpliceState::Ready(splicer) => json!({
+                "state": "ready",
+                "spliced": splicer.spliced(),
+                "draining": splicer.stats().draining(),
+            }),
+            SpliceState::NotWanted => json!({ "state": "off" }),
+            SpliceState::Unavailable(why) => json!({ "state": "unavailable", "error": why }),
+        }
     }
 
     /// The limits in force and what holds them now.
@@ -129,6 +220,13 @@ fn route(
     admin: bool,
 ) -> Response<Full<Bytes>> {
     match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/healthz/live") => match state.liveness.check() {
+            Ok(()) => text(StatusCode::OK, "alive\n"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not alive: {why}\n"),
+            ),
+        },
         ("GET", "/healthz/ready") => match state.readiness() {
             Ok(()) => match &state.config.borrow().unreachable_since {
                 // Still serving: taking the node's pods out of the mesh would be worse.
@@ -257,6 +355,20 @@ mod tests {
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    /// Liveness follows the heartbeat: alive while it beats, not once its last beat is older
+    /// than the limit (a stuck runtime or lock).
+    #[test]
+    fn liveness_fails_once_the_heartbeat_is_stale() {
+        let stale = Liveness {
+            started: Instant::now() - LIVENESS_STALE - Duration::from_secs(5),
+            last: AtomicU64::new(0),
+        };
+        let why = stale.check().unwrap_err();
+        assert!(why.contains("has not beaten for"), "{why}");
+        stale.beat();
+        assert_eq!(stale.check(), Ok(()));
     }
 
     #[tokio::test]

@@ -108,6 +108,32 @@ pub struct AgentArgs {
         value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..), usize::from),
     )]
     pub hbone_max_streams_per_connection: usize,
+    /// Carry connections between two pods of this node without HBONE: authorized as the
+    /// inbound path would, then spliced in the kernel (`false`: HBONE, as across nodes, and the
+    /// splice program is not loaded). Off by itself, with a warning, when the kernel cannot
+    /// splice (the agent's start-up self-test).
+    #[arg(
+        long,
+        env = "AMBIT_SAME_NODE_FAST_PATH",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub same_node_fast_path: bool,
+    /// Most same-node connections spliced in the kernel at once; one source pod may hold a
+    /// quarter of them, and the rest of its connections are relayed by the agent (0: relay
+    /// every one).
+    #[arg(long, env = "AMBIT_MAX_SPLICED_CONNECTIONS", default_value_t = ambit_common::limits::MAX_SPLICED as usize, value_parser = max_spliced)]
+    pub max_spliced_connections: usize,
+}
+
+/// `--max-spliced-connections`: no more than the kernel maps hold.
+fn max_spliced(value: &str) -> Result<usize, String> {
+    let max = ambit_common::limits::MAX_SPLICED as usize;
+    match value.parse::<usize>() {
+        Ok(n) if n <= max => Ok(n),
+        Ok(n) => Err(format!("{n} is more than the splice maps hold ({max})")),
+        Err(err) => Err(format!("{value:?}: {err}")),
+    }
 }
 
 /// Raises the descriptor limit and derives the connection limits from it and the flags.
@@ -219,6 +245,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let redirector = Arc::new(Redirector::load(RedirectConfig {
         cgroup: cgroup.clone(),
         bpffs: args.bpffs.clone(),
+        max_spliced: args.max_spliced_connections,
+        fast_path: args.same_node_fast_path,
     })?);
     tokio::spawn(crate::redirect::keep_node_addresses(redirector.clone()));
     // Each subsystem's metrics, in one registry.
@@ -265,6 +293,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             max_streams_per_connection: args.hbone_max_streams_per_connection,
             ..Default::default()
         },
+        local_pods: Arc::default(),
+        // A kernel that cannot splice leaves same-node connections to HBONE.
+        fast_path: args.same_node_fast_path
+            && !matches!(
+                redirector.splice_state(),
+                crate::redirect::SpliceState::Unavailable(_)
+            ),
     });
     // Every new state, from either source, is applied to the inbound connections already open.
     tokio::spawn(admission::reevaluate_on_change(
@@ -292,6 +327,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     ));
     tokio::spawn(enrolment.run(state_rx.clone(), cni_rx));
 
+    let liveness = Arc::new(admin::Liveness::default());
+    tokio::spawn(admin::heartbeat(liveness.clone(), redirector.clone()));
     let admin_state = Arc::new(AdminState {
         node: args.node.clone(),
         state: state_rx,
@@ -301,6 +338,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         logging: telemetry::log_control(),
         certs,
         limits: limits.clone(),
+        liveness,
     });
     let metrics_server = tokio::spawn(admin::serve_metrics_on(args.metrics_addr, metrics, limits));
     let admin = tokio::spawn(admin::serve(args.admin_addr, admin_state.clone(), true));
@@ -347,7 +385,11 @@ mod tests {
     fn every_metric_of_the_agent_passes_promtool() {
         let metrics = Metrics::new();
         let datapath = Arc::new(RedirectMetrics::new(None).unwrap());
-        datapath.record(RedirectStats::default(), &[("ORIG_DST_TUPLE", 1)]);
+        datapath.record(
+            RedirectStats::default(),
+            &[("ORIG_DST_TUPLE", 1)],
+            Default::default(),
+        );
         metrics.register_at_scrape(datapath).unwrap();
         let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(1024)));
         limits.timed_out(Path::Hbone, Phase::TlsHandshake);
@@ -383,6 +425,46 @@ mod tests {
                 ResponseFlags::None,
             );
         proxy.connection_denied("policy");
+        proxy.fast_path("splice");
+        proxy.splice_declined("pod_share");
         promtool_check(&metrics.encode());
+    }
+
+    /// The splice bound is one the kernel maps can honour; a larger one is refused with the
+    /// flag, the value and the bound named.
+    #[test]
+    fn the_splice_bound_cannot_exceed_the_maps() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let parse = |max: &str| {
+            <Cli as clap::Parser>::try_parse_from([
+                "ambit",
+                "--node",
+                "n0",
+                "--mesh-file",
+                "mesh.yaml",
+                "--max-spliced-connections",
+                max,
+            ])
+        };
+        let bound = ambit_common::limits::MAX_SPLICED;
+        assert_eq!(
+            parse(&bound.to_string())
+                .unwrap()
+                .agent
+                .max_spliced_connections,
+            bound as usize
+        );
+        assert_eq!(parse("0").unwrap().agent.max_spliced_connections, 0);
+        let err = parse(&(bound + 1).to_string()).err().unwrap().to_string();
+        assert!(
+            err.contains("--max-spliced-connections")
+                && err.contains(&(bound + 1).to_string())
+                && err.contains(&format!("({bound})")),
+            "{err}"
+        );
     }
 }

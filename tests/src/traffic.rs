@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
 
-use crate::{Cluster, Node, Pod, PodProcess, ensure_or_dump, testpod_bin};
+use crate::{Cluster, Node, Pod, PodProcess, ensure_or_dump, mesh::Policies, testpod_bin};
 
 /// How long a helper waits for a process or a log line.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -165,6 +165,53 @@ pub fn ensure_cut(cluster: &Cluster, report: &Value, after: Duration) -> Result<
     Ok(())
 }
 
+/// Publishes `policies` and waits until every agent runs with them.
+pub fn apply_policies(cluster: &Cluster, policies: Policies) -> Result<()> {
+    let generations: Vec<u64> = cluster
+        .nodes()
+        .iter()
+        .map(Node::config_generation)
+        .collect::<Result<_>>()?;
+    cluster.set_policies(policies);
+    cluster.write_mesh()?;
+    for (i, generation) in generations.into_iter().enumerate() {
+        cluster.wait_config_generation(i, generation + 1, TIMEOUT)?;
+    }
+    Ok(())
+}
+
+/// Waits until `server` (a `testpod serve`) accepted `n` more connections: they are authorized
+/// and relaying.
+pub fn accepted(server: &mut PodProcess, n: usize) -> Result<()> {
+    for _ in 0..n {
+        server.read_json_until(TIMEOUT, |v| v["event"] == "accepted")?;
+    }
+    Ok(())
+}
+
+/// Writes `policies` while `victim` (a [`long_transfer`]) runs; returns how long after the
+/// write its connection ended and its report, once every agent runs with the new policies.
+pub fn cut_by(
+    cluster: &Cluster,
+    policies: Policies,
+    victim: &mut PodProcess,
+) -> Result<(Duration, Value)> {
+    let generations: Vec<u64> = cluster
+        .nodes()
+        .iter()
+        .map(Node::config_generation)
+        .collect::<Result<_>>()?;
+    cluster.set_policies(policies);
+    let written = Instant::now();
+    cluster.write_mesh()?;
+    let report = victim.read_json(Duration::from_secs(60))?;
+    let after = written.elapsed();
+    for (i, generation) in generations.into_iter().enumerate() {
+        cluster.wait_config_generation(i, generation + 1, TIMEOUT)?;
+    }
+    Ok((after, report))
+}
+
 /// [`client_with`] without extra flags.
 pub fn client(from: &Pod, dst: SocketAddr, bytes: u64, count: u32) -> Result<Vec<Conn>> {
     client_with(from, dst, bytes, count, &[])
@@ -282,9 +329,9 @@ pub fn metric(node: &Node, series: &str) -> Result<Option<f64>> {
     }))
 }
 
-/// The sum of every series of the agent's family `name` whose labels include all of `labels`
-/// (0 when there is none yet).
-pub fn metric_sum(node: &Node, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+/// The sum of the samples of `family` (e.g. `istio_tcp_received_bytes_total`) on `node`'s
+/// `/metrics` whose labels include every pair of `labels`; 0 when none does.
+pub fn metric_sum(node: &Node, family: &str, labels: &[(&str, &str)]) -> Result<f64> {
     let r = node.http_get(crate::METRICS_PORT, "/metrics", Duration::from_secs(5))?;
     ensure!(
         r.status == 200,
@@ -292,13 +339,57 @@ pub fn metric_sum(node: &Node, name: &str, labels: &[(&str, &str)]) -> Result<f6
         node.name(),
         r.status
     );
-    let prefix = format!("{name}{{");
-    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    Ok(r.body
-        .lines()
-        .filter(|l| l.starts_with(&prefix) && wanted.iter().all(|w| l.contains(w.as_str())))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    let mut sum = 0.0;
+    for line in r.body.lines() {
+        let Some(rest) = line.strip_prefix(family) else {
+            continue;
+        };
+        let (series_labels, value) = match rest.strip_prefix('{') {
+            Some(rest) => match rest.rsplit_once("} ") {
+                Some((inside, value)) => (parse_labels(inside), value),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(value) => (Vec::new(), value),
+                None => continue,
+            },
+        };
+        let wanted = labels
+            .iter()
+            .all(|(k, v)| series_labels.iter().any(|(sk, sv)| sk == k && sv == v));
+        if wanted && let Ok(value) = value.trim().parse::<f64>() {
+            sum += value;
+        }
+    }
+    Ok(sum)
+}
+
+/// `k="v",k2="v2"` (the inside of a series' braces) as pairs, quotes and escapes undone.
+fn parse_labels(inside: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut rest = inside;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, escaped)) = chars.next() {
+                        value.push(if escaped == 'n' { '\n' } else { escaped });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        pairs.push((key.trim_start_matches(',').trim().to_string(), value));
+        rest = &after[end..];
+    }
+    pairs
 }
 
 /// The local ports of `pod`'s established TCP connections to port 15008: its outbound HBONE

@@ -193,7 +193,8 @@ fn operator_commands_show_what_the_agent_holds_carried_and_needs() -> Result<()>
         lines.join("\n"),
         check.stderr()
     );
-    // `ambit check --pre`: this node can run an agent, and a wrong cgroup fails, naming it.
+    // `ambit check --pre`: this node can run an agent, and a wrong cgroup fails, naming it. The
+    // splice check leaves no scratch pins behind.
     let cgroup = node.cgroup().display().to_string();
     let bpffs = node.bpffs().display().to_string();
     let mut pre = node.spawn(
@@ -209,7 +210,9 @@ fn operator_commands_show_what_the_agent_holds_carried_and_needs() -> Result<()>
                 "kernel version",
                 "kernel BTF",
                 "cgroup v2",
-                "bpf filesystem"
+                "bpf filesystem",
+                // The agent's splice self-test, run by the check (this kernel splices).
+                "same-node splice"
             ]
             .iter()
             .all(|c| lines
@@ -217,6 +220,16 @@ fn operator_commands_show_what_the_agent_holds_carried_and_needs() -> Result<()>
                 .any(|l| l.starts_with(&format!("[ok]   {c}: ")))),
         "ambit check --pre on the bed's node: {status}\n{}",
         lines.join("\n")
+    );
+    let scratch: Vec<_> = std::fs::read_dir(node.bpffs().parent().unwrap_or(node.bpffs()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ambit-check-"))
+        .map(|e| e.path())
+        .collect();
+    ensure_or_dump!(
+        cluster,
+        scratch.is_empty(),
+        "ambit check --pre left scratch pins behind: {scratch:?}"
     );
     let mut wrong_cgroup = node.spawn(
         cluster.ambit_bin(),

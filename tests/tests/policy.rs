@@ -16,7 +16,8 @@ use ambit::identity::{SpiffeId, WorkloadCertificate};
 use ambit::testing::ca::TestCa;
 use ambit_tests::mesh::Policies;
 use ambit_tests::traffic::{
-    LONG_TRANSFER_BYTES, ensure_cut, long_transfer, metric, reaches, serve, wait_access_log,
+    LONG_TRANSFER_BYTES, accepted, apply_policies as apply, cut_by, ensure_cut, long_transfer,
+    metric, reaches, serve, wait_access_log,
 };
 use ambit_tests::{
     Cluster, ClusterSpec, METRICS_PORT, Netns, Node, Pod, PodProcess, ensure_or_dump,
@@ -40,21 +41,6 @@ fn expect(cluster: &Cluster, from: &Pod, dst: SocketAddr, allowed: bool, why: &s
             "got through but should be refused"
         }
     );
-    Ok(())
-}
-
-/// Publishes `policies` and waits until every agent runs with them.
-fn apply(cluster: &Cluster, policies: Policies) -> Result<()> {
-    let generations: Vec<u64> = cluster
-        .nodes()
-        .iter()
-        .map(Node::config_generation)
-        .collect::<Result<_>>()?;
-    cluster.set_policies(policies);
-    cluster.write_mesh()?;
-    for (i, generation) in generations.into_iter().enumerate() {
-        cluster.wait_config_generation(i, generation + 1, T)?;
-    }
     Ok(())
 }
 
@@ -459,38 +445,6 @@ fn allow_and_deny_policies_hold_for_principals_namespaces_ports_and_cidrs() -> R
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
-}
-
-/// Waits until `server` accepted `n` connections from its agent: they are authorized and
-/// relaying.
-fn accepted(server: &mut PodProcess, n: usize) -> Result<()> {
-    for _ in 0..n {
-        server.read_json_until(T, |v| v["event"] == "accepted")?;
-    }
-    Ok(())
-}
-
-/// Writes `policies` while `victim` transfers; returns how long after the write its connection
-/// ended and its report, once every agent runs with the new policies.
-fn cut_by(
-    cluster: &Cluster,
-    policies: Policies,
-    victim: &mut PodProcess,
-) -> Result<(Duration, Value)> {
-    let generations: Vec<u64> = cluster
-        .nodes()
-        .iter()
-        .map(Node::config_generation)
-        .collect::<Result<_>>()?;
-    cluster.set_policies(policies);
-    let written = Instant::now();
-    cluster.write_mesh()?;
-    let report = victim.read_json(Duration::from_secs(60))?;
-    let after = written.elapsed();
-    for (i, generation) in generations.into_iter().enumerate() {
-        cluster.wait_config_generation(i, generation + 1, T)?;
-    }
-    Ok((after, report))
 }
 
 /// Checks the cut connection's report, the survivor's whole transfer, and the access-log line

@@ -31,7 +31,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
 
 const BPFFS: &str = "/sys/fs/bpf";
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
-const MIN_KERNEL: (u32, u32) = (5, 10);
+const MIN_KERNEL: (u32, u32) = (5, 15);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Scope {

@@ -27,7 +27,8 @@ pub enum Output {
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
     /// Check that this node can run the agent (privileges, kernel, BTF, cgroup v2, bpffs, CNI
-    /// configuration) instead of checking a running agent.
+    /// configuration, and whether its kernel splices same-node connections) instead of
+    /// checking a running agent.
     #[arg(long)]
     pub pre: bool,
     /// With --pre: the cgroup v2 directory the agent will attach to [default: the cgroup2
@@ -77,8 +78,14 @@ fn pre_install(args: &CheckArgs) -> Vec<Finding> {
     let mut findings = node_findings(&RedirectConfig {
         cgroup,
         bpffs: args.bpffs.clone(),
+        max_spliced: ambit_common::limits::MAX_SPLICED as usize,
+        fast_path: true,
     });
     findings.push(cni_configuration(&args.cni_conf_dir));
+    // Loading programs needs what the findings above checked.
+    if findings.iter().all(|f| f.status != Status::Fail) {
+        findings.push(crate::redirect::splice_finding(&args.bpffs));
+    }
     findings
 }
 

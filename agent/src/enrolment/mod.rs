@@ -95,6 +95,8 @@ struct EnrolledPod {
     identity: SpiffeId,
     netns: Arc<Netns>,
     accept_loops: Vec<JoinHandle<()>>,
+    /// Its entry among the node's pods (the same-node fast path's destinations).
+    _local: proxy::LocalPod,
 }
 
 impl Drop for EnrolledPod {
@@ -524,6 +526,7 @@ impl Enrolment {
             identity: pod.identity.clone(),
             netns,
             accept_loops,
+            _local: self.proxy.local_pods.register(&pod),
         };
         // Last: only now may the kernel send this pod's connects to the listeners above.
         self.redirector.enroll(enrolled.netns.cookie())?;

@@ -60,6 +60,10 @@ pub enum ProxyError {
     /// The destination's agent refused the tunnel (its authorization policy).
     #[error("denied by the destination's authorization policy ({0})")]
     DeniedByDestination(HboneError),
+    /// The destination refused it: on the same-node fast path the agent decides for the
+    /// destination as its HBONE server would, and records the refusal on the inbound side.
+    #[error("denied by the destination's authorization policy ({0})")]
+    DestinationRefused(Refusal),
     /// The tunnel could not be opened.
     #[error("HBONE: {0}")]
     Hbone(HboneError),
@@ -91,9 +95,10 @@ impl ProxyError {
     /// The `response_flags` of the connection's closed series, as ztunnel sets them.
     pub fn response_flags(&self) -> ResponseFlags {
         match self {
-            Self::DeniedByDestination(_) | Self::ProxyPort(_) | Self::Refused(_) => {
-                ResponseFlags::Deny
-            }
+            Self::DeniedByDestination(_)
+            | Self::DestinationRefused(_)
+            | Self::ProxyPort(_)
+            | Self::Refused(_) => ResponseFlags::Deny,
             // It did connect: `-`, even when a policy change closed it (as ztunnel reports a
             // late rejection).
             Self::Relay(_) | Self::ClosedByPolicy(_) => ResponseFlags::None,

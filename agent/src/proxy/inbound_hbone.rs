@@ -23,6 +23,7 @@ use crate::{
     identity::SpiffeId,
     policy::Admission,
     proxy::metrics::{ConnectionLabels, ConnectionRecorder},
+    state::MeshState,
     telemetry::{
         AccessLog, Direction,
         istio::{ResponseFlags, SecurityPolicy},
@@ -47,31 +48,49 @@ impl PodInbound {
         }
     }
 
-    /// The metric labels of a tunnel from `source` (the HBONE peer address) proven to be
-    /// `peer`, to `destination` (when the request named a valid one), as the state says now.
-    /// The destination service is guessed from the port as on the plaintext path (ztunnel's
-    /// guess when the client does not name the service).
+    /// The metric labels of a tunnel from `source` proven to be `peer` to `destination`, as
+    /// the state says now ([`tunnel_labels`]).
     fn labels(
         &self,
         source: SocketAddr,
         peer: &SpiffeId,
         destination: Option<SocketAddr>,
     ) -> ConnectionLabels {
-        let state = self.ctx.state.borrow().clone();
-        let src = state.workload_by_ip(source.ip());
-        // The current workload (labels may have changed since enrolment), as for policy.
-        let workload = destination
-            .and_then(|dst| state.workload_by_ip(dst.ip()))
-            .unwrap_or(&self.pod.workload);
-        let service = destination.and_then(|dst| state.guess_inbound_service(workload, dst.port()));
-        ConnectionLabels::new(crate::telemetry::istio::Reporter::Destination)
-            .with_source(src.map(|w| &**w))
-            .with_source_principal(Some(peer))
-            .with_destination(Some(workload))
-            .with_destination_principal(Some(&self.pod.identity))
-            .with_destination_service(service.map(|s| &**s))
-            .with_security_policy(SecurityPolicy::MutualTls)
+        tunnel_labels(
+            &self.ctx.state.borrow().clone(),
+            source,
+            peer,
+            destination,
+            &self.pod,
+        )
     }
+}
+
+/// The metric labels of a tunnel into `pod` from `source` (the HBONE peer address) proven to
+/// be `peer`, to `destination` (when the request named a valid one), as `state` says. The
+/// destination service is guessed from the port as on the plaintext path (ztunnel's guess when
+/// the client does not name the service). The same-node fast path reports its inbound side with
+/// these labels too.
+pub fn tunnel_labels(
+    state: &MeshState,
+    source: SocketAddr,
+    peer: &SpiffeId,
+    destination: Option<SocketAddr>,
+    pod: &PodContext,
+) -> ConnectionLabels {
+    let src = state.workload_by_ip(source.ip());
+    // The current workload (labels may have changed since enrolment), as for policy.
+    let workload = destination
+        .and_then(|dst| state.workload_by_ip(dst.ip()))
+        .unwrap_or(&pod.workload);
+    let service = destination.and_then(|dst| state.guess_inbound_service(workload, dst.port()));
+    ConnectionLabels::new(crate::telemetry::istio::Reporter::Destination)
+        .with_source(src.map(|w| &**w))
+        .with_source_principal(Some(peer))
+        .with_destination(Some(workload))
+        .with_destination_principal(Some(&pod.identity))
+        .with_destination_service(service.map(|s| &**s))
+        .with_security_policy(SecurityPolicy::MutualTls)
 }
 
 impl InboundHandler for PodInbound {

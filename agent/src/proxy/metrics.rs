@@ -362,11 +362,13 @@ impl Drop for ConnectionRecorder {
     }
 }
 
-/// The proxy's metrics: the TCP families and the refusals.
+/// The proxy's metrics: the TCP families, the refusals and the same-node fast path.
 pub struct ProxyMetrics {
     tcp: TcpFamilies,
     denied: IntCounterVec,
     closed_by_policy: IntCounterVec,
+    fast_path: IntCounterVec,
+    splice_declined: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -415,7 +417,30 @@ impl ProxyMetrics {
                  authentication or workloads no longer allows them, by reason",
                 &["reason"],
             )?,
+            fast_path: family(
+                "ambit_fast_path_connections_total",
+                "Connections between two pods of this node carried by the same-node fast path \
+                 instead of HBONE, by how: spliced in the kernel, relayed by the agent, or \
+                 broken (reset while the splice was being made)",
+                &["carried"],
+            )?,
+            splice_declined: family(
+                "ambit_splice_declined_total",
+                "Same-node connections relayed by the agent instead of spliced in the kernel, \
+                 by reason (pod_share, full, off, not_established, kernel)",
+                &["reason"],
+            )?,
         })
+    }
+
+    /// Counts a connection the same-node fast path carried: `splice` or `relay`.
+    pub fn fast_path(&self, carried: &str) {
+        self.fast_path.with_label_values(&[carried]).inc();
+    }
+
+    /// Counts a same-node connection that could not be spliced, and why.
+    pub fn splice_declined(&self, reason: &str) {
+        self.splice_declined.with_label_values(&[reason]).inc();
     }
 
     /// Records a connection opened and returns its recorder; call it as soon as the connection

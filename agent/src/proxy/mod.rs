@@ -7,15 +7,24 @@
 //! are decided again on every state change; those no longer allowed are closed ([`admission`]).
 //! Between two enrolled pods the upstream is an HBONE tunnel
 //! (HTTP/2 CONNECT over mutual TLS, [`crate::hbone`]) to the destination pod's 15008; to anything
-//! outside the mesh it is a plain TCP connection.
+//! outside the mesh it is a plain TCP connection. Between two enrolled pods of this node the
+//! agent holds both identities, so nothing needs encrypting: the same-node fast path
+//! ([`same_node`]) authorizes the connection as the inbound path would and splices it in the
+//! kernel.
 pub mod admission;
 pub mod error;
 pub mod inbound;
 pub mod inbound_hbone;
 pub mod metrics;
 pub mod outbound;
+pub mod same_node;
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, PoisonError, RwLock},
+};
 
 use tokio::net::TcpStream;
 
@@ -45,6 +54,63 @@ pub struct ProxyContext {
     pub connections: Arc<admission::OpenConnections>,
     /// The settings of every pod's HBONE connection pool.
     pub pool: crate::hbone::PoolConfig,
+    /// The pods enrolled on this node, by address: the same-node fast path's destinations.
+    pub local_pods: Arc<LocalPods>,
+    /// Whether connections between two pods of this node take the same-node fast path
+    /// (`--same-node-fast-path`); else they take HBONE like any other.
+    pub fast_path: bool,
+}
+
+/// The pods enrolled on this node, by address. Enrolment registers each pod once its listeners
+/// are up ([`LocalPods::register`]); the entry goes when the pod is un-enrolled.
+#[derive(Default)]
+pub struct LocalPods {
+    by_ip: RwLock<HashMap<IpAddr, Arc<PodContext>>>,
+}
+
+impl LocalPods {
+    /// The pod enrolled here at `ip`, if any.
+    pub fn get(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
+        let by_ip = self.by_ip.read().unwrap_or_else(PoisonError::into_inner);
+        by_ip.get(&ip.to_canonical()).cloned()
+    }
+
+    /// Registers `pod` under its addresses until the returned entry is dropped.
+    pub fn register(self: &Arc<Self>, pod: &Arc<PodContext>) -> LocalPod {
+        let mut by_ip = self.by_ip.write().unwrap_or_else(PoisonError::into_inner);
+        for ip in &pod.workload.ips {
+            by_ip.insert(ip.to_canonical(), pod.clone());
+        }
+        LocalPod {
+            registry: self.clone(),
+            pod: pod.clone(),
+        }
+    }
+}
+
+/// A pod's registration in [`LocalPods`], removed on drop (only where it still names this pod:
+/// a newer pod may have taken one of its addresses).
+pub struct LocalPod {
+    registry: Arc<LocalPods>,
+    pod: Arc<PodContext>,
+}
+
+impl Drop for LocalPod {
+    fn drop(&mut self) {
+        let mut by_ip = self
+            .registry
+            .by_ip
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        for ip in &self.pod.workload.ips {
+            if by_ip
+                .get(&ip.to_canonical())
+                .is_some_and(|pod| Arc::ptr_eq(pod, &self.pod))
+            {
+                by_ip.remove(&ip.to_canonical());
+            }
+        }
+    }
 }
 
 /// How long a connection waits for its pod's first certificate before it is refused.

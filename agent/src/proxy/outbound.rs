@@ -7,6 +7,8 @@
 //! refused when no waypoint pod is ready. Anything else is passed through as plain TCP, as
 //! ambient does for destinations outside the mesh: unknown addresses, and the endpoints of a
 //! service without selector that are no mesh workload's (or the VIP itself when it has none).
+//! A mesh workload enrolled on this node is reached through the same-node fast path instead of
+//! a tunnel ([`super::same_node`]), with the same identities, policy and reports.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -15,7 +17,7 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-use super::{PodContext, ProxyContext, connect_from, error::ProxyError, record};
+use super::{PodContext, ProxyContext, connect_from, error::ProxyError, record, same_node};
 use crate::{
     hbone::{HBONE_PORT, Pool, PoolKey, TunnelRequest, headers::Baggage},
     identity::{SpiffeId, WorkloadCertificate},
@@ -80,6 +82,15 @@ trait Upstreams {
     async fn certificate(&self, id: &SpiffeId) -> Result<Arc<WorkloadCertificate>, String>;
     /// A plain TCP connection to `dst` from the source pod.
     async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream>;
+    /// Carries `client` through the same-node fast path when the tunnel's destination `to`,
+    /// expected to run as `identity`, is a pod enrolled on this node; gives it back otherwise.
+    async fn same_node(
+        &self,
+        client: TcpStream,
+        to: IpAddr,
+        identity: &SpiffeId,
+        hop: same_node::Hop<'_>,
+    ) -> Result<(Transferred, Result<(), ProxyError>), TcpStream>;
 }
 
 /// The running agent's [`Upstreams`].
@@ -95,6 +106,25 @@ impl Upstreams for Live<'_> {
 
     async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
         connect_from(&self.pod.netns, dst, None).await
+    }
+
+    async fn same_node(
+        &self,
+        client: TcpStream,
+        to: IpAddr,
+        identity: &SpiffeId,
+        hop: same_node::Hop<'_>,
+    ) -> Result<(Transferred, Result<(), ProxyError>), TcpStream> {
+        if !self.ctx.fast_path {
+            return Err(client);
+        }
+        // Only a workload dialled at its own address (directly or through a service), never a
+        // waypoint (whose tunnel carries another address), and only the pod the state names.
+        let dest = match self.ctx.local_pods.get(to) {
+            Some(dest) if hop.authority.ip() == to && dest.identity == *identity => dest,
+            _ => return Err(client),
+        };
+        Ok(same_node::forward(self.ctx, self.pod, &dest, client, hop).await)
     }
 }
 
@@ -265,7 +295,7 @@ impl<U: Upstreams> Outbound<'_, U> {
                     log.src_principal = Some(self.identity.to_string());
                     log.dst_principal = Some(identity.to_string());
                 }
-                self.send(client, peer, route, &conn).await
+                self.send(client, peer, route, &conn, &mut log).await
             }
             Err(err) => (Transferred::default(), Err(err)),
         };
@@ -273,13 +303,14 @@ impl<U: Upstreams> Outbound<'_, U> {
     }
 
     /// The I/O: connects (or tunnels) as `route` says and relays, counting bytes into `conn`
-    /// as they flow.
+    /// as they flow (and telling `log` when the fast path carried them).
     async fn send(
         &self,
         client: TcpStream,
         peer: SocketAddr,
         route: Route,
         conn: &ConnectionRecorder,
+        log: &mut AccessLog,
     ) -> (Transferred, Result<(), ProxyError>) {
         let failed = |err| (Transferred::default(), Err(err));
         match route {
@@ -295,6 +326,17 @@ impl<U: Upstreams> Outbound<'_, U> {
                 identity,
                 service_host,
             } => {
+                let hop = same_node::Hop {
+                    peer,
+                    source_ip,
+                    authority,
+                    conn,
+                    log,
+                };
+                let client = match self.upstreams.same_node(client, to, &identity, hop).await {
+                    Ok(done) => return done,
+                    Err(client) => client,
+                };
                 let certificate = match self.upstreams.certificate(self.identity).await {
                     Ok(cert) => cert,
                     Err(why) => return failed(ProxyError::NoCertificate(why)),
@@ -557,6 +599,17 @@ mod tests {
         async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
             self.plain.lock().unwrap().push(dst);
             Err(std::io::Error::other("no plain TCP in these tests"))
+        }
+
+        async fn same_node(
+            &self,
+            client: TcpStream,
+            _: IpAddr,
+            _: &SpiffeId,
+            _: same_node::Hop<'_>,
+        ) -> Result<(Transferred, Result<(), ProxyError>), TcpStream> {
+            // Every destination is on another node here.
+            Err(client)
         }
     }
 

@@ -2,7 +2,7 @@
 //! read from the kernel at each scrape.
 use std::sync::Arc;
 
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, core::Collector};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, core::Collector};
 
 use super::{RedirectStats, Redirector};
 use crate::telemetry::metrics::{ScrapeTime, gauge_value, set_counter};
@@ -19,7 +19,27 @@ pub struct RedirectMetrics {
     inbound_steered: IntCounter,
     inbound_no_listener: IntCounter,
     inbound_from_node: IntCounter,
+    spliced_bytes: IntCounter,
+    splice_no_target: IntCounter,
+    splice_unpaired: IntCounter,
+    spliced: IntGauge,
+    splice_enabled: IntGauge,
+    splice_draining: IntGauge,
+    splice_drain_checks: IntCounter,
     map_entries: IntGaugeVec,
+}
+
+/// The splice's figures at a scrape.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpliceFigures {
+    /// The splice is loaded and passed its self-test.
+    pub enabled: bool,
+    /// Connections spliced now.
+    pub spliced: usize,
+    /// Spliced connections waiting for a peer to take a half-closed direction's bytes.
+    pub draining: usize,
+    /// Checks of such directions so far.
+    pub drain_checks: u64,
 }
 
 impl RedirectMetrics {
@@ -65,6 +85,39 @@ impl RedirectMetrics {
                 "Inbound connections from the node's own addresses (kubelet's probes) let \
                  through to the application",
             )?,
+            spliced_bytes: IntCounter::new(
+                "ambit_spliced_bytes_total",
+                "Bytes of same-node connections the kernel forwarded between the agent's spliced \
+                 sockets (they never reached the agent's user space)",
+            )?,
+            splice_no_target: IntCounter::new(
+                "ambit_splice_no_target_total",
+                "Chunks of spliced connections dropped because the peer socket was gone (the \
+                 connection was closing)",
+            )?,
+            splice_unpaired: IntCounter::new(
+                "ambit_splice_unpaired_total",
+                "Chunks that reached a spliced socket without a peer (passed to the agent, which \
+                 closes the connection); never expected",
+            )?,
+            spliced: IntGauge::new(
+                "ambit_spliced_connections",
+                "Same-node connections spliced in the kernel now",
+            )?,
+            splice_enabled: IntGauge::new(
+                "ambit_splice_enabled",
+                "1 when the same-node splice is loaded and passed its self-test; 0 when it is \
+                 not wanted or the kernel cannot run it (then same-node connections take HBONE)",
+            )?,
+            splice_draining: IntGauge::new(
+                "ambit_splice_draining_connections",
+                "Spliced connections with a half-closed direction whose peer has not taken \
+                 every forwarded byte yet",
+            )?,
+            splice_drain_checks: IntCounter::new(
+                "ambit_splice_drain_checks_total",
+                "Checks of half-closed spliced directions (backed off from 1 ms to 1 s each)",
+            )?,
             map_entries: IntGaugeVec::new(
                 Opts::new("ambit_ebpf_map_entries", "Entries in each pinned eBPF map"),
                 &["map"],
@@ -72,8 +125,8 @@ impl RedirectMetrics {
         })
     }
 
-    /// Copies the programs' counters and the maps' occupancy in.
-    pub fn record(&self, stats: RedirectStats, occupancy: &[(&str, usize)]) {
+    /// Copies the programs' counters, the maps' occupancy and the spliced connections in.
+    pub fn record(&self, stats: RedirectStats, occupancy: &[(&str, usize)], splice: SpliceFigures) {
         set_counter(
             &self.redirected.with_label_values(&["ipv4"]),
             stats.redirected_v4,
@@ -89,6 +142,13 @@ impl RedirectMetrics {
         set_counter(&self.inbound_steered, stats.inbound_steered);
         set_counter(&self.inbound_no_listener, stats.inbound_no_listener);
         set_counter(&self.inbound_from_node, stats.inbound_from_node);
+        set_counter(&self.spliced_bytes, stats.spliced_bytes);
+        set_counter(&self.splice_no_target, stats.splice_no_target);
+        set_counter(&self.splice_unpaired, stats.splice_unpaired);
+        self.spliced.set(gauge_value(splice.spliced));
+        self.splice_enabled.set(i64::from(splice.enabled));
+        self.splice_draining.set(gauge_value(splice.draining));
+        set_counter(&self.splice_drain_checks, splice.drain_checks);
         for (map, entries) in occupancy {
             self.map_entries
                 .with_label_values(&[map])
@@ -108,13 +168,29 @@ impl ScrapeTime for RedirectMetrics {
             &self.inbound_steered,
             &self.inbound_no_listener,
             &self.inbound_from_node,
+            &self.spliced_bytes,
+            &self.splice_no_target,
+            &self.splice_unpaired,
+            &self.spliced,
+            &self.splice_enabled,
+            &self.splice_draining,
+            &self.splice_drain_checks,
             &self.map_entries,
         ]
     }
 
     fn refresh(&self) {
         if let Some(redirector) = &self.redirector {
-            self.record(redirector.stats(), &redirector.map_occupancy());
+            let splice = redirector
+                .splicer()
+                .map(|splicer| SpliceFigures {
+                    enabled: true,
+                    spliced: splicer.spliced(),
+                    draining: splicer.stats().draining(),
+                    drain_checks: splicer.stats().drain_checks(),
+                })
+                .unwrap_or_default();
+            self.record(redirector.stats(), &redirector.map_occupancy(), splice);
         }
     }
 }
@@ -142,8 +218,21 @@ mod tests {
             pod_quota: 6,
             closed_refused: 8,
             inbound_from_node: 9,
+            spliced_bytes: 1 << 30,
+            splice_no_target: 10,
+            splice_unpaired: 11,
         };
-        datapath.record(stats, &[("ENROLLED_NETNS", 2), ("ORIG_DST_TUPLE", 7)]);
+        let splice = SpliceFigures {
+            enabled: true,
+            spliced: 12,
+            draining: 3,
+            drain_checks: 40,
+        };
+        datapath.record(
+            stats,
+            &[("ENROLLED_NETNS", 2), ("ORIG_DST_TUPLE", 7)],
+            splice,
+        );
         let samples = parse(&metrics.encode());
         let get = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
         for (name, want) in [
@@ -154,6 +243,13 @@ mod tests {
             ("ambit_redirect_map_full_total", 0.0),
             ("ambit_inbound_steered_total", 4.0),
             ("ambit_inbound_no_listener_total", 3.0),
+            ("ambit_spliced_bytes_total", f64::from(1u32 << 30)),
+            ("ambit_splice_no_target_total", 10.0),
+            ("ambit_splice_unpaired_total", 11.0),
+            ("ambit_spliced_connections", 12.0),
+            ("ambit_splice_enabled", 1.0),
+            ("ambit_splice_draining_connections", 3.0),
+            ("ambit_splice_drain_checks_total", 40.0),
         ] {
             assert_eq!(get(name, &[]), Some(want), "{name}");
         }
@@ -170,7 +266,7 @@ mod tests {
             Some(7.0)
         );
         // Totals kept by the kernel are copied, not added up, scrape after scrape.
-        datapath.record(stats, &[]);
+        datapath.record(stats, &[], splice);
         let again = parse(&metrics.encode());
         assert_eq!(
             value(

@@ -12,6 +12,7 @@
 mod link;
 pub mod metrics;
 mod preflight;
+pub mod splice;
 
 use std::{
     collections::BTreeSet,
@@ -50,6 +51,23 @@ pub struct RedirectConfig {
     pub cgroup: PathBuf,
     /// bpffs directory for pins.
     pub bpffs: PathBuf,
+    /// Same-node connections spliced in the kernel at once, at most
+    /// [`limits::MAX_SPLICED`]; a source pod may hold a quarter of them. 0 loads no splice.
+    pub max_spliced: usize,
+    /// The same-node fast path is on (`--same-node-fast-path`): only then is the splice
+    /// loaded.
+    pub fast_path: bool,
+}
+
+/// Whether the same-node splice can be used, and why not.
+pub enum SpliceState {
+    /// Loaded and its self-test passed.
+    Ready(std::sync::Arc<splice::Splicer>),
+    /// Not loaded: the fast path is off, or `--max-spliced-connections` is 0.
+    NotWanted,
+    /// Wanted, but the kernel refused the program or failed the self-test: the fast path is
+    /// off (HBONE, as across nodes).
+    Unavailable(String),
 }
 
 /// Link-based cgroup attachments always coexist with other programs (the kernel treats them as
@@ -71,6 +89,7 @@ pub struct Redirector {
     excluded_ports: Mutex<HashMap<MapData, u16, u8>>,
     excluded_nets: Mutex<LpmTrie<MapData, [u8; 16], u8>>,
     stats: PerCpuArray<MapData, u64>,
+    splice: SpliceState,
 }
 
 /// Event counters kept by the eBPF programs, summed over CPUs since the programs were loaded.
@@ -97,8 +116,15 @@ pub struct RedirectStats {
     pub closed_refused: u64,
     /// Inbound connections from the node's own addresses let through to the application.
     pub inbound_from_node: u64,
+    /// Bytes the kernel forwarded between the sockets of spliced same-node connections.
+    pub spliced_bytes: u64,
+    /// Chunks of spliced connections dropped because the peer socket was gone.
+    pub splice_no_target: u64,
+    /// Chunks that reached a spliced socket without a pair (passed to the agent).
+    pub splice_unpaired: u64,
 }
 
+/// Takes the map `name` out of the loaded object, as the map type it must be.
 fn map<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -186,6 +212,21 @@ impl Redirector {
         sk_lookup
             .load()
             .with_context(|| format!("kernel refused program {}", programs::SK_LOOKUP))?;
+        let splice = if config.fast_path && config.max_spliced > 0 {
+            match load_splice(&mut ebpf, config.max_spliced) {
+                Ok(splicer) => {
+                    info!("same-node splice loaded, self-test passed");
+                    SpliceState::Ready(splicer)
+                }
+                Err(err) => {
+                    let why = format!("{err:#}");
+                    warn!(err = %why, "the same-node splice is unavailable on this kernel: the same-node fast path is off (same-node connections take HBONE)");
+                    SpliceState::Unavailable(why)
+                }
+            }
+        } else {
+            SpliceState::NotWanted
+        };
         info!(cgroup = %config.cgroup.display(), bpffs = %config.bpffs.display(), "eBPF programs attached");
 
         Ok(Self {
@@ -199,6 +240,7 @@ impl Redirector {
             excluded_ports: Mutex::new(map(&mut ebpf, maps::EXCLUDED_PORTS)?),
             excluded_nets: Mutex::new(map(&mut ebpf, maps::EXCLUDED_NETS)?),
             stats: map(&mut ebpf, maps::STATS)?,
+            splice,
             ebpf: Mutex::new(ebpf),
             config,
         })
@@ -207,6 +249,19 @@ impl Redirector {
     /// The configuration this redirector was loaded with.
     pub fn config(&self) -> &RedirectConfig {
         &self.config
+    }
+
+    /// The same-node splice, when it is loaded and passed its self-test.
+    pub fn splicer(&self) -> Option<&std::sync::Arc<splice::Splicer>> {
+        match &self.splice {
+            SpliceState::Ready(splicer) => Some(splicer),
+            _ => None,
+        }
+    }
+
+    /// Whether the splice is loaded, not wanted, or unavailable and why.
+    pub fn splice_state(&self) -> &SpliceState {
+        &self.splice
     }
 
     fn pod_pin(&self, netns_cookie: u64) -> PathBuf {
@@ -440,7 +495,58 @@ impl Redirector {
             pod_quota: read(stats::POD_QUOTA),
             closed_refused: read(stats::CLOSED_REFUSED),
             inbound_from_node: read(stats::INBOUND_FROM_NODE),
+            spliced_bytes: read(stats::SPLICED_BYTES),
+            splice_no_target: read(stats::SPLICE_NO_TARGET),
+            splice_unpaired: read(stats::SPLICE_UNPAIRED),
         }
+    }
+}
+
+/// Loads the splice program and checks, on a loopback pair, that this kernel splices.
+fn load_splice(ebpf: &mut Ebpf, max: usize) -> anyhow::Result<std::sync::Arc<splice::Splicer>> {
+    let splicer = std::sync::Arc::new(splice::Splicer::load(ebpf, max)?);
+    splicer.self_test().context("self-test")?;
+    Ok(splicer)
+}
+
+/// Whether this node can splice same-node connections, for `ambit check --pre`: the eBPF
+/// object loaded with its maps pinned in a scratch directory beside `bpffs` (so an agent's pins
+/// are never touched), the splice program loaded and self-tested as the agent
+/// does, everything removed after. A failure is a warning: the agent then takes HBONE.
+pub fn splice_finding(bpffs: &Path) -> Finding {
+    const CHECK: &str = "same-node splice";
+    let fallback = "none needed: the agent keeps the same-node fast path off and takes HBONE; \
+                    Linux 6.4 or later splices";
+    // Next to the agent's directory, never in it.
+    let Some(base) = bpffs.ancestors().skip(1).find(|p| p.exists()) else {
+        return Finding::warn_with(
+            CHECK,
+            format!("no directory of {}", bpffs.display()),
+            fallback,
+        );
+    };
+    let scratch = base.join(format!("ambit-check-{}", std::process::id()));
+    let result = (|| -> anyhow::Result<()> {
+        fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&scratch)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        load_splice(&mut ebpf, 16).map(drop)
+    })();
+    if let Ok(entries) = fs::read_dir(&scratch) {
+        for entry in entries.flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let _ = fs::remove_dir(&scratch);
+    match result {
+        Ok(()) => Finding::ok_with(
+            CHECK,
+            "the kernel splices: bytes queued before the splice and after it reached the peer, \
+             none reached user space",
+        ),
+        Err(err) => Finding::warn_with(CHECK, format!("{err:#}"), fallback),
     }
 }
 

@@ -175,10 +175,29 @@ pub struct FullRegex {
     compiled: Arc<regex::Regex>,
 }
 
+/// The longest expression a route may hold, in bytes.
+pub const MAX_REGEX_LEN: usize = 1024;
+
+/// The most memory one compiled expression may take (the `regex` crate's own default is
+/// 10 MiB). Every agent, waypoint and the CA compile every route's expressions on each rebuild,
+/// so one namespace's routes must not be able to make them all spend much: like Envoy's RE2
+/// program-size limit, an expression over it is refused.
+const MAX_REGEX_PROGRAM: usize = 256 * 1024;
+
 impl FullRegex {
-    /// Compiles `source` (Rust's `regex` syntax, RE2's without its few extensions).
+    /// Compiles `source` (Rust's `regex` syntax, RE2's without its few extensions); longer
+    /// than [`MAX_REGEX_LEN`] or compiling to too large a program, it is refused.
     pub fn new(source: &str) -> Result<Self, regex::Error> {
-        let compiled = regex::Regex::new(&format!("^(?:{source})$"))?;
+        if source.len() > MAX_REGEX_LEN {
+            return Err(regex::Error::Syntax(format!(
+                "the expression is {} bytes long, more than the {MAX_REGEX_LEN} allowed",
+                source.len()
+            )));
+        }
+        let compiled = regex::RegexBuilder::new(&format!("^(?:{source})$"))
+            .size_limit(MAX_REGEX_PROGRAM)
+            .dfa_size_limit(MAX_REGEX_PROGRAM)
+            .build()?;
         Ok(Self {
             source: source.to_string(),
             compiled: Arc::new(compiled),

@@ -794,3 +794,21 @@ fn workload_name_is_the_controller_and_canonical_service_falls_back_to_it() {
     };
     assert_eq!(empty.workload_name(), "reviews-v1");
 }
+
+/// One namespace's routes cannot make every agent and waypoint compile a huge expression: a
+/// long one or one whose program is too large is refused with a reason; a usual one compiles.
+#[test]
+fn route_expressions_are_bounded_in_length_and_program_size() {
+    use routes::{FullRegex, MAX_REGEX_LEN};
+    assert!(
+        FullRegex::new("/api/v[0-9]+/.*")
+            .unwrap()
+            .is_match("/api/v2/books")
+    );
+    let long = "a".repeat(MAX_REGEX_LEN + 1);
+    let err = FullRegex::new(&long).unwrap_err().to_string();
+    assert!(err.contains("more than the 1024 allowed"), "{err}");
+    // Short, but a large program: counted repetitions of a Unicode class.
+    let err = FullRegex::new(r"\w{100}\w{100}\w{100}").unwrap_err();
+    assert!(matches!(err, regex::Error::CompiledTooBig(_)), "{err}");
+}

@@ -184,8 +184,12 @@ pub struct AccessLog {
     pub dst_service: Option<String>,
     /// The destination's identity, when the connection was mutual TLS.
     pub dst_principal: Option<String>,
-    /// Whether the connection crossed the network in an HBONE mTLS tunnel.
+    /// Whether both identities were proven: the connection crossed the network in an HBONE
+    /// mTLS tunnel, or stayed on the node through the fast path (see `fast_path`).
     pub mtls: bool,
+    /// How the same-node fast path carried it, when it did: `splice` (in the kernel) or
+    /// `relay` (in the agent, when the splice was not possible).
+    pub fast_path: Option<&'static str>,
     /// Bytes from client to upstream.
     pub bytes_sent: u64,
     /// Bytes from upstream to client.
@@ -210,6 +214,7 @@ impl AccessLog {
             dst_service: None,
             dst_principal: None,
             mtls: false,
+            fast_path: None,
             bytes_sent: 0,
             bytes_received: 0,
             started: std::time::Instant::now(),
@@ -240,6 +245,7 @@ impl AccessLog {
             dst_service = self.dst_service.as_deref(),
             dst_principal = self.dst_principal.as_deref(),
             security = if self.mtls { "mtls" } else { "plaintext" },
+            fast_path = self.fast_path,
             bytes_sent = self.bytes_sent,
             bytes_received = self.bytes_received,
             duration_ms = self.started.elapsed().as_millis() as u64,

@@ -33,6 +33,11 @@ pub mod limits {
     pub const MAX_EXEMPT_CGROUPS: u32 = 16;
     /// Excluded destination ports and networks.
     pub const MAX_EXCLUSIONS: u32 = 1_024;
+    /// Same-node connections spliced in the kernel at once (each is two sockets, one entry of
+    /// each in `SPLICE_SOCKS`, `SPLICE_TARGETS` and `SPLICE_PEERS`). The agent hands out these
+    /// slots, a quarter at most to one source pod; a connection that finds none is relayed in
+    /// user space instead, never refused.
+    pub const MAX_SPLICED: u32 = 16_384;
 }
 
 /// Values of `ENROLLED_NETNS`: what the programs do with a pod namespace's traffic.
@@ -71,6 +76,17 @@ pub mod maps {
     pub const EXCLUDED_NETS: &str = "EXCLUDED_NETS";
     /// Per-CPU event counters (indexes in [`crate::stats`]).
     pub const STATS: &str = "STATS";
+    /// The agent's sockets of spliced same-node connections whose received bytes the splice
+    /// verdict program forwards (by socket cookie). The program is attached to this map, so a
+    /// socket's bytes go through it from the moment it is inserted here. Not pinned: the
+    /// entries are the agent's own sockets, which die with it.
+    pub const SPLICE_SOCKS: &str = "SPLICE_SOCKS";
+    /// The same sockets as redirect targets (by socket cookie), with no program attached: a
+    /// socket is a target before its peer's bytes can be forwarded to it. Not pinned.
+    pub const SPLICE_TARGETS: &str = "SPLICE_TARGETS";
+    /// Per spliced socket (by cookie): its peer's cookie and the bytes forwarded to it
+    /// ([`crate::SplicePeer`]). Not pinned.
+    pub const SPLICE_PEERS: &str = "SPLICE_PEERS";
     /// Every map the agent pins, for uninstall.
     pub const PINNED: [&str; 10] = [
         ENROLLED_NETNS,
@@ -100,6 +116,8 @@ pub mod programs {
     pub const SOCK_OPS: &str = "ambit_sock_ops";
     /// sk_lookup: steer inbound TCP to the pod's listeners.
     pub const SK_LOOKUP: &str = "ambit_sk_lookup";
+    /// sk_skb/stream_verdict on `SPLICE_SOCKS`: forward a spliced socket's bytes to its peer.
+    pub const SPLICE_VERDICT: &str = "ambit_splice_verdict";
     /// The cgroup-attached programs, in attach order.
     pub const CGROUP: [&str; 5] = [SOCK_OPS, CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6];
 }
@@ -126,8 +144,18 @@ pub mod stats {
     pub const CLOSED_REFUSED: u32 = 7;
     /// Inbound connections from the node's own addresses let through to the application.
     pub const INBOUND_FROM_NODE: u32 = 8;
+    /// Bytes the splice verdict forwarded from one spliced socket to its peer (a sum of
+    /// lengths, not a count of events).
+    pub const SPLICED_BYTES: u32 = 9;
+    /// Chunks the splice verdict could not forward because the peer socket was gone (dropped:
+    /// the agent is closing that connection).
+    pub const SPLICE_NO_TARGET: u32 = 10;
+    /// Chunks that reached a socket of `SPLICE_SOCKS` without a peer in `SPLICE_PEERS` (passed
+    /// to the agent, which closes such a connection), or whose entry was recycled for another
+    /// socket while the verdict read it (dropped).
+    pub const SPLICE_UNPAIRED: u32 = 11;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 12;
 }
 
 /// Bits of [`SockState::flags`].
@@ -203,6 +231,23 @@ pub struct PendingConnect {
     pub socket_cookie: u64,
 }
 
+/// Value of `SPLICE_PEERS`: where a spliced socket's bytes go, and how many went.
+///
+/// `cookie` repeats the entry's own key: the kernel may hand a deleted entry's memory to a new
+/// one while a verdict still holds a pointer to it, and the verdict drops a chunk whose entry
+/// no longer names its socket (socket cookies are never reused, so a recycled entry always
+/// names another one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SplicePeer {
+    /// Socket cookie of the socket this entry belongs to (its key in `SPLICE_PEERS`).
+    pub cookie: u64,
+    /// Socket cookie of the peer socket (its key in `SPLICE_TARGETS`).
+    pub peer: u64,
+    /// Bytes forwarded to the peer so far, added atomically by the verdict program.
+    pub bytes: u64,
+}
+
 /// Per-socket storage (`SOCK_STATE`), owned by the socket and freed with it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -242,6 +287,12 @@ const _: () = {
     assert!(offset_of!(PendingConnect, orig) == 0);
     assert!(offset_of!(PendingConnect, socket_cookie) == 24);
 
+    assert!(size_of::<SplicePeer>() == 24);
+    assert!(align_of::<SplicePeer>() == 8);
+    assert!(offset_of!(SplicePeer, cookie) == 0);
+    assert!(offset_of!(SplicePeer, peer) == 8);
+    assert!(offset_of!(SplicePeer, bytes) == 16);
+
     assert!(size_of::<SockState>() == 32);
     assert!(align_of::<SockState>() == 4);
     assert!(offset_of!(SockState, orig) == 0);
@@ -263,4 +314,6 @@ mod user {
     unsafe impl aya::Pod for super::PendingConnect {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SplicePeer {}
 }

@@ -17,6 +17,10 @@
 //!   for every other port, the proxy's own included), and drops it when there is no listener
 //!   (agent down, pod closed): inbound fails closed. Connections from the node's own addresses
 //!   (kubelet's probes) reach the application directly, as in Istio ambient.
+//! - `sk_skb/stream_verdict` on `SPLICE_SOCKS` splices same-node connections: the agent puts its
+//!   two sockets of an authorized connection between two pods of its node (the one it accepted
+//!   from the client, the one it opened to the server) in the map, and every chunk either
+//!   receives is sent out on the other, counted, without reaching user space.
 #![no_std]
 #![no_main]
 // The BPF target has no atomic read-modify-write in `core::sync::atomic` (no compare-and-swap),
@@ -31,7 +35,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use ambit_common::{
     INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst, PendingConnect,
-    SockState, TupleKey, limits, pod_state, sock_flags, stats,
+    SockState, SplicePeer, TupleKey, limits, pod_state, sock_flags, stats,
 };
 use aya_ebpf::{
     bindings::{
@@ -44,9 +48,9 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         generated::bpf_sk_storage_get,
     },
-    macros::{btf_map, cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{btf_map, cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 
@@ -132,12 +136,30 @@ static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(limits::MAX_EXCLUSIONS
 static EXCLUDED_NETS: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(limits::MAX_EXCLUSIONS, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+// The splice maps are not pinned: they hold the agent's own sockets, which close with it, and
+// they die with it, so nothing of a splice outlives the agent that made it.
+#[map]
+static SPLICE_SOCKS: SockHash<u64> = SockHash::with_max_entries(2 * limits::MAX_SPLICED, 0);
+#[map]
+static SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(2 * limits::MAX_SPLICED, 0);
+// Not preallocated: a preallocated hash map hands a deleted entry to the next insert at once,
+// while a verdict on another CPU may still read it; without preallocation the memory is
+// reused only once readers are done (an RCU grace period) or, with the kernel's BPF memory
+// allocator, for an entry of the same map, which the verdict tells by its own cookie.
+#[map]
+static SPLICE_PEERS: HashMap<u64, SplicePeer> =
+    HashMap::with_max_entries(2 * limits::MAX_SPLICED, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 fn count(index: u32) {
+    count_by(index, 1);
+}
+
+#[inline(always)]
+fn count_by(index: u32, n: u64) {
     if let Some(counter) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *counter += 1 };
+        unsafe { *counter += n };
     }
 }
 
@@ -640,6 +662,59 @@ fn steer(ctx: &SkLookupContext, listeners: &SockHash<IpKey>, local: IpKey) -> u3
             sk_action::SK_DROP
         }
     }
+}
+
+/// sk_skb/stream_verdict, attached to `SPLICE_SOCKS`: a chunk received on a spliced socket is
+/// sent out on its peer (egress redirect), and its length added to the socket's count.
+///
+/// The agent inserts a connection's two sockets in `SPLICE_TARGETS` first, then in
+/// `SPLICE_SOCKS` (where this program starts to see their bytes), so a peer is always a target
+/// by the time a chunk is forwarded to it. A chunk whose peer is gone is dropped: the agent
+/// closes such a connection. A socket without an entry in `SPLICE_PEERS` never happens while
+/// the agent runs; its bytes are passed to the socket's own queue (the agent closes it). A FIN
+/// is not forwarded: the agent shuts the peer down once it has sent every byte before it.
+///
+/// The entry may be deleted (its connection closing) while this runs, and its memory given to
+/// another socket's entry: the entry names its own socket, checked before and after the peer
+/// is read, and a chunk whose entry names another socket is dropped, never sent to that
+/// socket's peer.
+#[stream_verdict]
+pub fn ambit_splice_verdict(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the context's skb is valid for the program's run; the helper is allowed here.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(pair) = SPLICE_PEERS.get_ptr_mut(cookie) else {
+        count(stats::SPLICE_UNPAIRED);
+        return sk_action::SK_PASS;
+    };
+    let len = u64::from(ctx.len());
+    if len == 0 {
+        // A FIN without data. Sent on the peer, an empty chunk counts as a broken pipe there;
+        // the agent passes the half-close on itself, after the bytes before it.
+        return sk_action::SK_DROP;
+    }
+    // SAFETY: map memory stays valid while this program runs (RCU read side); its contents
+    // may change under us if the entry is recycled, which the cookie checks catch.
+    let (owner, mut peer, still) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*pair).cookie),
+            core::ptr::read_volatile(&raw const (*pair).peer),
+            core::ptr::read_volatile(&raw const (*pair).cookie),
+        )
+    };
+    if owner != cookie || still != cookie {
+        // The entry was deleted and reused for another socket: this connection is closing.
+        count(stats::SPLICE_UNPAIRED);
+        return sk_action::SK_DROP;
+    }
+    let verdict = SPLICE_TARGETS.redirect_skb(&ctx, &mut peer, 0);
+    if verdict == i64::from(sk_action::SK_PASS) {
+        // SAFETY: as above; the count is only ever changed atomically.
+        counter_add(unsafe { &raw mut (*pair).bytes }, len);
+        count_by(stats::SPLICED_BYTES, len);
+    } else {
+        count(stats::SPLICE_NO_TARGET);
+    }
+    verdict as u32
 }
 
 #[cfg(not(test))]

@@ -10,7 +10,9 @@
 //!   [--rate R]`: C connections, each sending N deterministic pseudo-random bytes (seeded by the
 //!   connection index; with `--pattern`, the string S repeated instead; with `--rate`, at most R
 //!   bytes per second, so a transfer lasts as long as a test needs) and checking the echo; one
-//!   JSON line per connection; exit 0 only if all are ok.
+//!   JSON line per connection; exit 0 only if all are ok. With `--send-first` each connection
+//!   starts sending as soon as it is connected, before the server's greeting arrives (a client
+//!   that talks first, as HTTP clients do).
 //! - `testpod churn --connect ADDR --count C [--max-seconds S] [--greeting-only]`: C short
 //!   sequential connections; one summary line. With `--greeting-only` (for a server started
 //!   with `--greeting-only`) each connection only reads the greeting and the server's close.
@@ -51,6 +53,14 @@
 //!   opened one after another and kept open, each exchanging N bytes with the echo server first;
 //!   prints `{"event":"opened",...}` once all are open, holds them until a line (or EOF) on stdin
 //!   or S seconds, then half-closes each and reads it to the end; one `closed` summary line.
+//! - `testpod stall --addr ADDR --count C [--bytes N] [--small-buffers B] --hold-seconds S`:
+//!   a hostile pod's stalled half-closes. Listens on ADDR (the pod's own address) and never
+//!   reads what it accepts; opens C connections to ADDR, writes each until the kernel takes no
+//!   more (at most N bytes), then half-closes it. With `--small-buffers`, first lowers the
+//!   namespace's TCP buffer maxima (`net.ipv4.tcp_rmem`/`tcp_wmem`) to B bytes, so the stalled
+//!   bytes take little memory. Prints `{"event":"stalled","open":..,"failed":..,"bytes":..}`,
+//!   holds everything until a line (or EOF) on stdin or S seconds, closes it all and prints
+//!   `{"event":"closed"}`.
 //! - `testpod grpc-serve --port P [--name NAME]`: a gRPC server (tonic) of
 //!   tests/proto/greeter.proto: unary `Say` and server-streaming `Count`, with statuses in
 //!   headers (`fail`: NOT_FOUND) and in trailers after replies (`abort`: ABORTED).
@@ -126,6 +136,9 @@ enum Cmd {
         /// speed).
         #[arg(long)]
         rate: Option<u64>,
+        /// Start sending as soon as connected, without waiting for the greeting.
+        #[arg(long)]
+        send_first: bool,
     },
     /// Connects that fail after the connect hook ran.
     Flood {
@@ -210,6 +223,24 @@ enum Cmd {
         /// Time limit per connection for opening and for closing, in milliseconds.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+    },
+    /// Stalled half-closed connections to a listener of this pod that never reads.
+    Stall {
+        /// The pod's own address and the port to listen on and connect to.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Number of connections.
+        #[arg(long)]
+        count: u32,
+        /// Most bytes written on each connection.
+        #[arg(long, default_value_t = 1 << 20)]
+        bytes: u64,
+        /// Lower the namespace's TCP buffer maxima to this many bytes first.
+        #[arg(long)]
+        small_buffers: Option<u32>,
+        /// Longest hold: everything closes earlier on a line or EOF on stdin.
+        #[arg(long)]
+        hold_seconds: u64,
     },
     /// Hold one connection open; echo stdin lines through it.
     Hold {
@@ -320,14 +351,18 @@ fn main() -> ExitCode {
             pattern,
             mark,
             rate,
+            send_first,
         } => client(
             connect,
-            bytes,
             count,
-            Duration::from_millis(timeout_ms),
-            pattern.map(String::into_bytes),
-            mark,
-            rate,
+            &Sending {
+                bytes,
+                timeout: Duration::from_millis(timeout_ms),
+                pattern: pattern.map(String::into_bytes),
+                mark,
+                rate,
+                first: send_first,
+            },
         ),
         Cmd::Flood {
             kind,
@@ -365,6 +400,19 @@ fn main() -> ExitCode {
             bytes,
             Duration::from_secs(hold_seconds),
             Duration::from_millis(timeout_ms),
+        ),
+        Cmd::Stall {
+            addr,
+            count,
+            bytes,
+            small_buffers,
+            hold_seconds,
+        } => stall(
+            addr,
+            count,
+            bytes,
+            small_buffers,
+            Duration::from_secs(hold_seconds),
         ),
         Cmd::Hold {
             connect,
@@ -623,33 +671,37 @@ fn read_line_until(r: &mut BufReader<TcpStream>, deadline: Instant) -> io::Resul
     Ok(line)
 }
 
-fn client(
-    addr: SocketAddr,
+/// What each `testpod client` connection sends, and how.
+struct Sending {
     bytes: u64,
-    count: u32,
     timeout: Duration,
     pattern: Option<Vec<u8>>,
     mark: Option<u32>,
     rate: Option<u64>,
-) -> bool {
+    /// Before the greeting arrives.
+    first: bool,
+}
+
+fn client(addr: SocketAddr, count: u32, sending: &Sending) -> bool {
     let mut all_ok = true;
     for i in 0..count {
-        let v = client_conn(addr, i, bytes, timeout, pattern.as_deref(), mark, rate);
+        let v = client_conn(addr, i, sending);
         all_ok &= v["ok"] == true;
         emit(v);
     }
     all_ok
 }
 
-fn client_conn(
-    addr: SocketAddr,
-    index: u32,
-    bytes: u64,
-    timeout: Duration,
-    pattern: Option<&[u8]>,
-    mark: Option<u32>,
-    rate: Option<u64>,
-) -> Value {
+fn client_conn(addr: SocketAddr, index: u32, sending: &Sending) -> Value {
+    let Sending {
+        bytes,
+        timeout,
+        ref pattern,
+        mark,
+        rate,
+        first,
+    } = *sending;
+    let pattern = pattern.as_deref();
     let start = Instant::now();
     let deadline = start + timeout;
     let mut out = json!({
@@ -661,12 +713,15 @@ fn client_conn(
         out["peer"] = json!(s.peer_addr().map(|a| a.to_string()).ok());
         out["local"] = json!(s.local_addr().map(|a| a.to_string()).ok());
         let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
-        let greeting =
-            read_line_until(&mut reader, deadline).map_err(|e| format!("read greeting: {e}"))?;
-        out["greeting"] = json!(greeting);
         let mut w = s.try_clone().map_err(|e| e.to_string())?;
         let mut prng = Payload::new(index, pattern);
+        // The writer starts at once with `--send-first`, else once the greeting is in.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
         let writer = std::thread::spawn(move || -> Result<u64, String> {
+            if !first && wait.recv().is_err() {
+                // Never told to start: the greeting did not come.
+                return Ok(0);
+            }
             let mut buf = vec![0u8; 16 * 1024];
             let mut sent = 0u64;
             let paced_from = Instant::now();
@@ -689,6 +744,10 @@ fn client_conn(
             r.map(|()| sent)
                 .map_err(|e| format!("send after {sent} bytes: {e}"))
         });
+        let greeting =
+            read_line_until(&mut reader, deadline).map_err(|e| format!("read greeting: {e}"))?;
+        out["greeting"] = json!(greeting);
+        let _ = go.send(());
         let mut prng = Payload::new(index, pattern);
         let mut buf = vec![0u8; 64 * 1024];
         let mut expect = vec![0u8; 64 * 1024];
@@ -1040,6 +1099,127 @@ fn burst(addr: SocketAddr, count: u32, bytes: u64, hold: Duration, timeout: Dura
         "elapsed_ms": start.elapsed().as_millis() as u64,
     }));
     failed == 0 && clean == u64::from(count)
+}
+
+// ---------------------------------------------------------------------------------------------
+// stall
+
+/// Writes `s` (non-blocking) until the kernel takes no more or `left` bytes went; returns the
+/// bytes written.
+fn stall_fill(s: &mut TcpStream, left: u64) -> io::Result<u64> {
+    let chunk = [0x5au8; 16 * 1024];
+    let mut written = 0u64;
+    while written < left {
+        let n = (left - written).min(chunk.len() as u64) as usize;
+        match s.write(&chunk[..n]) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+fn stall(
+    addr: SocketAddr,
+    count: u32,
+    bytes: u64,
+    small_buffers: Option<u32>,
+    hold: Duration,
+) -> bool {
+    let start = Instant::now();
+    if let Some(max) = small_buffers {
+        for (sysctl, value) in [
+            ("tcp_rmem", format!("4096 {} {max}", max.min(16384))),
+            ("tcp_wmem", format!("4096 {} {max}", max.min(16384))),
+        ] {
+            let path = format!("/proc/sys/net/ipv4/{sysctl}");
+            if let Err(e) = std::fs::write(&path, &value) {
+                emit(json!({"error": format!("writing {path}: {e}")}));
+                return false;
+            }
+        }
+    }
+    let listener = (|| -> io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        // Inherited by the accepted sockets: they take little before the window closes.
+        socket.set_recv_buffer_size(4096)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        Ok(socket.into())
+    })();
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            emit(json!({"error": format!("listen on {addr}: {e}")}));
+            return false;
+        }
+    };
+    // Accepted and held, never read.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let mut open = Vec::with_capacity(count as usize);
+    let mut first_error: Option<String> = None;
+    let mut written = 0u64;
+    for _ in 0..count {
+        let opened = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).and_then(|s| {
+            s.set_nonblocking(true)?;
+            Ok(s)
+        });
+        match opened {
+            Ok(mut s) => match stall_fill(&mut s, bytes) {
+                Ok(n) => {
+                    written += n;
+                    open.push((s, n));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(format!("write: {e}"));
+                }
+            },
+            Err(e) => {
+                first_error.get_or_insert(format!("connect {addr}: {e}"));
+            }
+        }
+    }
+    // The path behind each socket takes more once the first bytes moved on; fill it again,
+    // then half-close.
+    std::thread::sleep(Duration::from_millis(500));
+    for (s, n) in &mut open {
+        match stall_fill(s, bytes - *n) {
+            Ok(more) => written += more,
+            Err(e) => {
+                first_error.get_or_insert(format!("write: {e}"));
+            }
+        }
+        if let Err(e) = s.shutdown(Shutdown::Write) {
+            first_error.get_or_insert(format!("shutdown: {e}"));
+        }
+    }
+    let failed = u64::from(count) - open.len() as u64;
+    emit(json!({
+        "event": "stalled",
+        "open": open.len(),
+        "failed": failed,
+        "bytes": written,
+        "first_error": first_error,
+        "elapsed_ms": start.elapsed().as_millis() as u64,
+    }));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = io::stdin().lock().read_line(&mut String::new());
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(hold);
+    drop(open);
+    emit(json!({"event": "closed", "elapsed_ms": start.elapsed().as_millis() as u64}));
+    failed == 0
 }
 
 // ---------------------------------------------------------------------------------------------

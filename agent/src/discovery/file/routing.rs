@@ -524,7 +524,7 @@ impl Validator<'_> {
     ) -> Result<CheckedRule, ConfigError> {
         self.header(at, &rule.api_version, &rule.kind, "DestinationRule")?;
         let namespace = self.meta(at, &rule.metadata)?;
-        let service = self.host(
+        let service = self.owned_host(
             &format!("{at}.spec.host"),
             &rule.spec.host,
             namespace,
@@ -585,7 +585,7 @@ impl Validator<'_> {
         let mut out: Vec<(String, ServiceRoutes)> = Vec::with_capacity(vs.spec.hosts.len());
         for (h, host) in vs.spec.hosts.iter().enumerate() {
             let field = format!("{at}.spec.hosts[{h}]");
-            let service = self.host(&field, host, namespace, known)?;
+            let service = self.owned_host(&field, host, namespace, known)?;
             let uid = service.uid();
             if out.iter().any(|(seen, _)| *seen == uid) {
                 return Err(self.invalid(field, format!("service {uid} is named twice")));
@@ -668,6 +668,31 @@ impl Validator<'_> {
                 ),
             )
         })
+    }
+
+    /// [`Self::host`] for a resource that configures the service it names (a VirtualService's
+    /// `hosts`, a DestinationRule's `host`): the service must be of the resource's own
+    /// namespace. Istio lets any namespace's rule name any host unless `exportTo` narrows it;
+    /// here a namespace owner could then reroute, throttle or eject another team's service.
+    fn owned_host<'s>(
+        &self,
+        field: &str,
+        host: &str,
+        namespace: &str,
+        known: &KnownServices<'s>,
+    ) -> Result<&'s Service, ConfigError> {
+        let service = self.host(field, host, namespace, known)?;
+        if service.namespace != namespace {
+            return Err(self.invalid(
+                field,
+                format!(
+                    "{host:?} is service {} of another namespace: a resource of namespace \
+                     {namespace:?} may only configure that namespace's services",
+                    service.uid()
+                ),
+            ));
+        }
+        Ok(service)
     }
 
     fn http_route(
@@ -1417,6 +1442,41 @@ destinationRules:
         assert!(
             err.contains("destinationRules[0].spec.trafficPolicy")
                 && err.contains("unknown field `tls`"),
+            "{err}"
+        );
+    }
+
+    /// A namespace's rules configure only its own services: another team's DestinationRule
+    /// could otherwise throttle or eject them, its VirtualService reroute them.
+    #[test]
+    fn rules_may_only_configure_services_of_their_own_namespace() {
+        let foreign_dr = DR.replace(
+            "metadata: {name: reviews}\n  spec:\n    host: reviews\n",
+            "metadata: {name: reviews, namespace: team-a}\n  spec:\n    host: reviews.default\n",
+        );
+        assert_ne!(foreign_dr, DR);
+        let err = parse(&format!("{SEED_VS}{foreign_dr}")).unwrap_err();
+        assert!(
+            err.contains("destinationRules[0].spec.host")
+                && err.contains("service default/reviews of another namespace")
+                && err.contains("\"team-a\""),
+            "{err}"
+        );
+        let foreign_vs = SEED_VS
+            .replace(
+                "    name: reviews-canary\n",
+                "    name: reviews-canary\n    namespace: team-a\n",
+            )
+            .replace(
+                "    - reviews\n",
+                "    - reviews.default.svc.cluster.local\n",
+            )
+            // Routing to another namespace's service stays allowed.
+            .replace("host: reviews\n", "host: reviews.default\n");
+        let err = parse(&format!("{foreign_vs}{DR}")).unwrap_err();
+        assert!(
+            err.contains("virtualServices[0].spec.hosts[0]")
+                && err.contains("service default/reviews of another namespace"),
             "{err}"
         );
     }

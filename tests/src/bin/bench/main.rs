@@ -3,14 +3,17 @@
 //! Two nodes with two pods each. The client is `p0-0` (node n0); the servers are `p0-1` (same
 //! node) and `p1-0` (across nodes, through the fabric bridge). Each server pod runs nginx (small
 //! HTTP responses), an iperf3 server (bulk throughput) and `testpod serve` (connection churn).
-//! Three paths, chosen by toggling enrolment in the mesh file (the agents keep running):
+//! The paths, chosen by toggling enrolment in the mesh file (the agents keep running):
 //!
 //! - **direct**: neither pod enrolled, no agent on the path;
 //! - **passthrough**: the client enrolled, the server not: the client's agent captures the
 //!   connection and connects to a destination outside the mesh in plaintext;
-//! - **mesh**: both enrolled: whatever the agents do between two enrolled pods (plaintext through
-//!   both agents today, HBONE mTLS once it lands; the access log tells which, and the report
-//!   says so).
+//! - **mesh, fast path off** (same node only): both enrolled, the client's agent restarted with
+//!   `--same-node-fast-path=false`: HBONE through one agent, the path the fast path replaces;
+//! - **mesh, splice off** (same node only): the client's agent restarted with
+//!   `--max-spliced-connections 0`: the fast path with its bytes relayed by the agent;
+//! - **mesh**: both enrolled: whatever the agents do between two enrolled pods (the same-node
+//!   fast path, HBONE mTLS across nodes; the access log tells which, and the report says so).
 //!
 //! For each path, same node and across nodes: h2load at a fixed rate and at saturation (latency
 //! percentiles from h2load's per-request log), iperf3 with 1 and 8 streams, `testpod churn`
@@ -164,16 +167,54 @@ enum MeshPath {
     Direct,
     Passthrough,
     Mesh,
+    /// Both enrolled, the client's agent running with `--same-node-fast-path=false`: the HBONE
+    /// path the fast path replaces (same node only; across nodes it is `Mesh`).
+    MeshFastPathOff,
+    /// Both enrolled, the client's agent running with `--max-spliced-connections 0`: the fast
+    /// path relayed by the agent instead of spliced (same node only).
+    MeshSpliceOff,
 }
 
 impl MeshPath {
-    const ALL: [MeshPath; 3] = [MeshPath::Direct, MeshPath::Passthrough, MeshPath::Mesh];
+    const ALL: [MeshPath; 5] = [
+        MeshPath::Direct,
+        MeshPath::Passthrough,
+        MeshPath::MeshFastPathOff,
+        MeshPath::MeshSpliceOff,
+        MeshPath::Mesh,
+    ];
+
+    /// Paths that run only between pods of one node, on a client's agent restarted for them.
+    fn same_node_only(self) -> bool {
+        matches!(self, MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff)
+    }
+
+    /// The client's agent's environment for this path (every variable the paths set, so a
+    /// restart returns to the defaults).
+    fn agent_env(self) -> [(&'static str, &'static str); 2] {
+        let fast_path = if self == MeshPath::MeshFastPathOff {
+            "false"
+        } else {
+            "true"
+        };
+        let spliced = if self == MeshPath::MeshSpliceOff {
+            "0"
+        } else {
+            "16384"
+        };
+        [
+            ("AMBIT_SAME_NODE_FAST_PATH", fast_path),
+            ("AMBIT_MAX_SPLICED_CONNECTIONS", spliced),
+        ]
+    }
 
     fn name(self) -> &'static str {
         match self {
             MeshPath::Direct => "direct",
             MeshPath::Passthrough => "passthrough",
             MeshPath::Mesh => "mesh",
+            MeshPath::MeshFastPathOff => "mesh, fast path off",
+            MeshPath::MeshSpliceOff => "mesh, splice off",
         }
     }
 }
@@ -434,6 +475,29 @@ fn enrolled_uids(node: &Node) -> Result<BTreeSet<String>> {
         .filter_map(|e| e.as_str().or_else(|| e["uid"].as_str()))
         .map(str::to_string)
         .collect())
+}
+
+/// Restarts node `i`'s agent with the environment `path` needs, keeping the peak memory of the
+/// agent it stops in `earlier_hwm`. Enrolment is waited for by the next [`set_enrolment`].
+fn restart_agent(
+    cluster: &Cluster,
+    i: usize,
+    path: MeshPath,
+    earlier_hwm: &mut [Option<u64>],
+) -> Result<()> {
+    let node = cluster.node(i);
+    if let Some(pid) = node.agent_pid() {
+        earlier_hwm[i] = earlier_hwm[i].max(util::proc_status_kb(pid, "VmHWM"));
+    }
+    let env = path.agent_env();
+    println!("restarting {}'s agent with {env:?}", node.name());
+    for (key, value) in env {
+        node.set_agent_env(key, value);
+    }
+    node.stop_agent()?;
+    node.start_agent()?;
+    node.wait_ready(SETTLE)?;
+    Ok(())
 }
 
 /// Enrols exactly `enrolled` (every other pod un-enrolled) through the mesh file, and waits until
@@ -777,6 +841,10 @@ struct Access {
     inbound: usize,
     /// Some line says the connection was carried by HBONE / mutual TLS.
     hbone: bool,
+    /// Lines the same-node fast path marks as spliced in the kernel.
+    spliced: usize,
+    /// Lines the same-node fast path marks as relayed by the agent.
+    relayed: usize,
 }
 
 /// Whether an access-log line says HBONE or mutual TLS anywhere (e.g. `"security":"mTLS"`, a
@@ -795,6 +863,19 @@ fn says_hbone(v: &Value) -> bool {
                 || (v.is_object() && says_hbone(v))
         }),
         _ => false,
+    }
+}
+
+impl Access {
+    /// How the agents carried the connections between two meshed pods, as the log says.
+    fn carried(&self) -> &'static str {
+        match (self.spliced, self.relayed) {
+            (0, 0) if self.hbone => "HBONE mTLS between the agents",
+            (0, 0) => "plaintext (both agents)",
+            (_, 0) => "same-node fast path, spliced in the kernel",
+            (0, _) => "same-node fast path, relayed by the agent",
+            _ => "same-node fast path, spliced or relayed",
+        }
     }
 }
 
@@ -829,6 +910,11 @@ fn access_summary(cluster: &Cluster, offsets: &[u64], server: IpAddr) -> Access 
                 a.inbound += 1;
             }
             a.hbone |= says_hbone(&v);
+            match fields["fast_path"].as_str() {
+                Some("splice") => a.spliced += 1,
+                Some("relay") => a.relayed += 1,
+                _ => {}
+            }
         }
     }
     a
@@ -870,8 +956,9 @@ impl Scenario {
         match self.path {
             MeshPath::Direct => "no agent",
             MeshPath::Passthrough => "client's agent, plaintext to the destination",
-            MeshPath::Mesh if self.access.hbone => "HBONE mTLS between the agents",
-            MeshPath::Mesh => "plaintext (both agents)",
+            MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff => {
+                self.access.carried()
+            }
         }
     }
 
@@ -888,9 +975,19 @@ impl Scenario {
             MeshPath::Passthrough if outbound == 0 || inbound > 0 => Some(format!(
                 "expected outbound-only access-log lines, saw {outbound} outbound and {inbound} inbound"
             )),
-            MeshPath::Mesh if outbound == 0 || inbound == 0 => Some(format!(
-                "expected outbound and inbound access-log lines, saw {outbound} outbound and {inbound} inbound"
-            )),
+            MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff
+                if outbound == 0 || inbound == 0 =>
+            {
+                Some(format!(
+                    "expected outbound and inbound access-log lines, saw {outbound} outbound and {inbound} inbound"
+                ))
+            }
+            MeshPath::MeshFastPathOff if self.access.spliced + self.access.relayed > 0 => {
+                Some("the fast path carried connections with --same-node-fast-path=false".into())
+            }
+            MeshPath::Mesh if self.placement == Placement::SameNode && self.access.spliced == 0 => {
+                Some("the same-node fast path spliced no connection".into())
+            }
             _ => None,
         }
     }
@@ -1370,8 +1467,10 @@ struct Soak {
     samples: Vec<MemSample>,
     /// VmHWM of each agent at the end (the agents start fresh for the soak).
     hwm_kb: Vec<Option<u64>>,
-    /// The access log showed HBONE between the agents.
+    /// The access log showed both agents' sides of every server's connections, authenticated.
     hbone: bool,
+    /// How the access log says the same-node connections were carried.
+    same_node: &'static str,
     errors: Vec<String>,
 }
 
@@ -1566,9 +1665,10 @@ fn run_soak(
     });
     if !hbone {
         errors.push(format!(
-            "{label}: the access log does not show HBONE between the agents for both servers"
+            "{label}: the access log does not show both agents' sides for both servers"
         ));
     }
+    let same_node = access_summary(cluster, &offsets, IpAddr::V4(same.ip4())).carried();
     for n in cluster.nodes() {
         if !n.agent_running() {
             errors.push(format!(
@@ -1587,6 +1687,7 @@ fn run_soak(
             .map(|n| n.agent_pid().and_then(|p| util::proc_status_kb(p, "VmHWM")))
             .collect(),
         hbone,
+        same_node,
         errors,
     })
 }
@@ -1639,9 +1740,19 @@ fn soak_section(args: &Args, soaks: &[Soak], servers: &[(&str, String)]) -> Stri
          in the client pod's network namespace; `$SERVER` is the server pod ({server_list}):\n\n\
          ```\ntestpod {}\ntestpod {}\n```\n",
         if soaks.iter().all(|s| s.hbone) {
-            "HBONE mTLS between the agents, as the access log shows"
+            format!(
+                "same node: {}; across nodes: HBONE mTLS between the agents, as the access log \
+                 shows",
+                soaks
+                    .iter()
+                    .map(|s| format!("{} ({})", s.same_node, s.label))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         } else {
-            "the access log did NOT show HBONE for every server: see the failed measurements"
+            "the access log did NOT show both agents' sides for every server: see the failed \
+             measurements"
+                .to_string()
         },
         args.soak_connections,
         args.soak_bytes,
@@ -1774,7 +1885,9 @@ fn path_label(s: &Scenario) -> String {
         .map(|b| format!(" **[{b}]**"))
         .unwrap_or_default();
     match s.path {
-        MeshPath::Mesh => format!("mesh: {}{build}", s.what()),
+        MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff => {
+            format!("{}: {}{build}", s.path.name(), s.what())
+        }
         p => format!("{}{build}", p.name()),
     }
 }
@@ -2017,13 +2130,13 @@ fn tables(
     ));
     let _ = writeln!(
         md,
-        "\nFrom `/proc/<pid>/status` after the last scenario. VmHWM is the peak over the agent's \
-         whole life (all scenarios, every path), not per path.{}\n",
+        "\nFrom `/proc/<pid>/status` after the last scenario. VmHWM is the peak over every \
+         process of this build's agent on the node (all scenarios, every path), not per path: \
+         n0's agent is restarted around the same-node-only scenarios{}.\n",
         match &args.compare {
             Some(spec) => format!(
-                " With `--compare {spec}` the agents were restarted around each comparison run: \
-                 the peak is the highest of this build's agent processes, the comparison \
-                 binary's are not counted."
+                ", and with `--compare {spec}` every agent around each comparison run (the \
+                 comparison binary's processes are not counted)"
             ),
             None => String::new(),
         }
@@ -2117,9 +2230,16 @@ fn document(
          - **passthrough**: the client enrolled, the server not: the client's agent captures the \
            connection (outbound listener) and connects, in plaintext, to a destination outside \
            the mesh;\n\
+         - **mesh, fast path off** (same node only): both enrolled, the client's agent \
+           restarted with `--same-node-fast-path=false`, so the two pods talk HBONE through it \
+           as across nodes (the path the fast path replaces); it is restarted with the fast \
+           path on afterwards;\n\
+         - **mesh, splice off** (same node only): both enrolled, the client's agent restarted \
+           with `--max-spliced-connections 0`: the fast path's authorization and reports, the \
+           bytes relayed by the agent (no TLS) instead of spliced in the kernel;\n\
          - **mesh**: both enrolled: the path between two meshed pods, named by what the agents' \
-           access logs show they did (plaintext through the client's outbound and the server's \
-           inbound path, or HBONE mTLS).\n\n\
+           access logs show they did (the same-node fast path, spliced in the kernel or relayed \
+           by the agent; HBONE mTLS across nodes).\n\n\
          Each server pod runs nginx (`worker_processes 1`, `access_log off`, a {}-byte static \
          body, listening on the pod IP:{HTTP_PORT}), an iperf3 server (port {IPERF_PORT}) and \
          the test bed's echo server (port {ECHO_PORT}).\n",
@@ -2339,24 +2459,36 @@ fn throughput(
     // Placement by placement, so that each path runs close in time to the direct path it is
     // compared with (the machine's background load drifts).
     let mut all = Vec::new();
-    // This build's agents' peak memory, over every agent process of it (`--compare` restarts).
+    // This build's agents' peak memory, over every agent process of it: the fast-path-off
+    // scenario restarts the client's agent, `--compare` restarts all of them.
     let mut hwm: Vec<Option<u64>> = vec![None; cluster.nodes().len()];
-    let mut restarted = false;
     for (placement, (node, index)) in placements {
         for path in MeshPath::ALL {
             if path == MeshPath::Passthrough && args.no_passthrough {
+                continue;
+            }
+            if path.same_node_only() && placement != Placement::SameNode {
                 continue;
             }
             let (client, server) = (cluster.pod(0, 0), cluster.pod(node, index));
             let enrolled: Vec<&Pod> = match path {
                 MeshPath::Direct => vec![],
                 MeshPath::Passthrough => vec![client],
-                MeshPath::Mesh => vec![client, server],
+                MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff => {
+                    vec![client, server]
+                }
             };
+            if path.same_node_only() {
+                cluster.with_diagnostics(restart_agent(cluster, 0, path, &mut hwm))?;
+            }
             cluster.with_diagnostics(set_enrolment(cluster, &enrolled))?;
             all.push(run_scenario(
                 cluster, args, tools, path, placement, None, client, server,
             ));
+            if path.same_node_only() {
+                let back = MeshPath::Mesh;
+                cluster.with_diagnostics(restart_agent(cluster, 0, back, &mut hwm))?;
+            }
         }
         if let Some((label, ambit)) = compare {
             // The same mesh scenario with the other binary, then back to this build.
@@ -2380,7 +2512,6 @@ fn throughput(
             println!("==> agents restarted with this build");
             let back = restart_agents(cluster, &this_build, &[]);
             cluster.with_diagnostics(back)?;
-            restarted = true;
         }
     }
     for (h, now) in hwm.iter_mut().zip(agents_hwm(cluster)) {
@@ -2390,19 +2521,12 @@ fn throughput(
         .nodes()
         .iter()
         .zip(hwm)
-        .map(|(n, hwm_kb)| {
+        .map(|(n, earlier)| {
             let pid = n.agent_pid();
+            let hwm = pid.and_then(|p| util::proc_status_kb(p, "VmHWM"));
             Memory {
-                node: format!(
-                    "{}{}",
-                    n.name(),
-                    if restarted {
-                        String::new()
-                    } else {
-                        format!(" (pid {})", pid.unwrap_or(0))
-                    }
-                ),
-                hwm_kb,
+                node: n.name().to_string(),
+                hwm_kb: hwm.max(earlier),
                 rss_kb: pid.and_then(|p| util::proc_status_kb(p, "VmRSS")),
             }
         })
