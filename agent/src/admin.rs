@@ -24,7 +24,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, body::Bytes};
 use serde_json::json;
 use tokio::sync::watch;
 
-pub use crate::limits::http::{bind, serve_metrics, serve_metrics_on};
+pub use crate::limits::http::{bind, bind_shared, serve_metrics, serve_metrics_on};
 use crate::{
     discovery::ConfigStatus,
     enrolment::EnrolmentStatus,
@@ -58,6 +58,8 @@ pub struct AdminState {
     pub limits: Arc<Limits>,
     /// The runtime's heartbeat, for `/healthz/live`.
     pub liveness: Arc<Liveness>,
+    /// Where the agent stands in a replacement: ready only as the node's agent.
+    pub role: watch::Receiver<crate::handover::Role>,
 }
 
 /// How often the heartbeat beats.
@@ -124,6 +126,15 @@ impl AdminState {
     /// Ready once a configuration was loaded and applied to this node, and every enrolled pod's
     /// identity holds a certificate (before that, tunnels to those pods would be refused).
     fn readiness(&self) -> Result<(), String> {
+        if let Some(why) = self.role.borrow().not_ready() {
+            return Err(why.into());
+        }
+        self.can_serve()
+    }
+
+    /// Whether the agent can serve the node's pods: configuration loaded and applied, a
+    /// certificate for every enrolled identity. Readiness, but for the handover's part.
+    pub fn can_serve(&self) -> Result<(), String> {
         if self.config.borrow().generation == 0 {
             return Err("no configuration loaded yet".into());
         }
@@ -336,7 +347,7 @@ fn percent_decode(value: &str) -> Option<String> {
 
 /// Serves readiness only (`admin == false`) or the full admin API on `addr`.
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>, admin: bool) -> anyhow::Result<()> {
-    let listener = bind(addr).await?;
+    let listener = bind_shared(addr).await?;
     let path = if admin { Path::Admin } else { Path::Readiness };
     let limits = state.limits.clone();
     http::serve(listener, path, limits, move |req| route(&state, req, admin)).await

@@ -9,6 +9,7 @@ use crate::{
     admin::{self, AdminState},
     discovery::{self, ConfigStatus, kube::KubeSource},
     enrolment::{Enrolment, EnrolmentStatus},
+    handover::{self, Role},
     identity::{
         BearerToken, CaClient, CaClientConfig, CertificateManager, ManagerConfig,
         client::DEFAULT_CA_TIMEOUT,
@@ -124,6 +125,12 @@ pub struct AgentArgs {
     /// every one).
     #[arg(long, env = "AMBIT_MAX_SPLICED_CONNECTIONS", default_value_t = ambit_common::limits::MAX_SPLICED as usize, value_parser = max_spliced)]
     pub max_spliced_connections: usize,
+    /// After a successor agent took over this node, how long this agent keeps serving the
+    /// connections it holds once told to stop (SIGTERM) before it closes them; it exits as soon
+    /// as the last one ends. Keep the pod's terminationGracePeriodSeconds above it. An agent
+    /// stopped without a successor exits at once (its pods fail closed).
+    #[arg(long, env = "AMBIT_TERMINATION_GRACE_PERIOD", default_value = "30s", value_parser = crate::timefmt::parse_duration)]
+    pub termination_grace_period: std::time::Duration,
 }
 
 /// `--max-spliced-connections`: no more than the kernel maps hold.
@@ -315,17 +322,43 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             enrolment_rx.clone(),
         ));
     }
+    // A running agent of this node (an upgrade's predecessor) freezes its enrolment before
+    // this one reads the sandboxes it saved and enrols the pods, and keeps serving meanwhile.
+    let handover_socket = handover::socket_path(&args.cni_socket);
+    let predecessor = match handover::find_predecessor(&handover_socket).await {
+        Ok(Some(predecessor)) => {
+            info!("taking over from the running agent of this node");
+            Some(predecessor)
+        }
+        Ok(None) => None,
+        Err(err) => {
+            tracing::warn!(
+                err = format!("{err:#}"),
+                "the running agent of this node did not freeze for a handover; starting without one"
+            );
+            None
+        }
+    };
+    let (role_tx, role_rx) = watch::channel(if predecessor.is_some() {
+        Role::TakingOver
+    } else {
+        Role::Active
+    });
     let sandbox_file = args.cni_socket.with_file_name("cni-sandboxes.json");
-    let enrolment = Enrolment::new(args.node.clone(), redirector.clone(), proxy, enrolment_tx)
+    let mut enrolment = Enrolment::new(args.node.clone(), redirector.clone(), proxy, enrolment_tx)
         .with_sandbox_file(sandbox_file);
+    if predecessor.is_some() {
+        enrolment = enrolment.after_predecessor();
+    }
     let (cni_tx, cni_rx) = tokio::sync::mpsc::channel(64);
-    let cni_server = tokio::spawn(crate::cni::serve(
+    let mut cni_server = tokio::spawn(crate::cni::serve(
         args.cni_socket.clone(),
         cni_tx,
         state_rx.clone(),
         crate::cni::CniMetrics::new(&metrics)?,
     ));
-    tokio::spawn(enrolment.run(state_rx.clone(), cni_rx));
+    let (control_tx, control_rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(enrolment.run(state_rx.clone(), cni_rx, control_rx));
 
     let liveness = Arc::new(admin::Liveness::default());
     tokio::spawn(admin::heartbeat(liveness.clone(), redirector.clone()));
@@ -339,26 +372,92 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         certs,
         limits: limits.clone(),
         liveness,
+        role: role_rx.clone(),
     });
-    let metrics_server = tokio::spawn(admin::serve_metrics_on(args.metrics_addr, metrics, limits));
-    let admin = tokio::spawn(admin::serve(args.admin_addr, admin_state.clone(), true));
-    let readiness = tokio::spawn(admin::serve(args.readiness_addr, admin_state, false));
+    // Once every pod is enrolled with this agent's listeners and it holds their certificates,
+    // the predecessor closes its own; from then on this agent is the one a successor asks.
+    let mut handover_task = tokio::spawn(take_over(
+        predecessor,
+        admin_state.clone(),
+        handover_socket,
+        control_tx,
+        role_tx,
+    ));
+    let mut metrics_server = tokio::spawn(admin::serve_metrics(
+        admin::bind_shared(args.metrics_addr).await?,
+        metrics,
+        limits.clone(),
+    ));
+    let mut admin = tokio::spawn(admin::serve(args.admin_addr, admin_state.clone(), true));
+    let mut readiness = tokio::spawn(admin::serve(args.readiness_addr, admin_state, false));
     info!(node = %args.node, "agent started");
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut role = role_rx;
+    let retired = tokio::select! {
+        _ = term.recv() => { info!("SIGTERM"); false }
+        _ = tokio::signal::ctrl_c() => { info!("SIGINT"); false }
+        result = source => { error!(?result, "configuration source ended"); false }
+        result = &mut admin => anyhow::bail!("admin endpoint failed: {:?}", result),
+        result = &mut readiness => anyhow::bail!("readiness endpoint failed: {:?}", result),
+        result = &mut metrics_server => anyhow::bail!("metrics endpoint failed: {:?}", result),
+        result = &mut cni_server => anyhow::bail!("CNI socket failed: {:?}", result),
+        Ok(_) = role.wait_for(|r| *r == Role::Retired) => true,
+        Ok(Err(err)) = &mut handover_task => return Err(err),
+    };
+    if !retired {
+        info!(
+            bpffs = %args.bpffs.display(),
+            "agent stopping; redirection stays pinned, so enrolled pods fail closed until an agent returns (`ambit uninstall` removes it)"
+        );
+        return Ok(());
+    }
+    // The successor answers on the node's ports and the CNI socket from now on.
+    for task in [&admin, &readiness, &metrics_server, &cni_server] {
+        task.abort();
+    }
+    info!(
+        "retired: a successor agent serves this node; serving the connections still open until SIGTERM, then for at most --termination-grace-period"
+    );
     tokio::select! {
         _ = term.recv() => info!("SIGTERM"),
         _ = tokio::signal::ctrl_c() => info!("SIGINT"),
-        result = source => error!(?result, "configuration source ended"),
-        result = admin => anyhow::bail!("admin endpoint failed: {:?}", result),
-        result = readiness => anyhow::bail!("readiness endpoint failed: {:?}", result),
-        result = metrics_server => anyhow::bail!("metrics endpoint failed: {:?}", result),
-        result = cni_server => anyhow::bail!("CNI socket failed: {:?}", result),
     }
-    info!(
-        bpffs = %args.bpffs.display(),
-        "agent stopping; redirection stays pinned, so enrolled pods fail closed until an agent returns (`ambit uninstall` removes it)"
-    );
+    handover::drain(&limits, args.termination_grace_period).await;
+    info!("retired agent exiting; its successor holds the pins");
+    Ok(())
+}
+
+/// Takes over from `predecessor` (if any) once this agent's first enrolment is done, then
+/// serves the handover socket for the next agent.
+async fn take_over(
+    predecessor: Option<handover::Predecessor>,
+    agent: Arc<AdminState>,
+    socket: PathBuf,
+    control: tokio::sync::mpsc::Sender<crate::enrolment::Control>,
+    role: watch::Sender<Role>,
+) -> anyhow::Result<()> {
+    if let Some(predecessor) = predecessor {
+        // Every pod enrolled and every certificate in hand; a CA that stays unreachable keeps
+        // the predecessor serving until its own wait runs out (handover::TAKEOVER_TIMEOUT).
+        while agent.can_serve().is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        // A predecessor that gave up waiting has resumed and re-registered its own listeners:
+        // this agent exits, to be restarted for a handover afresh.
+        predecessor
+            .take_over()
+            .await
+            .context("the previous agent did not confirm the takeover (it resumed)")?;
+        info!("took over: the previous agent closed its listeners and drains");
+        role.send_replace(Role::Active);
+    }
+    if let Err(err) = handover::serve(socket, control, role).await {
+        error!(
+            err = format!("{err:#}"),
+            "no handover socket: a successor agent will not be able to take over without cutting connections"
+        );
+    }
     Ok(())
 }
 

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod cni;
 pub mod discovery;
 pub mod enrolment;
+pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod limits;

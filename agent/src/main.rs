@@ -56,12 +56,19 @@ enum Command {
     /// Check this node before installing (`--pre`) or its running agent after, one line per
     /// requirement with the fix, as `linkerd check` does.
     Check(ambit::cli::check::CheckArgs),
+    /// Mount a bpf filesystem at --path unless one is there (the agent DaemonSet's init
+    /// container, for hosts without one).
+    MountBpffs {
+        /// Where the bpf filesystem must be.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        path: PathBuf,
+    },
     /// Remove everything an agent pinned (programs detach, maps are freed). Enrolled pods'
     /// new connections then go direct, outside the mesh. `ambit uninstall cluster` finishes an
     /// uninstall in Kubernetes.
     #[command(args_conflicts_with_subcommands = true)]
     Uninstall {
-        /// `cluster`; without one, this node's pins are removed.
+        /// `cluster` or `done`; without one, this node's pins are removed.
         #[command(subcommand)]
         command: Option<UninstallCommand>,
         /// The agent's bpffs directory.
@@ -75,6 +82,9 @@ enum UninstallCommand {
     /// Wait until the uninstall DaemonSet has removed Ambit from every node, then delete it
     /// (the chart's post-delete hook Job runs this).
     Cluster(ambit::cli::uninstall::ClusterUninstallArgs),
+    /// Print that this node is uninstalled and wait until stopped (the uninstall DaemonSet's
+    /// container, which keeps its pod Ready).
+    Done,
 }
 
 #[derive(Subcommand, Debug)]
@@ -146,6 +156,15 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ambit::cli::uninstall::run(args))),
+        Command::Uninstall {
+            command: Some(UninstallCommand::Done),
+            ..
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ambit::cli::uninstall::done())),
+        Command::MountBpffs { path } => ambit::redirect::mount_bpffs(&path),
         Command::Uninstall {
             command: None,
             bpffs,

@@ -36,6 +36,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("the CA service and the proxy", &["ca", "proxy"]),
     ("enrolment: per-pod listeners and maps", &["enrolment"]),
+    (
+        "replacing an agent: the handover between two",
+        &["handover"],
+    ),
     ("admin endpoints", &["admin"]),
     ("the waypoint: the L7 proxy", &["waypoint"]),
     (
@@ -176,7 +180,12 @@ fn names_after(code: &str, prefix: &str) -> BTreeSet<String> {
             for c in group.chars() {
                 match c {
                     '{' => depth += 1,
-                    '}' if depth == 0 => break,
+                    '}' if depth == 0 => {
+                        if !item.is_empty() {
+                            out.insert(std::mem::take(&mut item));
+                        }
+                        break;
+                    }
                     '}' => depth -= 1,
                     ',' if depth == 0 => at_item_start = true,
                     _ => {}
@@ -186,7 +195,8 @@ fn names_after(code: &str, prefix: &str) -> BTreeSet<String> {
                         item.push(c);
                     } else if !item.is_empty() {
                         out.insert(std::mem::take(&mut item));
-                        at_item_start = false;
+                        // An item that ends at its comma (`a, b`) is followed by another.
+                        at_item_start = c == ',';
                     }
                 }
             }
@@ -399,6 +409,11 @@ fn the_parser_sees_grouped_and_plain_paths_and_skips_tests() {
     );
     let names: Vec<String> = named_modules(&code).into_iter().collect();
     assert_eq!(names, ["a", "b", "d", "e"]);
+    // A plain item ending at its comma is followed by another item.
+    let names: Vec<String> = names_after("use super::{A, b::C, d};", "super::")
+        .into_iter()
+        .collect();
+    assert_eq!(names, ["A", "b", "d"]);
 
     // Both gates make test code; another cfg does not.
     let lib = "pub mod app;\n#[cfg(test)]\nmod unit;\n#[cfg(any(test, feature = \"testing\"))]\n\

@@ -116,6 +116,8 @@ pub struct Node {
     mesh_path: PathBuf,
     ambit: PathBuf,
     agent: Mutex<Option<AgentProc>>,
+    /// The agent a [successor](Node::start_successor_agent) replaces, until it is stopped.
+    predecessor: Mutex<Option<AgentProc>>,
     agent_env: Mutex<BTreeMap<String, String>>,
     agent_args: Mutex<Vec<String>>,
     ca_args: Mutex<Vec<String>>,
@@ -305,6 +307,57 @@ impl Node {
                 a.child.id()
             );
         }
+        *slot = Some(self.spawn_agent()?);
+        Ok(())
+    }
+
+    /// Starts a second agent beside the running one, as a DaemonSet rolling with a surge does:
+    /// same command line, cgroup, pins and sockets. The running one becomes the predecessor
+    /// ([`stop_predecessor`](Self::stop_predecessor)); the new one is the node's agent from
+    /// now on (its log goes to the same file). Does not wait for readiness.
+    pub fn start_successor_agent(&self) -> Result<()> {
+        let mut predecessor = lock(&self.predecessor);
+        if let Some(p) = predecessor.as_mut()
+            && p.try_status().is_none()
+        {
+            bail!(
+                "the predecessor agent of {} still runs (pid {})",
+                self.name,
+                p.child.id()
+            );
+        }
+        let mut slot = lock(&self.agent);
+        let running = slot.as_mut().is_some_and(|a| a.try_status().is_none());
+        ensure!(running, "no agent of {} runs to be replaced", self.name);
+        let successor = self.spawn_agent()?;
+        *predecessor = slot.replace(successor);
+        Ok(())
+    }
+
+    /// PID of the predecessor agent while it runs.
+    pub fn predecessor_pid(&self) -> Option<u32> {
+        let mut slot = lock(&self.predecessor);
+        let a = slot.as_mut()?;
+        a.try_status().is_none().then(|| a.child.id())
+    }
+
+    /// Stops the predecessor as the DaemonSet does once its successor is ready: SIGTERM, then
+    /// waits up to `timeout` for it to exit (SIGKILL after). Returns its exit status, and
+    /// whether it exited by itself within `timeout`.
+    pub fn stop_predecessor(&self, timeout: Duration) -> Result<(ExitStatus, bool)> {
+        let mut slot = lock(&self.predecessor);
+        let a = slot
+            .as_mut()
+            .with_context(|| format!("no predecessor agent on {}", self.name))?;
+        a.signal(libc::SIGTERM);
+        if let Some(s) = a.wait_until(Instant::now() + timeout) {
+            return Ok((s, true));
+        }
+        let s = a.kill().context("reaping the predecessor agent")?;
+        Ok((s, false))
+    }
+
+    fn spawn_agent(&self) -> Result<AgentProc> {
         ensure!(
             self.ambit.exists(),
             "ambit binary {} not found (build it or set AMBIT_BIN)",
@@ -330,11 +383,10 @@ impl Node {
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn agent of {}", self.name))?;
-        *slot = Some(AgentProc {
+        Ok(AgentProc {
             child,
             status: None,
-        });
-        Ok(())
+        })
     }
 
     /// Stops the agent: SIGTERM, wait up to 5 s, then SIGKILL; reaps it. Returns its exit
@@ -471,6 +523,30 @@ impl Node {
         d["config"]["generation"]
             .as_u64()
             .ok_or_else(|| anyhow!("config_dump has no config.generation: {d}"))
+    }
+
+    /// Polls the config dump until the agent reports exactly `pods` pods enrolled.
+    pub fn wait_enrolled(&self, pods: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.config_dump() {
+                Ok(d) => match d["enrolled"].as_array() {
+                    Some(list) if list.len() == pods => return Ok(()),
+                    Some(list) => format!("{} enrolled: {list:?}", list.len()),
+                    None => format!("config_dump has no `enrolled` list: {d}"),
+                },
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: {pods} pod(s) not enrolled within {timeout:?} (last: {last}); log \
+                     tail:\n{}",
+                    self.name,
+                    self.agent_log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Polls the config dump until `config.generation >= generation`; returns the generation.
@@ -868,6 +944,7 @@ pub struct Cluster {
     policies: Mutex<mesh::Policies>,
     routing: Mutex<mesh::Routing>,
     gateway_routes: Mutex<mesh::GatewayRoutes>,
+    rate_limit_policies: Mutex<Vec<serde_json::Value>>,
     ca: Mutex<CaState>,
     mesh_write: Mutex<u64>,
     torn_down: AtomicBool,
@@ -923,6 +1000,7 @@ impl Cluster {
                     mesh_path: mesh_path.clone(),
                     ambit: ambit.clone(),
                     agent: Mutex::new(None),
+                    predecessor: Mutex::new(None),
                     agent_env: Mutex::new(BTreeMap::new()),
                     agent_args: Mutex::new(Vec::new()),
                     ca_args: Mutex::new(Vec::new()),
@@ -975,6 +1053,7 @@ impl Cluster {
             policies: Mutex::new(mesh::Policies::default()),
             routing: Mutex::new(mesh::Routing::default()),
             gateway_routes: Mutex::new(mesh::GatewayRoutes::default()),
+            rate_limit_policies: Mutex::new(Vec::new()),
             ca: Mutex::new(CaState::default()),
             mesh_write: Mutex::new(0),
             torn_down: AtomicBool::new(false),
@@ -1313,6 +1392,7 @@ impl Cluster {
             destination_rules: routing.destination_rules,
             http_routes: gateway_routes.http_routes,
             grpc_routes: gateway_routes.grpc_routes,
+            rate_limit_policies: lock(&self.rate_limit_policies).clone(),
         }
     }
 
@@ -1344,6 +1424,11 @@ impl Cluster {
     /// [`write_mesh`](Self::write_mesh).
     pub fn set_gateway_routes(&self, routes: mesh::GatewayRoutes) {
         *lock(&self.gateway_routes) = routes;
+    }
+
+    /// Replaces the `rateLimitPolicies` section. Publish with [`write_mesh`](Self::write_mesh).
+    pub fn set_rate_limit_policies(&self, policies: Vec<serde_json::Value>) {
+        *lock(&self.rate_limit_policies) = policies;
     }
 
     /// Adds a workload that is no bed pod to the mesh file (publish with
@@ -1686,7 +1771,8 @@ impl Cluster {
         let mut agents: Vec<AgentProc> = self
             .nodes
             .iter()
-            .filter_map(|n| lock(&n.agent).take())
+            .flat_map(|n| [lock(&n.agent).take(), lock(&n.predecessor).take()])
+            .flatten()
             .collect();
         for a in &mut agents {
             a.signal(libc::SIGTERM);

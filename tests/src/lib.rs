@@ -40,6 +40,7 @@
 pub mod cluster;
 pub mod cni;
 pub mod mesh;
+pub mod otlp;
 pub mod process;
 pub mod prometheus;
 pub mod testbed;

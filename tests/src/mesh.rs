@@ -41,6 +41,9 @@ pub struct MeshFile {
     /// Gateway API GRPCRoutes whose parents are Services, as JSON values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grpc_routes: Vec<serde_json::Value>,
+    /// Ambit RateLimitPolicies (local rate limits at waypoints), as JSON values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limit_policies: Vec<serde_json::Value>,
 }
 
 /// The routing sections of the mesh file (docs/waypoint.md).
@@ -214,6 +217,7 @@ mod tests {
             destination_rules: Vec::new(),
             http_routes: Vec::new(),
             grpc_routes: Vec::new(),
+            rate_limit_policies: Vec::new(),
         };
         let y = m.to_yaml().unwrap();
         for key in [

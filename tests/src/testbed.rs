@@ -71,6 +71,18 @@ pub fn ambit_cni_bin() -> PathBuf {
     }
 }
 
+/// Ambit's image as `cargo xtask image` names it: deploy/image.env's `AMBIT_IMAGE_REPOSITORY`,
+/// tagged with the workspace version.
+pub fn image_reference() -> Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/image.env");
+    let env = fs::read_to_string(&path)?;
+    let repository = env
+        .lines()
+        .find_map(|l| l.strip_prefix("AMBIT_IMAGE_REPOSITORY="))
+        .with_context(|| format!("{} names no AMBIT_IMAGE_REPOSITORY", path.display()))?;
+    Ok(format!("{repository}:{}", env!("CARGO_PKG_VERSION")))
+}
+
 fn is_run_id(s: &str) -> bool {
     s.len() == 6
         && s.bytes()

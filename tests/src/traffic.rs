@@ -57,9 +57,16 @@ impl Conn {
             .map(|a| a.ip())
     }
 
-    /// Went through the source pod's agent: the client socket is bound on loopback.
+    /// Where the kernel's socket table says the client socket is connected (no hook rewrites
+    /// it, unlike `getpeername`).
+    pub fn kernel_peer(&self) -> Option<SocketAddr> {
+        self.report["kernel_peer"].as_str()?.parse().ok()
+    }
+
+    /// Went through the source pod's agent: the kernel connected the client socket to the
+    /// agent's outbound listener on loopback.
     pub fn redirected(&self) -> bool {
-        self.local_ip().is_some_and(|ip| ip.is_loopback())
+        redirected(&self.report)
     }
 
     /// Field `i` of the server's greeting `HELLO <name> <peer seen> <local>`.
@@ -80,6 +87,15 @@ impl Conn {
             .ok()
             .map(|a| a.ip())
     }
+}
+
+/// Whether a `testpod client` report is of a connection the kernel sent to the agent's outbound
+/// listener (`127.0.0.1:15001` or `[::1]:15001` in its socket table).
+pub fn redirected(report: &Value) -> bool {
+    report["kernel_peer"]
+        .as_str()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .is_some_and(|a| a.ip().to_canonical().is_loopback() && a.port() == 15001)
 }
 
 /// Starts `testpod client` in `from` with `extra` flags (a later `--timeout-ms` overrides the

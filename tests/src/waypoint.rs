@@ -63,9 +63,7 @@ pub fn prepare(
 /// and the service `waypoint` (port 15008, VIP [`WAYPOINT_VIP`]) that selects it, in the pod's
 /// namespace.
 pub fn prepare_waypoint(cluster: &Cluster, pod: &Pod) {
-    cluster.set_labels(pod, &[("app", "waypoint")]);
-    pod.set_service_account("waypoint");
-    cluster.set_enrolled(pod, false);
+    add_waypoint_replica(cluster, pod);
     cluster.add_service(
         "waypoint",
         &pod.namespace(),
@@ -73,6 +71,25 @@ pub fn prepare_waypoint(cluster: &Cluster, pod: &Pod) {
         &[("app", "waypoint")],
         &[(15008, 15008)],
     );
+}
+
+/// Makes `pod` one more replica of the waypoint [`prepare_waypoint`] made: the same label,
+/// service account and enrolment (publish with [`Cluster::write_mesh`]).
+pub fn add_waypoint_replica(cluster: &Cluster, pod: &Pod) {
+    cluster.set_labels(pod, &[("app", "waypoint")]);
+    pod.set_service_account("waypoint");
+    cluster.set_enrolled(pod, false);
+}
+
+/// The waypoint's access log (`--log-format json`) as `process` wrote it: one record per
+/// request.
+pub fn access_log(process: &PodProcess) -> Vec<Value> {
+    process
+        .stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["target"] == "access")
+        .collect()
 }
 
 /// The seed's canary VirtualService for the service `reviews`, with only `apiVersion` changed
@@ -392,6 +409,18 @@ pub fn curl_args(
     count: usize,
     extra: &[String],
 ) -> Result<Answers> {
+    let mut process = spawn_curl(from, authority, path, count, extra)?;
+    curl_answers(&mut process, count)
+}
+
+/// Starts [`curl_args`]'s curl run without waiting for it; [`curl_answers`] collects it.
+pub fn spawn_curl(
+    from: &Pod,
+    authority: &str,
+    path: &str,
+    count: usize,
+    extra: &[String],
+) -> Result<PodProcess> {
     let url = format!("http://{authority}{path}/[1-{count}]");
     let mut args: Vec<String> = vec![
         "-sS".into(),
@@ -403,7 +432,12 @@ pub fn curl_args(
     ];
     args.extend_from_slice(extra);
     args.push(url);
-    let mut process = from.spawn("curl", &args)?;
+    from.spawn("curl", &args)
+}
+
+/// Waits for a [`spawn_curl`] run of `count` requests (at most 3 minutes) and returns its
+/// answers; fails unless curl succeeded with `count` answers.
+pub fn curl_answers(process: &mut PodProcess, count: usize) -> Result<Answers> {
     let (status, lines) = process.wait_output(Duration::from_secs(180))?;
     let mut answers = Answers::default();
     for line in lines.into_iter().filter(|l| !l.is_empty()) {

@@ -744,8 +744,13 @@ fn check_install(objs: &[Value], expect: &Expect) {
             .expect("the init container mounts the bpffs volume");
         assert_eq!(m["mountPropagation"], "Bidirectional");
         assert_eq!(m["mountPath"], "/sys/fs/bpf");
-        let script = strs(&init["command"]).join(" ");
-        assert!(script.contains("mount -t bpf bpf /sys/fs/bpf"), "{script}");
+        // The image has no shell: the entrypoint `ambit` mounts it.
+        assert!(init["command"].is_null(), "the entrypoint is `ambit`");
+        assert_eq!(
+            strs(&init["args"]),
+            ["mount-bpffs", "--path=/sys/fs/bpf"],
+            "the init container mounts the bpffs where the volume is"
+        );
     }
 
     // BTF, which preflight checks.
@@ -799,15 +804,32 @@ fn check_install(objs: &[Value], expect: &Expect) {
     let probe = &c["readinessProbe"]["httpGet"];
     assert_eq!(probe["path"], "/healthz/ready");
     assert_eq!(probe["port"], readiness);
-    let ports = c["ports"].as_array().unwrap();
-    let metrics_port = ports
-        .iter()
-        .find(|p| p["containerPort"] == metrics)
-        .expect("the metrics port is declared");
-    assert!(ports.iter().any(|p| p["containerPort"] == readiness));
+    // With hostNetwork a declared port becomes a hostPort, and the scheduler would refuse the
+    // surge pod of a rolling update beside the old agent holding it.
     assert!(
-        ports.iter().all(|p| p["name"].is_string()),
-        "ports are named"
+        c["ports"].is_null(),
+        "the agent declares no port (they would be hostPorts): {}",
+        c["ports"]
+    );
+    // An upgrade starts the new agent beside the old one, which drains: within the pod's
+    // grace period, with a margin to exit.
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        rolling["maxSurge"], 1,
+        "the agents roll with a surge: {rolling}"
+    );
+    let drain = flags
+        .get("--termination-grace-period")
+        .cloned()
+        .unwrap_or_else(|| agent.default_of("--termination-grace-period"));
+    let drain: u64 = drain
+        .strip_suffix('s')
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("--termination-grace-period {drain:?} in seconds"));
+    assert!(
+        pod["terminationGracePeriodSeconds"].as_u64().unwrap() > drain,
+        "terminationGracePeriodSeconds must exceed the agent's --termination-grace-period ({drain}s)"
     );
     for part in ["requests", "limits"] {
         for r in ["cpu", "memory"] {
@@ -962,7 +984,7 @@ fn check_install(objs: &[Value], expect: &Expect) {
     assert!(labels_match(&msvc["spec"]["selector"], agent_labels));
     let mp = &msvc["spec"]["ports"][0];
     assert_eq!(mp["port"], metrics);
-    assert_eq!(mp["targetPort"], metrics_port["name"]);
+    assert_eq!(mp["targetPort"], metrics);
     if let Some(pm) = objs
         .iter()
         .find(|o| o["kind"] == "PodMonitor" && o["metadata"]["name"] == "ambit-agent")
@@ -972,10 +994,15 @@ fn check_install(objs: &[Value], expect: &Expect) {
             agent_labels
         ));
         assert_eq!(strs(&pm["spec"]["namespaceSelector"]["matchNames"]), [ns]);
-        assert_eq!(
-            pm["spec"]["podMetricsEndpoints"][0]["port"],
-            metrics_port["name"]
-        );
+        // No declared port to name: the agent container only, at the metrics port.
+        let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+        let relabel = endpoint["relabelings"].as_array().unwrap();
+        assert!(relabel.iter().any(|r| r["action"] == "keep"
+            && r["sourceLabels"][0] == "__meta_kubernetes_pod_container_name"
+            && r["regex"] == "agent"));
+        assert!(relabel.iter().any(|r| r["targetLabel"] == "__address__"
+            && r["sourceLabels"][0] == "__meta_kubernetes_pod_ip"
+            && r["replacement"] == format!("$1:{metrics}")));
     }
 
     // --- the CNI plugin: installed where the runtime looks, pointed at the agent's socket ---
@@ -1143,12 +1170,16 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ("discovery.k8s.io", &["endpointslices"], watch),
             (
                 "security.ambit.dev",
-                &["authorizationpolicies", "peerauthentications"],
+                &[
+                    "authorizationpolicies",
+                    "peerauthentications",
+                    "requestauthentications"
+                ],
                 watch
             ),
             (
                 "networking.ambit.dev",
-                &["virtualservices", "destinationrules"],
+                &["virtualservices", "destinationrules", "ratelimitpolicies"],
                 watch
             ),
             (
@@ -1167,12 +1198,16 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ("discovery.k8s.io", &["endpointslices"], watch),
             (
                 "security.ambit.dev",
-                &["authorizationpolicies", "peerauthentications"],
+                &[
+                    "authorizationpolicies",
+                    "peerauthentications",
+                    "requestauthentications"
+                ],
                 watch
             ),
             (
                 "networking.ambit.dev",
-                &["virtualservices", "destinationrules"],
+                &["virtualservices", "destinationrules", "ratelimitpolicies"],
                 watch
             ),
             (
@@ -1191,23 +1226,35 @@ fn check_rbac(objs: &[Value], ns: &str) {
             ("", &["pods"], &["list", "watch"]),
             (
                 "security.ambit.dev",
-                &["authorizationpolicies", "peerauthentications"],
+                &[
+                    "authorizationpolicies",
+                    "peerauthentications",
+                    "requestauthentications"
+                ],
                 &["list", "watch"]
             ),
             (
                 "security.ambit.dev",
-                &["authorizationpolicies/status", "peerauthentications/status"],
+                &[
+                    "authorizationpolicies/status",
+                    "peerauthentications/status",
+                    "requestauthentications/status"
+                ],
                 &["patch"]
             ),
             // Routing resources' status, judged against the services.
             (
                 "networking.ambit.dev",
-                &["virtualservices", "destinationrules"],
+                &["virtualservices", "destinationrules", "ratelimitpolicies"],
                 &["list", "watch"]
             ),
             (
                 "networking.ambit.dev",
-                &["virtualservices/status", "destinationrules/status"],
+                &[
+                    "virtualservices/status",
+                    "destinationrules/status",
+                    "ratelimitpolicies/status"
+                ],
                 &["patch"]
             ),
             // Gateway API routes of Services (GAMMA): status.parents[] entries.
@@ -1478,7 +1525,7 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
             let spec = &crd["spec"];
             let kind = spec["names"]["kind"].as_str().unwrap().to_string();
             let group = match kind.as_str() {
-                "VirtualService" | "DestinationRule" => "networking.ambit.dev",
+                "VirtualService" | "DestinationRule" | "RateLimitPolicy" => "networking.ambit.dev",
                 _ => "security.ambit.dev",
             };
             assert_eq!(spec["group"], group);
@@ -1580,6 +1627,28 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
                         json!(["UNSET", "STRICT", "PERMISSIVE"])
                     );
                 }
+                // Every JWT rule field of Istio's, the unsupported ones included: rejected
+                // with a condition naming them, never pruned.
+                "RequestAuthentication" => {
+                    has(".spec.targetRefs[].name");
+                    for f in [
+                        "issuer",
+                        "audiences[]",
+                        "jwksUri",
+                        "jwks",
+                        "fromHeaders[].name",
+                        "fromHeaders[].prefix",
+                        "fromParams[]",
+                        "fromCookies[]",
+                        "outputPayloadToHeader",
+                        "outputClaimToHeaders[].header",
+                        "outputClaimToHeaders[].claim",
+                        "forwardOriginalToken",
+                        "timeout",
+                    ] {
+                        has(&format!(".spec.jwtRules[].{f}"));
+                    }
+                }
                 // Istio's networking.istio.io/v1 fields, the ones the waypoint does not implement
                 // yet included: rejected with a condition, never pruned.
                 "VirtualService" => {
@@ -1625,6 +1694,20 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
                         has(f);
                     }
                 }
+                // Ambit's own: Envoy's token buckets, Istio's targetRefs.
+                "RateLimitPolicy" => {
+                    for f in [
+                        ".spec.targetRefs[].kind",
+                        ".spec.targetRefs[].name",
+                        ".spec.targetRefs[].sectionName",
+                        ".spec.tokenBucket.maxTokens",
+                        ".spec.tokenBucket.tokensPerFill",
+                        ".spec.tokenBucket.fillInterval",
+                        ".spec.perIdentity.maxTokens",
+                    ] {
+                        has(f);
+                    }
+                }
                 other => panic!("unexpected CRD {other}"),
             }
             kinds.insert(kind);
@@ -1635,8 +1718,10 @@ fn crds_are_structural_with_status_and_l7_fields_in_the_schema() {
         BTreeSet::from([
             "AuthorizationPolicy".to_string(),
             "PeerAuthentication".to_string(),
+            "RequestAuthentication".to_string(),
             "VirtualService".to_string(),
             "DestinationRule".to_string(),
+            "RateLimitPolicy".to_string(),
         ])
     );
 }
@@ -1917,6 +2002,135 @@ fn chart_copies_are_in_sync() {
         fs::read_to_string(chart().join("files/ambit.json")).unwrap(),
         "copy deploy/dashboards/ambit.json to deploy/helm/ambit/files/"
     );
+}
+
+/// Every container and init container of `objs`, with where it is.
+fn containers_of(objs: &[Value]) -> Vec<(String, Value)> {
+    fn walk(node: &Value, at: &str, out: &mut Vec<(String, Value)>) {
+        match node {
+            Value::Object(map) => {
+                for field in ["containers", "initContainers"] {
+                    for c in map
+                        .get(field)
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let name = c["name"].as_str().unwrap_or("?");
+                        out.push((format!("{at} {field}[{name}]"), c.clone()));
+                    }
+                }
+                for value in map.values() {
+                    walk(value, at, out);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, at, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for obj in objs {
+        walk(obj, &key(obj), &mut out);
+    }
+    out
+}
+
+/// Every image the containers of `objs` run, and every `--waypoint-image=` argument, with
+/// where.
+fn images_named(objs: &[Value]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (at, c) in containers_of(objs) {
+        let image = c["image"].as_str().unwrap_or("(none)").to_string();
+        out.push((format!("{at}.image"), image));
+        for arg in strs(&c["args"]) {
+            if let Some(image) = arg.strip_prefix("--waypoint-image=") {
+                out.push((format!("{at}: {arg}"), image.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// One image, named in one place: `cargo xtask image` tags what it builds with
+/// deploy/image.env's repository and the workspace version (`ambit --version`), and the chart
+/// (values.yaml's image.repository, Chart.yaml's appVersion as the default tag), every plain
+/// manifest (uninstall included) and the Dockerfile's version label must name the same image.
+#[test]
+fn manifests_chart_and_xtask_name_one_image() {
+    let image = ambit_tests::testbed::image_reference().unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    let repository = image
+        .strip_suffix(&format!(":{version}"))
+        .expect("tagged with the version");
+
+    let values = &parse_docs(&fs::read_to_string(chart().join("values.yaml")).unwrap())[0];
+    assert_eq!(
+        values["image"]["repository"], repository,
+        "the chart's image.repository is deploy/image.env's AMBIT_IMAGE_REPOSITORY"
+    );
+    assert_eq!(
+        values["image"]["tag"], "",
+        "the chart's image.tag defaults to its appVersion"
+    );
+    let meta = &parse_docs(&fs::read_to_string(chart().join("Chart.yaml")).unwrap())[0];
+    assert_eq!(
+        meta["appVersion"], version,
+        "Chart.yaml's appVersion is the workspace version (the image's tag)"
+    );
+
+    let named = images_named(&load_all(&manifest_files()));
+    assert!(
+        named.len() >= 8,
+        "the manifests' containers were not found: {named:?}"
+    );
+    let wrong: Vec<String> = named
+        .iter()
+        .filter(|(_, i)| *i != image)
+        .map(|(at, i)| format!("{at} = {i}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "deploy/manifests must name {image} (deploy/image.env and the workspace version):\n{}",
+        wrong.join("\n")
+    );
+
+    // The image holds `ambit` and `ambit-cni` only: every container runs its entrypoint.
+    let commands: Vec<String> = containers_of(&load_all(&manifest_files()))
+        .into_iter()
+        .filter(|(_, c)| !c["command"].is_null())
+        .map(|(at, c)| format!("{at}: {}", c["command"]))
+        .collect();
+    assert!(
+        commands.is_empty(),
+        "the image has no shell or other programs: containers pass `args` to `ambit`:\n{}",
+        commands.join("\n")
+    );
+
+    let dockerfile = fs::read_to_string(ws().join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.trim() == format!("ARG VERSION={version}")),
+        "the Dockerfile's `ARG VERSION=` is the workspace version {version}"
+    );
+}
+
+/// The check above fails on a manifest naming another image or tag.
+#[test]
+fn a_manifest_naming_another_image_is_found() {
+    let text = fs::read_to_string(deploy().join("manifests/40-agent.yaml")).unwrap();
+    let image = ambit_tests::testbed::image_reference().unwrap();
+    let (repository, _) = image.rsplit_once(':').unwrap();
+    let stale = text.replacen(&image, &format!("{repository}:0.0.1"), 1);
+    assert_ne!(stale, text, "40-agent.yaml names {image}");
+    let named = images_named(&parse_docs(&stale));
+    let wrong: Vec<&(String, String)> = named.iter().filter(|(_, i)| *i != image).collect();
+    assert_eq!(
+        wrong.len(),
+        1,
+        "exactly the edited container is found: {named:?}"
+    );
+    assert!(wrong[0].0.contains("DaemonSet") && wrong[0].1.ends_with(":0.0.1"));
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! every byte it forwards (`ambit_spliced_bytes_total`): bytes relayed by the agent's user
 //! space never pass through it. The clients check every byte echoed back against what they sent.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Policies;
@@ -119,14 +119,19 @@ fn same_node_connections_are_spliced_byte_exact_and_counted_while_they_flow() ->
         let kernel_before = spliced_bytes(node)?;
         let conn =
             connect_ok_n(&cluster, client, dst, LARGE, 1, &["--timeout-ms", "120000"])?.remove(0);
+        let client_ip = match dst {
+            SocketAddr::V4(_) => IpAddr::V4(client.ip4()),
+            SocketAddr::V6(_) => IpAddr::V6(client.ip6()),
+        };
         ensure_or_dump!(
             cluster,
             conn.redirected()
                 && conn.peer() == dst.to_string()
                 && conn.served_by() == server.name()
-                && conn.seen_peer_ip() == Some(dst.ip()),
-            "{dst}: expected a redirected connection reaching {} from its own address (as the \
-             inbound path connects): {}",
+                && conn.local_ip() == Some(client_ip)
+                && conn.seen_peer_ip() == Some(client_ip),
+            "{dst}: expected a redirected connection reaching {} from the client's address \
+             {client_ip}, as without the mesh: {}",
             server.name(),
             conn.report
         );
@@ -408,7 +413,7 @@ fn a_spliced_connection_ends_with_its_agent_and_nothing_bypasses_the_mesh() -> R
 
     node.start_agent()?;
     node.wait_ready(TIMEOUT)?;
-    wait_enrolled(&cluster, node, 2)?;
+    cluster.with_diagnostics(node.wait_enrolled(2, TIMEOUT))?;
     let before = access_logs(node).len();
     connect_ok(&cluster, client, dst, 1 << 20)?;
     let deadline = Instant::now() + TIMEOUT;
@@ -428,23 +433,6 @@ fn a_spliced_connection_ends_with_its_agent_and_nothing_bypasses_the_mesh() -> R
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
-}
-
-fn wait_enrolled(cluster: &Cluster, node: &Node, pods: usize) -> Result<()> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let dump = node.config_dump()?;
-        if dump["enrolled"].as_array().map_or(0, Vec::len) == pods {
-            return Ok(());
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "{} did not enrol its {pods} pods",
-            node.name()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The outbound access-log lines from `pod` on `node`, by how the fast path carried them.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Policies;
-use ambit_tests::traffic::{TIMEOUT, client, connect_ok, metric_value, reaches, serve};
+use ambit_tests::traffic::{TIMEOUT, client, connect_ok, metric_value, reaches, redirected, serve};
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump, util};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
@@ -98,7 +98,7 @@ fn expect_clients_ok(cluster: &Cluster, mut clients: PodProcess, what: &str) -> 
     let (_, lines) = clients.wait_json(Duration::from_secs(120))?;
     let bad: Vec<&Value> = lines
         .iter()
-        .filter(|l| l["ok"] != true || !l["local"].as_str().unwrap_or("").starts_with("127."))
+        .filter(|l| l["ok"] != true || !redirected(l))
         .collect();
     ensure_or_dump!(
         cluster,
@@ -345,7 +345,7 @@ fn a_process_that_forges_the_old_agent_mark_is_still_captured() -> Result<()> {
         )?;
         ensure_or_dump!(
             cluster,
-            report["ok"] == true && report["local"].as_str().unwrap_or("").starts_with("127."),
+            report["ok"] == true && redirected(&report),
             "a socket marked {mark} was not captured by the agent: {report}"
         );
     }
@@ -422,6 +422,47 @@ fn an_application_on_a_proxy_port_is_never_reached_from_outside() -> Result<()> 
         "an application listening on a proxy port accepted a connection from outside"
     );
     drop(squatters);
+
+    // A root application can join the agent's SO_REUSEPORT groups (an upgrade's successor
+    // joins them so): inbound still reaches only the socket the agent registered.
+    let mut joiners = vec![target.spawn(testpod(), ["serve", "--port", "15006", "--reuse-port"])?];
+    for ip in target.ips() {
+        joiners.push(target.spawn(
+            testpod(),
+            [
+                "serve",
+                "--port",
+                "15008",
+                "--bind",
+                &ip.to_string(),
+                "--reuse-port",
+            ],
+        )?);
+    }
+    for joiner in &mut joiners {
+        let first = joiner.read_json(T)?;
+        ensure_or_dump!(
+            cluster,
+            first["event"] == "listening",
+            "a root application could not join the agent's listener group: {first}"
+        );
+    }
+    for ip in target.ips() {
+        for port in [8080, 15006, 15008] {
+            let dst = SocketAddr::new(ip, port);
+            ensure_or_dump!(
+                cluster,
+                !reaches(outsider, dst)?,
+                "plaintext from an unmeshed pod reached {dst} past the agent's listener group"
+            );
+        }
+    }
+    ensure_or_dump!(
+        cluster,
+        !joiners.iter_mut().any(accepted_any),
+        "an application in the agent's listener group took a connection steered to the agent"
+    );
+    drop(joiners);
 
     // With the agent down, the application can take every proxy port; with no agent listener
     // behind them, connections from outside are dropped.
@@ -584,7 +625,10 @@ fn the_nodes_own_addresses_reach_pods_directly_like_kubelet_probes() -> Result<(
             .and_then(|p| p.parse().ok());
         ensure_or_dump!(
             cluster,
-            report["ok"] == true && seen_peer.is_some_and(|p| p.ip() != dst.ip()),
+            report["ok"] == true
+                && seen_peer.is_some_and(
+                    |p| Some(p.to_string()) == report["local"].as_str().map(String::from)
+                ),
             "a probe from the node to {dst} did not reach the application directly: {report}"
         );
     }

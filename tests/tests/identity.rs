@@ -28,7 +28,7 @@ use ambit_tests::cluster::{CA_ADDR, TRUST_DOMAIN};
 use ambit_tests::process::Tool;
 use ambit_tests::prometheus::{Prometheus, Series, by_labels, expect};
 use ambit_tests::traffic::{
-    client, connect_ok_n, hbone_client_ports, metric_value, serve, wait_access_log,
+    client, connect_ok_n, hbone_client_ports, metric_value, serve, spawn_client, wait_access_log,
 };
 use ambit_tests::util::{self, Netns};
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, ensure_or_dump};
@@ -907,6 +907,58 @@ fn with_the_ca_stopped_existing_certificates_keep_working() -> Result<()> {
         );
     }
     connect_ok_n(&cluster, client_pod, dst, 1000, 3, &[])?;
+    Ok(())
+}
+
+/// A client may reach a pod the moment it is enrolled, before the CA has answered for it: the
+/// pod's agent holds the first connections until the certificate comes (bounded), rather than
+/// resetting them. The CA is stopped while the server's pod is enrolled, so the wait is certain,
+/// and started again a second later.
+#[test]
+fn the_first_connections_to_a_pod_just_enrolled_wait_for_its_certificate() -> Result<()> {
+    let cluster = cluster(2, 1)?;
+    let client_pod = cluster.pod(0, 0);
+    let server_pod = cluster.pod(1, 0);
+    cluster.set_enrolled(server_pod, false);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let id = default_identity();
+    wait_certificate(&cluster, cluster.node(0), &id)?;
+    let _s = serve(server_pod, &[8080])?;
+    let dst = server_pod.addr4(8080);
+
+    // n1 has no pod of the identity yet, so no certificate: it fetches one on enrolment.
+    cluster.stop_ca();
+    let generation = cluster.node(1).config_generation()?;
+    cluster.set_enrolled(server_pod, true);
+    cluster.write_mesh()?;
+    cluster.wait_config_generation(1, generation + 1, T)?;
+    cluster.with_diagnostics(cluster.node(1).wait_enrolled(1, T))?;
+    ensure_or_dump!(
+        cluster,
+        serial_of(cluster.node(1), &id)?.is_none(),
+        "n1 holds a certificate although the CA is stopped"
+    );
+    // Four at once, as a load generator opens them.
+    let clients = (0..4)
+        .map(|_| spawn_client(client_pod, dst, 1000, 1, &["--timeout-ms", "8000"]))
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.start_ca()?;
+    let mut reports = Vec::new();
+    for mut c in clients {
+        let (_, lines) = c.wait_json(T)?;
+        reports.extend(lines);
+    }
+    let failed: Vec<&Value> = reports.iter().filter(|r| r["ok"] != true).collect();
+    ensure_or_dump!(
+        cluster,
+        reports.len() == 4 && failed.is_empty(),
+        "{} of 4 connections reported; failed: {failed:?}",
+        reports.len()
+    );
+    // Carried by HBONE: the server's agent logged each inbound.
+    wait_access_log(&cluster, cluster.node(1), "inbound", dst, 4)?;
     Ok(())
 }
 

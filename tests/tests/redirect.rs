@@ -7,7 +7,7 @@
 //! access logs confirm both hops.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -79,13 +79,21 @@ fn pod_to_pod_same_node_and_across_nodes_goes_through_both_agents() -> Result<()
             "getpeername shows {} instead of the dialled {dst}",
             conn.peer()
         );
+        // Both ends see the addresses they would without the mesh: the client its own pod
+        // address, the server the client pod's address of the family dialled.
+        let client_ip = match dst {
+            SocketAddr::V4(_) => IpAddr::V4(client_pod.ip4()),
+            SocketAddr::V6(_) => IpAddr::V6(client_pod.ip6()),
+        };
         ensure_or_dump!(
             cluster,
-            conn.served_by() == to.name() && conn.seen_peer_ip() == Some(dst.ip()),
-            "{dst}: expected {} to be reached through its agent's inbound hop (from its own \
-             address), greeting was {}",
+            conn.served_by() == to.name()
+                && conn.local_ip() == Some(client_ip)
+                && conn.seen_peer_ip() == Some(client_ip),
+            "{dst}: expected {} to be reached with the client's address {client_ip} on both \
+             ends: {}",
             to.name(),
-            conn.report["greeting"]
+            conn.report
         );
         let dst_node = cluster.node_of(to);
         wait_access_log(&cluster, cluster.node(0), "outbound", dst, 1)?;
@@ -200,7 +208,7 @@ fn enrolling_and_unenrolling_a_running_pod_spares_open_connections() -> Result<(
     cluster.set_enrolled(server_pod, true);
     cluster.write_mesh()?;
     cluster.wait_config_generation(0, generation + 1, T)?;
-    wait_enrolled(&cluster, node, 2)?;
+    cluster.with_diagnostics(node.wait_enrolled(2, T))?;
     echo(&mut direct, "after enrolment")?;
     let conn = connect_ok(&cluster, client_pod, dst, 1000)?;
     ensure_or_dump!(
@@ -216,7 +224,7 @@ fn enrolling_and_unenrolling_a_running_pod_spares_open_connections() -> Result<(
     cluster.set_enrolled(server_pod, false);
     cluster.write_mesh()?;
     cluster.wait_config_generation(0, generation + 2, T)?;
-    wait_enrolled(&cluster, node, 0)?;
+    cluster.with_diagnostics(node.wait_enrolled(0, T))?;
     // Un-enrolment detaches inbound steering before the agent reports it (a link released
     // lazily with its pin refused the next connections for as long as the kernel took).
     for pod in [client_pod, server_pod] {
@@ -238,25 +246,6 @@ fn enrolling_and_unenrolling_a_running_pod_spares_open_connections() -> Result<(
         conn.report
     );
     Ok(())
-}
-
-fn wait_enrolled(cluster: &Cluster, node: &Node, pods: usize) -> Result<()> {
-    let deadline = Instant::now() + T;
-    loop {
-        let dump = node.config_dump()?;
-        let enrolled = dump["enrolled"].as_array().map_or(0, Vec::len);
-        if enrolled == pods {
-            return Ok(());
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "{} pods enrolled on {}, expected {pods}",
-            enrolled,
-            node.name()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -421,7 +410,7 @@ fn a_stopped_agent_fails_closed_and_a_restarted_one_recovers() -> Result<()> {
 
     node.start_agent()?;
     node.wait_ready(T)?;
-    wait_enrolled(&cluster, node, 2)?;
+    cluster.with_diagnostics(node.wait_enrolled(2, T))?;
     let conn = connect_ok(&cluster, client_pod, dst, 1000)?;
     ensure_or_dump!(cluster, conn.redirected(), "not redirected after restart");
     connect_ok(&cluster, outsider, dst, 1000)?;

@@ -410,7 +410,11 @@ fn agent_harness_against_a_stand_in_agent() -> Result<()> {
     // A reload raises the generation.
     cluster.set_enrolled(cluster.pod(1, 0), true);
     cluster.write_mesh()?;
-    cluster.wait_config_generation(1, g + 1, T)?;
+    // Both agents must have applied it before the bad file below replaces it, or a
+    // reload coalescing the two writes leaves node 0 one generation behind.
+    for node in 0..2 {
+        cluster.wait_config_generation(node, g + 1, T)?;
+    }
     let d1 = cluster.node(1).config_dump()?;
     anyhow::ensure!(
         d1["enrolled"] == serde_json::json!(["default/p1-0"]),

@@ -90,32 +90,21 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
         cluster.pod(1, 1),
     );
     let namespace = client.namespace();
-    cluster.set_labels(client, &[("app", "client")]);
-    // Not captured, as Istio's waypoints: its tunnels to the endpoints leave as they are.
-    waypoint::prepare_waypoint(&cluster, waypoint);
-    cluster.set_labels(v1, &[("app", "reviews"), ("version", "v1")]);
-    cluster.set_labels(v2, &[("app", "reviews"), ("version", "v2")]);
-    v1.set_service_account("reviews-v1");
-    v2.set_service_account("reviews-v2");
-    cluster.add_service(
-        "reviews",
-        &namespace,
-        &[REVIEWS_VIP],
-        &[("app", "reviews")],
-        &[(9080, 8080)],
-    );
-    ensure_or_dump!(
-        cluster,
-        cluster.set_service_waypoint("reviews", &namespace, "waypoint"),
-        "no service reviews"
-    );
-    cluster.set_routing(Routing {
-        virtual_services: vec![canary(json!({}))],
-        destination_rules: vec![subsets()],
-    });
-    cluster.write_mesh()?;
-    cluster.start_agents()?;
-    waypoint::route_ca_to_pods_of(&cluster, cluster.node(0))?;
+    // The waypoint is not captured, as Istio's waypoints: its tunnels to the endpoints leave as
+    // they are.
+    waypoint::prepare(
+        &cluster,
+        client,
+        waypoint,
+        &[
+            (v1, &[("version", "v1")], "reviews-v1"),
+            (v2, &[("version", "v2")], "reviews-v2"),
+        ],
+        Routing {
+            virtual_services: vec![canary(json!({}))],
+            destination_rules: vec![subsets()],
+        },
+    )?;
 
     let mut servers = Vec::new();
     for (pod, name) in [(v1, "v1"), (v2, "v2")] {
@@ -320,5 +309,180 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
         &waypoint_principal,
     ))?;
     drop(servers);
+    Ok(())
+}
+
+/// Paths of `log` (a waypoint's access log) that start with `prefix`, each with its response
+/// code.
+fn logged(log: &[Value], prefix: &str) -> Vec<(String, String)> {
+    log.iter()
+        .filter_map(|l| {
+            let path = l["path"].as_str()?;
+            path.starts_with(prefix).then(|| {
+                (
+                    path.to_string(),
+                    l["response_code"].as_str().unwrap_or("").to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Two replicas of a waypoint share its clients, and one that is stopped drains: the requests
+/// it is serving finish, its keep-alive clients move to the other replica between requests,
+/// new tunnels that still reach it are served, and it exits on its own once nothing is left.
+#[test]
+fn waypoint_replicas_share_clients_and_a_stopped_one_drains_without_failing_a_request() -> Result<()>
+{
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 3,
+    })?;
+    let (client, replica_a, replica_b, server) = (
+        cluster.pod(0, 0),
+        cluster.pod(0, 1),
+        cluster.pod(0, 2),
+        cluster.pod(1, 0),
+    );
+    waypoint::add_waypoint_replica(&cluster, replica_b);
+    waypoint::prepare(
+        &cluster,
+        client,
+        replica_a,
+        &[(server, &[("version", "v1")], "reviews-v1")],
+        Routing::default(),
+    )?;
+    let _server = waypoint::start_server(server, "v1", &[])?;
+    let mut process_a = cluster.with_diagnostics(start_waypoint(&cluster, replica_a))?;
+    let process_b = cluster.with_diagnostics(start_waypoint(&cluster, replica_b))?;
+    let authority = format!("{REVIEWS_VIP}:9080");
+    let delayed = |ms: u64| vec!["-H".to_string(), format!("x-delay-ms: {ms}")];
+
+    // 1. Connections are spread over both replicas (round robin by the client's agent).
+    for i in 0..4 {
+        let answer =
+            cluster.with_diagnostics(waypoint::curl_once(client, &format!("/spread-{i}"), &[]))?;
+        ensure_or_dump!(cluster, answer.status == 200, "spread {i}: {answer:?}");
+    }
+    let (spread_a, spread_b) = (
+        logged(&waypoint::access_log(&process_a), "/spread").len(),
+        logged(&waypoint::access_log(&process_b), "/spread").len(),
+    );
+    ensure_or_dump!(
+        cluster,
+        spread_a == 2 && spread_b == 2,
+        "4 connections over 2 replicas: {spread_a} and {spread_b}"
+    );
+
+    // 2. In flight when replica A is stopped: four slow requests, each on its own connection
+    // (two per replica), then two keep-alive runs of short requests (one per replica).
+    let mut slow = Vec::new();
+    for i in 0..4 {
+        slow.push(waypoint::spawn_curl(
+            client,
+            &authority,
+            &format!("/slow-{i}"),
+            1,
+            &delayed(3000),
+        )?);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    const RUN: usize = 150;
+    let mut runs = Vec::new();
+    for i in 0..2 {
+        runs.push(waypoint::spawn_curl(
+            client,
+            &authority,
+            &format!("/run-{i}"),
+            RUN,
+            &delayed(20),
+        )?);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    process_a.signal(libc::SIGTERM)?;
+    // Its clients' agents learn a moment later, as from an EndpointSlice: meanwhile new
+    // connections may still reach it and must be served.
+    std::thread::sleep(Duration::from_millis(1000));
+    let generation = cluster.node(0).config_generation()?;
+    replica_a.set_ready(false);
+    cluster.write_mesh()?;
+    cluster.node(0).wait_config_generation(generation + 1, T)?;
+
+    // 3. New connections go to replica B only.
+    for i in 0..4 {
+        let answer =
+            cluster.with_diagnostics(waypoint::curl_once(client, &format!("/after-{i}"), &[]))?;
+        ensure_or_dump!(cluster, answer.status == 200, "after {i}: {answer:?}");
+    }
+
+    // 4. Nothing in flight failed.
+    for (i, curl) in slow.iter_mut().enumerate() {
+        let answers = cluster.with_diagnostics(waypoint::curl_answers(curl, 1))?;
+        ensure_or_dump!(
+            cluster,
+            answers.codes == ["200"],
+            "slow request {i}: {answers:?}"
+        );
+    }
+    for (i, curl) in runs.iter_mut().enumerate() {
+        let answers = cluster.with_diagnostics(waypoint::curl_answers(curl, RUN))?;
+        ensure_or_dump!(
+            cluster,
+            answers.codes.iter().all(|c| c == "200"),
+            "run {i}: codes {:?}",
+            answers
+                .codes
+                .iter()
+                .filter(|c| *c != "200")
+                .collect::<Vec<_>>()
+        );
+    }
+
+    // 5. Replica A exited on its own, drained, well before its drain timeout.
+    let status = process_a.wait_timeout(Duration::from_secs(40))?;
+    let stderr_a = process_a.stderr();
+    ensure_or_dump!(
+        cluster,
+        status.success() && stderr_a.contains("drained: no connection left"),
+        "replica A: {status}; log tail:\n{}",
+        stderr_a
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let (log_a, log_b) = (
+        waypoint::access_log(&process_a),
+        waypoint::access_log(&process_b),
+    );
+    let slow_a = logged(&log_a, "/slow");
+    ensure_or_dump!(
+        cluster,
+        slow_a.len() == 2 && slow_a.iter().all(|(_, code)| code == "200"),
+        "replica A must have finished its two slow requests: {slow_a:?}"
+    );
+    let after_a = logged(&log_a, "/after");
+    ensure_or_dump!(
+        cluster,
+        after_a.is_empty(),
+        "new connections reached the stopped replica: {after_a:?}"
+    );
+    // The run that began on A went on at B between two requests.
+    let moved = (0..2).any(|i| {
+        let prefix = format!("/run-{i}");
+        !logged(&log_a, &prefix).is_empty() && !logged(&log_b, &prefix).is_empty()
+    });
+    ensure_or_dump!(
+        cluster,
+        moved,
+        "no keep-alive run moved from A to B: A served {:?}, B served {:?} run requests",
+        (0..2)
+            .map(|i| logged(&log_a, &format!("/run-{i}")).len())
+            .collect::<Vec<_>>(),
+        (0..2)
+            .map(|i| logged(&log_b, &format!("/run-{i}")).len())
+            .collect::<Vec<_>>()
+    );
     Ok(())
 }

@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use ambit::testing::jwt::TestIssuer;
+use ambit_test_jwt::TestIssuer;
 use ambit_tests::mesh::Policies;
 use ambit_tests::waypoint::{requests_total, start_waypoint, wait_reloads, waypoint_metrics};
 use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump, util};
@@ -23,6 +23,8 @@ use serde_json::{Value, json};
 
 /// The VIP of the backend service (port 9080 to the server's 8080).
 const BACKEND_VIP: &str = "10.96.0.40";
+/// The VIP of a service bound to no waypoint.
+const BILLING_VIP: &str = "10.96.0.42";
 /// The VIP of the waypoint's own service.
 const WAYPOINT_VIP: &str = "10.96.0.41";
 const ISSUER: &str = "https://idp.ambit.test";
@@ -122,6 +124,17 @@ fn request_authentication(namespace: &str, jwks_uri: &str) -> Value {
     })
 }
 
+/// Another tenant's RequestAuthentication, on a service no waypoint serves: its keys are none
+/// of this waypoint's business, and it must not fetch them.
+fn other_tenant(namespace: &str, jwks_uri: &str) -> Value {
+    json!({
+        "name": "other-tenant",
+        "namespace": namespace,
+        "targetRefs": [{"kind": "Service", "name": "billing"}],
+        "jwtRules": [{"issuer": "https://other.ambit.test", "jwksUri": jwks_uri}]
+    })
+}
+
 #[test]
 fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Result<()> {
     let cluster = Cluster::start(ClusterSpec {
@@ -149,6 +162,13 @@ fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Res
         "backend",
         &namespace,
         &[BACKEND_VIP],
+        &[("app", "backend")],
+        &[(9080, 8080)],
+    );
+    cluster.add_service(
+        "billing",
+        &namespace,
+        &[BILLING_VIP],
         &[("app", "backend")],
         &[(9080, 8080)],
     );
@@ -185,7 +205,7 @@ fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Res
     std::fs::create_dir_all(&jwks_dir)?;
     std::fs::write(jwks_dir.join("jwks.json"), TestIssuer::jwks(&[&idp]))?;
     let jwks_ip = jwks_pod.ip4().to_string();
-    let _jwks_server = jwks_pod.spawn(
+    let jwks_server = jwks_pod.spawn(
         "python3",
         [
             "-m",
@@ -198,6 +218,7 @@ fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Res
         ],
     )?;
     let jwks_uri = format!("http://{jwks_ip}:8081/jwks.json");
+    let other_jwks_uri = format!("http://{jwks_ip}:8081/other-tenant.json");
 
     let testpod = ambit_tests::testpod_path!();
     let mut server = backend.spawn(&testpod, ["http", "--port", "8080", "--name", "backend"])?;
@@ -259,7 +280,10 @@ fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Res
     ];
     cluster.set_policies(Policies {
         authorization_policies: policies.clone(),
-        request_authentications: vec![request_authentication(&namespace, &jwks_uri)],
+        request_authentications: vec![
+            request_authentication(&namespace, &jwks_uri),
+            other_tenant(&namespace, &other_jwks_uri),
+        ],
         ..Default::default()
     });
     cluster.write_mesh()?;
@@ -326,7 +350,10 @@ fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Res
     }));
     cluster.set_policies(Policies {
         authorization_policies: policies,
-        request_authentications: vec![request_authentication(&namespace, &jwks_uri)],
+        request_authentications: vec![
+            request_authentication(&namespace, &jwks_uri),
+            other_tenant(&namespace, &other_jwks_uri),
+        ],
         ..Default::default()
     });
     cluster.write_mesh()?;
@@ -357,6 +384,66 @@ fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Res
         still_denied.0 == 403 && still_secure.0 == 403 && still_open.0 == 200,
         "after a rejected update the last good policies must hold: intruder {still_denied:?}, \
          /secure without a token {still_secure:?}, frontend {still_open:?}"
+    );
+    // 4. A bad RequestAuthentication (a symmetric key in its JWKS) is rejected naming the field,
+    // and the last good one stays in force: tokens are still checked (a forged one 401), not
+    // ignored.
+    let mut bad_authentication = request_authentication(&namespace, &jwks_uri);
+    bad_authentication["jwtRules"] = json!([{
+        "issuer": ISSUER,
+        "jwks": r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#
+    }]);
+    cluster.set_policies(Policies {
+        authorization_policies: vec![
+            allow_nothing(&namespace),
+            seed_policy(&namespace),
+            secure_policy(&namespace),
+        ],
+        request_authentications: vec![
+            bad_authentication,
+            other_tenant(&namespace, &other_jwks_uri),
+        ],
+        ..Default::default()
+    });
+    cluster.write_mesh()?;
+    wait_reloads(node0, waypoint, "failed", 2)?;
+    let deadline = Instant::now() + T;
+    loop {
+        let dump = node0.config_dump()?;
+        let error = dump["config"]["lastError"].as_str().unwrap_or_default();
+        if error.contains("requestAuthentications[0].jwtRules[0].jwks") {
+            ensure_or_dump!(
+                cluster,
+                error.contains("symmetric (oct) keys are not accepted"),
+                "the rejection must say why: {error}"
+            );
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "the agent did not report the rejected RequestAuthentication: {error}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let forged_now =
+        cluster.with_diagnostics(request(frontend, "GET", "/secure/report", &bearer(&forged)))?;
+    let admin_now =
+        cluster.with_diagnostics(request(frontend, "GET", "/secure/report", &bearer(&admin)))?;
+    ensure_or_dump!(
+        cluster,
+        forged_now.0 == 401 && admin_now.0 == 200,
+        "after a rejected RequestAuthentication the last good one must hold: forged token \
+         {forged_now:?}, valid token {admin_now:?}"
+    );
+
+    // The waypoint fetched its own service's keys, never the other tenant's (the JWKS server
+    // logs every request it gets).
+    let served = jwks_server.stderr();
+    ensure_or_dump!(
+        cluster,
+        served.contains("GET /jwks.json") && !served.contains("other-tenant"),
+        "the waypoint must fetch only the jwksUris of its own services: {served}"
     );
     drop(server);
     Ok(())

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Routing;
 use ambit_tests::waypoint::{
-    Exchange, REVIEWS_VIP, curl, curl_once, prepare_waypoint, requests_total, route_ca_to_pods_of,
-    start_server, start_waypoint, sum_series, wait_reloads, waypoint_metrics,
+    Endpoint, Exchange, REVIEWS_VIP, curl, curl_once, prepare, requests_total, start_server,
+    start_waypoint, start_waypoint_with, sum_series, wait_reloads, waypoint_metrics,
 };
 use ambit_tests::{Cluster, ClusterSpec, PodProcess, ensure_or_dump};
 use anyhow::Result;
@@ -58,34 +58,19 @@ fn bed(reviews: usize, rule: Value) -> Result<Cluster> {
         nodes: 2,
         pods_per_node: reviews.max(2),
     })?;
-    let (client, waypoint) = (cluster.pod(0, 0), cluster.pod(0, 1));
-    let namespace = client.namespace();
-    cluster.set_labels(client, &[("app", "client")]);
-    prepare_waypoint(&cluster, waypoint);
-    for i in 0..reviews {
-        let pod = cluster.pod(1, i);
-        cluster.set_labels(pod, &[("app", "reviews")]);
-        pod.set_service_account("reviews");
-    }
-    cluster.add_service(
-        "reviews",
-        &namespace,
-        &[REVIEWS_VIP],
-        &[("app", "reviews")],
-        &[(9080, 8080)],
-    );
-    ensure_or_dump!(
-        cluster,
-        cluster.set_service_waypoint("reviews", &namespace, "waypoint"),
-        "no service reviews"
-    );
-    cluster.set_routing(Routing {
-        virtual_services: vec![],
-        destination_rules: vec![rule],
-    });
-    cluster.write_mesh()?;
-    cluster.start_agents()?;
-    route_ca_to_pods_of(&cluster, cluster.node(0))?;
+    let servers: Vec<Endpoint<'_>> = (0..reviews)
+        .map(|i| (cluster.pod(1, i), &[][..], "reviews"))
+        .collect();
+    prepare(
+        &cluster,
+        cluster.pod(0, 0),
+        cluster.pod(0, 1),
+        &servers,
+        Routing {
+            virtual_services: vec![],
+            destination_rules: vec![rule],
+        },
+    )?;
     Ok(cluster)
 }
 
@@ -339,5 +324,65 @@ fn waypoint_ejects_a_failing_endpoint_and_takes_it_back() -> Result<()> {
         returned,
         "the ejected endpoint must come back after its ejection time"
     );
+    Ok(())
+}
+
+/// Review M4: a request whose stream sees no byte in either direction for the stream idle
+/// timeout (here 2 s; the endpoint holds its answer 9 s) is ended (408, flag `SI`, as Envoy),
+/// and the cluster's one pooled connection it held is freed: the request that waited for it is
+/// served, and so is the next one.
+#[test]
+fn waypoint_stream_idle_timeout_frees_the_pooled_connection() -> Result<()> {
+    let cluster = bed(
+        1,
+        destination_rule(json!({
+            "connectionPool": {
+                "tcp": {"maxConnections": 1},
+                "http": {"http1MaxPendingRequests": 1}
+            }
+        })),
+    )?;
+    let (client, waypoint, reviews) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(1, 0));
+    let _server = start_server(reviews, "reviews", &[])?;
+    let _waypoint = cluster.with_diagnostics(start_waypoint_with(
+        &cluster,
+        waypoint,
+        &["--stream-idle-timeout", "2s"],
+    ))?;
+    let (stalled, waiting) = std::thread::scope(|scope| {
+        let stalled = scope.spawn(|| curl_once(client, "/stalled", &["-H", "x-delay-ms: 9000"]));
+        // Sent once the first holds the connection (any time before its 2 s are up will do;
+        // later, it finds the connection free anyway).
+        std::thread::sleep(Duration::from_millis(500));
+        let waiting = scope.spawn(|| curl_once(client, "/waiting", &[]));
+        (
+            stalled
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked"))),
+            waiting
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked"))),
+        )
+    });
+    let stalled = cluster.with_diagnostics(stalled)?;
+    ensure_or_dump!(
+        cluster,
+        stalled.status == 408 && stalled.body.contains("stream timeout"),
+        "the silent stream is ended by the stream idle timeout: {stalled:?}"
+    );
+    let waiting = cluster.with_diagnostics(waiting)?;
+    ensure_or_dump!(
+        cluster,
+        waiting.status == 200,
+        "the request waiting for the one connection is served once it is freed: {waiting:?}"
+    );
+    let next = cluster.with_diagnostics(curl_once(client, "/next", &[]))?;
+    ensure_or_dump!(cluster, next.status == 200, "and the next one: {next:?}");
+    let metrics = waypoint_metrics(cluster.node(0), waypoint)?;
+    let si = requests_total(
+        &metrics,
+        &[("response_code", "408"), ("response_flags", "SI")],
+    );
+    ensure_or_dump!(cluster, si == 1.0, "one request with flag SI, not {si}");
     Ok(())
 }

@@ -6,9 +6,12 @@
 //! - `demo`: setup, release build, then the cluster-in-a-box demo.
 //! - `bench [-- <bench args>]`: setup, release build, then the benchmark on a cluster in a box;
 //!   writes docs/benchmarks.md.
+//! - `image [--binaries DIR]`: Ambit's container image (the Dockerfile, built with podman),
+//!   written as an OCI archive under target/image.
 //! - `crds`: writes the CRD YAML (deploy/crds and the Helm chart's crds/) from the Rust types.
 
 mod cmd;
+mod image;
 mod setup;
 mod tasks;
 
@@ -58,6 +61,22 @@ enum Command {
     /// Write the CRD YAML of deploy/crds and the Helm chart's crds/ from the Rust types
     /// (ambit::discovery::kube::crd); the deploy test fails until the committed files match.
     Crds,
+    /// Build Ambit's container image (`ambit` and `ambit-cni`, Dockerfile) with podman and
+    /// write it as an OCI archive (by default `target/image/ambit-<version>.oci.tar`); its name is
+    /// deploy/image.env's, its tag the workspace version.
+    Image {
+        /// Take `ambit` and `ambit-cni` from this directory (e.g. target/debug) instead of
+        /// compiling them for release.
+        #[arg(long, value_name = "DIR")]
+        binaries: Option<PathBuf>,
+        /// Only assemble the image's root filesystem in DIR, without podman: what the
+        /// Dockerfile's `source` stage runs in its builder.
+        #[arg(long, value_name = "DIR", conflicts_with = "out")]
+        rootfs_only: Option<PathBuf>,
+        /// The OCI archive to write.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 /// The workspace root: xtask's parent directory.
@@ -77,6 +96,15 @@ fn main() -> ExitCode {
         Command::Demo => tasks::demo(),
         Command::Bench { bench_args } => tasks::bench(&bench_args),
         Command::Crds => tasks::crds(),
+        Command::Image {
+            binaries,
+            rootfs_only,
+            out,
+        } => image::image(image::Options {
+            binaries,
+            rootfs_only,
+            out,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

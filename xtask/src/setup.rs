@@ -24,9 +24,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",         // bulk throughput in `cargo xtask bench`
     "prometheus",     // scraping the agent's metrics; promtool checks the dashboard's PromQL
     "python3-venv",   // the venv of the deploy test's validators (target/tmp/deploy-tools)
-    "podman",         // a real container runtime calling the CNI plugin (tests/tests/cni.rs)
+    // podman: a real container runtime calling the CNI plugin (tests/tests/cni.rs); it also
+    // builds and runs the image (`cargo xtask image`, tests/tests/image.rs).
+    "podman",
     "containernetworking-plugins", // bridge, host-local: the network plugins ambit-cni follows
-    "runc",           // podman's runtime here (crun refuses the hybrid cgroup layout)
+    "runc",                        // podman's runtime here (crun refuses the hybrid cgroup layout)
+    "ca-certificates",             // the CA bundle `cargo xtask image` puts in the image
+    "binutils",                    // strip: the image's binaries without their debug info
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

@@ -23,7 +23,8 @@ fn cargo(root: &Path) -> Command {
     cmd
 }
 
-fn target_dir(root: &Path) -> PathBuf {
+/// The target directory (`$CARGO_TARGET_DIR`, relative to the workspace root, or `target`).
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),
         None => root.join("target"),

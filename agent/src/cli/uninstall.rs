@@ -9,6 +9,9 @@
 //! uninstall is one step and leaves nothing behind. It fails, naming the nodes not done, when
 //! they are not all done within `--timeout`: the DaemonSet then stays, and so do those nodes'
 //! pins, until it runs there.
+//!
+//! `ambit uninstall done` is that DaemonSet's container: it says the node is done and waits to
+//! be stopped, keeping the pod Ready (the image has no shell to `sleep` with).
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -189,6 +192,20 @@ async fn not_done(client: &Client, namespace: &str, daemonset: &DaemonSet) -> St
     } else {
         pending.join(", ")
     }
+}
+
+/// Runs `ambit uninstall done`: prints that this node is uninstalled, then waits for SIGTERM
+/// or SIGINT.
+pub async fn done() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    println!("ambit: uninstalled on this node");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]

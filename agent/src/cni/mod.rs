@@ -58,7 +58,7 @@ pub async fn serve(
     state: watch::Receiver<Arc<MeshState>>,
     metrics: CniMetrics,
 ) -> anyhow::Result<()> {
-    let listener = Gated::new(bind(&socket)?, MAX_IN_PROGRESS);
+    let listener = Gated::new(bind_private(&socket, "the CNI socket")?, MAX_IN_PROGRESS);
     info!(socket = %socket.display(), "CNI plugin socket listening");
     accept_loop(
         &listener,
@@ -78,7 +78,9 @@ pub async fn serve(
     Ok(())
 }
 
-fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+/// Listens on the Unix socket `socket` (`what`, for errors), private to root (0600): its
+/// directory created, a stale file at its path replaced. The CNI socket's and the handover's.
+pub(crate) fn bind_private(socket: &Path, what: &str) -> anyhow::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -89,7 +91,7 @@ fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
         _ => {}
     }
     let listener = UnixListener::bind(socket)
-        .with_context(|| format!("listening on the CNI socket {}", socket.display()))?;
+        .with_context(|| format!("listening on {what} {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("making {} private to root", socket.display()))?;
     Ok(listener)

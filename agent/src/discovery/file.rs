@@ -33,6 +33,7 @@ use crate::{
 
 mod gateway_routes;
 mod l7;
+mod rate_limit;
 mod resilience;
 mod routing;
 mod security;
@@ -45,8 +46,13 @@ pub use self::gateway_routes::{
 pub(crate) use self::gateway_routes::{gateway_route, merge as merge_gateway_routes};
 pub use self::l7::{
     ClaimToHeaderFile, JwtHeaderFile, JwtRuleFile, L7_CONDITION_KEYS, MAX_JWKS_BYTES,
-    RequestAuthenticationFile, parse_jwks, request_authentication, target_refs, waypoint_policy,
+    RequestAuthenticationFile, parse_jwks, refused_jwks_address, request_authentication,
+    target_refs, waypoint_policy,
 };
+pub use self::rate_limit::{
+    RateLimitPolicyFile, RateLimitPolicySpecFile, RateLimitTargetRefFile, TokenBucketFile,
+};
+pub(crate) use self::rate_limit::{attach as attach_rate_limit, rate_limit_policy};
 pub use self::resilience::{
     FaultAbortFile, FaultDelayFile, GrpcStatusFile, HttpFaultInjectionFile, HttpMirrorPolicyFile,
     HttpRetryFile, PercentFile,
@@ -106,6 +112,9 @@ pub struct MeshFile {
     /// gRPC routing for waypoints: Gateway API GRPCRoutes whose parents are Services (GAMMA).
     #[serde(default, deserialize_with = "null_as_default")]
     pub grpc_routes: Vec<GatewayRouteFile>,
+    /// Local rate limits at waypoints: Ambit's RateLimitPolicy (`networking.ambit.dev/v1`).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub rate_limit_policies: Vec<RateLimitPolicyFile>,
 }
 
 /// The `redirect` section.
@@ -419,6 +428,8 @@ impl Validator<'_> {
             }
             routes.by_service.insert(uid, service_routes);
         }
+        routes.rate_limits =
+            self.rate_limits(&file.rate_limit_policies, &known_services(&services))?;
         Ok(MeshState::new(redirect, workloads, services)
             .with_trust_domain(trust_domain)
             .with_policies(policies)

@@ -19,6 +19,15 @@
 //! knows them) until DEL, and take precedence over what the configuration says of the pod's
 //! namespace and addresses. A pod the configuration knows but that has neither addresses nor a
 //! sandbox yet is simply not started: nothing of it runs.
+//!
+//! During an agent replacement ([`crate::handover`]) two agents serve the node for a moment, and
+//! only one of them may write the node's kernel state: the successor's reconciler would
+//! otherwise see its map entries replaced by the predecessor's (whose sockets are about to
+//! close), and the predecessor's un-enrolments would remove what the successor set up. So the
+//! predecessor's reconciler is [frozen](Control::Freeze) before the successor starts its own (it
+//! keeps serving but writes nothing), and [retired](Control::Retire) once the successor's
+//! listeners are in place: it closes its own listeners and forgets its pods *without* touching
+//! a map or a pin, which now hold the successor's state.
 pub mod metrics;
 
 use std::{
@@ -34,7 +43,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use tokio::{
     net::TcpListener,
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
     task::JoinHandle,
 };
 use tracing::{error, info, warn};
@@ -50,8 +59,14 @@ use crate::{
 
 /// How often enrolment is retried for pods that could not be enrolled (namespace not there yet).
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// How long an agent replacing another waits for its pods' certificates before it enrols them
+/// anyway (below the predecessor's [`crate::handover::TAKEOVER_TIMEOUT`]).
+const WARM_UP_LIMIT: Duration = Duration::from_secs(60);
 /// Sandboxes the CNI plugin may have announced at once (a node runs ~110 pods).
 const MAX_CNI_SANDBOXES: usize = 1024;
+/// How long a retired agent keeps its listeners open after its successor registered its own:
+/// long enough for handshakes already steered to them to complete and be accepted.
+const RETIRE_GRACE: Duration = Duration::from_secs(2);
 
 /// A pod sandbox the CNI plugin announced: its namespace file and the addresses the runtime's
 /// network plugin gave it.
@@ -120,6 +135,25 @@ pub struct Enrolment {
     /// Where `sandboxes` are saved, if anywhere.
     sandbox_file: Option<std::path::PathBuf>,
     status: watch::Sender<EnrolmentStatus>,
+    /// Turned true when the reconciler retires: the pods' HBONE connections send GOAWAY.
+    draining: watch::Sender<bool>,
+    /// A predecessor still serves the node: get the certificates before enrolling.
+    warm_up: bool,
+}
+
+/// What the agent's [handover](crate::handover) asks of the reconciler.
+#[derive(Debug)]
+pub enum Control {
+    /// A successor is starting: stop writing kernel state (no reconcile, no retry; CNI requests
+    /// are answered "try again", they reach the successor's socket next time) and answer once
+    /// no reconcile is in progress. Everything enrolled keeps being served.
+    Freeze(oneshot::Sender<()>),
+    /// The successor went away before taking over: reconcile again, as before.
+    Resume,
+    /// The successor took over: close this agent's listeners in every pod and forget the pods
+    /// without touching the maps or pins (they hold the successor's state now), answer, and
+    /// stop. Connections already accepted are served to their end in their own tasks.
+    Retire(oneshot::Sender<()>),
 }
 
 /// Why a pod could not be enrolled.
@@ -154,6 +188,8 @@ impl Enrolment {
             sandboxes: BTreeMap::new(),
             sandbox_file: None,
             status,
+            draining: watch::Sender::new(false),
+            warm_up: false,
         }
     }
 
@@ -174,6 +210,45 @@ impl Enrolment {
         self
     }
 
+    /// This agent replaces one that still serves the node ([`crate::handover`]): its
+    /// listeners take a share of the pods' new connections as soon as they are open (they join
+    /// the predecessor's SO_REUSEPORT groups), so they open only once this agent holds the
+    /// certificates to serve them, or after `WARM_UP_LIMIT`.
+    pub fn after_predecessor(mut self) -> Self {
+        self.warm_up = true;
+        self
+    }
+
+    async fn warm_up(&self, state: &MeshState) {
+        let Some(certs) = &self.proxy.certs else {
+            return;
+        };
+        certs.set_wanted(
+            state
+                .workloads_on_node(&self.node)
+                .filter(|w| w.enrolled)
+                .map(|w| state.identity_of(w))
+                .collect(),
+        );
+        let deadline = tokio::time::Instant::now() + WARM_UP_LIMIT;
+        loop {
+            let pending = certs.stats().pending;
+            if pending == 0 {
+                info!("certificates in hand: enrolling the pods beside the previous agent");
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(
+                    pending,
+                    "certificates still missing after {}s: enrolling the pods anyway",
+                    WARM_UP_LIMIT.as_secs()
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn save_sandboxes(&self) {
         let Some(file) = &self.sandbox_file else {
             return;
@@ -189,12 +264,17 @@ impl Enrolment {
     }
 
     /// Applies every new state and every CNI request; retries failed pods periodically. Runs
-    /// until the state channel closes.
+    /// until the state channel closes or the reconciler is [retired](Control::Retire).
     pub async fn run(
         mut self,
         mut state: watch::Receiver<Arc<MeshState>>,
         mut cni: mpsc::Receiver<crate::cni::CniCall>,
+        mut control: mpsc::Receiver<Control>,
     ) {
+        if self.warm_up {
+            let current = state.borrow().clone();
+            self.warm_up(&current).await;
+        }
         let mut first = true;
         loop {
             let current = state.borrow_and_update().clone();
@@ -221,8 +301,88 @@ impl Enrolment {
                     let _ = call.reply.send(reply);
                 }
                 () = retry => {}
+                Some(ctl) = control.recv() => match ctl {
+                    Control::Freeze(ack) => {
+                        info!("a successor agent is starting: enrolment frozen (serving, writing no kernel state)");
+                        let _ = ack.send(());
+                        if self.frozen(&mut cni, &mut control).await {
+                            return;
+                        }
+                        // The successor's listeners may be registered in the maps now: open
+                        // fresh ones and register them before the old ones close.
+                        let stale = std::mem::take(&mut self.pods);
+                        let current = state.borrow().clone();
+                        let failed = self.reconcile(&current);
+                        drop(stale);
+                        self.publish(failed);
+                        info!("the successor agent did not take over: enrolment resumed, this agent's listeners registered again");
+                    }
+                    Control::Resume => {}
+                    Control::Retire(ack) => {
+                        self.retire();
+                        let _ = ack.send(());
+                        return;
+                    }
+                },
             }
         }
+    }
+
+    /// Waits, writing nothing, until the handover resumes (false) or retires (true) this
+    /// reconciler.
+    async fn frozen(
+        &mut self,
+        cni: &mut mpsc::Receiver<crate::cni::CniCall>,
+        control: &mut mpsc::Receiver<Control>,
+    ) -> bool {
+        loop {
+            tokio::select! {
+                ctl = control.recv() => match ctl {
+                    Some(Control::Resume) => return false,
+                    Some(Control::Freeze(ack)) => { let _ = ack.send(()); }
+                    Some(Control::Retire(ack)) => {
+                        self.retire();
+                        let _ = ack.send(());
+                        return true;
+                    }
+                    // The handover is gone with its agent: nothing will resume us.
+                    None => return false,
+                },
+                Some(call) = cni.recv() => {
+                    let _ = call.reply.send(Reply {
+                        outcome: Outcome::Retry,
+                        message: format!(
+                            "the agent of {} is handing over to its successor; ask again",
+                            self.node
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Closes this agent's listeners in every pod (after [`RETIRE_GRACE`]) and forgets the pods,
+    /// leaving every map
+    /// entry, pin and enrolment mark to the successor that now owns them.
+    fn retire(&mut self) {
+        let pods = std::mem::take(&mut self.pods);
+        let count = pods.len();
+        // Dropping a pod aborts its accept loops, which closes its listeners; the kernel takes a
+        // closed socket out of the sk_lookup maps only where it is still the one registered.
+        // Not at once: sk_lookup hands a SYN to the very socket registered, so handshakes
+        // steered here just before the successor registered its own complete on these
+        // listeners, and are accepted and served, for RETIRE_GRACE.
+        tokio::spawn(async move {
+            tokio::time::sleep(RETIRE_GRACE).await;
+            drop(pods);
+        });
+        self.closed.clear();
+        // Peers' pooled HBONE connections to this agent carry their new tunnels elsewhere.
+        self.draining.send_replace(true);
+        info!(
+            pods = count,
+            "retired: listeners closed, the successor serves new connections; open ones are served to their end"
+        );
     }
 
     /// Acts on a CNI request and says what came of it.
@@ -472,6 +632,10 @@ impl Enrolment {
         netns: Arc<Netns>,
     ) -> anyhow::Result<EnrolledPod> {
         let listeners = netns.run(|| open_listeners(&workload.ips))??;
+        // Before anything can reach the application through the agent: its answers to the
+        // agent's transparent hop must come back over loopback.
+        crate::netns::routing::install(&netns, &workload.ips)
+            .context("installing the pod's policy routing for the inbound hop")?;
         let dial_ns = netns.clone();
         let pool = crate::hbone::Pool::new(
             move |key: &crate::hbone::PoolKey| {
@@ -512,9 +676,13 @@ impl Enrolment {
             let serve = proxy::outbound::serve(to_tokio(l)?, pod.clone(), self.proxy.clone());
             accept_loops.push(tokio::spawn(serve));
         }
+        let settings = crate::hbone::InboundSettings {
+            drain: Some(self.draining.subscribe()),
+            ..crate::hbone::InboundSettings::new(workload.ips.clone())
+        };
         let hbone = crate::hbone::HboneServer::new(
             proxy::inbound_hbone::PodInbound::new(pod.clone(), self.proxy.clone()),
-            crate::hbone::InboundSettings::new(workload.ips.clone()),
+            settings,
             self.proxy.limits.clone(),
         );
         for l in listeners.hbone {
@@ -529,7 +697,8 @@ impl Enrolment {
             _local: self.proxy.local_pods.register(&pod),
         };
         // Last: only now may the kernel send this pod's connects to the listeners above.
-        self.redirector.enroll(enrolled.netns.cookie())?;
+        self.redirector
+            .enroll(enrolled.netns.cookie(), &enrolled.workload.ips)?;
         Ok(enrolled)
     }
 
@@ -596,10 +765,56 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
+    // The next agent opens its own listeners beside these before this one closes them
+    // (crate::handover): same address, same owner (root), both with SO_REUSEPORT.
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    // Its accepted connections answer by the main table, never as the agent's hops do.
+    socket.set_mark(crate::netns::routing::LISTENER_MARK)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
+    prefer_successor(&socket)?;
     Ok(socket.into())
+}
+
+/// Sends a listener group's new connections to its second listener, once there is one.
+///
+/// A SO_REUSEPORT group numbers its listeners in the order they called listen(2); the program
+/// it runs for each new connection (one for the whole group, set by any member) returns the
+/// index of the listener to take it, and an index beyond the group falls back to the usual hash.
+/// So a lone agent takes every connection; when a successor joins (crate::handover), every new
+/// connection goes to the successor's listener, none is queued on the predecessor's, and the
+/// predecessor closing its listener resets nothing. The last listener moves into a closed one's
+/// place, so the successor is alone again, as index 0, ready for its own successor.
+fn prefer_successor(socket: &socket2::Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // Classic BPF, one instruction: return 1.
+    let mut program = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 1,
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `program`, one valid instruction, both alive for the call; the
+    // kernel copies the program and keeps no pointer into our memory; the length passed is the
+    // size of the struct passed. No safe wrapper (socket2, nix) covers this option.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&raw const fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Opens a pod's listeners; must run inside the pod's namespace.

@@ -32,7 +32,10 @@ use std::{
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
@@ -175,9 +178,11 @@ pub trait InboundHandler: Send + Sync + 'static {
     type Meter: Meter + Send + 'static;
 
     /// The pod's current TLS configuration (see [`tls::server_config`]), asked for every
-    /// accepted connection so a renewed certificate takes effect at once. `None` (no
-    /// certificate yet) refuses the connection.
-    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>>;
+    /// accepted connection so a renewed certificate takes effect at once. A pod enrolled a
+    /// moment ago may still be waiting for its first certificate: the handler waits for it
+    /// (bounded), so the first clients are served rather than reset. `None` (no certificate in
+    /// time) refuses the connection.
+    fn tls_config(&self) -> impl Future<Output = Option<Arc<rustls::ServerConfig>>> + Send;
 
     /// Decides whether the tunnel may be opened. The [`Admission`] is held until the tunnel
     /// ends; when it is revoked, the tunnel is closed ([`Admission::unconditional`]: never).
@@ -238,6 +243,22 @@ pub enum ConnectionError {
     Unresponsive(String),
 }
 
+/// One connection in [`ServerInner::live`], counted down however it ends (a panic included).
+struct LiveConnection<'a>(&'a watch::Sender<usize>);
+
+impl<'a> LiveConnection<'a> {
+    fn count(live: &'a watch::Sender<usize>) -> Self {
+        live.send_modify(|n| *n += 1);
+        Self(live)
+    }
+}
+
+impl Drop for LiveConnection<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 /// Which `:authority` addresses the server itself accepts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Destinations {
@@ -264,6 +285,10 @@ pub struct InboundSettings {
     pub handshake_timeout: Duration,
     /// Bound on the client's HTTP/2 preface, once TLS is up.
     pub preface_timeout: Duration,
+    /// Once this turns true, every connection sends GOAWAY: its client opens new tunnels on
+    /// a new connection (to whichever listener serves then), while those open run to their end.
+    /// The agent retiring for a successor sets it ([`crate::handover`]).
+    pub drain: Option<watch::Receiver<bool>>,
 }
 
 impl InboundSettings {
@@ -284,7 +309,16 @@ impl InboundSettings {
             // handshake across a cluster, short for an idle socket.
             handshake_timeout: Duration::from_secs(10),
             preface_timeout: Duration::from_secs(10),
+            drain: None,
         }
+    }
+}
+
+/// Resolves once `drain` turns true (`true`), or its sender is gone (`false`); never without one.
+async fn until_draining(drain: &mut Option<watch::Receiver<bool>>) -> bool {
+    match drain {
+        Some(drain) => drain.wait_for(|d| *d).await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -297,6 +331,8 @@ struct ServerInner<H> {
     handler: H,
     settings: InboundSettings,
     limits: Arc<Limits>,
+    /// Connections accepted and not yet ended.
+    live: watch::Sender<usize>,
 }
 
 impl<H> Clone for HboneServer<H> {
@@ -316,6 +352,7 @@ impl<H: InboundHandler> HboneServer<H> {
                 handler,
                 settings,
                 limits,
+                live: watch::Sender::new(0),
             }),
         }
     }
@@ -323,6 +360,18 @@ impl<H: InboundHandler> HboneServer<H> {
     /// The handler.
     pub fn handler(&self) -> &H {
         &self.inner.handler
+    }
+
+    /// Waits until no connection is left (all closed by their clients, or ended with their
+    /// last tunnel once [`InboundSettings::drain`] turned true).
+    pub async fn connections_closed(&self) {
+        let mut live = self.inner.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+
+    /// Connections accepted and not yet ended.
+    pub fn live_connections(&self) -> usize {
+        *self.inner.live.borrow()
     }
 
     /// Accepts connections until the future is dropped (abort the task to stop listening).
@@ -348,6 +397,7 @@ impl<H: InboundHandler> HboneServer<H> {
         source: SocketAddr,
         (slot, handshake): (ConnectionPermit, ConnectionPermit),
     ) {
+        let _live = LiveConnection::count(&self.inner.live);
         if let Err(err) = self.connection(tcp, source, handshake).await {
             debug!(%source, %err, "HBONE connection failed");
             self.inner.handler.connection_failed(source, &err);
@@ -368,6 +418,7 @@ impl<H: InboundHandler> HboneServer<H> {
             .inner
             .handler
             .tls_config()
+            .await
             .ok_or(ConnectionError::NoCertificate)?;
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(
@@ -405,13 +456,22 @@ impl<H: InboundHandler> HboneServer<H> {
         drop(handshake);
         let keepalive = settings.http2.keepalive(connection.ping_pong());
         tokio::pin!(keepalive);
+        let mut drain = settings.drain.clone();
         // Polling `accept` also drives the connection's I/O for the streams already open, so
-        // keep at it until the client is done.
+        // keep at it until the client is done (after a GOAWAY: until its last tunnel ends).
         loop {
             let accepted = tokio::select! {
                 accepted = connection.accept() => accepted,
                 // Dropping the connection resets its tunnels, which are as dead as it is.
                 failure = &mut keepalive => return Err(ConnectionError::Unresponsive(failure)),
+                draining = until_draining(&mut drain) => {
+                    if draining {
+                        debug!(%source, "HBONE connection: GOAWAY, the agent is retiring");
+                        connection.graceful_shutdown();
+                    }
+                    drain = None;
+                    continue;
+                }
             };
             let Some(accepted) = accepted else {
                 return Ok(());

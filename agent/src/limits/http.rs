@@ -52,6 +52,17 @@ const LISTEN_BACKLOG: u32 = 1024;
 
 /// Binds `addr`, naming it in the error.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    listen(addr, false)
+}
+
+/// Binds `addr` with SO_REUSEPORT, for the node agent's endpoints: its successor binds them
+/// beside this one's during a replacement ([`crate::handover`]). Only a process of the same
+/// user (root) can join the group.
+pub async fn bind_shared(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    listen(addr, true)
+}
+
+fn listen(addr: SocketAddr, shared: bool) -> anyhow::Result<TcpListener> {
     let listen = || -> std::io::Result<TcpListener> {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -59,6 +70,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
             tokio::net::TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        socket.set_reuseport(shared)?;
         socket.bind(addr)?;
         socket.listen(LISTEN_BACKLOG)
     };

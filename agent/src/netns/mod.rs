@@ -5,6 +5,7 @@
 //! the agent switches the *current thread* into a pod's namespace only for the few system calls
 //! that create a socket, and switches straight back; tokio then drives the socket from any thread.
 mod reference;
+pub mod routing;
 
 pub use self::reference::NetnsRef;
 

@@ -44,6 +44,13 @@ pub enum TargetRef {
         /// The waypoint's name.
         name: String,
     },
+    /// Not one of Istio's: every service of this namespace bound to a waypoint. Only the
+    /// fail-closed form of a rejected Kubernetes policy whose own targets cannot be read binds
+    /// here (`discovery::kube::security`), so that it still applies somewhere.
+    Namespace {
+        /// The policy's namespace.
+        namespace: String,
+    },
 }
 
 impl TargetRef {
@@ -55,6 +62,9 @@ impl TargetRef {
             TargetRef::Waypoint { namespace, name } => at
                 .waypoint
                 .is_some_and(|(ns, n)| namespace == ns && name == n),
+            TargetRef::Namespace { namespace } => {
+                namespace == at.service.0 && at.waypoint.is_some()
+            }
         }
     }
 }
@@ -64,6 +74,9 @@ impl fmt::Display for TargetRef {
         match self {
             TargetRef::Service { namespace, name } => write!(f, "Service {namespace}/{name}"),
             TargetRef::Waypoint { namespace, name } => write!(f, "Gateway {namespace}/{name}"),
+            TargetRef::Namespace { namespace } => {
+                write!(f, "every waypoint-bound Service of namespace {namespace}")
+            }
         }
     }
 }
@@ -388,7 +401,7 @@ impl fmt::Display for RequestAuthentication {
 }
 
 /// The waypoints' policies of a mesh.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct WaypointPolicies {
     authorizations: Vec<Arc<WaypointPolicy>>,
     authentications: Vec<Arc<RequestAuthentication>>,

@@ -15,7 +15,7 @@ use ambit_common::POD_PROXY_PORTS;
 use super::{
     PodContext, ProxyContext,
     admission::{self, Inbound},
-    connect_from,
+    connect_to_application,
     error::ProxyError,
     record,
 };
@@ -86,7 +86,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         // Peer authentication (STRICT refuses plaintext), then authorization.
         match admission::check(&state, &inbound, &workload) {
             Err(refusal) => (Transferred::default(), Err(ProxyError::Refused(refusal))),
-            Ok(()) => forward(client, dst, &pod, &conn, admission.revoked()).await,
+            Ok(()) => {
+                let hop = (&*ctx.redirector, peer, dst);
+                forward(client, hop, &pod, &conn, admission.revoked()).await
+            }
         }
     };
     record(&ctx.metrics, conn, log, moved, result);
@@ -96,15 +99,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
 /// counting bytes into `conn` as they flow.
 async fn forward(
     client: TcpStream,
-    dst: SocketAddr,
+    (redirector, peer, dst): (&crate::redirect::Redirector, SocketAddr, SocketAddr),
     pod: &PodContext,
     conn: &ConnectionRecorder,
     revoked: impl Future<Output = Refusal>,
 ) -> (Transferred, Result<(), ProxyError>) {
-    // From the pod's own address to itself: the kernel routes it over loopback to the
-    // application, and sk_lookup lets it through (local == remote) instead of steering it back.
-    let bind = SocketAddr::new(dst.ip(), 0);
-    match connect_from(&pod.netns, dst, Some(bind)).await {
+    // From the client's address, over loopback inside the pod: the application sees the peer.
+    match connect_to_application(redirector, &pod.netns, dst, peer).await {
         Ok(upstream) => {
             let (moved, ended) = relay_until(client, upstream, conn, revoked).await;
             let result = match ended {

@@ -13,7 +13,7 @@ use tracing::info;
 use super::{
     PodContext, ProxyContext,
     admission::{self, Inbound},
-    connect_from,
+    connect_to_application,
 };
 use crate::{
     hbone::{
@@ -98,8 +98,10 @@ impl InboundHandler for PodInbound {
     /// Opened when the application is reached, bytes counted as they flow.
     type Meter = ConnectionRecorder;
 
-    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
-        let cert = self.ctx.certs.as_ref()?.get(&self.pod.identity)?;
+    /// Waits up to [`super::CERTIFICATE_WAIT`] for the pod's first certificate: a client may
+    /// reach a pod the moment it is enrolled, before the CA has answered.
+    async fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let cert = self.ctx.certificate(&self.pod.identity).await.ok()?;
         self.tls
             .get(cert)
             .inspect_err(
@@ -131,9 +133,15 @@ impl InboundHandler for PodInbound {
     }
 
     async fn connect(&self, request: &ConnectRequest) -> io::Result<TcpStream> {
-        // From the pod's own address to itself, as on the plaintext path.
-        let bind = SocketAddr::new(request.destination.ip(), 0);
-        connect_from(&self.pod.netns, request.destination, Some(bind)).await
+        // From the source pod's address (the tunnel's TCP peer: its agent dials from inside
+        // the source pod), so the application sees the client as without the mesh.
+        connect_to_application(
+            &self.ctx.redirector,
+            &self.pod.netns,
+            request.destination,
+            request.source,
+        )
+        .await
     }
 
     fn opened(&self, request: &ConnectRequest) -> Option<ConnectionRecorder> {

@@ -182,6 +182,89 @@ pub async fn connect_from(
     socket.connect(dst).await
 }
 
+/// Opens the inbound hop to the application of an enrolled pod: from inside its namespace
+/// (`netns`) to `dst` (the pod's address and the application's port), from `client`'s address,
+/// so the application sees the real client as it would without the mesh.
+///
+/// The socket is transparent (`IP_TRANSPARENT`: it may use an address the pod does not own)
+/// and marked ([`routing::MARK`]); the kernel delivers the SYN over loopback, sk_lookup lets
+/// it through (its 4-tuple is registered while it connects: [`Redirector::agent_hop`]), the
+/// accepted socket takes the mark, and the pod's
+/// policy routing ([`routing`]) brings every answer back over loopback to this socket. A
+/// client of the other family than `dst` (never from Ambit's paths), or the pod itself, is
+/// connected from the pod's own address.
+///
+/// The local port is never the client's own: a plaintext client's connection to the same
+/// application port is held by the agent in this namespace under (client address and port,
+/// pod address and port), and a second connection with that 4-tuple would take its packets.
+///
+/// [`routing`]: crate::netns::routing
+/// [`routing::MARK`]: crate::netns::routing::MARK
+pub async fn connect_to_application(
+    redirector: &Redirector,
+    netns: &Netns,
+    dst: SocketAddr,
+    client: SocketAddr,
+) -> io::Result<TcpStream> {
+    let client_ip = client.ip().to_canonical();
+    let dst_ip = dst.ip().to_canonical();
+    if client_ip.is_ipv4() != dst_ip.is_ipv4() || client_ip == dst_ip {
+        return connect_from(netns, dst, Some(SocketAddr::new(dst.ip(), 0))).await;
+    }
+    // Port 0: the kernel picks a free one at bind (as ztunnel binds), again if it is the
+    // client's own.
+    let from = match (client_ip, dst) {
+        (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
+        (ip, _) => ip,
+    };
+    let socket = netns.run(|| -> io::Result<socket2::Socket> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(dst),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_nonblocking(true)?;
+            socket.set_tcp_nodelay(true)?;
+            if dst.is_ipv4() {
+                socket.set_ip_transparent_v4(true)?;
+            } else {
+                socket.set_ip_transparent_v6(true)?;
+            }
+            socket.set_mark(crate::netns::routing::MARK)?;
+            socket.bind(&SocketAddr::new(from, 0).into())?;
+            let port = socket.local_addr()?.as_socket().map(|a| a.port());
+            if port != Some(client.port()) || tries == 3 {
+                return Ok(socket);
+            }
+        }
+    })??;
+    let from = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("a TCP socket without an IP address"))?;
+    // The SYN arrives at the pod like a client's: sk_lookup passes it only while this lives.
+    let _hop = redirector
+        .agent_hop(dst, from)
+        .map_err(|err| io::Error::other(format!("{err:#}")))?;
+    let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    // Bounded, so that an application that never accepts cannot hold hops (and their
+    // AGENT_HOPS entries) through the kernel's SYN retries.
+    tokio::time::timeout(HOP_CONNECT_TIMEOUT, socket.connect(dst))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the application at {dst} did not accept within {HOP_CONNECT_TIMEOUT:?}"),
+            )
+        })?
+}
+
+/// How long the hop to an application may take to connect (ztunnel's connect timeout).
+pub const HOP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Ends a connection in one place, however it went: its closed series with the response flags
 /// of the error if any, the agent's refusal counters, and its access-log line.
 pub fn record(

@@ -11,8 +11,8 @@
 //!   with [`admission`] as a tunnel from the source pod's address and identity to the address
 //!   dialled, decided with the same function, and decided again on every state change, so a
 //!   policy change cuts it like any inbound connection.
-//! - It connects to the application from inside the destination pod, from the pod's own
-//!   address, as the inbound path does.
+//! - It connects to the application from inside the destination pod, from the source pod's
+//!   address, as the inbound paths do ([`super::connect_to_application`]).
 //! - It reports both sides as the two halves of a same-node HBONE connection are reported: the
 //!   outbound access-log line and `istio_tcp_*` series (reporter `source`) by the caller, the
 //!   inbound ones (reporter `destination`, the tunnel's labels) here, both with
@@ -38,7 +38,7 @@ use tracing::debug;
 use super::{
     PodContext, ProxyContext,
     admission::{self, Inbound},
-    connect_from,
+    connect_to_application,
     error::ProxyError,
     inbound_hbone::tunnel_labels,
     record,
@@ -53,7 +53,8 @@ use crate::{
 
 /// A connection the outbound path resolved to a pod of this node.
 pub struct Hop<'a> {
-    /// The client's address on the outbound listener (loopback).
+    /// The client's address on the outbound listener (its pod's address: the kernel bound
+    /// the redirected socket to it).
     pub peer: SocketAddr,
     /// The source pod's address of the destination's family: the tunnel's source.
     pub source_ip: IpAddr,
@@ -171,9 +172,10 @@ pub async fn forward(
             Err(ProxyError::DestinationRefused(refusal)),
         ),
         Ok(()) => {
-            // From the pod's own address to itself, as the inbound path connects.
-            let bind = SocketAddr::new(hop.authority.ip(), 0);
-            match connect_from(&dest.netns, hop.authority, Some(bind)).await {
+            // From the source pod's address, as the inbound path connects.
+            match connect_to_application(&ctx.redirector, &dest.netns, hop.authority, tunnel_source)
+                .await
+            {
                 Err(source) => {
                     let again = std::io::Error::new(source.kind(), source.to_string());
                     let addr = hop.authority;

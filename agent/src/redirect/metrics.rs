@@ -22,6 +22,7 @@ pub struct RedirectMetrics {
     spliced_bytes: IntCounter,
     splice_no_target: IntCounter,
     splice_unpaired: IntCounter,
+    source_not_bound: IntCounter,
     spliced: IntGauge,
     splice_enabled: IntGauge,
     splice_draining: IntGauge,
@@ -100,6 +101,12 @@ impl RedirectMetrics {
                 "Chunks that reached a spliced socket without a peer (passed to the agent, which \
                  closes the connection); never expected",
             )?,
+            source_not_bound: IntCounter::new(
+                "ambit_redirect_source_not_bound_total",
+                "Redirected connects whose socket could not be bound to its pod's address (the \
+                 application had bound it, or the pod has no address of that family): its \
+                 getsockname() shows loopback or the application's address",
+            )?,
             spliced: IntGauge::new(
                 "ambit_spliced_connections",
                 "Same-node connections spliced in the kernel now",
@@ -145,6 +152,7 @@ impl RedirectMetrics {
         set_counter(&self.spliced_bytes, stats.spliced_bytes);
         set_counter(&self.splice_no_target, stats.splice_no_target);
         set_counter(&self.splice_unpaired, stats.splice_unpaired);
+        set_counter(&self.source_not_bound, stats.source_not_bound);
         self.spliced.set(gauge_value(splice.spliced));
         self.splice_enabled.set(i64::from(splice.enabled));
         self.splice_draining.set(gauge_value(splice.draining));
@@ -171,6 +179,7 @@ impl ScrapeTime for RedirectMetrics {
             &self.spliced_bytes,
             &self.splice_no_target,
             &self.splice_unpaired,
+            &self.source_not_bound,
             &self.spliced,
             &self.splice_enabled,
             &self.splice_draining,
@@ -221,6 +230,7 @@ mod tests {
             spliced_bytes: 1 << 30,
             splice_no_target: 10,
             splice_unpaired: 11,
+            source_not_bound: 13,
         };
         let splice = SpliceFigures {
             enabled: true,
@@ -246,6 +256,7 @@ mod tests {
             ("ambit_spliced_bytes_total", f64::from(1u32 << 30)),
             ("ambit_splice_no_target_total", 10.0),
             ("ambit_splice_unpaired_total", 11.0),
+            ("ambit_redirect_source_not_bound_total", 13.0),
             ("ambit_spliced_connections", 12.0),
             ("ambit_splice_enabled", 1.0),
             ("ambit_splice_draining_connections", 3.0),

@@ -24,8 +24,8 @@ use std::{
 };
 
 use ambit_common::{
-    IpKey, PendingConnect, SockState, TupleKey, limits, maps, pod_state, programs, sock_flags,
-    stats,
+    HopKey, IpKey, PendingConnect, PodAddrs, SockState, TupleKey, limits, maps, pod_addrs,
+    pod_state, programs, sock_flags, stats,
 };
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -36,7 +36,9 @@ use aya::{
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
-pub use preflight::{Finding, MIN_KERNEL, Status, cgroup2_mount, node_findings, preflight};
+pub use preflight::{
+    Finding, MIN_KERNEL, Status, cgroup2_mount, mount_bpffs, node_findings, preflight,
+};
 
 use crate::netns::Netns;
 use crate::state::RedirectSettings;
@@ -88,6 +90,8 @@ pub struct Redirector {
     node_addrs: Mutex<HashMap<MapData, IpKey, u8>>,
     excluded_ports: Mutex<HashMap<MapData, u16, u8>>,
     excluded_nets: Mutex<LpmTrie<MapData, [u8; 16], u8>>,
+    pod_addrs: Mutex<HashMap<MapData, u64, PodAddrs>>,
+    agent_hops: Mutex<HashMap<MapData, HopKey, u8>>,
     stats: PerCpuArray<MapData, u64>,
     splice: SpliceState,
 }
@@ -122,6 +126,9 @@ pub struct RedirectStats {
     pub splice_no_target: u64,
     /// Chunks that reached a spliced socket without a pair (passed to the agent).
     pub splice_unpaired: u64,
+    /// Redirected connects whose socket kept its own local address (bound by the application,
+    /// or no pod address of its family).
+    pub source_not_bound: u64,
 }
 
 /// Takes the map `name` out of the loaded object, as the map type it must be.
@@ -239,6 +246,8 @@ impl Redirector {
             node_addrs: Mutex::new(map(&mut ebpf, maps::NODE_ADDRS)?),
             excluded_ports: Mutex::new(map(&mut ebpf, maps::EXCLUDED_PORTS)?),
             excluded_nets: Mutex::new(map(&mut ebpf, maps::EXCLUDED_NETS)?),
+            pod_addrs: Mutex::new(map(&mut ebpf, maps::POD_ADDRS)?),
+            agent_hops: Mutex::new(map(&mut ebpf, maps::AGENT_HOPS)?),
             stats: map(&mut ebpf, maps::STATS)?,
             splice,
             ebpf: Mutex::new(ebpf),
@@ -320,8 +329,30 @@ impl Redirector {
         let _ = self.hbone_listeners.lock().unwrap().remove(&ip_key(ip));
     }
 
-    /// Redirects outbound TCP from this namespace from now on.
-    pub fn enroll(&self, netns_cookie: u64) -> anyhow::Result<()> {
+    /// Redirects outbound TCP from this namespace from now on, binding each redirected socket
+    /// to the pod's first address of its family in `ips` (so it keeps the local address it
+    /// would have without the mesh).
+    pub fn enroll(&self, netns_cookie: u64, ips: &[IpAddr]) -> anyhow::Result<()> {
+        let mut addrs = PodAddrs::default();
+        if let Some(v4) = ips.iter().find_map(|ip| match ip.to_canonical() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        }) {
+            addrs.v4 = v4.octets();
+            addrs.flags |= pod_addrs::V4;
+        }
+        if let Some(v6) = ips.iter().find_map(|ip| match ip.to_canonical() {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        }) {
+            addrs.v6 = v6.octets();
+            addrs.flags |= pod_addrs::V6;
+        }
+        self.pod_addrs
+            .lock()
+            .unwrap()
+            .insert(netns_cookie, addrs, 0)
+            .context("adding the pod's addresses to POD_ADDRS")?;
         self.set_pod_state(netns_cookie, pod_state::MESHED)
     }
 
@@ -344,6 +375,7 @@ impl Redirector {
     pub fn unenroll(&self, netns_cookie: u64) {
         let _ = self.enrolled.lock().unwrap().remove(&netns_cookie);
         let _ = self.pending.lock().unwrap().remove(&netns_cookie);
+        let _ = self.pod_addrs.lock().unwrap().remove(&netns_cookie);
     }
 
     /// The namespaces of closed pods (enrolment failed), by cookie.
@@ -375,10 +407,42 @@ impl Redirector {
         }
     }
 
-    /// Namespaces currently enrolled in the kernel map (including ones an earlier agent left).
+    /// Lets the agent's connection from `from` (a client's address, a transparent socket
+    /// inside the pod) to `app` (the pod's application) through sk_lookup, until the returned
+    /// guard drops: made just before the connect, dropped once it completed.
+    pub fn agent_hop(
+        &self,
+        app: std::net::SocketAddr,
+        from: std::net::SocketAddr,
+    ) -> anyhow::Result<AgentHop<'_>> {
+        let key = HopKey {
+            local: ip_key(app.ip()),
+            remote: ip_key(from.ip()),
+            local_port: app.port(),
+            remote_port: from.port(),
+            _pad: [0; 4],
+        };
+        self.agent_hops
+            .lock()
+            .unwrap()
+            .insert(key, 1, 0)
+            .context("registering the agent's hop in AGENT_HOPS (full?)")?;
+        Ok(AgentHop {
+            redirector: self,
+            key,
+        })
+    }
+
+    /// Namespaces currently enrolled in the kernel maps (including ones an earlier agent left,
+    /// and addresses left without an enrolment by an agent stopped in between).
     pub fn enrolled_cookies(&self) -> Vec<u64> {
-        let enrolled = self.enrolled.lock().unwrap();
-        enrolled.keys().filter_map(Result::ok).collect()
+        let mut cookies: BTreeSet<u64> = {
+            let enrolled = self.enrolled.lock().unwrap();
+            enrolled.keys().filter_map(Result::ok).collect()
+        };
+        let pod_addrs = self.pod_addrs.lock().unwrap();
+        cookies.extend(pod_addrs.keys().filter_map(Result::ok));
+        cookies.into_iter().collect()
     }
 
     /// Namespaces with a pinned sk_lookup link (including ones an earlier agent left).
@@ -474,6 +538,14 @@ impl Redirector {
                 maps::EXCLUDED_NETS,
                 self.excluded_nets.lock().unwrap().keys().count(),
             ),
+            (
+                maps::POD_ADDRS,
+                self.pod_addrs.lock().unwrap().keys().count(),
+            ),
+            (
+                maps::AGENT_HOPS,
+                self.agent_hops.lock().unwrap().keys().count(),
+            ),
         ]
     }
 
@@ -498,7 +570,21 @@ impl Redirector {
             spliced_bytes: read(stats::SPLICED_BYTES),
             splice_no_target: read(stats::SPLICE_NO_TARGET),
             splice_unpaired: read(stats::SPLICE_UNPAIRED),
+            source_not_bound: read(stats::SOURCE_NOT_BOUND),
         }
+    }
+}
+
+/// An agent's hop to an application that sk_lookup lets through ([`Redirector::agent_hop`]);
+/// removed on drop.
+pub struct AgentHop<'a> {
+    redirector: &'a Redirector,
+    key: HopKey,
+}
+
+impl Drop for AgentHop<'_> {
+    fn drop(&mut self) {
+        let _ = self.redirector.agent_hops.lock().unwrap().remove(&self.key);
     }
 }
 

@@ -196,10 +196,10 @@ pub fn node_findings(config: &RedirectConfig) -> Vec<Finding> {
              Bottlerocket and COS kernels have it)",
         )
     });
-    let mounted = || {
-        cgroup2_mount()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|e| e.to_string())
+    // Where cgroup v2 is, or why there is none ("no cgroup v2 hierarchy is mounted ...").
+    let mounted = || match cgroup2_mount() {
+        Ok(p) => format!("cgroup v2 is mounted at {}", p.display()),
+        Err(e) => e.to_string(),
     };
     findings.push(match statfs_type(&config.cgroup) {
         Ok(CGROUP2_SUPER_MAGIC) => Finding::ok(
@@ -209,7 +209,7 @@ pub fn node_findings(config: &RedirectConfig) -> Vec<Finding> {
         Ok(_) => Finding::fail(
             "cgroup v2",
             format!(
-                "--cgroup {} is not a cgroup v2 directory (cgroup v2 is mounted at {})",
+                "--cgroup {} is not a cgroup v2 directory ({})",
                 config.cgroup.display(),
                 mounted()
             ),
@@ -248,6 +248,38 @@ pub fn node_findings(config: &RedirectConfig) -> Vec<Finding> {
         ),
     });
     findings
+}
+
+/// Mounts a bpf filesystem at `path` unless one is mounted there already: `ambit mount-bpffs`,
+/// the agent DaemonSet's init container on hosts that have none (systemd hosts do). It is a
+/// subcommand because the image has no shell and no `mount`.
+pub fn mount_bpffs(path: &Path) -> anyhow::Result<()> {
+    match statfs_type(path) {
+        Ok(BPF_FS_MAGIC) => {
+            println!("{}: a bpf filesystem is mounted already", path.display());
+            return Ok(());
+        }
+        Ok(_) => {}
+        Err(err) => bail!(
+            "{}: {err} (it must be an existing directory)",
+            path.display()
+        ),
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| {
+        format!(
+            "mounting a bpf filesystem at {} (needs CAP_SYS_ADMIN; privileged in a pod)",
+            path.display()
+        )
+    })?;
+    println!("{}: mounted a bpf filesystem", path.display());
+    Ok(())
 }
 
 /// Fails with a message naming the first missing requirement: privileges, kernel, BTF, cgroup

@@ -21,7 +21,7 @@ use serde::{Serialize, ser::SerializeStruct};
 
 use crate::netns::NetnsRef;
 
-pub mod resilience;
+pub mod ratelimit;
 pub mod routes;
 pub mod upstream;
 pub use self::routes::RouteTable;

@@ -10,7 +10,11 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use serde::Serialize;
 
-use super::{WaypointRef, resilience::RouteResilience, upstream::UpstreamPolicy};
+use self::resilience::RouteResilience;
+use super::ratelimit::ServiceRateLimits;
+use super::{WaypointRef, upstream::UpstreamPolicy};
+
+pub mod resilience;
 
 /// The routes of every service that has some, by service (`namespace/name`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -25,6 +29,10 @@ pub struct RouteTable {
     /// DestinationRule's `trafficPolicy`); absent: Istio's defaults, no outlier detection.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub upstream: BTreeMap<String, UpstreamPolicy>,
+    /// Service uid to its local rate limits (`RateLimitPolicy`, [`super::ratelimit`]); absent:
+    /// none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rate_limits: BTreeMap<String, ServiceRateLimits>,
 }
 
 impl RouteTable {

@@ -61,7 +61,7 @@ impl InboundHandler for Handler {
     type Upstream = TcpStream;
     type Meter = ();
 
-    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+    async fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         self.accepted.fetch_add(1, Ordering::SeqCst);
         Some(self.tls.clone())
     }

@@ -10,8 +10,6 @@
 //!   [`ca::TestCaServer`], the real CA service on loopback.
 //! - [`fake_apiserver`]: an in-process Kubernetes API server (list/watch, status patches).
 //! - [`hbone`]: HBONE servers and echoing applications on 127.0.0.1.
-//! - [`jwt`]: [`jwt::TestIssuer`], signing keys, their JWKS and tokens (ES256, EdDSA).
 pub mod ca;
 pub mod fake_apiserver;
 pub mod hbone;
-pub mod jwt;

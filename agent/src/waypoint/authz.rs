@@ -147,13 +147,76 @@ pub fn authorize_opaque(state: &MeshState, peer: &Peer<'_>) -> Result<(), String
     }
 }
 
+/// Why opaque TCP to `service` is refused, if it is: a service with a RateLimitPolicy or a
+/// RequestAuthentication is HTTP-only at the waypoint. Those are enforced per request; bytes that
+/// did not show as HTTP (a client silent past the detection timeout, then sending a request)
+/// would pass around them, so they do not pass at all.
+pub fn http_only(state: &MeshState, service: &Service) -> Option<String> {
+    if state.routes().rate_limits.contains_key(&service.uid()) {
+        return Some(format!(
+            "service {} has a RateLimitPolicy: only HTTP is carried",
+            service.uid()
+        ));
+    }
+    let jwt = state.policies().waypoint().jwt_rules(&attachment(service));
+    (!jwt.is_empty()).then(|| {
+        format!(
+            "service {} has a RequestAuthentication: only HTTP is carried",
+            service.uid()
+        )
+    })
+}
+
 /// Where a request or connection to `service` is: the service and the waypoint it is bound to.
-fn attachment(service: &Service) -> Attachment<'_> {
+pub(super) fn attachment(service: &Service) -> Attachment<'_> {
     Attachment {
         service: (&service.namespace, &service.name),
         waypoint: service
             .waypoint
             .as_ref()
             .map(|w| (w.namespace.as_str(), w.name.as_str())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::parse_mesh;
+
+    /// A service with a RateLimitPolicy or a RequestAuthentication takes HTTP only; another
+    /// one takes opaque TCP too.
+    #[test]
+    fn services_with_per_request_policies_refuse_opaque_tcp() {
+        let issuer = ambit_test_jwt::TestIssuer::es256("https://idp.example", "k1");
+        let jwks = ambit_test_jwt::TestIssuer::jwks(&[&issuer]);
+        let mesh = format!(
+            r#"
+workloads:
+- {{name: web-0, namespace: shop, node: n0, ips: [10.10.0.4], labels: {{app: web}}, netns: {{pid: 1}}}}
+services:
+- {{name: web, namespace: shop, vips: [10.96.0.10], selector: {{app: web}}, ports: [{{port: 80}}]}}
+- {{name: api, namespace: shop, vips: [10.96.0.11], selector: {{app: web}}, ports: [{{port: 80}}]}}
+- {{name: db, namespace: shop, vips: [10.96.0.12], selector: {{app: web}}, ports: [{{port: 80}}]}}
+rateLimitPolicies:
+- apiVersion: networking.ambit.dev/v1
+  kind: RateLimitPolicy
+  metadata: {{name: limit, namespace: shop}}
+  spec:
+    targetRefs: [{{kind: Service, name: web}}]
+    tokenBucket: {{maxTokens: 10, tokensPerFill: 1, fillInterval: 1s}}
+requestAuthentications:
+- name: jwt
+  namespace: shop
+  targetRefs: [{{kind: Service, name: api}}]
+  jwtRules: [{{issuer: "https://idp.example", jwks: '{jwks}'}}]
+"#
+        );
+        let state = parse_mesh(std::path::Path::new("mesh.yaml"), mesh.as_bytes()).unwrap();
+        let service = |vip: &str| state.service_by_vip(vip.parse().unwrap()).unwrap();
+        let web = http_only(&state, service("10.96.0.10")).expect("web is HTTP-only");
+        assert!(web.contains("RateLimitPolicy"), "{web}");
+        let api = http_only(&state, service("10.96.0.11")).expect("api is HTTP-only");
+        assert!(api.contains("RequestAuthentication"), "{api}");
+        assert_eq!(http_only(&state, service("10.96.0.12")), None);
     }
 }

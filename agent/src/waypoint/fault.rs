@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
-use crate::state::resilience::{AbortError, Fault, happens};
+use crate::state::routes::resilience::{AbortError, Fault, happens};
 
 /// What the fault injection decided for one request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -70,7 +70,7 @@ pub fn abort_reply(error: AbortError) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::resilience::{FaultAbort, FaultDelay};
+    use crate::state::routes::resilience::{FaultAbort, FaultDelay};
 
     fn fault(delay: u32, abort: u32) -> Fault {
         Fault {

@@ -13,8 +13,16 @@
 //! ([`FETCH_TIMEOUT`]), refreshed every [`REFRESH`], retried every [`RETRY`] while failing; a
 //! failed refresh keeps the last good keys. Until a URI's first fetch succeeds, tokens of its
 //! issuer fail (401): never accepted unchecked.
+//!
+//! The URIs are tenants' input, fetched from inside the mesh, so: a waypoint fetches only the
+//! URIs of the policies of the services bound to it (`super::jwks_uris_of`); at most
+//! [`MAX_IN_FLIGHT`] fetches run at once, so one tenant's slow URI holds one slot for
+//! [`FETCH_TIMEOUT`] at most and never queues the others behind it; and the addresses a name resolves to are checked
+//! before they are dialled ([`refused_jwks_address`]: link-local, cloud metadata), against
+//! server-side request forgery.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
@@ -26,19 +34,22 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::{DecodingKey, Validation, jwk::JwkSet};
 use serde_json::Value;
-use tokio::{net::TcpStream, sync::watch};
+use tokio::{net::TcpStream, sync::watch, task::JoinSet};
 use tracing::{info, warn};
 
 use crate::{
-    discovery::file::{MAX_JWKS_BYTES, parse_jwks},
+    discovery::file::{MAX_JWKS_BYTES, parse_jwks, refused_jwks_address},
     policy::l7::{JwksSource, JwtRule, RequestAuth},
     state::MeshState,
 };
 
 /// Clock skew allowed on `exp` and `nbf` (Envoy's default).
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
-/// How long one JWKS fetch may take, connection included.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one JWKS fetch may take, resolution and connection included (Istio's default
+/// `jwtRules[].timeout`).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many JWKS fetches one waypoint runs at once, at most.
+pub const MAX_IN_FLIGHT: usize = 4;
 /// How often keys are fetched again after a success (Envoy's remote JWKS cache duration).
 pub const REFRESH: Duration = Duration::from_secs(300);
 /// How soon a failed fetch is retried.
@@ -96,54 +107,95 @@ impl Jwks {
             .and_then(|f| f.keys.clone())
     }
 
-    /// Keeps the keys of every `jwksUri` of the state fresh, until the state's sender is gone.
-    pub async fn refresh(self: Arc<Self>, mut state: watch::Receiver<Arc<MeshState>>) {
+    /// Keeps the keys of the `jwksUri`s that apply at this waypoint fresh (`uris` of the state:
+    /// `super::jwks_uris_of`, those of the RequestAuthentications of the services bound to
+    /// it), until the state's sender is gone.
+    ///
+    /// Fetches run concurrently, at most [`MAX_IN_FLIGHT`] at a time, each bounded by
+    /// [`FETCH_TIMEOUT`]: one slow URI holds one slot for at most that long and delays no
+    /// other's fetch while a slot is free. A URI due again waits for a free slot, the ones due
+    /// longest first.
+    pub async fn refresh(
+        self: Arc<Self>,
+        mut state: watch::Receiver<Arc<MeshState>>,
+        uris: impl Fn(&MeshState) -> Vec<String>,
+    ) {
+        let mut in_flight: JoinSet<(String, anyhow::Result<JwkSet>)> = JoinSet::new();
+        let mut fetching: HashSet<String> = HashSet::new();
         loop {
-            let uris = uris_of(&state.borrow_and_update());
+            let uris = uris(&state.borrow_and_update());
             let now = Instant::now();
-            let due: Vec<String> = {
-                let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
-                // Forget the URIs no policy names any more: the cache is bounded by the state.
-                fetched.retain(|uri, _| uris.contains(uri));
-                uris.iter()
-                    .filter(|uri| fetched.get(*uri).is_none_or(|f| f.due <= now))
-                    .cloned()
-                    .collect()
-            };
-            for uri in due {
-                let result = self.fetch(&uri).await;
-                let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
-                let entry = fetched.entry(uri.clone()).or_insert(Fetched {
-                    keys: None,
-                    due: Instant::now(),
-                });
-                match result {
-                    Ok(keys) => {
-                        info!(jwks_uri = %uri, keys = keys.keys.len(), "JWKS fetched");
-                        entry.keys = Some(Arc::new(keys));
-                        entry.due = Instant::now() + REFRESH;
-                    }
-                    Err(err) => {
-                        warn!(
-                            jwks_uri = %uri,
-                            error = format!("{err:#}"),
-                            kept_last_good = entry.keys.is_some(),
-                            "JWKS fetch failed"
-                        );
-                        entry.due = Instant::now() + RETRY;
-                    }
-                }
-            }
             let next = {
-                let fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
-                fetched.values().map(|f| f.due).min()
+                let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+                // Forget the URIs no policy here names any more: the cache is bounded by the
+                // state.
+                fetched.retain(|uri, _| uris.contains(uri));
+                // Never fetched first (due now), then by how long they have been due.
+                let mut due: Vec<(Option<Instant>, &String)> = uris
+                    .iter()
+                    .filter(|uri| !fetching.contains(*uri))
+                    .map(|uri| (fetched.get(uri).map(|f| f.due), uri))
+                    .filter(|(due, _)| due.is_none_or(|due| due <= now))
+                    .collect();
+                due.sort();
+                for (_, uri) in due {
+                    if in_flight.len() >= MAX_IN_FLIGHT {
+                        break;
+                    }
+                    fetching.insert(uri.clone());
+                    let (this, uri) = (self.clone(), uri.clone());
+                    in_flight.spawn(async move {
+                        let result = this.fetch(&uri).await;
+                        (uri, result)
+                    });
+                }
+                fetched
+                    .iter()
+                    .filter(|(uri, _)| !fetching.contains(*uri))
+                    .map(|(_, f)| f.due)
+                    .min()
             };
             let sleep = next
                 .map(|due| due.saturating_duration_since(Instant::now()))
                 .unwrap_or(REFRESH);
             tokio::select! {
                 changed = state.changed() => if changed.is_err() { return },
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Ok((uri, result)) = done {
+                        fetching.remove(&uri);
+                        self.record(uri, result);
+                    } else {
+                        // A fetch task panicked or was cancelled: start over with what is known.
+                        fetching.clear();
+                        in_flight.abort_all();
+                    }
+                }
                 _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// Keeps the outcome of a fetch of `uri`: new keys, or the last good ones and a retry soon.
+    fn record(&self, uri: String, result: anyhow::Result<JwkSet>) {
+        let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = fetched.entry(uri.clone()).or_insert(Fetched {
+            keys: None,
+            due: Instant::now(),
+        });
+        match result {
+            Ok(keys) => {
+                info!(jwks_uri = %uri, keys = keys.keys.len(), "JWKS fetched");
+                entry.keys = Some(Arc::new(keys));
+                entry.due = Instant::now() + REFRESH;
+            }
+            Err(err) => {
+                warn!(
+                    jwks_uri = %uri,
+                    error = format!("{err:#}"),
+                    kept_last_good = entry.keys.is_some(),
+                    "JWKS fetch failed"
+                );
+                entry.due = Instant::now() + RETRY;
             }
         }
     }
@@ -157,15 +209,17 @@ impl Jwks {
     async fn fetch_unbounded(&self, uri: &str) -> anyhow::Result<JwkSet> {
         let parsed: Uri = uri.parse()?;
         let host = parsed.host().context("no host")?.to_string();
-        let https = parsed.scheme_str() == Some("https");
+        let https = match parsed.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            other => bail!("scheme {other:?}: only http and https are fetched"),
+        };
         let port = parsed.port_u16().unwrap_or(if https { 443 } else { 80 });
         let bare_host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let tcp = TcpStream::connect((bare_host.as_str(), port))
-            .await
-            .with_context(|| format!("connecting to {host}:{port}"))?;
+        let tcp = connect(&bare_host, port).await?;
         let path = parsed
             .path_and_query()
             .map(|p| p.as_str().to_string())
@@ -228,22 +282,31 @@ where
     Ok(body.to_bytes())
 }
 
-/// The `jwksUri`s of the state's policies.
-fn uris_of(state: &MeshState) -> Vec<String> {
-    let mut uris: Vec<String> = state
-        .policies()
-        .waypoint()
-        .authentications()
-        .iter()
-        .flat_map(|ra| &ra.jwt_rules)
-        .filter_map(|rule| match &rule.keys {
-            JwksSource::Uri(uri) => Some(uri.clone()),
-            JwksSource::Inline(_) => None,
-        })
+/// A connection to `host:port` for a JWKS fetch: the name resolved once, every address it
+/// resolves to checked ([`refused_jwks_address`]: link-local and cloud metadata addresses are
+/// never dialled, whatever name leads there), then the first allowed address that answers. The
+/// address checked is the one dialled (no second resolution a rebinding DNS could answer
+/// differently); redirects are not followed (a 3xx is a failed fetch).
+async fn connect(host: &str, port: u16) -> anyhow::Result<TcpStream> {
+    let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("resolving {host}"))?
         .collect();
-    uris.sort();
-    uris.dedup();
-    uris
+    let mut last = None;
+    for addr in &resolved {
+        if let Some(why) = refused_jwks_address(addr.ip()) {
+            last = Some(anyhow::anyhow!(
+                "{host} resolves to {}, {why}: not fetched",
+                addr.ip()
+            ));
+            continue;
+        }
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(anyhow::Error::new(e).context(format!("connecting to {addr}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("{host} resolves to no address")))
 }
 
 /// Where a token was found.

@@ -78,6 +78,11 @@ pub enum RequestFlags {
     UpstreamReset,
     /// The client went away before the response ended (`DC`).
     DownstreamDisconnect,
+    /// Refused by a local rate limit (`RL`, answered 429; `waypoint::ratelimit`).
+    RateLimited,
+    /// Nothing moved for the stream idle timeout before the answer (`SI`, answered 408;
+    /// `waypoint::idle`).
+    StreamIdleTimeout,
 }
 
 impl RequestFlags {
@@ -95,6 +100,8 @@ impl RequestFlags {
             RequestFlags::UpstreamOverflow => "UO",
             RequestFlags::UpstreamReset => "UR",
             RequestFlags::DownstreamDisconnect => "DC",
+            RequestFlags::RateLimited => "RL",
+            RequestFlags::StreamIdleTimeout => "SI",
         }
     }
 }

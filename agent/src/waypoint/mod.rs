@@ -17,7 +17,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time
 
 use anyhow::Context as _;
 use tokio::{net::TcpStream, signal::unix::SignalKind, sync::watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     discovery::{self, ConfigStatus, metrics::ConfigMetrics},
@@ -27,6 +27,7 @@ use crate::{
         client::DEFAULT_CA_TIMEOUT, metrics::CertificateMetrics,
     },
     limits::{self, LimitSettings, Limits},
+    policy::l7::JwksSource,
     state::MeshState,
     telemetry::Metrics,
 };
@@ -35,6 +36,7 @@ pub mod authz;
 pub mod balance;
 pub mod fault;
 pub mod filters;
+pub mod idle;
 pub mod jwt;
 pub mod metrics;
 pub mod mirror;
@@ -42,11 +44,13 @@ pub mod observe;
 pub mod outlier;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
 pub mod resilience;
 pub mod retry;
 pub mod route;
 pub mod sniff;
 pub mod tcp;
+pub mod trace;
 pub mod upgrade;
 
 use self::{
@@ -169,9 +173,53 @@ pub struct WaypointArgs {
     /// included, before its connection is closed.
     #[arg(long, env = "AMBIT_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = crate::timefmt::parse_duration)]
     pub header_read_timeout: Duration,
+    /// How long a request's stream to an endpoint may see no byte in either direction (the
+    /// upload, the wait for the answer, the download) before it is ended and its pooled
+    /// connection freed: Envoy's `stream_idle_timeout`.
+    #[arg(long, env = "AMBIT_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = crate::timefmt::parse_duration)]
+    pub stream_idle_timeout: Duration,
+    /// After SIGTERM, how long requests and tunnels in flight may take to finish before the
+    /// waypoint exits and cuts what is left (docs/waypoint.md#draining). Keep it below the
+    /// pod's `terminationGracePeriodSeconds` (30 s by default, in the generated Deployment too).
+    #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "25s", value_parser = crate::timefmt::parse_duration)]
+    pub drain_timeout: Duration,
+    /// The OTLP/gRPC collector spans are exported to, e.g. `http://otel-collector:4317`
+    /// (docs/tracing.md). Without it tracing is off (trace headers still pass unchanged).
+    #[arg(long, env = "AMBIT_TRACING_OTLP_ENDPOINT", value_parser = trace::parse_endpoint)]
+    pub tracing_otlp_endpoint: Option<http::Uri>,
+    /// Percentage of new traces sampled, 0 to 100 (Istio's `sampling`); a request whose trace
+    /// context carries a sampling decision keeps it.
+    #[arg(long, env = "AMBIT_TRACING_SAMPLING", default_value = "1", value_parser = trace::parse_percentage)]
+    pub tracing_sampling: f64,
 }
 
-/// Runs the waypoint until SIGTERM or SIGINT.
+/// Drains on `signal` (through `draining`, which the server's [`InboundSettings::drain`] and
+/// the HTTP connections in tunnels watch): the HTTP connections finish their requests and
+/// close, the HBONE connections are sent a GOAWAY, and new tunnels are still served (a node agent that has
+/// not yet seen this replica go sends them here), until no connection is left or `timeout`.
+async fn drain<H: crate::hbone::InboundHandler>(
+    server: &HboneServer<H>,
+    draining: &watch::Sender<bool>,
+    signal: &str,
+    timeout: Duration,
+) {
+    info!(
+        signal,
+        ?timeout,
+        connections = server.live_connections(),
+        "draining: requests in flight finish, clients are moved to other replicas"
+    );
+    draining.send_replace(true);
+    match tokio::time::timeout(timeout, server.connections_closed()).await {
+        Ok(()) => info!("drained: no connection left"),
+        Err(_) => warn!(
+            connections = server.live_connections(),
+            "drain timeout: cutting the connections left"
+        ),
+    }
+}
+
+/// Runs the waypoint until SIGTERM or SIGINT, then drains.
 pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     let nofile = limits::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(nofile.soft)));
@@ -203,7 +251,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     metrics.register_at_scrape(config_metrics.clone())?;
     tokio::spawn(config_metrics.count_rejections());
 
-    let identity = {
+    let (identity, me) = {
         let state = state_rx.borrow_and_update();
         let me = state
             .workloads()
@@ -222,7 +270,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
                  to endpoints; set enrolled: false"
             );
         }
-        state.identity_of(me)
+        (state.identity_of(me), me.clone())
     };
 
     let client = CaClient::new(CaClientConfig {
@@ -248,6 +296,12 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("getting the waypoint's certificate ({identity})"))?;
 
+    let tracing = trace::Tracing::start(
+        args.tracing_otlp_endpoint.as_ref(),
+        args.tracing_sampling,
+        &me,
+        &metrics,
+    )?;
     // The waypoint's pod is not enrolled: its sockets leave as they are, from its own address.
     let dialer = |key: &PoolKey| TcpStream::connect(key.destination());
     let waypoint = Arc::new(Waypoint {
@@ -261,15 +315,32 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         balancer: Balancer::default(),
         authz: authz::Authz::default(),
         resilience: Arc::new(Resilience::new(&metrics)?),
+        rate_limits: ratelimit::RateLimits::default(),
         protocol_detection_timeout: args.protocol_detection_timeout,
         header_read_timeout: args.header_read_timeout,
+        stream_idle_timeout: args.stream_idle_timeout,
+        tracing,
+        draining: watch::Sender::new(false),
     });
-    tokio::spawn(waypoint.authz.jwks.clone().refresh(state_rx.clone()));
+    let workload = waypoint.workload.clone();
+    tokio::spawn(
+        waypoint
+            .authz
+            .jwks
+            .clone()
+            .refresh(state_rx.clone(), move |state: &MeshState| {
+                jwks_uris_of(state, &workload.0, &workload.1)
+            }),
+    );
+    let stopping = waypoint.clone();
     let mut settings = InboundSettings::with_destinations(Destinations::DecidedByHandler);
     settings.reserved_ports = RESERVED_PORTS.to_vec();
+    // One signal drains both layers: the HBONE connections (GOAWAY) and the HTTP in tunnels.
+    settings.drain = Some(waypoint.draining.subscribe());
     let server = HboneServer::new(WaypointInbound::new(waypoint), settings, limits.clone());
     let listener = crate::admin::bind(args.hbone_addr).await?;
-    let hbone = tokio::spawn(async move { server.serve(listener).await });
+    let serving = server.clone();
+    let hbone = tokio::spawn(async move { serving.serve(listener).await });
     let metrics_server = tokio::spawn(crate::admin::serve_metrics_on(
         args.metrics_addr,
         metrics,
@@ -278,13 +349,51 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     info!(%identity, hbone = %args.hbone_addr, metrics = %args.metrics_addr, "waypoint started");
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
-        result = source => error!(?result, "configuration source ended"),
+    let signalled = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        result = source => {
+            error!(?result, "configuration source ended");
+            ""
+        }
         result = hbone => anyhow::bail!("HBONE listener failed: {:?}", result),
         result = metrics_server => anyhow::bail!("metrics endpoint failed: {:?}", result),
+    };
+    if !signalled.is_empty() {
+        drain(&server, &stopping.draining, signalled, args.drain_timeout).await;
     }
     info!("waypoint stopping");
+    // The spans still queued leave (bounded by trace::SHUTDOWN_TIMEOUT).
+    tokio::task::spawn_blocking(move || stopping.tracing.shutdown()).await?;
     Ok(())
+}
+
+/// The `jwksUri`s that apply at the waypoint `namespace/name`: those of the
+/// RequestAuthentications attached to the services bound to it (`proxy::serves`), where its
+/// tokens are checked ([`jwt::Jwks::refresh`]). Another waypoint's policies cost this one no
+/// fetch.
+pub(crate) fn jwks_uris_of(state: &MeshState, namespace: &str, name: &str) -> Vec<String> {
+    let policies = state.policies().waypoint();
+    if policies.authentications().is_empty() {
+        return Vec::new();
+    }
+    let mut uris: Vec<String> = state
+        .services()
+        .iter()
+        .flat_map(|service| {
+            let rules = policies.jwt_rules(&authz::attachment(service));
+            // The (cheap) policy match first: the binding check scans the workloads.
+            if !rules.is_empty() && !proxy::serves(state, service, namespace, name) {
+                return Vec::new();
+            }
+            rules
+        })
+        .filter_map(|rule| match &rule.keys {
+            JwksSource::Uri(uri) => Some(uri.clone()),
+            JwksSource::Inline(_) => None,
+        })
+        .collect();
+    uris.sort();
+    uris.dedup();
+    uris
 }

@@ -114,6 +114,8 @@ pub struct RequestRecord {
     pub attempts: u32,
     /// Why the waypoint answered itself.
     pub error: Option<String>,
+    /// The request's span, ended with it ([`super::trace`]).
+    pub span: Option<super::trace::ServerSpan>,
 }
 
 /// How a response stream ended.
@@ -140,6 +142,9 @@ impl RequestRecord {
             response_bytes: ending.response_bytes,
         };
         self.metrics.request(&labels, &measures);
+        if let Some(span) = self.span {
+            span.finish(&labels, &measures);
+        }
         let label = |name| labels.get(name).unwrap_or_default();
         info!(
             target: "access",
@@ -282,6 +287,7 @@ mod tests {
             upstream: None,
             attempts: 1,
             error: None,
+            span: None,
         }
     }
 

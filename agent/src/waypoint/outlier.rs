@@ -27,7 +27,7 @@ use std::{
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 use tracing::info;
 
-use super::pool::ClusterId;
+use super::{pool::ClusterId, retry::Failure};
 use crate::{
     state::{
         Workload,
@@ -56,6 +56,33 @@ impl TryResult {
             500.. => TryResult::Error { gateway: false },
             _ => TryResult::Success,
         }
+    }
+}
+
+/// How the client's request stood when a try ended without an answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Downstream {
+    /// The client's body had been received to its end.
+    pub request_complete: bool,
+    /// The client's body failed (an aborted upload, more or less than declared).
+    pub request_failed: bool,
+}
+
+/// What a failed try counts for the endpoint's outlier detection: `None` when the failure was
+/// the client's, not the endpoint's. Envoy starts its per-try and route timers only once the
+/// client's request is complete, and a client's reset is no upstream result; so a try that
+/// ended while the client was still uploading (a trickled upload hitting a timeout, a stalled
+/// upload hitting the stream idle timeout) or because the client's body failed is not charged
+/// to the endpoint. A pool overflow is no result either.
+pub fn failure_result(failure: &Failure, client: Downstream) -> Option<TryResult> {
+    if client.request_failed {
+        return None;
+    }
+    match failure {
+        Failure::Overflow(_) => None,
+        Failure::PerTryTimeout | Failure::StreamIdleTimeout if !client.request_complete => None,
+        Failure::Response(status, _) => Some(TryResult::of_status(status.as_u16())),
+        _ => Some(TryResult::Error { gateway: true }),
     }
 }
 
@@ -310,6 +337,49 @@ impl Outliers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Client-caused failures are not charged to the endpoint; the endpoint's are.
+    #[test]
+    fn only_the_endpoints_failures_count() {
+        let complete = Downstream {
+            request_complete: true,
+            request_failed: false,
+        };
+        let uploading = Downstream {
+            request_complete: false,
+            request_failed: false,
+        };
+        let aborted = Downstream {
+            request_complete: false,
+            request_failed: true,
+        };
+        let gateway = Some(TryResult::Error { gateway: true });
+        let reset = || Failure::Reset("connection reset".into());
+        // The endpoint failed a complete request.
+        assert_eq!(failure_result(&Failure::PerTryTimeout, complete), gateway);
+        assert_eq!(
+            failure_result(&Failure::StreamIdleTimeout, complete),
+            gateway
+        );
+        assert_eq!(failure_result(&reset(), complete), gateway);
+        assert_eq!(
+            failure_result(&Failure::Connect("refused".into()), complete),
+            gateway
+        );
+        // A timer that fired while the client was still uploading: Envoy's would not have run.
+        assert_eq!(failure_result(&Failure::PerTryTimeout, uploading), None);
+        assert_eq!(failure_result(&Failure::StreamIdleTimeout, uploading), None);
+        // The endpoint reset the stream mid-upload: its failure.
+        assert_eq!(failure_result(&reset(), uploading), gateway);
+        // The client aborted its upload (or sent more or less than it declared).
+        assert_eq!(failure_result(&reset(), aborted), None);
+        assert_eq!(failure_result(&Failure::PerTryTimeout, aborted), None);
+        // Overflow is no result.
+        assert_eq!(
+            failure_result(&Failure::Overflow("max".into()), complete),
+            None
+        );
+    }
 
     const ERROR: TryResult = TryResult::Error { gateway: false };
     const GATEWAY: TryResult = TryResult::Error { gateway: true };

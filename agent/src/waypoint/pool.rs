@@ -37,7 +37,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, combinators::UnsyncBoxBody};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::{http1, http2},
@@ -51,7 +51,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::retry::Failure;
+use super::{idle, retry::Failure};
 use crate::{
     hbone::{HboneStream, PoolKey},
     state::upstream::ConnectionPool,
@@ -63,6 +63,33 @@ pub type UpstreamBody = UnsyncBoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
 
 /// How long a closing HTTP/1.1 connection waits for the endpoint's end of the tunnel.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Most requests in flight on one upstream HTTP/2 connection; the next opens another (within
+/// `maxConnections`), as Envoy's `max_concurrent_streams` (whose default, 2^31 - 1, leaves
+/// it to the endpoint) would with a real bound.
+const MAX_STREAMS_PER_CONNECTION: usize = 100;
+
+/// The receive window of each upstream HTTP/2 stream: the most of one response buffered while
+/// its client does not read it. 256 KiB, not hyper's 2 MiB: every request in flight may hold
+/// it, so it is what a waypoint's memory grows by per unread response (until the stream idle
+/// timeout), and it still carries over 1 GB/s per stream at a cluster's round trip.
+const UPSTREAM_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The receive window of an upstream HTTP/2 connection: room for every stream's full window, so
+/// clients that stop reading their responses hold only their own streams' windows and never
+/// stall the others multiplexed with them (with hyper's 5 MiB default, three did). Memory stays
+/// bounded by the stream windows of the requests in flight.
+const UPSTREAM_CONNECTION_WINDOW: u32 = UPSTREAM_STREAM_WINDOW * MAX_STREAMS_PER_CONNECTION as u32;
+
+/// hyper's HTTP/2 client as the pool configures it for an upstream connection.
+fn http2_client() -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
+        .initial_connection_window_size(UPSTREAM_CONNECTION_WINDOW);
+    builder
+}
 
 /// Which requests may share a connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -415,6 +442,8 @@ pub struct Target<'a> {
     pub cluster: &'a ClusterId,
     /// The cluster's limits.
     pub limits: &'a ConnectionPool,
+    /// How long the request's stream may see no byte in either direction ([`super::idle`]).
+    pub stream_idle_timeout: Duration,
 }
 
 impl HttpPool {
@@ -443,13 +472,14 @@ impl HttpPool {
 
     /// Sends `request` on a pooled connection of `target`, opening one with `open` (a new
     /// tunnel) when none is free and the limits allow. A limit reached answers
-    /// [`Failure::Overflow`] at once.
+    /// [`Failure::Overflow`] at once. Once sent, the request's stream is bounded by the stream
+    /// idle timeout ([`super::idle`]).
     pub async fn send<F>(
         &self,
         target: Target<'_>,
         open: F,
         request: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, Failure>
+    ) -> Result<Response<idle::ResponseBody<PooledBody>>, Failure>
     where
         F: Future<Output = Result<HboneStream, String>>,
     {
@@ -494,6 +524,9 @@ impl HttpPool {
             freed.await;
         };
         drop(pending);
+        let stream = idle::StreamIdle::new(target.stream_idle_timeout);
+        let request =
+            request.map(|body| idle::RequestBody::new(body, stream.clone()).boxed_unsync());
         let lease = Lease {
             inner: inner.clone(),
             key: target.key.clone(),
@@ -503,24 +536,35 @@ impl HttpPool {
             max_per_connection: limits.max_requests_per_connection,
             _request: request_slot,
         };
-        let sent = match sender {
+        let response = match sender {
             Sender::Http1(mut sender) => {
                 let response = sender.send_request(request);
                 *lease.sender.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(Sender::Http1(sender));
-                response.await
+                futures::future::Either::Left(response)
             }
             Sender::Http2(mut sender) => {
                 let response = sender.send_request(request);
                 *lease.sender.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(Sender::Http2(sender));
-                response.await
+                futures::future::Either::Right(response)
             }
         };
+        // The wait for the response headers (the upload included) is bounded by the stream
+        // idle timeout too; the lease, dropped, closes an HTTP/1.1 connection.
+        let sent = tokio::select! {
+            sent = response => sent,
+            () = stream.idle() => return Err(Failure::StreamIdleTimeout),
+        };
         let response = sent.map_err(|e| Failure::from_send(&e))?;
-        Ok(response.map(|body| PooledBody {
-            body,
-            lease: Some(lease),
+        Ok(response.map(|body| {
+            let pooled = PooledBody {
+                body,
+                lease: Some(lease),
+            };
+            let (body, slot) = idle::ResponseBody::new(pooled, stream.clone());
+            tokio::spawn(idle::watchdog(stream, slot));
+            body
         }))
     }
 }
@@ -567,10 +611,10 @@ impl Inner {
         let host = hosts.get_mut(key)?;
         if key.http2 {
             host.multiplexed.retain(|(s, _)| !s.is_closed());
-            let (sender, conn) = host
-                .multiplexed
-                .iter()
-                .find(|(_, c)| c.usable(max_per_connection))?;
+            let (sender, conn) = host.multiplexed.iter().find(|(_, c)| {
+                c.usable(max_per_connection)
+                    && c.in_use.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION
+            })?;
             conn.start();
             return Some((Sender::Http2(sender.clone()), conn.clone()));
         }
@@ -676,11 +720,7 @@ impl Inner {
             let handshake = |e: hyper::Error| Failure::Connect(format!("HTTP handshake: {e}"));
             let io = TokioIo::new(stream);
             if key.http2 {
-                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(io)
-                    .await
-                    .map_err(handshake)?;
+                let (sender, connection) = http2_client().handshake(io).await.map_err(handshake)?;
                 Ok((Sender::Http2(sender), Connection::Http2(connection)))
             } else {
                 let (sender, connection) = http1::handshake(io).await.map_err(handshake)?;
@@ -820,4 +860,67 @@ async fn close_tunnel(mut stream: HboneStream) {
         while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt as _, Empty, StreamBody};
+
+    use super::*;
+
+    /// Size of each response: more than a stream's window.
+    const BODY: usize = 3 * 1024 * 1024;
+
+    /// An HTTP/2 server (hyper's) on `io` answering each request with [`BODY`] bytes.
+    fn serve_big_bodies(io: tokio::io::DuplexStream) {
+        let service = hyper::service::service_fn(|_req| async {
+            let chunks = (0..BODY / 16_384)
+                .map(|_| Ok::<_, Infallible>(Frame::data(Bytes::from(vec![7u8; 16_384]))));
+            Ok::<_, Infallible>(Response::new(StreamBody::new(futures::stream::iter(
+                chunks,
+            ))))
+        });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), service),
+        );
+    }
+
+    #[tokio::test]
+    async fn clients_that_stop_reading_do_not_stall_the_connection_they_share() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        serve_big_bodies(server_io);
+        let (mut sender, connection) = http2_client()
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(client_io))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = || Request::get("http://endpoint/").body(Empty::new()).unwrap();
+
+        // Four responses whose bodies nobody reads: each fills its stream's window.
+        let mut unread = Vec::new();
+        for _ in 0..4 {
+            sender.ready().await.unwrap();
+            unread.push(sender.send_request(request()).await.unwrap());
+        }
+        // Another request on the same connection still gets its whole body. A stall is
+        // forever, so the bound only turns one into a failure.
+        sender.ready().await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(30), async {
+            let response = sender.send_request(request()).await.unwrap();
+            response
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .len()
+        })
+        .await
+        .expect("the connection stalled behind responses nobody reads");
+        assert_eq!(read, BODY);
+        drop(unread);
+    }
 }

@@ -52,14 +52,15 @@ use crate::{
     policy::Admission,
     state::{
         MeshState, Service, Workload,
-        resilience::{AbortError, Mirror, RouteResilience, happens},
+        routes::resilience::{AbortError, Mirror, RouteResilience, happens},
         routes::{DirectResponse, Redirect, RouteDestination, RouteFilters, cluster_name},
         upstream::ConnectionPool,
     },
 };
 
-/// The body of every response the waypoint sends.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// The body of every response the waypoint sends (its error: a client's or an endpoint's
+/// body error, or the stream idle timeout, [`super::idle`]).
+pub type Body = BoxBody<Bytes, super::idle::BodyError>;
 
 /// Bytes buffered in each direction between a tunnel and its HTTP server.
 const PIPE_BUFFER: usize = 64 * 1024;
@@ -88,6 +89,8 @@ pub struct Waypoint {
     // Resilience: retry budgets, mirrors in flight, their metrics.
     /// Shared by the retries and mirrors of every request.
     pub resilience: Arc<Resilience>,
+    /// Local rate limits' buckets ([`super::ratelimit`]).
+    pub rate_limits: super::ratelimit::RateLimits,
 
     // Protocols (waypoint::sniff, waypoint::tcp).
     /// How long a tunnel's first bytes are waited for before it is taken for opaque TCP.
@@ -95,6 +98,16 @@ pub struct Waypoint {
     /// How long an HTTP/1.1 client may take to send a request's headers (idle keep-alive
     /// included) before its connection is closed.
     pub header_read_timeout: Duration,
+    /// How long a pooled request's stream may see no byte either way ([`super::idle`]).
+    pub stream_idle_timeout: Duration,
+
+    /// Spans of requests and tries, when tracing is on ([`super::trace`]).
+    pub tracing: super::trace::Tracing,
+
+    /// Set when the waypoint drains (SIGTERM): each HTTP connection in a tunnel finishes the
+    /// request it is serving and closes (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY), so its
+    /// client's next request opens a new tunnel, which its node agent sends to another replica.
+    pub draining: watch::Sender<bool>,
 }
 
 impl Waypoint {
@@ -164,7 +177,7 @@ impl Waypoint {
 
 /// Whether `service` is bound to a waypoint service (`service.waypoint`) that selects the
 /// workload `namespace/name`: the only services whose VIPs that waypoint accepts tunnels to.
-fn serves(state: &MeshState, service: &Service, namespace: &str, name: &str) -> bool {
+pub(super) fn serves(state: &MeshState, service: &Service, namespace: &str, name: &str) -> bool {
     let Some(waypoint) = &service.waypoint else {
         return false;
     };
@@ -202,7 +215,8 @@ impl InboundHandler for WaypointInbound {
     /// The report's totals suffice.
     type Meter = ();
 
-    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+    /// The waypoint waits for its first certificate before it listens: no wait here.
+    async fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         let cert = self.waypoint.certs.get(&self.waypoint.identity)?;
         self.tls
             .get(cert)
@@ -249,6 +263,7 @@ impl InboundHandler for WaypointInbound {
                 Ok(sniffed) => sniffed,
                 Err(err) => return debug!(%err, "tunnel failed before its protocol was known"),
             };
+            let http2 = sniff::is_http2(&prefix);
             let io = Rewind::new(prefix, ours);
             if protocol == Protocol::Opaque {
                 let (d, waypoint) = (&downstream, &downstream.waypoint);
@@ -275,6 +290,12 @@ impl InboundHandler for WaypointInbound {
                 .await;
             }
             let header_read_timeout = downstream.waypoint.header_read_timeout;
+            let mut draining = downstream.waypoint.draining.subscribe();
+            // One that starts while draining is served (its client has not yet seen this
+            // replica go). HTTP/2 gets its GOAWAY at once: the requests the client sent
+            // with its preface are still served. HTTP/1.1 is answered with `Connection:
+            // close` (`handle`): a shutdown now would close it before its first request.
+            let started_draining = *draining.borrow_and_update() && !http2;
             let service = hyper::service::service_fn(move |req| {
                 let downstream = downstream.clone();
                 async move { Ok::<_, Infallible>(downstream.handle(req).await) }
@@ -284,9 +305,17 @@ impl InboundHandler for WaypointInbound {
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
-            let served = server
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
-                .await;
+            let served = server.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(served);
+            let served = tokio::select! {
+                served = served.as_mut() => served,
+                true = async { draining.wait_for(|d| *d).await.is_ok() }, if !started_draining => {
+                    // An upgraded connection (WebSocket) is bytes by now: it runs until its
+                    // end or the drain's deadline.
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
             if let Err(err) = served {
                 debug!(%err, "HTTP connection in a tunnel ended with an error");
             }
@@ -335,6 +364,10 @@ struct Outcome {
     flags: RequestFlags,
     /// Tries made upstream (the first and the retries).
     attempts: u32,
+    /// The `x-ratelimit-*` headers of the rate limit that applied ([`super::ratelimit`]).
+    rate_limit: Option<super::ratelimit::XRateLimit>,
+    /// The request's span, when tracing is on: the parent of each try's.
+    span: Option<super::trace::ServerSpan>,
 }
 
 /// An answer the waypoint makes itself: its status, flag, and why (for the log).
@@ -356,7 +389,11 @@ impl Downstream {
             .workload_by_ip(self.source.ip())
             .filter(|w| state.identity_of(w) == self.peer);
         let request_bytes = Arc::new(AtomicU64::new(0));
-        let request = request.map(|body| CountedBody::new(body, request_bytes.clone()).boxed());
+        let request = request.map(|body| {
+            CountedBody::new(body, request_bytes.clone())
+                .map_err(super::idle::BodyError::new)
+                .boxed()
+        });
         let mut outcome = Outcome {
             labels: RequestLabels::new()
                 .with_source(source_workload.map(|w| &**w), &self.peer)
@@ -366,8 +403,16 @@ impl Downstream {
             error: None,
             flags: RequestFlags::None,
             attempts: 0,
+            rate_limit: None,
+            span: self.waypoint.tracing.server_span(
+                &state,
+                &request,
+                self.source,
+                &self.peer,
+                self.destination,
+            ),
         };
-        let response = match self.forward(&state, request, &mut outcome).await {
+        let mut response = match self.forward(&state, request, &mut outcome).await {
             Ok(response) => {
                 let code = response.status().as_u16();
                 outcome.labels = outcome.labels.with_response(code, outcome.flags);
@@ -379,6 +424,19 @@ impl Downstream {
                 local_reply(status, flags)
             }
         };
+        if let Some(rate_limit) = outcome.rate_limit {
+            rate_limit.apply(response.headers_mut());
+        }
+        // Draining: an HTTP/1.1 client opens its next request's connection elsewhere (Envoy's
+        // drain does the same). An upgrade's 101 keeps its connection.
+        if version == Version::HTTP_11
+            && *self.waypoint.draining.borrow()
+            && response.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let record = RequestRecord {
             metrics: self.waypoint.metrics.clone(),
             labels: outcome.labels,
@@ -395,6 +453,7 @@ impl Downstream {
             upstream: outcome.upstream,
             attempts: outcome.attempts,
             error: outcome.error,
+            span: outcome.span,
         };
         let grpc_status = observe::grpc_status(response.headers());
         response.map(|body| ObservedBody::new(body, grpc_status, record).boxed())
@@ -430,6 +489,10 @@ impl Downstream {
             Some(name) => format!("{} {name}", r.source),
             None => r.source.clone(),
         });
+        let route_name = decision.route.and_then(|r| r.name.as_deref());
+        if let Some(limited) = self.rate_limit(state, service, route_name, outcome) {
+            return Ok(limited);
+        }
         // Without a route, Istio's defaults (its default retry policy, no timeout).
         let default_resilience = RouteResilience::default();
         let resilience = decision
@@ -468,7 +531,11 @@ impl Downstream {
         // A WebSocket upgrade is taken before its hop-by-hop headers go; it is tried once and
         // not mirrored (its connection cannot be replayed).
         let mut upgrade = Upgrade::take(&mut request);
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        if let Some(span) = &outcome.span {
+            // What is not a try (a mirror) names the request's span.
+            span.inject(&mut parts.headers);
+        }
         let head = Head {
             method: parts.method,
             uri: parts.uri,
@@ -505,6 +572,52 @@ impl Downstream {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
         Ok(response)
+    }
+
+    /// The rate limit of the request's service or route ([`super::ratelimit`]): `Some` 429
+    /// answer when it refuses the request (flag `RL`); the headers are kept for the response.
+    fn rate_limit(
+        &self,
+        state: &MeshState,
+        service: &Service,
+        route: Option<&str>,
+        outcome: &mut Outcome,
+    ) -> Option<Response<Body>> {
+        use super::ratelimit::{Verdict, limited_reply};
+        let verdict = self.waypoint.rate_limits.check(
+            state.routes(),
+            &service.uid(),
+            route,
+            &self.peer.to_string(),
+        )?;
+        // The headers only where the policy turns them on (Envoy's default is off).
+        let shown = state
+            .routes()
+            .rate_limits
+            .get(&service.uid())
+            .and_then(|limits| limits.for_route(route))
+            .is_some_and(|(limit, _)| limit.x_ratelimit_headers);
+        let headers = shown.then(|| verdict.headers());
+        outcome.rate_limit = headers;
+        let Verdict::Limited {
+            per_identity,
+            source,
+            ..
+        } = verdict
+        else {
+            return None;
+        };
+        outcome.flags = RequestFlags::RateLimited;
+        let bucket = if per_identity {
+            "the client's"
+        } else {
+            "the shared"
+        };
+        outcome.error = Some(format!("rate limited by {bucket} bucket of {source}"));
+        Some(
+            limited_reply(headers)
+                .map(|body| body.map_err(|never: Infallible| match never {}).boxed()),
+        )
     }
 
     /// The route's fault, drawn for this request: after a delay (flag `DI`), `Some` answer
@@ -649,6 +762,17 @@ impl Downstream {
             request
                 .headers_mut()
                 .insert("x-envoy-attempt-count", HeaderValue::from(outcome.attempts));
+            let client_span = outcome.span.as_mut().map(|span| {
+                let upstream = super::trace::Upstream {
+                    address: upstream.target,
+                    principal: &upstream.endpoint_id,
+                    hostname: &hostname,
+                    port: destination.port.unwrap_or(self.destination.port()),
+                    subset: destination.subset.as_ref().map_or("", |s| s.name.as_str()),
+                    version: request.version(),
+                };
+                span.client_span(upstream, outcome.attempts, request.headers_mut())
+            });
             let request = upstream_request(request, self.destination);
             let now = tokio::time::Instant::now();
             let budget = match (policy.per_try_timeout, deadline) {
@@ -666,11 +790,18 @@ impl Downstream {
                     .unwrap_or(Err(Failure::PerTryTimeout)),
                 None => exchange.await,
             };
+            if let Some(span) = client_span {
+                span.finish(&result);
+            }
             if let Some(policy) = &outlier {
+                // A failure the client caused is not the endpoint's (review M2).
+                let client = super::outlier::Downstream {
+                    request_complete: body.client_done(),
+                    request_failed: body.client_failed(),
+                };
                 let counted = match &result {
                     Ok(response) => Some(TryResult::of_status(response.status().as_u16())),
-                    Err(Failure::Overflow(_)) => None,
-                    Err(_) => Some(TryResult::Error { gateway: true }),
+                    Err(failure) => super::outlier::failure_result(failure, client),
                 };
                 if let Some(counted) = counted {
                     resilient
@@ -991,6 +1122,12 @@ fn failure_reply(failure: Failure, target: &SocketAddr) -> LocalReply {
             RequestFlags::UpstreamOverflow,
             why,
         ),
+        // Envoy's answer to its stream idle timeout.
+        Failure::StreamIdleTimeout => (
+            StatusCode::REQUEST_TIMEOUT,
+            RequestFlags::StreamIdleTimeout,
+            format!("stream idle timeout: nothing moved to or from {target}"),
+        ),
     }
 }
 
@@ -1009,7 +1146,7 @@ where
     if upgrade.is_some() {
         let stream = waypoint.open(upstream).await.map_err(Failure::Connect)?;
         let response = send(TokioIo::new(stream), request, upgrade).await?;
-        return Ok(response.map(BodyExt::boxed));
+        return Ok(response.map(|body| body.map_err(super::idle::BodyError::new).boxed()));
     }
     let key = ConnKey {
         cluster: upstream.cluster.name.clone(),
@@ -1022,6 +1159,7 @@ where
         key,
         cluster: &upstream.cluster,
         limits: &upstream.limits,
+        stream_idle_timeout: waypoint.stream_idle_timeout,
     };
     let request: Request<UpstreamBody> = request.map(|b| b.map_err(Into::into).boxed_unsync());
     let mut response = waypoint
@@ -1224,6 +1362,8 @@ fn local_reply(status: StatusCode, flags: RequestFlags) -> Response<Body> {
         | RequestFlags::RetryLimitExceeded
         | RequestFlags::UpstreamReset
         | RequestFlags::DownstreamDisconnect => "",
+        RequestFlags::RateLimited => super::ratelimit::RATE_LIMITED_BODY,
+        RequestFlags::StreamIdleTimeout => "stream timeout\n",
     };
     let mut response = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))

@@ -35,7 +35,7 @@ use prometheus::{IntCounterVec, Opts};
 
 use crate::{
     backoff::Backoff,
-    state::resilience::{RetryOn, RetryPolicy},
+    state::routes::resilience::{RetryOn, RetryPolicy},
     telemetry::metrics::Metrics,
 };
 
@@ -64,6 +64,9 @@ pub enum Failure {
     /// Not sent: a connection pool limit of the cluster was reached (never retried, as
     /// Envoy's overflow).
     Overflow(String),
+    /// Nothing moved in either direction for the stream idle timeout before the response
+    /// headers (`super::idle`; never retried, as Envoy's).
+    StreamIdleTimeout,
 }
 
 impl Failure {
@@ -85,12 +88,19 @@ impl Failure {
                 .or_else(no_answer),
             Failure::Reset(_) | Failure::PerTryTimeout => no_answer(),
             Failure::Response(status, headers) => response_reason(policy, *status, headers),
-            Failure::Overflow(_) => None,
+            Failure::Overflow(_) | Failure::StreamIdleTimeout => None,
         }
     }
 
     /// Reads a failed `send_request`: a refused HTTP/2 stream, or a reset.
     pub fn from_send(err: &hyper::Error) -> Self {
+        let mut source = std::error::Error::source(err);
+        while let Some(cause) = source {
+            if cause.is::<super::idle::IdleTimeout>() {
+                return Failure::StreamIdleTimeout;
+            }
+            source = cause.source();
+        }
         let refused = std::error::Error::source(err)
             .and_then(|e| e.downcast_ref::<h2::Error>())
             .and_then(h2::Error::reason)
@@ -279,6 +289,9 @@ struct Shared<B> {
     overflowed: bool,
     /// The client's body ended.
     done: bool,
+    /// The client's body failed (the client aborted its upload, or sent more or less than it
+    /// declared).
+    failed: bool,
     /// The attempt allowed to read.
     current: u64,
     /// Attempts made.
@@ -300,6 +313,7 @@ where
                 kept_bytes: 0,
                 overflowed: false,
                 done,
+                failed: false,
                 current: 0,
                 attempts: 0,
             })),
@@ -308,6 +322,16 @@ where
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared<B>> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the client's body was received to its end.
+    pub fn client_done(&self) -> bool {
+        self.lock().done
+    }
+
+    /// Whether the client's body failed.
+    pub fn client_failed(&self) -> bool {
+        self.lock().failed
     }
 
     /// Whether a new attempt can send the whole body: nothing read so far was dropped.
@@ -407,7 +431,10 @@ where
                 shared.done = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(ReplayError::Client(err.into())))),
+            Poll::Ready(Some(Err(err))) => {
+                shared.failed = true;
+                Poll::Ready(Some(Err(ReplayError::Client(err.into()))))
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 let size = frame.data_ref().map_or(0, Bytes::len);
                 if !shared.overflowed {

@@ -3,8 +3,10 @@
 //!
 //! The rule, read from the first bytes the client sends:
 //!
-//! - **HTTP** when they begin like an HTTP method: token characters (RFC 9110 `tchar`) then a
-//!   space, or [`SNIFF_BYTES`] token characters (a method that long is still a method: hyper
+//! - **HTTP** when they begin like an HTTP method, after any empty lines (CR and LF, which
+//!   RFC 9112 §2.2 lets a server skip before a request line, and which HTTP servers behind the
+//!   waypoint do skip): token characters (RFC 9110 `tchar`) then a space, or [`SNIFF_BYTES`]
+//!   bytes of line ends and token characters (a method that long is still a method: hyper
 //!   decides, not a pass-through). This holds for every HTTP/1.x request line and for the
 //!   HTTP/2 connection preface (`PRI * HTTP/2.0`), so hyper's server takes both.
 //! - **Opaque TCP** otherwise: a byte that cannot be part of a method before the first space (a
@@ -46,9 +48,18 @@ pub enum Protocol {
 
 /// The protocol `prefix` (the first bytes of a tunnel) shows, or `None` while it needs more.
 pub fn classify(prefix: &[u8]) -> Option<Protocol> {
-    for (i, &byte) in prefix.iter().enumerate() {
+    // Empty lines first are HTTP's (else `\r\nGET / HTTP/1.1` would pass around the routes and
+    // policies as opaque bytes to a server that skips them).
+    let start = prefix
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(prefix.len());
+    if start >= SNIFF_BYTES {
+        return Some(Protocol::Http);
+    }
+    for (i, &byte) in prefix.iter().enumerate().skip(start) {
         if byte == b' ' {
-            return Some(if i > 0 {
+            return Some(if i > start {
                 Protocol::Http
             } else {
                 Protocol::Opaque
@@ -62,6 +73,12 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
         }
     }
     None
+}
+
+/// Whether an HTTP `prefix` is the start of the HTTP/2 connection preface (`PRI *
+/// HTTP/2.0`): no HTTP/1.x method is `PRI` (RFC 9113 §3.4 chose it so).
+pub fn is_http2(prefix: &[u8]) -> bool {
+    prefix.starts_with(b"PRI ")
 }
 
 /// RFC 9110 §5.6.2 `tchar`: the characters of a method.
@@ -185,8 +202,13 @@ mod tests {
             // A method too long to be a known one is still taken for HTTP (hyper answers it),
             // or a made-up method could carry a request around the routes.
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+            // Empty lines before the request line (skipped by the servers behind).
+            b"\r\nGET /x HTTP/1.1\r\n",
+            b"\n\r\n\nDELETE ",
+            b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n",
         ] {
             assert_eq!(classify(http), Some(Protocol::Http), "{http:?}");
+            assert_eq!(is_http2(http), http.starts_with(b"PRI *"), "{http:?}");
         }
         for opaque in [
             &b"\x16\x03\x01\x02\x00\x01"[..],    // TLS ClientHello
@@ -200,6 +222,9 @@ mod tests {
         assert_eq!(classify(b""), None);
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"PRI"), None);
+        assert_eq!(classify(b"\r\n"), None);
+        assert_eq!(classify(b"\r\nGE"), None);
+        assert_eq!(classify(b"\r\n\x16\x03"), Some(Protocol::Opaque));
     }
 
     #[tokio::test]

@@ -71,6 +71,9 @@ pub(super) async fn forward<S, F, T>(
         let service = state
             .service_by_vip(dialled.ip())
             .ok_or_else(|| format!("{dialled} is no longer a service VIP"))?;
+        if let Some(reason) = authz::http_only(state, service) {
+            return Err(format!("refused: {reason}"));
+        }
         let target_port = service
             .port(dialled.port())
             .ok_or_else(|| format!("service {} has no port {}", service.uid(), dialled.port()))?

@@ -38,6 +38,9 @@ pub mod limits {
     /// slots, a quarter at most to one source pod; a connection that finds none is relayed in
     /// user space instead, never refused.
     pub const MAX_SPLICED: u32 = 16_384;
+    /// The agent's connects to applications in flight (`AGENT_HOPS`): a connect that finds
+    /// the map full fails (the connection is refused, never let past the agent).
+    pub const MAX_AGENT_HOPS: u32 = 65_536;
 }
 
 /// Values of `ENROLLED_NETNS`: what the programs do with a pod namespace's traffic.
@@ -87,8 +90,18 @@ pub mod maps {
     /// Per spliced socket (by cookie): its peer's cookie and the bytes forwarded to it
     /// ([`crate::SplicePeer`]). Not pinned.
     pub const SPLICE_PEERS: &str = "SPLICE_PEERS";
+    /// Each enrolled pod's own addresses by netns cookie ([`crate::PodAddrs`]): a redirected
+    /// socket is bound to the pod's address of its family, so its `getsockname()` is what it
+    /// would be without the mesh.
+    pub const POD_ADDRS: &str = "POD_ADDRS";
+    /// The agent's own hops to applications in flight, by 4-tuple ([`crate::HopKey`]): from a
+    /// client's address (a transparent socket) to an enrolled pod's application, inside the
+    /// pod. sk_lookup lets exactly these through instead of steering them back to the agent.
+    /// An entry lives from just before the agent's connect until it completes. Not pinned: it
+    /// holds only the running agent's connects.
+    pub const AGENT_HOPS: &str = "AGENT_HOPS";
     /// Every map the agent pins, for uninstall.
-    pub const PINNED: [&str; 10] = [
+    pub const PINNED: [&str; 11] = [
         ENROLLED_NETNS,
         SOCK_STATE,
         ORIG_DST_TUPLE,
@@ -99,6 +112,7 @@ pub mod maps {
         EXEMPT_CGROUPS,
         EXCLUDED_PORTS,
         EXCLUDED_NETS,
+        POD_ADDRS,
     ];
 }
 
@@ -154,8 +168,12 @@ pub mod stats {
     /// to the agent, which closes such a connection), or whose entry was recycled for another
     /// socket while the verdict read it (dropped).
     pub const SPLICE_UNPAIRED: u32 = 11;
+    /// Redirected connects whose socket could not be bound to its pod's address (the
+    /// application bound it itself, or the pod has no address of that family): it keeps the
+    /// loopback address (or the application's).
+    pub const SOURCE_NOT_BOUND: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Bits of [`SockState::flags`].
@@ -248,6 +266,43 @@ pub struct SplicePeer {
     pub bytes: u64,
 }
 
+/// Key of `AGENT_HOPS`: one connection as sk_lookup sees it arriving at the application.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct HopKey {
+    /// The application's address (the pod's; IPv4-mapped for IPv4).
+    pub local: IpKey,
+    /// The client's address the agent's socket uses (IPv4-mapped for IPv4).
+    pub remote: IpKey,
+    /// The application's port, host byte order.
+    pub local_port: u16,
+    /// The agent's socket's port, host byte order.
+    pub remote_port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 4],
+}
+
+/// Value of `POD_ADDRS`: a pod's own IPv4 and IPv6 address (the first of each), which its
+/// redirected sockets are bound to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodAddrs {
+    /// The IPv4 address, network order (valid with [`pod_addrs::V4`]).
+    pub v4: [u8; 4],
+    /// [`pod_addrs`] bits: which addresses are set.
+    pub flags: u32,
+    /// The IPv6 address, network order (valid with [`pod_addrs::V6`]).
+    pub v6: [u8; 16],
+}
+
+/// Bits of [`PodAddrs::flags`].
+pub mod pod_addrs {
+    /// `v4` is the pod's IPv4 address.
+    pub const V4: u32 = 1;
+    /// `v6` is the pod's IPv6 address.
+    pub const V6: u32 = 2;
+}
+
 /// Per-socket storage (`SOCK_STATE`), owned by the socket and freed with it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -293,6 +348,20 @@ const _: () = {
     assert!(offset_of!(SplicePeer, peer) == 8);
     assert!(offset_of!(SplicePeer, bytes) == 16);
 
+    assert!(size_of::<HopKey>() == 40);
+    assert!(align_of::<HopKey>() == 2);
+    assert!(offset_of!(HopKey, local) == 0);
+    assert!(offset_of!(HopKey, remote) == 16);
+    assert!(offset_of!(HopKey, local_port) == 32);
+    assert!(offset_of!(HopKey, remote_port) == 34);
+    assert!(offset_of!(HopKey, _pad) == 36);
+
+    assert!(size_of::<PodAddrs>() == 24);
+    assert!(align_of::<PodAddrs>() == 4);
+    assert!(offset_of!(PodAddrs, v4) == 0);
+    assert!(offset_of!(PodAddrs, flags) == 4);
+    assert!(offset_of!(PodAddrs, v6) == 8);
+
     assert!(size_of::<SockState>() == 32);
     assert!(align_of::<SockState>() == 4);
     assert!(offset_of!(SockState, orig) == 0);
@@ -316,4 +385,8 @@ mod user {
     unsafe impl aya::Pod for super::SockState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SplicePeer {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodAddrs {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HopKey {}
 }

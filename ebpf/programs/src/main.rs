@@ -11,6 +11,8 @@
 //!   when the agent's side of the handshake completes, removing the entry. The agent reads it
 //!   from its socket. So `ORIG_DST_TUPLE` holds only handshakes in flight, at most
 //!   `PENDING_CONNECTS_PER_POD` of them per pod, and a socket's close removes only its own entry.
+//!   The redirected socket is bound to the pod's own address first (`POD_ADDRS`), so its
+//!   `getsockname()` is the pod's address and its real port, as without the mesh.
 //! - `cgroup/getpeername4|6` make the application see the address it dialled.
 //! - `sk_lookup`, linked to each enrolled pod's network namespace, steers TCP arriving from outside
 //!   the pod to the agent's listeners in that namespace (HBONE for 15008, the plaintext listener
@@ -34,19 +36,20 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use ambit_common::{
-    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst, PendingConnect,
-    SockState, SplicePeer, TupleKey, limits, pod_state, sock_flags, stats,
+    HopKey, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst,
+    PendingConnect, PodAddrs, SockState, SplicePeer, TupleKey, limits, pod_addrs, pod_state,
+    sock_flags, stats,
 };
 use aya_ebpf::{
     bindings::{
-        BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE,
-        bpf_sock, sk_action,
+        BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_LOOKUP_F_NO_REUSEPORT,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, sk_action,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-        generated::bpf_sk_storage_get,
+        generated::{bpf_bind, bpf_sk_storage_get},
     },
     macros::{btf_map, cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
@@ -135,6 +138,8 @@ static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(limits::MAX_EXCLUSIONS
 #[map]
 static EXCLUDED_NETS: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(limits::MAX_EXCLUSIONS, 0);
 #[map]
+static POD_ADDRS: HashMap<u64, PodAddrs> = HashMap::pinned(limits::MAX_PODS, 0);
+#[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 // The splice maps are not pinned: they hold the agent's own sockets, which close with it, and
 // they die with it, so nothing of a splice outlives the agent that made it.
@@ -146,6 +151,11 @@ static SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(2 * limits::MA
 // while a verdict on another CPU may still read it; without preallocation the memory is
 // reused only once readers are done (an RCU grace period) or, with the kernel's BPF memory
 // allocator, for an entry of the same map, which the verdict tells by its own cookie.
+// Pinned: during an upgrade the retiring agent still makes hops for the connections it
+// serves while its successor's sk_lookup program is already linked, which must see them. An
+// entry lives while its connect is in flight (at most the agent's hop timeout).
+#[map]
+static AGENT_HOPS: HashMap<HopKey, u8> = HashMap::pinned(limits::MAX_AGENT_HOPS, BPF_F_NO_PREALLOC);
 #[map]
 static SPLICE_PEERS: HashMap<u64, SplicePeer> =
     HashMap::with_max_entries(2 * limits::MAX_SPLICED, BPF_F_NO_PREALLOC);
@@ -273,6 +283,102 @@ fn remember(ctx: &SockAddrContext, dst: IpKey, port: u16) -> bool {
     true
 }
 
+/// `struct sockaddr_in`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    /// Network order.
+    port: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    /// Network order.
+    port: u16,
+    flowinfo: u32,
+    addr: [u8; 16],
+    scope_id: u32,
+}
+
+/// Binds a redirected socket to its pod's own address of the family it dials (`v4`: an IPv4
+/// destination, also from a dual-stack IPv6 socket, which gets the IPv4-mapped form), port 0,
+/// so the kernel picks the port when it connects, as it would have. The connect then goes from
+/// the pod's address to the agent on loopback, and the application's `getsockname()` is what
+/// it would be without the mesh: the pod's address and the socket's real port. A socket the
+/// application bound itself (the bind fails) or a pod without an address of that family keeps
+/// what it has; counted, never refused.
+#[inline(always)]
+fn bind_to_pod(ctx: &SockAddrContext, v4: bool, v6_socket: bool) {
+    // SAFETY: valid context pointer for a helper allowed in this program type.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: a hash-map element stays allocated until this program returns, and the value is
+    // plain data, valid in any bit pattern, copied at once.
+    let Some(addrs) = (unsafe { POD_ADDRS.get(netns) }).copied() else {
+        count(stats::SOURCE_NOT_BOUND);
+        return;
+    };
+    let rc = if v4 && addrs.flags & pod_addrs::V4 != 0 {
+        if v6_socket {
+            let [a, b, c, d] = addrs.v4;
+            let mut sa = SockaddrIn6 {
+                family: AF_INET6 as u16,
+                port: 0,
+                flowinfo: 0,
+                addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d],
+                scope_id: 0,
+            };
+            // SAFETY: the helper reads `addr_len` bytes of the live local `sa`.
+            unsafe {
+                bpf_bind(
+                    ctx.sock_addr,
+                    core::ptr::from_mut(&mut sa).cast(),
+                    size_of::<SockaddrIn6>() as i32,
+                )
+            }
+        } else {
+            let mut sa = SockaddrIn {
+                family: AF_INET as u16,
+                port: 0,
+                addr: addrs.v4,
+                zero: [0; 8],
+            };
+            // SAFETY: the helper reads `addr_len` bytes of the live local `sa`.
+            unsafe {
+                bpf_bind(
+                    ctx.sock_addr,
+                    core::ptr::from_mut(&mut sa).cast(),
+                    size_of::<SockaddrIn>() as i32,
+                )
+            }
+        }
+    } else if !v4 && v6_socket && addrs.flags & pod_addrs::V6 != 0 {
+        let mut sa = SockaddrIn6 {
+            family: AF_INET6 as u16,
+            port: 0,
+            flowinfo: 0,
+            addr: addrs.v6,
+            scope_id: 0,
+        };
+        // SAFETY: the helper reads `addr_len` bytes of the live local `sa`.
+        unsafe {
+            bpf_bind(
+                ctx.sock_addr,
+                core::ptr::from_mut(&mut sa).cast(),
+                size_of::<SockaddrIn6>() as i32,
+            )
+        }
+    } else {
+        -1
+    };
+    if rc != 0 {
+        count(stats::SOURCE_NOT_BOUND);
+    }
+}
+
 /// cgroup/connect4: rewrites an enrolled pod's IPv4 TCP connects to the agent's outbound port.
 #[cgroup_sock_addr(connect4)]
 pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
@@ -289,6 +395,9 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
     if !remember(&ctx, dst, port) {
         return REJECT;
     }
+    bind_to_pod(&ctx, true, false);
+    // SAFETY: as above; re-borrowed after the helper call, which does not touch these fields.
+    let sa = unsafe { &mut *ctx.sock_addr };
     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
     sa.user_port = u32::from(OUTBOUND_PORT.to_be());
     count(stats::REDIRECTED4);
@@ -311,6 +420,9 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
     if !remember(&ctx, dst, port) {
         return REJECT;
     }
+    bind_to_pod(&ctx, dst.is_v4(), true);
+    // SAFETY: as above; re-borrowed after the helper call, which does not touch these fields.
+    let sa = unsafe { &mut *ctx.sock_addr };
     // A dual-stack socket dialling an IPv4-mapped address must stay IPv4.
     let target = if dst.is_v4() {
         IpKey::v4([127, 0, 0, 1])
@@ -623,9 +735,22 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
         ),
         _ => return sk_action::SK_PASS,
     };
-    // A pod talking to itself, and the agent's own hop from its listener to the application
-    // (made from the pod's address to the pod's address), are not inbound traffic.
+    // A pod talking to itself is not inbound traffic.
     if local == remote || is_loopback(&remote) || is_loopback(&local) {
+        return sk_action::SK_PASS;
+    }
+    // Nor is the agent's own hop to the application, made inside the pod from the client's
+    // address (a transparent socket) over loopback: the agent registers its exact 4-tuple
+    // while it connects. (Its ingress interface cannot tell it apart: the kernel reports the
+    // device that owns the pod's address for locally delivered packets too.)
+    let hop = HopKey {
+        local,
+        remote,
+        local_port: port,
+        remote_port: u16::from_be(lookup.remote_port),
+        _pad: [0; 4],
+    };
+    if AGENT_HOPS.get_ptr(hop).is_some() {
         return sk_action::SK_PASS;
     }
     // HBONE goes to the agent's HBONE listener and nowhere else: an application listening on
@@ -649,7 +774,10 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
 
 #[inline(always)]
 fn steer(ctx: &SkLookupContext, listeners: &SockHash<IpKey>, local: IpKey) -> u32 {
-    match listeners.redirect_sk_lookup(ctx, local, 0) {
+    // The very socket registered, never another of its SO_REUSEPORT group: the agent's
+    // listeners share the port with a successor's (crate handover), and a root process in the
+    // pod could join that group with its own listener and take the steered traffic.
+    match listeners.redirect_sk_lookup(ctx, local, u64::from(BPF_SK_LOOKUP_F_NO_REUSEPORT)) {
         Ok(()) => {
             count(stats::INBOUND_STEERED);
             sk_action::SK_PASS

@@ -167,18 +167,16 @@ fn main() -> Result<()> {
     );
     for row in &rows {
         let r = &row.report;
-        let local_on_loopback = r["local"]
-            .as_str()
-            .and_then(|l| l.parse::<SocketAddr>().ok())
-            .is_some_and(|a| a.ip().is_loopback());
+        let outbound_via_agent = ambit_tests::traffic::redirected(r);
         let greeting = r["greeting"].as_str().unwrap_or_default();
         let fields: Vec<&str> = greeting.split(' ').collect();
         let served = fields.get(1).copied().unwrap_or("-");
-        // The application sees its own address when the agent's inbound hop delivered it.
-        let inbound_via_agent = match (fields.get(2), fields.get(3)) {
+        // The application sees the client's address either way; through the agent's inbound
+        // hop it comes from another socket (port) than the client's own.
+        let inbound_via_agent = match (fields.get(2), r["local"].as_str()) {
             (Some(peer), Some(local)) => {
-                let ip = |s: &str| s.parse::<SocketAddr>().map(|a| a.ip()).ok();
-                ip(peer).is_some() && ip(peer) == ip(local)
+                let addr = |s: &str| s.parse::<SocketAddr>().ok();
+                addr(peer).is_some() && addr(peer) != addr(local)
             }
             _ => false,
         };
@@ -188,7 +186,11 @@ fn main() -> Result<()> {
             row.dialled.to_string(),
             row.what,
             served,
-            if local_on_loopback { "agent" } else { "direct" },
+            if outbound_via_agent {
+                "agent"
+            } else {
+                "direct"
+            },
             if inbound_via_agent { "agent" } else { "direct" },
             r["sent"],
             r["received"],

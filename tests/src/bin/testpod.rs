@@ -12,7 +12,9 @@
 //!   bytes per second, so a transfer lasts as long as a test needs) and checking the echo; one
 //!   JSON line per connection; exit 0 only if all are ok. With `--send-first` each connection
 //!   starts sending as soon as it is connected, before the server's greeting arrives (a client
-//!   that talks first, as HTTP clients do).
+//!   that talks first, as HTTP clients do). Each line has the socket's `peer` (`getpeername`),
+//!   `local` (`getsockname`) and `kernel_peer` (the remote address in the kernel's socket
+//!   table, which no hook rewrites: `127.0.0.1:15001` for a connection redirected to the agent).
 //! - `testpod churn --connect ADDR --count C [--max-seconds S] [--greeting-only]`: C short
 //!   sequential connections; one summary line. With `--greeting-only` (for a server started
 //!   with `--greeting-only`) each connection only reads the greeting and the server's close.
@@ -108,6 +110,10 @@ enum Cmd {
         /// Send the greeting and close, without echo or per-connection events.
         #[arg(long)]
         greeting_only: bool,
+        /// Set SO_REUSEPORT, joining the listener group of a socket of the same user on the
+        /// same address (as a root application could try with the agent's).
+        #[arg(long)]
+        reuse_port: bool,
     },
     /// Connect, send bytes, verify the echo. A flag given twice takes its last value.
     #[command(args_override_self = true)]
@@ -132,6 +138,10 @@ enum Cmd {
         /// CAP_NET_RAW can.
         #[arg(long, value_parser = parse_u32)]
         mark: Option<u32>,
+        /// Bind to this address with `IP_TRANSPARENT` before connecting, posing as a client
+        /// it is not, as a process with CAP_NET_RAW can.
+        #[arg(long)]
+        transparent_from: Option<IpAddr>,
         /// Send at most this many bytes per second (a long transfer whatever the machine's
         /// speed).
         #[arg(long)]
@@ -342,7 +352,8 @@ fn main() -> ExitCode {
             bind,
             name,
             greeting_only,
-        } => serve(&ports, bind, name, greeting_only),
+            reuse_port,
+        } => serve(&ports, bind, name, greeting_only, reuse_port),
         Cmd::Client {
             connect,
             bytes,
@@ -350,6 +361,7 @@ fn main() -> ExitCode {
             timeout_ms,
             pattern,
             mark,
+            transparent_from,
             rate,
             send_first,
         } => client(
@@ -360,6 +372,7 @@ fn main() -> ExitCode {
                 timeout: Duration::from_millis(timeout_ms),
                 pattern: pattern.map(String::into_bytes),
                 mark,
+                transparent_from,
                 rate,
                 first: send_first,
             },
@@ -469,9 +482,12 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------------------------
 // serve
 
-fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
+fn listen(addr: SocketAddr, v6only: bool, reuse_port: bool) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         s.set_only_v6(v6only)?;
     }
@@ -480,7 +496,13 @@ fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
     Ok(s.into())
 }
 
-fn serve(ports: &[u16], bind: Option<IpAddr>, name: Option<String>, greeting_only: bool) -> bool {
+fn serve(
+    ports: &[u16],
+    bind: Option<IpAddr>,
+    name: Option<String>,
+    greeting_only: bool,
+    reuse_port: bool,
+) -> bool {
     let name = name
         .or_else(|| std::env::var("POD_NAME").ok())
         .unwrap_or_else(|| "unknown".into());
@@ -500,7 +522,7 @@ fn serve(ports: &[u16], bind: Option<IpAddr>, name: Option<String>, greeting_onl
             ],
         };
         for (addr, v6only) in addrs {
-            match listen(addr, v6only) {
+            match listen(addr, v6only, reuse_port) {
                 Ok(l) => listeners.push(l),
                 Err(e) => {
                     emit(json!({"event": "error", "error": format!("listen {addr}: {e}")}));
@@ -677,6 +699,7 @@ struct Sending {
     timeout: Duration,
     pattern: Option<Vec<u8>>,
     mark: Option<u32>,
+    transparent_from: Option<IpAddr>,
     rate: Option<u64>,
     /// Before the greeting arrives.
     first: bool,
@@ -698,6 +721,7 @@ fn client_conn(addr: SocketAddr, index: u32, sending: &Sending) -> Value {
         timeout,
         ref pattern,
         mark,
+        transparent_from,
         rate,
         first,
     } = *sending;
@@ -709,9 +733,11 @@ fn client_conn(addr: SocketAddr, index: u32, sending: &Sending) -> Value {
         "sent": 0, "received": 0, "error": null,
     });
     let r = (|| -> Result<(), String> {
-        let s = connect_marked(addr, timeout, mark).map_err(|e| format!("connect {addr}: {e}"))?;
+        let s = connect_marked(addr, timeout, mark, transparent_from)
+            .map_err(|e| format!("connect {addr}: {e}"))?;
         out["peer"] = json!(s.peer_addr().map(|a| a.to_string()).ok());
         out["local"] = json!(s.local_addr().map(|a| a.to_string()).ok());
+        out["kernel_peer"] = json!(kernel_peer(&s).map(|a| a.to_string()));
         let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
         let mut w = s.try_clone().map_err(|e| e.to_string())?;
         let mut prng = Payload::new(index, pattern);
@@ -798,13 +824,66 @@ fn client_conn(addr: SocketAddr, index: u32, sending: &Sending) -> Value {
     out
 }
 
-/// A blocking connect with a timeout, the socket marked first if asked.
-fn connect_marked(addr: SocketAddr, timeout: Duration, mark: Option<u32>) -> io::Result<TcpStream> {
-    let Some(mark) = mark else {
+/// The remote address of `s` as the kernel's socket table (`/proc/self/net/tcp{,6}`) lists
+/// it, found by the socket's inode: where the connection really goes, whatever a
+/// `getpeername` hook makes the application see (for a redirected socket, the agent's
+/// `127.0.0.1:15001`).
+fn kernel_peer(s: &TcpStream) -> Option<SocketAddr> {
+    use std::os::{fd::AsFd, unix::fs::MetadataExt};
+    let inode = std::fs::File::from(s.as_fd().try_clone_to_owned().ok()?)
+        .metadata()
+        .ok()?
+        .ino()
+        .to_string();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let text = std::fs::read_to_string(table).ok()?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(9) != Some(&inode.as_str()) {
+                continue;
+            }
+            let (addr, port) = fields.get(2)?.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            // Each 32-bit word is printed in host byte order.
+            let words: Vec<u32> = (0..addr.len() / 8)
+                .map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).map(u32::from_be))
+                .collect::<Result<_, _>>()
+                .ok()?;
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+            let ip = match bytes.len() {
+                4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+                16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+                _ => return None,
+            };
+            return Some(SocketAddr::new(ip, port));
+        }
+    }
+    None
+}
+
+/// A blocking connect with a timeout, the socket marked and bound transparently to
+/// `transparent_from` first if asked.
+fn connect_marked(
+    addr: SocketAddr,
+    timeout: Duration,
+    mark: Option<u32>,
+    transparent_from: Option<IpAddr>,
+) -> io::Result<TcpStream> {
+    if mark.is_none() && transparent_from.is_none() {
         return TcpStream::connect_timeout(&addr, timeout);
-    };
+    }
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_mark(mark)?;
+    if let Some(mark) = mark {
+        s.set_mark(mark)?;
+    }
+    if let Some(from) = transparent_from {
+        if addr.is_ipv4() {
+            s.set_ip_transparent_v4(true)?;
+        } else {
+            s.set_ip_transparent_v6(true)?;
+        }
+        s.bind(&SocketAddr::new(from, 0).into())?;
+    }
     s.connect_timeout(&addr.into(), timeout)?;
     Ok(s.into())
 }
@@ -833,10 +912,11 @@ fn flood(kind: FloodKind, addr: SocketAddr, count: u32, max: Duration) -> bool {
         }
         _ => None,
     };
-    let held_port = holder
+    // The held connection's own address: binding it again (SO_REUSEADDR) and dialling the
+    // same destination takes its 4-tuple.
+    let held = holder
         .as_ref()
-        .and_then(|s| s.local_addr().ok()?.as_socket())
-        .map(|a| a.port());
+        .and_then(|s| s.local_addr().ok()?.as_socket());
     let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
     let (mut attempted, mut connected) = (0u64, 0u64);
     for _ in 0..count {
@@ -860,11 +940,11 @@ fn flood(kind: FloodKind, addr: SocketAddr, count: u32, max: Duration) -> bool {
                         Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
                     s.set_reuse_address(true)?;
                     let any: SocketAddr = if addr.is_ipv4() {
-                        (Ipv4Addr::UNSPECIFIED, held_port.unwrap_or(0)).into()
+                        (Ipv4Addr::UNSPECIFIED, 0).into()
                     } else {
-                        (Ipv6Addr::UNSPECIFIED, held_port.unwrap_or(0)).into()
+                        (Ipv6Addr::UNSPECIFIED, 0).into()
                     };
-                    s.bind(&any.into())?;
+                    s.bind(&held.unwrap_or(any).into())?;
                     s.connect(&addr.into())
                 }
                 FloodKind::Plain => {

@@ -41,7 +41,7 @@ use super::{
 };
 use crate::state::{
     WaypointRef,
-    resilience::{Mirror, RouteResilience},
+    routes::resilience::{Mirror, RouteResilience},
     routes::{
         DirectResponse, FullRegex, HeaderMatch, HeaderOps, HeaderRules, HttpMatch, HttpRoute,
         QueryMatch, Redirect, Rewrite, RouteDestination, RouteFilters, ServiceRoutes, StringMatch,

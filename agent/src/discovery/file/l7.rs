@@ -474,6 +474,42 @@ pub fn parse_jwks(text: &[u8]) -> Result<JwkSet, String> {
     Ok(set)
 }
 
+/// Why the waypoint will not fetch a `jwksUri` from `ip`, if it will not: Istio's jwks
+/// resolver's always-on block (link-local unicast and multicast, 169.254.0.0/16 and fe80::/10,
+/// where cloud instance metadata lives; the metadata addresses outside it, Alibaba's
+/// 100.100.100.200 and AWS's fd00:ec2::/32), plus what is no host at all (unspecified,
+/// broadcast, multicast). An IPv4-mapped IPv6 address is judged as its IPv4 address. Loopback
+/// and private addresses stay allowed, as Istio's default: an in-cluster identity provider is
+/// legitimate.
+pub fn refused_jwks_address(ip: std::net::IpAddr) -> Option<&'static str> {
+    use std::net::IpAddr;
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            if v4.is_link_local() {
+                Some("a link-local address (169.254.0.0/16: cloud instance metadata)")
+            } else if v4.octets() == [100, 100, 100, 200] {
+                Some("a cloud instance metadata address (100.100.100.200)")
+            } else if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() {
+                Some("not a unicast host address")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            if first & 0xffc0 == 0xfe80 {
+                Some("a link-local address (fe80::/10)")
+            } else if first == 0xfd00 && v6.segments()[1] == 0x0ec2 {
+                Some("a cloud instance metadata address (fd00:ec2::/32)")
+            } else if v6.is_unspecified() || v6.is_multicast() {
+                Some("not a unicast host address")
+            } else {
+                None
+            }
+        }
+    }
+}
+
 fn header_name(field: String, text: &str) -> Result<String, PolicyError> {
     HeaderName::from_bytes(text.as_bytes())
         .map(|h| h.as_str().to_string())
@@ -562,6 +598,18 @@ fn jwt_rule(at: &str, r: &JwtRuleFile) -> Result<JwtRule, PolicyError> {
                 return Err(invalid(
                     format!("{at}.jwksUri"),
                     format!("{uri:?}: expected an http:// or https:// URL with a host"),
+                ));
+            }
+            let host = parsed.host().unwrap_or_default();
+            if let Ok(ip) = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                && let Some(why) = refused_jwks_address(ip)
+            {
+                return Err(invalid(
+                    format!("{at}.jwksUri"),
+                    format!("{uri:?}: {ip} is {why}; the waypoint does not fetch keys from it"),
                 ));
             }
             JwksSource::Uri(uri.clone())
@@ -861,6 +909,47 @@ authorizationPolicies:
                 "{at}.jwksUri: \"ftp://idp/keys\": expected an http:// or https:// URL with a host"
             ),
         );
+        // Link-local and metadata addresses are refused, as literals here and once resolved
+        // by the fetcher; loopback and private ones are not.
+        for (uri, why) in [
+            (
+                "http://169.254.169.254/keys",
+                "169.254.169.254 is a link-local address",
+            ),
+            ("http://[fe80::1]/keys", "fe80::1 is a link-local address"),
+            (
+                "http://[::ffff:169.254.1.1]/keys",
+                "169.254.1.1 is a link-local address",
+            ),
+            (
+                "http://100.100.100.200/keys",
+                "is a cloud instance metadata address",
+            ),
+            (
+                "https://[fd00:ec2::254]/keys",
+                "is a cloud instance metadata address",
+            ),
+            ("http://0.0.0.0/keys", "is not a unicast host address"),
+        ] {
+            let error = parse(&ra(&format!(
+                "{{issuer: \"https://idp\", jwksUri: \"{uri}\"}}"
+            )))
+            .unwrap_err();
+            assert!(
+                error.contains(&format!("{at}.jwksUri: \"{uri}\": ")) && error.contains(why),
+                "{uri}: {error}"
+            );
+        }
+        for uri in [
+            "http://127.0.0.1:8080/keys",
+            "http://10.0.0.1/keys",
+            "http://[fd00::1]/k",
+        ] {
+            parse(&ra(&format!(
+                "{{issuer: \"https://idp\", jwksUri: \"{uri}\"}}"
+            )))
+            .unwrap_or_else(|e| panic!("{uri}: {e}"));
+        }
         assert!(
             parse(&ra("{issuer: \"https://idp\", jwks: \"{\\\"keys\\\":[{\\\"kty\\\":\\\"oct\\\",\\\"k\\\":\\\"eA\\\"}]}\"}"))
                 .unwrap_err()

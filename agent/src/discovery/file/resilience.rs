@@ -19,10 +19,10 @@ use serde::{Deserialize, Serialize};
 use super::{ConfigError, DestinationFile, Validator};
 use crate::state::{
     Service,
-    resilience::{
+    routes::Subset,
+    routes::resilience::{
         AbortError, Fault, FaultAbort, FaultDelay, Mirror, RetryOn, RetryPolicy, RouteResilience,
     },
-    routes::Subset,
 };
 
 /// Istio's `HTTPRetry`.
@@ -402,7 +402,7 @@ mod tests {
         discovery::parse_mesh,
         state::{
             MeshState,
-            resilience::{AbortError, RetryOn, RetryPolicy, RouteResilience},
+            routes::resilience::{AbortError, RetryOn, RetryPolicy, RouteResilience},
         },
     };
 

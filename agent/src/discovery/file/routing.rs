@@ -602,7 +602,7 @@ impl Validator<'_> {
     }
 
     /// Checks `apiVersion` and `kind`.
-    fn header(
+    pub(super) fn header(
         &self,
         at: &str,
         api_version: &str,

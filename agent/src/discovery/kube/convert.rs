@@ -241,7 +241,9 @@ fn pod_workload(
         node: spec.node_name.clone().unwrap_or_default(),
         labels: meta.labels.clone().unwrap_or_default(),
         enrolled,
-        ready: status.ready && !ips.is_empty(),
+        // A terminating pod is no endpoint any more, as the EndpointSlice controller marks it
+        // (`ready: false`, `terminating: true`): new connections go elsewhere while it drains.
+        ready: status.ready && !ips.is_empty() && meta.deletion_timestamp.is_none(),
         ips,
         netns,
     })
@@ -689,6 +691,15 @@ mod tests {
         let mut unready = pod("p", "node-b", "10.0.0.2");
         unready.status.as_mut().unwrap().conditions = None;
         assert!(!workload(&unready, true).unwrap().ready);
+        let mut terminating = pod("p", "node-b", "10.0.0.2");
+        terminating.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+        );
+        let terminating = workload(&terminating, true).unwrap();
+        assert!(
+            !terminating.ready && terminating.enrolled,
+            "a terminating pod stays enrolled but is no endpoint"
+        );
         let mut no_sa = pod("p", "node-b", "10.0.0.2");
         no_sa.spec.as_mut().unwrap().service_account_name = None;
         assert_eq!(workload(&no_sa, true).unwrap().service_account, "default");

@@ -20,14 +20,13 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-use serde::{Deserialize, Serialize};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
 use super::{
     gateway::{GATEWAY_API_VERSION, GATEWAY_GROUP},
     routes::{RouteKey, RouteKind},
-    security::{creation_order, policy_meta},
+    security::creation_order,
 };
 use crate::{
     discovery::file::{
@@ -37,45 +36,22 @@ use crate::{
     state::{Service, routes::ServiceRoutes},
 };
 
-macro_rules! gateway_route_resource {
-    ($(#[$doc:meta])* $type:ident, $kind:literal, $plural:literal) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-        pub struct $type {
-            /// Name, namespace, UID, resource version, generation and creation time (nothing
-            /// else is kept).
-            #[serde(default, deserialize_with = "policy_meta")]
-            pub metadata: ObjectMeta,
-            /// The Gateway API spec, as JSON (so that a field Ambit refuses is seen, not
-            /// dropped while parsing).
-            #[serde(default)]
-            pub spec: Value,
-            /// The status, as JSON: other controllers' `parents[]` entries are kept as they are.
-            #[serde(default, skip_serializing_if = "Option::is_none")]
-            pub status: Option<Value>,
-        }
-
-        super::kube_resource!(
-            $type,
-            GATEWAY_API_VERSION,
-            GATEWAY_GROUP,
-            "v1",
-            $kind,
-            $plural,
-            NamespaceResourceScope
-        );
-    };
-}
-
-gateway_route_resource!(
+// The status is kept as JSON: other controllers' `parents[]` entries stay as they are.
+super::spec_resource!(
     /// An `httproutes.gateway.networking.k8s.io/v1` resource.
     HttpRouteResource,
+    status: Value,
+    GATEWAY_API_VERSION,
+    GATEWAY_GROUP,
     "HTTPRoute",
     "httproutes"
 );
-gateway_route_resource!(
+super::spec_resource!(
     /// A `grpcroutes.gateway.networking.k8s.io/v1` resource.
     GrpcRouteResource,
+    status: Value,
+    GATEWAY_API_VERSION,
+    GATEWAY_GROUP,
     "GRPCRoute",
     "grpcroutes"
 );

@@ -82,6 +82,43 @@ macro_rules! kube_resource {
 }
 pub(crate) use kube_resource;
 
+/// Declares `$type`, a namespaced `v1` resource of `$group` kept as the source reads it: its
+/// metadata slimmed by [`security::policy_meta`], its `spec` as JSON (so that a field Ambit
+/// refuses is seen and named, not dropped while parsing) and its `status` as `$status`. The one
+/// way Ambit declares the Istio-shaped and Gateway API resources it judges and reports on.
+macro_rules! spec_resource {
+    ($(#[$doc:meta])* $type:ident, status: $status:ty, $api_version:expr, $group:expr, $kind:literal, $plural:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+        pub struct $type {
+            /// Name, namespace, UID, resource version, generation, creation time and the
+            /// dry-run annotation (nothing else is kept).
+            #[serde(
+                default,
+                deserialize_with = "crate::discovery::kube::security::policy_meta"
+            )]
+            pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            /// The spec, as JSON.
+            #[serde(default)]
+            pub spec: serde_json::Value,
+            /// What Ambit (and, for the Gateway API, other controllers) reported about it.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub status: Option<$status>,
+        }
+
+        $crate::discovery::kube::kube_resource!(
+            $type,
+            $api_version,
+            $group,
+            "v1",
+            $kind,
+            $plural,
+            k8s_openapi::NamespaceResourceScope
+        );
+    };
+}
+pub(crate) use spec_resource;
+
 mod cgroup;
 pub mod convert;
 pub mod crd;
@@ -90,6 +127,8 @@ pub mod gateway;
 pub mod gateway_routes;
 pub mod objects;
 pub mod owner;
+pub mod policies;
+pub mod ratelimit;
 mod route_status;
 pub mod routes;
 pub mod security;
@@ -109,8 +148,11 @@ pub use self::{
 use self::{
     gateway_routes::{GrpcRouteResource, HttpRouteResource},
     objects::{EndpointSliceView, NamespaceView, PodView, ServiceView},
+    ratelimit::RateLimitPolicyResource,
     routes::{DestinationRuleResource, VirtualServiceResource},
-    security::{AuthorizationPolicyResource, PeerAuthenticationResource},
+    security::{
+        AuthorizationPolicyResource, PeerAuthenticationResource, RequestAuthenticationResource,
+    },
 };
 
 /// The `source` of this source's [`ConfigStatus`].
@@ -150,6 +192,8 @@ pub enum WatchedKind {
     AuthorizationPolicies,
     /// `security.ambit.dev/v1` PeerAuthentications (a custom resource).
     PeerAuthentications,
+    /// `security.ambit.dev/v1` RequestAuthentications (a custom resource; for waypoints).
+    RequestAuthentications,
     /// `networking.ambit.dev/v1` VirtualServices (a custom resource).
     VirtualServices,
     /// `networking.ambit.dev/v1` DestinationRules (a custom resource).
@@ -158,6 +202,8 @@ pub enum WatchedKind {
     HttpRoutes,
     /// `gateway.networking.k8s.io/v1` GRPCRoutes (the Gateway API's CRDs).
     GrpcRoutes,
+    /// `networking.ambit.dev/v1` RateLimitPolicies (a custom resource).
+    RateLimitPolicies,
 }
 
 /// How many kinds the source watches.
@@ -165,17 +211,19 @@ const KINDS: usize = WatchedKind::ALL.len();
 
 impl WatchedKind {
     /// Every kind, in the order used for indexing.
-    pub const ALL: [WatchedKind; 10] = [
+    pub const ALL: [WatchedKind; 12] = [
         WatchedKind::Pods,
         WatchedKind::Namespaces,
         WatchedKind::Services,
         WatchedKind::EndpointSlices,
         WatchedKind::AuthorizationPolicies,
         WatchedKind::PeerAuthentications,
+        WatchedKind::RequestAuthentications,
         WatchedKind::VirtualServices,
         WatchedKind::DestinationRules,
         WatchedKind::HttpRoutes,
         WatchedKind::GrpcRoutes,
+        WatchedKind::RateLimitPolicies,
     ];
 
     /// The resource's plural name, as in the API's paths.
@@ -187,10 +235,12 @@ impl WatchedKind {
             WatchedKind::EndpointSlices => "endpointslices",
             WatchedKind::AuthorizationPolicies => "authorizationpolicies",
             WatchedKind::PeerAuthentications => "peerauthentications",
+            WatchedKind::RequestAuthentications => "requestauthentications",
             WatchedKind::VirtualServices => "virtualservices",
             WatchedKind::DestinationRules => "destinationrules",
             WatchedKind::HttpRoutes => "httproutes",
             WatchedKind::GrpcRoutes => "grpcroutes",
+            WatchedKind::RateLimitPolicies => "ratelimitpolicies",
         }
     }
 
@@ -202,12 +252,12 @@ impl WatchedKind {
     /// The API group of one of Ambit's custom resources.
     pub fn group(self) -> Option<&'static str> {
         match self {
-            WatchedKind::AuthorizationPolicies | WatchedKind::PeerAuthentications => {
-                Some(security::GROUP)
-            }
-            WatchedKind::VirtualServices | WatchedKind::DestinationRules => {
-                Some(routes::NETWORKING_GROUP)
-            }
+            WatchedKind::AuthorizationPolicies
+            | WatchedKind::PeerAuthentications
+            | WatchedKind::RequestAuthentications => Some(security::GROUP),
+            WatchedKind::VirtualServices
+            | WatchedKind::DestinationRules
+            | WatchedKind::RateLimitPolicies => Some(routes::NETWORKING_GROUP),
             WatchedKind::HttpRoutes | WatchedKind::GrpcRoutes => Some(gateway::GATEWAY_GROUP),
             _ => None,
         }
@@ -492,12 +542,16 @@ impl KubeSource {
         let (authorizations_stream, authorizations) =
             self.reflector(WatchedKind::AuthorizationPolicies);
         let (peers_stream, peer_authentications) = self.reflector(WatchedKind::PeerAuthentications);
+        let (authentications_stream, request_authentications) =
+            self.reflector(WatchedKind::RequestAuthentications);
         let (virtual_services_stream, virtual_services) =
             self.reflector(WatchedKind::VirtualServices);
         let (destination_rules_stream, destination_rules) =
             self.reflector(WatchedKind::DestinationRules);
         let (http_routes_stream, http_routes) = self.reflector(WatchedKind::HttpRoutes);
         let (grpc_routes_stream, grpc_routes) = self.reflector(WatchedKind::GrpcRoutes);
+        let (rate_limits_stream, rate_limit_policies) =
+            self.reflector(WatchedKind::RateLimitPolicies);
         let mut signals = futures::stream::select_all([
             pods_stream,
             namespaces_stream,
@@ -505,10 +559,12 @@ impl KubeSource {
             slices_stream,
             authorizations_stream,
             peers_stream,
+            authentications_stream,
             virtual_services_stream,
             destination_rules_stream,
             http_routes_stream,
             grpc_routes_stream,
+            rate_limits_stream,
         ]);
         let stores = Stores {
             pods,
@@ -517,10 +573,12 @@ impl KubeSource {
             endpoint_slices,
             authorizations,
             peer_authentications,
+            request_authentications,
             virtual_services,
             destination_rules,
             http_routes,
             grpc_routes,
+            rate_limit_policies,
         };
 
         let mut run = Run {
@@ -530,6 +588,7 @@ impl KubeSource {
             synced: [false; KINDS],
             not_installed: [false; KINDS],
             reported_rejections: HashMap::new(),
+            policies_in_force: HashMap::new(),
             reported_route_rejections: HashMap::new(),
             routes_in_force: HashMap::new(),
             health: Health::default(),
@@ -601,10 +660,12 @@ struct Stores {
     endpoint_slices: Store<EndpointSliceView>,
     authorizations: Store<AuthorizationPolicyResource>,
     peer_authentications: Store<PeerAuthenticationResource>,
+    request_authentications: Store<RequestAuthenticationResource>,
     virtual_services: Store<VirtualServiceResource>,
     destination_rules: Store<DestinationRuleResource>,
     http_routes: Store<HttpRouteResource>,
     grpc_routes: Store<GrpcRouteResource>,
+    rate_limit_policies: Store<RateLimitPolicyResource>,
 }
 
 /// One watcher's report to the source's loop.
@@ -823,7 +884,10 @@ struct Run {
     /// counts as listed and empty, whatever its store still holds.
     not_installed: [bool; KINDS],
     /// The rejected policies last logged, and why: each rejection is logged once.
-    reported_rejections: HashMap<String, String>,
+    reported_rejections: HashMap<routes::RouteKey, String>,
+    /// The spec in force of each waypoint policy: a rejected one may keep its last accepted
+    /// version (`policies::convert_policies`).
+    policies_in_force: HashMap<routes::RouteKey, serde_json::Value>,
     /// Likewise for the routing resources.
     reported_route_rejections: HashMap<routes::RouteKey, String>,
     /// The spec in force of each routing resource: a rejected one keeps its last accepted
@@ -1031,20 +1095,31 @@ impl Run {
         } else {
             Vec::new()
         };
-        let converted =
-            security::convert_policies(&authorizations, &peers, &self.source.root_namespace);
+        let authentications = if served(WatchedKind::RequestAuthentications) {
+            self.stores.request_authentications.state()
+        } else {
+            Vec::new()
+        };
+        let converted = policies::convert_policies(
+            &authorizations,
+            &peers,
+            &authentications,
+            &self.source.root_namespace,
+            &self.policies_in_force,
+        );
         let mut reported = HashMap::with_capacity(converted.rejected.len());
-        for (resource, acceptance) in converted.rejected {
-            if self.reported_rejections.get(&resource) != Some(&acceptance.message) {
-                tracing::warn!(
-                    %resource,
-                    reason = %acceptance.verdict,
-                    message = %acceptance.message,
-                    "policy rejected; enforced in its fail-closed form (docs/crds.md)"
-                );
-            }
-            reported.insert(resource, acceptance.message);
-        }
+        report_rejections(
+            &self.reported_rejections,
+            &mut reported,
+            "policy",
+            "its fail-closed form (docs/crds.md)",
+            converted
+                .rejected
+                .iter()
+                .map(|(key, acceptance)| (key, acceptance)),
+            &converted.in_force,
+        );
+        self.policies_in_force = converted.in_force;
         self.reported_rejections = reported;
         converted.set
     }
@@ -1113,23 +1188,32 @@ impl Run {
             }
             reported.insert(key.clone(), message.clone());
         }
-        for (key, acceptance) in &converted.verdicts {
-            if acceptance.accepted() {
-                continue;
-            }
-            if self.reported_route_rejections.get(key) != Some(&acceptance.message) {
-                tracing::warn!(
-                    resource = %key,
-                    reason = %acceptance.verdict,
-                    message = %acceptance.message,
-                    last_accepted_in_force = converted.in_force.contains_key(key),
-                    "routing resource rejected; its last accepted version, if any, stays in force"
-                );
-            }
-            reported.insert(key.clone(), acceptance.message.clone());
-        }
+        report_rejections(
+            &self.reported_route_rejections,
+            &mut reported,
+            "routing resource",
+            "nothing",
+            &converted.verdicts,
+            &converted.in_force,
+        );
+        let rate_limit_policies = if served(WatchedKind::RateLimitPolicies) {
+            self.stores.rate_limit_policies.state()
+        } else {
+            Vec::new()
+        };
+        let rate_limits =
+            ratelimit::convert_rate_limits(&rate_limit_policies, services, &self.routes_in_force);
+        report_rejections(
+            &self.reported_route_rejections,
+            &mut reported,
+            "RateLimitPolicy",
+            "nothing",
+            &rate_limits.verdicts,
+            &rate_limits.in_force,
+        );
         self.reported_route_rejections = reported;
         let mut table = converted.table;
+        table.rate_limits = rate_limits.table;
         for (uid, routes) in gateway.by_service {
             if let Some(virtual_service) = table.by_service.get(&uid) {
                 tracing::debug!(
@@ -1143,6 +1227,7 @@ impl Run {
         }
         self.routes_in_force = converted.in_force;
         self.routes_in_force.extend(gateway.in_force);
+        self.routes_in_force.extend(rate_limits.in_force);
         table
     }
 
@@ -1167,6 +1252,37 @@ impl Run {
     }
 }
 
+/// Logs each rejected resource of `verdicts` (a `what`: routing resource, RateLimitPolicy,
+/// policy) unless it was already reported with the same message (`previous`), and records it in
+/// `reported`; what is in force for it is its last accepted version if `in_force` has it, else
+/// `otherwise`.
+fn report_rejections<'a>(
+    previous: &HashMap<routes::RouteKey, String>,
+    reported: &mut HashMap<routes::RouteKey, String>,
+    what: &str,
+    otherwise: &str,
+    verdicts: impl IntoIterator<Item = (&'a routes::RouteKey, &'a security::Acceptance)>,
+    in_force: &HashMap<routes::RouteKey, serde_json::Value>,
+) {
+    for (key, acceptance) in verdicts {
+        if acceptance.accepted() {
+            continue;
+        }
+        if previous.get(key) != Some(&acceptance.message) {
+            let last_accepted_in_force = in_force.contains_key(key);
+            tracing::warn!(
+                resource = %key,
+                reason = %acceptance.verdict,
+                message = %acceptance.message,
+                last_accepted_in_force,
+                "{what} rejected; in force: {}",
+                if last_accepted_in_force { "its last accepted version" } else { otherwise }
+            );
+        }
+        reported.insert(key.clone(), acceptance.message.clone());
+    }
+}
+
 /// Whether two policy sets hold the same policies in the same order (a status written on a
 /// policy resource changes nothing the mesh uses).
 fn same_policies(a: &PolicySet, b: &PolicySet) -> bool {
@@ -1176,6 +1292,7 @@ fn same_policies(a: &PolicySet, b: &PolicySet) -> bool {
             .zip(b.authorizations())
             .all(|(a, b)| **a == **b)
         && a.peer_authentications() == b.peer_authentications()
+        && a.waypoint() == b.waypoint()
 }
 
 /// Whether `converted` describes the same mesh as `state` (then nothing is published, so a pod

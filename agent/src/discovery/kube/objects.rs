@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use k8s_openapi::{
     ClusterResourceScope, NamespaceResourceScope,
     apimachinery::pkg::{
-        apis::meta::v1::{ObjectMeta, OwnerReference},
+        apis::meta::v1::{ObjectMeta, OwnerReference, Time},
         util::intstr::IntOrString,
     },
 };
@@ -263,7 +263,8 @@ impl From<SlimMeta> for ObjectMeta {
 }
 
 /// A pod's metadata: [`SlimMeta`]'s fields, plus what names its workload ([`super::owner`]):
-/// `generateName` and, of its owner references, the controller's kind and name.
+/// `generateName` and, of its owner references, the controller's kind and name; and
+/// `deletionTimestamp`, since a terminating pod is no longer an endpoint.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct SlimPodMeta {
@@ -275,6 +276,7 @@ struct SlimPodMeta {
     generate_name: Option<String>,
     #[serde(default, deserialize_with = "controller_reference")]
     owner_references: Option<OwnerReference>,
+    deletion_timestamp: Option<Time>,
 }
 
 /// The owner reference with `controller: true`, kind and name only.
@@ -307,6 +309,7 @@ fn pod_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D:
     Ok(ObjectMeta {
         generate_name: slim.generate_name,
         owner_references: slim.owner_references.map(|owner| vec![owner]),
+        deletion_timestamp: slim.deletion_timestamp,
         ..ObjectMeta::from(SlimMeta {
             name: slim.name,
             namespace: slim.namespace,

@@ -1,5 +1,5 @@
-//! The status of Ambit's routing resources (`networking.ambit.dev/v1` VirtualService and
-//! DestinationRule): whether each is accepted as written.
+//! The status of Ambit's routing resources (`networking.ambit.dev/v1` VirtualService,
+//! DestinationRule and RateLimitPolicy): whether each is accepted as written.
 //!
 //! A route is judged against the others and the services (a host must be a service, a subset
 //! defined by a DestinationRule, one VirtualService per host), so unlike a policy it cannot be
@@ -33,6 +33,7 @@ use super::{
     WatchedKind,
     gateway_routes::{self, GrpcRouteResource, HttpRouteResource, ParentVerdict, RouteCondition},
     objects::ServiceView,
+    ratelimit::{self, RateLimitPolicyResource},
     routes::{self, DestinationRuleResource, RouteKey, RouteKind, VirtualServiceResource},
     waypoint_controller::CONTROLLER_NAME,
 };
@@ -115,6 +116,10 @@ impl RouteStatusWriter {
             Api::<GrpcRouteResource>::all(client.clone()),
             WatchedKind::GrpcRoutes,
         );
+        let (rl_stream, rate_limit_policies) = watch_into(
+            Api::<RateLimitPolicyResource>::all(client.clone()),
+            WatchedKind::RateLimitPolicies,
+        );
         let (services_stream, services) =
             watch_into(Api::<ServiceView>::all(client), WatchedKind::Services);
         let mut heard = futures::stream::select_all([
@@ -122,6 +127,7 @@ impl RouteStatusWriter {
             dr_stream,
             http_stream,
             grpc_stream,
+            rl_stream,
             services_stream,
         ]);
         let mut synced: HashMap<WatchedKind, bool> = HashMap::new();
@@ -164,6 +170,7 @@ impl RouteStatusWriter {
                         WatchedKind::DestinationRules,
                         WatchedKind::HttpRoutes,
                         WatchedKind::GrpcRoutes,
+                        WatchedKind::RateLimitPolicies,
                         WatchedKind::Services,
                     ]
                     .iter()
@@ -176,6 +183,7 @@ impl RouteStatusWriter {
                                 &mut converter,
                                 (&virtual_services, &destination_rules),
                                 (&http_routes, &grpc_routes),
+                                &rate_limit_policies,
                                 &services,
                             )
                             .await;
@@ -198,6 +206,7 @@ impl RouteStatusWriter {
             &Store<DestinationRuleResource>,
         ),
         (http_routes, grpc_routes): (&Store<HttpRouteResource>, &Store<GrpcRouteResource>),
+        rate_limit_policies: &Store<RateLimitPolicyResource>,
         services: &Store<ServiceView>,
     ) -> bool {
         let service_views = services.state();
@@ -220,6 +229,14 @@ impl RouteStatusWriter {
         for resource in &dr {
             if let Some(acceptance) = verdict(RouteKind::DestinationRule, &resource.metadata) {
                 failed |= !self.write(&**resource, &acceptance).await;
+            }
+        }
+        let policies = rate_limit_policies.state();
+        let limits = ratelimit::convert_rate_limits(&policies, &model.services, &HashMap::new());
+        for resource in &policies {
+            let key = RouteKey::of(RouteKind::RateLimitPolicy, &resource.metadata);
+            if let Some(acceptance) = limits.verdicts.get(&key) {
+                failed |= !self.write(&**resource, acceptance).await;
             }
         }
         let (http, grpc) = (http_routes.state(), grpc_routes.state());

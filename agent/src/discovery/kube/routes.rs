@@ -21,11 +21,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-use serde::{Deserialize, Serialize};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
-use super::security::{Acceptance, PolicyStatus, Verdict, creation_order, parse_spec, policy_meta};
+use super::security::{Acceptance, PolicyStatus, Verdict, creation_order, parse_spec};
 use crate::{
     discovery::file::{
         ConfigError, DestinationRuleFile, DestinationRuleSpecFile, ObjectMetaFile, PolicyError,
@@ -38,50 +37,27 @@ use crate::{
 /// The API group of Ambit's routing resources.
 pub const NETWORKING_GROUP: &str = "networking.ambit.dev";
 
-macro_rules! route_resource {
-    ($(#[$doc:meta])* $type:ident, $kind:literal, $plural:literal) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-        pub struct $type {
-            /// Name, namespace, UID, resource version, generation and creation time (nothing
-            /// else is kept).
-            #[serde(default, deserialize_with = "policy_meta")]
-            pub metadata: ObjectMeta,
-            /// Istio's spec, as JSON (so that a field Ambit rejects is seen, not dropped while
-            /// parsing).
-            #[serde(default)]
-            pub spec: Value,
-            /// What Ambit reported about it.
-            #[serde(default, skip_serializing_if = "Option::is_none")]
-            pub status: Option<PolicyStatus>,
-        }
-
-        super::kube_resource!(
-            $type,
-            ROUTING_API_VERSION,
-            NETWORKING_GROUP,
-            "v1",
-            $kind,
-            $plural,
-            NamespaceResourceScope
-        );
-    };
-}
-
-route_resource!(
-    /// A `virtualservices.networking.ambit.dev/v1` resource.
+super::spec_resource!(
+    /// A `virtualservices.networking.ambit.dev/v1` resource: Istio's VirtualService spec.
     VirtualServiceResource,
+    status: PolicyStatus,
+    ROUTING_API_VERSION,
+    NETWORKING_GROUP,
     "VirtualService",
     "virtualservices"
 );
-route_resource!(
-    /// A `destinationrules.networking.ambit.dev/v1` resource.
+super::spec_resource!(
+    /// A `destinationrules.networking.ambit.dev/v1` resource: Istio's DestinationRule spec.
     DestinationRuleResource,
+    status: PolicyStatus,
+    ROUTING_API_VERSION,
+    NETWORKING_GROUP,
     "DestinationRule",
     "destinationrules"
 );
 
-/// The kinds of routing resources.
+/// The kinds of resources whose last accepted version is kept: the routing resources, and the
+/// policy resources (`super::security`, which reuses this key and `judge`'s rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RouteKind {
     /// `networking.ambit.dev/v1` VirtualService.
@@ -92,6 +68,14 @@ pub enum RouteKind {
     HttpRoute,
     /// `gateway.networking.k8s.io/v1` GRPCRoute.
     GrpcRoute,
+    /// `networking.ambit.dev/v1` RateLimitPolicy (`super::ratelimit`).
+    RateLimitPolicy,
+    /// `security.ambit.dev/v1` AuthorizationPolicy (`super::security`).
+    AuthorizationPolicy,
+    /// `security.ambit.dev/v1` PeerAuthentication (`super::security`).
+    PeerAuthentication,
+    /// `security.ambit.dev/v1` RequestAuthentication (`super::security`).
+    RequestAuthentication,
 }
 
 impl fmt::Display for RouteKind {
@@ -101,11 +85,15 @@ impl fmt::Display for RouteKind {
             RouteKind::DestinationRule => "DestinationRule",
             RouteKind::HttpRoute => "HTTPRoute",
             RouteKind::GrpcRoute => "GRPCRoute",
+            RouteKind::RateLimitPolicy => "RateLimitPolicy",
+            RouteKind::AuthorizationPolicy => "AuthorizationPolicy",
+            RouteKind::PeerAuthentication => "PeerAuthentication",
+            RouteKind::RequestAuthentication => "RequestAuthentication",
         })
     }
 }
 
-/// A routing resource: its kind, namespace and name.
+/// A routing (or policy) resource: its kind, namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RouteKey {
     /// Its kind.
@@ -146,7 +134,7 @@ pub struct ConvertedRoutes {
 
 /// A conversion error as a field of the resource: the shared conversion names fields after an
 /// empty prefix (`.spec.http[0]...`).
-fn field_error(error: ConfigError) -> PolicyError {
+pub(super) fn field_error(error: ConfigError) -> PolicyError {
     match error {
         ConfigError::Invalid { field, reason, .. } => PolicyError {
             field: field.trim_start_matches('.').to_string(),
@@ -169,7 +157,7 @@ fn verdict_of(error: &PolicyError) -> Verdict {
     }
 }
 
-fn meta_file(meta: &ObjectMeta) -> ObjectMetaFile {
+pub(super) fn meta_file(meta: &ObjectMeta) -> ObjectMetaFile {
     ObjectMetaFile {
         name: meta.name.clone().unwrap_or_default(),
         namespace: meta.namespace.clone(),
@@ -296,7 +284,7 @@ pub fn convert_routes(
 
 /// The verdict on a resource's current `spec`, and what is in force: the current spec if it
 /// converts, else the last good one if that still converts, else nothing.
-fn judge<T>(
+pub(super) fn judge<T>(
     key: &RouteKey,
     spec: &Value,
     last_good: &HashMap<RouteKey, Value>,

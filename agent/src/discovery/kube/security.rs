@@ -10,23 +10,24 @@
 //! workloads it selects; a rejected DENY policy is enforced with every rejected part counted as
 //! matching (a rejected source field, operation field or condition constrains nothing, so the
 //! policy denies at least what it names); a rejected PeerAuthentication is STRICT.
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{collections::BTreeMap, fmt};
 
-use k8s_openapi::{
-    NamespaceResourceScope,
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::{
     discovery::file::{
-        AuthorizationPolicyFile, CONDITION_KEYS, PolicyError, RuleFile, SelectorFile,
-        authorization_policy as validate_authorization_policy, peer_auth_mode, workload_selector,
+        AuthorizationPolicyFile, CONDITION_KEYS, JwtRuleFile, PolicyError,
+        RequestAuthenticationFile, RuleFile, SelectorFile, TargetRefFile,
+        authorization_policy as validate_authorization_policy, peer_auth_mode,
+        request_authentication as validate_request_authentication, target_refs, waypoint_policy,
+        workload_selector,
     },
     policy::{
-        Action, AuthorizationPolicy, PeerAuthMode, PeerAuthentication, PolicySet, Rule, Scope,
+        Action, AuthorizationPolicy, PeerAuthMode, PeerAuthentication, Rule, Scope,
+        l7::{L7Rule, RequestAuthentication, TargetRef, WaypointPolicy},
     },
     serdes::null_as_default,
 };
@@ -41,55 +42,34 @@ pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 /// The status condition Ambit writes on its policy resources.
 pub const ACCEPTED_CONDITION: &str = "Accepted";
 
-/// An `authorizationpolicies.security.ambit.dev/v1` resource, as the source keeps it: its
-/// metadata (slimmed), its `spec` untouched (so that fields Ambit rejects are seen, not
-/// dropped while parsing) and its `status`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-pub struct AuthorizationPolicyResource {
-    /// Name, namespace, UID, resource version, generation, creation time and the dry-run
-    /// annotation (nothing else is kept).
-    #[serde(default, deserialize_with = "policy_meta")]
-    pub metadata: ObjectMeta,
-    /// Istio's AuthorizationPolicy spec, as JSON.
-    #[serde(default)]
-    pub spec: Value,
-    /// What Ambit reported about it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<PolicyStatus>,
-}
-
-/// A `peerauthentications.security.ambit.dev/v1` resource; see
-/// [`AuthorizationPolicyResource`].
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-pub struct PeerAuthenticationResource {
-    /// Name, namespace, UID, resource version, generation and creation time.
-    #[serde(default, deserialize_with = "policy_meta")]
-    pub metadata: ObjectMeta,
-    /// Istio's PeerAuthentication spec, as JSON.
-    #[serde(default)]
-    pub spec: Value,
-    /// What Ambit reported about it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<PolicyStatus>,
-}
-
-super::kube_resource!(
+super::spec_resource!(
+    /// An `authorizationpolicies.security.ambit.dev/v1` resource: Istio's AuthorizationPolicy
+    /// spec.
     AuthorizationPolicyResource,
+    status: PolicyStatus,
     "security.ambit.dev/v1",
     GROUP,
-    "v1",
     "AuthorizationPolicy",
-    "authorizationpolicies",
-    NamespaceResourceScope
+    "authorizationpolicies"
 );
-super::kube_resource!(
+super::spec_resource!(
+    /// A `peerauthentications.security.ambit.dev/v1` resource: Istio's PeerAuthentication spec.
     PeerAuthenticationResource,
+    status: PolicyStatus,
     "security.ambit.dev/v1",
     GROUP,
-    "v1",
     "PeerAuthentication",
-    "peerauthentications",
-    NamespaceResourceScope
+    "peerauthentications"
+);
+super::spec_resource!(
+    /// A `requestauthentications.security.ambit.dev/v1` resource: Istio's RequestAuthentication
+    /// spec (JWT), enforced by waypoints.
+    RequestAuthenticationResource,
+    status: PolicyStatus,
+    "security.ambit.dev/v1",
+    GROUP,
+    "RequestAuthentication",
+    "requestauthentications"
 );
 
 /// Written by Ambit: whether the policy is accepted as written.
@@ -223,15 +203,6 @@ pub struct Converted<P> {
     pub policy: P,
     /// Accepted, or why not.
     pub acceptance: Acceptance,
-}
-
-/// The policies of the cluster, as the node agents enforce them.
-#[derive(Debug, Default)]
-pub struct ConvertedPolicies {
-    /// The policy set of the state.
-    pub set: PolicySet,
-    /// `kind namespace/name` and the verdict of each rejected resource.
-    pub rejected: Vec<(String, Acceptance)>,
 }
 
 /// The L7 fields of an authorization policy's `from[].source`.
@@ -678,60 +649,213 @@ pub(super) fn creation_order(meta: &ObjectMeta) -> (Option<&Time>, Option<&str>,
     )
 }
 
-/// Converts every policy resource; see [`authorization_policy`] and [`peer_authentication`].
-///
-/// Policies are ordered oldest first (by `creationTimestamp`), except that rejected
-/// PeerAuthentications come before accepted ones, so that at their level (selector,
-/// namespace, mesh) a rejected one's STRICT wins over an accepted one's mode.
-pub fn convert_policies(
-    authorizations: &[Arc<AuthorizationPolicyResource>],
-    peer_authentications: &[Arc<PeerAuthenticationResource>],
-    root_namespace: &str,
-) -> ConvertedPolicies {
-    let uid = |kind: &str, meta: &ObjectMeta| {
-        format!(
-            "{kind} {}/{}",
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default()
-        )
+/// Whether an authorization policy `spec` binds it to waypoints (`targetRef`/`targetRefs`):
+/// then the waypoints enforce it, L7 fields included, and the node agents never see it
+/// (Istio ambient's split).
+pub fn targets_waypoint(spec: &Value) -> bool {
+    TARGET_FIELDS.iter().any(|field| in_use(spec.get(*field)))
+}
+
+/// An authorization policy `spec` bound to waypoints, as the schema has it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WaypointAuthorizationSpec {
+    selector: Option<SelectorFile>,
+    target_ref: Option<TargetRefFile>,
+    target_refs: Option<Vec<TargetRefFile>>,
+    action: Option<String>,
+    rules: Option<Vec<RuleFile>>,
+}
+
+/// Its targets as far as they can be read, for the fail-closed form of a rejected policy.
+fn lenient_targets(spec: &Value, namespace: &str) -> Vec<TargetRef> {
+    let refs: Vec<TargetRefFile> = match (spec.get("targetRef"), spec.get("targetRefs")) {
+        (Some(one), _) if in_use(Some(one)) => {
+            TargetRefFile::deserialize(one).ok().into_iter().collect()
+        }
+        (_, Some(Value::Array(list))) => list
+            .iter()
+            .filter_map(|r| TargetRefFile::deserialize(r).ok())
+            .collect(),
+        _ => Vec::new(),
     };
-    let mut rejected = Vec::new();
-    let mut authorizations: Vec<&AuthorizationPolicyResource> =
-        authorizations.iter().map(|r| &**r).collect();
-    authorizations.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
-    let authorizations = authorizations
-        .into_iter()
-        .map(|resource| {
-            let converted = authorization_policy(resource, root_namespace);
-            if !converted.acceptance.accepted() {
-                rejected.push((
-                    uid("AuthorizationPolicy", &resource.metadata),
-                    converted.acceptance,
+    refs.iter()
+        .filter_map(|r| target_refs("spec", namespace, Some(r), None).ok()?.pop())
+        .collect()
+}
+
+/// Validates an AuthorizationPolicy bound to waypoints: `spec` is its current spec, or its last
+/// accepted one.
+pub(super) fn waypoint_policy_of(
+    resource: &AuthorizationPolicyResource,
+    spec: &Value,
+) -> Result<WaypointPolicy, PolicyError> {
+    let meta = &resource.metadata;
+    let dry_run = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+        .is_some_and(|v| v == "true");
+    let spec = parse_spec::<WaypointAuthorizationSpec>(spec)?;
+    let entry = AuthorizationPolicyFile {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: Some(meta.namespace.clone().unwrap_or_default()),
+        selector: spec.selector,
+        target_ref: spec.target_ref,
+        target_refs: spec.target_refs,
+        action: spec.action,
+        dry_run,
+        rules: spec.rules.unwrap_or_default(),
+    };
+    waypoint_policy("spec", &entry)
+}
+
+/// Converts an AuthorizationPolicy bound to waypoints ([`targets_waypoint`]), validated as the
+/// mesh file's are ([`waypoint_policy`]). Rejected, it fails closed at every target that can
+/// be read: an ALLOW (or an unknown action) allows nothing there, a DENY denies everything
+/// there. With no readable target it binds to every waypoint-bound service of its namespace
+/// ([`TargetRef::Namespace`]), and the status says so; `super::policies::convert_policies`
+/// puts its last accepted version in force instead when there is one.
+pub fn waypoint_authorization_policy(
+    resource: &AuthorizationPolicyResource,
+) -> Converted<WaypointPolicy> {
+    match waypoint_policy_of(resource, &resource.spec) {
+        Ok(policy) => Converted {
+            acceptance: Acceptance {
+                verdict: Verdict::Accepted,
+                message: format!(
+                    "{} policy with {} rule(s) {} by the waypoints of {}",
+                    policy.action,
+                    policy.rules.len(),
+                    if policy.dry_run {
+                        "evaluated in dry-run (logged, not enforced)"
+                    } else {
+                        "enforced"
+                    },
+                    policy
+                        .targets
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+            policy,
+        },
+        Err(e) => {
+            let meta = &resource.metadata;
+            let namespace = meta.namespace.clone().unwrap_or_default();
+            let deny = resource.spec.get("action").and_then(Value::as_str) == Some("DENY");
+            let mut acceptance = Acceptance::rejected(Verdict::Invalid, &[e]);
+            let mut targets = lenient_targets(&resource.spec, &namespace);
+            if targets.is_empty() {
+                acceptance.message.push_str(&format!(
+                    "; no target can be read: its last accepted version stays in force, or \
+                     without one it {} every request to the waypoint-bound services of \
+                     namespace {namespace}",
+                    if deny { "denies" } else { "allows no" }
                 ));
+                targets = vec![TargetRef::Namespace {
+                    namespace: namespace.clone(),
+                }];
             }
-            converted.policy
-        })
-        .collect();
-    let mut peers: Vec<&PeerAuthenticationResource> =
-        peer_authentications.iter().map(|r| &**r).collect();
-    peers.sort_by(|a, b| creation_order(&a.metadata).cmp(&creation_order(&b.metadata)));
-    let (mut first, mut then) = (Vec::new(), Vec::new());
-    for resource in peers {
-        let converted = peer_authentication(resource, root_namespace);
-        if converted.acceptance.accepted() {
-            then.push(converted.policy);
-        } else {
-            rejected.push((
-                uid("PeerAuthentication", &resource.metadata),
-                converted.acceptance,
-            ));
-            first.push(converted.policy);
+            let policy = WaypointPolicy {
+                name: meta.name.clone().unwrap_or_default(),
+                targets,
+                namespace,
+                action: if deny { Action::Deny } else { Action::Allow },
+                dry_run: meta
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+                    .is_some_and(|v| v == "true"),
+                // DENY with a rule that matches everything; ALLOW with none: nothing allowed.
+                rules: if deny {
+                    vec![L7Rule::default()]
+                } else {
+                    Vec::new()
+                },
+            };
+            Converted { policy, acceptance }
         }
     }
-    first.extend(then);
-    ConvertedPolicies {
-        set: PolicySet::new(authorizations, first),
-        rejected,
+}
+
+/// A RequestAuthentication `spec`, as the schema has it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RequestAuthenticationSpec {
+    selector: Option<SelectorFile>,
+    target_ref: Option<TargetRefFile>,
+    target_refs: Option<Vec<TargetRefFile>>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    jwt_rules: Vec<JwtRuleFile>,
+}
+
+/// Validates a RequestAuthentication: `spec` is its current spec, or its last accepted one.
+pub(super) fn request_authentication_of(
+    resource: &RequestAuthenticationResource,
+    spec: &Value,
+) -> Result<RequestAuthentication, PolicyError> {
+    let meta = &resource.metadata;
+    let spec = parse_spec::<RequestAuthenticationSpec>(spec)?;
+    let entry = RequestAuthenticationFile {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone(),
+        selector: spec.selector,
+        target_ref: spec.target_ref,
+        target_refs: spec.target_refs,
+        jwt_rules: spec.jwt_rules,
+    };
+    validate_request_authentication("spec", &entry)
+}
+
+/// The `Accepted` message of a RequestAuthentication in force.
+pub(super) fn describe_authentication(authentication: &RequestAuthentication) -> String {
+    format!(
+        "{} JWT rule(s) enforced by the waypoints of {}",
+        authentication.jwt_rules.len(),
+        authentication
+            .targets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Converts a RequestAuthentication (validated as the mesh file's are). A rejected one is
+/// `None` here; `super::policies::convert_policies` keeps its last accepted version in force
+/// (the status says it was rejected, and why), so that its targets keep their JWT validation
+/// and claim-header stripping. Without one, nothing is enforced for it: tokens its rules would have checked give
+/// no request principal, so a policy that requires one denies (fail closed).
+pub fn request_authentication(
+    resource: &RequestAuthenticationResource,
+) -> Converted<Option<RequestAuthentication>> {
+    match request_authentication_of(resource, &resource.spec) {
+        Ok(authentication) => Converted {
+            acceptance: Acceptance {
+                verdict: Verdict::Accepted,
+                message: describe_authentication(&authentication),
+            },
+            policy: Some(authentication),
+        },
+        Err(e) => Converted {
+            policy: None,
+            acceptance: Acceptance::rejected(Verdict::Invalid, &[e]),
+        },
+    }
+}
+
+/// The verdict on an AuthorizationPolicy, whoever enforces it (node agents or waypoints).
+pub fn authorization_acceptance(
+    resource: &AuthorizationPolicyResource,
+    root_namespace: &str,
+) -> Acceptance {
+    if targets_waypoint(&resource.spec) {
+        waypoint_authorization_policy(resource).acceptance
+    } else {
+        authorization_policy(resource, root_namespace).acceptance
     }
 }
 

@@ -1,6 +1,10 @@
 //! Policy resources: their conversion (docs/crds.md's rules), and the source and the status
 //! writer against the fake API server.
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::events::v1::Event,
@@ -11,18 +15,24 @@ use tokio::task::JoinHandle;
 
 use super::{
     StatusWriter,
+    policies::convert_policies,
     security::{
         AuthorizationPolicyResource, DEFAULT_ROOT_NAMESPACE, PeerAuthenticationResource,
-        PolicyCondition, Verdict, authorization_policy, convert_policies, peer_authentication,
+        PolicyCondition, RequestAuthenticationResource, Verdict, authorization_policy,
+        peer_authentication,
     },
     tests::{Harness, WAIT, labels, namespace, pod},
 };
 use crate::{
     identity::SpiffeId,
-    policy::{Action, PeerAuthMode, PolicySet, Scope},
+    policy::{
+        Action, PeerAuthMode, PolicySet, Scope,
+        l7::{L7Rule, TargetRef},
+    },
     state::{MeshState, Workload},
     testing::fake_apiserver::{FakeApiServer, GoneStyle},
 };
+use ambit_test_jwt::TestIssuer;
 
 const ROOT: &str = DEFAULT_ROOT_NAMESPACE;
 
@@ -36,6 +46,18 @@ fn meta(namespace: &str, name: &str) -> ObjectMeta {
 
 fn authorization(namespace: &str, name: &str, spec: Value) -> AuthorizationPolicyResource {
     AuthorizationPolicyResource {
+        metadata: meta(namespace, name),
+        spec,
+        status: None,
+    }
+}
+
+fn request_authentication_resource(
+    namespace: &str,
+    name: &str,
+    spec: Value,
+) -> RequestAuthenticationResource {
+    RequestAuthenticationResource {
         metadata: meta(namespace, name),
         spec,
         status: None,
@@ -82,7 +104,7 @@ fn allows(policies: &PolicySet, src: Option<(&str, &str)>, dst: &Workload, port:
 
 /// The policy set of one AuthorizationPolicy resource.
 fn set_of(resource: AuthorizationPolicyResource) -> PolicySet {
-    convert_policies(&[Arc::new(resource)], &[], ROOT).set
+    convert_policies(&[Arc::new(resource)], &[], &[], ROOT, &HashMap::new()).set
 }
 
 /// `backend` (app=web) of shop accepts only shop/frontend on 8080.
@@ -156,25 +178,262 @@ fn l7_allow_policy_fails_closed_naming_the_fields() {
     spec["rules"][0]["to"][0]["operation"]["methods"] = json!([]);
     let converted = authorization_policy(&authorization("shop", "backend", spec), ROOT);
     assert_eq!(converted.acceptance.verdict, Verdict::Accepted);
+}
 
-    // A waypoint binding: the namespace (no selector here) fails closed.
-    let converted = authorization_policy(
-        &authorization(
-            "shop",
-            "via-waypoint",
-            json!({"targetRefs": [{"kind": "Gateway", "name": "waypoint"}], "rules": [{}]}),
-        ),
+/// A policy bound with `targetRefs` is the waypoints' (Istio ambient's split): validated with
+/// its L7 fields, never enforced by the node agents; rejected, it fails closed at its targets.
+#[test]
+fn policies_bound_to_waypoints_go_to_the_waypoints_with_their_l7_fields() {
+    let seed = json!({
+        "targetRefs": [{"kind": "Service", "group": "", "name": "backend"}],
+        "action": "ALLOW",
+        "rules": [{
+            "from": [{"source": {"principals": ["cluster.local/ns/shop/sa/frontend"]}}],
+            "to": [{"operation": {"methods": ["GET", "POST"]}}],
+        }],
+    });
+    let both_bindings = json!({
+        "selector": {"matchLabels": {"app": "web"}},
+        "targetRefs": [{"kind": "Service", "name": "backend"}],
+        "rules": [{}],
+    });
+    let bad_deny = json!({
+        "targetRef": {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"},
+        "action": "DENY",
+        "rules": [{"to": [{"operation": {"methods": ["GET"], "bogus": 1}}]}],
+    });
+    let converted = convert_policies(
+        &[
+            Arc::new(authorization("shop", "seed", seed)),
+            Arc::new(authorization("shop", "both", both_bindings)),
+            Arc::new(authorization("shop", "bad-deny", bad_deny)),
+        ],
+        &[],
+        &[],
         ROOT,
+        &HashMap::new(),
     );
-    assert_eq!(converted.acceptance.verdict, Verdict::UnsupportedField);
     assert!(
-        converted
-            .acceptance
-            .message
-            .starts_with("spec.targetRefs: ")
+        converted.set.authorizations().is_empty(),
+        "node agents got one"
     );
-    assert_eq!(converted.policy.scope, Scope::Namespace("shop".into()));
-    assert!(converted.policy.rules.is_empty());
+    let waypoint = converted.set.waypoint().authorizations();
+    assert_eq!(waypoint.len(), 3);
+    let by_name = |name: &str| waypoint.iter().find(|p| p.name == name).unwrap();
+    let seed = by_name("seed");
+    assert_eq!(
+        seed.targets,
+        vec![TargetRef::Service {
+            namespace: "shop".into(),
+            name: "backend".into()
+        }]
+    );
+    assert_eq!((seed.action, seed.rules.len()), (Action::Allow, 1));
+    let rejected: Vec<(String, &str)> = converted
+        .rejected
+        .iter()
+        .map(|(uid, a)| (uid.to_string(), a.message.as_str()))
+        .collect();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    let message = |uid: &str| rejected.iter().find(|(u, _)| u == uid).map(|(_, m)| *m);
+    assert!(
+        message("AuthorizationPolicy shop/both").is_some_and(|m| m.starts_with("spec.selector: ")),
+        "{rejected:?}"
+    );
+    assert!(
+        message("AuthorizationPolicy shop/bad-deny").is_some_and(|m| m.contains("bogus")),
+        "{rejected:?}"
+    );
+    // Fail closed at the targets: the ALLOW allows nothing, the DENY denies everything.
+    let both = by_name("both");
+    assert_eq!((both.action, both.rules.len()), (Action::Allow, 0));
+    assert_eq!(both.targets.len(), 1);
+    let deny = by_name("bad-deny");
+    assert_eq!(
+        (deny.action, deny.rules.clone()),
+        (Action::Deny, vec![L7Rule::default()])
+    );
+    assert_eq!(
+        deny.targets,
+        vec![TargetRef::Waypoint {
+            namespace: "shop".into(),
+            name: "waypoint".into()
+        }]
+    );
+}
+
+/// RequestAuthentications convert as the mesh file's do; a rejected one names its field and
+/// is not enforced.
+#[test]
+fn request_authentications_convert_and_a_rejected_one_names_its_field() {
+    let issuer = TestIssuer::es256("https://issuer.example", "k1");
+    let jwks = TestIssuer::jwks(&[&issuer]);
+    let good = request_authentication_resource(
+        "shop",
+        "jwt",
+        json!({
+            "targetRefs": [{"kind": "Service", "name": "backend"}],
+            "jwtRules": [{"issuer": issuer.issuer, "jwks": jwks}],
+        }),
+    );
+    let bad = request_authentication_resource(
+        "shop",
+        "bad",
+        json!({"targetRefs": [{"kind": "Service", "name": "backend"}], "jwtRules": [{"issuer": ""}]}),
+    );
+    let converted = convert_policies(
+        &[],
+        &[],
+        &[Arc::new(good), Arc::new(bad)],
+        ROOT,
+        &HashMap::new(),
+    );
+    let authentications = converted.set.waypoint().authentications();
+    assert_eq!(authentications.len(), 1);
+    assert_eq!(authentications[0].name, "jwt");
+    assert_eq!(converted.rejected.len(), 1);
+    let (uid, acceptance) = &converted.rejected[0];
+    assert_eq!(uid.to_string(), "RequestAuthentication shop/bad");
+    assert_eq!(acceptance.verdict, Verdict::Invalid);
+    assert!(
+        acceptance.message.starts_with("spec.jwtRules[0].issuer: "),
+        "{}",
+        acceptance.message
+    );
+}
+
+/// A rejected RequestAuthentication (a bad field, a bad inline `jwks`) keeps its last accepted
+/// version in force, so its targets keep their JWT validation and claim-header stripping; the
+/// rejection is reported. Without a last accepted version nothing of it is enforced.
+#[test]
+fn a_rejected_request_authentication_keeps_its_last_accepted_version() {
+    let issuer = TestIssuer::es256("https://issuer.example", "k1");
+    let jwks = TestIssuer::jwks(&[&issuer]);
+    let backend = crate::policy::l7::Attachment {
+        service: ("shop", "backend"),
+        waypoint: Some(("shop", "waypoint")),
+    };
+    let good = request_authentication_resource(
+        "shop",
+        "jwt",
+        json!({
+            "targetRefs": [{"kind": "Service", "name": "backend"}],
+            "jwtRules": [{"issuer": issuer.issuer, "jwks": jwks,
+                          "outputClaimToHeaders": [{"header": "x-user", "claim": "sub"}]}],
+        }),
+    );
+    let first = convert_policies(&[], &[], &[Arc::new(good)], ROOT, &HashMap::new());
+    assert!(first.rejected.is_empty(), "{:?}", first.rejected);
+    assert_eq!(first.set.waypoint().jwt_rules(&backend).len(), 1);
+    assert_eq!(first.in_force.len(), 1);
+
+    for (what, bad_rule) in [
+        (
+            "spec.jwtRules[0].jwks",
+            json!({"issuer": issuer.issuer, "jwks": "{\"keys\": [{\"kty\": \"oct\", \"k\": \"eA\"}]}"}),
+        ),
+        (
+            "spec.jwtRules[0]",
+            json!({"issuer": issuer.issuer, "jwks": jwks, "bogus": true}),
+        ),
+    ] {
+        let bad = request_authentication_resource(
+            "shop",
+            "jwt",
+            json!({"targetRefs": [{"kind": "Service", "name": "backend"}], "jwtRules": [bad_rule]}),
+        );
+        let bad = Arc::new(bad);
+        let kept = convert_policies(&[], &[], std::slice::from_ref(&bad), ROOT, &first.in_force);
+        let rules = kept.set.waypoint().jwt_rules(&backend);
+        assert_eq!(rules.len(), 1, "{what}: the last good version stays");
+        assert_eq!(rules[0].output_claim_to_headers.len(), 1, "{what}");
+        assert_eq!(kept.rejected.len(), 1, "{what}");
+        let (key, acceptance) = &kept.rejected[0];
+        assert_eq!(key.to_string(), "RequestAuthentication shop/jwt");
+        assert!(
+            acceptance.message.starts_with(what),
+            "{what}: {}",
+            acceptance.message
+        );
+        assert_eq!(kept.in_force, first.in_force, "{what}: carried on");
+        // The status writer's verdict is the same.
+        assert_eq!(
+            super::security::request_authentication(&bad).acceptance,
+            *acceptance
+        );
+        // Without a last good version, nothing of it is enforced.
+        let alone = convert_policies(&[], &[], &[bad], ROOT, &HashMap::new());
+        assert!(
+            alone.set.waypoint().jwt_rules(&backend).is_empty(),
+            "{what}"
+        );
+        assert!(alone.in_force.is_empty());
+    }
+}
+
+/// A rejected waypoint AuthorizationPolicy whose targets cannot be read still applies: its
+/// last accepted version if there is one, else its fail-closed form at every waypoint-bound
+/// service of its namespace; the status says so.
+#[test]
+fn a_rejected_waypoint_policy_without_readable_targets_fails_closed() {
+    let at = |ns: &'static str, name: &'static str, waypoint: bool| crate::policy::l7::Attachment {
+        service: (ns, name),
+        waypoint: waypoint.then_some((ns, "waypoint")),
+    };
+    let good = authorization(
+        "shop",
+        "allow-get",
+        json!({
+            "targetRefs": [{"kind": "Service", "name": "backend"}],
+            "action": "ALLOW",
+            "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}],
+        }),
+    );
+    let first = convert_policies(&[Arc::new(good)], &[], &[], ROOT, &HashMap::new());
+    assert!(first.rejected.is_empty(), "{:?}", first.rejected);
+    for (action, targets) in [
+        ("ALLOW", json!([{"kind": "ConfigMap", "name": "backend"}])),
+        ("ALLOW", json!("backend")),
+        ("DENY", json!([{"kind": "Service"}])),
+    ] {
+        let bad = Arc::new(authorization(
+            "shop",
+            "allow-get",
+            json!({"targetRefs": targets, "action": action, "rules": [{}]}),
+        ));
+        // Its last accepted version stays in force.
+        let kept = convert_policies(std::slice::from_ref(&bad), &[], &[], ROOT, &first.in_force);
+        let policies = kept.set.waypoint().authorizations();
+        assert_eq!(policies.len(), 1);
+        assert_eq!(*policies[0], *first.set.waypoint().authorizations()[0]);
+        assert_eq!(kept.in_force, first.in_force);
+        let (key, acceptance) = &kept.rejected[0];
+        assert_eq!(key.to_string(), "AuthorizationPolicy shop/allow-get");
+        assert!(
+            acceptance.message.contains("no target can be read")
+                && acceptance.message.contains("namespace shop"),
+            "{targets}: {}",
+            acceptance.message
+        );
+        // Without one: fail closed at the waypoint-bound services of its namespace, and
+        // nowhere else.
+        let alone = convert_policies(&[bad], &[], &[], ROOT, &HashMap::new());
+        let policy = &alone.set.waypoint().authorizations()[0];
+        assert_eq!(
+            (policy.action, policy.rules.is_empty()),
+            if action == "DENY" {
+                (Action::Deny, false)
+            } else {
+                (Action::Allow, true)
+            },
+            "{targets}"
+        );
+        assert!(policy.applies(&at("shop", "backend", true)), "{targets}");
+        assert!(policy.applies(&at("shop", "other", true)), "{targets}");
+        assert!(!policy.applies(&at("shop", "direct", false)), "{targets}");
+        assert!(!policy.applies(&at("bank", "backend", true)), "{targets}");
+        assert!(alone.in_force.is_empty());
+    }
 }
 
 #[test]
@@ -370,20 +629,32 @@ fn peer_authentications() {
         json!({"portLevelMtls": {"80": {"mode": "PERMISSIVE"}}}),
     );
     newer.metadata.creation_timestamp = Some(Time("2026-01-02T00:00:00Z".parse().unwrap()));
-    let converted = convert_policies(&[], &[Arc::new(older.clone()), Arc::new(newer)], ROOT);
+    let converted = convert_policies(
+        &[],
+        &[Arc::new(older.clone()), Arc::new(newer)],
+        &[],
+        ROOT,
+        &HashMap::new(),
+    );
     assert_eq!(
         converted.set.peer_auth_mode(web.policy_target()),
         PeerAuthMode::Strict
     );
     assert_eq!(converted.rejected.len(), 1);
     assert_eq!(
-        converted.rejected[0].0,
+        converted.rejected[0].0.to_string(),
         "PeerAuthentication shop/b-per-port"
     );
     // Between accepted ones, the oldest wins (Istio's rule).
     let mut newest = peer("shop", "0-strict", json!({"mtls": {"mode": "STRICT"}}));
     newest.metadata.creation_timestamp = Some(Time("2026-01-03T00:00:00Z".parse().unwrap()));
-    let converted = convert_policies(&[], &[Arc::new(newest), Arc::new(older)], ROOT);
+    let converted = convert_policies(
+        &[],
+        &[Arc::new(newest), Arc::new(older)],
+        &[],
+        ROOT,
+        &HashMap::new(),
+    );
     assert_eq!(
         converted.set.peer_auth_mode(web.policy_target()),
         PeerAuthMode::Permissive
@@ -404,7 +675,9 @@ fn policies_are_ordered_oldest_first() {
             at("a", "2026-01-02T00:00:00Z"),
         ],
         &[],
+        &[],
         ROOT,
+        &HashMap::new(),
     );
     let names: Vec<&str> = converted
         .set
@@ -725,7 +998,7 @@ async fn status_writer_restarted_writes_nothing_new() {
     server.register_with_status::<AuthorizationPolicyResource>();
     server.register_with_status::<PeerAuthenticationResource>();
     let mut spec = backend_spec();
-    spec["targetRef"] = json!({"kind": "Gateway", "name": "waypoint"});
+    spec["rules"][0]["to"][0]["operation"]["methods"] = json!(["GET"]);
     server.apply(&authorization("shop", "backend", spec));
     server.apply(&peer(
         "shop",

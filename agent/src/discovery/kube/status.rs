@@ -25,7 +25,8 @@ use super::{
     events::{self, EventReport},
     security::{
         ACCEPTED_CONDITION, Acceptance, AuthorizationPolicyResource, PeerAuthenticationResource,
-        PolicyCondition, PolicyStatus, authorization_policy, peer_authentication,
+        PolicyCondition, PolicyStatus, RequestAuthenticationResource, authorization_acceptance,
+        peer_authentication, request_authentication,
     },
 };
 use crate::timefmt;
@@ -33,8 +34,8 @@ use crate::timefmt;
 /// The `reportingController` of the Events written.
 pub const REPORTING_CONTROLLER: &str = "ambit.dev/policy-status";
 
-/// Writes the `Accepted` condition of every AuthorizationPolicy and PeerAuthentication of the
-/// cluster, and an Event whenever it changes.
+/// Writes the `Accepted` condition of every AuthorizationPolicy, PeerAuthentication and
+/// RequestAuthentication of the cluster, and an Event whenever it changes.
 #[derive(Clone)]
 pub struct StatusWriter {
     pub(super) client: Client,
@@ -84,15 +85,25 @@ macro_rules! status_resource {
 status_resource!(
     AuthorizationPolicyResource,
     PeerAuthenticationResource,
+    RequestAuthenticationResource,
     super::routes::VirtualServiceResource,
-    super::routes::DestinationRuleResource
+    super::routes::DestinationRuleResource,
+    super::ratelimit::RateLimitPolicyResource
 );
 
 impl PolicyResource for AuthorizationPolicyResource {
     const WATCHED: WatchedKind = WatchedKind::AuthorizationPolicies;
 
     fn acceptance(&self, root_namespace: &str) -> Acceptance {
-        authorization_policy(self, root_namespace).acceptance
+        authorization_acceptance(self, root_namespace)
+    }
+}
+
+impl PolicyResource for RequestAuthenticationResource {
+    const WATCHED: WatchedKind = WatchedKind::RequestAuthentications;
+
+    fn acceptance(&self, _root_namespace: &str) -> Acceptance {
+        request_authentication(self).acceptance
     }
 }
 
@@ -109,6 +120,7 @@ impl PolicyResource for PeerAuthenticationResource {
 enum Seen {
     Authorization(AuthorizationPolicyResource),
     Peer(PeerAuthenticationResource),
+    Authentication(RequestAuthenticationResource),
 }
 
 impl Seen {
@@ -116,6 +128,7 @@ impl Seen {
         let (kind, meta) = match self {
             Seen::Authorization(r) => (WatchedKind::AuthorizationPolicies, &r.metadata),
             Seen::Peer(r) => (WatchedKind::PeerAuthentications, &r.metadata),
+            Seen::Authentication(r) => (WatchedKind::RequestAuthentications, &r.metadata),
         };
         (
             kind,
@@ -190,11 +203,14 @@ impl StatusWriter {
         .boxed()
     }
 
-    /// Watches both kinds and keeps their status current. Returns only if the watchers end
-    /// (they retry errors with backoff, so in practice never).
+    /// Watches the three kinds and keeps their status current. Returns only if the watchers
+    /// end (they retry errors with backoff, so in practice never).
     pub async fn run(self) -> anyhow::Result<()> {
-        let mut seen =
-            futures::stream::select(self.watch(Seen::Authorization), self.watch(Seen::Peer));
+        let mut seen = futures::stream::select_all([
+            self.watch(Seen::Authorization),
+            self.watch(Seen::Peer),
+            self.watch(Seen::Authentication),
+        ]);
         // Writes that failed, by resource, with the latest version seen: tried again on a timer
         // (a watch does not deliver an unchanged object again).
         let mut pending: HashMap<(WatchedKind, String, String), Seen> = HashMap::new();
@@ -239,6 +255,7 @@ impl StatusWriter {
         let result = match seen {
             Seen::Authorization(resource) => self.reconcile(resource).await,
             Seen::Peer(resource) => self.reconcile(resource).await,
+            Seen::Authentication(resource) => self.reconcile(resource).await,
         };
         match result {
             Ok(outcome) => {

@@ -328,6 +328,9 @@ impl WaypointSettings {
                 ..PodSecurityContext::default()
             }),
             containers: vec![container],
+            // Kubernetes' default, said out loud: the waypoint drains for `--drain-timeout`
+            // (25 s) after SIGTERM, within it.
+            termination_grace_period_seconds: Some(30),
             volumes: Some(vec![
                 Volume {
                     name: "ca-roots".into(),

@@ -5,7 +5,7 @@ use hyper::service::service_fn;
 use serde_json::json;
 
 use super::*;
-use crate::testing::jwt::TestIssuer;
+use ambit_test_jwt::TestIssuer;
 
 const ISS: &str = "https://idp.example";
 
@@ -210,4 +210,150 @@ async fn jwks_are_fetched_over_http_bounded_and_checked() {
     assert!(format!("{err:#}").contains("500"), "{err:#}");
     let huge = serve(200, "x".repeat(MAX_JWKS_BYTES + 1)).await;
     assert!(jwks.fetch(&format!("http://{huge}/jwks")).await.is_err());
+}
+
+/// The fetcher refuses link-local and cloud metadata destinations (server-side request forgery)
+/// before dialling them, even when a policy got past validation.
+#[tokio::test]
+async fn link_local_and_metadata_destinations_are_never_dialled() {
+    let jwks = Jwks::default();
+    for uri in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]:8080/keys",
+        "http://[::ffff:169.254.169.254]/keys",
+        "http://100.100.100.200/keys",
+        "https://[fd00:ec2::254]/keys",
+    ] {
+        let err = format!("{:#}", jwks.fetch(uri).await.unwrap_err());
+        assert!(err.contains("not fetched"), "{uri}: {err}");
+    }
+}
+
+/// Serves a JWKS at `/b-good` (every other path 404) on 127.0.0.2, and records the paths asked.
+async fn serve_recording(jwks: String) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let log = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (jwks, log) = (jwks.clone(), log.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    log.lock().unwrap().push(req.uri().path().to_string());
+                    let found = req.uri().path() == "/b-good";
+                    let jwks = jwks.clone();
+                    async move {
+                        let mut response = http::Response::new(Full::new(Bytes::from(if found {
+                            jwks
+                        } else {
+                            String::new()
+                        })));
+                        if !found {
+                            *response.status_mut() = http::StatusCode::NOT_FOUND;
+                        }
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, asked)
+}
+
+/// A waypoint fetches the `jwksUri`s of its own services' RequestAuthentications only, and
+/// concurrently: a URI that never answers does not hold back another one (its fetch is still
+/// open, not timed out, when the other's keys arrive), and a token of its issuer is refused
+/// (401) meanwhile.
+#[tokio::test]
+async fn only_this_waypoints_jwks_are_fetched_and_a_slow_one_holds_back_no_other() {
+    // The slow server reads the request and never answers, until the client goes away.
+    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_addr = slow.local_addr().unwrap();
+    let slow_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let closed = slow_closed.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        while let Ok((mut stream, _)) = slow.accept().await {
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    let idp = TestIssuer::es256(ISS, "k1");
+    let (good_addr, asked) = serve_recording(TestIssuer::jwks(&[&idp])).await;
+    // Sorted, the slow URI comes first (127.0.0.1 before 127.0.0.2).
+    let slow_uri = format!("http://{slow_addr}/a-slow");
+    let good_uri = format!("http://{good_addr}/b-good");
+    let other_uri = format!("http://{good_addr}/c-other");
+    let mesh = format!(
+        r#"
+workloads:
+- {{name: wp-a, namespace: shop, node: n0, ips: [10.10.0.2], labels: {{app: wp-a}}, enrolled: false, netns: {{pid: 1}}}}
+- {{name: wp-b, namespace: shop, node: n0, ips: [10.10.0.3], labels: {{app: wp-b}}, enrolled: false, netns: {{pid: 1}}}}
+- {{name: web-0, namespace: shop, node: n0, ips: [10.10.0.4], labels: {{app: web}}, netns: {{pid: 1}}}}
+services:
+- {{name: wp-a, namespace: shop, vips: [10.96.0.1], selector: {{app: wp-a}}, ports: [{{port: 15008}}]}}
+- {{name: wp-b, namespace: shop, vips: [10.96.0.2], selector: {{app: wp-b}}, ports: [{{port: 15008}}]}}
+- {{name: web, namespace: shop, vips: [10.96.0.10], selector: {{app: web}}, ports: [{{port: 80}}], waypoint: {{name: wp-a}}}}
+- {{name: db, namespace: shop, vips: [10.96.0.11], selector: {{app: web}}, ports: [{{port: 80}}], waypoint: {{name: wp-b}}}}
+requestAuthentications:
+- {{name: slow, namespace: shop, targetRefs: [{{kind: Service, name: web}}], jwtRules: [{{issuer: "https://slow.example", jwksUri: "{slow_uri}"}}]}}
+- {{name: good, namespace: shop, targetRefs: [{{kind: Service, name: web}}], jwtRules: [{{issuer: "{ISS}", jwksUri: "{good_uri}"}}]}}
+- {{name: other, namespace: shop, targetRefs: [{{kind: Service, name: db}}], jwtRules: [{{issuer: "https://other.example", jwksUri: "{other_uri}"}}]}}
+"#
+    );
+    let state =
+        crate::discovery::parse_mesh(std::path::Path::new("mesh.yaml"), mesh.as_bytes()).unwrap();
+    assert_eq!(
+        crate::waypoint::jwks_uris_of(&state, "shop", "wp-a"),
+        [slow_uri.clone(), good_uri.clone()]
+    );
+    assert_eq!(
+        crate::waypoint::jwks_uris_of(&state, "shop", "wp-b"),
+        [other_uri]
+    );
+    assert!(crate::waypoint::jwks_uris_of(&state, "other", "wp-a").is_empty());
+
+    let good_rule = rule(JwksSource::Uri(good_uri.clone()));
+    let jwks = Arc::new(Jwks::default());
+    let token = idp.token("alice", json!({}));
+    // Before the keys are there, a token of the issuer is refused.
+    let mut req = request(Some(&token));
+    assert_eq!(
+        authenticate(&[&good_rule], &jwks, &mut req),
+        Err(JwtError::NoKeys(good_uri.clone()))
+    );
+    let (_tx, rx) = watch::channel(Arc::new(state));
+    let task = tokio::spawn(jwks.clone().refresh(rx, |state: &MeshState| {
+        crate::waypoint::jwks_uris_of(state, "shop", "wp-a")
+    }));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while jwks.keys(&good_uri).is_none() {
+        assert!(Instant::now() < deadline, "{good_uri} was never fetched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !slow_closed.load(std::sync::atomic::Ordering::SeqCst),
+        "the good URI was fetched only after the slow one gave up"
+    );
+    let mut req = request(Some(&token));
+    assert!(
+        authenticate(&[&good_rule], &jwks, &mut req)
+            .unwrap()
+            .is_some()
+    );
+    assert!(jwks.keys(&slow_uri).is_none());
+    assert_eq!(
+        *asked.lock().unwrap(),
+        ["/b-good"],
+        "only this waypoint's URIs"
+    );
+    task.abort();
 }

@@ -3,10 +3,17 @@
 //! and at 64 connections.
 //!
 //! The server is `p1-0` (across nodes from the client `p0-0`); the waypoint runs in `p1-1`, not
-//! enrolled, as Istio's waypoints are not captured. Two services select the server: `web`
-//! (plain L4 mesh) and `web-l7` (bound to the waypoint, no route resource: every request goes
-//! to the service dialled, round robin), so the two meshed paths differ only by the waypoint.
-//! The direct path dials the server's pod IP with nothing enrolled.
+//! enrolled, as Istio's waypoints are not captured. Three services select the server: `web`
+//! (plain L4 mesh), `web-l7` (bound to the waypoint, no route resource: every request goes
+//! to the service dialled, round robin), so the two meshed paths differ only by the waypoint,
+//! and `web-l7-secure` (the same waypoint, with an L7 AuthorizationPolicy and a
+//! RequestAuthentication: every request carries a JWT that is verified and whose claim the
+//! policy checks), so the last two differ only by L7 policy and JWT. The direct path dials the
+//! server's pod IP with nothing enrolled.
+
+use ambit_test_jwt::TestIssuer;
+use ambit_tests::mesh::Policies;
+use serde_json::json;
 
 use super::*;
 
@@ -14,6 +21,9 @@ use super::*;
 const WEB_VIP: &str = "10.96.0.40";
 const WEB_L7_VIP: &str = "10.96.0.41";
 const WAYPOINT_VIP: &str = "10.96.0.42";
+const WEB_L7_SECURE_VIP: &str = "10.96.0.43";
+/// The issuer of the secured path's tokens.
+const ISSUER: &str = "https://idp.bench.test";
 /// The service ports: HTTP/1.1 to nginx's 8080, HTTP/2 to its h2c listener.
 const SERVICE_H1: u16 = 80;
 const SERVICE_H2: u16 = 81;
@@ -37,11 +47,55 @@ pub(crate) fn configure(cluster: &Cluster) -> Result<()> {
         &[("app", "bench-waypoint")],
         &[(15008, 15008)],
     );
-    anyhow::ensure!(
-        cluster.set_service_waypoint("web-l7", &namespace, "waypoint"),
-        "no service web-l7"
+    cluster.add_service(
+        "web-l7-secure",
+        &namespace,
+        &[WEB_L7_SECURE_VIP],
+        &selector,
+        &ports,
     );
+    for service in ["web-l7", "web-l7-secure"] {
+        anyhow::ensure!(
+            cluster.set_service_waypoint(service, &namespace, "waypoint"),
+            "no service {service}"
+        );
+    }
+    let client = cluster.pod(0, 0);
+    let principal = format!(
+        "cluster.local/ns/{namespace}/sa/{}",
+        client.service_account()
+    );
+    let target = json!([{"kind": "Service", "group": "", "name": "web-l7-secure"}]);
+    cluster.set_policies(Policies {
+        authorization_policies: vec![json!({
+            "name": "bench-l7",
+            "namespace": namespace,
+            "targetRefs": target,
+            "action": "ALLOW",
+            "rules": [{
+                "from": [{"source": {
+                    "principals": [principal],
+                    "requestPrincipals": [format!("{ISSUER}/*")]
+                }}],
+                "to": [{"operation": {"methods": ["GET"], "paths": ["/*"]}}],
+                "when": [{"key": "request.auth.claims[groups]", "values": ["bench"]}]
+            }]
+        })],
+        request_authentications: vec![json!({
+            "name": "bench-idp",
+            "namespace": namespace,
+            "targetRefs": target,
+            "jwtRules": [{"issuer": ISSUER, "jwks": TestIssuer::jwks(&[issuer()])}]
+        })],
+        ..Default::default()
+    });
     Ok(())
+}
+
+/// The secured path's identity provider: one key for the whole run.
+fn issuer() -> &'static TestIssuer {
+    static ISSUER_KEY: std::sync::OnceLock<TestIssuer> = std::sync::OnceLock::new();
+    ISSUER_KEY.get_or_init(|| TestIssuer::es256(ISSUER, "bench-1"))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -49,6 +103,8 @@ enum Path {
     Direct,
     Mesh,
     Waypoint,
+    /// The waypoint with an L7 AuthorizationPolicy and JWT verification on every request.
+    WaypointSecured,
 }
 
 impl Path {
@@ -57,6 +113,7 @@ impl Path {
             Path::Direct => "direct",
             Path::Mesh => "L4 mesh (HBONE)",
             Path::Waypoint => "waypoint",
+            Path::WaypointSecured => "waypoint + L7 policy + JWT",
         }
     }
 
@@ -66,7 +123,12 @@ impl Path {
             Path::Direct => "direct",
             Path::Mesh => "mesh",
             Path::Waypoint => "waypoint",
+            Path::WaypointSecured => "waypoint-secured",
         }
+    }
+
+    fn through_waypoint(self) -> bool {
+        matches!(self, Path::Waypoint | Path::WaypointSecured)
     }
 }
 
@@ -163,6 +225,14 @@ fn run_one(
         Path::Direct => (server_ip, HTTP_PORT, HTTP2_PORT),
         Path::Mesh => (WEB_VIP.to_string(), SERVICE_H1, SERVICE_H2),
         Path::Waypoint => (WEB_L7_VIP.to_string(), SERVICE_H1, SERVICE_H2),
+        Path::WaypointSecured => (WEB_L7_SECURE_VIP.to_string(), SERVICE_H1, SERVICE_H2),
+    };
+    // The secured path's token: valid for the run, with the claim its policy asks for.
+    let auth: Vec<String> = if path == Path::WaypointSecured {
+        let token = issuer().token("bench-client", json!({"groups": ["bench"]}));
+        vec!["-H".into(), format!("Authorization: Bearer {token}")]
+    } else {
+        Vec::new()
     };
     let seconds = args.saturation_seconds;
     let c = connections.to_string();
@@ -184,10 +254,12 @@ fn run_one(
                 "-N",
                 "5s",
                 &format!("--log-file={}", log.display()),
-                &format!("http://{host}:{h2}/"),
             ]
             .map(String::from)
-            .to_vec();
+            .into_iter()
+            .chain(auth.iter().cloned())
+            .chain([format!("http://{host}:{h2}/")])
+            .collect();
             (
                 format!("h2load, {c} connections"),
                 run_h2load(client, tools, &cmd, &log, seconds),
@@ -204,10 +276,12 @@ fn run_one(
                 "--timeout",
                 "5s",
                 "--latency",
-                &format!("http://{host}:{h1}/"),
             ]
             .map(String::from)
-            .to_vec();
+            .into_iter()
+            .chain(auth.iter().cloned())
+            .chain([format!("http://{host}:{h1}/")])
+            .collect();
             (
                 format!("wrk, {c} connections"),
                 run_wrk(client, &cmd, seconds),
@@ -254,10 +328,15 @@ pub(crate) fn section(
     };
     let mut runs = Vec::new();
     let mut errors = Vec::new();
-    for path in [Path::Direct, Path::Mesh, Path::Waypoint] {
+    for path in [
+        Path::Direct,
+        Path::Mesh,
+        Path::Waypoint,
+        Path::WaypointSecured,
+    ] {
         let enrolled: Vec<&Pod> = match path {
             Path::Direct => vec![],
-            Path::Mesh | Path::Waypoint => vec![client, server],
+            Path::Mesh | Path::Waypoint | Path::WaypointSecured => vec![client, server],
         };
         cluster.with_diagnostics(set_enrolment(cluster, &enrolled))?;
         println!("  -- {}", path.name());
@@ -268,7 +347,17 @@ pub(crate) fn section(
                 // The path check: the waypoint counts exactly the requests of its own path.
                 let through = counted() - before;
                 if let Ok(h) = &run.result {
-                    let expected_through = path == Path::Waypoint;
+                    // A refused token or policy would make the secured path cheap and wrong.
+                    if path == Path::WaypointSecured && h.failed > 0 {
+                        errors.push(format!(
+                            "waypoint / {} / {} connections: {} of {} requests refused",
+                            path.name(),
+                            connections,
+                            h.failed,
+                            h.failed + h.succeeded
+                        ));
+                    }
+                    let expected_through = path.through_waypoint();
                     if expected_through != (through >= h.succeeded as f64 * 0.9) {
                         errors.push(format!(
                             "waypoint / {} / {} connections: the waypoint counted {through} \
@@ -346,7 +435,7 @@ fn table_of(runs: &[Run], args: &Args, hwm: Option<u64>, rss: Option<u64>) -> St
                 format!("{}{}", ms(h.p99), ratio(h.p99, base_p99)),
                 format!("{} of {}", h.failed, h.failed + h.succeeded),
                 per_request(r.agents_cpu),
-                if r.path == Path::Waypoint {
+                if r.path.through_waypoint() {
                     per_request(r.waypoint_cpu)
                 } else {
                     "-".into()
@@ -364,9 +453,12 @@ fn table_of(runs: &[Run], args: &Args, hwm: Option<u64>, rss: Option<u64>) -> St
         md,
         "### Waypoint: client agent -> waypoint -> server agent\n\n\
          Across nodes: `p0-0` to nginx in `p1-0` through `ambit waypoint` in `p1-1` (node n1, \
-         not enrolled; no route resource: requests go to the service dialled). **L4 mesh** \
-         dials a service selecting the same server without a waypoint (HBONE between the two \
-         agents); **direct** dials the pod IP with nothing enrolled. Each run saturates for \
+         not enrolled; no route resource: requests go to the service dialled). **waypoint + L7 \
+         policy + JWT** dials a third service on the same waypoint with an ALLOW \
+         AuthorizationPolicy (principal, request principal, method, path and a claim) and a \
+         RequestAuthentication (ES256, inline JWKS): every request carries a token that is \
+         verified. **L4 mesh** dials a service selecting the same server without a waypoint \
+         (HBONE between the two agents); **direct** dials the pod IP with nothing enrolled. Each run saturates for \
          {} s: `h2load -t 1 -c N -m 1 -D {}s` (HTTP/2 prior knowledge, nginx's h2c listener) \
          and `wrk -t 1 -c N -d {}s --latency` (HTTP/1.1). Ratios are to the direct path of the \
          same tool and connections in this run. CPU per request: user + system time of both \

@@ -52,8 +52,10 @@ pub fn definitions() -> Vec<Definition> {
     vec![
         Definition::of::<security::AuthorizationPolicy>(),
         Definition::of::<security::PeerAuthentication>(),
+        Definition::of::<security::RequestAuthentication>(),
         Definition::of::<networking::VirtualService>(),
         Definition::of::<networking::DestinationRule>(),
+        Definition::of::<networking::RateLimitPolicy>(),
     ]
 }
 

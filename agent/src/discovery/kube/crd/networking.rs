@@ -816,3 +816,101 @@ fn unsupported_object(_: &mut schemars::SchemaGenerator) -> Schema {
 fn unsupported_list(_: &mut schemars::SchemaGenerator) -> Schema {
     json_schema!({"type": "array", "items": {"type": "object"}})
 }
+
+/// Ambit's RateLimitPolicy spec: local rate limits of a service (or one of its routes) at its
+/// waypoint. Istio has no such resource (its users patch Envoy's local_ratelimit in with an
+/// EnvoyFilter): the buckets keep Envoy's field names.
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) of #[kube] has its own type_ = \"string\""
+)]
+#[kube(
+    group = "networking.ambit.dev",
+    version = "v1",
+    kind = "RateLimitPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    category = "ambit",
+    shortname = "arl",
+    label("app.kubernetes.io/part-of", "ambit"),
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".spec.targetRefs[*].name"
+    ),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Accepted")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    doc = "Local rate limits of a service or route at its waypoint (Envoy's local_ratelimit)."
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicySpec {
+    /// The Services limited (kind Service, group ""), in the policy's namespace; `sectionName`
+    /// names one route of the service (a VirtualService http[].name or an HTTPRoute/GRPCRoute
+    /// rule name), whose requests then get this policy instead of the service's.
+    #[schemars(length(min = 1, max = 16))]
+    pub target_refs: Vec<RateLimitTargetRef>,
+    /// One bucket for all the target's requests, whoever sends them (Envoy's token_bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_bucket: Option<TokenBucket>,
+    /// One bucket per client identity (the SPIFFE identity the waypoint verified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_identity: Option<TokenBucket>,
+    /// Envoy's enable_x_ratelimit_headers: OFF (the default, as Envoy's) or DRAFT_VERSION_03,
+    /// the x-ratelimit-limit/-remaining/-reset headers of the deciding bucket on every response
+    /// the policy applies to (they reveal a shared bucket's level to every caller). Absent is
+    /// OFF; quote "OFF" in YAML.
+    // A string with a pattern, not an enum: in the CRD's YAML as kubectl reads it (YAML 1.1),
+    // an unquoted OFF in an enum would be a boolean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^(OFF|DRAFT_VERSION_03)$"))]
+    pub enable_x_ratelimit_headers: Option<String>,
+}
+
+/// A target of a RateLimitPolicy (Istio's PolicyTargetReference, with a sectionName).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitTargetRef {
+    /// The API group of the target: "" (core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub group: Option<String>,
+    /// The kind of the target: Service.
+    #[schemars(length(min = 1, max = 63))]
+    pub kind: String,
+    /// The name of the Service.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The namespace of the target (the policy's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub namespace: Option<String>,
+    /// A route of the Service, by name; absent: every request of the Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub section_name: Option<String>,
+}
+
+/// Envoy's TokenBucket: maxTokens at most, tokensPerFill added every fillInterval.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenBucket {
+    /// The bucket's size: the burst allowed after a quiet period.
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub max_tokens: i64,
+    /// Tokens added per fill (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub tokens_per_fill: Option<i64>,
+    /// How often tokens are added, e.g. 1s (50ms to 24h).
+    #[schemars(length(min = 1))]
+    pub fill_interval: String,
+}

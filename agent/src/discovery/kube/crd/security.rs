@@ -1,5 +1,5 @@
-//! `security.ambit.dev/v1`: Istio's `security.istio.io/v1` `AuthorizationPolicy` and
-//! `PeerAuthentication`, field for field, as typed Rust.
+//! `security.ambit.dev/v1`: Istio's `security.istio.io/v1` `AuthorizationPolicy`,
+//! `PeerAuthentication` and `RequestAuthentication`, field for field, as typed Rust.
 //!
 //! These types are the source of the CRDs' schemas (`cargo xtask crds`; [`super`]). The node
 //! agents do not parse policies with them: [`crate::discovery::kube::security`] keeps a resource's
@@ -10,8 +10,11 @@
 //! lists; docs/crds.md), and refuses what the API has always refused: `action` `AUDIT` and
 //! `CUSTOM` (and so `provider`), and `mtls.mode: DISABLE`. Those are kept in the types, marked
 //! `#[schemars(skip)]` or removed from the schema by `refuse_disable`, so admitting them
-//! later is a one-line change. The L7 and waypoint fields are in the schema: the node agents
-//! reject a policy using them with a status condition rather than the API server pruning them.
+//! later is a one-line change. The L7 and waypoint fields are in the schema: a policy bound to
+//! waypoints (`targetRefs`) is enforced there with them; the node agents reject a policy using
+//! L7 fields without `targetRefs` with a status condition rather than the API server pruning
+//! them. Fields no Ambit component supports (`fromCookies`, `timeout` of a JWT rule) are in the
+//! schema for the same reason: the status names them.
 //!
 //! Doc comments on these types are the schema's descriptions (`kubectl explain`): they are
 //! written for a cluster's users.
@@ -37,18 +40,20 @@ const PORT_PATTERN: &str =
 /// The sentence every L7 field's description ends with.
 macro_rules! l7 {
     () => {
-        "L7 (HTTP/JWT) field, accepted so that Istio policies apply unchanged, but not enforced \
-         at L4: a policy using it is rejected (status condition Accepted=False, reason \
-         UnsupportedField). A rejected ALLOW policy fails closed."
+        "L7 (HTTP/JWT) field, enforced by waypoints when the policy is bound to them with \
+         targetRefs. The node agents do not parse HTTP: a policy with a selector (or neither) \
+         using it is rejected (status condition Accepted=False, reason UnsupportedField), and a \
+         rejected ALLOW policy fails closed."
     };
 }
 
 /// The description of `targetRef` and `targetRefs`.
 macro_rules! waypoint_binding {
     () => {
-        "Istio's binding of a policy to a waypoint or gateway. Not supported by Ambit's node \
-         agents: a policy using it is rejected (Accepted=False, reason UnsupportedField); for \
-         ALLOW it fails closed on the policy's namespace."
+        "Binds the policy to waypoints, as Istio ambient: a Service of the policy's namespace \
+         (kind Service, group \"\"), whose waypoint enforces it for that service's traffic, or \
+         a waypoint (kind Gateway, group gateway.networking.k8s.io) for all it serves. The node \
+         agents then ignore the policy. Not with selector."
     };
 }
 
@@ -432,4 +437,115 @@ fn refuse_disable(schema: &mut Schema) {
     if let Some(object) = schema.as_object_mut() {
         object.values_mut().for_each(walk);
     }
+}
+
+/// Istio's security.istio.io/v1 RequestAuthentication spec: JWT validation by waypoints.
+#[derive(
+    CustomResource, Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema,
+)]
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) of #[kube] has its own type_ = \"string\""
+)]
+#[kube(
+    group = "security.ambit.dev",
+    version = "v1",
+    kind = "RequestAuthentication",
+    namespaced,
+    status = "PolicyStatus",
+    category = "ambit",
+    label("app.kubernetes.io/part-of", "ambit"),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Accepted")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    doc = "JWT validation at waypoints: a request carrying an invalid token is refused (401); a valid one gives the request its principal (iss/sub) and claims for AuthorizationPolicies."
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    /// Istio's workload selector. Not supported: the node agents do not parse HTTP, so a
+    /// RequestAuthentication must be bound to waypoints with targetRefs; one using selector is
+    /// rejected (Accepted=False) and not enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[doc = waypoint_binding!()]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetReference>,
+    #[doc = waypoint_binding!()]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub target_refs: Option<Vec<PolicyTargetReference>>,
+    /// The issuers accepted, one rule each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub jwt_rules: Option<Vec<JwtRule>>,
+}
+
+/// How tokens of one issuer are found and checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtRule {
+    /// The `iss` of the tokens this rule checks.
+    #[schemars(length(min = 1))]
+    pub issuer: String,
+    /// Accepted `aud` values (absent: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audiences: Option<Vec<String>>,
+    /// Where the waypoint fetches (and refreshes) the JWKS, http or https. Set this or jwks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// The JWKS itself, as a JSON string (at most 64 KiB). Set this or jwksUri.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// Headers holding the token (absent: `Authorization: Bearer <token>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_headers: Option<Vec<JwtHeader>>,
+    /// Query parameters holding the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_params: Option<Vec<String>>,
+    /// Istio's cookies holding the token. Not supported: a rule using it is rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_cookies: Option<Vec<String>>,
+    /// A header that receives the base64url payload of a valid token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_payload_to_header: Option<String>,
+    /// Headers that receive claims of a valid token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_claim_to_headers: Option<Vec<ClaimToHeader>>,
+    /// Keep the token in the request sent upstream (default: removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_original_token: Option<bool>,
+    /// Istio's JWKS fetch timeout. Not supported: a rule using it is rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// A header holding a token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtHeader {
+    /// The header's name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// What precedes the token in the value (e.g. `Bearer `).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+/// A claim copied to a request header.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimToHeader {
+    /// The header to set.
+    #[schemars(length(min = 1))]
+    pub header: String,
+    /// The claim's name (a top-level claim).
+    #[schemars(length(min = 1))]
+    pub claim: String,
 }

@@ -1,5 +1,5 @@
-//! A JWT issuer for tests: fresh ES256 or EdDSA keys (rcgen, ring), their JWKS, and tokens
-//! signed with them (jsonwebtoken), as an identity provider would issue.
+//! A JWT issuer for tests and benchmarks: fresh ES256 or EdDSA keys (rcgen, ring), their JWKS,
+//! and tokens signed with them (jsonwebtoken), as an identity provider would issue.
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};

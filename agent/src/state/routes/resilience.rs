@@ -2,14 +2,15 @@
 //! mirrors and injected faults (Istio's `timeout`, `retries`, `mirror`/`mirrors` and `fault` of
 //! an `HTTPRoute`), already validated and resolved, whatever front end described them.
 //!
-//! Kept apart from [`super::routes`] (matches and destinations) because it is a concern of its
-//! own: the waypoint's `retry`, `mirror` and `fault` modules read it. Percentages are kept as
+//! A child of [`super`] (matches and destinations), in a file of its own because it is a concern
+//! of its own: the waypoint's `retry`, `mirror` and `fault` modules read it. A mirror names a
+//! [`RouteDestination`], so this module sits below the route model rather than beside it. Percentages are kept as
 //! parts per million, as Envoy's `FractionalPercent`, so the model stays exact and comparable.
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-use super::routes::RouteDestination;
+use super::RouteDestination;
 
 /// Istio's retry policy when a route has no `retries` block: 2 retries on
 /// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` with no
