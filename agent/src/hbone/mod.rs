@@ -30,7 +30,7 @@ pub mod tls;
 pub(crate) mod tests;
 
 pub use client::{HboneError, Http2Client, TunnelRequest};
-pub use pool::{Dialer, Pool, PoolConfig, PoolKey};
+pub use pool::{Dialer, Pool, PoolArgs, PoolConfig, PoolKey};
 pub use server::{
     ConnectRequest, ConnectionError, Deny, Destinations, HboneServer, InboundHandler,
     InboundSettings, StreamError, StreamReport,

@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     discovery::{self, ConfigStatus, metrics::ConfigMetrics},
-    hbone::{Destinations, HboneServer, InboundSettings, Pool, PoolConfig, PoolKey},
+    hbone::{Destinations, HboneServer, InboundSettings, Pool, PoolKey},
     identity::{
         BearerToken, CaClient, CaClientConfig, CertificateManager, ManagerConfig,
         client::DEFAULT_CA_TIMEOUT, metrics::CertificateMetrics,
@@ -146,6 +146,10 @@ pub struct WaypointArgs {
     /// Where to accept HBONE.
     #[arg(long, env = "AMBIT_HBONE_ADDR", default_value = "0.0.0.0:15008")]
     pub hbone_addr: SocketAddr,
+    /// The HBONE connection pool to endpoints (`--hbone-max-streams-per-connection`, as the
+    /// node agent's).
+    #[command(flatten)]
+    pub pool: crate::hbone::PoolArgs,
     /// Prometheus metrics endpoint (`GET /metrics`).
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
@@ -309,7 +313,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         certs: certs.clone(),
         identity: identity.clone(),
         workload: (args.namespace.clone(), args.name.clone()),
-        pool: Pool::new(dialer, PoolConfig::default()),
+        pool: Pool::new(dialer, args.pool.config()),
         connections: pool::HttpPool::new(&metrics)?,
         metrics: Arc::new(WaypointMetrics::new(&metrics)?),
         balancer: Balancer::default(),
