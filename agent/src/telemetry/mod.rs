@@ -264,12 +264,27 @@ fn access_log_sampling() -> Sampling {
     ACCESS_LOG_SAMPLING.get().copied().unwrap_or_default()
 }
 
+/// Parses a percentage, 0 to 100, with or without a `%` (`1`, `0.5`, `25%`): every sampling
+/// flag's syntax (`--access-log-sampling`, the waypoint's `--tracing-sampling`), as Istio gives
+/// its sampling rates.
+pub fn parse_percentage(value: &str) -> Result<f64, String> {
+    let text = value.trim();
+    let number = text.strip_suffix('%').unwrap_or(text).trim();
+    let percent: f64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(format!("{text} is not a percentage between 0 and 100"));
+    }
+    Ok(percent)
+}
+
 /// Which share of successful connections get an access-log line, as Envoy's access-log
 /// `runtime_filter` samples (`percent_sampled`). Failed and refused connections are always
 /// logged, and metrics count every connection whatever the sampling.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sampling {
-    /// The fraction kept, in `[0, 1]` as a multiple of 2^-32 (exact for 0 and 1).
+    /// The share kept, in `[0, 1]` as a multiple of 2^-32 (exact for 0 and 1).
     threshold: u64,
 }
 
@@ -281,29 +296,19 @@ impl Default for Sampling {
 }
 
 impl Sampling {
-    /// Keeps `fraction` of the lines (`0.01`: one in a hundred, `1`: all, `0`: none).
-    pub fn new(fraction: f64) -> Result<Self, String> {
-        if !(0.0..=1.0).contains(&fraction) {
-            return Err(format!(
-                "access-log sampling {fraction} is not a fraction between 0 and 1"
-            ));
+    /// Keeps `percent` % of the lines (`1`: one in a hundred, `100`: all, `0`: none).
+    pub fn new(percent: f64) -> Result<Self, String> {
+        if !(0.0..=100.0).contains(&percent) {
+            return Err(format!("{percent} is not a percentage between 0 and 100"));
         }
         Ok(Self {
-            threshold: (fraction * (1u64 << 32) as f64).round() as u64,
+            threshold: (percent / 100.0 * (1u64 << 32) as f64).round() as u64,
         })
     }
 
-    /// Parses a fraction (`0.25`) or a percentage (`25%`), for the command line.
+    /// Parses the command line's percentage ([`parse_percentage`]).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        let (number, scale) = match text.strip_suffix('%') {
-            Some(percent) => (percent.trim(), 100.0),
-            None => (text, 1.0),
-        };
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("access-log sampling {text:?} is not a number"))?;
-        Self::new(value / scale)
+        Self::new(parse_percentage(text)?)
     }
 
     /// Whether this line is kept: a random draw (fastrand's thread-local generator), as
@@ -313,9 +318,9 @@ impl Sampling {
             || (self.threshold > 0 && fastrand::u64(..1 << 32) < self.threshold)
     }
 
-    /// The fraction kept.
-    pub fn fraction(self) -> f64 {
-        self.threshold as f64 / (1u64 << 32) as f64
+    /// The percentage kept.
+    pub fn percent(self) -> f64 {
+        self.threshold as f64 * 100.0 / (1u64 << 32) as f64
     }
 }
 
@@ -324,23 +329,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sampling_parses_fractions_and_percentages_and_names_bad_values() {
-        assert_eq!(Sampling::parse("1").unwrap(), Sampling::default());
+    fn sampling_parses_percentages_and_names_bad_values() {
+        assert_eq!(Sampling::parse("100").unwrap(), Sampling::default());
         assert_eq!(Sampling::parse("100%").unwrap(), Sampling::default());
-        assert_eq!(Sampling::parse("0.25").unwrap().fraction(), 0.25);
-        assert_eq!(Sampling::parse("25%").unwrap().fraction(), 0.25);
-        assert_eq!(Sampling::parse("0").unwrap().fraction(), 0.0);
+        assert_eq!(Sampling::parse("25").unwrap().percent(), 25.0);
+        assert_eq!(Sampling::parse(" 25 %").unwrap().percent(), 25.0);
+        assert_eq!(Sampling::parse("0").unwrap().percent(), 0.0);
+        assert_eq!(parse_percentage("0.5").unwrap(), 0.5);
         assert_eq!(
-            Sampling::parse("1.5").unwrap_err(),
-            "access-log sampling 1.5 is not a fraction between 0 and 1"
+            Sampling::parse("101").unwrap_err(),
+            "101 is not a percentage between 0 and 100"
         );
         assert_eq!(
             Sampling::parse("-1%").unwrap_err(),
-            "access-log sampling -0.01 is not a fraction between 0 and 1"
+            "-1% is not a percentage between 0 and 100"
         );
         assert_eq!(
             Sampling::parse("half").unwrap_err(),
-            "access-log sampling \"half\" is not a number"
+            "\"half\" is not a number"
         );
     }
 
@@ -350,7 +356,7 @@ mod tests {
         assert_eq!(count(Sampling::default()), 10_000);
         assert_eq!(count(Sampling::new(0.0).unwrap()), 0);
         // Binomial(10000, 0.1): the standard deviation is 30, the bounds 10 of them away.
-        let kept = count(Sampling::new(0.1).unwrap());
+        let kept = count(Sampling::new(10.0).unwrap());
         assert!((700..=1300).contains(&kept), "{kept} of 10000 kept at 10%");
     }
 }

@@ -193,7 +193,7 @@ pub struct WaypointArgs {
     pub tracing_otlp_endpoint: Option<http::Uri>,
     /// Percentage of new traces sampled, 0 to 100 (Istio's `sampling`); a request whose trace
     /// context carries a sampling decision keeps it.
-    #[arg(long, env = "AMBIT_TRACING_SAMPLING", default_value = "1", value_parser = trace::parse_percentage)]
+    #[arg(long, env = "AMBIT_TRACING_SAMPLING", default_value = "1", value_parser = crate::telemetry::parse_percentage)]
     pub tracing_sampling: f64,
 }
 
