@@ -153,8 +153,9 @@ struct Args {
     /// Skip the passthrough path (e.g. to compare two builds' mesh path quickly).
     #[arg(long)]
     no_passthrough: bool,
-    /// Profile the agents with `perf record` during the mesh path's saturation and 1-stream
-    /// bulk runs, and write `perf report` summaries (text) into this directory.
+    /// Profile the agents with `perf record` during the mesh path's saturation, 1-stream bulk
+    /// and connection-setup runs, and write `perf report` summaries (text) into this directory
+    /// (docs/perf/README.md says how to read them).
     #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,
 }
