@@ -321,7 +321,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             info!("taking over from the running agent of this node");
             Some(predecessor)
         }
-        Ok(None) => None,
+        Ok(None) => {
+            // No agent of this node is running: hops in the pinned map are a dead one's.
+            let stale = redirector.forget_agent_hops();
+            if stale > 0 {
+                info!(
+                    stale,
+                    "dropped the in-flight hops of an agent that stopped without cleaning up"
+                );
+            }
+            None
+        }
         Err(err) => {
             tracing::warn!(
                 err = format!("{err:#}"),

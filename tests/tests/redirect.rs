@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Policies;
 use ambit_tests::traffic::{TIMEOUT, access_logs, client, connect_ok, serve, wait_access_log};
-use ambit_tests::{Cluster, ClusterSpec, Node, PodProcess, ensure_or_dump};
+use ambit_tests::{Cluster, ClusterSpec, Node, PodProcess, ensure_or_dump, util};
 use anyhow::{Context, Result};
 use serde_json::json;
 
@@ -375,6 +375,11 @@ fn maps_return_to_their_starting_size_after_10000_connections() -> Result<()> {
     }
 }
 
+/// An IPv4 address as the eBPF maps key it: IPv4-mapped IPv6, network byte order.
+fn hop_ip(ip: std::net::Ipv4Addr) -> Vec<u8> {
+    ip.to_ipv6_mapped().octets().to_vec()
+}
+
 #[test]
 fn a_stopped_agent_fails_closed_and_a_restarted_one_recovers() -> Result<()> {
     let cluster = cluster(1, 3)?;
@@ -408,9 +413,32 @@ fn a_stopped_agent_fails_closed_and_a_restarted_one_recovers() -> Result<()> {
         inbound.first().map(|c| &c.report)
     );
 
+    // A hop the agent had in flight when it died stays in the pinned map: it would pass one
+    // exact 4-tuple (here the outsider's port 40000 to the server) past inbound steering. The
+    // next agent, with no predecessor to hand over from, drops it.
+    let hop_key = [
+        hop_ip(server_pod.ip4()),
+        hop_ip(outsider.ip4()),
+        8080u16.to_le_bytes().to_vec(),
+        40000u16.to_le_bytes().to_vec(),
+        vec![0; 4],
+    ]
+    .concat();
+    let pin = node.bpffs().join("maps/AGENT_HOPS").display().to_string();
+    let mut update = vec!["map", "update", "pinned", &pin, "key", "hex"];
+    let hex: Vec<String> = hop_key.iter().map(|b| format!("{b:02x}")).collect();
+    update.extend(hex.iter().map(String::as_str));
+    update.extend(["value", "hex", "01"]);
+    util::run("bpftool", update)?;
+
     node.start_agent()?;
     node.wait_ready(T)?;
     cluster.with_diagnostics(node.wait_enrolled(2, T))?;
+    ensure_or_dump!(
+        cluster,
+        map_entries(node, "AGENT_HOPS")? == 0,
+        "the dead agent's hop is still in AGENT_HOPS after the restart"
+    );
     let conn = connect_ok(&cluster, client_pod, dst, 1000)?;
     ensure_or_dump!(cluster, conn.redirected(), "not redirected after restart");
     connect_ok(&cluster, outsider, dst, 1000)?;

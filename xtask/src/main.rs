@@ -58,7 +58,7 @@ enum Command {
         #[arg(last = true)]
         bench_args: Vec<String>,
     },
-    /// Write the CRD YAML of deploy/crds and the Helm chart's crds/ from the Rust types
+    /// Write the CRD YAML of deploy/crds and the Helm chart's files/crds/ from the Rust types
     /// (ambit::discovery::kube::crd); the deploy test fails until the committed files match.
     Crds,
     /// Build Ambit's container image (`ambit` and `ambit-cni`, Dockerfile) with podman and

@@ -433,6 +433,15 @@ impl Redirector {
         })
     }
 
+    /// Drops every `AGENT_HOPS` entry: for an agent that starts with no predecessor running.
+    /// The map is pinned, so the hops a crashed agent had in flight outlive it; each would let
+    /// one exact 4-tuple past inbound steering to an application. Returns how many there were.
+    pub fn forget_agent_hops(&self) -> usize {
+        let mut hops = self.agent_hops.lock().unwrap();
+        let stale: Vec<HopKey> = hops.keys().filter_map(Result::ok).collect();
+        stale.iter().filter(|key| hops.remove(key).is_ok()).count()
+    }
+
     /// Namespaces currently enrolled in the kernel maps (including ones an earlier agent left,
     /// and addresses left without an enrolment by an agent stopped in between).
     pub fn enrolled_cookies(&self) -> Vec<u64> {

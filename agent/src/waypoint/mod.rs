@@ -183,7 +183,7 @@ pub struct WaypointArgs {
     #[arg(long, env = "AMBIT_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = crate::timefmt::parse_duration)]
     pub stream_idle_timeout: Duration,
     /// After SIGTERM, how long requests and tunnels in flight may take to finish before the
-    /// waypoint exits and cuts what is left (docs/waypoint.md#draining). Keep it below the
+    /// waypoint exits and cuts what is left (docs/waypoint.md#replicas-and-draining). Keep it below the
     /// pod's `terminationGracePeriodSeconds` (30 s by default, in the generated Deployment too).
     #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "25s", value_parser = crate::timefmt::parse_duration)]
     pub drain_timeout: Duration,
@@ -353,18 +353,19 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     info!(%identity, hbone = %args.hbone_addr, metrics = %args.metrics_addr, "waypoint started");
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    // The signal that asks for a drain; `None` when the waypoint stops for another reason.
     let signalled = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => Some("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => Some("SIGINT"),
         result = source => {
             error!(?result, "configuration source ended");
-            ""
+            None
         }
         result = hbone => anyhow::bail!("HBONE listener failed: {:?}", result),
         result = metrics_server => anyhow::bail!("metrics endpoint failed: {:?}", result),
     };
-    if !signalled.is_empty() {
-        drain(&server, &stopping.draining, signalled, args.drain_timeout).await;
+    if let Some(signal) = signalled {
+        drain(&server, &stopping.draining, signal, args.drain_timeout).await;
     }
     info!("waypoint stopping");
     // The spans still queued leave (bounded by trace::SHUTDOWN_TIMEOUT).
