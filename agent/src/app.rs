@@ -580,7 +580,7 @@ mod tests {
         #[derive(clap::Parser)]
         struct Waypoint {
             #[command(flatten)]
-            waypoint: crate::waypoint::WaypointArgs,
+            waypoint: crate::waypoint::WaypointCommand,
         }
         let agent = |extra: &[&str]| {
             let base = ["ambit", "--node", "n0", "--mesh-file", "mesh.yaml"];
@@ -601,8 +601,10 @@ mod tests {
                 "--ca-token-file",
                 "token",
             ];
-            <Waypoint as clap::Parser>::try_parse_from(base.iter().chain(extra))
-                .map(|cli| cli.waypoint.pool.config().max_streams_per_connection)
+            <Waypoint as clap::Parser>::try_parse_from(base.iter().chain(extra)).map(|cli| {
+                assert!(cli.waypoint.run.is_some(), "the waypoint's flags were lost");
+                cli.waypoint.pool.config().max_streams_per_connection
+            })
         };
         let default = crate::hbone::PoolConfig::default().max_streams_per_connection;
         assert_eq!(default, 100);

@@ -80,6 +80,11 @@ pub struct WaypointCommand {
     /// How the waypoint runs.
     #[command(flatten)]
     pub run: Option<WaypointArgs>,
+    /// The HBONE connection pool to endpoints (`--hbone-max-streams-per-connection`, as the
+    /// node agent's). Beside [`WaypointArgs`] rather than in it: clap leaves an `Option` of
+    /// a struct that flattens another one always `None` (its argument group stays empty).
+    #[command(flatten)]
+    pub pool: crate::hbone::PoolArgs,
 }
 
 /// Subcommands of `ambit waypoint`.
@@ -100,7 +105,8 @@ pub enum WaypointSubcommand {
 
 /// Runs `ambit waypoint [generate]`.
 pub async fn command(command: WaypointCommand) -> anyhow::Result<()> {
-    match (command.command, command.run) {
+    let WaypointCommand { command, run, pool } = command;
+    match (command, run) {
         (Some(WaypointSubcommand::Generate { namespace, name }), _) => {
             print!(
                 "{}",
@@ -108,7 +114,7 @@ pub async fn command(command: WaypointCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        (None, Some(args)) => run(args).await,
+        (None, Some(args)) => self::run(args, pool).await,
         (None, None) => anyhow::bail!("ambit waypoint: --mesh-file or --kube is required"),
     }
 }
@@ -146,10 +152,6 @@ pub struct WaypointArgs {
     /// Where to accept HBONE.
     #[arg(long, env = "AMBIT_HBONE_ADDR", default_value = "0.0.0.0:15008")]
     pub hbone_addr: SocketAddr,
-    /// The HBONE connection pool to endpoints (`--hbone-max-streams-per-connection`, as the
-    /// node agent's).
-    #[command(flatten)]
-    pub pool: crate::hbone::PoolArgs,
     /// Prometheus metrics endpoint (`GET /metrics`).
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
@@ -223,8 +225,8 @@ async fn drain<H: crate::hbone::InboundHandler>(
     }
 }
 
-/// Runs the waypoint until SIGTERM or SIGINT, then drains.
-pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
+/// Runs the waypoint, its HBONE pool set by `pool`, until SIGTERM or SIGINT, then drains.
+pub async fn run(args: WaypointArgs, pool: crate::hbone::PoolArgs) -> anyhow::Result<()> {
     let nofile = limits::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(nofile.soft)));
     let metrics = Arc::new(Metrics::new());
@@ -313,7 +315,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         certs: certs.clone(),
         identity: identity.clone(),
         workload: (args.namespace.clone(), args.name.clone()),
-        pool: Pool::new(dialer, args.pool.config()),
+        pool: Pool::new(dialer, pool.config()),
         connections: pool::HttpPool::new(&metrics)?,
         metrics: Arc::new(WaypointMetrics::new(&metrics)?),
         balancer: Balancer::default(),
