@@ -198,6 +198,8 @@ fn certificate_manager(args: &AgentArgs) -> anyhow::Result<Option<Arc<Certificat
 
 /// Writes a Warning Event regarding each pod this agent closes (its enrolment failed with its
 /// namespace present), once per closing: kubectl describe shows why the pod has no traffic.
+/// Likewise for each pod whose capture exclusions were refused (a bad annotation value) or
+/// could not be applied, once per reason: it has none, all its traffic is captured.
 async fn report_closed_pods(
     client: kube::Client,
     node: String,
@@ -205,10 +207,15 @@ async fn report_closed_pods(
 ) {
     use crate::discovery::kube::events::{self, EventReport};
     let mut reported = std::collections::BTreeSet::new();
+    let mut reported_refused = std::collections::BTreeMap::new();
     loop {
-        let (closed, failed) = {
+        let (closed, failed, refused) = {
             let status = status.borrow_and_update();
-            (status.closed.clone(), status.failed.clone())
+            (
+                status.closed.clone(),
+                status.failed.clone(),
+                status.exclusions_refused.clone(),
+            )
         };
         for uid in closed.difference(&reported) {
             let Some((namespace, name)) = uid.split_once('/') else {
@@ -230,6 +237,28 @@ async fn report_closed_pods(
             events::emit(&client, report).await;
         }
         reported = closed;
+        for (uid, why) in &refused {
+            if reported_refused.get(uid) == Some(why) {
+                continue;
+            }
+            let Some((namespace, name)) = uid.split_once('/') else {
+                continue;
+            };
+            let report = EventReport {
+                regarding: events::regarding_pod(namespace, name),
+                action: "Enrol",
+                reason: "CaptureExclusionsRefused",
+                note: format!(
+                    "ambit agent on {node}: pod {uid}: no capture exclusions applied, all its \
+                     traffic is captured: {why}"
+                ),
+                warning: true,
+                controller: "ambit.dev/agent",
+                instance: &node,
+            };
+            events::emit(&client, report).await;
+        }
+        reported_refused = refused;
         if status.changed().await.is_err() {
             return;
         }

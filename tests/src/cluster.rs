@@ -604,6 +604,9 @@ struct PodMeta {
     /// The mesh file lists the addresses of a `cni` pod (as the API server does once kubelet
     /// reports them).
     cni_ips: bool,
+    /// The pod's own capture exclusions (`excludeOutboundPorts`, `excludeOutboundCidrs`,
+    /// `excludeInboundPorts`), as written in the mesh file.
+    exclusions: (Vec<i64>, Vec<String>, Vec<i64>),
 }
 
 /// One pod: a network namespace with `eth0` (veth to its node), a cgroup under its node, and
@@ -807,6 +810,22 @@ impl Pod {
         lock(&self.meta).cni_ips = true;
     }
 
+    /// Sets the pod's own capture exclusions, as the workload's `excludeOutboundPorts`,
+    /// `excludeOutboundCidrs` and `excludeInboundPorts` (publish with [`Cluster::write_mesh`]).
+    /// Values are written as given, so a test can write a bad one.
+    pub fn set_capture_exclusions(
+        &self,
+        outbound_ports: &[i64],
+        outbound_cidrs: &[&str],
+        inbound_ports: &[i64],
+    ) {
+        lock(&self.meta).exclusions = (
+            outbound_ports.to_vec(),
+            outbound_cidrs.iter().map(|c| c.to_string()).collect(),
+            inbound_ports.to_vec(),
+        );
+    }
+
     /// The pod's workload entry as the mesh file will carry it.
     pub fn workload(&self) -> mesh::Workload {
         let m = lock(&self.meta).clone();
@@ -838,6 +857,9 @@ impl Pod {
             enrolled: m.enrolled,
             ready: m.ready,
             netns,
+            exclude_outbound_ports: m.exclusions.0,
+            exclude_outbound_cidrs: m.exclusions.1,
+            exclude_inbound_ports: m.exclusions.2,
         }
     }
 
@@ -1032,6 +1054,7 @@ impl Cluster {
                     ready: true,
                     cni: false,
                     cni_ips: false,
+                    exclusions: Default::default(),
                 }),
                 seq: AtomicU64::new(0),
             })

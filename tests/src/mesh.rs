@@ -107,6 +107,16 @@ pub struct Workload {
     pub ready: bool,
     /// How the agent finds the pod's network namespace.
     pub netns: NetnsRef,
+    /// Destination ports its outbound TCP reaches directly (its own capture exclusions; wider
+    /// types than the agent accepts, so that tests can write values it must refuse).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_outbound_ports: Vec<i64>,
+    /// Destination networks its outbound TCP reaches directly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_outbound_cidrs: Vec<String>,
+    /// Its ports whose inbound TCP reaches the application directly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_inbound_ports: Vec<i64>,
 }
 
 /// How the agent finds a pod's network namespace: exactly one of the fields is set.
@@ -198,6 +208,9 @@ mod tests {
                     path: Some("/run/netns/x".into()),
                     ..Default::default()
                 },
+                exclude_outbound_ports: Vec::new(),
+                exclude_outbound_cidrs: Vec::new(),
+                exclude_inbound_ports: Vec::new(),
             }],
             services: vec![Service {
                 name: "web".into(),

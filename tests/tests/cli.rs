@@ -260,3 +260,87 @@ fn operator_commands_show_what_the_agent_holds_carried_and_needs() -> Result<()>
     );
     Ok(())
 }
+
+/// `ambit config workloads --node N` from outside the node, as a person with a kubeconfig runs
+/// it: the binary finds the agent pod on node N through the API server (the in-process fake)
+/// and reads the real agent's admin endpoint through the pod port-forward, which the fake
+/// connects to the agent's loopback admin port inside the node's network namespace (where a
+/// kubelet would, the agent being host-network). The table is the one `--admin` prints on the
+/// node; without --node the error lists the nodes that run an agent.
+#[test]
+fn config_node_reads_the_real_agent_through_the_api_servers_port_forward() -> Result<()> {
+    use ambit::cli::cluster::{AGENT_SELECTOR, NAMESPACE};
+    use ambit::testing::fake_apiserver::{Dial, FakeApiServer};
+    use k8s_openapi::api::core::v1::Pod;
+
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 1,
+    })?;
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let node = cluster.node(0);
+    let on_node = ambit_config(&cluster, node, &["workloads"])?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let server = runtime.block_on(FakeApiServer::start())?;
+    let (key, value) = AGENT_SELECTOR.split_once('=').unwrap();
+    let pod = format!("ambit-agent-{}", node.name());
+    let agent: Pod = serde_json::from_value(json!({
+        "metadata": {"name": pod, "namespace": NAMESPACE, "labels": {key: value}},
+        "spec": {"nodeName": node.name(), "containers": []},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    }))?;
+    server.apply(&agent);
+    let netns = node.netns_path().to_path_buf();
+    let dial: Dial = std::sync::Arc::new(move || {
+        let netns = netns.clone();
+        Box::pin(async move {
+            let stream = tokio::task::spawn_blocking(move || {
+                ambit_tests::util::Netns::enter_thread(&netns, || {
+                    std::net::TcpStream::connect(("127.0.0.1", ADMIN_PORT))
+                })
+                .map_err(std::io::Error::other)?
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            stream.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(stream)
+        })
+    });
+    server.forward_port_with(NAMESPACE, &pod, ADMIN_PORT, dial);
+    // In the bed's run directory, removed with it.
+    let kubeconfig = cluster.run_dir().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig())?;
+    let kubeconfig = kubeconfig.to_str().unwrap();
+
+    let output = std::process::Command::new(cluster.ambit_bin())
+        .args(["config", "workloads", "--node", node.name()])
+        .args(["--kubeconfig", kubeconfig])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure_or_dump!(
+        cluster,
+        output.status.success() && stdout.trim_end() == on_node.trim_end(),
+        "through the port-forward, the same table as on the node: {}\n{stdout}\nstderr: {}\n\
+         on the node:\n{on_node}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let output = std::process::Command::new(cluster.ambit_bin())
+        .args(["config", "workloads", "--kubeconfig", kubeconfig])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure_or_dump!(
+        cluster,
+        !output.status.success()
+            && stderr.contains(&format!(
+                "pass --node; nodes running an agent: {}",
+                node.name()
+            )),
+        "without --node: {}, {stderr}",
+        output.status
+    );
+    Ok(())
+}

@@ -285,6 +285,9 @@ fn podman_runs_a_container_whose_very_first_connection_is_meshed() -> Result<()>
             cni: true,
             ..Default::default()
         },
+        exclude_outbound_ports: Vec::new(),
+        exclude_outbound_cidrs: Vec::new(),
+        exclude_inbound_ports: Vec::new(),
     });
     cluster.write_mesh()?;
     cluster.start_agents()?;

@@ -2814,3 +2814,91 @@ fn dashboard_uses_the_agents_metrics() {
         "{out}"
     );
 }
+
+/// What `ambit config --node` and `ambit check --cluster` look for (`ambit::cli::cluster`) is
+/// what the manifests (and so the chart, rendered with its defaults) install: the namespace,
+/// the agent DaemonSet's pod labels and containers, the CA Deployment, its pods' labels and
+/// monitoring port, the agents' metrics port; every CRD carries the chart's version in the
+/// label `ambit check` compares; the supported Kubernetes range is the chart's.
+#[test]
+fn the_cli_finds_what_the_manifests_install() {
+    use ambit::cli::{cluster, cluster_check};
+    let objs = load_all(&manifest_files());
+    let labelled = |selector: &str, labels: &Value| {
+        let (key, value) = selector.split_once('=').unwrap();
+        labels[key] == value
+    };
+    let agent = find(&objs, "DaemonSet", cluster::AGENT_DAEMONSET);
+    assert_eq!(agent["metadata"]["namespace"], cluster::NAMESPACE);
+    let pod = &agent["spec"]["template"];
+    assert!(labelled(
+        cluster::AGENT_SELECTOR,
+        &pod["metadata"]["labels"]
+    ));
+    container(&pod["spec"], cluster::AGENT_CONTAINER);
+    container(&pod["spec"], cluster::CNI_CONTAINER);
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/port"],
+        cluster::METRICS_PORT.to_string()
+    );
+    let ca = find(&objs, "Deployment", cluster::CA_DEPLOYMENT);
+    assert_eq!(ca["metadata"]["namespace"], cluster::NAMESPACE);
+    let ca_pod = &ca["spec"]["template"];
+    assert!(labelled(
+        cluster::CA_SELECTOR,
+        &ca_pod["metadata"]["labels"]
+    ));
+    let monitoring = container(&ca_pod["spec"], "ca")["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "http-monitoring")
+        .expect("the CA's monitoring port")
+        .clone();
+    assert_eq!(monitoring["containerPort"], cluster::CA_MONITORING_PORT);
+    // The agent's admin endpoint is its default address, on the port the CLI forwards to.
+    let agent_container = container(&pod["spec"], cluster::AGENT_CONTAINER);
+    let args = strs(&agent_container["args"]);
+    assert!(
+        !args.iter().any(|a| a.starts_with("--admin-addr")),
+        "{args:?}"
+    );
+    assert!(!env_of(agent_container).contains_key("AMBIT_ADMIN_ADDR"));
+    let command = ambit::app::AgentArgs::augment_args(clap::Command::new("agent"));
+    let admin = command
+        .get_arguments()
+        .find(|a| a.get_id() == "admin_addr")
+        .expect("the agent's --admin-addr");
+    let default: std::net::SocketAddr = admin.get_default_values()[0]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(default.port(), cluster::ADMIN_PORT);
+
+    let chart_meta = &parse_docs(&fs::read_to_string(chart().join("Chart.yaml")).unwrap())[0];
+    let version = chart_meta["version"].as_str().unwrap();
+    assert_eq!(
+        version,
+        env!("CARGO_PKG_VERSION"),
+        "the chart's version is the workspace's"
+    );
+    let crds: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .collect();
+    assert_eq!(crds.len(), crd::definitions().len());
+    for c in crds {
+        assert_eq!(
+            c["metadata"]["labels"][crd::VERSION_LABEL],
+            version,
+            "{} carries the chart's version",
+            key(c)
+        );
+    }
+    let (major, minor) = cluster_check::MIN_KUBERNETES;
+    assert_eq!(chart_meta["kubeVersion"], format!(">={major}.{minor}.0-0"));
+    assert_eq!(K8S_VERSIONS[0], format!("{major}.{minor}"));
+    let (major, minor) = cluster_check::MAX_KUBERNETES;
+    assert_eq!(K8S_VERSIONS[1], format!("{major}.{minor}"));
+}

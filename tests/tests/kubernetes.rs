@@ -1624,3 +1624,109 @@ fn a_waypoint_deployed_from_a_gateway_gets_its_certificate_and_serves() -> Resul
     drop(process);
     Ok(())
 }
+
+/// Capture exclusions by annotation: a pod's `ambit.dev/exclude-outbound-ports` sends its
+/// connects to that port directly (its other connects, and other pods', stay meshed); a bad
+/// value leaves it no exclusions at all (fail closed) and the agent says so in an Event naming
+/// the pod, the annotation and the value.
+#[test]
+fn capture_exclusion_annotations_apply_and_a_bad_one_is_reported_and_captures_all() -> Result<()> {
+    const ANNOTATION: &str = "ambit.dev/exclude-outbound-ports";
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 3,
+    })?;
+    let api = ApiServer::start(&cluster)?;
+    api.review_agent_tokens(&cluster)?;
+    cluster.use_kubernetes_ca(&api.kubeconfig);
+    let (client, other, server) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(0, 2));
+    let annotated = |value: &str| {
+        let mut object = pod_object(client, &[("app", "client")]);
+        object.metadata.annotations = Some(BTreeMap::from([(
+            ANNOTATION.to_string(),
+            value.to_string(),
+        )]));
+        object
+    };
+    for pod in [client, other, server] {
+        pod.set_namespace("shop");
+    }
+    let _sandboxes = start_objects(
+        &cluster,
+        &api,
+        &[("shop", Some("ambient"))],
+        &[
+            (client, annotated("9090")),
+            (other, pod_object(other, &[("app", "other")])),
+            (server, pod_object(server, &[("app", "server")])),
+        ],
+    )?;
+    let node = cluster.node(0);
+    let mut all = [client, other, server].map(|p| format!("shop/{}", p.name()));
+    all.sort();
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    wait_enrolled(&cluster, node, &all, "the namespace is enrolled")?;
+    let _s = serve(server, &[8080, 9090])?;
+    let redirected = |from: &Pod, port: u16| -> Result<bool> {
+        Ok(connect_ok(&cluster, from, server.addr4(port), 1000)?.redirected())
+    };
+    cluster.wait_for(TIMEOUT, "the client's port 9090 goes direct", || {
+        Ok(if redirected(client, 9090)? {
+            Err("still redirected".to_string())
+        } else {
+            Ok(())
+        })
+    })?;
+    ensure_or_dump!(
+        cluster,
+        redirected(client, 8080)? && redirected(other, 9090)?,
+        "only the annotated pod's port 9090 may go direct"
+    );
+
+    api.server.apply(&annotated("9090,http"));
+    cluster.wait_for(
+        TIMEOUT,
+        "a bad annotation leaves the client captured whole",
+        || {
+            Ok(if redirected(client, 9090)? {
+                Ok(())
+            } else {
+                Err("port 9090 still direct".to_string())
+            })
+        },
+    )?;
+    cluster.wait_for(
+        TIMEOUT,
+        "the agent's Event regarding the refused annotation",
+        || {
+            let events: Vec<Event> = api
+                .server
+                .list::<Event>()
+                .into_iter()
+                .filter(|e| {
+                    e.reason.as_deref() == Some("CaptureExclusionsRefused")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(client.name())
+                })
+                .collect();
+            Ok(match events.as_slice() {
+                [event]
+                    if event.type_.as_deref() == Some("Warning")
+                        && event
+                            .note
+                            .as_deref()
+                            .is_some_and(|n| n.contains(ANNOTATION) && n.contains("\"http\"")) =>
+                {
+                    Ok(())
+                }
+                _ => Err(format!("events: {events:?}")),
+            })
+        },
+    )?;
+    ensure_or_dump!(
+        cluster,
+        node.agent_log().contains(ANNOTATION),
+        "the agent's log does not name the refused annotation"
+    );
+    Ok(())
+}

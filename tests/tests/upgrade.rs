@@ -229,3 +229,74 @@ fn an_agent_replacement_cuts_no_connection_and_refuses_none_and_a_crash_still_fa
     );
     Ok(())
 }
+
+/// A successor that cannot get its pods' certificates (the CA unreachable) does not take over,
+/// and one that dies before taking over leaves the running agent in charge: it resumes
+/// enrolment, registers its listeners again, and serves every flow, open and new.
+#[test]
+fn a_successor_that_dies_before_taking_over_leaves_the_running_agent_serving() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })?;
+    let node = cluster.node(0);
+    cluster.write_mesh()?;
+    cluster.start_agents()?;
+    let (client_pod, server_pod, peer) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(1, 0));
+    let mut server = serve(server_pod, &[8080])?;
+    let _peer_server = serve(peer, &[8080])?;
+    let flows = [
+        ("same node", (client_pod, server_pod.addr4(8080))),
+        ("outbound across nodes", (client_pod, peer.addr4(8080))),
+        ("inbound across nodes", (peer, server_pod.addr4(8080))),
+    ];
+    let all_flows_work = |when: &str| -> Result<()> {
+        for (what, (from, dst)) in flows {
+            let conns = client(from, dst, 4096, 3)?;
+            ensure_or_dump!(
+                cluster,
+                conns.len() == 3 && conns.iter().all(|c| c.ok()),
+                "{what}, {when}: {:?}",
+                conns.iter().map(|c| &c.report).collect::<Vec<_>>()
+            );
+        }
+        Ok(())
+    };
+    all_flows_work("before the upgrade")?;
+    let mut transfer = long_transfer(client_pod, server_pod.addr4(8080))?;
+    accepted(&mut server, 1)?;
+
+    // The CA goes away, then a successor starts: it freezes the running agent's enrolment and
+    // waits for certificates it cannot get.
+    cluster.stop_ca();
+    node.start_successor_agent()?;
+    wait_log(
+        &cluster,
+        node,
+        "a successor agent is starting: enrolment frozen",
+        Duration::from_secs(60),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    all_flows_work("while a successor without certificates waits")?;
+
+    // It dies before taking over.
+    let successor = node.agent_pid().context("the successor's pid")?;
+    // SAFETY: kill(2) on a process this test started.
+    let killed = unsafe { libc::kill(successor as i32, libc::SIGKILL) };
+    ensure_or_dump!(cluster, killed == 0, "kill {successor}: {killed}");
+    wait_log(
+        &cluster,
+        node,
+        "the successor agent did not take over: enrolment resumed",
+        Duration::from_secs(60),
+    )?;
+    all_flows_work("after the successor died")?;
+    ensure_or_dump!(
+        cluster,
+        node.predecessor_pid().is_some(),
+        "the running agent exited when its successor died"
+    );
+    cluster.start_ca()?;
+    ensure_whole(&cluster, "same node", &mut transfer)?;
+    Ok(())
+}

@@ -486,3 +486,79 @@ fn waypoint_replicas_share_clients_and_a_stopped_one_drains_without_failing_a_re
     );
     Ok(())
 }
+
+/// A stopped waypoint still serves the connections that reach it before its clients' agents
+/// learn of the stop (as from an EndpointSlice, a moment later), each answered with
+/// `Connection: close`; a request that outlasts `--drain-timeout` is cut, and the waypoint
+/// exits anyway.
+#[test]
+fn a_draining_waypoint_serves_late_clients_and_cuts_what_outlasts_its_drain_timeout() -> Result<()>
+{
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 3,
+    })?;
+    let (client, waypoint_pod, server) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(0, 2));
+    waypoint::prepare(
+        &cluster,
+        client,
+        waypoint_pod,
+        &[(server, &[("version", "v1")], "reviews-v1")],
+        Routing::default(),
+    )?;
+    let _server = waypoint::start_server(server, "v1", &[])?;
+    let mut process = cluster.with_diagnostics(waypoint::start_waypoint_with(
+        &cluster,
+        waypoint_pod,
+        &["--drain-timeout", "5s"],
+    ))?;
+    let authority = format!("{REVIEWS_VIP}:9080");
+    // 9 s: past the drain timeout, within curl's own 10 s.
+    let mut outlasting = waypoint::spawn_curl(
+        client,
+        &authority,
+        "/outlasting",
+        1,
+        &["-H".to_string(), "x-delay-ms: 9000".to_string()],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    process.signal(libc::SIGTERM)?;
+    let deadline = Instant::now() + T;
+    while !process
+        .stderr()
+        .contains("draining: requests in flight finish")
+    {
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "the waypoint did not start draining on SIGTERM; log:\n{}",
+            process.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A client that still has the waypoint as ready: served, and told to go elsewhere next.
+    let late = cluster.with_diagnostics(waypoint::curl_once(client, "/late", &[]))?;
+    ensure_or_dump!(
+        cluster,
+        late.status == 200 && late.header("connection") == Some("close"),
+        "a request reaching the draining waypoint: {late:?}"
+    );
+
+    // The 9 s request outlasts the 5 s drain: cut, and the waypoint exits.
+    let status = process.wait_timeout(Duration::from_secs(40))?;
+    let log = process.stderr();
+    ensure_or_dump!(
+        cluster,
+        status.success() && log.contains("drain timeout: cutting the connections left"),
+        "the waypoint after its drain timeout: {status}; log tail:\n{}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+    let cut = waypoint::curl_answers(&mut outlasting, 1);
+    ensure_or_dump!(
+        cluster,
+        cut.is_err(),
+        "the request that outlasted the drain timeout was not cut: {cut:?}"
+    );
+    Ok(())
+}

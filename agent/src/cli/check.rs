@@ -1,5 +1,5 @@
 //! `ambit check --pre` (can this node run the agent?) and `ambit check` (is the agent on this
-//! node healthy?): one line per requirement, ok / warn / FAIL with the fix, as `linkerd check`
+//! node healthy?), or with `--cluster` the same questions of a cluster ([`super::cluster_check`]): one line per requirement, ok / warn / FAIL with the fix, as `linkerd check`
 //! prints; the exit status is non-zero when anything failed.
 //!
 //! The node requirements are the agent's own preflight ([`crate::redirect::node_findings`]), so
@@ -10,7 +10,7 @@ use anyhow::bail;
 use clap::ValueEnum;
 use serde_json::Value;
 
-use super::fetch;
+use super::{cluster::KubeArgs, cluster_check, fetch};
 use crate::redirect::{Finding, RedirectConfig, Status, node_findings};
 
 /// Output format.
@@ -47,6 +47,15 @@ pub struct CheckArgs {
     /// The running agent's readiness endpoint.
     #[arg(long, default_value = "127.0.0.1:15021")]
     pub readiness: SocketAddr,
+    /// Check the cluster through its API server (with the kubeconfig) instead of this node:
+    /// after install, every node's agent, the CNI plugin, the CA, certificates, CRDs and
+    /// policies; with --pre, the Kubernetes version and the RBAC to install. Implied by
+    /// --kubeconfig and --context.
+    #[arg(long)]
+    pub cluster: bool,
+    /// The cluster, for --cluster.
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -54,7 +63,15 @@ pub struct CheckArgs {
 
 /// Runs the checks, prints them, and fails when one failed.
 pub async fn run(args: CheckArgs) -> anyhow::Result<()> {
-    let findings = if args.pre {
+    let findings = if args.cluster || args.kube.named() {
+        let client = args.kube.client().await?;
+        let namespace = &args.kube.ambit_namespace;
+        if args.pre {
+            cluster_check::pre_install(&client, namespace).await
+        } else {
+            cluster_check::after_install(&client, namespace).await
+        }
+    } else if args.pre {
         pre_install(&args)
     } else {
         agent(&args).await
@@ -273,7 +290,7 @@ fn dump_findings(dump: &Value) -> Vec<Finding> {
     findings
 }
 
-fn render(findings: &[Finding]) -> String {
+pub(crate) fn render(findings: &[Finding]) -> String {
     let mut out = String::new();
     for f in findings {
         let mark = match f.status {

@@ -11,7 +11,11 @@ use anyhow::Context;
 use clap::ValueEnum;
 use serde_json::{Map, Value};
 
-use super::{fetch, table};
+use super::{
+    cluster::{self, KubeArgs},
+    fetch::{self, Endpoint},
+    table,
+};
 
 /// What to show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -49,6 +53,13 @@ pub struct ConfigArgs {
     /// The agent's admin endpoint (on its node: `127.0.0.1:15000`).
     #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// Read the agent of this node through the API server's pod port-forward (with the
+    /// kubeconfig), instead of --admin.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// The cluster, for --node.
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -59,9 +70,14 @@ pub struct ConfigArgs {
 
 /// Fetches the dump and prints it.
 pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
-    let body = fetch::get(args.admin, "/config_dump").await?;
+    let endpoint = if args.node.is_some() || args.kube.named() {
+        cluster::agent_endpoint(&args.kube, args.node.as_deref(), cluster::ADMIN_PORT).await?
+    } else {
+        Endpoint::Addr(args.admin)
+    };
+    let body = fetch::get_from(&endpoint, "/config_dump").await?;
     let dump: Value = serde_json::from_slice(&body)
-        .with_context(|| format!("the config dump of {} is not JSON", args.admin))?;
+        .with_context(|| format!("the config dump of {endpoint} is not JSON"))?;
     print!(
         "{}",
         render(&dump, args.what, args.output, args.namespace.as_deref())?

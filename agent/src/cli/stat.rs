@@ -5,14 +5,18 @@
 //! It reads the `istio_tcp_*` series the agent exports for Prometheus, so it shows what a
 //! dashboard would: inbound figures are the destination agent's (`reporter="destination"`),
 //! outbound ones the source agent's (`reporter="source"`). Run it against each node's agent to
-//! see the workloads of that node.
+//! see the workloads of that node (`--node N` reaches it through the API server).
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use clap::ValueEnum;
 use serde::Serialize;
 
-use super::{fetch, table};
+use super::{
+    cluster::{self, KubeArgs},
+    fetch::{self, Endpoint},
+    table,
+};
 
 /// Output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -30,6 +34,13 @@ pub struct StatArgs {
     /// The agent's metrics endpoint (on its node: `127.0.0.1:15020`).
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "127.0.0.1:15020")]
     pub metrics: SocketAddr,
+    /// Read the agent of this node through the API server's pod port-forward (with the
+    /// kubeconfig), instead of --metrics.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// The cluster, for --node.
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// The interval between the two scrapes the rates are computed over.
     #[arg(long, default_value = "5s", value_parser = crate::timefmt::parse_duration)]
     pub interval: Duration,
@@ -43,9 +54,14 @@ pub struct StatArgs {
 
 /// Scrapes twice, `interval` apart, and prints the difference.
 pub async fn run(args: StatArgs) -> anyhow::Result<()> {
-    let first = scrape(args.metrics).await?;
+    let endpoint = if args.node.is_some() || args.kube.named() {
+        cluster::agent_endpoint(&args.kube, args.node.as_deref(), cluster::METRICS_PORT).await?
+    } else {
+        Endpoint::Addr(args.metrics)
+    };
+    let first = scrape(&endpoint).await?;
     tokio::time::sleep(args.interval).await;
-    let second = scrape(args.metrics).await?;
+    let second = scrape(&endpoint).await?;
     let stats = between(&first, &second, args.interval, args.namespace.as_deref());
     match args.output {
         Output::Table => print!("{}", render(&stats)),
@@ -54,11 +70,11 @@ pub async fn run(args: StatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn scrape(addr: SocketAddr) -> anyhow::Result<Totals> {
-    let body = fetch::get(addr, "/metrics").await?;
+async fn scrape(endpoint: &Endpoint) -> anyhow::Result<Totals> {
+    let body = fetch::get_from(endpoint, "/metrics").await?;
     let text = std::str::from_utf8(&body).context("the metrics are not UTF-8")?;
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .with_context(|| format!("parsing the metrics of {addr}"))?;
+        .with_context(|| format!("parsing the metrics of {endpoint}"))?;
     Ok(Totals::of(&scrape))
 }
 
@@ -258,6 +274,23 @@ fn render(stats: &[WorkloadStat]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn stat_node_scrapes_that_nodes_agent_through_the_port_forward() {
+        let (_server, kubeconfig) = crate::cli::cluster_tests::cluster().await;
+        let args = crate::cli::cluster_tests::kube_args(&kubeconfig);
+        let endpoint = cluster::agent_endpoint(&args, Some("node-b"), cluster::METRICS_PORT)
+            .await
+            .unwrap();
+        assert_eq!(
+            endpoint.to_string(),
+            "pod ambit-system/ambit-agent-node-b port 15020"
+        );
+        let scraped = scrape(&endpoint).await.unwrap();
+        let web = &scraped.0[&("shop".to_string(), "web".to_string())];
+        assert_eq!(web.inbound_opened, 3.0);
+        assert_eq!(web.inbound_mtls, 3.0);
+    }
 
     fn totals(text: &str) -> Totals {
         let scrape =

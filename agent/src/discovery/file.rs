@@ -27,7 +27,8 @@ use crate::{
     policy::{PolicySet, l7::WaypointPolicies},
     serdes::null_as_default,
     state::{
-        EndpointAddress, MeshState, RedirectSettings, Service, ServicePort, WaypointRef, Workload,
+        CaptureExclusions, EndpointAddress, MeshState, RedirectSettings, Service, ServicePort,
+        WaypointRef, Workload,
     },
 };
 
@@ -164,6 +165,30 @@ pub struct WorkloadFile {
     pub ready: bool,
     /// How to find the workload's network namespace.
     pub netns: NetnsFile,
+    /// Destination ports whose outbound TCP the mesh leaves alone for this workload (Istio's
+    /// `traffic.sidecar.istio.io/excludeOutboundPorts`). Wider than `u16`, as in `redirect`.
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub exclude_outbound_ports: Vec<i64>,
+    /// Destination networks (CIDR strings) whose outbound TCP the mesh leaves alone for this
+    /// workload (Istio's `excludeOutboundIPRanges`).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub exclude_outbound_cidrs: Vec<String>,
+    /// Ports of this workload whose inbound TCP reaches the application directly: plaintext, no
+    /// peer authentication, no policy (Istio's `excludeInboundPorts`).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub exclude_inbound_ports: Vec<i64>,
 }
 
 /// A workload's `netns`: exactly one field must be set.
@@ -524,6 +549,18 @@ impl Validator<'_> {
                      (netns: {cni: true}) may leave its addresses to the runtime",
                 ));
             }
+            let capture_exclusions = CaptureExclusions::new(
+                &entry.exclude_outbound_ports,
+                &entry.exclude_outbound_cidrs,
+                &entry.exclude_inbound_ports,
+            )
+            .map_err(|refusal| {
+                let field = match refusal.index {
+                    Some(k) => format!("{at}.{}[{k}]", refusal.list.field()),
+                    None => format!("{at}.{}", refusal.list.field()),
+                };
+                self.invalid(field, format!("{} (workload {uid})", refusal.error))
+            })?;
             workloads.push(Workload {
                 name: entry.name.clone(),
                 controller: entry.workload_name.clone(),
@@ -535,6 +572,7 @@ impl Validator<'_> {
                 enrolled: entry.enrolled,
                 ready: entry.ready,
                 netns,
+                capture_exclusions,
             });
         }
         Ok(workloads)
@@ -1330,6 +1368,46 @@ services:
             err.to_string()
                 .starts_with("mesh file /nonexistent/mesh.yaml: cannot read: "),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn workload_capture_exclusions() {
+        let with = |lists: &str| {
+            edit(
+                "    netns: {pid: 4242}",
+                &format!("    netns: {{pid: 4242}}\n{lists}"),
+            )
+        };
+        let state = parse(&with(
+            "    excludeOutboundPorts: [5432, 22, 22]\n    excludeOutboundCidrs: [\"10.9.1.1/16\"]\n    excludeInboundPorts: [9090]",
+        ))
+        .unwrap();
+        let got = &state.workloads()[1].capture_exclusions;
+        assert_eq!(got.outbound_ports, [22, 5432]);
+        assert_eq!(
+            got.outbound_cidrs,
+            ["10.9.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(got.inbound_ports, [9090]);
+        assert!(state.workloads()[0].capture_exclusions.is_unset());
+
+        assert_rejected(
+            &with("    excludeInboundPorts: [8080, 15008]"),
+            "workloads[1].excludeInboundPorts[1]: 15008 is one of the agent's own ports in the pod (15001, 15006, 15008), which cannot be excluded (workload shop/web-1)",
+        );
+        assert_rejected(
+            &with("    excludeOutboundPorts: [70000]"),
+            "workloads[1].excludeOutboundPorts[0]: 70000 is out of range 1..=65535 (workload shop/web-1)",
+        );
+        assert_rejected(
+            &with("    excludeOutboundCidrs: [\"10.0.0.0/40\"]"),
+            "workloads[1].excludeOutboundCidrs[0]: invalid CIDR \"10.0.0.0/40\" (workload shop/web-1)",
+        );
+        let many: Vec<String> = (1..=40).map(|p| p.to_string()).collect();
+        assert_rejected(
+            &with(&format!("    excludeInboundPorts: [{}]", many.join(", "))),
+            "workloads[1].excludeInboundPorts: 40 entries, more than the 32 a pod may have (workload shop/web-1)",
         );
     }
 

@@ -54,7 +54,7 @@ use crate::{
     netns::NetnsRef,
     proxy::{self, PodContext, ProxyContext},
     redirect::Redirector,
-    state::{MeshState, Workload},
+    state::{CaptureExclusions, MeshState, Workload},
 };
 
 /// How often enrolment is retried for pods that could not be enrolled (namespace not there yet).
@@ -103,6 +103,9 @@ pub struct EnrolmentStatus {
     /// Of those, the pods that are closed: their namespace exists, and its traffic is blocked
     /// until enrolment succeeds.
     pub closed: BTreeSet<String>,
+    /// Enrolled pods whose own capture exclusions were refused (a bad annotation) or could not
+    /// be applied, with why: they have none, all their traffic is captured.
+    pub exclusions_refused: BTreeMap<String, String>,
 }
 
 struct EnrolledPod {
@@ -110,6 +113,10 @@ struct EnrolledPod {
     identity: SpiffeId,
     netns: Arc<Netns>,
     accept_loops: Vec<JoinHandle<()>>,
+    /// The capture exclusions it asked for (as applied, unless `exclusions_refused`).
+    exclusions: CaptureExclusions,
+    /// Why it has none of them, if so.
+    exclusions_refused: Option<String>,
     /// Its entry among the node's pods (the same-node fast path's destinations).
     _local: proxy::LocalPod,
 }
@@ -502,6 +509,11 @@ impl Enrolment {
             enrolled,
             failed,
             closed: self.closed.keys().cloned().collect(),
+            exclusions_refused: self
+                .pods
+                .iter()
+                .filter_map(|(uid, pod)| Some((uid.clone(), pod.exclusions_refused.clone()?)))
+                .collect(),
         });
     }
 
@@ -572,7 +584,14 @@ impl Enrolment {
 
         let mut failed = BTreeMap::new();
         for (uid, workload) in wanted {
-            if self.pods.contains_key(&uid) {
+            if let Some(pod) = self.pods.get_mut(&uid) {
+                // Changed exclusions take effect for new connections at once.
+                if pod.exclusions != workload.capture_exclusions {
+                    let refused =
+                        apply_exclusions(&self.redirector, &uid, pod.netns.cookie(), &workload);
+                    pod.exclusions = workload.capture_exclusions.clone();
+                    pod.exclusions_refused = refused;
+                }
                 continue;
             }
             let identity = state.identity_of(&workload);
@@ -689,7 +708,12 @@ impl Enrolment {
             let (hbone, listener) = (hbone.clone(), to_tokio(l)?);
             accept_loops.push(tokio::spawn(async move { hbone.serve(listener).await }));
         }
+        // Before the pod is meshed: its first connects already see its exclusions.
+        let exclusions_refused =
+            apply_exclusions(&self.redirector, &workload.uid(), netns.cookie(), &workload);
         let enrolled = EnrolledPod {
+            exclusions: workload.capture_exclusions.clone(),
+            exclusions_refused,
             workload,
             identity: pod.identity.clone(),
             netns,
@@ -737,6 +761,40 @@ impl Enrolment {
                 info!(netns_cookie = cookie, "removing stale sk_lookup link");
                 self.redirector.detach_inbound(cookie);
             }
+        }
+    }
+}
+
+/// Applies a pod's own capture exclusions; returns why it has none, if it asked for some (or its
+/// annotations were refused) and did not get them: its traffic is then captured whole, and the
+/// reason logged here and published for the pod's Event.
+fn apply_exclusions(
+    redirector: &Redirector,
+    uid: &str,
+    netns_cookie: u64,
+    workload: &Workload,
+) -> Option<String> {
+    let wanted = &workload.capture_exclusions;
+    if let Some(why) = &wanted.refused {
+        warn!(pod = %uid, reason = %why, "capture exclusions refused: none applied, all the pod's traffic is captured");
+    }
+    match redirector.set_pod_exclusions(netns_cookie, &workload.ips, wanted) {
+        Ok(()) => {
+            if !wanted.is_empty() {
+                info!(
+                    pod = %uid,
+                    outbound_ports = ?wanted.outbound_ports,
+                    outbound_cidrs = ?wanted.outbound_cidrs,
+                    inbound_ports = ?wanted.inbound_ports,
+                    "capture exclusions applied"
+                );
+            }
+            wanted.refused.clone()
+        }
+        Err(err) => {
+            let why = format!("could not apply the capture exclusions: {err:#}");
+            warn!(pod = %uid, reason = %why, "capture exclusions not applied: all the pod's traffic is captured");
+            Some(why)
         }
     }
 }

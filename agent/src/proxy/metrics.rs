@@ -500,6 +500,7 @@ mod tests {
             enrolled: true,
             ready: true,
             netns: NetnsRef::Path(PathBuf::from("/run/netns/x")),
+            capture_exclusions: Default::default(),
         }
     }
 

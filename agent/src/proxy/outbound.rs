@@ -413,6 +413,7 @@ mod tests {
             enrolled: true,
             ready: true,
             netns: NetnsRef::Path(PathBuf::from("/nonexistent")),
+            capture_exclusions: Default::default(),
         }
     }
 

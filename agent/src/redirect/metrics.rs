@@ -23,6 +23,7 @@ pub struct RedirectMetrics {
     splice_no_target: IntCounter,
     splice_unpaired: IntCounter,
     source_not_bound: IntCounter,
+    inbound_excluded: IntCounter,
     spliced: IntGauge,
     splice_enabled: IntGauge,
     splice_draining: IntGauge,
@@ -107,6 +108,11 @@ impl RedirectMetrics {
                  application had bound it, or the pod has no address of that family): its \
                  getsockname() shows loopback or the application's address",
             )?,
+            inbound_excluded: IntCounter::new(
+                "ambit_inbound_excluded_total",
+                "Inbound connections to a pod's excluded inbound port (its \
+                 excludeInboundPorts) let through to the application, unmeshed",
+            )?,
             spliced: IntGauge::new(
                 "ambit_spliced_connections",
                 "Same-node connections spliced in the kernel now",
@@ -153,6 +159,7 @@ impl RedirectMetrics {
         set_counter(&self.splice_no_target, stats.splice_no_target);
         set_counter(&self.splice_unpaired, stats.splice_unpaired);
         set_counter(&self.source_not_bound, stats.source_not_bound);
+        set_counter(&self.inbound_excluded, stats.inbound_excluded);
         self.spliced.set(gauge_value(splice.spliced));
         self.splice_enabled.set(i64::from(splice.enabled));
         self.splice_draining.set(gauge_value(splice.draining));
@@ -180,6 +187,7 @@ impl ScrapeTime for RedirectMetrics {
             &self.splice_no_target,
             &self.splice_unpaired,
             &self.source_not_bound,
+            &self.inbound_excluded,
             &self.spliced,
             &self.splice_enabled,
             &self.splice_draining,
@@ -231,6 +239,7 @@ mod tests {
             splice_no_target: 10,
             splice_unpaired: 11,
             source_not_bound: 13,
+            inbound_excluded: 14,
         };
         let splice = SpliceFigures {
             enabled: true,
@@ -257,6 +266,7 @@ mod tests {
             ("ambit_splice_no_target_total", 10.0),
             ("ambit_splice_unpaired_total", 11.0),
             ("ambit_redirect_source_not_bound_total", 13.0),
+            ("ambit_inbound_excluded_total", 14.0),
             ("ambit_spliced_connections", 12.0),
             ("ambit_splice_enabled", 1.0),
             ("ambit_splice_draining_connections", 3.0),

@@ -24,8 +24,8 @@ use std::{
 };
 
 use ambit_common::{
-    HopKey, IpKey, PendingConnect, PodAddrs, SockState, TupleKey, limits, maps, pod_addrs,
-    pod_state, programs, sock_flags, stats,
+    HopKey, IpKey, OrigDst, POD_NET_COOKIE_BITS, PendingConnect, PodAddrs, PodPortKey, SockState,
+    TupleKey, limits, maps, pod_addrs, pod_net_key, pod_state, programs, sock_flags, stats,
 };
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -41,7 +41,7 @@ pub use preflight::{
 };
 
 use crate::netns::Netns;
-use crate::state::RedirectSettings;
+use crate::state::{CaptureExclusions, RedirectSettings};
 
 /// The compiled eBPF object, built by build.rs from ebpf/programs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf"));
@@ -91,9 +91,112 @@ pub struct Redirector {
     excluded_ports: Mutex<HashMap<MapData, u16, u8>>,
     excluded_nets: Mutex<LpmTrie<MapData, [u8; 16], u8>>,
     pod_addrs: Mutex<HashMap<MapData, u64, PodAddrs>>,
+    pod_exclusions: Mutex<PodExclusionMaps>,
     agent_hops: Mutex<HashMap<MapData, HopKey, u8>>,
     stats: PerCpuArray<MapData, u64>,
     splice: SpliceState,
+}
+
+/// The per-pod capture exclusion maps, locked together: a pod's entries in all three change
+/// as one.
+struct PodExclusionMaps {
+    ports: HashMap<MapData, PodPortKey, u8>,
+    nets: LpmTrie<MapData, [u8; 24], u8>,
+    /// By (pod address, port); the value is the pod's netns cookie.
+    inbound: HashMap<MapData, OrigDst, u64>,
+}
+
+impl PodExclusionMaps {
+    /// Removes every entry of the pod of `netns_cookie`.
+    fn clear(&mut self, netns_cookie: u64) {
+        let ports: Vec<PodPortKey> = self
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for key in &ports {
+            let _ = self.ports.remove(key);
+        }
+        let cookie = netns_cookie.to_ne_bytes();
+        let nets: Vec<Key<[u8; 24]>> = self
+            .nets
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data()[..8] == cookie)
+            .collect();
+        for key in &nets {
+            let _ = self.nets.remove(key);
+        }
+        let inbound: Vec<OrigDst> = self
+            .inbound
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, cookie)| *cookie == netns_cookie)
+            .map(|(key, _)| key)
+            .collect();
+        for key in &inbound {
+            let _ = self.inbound.remove(key);
+        }
+    }
+
+    /// Adds the pod's entries (after [`Self::clear`]).
+    fn insert(
+        &mut self,
+        netns_cookie: u64,
+        ips: &[IpAddr],
+        exclusions: &CaptureExclusions,
+    ) -> anyhow::Result<()> {
+        for &port in &exclusions.outbound_ports {
+            let key = PodPortKey {
+                netns_cookie,
+                port,
+                _pad: [0; 6],
+            };
+            self.ports
+                .insert(key, 1, 0)
+                .with_context(|| format!("excluding outbound port {port} in POD_EXCLUDED_PORTS"))?;
+        }
+        for net in &exclusions.outbound_cidrs {
+            let key = net_key(net);
+            let key = Key::new(
+                POD_NET_COOKIE_BITS + key.prefix_len(),
+                pod_net_key(netns_cookie, &key.data()),
+            );
+            self.nets.insert(&key, 1, 0).with_context(|| {
+                format!("excluding outbound network {net} in POD_EXCLUDED_NETS")
+            })?;
+        }
+        for ip in ips {
+            for &port in &exclusions.inbound_ports {
+                let key = OrigDst {
+                    ip: ip_key(*ip),
+                    port,
+                    _pad: [0; 6],
+                };
+                self.inbound.insert(key, netns_cookie, 0).with_context(|| {
+                    format!("excluding inbound port {port} of {ip} in POD_EXCLUDED_INBOUND")
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cookies of the pods with entries.
+    fn cookies(&self) -> BTreeSet<u64> {
+        let mut cookies: BTreeSet<u64> = self
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.netns_cookie)
+            .collect();
+        cookies.extend(self.nets.keys().filter_map(Result::ok).map(|k| {
+            let d = k.data();
+            u64::from_ne_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+        }));
+        cookies.extend(self.inbound.iter().filter_map(Result::ok).map(|(_, c)| c));
+        cookies
+    }
 }
 
 /// Event counters kept by the eBPF programs, summed over CPUs since the programs were loaded.
@@ -129,6 +232,8 @@ pub struct RedirectStats {
     /// Redirected connects whose socket kept its own local address (bound by the application,
     /// or no pod address of its family).
     pub source_not_bound: u64,
+    /// Inbound connections to a pod's excluded inbound port let through to the application.
+    pub inbound_excluded: u64,
 }
 
 /// Takes the map `name` out of the loaded object, as the map type it must be.
@@ -247,6 +352,11 @@ impl Redirector {
             excluded_ports: Mutex::new(map(&mut ebpf, maps::EXCLUDED_PORTS)?),
             excluded_nets: Mutex::new(map(&mut ebpf, maps::EXCLUDED_NETS)?),
             pod_addrs: Mutex::new(map(&mut ebpf, maps::POD_ADDRS)?),
+            pod_exclusions: Mutex::new(PodExclusionMaps {
+                ports: map(&mut ebpf, maps::POD_EXCLUDED_PORTS)?,
+                nets: map(&mut ebpf, maps::POD_EXCLUDED_NETS)?,
+                inbound: map(&mut ebpf, maps::POD_EXCLUDED_INBOUND)?,
+            }),
             agent_hops: Mutex::new(map(&mut ebpf, maps::AGENT_HOPS)?),
             stats: map(&mut ebpf, maps::STATS)?,
             splice,
@@ -360,7 +470,33 @@ impl Redirector {
     /// loopback) are refused from now on, and its inbound, with no listener registered, is
     /// dropped once sk_lookup is linked to its namespace.
     pub fn close(&self, netns_cookie: u64) -> anyhow::Result<()> {
+        // A closed pod has no exclusions: nothing of it may pass.
+        self.pod_exclusions.lock().unwrap().clear(netns_cookie);
         self.set_pod_state(netns_cookie, pod_state::CLOSED)
+    }
+
+    /// Replaces the capture exclusions of the pod of `netns_cookie` (addresses `ips`): its
+    /// outbound connects to excluded ports and networks go direct, and inbound connections to
+    /// its excluded ports reach its application. If an entry cannot be added (a map is full),
+    /// the pod is left with none (all its traffic captured) and the error returned.
+    pub fn set_pod_exclusions(
+        &self,
+        netns_cookie: u64,
+        ips: &[IpAddr],
+        exclusions: &CaptureExclusions,
+    ) -> anyhow::Result<()> {
+        let mut maps = self.pod_exclusions.lock().unwrap();
+        // Cleared first: an entry of the old set that is not in the new one must not outlive
+        // the change, and for a moment the pod is captured whole rather than half-excluded.
+        maps.clear(netns_cookie);
+        if exclusions.is_empty() {
+            return Ok(());
+        }
+        let result = maps.insert(netns_cookie, ips, exclusions);
+        if result.is_err() {
+            maps.clear(netns_cookie);
+        }
+        result
     }
 
     fn set_pod_state(&self, netns_cookie: u64, state: u32) -> anyhow::Result<()> {
@@ -376,6 +512,7 @@ impl Redirector {
         let _ = self.enrolled.lock().unwrap().remove(&netns_cookie);
         let _ = self.pending.lock().unwrap().remove(&netns_cookie);
         let _ = self.pod_addrs.lock().unwrap().remove(&netns_cookie);
+        self.pod_exclusions.lock().unwrap().clear(netns_cookie);
     }
 
     /// The namespaces of closed pods (enrolment failed), by cookie.
@@ -449,8 +586,8 @@ impl Redirector {
             let enrolled = self.enrolled.lock().unwrap();
             enrolled.keys().filter_map(Result::ok).collect()
         };
-        let pod_addrs = self.pod_addrs.lock().unwrap();
-        cookies.extend(pod_addrs.keys().filter_map(Result::ok));
+        cookies.extend(self.pod_addrs.lock().unwrap().keys().filter_map(Result::ok));
+        cookies.extend(self.pod_exclusions.lock().unwrap().cookies());
         cookies.into_iter().collect()
     }
 
@@ -517,6 +654,7 @@ impl Redirector {
     /// Entries in each pinned map that can be listed, for the admin endpoint and metrics
     /// (`SOCK_STATE` lives in the sockets and cannot be).
     pub fn map_occupancy(&self) -> Vec<(&'static str, usize)> {
+        let exclusions = self.pod_exclusions.lock().unwrap();
         vec![
             (
                 maps::ENROLLED_NETNS,
@@ -555,6 +693,12 @@ impl Redirector {
                 maps::AGENT_HOPS,
                 self.agent_hops.lock().unwrap().keys().count(),
             ),
+            (maps::POD_EXCLUDED_PORTS, exclusions.ports.keys().count()),
+            (maps::POD_EXCLUDED_NETS, exclusions.nets.keys().count()),
+            (
+                maps::POD_EXCLUDED_INBOUND,
+                exclusions.inbound.keys().count(),
+            ),
         ]
     }
 
@@ -580,6 +724,7 @@ impl Redirector {
             splice_no_target: read(stats::SPLICE_NO_TARGET),
             splice_unpaired: read(stats::SPLICE_UNPAIRED),
             source_not_bound: read(stats::SOURCE_NOT_BOUND),
+            inbound_excluded: read(stats::INBOUND_EXCLUDED),
         }
     }
 }

@@ -21,9 +21,11 @@ use serde::{Serialize, ser::SerializeStruct};
 
 use crate::netns::NetnsRef;
 
+pub mod capture;
 pub mod ratelimit;
 pub mod routes;
 pub mod upstream;
+pub use self::capture::CaptureExclusions;
 pub use self::routes::RouteTable;
 use crate::policy::{AuthorizationPolicy, DEFAULT_TRUST_DOMAIN, PeerAuthMode, PolicySet};
 
@@ -78,6 +80,10 @@ pub struct Workload {
     pub ready: bool,
     /// Where to find the workload's network namespace.
     pub netns: NetnsRef,
+    /// What of the workload's traffic the mesh leaves alone (its own exclusions; the node-wide
+    /// ones are [`RedirectSettings`]).
+    #[serde(skip_serializing_if = "CaptureExclusions::is_unset")]
+    pub capture_exclusions: CaptureExclusions,
 }
 
 impl Workload {

@@ -35,6 +35,7 @@ fn workload(namespace: &str, name: &str, ips: &[&str], l: &[(&str, &str)]) -> Wo
         enrolled: true,
         ready: true,
         netns: NetnsRef::Path(PathBuf::from(format!("/run/netns/{name}"))),
+        capture_exclusions: Default::default(),
     }
 }
 

@@ -17,6 +17,9 @@
 //!   (created if absent), as it does when one manager owns every field;
 //! - a Service written over HTTP without a cluster IP gets one (and keeps it), as the API
 //!   server's allocator gives it;
+//! - `GET /api/v1/namespaces/<ns>/pods/<name>/portforward?ports=P`: the WebSocket port-forward
+//!   kube's client speaks, to the local address [`FakeApiServer::forward_port`] sets for the
+//!   pod's port (`portforward`);
 //! - equality-based `labelSelector`s and `fieldSelector`s;
 //! - `410 Gone` when `N` is older than the retained history: an `ERROR` event carrying a
 //!   `Status` with code 410 (what real API servers send), or an HTTP 410 answer
@@ -62,6 +65,10 @@ use k8s_openapi::api::{
 use kube::core::NamespaceResourceScope;
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
+mod portforward;
+
+pub use portforward::Dial;
+
 use tokio::{
     net::TcpListener,
     sync::{broadcast, watch},
@@ -137,6 +144,8 @@ struct State {
     lists: Vec<u64>,
     watches: Vec<u64>,
     handler: Option<Handler>,
+    /// Where port-forwards to pods go.
+    port_forwards: portforward::Forwards,
 }
 
 impl State {
@@ -253,6 +262,25 @@ impl FakeApiServer {
     /// The server's URL, `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://{}", self.inner.addr)
+    }
+
+    /// Port-forwards to `port` of the pod `namespace/pod` connect to `to` (where a kubelet
+    /// would connect to the pod's port): an agent's admin endpoint, say. The pod must exist
+    /// when the port-forward is asked for.
+    pub fn forward_port(&self, namespace: &str, pod: &str, port: u16, to: SocketAddr) {
+        self.inner.state().port_forwards.insert(
+            (namespace.to_string(), pod.to_string(), port),
+            portforward::Forward::Addr(to),
+        );
+    }
+
+    /// Like [`Self::forward_port`], the connection opened by `dial` (in the network namespace
+    /// of a test bed's node, say, where the agent's admin endpoint is on loopback).
+    pub fn forward_port_with(&self, namespace: &str, pod: &str, port: u16, dial: Dial) {
+        self.inner.state().port_forwards.insert(
+            (namespace.to_string(), pod.to_string(), port),
+            portforward::Forward::Dial(dial),
+        );
     }
 
     /// A kube client for this server.
@@ -741,7 +769,8 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
                 async move { Ok::<_, Infallible>(route(&inner, request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::select! {
                 _ = connection => {}
                 // Dropping the connection closes the socket: the server is down.
@@ -966,6 +995,11 @@ fn selected(object: &Value, namespace: Option<&str>, query: &Query) -> bool {
 }
 
 async fn route(inner: &Arc<Inner>, request: Request<hyper::body::Incoming>) -> Response<Body> {
+    if request.method() == Method::GET
+        && let Some((namespace, pod)) = portforward::target(request.uri().path())
+    {
+        return portforward::serve(inner, request, namespace, pod);
+    }
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_string);

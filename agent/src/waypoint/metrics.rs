@@ -345,6 +345,7 @@ mod tests {
             enrolled: true,
             ready: true,
             netns: crate::netns::NetnsRef::Cni,
+            capture_exclusions: Default::default(),
         }
     }
 

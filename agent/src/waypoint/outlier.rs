@@ -409,6 +409,7 @@ mod tests {
                     ready: true,
                     netns: crate::netns::NetnsRef::Cni,
                     controller: None,
+                    capture_exclusions: Default::default(),
                 })
             })
             .collect()

@@ -525,6 +525,7 @@ mod tests {
             enrolled: true,
             ready: true,
             netns: crate::netns::NetnsRef::Cni,
+            capture_exclusions: Default::default(),
         })
     }
 

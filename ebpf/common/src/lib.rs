@@ -33,6 +33,14 @@ pub mod limits {
     pub const MAX_EXEMPT_CGROUPS: u32 = 16;
     /// Excluded destination ports and networks.
     pub const MAX_EXCLUSIONS: u32 = 1_024;
+    /// Entries of each list of one pod's own capture exclusions (its outbound ports, its
+    /// outbound networks, its inbound ports): validation refuses longer lists, so one pod holds
+    /// at most this many entries of each per-pod exclusion map (times its addresses for the
+    /// inbound one).
+    pub const MAX_POD_EXCLUSIONS: usize = 32;
+    /// Entries of each per-pod exclusion map for the whole node. A pod whose entries find the
+    /// map full gets none (all its traffic captured) and the failure is reported.
+    pub const MAX_POD_EXCLUSION_ENTRIES: u32 = 65_536;
     /// Same-node connections spliced in the kernel at once (each is two sockets, one entry of
     /// each in `SPLICE_SOCKS`, `SPLICE_TARGETS` and `SPLICE_PEERS`). The agent hands out these
     /// slots, a quarter at most to one source pod; a connection that finds none is relayed in
@@ -77,6 +85,16 @@ pub mod maps {
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
     /// Destination networks never redirected.
     pub const EXCLUDED_NETS: &str = "EXCLUDED_NETS";
+    /// One pod's own excluded destination ports, by ([`crate::PodPortKey`]: netns cookie,
+    /// port).
+    pub const POD_EXCLUDED_PORTS: &str = "POD_EXCLUDED_PORTS";
+    /// One pod's own excluded destination networks: an LPM trie whose key is the netns cookie
+    /// followed by the network ([`crate::pod_net_key`]).
+    pub const POD_EXCLUDED_NETS: &str = "POD_EXCLUDED_NETS";
+    /// One pod's own inbound ports that reach its application directly, by
+    /// ([`crate::OrigDst`]-shaped: the pod's address, port), valued with the pod's netns cookie
+    /// (sk_lookup has no netns cookie helper; the agent removes a pod's entries by the value).
+    pub const POD_EXCLUDED_INBOUND: &str = "POD_EXCLUDED_INBOUND";
     /// Per-CPU event counters (indexes in [`crate::stats`]).
     pub const STATS: &str = "STATS";
     /// The agent's sockets of spliced same-node connections whose received bytes the splice
@@ -101,7 +119,7 @@ pub mod maps {
     /// holds only the running agent's connects.
     pub const AGENT_HOPS: &str = "AGENT_HOPS";
     /// Every map the agent pins, for uninstall.
-    pub const PINNED: [&str; 11] = [
+    pub const PINNED: [&str; 14] = [
         ENROLLED_NETNS,
         SOCK_STATE,
         ORIG_DST_TUPLE,
@@ -113,6 +131,9 @@ pub mod maps {
         EXCLUDED_PORTS,
         EXCLUDED_NETS,
         POD_ADDRS,
+        POD_EXCLUDED_PORTS,
+        POD_EXCLUDED_NETS,
+        POD_EXCLUDED_INBOUND,
     ];
 }
 
@@ -172,8 +193,10 @@ pub mod stats {
     /// application bound it itself, or the pod has no address of that family): it keeps the
     /// loopback address (or the application's).
     pub const SOURCE_NOT_BOUND: u32 = 12;
+    /// Inbound connections to a pod's excluded inbound port let through to the application.
+    pub const INBOUND_EXCLUDED: u32 = 13;
     /// Number of counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Bits of [`SockState::flags`].
@@ -235,6 +258,40 @@ pub struct TupleKey {
     pub port: u16,
     /// Explicit padding; always zero.
     pub _pad: [u8; 6],
+}
+
+/// Key of `POD_EXCLUDED_PORTS`: a pod's namespace and a destination port it excludes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PodPortKey {
+    /// Network-namespace cookie of the pod.
+    pub netns_cookie: u64,
+    /// The port, host byte order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 6],
+}
+
+/// Bits of a [`pod_net_key`] before the address: the netns cookie.
+pub const POD_NET_COOKIE_BITS: u32 = 64;
+
+/// The data of a `POD_EXCLUDED_NETS` key: the pod's netns cookie (native order: only ever
+/// matched whole) followed by the address (IPv4-mapped for IPv4). Its prefix length is
+/// [`POD_NET_COOKIE_BITS`] plus the address's, so a lookup matches only that pod's networks.
+#[inline(always)]
+pub const fn pod_net_key(netns_cookie: u64, addr: &[u8; 16]) -> [u8; 24] {
+    let c = netns_cookie.to_ne_bytes();
+    let mut key = [0u8; 24];
+    let mut i = 0;
+    while i < 8 {
+        key[i] = c[i];
+        i += 1;
+    }
+    while i < 24 {
+        key[i] = addr[i - 8];
+        i += 1;
+    }
+    key
 }
 
 /// Value of `ORIG_DST_TUPLE`: the original destination and the socket that wrote it, so that
@@ -337,6 +394,12 @@ const _: () = {
     assert!(offset_of!(TupleKey, port) == 24);
     assert!(offset_of!(TupleKey, _pad) == 26);
 
+    assert!(size_of::<PodPortKey>() == 16);
+    assert!(align_of::<PodPortKey>() == 8);
+    assert!(offset_of!(PodPortKey, netns_cookie) == 0);
+    assert!(offset_of!(PodPortKey, port) == 8);
+    assert!(offset_of!(PodPortKey, _pad) == 10);
+
     assert!(size_of::<PendingConnect>() == 32);
     assert!(align_of::<PendingConnect>() == 8);
     assert!(offset_of!(PendingConnect, orig) == 0);
@@ -389,4 +452,6 @@ mod user {
     unsafe impl aya::Pod for super::PodAddrs {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::HopKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodPortKey {}
 }

@@ -37,8 +37,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use ambit_common::{
     HopKey, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst,
-    PendingConnect, PodAddrs, SockState, SplicePeer, TupleKey, limits, pod_addrs, pod_state,
-    sock_flags, stats,
+    POD_NET_COOKIE_BITS, PendingConnect, PodAddrs, PodPortKey, SockState, SplicePeer, TupleKey,
+    limits, pod_addrs, pod_net_key, pod_state, sock_flags, stats,
 };
 use aya_ebpf::{
     bindings::{
@@ -139,6 +139,16 @@ static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(limits::MAX_EXCLUSIONS
 static EXCLUDED_NETS: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(limits::MAX_EXCLUSIONS, 0);
 #[map]
 static POD_ADDRS: HashMap<u64, PodAddrs> = HashMap::pinned(limits::MAX_PODS, 0);
+// Per-pod capture exclusions: not preallocated (most pods have none).
+#[map]
+static POD_EXCLUDED_PORTS: HashMap<PodPortKey, u8> =
+    HashMap::pinned(limits::MAX_POD_EXCLUSION_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static POD_EXCLUDED_NETS: LpmTrie<[u8; 24], u8> =
+    LpmTrie::pinned(limits::MAX_POD_EXCLUSION_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static POD_EXCLUDED_INBOUND: HashMap<OrigDst, u64> =
+    HashMap::pinned(limits::MAX_POD_EXCLUSION_ENTRIES, BPF_F_NO_PREALLOC);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 // The splice maps are not pinned: they hold the agent's own sockets, which close with it, and
@@ -208,12 +218,30 @@ fn is_loopback(ip: &IpKey) -> bool {
     }
 }
 
+/// Whether a connect to `ip:port` from the pod of namespace `netns` is excluded: node-wide
+/// (the mesh file's `redirect` section) or by the pod's own exclusions.
 #[inline(always)]
-fn is_excluded(ip: &IpKey, port: u16) -> bool {
+fn is_excluded(netns: u64, ip: &IpKey, port: u16) -> bool {
     if EXCLUDED_PORTS.get_ptr(port).is_some() {
         return true;
     }
-    EXCLUDED_NETS.get(Key::new(128, ip.addr)).is_some()
+    if EXCLUDED_NETS.get(Key::new(128, ip.addr)).is_some() {
+        return true;
+    }
+    let key = PodPortKey {
+        netns_cookie: netns,
+        port,
+        _pad: [0; 6],
+    };
+    if POD_EXCLUDED_PORTS.get_ptr(key).is_some() {
+        return true;
+    }
+    POD_EXCLUDED_NETS
+        .get(Key::new(
+            POD_NET_COOKIE_BITS + 128,
+            pod_net_key(netns, &ip.addr),
+        ))
+        .is_some()
 }
 
 /// What connect4/connect6 do with a connect.
@@ -255,7 +283,7 @@ fn classify(ctx: &SockAddrContext, dst: &IpKey, port: u16) -> Verdict {
         count(stats::CLOSED_REFUSED);
         return Verdict::Refuse;
     }
-    if is_excluded(dst, port) {
+    if is_excluded(netns, dst, port) {
         count(stats::EXCLUDED);
         return Verdict::Pass;
     }
@@ -766,6 +794,20 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
     {
         count(stats::INBOUND_FROM_NODE);
         return sk_action::SK_PASS;
+    }
+    // The pod's own excluded inbound ports reach the application directly, unmeshed (never
+    // the proxy's ports: validation refuses them, and they are checked here again). Keyed by
+    // the pod's address: sk_lookup cannot read its namespace's cookie.
+    if port != OUTBOUND_PORT && port != INBOUND_PLAINTEXT_PORT {
+        let key = OrigDst {
+            ip: local,
+            port,
+            _pad: [0; 6],
+        };
+        if POD_EXCLUDED_INBOUND.get_ptr(key).is_some() {
+            count(stats::INBOUND_EXCLUDED);
+            return sk_action::SK_PASS;
+        }
     }
     // Everything else, the proxy's own plaintext ports included, goes to the plaintext
     // listener, which applies peer authentication and policy (and refuses the proxy's ports).

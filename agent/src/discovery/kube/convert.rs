@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     netns::NetnsRef,
-    state::{EndpointAddress, Service, ServicePort, WaypointRef, Workload},
+    state::{CaptureExclusions, EndpointAddress, Service, ServicePort, WaypointRef, Workload},
 };
 
 /// The label that enrols a namespace or a pod (`ambient`), or opts a pod out (`none`).
@@ -246,6 +246,10 @@ fn pod_workload(
         ready: status.ready && !ips.is_empty() && meta.deletion_timestamp.is_none(),
         ips,
         netns,
+        // A refused annotation leaves the pod captured whole; the agent of its node reports it.
+        capture_exclusions: CaptureExclusions::from_annotations_or_none(
+            meta.annotations.as_ref().unwrap_or(&BTreeMap::new()),
+        ),
     })
 }
 
@@ -643,6 +647,41 @@ mod tests {
         assert_eq!(w.ips, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
         assert_eq!(w.labels, labels(&[("app", "web")]).unwrap());
         assert!(w.enrolled && w.ready);
+    }
+
+    #[test]
+    fn capture_exclusion_annotations() {
+        use crate::state::capture::ExclusionList;
+        let annotated = |pairs: &[(ExclusionList, &str)]| {
+            let mut p = pod("p", "node-b", "10.0.0.2");
+            let annotations = p.metadata.annotations.get_or_insert_default();
+            for (list, value) in pairs {
+                annotations.insert(list.annotation().into(), (*value).into());
+            }
+            workload(&p, true).unwrap().capture_exclusions
+        };
+        let got = annotated(&[
+            (ExclusionList::OutboundPorts, "5432, 22"),
+            (ExclusionList::OutboundCidrs, "10.9.0.0/16"),
+            (ExclusionList::InboundPorts, "9090"),
+        ]);
+        assert_eq!(got.outbound_ports, [22, 5432]);
+        assert_eq!(got.outbound_cidrs.len(), 1);
+        assert_eq!(got.inbound_ports, [9090]);
+        assert_eq!(got.refused, None);
+        assert!(annotated(&[]).is_unset());
+        // A bad value: no exclusions at all (captured whole), and why.
+        let refused = annotated(&[
+            (ExclusionList::OutboundPorts, "22"),
+            (ExclusionList::InboundPorts, "15006"),
+        ]);
+        assert!(refused.is_empty());
+        assert_eq!(
+            refused.refused.as_deref(),
+            Some(
+                "annotation ambit.dev/exclude-inbound-ports: 15006 is one of the agent's own ports in the pod (15001, 15006, 15008), which cannot be excluded"
+            )
+        );
     }
 
     #[test]

@@ -277,6 +277,22 @@ struct SlimPodMeta {
     #[serde(default, deserialize_with = "controller_reference")]
     owner_references: Option<OwnerReference>,
     deletion_timestamp: Option<Time>,
+    #[serde(default, deserialize_with = "capture_annotations")]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Of a pod's annotations, only its capture exclusions ([`crate::state::capture`]).
+fn capture_annotations<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    use crate::state::capture::ExclusionList;
+    let all: Option<BTreeMap<String, String>> = Option::deserialize(deserializer)?;
+    let kept: BTreeMap<String, String> = all
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(key, _)| ExclusionList::ALL.iter().any(|l| l.annotation() == key))
+        .collect();
+    Ok((!kept.is_empty()).then_some(kept))
 }
 
 /// The owner reference with `controller: true`, kind and name only.
@@ -310,6 +326,7 @@ fn pod_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D:
         generate_name: slim.generate_name,
         owner_references: slim.owner_references.map(|owner| vec![owner]),
         deletion_timestamp: slim.deletion_timestamp,
+        annotations: slim.annotations,
         ..ObjectMeta::from(SlimMeta {
             name: slim.name,
             namespace: slim.namespace,

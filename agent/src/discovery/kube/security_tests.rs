@@ -84,6 +84,7 @@ fn workload(namespace: &str, name: &str, app: &str) -> Workload {
         enrolled: true,
         ready: true,
         netns: crate::netns::NetnsRef::Path(Default::default()),
+        capture_exclusions: Default::default(),
     }
 }
 

@@ -30,6 +30,7 @@ fn workload(name: &str, ip: &str, labels: &[(&str, &str)], enrolled: bool) -> Wo
         enrolled,
         ready: true,
         netns: NetnsRef::Path(PathBuf::from(format!("/run/netns/{name}"))),
+        capture_exclusions: Default::default(),
     }
 }
 

@@ -28,6 +28,10 @@ pub const GENERATE_COMMAND: &str = "cargo xtask crds";
 /// `helm upgrade` upgrades them).
 pub const OUTPUT_DIRS: [&str; 2] = ["deploy/crds", "deploy/helm/ambit/files/crds"];
 
+/// The label every Ambit CRD carries with the release it belongs to (the workspace's version,
+/// which is the chart's): `ambit check` compares it with its own.
+pub const VERSION_LABEL: &str = "ambit.dev/version";
+
 /// A CRD and the Rust type it is generated from.
 pub struct Definition {
     /// The Rust path of the resource type (named in the file's header).
@@ -111,6 +115,7 @@ fn render(definition: Definition) -> CrdFile {
     let name = format!("{}_{}.yaml", spec.group, spec.names.plural);
     let crd_name = crd.metadata.name.clone().unwrap_or_default();
     let mut value = serde_json::to_value(&crd).expect("a CRD serializes to JSON");
+    value["metadata"]["labels"][VERSION_LABEL] = json!(env!("CARGO_PKG_VERSION"));
     conventions(&mut value);
     let yaml = serde_yaml_ng::to_string(&sorted(value)).expect("JSON serializes to YAML");
     let text = format!(
