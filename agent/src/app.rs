@@ -100,6 +100,9 @@ pub struct AgentArgs {
     /// a peer's inbound connections and tunnels [default: a quarter of --max-connections].
     #[arg(long, env = "AMBIT_MAX_CONNECTIONS_PER_SOURCE")]
     pub max_connections_per_source: Option<usize>,
+    /// The HBONE connection pool of every pod (`--hbone-max-streams-per-connection`).
+    #[command(flatten)]
+    pub pool: crate::hbone::PoolArgs,
     /// Carry connections between two pods of this node without HBONE: authorized as the
     /// inbound path would, then spliced in the kernel (`false`: HBONE, as across nodes, and the
     /// splice program is not loaded). Off by itself, with a warning, when the kernel cannot
@@ -316,6 +319,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         certs: certs.clone(),
         limits: limits.clone(),
         connections: Arc::new(OpenConnections::new()),
+        pool: args.pool.config(),
         local_pods: Arc::default(),
         // A kernel that cannot splice leaves same-node connections to HBONE.
         fast_path: args.same_node_fast_path
@@ -591,5 +595,60 @@ mod tests {
                 && err.contains(&format!("({bound})")),
             "{err}"
         );
+    }
+
+    /// `--hbone-max-streams-per-connection` is one setting of both HBONE pools: the agent's
+    /// (every pod's) and the waypoint's (to endpoints); ztunnel's 100 by default, 0 refused.
+    #[test]
+    fn the_pool_flag_sets_the_agents_and_the_waypoints_pools() {
+        #[derive(clap::Parser)]
+        struct Agent {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        #[derive(clap::Parser)]
+        struct Waypoint {
+            #[command(flatten)]
+            waypoint: crate::waypoint::WaypointCommand,
+        }
+        let agent = |extra: &[&str]| {
+            let base = ["ambit", "--node", "n0", "--mesh-file", "mesh.yaml"];
+            <Agent as clap::Parser>::try_parse_from(base.iter().chain(extra))
+                .map(|cli| cli.agent.pool.config().max_streams_per_connection)
+        };
+        let waypoint = |extra: &[&str]| {
+            let base = [
+                "ambit",
+                "--mesh-file",
+                "mesh.yaml",
+                "--name",
+                "wp",
+                "--ca-address",
+                "https://ca:15012",
+                "--ca-roots",
+                "roots.pem",
+                "--ca-token-file",
+                "token",
+            ];
+            <Waypoint as clap::Parser>::try_parse_from(base.iter().chain(extra)).map(|cli| {
+                assert!(cli.waypoint.run.is_some(), "the waypoint's flags were lost");
+                cli.waypoint.pool.config().max_streams_per_connection
+            })
+        };
+        let default = crate::hbone::PoolConfig::default().max_streams_per_connection;
+        assert_eq!(default, 100);
+        let flag = ["--hbone-max-streams-per-connection", "7"];
+        assert_eq!(agent(&[]).unwrap(), default);
+        assert_eq!(agent(&flag).unwrap(), 7);
+        assert_eq!(waypoint(&[]).unwrap(), default);
+        assert_eq!(waypoint(&flag).unwrap(), 7);
+        let zero = ["--hbone-max-streams-per-connection", "0"];
+        for err in [agent(&zero).unwrap_err(), waypoint(&zero).unwrap_err()] {
+            let err = err.to_string();
+            assert!(
+                err.contains("--hbone-max-streams-per-connection") && err.contains('0'),
+                "{err}"
+            );
+        }
     }
 }

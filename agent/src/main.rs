@@ -1,7 +1,10 @@
 //! The `ambit` binary.
 use std::path::PathBuf;
 
-use ambit::{app::AgentArgs, telemetry::LogFormat};
+use ambit::{
+    app::AgentArgs,
+    telemetry::{LogFormat, LogSettings, Sampling},
+};
 use clap::{Parser, Subcommand};
 
 /// jemalloc, not the system's malloc: after a burst of connections, glibc keeps the freed
@@ -23,6 +26,10 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info,ambit::proxy=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
     log_level: String,
+    /// The percentage of successful connections that get an access-log line, 0 to 100 (`1` or
+    /// `1%`: one in a hundred); failed and refused connections are always logged.
+    #[arg(long, env = "AMBIT_ACCESS_LOG_SAMPLING", default_value = "100", value_parser = Sampling::parse, global = true)]
+    access_log_sampling: Sampling,
     #[command(subcommand)]
     command: Command,
 }
@@ -91,7 +98,12 @@ enum CniCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(err) = ambit::telemetry::init_logging(cli.log_format, &cli.log_level) {
+    let logging = LogSettings {
+        format: cli.log_format,
+        filter: cli.log_level.clone(),
+        access_log_sampling: cli.access_log_sampling,
+    };
+    if let Err(err) = ambit::telemetry::init_logging(&logging) {
         eprintln!("error: {err:#}");
         return std::process::ExitCode::FAILURE;
     }

@@ -24,6 +24,8 @@ pub const ADMIN_PORT: u16 = 15000;
 pub const READINESS_PORT: u16 = 15021;
 /// The agent's Prometheus metrics port (`/metrics`).
 pub const METRICS_PORT: u16 = 15020;
+/// The HBONE port every meshed pod accepts tunnels on (its agent's listener in the pod).
+pub const HBONE_PORT: u16 = 15008;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -997,7 +999,9 @@ impl Cluster {
             }
         };
         let ambit = testbed::ambit_bin();
-        let mesh_path = run_dir.join("mesh.yaml");
+        // In a directory of its own: the agents watch the mesh file's directory, and would
+        // otherwise wake for every line written to the logs beside it (their own included).
+        let mesh_path = run_dir.join("mesh").join("mesh.yaml");
         let ns = |suffix: &str| format!("ab-{id}-{suffix}");
         let nodes = (0..spec.nodes)
             .map(|i| {
@@ -1085,6 +1089,9 @@ impl Cluster {
 
     fn build(&self) -> Result<()> {
         fs::create_dir_all(&self.run_dir)?;
+        if let Some(dir) = self.mesh_path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        }
         // cgroups
         for n in &self.nodes {
             for cgroup in [&n.agent_cgroup, &n.host_cgroup] {
@@ -1616,7 +1623,7 @@ impl Cluster {
         util::tail_file(&self.run_dir.join("ca.log"), lines)
     }
 
-    /// Path of the mesh file `<run dir>/mesh.yaml` (the agents' `--mesh-file`).
+    /// Path of the mesh file `<run dir>/mesh/mesh.yaml` (the agents' `--mesh-file`).
     pub fn mesh_path(&self) -> &Path {
         &self.mesh_path
     }
@@ -1633,7 +1640,9 @@ impl Cluster {
     pub fn write_raw_mesh(&self, text: &str) -> Result<()> {
         let mut n = lock(&self.mesh_write);
         *n += 1;
-        let tmp = self.run_dir.join(format!(".mesh.yaml.tmp{}", *n));
+        let tmp = self
+            .mesh_path
+            .with_file_name(format!(".mesh.yaml.tmp{}", *n));
         fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
         fs::rename(&tmp, &self.mesh_path)
             .with_context(|| format!("rename to {}", self.mesh_path.display()))?;

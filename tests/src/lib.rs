@@ -11,8 +11,8 @@
 //!   (veth to the node, node side `a<id>n<i>p<j>` with `10.10.<i>.1/32` and `fd00:10:<i>::1/128`)
 //!   has `10.10.<i>.<j+2>/32` and `fd00:10:<i>::<j+2>/128`, the gateway on-link and a default
 //!   route via it; and a cgroup `<...>/n<i>/p<j>`;
-//! - a run directory (temp dir `ambit-testbed-<id>`) with the mesh file `mesh.yaml`, the agents'
-//!   logs and the pods' stderr files.
+//! - a run directory (temp dir `ambit-testbed-<id>`) with the mesh file `mesh/mesh.yaml` (in a
+//!   directory of its own, which the agents watch), the agents' logs and the pods' stderr files.
 //!
 //! `<id>` is a fresh 6-hex-digit run id, so concurrent runs never collide. Agents are started
 //! explicitly ([`Cluster::start_agents`], [`Node::start_agent`]). Dropping the [`Cluster`]
@@ -48,7 +48,9 @@ pub mod traffic;
 pub mod util;
 pub mod waypoint;
 
-pub use cluster::{ADMIN_PORT, Cluster, ClusterSpec, METRICS_PORT, Node, Pod, READINESS_PORT};
+pub use cluster::{
+    ADMIN_PORT, Cluster, ClusterSpec, HBONE_PORT, METRICS_PORT, Node, Pod, READINESS_PORT,
+};
 pub use mesh::MeshFile;
 pub use process::PodProcess;
 pub use util::{HttpResponse, Netns};

@@ -408,6 +408,34 @@ fn parse_labels(inside: &str) -> Vec<(String, String)> {
     pairs
 }
 
+/// The local ports of `pod`'s established TCP connections to port 15008: its outbound HBONE
+/// connections (the agent dials them from inside the pod's namespace).
+pub fn hbone_client_ports(pod: &Pod) -> Result<Vec<u16>> {
+    let dport = format!(":{}", crate::HBONE_PORT);
+    let out = crate::util::run(
+        "ip",
+        [
+            "netns",
+            "exec",
+            pod.netns_name(),
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            "dport",
+            "=",
+            dport.as_str(),
+        ],
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let local = l.split_whitespace().nth(2)?;
+            local.rsplit_once(':')?.1.parse().ok()
+        })
+        .collect())
+}
+
 /// Like [`metric`], for a series that must exist.
 pub fn metric_value(node: &Node, series: &str) -> Result<f64> {
     metric(node, series)?.ok_or_else(|| anyhow!("no {series} in the metrics of {}", node.name()))

@@ -11,7 +11,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ambit_tests::traffic::{
-    Conn, TIMEOUT, access_logs, connect_ok, reaches, serve, wait_access_log,
+    Conn, TIMEOUT, access_logs, access_logs_to, connect_ok, reaches, serve, wait_access_log,
 };
 use ambit_tests::{Cluster, ClusterSpec, Pod, ensure_or_dump, util};
 use anyhow::Result;
@@ -150,6 +150,8 @@ fn a_permissive_pod_sees_plaintext_clients_from_outside_the_mesh() -> Result<()>
         (other_node, server.addr4(8080)),
         (other_node, server.addr6(8080)),
     ] {
+        // Two clients dial each address: this connection's line is the one after those before.
+        let logged = access_logs_to(cluster.node(0), "inbound_plaintext", dst).len();
         let conn = connect_ok(&cluster, client, dst, 10_000)?;
         let client_ip = address_for(client, dst);
         ensure_or_dump!(
@@ -166,7 +168,13 @@ fn a_permissive_pod_sees_plaintext_clients_from_outside_the_mesh() -> Result<()>
         );
         // Through the server's agent (peer authentication and policy applied), from another
         // socket than the client's own.
-        let inbound = wait_access_log(&cluster, cluster.node(0), "inbound_plaintext", dst, 1)?;
+        let inbound = wait_access_log(
+            &cluster,
+            cluster.node(0),
+            "inbound_plaintext",
+            dst,
+            logged + 1,
+        )?;
         let from = conn.report["local"].as_str().unwrap_or_default();
         ensure_or_dump!(
             cluster,

@@ -28,7 +28,7 @@ use ambit_tests::cluster::{CA_ADDR, TRUST_DOMAIN};
 use ambit_tests::process::Tool;
 use ambit_tests::prometheus::{Prometheus, Series, by_labels, expect};
 use ambit_tests::traffic::{
-    client, connect_ok_n, metric_value, serve, spawn_client, wait_access_log,
+    client, connect_ok_n, hbone_client_ports, metric_value, serve, spawn_client, wait_access_log,
 };
 use ambit_tests::util::{self, Netns};
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, ensure_or_dump};
@@ -335,30 +335,6 @@ fn churn_until(from: &Pod, dst: SocketAddr, stop: &AtomicBool) -> Traffic {
         }
     }
     t
-}
-
-/// The local ports of `pod`'s established TCP connections to port 15008 (its outbound HBONE
-/// connections).
-fn hbone_client_ports(pod: &Pod) -> Result<Vec<u16>> {
-    let out = netns_run(
-        pod.netns_name(),
-        &[
-            "ss",
-            "-Htn",
-            "state",
-            "established",
-            "dport",
-            "=",
-            &format!(":{HBONE_PORT}"),
-        ],
-    )?;
-    Ok(out
-        .lines()
-        .filter_map(|l| {
-            let local = l.split_whitespace().nth(2)?;
-            local.rsplit_once(':')?.1.parse().ok()
-        })
-        .collect())
 }
 
 /// Batches of 5 connections from `from` to `dst` until `stop`; after each batch the source

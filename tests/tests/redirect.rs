@@ -286,9 +286,11 @@ fn service_vip_round_robins_over_endpoints_on_two_nodes() -> Result<()> {
         served == expected,
         "10 connections to the VIP were served {served:?}, expected round robin {expected:?}"
     );
-    let logged = access_logs(cluster.node(0))
+    // Lines are written as connections end, a moment after the clients saw the end: wait for
+    // all ten.
+    let logged = wait_access_log(&cluster, cluster.node(0), "outbound", vip, 10)?
         .into_iter()
-        .filter(|l| l["dst"] == vip.to_string() && l["dst_service"] == "default/web")
+        .filter(|l| l["dst_service"] == "default/web")
         .count();
     ensure_or_dump!(
         cluster,

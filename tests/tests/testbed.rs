@@ -321,7 +321,7 @@ fn panic_tears_down_and_keeps_logs() -> Result<()> {
     let (id, run_dir) = seen.ok_or(anyhow!("cluster never started"))?;
     assert_bed_gone(&id)?;
     anyhow::ensure!(
-        run_dir.join("mesh.yaml").exists(),
+        run_dir.join("mesh").join("mesh.yaml").exists(),
         "logs not kept after panic"
     );
     std::fs::remove_dir_all(&run_dir)?;

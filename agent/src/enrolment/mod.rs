@@ -661,7 +661,7 @@ impl Enrolment {
                 let (netns, dst) = (dial_ns.clone(), key.destination());
                 async move { proxy::connect_from(&netns, dst, None).await }
             },
-            crate::hbone::PoolConfig::default(),
+            self.proxy.pool.clone(),
         );
         let pod = Arc::new(PodContext {
             workload: workload.clone(),

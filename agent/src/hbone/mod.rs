@@ -30,7 +30,7 @@ pub mod tls;
 pub(crate) mod tests;
 
 pub use client::{HboneError, Http2Client, TunnelRequest};
-pub use pool::{Dialer, Pool, PoolConfig, PoolKey};
+pub use pool::{Dialer, Pool, PoolArgs, PoolConfig, PoolKey};
 pub use server::{
     ConnectRequest, ConnectionError, Deny, Destinations, HboneServer, InboundHandler,
     InboundSettings, StreamError, StreamReport,
@@ -96,3 +96,29 @@ impl Http2Config {
 
 /// Largest header block either side accepts: CONNECT requests carry a handful of short headers.
 const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+
+/// The socket under an HBONE connection's TLS, as both ends wrap it ([`transport`]).
+pub(crate) type Transport = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// Bytes read from an HBONE socket per system call, at most.
+const TRANSPORT_READ_BUFFER: usize = 64 * 1024;
+
+/// Wraps an HBONE connection's socket in a read buffer before TLS.
+///
+/// rustls asks its transport for at most 4 KiB at a time (`read_tls`), so a bare socket would
+/// cost four or five `recv` calls per 16 KiB TLS record, a busy tunnel hundreds of thousands a
+/// second. Through this buffer one `recv` takes up to 64 KiB and rustls's reads are copies from
+/// it. Writes pass straight through (rustls writes whole records, vectored).
+pub(crate) fn transport(tcp: tokio::net::TcpStream) -> Transport {
+    tokio::io::BufReader::with_capacity(TRANSPORT_READ_BUFFER, tcp)
+}
+
+/// Plaintext rustls encrypts ahead of the socket, at most (its default is 64 KiB).
+const TLS_SEND_BUFFER: usize = 256 * 1024;
+
+/// Lets rustls take a whole large DATA frame at once: it encrypts up to its buffer limit per
+/// write and then writes the records out in one vectored call, so a larger limit means fewer
+/// system calls per frame. Memory stays bounded by the limit.
+pub(crate) fn size_tls_buffers<D>(conn: &mut rustls::ConnectionCommon<D>) {
+    conn.set_buffer_limit(Some(TLS_SEND_BUFFER));
+}

@@ -130,6 +130,31 @@ impl Default for PoolConfig {
     }
 }
 
+/// The pool's command-line flags, the same on the node agent and the waypoint (both pool
+/// their HBONE connections to peers).
+#[derive(Clone, Debug, clap::Args)]
+pub struct PoolArgs {
+    /// Most tunnels one pooled HBONE connection carries at once; more open another connection
+    /// to the same peer (ztunnel's `POOL_MAX_STREAMS_PER_CONNECTION`).
+    #[arg(
+        long,
+        env = "AMBIT_HBONE_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = PoolConfig::default().max_streams_per_connection,
+        value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..), usize::from),
+    )]
+    pub hbone_max_streams_per_connection: usize,
+}
+
+impl PoolArgs {
+    /// The pool's configuration: ztunnel's defaults, with what the flags set.
+    pub fn config(&self) -> PoolConfig {
+        PoolConfig {
+            max_streams_per_connection: self.hbone_max_streams_per_connection,
+            ..PoolConfig::default()
+        }
+    }
+}
+
 /// The HBONE connection pool. Cheap to clone; clones share connections.
 ///
 /// Dropping the last clone lets idle connections close; connections carrying tunnels stay up
@@ -277,7 +302,8 @@ impl Pool {
             .map_err(|source| HboneError::Connect { peer, source })?;
         // Small writes (handshakes, headers, interactive traffic) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
-        let tls = client::connect_tls(tcp, tls_config, peer).await?;
+        let mut tls = client::connect_tls(super::transport(tcp), tls_config, peer).await?;
+        super::size_tls_buffers(tls.get_mut().1);
         let max_streams = config.max_streams_per_connection.max(1);
         let (client, connection) = client::handshake(tls, &config.http2, max_streams, peer).await?;
         let (shared, slot) = ConnShared::new(max_streams);

@@ -33,7 +33,6 @@ use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -49,7 +48,7 @@ use crate::{
     identity::SpiffeId,
     limits::{ConnectionPermit, Limits, Path, Phase, refuse as reset},
     policy::{Admission, Refusal},
-    relay::{Meter, Relayed, Transferred, relay_until},
+    relay::{Meter, Relayable, Relayed, Transferred, relay_until},
 };
 
 /// One CONNECT request that passed the authority check, as the handler sees it.
@@ -173,7 +172,7 @@ pub struct StreamReport<M = ()> {
 /// The pod-specific decisions of an HBONE server.
 pub trait InboundHandler: Send + Sync + 'static {
     /// The connection to the application.
-    type Upstream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    type Upstream: Relayable + Send + 'static;
 
     /// What counts a tunnel's bytes while they flow (`()`: nothing, the report's totals only).
     type Meter: Meter + Send + 'static;
@@ -424,7 +423,7 @@ impl<H: InboundHandler> HboneServer<H> {
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(
             settings.handshake_timeout,
-            TlsAcceptor::from(tls_config).accept(tcp),
+            TlsAcceptor::from(tls_config).accept(super::transport(tcp)),
         )
         .await
         .map_err(|_| {
@@ -432,6 +431,8 @@ impl<H: InboundHandler> HboneServer<H> {
             ConnectionError::HandshakeTimeout
         })?
         .map_err(ConnectionError::Handshake)?;
+        let mut tls = tls;
+        super::size_tls_buffers(tls.get_mut().1);
         let peer = tls::peer_identity(tls.get_ref().1).ok_or(ConnectionError::NoPeerIdentity)?;
         debug!(%source, %peer, "HBONE connection accepted");
 

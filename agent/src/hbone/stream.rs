@@ -1,5 +1,6 @@
 //! One HBONE tunnel as a byte stream: an HTTP/2 stream's DATA frames, read and written through
-//! tokio's `AsyncRead`/`AsyncWrite`, so [`crate::relay`] can copy it like a socket.
+//! tokio's `AsyncRead`/`AsyncWrite`, and handed to and taken from [`crate::relay`] as chunks
+//! ([`Relayable`]) so the relay copies no byte of a tunnel.
 use std::{
     io,
     pin::Pin,
@@ -11,6 +12,7 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::slot::Slot;
+use crate::relay::{ReadBuffer, Relayable};
 
 /// A tunnelled connection: the established CONNECT stream, on either side.
 ///
@@ -70,38 +72,54 @@ pub(crate) fn io_error(err: h2::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for HboneStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
+impl HboneStream {
+    /// The next chunk of the peer's DATA, as h2 received it; empty at the end of the stream.
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(std::mem::take(&mut self.pending)));
+        }
+        loop {
+            match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(Bytes::new())),
+                // An empty DATA frame (END_STREAM alone, or padding): not the end by itself.
+                Some(Ok(data)) if data.is_empty() => {}
                 Some(Ok(data)) => {
                     // Re-open the window as soon as the bytes are ours: at most one frame waits
                     // here, and holding the window until it is read would halve throughput.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.pending = data;
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Ok(data));
                 }
                 // A reset with NO_ERROR is a peer saying "done, stop sending" after it ended its
                 // side (RFC 9113 §8.1): the data it sent is complete, so read it as EOF.
                 Some(Err(err)) if err.reason() == Some(Reason::NO_ERROR) => {
-                    return Poll::Ready(Ok(()));
+                    return Poll::Ready(Ok(Bytes::new()));
                 }
                 Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
             }
         }
-        let n = buf.remaining().min(this.pending.len());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
-        Poll::Ready(Ok(()))
     }
-}
 
-impl HboneStream {
+    /// Room to send up to `len` bytes now: how many h2 grants (flow control, its send buffer).
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        loop {
+            // Ask for room for the whole buffer; h2 grants what flow control and its send
+            // buffer allow, and we send that much.
+            self.send.reserve_capacity(len);
+            match ready!(self.send.poll_capacity(cx)) {
+                // Granted capacity can be taken back before we see it; ask again (this poll
+                // registers the waker).
+                Some(Ok(0)) => continue,
+                Some(Ok(granted)) => return Poll::Ready(Ok(granted.min(len))),
+                Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
+                // The stream can no longer send: reset by the peer, or the connection is gone.
+                None => return self.poll_send_closed(cx).map(Err),
+            }
+        }
+    }
+
     /// Why the peer stopped our sending, as an I/O error.
     fn poll_send_closed(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         Poll::Ready(match ready!(self.send.poll_reset(cx)) {
@@ -111,6 +129,52 @@ impl HboneStream {
             ),
             Err(err) => io_error(err),
         })
+    }
+}
+
+/// The relay moves a tunnel's bytes as h2 holds them: received DATA frames are handed on
+/// as they are, and a chunk to send becomes a DATA frame without being copied.
+impl Relayable for HboneStream {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        _buf: &mut ReadBuffer,
+    ) -> Poll<io::Result<Bytes>> {
+        self.poll_data(cx)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_send_capacity(cx, chunk.len()))?;
+        let data = chunk.split_to(n);
+        Poll::Ready(
+            self.send
+                .send_data(data, false)
+                .map(|()| n)
+                .map_err(io_error),
+        )
+    }
+}
+
+impl AsyncRead for HboneStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut data = ready!(this.poll_data(cx))?;
+        let n = buf.remaining().min(data.len());
+        buf.put_slice(&data[..n]);
+        data.advance(n);
+        this.pending = data;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -124,31 +188,13 @@ impl AsyncWrite for HboneStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if this.write_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        loop {
-            // Ask for room for the whole buffer; h2 grants what flow control and its send
-            // buffer allow, and we send that much.
-            this.send.reserve_capacity(buf.len());
-            match ready!(this.send.poll_capacity(cx)) {
-                // Granted capacity can be taken back before we see it; ask again (this poll
-                // registers the waker).
-                Some(Ok(0)) => continue,
-                Some(Ok(granted)) => {
-                    let n = granted.min(buf.len());
-                    return Poll::Ready(
-                        this.send
-                            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                            .map(|()| n)
-                            .map_err(io_error),
-                    );
-                }
-                Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
-                // The stream can no longer send: reset by the peer, or the connection is gone.
-                None => return this.poll_send_closed(cx).map(Err),
-            }
-        }
+        let n = ready!(this.poll_send_capacity(cx, buf.len()))?;
+        Poll::Ready(
+            this.send
+                .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                .map(|()| n)
+                .map_err(io_error),
+        )
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -730,3 +730,75 @@ async fn tunnels_past_the_source_share_are_refused_with_503() {
         "a refused tunnel keeps its connection"
     );
 }
+
+/// Many tunnels held open at once, as a burst of long-lived connections makes them: each is
+/// opened, echoes 16 KiB through relays on both ends (a socket relayed into the tunnel, as the
+/// outbound proxy does; the tunnel relayed to the application by the HBONE server), and stays
+/// open while the next one is made. More tunnels than one connection carries, so the pool
+/// spreads them over several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_held_tunnels_each_echo_while_the_others_stay_open() {
+    const TUNNELS: usize = 150;
+    const BYTES: usize = 16 * 1024;
+    let ca = TestCa::new("root");
+    let client_cert = Arc::new(ca.issue(&id("client")));
+    let server = start_server(&ca.issue(&id("server")), false).await;
+    // The application: echoes each connection until its end.
+    let app = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (socket, _) = app.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.into_split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    });
+    // The outbound side: each accepted socket relayed into a tunnel of its own.
+    let pool = test_pool(PoolConfig::default());
+    let key = key_for(&client_cert, &server, vec![server.id.clone()]);
+    let front = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = front.accept().await.unwrap();
+                let (pool, key, cert) = (pool.clone(), key.clone(), client_cert.clone());
+                tokio::spawn(async move {
+                    let request = TunnelRequest::new(app_source(), app_addr);
+                    let stream = pool.open(&key, &cert, &request).await.unwrap();
+                    let _ = crate::relay::relay(socket, stream, &()).await;
+                });
+            }
+        });
+    }
+
+    let mut held = Vec::with_capacity(TUNNELS);
+    for i in 0..TUNNELS {
+        let payload = pattern(BYTES, i as u8);
+        let opened = async {
+            let mut conn = TcpStream::connect(front_addr).await.unwrap();
+            let mut got = vec![0u8; 8 * 1024];
+            for chunk in payload.chunks(got.len()) {
+                conn.write_all(chunk).await.unwrap();
+                conn.read_exact(&mut got[..chunk.len()]).await.unwrap();
+                assert!(got[..chunk.len()] == *chunk, "tunnel {i}: echo corrupted");
+            }
+            conn
+        };
+        let conn = tokio::time::timeout(Duration::from_secs(20), opened)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "tunnel {i} did not echo with {} held open over {} connections",
+                    held.len(),
+                    pool.connection_count()
+                )
+            });
+        held.push(conn);
+    }
+    assert!(pool.connection_count() >= TUNNELS.div_ceil(100));
+}

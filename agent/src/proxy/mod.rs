@@ -52,6 +52,8 @@ pub struct ProxyContext {
     /// The inbound connections open, re-evaluated on every state change
     /// ([`admission::reevaluate_on_change`]).
     pub connections: Arc<admission::OpenConnections>,
+    /// The settings of every pod's HBONE connection pool.
+    pub pool: crate::hbone::PoolConfig,
     /// The pods enrolled on this node, by address: the same-node fast path's destinations.
     pub local_pods: Arc<LocalPods>,
     /// Whether connections between two pods of this node take the same-node fast path

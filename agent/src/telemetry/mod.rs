@@ -1,6 +1,6 @@
 //! Logging set-up (with a filter that can be changed at run time), the per-connection access
-//! log, the Prometheus [`metrics`] plumbing and [`istio`]'s standard labels. Plumbing only: each
-//! subsystem owns its metrics.
+//! log (optionally sampled), the Prometheus [`metrics`] plumbing and [`istio`]'s standard
+//! labels. Plumbing only: each subsystem owns its metrics.
 pub mod istio;
 pub mod metrics;
 
@@ -21,14 +21,25 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the process logs: the global options of every `ambit` command.
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    /// Line format.
+    pub format: LogFormat,
+    /// The filter (EnvFilter syntax).
+    pub filter: String,
+    /// The share of successful connections' access-log lines kept ([`AccessLog::emit`]).
+    pub access_log_sampling: Sampling,
+}
+
 /// Installs the global tracing subscriber (and the `log` bridge used by aya-log).
 ///
 /// The filter sits behind a reload layer so that the admin endpoint can change it at run time
 /// through [`log_control`]; this stays the only place a global subscriber is built.
-pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let (filter_layer, control) = reloadable_filter(filter)?;
+pub fn init_logging(settings: &LogSettings) -> anyhow::Result<()> {
+    let (filter_layer, control) = reloadable_filter(&settings.filter)?;
     let registry = tracing_subscriber::registry().with(filter_layer);
-    match format {
+    match settings.format {
         LogFormat::Text => registry
             .with(fmt::layer().with_writer(std::io::stderr))
             .try_init()?,
@@ -41,6 +52,7 @@ pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
             )
             .try_init()?,
     }
+    let _ = ACCESS_LOG_SAMPLING.set(settings.access_log_sampling);
     // Only the global subscriber's filter also governs the `log` crate's records.
     let _ = LOG_CONTROL.set(LogControl {
         global: true,
@@ -210,8 +222,12 @@ impl AccessLog {
         }
     }
 
-    /// Emits the record on the `access` target.
+    /// Emits the record on the `access` target: always for a connection that failed or was
+    /// refused, for a successful one only if the process's [`Sampling`] picks it.
     pub fn emit(&self) {
+        if self.outcome.is_ok() && !access_log_sampling().pick() {
+            return;
+        }
         let upstream = self.upstream.map(|u| u.to_string());
         let (outcome, error) = match &self.outcome {
             Ok(()) => ("ok", None),
@@ -237,5 +253,110 @@ impl AccessLog {
             error,
             "connection complete"
         );
+    }
+}
+
+/// The access-log sampling of the process, set once by [`init_logging`].
+static ACCESS_LOG_SAMPLING: OnceLock<Sampling> = OnceLock::new();
+
+/// The access-log sampling in force: every line unless [`init_logging`] said otherwise.
+fn access_log_sampling() -> Sampling {
+    ACCESS_LOG_SAMPLING.get().copied().unwrap_or_default()
+}
+
+/// Parses a percentage, 0 to 100, with or without a `%` (`1`, `0.5`, `25%`): every sampling
+/// flag's syntax (`--access-log-sampling`, the waypoint's `--tracing-sampling`), as Istio gives
+/// its sampling rates.
+pub fn parse_percentage(value: &str) -> Result<f64, String> {
+    let text = value.trim();
+    let number = text.strip_suffix('%').unwrap_or(text).trim();
+    let percent: f64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(format!("{text} is not a percentage between 0 and 100"));
+    }
+    Ok(percent)
+}
+
+/// Which share of successful connections get an access-log line, as Envoy's access-log
+/// `runtime_filter` samples (`percent_sampled`). Failed and refused connections are always
+/// logged, and metrics count every connection whatever the sampling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// The share kept, in `[0, 1]` as a multiple of 2^-32 (exact for 0 and 1).
+    threshold: u64,
+}
+
+impl Default for Sampling {
+    /// Every line.
+    fn default() -> Self {
+        Self { threshold: 1 << 32 }
+    }
+}
+
+impl Sampling {
+    /// Keeps `percent` % of the lines (`1`: one in a hundred, `100`: all, `0`: none).
+    pub fn new(percent: f64) -> Result<Self, String> {
+        if !(0.0..=100.0).contains(&percent) {
+            return Err(format!("{percent} is not a percentage between 0 and 100"));
+        }
+        Ok(Self {
+            threshold: (percent / 100.0 * (1u64 << 32) as f64).round() as u64,
+        })
+    }
+
+    /// Parses the command line's percentage ([`parse_percentage`]).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::new(parse_percentage(text)?)
+    }
+
+    /// Whether this line is kept: a random draw (fastrand's thread-local generator), as
+    /// Envoy's independent randomness; all lines with the default.
+    pub fn pick(self) -> bool {
+        self.threshold >= 1 << 32
+            || (self.threshold > 0 && fastrand::u64(..1 << 32) < self.threshold)
+    }
+
+    /// The percentage kept.
+    pub fn percent(self) -> f64 {
+        self.threshold as f64 * 100.0 / (1u64 << 32) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_parses_percentages_and_names_bad_values() {
+        assert_eq!(Sampling::parse("100").unwrap(), Sampling::default());
+        assert_eq!(Sampling::parse("100%").unwrap(), Sampling::default());
+        assert_eq!(Sampling::parse("25").unwrap().percent(), 25.0);
+        assert_eq!(Sampling::parse(" 25 %").unwrap().percent(), 25.0);
+        assert_eq!(Sampling::parse("0").unwrap().percent(), 0.0);
+        assert_eq!(parse_percentage("0.5").unwrap(), 0.5);
+        assert_eq!(
+            Sampling::parse("101").unwrap_err(),
+            "101 is not a percentage between 0 and 100"
+        );
+        assert_eq!(
+            Sampling::parse("-1%").unwrap_err(),
+            "-1% is not a percentage between 0 and 100"
+        );
+        assert_eq!(
+            Sampling::parse("half").unwrap_err(),
+            "\"half\" is not a number"
+        );
+    }
+
+    #[test]
+    fn sampling_keeps_its_share_of_lines() {
+        let count = |s: Sampling| (0..10_000).filter(|_| s.pick()).count();
+        assert_eq!(count(Sampling::default()), 10_000);
+        assert_eq!(count(Sampling::new(0.0).unwrap()), 0);
+        // Binomial(10000, 0.1): the standard deviation is 30, the bounds 10 of them away.
+        let kept = count(Sampling::new(10.0).unwrap());
+        assert!((700..=1300).contains(&kept), "{kept} of 10000 kept at 10%");
     }
 }

@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     discovery::{self, ConfigStatus, metrics::ConfigMetrics},
-    hbone::{Destinations, HboneServer, InboundSettings, Pool, PoolConfig, PoolKey},
+    hbone::{Destinations, HboneServer, InboundSettings, Pool, PoolKey},
     identity::{
         BearerToken, CaClient, CaClientConfig, CertificateManager, ManagerConfig,
         client::DEFAULT_CA_TIMEOUT, metrics::CertificateMetrics,
@@ -80,6 +80,11 @@ pub struct WaypointCommand {
     /// How the waypoint runs.
     #[command(flatten)]
     pub run: Option<WaypointArgs>,
+    /// The HBONE connection pool to endpoints (`--hbone-max-streams-per-connection`, as the
+    /// node agent's). Beside [`WaypointArgs`] rather than in it: clap leaves an `Option` of
+    /// a struct that flattens another one always `None` (its argument group stays empty).
+    #[command(flatten)]
+    pub pool: crate::hbone::PoolArgs,
 }
 
 /// Subcommands of `ambit waypoint`.
@@ -100,7 +105,8 @@ pub enum WaypointSubcommand {
 
 /// Runs `ambit waypoint [generate]`.
 pub async fn command(command: WaypointCommand) -> anyhow::Result<()> {
-    match (command.command, command.run) {
+    let WaypointCommand { command, run, pool } = command;
+    match (command, run) {
         (Some(WaypointSubcommand::Generate { namespace, name }), _) => {
             print!(
                 "{}",
@@ -108,7 +114,7 @@ pub async fn command(command: WaypointCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        (None, Some(args)) => run(args).await,
+        (None, Some(args)) => self::run(args, pool).await,
         (None, None) => anyhow::bail!("ambit waypoint: --mesh-file or --kube is required"),
     }
 }
@@ -189,7 +195,7 @@ pub struct WaypointArgs {
     pub tracing_otlp_endpoint: Option<http::Uri>,
     /// Percentage of new traces sampled, 0 to 100 (Istio's `sampling`); a request whose trace
     /// context carries a sampling decision keeps it.
-    #[arg(long, env = "AMBIT_TRACING_SAMPLING", default_value = "1", value_parser = trace::parse_percentage)]
+    #[arg(long, env = "AMBIT_TRACING_SAMPLING", default_value = "1", value_parser = crate::telemetry::parse_percentage)]
     pub tracing_sampling: f64,
 }
 
@@ -219,8 +225,8 @@ async fn drain<H: crate::hbone::InboundHandler>(
     }
 }
 
-/// Runs the waypoint until SIGTERM or SIGINT, then drains.
-pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
+/// Runs the waypoint, its HBONE pool set by `pool`, until SIGTERM or SIGINT, then drains.
+pub async fn run(args: WaypointArgs, pool: crate::hbone::PoolArgs) -> anyhow::Result<()> {
     let nofile = limits::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(nofile.soft)));
     let metrics = Arc::new(Metrics::new());
@@ -309,7 +315,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         certs: certs.clone(),
         identity: identity.clone(),
         workload: (args.namespace.clone(), args.name.clone()),
-        pool: Pool::new(dialer, PoolConfig::default()),
+        pool: Pool::new(dialer, pool.config()),
         connections: pool::HttpPool::new(&metrics)?,
         metrics: Arc::new(WaypointMetrics::new(&metrics)?),
         balancer: Balancer::default(),

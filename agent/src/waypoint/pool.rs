@@ -66,7 +66,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Most requests in flight on one upstream HTTP/2 connection; the next opens another (within
 /// `maxConnections`), as Envoy's `max_concurrent_streams` (whose default, 2^31 - 1, leaves
-/// it to the endpoint) would with a real bound.
+/// it to the endpoint) would with a real bound. Not the HBONE pool's
+/// `--hbone-max-streams-per-connection` ([`crate::hbone::PoolArgs`]), one layer down: that
+/// caps the tunnels of one HBONE connection, each tunnel carrying one of these connections.
 const MAX_STREAMS_PER_CONNECTION: usize = 100;
 
 /// The receive window of each upstream HTTP/2 stream: the most of one response buffered while

@@ -32,6 +32,8 @@ use std::{
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
+use crate::relay::{ReadBuffer, Relayable};
+
 /// The most bytes read to decide.
 pub const SNIFF_BYTES: usize = 24;
 
@@ -140,6 +142,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+/// The prefix goes to the relay as one chunk, then the inner stream's own chunks.
+impl<S: Relayable> Relayable for Rewind<S> {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuffer,
+    ) -> Poll<io::Result<Bytes>> {
+        if self.prefix.has_remaining() {
+            return Poll::Ready(Ok(std::mem::take(&mut self.prefix)));
+        }
+        self.inner.poll_read_chunk(cx, buf)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write_chunk(cx, chunk)
     }
 }
 

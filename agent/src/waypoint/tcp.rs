@@ -10,7 +10,6 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use http::HeaderMap;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
 use super::{
@@ -22,7 +21,7 @@ use super::{
 use crate::{
     hbone::HboneStream,
     identity::SpiffeId,
-    relay::relay,
+    relay::{Relayable, relay},
     state::{
         MeshState, WaypointRef, Workload,
         routes::{RouteDestination, cluster_name},
@@ -50,7 +49,7 @@ pub(super) async fn forward<S, F, T>(
     io: S,
     open: F,
 ) where
-    S: AsyncRead + AsyncWrite,
+    S: Relayable,
     F: FnOnce(Arc<Workload>, SocketAddr, String) -> T,
     T: Future<Output = Result<HboneStream, String>>,
 {

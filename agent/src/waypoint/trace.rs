@@ -131,18 +131,6 @@ pub fn parse_endpoint(value: &str) -> Result<http::Uri, String> {
     Ok(uri)
 }
 
-/// `--tracing-sampling`: a percentage, 0 to 100.
-pub fn parse_percentage(value: &str) -> Result<f64, String> {
-    let percent: f64 = value
-        .trim()
-        .parse()
-        .map_err(|_| format!("{value:?} is not a number"))?;
-    if !(0.0..=100.0).contains(&percent) {
-        return Err(format!("{value} is not a percentage between 0 and 100"));
-    }
-    Ok(percent)
-}
-
 /// The waypoint's tracer: off, or a provider exporting to a collector.
 #[derive(Default)]
 pub struct Tracing {
@@ -1443,19 +1431,6 @@ services:
 
     #[test]
     fn flags_are_checked() {
-        assert_eq!(parse_percentage("1").unwrap(), 1.0);
-        assert_eq!(parse_percentage("0.5").unwrap(), 0.5);
-        assert!(
-            parse_percentage("101")
-                .unwrap_err()
-                .contains("between 0 and 100")
-        );
-        assert!(parse_percentage("-1").is_err());
-        assert!(
-            parse_percentage("ten")
-                .unwrap_err()
-                .contains("not a number")
-        );
         assert!(parse_endpoint("http://collector:4317").is_ok());
         assert!(
             parse_endpoint("https://collector:4317")

@@ -15,7 +15,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use crate::relay::relay;
+use crate::relay::{Relayable, relay};
 
 /// The upgrades passed through.
 const PASSED: [&str; 1] = ["websocket"];
@@ -98,6 +98,9 @@ pub fn set_headers(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, protocol);
 }
+
+/// Both ends of an upgraded connection are hyper's, read and written as byte streams.
+impl Relayable for TokioIo<hyper::upgrade::Upgraded> {}
 
 #[cfg(test)]
 mod tests {

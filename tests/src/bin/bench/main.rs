@@ -134,6 +134,30 @@ struct Args {
     /// shown beside this build's figures.
     #[arg(long, value_name = "LABEL=PATH")]
     soak_compare: Option<String>,
+    /// Also measure the mesh path with another `ambit` binary, `LABEL=PATH` (e.g. a build of
+    /// the previous revision): in each placement its mesh scenario runs right after this
+    /// build's, on the same bed (the agents are restarted with it and back), so both compare
+    /// with the same direct baseline.
+    #[arg(long, value_name = "LABEL=PATH")]
+    compare: Option<String>,
+    /// An extra flag for the agents of the `--compare` runs (repeatable, e.g.
+    /// `--compare-agent-arg=--hbone-max-streams-per-connection=1`), to compare settings: PATH
+    /// may then be this very build.
+    #[arg(
+        long,
+        value_name = "ARG",
+        requires = "compare",
+        allow_hyphen_values = true
+    )]
+    compare_agent_arg: Vec<String>,
+    /// Skip the passthrough path (e.g. to compare two builds' mesh path quickly).
+    #[arg(long)]
+    no_passthrough: bool,
+    /// Profile the agents with `perf record` during the mesh path's saturation, 1-stream bulk
+    /// and connection-setup runs, and write `perf report` summaries (text) into this directory
+    /// (docs/perf/README.md says how to read them).
+    #[arg(long, value_name = "DIR")]
+    perf: Option<PathBuf>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -686,8 +710,17 @@ fn run_h2load(
     })
 }
 
-/// iperf3's receiver-side throughput, in Gbit/s.
-fn run_iperf3(client: &Pod, tools: &Tools, args: &[String], seconds: u32) -> Result<f64> {
+/// What one iperf3 run moved.
+#[derive(Clone, Copy, Debug)]
+struct Bulk {
+    /// Receiver-side throughput, in Gbit/s.
+    gbps: f64,
+    /// Bytes the receiver got.
+    bytes: u64,
+}
+
+/// iperf3's receiver-side throughput and bytes.
+fn run_iperf3(client: &Pod, tools: &Tools, args: &[String], seconds: u32) -> Result<Bulk> {
     let mut p = client.spawn(&tools.iperf3, args)?;
     let (status, lines) = p.wait_output(Duration::from_secs(u64::from(seconds) + 30))?;
     let text = lines.join("\n");
@@ -701,11 +734,21 @@ fn run_iperf3(client: &Pod, tools: &Tools, args: &[String], seconds: u32) -> Res
         bail!("iperf3: {e}");
     }
     let end = &v["end"];
-    end["sum_received"]["bits_per_second"]
+    let sum = if end["sum_received"].is_object() {
+        &end["sum_received"]
+    } else {
+        &end["sum"]
+    };
+    let gbps = sum["bits_per_second"]
         .as_f64()
-        .or_else(|| end["sum"]["bits_per_second"].as_f64())
         .map(|b| b / 1e9)
-        .ok_or_else(|| anyhow!("no end.sum_received.bits_per_second in iperf3 output ({status})"))
+        .ok_or_else(|| {
+            anyhow!("no end.sum_received.bits_per_second in iperf3 output ({status})")
+        })?;
+    Ok(Bulk {
+        gbps,
+        bytes: sum["bytes"].as_u64().unwrap_or(0),
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -884,19 +927,31 @@ fn access_summary(cluster: &Cluster, offsets: &[u64], server: IpAddr) -> Access 
 struct Scenario {
     path: MeshPath,
     placement: Placement,
+    /// The agent binary, when not this build (`--compare`): its label.
+    build: Option<String>,
     fixed: Result<Http, String>,
     saturation: Result<Http, String>,
-    bulk1: Result<f64, String>,
-    bulk_n: Result<f64, String>,
+    bulk1: Result<Bulk, String>,
+    bulk_n: Result<Bulk, String>,
     churn: Result<Churn, String>,
-    /// Agent CPU seconds per node during the fixed-rate run, the saturation run, the scenario.
+    /// Agent CPU seconds per node during the fixed-rate run, the saturation run, the bulk runs,
+    /// the scenario.
     cpu_fixed: Vec<f64>,
     cpu_saturation: Vec<f64>,
+    cpu_bulk1: Vec<f64>,
+    cpu_bulk_n: Vec<f64>,
+    cpu_churn: Vec<f64>,
     cpu_total: Vec<f64>,
     access: Access,
 }
 
 impl Scenario {
+    /// Agent CPU seconds (both agents) per GB that iperf3 moved, `None` without a run.
+    fn cpu_per_gb(bulk: &Result<Bulk, String>, cpu: &[f64]) -> Option<f64> {
+        let bulk = bulk.as_ref().ok()?;
+        (bulk.bytes > 0).then(|| cpu.iter().sum::<f64>() / (bulk.bytes as f64 / 1e9))
+    }
+
     /// What the agents did on this path, from the access log.
     fn what(&self) -> &'static str {
         match self.path {
@@ -1044,23 +1099,227 @@ fn show_http(h: &Http) -> String {
     )
 }
 
+/// `perf record` (and `perf stat`) of the agents while one load runs (`--perf`).
+struct Profile {
+    record: std::process::Child,
+    stat: std::process::Child,
+    data: PathBuf,
+    stat_out: PathBuf,
+    report: PathBuf,
+    title: String,
+}
+
+/// Starts profiling the agents if `--perf` asked for it, for a report named `name`.
+fn start_profile(cluster: &Cluster, args: &Args, name: &str, title: &str) -> Option<Profile> {
+    let dir = args.perf.as_ref()?;
+    let started = (|| -> Result<Profile> {
+        let perf = tool("perf")?;
+        fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let pids = cluster
+            .nodes()
+            .iter()
+            .filter_map(Node::agent_pid)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let data = std::env::temp_dir().join(format!("ambit-bench-{name}.perf.data"));
+        let stat_out = std::env::temp_dir().join(format!("ambit-bench-{name}.perf-stat.txt"));
+        let quiet = || std::process::Stdio::null();
+        let record = Command::new(&perf)
+            .args([
+                "record",
+                "-F",
+                "499",
+                "--call-graph",
+                "dwarf,16384",
+                "-p",
+                &pids,
+            ])
+            .arg("-o")
+            .arg(&data)
+            .stdout(quiet())
+            .stderr(quiet())
+            .spawn()
+            .context("perf record")?;
+        let stat = Command::new(&perf)
+            .args([
+                "stat",
+                "-e",
+                "task-clock,context-switches,cpu-migrations,page-faults,raw_syscalls:sys_enter",
+                "-p",
+                &pids,
+            ])
+            .arg("-o")
+            .arg(&stat_out)
+            .stdout(quiet())
+            .stderr(quiet())
+            .spawn()
+            .context("perf stat")?;
+        // perf attaches asynchronously; give it a moment before the load starts.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Profile {
+            record,
+            stat,
+            data,
+            stat_out,
+            report: dir.join(format!("{name}.txt")),
+            title: title.to_string(),
+        })
+    })();
+    match started {
+        Ok(p) => Some(p),
+        Err(e) => {
+            println!("    perf: not started: {e:#}");
+            None
+        }
+    }
+}
+
+/// Stops the profile and writes its report: `perf stat`'s counters, the flat profile by
+/// symbol, and the callers of the hottest symbols.
+fn finish_profile(profile: Option<Profile>) {
+    let Some(mut p) = profile else {
+        return;
+    };
+    let finished = (|| -> Result<()> {
+        for child in [&mut p.record, &mut p.stat] {
+            // Our own children, by PID: SIGINT makes perf write out what it has.
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            child.wait()?;
+        }
+        let perf = tool("perf")?;
+        let data = p.data.display().to_string();
+        let report = |extra: &[&str]| -> Result<String> {
+            let out = Command::new(&perf)
+                .args(["report", "-i", &data, "--stdio", "--no-children"])
+                .args(extra)
+                .output()
+                .context("perf report")?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with("# ") && *l != "#")
+                // perf pads every line with empty columns (`-`).
+                .map(|l| l.trim_end_matches([' ', '-']))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        };
+        let stat = fs::read_to_string(&p.stat_out).unwrap_or_default();
+        let objects = report(&["-g", "none", "--sort", "dso", "--percent-limit", "0.5"])?;
+        let flat = report(&[
+            "-g",
+            "none",
+            "--sort",
+            "dso,symbol",
+            "--percent-limit",
+            "0.4",
+        ])?;
+        // With what they call: where the agent's own code (and the libraries it drives) spends.
+        let inclusive = report(&[
+            "--children",
+            "--sort",
+            "symbol",
+            "-g",
+            "none",
+            "--percent-limit",
+            "1",
+        ])?
+        .lines()
+        .filter(|l| {
+            [
+                "ambit::",
+                "h2::",
+                "rustls::",
+                "tokio_rustls::",
+                "tracing_subscriber::",
+                "prometheus::",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .take(50)
+        .collect::<Vec<_>>()
+        .join("\n");
+        let callers = report(&[
+            "-g",
+            "caller,0.5,callee,function,percent",
+            "--sort",
+            "symbol",
+            "--percent-limit",
+            "2",
+            "--max-stack",
+            "24",
+        ])?;
+        let text = format!(
+            "# {}\n\nWritten by `cargo xtask bench -- --perf DIR` (tests/src/bin/bench/main.rs): \
+             `perf record -F 499 --call-graph dwarf` and `perf stat` of both agents for the \
+             length of the run, then `perf report --no-children`.\n\n\
+             ## perf stat\n\n```\n{}\n```\n\n## By object (self time; the kernel's share is \
+             system calls, TCP and scheduling)\n\n```\n{objects}\n```\n\n## Flat profile (self \
+             time, by object and symbol; at least 0.4%)\n\n```\n{flat}\n```\n\n## Inclusive time \
+             of the agent's functions and the libraries it drives (with their callees; the \
+             first column includes the callees, the second is self time)\n\n```\n{inclusive}\n\
+             ```\n\n## Callers of the \
+             symbols with at least 2% (call chains from DWARF unwinding; deep stacks are \
+             cut)\n\n```\n{callers}\n```\n",
+            p.title,
+            stat.lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        fs::write(&p.report, text).with_context(|| format!("write {}", p.report.display()))?;
+        println!("    perf: {}", p.report.display());
+        Ok(())
+    })();
+    if let Err(e) = finished {
+        println!("    perf: FAILED: {e:#}");
+    }
+    let _ = fs::remove_file(&p.data);
+    let _ = fs::remove_file(&p.stat_out);
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_scenario(
     cluster: &Cluster,
     args: &Args,
     tools: &Tools,
     path: MeshPath,
     placement: Placement,
+    build: Option<&str>,
     client: &Pod,
     server: &Pod,
 ) -> Scenario {
     println!(
-        "==> {} / {} ({} -> {})",
+        "==> {} / {}{} ({} -> {})",
         placement.name(),
         path.name(),
+        build.map(|b| format!(" ({b})")).unwrap_or_default(),
         client.name(),
         server.name()
     );
     let tag = format!("{}-{}", server.name(), path.name());
+    // A profile name per placement and build, for `--perf`.
+    let profile_name = |load: &str| {
+        let placement = match placement {
+            Placement::SameNode => "same-node",
+            Placement::AcrossNodes => "across-nodes",
+        };
+        let build: String = build
+            .unwrap_or("this-build")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        format!("{placement}-{load}-{build}")
+    };
+    let profiled = path == MeshPath::Mesh;
+    let title = |load: &str| {
+        format!(
+            "Agents at {load}, {} mesh path, {}",
+            placement.name(),
+            build.unwrap_or("this build")
+        )
+    };
     let ip = server.ip4().to_string();
     let cmds = commands(args, &ip, &tools.scratch, &tag);
     let offsets: Vec<u64> = cluster.nodes().iter().map(log_len).collect();
@@ -1080,6 +1339,19 @@ fn run_scenario(
     );
     let cpu_fixed = delta(&agents_cpu(cluster), &before);
 
+    let profile = profiled
+        .then(|| {
+            start_profile(
+                cluster,
+                args,
+                &profile_name("saturation"),
+                &title(&format!(
+                    "HTTP saturation ({} connections)",
+                    args.saturation_clients
+                )),
+            )
+        })
+        .flatten();
     let before = agents_cpu(cluster);
     let saturation = report(
         "saturation",
@@ -1093,18 +1365,45 @@ fn run_scenario(
         show_http,
     );
     let cpu_saturation = delta(&agents_cpu(cluster), &before);
+    finish_profile(profile);
 
-    let gbps = |g: &f64| format!("{g:.2} Gbit/s");
+    let gbps = |b: &Bulk| format!("{:.2} Gbit/s", b.gbps);
+    let profile = profiled
+        .then(|| {
+            start_profile(
+                cluster,
+                args,
+                &profile_name("bulk1"),
+                &title("bulk throughput (iperf3, 1 stream)"),
+            )
+        })
+        .flatten();
+    let before = agents_cpu(cluster);
     let bulk1 = report(
         "bulk, 1 stream",
         run_iperf3(client, tools, &cmds.bulk1, args.bulk_seconds),
         gbps,
     );
+    let cpu_bulk1 = delta(&agents_cpu(cluster), &before);
+    finish_profile(profile);
+    let before = agents_cpu(cluster);
     let bulk_n = report(
         &format!("bulk, {} streams", args.bulk_streams),
         run_iperf3(client, tools, &cmds.bulk_n, args.bulk_seconds),
         gbps,
     );
+    let cpu_bulk_n = delta(&agents_cpu(cluster), &before);
+    let profile = profiled
+        .then(|| {
+            start_profile(
+                cluster,
+                args,
+                &profile_name("churn"),
+                &title("connection setup (sequential short connections)"),
+            )
+        })
+        .flatten();
+    let before = agents_cpu(cluster);
     let churn = report(
         "connection setup",
         run_churn(client, tools, &cmds.churn, args.churn_seconds),
@@ -1117,11 +1416,14 @@ fn run_scenario(
     );
     // Access-log lines are written when connections end: give the last ones a moment.
     std::thread::sleep(Duration::from_millis(500));
+    let cpu_churn = delta(&agents_cpu(cluster), &before);
+    finish_profile(profile);
     let cpu_total = delta(&agents_cpu(cluster), &start_cpu);
     let access = access_summary(cluster, &offsets, IpAddr::V4(server.ip4()));
     let s = Scenario {
         path,
         placement,
+        build: build.map(str::to_string),
         fixed,
         saturation,
         bulk1,
@@ -1129,6 +1431,9 @@ fn run_scenario(
         churn,
         cpu_fixed,
         cpu_saturation,
+        cpu_bulk1,
+        cpu_bulk_n,
+        cpu_churn,
         cpu_total,
         access,
     };
@@ -1575,11 +1880,16 @@ fn cell(
 }
 
 fn path_label(s: &Scenario) -> String {
+    let build = s
+        .build
+        .as_ref()
+        .map(|b| format!(" **[{b}]**"))
+        .unwrap_or_default();
     match s.path {
         MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff => {
-            format!("{}: {}", s.path.name(), s.what())
+            format!("{}: {}{build}", s.path.name(), s.what())
         }
-        p => p.name().to_string(),
+        p => format!("{}{build}", p.name()),
     }
 }
 
@@ -1693,8 +2003,8 @@ fn tables(
             vec![
                 s.placement.name().to_string(),
                 path_label(s),
-                cell(s, all, |s| s.bulk1.as_ref().ok().copied(), gbps),
-                cell(s, all, |s| s.bulk_n.as_ref().ok().copied(), gbps),
+                cell(s, all, |s| s.bulk1.as_ref().ok().map(|b| b.gbps), gbps),
+                cell(s, all, |s| s.bulk_n.as_ref().ok().map(|b| b.gbps), gbps),
             ]
         })
         .collect();
@@ -1753,21 +2063,37 @@ fn tables(
                 (h.succeeded > 0)
                     .then(|| s.cpu_saturation.iter().sum::<f64>() * 1e6 / h.succeeded as f64)
             });
+            // On the direct path no agent carries the bytes: nothing to divide.
+            let per_gb = |v: Option<f64>| match v {
+                Some(v) if s.path != MeshPath::Direct => format!("{v:.2} s"),
+                _ => "-".into(),
+            };
+            let per_conn = s.churn.as_ref().ok().and_then(|c| {
+                (c.ok > 0 && s.path != MeshPath::Direct)
+                    .then(|| s.cpu_churn.iter().sum::<f64>() * 1e6 / c.ok as f64)
+            });
             vec![
                 s.placement.name().to_string(),
                 path_label(s),
                 format!("{:.2} s", s.cpu_fixed.iter().sum::<f64>()),
                 per_k.map_or("-".into(), |v| format!("{v:.0} µs")),
+                per_conn.map_or("-".into(), |v| format!("{v:.0} µs")),
+                per_gb(Scenario::cpu_per_gb(&s.bulk1, &s.cpu_bulk1)),
+                per_gb(Scenario::cpu_per_gb(&s.bulk_n, &s.cpu_bulk_n)),
                 per_agent(&s.cpu_total),
             ]
         })
         .collect();
+    let bulk_n_header = format!("bulk, {} connections: per GB", args.bulk_streams);
     md.push_str(&table(
         &[
             "placement",
             "path",
             "fixed-rate run (both agents)",
             "saturation: per request (both agents)",
+            "connection setup: per connection (both agents)",
+            "bulk, 1 connection: per GB (both agents)",
+            &bulk_n_header,
             "whole scenario, per agent",
         ],
         rows,
@@ -1777,7 +2103,10 @@ fn tables(
         "\nutime + stime of each agent process (all threads) from `/proc/<pid>/stat`, the \
          difference across a run. The fixed-rate run does the same work on every path \
          ({} requests), so its column compares directly; the saturation column divides by the \
-         requests served. The whole scenario includes the bulk and connection-setup runs, whose \
+         requests served, the connection-setup column by the connections made (the last \
+         half second included, for the access-log lines written as they end), the bulk \
+         columns by the gigabytes iperf3's receiver got. The whole \
+         scenario includes the bulk and connection-setup runs, whose \
          amount of work depends on the path's speed. On the direct path no agent is on the \
          path: what it shows is background work. Idle, before any traffic, the agents used {} \
          in {} s. One clock tick is 0.01 s.\n",
@@ -1802,8 +2131,16 @@ fn tables(
     ));
     let _ = writeln!(
         md,
-        "\nFrom `/proc/<pid>/status` after the last scenario. VmHWM is the peak over the agent's \
-         whole life (all scenarios, every path), not per path.\n"
+        "\nFrom `/proc/<pid>/status` after the last scenario. VmHWM is the peak over every \
+         process of this build's agent on the node (all scenarios, every path), not per path: \
+         n0's agent is restarted around the same-node-only scenarios{}.\n",
+        match &args.compare {
+            Some(spec) => format!(
+                ", and with `--compare {spec}` every agent around each comparison run (the \
+                 comparison binary's processes are not counted)"
+            ),
+            None => String::new(),
+        }
     );
 
     let _ = writeln!(md, "### What carried the traffic\n");
@@ -1812,7 +2149,14 @@ fn tables(
         .map(|s| {
             vec![
                 s.placement.name().to_string(),
-                s.path.name().to_string(),
+                format!(
+                    "{}{}",
+                    s.path.name(),
+                    s.build
+                        .as_ref()
+                        .map(|b| format!(" [{b}]"))
+                        .unwrap_or_default()
+                ),
                 s.what().to_string(),
                 format!(
                     "{} outbound, {} inbound",
@@ -1849,7 +2193,9 @@ fn document(
         md,
         "# Benchmarks\n\n\
          Generated by `{}` ([tests/src/bin/bench/main.rs](../tests/src/bin/bench/)); do not edit by \
-         hand, rerun the command. It needs root (it builds a cluster in a box) and took {} s.\n",
+         hand, rerun the command. It needs root (it builds a cluster in a box) and took {} s. \
+         Where the agents' time goes and what was tried to reduce it, with profiles: \
+         [perf/README.md](perf/README.md).\n",
         args.command,
         elapsed.as_secs()
     );
@@ -1902,6 +2248,21 @@ fn document(
         BODY.len()
     );
     let _ = writeln!(md, "## Results\n");
+    if let Some(spec) = &args.compare {
+        let label = spec.split_once('=').map_or(spec.as_str(), |(l, _)| l);
+        let _ = writeln!(
+            md,
+            "Rows marked **[{label}]** ran the mesh path with another agent binary \
+             (`--compare {spec}`{}): in each placement, right after this build's mesh path, \
+             both agents were restarted with it, the same loads ran, and the agents were \
+             restarted with this build again. Their ratios are to the same direct path as this \
+             build's.\n",
+            args.compare_agent_arg
+                .iter()
+                .map(|a| format!(" `--compare-agent-arg={a}`"))
+                .collect::<String>()
+        );
+    }
     md.push_str(body);
     if !errors.is_empty() {
         let _ = writeln!(md, "## Failed measurements\n");
@@ -1925,17 +2286,8 @@ fn main() -> Result<()> {
         m.cpus, m.kernel, m.date
     );
     // Checked before the bed is built: a typo should not cost a whole run.
-    let compare = match &args.soak_compare {
-        None => None,
-        Some(spec) => {
-            let (label, path) = spec.split_once('=').ok_or_else(|| {
-                anyhow!("--soak-compare {spec:?}: expected LABEL=PATH (an ambit binary)")
-            })?;
-            let path = fs::canonicalize(path)
-                .with_context(|| format!("--soak-compare {spec:?}: no such file {path:?}"))?;
-            Some((label.to_string(), path))
-        }
-    };
+    let soak_compare = binary_spec("--soak-compare", &args.soak_compare)?;
+    let compare = binary_spec("--compare", &args.compare)?;
     let mut cluster = Cluster::start(ClusterSpec {
         nodes: 2,
         pods_per_node: 2,
@@ -1980,7 +2332,7 @@ fn main() -> Result<()> {
     let mut body = String::new();
     let mut errors = Vec::new();
     if !args.soak_only {
-        let (b, e) = throughput(&cluster, &args, &tools, &server_ips)?;
+        let (b, e) = throughput(&mut cluster, &args, &tools, &server_ips, compare.as_ref())?;
         body.push_str(&b);
         errors.extend(e);
     }
@@ -1999,7 +2351,7 @@ fn main() -> Result<()> {
             "this build",
             &this_build,
         )?];
-        if let Some((label, path)) = &compare {
+        if let Some((label, path)) = &soak_compare {
             soaks.push(run_soak(&mut cluster, &args, &tools, label, path)?);
         }
         cluster.set_ambit_bin(&this_build);
@@ -2044,17 +2396,56 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// VmHWM of every node's agent (kB), for the peak-memory table.
+fn agents_hwm(cluster: &Cluster) -> Vec<Option<u64>> {
+    cluster
+        .nodes()
+        .iter()
+        .map(|n| n.agent_pid().and_then(|p| util::proc_status_kb(p, "VmHWM")))
+        .collect()
+}
+
+/// Restarts every node's agent with `ambit` and waits until they are ready and have enrolled
+/// the pods of the mesh file again.
+fn restart_agents(cluster: &mut Cluster, ambit: &Path, extra_args: &[String]) -> Result<()> {
+    cluster.stop_agents()?;
+    cluster.set_ambit_bin(ambit);
+    for n in cluster.nodes() {
+        n.set_agent_args(extra_args.iter().cloned());
+        n.start_agent()?;
+    }
+    for n in cluster.nodes() {
+        n.wait_ready(Duration::from_secs(60))?;
+    }
+    let enrolled: Vec<&Pod> = cluster.pods().iter().filter(|p| p.enrolled()).collect();
+    set_enrolment(cluster, &enrolled)
+}
+
+/// A `LABEL=PATH` argument (another `ambit` binary), checked before the bed is built.
+fn binary_spec(flag: &str, spec: &Option<String>) -> Result<Option<(String, PathBuf)>> {
+    let Some(spec) = spec else {
+        return Ok(None);
+    };
+    let (label, path) = spec
+        .split_once('=')
+        .ok_or_else(|| anyhow!("{flag} {spec:?}: expected LABEL=PATH (an ambit binary)"))?;
+    let path = fs::canonicalize(path)
+        .with_context(|| format!("{flag} {spec:?}: no such file {path:?}"))?;
+    Ok(Some((label.to_string(), path)))
+}
+
 /// The throughput scenarios, path by path, and their tables; the failed measurements.
 fn throughput(
-    cluster: &Cluster,
+    cluster: &mut Cluster,
     args: &Args,
     tools: &Tools,
     server_ips: &[(&str, String)],
+    compare: Option<&(String, PathBuf)>,
 ) -> Result<(String, Vec<String>)> {
-    let client = cluster.pod(0, 0);
+    let this_build = cluster.ambit_bin().to_path_buf();
     let placements = [
-        (Placement::SameNode, cluster.pod(0, 1)),
-        (Placement::AcrossNodes, cluster.pod(1, 0)),
+        (Placement::SameNode, (0, 1)),
+        (Placement::AcrossNodes, (1, 0)),
     ];
     // The agents' CPU time without any traffic: the baseline of the CPU table.
     let before = agents_cpu(cluster);
@@ -2069,14 +2460,18 @@ fn throughput(
     // Placement by placement, so that each path runs close in time to the direct path it is
     // compared with (the machine's background load drifts).
     let mut all = Vec::new();
-    // The client's agent is restarted around the fast-path-off scenario: its peak memory
-    // before each restart counts towards the bench's.
-    let mut earlier_hwm: Vec<Option<u64>> = vec![None; cluster.nodes().len()];
-    for (placement, server) in placements {
+    // This build's agents' peak memory, over every agent process of it: the fast-path-off
+    // scenario restarts the client's agent, `--compare` restarts all of them.
+    let mut hwm: Vec<Option<u64>> = vec![None; cluster.nodes().len()];
+    for (placement, (node, index)) in placements {
         for path in MeshPath::ALL {
+            if path == MeshPath::Passthrough && args.no_passthrough {
+                continue;
+            }
             if path.same_node_only() && placement != Placement::SameNode {
                 continue;
             }
+            let (client, server) = (cluster.pod(0, 0), cluster.pod(node, index));
             let enrolled: Vec<&Pod> = match path {
                 MeshPath::Direct => vec![],
                 MeshPath::Passthrough => vec![client],
@@ -2085,28 +2480,54 @@ fn throughput(
                 }
             };
             if path.same_node_only() {
-                cluster.with_diagnostics(restart_agent(cluster, 0, path, &mut earlier_hwm))?;
+                cluster.with_diagnostics(restart_agent(cluster, 0, path, &mut hwm))?;
             }
             cluster.with_diagnostics(set_enrolment(cluster, &enrolled))?;
             all.push(run_scenario(
-                cluster, args, tools, path, placement, client, server,
+                cluster, args, tools, path, placement, None, client, server,
             ));
             if path.same_node_only() {
                 let back = MeshPath::Mesh;
-                cluster.with_diagnostics(restart_agent(cluster, 0, back, &mut earlier_hwm))?;
+                cluster.with_diagnostics(restart_agent(cluster, 0, back, &mut hwm))?;
             }
         }
+        if let Some((label, ambit)) = compare {
+            // The same mesh scenario with the other binary, then back to this build.
+            for (h, now) in hwm.iter_mut().zip(agents_hwm(cluster)) {
+                *h = (*h).max(now);
+            }
+            println!("==> agents restarted with {label} ({})", ambit.display());
+            let back = restart_agents(cluster, ambit, &args.compare_agent_arg);
+            cluster.with_diagnostics(back)?;
+            let (client, server) = (cluster.pod(0, 0), cluster.pod(node, index));
+            all.push(run_scenario(
+                cluster,
+                args,
+                tools,
+                MeshPath::Mesh,
+                placement,
+                Some(label),
+                client,
+                server,
+            ));
+            println!("==> agents restarted with this build");
+            let back = restart_agents(cluster, &this_build, &[]);
+            cluster.with_diagnostics(back)?;
+        }
+    }
+    for (h, now) in hwm.iter_mut().zip(agents_hwm(cluster)) {
+        *h = (*h).max(now);
     }
     let memory: Vec<Memory> = cluster
         .nodes()
         .iter()
-        .zip(&earlier_hwm)
+        .zip(hwm)
         .map(|(n, earlier)| {
             let pid = n.agent_pid();
             let hwm = pid.and_then(|p| util::proc_status_kb(p, "VmHWM"));
             Memory {
-                node: format!("{} (pid {})", n.name(), pid.unwrap_or(0)),
-                hwm_kb: hwm.max(*earlier),
+                node: n.name().to_string(),
+                hwm_kb: hwm.max(earlier),
                 rss_kb: pid.and_then(|p| util::proc_status_kb(p, "VmRSS")),
             }
         })
