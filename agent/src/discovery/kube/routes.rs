@@ -196,7 +196,7 @@ fn virtual_service_file(
 ///
 /// DestinationRules first (a VirtualService's subsets are theirs), each kind oldest first
 /// (`creationTimestamp`, then namespace and name), as Istio orders them: the DestinationRules
-/// of one host are merged as Istio merges them ([`MergedRules`]); one VirtualService per
+/// of one host are merged as Istio merges them (`discovery::file::MergedRules`); one VirtualService per
 /// service, the older one winning (Istio merges VirtualServices only at gateways).
 pub fn convert_routes(
     virtual_services: &[Arc<VirtualServiceResource>],
