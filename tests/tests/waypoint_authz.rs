@@ -258,6 +258,9 @@ fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Res
             ("reporter", "waypoint"),
             ("response_code", "403"),
             ("source_principal", &intruder_principal),
+            // Reported against the service addressed, as Envoy's per-service chain does.
+            ("destination_service_name", "backend"),
+            ("destination_workload", "unknown"),
         ],
     );
     ensure_or_dump!(

@@ -472,11 +472,17 @@ impl Downstream {
             source: self.source,
             dialled,
         };
+        // A request is reported against the service it was addressed to even when it is denied
+        // or finds no route, as Envoy's per-service filter chain reports it (the endpoint labels
+        // stay `unknown`): Kiali draws a denied request to its service, not to "unknown".
+        let addressed = state.service_by_vip(dialled.ip());
+        if let Some(service) = addressed {
+            outcome.labels = std::mem::take(&mut outcome.labels).with_destination_service(service);
+        }
         let mut request = super::authz::authorize(&self.waypoint.authz, state, &peer, request)?;
         let no_route = |why: String| (StatusCode::NOT_FOUND, RequestFlags::NoRoute, why);
-        let service = state
-            .service_by_vip(dialled.ip())
-            .ok_or_else(|| no_route(format!("{dialled} is no longer a service VIP")))?;
+        let service =
+            addressed.ok_or_else(|| no_route(format!("{dialled} is no longer a service VIP")))?;
         let routes = state.routes().for_service(&service.uid());
         let decision = route::decide(
             routes,
