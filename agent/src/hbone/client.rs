@@ -150,12 +150,20 @@ impl HboneError {
     }
 
     /// Whether nothing reached the server's application and opening again (on a fresh
-    /// connection) is safe: the connection was already closing, or the server refused the
-    /// stream before processing it (REFUSED_STREAM, RFC 9113 §8.7).
+    /// connection) is safe: the connection was already closing, the server refused the stream
+    /// before processing it (REFUSED_STREAM, RFC 9113 §8.7), or the stream ended with the
+    /// server's graceful GOAWAY (NO_ERROR) before any response. The last is a draining agent or
+    /// waypoint whose GOAWAY crossed our request: a graceful server answers every stream it
+    /// processes, so one that gets the GOAWAY instead was not processed (RFC 9113 §6.8).
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::ConnectionClosed(_) => true,
-            Self::Http2(err) => err.reason() == Some(h2::Reason::REFUSED_STREAM),
+            Self::Http2(err) => {
+                err.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (err.is_go_away()
+                        && err.is_remote()
+                        && err.reason() == Some(h2::Reason::NO_ERROR))
+            }
             _ => false,
         }
     }
