@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambit::discovery::kube::routes::{DestinationRuleResource, VirtualServiceResource};
 use ambit::discovery::kube::security::{
@@ -25,8 +25,8 @@ use ambit::discovery::kube::security::{
 use ambit::identity::{BearerToken, CaClient, CaClientConfig, CaError, SpiffeId};
 use ambit::testing::fake_apiserver::FakeApiServer;
 use ambit_tests::traffic::{
-    TIMEOUT, access_logs_to, connect_ok, ensure_cut, long_transfer, metric_value, reaches, serve,
-    wait_access_log,
+    TIMEOUT, access_logs_to, connect_ok, cut_by_change, ensure_cut, long_transfer, metric_value,
+    reaches, serve, wait_access_log,
 };
 use ambit_tests::{
     Cluster, ClusterSpec, Netns, Node, Pod, PodProcess, READINESS_PORT, ensure_or_dump,
@@ -644,11 +644,12 @@ fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()>
     let mut transfer_server = serve(server, &[9090])?;
     let mut transfer = long_transfer(client, server.addr4(9090))?;
     transfer_server.read_json_until(TIMEOUT, |v| v["event"] == "accepted")?;
-    let applied = Instant::now();
-    api.server
-        .apply(&authorization_policy("shop", "default-deny", json!({})));
-    let report = transfer.read_json(Duration::from_secs(60))?;
-    ensure_cut(&cluster, &report, applied.elapsed())?;
+    let (after, report) = cut_by_change(&cluster, &mut transfer, || {
+        api.server
+            .apply(&authorization_policy("shop", "default-deny", json!({})));
+        Ok(())
+    })?;
+    ensure_cut(&cluster, &report, after)?;
     wait_reach(&cluster, client, dst, false, "default-deny applied")?;
     wait_accepted(&cluster, &api, "shop", "default-deny", "True")?;
 
