@@ -103,6 +103,10 @@ pub struct AgentArgs {
     /// The HBONE connection pool of every pod (`--hbone-max-streams-per-connection`).
     #[command(flatten)]
     pub pool: crate::hbone::PoolArgs,
+    /// Threads that run the agent's proxy, as ztunnel's `ZTUNNEL_WORKER_THREADS` [default: one
+    /// per CPU the agent may use].
+    #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// Carry connections between two pods of this node without HBONE: authorized as the
     /// inbound path would, then spliced in the kernel (`false`: HBONE, as across nodes, and the
     /// splice program is not loaded). Off by itself, with a warning, when the kernel cannot

@@ -108,11 +108,17 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     let result = match cli.command {
-        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(ambit::app::run(args))),
+        Command::Agent(args) => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(threads) = args.worker_threads {
+                runtime.worker_threads(threads.into());
+            }
+            runtime
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(ambit::app::run(args)))
+        }
         Command::Ca(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

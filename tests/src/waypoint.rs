@@ -7,6 +7,7 @@
 //! not captured: its own tunnels to the endpoints' 15008 must leave as they are); node 1 holds
 //! the servers, endpoints of `reviews`.
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
@@ -390,6 +391,30 @@ impl Answers {
     /// How many answers had status `code`.
     pub fn count_code(&self, code: &str) -> usize {
         self.codes.iter().filter(|c| *c == code).count()
+    }
+
+    /// Checks a weighted split between the test servers `v1` and `v2` over HTTP/1.1: each of
+    /// the `requests` answers is a 200 from one of them, and v2's count lies in `v2_bound` (the
+    /// caller's binomial bound for its weight). Prints the split and returns it (v1's count,
+    /// v2's); an error says what was seen.
+    pub fn check_split(
+        &self,
+        requests: usize,
+        v2_bound: RangeInclusive<usize>,
+    ) -> Result<(usize, usize)> {
+        let (to_v1, to_v2) = (self.count("v1 HTTP/1.1"), self.count("v2 HTTP/1.1"));
+        eprintln!("split over {requests} requests: v1 {to_v1}, v2 {to_v2}");
+        let not_ok: Vec<&String> = self.codes.iter().filter(|c| *c != "200").take(5).collect();
+        ensure!(
+            to_v1 + to_v2 == requests && self.count_code("200") == requests,
+            "every request must be answered 200 by v1 or v2: v1 {to_v1}, v2 {to_v2}, \
+             other codes {not_ok:?}"
+        );
+        ensure!(
+            v2_bound.contains(&to_v2),
+            "v2 got {to_v2} of {requests}, outside its bound {v2_bound:?}"
+        );
+        Ok((to_v1, to_v2))
     }
 }
 

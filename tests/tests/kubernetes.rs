@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambit::discovery::kube::routes::{DestinationRuleResource, VirtualServiceResource};
 use ambit::discovery::kube::security::{
@@ -25,8 +25,8 @@ use ambit::discovery::kube::security::{
 use ambit::identity::{BearerToken, CaClient, CaClientConfig, CaError, SpiffeId};
 use ambit::testing::fake_apiserver::FakeApiServer;
 use ambit_tests::traffic::{
-    TIMEOUT, access_logs_to, connect_ok, ensure_cut, long_transfer, metric_value, reaches, serve,
-    wait_access_log,
+    TIMEOUT, access_logs_to, connect_ok, cut_by_change, ensure_cut, long_transfer, metric_value,
+    reaches, serve, wait_access_log,
 };
 use ambit_tests::{
     Cluster, ClusterSpec, Netns, Node, Pod, PodProcess, READINESS_PORT, ensure_or_dump,
@@ -521,6 +521,18 @@ fn wait_reach(
     })
 }
 
+/// The Events of `reason` the API server holds regarding the object named `name`.
+fn events_about(api: &ApiServer, reason: &str, name: &str) -> Vec<Event> {
+    api.server
+        .list::<Event>()
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .collect()
+}
+
 /// The `Accepted` condition the CA's status writer put on a policy: (status, reason, message).
 fn wait_accepted(
     cluster: &Cluster,
@@ -632,11 +644,12 @@ fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()>
     let mut transfer_server = serve(server, &[9090])?;
     let mut transfer = long_transfer(client, server.addr4(9090))?;
     transfer_server.read_json_until(TIMEOUT, |v| v["event"] == "accepted")?;
-    let applied = Instant::now();
-    api.server
-        .apply(&authorization_policy("shop", "default-deny", json!({})));
-    let report = transfer.read_json(Duration::from_secs(60))?;
-    ensure_cut(&cluster, &report, applied.elapsed())?;
+    let (after, report) = cut_by_change(&cluster, &mut transfer, || {
+        api.server
+            .apply(&authorization_policy("shop", "default-deny", json!({})));
+        Ok(())
+    })?;
+    ensure_cut(&cluster, &report, after)?;
     wait_reach(&cluster, client, dst, false, "default-deny applied")?;
     wait_accepted(&cluster, &api, "shop", "default-deny", "True")?;
 
@@ -670,15 +683,7 @@ fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()>
         reason == "UnsupportedField" && message.contains("spec.rules[0].to[0].operation.methods"),
         "rejected policy's condition: reason {reason}, message {message:?}"
     );
-    let events: Vec<Event> = api
-        .server
-        .list::<Event>()
-        .into_iter()
-        .filter(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("backend-from-frontend")
-                && e.reason.as_deref() == Some("UnsupportedField")
-        })
-        .collect();
+    let events = events_about(&api, "UnsupportedField", "backend-from-frontend");
     ensure_or_dump!(
         cluster,
         events.len() == 1,
@@ -957,24 +962,7 @@ fn the_seed_istio_examples_work_after_changing_only_api_version() -> Result<()> 
         SEED_SPLIT_REQUESTS,
         &[],
     ))?;
-    let (to_v1, to_v2) = (split.count("v1 HTTP/1.1"), split.count("v2 HTTP/1.1"));
-    eprintln!("seed split over {SEED_SPLIT_REQUESTS} requests: v1 {to_v1}, v2 {to_v2}");
-    ensure_or_dump!(
-        cluster,
-        to_v1 + to_v2 == SEED_SPLIT_REQUESTS && split.count_code("200") == SEED_SPLIT_REQUESTS,
-        "every request must be answered 200 by v1 or v2: v1 {to_v1}, v2 {to_v2}, codes {:?}",
-        split
-            .codes
-            .iter()
-            .filter(|c| *c != "200")
-            .take(5)
-            .collect::<Vec<_>>()
-    );
-    ensure_or_dump!(
-        cluster,
-        SEED_SPLIT_V2.contains(&to_v2),
-        "v2 got {to_v2} of {SEED_SPLIT_REQUESTS}, outside {SEED_SPLIT_V2:?} for a 10% share"
-    );
+    cluster.with_diagnostics(split.check_split(SEED_SPLIT_REQUESTS, SEED_SPLIT_V2))?;
     // maxRequestsPerConnection: 2: each upstream connection carried at most two of the 400
     // requests (without it, the pool reuses a handful of connections for all of them).
     let metrics = waypoint_metrics(cluster.node(0), waypoint)?;
@@ -1440,16 +1428,7 @@ fn a_pod_that_cannot_be_meshed_is_closed_with_an_event() -> Result<()> {
         TIMEOUT,
         "the agent's Event regarding the closed pod",
         || {
-            let events: Vec<Event> = api
-                .server
-                .list::<Event>()
-                .into_iter()
-                .filter(|e| {
-                    e.reason.as_deref() == Some("MeshEnrolmentFailed")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                            == Some(blocked.name())
-                })
-                .collect();
+            let events = events_about(&api, "MeshEnrolmentFailed", blocked.name());
             Ok(match events.as_slice() {
                 [event]
                     if event.type_.as_deref() == Some("Warning")
@@ -2189,16 +2168,7 @@ fn capture_exclusion_annotations_apply_and_a_bad_one_is_reported_and_captures_al
         TIMEOUT,
         "the agent's Event regarding the refused annotation",
         || {
-            let events: Vec<Event> = api
-                .server
-                .list::<Event>()
-                .into_iter()
-                .filter(|e| {
-                    e.reason.as_deref() == Some("CaptureExclusionsRefused")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                            == Some(client.name())
-                })
-                .collect();
+            let events = events_about(&api, "CaptureExclusionsRefused", client.name());
             Ok(match events.as_slice() {
                 [event]
                     if event.type_.as_deref() == Some("Warning")

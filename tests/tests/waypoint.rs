@@ -30,8 +30,7 @@ const T: Duration = Duration::from_secs(30);
 /// split falls outside [133, 267] about once in 1.7 million runs, and a split that ignored the
 /// weights (50%: ~1,000) or the subsets (all v1: 0) is far outside.
 const SPLIT_REQUESTS: usize = 2000;
-const SPLIT_V2_LOW: usize = 133;
-const SPLIT_V2_HIGH: usize = 267;
+const SPLIT_V2: std::ops::RangeInclusive<usize> = 133..=267;
 
 /// The seed's canary VirtualService ([`waypoint::seed_canary`]) with `extra` merged into its
 /// first route.
@@ -124,25 +123,7 @@ fn waypoint_routes_by_header_and_weight_and_keeps_its_routes_on_a_bad_update() -
 
     // 2. Without it, 90/10 between v1 and v2 over 2,000 requests, within 5 sigma.
     let split = cluster.with_diagnostics(curl(client, SPLIT_REQUESTS, &[]))?;
-    let (to_v1, to_v2) = (split.count("v1 HTTP/1.1"), split.count("v2 HTTP/1.1"));
-    eprintln!("split over {SPLIT_REQUESTS} requests: v1 {to_v1}, v2 {to_v2}");
-    ensure_or_dump!(
-        cluster,
-        to_v1 + to_v2 == SPLIT_REQUESTS && split.codes.iter().all(|c| c == "200"),
-        "every request must be answered by v1 or v2: v1 {to_v1}, v2 {to_v2}, codes {:?}",
-        split
-            .codes
-            .iter()
-            .filter(|c| *c != "200")
-            .take(5)
-            .collect::<Vec<_>>()
-    );
-    ensure_or_dump!(
-        cluster,
-        (SPLIT_V2_LOW..=SPLIT_V2_HIGH).contains(&to_v2),
-        "v2 got {to_v2} of {SPLIT_REQUESTS}, outside the 5-sigma bound \
-         [{SPLIT_V2_LOW}, {SPLIT_V2_HIGH}] of a 10% share"
-    );
+    let (to_v1, to_v2) = cluster.with_diagnostics(split.check_split(SPLIT_REQUESTS, SPLIT_V2))?;
 
     // 3. HTTP/2 with prior knowledge, multiplexed: routed the same, and it reaches the server
     // as HTTP/2.

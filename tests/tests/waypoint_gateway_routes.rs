@@ -20,8 +20,7 @@ const T: Duration = Duration::from_secs(30);
 /// with mean 200 and sigma 13.4; outside [133, 267] (5 sigma) about once in 1.7 million runs,
 /// while ignoring the weights (~1,000) or the backends (0 or 2,000) is far outside.
 const SPLIT_REQUESTS: usize = 2000;
-const SPLIT_V2_LOW: usize = 133;
-const SPLIT_V2_HIGH: usize = 267;
+const SPLIT_V2: std::ops::RangeInclusive<usize> = 133..=267;
 const GREETER_VIP: &str = "10.96.0.32";
 
 /// The seed's example as an HTTPRoute: `end-user: jason` to v2, everyone else 90/10.
@@ -165,18 +164,7 @@ fn gateway_api_routes_from_the_mesh_file_split_match_and_route_grpc_methods() ->
     // sigma.
     let split =
         cluster.with_diagnostics(curl(client, &authority, "/reviews", SPLIT_REQUESTS, &[]))?;
-    let (to_v1, to_v2) = (split.count("v1 HTTP/1.1"), split.count("v2 HTTP/1.1"));
-    eprintln!("HTTPRoute split over {SPLIT_REQUESTS} requests: v1 {to_v1}, v2 {to_v2}");
-    ensure_or_dump!(
-        cluster,
-        to_v1 + to_v2 == SPLIT_REQUESTS && split.codes.iter().all(|c| c == "200"),
-        "every request must be answered by v1 or v2: v1 {to_v1}, v2 {to_v2}"
-    );
-    ensure_or_dump!(
-        cluster,
-        (SPLIT_V2_LOW..=SPLIT_V2_HIGH).contains(&to_v2),
-        "v2 got {to_v2} of {SPLIT_REQUESTS}, outside [{SPLIT_V2_LOW}, {SPLIT_V2_HIGH}]"
-    );
+    cluster.with_diagnostics(split.check_split(SPLIT_REQUESTS, SPLIT_V2))?;
 
     // 3. PathPrefix /api, rewritten element-wise by ReplacePrefixMatch `/` (the server sees
     // /books, not //books), with the response header set; /apis is no /api path.

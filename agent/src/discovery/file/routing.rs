@@ -7,7 +7,7 @@
 //! [`super::resilience`]): any other (`corsPolicy`, `tls`...) is rejected with its
 //! path, never ignored, since a route silently missing a field would be a different route.
 //! The result is the state's route model ([`crate::state::routes`]).
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -457,8 +457,6 @@ pub(crate) struct MergedRules {
     pub load_balancers: BTreeMap<String, LoadBalancer>,
     /// Connection pool and outlier detection by service uid.
     pub upstream: BTreeMap<String, UpstreamPolicy>,
-    /// Hosts whose top-level traffic policy an earlier rule set.
-    with_policy: HashSet<String>,
 }
 
 impl MergedRules {
@@ -466,7 +464,11 @@ impl MergedRules {
     /// earlier rule of the host already defined, which are ignored.
     pub fn add(&mut self, (uid, named, (load_balancer, upstream)): CheckedRule) -> Vec<String> {
         let has_policy = load_balancer.is_some() || !upstream.is_empty();
-        if has_policy && self.with_policy.insert(uid.clone()) {
+        // A rule with a policy always fills one of the two maps, so they say which hosts an
+        // earlier rule already gave a policy.
+        let earlier_policy =
+            self.load_balancers.contains_key(&uid) || self.upstream.contains_key(&uid);
+        if has_policy && !earlier_policy {
             if let Some(policy) = load_balancer {
                 self.load_balancers.insert(uid.clone(), policy);
             }
@@ -530,7 +532,6 @@ impl Validator<'_> {
             subsets,
             load_balancers,
             upstream: upstream_policies,
-            ..
         } = rules;
 
         let mut table = RouteTable {

@@ -249,7 +249,6 @@ pub fn convert_routes(
         subsets,
         load_balancers,
         upstream,
-        ..
     } = merged;
     out.table.load_balancers = load_balancers;
     out.table.upstream = upstream;
