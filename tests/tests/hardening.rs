@@ -675,6 +675,27 @@ fn a_pod_whose_proxy_ports_are_taken_is_closed_until_they_are_free() -> Result<(
         metric_value(node, "ambit_closed_pods")? == 1.0,
         "ambit_closed_pods is not 1"
     );
+    // The agent says so in its log, once, naming the pod and the port it could not take (its
+    // listener on 15006 comes first).
+    let closed_lines: Vec<Value> = node
+        .agent_log_json()
+        .into_iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("enrolment failed: pod closed"))
+        })
+        .collect();
+    ensure_or_dump!(
+        cluster,
+        closed_lines.len() == 1
+            && closed_lines[0]["level"] == "WARN"
+            && closed_lines[0]["pod"] == uid.as_str()
+            && closed_lines[0]["err"]
+                .as_str()
+                .is_some_and(|e| e.contains(":15006")),
+        "the agent did not log once that {uid} is closed for want of port 15006: {closed_lines:?}"
+    );
     // Closed: nothing in (not even from a meshed pod), nothing out.
     for (from, dst) in [
         (outsider, target.addr4(8080)),
@@ -701,6 +722,13 @@ fn a_pod_whose_proxy_ports_are_taken_is_closed_until_they_are_free() -> Result<(
         ))
     })?;
     ensure_or_dump!(cluster, opened, "{uid} stayed closed: {seen}");
+    ensure_or_dump!(
+        cluster,
+        node.agent_log_json().iter().any(|l| {
+            l["message"] == "closed pod opened: enrolment completed" && l["pod"] == uid.as_str()
+        }),
+        "the agent did not log that {uid} was opened"
+    );
     let conn = connect_ok(&cluster, target, peer.addr4(8080), 10_000)?;
     ensure_or_dump!(cluster, conn.redirected(), "not meshed: {}", conn.report);
     connect_ok(&cluster, peer, target.addr4(8080), 10_000)?;
