@@ -828,12 +828,90 @@ fn the_nodes_own_addresses_reach_pods_directly_like_kubelet_probes() -> Result<(
         reaches(outsider, permissive.addr4(8080))?,
         "a pod on another node was refused by the PERMISSIVE pod"
     );
-    // And the node cannot use its exemption to reach the proxy's own ports around the agent.
+    // The exemption is the node's, not its pods': between pods of the node traffic stays
+    // meshed.
     let conns = client(strict, permissive.addr4(8080), 100, 1)?;
     ensure_or_dump!(
         cluster,
         conns.first().is_some_and(|c| c.ok() && c.redirected()),
         "meshed traffic between the pods broke: {conns:?}"
+    );
+
+    // And the node cannot use its exemption to reach the proxy's own ports around the agent:
+    // an application listening on them in either pod (<pod IP>:15001, which the agent holds
+    // on loopback only; 15006 and 15008 by joining the agent's SO_REUSEPORT groups, as root)
+    // gets nothing from the node. 15001 and 15006 go to the agent's plaintext listener, which
+    // refuses the proxy's ports; 15008 to its HBONE listener, which wants TLS.
+    let (mut apps, mut joiners) = (Vec::new(), Vec::new());
+    for pod in [strict, permissive] {
+        apps.extend(squat(pod, &[15001])?);
+        joiners.push(pod.spawn(testpod(), ["serve", "--port", "15006", "--reuse-port"])?);
+        for ip in pod.ips() {
+            joiners.push(pod.spawn(
+                testpod(),
+                [
+                    "serve",
+                    "--port",
+                    "15008",
+                    "--bind",
+                    &ip.to_string(),
+                    "--reuse-port",
+                ],
+            )?);
+        }
+    }
+    for joiner in &mut joiners {
+        let first = joiner.read_json(T)?;
+        ensure_or_dump!(
+            cluster,
+            first["event"] == "listening",
+            "an application could not join the agent's listener group: {first}"
+        );
+    }
+    apps.extend(joiners);
+    ensure_or_dump!(
+        cluster,
+        apps.len() == 2 * (2 + 1 + 2),
+        "expected <pod IP>:15001 (v4 and v6), 15006 and <pod IP>:15008 (v4 and v6) in both \
+         pods, got {} listeners",
+        apps.len()
+    );
+    let from_node = ebpf_stat(node, "inboundFromNode")?;
+    for pod in [strict, permissive] {
+        for ip in pod.ips() {
+            for port in PROXY_PORTS {
+                let dst = SocketAddr::new(ip, port);
+                let mut probe = node.spawn(
+                    testpod(),
+                    [
+                        "client",
+                        "--connect",
+                        &dst.to_string(),
+                        "--bytes",
+                        "100",
+                        "--timeout-ms",
+                        "3000",
+                    ],
+                )?;
+                let (_, lines) = probe.wait_json(Duration::from_secs(30))?;
+                ensure_or_dump!(
+                    cluster,
+                    lines.first().is_some_and(|l| l["ok"] != true),
+                    "the node reached {dst} (a proxy port of {}) past the agent: {lines:?}",
+                    pod.name()
+                );
+            }
+        }
+    }
+    ensure_or_dump!(
+        cluster,
+        !apps.iter_mut().any(accepted_any),
+        "an application on a proxy port accepted a connection from the node"
+    );
+    ensure_or_dump!(
+        cluster,
+        ebpf_stat(node, "inboundFromNode")? == from_node,
+        "sk_lookup let the node's connections to the proxy's ports through as probes"
     );
     Ok(())
 }
