@@ -319,9 +319,15 @@ fn ask(
     agent
         .ask(&conf.agent_socket, timeout, request)
         .map_err(|e| {
+            let msg = match request {
+                Request::Check(_) => {
+                    "the ambit agent is not reachable: the pod cannot be confirmed meshed"
+                }
+                _ => "the ambit agent is not reachable: the pod is not started unmeshed",
+            };
             CniError::new(
                 code::TRY_AGAIN_LATER,
-                "the ambit agent is not reachable: the pod is not started unmeshed",
+                msg,
                 format!("{}: {e}", conf.agent_socket.display()),
             )
         })
@@ -487,6 +493,59 @@ mod tests {
         assert!(
             matches!(&up.seen.lock().unwrap()[..], [Request::Del(s)] if s.pod() == "shop/web-0")
         );
+    }
+
+    #[test]
+    fn check_fails_unless_the_agent_confirms_the_pod_is_meshed_and_del_is_idempotent() {
+        // The agent confirms: CHECK prints nothing and succeeds.
+        let up = Answering::new(reply(Outcome::Ok));
+        assert_eq!(
+            run(&invocation("CHECK", K8S_ARGS), &conf(true), &up),
+            Ok(None)
+        );
+        assert!(
+            matches!(&up.seen.lock().unwrap()[..], [Request::Check(s)] if s.pod() == "shop/web-0" && s.ips.len() == 2)
+        );
+        // The agent is down: nothing can confirm the pod is meshed.
+        let err = run(
+            &invocation("CHECK", K8S_ARGS),
+            &conf(true),
+            &Answering::new(Err("connection refused".into())),
+        )
+        .unwrap_err();
+        assert_eq!(err.code, code::TRY_AGAIN_LATER, "{err:?}");
+        assert!(err.msg.contains("not reachable"), "{err:?}");
+        assert!(err.details.contains("/nonexistent/cni.sock"), "{err:?}");
+        // The agent says the pod is not meshed (closed, or its sandbox deleted), or does not know
+        // it: CHECK fails with the same codes as ADD.
+        for (outcome, code) in [
+            (Outcome::Failed, code::NOT_MESHED),
+            (Outcome::Retry, code::TRY_AGAIN_LATER),
+        ] {
+            let err = run(
+                &invocation("CHECK", K8S_ARGS),
+                &conf(true),
+                &Answering::new(reply(outcome)),
+            )
+            .unwrap_err();
+            assert_eq!(err.code, code, "{err:?}");
+            assert!(err.msg.contains("shop/web-0"), "{err:?}");
+            assert_eq!(err.details, format!("{outcome:?}"));
+        }
+        // Without prevResult there is nothing to check against.
+        let err = run(&invocation("CHECK", K8S_ARGS), &conf(false), &up).unwrap_err();
+        assert_eq!(err.code, code::INVALID_NETWORK_CONFIG, "{err:?}");
+        // DEL twice, with or without the agent, succeeds each time and tells the agent each time
+        // it is there (the agent forgets a sandbox it no longer has as a success).
+        let up = Answering::new(reply(Outcome::Ok));
+        let down = Answering::new(Err("down".into()));
+        for agent in [&up, &down, &up, &down] {
+            assert_eq!(
+                run(&invocation("DEL", K8S_ARGS), &conf(false), agent),
+                Ok(None)
+            );
+        }
+        assert_eq!(up.seen.lock().unwrap().len(), 2);
     }
 
     #[test]

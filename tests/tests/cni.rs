@@ -101,14 +101,35 @@ fn add_meshes_the_sandbox_before_its_first_process_and_del_forgets_it() -> Resul
     );
     connect_ok(&cluster, server, pod.addr4(8080), 1000)?;
 
-    // A restarted agent still knows the sandbox.
+    // With the agent stopped nothing can confirm the pod is meshed: CHECK fails with the
+    // specification's error object, as ADD does.
     node.stop_agent()?;
+    let check = sandbox.call(node, "CHECK")?;
+    ensure_or_dump!(
+        cluster,
+        check.error_code() == Some(TRY_AGAIN_LATER)
+            && check.stdout["cniVersion"] == "1.0.0"
+            && check.stdout["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains("not reachable"))
+            && check.stdout["details"]
+                .as_str()
+                .is_some_and(|d| d.contains(&node.cni_socket().display().to_string())),
+        "CHECK without the agent did not fail with the specification's error object: {check:?}"
+    );
+    // A restarted agent still knows the sandbox.
     node.start_agent()?;
     node.wait_ready(T)?;
     ensure_or_dump!(
         cluster,
         enrolled(node, pod)?,
         "the restarted agent lost the sandbox"
+    );
+    let check = sandbox.call(node, "CHECK")?;
+    ensure_or_dump!(
+        cluster,
+        check.success && check.stdout == Value::Null,
+        "CHECK failed after the restart: {check:?}"
     );
     let conn = connect_ok(&cluster, pod, server.addr4(8080), 1000)?;
     ensure_or_dump!(cluster, conn.redirected(), "not captured after the restart");
@@ -123,6 +144,32 @@ fn add_meshes_the_sandbox_before_its_first_process_and_del_forgets_it() -> Resul
         cluster,
         !enrolled(node, pod)?,
         "the pod is still enrolled after DEL"
+    );
+    // The agent no longer meshes the deleted sandbox: CHECK says so.
+    let check = sandbox.call(node, "CHECK")?;
+    ensure_or_dump!(
+        cluster,
+        check.error_code() == Some(NOT_MESHED)
+            && check.stdout["cniVersion"] == "1.0.0"
+            && check.stdout["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains(&uid(pod)))
+            && check.stdout["details"]
+                .as_str()
+                .is_some_and(|d| d.contains("no sandbox")),
+        "CHECK after DEL did not fail naming the pod: {check:?}"
+    );
+    // DEL is idempotent (the runtime may repeat it): the second succeeds too.
+    let del = sandbox.call(node, "DEL")?;
+    ensure_or_dump!(
+        cluster,
+        del.success && del.stdout == Value::Null,
+        "a second DEL failed: {del:?}"
+    );
+    ensure_or_dump!(
+        cluster,
+        !enrolled(node, pod)?,
+        "the pod is enrolled again after a second DEL"
     );
     Ok(())
 }
@@ -201,7 +248,8 @@ fn a_sandbox_whose_first_process_holds_a_proxy_port_is_closed_not_open() -> Resu
     let _app = serve(pod, &[8080])?;
     let _squatter = serve(pod, &[INBOUND_PLAINTEXT_PORT])?;
 
-    let add = Sandbox::of(pod, "sandbox-4").call(node, "ADD")?;
+    let sandbox = Sandbox::of(pod, "sandbox-4");
+    let add = sandbox.call(node, "ADD")?;
     ensure_or_dump!(
         cluster,
         add.error_code() == Some(NOT_MESHED)
@@ -232,6 +280,29 @@ fn a_sandbox_whose_first_process_holds_a_proxy_port_is_closed_not_open() -> Resu
             !reaches(from, dst)?,
             "{} reached {dst} although the pod is closed",
             from.name()
+        );
+    }
+    // CHECK of the closed sandbox fails as its ADD did, naming the pod and why.
+    let check = sandbox.call(node, "CHECK")?;
+    ensure_or_dump!(
+        cluster,
+        check.error_code() == Some(NOT_MESHED)
+            && check.stdout["cniVersion"] == "1.0.0"
+            && check.stdout["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains(&uid(pod)))
+            && check.stdout["details"]
+                .as_str()
+                .is_some_and(|d| d.contains(&INBOUND_PLAINTEXT_PORT.to_string())),
+        "CHECK of the closed sandbox did not fail naming the pod and the port: {check:?}"
+    );
+    // The runtime deletes the failed sandbox, maybe twice: both succeed.
+    for round in ["first", "second"] {
+        let del = sandbox.call(node, "DEL")?;
+        ensure_or_dump!(
+            cluster,
+            del.success && del.stdout == Value::Null,
+            "the {round} DEL of the closed sandbox failed: {del:?}"
         );
     }
     Ok(())

@@ -6,10 +6,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit_tests::mesh::Policies;
-use ambit_tests::traffic::{TIMEOUT, client, connect_ok, metric_value, reaches, redirected, serve};
+use ambit_tests::traffic::{
+    TIMEOUT, client, connect_ok, connect_ok_n, metric_value, reaches, redirected, serve,
+};
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, PodProcess, ensure_or_dump, util};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
@@ -141,6 +144,99 @@ fn sysctl_in(pod: &Pod, setting: &str) -> Result<()> {
     .map(|_| ())
 }
 
+/// The neighbour's connections per round while a flood runs, and the bounds of its loop (far
+/// beyond what a flood takes: hitting one fails the test).
+const NEIGHBOUR_BATCH: u32 = 5;
+const NEIGHBOUR_MAX_ROUNDS: u32 = 2_000;
+const NEIGHBOUR_MAX_TIME: Duration = Duration::from_secs(300);
+
+/// Connects from `from` to `dst` in rounds of [`NEIGHBOUR_BATCH`] until `stop`, insisting that
+/// every connection succeeds byte-exact through the agent; counts the rounds in `rounds` and
+/// returns the connections made.
+fn keep_connecting(
+    cluster: &Cluster,
+    from: &Pod,
+    dst: SocketAddr,
+    stop: &AtomicBool,
+    rounds: &AtomicU32,
+) -> Result<u32> {
+    let deadline = Instant::now() + NEIGHBOUR_MAX_TIME;
+    let mut made = 0;
+    while !stop.load(Ordering::Relaxed) {
+        ensure_or_dump!(
+            cluster,
+            rounds.load(Ordering::Relaxed) < NEIGHBOUR_MAX_ROUNDS && Instant::now() < deadline,
+            "the neighbour's loop reached its bounds ({NEIGHBOUR_MAX_ROUNDS} rounds, \
+             {NEIGHBOUR_MAX_TIME:?}) before the flood ended"
+        );
+        let conns = connect_ok_n(
+            cluster,
+            from,
+            dst,
+            2000,
+            NEIGHBOUR_BATCH,
+            &["--timeout-ms", "10000"],
+        )?;
+        made += NEIGHBOUR_BATCH;
+        let bare: Vec<&Value> = conns
+            .iter()
+            .filter(|c| !c.redirected())
+            .map(|c| &c.report)
+            .collect();
+        ensure_or_dump!(
+            cluster,
+            bare.is_empty(),
+            "the neighbour's connections were not carried by the agent: {bare:?}"
+        );
+        rounds.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(made)
+}
+
+/// Runs `flood` in `attacker` while `neighbour` keeps connecting to `dst` (from before the
+/// flood starts until after it ends); returns the flood's report and the neighbour's
+/// connections.
+fn flood_while_neighbour_connects(
+    cluster: &Cluster,
+    attacker: &Pod,
+    neighbour: &Pod,
+    dst: SocketAddr,
+    flood: &[&str],
+) -> Result<(Value, u32)> {
+    let stop = AtomicBool::new(false);
+    let rounds = AtomicU32::new(0);
+    std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| keep_connecting(cluster, neighbour, dst, &stop, &rounds));
+        // The neighbour is connecting before the flood starts.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while rounds.load(Ordering::Relaxed) == 0
+            && !traffic.is_finished()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let before = rounds.load(Ordering::Relaxed);
+        let report = if before > 0 {
+            run_testpod(attacker, flood, Duration::from_secs(180))
+        } else {
+            Err(anyhow::anyhow!(
+                "the neighbour made no round of connections"
+            ))
+        };
+        let during = rounds.load(Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
+        let made = traffic.join().expect("neighbour thread panicked")?;
+        let report = report?;
+        eprintln!(
+            "{flood:?}: {report}; the neighbour made {made} connections in {} rounds, {} of \
+             them while the flood ran",
+            rounds.load(Ordering::Relaxed),
+            during - before
+        );
+        Ok((report, made))
+    })
+}
+
 #[test]
 fn failing_connects_leave_nothing_behind_and_the_nodes_other_pods_keep_connecting() -> Result<()> {
     let cluster = cluster(2, 2)?;
@@ -152,24 +248,43 @@ fn failing_connects_leave_nothing_behind_and_the_nodes_other_pods_keep_connectin
     let baseline = tuple_entries(node)?;
     let map_full = ebpf_stat(node, "mapFull")?;
 
-    // Each kind fails after connect6/connect4 ran: ENETUNREACH for an IPV6_V6ONLY socket
-    // dialling an IPv4-mapped address, EADDRNOTAVAIL for a taken 4-tuple, and a connect in a
-    // pod whose IPv6 is disabled. The neighbour keeps connecting meanwhile.
-    for (kind, target, prepare) in [
-        ("v6only-mapped", dst, None),
-        ("addr-in-use", dst, None),
+    // Each kind fails after connect6/connect4 ran (it counts each connect it rewrites): the
+    // rewritten connect of an IPV6_V6ONLY socket to `::ffff:127.0.0.1` fails with ENETUNREACH,
+    // a source port whose 4-tuple to the agent is taken with EADDRNOTAVAIL, and a connect to
+    // `[::1]` in a pod whose IPv6 is disabled (loopback has no `::1`) with EADDRNOTAVAIL. The
+    // neighbour keeps connecting through the agent throughout each flood.
+    for (kind, target, prepare, errno, counter) in [
+        (
+            "v6only-mapped",
+            dst,
+            None,
+            libc::ENETUNREACH,
+            "redirectedV6",
+        ),
+        (
+            "addr-in-use",
+            dst,
+            None,
+            libc::EADDRNOTAVAIL,
+            "redirectedV4",
+        ),
         (
             "plain",
             server.addr6(8080),
             Some("net.ipv6.conf.all.disable_ipv6=1"),
+            libc::EADDRNOTAVAIL,
+            "redirectedV6",
         ),
     ] {
         if let Some(setting) = prepare {
             sysctl_in(attacker, setting)?;
         }
-        let neighbours = background_clients(neighbour, dst, 20)?;
-        let flood = run_testpod(
+        let hooked = ebpf_stat(node, counter)?;
+        let (flood, neighbour_conns) = flood_while_neighbour_connects(
+            &cluster,
             attacker,
+            neighbour,
+            dst,
             &[
                 "flood",
                 "--kind",
@@ -179,18 +294,36 @@ fn failing_connects_leave_nothing_behind_and_the_nodes_other_pods_keep_connectin
                 "--count",
                 &FLOOD.to_string(),
             ],
-            Duration::from_secs(180),
         )?;
         ensure_or_dump!(
             cluster,
             flood["attempted"] == FLOOD && flood["connected"] == 0,
             "{kind}: the flood did not make {FLOOD} failing connects: {flood}"
         );
-        expect_clients_ok(
-            &cluster,
-            neighbours,
-            &format!("neighbour during the {kind} flood"),
-        )?;
+        let errors = &flood["errors"];
+        ensure_or_dump!(
+            cluster,
+            errors.as_object().map(|e| e.len()) == Some(1)
+                && errors[format!("os error {errno}")] == FLOOD,
+            "{kind}: the connects did not all fail with {}: {errors}",
+            std::io::Error::from_raw_os_error(errno)
+        );
+        // The hook ran for each of them: it rewrote every one (and, for addr-in-use, the
+        // held connection and the neighbour's IPv4 connections besides).
+        let rewritten = ebpf_stat(node, counter)? - hooked;
+        let (least, most) = match counter {
+            "redirectedV4" => (
+                u64::from(FLOOD) + 1,
+                u64::from(FLOOD) + 1 + u64::from(neighbour_conns),
+            ),
+            _ => (u64::from(FLOOD), u64::from(FLOOD)),
+        };
+        ensure_or_dump!(
+            cluster,
+            (least..=most).contains(&rewritten),
+            "{kind}: the connect hook rewrote {rewritten} connects ({counter}), expected \
+             {least}..={most}: the flood's connects did not all go through it"
+        );
         let (back, seen) = eventually(T, || {
             let seen = (tuple_entries(node)?, pending_total(node)?);
             Ok((seen == (baseline, 0), seen))
@@ -542,6 +675,27 @@ fn a_pod_whose_proxy_ports_are_taken_is_closed_until_they_are_free() -> Result<(
         metric_value(node, "ambit_closed_pods")? == 1.0,
         "ambit_closed_pods is not 1"
     );
+    // The agent says so in its log, once, naming the pod and the port it could not take (its
+    // listener on 15006 comes first).
+    let closed_lines: Vec<Value> = node
+        .agent_log_json()
+        .into_iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("enrolment failed: pod closed"))
+        })
+        .collect();
+    ensure_or_dump!(
+        cluster,
+        closed_lines.len() == 1
+            && closed_lines[0]["level"] == "WARN"
+            && closed_lines[0]["pod"] == uid.as_str()
+            && closed_lines[0]["err"]
+                .as_str()
+                .is_some_and(|e| e.contains(":15006")),
+        "the agent did not log once that {uid} is closed for want of port 15006: {closed_lines:?}"
+    );
     // Closed: nothing in (not even from a meshed pod), nothing out.
     for (from, dst) in [
         (outsider, target.addr4(8080)),
@@ -568,6 +722,13 @@ fn a_pod_whose_proxy_ports_are_taken_is_closed_until_they_are_free() -> Result<(
         ))
     })?;
     ensure_or_dump!(cluster, opened, "{uid} stayed closed: {seen}");
+    ensure_or_dump!(
+        cluster,
+        node.agent_log_json().iter().any(|l| {
+            l["message"] == "closed pod opened: enrolment completed" && l["pod"] == uid.as_str()
+        }),
+        "the agent did not log that {uid} was opened"
+    );
     let conn = connect_ok(&cluster, target, peer.addr4(8080), 10_000)?;
     ensure_or_dump!(cluster, conn.redirected(), "not meshed: {}", conn.report);
     connect_ok(&cluster, peer, target.addr4(8080), 10_000)?;
@@ -667,12 +828,90 @@ fn the_nodes_own_addresses_reach_pods_directly_like_kubelet_probes() -> Result<(
         reaches(outsider, permissive.addr4(8080))?,
         "a pod on another node was refused by the PERMISSIVE pod"
     );
-    // And the node cannot use its exemption to reach the proxy's own ports around the agent.
+    // The exemption is the node's, not its pods': between pods of the node traffic stays
+    // meshed.
     let conns = client(strict, permissive.addr4(8080), 100, 1)?;
     ensure_or_dump!(
         cluster,
         conns.first().is_some_and(|c| c.ok() && c.redirected()),
         "meshed traffic between the pods broke: {conns:?}"
+    );
+
+    // And the node cannot use its exemption to reach the proxy's own ports around the agent:
+    // an application listening on them in either pod (<pod IP>:15001, which the agent holds
+    // on loopback only; 15006 and 15008 by joining the agent's SO_REUSEPORT groups, as root)
+    // gets nothing from the node. 15001 and 15006 go to the agent's plaintext listener, which
+    // refuses the proxy's ports; 15008 to its HBONE listener, which wants TLS.
+    let (mut apps, mut joiners) = (Vec::new(), Vec::new());
+    for pod in [strict, permissive] {
+        apps.extend(squat(pod, &[15001])?);
+        joiners.push(pod.spawn(testpod(), ["serve", "--port", "15006", "--reuse-port"])?);
+        for ip in pod.ips() {
+            joiners.push(pod.spawn(
+                testpod(),
+                [
+                    "serve",
+                    "--port",
+                    "15008",
+                    "--bind",
+                    &ip.to_string(),
+                    "--reuse-port",
+                ],
+            )?);
+        }
+    }
+    for joiner in &mut joiners {
+        let first = joiner.read_json(T)?;
+        ensure_or_dump!(
+            cluster,
+            first["event"] == "listening",
+            "an application could not join the agent's listener group: {first}"
+        );
+    }
+    apps.extend(joiners);
+    ensure_or_dump!(
+        cluster,
+        apps.len() == 2 * (2 + 1 + 2),
+        "expected <pod IP>:15001 (v4 and v6), 15006 and <pod IP>:15008 (v4 and v6) in both \
+         pods, got {} listeners",
+        apps.len()
+    );
+    let from_node = ebpf_stat(node, "inboundFromNode")?;
+    for pod in [strict, permissive] {
+        for ip in pod.ips() {
+            for port in PROXY_PORTS {
+                let dst = SocketAddr::new(ip, port);
+                let mut probe = node.spawn(
+                    testpod(),
+                    [
+                        "client",
+                        "--connect",
+                        &dst.to_string(),
+                        "--bytes",
+                        "100",
+                        "--timeout-ms",
+                        "3000",
+                    ],
+                )?;
+                let (_, lines) = probe.wait_json(Duration::from_secs(30))?;
+                ensure_or_dump!(
+                    cluster,
+                    lines.first().is_some_and(|l| l["ok"] != true),
+                    "the node reached {dst} (a proxy port of {}) past the agent: {lines:?}",
+                    pod.name()
+                );
+            }
+        }
+    }
+    ensure_or_dump!(
+        cluster,
+        !apps.iter_mut().any(accepted_any),
+        "an application on a proxy port accepted a connection from the node"
+    );
+    ensure_or_dump!(
+        cluster,
+        ebpf_stat(node, "inboundFromNode")? == from_node,
+        "sk_lookup let the node's connections to the proxy's ports through as probes"
     );
     Ok(())
 }

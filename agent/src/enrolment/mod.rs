@@ -446,13 +446,25 @@ impl Enrolment {
         if meshed {
             return reply(Outcome::Ok, format!("pod {uid} is meshed"));
         }
-        let why = self
-            .status
-            .borrow()
-            .failed
-            .get(&uid)
-            .cloned()
-            .unwrap_or_else(|| "its sandbox is not the one enrolled".into());
+        let why = match self.sandboxes.get(&uid) {
+            // CHECK of a sandbox already deleted (or never added): the agent meshes no sandbox
+            // of the pod.
+            None => format!(
+                "the agent of {} has no sandbox of it (deleted, or never added)",
+                self.node
+            ),
+            Some(known) if known.container_id != sandbox.container_id => format!(
+                "its sandbox is {}, not {}",
+                known.container_id, sandbox.container_id
+            ),
+            Some(_) => self
+                .status
+                .borrow()
+                .failed
+                .get(&uid)
+                .cloned()
+                .unwrap_or_else(|| "its sandbox is not the one enrolled".into()),
+        };
         reply(Outcome::Failed, format!("pod {uid} is not meshed: {why}"))
     }
 
