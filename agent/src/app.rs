@@ -108,9 +108,10 @@ pub struct AgentArgs {
     #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// Carry connections between two pods of this node without HBONE: authorized as the
-    /// inbound path would, then spliced in the kernel (`false`: HBONE, as across nodes, and the
-    /// splice program is not loaded). Off by itself, with a warning, when the kernel cannot
-    /// splice (the agent's start-up self-test).
+    /// inbound path would, then relayed by the agent without TLS, or spliced in the kernel with
+    /// `--max-spliced-connections` (`false`: HBONE, as across nodes, and the splice program is
+    /// not loaded). Off by itself, with a warning, when a splice was asked for and the kernel
+    /// cannot splice (the agent's start-up self-test).
     #[arg(
         long,
         env = "AMBIT_SAME_NODE_FAST_PATH",
@@ -119,9 +120,11 @@ pub struct AgentArgs {
     )]
     pub same_node_fast_path: bool,
     /// Most same-node connections spliced in the kernel at once; one source pod may hold a
-    /// quarter of them, and the rest of its connections are relayed by the agent (0: relay
-    /// every one).
-    #[arg(long, env = "AMBIT_MAX_SPLICED_CONNECTIONS", default_value_t = ambit_common::limits::MAX_SPLICED as usize, value_parser = max_spliced)]
+    /// quarter of them, and the rest of its connections are relayed by the agent. 0 (the
+    /// default) relays every one and loads no splice: measured faster on every load but small
+    /// requests on a saturated node, at the cost of the agent's CPU; and the splice does not
+    /// bound the kernel memory a fast sender can queue (docs/security.md): trusted pods only.
+    #[arg(long, env = "AMBIT_MAX_SPLICED_CONNECTIONS", default_value_t = 0, value_parser = max_spliced)]
     pub max_spliced_connections: usize,
     /// After a successor agent took over this node, how long this agent keeps serving the
     /// connections it holds once told to stop (SIGTERM) before it closes them; it exits as soon

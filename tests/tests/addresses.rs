@@ -105,8 +105,8 @@ fn meshed_clients_and_servers_see_each_others_pod_addresses_same_node_and_across
         &cluster,
         client,
         &[
-            (same_node, same_node.addr4(8080), Some("splice")),
-            (same_node, same_node.addr6(8080), Some("splice")),
+            (same_node, same_node.addr4(8080), Some("relay")),
+            (same_node, same_node.addr6(8080), Some("relay")),
             (other_node, other_node.addr4(8080), None),
             (other_node, other_node.addr6(8080), None),
         ],

@@ -22,11 +22,26 @@ use serde_json::{Value, json};
 /// Bytes of the large transfers: each is echoed back, so each direction carries them.
 const LARGE: u64 = 64 << 20;
 
+/// A bed whose agents splice same-node connections (the splice is opt-in: by default the
+/// agent relays them), as many at once as the kernel maps hold.
 fn cluster(nodes: usize, pods_per_node: usize) -> Result<Cluster> {
-    Cluster::start(ClusterSpec {
+    cluster_carrying(nodes, pods_per_node, "splice")
+}
+
+/// A bed whose agents carry same-node connections as `carried` says: `splice` (in the kernel,
+/// as many at once as its maps hold) or `relay` (the agent's default).
+fn cluster_carrying(nodes: usize, pods_per_node: usize, carried: &str) -> Result<Cluster> {
+    let cluster = Cluster::start(ClusterSpec {
         nodes,
         pods_per_node,
-    })
+    })?;
+    if carried == "splice" {
+        let most = ambit_common::limits::MAX_SPLICED.to_string();
+        for node in cluster.nodes() {
+            node.set_agent_env("AMBIT_MAX_SPLICED_CONNECTIONS", &most);
+        }
+    }
+    Ok(cluster)
 }
 
 /// Bytes the kernel forwarded between spliced sockets on `node`, as its program counted them.
@@ -263,7 +278,18 @@ fn deny(principal: &str) -> Policies {
 
 #[test]
 fn policy_decides_at_accept_and_a_change_cuts_a_spliced_connection() -> Result<()> {
-    let cluster = cluster(1, 3)?;
+    policy_decides_at_accept_and_a_change_cuts("splice")
+}
+
+#[test]
+fn policy_decides_at_accept_and_a_change_cuts_a_relayed_connection() -> Result<()> {
+    policy_decides_at_accept_and_a_change_cuts("relay")
+}
+
+/// The fast path's authorization, with the bytes `carried` (`splice` or `relay`): at accept,
+/// and again on a policy change, which cuts the connection it no longer allows.
+fn policy_decides_at_accept_and_a_change_cuts(carried: &str) -> Result<()> {
+    let cluster = cluster_carrying(1, 3, carried)?;
     let (frontend, intruder, server) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(0, 2));
     frontend.set_service_account("frontend");
     intruder.set_service_account("intruder");
@@ -274,12 +300,12 @@ fn policy_decides_at_accept_and_a_change_cuts_a_spliced_connection() -> Result<(
     let mut app = serve(server, &[8080])?;
     let dst = server.addr4(8080);
 
-    // Both spliced; a DENY of the intruder cuts its transfer, the frontend's goes on.
+    // Both carried; a DENY of the intruder cuts its transfer, the frontend's goes on.
     let mut victim = long_transfer(intruder, dst)?;
     let mut survivor = long_transfer(frontend, dst)?;
     accepted(&mut app, 2)?;
     let deadline = Instant::now() + TIMEOUT;
-    while metric_value(node, "ambit_spliced_connections")? < 2.0 {
+    while carried == "splice" && metric_value(node, "ambit_spliced_connections")? < 2.0 {
         ensure_or_dump!(
             cluster,
             Instant::now() < deadline,
@@ -304,13 +330,13 @@ fn policy_decides_at_accept_and_a_change_cuts_a_spliced_connection() -> Result<(
         kept.first().is_some_and(|r| r["ok"] == true
             && r["sent"] == LONG_TRANSFER_BYTES
             && r["received"] == LONG_TRANSFER_BYTES),
-        "the allowed spliced transfer did not complete byte-exact: {kept:?}"
+        "the allowed transfer ({carried}) did not complete byte-exact: {kept:?}"
     );
     let inbound = wait_access_log(&cluster, node, "inbound", dst, 2)?;
     let cut: Vec<&Value> = inbound
         .iter()
         .filter(|l| {
-            l["fast_path"] == "splice"
+            l["fast_path"] == carried
                 && l["src_principal"] == "spiffe://cluster.local/ns/default/sa/intruder"
                 && l["error"].as_str().is_some_and(|e| {
                     e.contains("closed after a policy change")
@@ -325,7 +351,7 @@ fn policy_decides_at_accept_and_a_change_cuts_a_spliced_connection() -> Result<(
                 node,
                 "ambit_connections_closed_by_policy_total{reason=\"deny_policy\"}"
             )? == Some(1.0),
-        "expected one spliced inbound connection closed after the policy change, counted \
+        "expected one inbound connection ({carried}) closed after the policy change, counted \
          once: {inbound:?}"
     );
 

@@ -328,6 +328,11 @@ impl Redirector {
             match load_splice(&mut ebpf, config.max_spliced) {
                 Ok(splicer) => {
                     info!("same-node splice loaded, self-test passed");
+                    warn!(
+                        "the same-node splice does not bound the kernel memory a fast sender can \
+                         queue (docs/security.md): use --max-spliced-connections only where the \
+                         node's pods are trusted"
+                    );
                     SpliceState::Ready(splicer)
                 }
                 Err(err) => {
@@ -755,8 +760,9 @@ fn load_splice(ebpf: &mut Ebpf, max: usize) -> anyhow::Result<std::sync::Arc<spl
 /// does, everything removed after. A failure is a warning: the agent then takes HBONE.
 pub fn splice_finding(bpffs: &Path) -> Finding {
     const CHECK: &str = "same-node splice";
-    let fallback = "none needed: the agent keeps the same-node fast path off and takes HBONE; \
-                    Linux 6.4 or later splices";
+    let fallback = "none needed: by default the agent relays same-node connections itself; \
+                    with --max-spliced-connections it would keep the same-node fast path off \
+                    and take HBONE (Linux 6.4 or later splices)";
     // Next to the agent's directory, never in it.
     let Some(base) = bpffs.ancestors().skip(1).find(|p| p.exists()) else {
         return Finding::warn_with(

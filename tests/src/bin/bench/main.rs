@@ -10,8 +10,9 @@
 //!   connection and connects to a destination outside the mesh in plaintext;
 //! - **mesh, fast path off** (same node only): both enrolled, the client's agent restarted with
 //!   `--same-node-fast-path=false`: HBONE through one agent, the path the fast path replaces;
-//! - **mesh, splice off** (same node only): the client's agent restarted with
-//!   `--max-spliced-connections 0`: the fast path with its bytes relayed by the agent;
+//! - **mesh, spliced** (same node only): the client's agent restarted with
+//!   `--max-spliced-connections 16384`: the fast path with its bytes spliced in the kernel
+//!   instead of relayed by the agent (the default);
 //! - **mesh**: both enrolled: whatever the agents do between two enrolled pods (the same-node
 //!   fast path, HBONE mTLS across nodes; the access log tells which, and the report says so).
 //!
@@ -171,9 +172,9 @@ enum MeshPath {
     /// Both enrolled, the client's agent running with `--same-node-fast-path=false`: the HBONE
     /// path the fast path replaces (same node only; across nodes it is `Mesh`).
     MeshFastPathOff,
-    /// Both enrolled, the client's agent running with `--max-spliced-connections 0`: the fast
-    /// path relayed by the agent instead of spliced (same node only).
-    MeshSpliceOff,
+    /// Both enrolled, the client's agent running with `--max-spliced-connections 16384`: the
+    /// fast path spliced in the kernel instead of relayed by the agent (same node only).
+    MeshSpliced,
 }
 
 impl MeshPath {
@@ -181,13 +182,13 @@ impl MeshPath {
         MeshPath::Direct,
         MeshPath::Passthrough,
         MeshPath::MeshFastPathOff,
-        MeshPath::MeshSpliceOff,
+        MeshPath::MeshSpliced,
         MeshPath::Mesh,
     ];
 
     /// Paths that run only between pods of one node, on a client's agent restarted for them.
     fn same_node_only(self) -> bool {
-        matches!(self, MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff)
+        matches!(self, MeshPath::MeshFastPathOff | MeshPath::MeshSpliced)
     }
 
     /// The client's agent's environment for this path (every variable the paths set, so a
@@ -198,10 +199,10 @@ impl MeshPath {
         } else {
             "true"
         };
-        let spliced = if self == MeshPath::MeshSpliceOff {
-            "0"
-        } else {
+        let spliced = if self == MeshPath::MeshSpliced {
             "16384"
+        } else {
+            "0"
         };
         [
             ("AMBIT_SAME_NODE_FAST_PATH", fast_path),
@@ -215,7 +216,7 @@ impl MeshPath {
             MeshPath::Passthrough => "passthrough",
             MeshPath::Mesh => "mesh",
             MeshPath::MeshFastPathOff => "mesh, fast path off",
-            MeshPath::MeshSpliceOff => "mesh, splice off",
+            MeshPath::MeshSpliced => "mesh, spliced",
         }
     }
 }
@@ -957,7 +958,7 @@ impl Scenario {
         match self.path {
             MeshPath::Direct => "no agent",
             MeshPath::Passthrough => "client's agent, plaintext to the destination",
-            MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff => {
+            MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliced => {
                 self.access.carried()
             }
         }
@@ -976,7 +977,7 @@ impl Scenario {
             MeshPath::Passthrough if outbound == 0 || inbound > 0 => Some(format!(
                 "expected outbound-only access-log lines, saw {outbound} outbound and {inbound} inbound"
             )),
-            MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff
+            MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliced
                 if outbound == 0 || inbound == 0 =>
             {
                 Some(format!(
@@ -986,7 +987,13 @@ impl Scenario {
             MeshPath::MeshFastPathOff if self.access.spliced + self.access.relayed > 0 => {
                 Some("the fast path carried connections with --same-node-fast-path=false".into())
             }
-            MeshPath::Mesh if self.placement == Placement::SameNode && self.access.spliced == 0 => {
+            MeshPath::Mesh
+                if self.placement == Placement::SameNode
+                    && (self.access.relayed == 0 || self.access.spliced > 0) =>
+            {
+                Some("the same-node fast path did not relay every connection".into())
+            }
+            MeshPath::MeshSpliced if self.access.spliced == 0 => {
                 Some("the same-node fast path spliced no connection".into())
             }
             _ => None,
@@ -1886,7 +1893,7 @@ fn path_label(s: &Scenario) -> String {
         .map(|b| format!(" **[{b}]**"))
         .unwrap_or_default();
     match s.path {
-        MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff => {
+        MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliced => {
             format!("{}: {}{build}", s.path.name(), s.what())
         }
         p => format!("{}{build}", p.name()),
@@ -2235,9 +2242,9 @@ fn document(
            restarted with `--same-node-fast-path=false`, so the two pods talk HBONE through it \
            as across nodes (the path the fast path replaces); it is restarted with the fast \
            path on afterwards;\n\
-         - **mesh, splice off** (same node only): both enrolled, the client's agent restarted \
-           with `--max-spliced-connections 0`: the fast path's authorization and reports, the \
-           bytes relayed by the agent (no TLS) instead of spliced in the kernel;\n\
+         - **mesh, spliced** (same node only): both enrolled, the client's agent restarted \
+           with `--max-spliced-connections 16384`: the fast path's authorization and reports, \
+           the bytes spliced in the kernel instead of relayed by the agent (the default);\n\
          - **mesh**: both enrolled: the path between two meshed pods, named by what the agents' \
            access logs show they did (the same-node fast path, spliced in the kernel or relayed \
            by the agent; HBONE mTLS across nodes).\n\n\
@@ -2475,7 +2482,7 @@ fn throughput(
             let enrolled: Vec<&Pod> = match path {
                 MeshPath::Direct => vec![],
                 MeshPath::Passthrough => vec![client],
-                MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliceOff => {
+                MeshPath::Mesh | MeshPath::MeshFastPathOff | MeshPath::MeshSpliced => {
                     vec![client, server]
                 }
             };
