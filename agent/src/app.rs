@@ -328,12 +328,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         connections: Arc::new(OpenConnections::new()),
         pool: args.pool.config(),
         local_pods: Arc::default(),
-        // A kernel that cannot splice leaves same-node connections to HBONE.
-        fast_path: args.same_node_fast_path
-            && !matches!(
-                redirector.splice_state(),
-                crate::redirect::SpliceState::Unavailable(_)
-            ),
+        // A kernel that cannot splice leaves same-node connections to the agent's relay.
+        fast_path: args.same_node_fast_path,
     });
     // Every new state, from either source, is applied to the inbound connections already open.
     tokio::spawn(admission::reevaluate_on_change(

@@ -223,7 +223,8 @@ pub fn cut_by(
 /// Makes a configuration `change` while `victim` (a [`long_transfer`]) runs, and waits until
 /// every agent runs with it (its config generation moved on) and the victim reported. Returns
 /// how long after the agents applied the change the victim's connection ended (zero if it
-/// ended before they were seen to: the agents are polled every 10 ms) and its report.
+/// ended before they were seen to: the agents are polled every 10 ms) and its report; an error
+/// if it ended before the change was made.
 pub fn cut_by_change(
     cluster: &Cluster,
     victim: &mut PodProcess,
@@ -264,6 +265,11 @@ pub fn cut_by_change(
             .join()
             .map_err(|_| anyhow!("reading the victim's report panicked"))?;
         let report = report?;
+        ensure_or_dump!(
+            cluster,
+            ended_at >= changed,
+            "the connection ended before the change was made: it was not cut by it: {report}"
+        );
         eprintln!(
             "the change was applied by every agent {:?} after it was made; the connection ended \
              {:?} after it was made",

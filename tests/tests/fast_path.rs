@@ -299,6 +299,17 @@ fn policy_decides_at_accept_and_a_change_cuts(carried: &str) -> Result<()> {
     let node = cluster.node(0);
     let mut app = serve(server, &[8080])?;
     let dst = server.addr4(8080);
+    if carried == "relay" {
+        // The default loads no splice.
+        ensure_or_dump!(
+            cluster,
+            sk_skb_programs(node)? == 0
+                && metric_value(node, "ambit_splice_enabled")? == 0.0
+                && node.config_dump()?["splice"]["state"] == "off",
+            "by default the splice program must not be loaded: {}",
+            node.config_dump()?["splice"]
+        );
+    }
 
     // Both carried; a DENY of the intruder cuts its transfer, the frontend's goes on.
     let mut victim = long_transfer(intruder, dst)?;

@@ -25,8 +25,8 @@ use ambit::discovery::kube::security::{
 use ambit::identity::{BearerToken, CaClient, CaClientConfig, CaError, SpiffeId};
 use ambit::testing::fake_apiserver::FakeApiServer;
 use ambit_tests::traffic::{
-    TIMEOUT, access_logs_to, connect_ok, cut_by_change, ensure_cut, long_transfer, metric_value,
-    reaches, serve, wait_access_log,
+    TIMEOUT, access_logs_to, connect_ok, cut_by_change, ensure_cut, long_transfer, metric_sum,
+    metric_value, reaches, serve, wait_access_log,
 };
 use ambit_tests::{
     Cluster, ClusterSpec, Netns, Node, Pod, PodProcess, READINESS_PORT, ensure_or_dump,
@@ -650,6 +650,16 @@ fn authorization_policies_from_the_api_are_enforced_and_reported() -> Result<()>
         Ok(())
     })?;
     ensure_cut(&cluster, &report, after)?;
+    let closed = metric_sum(
+        cluster.node(1),
+        "ambit_connections_closed_by_policy_total",
+        &[],
+    )?;
+    ensure_or_dump!(
+        cluster,
+        closed == 1.0,
+        "the server's agent counted {closed} connections closed by the policy change, not 1"
+    );
     wait_reach(&cluster, client, dst, false, "default-deny applied")?;
     wait_accepted(&cluster, &api, "shop", "default-deny", "True")?;
 

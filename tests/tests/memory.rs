@@ -58,9 +58,8 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
     // one agent (its outbound side and its inbound tunnel both come from the client's
     // address): the default per-source share (a quarter of the budget, 2,187 here) would
     // refuse the burst half way. The share is not what this test is about.
-    // HBONE through the one agent, as between nodes: the same-node fast path would splice the
-    // burst in the kernel, where it costs the agent almost nothing (what this test bounds is
-    // what the agent's relays keep).
+    // HBONE through the one agent, as between nodes: the same-node fast path would relay the
+    // burst without TLS (what this test bounds is what the agent's HBONE relays keep).
     for node in cluster.nodes() {
         node.set_agent_env("AMBIT_MAX_CONNECTIONS_PER_SOURCE", "6000");
         node.set_agent_env("AMBIT_SAME_NODE_FAST_PATH", "false");

@@ -18,12 +18,14 @@
 //!   inbound ones (reporter `destination`, the tunnel's labels) here, both with
 //!   `connection_security_policy="mutual_tls"` (both identities are proven, by the agent that
 //!   holds them) and the access log's `fast_path` saying how the bytes went.
-//! - The bytes are spliced in the kernel ([`crate::redirect::splice`]) and counted there, read
-//!   into both sides' meters every second (so `istio_tcp_*` lag the bytes by up to a second
-//!   while a connection is open; its last figures are exact when it ends). When the splice is
-//!   not possible (the node's splice slots, or the source pod's share of them, are taken; a
-//!   socket already half-closed; `--max-spliced-connections 0`) the agent relays them itself
-//!   ([`crate::relay`]), still without TLS: never refused. A connection the splice broke
+//! - The agent relays the bytes itself ([`crate::relay`]), without TLS. Only with
+//!   `--max-spliced-connections` (off by default: the kernel splice measured slower for bulk
+//!   and setup, and it does not bound the memory a fast sender queues) are they spliced in the
+//!   kernel ([`crate::redirect::splice`]) and counted there, read into both sides' meters every
+//!   second (so `istio_tcp_*` lag the bytes by up to a second while a connection is open; its
+//!   last figures are exact when it ends). When a splice is not possible (the node's splice
+//!   slots, or the source pod's share of them, are taken; a socket already half-closed; a
+//!   kernel that cannot splice) the agent relays: never refused. A connection the splice broke
 //!   while it was being made (or whose admission was revoked meanwhile) is reset and counted
 //!   `broken`, not `splice`.
 use std::{
@@ -212,11 +214,9 @@ pub async fn forward(
                             Err(SpliceFailed::Broken(err)) => Carried::Broken(err),
                             Err(SpliceFailed::Revoked(refusal)) => Carried::Revoked(refusal),
                         },
-                        // `--max-spliced-connections 0`: the fast path without the splice.
-                        None => {
-                            ctx.metrics.splice_declined("off");
-                            Carried::Relayed(client, upstream)
-                        }
+                        // No splice asked for (the default), or the kernel cannot splice: the
+                        // fast path relays, which is no decline.
+                        None => Carried::Relayed(client, upstream),
                     };
                     let how = carried.label();
                     ctx.metrics.fast_path(how);

@@ -120,7 +120,8 @@ impl RedirectMetrics {
             splice_enabled: IntGauge::new(
                 "ambit_splice_enabled",
                 "1 when the same-node splice is loaded and passed its self-test; 0 when it is \
-                 not wanted or the kernel cannot run it (then same-node connections take HBONE)",
+                 not wanted (the default) or the kernel cannot run it (then the agent relays \
+                 same-node connections)",
             )?,
             splice_draining: IntGauge::new(
                 "ambit_splice_draining_connections",

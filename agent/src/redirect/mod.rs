@@ -67,8 +67,8 @@ pub enum SpliceState {
     Ready(std::sync::Arc<splice::Splicer>),
     /// Not loaded: the fast path is off, or `--max-spliced-connections` is 0.
     NotWanted,
-    /// Wanted, but the kernel refused the program or failed the self-test: the fast path is
-    /// off (HBONE, as across nodes).
+    /// Wanted, but the kernel refused the program or failed the self-test: the fast path
+    /// relays, as with no splice wanted.
     Unavailable(String),
 }
 
@@ -337,7 +337,7 @@ impl Redirector {
                 }
                 Err(err) => {
                     let why = format!("{err:#}");
-                    warn!(err = %why, "the same-node splice is unavailable on this kernel: the same-node fast path is off (same-node connections take HBONE)");
+                    warn!(err = %why, "the same-node splice is unavailable on this kernel: the agent relays same-node connections itself");
                     SpliceState::Unavailable(why)
                 }
             }
@@ -760,9 +760,8 @@ fn load_splice(ebpf: &mut Ebpf, max: usize) -> anyhow::Result<std::sync::Arc<spl
 /// does, everything removed after. A failure is a warning: the agent then takes HBONE.
 pub fn splice_finding(bpffs: &Path) -> Finding {
     const CHECK: &str = "same-node splice";
-    let fallback = "none needed: by default the agent relays same-node connections itself; \
-                    with --max-spliced-connections it would keep the same-node fast path off \
-                    and take HBONE (Linux 6.4 or later splices)";
+    let fallback = "none needed: the agent relays same-node connections itself, by default and \
+                    wherever the kernel cannot splice (Linux 6.4 or later splices)";
     // Next to the agent's directory, never in it.
     let Some(base) = bpffs.ancestors().skip(1).find(|p| p.exists()) else {
         return Finding::warn_with(
