@@ -212,12 +212,10 @@ fn operator_commands_show_what_the_agent_holds_carried_and_needs() -> Result<()>
                 "cgroup v2",
                 "bpf filesystem",
                 // The agent's splice self-test, run by the check (this kernel splices).
-                "same-node splice"
+                "same-node splice: the kernel splices"
             ]
             .iter()
-            .all(|c| lines
-                .iter()
-                .any(|l| l.starts_with(&format!("[ok]   {c}: ")))),
+            .all(|c| lines.iter().any(|l| l.starts_with(&format!("[ok]   {c}")))),
         "ambit check --pre on the bed's node: {status}\n{}",
         lines.join("\n")
     );
