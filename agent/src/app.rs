@@ -110,8 +110,8 @@ pub struct AgentArgs {
     /// Carry connections between two pods of this node without HBONE: authorized as the
     /// inbound path would, then relayed by the agent without TLS, or spliced in the kernel with
     /// `--max-spliced-connections` (`false`: HBONE, as across nodes, and the splice program is
-    /// not loaded). Off by itself, with a warning, when a splice was asked for and the kernel
-    /// cannot splice (the agent's start-up self-test).
+    /// not loaded). When a splice was asked for and the kernel cannot splice (the agent's
+    /// start-up self-test), the agent warns and relays.
     #[arg(
         long,
         env = "AMBIT_SAME_NODE_FAST_PATH",
