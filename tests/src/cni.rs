@@ -29,6 +29,21 @@ impl CniOutput {
             .then(|| self.stdout["code"].as_u64())
             .flatten()
     }
+
+    /// Whether the plugin failed with the specification's error object: `code`, CNI version
+    /// 1.0.0, a `msg` containing `msg_has` and, unless `details_has` is empty, `details`
+    /// containing it.
+    pub fn failed_with(&self, code: u64, msg_has: &str, details_has: &str) -> bool {
+        let has = |field: &str, part: &str| {
+            self.stdout[field]
+                .as_str()
+                .is_some_and(|text| text.contains(part))
+        };
+        self.error_code() == Some(code)
+            && self.stdout["cniVersion"] == "1.0.0"
+            && has("msg", msg_has)
+            && (details_has.is_empty() || has("details", details_has))
+    }
 }
 
 /// The sandbox a runtime creates for `pod` (its namespace file, its addresses as the `bridge`

@@ -107,14 +107,11 @@ fn add_meshes_the_sandbox_before_its_first_process_and_del_forgets_it() -> Resul
     let check = sandbox.call(node, "CHECK")?;
     ensure_or_dump!(
         cluster,
-        check.error_code() == Some(TRY_AGAIN_LATER)
-            && check.stdout["cniVersion"] == "1.0.0"
-            && check.stdout["msg"]
-                .as_str()
-                .is_some_and(|m| m.contains("not reachable"))
-            && check.stdout["details"]
-                .as_str()
-                .is_some_and(|d| d.contains(&node.cni_socket().display().to_string())),
+        check.failed_with(
+            TRY_AGAIN_LATER,
+            "not reachable",
+            &node.cni_socket().display().to_string()
+        ),
         "CHECK without the agent did not fail with the specification's error object: {check:?}"
     );
     // A restarted agent still knows the sandbox.
@@ -149,14 +146,7 @@ fn add_meshes_the_sandbox_before_its_first_process_and_del_forgets_it() -> Resul
     let check = sandbox.call(node, "CHECK")?;
     ensure_or_dump!(
         cluster,
-        check.error_code() == Some(NOT_MESHED)
-            && check.stdout["cniVersion"] == "1.0.0"
-            && check.stdout["msg"]
-                .as_str()
-                .is_some_and(|m| m.contains(&uid(pod)))
-            && check.stdout["details"]
-                .as_str()
-                .is_some_and(|d| d.contains("no sandbox")),
+        check.failed_with(NOT_MESHED, &uid(pod), "no sandbox"),
         "CHECK after DEL did not fail naming the pod: {check:?}"
     );
     // DEL is idempotent (the runtime may repeat it): the second succeeds too.
@@ -186,11 +176,7 @@ fn without_its_agent_a_node_starts_no_sandbox_and_deletes_every_one() -> Result<
     let add = sandbox.call(node, "ADD")?;
     ensure_or_dump!(
         cluster,
-        add.error_code() == Some(TRY_AGAIN_LATER)
-            && add.stdout["cniVersion"] == "1.0.0"
-            && add.stdout["msg"]
-                .as_str()
-                .is_some_and(|m| m.contains("not reachable")),
+        add.failed_with(TRY_AGAIN_LATER, "not reachable", ""),
         "ADD without the agent did not fail with the specification's error object: {add:?}"
     );
     let del = sandbox.call(node, "DEL")?;
@@ -252,13 +238,7 @@ fn a_sandbox_whose_first_process_holds_a_proxy_port_is_closed_not_open() -> Resu
     let add = sandbox.call(node, "ADD")?;
     ensure_or_dump!(
         cluster,
-        add.error_code() == Some(NOT_MESHED)
-            && add.stdout["msg"]
-                .as_str()
-                .is_some_and(|m| m.contains(&uid(pod)))
-            && add.stdout["details"]
-                .as_str()
-                .is_some_and(|d| d.contains(&INBOUND_PLAINTEXT_PORT.to_string())),
+        add.failed_with(NOT_MESHED, &uid(pod), &INBOUND_PLAINTEXT_PORT.to_string()),
         "ADD of a pod whose port 15006 is taken did not fail naming the pod and the port: {add:?}"
     );
     let dump = node.config_dump()?;
@@ -286,14 +266,7 @@ fn a_sandbox_whose_first_process_holds_a_proxy_port_is_closed_not_open() -> Resu
     let check = sandbox.call(node, "CHECK")?;
     ensure_or_dump!(
         cluster,
-        check.error_code() == Some(NOT_MESHED)
-            && check.stdout["cniVersion"] == "1.0.0"
-            && check.stdout["msg"]
-                .as_str()
-                .is_some_and(|m| m.contains(&uid(pod)))
-            && check.stdout["details"]
-                .as_str()
-                .is_some_and(|d| d.contains(&INBOUND_PLAINTEXT_PORT.to_string())),
+        check.failed_with(NOT_MESHED, &uid(pod), &INBOUND_PLAINTEXT_PORT.to_string()),
         "CHECK of the closed sandbox did not fail naming the pod and the port: {check:?}"
     );
     // The runtime deletes the failed sandbox, maybe twice: both succeed.

@@ -68,6 +68,20 @@ fn sk_skb_programs(node: &Node) -> Result<usize> {
     Ok(n)
 }
 
+/// Checks that the agent of `node` loaded no splice: no `sk_skb` program, `ambit_splice_enabled`
+/// 0, and `off` in its config dump; `when` says under which setting, for the error.
+fn ensure_no_splice_loaded(cluster: &Cluster, node: &Node, when: &str) -> Result<()> {
+    ensure_or_dump!(
+        cluster,
+        sk_skb_programs(node)? == 0
+            && metric_value(node, "ambit_splice_enabled")? == 0.0
+            && node.config_dump()?["splice"]["state"] == "off",
+        "{when} the splice program must not be loaded: {}",
+        node.config_dump()?["splice"]
+    );
+    Ok(())
+}
+
 /// Connections the fast path carried on `node`, by how (`splice` or `relay`).
 fn fast_path(node: &Node, carried: &str) -> Result<f64> {
     let series = format!("ambit_fast_path_connections_total{{carried=\"{carried}\"}}");
@@ -300,15 +314,7 @@ fn policy_decides_at_accept_and_a_change_cuts(carried: &str) -> Result<()> {
     let mut app = serve(server, &[8080])?;
     let dst = server.addr4(8080);
     if carried == "relay" {
-        // The default loads no splice.
-        ensure_or_dump!(
-            cluster,
-            sk_skb_programs(node)? == 0
-                && metric_value(node, "ambit_splice_enabled")? == 0.0
-                && node.config_dump()?["splice"]["state"] == "off",
-            "by default the splice program must not be loaded: {}",
-            node.config_dump()?["splice"]
-        );
+        ensure_no_splice_loaded(&cluster, node, "by default")?;
     }
 
     // Both carried; a DENY of the intruder cuts its transfer, the frontend's goes on.
@@ -587,14 +593,7 @@ fn with_the_fast_path_off_no_splice_is_loaded_and_same_node_traffic_takes_hbone(
     cluster.start_agents()?;
     let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
     let _app = serve(server, &[8080])?;
-    ensure_or_dump!(
-        cluster,
-        sk_skb_programs(node)? == 0
-            && metric_value(node, "ambit_splice_enabled")? == 0.0
-            && node.config_dump()?["splice"]["state"] == "off",
-        "with --same-node-fast-path false the splice program must not be loaded: {}",
-        node.config_dump()?["splice"]
-    );
+    ensure_no_splice_loaded(&cluster, node, "with --same-node-fast-path false")?;
     let dst = server.addr4(8080);
     connect_ok(&cluster, client, dst, 1 << 20)?;
     let outbound = wait_access_log(&cluster, node, "outbound", dst, 1)?.remove(0);

@@ -518,6 +518,36 @@ fn squat(pod: &Pod, ports: &[u16]) -> Result<Vec<PodProcess>> {
     Ok(squatters)
 }
 
+/// Root applications in `pod` joining the agent's SO_REUSEPORT groups, as an upgrade's
+/// successor joins them: one on 15006 (every address) and one on 15008 per pod address, each
+/// listening.
+fn join_listener_groups(cluster: &Cluster, pod: &Pod) -> Result<Vec<PodProcess>> {
+    let mut joiners = vec![pod.spawn(testpod(), ["serve", "--port", "15006", "--reuse-port"])?];
+    for ip in pod.ips() {
+        joiners.push(pod.spawn(
+            testpod(),
+            [
+                "serve",
+                "--port",
+                "15008",
+                "--bind",
+                &ip.to_string(),
+                "--reuse-port",
+            ],
+        )?);
+    }
+    for joiner in &mut joiners {
+        let first = joiner.read_json(T)?;
+        ensure_or_dump!(
+            cluster,
+            first["event"] == "listening",
+            "a root application in {} could not join the agent's listener group: {first}",
+            pod.name()
+        );
+    }
+    Ok(joiners)
+}
+
 const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 #[test]
@@ -558,28 +588,7 @@ fn an_application_on_a_proxy_port_is_never_reached_from_outside() -> Result<()> 
 
     // A root application can join the agent's SO_REUSEPORT groups (an upgrade's successor
     // joins them so): inbound still reaches only the socket the agent registered.
-    let mut joiners = vec![target.spawn(testpod(), ["serve", "--port", "15006", "--reuse-port"])?];
-    for ip in target.ips() {
-        joiners.push(target.spawn(
-            testpod(),
-            [
-                "serve",
-                "--port",
-                "15008",
-                "--bind",
-                &ip.to_string(),
-                "--reuse-port",
-            ],
-        )?);
-    }
-    for joiner in &mut joiners {
-        let first = joiner.read_json(T)?;
-        ensure_or_dump!(
-            cluster,
-            first["event"] == "listening",
-            "a root application could not join the agent's listener group: {first}"
-        );
-    }
+    let mut joiners = join_listener_groups(&cluster, target)?;
     for ip in target.ips() {
         for port in [8080, 15006, 15008] {
             let dst = SocketAddr::new(ip, port);
@@ -842,33 +851,11 @@ fn the_nodes_own_addresses_reach_pods_directly_like_kubelet_probes() -> Result<(
     // on loopback only; 15006 and 15008 by joining the agent's SO_REUSEPORT groups, as root)
     // gets nothing from the node. 15001 and 15006 go to the agent's plaintext listener, which
     // refuses the proxy's ports; 15008 to its HBONE listener, which wants TLS.
-    let (mut apps, mut joiners) = (Vec::new(), Vec::new());
+    let mut apps = Vec::new();
     for pod in [strict, permissive] {
         apps.extend(squat(pod, &[15001])?);
-        joiners.push(pod.spawn(testpod(), ["serve", "--port", "15006", "--reuse-port"])?);
-        for ip in pod.ips() {
-            joiners.push(pod.spawn(
-                testpod(),
-                [
-                    "serve",
-                    "--port",
-                    "15008",
-                    "--bind",
-                    &ip.to_string(),
-                    "--reuse-port",
-                ],
-            )?);
-        }
+        apps.extend(join_listener_groups(&cluster, pod)?);
     }
-    for joiner in &mut joiners {
-        let first = joiner.read_json(T)?;
-        ensure_or_dump!(
-            cluster,
-            first["event"] == "listening",
-            "an application could not join the agent's listener group: {first}"
-        );
-    }
-    apps.extend(joiners);
     ensure_or_dump!(
         cluster,
         apps.len() == 2 * (2 + 1 + 2),
