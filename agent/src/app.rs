@@ -100,6 +100,11 @@ pub struct AgentArgs {
     /// a peer's inbound connections and tunnels [default: a quarter of --max-connections].
     #[arg(long, env = "AMBIT_MAX_CONNECTIONS_PER_SOURCE")]
     pub max_connections_per_source: Option<usize>,
+    /// Memory, in MiB, the relay's read buffers may hold beyond their smallest size, all
+    /// connections together; the connections of one source address may hold a quarter. Past
+    /// it connections read with smaller buffers: slower, never refused [default: 64].
+    #[arg(long, env = "AMBIT_MAX_RELAY_BUFFER_MIB")]
+    pub max_relay_buffer_mib: Option<usize>,
     /// The HBONE connection pool of every pod (`--hbone-max-streams-per-connection`).
     #[command(flatten)]
     pub pool: crate::hbone::PoolArgs,
@@ -148,12 +153,14 @@ fn max_spliced(value: &str) -> Result<usize, String> {
 fn connection_limits(args: &AgentArgs) -> anyhow::Result<Arc<Limits>> {
     let nofile = limits::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let settings = LimitSettings::for_descriptors(nofile.soft)
-        .with_flags(args.max_connections, args.max_connections_per_source)?;
+        .with_flags(args.max_connections, args.max_connections_per_source)?
+        .with_relay_buffer_mib(args.max_relay_buffer_mib)?;
     info!(
         descriptors = nofile.soft,
         descriptors_at_start = nofile.before,
         max_connections = settings.max_connections,
         max_connections_per_source = settings.max_connections_per_source,
+        max_relay_buffer_bytes = settings.max_relay_buffer_bytes,
         "connection limits"
     );
     // Below containerd's default: fine for a test bed, tight for a busy node.

@@ -10,8 +10,11 @@
 //!   received and takes a chunk as a DATA frame without copying it. Between a socket and a
 //!   tunnel no byte is copied in user space outside TLS.
 //! - Read buffers grow with what the connection moved, as ztunnel's do ([`ReadBuffer`]): a
-//!   connection exchanging small requests holds 1 KiB per direction, a bulk transfer reads up
-//!   to 256 KiB per system call (fewer system calls, fewer wake-ups, larger DATA frames).
+//!   connection exchanging small requests reads 1 KiB at a time, a bulk transfer up to 256 KiB
+//!   per system call (fewer system calls, fewer wake-ups, larger DATA frames). A buffer is held
+//!   only while there is something to read or write, and sizes above the smallest come from
+//!   the node's budget, under the connection's source ([`crate::limits::BufferShare`]): a pod
+//!   cannot grow the agent's memory by holding many grown connections open.
 //!
 //! What moved is told to a [`Meter`] as it moves, chunk by chunk, so metrics of a long
 //! connection grow while it is open, as ztunnel's do. The cost is one call per chunk next to
@@ -25,6 +28,8 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::limits::{BufferGrant, BufferShare};
 
 /// Bytes moved by [`relay`], each way.
 #[derive(Clone, Copy, Debug, Default)]
@@ -92,7 +97,15 @@ pub trait Relayable: AsyncRead + AsyncWrite + Unpin {
     }
 }
 
-impl Relayable for tokio::net::TcpStream {}
+impl Relayable for tokio::net::TcpStream {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuffer,
+    ) -> Poll<io::Result<Bytes>> {
+        buf.poll_read_socket(self, cx)
+    }
+}
 
 impl Relayable for tokio::io::DuplexStream {}
 
@@ -107,32 +120,118 @@ const SIZES: [(u64, usize); 3] = [
 
 /// One direction's read buffer: reads land in it and leave it as [`Bytes`] without a copy.
 /// Its memory is reused once the chunks handed out are dropped (a socket write completes at
-/// once; a tunnel holds a chunk until it is encrypted).
-#[derive(Debug)]
+/// once; a tunnel holds a chunk until it is encrypted), and given back when there is nothing to
+/// read: an idle connection holds no buffer. Sizes above the smallest are granted by the node's
+/// budget ([`BufferShare`]); when it has no room the read takes the largest size that fits.
 pub struct ReadBuffer {
     buf: BytesMut,
+    /// The size the bytes moved call for.
     size: usize,
+    /// The size granted to the buffer held now (0: none held).
+    granted: usize,
+    grant: Option<BufferGrant>,
+    share: BufferShare,
 }
 
-impl Default for ReadBuffer {
-    fn default() -> Self {
-        Self {
-            buf: BytesMut::new(),
-            size: SIZES[0].1,
-        }
+impl std::fmt::Debug for ReadBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadBuffer")
+            .field("size", &self.size)
+            .field("granted", &self.granted)
+            .finish_non_exhaustive()
     }
 }
 
 impl ReadBuffer {
+    /// An empty buffer of the smallest size, growing with what `share` grants.
+    pub fn new(share: BufferShare) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            size: SIZES[0].1,
+            granted: 0,
+            grant: None,
+            share,
+        }
+    }
+
     /// Reads what `from` has (at most the buffer's current size) and hands it out.
     pub fn poll_read<R: AsyncRead + ?Sized>(
         &mut self,
         from: Pin<&mut R>,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<Bytes>> {
-        self.buf.reserve(self.size);
-        ready!(tokio_util::io::poll_read_buf(from, cx, &mut self.buf))?;
-        Poll::Ready(Ok(self.buf.split().freeze()))
+        self.prepare();
+        match tokio_util::io::poll_read_buf(from, cx, &mut self.buf) {
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(self.buf.split().freeze())),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => {
+                self.release();
+                Poll::Pending
+            }
+        }
+    }
+
+    /// [`ReadBuffer::poll_read`] for a socket: the buffer is taken only once the socket is
+    /// readable, and given back while it is not.
+    pub fn poll_read_socket(
+        &mut self,
+        socket: &tokio::net::TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Bytes>> {
+        loop {
+            if socket.poll_read_ready(cx)?.is_pending() {
+                self.release();
+                return Poll::Pending;
+            }
+            self.prepare();
+            match socket.try_read_buf(&mut self.buf) {
+                Ok(_) => return Poll::Ready(Ok(self.buf.split().freeze())),
+                // Readiness was stale: wait for the next.
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
+    }
+
+    /// Room for the next read: the size called for, or the largest the budget grants.
+    fn prepare(&mut self) {
+        if self.granted < self.size {
+            // Give back what is held before asking for more, so a source at its share can
+            // trade its grant for a larger one.
+            self.grant = None;
+            let mut refused = None;
+            let fits = SIZES
+                .iter()
+                .rev()
+                .map(|(_, size)| *size)
+                .filter(|size| *size <= self.size);
+            for size in fits {
+                if size == SIZES[0].1 {
+                    (self.granted, self.grant) = (size, None);
+                    break;
+                }
+                match self.share.grant(size) {
+                    Ok(grant) => {
+                        (self.granted, self.grant) = (size, Some(grant));
+                        break;
+                    }
+                    Err(limit) => {
+                        refused.get_or_insert(limit);
+                    }
+                }
+            }
+            if let Some(limit) = refused {
+                self.share.shrunk(limit);
+            }
+        }
+        self.buf.reserve(self.granted);
+    }
+
+    /// Gives the buffer and its grant back (nothing to read now).
+    fn release(&mut self) {
+        self.buf = BytesMut::new();
+        self.grant = None;
+        self.granted = 0;
     }
 
     /// Sizes the next reads for a connection that has moved `moved` bytes this way.
@@ -146,7 +245,6 @@ impl ReadBuffer {
 }
 
 /// One direction of a relay.
-#[derive(Default)]
 struct OneWay {
     buf: ReadBuffer,
     /// Read and not yet (fully) written.
@@ -161,6 +259,17 @@ struct OneWay {
 }
 
 impl OneWay {
+    fn new(buffers: &BufferShare) -> Self {
+        Self {
+            buf: ReadBuffer::new(buffers.clone()),
+            pending: Bytes::new(),
+            moved: 0,
+            unflushed: false,
+            read_done: false,
+            done: false,
+        }
+    }
+
     /// Moves what `from` has to `to` until `from` has nothing more now (pending) or has ended
     /// and its end was passed on (ready).
     fn poll<R: Relayable, W: Relayable>(
@@ -213,13 +322,14 @@ impl OneWay {
 }
 
 /// Copies bytes both ways until both directions have ended, passing half-closes through,
-/// telling `meter` of each chunk moved. An error in either direction ends both (the other side
+/// telling `meter` of each chunk moved, reading into buffers granted from `buffers`. An error in either direction ends both (the other side
 /// would otherwise hang), and the counts then say how far each direction got (the sums of what
 /// `meter` was told).
 pub async fn relay<C, U>(
     client: C,
     upstream: U,
     meter: &impl Meter,
+    buffers: &BufferShare,
 ) -> (Transferred, io::Result<()>)
 where
     C: Relayable,
@@ -229,6 +339,7 @@ where
         client,
         upstream,
         meter,
+        buffers,
         std::future::pending::<std::convert::Infallible>(),
     )
     .await;
@@ -254,14 +365,15 @@ pub async fn relay_until<C, U, S>(
     mut client: C,
     mut upstream: U,
     meter: &impl Meter,
+    buffers: &BufferShare,
     stop: impl Future<Output = S>,
 ) -> (Transferred, Relayed<S>)
 where
     C: Relayable,
     U: Relayable,
 {
-    let mut sent = OneWay::default();
-    let mut received = OneWay::default();
+    let mut sent = OneWay::new(buffers);
+    let mut received = OneWay::new(buffers);
     let ended = {
         let copy = std::future::poll_fn(|cx| {
             let up = sent.poll(cx, &mut client, &mut upstream, |n| meter.sent(n));
@@ -291,7 +403,10 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
@@ -319,7 +434,8 @@ mod tests {
         let (mut client, client_side) = duplex(1024);
         let (upstream_side, mut upstream) = duplex(1024);
         let tally = Tally::default();
-        let relay = relay(client_side, upstream_side, &tally);
+        let buffers = BufferShare::unlimited();
+        let relay = relay(client_side, upstream_side, &tally, &buffers);
         tokio::pin!(relay);
 
         let mut buf = [0u8; 64];
@@ -357,6 +473,7 @@ mod tests {
         let (mut client, client_side) = duplex(64 * 1024);
         let (upstream_side, mut upstream) = duplex(64 * 1024);
         let tally = Tally::default();
+        let buffers = BufferShare::unlimited();
         let request = pattern(12 * 1024 * 1024 + 7, 0x5a);
         let response = pattern(3 * 1024 * 1024 + 11, 0xa5);
 
@@ -375,7 +492,7 @@ mod tests {
             got
         };
         let ((moved, result), got_response, got_request) = tokio::join!(
-            relay(client_side, upstream_side, &tally),
+            relay(client_side, upstream_side, &tally, &buffers),
             client_io,
             upstream_io
         );
@@ -397,10 +514,115 @@ mod tests {
         assert_eq!(tally.received.load(Ordering::Relaxed), moved.received);
     }
 
+    /// A connected pair of loopback sockets: (the side a test drives, the side the relay gets).
+    async fn socket_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (outside, accepted) = tokio::join!(
+            tokio::net::TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        (outside.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Waits until the budget holds what `done` accepts, or fails after 5 s saying what it held.
+    async fn held_until(limits: &crate::limits::Limits, what: &str, done: impl Fn(usize) -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let held = limits.snapshot().relay_buffer_bytes;
+            if done(held) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: the relays still hold {held} bytes of buffers"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Four bulk transfers of one source whose destinations stop reading: each relay holds a
+    /// chunk it cannot write, and together they hold no more than the source's share (the rest
+    /// read with the smallest buffer, counted); once the destinations read again every byte
+    /// arrives, and connections left open but idle hold no buffer at all.
+    #[tokio::test]
+    async fn stalled_and_idle_connections_hold_no_more_than_their_share() {
+        use crate::limits::{LimitSettings, Limits};
+        const FIRST: usize = 11 * 1024 * 1024;
+        const TOTAL: usize = 14 * 1024 * 1024;
+        let settings = LimitSettings::for_descriptors(20_000)
+            .with_relay_buffer_mib(Some(1))
+            .unwrap();
+        let share = settings.max_relay_buffer_bytes_per_source;
+        let limits = Arc::new(Limits::new(settings));
+        let buffers = limits.buffer_share("10.0.0.1".parse().unwrap());
+
+        let mut ends = Vec::new();
+        for seed in 0..4u8 {
+            let (mut client, client_side) = socket_pair().await;
+            let (upstream_side, mut upstream) = socket_pair().await;
+            // Small socket buffers toward the destination, so that the relay, not the kernel,
+            // is left holding what the destination does not read.
+            socket2::SockRef::from(&upstream_side)
+                .set_send_buffer_size(64 * 1024)
+                .unwrap();
+            socket2::SockRef::from(&upstream)
+                .set_recv_buffer_size(64 * 1024)
+                .unwrap();
+            let buffers = buffers.clone();
+            let relay =
+                tokio::spawn(async move { relay(client_side, upstream_side, &(), &buffers).await });
+            let data = pattern(TOTAL, seed);
+            let writer = tokio::spawn(async move {
+                client.write_all(&data).await.unwrap();
+                client
+            });
+            // Enough to grow the relay's buffer to its largest, then nothing for a while.
+            let mut got = vec![0u8; FIRST];
+            upstream.read_exact(&mut got).await.unwrap();
+            ends.push((relay, writer, upstream, got, seed));
+        }
+        held_until(&limits, "stalled", |held| held > 0).await;
+        // Let every relay fill the sockets and stop on a chunk it cannot write.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let snapshot = limits.snapshot();
+        assert!(
+            snapshot.relay_buffer_bytes <= share,
+            "four stalled relays of one source hold {} bytes, over its share of {share}",
+            snapshot.relay_buffer_bytes
+        );
+        assert!(
+            matches!(snapshot.relay_buffers_shrunk.as_slice(), [(crate::limits::Limit::PerSource, n)] if *n > 0),
+            "no read was shrunk: {:?}",
+            snapshot.relay_buffers_shrunk
+        );
+
+        let mut open = Vec::new();
+        for (relay, writer, mut upstream, mut got, seed) in ends {
+            let mut rest = vec![0u8; TOTAL - FIRST];
+            upstream.read_exact(&mut rest).await.unwrap();
+            got.extend_from_slice(&rest);
+            assert!(got == pattern(TOTAL, seed), "transfer {seed} corrupted");
+            open.push((relay, writer.await.unwrap(), upstream));
+        }
+        held_until(&limits, "idle, connections open", |held| held == 0).await;
+        for (relay, mut client, mut upstream) in open {
+            assert!(
+                !relay.is_finished(),
+                "a relay ended while both sides were open"
+            );
+            client.shutdown().await.unwrap();
+            upstream.shutdown().await.unwrap();
+            let (moved, result) = relay.await.unwrap();
+            assert!(result.is_ok(), "{result:?}");
+            assert_eq!(moved.sent, TOTAL as u64);
+        }
+        assert_eq!(limits.snapshot().relay_buffer_bytes, 0);
+    }
+
     /// The read buffer grows with what the connection moved: small first, large for bulk.
     #[test]
     fn read_buffers_grow_with_the_bytes_moved() {
-        let mut buf = ReadBuffer::default();
+        let mut buf = ReadBuffer::new(BufferShare::unlimited());
         assert_eq!(buf.size, 1024);
         buf.grow(128 * 1024 - 1);
         assert_eq!(buf.size, 1024);

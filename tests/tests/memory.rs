@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use ambit_tests::traffic::serve;
+use ambit_tests::traffic::{metric_value, serve};
 use ambit_tests::{Cluster, ClusterSpec, Node, Pod, ensure_or_dump, util};
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -18,7 +18,11 @@ use serde_json::Value;
 /// Connections held open at once.
 const BURST: u32 = 2_000;
 /// Bytes each exchanges before it is held: enough for every relay buffer to be used.
-const BURST_BYTES: u32 = 16 * 1024;
+const BURST_BYTES: u64 = 16 * 1024;
+/// Connections of the second burst, each moving enough to grow its relay buffers to their
+/// largest (256 KiB, after 10 MiB) before it is held idle.
+const GROWN: u32 = 16;
+const GROWN_BYTES: u64 = 11 * 1024 * 1024;
 /// How long the agent gets to return the burst's memory: jemalloc purges freed pages over
 /// 10 s; the rest is margin for a loaded machine.
 const GIVE_BACK: Duration = Duration::from_secs(60);
@@ -74,8 +78,9 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
     // a small burst, so what any first use allocates once is not counted as the burst's.
     let warm = churn(client, &dst, 200)?;
     ensure_or_dump!(cluster, warm["failed"] == 0, "warm-up failed: {warm}");
-    // Opens `count` connections, reads the agent's RSS while they are held, closes them.
-    let burst = |count: u32| -> Result<u64> {
+    // Opens `count` connections exchanging `bytes` each, reads the agent's RSS and what its
+    // relay buffers and connection slots hold while they are held, closes them.
+    let burst = |count: u32, bytes: u64| -> Result<Held> {
         let mut p = client.spawn(
             ambit_tests::testpod_path!(),
             [
@@ -85,13 +90,20 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
                 "--count",
                 &count.to_string(),
                 "--bytes",
-                &BURST_BYTES.to_string(),
+                &bytes.to_string(),
                 "--hold-seconds",
                 "600",
             ],
         )?;
         let opened = p.read_json_until(Duration::from_secs(600), |v| v["event"] == "opened")?;
-        let held = rss_kb(node)?;
+        let held = Held {
+            rss_kb: rss_kb(node)?,
+            buffer_bytes: metric_value(node, "ambit_relay_buffer_bytes")?,
+            slots: metric_value(
+                node,
+                r#"ambit_connection_slots_in_use{slots="connections"}"#,
+            )?,
+        };
         p.write_line("close")?;
         let closed = p.read_json_until(Duration::from_secs(600), |v| v["event"] == "closed")?;
         ensure_or_dump!(
@@ -101,7 +113,7 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
         );
         Ok(held)
     };
-    burst(100)?;
+    burst(100, BURST_BYTES)?;
     // The resting figure, once jemalloc has purged what the warm-up freed (it decays dirty
     // pages over 10 s): the lowest of a few readings after that.
     std::thread::sleep(Duration::from_secs(12));
@@ -111,15 +123,18 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
         rest = rest.min(rss_kb(node)?);
     }
 
-    let held = burst(BURST)?;
+    let Held {
+        rss_kb: held,
+        slots,
+        ..
+    } = burst(BURST, BURST_BYTES)?;
     eprintln!("agent RSS: {rest} kB at rest, {held} kB with {BURST} connections held");
-    // Each held connection costs at least the first page of each relay buffer (two relays
-    // here, two directions each): below that the burst did not go through the agent.
-    let least_kb = u64::from(BURST) * 4 * 4;
+    // Each held connection holds two slots of the one agent (its outbound side and its
+    // tunnel): fewer, and the burst did not go through the agent.
     ensure_or_dump!(
         cluster,
-        held >= rest + least_kb,
-        "{BURST} held connections raised the agent's RSS only from {rest} to {held} kB"
+        slots >= f64::from(2 * BURST),
+        "{BURST} held connections hold only {slots} connection slots of the agent"
     );
     let bound = rest + KEPT_KB.max((held - rest) / KEPT_SHARE);
     let deadline = Instant::now() + GIVE_BACK;
@@ -135,7 +150,32 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
         "the agent kept {} kB of a burst that cost {} kB: {rest} kB at rest, {held} kB held, \
          {after} kB {GIVE_BACK:?} after the connections closed",
         after.saturating_sub(rest),
-        held - rest
+        held.saturating_sub(rest)
+    );
+
+    // Connections that moved enough to grow their relay buffers to the largest, then idle:
+    // they hold no buffer (each socket gives its buffer back while it has nothing to read).
+    let grown = burst(GROWN, GROWN_BYTES)?;
+    eprintln!(
+        "agent RSS with {GROWN} grown connections held idle: {} kB, relay buffers {} bytes",
+        grown.rss_kb, grown.buffer_bytes
+    );
+    ensure_or_dump!(
+        cluster,
+        grown.slots >= f64::from(2 * GROWN) && grown.buffer_bytes == 0.0,
+        "{GROWN} connections that moved {GROWN_BYTES} bytes each, held idle: their relays hold \
+         {} bytes of buffers ({} connection slots held)",
+        grown.buffer_bytes,
+        grown.slots
     );
     Ok(())
+}
+
+/// What the agent held while a burst's connections were open.
+struct Held {
+    rss_kb: u64,
+    /// `ambit_relay_buffer_bytes`.
+    buffer_bytes: f64,
+    /// `ambit_connection_slots_in_use{slots="connections"}`.
+    slots: f64,
 }

@@ -581,7 +581,10 @@ impl<H: InboundHandler> HboneServer<H> {
             .send_response(Response::new(()), false)
             .map_err(StreamError::Respond)?;
         let tunnel = HboneStream::new(send, body, None);
-        let (transferred, ended) = relay_until(tunnel, upstream, meter, admission.revoked()).await;
+        // Under the peer, as the tunnel's slot is.
+        let buffers = self.inner.limits.buffer_share(report.source.ip());
+        let (transferred, ended) =
+            relay_until(tunnel, upstream, meter, &buffers, admission.revoked()).await;
         report.transferred = transferred;
         match ended {
             Relayed::Finished(result) => result.map_err(StreamError::Relay),

@@ -770,7 +770,13 @@ async fn many_held_tunnels_each_echo_while_the_others_stay_open() {
                 tokio::spawn(async move {
                     let request = TunnelRequest::new(app_source(), app_addr);
                     let stream = pool.open(&key, &cert, &request).await.unwrap();
-                    let _ = crate::relay::relay(socket, stream, &()).await;
+                    let _ = crate::relay::relay(
+                        socket,
+                        stream,
+                        &(),
+                        &crate::limits::BufferShare::unlimited(),
+                    )
+                    .await;
                 });
             }
         });

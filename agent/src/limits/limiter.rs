@@ -2,7 +2,8 @@
 //!
 //! Slots are taken with [`Limiter::try_acquire`], which never waits: a connection over a limit
 //! is refused at once, so a flood queues nowhere in the agent. The [`Permit`] gives its slot
-//! back when dropped, however the connection ends (panic included).
+//! back when dropped, however the connection ends (panic included). A permit may hold several
+//! slots at once ([`Limiter::try_acquire_many`]): the relay's buffer budget counts bytes.
 use std::{
     collections::HashMap,
     hash::Hash,
@@ -71,27 +72,37 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
     /// Takes a slot for `key`, or says which cap stands in the way. The per-key cap is checked
     /// first: a source over its share is told so even when the whole is full too.
     pub fn try_acquire(&self, key: K) -> Result<Permit<K>, Exceeded> {
+        self.try_acquire_many(key, 1)
+    }
+
+    /// Takes `n` slots at once for `key` (all or none), as [`Limiter::try_acquire`] takes one.
+    pub fn try_acquire_many(&self, key: K, n: usize) -> Result<Permit<K>, Exceeded> {
         let shared = &self.shared;
         let mut state = shared.lock();
         let held = state.by_key.get(&key).copied().unwrap_or(0);
-        if held >= shared.per_key {
+        if held.saturating_add(n) > shared.per_key {
             return Err(Exceeded::PerKey(shared.per_key));
         }
-        if state.used >= shared.total {
+        if state.used.saturating_add(n) > shared.total {
             return Err(Exceeded::Total(shared.total));
         }
-        state.used += 1;
-        *state.by_key.entry(key.clone()).or_insert(0) += 1;
+        state.used += n;
+        *state.by_key.entry(key.clone()).or_insert(0) += n;
         drop(state);
         Ok(Permit {
             shared: self.shared.clone(),
             key,
+            n,
         })
     }
 
+    /// The cap on the whole.
+    pub fn total(&self) -> usize {
+        self.shared.total
+    }
+
     /// The cap per key.
-    #[cfg(test)]
-    fn per_key(&self) -> usize {
+    pub fn per_key(&self) -> usize {
         self.shared.per_key
     }
 
@@ -113,10 +124,11 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
     }
 }
 
-/// One slot of a [`Limiter`], given back on drop.
+/// Slots of a [`Limiter`] (one, or `n` from [`Limiter::try_acquire_many`]), given back on drop.
 pub struct Permit<K: Hash + Eq> {
     shared: Arc<Shared<K>>,
     key: K,
+    n: usize,
 }
 
 impl<K: Hash + Eq> std::fmt::Debug for Permit<K> {
@@ -128,9 +140,9 @@ impl<K: Hash + Eq> std::fmt::Debug for Permit<K> {
 impl<K: Hash + Eq> Drop for Permit<K> {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
-        state.used -= 1;
+        state.used -= self.n;
         if let Some(held) = state.by_key.get_mut(&self.key) {
-            *held -= 1;
+            *held -= self.n;
             if *held == 0 {
                 state.by_key.remove(&self.key);
             }
@@ -156,6 +168,28 @@ mod tests {
         let _again = limiter.try_acquire("a").unwrap();
         drop(b);
         assert_eq!(limiter.keys(), 1);
+    }
+
+    #[test]
+    fn many_slots_are_taken_all_or_none_and_given_back_together() {
+        let limiter = Limiter::new(100, 40);
+        let a = limiter.try_acquire_many("a", 30).unwrap();
+        // 30 + 20 would pass the share of 40: nothing is taken.
+        assert_eq!(
+            limiter.try_acquire_many("a", 20).unwrap_err(),
+            Exceeded::PerKey(40)
+        );
+        assert_eq!(limiter.held_by(&"a"), 30);
+        let _b = limiter.try_acquire_many("b", 40).unwrap();
+        let _c = limiter.try_acquire_many("c", 25).unwrap();
+        assert_eq!(
+            limiter.try_acquire_many("d", 6).unwrap_err(),
+            Exceeded::Total(100)
+        );
+        let _d = limiter.try_acquire_many("d", 5).unwrap();
+        drop(a);
+        assert_eq!((limiter.in_use(), limiter.held_by(&"a")), (70, 0));
+        assert_eq!(limiter.keys(), 3);
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub struct LimitMetrics {
     over_limit: IntCounterVec,
     timed_out: IntCounterVec,
     accept_errors: IntCounterVec,
+    buffer_limit: IntGaugeVec,
+    buffer_bytes: IntGauge,
+    buffer_reads_shrunk: IntCounterVec,
 }
 
 impl LimitMetrics {
@@ -73,6 +76,26 @@ impl LimitMetrics {
                 ),
                 &["path"],
             )?,
+            buffer_limit: IntGaugeVec::new(
+                Opts::new(
+                    "ambit_relay_buffer_limit_bytes",
+                    "Memory the relay's read buffers may hold beyond their smallest size: all \
+                     connections together (total) and those of one source address (per_source)",
+                ),
+                &["limit"],
+            )?,
+            buffer_bytes: IntGauge::new(
+                "ambit_relay_buffer_bytes",
+                "Memory the relay's read buffers hold now beyond their smallest size",
+            )?,
+            buffer_reads_shrunk: IntCounterVec::new(
+                Opts::new(
+                    "ambit_relay_buffer_reads_shrunk_total",
+                    "Relay reads made with a smaller buffer than the connection's transfer \
+                     called for, by the limit that had no room (total or per_source)",
+                ),
+                &["limit"],
+            )?,
         })
     }
 }
@@ -87,6 +110,9 @@ impl ScrapeTime for LimitMetrics {
             &self.over_limit,
             &self.timed_out,
             &self.accept_errors,
+            &self.buffer_limit,
+            &self.buffer_bytes,
+            &self.buffer_reads_shrunk,
         ]
     }
 
@@ -137,6 +163,23 @@ impl ScrapeTime for LimitMetrics {
         for (path, n) in snapshot.accept_errors {
             set_counter(&self.accept_errors.with_label_values(&[path.as_str()]), n);
         }
+        for (name, value) in [
+            ("total", settings.max_relay_buffer_bytes),
+            ("per_source", settings.max_relay_buffer_bytes_per_source),
+        ] {
+            self.buffer_limit
+                .with_label_values(&[name])
+                .set(gauge(value));
+        }
+        self.buffer_bytes.set(gauge(snapshot.relay_buffer_bytes));
+        for (limit, n) in snapshot.relay_buffers_shrunk {
+            set_counter(
+                &self
+                    .buffer_reads_shrunk
+                    .with_label_values(&[limit.as_str()]),
+                n,
+            );
+        }
     }
 }
 
@@ -163,6 +206,9 @@ mod tests {
         assert!(limits.admit(Path::Inbound, ip).is_none());
         assert!(limits.admit(Path::HboneTunnel, ip).is_none());
         limits.timed_out(Path::Readiness, Phase::HttpRequest);
+        let buffers = limits.buffer_share(ip);
+        let grant = buffers.grant(16 * 1024).unwrap();
+        buffers.shrunk(crate::limits::Limit::PerSource);
         let samples = parse(&metrics.encode());
         let get = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
         assert_eq!(
@@ -198,6 +244,23 @@ mod tests {
             ),
             Some(1.0)
         );
+        assert_eq!(
+            get("ambit_relay_buffer_limit_bytes", &[("limit", "total")]),
+            Some(64.0 * 1024.0 * 1024.0)
+        );
+        assert_eq!(
+            get("ambit_relay_buffer_limit_bytes", &[("limit", "per_source")]),
+            Some(16.0 * 1024.0 * 1024.0)
+        );
+        assert_eq!(get("ambit_relay_buffer_bytes", &[]), Some(16384.0));
+        assert_eq!(
+            get(
+                "ambit_relay_buffer_reads_shrunk_total",
+                &[("limit", "per_source")]
+            ),
+            Some(1.0)
+        );
+        drop(grant);
         // The process's own descriptors, as Prometheus' process collector names them.
         let open = get("process_open_fds", &[]).unwrap();
         let max = get("process_max_fds", &[]).unwrap();

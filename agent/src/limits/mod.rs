@@ -22,9 +22,12 @@
 //!   where it would crowd out everyone else's and where its source cannot be known. Refusals are
 //!   counted by path and limit and logged at most every 10 s.
 //! - Every accept loop is [`accept_loop`]: resource errors (EMFILE) back off instead of spinning.
+//! - Memory for the relay's read buffers beyond the smallest comes from a node-wide budget with a
+//!   share per source ([`BufferShare`]), and an idle connection holds none.
 //!
 //! The defaults and the metrics are in docs/operations.md ("Limits").
 mod accept;
+mod buffers;
 pub mod http;
 mod limiter;
 pub mod metrics;
@@ -44,6 +47,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 pub use accept::{Gated, Listener, accept_loop};
+pub use buffers::{BufferGrant, BufferShare};
 pub use limiter::{Exceeded, Limiter, Permit};
 pub use nofile::{NofileLimit, nofile_limit, open_descriptors, raise_nofile_limit};
 
@@ -179,6 +183,11 @@ pub struct LimitSettings {
     pub http_max_connections: usize,
     /// Connections one source address may hold to each plain-HTTP endpoint.
     pub http_max_connections_per_source: usize,
+    /// Bytes of relay read buffers beyond the smallest size held at once, all connections
+    /// together (`--max-relay-buffer-mib`).
+    pub max_relay_buffer_bytes: usize,
+    /// Of those, what the connections of one source address may hold (a quarter).
+    pub max_relay_buffer_bytes_per_source: usize,
 }
 
 /// Handshakes in progress at once, all sources together: two cores sign about that many
@@ -191,6 +200,10 @@ const MAX_HANDSHAKES_PER_SOURCE: usize = 128;
 /// Kubelet's probes and a Prometheus or two are all the plain-HTTP endpoints ever serve.
 const HTTP_MAX_CONNECTIONS: usize = 128;
 const HTTP_MAX_CONNECTIONS_PER_SOURCE: usize = 8;
+/// The relay's read-buffer budget: 256 bulk transfers reading 256 KiB at a time, 64 of them
+/// from one source; past it connections read with smaller buffers, slower but never refused.
+const MAX_RELAY_BUFFER_MIB: usize = 64;
+const MIB: usize = 1024 * 1024;
 
 /// Limits that cannot be honoured, naming the flag and the value.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -257,7 +270,28 @@ impl LimitSettings {
             max_handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE.min(max_handshakes),
             http_max_connections: HTTP_MAX_CONNECTIONS,
             http_max_connections_per_source: HTTP_MAX_CONNECTIONS_PER_SOURCE,
+            max_relay_buffer_bytes: MAX_RELAY_BUFFER_MIB * MIB,
+            max_relay_buffer_bytes_per_source: MAX_RELAY_BUFFER_MIB * MIB / 4,
         }
+    }
+
+    /// These settings with `--max-relay-buffer-mib` applied (unset: 64 MiB), a quarter of it
+    /// for any one source.
+    pub fn with_relay_buffer_mib(self, mib: Option<usize>) -> Result<Self, LimitsError> {
+        let Some(mib) = mib else {
+            return Ok(self);
+        };
+        if mib == 0 {
+            return Err(LimitsError::Zero {
+                flag: "--max-relay-buffer-mib",
+            });
+        }
+        let bytes = mib.saturating_mul(MIB);
+        Ok(Self {
+            max_relay_buffer_bytes: bytes,
+            max_relay_buffer_bytes_per_source: bytes / 4,
+            ..self
+        })
     }
 
     /// These settings with `--max-connections` and `--max-connections-per-source` applied (a
@@ -345,6 +379,8 @@ struct Counters {
     over_limit: [[AtomicU64; Limit::ALL.len()]; Path::ALL.len()],
     timed_out: [[AtomicU64; Phase::ALL.len()]; Path::ALL.len()],
     accept_errors: [AtomicU64; Path::ALL.len()],
+    /// Relay reads made with a smaller buffer than asked, by limit.
+    buffers_shrunk: [AtomicU64; Limit::ALL.len()],
 }
 
 impl Counters {
@@ -353,6 +389,7 @@ impl Counters {
             over_limit: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             timed_out: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             accept_errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            buffers_shrunk: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -374,6 +411,11 @@ pub struct LimitsSnapshot {
     pub timed_out: Vec<(Path, Phase, u64)>,
     /// Failed accepts, by path (only those that happened).
     pub accept_errors: Vec<(Path, u64)>,
+    /// Bytes of relay read buffers held (beyond the smallest size).
+    pub relay_buffer_bytes: usize,
+    /// Relay reads made with a smaller buffer than asked, by the limit that stood in the way
+    /// (only those that happened).
+    pub relay_buffers_shrunk: Vec<(Limit, u64)>,
 }
 
 /// The agent's limits and what holds them. Shared by every listener.
@@ -381,6 +423,8 @@ pub struct Limits {
     settings: LimitSettings,
     connections: Limiter<IpAddr>,
     handshakes: Limiter<IpAddr>,
+    /// The relay's read-buffer budget, in bytes.
+    buffers: Limiter<IpAddr>,
     counters: Counters,
     refusal_logs: Mutex<[Throttle; Path::ALL.len()]>,
 }
@@ -394,6 +438,10 @@ impl Limits {
                 settings.max_connections_per_source,
             ),
             handshakes: Limiter::new(settings.max_handshakes, settings.max_handshakes_per_source),
+            buffers: Limiter::new(
+                settings.max_relay_buffer_bytes,
+                settings.max_relay_buffer_bytes_per_source,
+            ),
             settings,
             counters: Counters::new(),
             refusal_logs: Mutex::new(std::array::from_fn(|_| Throttle::new(REFUSAL_LOG_EVERY))),
@@ -513,8 +561,15 @@ impl Limits {
         let mut snapshot = LimitsSnapshot {
             connections: self.connections.in_use(),
             handshakes: self.handshakes.in_use(),
+            relay_buffer_bytes: self.buffers.in_use(),
             ..Default::default()
         };
+        for (l, limit) in Limit::ALL.into_iter().enumerate() {
+            let n = self.counters.buffers_shrunk[l].load(Ordering::Relaxed);
+            if n > 0 {
+                snapshot.relay_buffers_shrunk.push((limit, n));
+            }
+        }
         for (p, path) in Path::ALL.into_iter().enumerate() {
             for (l, limit) in Limit::ALL.into_iter().enumerate() {
                 let n = self.counters.over_limit[p][l].load(Ordering::Relaxed);
@@ -629,6 +684,8 @@ mod tests {
             max_handshakes_per_source: per_source_hs,
             http_max_connections: 2,
             http_max_connections_per_source: 1,
+            max_relay_buffer_bytes: MIB,
+            max_relay_buffer_bytes_per_source: MIB / 4,
         }
     }
 

@@ -20,7 +20,7 @@ use super::{
     record,
 };
 use crate::{
-    limits::{Path, refuse},
+    limits::{BufferShare, Path, refuse},
     policy::Refusal,
     proxy::metrics::{ConnectionLabels, ConnectionRecorder},
     relay::{Relayed, Transferred, relay_until},
@@ -88,7 +88,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
             Err(refusal) => (Transferred::default(), Err(ProxyError::Refused(refusal))),
             Ok(()) => {
                 let hop = (&*ctx.redirector, peer, dst);
-                forward(client, hop, &pod, &conn, admission.revoked()).await
+                // Under the peer, as its connection slot is.
+                let buffers = ctx.limits.buffer_share(peer.ip());
+                forward(client, hop, &pod, (&conn, &buffers), admission.revoked()).await
             }
         }
     };
@@ -96,18 +98,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
 }
 
 /// Connects to the application and relays until the connection ends or a change closes it,
-/// counting bytes into `conn` as they flow.
+/// counting bytes into `conn` as they flow, reading into buffers of the peer's share.
 async fn forward(
     client: TcpStream,
     (redirector, peer, dst): (&crate::redirect::Redirector, SocketAddr, SocketAddr),
     pod: &PodContext,
-    conn: &ConnectionRecorder,
+    (conn, buffers): (&ConnectionRecorder, &BufferShare),
     revoked: impl Future<Output = Refusal>,
 ) -> (Transferred, Result<(), ProxyError>) {
     // From the client's address, over loopback inside the pod: the application sees the peer.
     match connect_to_application(redirector, &pod.netns, dst, peer).await {
         Ok(upstream) => {
-            let (moved, ended) = relay_until(client, upstream, conn, revoked).await;
+            let (moved, ended) = relay_until(client, upstream, conn, buffers, revoked).await;
             let result = match ended {
                 Relayed::Finished(result) => result.map_err(ProxyError::Relay),
                 Relayed::Stopped(refusal) => Err(ProxyError::ClosedByPolicy(refusal)),

@@ -21,7 +21,7 @@ use super::{PodContext, ProxyContext, connect_from, error::ProxyError, record, s
 use crate::{
     hbone::{HBONE_PORT, Pool, PoolKey, TunnelRequest, headers::Baggage},
     identity::{SpiffeId, WorkloadCertificate},
-    limits::{Path, refuse},
+    limits::{BufferShare, Path, refuse},
     proxy::metrics::{ConnectionLabels, ConnectionRecorder, ProxyMetrics},
     relay::{Transferred, relay},
     state::{MeshState, Resolved, Service, Workload},
@@ -36,19 +36,27 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
     let source = pod.workload.ips.first().copied();
     limits
         .accept_loop(&listener, Path::Outbound, |client, peer| {
-            let Some(permit) = limits.admit(Path::Outbound, source.unwrap_or(peer.ip())) else {
+            let source = source.unwrap_or(peer.ip());
+            let Some(permit) = limits.admit(Path::Outbound, source) else {
                 return refuse(client);
             };
+            let buffers = limits.buffer_share(source);
             let (pod, ctx) = (pod.clone(), ctx.clone());
             tokio::spawn(async move {
-                handle(client, peer, pod, ctx).await;
+                handle(client, peer, pod, ctx, buffers).await;
                 drop(permit);
             });
         })
         .await
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+    buffers: BufferShare,
+) {
     super::no_delay(&client);
     let Some(dst) = ctx.redirector.original_destination(&client) else {
         // Not redirected by our programs (someone dialled 127.0.0.1:15001 directly), or the pod
@@ -66,6 +74,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         workload: &pod.workload,
         identity: &pod.identity,
         pool: &pod.pool,
+        buffers,
         upstreams: Live {
             ctx: &ctx,
             pod: &pod,
@@ -139,6 +148,8 @@ struct Outbound<'a, U> {
     identity: &'a SpiffeId,
     /// The source pod's HBONE connections.
     pool: &'a Pool,
+    /// The source pod's share of the relay's read buffers.
+    buffers: BufferShare,
     upstreams: U,
 }
 
@@ -316,7 +327,7 @@ impl<U: Upstreams> Outbound<'_, U> {
         match route {
             // Outside the mesh: plain TCP from the pod's own namespace and address.
             Route::Plain(addr) => match self.upstreams.connect(addr).await {
-                Ok(upstream) => relayed(relay(client, upstream, conn).await),
+                Ok(upstream) => relayed(relay(client, upstream, conn, &self.buffers).await),
                 Err(source) => failed(ProxyError::Connect { addr, source }),
             },
             Route::Tunnel {
@@ -332,6 +343,7 @@ impl<U: Upstreams> Outbound<'_, U> {
                     authority,
                     conn,
                     log,
+                    buffers: &self.buffers,
                 };
                 let client = match self.upstreams.same_node(client, to, &identity, hop).await {
                     Ok(done) => return done,
@@ -352,7 +364,7 @@ impl<U: Upstreams> Outbound<'_, U> {
                 request.baggage = baggage(self.workload);
                 request.service_host = service_host;
                 match self.pool.open(&key, &certificate, &request).await {
-                    Ok(tunnel) => relayed(relay(client, tunnel, conn).await),
+                    Ok(tunnel) => relayed(relay(client, tunnel, conn, &self.buffers).await),
                     Err(err) => failed(ProxyError::hbone(err)),
                 }
             }
@@ -645,6 +657,7 @@ mod tests {
             workload: client,
             identity: &identity,
             pool: &pool,
+            buffers: BufferShare::unlimited(),
             upstreams: &upstreams,
         };
 

@@ -46,6 +46,7 @@ use super::{
     record,
 };
 use crate::{
+    limits::BufferShare,
     policy::Refusal,
     proxy::metrics::ConnectionRecorder,
     redirect::splice::{SpliceFailed, Spliced},
@@ -66,6 +67,8 @@ pub struct Hop<'a> {
     pub conn: &'a ConnectionRecorder,
     /// The source pod's outbound access-log line, told how the bytes went.
     pub log: &'a mut AccessLog,
+    /// The source pod's share of the relay's read buffers.
+    pub buffers: &'a BufferShare,
 }
 
 /// Both sides' meters: the fast path's bytes count on the outbound and the inbound series, as
@@ -227,7 +230,7 @@ pub async fn forward(
                     let (moved, ended) = match carried {
                         Carried::Spliced(spliced) => spliced.relay_until(&sides, revoked).await,
                         Carried::Relayed(client, upstream) => {
-                            relay_until(client, upstream, &sides, revoked).await
+                            relay_until(client, upstream, &sides, hop.buffers, revoked).await
                         }
                         Carried::Broken(err) => {
                             (Transferred::default(), Relayed::Finished(Err(err)))

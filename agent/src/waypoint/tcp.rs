@@ -21,6 +21,7 @@ use super::{
 use crate::{
     hbone::HboneStream,
     identity::SpiffeId,
+    limits::BufferShare,
     relay::{Relayable, relay},
     state::{
         MeshState, WaypointRef, Workload,
@@ -127,7 +128,7 @@ pub(super) async fn forward<S, F, T>(
         upstream = Some(target);
         endpoint_name = Some(endpoint.uid());
         let stream = open(endpoint.clone(), target, service.hostname()).await?;
-        let (moved, ended) = relay(io, stream, &()).await;
+        let (moved, ended) = relay(io, stream, &(), &BufferShare::unlimited()).await;
         ended.map_err(|e| format!("relay: {e}"))?;
         Ok((moved.sent, moved.received))
     }

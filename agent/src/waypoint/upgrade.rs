@@ -15,7 +15,10 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use crate::relay::{Relayable, relay};
+use crate::{
+    limits::BufferShare,
+    relay::{Relayable, relay},
+};
 
 /// The upgrades passed through.
 const PASSED: [&str; 1] = ["websocket"];
@@ -81,7 +84,13 @@ impl Upgrade {
                     return;
                 }
             };
-            let (moved, result) = relay(TokioIo::new(down), TokioIo::new(up), &()).await;
+            let (moved, result) = relay(
+                TokioIo::new(down),
+                TokioIo::new(up),
+                &(),
+                &BufferShare::unlimited(),
+            )
+            .await;
             debug!(
                 sent = moved.sent,
                 received = moved.received,

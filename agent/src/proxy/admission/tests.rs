@@ -365,8 +365,14 @@ async fn a_revocation_stops_the_relay_and_closes_both_sides() {
     let (upstream_side, mut app) = tokio::io::duplex(64 * 1024);
     let mut admission = registry.register(hbone_from("frontend", &pod));
     let relay = tokio::spawn(async move {
-        let (moved, ended) =
-            relay_until(client_side, upstream_side, &(), admission.revoked()).await;
+        let (moved, ended) = relay_until(
+            client_side,
+            upstream_side,
+            &(),
+            &crate::limits::BufferShare::unlimited(),
+            admission.revoked(),
+        )
+        .await;
         (moved, ended)
     });
     // Bytes flow while allowed.
