@@ -103,10 +103,14 @@ fn main() -> std::process::ExitCode {
         filter: cli.log_level.clone(),
         access_log_sampling: cli.access_log_sampling,
     };
-    if let Err(err) = ambit::telemetry::init_logging(&logging) {
-        eprintln!("error: {err:#}");
-        return std::process::ExitCode::FAILURE;
-    }
+    // Held to the end: dropping it writes out the lines still queued.
+    let _log = match ambit::telemetry::init_logging(&logging) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Agent(args) => {
             let mut runtime = tokio::runtime::Builder::new_multi_thread();

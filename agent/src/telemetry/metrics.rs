@@ -64,6 +64,21 @@ pub fn gauge_value(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
 }
 
+/// The log writer's count of dropped lines ([`super::log_lines_dropped`]).
+struct LogMetrics {
+    dropped: IntCounter,
+}
+
+impl ScrapeTime for LogMetrics {
+    fn parts(&self) -> Vec<&dyn Collector> {
+        vec![&self.dropped]
+    }
+
+    fn refresh(&self) {
+        set_counter(&self.dropped, super::log_lines_dropped());
+    }
+}
+
 /// The registry every part of a process registers its metrics with.
 #[derive(Default)]
 pub struct Metrics {
@@ -71,9 +86,21 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// An empty registry.
+    /// A registry holding only the log writer's count of dropped lines (every process logs).
     pub fn new() -> Self {
-        Self::default()
+        let metrics = Self::default();
+        let log = LogMetrics {
+            dropped: IntCounter::new(
+                "ambit_log_lines_dropped_total",
+                "Log and access-log lines dropped because the log writer's queue was full \
+                 (the reader of stderr fell behind)",
+            )
+            .expect("a valid metric"),
+        };
+        metrics
+            .register_at_scrape(Arc::new(log))
+            .expect("a fresh registry takes it");
+        metrics
     }
 
     /// Adds a subsystem's metrics to what `/metrics` serves.

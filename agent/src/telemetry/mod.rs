@@ -32,24 +32,55 @@ pub struct LogSettings {
     pub access_log_sampling: Sampling,
 }
 
+/// Lines queued for the log thread before new ones are dropped (and counted): a few MiB of
+/// lines, seconds of the busiest node's access log.
+const LOG_QUEUE_LINES: usize = 16_384;
+/// What the log thread gathers before one write to stderr.
+const LOG_WRITE_BUFFER: usize = 64 * 1024;
+
+/// Keeps the log thread; dropping it writes out what is queued (within a second). Hold it until
+/// the process ends.
+pub struct LogGuard {
+    _worker: tracing_appender::non_blocking::WorkerGuard,
+}
+
+/// Counts the lines the log thread dropped, once [`init_logging`] has run.
+static LOG_DROPPED: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Log lines dropped because the log thread's queue was full (stderr's reader fell behind).
+pub fn log_lines_dropped() -> u64 {
+    LOG_DROPPED
+        .get()
+        .map_or(0, |dropped| dropped.dropped_lines() as u64)
+}
+
 /// Installs the global tracing subscriber (and the `log` bridge used by aya-log).
+///
+/// Lines are formatted where they happen and written to stderr by a thread of their own
+/// (`tracing-appender`'s non-blocking writer, as ztunnel writes its log off its workers), which
+/// gathers what is queued into one write: the proxy's workers never make a system call to log
+/// a connection, and a reader of stderr that falls behind (a stalled container log pipe) never
+/// blocks them. When the queue is full new lines are dropped and counted
+/// ([`log_lines_dropped`], `ambit_log_lines_dropped_total`), rather than stalling traffic.
 ///
 /// The filter sits behind a reload layer so that the admin endpoint can change it at run time
 /// through [`log_control`]; this stays the only place a global subscriber is built.
-pub fn init_logging(settings: &LogSettings) -> anyhow::Result<()> {
+pub fn init_logging(settings: &LogSettings) -> anyhow::Result<LogGuard> {
     let (filter_layer, control) = reloadable_filter(&settings.filter)?;
+    let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("ambit-log")
+        .finish(std::io::BufWriter::with_capacity(
+            LOG_WRITE_BUFFER,
+            std::io::stderr(),
+        ));
+    let _ = LOG_DROPPED.set(writer.error_counter());
     let registry = tracing_subscriber::registry().with(filter_layer);
     match settings.format {
-        LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
-            .try_init()?,
+        LogFormat::Text => registry.with(fmt::layer().with_writer(writer)).try_init()?,
         LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(std::io::stderr),
-            )
+            .with(fmt::layer().json().flatten_event(true).with_writer(writer))
             .try_init()?,
     }
     let _ = ACCESS_LOG_SAMPLING.set(settings.access_log_sampling);
@@ -58,7 +89,7 @@ pub fn init_logging(settings: &LogSettings) -> anyhow::Result<()> {
         global: true,
         ..control
     });
-    Ok(())
+    Ok(LogGuard { _worker: worker })
 }
 
 /// The filter of the global subscriber, once [`init_logging`] has run.
