@@ -122,6 +122,10 @@ pub struct Node {
     agent_args: Mutex<Vec<String>>,
     ca_args: Mutex<Vec<String>>,
     kubeconfig: Mutex<Option<PathBuf>>,
+    /// Set by [`Node::stall_agent_log`]: the next agent writes its log into a pipe.
+    stall_log: AtomicBool,
+    /// The unread end of that pipe, until [`Node::drain_agent_log`].
+    stalled_log: Mutex<Option<std::io::PipeReader>>,
 }
 
 impl Node {
@@ -311,6 +315,29 @@ impl Node {
         Ok(())
     }
 
+    /// From the next start, the agent's stdout and stderr are a pipe nobody reads, as a stalled
+    /// container log pipe: once the kernel's pipe buffer (64 KiB) is full, every write to them
+    /// blocks. [`Node::drain_agent_log`] copies it into the log file again.
+    pub fn stall_agent_log(&self) {
+        self.stall_log.store(true, Ordering::Relaxed);
+    }
+
+    /// Starts copying the stalled log pipe into [`agent_log_path`](Self::agent_log_path) (a
+    /// thread that ends with the agent), so the log can be read and dumped again. Does nothing
+    /// when the log is not stalled.
+    pub fn drain_agent_log(&self) -> Result<()> {
+        let Some(mut reader) = lock(&self.stalled_log).take() else {
+            return Ok(());
+        };
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("open {}", self.log_path.display()))?;
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut log));
+        Ok(())
+    }
+
     /// Starts a second agent beside the running one, as a DaemonSet rolling with a surge does:
     /// same command line, cgroup, pins and sockets. The running one becomes the predecessor
     /// ([`stop_predecessor`](Self::stop_predecessor)); the new one is the node's agent from
@@ -376,9 +403,14 @@ impl Node {
                 std::env::var("AMBIT_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .envs(lock(&self.agent_env).iter())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .stdin(Stdio::null());
+        if self.stall_log.load(Ordering::Relaxed) {
+            let (reader, writer) = std::io::pipe().context("a pipe for the agent's log")?;
+            cmd.stdout(writer.try_clone()?).stderr(writer);
+            *lock(&self.stalled_log) = Some(reader);
+        } else {
+            cmd.stdout(log.try_clone()?).stderr(log);
+        }
         place_in(&mut cmd, &self.agent_cgroup, &self.netns_path)?;
         let child = cmd
             .spawn()
@@ -1027,6 +1059,8 @@ impl Cluster {
                     agent_args: Mutex::new(Vec::new()),
                     ca_args: Mutex::new(Vec::new()),
                     kubeconfig: Mutex::new(None),
+                    stall_log: AtomicBool::new(false),
+                    stalled_log: Mutex::new(None),
                 }
             })
             .collect();

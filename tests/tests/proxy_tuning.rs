@@ -4,6 +4,8 @@
 //!   open more connections to the same peer, and every tunnel still carries its bytes exactly.
 //! - `--access-log-sampling`: successful connections may go unlogged, failures and refusals
 //!   never do, and metrics count every connection whatever the sampling.
+//! - The log is written off the proxy's threads: an agent whose stderr nobody reads keeps
+//!   proxying, and counts the lines it drops.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -13,7 +15,7 @@ use ambit_tests::traffic::{
     TIMEOUT, access_logs_to, connect_ok_n, hbone_client_ports, metric_sum, reaches, serve,
     spawn_client, wait_access_log,
 };
-use ambit_tests::{Cluster, ClusterSpec, Node, ensure_or_dump, testpod_bin};
+use ambit_tests::{Cluster, ClusterSpec, Node, ensure_or_dump, testpod_bin, testpod_path};
 use anyhow::Result;
 use serde_json::json;
 
@@ -180,5 +182,74 @@ fn sampled_out_connections_are_counted_and_failures_are_always_logged() -> Resul
         logged.is_empty(),
         "successful connections were logged with --access-log-sampling 0: {logged:?}"
     );
+    Ok(())
+}
+
+/// Connections of the stalled-log test: two access-log lines each (outbound and inbound, same
+/// node), more than the log queue's 16,384 lines and the pipe's 64 KiB together.
+const STALLED_LOG_CONNECTIONS: u32 = 9_000;
+
+#[test]
+fn an_agent_whose_log_nobody_reads_keeps_proxying_and_counts_what_it_drops() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 2,
+    })?;
+    let node = cluster.node(0);
+    // Its stdout and stderr are a pipe nobody reads, as a stalled container log pipe; readiness
+    // is read over HTTP, not from the log.
+    node.stall_agent_log();
+    cluster.start_agents()?;
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let _app = serve(server, &[9000])?;
+    let dst = server.addr4(9000).to_string();
+
+    let mut churn = client.spawn(
+        testpod_path!(),
+        [
+            "churn",
+            "--connect",
+            &dst,
+            "--count",
+            &STALLED_LOG_CONNECTIONS.to_string(),
+            "--max-seconds",
+            "240",
+            "--timeout-ms",
+            "5000",
+        ],
+    )?;
+    let (_, lines) = churn.wait_json(Duration::from_secs(300))?;
+    let summary = lines.last().cloned().unwrap_or_default();
+    let dropped = metric_sum(node, "ambit_log_lines_dropped_total", &[])?;
+    // The log again, for the checks below and for any dump.
+    node.drain_agent_log()?;
+    ensure_or_dump!(
+        cluster,
+        summary["ok"] == STALLED_LOG_CONNECTIONS && summary["failed"] == 0,
+        "with its log stalled, the agent did not carry {STALLED_LOG_CONNECTIONS} connections: \
+         {summary}"
+    );
+    ensure_or_dump!(
+        cluster,
+        dropped > 0.0,
+        "{} access-log lines went into a stalled log, yet ambit_log_lines_dropped_total is \
+         {dropped}",
+        2 * STALLED_LOG_CONNECTIONS
+    );
+    // What was queued before the pipe filled is not lost: the start-up lines arrive once the
+    // pipe is read again.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let log = std::fs::read_to_string(node.agent_log_path()).unwrap_or_default();
+        if log.contains("connection limits") {
+            break;
+        }
+        ensure_or_dump!(
+            cluster,
+            Instant::now() < deadline,
+            "the agent's start-up lines never came out of the drained log pipe"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }
