@@ -18,17 +18,11 @@ use std::{
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "plumbing: depend on nothing of the crate",
-        &[
-            "backoff",
-            "serdes",
-            "timefmt",
-            "telemetry",
-            "netns",
-            "relay",
-        ],
+        &["backoff", "serdes", "timefmt", "telemetry", "netns"],
     ),
     ("shared bounds and identity", &["limits", "identity"]),
-    ("policy model", &["policy"]),
+    // The relay takes its read buffers from the limits' budget.
+    ("policy model and the byte relay", &["policy", "relay"]),
     ("the mesh state and the HBONE protocol", &["state", "hbone"]),
     (
         "what feeds or acts on the state",
