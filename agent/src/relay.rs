@@ -322,9 +322,9 @@ impl OneWay {
 }
 
 /// Copies bytes both ways until both directions have ended, passing half-closes through,
-/// telling `meter` of each chunk moved, reading into buffers granted from `buffers`. An error in either direction ends both (the other side
-/// would otherwise hang), and the counts then say how far each direction got (the sums of what
-/// `meter` was told).
+/// telling `meter` of each chunk moved, reading into buffers granted from `buffers`. An error
+/// in either direction ends both (the other side would otherwise hang), and the counts then say
+/// how far each direction got (the sums of what `meter` was told).
 pub async fn relay<C, U>(
     client: C,
     upstream: U,

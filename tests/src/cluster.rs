@@ -329,11 +329,7 @@ impl Node {
         let Some(mut reader) = lock(&self.stalled_log).take() else {
             return Ok(());
         };
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .with_context(|| format!("open {}", self.log_path.display()))?;
+        let mut log = self.open_agent_log()?;
         std::thread::spawn(move || std::io::copy(&mut reader, &mut log));
         Ok(())
     }
@@ -384,17 +380,21 @@ impl Node {
         Ok((s, false))
     }
 
+    /// The agent's log file, opened for appending.
+    fn open_agent_log(&self) -> Result<fs::File> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("open {}", self.log_path.display()))
+    }
+
     fn spawn_agent(&self) -> Result<AgentProc> {
         ensure!(
             self.ambit.exists(),
             "ambit binary {} not found (build it or set AMBIT_BIN)",
             self.ambit.display()
         );
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .with_context(|| format!("open {}", self.log_path.display()))?;
         let line = self.agent_command_line();
         let mut cmd = Command::new(&line[0]);
         cmd.args(&line[1..])
@@ -409,6 +409,7 @@ impl Node {
             cmd.stdout(writer.try_clone()?).stderr(writer);
             *lock(&self.stalled_log) = Some(reader);
         } else {
+            let log = self.open_agent_log()?;
             cmd.stdout(log.try_clone()?).stderr(log);
         }
         place_in(&mut cmd, &self.agent_cgroup, &self.netns_path)?;

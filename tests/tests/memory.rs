@@ -136,7 +136,7 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
         slots >= f64::from(2 * BURST),
         "{BURST} held connections hold only {slots} connection slots of the agent"
     );
-    let bound = rest + KEPT_KB.max((held - rest) / KEPT_SHARE);
+    let bound = rest + KEPT_KB.max(held.saturating_sub(rest) / KEPT_SHARE);
     let deadline = Instant::now() + GIVE_BACK;
     let mut after = rss_kb(node)?;
     while after > bound && Instant::now() < deadline {

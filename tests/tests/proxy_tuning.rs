@@ -240,8 +240,7 @@ fn an_agent_whose_log_nobody_reads_keeps_proxying_and_counts_what_it_drops() -> 
     // pipe is read again.
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let log = std::fs::read_to_string(node.agent_log_path()).unwrap_or_default();
-        if log.contains("connection limits") {
+        if node.agent_log().contains("connection limits") {
             break;
         }
         ensure_or_dump!(

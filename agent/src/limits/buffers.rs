@@ -25,7 +25,7 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use super::{Exceeded, Limit, Limits, Permit, index};
+use super::{Limit, Limits, Permit, index};
 
 /// Where one connection's read buffers take their memory from: the node's budget, under the
 /// connection's source. Cheap to clone.
@@ -55,13 +55,10 @@ impl BufferShare {
         let Some(limits) = &self.limits else {
             return Ok(BufferGrant { _permit: None });
         };
-        match limits.buffers.try_acquire_many(self.source, size) {
-            Ok(permit) => Ok(BufferGrant {
-                _permit: Some(permit),
-            }),
-            Err(Exceeded::Total(_)) => Err(Limit::Total),
-            Err(Exceeded::PerKey(_)) => Err(Limit::PerSource),
-        }
+        let permit = limits.buffers.try_acquire_many(self.source, size)?;
+        Ok(BufferGrant {
+            _permit: Some(permit),
+        })
     }
 
     /// Counts a read made with a smaller buffer than asked because of `limit`.

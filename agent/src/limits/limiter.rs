@@ -96,13 +96,9 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         })
     }
 
-    /// The cap on the whole.
-    pub fn total(&self) -> usize {
-        self.shared.total
-    }
-
     /// The cap per key.
-    pub fn per_key(&self) -> usize {
+    #[cfg(test)]
+    fn per_key(&self) -> usize {
         self.shared.per_key
     }
 

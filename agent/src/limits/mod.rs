@@ -111,6 +111,16 @@ pub enum Limit {
     HandshakesPerSource,
 }
 
+/// A connection or byte limiter's refusal, as the proxied connections' limits name it.
+impl From<Exceeded> for Limit {
+    fn from(exceeded: Exceeded) -> Self {
+        match exceeded {
+            Exceeded::Total(_) => Limit::Total,
+            Exceeded::PerKey(_) => Limit::PerSource,
+        }
+    }
+}
+
 impl Limit {
     const ALL: [Limit; 4] = [
         Limit::Total,
@@ -459,13 +469,7 @@ impl Limits {
     pub fn admit(&self, path: Path, source: IpAddr) -> Option<ConnectionPermit> {
         self.connections
             .try_acquire(source)
-            .map_err(|exceeded| {
-                let limit = match exceeded {
-                    Exceeded::Total(_) => Limit::Total,
-                    Exceeded::PerKey(_) => Limit::PerSource,
-                };
-                self.refused(path, limit, source, exceeded);
-            })
+            .map_err(|exceeded| self.refused(path, exceeded.into(), source, exceeded))
             .ok()
     }
 
@@ -504,13 +508,7 @@ impl Limits {
     ) -> Option<ConnectionPermit> {
         limiter
             .try_acquire(source)
-            .map_err(|exceeded| {
-                let limit = match exceeded {
-                    Exceeded::Total(_) => Limit::Total,
-                    Exceeded::PerKey(_) => Limit::PerSource,
-                };
-                self.refused(path, limit, source, exceeded);
-            })
+            .map_err(|exceeded| self.refused(path, exceeded.into(), source, exceeded))
             .ok()
     }
 

@@ -80,15 +80,22 @@ impl ScrapeTime for LogMetrics {
 }
 
 /// The registry every part of a process registers its metrics with.
-#[derive(Default)]
 pub struct Metrics {
     registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
     /// A registry holding only the log writer's count of dropped lines (every process logs).
     pub fn new() -> Self {
-        let metrics = Self::default();
+        let metrics = Self {
+            registry: Registry::new(),
+        };
         let log = LogMetrics {
             dropped: IntCounter::new(
                 "ambit_log_lines_dropped_total",

@@ -1907,10 +1907,9 @@ fn cell(
 fn bulk_cell(
     s: &Scenario,
     all: &[Scenario],
-    result: &Result<Bulk, String>,
     get: impl Fn(&Scenario) -> &Result<Bulk, String>,
 ) -> String {
-    if matches!(result, Err(e) if e == NOT_RUN) {
+    if matches!(get(s), Err(e) if e == NOT_RUN) {
         return NOT_RUN.into();
     }
     cell(
@@ -2044,8 +2043,8 @@ fn tables(
             vec![
                 s.placement.name().to_string(),
                 path_label(s),
-                bulk_cell(s, all, &s.bulk1, |s| &s.bulk1),
-                bulk_cell(s, all, &s.bulk_n, |s| &s.bulk_n),
+                bulk_cell(s, all, |s| &s.bulk1),
+                bulk_cell(s, all, |s| &s.bulk_n),
             ]
         })
         .collect();
