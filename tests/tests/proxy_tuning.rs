@@ -186,7 +186,7 @@ fn sampled_out_connections_are_counted_and_failures_are_always_logged() -> Resul
 }
 
 /// Connections of the stalled-log test: two access-log lines each (outbound and inbound, same
-/// node), more than the log queue's 16,384 lines and the pipe's 64 KiB together.
+/// node), more than the log queue's 4,096 lines and the pipe's 64 KiB together.
 const STALLED_LOG_CONNECTIONS: u32 = 9_000;
 
 #[test]

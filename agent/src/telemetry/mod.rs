@@ -4,7 +4,13 @@
 pub mod istio;
 pub mod metrics;
 
-use std::{net::SocketAddr, sync::OnceLock};
+use std::{
+    net::SocketAddr,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{EnvFilter, Registry, fmt, prelude::*, reload};
@@ -32,9 +38,13 @@ pub struct LogSettings {
     pub access_log_sampling: Sampling,
 }
 
-/// Lines queued for the log thread before new ones are dropped (and counted): a few MiB of
-/// lines, seconds of the busiest node's access log.
-const LOG_QUEUE_LINES: usize = 16_384;
+/// Lines queued for the log thread before new ones are dropped (and counted): seconds of the
+/// busiest node's access log.
+const LOG_QUEUE_LINES: usize = 4_096;
+/// Longer lines are dropped (and counted) rather than queued, so the queue holds at most
+/// `LOG_QUEUE_LINES` x this (64 MiB): the queue counts lines, and a line can carry a client's
+/// request path (hyper accepts ~400 KiB of HTTP/1 head). Access-log lines are well under 2 KiB.
+const LOG_LINE_MAX: usize = 16 * 1024;
 /// What the log thread gathers before one write to stderr.
 const LOG_WRITE_BUFFER: usize = 64 * 1024;
 
@@ -46,12 +56,45 @@ pub struct LogGuard {
 
 /// Counts the lines the log thread dropped, once [`init_logging`] has run.
 static LOG_DROPPED: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+/// Lines dropped for being longer than [`LOG_LINE_MAX`].
+static LOG_OVERSIZE: AtomicU64 = AtomicU64::new(0);
 
-/// Log lines dropped because the log thread's queue was full (stderr's reader fell behind).
+/// Log lines dropped: the log thread's queue was full (stderr's reader fell behind), or the
+/// line was longer than [`LOG_LINE_MAX`].
 pub fn log_lines_dropped() -> u64 {
-    LOG_DROPPED
+    let queue_full = LOG_DROPPED
         .get()
-        .map_or(0, |dropped| dropped.dropped_lines() as u64)
+        .map_or(0, |dropped| dropped.dropped_lines() as u64);
+    queue_full + LOG_OVERSIZE.load(Ordering::Relaxed)
+}
+
+/// The log's writer: whole lines (the formatter writes each line in one call) of at most
+/// [`LOG_LINE_MAX`] bytes go on to `W`; longer ones are dropped and counted.
+#[derive(Clone)]
+struct CappedLines<W> {
+    inner: W,
+}
+
+impl<W: std::io::Write> std::io::Write for CappedLines<W> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        if line.len() > LOG_LINE_MAX {
+            LOG_OVERSIZE.fetch_add(1, Ordering::Relaxed);
+            return Ok(line.len());
+        }
+        self.inner.write(line)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<'a, W: std::io::Write + Clone + 'a> fmt::MakeWriter<'a> for CappedLines<W> {
+    type Writer = Self;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }
 
 /// Installs the global tracing subscriber (and the `log` bridge used by aya-log).
@@ -76,6 +119,7 @@ pub fn init_logging(settings: &LogSettings) -> anyhow::Result<LogGuard> {
             std::io::stderr(),
         ));
     let _ = LOG_DROPPED.set(writer.error_counter());
+    let writer = CappedLines { inner: writer };
     let registry = tracing_subscriber::registry().with(filter_layer);
     match settings.format {
         LogFormat::Text => registry.with(fmt::layer().with_writer(writer)).try_init()?,
@@ -358,6 +402,20 @@ impl Sampling {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines up to the cap go through whole; a longer one (a client's huge request path) is
+    /// dropped and counted, so the log queue's memory is bounded by lines x the cap.
+    #[test]
+    fn lines_longer_than_the_cap_are_dropped_and_counted() {
+        use std::io::Write;
+        let mut log = CappedLines { inner: Vec::new() };
+        let before = log_lines_dropped();
+        let line = vec![b'a'; LOG_LINE_MAX];
+        log.write_all(&line).unwrap();
+        log.write_all(&vec![b'b'; LOG_LINE_MAX + 1]).unwrap();
+        assert_eq!(log.inner, line);
+        assert_eq!(log_lines_dropped(), before + 1);
+    }
 
     #[test]
     fn sampling_parses_percentages_and_names_bad_values() {
