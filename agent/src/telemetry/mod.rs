@@ -60,7 +60,7 @@ static LOG_DROPPED: OnceLock<tracing_appender::non_blocking::ErrorCounter> = Onc
 static LOG_OVERSIZE: AtomicU64 = AtomicU64::new(0);
 
 /// Log lines dropped: the log thread's queue was full (stderr's reader fell behind), or the
-/// line was longer than [`LOG_LINE_MAX`].
+/// line was longer than 16 KiB (`LOG_LINE_MAX`).
 pub fn log_lines_dropped() -> u64 {
     let queue_full = LOG_DROPPED
         .get()
