@@ -18,7 +18,9 @@
 //!
 //! For each path, same node and across nodes: h2load at a fixed rate and at saturation (latency
 //! percentiles from h2load's per-request log), iperf3 with 1 and 8 streams, `testpod churn`
-//! (sequential short connections), and the agents' CPU time; at the end the agents' peak memory.
+//! (sequential short connections), the agents' CPU time, and the whole machine's CPU per request
+//! and per GB with the ceiling that cost sets on each path ([`cost`]); at the end the agents' peak
+//! memory.
 //!
 //! Then the waypoint path ([`waypoint`]): client agent -> `ambit waypoint` -> server agent, beside
 //! the L4 mesh and the direct path, with h2load and wrk at 1 and 64 connections, and the
@@ -49,6 +51,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use serde_json::Value;
 
+mod cost;
 mod waypoint;
 
 const HTTP_PORT: u16 = 8080;
@@ -799,12 +802,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     // at field 3, so utime (14) and stime (15) are at 11 and 12.
     let rest: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
     let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .filter(|&hz| hz > 0)
-        .unwrap_or(100);
-    Some(ticks as f64 / hz as f64)
+    Some(ticks as f64 / cost::clock_ticks())
 }
 
 /// CPU seconds of every node's agent (NaN for one that is not running).
@@ -952,6 +950,10 @@ struct Scenario {
     cpu_bulk_n: Vec<f64>,
     cpu_churn: Vec<f64>,
     cpu_total: Vec<f64>,
+    /// The whole machine's CPU time during the saturation run and the bulk runs.
+    machine_saturation: Option<cost::Spent>,
+    machine_bulk1: Option<cost::Spent>,
+    machine_bulk_n: Option<cost::Spent>,
     access: Access,
 }
 
@@ -1369,6 +1371,7 @@ fn run_scenario(
         })
         .flatten();
     let before = agents_cpu(cluster);
+    let machine = cost::MachineCpu::now();
     let saturation = report(
         "saturation",
         run_h2load(
@@ -1381,6 +1384,7 @@ fn run_scenario(
         show_http,
     );
     let cpu_saturation = delta(&agents_cpu(cluster), &before);
+    let machine_saturation = machine.and_then(cost::MachineCpu::since);
     finish_profile(profile);
 
     let gbps = |b: &Bulk| format!("{:.2} Gbit/s", b.gbps);
@@ -1408,15 +1412,19 @@ fn run_scenario(
         }
     };
     let before = agents_cpu(cluster);
+    let machine = cost::MachineCpu::now();
     let bulk1 = iperf3("bulk, 1 stream", &cmds.bulk1);
     let cpu_bulk1 = delta(&agents_cpu(cluster), &before);
+    let machine_bulk1 = machine.and_then(cost::MachineCpu::since);
     finish_profile(profile);
     let before = agents_cpu(cluster);
+    let machine = cost::MachineCpu::now();
     let bulk_n = iperf3(
         &format!("bulk, {} streams", args.bulk_streams),
         &cmds.bulk_n,
     );
     let cpu_bulk_n = delta(&agents_cpu(cluster), &before);
+    let machine_bulk_n = machine.and_then(cost::MachineCpu::since);
     let profile = profiled
         .then(|| {
             start_profile(
@@ -1459,6 +1467,9 @@ fn run_scenario(
         cpu_bulk_n,
         cpu_churn,
         cpu_total,
+        machine_saturation,
+        machine_bulk1,
+        machine_bulk_n,
         access,
     };
     println!(
@@ -1920,6 +1931,147 @@ fn bulk_cell(
     )
 }
 
+/// "What each load cost the machine": the machine's CPU per request and per GB on every path,
+/// the ceiling that cost sets (the direct path's cost over the path's), and the cipher's floor.
+fn machine_cost_section(
+    all: &[Scenario],
+    args: &Args,
+    cipher: &Result<cost::CipherCost, String>,
+) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // CPU seconds per unit of work, and the measured figure the unit's ratio is taken on.
+    type Load = fn(&Scenario) -> Option<(f64, f64)>;
+    let per_request: Load = |s| {
+        let h = s.saturation.as_ref().ok()?;
+        let spent = s.machine_saturation?;
+        (h.succeeded > 0).then(|| (spent.busy / h.succeeded as f64, h.rate))
+    };
+    let per_gb_1: Load = |s| {
+        let b = s.bulk1.as_ref().ok()?;
+        let spent = s.machine_bulk1?;
+        (b.bytes > 0).then(|| (spent.busy / (b.bytes as f64 / 1e9), b.gbps))
+    };
+    let per_gb_n: Load = |s| {
+        let b = s.bulk_n.as_ref().ok()?;
+        let spent = s.machine_bulk_n?;
+        (b.bytes > 0).then(|| (spent.busy / (b.bytes as f64 / 1e9), b.gbps))
+    };
+    let direct = |s: &Scenario, load: Load| {
+        all.iter()
+            .find(|d| d.path == MeshPath::Direct && d.placement == s.placement)
+            .and_then(load)
+    };
+    let cell = |s: &Scenario, load: Load, show: &dyn Fn(f64) -> String| match load(s) {
+        None => "-".to_string(),
+        Some((cost, _)) if s.path == MeshPath::Direct => show(cost),
+        Some((cost, measured)) => match direct(s, load) {
+            Some((base_cost, base_measured)) if cost > 0.0 && base_measured > 0.0 => format!(
+                "{} (ceiling {:.2}x; measured {:.2}x)",
+                show(cost),
+                base_cost / cost,
+                measured / base_measured
+            ),
+            _ => show(cost),
+        },
+    };
+    let busy = |spent: Option<cost::Spent>| {
+        spent
+            .and_then(|s| s.busy_share(cpus))
+            .map_or("-".into(), |b| format!("{:.0}%", b * 100.0))
+    };
+    let rows = all
+        .iter()
+        .map(|s| {
+            vec![
+                s.placement.name().to_string(),
+                path_label(s),
+                cell(s, per_request, &|v| format!("{:.1} µs", v * 1e6)),
+                cell(s, per_gb_1, &|v| format!("{v:.2} s")),
+                cell(s, per_gb_n, &|v| format!("{v:.2} s")),
+                format!(
+                    "{} / {} / {}",
+                    busy(s.machine_saturation),
+                    busy(s.machine_bulk1),
+                    busy(s.machine_bulk_n)
+                ),
+            ]
+        })
+        .collect();
+    let mut md = String::new();
+    let _ = writeln!(md, "### What each load cost the machine\n");
+    md.push_str(&table(
+        &[
+            "placement",
+            "path",
+            "saturation: CPU per request",
+            "bulk, 1 connection: CPU per GB",
+            &format!("bulk, {} connections: CPU per GB", args.bulk_streams),
+            "CPUs busy: saturation / bulk 1 / bulk n",
+        ],
+        rows,
+    ));
+    let steal: f64 = all
+        .iter()
+        .flat_map(|s| [s.machine_saturation, s.machine_bulk1, s.machine_bulk_n])
+        .flatten()
+        .map(|s| s.steal)
+        .sum();
+    let _ = writeln!(
+        md,
+        "\nThe whole machine's CPU time over each run (user, nice, system, irq and softirq of \
+         `/proc/stat`'s `cpu` line: the load generator, the server, the agents, the kernel's \
+         TCP work on their behalf, and whatever else ran), divided by the requests answered or \
+         the gigabytes iperf3's receiver got; the last column is that time over the run's wall \
+         time and the machine's {cpus} CPUs. The hypervisor stole {steal:.2} CPU seconds over \
+         these runs. On this bed every process of a path shares the same CPUs, and the direct \
+         path keeps them busy: a path that costs the machine k times the direct path's CPU per \
+         request or per byte can go at most 1/k as fast, the **ceiling** beside each figure \
+         (the direct path's cost over the path's), with the ratio the throughput tables \
+         measured after it. A path measured close to its ceiling is bound by the work it does, \
+         not by waiting, and only less work per byte or per request moves it.{}\n",
+        if args.perf.is_some() {
+            " With `--perf`, the mesh path's saturation and one-connection runs include the \
+             profiler's own CPU."
+        } else {
+            ""
+        }
+    );
+    match cipher {
+        Ok(c) => {
+            let floor = c.seconds_per_gb();
+            let mut line = format!(
+                "The cipher alone: AES-256-GCM (the suite two agents negotiate; ring, rustls's \
+                 provider here) over {} KiB records on one CPU of this machine, measured while \
+                 the bed was idle: sealing {:.2} GB/s, opening {:.2} GB/s, so {floor:.2} CPU \
+                 seconds per GB that one agent seals and the other opens.",
+                16,
+                c.seal / 1e9,
+                c.open / 1e9
+            );
+            let across = all
+                .iter()
+                .find(|d| d.path == MeshPath::Direct && d.placement == Placement::AcrossNodes);
+            if let Some((d1, dn)) = across.and_then(|d| Some((per_gb_1(d)?.0, per_gb_n(d)?.0))) {
+                let _ = write!(
+                    line,
+                    " Added to the direct path's cost across nodes and nothing more (no copy, \
+                     system call or TCP leg of the agents'), HBONE bulk could reach at most \
+                     {:.2}x direct with 1 connection and {:.2}x with {} on this machine: the \
+                     floor under every HBONE row above.",
+                    d1 / (d1 + floor),
+                    dn / (dn + floor),
+                    args.bulk_streams
+                );
+            }
+            let _ = writeln!(md, "{line}\n");
+        }
+        Err(e) => {
+            let _ = writeln!(md, "The cipher's own cost could not be measured: {e}\n");
+        }
+    }
+    md
+}
+
 fn path_label(s: &Scenario) -> String {
     let build = s
         .build
@@ -1986,6 +2138,7 @@ fn tables(
     all: &[Scenario],
     args: &Args,
     idle: &[f64],
+    cipher: &Result<cost::CipherCost, String>,
     memory: &[Memory],
     servers: &[(&str, String)],
 ) -> String {
@@ -2162,6 +2315,8 @@ fn tables(
         per_agent(idle),
         args.idle_seconds
     );
+
+    md.push_str(&machine_cost_section(all, args, cipher));
 
     let _ = writeln!(md, "### Agent peak memory\n");
     let kb = |v: Option<u64>| v.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
@@ -2505,6 +2660,18 @@ fn throughput(
         args.idle_seconds,
         per_agent(&idle)
     );
+    // The cipher's speed on one CPU, while the bed is idle.
+    let cipher = report(
+        "AES-256-GCM on one CPU",
+        cost::measure_cipher(Duration::from_secs(2)),
+        |c| {
+            format!(
+                "seal {:.2} GB/s, open {:.2} GB/s",
+                c.seal / 1e9,
+                c.open / 1e9
+            )
+        },
+    );
 
     // Placement by placement, so that each path runs close in time to the direct path it is
     // compared with (the machine's background load drifts).
@@ -2581,7 +2748,7 @@ fn throughput(
             }
         })
         .collect();
-    let body = tables(&all, args, &idle, &memory, server_ips);
+    let body = tables(&all, args, &idle, &cipher, &memory, server_ips);
 
     let mut errors = Vec::new();
     for s in &all {
