@@ -15,6 +15,7 @@
 //! `testing`, compiled only for tests: this crate's (`cfg(test)`) and other crates' through the
 //! `testing` feature, which only dev-dependencies enable (docs/testing.md).
 pub mod admin;
+pub mod allocator;
 pub mod app;
 pub mod backoff;
 pub mod ca;

@@ -18,7 +18,14 @@ use std::{
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "plumbing: depend on nothing of the crate",
-        &["backoff", "serdes", "timefmt", "telemetry", "netns"],
+        &[
+            "backoff",
+            "serdes",
+            "timefmt",
+            "telemetry",
+            "netns",
+            "allocator",
+        ],
     ),
     ("shared bounds and identity", &["limits", "identity"]),
     // The relay takes its read buffers from the limits' budget.

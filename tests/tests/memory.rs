@@ -33,10 +33,20 @@ const GIVE_BACK: Duration = Duration::from_secs(60);
 const KEPT_KB: u64 = 16 * 1024;
 /// ...or this share of what the burst cost, if more: at least 80% of it must come back.
 const KEPT_SHARE: u64 = 5;
+/// The most anonymous memory (heap, stacks) a freshly ready agent may hold, in kB: about 7-10
+/// MiB. Loading the eBPF object parses the kernel's BTF, some 20 MB of heap for a moment;
+/// left to jemalloc's decay, the agent held over 30 MiB for its first ten seconds or more.
+const FRESH_ANON_KB: u64 = 20 * 1024;
 
 fn rss_kb(node: &Node) -> Result<u64> {
     let pid = node.agent_pid().context("the agent is not running")?;
     util::proc_status_kb(pid, "VmRSS").context("no VmRSS for the agent")
+}
+
+/// The agent's anonymous resident memory (heap, stacks), without its executable's pages.
+fn anon_kb(node: &Node) -> Result<u64> {
+    let pid = node.agent_pid().context("the agent is not running")?;
+    util::proc_status_kb(pid, "RssAnon").context("no RssAnon for the agent")
 }
 
 /// Runs `testpod churn` from `from` to `dst` and returns its summary line.
@@ -69,6 +79,14 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
         node.set_agent_env("AMBIT_SAME_NODE_FAST_PATH", "false");
     }
     cluster.start_agents()?;
+    let fresh = anon_kb(cluster.node(0))?;
+    eprintln!("agent anonymous memory once ready: {fresh} kB");
+    ensure_or_dump!(
+        cluster,
+        fresh <= FRESH_ANON_KB,
+        "the agent holds {fresh} kB of anonymous memory once ready (at most {FRESH_ANON_KB} \
+         kB): what loading the eBPF object freed was not given back"
+    );
     let (client, server_pod) = (cluster.pod(0, 0), cluster.pod(0, 1));
     let _server = serve(server_pod, &[9000])?;
     let dst = server_pod.addr4(9000).to_string();
