@@ -327,6 +327,7 @@ pub async fn run(args: WaypointArgs, pool: crate::hbone::PoolArgs) -> anyhow::Re
         stream_idle_timeout: args.stream_idle_timeout,
         tracing,
         draining: watch::Sender::new(false),
+        limits: limits.clone(),
     });
     let workload = waypoint.workload.clone();
     tokio::spawn(

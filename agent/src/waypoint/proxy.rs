@@ -49,6 +49,7 @@ use crate::{
         PoolKey, StreamReport, TunnelRequest, tls,
     },
     identity::{CertificateManager, SpiffeId},
+    limits::Limits,
     policy::Admission,
     state::{
         MeshState, Service, Workload,
@@ -103,6 +104,11 @@ pub struct Waypoint {
 
     /// Spans of requests and tries, when tracing is on ([`super::trace`]).
     pub tracing: super::trace::Tracing,
+
+    /// The waypoint's budgets: its HBONE server's connection slots, and the relay-buffer bytes
+    /// each client address may hold, in its tunnels and in the relays of its upgraded
+    /// (WebSocket) and opaque connections alike.
+    pub limits: Arc<Limits>,
 
     /// Set when the waypoint drains (SIGTERM): each HTTP connection in a tunnel finishes the
     /// request it is serving and closes (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY), so its
@@ -272,6 +278,7 @@ impl InboundHandler for WaypointInbound {
                     source: d.source,
                     peer: &d.peer,
                     dialled: d.destination,
+                    buffers: waypoint.limits.buffer_share(d.source.ip()),
                 };
                 let tunnel_state = state.clone();
                 let open = move |endpoint: Arc<Workload>, target, host| async move {
@@ -536,7 +543,8 @@ impl Downstream {
         }
         // A WebSocket upgrade is taken before its hop-by-hop headers go; it is tried once and
         // not mirrored (its connection cannot be replayed).
-        let mut upgrade = Upgrade::take(&mut request);
+        let buffers = self.waypoint.limits.buffer_share(self.source.ip());
+        let mut upgrade = Upgrade::take(&mut request, buffers);
         let (mut parts, body) = request.into_parts();
         if let Some(span) = &outcome.span {
             // What is not a try (a mirror) names the request's span.

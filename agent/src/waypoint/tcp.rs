@@ -37,6 +37,8 @@ pub(super) struct Opaque<'a> {
     pub peer: &'a SpiffeId,
     /// The VIP and port dialled.
     pub dialled: SocketAddr,
+    /// The client's share of the relay-buffer budget.
+    pub buffers: BufferShare,
 }
 
 /// Authorizes the opaque connection `io` and forwards it to an endpoint of the service
@@ -58,6 +60,7 @@ pub(super) async fn forward<S, F, T>(
         source,
         peer,
         dialled,
+        buffers,
     } = conn;
     let started = Instant::now();
     let mut upstream = None;
@@ -128,7 +131,7 @@ pub(super) async fn forward<S, F, T>(
         upstream = Some(target);
         endpoint_name = Some(endpoint.uid());
         let stream = open(endpoint.clone(), target, service.hostname()).await?;
-        let (moved, ended) = relay(io, stream, &(), &BufferShare::unlimited()).await;
+        let (moved, ended) = relay(io, stream, &(), &buffers).await;
         ended.map_err(|e| format!("relay: {e}"))?;
         Ok((moved.sent, moved.received))
     }

@@ -27,12 +27,15 @@ const PASSED: [&str; 1] = ["websocket"];
 pub struct Upgrade {
     protocol: HeaderValue,
     downstream: OnUpgrade,
+    /// The client's share of the relay-buffer budget, for the spliced connection.
+    buffers: BufferShare,
 }
 
 impl Upgrade {
     /// The upgrade `request` asks for, when it is an HTTP/1.1 request with `Connection:
-    /// upgrade` and an `Upgrade` the waypoint passes.
-    pub fn take<B>(request: &mut Request<B>) -> Option<Self> {
+    /// upgrade` and an `Upgrade` the waypoint passes; once upgraded, its relay reads into
+    /// buffers of `buffers`, the client's share.
+    pub fn take<B>(request: &mut Request<B>, buffers: BufferShare) -> Option<Self> {
         if request.version() != Version::HTTP_11 {
             return None;
         }
@@ -53,6 +56,7 @@ impl Upgrade {
         Some(Self {
             protocol,
             downstream: hyper::upgrade::on(request),
+            buffers,
         })
     }
 
@@ -75,7 +79,7 @@ impl Upgrade {
             .cloned()
             .unwrap_or(self.protocol);
         let upstream = hyper::upgrade::on(response);
-        let downstream = self.downstream;
+        let (downstream, buffers) = (self.downstream, self.buffers);
         tokio::spawn(async move {
             let (down, up) = match tokio::try_join!(downstream, upstream) {
                 Ok(both) => both,
@@ -84,13 +88,7 @@ impl Upgrade {
                     return;
                 }
             };
-            let (moved, result) = relay(
-                TokioIo::new(down),
-                TokioIo::new(up),
-                &(),
-                &BufferShare::unlimited(),
-            )
-            .await;
+            let (moved, result) = relay(TokioIo::new(down), TokioIo::new(up), &(), &buffers).await;
             debug!(
                 sent = moved.sent,
                 received = moved.received,
@@ -124,19 +122,18 @@ mod tests {
             .unwrap()
     }
 
+    /// Whether a request with these headers is taken as an upgrade.
+    fn taken(version: Version, connection: &str, upgrade: &str) -> bool {
+        let mut request = request(version, connection, upgrade);
+        Upgrade::take(&mut request, BufferShare::unlimited()).is_some()
+    }
+
     #[test]
     fn only_websocket_upgrades_of_http11_are_taken() {
-        assert!(Upgrade::take(&mut request(Version::HTTP_11, "Upgrade", "websocket")).is_some());
-        assert!(
-            Upgrade::take(&mut request(
-                Version::HTTP_11,
-                "keep-alive, upgrade",
-                "WebSocket"
-            ))
-            .is_some()
-        );
-        assert!(Upgrade::take(&mut request(Version::HTTP_11, "upgrade", "h2c")).is_none());
-        assert!(Upgrade::take(&mut request(Version::HTTP_11, "keep-alive", "websocket")).is_none());
-        assert!(Upgrade::take(&mut request(Version::HTTP_10, "upgrade", "websocket")).is_none());
+        assert!(taken(Version::HTTP_11, "Upgrade", "websocket"));
+        assert!(taken(Version::HTTP_11, "keep-alive, upgrade", "WebSocket"));
+        assert!(!taken(Version::HTTP_11, "upgrade", "h2c"));
+        assert!(!taken(Version::HTTP_11, "keep-alive", "websocket"));
+        assert!(!taken(Version::HTTP_10, "upgrade", "websocket"));
     }
 }
