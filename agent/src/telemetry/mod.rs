@@ -17,6 +17,20 @@ use tracing_subscriber::{EnvFilter, Registry, fmt, prelude::*, reload};
 
 pub use self::metrics::Metrics;
 
+/// The longest prefix of `value` of at most `max` bytes that ends on a character boundary: how
+/// a value from a client (a request path, a header) is cut to fit a log line, a span tag or an
+/// Event's note.
+pub fn clip(value: &str, max: usize) -> &str {
+    if value.len() <= max {
+        return value;
+    }
+    let mut end = max;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
+
 /// Output format of log and access-log lines.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -44,7 +58,7 @@ const LOG_QUEUE_LINES: usize = 4_096;
 /// Longer lines are dropped (and counted) rather than queued, so the queue holds at most
 /// `LOG_QUEUE_LINES` x this (64 MiB): the queue counts lines, and a line can carry a client's
 /// request path (hyper accepts ~400 KiB of HTTP/1 head). Access-log lines are well under 2 KiB.
-const LOG_LINE_MAX: usize = 16 * 1024;
+pub(crate) const LOG_LINE_MAX: usize = 16 * 1024;
 /// What the log thread gathers before one write to stderr.
 const LOG_WRITE_BUFFER: usize = 64 * 1024;
 
@@ -415,6 +429,16 @@ mod tests {
         log.write_all(&vec![b'b'; LOG_LINE_MAX + 1]).unwrap();
         assert_eq!(log.inner, line);
         assert_eq!(log_lines_dropped(), before + 1);
+    }
+
+    #[test]
+    fn clip_cuts_on_a_character_boundary() {
+        assert_eq!(clip("short", 16), "short");
+        assert_eq!(clip("abcdef", 3), "abc");
+        // "é" is two bytes: a cut inside it moves before it.
+        assert_eq!(clip("aé", 2), "a");
+        assert_eq!(clip("aé", 3), "aé");
+        assert_eq!(clip("é", 0), "");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tracing::info;
 
 use super::metrics::{RequestFlags, RequestLabels, RequestMeasures, WaypointMetrics};
-use crate::identity::SpiffeId;
+use crate::{identity::SpiffeId, telemetry::clip};
 
 /// The `grpc-status` of `headers` (trailers, or the headers of a trailers-only response).
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
@@ -80,6 +80,15 @@ where
         self.inner.size_hint()
     }
 }
+
+/// The most of a request's path, method and error an access-log line carries, in bytes (cut on a
+/// character boundary; `path_bytes` then gives the path's whole length). A client's path can be
+/// hundreds of KiB (hyper accepts ~400 KiB of HTTP/1 head), and the log drops whole lines over
+/// 16 KiB rather than queue them: cut, the line and its evidence stay. Envoy's default header
+/// limit (60 KiB) puts no tighter bound on its own access log's path.
+const LOGGED_PATH_MAX: usize = 4 * 1024;
+const LOGGED_METHOD_MAX: usize = 64;
+const LOGGED_ERROR_MAX: usize = 1024;
 
 /// Everything the metric and the access-log line of one request need, gathered while it was
 /// routed and sent; completed by how its response stream ended.
@@ -153,8 +162,9 @@ impl RequestRecord {
             src_workload = self.source_workload.as_deref(),
             src_principal = %self.source_principal,
             dst = %self.destination,
-            method = %self.method,
-            path = %self.path,
+            method = clip(self.method.as_str(), LOGGED_METHOD_MAX),
+            path = clip(&self.path, LOGGED_PATH_MAX),
+            path_bytes = (self.path.len() > LOGGED_PATH_MAX).then_some(self.path.len()),
             protocol = ?self.version,
             route = self.route.as_deref(),
             dst_service = label("destination_service"),
@@ -168,7 +178,7 @@ impl RequestRecord {
             bytes_sent = measures.response_bytes,
             attempts = self.attempts,
             duration_ms = measures.duration.as_millis() as u64,
-            error = self.error.as_deref(),
+            error = self.error.as_deref().map(|e| clip(e, LOGGED_ERROR_MAX)),
             "request"
         );
     }
@@ -355,5 +365,59 @@ mod tests {
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].0["response_flags"], "DC");
         assert_eq!(requests[0].0["grpc_response_status"], "0");
+    }
+
+    /// The access-log line of a request whose path, method and error are huge: it fits the
+    /// log's line cap (the log drops longer lines whole), with each cut to its most and the
+    /// path's whole length beside it.
+    #[test]
+    fn a_huge_path_is_cut_so_its_access_line_is_kept() {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        let registry = Metrics::new();
+        let metrics = Arc::new(WaypointMetrics::new(&registry).unwrap());
+        let mut huge = record(&metrics, &Arc::new(AtomicU64::new(0)));
+        // 300 KiB of path in two-byte characters, so a cut can fall inside one.
+        huge.path = format!("/{}", "é".repeat(150 * 1024));
+        huge.method = Method::from_bytes(&[b'X'; 1000]).unwrap();
+        huge.error = Some("e".repeat(100 * 1024));
+        let whole = huge.path.len();
+        tracing::subscriber::with_default(subscriber, || {
+            huge.finish(Ending {
+                response_bytes: 0,
+                grpc_status: None,
+                flags: None,
+            })
+        });
+
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let line = text.lines().next().expect("an access line");
+        assert!(
+            line.len() <= crate::telemetry::LOG_LINE_MAX,
+            "{} bytes: over the log's line cap",
+            line.len()
+        );
+        let fields = &serde_json::from_str::<serde_json::Value>(line).unwrap()["fields"];
+        let path = fields["path"].as_str().unwrap();
+        assert!(path.len() <= LOGGED_PATH_MAX && path.len() > LOGGED_PATH_MAX - 2);
+        assert!(path.starts_with("/éé"));
+        assert_eq!(fields["path_bytes"], whole);
+        assert_eq!(fields["method"].as_str().unwrap().len(), LOGGED_METHOD_MAX);
+        assert_eq!(fields["error"].as_str().unwrap().len(), LOGGED_ERROR_MAX);
     }
 }

@@ -443,14 +443,7 @@ impl ShouldSample for IstioSampler {
 
 /// Cuts `value` to [`MAX_TAG_LENGTH`] bytes, on a character boundary.
 fn truncate(value: &str) -> &str {
-    if value.len() <= MAX_TAG_LENGTH {
-        return value;
-    }
-    let mut end = MAX_TAG_LENGTH;
-    while !value.is_char_boundary(end) {
-        end -= 1;
-    }
-    &value[..end]
+    crate::telemetry::clip(value, MAX_TAG_LENGTH)
 }
 
 /// Replaces the trace headers of `headers` by the context `cx` names (its span, child of

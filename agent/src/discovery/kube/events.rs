@@ -36,10 +36,7 @@ pub fn event(report: EventReport<'_>) -> Event {
     let now = Timestamp::now();
     let mut note = report.note;
     if note.len() > NOTE_MAX {
-        let mut end = NOTE_MAX - 3;
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = crate::telemetry::clip(&note, NOTE_MAX - 3).len();
         note.truncate(end);
         note.push_str("...");
     }
