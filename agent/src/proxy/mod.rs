@@ -169,9 +169,9 @@ pub async fn connect_from(
 ) -> io::Result<TcpStream> {
     let socket = netns.run(|| -> io::Result<socket2::Socket> {
         let domain = socket2::Domain::for_address(dst);
-        let socket =
-            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-        socket.set_nonblocking(true)?;
+        // Non-blocking from socket(2) on (SOCK_NONBLOCK): no fcntl pair per connection.
+        let stream = socket2::Type::STREAM.nonblocking();
+        let socket = socket2::Socket::new(domain, stream, Some(socket2::Protocol::TCP))?;
         socket.set_tcp_nodelay(true)?;
         if let Some(bind) = bind {
             socket.bind(&bind.into())?;
@@ -223,10 +223,9 @@ pub async fn connect_to_application(
             tries += 1;
             let socket = socket2::Socket::new(
                 socket2::Domain::for_address(dst),
-                socket2::Type::STREAM,
+                socket2::Type::STREAM.nonblocking(),
                 Some(socket2::Protocol::TCP),
             )?;
-            socket.set_nonblocking(true)?;
             socket.set_tcp_nodelay(true)?;
             if dst.is_ipv4() {
                 socket.set_ip_transparent_v4(true)?;
