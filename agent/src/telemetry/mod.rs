@@ -85,8 +85,35 @@ pub fn log_lines_dropped() -> u64 {
 /// The log's writer: whole lines (the formatter writes each line in one call) of at most
 /// [`LOG_LINE_MAX`] bytes go on to `W`; longer ones are dropped and counted.
 #[derive(Clone)]
-struct CappedLines<W> {
+pub(crate) struct CappedLines<W> {
     inner: W,
+}
+
+impl<W> CappedLines<W> {
+    /// Lines for `inner`, capped.
+    pub(crate) fn new(inner: W) -> Self {
+        Self { inner }
+    }
+}
+
+/// The layer that formats lines as `format` says and writes them to `writer`: the global
+/// subscriber's ([`init_logging`]), and tests' that must see lines exactly as it writes them.
+pub(crate) fn format_layer<S, W>(
+    format: LogFormat,
+    writer: W,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Text => fmt::layer().with_writer(writer).boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(writer)
+            .boxed(),
+    }
 }
 
 impl<W: std::io::Write> std::io::Write for CappedLines<W> {
@@ -133,14 +160,10 @@ pub fn init_logging(settings: &LogSettings) -> anyhow::Result<LogGuard> {
             std::io::stderr(),
         ));
     let _ = LOG_DROPPED.set(writer.error_counter());
-    let writer = CappedLines { inner: writer };
-    let registry = tracing_subscriber::registry().with(filter_layer);
-    match settings.format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(writer)).try_init()?,
-        LogFormat::Json => registry
-            .with(fmt::layer().json().flatten_event(true).with_writer(writer))
-            .try_init()?,
-    }
+    tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(format_layer(settings.format, CappedLines::new(writer)))
+        .try_init()?;
     let _ = ACCESS_LOG_SAMPLING.set(settings.access_log_sampling);
     // Only the global subscriber's filter also governs the `log` crate's records.
     let _ = LOG_CONTROL.set(LogControl {
@@ -422,7 +445,7 @@ mod tests {
     #[test]
     fn lines_longer_than_the_cap_are_dropped_and_counted() {
         use std::io::Write;
-        let mut log = CappedLines { inner: Vec::new() };
+        let mut log = CappedLines::new(Vec::new());
         let before = log_lines_dropped();
         let line = vec![b'a'; LOG_LINE_MAX];
         log.write_all(&line).unwrap();

@@ -12,11 +12,12 @@ use std::{net::SocketAddr, sync::Arc};
 use http::{Request, StatusCode};
 use tracing::info;
 
-use super::{jwt::Jwks, metrics::RequestFlags};
+use super::{jwt::Jwks, metrics::RequestFlags, observe};
 use crate::{
     identity::SpiffeId,
     policy::l7::{Attachment, RequestInfo},
     state::{MeshState, Service},
+    telemetry::clip,
 };
 
 /// The body of a 403 from authorization (Envoy's).
@@ -86,15 +87,19 @@ pub fn authorize<B>(
     };
     let decision = policies.authorize(&at, &info);
     if let Some((would_allow, reason)) = &decision.dry_run {
+        // Cut as the request's own access line is (the client's values could make the line
+        // longer than the log keeps).
+        let (path, path_bytes) = observe::logged_path(info.path);
         info!(
             target: "access",
             reporter = "waypoint",
             src_principal = %peer.identity,
             dst = %peer.dialled,
-            method = info.method,
-            path = info.path,
+            method = clip(info.method, observe::LOGGED_METHOD_MAX),
+            path,
+            path_bytes,
             dry_run_allowed = would_allow,
-            dry_run_reason = %reason,
+            dry_run_reason = clip(&reason.to_string(), observe::LOGGED_TEXT_MAX),
             "dry-run authorization policy"
         );
     }
@@ -132,7 +137,7 @@ pub fn authorize_opaque(state: &MeshState, peer: &Peer<'_>) -> Result<(), String
             dst = %peer.dialled,
             protocol = "tcp",
             dry_run_allowed = would_allow,
-            dry_run_reason = %reason,
+            dry_run_reason = clip(&reason.to_string(), observe::LOGGED_TEXT_MAX),
             "dry-run authorization policy"
         );
     }

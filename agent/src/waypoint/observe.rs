@@ -81,14 +81,24 @@ where
     }
 }
 
-/// The most of a request's path, method and error an access-log line carries, in bytes (cut on a
-/// character boundary; `path_bytes` then gives the path's whole length). A client's path can be
-/// hundreds of KiB (hyper accepts ~400 KiB of HTTP/1 head), and the log drops whole lines over
-/// 16 KiB rather than queue them: cut, the line and its evidence stay. Envoy's default header
-/// limit (60 KiB) puts no tighter bound on its own access log's path.
-const LOGGED_PATH_MAX: usize = 4 * 1024;
-const LOGGED_METHOD_MAX: usize = 64;
-const LOGGED_ERROR_MAX: usize = 1024;
+/// The most of a request's path an access-log line carries, in bytes, cut on a character
+/// boundary (`path_bytes` then gives the whole length). A client's path can be up to 64 KiB
+/// (`http::Uri`'s limit), and the log drops whole lines over 16 KiB rather than queue them: cut,
+/// the line and its evidence stay. The cut is of the raw value, and the text format writes
+/// values escaped (`{:?}`): a two-byte combining mark becomes `\u{300}`, so a value can render
+/// at up to four times its bytes; 2 KiB of path stays under 8 KiB however it renders.
+pub(super) const LOGGED_PATH_MAX: usize = 2 * 1024;
+/// The most of a method (a token: ASCII, rendered as is).
+pub(super) const LOGGED_METHOD_MAX: usize = 64;
+/// The most of an error or a policy's reason, which can quote a client's values (a token's
+/// issuer): at most 2 KiB rendered.
+pub(super) const LOGGED_TEXT_MAX: usize = 512;
+
+/// `path` as an access-log line carries it, and its whole length when that was cut.
+pub(super) fn logged_path(path: &str) -> (&str, Option<usize>) {
+    let cut = clip(path, LOGGED_PATH_MAX);
+    (cut, (cut.len() < path.len()).then_some(path.len()))
+}
 
 /// Everything the metric and the access-log line of one request need, gathered while it was
 /// routed and sent; completed by how its response stream ended.
@@ -155,6 +165,7 @@ impl RequestRecord {
             span.finish(&labels, &measures);
         }
         let label = |name| labels.get(name).unwrap_or_default();
+        let (path, path_bytes) = logged_path(&self.path);
         info!(
             target: "access",
             reporter = "waypoint",
@@ -163,8 +174,8 @@ impl RequestRecord {
             src_principal = %self.source_principal,
             dst = %self.destination,
             method = clip(self.method.as_str(), LOGGED_METHOD_MAX),
-            path = clip(&self.path, LOGGED_PATH_MAX),
-            path_bytes = (self.path.len() > LOGGED_PATH_MAX).then_some(self.path.len()),
+            path,
+            path_bytes,
             protocol = ?self.version,
             route = self.route.as_deref(),
             dst_service = label("destination_service"),
@@ -178,7 +189,7 @@ impl RequestRecord {
             bytes_sent = measures.response_bytes,
             attempts = self.attempts,
             duration_ms = measures.duration.as_millis() as u64,
-            error = self.error.as_deref().map(|e| clip(e, LOGGED_ERROR_MAX)),
+            error = self.error.as_deref().map(|e| clip(e, LOGGED_TEXT_MAX)),
             "request"
         );
     }
@@ -367,11 +378,16 @@ mod tests {
         assert_eq!(requests[0].0["grpc_response_status"], "0");
     }
 
-    /// The access-log line of a request whose path, method and error are huge: it fits the
-    /// log's line cap (the log drops longer lines whole), with each cut to its most and the
-    /// path's whole length beside it.
+    /// The access-log line of a request whose path, method and error are as long and as
+    /// expensive to render as a client can make them (combining marks, which the text format
+    /// escapes at 3.5 times their bytes; quotes): written by the log's own layers and line cap,
+    /// in both formats, it is kept, with each value cut to its most and the path's whole
+    /// length beside it.
     #[test]
     fn a_huge_path_is_cut_so_its_access_line_is_kept() {
+        use crate::telemetry::{CappedLines, LOG_LINE_MAX, LogFormat, format_layer};
+        use tracing_subscriber::prelude::*;
+
         #[derive(Clone, Default)]
         struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
         impl std::io::Write for Lines {
@@ -383,41 +399,53 @@ mod tests {
                 Ok(())
             }
         }
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || writer.clone())
-            .finish();
         let registry = Metrics::new();
         let metrics = Arc::new(WaypointMetrics::new(&registry).unwrap());
-        let mut huge = record(&metrics, &Arc::new(AtomicU64::new(0)));
-        // 300 KiB of path in two-byte characters, so a cut can fall inside one.
-        huge.path = format!("/{}", "é".repeat(150 * 1024));
-        huge.method = Method::from_bytes(&[b'X'; 1000]).unwrap();
-        huge.error = Some("e".repeat(100 * 1024));
-        let whole = huge.path.len();
-        tracing::subscriber::with_default(subscriber, || {
-            huge.finish(Ending {
-                response_bytes: 0,
-                grpc_status: None,
-                flags: None,
-            })
-        });
+        // The longest path http::Uri takes (64 KiB), in two-byte combining marks (U+0300,
+        // `\u{300}` when escaped) so a cut can also fall inside one.
+        let path = format!("/{}", "\u{300}".repeat(32 * 1024 - 1));
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let lines = Lines::default();
+            let subscriber = tracing_subscriber::registry()
+                .with(format_layer(format, CappedLines::new(lines.clone())));
+            let mut huge = record(&metrics, &Arc::new(AtomicU64::new(0)));
+            huge.path = path.clone();
+            huge.method = Method::from_bytes(&[b'X'; 1000]).unwrap();
+            huge.error = Some(format!("\"{}", "\u{300}\"".repeat(20 * 1024)));
+            tracing::subscriber::with_default(subscriber, || {
+                // Another test may have met this callsite with no subscriber at the same
+                // moment: recompute who is interested now that this one is set.
+                tracing::callsite::rebuild_interest_cache();
+                huge.finish(Ending {
+                    response_bytes: 0,
+                    grpc_status: None,
+                    flags: None,
+                })
+            });
 
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        let line = text.lines().next().expect("an access line");
-        assert!(
-            line.len() <= crate::telemetry::LOG_LINE_MAX,
-            "{} bytes: over the log's line cap",
-            line.len()
-        );
-        let fields = &serde_json::from_str::<serde_json::Value>(line).unwrap()["fields"];
-        let path = fields["path"].as_str().unwrap();
-        assert!(path.len() <= LOGGED_PATH_MAX && path.len() > LOGGED_PATH_MAX - 2);
-        assert!(path.starts_with("/éé"));
-        assert_eq!(fields["path_bytes"], whole);
-        assert_eq!(fields["method"].as_str().unwrap().len(), LOGGED_METHOD_MAX);
-        assert_eq!(fields["error"].as_str().unwrap().len(), LOGGED_ERROR_MAX);
+            let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+            let line = text
+                .lines()
+                .next()
+                .unwrap_or_else(|| panic!("{format:?}: the access line was dropped"));
+            assert!(
+                line.len() <= LOG_LINE_MAX,
+                "{format:?}: {} bytes",
+                line.len()
+            );
+            // The text format colours a field's name and its `=` apart.
+            assert!(
+                line.contains("path_bytes") && line.contains(&path.len().to_string()),
+                "{format:?}: no path_bytes in {line}"
+            );
+            if format == LogFormat::Json {
+                let fields = serde_json::from_str::<serde_json::Value>(line).unwrap();
+                let logged = fields["path"].as_str().unwrap();
+                assert!(logged.len() <= LOGGED_PATH_MAX && logged.len() > LOGGED_PATH_MAX - 2);
+                assert!(path.starts_with(logged));
+                assert_eq!(fields["method"].as_str().unwrap().len(), LOGGED_METHOD_MAX);
+                assert!(fields["error"].as_str().unwrap().len() <= LOGGED_TEXT_MAX);
+            }
+        }
     }
 }
