@@ -94,6 +94,24 @@ pub fn access_log(process: &PodProcess) -> Vec<Value> {
         .collect()
 }
 
+/// The waypoint's access log once `enough` holds of it, or as it stands after `timeout`: the
+/// waypoint writes its log from a thread of its own, a moment after a response has left, so a
+/// test that reads it right after its request may not see the request's line yet.
+pub fn access_log_when(
+    process: &PodProcess,
+    timeout: Duration,
+    enough: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = access_log(process);
+        if enough(&log) || Instant::now() >= deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The Istio examples of the document Ambit was created from, verbatim (Istio apiVersions
 /// included): what users bring.
 pub const SEED_EXAMPLES: &str = include_str!("../fixtures/istio-seed-examples.yaml");

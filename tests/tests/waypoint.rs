@@ -25,6 +25,8 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
+/// How long a test waits for a waypoint's access-log line to be written (by its log thread).
+const LOG_WAIT: Duration = Duration::from_secs(5);
 /// Requests of the weighted split, and its bound: v2's count among N requests at 10% is
 /// binomial with mean 200 and sigma sqrt(2000 * 0.1 * 0.9) = 13.4; 5 sigma is 67, so a correct
 /// split falls outside [133, 267] about once in 1.7 million runs, and a split that ignored the
@@ -345,10 +347,12 @@ fn waypoint_replicas_share_clients_and_a_stopped_one_drains_without_failing_a_re
             cluster.with_diagnostics(waypoint::curl_once(client, &format!("/spread-{i}"), &[]))?;
         ensure_or_dump!(cluster, answer.status == 200, "spread {i}: {answer:?}");
     }
-    let (spread_a, spread_b) = (
-        logged(&waypoint::access_log(&process_a), "/spread").len(),
-        logged(&waypoint::access_log(&process_b), "/spread").len(),
-    );
+    let spread = |process| {
+        let log =
+            waypoint::access_log_when(process, LOG_WAIT, |log| logged(log, "/spread").len() >= 2);
+        logged(&log, "/spread").len()
+    };
+    let (spread_a, spread_b) = (spread(&process_a), spread(&process_b));
     ensure_or_dump!(
         cluster,
         spread_a == 2 && spread_b == 2,
@@ -433,10 +437,14 @@ fn waypoint_replicas_share_clients_and_a_stopped_one_drains_without_failing_a_re
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let (log_a, log_b) = (
-        waypoint::access_log(&process_a),
-        waypoint::access_log(&process_b),
-    );
+    // A has exited (its log is whole); B's lines of the runs may still be on their way.
+    let log_a = waypoint::access_log(&process_a);
+    let log_b = waypoint::access_log_when(&process_b, LOG_WAIT, |log_b| {
+        (0..2).any(|i| {
+            let prefix = format!("/run-{i}");
+            !logged(&log_a, &prefix).is_empty() && !logged(log_b, &prefix).is_empty()
+        })
+    });
     let slow_a = logged(&log_a, "/slow");
     ensure_or_dump!(
         cluster,
