@@ -33,8 +33,8 @@ const GIVE_BACK: Duration = Duration::from_secs(60);
 const KEPT_KB: u64 = 16 * 1024;
 /// ...or this share of what the burst cost, if more: at least 80% of it must come back.
 const KEPT_SHARE: u64 = 5;
-/// The most anonymous memory (heap, stacks) a freshly ready agent may hold, in kB: about 7-10
-/// MiB. Loading the eBPF object parses the kernel's BTF, some 20 MB of heap for a moment;
+/// The most anonymous memory (heap, stacks) a freshly ready agent may hold, in kB: about 6 MiB
+/// (debug build). Loading the eBPF object parses the kernel's BTF, some 20 MB of heap for a moment;
 /// left to jemalloc's decay, the agent held over 30 MiB for its first ten seconds or more.
 const FRESH_ANON_KB: u64 = 20 * 1024;
 

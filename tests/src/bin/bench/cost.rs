@@ -1,15 +1,15 @@
 //! What a load costs the whole machine, and the ceiling that cost sets on its speed.
 //!
-//! On the bench's bed the load generator, the server and both agents share the machine's CPUs,
-//! and the direct path already keeps them busy. A path that costs the machine k times the
-//! direct path's CPU per request or per byte then cannot go faster than 1/k of the direct path,
-//! however well the agents avoid waiting: the ceiling this module reports beside each path. A
-//! path measured near its ceiling is bound by what it costs, and only doing less work per byte
-//! or per request moves it; one far below it waits somewhere.
+//! On the bench's bed the load generator, the server and both agents share the machine's CPUs.
+//! A path costing c CPU seconds per request (or per GB) cannot go faster than the machine's CPUs
+//! over c, however well the agents avoid waiting: over the direct path's measured rate, the
+//! ceiling this module's figures give beside each path. A path measured near its ceiling, with
+//! the CPUs near busy, is bound by what it costs, and only doing less work per byte or per
+//! request moves it; one well under it also waits somewhere.
 //!
 //! The cipher's own cost is measured too (AES-256-GCM, the suite rustls negotiates between two
-//! agents, with ring, rustls's provider here): the floor under any HBONE path, whose bytes one
-//! agent seals and the other opens whatever else is saved.
+//! agents, with ring, rustls's provider here): what any HBONE path adds at the least, one agent
+//! sealing and the other opening every byte, whatever else is saved.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -24,6 +24,8 @@ pub struct MachineCpu {
     busy: f64,
     /// Time the hypervisor gave other guests while this one wanted to run, in seconds.
     steal: f64,
+    /// The machine's CPUs (`cpuN` lines).
+    cpus: usize,
     at: Instant,
 }
 
@@ -36,12 +38,20 @@ pub struct Spent {
     pub steal: f64,
     /// Wall-clock seconds the run took.
     pub wall: f64,
+    /// The machine's CPUs.
+    pub cpus: usize,
 }
 
 impl MachineCpu {
     /// Now, or `None` where `/proc/stat` cannot be read or parsed.
     pub fn now() -> Option<Self> {
         let stat = fs::read_to_string("/proc/stat").ok()?;
+        // Every CPU the machine has (the `cpu` line sums them all), whatever this process may
+        // use.
+        let cpus = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+            .count();
         let fields: Vec<u64> = stat
             .lines()
             .find_map(|l| l.strip_prefix("cpu "))?
@@ -53,6 +63,7 @@ impl MachineCpu {
         Some(Self {
             busy: tick(0) + tick(1) + tick(2) + tick(5) + tick(6),
             steal: tick(7),
+            cpus,
             at: Instant::now(),
         })
     }
@@ -64,14 +75,15 @@ impl MachineCpu {
             busy: now.busy - self.busy,
             steal: now.steal - self.steal,
             wall: now.at.duration_since(self.at).as_secs_f64(),
+            cpus: now.cpus,
         })
     }
 }
 
 impl Spent {
     /// The share of the machine's CPUs that worked during the run (0 to 1).
-    pub fn busy_share(&self, cpus: usize) -> Option<f64> {
-        (self.wall > 0.0 && cpus > 0).then(|| self.busy / (self.wall * cpus as f64))
+    pub fn busy_share(&self) -> Option<f64> {
+        (self.wall > 0.0 && self.cpus > 0).then(|| self.busy / (self.wall * self.cpus as f64))
     }
 }
 

@@ -587,6 +587,8 @@ struct Http {
     p50: f64,
     p90: f64,
     p99: f64,
+    /// The whole machine's CPU time while the tool ran (not while its log was read after).
+    machine: Option<cost::Spent>,
 }
 
 /// A duration as h2load prints it (`10.00s`, `150.23ms`, `823us`), in seconds.
@@ -682,8 +684,10 @@ fn run_h2load(
     log: &Path,
     seconds: u32,
 ) -> Result<Http> {
+    let machine = cost::MachineCpu::now();
     let mut p = client.spawn(&tools.h2load, args)?;
     let (status, lines) = p.wait_output(Duration::from_secs(u64::from(seconds) + 30))?;
+    let machine = machine.and_then(cost::MachineCpu::since);
     let text = lines.join("\n");
     let H2loadSummary {
         duration,
@@ -720,6 +724,7 @@ fn run_h2load(
         p50: percentile(&lat, 50.0),
         p90: percentile(&lat, 90.0),
         p99: percentile(&lat, 99.0),
+        machine,
     })
 }
 
@@ -730,12 +735,16 @@ struct Bulk {
     gbps: f64,
     /// Bytes the receiver got.
     bytes: u64,
+    /// The whole machine's CPU time while iperf3 ran.
+    machine: Option<cost::Spent>,
 }
 
 /// iperf3's receiver-side throughput and bytes.
 fn run_iperf3(client: &Pod, tools: &Tools, args: &[String], seconds: u32) -> Result<Bulk> {
+    let machine = cost::MachineCpu::now();
     let mut p = client.spawn(&tools.iperf3, args)?;
     let (status, lines) = p.wait_output(Duration::from_secs(u64::from(seconds) + 30))?;
+    let machine = machine.and_then(cost::MachineCpu::since);
     let text = lines.join("\n");
     let v: Value = serde_json::from_str(&text).with_context(|| {
         format!(
@@ -761,6 +770,7 @@ fn run_iperf3(client: &Pod, tools: &Tools, args: &[String], seconds: u32) -> Res
     Ok(Bulk {
         gbps,
         bytes: sum["bytes"].as_u64().unwrap_or(0),
+        machine,
     })
 }
 
@@ -950,10 +960,6 @@ struct Scenario {
     cpu_bulk_n: Vec<f64>,
     cpu_churn: Vec<f64>,
     cpu_total: Vec<f64>,
-    /// The whole machine's CPU time during the saturation run and the bulk runs.
-    machine_saturation: Option<cost::Spent>,
-    machine_bulk1: Option<cost::Spent>,
-    machine_bulk_n: Option<cost::Spent>,
     access: Access,
 }
 
@@ -1371,7 +1377,6 @@ fn run_scenario(
         })
         .flatten();
     let before = agents_cpu(cluster);
-    let machine = cost::MachineCpu::now();
     let saturation = report(
         "saturation",
         run_h2load(
@@ -1384,7 +1389,6 @@ fn run_scenario(
         show_http,
     );
     let cpu_saturation = delta(&agents_cpu(cluster), &before);
-    let machine_saturation = machine.and_then(cost::MachineCpu::since);
     finish_profile(profile);
 
     let gbps = |b: &Bulk| format!("{:.2} Gbit/s", b.gbps);
@@ -1412,19 +1416,15 @@ fn run_scenario(
         }
     };
     let before = agents_cpu(cluster);
-    let machine = cost::MachineCpu::now();
     let bulk1 = iperf3("bulk, 1 stream", &cmds.bulk1);
     let cpu_bulk1 = delta(&agents_cpu(cluster), &before);
-    let machine_bulk1 = machine.and_then(cost::MachineCpu::since);
     finish_profile(profile);
     let before = agents_cpu(cluster);
-    let machine = cost::MachineCpu::now();
     let bulk_n = iperf3(
         &format!("bulk, {} streams", args.bulk_streams),
         &cmds.bulk_n,
     );
     let cpu_bulk_n = delta(&agents_cpu(cluster), &before);
-    let machine_bulk_n = machine.and_then(cost::MachineCpu::since);
     let profile = profiled
         .then(|| {
             start_profile(
@@ -1467,9 +1467,6 @@ fn run_scenario(
         cpu_bulk_n,
         cpu_churn,
         cpu_total,
-        machine_saturation,
-        machine_bulk1,
-        machine_bulk_n,
         access,
     };
     println!(
@@ -1932,30 +1929,39 @@ fn bulk_cell(
 }
 
 /// "What each load cost the machine": the machine's CPU per request and per GB on every path,
-/// the ceiling that cost sets (the direct path's cost over the path's), and the cipher's floor.
+/// the ceiling that cost sets ([`cost`]), and the cipher's.
 fn machine_cost_section(
     all: &[Scenario],
     args: &Args,
     cipher: &Result<cost::CipherCost, String>,
 ) -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    // CPU seconds per unit of work, and the measured figure the unit's ratio is taken on.
-    type Load = fn(&Scenario) -> Option<(f64, f64)>;
+    /// A run's cost per unit of work (CPU seconds per request or per GB), its rate (units per
+    /// second) and what the machine spent.
+    struct Unit {
+        cost: f64,
+        rate: f64,
+        spent: cost::Spent,
+    }
+    type Load = fn(&Scenario) -> Option<Unit>;
     let per_request: Load = |s| {
         let h = s.saturation.as_ref().ok()?;
-        let spent = s.machine_saturation?;
-        (h.succeeded > 0).then(|| (spent.busy / h.succeeded as f64, h.rate))
+        let spent = h.machine?;
+        (h.succeeded > 0).then(|| Unit {
+            cost: spent.busy / h.succeeded as f64,
+            rate: h.rate,
+            spent,
+        })
     };
-    let per_gb_1: Load = |s| {
-        let b = s.bulk1.as_ref().ok()?;
-        let spent = s.machine_bulk1?;
-        (b.bytes > 0).then(|| (spent.busy / (b.bytes as f64 / 1e9), b.gbps))
-    };
-    let per_gb_n: Load = |s| {
-        let b = s.bulk_n.as_ref().ok()?;
-        let spent = s.machine_bulk_n?;
-        (b.bytes > 0).then(|| (spent.busy / (b.bytes as f64 / 1e9), b.gbps))
-    };
+    fn per_gb(b: &Bulk) -> Option<Unit> {
+        let spent = b.machine?;
+        (b.bytes > 0).then(|| Unit {
+            cost: spent.busy / (b.bytes as f64 / 1e9),
+            rate: b.gbps / 8.0,
+            spent,
+        })
+    }
+    let per_gb_1: Load = |s| s.bulk1.as_ref().ok().and_then(per_gb);
+    let per_gb_n: Load = |s| s.bulk_n.as_ref().ok().and_then(per_gb);
     let direct = |s: &Scenario, load: Load| {
         all.iter()
             .find(|d| d.path == MeshPath::Direct && d.placement == s.placement)
@@ -1963,20 +1969,20 @@ fn machine_cost_section(
     };
     let cell = |s: &Scenario, load: Load, show: &dyn Fn(f64) -> String| match load(s) {
         None => "-".to_string(),
-        Some((cost, _)) if s.path == MeshPath::Direct => show(cost),
-        Some((cost, measured)) => match direct(s, load) {
-            Some((base_cost, base_measured)) if cost > 0.0 && base_measured > 0.0 => format!(
+        Some(unit) if s.path == MeshPath::Direct => show(unit.cost),
+        Some(unit) => match direct(s, load) {
+            Some(base) if unit.cost > 0.0 && base.rate > 0.0 => format!(
                 "{} (ceiling {:.2}x; measured {:.2}x)",
-                show(cost),
-                base_cost / cost,
-                measured / base_measured
+                show(unit.cost),
+                unit.spent.cpus as f64 / unit.cost / base.rate,
+                unit.rate / base.rate
             ),
-            _ => show(cost),
+            _ => show(unit.cost),
         },
     };
-    let busy = |spent: Option<cost::Spent>| {
-        spent
-            .and_then(|s| s.busy_share(cpus))
+    let busy = |s: &Scenario, load: Load| {
+        load(s)
+            .and_then(|u| u.spent.busy_share())
             .map_or("-".into(), |b| format!("{:.0}%", b * 100.0))
     };
     let rows = all
@@ -1990,9 +1996,9 @@ fn machine_cost_section(
                 cell(s, per_gb_n, &|v| format!("{v:.2} s")),
                 format!(
                     "{} / {} / {}",
-                    busy(s.machine_saturation),
-                    busy(s.machine_bulk1),
-                    busy(s.machine_bulk_n)
+                    busy(s, per_request),
+                    busy(s, per_gb_1),
+                    busy(s, per_gb_n)
                 ),
             ]
         })
@@ -2010,25 +2016,27 @@ fn machine_cost_section(
         ],
         rows,
     ));
-    let steal: f64 = all
+    let spent: Vec<cost::Spent> = all
         .iter()
-        .flat_map(|s| [s.machine_saturation, s.machine_bulk1, s.machine_bulk_n])
+        .flat_map(|s| [per_request(s), per_gb_1(s), per_gb_n(s)])
         .flatten()
-        .map(|s| s.steal)
-        .sum();
+        .map(|u| u.spent)
+        .collect();
+    let steal: f64 = spent.iter().map(|s| s.steal).sum();
+    let cpus = spent.first().map_or(0, |s| s.cpus);
     let _ = writeln!(
         md,
-        "\nThe whole machine's CPU time over each run (user, nice, system, irq and softirq of \
-         `/proc/stat`'s `cpu` line: the load generator, the server, the agents, the kernel's \
-         TCP work on their behalf, and whatever else ran), divided by the requests answered or \
-         the gigabytes iperf3's receiver got; the last column is that time over the run's wall \
-         time and the machine's {cpus} CPUs. The hypervisor stole {steal:.2} CPU seconds over \
-         these runs. On this bed every process of a path shares the same CPUs, and the direct \
-         path keeps them busy: a path that costs the machine k times the direct path's CPU per \
-         request or per byte can go at most 1/k as fast, the **ceiling** beside each figure \
-         (the direct path's cost over the path's), with the ratio the throughput tables \
-         measured after it. A path measured close to its ceiling is bound by the work it does, \
-         not by waiting, and only less work per byte or per request moves it.{}\n",
+        "\nThe whole machine's CPU time while each load generator ran (user, nice, system, irq \
+         and softirq of `/proc/stat`'s `cpu` line: the load generator, the server, the agents, \
+         the kernel's TCP work on their behalf, and whatever else ran), divided by the requests \
+         answered or the gigabytes iperf3's receiver got; the last column is that time over the \
+         run's wall time and the machine's {cpus} CPUs. The hypervisor stole {steal:.2} CPU \
+         seconds over these runs. Every process of a path shares the same CPUs, so a path \
+         cannot go faster than all of them spent at its cost per unit: the **ceiling** beside \
+         each figure is that rate over the direct path's measured one, with the ratio the \
+         throughput tables measured after it. Measured close to its ceiling (and the CPUs \
+         close to busy), a path is bound by the work it does, and only less work per byte or \
+         per request moves it; measured well under it, it also waits.{}\n",
         if args.perf.is_some() {
             " With `--perf`, the mesh path's saturation and one-connection runs include the \
              profiler's own CPU."
@@ -2051,15 +2059,15 @@ fn machine_cost_section(
             let across = all
                 .iter()
                 .find(|d| d.path == MeshPath::Direct && d.placement == Placement::AcrossNodes);
-            if let Some((d1, dn)) = across.and_then(|d| Some((per_gb_1(d)?.0, per_gb_n(d)?.0))) {
+            let most = |d: Unit| d.spent.cpus as f64 / (d.cost + floor) / d.rate;
+            if let Some((one, many)) = across.and_then(|d| Some((per_gb_1(d)?, per_gb_n(d)?))) {
                 let _ = write!(
                     line,
-                    " Added to the direct path's cost across nodes and nothing more (no copy, \
-                     system call or TCP leg of the agents'), HBONE bulk could reach at most \
-                     {:.2}x direct with 1 connection and {:.2}x with {} on this machine: the \
-                     floor under every HBONE row above.",
-                    d1 / (d1 + floor),
-                    dn / (dn + floor),
+                    " A path doing the direct path's work and the cipher, and nothing more (no \
+                     copy, system call or TCP leg of the agents'), could reach at most {:.2}x \
+                     direct across nodes with 1 connection and {:.2}x with {} on this machine.",
+                    most(one),
+                    most(many),
                     args.bulk_streams
                 );
             }

@@ -193,6 +193,7 @@ fn run_wrk(client: &Pod, args: &[String], seconds: u32) -> Result<Http> {
         p50: percentile("50%")?,
         p90: percentile("90%")?,
         p99: percentile("99%")?,
+        machine: None,
     })
 }
 
