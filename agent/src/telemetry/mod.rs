@@ -58,7 +58,7 @@ const LOG_QUEUE_LINES: usize = 4_096;
 /// Longer lines are dropped (and counted) rather than queued, so the queue holds at most
 /// `LOG_QUEUE_LINES` x this (64 MiB): the queue counts lines, and a line can carry values a
 /// client chose (a request path can be 64 KiB; the waypoint cuts what it logs to fit,
-/// `waypoint::observe`). Access-log lines are well under 2 KiB.
+/// `waypoint::observe`). Most access-log lines are under 2 KiB.
 pub(crate) const LOG_LINE_MAX: usize = 16 * 1024;
 /// What the log thread gathers before one write to stderr.
 const LOG_WRITE_BUFFER: usize = 64 * 1024;

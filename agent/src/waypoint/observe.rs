@@ -85,13 +85,15 @@ where
 /// boundary (`path_bytes` then gives the whole length). A client's path can be up to 64 KiB
 /// (`http::Uri`'s limit), and the log drops whole lines over 16 KiB rather than queue them: cut,
 /// the line and its evidence stay. The cut is of the raw value, and the text format writes
-/// values escaped (`{:?}`): a two-byte combining mark becomes `\u{300}`, so a value can render
-/// at up to four times its bytes; 2 KiB of path stays under 8 KiB however it renders.
+/// values escaped (`{:?}`): a two-byte combining mark becomes `\u{300}` (a path has no control
+/// characters: `http::Uri` refuses them), so 2 KiB of path renders in at most 7 KiB.
 pub(super) const LOGGED_PATH_MAX: usize = 2 * 1024;
 /// The most of a method (a token: ASCII, rendered as is).
 pub(super) const LOGGED_METHOD_MAX: usize = 64;
-/// The most of an error or a policy's reason, which can quote a client's values (a token's
-/// issuer): at most 2 KiB rendered.
+/// The most of an error, a policy's reason or a route's name: an error can quote a client's
+/// values (a token's issuer, even control characters of its header, which both formats write
+/// as six-byte escapes), so 512 bytes render in at most 3 KiB. With the path's 7 KiB, the
+/// request's line stays under 14 KiB, under the log's 16 KiB cap.
 pub(super) const LOGGED_TEXT_MAX: usize = 512;
 
 /// `path` as an access-log line carries it, and its whole length when that was cut.
@@ -177,7 +179,7 @@ impl RequestRecord {
             path,
             path_bytes,
             protocol = ?self.version,
-            route = self.route.as_deref(),
+            route = self.route.as_deref().map(|r| clip(r, LOGGED_TEXT_MAX)),
             dst_service = label("destination_service"),
             dst_workload = label("destination_workload"),
             dst_principal = label("destination_principal"),
@@ -379,8 +381,10 @@ mod tests {
     }
 
     /// The access-log line of a request whose path, method and error are as long and as
-    /// expensive to render as a client can make them (combining marks, which the text format
-    /// escapes at 3.5 times their bytes; quotes): written by the log's own layers and line cap,
+    /// expensive to render as a client can make them (combining marks in the path, which the
+    /// text format escapes at 3.5 times their bytes; control characters in the error, six times),
+    /// with a route name as long as an operator may write: written by the log's own layers and
+    /// line cap,
     /// in both formats, it is kept, with each value cut to its most and the path's whole
     /// length beside it.
     #[test]
@@ -411,7 +415,12 @@ mod tests {
             let mut huge = record(&metrics, &Arc::new(AtomicU64::new(0)));
             huge.path = path.clone();
             huge.method = Method::from_bytes(&[b'X'; 1000]).unwrap();
-            huge.error = Some(format!("\"{}", "\u{300}\"".repeat(20 * 1024)));
+            // Control characters: six-byte escapes in both formats.
+            huge.error = Some("\x1f".repeat(64 * 1024));
+            huge.route = Some(format!(
+                "VirtualService ns/name [{}]",
+                "r".repeat(64 * 1024)
+            ));
             tracing::subscriber::with_default(subscriber, || {
                 // Another test may have met this callsite with no subscriber at the same
                 // moment: recompute who is interested now that this one is set.
@@ -445,6 +454,7 @@ mod tests {
                 assert!(path.starts_with(logged));
                 assert_eq!(fields["method"].as_str().unwrap().len(), LOGGED_METHOD_MAX);
                 assert!(fields["error"].as_str().unwrap().len() <= LOGGED_TEXT_MAX);
+                assert!(fields["route"].as_str().unwrap().len() <= LOGGED_TEXT_MAX);
             }
         }
     }
