@@ -347,11 +347,13 @@ fn waypoint_replicas_share_clients_and_a_stopped_one_drains_without_failing_a_re
             cluster.with_diagnostics(waypoint::curl_once(client, &format!("/spread-{i}"), &[]))?;
         ensure_or_dump!(cluster, answer.status == 200, "spread {i}: {answer:?}");
     }
-    let spread = |process| {
-        let log =
-            waypoint::access_log_when(process, LOG_WAIT, |log| logged(log, "/spread").len() >= 2);
-        logged(&log, "/spread").len()
-    };
+    // Each replica's lines are written by its log thread a moment after the answer left: wait
+    // until the four are there, wherever they are.
+    let spread = |process| logged(&waypoint::access_log(process), "/spread").len();
+    let deadline = Instant::now() + LOG_WAIT;
+    while spread(&process_a) + spread(&process_b) < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (spread_a, spread_b) = (spread(&process_a), spread(&process_b));
     ensure_or_dump!(
         cluster,

@@ -22,6 +22,8 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 /// The VIP of the backend service (port 9080 to the server's 8080).
+/// How long a test waits for a waypoint's access-log line to be written (by its log thread).
+const LOG_WAIT: Duration = Duration::from_secs(5);
 const BACKEND_VIP: &str = "10.96.0.40";
 /// The VIP of a service bound to no waypoint.
 const BILLING_VIP: &str = "10.96.0.42";
@@ -268,10 +270,17 @@ fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Res
         denied == 2.0,
         "istio_requests_total must count the intruder's 2 denied requests: {denied}"
     );
-    let log = waypoint_process.stderr();
+    // Written by the waypoint's log thread a moment after the answer left.
+    let says_why = |log: &[Value]| {
+        log.iter().any(|l| {
+            l.to_string()
+                .contains("rbac_access_denied_matched_policy[none]")
+        })
+    };
+    let log = ambit_tests::waypoint::access_log_when(&waypoint_process, LOG_WAIT, says_why);
     ensure_or_dump!(
         cluster,
-        log.contains("rbac_access_denied_matched_policy[none]"),
+        says_why(&log),
         "the access log must say why a request was denied"
     );
 
