@@ -5,7 +5,9 @@
 //! over c, however well the agents avoid waiting: over the direct path's measured rate, the
 //! ceiling this module's figures give beside each path. A path measured near its ceiling, with
 //! the CPUs near busy, is bound by what it costs, and only doing less work per byte or per
-//! request moves it; one well under it also waits somewhere.
+//! request moves it; one well under it also waits somewhere. (Measured over ceiling is, by
+//! construction, the CPUs' busy share during the path's run: the ceiling restates the cost per
+//! unit as the rate it would give at 100%.)
 //!
 //! The cipher's own cost is measured too (AES-256-GCM, the suite rustls negotiates between two
 //! agents, with ring, rustls's provider here): what any HBONE path adds at the least, one agent
