@@ -430,6 +430,22 @@ fn websocket_tcp_and_a_silent_client_through_the_waypoint() -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // The waypoint's own limits are exported as the agent's are: the relay-buffer budget its
+    // tunnels, upgraded and opaque connections read from (64 MiB, a quarter per client).
+    let budget = |limit| {
+        metric_sum(
+            &metrics,
+            "ambit_relay_buffer_limit_bytes",
+            &[("limit", limit)],
+        )
+    };
+    ensure_or_dump!(
+        cluster,
+        budget("total") == f64::from(64 << 20) && budget("per_source") == f64::from(16 << 20),
+        "the waypoint's relay-buffer budget: total {}, per source {}",
+        budget("total"),
+        budget("per_source")
+    );
 
     // Opaque TCP, server first: the echo server greets before the client sends, so the
     // waypoint sees silence, takes the tunnel for TCP when its detection timeout expires, and

@@ -230,6 +230,10 @@ pub async fn run(args: WaypointArgs, pool: crate::hbone::PoolArgs) -> anyhow::Re
     let nofile = limits::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(nofile.soft)));
     let metrics = Arc::new(Metrics::new());
+    // Its connection slots, handshakes and relay buffers, as the agent exports its own.
+    metrics.register_at_scrape(Arc::new(limits::metrics::LimitMetrics::new(Some(
+        limits.clone(),
+    ))?))?;
 
     let (state_tx, mut state_rx) = watch::channel(Arc::new(MeshState::empty()));
     let (config_tx, mut config_rx) = watch::channel(ConfigStatus::default());
