@@ -543,8 +543,9 @@ impl Downstream {
         }
         // A WebSocket upgrade is taken before its hop-by-hop headers go; it is tried once and
         // not mirrored (its connection cannot be replayed).
-        let buffers = self.waypoint.limits.buffer_share(self.source.ip());
-        let mut upgrade = Upgrade::take(&mut request, buffers);
+        let mut upgrade = Upgrade::take(&mut request, || {
+            self.waypoint.limits.buffer_share(self.source.ip())
+        });
         let (mut parts, body) = request.into_parts();
         if let Some(span) = &outcome.span {
             // What is not a try (a mirror) names the request's span.

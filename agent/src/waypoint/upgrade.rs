@@ -34,8 +34,11 @@ pub struct Upgrade {
 impl Upgrade {
     /// The upgrade `request` asks for, when it is an HTTP/1.1 request with `Connection:
     /// upgrade` and an `Upgrade` the waypoint passes; once upgraded, its relay reads into
-    /// buffers of `buffers`, the client's share.
-    pub fn take<B>(request: &mut Request<B>, buffers: BufferShare) -> Option<Self> {
+    /// buffers of the client's share, which `buffers` gives (only asked for an upgrade).
+    pub fn take<B>(
+        request: &mut Request<B>,
+        buffers: impl FnOnce() -> BufferShare,
+    ) -> Option<Self> {
         if request.version() != Version::HTTP_11 {
             return None;
         }
@@ -56,7 +59,7 @@ impl Upgrade {
         Some(Self {
             protocol,
             downstream: hyper::upgrade::on(request),
-            buffers,
+            buffers: buffers(),
         })
     }
 
@@ -125,7 +128,7 @@ mod tests {
     /// Whether a request with these headers is taken as an upgrade.
     fn taken(version: Version, connection: &str, upgrade: &str) -> bool {
         let mut request = request(version, connection, upgrade);
-        Upgrade::take(&mut request, BufferShare::unlimited()).is_some()
+        Upgrade::take(&mut request, BufferShare::unlimited).is_some()
     }
 
     #[test]
