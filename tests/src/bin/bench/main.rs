@@ -1892,6 +1892,12 @@ fn ratio(value: f64, base: Option<f64>) -> String {
 
 /// `value` formatted, plus its ratio to the direct path's value of the same placement (none on
 /// the direct row itself).
+/// The direct path's scenario of `placement`: the baseline of every ratio.
+fn direct_of(all: &[Scenario], placement: Placement) -> Option<&Scenario> {
+    all.iter()
+        .find(|d| d.path == MeshPath::Direct && d.placement == placement)
+}
+
 fn cell(
     s: &Scenario,
     all: &[Scenario],
@@ -1904,10 +1910,7 @@ fn cell(
     if s.path == MeshPath::Direct {
         return fmt(v);
     }
-    let base = all
-        .iter()
-        .find(|d| d.path == MeshPath::Direct && d.placement == s.placement)
-        .and_then(&get);
+    let base = direct_of(all, s.placement).and_then(&get);
     format!("{}{}", fmt(v), ratio(v, base))
 }
 
@@ -1962,11 +1965,7 @@ fn machine_cost_section(
     }
     let per_gb_1: Load = |s| s.bulk1.as_ref().ok().and_then(per_gb);
     let per_gb_n: Load = |s| s.bulk_n.as_ref().ok().and_then(per_gb);
-    let direct = |s: &Scenario, load: Load| {
-        all.iter()
-            .find(|d| d.path == MeshPath::Direct && d.placement == s.placement)
-            .and_then(load)
-    };
+    let direct = |s: &Scenario, load: Load| direct_of(all, s.placement).and_then(load);
     let cell = |s: &Scenario, load: Load, show: &dyn Fn(f64) -> String| match load(s) {
         None => "-".to_string(),
         Some(unit) if s.path == MeshPath::Direct => show(unit.cost),
@@ -2056,9 +2055,7 @@ fn machine_cost_section(
                 c.seal / 1e9,
                 c.open / 1e9
             );
-            let across = all
-                .iter()
-                .find(|d| d.path == MeshPath::Direct && d.placement == Placement::AcrossNodes);
+            let across = direct_of(all, Placement::AcrossNodes);
             let most = |d: Unit| d.spent.cpus as f64 / (d.cost + floor) / d.rate;
             if let Some((one, many)) = across.and_then(|d| Some((per_gb_1(d)?, per_gb_n(d)?))) {
                 let _ = write!(
