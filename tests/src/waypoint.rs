@@ -94,6 +94,9 @@ pub fn access_log(process: &PodProcess) -> Vec<Value> {
         .collect()
 }
 
+/// How long a test waits for a waypoint's access-log line to be written (by its log thread).
+pub const LOG_WAIT: Duration = Duration::from_secs(5);
+
 /// The waypoint's access log once `enough` holds of it, or as it stands after `timeout`: the
 /// waypoint writes its log from a thread of its own, a moment after a response has left, so a
 /// test that reads it right after its request may not see the request's line yet.

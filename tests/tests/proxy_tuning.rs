@@ -238,17 +238,16 @@ fn an_agent_whose_log_nobody_reads_keeps_proxying_and_counts_what_it_drops() -> 
     );
     // What was queued before the pipe filled is not lost: the start-up lines arrive once the
     // pipe is read again.
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if node.agent_log().contains("connection limits") {
-            break;
-        }
-        ensure_or_dump!(
-            cluster,
-            Instant::now() < deadline,
-            "the agent's start-up lines never came out of the drained log pipe"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cluster.wait_for(
+        TIMEOUT,
+        "the agent's start-up lines out of the drained log pipe",
+        || {
+            Ok(if node.agent_log().contains("connection limits") {
+                Ok(())
+            } else {
+                Err("no \"connection limits\" line yet".to_string())
+            })
+        },
+    )?;
     Ok(())
 }

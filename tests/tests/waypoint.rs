@@ -25,8 +25,6 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
-/// How long a test waits for a waypoint's access-log line to be written (by its log thread).
-const LOG_WAIT: Duration = Duration::from_secs(5);
 /// Requests of the weighted split, and its bound: v2's count among N requests at 10% is
 /// binomial with mean 200 and sigma sqrt(2000 * 0.1 * 0.9) = 13.4; 5 sigma is 67, so a correct
 /// split falls outside [133, 267] about once in 1.7 million runs, and a split that ignored the
@@ -350,11 +348,15 @@ fn waypoint_replicas_share_clients_and_a_stopped_one_drains_without_failing_a_re
     // Each replica's lines are written by its log thread a moment after the answer left: wait
     // until the four are there, wherever they are.
     let spread = |process| logged(&waypoint::access_log(process), "/spread").len();
-    let deadline = Instant::now() + LOG_WAIT;
-    while spread(&process_a) + spread(&process_b) < 4 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (spread_a, spread_b) = (spread(&process_a), spread(&process_b));
+    let (spread_a, spread_b) =
+        cluster.wait_for(waypoint::LOG_WAIT, "the four /spread access lines", || {
+            let both = (spread(&process_a), spread(&process_b));
+            Ok(if both.0 + both.1 >= 4 {
+                Ok(both)
+            } else {
+                Err(format!("{} and {}", both.0, both.1))
+            })
+        })?;
     ensure_or_dump!(
         cluster,
         spread_a == 2 && spread_b == 2,
@@ -441,7 +443,7 @@ fn waypoint_replicas_share_clients_and_a_stopped_one_drains_without_failing_a_re
     );
     // A has exited (its log is whole); B's lines of the runs may still be on their way.
     let log_a = waypoint::access_log(&process_a);
-    let log_b = waypoint::access_log_when(&process_b, LOG_WAIT, |log_b| {
+    let log_b = waypoint::access_log_when(&process_b, waypoint::LOG_WAIT, |log_b| {
         (0..2).any(|i| {
             let prefix = format!("/run-{i}");
             !logged(&log_a, &prefix).is_empty() && !logged(log_b, &prefix).is_empty()

@@ -22,8 +22,6 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 /// The VIP of the backend service (port 9080 to the server's 8080).
-/// How long a test waits for a waypoint's access-log line to be written (by its log thread).
-const LOG_WAIT: Duration = Duration::from_secs(5);
 const BACKEND_VIP: &str = "10.96.0.40";
 /// The VIP of a service bound to no waypoint.
 const BILLING_VIP: &str = "10.96.0.42";
@@ -277,7 +275,11 @@ fn waypoint_enforces_l7_policies_and_jwt_and_keeps_them_on_a_bad_update() -> Res
                 .contains("rbac_access_denied_matched_policy[none]")
         })
     };
-    let log = ambit_tests::waypoint::access_log_when(&waypoint_process, LOG_WAIT, says_why);
+    let log = ambit_tests::waypoint::access_log_when(
+        &waypoint_process,
+        ambit_tests::waypoint::LOG_WAIT,
+        says_why,
+    );
     ensure_or_dump!(
         cluster,
         says_why(&log),
