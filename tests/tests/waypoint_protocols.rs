@@ -390,6 +390,8 @@ fn websocket_tcp_and_a_silent_client_through_the_waypoint() -> Result<()> {
             "2s",
             "--protocol-detection-timeout",
             "3s",
+            "--max-relay-buffer-mib",
+            "8",
         ],
     ))?;
     let testpod = ambit_tests::testpod_path!();
@@ -431,7 +433,8 @@ fn websocket_tcp_and_a_silent_client_through_the_waypoint() -> Result<()> {
             .join("\n")
     );
     // The waypoint's own limits are exported as the agent's are: the relay-buffer budget its
-    // tunnels, upgraded and opaque connections read from (64 MiB, a quarter per client).
+    // upgraded and opaque connections read from, as --max-relay-buffer-mib set it (8 MiB, a
+    // quarter per client; 64 MiB by default).
     let budget = |limit| {
         metric_sum(
             &metrics,
@@ -441,7 +444,7 @@ fn websocket_tcp_and_a_silent_client_through_the_waypoint() -> Result<()> {
     };
     ensure_or_dump!(
         cluster,
-        budget("total") == f64::from(64 << 20) && budget("per_source") == f64::from(16 << 20),
+        budget("total") == f64::from(8 << 20) && budget("per_source") == f64::from(2 << 20),
         "the waypoint's relay-buffer budget: total {}, per source {}",
         budget("total"),
         budget("per_source")

@@ -197,6 +197,12 @@ pub struct WaypointArgs {
     /// context carries a sampling decision keeps it.
     #[arg(long, env = "AMBIT_TRACING_SAMPLING", default_value = "1", value_parser = crate::telemetry::parse_percentage)]
     pub tracing_sampling: f64,
+    /// Memory, in MiB, the read buffers of the waypoint's relays (WebSocket and other upgraded
+    /// connections, opaque TCP) may hold beyond their smallest size, all clients together; the
+    /// connections of one client address may hold a quarter. Past it they read with smaller
+    /// buffers: slower, never refused (as the node agent's flag) [default: 64].
+    #[arg(long, env = "AMBIT_MAX_RELAY_BUFFER_MIB")]
+    pub max_relay_buffer_mib: Option<usize>,
 }
 
 /// Drains on `signal` (through `draining`, which the server's [`InboundSettings::drain`] and
@@ -228,7 +234,10 @@ async fn drain<H: crate::hbone::InboundHandler>(
 /// Runs the waypoint, its HBONE pool set by `pool`, until SIGTERM or SIGINT, then drains.
 pub async fn run(args: WaypointArgs, pool: crate::hbone::PoolArgs) -> anyhow::Result<()> {
     let nofile = limits::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
-    let limits = Arc::new(Limits::new(LimitSettings::for_descriptors(nofile.soft)));
+    let limits = Arc::new(Limits::new(
+        LimitSettings::for_descriptors(nofile.soft)
+            .with_relay_buffer_mib(args.max_relay_buffer_mib)?,
+    ));
     let metrics = Arc::new(Metrics::new());
     // Its connection slots, handshakes and relay buffers, as the agent exports its own.
     metrics.register_at_scrape(Arc::new(limits::metrics::LimitMetrics::new(Some(
