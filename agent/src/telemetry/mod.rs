@@ -2,6 +2,7 @@
 //! log (optionally sampled), the Prometheus [`metrics`] plumbing and [`istio`]'s standard
 //! labels. Plumbing only: each subsystem owns its metrics.
 pub mod istio;
+mod log_thread;
 pub mod metrics;
 
 use std::{
@@ -12,6 +13,7 @@ use std::{
     },
 };
 
+use anyhow::Context as _;
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{EnvFilter, Registry, fmt, prelude::*, reload};
 
@@ -52,35 +54,25 @@ pub struct LogSettings {
     pub access_log_sampling: Sampling,
 }
 
-/// Lines queued for the log thread before new ones are dropped (and counted): seconds of the
-/// busiest node's access log.
-const LOG_QUEUE_LINES: usize = 4_096;
-/// Longer lines are dropped (and counted) rather than queued, so the queue holds at most
-/// `LOG_QUEUE_LINES` x this (64 MiB): the queue counts lines, and a line can carry values a
-/// client chose (a request path can be 64 KiB; the waypoint cuts what it logs to fit,
+/// Longer lines are dropped (and counted) rather than queued, so no one line takes more than a
+/// small part of the log thread's queue ([`log_thread::QUEUE_BYTES`]): a line can carry values
+/// a client chose (a request path can be 64 KiB; the waypoint cuts what it logs to fit,
 /// `waypoint::observe`). Most access-log lines are under 2 KiB.
 pub(crate) const LOG_LINE_MAX: usize = 16 * 1024;
-/// What the log thread gathers before one write to stderr.
-const LOG_WRITE_BUFFER: usize = 64 * 1024;
 
 /// Keeps the log thread; dropping it writes out what is queued (within a second). Hold it until
 /// the process ends.
 pub struct LogGuard {
-    _worker: tracing_appender::non_blocking::WorkerGuard,
+    _thread: log_thread::LogThread,
 }
 
-/// Counts the lines the log thread dropped, once [`init_logging`] has run.
-static LOG_DROPPED: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
 /// Lines dropped for being longer than [`LOG_LINE_MAX`].
 static LOG_OVERSIZE: AtomicU64 = AtomicU64::new(0);
 
 /// Log lines dropped: the log thread's queue was full (stderr's reader fell behind), or the
 /// line was longer than 16 KiB (`LOG_LINE_MAX`).
 pub fn log_lines_dropped() -> u64 {
-    let queue_full = LOG_DROPPED
-        .get()
-        .map_or(0, |dropped| dropped.dropped_lines() as u64);
-    queue_full + LOG_OVERSIZE.load(Ordering::Relaxed)
+    log_thread::lines_dropped() + LOG_OVERSIZE.load(Ordering::Relaxed)
 }
 
 /// The log's writer: whole lines (the formatter writes each line in one call) of at most
@@ -142,25 +134,19 @@ impl<'a, W: std::io::Write + Clone + 'a> fmt::MakeWriter<'a> for CappedLines<W> 
 /// Installs the global tracing subscriber (and the `log` bridge used by aya-log).
 ///
 /// Lines are formatted where they happen and written to stderr by a thread of their own
-/// (`tracing-appender`'s non-blocking writer, as ztunnel writes its log off its workers), which
-/// gathers what is queued into one write: the proxy's workers never make a system call to log
-/// a connection, and a reader of stderr that falls behind (a stalled container log pipe) never
-/// blocks them. When the queue is full new lines are dropped and counted
-/// ([`log_lines_dropped`], `ambit_log_lines_dropped_total`), rather than stalling traffic.
+/// (`telemetry::log_thread`, as ztunnel writes its log off its workers), which takes what is
+/// queued in one write: the proxy's workers never make a system call to log a connection, and
+/// a reader of stderr that falls behind (a stalled container log pipe) never blocks them. When the
+/// queue is full new lines are dropped and counted ([`log_lines_dropped`],
+/// `ambit_log_lines_dropped_total`), rather than stalling traffic.
 ///
 /// The filter sits behind a reload layer so that the admin endpoint can change it at run time
 /// through [`log_control`]; this stays the only place a global subscriber is built.
 pub fn init_logging(settings: &LogSettings) -> anyhow::Result<LogGuard> {
     let (filter_layer, control) = reloadable_filter(&settings.filter)?;
-    let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("ambit-log")
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_WRITE_BUFFER,
-            std::io::stderr(),
-        ));
-    let _ = LOG_DROPPED.set(writer.error_counter());
+    let (thread, writer) =
+        log_thread::LogThread::spawn("ambit-log", std::io::stderr(), log_thread::QUEUE_BYTES)
+            .context("cannot start the log thread")?;
     tracing_subscriber::registry()
         .with(filter_layer)
         .with(format_layer(settings.format, CappedLines::new(writer)))
@@ -171,7 +157,7 @@ pub fn init_logging(settings: &LogSettings) -> anyhow::Result<LogGuard> {
         global: true,
         ..control
     });
-    Ok(LogGuard { _worker: worker })
+    Ok(LogGuard { _thread: thread })
 }
 
 /// The filter of the global subscriber, once [`init_logging`] has run.
