@@ -186,7 +186,8 @@ fn sampled_out_connections_are_counted_and_failures_are_always_logged() -> Resul
 }
 
 /// Connections of the stalled-log test: two access-log lines each (outbound and inbound, same
-/// node), more than the log queue's 4,096 lines and the pipe's 64 KiB together.
+/// node, about 500 bytes each: 9 MB), well over what the log queue takes of access lines (3 MiB)
+/// and the pipe's 64 KiB together.
 const STALLED_LOG_CONNECTIONS: u32 = 9_000;
 
 #[test]

@@ -205,7 +205,7 @@ impl InboundHandler for PodInbound {
         };
         self.ctx.metrics.connection_denied(reason);
         info!(
-            target: "access",
+            target: crate::telemetry::ACCESS_TARGET,
             direction = "inbound",
             src = %source,
             dst_workload = %self.pod.workload.uid(),

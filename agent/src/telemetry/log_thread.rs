@@ -1,15 +1,22 @@
 //! The log's writer: lines formatted on the proxy's workers are copied into one buffer, and a
-//! thread of their own writes that buffer out (to stderr), so a worker never makes a system
-//! call to log and a reader of stderr that falls behind (a stalled container log pipe) never
-//! blocks one. When the buffer holds [`QUEUE_BYTES`] a new line is dropped and counted instead.
+//! thread of their own writes that buffer out (to stderr), so a reader of stderr that falls
+//! behind (a stalled container log pipe) never blocks a worker, and a worker makes at most one
+//! system call per log line: a futex wake, only when the thread sleeps. When the queue holds
+//! its limit ([`QUEUE_BYTES`], the batch being written included) a new line is dropped and
+//! counted instead; access-log lines may fill only [`ACCESS_SHARE`] of it, so a pod that
+//! floods connections cannot crowd out the process's own warnings and errors.
 //!
 //! Why not tracing-appender's non-blocking writer, which this replaced: its thread takes lines
 //! from a crossbeam channel, which spins and calls `sched_yield` before it parks, about four
 //! system calls per proxied connection (two access lines) with nothing to write, plus one heap
 //! allocation per line and a queue bounded in lines rather than bytes (docs/perf/README.md,
 //! "System calls per connection"). Here a worker holds the lock only to copy its line and wakes
-//! the thread only when it sleeps; the thread, once woken, lets lines gather for [`GATHER`],
-//! then takes everything queued at once (a swap of two buffers) and writes it in one call.
+//! the thread only when it sleeps; the thread takes everything queued at once (a swap of two
+//! buffers) and writes it in one call, so lines logged while it writes join the next write.
+//!
+//! Lines are not held back to be gathered: a 10 ms gathering cut the thread's wake-ups further
+//! but made every line late by that much, and the end-to-end tests that read a line right after
+//! the state it reports showed what that does to anyone reading the log (docs/perf/README.md).
 use std::{
     io::Write,
     sync::{
@@ -20,44 +27,42 @@ use std::{
     time::Duration,
 };
 
-/// Bytes queued for the log thread before new lines are dropped (and counted): seconds of the
-/// busiest node's access log (about 8,000 lines of 500 bytes).
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Bytes queued for the log thread, the batch it is writing included, before new lines are
+/// dropped (and counted): seconds of the busiest node's access log (about 8,000 lines of 500
+/// bytes).
 pub(crate) const QUEUE_BYTES: usize = 4 * 1024 * 1024;
-/// What the thread's buffers keep between bursts; a burst grows them up to [`QUEUE_BYTES`],
-/// and they shrink back to this once written.
+/// The share of the queue access-log lines (target `access`) may fill, in quarters: the last
+/// quarter is kept for every other line.
+const ACCESS_SHARE: usize = 3;
+/// What the thread's buffers keep while it sleeps; a burst grows them up to the limit, and
+/// they shrink back to this once the thread has nothing left to write.
 const BUFFER_KEPT: usize = 64 * 1024;
-/// How long the thread, woken by a line, lets more lines gather before it writes: a line
-/// reaches the sink at most about this late, and a proxy logging thousands of lines a second
-/// wakes the thread about a hundred times a second, not once per line.
-const GATHER: Duration = Duration::from_millis(10);
 /// How long dropping the [`LogThread`] waits for what is queued to be written.
 const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
-/// Lines dropped because the queue was full, by every queue of the process.
-static DROPPED: AtomicU64 = AtomicU64::new(0);
-
-/// Lines every log queue of the process dropped because it was full.
-pub(crate) fn lines_dropped() -> u64 {
-    DROPPED.load(Ordering::Relaxed)
-}
-
 struct Queue {
-    /// Lines queued, and whether the thread sleeps.
+    /// Lines queued, and what the thread is doing.
     state: Mutex<State>,
     /// Wakes the thread: lines were queued while it slept, or the process is ending.
     wake: Condvar,
     /// Tells the owner of the [`LogThread`] that the thread wrote its last bytes.
-    finished: Condvar,
-    /// Most bytes queued at once before lines are dropped.
+    done: Condvar,
+    /// Most bytes queued at once (the batch being written included) before lines are dropped.
     limit: usize,
-    /// Lines this queue dropped.
+    /// Lines dropped because the queue was full, or because the sink refused their batch.
     dropped: AtomicU64,
 }
 
 #[derive(Default)]
 struct State {
     pending: Vec<u8>,
-    /// The thread waits on `wake`: the next line queued must wake it.
+    /// Bytes of the batch the thread is writing: still held, so counted against the limit.
+    in_flight: usize,
+    /// The thread waits for a first line, so the next line queued must wake it. Without the
+    /// flag every line would notify: std's `notify_one` makes a system call even when nobody
+    /// waits.
     asleep: bool,
     /// Write what is queued, then stop.
     closing: bool,
@@ -70,6 +75,10 @@ impl Queue {
         // must go on.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn drop_lines(&self, lines: u64) {
+        self.dropped.fetch_add(lines, Ordering::Relaxed);
+    }
 }
 
 /// The log thread: it writes what the [`LogWriter`]s queue. Dropping it writes out what is
@@ -80,24 +89,29 @@ pub(crate) struct LogThread {
 
 /// Where the proxy's workers write whole lines (one `write` per line, as tracing's formatter
 /// does): copied into the queue, or dropped and counted when it is full. Never blocks on the
-/// sink.
+/// sink. As a [`MakeWriter`], it gives access-log lines their share of the queue.
 #[derive(Clone)]
 pub(crate) struct LogWriter {
     queue: Arc<Queue>,
+    /// Most bytes queued at once for this writer's lines to be taken.
+    limit: usize,
 }
 
 impl LogThread {
     /// Starts a thread named `name` writing to `sink` what the returned writer is given, with
-    /// at most `limit` bytes queued.
+    /// at most `limit` bytes held.
     pub(crate) fn spawn<W: Write + Send + 'static>(
         name: &str,
         sink: W,
         limit: usize,
     ) -> std::io::Result<(LogThread, LogWriter)> {
         let queue = Arc::new(Queue {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                pending: Vec::with_capacity(BUFFER_KEPT),
+                ..State::default()
+            }),
             wake: Condvar::new(),
-            finished: Condvar::new(),
+            done: Condvar::new(),
             limit,
             dropped: AtomicU64::new(0),
         });
@@ -109,13 +123,14 @@ impl LogThread {
             LogThread {
                 queue: queue.clone(),
             },
-            LogWriter { queue },
+            LogWriter { queue, limit },
         ))
     }
+}
 
-    /// Lines this thread's queue dropped because it was full.
-    #[cfg(test)]
-    fn dropped(&self) -> u64 {
+impl LogWriter {
+    /// Lines this writer's queue dropped: it was full, or the sink refused them.
+    pub(crate) fn dropped(&self) -> u64 {
         self.queue.dropped.load(Ordering::Relaxed)
     }
 }
@@ -126,6 +141,11 @@ fn write_queued<W: Write>(queue: &Queue, mut sink: W) {
     loop {
         let closing = {
             let mut state = queue.lock();
+            if state.pending.is_empty() && !state.closing {
+                // Idle: give back what a burst grew (both buffers are empty).
+                taken.shrink_to(BUFFER_KEPT);
+                state.pending.shrink_to(BUFFER_KEPT);
+            }
             while state.pending.is_empty() && !state.closing {
                 state.asleep = true;
                 state = queue
@@ -134,28 +154,24 @@ fn write_queued<W: Write>(queue: &Queue, mut sink: W) {
                     .unwrap_or_else(PoisonError::into_inner);
             }
             state.asleep = false;
-            // Let the lines of the next moments join this write: awake, the thread is not
-            // woken by each line, so a busy proxy wakes it about once per GATHER.
-            if !state.closing {
-                state = queue
-                    .wake
-                    .wait_timeout_while(state, GATHER, |state| !state.closing)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
-            }
             std::mem::swap(&mut state.pending, &mut taken);
+            state.in_flight = taken.len();
             state.closing
         };
-        // A write that fails (stderr closed) loses these lines: there is nowhere to say so.
-        let _ = sink.write_all(&taken).and_then(|()| sink.flush());
+        if sink.write_all(&taken).and_then(|()| sink.flush()).is_err() {
+            // The sink refused the batch (stderr closed): its lines are lost, and counted.
+            let lines = taken.iter().filter(|&&byte| byte == b'\n').count();
+            queue.drop_lines(lines as u64);
+        }
         taken.clear();
-        taken.shrink_to(BUFFER_KEPT);
-        if closing && queue.lock().pending.is_empty() {
-            break;
+        let mut state = queue.lock();
+        state.in_flight = 0;
+        if closing && state.pending.is_empty() {
+            state.finished = true;
+            queue.done.notify_all();
+            return;
         }
     }
-    queue.lock().finished = true;
-    queue.finished.notify_all();
 }
 
 impl Drop for LogThread {
@@ -166,7 +182,7 @@ impl Drop for LogThread {
         // A sink that never takes the bytes (a stalled pipe) must not hold the process.
         let _ = self
             .queue
-            .finished
+            .done
             .wait_timeout_while(state, FLUSH_WAIT, |state| !state.finished);
     }
 }
@@ -174,10 +190,10 @@ impl Drop for LogThread {
 impl Write for LogWriter {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         let mut state = self.queue.lock();
-        if state.pending.len() + line.len() > self.queue.limit {
+        let held = state.pending.len() + state.in_flight;
+        if held + line.len() > self.limit {
             drop(state);
-            self.queue.dropped.fetch_add(1, Ordering::Relaxed);
-            DROPPED.fetch_add(1, Ordering::Relaxed);
+            self.queue.drop_lines(1);
             return Ok(line.len());
         }
         state.pending.extend_from_slice(line);
@@ -194,26 +210,52 @@ impl Write for LogWriter {
     }
 }
 
+impl<'a> MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> LogWriter {
+        self.clone()
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LogWriter {
+        if meta.target() == super::ACCESS_TARGET {
+            LogWriter {
+                queue: self.queue.clone(),
+                limit: self.queue.limit / 4 * ACCESS_SHARE,
+            }
+        } else {
+            self.clone()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
 
     use super::*;
 
-    /// Whether a [`Sink`] takes bytes, and its signal when that changes.
-    type Gate = Arc<(Mutex<bool>, Condvar)>;
+    /// How many more writes a [`Sink`] lets through, and its signal when that changes.
+    type Gate = Arc<(Mutex<u32>, Condvar)>;
 
-    /// A sink that hands each write to the test, and can be held shut until the test opens it.
+    /// A sink that hands each write to the test, says when a write came in, and holds each
+    /// write until the test lets it through.
     struct Sink {
         writes: mpsc::Sender<Vec<u8>>,
+        entered: mpsc::Sender<()>,
         gate: Gate,
     }
 
     impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let (open, opened) = &*self.gate;
-            let open = open.lock().unwrap();
-            drop(opened.wait_while(open, |open| !*open).unwrap());
+            let _ = self.entered.send(());
+            let (permits, changed) = &*self.gate;
+            let permits = permits.lock().unwrap();
+            let mut permits = changed
+                .wait_while(permits, |permits| *permits == 0)
+                .unwrap();
+            *permits -= 1;
+            drop(permits);
             self.writes.send(buf.to_vec()).unwrap();
             Ok(buf.len())
         }
@@ -223,21 +265,36 @@ mod tests {
         }
     }
 
-    fn gated_sink(open: bool) -> (Sink, mpsc::Receiver<Vec<u8>>, Gate) {
+    struct Gated {
+        sink: Sink,
+        written: mpsc::Receiver<Vec<u8>>,
+        entered: mpsc::Receiver<()>,
+        gate: Gate,
+    }
+
+    fn gated_sink(open: bool) -> Gated {
         let (writes, written) = mpsc::channel();
-        let gate = Arc::new((Mutex::new(open), Condvar::new()));
-        (
-            Sink {
+        let (entered_tx, entered) = mpsc::channel();
+        let gate = Arc::new((Mutex::new(if open { u32::MAX } else { 0 }), Condvar::new()));
+        Gated {
+            sink: Sink {
                 writes,
+                entered: entered_tx,
                 gate: gate.clone(),
             },
             written,
+            entered,
             gate,
-        )
+        }
     }
 
-    fn open(gate: &(Mutex<bool>, Condvar)) {
-        *gate.0.lock().unwrap() = true;
+    fn open(gate: &(Mutex<u32>, Condvar)) {
+        *gate.0.lock().unwrap() = u32::MAX;
+        gate.1.notify_all();
+    }
+
+    fn let_one_write_through(gate: &(Mutex<u32>, Condvar)) {
+        *gate.0.lock().unwrap() += 1;
         gate.1.notify_all();
     }
 
@@ -253,10 +310,23 @@ mod tests {
         all
     }
 
+    /// Runs `write` on a thread of its own and fails if it has not returned within 5 s: a
+    /// writer that blocks fails the test instead of hanging it.
+    fn within_5s(write: impl FnOnce() + Send + 'static) {
+        let (done, finished) = mpsc::channel();
+        thread::spawn(move || {
+            write();
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a writer blocked");
+    }
+
     #[test]
     fn lines_reach_the_sink_whole_and_in_order() {
-        let (sink, written, _gate) = gated_sink(true);
-        let (_thread, writer) = LogThread::spawn("log-test", sink, 1024 * 1024).unwrap();
+        let gated = gated_sink(true);
+        let (_thread, writer) = LogThread::spawn("log-test", gated.sink, 1024 * 1024).unwrap();
         let workers: Vec<_> = (0..4)
             .map(|worker| {
                 let mut writer = writer.clone();
@@ -275,7 +345,7 @@ mod tests {
         let expected: usize = (0..4)
             .flat_map(|worker| (0..500).map(move |n| format!("worker {worker} line {n}\n").len()))
             .sum();
-        let all = String::from_utf8(received(&written, expected)).unwrap();
+        let all = String::from_utf8(received(&gated.written, expected)).unwrap();
         assert_eq!(all.len(), expected);
         for worker in 0..4 {
             let numbers: Vec<usize> = all
@@ -287,47 +357,121 @@ mod tests {
         }
     }
 
-    /// A sink that takes nothing blocks only the thread: writers go on, what fits is kept,
-    /// the rest is dropped and counted, and what was kept arrives once the sink takes bytes.
+    /// While the thread is stuck in a sink that takes nothing, writers go on: the queue takes
+    /// what fits beside the batch stuck in the sink, drops the rest and counts it, and what
+    /// was kept arrives once the sink takes bytes.
     #[test]
     fn a_stalled_sink_never_blocks_a_writer_and_drops_what_does_not_fit() {
-        let (sink, written, gate) = gated_sink(false);
-        let (thread, mut writer) = LogThread::spawn("log-test", sink, 1000).unwrap();
+        let gated = gated_sink(false);
+        let (thread, writer) = LogThread::spawn("log-test", gated.sink, 1000).unwrap();
         let mut line = [b'x'; 100];
         line[99] = b'\n';
-        // The thread takes the first lines and stalls in the sink; the next ones queue until
-        // the 1000 bytes are taken, and the rest are dropped.
-        for _ in 0..200 {
-            writer.write_all(&line).unwrap();
-        }
-        let dropped = thread.dropped();
-        assert!((100..=190).contains(&dropped), "dropped {dropped} of 200");
-        open(&gate);
+        // The first line goes to the thread, which is then stuck in the sink with it.
+        let mut first = writer.clone();
+        within_5s(move || first.write_all(&line).unwrap());
+        gated
+            .entered
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the thread never wrote");
+        // The stuck line holds 100 of the 1000 bytes: 9 more fit, 191 are dropped.
+        let mut rest = writer.clone();
+        within_5s(move || {
+            for _ in 0..200 {
+                rest.write_all(&line).unwrap();
+            }
+        });
+        assert_eq!(writer.dropped(), 191);
+        open(&gated.gate);
         drop(thread);
-        let kept = received(&written, (200 - dropped as usize) * 100);
-        assert_eq!(
-            kept.len() as u64,
-            (200 - dropped) * 100,
-            "every line kept or counted"
-        );
+        let kept = received(&gated.written, 1000);
+        assert_eq!(kept.len(), 1000, "every line kept or counted");
         assert!(
             kept.chunks(100).all(|kept| kept == line),
             "only whole lines"
         );
     }
 
-    /// Dropping the thread writes out what is queued; with a sink that never takes it, the
-    /// drop returns after a second instead of holding the process.
+    /// The metadata of an event of `target`, as a subscriber's writer is asked for it.
+    fn event_metadata(access: bool) -> &'static tracing::Metadata<'static> {
+        use tracing_subscriber::{Layer, layer::Context, prelude::*};
+
+        type Seen = Arc<Mutex<Option<&'static tracing::Metadata<'static>>>>;
+        struct Capture(Seen);
+        impl<S: tracing::Subscriber> Layer<S> for Capture {
+            fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+                *self.0.lock().unwrap() = Some(event.metadata());
+            }
+        }
+        let seen = Seen::default();
+        let subscriber = tracing_subscriber::registry().with(Capture(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            if access {
+                tracing::info!(target: super::super::ACCESS_TARGET, "an access line");
+            } else {
+                tracing::warn!("a warning");
+            }
+        });
+        let metadata = seen.lock().unwrap().take();
+        metadata.expect("the event was not seen")
+    }
+
+    /// Access-log lines fill at most three quarters of the queue; other lines (warnings,
+    /// errors) still find room beside them.
+    #[test]
+    fn access_lines_leave_room_for_the_others() {
+        let gated = gated_sink(false);
+        let (_thread, writer) = LogThread::spawn("log-test", gated.sink, 4000).unwrap();
+        let line = [b'a'; 100];
+        let access = event_metadata(true);
+        let mut access_lines = writer.make_writer_for(access);
+        within_5s(move || {
+            for _ in 0..40 {
+                access_lines.write_all(&line).unwrap();
+            }
+        });
+        // 30 of the 40 access lines fit in 3000 bytes (the batch stuck in the sink included).
+        assert_eq!(writer.dropped(), 10);
+        let mut warnings = writer.make_writer_for(event_metadata(false));
+        warnings.write_all(&line).unwrap();
+        assert_eq!(
+            writer.dropped(),
+            10,
+            "a warning found no room beside access lines"
+        );
+    }
+
+    /// Dropping the thread writes out what is queued before it returns; with a sink that
+    /// never takes it, the drop returns after a second instead of holding the process.
     #[test]
     fn dropping_the_thread_flushes_and_gives_up_on_a_stalled_sink() {
-        let (sink, written, _gate) = gated_sink(true);
-        let (thread, mut writer) = LogThread::spawn("log-test", sink, 1024).unwrap();
+        let gated = gated_sink(false);
+        let (thread, mut writer) = LogThread::spawn("log-test", gated.sink, 1024).unwrap();
+        let entered = || {
+            gated
+                .entered
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the thread never wrote")
+        };
+        // One line in the sink, one queued behind it; the first goes through, and the thread
+        // is held in the sink with the second when the drop begins.
+        writer.write_all(b"first\n").unwrap();
+        entered();
         writer.write_all(b"last words\n").unwrap();
-        drop(thread);
-        assert_eq!(received(&written, 11), b"last words\n");
+        let_one_write_through(&gated.gate);
+        entered();
+        let dropping = thread::spawn(move || drop(thread));
+        thread::sleep(Duration::from_millis(100));
+        assert!(
+            !dropping.is_finished(),
+            "the drop returned before the queued line was written"
+        );
+        let_one_write_through(&gated.gate);
+        dropping.join().unwrap();
+        let written: Vec<u8> = gated.written.try_iter().flatten().collect();
+        assert_eq!(written, b"first\nlast words\n");
 
-        let (sink, _written, _gate) = gated_sink(false);
-        let (thread, mut writer) = LogThread::spawn("log-test", sink, 1024).unwrap();
+        let gated = gated_sink(false);
+        let (thread, mut writer) = LogThread::spawn("log-test", gated.sink, 1024).unwrap();
         writer.write_all(b"never written\n").unwrap();
         let started = std::time::Instant::now();
         drop(thread);
@@ -336,5 +480,6 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+        assert!(gated.written.try_recv().is_err());
     }
 }

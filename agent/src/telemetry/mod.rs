@@ -68,25 +68,38 @@ pub struct LogGuard {
 
 /// Lines dropped for being longer than [`LOG_LINE_MAX`].
 static LOG_OVERSIZE: AtomicU64 = AtomicU64::new(0);
+/// The global subscriber's writer, once [`init_logging`] has run: it counts what its queue
+/// dropped.
+static LOG_WRITER: OnceLock<log_thread::LogWriter> = OnceLock::new();
 
-/// Log lines dropped: the log thread's queue was full (stderr's reader fell behind), or the
-/// line was longer than 16 KiB (`LOG_LINE_MAX`).
+/// The target of access-log lines (the proxies' per connection, the waypoint's per request):
+/// what operators filter on, and what the log thread gives a share of its queue to.
+pub const ACCESS_TARGET: &str = "access";
+
+/// Log lines dropped: the log thread's queue was full (stderr's reader fell behind) or stderr
+/// refused them, or the line was longer than 16 KiB (`LOG_LINE_MAX`).
 pub fn log_lines_dropped() -> u64 {
-    log_thread::lines_dropped() + LOG_OVERSIZE.load(Ordering::Relaxed)
+    let queue = LOG_WRITER.get().map_or(0, log_thread::LogWriter::dropped);
+    queue + LOG_OVERSIZE.load(Ordering::Relaxed)
 }
 
-/// The log's writer: whole lines (the formatter writes each line in one call) of at most
-/// [`LOG_LINE_MAX`] bytes go on to `W`; longer ones are dropped and counted.
-#[derive(Clone)]
-pub(crate) struct CappedLines<W> {
-    inner: W,
+/// The log's writers: whole lines (the formatter writes each line in one call) of at most
+/// [`LOG_LINE_MAX`] bytes go on to the writer `M` makes for them; longer ones are dropped and
+/// counted.
+pub(crate) struct CappedLines<M> {
+    inner: M,
 }
 
-impl<W> CappedLines<W> {
-    /// Lines for `inner`, capped.
-    pub(crate) fn new(inner: W) -> Self {
+impl<M> CappedLines<M> {
+    /// Lines for the writers `inner` makes, capped.
+    pub(crate) fn new(inner: M) -> Self {
         Self { inner }
     }
+}
+
+/// One line's writer, capped at [`LOG_LINE_MAX`].
+pub(crate) struct CappedLine<W> {
+    inner: W,
 }
 
 /// The layer that formats lines as `format` says and writes them to `writer`: the global
@@ -109,7 +122,7 @@ where
     }
 }
 
-impl<W: std::io::Write> std::io::Write for CappedLines<W> {
+impl<W: std::io::Write> std::io::Write for CappedLine<W> {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         if line.len() > LOG_LINE_MAX {
             LOG_OVERSIZE.fetch_add(1, Ordering::Relaxed);
@@ -123,11 +136,19 @@ impl<W: std::io::Write> std::io::Write for CappedLines<W> {
     }
 }
 
-impl<'a, W: std::io::Write + Clone + 'a> fmt::MakeWriter<'a> for CappedLines<W> {
-    type Writer = Self;
+impl<'a, M: fmt::MakeWriter<'a>> fmt::MakeWriter<'a> for CappedLines<M> {
+    type Writer = CappedLine<M::Writer>;
 
     fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
+        CappedLine {
+            inner: self.inner.make_writer(),
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        CappedLine {
+            inner: self.inner.make_writer_for(meta),
+        }
     }
 }
 
@@ -147,6 +168,7 @@ pub fn init_logging(settings: &LogSettings) -> anyhow::Result<LogGuard> {
     let (thread, writer) =
         log_thread::LogThread::spawn("ambit-log", std::io::stderr(), log_thread::QUEUE_BYTES)
             .context("cannot start the log thread")?;
+    let _ = LOG_WRITER.set(writer.clone());
     tracing_subscriber::registry()
         .with(filter_layer)
         .with(format_layer(settings.format, CappedLines::new(writer)))
@@ -333,7 +355,7 @@ impl AccessLog {
             Err(err) => ("error", Some(err.as_str())),
         };
         tracing::info!(
-            target: "access",
+            target: ACCESS_TARGET,
             direction = self.direction.as_str(),
             src = %self.src,
             src_workload = self.src_workload.as_deref(),
@@ -428,11 +450,11 @@ mod tests {
     use super::*;
 
     /// Lines up to the cap go through whole; a longer one (a client's huge request path) is
-    /// dropped and counted, so the log queue's memory is bounded by lines x the cap.
+    /// dropped and counted, so no one line takes a large part of the log queue.
     #[test]
     fn lines_longer_than_the_cap_are_dropped_and_counted() {
         use std::io::Write;
-        let mut log = CappedLines::new(Vec::new());
+        let mut log = CappedLine { inner: Vec::new() };
         let before = log_lines_dropped();
         let line = vec![b'a'; LOG_LINE_MAX];
         log.write_all(&line).unwrap();

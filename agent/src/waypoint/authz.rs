@@ -91,7 +91,7 @@ pub fn authorize<B>(
         // longer than the log keeps).
         let (path, path_bytes) = observe::logged_path(info.path);
         info!(
-            target: "access",
+            target: crate::telemetry::ACCESS_TARGET,
             reporter = "waypoint",
             src_principal = %peer.identity,
             dst = %peer.dialled,
@@ -131,7 +131,7 @@ pub fn authorize_opaque(state: &MeshState, peer: &Peer<'_>) -> Result<(), String
     );
     if let Some((would_allow, reason)) = &decision.dry_run {
         info!(
-            target: "access",
+            target: crate::telemetry::ACCESS_TARGET,
             reporter = "waypoint",
             src_principal = %peer.identity,
             dst = %peer.dialled,

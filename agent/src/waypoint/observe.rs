@@ -169,7 +169,7 @@ impl RequestRecord {
         let label = |name| labels.get(name).unwrap_or_default();
         let (path, path_bytes) = logged_path(&self.path);
         info!(
-            target: "access",
+            target: crate::telemetry::ACCESS_TARGET,
             reporter = "waypoint",
             src = %self.source,
             src_workload = self.source_workload.as_deref(),
@@ -410,8 +410,11 @@ mod tests {
         let path = format!("/{}", "\u{300}".repeat(32 * 1024 - 1));
         for format in [LogFormat::Text, LogFormat::Json] {
             let lines = Lines::default();
-            let subscriber = tracing_subscriber::registry()
-                .with(format_layer(format, CappedLines::new(lines.clone())));
+            let writer = lines.clone();
+            let subscriber = tracing_subscriber::registry().with(format_layer(
+                format,
+                CappedLines::new(move || writer.clone()),
+            ));
             let mut huge = record(&metrics, &Arc::new(AtomicU64::new(0)));
             huge.path = path.clone();
             huge.method = Method::from_bytes(&[b'X'; 1000]).unwrap();

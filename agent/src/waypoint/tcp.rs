@@ -141,7 +141,7 @@ pub(super) async fn forward<S, F, T>(
         Err(e) => (0, 0, Some(e.as_str())),
     };
     info!(
-        target: "access",
+        target: crate::telemetry::ACCESS_TARGET,
         reporter = "waypoint",
         src = %source,
         src_principal = %peer,
