@@ -1,10 +1,11 @@
 //! The log's writer: lines formatted on the proxy's workers are copied into one buffer, and a
 //! thread of their own writes that buffer out (to stderr), so a reader of stderr that falls
-//! behind (a stalled container log pipe) never blocks a worker, and a worker makes at most one
-//! system call per log line: a futex wake, only when the thread sleeps. When the queue holds
-//! its limit ([`QUEUE_BYTES`], the batch being written included) a new line is dropped and
-//! counted instead; access-log lines may fill only [`ACCESS_SHARE`] of it, so a pod that
-//! floods connections cannot crowd out the process's own warnings and errors.
+//! behind (a stalled container log pipe) never blocks a worker. To log a line a worker makes
+//! no system call but a futex wake when the thread sleeps (and a futex wait if another worker
+//! holds the lock for its own copy). When the queue holds its limit ([`QUEUE_BYTES`], the batch
+//! being written included) a new line is dropped and counted instead; access-log lines may fill
+//! only three quarters of it ([`ACCESS_SHARE`]), so a pod that floods connections cannot crowd
+//! out the process's own warnings and errors.
 //!
 //! Why not tracing-appender's non-blocking writer, which this replaced: its thread takes lines
 //! from a crossbeam channel, which spins and calls `sched_yield` before it parks, about four
