@@ -1179,7 +1179,7 @@ where
     let request: Request<UpstreamBody> = request.map(|b| b.map_err(Into::into).boxed_unsync());
     let mut response = waypoint
         .connections
-        .send(target, waypoint.open(upstream), request)
+        .send(target, || waypoint.open(upstream), request)
         .await?;
     strip_hop_by_hop(response.headers_mut());
     Ok(response.map(BodyExt::boxed))
