@@ -292,7 +292,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         max_spliced: args.max_spliced_connections,
         fast_path: args.same_node_fast_path,
     })?);
-    // Loading parsed the kernel's BTF: give those pages back now rather than over seconds.
+    // Where loading had to parse the kernel's BTF (redirect::object), give those pages back
+    // now rather than over seconds.
     crate::allocator::return_freed_memory();
     tokio::spawn(crate::redirect::keep_node_addresses(redirector.clone()));
     // Each subsystem's metrics, in one registry.

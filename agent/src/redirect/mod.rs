@@ -11,6 +11,7 @@
 //! can set.
 mod link;
 pub mod metrics;
+mod object;
 mod preflight;
 pub mod splice;
 
@@ -29,7 +30,7 @@ use ambit_common::{
 };
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, SkStorage, SockHash, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
@@ -276,10 +277,7 @@ impl Redirector {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let agent_cgroup = own_cgroup(&config.cgroup)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object (maps pinned by an incompatible agent version can be removed with `ambit uninstall`)")?;
+        let mut ebpf = object::load(EBPF_OBJECT, &maps_dir).context("loading the eBPF object (maps pinned by an incompatible agent version can be removed with `ambit uninstall`)")?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_ebpf_logger(logger),
             Err(err) => warn!(%err, "eBPF log forwarding unavailable"),
@@ -774,10 +772,7 @@ pub fn splice_finding(bpffs: &Path) -> Finding {
     let scratch = base.join(format!("ambit-check-{}", std::process::id()));
     let result = (|| -> anyhow::Result<()> {
         fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&scratch)
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object")?;
+        let mut ebpf = object::load(EBPF_OBJECT, &scratch).context("loading the eBPF object")?;
         load_splice(&mut ebpf, 16).map(drop)
     })();
     if let Ok(entries) = fs::read_dir(&scratch) {

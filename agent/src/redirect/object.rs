@@ -1,0 +1,113 @@
+//! Loading the eBPF object without aya parsing the kernel's BTF.
+//!
+//! aya 0.14's `EbpfLoader::new` parses all of `/sys/kernel/btf/vmlinux` (5.5 MB here, about
+//! 20 MB of heap for a moment) for CO-RE relocations, whatever `.btf(None)` says afterwards.
+//! Our object has no such relocations, so the parse only raised the agent's peak memory: a
+//! fresh release agent peaked at 37.8 MiB resident (VmHWM) and rested at 15.2
+//! (docs/perf/README.md, "The start-up transient"). aya 0.16 parses only for an object that
+//! needs it, but needs a newer Rust than this project's (docs: ../shared/TOOLCHAIN.md).
+//!
+//! Until then the object is loaded on a thread of its own that first moves into a private mount
+//! namespace where an empty tmpfs covers `/sys/kernel/btf`: `Btf::from_sys_fs` finds no file
+//! and aya loads as on a kernel without BTF. `unshare(CLONE_NEWNS)` unshares only the calling
+//! thread's file-system context; the new namespace's mounts are made private before anything
+//! is mounted, so nothing propagates to the node's, and the namespace ends with the thread.
+//! A mount namespace copies mounts, not file systems: the maps pinned during the load land in
+//! the same bpffs the rest of the agent (and the next agent) sees.
+//!
+//! Where the kernel BTF is needed (an object with CO-RE relocations) or the namespace cannot be
+//! made (no CAP_SYS_ADMIN), the object loads as before, with the parse.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use aya::{Ebpf, EbpfLoader};
+use nix::{
+    mount::{MsFlags, mount},
+    sched::{CloneFlags, unshare},
+};
+use tracing::{debug, info};
+
+/// Where aya 0.14 reads the kernel's BTF (`Btf::from_sys_fs`).
+const KERNEL_BTF_DIR: &str = "/sys/kernel/btf";
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Loads `object` with its maps pinned by name in `pin_dir`, without parsing the kernel's BTF
+/// where the object does not need it.
+pub(super) fn load(object: &'static [u8], pin_dir: &Path) -> anyhow::Result<Ebpf> {
+    let needs_kernel_btf = aya_obj::Object::parse(object)
+        .context("parsing the eBPF object")?
+        .has_btf_relocations();
+    let pin_dir = pin_dir.to_path_buf();
+    std::thread::Builder::new()
+        .name("ambit-ebpf-load".into())
+        .spawn(move || load_on_this_thread(object, &pin_dir, needs_kernel_btf))
+        .context("starting the thread that loads the eBPF object")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread loading the eBPF object panicked"))?
+}
+
+/// The body of [`load`]'s thread: the thread may be left in a mount namespace of its own.
+fn load_on_this_thread(
+    object: &'static [u8],
+    pin_dir: &Path,
+    needs_kernel_btf: bool,
+) -> anyhow::Result<Ebpf> {
+    let kernel_btf = if needs_kernel_btf {
+        "parsed: the object has CO-RE relocations"
+    } else if !Path::new(KERNEL_BTF).exists() {
+        "none on this kernel"
+    } else {
+        match hide_kernel_btf_from_this_thread() {
+            Ok(()) => "not parsed: the object needs none",
+            Err(err) => {
+                debug!(%err, "the kernel BTF stays visible to the loader");
+                "parsed: it could not be hidden from the loader"
+            }
+        }
+    };
+    let ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(object)?;
+    info!(kernel_btf, "eBPF object loaded");
+    Ok(ebpf)
+}
+
+/// Moves this thread into a private mount namespace with an empty tmpfs over
+/// [`KERNEL_BTF_DIR`], and checks that [`KERNEL_BTF`] is gone from its view.
+fn hide_kernel_btf_from_this_thread() -> anyhow::Result<()> {
+    unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
+    // Before any mount: a shared `/` (systemd's default) would carry the tmpfs to the node.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making this thread's mounts private")?;
+    mount(
+        Some("ambit-no-btf"),
+        KERNEL_BTF_DIR,
+        Some("tmpfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=4k"),
+    )
+    .with_context(|| format!("mounting an empty tmpfs on {KERNEL_BTF_DIR}"))?;
+    anyhow::ensure!(
+        !Path::new(KERNEL_BTF).exists(),
+        "{KERNEL_BTF} is still visible"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The object must stay loadable without the kernel's BTF, or every agent parses it again
+    /// (20 MB of heap at start-up): CO-RE relocations would need it.
+    #[test]
+    fn the_object_has_no_co_re_relocations() {
+        let object = aya_obj::Object::parse(super::super::EBPF_OBJECT).unwrap();
+        assert!(!object.has_btf_relocations());
+    }
+}
