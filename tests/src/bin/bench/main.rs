@@ -833,6 +833,32 @@ fn per_agent(cpu: &[f64]) -> String {
         .join(", ")
 }
 
+/// The peak resident memory (VmHWM, kB) of every node's agent since the previous call, or since
+/// it started: read, then reset to what it holds now (`5` in `/proc/<pid>/clear_refs`), so the
+/// next call gives the next load's peak. Whoever keeps a peak over several loads folds every
+/// call's result ([`fold_peaks`]): the kernel's own figure no longer spans them.
+fn take_peaks(cluster: &Cluster) -> Vec<Option<u64>> {
+    cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            let pid = n.agent_pid()?;
+            let peak = util::proc_status_kb(pid, "VmHWM");
+            if let Err(err) = fs::write(format!("/proc/{pid}/clear_refs"), "5") {
+                println!("    (could not reset {}'s peak memory: {err})", n.name());
+            }
+            peak
+        })
+        .collect()
+}
+
+/// Raises each of `into` to the matching peak of `peaks`.
+fn fold_peaks(into: &mut [Option<u64>], peaks: &[Option<u64>]) {
+    for (h, p) in into.iter_mut().zip(peaks) {
+        *h = (*h).max(*p);
+    }
+}
+
 fn delta(after: &[f64], before: &[f64]) -> Vec<f64> {
     after.iter().zip(before).map(|(a, b)| a - b).collect()
 }
@@ -960,10 +986,30 @@ struct Scenario {
     cpu_bulk_n: Vec<f64>,
     cpu_churn: Vec<f64>,
     cpu_total: Vec<f64>,
+    /// Each agent's peak resident memory (kB) before the first load (since the previous
+    /// scenario: enrolment, restarts), then during each load in the order above.
+    peak_before: Vec<Option<u64>>,
+    peak_fixed: Vec<Option<u64>>,
+    peak_saturation: Vec<Option<u64>>,
+    peak_bulk1: Vec<Option<u64>>,
+    peak_bulk_n: Vec<Option<u64>>,
+    peak_churn: Vec<Option<u64>>,
     access: Access,
 }
 
 impl Scenario {
+    /// Every peak the scenario read, before and during its loads.
+    fn peaks(&self) -> [&[Option<u64>]; 6] {
+        [
+            &self.peak_before,
+            &self.peak_fixed,
+            &self.peak_saturation,
+            &self.peak_bulk1,
+            &self.peak_bulk_n,
+            &self.peak_churn,
+        ]
+    }
+
     /// Agent CPU seconds (both agents) per GB that iperf3 moved, `None` without a run.
     fn cpu_per_gb(bulk: &Result<Bulk, String>, cpu: &[f64]) -> Option<f64> {
         let bulk = bulk.as_ref().ok()?;
@@ -1348,6 +1394,7 @@ fn run_scenario(
     let cmds = commands(args, &ip, &tools.scratch, &tag);
     let offsets: Vec<u64> = cluster.nodes().iter().map(log_len).collect();
     let start_cpu = agents_cpu(cluster);
+    let peak_before = take_peaks(cluster);
 
     let before = agents_cpu(cluster);
     let fixed = report(
@@ -1362,6 +1409,7 @@ fn run_scenario(
         show_http,
     );
     let cpu_fixed = delta(&agents_cpu(cluster), &before);
+    let peak_fixed = take_peaks(cluster);
 
     let profile = profiled
         .then(|| {
@@ -1389,6 +1437,7 @@ fn run_scenario(
         show_http,
     );
     let cpu_saturation = delta(&agents_cpu(cluster), &before);
+    let peak_saturation = take_peaks(cluster);
     finish_profile(profile);
 
     let gbps = |b: &Bulk| format!("{:.2} Gbit/s", b.gbps);
@@ -1418,6 +1467,7 @@ fn run_scenario(
     let before = agents_cpu(cluster);
     let bulk1 = iperf3("bulk, 1 stream", &cmds.bulk1);
     let cpu_bulk1 = delta(&agents_cpu(cluster), &before);
+    let peak_bulk1 = take_peaks(cluster);
     finish_profile(profile);
     let before = agents_cpu(cluster);
     let bulk_n = iperf3(
@@ -1425,6 +1475,7 @@ fn run_scenario(
         &cmds.bulk_n,
     );
     let cpu_bulk_n = delta(&agents_cpu(cluster), &before);
+    let peak_bulk_n = take_peaks(cluster);
     let profile = profiled
         .then(|| {
             start_profile(
@@ -1449,6 +1500,7 @@ fn run_scenario(
     // Access-log lines are written when connections end: give the last ones a moment.
     std::thread::sleep(Duration::from_millis(500));
     let cpu_churn = delta(&agents_cpu(cluster), &before);
+    let peak_churn = take_peaks(cluster);
     finish_profile(profile);
     let cpu_total = delta(&agents_cpu(cluster), &start_cpu);
     let access = access_summary(cluster, &offsets, IpAddr::V4(server.ip4()));
@@ -1467,6 +1519,12 @@ fn run_scenario(
         cpu_bulk_n,
         cpu_churn,
         cpu_total,
+        peak_before,
+        peak_fixed,
+        peak_saturation,
+        peak_bulk1,
+        peak_bulk_n,
+        peak_churn,
         access,
     };
     println!(
@@ -2339,7 +2397,7 @@ fn tables(
     ));
     let _ = writeln!(
         md,
-        "\nFrom `/proc/<pid>/status` after the last scenario. VmHWM is the peak over every \
+        "\nFrom `/proc/<pid>/status`. VmHWM is the peak over every \
          process of this build's agent on the node (all scenarios, every path), not per path: \
          n0's agent is restarted around the same-node-only scenarios{}.\n",
         match &args.compare {
@@ -2349,6 +2407,45 @@ fn tables(
             ),
             None => String::new(),
         }
+    );
+
+    // Per load: which one sets the peak above.
+    let per_agent_mib = |peaks: &[Option<u64>]| {
+        peaks
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("n{i} {}", kb(*p)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let rows = all
+        .iter()
+        .map(|s| {
+            let mut row = vec![s.placement.name().to_string(), path_label(s)];
+            row.extend(s.peaks().map(per_agent_mib));
+            row
+        })
+        .collect();
+    let bulk_n_header = format!("bulk, {} connections", args.bulk_streams);
+    md.push_str(&table(
+        &[
+            "placement",
+            "path",
+            "before the loads",
+            "fixed rate",
+            "saturation",
+            "bulk, 1 connection",
+            &bulk_n_header,
+            "connection setup",
+        ],
+        rows,
+    ));
+    let _ = writeln!(
+        md,
+        "\nThe same figure load by load: each agent's VmHWM read after the load and reset to \
+         its resident size (`5` in `/proc/<pid>/clear_refs`) before the next, so each column is \
+         the peak during that load alone. \"before the loads\" covers what came since the \
+         previous scenario: enrolment, and an agent's start-up where the scenario restarted it.\n"
     );
 
     let _ = writeln!(md, "### What carried the traffic\n");
@@ -2704,9 +2801,12 @@ fn throughput(
                 cluster.with_diagnostics(restart_agent(cluster, 0, path, &mut hwm))?;
             }
             cluster.with_diagnostics(set_enrolment(cluster, &enrolled))?;
-            all.push(run_scenario(
-                cluster, args, tools, path, placement, None, client, server,
-            ));
+            let scenario =
+                run_scenario(cluster, args, tools, path, placement, None, client, server);
+            for peaks in scenario.peaks() {
+                fold_peaks(&mut hwm, peaks);
+            }
+            all.push(scenario);
             if path.same_node_only() {
                 let back = MeshPath::Mesh;
                 cluster.with_diagnostics(restart_agent(cluster, 0, back, &mut hwm))?;
@@ -2714,9 +2814,7 @@ fn throughput(
         }
         if let Some((label, ambit)) = compare {
             // The same mesh scenario with the other binary, then back to this build.
-            for (h, now) in hwm.iter_mut().zip(agents_hwm(cluster)) {
-                *h = (*h).max(now);
-            }
+            fold_peaks(&mut hwm, &agents_hwm(cluster));
             println!("==> agents restarted with {label} ({})", ambit.display());
             let back = restart_agents(cluster, ambit, &args.compare_agent_arg);
             cluster.with_diagnostics(back)?;
@@ -2736,9 +2834,7 @@ fn throughput(
             cluster.with_diagnostics(back)?;
         }
     }
-    for (h, now) in hwm.iter_mut().zip(agents_hwm(cluster)) {
-        *h = (*h).max(now);
-    }
+    fold_peaks(&mut hwm, &agents_hwm(cluster));
     let memory: Vec<Memory> = cluster
         .nodes()
         .iter()
