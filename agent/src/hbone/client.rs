@@ -193,9 +193,19 @@ where
         })
 }
 
-/// The HTTP/2 client handshake with ztunnel's settings. The returned [`Connection`] must be
-/// polled (spawned) for any stream to make progress; it completes when the connection closes,
-/// which happens on its own (GOAWAY) once every [`Http2Client`] clone and stream is dropped.
+/// DATA a stream may queue in h2 ahead of the connection's writes and the peer's window.
+///
+/// ztunnel queues a whole stream window (4 MiB), so a fast writer can fill the peer's window in
+/// one go. The window is what keeps a tunnel busy across a round trip; this queue only has to
+/// hold what the next write takes, and one largest frame does: with 1 MiB, iperf3's throughput
+/// through HBONE did not move (1 and 8 streams) while the sending agent's peak fell by 8-12 MiB
+/// (docs/perf/README.md, "Which load sets the peak").
+const SEND_BUFFER_PER_STREAM: usize = 1024 * 1024;
+
+/// The HTTP/2 client handshake with ztunnel's settings, but for `SEND_BUFFER_PER_STREAM`.
+/// The returned [`Connection`] must be polled (spawned) for any stream to make progress; it
+/// completes when the connection closes, which happens on its own (GOAWAY) once every
+/// [`Http2Client`] clone and stream is dropped.
 ///
 /// `max_streams` is how many streams we expect to open at once before the server's SETTINGS
 /// arrive; beyond the server's limit h2 queues new streams.
@@ -214,8 +224,7 @@ where
         .max_frame_size(http2.max_frame_size)
         .initial_max_send_streams(max_streams)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        // Buffer up to a window per stream so a fast writer fills the peer's window in one go.
-        .max_send_buffer_size(http2.stream_window as usize)
+        .max_send_buffer_size(SEND_BUFFER_PER_STREAM)
         .enable_push(false)
         // Flow control already bounds buffered DATA; h2's small-frame budget would instead
         // close the whole connection (all its tunnels) when an application writes in small
