@@ -93,6 +93,24 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
         rss_kb(cluster.node(0))?,
     );
     eprintln!("agent once ready: {fresh} kB anonymous, {resident} kB resident, peak {peak} kB");
+    let loaded = cluster
+        .node(0)
+        .agent_log_json()
+        .into_iter()
+        .find(|l| l["message"] == "eBPF object loaded");
+    let kernel_btf = loaded.as_ref().and_then(|l| l["kernel_btf"].as_str());
+    ensure_or_dump!(
+        cluster,
+        kernel_btf.is_some_and(|k| k.starts_with("not parsed")),
+        "the agent's eBPF loader parsed the kernel's BTF or did not say: {loaded:?}"
+    );
+    // The loader's private mount namespace (redirect::object) must leave nothing in the node's.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    ensure_or_dump!(
+        cluster,
+        !mounts.contains("ambit-no-btf"),
+        "the loader's tmpfs over /sys/kernel/btf reached the node's mounts:\n{mounts}"
+    );
     ensure_or_dump!(
         cluster,
         peak.saturating_sub(resident) <= FRESH_PEAK_ABOVE_REST_KB,

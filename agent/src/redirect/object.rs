@@ -3,20 +3,22 @@
 //! aya 0.14's `EbpfLoader::new` parses all of `/sys/kernel/btf/vmlinux` (5.5 MB here, about
 //! 20 MB of heap for a moment) for CO-RE relocations, whatever `.btf(None)` says afterwards.
 //! Our object has no such relocations, so the parse only raised the agent's peak memory: a
-//! fresh release agent peaked at 37.8 MiB resident (VmHWM) and rested at 15.2
-//! (docs/perf/README.md, "The start-up transient"). aya 0.16 parses only for an object that
-//! needs it, but needs a newer Rust than this project's (docs: ../shared/TOOLCHAIN.md).
+//! fresh release agent peaked at 37-38 MiB resident (VmHWM) and rested at 16; without the parse
+//! its peak is what it holds (docs/perf/README.md, "The kernel BTF, not parsed at all"). aya
+//! 0.16 parses only for an object that needs it, but needs a newer Rust than this project's.
 //!
 //! Until then the object is loaded on a thread of its own that first moves into a private mount
 //! namespace where an empty tmpfs covers `/sys/kernel/btf`: `Btf::from_sys_fs` finds no file
 //! and aya loads as on a kernel without BTF. `unshare(CLONE_NEWNS)` unshares only the calling
 //! thread's file-system context; the new namespace's mounts are made private before anything
-//! is mounted, so nothing propagates to the node's, and the namespace ends with the thread.
+//! is mounted, so nothing propagates to the node's, and the namespace goes when the thread exits.
 //! A mount namespace copies mounts, not file systems: the maps pinned during the load land in
 //! the same bpffs the rest of the agent (and the next agent) sees.
 //!
 //! Where the kernel BTF is needed (an object with CO-RE relocations) or the namespace cannot be
-//! made (no CAP_SYS_ADMIN), the object loads as before, with the parse.
+//! made (SELinux or a seccomp profile refusing the mount, `ambit check` run without
+//! CAP_SYS_ADMIN, a thread that cannot be started), the object loads as before, with the parse;
+//! a warning says why, and the `eBPF object loaded` line's `kernel_btf` says which way it went.
 
 use std::path::Path;
 
@@ -26,7 +28,7 @@ use nix::{
     mount::{MsFlags, mount},
     sched::{CloneFlags, unshare},
 };
-use tracing::{debug, info};
+use tracing::{info, warn};
 
 /// Where aya 0.14 reads the kernel's BTF (`Btf::from_sys_fs`).
 const KERNEL_BTF_DIR: &str = "/sys/kernel/btf";
@@ -38,34 +40,55 @@ pub(super) fn load(object: &'static [u8], pin_dir: &Path) -> anyhow::Result<Ebpf
     let needs_kernel_btf = aya_obj::Object::parse(object)
         .context("parsing the eBPF object")?
         .has_btf_relocations();
-    let pin_dir = pin_dir.to_path_buf();
-    std::thread::Builder::new()
+    if needs_kernel_btf || !Path::new(KERNEL_BTF).exists() {
+        let kernel_btf = if needs_kernel_btf {
+            "parsed: the object has CO-RE relocations"
+        } else {
+            "none on this kernel"
+        };
+        return load_with_kernel_btf_as_seen(object, pin_dir, kernel_btf);
+    }
+    let owned_pin_dir = pin_dir.to_path_buf();
+    let span = tracing::Span::current();
+    // Only this thread ever leaves the agent's mount namespace.
+    let spawned = std::thread::Builder::new()
         .name("ambit-ebpf-load".into())
-        .spawn(move || load_on_this_thread(object, &pin_dir, needs_kernel_btf))
-        .context("starting the thread that loads the eBPF object")?
-        .join()
-        .map_err(|_| anyhow::anyhow!("the thread loading the eBPF object panicked"))?
+        .spawn(move || {
+            let _entered = span.entered();
+            match hide_kernel_btf_from_this_thread() {
+                Ok(()) => load_with_kernel_btf_as_seen(
+                    object,
+                    &owned_pin_dir,
+                    "not parsed: the object needs none",
+                ),
+                Err(err) => {
+                    warn!(error = %format!("{err:#}"), "the kernel BTF could not be hidden from the eBPF loader, which parses it (about 20 MB of memory for a moment)");
+                    load_with_kernel_btf_as_seen(
+                        object,
+                        &owned_pin_dir,
+                        "parsed: it could not be hidden from the loader",
+                    )
+                }
+            }
+        });
+    match spawned {
+        Ok(thread) => thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread loading the eBPF object panicked"))?,
+        Err(err) => {
+            warn!(error = %err, "no thread to load the eBPF object on; loading here, parsing the kernel BTF");
+            load_with_kernel_btf_as_seen(object, pin_dir, "parsed: no thread to hide it on")
+        }
+    }
 }
 
-/// The body of [`load`]'s thread: the thread may be left in a mount namespace of its own.
-fn load_on_this_thread(
+/// Loads `object` with whatever kernel BTF this thread sees, and logs `kernel_btf`: what
+/// became of it.
+fn load_with_kernel_btf_as_seen(
     object: &'static [u8],
     pin_dir: &Path,
-    needs_kernel_btf: bool,
+    kernel_btf: &'static str,
 ) -> anyhow::Result<Ebpf> {
-    let kernel_btf = if needs_kernel_btf {
-        "parsed: the object has CO-RE relocations"
-    } else if !Path::new(KERNEL_BTF).exists() {
-        "none on this kernel"
-    } else {
-        match hide_kernel_btf_from_this_thread() {
-            Ok(()) => "not parsed: the object needs none",
-            Err(err) => {
-                debug!(%err, "the kernel BTF stays visible to the loader");
-                "parsed: it could not be hidden from the loader"
-            }
-        }
-    };
     let ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .load(object)?;
