@@ -26,7 +26,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::limits::{BufferGrant, BufferShare};
@@ -92,9 +92,18 @@ pub trait Relayable: AsyncRead + AsyncWrite + Unpin {
         chunk: &mut Bytes,
     ) -> Poll<io::Result<usize>> {
         let n = ready!(Pin::new(self).poll_write(cx, chunk))?;
-        chunk.advance(n);
+        consume(chunk, n);
         Poll::Ready(Ok(n))
     }
+}
+
+/// Drops the first `n` bytes of `chunk`. Once none are left, `chunk` no longer refers to the
+/// buffer it came from: `Bytes::advance` would keep that buffer alive, and a connection that
+/// then idles would pin it for as long as it lasts (a tunnel's last DATA frame pinned one of
+/// h2's 8 KiB read buffers; docs/perf/README.md, "What a held tunnel pins").
+pub(crate) fn consume(chunk: &mut Bytes, n: usize) {
+    // `split_to` of the whole leaves an empty `Bytes` that owns nothing.
+    drop(chunk.split_to(n));
 }
 
 impl Relayable for tokio::net::TcpStream {
@@ -425,6 +434,75 @@ mod tests {
         fn received(&self, n: u64) {
             self.received.fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    /// Hands over one chunk, then has nothing more (an idle tunnel); writes are taken whole.
+    struct OneChunk(Option<Bytes>);
+
+    impl AsyncRead for OneChunk {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for OneChunk {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Relayable for OneChunk {
+        fn poll_read_chunk(
+            &mut self,
+            _: &mut Context<'_>,
+            _: &mut ReadBuffer,
+        ) -> Poll<io::Result<Bytes>> {
+            match self.0.take() {
+                Some(chunk) => Poll::Ready(Ok(chunk)),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    /// Once a chunk is written on, an idle relay holds nothing of the buffer it came from: a
+    /// tunnel's last DATA frame pinned h2's read buffer for as long as the connection idled.
+    #[tokio::test]
+    async fn an_idle_relay_keeps_no_part_of_the_last_chunk() {
+        let buffer = Bytes::from(vec![7u8; 8192]);
+        let (sink, mut peer) = duplex(64 * 1024);
+        let source = OneChunk(Some(buffer.slice(100..1100)));
+        let buffers = BufferShare::unlimited();
+        let relayed =
+            tokio::spawn(async move { relay(source, sink, &Tally::default(), &buffers).await });
+        let mut got = vec![0u8; 1000];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, vec![7u8; 1000]);
+        // The relay is still running (both sides open); only the buffer's owner is left.
+        let mut unique = buffer.is_unique();
+        for _ in 0..100 {
+            if unique {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            unique = buffer.is_unique();
+        }
+        assert!(!relayed.is_finished());
+        assert!(unique, "the idle relay still refers to the chunk's buffer");
+        relayed.abort();
     }
 
     /// The meter hears of every chunk as soon as it is passed on, while both sides are still

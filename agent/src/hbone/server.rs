@@ -154,8 +154,6 @@ pub struct StreamReport<M = ()> {
     pub source: SocketAddr,
     /// The tunnel's destination, when `:authority` was a valid address.
     pub destination: Option<SocketAddr>,
-    /// The request headers.
-    pub headers: HeaderMap,
     /// The status answered.
     pub status: StatusCode,
     /// How it ended.
@@ -504,16 +502,13 @@ impl<H: InboundHandler> HboneServer<H> {
             peer,
             source,
             destination: None,
-            headers: parts.headers,
             status: StatusCode::OK,
             result: Ok(()),
             transferred: Transferred::default(),
             meter: None,
             duration: Duration::ZERO,
         };
-        let outcome = self
-            .tunnel(&parts.method, &parts.uri, &mut report, body, &mut respond)
-            .await;
+        let outcome = self.tunnel(parts, &mut report, body, &mut respond).await;
         if let Err(err) = &outcome {
             report.status = err.status();
             if report.status != StatusCode::OK {
@@ -526,22 +521,37 @@ impl<H: InboundHandler> HboneServer<H> {
     }
 
     /// Checks, authorizes, connects and relays one stream, filling in the report as it goes.
+    ///
+    /// The request (`parts`) is dropped once the tunnel is set up, before the relay: h2 decodes
+    /// `:authority` and header values into slices of buffers it shares (its read buffer, its
+    /// HPACK scratch buffer), which a request kept for the tunnel's life kept alive. With the
+    /// relay's last chunk (`relay::consume`), that was more than half of what a held tunnel
+    /// cost (docs/perf/README.md, "What a held tunnel pins").
     async fn tunnel(
         &self,
-        method: &Method,
-        uri: &http::Uri,
+        parts: http::request::Parts,
         report: &mut StreamReport<H::Meter>,
         body: RecvStream,
         respond: &mut SendResponse<Bytes>,
     ) -> Result<(), StreamError> {
+        // Every part is moved out here, so each can go as soon as it has served.
+        let http::request::Parts {
+            method,
+            uri,
+            headers,
+            extensions,
+            ..
+        } = parts;
+        drop(extensions);
         if method != Method::CONNECT {
-            return Err(StreamError::MethodNotAllowed(method.clone()));
+            return Err(StreamError::MethodNotAllowed(method));
         }
         let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
         let destination = authority
             .parse::<SocketAddr>()
             .map(canonical)
             .map_err(|_| StreamError::BadAuthority(authority.to_string()))?;
+        drop(uri);
         report.destination = Some(destination);
         let settings = &self.inner.settings;
         if let Destinations::Pod(addrs) = &settings.destinations
@@ -556,8 +566,7 @@ impl<H: InboundHandler> HboneServer<H> {
             peer: report.peer.clone(),
             source: report.source,
             destination,
-            // Moved out for the hooks and put back for the report, to avoid a copy.
-            headers: std::mem::take(&mut report.headers),
+            headers,
         };
         let handler = &self.inner.handler;
         let checked = async {
@@ -572,7 +581,7 @@ impl<H: InboundHandler> HboneServer<H> {
             Ok((admission, upstream, handler.opened(&request)))
         }
         .await;
-        report.headers = request.headers;
+        drop(request);
         let (mut admission, upstream, meter) = checked?;
         report.meter = meter;
         let meter = &report.meter;

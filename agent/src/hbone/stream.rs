@@ -7,7 +7,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -172,7 +172,7 @@ impl AsyncRead for HboneStream {
         let mut data = ready!(this.poll_data(cx))?;
         let n = buf.remaining().min(data.len());
         buf.put_slice(&data[..n]);
-        data.advance(n);
+        crate::relay::consume(&mut data, n);
         this.pending = data;
         Poll::Ready(Ok(()))
     }

@@ -138,7 +138,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
         if self.prefix.has_remaining() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
+            crate::relay::consume(&mut self.prefix, n);
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
