@@ -30,9 +30,11 @@ use nix::{
 };
 use tracing::{info, warn};
 
-/// Where aya 0.14 reads the kernel's BTF (`Btf::from_sys_fs`).
+/// The directory of the kernel's BTF, which the loader's thread covers.
 const KERNEL_BTF_DIR: &str = "/sys/kernel/btf";
-const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// The kernel's BTF: where aya 0.14 reads it (`Btf::from_sys_fs`), and what the node checks
+/// look for.
+pub(super) const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Loads `object` with its maps pinned by name in `pin_dir`, without parsing the kernel's BTF
 /// where the object does not need it.

@@ -3,7 +3,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 
-use super::RedirectConfig;
+use super::{RedirectConfig, object::KERNEL_BTF};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -185,13 +185,15 @@ pub fn node_findings(config: &RedirectConfig) -> Vec<Finding> {
             ),
         ),
     });
-    findings.push(if Path::new("/sys/kernel/btf/vmlinux").exists() {
-        Finding::ok("kernel BTF", "/sys/kernel/btf/vmlinux present")
+    findings.push(if Path::new(KERNEL_BTF).exists() {
+        Finding::ok("kernel BTF", format!("{KERNEL_BTF} present"))
     } else {
         Finding::fail(
             "kernel BTF",
-            "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing); Ambit needs a kernel \
-             built with CONFIG_DEBUG_INFO_BTF=y",
+            format!(
+                "the kernel has no BTF ({KERNEL_BTF} is missing); Ambit needs a kernel built \
+                 with CONFIG_DEBUG_INFO_BTF=y"
+            ),
             "use a distribution kernel with CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, RHEL, \
              Bottlerocket and COS kernels have it)",
         )
