@@ -2,10 +2,11 @@
 //!
 //! jemalloc (the binary's allocator, `src/main.rs`) returns freed pages to the kernel as they
 //! age, over about ten seconds. That suits a burst of connections, which may come again, but
-//! not a one-off: loading the eBPF object parses the kernel's BTF (aya's `EbpfLoader` reads all
-//! of `/sys/kernel/btf/vmlinux`, about 20 MB of heap for a moment), and without this the agent
-//! stays some 25 MiB above its resting size for the first ten to twenty seconds of its life
-//! (docs/perf/README.md, "The start-up transient").
+//! not a one-off: where loading the eBPF object has to parse the kernel's BTF (aya's
+//! `EbpfLoader` reads all of `/sys/kernel/btf/vmlinux`, about 20 MB of heap for a moment; only
+//! when `redirect::object` cannot hide it), without this the agent stays some 25 MiB above its
+//! resting size for the first ten to twenty seconds of its life (docs/perf/README.md, "The
+//! start-up transient").
 
 /// Returns what this thread's cache and every arena hold freed to the kernel now. Without the
 /// `jemalloc` feature (the system allocator) it does nothing.
