@@ -433,7 +433,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     ));
     let mut admin = tokio::spawn(admin::serve(args.admin_addr, admin_state.clone(), true));
     let mut readiness = tokio::spawn(admin::serve(args.readiness_addr, admin_state, false));
-    info!(node = %args.node, "agent started");
+    info!(node = %args.node, allocator = %crate::allocator::summary(), "agent started");
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut role = role_rx;

@@ -15,6 +15,21 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read once at start (its `malloc_conf`, under the prefix of
+/// tikv-jemalloc-sys's symbols; `_RJEM_MALLOC_CONF` in the environment overrides them).
+///
+/// One arena, not jemalloc's default of four per CPU. Each arena keeps its own freed pages
+/// until they decay, and a tunnel's buffers are allocated on one worker thread and freed on
+/// another, so every arena a worker landed on held a bulk transfer's churn of its own: on the
+/// bench, one arena took 12-13 MiB off both agents' peaks during HBONE bulk with 8 streams
+/// (49.2 / 52.0 -> 36.8 / 39.9 MiB) at the same throughput and CPU per byte
+/// (docs/perf/README.md, "One allocator arena"). Small allocations are served from each
+/// thread's cache without the arena's lock, so one arena is not a lock every worker waits on.
+/// A thin pointer (`&[u8; N]`) to a NUL-terminated string, as C's `const char *malloc_conf`.
+#[cfg(feature = "jemalloc")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static JEMALLOC_CONF: &[u8; 10] = ambit::allocator::CONF;
+
 /// Ambit: a sidecarless service mesh. One agent per node steers enrolled pods' TCP, through
 /// socket-layer eBPF, into a node-level proxy.
 #[derive(Parser, Debug)]

@@ -52,6 +52,13 @@ fn status_kb(node: &Node, key: &str) -> Result<u64> {
     util::proc_status_kb(pid, key).with_context(|| format!("no {key} for the agent"))
 }
 
+/// The first line of the agent's log with this message.
+fn log_line(node: &Node, message: &str) -> Option<Value> {
+    node.agent_log_json()
+        .into_iter()
+        .find(|l| l["message"] == message)
+}
+
 /// The agent's anonymous resident memory (heap, stacks), without its executable's pages.
 fn anon_kb(node: &Node) -> Result<u64> {
     status_kb(node, "RssAnon")
@@ -93,16 +100,22 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
         rss_kb(cluster.node(0))?,
     );
     eprintln!("agent once ready: {fresh} kB anonymous, {resident} kB resident, peak {peak} kB");
-    let loaded = cluster
-        .node(0)
-        .agent_log_json()
-        .into_iter()
-        .find(|l| l["message"] == "eBPF object loaded");
+    let loaded = log_line(cluster.node(0), "eBPF object loaded");
     let kernel_btf = loaded.as_ref().and_then(|l| l["kernel_btf"].as_str());
     ensure_or_dump!(
         cluster,
         kernel_btf.is_some_and(|k| k.starts_with("not parsed")),
         "the agent's eBPF loader parsed the kernel's BTF or did not say: {loaded:?}"
+    );
+    // jemalloc takes its options from a symbol it ignores silently when misnamed; the agent
+    // reads back the arenas it runs with (allocator::summary).
+    let started = log_line(cluster.node(0), "agent started");
+    let allocator = started.as_ref().and_then(|l| l["allocator"].as_str());
+    ensure_or_dump!(
+        cluster,
+        allocator == Some("jemalloc, 1 arena"),
+        "the agent's allocator is not jemalloc with one arena (src/main.rs's malloc_conf): \
+         {started:?}"
     );
     // The loader's private mount namespace (redirect::object) must leave nothing in the node's.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
