@@ -15,6 +15,8 @@
 /// jemalloc's options (`src/main.rs` hands them to jemalloc): one arena. Here, not in the
 /// binary, so the agent can report what jemalloc took ([`arenas`]).
 pub const CONF: &[u8; 10] = b"narenas:1\0";
+// jemalloc reads it as a C string.
+const _: () = assert!(CONF[CONF.len() - 1] == 0);
 
 /// How many arenas jemalloc runs with (`opt.narenas`): 1 unless `_RJEM_MALLOC_CONF` said
 /// otherwise; `None` without the `jemalloc` feature or when jemalloc would not say.
@@ -45,6 +47,7 @@ pub fn summary() -> String {
     match arenas() {
         Some(1) => "jemalloc, 1 arena".to_string(),
         Some(n) => format!("jemalloc, {n} arenas"),
+        None if cfg!(feature = "jemalloc") => "jemalloc, arenas unknown".to_string(),
         None => "system".to_string(),
     }
 }

@@ -19,12 +19,14 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// tikv-jemalloc-sys's symbols; `_RJEM_MALLOC_CONF` in the environment overrides them).
 ///
 /// One arena, not jemalloc's default of four per CPU. Each arena keeps its own freed pages
-/// until they decay, and a tunnel's buffers are allocated on one worker thread and freed on
-/// another, so every arena a worker landed on held a bulk transfer's churn of its own: on the
-/// bench, one arena took 12-13 MiB off both agents' peaks during HBONE bulk with 8 streams
-/// (49.2 / 52.0 -> 36.8 / 39.9 MiB) at the same throughput and CPU per byte
-/// (docs/perf/README.md, "One allocator arena"). Small allocations are served from each
-/// thread's cache without the arena's lock, so one arena is not a lock every worker waits on.
+/// until they decay, and a bulk transfer's buffers (up to 256 KiB, HTTP/2 frames as large) are
+/// allocated on whichever worker thread its tasks run, so each arena the workers used kept a
+/// transfer's churn of its own: on the bench, one arena took 12-13 MiB off both agents' peaks
+/// during HBONE bulk with 8 streams (49.2 / 52.0 -> 36.8 / 39.9 MiB) at the same throughput and
+/// CPU per byte (docs/perf/README.md, "One allocator arena"). The price is one set of locks for
+/// every thread's allocations above the thread caches' 32 KiB: nothing measurable with two
+/// workers, not measured with dozens (one per CPU on a large node); `_RJEM_MALLOC_CONF=
+/// narenas:default` restores jemalloc's default there (docs/operations.md, "Footprint").
 /// A thin pointer (`&[u8; N]`) to a NUL-terminated string, as C's `const char *malloc_conf`.
 #[cfg(feature = "jemalloc")]
 #[unsafe(export_name = "_rjem_malloc_conf")]

@@ -109,13 +109,16 @@ fn the_agents_memory_comes_back_after_a_burst_of_held_connections() -> Result<()
     );
     // jemalloc takes its options from a symbol it ignores silently when misnamed; the agent
     // reads back the arenas it runs with (allocator::summary).
-    let started = log_line(cluster.node(0), "agent started");
-    let allocator = started.as_ref().and_then(|l| l["allocator"].as_str());
+    // (The line follows readiness and goes through the log thread: wait for it.)
+    let started = cluster.wait_for(Duration::from_secs(10), "the agent's start line", || {
+        Ok(log_line(cluster.node(0), "agent started")
+            .ok_or_else(|| "no `agent started` line".to_string()))
+    })?;
     ensure_or_dump!(
         cluster,
-        allocator == Some("jemalloc, 1 arena"),
+        started["allocator"] == "jemalloc, 1 arena",
         "the agent's allocator is not jemalloc with one arena (src/main.rs's malloc_conf): \
-         {started:?}"
+         {started}"
     );
     // The loader's private mount namespace (redirect::object) must leave nothing in the node's.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
