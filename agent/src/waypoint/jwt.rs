@@ -383,11 +383,8 @@ pub fn authenticate<B>(
     validation.validate_nbf = true;
     validation.required_spec_claims.clear();
     validation.set_issuer(&[&rule.issuer]);
-    if rule.audiences.is_empty() {
-        validation.validate_aud = false;
-    } else {
-        validation.set_audience(&rule.audiences);
-    }
+    // Audiences are compared as Envoy does ([`audience_allowed`]), below.
+    validation.validate_aud = false;
     let candidates = keys
         .keys
         .iter()
@@ -406,7 +403,6 @@ pub fn authenticate<B>(
             Err(e) => match e.kind() {
                 ErrorKind::ExpiredSignature => return Err(JwtError::Expired),
                 ErrorKind::ImmatureSignature => return Err(JwtError::NotYetValid),
-                ErrorKind::InvalidAudience => return Err(JwtError::Audience),
                 ErrorKind::InvalidIssuer => {
                     return Err(JwtError::UnknownIssuer(issuer.to_string()));
                 }
@@ -416,6 +412,9 @@ pub fn authenticate<B>(
         }
     }
     let claims = verified.ok_or(JwtError::Signature)?;
+    if !audience_allowed(&rule.audiences, &claims) {
+        return Err(JwtError::Audience);
+    }
     if !rule.forward_original_token {
         match &location {
             Location::Header(name) => {
@@ -445,6 +444,31 @@ pub fn authenticate<B>(
         }
     }
     Ok(Some(RequestAuth::from_claims(claims)))
+}
+
+/// Whether the token's `aud` (a string or a list of strings) names one of the rule's audiences,
+/// as Envoy compares them (`CheckAudience`): any when the rule lists none; none when the token
+/// has no `aud`; each side without an `http://` or `https://` prefix and a trailing slash, so
+/// `https://api.example.com/` and `api.example.com` are one audience.
+fn audience_allowed(audiences: &[String], claims: &Value) -> bool {
+    if audiences.is_empty() {
+        return true;
+    }
+    fn sanitized(audience: &str) -> &str {
+        let without_scheme = ["http://", "https://"]
+            .iter()
+            .find_map(|scheme| audience.strip_prefix(scheme))
+            .unwrap_or(audience);
+        without_scheme.strip_suffix('/').unwrap_or(without_scheme)
+    }
+    let named: Vec<&str> = match claims.get("aud") {
+        Some(Value::String(one)) => vec![one],
+        Some(Value::Array(many)) => many.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    named
+        .iter()
+        .any(|aud| audiences.iter().any(|a| sanitized(a) == sanitized(aud)))
 }
 
 fn locations(rule: &JwtRule) -> Vec<Location> {

@@ -142,6 +142,22 @@ fn bad_tokens_are_refused_with_the_reason() {
     );
     let right_aud = idp.token("alice", json!({"aud": ["x", "backend"]}));
     assert!(check(&with_audience, &mut request(Some(&right_aud))).is_ok());
+    // As Envoy: a rule with audiences refuses a token without `aud`, and compares them without
+    // an http(s) scheme and a trailing slash.
+    let no_aud = idp.token("alice", json!({}));
+    assert_eq!(
+        check(&with_audience, &mut request(Some(&no_aud))),
+        Err(JwtError::Audience)
+    );
+    let schemed = idp.token("alice", json!({"aud": "https://backend/"}));
+    assert!(check(&with_audience, &mut request(Some(&schemed))).is_ok());
+    with_audience.audiences = vec!["http://backend".into()];
+    assert!(check(&with_audience, &mut request(Some(&right_aud))).is_ok());
+    let other_host = idp.token("alice", json!({"aud": "https://backend.evil/"}));
+    assert_eq!(
+        check(&with_audience, &mut request(Some(&other_host))),
+        Err(JwtError::Audience)
+    );
     // A symmetric token is never accepted, whatever key it names.
     let hs = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
