@@ -14,6 +14,12 @@
 //! failed refresh keeps the last good keys. Until a URI's first fetch succeeds, tokens of its
 //! issuer fail (401): never accepted unchecked.
 //!
+//! A token's signature is verified once per key set: `VerifiedTokens` keeps the last
+//! [`VERIFIED_TOKENS`] tokens a key set verified (Envoy's JWT cache, `jwt_cache_size` 100), so a
+//! client that sends the same token on every request costs one signature check, not one per
+//! request. Every other check (expiry, not-before, issuer, audience) is made on every request,
+//! against the clock and the rule in force; new keys (a refresh, a changed policy) verify again.
+//!
 //! The URIs are tenants' input, fetched from inside the mesh, so: a waypoint fetches only the
 //! URIs of the policies of the services bound to it (`super::jwks_uris_of`); at most
 //! [`MAX_IN_FLIGHT`] fetches run at once, so one tenant's slow URI holds one slot for
@@ -23,7 +29,8 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::{Arc, Mutex, OnceLock},
+    num::NonZeroUsize,
+    sync::{Arc, Mutex, OnceLock, Weak},
     time::{Duration, Instant},
 };
 
@@ -33,6 +40,7 @@ use http::{HeaderValue, Request, Uri, header};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::{DecodingKey, Validation, jwk::JwkSet};
+use lru::LruCache;
 use serde_json::Value;
 use tokio::{net::TcpStream, sync::watch, task::JoinSet};
 use tracing::{info, warn};
@@ -54,6 +62,12 @@ pub const MAX_IN_FLIGHT: usize = 4;
 pub const REFRESH: Duration = Duration::from_secs(300);
 /// How soon a failed fetch is retried.
 pub const RETRY: Duration = Duration::from_secs(5);
+
+/// How many verified tokens are remembered (Envoy's `jwt_cache_size` default).
+pub const VERIFIED_TOKENS: usize = 100;
+/// Longer tokens are verified on every request rather than remembered, so the cache holds at
+/// most [`VERIFIED_TOKENS`] times this (800 KiB) whatever clients send.
+pub const MAX_REMEMBERED_TOKEN_BYTES: usize = 8 * 1024;
 
 /// Why a present token was refused (the 401's reason, Envoy's wording).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +103,48 @@ pub enum JwtError {
 pub struct Jwks {
     fetched: Mutex<HashMap<String, Fetched>>,
     tls: OnceLock<Arc<rustls::ClientConfig>>,
+    verified: VerifiedTokens,
+}
+
+/// The tokens whose signature was verified, each with the key set that verified it (the most
+/// recently used [`VERIFIED_TOKENS`]). A token counts as verified only by that very key set
+/// (`Weak::ptr_eq`): keys fetched again or configured anew, even equal ones, verify it again.
+/// Only tokens that passed every check are remembered: a forged one never is. The key sets are
+/// held weakly: a set replaced by a refresh is freed, not kept for the tokens it verified (a
+/// tenant's JWKS may be large), and its address is not reused while a `Weak` points at it.
+struct VerifiedTokens(Mutex<LruCache<String, Weak<JwkSet>>>);
+
+impl Default for VerifiedTokens {
+    fn default() -> Self {
+        const ENTRIES: NonZeroUsize = NonZeroUsize::new(VERIFIED_TOKENS).unwrap();
+        Self(Mutex::new(LruCache::new(ENTRIES)))
+    }
+}
+
+impl VerifiedTokens {
+    /// Whether `keys` verified `token`'s signature before.
+    fn verified_by(&self, token: &str, keys: &Arc<JwkSet>) -> bool {
+        // Never remembered: not worth hashing under the lock.
+        if token.len() > MAX_REMEMBERED_TOKEN_BYTES {
+            return false;
+        }
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .is_some_and(|verifier| Weak::ptr_eq(verifier, &Arc::downgrade(keys)))
+    }
+
+    /// Remembers that `keys` verified `token` (unless it is longer than
+    /// [`MAX_REMEMBERED_TOKEN_BYTES`]).
+    fn remember(&self, token: &str, keys: &Arc<JwkSet>) {
+        if token.len() <= MAX_REMEMBERED_TOKEN_BYTES {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(token.to_string(), Arc::downgrade(keys));
+        }
+    }
 }
 
 struct Fetched {
@@ -378,42 +434,55 @@ pub fn authenticate<B>(
             .ok_or_else(|| JwtError::NoKeys(uri.clone()))?,
     };
     let mut validation = Validation::new(header.alg);
-    validation.leeway = CLOCK_SKEW.as_secs();
-    validation.validate_exp = true;
-    validation.validate_nbf = true;
+    // `exp` and `nbf` are checked here ([`check_times`]): jsonwebtoken skips one it cannot
+    // read as an integer, so a token with `"exp": 1700000000.5` would never expire.
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
     validation.required_spec_claims.clear();
     validation.set_issuer(&[&rule.issuer]);
     // Audiences are compared as Envoy does ([`audience_allowed`]), below.
     validation.validate_aud = false;
-    let candidates = keys
-        .keys
-        .iter()
-        .filter(|k| header.kid.is_none() || k.common.key_id == header.kid);
-    let mut verified = None;
-    for key in candidates {
-        let Ok(decoding) = DecodingKey::from_jwk(key) else {
-            continue;
-        };
-        use jsonwebtoken::errors::ErrorKind;
-        match jsonwebtoken::decode::<Value>(&token, &decoding, &validation) {
-            Ok(data) => {
-                verified = Some(data.claims);
-                break;
-            }
-            Err(e) => match e.kind() {
-                ErrorKind::ExpiredSignature => return Err(JwtError::Expired),
-                ErrorKind::ImmatureSignature => return Err(JwtError::NotYetValid),
-                ErrorKind::InvalidIssuer => {
-                    return Err(JwtError::UnknownIssuer(issuer.to_string()));
+    let remembered = jwks.verified.verified_by(&token, &keys);
+    let claims = if remembered {
+        // These very keys verified the signature: the claims are checked again, as on every
+        // request (the clock moved; the rule may be another with the same keys).
+        let mut claims_only = validation;
+        claims_only.insecure_disable_signature_validation();
+        // With signature validation off the key is not used.
+        let unused = DecodingKey::from_secret(&[]);
+        jsonwebtoken::decode::<Value>(&token, &unused, &claims_only)
+            .map_err(|e| refusal(&e, issuer).unwrap_or(JwtError::Signature))?
+            .claims
+    } else {
+        let candidates = keys
+            .keys
+            .iter()
+            .filter(|k| header.kid.is_none() || k.common.key_id == header.kid);
+        let mut verified = None;
+        for key in candidates {
+            let Ok(decoding) = DecodingKey::from_jwk(key) else {
+                continue;
+            };
+            match jsonwebtoken::decode::<Value>(&token, &decoding, &validation) {
+                Ok(data) => {
+                    verified = Some(data.claims);
+                    break;
                 }
-                // A key of another type or algorithm, or not the signer: try the next one.
-                _ => continue,
-            },
+                Err(e) => match refusal(&e, issuer) {
+                    Some(refused) => return Err(refused),
+                    // A key of another type or algorithm, or not the signer: try the next one.
+                    None => continue,
+                },
+            }
         }
-    }
-    let claims = verified.ok_or(JwtError::Signature)?;
-    if !audience_allowed(&rule.audiences, &claims) {
+        verified.ok_or(JwtError::Signature)?
+    };
+    check_times(&claims, jsonwebtoken::get_current_timestamp())?;
+    if !audience_allowed(&rule.audiences, &token_audiences(&claims)?) {
         return Err(JwtError::Audience);
+    }
+    if !remembered {
+        jwks.verified.remember(&token, &keys);
     }
     if !rule.forward_original_token {
         match &location {
@@ -446,11 +515,66 @@ pub fn authenticate<B>(
     Ok(Some(RequestAuth::from_claims(claims)))
 }
 
-/// Whether the token's `aud` (a string or a list of strings) names one of the rule's audiences,
-/// as Envoy compares them (`CheckAudience`): any when the rule lists none; none when the token
-/// has no `aud`; each side without an `http://` or `https://` prefix and a trailing slash, so
+/// The refusal a decoding error means whichever key is tried (another issuer); `None` for
+/// those that only say this key did not verify the token.
+fn refusal(e: &jsonwebtoken::errors::Error, issuer: &str) -> Option<JwtError> {
+    match e.kind() {
+        jsonwebtoken::errors::ErrorKind::InvalidIssuer => {
+            Some(JwtError::UnknownIssuer(issuer.to_string()))
+        }
+        _ => None,
+    }
+}
+
+/// `exp` and `nbf` against `now` (seconds since the epoch), as Envoy: each optional, a
+/// non-negative number (a fraction is dropped), [`CLOCK_SKEW`] allowed either way; anything
+/// else in them makes the token malformed.
+fn check_times(claims: &Value, now: u64) -> Result<(), JwtError> {
+    let time = |claim: &str| -> Result<Option<u64>, JwtError> {
+        match claims.get(claim) {
+            None => Ok(None),
+            Some(value) => match value.as_f64() {
+                Some(seconds) if seconds >= 0.0 => Ok(Some(seconds as u64)),
+                _ => Err(JwtError::Malformed(format!(
+                    "{claim} is not a non-negative number: {value}"
+                ))),
+            },
+        }
+    };
+    let skew = CLOCK_SKEW.as_secs();
+    if let Some(exp) = time("exp")?
+        && now > exp.saturating_add(skew)
+    {
+        return Err(JwtError::Expired);
+    }
+    if let Some(nbf) = time("nbf")?
+        && now.saturating_add(skew) < nbf
+    {
+        return Err(JwtError::NotYetValid);
+    }
+    Ok(())
+}
+
+/// The token's `aud`: none, a string, or a list of strings (anything else makes the token
+/// malformed, as Envoy).
+fn token_audiences(claims: &Value) -> Result<Vec<&str>, JwtError> {
+    let malformed = || JwtError::Malformed("aud is not a string or a list of strings".into());
+    match claims.get("aud") {
+        None => Ok(Vec::new()),
+        Some(Value::String(one)) => Ok(vec![one]),
+        Some(Value::Array(many)) => many
+            .iter()
+            .map(|aud| aud.as_str().ok_or_else(malformed))
+            .collect(),
+        Some(_) => Err(malformed()),
+    }
+}
+
+/// Whether the token's audiences ([`token_audiences`]) name one of the rule's, as Envoy compares
+/// them (`CheckAudience`): any when the rule lists none; none when the token has no `aud`; each
+/// side without an `http://` or `https://` prefix and a trailing slash, so
 /// `https://api.example.com/` and `api.example.com` are one audience.
-fn audience_allowed(audiences: &[String], claims: &Value) -> bool {
+fn audience_allowed(audiences: &[String], named: &[&str]) -> bool {
     if audiences.is_empty() {
         return true;
     }
@@ -461,11 +585,6 @@ fn audience_allowed(audiences: &[String], claims: &Value) -> bool {
             .unwrap_or(audience);
         without_scheme.strip_suffix('/').unwrap_or(without_scheme)
     }
-    let named: Vec<&str> = match claims.get("aud") {
-        Some(Value::String(one)) => vec![one],
-        Some(Value::Array(many)) => many.iter().filter_map(Value::as_str).collect(),
-        _ => Vec::new(),
-    };
     named
         .iter()
         .any(|aud| audiences.iter().any(|a| sanitized(a) == sanitized(aud)))

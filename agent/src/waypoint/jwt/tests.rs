@@ -112,6 +112,24 @@ fn expiry_and_not_before_allow_sixty_seconds_of_skew() {
         check(&rule, &mut request(Some(&early))),
         Err(JwtError::NotYetValid)
     );
+    // A fraction of a second does not make a time unreadable (jsonwebtoken alone skipped such
+    // an `exp`: the token never expired); what is not a number makes the token malformed.
+    let fractional = token(json!({"exp": now as f64 - 120.5}));
+    assert_eq!(
+        check(&rule, &mut request(Some(&fractional))),
+        Err(JwtError::Expired)
+    );
+    let early_fraction = token(json!({"nbf": now as f64 + 600.5}));
+    assert_eq!(
+        check(&rule, &mut request(Some(&early_fraction))),
+        Err(JwtError::NotYetValid)
+    );
+    for unreadable in [json!({"exp": "never"}), json!({"nbf": -5})] {
+        assert!(matches!(
+            check(&rule, &mut request(Some(&token(unreadable)))),
+            Err(JwtError::Malformed(_))
+        ));
+    }
 }
 
 #[test]
@@ -153,6 +171,15 @@ fn bad_tokens_are_refused_with_the_reason() {
     assert!(check(&with_audience, &mut request(Some(&schemed))).is_ok());
     with_audience.audiences = vec!["http://backend".into()];
     assert!(check(&with_audience, &mut request(Some(&right_aud))).is_ok());
+    for unreadable in [json!({"aud": ["backend", 5]}), json!({"aud": 5})] {
+        assert!(matches!(
+            check(
+                &with_audience,
+                &mut request(Some(&idp.token("alice", unreadable)))
+            ),
+            Err(JwtError::Malformed(_))
+        ));
+    }
     let other_host = idp.token("alice", json!({"aud": "https://backend.evil/"}));
     assert_eq!(
         check(&with_audience, &mut request(Some(&other_host))),
@@ -169,6 +196,101 @@ fn bad_tokens_are_refused_with_the_reason() {
         check(&rule, &mut request(Some(&hs))),
         Err(JwtError::Algorithm(_))
     ));
+}
+
+#[test]
+fn a_verified_token_skips_only_its_signature_check_and_only_under_the_same_keys() {
+    let idp = TestIssuer::es256(ISS, "k1");
+    let rule = rule(inline(&[&idp]));
+    let JwksSource::Inline(keys) = &rule.keys else {
+        unreachable!("inline keys")
+    };
+    let jwks = Jwks::default();
+    let check = |rule: &JwtRule, token: &str| {
+        authenticate(&[rule], &jwks, &mut request(Some(token))).map(|a| a.map(|a| a.principal))
+    };
+    let token = idp.token("alice", json!({"exp": TestIssuer::now() + 600}));
+    let alice = Ok(Some(format!("{ISS}/alice")));
+    assert_eq!(check(&rule, &token), alice);
+    assert!(jwks.verified.verified_by(&token, keys), "remembered");
+    assert_eq!(check(&rule, &token), alice, "accepted again");
+
+    // A forged token is never remembered; were it, the signature would not be checked again.
+    let forged = TestIssuer::es256(ISS, "k1").token("alice", json!({}));
+    assert_eq!(check(&rule, &forged), Err(JwtError::Signature));
+    assert!(!jwks.verified.verified_by(&forged, keys));
+    jwks.verified.remember(&forged, keys);
+    assert_eq!(
+        check(&rule, &forged),
+        alice,
+        "what memory skips is the signature"
+    );
+
+    // Nor is a token refused for its audience.
+    let mut with_audience = rule.clone();
+    with_audience.audiences = vec!["backend".into()];
+    let elsewhere = idp.token("alice", json!({"aud": "frontend"}));
+    assert_eq!(check(&with_audience, &elsewhere), Err(JwtError::Audience));
+    assert!(!jwks.verified.verified_by(&elsewhere, keys));
+
+    // Other keys verify again: these do not sign it. So do equal keys configured anew (a
+    // refresh, a changed policy): the forged token remembered under the old set is refused.
+    let rekeyed = self::rule(inline(&[&TestIssuer::es256(ISS, "k1")]));
+    assert_eq!(check(&rekeyed, &token), Err(JwtError::Signature));
+    let reconfigured = self::rule(inline(&[&idp]));
+    assert_eq!(check(&reconfigured, &token), alice);
+    assert_eq!(check(&reconfigured, &forged), Err(JwtError::Signature));
+
+    // The claims are checked on every request: a token verified while it was valid is refused
+    // once expired, and another rule with the same keys checks its own audience.
+    let expired = idp.token("alice", json!({"exp": TestIssuer::now() - 120}));
+    jwks.verified.remember(&expired, keys);
+    assert_eq!(check(&rule, &expired), Err(JwtError::Expired));
+    let early = idp.token("alice", json!({"nbf": TestIssuer::now() + 600}));
+    jwks.verified.remember(&early, keys);
+    assert_eq!(check(&rule, &early), Err(JwtError::NotYetValid));
+    assert_eq!(check(&with_audience, &token), Err(JwtError::Audience));
+}
+
+#[test]
+fn the_memory_of_verified_tokens_is_bounded() {
+    let idp = TestIssuer::es256(ISS, "k1");
+    let JwksSource::Inline(keys) = inline(&[&idp]) else {
+        unreachable!("inline keys")
+    };
+    let remembered = VerifiedTokens::default();
+    let first = idp.token("user-0", json!({}));
+    remembered.remember(&first, &keys);
+    let rest: Vec<String> = (1..=VERIFIED_TOKENS)
+        .map(|n| idp.token(&format!("user-{n}"), json!({})))
+        .collect();
+    for token in &rest {
+        remembered.remember(token, &keys);
+    }
+    assert!(
+        !remembered.verified_by(&first, &keys),
+        "the oldest is forgotten"
+    );
+    assert!(
+        rest.iter().all(|t| remembered.verified_by(t, &keys)),
+        "the last {VERIFIED_TOKENS} are remembered"
+    );
+    let long = idp.token(
+        "bob",
+        json!({"pad": "x".repeat(MAX_REMEMBERED_TOKEN_BYTES)}),
+    );
+    remembered.remember(&long, &keys);
+    assert!(
+        !remembered.verified_by(&long, &keys),
+        "too long to remember"
+    );
+    // A key set replaced (its last user gone) is freed, not kept by the tokens it verified.
+    let replaced = Arc::downgrade(&keys);
+    drop(keys);
+    assert!(
+        replaced.upgrade().is_none(),
+        "the key set outlived its users"
+    );
 }
 
 #[test]
