@@ -30,6 +30,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     num::NonZeroUsize,
+    str::FromStr as _,
     sync::{Arc, Mutex, OnceLock, Weak},
     time::{Duration, Instant},
 };
@@ -454,10 +455,16 @@ pub fn authenticate<B>(
             .map_err(|e| refusal(&e, issuer).unwrap_or(JwtError::Signature))?
             .claims
     } else {
-        let candidates = keys
-            .keys
-            .iter()
-            .filter(|k| header.kid.is_none() || k.common.key_id == header.kid);
+        // Envoy's choice of keys (jwt_verify_lib's `verifyJwt`): a key with a `kid` only for a
+        // token with none or the same, a key with an `alg` only for a token of that algorithm.
+        let candidates = keys.keys.iter().filter(|k| {
+            let kid_fits =
+                header.kid.is_none() || k.common.key_id.is_none() || k.common.key_id == header.kid;
+            let alg_fits = k.common.key_algorithm.is_none_or(|alg| {
+                jsonwebtoken::Algorithm::from_str(&alg.to_string()).is_ok_and(|a| a == header.alg)
+            });
+            kid_fits && alg_fits
+        });
         let mut verified = None;
         for key in candidates {
             let Ok(decoding) = DecodingKey::from_jwk(key) else {

@@ -253,6 +253,37 @@ fn a_verified_token_skips_only_its_signature_check_and_only_under_the_same_keys(
 }
 
 #[test]
+fn keys_are_chosen_by_kid_and_alg_as_envoy_chooses_them() {
+    let idp = TestIssuer::es256(ISS, "k1");
+    let token = idp.token("alice", json!({}));
+    let with = |edit: &dyn Fn(&mut Value)| {
+        let mut jwk = idp.jwk();
+        edit(&mut jwk);
+        let keys = parse_jwks(json!({ "keys": [jwk] }).to_string().as_bytes()).unwrap();
+        check(
+            &rule(JwksSource::Inline(Arc::new(keys))),
+            &mut request(Some(&token)),
+        )
+    };
+    // A key without a `kid` is tried for a token that names one.
+    let no_kid = with(&|jwk| {
+        jwk.as_object_mut().unwrap().remove("kid");
+    });
+    assert!(no_kid.is_ok(), "{no_kid:?}");
+    // A key published for another algorithm is not.
+    assert_eq!(
+        with(&|jwk| jwk["alg"] = json!("ES384")),
+        Err(JwtError::Signature)
+    );
+    assert!(with(&|jwk| jwk["alg"] = json!("ES256")).is_ok());
+    // Another `kid` is not.
+    assert_eq!(
+        with(&|jwk| jwk["kid"] = json!("k2")),
+        Err(JwtError::Signature)
+    );
+}
+
+#[test]
 fn the_memory_of_verified_tokens_is_bounded() {
     let idp = TestIssuer::es256(ISS, "k1");
     let JwksSource::Inline(keys) = inline(&[&idp]) else {
