@@ -443,18 +443,12 @@ pub fn authenticate<B>(
     validation.set_issuer(&[&rule.issuer]);
     // Audiences are compared as Envoy does ([`audience_allowed`]), below.
     validation.validate_aud = false;
+    // A key set that verified this very token before need not check its signature again; the
+    // claims are the payload read above either way (what jsonwebtoken decodes is those bytes),
+    // and are checked below on every request (the clock moved; the rule may be another with
+    // the same keys).
     let remembered = jwks.verified.verified_by(&token, &keys);
-    let claims = if remembered {
-        // These very keys verified the signature: the claims are checked again, as on every
-        // request (the clock moved; the rule may be another with the same keys).
-        let mut claims_only = validation;
-        claims_only.insecure_disable_signature_validation();
-        // With signature validation off the key is not used.
-        let unused = DecodingKey::from_secret(&[]);
-        jsonwebtoken::decode::<Value>(&token, &unused, &claims_only)
-            .map_err(|e| refusal(&e, issuer).unwrap_or(JwtError::Signature))?
-            .claims
-    } else {
+    if !remembered {
         // Envoy's choice of keys (jwt_verify_lib's `verifyJwt`): a key with a `kid` only for a
         // token with none or the same, a key with an `alg` only for a token of that algorithm.
         let candidates = keys.keys.iter().filter(|k| {
@@ -465,14 +459,15 @@ pub fn authenticate<B>(
             });
             kid_fits && alg_fits
         });
-        let mut verified = None;
+        let mut verified = false;
         for key in candidates {
             let Ok(decoding) = DecodingKey::from_jwk(key) else {
                 continue;
             };
-            match jsonwebtoken::decode::<Value>(&token, &decoding, &validation) {
-                Ok(data) => {
-                    verified = Some(data.claims);
+            // The claims are not deserialized again: `unverified` holds them.
+            match jsonwebtoken::decode::<serde::de::IgnoredAny>(&token, &decoding, &validation) {
+                Ok(_) => {
+                    verified = true;
                     break;
                 }
                 Err(e) => match refusal(&e, issuer) {
@@ -482,8 +477,11 @@ pub fn authenticate<B>(
                 },
             }
         }
-        verified.ok_or(JwtError::Signature)?
-    };
+        if !verified {
+            return Err(JwtError::Signature);
+        }
+    }
+    let claims = unverified;
     check_times(&claims, jsonwebtoken::get_current_timestamp())?;
     if !audience_allowed(&rule.audiences, &token_audiences(&claims)?) {
         return Err(JwtError::Audience);
