@@ -30,7 +30,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// A thin pointer (`&[u8; N]`) to a NUL-terminated string, as C's `const char *malloc_conf`.
 #[cfg(feature = "jemalloc")]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-static JEMALLOC_CONF: &[u8; 10] = ambit::allocator::CONF;
+static JEMALLOC_CONF: &[u8; ambit::allocator::CONF.len()] = ambit::allocator::CONF;
 
 /// Ambit: a sidecarless service mesh. One agent per node steers enrolled pods' TCP, through
 /// socket-layer eBPF, into a node-level proxy.
