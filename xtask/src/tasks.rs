@@ -127,6 +127,7 @@ const PARTIAL_BENCH_FLAGS: &[&str] = &[
     "--soak-only",
     "--no-waypoint",
     "--no-passthrough",
+    "--waypoint-only",
 ];
 
 /// The report a bench run with `bench_args` writes: none of ours when the caller chose one with

@@ -115,6 +115,10 @@ struct Args {
     /// Skip the waypoint path (client agent -> waypoint -> server agent).
     #[arg(long)]
     no_waypoint: bool,
+    /// Run only the waypoint path (no L4 throughput scenarios, no soak); with `--perf`, the
+    /// waypoint is profiled at 64 connections.
+    #[arg(long, conflicts_with_all = ["no_waypoint", "soak_only", "compare", "soak_compare"])]
+    waypoint_only: bool,
     /// Connections the soak holds open at once, per placement.
     #[arg(long, default_value_t = 2000)]
     soak_connections: u32,
@@ -1169,7 +1173,8 @@ fn show_http(h: &Http) -> String {
     )
 }
 
-/// `perf record` (and `perf stat`) of the agents while one load runs (`--perf`).
+/// `perf record` (and `perf stat`) of the agents, or of a waypoint, while one load runs
+/// (`--perf`).
 struct Profile {
     record: std::process::Child,
     stat: std::process::Child,
@@ -1177,18 +1182,31 @@ struct Profile {
     stat_out: PathBuf,
     report: PathBuf,
     title: String,
+    /// The processes profiled, for the report's first line ("both agents").
+    who: String,
 }
 
 /// Starts profiling the agents if `--perf` asked for it, for a report named `name`.
 fn start_profile(cluster: &Cluster, args: &Args, name: &str, title: &str) -> Option<Profile> {
+    let agents: Vec<u32> = cluster.nodes().iter().filter_map(Node::agent_pid).collect();
+    start_profile_of(&agents, "both agents", args, name, title)
+}
+
+/// Starts profiling the processes `pids` (`who` names them in the report) if `--perf` asked
+/// for it, for a report named `name`.
+fn start_profile_of(
+    pids: &[u32],
+    who: &str,
+    args: &Args,
+    name: &str,
+    title: &str,
+) -> Option<Profile> {
     let dir = args.perf.as_ref()?;
     let started = (|| -> Result<Profile> {
         let perf = tool("perf")?;
         fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        let pids = cluster
-            .nodes()
+        let pids = pids
             .iter()
-            .filter_map(Node::agent_pid)
             .map(|p| p.to_string())
             .collect::<Vec<_>>()
             .join(",");
@@ -1234,6 +1252,7 @@ fn start_profile(cluster: &Cluster, args: &Args, name: &str, title: &str) -> Opt
             stat_out,
             report: dir.join(format!("{name}.txt")),
             title: title.to_string(),
+            who: who.to_string(),
         })
     })();
     match started {
@@ -1301,6 +1320,7 @@ fn finish_profile(profile: Option<Profile>) {
                 "h2::",
                 "rustls::",
                 "tokio_rustls::",
+                "hyper::",
                 "tracing_subscriber::",
                 "prometheus::",
             ]
@@ -1322,7 +1342,7 @@ fn finish_profile(profile: Option<Profile>) {
         ])?;
         let text = format!(
             "# {}\n\nWritten by `cargo xtask bench -- --perf DIR` (tests/src/bin/bench/main.rs): \
-             `perf record -F 499 --call-graph dwarf` and `perf stat` of both agents for the \
+             `perf record -F 499 --call-graph dwarf` and `perf stat` of {} for the \
              length of the run, then `perf report --no-children`.\n\n\
              ## perf stat\n\n```\n{}\n```\n\n## By object (self time; the kernel's share is \
              system calls, TCP and scheduling)\n\n```\n{objects}\n```\n\n## Flat profile (self \
@@ -1333,6 +1353,7 @@ fn finish_profile(profile: Option<Profile>) {
              symbols with at least 2% (call chains from DWARF unwinding; deep stacks are \
              cut)\n\n```\n{callers}\n```\n",
             p.title,
+            p.who,
             stat.lines()
                 .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
                 .collect::<Vec<_>>()
@@ -2637,7 +2658,7 @@ fn main() -> Result<()> {
     ];
     let mut body = String::new();
     let mut errors = Vec::new();
-    if !args.soak_only {
+    if !args.soak_only && !args.waypoint_only {
         let (b, e) = throughput(&mut cluster, &args, &tools, &server_ips, compare.as_ref())?;
         body.push_str(&b);
         errors.extend(e);
@@ -2649,7 +2670,7 @@ fn main() -> Result<()> {
     }
     let load_after = load_average();
 
-    if !args.no_soak {
+    if !args.no_soak && !args.waypoint_only {
         let mut soaks = vec![run_soak(
             &mut cluster,
             &args,

@@ -305,6 +305,24 @@ fn run_one(
     }
 }
 
+/// Starts profiling the waypoint (`--perf`) for one run.
+fn profile(args: &Args, pid: u32, path: Path, tool: Tool, connections: u32) -> Option<Profile> {
+    let (tool_tag, tool_name) = match tool {
+        Tool::H2load => ("h2load", "h2load (HTTP/2)"),
+        Tool::Wrk => ("wrk", "wrk (HTTP/1.1)"),
+    };
+    start_profile_of(
+        &[pid],
+        "the waypoint",
+        args,
+        &format!("{}-{tool_tag}-{connections}", path.tag()),
+        &format!(
+            "The waypoint, path \"{}\": {tool_name}, {connections} connections at saturation",
+            path.name()
+        ),
+    )
+}
+
 /// Runs every path and load; returns the report section and the failed measurements.
 pub(crate) fn section(
     cluster: &Cluster,
@@ -344,7 +362,12 @@ pub(crate) fn section(
         for tool_kind in [Tool::H2load, Tool::Wrk] {
             for connections in [1, 64] {
                 let before = counted();
+                // `--perf`: the waypoint under the heavier load of each of its paths.
+                let profile = (path.through_waypoint() && connections > 1)
+                    .then(|| profile(args, pid, path, tool_kind, connections))
+                    .flatten();
                 let run = run_one(cluster, args, tools, pid, path, tool_kind, connections);
+                finish_profile(profile);
                 // The path check: the waypoint counts exactly the requests of its own path.
                 let through = counted() - before;
                 if let Ok(h) = &run.result {
