@@ -15,9 +15,14 @@
 //! the thread only when it sleeps; the thread takes everything queued at once (a swap of two
 //! buffers) and writes it in one call, so lines logged while it writes join the next write.
 //!
-//! Lines are not held back to be gathered: a 10 ms gathering cut the thread's wake-ups further
-//! but made every line late by that much, and the end-to-end tests that read a line right after
-//! the state it reports showed what that does to anyone reading the log (docs/perf/README.md).
+//! Access-log lines are gathered: the thread, woken by one, waits up to [`ACCESS_GATHER`]
+//! (10 ms) or until [`GATHER_BYTES`] are queued before it writes, so a busy proxy wakes it about
+//! a hundred times a second instead of for nearly every connection or request (Envoy holds its
+//! access log longer: it flushes its file every 10 s, `--file-flush-interval-msec`, or when its
+//! buffer fills). Every other line (a warning, an error,
+//! a state change) is written at once and takes the gathered lines with it: a 10 ms gathering of
+//! every line made the end-to-end tests that read a warning right after the state it reports
+//! fail, and shows what that would do to an operator reading the log (docs/perf/README.md).
 use std::{
     io::Write,
     sync::{
@@ -40,6 +45,11 @@ const ACCESS_SHARE: usize = 3;
 /// What the thread's buffers keep while it sleeps; a burst grows them up to the limit, and
 /// they shrink back to this once the thread has nothing left to write.
 const BUFFER_KEPT: usize = 64 * 1024;
+/// How long access-log lines wait for others before the thread writes them, at most; the
+/// process's ([`super::init_logging`]).
+pub(crate) const ACCESS_GATHER: Duration = Duration::from_millis(10);
+/// Bytes queued that end a gathering at once (what the buffers keep while the thread sleeps).
+const GATHER_BYTES: usize = BUFFER_KEPT;
 /// How long dropping the [`LogThread`] waits for what is queued to be written.
 const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
@@ -52,6 +62,8 @@ struct Queue {
     done: Condvar,
     /// Most bytes queued at once (the batch being written included) before lines are dropped.
     limit: usize,
+    /// How long access-log lines wait for others ([`ACCESS_GATHER`]).
+    gather: Duration,
     /// Lines dropped because the queue was full, or because the sink refused their batch.
     dropped: AtomicU64,
 }
@@ -65,6 +77,11 @@ struct State {
     /// flag every line would notify: std's `notify_one` makes a system call even when nobody
     /// waits.
     asleep: bool,
+    /// The thread waits (at most its `gather`) for more access-log lines before it writes
+    /// what is queued; a line that ends the wait clears it, so only one wakes the thread.
+    gathering: bool,
+    /// A line other than an access-log line is queued: write without gathering.
+    urgent: bool,
     /// Write what is queued, then stop.
     closing: bool,
     finished: bool,
@@ -90,21 +107,25 @@ pub(crate) struct LogThread {
 
 /// Where the proxy's workers write whole lines (one `write` per line, as tracing's formatter
 /// does): copied into the queue, or dropped and counted when it is full. Never blocks on the
-/// sink. As a [`MakeWriter`], it gives access-log lines their share of the queue.
+/// sink. As a [`MakeWriter`], it gives access-log lines their share of the queue and lets them
+/// be gathered.
 #[derive(Clone)]
 pub(crate) struct LogWriter {
     queue: Arc<Queue>,
     /// Most bytes queued at once for this writer's lines to be taken.
     limit: usize,
+    /// This writer's lines are written at once (they are not access-log lines).
+    urgent: bool,
 }
 
 impl LogThread {
     /// Starts a thread named `name` writing to `sink` what the returned writer is given, with
-    /// at most `limit` bytes held.
+    /// at most `limit` bytes held and access-log lines gathered for at most `gather`.
     pub(crate) fn spawn<W: Write + Send + 'static>(
         name: &str,
         sink: W,
         limit: usize,
+        gather: Duration,
     ) -> std::io::Result<(LogThread, LogWriter)> {
         let queue = Arc::new(Queue {
             state: Mutex::new(State {
@@ -114,6 +135,7 @@ impl LogThread {
             wake: Condvar::new(),
             done: Condvar::new(),
             limit,
+            gather,
             dropped: AtomicU64::new(0),
         });
         let worker = queue.clone();
@@ -124,7 +146,11 @@ impl LogThread {
             LogThread {
                 queue: queue.clone(),
             },
-            LogWriter { queue, limit },
+            LogWriter {
+                queue,
+                limit,
+                urgent: true,
+            },
         ))
     }
 }
@@ -136,7 +162,8 @@ impl LogWriter {
     }
 }
 
-/// The thread's loop: sleep until lines are queued, take them all, write them, until closing.
+/// The thread's loop: sleep until lines are queued, give access-log lines their gathering,
+/// take them all, write them, until closing.
 fn write_queued<W: Write>(queue: &Queue, mut sink: W) {
     let mut taken = Vec::with_capacity(BUFFER_KEPT);
     loop {
@@ -155,6 +182,18 @@ fn write_queued<W: Write>(queue: &Queue, mut sink: W) {
                     .unwrap_or_else(PoisonError::into_inner);
             }
             state.asleep = false;
+            if !state.urgent && !state.closing && state.pending.len() < GATHER_BYTES {
+                state.gathering = true;
+                state = queue
+                    .wake
+                    .wait_timeout_while(state, queue.gather, |state| {
+                        state.gathering && !state.closing
+                    })
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                state.gathering = false;
+            }
+            state.urgent = false;
             std::mem::swap(&mut state.pending, &mut taken);
             state.in_flight = taken.len();
             state.closing
@@ -198,9 +237,20 @@ impl Write for LogWriter {
             return Ok(line.len());
         }
         state.pending.extend_from_slice(line);
-        if state.asleep {
+        state.urgent |= self.urgent;
+        // Wake the thread if it sleeps, or end its gathering for a line that must not wait or
+        // once enough is queued; one notification each time, as every one is a system call.
+        let wake = if state.asleep {
             state.asleep = false;
-            drop(state);
+            true
+        } else if state.gathering && (self.urgent || state.pending.len() >= GATHER_BYTES) {
+            state.gathering = false;
+            true
+        } else {
+            false
+        };
+        drop(state);
+        if wake {
             self.queue.wake.notify_one();
         }
         Ok(line.len())
@@ -223,6 +273,7 @@ impl<'a> MakeWriter<'a> for LogWriter {
             LogWriter {
                 queue: self.queue.clone(),
                 limit: self.queue.limit / 4 * ACCESS_SHARE,
+                urgent: false,
             }
         } else {
             self.clone()
@@ -327,7 +378,8 @@ mod tests {
     #[test]
     fn lines_reach_the_sink_whole_and_in_order() {
         let gated = gated_sink(true);
-        let (_thread, writer) = LogThread::spawn("log-test", gated.sink, 1024 * 1024).unwrap();
+        let (_thread, writer) =
+            LogThread::spawn("log-test", gated.sink, 1024 * 1024, ACCESS_GATHER).unwrap();
         let workers: Vec<_> = (0..4)
             .map(|worker| {
                 let mut writer = writer.clone();
@@ -364,7 +416,8 @@ mod tests {
     #[test]
     fn a_stalled_sink_never_blocks_a_writer_and_drops_what_does_not_fit() {
         let gated = gated_sink(false);
-        let (thread, writer) = LogThread::spawn("log-test", gated.sink, 1000).unwrap();
+        let (thread, writer) =
+            LogThread::spawn("log-test", gated.sink, 1000, ACCESS_GATHER).unwrap();
         let mut line = [b'x'; 100];
         line[99] = b'\n';
         // The first line goes to the thread, which is then stuck in the sink with it.
@@ -421,7 +474,8 @@ mod tests {
     #[test]
     fn access_lines_leave_room_for_the_others() {
         let gated = gated_sink(false);
-        let (_thread, writer) = LogThread::spawn("log-test", gated.sink, 4000).unwrap();
+        let (_thread, writer) =
+            LogThread::spawn("log-test", gated.sink, 4000, ACCESS_GATHER).unwrap();
         let line = [b'a'; 100];
         let access = event_metadata(true);
         let mut access_lines = writer.make_writer_for(access);
@@ -446,7 +500,8 @@ mod tests {
     #[test]
     fn dropping_the_thread_flushes_and_gives_up_on_a_stalled_sink() {
         let gated = gated_sink(false);
-        let (thread, mut writer) = LogThread::spawn("log-test", gated.sink, 1024).unwrap();
+        let (thread, mut writer) =
+            LogThread::spawn("log-test", gated.sink, 1024, ACCESS_GATHER).unwrap();
         let entered = || {
             gated
                 .entered
@@ -472,7 +527,8 @@ mod tests {
         assert_eq!(written, b"first\nlast words\n");
 
         let gated = gated_sink(false);
-        let (thread, mut writer) = LogThread::spawn("log-test", gated.sink, 1024).unwrap();
+        let (thread, mut writer) =
+            LogThread::spawn("log-test", gated.sink, 1024, ACCESS_GATHER).unwrap();
         writer.write_all(b"never written\n").unwrap();
         let started = std::time::Instant::now();
         drop(thread);
@@ -482,5 +538,83 @@ mod tests {
             started.elapsed()
         );
         assert!(gated.written.try_recv().is_err());
+    }
+
+    /// A gathering long enough that no test outlasts it: what ends it is the test's doing.
+    const LONG_GATHER: Duration = Duration::from_secs(600);
+
+    /// Access-log lines wait for company; a warning is written at once and takes them with
+    /// it, in one write and in order.
+    #[test]
+    fn access_lines_are_gathered_until_a_warning_takes_them() {
+        let gated = gated_sink(true);
+        let (_thread, writer) =
+            LogThread::spawn("log-test", gated.sink, 1024 * 1024, LONG_GATHER).unwrap();
+        let mut access = writer.make_writer_for(event_metadata(true));
+        access.write_all(b"access 1\n").unwrap();
+        access.write_all(b"access 2\n").unwrap();
+        assert!(
+            gated
+                .written
+                .recv_timeout(Duration::from_millis(300))
+                .is_err(),
+            "an access line was written without waiting for others"
+        );
+        let mut warnings = writer.make_writer_for(event_metadata(false));
+        warnings.write_all(b"a warning\n").unwrap();
+        let write = gated
+            .written
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the warning waited");
+        assert_eq!(write, b"access 1\naccess 2\na warning\n");
+    }
+
+    /// Gathered access lines are written when the gathering ends, alone; and at once when
+    /// they fill what a gathering holds.
+    #[test]
+    fn gathered_access_lines_are_written_after_the_gathering_or_once_enough_are_queued() {
+        let gated = gated_sink(true);
+        let (_thread, writer) = LogThread::spawn(
+            "log-test",
+            gated.sink,
+            1024 * 1024,
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        let mut access = writer.make_writer_for(event_metadata(true));
+        access.write_all(b"alone\n").unwrap();
+        assert_eq!(received(&gated.written, 6), b"alone\n");
+
+        let gated = gated_sink(true);
+        let (_thread, writer) =
+            LogThread::spawn("log-test", gated.sink, 1024 * 1024, LONG_GATHER).unwrap();
+        let mut access = writer.make_writer_for(event_metadata(true));
+        let mut line = vec![b'a'; 1000];
+        line[999] = b'\n';
+        let lines = GATHER_BYTES / line.len() + 1;
+        // The first line wakes the thread, which is gathering by the time the rest come.
+        access.write_all(&line).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        for _ in 1..lines {
+            access.write_all(&line).unwrap();
+        }
+        assert_eq!(received(&gated.written, lines * 1000).len(), lines * 1000);
+    }
+
+    /// Dropping the thread ends a gathering: what it held is written before the drop returns.
+    #[test]
+    fn dropping_the_thread_writes_gathered_lines_at_once() {
+        let gated = gated_sink(true);
+        let (thread, writer) =
+            LogThread::spawn("log-test", gated.sink, 1024 * 1024, LONG_GATHER).unwrap();
+        let mut access = writer.make_writer_for(event_metadata(true));
+        access.write_all(b"last access\n").unwrap();
+        let started = std::time::Instant::now();
+        drop(thread);
+        assert!(started.elapsed() < FLUSH_WAIT, "{:?}", started.elapsed());
+        assert_eq!(
+            gated.written.try_iter().flatten().collect::<Vec<u8>>(),
+            b"last access\n"
+        );
     }
 }

@@ -165,9 +165,13 @@ impl<'a, M: fmt::MakeWriter<'a>> fmt::MakeWriter<'a> for CappedLines<M> {
 /// through [`log_control`]; this stays the only place a global subscriber is built.
 pub fn init_logging(settings: &LogSettings) -> anyhow::Result<LogGuard> {
     let (filter_layer, control) = reloadable_filter(&settings.filter)?;
-    let (thread, writer) =
-        log_thread::LogThread::spawn("ambit-log", std::io::stderr(), log_thread::QUEUE_BYTES)
-            .context("cannot start the log thread")?;
+    let (thread, writer) = log_thread::LogThread::spawn(
+        "ambit-log",
+        std::io::stderr(),
+        log_thread::QUEUE_BYTES,
+        log_thread::ACCESS_GATHER,
+    )
+    .context("cannot start the log thread")?;
     let _ = LOG_WRITER.set(writer.clone());
     tracing_subscriber::registry()
         .with(filter_layer)
@@ -346,7 +350,7 @@ impl AccessLog {
     /// Emits the record on the `access` target: always for a connection that failed or was
     /// refused, for a successful one only if the process's [`Sampling`] picks it.
     pub fn emit(&self) {
-        if self.outcome.is_ok() && !access_log_sampling().pick() {
+        if !access_logged(self.outcome.is_err()) {
             return;
         }
         let upstream = self.upstream.map(|u| u.to_string());
@@ -383,6 +387,12 @@ static ACCESS_LOG_SAMPLING: OnceLock<Sampling> = OnceLock::new();
 /// The access-log sampling in force: every line unless [`init_logging`] said otherwise.
 fn access_log_sampling() -> Sampling {
     ACCESS_LOG_SAMPLING.get().copied().unwrap_or_default()
+}
+
+/// Whether a connection's or a request's access-log line is written: always when it `failed`,
+/// else if the process's [`Sampling`] picks it.
+pub fn access_logged(failed: bool) -> bool {
+    failed || access_log_sampling().pick()
 }
 
 /// Parses a percentage, 0 to 100, with or without a `%` (`1`, `0.5`, `25%`): every sampling
