@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use ambit_tests::mesh::{Policies, Routing};
 use ambit_tests::prometheus::{Prometheus, Series, by_labels, expect};
 use ambit_tests::waypoint::{
-    REVIEWS_VIP, curl_once, h2load, prepare_waypoint, route_ca_to_pods_of, start_waypoint,
-    start_waypoint_with, wait_reloads, waypoint_metrics,
+    LOG_WAIT, REVIEWS_VIP, access_log_when, curl_once, h2load, prepare_waypoint,
+    route_ca_to_pods_of, start_waypoint_with, wait_reloads, waypoint_metrics,
 };
 use ambit_tests::{Cluster, ClusterSpec, Pod, PodProcess, ensure_or_dump};
 use anyhow::Result;
@@ -208,7 +208,12 @@ fn grpc_and_http2_pass_the_waypoint_and_prometheus_reads_its_istio_metrics() -> 
     let bed = bed()?;
     let cluster = &bed.cluster;
     let (client, waypoint) = (bed.client(), bed.waypoint());
-    let _waypoint = cluster.with_diagnostics(start_waypoint(cluster, waypoint))?;
+    // Successful requests go unlogged (the metrics still count them); failed ones are logged.
+    let waypoint_process = cluster.with_diagnostics(start_waypoint_with(
+        cluster,
+        waypoint,
+        &["--access-log-sampling", "0"],
+    ))?;
     let target = waypoint.addr4(15020).to_string();
     let prom = Prometheus::start(cluster, std::slice::from_ref(&target))?;
 
@@ -374,6 +379,22 @@ fn grpc_and_http2_pass_the_waypoint_and_prometheus_reads_its_istio_metrics() -> 
         "histogram_quantile over istio_request_duration_milliseconds: {p99:?}"
     );
     eprintln!("waypoint p99 request duration: {:.1} ms", p99[0].1);
+
+    // With --access-log-sampling 0 the access log holds the four gRPC calls that failed (3
+    // NOT_FOUND, 1 ABORTED), with their status, and none of the 271 requests that succeeded,
+    // although the metrics above counted every one.
+    let logged = access_log_when(&waypoint_process, LOG_WAIT, |log| log.len() >= 4);
+    let statuses: Vec<&str> = logged
+        .iter()
+        .filter_map(|l| l["grpc_status"].as_str())
+        .collect();
+    ensure_or_dump!(
+        cluster,
+        logged.len() == 4
+            && statuses.iter().filter(|s| **s == "5").count() == 3
+            && statuses.iter().filter(|s| **s == "10").count() == 1,
+        "with --access-log-sampling 0 only the 4 failed gRPC calls are logged: {logged:?}"
+    );
     Ok(())
 }
 

@@ -50,6 +50,26 @@ pub const REQUEST_LABEL_NAMES: [&str; 25] = [
     "connection_security_policy",
 ];
 
+/// The position of the label `name` in [`REQUEST_LABEL_NAMES`]; a name that is not there fails
+/// the build where a constant is made of it.
+pub const fn label_index(name: &str) -> usize {
+    let mut i = 0;
+    while i < REQUEST_LABEL_NAMES.len() {
+        let (a, b) = (REQUEST_LABEL_NAMES[i].as_bytes(), name.as_bytes());
+        if a.len() == b.len() {
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return i;
+            }
+        }
+        i += 1;
+    }
+    panic!("not a label of istio_requests_total")
+}
+
 /// Why a request got no upstream response, as Envoy's `response_flags` say it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RequestFlags {
@@ -188,11 +208,32 @@ impl RequestLabels {
         self.protocol == "grpc"
     }
 
-    /// The value of the label `name`, for logs and tests.
+    /// Whether the request failed: answered with an error status (400 and above) or none,
+    /// with response flags, or for gRPC with a status other than OK (as its
+    /// `grpc_response_status` label says). A failed request's access-log line is never
+    /// sampled out.
+    pub fn failed(&self) -> bool {
+        !(100..400).contains(&self.response_code)
+            || self.flags != RequestFlags::None
+            || (self.is_grpc()
+                && self
+                    .grpc_status
+                    .unwrap_or_else(|| grpc_status_of_http(self.response_code))
+                    != 0)
+    }
+
+    /// The value of the label `name`, for span tags and tests.
     pub fn get(&self, name: &str) -> Option<String> {
         let i = REQUEST_LABEL_NAMES.iter().position(|n| *n == name)?;
+        Some(self.with_values(|values| values[i].to_string()))
+    }
+
+    /// Calls `f` with the label values, in the order of [`REQUEST_LABEL_NAMES`] (index them
+    /// with [`label_index`]): the request's metrics and its access-log line take them from
+    /// one call.
+    pub fn with_values<R>(&self, f: impl FnOnce(&[&str; 25]) -> R) -> R {
         let (code, grpc) = self.owned_values();
-        Some(self.values(&code, &grpc)[i].to_string())
+        f(&self.values(&code, &grpc))
     }
 
     /// The values that are numbers, as text: the response code and the gRPC status.
@@ -307,19 +348,18 @@ impl WaypointMetrics {
         })
     }
 
-    /// Records one request whose response stream ended.
-    pub fn request(&self, labels: &RequestLabels, measures: &RequestMeasures) {
-        let (code, grpc) = labels.owned_values();
-        let values = labels.values(&code, &grpc);
-        self.requests.with_label_values(&values).inc();
+    /// Records one request whose response stream ended, labelled with `values`
+    /// ([`RequestLabels::with_values`]).
+    pub fn request(&self, values: &[&str; 25], measures: &RequestMeasures) {
+        self.requests.with_label_values(values).inc();
         self.duration
-            .with_label_values(&values)
+            .with_label_values(values)
             .observe(measures.duration.as_secs_f64() * 1000.0);
         self.request_bytes
-            .with_label_values(&values)
+            .with_label_values(values)
             .observe(measures.request_bytes as f64);
         self.response_bytes
-            .with_label_values(&values)
+            .with_label_values(values)
             .observe(measures.response_bytes as f64);
     }
 }
@@ -349,6 +389,23 @@ mod tests {
         }
     }
 
+    /// What a request's access-log line is kept for whatever the sampling: an error status or
+    /// none, response flags, a gRPC status other than OK.
+    #[test]
+    fn a_request_failed_by_its_status_flags_or_grpc_status() {
+        let http = |code| RequestLabels::new().with_response(code, RequestFlags::None);
+        assert!(!http(200).failed());
+        assert!(!http(302).failed());
+        assert!(http(404).failed());
+        assert!(http(503).failed());
+        assert!(http(0).failed(), "no response at all");
+        assert!(http(200).with_flags(RequestFlags::UpstreamReset).failed());
+        let grpc = |status| http(200).with_protocol(true).with_grpc_status(status);
+        assert!(!grpc(Some(0)).failed());
+        assert!(grpc(Some(5)).failed());
+        assert!(grpc(None).failed(), "no grpc-status: UNKNOWN");
+    }
+
     #[test]
     fn a_request_is_counted_with_istio_labels_and_passes_promtool() {
         let metrics = Metrics::new();
@@ -374,10 +431,12 @@ mod tests {
             request_bytes: 300,
             response_bytes: 120,
         };
-        waypoint.request(&labels, &measures);
-        waypoint.request(&labels, &measures);
+        labels.with_values(|values| {
+            waypoint.request(values, &measures);
+            waypoint.request(values, &measures);
+        });
         let grpc = labels.clone().with_protocol(true).with_grpc_status(Some(5));
-        waypoint.request(&grpc, &measures);
+        grpc.with_values(|values| waypoint.request(values, &measures));
         let text = metrics.encode();
         // Istio's name, which Kiali and Istio's dashboards read, is in milliseconds.
         promtool_check_allowing(

@@ -25,8 +25,16 @@ use http::{HeaderMap, Method, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tracing::info;
 
-use super::metrics::{RequestFlags, RequestLabels, RequestMeasures, WaypointMetrics};
+use super::metrics::{RequestFlags, RequestLabels, RequestMeasures, WaypointMetrics, label_index};
 use crate::{identity::SpiffeId, telemetry::clip};
+
+/// The labels a request's access-log line repeats.
+const DESTINATION_SERVICE: usize = label_index("destination_service");
+const DESTINATION_WORKLOAD: usize = label_index("destination_workload");
+const DESTINATION_PRINCIPAL: usize = label_index("destination_principal");
+const RESPONSE_CODE: usize = label_index("response_code");
+const GRPC_STATUS: usize = label_index("grpc_response_status");
+const RESPONSE_FLAGS: usize = label_index("response_flags");
 
 /// The `grpc-status` of `headers` (trailers, or the headers of a trailers-only response).
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
@@ -162,38 +170,43 @@ impl RequestRecord {
             request_bytes: self.request_bytes.load(Ordering::Relaxed),
             response_bytes: ending.response_bytes,
         };
-        self.metrics.request(&labels, &measures);
         if let Some(span) = self.span {
             span.finish(&labels, &measures);
         }
-        let label = |name| labels.get(name).unwrap_or_default();
-        let (path, path_bytes) = logged_path(&self.path);
-        info!(
-            target: crate::telemetry::ACCESS_TARGET,
-            reporter = "waypoint",
-            src = %self.source,
-            src_workload = self.source_workload.as_deref(),
-            src_principal = %self.source_principal,
-            dst = %self.destination,
-            method = clip(self.method.as_str(), LOGGED_METHOD_MAX),
-            path,
-            path_bytes,
-            protocol = ?self.version,
-            route = self.route.as_deref().map(|r| clip(r, LOGGED_TEXT_MAX)),
-            dst_service = label("destination_service"),
-            dst_workload = label("destination_workload"),
-            dst_principal = label("destination_principal"),
-            upstream = self.upstream.map(|u| u.to_string()),
-            response_code = label("response_code"),
-            grpc_status = label("grpc_response_status"),
-            response_flags = label("response_flags"),
-            bytes_received = measures.request_bytes,
-            bytes_sent = measures.response_bytes,
-            attempts = self.attempts,
-            duration_ms = measures.duration.as_millis() as u64,
-            error = self.error.as_deref().map(|e| clip(e, LOGGED_TEXT_MAX)),
-            "request"
-        );
+        let logged = crate::telemetry::access_logged(labels.failed() || self.error.is_some());
+        labels.with_values(|values| {
+            self.metrics.request(values, &measures);
+            if !logged {
+                return;
+            }
+            let (path, path_bytes) = logged_path(&self.path);
+            info!(
+                target: crate::telemetry::ACCESS_TARGET,
+                reporter = "waypoint",
+                src = %self.source,
+                src_workload = self.source_workload.as_deref(),
+                src_principal = %self.source_principal,
+                dst = %self.destination,
+                method = clip(self.method.as_str(), LOGGED_METHOD_MAX),
+                path,
+                path_bytes,
+                protocol = ?self.version,
+                route = self.route.as_deref().map(|r| clip(r, LOGGED_TEXT_MAX)),
+                dst_service = values[DESTINATION_SERVICE],
+                dst_workload = values[DESTINATION_WORKLOAD],
+                dst_principal = values[DESTINATION_PRINCIPAL],
+                upstream = self.upstream.map(display),
+                response_code = values[RESPONSE_CODE],
+                grpc_status = values[GRPC_STATUS],
+                response_flags = values[RESPONSE_FLAGS],
+                bytes_received = measures.request_bytes,
+                bytes_sent = measures.response_bytes,
+                attempts = self.attempts,
+                duration_ms = measures.duration.as_millis() as u64,
+                error = self.error.as_deref().map(|e| clip(e, LOGGED_TEXT_MAX)),
+                "request"
+            );
+        });
     }
 }
 

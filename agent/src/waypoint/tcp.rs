@@ -140,6 +140,9 @@ pub(super) async fn forward<S, F, T>(
         Ok((received, sent)) => (*received, *sent, None),
         Err(e) => (0, 0, Some(e.as_str())),
     };
+    if !crate::telemetry::access_logged(error.is_some()) {
+        return;
+    }
     info!(
         target: crate::telemetry::ACCESS_TARGET,
         reporter = "waypoint",
