@@ -43,8 +43,9 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info,ambit::proxy=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
     log_level: String,
-    /// The percentage of successful connections that get an access-log line, 0 to 100 (`1` or
-    /// `1%`: one in a hundred); failed and refused connections are always logged.
+    /// The percentage of successful connections (and, in `ambit waypoint`, requests) that get an
+    /// access-log line, 0 to 100 (`1` or `1%`: one in a hundred); failed and refused ones are
+    /// always logged.
     #[arg(long, env = "AMBIT_ACCESS_LOG_SAMPLING", default_value = "100", value_parser = Sampling::parse, global = true)]
     access_log_sampling: Sampling,
     #[command(subcommand)]

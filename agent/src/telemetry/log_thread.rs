@@ -15,9 +15,11 @@
 //! the thread only when it sleeps; the thread takes everything queued at once (a swap of two
 //! buffers) and writes it in one call, so lines logged while it writes join the next write.
 //!
-//! Access-log lines are gathered: the thread, woken by one, waits up to [`ACCESS_GATHER`]
-//! (10 ms) or until [`GATHER_BYTES`] are queued before it writes, so a busy proxy wakes it about
-//! a hundred times a second instead of for nearly every connection or request (Envoy holds its
+//! Access-log lines are gathered: the thread, woken by one (or done with a write that left
+//! some queued), waits up to [`ACCESS_GATHER`] (10 ms) or until [`GATHER_BYTES`] are queued
+//! before it writes, so a busy proxy has it write at most about a hundred times a second (more
+//! only when over 64 KiB of lines come in 10 ms) instead of waking it for nearly every
+//! connection or request (Envoy holds its
 //! access log longer: it flushes its file every 10 s, `--file-flush-interval-msec`, or when its
 //! buffer fills). Every other line (a warning, an error,
 //! a state change) is written at once and takes the gathered lines with it: a 10 ms gathering of
@@ -611,7 +613,11 @@ mod tests {
         access.write_all(b"last access\n").unwrap();
         let started = std::time::Instant::now();
         drop(thread);
-        assert!(started.elapsed() < FLUSH_WAIT, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < FLUSH_WAIT * 3,
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(
             gated.written.try_iter().flatten().collect::<Vec<u8>>(),
             b"last access\n"

@@ -209,17 +209,16 @@ impl RequestLabels {
     }
 
     /// Whether the request failed: answered with an error status (400 and above) or none,
-    /// with response flags, or for gRPC with a status other than OK (as its
-    /// `grpc_response_status` label says). A failed request's access-log line is never
-    /// sampled out.
+    /// with response flags, with a `grpc-status` other than OK whatever the request's
+    /// content type said (a client must not make its failures look successful by naming
+    /// another), or, for gRPC, with no status at all (UNKNOWN, as its `grpc_response_status`
+    /// label says). A failed request's access-log line is never sampled out.
     pub fn failed(&self) -> bool {
-        !(100..400).contains(&self.response_code)
-            || self.flags != RequestFlags::None
-            || (self.is_grpc()
-                && self
-                    .grpc_status
-                    .unwrap_or_else(|| grpc_status_of_http(self.response_code))
-                    != 0)
+        let grpc_failed = match self.grpc_status {
+            Some(status) => status != 0,
+            None => self.is_grpc() && grpc_status_of_http(self.response_code) != 0,
+        };
+        !(100..400).contains(&self.response_code) || self.flags != RequestFlags::None || grpc_failed
     }
 
     /// The value of the label `name`, for span tags and tests.
@@ -404,6 +403,10 @@ mod tests {
         assert!(!grpc(Some(0)).failed());
         assert!(grpc(Some(5)).failed());
         assert!(grpc(None).failed(), "no grpc-status: UNKNOWN");
+        assert!(
+            http(200).with_grpc_status(Some(7)).failed(),
+            "a grpc-status other than OK on a request not announced as gRPC"
+        );
     }
 
     #[test]

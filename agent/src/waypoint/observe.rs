@@ -195,7 +195,7 @@ impl RequestRecord {
                 dst_service = values[DESTINATION_SERVICE],
                 dst_workload = values[DESTINATION_WORKLOAD],
                 dst_principal = values[DESTINATION_PRINCIPAL],
-                upstream = self.upstream.map(display),
+                upstream = self.upstream.map(|u| u.to_string()),
                 response_code = values[RESPONSE_CODE],
                 grpc_status = values[GRPC_STATUS],
                 response_flags = values[RESPONSE_FLAGS],
