@@ -545,26 +545,46 @@ mod tests {
     /// A gathering long enough that no test outlasts it: what ends it is the test's doing.
     const LONG_GATHER: Duration = Duration::from_secs(600);
 
+    /// A log thread whose sink takes every write, gathering access lines for `gather`.
+    struct Gathering {
+        thread: LogThread,
+        /// Its writer for lines other than access-log lines.
+        writer: LogWriter,
+        /// Its writer for access-log lines, as tracing asks for one.
+        access: LogWriter,
+        /// What the sink received, one item per write.
+        written: mpsc::Receiver<Vec<u8>>,
+    }
+
+    fn gathering(gather: Duration) -> Gathering {
+        let gated = gated_sink(true);
+        let (thread, writer) =
+            LogThread::spawn("log-test", gated.sink, 1024 * 1024, gather).unwrap();
+        let access = writer.make_writer_for(event_metadata(true));
+        Gathering {
+            thread,
+            writer,
+            access,
+            written: gated.written,
+        }
+    }
+
     /// Access-log lines wait for company; a warning is written at once and takes them with
     /// it, in one write and in order.
     #[test]
     fn access_lines_are_gathered_until_a_warning_takes_them() {
-        let gated = gated_sink(true);
-        let (_thread, writer) =
-            LogThread::spawn("log-test", gated.sink, 1024 * 1024, LONG_GATHER).unwrap();
-        let mut access = writer.make_writer_for(event_metadata(true));
-        access.write_all(b"access 1\n").unwrap();
-        access.write_all(b"access 2\n").unwrap();
+        let mut bed = gathering(LONG_GATHER);
+        bed.access.write_all(b"access 1\n").unwrap();
+        bed.access.write_all(b"access 2\n").unwrap();
         assert!(
-            gated
-                .written
+            bed.written
                 .recv_timeout(Duration::from_millis(300))
                 .is_err(),
             "an access line was written without waiting for others"
         );
-        let mut warnings = writer.make_writer_for(event_metadata(false));
+        let mut warnings = bed.writer.make_writer_for(event_metadata(false));
         warnings.write_all(b"a warning\n").unwrap();
-        let write = gated
+        let write = bed
             .written
             .recv_timeout(Duration::from_secs(5))
             .expect("the warning waited");
@@ -575,51 +595,37 @@ mod tests {
     /// they fill what a gathering holds.
     #[test]
     fn gathered_access_lines_are_written_after_the_gathering_or_once_enough_are_queued() {
-        let gated = gated_sink(true);
-        let (_thread, writer) = LogThread::spawn(
-            "log-test",
-            gated.sink,
-            1024 * 1024,
-            Duration::from_millis(20),
-        )
-        .unwrap();
-        let mut access = writer.make_writer_for(event_metadata(true));
-        access.write_all(b"alone\n").unwrap();
-        assert_eq!(received(&gated.written, 6), b"alone\n");
+        let mut bed = gathering(Duration::from_millis(20));
+        bed.access.write_all(b"alone\n").unwrap();
+        assert_eq!(received(&bed.written, 6), b"alone\n");
 
-        let gated = gated_sink(true);
-        let (_thread, writer) =
-            LogThread::spawn("log-test", gated.sink, 1024 * 1024, LONG_GATHER).unwrap();
-        let mut access = writer.make_writer_for(event_metadata(true));
+        let mut bed = gathering(LONG_GATHER);
         let mut line = vec![b'a'; 1000];
         line[999] = b'\n';
         let lines = GATHER_BYTES / line.len() + 1;
         // The first line wakes the thread, which is gathering by the time the rest come.
-        access.write_all(&line).unwrap();
+        bed.access.write_all(&line).unwrap();
         thread::sleep(Duration::from_millis(100));
         for _ in 1..lines {
-            access.write_all(&line).unwrap();
+            bed.access.write_all(&line).unwrap();
         }
-        assert_eq!(received(&gated.written, lines * 1000).len(), lines * 1000);
+        assert_eq!(received(&bed.written, lines * 1000).len(), lines * 1000);
     }
 
     /// Dropping the thread ends a gathering: what it held is written before the drop returns.
     #[test]
     fn dropping_the_thread_writes_gathered_lines_at_once() {
-        let gated = gated_sink(true);
-        let (thread, writer) =
-            LogThread::spawn("log-test", gated.sink, 1024 * 1024, LONG_GATHER).unwrap();
-        let mut access = writer.make_writer_for(event_metadata(true));
-        access.write_all(b"last access\n").unwrap();
+        let mut bed = gathering(LONG_GATHER);
+        bed.access.write_all(b"last access\n").unwrap();
         let started = std::time::Instant::now();
-        drop(thread);
+        drop(bed.thread);
         assert!(
             started.elapsed() < FLUSH_WAIT * 3,
             "{:?}",
             started.elapsed()
         );
         assert_eq!(
-            gated.written.try_iter().flatten().collect::<Vec<u8>>(),
+            bed.written.try_iter().flatten().collect::<Vec<u8>>(),
             b"last access\n"
         );
     }

@@ -70,6 +70,20 @@ pub const fn label_index(name: &str) -> usize {
     panic!("not a label of istio_requests_total")
 }
 
+// The labels the access-log line and the span repeat, by position in REQUEST_LABEL_NAMES.
+/// `destination_service`'s position in [`REQUEST_LABEL_NAMES`].
+pub const DESTINATION_SERVICE: usize = label_index("destination_service");
+/// `destination_workload`'s position in [`REQUEST_LABEL_NAMES`].
+pub const DESTINATION_WORKLOAD: usize = label_index("destination_workload");
+/// `destination_principal`'s position in [`REQUEST_LABEL_NAMES`].
+pub const DESTINATION_PRINCIPAL: usize = label_index("destination_principal");
+/// `response_code`'s position in [`REQUEST_LABEL_NAMES`].
+pub const RESPONSE_CODE: usize = label_index("response_code");
+/// `grpc_response_status`'s position in [`REQUEST_LABEL_NAMES`].
+pub const GRPC_RESPONSE_STATUS: usize = label_index("grpc_response_status");
+/// `response_flags`'s position in [`REQUEST_LABEL_NAMES`].
+pub const RESPONSE_FLAGS: usize = label_index("response_flags");
+
 /// Why a request got no upstream response, as Envoy's `response_flags` say it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RequestFlags {
@@ -219,12 +233,6 @@ impl RequestLabels {
             None => self.is_grpc() && grpc_status_of_http(self.response_code) != 0,
         };
         !(100..400).contains(&self.response_code) || self.flags != RequestFlags::None || grpc_failed
-    }
-
-    /// The value of the label `name`, for span tags and tests.
-    pub fn get(&self, name: &str) -> Option<String> {
-        let i = REQUEST_LABEL_NAMES.iter().position(|n| *n == name)?;
-        Some(self.with_values(|values| values[i].to_string()))
     }
 
     /// Calls `f` with the label values, in the order of [`REQUEST_LABEL_NAMES`] (index them

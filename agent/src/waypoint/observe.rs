@@ -25,16 +25,11 @@ use http::{HeaderMap, Method, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tracing::info;
 
-use super::metrics::{RequestFlags, RequestLabels, RequestMeasures, WaypointMetrics, label_index};
+use super::metrics::{
+    DESTINATION_PRINCIPAL, DESTINATION_SERVICE, DESTINATION_WORKLOAD, GRPC_RESPONSE_STATUS,
+    RESPONSE_CODE, RESPONSE_FLAGS, RequestFlags, RequestLabels, RequestMeasures, WaypointMetrics,
+};
 use crate::{identity::SpiffeId, telemetry::clip};
-
-/// The labels a request's access-log line repeats.
-const DESTINATION_SERVICE: usize = label_index("destination_service");
-const DESTINATION_WORKLOAD: usize = label_index("destination_workload");
-const DESTINATION_PRINCIPAL: usize = label_index("destination_principal");
-const RESPONSE_CODE: usize = label_index("response_code");
-const GRPC_STATUS: usize = label_index("grpc_response_status");
-const RESPONSE_FLAGS: usize = label_index("response_flags");
 
 /// The `grpc-status` of `headers` (trailers, or the headers of a trailers-only response).
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
@@ -197,7 +192,7 @@ impl RequestRecord {
                 dst_principal = values[DESTINATION_PRINCIPAL],
                 upstream = self.upstream.map(|u| u.to_string()),
                 response_code = values[RESPONSE_CODE],
-                grpc_status = values[GRPC_STATUS],
+                grpc_status = values[GRPC_RESPONSE_STATUS],
                 response_flags = values[RESPONSE_FLAGS],
                 bytes_received = measures.request_bytes,
                 bytes_sent = measures.response_bytes,

@@ -59,7 +59,10 @@ use opentelemetry_sdk::{
 use prometheus::{IntCounterVec, Opts};
 
 use super::{
-    metrics::{RequestLabels, RequestMeasures},
+    metrics::{
+        DESTINATION_PRINCIPAL, GRPC_RESPONSE_STATUS, RESPONSE_CODE, RESPONSE_FLAGS, RequestLabels,
+        RequestMeasures,
+    },
     retry::Failure,
 };
 use crate::{
@@ -546,19 +549,23 @@ impl ServerSpan {
         if !span.is_recording() {
             return;
         }
-        let label = |name| labels.get(name).unwrap_or_default();
-        let code = label("response_code");
+        let [code, flags, grpc_status, destination_principal] = labels.with_values(|values| {
+            [
+                RESPONSE_CODE,
+                RESPONSE_FLAGS,
+                GRPC_RESPONSE_STATUS,
+                DESTINATION_PRINCIPAL,
+            ]
+            .map(|label| values[label].to_string())
+        });
         let mut attributes = vec![
             KeyValue::new("http.status_code", code.clone()),
-            KeyValue::new("response_flags", label("response_flags")),
+            KeyValue::new("response_flags", flags),
             KeyValue::new("request_size", measures.request_bytes.to_string()),
             KeyValue::new("response_size", measures.response_bytes.to_string()),
         ];
         if labels.is_grpc() {
-            attributes.push(KeyValue::new(
-                "grpc.status_code",
-                label("grpc_response_status"),
-            ));
+            attributes.push(KeyValue::new("grpc.status_code", grpc_status));
         }
         if let Some(upstream) = &self.upstream {
             attributes.push(KeyValue::new("upstream_cluster", upstream.cluster.clone()));
@@ -572,7 +579,7 @@ impl ServerSpan {
             ));
             attributes.push(KeyValue::new(
                 "destination.principal",
-                label("destination_principal"),
+                destination_principal,
             ));
         }
         let failed = code.parse::<u16>().is_ok_and(|c| c == 0 || c >= 500);
