@@ -32,7 +32,7 @@ pub(crate) mod tests;
 pub use client::{HboneError, Http2Client, TunnelRequest};
 pub use pool::{Dialer, Pool, PoolArgs, PoolConfig, PoolKey};
 pub use server::{
-    Carrier, ConnectRequest, ConnectionError, Deny, Destinations, HboneServer, InboundHandler,
+    ConnectRequest, ConnectionError, Deny, Destinations, HboneServer, InboundHandler,
     InboundSettings, StreamError, StreamReport,
 };
 pub use stream::HboneStream;

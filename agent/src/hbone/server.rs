@@ -7,11 +7,9 @@
 //!    proxy's own (else 503, as ztunnel answers such self-calls);
 //! 3. [`InboundHandler::authorize`] must allow it (else 401);
 //! 4. [`InboundHandler::connect`] must reach the application (else 503);
-//! 5. then 200, and the tunnel is carried ([`Carrier`]) until both directions end, or until
-//!    the [`Admission`] `authorize` gave is revoked (a policy change no longer allows the
-//!    tunnel): the stream is then reset and the connection to the application closed. A node
-//!    proxy's tunnel is relayed to the application's socket; a waypoint serves HTTP on the
-//!    tunnel itself, with no pipe and no relay between the two.
+//! 5. then 200, and bytes are relayed until both directions end, or until the [`Admission`]
+//!    `authorize` gave is revoked (a policy change no longer allows the tunnel): the stream is
+//!    then reset and the connection to the application closed.
 //!
 //! Every stream ends with one [`StreamReport`] to [`InboundHandler::report`], so the caller
 //! can log and count it; connections refused at TLS go to [`InboundHandler::connection_failed`].
@@ -48,7 +46,6 @@ use super::{
 };
 use crate::{
     identity::SpiffeId,
-    limits::BufferShare,
     limits::{ConnectionPermit, Limits, Path, Phase, refuse as reset},
     policy::{Admission, Refusal},
     relay::{Meter, Relayable, Relayed, Transferred, relay_until},
@@ -161,8 +158,7 @@ pub struct StreamReport<M = ()> {
     pub status: StatusCode,
     /// How it ended.
     pub result: Result<(), StreamError>,
-    /// Bytes relayed: `sent` from the tunnel to the application, `received` back (as the
-    /// [`Carrier`] counted them: none where the handler serves the tunnel itself).
+    /// Bytes relayed: `sent` from the tunnel to the application, `received` back.
     pub transferred: Transferred,
     /// What [`InboundHandler::opened`] gave for the stream (which has counted `transferred`
     /// as it flowed); `None` for a stream that never reached the application.
@@ -171,49 +167,10 @@ pub struct StreamReport<M = ()> {
     pub duration: Duration,
 }
 
-/// What an admitted tunnel is handed to ([`InboundHandler::Upstream`]): the application's
-/// connection, to which the server relays the tunnel (any [`Relayable`]: a node proxy's
-/// socket), or a server of the handler's own that reads and writes the tunnel itself (the
-/// waypoint's HTTP server, which a relay would only feed through an in-memory pipe: a copy
-/// each way and a task's wake-up per request).
-pub trait Carrier: Send + 'static {
-    /// Carries `tunnel` until both directions end, or until `stop` resolves (the tunnel's
-    /// admission revoked: both sides are then dropped). What moved is told to `meter`, and
-    /// read buffers come from `buffers` (the tunnel's source's share of the budget).
-    fn carry<M, S>(
-        self,
-        tunnel: HboneStream,
-        meter: &M,
-        buffers: &BufferShare,
-        stop: impl Future<Output = S> + Send,
-    ) -> impl Future<Output = (Transferred, Relayed<S>)> + Send
-    where
-        M: Meter,
-        S: Send;
-}
-
-/// The application's connection: the tunnel is relayed to it ([`relay_until`]).
-impl<T: Relayable + Send + 'static> Carrier for T {
-    fn carry<M, S>(
-        self,
-        tunnel: HboneStream,
-        meter: &M,
-        buffers: &BufferShare,
-        stop: impl Future<Output = S> + Send,
-    ) -> impl Future<Output = (Transferred, Relayed<S>)> + Send
-    where
-        M: Meter,
-        S: Send,
-    {
-        relay_until(tunnel, self, meter, buffers, stop)
-    }
-}
-
 /// The pod-specific decisions of an HBONE server.
 pub trait InboundHandler: Send + Sync + 'static {
-    /// What an admitted tunnel is handed to: the connection to the application, or the
-    /// handler's own server ([`Carrier`]).
-    type Upstream: Carrier;
+    /// The connection to the application.
+    type Upstream: Relayable + Send + 'static;
 
     /// What counts a tunnel's bytes while they flow (`()`: nothing, the report's totals only).
     type Meter: Meter + Send + 'static;
@@ -232,8 +189,7 @@ pub trait InboundHandler: Send + Sync + 'static {
         request: &ConnectRequest,
     ) -> impl Future<Output = Result<Admission, Deny>> + Send;
 
-    /// Connects to the application at `request.destination` (or readies the handler's own
-    /// server for the tunnel).
+    /// Connects to the application at `request.destination`.
     fn connect(
         &self,
         request: &ConnectRequest,
@@ -636,9 +592,8 @@ impl<H: InboundHandler> HboneServer<H> {
         let tunnel = HboneStream::new(send, body, None);
         // Under the peer, as the tunnel's slot is.
         let buffers = self.inner.limits.buffer_share(report.source.ip());
-        let (transferred, ended) = upstream
-            .carry(tunnel, meter, &buffers, admission.revoked())
-            .await;
+        let (transferred, ended) =
+            relay_until(tunnel, upstream, meter, &buffers, admission.revoked()).await;
         report.transferred = transferred;
         match ended {
             Relayed::Finished(result) => result.map_err(StreamError::Relay),

@@ -1,11 +1,10 @@
 //! The waypoint's data path: HBONE in, HTTP inside, routed, HBONE out.
 //!
 //! [`WaypointInbound`] is the [`InboundHandler`] of the waypoint's HBONE server: it accepts a
-//! CONNECT only to a service VIP and port whose service is bound to this waypoint, and hands
-//! the tunnel to an in-process HTTP server (hyper's auto builder: HTTP/1.1 with keep-alive, or
-//! HTTP/2 with prior knowledge) that reads and writes it directly ([`TunnelServer`]), so the
-//! HBONE server's limits, admission and reports are used unchanged and no relay copies a
-//! request between the two. Each request is routed ([`super::route`]) and sent
+//! CONNECT only to a service VIP and port whose service is bound to this waypoint, and
+//! "connects" it to an in-process HTTP server (hyper's auto builder: HTTP/1.1 with keep-alive,
+//! or HTTP/2 with prior knowledge) through an in-memory pipe, so the HBONE server's relay,
+//! limits and reports are used unchanged. Each request is routed ([`super::route`]) and sent
 //! over a new CONNECT stream (on a pooled HBONE connection, [`Pool`]) to the chosen endpoint's
 //! 15008, presenting the waypoint's own certificate, in the HTTP version it arrived in.
 //!
@@ -26,7 +25,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, V
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::watch;
+use tokio::{io::DuplexStream, sync::watch};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -46,13 +45,12 @@ use super::{
 };
 use crate::{
     hbone::{
-        Carrier, ConnectRequest, ConnectionError, Deny, HBONE_PORT, HboneStream, InboundHandler,
-        Pool, PoolKey, StreamReport, TunnelRequest, tls,
+        ConnectRequest, ConnectionError, Deny, HBONE_PORT, HboneStream, InboundHandler, Pool,
+        PoolKey, StreamReport, TunnelRequest, tls,
     },
     identity::{CertificateManager, SpiffeId},
-    limits::{BufferShare, Limits},
+    limits::Limits,
     policy::Admission,
-    relay::{Meter, Relayed, Transferred},
     state::{
         MeshState, Service, Workload,
         routes::resilience::{AbortError, Mirror, RouteResilience, happens},
@@ -64,6 +62,9 @@ use crate::{
 /// The body of every response the waypoint sends (its error: a client's or an endpoint's
 /// body error, or the stream idle timeout, [`super::idle`]).
 pub type Body = BoxBody<Bytes, super::idle::BodyError>;
+
+/// Bytes buffered in each direction between a tunnel and its HTTP server.
+const PIPE_BUFFER: usize = 64 * 1024;
 
 /// What the waypoint's HBONE handler and HTTP service share.
 pub struct Waypoint {
@@ -216,7 +217,7 @@ impl WaypointInbound {
 }
 
 impl InboundHandler for WaypointInbound {
-    type Upstream = TunnelServer;
+    type Upstream = DuplexStream;
     /// The report's totals suffice.
     type Meter = ();
 
@@ -253,14 +254,80 @@ impl InboundHandler for WaypointInbound {
         Ok(Admission::unconditional())
     }
 
-    /// Nothing to connect: the tunnel is the HTTP server's connection ([`TunnelServer`]).
-    async fn connect(&self, request: &ConnectRequest) -> io::Result<TunnelServer> {
-        Ok(TunnelServer(Downstream {
+    async fn connect(&self, request: &ConnectRequest) -> io::Result<DuplexStream> {
+        let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
+        let downstream = Arc::new(Downstream {
             waypoint: self.waypoint.clone(),
             peer: request.peer.clone(),
             source: request.source,
             destination: request.destination,
-        }))
+        });
+        tokio::spawn(async move {
+            let mut ours = ours;
+            let timeout = downstream.waypoint.protocol_detection_timeout;
+            let (protocol, prefix) = match sniff::sniff(&mut ours, timeout).await {
+                Ok(sniffed) => sniffed,
+                Err(err) => return debug!(%err, "tunnel failed before its protocol was known"),
+            };
+            let http2 = sniff::is_http2(&prefix);
+            let io = Rewind::new(prefix, ours);
+            if protocol == Protocol::Opaque {
+                let (d, waypoint) = (&downstream, &downstream.waypoint);
+                let state = waypoint.state.borrow().clone();
+                let conn = tcp::Opaque {
+                    source: d.source,
+                    peer: &d.peer,
+                    dialled: d.destination,
+                    buffers: waypoint.limits.buffer_share(d.source.ip()),
+                };
+                let tunnel_state = state.clone();
+                let open = move |endpoint: Arc<Workload>, target, host| async move {
+                    let upstream =
+                        waypoint.upstream(&tunnel_state, &endpoint, target, d.source, host);
+                    waypoint.open(&upstream).await
+                };
+                return tcp::forward(
+                    conn,
+                    &state,
+                    &waypoint.balancer,
+                    &waypoint.resilience.outliers,
+                    io,
+                    open,
+                )
+                .await;
+            }
+            let header_read_timeout = downstream.waypoint.header_read_timeout;
+            let mut draining = downstream.waypoint.draining.subscribe();
+            // One that starts while draining is served (its client has not yet seen this
+            // replica go). HTTP/2 gets its GOAWAY at once: the requests the client sent
+            // with its preface are still served. HTTP/1.1 is answered with `Connection:
+            // close` (`handle`): a shutdown now would close it before its first request.
+            let started_draining = *draining.borrow_and_update() && !http2;
+            let service = hyper::service::service_fn(move |req| {
+                let downstream = downstream.clone();
+                async move { Ok::<_, Infallible>(downstream.handle(req).await) }
+            });
+            let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            server
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let served = server.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(served);
+            let served = tokio::select! {
+                served = served.as_mut() => served,
+                true = async { draining.wait_for(|d| *d).await.is_ok() }, if !started_draining => {
+                    // An upgraded connection (WebSocket) is bytes by now: it runs until its
+                    // end or the drain's deadline.
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
+            if let Err(err) = served {
+                debug!(%err, "HTTP connection in a tunnel ended with an error");
+            }
+        });
+        Ok(theirs)
     }
 
     fn report(&self, report: StreamReport) {
@@ -290,133 +357,6 @@ struct Downstream {
     source: SocketAddr,
     /// The VIP and port the client dialled.
     destination: SocketAddr,
-}
-
-/// The waypoint's side of one admitted tunnel: the tunnel is its client's connection, read and
-/// written by the waypoint's HTTP server (or, for bytes that are not HTTP, forwarded as opaque
-/// TCP) in the tunnel's own task. An in-memory pipe and a relay between the tunnel and the
-/// server, as a socket would have needed, cost a copy each way and a task's wake-up per
-/// request (docs/perf/README.md, "The waypoint serves HTTP on the tunnel").
-pub struct TunnelServer(Downstream);
-
-/// Counts nothing (`meter`): the waypoint counts requests, and its handler's reports no bytes.
-/// Failures to read or write the tunnel end the stream as the relay's would, with their error;
-/// the HTTP server's other errors (a malformed request, a header timeout) are answered or
-/// logged by it and end the stream normally.
-impl Carrier for TunnelServer {
-    fn carry<M, S>(
-        self,
-        tunnel: HboneStream,
-        _meter: &M,
-        buffers: &BufferShare,
-        stop: impl Future<Output = S> + Send,
-    ) -> impl Future<Output = (Transferred, Relayed<S>)> + Send
-    where
-        M: Meter,
-        S: Send,
-    {
-        let buffers = buffers.clone();
-        async move {
-            let served = tokio::select! {
-                served = Arc::new(self.0).serve(tunnel, buffers) => Relayed::Finished(served),
-                stopped = stop => Relayed::Stopped(stopped),
-            };
-            (Transferred::default(), served)
-        }
-    }
-}
-
-impl Downstream {
-    /// Serves the tunnel `io` until it ends: HTTP/1.1 or HTTP/2 through hyper's server, or
-    /// opaque TCP ([`sniff`]). Errors are the tunnel's own (its client reset it, the
-    /// connection went away).
-    async fn serve(self: Arc<Self>, io: HboneStream, buffers: BufferShare) -> io::Result<()> {
-        let mut io = io;
-        let timeout = self.waypoint.protocol_detection_timeout;
-        let (protocol, prefix) = match sniff::sniff(&mut io, timeout).await {
-            Ok(sniffed) => sniffed,
-            Err(err) => {
-                debug!(%err, "tunnel failed before its protocol was known");
-                return Err(err);
-            }
-        };
-        let http2 = sniff::is_http2(&prefix);
-        let io = Rewind::new(prefix, io);
-        if protocol == Protocol::Opaque {
-            let waypoint = &self.waypoint;
-            let state = waypoint.state.borrow().clone();
-            let conn = tcp::Opaque {
-                source: self.source,
-                peer: &self.peer,
-                dialled: self.destination,
-                buffers,
-            };
-            let tunnel_state = state.clone();
-            let source = self.source;
-            let open = move |endpoint: Arc<Workload>, target, host| async move {
-                let upstream = waypoint.upstream(&tunnel_state, &endpoint, target, source, host);
-                waypoint.open(&upstream).await
-            };
-            tcp::forward(
-                conn,
-                &state,
-                &waypoint.balancer,
-                &waypoint.resilience.outliers,
-                io,
-                open,
-            )
-            .await;
-            return Ok(());
-        }
-        let header_read_timeout = self.waypoint.header_read_timeout;
-        let mut draining = self.waypoint.draining.subscribe();
-        // One that starts while draining is served (its client has not yet seen this replica
-        // go). HTTP/2 gets its GOAWAY at once: the requests the client sent with its preface
-        // are still served. HTTP/1.1 is answered with `Connection: close` (`handle`): a
-        // shutdown now would close it before its first request.
-        let started_draining = *draining.borrow_and_update() && !http2;
-        let downstream = self;
-        let service = hyper::service::service_fn(move |req| {
-            let downstream = downstream.clone();
-            async move { Ok::<_, Infallible>(downstream.handle(req).await) }
-        });
-        let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        server
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout);
-        let served = server.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(served);
-        let served = tokio::select! {
-            served = served.as_mut() => served,
-            true = async { draining.wait_for(|d| *d).await.is_ok() }, if !started_draining => {
-                // An upgraded connection (WebSocket) is bytes by now: it runs until its end or
-                // the drain's deadline.
-                served.as_mut().graceful_shutdown();
-                served.await
-            }
-        };
-        tunnel_result(served)
-    }
-}
-
-/// How a tunnel served by the HTTP server ended: failed if the server's error has an I/O error
-/// under it (the tunnel reset by its client, its connection gone), as the relay would have
-/// seen it; a client's HTTP mistakes (a malformed request, a header timeout), which the server
-/// has answered or dealt with, are logged and end the tunnel normally.
-fn tunnel_result(served: Result<(), Box<dyn std::error::Error + Send + Sync>>) -> io::Result<()> {
-    let Err(err) = served else {
-        return Ok(());
-    };
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*err);
-    while let Some(cause) = source {
-        if let Some(io_err) = cause.downcast_ref::<io::Error>() {
-            return Err(io::Error::new(io_err.kind(), err.to_string()));
-        }
-        source = cause.source();
-    }
-    debug!(%err, "HTTP connection in a tunnel ended with an error");
-    Ok(())
 }
 
 /// How one request was routed and answered, for the access log and the metric.
@@ -1465,81 +1405,6 @@ mod tests {
         discovery::parse_mesh,
         state::{MeshState, Service},
     };
-
-    /// A stream whose reads fail as a tunnel reset by its client does.
-    struct ResetTunnel;
-
-    impl tokio::io::AsyncRead for ResetTunnel {
-        fn poll_read(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            _: &mut tokio::io::ReadBuf<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::task::Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
-        }
-    }
-
-    impl tokio::io::AsyncWrite for ResetTunnel {
-        fn poll_write(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<io::Result<usize>> {
-            std::task::Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-    }
-
-    /// What hyper's server returns serving `io` (every request answered 200).
-    async fn serve_http<I>(io: I) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-    where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let service = hyper::service::service_fn(|_req| async {
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-        });
-        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(io), service)
-            .await
-    }
-
-    /// A tunnel served by the HTTP server fails when the tunnel does (its report then says so,
-    /// as the relay's did), and ends normally when the client only sent bad HTTP (answered 400).
-    #[tokio::test]
-    async fn a_served_tunnel_fails_with_its_io_error_and_not_with_bad_http() {
-        let reset = tunnel_result(serve_http(ResetTunnel).await);
-        let err = reset.expect_err("a reset tunnel must end as a failure");
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
-
-        let (mut client, server) = tokio::io::duplex(4096);
-        let served = tokio::spawn(serve_http(server));
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\nbad header\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut answer)
-            .await
-            .unwrap();
-        assert!(
-            answer.starts_with(b"HTTP/1.1 400"),
-            "{}",
-            String::from_utf8_lossy(&answer)
-        );
-        let served = served.await.unwrap();
-        assert!(served.is_err(), "hyper reports the malformed request");
-        tunnel_result(served).expect("bad HTTP is the client's, not a failed tunnel");
-    }
 
     fn service<'s>(state: &'s MeshState, name: &str) -> &'s Service {
         state.services().iter().find(|s| s.name == name).unwrap()
