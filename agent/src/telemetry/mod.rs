@@ -2,6 +2,7 @@
 //! log (optionally sampled), the Prometheus [`metrics`] plumbing and [`istio`]'s standard
 //! labels. Plumbing only: each subsystem owns its metrics.
 pub mod istio;
+mod json_lines;
 mod log_thread;
 pub mod metrics;
 
@@ -117,6 +118,7 @@ where
         LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
+            .event_format(json_lines::JsonLines::default())
             .with_writer(writer)
             .boxed(),
     }
