@@ -202,13 +202,84 @@ impl AsyncWrite for HboneStream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.write_closed {
             this.write_closed = true;
             // An empty DATA frame with END_STREAM: the peer reads EOF, our read side stays open.
-            this.send.send_data(Bytes::new(), true).map_err(io_error)?;
+            if let Err(err) = this.send.send_data(Bytes::new(), true) {
+                // A peer that sent its complete answer may end the stream with NO_ERROR
+                // without waiting for our end (RFC 9113 §8.1; h2 servers, ztunnel's and
+                // Envoy's among them, do when their application closed first): our end then
+                // has nothing left to tell it, as a TCP half-close after the peer's close.
+                if let Poll::Ready(Ok(Reason::NO_ERROR)) = this.send.poll_reset(cx) {
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Ready(Err(io_error(err)));
+            }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A tunnel whose server answered in full and then reset the stream with NO_ERROR, as an
+    /// h2 server does when its application closed before the client's end (RFC 9113 §8.1):
+    /// its client reads the whole answer, and ending its own side is not a failure (its
+    /// relay would report the connection failed). Writing more is, as on a closed socket.
+    #[tokio::test]
+    async fn ending_a_tunnel_the_server_ended_with_no_error_is_clean() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            send.send_data(Bytes::from_static(b"done"), true).unwrap();
+            // The request's body is still open: dropping it resets the stream, NO_ERROR.
+            drop((request, send, respond));
+            while connection.accept().await.is_some() {}
+        });
+        let (client, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:8080")
+            .body(())
+            .unwrap();
+        let (response, send) = client
+            .ready()
+            .await
+            .unwrap()
+            .send_request(request, false)
+            .unwrap();
+        let recv = response.await.unwrap().into_body();
+        let mut tunnel = HboneStream::new(send, recv, None);
+
+        let mut answer = Vec::new();
+        tunnel.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"done");
+        let reason = std::future::poll_fn(|cx| tunnel.send.poll_reset(cx))
+            .await
+            .unwrap();
+        assert_eq!(reason, Reason::NO_ERROR);
+
+        let more = tunnel.write_all(b"more").await;
+        assert!(
+            more.is_err(),
+            "sending more after the reset must fail: {more:?}"
+        );
+        tunnel
+            .shutdown()
+            .await
+            .expect("ending our side after the server's NO_ERROR reset is clean");
+        drop(tunnel);
+        server.abort();
     }
 }
