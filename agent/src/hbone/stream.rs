@@ -209,9 +209,9 @@ impl AsyncWrite for HboneStream {
             // An empty DATA frame with END_STREAM: the peer reads EOF, our read side stays open.
             if let Err(err) = this.send.send_data(Bytes::new(), true) {
                 // A peer that sent its complete answer may end the stream with NO_ERROR
-                // without waiting for our end (RFC 9113 §8.1; h2 servers, ztunnel's and
-                // Envoy's among them, do when their application closed first): our end then
-                // has nothing left to tell it, as a TCP half-close after the peer's close.
+                // without waiting for our end (RFC 9113 §8.1; the h2 crate's servers do when
+                // they drop a stream whose request is still open): our end then has nothing
+                // left to tell it, as a TCP half-close after the peer's close.
                 if let Poll::Ready(Ok(Reason::NO_ERROR)) = this.send.poll_reset(cx) {
                     return Poll::Ready(Ok(()));
                 }
