@@ -59,9 +59,12 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
-        // As tracing decides which span a line shows (its parent, else the current one).
-        let in_span = event.parent().is_some() || ctx.lookup_current().is_some();
-        if meta.target() != ACCESS_TARGET || in_span {
+        // In a span as tracing decides which span a line shows (its parent, else the current
+        // one); asked of access lines only, the others go to tracing's formatter anyway.
+        if meta.target() != ACCESS_TARGET
+            || event.parent().is_some()
+            || ctx.lookup_current().is_some()
+        {
             return self.others.format_event(ctx, writer, event);
         }
         // The keys and their order are tracing-subscriber's (`format::json`): the timestamp, the
@@ -185,51 +188,27 @@ impl<W: fmt::Write + ?Sized> fmt::Write for Escaping<'_, W> {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        io,
-        sync::{Arc, Mutex},
-    };
+    use std::io;
 
-    use tracing_subscriber::{fmt::MakeWriter, prelude::*};
+    use tracing_subscriber::prelude::*;
 
     use super::*;
+    use crate::testing::log_lines::Lines;
 
-    /// Lines written, shared with the subscriber that writes them.
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-
-    impl io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Lines {
-        type Writer = Lines;
-        fn make_writer(&'a self) -> Lines {
-            self.clone()
-        }
-    }
-
-    impl Lines {
-        /// The lines, each with its timestamp's value blanked (two runs never share it).
-        fn without_timestamps(&self) -> Vec<String> {
-            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
-            text.lines()
-                .map(|line| {
-                    let value: serde_json::Value = serde_json::from_str(line)
-                        .unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
-                    assert!(value["timestamp"].is_string(), "no timestamp: {line}");
-                    let start = line.find("\"timestamp\":\"").unwrap() + 13;
-                    let end = start + line[start..].find('"').unwrap();
-                    format!("{}{}", &line[..start], &line[end..])
-                })
-                .collect()
-        }
+    /// The lines written, each with its timestamp's value blanked (two runs never share it).
+    fn without_timestamps(lines: &Lines) -> Vec<String> {
+        lines
+            .text()
+            .lines()
+            .map(|line| {
+                let value: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
+                assert!(value["timestamp"].is_string(), "no timestamp: {line}");
+                let start = line.find("\"timestamp\":\"").unwrap() + 13;
+                let end = start + line[start..].find('"').unwrap();
+                format!("{}{}", &line[..start], &line[end..])
+            })
+            .collect()
     }
 
     /// Every kind of field and every character JSON escapes, in access lines and others.
@@ -283,8 +262,8 @@ mod tests {
 
     #[test]
     fn lines_are_tracings_own_json_lines() {
-        let ours = lines_of(JsonLines::default()).without_timestamps();
-        let tracings = lines_of(format::format().json().flatten_event(true)).without_timestamps();
+        let ours = without_timestamps(&lines_of(JsonLines::default()));
+        let tracings = without_timestamps(&lines_of(format::format().json().flatten_event(true)));
         assert_eq!(ours.len(), 5, "{ours:#?}");
         for (ours, tracings) in ours.iter().zip(&tracings) {
             assert_eq!(ours, tracings);

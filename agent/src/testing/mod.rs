@@ -10,6 +10,8 @@
 //!   [`ca::TestCaServer`], the real CA service on loopback.
 //! - [`fake_apiserver`]: an in-process Kubernetes API server (list/watch, status patches).
 //! - [`hbone`]: HBONE servers and echoing applications on 127.0.0.1.
+//! - [`log_lines`]: a log sink in memory for a test's tracing subscriber.
 pub mod ca;
 pub mod fake_apiserver;
 pub mod hbone;
+pub mod log_lines;

@@ -398,19 +398,9 @@ mod tests {
     #[test]
     fn a_huge_path_is_cut_so_its_access_line_is_kept() {
         use crate::telemetry::{CappedLines, LOG_LINE_MAX, LogFormat, format_layer};
+        use crate::testing::log_lines::Lines;
         use tracing_subscriber::prelude::*;
 
-        #[derive(Clone, Default)]
-        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let registry = Metrics::new();
         let metrics = Arc::new(WaypointMetrics::new(&registry).unwrap());
         // The longest path http::Uri takes (64 KiB), in two-byte combining marks (U+0300,
@@ -418,11 +408,8 @@ mod tests {
         let path = format!("/{}", "\u{300}".repeat(32 * 1024 - 1));
         for format in [LogFormat::Text, LogFormat::Json] {
             let lines = Lines::default();
-            let writer = lines.clone();
-            let subscriber = tracing_subscriber::registry().with(format_layer(
-                format,
-                CappedLines::new(move || writer.clone()),
-            ));
+            let subscriber = tracing_subscriber::registry()
+                .with(format_layer(format, CappedLines::new(lines.clone())));
             let mut huge = record(&metrics, &Arc::new(AtomicU64::new(0)));
             huge.path = path.clone();
             huge.method = Method::from_bytes(&[b'X'; 1000]).unwrap();
@@ -443,7 +430,7 @@ mod tests {
                 })
             });
 
-            let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+            let text = lines.text();
             let line = text
                 .lines()
                 .next()

@@ -138,6 +138,24 @@ enum Tool {
     Wrk,
 }
 
+impl Tool {
+    /// The tool's name in file names.
+    fn tag(self) -> &'static str {
+        match self {
+            Tool::H2load => "h2load",
+            Tool::Wrk => "wrk",
+        }
+    }
+
+    /// The tool's name in the report, with the HTTP version it speaks.
+    fn name(self) -> &'static str {
+        match self {
+            Tool::H2load => "h2load (HTTP/2)",
+            Tool::Wrk => "wrk (HTTP/1.1)",
+        }
+    }
+}
+
 struct Run {
     path: Path,
     tool: Tool,
@@ -307,18 +325,15 @@ fn run_one(
 
 /// Starts profiling the waypoint (`--perf`) for one run.
 fn profile(args: &Args, pid: u32, path: Path, tool: Tool, connections: u32) -> Option<Profile> {
-    let (tool_tag, tool_name) = match tool {
-        Tool::H2load => ("h2load", "h2load (HTTP/2)"),
-        Tool::Wrk => ("wrk", "wrk (HTTP/1.1)"),
-    };
     start_profile_of(
         &[pid],
         "the waypoint",
         args,
-        &format!("{}-{tool_tag}-{connections}", path.tag()),
+        &format!("{}-{}-{connections}", path.tag(), tool.tag()),
         &format!(
-            "The waypoint, path \"{}\": {tool_name}, {connections} connections at saturation",
-            path.name()
+            "The waypoint, path \"{}\": {}, {connections} connections at saturation",
+            path.name(),
+            tool.name()
         ),
     )
 }
@@ -421,10 +436,7 @@ fn table_of(runs: &[Run], args: &Args, hwm: Option<u64>, rss: Option<u64>) -> St
     let rows = runs
         .iter()
         .map(|r| {
-            let tool = match r.tool {
-                Tool::H2load => "h2load (HTTP/2)",
-                Tool::Wrk => "wrk (HTTP/1.1)",
-            };
+            let tool = r.tool.name();
             let Ok(h) = &r.result else {
                 return vec![
                     tool.to_string(),
